@@ -1,0 +1,236 @@
+"""Validation of incoming ACP params into small attrs values (sans-I/O).
+
+Every refusal is an :class:`RpcError` -32602 whose message names the offending field with a
+JSON path (``prompt[2].text``), because a client developer reading the error should not have to
+guess. Unknown fields and ``_meta`` are tolerated, as the extensibility page requires.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import attrs
+
+from ..rpc import Params, RpcError
+
+_CONTENT_TYPES = frozenset({"text", "image", "audio", "resource_link", "resource"})
+# Baseline content every agent must accept (prompt-turn page); the rest needs a capability.
+SUPPORTED_PROMPT_TYPES = frozenset({"text", "resource_link", "resource"})
+
+
+def _bad(path: str, why: str) -> RpcError:
+    return RpcError.invalid_params(f"Invalid params: {path} {why}")
+
+
+def params_object(params: Params) -> dict[str, Any]:
+    if params is None:
+        return {}
+    if not isinstance(params, dict):
+        raise RpcError.invalid_params("Invalid params: expected an object")
+    return params
+
+
+def _str(obj: Mapping[str, Any], key: str, *, path: str = "", required: bool = True) -> str | None:
+    where = f"{path}{key}"
+    if key not in obj or obj[key] is None:
+        if required:
+            raise _bad(where, "is required")
+        return None
+    value = obj[key]
+    if not isinstance(value, str):
+        raise _bad(where, f"must be a string, got {type(value).__name__}")
+    return value
+
+
+def _req_str(obj: Mapping[str, Any], key: str, path: str = "") -> str:
+    value = _str(obj, key, path=path)
+    assert value is not None
+    return value
+
+
+def _abs_path(obj: Mapping[str, Any], key: str) -> str:
+    value = _req_str(obj, key)
+    if not os.path.isabs(value):
+        raise _bad(key, f"must be an absolute path, got {value!r}")
+    return value
+
+
+def _str_list(obj: Mapping[str, Any], key: str, *, absolute: bool = False) -> tuple[str, ...]:
+    value = obj.get(key)
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        raise _bad(key, "must be an array of strings")
+    for i, item in enumerate(value):
+        if not isinstance(item, str):
+            raise _bad(f"{key}[{i}]", "must be a string")
+        if absolute and not os.path.isabs(item):
+            raise _bad(f"{key}[{i}]", f"must be an absolute path, got {item!r}")
+    return tuple(value)
+
+
+def _bool(obj: Mapping[str, Any], key: str, path: str) -> bool:
+    value = obj.get(key, False)
+    # The schema marks these x-deserialize-default-on-error: a wrong type reads as false.
+    return value is True
+
+
+def _meta(obj: Mapping[str, Any]) -> dict[str, Any]:
+    meta = obj.get("_meta")
+    return meta if isinstance(meta, dict) else {}
+
+
+@attrs.frozen
+class ClientCapabilities:
+    read_text_file: bool = False
+    write_text_file: bool = False
+    terminal: bool = False
+
+
+@attrs.frozen
+class InitializeParams:
+    protocol_version: int
+    capabilities: ClientCapabilities
+    client_info: dict[str, Any] | None
+    meta: dict[str, Any]
+
+
+def parse_initialize(params: Params) -> InitializeParams:
+    obj = params_object(params)
+    if "protocolVersion" not in obj:
+        raise _bad("protocolVersion", "is required")
+    version = obj["protocolVersion"]
+    if isinstance(version, bool) or not isinstance(version, int) or not 0 <= version <= 65535:
+        raise _bad("protocolVersion", "must be an integer from 0 to 65535")
+    caps_obj = obj.get("clientCapabilities")
+    caps = ClientCapabilities()
+    if isinstance(caps_obj, dict):
+        fs_obj = caps_obj.get("fs")
+        fs: dict[str, Any] = fs_obj if isinstance(fs_obj, dict) else {}
+        caps = ClientCapabilities(
+            read_text_file=_bool(fs, "readTextFile", "clientCapabilities.fs."),
+            write_text_file=_bool(fs, "writeTextFile", "clientCapabilities.fs."),
+            terminal=_bool(caps_obj, "terminal", "clientCapabilities."),
+        )
+    info = obj.get("clientInfo")
+    return InitializeParams(version, caps, info if isinstance(info, dict) else None, _meta(obj))
+
+
+@attrs.frozen
+class NewSessionParams:
+    cwd: str
+    additional_directories: tuple[str, ...]
+    meta: dict[str, Any]
+
+
+def _mcp_servers(obj: Mapping[str, Any], required: bool) -> None:
+    if "mcpServers" not in obj:
+        if required:
+            raise _bad("mcpServers", "is required (send [] for none)")
+        return
+    if not isinstance(obj["mcpServers"], list):
+        raise _bad("mcpServers", "must be an array")
+
+
+def parse_new_session(params: Params) -> NewSessionParams:
+    obj = params_object(params)
+    cwd = _abs_path(obj, "cwd")
+    _mcp_servers(obj, required=True)
+    return NewSessionParams(cwd, _str_list(obj, "additionalDirectories", absolute=True), _meta(obj))
+
+
+@attrs.frozen
+class SessionRef:
+    """Params of methods that name one session (and, for load/resume, its cwd)."""
+
+    session_id: str
+    cwd: str | None = None
+    additional_directories: tuple[str, ...] = ()
+
+
+def parse_session_id(params: Params) -> SessionRef:
+    return SessionRef(_req_str(params_object(params), "sessionId"))
+
+
+def parse_load_session(params: Params, *, mcp_required: bool) -> SessionRef:
+    obj = params_object(params)
+    session_id = _req_str(obj, "sessionId")
+    cwd = _abs_path(obj, "cwd")
+    _mcp_servers(obj, required=mcp_required)
+    return SessionRef(session_id, cwd, _str_list(obj, "additionalDirectories", absolute=True))
+
+
+@attrs.frozen
+class ListSessionsParams:
+    cwd: str | None
+    cursor: str | None
+
+
+def parse_list_sessions(params: Params) -> ListSessionsParams:
+    obj = params_object(params)
+    cwd = _str(obj, "cwd", required=False)
+    if cwd is not None and not os.path.isabs(cwd):
+        raise _bad("cwd", f"must be an absolute path, got {cwd!r}")
+    return ListSessionsParams(cwd, _str(obj, "cursor", required=False))
+
+
+@attrs.frozen
+class PromptParams:
+    session_id: str
+    prompt: tuple[dict[str, Any], ...]
+
+    def text(self) -> str:
+        """The prompt as plain text for a model: text blocks verbatim, resources by content
+        when embedded, links as ``[name](uri)``."""
+        parts: list[str] = []
+        for block in self.prompt:
+            kind = block["type"]
+            if kind == "text":
+                parts.append(block["text"])
+            elif kind == "resource_link":
+                parts.append(f"[{block['name']}]({block['uri']})")
+            elif kind == "resource":
+                resource = block["resource"]
+                text = resource.get("text")
+                parts.append(text if isinstance(text, str) else f"<{resource.get('uri', '')}>")
+        return "\n".join(parts)
+
+
+def parse_prompt(params: Params, *, max_bytes: int | None = None) -> PromptParams:
+    obj = params_object(params)
+    session_id = _req_str(obj, "sessionId")
+    blocks = obj.get("prompt")
+    if not isinstance(blocks, list):
+        raise _bad("prompt", "is required and must be an array of content blocks")
+    size = 0
+    for i, block in enumerate(blocks):
+        path = f"prompt[{i}]"
+        if not isinstance(block, dict):
+            raise _bad(path, "must be a content block object")
+        kind = block.get("type")
+        if kind not in _CONTENT_TYPES:
+            raise _bad(f"{path}.type", f"must be one of {sorted(_CONTENT_TYPES)}, got {kind!r}")
+        if kind not in SUPPORTED_PROMPT_TYPES:
+            raise _bad(
+                f"{path}.type", f"{kind!r} is not supported: promptCapabilities.{kind} is false"
+            )
+        if kind == "text":
+            size += len(_req_str(block, "text", f"{path}.").encode())
+        elif kind == "resource_link":
+            _req_str(block, "name", f"{path}.")
+            _req_str(block, "uri", f"{path}.")
+        else:
+            resource = block.get("resource")
+            if not isinstance(resource, dict):
+                raise _bad(f"{path}.resource", "must be an object")
+            _req_str(resource, "uri", f"{path}.resource.")
+            text = resource.get("text")
+            if isinstance(text, str):
+                size += len(text.encode())
+    if max_bytes is not None and size > max_bytes:
+        raise RpcError.invalid_params(
+            f"Invalid params: prompt is {size} bytes, over the {max_bytes}-byte limit"
+        )
+    return PromptParams(session_id, tuple(blocks))

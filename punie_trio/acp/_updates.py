@@ -1,0 +1,88 @@
+"""Builders for ``session/update`` payloads (the ``update`` object), sans-I/O.
+
+They return plain dicts shaped exactly as the v1 schema's ``SessionUpdate`` variants, so the
+same object can be sent, stored in the transcript and replayed byte for byte.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+
+def text_block(text: str) -> dict[str, Any]:
+    return {"type": "text", "text": text}
+
+
+def agent_message_chunk(text: str) -> dict[str, Any]:
+    return {"sessionUpdate": "agent_message_chunk", "content": text_block(text)}
+
+
+def agent_thought_chunk(text: str) -> dict[str, Any]:
+    return {"sessionUpdate": "agent_thought_chunk", "content": text_block(text)}
+
+
+def user_message_chunk(block: Mapping[str, Any]) -> dict[str, Any]:
+    return {"sessionUpdate": "user_message_chunk", "content": dict(block)}
+
+
+_PRIORITIES = ("high", "medium", "low")
+_PLAN_STATUSES = ("pending", "in_progress", "completed")
+
+
+def plan_entry(entry: Mapping[str, Any] | str) -> dict[str, Any]:
+    """A plan entry from a full entry or a bare string (priority medium, status pending)."""
+    if isinstance(entry, str):
+        return {"content": entry, "priority": "medium", "status": "pending"}
+    priority = entry.get("priority", "medium")
+    status = entry.get("status", "pending")
+    return {
+        "content": str(entry.get("content", "")),
+        "priority": priority if priority in _PRIORITIES else "medium",
+        "status": status if status in _PLAN_STATUSES else "pending",
+    }
+
+
+def plan(entries: Iterable[Mapping[str, Any] | str]) -> dict[str, Any]:
+    return {"sessionUpdate": "plan", "entries": [plan_entry(e) for e in entries]}
+
+
+def tool_call(
+    tool_call_id: str,
+    title: str,
+    *,
+    kind: str = "other",
+    status: str = "pending",
+    raw_input: Any = None,
+    locations: Iterable[str] = (),
+) -> dict[str, Any]:
+    update: dict[str, Any] = {
+        "sessionUpdate": "tool_call",
+        "toolCallId": tool_call_id,
+        "title": title,
+        "kind": kind,
+        "status": status,
+    }
+    if raw_input is not None:
+        update["rawInput"] = raw_input
+    locs = [{"path": p} for p in locations]
+    if locs:
+        update["locations"] = locs
+    return update
+
+
+def tool_call_update(
+    tool_call_id: str,
+    *,
+    status: str | None = None,
+    text: str | None = None,
+    raw_output: Any = None,
+) -> dict[str, Any]:
+    update: dict[str, Any] = {"sessionUpdate": "tool_call_update", "toolCallId": tool_call_id}
+    if status is not None:
+        update["status"] = status
+    if text is not None:
+        update["content"] = [{"type": "content", "content": text_block(text)}]
+    if raw_output is not None:
+        update["rawOutput"] = raw_output
+    return update

@@ -1,0 +1,6 @@
+"""The hub: the manager of connections, sessions and project workers."""
+
+from ._connection import AGENT_INFO, ClientConnection
+from ._manager import ActiveTurn, Limits, Manager, Session
+
+__all__ = ["AGENT_INFO", "ActiveTurn", "ClientConnection", "Limits", "Manager", "Session"]

@@ -1,0 +1,146 @@
+"""One ACP client connection: the agent side of the protocol on top of a :class:`Peer`.
+
+The connection is transport-blind: stdio, the ``/acp`` WebSocket and in-memory test streams all
+arrive as a :class:`MessageStream`. It validates each call (``acp`` parsers, -32602 naming the
+field), checks it is allowed (``initialize`` first, session ownership) and hands the work to the
+:class:`Manager`.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Awaitable
+from typing import Any
+
+import attrs
+import trio
+
+from .. import acp
+from .._version import __version__
+from ..rpc import INVALID_REQUEST, Params, Peer, RpcError, method_not_found
+from ..transport import MessageStream
+from ._manager import Manager
+
+log = logging.getLogger("punie_trio.hub")
+
+AGENT_INFO = {"name": "punie-trio", "title": "punie-trio", "version": __version__}
+
+
+@attrs.define(eq=False)
+class ClientConnection:
+    """Serve one client. ``run`` (startable) returns when the client is gone.
+
+    Resource handling: every task of the connection (reader, writer, one per request) lives in
+    its Peer's nursery, inside :meth:`run`; leaving ``run`` cancels them all, and the manager
+    then forgets the connection's sessions.
+    """
+
+    manager: Manager
+    transport: str = "unknown"
+    id: str = attrs.field(factory=lambda: uuid.uuid4().hex)
+    outbox_size: int = 256
+    capabilities: acp.ClientCapabilities = attrs.field(factory=acp.ClientCapabilities)
+    client_info: dict[str, Any] | None = None
+    initialized: bool = False
+    peer: Peer | None = attrs.field(default=None, init=False)
+
+    async def run(
+        self,
+        stream: MessageStream,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        peer = self.peer = Peer(
+            stream, self, outbox_size=self.outbox_size, observer=self.manager.metrics
+        )
+        self.manager.attach(self)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._finish_on_shutdown, peer)
+                await peer.run(task_status=task_status)
+                nursery.cancel_scope.cancel()
+        finally:
+            self.manager.detach(self)
+
+    async def _finish_on_shutdown(self, peer: Peer) -> None:
+        """At shutdown: cancel our turns (they answer ``cancelled``), stop reading, and let
+        the peer drain its answers before :meth:`run` returns."""
+        await self.manager.closing.wait()
+        self.manager.cancel_all_turns()
+        peer.finish()
+
+    # -- outgoing (used by the manager's relays) ----------------------------------------------
+
+    async def send_update(self, session_id: str, update: dict[str, Any]) -> None:
+        assert self.peer is not None
+        await self.peer.notify(acp.SESSION_UPDATE, {"sessionId": session_id, "update": update})
+
+    async def call_client(self, method: str, params: dict[str, Any]) -> Any:
+        assert self.peer is not None
+        return await self.peer.request(method, params)
+
+    # -- Dispatcher ---------------------------------------------------------------------------
+
+    def handle_request(self, method: str, params: Params) -> Awaitable[Any]:
+        if method == acp.INITIALIZE:
+            return _ready(self._initialize(params))
+        if not self.initialized:
+            if method.startswith("_") or method in _KNOWN:
+                raise RpcError(INVALID_REQUEST, f"Invalid request: call initialize before {method}")
+            raise method_not_found(method)
+        manager = self.manager
+        if method == acp.SESSION_NEW:
+            session = manager.new_session(self, acp.parse_new_session(params))
+            return _ready({"sessionId": session.id})
+        if method == acp.SESSION_PROMPT:
+            prompt = acp.parse_prompt(params, max_bytes=manager.limits.max_prompt_bytes)
+            turn = manager.begin_prompt(self, prompt)
+            return manager.run_prompt(prompt.session_id, turn, prompt)
+        raise method_not_found(method)
+
+    def handle_notification(self, method: str, params: Params) -> None:
+        if method == acp.SESSION_CANCEL and self.initialized:
+            ref = acp.parse_session_id(params)
+            self.manager.cancel(self, ref.session_id)
+        elif not method.startswith("_"):
+            log.debug("ignored notification %s", method)
+
+    def _initialize(self, params: Params) -> dict[str, Any]:
+        init = acp.parse_initialize(params)
+        self.capabilities = init.capabilities
+        self.client_info = init.client_info
+        self.initialized = True
+        # We speak exactly version 1: answer with it whatever the client asked (the client
+        # disconnects if it cannot speak it), as the initialization page prescribes.
+        return {
+            "protocolVersion": acp.PROTOCOL_VERSION,
+            "agentCapabilities": {
+                "loadSession": False,
+                "promptCapabilities": {"image": False, "audio": False, "embeddedContext": True},
+                "mcpCapabilities": {"http": False, "sse": False},
+                "sessionCapabilities": {},
+            },
+            "authMethods": [],
+            "agentInfo": AGENT_INFO,
+        }
+
+
+_KNOWN = frozenset(
+    {
+        acp.SESSION_NEW,
+        acp.SESSION_LOAD,
+        acp.SESSION_PROMPT,
+        acp.SESSION_LIST,
+        acp.SESSION_RESUME,
+        acp.SESSION_CLOSE,
+        acp.SESSION_DELETE,
+        acp.SESSION_SET_MODE,
+        acp.AUTHENTICATE,
+    }
+)
+
+
+async def _ready(value: Any) -> Any:
+    """Wrap a result computed synchronously in the reader as the awaitable the Peer expects."""
+    return value

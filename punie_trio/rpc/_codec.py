@@ -1,0 +1,164 @@
+"""Sans-I/O JSON-RPC 2.0: parse one message text into an event, serialise events back.
+
+No I/O and no Trio here (the h11 discipline): :func:`parse` turns one text (a WebSocket frame,
+an NDJSON line) into exactly one of :class:`Request`, :class:`Notification`, :class:`Response`
+or :class:`ErrorResponse`, or raises :class:`MalformedMessage` carrying the error the peer
+should answer with. :func:`serialize` produces compact JSON with no embedded newline, so the
+same text is a valid NDJSON line.
+
+Error handling: batches are refused (-32600): ACP never sends them, and answering a batch
+piecewise would break the one-message-per-frame rule of the WebSocket transport.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import attrs
+
+from ._errors import INVALID_REQUEST, PARSE_ERROR, RpcError
+
+RequestId = int | str
+Params = dict[str, Any] | list[Any] | None
+
+
+@attrs.frozen
+class Request:
+    id: RequestId
+    method: str
+    params: Params = None
+
+
+@attrs.frozen
+class Notification:
+    method: str
+    params: Params = None
+
+
+@attrs.frozen
+class Response:
+    id: RequestId
+    result: Any
+
+
+@attrs.frozen
+class ErrorResponse:
+    """An error answer. ``id`` is None when the request's id could not be read."""
+
+    id: RequestId | None
+    code: int
+    message: str
+    data: Any = None
+
+
+Message = Request | Notification | Response | ErrorResponse
+
+
+class MalformedMessage(Exception):
+    """The text is not a valid JSON-RPC 2.0 message.
+
+    ``error`` is what to answer with; ``id`` is the request id when one could be read (so
+    the answer can be correlated), else None.
+    """
+
+    def __init__(self, error: RpcError, id: RequestId | None = None) -> None:
+        super().__init__(error.message)
+        self.error = error
+        self.id = id
+
+    def response(self) -> ErrorResponse:
+        return ErrorResponse(self.id, self.error.code, self.error.message, self.error.data)
+
+
+def _valid_id(value: Any) -> bool:
+    # bool is an int subclass; JSON true/false is not a valid id.
+    return (isinstance(value, int) and not isinstance(value, bool)) or isinstance(value, str)
+
+
+def parse(text: str | bytes) -> Message:
+    """Parse one JSON-RPC message.
+
+    Raises :class:`MalformedMessage` with -32700 for text that is not JSON (or not UTF-8),
+    and -32600 for JSON that is not a single well-formed JSON-RPC 2.0 object.
+    """
+    try:
+        obj = json.loads(text)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise MalformedMessage(RpcError(PARSE_ERROR, f"Parse error: {exc}")) from None
+    if isinstance(obj, list):
+        raise MalformedMessage(RpcError(INVALID_REQUEST, "Batch requests are not supported"))
+    if not isinstance(obj, dict):
+        kind = type(obj).__name__
+        raise MalformedMessage(
+            RpcError(INVALID_REQUEST, f"Invalid request: expected a JSON object, got {kind}")
+        )
+    raw_id = obj.get("id")
+    msg_id: RequestId | None = raw_id if _valid_id(raw_id) else None
+
+    def invalid(why: str) -> MalformedMessage:
+        return MalformedMessage(RpcError(INVALID_REQUEST, f"Invalid request: {why}"), msg_id)
+
+    if obj.get("jsonrpc") != "2.0":
+        raise invalid('"jsonrpc" must be "2.0"')
+    if "id" in obj and raw_id is not None and msg_id is None:
+        raise invalid('"id" must be a string or an integer')
+
+    if "method" in obj:
+        method = obj["method"]
+        if not isinstance(method, str):
+            raise invalid('"method" must be a string')
+        params = obj.get("params")
+        if params is not None and not isinstance(params, dict | list):
+            raise invalid('"params" must be an object or an array')
+        if "id" not in obj:
+            return Notification(method, params)
+        if msg_id is None:
+            raise invalid('"id" must be a string or an integer')
+        return Request(msg_id, method, params)
+
+    if "result" in obj and "error" not in obj:
+        if msg_id is None:
+            raise invalid('a response needs a string or integer "id"')
+        return Response(msg_id, obj["result"])
+    if "error" in obj and "result" not in obj:
+        err = obj["error"]
+        if (
+            not isinstance(err, dict)
+            or not isinstance(err.get("code"), int)
+            or not isinstance(err.get("message"), str)
+        ):
+            raise invalid('"error" must be an object with an integer "code" and a "message"')
+        if raw_id is not None and msg_id is None:
+            raise invalid('"id" must be a string or an integer')
+        return ErrorResponse(msg_id, err["code"], err["message"], err.get("data"))
+    raise invalid('expected "method", or exactly one of "result" and "error"')
+
+
+def _dumps(obj: dict[str, Any]) -> str:
+    # ensure_ascii=False keeps text compact; json never emits a raw newline inside strings.
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
+
+
+def serialize(msg: Message) -> str:
+    """Compact JSON text of ``msg``, without any newline."""
+    if isinstance(msg, Request):
+        req: dict[str, Any] = {"jsonrpc": "2.0", "id": msg.id, "method": msg.method}
+        if msg.params is not None:
+            req["params"] = msg.params
+        return _dumps(req)
+    if isinstance(msg, Notification):
+        note: dict[str, Any] = {"jsonrpc": "2.0", "method": msg.method}
+        if msg.params is not None:
+            note["params"] = msg.params
+        return _dumps(note)
+    if isinstance(msg, Response):
+        return _dumps({"jsonrpc": "2.0", "id": msg.id, "result": msg.result})
+    error: dict[str, Any] = {"code": msg.code, "message": msg.message}
+    if msg.data is not None:
+        error["data"] = msg.data
+    return _dumps({"jsonrpc": "2.0", "id": msg.id, "error": error})
+
+
+def error_response(id: RequestId | None, error: RpcError) -> ErrorResponse:
+    return ErrorResponse(id, error.code, error.message, error.data)

@@ -1,0 +1,335 @@
+"""One bidirectional JSON-RPC endpoint over a :class:`MessageStream`.
+
+A :class:`Peer` runs three kinds of task in its own nursery: one reader, one writer draining
+a bounded outbox (so frames never interleave), and one task per incoming request (so a
+handler that awaits the other side never blocks the reader that will deliver the answer).
+
+Ordering: the dispatcher's ``handle_request``/``handle_notification`` are *synchronous* and
+called by the reader in arrival order. A handler validates and registers its work there and
+returns the awaitable that does the rest. That is what makes ``session/prompt`` followed at
+once by ``session/cancel`` race-free: the prompt's turn is registered before the cancel is read.
+
+Resource handling: :meth:`run` owns every task. When it returns (the stream ended, the writer
+failed, or the caller cancelled it) request handlers are cancelled and every pending outbound
+request fails with :class:`PeerClosed`.
+
+Error handling: malformed input is answered (-32700/-32600 with the id when readable) and the
+peer keeps reading; a handler's :class:`RpcError` becomes that error response, any other
+exception a logged -32603; an error response with ``id: null`` from the other side is logged.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Awaitable
+from typing import Any, Protocol
+
+import attrs
+import trio
+
+from ..transport import MessageStream, MessageTooLarge
+from ._codec import (
+    ErrorResponse,
+    MalformedMessage,
+    Message,
+    Notification,
+    Params,
+    Request,
+    RequestId,
+    Response,
+    parse,
+    serialize,
+)
+from ._errors import (
+    INTERNAL_ERROR,
+    INVALID_REQUEST,
+    METHOD_NOT_FOUND,
+    REQUEST_CANCELLED,
+    PeerClosed,
+    RpcError,
+)
+
+log = logging.getLogger("punie_trio.rpc")
+
+CANCEL_REQUEST = "$/cancel_request"
+
+
+class Dispatcher(Protocol):
+    """What a :class:`Peer` calls for incoming calls. Both methods run in the reader task."""
+
+    def handle_request(self, method: str, params: Params) -> Awaitable[Any]:
+        """Validate and register synchronously (raise :class:`RpcError` to refuse), then
+        return the awaitable whose result is the response."""
+        ...
+
+    def handle_notification(self, method: str, params: Params) -> None:
+        """Act on a notification without blocking. Unknown ones should be ignored."""
+        ...
+
+
+class PeerObserver(Protocol):
+    """Hooks for metrics. Called synchronously; must not block."""
+
+    def message_in(self) -> None: ...
+
+    def message_out(self) -> None: ...
+
+    def error_sent(self, code: int) -> None: ...
+
+
+class _NullObserver:
+    def message_in(self) -> None:
+        pass
+
+    def message_out(self) -> None:
+        pass
+
+    def error_sent(self, code: int) -> None:
+        pass
+
+
+@attrs.define(eq=False)
+class _PendingCall:
+    done: trio.Event = attrs.field(factory=trio.Event)
+    result: Any = None
+    error: BaseException | None = None
+
+
+@attrs.define(eq=False)
+class Peer:
+    """A JSON-RPC 2.0 endpoint. Call :meth:`run` (startable) and then :meth:`request` and
+    :meth:`notify` from any task while it runs.
+
+    ``outbox_size`` bounds queued outgoing messages; when full, senders wait (backpressure
+    on whoever produces: a slow client slows only the work addressed to it).
+    ``max_concurrent_requests`` bounds handler tasks; past it requests are refused with
+    -32603 rather than queued, because a handler may be waiting on a reply that only the
+    (unblocked) reader can deliver.
+    """
+
+    stream: MessageStream
+    dispatcher: Dispatcher
+    outbox_size: int = 256
+    max_concurrent_requests: int = 256
+    observer: PeerObserver = attrs.field(factory=_NullObserver)
+    _ids: itertools.count[int] = attrs.field(factory=lambda: itertools.count(1), init=False)
+    _pending: dict[RequestId, _PendingCall] = attrs.field(factory=dict, init=False)
+    _running: dict[RequestId, trio.CancelScope] = attrs.field(factory=dict, init=False)
+    _handlers: trio.Nursery | None = attrs.field(default=None, init=False)
+    _closed: bool = attrs.field(default=False, init=False)
+    _finishing: bool = attrs.field(default=False, init=False)
+    _reader_scope: trio.CancelScope = attrs.field(factory=trio.CancelScope, init=False)
+    _outbox_send: trio.MemorySendChannel[str] = attrs.field(init=False)
+    _outbox_receive: trio.MemoryReceiveChannel[str] = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self._outbox_send, self._outbox_receive = trio.open_memory_channel[str](self.outbox_size)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Serve until the stream ends. Pending requests then fail with :class:`PeerClosed`."""
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._writer, nursery.cancel_scope)
+                async with trio.open_nursery() as handlers:
+                    self._handlers = handlers
+                    task_status.started()
+                    with self._reader_scope:
+                        await self._reader()
+                    if not self._finishing:
+                        handlers.cancel_scope.cancel()
+                # Handlers are done and their last answers queued: let the writer drain them.
+                self._outbox_send.close()
+        finally:
+            self._close()
+
+    def finish(self) -> None:
+        """End gracefully: stop reading, let running handlers complete and their answers
+        drain, then return from :meth:`run`. Used at shutdown, after turns were cancelled."""
+        self._finishing = True
+        self._reader_scope.cancel()
+
+    def _close(self) -> None:
+        self._closed = True
+        self._handlers = None
+        self._outbox_send.close()
+        for call in self._pending.values():
+            if not call.done.is_set():
+                call.error = PeerClosed("connection closed before the answer arrived")
+                call.done.set()
+
+    # -- outgoing ---------------------------------------------------------------------------
+
+    async def _send(self, msg: Message) -> None:
+        try:
+            await self._outbox_send.send(serialize(msg))
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            raise PeerClosed("connection closed") from None
+        self.observer.message_out()
+        if isinstance(msg, ErrorResponse):
+            self.observer.error_sent(msg.code)
+
+    async def notify(self, method: str, params: Params = None) -> None:
+        """Send a notification (waits while the outbox is full)."""
+        await self._send(Notification(method, params))
+
+    async def request(self, method: str, params: Params = None) -> Any:
+        """Send a request and wait for its answer.
+
+        Raises :class:`RpcError` for an error answer and :class:`PeerClosed` if the
+        connection ends first. Per-request timeouts are Trio scopes around the call
+        (``with trio.fail_after(t): await peer.request(...)``): when the wait is cancelled
+        or times out, the other side is told with ``$/cancel_request``.
+        """
+        request_id = next(self._ids)
+        call = _PendingCall()
+        self._pending[request_id] = call
+        try:
+            await self._send(Request(request_id, method, params))
+            await call.done.wait()
+        except trio.Cancelled:
+            if not call.done.is_set():
+                self._send_nowait(Notification(CANCEL_REQUEST, {"requestId": request_id}))
+            raise
+        finally:
+            del self._pending[request_id]
+        if call.error is not None:
+            raise call.error
+        return call.result
+
+    def _send_nowait(self, msg: Message) -> None:
+        """Best effort, for cleanup paths that cannot wait (cancelled or closing)."""
+        try:
+            self._outbox_send.send_nowait(serialize(msg))
+        except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
+            return
+        self.observer.message_out()
+
+    async def _writer(self, cancel_scope: trio.CancelScope) -> None:
+        try:
+            async with self._outbox_receive:
+                async for text in self._outbox_receive:
+                    await self.stream.send_message(text)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            log.debug("peer writer: stream closed")
+        # Whether drained or broken, the connection is over for everyone.
+        cancel_scope.cancel()
+
+    # -- incoming ---------------------------------------------------------------------------
+
+    async def _reader(self) -> None:
+        while True:
+            try:
+                text = await self.stream.receive_message()
+            except MessageTooLarge as exc:
+                await self._send(ErrorResponse(None, INVALID_REQUEST, f"Invalid request: {exc}"))
+                continue
+            except (trio.EndOfChannel, trio.BrokenResourceError, trio.ClosedResourceError):
+                return
+            self.observer.message_in()
+            try:
+                msg = parse(text)
+            except MalformedMessage as exc:
+                await self._send(exc.response())
+                continue
+            await self._dispatch(msg)
+
+    async def _dispatch(self, msg: Message) -> None:
+        if isinstance(msg, Request):
+            await self._start_request(msg)
+        elif isinstance(msg, Notification):
+            self._on_notification(msg)
+        elif isinstance(msg, Response):
+            self._resolve(msg.id, result=msg.result)
+        elif msg.id is None:
+            log.warning("peer sent an error without an id: %s (code %s)", msg.message, msg.code)
+        else:
+            self._resolve(msg.id, error=RpcError(msg.code, msg.message, msg.data))
+
+    def _resolve(
+        self, request_id: RequestId, *, result: Any = None, error: RpcError | None = None
+    ) -> None:
+        call = self._pending.get(request_id)
+        if call is None or call.done.is_set():
+            log.warning("answer for unknown or finished request id %r ignored", request_id)
+            return
+        call.result, call.error = result, error
+        call.done.set()
+
+    def _on_notification(self, msg: Notification) -> None:
+        if msg.method == CANCEL_REQUEST:
+            request_id = msg.params.get("requestId") if isinstance(msg.params, dict) else None
+            scope = self._running.get(request_id) if isinstance(request_id, int | str) else None
+            if scope is not None:
+                scope.cancel()
+            return
+        try:
+            self.dispatcher.handle_notification(msg.method, msg.params)
+        except RpcError as exc:
+            log.warning("notification %s refused: %s", msg.method, exc)
+        except Exception:
+            log.exception("notification handler for %s failed", msg.method)
+
+    async def _start_request(self, msg: Request) -> None:
+        if msg.id in self._running:
+            error = RpcError(INVALID_REQUEST, f"Invalid request: id {msg.id!r} is already in use")
+            await self._send(ErrorResponse(msg.id, error.code, error.message))
+            return
+        if len(self._running) >= self.max_concurrent_requests:
+            error = RpcError(
+                INTERNAL_ERROR,
+                f"Too many concurrent requests (limit {self.max_concurrent_requests})",
+            )
+            await self._send(ErrorResponse(msg.id, error.code, error.message))
+            return
+        try:
+            awaitable = self.dispatcher.handle_request(msg.method, msg.params)
+        except RpcError as exc:
+            await self._send(ErrorResponse(msg.id, exc.code, exc.message, exc.data))
+            return
+        except Exception as exc:
+            log.exception("request handler for %s failed", msg.method)
+            await self._send(ErrorResponse(msg.id, INTERNAL_ERROR, f"Internal error: {exc}"))
+            return
+        scope = trio.CancelScope()
+        self._running[msg.id] = scope
+        assert self._handlers is not None
+        self._handlers.start_soon(self._run_handler, msg, awaitable, scope)
+
+    async def _run_handler(
+        self, msg: Request, awaitable: Awaitable[Any], scope: trio.CancelScope
+    ) -> None:
+        try:
+            answer = await self._answer(msg, awaitable, scope)
+            if answer is not None:
+                await self._send(answer)
+        except PeerClosed:
+            pass
+        finally:
+            # Only now: a $/cancel_request for this id is moot once the answer is queued.
+            self._running.pop(msg.id, None)
+
+    async def _answer(
+        self, msg: Request, awaitable: Awaitable[Any], scope: trio.CancelScope
+    ) -> Message | None:
+        try:
+            with scope:
+                result = await awaitable
+        except RpcError as exc:
+            return ErrorResponse(msg.id, exc.code, exc.message, exc.data)
+        except PeerClosed:
+            return None
+        except Exception as exc:
+            log.exception("request handler for %s failed", msg.method)
+            return ErrorResponse(msg.id, INTERNAL_ERROR, f"Internal error: {exc}")
+        if scope.cancelled_caught:
+            return ErrorResponse(msg.id, REQUEST_CANCELLED, "Request cancelled")
+        return Response(msg.id, result)
+
+
+def method_not_found(method: str) -> RpcError:
+    return RpcError(METHOD_NOT_FOUND, f"Method not found: {method}")

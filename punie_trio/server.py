@@ -1,0 +1,197 @@
+"""Wiring: the root nursery of ``punie-trio serve``.
+
+::
+
+    root nursery
+    ├─ signal watcher: 1st SIGINT/SIGTERM sets ``closing``; a 2nd exits at once
+    ├─ Manager.run()                     worker nursery, one ProjectWorker per root
+    ├─ hypercorn.trio.serve(app, shutdown_trigger=closing.wait)
+    ├─ stdio ClientConnection.run()      with --stdio
+    └─ DevApp.run()                      with --site
+
+Shutdown: ``closing`` is the one event everything watches. Connections cancel their turns
+(which answer ``stopReason: "cancelled"``), drain, and close their WebSockets with 1001;
+Hypercorn stops accepting and returns once its handlers have; then the root is cancelled. All
+of it is bounded by ``shutdown_timeout``.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import attrs
+import hypercorn.config
+import hypercorn.trio
+import trio
+
+from .hub import ClientConnection, Limits, Manager
+from .transport import stdio_stream
+from .web import App
+from .worker import Model
+
+log = logging.getLogger("punie_trio.server")
+
+
+class ServeError(Exception):
+    """A startup failure with a message for the user (the CLI prints it and exits 1)."""
+
+
+@attrs.frozen
+class ServeConfig:
+    projects: tuple[Path, ...]
+    model: Model = attrs.field(eq=False)
+    host: str = "127.0.0.1"
+    port: int = 8765
+    http: bool = True
+    stdio: bool = False
+    max_message_bytes: int = 16 * 1024 * 1024
+    shutdown_timeout: float = 5.0
+    limits: Limits = attrs.field(factory=Limits)
+    site: Path | None = None
+    dev_options: dict[str, Any] = attrs.field(factory=dict)
+    data_dir: Path | None = None
+    handle_signals: bool = True
+
+
+@attrs.frozen
+class Running:
+    """What :func:`serve` hands to ``task_status.started``."""
+
+    url: str | None
+    manager: Manager
+    closing: trio.Event = attrs.field(eq=False)
+
+
+def _hypercorn_config(config: ServeConfig) -> hypercorn.config.Config:
+    hc = hypercorn.config.Config()
+    host = f"[{config.host}]" if ":" in config.host else config.host
+    hc.bind = [f"{host}:{config.port}"]
+    hc.websocket_max_message_size = config.max_message_bytes
+    hc.graceful_timeout = config.shutdown_timeout
+    hc.accesslog = None
+    hc.errorlog = logging.getLogger("hypercorn.error")
+    # No read_timeout: it would kill quiet SSE streams; heartbeats live in the app.
+    return hc
+
+
+def _address_in_use(exc: BaseException) -> OSError | None:
+    if isinstance(exc, OSError) and exc.errno in (
+        errno.EADDRINUSE,
+        errno.EACCES,
+        errno.EADDRNOTAVAIL,
+    ):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            found = _address_in_use(inner)
+            if found is not None:
+                return found
+    return None
+
+
+async def _watch_signals(closing: trio.Event) -> None:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for signum in signals:
+            if closing.is_set():
+                print("punie-trio: second signal, exiting now", file=sys.stderr, flush=True)
+                os._exit(1)
+            log.warning("received %s, shutting down", signal.Signals(signum).name)
+            closing.set()
+
+
+async def serve(
+    config: ServeConfig, *, task_status: trio.TaskStatus[Running] = trio.TASK_STATUS_IGNORED
+) -> None:
+    """Run the server until ``closing`` is set (by a signal, or by the caller through the
+    :class:`Running` handed to ``task_status.started``), then shut down within
+    ``config.shutdown_timeout`` seconds."""
+    closing = trio.Event()
+    manager = Manager(
+        tuple(str(p) for p in config.projects), config.model, limits=config.limits, closing=closing
+    )
+    dev_app = None
+    if config.site is not None:
+        from .web.dev import DevApp
+
+        dev_app = DevApp(
+            site_dir=config.site,
+            project_root=config.projects[0],
+            closing=closing,
+            data_dir=config.data_dir,
+            **config.dev_options,
+        )
+    app = App(manager, closing, fallback=dev_app)
+    async with trio.open_nursery() as root:
+        if config.handle_signals:
+            root.start_soon(_watch_signals, closing)
+        await root.start(manager.run)
+        if dev_app is not None:
+            await root.start(dev_app.run)
+        url = None
+        hypercorn_done = trio.Event()
+        if config.http:
+            url = await _start_http(root, app, config, closing, hypercorn_done)
+            print(
+                f"punie-trio listening on {url} (ACP: ws{url[4:]}/acp)", file=sys.stderr, flush=True
+            )
+        else:
+            hypercorn_done.set()
+        stdio_done = trio.Event()
+        if config.stdio:
+            root.start_soon(_serve_stdio, manager, config, closing, stdio_done)
+        task_status.started(Running(url, manager, closing))
+        await closing.wait()
+        with trio.move_on_after(config.shutdown_timeout):
+            await hypercorn_done.wait()
+            if config.stdio:
+                await stdio_done.wait()
+        root.cancel_scope.cancel()
+
+
+async def _start_http(
+    root: trio.Nursery, app: App, config: ServeConfig, closing: trio.Event, done: trio.Event
+) -> str:
+    async def run_hypercorn(task_status: trio.TaskStatus[list[str]]) -> None:
+        try:
+            await hypercorn.trio.serve(
+                app,  # type: ignore[arg-type]
+                _hypercorn_config(config),
+                shutdown_trigger=closing.wait,
+                task_status=task_status,
+            )
+        finally:
+            done.set()
+
+    try:
+        binds: list[str] = await root.start(run_hypercorn)
+    except (OSError, BaseExceptionGroup) as exc:
+        busy = _address_in_use(exc)
+        if busy is None:
+            raise
+        raise ServeError(
+            f"cannot listen on {config.host}:{config.port}: {busy.strerror or busy} "
+            "(is another punie-trio running? use --port to pick another port, or --port 0)"
+        ) from None
+    return binds[0]
+
+
+async def _serve_stdio(
+    manager: Manager, config: ServeConfig, closing: trio.Event, done: trio.Event
+) -> None:
+    """One ACP connection on stdin/stdout. EOF ends only this connection, unless stdio is the
+    only transport (``--no-http``), where it ends the server."""
+    stream = stdio_stream(config.max_message_bytes)
+    try:
+        await ClientConnection(manager, transport="stdio").run(stream)
+    finally:
+        done.set()
+        with trio.CancelScope(shield=True):
+            await stream.aclose()
+        if not config.http:
+            closing.set()

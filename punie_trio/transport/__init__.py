@@ -1,0 +1,14 @@
+"""Transports: each implements :class:`MessageStream` (send/receive one JSON-RPC text)."""
+
+from ._memory import MemoryMessageStream, memory_message_stream_pair
+from ._ndjson import NdjsonStream, stdio_stream
+from ._stream import MessageStream, MessageTooLarge
+
+__all__ = [
+    "MemoryMessageStream",
+    "MessageStream",
+    "MessageTooLarge",
+    "NdjsonStream",
+    "memory_message_stream_pair",
+    "stdio_stream",
+]

@@ -1,0 +1,35 @@
+"""The one seam every transport implements: send and receive one JSON-RPC message text."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+
+class MessageTooLarge(Exception):
+    """An incoming message exceeded the transport's size bound and was discarded.
+
+    Transports that can skip the offending message (NDJSON: discard to the next newline)
+    raise this and stay usable, so the peer can answer -32600 and carry on. Transports that
+    cannot (WebSocket: the frame is refused with close code 1009) end instead.
+    """
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"message exceeds the {limit}-byte limit")
+        self.limit = limit
+
+
+class MessageStream(Protocol):
+    """A bidirectional stream of JSON-RPC message texts.
+
+    ``receive_message`` returns one message (text, or UTF-8 bytes that the codec decodes
+    so invalid UTF-8 becomes a parse error) and raises :class:`trio.EndOfChannel` when
+    the other side has finished cleanly (EOF, WebSocket close). ``send_message`` may raise
+    :class:`trio.BrokenResourceError` or :class:`trio.ClosedResourceError` once the stream is
+    gone. Only one task sends at a time (the peer's writer) and only one task receives.
+    """
+
+    async def send_message(self, text: str) -> None: ...
+
+    async def receive_message(self) -> str | bytes: ...
+
+    async def aclose(self) -> None: ...

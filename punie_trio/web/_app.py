@@ -1,0 +1,150 @@
+"""The ASGI app Hypercorn serves: a small router over the ACP WebSocket, health, echo,
+metrics, and (with ``--site``) the dev app for every other path.
+
+Error handling: every refusal carries a status and a reason in the body; nothing a client
+sends can take the app down for the others.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import attrs
+import trio
+
+from .._version import __version__
+from ..hub import ClientConnection, Manager
+from ._asgi_ws import ASGIReceive, ASGISend, AsgiWebSocketStream
+from ._http import read_body, respond, respond_json, respond_text
+
+log = logging.getLogger("punie_trio.web")
+
+ASGIApp = Callable[[dict[str, Any], ASGIReceive, ASGISend], Awaitable[None]]
+
+ACP_PATHS = frozenset({"/acp", "/ws"})
+MAX_ECHO_BYTES = 1024 * 1024
+
+
+@attrs.define(eq=False)
+class App:
+    """Route requests. ``fallback`` (the dev app) gets every path not routed here."""
+
+    manager: Manager
+    closing: trio.Event
+    fallback: ASGIApp | None = None
+    started_at: float = attrs.field(factory=time.monotonic)
+
+    async def __call__(self, scope: dict[str, Any], receive: ASGIReceive, send: ASGISend) -> None:
+        kind = scope["type"]
+        if kind == "lifespan":
+            await _lifespan(receive, send)
+        elif kind == "websocket":
+            if scope["path"] in ACP_PATHS:
+                await self._acp_websocket(scope, receive, send)
+            else:
+                # Closing before accept makes Hypercorn answer the upgrade with 403.
+                await send({"type": "websocket.close", "code": 1008})
+        elif kind == "http":
+            await self._http(scope, receive, send)
+
+    async def _http(self, scope: dict[str, Any], receive: ASGIReceive, send: ASGISend) -> None:
+        path, method = scope["path"], scope["method"]
+        if path == "/health":
+            if method not in ("GET", "HEAD"):
+                await _not_allowed(send, "GET, HEAD")
+                return
+            await respond_json(send, 200, self.health())
+        elif path == "/echo":
+            if method != "POST":
+                await _not_allowed(send, "POST")
+                return
+            await self._echo(receive, send)
+        elif path == "/metrics":
+            if method not in ("GET", "HEAD"):
+                await _not_allowed(send, "GET, HEAD")
+                return
+            body = self.manager.metrics.render()
+            await respond(send, 200, body, b"text/plain; version=0.0.4; charset=utf-8")
+        elif path in ACP_PATHS:
+            await respond_text(
+                send,
+                426,
+                "Upgrade Required: /acp speaks ACP over WebSocket only "
+                "(send GET with Upgrade: websocket)",
+                headers=[(b"upgrade", b"websocket")],
+            )
+        elif self.fallback is not None:
+            await self.fallback(scope, receive, send)
+        else:
+            await respond_text(send, 404, f"Not Found: {path}")
+
+    def health(self) -> dict[str, Any]:
+        manager = self.manager
+        return {
+            "status": "closing" if self.closing.is_set() else "ok",
+            "version": __version__,
+            "uptime": round(time.monotonic() - self.started_at, 3),
+            "connections": len(manager.connections),
+            "sessions": len(manager.sessions),
+            "workers": len(manager.workers),
+        }
+
+    async def _echo(self, receive: ASGIReceive, send: ASGISend) -> None:
+        body = await read_body(receive, MAX_ECHO_BYTES)
+        if body is None:
+            await respond_text(send, 413, f"Payload Too Large: the limit is {MAX_ECHO_BYTES} bytes")
+            return
+        try:
+            obj = json.loads(body)
+        except ValueError as exc:
+            await respond_text(send, 400, f"Bad Request: body is not JSON: {exc}")
+            return
+        await respond_json(send, 200, obj)
+
+    async def _acp_websocket(
+        self, scope: dict[str, Any], receive: ASGIReceive, send: ASGISend
+    ) -> None:
+        """One ACP connection per WebSocket (the RFD's WebSocket profile).
+
+        Resource handling: the connection's tasks all live inside ``conn.run``; it returns when
+        the client disconnects (``websocket.disconnect``) or, at shutdown, after the
+        connection's turns answered ``cancelled``; then we send the close frame (1001 at
+        shutdown), shielded.
+        """
+        event = await receive()
+        if event["type"] != "websocket.connect":
+            return
+        if self.closing.is_set():
+            await send({"type": "websocket.close", "code": 1013})
+            return
+        conn_id = uuid.uuid4().hex
+        await send(
+            {"type": "websocket.accept", "headers": [(b"acp-connection-id", conn_id.encode())]}
+        )
+        stream = AsgiWebSocketStream(receive, send)
+        conn = ClientConnection(self.manager, transport="websocket", id=conn_id)
+        try:
+            await conn.run(stream)
+        finally:
+            await stream.close(1001 if self.closing.is_set() else 1000)
+
+
+async def _not_allowed(send: ASGISend, allow: str) -> None:
+    await respond_text(
+        send, 405, f"Method Not Allowed: use {allow}", headers=[(b"allow", allow.encode())]
+    )
+
+
+async def _lifespan(receive: ASGIReceive, send: ASGISend) -> None:
+    while True:
+        event = await receive()
+        if event["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif event["type"] == "lifespan.shutdown":
+            await send({"type": "lifespan.shutdown.complete"})
+            return

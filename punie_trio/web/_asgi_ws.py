@@ -1,0 +1,57 @@
+"""The server side of an ASGI WebSocket as a :class:`MessageStream` (under Hypercorn).
+
+Hypercorn enforces the frame size bound itself (``websocket_max_message_size``: close 1009).
+Binary frames are accepted and handed on as bytes, which the codec parses as UTF-8 JSON.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import attrs
+import trio
+
+ASGIReceive = Callable[[], Awaitable[dict[str, Any]]]
+ASGISend = Callable[[dict[str, Any]], Awaitable[None]]
+
+
+@attrs.define(eq=False)
+class AsgiWebSocketStream:
+    receive: ASGIReceive
+    send: ASGISend
+    disconnected: bool = False
+    closed: bool = False
+
+    async def receive_message(self) -> str | bytes:
+        while True:
+            if self.disconnected:
+                raise trio.EndOfChannel
+            event = await self.receive()
+            kind = event["type"]
+            if kind == "websocket.receive":
+                text = event.get("text")
+                if text is not None:
+                    return str(text)
+                data = event.get("bytes")
+                if data is not None:
+                    return bytes(data)
+            elif kind == "websocket.disconnect":
+                self.disconnected = True
+
+    async def send_message(self, text: str) -> None:
+        if self.disconnected or self.closed:
+            raise trio.BrokenResourceError("websocket is closed")
+        await self.send({"type": "websocket.send", "text": text})
+
+    async def close(self, code: int = 1000, reason: str = "") -> None:
+        """Send the close frame once. Shielded: it ends Hypercorn's bookkeeping of the
+        stream, which must not be cut off by the cancellation that usually brings us here."""
+        if self.closed or self.disconnected:
+            return
+        self.closed = True
+        with trio.CancelScope(shield=True):
+            await self.send({"type": "websocket.close", "code": code, "reason": reason})
+
+    async def aclose(self) -> None:
+        await self.close()

@@ -1,0 +1,52 @@
+"""Project workers: the agent loop, model backends and tools for one project root."""
+
+from ._envelopes import (
+    CancelTurn,
+    ClientCall,
+    ClientReply,
+    Command,
+    ForgetSession,
+    SeedHistory,
+    StartTurn,
+    TurnEnv,
+    TurnEvent,
+    TurnFinished,
+    Update,
+)
+from ._models import (
+    EchoModel,
+    Model,
+    ScriptError,
+    ScriptModel,
+    TurnContext,
+    echo_chunks,
+    load_script,
+    model_from_spec,
+)
+from ._paths import PathEscape, resolve_inside
+from ._worker import ProjectWorker
+
+__all__ = [
+    "CancelTurn",
+    "ClientCall",
+    "ClientReply",
+    "Command",
+    "EchoModel",
+    "ForgetSession",
+    "Model",
+    "PathEscape",
+    "ProjectWorker",
+    "ScriptError",
+    "ScriptModel",
+    "SeedHistory",
+    "StartTurn",
+    "TurnContext",
+    "TurnEnv",
+    "TurnEvent",
+    "TurnFinished",
+    "Update",
+    "echo_chunks",
+    "load_script",
+    "model_from_spec",
+    "resolve_inside",
+]

@@ -1,0 +1,100 @@
+"""The envelopes a project worker exchanges with the manager (small attrs values).
+
+Commands flow in on the worker's one command channel. Each turn's events flow out on a
+channel that travels inside its :class:`StartTurn`, so the consumer of one turn (its client's
+relay) can be slow without delaying any other turn on the same worker.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+import trio
+
+from ..acp import ClientCapabilities
+
+
+@attrs.frozen
+class TurnEnv:
+    """What a turn may touch: its working directory and the roots paths must stay inside."""
+
+    session_id: str
+    cwd: str
+    roots: tuple[str, ...]
+    capabilities: ClientCapabilities
+
+
+# --- out (worker -> manager), on the turn's event channel -----------------------------------
+
+
+@attrs.frozen
+class Update:
+    """One ``session/update`` ``update`` object to stream to the session's client."""
+
+    update: dict[str, Any]
+
+
+@attrs.frozen
+class ClientCall:
+    """A request the turn needs answered by its client (``fs/*``, ``terminal/*``,
+    ``session/request_permission``). Answered with a :class:`ClientReply` command."""
+
+    call_id: int
+    method: str
+    params: dict[str, Any]
+
+
+@attrs.frozen
+class TurnFinished:
+    """The turn is over. ``error`` is set when the model failed (answer -32603)."""
+
+    stop_reason: str
+    error: str | None = None
+
+
+TurnEvent = Update | ClientCall | TurnFinished
+
+
+# --- in (manager -> worker), on the worker's command channel ---------------------------------
+
+
+@attrs.frozen
+class StartTurn:
+    turn_id: int
+    env: TurnEnv
+    prompt_text: str
+    prompt_blocks: tuple[dict[str, Any], ...]
+    events: trio.MemorySendChannel[TurnEvent] = attrs.field(eq=False, repr=False)
+
+
+@attrs.frozen
+class CancelTurn:
+    turn_id: int
+
+
+@attrs.frozen
+class ClientReply:
+    turn_id: int
+    call_id: int
+    result: Any = None
+    error_code: int | None = None
+    error_message: str | None = None
+
+
+@attrs.frozen
+class ForgetSession:
+    """Drop the worker's history of a session (closed or deleted)."""
+
+    session_id: str
+
+
+@attrs.frozen
+class SeedHistory:
+    """Give the worker a session's history (loaded from the store)."""
+
+    session_id: str
+    history: tuple[tuple[str, str], ...]
+
+
+Command = StartTurn | CancelTurn | ClientReply | ForgetSession | SeedHistory

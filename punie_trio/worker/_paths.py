@@ -1,0 +1,27 @@
+"""Path policy: every path a session touches resolves (symlinks, ``..``, ``~``) inside a root."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+
+class PathEscape(ValueError):
+    """A path resolves outside every allowed root."""
+
+
+def resolve_inside(path: str, cwd: str, roots: Iterable[str]) -> Path:
+    """Resolve ``path`` (relative to ``cwd``) and check it lies inside one of ``roots``.
+
+    Symlinks are resolved before the check, so a link pointing out of the project is caught;
+    ``strict=False`` lets a not-yet-existing file (a write target) resolve through its parent.
+    """
+    expanded = os.path.expanduser(path)
+    candidate = Path(cwd, expanded).resolve(strict=False)
+    allowed = [Path(r).resolve(strict=False) for r in roots]
+    for root in allowed:
+        if candidate == root or candidate.is_relative_to(root):
+            return candidate
+    names = ", ".join(str(r) for r in allowed)
+    raise PathEscape(f"path {path!r} resolves to {candidate}, outside the allowed roots ({names})")

@@ -1,0 +1,85 @@
+"""Tools a model may call. Each reports itself to the client as a ``tool_call`` followed by
+``tool_call_update``s, as the tool-calls page of the spec describes.
+
+File tools go through the client (``fs/read_text_file``, ``fs/write_text_file``) when it
+advertised the capability, so the agent sees unsaved editor buffers; otherwise they use the
+disk directly. Either way the path must resolve inside the session's roots.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import attrs
+import trio
+
+from ..acp import FS_READ_TEXT_FILE, FS_WRITE_TEXT_FILE
+from ._envelopes import TurnEnv
+from ._paths import PathEscape, resolve_inside
+
+ClientCaller = Callable[[str, dict[str, Any]], Awaitable[Any]]
+
+
+class ToolError(Exception):
+    """The tool ran and failed; the message is shown to the user in the tool call."""
+
+
+@attrs.frozen
+class ToolSpec:
+    kind: str
+    title: str
+    run: Callable[[TurnEnv, dict[str, Any], ClientCaller], Awaitable[str]]
+
+
+def _path_arg(tool_input: dict[str, Any]) -> str:
+    path = tool_input.get("path")
+    if not isinstance(path, str) or not path:
+        raise ToolError("input.path must be a non-empty string")
+    return path
+
+
+async def _read_file(env: TurnEnv, tool_input: dict[str, Any], call: ClientCaller) -> str:
+    try:
+        path = resolve_inside(_path_arg(tool_input), env.cwd, env.roots)
+    except PathEscape as exc:
+        raise ToolError(str(exc)) from None
+    if env.capabilities.read_text_file:
+        params: dict[str, Any] = {"sessionId": env.session_id, "path": str(path)}
+        for key in ("line", "limit"):
+            if isinstance(tool_input.get(key), int):
+                params[key] = tool_input[key]
+        result = await call(FS_READ_TEXT_FILE, params)
+        content = result.get("content") if isinstance(result, dict) else None
+        if not isinstance(content, str):
+            raise ToolError("client answered fs/read_text_file without a content string")
+        return content
+    try:
+        return await trio.Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ToolError(f"cannot read {path}: {exc}") from None
+
+
+async def _write_file(env: TurnEnv, tool_input: dict[str, Any], call: ClientCaller) -> str:
+    try:
+        path = resolve_inside(_path_arg(tool_input), env.cwd, env.roots)
+    except PathEscape as exc:
+        raise ToolError(str(exc)) from None
+    content = tool_input.get("content")
+    if not isinstance(content, str):
+        raise ToolError("input.content must be a string")
+    if env.capabilities.write_text_file:
+        params = {"sessionId": env.session_id, "path": str(path), "content": content}
+        await call(FS_WRITE_TEXT_FILE, params)
+    else:
+        try:
+            await trio.Path(path).write_text(content, encoding="utf-8")
+        except OSError as exc:
+            raise ToolError(f"cannot write {path}: {exc}") from None
+    return f"wrote {len(content.encode())} bytes to {path}"
+
+
+TOOLS: dict[str, ToolSpec] = {
+    "read_file": ToolSpec("read", "Read file", _read_file),
+    "write_file": ToolSpec("edit", "Write file", _write_file),
+}

@@ -1,0 +1,222 @@
+"""The project worker: runs every agent turn for the sessions on one project root.
+
+It sees the manager only through two kinds of channel: the command channel it reads
+(:data:`Command` envelopes) and each turn's event channel it writes (:data:`TurnEvent`).
+Nothing else crosses, so the same worker can later run in a child process with the envelopes
+as NDJSON over pipes.
+
+Resource handling: every turn is a task in the worker's nursery, inside its own CancelScope.
+When the command channel closes, running turns are cancelled and :meth:`ProjectWorker.run`
+returns once they have all reported.
+
+Error handling: a turn whose event channel is gone (its client left) ends as cancelled; a
+model that raises ends its turn with ``TurnFinished(error=...)`` and never the worker.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import attrs
+import trio
+
+from ..acp import updates
+from ._envelopes import (
+    CancelTurn,
+    ClientCall,
+    ClientReply,
+    Command,
+    ForgetSession,
+    StartTurn,
+    TurnEvent,
+    TurnFinished,
+    Update,
+)
+from ._models import Model
+from ._tools import TOOLS, ToolError
+
+log = logging.getLogger("punie_trio.worker")
+
+# Time a cancelled turn gets to report TurnFinished before it gives up.
+FINAL_SEND_TIMEOUT = 2.0
+
+
+class ClientCallError(Exception):
+    def __init__(self, code: int | None, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@attrs.define(eq=False)
+class _Turn:
+    start: StartTurn
+    scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
+    calls: dict[int, _Reply] = attrs.field(factory=dict)
+    call_ids: itertools.count[int] = attrs.field(factory=lambda: itertools.count(1))
+    tool_ids: itertools.count[int] = attrs.field(factory=lambda: itertools.count(1))
+    agent_text: list[str] = attrs.field(factory=list)
+
+
+@attrs.define(eq=False)
+class _Reply:
+    done: trio.Event = attrs.field(factory=trio.Event)
+    reply: ClientReply | None = None
+
+
+@attrs.define(eq=False)
+class _Context:
+    """The :class:`TurnContext` a model drives."""
+
+    worker: ProjectWorker
+    turn: _Turn
+    history: Sequence[tuple[str, str]]
+
+    @property
+    def session_id(self) -> str:
+        return self.turn.start.env.session_id
+
+    @property
+    def prompt_text(self) -> str:
+        return self.turn.start.prompt_text
+
+    async def _emit(self, event: TurnEvent) -> None:
+        await self.turn.start.events.send(event)
+
+    async def text(self, chunk: str) -> None:
+        self.turn.agent_text.append(chunk)
+        await self._emit(Update(updates.agent_message_chunk(chunk)))
+
+    async def thought(self, chunk: str) -> None:
+        await self._emit(Update(updates.agent_thought_chunk(chunk)))
+
+    async def plan(self, entries: Sequence[Any]) -> None:
+        await self._emit(Update(updates.plan(entries)))
+
+    async def call_client(self, method: str, params: dict[str, Any]) -> Any:
+        call_id = next(self.turn.call_ids)
+        slot = _Reply()
+        self.turn.calls[call_id] = slot
+        try:
+            await self._emit(ClientCall(call_id, method, params))
+            await slot.done.wait()
+        finally:
+            del self.turn.calls[call_id]
+        reply = slot.reply
+        assert reply is not None
+        if reply.error_message is not None:
+            raise ClientCallError(reply.error_code, reply.error_message)
+        return reply.result
+
+    async def tool(self, name: str, tool_input: dict[str, Any]) -> Any:
+        tool_id = f"call_{next(self.turn.tool_ids)}"
+        spec = TOOLS.get(name)
+        if spec is None:
+            await self._emit(
+                Update(updates.tool_call(tool_id, name, status="failed", raw_input=tool_input))
+            )
+            message = f"unsupported tool {name!r} (available: {', '.join(sorted(TOOLS))})"
+            await self._emit(
+                Update(updates.tool_call_update(tool_id, status="failed", text=message))
+            )
+            return None
+        path = tool_input.get("path")
+        locations = [path] if isinstance(path, str) else []
+        title = f"{spec.title} {path}" if isinstance(path, str) else spec.title
+        await self._emit(
+            Update(
+                updates.tool_call(
+                    tool_id, title, kind=spec.kind, raw_input=tool_input, locations=locations
+                )
+            )
+        )
+        await self._emit(Update(updates.tool_call_update(tool_id, status="in_progress")))
+        try:
+            output = await spec.run(self.turn.start.env, tool_input, self.call_client)
+        except (ToolError, ClientCallError) as exc:
+            await self._emit(
+                Update(updates.tool_call_update(tool_id, status="failed", text=str(exc)))
+            )
+            return None
+        await self._emit(
+            Update(
+                updates.tool_call_update(
+                    tool_id, status="completed", text=output, raw_output={"output": output}
+                )
+            )
+        )
+        return output
+
+
+@attrs.define(eq=False)
+class ProjectWorker:
+    """Runs turns for one project root. Feed it :data:`Command` envelopes on ``commands``."""
+
+    root: str
+    model: Model
+    commands: trio.MemoryReceiveChannel[Command]
+    _turns: dict[int, _Turn] = attrs.field(factory=dict, init=False)
+    _history: dict[str, list[tuple[str, str]]] = attrs.field(factory=dict, init=False)
+
+    @property
+    def running_turns(self) -> int:
+        return len(self._turns)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            task_status.started()
+            async with self.commands:
+                async for command in self.commands:
+                    self._handle(command, nursery)
+            # No more commands: the manager is done with this root.
+            for turn in self._turns.values():
+                turn.scope.cancel()
+
+    def _handle(self, command: Command, nursery: trio.Nursery) -> None:
+        if isinstance(command, StartTurn):
+            turn = _Turn(command)
+            self._turns[command.turn_id] = turn
+            nursery.start_soon(self._run_turn, turn)
+        elif isinstance(command, CancelTurn):
+            running = self._turns.get(command.turn_id)
+            if running is not None:
+                running.scope.cancel()
+        elif isinstance(command, ClientReply):
+            running = self._turns.get(command.turn_id)
+            slot = running.calls.get(command.call_id) if running else None
+            if slot is not None and not slot.done.is_set():
+                slot.reply = command
+                slot.done.set()
+        elif isinstance(command, ForgetSession):
+            self._history.pop(command.session_id, None)
+        else:
+            self._history[command.session_id] = list(command.history)
+
+    async def _run_turn(self, turn: _Turn) -> None:
+        start = turn.start
+        history = self._history.setdefault(start.env.session_id, [])
+        ctx = _Context(self, turn, tuple(history))
+        finished: TurnFinished
+        try:
+            with turn.scope:
+                stop = await self.model.run_turn(ctx)
+            finished = TurnFinished("cancelled" if turn.scope.cancelled_caught else stop)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            finished = TurnFinished("cancelled")
+        except Exception as exc:
+            log.exception("model %s failed in session %s", self.model.name, start.env.session_id)
+            finished = TurnFinished("end_turn", error=f"{type(exc).__name__}: {exc}")
+        finally:
+            del self._turns[start.turn_id]
+        if finished.error is None:
+            history.append(("user", start.prompt_text))
+            history.append(("agent", "".join(turn.agent_text)))
+        with trio.CancelScope(shield=True) as final:
+            final.deadline = trio.current_time() + FINAL_SEND_TIMEOUT
+            try:
+                await start.events.send(finished)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+        await start.events.aclose()
