@@ -1,0 +1,263 @@
+"""``punie-trio sessions ...`` and ``punie-trio token``: inspect what the server stored.
+
+These commands only read: they open the session store read-only (never creating a database
+for a typo'd ``--data-dir``), so they are safe to run while a server is writing, and they
+work without Trio. ``cli.py`` calls :func:`add_commands` on its sub-parsers; each command's
+``func`` takes the parsed namespace and returns the exit status.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any, TextIO
+
+import attrs
+
+from ._paths import default_data_dir, store_path, token_path
+from .store import (
+    STOP,
+    SessionRecord,
+    StoreError,
+    TranscriptEntry,
+    UnknownSessionError,
+    read_session,
+    read_sessions,
+    read_transcript,
+)
+
+_PROG = "punie-trio"
+
+
+def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Register ``sessions {list,show,export}`` and ``token`` on ``subparsers``."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--data-dir",
+        type=Path,
+        default=default_data_dir(),
+        help="where the server keeps its token and session store (default: %(default)s)",
+    )
+
+    sessions = subparsers.add_parser("sessions", help="inspect stored sessions")
+    actions = sessions.add_subparsers(dest="sessions_command", metavar="COMMAND", required=True)
+
+    p = actions.add_parser("list", parents=[common], help="list sessions, newest first")
+    p.add_argument("--cwd", help="only sessions whose working directory is CWD")
+    p.set_defaults(func=cmd_list)
+
+    p = actions.add_parser("show", parents=[common], help="print a session's transcript")
+    p.add_argument("id", metavar="ID", help="session id")
+    p.set_defaults(func=cmd_show)
+
+    p = actions.add_parser("export", parents=[common], help="write a session as JSON")
+    p.add_argument("id", metavar="ID", help="session id")
+    p.add_argument("-o", "--output", type=Path, metavar="FILE", help="write to FILE, not stdout")
+    p.set_defaults(func=cmd_export)
+
+    p = subparsers.add_parser("token", parents=[common], help="print the server's access token")
+    p.set_defaults(func=cmd_token)
+
+
+def _fail(message: str) -> int:
+    print(f"{_PROG}: {message}", file=sys.stderr)
+    return 1
+
+
+def _when(ts: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
+
+
+def _load(args: argparse.Namespace) -> tuple[SessionRecord, list[TranscriptEntry]] | int:
+    """The session and transcript named by ``args.id``, or an exit status after a message."""
+    db = store_path(args.data_dir)
+    try:
+        rec = read_session(db, args.id)
+        if rec is None:
+            return _fail(f"no session {args.id!r} in {db}")
+        return rec, read_transcript(db, args.id)
+    except UnknownSessionError:  # deleted between the two reads
+        return _fail(f"no session {args.id!r} in {db}")
+    except StoreError as exc:
+        return _fail(str(exc))
+
+
+# -- sessions list --------------------------------------------------------------------------
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    db = store_path(args.data_dir)
+    try:
+        records = read_sessions(db, cwd=args.cwd)
+    except StoreError as exc:
+        return _fail(str(exc))
+    if not records:
+        print(f"no sessions in {db}")
+        return 0
+    rows = [("ID", "UPDATED", "TURNS", "TITLE", "CWD")]
+    rows += [
+        (r.id, _when(r.updated_at), str(r.turns), _one_line(r.title or "-", 40), r.cwd)
+        for r in records
+    ]
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    for row in rows:
+        cells = [cell.ljust(width) for cell, width in zip(row, widths, strict=False)]
+        print("  ".join([*cells, row[4]]).rstrip())
+    return 0
+
+
+def _one_line(text: str, width: int) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[: width - 1] + "\u2026"
+
+
+# -- sessions show --------------------------------------------------------------------------
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    loaded = _load(args)
+    if isinstance(loaded, int):
+        return loaded
+    rec, entries = loaded
+    write_transcript(sys.stdout, rec, entries)
+    return 0
+
+
+def write_transcript(out: TextIO, rec: SessionRecord, entries: Iterable[TranscriptEntry]) -> None:
+    """Render a session for a human: header, then each turn's messages, thoughts, plans,
+    tool calls and stop reason, with consecutive message chunks joined into paragraphs."""
+    out.write(f"session  {rec.id}\n")
+    out.write(f"title    {rec.title or '-'}\n")
+    out.write(f"cwd      {rec.cwd}\n")
+    if rec.root != rec.cwd:
+        out.write(f"root     {rec.root}\n")
+    out.write(f"created  {_when(rec.created_at)}\n")
+    out.write(f"updated  {_when(rec.updated_at)}\n")
+    out.write(f"turns    {rec.turns}\n")
+    for line in _render(entries):
+        out.write(line + "\n")
+
+
+_LABELS = {"user_message_chunk": "user", "agent_message_chunk": "agent"}
+_THOUGHT = "agent_thought_chunk"
+_CHECKBOX = {"completed": "[x]", "in_progress": "[~]", "pending": "[ ]"}
+
+
+def _render(entries: Iterable[TranscriptEntry]) -> Iterator[str]:
+    turn: int | None = None
+    text_kind: str | None = None
+    text: list[str] = []
+    tools: dict[str, str] = {}
+
+    def flush() -> Iterator[str]:
+        nonlocal text_kind
+        if text_kind is not None:
+            label = "(thought)" if text_kind == _THOUGHT else _LABELS[text_kind]
+            yield _labelled(f"{label}: ", "".join(text))
+        text_kind = None
+        text.clear()
+
+    for entry in entries:
+        payload = entry.payload
+        if entry.turn != turn:
+            yield from flush()
+            turn = entry.turn
+            yield ""
+            yield f"--- turn {turn + 1} ---"
+        if entry.kind in _LABELS or entry.kind == _THOUGHT:
+            if entry.kind != text_kind:
+                yield from flush()
+                text_kind = entry.kind
+            text.append(_content_text(payload.get("content")))
+            continue
+        yield from flush()
+        if entry.kind == "plan":
+            yield "plan:"
+            for item in payload.get("entries") or []:
+                box = _CHECKBOX.get(str(item.get("status")), "[?]")
+                yield f"  {box} {item.get('content', '')}"
+        elif entry.kind == "tool_call":
+            call_id = str(payload.get("toolCallId", "?"))
+            title = str(payload.get("title") or call_id)
+            tools[call_id] = title
+            kind = f" [{payload['kind']}]" if payload.get("kind") else ""
+            yield f"tool: {title}{kind} ({payload.get('status') or 'pending'})"
+        elif entry.kind == "tool_call_update":
+            call_id = str(payload.get("toolCallId", "?"))
+            if payload.get("title"):
+                tools[call_id] = str(payload["title"])
+            status = payload.get("status")
+            if status:
+                yield f"tool: {tools.get(call_id, call_id)} -> {status}"
+        elif entry.kind == STOP:
+            yield f"stop: {payload.get('stopReason')}"
+        else:
+            yield f"{entry.kind}: {json.dumps(payload, ensure_ascii=False)}"
+    yield from flush()
+
+
+def _content_text(block: Any) -> str:
+    if not isinstance(block, dict):
+        return ""
+    kind = block.get("type")
+    if kind == "text":
+        return str(block.get("text", ""))
+    if kind == "resource_link":
+        return f"[link: {block.get('uri', '')}]"
+    if kind == "resource":
+        resource = block.get("resource")
+        uri = resource.get("uri", "") if isinstance(resource, dict) else ""
+        return f"[resource: {uri}]"
+    return f"[{kind}]"
+
+
+def _labelled(prefix: str, text: str) -> str:
+    lines = text.strip("\n").split("\n")
+    indent = "\n" + " " * len(prefix)
+    return prefix + indent.join(lines)
+
+
+# -- sessions export ------------------------------------------------------------------------
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    loaded = _load(args)
+    if isinstance(loaded, int):
+        return loaded
+    rec, entries = loaded
+    document = {
+        "session": attrs.asdict(rec),
+        "transcript": [attrs.asdict(entry) for entry in entries],
+    }
+    text = json.dumps(document, ensure_ascii=False, indent=2) + "\n"
+    if args.output is None:
+        sys.stdout.write(text)
+        return 0
+    try:
+        args.output.write_text(text, encoding="utf-8")
+    except OSError as exc:
+        return _fail(f"cannot write {args.output}: {exc.strerror or exc}")
+    print(f"wrote {args.output}", file=sys.stderr)
+    return 0
+
+
+# -- token ----------------------------------------------------------------------------------
+
+
+def cmd_token(args: argparse.Namespace) -> int:
+    path = token_path(args.data_dir)
+    try:
+        token = path.read_text(encoding="utf-8").strip()
+    except FileNotFoundError:
+        return _fail(f"no token at {path} yet; `{_PROG} serve` creates one when it starts")
+    except OSError as exc:
+        return _fail(f"cannot read {path}: {exc.strerror or exc}")
+    if not token:
+        return _fail(f"token file {path} is empty")
+    print(f"token file: {path}")
+    print(f"token: {token}")
+    return 0

@@ -1,0 +1,50 @@
+"""Where punie-trio keeps its files.
+
+One module owns every on-disk location so the server, the ``punie-trio acp`` shim and the
+read-only CLI commands agree on them without passing paths around: the shim finds the token
+the server wrote, and ``punie-trio sessions list`` opens the same database ``serve`` writes.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import platformdirs
+
+APP_NAME = "punie-trio"
+DATA_DIR_ENV = "PUNIE_DATA_DIR"
+
+
+def default_data_dir() -> Path:
+    """The data directory: ``$PUNIE_DATA_DIR`` if set (tests, containers), else the
+    platform's per-user data directory (``~/.local/share/punie-trio`` on Linux)."""
+    env = os.environ.get(DATA_DIR_ENV)
+    if env:
+        return Path(env).expanduser()
+    return Path(platformdirs.user_data_dir(APP_NAME))
+
+
+def default_config_path() -> Path:
+    """The user's config file; it need not exist."""
+    return Path(platformdirs.user_config_dir(APP_NAME)) / "config.toml"
+
+
+def token_path(data_dir: Path) -> Path:
+    """The file holding the bearer token ``serve`` generated (mode 0600)."""
+    return data_dir / "token"
+
+
+def store_path(data_dir: Path) -> Path:
+    """The SQLite session store (sessions and transcripts)."""
+    return data_dir / "sessions.sqlite3"
+
+
+def ensure_data_dir(path: Path) -> Path:
+    """Create ``path`` (and parents) if missing, private to the user (0700), and return it.
+
+    The directory holds the token and every transcript, so a directory we create is never
+    group- or world-readable. An existing directory's mode is left alone: the user chose it.
+    """
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    return path

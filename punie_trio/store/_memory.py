@@ -1,0 +1,151 @@
+"""``MemoryStore``: the store in a dict, for tests and as the benchmark baseline.
+
+It follows ``SqliteStore`` to the letter (same validation, same JSON copying, same errors),
+so a hub test that passes against it says something about production. Every method
+checkpoints once, like a real I/O call, so code under test cannot accidentally rely on the
+store never yielding.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import attrs
+import trio
+
+from ._model import (
+    UNSET,
+    SessionRecord,
+    StoreError,
+    TranscriptEntry,
+    UnknownSessionError,
+    Unset,
+    after_cursor,
+    check_config,
+    check_limit,
+    check_record,
+    check_turn,
+    decode_cursor,
+    encode_cursor,
+    load_json,
+)
+
+
+@attrs.define(eq=False)
+class MemoryStore:
+    """An in-process :class:`~punie_trio.store.Store`; nothing survives the object."""
+
+    clock: Callable[[], float] = time.time
+    _sessions: dict[str, SessionRecord] = attrs.field(init=False, factory=dict)
+    # Payloads are kept as JSON text, as SQLite keeps them: every read hands out a fresh
+    # copy, so a caller mutating a returned payload cannot corrupt the transcript.
+    _transcripts: dict[str, list[tuple[int, str, str]]] = attrs.field(init=False, factory=dict)
+    _closed: bool = attrs.field(init=False, default=False)
+
+    async def _enter(self) -> None:
+        await trio.lowlevel.checkpoint()
+        if self._closed:
+            raise StoreError("store is closed")
+
+    def _get(self, session_id: str) -> SessionRecord:
+        rec = self._sessions.get(session_id)
+        if rec is None:
+            raise UnknownSessionError(session_id)
+        return rec
+
+    async def create_session(self, rec: SessionRecord) -> None:
+        await self._enter()
+        rec = check_record(rec)
+        if rec.id in self._sessions:
+            raise StoreError(f"session {rec.id!r} already exists")
+        self._sessions[rec.id] = rec
+        self._transcripts[rec.id] = []
+
+    async def get_session(self, session_id: str) -> SessionRecord | None:
+        await self._enter()
+        rec = self._sessions.get(session_id)
+        return None if rec is None else _fresh(rec)
+
+    async def update_session(
+        self,
+        session_id: str,
+        *,
+        title: str | Unset | None = UNSET,
+        mode: str | Unset | None = UNSET,
+        config: dict[str, Any] | Unset = UNSET,
+        client_id: str | Unset | None = UNSET,
+        updated_at: float | Unset = UNSET,
+    ) -> None:
+        await self._enter()
+        if config is not UNSET:
+            config = check_config(config)
+        rec = self._get(session_id)
+        changes: dict[str, Any] = {}
+        if title is not UNSET:
+            changes["title"] = title
+        if mode is not UNSET:
+            changes["mode"] = mode
+        if config is not UNSET:
+            changes["config"] = config
+        if client_id is not UNSET:
+            changes["client_id"] = client_id
+        if updated_at is not UNSET:
+            changes["updated_at"] = float(updated_at)
+        self._sessions[session_id] = attrs.evolve(rec, **changes)
+
+    async def list_sessions(
+        self, *, cwd: str | None = None, cursor: str | None = None, limit: int = 50
+    ) -> tuple[list[SessionRecord], str | None]:
+        await self._enter()
+        check_limit(limit)
+        position = None if cursor is None else decode_cursor(cursor)
+        ordered = sorted(self._sessions.values(), key=lambda r: (r.updated_at, r.id), reverse=True)
+        page: list[SessionRecord] = []
+        for rec in ordered:
+            if cwd is not None and rec.cwd != cwd:
+                continue
+            if position is not None and not after_cursor(rec, position):
+                continue
+            page.append(rec)
+            if len(page) > limit:
+                break
+        more = len(page) > limit
+        page = page[:limit]
+        next_cursor = encode_cursor(page[-1].updated_at, page[-1].id) if more else None
+        return [_fresh(r) for r in page], next_cursor
+
+    async def delete_session(self, session_id: str) -> bool:
+        await self._enter()
+        self._transcripts.pop(session_id, None)
+        return self._sessions.pop(session_id, None) is not None
+
+    async def append_turn(
+        self, session_id: str, turn: int, entries: Sequence[tuple[str, dict[str, Any]]]
+    ) -> None:
+        await self._enter()
+        rows = check_turn(turn, entries)
+        rec = self._get(session_id)
+        if turn < rec.turns:
+            raise StoreError(f"session {session_id!r} already has turn {turn} recorded")
+        log = self._transcripts[session_id]
+        log.extend((turn, kind, payload) for kind, payload in rows)
+        self._sessions[session_id] = attrs.evolve(rec, turns=turn + 1, updated_at=self.clock())
+
+    async def transcript(self, session_id: str) -> list[TranscriptEntry]:
+        await self._enter()
+        self._get(session_id)
+        return [
+            TranscriptEntry(session_id, seq, turn, kind, load_json(payload))
+            for seq, (turn, kind, payload) in enumerate(self._transcripts[session_id])
+        ]
+
+    async def aclose(self) -> None:
+        self._closed = True
+        await trio.lowlevel.cancel_shielded_checkpoint()
+
+
+def _fresh(rec: SessionRecord) -> SessionRecord:
+    """A copy whose ``config`` the caller may mutate without touching the store."""
+    return attrs.evolve(rec, config=check_config(rec.config))

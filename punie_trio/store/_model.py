@@ -1,0 +1,217 @@
+"""Values, errors and the rules both store implementations share.
+
+Everything that decides *what* a store accepts or returns lives here, as pure functions, so
+``MemoryStore`` and ``SqliteStore`` cannot drift apart: both validate entries, encode
+cursors and copy JSON through the same code.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import enum
+import json
+import math
+from collections.abc import Sequence
+from typing import Any, Final
+
+import attrs
+
+#: The pseudo ``sessionUpdate`` kind recording a turn's stop reason: ``{"stopReason": ...}``.
+STOP: Final = "stop"
+
+#: The ``sessionUpdate`` kinds a turn's transcript normally holds (plus :data:`STOP`).
+#: Other ACP kinds are accepted too: the transcript stores whatever was streamed.
+TRANSCRIPT_KINDS: Final = frozenset(
+    {
+        "user_message_chunk",
+        "agent_message_chunk",
+        "agent_thought_chunk",
+        "plan",
+        "tool_call",
+        "tool_call_update",
+        STOP,
+    }
+)
+
+
+class StoreError(Exception):
+    """A store operation could not be done: bad input, unknown session, closed store,
+    an unreadable database or one written by a newer punie-trio."""
+
+
+class UnknownSessionError(StoreError):
+    """The session id names no stored session."""
+
+    def __init__(self, session_id: str) -> None:
+        super().__init__(f"unknown session {session_id!r}")
+        self.session_id = session_id
+
+
+class _Unset(enum.Enum):
+    UNSET = enum.auto()
+
+    def __repr__(self) -> str:
+        return "UNSET"
+
+
+#: Sentinel for "leave this field alone" in ``update_session`` (``None`` is a real value).
+UNSET: Final = _Unset.UNSET
+Unset = _Unset
+
+
+@attrs.frozen
+class SessionRecord:
+    """One ACP session as stored: enough to list it, load it and resume it."""
+
+    id: str
+    root: str
+    cwd: str
+    client_id: str | None = None
+    title: str | None = None
+    mode: str | None = None
+    config: dict[str, Any] = attrs.field(factory=dict)
+    additional_directories: tuple[str, ...] = ()
+    created_at: float = 0.0
+    updated_at: float = 0.0
+    turns: int = 0
+
+
+@attrs.frozen
+class TranscriptEntry:
+    """One streamed ``session/update`` (or a turn's stop reason), in session order.
+
+    ``payload`` is exactly the ACP ``update`` object as it was streamed, so ``session/load``
+    replays it unchanged; for :data:`STOP` it is ``{"stopReason": ...}``.
+    """
+
+    session_id: str
+    seq: int
+    turn: int
+    kind: str
+    payload: dict[str, Any]
+
+
+# -- JSON -----------------------------------------------------------------------------------
+
+
+def dump_json(value: Any, what: str) -> str:
+    """Serialise compactly, refusing what JSON cannot carry (NaN, sets, objects).
+
+    Keys keep their order and floats round-trip exactly, so ``load_json(dump_json(x)) == x``
+    for anything an ACP message can contain.
+    """
+    try:
+        return json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise StoreError(f"{what} is not JSON-serialisable: {exc}") from exc
+
+
+def load_json(text: str) -> Any:
+    return json.loads(text)
+
+
+def copy_json(value: Any, what: str) -> Any:
+    """A deep copy through JSON: what the SQLite store would give back, and detached from
+    the caller's (mutable) dict."""
+    return load_json(dump_json(value, what))
+
+
+# -- validation -----------------------------------------------------------------------------
+
+
+def check_record(rec: SessionRecord) -> SessionRecord:
+    """Validate a record for ``create_session`` and return a copy detached from the caller."""
+    if not isinstance(rec, SessionRecord):
+        raise StoreError(f"expected a SessionRecord, got {type(rec).__name__}")
+    if not rec.id:
+        raise StoreError("session id must be a non-empty string")
+    if not isinstance(rec.config, dict):
+        raise StoreError("session config must be a JSON object")
+    if rec.turns < 0:
+        raise StoreError("session turns must be >= 0")
+    return attrs.evolve(
+        rec,
+        config=copy_json(rec.config, "session config"),
+        additional_directories=tuple(rec.additional_directories),
+    )
+
+
+def check_config(config: dict[str, Any]) -> dict[str, Any]:
+    if not isinstance(config, dict):
+        raise StoreError("session config must be a JSON object")
+    result: dict[str, Any] = copy_json(config, "session config")
+    return result
+
+
+def check_turn(turn: int, entries: Sequence[tuple[str, dict[str, Any]]]) -> list[tuple[str, str]]:
+    """Validate one turn's entries; return them as ``(kind, payload_json)`` pairs.
+
+    A real update's payload must carry ``"sessionUpdate": kind`` (it is the streamed update
+    object); a :data:`STOP` payload must carry ``stopReason``. Catching a mismatch here is
+    cheaper than discovering on ``session/load`` that a replay is wrong.
+    """
+    if isinstance(turn, bool) or not isinstance(turn, int) or turn < 0:
+        raise StoreError(f"turn must be an int >= 0, got {turn!r}")
+    out: list[tuple[str, str]] = []
+    for index, item in enumerate(entries):
+        try:
+            kind, payload = item
+        except (TypeError, ValueError):
+            raise StoreError(f"entry {index} must be a (kind, payload) pair") from None
+        if not isinstance(kind, str) or not kind:
+            raise StoreError(f"entry {index}: kind must be a non-empty string")
+        if not isinstance(payload, dict):
+            raise StoreError(f"entry {index} ({kind}): payload must be a JSON object")
+        if kind == STOP:
+            if "stopReason" not in payload:
+                raise StoreError(f"entry {index} (stop): payload needs 'stopReason'")
+        elif payload.get("sessionUpdate") != kind:
+            raise StoreError(
+                f"entry {index} ({kind}): payload's sessionUpdate is "
+                f"{payload.get('sessionUpdate')!r}, not {kind!r}"
+            )
+        out.append((kind, dump_json(payload, f"entry {index} ({kind}) payload")))
+    return out
+
+
+def check_limit(limit: int) -> None:
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+        raise StoreError(f"limit must be an int >= 1, got {limit!r}")
+
+
+# -- cursors --------------------------------------------------------------------------------
+
+
+def encode_cursor(updated_at: float, session_id: str) -> str:
+    """An opaque cursor naming the last session of a page: base64url of ``[updated_at, id]``.
+
+    Keyset (not offset) pagination: a session created or touched between two pages moves to
+    the front and cannot shift the rest of the listing under the client.
+    """
+    raw = json.dumps([updated_at, session_id], separators=(",", ":")).encode()
+    return base64.urlsafe_b64encode(raw).decode("ascii")
+
+
+def decode_cursor(cursor: str) -> tuple[float, str]:
+    try:
+        raw = base64.urlsafe_b64decode(cursor.encode("ascii"))
+        value = json.loads(raw)
+    except (UnicodeError, binascii.Error, ValueError, AttributeError):
+        raise StoreError(f"invalid cursor {cursor!r}") from None
+    if (
+        isinstance(value, list)
+        and len(value) == 2
+        and isinstance(value[0], int | float)
+        and not isinstance(value[0], bool)
+        and math.isfinite(value[0])
+        and isinstance(value[1], str)
+    ):
+        return float(value[0]), value[1]
+    raise StoreError(f"invalid cursor {cursor!r}")
+
+
+def after_cursor(rec: SessionRecord, position: tuple[float, str]) -> bool:
+    """True if ``rec`` sorts after ``position`` in newest-first, id-descending order."""
+    updated_at, session_id = position
+    return rec.updated_at < updated_at or (rec.updated_at == updated_at and rec.id < session_id)

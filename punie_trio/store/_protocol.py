@@ -1,0 +1,70 @@
+"""The ``Store`` interface the hub programs against.
+
+A ``typing.Protocol`` rather than a base class: ``MemoryStore`` and ``SqliteStore`` share no
+code path worth inheriting, and a test double needs no import from here to qualify.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+from ._model import UNSET, SessionRecord, TranscriptEntry, Unset
+
+
+class Store(Protocol):
+    """Sessions and their transcripts.
+
+    Errors are :class:`~punie_trio.store.StoreError`; an operation on a session id that is
+    not stored raises :class:`~punie_trio.store.UnknownSessionError` (a ``StoreError``),
+    except ``get_session`` (``None``) and ``delete_session`` (``False``).
+    """
+
+    async def create_session(self, rec: SessionRecord) -> None:
+        """Store a new session; a duplicate id is a ``StoreError``."""
+        ...
+
+    async def get_session(self, session_id: str) -> SessionRecord | None: ...
+
+    async def update_session(
+        self,
+        session_id: str,
+        *,
+        title: str | Unset | None = UNSET,
+        mode: str | Unset | None = UNSET,
+        config: dict[str, Any] | Unset = UNSET,
+        client_id: str | Unset | None = UNSET,
+        updated_at: float | Unset = UNSET,
+    ) -> None:
+        """Change only the fields given (``None`` is a value, ``UNSET`` means untouched)."""
+        ...
+
+    async def list_sessions(
+        self, *, cwd: str | None = None, cursor: str | None = None, limit: int = 50
+    ) -> tuple[list[SessionRecord], str | None]:
+        """A page of sessions, newest ``updated_at`` first (ties: id descending), and the
+        cursor of the next page or ``None`` at the end. ``cwd`` keeps sessions whose cwd
+        equals it. An invalid cursor is a ``StoreError``."""
+        ...
+
+    async def delete_session(self, session_id: str) -> bool:
+        """Remove a session and its transcript; ``False`` if it was not stored."""
+        ...
+
+    async def append_turn(
+        self, session_id: str, turn: int, entries: Sequence[tuple[str, dict[str, Any]]]
+    ) -> None:
+        """Record one finished turn atomically: its entries in order, ``turns`` raised to
+        ``turn + 1`` and ``updated_at`` set to now. Once this returns the turn is durable
+        across a process crash; until it returns, none of it may be. A ``turn`` below the
+        session's ``turns`` (already recorded) is a ``StoreError``."""
+        ...
+
+    async def transcript(self, session_id: str) -> list[TranscriptEntry]:
+        """Every entry of the session in ``seq`` order; an unknown session raises
+        ``UnknownSessionError`` (an empty list means a session with no turns yet)."""
+        ...
+
+    async def aclose(self) -> None:
+        """Release resources; idempotent. Later calls raise ``StoreError``."""
+        ...

@@ -1,0 +1,49 @@
+"""Synchronous, read-only access to a store file, for the command line.
+
+The CLI inspects a store that a running server may be writing. It opens the file read-only
+(``mode=ro``): it never creates a database where there was none, never migrates one, and
+WAL lets it read a consistent snapshot while the server commits. No Trio needed.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator
+from contextlib import closing, contextmanager
+from pathlib import Path
+
+from . import _sql
+from ._model import SessionRecord, StoreError, TranscriptEntry
+from ._schema import connect_readonly
+
+
+@contextmanager
+def _reading(path: Path | str) -> Iterator[sqlite3.Connection]:
+    with closing(connect_readonly(Path(path))) as conn:
+        try:
+            yield conn
+        except sqlite3.Error as exc:
+            raise StoreError(f"{path}: cannot read session store: {exc}") from exc
+
+
+def read_sessions(path: Path | str, *, cwd: str | None = None) -> list[SessionRecord]:
+    """Every session in the store, newest first (ties: id descending)."""
+    out: list[SessionRecord] = []
+    with _reading(path) as conn:
+        cursor: str | None = None
+        while True:
+            page, cursor = _sql.select_sessions(conn, cwd=cwd, cursor=cursor, limit=500)
+            out += page
+            if cursor is None:
+                return out
+
+
+def read_session(path: Path | str, session_id: str) -> SessionRecord | None:
+    with _reading(path) as conn:
+        return _sql.select_session(conn, session_id)
+
+
+def read_transcript(path: Path | str, session_id: str) -> list[TranscriptEntry]:
+    """The session's transcript in order; ``UnknownSessionError`` if there is no such id."""
+    with _reading(path) as conn:
+        return _sql.select_transcript(conn, session_id)

@@ -1,0 +1,209 @@
+"""The store's SQL, as plain synchronous functions of a ``sqlite3.Connection``.
+
+``SqliteStore`` runs them on its owner thread; the CLI's read-only helpers call the read
+functions directly. Connections are in autocommit mode (``isolation_level=None``) and every
+write spells out its own ``BEGIN IMMEDIATE`` ... ``COMMIT``, so what is one transaction is
+visible in the code, not inferred by the sqlite3 module.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+from ._model import (
+    SessionRecord,
+    StoreError,
+    TranscriptEntry,
+    UnknownSessionError,
+    decode_cursor,
+    dump_json,
+    encode_cursor,
+    load_json,
+)
+
+_COLUMNS = (
+    "id, root, cwd, client_id, title, mode, config, additional_directories, "
+    "created_at, updated_at, turns"
+)
+
+_PLACEHOLDERS = ", ".join("?" * len(_COLUMNS.split(",")))
+
+#: Columns ``update_session`` may set.
+UPDATABLE = frozenset({"title", "mode", "config", "client_id", "updated_at"})
+
+
+@contextmanager
+def transaction(conn: sqlite3.Connection) -> Iterator[None]:
+    """``BEGIN IMMEDIATE`` ... ``COMMIT``, or ``ROLLBACK`` on any exception.
+
+    IMMEDIATE takes the write lock up front, so a transaction never fails half-way for
+    having to upgrade a read lock (and waits ``busy_timeout`` for another process instead).
+    """
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+
+
+def _record(row: sqlite3.Row | tuple[Any, ...]) -> SessionRecord:
+    return SessionRecord(
+        id=row[0],
+        root=row[1],
+        cwd=row[2],
+        client_id=row[3],
+        title=row[4],
+        mode=row[5],
+        config=load_json(row[6]),
+        additional_directories=tuple(load_json(row[7])),
+        created_at=float(row[8]),
+        updated_at=float(row[9]),
+        turns=int(row[10]),
+    )
+
+
+def insert_session(conn: sqlite3.Connection, rec: SessionRecord) -> None:
+    params = (
+        rec.id,
+        rec.root,
+        rec.cwd,
+        rec.client_id,
+        rec.title,
+        rec.mode,
+        dump_json(rec.config, "session config"),
+        dump_json(list(rec.additional_directories), "additional directories"),
+        rec.created_at,
+        rec.updated_at,
+        rec.turns,
+    )
+    try:
+        with transaction(conn):
+            conn.execute(f"INSERT INTO sessions ({_COLUMNS}) VALUES ({_PLACEHOLDERS})", params)
+    except sqlite3.IntegrityError:
+        raise StoreError(f"session {rec.id!r} already exists") from None
+
+
+def select_session(conn: sqlite3.Connection, session_id: str) -> SessionRecord | None:
+    row = conn.execute(f"SELECT {_COLUMNS} FROM sessions WHERE id = ?", (session_id,)).fetchone()
+    return None if row is None else _record(row)
+
+
+def update_session(conn: sqlite3.Connection, session_id: str, changes: dict[str, Any]) -> None:
+    """Set the given columns (keys of :data:`UPDATABLE`; ``config`` already a dict)."""
+    assignments: list[str] = []
+    params: list[Any] = []
+    for column, value in changes.items():
+        if column not in UPDATABLE:  # pragma: no cover - guarded by the callers
+            raise StoreError(f"cannot update {column!r}")
+        assignments.append(f"{column} = ?")
+        params.append(dump_json(value, "session config") if column == "config" else value)
+    with transaction(conn):
+        if assignments:
+            cur = conn.execute(
+                f"UPDATE sessions SET {', '.join(assignments)} WHERE id = ?", (*params, session_id)
+            )
+            found = cur.rowcount > 0
+        else:
+            found = conn.execute("SELECT 1 FROM sessions WHERE id = ?", (session_id,)).fetchone()
+        if not found:
+            raise UnknownSessionError(session_id)
+
+
+def select_sessions(
+    conn: sqlite3.Connection, *, cwd: str | None, cursor: str | None, limit: int
+) -> tuple[list[SessionRecord], str | None]:
+    """One page, newest first; reads ``limit + 1`` rows to know whether another page exists."""
+    where: list[str] = []
+    params: list[Any] = []
+    if cwd is not None:
+        where.append("cwd = ?")
+        params.append(cwd)
+    if cursor is not None:
+        updated_at, last_id = decode_cursor(cursor)
+        where.append("(updated_at < ? OR (updated_at = ? AND id < ?))")
+        params += [updated_at, updated_at, last_id]
+    sql = f"SELECT {_COLUMNS} FROM sessions"
+    if where:
+        sql += " WHERE " + " AND ".join(where)
+    sql += " ORDER BY updated_at DESC, id DESC LIMIT ?"
+    rows = conn.execute(sql, (*params, limit + 1)).fetchall()
+    page = [_record(row) for row in rows[:limit]]
+    more = len(rows) > limit
+    return page, (encode_cursor(page[-1].updated_at, page[-1].id) if more else None)
+
+
+def delete_session(conn: sqlite3.Connection, session_id: str) -> bool:
+    with transaction(conn):
+        # ON DELETE CASCADE removes the transcript in the same transaction.
+        cur = conn.execute("DELETE FROM sessions WHERE id = ?", (session_id,))
+        return cur.rowcount > 0
+
+
+def append_turn(
+    conn: sqlite3.Connection,
+    session_id: str,
+    turn: int,
+    rows: Sequence[tuple[str, str]],
+    now: float,
+    before_commit: Callable[[], None] | None = None,
+) -> None:
+    """Insert one turn's ``(kind, payload_json)`` rows and bump the session, atomically.
+
+    ``before_commit`` runs inside the transaction after every write; tests use it to hold
+    a turn mid-transaction (to cancel its caller, or to fail it) and check all-or-nothing.
+    """
+    with transaction(conn):
+        row = conn.execute(
+            "SELECT turns, (SELECT COALESCE(MAX(seq) + 1, 0) FROM transcript"
+            " WHERE session_id = ?) FROM sessions WHERE id = ?",
+            (session_id, session_id),
+        ).fetchone()
+        if row is None:
+            raise UnknownSessionError(session_id)
+        turns, next_seq = int(row[0]), int(row[1])
+        if turn < turns:
+            raise StoreError(f"session {session_id!r} already has turn {turn} recorded")
+        conn.executemany(
+            "INSERT INTO transcript (session_id, seq, turn, kind, payload) VALUES (?, ?, ?, ?, ?)",
+            [
+                (session_id, next_seq + i, turn, kind, payload)
+                for i, (kind, payload) in enumerate(rows)
+            ],
+        )
+        conn.execute(
+            "UPDATE sessions SET turns = ?, updated_at = ? WHERE id = ?",
+            (turn + 1, now, session_id),
+        )
+        if before_commit is not None:
+            before_commit()
+
+
+def select_transcript(conn: sqlite3.Connection, session_id: str) -> list[TranscriptEntry]:
+    # One read transaction: the existence check and the rows see the same snapshot.
+    with _read(conn):
+        if conn.execute("SELECT 1 FROM sessions WHERE id = ?", (session_id,)).fetchone() is None:
+            raise UnknownSessionError(session_id)
+        rows = conn.execute(
+            "SELECT seq, turn, kind, payload FROM transcript WHERE session_id = ? ORDER BY seq",
+            (session_id,),
+        ).fetchall()
+    return [
+        TranscriptEntry(session_id, int(seq), int(turn), kind, load_json(payload))
+        for seq, turn, kind, payload in rows
+    ]
+
+
+@contextmanager
+def _read(conn: sqlite3.Connection) -> Iterator[None]:
+    conn.execute("BEGIN")
+    try:
+        yield
+    finally:
+        if conn.in_transaction:
+            conn.execute("COMMIT")

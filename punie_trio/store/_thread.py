@@ -1,0 +1,111 @@
+"""``OwnerThread``: one thread that owns a resource and runs jobs on it, for Trio callers.
+
+Why a dedicated thread and not ``trio.to_thread.run_sync`` under ``CapacityLimiter(1)``:
+``sqlite3`` objects are bound to the thread that made them. ``to_thread`` picks any idle
+worker from Trio's cache, so it would need ``check_same_thread=False`` and an argument that
+the limiter serialises every access, including ``close()``. Here the connection is created,
+used and closed by one thread, so sqlite3's own thread check stays on as a tripwire; jobs
+run strictly in submission order (FIFO, one at a time); and store traffic never competes
+with other ``to_thread`` users for the default limiter's 40 tokens.
+
+How a Trio task waits: it puts ``(job, task, token)`` on a ``queue.SimpleQueue`` and parks
+with ``wait_task_rescheduled``; the thread runs the job, captures its outcome and hands it
+back with ``token.run_sync_soon(reschedule, task, outcome)``. ``run_sync_soon`` callbacks
+only run once the Trio loop regains control, i.e. after the task has parked, so the wake-up
+cannot be lost. The park's abort function answers ``Abort.FAILED``: a cancelled caller keeps
+waiting until its job has finished (``abandon_on_cancel=False`` semantics) and sees
+``Cancelled`` at its next checkpoint. A job is therefore never half-observed: it is either
+not submitted (the caller was cancelled before) or it ran to completion, committed or
+rolled back, before the caller moves on.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable
+from typing import Any, Generic, TypeVar
+
+import outcome
+import trio
+
+R = TypeVar("R")
+T = TypeVar("T")
+
+_Job = tuple[Callable[[Any], Any], "trio.lowlevel.Task", "trio.lowlevel.TrioToken"]
+_STOP = None
+
+
+class OwnerThread(Generic[R]):
+    """Runs ``job(resource)`` callables on a private thread that created ``resource``.
+
+    ``open`` builds the resource on the thread; ``close`` runs a final job there and ends
+    the thread. Calls after ``close`` has started raise ``RuntimeError``.
+    """
+
+    def __init__(self, name: str) -> None:
+        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._resource: R | None = None
+        self._closing = False
+        self._thread = threading.Thread(target=self._main, name=name, daemon=True)
+        self._thread.start()
+
+    @property
+    def closing(self) -> bool:
+        return self._closing
+
+    def _main(self) -> None:
+        while True:
+            item = self._jobs.get()
+            if item is _STOP:
+                return
+            job, task, token = item
+            result = outcome.capture(job, self._resource)
+            token.run_sync_soon(trio.lowlevel.reschedule, task, result)
+
+    async def open(self, factory: Callable[[], R]) -> None:
+        """Create the resource on the owner thread (an exception propagates here)."""
+
+        def build(_: object) -> None:
+            self._resource = factory()
+
+        await self.run(build)
+
+    async def run(self, job: Callable[[R], T]) -> T:
+        """Run ``job(resource)`` on the owner thread and return its result.
+
+        Cancellation is honoured only before the job is queued; once queued, the caller
+        waits for it to finish (see the module docstring).
+        """
+        await trio.lowlevel.checkpoint_if_cancelled()
+        if self._closing:
+            raise RuntimeError("owner thread is closed")
+        return await self._submit(job)
+
+    async def _submit(self, job: Callable[[R], T]) -> T:
+        task = trio.lowlevel.current_task()
+        token = trio.lowlevel.current_trio_token()
+        self._jobs.put((job, task, token))
+        # No await between put() and the park: the wake-up is queued behind our parking.
+        value: T = await trio.lowlevel.wait_task_rescheduled(
+            lambda _raise_cancel: trio.lowlevel.Abort.FAILED
+        )
+        return value
+
+    async def close(self, final: Callable[[R], None]) -> None:
+        """Run ``final(resource)`` after every job already queued, then stop the thread.
+
+        Idempotent, and not interruptible by cancellation: it is cleanup, and a
+        half-closed owner thread would leak an open database.
+        """
+        if self._closing:
+            return
+        self._closing = True
+        try:
+            if self._resource is not None:
+                await self._submit(final)
+        finally:
+            self._resource = None
+            self._jobs.put(_STOP)
+            # The thread's last act was handing us our result; it is (about to be) done.
+            self._thread.join()

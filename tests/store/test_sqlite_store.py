@@ -1,0 +1,301 @@
+"""What only the SQLite store has: a file, pragmas, migrations, one owner thread,
+atomic turns under cancellation and failure, and durability across ``kill -9``."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import threading
+from pathlib import Path
+
+import pytest
+import trio
+
+import punie_trio
+from punie_trio.store import (
+    SCHEMA_VERSION,
+    SqliteStore,
+    StoreError,
+    open_sqlite_store,
+    read_session,
+    read_sessions,
+    read_transcript,
+)
+from punie_trio.store._schema import MIGRATIONS, migrate
+
+from .conftest import make_record, sample_turn
+
+REPO = Path(punie_trio.__file__).resolve().parent.parent
+
+
+async def test_pragmas_wal_normal_foreign_keys(tmp_path: Path) -> None:
+    path = tmp_path / "s.db"
+    async with open_sqlite_store(path) as store:
+        got = await store._run(
+            lambda conn: tuple(
+                conn.execute(f"PRAGMA {name}").fetchone()[0]
+                for name in ("journal_mode", "synchronous", "foreign_keys")
+            )
+        )
+        assert got == ("wal", 1, 1)  # synchronous: 1 == NORMAL
+    # WAL is persistent: a fresh connection sees it too.
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+async def test_new_file_is_migrated_to_current_version(tmp_path: Path) -> None:
+    path = tmp_path / "s.db"
+    async with open_sqlite_store(path):
+        pass
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 1
+        names = {r[0] for r in conn.execute("SELECT name FROM sqlite_master")}
+    assert {"sessions", "transcript", "sessions_by_updated", "sessions_by_cwd"} <= names
+
+
+async def test_newer_schema_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "s.db"
+    with sqlite3.connect(path) as conn:
+        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    with pytest.raises(StoreError, match=r"newer than this punie-trio understands"):
+        async with open_sqlite_store(path):
+            pass  # pragma: no cover
+    with pytest.raises(StoreError, match="newer"):
+        read_sessions(path)
+
+
+async def test_not_a_database_is_a_store_error(tmp_path: Path) -> None:
+    path = tmp_path / "s.db"
+    path.write_bytes(b"this is not sqlite" * 100)
+    with pytest.raises(StoreError, match="cannot open"):
+        async with open_sqlite_store(path):
+            pass  # pragma: no cover
+
+
+def test_migrations_apply_in_order_and_fail_atomically(tmp_path: Path) -> None:
+    path = tmp_path / "s.db"
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:
+        assert migrate(conn, path) == 0
+        conn.execute(
+            "INSERT INTO sessions (id, root, cwd, created_at, updated_at) "
+            "VALUES ('s1', '/r', '/r', 1, 1)"
+        )
+        later = [*MIGRATIONS, ("ALTER TABLE sessions ADD COLUMN pinned INTEGER",)]
+        broken = [*later, ("CREATE TABLE extra (x)", "THIS IS NOT SQL")]
+        with pytest.raises(sqlite3.OperationalError):
+            migrate(conn, path, broken)
+        # Migration 2 committed; migration 3 rolled back whole, version stays 2.
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == 2
+        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master")}
+        assert "extra" not in tables
+        assert conn.execute("SELECT id, pinned FROM sessions").fetchall() == [("s1", None)]
+        assert migrate(conn, path, later) == 2  # already current: no-op
+        with pytest.raises(StoreError, match="newer"):
+            migrate(conn, path, MIGRATIONS)
+    finally:
+        conn.close()
+
+
+async def test_reopen_keeps_everything(tmp_path: Path) -> None:
+    path = tmp_path / "s.db"
+    async with open_sqlite_store(path) as store:
+        await store.create_session(make_record(title="kept"))
+        await store.append_turn("s1", 0, sample_turn(0))
+        before = await store.transcript("s1"), await store.get_session("s1")
+    async with open_sqlite_store(path) as store:
+        assert (await store.transcript("s1"), await store.get_session("s1")) == before
+        await store.append_turn("s1", 1, sample_turn(1))
+        assert [e.seq for e in await store.transcript("s1")] == list(range(10))
+
+
+async def test_all_database_work_runs_on_one_owner_thread(tmp_path: Path) -> None:
+    idents: set[int] = set()
+    async with open_sqlite_store(tmp_path / "s.db") as store:
+
+        async def probe() -> None:
+            for _ in range(5):
+                idents.add(await store._run(lambda conn: threading.get_ident()))
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(4):
+                nursery.start_soon(probe)
+        thread = store._owner._thread
+    assert len(idents) == 1
+    assert idents != {threading.get_ident()}
+    assert not thread.is_alive()  # closing the store ends its thread
+
+
+async def _held_mid_transaction(store: SqliteStore) -> tuple[threading.Event, threading.Event]:
+    """Make the next append_turn stop inside its transaction until ``release`` is set."""
+    entered, release = threading.Event(), threading.Event()
+
+    def hook() -> None:
+        entered.set()
+        release.wait()
+
+    store._before_commit = hook
+    return entered, release
+
+
+async def test_cancelled_caller_waits_for_the_whole_turn_to_commit(tmp_path: Path) -> None:
+    async with open_sqlite_store(tmp_path / "s.db") as store:
+        await store.create_session(make_record())
+        entered, release = await _held_mid_transaction(store)
+        returned = False
+
+        async def cancel_mid_transaction(scope: trio.CancelScope) -> None:
+            await trio.to_thread.run_sync(entered.wait)
+            scope.cancel()
+            # Let the cancellation reach the parked caller before the job may finish.
+            await trio.testing.wait_all_tasks_blocked()
+            release.set()
+
+        async with trio.open_nursery() as nursery:
+            with trio.CancelScope() as scope:
+                nursery.start_soon(cancel_mid_transaction, scope)
+                await store.append_turn("s1", 0, sample_turn(0))
+                returned = True
+                await trio.lowlevel.checkpoint()  # the pending cancellation lands here
+        assert returned and scope.cancelled_caught
+        store._before_commit = None
+        assert len(await store.transcript("s1")) == 5
+        rec = await store.get_session("s1")
+        assert rec is not None and rec.turns == 1
+
+
+async def test_caller_cancelled_before_submission_writes_nothing(tmp_path: Path) -> None:
+    async with open_sqlite_store(tmp_path / "s.db") as store:
+        await store.create_session(make_record())
+        with trio.CancelScope() as scope:
+            scope.cancel()
+            await store.append_turn("s1", 0, sample_turn(0))
+        assert scope.cancelled_caught
+        assert await store.transcript("s1") == []
+
+
+async def test_failure_inside_a_turn_rolls_it_back_whole(tmp_path: Path) -> None:
+    async with open_sqlite_store(tmp_path / "s.db") as store:
+        await store.create_session(make_record())
+
+        def explode() -> None:
+            raise RuntimeError("disk on fire")
+
+        store._before_commit = explode
+        with pytest.raises(RuntimeError, match="disk on fire"):
+            await store.append_turn("s1", 0, sample_turn(0))
+        store._before_commit = None
+        assert await store.transcript("s1") == []
+        assert await store.get_session("s1") == make_record()
+        await store.append_turn("s1", 0, sample_turn(0))  # the store is still usable
+        assert len(await store.transcript("s1")) == 5
+
+
+async def test_close_waits_for_queued_turns(tmp_path: Path) -> None:
+    path = tmp_path / "s.db"
+    async with open_sqlite_store(path) as store:
+        await store.create_session(make_record())
+        entered, release = await _held_mid_transaction(store)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(store.append_turn, "s1", 0, sample_turn(0))
+            await trio.to_thread.run_sync(entered.wait)
+            nursery.start_soon(store.aclose)
+            await trio.testing.wait_all_tasks_blocked()
+            release.set()
+    assert len(read_transcript(path, "s1")) == 5
+
+
+_CHILD = textwrap.dedent(
+    """
+    import sys, trio
+    from punie_trio.store import SessionRecord, open_sqlite_store
+
+    async def main(path):
+        async with open_sqlite_store(path) as store:
+            await store.create_session(SessionRecord(id="s", root="/r", cwd="/r"))
+            turn = 0
+            while True:
+                entries = [
+                    ("agent_message_chunk", {"sessionUpdate": "agent_message_chunk",
+                     "content": {"type": "text", "text": f"{turn}.{i} " + "x" * 4000}})
+                    for i in range(20)
+                ] + [("stop", {"stopReason": "end_turn"})]
+                await store.append_turn("s", turn, entries)
+                print(turn, flush=True)  # acknowledged: the turn is committed
+                turn += 1
+
+    trio.run(main, sys.argv[1])
+    """
+)
+
+
+def test_kill_9_mid_write_loses_no_committed_turn(tmp_path: Path) -> None:
+    path = tmp_path / "s.db"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _CHILD, str(path)],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    acked = -1
+    try:
+        while acked < 30:
+            line = proc.stdout.readline()
+            if not line:
+                _, err = proc.communicate()
+                pytest.fail(f"child exited early ({proc.returncode}): {err}")
+            acked = int(line)
+        # The child is looping on append_turn, so the kill lands during or between writes.
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.communicate()
+    assert proc.returncode == -signal.SIGKILL
+    assert path.with_name(path.name + "-wal").exists()  # recovery has work to do
+
+    rec = read_session(path, "s")
+    assert rec is not None and rec.turns >= acked + 1
+    entries = read_transcript(path, "s")
+    assert [e.seq for e in entries] == list(range(len(entries)))
+    assert len(entries) == 21 * rec.turns  # every recorded turn is whole
+    for turn in range(rec.turns):
+        chunk = entries[21 * turn : 21 * turn + 21]
+        assert {e.turn for e in chunk} == {turn}
+        assert chunk[-1].kind == "stop"
+        assert chunk[0].payload["content"]["text"].startswith(f"{turn}.0 ")
+    trio.run(_reopen_and_append, path, rec.turns)
+
+
+async def _reopen_and_append(path: Path, turns: int) -> None:
+    async with open_sqlite_store(path) as store:
+        await store.append_turn("s", turns, [("stop", {"stopReason": "end_turn"})])
+        rec = await store.get_session("s")
+        assert rec is not None and rec.turns == turns + 1
+
+
+def test_read_helpers_never_create_a_database(tmp_path: Path) -> None:
+    path = tmp_path / "missing" / "s.db"
+    with pytest.raises(StoreError, match="no session store"):
+        read_sessions(path)
+    with pytest.raises(StoreError, match="no session store"):
+        read_session(path, "x")
+    assert not path.exists() and not path.parent.exists()
+
+
+async def test_read_helpers_see_a_live_store(tmp_path: Path) -> None:
+    path = tmp_path / "s.db"
+    async with open_sqlite_store(path) as store:
+        await store.create_session(make_record("s1", updated_at=1.0))
+        await store.create_session(make_record("s2", updated_at=2.0, cwd="/other"))
+        await store.append_turn("s1", 0, sample_turn(0))
+        assert [r.id for r in read_sessions(path)] == ["s1", "s2"]  # s1 bumped by the turn
+        assert [r.id for r in read_sessions(path, cwd="/other")] == ["s2"]
+        assert read_transcript(path, "s1") == await store.transcript("s1")
+    # And after a clean close, when SQLite has removed the -wal and -shm files.
+    assert read_session(path, "s2") is not None

@@ -1,0 +1,291 @@
+"""The store contract, run against every implementation (``store`` is parametrised)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+import trio
+
+from punie_trio.store import (
+    STOP,
+    SessionRecord,
+    Store,
+    StoreError,
+    TranscriptEntry,
+    UnknownSessionError,
+)
+
+from .conftest import StepClock, make_record, sample_turn, text_update
+
+
+async def test_create_and_get_round_trip(store: Store) -> None:
+    rec = make_record(title="hello", turns=0)
+    await store.create_session(rec)
+    assert await store.get_session("s1") == rec
+    assert await store.get_session("nope") is None
+
+
+async def test_duplicate_id_is_an_error(store: Store) -> None:
+    await store.create_session(make_record())
+    with pytest.raises(StoreError, match="already exists"):
+        await store.create_session(make_record(title="other"))
+    got = await store.get_session("s1")
+    assert got is not None and got.title is None
+
+
+async def test_config_is_detached_from_callers(store: Store) -> None:
+    config: dict[str, Any] = {"model": "m1"}
+    await store.create_session(make_record(config=config))
+    config["model"] = "changed"
+    got = await store.get_session("s1")
+    assert got is not None and got.config == {"model": "m1"}
+    got.config["model"] = "mutated"
+    again = await store.get_session("s1")
+    assert again is not None and again.config == {"model": "m1"}
+
+
+async def test_unserialisable_config_is_refused(store: Store) -> None:
+    with pytest.raises(StoreError, match="JSON"):
+        await store.create_session(make_record(config={"x": {1, 2}}))
+    assert await store.get_session("s1") is None
+
+
+async def test_update_changes_only_given_fields(store: Store) -> None:
+    await store.create_session(make_record(title="t"))
+    await store.update_session("s1", mode="ask", config={"model": "m2"})
+    got = await store.get_session("s1")
+    assert got == make_record(title="t", mode="ask", config={"model": "m2"})
+    await store.update_session("s1", title=None, client_id=None, updated_at=555.0)
+    got = await store.get_session("s1")
+    assert got == make_record(
+        title=None, mode="ask", config={"model": "m2"}, client_id=None, updated_at=555.0
+    )
+
+
+async def test_update_unknown_session(store: Store) -> None:
+    with pytest.raises(UnknownSessionError):
+        await store.update_session("ghost", title="x")
+    with pytest.raises(UnknownSessionError):
+        await store.update_session("ghost")
+
+
+async def test_update_refuses_non_object_config(store: Store) -> None:
+    await store.create_session(make_record())
+    with pytest.raises(StoreError):
+        await store.update_session("s1", config=["not", "a", "dict"])  # type: ignore[arg-type]
+
+
+async def _seed(store: Store) -> None:
+    # Two pairs share an updated_at, to exercise the id tie-break.
+    for sid, updated, cwd in [
+        ("a", 10.0, "/x"),
+        ("b", 30.0, "/y"),
+        ("c", 20.0, "/x"),
+        ("d", 30.0, "/x"),
+        ("e", 20.0, "/y"),
+        ("f", 5.0, "/x"),
+    ]:
+        await store.create_session(make_record(sid, cwd=cwd, updated_at=updated))
+
+
+async def test_list_is_newest_first_with_id_tie_break(store: Store) -> None:
+    await _seed(store)
+    page, cursor = await store.list_sessions()
+    assert [r.id for r in page] == ["d", "b", "e", "c", "a", "f"]
+    assert cursor is None
+
+
+async def test_list_pagination_visits_each_session_once(store: Store) -> None:
+    await _seed(store)
+    for limit in (1, 2, 4, 5, 6):
+        seen: list[str] = []
+        cursor: str | None = None
+        pages = 0
+        while True:
+            page, cursor = await store.list_sessions(cursor=cursor, limit=limit)
+            assert len(page) <= limit
+            seen += [r.id for r in page]
+            pages += 1
+            if cursor is None:
+                break
+        assert seen == ["d", "b", "e", "c", "a", "f"], limit
+        assert pages == -(-6 // limit)
+
+
+async def test_list_cwd_filter(store: Store) -> None:
+    await _seed(store)
+    page, cursor = await store.list_sessions(cwd="/x", limit=2)
+    assert [r.id for r in page] == ["d", "c"]
+    page, cursor = await store.list_sessions(cwd="/x", cursor=cursor, limit=2)
+    assert [r.id for r in page] == ["a", "f"]
+    assert cursor is None
+    assert await store.list_sessions(cwd="/nowhere") == ([], None)
+
+
+async def test_list_keyset_cursor_survives_a_touched_session(store: Store) -> None:
+    await _seed(store)
+    page, cursor = await store.list_sessions(limit=2)
+    assert [r.id for r in page] == ["d", "b"]
+    # "c" becomes the newest while the client pages: the rest neither repeats nor skips.
+    await store.update_session("c", updated_at=99.0)
+    page, cursor = await store.list_sessions(cursor=cursor, limit=10)
+    assert [r.id for r in page] == ["e", "a", "f"]
+
+
+@pytest.mark.parametrize("cursor", ["", "!!!", "bm90IGpzb24=", "WzEsMiwzXQ==", "WyJ4IiwieSJd"])
+async def test_list_invalid_cursor(store: Store, cursor: str) -> None:
+    await _seed(store)
+    with pytest.raises(StoreError, match="invalid cursor"):
+        await store.list_sessions(cursor=cursor)
+
+
+@pytest.mark.parametrize("limit", [0, -1])
+async def test_list_invalid_limit(store: Store, limit: int) -> None:
+    with pytest.raises(StoreError, match="limit"):
+        await store.list_sessions(limit=limit)
+
+
+async def test_append_turn_orders_entries_and_bumps_session(store: Store, clock: StepClock) -> None:
+    await store.create_session(make_record())
+    await store.append_turn("s1", 0, sample_turn(0, n=2))
+    await store.append_turn("s1", 1, sample_turn(1, n=1))
+    rec = await store.get_session("s1")
+    assert rec is not None
+    assert rec.turns == 2
+    assert rec.updated_at == clock() - 1  # the clock's previous reading: turn 1's commit
+    entries = await store.transcript("s1")
+    assert [e.seq for e in entries] == list(range(7))
+    assert [e.turn for e in entries] == [0, 0, 0, 0, 1, 1, 1]
+    assert [(e.kind, e.payload) for e in entries] == sample_turn(0, n=2) + sample_turn(1, n=1)
+    assert all(isinstance(e, TranscriptEntry) and e.session_id == "s1" for e in entries)
+
+
+async def test_payloads_replay_byte_for_byte(store: Store) -> None:
+    await store.create_session(make_record())
+    update = {
+        "sessionUpdate": "tool_call",
+        "toolCallId": "call_1",
+        "title": "Lire « fichier » \U0001f600",
+        "kind": "read",
+        "status": "pending",
+        "rawInput": {"z": 1, "a": [0.1, 1e300, -0.0, 12345678901234567890, None, True]},
+        "locations": [{"path": "/proj/a.py", "line": 3}],
+    }
+    streamed = json.dumps(update)
+    await store.append_turn("s1", 0, [("tool_call", update), (STOP, {"stopReason": "cancelled"})])
+    update["status"] = "mutated after append"
+    entries = await store.transcript("s1")
+    assert json.dumps(entries[0].payload) == streamed
+    assert entries[1].payload == {"stopReason": "cancelled"}
+    entries[0].payload["title"] = "mutated after read"
+    again = await store.transcript("s1")
+    assert json.dumps(again[0].payload) == streamed
+
+
+async def test_empty_turn_still_counts(store: Store) -> None:
+    await store.create_session(make_record())
+    await store.append_turn("s1", 0, [])
+    rec = await store.get_session("s1")
+    assert rec is not None and rec.turns == 1
+    assert await store.transcript("s1") == []
+
+
+async def test_turn_gap_is_allowed_but_rewrite_is_not(store: Store) -> None:
+    await store.create_session(make_record())
+    await store.append_turn("s1", 2, sample_turn(2))
+    rec = await store.get_session("s1")
+    assert rec is not None and rec.turns == 3
+    with pytest.raises(StoreError, match="already has turn 1"):
+        await store.append_turn("s1", 1, sample_turn(1))
+
+
+@pytest.mark.parametrize(
+    ("entries", "match"),
+    [
+        ([("agent_message_chunk", text_update("user_message_chunk", "x"))], "sessionUpdate"),
+        ([("plan", {"entries": []})], "sessionUpdate"),
+        ([("stop", {"reason": "end_turn"})], "stopReason"),
+        ([("", {"sessionUpdate": ""})], "kind"),
+        ([("plan", ["not", "a", "dict"])], "JSON object"),
+        ([("plan",)], "pair"),
+        ([("plan", {"sessionUpdate": "plan", "entries": [float("nan")]})], "JSON"),
+        ([("plan", {"sessionUpdate": "plan", "x": object()})], "JSON"),
+    ],
+)
+async def test_invalid_entries_write_nothing(store: Store, entries: Any, match: str) -> None:
+    await store.create_session(make_record())
+    good = sample_turn(0)
+    with pytest.raises(StoreError, match=match):
+        await store.append_turn("s1", 0, [*good, *entries])
+    rec = await store.get_session("s1")
+    assert rec == make_record()
+    assert await store.transcript("s1") == []
+
+
+@pytest.mark.parametrize("turn", [-1, True, 1.0])
+async def test_invalid_turn_index(store: Store, turn: Any) -> None:
+    await store.create_session(make_record())
+    with pytest.raises(StoreError, match="turn"):
+        await store.append_turn("s1", turn, [])
+
+
+async def test_unknown_session_for_turns_and_transcript(store: Store) -> None:
+    with pytest.raises(UnknownSessionError) as info:
+        await store.append_turn("ghost", 0, sample_turn(0))
+    assert info.value.session_id == "ghost"
+    with pytest.raises(UnknownSessionError):
+        await store.transcript("ghost")
+
+
+async def test_delete_removes_session_and_transcript(store: Store) -> None:
+    await store.create_session(make_record("s1"))
+    await store.create_session(make_record("s2"))
+    await store.append_turn("s1", 0, sample_turn(0))
+    await store.append_turn("s2", 0, sample_turn(0))
+    assert await store.delete_session("s1") is True
+    assert await store.delete_session("s1") is False
+    assert await store.get_session("s1") is None
+    with pytest.raises(UnknownSessionError):
+        await store.transcript("s1")
+    # A new session reusing the id starts with an empty transcript.
+    await store.create_session(make_record("s1"))
+    assert await store.transcript("s1") == []
+    assert len(await store.transcript("s2")) == 5
+
+
+async def test_concurrent_turns_on_many_sessions(store: Store) -> None:
+    ids = [f"s{i}" for i in range(8)]
+    for sid in ids:
+        await store.create_session(make_record(sid))
+
+    async def run_session(sid: str) -> None:
+        for turn in range(5):
+            await store.append_turn(sid, turn, sample_turn(turn))
+
+    async with trio.open_nursery() as nursery:
+        for sid in ids:
+            nursery.start_soon(run_session, sid)
+    for sid in ids:
+        entries = await store.transcript(sid)
+        assert [(e.kind, e.payload) for e in entries] == [
+            item for turn in range(5) for item in sample_turn(turn)
+        ]
+        assert [e.seq for e in entries] == list(range(25))
+
+
+async def test_closed_store_refuses_work_and_close_is_idempotent(store: Store) -> None:
+    await store.create_session(make_record())
+    await store.aclose()
+    await store.aclose()
+    with pytest.raises(StoreError, match="closed"):
+        await store.get_session("s1")
+    with pytest.raises(StoreError, match="closed"):
+        await store.append_turn("s1", 0, sample_turn(0))
+
+
+async def test_session_record_fields() -> None:
+    rec = SessionRecord(id="x", root="/r", cwd="/r")
+    assert (rec.client_id, rec.title, rec.mode, rec.config, rec.turns) == (None, None, None, {}, 0)
+    assert rec.additional_directories == ()
