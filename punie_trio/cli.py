@@ -9,17 +9,21 @@ from __future__ import annotations
 import argparse
 import logging
 import logging.handlers
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import trio
 
 from ._cli_sessions import add_commands as add_session_commands
-from ._paths import default_data_dir, ensure_data_dir
+from ._config import BY_NAME, ConfigError, load_file, resolve
+from ._paths import default_config_path, default_data_dir, ensure_data_dir, token_path
 from ._version import __version__
 from .hub import Limits
 from .server import ServeConfig, ServeError, serve
+from .web._auth import write_token_file
 from .worker import ScriptError, model_from_spec
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -57,18 +61,23 @@ def build_parser() -> argparse.ArgumentParser:
     s = commands.add_parser(
         "serve",
         help="run the server (ACP over WebSocket at /acp, optionally stdio; dev app with --site)",
-        description="Run the punie-trio server. See docs/cli.md.",
+        description="Run the punie-trio server. Every option can also come from $PUNIE_<NAME> "
+        "or the TOML config file; precedence: flags > env > file > defaults "
+        "(docs/configuration.md).",
     )
-    s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    s.add_argument("--config", type=Path, help="TOML config file (default: the platform's)")
+    s.add_argument("--host", help="address to bind (default 127.0.0.1)")
+    s.add_argument("--port", type=_port, help="port (default 8765; 0 picks a free one)")
     s.add_argument(
-        "--port", type=_port, default=8765, help="port (default 8765; 0 picks a free one)"
-    )
-    s.add_argument(
-        "--stdio", action="store_true", help="also serve one ACP connection on stdin/stdout"
+        "--stdio",
+        action="store_true",
+        default=None,
+        help="also serve one ACP connection on stdin/stdout",
     )
     s.add_argument(
         "--no-http",
         action="store_true",
+        default=None,
         help="do not start the HTTP server (with --stdio: a pure stdio agent that exits at EOF)",
     )
     s.add_argument(
@@ -78,24 +87,52 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="a project root sessions may use (repeatable; default: the current directory)",
     )
-    s.add_argument("--model", default="echo", help="model backend: echo (default) or script:PATH")
-    s.add_argument("--log-level", choices=LOG_LEVELS, default="warning", help="stderr log level")
+    s.add_argument("--model", help="model backend: echo (default) or script:PATH")
+    s.add_argument("--log-level", choices=LOG_LEVELS, help="stderr log level (default warning)")
     s.add_argument(
         "--data-dir", type=Path, help="data directory (default: $PUNIE_DATA_DIR or the platform's)"
     )
-    s.add_argument(
+    s.add_argument("--store", choices=("sqlite", "memory"), help="session store (default sqlite)")
+    auth = s.add_argument_group("security")
+    auth.add_argument(
+        "--token", help="bearer token for /acp (default: generated into DATA_DIR/token)"
+    )
+    auth.add_argument(
+        "--allow-origin",
+        action="append",
+        metavar="ORIGIN",
+        help="browser Origin allowed on /acp (repeatable)",
+    )
+    auth.add_argument(
+        "--metrics-public",
+        action="store_true",
+        default=None,
+        help="serve /metrics without the token",
+    )
+    limits = s.add_argument_group("limits")
+    limits.add_argument(
         "--max-message-bytes",
         type=_positive_int,
-        default=16 * 1024 * 1024,
-        help="largest JSON-RPC message accepted (default 16 MiB; WebSocket closes with 1009)",
+        help="largest JSON-RPC message (default 16 MiB; WebSocket closes with 1009)",
     )
-    s.add_argument("--max-prompt-bytes", type=_positive_int, default=1024 * 1024)
-    s.add_argument("--max-sessions-per-connection", type=_positive_int, default=64)
-    s.add_argument(
-        "--shutdown-timeout",
-        type=_seconds,
-        default=5.0,
-        help="seconds a graceful shutdown may take (default 5)",
+    limits.add_argument(
+        "--max-prompt-bytes", type=_positive_int, help="largest prompt text (default 1 MiB)"
+    )
+    limits.add_argument("--max-sessions-per-connection", type=_positive_int, help="default 64")
+    limits.add_argument(
+        "--max-connections", type=_positive_int, help="ACP connections in total (default 256)"
+    )
+    limits.add_argument(
+        "--prompts-per-minute", type=_positive_int, help="per connection (default 120)"
+    )
+    limits.add_argument(
+        "--tool-calls-per-minute", type=_positive_int, help="per session (default 240)"
+    )
+    limits.add_argument(
+        "--outbox-limit", type=_positive_int, help="queued messages per connection (default 256)"
+    )
+    limits.add_argument(
+        "--shutdown-timeout", type=_seconds, help="seconds a graceful shutdown may take (default 5)"
     )
     dev = s.add_argument_group("dev app (site preview with live reload)")
     dev.add_argument("--site", type=Path, metavar="DIR", help="serve DIR (built output) at /")
@@ -104,8 +141,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--watch", action="append", type=Path, metavar="PATH", help="watch PATH (repeatable)"
     )
     dev.add_argument("--ignore", action="append", metavar="GLOB", help="ignore GLOB (repeatable)")
-    dev.add_argument("--no-watch", action="store_true", help="do not watch for changes")
-    dev.add_argument("--open", action="store_true", help="open the browser once the site answers")
+    dev.add_argument(
+        "--no-watch", action="store_true", default=None, help="do not watch for changes"
+    )
+    dev.add_argument(
+        "--open", action="store_true", default=None, help="open the browser once the site answers"
+    )
     s.set_defaults(func=_run_serve)
 
     add_session_commands(commands)
@@ -135,51 +176,74 @@ def _error(message: str, status: int) -> int:
     return status
 
 
+def _settings(args: argparse.Namespace) -> dict[str, Any]:
+    config_path = args.config if args.config is not None else default_config_path()
+    file_values = load_file(config_path, required=args.config is not None)
+    flags = {name: getattr(args, name, None) for name in BY_NAME}
+    return resolve(flags, file_values, os.environ, str(config_path))
+
+
 def _run_serve(args: argparse.Namespace) -> int:
-    if args.no_http and not args.stdio:
+    try:
+        o = _settings(args)
+    except ConfigError as exc:
+        return _error(str(exc), 2)
+    if o["no_http"] and not o["stdio"]:
         return _error("--no-http needs --stdio (there would be nothing to serve)", 2)
-    projects = tuple(p.expanduser().resolve() for p in (args.project or [Path.cwd()]))
+    if o["log_level"] not in LOG_LEVELS or o["store"] not in ("sqlite", "memory"):
+        return _error(f"log-level must be one of {LOG_LEVELS}; store sqlite or memory", 2)
+    projects = tuple(p.expanduser().resolve() for p in (o["project"] or [Path.cwd()]))
     for project in projects:
         if not project.is_dir():
             return _error(f"--project {project}: not a directory", 2)
-    if args.site is not None and not args.site.expanduser().is_dir():
-        return _error(f"--site {args.site}: not a directory", 2)
+    site = o["site"].expanduser().resolve() if o["site"] else None
+    if site is not None and not site.is_dir():
+        return _error(f"--site {site}: not a directory", 2)
     try:
-        model = model_from_spec(args.model)
+        model = model_from_spec(o["model"])
     except (ScriptError, ValueError) as exc:
         return _error(str(exc), 2)
-    data_dir = (args.data_dir or default_data_dir()).expanduser()
+    data_dir = (o["data_dir"] or default_data_dir()).expanduser()
     try:
         ensure_data_dir(data_dir)
+        token = o["token"] or write_token_file(token_path(data_dir))
     except OSError as exc:
-        return _error(f"cannot create data directory {data_dir}: {exc.strerror or exc}", 1)
-    _setup_logging(args.log_level, data_dir)
-    dev_options: dict[str, object] = {"no_watch": args.no_watch}
-    if args.build:
-        dev_options["build_cmd"] = args.build
-    if args.watch:
-        dev_options["watch"] = tuple(p.expanduser().resolve() for p in args.watch)
-    if args.ignore:
-        dev_options["ignore"] = tuple(args.ignore)
+        return _error(f"cannot use data directory {data_dir}: {exc.strerror or exc}", 1)
+    _setup_logging(o["log_level"], data_dir)
+    dev_options: dict[str, object] = {"no_watch": o["no_watch"]}
+    if o["build"]:
+        dev_options["build_cmd"] = o["build"]
+    if o["watch"]:
+        dev_options["watch"] = tuple(p.resolve() for p in o["watch"])
+    if o["ignore"]:
+        dev_options["ignore"] = tuple(o["ignore"])
     config = ServeConfig(
         projects=projects,
         model=model,
-        host=args.host,
-        port=args.port,
-        http=not args.no_http,
-        stdio=args.stdio,
-        max_message_bytes=args.max_message_bytes,
-        shutdown_timeout=args.shutdown_timeout,
+        host=o["host"],
+        port=o["port"],
+        http=not o["no_http"],
+        stdio=o["stdio"],
+        max_message_bytes=o["max_message_bytes"],
+        shutdown_timeout=o["shutdown_timeout"],
         limits=Limits(
-            max_prompt_bytes=args.max_prompt_bytes,
-            max_sessions_per_connection=args.max_sessions_per_connection,
+            max_prompt_bytes=o["max_prompt_bytes"],
+            max_sessions_per_connection=o["max_sessions_per_connection"],
+            max_connections=o["max_connections"],
+            prompts_per_minute=o["prompts_per_minute"],
+            tool_calls_per_minute=o["tool_calls_per_minute"],
+            outbox_limit=o["outbox_limit"],
         ),
-        site=args.site.expanduser().resolve() if args.site else None,
+        site=site,
         dev_options=dev_options,
         data_dir=data_dir,
+        store=o["store"],
+        token=token,
+        allow_origins=tuple(o["allow_origin"]),
+        metrics_public=o["metrics_public"],
     )
     try:
-        trio.run(_serve_main, config, args.open)
+        trio.run(_serve_main, config, o["open"])
     except ServeError as exc:
         return _error(str(exc), 1)
     return 0

@@ -22,6 +22,8 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +32,9 @@ import hypercorn.config
 import hypercorn.trio
 import trio
 
+from ._paths import store_path
 from .hub import ClientConnection, Limits, Manager
+from .store import MemoryStore, Store, StoreError, open_sqlite_store
 from .transport import stdio_stream
 from .web import App
 from .worker import Model
@@ -56,6 +60,12 @@ class ServeConfig:
     site: Path | None = None
     dev_options: dict[str, Any] = attrs.field(factory=dict)
     data_dir: Path | None = None
+    # "sqlite" (DATA_DIR/sessions.sqlite3; needs data_dir) or "memory" (nothing survives).
+    store: str = "sqlite"
+    # Bearer token required on /acp (and /metrics unless metrics_public); None: no auth.
+    token: str | None = None
+    allow_origins: tuple[str, ...] = ()
+    metrics_public: bool = False
     handle_signals: bool = True
 
 
@@ -111,9 +121,31 @@ async def serve(
     """Run the server until ``closing`` is set (by a signal, or by the caller through the
     :class:`Running` handed to ``task_status.started``), then shut down within
     ``config.shutdown_timeout`` seconds."""
+    async with _open_store(config) as store:
+        await _serve(config, store, task_status)
+
+
+@asynccontextmanager
+async def _open_store(config: ServeConfig) -> AsyncIterator[Store]:
+    if config.store == "memory" or config.data_dir is None:
+        yield MemoryStore()
+        return
+    async with AsyncExitStack() as stack:
+        try:
+            store = await stack.enter_async_context(open_sqlite_store(store_path(config.data_dir)))
+        except StoreError as exc:
+            raise ServeError(f"cannot open the session store: {exc}") from None
+        yield store
+
+
+async def _serve(config: ServeConfig, store: Store, task_status: trio.TaskStatus[Running]) -> None:
     closing = trio.Event()
     manager = Manager(
-        tuple(str(p) for p in config.projects), config.model, limits=config.limits, closing=closing
+        tuple(str(p) for p in config.projects),
+        config.model,
+        limits=config.limits,
+        closing=closing,
+        store=store,
     )
     dev_app = None
     if config.site is not None:
@@ -126,7 +158,14 @@ async def serve(
             data_dir=config.data_dir,
             **config.dev_options,
         )
-    app = App(manager, closing, fallback=dev_app)
+    app = App(
+        manager,
+        closing,
+        fallback=dev_app,
+        token=config.token,
+        allow_origins=config.allow_origins,
+        metrics_public=config.metrics_public,
+    )
     async with trio.open_nursery() as root:
         if config.handle_signals:
             root.start_soon(_watch_signals, closing)

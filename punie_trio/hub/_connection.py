@@ -8,6 +8,7 @@ field), checks it is allowed (``initialize`` first, session ownership) and hands
 
 from __future__ import annotations
 
+import collections
 import logging
 import uuid
 from collections.abc import Awaitable
@@ -24,6 +25,9 @@ from ._manager import Manager
 
 log = logging.getLogger("punie_trio.hub")
 
+# Where a client says who it is, so its sessions can be told apart (and, later, re-attached).
+CLIENT_ID_META = "punie-trio/clientId"
+
 AGENT_INFO = {"name": "punie-trio", "title": "punie-trio", "version": __version__}
 
 
@@ -39,11 +43,13 @@ class ClientConnection:
     manager: Manager
     transport: str = "unknown"
     id: str = attrs.field(factory=lambda: uuid.uuid4().hex)
-    outbox_size: int = 256
     capabilities: acp.ClientCapabilities = attrs.field(factory=acp.ClientCapabilities)
     client_info: dict[str, Any] | None = None
     initialized: bool = False
+    client_id: str | None = None
     peer: Peer | None = attrs.field(default=None, init=False)
+    # Start times of recent prompts, for the prompts-per-minute limit.
+    prompt_times: collections.deque[float] = attrs.field(factory=collections.deque, init=False)
 
     async def run(
         self,
@@ -52,7 +58,10 @@ class ClientConnection:
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         peer = self.peer = Peer(
-            stream, self, outbox_size=self.outbox_size, observer=self.manager.metrics
+            stream,
+            self,
+            outbox_size=self.manager.limits.outbox_limit,
+            observer=self.manager.metrics,
         )
         self.manager.attach(self)
         try:
@@ -91,12 +100,27 @@ class ClientConnection:
             raise method_not_found(method)
         manager = self.manager
         if method == acp.SESSION_NEW:
-            session = manager.new_session(self, acp.parse_new_session(params))
-            return _ready({"sessionId": session.id})
+            return manager.persist_new(manager.new_session(self, acp.parse_new_session(params)))
+        if method == acp.SESSION_LOAD:
+            ref = acp.parse_load_session(params, mcp_required=True)
+            return manager.load_session(self, ref, replay=True)
+        if method == acp.SESSION_RESUME:
+            ref = acp.parse_load_session(params, mcp_required=False)
+            return manager.load_session(self, ref, replay=False)
+        if method == acp.SESSION_LIST:
+            return manager.list_sessions(acp.parse_list_sessions(params))
+        if method == acp.SESSION_CLOSE:
+            return manager.close_session(self, acp.parse_session_id(params).session_id)
+        if method == acp.SESSION_DELETE:
+            return manager.delete_session(self, acp.parse_session_id(params).session_id)
         if method == acp.SESSION_PROMPT:
             prompt = acp.parse_prompt(params, max_bytes=manager.limits.max_prompt_bytes)
             turn = manager.begin_prompt(self, prompt)
             return manager.run_prompt(prompt.session_id, turn, prompt)
+        if method == acp.SESSION_CANCEL:
+            # A notification in ACP; sent with an id it is answered (-32002 if not ours).
+            manager.cancel(self, acp.parse_session_id(params).session_id)
+            return _ready(None)
         raise method_not_found(method)
 
     def handle_notification(self, method: str, params: Params) -> None:
@@ -110,16 +134,29 @@ class ClientConnection:
         init = acp.parse_initialize(params)
         self.capabilities = init.capabilities
         self.client_info = init.client_info
+        client_id = init.meta.get(CLIENT_ID_META)
+        if client_id is not None:
+            if not isinstance(client_id, str) or not 0 < len(client_id) <= 200:
+                raise RpcError.invalid_params(
+                    f"Invalid params: _meta.{CLIENT_ID_META} must be a non-empty string"
+                )
+            self.client_id = client_id
         self.initialized = True
         # We speak exactly version 1: answer with it whatever the client asked (the client
         # disconnects if it cannot speak it), as the initialization page prescribes.
         return {
             "protocolVersion": acp.PROTOCOL_VERSION,
             "agentCapabilities": {
-                "loadSession": False,
+                "loadSession": True,
                 "promptCapabilities": {"image": False, "audio": False, "embeddedContext": True},
                 "mcpCapabilities": {"http": False, "sse": False},
-                "sessionCapabilities": {},
+                "sessionCapabilities": {
+                    "list": {},
+                    "resume": {},
+                    "close": {},
+                    "delete": {},
+                    "additionalDirectories": {},
+                },
             },
             "authMethods": [],
             "agentInfo": AGENT_INFO,

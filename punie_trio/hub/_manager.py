@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import itertools
 import logging
+import time
 import uuid
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -28,8 +30,9 @@ import trio
 
 from .. import acp
 from .._metrics import Metrics
-from ..acp import PromptParams
+from ..acp import PromptParams, updates
 from ..rpc import INTERNAL_ERROR, INVALID_REQUEST, PeerClosed, RpcError
+from ..store import STOP, MemoryStore, SessionRecord, Store, StoreError
 from ..worker import (
     CancelTurn,
     ClientCall,
@@ -38,6 +41,7 @@ from ..worker import (
     ForgetSession,
     Model,
     ProjectWorker,
+    SeedHistory,
     StartTurn,
     TurnEnv,
     TurnEvent,
@@ -56,6 +60,10 @@ WORKER_COMMAND_BUFFER = 64
 TURN_EVENT_BUFFER = 32
 # How long a client gets to answer fs/*, terminal/*, permission requests.
 CLIENT_CALL_TIMEOUT = 300.0
+# Time a finished or cancelled turn gets to commit its transcript, even when cancelled.
+PERSIST_TIMEOUT = 10.0
+# Titles are the first prompt's first line, this long at most.
+TITLE_CHARS = 80
 
 
 @attrs.frozen
@@ -64,6 +72,10 @@ class Limits:
 
     max_prompt_bytes: int = 1024 * 1024
     max_sessions_per_connection: int = 64
+    max_connections: int = 256
+    prompts_per_minute: int = 120
+    tool_calls_per_minute: int = 240
+    outbox_limit: int = 256
     client_call_timeout: float = CLIENT_CALL_TIMEOUT
 
 
@@ -92,6 +104,8 @@ class Session:
     owner: ClientConnection
     worker: WorkerHandle
     turn: ActiveTurn | None = None
+    turns: int = 0
+    title: str | None = None
 
     @property
     def allowed_roots(self) -> tuple[str, ...]:
@@ -107,6 +121,7 @@ class Manager:
     metrics: Metrics = attrs.field(factory=Metrics)
     limits: Limits = attrs.field(factory=Limits)
     closing: trio.Event = attrs.field(factory=trio.Event)
+    store: Store = attrs.field(factory=MemoryStore)
     connections: set[ClientConnection] = attrs.field(factory=set, init=False)
     sessions: dict[str, Session] = attrs.field(factory=dict, init=False)
     workers: dict[str, WorkerHandle] = attrs.field(factory=dict, init=False)
@@ -166,32 +181,177 @@ class Manager:
                     f"({', '.join(self.roots)})"
                 )
 
-    def new_session(self, conn: ClientConnection, params: acp.NewSessionParams) -> Session:
-        if self.closing.is_set():
-            raise RpcError(INTERNAL_ERROR, "Server is shutting down")
-        root = self.project_root_for(params.cwd)
-        self.check_inside_roots(params.additional_directories, "additionalDirectories")
+    def _check_session_quota(self, conn: ClientConnection) -> None:
         owned = sum(1 for s in self.sessions.values() if s.owner is conn)
         if owned >= self.limits.max_sessions_per_connection:
             raise RpcError(
                 INVALID_REQUEST,
                 f"Session limit reached: {owned} sessions open on this connection "
-                f"(max {self.limits.max_sessions_per_connection})",
+                f"(max {self.limits.max_sessions_per_connection}); close one first",
             )
+
+    def _open(
+        self,
+        conn: ClientConnection,
+        session_id: str,
+        cwd: str,
+        additional: tuple[str, ...],
+        *,
+        turns: int = 0,
+        title: str | None = None,
+    ) -> Session:
+        """Register a live session owned by ``conn`` (validation already done)."""
+        root = self.project_root_for(cwd)
         worker = self._worker_for(root)
         session = Session(
-            id=f"sess_{uuid.uuid4().hex}",
+            id=session_id,
             root=root,
-            cwd=str(Path(params.cwd).resolve()),
-            additional_directories=tuple(
-                str(Path(p).resolve()) for p in params.additional_directories
-            ),
+            cwd=str(Path(cwd).resolve()),
+            additional_directories=tuple(str(Path(p).resolve()) for p in additional),
             owner=conn,
             worker=worker,
+            turns=turns,
+            title=title,
         )
         self.sessions[session.id] = session
         worker.sessions.add(session.id)
         return session
+
+    def new_session(self, conn: ClientConnection, params: acp.NewSessionParams) -> Session:
+        """Register a new session synchronously; :meth:`persist_new` then stores it."""
+        if self.closing.is_set():
+            raise RpcError(INTERNAL_ERROR, "Server is shutting down")
+        self.project_root_for(params.cwd)
+        self.check_inside_roots(params.additional_directories, "additionalDirectories")
+        self._check_session_quota(conn)
+        session_id = f"sess_{uuid.uuid4().hex}"
+        return self._open(conn, session_id, params.cwd, params.additional_directories)
+
+    async def persist_new(self, session: Session) -> dict[str, Any]:
+        now = time.time()
+        record = SessionRecord(
+            id=session.id,
+            root=session.root,
+            cwd=session.cwd,
+            client_id=session.owner.client_id,
+            additional_directories=session.additional_directories,
+            created_at=now,
+            updated_at=now,
+        )
+        try:
+            await self.store.create_session(record)
+        except StoreError as exc:
+            if self.sessions.get(session.id) is session:
+                self._drop_session(session)
+            raise RpcError(
+                INTERNAL_ERROR, f"Internal error: cannot store the session: {exc}"
+            ) from None
+        return {"sessionId": session.id}
+
+    async def _stored(self, session_id: str) -> SessionRecord:
+        record = await self.store.get_session(session_id)
+        if record is None or not any(
+            record.root == r or Path(record.root).is_relative_to(r) for r in self.roots
+        ):
+            raise RpcError.not_found(f"Session not found: {session_id}")
+        return record
+
+    async def load_session(
+        self, conn: ClientConnection, ref: acp.SessionRef, *, replay: bool
+    ) -> dict[str, Any]:
+        """``session/load`` (``replay``) and ``session/resume``: make a stored session live
+        on ``conn``, give the worker its history, and (for load) replay the transcript as
+        ``session/update``s before answering."""
+        if self.closing.is_set():
+            raise RpcError(INTERNAL_ERROR, "Server is shutting down")
+        assert ref.cwd is not None
+        self.project_root_for(ref.cwd)
+        self.check_inside_roots(ref.additional_directories, "additionalDirectories")
+        record = await self._stored(ref.session_id)
+        entries = await self.store.transcript(ref.session_id)
+        live = self.sessions.get(ref.session_id)
+        if live is not None and live.owner is not conn:
+            raise RpcError(
+                INVALID_REQUEST, f"Session {ref.session_id} is open on another connection"
+            )
+        if live is not None and live.turn is not None:
+            raise RpcError(INVALID_REQUEST, f"Session {ref.session_id} has a prompt running")
+        if live is None:
+            self._check_session_quota(conn)
+            live = self._open(
+                conn,
+                record.id,
+                ref.cwd,
+                ref.additional_directories or record.additional_directories,
+                turns=record.turns,
+                title=record.title,
+            )
+        history: list[tuple[str, str]] = []
+        user: list[str] = []
+        agent: list[str] = []
+        for entry in entries:
+            content = entry.payload.get("content")
+            text = content.get("text") if isinstance(content, dict) else None
+            if entry.kind == "user_message_chunk" and isinstance(text, str):
+                user.append(text)
+            elif entry.kind == "agent_message_chunk" and isinstance(text, str):
+                agent.append(text)
+            elif entry.kind == STOP:
+                history += [("user", "\n".join(user)), ("agent", "".join(agent))]
+                user, agent = [], []
+        await live.worker.commands.send(SeedHistory(live.id, tuple(history)))
+        if replay:
+            for entry in entries:
+                if entry.kind != STOP:
+                    await conn.send_update(live.id, entry.payload)
+        return {}
+
+    async def list_sessions(self, params: acp.ListSessionsParams) -> dict[str, Any]:
+        try:
+            records, cursor = await self.store.list_sessions(cwd=params.cwd, cursor=params.cursor)
+        except StoreError as exc:
+            raise RpcError.invalid_params(f"Invalid params: cursor is not valid ({exc})") from None
+        sessions = [
+            {
+                "sessionId": r.id,
+                "cwd": r.cwd,
+                "title": r.title,
+                "updatedAt": datetime.fromtimestamp(r.updated_at, UTC).strftime(
+                    "%Y-%m-%dT%H:%M:%SZ"
+                ),
+                **(
+                    {"additionalDirectories": list(r.additional_directories)}
+                    if r.additional_directories
+                    else {}
+                ),
+            }
+            for r in records
+        ]
+        result: dict[str, Any] = {"sessions": sessions}
+        if cursor is not None:
+            result["nextCursor"] = cursor
+        return result
+
+    async def close_session(self, conn: ClientConnection, session_id: str) -> dict[str, Any]:
+        """Cancel the session's running turn, wait for it to finish, forget the live session
+        (it stays loadable from the store)."""
+        session = self.owned_session(conn, session_id)
+        turn = session.turn
+        if turn is not None:
+            turn.cancel_requested.set()
+            await turn.finished.wait()
+        if self.sessions.get(session_id) is session:
+            self._drop_session(session)
+        return {}
+
+    async def delete_session(self, conn: ClientConnection, session_id: str) -> dict[str, Any]:
+        live = self.sessions.get(session_id)
+        if live is not None:
+            await self.close_session(conn, session_id)
+        else:
+            await self._stored(session_id)
+        await self.store.delete_session(session_id)
+        return {}
 
     def owned_session(self, conn: ClientConnection, session_id: str) -> Session:
         """The session, if ``conn`` owns it; -32002 otherwise (unknown and foreign sessions
@@ -234,6 +394,19 @@ class Manager:
         session = self.owned_session(conn, params.session_id)
         if session.turn is not None:
             raise RpcError(INVALID_REQUEST, f"Session {session.id} already has a prompt running")
+        now = trio.current_time()
+        recent = conn.prompt_times
+        while recent and recent[0] <= now - 60.0:
+            recent.popleft()
+        if len(recent) >= self.limits.prompts_per_minute:
+            retry = recent[0] + 60.0 - now
+            raise RpcError(
+                INVALID_REQUEST,
+                f"Rate limit: {self.limits.prompts_per_minute} prompts per minute on this "
+                f"connection; retry in {retry:.1f} s",
+                {"retryAfterSeconds": round(retry, 3)},
+            )
+        recent.append(now)
         turn = ActiveTurn(next(self._turn_ids), conn)
         session.turn = turn
         self._idle = trio.Event()
@@ -263,6 +436,8 @@ class Manager:
         events_send, events_receive = trio.open_memory_channel[TurnEvent](TURN_EVENT_BUFFER)
         env = TurnEnv(session.id, session.cwd, session.allowed_roots, turn.connection.capabilities)
         finished: TurnFinished | None = None
+        streamed: list[dict[str, Any]] = []
+        persist_error: str | None = None
         try:
             async with events_receive, trio.open_nursery() as nursery:
                 await session.worker.commands.send(
@@ -271,6 +446,7 @@ class Manager:
                 nursery.start_soon(self._forward_cancel, session, turn)
                 async for event in events_receive:
                     if isinstance(event, Update):
+                        streamed.append(event.update)
                         await turn.connection.send_update(session.id, event.update)
                     elif isinstance(event, ClientCall):
                         nursery.start_soon(self._client_call, session, turn, event)
@@ -285,6 +461,7 @@ class Manager:
                     with trio.move_on_after(1.0):
                         await session.worker.commands.send(CancelTurn(turn.turn_id))
             stop = finished.stop_reason if finished is not None else "cancelled"
+            persist_error = await self._persist_turn(session, params, streamed, stop)
             self.metrics.prompts.labels(stop_reason=stop).inc()
             self.metrics.prompt_latency.observe(trio.current_time() - started)
             session.turn = None
@@ -294,7 +471,40 @@ class Manager:
         assert finished is not None
         if finished.error is not None:
             raise RpcError(INTERNAL_ERROR, f"Internal error: the model failed: {finished.error}")
+        if persist_error is not None:
+            raise RpcError(
+                INTERNAL_ERROR, f"Internal error: the turn was not saved: {persist_error}"
+            )
         return {"stopReason": finished.stop_reason}
+
+    async def _persist_turn(
+        self, session: Session, params: PromptParams, streamed: list[dict[str, Any]], stop: str
+    ) -> str | None:
+        """Commit the turn's transcript before its answer is sent (an answered turn is never
+        lost). Shielded with a deadline: a cancelled turn is recorded as cancelled too.
+        Returns an error message, or None once committed."""
+        entries: list[tuple[str, dict[str, Any]]] = [
+            ("user_message_chunk", updates.user_message_chunk(block)) for block in params.prompt
+        ]
+        entries += [(u["sessionUpdate"], u) for u in streamed]
+        entries.append((STOP, {"stopReason": stop}))
+        with trio.CancelScope(shield=True) as scope:
+            scope.deadline = trio.current_time() + PERSIST_TIMEOUT
+            try:
+                await self.store.append_turn(session.id, session.turns, entries)
+                session.turns += 1
+                if session.title is None:
+                    first_line = params.text().strip().split("\n", 1)[0]
+                    session.title = first_line[:TITLE_CHARS] or None
+                    if session.title is not None:
+                        await self.store.update_session(session.id, title=session.title)
+            except StoreError as exc:
+                log.error("could not persist turn of session %s: %s", session.id, exc)
+                return str(exc)
+        if scope.cancelled_caught:
+            log.error("persisting a turn of session %s timed out", session.id)
+            return "the store did not answer in time"
+        return None
 
     async def _forward_cancel(self, session: Session, turn: ActiveTurn) -> None:
         await turn.cancel_requested.wait()

@@ -20,6 +20,7 @@ import trio
 from .._version import __version__
 from ..hub import ClientConnection, Manager
 from ._asgi_ws import ASGIReceive, ASGISend, AsgiWebSocketStream
+from ._auth import origin_allowed, token_matches
 from ._http import read_body, respond, respond_json, respond_text
 
 log = logging.getLogger("punie_trio.web")
@@ -37,6 +38,9 @@ class App:
     manager: Manager
     closing: trio.Event
     fallback: ASGIApp | None = None
+    token: str | None = None
+    allow_origins: tuple[str, ...] = ()
+    metrics_public: bool = False
     started_at: float = attrs.field(factory=time.monotonic)
 
     async def __call__(self, scope: dict[str, Any], receive: ASGIReceive, send: ASGISend) -> None:
@@ -67,6 +71,14 @@ class App:
         elif path == "/metrics":
             if method not in ("GET", "HEAD"):
                 await _not_allowed(send, "GET, HEAD")
+                return
+            if not self.metrics_public and self.token and not token_matches(scope, self.token):
+                await respond_text(
+                    send,
+                    401,
+                    "Unauthorized: /metrics needs the server token (or --metrics-public)",
+                    headers=[(b"www-authenticate", b'Bearer realm="punie-trio"')],
+                )
                 return
             body = self.manager.metrics.render()
             await respond(send, 200, body, b"text/plain; version=0.0.4; charset=utf-8")
@@ -119,8 +131,9 @@ class App:
         event = await receive()
         if event["type"] != "websocket.connect":
             return
-        if self.closing.is_set():
-            await send({"type": "websocket.close", "code": 1013})
+        refusal = self._refuse_websocket(scope)
+        if refusal is not None:
+            await _reject_websocket(scope, send, *refusal)
             return
         conn_id = uuid.uuid4().hex
         await send(
@@ -132,6 +145,42 @@ class App:
             await conn.run(stream)
         finally:
             await stream.close(1001 if self.closing.is_set() else 1000)
+
+    def _refuse_websocket(self, scope: dict[str, Any]) -> tuple[int, str] | None:
+        """Why this upgrade must be refused (status, reason), or None to accept it."""
+        if not origin_allowed(scope, self.allow_origins):
+            return 403, "Forbidden: this Origin may not use /acp (see --allow-origin)"
+        if self.token and not token_matches(scope, self.token):
+            return (
+                401,
+                "Unauthorized: /acp needs the server token (Authorization: Bearer, or ?token=)",
+            )
+        if self.closing.is_set():
+            return 503, "Service Unavailable: the server is shutting down"
+        if len(self.manager.connections) >= self.manager.limits.max_connections:
+            limit = self.manager.limits.max_connections
+            return 503, f"Service Unavailable: connection limit reached ({limit})"
+        return None
+
+
+async def _reject_websocket(
+    scope: dict[str, Any], send: ASGISend, status: int, reason: str
+) -> None:
+    """Refuse an upgrade with a real HTTP status and reason where the server supports the
+    ASGI ``websocket.http.response`` extension (Hypercorn does); else close (403)."""
+    if "websocket.http.response" not in scope.get("extensions", {}):
+        await send({"type": "websocket.close", "code": 1008})
+        return
+    body = (reason + "\n").encode()
+    headers = [
+        (b"content-type", b"text/plain; charset=utf-8"),
+        (b"content-length", str(len(body)).encode()),
+    ]
+    if status == 401:
+        headers.append((b"www-authenticate", b'Bearer realm="punie-trio"'))
+    await send({"type": "websocket.http.response.start", "status": status, "headers": headers})
+    with trio.CancelScope(shield=True):
+        await send({"type": "websocket.http.response.body", "body": body})
 
 
 async def _not_allowed(send: ASGISend, allow: str) -> None:

@@ -1,0 +1,161 @@
+"""``serve`` options from four places, in order of precedence: command-line flags, then
+``PUNIE_*`` environment variables, then the TOML config file, then the defaults.
+
+One table (:data:`OPTIONS`) drives all four, so an option cannot exist in one place and be
+forgotten in another. Errors name the source and the option (``config.toml: port must be an
+integer``) and the CLI exits 2 with them.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+
+class ConfigError(ValueError):
+    """An option has a bad value, or the config file is unreadable or has unknown keys."""
+
+
+def _to_bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("1", "true", "yes", "on"):
+        return True
+    if isinstance(value, str) and value.strip().lower() in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError("must be true or false")
+
+
+def _to_int(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise ValueError("must be an integer")
+    return int(value)
+
+
+def _to_float(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise ValueError("must be a number")
+    return float(value)
+
+
+def _to_str(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError("must be a string")
+    return value
+
+
+def _to_path(value: Any) -> Path:
+    return Path(_to_str(value)).expanduser()
+
+
+@attrs.frozen
+class Option:
+    name: str
+    convert: Callable[[Any], Any]
+    default: Any = None
+    many: bool = False  # a list (repeatable flag; os.pathsep/comma separated in env)
+
+    @property
+    def env(self) -> str:
+        return "PUNIE_" + self.name.upper()
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option("host", _to_str, "127.0.0.1"),
+    Option("port", _to_int, 8765),
+    Option("stdio", _to_bool, False),
+    Option("no_http", _to_bool, False),
+    Option("project", _to_path, (), many=True),
+    Option("model", _to_str, "echo"),
+    Option("log_level", _to_str, "warning"),
+    Option("data_dir", _to_path, None),
+    Option("store", _to_str, "sqlite"),
+    Option("token", _to_str, None),
+    Option("allow_origin", _to_str, (), many=True),
+    Option("metrics_public", _to_bool, False),
+    Option("max_message_bytes", _to_int, 16 * 1024 * 1024),
+    Option("max_prompt_bytes", _to_int, 1024 * 1024),
+    Option("max_sessions_per_connection", _to_int, 64),
+    Option("max_connections", _to_int, 256),
+    Option("prompts_per_minute", _to_int, 120),
+    Option("tool_calls_per_minute", _to_int, 240),
+    Option("outbox_limit", _to_int, 256),
+    Option("shutdown_timeout", _to_float, 5.0),
+    Option("site", _to_path, None),
+    Option("build", _to_str, None),
+    Option("watch", _to_path, (), many=True),
+    Option("ignore", _to_str, (), many=True),
+    Option("no_watch", _to_bool, False),
+    Option("open", _to_bool, False),
+)
+BY_NAME = {o.name: o for o in OPTIONS}
+
+
+def load_file(path: Path, *, required: bool) -> dict[str, Any]:
+    """The ``[serve]`` table (or top level) of a TOML file; {} if absent and not required."""
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        if required:
+            raise ConfigError(f"config file {path} does not exist") from None
+        return {}
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    table = data.get("serve", data)
+    if not isinstance(table, dict):
+        raise ConfigError(f"{path}: [serve] must be a table")
+    return {key.replace("-", "_"): value for key, value in table.items()}
+
+
+def _convert(option: Option, value: Any, source: str) -> Any:
+    try:
+        if option.many:
+            items = value if isinstance(value, list | tuple) else [value]
+            return tuple(option.convert(v) for v in items)
+        return option.convert(value)
+    except ValueError as exc:
+        raise ConfigError(f"{source}: {option.name.replace('_', '-')} {exc}") from None
+
+
+def _from_env(option: Option, environ: Mapping[str, str]) -> Any:
+    raw = environ.get(option.env)
+    if raw is None:
+        return None
+    if option.many:
+        sep = os.pathsep if option.convert is _to_path else ","
+        return _convert(option, [p for p in raw.split(sep) if p], f"${option.env}")
+    return _convert(option, raw, f"${option.env}")
+
+
+def resolve(
+    flags: Mapping[str, Any],
+    file_values: Mapping[str, Any],
+    environ: Mapping[str, str],
+    file_name: str,
+) -> dict[str, Any]:
+    """Merge by precedence: flags (non-None) > env > file > defaults."""
+    unknown = sorted(set(file_values) - set(BY_NAME))
+    if unknown:
+        known = ", ".join(o.name.replace("_", "-") for o in OPTIONS)
+        raise ConfigError(f"{file_name}: unknown option(s) {', '.join(unknown)} (known: {known})")
+    merged: dict[str, Any] = {}
+    for option in OPTIONS:
+        flag = flags.get(option.name)
+        if flag is not None and not (option.many and not flag):
+            merged[option.name] = tuple(flag) if option.many else flag
+            continue
+        env = _from_env(option, environ)
+        if env is not None:
+            merged[option.name] = env
+        elif option.name in file_values:
+            merged[option.name] = _convert(option, file_values[option.name], file_name)
+        else:
+            merged[option.name] = option.default
+    return merged

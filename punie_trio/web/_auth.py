@@ -1,0 +1,64 @@
+"""Who may talk to the server: the bearer token and the browser Origin check (pure functions).
+
+Cross-site WebSocket hijacking is the real risk of a localhost agent server: any web page the
+user visits may open ``ws://127.0.0.1:8765/acp``. Browsers always send ``Origin`` on WebSocket
+handshakes, so a foreign one is refused even before the token is looked at.
+"""
+
+from __future__ import annotations
+
+import hmac
+import os
+import secrets
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs
+
+from ._http import header
+
+
+def bearer_token(scope: dict[str, Any]) -> str | None:
+    """The token of a request: ``Authorization: Bearer T``, else ``?token=T`` (browsers
+    cannot set headers on a WebSocket handshake)."""
+    auth = header(scope, b"authorization")
+    if auth is not None:
+        scheme, _, value = auth.decode("latin-1").partition(" ")
+        if scheme.lower() == "bearer" and value.strip():
+            return value.strip()
+    query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
+    values = query.get("token")
+    return values[0] if values else None
+
+
+def token_matches(scope: dict[str, Any], expected: str) -> bool:
+    given = bearer_token(scope)
+    # compare_digest: the time taken does not depend on how much of the token was right.
+    return given is not None and hmac.compare_digest(given.encode(), expected.encode())
+
+
+def origin_allowed(scope: dict[str, Any], allowed: tuple[str, ...]) -> bool:
+    """No Origin (a non-browser client), the server's own origin, or an allowed one."""
+    origin = header(scope, b"origin")
+    if origin is None:
+        return True
+    text = origin.decode("latin-1").rstrip("/").lower()
+    host = header(scope, b"host")
+    if host is not None:
+        own = host.decode("latin-1").lower()
+        if text in (f"http://{own}", f"https://{own}"):
+            return True
+    return text in {a.rstrip("/").lower() for a in allowed}
+
+
+def write_token_file(path: Path) -> str:
+    """Generate a token and write it to ``path`` with mode 0600 (created that way, never
+    readable by others even for an instant), replacing any previous one."""
+    token = secrets.token_urlsafe(32)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, (token + "\n").encode())
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    return token
