@@ -244,9 +244,24 @@ def _run_serve(args: argparse.Namespace) -> int:
     )
     try:
         trio.run(_serve_main, config, o["open"])
-    except ServeError as exc:
-        return _error(str(exc), 1)
+    except (ServeError, BaseExceptionGroup) as exc:
+        failure = _serve_error(exc)
+        if failure is None:
+            raise
+        return _error(str(failure), 1)
     return 0
+
+
+def _serve_error(exc: BaseException) -> ServeError | None:
+    """The :class:`ServeError` inside ``exc`` (nurseries wrap it in exception groups)."""
+    if isinstance(exc, ServeError):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            found = _serve_error(inner)
+            if found is not None:
+                return found
+    return None
 
 
 async def _serve_main(config: ServeConfig, open_browser: bool) -> None:

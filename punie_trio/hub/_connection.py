@@ -89,11 +89,19 @@ class ClientConnection:
         assert self.peer is not None
         return await self.peer.request(method, params)
 
+    async def notify(self, method: str, params: dict[str, Any]) -> None:
+        assert self.peer is not None
+        await self.peer.notify(method, params)
+
+    async def send_answer(self, request_id: Any, result: Any, error: RpcError | None) -> None:
+        assert self.peer is not None
+        await self.peer.send_answer(request_id, result, error)
+
     # -- Dispatcher ---------------------------------------------------------------------------
 
     def handle_request(self, method: str, params: Params) -> Awaitable[Any]:
         if method == acp.INITIALIZE:
-            return _ready(self._initialize(params))
+            return self._initialized(self._initialize(params))
         if not self.initialized:
             if method.startswith("_") or method in _KNOWN:
                 raise RpcError(INVALID_REQUEST, f"Invalid request: call initialize before {method}")
@@ -140,6 +148,8 @@ class ClientConnection:
                 raise RpcError.invalid_params(
                     f"Invalid params: _meta.{CLIENT_ID_META} must be a non-empty string"
                 )
+            if client_id != self.client_id:
+                self.manager.check_client_id(client_id)
             self.client_id = client_id
         self.initialized = True
         # We speak exactly version 1: answer with it whatever the client asked (the client
@@ -161,6 +171,12 @@ class ClientConnection:
             "authMethods": [],
             "agentInfo": AGENT_INFO,
         }
+
+    async def _initialized(self, result: dict[str, Any]) -> dict[str, Any]:
+        # Sessions left within grace come back (with what they missed) before the answer,
+        # so the client cannot race a prompt against the re-attachment.
+        await self.manager.reattach(self)
+        return result
 
 
 _KNOWN = frozenset(

@@ -17,6 +17,8 @@ Peer's nursery, and the relay's ``finally`` tells the worker so.
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import itertools
 import logging
 import time
@@ -31,7 +33,14 @@ import trio
 from .. import acp
 from .._metrics import Metrics
 from ..acp import PromptParams, updates
-from ..rpc import INTERNAL_ERROR, INVALID_REQUEST, PeerClosed, RpcError
+from ..rpc import (
+    INTERNAL_ERROR,
+    INVALID_REQUEST,
+    PeerClosed,
+    RequestId,
+    RpcError,
+    current_request_id,
+)
 from ..store import STOP, MemoryStore, SessionRecord, Store, StoreError
 from ..worker import (
     CancelTurn,
@@ -62,6 +71,8 @@ TURN_EVENT_BUFFER = 32
 CLIENT_CALL_TIMEOUT = 300.0
 # Time a finished or cancelled turn gets to commit its transcript, even when cancelled.
 PERSIST_TIMEOUT = 10.0
+# Sent to a re-attached client whose missed updates overflowed the buffer.
+RELOAD_REQUIRED = "_punie-trio/reload_required"
 # Titles are the first prompt's first line, this long at most.
 TITLE_CHARS = 80
 
@@ -76,6 +87,8 @@ class Limits:
     prompts_per_minute: int = 120
     tool_calls_per_minute: int = 240
     outbox_limit: int = 256
+    grace_seconds: float = 300.0
+    detached_buffer: int = 1024
     client_call_timeout: float = CLIENT_CALL_TIMEOUT
 
 
@@ -90,9 +103,20 @@ class WorkerHandle:
 @attrs.define(eq=False)
 class ActiveTurn:
     turn_id: int
-    connection: ClientConnection
+    connection: ClientConnection  # the connection that sent the prompt
+    request_id: RequestId | None = None
     cancel_requested: trio.Event = attrs.field(factory=trio.Event)
     finished: trio.Event = attrs.field(factory=trio.Event)
+    response: dict[str, Any] | None = None
+    error: RpcError | None = None
+    # The prompt's handler is gone (its client dropped within grace): the answer is
+    # delivered to whoever re-attaches the session.
+    orphaned: bool = False
+
+
+# What a detached session keeps for its client: ("update", update) or
+# ("answer", request_id, response, error), in the order they happened.
+Pending = tuple[Any, ...]
 
 
 @attrs.define(eq=False)
@@ -101,11 +125,15 @@ class Session:
     root: str
     cwd: str
     additional_directories: tuple[str, ...]
-    owner: ClientConnection
+    owner: ClientConnection | None
     worker: WorkerHandle
     turn: ActiveTurn | None = None
     turns: int = 0
     title: str | None = None
+    # While the owner is away within its grace period: its client id and what it missed.
+    detached_client: str | None = None
+    pending: collections.deque[Pending] = attrs.field(factory=collections.deque)
+    overflowed: bool = False
 
     @property
     def allowed_roots(self) -> tuple[str, ...]:
@@ -128,6 +156,7 @@ class Manager:
     _turn_ids: itertools.count[int] = attrs.field(factory=lambda: itertools.count(1), init=False)
     _nursery: trio.Nursery | None = attrs.field(default=None, init=False)
     _idle: trio.Event = attrs.field(factory=trio.Event, init=False)
+    _reattached: dict[str, trio.Event] = attrs.field(factory=dict, init=False)
 
     def __attrs_post_init__(self) -> None:
         self.roots = tuple(str(Path(r).resolve()) for r in self.roots)
@@ -154,10 +183,94 @@ class Manager:
         self.connections.add(conn)
 
     def detach(self, conn: ClientConnection) -> None:
-        """Forget a connection that ended, and every session it owned."""
+        """Forget a connection that ended. A client that said who it is keeps its sessions
+        for ``grace_seconds`` (turns run on, what they produce is kept for it); the sessions
+        of any other client are dropped (they stay loadable from the store)."""
         self.connections.discard(conn)
-        for session in [s for s in self.sessions.values() if s.owner is conn]:
+        owned = [s for s in self.sessions.values() if s.owner is conn]
+        client_id = conn.client_id
+        if client_id and self.limits.grace_seconds > 0 and not self.closing.is_set() and owned:
+            for session in owned:
+                session.owner = None
+                session.detached_client = client_id
+            event = self._reattached.setdefault(client_id, trio.Event())
+            assert self._nursery is not None
+            self._nursery.start_soon(self._expire_grace, client_id, event)
+            return
+        for session in owned:
+            if session.turn is not None:
+                session.turn.cancel_requested.set()
             self._drop_session(session)
+
+    def check_client_id(self, client_id: str) -> None:
+        if any(c.client_id == client_id and c.initialized for c in self.connections):
+            raise RpcError(
+                INVALID_REQUEST, f"Client id {client_id!r} is in use by another open connection"
+            )
+
+    async def reattach(self, conn: ClientConnection) -> None:
+        """Give ``conn`` the sessions its client id left within grace, and deliver what they
+        produced meanwhile (updates, then answers), in order, each exactly once."""
+        client_id = conn.client_id
+        if not client_id:
+            return
+        event = self._reattached.pop(client_id, None)
+        if event is not None:
+            event.set()
+        for session in list(self.sessions.values()):
+            if session.detached_client == client_id and session.owner is None:
+                session.owner = conn
+                session.detached_client = None
+                await self._flush(session, conn)
+
+    async def _expire_grace(self, client_id: str, event: trio.Event) -> None:
+        with trio.move_on_after(self.limits.grace_seconds):
+            await event.wait()
+        if event.is_set():
+            return
+        self._reattached.pop(client_id, None)
+        for session in [s for s in self.sessions.values() if s.detached_client == client_id]:
+            if session.turn is not None:
+                session.turn.cancel_requested.set()
+            self._drop_session(session)
+
+    def _buffer(self, session: Session, item: Pending) -> None:
+        """Keep what a detached client missed; past ``detached_buffer`` updates the client
+        is told to ``session/load`` instead (answers are always kept)."""
+        if item[0] == "update":
+            if session.overflowed:
+                return
+            if sum(1 for p in session.pending if p[0] == "update") >= self.limits.detached_buffer:
+                session.overflowed = True
+                session.pending = collections.deque(p for p in session.pending if p[0] != "update")
+                return
+        session.pending.append(item)
+
+    async def _flush(self, session: Session, conn: ClientConnection) -> None:
+        if session.overflowed:
+            session.overflowed = False
+            await conn.notify(
+                RELOAD_REQUIRED,
+                {"sessionId": session.id, "reason": "updates were missed while disconnected"},
+            )
+        while session.pending and session.owner is conn:
+            item = session.pending.popleft()
+            if item[0] == "update":
+                await conn.send_update(session.id, item[1])
+            else:
+                _, request_id, response, error = item
+                await conn.send_answer(request_id, response, error)
+
+    async def _deliver(self, session: Session, update: dict[str, Any]) -> None:
+        conn = session.owner
+        if conn is not None:
+            try:
+                await self._flush(session, conn)
+                await conn.send_update(session.id, update)
+                return
+            except PeerClosed:
+                pass
+        self._buffer(session, ("update", update))
 
     # -- sessions -----------------------------------------------------------------------------
 
@@ -233,7 +346,7 @@ class Manager:
             id=session.id,
             root=session.root,
             cwd=session.cwd,
-            client_id=session.owner.client_id,
+            client_id=session.owner.client_id if session.owner else None,
             additional_directories=session.additional_directories,
             created_at=now,
             updated_at=now,
@@ -380,7 +493,10 @@ class Manager:
         if self._nursery is None:
             raise RpcError(INTERNAL_ERROR, "Manager is not running")
         send, receive = trio.open_memory_channel[Command](WORKER_COMMAND_BUFFER)
-        handle = WorkerHandle(root, ProjectWorker(root, self.model, receive), send)
+        worker = ProjectWorker(
+            root, self.model, receive, tool_calls_per_minute=self.limits.tool_calls_per_minute
+        )
+        handle = WorkerHandle(root, worker, send)
         self.workers[root] = handle
         self._nursery.start_soon(handle.worker.run, name=f"worker:{root}")
         return handle
@@ -430,52 +546,136 @@ class Manager:
     async def run_prompt(
         self, session_id: str, turn: ActiveTurn, params: PromptParams
     ) -> dict[str, Any]:
-        """Run one turn on the session's worker and relay its events; return the response."""
+        """The ``session/prompt`` handler: start the turn's relay in the manager's nursery
+        (so a turn can outlive its connection within grace) and wait for its answer.
+
+        Cancelled (client gone, or ``$/cancel_request``): the turn is cancelled, unless the
+        client left with a client id within grace, in which case it runs on, orphaned, and
+        its answer waits for the client to come back."""
         session = self.sessions[session_id]
+        turn.request_id = current_request_id.get(None)
+        if self._nursery is None:
+            raise RpcError(INTERNAL_ERROR, "Manager is not running")
+        self._nursery.start_soon(self._relay_turn, session, turn, params)
+        try:
+            await turn.finished.wait()
+        except trio.Cancelled:
+            conn = turn.connection
+            lost = conn.peer is not None and conn.peer.lost
+            if (
+                lost
+                and conn.client_id
+                and self.limits.grace_seconds > 0
+                and not self.closing.is_set()
+            ):
+                turn.orphaned = True
+            else:
+                turn.cancel_requested.set()
+            raise
+        if turn.error is not None:
+            raise turn.error
+        assert turn.response is not None
+        return turn.response
+
+    async def _relay_turn(self, session: Session, turn: ActiveTurn, params: PromptParams) -> None:
+        """Run one turn on the session's worker, relay its events to the session's owner (or
+        keep them while it is away), commit the transcript, then publish the answer."""
         started = trio.current_time()
         events_send, events_receive = trio.open_memory_channel[TurnEvent](TURN_EVENT_BUFFER)
         env = TurnEnv(session.id, session.cwd, session.allowed_roots, turn.connection.capabilities)
         finished: TurnFinished | None = None
         streamed: list[dict[str, Any]] = []
-        persist_error: str | None = None
         try:
             async with events_receive, trio.open_nursery() as nursery:
-                await session.worker.commands.send(
-                    StartTurn(turn.turn_id, env, params.text(), params.prompt, events_send)
-                )
-                nursery.start_soon(self._forward_cancel, session, turn)
-                async for event in events_receive:
-                    if isinstance(event, Update):
-                        streamed.append(event.update)
-                        await turn.connection.send_update(session.id, event.update)
-                    elif isinstance(event, ClientCall):
-                        nursery.start_soon(self._client_call, session, turn, event)
-                    else:
-                        finished = event
-                        break
+                with contextlib.suppress(trio.ClosedResourceError, trio.BrokenResourceError):
+                    await session.worker.commands.send(
+                        StartTurn(turn.turn_id, env, params.text(), params.prompt, events_send)
+                    )
+                    nursery.start_soon(self._forward_cancel, session, turn)
+                    async for event in events_receive:
+                        if isinstance(event, Update):
+                            streamed.append(event.update)
+                            await self._deliver(session, event.update)
+                        elif isinstance(event, ClientCall):
+                            nursery.start_soon(self._client_call, session, turn, event)
+                        else:
+                            finished = event
+                            break
                 nursery.cancel_scope.cancel()
         finally:
             if finished is None:
-                # Cancelled from outside (the client left, or $/cancel_request): stop the turn.
-                with trio.CancelScope(shield=True):
-                    with trio.move_on_after(1.0):
-                        await session.worker.commands.send(CancelTurn(turn.turn_id))
+                # Cancelled from outside (shutdown) or the worker is gone: stop the turn.
+                with (
+                    trio.CancelScope(shield=True),
+                    trio.move_on_after(1.0),
+                    contextlib.suppress(trio.ClosedResourceError, trio.BrokenResourceError),
+                ):
+                    await session.worker.commands.send(CancelTurn(turn.turn_id))
             stop = finished.stop_reason if finished is not None else "cancelled"
             persist_error = await self._persist_turn(session, params, streamed, stop)
             self.metrics.prompts.labels(stop_reason=stop).inc()
             self.metrics.prompt_latency.observe(trio.current_time() - started)
+            if finished is not None and finished.error is not None:
+                turn.error = RpcError(
+                    INTERNAL_ERROR, f"Internal error: the model failed: {finished.error}"
+                )
+            elif persist_error is not None:
+                turn.error = RpcError(
+                    INTERNAL_ERROR, f"Internal error: the turn was not saved: {persist_error}"
+                )
+            else:
+                turn.response = {"stopReason": stop}
             session.turn = None
             turn.finished.set()
             if not any(s.turn is not None for s in self.sessions.values()):
                 self._idle.set()
-        assert finished is not None
-        if finished.error is not None:
-            raise RpcError(INTERNAL_ERROR, f"Internal error: the model failed: {finished.error}")
-        if persist_error is not None:
-            raise RpcError(
-                INTERNAL_ERROR, f"Internal error: the turn was not saved: {persist_error}"
+            if turn.orphaned and turn.request_id is not None:
+                await self._answer_orphan(session, turn)
+
+    async def _answer_orphan(self, session: Session, turn: ActiveTurn) -> None:
+        item: Pending = ("answer", turn.request_id, turn.response, turn.error)
+        conn = session.owner
+        if conn is None:
+            self._buffer(session, item)
+            return
+        with trio.CancelScope(shield=True), trio.move_on_after(PERSIST_TIMEOUT):
+            try:
+                await self._flush(session, conn)
+                await conn.send_answer(turn.request_id, turn.response, turn.error)
+            except PeerClosed:
+                self._buffer(session, item)
+
+    async def _forward_cancel(self, session: Session, turn: ActiveTurn) -> None:
+        await turn.cancel_requested.wait()
+        with contextlib.suppress(trio.ClosedResourceError, trio.BrokenResourceError):
+            await session.worker.commands.send(CancelTurn(turn.turn_id))
+
+    async def _client_call(self, session: Session, turn: ActiveTurn, call: ClientCall) -> None:
+        """Ask the client (the session's owner: the prompting connection, or the one that
+        re-attached it) and hand the answer back to the waiting turn."""
+        reply: ClientReply
+        conn = session.owner
+        try:
+            if conn is None:
+                raise PeerClosed("the client is disconnected")
+            with trio.fail_after(self.limits.client_call_timeout):
+                result = await conn.call_client(call.method, call.params)
+            reply = ClientReply(turn.turn_id, call.call_id, result=result)
+        except RpcError as exc:
+            reply = ClientReply(
+                turn.turn_id, call.call_id, error_code=exc.code, error_message=exc.message
             )
-        return {"stopReason": finished.stop_reason}
+        except trio.TooSlowError:
+            reply = ClientReply(
+                turn.turn_id,
+                call.call_id,
+                error_message=f"client did not answer {call.method} within "
+                f"{self.limits.client_call_timeout:g} s",
+            )
+        except PeerClosed as exc:
+            reply = ClientReply(turn.turn_id, call.call_id, error_message=str(exc))
+        with contextlib.suppress(trio.ClosedResourceError, trio.BrokenResourceError):
+            await session.worker.commands.send(reply)
 
     async def _persist_turn(
         self, session: Session, params: PromptParams, streamed: list[dict[str, Any]], stop: str
@@ -505,28 +705,3 @@ class Manager:
             log.error("persisting a turn of session %s timed out", session.id)
             return "the store did not answer in time"
         return None
-
-    async def _forward_cancel(self, session: Session, turn: ActiveTurn) -> None:
-        await turn.cancel_requested.wait()
-        await session.worker.commands.send(CancelTurn(turn.turn_id))
-
-    async def _client_call(self, session: Session, turn: ActiveTurn, call: ClientCall) -> None:
-        reply: ClientReply
-        try:
-            with trio.fail_after(self.limits.client_call_timeout):
-                result = await turn.connection.call_client(call.method, call.params)
-            reply = ClientReply(turn.turn_id, call.call_id, result=result)
-        except RpcError as exc:
-            reply = ClientReply(
-                turn.turn_id, call.call_id, error_code=exc.code, error_message=exc.message
-            )
-        except trio.TooSlowError:
-            reply = ClientReply(
-                turn.turn_id,
-                call.call_id,
-                error_message=f"client did not answer {call.method} within "
-                f"{self.limits.client_call_timeout:g} s",
-            )
-        except PeerClosed as exc:
-            reply = ClientReply(turn.turn_id, call.call_id, error_message=str(exc))
-        await session.worker.commands.send(reply)

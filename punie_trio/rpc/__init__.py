@@ -26,7 +26,14 @@ from ._errors import (
     PeerClosed,
     RpcError,
 )
-from ._peer import CANCEL_REQUEST, Dispatcher, Peer, PeerObserver, method_not_found
+from ._peer import (
+    CANCEL_REQUEST,
+    Dispatcher,
+    Peer,
+    PeerObserver,
+    current_request_id,
+    method_not_found,
+)
 
 __all__ = [
     "AUTH_REQUIRED",
@@ -52,6 +59,7 @@ __all__ = [
     "RequestId",
     "Response",
     "RpcError",
+    "current_request_id",
     "error_response",
     "method_not_found",
     "parse",

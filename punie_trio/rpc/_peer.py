@@ -20,6 +20,7 @@ exception a logged -32603; an error response with ``id: null`` from the other si
 
 from __future__ import annotations
 
+import contextvars
 import itertools
 import logging
 from collections.abc import Awaitable
@@ -53,6 +54,10 @@ from ._errors import (
 log = logging.getLogger("punie_trio.rpc")
 
 CANCEL_REQUEST = "$/cancel_request"
+
+# The id of the request whose handler is running in this task (each handler task has its own
+# context), so a handler can answer it later from elsewhere (see Peer.send_answer).
+current_request_id: contextvars.ContextVar[RequestId] = contextvars.ContextVar("current_request_id")
 
 
 class Dispatcher(Protocol):
@@ -119,6 +124,7 @@ class Peer:
     _handlers: trio.Nursery | None = attrs.field(default=None, init=False)
     _closed: bool = attrs.field(default=False, init=False)
     _finishing: bool = attrs.field(default=False, init=False)
+    _lost: bool = attrs.field(default=False, init=False)
     _reader_scope: trio.CancelScope = attrs.field(factory=trio.CancelScope, init=False)
     _outbox_send: trio.MemorySendChannel[str] = attrs.field(init=False)
     _outbox_receive: trio.MemoryReceiveChannel[str] = attrs.field(init=False)
@@ -129,6 +135,12 @@ class Peer:
     @property
     def closed(self) -> bool:
         return self._closed
+
+    @property
+    def lost(self) -> bool:
+        """The other side went away (EOF, disconnect, broken stream), as opposed to a
+        :meth:`finish` or a cancellation from our side."""
+        return self._lost
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Serve until the stream ends. Pending requests then fail with :class:`PeerClosed`."""
@@ -201,6 +213,16 @@ class Peer:
             raise call.error
         return call.result
 
+    async def send_answer(
+        self, request_id: RequestId, result: Any = None, error: RpcError | None = None
+    ) -> None:
+        """Answer a request this peer did not dispatch here: a prompt that ran on while its
+        client was away and reconnected (the shim keeps the IDE's request id)."""
+        if error is not None:
+            await self._send(ErrorResponse(request_id, error.code, error.message, error.data))
+        else:
+            await self._send(Response(request_id, result))
+
     def _send_nowait(self, msg: Message) -> None:
         """Best effort, for cleanup paths that cannot wait (cancelled or closing)."""
         try:
@@ -216,6 +238,7 @@ class Peer:
                     await self.stream.send_message(text)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             log.debug("peer writer: stream closed")
+            self._lost = True
         # Whether drained or broken, the connection is over for everyone.
         cancel_scope.cancel()
 
@@ -229,6 +252,7 @@ class Peer:
                 await self._send(ErrorResponse(None, INVALID_REQUEST, f"Invalid request: {exc}"))
                 continue
             except (trio.EndOfChannel, trio.BrokenResourceError, trio.ClosedResourceError):
+                self._lost = True
                 return
             self.observer.message_in()
             try:
@@ -316,6 +340,7 @@ class Peer:
     async def _answer(
         self, msg: Request, awaitable: Awaitable[Any], scope: trio.CancelScope
     ) -> Message | None:
+        current_request_id.set(msg.id)
         try:
             with scope:
                 result = await awaitable

@@ -15,6 +15,7 @@ model that raises ends its turn with ``TurnFinished(error=...)`` and never the w
 
 from __future__ import annotations
 
+import collections
 import itertools
 import logging
 from collections.abc import Sequence
@@ -112,6 +113,15 @@ class _Context:
 
     async def tool(self, name: str, tool_input: dict[str, Any]) -> Any:
         tool_id = f"call_{next(self.turn.tool_ids)}"
+        refusal = self.worker.rate_limit_tool(self.session_id)
+        if refusal is not None:
+            await self._emit(
+                Update(updates.tool_call(tool_id, name, status="failed", raw_input=tool_input))
+            )
+            await self._emit(
+                Update(updates.tool_call_update(tool_id, status="failed", text=refusal))
+            )
+            return None
         spec = TOOLS.get(name)
         if spec is None:
             await self._emit(
@@ -157,8 +167,25 @@ class ProjectWorker:
     root: str
     model: Model
     commands: trio.MemoryReceiveChannel[Command]
+    tool_calls_per_minute: int = 240
     _turns: dict[int, _Turn] = attrs.field(factory=dict, init=False)
+    _tool_times: dict[str, collections.deque[float]] = attrs.field(factory=dict, init=False)
     _history: dict[str, list[tuple[str, str]]] = attrs.field(factory=dict, init=False)
+
+    def rate_limit_tool(self, session_id: str) -> str | None:
+        """Count a tool call of ``session_id``; a message if it is over the per-minute limit
+        (the call is then reported failed to the client and the model goes on)."""
+        now = trio.current_time()
+        recent = self._tool_times.setdefault(session_id, collections.deque())
+        while recent and recent[0] <= now - 60.0:
+            recent.popleft()
+        if len(recent) >= self.tool_calls_per_minute:
+            return (
+                f"rate limit: {self.tool_calls_per_minute} tool calls per minute in this "
+                f"session; retry in {recent[0] + 60.0 - now:.1f} s"
+            )
+        recent.append(now)
+        return None
 
     @property
     def running_turns(self) -> int:
@@ -191,6 +218,7 @@ class ProjectWorker:
                 slot.done.set()
         elif isinstance(command, ForgetSession):
             self._history.pop(command.session_id, None)
+            self._tool_times.pop(command.session_id, None)
         else:
             self._history[command.session_id] = list(command.history)
 
