@@ -25,7 +25,8 @@ from ._http import read_body, respond, respond_json, respond_text
 
 log = logging.getLogger("punie_trio.web")
 
-ASGIApp = Callable[[dict[str, Any], ASGIReceive, ASGISend], Awaitable[None]]
+# Loosely typed: sub-apps (the dev app) declare their own ASGI aliases.
+ASGIApp = Callable[..., Awaitable[None]]
 
 ACP_PATHS = frozenset({"/acp", "/ws"})
 MAX_ECHO_BYTES = 1024 * 1024

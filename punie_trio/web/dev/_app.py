@@ -1,0 +1,262 @@
+"""The dev app: an ASGI app (static site + ``/__reload__``) and its build loop.
+
+The server routes every path it does not own to :meth:`DevApp.__call__` and starts
+:meth:`DevApp.run` in its root nursery with ``await nursery.start(dev.run)``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import urllib.parse
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import attrs
+import trio
+
+from . import _events, _pages
+from ._asgi import Message, Receive, Scope, Send, header, respond
+from ._broadcast import Broadcaster
+from ._builder import BuildLoop
+from ._inject import inject
+from ._sse import stream_events
+from ._static import StaticSite
+from ._watch import IgnoreRules, PendingChanges, watch
+
+access_log = logging.getLogger("punie_trio.access")
+
+RELOAD_PATH = "/__reload__"
+_PAGE_SUFFIXES = ("", ".html", ".htm")
+_REQUEST_HEADERS = (
+    "accept",
+    "accept-encoding",
+    "if-none-match",
+    "if-modified-since",
+    "range",
+    "if-range",
+)
+
+
+def _is_page_request(path: str, accept: str | None) -> bool:
+    """Would a browser show this as a document? (Only those get the rebuilding page.)"""
+    if accept and "text/html" in accept:
+        return True
+    last = path.rsplit("/", 1)[-1]
+    return path.endswith("/") or "." not in last or last.lower().endswith(_PAGE_SUFFIXES[1:])
+
+
+@attrs.define(eq=False)
+class DevApp:
+    """Serves the built site with live reload, and rebuilds it when sources change.
+
+    Resource handling: :meth:`run` owns the watcher and the build loop (both in its nursery;
+    cancelling ``run`` stops them and any running build). Each ``/__reload__`` request owns its
+    subscriber and its disconnect watcher for the length of that request. ``closing`` ends every
+    open stream with a final ``shutdown`` event so the server can drain.
+    """
+
+    site_dir: Path
+    project_root: Path
+    closing: trio.Event
+    build_cmd: str | None = None
+    watch: Sequence[Path] = ()
+    ignore: Sequence[str] = ()
+    no_watch: bool = False
+    debounce: float = 0.2
+    data_dir: Path | None = None
+    access_log: bool = False
+    keepalive: float = 15.0
+    broadcaster: Broadcaster = attrs.field(init=False, factory=Broadcaster)
+    pending: PendingChanges = attrs.field(init=False, factory=PendingChanges)
+    loop: BuildLoop = attrs.field(init=False)
+    static: StaticSite = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self.loop = BuildLoop(
+            site_dir=self.site_dir,
+            project_root=self.project_root,
+            broadcaster=self.broadcaster,
+            pending=self.pending,
+            build_cmd=self.build_cmd,
+            debounce=self.debounce,
+        )
+        self.static = StaticSite(self.site_dir)
+
+    # -- watch and build ---------------------------------------------------------------
+
+    def watch_paths(self) -> list[Path]:
+        """``watch`` or the project root; without a build command the site must be watched
+        too (its own changes are what trigger reloads then), so it is added when outside."""
+        paths = list(self.watch) or [self.project_root]
+        if not self.watch and self.build_cmd is None:
+            site = self.site_dir.resolve()
+            if not any(site.is_relative_to(p.resolve()) for p in paths):
+                paths.append(self.site_dir)
+        return paths
+
+    def ignore_rules(self) -> IgnoreRules:
+        """Defaults + ``ignore``; the data dir always, the site dir only with a build command
+        (so a build never triggers itself, while without one site changes must get through)."""
+        dirs = [self.data_dir] if self.data_dir is not None else []
+        if self.build_cmd is not None:
+            dirs.append(self.site_dir)
+        return IgnoreRules.build(self.watch_paths(), self.ignore, dirs)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Watch -> debounce -> build -> broadcast, until cancelled.
+
+        Started once the watches are registered and the initial build finished (at once
+        without a build command), so no change after ``started`` is missed.
+        """
+        await self.loop.prepare()
+        async with trio.open_nursery() as nursery:
+            if not self.no_watch:
+                await nursery.start(watch, self.watch_paths(), self.ignore_rules(), self.pending)
+            if self.build_cmd is not None:
+                await self.loop.cycle()
+            task_status.started()
+            await self.loop.run()
+
+    # -- ASGI ---------------------------------------------------------------------------
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind == "lifespan":
+            await _lifespan(receive, send)
+            return
+        if kind != "http":
+            if kind == "websocket":
+                await send({"type": "websocket.close", "code": 1000})
+            return
+        method = scope["method"]
+        path = scope["path"]
+        if path == RELOAD_PATH:
+            if method != "GET":
+                await _method_not_allowed(send, b"GET")
+                return
+            since = _events.parse_event_id(header(scope, b"last-event-id"))
+            if since is None:
+                query = urllib.parse.parse_qs(scope.get("query_string", b"").decode("latin-1"))
+                since = _events.parse_event_id(query.get("since", [None])[-1])
+            await stream_events(
+                self.broadcaster,
+                since,
+                receive,
+                send,
+                closing=self.closing,
+                keepalive=self.keepalive,
+            )
+            return
+        if method not in ("GET", "HEAD"):
+            await _method_not_allowed(send, b"GET, HEAD")
+            return
+        if not self.access_log:
+            await self._serve(scope, send, head=method == "HEAD")
+            return
+        await self._serve_logged(scope, send, head=method == "HEAD")
+
+    async def _serve_logged(self, scope: Scope, send: Send, *, head: bool) -> None:
+        began = time.perf_counter()
+        status = 0
+        length = 0
+
+        async def logged_send(message: Message) -> None:
+            nonlocal status, length
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            elif message["type"] == "http.response.body":
+                length += len(message.get("body", b""))
+            await send(message)
+
+        try:
+            await self._serve(scope, logged_send, head=head)
+        finally:
+            client = scope.get("client") or ("-", 0)
+            target = scope.get("raw_path") or scope["path"].encode()
+            if scope.get("query_string"):
+                target += b"?" + scope["query_string"]
+            access_log.info(
+                '%s "%s %s" %d %d %.1fms',
+                client[0],
+                scope["method"],
+                target.decode("latin-1"),
+                status,
+                length,
+                (time.perf_counter() - began) * 1000,
+            )
+
+    async def _serve(self, scope: Scope, send: Send, *, head: bool) -> None:
+        path: str = scope["path"]
+        request: dict[str, str] = {}
+        for name in _REQUEST_HEADERS:
+            value = _header_str(scope, name)
+            if value is not None:
+                request[name] = value
+        found = await self.static.find(path)
+        if found.kind == "redirect":
+            location = urllib.parse.quote(path) + "/"
+            if scope.get("query_string"):
+                location += "?" + scope["query_string"].decode("latin-1")
+            await respond(
+                send,
+                301,
+                [(b"location", location.encode()), (b"content-length", b"0")],
+                b"",
+            )
+            return
+        if found.kind == "file":
+            state = self.broadcaster.page_state()
+            await self.static.serve_file(found, request, send, head=head, state=state)
+            return
+        await self._not_found(path, request, send, head=head)
+
+    async def _not_found(
+        self, path: str, request: dict[str, str], send: Send, *, head: bool
+    ) -> None:
+        state: dict[str, Any] = self.broadcaster.page_state()
+        headers = [
+            (b"content-type", b"text/html; charset=utf-8"),
+            (b"cache-control", b"no-store"),
+        ]
+        if self.broadcaster.building and _is_page_request(path, request.get("accept")):
+            state["pending"] = True
+            body = inject(_pages.rebuilding_page(path), state)
+            headers.append((b"retry-after", b"1"))
+            status = 503
+        else:
+            page = await self.static.read_html("404.html")
+            body = inject(page if page is not None else _pages.not_found_page(path), state)
+            status = 404
+        headers.append((b"content-length", b"%d" % len(body)))
+        await respond(send, status, headers, body, head=head)
+
+
+def _header_str(scope: Scope, name: str) -> str | None:
+    value = header(scope, name.encode())
+    return None if value is None else value.decode("latin-1")
+
+
+async def _method_not_allowed(send: Send, allow: bytes) -> None:
+    await respond(
+        send,
+        405,
+        [
+            (b"allow", allow),
+            (b"content-type", b"text/plain; charset=utf-8"),
+            (b"content-length", b"19"),
+        ],
+        b"method not allowed\n",
+    )
+
+
+async def _lifespan(receive: Receive, send: Send) -> None:
+    """Minimal lifespan support, for when the dev app is served on its own (tests)."""
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            await send({"type": "lifespan.shutdown.complete"})
+            return

@@ -1,0 +1,56 @@
+"""ASGI plumbing shared by the dev app: types, header access, and ending a response.
+
+Hypercorn facts this relies on: ``send()`` does not raise once the client has gone (so long
+streams need a disconnect watcher, see :mod:`._sse`), and the ``send()`` that ends a response
+must complete even while the handler is being cancelled, or Hypercorn's per-request bookkeeping
+is cut off. :func:`finish` therefore shields that last send, with a deadline so a client that
+stopped reading cannot hold the task forever.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, MutableMapping, Sequence
+from typing import Any
+
+import trio
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+Headers = list[tuple[bytes, bytes]]
+
+#: Longest a shielded final send may take before we give up on the client.
+FINAL_SEND_TIMEOUT = 5.0
+
+
+def header(scope: Scope, name: bytes) -> bytes | None:
+    """The first value of request header ``name`` (lower-case), or ``None``."""
+    for key, value in scope.get("headers", ()):
+        if key.lower() == name:
+            return bytes(value)
+    return None
+
+
+async def start(send: Send, status: int, headers: Sequence[tuple[bytes, bytes]]) -> None:
+    await send({"type": "http.response.start", "status": status, "headers": list(headers)})
+
+
+async def finish(send: Send, body: bytes = b"") -> None:
+    """Send the last body chunk, shielded from cancellation (bounded by a deadline)."""
+    with trio.move_on_after(FINAL_SEND_TIMEOUT) as scope:
+        scope.shield = True
+        await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+async def respond(
+    send: Send,
+    status: int,
+    headers: Sequence[tuple[bytes, bytes]],
+    body: bytes,
+    *,
+    head: bool = False,
+) -> None:
+    """A complete response in two sends; ``head`` keeps the headers and drops the body."""
+    await start(send, status, headers)
+    await finish(send, b"" if head else body)

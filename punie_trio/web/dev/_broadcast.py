@@ -1,0 +1,157 @@
+"""Fan-out of reload and build events to every open ``/__reload__`` stream.
+
+Policy (bounds and what happens when a subscriber is slow):
+
+* The broadcaster never awaits. Publishing is plain synchronous code that updates each
+  subscriber's *pending* state and sets its wakeup :class:`trio.Event`, so a slow or stuck
+  client can never block the build loop or another client.
+* Each subscriber holds at most **one pending reload** (merged by severity: ``reload`` beats
+  ``reload-css``, paths united up to :data:`~._events.MAX_PATHS`) and **one pending status**
+  (the newest replaces the older: status is state, not history). That is O(1) memory per
+  subscriber however far behind it is, and nothing is ever dropped: a reload the client has not
+  received yet is folded into the one it will receive.
+* The broadcaster keeps the last :data:`HISTORY` reload events so a client that reconnects with
+  ``Last-Event-ID`` (or ``?since=``) gets what it missed, merged. A client further behind than
+  that (or from an earlier server run: its generation is ahead of ours) gets a full reload,
+  which is always correct.
+"""
+
+from __future__ import annotations
+
+import collections
+from typing import Any
+
+import attrs
+import trio
+
+from ._events import Action, Event, ReloadEvent, StatusEvent, StatusKind, merge_all
+
+#: Reload events kept for catch-up. Older generations get a full reload instead.
+HISTORY = 256
+
+
+@attrs.define(eq=False)
+class Subscriber:
+    """One stream's pending state: at most one merged reload and one status, plus a wakeup."""
+
+    _reload: ReloadEvent | None = None
+    _status: StatusEvent | None = None
+    _wakeup: trio.Event = attrs.field(factory=trio.Event)
+
+    def offer_reload(self, event: ReloadEvent) -> None:
+        self._reload = event if self._reload is None else self._reload.merge(event)
+        self._wakeup.set()
+
+    def offer_status(self, event: StatusEvent) -> None:
+        self._status = event
+        self._wakeup.set()
+
+    def wake(self) -> None:
+        """Wake the writer without an event (e.g. the server is closing)."""
+        self._wakeup.set()
+
+    @property
+    def pending(self) -> bool:
+        return self._reload is not None or self._status is not None
+
+    async def wait(self) -> None:
+        """Block until something was offered (or :meth:`wake`) since the last :meth:`take`."""
+        await self._wakeup.wait()
+
+    def take(self) -> list[Event]:
+        """Everything pending, status first (the page may reload on the reload event)."""
+        events: list[Event] = []
+        if self._status is not None:
+            events.append(self._status)
+        if self._reload is not None:
+            events.append(self._reload)
+        self._status = None
+        self._reload = None
+        self._wakeup = trio.Event()
+        return events
+
+
+@attrs.define(eq=False)
+class Broadcaster:
+    """The current generation, build status and recent reloads, and the open subscribers."""
+
+    generation: int = 0
+    status: StatusEvent | None = None
+    _history: collections.deque[ReloadEvent] = attrs.field(
+        factory=lambda: collections.deque(maxlen=HISTORY)
+    )
+    _subscribers: set[Subscriber] = attrs.field(factory=set)
+
+    @property
+    def subscriber_count(self) -> int:
+        return len(self._subscribers)
+
+    @property
+    def building(self) -> bool:
+        return self.status is not None and self.status.kind == "build_start"
+
+    def publish_reload(self, action: Action, paths: tuple[str, ...]) -> ReloadEvent:
+        """Record a change of the output as a new generation and offer it to everyone."""
+        self.generation += 1
+        event = ReloadEvent(action, paths, self.generation)
+        self._history.append(event)
+        for subscriber in self._subscribers:
+            subscriber.offer_reload(event)
+        return event
+
+    def publish_status(
+        self,
+        kind: StatusKind,
+        *,
+        command: str | None = None,
+        exit_status: int | None = None,
+        output: str = "",
+        duration: float | None = None,
+    ) -> StatusEvent:
+        """Record the build's new state and offer it to everyone."""
+        event = StatusEvent(kind, self.generation, command, exit_status, output, duration)
+        self.status = event
+        for subscriber in self._subscribers:
+            subscriber.offer_status(event)
+        return event
+
+    def missed_since(self, since: int) -> ReloadEvent | None:
+        """What a client that has seen generation ``since`` missed, merged (or ``None``)."""
+        if since == self.generation:
+            return None
+        oldest = self._history[0].generation if self._history else self.generation + 1
+        if since > self.generation or since < oldest - 1:
+            # From another server run, or older than our history: a full reload is always right.
+            return ReloadEvent("reload", (), self.generation)
+        return merge_all(e for e in self._history if e.generation > since)
+
+    def subscribe(self, since: int | None) -> Subscriber:
+        """A new subscriber, pre-loaded with what it missed and, where useful, the status.
+
+        A client with a page (``since`` given) always gets the current status: its page may
+        show a badge or overlay from a state that ended before it connected. A fresh client
+        only gets it while a build runs or after a failed one.
+        """
+        subscriber = Subscriber()
+        if since is not None:
+            missed = self.missed_since(since)
+            if missed is not None:
+                subscriber.offer_reload(missed)
+        if self.status is not None and (since is not None or self.status.kind != "build_ok"):
+            subscriber.offer_status(self.status)
+        self._subscribers.add(subscriber)
+        return subscriber
+
+    def unsubscribe(self, subscriber: Subscriber) -> None:
+        self._subscribers.discard(subscriber)
+
+    def wake_all(self) -> None:
+        for subscriber in self._subscribers:
+            subscriber.wake()
+
+    def page_state(self) -> dict[str, Any]:
+        """What a served page embeds: its generation, whether a build runs, the last error."""
+        error = None
+        if self.status is not None and self.status.kind == "build_error":
+            error = self.status.data()
+        return {"generation": self.generation, "building": self.building, "error": error}

@@ -1,0 +1,175 @@
+"""The build loop: changes -> quiet period -> build -> compare outputs -> broadcast.
+
+One debounce layer: :meth:`PendingChanges.wait_quiet` waits until ``debounce`` seconds passed
+without a change. Changes that arrive while a build runs accumulate in the same
+:class:`PendingChanges` and produce exactly **one** follow-up build (the loop takes them all at
+once). Builds never overlap: the loop is one task.
+
+A failed build publishes ``build_error`` (command, exit status, tail of the output) and does not
+touch the reload state: the last good output keeps being served (the dev app does not write to
+the site directory) and the comparison base stays the last good snapshot, so the next good
+build reloads exactly what changed since the output the tabs are showing.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+from collections.abc import Sequence
+from pathlib import Path
+
+import attrs
+import trio
+
+from ._broadcast import Broadcaster
+from ._snapshot import FileSig, decide, take_snapshot
+from ._watch import PendingChanges
+
+log = logging.getLogger("punie_trio.dev")
+
+#: How much of a build's combined stdout/stderr is kept for the error overlay.
+OUTPUT_TAIL_BYTES = 8192
+OUTPUT_TAIL_LINES = 60
+
+
+@attrs.frozen
+class BuildResult:
+    command: str
+    exit_status: int
+    output: str
+    duration: float
+
+    @property
+    def ok(self) -> bool:
+        return self.exit_status == 0
+
+
+def tail(
+    output: bytes, max_bytes: int = OUTPUT_TAIL_BYTES, max_lines: int = OUTPUT_TAIL_LINES
+) -> str:
+    """The end of a build's output: at most ``max_lines`` lines and ``max_bytes`` bytes."""
+    text = output[-max_bytes:].decode("utf-8", "replace")
+    lines = text.splitlines()
+    return "\n".join(lines[-max_lines:])
+
+
+async def _kill_group(process: trio.Process) -> None:
+    """Cancel delivery: SIGTERM to the build's process group, SIGKILL after 5 s.
+
+    ``shell=True`` puts a shell between us and the build; signalling the group reaches the
+    build too, so a cancelled build (shutdown) does not linger.
+    """
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+    except (ProcessLookupError, PermissionError):
+        process.terminate()
+    with trio.move_on_after(5):
+        await process.wait()
+        return
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        process.kill()
+
+
+async def run_build(command: str, cwd: Path) -> BuildResult:
+    """Run ``command`` through the shell in ``cwd``; keep a bounded tail of its output.
+
+    Resource handling: the output is read as it comes (a build that prints a lot never fills a
+    pipe nor our memory: only the last :data:`OUTPUT_TAIL_BYTES` are kept). Cancellation
+    terminates the whole process group.
+    """
+    started = trio.current_time()
+    kept = bytearray()
+    async with trio.open_nursery() as nursery:
+        process: trio.Process = await nursery.start(_start_process, command, cwd)
+        assert process.stdout is not None
+        async for chunk in process.stdout:
+            kept += chunk
+            del kept[:-OUTPUT_TAIL_BYTES]
+    exit_status = process.returncode
+    assert exit_status is not None
+    return BuildResult(command, exit_status, tail(bytes(kept)), trio.current_time() - started)
+
+
+async def _start_process(
+    command: str, cwd: Path, *, task_status: trio.TaskStatus[trio.Process]
+) -> None:
+    await trio.run_process(
+        command,
+        shell=True,
+        cwd=cwd,
+        check=False,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        deliver_cancel=_kill_group,
+        task_status=task_status,
+    )
+
+
+@attrs.define(eq=False)
+class BuildLoop:
+    """Owns the comparison base (last good snapshot) and the build/reload cycle."""
+
+    site_dir: Path
+    project_root: Path
+    broadcaster: Broadcaster
+    pending: PendingChanges
+    build_cmd: str | None = None
+    debounce: float = 0.2
+    builds: int = 0
+    _last_good: dict[str, FileSig] = attrs.field(factory=dict)
+
+    async def prepare(self) -> None:
+        """Snapshot the output as it is before anything runs."""
+        self._last_good = await trio.to_thread.run_sync(take_snapshot, self.site_dir, None)
+
+    async def cycle(self, changed: Sequence[str] = ()) -> None:
+        """One build (if there is a command) and the reload decision."""
+        duration: float | None = None
+        if self.build_cmd is not None:
+            self.builds += 1
+            self.broadcaster.publish_status("build_start", command=self.build_cmd)
+            log.info("building (%d change(s)): %s", len(changed), self.build_cmd)
+            result = await run_build(self.build_cmd, self.project_root)
+            if not result.ok:
+                log.warning(
+                    "build failed (exit status %d) in %.2fs: %s\n%s",
+                    result.exit_status,
+                    result.duration,
+                    result.command,
+                    result.output,
+                )
+                self.broadcaster.publish_status(
+                    "build_error",
+                    command=result.command,
+                    exit_status=result.exit_status,
+                    output=result.output,
+                    duration=result.duration,
+                )
+                return
+            log.info("build ok in %.2fs", result.duration)
+            duration = result.duration
+        after = await trio.to_thread.run_sync(take_snapshot, self.site_dir, self._last_good)
+        decision = decide(self._last_good, after)
+        self._last_good = after
+        # No await from here on: status and reload reach every subscriber together, and a page
+        # served after this point carries both.
+        if self.build_cmd is not None:
+            self.broadcaster.publish_status("build_ok", command=self.build_cmd, duration=duration)
+        if decision is not None:
+            action, paths = decision
+            event = self.broadcaster.publish_reload(action, paths)
+            log.info("%s (generation %d): %s", action, event.generation, ", ".join(paths[:5]))
+
+    async def run(self) -> None:
+        """Forever: wait for changes, let them settle, build once for all of them."""
+        while True:
+            await self.pending.wait()
+            await self.pending.wait_quiet(self.debounce)
+            changed, overflow = self.pending.take()
+            await self.cycle(sorted(changed) if not overflow else ())

@@ -1,0 +1,230 @@
+"""HTTP rules for static serving, as pure functions (sans-I/O, unit-tested one by one).
+
+Request paths, ``Range``, conditional requests (``If-None-Match`` / ``If-Modified-Since`` /
+``If-Range``), ``Accept-Encoding`` and content types. No function here touches the disk or
+the network, so each rule is tested on strings.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import mimetypes
+from typing import Final
+
+import attrs
+
+#: Types that mimetypes gets wrong or not at all on some systems; checked first.
+_TYPES: Final[dict[str, str]] = {
+    ".html": "text/html",
+    ".htm": "text/html",
+    ".css": "text/css",
+    ".js": "text/javascript",
+    ".mjs": "text/javascript",
+    ".json": "application/json",
+    ".map": "application/json",
+    ".svg": "image/svg+xml",
+    ".xml": "application/xml",
+    ".txt": "text/plain",
+    ".md": "text/markdown",
+    ".wasm": "application/wasm",
+    ".woff": "font/woff",
+    ".woff2": "font/woff2",
+    ".png": "image/png",
+    ".jpg": "image/jpeg",
+    ".jpeg": "image/jpeg",
+    ".gif": "image/gif",
+    ".webp": "image/webp",
+    ".ico": "image/vnd.microsoft.icon",
+    ".pdf": "application/pdf",
+}
+
+_COMPRESSIBLE_APP: Final = frozenset(
+    {
+        "application/json",
+        "application/javascript",
+        "application/xml",
+        "application/wasm",
+        "image/svg+xml",
+        "image/vnd.microsoft.icon",
+    }
+)
+
+
+def content_type(name: str) -> str:
+    """The ``Content-Type`` for a file name; text types carry ``charset=utf-8``."""
+    dot = name.rfind(".")
+    suffix = name[dot:].lower() if dot >= 0 else ""
+    ctype = _TYPES.get(suffix) or mimetypes.guess_type(name)[0] or "application/octet-stream"
+    if ctype.startswith("text/") or ctype in ("application/json", "application/xml"):
+        ctype += "; charset=utf-8"
+    return ctype
+
+
+def is_html(ctype: str) -> bool:
+    return ctype.split(";", 1)[0].strip() == "text/html"
+
+
+def is_compressible(ctype: str) -> bool:
+    """Worth gzipping: text and text-like types. Never ``text/event-stream`` (it streams)."""
+    base = ctype.split(";", 1)[0].strip().lower()
+    if base == "text/event-stream":
+        return False
+    return base.startswith("text/") or base in _COMPRESSIBLE_APP
+
+
+def accepts_gzip(accept_encoding: str | None) -> bool:
+    """Whether ``Accept-Encoding`` allows gzip (explicitly or via ``*``) with q > 0."""
+    if not accept_encoding:
+        return False
+    star: bool | None = None
+    for item in accept_encoding.split(","):
+        coding, _, params = item.strip().partition(";")
+        coding = coding.strip().lower()
+        q = 1.0
+        for param in params.split(";"):
+            key, _, value = param.strip().partition("=")
+            if key.strip().lower() == "q":
+                try:
+                    q = float(value)
+                except ValueError:
+                    q = 0.0
+        if coding in ("gzip", "x-gzip"):
+            return q > 0
+        if coding == "*":
+            star = q > 0
+    return bool(star)
+
+
+def safe_segments(path: str) -> list[str] | None:
+    """Split a decoded request path into segments, or ``None`` if it must be refused.
+
+    Refused: any segment starting with a dot (``..`` and ``.`` traversal, hidden files such as
+    ``.git`` or ``.env``), backslashes and NUL bytes. Empty segments (``a//b``) are skipped.
+    The caller still resolves symlinks and checks the result stays inside the site.
+    """
+    if not path.startswith("/"):
+        return None
+    segments = []
+    for segment in path.split("/"):
+        if not segment:
+            continue
+        if segment.startswith(".") or "\\" in segment or "\x00" in segment:
+            return None
+        segments.append(segment)
+    return segments
+
+
+def make_etag(size: int, mtime_ns: int, variant: str = "") -> str:
+    """A strong validator from size and mtime, plus a variant (generation, encoding)."""
+    tag = f"{size:x}-{mtime_ns:x}"
+    if variant:
+        tag += "-" + variant
+    return f'"{tag}"'
+
+
+def _opaque(tag: str) -> str:
+    tag = tag.strip()
+    return tag[2:] if tag.startswith("W/") else tag
+
+
+def etag_matches(if_none_match: str, etag: str) -> bool:
+    """Weak comparison of ``If-None-Match`` against our ETag (``*`` matches anything)."""
+    value = if_none_match.strip()
+    if value == "*":
+        return True
+    return any(_opaque(tag) == _opaque(etag) for tag in value.split(","))
+
+
+def http_date(timestamp: float) -> str:
+    return email.utils.formatdate(timestamp, usegmt=True)
+
+
+def parse_http_date(value: str) -> float | None:
+    try:
+        parsed = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    return parsed.timestamp()
+
+
+def not_modified(
+    *,
+    etag: str,
+    mtime: float,
+    if_none_match: str | None,
+    if_modified_since: str | None,
+) -> bool:
+    """RFC 9110 section 13.2.2: ``If-None-Match`` wins; otherwise ``If-Modified-Since``."""
+    if if_none_match is not None:
+        return etag_matches(if_none_match, etag)
+    if if_modified_since is not None:
+        since = parse_http_date(if_modified_since)
+        # HTTP dates have whole seconds: compare at that precision.
+        return since is not None and int(mtime) <= int(since)
+    return False
+
+
+@attrs.frozen
+class ByteRange:
+    """An inclusive byte range ``start``..``end`` of a body of ``size`` bytes."""
+
+    start: int
+    end: int
+    size: int
+
+    @property
+    def length(self) -> int:
+        return self.end - self.start + 1
+
+    def content_range(self) -> str:
+        return f"bytes {self.start}-{self.end}/{self.size}"
+
+
+@attrs.frozen
+class Unsatisfiable:
+    """A syntactically valid range that selects nothing: answer 416."""
+
+    size: int
+
+    def content_range(self) -> str:
+        return f"bytes */{self.size}"
+
+
+def parse_range(value: str, size: int) -> ByteRange | Unsatisfiable | None:
+    """Parse a ``Range`` header for a body of ``size`` bytes.
+
+    Returns a :class:`ByteRange` (206), :class:`Unsatisfiable` (416), or ``None`` to ignore the
+    header and send the whole body (invalid syntax, other units, or several ranges: RFC 9110
+    lets a server ignore ``Range``, and one full body beats a multipart one for a dev server).
+    """
+    unit, _, spec = value.partition("=")
+    if unit.strip().lower() != "bytes" or "," in spec:
+        return None
+    first, dash, last = spec.strip().partition("-")
+    first, last = first.strip(), last.strip()
+    if not dash or (first and not first.isdigit()) or (last and not last.isdigit()):
+        return None
+    if not first:
+        if not last:
+            return None
+        suffix = int(last)
+        if suffix == 0 or size == 0:
+            return Unsatisfiable(size)
+        return ByteRange(max(0, size - suffix), size - 1, size)
+    start = int(first)
+    end = int(last) if last else size - 1
+    if last and end < start:
+        return None
+    if start >= size:
+        return Unsatisfiable(size)
+    return ByteRange(start, min(end, size - 1), size)
+
+
+def if_range_allows(if_range: str | None, *, etag: str, last_modified: str) -> bool:
+    """``If-Range``: honour ``Range`` only if the validator still matches (strong compare)."""
+    if if_range is None:
+        return True
+    value = if_range.strip()
+    if value.startswith(('"', "W/")):
+        return not value.startswith("W/") and value == etag
+    return value == last_modified

@@ -1,0 +1,94 @@
+"""Snapshots of the built output, and the reload decision that compares two of them.
+
+The decision compares *outputs*, not the source changes that caused a build: a build that
+rewrites every file with the same bytes triggers nothing, and a build that only touched CSS
+gets a ``reload-css`` (stylesheets swapped in place, no page reload).
+
+A snapshot maps each servable file (no dot-segment: those are never served) to its size,
+``mtime_ns`` and a content digest. Digests are carried over from the previous snapshot when
+size and mtime did not change, so only touched files are re-read.
+
+:func:`take_snapshot` does blocking I/O: call it in a thread (``trio.to_thread.run_sync``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+import attrs
+
+from ._events import Action
+
+
+@attrs.frozen
+class FileSig:
+    size: int
+    mtime_ns: int
+    digest: bytes
+
+
+Snapshot = Mapping[str, FileSig]
+
+_CSS_SUFFIXES = (".css",)
+
+
+def _digest(path: str) -> bytes:
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.digest()
+
+
+def take_snapshot(root: Path, previous: Snapshot | None = None) -> dict[str, FileSig]:
+    """Walk ``root`` (blocking). A missing root is an empty snapshot."""
+    result: dict[str, FileSig] = {}
+    previous = previous or {}
+    stack = [(str(root), "")]
+    while stack:
+        directory, prefix = stack.pop()
+        try:
+            entries = list(os.scandir(directory))
+        except (FileNotFoundError, NotADirectoryError, PermissionError):
+            continue
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            rel = prefix + entry.name
+            try:
+                if entry.is_dir():
+                    stack.append((entry.path, rel + "/"))
+                    continue
+                if not entry.is_file():
+                    continue
+                st = entry.stat()
+                old = previous.get(rel)
+                if old is not None and old.size == st.st_size and old.mtime_ns == st.st_mtime_ns:
+                    result[rel] = old
+                else:
+                    result[rel] = FileSig(st.st_size, st.st_mtime_ns, _digest(entry.path))
+            except (FileNotFoundError, PermissionError):
+                continue  # vanished or unreadable mid-walk: it is not part of the output now
+    return result
+
+
+def changed_paths(before: Snapshot, after: Snapshot) -> tuple[set[str], set[str]]:
+    """(added or modified, removed) paths, by content."""
+    touched = {p for p, sig in after.items() if p not in before or before[p].digest != sig.digest}
+    removed = set(before) - set(after)
+    return touched, removed
+
+
+def decide(before: Snapshot, after: Snapshot) -> tuple[Action, tuple[str, ...]] | None:
+    """``None`` if the output is the same; ``reload-css`` if only stylesheets were added or
+    changed; ``reload`` otherwise (removing a stylesheet reloads: the page still links it)."""
+    touched, removed = changed_paths(before, after)
+    if not touched and not removed:
+        return None
+    paths = tuple(sorted(touched | removed))
+    if not removed and all(p.lower().endswith(_CSS_SUFFIXES) for p in touched):
+        return "reload-css", paths
+    return "reload", paths

@@ -1,0 +1,92 @@
+"""The ``/__reload__`` Server-Sent Events stream of one client.
+
+Shape: one task per stream writes; a sibling task blocks on ``receive()`` for
+``http.disconnect`` and cancels the stream when it comes (Hypercorn's ``send()`` does not raise
+once the client has gone, so without it a closed tab would keep a subscriber until the next
+keepalive, and a stream with no events would live forever). A second sibling wakes the writer
+when the server-wide ``closing`` event is set, so every stream sends ``event: shutdown`` and ends.
+
+Resource handling: the subscriber is registered before the first byte is sent and removed in
+``finally``, so no path leaves it behind. The response is always ended with a shielded final
+send (see :func:`._asgi.finish`).
+"""
+
+from __future__ import annotations
+
+import trio
+
+from . import _events
+from ._asgi import Receive, Send, finish, start
+from ._broadcast import Broadcaster, Subscriber
+
+HEADERS: list[tuple[bytes, bytes]] = [
+    (b"content-type", b"text/event-stream; charset=utf-8"),
+    (b"cache-control", b"no-cache"),
+    (b"x-accel-buffering", b"no"),
+]
+
+
+async def _cancel_on_disconnect(receive: Receive, scope: trio.CancelScope) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            scope.cancel()
+            return
+
+
+async def _wake_on_closing(closing: trio.Event, subscriber: Subscriber) -> None:
+    await closing.wait()
+    subscriber.wake()
+
+
+async def stream_events(
+    broadcaster: Broadcaster,
+    since: int | None,
+    receive: Receive,
+    send: Send,
+    *,
+    closing: trio.Event,
+    keepalive: float = 15.0,
+    retry_ms: int = _events.RETRY_MS,
+) -> None:
+    """Serve one SSE response until the client leaves or ``closing`` is set.
+
+    ``since`` is the generation the client has seen (``Last-Event-ID`` or ``?since=``); what it
+    missed is replayed, merged, as the first event. Keepalive comments go out after
+    ``keepalive`` seconds without an event (read from Trio's clock, so MockClock drives it).
+    """
+    subscriber = broadcaster.subscribe(since)
+    started = False
+    final = b""
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_cancel_on_disconnect, receive, nursery.cancel_scope)
+            nursery.start_soon(_wake_on_closing, closing, subscriber)
+            await start(send, 200, HEADERS)
+            started = True
+            await send(
+                {
+                    "type": "http.response.body",
+                    "body": _events.opening(retry_ms),
+                    "more_body": True,
+                }
+            )
+            while not closing.is_set():
+                with trio.move_on_after(keepalive):
+                    await subscriber.wait()  # an event for us, or the server closing
+                if closing.is_set():
+                    break
+                chunk = b"".join(_events.encode(e) for e in subscriber.take())
+                await send(
+                    {
+                        "type": "http.response.body",
+                        "body": chunk or _events.KEEPALIVE,
+                        "more_body": True,
+                    }
+                )
+            final = _events.shutdown(broadcaster.generation)
+            nursery.cancel_scope.cancel()
+    finally:
+        broadcaster.unsubscribe(subscriber)
+        if started:
+            await finish(send, final)

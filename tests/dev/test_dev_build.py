@@ -1,0 +1,168 @@
+"""Watch -> debounce -> build -> reload, end to end: real files, real builds, real Hypercorn.
+
+No test sleeps for a guessed time: each waits for the SSE event that proves the step happened
+(``trio.fail_after`` is only a safety net).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import httpx
+import trio
+from devsupport import BuildProject, running, sse, write
+
+from punie_trio.web.dev import DevApp, open_browser_when_ready
+
+DEADLINE = 30
+
+
+async def test_no_build_command_site_change_reloads(tmp_path: Path) -> None:
+    site = tmp_path / "proj" / "public"
+    write(site / "index.html", "<html><body>v1</body></html>")
+    write(site / "style.css", "a{}")
+    dev = DevApp(site_dir=site, project_root=tmp_path / "proj", closing=trio.Event(), debounce=0.02)
+    with trio.fail_after(DEADLINE):
+        async with running(dev) as url, httpx.AsyncClient(base_url=url) as client:
+            async with sse(client, "/__reload__") as stream:
+                await stream.wait_open()
+                write(site / "index.html", "<html><body>v2</body></html>")
+                event = (await stream.next_named("reload")).json()
+                assert event == {"action": "reload", "paths": ["index.html"], "generation": 1}
+                write(site / "style.css", "a{color:red}")
+                event = (await stream.next_named("reload")).json()
+                assert event == {"action": "reload-css", "paths": ["style.css"], "generation": 2}
+                # A change outside the output triggers nothing (the next event is ours).
+                write(tmp_path / "proj" / "notes.txt", "x")
+                write(site / "index.html", "<html><body>v3</body></html>")
+                event = (await stream.next_named("reload")).json()
+                assert event["generation"] == 3 and event["paths"] == ["index.html"]
+            page = await client.get("/")
+            assert b"v3" in page.content and b'"generation":3' in page.content
+
+
+async def test_build_reload_css_and_error(tmp_path: Path) -> None:
+    project = BuildProject.create(tmp_path)
+    dev = DevApp(
+        site_dir=project.site,
+        project_root=project.root,
+        closing=trio.Event(),
+        build_cmd=project.command(),
+        debounce=0.02,
+    )
+    with trio.fail_after(DEADLINE):
+        async with running(dev) as url, httpx.AsyncClient(base_url=url) as client:
+            assert project.builds() == 1  # the initial build ran before started
+            assert b"v1" in (await client.get("/")).content
+            async with sse(client, "/__reload__") as stream:
+                await stream.wait_open()
+                write(project.root / "src" / "index.html", "<html><body><h1>v2</h1></body></html>")
+                assert (await stream.next()).event == "build_start"
+                ok = await stream.next()
+                assert ok.event == "build_ok" and ok.json()["command"] == project.command()
+                reload = (await stream.next()).json()
+                assert reload == {"action": "reload", "paths": ["index.html"], "generation": 2}
+                assert b"v2" in (await client.get("/")).content
+
+                write(project.root / "src" / "style.css", "h1 { color: blue; }")
+                event = (await stream.next_named("reload")).json()
+                assert event["action"] == "reload-css" and event["paths"] == ["style.css"]
+
+                # A failing build: error event with details; the old output stays served.
+                write(project.root / "src" / "fail", "")
+                error = await stream.next_named("build_error")
+                details = error.json()
+                assert details["exit_status"] == 3
+                assert details["command"] == project.command()
+                assert "<b>boom</b> the build failed" in details["output"]
+                page = await client.get("/")
+                assert page.status_code == 200 and b"v2" in page.content
+                assert b'"exit_status":3' in page.content  # a new tab shows the overlay too
+
+            # A tab opened during the failure still learns about it on connect.
+            async with sse(client, "/__reload__") as late:
+                assert (await late.next()).event == "build_error"
+
+            async with sse(client, "/__reload__?since=3") as stream:
+                assert (await stream.next()).event == "build_error"
+                (project.root / "src" / "fail").unlink()
+                # The fix produced the same output as before: build_ok clears the overlay,
+                # and there is no reload.
+                assert (await stream.next_named("build_ok")).json()["generation"] == 3
+            assert b'"error":null' in (await client.get("/")).content
+
+
+async def test_changes_during_a_build_make_one_follow_up(tmp_path: Path) -> None:
+    project = BuildProject.create(tmp_path)
+    dev = DevApp(
+        site_dir=project.site,
+        project_root=project.root,
+        closing=trio.Event(),
+        build_cmd=project.command(),
+        debounce=0.02,
+    )
+    with trio.fail_after(DEADLINE):
+        async with running(dev) as url, httpx.AsyncClient(base_url=url) as client:
+            async with sse(client, "/__reload__") as stream:
+                await stream.wait_open()
+                project.gate.unlink()  # the next build waits at the gate
+                write(project.root / "src" / "a.html", "a")
+                assert (await stream.next()).event == "build_start"
+                # While it runs: a missing page gets the rebuilding page, pages the badge.
+                r = await client.get("/later.html")
+                assert r.status_code == 503 and b'"pending":true' in r.content
+                assert b'"building":true' in (await client.get("/")).content
+                for name in "bcd":
+                    write(project.root / "src" / f"{name}.html", name)
+                wanted = {"b.html", "c.html", "d.html"}
+                # Polls observed state (the watcher saw them), no guessed margin.
+                while not wanted <= {Path(p).name for p in dev.pending.paths}:  # noqa: ASYNC110
+                    await trio.sleep(0.01)
+                project.gate.touch()
+                # Status is state: a build_ok superseded by the follow-up's build_start before
+                # it was written is not sent; reloads are never dropped (merged at worst).
+                seen = []
+                while True:
+                    event = await stream.next()
+                    seen.append(event)
+                    if event.event == "build_ok" and dev.loop.builds == 3:
+                        break
+                reloads = [e.json() for e in seen if e.event == "reload"]
+                assert reloads and "a.html" in reloads[0]["paths"]
+                assert reloads[0]["action"] == "reload"
+                assert not dev.pending
+                assert not dev.broadcaster.building
+            assert project.builds() == 3  # initial, the change, exactly one follow-up
+            assert dev.loop.builds == 3
+            assert (await client.get("/later.html")).status_code == 404
+
+
+async def test_no_watch_builds_once(tmp_path: Path) -> None:
+    project = BuildProject.create(tmp_path)
+    dev = DevApp(
+        site_dir=project.site,
+        project_root=project.root,
+        closing=trio.Event(),
+        build_cmd=project.command(),
+        no_watch=True,
+    )
+    with trio.fail_after(DEADLINE):
+        async with running(dev) as url, httpx.AsyncClient(base_url=url) as client:
+            assert project.builds() == 1
+            assert (await client.get("/style.css")).status_code == 200
+            assert dev.broadcaster.generation == 1  # the initial build produced the output
+
+
+async def test_open_browser_when_ready(tmp_path: Path) -> None:
+    write(tmp_path / "site" / "index.html", "<html><body>x</body></html>")
+    dev = DevApp(
+        site_dir=tmp_path / "site", project_root=tmp_path, closing=trio.Event(), no_watch=True
+    )
+    opened: list[str] = []
+    with trio.fail_after(DEADLINE):
+        async with running(dev) as url:
+            await open_browser_when_ready(url + "/", opener=opened.append)
+    assert opened == [url + "/"]
+    # Nobody listening: gives up without opening.
+    await open_browser_when_ready(url + "/", give_up_after=0.3, opener=opened.append)
+    assert opened == [url + "/"]

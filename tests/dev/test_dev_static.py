@@ -1,0 +1,274 @@
+"""Static serving and the SSE endpoint through a real Hypercorn (trio worker) on port 0."""
+
+from __future__ import annotations
+
+import gzip
+import logging
+from pathlib import Path
+
+import httpx
+import pytest
+import trio
+from devsupport import raw_get, running, sse, write
+
+from punie_trio.web.dev import DevApp
+
+CSS = "body { color: red; }\n" * 100
+
+
+@pytest.fixture
+def site(tmp_path: Path) -> Path:
+    site = tmp_path / "site"
+    write(site / "index.html", "<!doctype html><html><body><h1>home</h1></body></html>")
+    write(site / "docs" / "index.html", "<html><BODY><p>docs</p></Body></html>")
+    write(site / "style.css", CSS)
+    write(site / "data.bin", "".join(chr(65 + i % 26) for i in range(2000)))
+    write(site / "frag.html", "<p>no body tag</p>")
+    write(site / ".secret", "SECRET-CONTENT")
+    write(site / "sub" / ".env", "SECRET-CONTENT")
+    write(tmp_path / "outside.txt", "OUTSIDE-CONTENT")
+    return site
+
+
+def make_app(site: Path, **kwargs: object) -> DevApp:
+    return DevApp(site_dir=site, project_root=site.parent, closing=trio.Event(), **kwargs)  # type: ignore[arg-type]
+
+
+async def test_index_redirect_head_and_types(site: Path) -> None:
+    dev = make_app(site, no_watch=True)
+    async with running(dev) as url, httpx.AsyncClient(base_url=url) as client:
+        r = await client.get("/")
+        assert r.status_code == 200
+        assert r.headers["content-type"] == "text/html; charset=utf-8"
+        assert r.headers["cache-control"] == "no-store"
+        assert b"<h1>home</h1>" in r.content and b"data-punie-reload" in r.content
+        r = await client.get("/docs/")
+        assert r.status_code == 200 and b"<p>docs</p>" in r.content
+        r = await client.get("/docs?x=1")
+        assert r.status_code == 301 and r.headers["location"] == "/docs/?x=1"
+        r = await client.get("/style.css", headers={"accept-encoding": "identity"})
+        assert r.headers["content-type"] == "text/css; charset=utf-8"
+        assert r.headers["cache-control"] == "no-cache"
+        assert r.text == CSS
+        h = await client.head("/style.css", headers={"accept-encoding": "identity"})
+        assert h.status_code == 200 and h.content == b""
+        assert h.headers["content-length"] == str(len(CSS))
+        assert h.headers["etag"] == r.headers["etag"]
+        r = await client.post("/")
+        assert r.status_code == 405 and r.headers["allow"] == "GET, HEAD"
+        r = await client.post("/__reload__")
+        assert r.status_code == 405 and r.headers["allow"] == "GET"
+
+
+async def test_conditional_requests(site: Path) -> None:
+    dev = make_app(site, no_watch=True)
+    async with running(dev) as url, httpx.AsyncClient(base_url=url) as client:
+        plain = {"accept-encoding": "identity"}
+        r = await client.get("/style.css", headers=plain)
+        etag, last_modified = r.headers["etag"], r.headers["last-modified"]
+        r = await client.get("/style.css", headers={**plain, "if-none-match": etag})
+        assert r.status_code == 304 and r.content == b"" and r.headers["etag"] == etag
+        r = await client.get("/style.css", headers={**plain, "if-none-match": '"stale"'})
+        assert r.status_code == 200 and r.text == CSS
+        r = await client.get("/style.css", headers={**plain, "if-modified-since": last_modified})
+        assert r.status_code == 304
+        old = "Mon, 01 Jan 2001 00:00:00 GMT"
+        r = await client.get("/style.css", headers={**plain, "if-modified-since": old})
+        assert r.status_code == 200
+        # HTML embeds the generation: a new generation is a new ETag.
+        page = await client.get("/")
+        r = await client.get("/", headers={"if-none-match": page.headers["etag"]})
+        assert r.status_code == 304
+        dev.broadcaster.publish_reload("reload", ("index.html",))
+        r = await client.get("/", headers={"if-none-match": page.headers["etag"]})
+        assert r.status_code == 200 and b'"generation":1' in r.content
+
+
+async def test_ranges(site: Path) -> None:
+    dev = make_app(site, no_watch=True)
+    data = (site / "data.bin").read_bytes()
+    async with running(dev) as url, httpx.AsyncClient(base_url=url) as client:
+        r = await client.get("/data.bin", headers={"range": "bytes=10-19"})
+        assert r.status_code == 206
+        assert r.content == data[10:20]
+        assert r.headers["content-range"] == f"bytes 10-19/{len(data)}"
+        assert r.headers["content-length"] == "10"
+        r = await client.get("/data.bin", headers={"range": "bytes=-5"})
+        assert r.status_code == 206 and r.content == data[-5:]
+        r = await client.get("/data.bin", headers={"range": f"bytes={len(data)}-"})
+        assert r.status_code == 416
+        assert r.headers["content-range"] == f"bytes */{len(data)}"
+        r = await client.get("/data.bin", headers={"range": "bytes=0-0", "if-range": '"old"'})
+        assert r.status_code == 200 and r.content == data
+        css = await client.get(
+            "/style.css", headers={"range": "bytes=0-3", "accept-encoding": "gzip"}
+        )
+        assert css.status_code == 206 and css.content == CSS[:4].encode()
+        assert "content-encoding" not in css.headers
+
+
+async def test_gzip_but_never_for_event_stream(site: Path) -> None:
+    dev = make_app(site, no_watch=True)
+    async with running(dev) as url, httpx.AsyncClient(base_url=url) as client:
+        r = await client.get("/style.css", headers={"accept-encoding": "gzip"})
+        assert r.headers["content-encoding"] == "gzip"
+        assert r.headers["vary"] == "accept-encoding"
+        assert r.text == CSS  # httpx decodes
+        assert int(r.headers["content-length"]) == len(gzip.compress(CSS.encode(), mtime=0))
+        plain = await client.get("/style.css", headers={"accept-encoding": "identity"})
+        assert plain.headers["etag"] != r.headers["etag"]
+        bin_ = await client.get("/data.bin", headers={"accept-encoding": "gzip"})
+        assert "content-encoding" not in bin_.headers
+        async with sse(client, "/__reload__", {"accept-encoding": "gzip"}) as stream:
+            assert stream.response.headers["content-type"].startswith("text/event-stream")
+            assert "content-encoding" not in stream.response.headers
+            dev.broadcaster.publish_reload("reload", ("x.html",))
+            event = await stream.next_named("reload")
+            assert event.json()["generation"] == 1
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/../outside.txt",
+        "/%2e%2e/outside.txt",
+        "/docs/%2E%2E/%2e%2e/outside.txt",
+        "/.secret",
+        "/sub/.env",
+        "/%2esecret",
+        "/docs/..%2f..%2foutside.txt",
+    ],
+)
+async def test_traversal_and_hidden_files_refused(site: Path, path: str) -> None:
+    dev = make_app(site, no_watch=True)
+    async with running(dev) as url, httpx.AsyncClient(base_url=url) as client:
+        # httpx would normalise dot segments; send the raw target.
+        status, body = await raw_get(url, path)
+        assert status == 404, path
+        assert b"SECRET-CONTENT" not in body and b"OUTSIDE-CONTENT" not in body
+        # The same file is served under its own name: the refusal is the path, not the file.
+        assert (await client.get("/docs/")).status_code == 200
+
+
+async def test_symlink_out_of_site_refused(site: Path) -> None:
+    (site / "link.txt").symlink_to(site.parent / "outside.txt")
+    dev = make_app(site, no_watch=True)
+    async with running(dev) as url, httpx.AsyncClient(base_url=url) as client:
+        r = await client.get("/link.txt")
+        assert r.status_code == 404
+
+
+async def test_404_pages(site: Path) -> None:
+    dev = make_app(site, no_watch=True)
+    async with running(dev) as url, httpx.AsyncClient(base_url=url) as client:
+        r = await client.get("/nope.html")
+        assert r.status_code == 404
+        assert b"404 Not Found" in r.content and b"data-punie-reload" in r.content
+        assert b"refresh" not in r.content  # no build runs: no rebuilding page, no loop
+        write(site / "404.html", "<html><body><h1>custom missing</h1></body></html>")
+        r = await client.get("/nope.html")
+        assert r.status_code == 404
+        assert b"custom missing" in r.content
+        assert r.content.index(b"data-punie-reload") < r.content.index(b"</body>")
+        assert int(r.headers["content-length"]) == len(r.content)
+
+
+async def test_injection_and_content_length(site: Path) -> None:
+    dev = make_app(site, no_watch=True)
+    async with running(dev) as url, httpx.AsyncClient(base_url=url) as client:
+        r = await client.get("/docs/", headers={"accept-encoding": "identity"})
+        assert int(r.headers["content-length"]) == len(r.content)
+        assert r.content.index(b"<script data-punie-reload>") < r.content.index(b"</Body>")
+        assert r.content.endswith(b"</Body></html>")
+        r = await client.get("/frag.html", headers={"accept-encoding": "identity"})
+        assert r.content.startswith(b"<p>no body tag</p><script data-punie-reload>")
+        assert r.content.endswith(b"</script>")
+        assert int(r.headers["content-length"]) == len(r.content)
+        plain = await client.get("/docs/", headers={"accept-encoding": "identity"})
+        gz = await client.get("/docs/", headers={"accept-encoding": "gzip"})
+        assert gz.headers["content-encoding"] == "gzip"
+        assert gz.content == plain.content
+
+
+async def test_rebuilding_page_only_while_building(site: Path) -> None:
+    dev = make_app(site, no_watch=True)
+    async with running(dev) as url, httpx.AsyncClient(base_url=url) as client:
+        dev.broadcaster.publish_status("build_start", command="make")
+        r = await client.get("/new/<page>", headers={"accept": "text/html"})
+        assert r.status_code == 503
+        assert b"&lt;page&gt;" in r.content and b"<page>" not in r.content
+        assert b'http-equiv="refresh"' in r.content and b'"pending":true' in r.content
+        asset = await client.get("/missing.png")
+        assert asset.status_code == 404
+        page = await client.get("/")
+        assert b'"building":true' in page.content
+        dev.broadcaster.publish_status("build_ok", command="make")
+        r = await client.get("/new/page", headers={"accept": "text/html"})
+        assert r.status_code == 404 and b"refresh" not in r.content
+
+
+async def test_sse_format_and_last_event_id(site: Path) -> None:
+    dev = make_app(site, no_watch=True)
+    async with running(dev) as url, httpx.AsyncClient(base_url=url) as client:
+        async with sse(client, "/__reload__") as stream:
+            assert stream.response.headers["cache-control"] == "no-cache"
+            dev.broadcaster.publish_reload("reload-css", ("a.css",))
+            event = await stream.next()
+            assert stream.retry == 1000 and stream.comments  # retry and an opening comment
+            assert (event.event, event.id) == ("reload", "1")
+            assert event.json() == {"action": "reload-css", "paths": ["a.css"], "generation": 1}
+        # While the tab was away: two more changes. It reconnects with Last-Event-ID: 1.
+        dev.broadcaster.publish_reload("reload", ("index.html",))
+        dev.broadcaster.publish_reload("reload-css", ("b.css",))
+        async with sse(client, "/__reload__", {"last-event-id": "1"}) as stream:
+            event = await stream.next()
+            assert event.id == "3"
+            assert event.json() == {
+                "action": "reload",
+                "paths": ["b.css", "index.html"],
+                "generation": 3,
+            }
+        async with sse(client, "/__reload__?since=2") as stream:
+            event = await stream.next()
+            assert event.json() == {"action": "reload-css", "paths": ["b.css"], "generation": 3}
+
+
+async def test_disconnect_and_shutdown_end_streams(site: Path) -> None:
+    dev = make_app(site, no_watch=True)
+    with trio.fail_after(10):
+        async with running(dev) as url, httpx.AsyncClient(base_url=url) as client:
+            async with sse(client, "/__reload__") as stream:
+                await stream.wait_open()
+                assert dev.broadcaster.subscriber_count == 1
+            # The disconnect watcher cleans up (polled state, no margin).
+            while dev.broadcaster.subscriber_count:  # noqa: ASYNC110
+                await trio.sleep(0.01)
+            async with sse(client, "/__reload__") as stream:
+                await stream.wait_open()
+                dev.closing.set()
+                event = await stream.next_named("shutdown")
+                assert event.json() == {"generation": 0}
+                with pytest.raises(EOFError):
+                    await stream.next()
+    assert dev.broadcaster.subscriber_count == 0
+
+
+async def test_access_log(site: Path, caplog: pytest.LogCaptureFixture) -> None:
+    dev = make_app(site, no_watch=True, access_log=True)
+    with caplog.at_level(logging.INFO, logger="punie_trio.access"):
+        async with running(dev) as url, httpx.AsyncClient(base_url=url) as client:
+            await client.get("/style.css")
+            async with sse(client, "/__reload__") as stream:
+                dev.broadcaster.publish_reload("reload", ())
+                await stream.next()
+    lines = [r.getMessage() for r in caplog.records if r.name == "punie_trio.access"]
+    assert len(lines) == 1
+    assert '"GET /style.css" 200' in lines[0]
+
+
+async def test_access_log_quiet_by_default(site: Path, caplog: pytest.LogCaptureFixture) -> None:
+    dev = make_app(site, no_watch=True)
+    with caplog.at_level(logging.INFO, logger="punie_trio.access"):
+        async with running(dev) as url, httpx.AsyncClient(base_url=url) as client:
+            await client.get("/")
+    assert not [r for r in caplog.records if r.name == "punie_trio.access"]

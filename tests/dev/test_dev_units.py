@@ -1,0 +1,321 @@
+"""Pure parts of the dev app: HTTP rules, events, injection, snapshots, ignore rules."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import pytest
+
+from punie_trio.web.dev import _events, _http, _inject, _pages, _snapshot, _watch
+from punie_trio.web.dev._broadcast import HISTORY, Broadcaster, Subscriber
+from punie_trio.web.dev._builder import tail
+from punie_trio.web.dev._events import ReloadEvent
+
+# -- HTTP rules -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("header", "size", "expected"),
+    [
+        ("bytes=0-9", 100, (0, 9)),
+        ("bytes=90-", 100, (90, 99)),
+        ("bytes=-10", 100, (90, 99)),
+        ("bytes=-500", 100, (0, 99)),
+        ("bytes=50-500", 100, (50, 99)),
+        ("bytes = 5-5", 100, (5, 5)),
+    ],
+)
+def test_parse_range_satisfiable(header: str, size: int, expected: tuple[int, int]) -> None:
+    parsed = _http.parse_range(header, size)
+    assert isinstance(parsed, _http.ByteRange)
+    assert (parsed.start, parsed.end) == expected
+    assert parsed.content_range() == f"bytes {expected[0]}-{expected[1]}/{size}"
+
+
+@pytest.mark.parametrize("header", ["bytes=100-", "bytes=200-300", "bytes=-0"])
+def test_parse_range_unsatisfiable(header: str) -> None:
+    parsed = _http.parse_range(header, 100)
+    assert isinstance(parsed, _http.Unsatisfiable)
+    assert parsed.content_range() == "bytes */100"
+
+
+@pytest.mark.parametrize(
+    "header", ["items=0-1", "bytes=a-b", "bytes=5-1", "bytes=0-1,3-4", "bytes=-", "bytes"]
+)
+def test_parse_range_ignored(header: str) -> None:
+    assert _http.parse_range(header, 100) is None
+
+
+def test_etag_and_conditionals() -> None:
+    etag = _http.make_etag(10, 123, "gz")
+    assert etag == '"a-7b-gz"'
+    assert _http.etag_matches(etag, etag)
+    assert _http.etag_matches(f'"other", W/{etag}', etag)
+    assert _http.etag_matches("*", etag)
+    assert not _http.etag_matches('"a-7b"', etag)
+    date = _http.http_date(1_700_000_000)
+    assert _http.not_modified(
+        etag=etag, mtime=1_700_000_000.5, if_none_match=None, if_modified_since=date
+    )
+    assert not _http.not_modified(
+        etag=etag, mtime=1_700_000_001, if_none_match=None, if_modified_since=date
+    )
+    # If-None-Match wins over If-Modified-Since.
+    assert not _http.not_modified(etag=etag, mtime=0, if_none_match='"x"', if_modified_since=date)
+    assert not _http.not_modified(
+        etag=etag, mtime=0, if_none_match=None, if_modified_since="garbage"
+    )
+    assert _http.if_range_allows(None, etag=etag, last_modified=date)
+    assert _http.if_range_allows(etag, etag=etag, last_modified=date)
+    assert not _http.if_range_allows('"old"', etag=etag, last_modified=date)
+    assert _http.if_range_allows(date, etag=etag, last_modified=date)
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("gzip, deflate, br", True),
+        ("br;q=1.0, gzip;q=0.5", True),
+        ("gzip;q=0", False),
+        ("identity", False),
+        ("*", True),
+        ("*;q=0", False),
+        (None, False),
+    ],
+)
+def test_accepts_gzip(value: str | None, expected: bool) -> None:
+    assert _http.accepts_gzip(value) is expected
+
+
+def test_content_types() -> None:
+    assert _http.content_type("a/index.HTML") == "text/html; charset=utf-8"
+    assert _http.content_type("s.css") == "text/css; charset=utf-8"
+    assert _http.content_type("x.js") == "text/javascript; charset=utf-8"
+    assert _http.content_type("p.png") == "image/png"
+    assert _http.content_type("noext") == "application/octet-stream"
+    assert _http.is_compressible("text/css; charset=utf-8")
+    assert _http.is_compressible("image/svg+xml")
+    assert not _http.is_compressible("text/event-stream")
+    assert not _http.is_compressible("image/png")
+
+
+@pytest.mark.parametrize(
+    ("path", "expected"),
+    [
+        ("/", []),
+        ("/a/b.html", ["a", "b.html"]),
+        ("/a//b/", ["a", "b"]),
+        ("/../etc/passwd", None),
+        ("/a/./b", None),
+        ("/.git/config", None),
+        ("/a/.env", None),
+        ("/a\\..\\b", None),
+        ("relative", None),
+    ],
+)
+def test_safe_segments(path: str, expected: list[str] | None) -> None:
+    assert _http.safe_segments(path) == expected
+
+
+# -- events and the wire format -----------------------------------------------------------
+
+
+def test_merge_by_severity() -> None:
+    css = ReloadEvent("reload-css", ("a.css",), 3)
+    full = ReloadEvent("reload", ("index.html",), 2)
+    merged = css.merge(full)
+    assert merged == ReloadEvent("reload", ("a.css", "index.html"), 3)
+    assert full.merge(css) == merged
+    assert css.merge(ReloadEvent("reload-css", ("b.css",), 4)).action == "reload-css"
+    assert _events.merge_all([]) is None
+    many = [ReloadEvent("reload-css", (f"{i:04}.css",), i) for i in range(500)]
+    merged_many = _events.merge_all(many)
+    assert merged_many is not None
+    assert len(merged_many.paths) == _events.MAX_PATHS
+    assert merged_many.generation == 499
+
+
+def test_sse_format() -> None:
+    event = ReloadEvent("reload", ("index.html",), 7)
+    wire = _events.encode(event)
+    assert wire == (
+        b'id: 7\nevent: reload\ndata: {"action":"reload","paths":["index.html"],"generation":7}\n\n'
+    )
+    assert _events.opening(1500).startswith(b"retry: 1500\n: ")
+    assert _events.opening().endswith(b"\n\n")
+    assert _events.format_comment("a\nb") == b": a\n: b\n\n"
+    assert _events.KEEPALIVE == b": keepalive\n\n"
+    error = _events.StatusEvent("build_error", 2, "make", 2, "line1\nline2")
+    wire = _events.encode(error)
+    lines = wire.decode().split("\n")
+    assert lines[:2] == ["id: 2", "event: build_error"]
+    assert json.loads(lines[2].removeprefix("data: ")) == {
+        "generation": 2,
+        "command": "make",
+        "exit_status": 2,
+        "output": "line1\nline2",
+    }
+    assert wire.endswith(b"\n\n") and wire.count(b"\n") == 4
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [("12", 12), (b"3", 3), (" 4 ", 4), ("-1", None), ("x", None), ("", None), (None, None)],
+)
+def test_parse_event_id(value: str | bytes | None, expected: int | None) -> None:
+    assert _events.parse_event_id(value) == expected
+
+
+# -- broadcaster: catch-up and per-subscriber merging --------------------------------------
+
+
+def test_subscriber_merges_pending_state() -> None:
+    sub = Subscriber()
+    assert not sub.pending
+    sub.offer_reload(ReloadEvent("reload-css", ("a.css",), 1))
+    sub.offer_status(_events.StatusEvent("build_start", 1))
+    sub.offer_reload(ReloadEvent("reload", ("i.html",), 2))
+    sub.offer_status(_events.StatusEvent("build_ok", 2))
+    assert sub.pending
+    events = sub.take()
+    assert events == [
+        _events.StatusEvent("build_ok", 2),
+        ReloadEvent("reload", ("a.css", "i.html"), 2),
+    ]
+    assert not sub.pending
+    assert sub.take() == []
+
+
+def test_broadcaster_catch_up() -> None:
+    hub = Broadcaster()
+    hub.publish_reload("reload-css", ("a.css",))
+    hub.publish_reload("reload", ("b.html",))
+    hub.publish_reload("reload-css", ("c.css",))
+    assert hub.generation == 3
+    assert hub.missed_since(3) is None
+    assert hub.missed_since(2) == ReloadEvent("reload-css", ("c.css",), 3)
+    assert hub.missed_since(1) == ReloadEvent("reload", ("b.html", "c.css"), 3)
+    assert hub.missed_since(0) == ReloadEvent("reload", ("a.css", "b.html", "c.css"), 3)
+    # From a previous server run: a full reload.
+    assert hub.missed_since(9) == ReloadEvent("reload", (), 3)
+    sub = hub.subscribe(1)
+    assert sub.take() == [ReloadEvent("reload", ("b.html", "c.css"), 3)]
+    assert hub.subscribe(None).take() == []
+    hub.unsubscribe(sub)
+    assert hub.subscriber_count == 1
+
+
+def test_broadcaster_history_bound() -> None:
+    hub = Broadcaster()
+    for i in range(HISTORY + 10):
+        hub.publish_reload("reload-css", (f"{i}.css",))
+    # Older than the history: a full reload, never a silent miss.
+    assert hub.missed_since(1) == ReloadEvent("reload", (), HISTORY + 10)
+    covered = hub.missed_since(10)
+    assert covered is not None and covered.action == "reload-css"
+
+
+def test_broadcaster_status_on_subscribe() -> None:
+    hub = Broadcaster()
+    hub.publish_status("build_start", command="make")
+    assert hub.building
+    assert hub.page_state() == {"generation": 0, "building": True, "error": None}
+    assert [e.kind for e in hub.subscribe(None).take()] == ["build_start"]  # type: ignore[union-attr]
+    hub.publish_status("build_ok", command="make")
+    assert hub.subscribe(None).take() == []  # fresh client, nothing to say
+    assert len(hub.subscribe(0).take()) == 1  # a page may show a stale badge: tell it
+    hub.publish_status("build_error", command="make", exit_status=1, output="x")
+    state = hub.page_state()
+    assert state["error"]["exit_status"] == 1 and not state["building"]
+
+
+# -- injection ---------------------------------------------------------------------------
+
+
+def test_inject_before_last_body_case_insensitive() -> None:
+    html = b"<html><body><script>var s='</body>';</script><p>x</p></BODY >\n</html>"
+    out = _inject.inject(html, {"generation": 4, "building": False, "error": None})
+    tag = _inject.script_tag({"generation": 4, "building": False, "error": None})
+    assert out.index(tag) == html.rindex(b"</BODY >")
+    assert out.endswith(b"</BODY >\n</html>")
+    assert out.count(b"</body>") == 1  # the one in the inline script, untouched
+
+
+def test_inject_appends_without_body() -> None:
+    out = _inject.inject(b"<p>fragment</p>", {"generation": 0})
+    assert out.startswith(b"<p>fragment</p><script data-punie-reload>")
+    assert out.endswith(b"</script>")
+
+
+def test_inject_state_cannot_close_the_script() -> None:
+    state = {"generation": 1, "error": {"output": "</script><img src=x onerror=alert(1)>"}}
+    tag = _inject.script_tag(state).decode()
+    assert tag.count("</script>") == 1 and tag.endswith("</script>")
+    embedded = re.search(r"window.__punieReload=(.*?);\n", tag)
+    assert embedded is not None and json.loads(embedded.group(1)) == state
+
+
+def test_pages_escape_the_path() -> None:
+    assert b"&lt;script&gt;" in _pages.rebuilding_page("/<script>")
+    assert b'http-equiv="refresh"' in _pages.rebuilding_page("/x")
+    assert b"&lt;b&gt;" in _pages.not_found_page("/<b>")
+    assert b"refresh" not in _pages.not_found_page("/x")
+
+
+def test_build_output_tail() -> None:
+    output = b"".join(b"line %d\n" % i for i in range(1000))
+    text = tail(output, max_bytes=4096, max_lines=5)
+    assert text.splitlines() == [f"line {i}" for i in range(995, 1000)]
+    assert tail("é".encode() * 3, max_bytes=3) == "\ufffdé"
+
+
+# -- snapshots and the reload decision ------------------------------------------------------
+
+
+def test_snapshot_and_decide(tmp_path: Path) -> None:
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "index.html").write_text("a")
+    (tmp_path / "sub" / "s.css").write_text("b")
+    (tmp_path / ".hidden").write_text("c")
+    first = _snapshot.take_snapshot(tmp_path)
+    assert set(first) == {"index.html", "sub/s.css"}
+    # Same bytes rewritten: mtime changes, the content does not: nothing to reload.
+    st = (tmp_path / "index.html").stat()
+    os.utime(tmp_path / "index.html", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    second = _snapshot.take_snapshot(tmp_path, first)
+    assert _snapshot.decide(first, second) is None
+    (tmp_path / "sub" / "s.css").write_text("bb")
+    (tmp_path / "new.css").write_text("n")
+    third = _snapshot.take_snapshot(tmp_path, second)
+    assert _snapshot.decide(second, third) == ("reload-css", ("new.css", "sub/s.css"))
+    (tmp_path / "index.html").write_text("changed")
+    fourth = _snapshot.take_snapshot(tmp_path, third)
+    assert _snapshot.decide(third, fourth) == ("reload", ("index.html",))
+    (tmp_path / "new.css").unlink()
+    fifth = _snapshot.take_snapshot(tmp_path, fourth)
+    assert _snapshot.decide(fourth, fifth) == ("reload", ("new.css",))
+    assert _snapshot.take_snapshot(tmp_path / "missing") == {}
+
+
+# -- ignore rules --------------------------------------------------------------------------
+
+
+def test_ignore_rules(tmp_path: Path) -> None:
+    root = tmp_path / "proj"
+    site = root / "_site"
+    rules = _watch.IgnoreRules.build([root], ["*.log", "docs/generated"], [site])
+    p = str(root.resolve())
+    assert rules.ignored(f"{p}/_site/index.html")
+    assert rules.ignored(f"{p}/_site")
+    assert rules.ignored(f"{p}/.git/index")
+    assert rules.ignored(f"{p}/a/node_modules/x.js")
+    assert rules.ignored(f"{p}/src/__pycache__/m.pyc")
+    assert rules.ignored(f"{p}/src/.page.md.swp")
+    assert rules.ignored(f"{p}/build.log")
+    assert rules.ignored(f"{p}/docs/generated/api.md")
+    assert not rules.ignored(f"{p}/docs/index.md")
+    assert not rules.ignored(f"{p}/_sitemap.md")
+    assert not rules.ignored(f"{p}/src/page.md")
