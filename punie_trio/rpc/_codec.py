@@ -13,7 +13,7 @@ piecewise would break the one-message-per-frame rule of the WebSocket transport.
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, TypeGuard
 
 import attrs
 
@@ -71,7 +71,7 @@ class MalformedMessage(Exception):
         return ErrorResponse(self.id, self.error.code, self.error.message, self.error.data)
 
 
-def _valid_id(value: Any) -> bool:
+def valid_id(value: Any) -> TypeGuard[RequestId]:
     # bool is an int subclass; JSON true/false is not a valid id.
     return (isinstance(value, int) and not isinstance(value, bool)) or isinstance(value, str)
 
@@ -94,7 +94,7 @@ def parse(text: str | bytes) -> Message:
             RpcError(INVALID_REQUEST, f"Invalid request: expected a JSON object, got {kind}")
         )
     raw_id = obj.get("id")
-    msg_id: RequestId | None = raw_id if _valid_id(raw_id) else None
+    msg_id: RequestId | None = raw_id if valid_id(raw_id) else None
 
     def invalid(why: str) -> MalformedMessage:
         return MalformedMessage(RpcError(INVALID_REQUEST, f"Invalid request: {why}"), msg_id)

@@ -41,6 +41,7 @@ from ._codec import (
     Response,
     parse,
     serialize,
+    valid_id,
 )
 from ._errors import (
     INTERNAL_ERROR,
@@ -287,7 +288,7 @@ class Peer:
     def _on_notification(self, msg: Notification) -> None:
         if msg.method == CANCEL_REQUEST:
             request_id = msg.params.get("requestId") if isinstance(msg.params, dict) else None
-            scope = self._running.get(request_id) if isinstance(request_id, int | str) else None
+            scope = self._running.get(request_id) if valid_id(request_id) else None
             if scope is not None:
                 scope.cancel()
             return

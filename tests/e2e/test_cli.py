@@ -1,0 +1,355 @@
+"""The ``punie-trio`` command line, as real subprocesses (``python -m punie_trio``)."""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
+
+import pytest
+
+from punie_trio import __version__
+from punie_trio.rpc import ErrorResponse, Notification, Request, Response, parse
+
+TIMEOUT = 60.0
+PUNIE = [sys.executable, "-m", "punie_trio"]
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> dict[str, str]:
+    # Isolated from the user's PUNIE_* variables and config file.
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("PUNIE_")}
+    return dict(clean, PUNIE_DATA_DIR=str(tmp_path / "data"), XDG_CONFIG_HOME=str(tmp_path / "cfg"))
+
+
+def punie(*args: str, env: dict[str, str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*PUNIE, *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=TIMEOUT,
+        stdin=subprocess.DEVNULL,
+        **kwargs,
+    )
+
+
+# -- version and help -------------------------------------------------------------------------
+
+
+def test_version(env: dict[str, str]) -> None:
+    done = punie("--version", env=env)
+    assert done.returncode == 0
+    assert done.stdout.strip() == f"punie-trio {__version__}"
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        [],
+        ["serve"],
+        ["sessions"],
+        ["sessions", "list"],
+        ["sessions", "show"],
+        ["sessions", "export"],
+        ["token"],
+    ],
+    ids=lambda c: " ".join(c) or "top",
+)
+def test_help(env: dict[str, str], command: list[str]) -> None:
+    done = punie(*command, "--help", env=env)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("usage: punie-trio")
+    assert " ".join(["punie-trio", *command]) in done.stdout.splitlines()[0]
+
+
+def test_serve_help_lists_every_flag(env: dict[str, str]) -> None:
+    out = punie("serve", "--help", env=env).stdout
+    for flag in (
+        "--host",
+        "--port",
+        "--stdio",
+        "--no-http",
+        "--project",
+        "--model",
+        "--log-level",
+        "--data-dir",
+        "--max-message-bytes",
+        "--max-prompt-bytes",
+        "--max-sessions-per-connection",
+        "--shutdown-timeout",
+        "--site",
+        "--build",
+        "--watch",
+        "--ignore",
+        "--no-watch",
+        "--open",
+    ):
+        assert flag in out, flag
+
+
+def test_no_command_is_usage_error(env: dict[str, str]) -> None:
+    done = punie(env=env)
+    assert done.returncode == 2
+    assert "usage: punie-trio" in done.stderr
+    assert done.stdout == ""
+
+
+# -- serve: bad usage -------------------------------------------------------------------------
+
+
+def test_serve_unknown_model(env: dict[str, str], tmp_path: Path) -> None:
+    done = punie(
+        "serve", "--stdio", "--no-http", "--model", "bogus", "--project", str(tmp_path), env=env
+    )
+    assert done.returncode != 0
+    assert "bogus" in done.stderr
+    assert done.stdout == ""
+
+
+def test_serve_missing_script(env: dict[str, str], tmp_path: Path) -> None:
+    done = punie("serve", "--stdio", "--no-http", "--model", "script:/nonexistent/x.json", env=env)
+    assert done.returncode == 2
+    assert "punie-trio: error:" in done.stderr
+    assert "/nonexistent/x.json" in done.stderr
+    assert done.stdout == ""
+
+
+def test_serve_invalid_script_names_the_place(env: dict[str, str], tmp_path: Path) -> None:
+    script = tmp_path / "bad.json"
+    script.write_text(json.dumps([[{"text": "ok"}, {"sleep": "soon"}]]), encoding="utf-8")
+    done = punie("serve", "--stdio", "--no-http", "--model", f"script:{script}", env=env)
+    assert done.returncode == 2
+    assert "turns[0][1].sleep" in done.stderr
+
+
+def test_serve_no_http_needs_stdio(env: dict[str, str]) -> None:
+    done = punie("serve", "--no-http", env=env)
+    assert done.returncode == 2
+    assert "--no-http needs --stdio" in done.stderr
+
+
+def test_serve_project_must_be_a_directory(env: dict[str, str], tmp_path: Path) -> None:
+    done = punie("serve", "--stdio", "--no-http", "--project", str(tmp_path / "nope"), env=env)
+    assert done.returncode == 2
+    assert "not a directory" in done.stderr
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--port", "70000"],
+        ["--max-prompt-bytes", "0"],
+        ["--log-level", "loud"],
+        ["--shutdown-timeout", "-1"],
+        ["--bogus-flag"],
+    ],
+)
+def test_serve_bad_flag_values(env: dict[str, str], args: list[str]) -> None:
+    done = punie("serve", "--stdio", "--no-http", *args, env=env)
+    assert done.returncode == 2
+    assert "usage:" in done.stderr
+
+
+# -- serve --stdio --no-http ------------------------------------------------------------------
+
+
+class StdioAgent:
+    """A ``serve --stdio --no-http`` subprocess, talked to line by line."""
+
+    def __init__(self, args: list[str], env: dict[str, str]) -> None:
+        self.proc = subprocess.Popen(
+            [*PUNIE, "serve", "--stdio", "--no-http", *args],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=env,
+        )
+        self.stdout_lines: queue.Queue[bytes | None] = queue.Queue()
+        self.stdout_all: list[bytes] = []
+        self.stderr_all: list[bytes] = []
+        assert self.proc.stdout is not None and self.proc.stderr is not None
+        threading.Thread(
+            target=self._pump, args=(self.proc.stdout, self.stdout_lines), daemon=True
+        ).start()
+        threading.Thread(target=self._drain, args=(self.proc.stderr,), daemon=True).start()
+        self._ids = iter(range(1, 1_000_000))
+
+    def _pump(self, stream: IO[bytes], out: queue.Queue[bytes | None]) -> None:
+        for line in stream:
+            self.stdout_all.append(line)
+            out.put(line)
+        out.put(None)
+
+    def _drain(self, stream: IO[bytes]) -> None:
+        for line in stream:
+            self.stderr_all.append(line)
+
+    def send_raw(self, data: bytes) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(data)
+        self.proc.stdin.flush()
+
+    def send(self, msg: dict[str, Any]) -> None:
+        self.send_raw(json.dumps({"jsonrpc": "2.0", **msg}).encode() + b"\n")
+
+    def receive(self) -> dict[str, Any]:
+        line = self.stdout_lines.get(timeout=TIMEOUT)
+        assert line is not None, "agent closed stdout"
+        msg: dict[str, Any] = json.loads(line)
+        return msg
+
+    def request(self, method: str, params: Any) -> dict[str, Any]:
+        """Send a request; return its answer (notifications before it are skipped)."""
+        request_id = next(self._ids)
+        self.send({"id": request_id, "method": method, "params": params})
+        while True:
+            msg = self.receive()
+            if msg.get("id") == request_id and "method" not in msg:
+                return msg
+
+    def close_stdin_and_wait(self) -> int:
+        assert self.proc.stdin is not None
+        self.proc.stdin.close()
+        return self.proc.wait(timeout=TIMEOUT)
+
+    def stderr_text(self) -> str:
+        return b"".join(self.stderr_all).decode(errors="replace")
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@pytest.fixture
+def stdio_agent(env: dict[str, str], tmp_path: Path) -> Iterator[StdioAgent]:
+    project = tmp_path / "project"
+    project.mkdir()
+    agent = StdioAgent(["--project", str(project)], env)
+    agent.project = project  # type: ignore[attr-defined]
+    try:
+        yield agent
+    finally:
+        agent.kill()
+
+
+def test_stdout_is_pure_acp_and_stderr_has_the_logs(stdio_agent: StdioAgent) -> None:
+    agent = stdio_agent
+    project: Path = agent.project  # type: ignore[attr-defined]
+    init = agent.request("initialize", {"protocolVersion": 1})
+    assert init["result"]["protocolVersion"] == 1
+    session = agent.request("session/new", {"cwd": str(project), "mcpServers": []})
+    session_id = session["result"]["sessionId"]
+    text = "print('hi')\nand a second line"
+    prompt = agent.request(
+        "session/prompt", {"sessionId": session_id, "prompt": [{"type": "text", "text": text}]}
+    )
+    assert prompt["result"] == {"stopReason": "end_turn"}
+    # Garbage in gets a JSON-RPC error out, never a traceback on stdout.
+    agent.send_raw(b"this is not json\n")
+    assert agent.receive()["error"]["code"] == -32700
+    # An error without an id from the client is logged (a warning: shown by default).
+    agent.send({"id": None, "error": {"code": -32603, "message": "client confused"}})
+    refused = agent.request("session/new", {"cwd": "relative", "mcpServers": []})
+    assert refused["error"]["code"] == -32602
+    assert agent.close_stdin_and_wait() == 0
+
+    lines = b"".join(agent.stdout_all).split(b"\n")
+    assert lines[-1] == b""  # every message ends with a newline
+    messages = [parse(line) for line in lines[:-1]]
+    assert all(isinstance(m, Request | Notification | Response | ErrorResponse) for m in messages)
+    chunks = [
+        m.params["update"]["content"]["text"]
+        for m in messages
+        if isinstance(m, Notification) and m.method == "session/update" and m.params
+    ]
+    assert "".join(chunks) == text
+    stderr = agent.stderr_text()
+    assert "without an id" in stderr
+    assert "WARNING" in stderr
+
+
+def test_stdin_eof_ends_the_server_with_status_0(stdio_agent: StdioAgent) -> None:
+    assert stdio_agent.request("initialize", {"protocolVersion": 1})["result"]
+    assert stdio_agent.close_stdin_and_wait() == 0
+
+
+def test_stdin_eof_right_away(env: dict[str, str], tmp_path: Path) -> None:
+    done = subprocess.run(
+        [*PUNIE, "serve", "--stdio", "--no-http", "--project", str(tmp_path)],
+        input=b"",
+        capture_output=True,
+        env=env,
+        timeout=TIMEOUT,
+    )
+    assert done.returncode == 0
+    assert done.stdout == b""
+
+
+def test_logs_go_to_the_data_dir_log_file(env: dict[str, str], tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    done = subprocess.run(
+        [*PUNIE, "serve", "--stdio", "--no-http", "--project", str(tmp_path)],
+        input=b'{"jsonrpc":"2.0","id":null,"error":{"code":1,"message":"x"}}\n',
+        capture_output=True,
+        env=env,
+        timeout=TIMEOUT,
+    )
+    assert done.returncode == 0
+    log_file = data / "punie-trio.log"
+    assert log_file.is_file()
+    assert "without an id" in log_file.read_text(encoding="utf-8")
+    assert b"without an id" in done.stderr
+
+
+def test_data_dir_flag_overrides_the_environment(env: dict[str, str], tmp_path: Path) -> None:
+    chosen = tmp_path / "chosen"
+    done = subprocess.run(
+        [
+            *PUNIE,
+            "serve",
+            "--stdio",
+            "--no-http",
+            "--project",
+            str(tmp_path),
+            "--data-dir",
+            str(chosen),
+        ],
+        input=b"",
+        capture_output=True,
+        env=env,
+        timeout=TIMEOUT,
+    )
+    assert done.returncode == 0
+    assert (chosen / "punie-trio.log").is_file()
+    assert not (tmp_path / "data").exists()
+
+
+def test_log_level_error_silences_warnings(env: dict[str, str], tmp_path: Path) -> None:
+    done = subprocess.run(
+        [
+            *PUNIE,
+            "serve",
+            "--stdio",
+            "--no-http",
+            "--project",
+            str(tmp_path),
+            "--log-level",
+            "error",
+        ],
+        input=b'{"jsonrpc":"2.0","id":null,"error":{"code":1,"message":"x"}}\n',
+        capture_output=True,
+        env=env,
+        timeout=TIMEOUT,
+    )
+    assert done.returncode == 0
+    assert b"without an id" not in done.stderr
+    # The file log still records at info level or below.
+    assert "without an id" in (tmp_path / "data" / "punie-trio.log").read_text(encoding="utf-8")

@@ -1,0 +1,236 @@
+"""ACP param parsers: every refusal is -32602 and names the field."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from punie_trio import acp
+from punie_trio.rpc import INVALID_PARAMS, RpcError
+
+
+def _refused(fn: Any, *args: Any, **kwargs: Any) -> str:
+    with pytest.raises(RpcError) as info:
+        fn(*args, **kwargs)
+    assert info.value.code == INVALID_PARAMS
+    return info.value.message
+
+
+# -- initialize -------------------------------------------------------------------------------
+
+
+def test_initialize_minimal_and_full() -> None:
+    init = acp.parse_initialize({"protocolVersion": 1})
+    assert init.protocol_version == 1
+    assert init.capabilities == acp.ClientCapabilities()
+    assert init.client_info is None and init.meta == {}
+    full = acp.parse_initialize(
+        {
+            "protocolVersion": 2,
+            "clientCapabilities": {
+                "fs": {"readTextFile": True, "writeTextFile": True},
+                "terminal": True,
+                "_meta": {"x": 1},
+                "somethingNew": {"a": 1},
+            },
+            "clientInfo": {"name": "ide", "version": "1"},
+            "_meta": {"trace": "abc"},
+            "unknownField": [1, 2],
+        }
+    )
+    assert full.protocol_version == 2
+    assert full.capabilities == acp.ClientCapabilities(True, True, True)
+    assert full.client_info == {"name": "ide", "version": "1"}
+    assert full.meta == {"trace": "abc"}
+
+
+def test_initialize_capability_of_wrong_type_reads_as_false() -> None:
+    init = acp.parse_initialize(
+        {"protocolVersion": 1, "clientCapabilities": {"fs": {"readTextFile": "yes"}, "terminal": 1}}
+    )
+    assert init.capabilities == acp.ClientCapabilities()
+    assert (
+        acp.parse_initialize(
+            {"protocolVersion": 1, "clientCapabilities": {"fs": "nope"}}
+        ).capabilities
+        == acp.ClientCapabilities()
+    )
+
+
+@pytest.mark.parametrize("version", [-1, 65536, 1.5, "1", True, None, [1]])
+def test_initialize_protocol_version_out_of_range_or_type(version: Any) -> None:
+    message = _refused(acp.parse_initialize, {"protocolVersion": version})
+    assert "protocolVersion" in message
+    assert "0 to 65535" in message
+
+
+def test_initialize_protocol_version_bounds_accepted() -> None:
+    assert acp.parse_initialize({"protocolVersion": 0}).protocol_version == 0
+    assert acp.parse_initialize({"protocolVersion": 65535}).protocol_version == 65535
+
+
+def test_initialize_missing_version_and_non_object_params() -> None:
+    assert "protocolVersion is required" in _refused(acp.parse_initialize, {})
+    assert "protocolVersion is required" in _refused(acp.parse_initialize, None)
+    assert "expected an object" in _refused(acp.parse_initialize, [1])
+
+
+# -- session/new ------------------------------------------------------------------------------
+
+
+def test_new_session_ok_with_meta_and_unknown_fields() -> None:
+    parsed = acp.parse_new_session(
+        {
+            "cwd": "/work/p",
+            "mcpServers": [],
+            "additionalDirectories": ["/work/q"],
+            "_meta": {"k": "v"},
+            "futureField": True,
+        }
+    )
+    assert parsed == acp.NewSessionParams("/work/p", ("/work/q",), {"k": "v"})
+
+
+def test_new_session_cwd_relative() -> None:
+    message = _refused(acp.parse_new_session, {"cwd": "rel/dir", "mcpServers": []})
+    assert "cwd" in message and "absolute" in message and "rel/dir" in message
+
+
+@pytest.mark.parametrize(
+    ("params", "fragment"),
+    [
+        ({"mcpServers": []}, "cwd is required"),
+        ({"cwd": None, "mcpServers": []}, "cwd is required"),
+        ({"cwd": 5, "mcpServers": []}, "cwd must be a string, got int"),
+        ({"cwd": "/p"}, "mcpServers is required"),
+        ({"cwd": "/p", "mcpServers": {}}, "mcpServers must be an array"),
+        ({"cwd": "/p", "mcpServers": [], "additionalDirectories": "x"}, "additionalDirectories"),
+        (
+            {"cwd": "/p", "mcpServers": [], "additionalDirectories": ["/a", 3]},
+            "additionalDirectories[1] must be a string",
+        ),
+        (
+            {"cwd": "/p", "mcpServers": [], "additionalDirectories": ["/a", "b"]},
+            "additionalDirectories[1] must be an absolute path",
+        ),
+    ],
+)
+def test_new_session_refusals_name_the_field(params: dict[str, Any], fragment: str) -> None:
+    assert fragment in _refused(acp.parse_new_session, params)
+
+
+def test_new_session_mcp_servers_missing_message() -> None:
+    message = _refused(acp.parse_new_session, {"cwd": "/p"})
+    assert message.startswith("Invalid params: mcpServers")
+
+
+# -- session ids ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("value", [1, None, ["s"], {"id": "s"}])
+def test_session_id_not_a_string(value: Any) -> None:
+    message = _refused(acp.parse_session_id, {"sessionId": value})
+    assert "sessionId" in message
+
+
+def test_session_id_ok_and_missing() -> None:
+    assert acp.parse_session_id({"sessionId": "s1", "_meta": {}}) == acp.SessionRef("s1")
+    assert "sessionId is required" in _refused(acp.parse_session_id, {})
+
+
+def test_load_session_and_list_sessions() -> None:
+    ref = acp.parse_load_session({"sessionId": "s", "cwd": "/p"}, mcp_required=False)
+    assert ref == acp.SessionRef("s", "/p", ())
+    assert "mcpServers" in _refused(
+        acp.parse_load_session, {"sessionId": "s", "cwd": "/p"}, mcp_required=True
+    )
+    assert acp.parse_list_sessions({}) == acp.ListSessionsParams(None, None)
+    assert acp.parse_list_sessions({"cwd": "/p", "cursor": "c"}) == acp.ListSessionsParams(
+        "/p", "c"
+    )
+    assert "cwd" in _refused(acp.parse_list_sessions, {"cwd": "p"})
+    assert "cursor" in _refused(acp.parse_list_sessions, {"cursor": 3})
+
+
+# -- session/prompt ---------------------------------------------------------------------------
+
+
+def _prompt(*blocks: Any, **extra: Any) -> dict[str, Any]:
+    return {"sessionId": "s", "prompt": list(blocks), **extra}
+
+
+def test_prompt_ok_with_all_baseline_block_types() -> None:
+    parsed = acp.parse_prompt(
+        _prompt(
+            {"type": "text", "text": "hello", "_meta": {"m": 1}, "annotations": {}},
+            {"type": "resource_link", "name": "a.py", "uri": "file:///a.py"},
+            {"type": "resource", "resource": {"uri": "file:///b.py", "text": "print(1)"}},
+            {"type": "resource", "resource": {"uri": "file:///c.bin", "blob": "AAAA"}},
+            _meta={"x": 1},
+            extra="tolerated",
+        )
+    )
+    assert parsed.session_id == "s"
+    assert len(parsed.prompt) == 4
+    assert parsed.text() == "hello\n[a.py](file:///a.py)\nprint(1)\n<file:///c.bin>"
+
+
+def test_prompt_image_unsupported_names_the_block() -> None:
+    message = _refused(
+        acp.parse_prompt,
+        _prompt({"type": "text", "text": "a"}, {"type": "image", "data": "", "mimeType": "x"}),
+    )
+    assert "prompt[1].type" in message
+    assert "image" in message and "promptCapabilities" in message
+
+
+def test_prompt_audio_unsupported() -> None:
+    assert "prompt[0].type" in _refused(
+        acp.parse_prompt, _prompt({"type": "audio", "data": "", "mimeType": "x"})
+    )
+
+
+@pytest.mark.parametrize(
+    ("blocks", "fragment"),
+    [
+        ([{"type": "text"}], "prompt[0].text is required"),
+        ([{"type": "text", "text": 3}], "prompt[0].text must be a string"),
+        ([{"type": "text", "text": "a"}, {"type": "video"}], "prompt[1].type must be one of"),
+        ([{"text": "a"}], "prompt[0].type must be one of"),
+        (["just a string"], "prompt[0] must be a content block object"),
+        ([{"type": "resource_link", "uri": "u"}], "prompt[0].name is required"),
+        ([{"type": "resource_link", "name": "n"}], "prompt[0].uri is required"),
+        ([{"type": "resource"}], "prompt[0].resource must be an object"),
+        ([{"type": "resource", "resource": {"text": "t"}}], "prompt[0].resource.uri is required"),
+    ],
+)
+def test_prompt_block_refusals_name_the_path(blocks: list[Any], fragment: str) -> None:
+    assert fragment in _refused(acp.parse_prompt, _prompt(*blocks))
+
+
+def test_prompt_missing_or_not_an_array() -> None:
+    assert "prompt is required" in _refused(acp.parse_prompt, {"sessionId": "s"})
+    assert "prompt is required" in _refused(acp.parse_prompt, {"sessionId": "s", "prompt": "hello"})
+    assert "sessionId" in _refused(acp.parse_prompt, {"prompt": []})
+    assert "sessionId must be a string" in _refused(
+        acp.parse_prompt, {"sessionId": 42, "prompt": []}
+    )
+
+
+def test_prompt_size_limit_counts_text_and_embedded_resources() -> None:
+    text = {"type": "text", "text": "é" * 50}  # 100 bytes in UTF-8
+    resource = {"type": "resource", "resource": {"uri": "u", "text": "x" * 50}}
+    assert acp.parse_prompt(_prompt(text), max_bytes=100).prompt == (text,)
+    message = _refused(acp.parse_prompt, _prompt(text), max_bytes=99)
+    assert "100 bytes" in message and "99-byte limit" in message
+    assert acp.parse_prompt(_prompt(text, resource), max_bytes=150)
+    assert "150 bytes" in _refused(acp.parse_prompt, _prompt(text, resource), max_bytes=149)
+    # No limit: anything goes.
+    assert acp.parse_prompt(_prompt({"type": "text", "text": "x" * 100_000}))
+
+
+def test_params_object() -> None:
+    assert acp.params_object(None) == {}
+    assert acp.params_object({"a": 1}) == {"a": 1}
+    assert "expected an object" in _refused(acp.params_object, [1])

@@ -1,0 +1,624 @@
+"""The agent side of ACP (Manager + ClientConnection) over in-memory streams.
+
+Every message the agent sends is validated against the ACP schema (``acp_schema`` fixture).
+Slow turns run on a MockClock (``autojump_clock``), so nothing waits on the wall clock.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import attrs
+import pytest
+import trio
+import trio.testing
+
+from punie_trio.hub import ClientConnection, Limits, Manager
+from punie_trio.transport import MemoryMessageStream, memory_message_stream_pair
+from punie_trio.worker import EchoModel, Model, ScriptModel
+
+from ..acp_schema import SchemaChecker
+from ..client import AcpTestClient
+
+
+@attrs.define(eq=False)
+class Agent:
+    manager: Manager
+    connection: ClientConnection
+    client: AcpTestClient
+    client_stream: MemoryMessageStream
+    nursery: trio.Nursery
+    root: Path
+
+
+@asynccontextmanager
+async def agent(
+    root: Path,
+    checker: SchemaChecker,
+    model: Model | None = None,
+    *,
+    limits: Limits | None = None,
+    **client_kwargs: Any,
+) -> AsyncIterator[Agent]:
+    root = Path(await trio.Path(root).resolve())
+    manager = Manager((str(root),), model or EchoModel(), limits=limits or Limits())
+    agent_side, client_side = memory_message_stream_pair()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(manager.run)
+        connection = ClientConnection(manager, transport="memory")
+        await nursery.start(connection.run, agent_side)
+        client = AcpTestClient(client_side, checker, **client_kwargs)
+        await nursery.start(client.run)
+        yield Agent(manager, connection, client, client_side, nursery, root)
+        nursery.cancel_scope.cancel()
+
+
+def script(*turns: list[dict[str, Any]]) -> ScriptModel:
+    return ScriptModel([list(t) for t in turns])
+
+
+def prompt_params(session_id: str, text: str, **extra: Any) -> dict[str, Any]:
+    return {"sessionId": session_id, "prompt": [{"type": "text", "text": text}], **extra}
+
+
+async def expect_error(client: AcpTestClient, method: str, params: Any) -> dict[str, Any]:
+    answer = await client.request_raw(method, params)
+    assert "error" in answer, answer
+    error: dict[str, Any] = answer["error"]
+    return error
+
+
+# -- initialize -------------------------------------------------------------------------------
+
+
+async def test_initialize_negotiates_version_1(tmp_path: Path, acp_schema: SchemaChecker) -> None:
+    async with agent(tmp_path, acp_schema) as a:
+        result = await a.client.request(
+            "initialize",
+            {
+                "protocolVersion": 2,
+                "clientCapabilities": {"fs": {"readTextFile": True}, "terminal": False},
+                "clientInfo": {"name": "future-ide", "version": "9"},
+            },
+        )
+        assert result["protocolVersion"] == 1
+        caps = result["agentCapabilities"]
+        assert isinstance(caps["loadSession"], bool)
+        assert caps["promptCapabilities"] == {
+            "image": False,
+            "audio": False,
+            "embeddedContext": True,
+        }
+        assert caps["mcpCapabilities"] == {"http": False, "sse": False}
+        assert result["authMethods"] == []
+        assert result["agentInfo"]["name"] == "punie-trio"
+        assert isinstance(result["agentInfo"]["version"], str)
+        assert a.connection.capabilities.read_text_file is True
+        assert a.connection.client_info == {"name": "future-ide", "version": "9"}
+
+
+async def test_initialize_with_only_a_version(tmp_path: Path, acp_schema: SchemaChecker) -> None:
+    """What the official SDK sends for ``initialize(protocol_version=1)``."""
+    async with agent(tmp_path, acp_schema) as a:
+        result = await a.client.request("initialize", {"protocolVersion": 1})
+        assert result["protocolVersion"] == 1
+
+
+async def test_initialize_bad_version_is_invalid_params(
+    tmp_path: Path, acp_schema: SchemaChecker
+) -> None:
+    async with agent(tmp_path, acp_schema) as a:
+        error = await expect_error(a.client, "initialize", {"protocolVersion": "one"})
+        assert error["code"] == -32602
+        assert "protocolVersion" in error["message"]
+        assert a.connection.initialized is False
+
+
+@pytest.mark.parametrize(
+    ("method", "params"),
+    [
+        ("session/new", {"cwd": "/", "mcpServers": []}),
+        ("session/prompt", {"sessionId": "s", "prompt": []}),
+        ("session/load", {"sessionId": "s", "cwd": "/", "mcpServers": []}),
+        ("_vendor/thing", {}),
+    ],
+)
+async def test_calls_before_initialize_are_refused(
+    tmp_path: Path, acp_schema: SchemaChecker, method: str, params: dict[str, Any]
+) -> None:
+    async with agent(tmp_path, acp_schema) as a:
+        error = await expect_error(a.client, method, params)
+        assert error["code"] == -32600
+        assert error["message"] == f"Invalid request: call initialize before {method}"
+        # Unknown methods are still just unknown.
+        assert (await expect_error(a.client, "no/such", {}))["code"] == -32601
+        # After initialize the connection works normally.
+        await a.client.initialize()
+        assert await a.client.new_session(str(a.root))
+
+
+async def test_cancel_before_initialize_is_ignored(
+    tmp_path: Path, acp_schema: SchemaChecker
+) -> None:
+    async with agent(tmp_path, acp_schema) as a:
+        await a.client.notify("session/cancel", {"sessionId": "nope"})
+        assert (await a.client.initialize())["protocolVersion"] == 1
+
+
+# -- sessions ---------------------------------------------------------------------------------
+
+
+async def test_new_session_outside_the_roots(tmp_path: Path, acp_schema: SchemaChecker) -> None:
+    root = tmp_path / "project"
+    root.mkdir()
+    async with agent(root, acp_schema) as a:
+        await a.client.initialize()
+        error = await expect_error(
+            a.client, "session/new", {"cwd": str(tmp_path), "mcpServers": []}
+        )
+        assert error["code"] == -32602
+        assert "cwd" in error["message"]
+        assert str(root.resolve()) in error["message"]
+        # A symlink inside the root that points out of it is outside too.
+        (root / "escape").symlink_to(tmp_path)
+        error = await expect_error(
+            a.client, "session/new", {"cwd": str(root / "escape"), "mcpServers": []}
+        )
+        assert error["code"] == -32602
+        # A subdirectory is fine.
+        (root / "sub").mkdir()
+        assert await a.client.new_session(str(root / "sub"))
+        assert len(a.manager.sessions) == 1
+
+
+async def test_new_session_param_errors_name_the_field(
+    tmp_path: Path, acp_schema: SchemaChecker
+) -> None:
+    async with agent(tmp_path, acp_schema) as a:
+        await a.client.initialize()
+        error = await expect_error(a.client, "session/new", {"cwd": "relative", "mcpServers": []})
+        assert error["code"] == -32602 and "cwd" in error["message"]
+        error = await expect_error(a.client, "session/new", {"cwd": str(a.root)})
+        assert error["code"] == -32602 and "mcpServers" in error["message"]
+        error = await expect_error(
+            a.client,
+            "session/new",
+            {"cwd": str(a.root), "mcpServers": [], "additionalDirectories": ["/"]},
+        )
+        assert error["code"] == -32602 and "additionalDirectories[0]" in error["message"]
+
+
+async def test_unknown_session(tmp_path: Path, acp_schema: SchemaChecker) -> None:
+    async with agent(tmp_path, acp_schema) as a:
+        await a.client.initialize()
+        error = await expect_error(a.client, "session/prompt", prompt_params("sess_nope", "hi"))
+        assert error["code"] == -32002
+        assert "sess_nope" in error["message"]
+        # Cancelling an unknown session is a notification: ignored, connection fine.
+        await a.client.notify("session/cancel", {"sessionId": "sess_nope"})
+        session = await a.client.new_session(str(a.root))
+        assert await a.client.prompt(session, "still here") == "end_turn"
+
+
+async def test_session_of_another_connection_is_not_found(
+    tmp_path: Path, acp_schema: SchemaChecker
+) -> None:
+    async with agent(tmp_path, acp_schema) as a:
+        await a.client.initialize()
+        mine = await a.client.new_session(str(a.root))
+        other_side, other_client_side = memory_message_stream_pair()
+        await a.nursery.start(ClientConnection(a.manager).run, other_side)
+        other = AcpTestClient(other_client_side, acp_schema)
+        await a.nursery.start(other.run)
+        await other.initialize()
+        error = await expect_error(other, "session/prompt", prompt_params(mine, "steal"))
+        assert error["code"] == -32002
+
+
+async def test_session_limit(tmp_path: Path, acp_schema: SchemaChecker) -> None:
+    async with agent(tmp_path, acp_schema, limits=Limits(max_sessions_per_connection=2)) as a:
+        await a.client.initialize()
+        await a.client.new_session(str(a.root))
+        await a.client.new_session(str(a.root))
+        error = await expect_error(a.client, "session/new", {"cwd": str(a.root), "mcpServers": []})
+        assert error["code"] == -32600
+        assert "max 2" in error["message"]
+        assert len(a.manager.workers) == 1
+
+
+# -- prompts ----------------------------------------------------------------------------------
+
+
+async def test_prompt_with_echo_streams_the_text(tmp_path: Path, acp_schema: SchemaChecker) -> None:
+    async with agent(tmp_path, acp_schema) as a:
+        await a.client.initialize()
+        session = await a.client.new_session(str(a.root))
+        text = "the quick brown fox\njumps over the lazy dog"
+        assert await a.client.prompt(session, text) == "end_turn"
+        assert a.client.agent_text(session) == text
+        assert len(a.client.updates(session)) > 1
+        # A second prompt on the same session works too.
+        assert await a.client.prompt(session, "again") == "end_turn"
+        assert a.client.agent_text(session) == text + "again"
+
+
+async def test_meta_and_unknown_fields_are_tolerated(
+    tmp_path: Path, acp_schema: SchemaChecker
+) -> None:
+    async with agent(tmp_path, acp_schema) as a:
+        init = await a.client.request(
+            "initialize", {"protocolVersion": 1, "_meta": {"trace": "1"}, "newThing": True}
+        )
+        assert init["protocolVersion"] == 1
+        result = await a.client.request(
+            "session/new",
+            {"cwd": str(a.root), "mcpServers": [], "_meta": {"x": [1]}, "future": "field"},
+        )
+        session = result["sessionId"]
+        params = prompt_params(session, "meta ok", _meta={"y": 2})
+        params["prompt"][0]["_meta"] = {"z": 3}
+        assert (await a.client.request("session/prompt", params))["stopReason"] == "end_turn"
+        assert a.client.agent_text(session) == "meta ok"
+
+
+async def test_embedded_resource_and_link_prompt(tmp_path: Path, acp_schema: SchemaChecker) -> None:
+    async with agent(tmp_path, acp_schema) as a:
+        await a.client.initialize()
+        session = await a.client.new_session(str(a.root))
+        params = {
+            "sessionId": session,
+            "prompt": [
+                {"type": "text", "text": "look"},
+                {"type": "resource_link", "name": "a.py", "uri": "file:///a.py"},
+                {"type": "resource", "resource": {"uri": "file:///b.py", "text": "body"}},
+            ],
+        }
+        assert (await a.client.request("session/prompt", params))["stopReason"] == "end_turn"
+        assert a.client.agent_text(session) == "look\n[a.py](file:///a.py)\nbody"
+
+
+async def test_image_prompt_refused(tmp_path: Path, acp_schema: SchemaChecker) -> None:
+    async with agent(tmp_path, acp_schema) as a:
+        await a.client.initialize()
+        session = await a.client.new_session(str(a.root))
+        params = {
+            "sessionId": session,
+            "prompt": [{"type": "image", "data": "AAAA", "mimeType": "image/png"}],
+        }
+        error = await expect_error(a.client, "session/prompt", params)
+        assert error["code"] == -32602 and "prompt[0].type" in error["message"]
+
+
+async def test_scripted_turn_with_client_file_read(
+    tmp_path: Path, acp_schema: SchemaChecker
+) -> None:
+    model = script(
+        [
+            {"thought": "I should read the file"},
+            {"plan": ["read a.txt", {"content": "answer", "priority": "high"}]},
+            {"tool": "read_file", "input": {"path": "a.txt"}},
+            {"text": "The file says hi."},
+        ]
+    )
+    async with agent(tmp_path, acp_schema, model) as a:
+        target = str(a.root / "a.txt")
+        a.client.files[target] = "hi from the editor buffer"
+        await a.client.initialize(fs={"readTextFile": True})
+        session = await a.client.new_session(str(a.root))
+        assert await a.client.prompt(session, "what is in a.txt?") == "end_turn"
+        updates = a.client.updates(session)
+        assert [u["sessionUpdate"] for u in updates] == [
+            "agent_thought_chunk",
+            "plan",
+            "tool_call",
+            "tool_call_update",
+            "tool_call_update",
+            "agent_message_chunk",
+        ]
+        assert updates[0]["content"]["text"] == "I should read the file"
+        assert [e["content"] for e in updates[1]["entries"]] == ["read a.txt", "answer"]
+        assert updates[2]["kind"] == "read" and updates[2]["locations"] == [{"path": "a.txt"}]
+        assert updates[3]["status"] == "in_progress"
+        assert updates[4]["status"] == "completed"
+        assert updates[4]["content"][0]["content"]["text"] == "hi from the editor buffer"
+        assert len({u.get("toolCallId") for u in updates[2:5]}) == 1
+        assert [r["method"] for r in a.client.agent_requests] == ["fs/read_text_file"]
+        assert a.client.agent_requests[0]["params"] == {"sessionId": session, "path": target}
+
+
+async def test_client_fs_error_fails_the_tool_call(
+    tmp_path: Path, acp_schema: SchemaChecker
+) -> None:
+    model = script([{"tool": "read_file", "input": {"path": "missing.txt"}}, {"text": "ok"}])
+    async with agent(tmp_path, acp_schema, model) as a:
+        await a.client.initialize(fs={"readTextFile": True})
+        session = await a.client.new_session(str(a.root))
+        assert await a.client.prompt(session, "read it") == "end_turn"
+        failed = a.client.updates(session)[2]
+        assert failed["status"] == "failed"
+        assert "not found" in failed["content"][0]["content"]["text"]
+
+
+async def test_client_call_timeout(
+    tmp_path: Path, acp_schema: SchemaChecker, autojump_clock: trio.testing.MockClock
+) -> None:
+    async def never_answer(method: str, params: dict[str, Any]) -> Any:
+        await trio.sleep_forever()
+
+    model = script([{"tool": "read_file", "input": {"path": "a.txt"}}])
+    limits = Limits(client_call_timeout=10)
+    async with agent(
+        tmp_path, acp_schema, model, limits=limits, on_agent_request=never_answer
+    ) as a:
+        await a.client.initialize(fs={"readTextFile": True})
+        session = await a.client.new_session(str(a.root))
+        started = trio.current_time()
+        assert await a.client.prompt(session, "read") == "end_turn"
+        assert trio.current_time() - started == pytest.approx(10)
+        failed = a.client.updates(session)[-1]
+        assert failed["status"] == "failed"
+        assert "within 10 s" in failed["content"][0]["content"]["text"]
+        # The agent told the client it gave up on its request.
+        cancels = [m for m in a.client.received if m.get("method") == "$/cancel_request"]
+        assert cancels == [
+            {
+                "jsonrpc": "2.0",
+                "method": "$/cancel_request",
+                "params": {"requestId": a.client.agent_requests[0]["id"]},
+            }
+        ]
+
+
+async def test_cancel_during_a_sleeping_turn(
+    tmp_path: Path, acp_schema: SchemaChecker, autojump_clock: trio.testing.MockClock
+) -> None:
+    model = script([{"text": "working"}, {"sleep": 30}, {"text": "never sent"}])
+    async with agent(tmp_path, acp_schema, model) as a:
+        await a.client.initialize()
+        session = await a.client.new_session(str(a.root))
+        result: dict[str, Any] = {}
+
+        async def run_prompt() -> None:
+            result.update(await a.client.request("session/prompt", prompt_params(session, "go")))
+
+        started = trio.current_time()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(run_prompt)
+            await a.client.wait_for(lambda m: m.get("method") == "session/update")
+            await a.client.notify("session/cancel", {"sessionId": session})
+        assert result == {"stopReason": "cancelled"}
+        assert trio.current_time() - started < 30
+        assert a.client.agent_text(session) == "working"
+        # The session is usable again; the cancelled turn counted as turn 0.
+        assert await a.client.prompt(session, "next") == "end_turn"
+
+
+async def test_cancel_request_on_the_prompt_itself(
+    tmp_path: Path, acp_schema: SchemaChecker, autojump_clock: trio.testing.MockClock
+) -> None:
+    model = script([{"text": "working"}, {"sleep": 30}])
+    async with agent(tmp_path, acp_schema, model) as a:
+        await a.client.initialize()
+        session = await a.client.new_session(str(a.root))
+        answers: list[dict[str, Any]] = []
+
+        async def run_prompt() -> None:
+            answers.append(
+                await a.client.request_raw("session/prompt", prompt_params(session, "x"))
+            )
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(run_prompt)
+            await a.client.wait_for(lambda m: m.get("method") == "session/update")
+            prompt_id = max(a.client._waiting)
+            await a.client.notify("$/cancel_request", {"requestId": prompt_id})
+        assert answers[0]["error"]["code"] == -32800
+        await trio.testing.wait_all_tasks_blocked()
+        assert a.manager.sessions[session].turn is None
+        assert await a.client.prompt(session, "again") == "end_turn"
+
+
+async def test_second_prompt_while_one_runs(
+    tmp_path: Path, acp_schema: SchemaChecker, autojump_clock: trio.testing.MockClock
+) -> None:
+    model = script([{"text": "busy"}, {"sleep": 30}, {"text": " done"}])
+    async with agent(tmp_path, acp_schema, model) as a:
+        await a.client.initialize()
+        session = await a.client.new_session(str(a.root))
+        result: dict[str, Any] = {}
+
+        async def run_prompt() -> None:
+            result.update(await a.client.request("session/prompt", prompt_params(session, "1")))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(run_prompt)
+            await a.client.wait_for(lambda m: m.get("method") == "session/update")
+            error = await expect_error(a.client, "session/prompt", prompt_params(session, "2"))
+            assert error["code"] == -32600
+            assert "already has a prompt running" in error["message"]
+        assert result == {"stopReason": "end_turn"}
+        assert a.client.agent_text(session) == "busy done"
+
+
+async def test_prompts_on_two_sessions_run_concurrently(
+    tmp_path: Path, acp_schema: SchemaChecker, autojump_clock: trio.testing.MockClock
+) -> None:
+    model = script([{"sleep": 10}, {"text": "done"}])
+    async with agent(tmp_path, acp_schema, model) as a:
+        await a.client.initialize()
+        s1 = await a.client.new_session(str(a.root))
+        s2 = await a.client.new_session(str(a.root))
+        started = trio.current_time()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(a.client.prompt, s1, "a")
+            nursery.start_soon(a.client.prompt, s2, "b")
+        assert trio.current_time() - started == pytest.approx(10)
+        assert a.client.agent_text(s1) == a.client.agent_text(s2) == "done"
+        assert len(a.manager.workers) == 1
+
+
+async def test_model_failure_is_internal_error(tmp_path: Path, acp_schema: SchemaChecker) -> None:
+    @attrs.define
+    class Broken:
+        name: str = "broken"
+
+        async def run_turn(self, ctx: Any) -> str:
+            raise ValueError("no model today")
+
+    async with agent(tmp_path, acp_schema, Broken()) as a:
+        await a.client.initialize()
+        session = await a.client.new_session(str(a.root))
+        error = await expect_error(a.client, "session/prompt", prompt_params(session, "x"))
+        assert error["code"] == -32603
+        assert "no model today" in error["message"]
+        assert a.manager.sessions[session].turn is None
+
+
+async def test_prompt_over_the_size_limit(tmp_path: Path, acp_schema: SchemaChecker) -> None:
+    async with agent(tmp_path, acp_schema, limits=Limits(max_prompt_bytes=16)) as a:
+        await a.client.initialize()
+        session = await a.client.new_session(str(a.root))
+        assert await a.client.prompt(session, "x" * 16) == "end_turn"
+        error = await expect_error(a.client, "session/prompt", prompt_params(session, "x" * 17))
+        assert error["code"] == -32602
+        assert "17 bytes" in error["message"] and "16-byte limit" in error["message"]
+
+
+# -- robustness -------------------------------------------------------------------------------
+
+
+async def test_unknown_extension_notification_and_request(
+    tmp_path: Path, acp_schema: SchemaChecker
+) -> None:
+    async with agent(tmp_path, acp_schema) as a:
+        await a.client.initialize()
+        await a.client.notify("_foo", {"anything": [1, 2]})
+        await a.client.notify("_foo/bar")
+        await a.client.notify("unknown/notification", {})
+        error = await expect_error(a.client, "_foo", {})
+        assert error["code"] == -32601
+        session = await a.client.new_session(str(a.root))
+        assert await a.client.prompt(session, "fine") == "end_turn"
+
+
+async def test_null_id_error_from_the_client_is_not_fatal(
+    tmp_path: Path, acp_schema: SchemaChecker, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with agent(tmp_path, acp_schema) as a:
+        await a.client.initialize()
+        await a.client.send_raw(
+            json.dumps(
+                {"jsonrpc": "2.0", "id": None, "error": {"code": -32700, "message": "Parse error"}}
+            )
+        )
+        session = await a.client.new_session(str(a.root))
+        assert await a.client.prompt(session, "still alive") == "end_turn"
+    assert any("without an id" in r.getMessage() for r in caplog.records)
+
+
+async def test_malformed_messages_get_answers(tmp_path: Path, acp_schema: SchemaChecker) -> None:
+    async with agent(tmp_path, acp_schema) as a:
+        await a.client.send_raw("this is not json")
+        answer = await a.client.wait_for(lambda m: m.get("error", {}).get("code") == -32700)
+        assert answer["id"] is None
+        await a.client.send_raw('{"jsonrpc":"2.0","id":"x1","method":42}')
+        answer = await a.client.wait_for(lambda m: m.get("id") == "x1")
+        assert answer["error"]["code"] == -32600
+        assert (await a.client.initialize())["protocolVersion"] == 1
+
+
+def _all_tasks() -> Iterator[trio.lowlevel.Task]:
+    def walk(task: trio.lowlevel.Task) -> Iterator[trio.lowlevel.Task]:
+        yield task
+        for nursery in task.child_nurseries:
+            for child in nursery.child_tasks:
+                yield from walk(child)
+
+    return walk(trio.lowlevel.current_root_task())
+
+
+@pytest.mark.parametrize("waiting_on", ["sleep", "client_call"])
+async def test_disconnect_mid_prompt_cleans_up_everything(
+    tmp_path: Path,
+    acp_schema: SchemaChecker,
+    autojump_clock: trio.testing.MockClock,
+    waiting_on: str,
+) -> None:
+    async def never_answer(method: str, params: dict[str, Any]) -> Any:
+        await trio.sleep_forever()
+
+    if waiting_on == "sleep":
+        model = script([{"text": "started"}, {"sleep": 1000}])
+    else:
+        model = script([{"text": "started"}, {"tool": "read_file", "input": {"path": "a.txt"}}])
+    root = Path(await trio.Path(tmp_path).resolve())
+    manager = Manager((str(root),), model)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(manager.run)
+        await trio.testing.wait_all_tasks_blocked()
+        before = set(_all_tasks())
+
+        agent_side, client_side = memory_message_stream_pair()
+        connection = ClientConnection(manager, transport="memory")
+        connection_done = trio.Event()
+
+        async def run_connection(task_status: trio.TaskStatus[None]) -> None:
+            await connection.run(agent_side, task_status=task_status)
+            connection_done.set()
+
+        await nursery.start(run_connection)
+        client = AcpTestClient(client_side, acp_schema, on_agent_request=never_answer)
+        await nursery.start(client.run)
+        await client.initialize(fs={"readTextFile": True})
+        session = await client.new_session(str(root))
+        nursery.start_soon(client.request_raw, "session/prompt", prompt_params(session, "go"))
+        if waiting_on == "sleep":
+            await client.wait_for(lambda m: m.get("method") == "session/update")
+        else:
+            await client.wait_for(lambda m: m.get("method") == "fs/read_text_file")
+        await trio.testing.wait_all_tasks_blocked()
+        assert manager.sessions and manager.workers and manager.connections
+        started = trio.current_time()
+
+        await client_side.aclose()
+        with trio.fail_after(5):
+            await connection_done.wait()
+            await client.closed.wait()
+        await trio.testing.wait_all_tasks_blocked()
+        assert trio.current_time() - started < 5
+        assert manager.connections == set()
+        assert manager.sessions == {}
+        assert manager.workers == {}
+        # The client's abandoned request_raw task is the only test-side leftover.
+        leftover = set(_all_tasks()) - before
+        assert all("request_raw" in task.name for task in leftover), leftover
+        nursery.cancel_scope.cancel()
+
+
+async def test_manager_shutdown_cancels_turns(
+    tmp_path: Path, acp_schema: SchemaChecker, autojump_clock: trio.testing.MockClock
+) -> None:
+    """``closing`` set: running turns answer ``cancelled`` and the connection ends."""
+    model = script([{"text": "started"}, {"sleep": 1000}])
+    async with agent(tmp_path, acp_schema, model) as a:
+        await a.client.initialize()
+        session = await a.client.new_session(str(a.root))
+        result: dict[str, Any] = {}
+
+        async def run_prompt() -> None:
+            result.update(await a.client.request("session/prompt", prompt_params(session, "x")))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(run_prompt)
+            await a.client.wait_for(lambda m: m.get("method") == "session/update")
+            a.manager.closing.set()
+        assert result == {"stopReason": "cancelled"}
+        # The connection stopped reading and its run() returned (the stream itself belongs
+        # to whoever opened it, so the client sees no EOF here).
+        await trio.testing.wait_all_tasks_blocked()
+        assert a.manager.connections == set()
+        assert a.connection.peer is not None and a.connection.peer.closed

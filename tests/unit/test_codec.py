@@ -1,0 +1,224 @@
+"""The sans-I/O JSON-RPC codec: :func:`parse` and :func:`serialize`."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from punie_trio.rpc import (
+    INVALID_REQUEST,
+    PARSE_ERROR,
+    ErrorResponse,
+    MalformedMessage,
+    Notification,
+    Request,
+    Response,
+    RpcError,
+    error_response,
+    parse,
+    serialize,
+)
+
+# -- well-formed messages ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("msg_id", [0, 7, -3, "abc", ""])
+def test_request_with_int_and_string_ids(msg_id: Any) -> None:
+    text = json.dumps({"jsonrpc": "2.0", "id": msg_id, "method": "m", "params": {"a": 1}})
+    assert parse(text) == Request(msg_id, "m", {"a": 1})
+
+
+def test_request_without_params_and_with_array_params() -> None:
+    assert parse('{"jsonrpc":"2.0","id":1,"method":"m"}') == Request(1, "m", None)
+    assert parse('{"jsonrpc":"2.0","id":1,"method":"m","params":[1,2]}') == Request(1, "m", [1, 2])
+
+
+def test_notification() -> None:
+    assert parse('{"jsonrpc":"2.0","method":"n","params":{"x":"y"}}') == Notification(
+        "n", {"x": "y"}
+    )
+    assert parse('{"jsonrpc":"2.0","method":"n"}') == Notification("n")
+
+
+@pytest.mark.parametrize("msg_id", [3, "s-3"])
+def test_response(msg_id: Any) -> None:
+    text = json.dumps({"jsonrpc": "2.0", "id": msg_id, "result": {"ok": True}})
+    assert parse(text) == Response(msg_id, {"ok": True})
+
+
+def test_response_with_null_result() -> None:
+    assert parse('{"jsonrpc":"2.0","id":1,"result":null}') == Response(1, None)
+
+
+@pytest.mark.parametrize("msg_id", [3, "s-3", None])
+def test_error_response(msg_id: Any) -> None:
+    text = json.dumps(
+        {"jsonrpc": "2.0", "id": msg_id, "error": {"code": -32602, "message": "bad", "data": [1]}}
+    )
+    assert parse(text) == ErrorResponse(msg_id, -32602, "bad", [1])
+
+
+def test_error_response_without_data() -> None:
+    parsed = parse('{"jsonrpc":"2.0","id":1,"error":{"code":-1,"message":"x"}}')
+    assert parsed == ErrorResponse(1, -1, "x", None)
+
+
+def test_parse_accepts_utf8_bytes() -> None:
+    text = '{"jsonrpc":"2.0","method":"n","params":{"s":"é✓"}}'
+    assert parse(text.encode()) == Notification("n", {"s": "é✓"})
+
+
+# -- serialisation ----------------------------------------------------------------------------
+
+MESSAGES = [
+    Request(1, "session/prompt", {"sessionId": "s", "prompt": [{"type": "text", "text": "a\nb"}]}),
+    Request("req-1", "m"),
+    Request(2, "m", [1, "two\n", None]),
+    Notification("session/update", {"update": {"text": "line1\nline2\r\n"}}),
+    Notification("n"),
+    Response(5, {"content": "x\n\ny"}),
+    Response("r", None),
+    Response(0, [1, 2]),
+    ErrorResponse(9, -32602, "Invalid params: bad\nfield", {"why": "multi\nline"}),
+    ErrorResponse(None, -32700, "Parse error"),
+    ErrorResponse("e", -32603, "boom"),
+]
+
+
+@pytest.mark.parametrize("msg", MESSAGES, ids=repr)
+def test_serialize_round_trips(msg: Any) -> None:
+    text = serialize(msg)
+    assert parse(text) == msg
+    assert parse(text.encode()) == msg
+
+
+@pytest.mark.parametrize("msg", MESSAGES, ids=repr)
+def test_serialize_is_compact_and_single_line(msg: Any) -> None:
+    text = serialize(msg)
+    assert "\n" not in text and "\r" not in text
+    # Compact: re-dumping with the compact separators gives the same text.
+    assert text == json.dumps(json.loads(text), separators=(",", ":"), ensure_ascii=False)
+    assert json.loads(text)["jsonrpc"] == "2.0"
+
+
+def test_serialize_exact_shapes() -> None:
+    assert serialize(Request(1, "m")) == '{"jsonrpc":"2.0","id":1,"method":"m"}'
+    assert (
+        serialize(Notification("n", {"a": 1})) == '{"jsonrpc":"2.0","method":"n","params":{"a":1}}'
+    )
+    assert serialize(Response(1, None)) == '{"jsonrpc":"2.0","id":1,"result":null}'
+    assert (
+        serialize(ErrorResponse(None, -32700, "Parse error"))
+        == '{"jsonrpc":"2.0","id":null,"error":{"code":-32700,"message":"Parse error"}}'
+    )
+
+
+def test_serialize_keeps_non_ascii_text() -> None:
+    assert "é" in serialize(Notification("n", {"s": "é"}))
+
+
+def test_error_response_helper() -> None:
+    err = RpcError(-32002, "Session not found", {"id": "s"})
+    assert error_response(4, err) == ErrorResponse(4, -32002, "Session not found", {"id": "s"})
+
+
+# -- malformed input --------------------------------------------------------------------------
+
+
+def _malformed(text: str | bytes) -> MalformedMessage:
+    with pytest.raises(MalformedMessage) as info:
+        parse(text)
+    return info.value
+
+
+@pytest.mark.parametrize("text", ["{", "not json", '{"jsonrpc":"2.0",}', "", "   "])
+def test_invalid_json_is_parse_error_without_id(text: str) -> None:
+    exc = _malformed(text)
+    assert exc.error.code == PARSE_ERROR
+    assert exc.id is None
+    response = exc.response()
+    assert response.code == PARSE_ERROR and response.id is None
+    assert json.loads(serialize(response))["id"] is None
+
+
+@pytest.mark.parametrize("raw", [b"\xff\xfe{}", b'{"jsonrpc":"2.0","method":"\xc3"}'])
+def test_invalid_utf8_is_parse_error(raw: bytes) -> None:
+    exc = _malformed(raw)
+    assert exc.error.code == PARSE_ERROR
+    assert exc.id is None
+
+
+@pytest.mark.parametrize("text", ["42", '"a string"', "null", "true", "1.5"])
+def test_non_object_is_invalid_request(text: str) -> None:
+    exc = _malformed(text)
+    assert exc.error.code == INVALID_REQUEST
+    assert exc.id is None
+
+
+def test_batch_is_refused() -> None:
+    exc = _malformed('[{"jsonrpc":"2.0","id":1,"method":"m"}]')
+    assert exc.error.code == INVALID_REQUEST
+    assert "Batch" in exc.error.message
+    assert _malformed("[]").error.code == INVALID_REQUEST
+
+
+@pytest.mark.parametrize(
+    ("obj", "expected_id", "fragment"),
+    [
+        ({"id": 1, "method": "m"}, 1, "jsonrpc"),
+        ({"jsonrpc": "1.0", "id": 2, "method": "m"}, 2, "jsonrpc"),
+        ({"jsonrpc": 2.0, "id": "x", "method": "m"}, "x", "jsonrpc"),
+        ({"jsonrpc": "2.0", "id": 3, "method": 5}, 3, "method"),
+        ({"jsonrpc": "2.0", "id": "s", "method": None}, "s", "method"),
+        ({"jsonrpc": "2.0", "id": 4, "method": "m", "params": "str"}, 4, "params"),
+        ({"jsonrpc": "2.0", "id": 4, "method": "m", "params": 12}, 4, "params"),
+        ({"jsonrpc": "2.0", "method": "n", "params": "str"}, None, "params"),
+        ({"jsonrpc": "2.0", "id": 1.5, "method": "m"}, None, "id"),
+        ({"jsonrpc": "2.0", "id": True, "method": "m"}, None, "id"),
+        ({"jsonrpc": "2.0", "id": {"a": 1}, "method": "m"}, None, "id"),
+        ({"jsonrpc": "2.0", "id": [1], "method": "m"}, None, "id"),
+        ({"jsonrpc": "2.0", "id": None, "method": "m"}, None, "id"),
+        ({"jsonrpc": "2.0", "id": 5}, 5, "method"),
+        ({"jsonrpc": "2.0", "id": 6, "result": 1, "error": {"code": 1, "message": "x"}}, 6, ""),
+        ({"jsonrpc": "2.0", "result": 1}, None, "id"),
+        ({"jsonrpc": "2.0", "id": 1.0, "result": 1}, None, "id"),
+        ({"jsonrpc": "2.0", "id": 7, "error": "bad"}, 7, "error"),
+        ({"jsonrpc": "2.0", "id": 7, "error": {"code": "1", "message": "x"}}, 7, "error"),
+        ({"jsonrpc": "2.0", "id": 7, "error": {"code": 1}}, 7, "error"),
+        ({"jsonrpc": "2.0", "id": False, "error": {"code": 1, "message": "x"}}, None, "id"),
+    ],
+)
+def test_wrong_shapes_are_invalid_requests(
+    obj: dict[str, Any], expected_id: Any, fragment: str
+) -> None:
+    exc = _malformed(json.dumps(obj))
+    assert exc.error.code == INVALID_REQUEST
+    assert exc.id == expected_id
+    assert fragment in exc.error.message
+    response = exc.response()
+    assert response == ErrorResponse(expected_id, INVALID_REQUEST, exc.error.message, None)
+    # The answer itself is a valid message carrying the id when one could be read.
+    assert parse(serialize(response)) == response
+
+
+def test_invalid_request_id_survives_into_serialized_error() -> None:
+    exc = _malformed('{"jsonrpc":"1.0","id":"abc","method":"m"}')
+    wire = json.loads(serialize(exc.response()))
+    assert wire["id"] == "abc"
+    assert wire["error"]["code"] == INVALID_REQUEST
+
+
+def test_bool_id_is_not_treated_as_int() -> None:
+    # JSON true is a Python bool, an int subclass: it must not be read as id 1.
+    exc = _malformed('{"jsonrpc":"2.0","id":true,"method":"m"}')
+    assert exc.id is None
+
+
+def test_valid_id_refuses_booleans_and_floats() -> None:
+    # JSON true is a Python int; it must not pass for request id 1 (e.g. in $/cancel_request).
+    from punie_trio.rpc._codec import valid_id
+
+    assert valid_id(1) and valid_id("a")
+    assert not valid_id(True) and not valid_id(1.0) and not valid_id(None)

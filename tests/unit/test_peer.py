@@ -1,0 +1,699 @@
+"""The JSON-RPC :class:`Peer` over in-memory and NDJSON streams.
+
+Time is a MockClock (``autojump_clock``): a deadlock shows up as a ``TooSlowError`` from
+``trio.fail_after`` at once, never as a hung test, and no test waits on the wall clock.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+
+from punie_trio.rpc import (
+    CANCEL_REQUEST,
+    INTERNAL_ERROR,
+    INVALID_REQUEST,
+    METHOD_NOT_FOUND,
+    PARSE_ERROR,
+    REQUEST_CANCELLED,
+    Params,
+    Peer,
+    PeerClosed,
+    RpcError,
+    method_not_found,
+)
+from punie_trio.transport import MemoryMessageStream, NdjsonStream, memory_message_stream_pair
+
+Handler = Callable[[Params], Awaitable[Any]]
+
+
+class Dispatcher:
+    """Routes requests to ``handlers``; records notifications."""
+
+    def __init__(self, handlers: dict[str, Handler] | None = None) -> None:
+        self.handlers: dict[str, Handler] = dict(handlers or {})
+        self.notifications: list[tuple[str, Params]] = []
+
+    def handle_request(self, method: str, params: Params) -> Awaitable[Any]:
+        handler = self.handlers.get(method)
+        if handler is None:
+            raise method_not_found(method)
+        return handler(params)
+
+    def handle_notification(self, method: str, params: Params) -> None:
+        self.notifications.append((method, params))
+
+
+async def echo(params: Params) -> Any:
+    return params
+
+
+class Raw:
+    """The other side of a peer, as raw JSON texts."""
+
+    def __init__(self, stream: MemoryMessageStream) -> None:
+        self.stream = stream
+
+    async def send(self, msg: dict[str, Any]) -> None:
+        await self.stream.send_message(json.dumps({"jsonrpc": "2.0", **msg}))
+
+    async def send_text(self, text: str) -> None:
+        await self.stream.send_message(text)
+
+    async def recv(self) -> dict[str, Any]:
+        with trio.fail_after(10):
+            msg: dict[str, Any] = json.loads(await self.stream.receive_message())
+        assert msg["jsonrpc"] == "2.0"
+        return msg
+
+
+async def start_peer(
+    nursery: trio.Nursery, dispatcher: Dispatcher, **kwargs: Any
+) -> tuple[Peer, Raw]:
+    ours, theirs = memory_message_stream_pair()
+    peer = Peer(ours, dispatcher, **kwargs)
+    await nursery.start(peer.run)
+    return peer, Raw(theirs)
+
+
+# -- correlation ------------------------------------------------------------------------------
+
+
+async def test_answers_carry_the_callers_int_and_string_ids() -> None:
+    async with trio.open_nursery() as nursery:
+        _, raw = await start_peer(nursery, Dispatcher({"echo": echo}))
+        await raw.send({"id": 7, "method": "echo", "params": {"n": 7}})
+        await raw.send({"id": "seven", "method": "echo", "params": {"n": "seven"}})
+        await raw.send({"id": 0, "method": "echo", "params": [0]})
+        answers = {}
+        for _ in range(3):
+            msg = await raw.recv()
+            answers[msg["id"]] = msg["result"]
+        assert answers == {7: {"n": 7}, "seven": {"n": "seven"}, 0: [0]}
+        nursery.cancel_scope.cancel()
+
+
+async def test_outbound_requests_are_correlated_out_of_order() -> None:
+    async with trio.open_nursery() as nursery:
+        peer, raw = await start_peer(nursery, Dispatcher())
+        results: dict[str, Any] = {}
+
+        async def ask(name: str) -> None:
+            results[name] = await peer.request("q", {"name": name})
+
+        nursery.start_soon(ask, "first")
+        first = await raw.recv()
+        nursery.start_soon(ask, "second")
+        second = await raw.recv()
+        assert first["method"] == second["method"] == "q"
+        assert first["id"] != second["id"]
+        # Answer in the opposite order.
+        await raw.send({"id": second["id"], "result": "for-second"})
+        await raw.send({"id": first["id"], "result": "for-first"})
+        await trio.testing.wait_all_tasks_blocked()
+        assert results == {"first": "for-first", "second": "for-second"}
+        nursery.cancel_scope.cancel()
+
+
+async def test_error_answer_raises_rpc_error() -> None:
+    async with trio.open_nursery() as nursery:
+        peer, raw = await start_peer(nursery, Dispatcher())
+
+        async def answer() -> None:
+            msg = await raw.recv()
+            await raw.send(
+                {"id": msg["id"], "error": {"code": -32002, "message": "nope", "data": 1}}
+            )
+
+        nursery.start_soon(answer)
+        with pytest.raises(RpcError) as info:
+            await peer.request("q")
+        assert (info.value.code, info.value.message, info.value.data) == (-32002, "nope", 1)
+        nursery.cancel_scope.cancel()
+
+
+async def test_notify_and_incoming_notifications() -> None:
+    dispatcher = Dispatcher()
+    async with trio.open_nursery() as nursery:
+        peer, raw = await start_peer(nursery, dispatcher)
+        await peer.notify("hello", {"a": 1})
+        assert await raw.recv() == {"jsonrpc": "2.0", "method": "hello", "params": {"a": 1}}
+        await raw.send({"method": "note", "params": {"b": 2}})
+        await raw.send({"method": "bare"})
+        await trio.testing.wait_all_tasks_blocked()
+        assert dispatcher.notifications == [("note", {"b": 2}), ("bare", None)]
+        nursery.cancel_scope.cancel()
+
+
+# -- concurrency ------------------------------------------------------------------------------
+
+
+async def test_handler_awaiting_the_other_side_does_not_block_the_reader(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A calls B's ``outer``; B's handler calls A's ``inner``; A's ``inner`` calls B's ``leaf``.
+    Every answer needs the readers to keep serving while handlers wait."""
+    a_stream, b_stream = memory_message_stream_pair()
+    a_dispatch, b_dispatch = Dispatcher(), Dispatcher()
+    peer_a = Peer(a_stream, a_dispatch)
+    peer_b = Peer(b_stream, b_dispatch)
+
+    async def outer(params: Params) -> Any:
+        inner = await peer_b.request("inner", {"from": "outer"})
+        return {"outer": inner}
+
+    async def inner(params: Params) -> Any:
+        leaf = await peer_a.request("leaf")
+        return {"inner": leaf}
+
+    async def leaf(params: Params) -> Any:
+        return "leaf"
+
+    b_dispatch.handlers.update(outer=outer, leaf=leaf)
+    a_dispatch.handlers.update(inner=inner)
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(peer_a.run)
+            await nursery.start(peer_b.run)
+            results = await _gather(
+                lambda: peer_a.request("outer"),
+                lambda: peer_a.request("leaf"),
+                lambda: peer_b.request("inner"),
+            )
+            assert results == [{"outer": {"inner": "leaf"}}, "leaf", {"inner": "leaf"}]
+            nursery.cancel_scope.cancel()
+
+
+async def _gather(*calls: Callable[[], Awaitable[Any]]) -> list[Any]:
+    results: list[Any] = [None] * len(calls)
+
+    async def one(i: int) -> None:
+        results[i] = await calls[i]()
+
+    async with trio.open_nursery() as nursery:
+        for i in range(len(calls)):
+            nursery.start_soon(one, i)
+    return results
+
+
+async def test_slow_handler_does_not_delay_other_requests(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    release = trio.Event()
+
+    async def slow(params: Params) -> Any:
+        await release.wait()
+        return "slow"
+
+    async with trio.open_nursery() as nursery:
+        _, raw = await start_peer(nursery, Dispatcher({"slow": slow, "echo": echo}))
+        await raw.send({"id": 1, "method": "slow"})
+        await raw.send({"id": 2, "method": "echo", "params": ["fast"]})
+        assert await raw.recv() == {"jsonrpc": "2.0", "id": 2, "result": ["fast"]}
+        release.set()
+        assert await raw.recv() == {"jsonrpc": "2.0", "id": 1, "result": "slow"}
+        nursery.cancel_scope.cancel()
+
+
+# -- cancellation -----------------------------------------------------------------------------
+
+
+async def test_timeout_around_request_sends_cancel_request(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with trio.open_nursery() as nursery:
+        peer, raw = await start_peer(nursery, Dispatcher())
+        with pytest.raises(trio.TooSlowError):
+            with trio.fail_after(3):
+                await peer.request("slow", {"x": 1})
+        sent = await raw.recv()
+        assert sent["method"] == "slow"
+        cancel = await raw.recv()
+        assert cancel == {
+            "jsonrpc": "2.0",
+            "method": CANCEL_REQUEST,
+            "params": {"requestId": sent["id"]},
+        }
+        # A late answer to the cancelled request is ignored, and the peer still works.
+        await raw.send({"id": sent["id"], "result": "late"})
+        nursery.start_soon(raw.send, {"id": sent["id"] + 1, "result": "next"})
+        assert await peer.request("next") == "next"
+        nursery.cancel_scope.cancel()
+
+
+async def test_timeout_cancels_the_remote_handler(autojump_clock: trio.testing.MockClock) -> None:
+    """Between two peers: the caller's timeout cancels the callee's handler, which answers
+    -32800 (ignored by the caller, who already gave up)."""
+    a_stream, b_stream = memory_message_stream_pair()
+    handler_cancelled = trio.Event()
+
+    async def slow(params: Params) -> Any:
+        try:
+            await trio.sleep_forever()
+        finally:
+            handler_cancelled.set()
+
+    peer_a = Peer(a_stream, Dispatcher())
+    peer_b = Peer(b_stream, Dispatcher({"slow": slow}))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(peer_a.run)
+        await nursery.start(peer_b.run)
+        started = trio.current_time()
+        with trio.move_on_after(2):
+            await peer_a.request("slow")
+        assert trio.current_time() - started == pytest.approx(2)
+        with trio.fail_after(1):
+            await handler_cancelled.wait()
+        await trio.testing.wait_all_tasks_blocked()
+        assert peer_b._running == {}
+        assert peer_a._pending == {}
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("request_id", [5, "five"])
+async def test_incoming_cancel_request_cancels_the_handler(
+    autojump_clock: trio.testing.MockClock, request_id: Any
+) -> None:
+    cancelled = trio.Event()
+
+    async def slow(params: Params) -> Any:
+        try:
+            await trio.sleep_forever()
+        except trio.Cancelled:
+            cancelled.set()
+            raise
+
+    async with trio.open_nursery() as nursery:
+        _, raw = await start_peer(nursery, Dispatcher({"slow": slow}))
+        await raw.send({"id": request_id, "method": "slow"})
+        await trio.testing.wait_all_tasks_blocked()
+        # Cancelling an unknown id, or with junk params, does nothing.
+        await raw.send({"method": CANCEL_REQUEST, "params": {"requestId": 999}})
+        await raw.send({"method": CANCEL_REQUEST, "params": [request_id]})
+        await raw.send({"method": CANCEL_REQUEST, "params": {"requestId": [request_id]}})
+        await raw.send({"method": CANCEL_REQUEST})
+        await trio.testing.wait_all_tasks_blocked()
+        assert not cancelled.is_set()
+        await raw.send({"method": CANCEL_REQUEST, "params": {"requestId": request_id}})
+        answer = await raw.recv()
+        assert answer["id"] == request_id
+        assert answer["error"]["code"] == REQUEST_CANCELLED
+        assert cancelled.is_set()
+        nursery.cancel_scope.cancel()
+
+
+# -- errors -----------------------------------------------------------------------------------
+
+
+async def test_handler_rpc_error_becomes_the_error_response() -> None:
+    async def refuse(params: Params) -> Any:
+        raise RpcError(-32002, "Session not found: s", {"sessionId": "s"})
+
+    def refuse_sync(params: Params) -> Awaitable[Any]:
+        raise RpcError.invalid_params("Invalid params: cwd is required")
+
+    dispatcher = Dispatcher({"refuse": refuse})
+    dispatcher.handlers["sync"] = refuse_sync  # type: ignore[assignment]
+    async with trio.open_nursery() as nursery:
+        _, raw = await start_peer(nursery, dispatcher)
+        await raw.send({"id": 1, "method": "refuse"})
+        assert await raw.recv() == {
+            "jsonrpc": "2.0",
+            "id": 1,
+            "error": {
+                "code": -32002,
+                "message": "Session not found: s",
+                "data": {"sessionId": "s"},
+            },
+        }
+        await raw.send({"id": 2, "method": "sync"})
+        answer = await raw.recv()
+        assert answer["id"] == 2
+        assert answer["error"] == {"code": -32602, "message": "Invalid params: cwd is required"}
+        nursery.cancel_scope.cancel()
+
+
+async def test_handler_crash_is_internal_error_and_peer_keeps_serving(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def crash(params: Params) -> Any:
+        raise ValueError("kaboom")
+
+    def crash_sync(params: Params) -> Awaitable[Any]:
+        raise KeyError("sync kaboom")
+
+    dispatcher = Dispatcher({"crash": crash, "echo": echo})
+    dispatcher.handlers["crash_sync"] = crash_sync  # type: ignore[assignment]
+    async with trio.open_nursery() as nursery:
+        _, raw = await start_peer(nursery, dispatcher)
+        with caplog.at_level(logging.ERROR, logger="punie_trio.rpc"):
+            await raw.send({"id": 1, "method": "crash"})
+            answer = await raw.recv()
+            assert answer["id"] == 1
+            assert answer["error"]["code"] == INTERNAL_ERROR
+            assert "kaboom" in answer["error"]["message"]
+            await raw.send({"id": 2, "method": "crash_sync"})
+            answer = await raw.recv()
+            assert answer["id"] == 2 and answer["error"]["code"] == INTERNAL_ERROR
+        assert any("crash" in r.getMessage() for r in caplog.records)
+        await raw.send({"id": 3, "method": "echo", "params": {"still": "alive"}})
+        assert await raw.recv() == {"jsonrpc": "2.0", "id": 3, "result": {"still": "alive"}}
+        nursery.cancel_scope.cancel()
+
+
+async def test_notification_handler_errors_are_not_fatal(caplog: pytest.LogCaptureFixture) -> None:
+    class Picky(Dispatcher):
+        def handle_notification(self, method: str, params: Params) -> None:
+            if method == "refuse":
+                raise RpcError.invalid_params("no")
+            if method == "crash":
+                raise RuntimeError("boom")
+            super().handle_notification(method, params)
+
+    dispatcher = Picky({"echo": echo})
+    async with trio.open_nursery() as nursery:
+        _, raw = await start_peer(nursery, dispatcher)
+        await raw.send({"method": "refuse"})
+        await raw.send({"method": "crash"})
+        await raw.send({"method": "fine"})
+        await raw.send({"id": 1, "method": "echo", "params": [1]})
+        assert (await raw.recv())["result"] == [1]
+        assert dispatcher.notifications == [("fine", None)]
+        nursery.cancel_scope.cancel()
+
+
+async def test_unknown_method() -> None:
+    async with trio.open_nursery() as nursery:
+        _, raw = await start_peer(nursery, Dispatcher())
+        await raw.send({"id": "u", "method": "no/such"})
+        answer = await raw.recv()
+        assert answer["id"] == "u"
+        assert answer["error"]["code"] == METHOD_NOT_FOUND
+        assert "no/such" in answer["error"]["message"]
+        nursery.cancel_scope.cancel()
+
+
+async def test_malformed_input_is_answered_and_reading_goes_on() -> None:
+    async with trio.open_nursery() as nursery:
+        _, raw = await start_peer(nursery, Dispatcher({"echo": echo}))
+        await raw.send_text("{not json")
+        answer = await raw.recv()
+        assert answer["id"] is None and answer["error"]["code"] == PARSE_ERROR
+        await raw.send_text('{"jsonrpc":"1.0","id":4,"method":"echo"}')
+        answer = await raw.recv()
+        assert answer["id"] == 4 and answer["error"]["code"] == INVALID_REQUEST
+        await raw.send_text("[1,2]")
+        answer = await raw.recv()
+        assert answer["id"] is None and answer["error"]["code"] == INVALID_REQUEST
+        await raw.send({"id": 5, "method": "echo", "params": [5]})
+        assert (await raw.recv())["result"] == [5]
+        nursery.cancel_scope.cancel()
+
+
+async def test_duplicate_in_flight_id_is_refused(autojump_clock: trio.testing.MockClock) -> None:
+    release = trio.Event()
+
+    async def slow(params: Params) -> Any:
+        await release.wait()
+        return params
+
+    async with trio.open_nursery() as nursery:
+        _, raw = await start_peer(nursery, Dispatcher({"slow": slow}))
+        await raw.send({"id": 1, "method": "slow", "params": ["first"]})
+        await raw.send({"id": 1, "method": "slow", "params": ["second"]})
+        answer = await raw.recv()
+        assert answer["id"] == 1
+        assert answer["error"]["code"] == INVALID_REQUEST
+        assert "already in use" in answer["error"]["message"]
+        release.set()
+        assert await raw.recv() == {"jsonrpc": "2.0", "id": 1, "result": ["first"]}
+        # Once answered, the id may be reused.
+        await raw.send({"id": 1, "method": "slow", "params": ["third"]})
+        assert await raw.recv() == {"jsonrpc": "2.0", "id": 1, "result": ["third"]}
+        nursery.cancel_scope.cancel()
+
+
+async def test_max_concurrent_requests(autojump_clock: trio.testing.MockClock) -> None:
+    release = trio.Event()
+
+    async def slow(params: Params) -> Any:
+        await release.wait()
+        return "done"
+
+    async with trio.open_nursery() as nursery:
+        _, raw = await start_peer(nursery, Dispatcher({"slow": slow}), max_concurrent_requests=2)
+        for i in range(3):
+            await raw.send({"id": i, "method": "slow"})
+        answer = await raw.recv()
+        assert answer["id"] == 2
+        assert answer["error"]["code"] == INTERNAL_ERROR
+        assert "limit 2" in answer["error"]["message"]
+        release.set()
+        done = {(await raw.recv())["id"] for _ in range(2)}
+        assert done == {0, 1}
+        # Capacity is back once they finished.
+        await raw.send({"id": 9, "method": "slow"})
+        assert (await raw.recv()) == {"jsonrpc": "2.0", "id": 9, "result": "done"}
+        nursery.cancel_scope.cancel()
+
+
+async def test_error_with_null_id_is_logged_not_fatal(caplog: pytest.LogCaptureFixture) -> None:
+    async with trio.open_nursery() as nursery:
+        peer, raw = await start_peer(nursery, Dispatcher({"echo": echo}))
+        with caplog.at_level(logging.WARNING, logger="punie_trio.rpc"):
+            await raw.send({"id": None, "error": {"code": -32700, "message": "Parse error"}})
+            await raw.send({"id": 1, "method": "echo", "params": ["ok"]})
+            assert (await raw.recv())["result"] == ["ok"]
+        assert any(
+            "without an id" in r.getMessage() and r.levelno == logging.WARNING
+            for r in caplog.records
+        )
+        assert not peer.closed
+        nursery.cancel_scope.cancel()
+
+
+async def test_answer_for_unknown_id_is_ignored(caplog: pytest.LogCaptureFixture) -> None:
+    async with trio.open_nursery() as nursery:
+        _, raw = await start_peer(nursery, Dispatcher({"echo": echo}))
+        with caplog.at_level(logging.WARNING, logger="punie_trio.rpc"):
+            await raw.send({"id": 12345, "result": "who?"})
+            await raw.send({"id": 1, "method": "echo", "params": ["ok"]})
+            assert (await raw.recv())["result"] == ["ok"]
+        assert any("12345" in r.getMessage() for r in caplog.records)
+        nursery.cancel_scope.cancel()
+
+
+# -- ending -----------------------------------------------------------------------------------
+
+
+async def test_eof_fails_pending_outbound_requests() -> None:
+    ours, theirs = memory_message_stream_pair()
+    peer = Peer(ours, Dispatcher())
+    outcome: list[BaseException] = []
+
+    async def ask() -> None:
+        try:
+            await peer.request("never")
+        except PeerClosed as exc:
+            outcome.append(exc)
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(peer.run)
+        nursery.start_soon(ask)
+        assert json.loads(await theirs.receive_message())["method"] == "never"
+        await theirs.aclose()
+    # run() returned by itself when the stream ended.
+    assert peer.closed
+    assert len(outcome) == 1 and isinstance(outcome[0], PeerClosed)
+    with pytest.raises(PeerClosed):
+        await peer.request("after")
+    with pytest.raises(PeerClosed):
+        await peer.notify("after")
+
+
+async def test_eof_cancels_running_handlers() -> None:
+    cancelled = trio.Event()
+
+    async def slow(params: Params) -> Any:
+        try:
+            await trio.sleep_forever()
+        finally:
+            cancelled.set()
+
+    ours, theirs = memory_message_stream_pair()
+    peer = Peer(ours, Dispatcher({"slow": slow}))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(peer.run)
+        await Raw(theirs).send({"id": 1, "method": "slow"})
+        await trio.testing.wait_all_tasks_blocked()
+        await theirs.aclose()
+    assert cancelled.is_set()
+
+
+async def test_finish_lets_running_handlers_answer(autojump_clock: trio.testing.MockClock) -> None:
+    release = trio.Event()
+    ours, theirs = memory_message_stream_pair()
+
+    async def slow(params: Params) -> Any:
+        await release.wait()
+        return "finished"
+
+    peer = Peer(ours, Dispatcher({"slow": slow}))
+    raw = Raw(theirs)
+    run_done = trio.Event()
+
+    async def run_peer(task_status: trio.TaskStatus[None]) -> None:
+        await peer.run(task_status=task_status)
+        run_done.set()
+
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(run_peer)
+            await raw.send({"id": 1, "method": "slow"})
+            await trio.testing.wait_all_tasks_blocked()
+            peer.finish()
+            await trio.testing.wait_all_tasks_blocked()
+            assert not run_done.is_set()
+            # New input is no longer read.
+            await raw.send({"id": 2, "method": "slow"})
+            release.set()
+            await run_done.wait()
+            assert await raw.recv() == {"jsonrpc": "2.0", "id": 1, "result": "finished"}
+            # The request sent after finish() was never read, so never answered.
+            with trio.move_on_after(1) as idle:
+                await theirs.receive_message()
+            assert idle.cancelled_caught
+    assert peer.closed
+
+
+async def test_cancelling_run_fails_pending_requests() -> None:
+    ours, theirs = memory_message_stream_pair()
+    peer = Peer(ours, Dispatcher())
+    errors: list[BaseException] = []
+
+    async def ask() -> None:
+        try:
+            await peer.request("q")
+        except PeerClosed as exc:
+            errors.append(exc)
+
+    async with trio.open_nursery() as outer, trio.open_nursery() as nursery:
+        await nursery.start(peer.run)
+        outer.start_soon(ask)
+        await theirs.receive_message()
+        nursery.cancel_scope.cancel()
+    assert len(errors) == 1
+
+
+# -- NDJSON -----------------------------------------------------------------------------------
+
+
+def _line(msg: dict[str, Any]) -> bytes:
+    return json.dumps({"jsonrpc": "2.0", **msg}).encode() + b"\n"
+
+
+class LineReader:
+    def __init__(self, stream: trio.abc.ReceiveStream) -> None:
+        self.stream = stream
+        self.buffer = b""
+
+    async def next(self) -> dict[str, Any]:
+        with trio.fail_after(10):
+            while b"\n" not in self.buffer:
+                data = await self.stream.receive_some()
+                if not data:
+                    raise EOFError
+                self.buffer += data
+        line, self.buffer = self.buffer.split(b"\n", 1)
+        result: dict[str, Any] = json.loads(line)
+        return result
+
+
+@pytest.mark.parametrize("split", [False, True])
+async def test_ndjson_oversized_line_is_refused_and_next_line_served(
+    autojump_clock: trio.testing.MockClock, split: bool
+) -> None:
+    ours, theirs = trio.testing.memory_stream_pair()
+    stream = NdjsonStream(ours, ours, max_message_bytes=200)
+    peer = Peer(stream, Dispatcher({"echo": echo}))
+    reader = LineReader(theirs)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(peer.run)
+        huge = _line({"id": 1, "method": "echo", "params": {"s": "x" * 1000}})
+        if split:
+            # The oversized line arrives in pieces, each under the limit.
+            for i in range(0, len(huge), 150):
+                await theirs.send_all(huge[i : i + 150])
+                await trio.testing.wait_all_tasks_blocked()
+        else:
+            await theirs.send_all(huge)
+        await theirs.send_all(_line({"id": 2, "method": "echo", "params": ["small"]}))
+        answer = await reader.next()
+        assert answer["id"] is None
+        assert answer["error"]["code"] == INVALID_REQUEST
+        assert "200" in answer["error"]["message"]
+        assert await reader.next() == {"jsonrpc": "2.0", "id": 2, "result": ["small"]}
+        nursery.cancel_scope.cancel()
+
+
+async def test_ndjson_blank_lines_and_crlf_are_skipped() -> None:
+    ours, theirs = trio.testing.memory_stream_pair()
+    peer = Peer(NdjsonStream(ours, ours), Dispatcher({"echo": echo}))
+    reader = LineReader(theirs)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(peer.run)
+        await theirs.send_all(
+            b"\n  \n" + _line({"id": 1, "method": "echo"}).replace(b"\n", b"\r\n")
+        )
+        assert await reader.next() == {"jsonrpc": "2.0", "id": 1, "result": None}
+        nursery.cancel_scope.cancel()
+
+
+async def test_ndjson_final_line_without_newline_is_delivered() -> None:
+    ours, theirs = trio.testing.memory_stream_pair()
+    stream = NdjsonStream(ours, ours)
+    await theirs.send_all(_line({"method": "one"}) + json.dumps({"method": "two"}).encode())
+    await theirs.send_eof()
+    assert json.loads(await stream.receive_message()) == {"jsonrpc": "2.0", "method": "one"}
+    assert json.loads(await stream.receive_message()) == {"method": "two"}
+    with pytest.raises(trio.EndOfChannel):
+        await stream.receive_message()
+
+
+async def test_ndjson_final_notification_without_newline_reaches_the_dispatcher() -> None:
+    ours, theirs = trio.testing.memory_stream_pair()
+    dispatcher = Dispatcher()
+    peer = Peer(NdjsonStream(ours, ours), dispatcher)
+    await theirs.send_all(_line({"method": "first"}) + b'{"jsonrpc":"2.0","method":"last"}')
+    await theirs.send_eof()
+    with trio.fail_after(10):
+        await peer.run()  # returns at EOF
+    assert [m for m, _ in dispatcher.notifications] == ["first", "last"]
+
+
+async def test_ndjson_oversized_final_line_at_eof() -> None:
+    ours, theirs = trio.testing.memory_stream_pair()
+    stream = NdjsonStream(ours, ours, max_message_bytes=10)
+    await theirs.send_all(b'{"method":"way too long for ten bytes"}')
+    await theirs.send_eof()
+    from punie_trio.transport import MessageTooLarge
+
+    with pytest.raises(MessageTooLarge):
+        await stream.receive_message()
+    with pytest.raises(trio.EndOfChannel):
+        await stream.receive_message()
+
+
+async def test_ndjson_send_appends_one_newline() -> None:
+    ours, theirs = trio.testing.memory_stream_pair()
+    stream = NdjsonStream(ours, ours)
+    await stream.send_message('{"a":"b\\nc"}')
+    assert await theirs.receive_some() == b'{"a":"b\\nc"}\n'
+    await stream.aclose()
+    await stream.aclose()  # idempotent

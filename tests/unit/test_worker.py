@@ -1,0 +1,496 @@
+"""The project worker, driven directly through its command channel (no manager)."""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import attrs
+import pytest
+import trio
+import trio.testing
+
+from punie_trio.acp import ClientCapabilities
+from punie_trio.worker import (
+    CancelTurn,
+    ClientCall,
+    ClientReply,
+    Command,
+    EchoModel,
+    ForgetSession,
+    Model,
+    ProjectWorker,
+    ScriptModel,
+    SeedHistory,
+    StartTurn,
+    TurnContext,
+    TurnEnv,
+    TurnEvent,
+    TurnFinished,
+    Update,
+)
+
+_turn_ids = itertools.count(1)
+
+
+@attrs.define(eq=False)
+class Harness:
+    worker: ProjectWorker
+    commands: trio.MemorySendChannel[Command]
+    root: Path
+
+    def env(
+        self,
+        session_id: str = "s1",
+        *,
+        cwd: Path | None = None,
+        read: bool = False,
+        write: bool = False,
+    ) -> TurnEnv:
+        return TurnEnv(
+            session_id,
+            str(cwd or self.root),
+            (str(self.root),),
+            ClientCapabilities(read_text_file=read, write_text_file=write),
+        )
+
+    async def start(
+        self, prompt: str = "hi", env: TurnEnv | None = None, buffer: int = 64
+    ) -> tuple[int, trio.MemoryReceiveChannel[TurnEvent]]:
+        send, receive = trio.open_memory_channel[TurnEvent](buffer)
+        turn_id = next(_turn_ids)
+        blocks = ({"type": "text", "text": prompt},)
+        await self.commands.send(StartTurn(turn_id, env or self.env(), prompt, blocks, send))
+        return turn_id, receive
+
+    async def run_turn(
+        self, prompt: str = "hi", env: TurnEnv | None = None
+    ) -> tuple[list[dict[str, Any]], TurnFinished]:
+        _, events = await self.start(prompt, env)
+        return await collect(events)
+
+
+async def collect(
+    events: trio.MemoryReceiveChannel[TurnEvent],
+) -> tuple[list[dict[str, Any]], TurnFinished]:
+    """Read a turn's events (no client calls expected) to its TurnFinished."""
+    updates: list[dict[str, Any]] = []
+    with trio.fail_after(60):
+        async for event in events:
+            if isinstance(event, Update):
+                updates.append(event.update)
+            elif isinstance(event, TurnFinished):
+                # The worker closes the channel right after.
+                with pytest.raises(trio.EndOfChannel):
+                    await events.receive()
+                return updates, event
+            else:
+                raise AssertionError(f"unexpected {event!r}")
+    raise AssertionError("event channel closed without TurnFinished")
+
+
+@asynccontextmanager
+async def running_worker(root: Path, model: Model) -> AsyncIterator[Harness]:
+    send, receive = trio.open_memory_channel[Command](16)
+    worker = ProjectWorker(str(root), model, receive)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(worker.run)
+        async with send:
+            yield Harness(worker, send, root)
+        # Closing the command channel ends run(); the nursery then exits by itself.
+
+
+def script(*turns: list[dict[str, Any]]) -> ScriptModel:
+    return ScriptModel([list(t) for t in turns])
+
+
+# -- turns ------------------------------------------------------------------------------------
+
+
+async def test_echo_turn(tmp_path: Path) -> None:
+    async with running_worker(tmp_path, EchoModel()) as h:
+        updates, finished = await h.run_turn("hello brave new world")
+    assert finished == TurnFinished("end_turn")
+    assert all(u["sessionUpdate"] == "agent_message_chunk" for u in updates)
+    assert "".join(u["content"]["text"] for u in updates) == "hello brave new world"
+
+
+async def test_scripted_turn_emits_updates_in_order(tmp_path: Path) -> None:
+    model = script(
+        [
+            {"thought": "let me think"},
+            {"plan": ["read", {"content": "answer", "priority": "high", "status": "in_progress"}]},
+            {"text": "Hello, "},
+            {"text": "world"},
+            {"stop": "max_tokens"},
+            {"text": "not sent"},
+        ]
+    )
+    async with running_worker(tmp_path, model) as h:
+        updates, finished = await h.run_turn()
+    assert finished == TurnFinished("max_tokens")
+    assert updates == [
+        {
+            "sessionUpdate": "agent_thought_chunk",
+            "content": {"type": "text", "text": "let me think"},
+        },
+        {
+            "sessionUpdate": "plan",
+            "entries": [
+                {"content": "read", "priority": "medium", "status": "pending"},
+                {"content": "answer", "priority": "high", "status": "in_progress"},
+            ],
+        },
+        {"sessionUpdate": "agent_message_chunk", "content": {"type": "text", "text": "Hello, "}},
+        {"sessionUpdate": "agent_message_chunk", "content": {"type": "text", "text": "world"}},
+    ]
+
+
+async def test_turns_cycle_per_session_history(tmp_path: Path) -> None:
+    model = script([{"text": "first"}], [{"text": "second"}])
+
+    def text(updates: list[dict[str, Any]]) -> str:
+        return "".join(u["content"]["text"] for u in updates)
+
+    async with running_worker(tmp_path, model) as h:
+        a1, _ = await h.run_turn(env=h.env("a"))
+        a2, _ = await h.run_turn(env=h.env("a"))
+        b1, _ = await h.run_turn(env=h.env("b"))
+        a3, _ = await h.run_turn(env=h.env("a"))
+        # Seeded history (a loaded session) counts too; forgetting it starts over.
+        await h.commands.send(SeedHistory("c", (("user", "q"), ("agent", "a"))))
+        c1, _ = await h.run_turn(env=h.env("c"))
+        await h.commands.send(ForgetSession("a"))
+        a4, _ = await h.run_turn(env=h.env("a"))
+    assert [text(u) for u in (a1, a2, b1, a3, c1, a4)] == [
+        "first",
+        "second",
+        "first",
+        "first",
+        "second",
+        "first",
+    ]
+
+
+async def test_cancel_during_sleep(tmp_path: Path, autojump_clock: trio.testing.MockClock) -> None:
+    model = script([{"text": "before"}, {"sleep": 30}, {"text": "after"}])
+    async with running_worker(tmp_path, model) as h:
+        turn_id, events = await h.start()
+        first = await events.receive()
+        assert isinstance(first, Update)
+        assert first.update["content"]["text"] == "before"
+        await trio.testing.wait_all_tasks_blocked()
+        assert h.worker.running_turns == 1
+        started = trio.current_time()
+        await h.commands.send(CancelTurn(turn_id))
+        updates, finished = await collect(events)
+        assert trio.current_time() - started < 30
+        assert h.worker.running_turns == 0
+        # Cancelling a finished or unknown turn is harmless.
+        await h.commands.send(CancelTurn(turn_id))
+        await h.commands.send(CancelTurn(99999))
+    assert updates == []
+    assert finished == TurnFinished("cancelled")
+
+
+async def test_cancelled_turn_counts_in_history(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    model = script([{"sleep": 30}, {"text": "zero"}], [{"text": "one"}])
+    async with running_worker(tmp_path, model) as h:
+        turn_id, events = await h.start()
+        await trio.testing.wait_all_tasks_blocked()
+        await h.commands.send(CancelTurn(turn_id))
+        _, finished = await collect(events)
+        assert finished.stop_reason == "cancelled"
+        # A cancelled turn completed without error, so it counts in the history.
+        updates, _ = await h.run_turn()
+    assert updates[0]["content"]["text"] == "one"
+
+
+async def test_model_error_ends_turn_not_worker(tmp_path: Path) -> None:
+    @attrs.define
+    class Boom:
+        name: str = "boom"
+        calls: int = 0
+
+        async def run_turn(self, ctx: TurnContext) -> str:
+            self.calls += 1
+            await ctx.text("partial")
+            if self.calls == 1:
+                raise RuntimeError("model exploded")
+            return "end_turn"
+
+    async with running_worker(tmp_path, Boom()) as h:
+        updates, finished = await h.run_turn()
+        assert updates[0]["content"]["text"] == "partial"
+        assert finished.error == "RuntimeError: model exploded"
+        assert finished.stop_reason == "end_turn"
+        # The worker still runs turns afterwards.
+        _, second = await h.run_turn()
+    assert second == TurnFinished("end_turn")
+
+
+async def test_turn_whose_client_left_ends_as_cancelled(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    model = script([{"sleep": 1}, {"text": "nobody listens"}, {"text": "more"}])
+    async with running_worker(tmp_path, model) as h:
+        _, events = await h.start()
+        await events.aclose()
+        await trio.testing.wait_all_tasks_blocked()
+        await trio.sleep(2)
+        await trio.testing.wait_all_tasks_blocked()
+        assert h.worker.running_turns == 0
+
+
+# -- tools ------------------------------------------------------------------------------------
+
+
+async def test_read_file_through_the_client(tmp_path: Path) -> None:
+    (tmp_path / "src").mkdir()
+    model = script([{"tool": "read_file", "input": {"path": "src/a.py", "line": 2, "limit": 3}}])
+    async with running_worker(tmp_path, model) as h:
+        turn_id, events = await h.start(env=h.env(read=True))
+        tool_call = await events.receive()
+        in_progress = await events.receive()
+        call = await events.receive()
+        assert isinstance(tool_call, Update) and isinstance(in_progress, Update)
+        assert tool_call.update == {
+            "sessionUpdate": "tool_call",
+            "toolCallId": "call_1",
+            "title": "Read file src/a.py",
+            "kind": "read",
+            "status": "pending",
+            "rawInput": {"path": "src/a.py", "line": 2, "limit": 3},
+            "locations": [{"path": "src/a.py"}],
+        }
+        assert in_progress.update == {
+            "sessionUpdate": "tool_call_update",
+            "toolCallId": "call_1",
+            "status": "in_progress",
+        }
+        assert isinstance(call, ClientCall)
+        assert call.method == "fs/read_text_file"
+        assert call.params == {
+            "sessionId": "s1",
+            "path": str(tmp_path / "src" / "a.py"),
+            "line": 2,
+            "limit": 3,
+        }
+        # A reply for a wrong call id or turn is ignored.
+        await h.commands.send(ClientReply(turn_id, call.call_id + 100, result={"content": "x"}))
+        await h.commands.send(ClientReply(turn_id + 100, call.call_id, result={"content": "x"}))
+        await h.commands.send(ClientReply(turn_id, call.call_id, result={"content": "print(1)\n"}))
+        updates, finished = await collect(events)
+    assert finished == TurnFinished("end_turn")
+    assert updates == [
+        {
+            "sessionUpdate": "tool_call_update",
+            "toolCallId": "call_1",
+            "status": "completed",
+            "content": [{"type": "content", "content": {"type": "text", "text": "print(1)\n"}}],
+            "rawOutput": {"output": "print(1)\n"},
+        }
+    ]
+
+
+async def test_client_error_reply_fails_the_tool_call(tmp_path: Path) -> None:
+    model = script([{"tool": "read_file", "input": {"path": "missing.txt"}}, {"text": "go on"}])
+    async with running_worker(tmp_path, model) as h:
+        turn_id, events = await h.start(env=h.env(read=True))
+        await events.receive()
+        await events.receive()
+        call = await events.receive()
+        assert isinstance(call, ClientCall)
+        await h.commands.send(
+            ClientReply(turn_id, call.call_id, error_code=-32002, error_message="no such file")
+        )
+        updates, finished = await collect(events)
+    assert updates[0]["status"] == "failed"
+    assert updates[0]["content"][0]["content"]["text"] == "no such file"
+    assert updates[1]["content"]["text"] == "go on"
+    assert finished == TurnFinished("end_turn")
+
+
+async def test_client_reply_without_content_fails_the_tool_call(tmp_path: Path) -> None:
+    model = script([{"tool": "read_file", "input": {"path": "a.txt"}}])
+    async with running_worker(tmp_path, model) as h:
+        turn_id, events = await h.start(env=h.env(read=True))
+        await events.receive()
+        await events.receive()
+        call = await events.receive()
+        assert isinstance(call, ClientCall)
+        await h.commands.send(ClientReply(turn_id, call.call_id, result={"nope": 1}))
+        updates, _ = await collect(events)
+    assert updates[0]["status"] == "failed"
+    assert "content" in updates[0]["content"][0]["content"]["text"]
+
+
+async def test_read_and_write_file_on_disk_without_client_capability(tmp_path: Path) -> None:
+    (tmp_path / "in.txt").write_text("on disk", encoding="utf-8")
+    model = script(
+        [
+            {"tool": "read_file", "input": {"path": "in.txt"}},
+            {"tool": "write_file", "input": {"path": "out.txt", "content": "written é"}},
+            {"tool": "read_file", "input": {"path": "absent.txt"}},
+        ]
+    )
+    async with running_worker(tmp_path, model) as h:
+        updates, finished = await h.run_turn()
+    assert finished == TurnFinished("end_turn")
+    final = [u for u in updates if u.get("status") in ("completed", "failed")]
+    assert [u["toolCallId"] for u in final] == ["call_1", "call_2", "call_3"]
+    assert final[0]["rawOutput"] == {"output": "on disk"}
+    assert final[1]["status"] == "completed"
+    assert "10 bytes" in final[1]["rawOutput"]["output"]
+    assert (tmp_path / "out.txt").read_text(encoding="utf-8") == "written é"
+    assert final[2]["status"] == "failed"
+    assert [u for u in updates if u["sessionUpdate"] == "tool_call"][1]["kind"] == "edit"
+
+
+async def test_write_file_through_the_client(tmp_path: Path) -> None:
+    model = script([{"tool": "write_file", "input": {"path": "new.txt", "content": "abc"}}])
+    async with running_worker(tmp_path, model) as h:
+        turn_id, events = await h.start(env=h.env(write=True))
+        await events.receive()
+        await events.receive()
+        call = await events.receive()
+        assert isinstance(call, ClientCall)
+        assert call.method == "fs/write_text_file"
+        assert call.params == {
+            "sessionId": "s1",
+            "path": str(tmp_path / "new.txt"),
+            "content": "abc",
+        }
+        await h.commands.send(ClientReply(turn_id, call.call_id, result=None))
+        updates, _ = await collect(events)
+    assert updates[0]["status"] == "completed"
+    assert not (tmp_path / "new.txt").exists()  # the client wrote it, not the worker
+
+
+@pytest.mark.parametrize("kind", ["dotdot", "absolute", "symlink", "home"])
+@pytest.mark.parametrize("through_client", [True, False])
+async def test_path_escape_fails_the_tool_call_and_reads_nothing(
+    tmp_path: Path, kind: str, through_client: bool
+) -> None:
+    root = tmp_path / "project"
+    root.mkdir()
+    outside = tmp_path / "secret.txt"
+    outside.write_text("TOP SECRET", encoding="utf-8")
+    if kind == "dotdot":
+        path = "../secret.txt"
+    elif kind == "absolute":
+        path = str(outside)
+    elif kind == "symlink":
+        os.symlink(outside, root / "link.txt")
+        path = "link.txt"
+    else:
+        path = "~/../../../../" + str(outside).lstrip("/")
+    model = script([{"tool": "read_file", "input": {"path": path}}])
+    async with running_worker(root, model) as h:
+        # Every event is an Update: a ClientCall would make collect() fail.
+        updates, finished = await h.run_turn(env=h.env(read=through_client))
+    assert finished == TurnFinished("end_turn")
+    assert [u["sessionUpdate"] for u in updates] == [
+        "tool_call",
+        "tool_call_update",
+        "tool_call_update",
+    ]
+    failed = updates[-1]
+    assert failed["status"] == "failed"
+    message = failed["content"][0]["content"]["text"]
+    assert "outside the allowed roots" in message
+    assert "TOP SECRET" not in repr(updates)
+
+
+async def test_write_file_escape_writes_nothing(tmp_path: Path) -> None:
+    root = tmp_path / "project"
+    root.mkdir()
+    model = script([{"tool": "write_file", "input": {"path": "../evil.txt", "content": "x"}}])
+    async with running_worker(root, model) as h:
+        updates, _ = await h.run_turn()
+    assert updates[-1]["status"] == "failed"
+    assert not (tmp_path / "evil.txt").exists()
+
+
+@pytest.mark.parametrize(
+    ("tool_input", "fragment"),
+    [({}, "input.path"), ({"path": ""}, "input.path"), ({"path": 3}, "input.path")],
+)
+async def test_bad_tool_input_fails_the_tool_call(
+    tmp_path: Path, tool_input: dict[str, Any], fragment: str
+) -> None:
+    model = script([{"tool": "read_file", "input": tool_input}])
+    async with running_worker(tmp_path, model) as h:
+        updates, _ = await h.run_turn(env=h.env(read=True))
+    assert updates[-1]["status"] == "failed"
+    assert fragment in updates[-1]["content"][0]["content"]["text"]
+
+
+async def test_write_file_needs_string_content(tmp_path: Path) -> None:
+    model = script([{"tool": "write_file", "input": {"path": "a.txt", "content": 5}}])
+    async with running_worker(tmp_path, model) as h:
+        updates, _ = await h.run_turn()
+    assert updates[-1]["status"] == "failed"
+    assert "input.content" in updates[-1]["content"][0]["content"]["text"]
+
+
+async def test_unsupported_tool(tmp_path: Path) -> None:
+    model = script([{"tool": "run_shell", "input": {"cmd": "ls"}}, {"text": "continued"}])
+    async with running_worker(tmp_path, model) as h:
+        updates, finished = await h.run_turn()
+    assert updates[0] == {
+        "sessionUpdate": "tool_call",
+        "toolCallId": "call_1",
+        "title": "run_shell",
+        "kind": "other",
+        "status": "failed",
+        "rawInput": {"cmd": "ls"},
+    }
+    assert updates[1]["status"] == "failed"
+    assert "unsupported tool 'run_shell'" in updates[1]["content"][0]["content"]["text"]
+    assert "read_file" in updates[1]["content"][0]["content"]["text"]
+    assert updates[2]["content"]["text"] == "continued"
+    assert finished == TurnFinished("end_turn")
+
+
+# -- lifetime ---------------------------------------------------------------------------------
+
+
+async def test_closing_the_command_channel_ends_run_and_cancels_turns(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    model = script([{"sleep": 1000}])
+    send, receive = trio.open_memory_channel[Command](16)
+    worker = ProjectWorker(str(tmp_path), model, receive)
+    h = Harness(worker, send, tmp_path)
+    events: list[trio.MemoryReceiveChannel[TurnEvent]] = []
+    async with trio.open_nursery() as outer:
+        before = set(outer.child_tasks)
+        done = trio.Event()
+
+        async def run_worker(task_status: trio.TaskStatus[None]) -> None:
+            await worker.run(task_status=task_status)
+            done.set()
+
+        await outer.start(run_worker)
+        for session in ("a", "b"):
+            events.append((await h.start(env=h.env(session)))[1])
+        await trio.testing.wait_all_tasks_blocked()
+        assert worker.running_turns == 2
+        started = trio.current_time()
+        await send.aclose()
+        with trio.fail_after(10):
+            await done.wait()
+        assert trio.current_time() - started < 1000
+        await trio.testing.wait_all_tasks_blocked()
+        assert set(outer.child_tasks) == before
+    assert worker.running_turns == 0
+    for channel in events:
+        _, finished = await collect(channel)
+        assert finished == TurnFinished("cancelled")
