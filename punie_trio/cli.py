@@ -22,7 +22,7 @@ from ._config import BY_NAME, ConfigError, load_file, resolve
 from ._paths import default_config_path, default_data_dir, ensure_data_dir, token_path
 from ._version import __version__
 from .hub import Limits
-from .server import ServeConfig, ServeError, serve
+from .server import ServeConfig, ServeError, find_exception, serve
 from .web._auth import write_token_file
 from .worker import ScriptError, model_from_spec
 
@@ -245,23 +245,11 @@ def _run_serve(args: argparse.Namespace) -> int:
     try:
         trio.run(_serve_main, config, o["open"])
     except (ServeError, BaseExceptionGroup) as exc:
-        failure = _serve_error(exc)
+        failure = find_exception(exc, lambda e: isinstance(e, ServeError))
         if failure is None:
             raise
         return _error(str(failure), 1)
     return 0
-
-
-def _serve_error(exc: BaseException) -> ServeError | None:
-    """The :class:`ServeError` inside ``exc`` (nurseries wrap it in exception groups)."""
-    if isinstance(exc, ServeError):
-        return exc
-    if isinstance(exc, BaseExceptionGroup):
-        for inner in exc.exceptions:
-            found = _serve_error(inner)
-            if found is not None:
-                return found
-    return None
 
 
 async def _serve_main(config: ServeConfig, open_browser: bool) -> None:

@@ -22,7 +22,8 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import AsyncIterator
+import threading
+from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -90,22 +91,44 @@ def _hypercorn_config(config: ServeConfig) -> hypercorn.config.Config:
     return hc
 
 
-def _address_in_use(exc: BaseException) -> OSError | None:
-    if isinstance(exc, OSError) and exc.errno in (
-        errno.EADDRINUSE,
-        errno.EACCES,
-        errno.EADDRNOTAVAIL,
-    ):
+def find_exception(
+    exc: BaseException, match: Callable[[BaseException], bool]
+) -> BaseException | None:
+    """The first exception in ``exc`` (itself, or a leaf of the exception groups nurseries
+    wrap errors in) for which ``match`` holds."""
+    if match(exc):
         return exc
     if isinstance(exc, BaseExceptionGroup):
         for inner in exc.exceptions:
-            found = _address_in_use(inner)
+            found = find_exception(inner, match)
             if found is not None:
                 return found
     return None
 
 
-async def _watch_signals(closing: trio.Event) -> None:
+def _address_unusable(exc: BaseException) -> bool:
+    return isinstance(exc, OSError) and exc.errno in (
+        errno.EADDRINUSE,
+        errno.EACCES,
+        errno.EADDRNOTAVAIL,
+    )
+
+
+# After the shutdown timeout, how long cancellation gets before the process exits anyway.
+FORCE_EXIT_GRACE = 5.0
+
+
+def _force_exit(timeout: float) -> None:
+    print(
+        f"punie-trio: shutdown did not finish within {timeout:g} s "
+        "(a client stopped reading?), exiting now",
+        file=sys.stderr,
+        flush=True,
+    )
+    os._exit(1)
+
+
+async def _watch_signals(closing: trio.Event, shutdown_timeout: float) -> None:
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async for signum in signals:
             if closing.is_set():
@@ -113,6 +136,12 @@ async def _watch_signals(closing: trio.Event) -> None:
                 os._exit(1)
             log.warning("received %s, shutting down", signal.Signals(signum).name)
             closing.set()
+            # Hypercorn shields its socket writes, so a WebSocket client that stopped reading
+            # can block a task beyond the reach of cancellation: a watchdog bounds the exit.
+            timeout = shutdown_timeout + FORCE_EXIT_GRACE
+            watchdog = threading.Timer(timeout, _force_exit, (timeout,))
+            watchdog.daemon = True
+            watchdog.start()
 
 
 async def serve(
@@ -168,7 +197,7 @@ async def _serve(config: ServeConfig, store: Store, task_status: trio.TaskStatus
     )
     async with trio.open_nursery() as root:
         if config.handle_signals:
-            root.start_soon(_watch_signals, closing)
+            root.start_soon(_watch_signals, closing, config.shutdown_timeout)
         await root.start(manager.run)
         if dev_app is not None:
             await root.start(dev_app.run)
@@ -210,8 +239,8 @@ async def _start_http(
     try:
         binds: list[str] = await root.start(run_hypercorn)
     except (OSError, BaseExceptionGroup) as exc:
-        busy = _address_in_use(exc)
-        if busy is None:
+        busy = find_exception(exc, _address_unusable)
+        if not isinstance(busy, OSError):
             raise
         raise ServeError(
             f"cannot listen on {config.host}:{config.port}: {busy.strerror or busy} "

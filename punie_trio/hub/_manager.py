@@ -23,6 +23,7 @@ import itertools
 import logging
 import time
 import uuid
+from collections.abc import Awaitable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -419,9 +420,15 @@ class Manager:
                     await conn.send_update(live.id, entry.payload)
         return {}
 
-    async def list_sessions(self, params: acp.ListSessionsParams) -> dict[str, Any]:
+    def list_sessions(self, params: acp.ListSessionsParams) -> Awaitable[dict[str, Any]]:
+        # Sessions store their cwd resolved (symlinks followed): filter on the same form.
+        # Resolved here, in the synchronous part, like every other path check.
+        cwd = str(Path(params.cwd).resolve()) if params.cwd is not None else None
+        return self._list_sessions(cwd, params.cursor)
+
+    async def _list_sessions(self, cwd: str | None, cursor: str | None) -> dict[str, Any]:
         try:
-            records, cursor = await self.store.list_sessions(cwd=params.cwd, cursor=params.cursor)
+            records, cursor = await self.store.list_sessions(cwd=cwd, cursor=cursor)
         except StoreError as exc:
             raise RpcError.invalid_params(f"Invalid params: cursor is not valid ({exc})") from None
         sessions = [
@@ -462,7 +469,12 @@ class Manager:
         if live is not None:
             await self.close_session(conn, session_id)
         else:
-            await self._stored(session_id)
+            try:
+                await self._stored(session_id)
+            except RpcError:
+                # Already deleted or never existed (or not under our roots: left alone).
+                # The session-delete page: this SHOULD succeed silently.
+                return {}
         await self.store.delete_session(session_id)
         return {}
 

@@ -1,0 +1,173 @@
+"""Malformed and refused input on ``/acp``: each gets its JSON-RPC error (or, for an oversized
+frame, close code 1009) and never disturbs the other clients."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import trio
+from trio_websocket import ConnectionClosed, open_websocket_url
+
+from punie_trio.server import Running
+
+from ..acp_schema import SchemaChecker
+from ..client import AcpTestClient
+from ._support import acp_ws_client, settle_until, ws_url
+from .conftest import StartServer
+
+
+async def exchange(client: AcpTestClient, text: str | bytes) -> dict[str, Any]:
+    """Send one raw frame and return the next message the agent sends."""
+    old = {id(m) for m in client.received}
+    if isinstance(text, bytes):
+        await client.stream.ws.send_message(text)  # type: ignore[attr-defined]
+    else:
+        await client.send_raw(text)
+    return await client.wait_for(lambda m: id(m) not in old)
+
+
+async def test_every_bad_input_gets_its_error(
+    server: Running, tmp_path: Path, acp_schema: SchemaChecker
+) -> None:
+    with trio.fail_after(10):
+        async with (
+            acp_ws_client(server.url, acp_schema) as (bystander, _),
+            acp_ws_client(server.url, acp_schema) as (client, ws),
+        ):
+            await bystander.initialize()
+            bystander_session = await bystander.new_session(str(tmp_path))
+
+            # Not JSON: -32700 with id null, and the socket stays open.
+            answer = await exchange(client, '{"jsonrpc": "2.0", "id": 1, "method": ')
+            assert answer["id"] is None
+            assert answer["error"]["code"] == -32700
+            assert answer["error"]["message"]
+            init = await client.initialize()
+            assert init["protocolVersion"] == 1
+
+            # Not UTF-8 (binary frame): a parse error too.
+            answer = await exchange(client, b"\xff\xfe{}")
+            assert answer["id"] is None and answer["error"]["code"] == -32700
+
+            # JSON but not an object, and batches: -32600.
+            for text in ("42", '"hello"', "null"):
+                answer = await exchange(client, text)
+                assert answer["id"] is None and answer["error"]["code"] == -32600, text
+            batch = json.dumps([{"jsonrpc": "2.0", "id": 5, "method": "session/new"}])
+            answer = await exchange(client, batch)
+            assert answer["id"] is None and answer["error"]["code"] == -32600
+            assert "batch" in answer["error"]["message"].lower()
+            # An object that is not JSON-RPC 2.0: -32600 correlated by its id.
+            answer = await exchange(client, json.dumps({"id": 6, "method": "initialize"}))
+            assert answer["id"] == 6 and answer["error"]["code"] == -32600
+
+            # Unknown method: -32601 naming it.
+            answer = await client.request_raw("no/such_method", {})
+            assert answer["error"]["code"] == -32601
+            assert "no/such_method" in answer["error"]["message"]
+
+            # Bad params: -32602 naming the field.
+            cases = [
+                ("session/new", {"cwd": "relative/dir", "mcpServers": []}, "cwd"),
+                ("session/new", {"cwd": str(tmp_path)}, "mcpServers"),
+                ("session/new", {"cwd": 7, "mcpServers": []}, "cwd"),
+                ("session/prompt", {"prompt": []}, "sessionId"),
+                (
+                    "session/prompt",
+                    {"sessionId": "s", "prompt": [{"type": "bogus"}]},
+                    "prompt[0].type",
+                ),
+                (
+                    "session/prompt",
+                    {"sessionId": "s", "prompt": [{"type": "text"}]},
+                    "prompt[0].text",
+                ),
+                ("initialize", {"protocolVersion": "one"}, "protocolVersion"),
+                ("session/new", [1, 2], "object"),
+            ]
+            for method, params, field in cases:
+                answer = await client.request_raw(method, params)
+                assert answer["error"]["code"] == -32602, (method, params, answer)
+                assert field in answer["error"]["message"], (field, answer)
+
+            # Still open and working after all of that.
+            session = await client.new_session(str(tmp_path))
+            assert await client.prompt(session, "still here") == "end_turn"
+            assert client.agent_text(session) == "still here"
+            assert ws.closed is None
+
+            # The bystander never saw any of it.
+            assert not any("error" in m for m in bystander.received)
+            assert await bystander.prompt(bystander_session, "unaffected") == "end_turn"
+            assert bystander.agent_text(bystander_session) == "unaffected"
+
+    registry = server.manager.metrics.registry
+    assert (
+        registry.get_sample_value("punie_errors_total", {"code": "-32700", "name": "parse_error"})
+        == 2
+    )
+
+
+async def test_oversized_frame_closes_1009_others_unaffected(
+    start_server: StartServer, tmp_path: Path, acp_schema: SchemaChecker
+) -> None:
+    async with start_server(max_message_bytes=4096) as running:
+        with trio.fail_after(10):
+            async with acp_ws_client(running.url, acp_schema) as (bystander, _):
+                await bystander.initialize()
+                session = await bystander.new_session(str(tmp_path))
+                async with acp_ws_client(running.url, acp_schema) as (client, ws):
+                    await client.initialize()
+                    # Just under the bound is fine...
+                    text = "a" * 3000
+                    fits = await client.request_raw(
+                        "session/prompt",
+                        {"sessionId": "nope", "prompt": [{"type": "text", "text": text}]},
+                    )
+                    assert fits["error"]["code"] == -32002
+                    # ...one frame over it closes the socket with 1009.
+                    await client.send_raw(
+                        json.dumps(
+                            {
+                                "jsonrpc": "2.0",
+                                "id": 99,
+                                "method": "session/new",
+                                "params": {"cwd": str(tmp_path), "mcpServers": [], "x": "b" * 5000},
+                            }
+                        )
+                    )
+                    await client.closed.wait()
+                    assert ws.closed is not None and ws.closed.code == 1009
+                await settle_until(lambda: len(running.manager.connections) == 1)
+                assert await bystander.prompt(session, "still fine") == "end_turn"
+                assert bystander.agent_text(session) == "still fine"
+
+
+async def test_binary_frames_with_utf8_json(
+    server: Running, tmp_path: Path, acp_schema: SchemaChecker
+) -> None:
+    with trio.fail_after(10):
+        async with open_websocket_url(ws_url(server.url)) as ws:
+
+            async def call(request_id: int, method: str, params: dict[str, Any]) -> Any:
+                msg = {"jsonrpc": "2.0", "id": request_id, "method": method, "params": params}
+                acp_schema.client_sent(msg)
+                await ws.send_message(json.dumps(msg, ensure_ascii=False).encode("utf-8"))
+                while True:
+                    answer = json.loads(await ws.get_message())
+                    acp_schema.agent_sent(answer)
+                    if answer.get("id") == request_id:
+                        return answer["result"]
+
+            assert (await call(1, "initialize", {"protocolVersion": 1}))["protocolVersion"] == 1
+            new = await call(2, "session/new", {"cwd": str(tmp_path), "mcpServers": []})
+            text = "héllo wörld ✓"
+            prompt = {"sessionId": new["sessionId"], "prompt": [{"type": "text", "text": text}]}
+            assert await call(3, "session/prompt", prompt) == {"stopReason": "end_turn"}
+            await ws.aclose()
+            try:
+                await ws.get_message()
+            except ConnectionClosed:
+                pass

@@ -1,0 +1,98 @@
+"""The plain HTTP routes of a real in-process server, through httpx."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import httpx
+import trio
+
+from punie_trio import __version__
+from punie_trio.server import Running
+
+from ..acp_schema import SchemaChecker
+from ._support import acp_ws_client
+
+
+async def test_health(server: Running, tmp_path: Path, acp_schema: SchemaChecker) -> None:
+    async with httpx.AsyncClient(base_url=server.url) as http:
+        response = await http.get("/health")
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("application/json")
+        body = response.json()
+        assert body["status"] == "ok"
+        assert body["version"] == __version__
+        assert isinstance(body["uptime"], int | float) and body["uptime"] >= 0
+        assert (body["connections"], body["sessions"], body["workers"]) == (0, 0, 0)
+        with trio.fail_after(10):
+            async with acp_ws_client(server.url, acp_schema) as (client, _):
+                await client.initialize()
+                await client.new_session(str(tmp_path))
+                await client.new_session(str(tmp_path))
+                body = (await http.get("/health")).json()
+                assert (body["connections"], body["sessions"], body["workers"]) == (1, 2, 1)
+
+
+async def test_echo(server: Running) -> None:
+    async with httpx.AsyncClient(base_url=server.url) as http:
+        payload = {"a": [1, 2, {"b": None}], "ü": "✓"}
+        response = await http.post("/echo", json=payload)
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("application/json")
+        assert response.json() == payload
+
+        response = await http.get("/echo")
+        assert response.status_code == 405
+        assert response.headers["allow"] == "POST"
+
+        response = await http.post(
+            "/echo", content=b"{not json", headers={"content-type": "application/json"}
+        )
+        assert response.status_code == 400
+        assert "JSON" in response.text
+
+
+async def test_metrics(server: Running, tmp_path: Path, acp_schema: SchemaChecker) -> None:
+    async with httpx.AsyncClient(base_url=server.url) as http:
+        with trio.fail_after(10):
+            async with acp_ws_client(server.url, acp_schema) as (client, _):
+                await client.initialize()
+                session = await client.new_session(str(tmp_path))
+                assert await client.prompt(session, "count me") == "end_turn"
+                assert (await client.request_raw("nope/nope"))["error"]["code"] == -32601
+                response = await http.get("/metrics")
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/plain")
+        text = response.text
+        for name in (
+            "punie_connections",
+            "punie_prompts",
+            "punie_prompt_latency_seconds",
+            "punie_messages_in",
+            "punie_errors",
+        ):
+            assert re.search(rf"^# TYPE {name}(_total)? ", text, re.M), name
+
+        def sample(pattern: str) -> float:
+            match = re.search(rf"^{pattern} (\S+)$", text, re.M)
+            assert match, pattern
+            return float(match.group(1))
+
+        assert sample("punie_connections") == 1
+        assert sample(r'punie_prompts_total\{stop_reason="end_turn"\}') == 1
+        assert sample("punie_prompt_latency_seconds_count") == 1
+        assert sample("punie_messages_in_total") >= 4
+        assert sample(r'punie_errors_total\{code="-32601",name="method_not_found"\}') == 1
+
+
+async def test_unknown_path_and_plain_get_on_acp(server: Running) -> None:
+    async with httpx.AsyncClient(base_url=server.url) as http:
+        response = await http.get("/no/such/page")
+        assert response.status_code == 404
+        assert "/no/such/page" in response.text
+        for path in ("/acp", "/ws"):
+            response = await http.get(path)
+            assert response.status_code == 426, path
+            assert response.headers["upgrade"].lower() == "websocket"
+            assert "WebSocket" in response.text

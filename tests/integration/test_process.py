@@ -1,0 +1,199 @@
+"""The server as a real subprocess (``python -m punie_trio serve``): stdio and WebSocket
+clients on one manager, signals and graceful shutdown, a busy port."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+from pathlib import Path
+from typing import Any
+
+import httpx
+import trio
+from trio_websocket import open_websocket_url
+
+from punie_trio.server import FORCE_EXIT_GRACE
+
+from ..acp_schema import SchemaChecker
+from ..client import AcpTestClient
+from ._support import (
+    TOKEN,
+    acp_ws_client,
+    fresh_ids,
+    serve_command,
+    server_process,
+    write_script,
+    ws_url,
+)
+
+
+async def test_stdio_and_websocket_share_one_manager(
+    tmp_path: Path, acp_schema: SchemaChecker
+) -> None:
+    with trio.fail_after(30):
+        async with server_process(tmp_path, "--stdio") as server, trio.open_nursery() as nursery:
+            stdio = AcpTestClient(server.stdio(), acp_schema, ids=fresh_ids())
+            await nursery.start(stdio.run)
+            async with acp_ws_client(server.url, acp_schema, token=TOKEN) as (ws, _):
+                await stdio.initialize()
+                await ws.initialize()
+                stdio_session = await stdio.new_session(str(tmp_path))
+                ws_session = await ws.new_session(str(tmp_path))
+                stops: dict[str, str] = {}
+
+                async def prompt(client: AcpTestClient, session: str, text: str) -> None:
+                    stops[text] = await client.prompt(session, text)
+
+                async with trio.open_nursery() as prompts:
+                    prompts.start_soon(prompt, stdio, stdio_session, "over stdio")
+                    prompts.start_soon(prompt, ws, ws_session, "over websocket")
+                assert stops == {"over stdio": "end_turn", "over websocket": "end_turn"}
+                assert stdio.agent_text(stdio_session) == "over stdio"
+                assert ws.agent_text(ws_session) == "over websocket"
+                assert stdio.updates(ws_session) == [] and ws.updates(stdio_session) == []
+                async with httpx.AsyncClient(base_url=server.url) as http:
+                    health = (await http.get("/health")).json()
+                assert health["connections"] == 2
+                assert health["sessions"] == 2
+                assert health["workers"] == 1
+            server.process.send_signal(signal.SIGTERM)
+            assert await server.process.wait() == 0
+            nursery.cancel_scope.cancel()
+
+
+async def test_sigterm_shuts_down_gracefully(tmp_path: Path, acp_schema: SchemaChecker) -> None:
+    script = write_script(tmp_path / "slow.json", [[{"text": "started"}, {"sleep": 60}]])
+    shutdown_timeout = 10.0
+    with trio.fail_after(30):
+        async with (
+            server_process(
+                tmp_path, "--model", f"script:{script}", "--shutdown-timeout", str(shutdown_timeout)
+            ) as server,
+            acp_ws_client(server.url, acp_schema, token=TOKEN) as (busy, busy_ws),
+            acp_ws_client(server.url, acp_schema, token=TOKEN) as (idle, idle_ws),
+        ):
+            await busy.initialize()
+            await idle.initialize()
+            session = await busy.new_session(str(tmp_path))
+            await idle.new_session(str(tmp_path))
+            stop: list[str] = []
+            async with trio.open_nursery() as nursery:
+
+                async def run_prompt() -> None:
+                    stop.append(await busy.prompt(session, "take your time"))
+
+                nursery.start_soon(run_prompt)
+                await busy.wait_for(lambda m: m.get("method") == "session/update")
+                server.process.send_signal(signal.SIGTERM)
+                signalled = trio.current_time()
+                await busy.closed.wait()
+                await idle.closed.wait()
+            assert stop == ["cancelled"]
+            assert busy_ws.closed is not None and busy_ws.closed.code == 1001
+            assert idle_ws.closed is not None and idle_ws.closed.code == 1001
+            assert await server.process.wait() == 0
+            assert trio.current_time() - signalled < shutdown_timeout
+            await server.wait_stderr("received SIGTERM, shutting down")
+
+
+async def test_second_signal_exits_at_once(tmp_path: Path, acp_schema: SchemaChecker) -> None:
+    # A stdio client that stops reading while a turn floods it: the graceful shutdown then
+    # waits (up to the long --shutdown-timeout) for an answer it cannot deliver.
+    chunk = "y" * 65536
+    script = write_script(tmp_path / "flood.json", [[{"text": chunk}] * 100])
+    with trio.fail_after(30):
+        async with server_process(
+            tmp_path,
+            "--stdio",
+            "--model",
+            f"script:{script}",
+            "--outbox-limit",
+            "4",
+            "--shutdown-timeout",
+            "300",
+        ) as server:
+            async with trio.open_nursery() as nursery:
+                stdio = AcpTestClient(server.stdio(), acp_schema, ids=fresh_ids())
+                await nursery.start(stdio.run)
+                await stdio.initialize()
+                session = await stdio.new_session(str(tmp_path))
+                nursery.start_soon(stdio.prompt, session, "flood")
+                await stdio.wait_for(lambda m: m.get("method") == "session/update")
+                nursery.cancel_scope.cancel()  # stop reading stdout
+            server.process.send_signal(signal.SIGINT)
+            await server.wait_stderr("received SIGINT, shutting down")
+            assert server.process.returncode is None  # still draining, not exited
+            server.process.send_signal(signal.SIGINT)
+            assert await server.process.wait() != 0
+            await server.wait_stderr("second signal, exiting now")
+
+
+async def test_busy_port_exits_1_naming_the_port(tmp_path: Path) -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        port = sock.getsockname()[1]
+        with trio.fail_after(30):
+            async with server_process(
+                tmp_path, "--port", str(port), wait_listening=False
+            ) as server:
+                assert await server.process.wait() == 1
+                await server.stderr_done.wait()
+    assert f"127.0.0.1:{port}" in server.stderr
+    assert "punie-trio: error:" in server.stderr
+    assert "listening on" not in server.stderr
+    assert serve_command(tmp_path)[1:4] == ["-m", "punie_trio", "serve"]
+
+
+async def test_shutdown_bounded_with_a_client_that_never_reads(
+    tmp_path: Path, acp_schema: SchemaChecker
+) -> None:
+    chunk = "z" * 65536
+    script = write_script(tmp_path / "flood.json", [[{"text": chunk}] * 300])
+    shutdown_timeout = 3.0
+    with trio.fail_after(30):
+        async with (
+            server_process(
+                tmp_path,
+                "--model",
+                f"script:{script}",
+                "--outbox-limit",
+                "4",
+                "--shutdown-timeout",
+                str(shutdown_timeout),
+            ) as server,
+            open_websocket_url(
+                ws_url(server.url),
+                extra_headers=[(b"authorization", f"Bearer {TOKEN}".encode())],
+                max_message_size=1 << 20,
+                message_queue_size=1,
+            ) as stuck,
+        ):
+
+            async def call(request_id: int, method: str, params: dict[str, Any]) -> Any:
+                msg = {"jsonrpc": "2.0", "id": request_id, "method": method, "params": params}
+                acp_schema.client_sent(msg)
+                await stuck.send_message(json.dumps(msg))
+                answer = json.loads(await stuck.get_message())
+                acp_schema.agent_sent(answer)
+                return answer["result"]
+
+            await call(1, "initialize", {"protocolVersion": 1})
+            new = await call(2, "session/new", {"cwd": str(tmp_path), "mcpServers": []})
+            prompt = {"sessionId": new["sessionId"], "prompt": [{"type": "text", "text": "go"}]}
+            await stuck.send_message(
+                json.dumps(
+                    {"jsonrpc": "2.0", "id": 3, "method": "session/prompt", "params": prompt}
+                )
+            )
+            first = json.loads(await stuck.get_message())  # the flood has started
+            assert first["method"] == "session/update"
+            # ...and from now on this client reads nothing.
+            # Hypercorn shields its socket writes, so the task writing to this client cannot
+            # be cancelled: the watchdog ends the process shortly after the shutdown timeout.
+            server.process.send_signal(signal.SIGTERM)
+            signalled = trio.current_time()
+            assert await server.process.wait() == 1
+            assert trio.current_time() - signalled < shutdown_timeout + FORCE_EXIT_GRACE + 3.0
+            await server.wait_stderr("shutdown did not finish within")
