@@ -115,7 +115,7 @@ def _address_unusable(exc: BaseException) -> bool:
 
 
 # After the shutdown timeout, how long cancellation gets before the process exits anyway.
-FORCE_EXIT_GRACE = 5.0
+FORCE_EXIT_GRACE = 1.0
 
 
 def _force_exit(timeout: float) -> None:

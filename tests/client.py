@@ -141,7 +141,10 @@ class AcpTestClient:
     # -- ACP conveniences ---------------------------------------------------------------------
 
     async def initialize(self, **caps: Any) -> dict[str, Any]:
-        params: dict[str, Any] = {"protocolVersion": 1, "clientInfo": {"name": "test", "version": "0"}}
+        params: dict[str, Any] = {
+            "protocolVersion": 1,
+            "clientInfo": {"name": "test", "version": "0"},
+        }
         if caps:
             params["clientCapabilities"] = caps
         result: dict[str, Any] = await self.request("initialize", params)
