@@ -34,13 +34,19 @@ def _to_bool(value: Any) -> bool:
 def _to_int(value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int | str):
         raise ValueError("must be an integer")
-    return int(value)
+    try:
+        return int(value)
+    except ValueError:  # int("abc") says "invalid literal for int() with base 10"
+        raise ValueError(f"must be an integer, got {value!r}") from None
 
 
 def _to_float(value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float | str):
         raise ValueError("must be a number")
-    return float(value)
+    try:
+        return float(value)
+    except ValueError:
+        raise ValueError(f"must be a number, got {value!r}") from None
 
 
 def _to_str(value: Any) -> str:

@@ -190,7 +190,9 @@ class Manager:
         self.connections.discard(conn)
         owned = [s for s in self.sessions.values() if s.owner is conn]
         client_id = conn.client_id
-        if client_id and self.limits.grace_seconds > 0 and not self.closing.is_set() and owned:
+        # No grace once the manager stopped (its nursery is gone) or is closing.
+        running = self._nursery is not None and not self.closing.is_set()
+        if client_id and self.limits.grace_seconds > 0 and running and owned:
             for session in owned:
                 session.owner = None
                 session.detached_client = client_id
@@ -396,7 +398,9 @@ class Manager:
                 conn,
                 record.id,
                 ref.cwd,
-                ref.additional_directories or record.additional_directories,
+                # Only what this request asked for (checked above): stored roots are not
+                # restored implicitly (session-setup page), they may no longer be allowed.
+                ref.additional_directories,
                 turns=record.turns,
                 title=record.title,
             )

@@ -1,0 +1,145 @@
+"""A Manager with any number of client connections over in-memory streams, for tests that
+need several clients on one hub, drop a client and reconnect it, or a MockClock (grace
+periods, rate limits). Real-server tests use ``tests/integration/_support.py`` instead.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import attrs
+import trio
+import trio.testing
+
+from punie_trio.hub import ClientConnection, Limits, Manager
+from punie_trio.store import MemoryStore, Store
+from punie_trio.transport import MemoryMessageStream, memory_message_stream_pair
+from punie_trio.worker import Model
+
+from ..acp_schema import SchemaChecker
+from ..client import AcpTestClient
+from ..integration._support import fresh_ids
+
+CLIENT_ID_META = "punie-trio/clientId"
+
+
+@attrs.define(eq=False)
+class Link:
+    """One client connected to the hub."""
+
+    client: AcpTestClient
+    stream: MemoryMessageStream
+    connection: ClientConnection
+
+    async def drop(self) -> None:
+        """Disconnect abruptly, like a closed socket: the agent's reader sees end of stream."""
+        await self.stream.aclose()
+
+
+@attrs.define(eq=False)
+class Hub:
+    manager: Manager
+    nursery: trio.Nursery
+    checker: SchemaChecker
+    root: Path
+
+    async def connect(self, *, buffer: int = 64, **client_kw: Any) -> Link:
+        agent_side, client_side = memory_message_stream_pair(buffer)
+        connection = ClientConnection(self.manager, transport="memory")
+        await self.nursery.start(connection.run, agent_side)
+        client = AcpTestClient(client_side, self.checker, ids=fresh_ids(), **client_kw)
+        await self.nursery.start(client.run)
+        return Link(client, client_side, connection)
+
+    async def settle(self) -> None:
+        """Let the hub finish reacting (e.g. to a disconnect) before the test goes on."""
+        await trio.testing.wait_all_tasks_blocked()
+
+
+@asynccontextmanager
+async def open_hub(
+    root: Path,
+    checker: SchemaChecker,
+    model: Model,
+    *,
+    limits: Limits | None = None,
+    store: Store | None = None,
+    roots: tuple[Path, ...] | None = None,
+) -> AsyncIterator[Hub]:
+    root = Path(await trio.Path(root).resolve())
+    manager = Manager(
+        tuple(str(r) for r in (roots or (root,))),
+        model,
+        limits=limits or Limits(),
+        store=store if store is not None else MemoryStore(),
+    )
+    async with trio.open_nursery() as nursery:
+        await nursery.start(manager.run)
+        yield Hub(manager, nursery, checker, root)
+        nursery.cancel_scope.cancel()
+
+
+async def initialize(
+    client: AcpTestClient, *, client_id: str | None = None, **caps: Any
+) -> dict[str, Any]:
+    """``initialize``, optionally saying who the client is (for reconnects)."""
+    params: dict[str, Any] = {
+        "protocolVersion": 1,
+        "clientInfo": {"name": "test", "version": "0"},
+    }
+    if caps:
+        params["clientCapabilities"] = caps
+    if client_id is not None:
+        params["_meta"] = {CLIENT_ID_META: client_id}
+    result: dict[str, Any] = await client.request("initialize", params)
+    return result
+
+
+def prompt_params(session_id: str, text: str) -> dict[str, Any]:
+    return {"sessionId": session_id, "prompt": [{"type": "text", "text": text}]}
+
+
+async def send_prompt(client: AcpTestClient, request_id: str, session_id: str, text: str) -> None:
+    """Send a ``session/prompt`` without waiting for its answer (which may arrive on
+    another connection); the answer carries ``request_id``."""
+    await client.send(
+        {
+            "jsonrpc": "2.0",
+            "id": request_id,
+            "method": "session/prompt",
+            "params": prompt_params(session_id, text),
+        }
+    )
+
+
+async def expect_error(client: AcpTestClient, method: str, params: Any) -> dict[str, Any]:
+    answer = await client.request_raw(method, params)
+    assert "error" in answer, answer
+    error: dict[str, Any] = answer["error"]
+    return error
+
+
+def summary(update: dict[str, Any]) -> tuple[str, str]:
+    """(kind, text or status) of a ``session/update``, for comparing streams."""
+    kind = update["sessionUpdate"]
+    content = update.get("content")
+    if isinstance(content, dict):
+        return kind, str(content.get("text"))
+    return kind, str(update.get("status") or update.get("title") or "")
+
+
+def has_update(session_id: str, kind: str, text: str | None = None) -> Any:
+    """A ``wait_for`` predicate: a ``session/update`` of ``kind`` (with ``text``)."""
+
+    def check(msg: dict[str, Any]) -> bool:
+        if msg.get("method") != "session/update" or msg["params"]["sessionId"] != session_id:
+            return False
+        update = msg["params"]["update"]
+        if update["sessionUpdate"] != kind:
+            return False
+        return text is None or update.get("content", {}).get("text") == text
+
+    return check

@@ -1,0 +1,192 @@
+"""Who may talk to a real server: the bearer token on ``/acp`` (refused with HTTP 401 before
+the upgrade), the browser Origin check (403, even with the right token), ``/metrics``
+behind the token unless public, ``/health`` open; and the token ``serve`` generates."""
+
+from __future__ import annotations
+
+import re
+import stat
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import httpx
+import pytest
+import trio
+from trio_websocket import ConnectionRejected, open_websocket_url
+
+from ..acp_schema import SchemaChecker
+from ..client import AcpTestClient
+from ..integration._support import (
+    LISTENING,
+    ServerProcess,
+    WsStream,
+    acp_ws_client,
+    fresh_ids,
+    server_env,
+    ws_url,
+)
+from ..integration.conftest import StartServer
+
+TOKEN = "T"
+GOOD_ORIGIN = "http://localhost:3000"
+
+Headers = list[tuple[bytes, bytes]]
+
+
+def bearer(token: str) -> tuple[bytes, bytes]:
+    return (b"authorization", f"Bearer {token}".encode())
+
+
+def origin(value: str) -> tuple[bytes, bytes]:
+    return (b"origin", value.encode())
+
+
+async def rejected(url: str, headers: Headers | None = None) -> ConnectionRejected:
+    with pytest.raises(ConnectionRejected) as info:
+        async with open_websocket_url(url, extra_headers=headers):
+            pass  # pragma: no cover - the handshake fails
+    return info.value
+
+
+@asynccontextmanager
+async def acp_client(
+    url: str, checker: SchemaChecker, headers: Headers
+) -> AsyncIterator[AcpTestClient]:
+    """A test client over a WebSocket opened with arbitrary handshake headers."""
+    async with open_websocket_url(url, extra_headers=headers) as ws, trio.open_nursery() as n:
+        client = AcpTestClient(WsStream(ws), checker, ids=fresh_ids())
+        await n.start(client.run)
+        yield client
+        n.cancel_scope.cancel()
+
+
+async def works(url: str, checker: SchemaChecker, headers: Headers) -> None:
+    async with acp_client(url, checker, headers) as client:
+        result = await client.initialize()
+        assert result["protocolVersion"] == 1
+
+
+async def test_acp_needs_the_token_and_a_friendly_origin(
+    start_server: StartServer, acp_schema: SchemaChecker
+) -> None:
+    async with start_server(token=TOKEN, allow_origins=(GOOD_ORIGIN,)) as running:
+        assert running.url is not None
+        url = ws_url(running.url)
+        with trio.fail_after(10):
+            refusal = await rejected(url)
+            assert refusal.status_code == 401
+            assert b"Unauthorized" in (refusal.body or b"")
+            assert (b"www-authenticate", b'Bearer realm="punie-trio"') in [
+                (k.lower(), v) for k, v in refusal.headers
+            ]
+            assert (await rejected(url, [bearer("wrong")])).status_code == 401
+            assert (await rejected(url + "?token=wrong")).status_code == 401
+            assert (await rejected(url, [(b"authorization", b"Basic VA==")])).status_code == 401
+            assert running.manager.connections == set()
+
+            await works(url + "?token=T", acp_schema, [])
+            await works(url, acp_schema, [bearer(TOKEN)])
+            async with acp_ws_client(running.url, acp_schema, token=TOKEN) as (client, _):
+                await client.initialize()
+
+            # A foreign page is refused even with the right token, whichever way it is sent.
+            evil = origin("http://evil.example")
+            refusal = await rejected(url, [evil, bearer(TOKEN)])
+            assert refusal.status_code == 403 and b"Origin" in (refusal.body or b"")
+            assert (await rejected(url + "?token=T", [evil])).status_code == 403
+            assert (await rejected(url, [origin("null"), bearer(TOKEN)])).status_code == 403
+            # An allowed origin, and the server's own, work (still with the token).
+            await works(url, acp_schema, [origin(GOOD_ORIGIN), bearer(TOKEN)])
+            await works(url + "?token=T", acp_schema, [origin(GOOD_ORIGIN + "/")])
+            await works(url, acp_schema, [origin(running.url), bearer(TOKEN)])
+            assert (await rejected(url, [origin(GOOD_ORIGIN)])).status_code == 401
+
+
+async def test_metrics_need_the_token_health_is_open(start_server: StartServer) -> None:
+    async with (
+        start_server(token=TOKEN) as running,
+        httpx.AsyncClient(base_url=running.url) as http,
+    ):
+        response = await http.get("/metrics")
+        assert response.status_code == 401
+        assert "token" in response.text
+        assert (
+            await http.get("/metrics", headers={"Authorization": "Bearer no"})
+        ).status_code == 401
+        response = await http.get("/metrics", headers={"Authorization": f"Bearer {TOKEN}"})
+        assert response.status_code == 200 and "punie" in response.text
+        assert (await http.get("/metrics", params={"token": TOKEN})).status_code == 200
+        health = await http.get("/health")
+        assert health.status_code == 200 and health.json()["status"] == "ok"
+
+
+async def test_public_metrics(start_server: StartServer, acp_schema: SchemaChecker) -> None:
+    async with (
+        start_server(token=TOKEN, metrics_public=True) as running,
+        httpx.AsyncClient(base_url=running.url) as http,
+    ):
+        assert (await http.get("/metrics")).status_code == 200
+        # /acp still needs the token.
+        assert (await rejected(ws_url(running.url))).status_code == 401
+        await works(ws_url(running.url), acp_schema, [bearer(TOKEN)])
+
+
+async def run_cli(*args: str) -> subprocess.CompletedProcess[bytes]:
+    return await trio.run_process(
+        [sys.executable, "-m", "punie_trio", *args],
+        capture_stdout=True,
+        capture_stderr=True,
+        check=False,
+        env=server_env(),
+    )
+
+
+async def test_serve_without_a_token_generates_one(
+    tmp_path: Path, acp_schema: SchemaChecker
+) -> None:
+    data_dir = tmp_path / "fresh" / "data"
+    command = [
+        sys.executable,
+        "-m",
+        "punie_trio",
+        "serve",
+        "--port",
+        "0",
+        "--project",
+        str(tmp_path),
+        "--data-dir",
+        str(data_dir),
+    ]
+    with trio.fail_after(30):
+        process = await trio.lowlevel.open_process(
+            command, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, env=server_env()
+        )
+        server = ServerProcess(process)
+        try:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(server.collect_stderr)
+                match = await server.wait_stderr(LISTENING)
+                url = f"http://{match.group(1)}:{match.group(2)}"
+
+                token_file = data_dir / "token"
+                assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
+                assert stat.S_IMODE(data_dir.stat().st_mode) == 0o700
+                token = token_file.read_text().strip()
+                assert len(token) >= 32
+
+                shown = await run_cli("token", "--data-dir", str(data_dir))
+                assert shown.returncode == 0, shown.stderr
+                assert re.search(rf"^token: {re.escape(token)}$", shown.stdout.decode(), re.M)
+
+                assert (await rejected(ws_url(url))).status_code == 401
+                await works(ws_url(url), acp_schema, [bearer(token)])
+                nursery.cancel_scope.cancel()
+        finally:
+            process.kill()
+            with trio.CancelScope(shield=True):
+                await process.wait()
+                assert process.stderr is not None
+                await process.stderr.aclose()

@@ -1,0 +1,227 @@
+"""``serve`` options: flags > ``PUNIE_*`` environment > TOML file > defaults, with errors
+that name the option and where the bad value came from (exit status 2)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import trio
+from trio_websocket import ConnectionRejected, open_websocket_url
+
+from punie_trio import cli
+from punie_trio._config import BY_NAME, OPTIONS, ConfigError, load_file, resolve
+
+from ..acp_schema import SchemaChecker
+from ..integration._support import LISTENING, ServerProcess, acp_ws_client, server_env, ws_url
+from ._hub import expect_error, prompt_params
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_defaults() -> None:
+    merged = resolve({}, {}, {}, "config.toml")
+    assert merged == {o.name: o.default for o in OPTIONS}
+    assert merged["port"] == 8765 and merged["host"] == "127.0.0.1"
+    assert merged["store"] == "sqlite" and merged["token"] is None
+    assert merged["project"] == () and merged["metrics_public"] is False
+
+
+def test_precedence_flags_env_file_defaults() -> None:
+    file_values = {"port": 1111, "host": "0.0.0.0", "model": "echo", "outbox_limit": 7}
+    environ = {"PUNIE_PORT": "2222", "PUNIE_HOST": "::1"}
+    flags = {"port": 3333, "host": None, "model": None}
+    merged = resolve(flags, file_values, environ, "config.toml")
+    assert merged["port"] == 3333  # flag beats env and file
+    assert merged["host"] == "::1"  # env beats file (flag absent)
+    assert merged["outbox_limit"] == 7  # file beats default
+    assert merged["max_connections"] == 256  # default
+    assert resolve({}, file_values, environ, "f")["port"] == 2222
+    assert resolve({}, file_values, {}, "f")["port"] == 1111
+
+
+def test_lists_and_booleans_from_each_source(tmp_path: Path) -> None:
+    a, b = tmp_path / "a", tmp_path / "b"
+    environ = {
+        "PUNIE_PROJECT": f"{a}{os.pathsep}{b}",
+        "PUNIE_ALLOW_ORIGIN": "http://x.test,http://y.test",
+        "PUNIE_METRICS_PUBLIC": "yes",
+        "PUNIE_STDIO": "0",
+    }
+    merged = resolve({}, {"project": ["/file/p"], "stdio": True}, environ, "f")
+    assert merged["project"] == (a, b)
+    assert merged["allow_origin"] == ("http://x.test", "http://y.test")
+    assert merged["metrics_public"] is True and merged["stdio"] is False
+    # A repeatable flag given wins; not given (argparse's None or []), the next source does.
+    assert resolve({"project": [Path("/flag")]}, {}, environ, "f")["project"] == (Path("/flag"),)
+    assert resolve({"project": []}, {"project": ["/file/p"]}, {}, "f")["project"] == (
+        Path("/file/p"),
+    )
+    assert resolve({}, {"allow_origin": "http://one.test"}, {}, "f")["allow_origin"] == (
+        "http://one.test",
+    )
+    assert resolve({}, {"data_dir": "~/d"}, {}, "f")["data_dir"] == Path("~/d").expanduser()
+
+
+def test_load_file_reads_the_serve_table_and_dashed_keys(tmp_path: Path) -> None:
+    path = write(
+        tmp_path / "c.toml",
+        '[serve]\nmax-prompt-bytes = 10\nallow-origin = ["http://a.test"]\nport = 0\n',
+    )
+    assert load_file(path, required=True) == {
+        "max_prompt_bytes": 10,
+        "allow_origin": ["http://a.test"],
+        "port": 0,
+    }
+    top = write(tmp_path / "top.toml", "port = 1\n")
+    assert load_file(top, required=True) == {"port": 1}
+    assert load_file(tmp_path / "missing.toml", required=False) == {}
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_file(tmp_path / "missing.toml", required=True)
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_file(write(tmp_path / "bad.toml", "port = = 1\n"), required=True)
+    with pytest.raises(ConfigError, match=r"\[serve\] must be a table"):
+        load_file(write(tmp_path / "t.toml", 'serve = "x"\n'), required=True)
+
+
+def test_unknown_key_is_named() -> None:
+    with pytest.raises(ConfigError) as info:
+        resolve({}, {"port": 1, "prot": 2}, {}, "/etc/punie.toml")
+    message = str(info.value)
+    assert message.startswith("/etc/punie.toml: unknown option(s) prot")
+    assert "max-prompt-bytes" in message  # the known ones are listed
+
+
+@pytest.mark.parametrize(
+    ("file_values", "environ", "expected"),
+    [
+        ({"port": "abc"}, {}, "config.toml: port must be an integer, got 'abc'"),
+        ({"port": 1.5}, {}, "config.toml: port must be an integer"),
+        ({"port": True}, {}, "config.toml: port must be an integer"),
+        ({"metrics_public": "maybe"}, {}, "config.toml: metrics-public must be true or false"),
+        ({"host": 7}, {}, "config.toml: host must be a string"),
+        ({"project": [1]}, {}, "config.toml: project must be a string"),
+        (
+            {"shutdown_timeout": "soon"},
+            {},
+            "config.toml: shutdown-timeout must be a number, got 'soon'",
+        ),
+        ({}, {"PUNIE_PORT": "abc"}, "$PUNIE_PORT: port must be an integer, got 'abc'"),
+        ({}, {"PUNIE_STDIO": "perhaps"}, "$PUNIE_STDIO: stdio must be true or false"),
+        (
+            {},
+            {"PUNIE_OUTBOX_LIMIT": "1e3"},
+            "$PUNIE_OUTBOX_LIMIT: outbox-limit must be an integer, got '1e3'",
+        ),
+    ],
+)
+def test_bad_type_names_the_option_and_the_source(
+    file_values: dict[str, Any], environ: dict[str, str], expected: str
+) -> None:
+    with pytest.raises(ConfigError) as info:
+        resolve({}, file_values, environ, "config.toml")
+    assert str(info.value) == expected
+
+
+def test_every_option_has_a_flag() -> None:
+    args = cli.build_parser().parse_args(["serve"])
+    assert set(BY_NAME) <= set(vars(args))
+    assert all(getattr(args, name) is None for name in BY_NAME)  # unset flags defer
+
+
+@pytest.mark.parametrize(
+    ("toml", "environ", "expected"),
+    [
+        ("port = 1\nverbose = true\n", {}, "unknown option(s) verbose"),
+        ('[serve]\nport = "eighty"\n', {}, "port must be an integer"),
+        ("", {"PUNIE_MAX_CONNECTIONS": "many"}, "$PUNIE_MAX_CONNECTIONS: max-connections"),
+    ],
+)
+def test_cli_exits_2_naming_the_problem(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    toml: str,
+    environ: dict[str, str],
+    expected: str,
+) -> None:
+    for name in list(os.environ):
+        if name.startswith("PUNIE_"):
+            monkeypatch.delenv(name)
+    for name, value in environ.items():
+        monkeypatch.setenv(name, value)
+    config = write(tmp_path / "config.toml", toml)
+    assert cli.main(["serve", "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("punie-trio: error: ") and expected in err
+    if not environ:
+        assert str(config) in err
+
+
+async def test_serve_reads_the_toml_file_under_env_and_flags(
+    tmp_path: Path, acp_schema: SchemaChecker
+) -> None:
+    """One real ``punie-trio serve``: the file sets port, token, public metrics and a prompt
+    limit; the environment overrides the token and the limit; a flag overrides the limit."""
+    project = Path(await trio.Path(tmp_path).resolve())
+    config = write(
+        tmp_path / "config.toml",
+        "\n".join(
+            [
+                "[serve]",
+                "port = 0",
+                'token = "file-token"',
+                "metrics-public = true",
+                "max-prompt-bytes = 10",
+                f"project = [{str(project)!r}]",
+                f"data-dir = {str(tmp_path / 'data')!r}",
+            ]
+        )
+        + "\n",
+    )
+    env = {**server_env(), "PUNIE_TOKEN": "env-token", "PUNIE_MAX_PROMPT_BYTES": "20"}
+    command = [sys.executable, "-m", "punie_trio", "serve", "--config", str(config)]
+    with trio.fail_after(30):
+        process = await trio.lowlevel.open_process(
+            [*command, "--max-prompt-bytes", "30"],
+            stdin=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            env=env,
+        )
+        server = ServerProcess(process)
+        try:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(server.collect_stderr)
+                match = await server.wait_stderr(LISTENING)
+                url = f"http://{match.group(1)}:{match.group(2)}"
+                assert match.group(2) != "8765"  # port 0 from the file
+                async with httpx.AsyncClient(base_url=url) as http:
+                    assert (await http.get("/metrics")).status_code == 200  # file
+                with pytest.raises(ConnectionRejected) as info:
+                    headers = [(b"authorization", b"Bearer file-token")]
+                    async with open_websocket_url(ws_url(url), extra_headers=headers):
+                        pass  # pragma: no cover
+                assert info.value.status_code == 401  # env beats file
+                async with acp_ws_client(url, acp_schema, token="env-token") as (client, _):
+                    await client.initialize()
+                    session_id = await client.new_session(str(project))
+                    assert await client.prompt(session_id, "x" * 30) == "end_turn"
+                    error = await expect_error(
+                        client, "session/prompt", prompt_params(session_id, "x" * 31)
+                    )
+                    assert error["code"] == -32602 and "30-byte limit" in error["message"]
+                nursery.cancel_scope.cancel()
+        finally:
+            process.kill()
+            with trio.CancelScope(shield=True):
+                await process.wait()
+                assert process.stderr is not None
+                await process.stderr.aclose()

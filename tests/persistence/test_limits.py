@@ -1,0 +1,190 @@
+"""Bounds on what clients may ask for. Each refusal is a clear JSON-RPC error (or, for the
+connection limit, an HTTP 503 before the upgrade) and never affects another client.
+Rate limits run on a MockClock."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import trio
+import trio.testing
+from trio_websocket import ConnectionRejected, open_websocket_url
+
+from punie_trio.hub import Limits
+from punie_trio.worker import EchoModel, ScriptModel
+
+from ..acp_schema import SchemaChecker
+from ..integration._support import acp_ws_client, settle_until, ws_url
+from ..integration.conftest import StartServer
+from ._hub import expect_error, initialize, open_hub, prompt_params
+
+
+async def test_prompt_size_limit(tmp_path: Path, acp_schema: SchemaChecker) -> None:
+    async with open_hub(
+        tmp_path, acp_schema, EchoModel(), limits=Limits(max_prompt_bytes=16)
+    ) as hub:
+        a, b = await hub.connect(), await hub.connect()
+        await initialize(a.client)
+        await initialize(b.client)
+        sa = await a.client.new_session(str(hub.root))
+        sb = await b.client.new_session(str(hub.root))
+        error = await expect_error(a.client, "session/prompt", prompt_params(sa, "é" * 9))
+        assert error["code"] == -32602
+        assert "18 bytes" in error["message"] and "16-byte limit" in error["message"]
+        assert a.client.updates(sa) == []  # refused before the turn started
+        assert await a.client.prompt(sa, "x" * 16) == "end_turn"
+        assert await b.client.prompt(sb, "b is fine") == "end_turn"
+
+
+async def test_sessions_per_connection(tmp_path: Path, acp_schema: SchemaChecker) -> None:
+    limits = Limits(max_sessions_per_connection=2)
+    async with open_hub(tmp_path, acp_schema, EchoModel(), limits=limits) as hub:
+        a, b = await hub.connect(), await hub.connect()
+        await initialize(a.client)
+        await initialize(b.client)
+        first = await a.client.new_session(str(hub.root))
+        await a.client.new_session(str(hub.root))
+        error = await expect_error(
+            a.client, "session/new", {"cwd": str(hub.root), "mcpServers": []}
+        )
+        assert error["code"] == -32600
+        assert "Session limit" in error["message"] and "max 2" in error["message"]
+        # Loading counts too.
+        theirs = await b.client.new_session(str(hub.root))
+        await b.client.request("session/close", {"sessionId": theirs})
+        error = await expect_error(
+            a.client, "session/load", {"sessionId": theirs, "cwd": str(hub.root), "mcpServers": []}
+        )
+        assert error["code"] == -32600 and "Session limit" in error["message"]
+        # Others are unaffected; closing one frees a slot.
+        await b.client.new_session(str(hub.root))
+        await b.client.new_session(str(hub.root))
+        await a.client.request("session/close", {"sessionId": first})
+        await a.client.new_session(str(hub.root))
+        assert len(hub.manager.sessions) == 4
+
+
+async def test_connection_limit_is_http_503(
+    start_server: StartServer, tmp_path: Path, acp_schema: SchemaChecker
+) -> None:
+    async with start_server(limits=Limits(max_connections=1)) as running:
+        url = ws_url(running.url)
+        with trio.fail_after(10):
+            async with acp_ws_client(running.url, acp_schema) as (first, _):
+                await first.initialize()
+                for _ in range(2):
+                    try:
+                        async with open_websocket_url(url):
+                            raise AssertionError("a second connection was accepted")
+                    except ConnectionRejected as exc:
+                        assert exc.status_code == 503
+                        assert b"connection limit reached (1)" in (exc.body or b"")
+                session_id = await first.new_session(str(tmp_path))
+                assert await first.prompt(session_id, "first is fine") == "end_turn"
+            await settle_until(lambda: not running.manager.connections)
+            async with acp_ws_client(running.url, acp_schema) as (again, _):
+                await again.initialize()
+
+
+async def test_prompts_per_minute_per_connection(
+    tmp_path: Path, acp_schema: SchemaChecker, autojump_clock: trio.testing.MockClock
+) -> None:
+    limits = Limits(prompts_per_minute=2)
+    async with open_hub(tmp_path, acp_schema, EchoModel(), limits=limits) as hub:
+        a, b = await hub.connect(), await hub.connect()
+        await initialize(a.client)
+        await initialize(b.client)
+        sa = await a.client.new_session(str(hub.root))
+        sa2 = await a.client.new_session(str(hub.root))
+        sb = await b.client.new_session(str(hub.root))
+        start = trio.current_time()
+        assert await a.client.prompt(sa, "one") == "end_turn"
+        await trio.sleep(10)
+        assert await a.client.prompt(sa2, "two") == "end_turn"
+        error = await expect_error(a.client, "session/prompt", prompt_params(sa, "three"))
+        assert error["code"] == -32600
+        assert "2 prompts per minute" in error["message"]
+        retry = error["data"]["retryAfterSeconds"]
+        assert 49 < retry <= 50  # the first prompt leaves the window 60 s after it started
+        # Another connection has its own budget.
+        assert await b.client.prompt(sb, "b") == "end_turn"
+        assert await b.client.prompt(sb, "b again") == "end_turn"
+        await trio.sleep_until(start + 60.0)
+        assert await a.client.prompt(sa, "three") == "end_turn"
+        error = await expect_error(a.client, "session/prompt", prompt_params(sa, "four"))
+        assert error["code"] == -32600
+        await trio.sleep(60)
+        assert await a.client.prompt(sa, "four") == "end_turn"
+
+
+def tool_updates(updates: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    """(status, text) of each tool call's final update."""
+    done = [
+        u
+        for u in updates
+        if u["sessionUpdate"] == "tool_call_update" and u.get("status") in ("failed", "completed")
+    ]
+    return [(u["status"], u["content"][0]["content"]["text"]) for u in done]
+
+
+async def test_tool_calls_per_minute_per_session(
+    tmp_path: Path, acp_schema: SchemaChecker, autojump_clock: trio.testing.MockClock
+) -> None:
+    (tmp_path / "f.txt").write_text("data")
+    read = {"tool": "read_file", "input": {"path": "f.txt"}}
+    model = ScriptModel([[read, read, read, {"text": "went on"}]])
+    limits = Limits(tool_calls_per_minute=2)
+    async with open_hub(tmp_path, acp_schema, model, limits=limits) as hub:
+        a = await hub.connect()
+        await initialize(a.client)
+        first = await a.client.new_session(str(hub.root))
+        other = await a.client.new_session(str(hub.root))
+        assert await a.client.prompt(first, "read thrice") == "end_turn"
+        results = tool_updates(a.client.updates(first))
+        assert results[:2] == [("completed", "data"), ("completed", "data")]
+        status, message = results[2]
+        assert status == "failed"
+        assert "rate limit: 2 tool calls per minute" in message and "retry in" in message
+        refused = [u for u in a.client.updates(first) if u["sessionUpdate"] == "tool_call"][2]
+        assert refused["status"] == "failed"
+        assert a.client.agent_text(first) == "went on"  # the turn goes on
+
+        # Another session is unaffected.
+        assert await a.client.prompt(other, "read") == "end_turn"
+        assert [s for s, _ in tool_updates(a.client.updates(other))] == [
+            "completed",
+            "completed",
+            "failed",
+        ]
+        await trio.sleep(60)
+        mark = len(a.client.updates(first))
+        assert await a.client.prompt(first, "again") == "end_turn"
+        again = tool_updates(a.client.updates(first)[mark:])
+        assert [s for s, _ in again] == ["completed", "completed", "failed"]
+
+
+async def test_small_outbox_still_delivers_everything(
+    tmp_path: Path, acp_schema: SchemaChecker
+) -> None:
+    chunks = [f"{i} " for i in range(300)]
+    model = ScriptModel([[{"text": c} for c in chunks]])
+    async with open_hub(tmp_path, acp_schema, model, limits=Limits(outbox_limit=1)) as hub:
+        a = await hub.connect(buffer=1)
+        b = await hub.connect(buffer=1)
+        await initialize(a.client)
+        await initialize(b.client)
+        sa = await a.client.new_session(str(hub.root))
+        sb = await b.client.new_session(str(hub.root))
+        stops: dict[str, str] = {}
+
+        async def prompt(client: Any, session_id: str) -> None:
+            stops[session_id] = await client.prompt(session_id, "go")
+
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(prompt, a.client, sa)
+                nursery.start_soon(prompt, b.client, sb)
+        assert stops == {sa: "end_turn", sb: "end_turn"}
+        assert [u["content"]["text"] for u in a.client.updates(sa)] == chunks
+        assert [u["content"]["text"] for u in b.client.updates(sb)] == chunks

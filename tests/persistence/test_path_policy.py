@@ -1,0 +1,171 @@
+"""Every path a session touches resolves (``..``, symlinks) inside its project roots: session
+cwds and additional directories are refused with -32602 naming the allowed roots, and file
+tools that would escape fail without reading or writing anything outside, or asking the
+client to."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from punie_trio.store import MemoryStore
+from punie_trio.worker import ScriptModel
+
+from ..acp_schema import SchemaChecker
+from ._hub import Hub, expect_error, initialize, open_hub
+
+SECRET = "outside secret"
+
+
+@pytest.fixture
+async def layout(tmp_path: Path) -> tuple[Path, Path]:
+    """``proj/`` (the root, with symlinks pointing out) and ``outside/secret.txt``."""
+    base = Path(await trio.Path(tmp_path).resolve())
+    root, outside = base / "proj", base / "outside"
+    root.mkdir()
+    outside.mkdir()
+    (outside / "secret.txt").write_text(SECRET)
+    (root / "inside.txt").write_text("inside")
+    (root / "link-dir").symlink_to(outside)
+    (root / "link-file.txt").symlink_to(outside / "secret.txt")
+    return root, outside
+
+
+async def new_session_error(hub: Hub, **params: Any) -> dict[str, Any]:
+    link = await hub.connect()
+    await initialize(link.client)
+    return await expect_error(link.client, "session/new", {"mcpServers": [], **params})
+
+
+async def test_session_cwd_must_be_inside_the_roots(
+    layout: tuple[Path, Path], acp_schema: SchemaChecker
+) -> None:
+    root, outside = layout
+    async with open_hub(root, acp_schema, ScriptModel([[{"text": "x"}]])) as hub:
+        for cwd in (outside, Path(f"{root}/../outside"), root / "link-dir", Path("/")):
+            error = await new_session_error(hub, cwd=str(cwd))
+            assert error["code"] == -32602, cwd
+            assert "cwd" in error["message"] and str(root) in error["message"], error
+        error = await new_session_error(
+            hub, cwd=str(root), additionalDirectories=[str(root), str(outside)]
+        )
+        assert error["code"] == -32602
+        assert "additionalDirectories[1]" in error["message"] and str(root) in error["message"]
+        error = await new_session_error(
+            hub, cwd=str(root), additionalDirectories=[str(root / "link-dir")]
+        )
+        assert error["code"] == -32602
+        assert hub.manager.sessions == {}
+        # Inside is fine, through a `..` that stays inside too.
+        link = await hub.connect()
+        await initialize(link.client)
+        await link.client.new_session(f"{root}/sub/../")
+
+
+async def test_session_load_with_a_cwd_outside_is_refused(
+    layout: tuple[Path, Path], acp_schema: SchemaChecker
+) -> None:
+    root, outside = layout
+    async with open_hub(root, acp_schema, ScriptModel([[{"text": "x"}]])) as hub:
+        link = await hub.connect()
+        await initialize(link.client)
+        session_id = await link.client.new_session(str(root))
+        await link.client.request("session/close", {"sessionId": session_id})
+        for method in ("session/load", "session/resume"):
+            for cwd in (outside, root / "link-dir"):
+                error = await expect_error(
+                    link.client,
+                    method,
+                    {"sessionId": session_id, "cwd": str(cwd), "mcpServers": []},
+                )
+                assert error["code"] == -32602 and str(root) in error["message"], error
+            error = await expect_error(
+                link.client,
+                method,
+                {
+                    "sessionId": session_id,
+                    "cwd": str(root),
+                    "mcpServers": [],
+                    "additionalDirectories": [str(outside)],
+                },
+            )
+            assert error["code"] == -32602 and "additionalDirectories[0]" in error["message"]
+        assert hub.manager.sessions == {}
+
+
+async def test_stored_additional_directories_are_not_restored_implicitly(
+    layout: tuple[Path, Path], acp_schema: SchemaChecker
+) -> None:
+    """A session made while ``outside`` was a root must not reach it after the server
+    restarts without that root, by loading without ``additionalDirectories`` (the
+    session-setup page: omitting them "does not restore stored roots implicitly")."""
+    root, outside = layout
+    store = MemoryStore()
+    model = ScriptModel(
+        [[{"text": "x"}], [{"tool": "read_file", "input": {"path": str(outside / "secret.txt")}}]]
+    )
+    async with open_hub(root, acp_schema, model, store=store, roots=(root, outside)) as hub:
+        link = await hub.connect()
+        await initialize(link.client)
+        session_id = await link.client.new_session(str(root), additionalDirectories=[str(outside)])
+        assert await link.client.prompt(session_id, "one") == "end_turn"
+    async with open_hub(root, acp_schema, model, store=store) as hub:
+        link = await hub.connect()
+        await initialize(link.client)
+        await link.client.request("session/resume", {"sessionId": session_id, "cwd": str(root)})
+        assert hub.manager.sessions[session_id].allowed_roots == (str(root),)
+        assert await link.client.prompt(session_id, "read it") == "end_turn"
+        failed = link.client.updates(session_id)[-1]
+        assert failed["status"] == "failed"
+        assert SECRET not in str(link.client.received)
+
+
+ESCAPES = [
+    "../outside/secret.txt",
+    "{outside}/secret.txt",
+    "link-file.txt",
+    "link-dir/secret.txt",
+    "link-dir/new.txt",
+    "~/../../{outside}/secret.txt",
+]
+
+
+@pytest.mark.parametrize("through_client", [True, False], ids=["client-fs", "disk"])
+@pytest.mark.parametrize("tool", ["read_file", "write_file"])
+async def test_file_tools_cannot_escape(
+    layout: tuple[Path, Path], acp_schema: SchemaChecker, tool: str, through_client: bool
+) -> None:
+    root, outside = layout
+    paths = [p.format(outside=outside) for p in ESCAPES]
+    steps: list[dict[str, Any]] = [
+        {"tool": tool, "input": {"path": p, "content": "pwned"}} for p in paths
+    ]
+    # A control: the same tool inside the root works.
+    steps.append({"tool": tool, "input": {"path": "inside.txt", "content": "rewritten"}})
+    async with open_hub(root, acp_schema, ScriptModel([steps])) as hub:
+        files = {str(root / "inside.txt"): "inside (editor)"}
+        link = await hub.connect(files=files)
+        caps = {"fs": {"readTextFile": True, "writeTextFile": True}} if through_client else {}
+        await initialize(link.client, **caps)
+        session_id = await link.client.new_session(str(root))
+        assert await link.client.prompt(session_id, "escape") == "end_turn"
+        updates = link.client.updates(session_id)
+        finals = [
+            u
+            for u in updates
+            if u["sessionUpdate"] == "tool_call_update" and u["status"] in ("failed", "completed")
+        ]
+        assert [u["status"] for u in finals] == ["failed"] * len(paths) + ["completed"]
+        for update in finals[:-1]:
+            assert "outside the allowed roots" in update["content"][0]["content"]["text"]
+        # Nothing outside was read, written or asked for.
+        assert SECRET not in str(link.client.received)
+        assert (outside / "secret.txt").read_text() == SECRET
+        assert sorted(p.name for p in outside.iterdir()) == ["secret.txt"]
+        asked = [r["params"]["path"] for r in link.client.agent_requests]
+        assert asked == ([str(root / "inside.txt")] if through_client else [])
+        if tool == "write_file" and not through_client:
+            assert (root / "inside.txt").read_text() == "rewritten"

@@ -1,0 +1,264 @@
+"""A client that says who it is (``_meta["punie-trio/clientId"]``) keeps its sessions for a
+grace period after it disconnects: its turns run on, and what they produce (updates, then
+the prompt's answer) is delivered in order, exactly once, when it re-attaches.
+
+The WebSocket test uses a real in-process server; grace expiry and buffer overflow run on
+the hub over in-memory streams with a MockClock."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import trio
+import trio.testing
+
+from punie_trio.hub import Limits
+from punie_trio.hub._manager import RELOAD_REQUIRED
+from punie_trio.worker import ScriptModel
+
+from ..acp_schema import SchemaChecker
+from ..integration._support import acp_ws_client, settle_until
+from ..integration.conftest import StartServer
+from ._hub import (
+    expect_error,
+    has_update,
+    initialize,
+    open_hub,
+    prompt_params,
+    send_prompt,
+    summary,
+)
+
+READ_NOTES = {"tool": "read_file", "input": {"path": "notes.txt"}}
+
+
+async def test_reconnect_within_grace_delivers_every_update_once_and_the_answer(
+    start_server: StartServer, tmp_path: Path, acp_schema: SchemaChecker
+) -> None:
+    # The client drops its WebSocket when the agent asks it to read a file: mid-stream,
+    # deterministically. The rest of the turn streams while it is away or after it is back.
+    model = ScriptModel(
+        [
+            [
+                {"text": "one "},
+                {"sleep": 0.01},
+                {"text": "two "},
+                READ_NOTES,
+                {"text": "three "},
+                {"sleep": 0.02},
+                {"text": "four "},
+                {"sleep": 0.02},
+                {"text": "five"},
+            ],
+            [{"text": "second prompt"}],
+        ]
+    )
+    root = Path(await trio.Path(tmp_path).resolve())
+    asked = trio.Event()
+
+    async def drop_instead_of_answering(method: str, params: dict[str, Any]) -> Any:
+        asked.set()
+        await trio.sleep_forever()
+
+    async with start_server(model) as running:
+        manager = running.manager
+        with trio.fail_after(10):
+            async with acp_ws_client(
+                running.url, acp_schema, on_agent_request=drop_instead_of_answering
+            ) as (first, ws):
+                await initialize(first, client_id="ide-1", fs={"readTextFile": True})
+                session_id = await first.new_session(str(root))
+                await send_prompt(first, "the-prompt", session_id, "count to five")
+                await asked.wait()
+                await ws.aclose()
+                await first.closed.wait()
+            await settle_until(lambda: not manager.connections)
+            session = manager.sessions[session_id]  # kept within grace
+            assert session.owner is None and session.detached_client == "ide-1"
+
+            async with acp_ws_client(running.url, acp_schema) as (second, _):
+                await initialize(second, client_id="ide-1", fs={"readTextFile": True})
+                assert manager.sessions[session_id].owner is not None
+                answer = await second.wait_for(lambda m: m.get("id") == "the-prompt")
+                assert answer["result"] == {"stopReason": "end_turn"}
+
+                every = first.updates(session_id) + second.updates(session_id)
+                assert [summary(u) for u in every] == [
+                    ("agent_message_chunk", "one "),
+                    ("agent_message_chunk", "two "),
+                    ("tool_call", "pending"),
+                    ("tool_call_update", "in_progress"),
+                    ("tool_call_update", "failed"),  # its client was gone
+                    ("agent_message_chunk", "three "),
+                    ("agent_message_chunk", "four "),
+                    ("agent_message_chunk", "five"),
+                ]
+                assert not any(m.get("id") == "the-prompt" for m in first.received)
+                # The answer came after every update of its turn.
+                index = second.received.index(answer)
+                assert all(m.get("method") != "session/update" for m in second.received[index:])
+                # The session is the new connection's now: it prompts on.
+                assert await second.prompt(session_id, "again") == "end_turn"
+                assert second.agent_text(session_id).endswith("second prompt")
+
+
+async def test_client_id_in_use_by_an_open_connection_is_refused(
+    tmp_path: Path, acp_schema: SchemaChecker
+) -> None:
+    async with open_hub(tmp_path, acp_schema, ScriptModel([[{"text": "ok"}]])) as hub:
+        a = await hub.connect()
+        b = await hub.connect()
+        await initialize(a.client, client_id="ide-1")
+        error = await expect_error(
+            b.client,
+            "initialize",
+            {"protocolVersion": 1, "_meta": {"punie-trio/clientId": "ide-1"}},
+        )
+        assert error["code"] == -32600
+        assert "ide-1" in error["message"] and "in use" in error["message"]
+        assert b.connection.initialized is False
+        await initialize(b.client, client_id="ide-2")  # another id is fine
+        # The first connection is unaffected.
+        session_id = await a.client.new_session(str(hub.root))
+        assert await a.client.prompt(session_id, "hi") == "end_turn"
+        # A bad client id is invalid params.
+        c = await hub.connect()
+        error = await expect_error(
+            c.client, "initialize", {"protocolVersion": 1, "_meta": {"punie-trio/clientId": 7}}
+        )
+        assert error["code"] == -32602 and "punie-trio/clientId" in error["message"]
+
+
+async def test_grace_expiry_drops_the_sessions_but_they_stay_loadable(
+    tmp_path: Path, acp_schema: SchemaChecker, autojump_clock: trio.testing.MockClock
+) -> None:
+    model = ScriptModel([[{"text": "kept"}], [{"text": "after expiry"}]])
+    limits = Limits(grace_seconds=30)
+    async with open_hub(tmp_path, acp_schema, model, limits=limits) as hub:
+        manager = hub.manager
+        a = await hub.connect()
+        await initialize(a.client, client_id="ide-1")
+        session_id = await a.client.new_session(str(hub.root))
+        assert await a.client.prompt(session_id, "first") == "end_turn"
+        await a.drop()
+        await hub.settle()
+        assert manager.connections == set()
+        assert manager.sessions[session_id].detached_client == "ide-1"
+        assert len(manager.workers) == 1
+
+        await trio.sleep(29.5)
+        assert session_id in manager.sessions
+        await trio.sleep(1)
+        assert session_id not in manager.sessions
+        assert manager.workers == {}
+
+        # Re-attaching now finds nothing live, but the session loads from the store.
+        b = await hub.connect()
+        await initialize(b.client, client_id="ide-1")
+        assert [m for m in b.client.received if "method" in m] == []
+        await b.client.request(
+            "session/load", {"sessionId": session_id, "cwd": str(hub.root), "mcpServers": []}
+        )
+        assert [summary(u) for u in b.client.updates(session_id)] == [
+            ("user_message_chunk", "first"),
+            ("agent_message_chunk", "kept"),
+        ]
+        assert await b.client.prompt(session_id, "second") == "end_turn"
+        assert b.client.agent_text(session_id) == "keptafter expiry"
+
+
+async def test_reattaching_within_grace_stops_the_expiry(
+    tmp_path: Path, acp_schema: SchemaChecker, autojump_clock: trio.testing.MockClock
+) -> None:
+    limits = Limits(grace_seconds=30)
+    async with open_hub(tmp_path, acp_schema, ScriptModel([[{"text": "x"}]]), limits=limits) as hub:
+        a = await hub.connect()
+        await initialize(a.client, client_id="ide-1")
+        session_id = await a.client.new_session(str(hub.root))
+        await a.drop()
+        await hub.settle()
+        await trio.sleep(20)
+        b = await hub.connect()
+        await initialize(b.client, client_id="ide-1")
+        await trio.sleep(60)  # well past the first grace period
+        assert hub.manager.sessions[session_id].owner is b.connection
+        assert await b.client.prompt(session_id, "still here") == "end_turn"
+
+
+async def test_without_a_client_id_sessions_go_at_once(
+    tmp_path: Path, acp_schema: SchemaChecker, autojump_clock: trio.testing.MockClock
+) -> None:
+    model = ScriptModel([[{"text": "start"}, {"sleep": 60}, {"text": "never"}]])
+    async with open_hub(tmp_path, acp_schema, model) as hub:
+        a = await hub.connect()
+        await initialize(a.client)
+        session_id = await a.client.new_session(str(hub.root))
+        await send_prompt(a.client, "p", session_id, "go")
+        await a.client.wait_for(has_update(session_id, "agent_message_chunk", "start"))
+        await a.drop()
+        await hub.settle()
+        assert hub.manager.sessions == {} and hub.manager.workers == {}
+        # The interrupted turn was recorded as cancelled.
+        entries = await hub.manager.store.transcript(session_id)
+        assert [(e.kind, e.payload.get("stopReason")) for e in entries][-1] == (
+            "stop",
+            "cancelled",
+        )
+
+
+async def test_overflow_sends_reload_required_and_still_the_answer(
+    tmp_path: Path, acp_schema: SchemaChecker, autojump_clock: trio.testing.MockClock
+) -> None:
+    chunks = [f"c{i} " for i in range(2, 8)]
+    model = ScriptModel([[{"text": "c1 "}, {"sleep": 1}, *({"text": c} for c in chunks)]])
+    limits = Limits(detached_buffer=2)
+    async with open_hub(tmp_path, acp_schema, model, limits=limits) as hub:
+        a = await hub.connect()
+        await initialize(a.client, client_id="ide-1")
+        session_id = await a.client.new_session(str(hub.root))
+        await send_prompt(a.client, "the-prompt", session_id, "stream a lot")
+        await a.client.wait_for(has_update(session_id, "agent_message_chunk", "c1 "))
+        await a.drop()
+        await hub.settle()
+        await trio.sleep(5)  # the turn ends while its client is away, overflowing the buffer
+        assert hub.manager.sessions[session_id].turn is None
+
+        b = await hub.connect()
+        await initialize(b.client, client_id="ide-1")
+        answer = await b.client.wait_for(lambda m: m.get("id") == "the-prompt")
+        assert answer["result"] == {"stopReason": "end_turn"}
+        notices = [m for m in b.client.received if m.get("method") == RELOAD_REQUIRED]
+        assert len(notices) == 1 and notices[0]["params"]["sessionId"] == session_id
+        assert b.client.received.index(notices[0]) < b.client.received.index(answer)
+        assert b.client.updates(session_id) == []  # told to reload, not given a partial stream
+
+        # Which it can: the whole turn is in the store.
+        await b.client.request(
+            "session/load", {"sessionId": session_id, "cwd": str(hub.root), "mcpServers": []}
+        )
+        assert b.client.agent_text(session_id) == "c1 " + "".join(chunks)
+
+
+async def test_buffered_updates_within_the_limit_are_all_delivered(
+    tmp_path: Path, acp_schema: SchemaChecker, autojump_clock: trio.testing.MockClock
+) -> None:
+    chunks = [f"c{i} " for i in range(2, 8)]
+    model = ScriptModel([[{"text": "c1 "}, {"sleep": 1}, *({"text": c} for c in chunks)]])
+    async with open_hub(tmp_path, acp_schema, model, limits=Limits(detached_buffer=6)) as hub:
+        a = await hub.connect()
+        await initialize(a.client, client_id="ide-1")
+        session_id = await a.client.new_session(str(hub.root))
+        await send_prompt(a.client, "the-prompt", session_id, "stream")
+        await a.client.wait_for(has_update(session_id, "agent_message_chunk", "c1 "))
+        await a.drop()
+        await hub.settle()
+        await trio.sleep(5)
+        b = await hub.connect()
+        await initialize(b.client, client_id="ide-1")
+        answer = await b.client.wait_for(lambda m: m.get("id") == "the-prompt")
+        assert answer["result"] == {"stopReason": "end_turn"}
+        assert not any(m.get("method") == RELOAD_REQUIRED for m in b.client.received)
+        assert b.client.agent_text(session_id) == "".join(chunks)
+        error = await expect_error(b.client, "session/prompt", prompt_params("sess_other", "x"))
+        assert error["code"] == -32002

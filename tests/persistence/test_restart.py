@@ -1,0 +1,336 @@
+"""Sessions survive a server restart: ``session/load`` replays exactly what was streamed,
+``session/resume`` brings a session back silently, ``session/list`` pages and filters, and
+``session/close`` / ``session/delete`` follow the spec pages. Real in-process servers on a
+SQLite store in one data directory, real WebSocket clients."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from punie_trio.worker import ScriptModel
+
+from ..acp_schema import SchemaChecker
+from ..client import AcpTestClient
+from ..integration._support import acp_ws_client, in_process_server
+from ..integration.conftest import StartServer
+from ._hub import expect_error, has_update, prompt_params, summary
+
+NOTES_IN_EDITOR = "notes from the editor buffer"
+PROMPTS = ("Read my notes\nplease", "And now?", "Do you remember?")
+
+PLAN = [
+    {"content": "Read notes.txt", "priority": "high", "status": "in_progress"},
+    {"content": "Summarise", "priority": "medium", "status": "pending"},
+]
+
+
+def history_script() -> ScriptModel:
+    """The n-th prompt of a session plays turn n (the index counts the session's history)."""
+    return ScriptModel(
+        [
+            [
+                {"thought": "Let me look at the notes."},
+                {"plan": PLAN},
+                {"tool": "read_file", "input": {"path": "notes.txt"}},
+                {"text": "The notes say: "},
+                {"text": "hello."},
+            ],
+            [{"text": "Second turn, "}, {"thought": "still going"}, {"text": "second answer."}],
+            [{"text": "Third turn: I remember two earlier prompts."}],
+        ]
+    )
+
+
+def user_chunk(text: str) -> dict[str, Any]:
+    return {"sessionUpdate": "user_message_chunk", "content": {"type": "text", "text": text}}
+
+
+def load_params(session_id: str, cwd: Path) -> dict[str, Any]:
+    return {"sessionId": session_id, "cwd": str(cwd), "mcpServers": []}
+
+
+async def resolved(path: Path) -> Path:
+    return Path(await trio.Path(path).resolve())
+
+
+async def run_turns(
+    tmp_path: Path, checker: SchemaChecker, turns: int
+) -> tuple[str, list[list[dict[str, Any]]]]:
+    """On a first server: one session, ``turns`` prompts; returns the session id and the
+    updates streamed by each turn. The server is stopped on return."""
+    root = await resolved(tmp_path)
+    notes = root / "notes.txt"
+    notes.write_text("notes on disk")
+    streamed: list[list[dict[str, Any]]] = []
+    async with (
+        in_process_server(tmp_path, history_script(), store="sqlite") as running,
+        acp_ws_client(running.url, checker, files={str(notes): NOTES_IN_EDITOR}) as (client, _),
+    ):
+        await client.initialize(fs={"readTextFile": True})
+        session_id = await client.new_session(str(root))
+        for text in PROMPTS[:turns]:
+            before = len(client.updates(session_id))
+            assert await client.prompt(session_id, text) == "end_turn"
+            streamed.append(client.updates(session_id)[before:])
+        # The first turn read the file through the client, and streamed every kind.
+        assert [r["method"] for r in client.agent_requests] == ["fs/read_text_file"]
+        kinds = {u["sessionUpdate"] for u in streamed[0]}
+        assert kinds == {
+            "agent_thought_chunk",
+            "plan",
+            "tool_call",
+            "tool_call_update",
+            "agent_message_chunk",
+        }
+        assert NOTES_IN_EDITOR in str(streamed[0])
+    assert (tmp_path / "data" / "sessions.sqlite3").is_file()
+    return session_id, streamed
+
+
+async def test_initialize_advertises_session_capabilities(
+    start_server: StartServer, acp_schema: SchemaChecker
+) -> None:
+    async with start_server() as running, acp_ws_client(running.url, acp_schema) as (client, _):
+        caps = (await client.initialize())["agentCapabilities"]
+        assert caps["loadSession"] is True
+        for name in ("list", "resume", "close", "delete"):
+            assert caps["sessionCapabilities"][name] == {}, name
+
+
+async def test_load_after_restart_replays_then_answers_and_keeps_history(
+    tmp_path: Path, acp_schema: SchemaChecker
+) -> None:
+    root = await resolved(tmp_path)
+    with trio.fail_after(30):
+        session_id, streamed = await run_turns(tmp_path, acp_schema, 2)
+        async with (
+            in_process_server(tmp_path, history_script(), store="sqlite") as running,
+            acp_ws_client(running.url, acp_schema) as (client, _),
+        ):
+            assert running.manager.sessions == {}  # nothing live: it is all in the store
+            await client.initialize(fs={"readTextFile": True})
+            mark = len(client.received)
+            answer = await client.request_raw("session/load", load_params(session_id, root))
+            assert answer.get("result") == {}, answer
+            after = client.received[mark:]
+            # Every replayed update first, the answer last.
+            assert after[-1] is answer
+            assert all(m.get("method") == "session/update" for m in after[:-1])
+            assert {m["params"]["sessionId"] for m in after[:-1]} == {session_id}
+            replayed = [m["params"]["update"] for m in after[:-1]]
+            expected: list[dict[str, Any]] = []
+            for text, updates in zip(PROMPTS, streamed, strict=False):
+                expected += [user_chunk(text), *updates]
+            assert replayed == expected
+
+            # The worker got the history: the third prompt plays the third turn.
+            before = len(client.updates(session_id))
+            assert await client.prompt(session_id, PROMPTS[2]) == "end_turn"
+            new = client.updates(session_id)[before:]
+            assert [summary(u) for u in new] == [
+                ("agent_message_chunk", "Third turn: I remember two earlier prompts.")
+            ]
+
+            # session/list knows it after the restart, titled by the first prompt's first line.
+            listed = await client.request("session/list", {})
+            assert [s["sessionId"] for s in listed["sessions"]] == [session_id]
+            assert listed["sessions"][0]["title"] == "Read my notes"
+            assert listed["sessions"][0]["cwd"] == str(root)
+
+        # ...and a third server replays all three turns.
+        async with (
+            in_process_server(tmp_path, history_script(), store="sqlite") as running,
+            acp_ws_client(running.url, acp_schema) as (client, _),
+        ):
+            await client.initialize()
+            await client.request("session/load", load_params(session_id, root))
+            user_texts = [
+                u["content"]["text"]
+                for u in client.updates(session_id)
+                if u["sessionUpdate"] == "user_message_chunk"
+            ]
+            assert user_texts == list(PROMPTS)
+
+
+async def test_resume_after_restart_does_not_replay(
+    tmp_path: Path, acp_schema: SchemaChecker
+) -> None:
+    root = await resolved(tmp_path)
+    with trio.fail_after(30):
+        session_id, _ = await run_turns(tmp_path, acp_schema, 2)
+        async with (
+            in_process_server(tmp_path, history_script(), store="sqlite") as running,
+            acp_ws_client(running.url, acp_schema) as (client, _),
+        ):
+            await client.initialize()
+            mark = len(client.received)
+            result = await client.request(
+                "session/resume", {"sessionId": session_id, "cwd": str(root)}
+            )
+            assert result == {}
+            assert [m for m in client.received[mark:] if "method" in m] == []  # no replay
+            assert await client.prompt(session_id, PROMPTS[2]) == "end_turn"
+            assert client.agent_text(session_id) == "Third turn: I remember two earlier prompts."
+            # An unknown session cannot be resumed.
+            error = await expect_error(
+                client, "session/resume", {"sessionId": "sess_nope", "cwd": str(root)}
+            )
+            assert error["code"] == -32002
+
+
+async def create_sessions(client: AcpTestClient, cwd: Path, count: int) -> list[str]:
+    return [await client.new_session(str(cwd)) for _ in range(count)]
+
+
+async def list_all(client: AcpTestClient, **params: Any) -> tuple[list[str], int]:
+    """Every session id ``session/list`` pages through, and the number of pages."""
+    ids: list[str] = []
+    pages = 0
+    cursor = None
+    while True:
+        page = await client.request(
+            "session/list", {**params, **({"cursor": cursor} if cursor else {})}
+        )
+        pages += 1
+        assert len(page["sessions"]) <= 50
+        ids += [s["sessionId"] for s in page["sessions"]]
+        cursor = page.get("nextCursor")
+        if cursor is None:
+            return ids, pages
+
+
+async def test_list_filters_by_cwd_and_pages_with_a_cursor(
+    tmp_path: Path, acp_schema: SchemaChecker
+) -> None:
+    root = await resolved(tmp_path)
+    sub = root / "sub"
+    sub.mkdir()
+    (root / "alias").symlink_to(sub)
+    with trio.fail_after(60):
+        async with (
+            in_process_server(tmp_path, history_script(), store="sqlite") as running,
+            acp_ws_client(running.url, acp_schema) as (client, _),
+        ):
+            await client.initialize()
+            in_root = await create_sessions(client, root, 51)
+            in_sub = await create_sessions(client, sub, 2)
+
+            first = await client.request("session/list", {"cwd": str(root)})
+            assert len(first["sessions"]) == 50 and "nextCursor" in first
+            ids, pages = await list_all(client, cwd=str(root))
+            assert pages == 2
+            assert sorted(ids) == sorted(in_root) and len(set(ids)) == 51
+
+            ids, pages = await list_all(client, cwd=str(sub))
+            assert (sorted(ids), pages) == (sorted(in_sub), 1)
+            # The filter compares resolved paths, as session/new stored them.
+            ids, _ = await list_all(client, cwd=str(root / "alias"))
+            assert sorted(ids) == sorted(in_sub)
+
+            ids, pages = await list_all(client)
+            assert sorted(ids) == sorted(in_root + in_sub) and pages == 2
+
+            error = await expect_error(client, "session/list", {"cursor": "not a cursor"})
+            assert error["code"] == -32602 and "cursor" in error["message"]
+            error = await expect_error(client, "session/list", {"cwd": "relative/dir"})
+            assert error["code"] == -32602 and "cwd" in error["message"]
+
+
+async def prompt_in_background(
+    client: AcpTestClient, session_id: str, text: str, answers: list[dict[str, Any]]
+) -> None:
+    answers.append(await client.request_raw("session/prompt", prompt_params(session_id, text)))
+
+
+async def test_close_cancels_the_running_turn(
+    start_server: StartServer, acp_schema: SchemaChecker
+) -> None:
+    model = ScriptModel([[{"text": "working"}, {"sleep": 60}, {"text": "never"}]])
+    async with start_server(model) as running:
+        root = await resolved(Path(running.manager.roots[0]))
+        with trio.fail_after(10):
+            async with acp_ws_client(running.url, acp_schema) as (client, _):
+                await client.initialize()
+                session_id = await client.new_session(str(root))
+                answers: list[dict[str, Any]] = []
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(prompt_in_background, client, session_id, "go", answers)
+                    await client.wait_for(has_update(session_id, "agent_message_chunk", "working"))
+                    assert await client.request("session/close", {"sessionId": session_id}) == {}
+                assert answers[0]["result"] == {"stopReason": "cancelled"}
+                assert "never" not in client.agent_text(session_id)
+                assert session_id not in running.manager.sessions
+                assert running.manager.workers == {}
+
+                error = await expect_error(client, "session/prompt", prompt_params(session_id, "x"))
+                assert error["code"] == -32002
+                error = await expect_error(client, "session/close", {"sessionId": session_id})
+                assert error["code"] == -32002
+
+                # Closed is not deleted: it is listed and loads, with the cancelled turn.
+                listed = await client.request("session/list", {})
+                assert [s["sessionId"] for s in listed["sessions"]] == [session_id]
+                mark = len(client.updates(session_id))
+                await client.request("session/load", load_params(session_id, root))
+                assert [summary(u) for u in client.updates(session_id)[mark:]] == [
+                    ("user_message_chunk", "go"),
+                    ("agent_message_chunk", "working"),
+                ]
+
+
+async def test_delete_removes_the_session(
+    start_server: StartServer, acp_schema: SchemaChecker
+) -> None:
+    async with start_server() as running:
+        root = await resolved(Path(running.manager.roots[0]))
+        with trio.fail_after(10):
+            async with acp_ws_client(running.url, acp_schema) as (client, _):
+                await client.initialize()
+                live = await client.new_session(str(root))
+                kept = await client.new_session(str(root))
+                assert await client.prompt(live, "to be deleted") == "end_turn"
+                assert await client.request("session/delete", {"sessionId": live}) == {}
+                assert live not in running.manager.sessions
+
+                listed = await client.request("session/list", {})
+                assert [s["sessionId"] for s in listed["sessions"]] == [kept]
+                error = await expect_error(client, "session/load", load_params(live, root))
+                assert error["code"] == -32002
+                error = await expect_error(client, "session/prompt", prompt_params(live, "x"))
+                assert error["code"] == -32002
+                # Deleting again, or a session that never existed, succeeds silently.
+                assert await client.request("session/delete", {"sessionId": live}) == {}
+                assert await client.request("session/delete", {"sessionId": "sess_never"}) == {}
+
+            # A stored session that is not live (its client left) is deleted too.
+            async with acp_ws_client(running.url, acp_schema) as (client, _):
+                await client.initialize()
+                assert await client.request("session/delete", {"sessionId": kept}) == {}
+                assert (await client.request("session/list", {}))["sessions"] == []
+                error = await expect_error(
+                    client, "session/resume", {"sessionId": kept, "cwd": str(root)}
+                )
+                assert error["code"] == -32002
+
+
+async def test_a_session_open_elsewhere_cannot_be_loaded_or_deleted(
+    start_server: StartServer, acp_schema: SchemaChecker
+) -> None:
+    async with start_server() as running:
+        root = await resolved(Path(running.manager.roots[0]))
+        with trio.fail_after(10):
+            async with (
+                acp_ws_client(running.url, acp_schema) as (owner, _),
+                acp_ws_client(running.url, acp_schema) as (other, _),
+            ):
+                await owner.initialize()
+                await other.initialize()
+                session_id = await owner.new_session(str(root))
+                error = await expect_error(other, "session/load", load_params(session_id, root))
+                assert error["code"] == -32600 and "another connection" in error["message"]
+                error = await expect_error(other, "session/delete", {"sessionId": session_id})
+                assert error["code"] == -32002
+                assert await owner.prompt(session_id, "still mine") == "end_turn"
