@@ -49,6 +49,27 @@ def _to_float(value: Any) -> float:
         raise ValueError(f"must be a number, got {value!r}") from None
 
 
+def _to_positive_int(value: Any) -> int:
+    number = _to_int(value)
+    if number <= 0:
+        raise ValueError(f"must be a positive integer, got {number}")
+    return number
+
+
+def _to_port(value: Any) -> int:
+    number = _to_int(value)
+    if not 0 <= number <= 65535:
+        raise ValueError(f"must be from 0 to 65535, got {number}")
+    return number
+
+
+def _to_seconds(value: Any) -> float:
+    number = _to_float(value)
+    if not number >= 0:
+        raise ValueError(f"must be a number of seconds >= 0, got {number}")
+    return number
+
+
 def _to_str(value: Any) -> str:
     if not isinstance(value, str):
         raise ValueError("must be a string")
@@ -73,7 +94,7 @@ class Option:
 
 OPTIONS: tuple[Option, ...] = (
     Option("host", _to_str, "127.0.0.1"),
-    Option("port", _to_int, 8765),
+    Option("port", _to_port, 8765),
     Option("stdio", _to_bool, False),
     Option("no_http", _to_bool, False),
     Option("project", _to_path, (), many=True),
@@ -84,14 +105,17 @@ OPTIONS: tuple[Option, ...] = (
     Option("token", _to_str, None),
     Option("allow_origin", _to_str, (), many=True),
     Option("metrics_public", _to_bool, False),
-    Option("max_message_bytes", _to_int, 16 * 1024 * 1024),
-    Option("max_prompt_bytes", _to_int, 1024 * 1024),
-    Option("max_sessions_per_connection", _to_int, 64),
-    Option("max_connections", _to_int, 256),
-    Option("prompts_per_minute", _to_int, 120),
-    Option("tool_calls_per_minute", _to_int, 240),
-    Option("outbox_limit", _to_int, 256),
-    Option("shutdown_timeout", _to_float, 5.0),
+    Option("max_message_bytes", _to_positive_int, 16 * 1024 * 1024),
+    Option("max_prompt_bytes", _to_positive_int, 1024 * 1024),
+    Option("max_sessions_per_connection", _to_positive_int, 64),
+    Option("max_connections", _to_positive_int, 256),
+    Option("prompts_per_minute", _to_positive_int, 120),
+    Option("tool_calls_per_minute", _to_positive_int, 240),
+    Option("outbox_limit", _to_positive_int, 256),
+    Option("shutdown_timeout", _to_seconds, 5.0),
+    Option("grace_seconds", _to_seconds, 300.0),
+    Option("detached_buffer", _to_positive_int, 1024),
+    Option("client_call_timeout", _to_seconds, 300.0),
     Option("site", _to_path, None),
     Option("build", _to_str, None),
     Option("watch", _to_path, (), many=True),

@@ -132,6 +132,21 @@ def build_parser() -> argparse.ArgumentParser:
         "--outbox-limit", type=_positive_int, help="queued messages per connection (default 256)"
     )
     limits.add_argument(
+        "--grace-seconds",
+        type=_seconds,
+        help="how long a disconnected client's sessions wait for it to reconnect (default 300)",
+    )
+    limits.add_argument(
+        "--detached-buffer",
+        type=_positive_int,
+        help="updates kept per session while its client is away (default 1024)",
+    )
+    limits.add_argument(
+        "--client-call-timeout",
+        type=_seconds,
+        help="seconds a client gets to answer fs/terminal/permission requests (default 300)",
+    )
+    limits.add_argument(
         "--shutdown-timeout", type=_seconds, help="seconds a graceful shutdown may take (default 5)"
     )
     dev = s.add_argument_group("dev app (site preview with live reload)")
@@ -233,6 +248,9 @@ def _run_serve(args: argparse.Namespace) -> int:
             prompts_per_minute=o["prompts_per_minute"],
             tool_calls_per_minute=o["tool_calls_per_minute"],
             outbox_limit=o["outbox_limit"],
+            grace_seconds=o["grace_seconds"],
+            detached_buffer=o["detached_buffer"],
+            client_call_timeout=o["client_call_timeout"],
         ),
         site=site,
         dev_options=dev_options,

@@ -364,11 +364,14 @@ class Manager:
             ) from None
         return {"sessionId": session.id}
 
+    def _serves(self, record: SessionRecord) -> bool:
+        """Whether ``record``'s working directory lies under a root this server serves
+        (the store may hold sessions of roots no longer passed with ``--project``)."""
+        return any(record.cwd == r or Path(record.cwd).is_relative_to(r) for r in self.roots)
+
     async def _stored(self, session_id: str) -> SessionRecord:
         record = await self.store.get_session(session_id)
-        if record is None or not any(
-            record.root == r or Path(record.root).is_relative_to(r) for r in self.roots
-        ):
+        if record is None or not self._serves(record):
             raise RpcError.not_found(f"Session not found: {session_id}")
         return record
 
@@ -435,6 +438,8 @@ class Manager:
             records, cursor = await self.store.list_sessions(cwd=cwd, cursor=cursor)
         except StoreError as exc:
             raise RpcError.invalid_params(f"Invalid params: cursor is not valid ({exc})") from None
+        # Only sessions under the roots this server serves (a store may outlive a --project).
+        served = [r for r in records if self._serves(r)]
         sessions = [
             {
                 "sessionId": r.id,
@@ -449,7 +454,7 @@ class Manager:
                     else {}
                 ),
             }
-            for r in records
+            for r in served
         ]
         result: dict[str, Any] = {"sessions": sessions}
         if cursor is not None:

@@ -43,6 +43,9 @@ class App:
     allow_origins: tuple[str, ...] = ()
     metrics_public: bool = False
     started_at: float = attrs.field(factory=time.monotonic)
+    # Upgrades accepted but not yet attached to the manager: counted against the connection
+    # limit, so simultaneous handshakes cannot slip past it.
+    _upgrading: int = attrs.field(default=0, init=False)
 
     async def __call__(self, scope: dict[str, Any], receive: ASGIReceive, send: ASGISend) -> None:
         kind = scope["type"]
@@ -137,9 +140,14 @@ class App:
             await _reject_websocket(scope, send, *refusal)
             return
         conn_id = uuid.uuid4().hex
-        await send(
-            {"type": "websocket.accept", "headers": [(b"acp-connection-id", conn_id.encode())]}
-        )
+        self._upgrading += 1
+        try:
+            await send(
+                {"type": "websocket.accept", "headers": [(b"acp-connection-id", conn_id.encode())]}
+            )
+        finally:
+            # conn.run() attaches to the manager before its first checkpoint.
+            self._upgrading -= 1
         stream = AsgiWebSocketStream(receive, send)
         conn = ClientConnection(self.manager, transport="websocket", id=conn_id)
         try:
@@ -158,7 +166,7 @@ class App:
             )
         if self.closing.is_set():
             return 503, "Service Unavailable: the server is shutting down"
-        if len(self.manager.connections) >= self.manager.limits.max_connections:
+        if len(self.manager.connections) + self._upgrading >= self.manager.limits.max_connections:
             limit = self.manager.limits.max_connections
             return 503, f"Service Unavailable: connection limit reached ({limit})"
         return None

@@ -121,6 +121,23 @@ def test_unknown_key_is_named() -> None:
             {"PUNIE_OUTBOX_LIMIT": "1e3"},
             "$PUNIE_OUTBOX_LIMIT: outbox-limit must be an integer, got '1e3'",
         ),
+        # Ranges are checked wherever a value comes from, not only on the command line.
+        (
+            {},
+            {"PUNIE_MAX_CONNECTIONS": "0"},
+            "$PUNIE_MAX_CONNECTIONS: max-connections must be a positive integer, got 0",
+        ),
+        (
+            {"max_prompt_bytes": -5},
+            {},
+            "config.toml: max-prompt-bytes must be a positive integer, got -5",
+        ),
+        ({"port": 70000}, {}, "config.toml: port must be from 0 to 65535, got 70000"),
+        (
+            {"grace_seconds": -1},
+            {},
+            "config.toml: grace-seconds must be a number of seconds >= 0, got -1.0",
+        ),
     ],
 )
 def test_bad_type_names_the_option_and_the_source(

@@ -334,3 +334,41 @@ async def test_a_session_open_elsewhere_cannot_be_loaded_or_deleted(
                 error = await expect_error(other, "session/delete", {"sessionId": session_id})
                 assert error["code"] == -32002
                 assert await owner.prompt(session_id, "still mine") == "end_turn"
+
+
+async def test_list_shows_only_sessions_under_served_roots(
+    tmp_path: Path, acp_schema: SchemaChecker
+) -> None:
+    """A store outlives ``--project`` choices: a server lists (and loads) only the sessions
+    under the roots it serves now."""
+    from punie_trio.server import ServeConfig, serve
+
+    root = await resolved(tmp_path)
+    (root / "a").mkdir()
+    (root / "b").mkdir()
+    with trio.fail_after(30):
+        async with (
+            in_process_server(tmp_path, history_script(), store="sqlite") as running,
+            acp_ws_client(running.url, acp_schema) as (client, _),
+        ):
+            await client.initialize()
+            in_a = await client.new_session(str(root / "a"))
+            in_b = await client.new_session(str(root / "b"))
+        config = ServeConfig(
+            projects=(root / "a",),
+            model=history_script(),
+            port=0,
+            handle_signals=False,
+            data_dir=tmp_path / "data",
+            store="sqlite",
+        )
+        async with trio.open_nursery() as nursery:
+            narrowed = await nursery.start(serve, config)
+            assert narrowed.url is not None
+            async with acp_ws_client(narrowed.url, acp_schema) as (client, _):
+                await client.initialize()
+                listed = await client.request("session/list", {})
+                assert [s["sessionId"] for s in listed["sessions"]] == [in_a]
+                error = await expect_error(client, "session/load", load_params(in_b, root / "a"))
+                assert error["code"] == -32002
+            narrowed.closing.set()
