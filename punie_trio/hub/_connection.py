@@ -62,6 +62,9 @@ class ClientConnection:
             self,
             outbox_size=self.manager.limits.outbox_limit,
             observer=self.manager.metrics,
+            # stdin EOF closes only the client's sending half: cancel our turns, but let
+            # every request read so far be answered (a piped script gets all its answers).
+            on_eof=self._cancel_turns if self.transport == "stdio" else None,
         )
         self.manager.attach(self)
         try:
@@ -71,6 +74,11 @@ class ClientConnection:
                 nursery.cancel_scope.cancel()
         finally:
             self.manager.detach(self)
+
+    def _cancel_turns(self) -> None:
+        for session in self.manager.sessions.values():
+            if session.turn is not None and session.turn.connection is self:
+                session.turn.cancel_requested.set()
 
     async def _finish_on_shutdown(self, peer: Peer) -> None:
         """At shutdown: cancel our turns (they answer ``cancelled``), stop reading, and let

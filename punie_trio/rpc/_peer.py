@@ -23,7 +23,7 @@ from __future__ import annotations
 import contextvars
 import itertools
 import logging
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 import attrs
@@ -119,6 +119,10 @@ class Peer:
     outbox_size: int = 256
     max_concurrent_requests: int = 256
     observer: PeerObserver = attrs.field(factory=_NullObserver)
+    # Called when the other side ends its half of a half-closable stream (NDJSON EOF). When
+    # set, running handlers are not cancelled at EOF: they finish and their answers drain
+    # (the callback is where the owner cuts long work short, e.g. cancels turns).
+    on_eof: Callable[[], None] | None = None
     _ids: itertools.count[int] = attrs.field(factory=lambda: itertools.count(1), init=False)
     _pending: dict[RequestId, _PendingCall] = attrs.field(factory=dict, init=False)
     _running: dict[RequestId, trio.CancelScope] = attrs.field(factory=dict, init=False)
@@ -126,6 +130,7 @@ class Peer:
     _closed: bool = attrs.field(default=False, init=False)
     _finishing: bool = attrs.field(default=False, init=False)
     _lost: bool = attrs.field(default=False, init=False)
+    _eof: bool = attrs.field(default=False, init=False)
     _reader_scope: trio.CancelScope = attrs.field(factory=trio.CancelScope, init=False)
     _outbox_send: trio.MemorySendChannel[str] = attrs.field(init=False)
     _outbox_receive: trio.MemoryReceiveChannel[str] = attrs.field(init=False)
@@ -153,7 +158,11 @@ class Peer:
                     task_status.started()
                     with self._reader_scope:
                         await self._reader()
-                    if not self._finishing:
+                    if self._eof and self.on_eof is not None:
+                        # The other side closed only its sending half (stdin EOF): our
+                        # answers can still reach it, so let the handlers finish.
+                        self.on_eof()
+                    elif not self._finishing:
                         handlers.cancel_scope.cancel()
                 # Handlers are done and their last answers queued: let the writer drain them.
                 self._outbox_send.close()
@@ -252,7 +261,10 @@ class Peer:
             except MessageTooLarge as exc:
                 await self._send(ErrorResponse(None, INVALID_REQUEST, f"Invalid request: {exc}"))
                 continue
-            except (trio.EndOfChannel, trio.BrokenResourceError, trio.ClosedResourceError):
+            except trio.EndOfChannel:
+                self._lost = self._eof = True
+                return
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
                 self._lost = True
                 return
             self.observer.message_in()

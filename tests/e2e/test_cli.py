@@ -353,3 +353,73 @@ def test_log_level_error_silences_warnings(env: dict[str, str], tmp_path: Path) 
     assert b"without an id" not in done.stderr
     # The file log still records at info level or below.
     assert "without an id" in (tmp_path / "data" / "punie-trio.log").read_text(encoding="utf-8")
+
+
+def test_piped_requests_are_all_answered_after_stdin_eof(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    """stdin EOF closes only the client's half: every request read before it is answered."""
+    lines = [
+        {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {"protocolVersion": 1}},
+        {
+            "jsonrpc": "2.0",
+            "id": 2,
+            "method": "session/new",
+            "params": {"cwd": str(tmp_path), "mcpServers": []},
+        },
+        {"jsonrpc": "2.0", "id": 3, "method": "session/list", "params": {}},
+    ]
+    done = subprocess.run(
+        [*PUNIE, "serve", "--stdio", "--no-http", "--project", str(tmp_path)],
+        input="".join(json.dumps(line) + "\n" for line in lines).encode(),
+        capture_output=True,
+        env=env,
+        timeout=TIMEOUT,
+    )
+    assert done.returncode == 0, done.stderr
+    answers = {m["id"]: m for m in map(json.loads, done.stdout.decode().splitlines())}
+    assert sorted(answers) == [1, 2, 3]
+    assert answers[2]["result"]["sessionId"].startswith("sess_")
+    assert all("result" in a for a in answers.values())
+
+
+def test_a_prompt_running_at_stdin_eof_answers_cancelled(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    script = tmp_path / "slow.json"
+    script.write_text(json.dumps([[{"text": "working"}, {"sleep": 600}]]))
+    agent = subprocess.Popen(
+        [*PUNIE, "serve", "--stdio", "--no-http", "--project", str(tmp_path)]
+        + ["--model", f"script:{script}"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        env=env,
+    )
+    assert agent.stdin is not None and agent.stdout is not None
+
+    def call(msg: dict[str, Any]) -> None:
+        assert agent.stdin is not None
+        agent.stdin.write((json.dumps(msg) + "\n").encode())
+        agent.stdin.flush()
+
+    def read() -> dict[str, Any]:
+        assert agent.stdout is not None
+        line: dict[str, Any] = json.loads(agent.stdout.readline())
+        return line
+
+    try:
+        call({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {"protocolVersion": 1}})
+        assert read()["id"] == 1
+        params = {"cwd": str(tmp_path), "mcpServers": []}
+        call({"jsonrpc": "2.0", "id": 2, "method": "session/new", "params": params})
+        session = read()["result"]["sessionId"]
+        prompt = {"sessionId": session, "prompt": [{"type": "text", "text": "go"}]}
+        call({"jsonrpc": "2.0", "id": 3, "method": "session/prompt", "params": prompt})
+        assert read()["method"] == "session/update"  # the turn is running
+        agent.stdin.close()
+        assert read() == {"jsonrpc": "2.0", "id": 3, "result": {"stopReason": "cancelled"}}
+        assert agent.wait(TIMEOUT) == 0
+    finally:
+        agent.kill()
+        agent.wait()
