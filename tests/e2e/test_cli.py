@@ -388,9 +388,9 @@ def test_a_prompt_running_at_stdin_eof_answers_cancelled(
 ) -> None:
     script = tmp_path / "slow.json"
     script.write_text(json.dumps([[{"text": "working"}, {"sleep": 600}]]))
+    model = f"script:{script}"
     agent = subprocess.Popen(
-        [*PUNIE, "serve", "--stdio", "--no-http", "--project", str(tmp_path)]
-        + ["--model", f"script:{script}"],
+        [*PUNIE, "serve", "--stdio", "--no-http", "--project", str(tmp_path), "--model", model],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
