@@ -1,0 +1,185 @@
+"""Echo prompt round trips: 1, 10 and 100 concurrent clients.
+
+Each client has its own WebSocket connection and session and sends echo prompts one after
+another (16-word prompt: 16 streamed ``session/update`` chunks, then the answer); the round
+trip is from sending ``session/prompt`` to receiving its answer, the updates included.
+Reports p50/p99 and prompts/s for, in the same run and interleaved level by level:
+
+- punie-trio ``--model echo`` (sqlite store, the default, and ``--store memory``);
+- raw Hypercorn-trio ASGI WebSocket app, ``/echo`` (one frame back) and ``/stream`` (the
+  same 17 frames punie-trio sends; benchmarks/_raw_server.py);
+- the official ACP SDK's ASGI app under uvicorn, same echo chunks (benchmarks/_sdk_server.py).
+
+Targets: punie-trio p50 within 2x of the raw echo; punie-trio ahead of the SDK on prompts/s.
+
+    python benchmarks/prompt_latency.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from _common import (
+    PROMPT_TEXT,
+    AcpClient,
+    CpuMeter,
+    Server,
+    header,
+    percentile,
+    raise_nofile,
+    tmpdirs,
+    versions,
+    ws_connect,
+)
+
+LEVEL_DEADLINE = 60.0  # seconds of measuring per (target, level), at most
+ECHO_FRAME = (
+    '{"jsonrpc":"2.0","id":1,"method":"session/prompt","params":{"sessionId":"sess_raw",'
+    f'"prompt":[{{"type":"text","text":"{PROMPT_TEXT}"}}]}}}}'
+)
+
+Op = Callable[[], Awaitable[None]]
+
+
+class Target:
+    def __init__(self, name: str, server: Server, open_client: Callable[[], Awaitable[Any]]):
+        self.name = name
+        self.server = server
+        self.open_client = open_client
+
+
+async def acp_op_factory(url: str, project: Path) -> tuple[Op, Callable[[], Awaitable[None]]]:
+    client = await AcpClient.open(url, cwd=project)
+
+    async def op() -> None:
+        stop, updates = await client.prompt()
+        if stop != "end_turn" or updates != 16:
+            raise RuntimeError(f"bad echo turn: {stop} with {updates} updates")
+
+    return op, client.close
+
+
+async def stream_op_factory(url: str) -> tuple[Op, Callable[[], Awaitable[None]]]:
+    client = AcpClient(await ws_connect(url))
+    client.session_id = "sess_raw"
+
+    async def op() -> None:
+        stop, updates = await client.prompt()
+        assert stop == "end_turn" and updates == 16
+
+    return op, client.close
+
+
+async def echo_op_factory(url: str) -> tuple[Op, Callable[[], Awaitable[None]]]:
+    ws = await ws_connect(url)
+
+    async def op() -> None:
+        await ws.send(ECHO_FRAME)
+        await ws.recv()
+
+    return op, ws.close
+
+
+async def run_level(target: Target, clients: int, per_client: int, warmup: int) -> dict[str, Any]:
+    pairs = await asyncio.gather(*(target.open_client() for _ in range(clients)))
+    latencies: list[float] = []
+    deadline = time.perf_counter() + LEVEL_DEADLINE
+
+    async def worker(op: Op, count: int, record: bool) -> None:
+        for _ in range(count):
+            t0 = time.perf_counter()
+            await op()
+            if record:
+                latencies.append(time.perf_counter() - t0)
+                if t0 > deadline:
+                    return
+
+    await asyncio.gather(*(worker(op, warmup, False) for op, _ in pairs))
+    with CpuMeter(target.server.pid) as cpu:
+        await asyncio.gather(*(worker(op, per_client, True) for op, _ in pairs))
+    await asyncio.gather(*(close() for _, close in pairs))
+    return {
+        "n": len(latencies),
+        "p50": percentile(latencies, 50) * 1000,
+        "p99": percentile(latencies, 99) * 1000,
+        "rate": len(latencies) / cpu.wall,
+        "cpu": cpu.describe(),
+    }
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer prompts")
+    args = parser.parse_args()
+    raise_nofile()
+    # (clients, prompts per client)
+    levels = [(1, 200), (10, 50), (100, 10)] if args.quick else [(1, 2000), (10, 400), (100, 60)]
+    header("prompt_latency: echo prompt round trips (16 chunks + answer)")
+    print(versions(), f"load average at start {os.getloadavg()[0]:.2f}", sep="; ")
+    holder, project, data = tmpdirs("prompt")
+    mem_data = data.parent / "data-mem"
+    mem_data.mkdir()
+    common = ("--model", "echo", "--prompts-per-minute", "100000000", "--max-connections", "1000")
+    servers = {
+        "raw": Server.raw(),
+        "punie": Server.punie(project, data, *common),
+        "punie-mem": Server.punie(project, mem_data, *common, "--store", "memory"),
+        "sdk": Server.sdk(),
+    }
+    with holder:
+        try:
+            for s in servers.values():
+                s.start()
+            raw, punie, punie_mem, sdk = (servers[k] for k in ("raw", "punie", "punie-mem", "sdk"))
+            targets = [
+                Target("raw echo (1 frame)", raw, lambda: echo_op_factory(raw.url("/echo"))),
+                Target(
+                    "raw stream (17 frames)", raw, lambda: stream_op_factory(raw.url("/stream"))
+                ),
+                Target("punie-trio (sqlite)", punie, lambda: acp_op_factory(punie.url(), project)),
+                Target(
+                    "punie-trio (memory)",
+                    punie_mem,
+                    lambda: acp_op_factory(punie_mem.url(), project),
+                ),
+                Target("ACP SDK + uvicorn", sdk, lambda: acp_op_factory(sdk.url(), project)),
+            ]
+            for clients, per_client in levels:
+                print(f"\n-- {clients} concurrent client(s), {per_client} prompts each --")
+                results: dict[str, dict[str, Any]] = {}
+                for target in targets:
+                    r = await run_level(target, clients, per_client, warmup=max(2, 50 // clients))
+                    results[target.name] = r
+                    print(
+                        f"{target.name:<24} p50 {r['p50']:7.2f} ms  p99 {r['p99']:7.2f} ms  "
+                        f"{r['rate']:7.0f} prompts/s  (n={r['n']}; {r['cpu']})",
+                        flush=True,
+                    )
+                echo = results["raw echo (1 frame)"]
+                stream = results["raw stream (17 frames)"]
+                sdk_r = results["ACP SDK + uvicorn"]
+                for name in ("punie-trio (sqlite)", "punie-trio (memory)"):
+                    r = results[name]
+                    p50_ratio = r["p50"] / echo["p50"]
+                    print(
+                        f"  -> {name}: p50 {p50_ratio:.2f}x raw echo "
+                        f"({'MET' if p50_ratio <= 2 else 'MISSED'} <= 2x), "
+                        f"{r['p50'] / stream['p50']:.2f}x raw stream; prompts/s "
+                        f"{r['rate'] / sdk_r['rate']:.2f}x the SDK "
+                        f"({'MET' if r['rate'] > sdk_r['rate'] else 'MISSED'}: ahead)",
+                        flush=True,
+                    )
+        finally:
+            for s in servers.values():
+                s.stop()
+    print(f"load average at end {os.getloadavg()[0]:.2f}")
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
