@@ -17,7 +17,6 @@ Peer's nursery, and the relay's ``finally`` tells the worker so.
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import itertools
 import logging
@@ -133,7 +132,8 @@ class Session:
     title: str | None = None
     # While the owner is away within its grace period: its client id and what it missed.
     detached_client: str | None = None
-    pending: collections.deque[Pending] = attrs.field(factory=collections.deque)
+    # A list, not a deque: empty for almost every session, and 56 bytes that way, not 760.
+    pending: list[Pending] = attrs.field(factory=list)
     overflowed: bool = False
 
     @property
@@ -172,6 +172,8 @@ class Manager:
             self._nursery = nursery
             task_status.started()
             try:
+                await self.closing.wait()
+                self._finish_connections()
                 await trio.sleep_forever()
             finally:
                 self._nursery = None
@@ -182,6 +184,17 @@ class Manager:
 
     def attach(self, conn: ClientConnection) -> None:
         self.connections.add(conn)
+        if self.closing.is_set():
+            self._finish_connections()
+
+    def _finish_connections(self) -> None:
+        """At shutdown: cancel every turn (each answers ``cancelled``), and have every
+        connection stop reading and drain its answers. One watcher here rather than a task
+        per connection: an idle connection then costs no task of its own."""
+        self.cancel_all_turns()
+        for conn in self.connections:
+            if conn.peer is not None:
+                conn.peer.finish()
 
     def detach(self, conn: ClientConnection) -> None:
         """Forget a connection that ended. A client that said who it is keeps its sessions
@@ -245,7 +258,7 @@ class Manager:
                 return
             if sum(1 for p in session.pending if p[0] == "update") >= self.limits.detached_buffer:
                 session.overflowed = True
-                session.pending = collections.deque(p for p in session.pending if p[0] != "update")
+                session.pending = [p for p in session.pending if p[0] != "update"]
                 return
         session.pending.append(item)
 
@@ -257,7 +270,7 @@ class Manager:
                 {"sessionId": session.id, "reason": "updates were missed while disconnected"},
             )
         while session.pending and session.owner is conn:
-            item = session.pending.popleft()
+            item = session.pending.pop(0)
             if item[0] == "update":
                 await conn.send_update(session.id, item[1])
             else:
@@ -533,8 +546,8 @@ class Manager:
             raise RpcError(INVALID_REQUEST, f"Session {session.id} already has a prompt running")
         now = trio.current_time()
         recent = conn.prompt_times
-        while recent and recent[0] <= now - 60.0:
-            recent.popleft()
+        expired = next((i for i, t in enumerate(recent) if t > now - 60.0), len(recent))
+        del recent[:expired]
         if len(recent) >= self.limits.prompts_per_minute:
             retry = recent[0] + 60.0 - now
             raise RpcError(
