@@ -30,6 +30,7 @@ from ._model import (
     decode_cursor,
     encode_cursor,
     load_json,
+    session_changes,
 )
 
 
@@ -79,20 +80,11 @@ class MemoryStore:
         updated_at: float | Unset = UNSET,
     ) -> None:
         await self._enter()
-        if config is not UNSET:
-            config = check_config(config)
+        # Checked before the lookup: both stores report bad input before an unknown session.
+        changes = session_changes(
+            title=title, mode=mode, config=config, client_id=client_id, updated_at=updated_at
+        )
         rec = self._get(session_id)
-        changes: dict[str, Any] = {}
-        if title is not UNSET:
-            changes["title"] = title
-        if mode is not UNSET:
-            changes["mode"] = mode
-        if config is not UNSET:
-            changes["config"] = config
-        if client_id is not UNSET:
-            changes["client_id"] = client_id
-        if updated_at is not UNSET:
-            changes["updated_at"] = float(updated_at)
         self._sessions[session_id] = attrs.evolve(rec, **changes)
 
     async def list_sessions(

@@ -137,6 +137,30 @@ def check_record(rec: SessionRecord) -> SessionRecord:
     )
 
 
+def session_changes(
+    *,
+    title: str | Unset | None,
+    mode: str | Unset | None,
+    config: dict[str, Any] | Unset,
+    client_id: str | Unset | None,
+    updated_at: float | Unset,
+) -> dict[str, Any]:
+    """The fields ``update_session`` was given (checked), by column name; both stores apply
+    exactly this."""
+    changes: dict[str, Any] = {}
+    if title is not UNSET:
+        changes["title"] = title
+    if mode is not UNSET:
+        changes["mode"] = mode
+    if config is not UNSET:
+        changes["config"] = check_config(config)
+    if client_id is not UNSET:
+        changes["client_id"] = client_id
+    if updated_at is not UNSET:
+        changes["updated_at"] = float(updated_at)
+    return changes
+
+
 def check_config(config: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(config, dict):
         raise StoreError("session config must be a JSON object")

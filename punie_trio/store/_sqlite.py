@@ -24,11 +24,11 @@ from ._model import (
     StoreError,
     TranscriptEntry,
     Unset,
-    check_config,
     check_limit,
     check_record,
     check_turn,
     decode_cursor,
+    session_changes,
 )
 from ._schema import connect
 from ._thread import OwnerThread
@@ -93,17 +93,9 @@ class SqliteStore:
         updated_at: float | Unset = UNSET,
     ) -> None:
         self._check_open()
-        changes: dict[str, Any] = {}
-        if title is not UNSET:
-            changes["title"] = title
-        if mode is not UNSET:
-            changes["mode"] = mode
-        if config is not UNSET:
-            changes["config"] = check_config(config)
-        if client_id is not UNSET:
-            changes["client_id"] = client_id
-        if updated_at is not UNSET:
-            changes["updated_at"] = float(updated_at)
+        changes = session_changes(
+            title=title, mode=mode, config=config, client_id=client_id, updated_at=updated_at
+        )
         await self._run(lambda conn: _sql.update_session(conn, session_id, changes))
 
     async def list_sessions(

@@ -193,6 +193,17 @@ def server_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith("PUNIE_")}
 
 
+async def run_punie(*args: str) -> subprocess.CompletedProcess[bytes]:
+    """Run ``punie-trio ARGS`` to completion (for the read-only commands), output captured."""
+    return await trio.run_process(
+        [sys.executable, "-m", "punie_trio", *args],
+        capture_stdout=True,
+        capture_stderr=True,
+        check=False,
+        env=server_env(),
+    )
+
+
 def serve_command(tmp_path: Path, *extra: str) -> list[str]:
     return [
         sys.executable,

@@ -25,6 +25,7 @@ from ..integration._support import (
     WsStream,
     acp_ws_client,
     fresh_ids,
+    run_punie,
     server_env,
     ws_url,
 )
@@ -134,16 +135,6 @@ async def test_public_metrics(start_server: StartServer, acp_schema: SchemaCheck
         await works(ws_url(running.url), acp_schema, [bearer(TOKEN)])
 
 
-async def run_cli(*args: str) -> subprocess.CompletedProcess[bytes]:
-    return await trio.run_process(
-        [sys.executable, "-m", "punie_trio", *args],
-        capture_stdout=True,
-        capture_stderr=True,
-        check=False,
-        env=server_env(),
-    )
-
-
 async def test_serve_without_a_token_generates_one(
     tmp_path: Path, acp_schema: SchemaChecker
 ) -> None:
@@ -177,7 +168,7 @@ async def test_serve_without_a_token_generates_one(
                 token = token_file.read_text().strip()
                 assert len(token) >= 32
 
-                shown = await run_cli("token", "--data-dir", str(data_dir))
+                shown = await run_punie("token", "--data-dir", str(data_dir))
                 assert shown.returncode == 0, shown.stderr
                 assert re.search(rf"^token: {re.escape(token)}$", shown.stdout.decode(), re.M)
 

@@ -6,8 +6,6 @@ from __future__ import annotations
 import contextlib
 import signal
 import sqlite3
-import subprocess
-import sys
 from pathlib import Path
 
 import trio
@@ -16,7 +14,7 @@ from ..acp_schema import SchemaChecker
 from ..integration._support import (
     TOKEN,
     acp_ws_client,
-    server_env,
+    run_punie,
     server_process,
     write_script,
 )
@@ -27,16 +25,6 @@ TURNS = [
     [{"thought": "thinking"}, {"text": "answer two"}],
     [{"text": "partial "}, {"sleep": 60}, {"text": "never sent"}],
 ]
-
-
-async def punie(*args: str) -> subprocess.CompletedProcess[bytes]:
-    return await trio.run_process(
-        [sys.executable, "-m", "punie_trio", *args],
-        capture_stdout=True,
-        capture_stderr=True,
-        check=False,
-        env=server_env(),
-    )
 
 
 async def test_kill_9_mid_turn_keeps_every_answered_turn(
@@ -63,7 +51,7 @@ async def test_kill_9_mid_turn_keeps_every_answered_turn(
             assert not any(m.get("id") == "third" for m in client.received)
 
         # The read-only CLI sees both answered turns and nothing of the third.
-        shown = await punie("sessions", "show", session_id, "--data-dir", str(data_dir))
+        shown = await run_punie("sessions", "show", session_id, "--data-dir", str(data_dir))
         assert shown.returncode == 0, shown.stderr
         text = shown.stdout.decode()
         assert "turns    2" in text
