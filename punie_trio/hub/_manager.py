@@ -156,9 +156,6 @@ class Manager:
     workers: dict[str, WorkerHandle] = attrs.field(factory=dict, init=False)
     _turn_ids: itertools.count[int] = attrs.field(factory=lambda: itertools.count(1), init=False)
     _nursery: trio.Nursery | None = attrs.field(default=None, init=False)
-    _idle: trio.Event = attrs.field(factory=trio.Event, init=False)
-    # Turns begun and not yet finished (a counter, so turn ends need not scan every session).
-    _running_turns: int = attrs.field(default=0, init=False)
     _reattached: dict[str, trio.Event] = attrs.field(factory=dict, init=False)
 
     def __attrs_post_init__(self) -> None:
@@ -166,7 +163,6 @@ class Manager:
         self.metrics.track(
             lambda: len(self.connections), lambda: len(self.sessions), lambda: len(self.workers)
         )
-        self._idle.set()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Own the worker nursery until cancelled."""
@@ -292,10 +288,13 @@ class Manager:
 
     # -- sessions -----------------------------------------------------------------------------
 
+    def _roots_containing(self, path: Path) -> list[str]:
+        """The served roots ``path`` lies under (``is_relative_to`` counts the root itself)."""
+        return [r for r in self.roots if path.is_relative_to(r)]
+
     def project_root_for(self, cwd: str) -> str:
         """The most specific project root containing ``cwd`` (resolved), or -32602."""
-        resolved = Path(cwd).resolve()
-        matches = [r for r in self.roots if resolved == Path(r) or resolved.is_relative_to(r)]
+        matches = self._roots_containing(Path(cwd).resolve())
         if not matches:
             allowed = ", ".join(self.roots)
             raise RpcError.invalid_params(
@@ -305,8 +304,7 @@ class Manager:
 
     def check_inside_roots(self, paths: tuple[str, ...], field: str) -> None:
         for i, path in enumerate(paths):
-            resolved = Path(path).resolve()
-            if not any(resolved == Path(r) or resolved.is_relative_to(r) for r in self.roots):
+            if not self._roots_containing(Path(path).resolve()):
                 raise RpcError.invalid_params(
                     f"Invalid params: {field}[{i}] {path!r} is outside the project roots "
                     f"({', '.join(self.roots)})"
@@ -382,7 +380,7 @@ class Manager:
     def _serves(self, record: SessionRecord) -> bool:
         """Whether ``record``'s working directory lies under a root this server serves
         (the store may hold sessions of roots no longer passed with ``--project``)."""
-        return any(record.cwd == r or Path(record.cwd).is_relative_to(r) for r in self.roots)
+        return bool(self._roots_containing(Path(record.cwd)))
 
     async def _stored(self, session_id: str) -> SessionRecord:
         record = await self.store.get_session(session_id)
@@ -561,9 +559,6 @@ class Manager:
         recent.append(now)
         turn = ActiveTurn(next(self._turn_ids), conn)
         session.turn = turn
-        self._running_turns += 1
-        if self._idle.is_set():
-            self._idle = trio.Event()
         return turn
 
     def cancel(self, conn: ClientConnection, session_id: str) -> None:
@@ -575,11 +570,6 @@ class Manager:
         for session in self.sessions.values():
             if session.turn is not None:
                 session.turn.cancel_requested.set()
-
-    async def wait_idle(self) -> None:
-        """Wait until no turn is running (used by shutdown after :meth:`cancel_all_turns`)."""
-        while self._running_turns:
-            await self._idle.wait()
 
     async def run_prompt(
         self, session_id: str, turn: ActiveTurn, params: PromptParams
@@ -665,9 +655,6 @@ class Manager:
                 turn.response = {"stopReason": stop}
             session.turn = None
             turn.finished.set()
-            self._running_turns -= 1
-            if not self._running_turns:
-                self._idle.set()
             if turn.orphaned and turn.request_id is not None:
                 await self._answer_orphan(session, turn)
 

@@ -204,8 +204,11 @@ async def run_punie(*args: str) -> subprocess.CompletedProcess[bytes]:
     )
 
 
-def serve_command(tmp_path: Path, *extra: str) -> list[str]:
-    return [
+def serve_command(
+    tmp_path: Path, *extra: str, data_dir: Path | None = None, token: str | None = TOKEN
+) -> list[str]:
+    """``punie-trio serve`` on port 0 for ``tmp_path``; ``token=None`` lets it generate one."""
+    command = [
         sys.executable,
         "-m",
         "punie_trio",
@@ -215,11 +218,11 @@ def serve_command(tmp_path: Path, *extra: str) -> list[str]:
         "--project",
         str(tmp_path),
         "--data-dir",
-        str(tmp_path / "data"),
-        "--token",
-        TOKEN,
-        *extra,
+        str(data_dir if data_dir is not None else tmp_path / "data"),
     ]
+    if token is not None:
+        command += ["--token", token]
+    return [*command, *extra]
 
 
 @asynccontextmanager

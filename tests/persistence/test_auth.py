@@ -7,7 +7,6 @@ from __future__ import annotations
 import re
 import stat
 import subprocess
-import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -26,6 +25,7 @@ from ..integration._support import (
     acp_ws_client,
     fresh_ids,
     run_punie,
+    serve_command,
     server_env,
     ws_url,
 )
@@ -139,18 +139,7 @@ async def test_serve_without_a_token_generates_one(
     tmp_path: Path, acp_schema: SchemaChecker
 ) -> None:
     data_dir = tmp_path / "fresh" / "data"
-    command = [
-        sys.executable,
-        "-m",
-        "punie_trio",
-        "serve",
-        "--port",
-        "0",
-        "--project",
-        str(tmp_path),
-        "--data-dir",
-        str(data_dir),
-    ]
+    command = serve_command(tmp_path, data_dir=data_dir, token=None)
     with trio.fail_after(30):
         process = await trio.lowlevel.open_process(
             command, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, env=server_env()
