@@ -38,6 +38,7 @@ from .hub import ClientConnection, Limits, Manager
 from .store import MemoryStore, Store, StoreError, open_sqlite_store
 from .transport import stdio_stream
 from .web import App
+from .web import _fast_send as fast_send
 from .worker import Model
 
 log = logging.getLogger("punie_trio.server")
@@ -225,6 +226,8 @@ async def _serve(config: ServeConfig, store: Store, task_status: trio.TaskStatus
 async def _start_http(
     root: trio.Nursery, app: App, config: ServeConfig, closing: trio.Event, done: trio.Event
 ) -> str:
+    fast_send.install()
+
     async def run_hypercorn(task_status: trio.TaskStatus[list[str]]) -> None:
         try:
             await hypercorn.trio.serve(

@@ -621,12 +621,17 @@ class Manager:
                     )
                     nursery.start_soon(self._forward_cancel, session, turn)
                     async for event in events_receive:
-                        if isinstance(event, Update):
+                        # One scheduler trip per batch: relay whatever else is queued too.
+                        while isinstance(event, Update):
                             streamed.append(event.update)
                             await self._deliver(session, event.update)
-                        elif isinstance(event, ClientCall):
+                            try:
+                                event = events_receive.receive_nowait()
+                            except (trio.WouldBlock, trio.EndOfChannel):
+                                break
+                        if isinstance(event, ClientCall):
                             nursery.start_soon(self._client_call, session, turn, event)
-                        else:
+                        elif isinstance(event, TurnFinished):
                             finished = event
                             break
                 nursery.cancel_scope.cancel()

@@ -187,8 +187,16 @@ class Peer:
     # -- outgoing ---------------------------------------------------------------------------
 
     async def _send(self, msg: Message) -> None:
+        # A cancellation point, but no trip through the scheduler while the outbox has room:
+        # the writer drains in batches, and a turn streaming thousands of updates would
+        # otherwise pay an epoll_wait per update. Waits only when the outbox is full.
+        await trio.lowlevel.checkpoint_if_cancelled()
+        text = serialize(msg)
         try:
-            await self._outbox_send.send(serialize(msg))
+            try:
+                self._outbox_send.send_nowait(text)
+            except trio.WouldBlock:
+                await self._outbox_send.send(text)
         except (trio.ClosedResourceError, trio.BrokenResourceError):
             raise PeerClosed("connection closed") from None
         self.observer.message_out()
@@ -242,10 +250,18 @@ class Peer:
         self.observer.message_out()
 
     async def _writer(self, cancel_scope: trio.CancelScope) -> None:
+        outbox = self._outbox_receive
         try:
-            async with self._outbox_receive:
-                async for text in self._outbox_receive:
+            async with outbox:
+                async for text in outbox:
                     await self.stream.send_message(text)
+                    # Then whatever is already queued, without a scheduler trip per message.
+                    while True:
+                        try:
+                            text = outbox.receive_nowait()
+                        except (trio.WouldBlock, trio.EndOfChannel):
+                            break
+                        await self.stream.send_message(text)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             log.debug("peer writer: stream closed")
             self._lost = True

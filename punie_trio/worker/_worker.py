@@ -43,6 +43,9 @@ log = logging.getLogger("punie_trio.worker")
 
 # Time a cancelled turn gets to report TurnFinished before it gives up.
 FINAL_SEND_TIMEOUT = 2.0
+# A model handing over events faster than they are consumed yields to the scheduler at
+# least this often (when the turn's channel is full it waits anyway).
+EMIT_YIELD_EVERY = 16
 
 
 class ClientCallError(Exception):
@@ -59,6 +62,7 @@ class _Turn:
     call_ids: itertools.count[int] = attrs.field(factory=lambda: itertools.count(1))
     tool_ids: itertools.count[int] = attrs.field(factory=lambda: itertools.count(1))
     agent_text: list[str] = attrs.field(factory=list)
+    emitted: int = 0  # events handed over since the model last yielded
 
 
 @attrs.define(eq=False)
@@ -84,7 +88,22 @@ class _Context:
         return self.turn.start.prompt_text
 
     async def _emit(self, event: TurnEvent) -> None:
-        await self.turn.start.events.send(event)
+        # Hand the event over without a trip through the scheduler while the turn's channel
+        # has room (each trip costs an epoll_wait; a model streaming thousands of chunks
+        # would pay it per chunk). It stays a cancellation point, waits when the channel is
+        # full (backpressure), and yields every EMIT_YIELD_EVERY events so other tasks run.
+        await trio.lowlevel.checkpoint_if_cancelled()
+        turn = self.turn
+        try:
+            turn.start.events.send_nowait(event)
+        except trio.WouldBlock:
+            turn.emitted = 0
+            await turn.start.events.send(event)
+            return
+        turn.emitted += 1
+        if turn.emitted >= EMIT_YIELD_EVERY:
+            turn.emitted = 0
+            await trio.lowlevel.cancel_shielded_checkpoint()
 
     async def text(self, chunk: str) -> None:
         self.turn.agent_text.append(chunk)

@@ -1,0 +1,109 @@
+"""FastSendTCPServer: Hypercorn's socket write without a checkpoint when the kernel takes it.
+
+Real sockets (a connected pair), so the fast path, the partial write and the full-buffer
+fallback are the kernel's real behaviour, not a fake's.
+"""
+
+from __future__ import annotations
+
+import socket
+from typing import Any
+
+import hypercorn.config
+import hypercorn.trio.run
+import trio
+import trio.testing
+from hypercorn.events import Closed, Event, RawData
+
+from punie_trio.web import _fast_send
+from punie_trio.web._fast_send import FastSendTCPServer
+
+
+class _Protocol:
+    def __init__(self) -> None:
+        self.events: list[Event] = []
+
+    async def handle(self, event: Event) -> None:
+        self.events.append(event)
+
+
+def _server(sock: socket.socket) -> tuple[FastSendTCPServer, _Protocol]:
+    stream = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
+    server = FastSendTCPServer(None, hypercorn.config.Config(), None, {}, stream)  # type: ignore[arg-type]
+    protocol = _Protocol()
+    server.protocol = protocol  # type: ignore[assignment]
+    return server, protocol
+
+
+def _pair() -> tuple[socket.socket, socket.socket]:
+    a, b = socket.socketpair()
+    a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    b.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    return a, b
+
+
+async def test_small_writes_go_out_without_a_checkpoint() -> None:
+    a, b = _pair()
+    server, protocol = _server(a)
+    with b:
+        with trio.testing.assert_no_checkpoints():
+            for i in range(10):
+                await server.protocol_send(RawData(data=b"frame %d;" % i))
+        b.setblocking(False)
+        assert b.recv(4096) == b"".join(b"frame %d;" % i for i in range(10))
+    assert protocol.events == []
+    await server.stream.aclose()
+
+
+async def test_full_buffer_falls_back_and_keeps_byte_order() -> None:
+    a, b = _pair()
+    server, protocol = _server(a)
+    chunks = [bytes([65 + i % 26]) * 3000 for i in range(200)]  # 600 kB >> the buffers
+    received = bytearray()
+    reader = trio.SocketStream(trio.socket.from_stdlib_socket(b))
+
+    async def write_all() -> None:
+        for chunk in chunks:
+            await server.protocol_send(RawData(data=chunk))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(write_all)
+        # The writer fills the kernel buffers and then waits in Hypercorn's own path.
+        await trio.testing.wait_all_tasks_blocked()
+        assert server.send_lock.locked()
+        while len(received) < sum(map(len, chunks)):
+            received += await reader.receive_some(65536)
+    assert bytes(received) == b"".join(chunks)
+    assert protocol.events == []
+    await server.stream.aclose()
+    await reader.aclose()
+
+
+async def test_peer_gone_reports_closed_to_the_protocol() -> None:
+    a, b = _pair()
+    server, protocol = _server(a)
+    b.close()
+    await server.protocol_send(RawData(data=b"x" * 100))
+    await server.protocol_send(RawData(data=b"x" * 100))
+    assert protocol.events and all(isinstance(e, Closed) for e in protocol.events)
+    await server.stream.aclose()
+
+
+async def test_install_is_idempotent_and_reversible(monkeypatch: Any) -> None:
+    monkeypatch.setattr(hypercorn.trio.run, "TCPServer", hypercorn.trio.run.TCPServer)
+    original = hypercorn.trio.run.TCPServer
+    if original is FastSendTCPServer:  # an earlier test in this process served already
+        original = FastSendTCPServer.__mro__[1]
+        monkeypatch.setattr(hypercorn.trio.run, "TCPServer", original)
+    assert _fast_send.install()
+    assert _fast_send.install()
+    assert hypercorn.trio.run.TCPServer is FastSendTCPServer
+
+
+async def test_install_refuses_unknown_hypercorn(monkeypatch: Any) -> None:
+    class Other:
+        pass
+
+    monkeypatch.setattr(hypercorn.trio.run, "TCPServer", Other)
+    assert not _fast_send.install()
+    assert hypercorn.trio.run.TCPServer is Other
