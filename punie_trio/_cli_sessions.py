@@ -231,7 +231,16 @@ def cmd_export(args: argparse.Namespace) -> int:
     rec, entries = loaded
     document = {
         "session": attrs.asdict(rec),
-        "transcript": [attrs.asdict(entry) for entry in entries],
+        "transcript": [
+            {
+                "session_id": e.session_id,
+                "seq": e.seq,
+                "turn": e.turn,
+                "kind": e.kind,
+                "payload": e.payload,
+            }
+            for e in entries
+        ],
     }
     text = json.dumps(document, ensure_ascii=False, indent=2) + "\n"
     if args.output is None:

@@ -6,6 +6,7 @@ same object can be sent, stored in the transcript and replayed byte for byte.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -86,3 +87,26 @@ def tool_call_update(
     if raw_output is not None:
         update["rawOutput"] = raw_output
     return update
+
+
+# -- encoded form: each update is encoded once, sent, stored and replayed as text -----------
+
+
+def encode(update: Mapping[str, Any]) -> str:
+    """The compact JSON text of an update object (the wire encoding of the JSON-RPC codec)."""
+    return json.dumps(update, separators=(",", ":"), ensure_ascii=False)
+
+
+def notification(session_id: str, update_json: str) -> str:
+    """The JSON-RPC text of a ``session/update`` notification around an encoded update.
+
+    Byte for byte what serialising the notification object would give, without decoding
+    ``update_json`` (a replayed transcript is spliced straight from the store).
+    """
+    return (
+        '{"jsonrpc":"2.0","method":"session/update","params":{"sessionId":'
+        + json.dumps(session_id, ensure_ascii=False)
+        + ',"update":'
+        + update_json
+        + "}}"
+    )

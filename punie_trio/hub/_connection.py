@@ -79,9 +79,11 @@ class ClientConnection:
 
     # -- outgoing (used by the manager's relays) ----------------------------------------------
 
-    async def send_update(self, session_id: str, update: dict[str, Any]) -> None:
+    async def send_update(self, session_id: str, update_json: str) -> None:
+        """Send one ``session/update``; ``update_json`` is the update object's encoded text
+        (see ``acp.updates.encode``)."""
         assert self.peer is not None
-        await self.peer.notify(acp.SESSION_UPDATE, {"sessionId": session_id, "update": update})
+        await self.peer.send_encoded(acp.updates.notification(session_id, update_json))
 
     async def call_client(self, method: str, params: dict[str, Any]) -> Any:
         assert self.peer is not None

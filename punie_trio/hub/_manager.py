@@ -41,7 +41,7 @@ from ..rpc import (
     RpcError,
     current_request_id,
 )
-from ..store import STOP, MemoryStore, SessionRecord, Store, StoreError
+from ..store import STOP, MemoryStore, Payload, SessionRecord, Store, StoreError
 from ..worker import (
     CancelTurn,
     ClientCall,
@@ -114,7 +114,7 @@ class ActiveTurn:
     orphaned: bool = False
 
 
-# What a detached session keeps for its client: ("update", update) or
+# What a detached session keeps for its client: ("update", encoded update) or
 # ("answer", request_id, response, error), in the order they happened.
 Pending = tuple[Any, ...]
 
@@ -275,7 +275,7 @@ class Manager:
                 _, request_id, response, error = item
                 await conn.send_answer(request_id, response, error)
 
-    async def _deliver(self, session: Session, update: dict[str, Any]) -> None:
+    async def _deliver(self, session: Session, update: str) -> None:
         conn = session.owner
         if conn is not None:
             try:
@@ -437,7 +437,7 @@ class Manager:
         if replay:
             for entry in entries:
                 if entry.kind != STOP:
-                    await conn.send_update(live.id, entry.payload)
+                    await conn.send_update(live.id, entry.payload_json)
         return {}
 
     def list_sessions(self, params: acp.ListSessionsParams) -> Awaitable[dict[str, Any]]:
@@ -612,7 +612,7 @@ class Manager:
         events_send, events_receive = trio.open_memory_channel[TurnEvent](TURN_EVENT_BUFFER)
         env = TurnEnv(session.id, session.cwd, session.allowed_roots, turn.connection.capabilities)
         finished: TurnFinished | None = None
-        streamed: list[dict[str, Any]] = []
+        streamed: list[tuple[str, str]] = []  # (kind, encoded update)
         try:
             async with events_receive, trio.open_nursery() as nursery:
                 with contextlib.suppress(trio.ClosedResourceError, trio.BrokenResourceError):
@@ -623,8 +623,10 @@ class Manager:
                     async for event in events_receive:
                         # One scheduler trip per batch: relay whatever else is queued too.
                         while isinstance(event, Update):
-                            streamed.append(event.update)
-                            await self._deliver(session, event.update)
+                            # Encoded once: sent, buffered for a detached client and stored.
+                            encoded = updates.encode(event.update)
+                            streamed.append((event.update["sessionUpdate"], encoded))
+                            await self._deliver(session, encoded)
                             try:
                                 event = events_receive.receive_nowait()
                             except (trio.WouldBlock, trio.EndOfChannel):
@@ -709,15 +711,15 @@ class Manager:
             await session.worker.commands.send(reply)
 
     async def _persist_turn(
-        self, session: Session, params: PromptParams, streamed: list[dict[str, Any]], stop: str
+        self, session: Session, params: PromptParams, streamed: list[tuple[str, str]], stop: str
     ) -> str | None:
         """Commit the turn's transcript before its answer is sent (an answered turn is never
         lost). Shielded with a deadline: a cancelled turn is recorded as cancelled too.
         Returns an error message, or None once committed."""
-        entries: list[tuple[str, dict[str, Any]]] = [
+        entries: list[tuple[str, Payload]] = [
             ("user_message_chunk", updates.user_message_chunk(block)) for block in params.prompt
         ]
-        entries += [(u["sessionUpdate"], u) for u in streamed]
+        entries += streamed
         entries.append((STOP, {"stopReason": stop}))
         with trio.CancelScope(shield=True) as scope:
             scope.deadline = trio.current_time() + PERSIST_TIMEOUT

@@ -190,8 +190,12 @@ class Peer:
         # A cancellation point, but no trip through the scheduler while the outbox has room:
         # the writer drains in batches, and a turn streaming thousands of updates would
         # otherwise pay an epoll_wait per update. Waits only when the outbox is full.
+        await self._send_text(serialize(msg))
+        if isinstance(msg, ErrorResponse):
+            self.observer.error_sent(msg.code)
+
+    async def _send_text(self, text: str) -> None:
         await trio.lowlevel.checkpoint_if_cancelled()
-        text = serialize(msg)
         try:
             try:
                 self._outbox_send.send_nowait(text)
@@ -200,12 +204,16 @@ class Peer:
         except (trio.ClosedResourceError, trio.BrokenResourceError):
             raise PeerClosed("connection closed") from None
         self.observer.message_out()
-        if isinstance(msg, ErrorResponse):
-            self.observer.error_sent(msg.code)
 
     async def notify(self, method: str, params: Params = None) -> None:
         """Send a notification (waits while the outbox is full)."""
         await self._send(Notification(method, params))
+
+    async def send_encoded(self, text: str) -> None:
+        """Send a message the caller already encoded (compact JSON-RPC text, no newline):
+        the hub encodes each ``session/update`` once and splices stored updates into their
+        replay without decoding them. Waits while the outbox is full."""
+        await self._send_text(text)
 
     async def request(self, method: str, params: Params = None) -> Any:
         """Send a request and wait for its answer.

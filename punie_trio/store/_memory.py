@@ -17,6 +17,7 @@ import trio
 
 from ._model import (
     UNSET,
+    Payload,
     SessionRecord,
     StoreError,
     TranscriptEntry,
@@ -29,7 +30,6 @@ from ._model import (
     check_turn,
     decode_cursor,
     encode_cursor,
-    load_json,
     session_changes,
 )
 
@@ -114,7 +114,7 @@ class MemoryStore:
         return self._sessions.pop(session_id, None) is not None
 
     async def append_turn(
-        self, session_id: str, turn: int, entries: Sequence[tuple[str, dict[str, Any]]]
+        self, session_id: str, turn: int, entries: Sequence[tuple[str, Payload]]
     ) -> None:
         await self._enter()
         rows = check_turn(turn, entries)
@@ -129,7 +129,7 @@ class MemoryStore:
         await self._enter()
         self._get(session_id)
         return [
-            TranscriptEntry(session_id, seq, turn, kind, load_json(payload))
+            TranscriptEntry(session_id, seq, turn, kind, payload)
             for seq, (turn, kind, payload) in enumerate(self._transcripts[session_id])
         ]
 

@@ -81,15 +81,27 @@ class SessionRecord:
 class TranscriptEntry:
     """One streamed ``session/update`` (or a turn's stop reason), in session order.
 
-    ``payload`` is exactly the ACP ``update`` object as it was streamed, so ``session/load``
-    replays it unchanged; for :data:`STOP` it is ``{"stopReason": ...}``.
+    ``payload_json`` is the JSON text of exactly the ACP ``update`` object as it was
+    streamed, so ``session/load`` splices it into its replayed notifications unchanged (no
+    decode and re-encode per entry); ``payload`` decodes it. For :data:`STOP` it is
+    ``{"stopReason": ...}``.
     """
 
     session_id: str
     seq: int
     turn: int
     kind: str
-    payload: dict[str, Any]
+    payload_json: str
+
+    @property
+    def payload(self) -> dict[str, Any]:
+        value: dict[str, Any] = json.loads(self.payload_json)
+        return value
+
+
+#: An entry's payload for ``append_turn``: the update object, or its JSON text when the
+#: caller has already encoded it (the hub encodes each update once, for the wire and here).
+Payload = dict[str, Any] | str
 
 
 # -- JSON -----------------------------------------------------------------------------------
@@ -168,12 +180,14 @@ def check_config(config: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
-def check_turn(turn: int, entries: Sequence[tuple[str, dict[str, Any]]]) -> list[tuple[str, str]]:
+def check_turn(turn: int, entries: Sequence[tuple[str, Payload]]) -> list[tuple[str, str]]:
     """Validate one turn's entries; return them as ``(kind, payload_json)`` pairs.
 
     A real update's payload must carry ``"sessionUpdate": kind`` (it is the streamed update
     object); a :data:`STOP` payload must carry ``stopReason``. Catching a mismatch here is
-    cheaper than discovering on ``session/load`` that a replay is wrong.
+    cheaper than discovering on ``session/load`` that a replay is wrong. A payload given as
+    JSON text is the caller's own encoding of such an object and is only checked to be an
+    object (decoding it again would cost what encoding it once saved).
     """
     if isinstance(turn, bool) or not isinstance(turn, int) or turn < 0:
         raise StoreError(f"turn must be an int >= 0, got {turn!r}")
@@ -185,6 +199,11 @@ def check_turn(turn: int, entries: Sequence[tuple[str, dict[str, Any]]]) -> list
             raise StoreError(f"entry {index} must be a (kind, payload) pair") from None
         if not isinstance(kind, str) or not kind:
             raise StoreError(f"entry {index}: kind must be a non-empty string")
+        if isinstance(payload, str):
+            if not payload.startswith("{"):
+                raise StoreError(f"entry {index} ({kind}): payload must be a JSON object")
+            out.append((kind, payload))
+            continue
         if not isinstance(payload, dict):
             raise StoreError(f"entry {index} ({kind}): payload must be a JSON object")
         if kind == STOP:

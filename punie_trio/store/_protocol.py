@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, Protocol
 
-from ._model import UNSET, SessionRecord, TranscriptEntry, Unset
+from ._model import UNSET, Payload, SessionRecord, TranscriptEntry, Unset
 
 
 class Store(Protocol):
@@ -52,7 +52,7 @@ class Store(Protocol):
         ...
 
     async def append_turn(
-        self, session_id: str, turn: int, entries: Sequence[tuple[str, dict[str, Any]]]
+        self, session_id: str, turn: int, entries: Sequence[tuple[str, Payload]]
     ) -> None:
         """Record one finished turn atomically: its entries in order, ``turns`` raised to
         ``turn + 1`` and ``updated_at`` set to now. Once this returns the turn is durable

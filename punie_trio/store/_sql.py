@@ -205,7 +205,7 @@ def select_transcript(conn: sqlite3.Connection, session_id: str) -> list[Transcr
             (session_id,),
         ).fetchall()
     return [
-        TranscriptEntry(session_id, int(seq), int(turn), kind, load_json(payload))
+        TranscriptEntry(session_id, int(seq), int(turn), kind, payload)
         for seq, turn, kind, payload in rows
     ]
 

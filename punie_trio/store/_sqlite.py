@@ -20,6 +20,7 @@ import attrs
 from . import _sql
 from ._model import (
     UNSET,
+    Payload,
     SessionRecord,
     StoreError,
     TranscriptEntry,
@@ -113,7 +114,7 @@ class SqliteStore:
         return await self._run(lambda conn: _sql.delete_session(conn, session_id))
 
     async def append_turn(
-        self, session_id: str, turn: int, entries: Sequence[tuple[str, dict[str, Any]]]
+        self, session_id: str, turn: int, entries: Sequence[tuple[str, Payload]]
     ) -> None:
         self._check_open()
         rows = check_turn(turn, entries)

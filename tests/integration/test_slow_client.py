@@ -91,9 +91,11 @@ async def test_slow_reader_does_not_delay_other_clients(
                     assert fast.agent_text(fast_session) == "".join(
                         f"round trip {i}" for i in range(10)
                     )
-                # All of that happened while the slow turn made no progress at all.
+                # All of that happened while the slow turn stayed stuck on its backpressure.
+                # (Not necessarily at exactly ``stuck_at``: the kernel may compact the
+                # unread receive queue and open the window by a few frames; 96 MiB it won't.)
                 await trio.testing.wait_all_tasks_blocked()
-                assert model.emitted == stuck_at
+                assert stuck_at <= model.emitted < FLOOD_CHUNKS
                 assert manager.sessions[slow_session].turn is not None
 
                 # Reading again lets the slow turn finish, with nothing lost.

@@ -184,6 +184,18 @@ async def test_payloads_replay_byte_for_byte(store: Store) -> None:
     assert json.dumps(again[0].payload) == streamed
 
 
+async def test_pre_encoded_payloads_are_stored_as_given(store: Store) -> None:
+    await store.create_session(make_record())
+    encoded = '{"sessionUpdate":"agent_message_chunk","content":{"type":"text","text":"é"}}'
+    await store.append_turn(
+        "s1", 0, [("agent_message_chunk", encoded), (STOP, {"stopReason": "end_turn"})]
+    )
+    entries = await store.transcript("s1")
+    assert entries[0].payload_json == encoded
+    assert entries[0].payload == json.loads(encoded)
+    assert entries[1].payload_json == '{"stopReason":"end_turn"}'
+
+
 async def test_empty_turn_still_counts(store: Store) -> None:
     await store.create_session(make_record())
     await store.append_turn("s1", 0, [])
@@ -209,6 +221,7 @@ async def test_turn_gap_is_allowed_but_rewrite_is_not(store: Store) -> None:
         ([("stop", {"reason": "end_turn"})], "stopReason"),
         ([("", {"sessionUpdate": ""})], "kind"),
         ([("plan", ["not", "a", "dict"])], "JSON object"),
+        ([("plan", '["encoded", "but", "not", "an", "object"]')], "JSON object"),
         ([("plan",)], "pair"),
         ([("plan", {"sessionUpdate": "plan", "entries": [float("nan")]})], "JSON"),
         ([("plan", {"sessionUpdate": "plan", "x": object()})], "JSON"),

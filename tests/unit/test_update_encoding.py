@@ -1,0 +1,31 @@
+"""The encoded form of ``session/update``: encoded once, spliced into its notification."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from punie_trio.acp import updates
+from punie_trio.rpc import Notification, serialize
+
+SAMPLES = [
+    updates.agent_message_chunk("plain"),
+    updates.agent_thought_chunk('quotes " and \\ and\nnewline, unicode é ✓ 🙂'),
+    updates.user_message_chunk({"type": "text", "text": "</script> \u2028"}),
+    updates.tool_call_update("call_1", status="completed", text="ok"),
+]
+
+
+@pytest.mark.parametrize("update", SAMPLES)
+@pytest.mark.parametrize("session_id", ["sess_1", 'odd "id" é'])
+def test_notification_is_byte_identical_to_serialising_the_object(
+    update: dict[str, object], session_id: str
+) -> None:
+    spliced = updates.notification(session_id, updates.encode(update))
+    expected = serialize(
+        Notification("session/update", {"sessionId": session_id, "update": update})
+    )
+    assert spliced == expected
+    assert "\n" not in spliced
+    assert json.loads(spliced)["params"]["update"] == update
