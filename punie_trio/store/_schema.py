@@ -55,6 +55,9 @@ MIGRATIONS: Final[Sequence[Sequence[str]]] = (
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 
 BUSY_TIMEOUT_MS: Final = 5_000
+#: The writer connection runs on the event loop: it must never wait long for a lock. Only
+#: another process writing the same file (two servers on one data directory) can make it.
+WRITER_BUSY_TIMEOUT_MS: Final = 200
 
 
 def _user_version(conn: sqlite3.Connection) -> int:

@@ -21,6 +21,7 @@ rolled back, before the caller moves on.
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 from collections.abc import Callable
@@ -32,8 +33,10 @@ import trio
 R = TypeVar("R")
 T = TypeVar("T")
 
-_Job = tuple[Callable[[Any], Any], "trio.lowlevel.Task", "trio.lowlevel.TrioToken"]
+_Job = tuple[Callable[[Any], Any], "trio.lowlevel.Task | None", "trio.lowlevel.TrioToken | None"]
 _STOP = None
+
+log = logging.getLogger(__name__)
 
 
 class OwnerThread(Generic[R]):
@@ -61,7 +64,19 @@ class OwnerThread(Generic[R]):
                 return
             job, task, token = item
             result = outcome.capture(job, self._resource)
+            if task is None or token is None:  # posted: nobody waits for it
+                if isinstance(result, outcome.Error):
+                    log.error(
+                        "background job on %s failed", self._thread.name, exc_info=result.error
+                    )
+                continue
             token.run_sync_soon(trio.lowlevel.reschedule, task, result)
+
+    def post(self, job: Callable[[R], object]) -> None:
+        """Queue ``job(resource)`` without waiting for it (its errors are logged). It runs
+        after the jobs queued before it; ignored once :meth:`close` has started."""
+        if not self._closing:
+            self._jobs.put((job, None, None))
 
     async def open(self, factory: Callable[[], R]) -> None:
         """Create the resource on the owner thread (an exception propagates here)."""

@@ -1,5 +1,6 @@
-"""What only the SQLite store has: a file, pragmas, migrations, one owner thread,
-atomic turns under cancellation and failure, and durability across ``kill -9``."""
+"""What only the SQLite store has: a file, pragmas, migrations, reads on one owner thread
+and writes on the event loop, atomic turns under cancellation and failure, and durability
+across ``kill -9``."""
 
 from __future__ import annotations
 
@@ -18,8 +19,8 @@ import trio
 import punie_trio
 from punie_trio.store import (
     SCHEMA_VERSION,
-    SqliteStore,
     StoreError,
+    _sqlite,
     open_sqlite_store,
     read_session,
     read_sessions,
@@ -113,9 +114,11 @@ async def test_reopen_keeps_everything(tmp_path: Path) -> None:
         assert [e.seq for e in await store.transcript("s1")] == list(range(10))
 
 
-async def test_all_database_work_runs_on_one_owner_thread(tmp_path: Path) -> None:
+async def test_reads_run_on_one_owner_thread_and_writes_on_the_loop(tmp_path: Path) -> None:
     idents: set[int] = set()
+    loop_thread = threading.get_ident()
     async with open_sqlite_store(tmp_path / "s.db") as store:
+        await store.create_session(make_record())
 
         async def probe() -> None:
             for _ in range(5):
@@ -124,43 +127,41 @@ async def test_all_database_work_runs_on_one_owner_thread(tmp_path: Path) -> Non
         async with trio.open_nursery() as nursery:
             for _ in range(4):
                 nursery.start_soon(probe)
+        writes: set[int] = set()
+        store._before_commit = lambda: writes.add(threading.get_ident())
+        await store.append_turn("s1", 0, sample_turn(0))
         thread = store._owner._thread
     assert len(idents) == 1
-    assert idents != {threading.get_ident()}
+    assert idents != {loop_thread}
+    assert writes == {loop_thread}
     assert not thread.is_alive()  # closing the store ends its thread
 
 
-async def _held_mid_transaction(store: SqliteStore) -> tuple[threading.Event, threading.Event]:
-    """Make the next append_turn stop inside its transaction until ``release`` is set."""
-    entered, release = threading.Event(), threading.Event()
+async def test_writer_never_checkpoints_itself(tmp_path: Path) -> None:
+    """Checkpoints fsync, so the writer (on the event loop) leaves them to the owner thread."""
+    async with open_sqlite_store(tmp_path / "s.db") as store:
+        assert store._writer is not None
+        assert store._writer.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 0
+        await store.create_session(make_record())
+        store._rows_since_checkpoint = _sqlite.CHECKPOINT_EVERY_ROWS - 1
+        await store.append_turn("s1", 0, sample_turn(0))
+        assert store._rows_since_checkpoint == 0
+        # The posted checkpoint ran before this read (jobs run in order): the WAL is copied.
+        busy, wal_pages, copied = await store._run(
+            lambda conn: conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        )
+        assert busy == 0 and wal_pages == copied
 
-    def hook() -> None:
-        entered.set()
-        release.wait()
 
-    store._before_commit = hook
-    return entered, release
-
-
-async def test_cancelled_caller_waits_for_the_whole_turn_to_commit(tmp_path: Path) -> None:
+async def test_a_cancel_during_the_write_lands_after_the_commit(tmp_path: Path) -> None:
     async with open_sqlite_store(tmp_path / "s.db") as store:
         await store.create_session(make_record())
-        entered, release = await _held_mid_transaction(store)
         returned = False
-
-        async def cancel_mid_transaction(scope: trio.CancelScope) -> None:
-            await trio.to_thread.run_sync(entered.wait)
-            scope.cancel()
-            # Let the cancellation reach the parked caller before the job may finish.
-            await trio.testing.wait_all_tasks_blocked()
-            release.set()
-
-        async with trio.open_nursery() as nursery:
-            with trio.CancelScope() as scope:
-                nursery.start_soon(cancel_mid_transaction, scope)
-                await store.append_turn("s1", 0, sample_turn(0))
-                returned = True
-                await trio.lowlevel.checkpoint()  # the pending cancellation lands here
+        with trio.CancelScope() as scope:
+            store._before_commit = scope.cancel  # cancelled mid-transaction
+            await store.append_turn("s1", 0, sample_turn(0))
+            returned = True
+            await trio.lowlevel.checkpoint()  # the pending cancellation lands here
         assert returned and scope.cancelled_caught
         store._before_commit = None
         assert len(await store.transcript("s1")) == 5
@@ -168,7 +169,7 @@ async def test_cancelled_caller_waits_for_the_whole_turn_to_commit(tmp_path: Pat
         assert rec is not None and rec.turns == 1
 
 
-async def test_caller_cancelled_before_submission_writes_nothing(tmp_path: Path) -> None:
+async def test_caller_cancelled_before_the_write_writes_nothing(tmp_path: Path) -> None:
     async with open_sqlite_store(tmp_path / "s.db") as store:
         await store.create_session(make_record())
         with trio.CancelScope() as scope:
@@ -195,18 +196,22 @@ async def test_failure_inside_a_turn_rolls_it_back_whole(tmp_path: Path) -> None
         assert len(await store.transcript("s1")) == 5
 
 
-async def test_close_waits_for_queued_turns(tmp_path: Path) -> None:
+async def test_a_write_locked_out_by_another_process_fails_fast(tmp_path: Path) -> None:
+    """The writer runs on the event loop: a lock held elsewhere (a second server on the same
+    file) costs at most WRITER_BUSY_TIMEOUT_MS of the loop and fails the write cleanly."""
     path = tmp_path / "s.db"
     async with open_sqlite_store(path) as store:
         await store.create_session(make_record())
-        entered, release = await _held_mid_transaction(store)
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(store.append_turn, "s1", 0, sample_turn(0))
-            await trio.to_thread.run_sync(entered.wait)
-            nursery.start_soon(store.aclose)
-            await trio.testing.wait_all_tasks_blocked()
-            release.set()
-    assert len(read_transcript(path, "s1")) == 5
+        other = sqlite3.connect(path, isolation_level=None)
+        try:
+            other.execute("BEGIN IMMEDIATE")  # holds the write lock
+            with pytest.raises(StoreError, match="locked"):
+                await store.append_turn("s1", 0, sample_turn(0))
+            other.execute("ROLLBACK")
+        finally:
+            other.close()
+        await store.append_turn("s1", 0, sample_turn(0))
+        assert len(await store.transcript("s1")) == 5
 
 
 _CHILD = textwrap.dedent(
