@@ -101,12 +101,16 @@ def notification(session_id: str, update_json: str) -> str:
     """The JSON-RPC text of a ``session/update`` notification around an encoded update.
 
     Byte for byte what serialising the notification object would give, without decoding
-    ``update_json`` (a replayed transcript is spliced straight from the store).
+    ``update_json`` (a replayed transcript is spliced straight from the store). Sending
+    many for one session: ``notification_prefix(session_id) + update_json + "}}"``.
     """
+    return notification_prefix(session_id) + update_json + "}}"
+
+
+def notification_prefix(session_id: str) -> str:
+    """The text of a session's ``session/update`` notifications up to the update object."""
     return (
         '{"jsonrpc":"2.0","method":"session/update","params":{"sessionId":'
         + json.dumps(session_id, ensure_ascii=False)
         + ',"update":'
-        + update_json
-        + "}}"
     )

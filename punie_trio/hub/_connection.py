@@ -79,11 +79,11 @@ class ClientConnection:
 
     # -- outgoing (used by the manager's relays) ----------------------------------------------
 
-    async def send_update(self, session_id: str, update_json: str) -> None:
-        """Send one ``session/update``; ``update_json`` is the update object's encoded text
-        (see ``acp.updates.encode``)."""
+    async def send_encoded(self, text: str) -> None:
+        """Send a message already encoded (a ``session/update`` built with
+        ``acp.updates.notification``)."""
         assert self.peer is not None
-        await self.peer.send_encoded(acp.updates.notification(session_id, update_json))
+        await self.peer.send_encoded(text)
 
     async def call_client(self, method: str, params: dict[str, Any]) -> Any:
         assert self.peer is not None

@@ -41,7 +41,16 @@ from ..rpc import (
     RpcError,
     current_request_id,
 )
-from ..store import STOP, MemoryStore, Payload, SessionRecord, Store, StoreError
+from ..store import (
+    STOP,
+    MemoryStore,
+    Payload,
+    SessionRecord,
+    Store,
+    StoreError,
+    TranscriptEntry,
+    UnknownSessionError,
+)
 from ..worker import (
     CancelTurn,
     ClientCall,
@@ -67,6 +76,8 @@ log = logging.getLogger("punie_trio.hub")
 WORKER_COMMAND_BUFFER = 64
 # Events of one turn not yet relayed to its client. Full: the turn waits (its client is slow).
 TURN_EVENT_BUFFER = 32
+# Transcript entries read per page by session/load and session/resume.
+REPLAY_PAGE = 2000
 # How long a client gets to answer fs/*, terminal/*, permission requests.
 CLIENT_CALL_TIMEOUT = 300.0
 # Time a finished or cancelled turn gets to commit its transcript, even when cancelled.
@@ -114,7 +125,7 @@ class ActiveTurn:
     orphaned: bool = False
 
 
-# What a detached session keeps for its client: ("update", encoded update) or
+# What a detached session keeps for its client: ("update", encoded notification) or
 # ("answer", request_id, response, error), in the order they happened.
 Pending = tuple[Any, ...]
 
@@ -135,6 +146,8 @@ class Session:
     # A list, not a deque: empty for almost every session, and 56 bytes that way, not 760.
     pending: list[Pending] = attrs.field(factory=list)
     overflowed: bool = False
+    # A session/load or session/resume is replaying it or seeding its history.
+    loading: bool = False
 
     @property
     def allowed_roots(self) -> tuple[str, ...]:
@@ -270,17 +283,19 @@ class Manager:
         while session.pending and session.owner is conn:
             item = session.pending.pop(0)
             if item[0] == "update":
-                await conn.send_update(session.id, item[1])
+                await conn.send_encoded(item[1])
             else:
                 _, request_id, response, error = item
                 await conn.send_answer(request_id, response, error)
 
     async def _deliver(self, session: Session, update: str) -> None:
+        """Send ``update`` (an encoded ``session/update`` notification) to the session's
+        owner, or keep it for the owner's return."""
         conn = session.owner
         if conn is not None:
             try:
                 await self._flush(session, conn)
-                await conn.send_update(session.id, update)
+                await conn.send_encoded(update)
                 return
             except PeerClosed:
                 pass
@@ -400,13 +415,12 @@ class Manager:
         self.project_root_for(ref.cwd)
         self.check_inside_roots(ref.additional_directories, "additionalDirectories")
         record = await self._stored(ref.session_id)
-        entries = await self.store.transcript(ref.session_id)
         live = self.sessions.get(ref.session_id)
         if live is not None and live.owner is not conn:
             raise RpcError(
                 INVALID_REQUEST, f"Session {ref.session_id} is open on another connection"
             )
-        if live is not None and live.turn is not None:
+        if live is not None and (live.turn is not None or live.loading):
             raise RpcError(INVALID_REQUEST, f"Session {ref.session_id} has a prompt running")
         if live is None:
             self._check_session_quota(conn)
@@ -420,25 +434,38 @@ class Manager:
                 turns=record.turns,
                 title=record.title,
             )
-        history: list[tuple[str, str]] = []
-        user: list[str] = []
-        agent: list[str] = []
-        for entry in entries:
-            content = entry.payload.get("content")
-            text = content.get("text") if isinstance(content, dict) else None
-            if entry.kind == "user_message_chunk" and isinstance(text, str):
-                user.append(text)
-            elif entry.kind == "agent_message_chunk" and isinstance(text, str):
-                agent.append(text)
-            elif entry.kind == STOP:
-                history += [("user", "\n".join(user)), ("agent", "".join(agent))]
-                user, agent = [], []
-        await live.worker.commands.send(SeedHistory(live.id, tuple(history)))
-        if replay:
-            for entry in entries:
-                if entry.kind != STOP:
-                    await conn.send_update(live.id, entry.payload_json)
+        live.loading = True  # no prompt until the history is in place
+        try:
+            history = await self._replay(conn, live, replay)
+            await live.worker.commands.send(SeedHistory(live.id, tuple(history)))
+        finally:
+            live.loading = False
         return {}
+
+    async def _replay(
+        self, conn: ClientConnection, session: Session, replay: bool
+    ) -> list[tuple[str, str]]:
+        """Read the transcript page by page (the store reads the next page on its thread
+        while this one is sent), replaying each update unless ``replay`` is false, and
+        return the conversation history: ``("user", text), ("agent", text)`` per turn."""
+        history: list[tuple[str, str]] = []
+        chunks: list[TranscriptEntry] = []  # this turn's, if its stop entry has no history
+        prefix = updates.notification_prefix(session.id)
+        try:
+            async for page in self.store.transcript_pages(session.id, REPLAY_PAGE):
+                for entry in page:
+                    kind = entry.kind
+                    if kind == STOP:
+                        history += _turn_history(entry, chunks)
+                        chunks.clear()
+                        continue
+                    if kind == "user_message_chunk" or kind == "agent_message_chunk":
+                        chunks.append(entry)
+                    if replay:
+                        await conn.send_encoded(prefix + entry.payload_json + "}}")
+        except UnknownSessionError:  # deleted meanwhile
+            raise RpcError.not_found(f"Session not found: {session.id}") from None
+        return history
 
     def list_sessions(self, params: acp.ListSessionsParams) -> Awaitable[dict[str, Any]]:
         # Sessions store their cwd resolved (symlinks followed): filter on the same form.
@@ -544,6 +571,8 @@ class Manager:
         session = self.owned_session(conn, params.session_id)
         if session.turn is not None:
             raise RpcError(INVALID_REQUEST, f"Session {session.id} already has a prompt running")
+        if session.loading:
+            raise RpcError(INVALID_REQUEST, f"Session {session.id} is still loading")
         now = trio.current_time()
         recent = conn.prompt_times
         expired = next((i for i, t in enumerate(recent) if t > now - 60.0), len(recent))
@@ -613,6 +642,8 @@ class Manager:
         env = TurnEnv(session.id, session.cwd, session.allowed_roots, turn.connection.capabilities)
         finished: TurnFinished | None = None
         streamed: list[tuple[str, str]] = []  # (kind, encoded update)
+        agent_text: list[str] = []
+        prefix = updates.notification_prefix(session.id)
         try:
             async with events_receive, trio.open_nursery() as nursery:
                 with contextlib.suppress(trio.ClosedResourceError, trio.BrokenResourceError):
@@ -624,9 +655,12 @@ class Manager:
                         # One scheduler trip per batch: relay whatever else is queued too.
                         while isinstance(event, Update):
                             # Encoded once: sent, buffered for a detached client and stored.
-                            encoded = updates.encode(event.update)
-                            streamed.append((event.update["sessionUpdate"], encoded))
-                            await self._deliver(session, encoded)
+                            update = event.update
+                            encoded = updates.encode(update)
+                            streamed.append((update["sessionUpdate"], encoded))
+                            if update["sessionUpdate"] == "agent_message_chunk":
+                                agent_text.append(_text_of(update))
+                            await self._deliver(session, prefix + encoded + "}}")
                             try:
                                 event = events_receive.receive_nowait()
                             except (trio.WouldBlock, trio.EndOfChannel):
@@ -647,7 +681,9 @@ class Manager:
                 ):
                     await session.worker.commands.send(CancelTurn(turn.turn_id))
             stop = finished.stop_reason if finished is not None else "cancelled"
-            persist_error = await self._persist_turn(session, params, streamed, stop)
+            persist_error = await self._persist_turn(
+                session, params, streamed, stop, "".join(agent_text)
+            )
             self.metrics.prompts.labels(stop_reason=stop).inc()
             self.metrics.prompt_latency.observe(trio.current_time() - started)
             if finished is not None and finished.error is not None:
@@ -711,7 +747,12 @@ class Manager:
             await session.worker.commands.send(reply)
 
     async def _persist_turn(
-        self, session: Session, params: PromptParams, streamed: list[tuple[str, str]], stop: str
+        self,
+        session: Session,
+        params: PromptParams,
+        streamed: list[tuple[str, str]],
+        stop: str,
+        agent_text: str,
     ) -> str | None:
         """Commit the turn's transcript before its answer is sent (an answered turn is never
         lost). Shielded with a deadline: a cancelled turn is recorded as cancelled too.
@@ -720,7 +761,12 @@ class Manager:
             ("user_message_chunk", updates.user_message_chunk(block)) for block in params.prompt
         ]
         entries += streamed
-        entries.append((STOP, {"stopReason": stop}))
+        # The turn's history rides on its stop entry: a load then decodes one entry per
+        # turn, not every chunk (older stores without it fall back to the chunks).
+        user_text = "\n".join(
+            t for block in params.prompt if isinstance(t := block.get("text"), str)
+        )
+        entries.append((STOP, {"stopReason": stop, "history": [user_text, agent_text]}))
         with trio.CancelScope(shield=True) as scope:
             scope.deadline = trio.current_time() + PERSIST_TIMEOUT
             try:
@@ -738,3 +784,25 @@ class Manager:
             log.error("persisting a turn of session %s timed out", session.id)
             return "the store did not answer in time"
         return None
+
+
+def _text_of(update: dict[str, Any]) -> str:
+    """The text of a message chunk update ("" for a non-text content block)."""
+    content = update.get("content")
+    text = content.get("text") if isinstance(content, dict) else None
+    return text if isinstance(text, str) else ""
+
+
+def _turn_history(stop: TranscriptEntry, chunks: list[TranscriptEntry]) -> list[tuple[str, str]]:
+    """A turn's ``[("user", text), ("agent", text)]``: from its stop entry's ``history``, or
+    (a store written before that existed) from its message chunks."""
+    summary = stop.payload.get("history")
+    if (
+        isinstance(summary, list)
+        and len(summary) == 2
+        and all(isinstance(part, str) for part in summary)
+    ):
+        return [("user", summary[0]), ("agent", summary[1])]
+    user = [_text_of(c.payload) for c in chunks if c.kind == "user_message_chunk"]
+    agent = [_text_of(c.payload) for c in chunks if c.kind == "agent_message_chunk"]
+    return [("user", "\n".join(t for t in user if t)), ("agent", "".join(agent))]

@@ -29,7 +29,7 @@ from typing import Any, Protocol
 import attrs
 import trio
 
-from ..transport import MessageStream, MessageTooLarge
+from ..transport import BatchSender, MessageStream, MessageTooLarge
 from ._codec import (
     ErrorResponse,
     MalformedMessage,
@@ -55,6 +55,8 @@ from ._errors import (
 log = logging.getLogger("punie_trio.rpc")
 
 CANCEL_REQUEST = "$/cancel_request"
+# Most messages the writer hands to the transport at once.
+WRITE_BATCH = 64
 
 # The id of the request whose handler is running in this task (each handler task has its own
 # context), so a handler can answer it later from elsewhere (see Peer.send_answer).
@@ -259,17 +261,24 @@ class Peer:
 
     async def _writer(self, cancel_scope: trio.CancelScope) -> None:
         outbox = self._outbox_receive
+        stream = self.stream
+        send_batch = stream.send_messages if isinstance(stream, BatchSender) else None
         try:
             async with outbox:
                 async for text in outbox:
-                    await self.stream.send_message(text)
-                    # Then whatever is already queued, without a scheduler trip per message.
-                    while True:
+                    # Take whatever else is already queued too: one scheduler trip, and with
+                    # a BatchSender one system call, per batch rather than per message.
+                    batch = [text]
+                    while len(batch) < WRITE_BATCH:
                         try:
-                            text = outbox.receive_nowait()
+                            batch.append(outbox.receive_nowait())
                         except (trio.WouldBlock, trio.EndOfChannel):
                             break
-                        await self.stream.send_message(text)
+                    if send_batch is not None and len(batch) > 1:
+                        await send_batch(batch)
+                    else:
+                        for text in batch:
+                            await stream.send_message(text)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             log.debug("peer writer: stream closed")
             self._lost = True

@@ -9,7 +9,7 @@ store never yielding.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 import attrs
@@ -132,6 +132,14 @@ class MemoryStore:
             TranscriptEntry(session_id, seq, turn, kind, payload)
             for seq, (turn, kind, payload) in enumerate(self._transcripts[session_id])
         ]
+
+    async def transcript_pages(
+        self, session_id: str, page_size: int = 1000
+    ) -> AsyncIterator[list[TranscriptEntry]]:
+        check_limit(page_size)
+        entries = await self.transcript(session_id)
+        for start in range(0, len(entries), page_size):
+            yield entries[start : start + page_size]
 
     async def aclose(self) -> None:
         self._closed = True

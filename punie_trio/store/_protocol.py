@@ -6,7 +6,7 @@ code path worth inheriting, and a test double needs no import from here to quali
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Any, Protocol
 
 from ._model import UNSET, Payload, SessionRecord, TranscriptEntry, Unset
@@ -63,6 +63,15 @@ class Store(Protocol):
     async def transcript(self, session_id: str) -> list[TranscriptEntry]:
         """Every entry of the session in ``seq`` order; an unknown session raises
         ``UnknownSessionError`` (an empty list means a session with no turns yet)."""
+        ...
+
+    def transcript_pages(
+        self, session_id: str, page_size: int = 1000
+    ) -> AsyncIterator[list[TranscriptEntry]]:
+        """The same entries as :meth:`transcript`, in pages of at most ``page_size``, read
+        one at a time (a caller can send a page while the next is read). The pages are the
+        transcript as of the first page: turns committed meanwhile are not included. An
+        unknown session raises ``UnknownSessionError`` from the first iteration."""
         ...
 
     async def aclose(self) -> None:

@@ -210,6 +210,32 @@ def select_transcript(conn: sqlite3.Connection, session_id: str) -> list[Transcr
     ]
 
 
+def select_transcript_page(
+    conn: sqlite3.Connection, session_id: str, after: int, upto: int | None, limit: int
+) -> tuple[list[TranscriptEntry], int]:
+    """Entries with ``after < seq <= upto`` (at most ``limit``), and ``upto``. The first page
+    (``upto is None``) checks the session exists and fixes ``upto`` at its last entry, so
+    the pages together are the transcript as it was when the first one was read."""
+    with _read(conn):
+        if upto is None:
+            row = conn.execute(
+                "SELECT (SELECT MAX(seq) FROM transcript WHERE session_id = ?)"
+                " FROM sessions WHERE id = ?",
+                (session_id, session_id),
+            ).fetchone()
+            if row is None:
+                raise UnknownSessionError(session_id)
+            upto = -1 if row[0] is None else int(row[0])
+        rows = conn.execute(
+            "SELECT seq, turn, kind, payload FROM transcript"
+            " WHERE session_id = ? AND seq > ? AND seq <= ? ORDER BY seq LIMIT ?",
+            (session_id, after, upto, limit),
+        ).fetchall()
+    return [
+        TranscriptEntry(session_id, seq, turn, kind, payload) for seq, turn, kind, payload in rows
+    ], upto
+
+
 @contextmanager
 def _read(conn: sqlite3.Connection) -> Iterator[None]:
     conn.execute("BEGIN")

@@ -20,6 +20,7 @@ Input is validated on the Trio side before anything touches the database.
 
 from __future__ import annotations
 
+import functools
 import logging
 import sqlite3
 import time
@@ -175,6 +176,28 @@ class SqliteStore:
 
     async def transcript(self, session_id: str) -> list[TranscriptEntry]:
         return await self._run(lambda conn: _sql.select_transcript(conn, session_id))
+
+    async def transcript_pages(
+        self, session_id: str, page_size: int = 1000
+    ) -> AsyncIterator[list[TranscriptEntry]]:
+        check_limit(page_size)
+        self._check_open()
+        first = functools.partial(
+            _sql.select_transcript_page, session_id=session_id, after=-1, upto=None,
+            limit=page_size,
+        )  # fmt: skip
+        pending = self._owner.start(_translated(first))
+        while True:
+            page, upto = await pending.result()
+            if not page:
+                return
+            # Read ahead: the owner thread reads the next page while the caller uses this one.
+            following = functools.partial(
+                _sql.select_transcript_page, session_id=session_id, after=page[-1].seq,
+                upto=upto, limit=page_size,
+            )  # fmt: skip
+            pending = self._owner.start(_translated(following))
+            yield page
 
     async def aclose(self) -> None:
         writer, self._writer = self._writer, None

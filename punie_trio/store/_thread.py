@@ -33,10 +33,33 @@ import trio
 R = TypeVar("R")
 T = TypeVar("T")
 
-_Job = tuple[Callable[[Any], Any], "trio.lowlevel.Task | None", "trio.lowlevel.TrioToken | None"]
+_Job = tuple[
+    Callable[[Any], Any],
+    "trio.lowlevel.Task | None",
+    "trio.lowlevel.TrioToken | Started[Any] | None",
+]
 _STOP = None
 
 log = logging.getLogger(__name__)
+
+
+class Started(Generic[T]):
+    """The result-to-be of :meth:`OwnerThread.start`."""
+
+    def __init__(self, token: trio.lowlevel.TrioToken) -> None:
+        self.token = token
+        self._done = trio.Event()
+        self._outcome: outcome.Outcome[T] | None = None
+
+    def set(self, result: outcome.Outcome[T]) -> None:  # on the Trio thread
+        self._outcome = result
+        self._done.set()
+
+    async def result(self) -> T:
+        """Wait for the job; return its value or raise its exception."""
+        await self._done.wait()
+        assert self._outcome is not None
+        return self._outcome.unwrap()
 
 
 class OwnerThread(Generic[R]):
@@ -64,6 +87,9 @@ class OwnerThread(Generic[R]):
                 return
             job, task, token = item
             result = outcome.capture(job, self._resource)
+            if isinstance(token, Started):
+                token.token.run_sync_soon(token.set, result)
+                continue
             if task is None or token is None:  # posted: nobody waits for it
                 if isinstance(result, outcome.Error):
                     log.error(
@@ -71,6 +97,18 @@ class OwnerThread(Generic[R]):
                     )
                 continue
             token.run_sync_soon(trio.lowlevel.reschedule, task, result)
+
+    def start(self, job: Callable[[R], T]) -> Started[T]:
+        """Queue ``job(resource)`` and return at once; ``await started.result()`` later.
+
+        For read-ahead: the thread runs the job while the caller does something else. If
+        nobody awaits the result, the job still runs and its result is dropped.
+        """
+        if self._closing:
+            raise RuntimeError("owner thread is closed")
+        started: Started[T] = Started(trio.lowlevel.current_trio_token())
+        self._jobs.put((job, None, started))
+        return started
 
     def post(self, job: Callable[[R], object]) -> None:
         """Queue ``job(resource)`` without waiting for it (its errors are logged). It runs

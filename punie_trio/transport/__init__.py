@@ -2,9 +2,10 @@
 
 from ._memory import MemoryMessageStream, memory_message_stream_pair
 from ._ndjson import NdjsonStream, stdio_stream
-from ._stream import MessageStream, MessageTooLarge
+from ._stream import BatchSender, MessageStream, MessageTooLarge
 
 __all__ = [
+    "BatchSender",
     "MemoryMessageStream",
     "MessageStream",
     "MessageTooLarge",

@@ -7,6 +7,8 @@ answer, never the connection. A final line without a newline at EOF is still del
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import attrs
 import trio
 
@@ -33,6 +35,9 @@ class NdjsonStream:
 
     async def send_message(self, text: str) -> None:
         await self.send_stream.send_all(text.encode() + b"\n")
+
+    async def send_messages(self, texts: Sequence[str]) -> None:
+        await self.send_stream.send_all(("\n".join(texts) + "\n").encode())
 
     async def receive_message(self) -> bytes:
         while True:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Protocol
+from collections.abc import Sequence
+from typing import Protocol, runtime_checkable
 
 
 class MessageTooLarge(Exception):
@@ -33,3 +34,12 @@ class MessageStream(Protocol):
     async def receive_message(self) -> str | bytes: ...
 
     async def aclose(self) -> None: ...
+
+
+@runtime_checkable
+class BatchSender(Protocol):
+    """A :class:`MessageStream` that can send several messages at once, in order, cheaper
+    than one by one (one system call for all of them). The peer's writer uses it when a
+    backlog has built up (a streamed turn, a ``session/load`` replay)."""
+
+    async def send_messages(self, texts: Sequence[str]) -> None: ...

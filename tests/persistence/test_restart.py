@@ -5,12 +5,15 @@ SQLite store in one data directory, real WebSocket clients."""
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 from typing import Any
 
+import attrs
+import pytest
 import trio
 
-from punie_trio.worker import ScriptModel
+from punie_trio.worker import ScriptModel, TurnContext
 
 from ..acp_schema import SchemaChecker
 from ..client import AcpTestClient
@@ -372,3 +375,59 @@ async def test_list_shows_only_sessions_under_served_roots(
                 error = await expect_error(client, "session/load", load_params(in_b, root / "a"))
                 assert error["code"] == -32002
             narrowed.closing.set()
+
+
+@attrs.define(eq=False)
+class HistoryRecorder:
+    """Answers ``answer to <prompt>`` in two chunks and records the history it was given."""
+
+    name: str = "recorder"
+    seen: list[list[tuple[str, str]]] = attrs.field(factory=list)
+
+    async def run_turn(self, ctx: TurnContext) -> str:
+        self.seen.append(list(ctx.history))
+        await ctx.text("answer to ")
+        await ctx.text(ctx.prompt_text)
+        return "end_turn"
+
+
+@pytest.mark.parametrize("stored_by", ["this version", "an older version"])
+async def test_load_gives_the_model_its_history(
+    tmp_path: Path, acp_schema: SchemaChecker, stored_by: str
+) -> None:
+    """The history rides on each turn's stop entry; a store written before it did (stop
+    entries with only ``stopReason``) is read from the message chunks instead."""
+    root = await resolved(tmp_path)
+    with trio.fail_after(30):
+        async with (
+            in_process_server(tmp_path, HistoryRecorder(), store="sqlite") as running,
+            acp_ws_client(running.url, acp_schema) as (client, _),
+        ):
+            await client.initialize()
+            session_id = await client.new_session(str(root))
+            for text in ("first\nprompt", "second"):
+                assert await client.prompt(session_id, text) == "end_turn"
+        if stored_by == "an older version":
+            with sqlite3.connect(tmp_path / "data" / "sessions.sqlite3") as db:
+                db.execute(
+                    "UPDATE transcript SET payload = json_object('stopReason', "
+                    "json_extract(payload, '$.stopReason')) WHERE kind = 'stop'"
+                )
+                stops = db.execute("SELECT payload FROM transcript WHERE kind = 'stop'").fetchall()
+            assert stops == [('{"stopReason":"end_turn"}',)] * 2
+        recorder = HistoryRecorder()
+        async with (
+            in_process_server(tmp_path, recorder, store="sqlite") as running,
+            acp_ws_client(running.url, acp_schema) as (client, _),
+        ):
+            await client.initialize()
+            await client.request("session/load", load_params(session_id, root))
+            assert await client.prompt(session_id, "third") == "end_turn"
+    assert recorder.seen == [
+        [
+            ("user", "first\nprompt"),
+            ("agent", "answer to first\nprompt"),
+            ("user", "second"),
+            ("agent", "answer to second"),
+        ]
+    ]

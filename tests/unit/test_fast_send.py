@@ -11,6 +11,7 @@ from typing import Any
 
 import hypercorn.config
 import hypercorn.trio.run
+import pytest
 import trio
 import trio.testing
 from hypercorn.events import Closed, Event, RawData
@@ -107,3 +108,56 @@ async def test_install_refuses_unknown_hypercorn(monkeypatch: Any) -> None:
     monkeypatch.setattr(hypercorn.trio.run, "TCPServer", Other)
     assert not _fast_send.install()
     assert hypercorn.trio.run.TCPServer is Other
+
+
+async def test_coalesced_writes_leave_together_at_the_end_of_the_block() -> None:
+    a, b = _pair()
+    b.setblocking(False)
+    server, protocol = _server(a)
+    async with _fast_send.coalesced_writes():
+        for i in range(5):
+            await server.protocol_send(RawData(data=b"frame %d;" % i))
+        with pytest.raises(BlockingIOError):  # nothing written yet
+            b.recv(4096)
+    assert b.recv(4096) == b"".join(b"frame %d;" % i for i in range(5))
+    assert protocol.events == []
+    await server.stream.aclose()
+    b.close()
+
+
+async def test_a_write_outside_the_block_goes_after_what_was_gathered() -> None:
+    a, b = _pair()
+    b.setblocking(False)
+    server, _ = _server(a)
+    gathered = trio.Event()
+    done = trio.Event()
+
+    async def coalescing_writer() -> None:
+        async with _fast_send.coalesced_writes():
+            await server.protocol_send(RawData(data=b"first;"))
+            gathered.set()
+            await done.wait()  # still inside the block when the other task writes
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(coalescing_writer)
+        await gathered.wait()
+        await server.protocol_send(RawData(data=b"second;"))  # e.g. Hypercorn's pong
+        done.set()
+    assert b.recv(4096) == b"first;second;"
+    await server.stream.aclose()
+    b.close()
+
+
+async def test_a_cancelled_block_still_writes_what_it_gathered() -> None:
+    a, b = _pair()
+    b.setblocking(False)
+    server, _ = _server(a)
+    with trio.CancelScope() as scope:
+        async with _fast_send.coalesced_writes():
+            await server.protocol_send(RawData(data=b"sent;"))
+            scope.cancel()
+            await trio.lowlevel.checkpoint()
+    assert scope.cancelled_caught
+    assert b.recv(4096) == b"sent;"
+    await server.stream.aclose()
+    b.close()

@@ -697,3 +697,36 @@ async def test_ndjson_send_appends_one_newline() -> None:
     assert await theirs.receive_some() == b'{"a":"b\\nc"}\n'
     await stream.aclose()
     await stream.aclose()  # idempotent
+
+
+class _CountingSend(trio.abc.SendStream):
+    def __init__(self, inner: trio.abc.SendStream) -> None:
+        self.inner = inner
+        self.writes = 0
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        self.writes += 1
+        await self.inner.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.inner.wait_send_all_might_not_block()
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+async def test_a_backlog_goes_out_as_one_ndjson_write_in_order() -> None:
+    """The writer hands queued messages to a BatchSender together: one send_all."""
+    ours, theirs = trio.testing.memory_stream_pair()
+    counting = _CountingSend(ours)
+    peer = Peer(NdjsonStream(ours, counting), Dispatcher())
+    reader = LineReader(theirs)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(peer.run)
+        async with trio.open_nursery() as senders:  # 10 notifications queued at once
+            for i in range(10):
+                senders.start_soon(peer.notify, "tick", [i])
+        for i in range(10):
+            assert await reader.next() == {"jsonrpc": "2.0", "method": "tick", "params": [i]}
+        nursery.cancel_scope.cancel()
+    assert counting.writes == 1
