@@ -114,7 +114,10 @@ def turn_entries(turn: int) -> list[tuple[str, dict[str, Any]]]:
     for i in range(16):
         text = f"turn {turn} chunk {i:02d}: part of a streamed answer, sixty chars. "[:60]
         entries.append(("agent_message_chunk", chunk(text)))
-    entries.append(("stop", {"stopReason": "end_turn"}))
+    # As the server writes it: the turn's history rides on its stop entry.
+    agent = "".join(e[1]["content"]["text"] for e in entries if e[0] == "agent_message_chunk")
+    question = entries[0][1]["content"]["text"]
+    entries.append(("stop", {"stopReason": "end_turn", "history": [question, agent]}))
     return entries
 
 

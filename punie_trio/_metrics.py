@@ -61,8 +61,8 @@ class Metrics:
     def message_in(self) -> None:
         self.messages_in.inc()
 
-    def message_out(self) -> None:
-        self.messages_out.inc()
+    def message_out(self, count: int = 1) -> None:
+        self.messages_out.inc(count)
 
     def error_sent(self, code: int) -> None:
         self.errors.labels(code=str(code), name=ERROR_NAMES.get(code, "other")).inc()

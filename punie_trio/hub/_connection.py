@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Iterable
 from typing import Any
 
 import attrs
@@ -78,6 +78,10 @@ class ClientConnection:
                 session.turn.cancel_requested.set()
 
     # -- outgoing (used by the manager's relays) ----------------------------------------------
+
+    async def send_encoded_many(self, texts: Iterable[str]) -> None:
+        assert self.peer is not None
+        await self.peer.send_encoded_many(texts)
 
     async def send_encoded(self, text: str) -> None:
         """Send a message already encoded (a ``session/update`` built with

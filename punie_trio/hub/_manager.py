@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import json
 import logging
 import time
 import uuid
@@ -48,7 +49,6 @@ from ..store import (
     SessionRecord,
     Store,
     StoreError,
-    TranscriptEntry,
     UnknownSessionError,
 )
 from ..worker import (
@@ -449,20 +449,21 @@ class Manager:
         while this one is sent), replaying each update unless ``replay`` is false, and
         return the conversation history: ``("user", text), ("agent", text)`` per turn."""
         history: list[tuple[str, str]] = []
-        chunks: list[TranscriptEntry] = []  # this turn's, if its stop entry has no history
+        # This turn's message chunks, for a stop entry without history (an older store).
+        chunks: list[tuple[str, str]] = []
         prefix = updates.notification_prefix(session.id)
         try:
-            async for page in self.store.transcript_pages(session.id, REPLAY_PAGE):
-                for entry in page:
-                    kind = entry.kind
+            async for rows in self.store.transcript_rows(session.id, REPLAY_PAGE):
+                for _, kind, payload_json in rows:
                     if kind == STOP:
-                        history += _turn_history(entry, chunks)
+                        history += _turn_history(payload_json, chunks)
                         chunks.clear()
-                        continue
-                    if kind == "user_message_chunk" or kind == "agent_message_chunk":
-                        chunks.append(entry)
-                    if replay:
-                        await conn.send_encoded(prefix + entry.payload_json + "}}")
+                    elif kind == "user_message_chunk" or kind == "agent_message_chunk":
+                        chunks.append((kind, payload_json))
+                if replay:
+                    await conn.send_encoded_many(
+                        [prefix + payload + "}}" for _, kind, payload in rows if kind != STOP]
+                    )
         except UnknownSessionError:  # deleted meanwhile
             raise RpcError.not_found(f"Session not found: {session.id}") from None
         return history
@@ -793,16 +794,16 @@ def _text_of(update: dict[str, Any]) -> str:
     return text if isinstance(text, str) else ""
 
 
-def _turn_history(stop: TranscriptEntry, chunks: list[TranscriptEntry]) -> list[tuple[str, str]]:
+def _turn_history(stop_json: str, chunks: list[tuple[str, str]]) -> list[tuple[str, str]]:
     """A turn's ``[("user", text), ("agent", text)]``: from its stop entry's ``history``, or
-    (a store written before that existed) from its message chunks."""
-    summary = stop.payload.get("history")
+    (a store written before that existed) from its ``(kind, payload_json)`` message chunks."""
+    summary = json.loads(stop_json).get("history")
     if (
         isinstance(summary, list)
         and len(summary) == 2
         and all(isinstance(part, str) for part in summary)
     ):
         return [("user", summary[0]), ("agent", summary[1])]
-    user = [_text_of(c.payload) for c in chunks if c.kind == "user_message_chunk"]
-    agent = [_text_of(c.payload) for c in chunks if c.kind == "agent_message_chunk"]
+    user = [_text_of(json.loads(p)) for k, p in chunks if k == "user_message_chunk"]
+    agent = [_text_of(json.loads(p)) for k, p in chunks if k == "agent_message_chunk"]
     return [("user", "\n".join(t for t in user if t)), ("agent", "".join(agent))]

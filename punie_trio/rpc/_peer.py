@@ -23,7 +23,7 @@ from __future__ import annotations
 import contextvars
 import itertools
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, Protocol
 
 import attrs
@@ -51,6 +51,7 @@ from ._errors import (
     PeerClosed,
     RpcError,
 )
+from ._outbox import Outbox
 
 log = logging.getLogger("punie_trio.rpc")
 
@@ -81,7 +82,7 @@ class PeerObserver(Protocol):
 
     def message_in(self) -> None: ...
 
-    def message_out(self) -> None: ...
+    def message_out(self, count: int = 1) -> None: ...
 
     def error_sent(self, code: int) -> None: ...
 
@@ -90,7 +91,7 @@ class _NullObserver:
     def message_in(self) -> None:
         pass
 
-    def message_out(self) -> None:
+    def message_out(self, count: int = 1) -> None:
         pass
 
     def error_sent(self, code: int) -> None:
@@ -128,17 +129,18 @@ class Peer:
     _ids: itertools.count[int] = attrs.field(factory=lambda: itertools.count(1), init=False)
     _pending: dict[RequestId, _PendingCall] = attrs.field(factory=dict, init=False)
     _running: dict[RequestId, trio.CancelScope] = attrs.field(factory=dict, init=False)
-    _handlers: trio.Nursery | None = attrs.field(default=None, init=False)
+    _nursery: trio.Nursery | None = attrs.field(default=None, init=False)
+    # Set when the last running handler finishes, for whoever waits for that (run's end).
+    _handlers_done: trio.Event | None = attrs.field(default=None, init=False)
     _closed: bool = attrs.field(default=False, init=False)
     _finishing: bool = attrs.field(default=False, init=False)
     _lost: bool = attrs.field(default=False, init=False)
     _eof: bool = attrs.field(default=False, init=False)
     _reader_scope: trio.CancelScope = attrs.field(factory=trio.CancelScope, init=False)
-    _outbox_send: trio.MemorySendChannel[str] = attrs.field(init=False)
-    _outbox_receive: trio.MemoryReceiveChannel[str] = attrs.field(init=False)
+    _outbox: Outbox = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
-        self._outbox_send, self._outbox_receive = trio.open_memory_channel[str](self.outbox_size)
+        self._outbox = Outbox(self.outbox_size)
 
     @property
     def closed(self) -> bool:
@@ -151,23 +153,31 @@ class Peer:
         return self._lost
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Serve until the stream ends. Pending requests then fail with :class:`PeerClosed`."""
+        """Serve until the stream ends. Pending requests then fail with :class:`PeerClosed`.
+
+        Resource handling: one nursery holds the writer and every request handler (an idle
+        connection is cheaper with one than with a nursery each); each handler has its own
+        cancel scope in ``_running``, which is how they are cancelled without the writer.
+        """
         try:
             async with trio.open_nursery() as nursery:
+                self._nursery = nursery
                 nursery.start_soon(self._writer, nursery.cancel_scope)
-                async with trio.open_nursery() as handlers:
-                    self._handlers = handlers
-                    task_status.started()
-                    with self._reader_scope:
-                        await self._reader()
-                    if self._eof and self.on_eof is not None:
-                        # The other side closed only its sending half (stdin EOF): our
-                        # answers can still reach it, so let the handlers finish.
-                        self.on_eof()
-                    elif not self._finishing:
-                        handlers.cancel_scope.cancel()
+                task_status.started()
+                with self._reader_scope:
+                    await self._reader()
+                if self._eof and self.on_eof is not None:
+                    # The other side closed only its sending half (stdin EOF): our
+                    # answers can still reach it, so let the handlers finish.
+                    self.on_eof()
+                elif not self._finishing:
+                    for scope in self._running.values():
+                        scope.cancel()
+                if self._running:
+                    self._handlers_done = trio.Event()
+                    await self._handlers_done.wait()
                 # Handlers are done and their last answers queued: let the writer drain them.
-                self._outbox_send.close()
+                self._outbox.close()
         finally:
             self._close()
 
@@ -179,8 +189,8 @@ class Peer:
 
     def _close(self) -> None:
         self._closed = True
-        self._handlers = None
-        self._outbox_send.close()
+        self._nursery = None
+        self._outbox.close()
         for call in self._pending.values():
             if not call.done.is_set():
                 call.error = PeerClosed("connection closed before the answer arrived")
@@ -200,12 +210,11 @@ class Peer:
         await trio.lowlevel.checkpoint_if_cancelled()
         try:
             try:
-                self._outbox_send.send_nowait(text)
+                self._outbox.send_nowait(text)
             except trio.WouldBlock:
-                await self._outbox_send.send(text)
+                await self._outbox.send(text)
         except (trio.ClosedResourceError, trio.BrokenResourceError):
             raise PeerClosed("connection closed") from None
-        self.observer.message_out()
 
     async def notify(self, method: str, params: Params = None) -> None:
         """Send a notification (waits while the outbox is full)."""
@@ -216,6 +225,19 @@ class Peer:
         the hub encodes each ``session/update`` once and splices stored updates into their
         replay without decoding them. Waits while the outbox is full."""
         await self._send_text(text)
+
+    async def send_encoded_many(self, texts: Iterable[str]) -> None:
+        """:meth:`send_encoded` for each of ``texts``, in order (a replayed page)."""
+        await trio.lowlevel.checkpoint_if_cancelled()
+        outbox = self._outbox
+        try:
+            for text in texts:
+                try:
+                    outbox.send_nowait(text)
+                except trio.WouldBlock:
+                    await outbox.send(text)
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            raise PeerClosed("connection closed") from None
 
     async def request(self, method: str, params: Params = None) -> Any:
         """Send a request and wait for its answer.
@@ -254,34 +276,33 @@ class Peer:
     def _send_nowait(self, msg: Message) -> None:
         """Best effort, for cleanup paths that cannot wait (cancelled or closing)."""
         try:
-            self._outbox_send.send_nowait(serialize(msg))
+            self._outbox.send_nowait(serialize(msg))
         except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
             return
-        self.observer.message_out()
 
     async def _writer(self, cancel_scope: trio.CancelScope) -> None:
-        outbox = self._outbox_receive
+        outbox = self._outbox
         stream = self.stream
         send_batch = stream.send_messages if isinstance(stream, BatchSender) else None
         try:
-            async with outbox:
-                async for text in outbox:
-                    # Take whatever else is already queued too: one scheduler trip, and with
-                    # a BatchSender one system call, per batch rather than per message.
-                    batch = [text]
-                    while len(batch) < WRITE_BATCH:
-                        try:
-                            batch.append(outbox.receive_nowait())
-                        except (trio.WouldBlock, trio.EndOfChannel):
-                            break
-                    if send_batch is not None and len(batch) > 1:
-                        await send_batch(batch)
-                    else:
-                        for text in batch:
-                            await stream.send_message(text)
+            while True:
+                # Everything queued (up to WRITE_BATCH): one scheduler trip, and with a
+                # BatchSender one system call, per batch rather than per message.
+                try:
+                    batch = await outbox.take(WRITE_BATCH)
+                except trio.EndOfChannel:
+                    break
+                if send_batch is not None and len(batch) > 1:
+                    await send_batch(batch)
+                else:
+                    for text in batch:
+                        await stream.send_message(text)
+                self.observer.message_out(len(batch))
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             log.debug("peer writer: stream closed")
             self._lost = True
+        finally:
+            outbox.close()
         # Whether drained or broken, the connection is over for everyone.
         cancel_scope.cancel()
 
@@ -367,8 +388,8 @@ class Peer:
             return
         scope = trio.CancelScope()
         self._running[msg.id] = scope
-        assert self._handlers is not None
-        self._handlers.start_soon(self._run_handler, msg, awaitable, scope)
+        assert self._nursery is not None
+        self._nursery.start_soon(self._run_handler, msg, awaitable, scope)
 
     async def _run_handler(
         self, msg: Request, awaitable: Awaitable[Any], scope: trio.CancelScope
@@ -382,6 +403,8 @@ class Peer:
         finally:
             # Only now: a $/cancel_request for this id is moot once the answer is queued.
             self._running.pop(msg.id, None)
+            if not self._running and self._handlers_done is not None:
+                self._handlers_done.set()
 
     async def _answer(
         self, msg: Request, awaitable: Awaitable[Any], scope: trio.CancelScope

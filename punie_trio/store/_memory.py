@@ -133,13 +133,13 @@ class MemoryStore:
             for seq, (turn, kind, payload) in enumerate(self._transcripts[session_id])
         ]
 
-    async def transcript_pages(
+    async def transcript_rows(
         self, session_id: str, page_size: int = 1000
-    ) -> AsyncIterator[list[TranscriptEntry]]:
+    ) -> AsyncIterator[list[tuple[int, str, str]]]:
         check_limit(page_size)
-        entries = await self.transcript(session_id)
-        for start in range(0, len(entries), page_size):
-            yield entries[start : start + page_size]
+        rows = [(e.seq, e.kind, e.payload_json) for e in await self.transcript(session_id)]
+        for start in range(0, len(rows), page_size):
+            yield rows[start : start + page_size]
 
     async def aclose(self) -> None:
         self._closed = True

@@ -65,13 +65,15 @@ class Store(Protocol):
         ``UnknownSessionError`` (an empty list means a session with no turns yet)."""
         ...
 
-    def transcript_pages(
+    def transcript_rows(
         self, session_id: str, page_size: int = 1000
-    ) -> AsyncIterator[list[TranscriptEntry]]:
-        """The same entries as :meth:`transcript`, in pages of at most ``page_size``, read
-        one at a time (a caller can send a page while the next is read). The pages are the
-        transcript as of the first page: turns committed meanwhile are not included. An
-        unknown session raises ``UnknownSessionError`` from the first iteration."""
+    ) -> AsyncIterator[list[tuple[int, str, str]]]:
+        """The entries of :meth:`transcript` as ``(seq, kind, payload_json)`` rows, in pages
+        of at most ``page_size`` read one at a time (the SQLite store reads the next page
+        while the caller uses this one). The pages are the transcript as of the first page:
+        turns committed meanwhile are not included. An unknown session raises
+        ``UnknownSessionError`` from the first iteration. For ``session/load``, which
+        splices each payload into its replay without decoding it."""
         ...
 
     async def aclose(self) -> None:

@@ -177,9 +177,9 @@ class SqliteStore:
     async def transcript(self, session_id: str) -> list[TranscriptEntry]:
         return await self._run(lambda conn: _sql.select_transcript(conn, session_id))
 
-    async def transcript_pages(
+    async def transcript_rows(
         self, session_id: str, page_size: int = 1000
-    ) -> AsyncIterator[list[TranscriptEntry]]:
+    ) -> AsyncIterator[list[tuple[int, str, str]]]:
         check_limit(page_size)
         self._check_open()
         first = functools.partial(
@@ -193,7 +193,7 @@ class SqliteStore:
                 return
             # Read ahead: the owner thread reads the next page while the caller uses this one.
             following = functools.partial(
-                _sql.select_transcript_page, session_id=session_id, after=page[-1].seq,
+                _sql.select_transcript_page, session_id=session_id, after=page[-1][0],
                 upto=upto, limit=page_size,
             )  # fmt: skip
             pending = self._owner.start(_translated(following))

@@ -75,10 +75,9 @@ class FastSendTCPServer(TCPServer):
     """Hypercorn's per-connection ``TCPServer``, writing without a checkpoint when it can,
     and gathering writes made inside :func:`coalesced_writes`."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._gathered: list[bytes] = []
-        self._gathered_bytes = 0
+    # Class-level defaults: an idle connection carries no list of its own.
+    _gathered: list[bytes] | None = None
+    _gathered_bytes = 0
 
     async def protocol_send(self, event: Event) -> None:
         if type(event) is RawData:
@@ -86,6 +85,8 @@ class FastSendTCPServer(TCPServer):
             if gathering is not None:
                 if not self._gathered:
                     gathering.append(self)
+                    if self._gathered is None:
+                        self._gathered = []
                 self._gathered.append(event.data)
                 self._gathered_bytes += len(event.data)
                 if self._gathered_bytes >= COALESCE_LIMIT:

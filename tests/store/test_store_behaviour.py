@@ -304,27 +304,27 @@ async def test_session_record_fields() -> None:
     assert rec.additional_directories == ()
 
 
-async def test_transcript_pages_are_the_transcript_as_of_the_first_page(store: Store) -> None:
+async def test_transcript_rows_are_the_transcript_as_of_the_first_page(store: Store) -> None:
     await store.create_session(make_record())
     for turn in range(3):
         await store.append_turn("s1", turn, sample_turn(turn))  # 5 entries each
     whole = await store.transcript("s1")
     pages = []
-    async for page in store.transcript_pages("s1", page_size=4):
+    async for page in store.transcript_rows("s1", page_size=4):
         pages.append(page)
         if len(pages) == 1:  # a turn committed while paging is not part of this read
             await store.append_turn("s1", 3, sample_turn(3))
     assert [len(p) for p in pages] == [4, 4, 4, 3]
-    assert [e for p in pages for e in p] == whole
+    assert [r for p in pages for r in p] == [(e.seq, e.kind, e.payload_json) for e in whole]
     assert len(await store.transcript("s1")) == 20
 
 
-async def test_transcript_pages_of_unknown_or_empty_sessions(store: Store) -> None:
+async def test_transcript_rows_of_unknown_or_empty_sessions(store: Store) -> None:
     with pytest.raises(UnknownSessionError):
-        async for _ in store.transcript_pages("nope"):
+        async for _ in store.transcript_rows("nope"):
             pass  # pragma: no cover
     await store.create_session(make_record())
-    assert [p async for p in store.transcript_pages("s1")] == []
+    assert [p async for p in store.transcript_rows("s1")] == []
     with pytest.raises(StoreError, match="limit"):
-        async for _ in store.transcript_pages("s1", page_size=0):
+        async for _ in store.transcript_rows("s1", page_size=0):
             pass  # pragma: no cover

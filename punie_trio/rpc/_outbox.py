@@ -1,0 +1,102 @@
+"""``Outbox``: the bounded queue between a peer's senders and its one writer task.
+
+Why not a memory channel: a connection holds its outbox for as long as it is open, idle or
+not, and a ``trio.open_memory_channel`` pair costs about 2 KiB (its state, a ``deque``, two
+``OrderedDict``s of waiting tasks and the two channel objects). An idle connection's outbox
+here is a list and three slots; the parking lot for senders waiting on a full outbox is
+made only when one has to wait. It also suits the writer better: :meth:`take` hands over
+everything queued at once.
+"""
+
+from __future__ import annotations
+
+import trio
+
+
+class Outbox:
+    """A FIFO of message texts holding at most ``limit``: many senders, one taker.
+
+    Senders wait while it is full (backpressure). :meth:`close` ends it: waiting and later
+    senders get :class:`trio.ClosedResourceError`; the taker still gets what was queued,
+    then :class:`trio.EndOfChannel`.
+    """
+
+    __slots__ = ("_closed", "_items", "_limit", "_senders", "_taker")
+
+    def __init__(self, limit: int) -> None:
+        if limit < 1:
+            raise ValueError("an outbox holds at least one message")
+        self._limit = limit
+        self._items: list[str] = []
+        self._closed = False
+        self._taker: trio.lowlevel.Task | None = None
+        self._senders: trio.lowlevel.ParkingLot | None = None
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def send_nowait(self, text: str) -> None:
+        """Queue ``text``, or raise :class:`trio.WouldBlock` when full."""
+        if self._closed:
+            raise trio.ClosedResourceError("outbox is closed")
+        if len(self._items) >= self._limit:
+            raise trio.WouldBlock
+        self._items.append(text)
+        if self._taker is not None:
+            task, self._taker = self._taker, None
+            trio.lowlevel.reschedule(task)
+
+    async def send(self, text: str) -> None:
+        """Queue ``text``, waiting while the outbox is full. Always a checkpoint."""
+        await trio.lowlevel.checkpoint_if_cancelled()
+        while True:
+            try:
+                self.send_nowait(text)
+            except trio.WouldBlock:
+                if self._senders is None:
+                    self._senders = trio.lowlevel.ParkingLot()
+                await self._senders.park()
+            else:
+                await trio.lowlevel.cancel_shielded_checkpoint()
+                return
+
+    async def take(self, most: int) -> list[str]:
+        """Everything queued, up to ``most`` messages, waiting until there is something.
+        Raises :class:`trio.EndOfChannel` once closed and drained. One taker at a time."""
+        if self._taker is not None:
+            raise trio.BusyResourceError("another task is taking from this outbox")
+        await trio.lowlevel.checkpoint_if_cancelled()
+        while not self._items:
+            if self._closed:
+                raise trio.EndOfChannel
+            self._taker = trio.lowlevel.current_task()
+
+            def abort(_: object) -> trio.lowlevel.Abort:
+                self._taker = None
+                return trio.lowlevel.Abort.SUCCEEDED
+
+            await trio.lowlevel.wait_task_rescheduled(abort)
+        items = self._items
+        if len(items) <= most:
+            self._items = []
+        else:
+            self._items = items[most:]
+            items = items[:most]
+        if self._senders is not None:
+            self._senders.unpark(count=len(items))
+        return items
+
+    def close(self) -> None:
+        """End the outbox (idempotent): wake the taker and every waiting sender."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._taker is not None:
+            task, self._taker = self._taker, None
+            trio.lowlevel.reschedule(task)
+        if self._senders is not None:
+            self._senders.unpark_all()

@@ -1,0 +1,111 @@
+"""Outbox: the bounded FIFO between a peer's senders and its writer."""
+
+from __future__ import annotations
+
+import pytest
+import trio
+import trio.testing
+
+from punie_trio.rpc._outbox import Outbox
+
+
+async def test_fifo_and_take_hands_over_everything_up_to_most() -> None:
+    box = Outbox(10)
+    for i in range(5):
+        box.send_nowait(str(i))
+    assert await box.take(3) == ["0", "1", "2"]
+    assert await box.take(10) == ["3", "4"]
+    assert len(box) == 0
+
+
+async def test_full_outbox_would_block_and_send_waits_for_room() -> None:
+    box = Outbox(2)
+    box.send_nowait("a")
+    box.send_nowait("b")
+    with pytest.raises(trio.WouldBlock):
+        box.send_nowait("c")
+    sent = False
+
+    async def sender() -> None:
+        nonlocal sent
+        await box.send("c")
+        sent = True
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(sender)
+        await trio.testing.wait_all_tasks_blocked()
+        assert not sent  # backpressure: it waits
+        assert await box.take(1) == ["a"]
+    assert sent
+    assert await box.take(10) == ["b", "c"]
+
+
+async def test_taker_waits_for_the_first_message() -> None:
+    box = Outbox(4)
+    got: list[str] = []
+
+    async def taker() -> None:
+        got.extend(await box.take(4))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(taker)
+        await trio.testing.wait_all_tasks_blocked()
+        assert got == []
+        box.send_nowait("x")
+    assert got == ["x"]
+
+
+async def test_close_drains_then_ends_and_refuses_senders() -> None:
+    box = Outbox(1)
+    box.send_nowait("last")
+    refused: list[type[BaseException]] = []
+
+    async def blocked_sender() -> None:
+        try:
+            await box.send("never")
+        except trio.ClosedResourceError as exc:
+            refused.append(type(exc))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(blocked_sender)
+        await trio.testing.wait_all_tasks_blocked()
+        box.close()
+        box.close()  # idempotent
+    assert refused == [trio.ClosedResourceError]
+    with pytest.raises(trio.ClosedResourceError):
+        box.send_nowait("late")
+    assert await box.take(5) == ["last"]
+    with pytest.raises(trio.EndOfChannel):
+        await box.take(5)
+
+
+async def test_close_wakes_a_waiting_taker() -> None:
+    box = Outbox(1)
+    async with trio.open_nursery() as nursery:
+
+        async def taker() -> None:
+            with pytest.raises(trio.EndOfChannel):
+                await box.take(1)
+
+        nursery.start_soon(taker)
+        await trio.testing.wait_all_tasks_blocked()
+        box.close()
+
+
+async def test_cancelled_taker_leaves_no_trace_and_one_taker_at_a_time() -> None:
+    box = Outbox(2)
+    with trio.move_on_after(1) as scope:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(box.take, 1)
+            await trio.testing.wait_all_tasks_blocked()
+            with pytest.raises(trio.BusyResourceError):
+                await box.take(1)
+            nursery.cancel_scope.cancel()
+    assert not scope.cancelled_caught
+    box.send_nowait("after")  # no stale taker to reschedule
+    assert await box.take(1) == ["after"]
+
+
+def test_limit_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="at least one"):
+        Outbox(0)
