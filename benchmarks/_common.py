@@ -39,8 +39,9 @@ TOKEN = "bench"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 LISTENING = re.compile(r"listening on http://([^\s:/]+|\[[^\]]+\]):(\d+)")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
-# How an echo prompt is written by every prompt benchmark: 16 words, so EchoModel's
-# echo_chunks() streams 16 chunks (one word each) and the SDK baseline the same 16.
+# How an echo prompt is written by every prompt benchmark: 16 words. ``--model echo``
+# answers it in one chunk (like the SDK's reference echo agent); ``echo:16`` streams one word
+# per chunk. The raw and SDK baselines stream the same chunks (env BENCH_ECHO_CHUNKS).
 PROMPT_TEXT = " ".join(f"word{i:02d}" for i in range(16))
 
 
@@ -114,12 +115,20 @@ class Server:
         return cls(argv, name=name, env=env)
 
     @classmethod
-    def raw(cls) -> Server:
-        return cls([sys.executable, str(HERE / "_raw_server.py")], name="raw hypercorn-trio")
+    def raw(cls, echo_chunks: int = 16) -> Server:
+        return cls(
+            [sys.executable, str(HERE / "_raw_server.py")],
+            name="raw hypercorn-trio",
+            env={**os.environ, "BENCH_ECHO_CHUNKS": str(echo_chunks)},
+        )
 
     @classmethod
-    def sdk(cls) -> Server:
-        return cls([sys.executable, str(HERE / "_sdk_server.py")], name="ACP SDK + uvicorn")
+    def sdk(cls, echo_chunks: int = 16) -> Server:
+        return cls(
+            [sys.executable, str(HERE / "_sdk_server.py")],
+            name="ACP SDK + uvicorn",
+            env={**os.environ, "BENCH_ECHO_CHUNKS": str(echo_chunks)},
+        )
 
     @property
     def pid(self) -> int:

@@ -5,7 +5,8 @@ Paths (the mode is chosen by the client):
 
 - ``/echo``: send every frame straight back (one frame in, one frame out).
 - ``/stream``: for each JSON-RPC request frame, send the session/update frames an echo
-  prompt would stream (``echo_chunks`` of its text, the same JSON punie-trio sends), then
+  prompt would stream (``echo_chunks`` of its text into ``BENCH_ECHO_CHUNKS`` chunks, default
+  16, the same JSON punie-trio sends), then
   the ``{"stopReason": "end_turn"}`` answer: the same wire traffic as a punie-trio echo
   prompt with only the JSON work left.
 - ``/push``: for each request frame with ``params.n``, send ``n`` agent_message_chunk
@@ -17,6 +18,7 @@ Prints ``raw listening on http://127.0.0.1:PORT`` to stderr. SIGTERM/SIGINT stop
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 from typing import Any
@@ -26,6 +28,9 @@ import hypercorn.trio
 import trio
 
 from punie_trio.worker._models import echo_chunks
+
+# How many chunks /stream answers a prompt with (as punie-trio's --model echo:N).
+ECHO_CHUNKS = int(os.environ.get("BENCH_ECHO_CHUNKS", "16"))
 
 
 def _dumps(obj: Any) -> str:
@@ -81,7 +86,7 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         session_id = params.get("sessionId", "sess_raw")
         if mode == "/stream":
             prompt = "".join(b.get("text", "") for b in params.get("prompt", []))
-            for chunk in echo_chunks(prompt):
+            for chunk in echo_chunks(prompt, ECHO_CHUNKS):
                 await send({"type": "websocket.send", "text": _update(session_id, chunk)})
         elif mode == "/push":
             text_chunk = params.get("text", "x")

@@ -1,5 +1,6 @@
 """Baseline server: the official ACP Python SDK's ASGI app (``acp.http.asgi.create_asgi_app``)
-with an echo agent streaming the same chunks as punie-trio's EchoModel (``echo_chunks``),
+with an echo agent streaming the same chunks as punie-trio's EchoModel (``echo_chunks``, into
+``BENCH_ECHO_CHUNKS`` chunks),
 under uvicorn with ``ws_per_message_deflate=False`` (no compression, like the clients).
 
 uvicorn runs as installed by ``pip install uvicorn`` (asyncio loop, h11, the ``websockets``
@@ -27,6 +28,9 @@ from acp.http.asgi import create_asgi_app
 
 from punie_trio.worker._models import echo_chunks
 
+# As punie-trio's --model echo:N (1: one chunk, like the SDK's own example echo agent).
+ECHO_CHUNKS = int(os.environ.get("BENCH_ECHO_CHUNKS", "16"))
+
 
 class EchoAgent(Agent):
     def on_connect(self, conn: Any) -> None:
@@ -43,7 +47,7 @@ class EchoAgent(Agent):
 
     async def prompt(self, session_id: str, prompt: list[Any], **kw: Any) -> PromptResponse:
         text = "".join(getattr(b, "text", "") for b in prompt)
-        for chunk in echo_chunks(text):
+        for chunk in echo_chunks(text, ECHO_CHUNKS):
             await self._conn.session_update(session_id, update_agent_message_text(chunk))
         return PromptResponse(stop_reason="end_turn")
 

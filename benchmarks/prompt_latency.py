@@ -1,18 +1,20 @@
 """Echo prompt round trips: 1, 10 and 100 concurrent clients.
 
 Each client has its own WebSocket connection and session and sends echo prompts one after
-another (16-word prompt: 16 streamed ``session/update`` chunks, then the answer); the round
-trip is from sending ``session/prompt`` to receiving its answer, the updates included.
-Reports p50/p99 and prompts/s for, in the same run and interleaved level by level:
+another (a 16-word prompt, answered with ``--chunks`` ``session/update`` chunks, default 1
+as the ACP SDK's reference echo agent does, then the answer); the round trip is from sending
+``session/prompt`` to receiving its answer, the updates included. Reports p50/p99 and
+prompts/s for, in the same run and interleaved level by level:
 
-- punie-trio ``--model echo`` (sqlite store, the default, and ``--store memory``);
+- punie-trio ``--model echo`` (``echo:N`` for ``--chunks N``; sqlite store, the default, and
+  ``--store memory``);
 - raw Hypercorn-trio ASGI WebSocket app, ``/echo`` (one frame back) and ``/stream`` (the
-  same 17 frames punie-trio sends; benchmarks/_raw_server.py);
+  same N + 1 frames punie-trio sends; benchmarks/_raw_server.py);
 - the official ACP SDK's ASGI app under uvicorn, same echo chunks (benchmarks/_sdk_server.py).
 
 Targets: punie-trio p50 within 2x of the raw echo; punie-trio ahead of the SDK on prompts/s.
 
-    python benchmarks/prompt_latency.py [--quick]
+    python benchmarks/prompt_latency.py [--quick] [--chunks 16]
 """
 
 from __future__ import annotations
@@ -54,12 +56,15 @@ class Target:
         self.open_client = open_client
 
 
+CHUNKS = 1  # set from --chunks
+
+
 async def acp_op_factory(url: str, project: Path) -> tuple[Op, Callable[[], Awaitable[None]]]:
     client = await AcpClient.open(url, cwd=project)
 
     async def op() -> None:
         stop, updates = await client.prompt()
-        if stop != "end_turn" or updates != 16:
+        if stop != "end_turn" or updates != CHUNKS:
             raise RuntimeError(f"bad echo turn: {stop} with {updates} updates")
 
     return op, client.close
@@ -71,7 +76,7 @@ async def stream_op_factory(url: str) -> tuple[Op, Callable[[], Awaitable[None]]
 
     async def op() -> None:
         stop, updates = await client.prompt()
-        assert stop == "end_turn" and updates == 16
+        assert stop == "end_turn" and updates == CHUNKS
 
     return op, client.close
 
@@ -116,32 +121,37 @@ async def run_level(target: Target, clients: int, per_client: int, warmup: int) 
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer prompts")
+    parser.add_argument(
+        "--chunks", type=int, default=1, help="chunks per echo answer (default 1; 16 streams)"
+    )
     args = parser.parse_args()
+    global CHUNKS
+    CHUNKS = args.chunks
     raise_nofile()
     # (clients, prompts per client)
     levels = [(1, 200), (10, 50), (100, 10)] if args.quick else [(1, 2000), (10, 400), (100, 60)]
-    header("prompt_latency: echo prompt round trips (16 chunks + answer)")
+    header(f"prompt_latency: echo prompt round trips ({CHUNKS} chunk(s) + answer)")
     print(versions(), f"load average at start {os.getloadavg()[0]:.2f}", sep="; ")
     holder, project, data = tmpdirs("prompt")
     mem_data = data.parent / "data-mem"
     mem_data.mkdir()
-    common = ("--model", "echo", "--prompts-per-minute", "100000000", "--max-connections", "1000")
+    model = "echo" if CHUNKS == 1 else f"echo:{CHUNKS}"
+    common = ("--model", model, "--prompts-per-minute", "100000000", "--max-connections", "1000")
     servers = {
-        "raw": Server.raw(),
+        "raw": Server.raw(CHUNKS),
         "punie": Server.punie(project, data, *common),
         "punie-mem": Server.punie(project, mem_data, *common, "--store", "memory"),
-        "sdk": Server.sdk(),
+        "sdk": Server.sdk(CHUNKS),
     }
     with holder:
         try:
             for s in servers.values():
                 s.start()
             raw, punie, punie_mem, sdk = (servers[k] for k in ("raw", "punie", "punie-mem", "sdk"))
+            stream_name = f"raw stream ({CHUNKS + 1} frames)"
             targets = [
                 Target("raw echo (1 frame)", raw, lambda: echo_op_factory(raw.url("/echo"))),
-                Target(
-                    "raw stream (17 frames)", raw, lambda: stream_op_factory(raw.url("/stream"))
-                ),
+                Target(stream_name, raw, lambda: stream_op_factory(raw.url("/stream"))),
                 Target("punie-trio (sqlite)", punie, lambda: acp_op_factory(punie.url(), project)),
                 Target(
                     "punie-trio (memory)",
@@ -162,7 +172,7 @@ async def main() -> None:
                         flush=True,
                     )
                 echo = results["raw echo (1 frame)"]
-                stream = results["raw stream (17 frames)"]
+                stream = results[stream_name]
                 sdk_r = results["ACP SDK + uvicorn"]
                 for name in ("punie-trio (sqlite)", "punie-trio (memory)"):
                     r = results[name]

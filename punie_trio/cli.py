@@ -87,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="a project root sessions may use (repeatable; default: the current directory)",
     )
-    s.add_argument("--model", help="model backend: echo (default) or script:PATH")
+    s.add_argument("--model", help="model backend: echo (default), echo:N or script:PATH")
     s.add_argument("--log-level", choices=LOG_LEVELS, help="stderr log level (default warning)")
     s.add_argument(
         "--data-dir", type=Path, help="data directory (default: $PUNIE_DATA_DIR or the platform's)"

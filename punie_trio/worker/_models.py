@@ -62,12 +62,19 @@ def echo_chunks(text: str, max_chunks: int = 16) -> list[str]:
 
 @attrs.define(eq=False)
 class EchoModel:
-    """Streams the prompt's text back in several word-aligned chunks."""
+    """Answers with the prompt's text: in one ``agent_message_chunk`` by default, as the ACP
+    SDK's reference echo agent does, or streamed in up to ``chunks`` word-aligned chunks
+    (``--model echo:N``)."""
 
-    name: str = "echo"
+    chunks: int = 1
+    name: str = attrs.field()
+
+    @name.default
+    def _name(self) -> str:
+        return "echo" if self.chunks == 1 else f"echo:{self.chunks}"
 
     async def run_turn(self, ctx: TurnContext) -> str:
-        for chunk in echo_chunks(ctx.prompt_text):
+        for chunk in echo_chunks(ctx.prompt_text, self.chunks):
             await ctx.text(chunk)
         return "end_turn"
 
@@ -156,12 +163,18 @@ class ScriptModel:
 
 
 def model_from_spec(spec: str) -> Model:
-    """``echo`` or ``script:PATH``. Raises :class:`ValueError` with a message for anything else."""
+    """``echo``, ``echo:N`` or ``script:PATH``. Raises :class:`ValueError` with a message for
+    anything else."""
     if spec == "echo":
         return EchoModel()
+    if spec.startswith("echo:"):
+        count = spec.removeprefix("echo:")
+        if not count.isdigit() or not 1 <= int(count) <= 10_000:
+            raise ValueError(f"--model {spec}: N in echo:N must be a whole number from 1 to 10000")
+        return EchoModel(int(count))
     if spec.startswith("script:"):
         path = spec.removeprefix("script:")
         if not path:
             raise ScriptError("--model script: needs a path, as script:PATH")
         return ScriptModel.from_path(Path(path))
-    raise ValueError(f"unknown model {spec!r}: use echo or script:PATH")
+    raise ValueError(f"unknown model {spec!r}: use echo, echo:N or script:PATH")

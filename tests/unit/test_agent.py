@@ -234,7 +234,7 @@ async def test_session_limit(tmp_path: Path, acp_schema: SchemaChecker) -> None:
 
 
 async def test_prompt_with_echo_streams_the_text(tmp_path: Path, acp_schema: SchemaChecker) -> None:
-    async with agent(tmp_path, acp_schema) as a:
+    async with agent(tmp_path, acp_schema, EchoModel(16)) as a:
         await a.client.initialize()
         session = await a.client.new_session(str(a.root))
         text = "the quick brown fox\njumps over the lazy dog"

@@ -77,11 +77,22 @@ class FakeContext:
         return None
 
 
-async def test_echo_model_streams_the_prompt() -> None:
+async def test_echo_model_answers_in_one_chunk_or_streams_n() -> None:
     ctx = FakeContext(prompt_text="hello big world")
     assert await EchoModel().run_turn(ctx) == "end_turn"
-    assert "".join(v for k, v in ctx.events if k == "text") == "hello big world"
-    assert len(ctx.events) == 3
+    assert ctx.events == [("text", "hello big world")]
+    ctx = FakeContext(prompt_text="hello big world")
+    assert await EchoModel(16).run_turn(ctx) == "end_turn"
+    assert ctx.events == [("text", "hello "), ("text", "big "), ("text", "world")]
+
+
+def test_echo_model_specs() -> None:
+    one, many = model_from_spec("echo"), model_from_spec("echo:16")
+    assert isinstance(one, EchoModel) and (one.chunks, one.name) == (1, "echo")
+    assert isinstance(many, EchoModel) and (many.chunks, many.name) == (16, "echo:16")
+    for bad in ("echo:", "echo:0", "echo:x", "echo:-1", "echo:10001"):
+        with pytest.raises(ValueError, match="echo:N"):
+            model_from_spec(bad)
 
 
 async def test_echo_model_empty_prompt() -> None:
