@@ -1,24 +1,28 @@
-"""A faster socket write for Hypercorn's trio worker: send without a checkpoint when it fits.
+"""Faster socket writes for Hypercorn's trio worker: no checkpoint when the kernel takes the
+bytes at once, and one system call for a batch of frames.
 
 Why: every WebSocket frame (one ACP message) ends in Hypercorn's
 ``TCPServer.protocol_send``, which takes a lock, opens a shielded scope and awaits
-``SocketStream.send_all``. That await checkpoints twice, and each checkpoint is a trip
-through trio's scheduler with an ``epoll_wait``. Measured on loopback, that path caps raw
-Hypercorn-trio at 14,000-34,000 frames/s; the kernel send itself is a small part of it.
+``SocketStream.send_all``: two checkpoints, each a trip through trio's scheduler with an
+``epoll_wait``, and one ``send()`` system call per frame. Measured on loopback, that path
+caps raw Hypercorn-trio at 14,000-34,000 frames/s.
 
-:class:`FastSendTCPServer` first tries the stdlib socket's non-blocking ``send`` directly,
-when no other write is in flight (the send lock is free, so nothing is queued ahead and
-byte order is kept). If the kernel takes all the bytes, it returns without a checkpoint;
-if the buffer is full or takes only part, the rest goes through Hypercorn's own path
-(lock, shielded ``send_all``), which waits for the socket to drain. Behaviour is otherwise
-unchanged: a broken or closed socket reports ``Closed`` to the protocol exactly as
-Hypercorn does.
+:class:`FastSendTCPServer` (installed by :func:`install`) changes only how bytes reach the
+socket:
 
-Resource handling: nothing new is owned; the subclass only changes how bytes reach the
-socket. It is installed by :func:`install` (idempotent) as the class Hypercorn's
-``worker_serve`` instantiates per connection, for the whole process. If Hypercorn's
-internals ever stop matching (checked at install), nothing is patched and Hypercorn runs
-unchanged, only slower.
+- When no other write is in flight (the send lock is free, so nothing is queued ahead and
+  byte order is kept) it calls the stdlib socket's non-blocking ``send`` directly. If the
+  kernel takes everything, it returns without a checkpoint; the rest, if any, goes through
+  Hypercorn's own path (lock, shielded ``send_all``), which waits for the socket to drain.
+- Inside :func:`coalesced_writes` (the peer's writer wraps a batch of queued messages in
+  it) the frames' bytes are gathered and leave together at the end of the block.
+
+A broken or closed socket reports ``Closed`` to the protocol exactly as Hypercorn does.
+
+Resource handling: nothing new is owned per connection (an idle connection carries no
+buffer). :func:`install` (idempotent) swaps the class Hypercorn's ``worker_serve``
+instantiates per connection, for the whole process. If Hypercorn's internals ever stop
+matching (checked at install), nothing is patched and Hypercorn runs unchanged, only slower.
 """
 
 from __future__ import annotations
