@@ -97,6 +97,9 @@ class ClientConnection:
         assert self.peer is not None
         await self.peer.notify(method, params)
 
+    def answer_now(self, request_id: Any, result: Any, error: RpcError | None) -> bool:
+        return self.peer is not None and self.peer.answer_now(request_id, result, error)
+
     async def send_answer(self, request_id: Any, result: Any, error: RpcError | None) -> None:
         assert self.peer is not None
         await self.peer.send_answer(request_id, result, error)

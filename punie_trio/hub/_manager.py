@@ -698,6 +698,15 @@ class Manager:
             else:
                 turn.response = {"stopReason": stop}
             session.turn = None
+            # Answer from here when the prompting connection still owns the session: the
+            # answer then joins the turn's last updates in the writer's next batch.
+            if (
+                not turn.orphaned
+                and turn.request_id is not None
+                and session.owner is turn.connection
+                and not session.pending
+            ):
+                turn.connection.answer_now(turn.request_id, turn.response, turn.error)
             turn.finished.set()
             if turn.orphaned and turn.request_id is not None:
                 await self._answer_orphan(session, turn)

@@ -129,6 +129,8 @@ class Peer:
     _ids: itertools.count[int] = attrs.field(factory=lambda: itertools.count(1), init=False)
     _pending: dict[RequestId, _PendingCall] = attrs.field(factory=dict, init=False)
     _running: dict[RequestId, trio.CancelScope] = attrs.field(factory=dict, init=False)
+    # Running requests already answered by answer_now (made on first use).
+    _answered: set[RequestId] | None = attrs.field(default=None, init=False)
     _nursery: trio.Nursery | None = attrs.field(default=None, init=False)
     # Set when the last running handler finishes, for whoever waits for that (run's end).
     _handlers_done: trio.Event | None = attrs.field(default=None, init=False)
@@ -238,6 +240,35 @@ class Peer:
                     await outbox.send(text)
         except (trio.ClosedResourceError, trio.BrokenResourceError):
             raise PeerClosed("connection closed") from None
+
+    def answer_now(
+        self, request_id: RequestId, result: Any = None, error: RpcError | None = None
+    ) -> bool:
+        """Queue the answer to a request that is still running here, from whichever task
+        has it (a turn's relay answers ``session/prompt`` in the same scheduler pass as the
+        turn's last update, so both leave in one write). The handler's own outcome is then
+        dropped, and a ``$/cancel_request`` for it is ignored. Returns False, queuing
+        nothing, if the request is not running here, is answered already, or the outbox
+        is full or closed: the handler's return value answers it as usual."""
+        if request_id not in self._running or (
+            self._answered is not None and request_id in self._answered
+        ):
+            return False
+        msg: Message = (
+            Response(request_id, result)
+            if error is None
+            else ErrorResponse(request_id, error.code, error.message, error.data)
+        )
+        try:
+            self._outbox.send_nowait(serialize(msg))
+        except (trio.WouldBlock, trio.ClosedResourceError):
+            return False
+        if error is not None:
+            self.observer.error_sent(error.code)
+        if self._answered is None:
+            self._answered = set()
+        self._answered.add(request_id)
+        return True
 
     async def request(self, method: str, params: Params = None) -> Any:
         """Send a request and wait for its answer.
@@ -355,7 +386,7 @@ class Peer:
         if msg.method == CANCEL_REQUEST:
             request_id = msg.params.get("requestId") if isinstance(msg.params, dict) else None
             scope = self._running.get(request_id) if valid_id(request_id) else None
-            if scope is not None:
+            if scope is not None and not (self._answered and request_id in self._answered):
                 scope.cancel()
             return
         try:
@@ -396,13 +427,15 @@ class Peer:
     ) -> None:
         try:
             answer = await self._answer(msg, awaitable, scope)
-            if answer is not None:
+            if answer is not None and not (self._answered and msg.id in self._answered):
                 await self._send(answer)
         except PeerClosed:
             pass
         finally:
             # Only now: a $/cancel_request for this id is moot once the answer is queued.
             self._running.pop(msg.id, None)
+            if self._answered:
+                self._answered.discard(msg.id)
             if not self._running and self._handlers_done is not None:
                 self._handlers_done.set()
 

@@ -729,3 +729,43 @@ async def test_a_backlog_goes_out_as_one_ndjson_write_in_order() -> None:
             assert await reader.next() == {"jsonrpc": "2.0", "method": "tick", "params": [i]}
         nursery.cancel_scope.cancel()
     assert counting.writes == 1
+
+
+async def test_answer_now_answers_once_and_outlives_a_late_cancel() -> None:
+    release = trio.Event()
+
+    async def slow(params: Params) -> Any:
+        await release.wait()
+        return "from the handler"  # dropped: already answered
+
+    async with trio.open_nursery() as nursery:
+        peer, raw = await start_peer(nursery, Dispatcher({"slow": slow}))
+        await raw.send({"id": 7, "method": "slow"})
+        await trio.testing.wait_all_tasks_blocked()
+        assert not peer.answer_now(8, "no such request")
+        assert peer.answer_now(7, {"early": True})
+        assert not peer.answer_now(7, "twice")
+        assert await raw.recv() == {"jsonrpc": "2.0", "id": 7, "result": {"early": True}}
+        await raw.send({"method": "$/cancel_request", "params": {"requestId": 7}})  # moot
+        await trio.testing.wait_all_tasks_blocked()
+        release.set()
+        await raw.send({"id": 9, "method": "slow"})
+        assert await raw.recv() == {"jsonrpc": "2.0", "id": 9, "result": "from the handler"}
+        nursery.cancel_scope.cancel()
+
+
+async def test_answer_now_with_an_error() -> None:
+    async def forever(params: Params) -> Any:
+        await trio.sleep_forever()
+
+    async with trio.open_nursery() as nursery:
+        peer, raw = await start_peer(nursery, Dispatcher({"forever": forever}))
+        await raw.send({"id": "a", "method": "forever"})
+        await trio.testing.wait_all_tasks_blocked()
+        assert peer.answer_now("a", error=RpcError(INTERNAL_ERROR, "Internal error: boom"))
+        assert await raw.recv() == {
+            "jsonrpc": "2.0",
+            "id": "a",
+            "error": {"code": INTERNAL_ERROR, "message": "Internal error: boom"},
+        }
+        nursery.cancel_scope.cancel()
