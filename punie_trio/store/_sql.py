@@ -164,14 +164,7 @@ def append_turn(
     a turn mid-transaction (to cancel its caller, or to fail it) and check all-or-nothing.
     """
     with transaction(conn):
-        row = conn.execute(
-            "SELECT turns, (SELECT COALESCE(MAX(seq) + 1, 0) FROM transcript"
-            " WHERE session_id = ?) FROM sessions WHERE id = ?",
-            (session_id, session_id),
-        ).fetchone()
-        if row is None:
-            raise UnknownSessionError(session_id)
-        turns, next_seq = int(row[0]), int(row[1])
+        turns, next_seq = _turns_and_next_seq(conn, session_id)
         if turn < turns:
             raise StoreError(f"session {session_id!r} already has turn {turn} recorded")
         # Multi-row INSERTs rather than executemany: one statement step per chunk instead of
@@ -210,6 +203,19 @@ def select_transcript(conn: sqlite3.Connection, session_id: str) -> list[Transcr
     ]
 
 
+def _turns_and_next_seq(conn: sqlite3.Connection, session_id: str) -> tuple[int, int]:
+    """The session's recorded turns and the ``seq`` its next entry gets (in the caller's
+    transaction); ``UnknownSessionError`` if it is not stored."""
+    row = conn.execute(
+        "SELECT turns, (SELECT COALESCE(MAX(seq) + 1, 0) FROM transcript"
+        " WHERE session_id = ?) FROM sessions WHERE id = ?",
+        (session_id, session_id),
+    ).fetchone()
+    if row is None:
+        raise UnknownSessionError(session_id)
+    return int(row[0]), int(row[1])
+
+
 def select_transcript_page(
     conn: sqlite3.Connection, session_id: str, after: int, upto: int | None, limit: int
 ) -> tuple[list[tuple[int, str, str]], int]:
@@ -218,14 +224,7 @@ def select_transcript_page(
     the pages together are the transcript as it was when the first one was read."""
     with _read(conn):
         if upto is None:
-            row = conn.execute(
-                "SELECT (SELECT MAX(seq) FROM transcript WHERE session_id = ?)"
-                " FROM sessions WHERE id = ?",
-                (session_id, session_id),
-            ).fetchone()
-            if row is None:
-                raise UnknownSessionError(session_id)
-            upto = -1 if row[0] is None else int(row[0])
+            upto = _turns_and_next_seq(conn, session_id)[1] - 1
         # Plain tuples: sqlite3 builds them in C (about 0.6 us a row, against 4 us with a
         # TranscriptEntry each), which is what lets a 20,000-entry load keep pace.
         rows: list[tuple[int, str, str]] = conn.execute(
