@@ -18,6 +18,7 @@ import trio
 import trio.testing
 
 from punie_trio.hub import ClientConnection, Limits, Manager
+from punie_trio.rpc import INVALID_REQUEST
 from punie_trio.transport import MemoryMessageStream, memory_message_stream_pair
 from punie_trio.worker import EchoModel, Model, ScriptModel
 
@@ -622,3 +623,19 @@ async def test_manager_shutdown_cancels_turns(
         await trio.testing.wait_all_tasks_blocked()
         assert a.manager.connections == set()
         assert a.connection.peer is not None and a.connection.peer.closed
+
+
+async def test_a_prompt_while_the_session_is_loading_is_refused(
+    tmp_path: Path, acp_schema: SchemaChecker
+) -> None:
+    """session/load replays and seeds the history; a prompt racing it is refused, and the
+    session takes prompts again once the load is done."""
+    async with agent(tmp_path, acp_schema) as a:
+        await a.client.initialize()
+        session = await a.client.new_session(str(a.root))
+        a.manager.sessions[session].loading = True  # as during a load's replay
+        error = await expect_error(a.client, "session/prompt", prompt_params(session, "hi"))
+        assert error["code"] == INVALID_REQUEST
+        assert "still loading" in error["message"]
+        a.manager.sessions[session].loading = False
+        assert await a.client.prompt(session, "hi") == "end_turn"
