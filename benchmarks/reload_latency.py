@@ -1,47 +1,142 @@
-"""Live-reload latency: file saved -> SSE event received, by 1 and by 1,000 clients.
+"""Live-reload latency: file saved -> reload notification received, by 1 and by 1,000 clients.
 
-Runs the real DevApp under Hypercorn's trio worker on 127.0.0.1 (port 0) in a child process
-(so the server has its own core of the two), with raw-socket SSE clients in this process; this
-process also saves the file and takes the times. Two configurations: no build command (the site
-file itself is edited) and a trivial build command (``cp``). ``debounce`` is set to 0: the quiet
-period is a configured wait, not overhead; the watcher's own 10 ms batching step remains.
+Servers, each in its own process on 127.0.0.1 (the clients, the edits and the clock are in this
+process):
 
-Baselines, measured in the same run on the same loop:
-* one HTTP/1.1 keep-alive GET round trip to the same server (a 20-byte file): what a client
-  pays to ask at all; the single-client ratio is against it;
-* a Trio memory-channel fan-out of one message to 1,000 receiving tasks (time until the last
-  one has it): the floor for in-process fan-out; the 1,000-client ratio is against it.
+* **DevApp**: ``DevApp`` under Hypercorn's trio worker with punie-trio's socket writer installed,
+  as ``punie-trio serve`` runs it, with ``debounce=0`` (the quiet period is a configured wait,
+  not overhead; the watcher's own 10 ms batching step remains). Clients read ``/__reload__``
+  (SSE). A single-client row with the shipped default ``debounce=0.2`` shows what the CLI gives.
+* Peers, when installed (``_peers.py``; skipped with a note otherwise), each speaking its own
+  protocol: mkdocs serve (long polling), sphinx-autobuild (WebSocket ``refresh``),
+  python-livereload (LiveReload protocol 7 over WebSocket). Bengal cannot run here (Python 3.14).
 
-Bounded: a fixed number of trials, each under a timeout. Usage: python benchmarks/reload_latency.py
+Two configurations: **no build command** (the served file itself is edited; each server
+watches the site) and a **trivial build** (a source file is edited, the build copies it into the
+site: ``cp`` for the DevApp, the same copy as each peer's build callback).
+
+Measured: for one client, p50/p99 over the trials; for 1,000 clients, per trial the time until
+the *last* client has it ("all notified"), and per client. Baselines, in the same run: one
+HTTP/1.1 keep-alive GET round trip to the DevApp server (the single-client ratio), and a Trio
+memory-channel fan-out to 1,000 tasks in one process (the floor for the fan-out).
+
+Also checked (full mode): whether a second save one second after a reload reaches the client
+(python-livereload ignores changes for 3 s after a reload; its trials are spaced for that).
+Long polling (mkdocs) is armed before each edit, and the edit waits until the server holds
+every poll (a thread each), at most READY_TIMEOUT; a server that does not notify every client
+within TRIAL_TIMEOUT is reported as such, with how many it reached.
+
+Where the spread comes from: the DevApp child records its full (generation 2) garbage
+collections, and this process its own; each 1,000-client trial is printed with any full GC that
+overlapped it, on either side.
+
+Bounded: a fixed number of trials, each under a timeout. Usage:
+python benchmarks/reload_latency.py [--quick] [--only NAME ...]
 """
 
 from __future__ import annotations
 
+import argparse
 import functools
+import gc
+import json
 import resource
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
+import _peers
 import hypercorn.config
 import hypercorn.trio
 import trio
 import trio.testing
 
+from punie_trio.web import _fast_send
 from punie_trio.web.dev import DevApp
 
-TRIALS_ONE = 40
-TRIALS_MANY = 6
 MANY = 1000
-TRIAL_TIMEOUT = 10.0
+TRIAL_TIMEOUT = 20.0
+#: (single-client trials, 1,000-client trials) per server and configuration.
+TRIALS = {"DevApp": (40, 10), "peer": (12, 2)}
+QUICK_TRIALS = {"DevApp": (10, 3), "peer": (3, 0)}
+#: Pause after a peer's notification before the next edit, so a late duplicate notification
+#: cannot be taken for the next trial's.
+PEER_SETTLE = 0.3
+#: Longest wait for a long-polling server to hold every poll before an edit.
+READY_TIMEOUT = 30.0
+#: How long to wait for the notification of a save made one second after a reload.
+FOLLOWUP_WAIT = 2.5
+PAGE = "<!doctype html><html><head><title>t</title></head><body>{}</body></html>"
 
 
 def pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def ms(v: float) -> str:
+    return f"{v * 1000:.1f} ms"
+
+
+# -- GC diagnostics ----------------------------------------------------------------------------
+
+FULL_GCS: list[tuple[float, float]] = []  # (start, duration) of generation-2 collections
+_gc_started = 0.0
+
+
+def _on_gc(phase: str, info: dict[str, int]) -> None:
+    global _gc_started
+    if info["generation"] != 2:
+        return
+    if phase == "start":
+        _gc_started = time.perf_counter()
+    else:
+        FULL_GCS.append((_gc_started, time.perf_counter() - _gc_started))
+
+
+def overlapping(gcs: list[tuple[float, float]], t0: float, t1: float) -> list[float]:
+    return [d for s, d in gcs if s < t1 and s + d > t0]
+
+
+# -- the DevApp --------------------------------------------------------------------------------
+
+
+async def serve(root: Path, build: bool, debounce: float) -> None:
+    """Child process: the dev app on a free port; prints its URL, runs until stdin closes, then
+    prints its full GCs (perf_counter is CLOCK_MONOTONIC: comparable across processes)."""
+    gc.callbacks.append(_on_gc)
+    _fast_send.install()  # what punie-trio serve does
+    site = root / "site"
+    dev = DevApp(
+        site_dir=site,
+        project_root=root,
+        closing=trio.Event(),
+        build_cmd="cp src/index.html site/index.html" if build else None,
+        watch=[root / "src"] if build else [site],
+        debounce=debounce,
+    )
+    config = hypercorn.config.Config()
+    config.bind = ["127.0.0.1:0"]
+    config.accesslog = None
+    config.errorlog = None
+    config.backlog = 2048
+    async with trio.open_nursery() as nursery:
+        await nursery.start(dev.run)
+        binds = await nursery.start(
+            functools.partial(hypercorn.trio.serve, dev, config, shutdown_trigger=dev.closing.wait)
+        )
+        print(binds[0], flush=True)
+        await trio.wrap_file(sys.stdin).read()
+        print(json.dumps(FULL_GCS), flush=True)
+        dev.closing.set()
+        await trio.sleep(0.5)
+        nursery.cancel_scope.cancel()
 
 
 class SSEClient:
@@ -59,14 +154,17 @@ class SSEClient:
             self.buffer += await self.stream.receive_some(65536)
         self.buffer = b""
 
-    async def wait_for(self, generation: int) -> float:
+    async def wait_reload(self, generation: int) -> None:
+        """Until the reload event of ``generation`` (every edit is one generation)."""
         needle = b"id: %d\nevent: reload" % generation
         assert self.stream is not None
         while needle not in self.buffer:
             self.buffer += await self.stream.receive_some(65536)
-        arrived = time.perf_counter()
         self.buffer = self.buffer[self.buffer.index(needle) + len(needle) :]
-        return arrived
+
+    async def aclose(self) -> None:
+        if self.stream is not None:
+            await self.stream.aclose()
 
 
 async def http_round_trips(host: str, port: int, count: int) -> list[float]:
@@ -111,136 +209,367 @@ async def channel_fanout(receivers: int, trials: int) -> list[float]:
     return results
 
 
-async def serve(root: Path, build: bool) -> None:
-    """Child process: the dev app on a free port; prints its URL, runs until stdin closes."""
-    site = root / "site"
-    dev = DevApp(
-        site_dir=site,
-        project_root=root,
-        closing=trio.Event(),
-        build_cmd="cp src/index.html site/index.html" if build else None,
-        watch=[root / "src"] if build else [site],
-        debounce=0.0,
-    )
-    config = hypercorn.config.Config()
-    config.bind = ["127.0.0.1:0"]
-    config.accesslog = None
-    config.backlog = 2048
-    async with trio.open_nursery() as nursery:
-        await nursery.start(dev.run)
-        binds = await nursery.start(
-            functools.partial(hypercorn.trio.serve, dev, config, shutdown_trigger=dev.closing.wait)
-        )
-        print(binds[0], flush=True)
-        await trio.wrap_file(sys.stdin).read()
-        dev.closing.set()
-        await trio.sleep(0.5)
-        nursery.cancel_scope.cancel()
+# -- servers as the trials see them --------------------------------------------------------------
 
 
-async def measure(
-    label: str, root: Path, build: bool
-) -> tuple[list[float], list[float], list[float], list[float]]:
-    site = root / "site"
-    src = root / "src"
-    site.mkdir(parents=True)
-    src.mkdir()
-    (site / "index.html").write_text("<html><body>0</body></html>")
-    (site / "small.txt").write_text("0123456789abcdefghij")
-    (src / "index.html").write_text("<html><body>0</body></html>")
-    edited = src / "index.html" if build else site / "index.html"
-    counter = 0
+class Target:
+    """One server under test: how to start it, and its clients' protocol."""
 
-    async def trial(clients: list[SSEClient]) -> list[float]:
-        nonlocal counter
-        counter += 1
-        generation = counter  # every edit changes the output: one generation each
-        arrivals: list[float] = []
+    name = ""
+    reload_gap = 0.0  # the server refuses a reload this soon after the previous one
+    settle = 0.0  # pause after a notification before the next edit
+    server_gcs: list[tuple[float, float]] | None = None
 
-        async def one(c: SSEClient) -> None:
-            arrivals.append(await c.wait_for(generation))
+    def server(self, root: Path, build: bool) -> Any:
+        raise NotImplementedError
 
-        with trio.fail_after(TRIAL_TIMEOUT):
-            async with trio.open_nursery() as nursery:
-                for c in clients:
-                    nursery.start_soon(one, c)
-                await trio.testing.wait_all_tasks_blocked(0.01)
-                t0 = time.perf_counter()
-                edited.write_text(f"<html><body>{counter}</body></html>")
-        return [a - t0 for a in arrivals]
+    def client(self, host: str, port: int) -> Any:
+        raise NotImplementedError
 
-    async with trio.open_nursery() as nursery:
-        server = await nursery.start(
-            functools.partial(
-                trio.run_process,
-                [sys.executable, __file__, "--serve", str(root), "1" if build else "0"],
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
+    async def connect(self, client: Any) -> None:
+        await client.connect()
+
+    #: Clients connecting (or re-polling) at once.
+    concurrency = 64
+
+    async def arm(self, client: Any) -> None:
+        """Before each trial (long polling: send the poll)."""
+
+    async def ready(self, pid: int, clients: int) -> str:
+        """Before each edit: until the server holds every client's request, where that can be
+        observed (long polling: a thread per parked poll). Returns a note if it did not."""
+        return ""
+
+    async def wait(self, client: Any, edit: int) -> None:
+        """Until the notification of the ``edit``-th edit of this server's run."""
+        raise NotImplementedError
+
+
+class DevAppTarget(Target):
+    def __init__(self, debounce: float = 0.0) -> None:
+        self.debounce = debounce
+        self.name = "DevApp" if debounce == 0 else f"DevApp, debounce {debounce:g} s (default)"
+        self.rtt: list[float] = []
+
+    @asynccontextmanager
+    async def server(self, root: Path, build: bool) -> AsyncIterator[tuple[str, int, int]]:
+        argv = [sys.executable, __file__, "--serve", str(root), str(int(build)), str(self.debounce)]
+        async with trio.open_nursery() as nursery:
+            proc = await nursery.start(
+                functools.partial(
+                    trio.run_process, argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE
+                )
             )
+            out = b""
+            while not out.endswith(b"\n"):
+                out += await proc.stdout.receive_some(1024)
+            host, port = out.decode().strip().removeprefix("http://").rsplit(":", 1)
+            self.rtt = await http_round_trips(host, int(port), 200)
+            try:
+                yield host, int(port), proc.pid
+            finally:
+                with trio.CancelScope(shield=True):
+                    await proc.stdin.aclose()
+                    out = b""
+                    while chunk := await proc.stdout.receive_some(65536):
+                        out += chunk
+                    self.server_gcs = [tuple(x) for x in json.loads(out.splitlines()[0])]
+
+    def client(self, host: str, port: int) -> SSEClient:
+        return SSEClient(host, port)
+
+    async def wait(self, client: Any, edit: int) -> None:
+        await client.wait_reload(edit)
+
+
+class PeerTarget(Target):
+    def __init__(self, peer: _peers.Peer, python: str) -> None:
+        self.peer, self.python = peer, python
+        self.name = peer.title
+        self.reload_gap = peer.reload_gap
+        self.settle = PEER_SETTLE
+
+    @asynccontextmanager
+    async def server(self, root: Path, build: bool) -> AsyncIterator[tuple[str, int, int]]:
+        src = root / "src" if build else None
+        async with _peers.run_peer(self.peer, self.python, root / "site", src) as server:
+            self.server_gcs = None
+            if self.reload_gap:  # its throttle counts from its start: let it pass
+                await trio.sleep(self.reload_gap)
+            yield server
+
+    def client(self, host: str, port: int) -> Any:
+        if self.peer.key == "mkdocs":
+            return _peers.LongPollClient(host, port)
+        return _peers.WebSocketClient(host, port)
+
+    async def connect(self, client: Any) -> None:
+        if self.peer.key == "mkdocs":
+            await client.connect("/index.html")
+        elif self.peer.key == "sphinx-autobuild":
+            await client.connect("/websocket-reload")
+        else:
+            await client.connect("/livereload")
+            await _peers.livereload_handshake(client)
+
+    async def arm(self, client: Any) -> None:
+        if self.peer.key == "mkdocs":
+            await client.arm()
+
+    async def ready(self, pid: int, clients: int) -> str:
+        if self.peer.key != "mkdocs":
+            return ""  # the connection handshakes already proved the server holds the client
+        base = 4  # main, serve, watchdog emitter and observer threads
+        with trio.move_on_after(READY_TIMEOUT):
+            while _threads(pid) - base < clients:  # noqa: ASYNC110 (polling another process)
+                await trio.sleep(0.05)
+            return ""
+        held = max(0, _threads(pid) - base)
+        return (
+            f"when the file was saved the server held only {held} of the {clients} polls, "
+            f"{READY_TIMEOUT:.0f} s after they were sent (its listen backlog is 5: the rest "
+            "wait for SYN-ACK retransmits)"
         )
-        line = b""
-        while not line.endswith(b"\n"):
-            line += await server.stdout.receive_some(1024)
-        host, port = line.decode().strip().removeprefix("http://").rsplit(":", 1)
-        rtt = await http_round_trips(host, int(port), 200)
-        one = SSEClient(host, int(port))
-        await one.connect()
-        single = [(await trial([one]))[0] for _ in range(TRIALS_ONE)]
-        assert one.stream is not None
-        await one.stream.aclose()
-        many_clients = [SSEClient(host, int(port)) for _ in range(MANY)]
-        async with trio.open_nursery() as connecting:
-            for c in many_clients:
-                connecting.start_soon(c.connect)
-        all_notified: list[float] = []
-        per_client: list[float] = []
-        for _ in range(TRIALS_MANY):
-            latencies = await trial(many_clients)
-            assert len(latencies) == MANY
-            all_notified.append(max(latencies))
-            per_client.extend(latencies)
-        for c in many_clients:
-            assert c.stream is not None
-            await c.stream.aclose()
-        await server.stdin.aclose()
-    print(f"\n== {label} ==")
-    return single, per_client, all_notified, rtt
+
+    async def wait(self, client: Any, edit: int) -> None:
+        if self.peer.key == "mkdocs":
+            await client.wait_reload()
+        elif self.peer.key == "sphinx-autobuild":
+            await client.wait_for(lambda text: text == "refresh")
+        else:
+            await client.wait_for(_peers.is_livereload_reload)
 
 
-def ms(v: float) -> str:
-    return f"{v * 1000:.1f} ms"
+def _threads(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return int(f.read().split("Threads:")[1].split()[0])
+    except (OSError, IndexError, ValueError):
+        return 0
 
 
-async def main() -> None:
+# -- trials -----------------------------------------------------------------------------------
+
+
+async def _all(clients: list[Any], fn: Callable[[Any], Awaitable[None]], limit: int) -> None:
+    """``fn`` on every client, at most ``limit`` at once."""
+    gate = trio.Semaphore(limit)
+
+    async def one(c: Any) -> None:
+        async with gate:
+            await fn(c)
+
+    async with trio.open_nursery() as nursery:
+        for c in clients:
+            nursery.start_soon(one, c)
+
+
+class Run:
+    """One server in one configuration: its trials' latencies and context."""
+
+    def __init__(self, target: Target, build: bool) -> None:
+        self.target, self.build = target, build
+        self.single: list[float] = []
+        self.many: list[list[float]] = []  # per trial, every client's latency
+        self.windows: list[tuple[float, float]] = []  # per 1,000-client trial: (t0, last)
+        self.server_gcs: list[tuple[float, float]] = []
+        self.rtt: list[float] = []
+        self.note = ""
+        #: Clients notified in a trial that did not reach all of them within TRIAL_TIMEOUT.
+        self.incomplete: int | None = None
+        self.readiness = ""
+        #: Whether a save one second after a reload was delivered (None: not checked).
+        self.followup: bool | None = None
+
+
+async def measure(target: Target, build: bool, one: int, many: int, followup: bool) -> Run:
+    run = Run(target, build)
+    with tempfile.TemporaryDirectory(prefix="punie-bench-reload-") as tmp:
+        root = Path(tmp)
+        site, src = root / "site", root / "src"
+        site.mkdir()
+        src.mkdir()
+        for d in (site, src):
+            (d / "index.html").write_text(PAGE.format(0))
+        (site / "small.txt").write_text("0123456789abcdefghij")
+        edited = (src if build else site) / "index.html"
+        counter = 0
+        last_reload = 0.0
+
+        async def trial(clients: list[Any], pid: int) -> tuple[float, list[float]]:
+            """One edit; the latencies of the clients notified within TRIAL_TIMEOUT."""
+            nonlocal counter, last_reload
+            counter += 1
+            wait_until = max(last_reload + target.reload_gap, time.perf_counter()) + target.settle
+            await trio.sleep(max(0.0, wait_until - time.perf_counter()))
+            await _all(clients, target.arm, target.concurrency)
+            readiness = await target.ready(pid, len(clients))
+            if readiness:
+                run.readiness = readiness
+            arrivals: list[float] = []
+
+            async def receive(c: Any) -> None:
+                await target.wait(c, counter)
+                arrivals.append(time.perf_counter())
+
+            with trio.move_on_after(TRIAL_TIMEOUT):
+                async with trio.open_nursery() as nursery:
+                    for c in clients:
+                        nursery.start_soon(receive, c)
+                    await trio.testing.wait_all_tasks_blocked(0.01)
+                    t0 = time.perf_counter()
+                    edited.write_text(PAGE.format(counter))
+            last_reload = max(arrivals, default=time.perf_counter())
+            return t0, [a - t0 for a in arrivals]
+
+        async def second_save(client: Any, pid: int) -> bool:
+            """A save one second after a reload: is it delivered (within FOLLOWUP_WAIT)?"""
+            nonlocal counter, last_reload
+            await trial([client], pid)
+            await trio.sleep(1.0)
+            counter += 1
+            await target.arm(client)
+            edited.write_text(PAGE.format(counter))
+            with trio.move_on_after(FOLLOWUP_WAIT) as scope:
+                await target.wait(client, counter)
+            last_reload = time.perf_counter()
+            return not scope.cancelled_caught
+
+        async with target.server(root, build) as (host, port, pid):
+            client = target.client(host, port)
+            await target.connect(client)
+            for _ in range(one):
+                _, latencies = await trial([client], pid)
+                if not latencies:
+                    run.note = f"(no notification within {TRIAL_TIMEOUT:.0f} s)"
+                    break
+                run.single.append(latencies[0])
+            if followup and run.single:
+                run.followup = await second_save(client, pid)
+            await client.aclose()
+            if many:
+                clients = [target.client(host, port) for _ in range(MANY)]
+                await _all(clients, target.connect, target.concurrency)
+                for _ in range(many):
+                    t0, latencies = await trial(clients, pid)
+                    if len(latencies) < MANY:  # clients left waiting: no further trial
+                        run.incomplete = len(latencies)
+                        break
+                    run.many.append(latencies)
+                    run.windows.append((t0, t0 + max(latencies)))
+                for c in clients:
+                    await c.aclose()
+        run.rtt = getattr(target, "rtt", [])
+    run.server_gcs = target.server_gcs or []
+    return run
+
+
+def report(runs: list[Run], fanout: list[float]) -> None:
+    for build in (False, True):
+        group = [r for r in runs if r.build == build]
+        if not group:
+            continue
+        print(f"\n== {'trivial build (copy one file)' if build else 'no build command'} ==")
+        dev = next((r for r in group if r.target.name == "DevApp"), None)
+        dev50 = pct(dev.single, 0.5) if dev and dev.single else None
+        rtt = dev.rtt if dev else []
+        if rtt:
+            print(f"baseline: HTTP keep-alive GET round trip p50 {ms(pct(rtt, 0.5))}")
+        print("1 client:")
+        for r in group:
+            if not r.single:
+                print(f"  {r.target.name:34} {r.note}")
+                continue
+            s50 = pct(r.single, 0.5)
+            parts = [f"x{s50 / pct(rtt, 0.5):.0f} a round trip"] if rtt else []
+            if dev50 is not None and r is not dev:
+                parts.append(f"x{s50 / dev50:.1f} the DevApp's")
+            parts.append(f"n={len(r.single)}")
+            print(
+                f"  {r.target.name:34} p50 {ms(s50):>9}  p99 {ms(pct(r.single, 0.99)):>9}  "
+                f"max {ms(max(r.single)):>9}  ({'; '.join(parts)})"
+            )
+        checked = [r for r in group if r.followup is not None]
+        if checked:
+            print("a second save 1 s after a reload (same client, notified within "
+                  f"{FOLLOWUP_WAIT:g} s?):")  # fmt: skip
+            for r in checked:
+                print(f"  {r.target.name:34} {'yes' if r.followup else 'NO: not delivered'}")
+        print(f"{MANY} clients, all notified (baseline: Trio channel fan-out to {MANY} tasks in "
+              f"one process p50 {ms(statistics.median(fanout))}):")  # fmt: skip
+        dev_all = [max(t) for t in dev.many] if dev and dev.many else []
+        for r in group:
+            if r.incomplete is not None:
+                print(
+                    f"  {r.target.name:34} NOT all notified: {r.incomplete} of {MANY} within "
+                    f"{TRIAL_TIMEOUT:.0f} s in trial {len(r.many) + 1} (trials stopped there)"
+                )
+                if r.readiness:
+                    print(f"  {'':34} ({r.readiness})")
+            if not r.many:
+                if r.note and r.incomplete is None:
+                    print(f"  {r.target.name:34} {r.note}")
+                continue
+            worst = [max(t) for t in r.many]
+            per = [x for t in r.many for x in t]
+            versus = ""
+            if dev_all and r is not dev:
+                versus = f", x{statistics.median(worst) / statistics.median(dev_all):.1f} DevApp's"
+            print(
+                f"  {r.target.name:34} p50 {ms(statistics.median(worst)):>9}  "
+                f"max {ms(max(worst)):>9}  per client p50 {ms(pct(per, 0.5))} "
+                f"p99 {ms(pct(per, 0.99))}  (n={len(worst)} trials{versus})"
+            )
+            trials = []
+            for (t0, t1), w in zip(r.windows, worst, strict=True):
+                causes = [f"server full GC {ms(d)}" for d in overlapping(r.server_gcs, t0, t1)]
+                causes += [f"client full GC {ms(d)}" for d in overlapping(FULL_GCS, t0, t1)]
+                trials.append(ms(w) + (f" ({', '.join(causes)})" if causes else ""))
+            print(f"  {'':34} trials: {'; '.join(trials)}")
+
+
+async def main(quick: bool, only: list[str]) -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 8192)), hard))
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 16384)), hard))
+    gc.callbacks.append(_on_gc)
+    trials = QUICK_TRIALS if quick else TRIALS
     fanout = await channel_fanout(MANY, 20)
-    print(f"baseline memory-channel fan-out to {MANY} tasks: p50 {ms(pct(fanout, 0.5))}")
-    for label, build in (("no build command", False), ("trivial build command (cp)", True)):
-        with tempfile.TemporaryDirectory() as tmp:
-            single, per_client, all_notified, rtt = await measure(label, Path(tmp), build)
-        rtt50 = pct(rtt, 0.5)
-        print(
-            f"baseline HTTP GET round trip (keep-alive): p50 {ms(rtt50)} p99 {ms(pct(rtt, 0.99))}"
-        )
-        s50 = pct(single, 0.5)
-        print(
-            f"1 client: p50 {ms(s50)} p99 {ms(pct(single, 0.99))} "
-            f"(x{s50 / rtt50:.0f} an HTTP round trip; n={len(single)})"
-        )
-        worst = pct(all_notified, 0.5)
-        print(
-            f"{MANY} clients: per-client p50 {ms(pct(per_client, 0.5))} "
-            f"p99 {ms(pct(per_client, 0.99))}; all notified p50 {ms(worst)} "
-            f"max {ms(max(all_notified))} (fan-out part over channel baseline: "
-            f"x{(worst - pct(per_client, 0.0)) / statistics.median(fanout):.0f}; "
-            f"n={len(all_notified)} trials)"
-        )
+    targets: list[Target] = [DevAppTarget(0.0)]
+    if not quick:
+        targets.append(DevAppTarget(0.2))
+    for peer in _peers.PEERS:
+        python, note = _peers.find_peer(peer)
+        print(note)
+        if python is not None:
+            targets.append(PeerTarget(peer, python))
+    if only:
+        targets = [t for t in targets if any(o.lower() in t.name.lower() for o in only)]
+    runs = []
+    for build in (False, True):
+        for target in targets:
+            one, many = trials["DevApp" if isinstance(target, DevAppTarget) else "peer"]
+            if isinstance(target, DevAppTarget) and target.debounce:
+                many = 0
+            print(f"measuring {target.name}, {'trivial build' if build else 'no build'}...",
+                  flush=True)  # fmt: skip
+            run = await measure(target, build, one, many, followup=not quick)
+            if not many:
+                run.note = (
+                    "(--quick: 1,000-client runs of peers skipped)"
+                    if quick and isinstance(target, PeerTarget)
+                    else "(single client only)"
+                )
+            runs.append(run)
+    report(runs, fanout)
 
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--serve"]:
-        trio.run(serve, Path(sys.argv[2]), sys.argv[3] == "1")
+        trio.run(serve, Path(sys.argv[2]), sys.argv[3] == "1", float(sys.argv[4]))
     else:
+        parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+        parser.add_argument("--quick", action="store_true", help="fewer trials (under a minute)")
+        parser.add_argument("--only", nargs="*", default=[], help="servers whose name contains")
+        args = parser.parse_args()
         print(f"Python {sys.version.split()[0]}, trio {trio.__version__}")
-        trio.run(main)
+        trio.run(main, args.quick, args.only)

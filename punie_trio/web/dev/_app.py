@@ -19,7 +19,7 @@ import trio
 from . import _events, _pages
 from ._asgi import Message, Receive, Scope, Send, header, respond
 from ._broadcast import Broadcaster
-from ._builder import BuildLoop
+from ._builder import BUILD_START_DELAY, BuildLoop
 from ._inject import inject
 from ._sse import stream_events
 from ._static import StaticSite
@@ -29,14 +29,18 @@ access_log = logging.getLogger("punie_trio.access")
 
 RELOAD_PATH = "/__reload__"
 _PAGE_SUFFIXES = ("", ".html", ".htm")
-_REQUEST_HEADERS = (
-    "accept",
-    "accept-encoding",
-    "if-none-match",
-    "if-modified-since",
-    "range",
-    "if-range",
-)
+#: The request headers static serving reads (raw lower-case name -> key in its dict).
+_REQUEST_HEADERS = {
+    name.encode(): name
+    for name in (
+        "accept",
+        "accept-encoding",
+        "if-none-match",
+        "if-modified-since",
+        "range",
+        "if-range",
+    )
+}
 
 
 def _is_page_request(path: str, accept: str | None) -> bool:
@@ -65,6 +69,7 @@ class DevApp:
     ignore: Sequence[str] = ()
     no_watch: bool = False
     debounce: float = 0.2
+    build_start_delay: float = BUILD_START_DELAY
     data_dir: Path | None = None
     access_log: bool = False
     keepalive: float = 15.0
@@ -81,6 +86,7 @@ class DevApp:
             pending=self.pending,
             build_cmd=self.build_cmd,
             debounce=self.debounce,
+            build_start_delay=self.build_start_delay,
         )
         self.static = StaticSite(self.site_dir)
 
@@ -190,10 +196,10 @@ class DevApp:
     async def _serve(self, scope: Scope, send: Send, *, head: bool) -> None:
         path: str = scope["path"]
         request: dict[str, str] = {}
-        for name in _REQUEST_HEADERS:
-            value = _header_str(scope, name)
-            if value is not None:
-                request[name] = value
+        for key, value in scope.get("headers", ()):
+            name = _REQUEST_HEADERS.get(bytes(key).lower())
+            if name is not None and name not in request:  # the first one counts
+                request[name] = bytes(value).decode("latin-1")
         found = await self.static.find(path)
         if found.kind == "redirect":
             location = urllib.parse.quote(path) + "/"
@@ -231,11 +237,6 @@ class DevApp:
             status = 404
         headers.append((b"content-length", b"%d" % len(body)))
         await respond(send, status, headers, body, head=head)
-
-
-def _header_str(scope: Scope, name: str) -> str | None:
-    value = header(scope, name.encode())
-    return None if value is None else value.decode("latin-1")
 
 
 async def _method_not_allowed(send: Send, allow: bytes) -> None:

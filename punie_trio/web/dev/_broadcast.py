@@ -19,6 +19,7 @@ Policy (bounds and what happens when a subscriber is slow):
 from __future__ import annotations
 
 import collections
+from collections.abc import Callable
 from typing import Any
 
 import attrs
@@ -32,31 +33,63 @@ HISTORY = 256
 
 @attrs.define(eq=False)
 class Subscriber:
-    """One stream's pending state: at most one merged reload and one status, plus a wakeup."""
+    """One stream's pending state: at most one merged reload and one status, plus a wakeup.
+
+    The wakeup is the writer task itself, parked with :func:`trio.lowlevel.wait_task_rescheduled`
+    and rescheduled by the first offer: a broadcast to N subscribers allocates no per-subscriber
+    synchronisation object (a :class:`trio.Event` per take would be N objects per broadcast that
+    live until the next one, which is what drives the cyclic GC's full collections).
+    """
 
     _reload: ReloadEvent | None = None
     _status: StatusEvent | None = None
-    _wakeup: trio.Event = attrs.field(factory=trio.Event)
+    _signalled: bool = False
+    #: Time of the last write to the client (Trio's clock), for the keepalive.
+    last_sent: float = 0.0
+    _waiter: trio.lowlevel.Task | None = attrs.field(default=None, init=False)
+    _abort_fn: Callable[[object], trio.lowlevel.Abort] = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self._abort_fn = self._abort  # bound once: parking allocates nothing
 
     def offer_reload(self, event: ReloadEvent) -> None:
         self._reload = event if self._reload is None else self._reload.merge(event)
-        self._wakeup.set()
+        self._wake()
 
     def offer_status(self, event: StatusEvent) -> None:
         self._status = event
-        self._wakeup.set()
+        self._wake()
 
     def wake(self) -> None:
-        """Wake the writer without an event (e.g. the server is closing)."""
-        self._wakeup.set()
+        """Wake the writer without an event (the server is closing, or a keepalive is due)."""
+        self._wake()
+
+    def _wake(self) -> None:
+        self._signalled = True
+        waiter = self._waiter
+        if waiter is not None:
+            self._waiter = None
+            trio.lowlevel.reschedule(waiter)
 
     @property
     def pending(self) -> bool:
         return self._reload is not None or self._status is not None
 
     async def wait(self) -> None:
-        """Block until something was offered (or :meth:`wake`) since the last :meth:`take`."""
-        await self._wakeup.wait()
+        """Block until something was offered (or :meth:`wake`) since the last :meth:`take`.
+
+        One task at a time. A checkpoint either way, as :meth:`trio.Event.wait` is.
+        """
+        if self._signalled:
+            await trio.lowlevel.checkpoint()
+            return
+        assert self._waiter is None, "one writer per subscriber"
+        self._waiter = trio.lowlevel.current_task()
+        await trio.lowlevel.wait_task_rescheduled(self._abort_fn)
+
+    def _abort(self, _: object) -> trio.lowlevel.Abort:
+        self._waiter = None
+        return trio.lowlevel.Abort.SUCCEEDED
 
     def take(self) -> list[Event]:
         """Everything pending, status first (the page may reload on the reload event)."""
@@ -67,7 +100,7 @@ class Subscriber:
             events.append(self._reload)
         self._status = None
         self._reload = None
-        self._wakeup = trio.Event()
+        self._signalled = False
         return events
 
 
@@ -107,13 +140,23 @@ class Broadcaster:
         exit_status: int | None = None,
         output: str = "",
         duration: float | None = None,
+        announce: bool = True,
     ) -> StatusEvent:
-        """Record the build's new state and offer it to everyone."""
+        """Record the build's new state and offer it to everyone (with ``announce=False``,
+        only record it: pages served and streams opened from now on carry it, open streams
+        get it from :meth:`announce`, or never if a newer status replaces it first)."""
         event = StatusEvent(kind, self.generation, command, exit_status, output, duration)
         self.status = event
+        if announce:
+            self.announce(event)
+        return event
+
+    def announce(self, event: StatusEvent) -> None:
+        """Offer a recorded status to every open stream, if it is still the current one."""
+        if self.status is not event:
+            return
         for subscriber in self._subscribers:
             subscriber.offer_status(event)
-        return event
 
     def missed_since(self, since: int) -> ReloadEvent | None:
         """What a client that has seen generation ``since`` missed, merged (or ``None``)."""

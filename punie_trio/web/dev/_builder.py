@@ -24,10 +24,17 @@ import attrs
 import trio
 
 from ._broadcast import Broadcaster
+from ._events import StatusEvent
 from ._snapshot import FileSig, decide, take_snapshot
 from ._watch import PendingChanges
 
 log = logging.getLogger("punie_trio.dev")
+
+#: A build still running after this long is announced to open streams (``build_start``: the
+#: badge). A faster one is not: its ``build_ok`` and reload follow within the delay, and a
+#: badge shown for a few milliseconds is flicker. It also spares every open stream one write
+#: per quick rebuild, which is what keeps a broadcast to a thousand tabs quick.
+BUILD_START_DELAY = 0.1
 
 #: How much of a build's combined stdout/stderr is kept for the error overlay.
 OUTPUT_TAIL_BYTES = 8192
@@ -121,6 +128,7 @@ class BuildLoop:
     pending: PendingChanges
     build_cmd: str | None = None
     debounce: float = 0.2
+    build_start_delay: float = BUILD_START_DELAY
     builds: int = 0
     _last_good: dict[str, FileSig] = attrs.field(factory=dict)
 
@@ -133,9 +141,17 @@ class BuildLoop:
         duration: float | None = None
         if self.build_cmd is not None:
             self.builds += 1
-            self.broadcaster.publish_status("build_start", command=self.build_cmd)
+            # Recorded at once (pages served now show the badge, new streams get it), told to
+            # open streams only if the build is still running after build_start_delay.
+            started = self.broadcaster.publish_status(
+                "build_start", command=self.build_cmd, announce=self.build_start_delay <= 0
+            )
             log.info("building (%d change(s)): %s", len(changed), self.build_cmd)
-            result = await run_build(self.build_cmd, self.project_root)
+            async with trio.open_nursery() as nursery:
+                if self.build_start_delay > 0:
+                    nursery.start_soon(self._announce_later, started)
+                result = await run_build(self.build_cmd, self.project_root)
+                nursery.cancel_scope.cancel()
             if not result.ok:
                 log.warning(
                     "build failed (exit status %d) in %.2fs: %s\n%s",
@@ -165,6 +181,10 @@ class BuildLoop:
             action, paths = decision
             event = self.broadcaster.publish_reload(action, paths)
             log.info("%s (generation %d): %s", action, event.generation, ", ".join(paths[:5]))
+
+    async def _announce_later(self, started: StatusEvent) -> None:
+        await trio.sleep(self.build_start_delay)
+        self.broadcaster.announce(started)
 
     async def run(self) -> None:
         """Forever: wait for changes, let them settle, build once for all of them."""

@@ -1,14 +1,28 @@
 """Static files of the site directory, with the live-reload script in every HTML page.
 
-Resource handling: every filesystem call runs in a worker thread (one hop for the lookup,
-one per read), and files above :data:`WHOLE_FILE_LIMIT` are sent in :data:`CHUNK` pieces, so
+Resource handling: no file is read on the event loop. A request that is not in the cache costs
+**one** worker-thread hop, which resolves the path (containment, symlinks), stats the file and,
+for a file up to :data:`CACHE_FILE_LIMIT`, reads it whole in the same hop. Larger files are read
+in a thread per read: whole up to :data:`WHOLE_FILE_LIMIT`, else in :data:`CHUNK` pieces, so
 neither a slow disk nor a large file blocks other requests, and memory per request is bounded.
+
+The cache: small files' bytes (and what is derived from them: the injected page for the current
+page state, the gzipped body, validators) are kept, keyed by the request path, LRU-bounded by
+:data:`CACHE_ENTRIES` and :data:`CACHE_BYTES`. An entry is used only while one ``stat()`` of the
+requested path (symlinks followed, on the event loop: a metadata call, no read) still shows the
+same file: device, inode, size, ``mtime_ns`` and ``ctime_ns``. Any write, replace (rename),
+truncation or re-link changes one of those, and the request then takes the thread hop again.
+So a cache hit costs no thread hop at all, and a changed file is never served stale (down to
+the file system's timestamp granularity, the limit ETags share).
+
 HTML is read whole (it must be, to inject the script), up to :data:`INJECT_LIMIT`; a larger
 page is served as is.
 
 Security: the request path is split into segments and refused if any starts with a dot
 (:func:`._http.safe_segments`); the resolved file (symlinks followed) must still be inside
-the site directory.
+the site directory. A cache hit is the same inode that check accepted, unchanged since (a
+rename or a new link changes its ``ctime``); a path whose symlinks now lead elsewhere stats as
+another file and is checked again.
 """
 
 from __future__ import annotations
@@ -17,6 +31,7 @@ import collections
 import gzip
 import json
 import os
+import stat
 import zlib
 from pathlib import Path
 from typing import Any, Literal
@@ -33,39 +48,103 @@ WHOLE_FILE_LIMIT = 1024 * 1024
 INJECT_LIMIT = 16 * 1024 * 1024
 GZIP_MIN = 256
 GZIP_MAX = 8 * 1024 * 1024
-#: Compressed bodies of non-HTML files kept, keyed by (path, size, mtime): LRU, bounded.
+#: Files up to this size are read in the lookup's thread hop and kept in the cache.
+CACHE_FILE_LIMIT = 1024 * 1024
+#: Bounds of the file cache (bodies plus their variants), LRU.
+CACHE_ENTRIES = 1024
+CACHE_BYTES = 64 * 1024 * 1024
+#: Variants (injected page per page state, gzipped bodies) kept per cached file.
+VARIANTS_PER_FILE = 4
+#: Compressed bodies of files too large for the cache, keyed by (path, size, mtime): LRU.
 GZIP_CACHE_ENTRIES = 64
 GZIP_CACHE_BYTES = 32 * 1024 * 1024
 
+#: What identifies one version of one file: device, inode, size, mtime_ns, ctime_ns.
+Identity = tuple[int, int, int, int, int]
 
-@attrs.frozen
+
+def identity(st: os.stat_result) -> Identity:
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+@attrs.define(eq=False)
 class Lookup:
+    """What a request path names. For a small file, also its bytes and identity (cacheable)."""
+
     kind: Literal["file", "redirect", "missing"]
     path: str = ""
     size: int = 0
     mtime_ns: int = 0
+    #: The whole content, read in the lookup's hop (files up to the read limit), else None.
+    body: bytes | None = None
+    #: Identity of the file ``body`` was read from; None: not cacheable.
+    ident: Identity | None = None
+    #: The path as requested (symlinks not resolved), which a cache hit stats again.
+    target: str = ""
+    last_modified: str = ""
+    #: The cache key (normalised request path) once the entry is cached.
+    key: str = ""
+    #: Bodies derived from a cached file, by variant (page state, encoding).
+    variants: dict[str, bytes] = attrs.field(factory=dict)
+
+    @property
+    def cost(self) -> int:
+        """Bytes this entry keeps in memory."""
+        return len(self.body or b"") + sum(len(body) for body in self.variants.values())
 
 
-def lookup(root: str, segments: list[str], trailing_slash: bool) -> Lookup:
-    """Find the file for a request (blocking: run in a thread)."""
+_MISSING = Lookup("missing")
+_REDIRECT = Lookup("redirect")
+
+
+def lookup(root: str, segments: list[str], trailing_slash: bool, read_limit: int = -1) -> Lookup:
+    """Find the file for a request and, if it has at most ``read_limit`` bytes, read it.
+
+    Blocking: run it in a thread. One call does the containment check, the stat and the read.
+    """
     target = os.path.join(root, *segments)
     try:
         real = os.path.realpath(target)
         if real != root and not real.startswith(root + os.sep):
-            return Lookup("missing")
+            return _MISSING
         st = os.stat(real)
-        if os.path.isdir(real):
+        if stat.S_ISDIR(st.st_mode):
             if not trailing_slash and segments:
-                return Lookup("redirect")
+                return _REDIRECT
             real = os.path.join(real, "index.html")
+            target = os.path.join(target, "index.html")
             st = os.stat(real)
         elif trailing_slash:
-            return Lookup("missing")
-        if not os.path.isfile(real):
-            return Lookup("missing")
-    except (FileNotFoundError, NotADirectoryError, PermissionError, OSError):
-        return Lookup("missing")
-    return Lookup("file", real, st.st_size, st.st_mtime_ns)
+            return _MISSING
+        if not stat.S_ISREG(st.st_mode):
+            return _MISSING
+        if st.st_size > read_limit:
+            return Lookup(
+                "file",
+                real,
+                st.st_size,
+                st.st_mtime_ns,
+                target=target,
+                last_modified=_http.http_date(st.st_mtime_ns / 1e9),
+            )
+        with open(real, "rb") as f:
+            st = os.fstat(f.fileno())
+            body = f.read()
+    except OSError:
+        return _MISSING
+    # The identity is taken from the open file; a file that changed size while we read it is
+    # served as read, but not cached.
+    ident = identity(st) if len(body) == st.st_size else None
+    return Lookup(
+        "file",
+        real,
+        len(body),
+        st.st_mtime_ns,
+        body,
+        ident,
+        target,
+        _http.http_date(st.st_mtime_ns / 1e9),
+    )
 
 
 def _read(path: str, offset: int = 0, length: int = -1) -> bytes:
@@ -85,33 +164,95 @@ class StaticSite:
 
     site_dir: Path
     _root: str = attrs.field(init=False)
+    _cache: collections.OrderedDict[str, Lookup] = attrs.field(
+        init=False, factory=collections.OrderedDict
+    )
+    _cache_bytes: int = attrs.field(init=False, default=0)
     _gzip_cache: collections.OrderedDict[tuple[str, int, int], bytes] = attrs.field(
         init=False, factory=collections.OrderedDict
     )
     _gzip_cache_bytes: int = attrs.field(init=False, default=0)
+    #: Lookups that took the thread hop (cache misses); hits take none.
+    misses: int = attrs.field(init=False, default=0)
 
     def __attrs_post_init__(self) -> None:
         self._root = os.path.realpath(self.site_dir)
 
+    @property
+    def cached(self) -> int:
+        """Files in the cache."""
+        return len(self._cache)
+
+    @property
+    def cached_bytes(self) -> int:
+        return self._cache_bytes
+
     async def find(self, request_path: str) -> Lookup:
+        """What ``request_path`` names: from the cache when its file is unchanged (one
+        ``stat()``, no thread hop), else from :func:`lookup` in a thread."""
         segments = _http.safe_segments(request_path)
         if segments is None:
-            return Lookup("missing")
-        return await trio.to_thread.run_sync(
-            lookup, self._root, segments, request_path.endswith("/")
+            return _MISSING
+        trailing = request_path.endswith("/")
+        key = "/".join(segments) + ("/" if trailing and segments else "")
+        cached = self._cache.get(key)
+        if cached is not None:
+            try:
+                current: Identity | None = identity(os.stat(cached.target))
+            except OSError:
+                current = None
+            if current == cached.ident:
+                self._cache.move_to_end(key)
+                return cached
+            self._forget(key)
+        self.misses += 1
+        found = await trio.to_thread.run_sync(
+            lookup, self._root, segments, trailing, CACHE_FILE_LIMIT
         )
+        if found.ident is not None:
+            self._forget(key)  # a concurrent miss for the same path may have stored one
+            found.key = key
+            self._cache[key] = found
+            self._cache_bytes += found.cost
+            self._trim()
+        return found
+
+    def _forget(self, key: str) -> None:
+        dropped = self._cache.pop(key, None)
+        if dropped is not None:
+            self._cache_bytes -= dropped.cost
+
+    def _trim(self) -> None:
+        while self._cache and (len(self._cache) > CACHE_ENTRIES or self._cache_bytes > CACHE_BYTES):
+            _, dropped = self._cache.popitem(last=False)
+            self._cache_bytes -= dropped.cost
+
+    def _remember(self, found: Lookup, variant: str, body: bytes) -> None:
+        """Keep a derived body of a cacheable file (at most VARIANTS_PER_FILE of them)."""
+        if found.ident is None:
+            return
+        before = found.cost
+        if len(found.variants) >= VARIANTS_PER_FILE:
+            found.variants.clear()  # older page states: pages ask for the newest one
+        found.variants[variant] = body
+        if self._cache.get(found.key) is found:
+            self._cache_bytes += found.cost - before
+            self._trim()
 
     async def read_html(self, name: str) -> bytes | None:
         """A page at the site root (e.g. ``404.html``), or ``None``."""
-        found = await trio.to_thread.run_sync(lookup, self._root, [name], False)
+        found = await self.find("/" + name)
         if found.kind != "file" or found.size > INJECT_LIMIT:
             return None
+        if found.body is not None:
+            return found.body
         try:
             return await trio.to_thread.run_sync(_read, found.path)
         except OSError:
             return None
 
     async def _gzipped(self, found: Lookup, body: bytes) -> bytes:
+        """Gzip of a file too large for the file cache, kept in its own small LRU."""
         key = (found.path, found.size, found.mtime_ns)
         cached = self._gzip_cache.get(key)
         if cached is not None:
@@ -126,6 +267,19 @@ class StaticSite:
             _, dropped = self._gzip_cache.popitem(last=False)
             self._gzip_cache_bytes -= len(dropped)
         return compressed
+
+    async def _page(self, found: Lookup, state: dict[str, Any]) -> tuple[bytes, str, str]:
+        """(injected page, its state's variant tag, memo key) for the current page state."""
+        state_json = json.dumps(state, sort_keys=True)
+        tag = f"{zlib.crc32(state_json.encode()):08x}"
+        body = found.variants.get(state_json)
+        if body is None:
+            raw = found.body
+            if raw is None:
+                raw = await trio.to_thread.run_sync(_read, found.path)
+            body = inject(raw, state)
+            self._remember(found, state_json, body)
+        return body, tag, state_json
 
     async def serve_file(
         self,
@@ -142,35 +296,34 @@ class StaticSite:
         """
         ctype = _http.content_type(found.path)
         html = _http.is_html(ctype) and found.size <= INJECT_LIMIT
-        body: bytes | None = None
-        variant = ""
+        compressible = _http.is_compressible(ctype)
+        body = found.body
+        variant = memo_key = ""
         size = found.size
         if html:
-            body = inject(await trio.to_thread.run_sync(_read, found.path), state)
+            body, variant, memo_key = await self._page(found, state)
             size = len(body)
-            state_key = zlib.crc32(json.dumps(state, sort_keys=True).encode())
-            variant = f"{state_key:08x}"
         use_gzip = (
-            _http.is_compressible(ctype)
-            and _http.accepts_gzip(request.get("accept-encoding"))
+            compressible
             and "range" not in request
             and GZIP_MIN <= size <= GZIP_MAX
+            and _http.accepts_gzip(request.get("accept-encoding"))
         )
         if use_gzip:
             variant = variant + "-gz" if variant else "gz"
+            memo_key += "|gz"
         etag = _http.make_etag(found.size, found.mtime_ns, variant)
-        mtime = found.mtime_ns / 1e9
-        last_modified = _http.http_date(mtime)
+        last_modified = found.last_modified
         headers: Headers = [
             (b"etag", etag.encode()),
             (b"last-modified", last_modified.encode()),
             (b"cache-control", b"no-store" if html else b"no-cache"),
         ]
-        if _http.is_compressible(ctype):
+        if compressible:
             headers.append((b"vary", b"accept-encoding"))
         if _http.not_modified(
             etag=etag,
-            mtime=mtime,
+            mtime=found.mtime_ns / 1e9,
             if_none_match=request.get("if-none-match"),
             if_modified_since=request.get("if-modified-since"),
         ):
@@ -178,11 +331,7 @@ class StaticSite:
             return
         headers.append((b"content-type", ctype.encode()))
         if use_gzip:
-            if body is None:
-                body = await trio.to_thread.run_sync(_read, found.path)
-                body = await self._gzipped(found, body)
-            else:
-                body = await trio.to_thread.run_sync(_gzip, body)
+            body = await self._compressed(found, body, memo_key)
             headers += [(b"content-encoding", b"gzip"), (b"content-length", b"%d" % len(body))]
             await respond(send, 200, headers, body, head=head)
             return
@@ -203,7 +352,9 @@ class StaticSite:
                 headers.append((b"content-range", parsed.content_range().encode()))
         headers.append((b"content-length", b"%d" % length))
         if body is not None:
-            await respond(send, status, headers, body[offset : offset + length], head=head)
+            if length != len(body):
+                body = body[offset : offset + length]
+            await respond(send, status, headers, body, head=head)
         elif head:
             await respond(send, status, headers, b"", head=True)
         elif length <= WHOLE_FILE_LIMIT:
@@ -215,6 +366,17 @@ class StaticSite:
             )
         else:
             await self._stream(found.path, offset, length, status, headers, send)
+
+    async def _compressed(self, found: Lookup, body: bytes | None, memo_key: str) -> bytes:
+        """The gzipped body: memoised on a cached file, else via the large-file gzip cache."""
+        compressed = found.variants.get(memo_key)
+        if compressed is not None:
+            return compressed
+        if body is None:  # a file too large for the cache
+            return await self._gzipped(found, await trio.to_thread.run_sync(_read, found.path))
+        compressed = await trio.to_thread.run_sync(_gzip, body)
+        self._remember(found, memo_key, compressed)
+        return compressed
 
     async def _stream(
         self, path: str, offset: int, length: int, status: int, headers: Headers, send: Send

@@ -1,0 +1,86 @@
+"""Run one peer dev server for the dev-app benchmarks. Executed by the *peer's* Python.
+
+Usage: ``python _peer_server.py PEER PORT SITE [SRC]`` with PEER one of ``mkdocs``,
+``sphinx-autobuild``, ``livereload``. The server listens on 127.0.0.1:PORT (the caller picks a
+free port and polls it until it answers). Without SRC it serves SITE and reloads the browser when
+a file under SITE changes (no build command); with SRC it watches SRC and, on a change, "builds"
+by copying SRC/index.html to SITE/index.html (the trivial build of the benchmarks). The caller
+stops it with SIGTERM/SIGKILL.
+
+Each peer runs its own serving and reload machinery, the code its CLI runs, with only the build
+replaced (their real builds are an SSG: mkdocs' Markdown build, sphinx-build), in its fastest
+sensible configuration:
+
+* **mkdocs serve** (mkdocs 1.6): ``mkdocs.livereload.LiveReloadServer``, the class ``mkdocs
+  serve`` runs (``serve()``: wsgiref + threads, watchdog's *polling* observer at its fixed 0.5 s
+  interval, 0.1 s build delay, long-polling ``GET /livereload/<epoch>/<id>`` for the browser).
+* **sphinx-autobuild** (2025.8): its Starlette app (``sphinx_autobuild.__main__._create_app``:
+  StaticFiles, the script injector, ``RebuildServer`` on watchfiles' ``awatch``, WebSocket
+  ``/websocket-reload`` sending ``refresh``), run by uvicorn as its ``main()`` does; uvicorn
+  picks uvloop and httptools when installed (``uvicorn[standard]``), the fast configuration.
+  The build callback runs in a fresh ``ProcessPoolExecutor`` per change, as sphinx-autobuild
+  does.
+* **python-livereload** (2.7): ``livereload.Server`` (tornado; LiveReload protocol 7 over a
+  WebSocket at ``/livereload``), with pyinotify when installed (else it polls every 0.8 s),
+  ``live_css`` on (its default). It refuses a second reload within 3 s of the previous one
+  (``LiveReloadHandler.DEFAULT_RELOAD_TIME``); the benchmark spaces its trials accordingly.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+
+class CopyBuild:
+    """The trivial build: copy SRC/index.html to SITE/index.html (picklable, for the
+    process pool sphinx-autobuild runs its build in; any call signature)."""
+
+    def __init__(self, src: Path, site: Path) -> None:
+        self.src, self.site = src, site
+
+    def __call__(self, *args: object, **kwargs: object) -> None:
+        shutil.copyfile(self.src / "index.html", self.site / "index.html")
+
+
+def noop(*args: object, **kwargs: object) -> None:
+    """No build: the site's own change is the reload."""
+
+
+def mkdocs(port: int, site: Path, src: Path | None) -> None:
+    from mkdocs.livereload import LiveReloadServer
+
+    builder = CopyBuild(src, site) if src else noop
+    server = LiveReloadServer(builder=builder, host="127.0.0.1", port=port, root=str(site))
+    server.watch(str(src or site))
+    server.serve()
+
+
+def sphinx_autobuild(port: int, site: Path, src: Path | None) -> None:
+    import uvicorn
+    from sphinx_autobuild.__main__ import _create_app
+    from sphinx_autobuild.filter import IgnoreFilter
+
+    builder = CopyBuild(src, site) if src else noop
+    app = _create_app([src or site], IgnoreFilter([], []), builder, site, f"127.0.0.1:{port}")
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
+
+
+def livereload(port: int, site: Path, src: Path | None) -> None:
+    from livereload import Server
+
+    server = Server()
+    if src:
+        server.watch(str(src), CopyBuild(src, site))
+    else:
+        server.watch(str(site))
+    server.serve(port=port, host="127.0.0.1", root=str(site))
+
+
+PEERS = {"mkdocs": mkdocs, "sphinx-autobuild": sphinx_autobuild, "livereload": livereload}
+
+if __name__ == "__main__":
+    name, port, site = sys.argv[1], int(sys.argv[2]), Path(sys.argv[3])
+    source = Path(sys.argv[4]) if len(sys.argv) > 4 else None
+    PEERS[name](port, site, source)
