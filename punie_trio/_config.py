@@ -121,6 +121,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("watch", _to_path, (), many=True),
     Option("ignore", _to_str, (), many=True),
     Option("no_watch", _to_bool, False),
+    Option("debounce", _to_seconds, 0.2),
     Option("open", _to_bool, False),
 )
 BY_NAME = {o.name: o for o in OPTIONS}

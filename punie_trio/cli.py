@@ -160,6 +160,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-watch", action="store_true", default=None, help="do not watch for changes"
     )
     dev.add_argument(
+        "--debounce",
+        type=_seconds,
+        metavar="SECONDS",
+        help="quiet period after a change before building or reloading (default 0.2; 0: none)",
+    )
+    dev.add_argument(
         "--open", action="store_true", default=None, help="open the browser once the site answers"
     )
     s.set_defaults(func=_run_serve)
@@ -198,6 +204,18 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
     return resolve(flags, file_values, os.environ, str(config_path))
 
 
+def dev_options(o: dict[str, Any]) -> dict[str, Any]:
+    """The DevApp's keyword arguments from resolved settings."""
+    options: dict[str, Any] = {"no_watch": o["no_watch"], "debounce": o["debounce"]}
+    if o["build"]:
+        options["build_cmd"] = o["build"]
+    if o["watch"]:
+        options["watch"] = tuple(p.resolve() for p in o["watch"])
+    if o["ignore"]:
+        options["ignore"] = tuple(o["ignore"])
+    return options
+
+
 def _run_serve(args: argparse.Namespace) -> int:
     try:
         o = _settings(args)
@@ -225,13 +243,6 @@ def _run_serve(args: argparse.Namespace) -> int:
     except OSError as exc:
         return _error(f"cannot use data directory {data_dir}: {exc.strerror or exc}", 1)
     _setup_logging(o["log_level"], data_dir)
-    dev_options: dict[str, object] = {"no_watch": o["no_watch"]}
-    if o["build"]:
-        dev_options["build_cmd"] = o["build"]
-    if o["watch"]:
-        dev_options["watch"] = tuple(p.resolve() for p in o["watch"])
-    if o["ignore"]:
-        dev_options["ignore"] = tuple(o["ignore"])
     config = ServeConfig(
         projects=projects,
         model=model,
@@ -253,7 +264,7 @@ def _run_serve(args: argparse.Namespace) -> int:
             client_call_timeout=o["client_call_timeout"],
         ),
         site=site,
-        dev_options=dev_options,
+        dev_options=dev_options(o),
         data_dir=data_dir,
         store=o["store"],
         token=token,

@@ -242,3 +242,16 @@ async def test_serve_reads_the_toml_file_under_env_and_flags(
                 await process.wait()
                 assert process.stderr is not None
                 await process.stderr.aclose()
+
+
+def test_debounce_flag_env_and_default_reach_the_dev_app() -> None:
+    def debounce(argv: list[str], environ: dict[str, str]) -> Any:
+        args = cli.build_parser().parse_args(["serve", *argv])
+        flags = {name: getattr(args, name, None) for name in BY_NAME}
+        return cli.dev_options(resolve(flags, {}, environ, "f"))["debounce"]
+
+    assert debounce([], {}) == 0.2
+    assert debounce(["--debounce", "0"], {"PUNIE_DEBOUNCE": "3"}) == 0.0
+    assert debounce([], {"PUNIE_DEBOUNCE": "1.5"}) == 1.5
+    with pytest.raises(SystemExit):
+        debounce(["--debounce", "-1"], {})
