@@ -43,6 +43,8 @@ log = logging.getLogger(__name__)
 
 #: A coalesced block writes out early once it has gathered this much for one connection.
 COALESCE_LIMIT = 256 * 1024
+#: How often a write waiting for a full socket checks whether the server is terminating.
+STALL_CHECK = 0.25
 
 _gathering: contextvars.ContextVar[list[FastSendTCPServer] | None] = contextvars.ContextVar(
     "punie_trio_coalesced_writes", default=None
@@ -116,22 +118,65 @@ class FastSendTCPServer(TCPServer):
         await self._write(data)
 
     async def _write(self, data: bytes) -> None:
+        sock = _stdlib_socket(self.stream)
+        if sock is None:  # TLS or unknown: Hypercorn's own path
+            await super().protocol_send(RawData(data=data))
+            return
         if not self.send_lock.locked():
             # No write in flight (it would hold the lock), so nothing is queued ahead of us.
-            sock = _stdlib_socket(self.stream)
-            if sock is not None:
-                try:
-                    sent = sock.send(data)
-                except BlockingIOError:
-                    sent = 0
-                except OSError:  # reset, broken pipe, or closed under us
-                    await self.protocol.handle(Closed())
-                    return
-                if sent == len(data):
-                    return
-                data = data[sent:]
-        # Hypercorn's own path: the lock, then a shielded send_all that waits for room.
-        await super().protocol_send(RawData(data=data))
+            try:
+                sent = sock.send(data)
+            except BlockingIOError:
+                sent = 0
+            except OSError:  # reset, broken pipe, or closed under us
+                await self.protocol.handle(Closed())
+                return
+            if sent == len(data):
+                return
+            data = data[sent:]
+        # The kernel's buffer is full: wait for room, in order, holding the send lock.
+        async with self.send_lock:
+            with trio.CancelScope(shield=True):
+                outcome = await self._write_when_writable(sock, memoryview(data))
+        if outcome == "abandoned":
+            # A peer that stops reading must not hold the server's shutdown past its
+            # timeout (Hypercorn's own shielded write would, forever).
+            log.info("closing a connection whose peer stopped reading during shutdown")
+            await self.stream.aclose()
+        if outcome != "sent":
+            await self.protocol.handle(Closed())
+
+    async def _write_when_writable(self, sock: socket.socket, view: memoryview) -> str:
+        """Write all of ``view``, waiting for the socket to drain. Shielded by the caller
+        (a frame must not be cut short), so it watches the shutdown itself: once the server
+        is terminating, a socket that takes nothing for :meth:`_stall_limit` is abandoned.
+        Returns "sent", "closed" (the peer is gone) or "abandoned"."""
+        stalled_since: float | None = None
+        while view:
+            try:
+                sent = sock.send(view)
+            except BlockingIOError:
+                sent = 0
+            except OSError:
+                return "closed"
+            if sent:
+                view = view[sent:]
+                stalled_since = None
+                continue
+            if self.context.terminated.is_set():
+                now = trio.current_time()
+                if stalled_since is None:
+                    stalled_since = now
+                elif now - stalled_since >= self._stall_limit():
+                    return "abandoned"
+            with trio.move_on_after(STALL_CHECK):
+                await trio.lowlevel.wait_writable(sock)
+        return "sent"
+
+    def _stall_limit(self) -> float:
+        """How long a write may make no progress once the server is terminating: half the
+        graceful timeout, at most one second, so the rest of the shutdown still fits."""
+        return min(1.0, self.config.graceful_timeout / 2)
 
 
 def install() -> bool:

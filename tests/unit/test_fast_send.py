@@ -15,6 +15,7 @@ import pytest
 import trio
 import trio.testing
 from hypercorn.events import Closed, Event, RawData
+from hypercorn.trio.worker_context import WorkerContext
 
 from punie_trio.web import _fast_send
 from punie_trio.web._fast_send import FastSendTCPServer
@@ -30,7 +31,9 @@ class _Protocol:
 
 def _server(sock: socket.socket) -> tuple[FastSendTCPServer, _Protocol]:
     stream = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
-    server = FastSendTCPServer(None, hypercorn.config.Config(), None, {}, stream)  # type: ignore[arg-type]
+    config = hypercorn.config.Config()
+    config.graceful_timeout = 3.0
+    server = FastSendTCPServer(None, config, WorkerContext(None), {}, stream)  # type: ignore[arg-type]
     protocol = _Protocol()
     server.protocol = protocol  # type: ignore[assignment]
     return server, protocol
@@ -161,3 +164,33 @@ async def test_a_cancelled_block_still_writes_what_it_gathered() -> None:
     assert b.recv(4096) == b"sent;"
     await server.stream.aclose()
     b.close()
+
+
+async def test_a_peer_that_stops_reading_is_dropped_once_the_server_terminates(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Without this, a write to a peer that never reads waits forever, shielded, and holds
+    the server's shutdown past its timeout."""
+    a, b = _pair()
+    server, protocol = _server(a)
+    blocked_at: list[float] = []
+
+    async def flood() -> None:
+        for _ in range(1000):  # far more than the socket buffers hold
+            await server.protocol_send(RawData(data=b"x" * 4096))
+            if protocol.events:
+                return
+
+    with b:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(flood)
+            await trio.testing.wait_all_tasks_blocked()
+            assert server.send_lock.locked()  # stuck on the full socket
+            await trio.sleep(60)  # not terminating: it keeps waiting, however long
+            assert protocol.events == []
+            blocked_at.append(trio.current_time())
+            await server.context.terminated.set()
+        # Dropped within the stall limit (plus one check interval), and told to the protocol.
+        assert trio.current_time() - blocked_at[0] <= 1.0 + 2 * _fast_send.STALL_CHECK
+        assert protocol.events and isinstance(protocol.events[0], Closed)
+        assert server.stream.socket.fileno() == -1
