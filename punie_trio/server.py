@@ -137,8 +137,9 @@ async def _watch_signals(closing: trio.Event, shutdown_timeout: float) -> None:
                 os._exit(1)
             log.warning("received %s, shutting down", signal.Signals(signum).name)
             closing.set()
-            # Hypercorn shields its socket writes, so a WebSocket client that stopped reading
-            # can block a task beyond the reach of cancellation: a watchdog bounds the exit.
+            # A last resort: stalled socket writes are abandoned during shutdown
+            # (web/_fast_send.py), but anything else beyond the reach of cancellation must
+            # not keep the process alive either.
             timeout = shutdown_timeout + FORCE_EXIT_GRACE
             watchdog = threading.Timer(timeout, _force_exit, (timeout,))
             watchdog.daemon = True
