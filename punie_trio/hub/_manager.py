@@ -23,7 +23,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Iterable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -773,9 +773,7 @@ class Manager:
         entries += streamed
         # The turn's history rides on its stop entry: a load then decodes one entry per
         # turn, not every chunk (older stores without it fall back to the chunks).
-        user_text = "\n".join(
-            t for block in params.prompt if isinstance(t := block.get("text"), str)
-        )
+        user_text = _user_text(params.prompt)
         entries.append((STOP, {"stopReason": stop, "history": [user_text, agent_text]}))
         with trio.CancelScope(shield=True) as scope:
             scope.deadline = trio.current_time() + PERSIST_TIMEOUT
@@ -796,6 +794,14 @@ class Manager:
         return None
 
 
+def _user_text(blocks: Iterable[Any]) -> str:
+    """The user's side of a turn in the history: the text of its text blocks, a line each
+    (the same whether taken from a prompt or from its stored user_message_chunks)."""
+    return "\n".join(
+        t for block in blocks if isinstance(block, dict) and isinstance(t := block.get("text"), str)
+    )
+
+
 def _text_of(update: dict[str, Any]) -> str:
     """The text of a message chunk update ("" for a non-text content block)."""
     content = update.get("content")
@@ -813,6 +819,6 @@ def _turn_history(stop_json: str, chunks: list[tuple[str, str]]) -> list[tuple[s
         and all(isinstance(part, str) for part in summary)
     ):
         return [("user", summary[0]), ("agent", summary[1])]
-    user = [_text_of(json.loads(p)) for k, p in chunks if k == "user_message_chunk"]
-    agent = [_text_of(json.loads(p)) for k, p in chunks if k == "agent_message_chunk"]
-    return [("user", "\n".join(t for t in user if t)), ("agent", "".join(agent))]
+    user = _user_text(json.loads(p).get("content") for k, p in chunks if k == "user_message_chunk")
+    agent = "".join(_text_of(json.loads(p)) for k, p in chunks if k == "agent_message_chunk")
+    return [("user", user), ("agent", agent)]
