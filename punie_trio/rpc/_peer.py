@@ -201,21 +201,21 @@ class Peer:
     # -- outgoing ---------------------------------------------------------------------------
 
     async def _send(self, msg: Message) -> None:
-        # A cancellation point, but no trip through the scheduler while the outbox has room:
-        # the writer drains in batches, and a turn streaming thousands of updates would
-        # otherwise pay an epoll_wait per update. Waits only when the outbox is full.
-        await self._send_text(serialize(msg))
+        await self.send_encoded(serialize(msg))
         if isinstance(msg, ErrorResponse):
             self.observer.error_sent(msg.code)
 
-    async def _send_text(self, text: str) -> None:
-        await trio.lowlevel.checkpoint_if_cancelled()
+    async def _queue(self, text: str) -> None:
+        # No trip through the scheduler while the outbox has room: the writer drains in
+        # batches, and a turn streaming thousands of updates would otherwise pay an
+        # epoll_wait per update. Waits only when the outbox is full. Callers make the
+        # cancellation point.
         try:
             try:
                 self._outbox.send_nowait(text)
             except trio.WouldBlock:
                 await self._outbox.send(text)
-        except (trio.ClosedResourceError, trio.BrokenResourceError):
+        except trio.ClosedResourceError:
             raise PeerClosed("connection closed") from None
 
     async def notify(self, method: str, params: Params = None) -> None:
@@ -226,20 +226,14 @@ class Peer:
         """Send a message the caller already encoded (compact JSON-RPC text, no newline):
         the hub encodes each ``session/update`` once and splices stored updates into their
         replay without decoding them. Waits while the outbox is full."""
-        await self._send_text(text)
+        await trio.lowlevel.checkpoint_if_cancelled()
+        await self._queue(text)
 
     async def send_encoded_many(self, texts: Iterable[str]) -> None:
         """:meth:`send_encoded` for each of ``texts``, in order (a replayed page)."""
         await trio.lowlevel.checkpoint_if_cancelled()
-        outbox = self._outbox
-        try:
-            for text in texts:
-                try:
-                    outbox.send_nowait(text)
-                except trio.WouldBlock:
-                    await outbox.send(text)
-        except (trio.ClosedResourceError, trio.BrokenResourceError):
-            raise PeerClosed("connection closed") from None
+        for text in texts:
+            await self._queue(text)
 
     def answer_now(
         self, request_id: RequestId, result: Any = None, error: RpcError | None = None
@@ -308,7 +302,7 @@ class Peer:
         """Best effort, for cleanup paths that cannot wait (cancelled or closing)."""
         try:
             self._outbox.send_nowait(serialize(msg))
-        except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
+        except (trio.WouldBlock, trio.ClosedResourceError):
             return
 
     async def _writer(self, cancel_scope: trio.CancelScope) -> None:
