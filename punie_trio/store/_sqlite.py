@@ -47,13 +47,14 @@ from ._model import (
     session_changes,
 )
 from ._schema import WRITER_BUSY_TIMEOUT_MS, connect
-from ._thread import OwnerThread
+from ._thread import OwnerThread, Started
 
 #: Posts a PASSIVE checkpoint to the owner thread after this many rows written (SQLite's own
 #: automatic checkpoint, now off on the writer, runs every 1,000 pages).
 CHECKPOINT_EVERY_ROWS = 5_000
 
 T = TypeVar("T")
+Row = tuple[int, str, str]  # a transcript row: seq, kind, payload JSON
 
 log = logging.getLogger(__name__)
 
@@ -182,22 +183,22 @@ class SqliteStore:
     ) -> AsyncIterator[list[tuple[int, str, str]]]:
         check_limit(page_size)
         self._check_open()
-        first = functools.partial(
-            _sql.select_transcript_page, session_id=session_id, after=-1, upto=None,
-            limit=page_size,
-        )  # fmt: skip
-        pending = self._owner.start(_translated(first))
+
+        def read_page(after: int, upto: int | None) -> Started[tuple[list[Row], int]]:
+            page = functools.partial(
+                _sql.select_transcript_page, session_id=session_id, after=after, upto=upto,
+                limit=page_size,
+            )  # fmt: skip
+            return self._owner.start(_translated(page))
+
+        pending = read_page(-1, None)
         while True:
-            page, upto = await pending.result()
-            if not page:
+            rows, upto = await pending.result()
+            if not rows:
                 return
             # Read ahead: the owner thread reads the next page while the caller uses this one.
-            following = functools.partial(
-                _sql.select_transcript_page, session_id=session_id, after=page[-1][0],
-                upto=upto, limit=page_size,
-            )  # fmt: skip
-            pending = self._owner.start(_translated(following))
-            yield page
+            pending = read_page(rows[-1][0], upto)
+            yield rows
 
     async def aclose(self) -> None:
         writer, self._writer = self._writer, None

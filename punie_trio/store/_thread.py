@@ -21,6 +21,7 @@ rolled back, before the caller moves on.
 
 from __future__ import annotations
 
+import functools
 import logging
 import queue
 import threading
@@ -33,10 +34,12 @@ import trio
 R = TypeVar("R")
 T = TypeVar("T")
 
+# A job, and where its outcome goes: a callback run on the Trio thread (through the token),
+# or nowhere (posted jobs; their errors are logged).
 _Job = tuple[
     Callable[[Any], Any],
-    "trio.lowlevel.Task | None",
-    "trio.lowlevel.TrioToken | Started[Any] | None",
+    "trio.lowlevel.TrioToken | None",
+    "Callable[[outcome.Outcome[Any]], object] | None",
 ]
 _STOP = None
 
@@ -46,8 +49,7 @@ log = logging.getLogger(__name__)
 class Started(Generic[T]):
     """The result-to-be of :meth:`OwnerThread.start`."""
 
-    def __init__(self, token: trio.lowlevel.TrioToken) -> None:
-        self.token = token
+    def __init__(self) -> None:
         self._done = trio.Event()
         self._outcome: outcome.Outcome[T] | None = None
 
@@ -85,18 +87,12 @@ class OwnerThread(Generic[R]):
             item = self._jobs.get()
             if item is _STOP:
                 return
-            job, task, token = item
+            job, token, deliver = item
             result = outcome.capture(job, self._resource)
-            if isinstance(token, Started):
-                token.token.run_sync_soon(token.set, result)
-                continue
-            if task is None or token is None:  # posted: nobody waits for it
-                if isinstance(result, outcome.Error):
-                    log.error(
-                        "background job on %s failed", self._thread.name, exc_info=result.error
-                    )
-                continue
-            token.run_sync_soon(trio.lowlevel.reschedule, task, result)
+            if token is not None and deliver is not None:
+                token.run_sync_soon(deliver, result)
+            elif isinstance(result, outcome.Error):  # posted: nobody waits for it
+                log.error("background job on %s failed", self._thread.name, exc_info=result.error)
 
     def start(self, job: Callable[[R], T]) -> Started[T]:
         """Queue ``job(resource)`` and return at once; ``await started.result()`` later.
@@ -106,8 +102,8 @@ class OwnerThread(Generic[R]):
         """
         if self._closing:
             raise RuntimeError("owner thread is closed")
-        started: Started[T] = Started(trio.lowlevel.current_trio_token())
-        self._jobs.put((job, None, started))
+        started: Started[T] = Started()
+        self._jobs.put((job, trio.lowlevel.current_trio_token(), started.set))
         return started
 
     def post(self, job: Callable[[R], object]) -> None:
@@ -138,7 +134,7 @@ class OwnerThread(Generic[R]):
     async def _submit(self, job: Callable[[R], T]) -> T:
         task = trio.lowlevel.current_task()
         token = trio.lowlevel.current_trio_token()
-        self._jobs.put((job, task, token))
+        self._jobs.put((job, token, functools.partial(trio.lowlevel.reschedule, task)))
         # No await between put() and the park: the wake-up is queued behind our parking.
         value: T = await trio.lowlevel.wait_task_rescheduled(
             lambda _raise_cancel: trio.lowlevel.Abort.FAILED
