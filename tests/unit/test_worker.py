@@ -33,6 +33,7 @@ from punie_trio.worker import (
     TurnFinished,
     Update,
 )
+from punie_trio.worker._worker import EMIT_YIELD_EVERY
 
 _turn_ids = itertools.count(1)
 
@@ -494,3 +495,21 @@ async def test_closing_the_command_channel_ends_run_and_cancels_turns(
     for channel in events:
         _, finished = await collect(channel)
         assert finished == TurnFinished("cancelled")
+
+
+async def test_a_fast_model_hands_over_events_in_batches_but_still_yields(tmp_path: Path) -> None:
+    """Events go out without a scheduler trip each while the channel has room, and the model
+    still yields every EMIT_YIELD_EVERY events, so other tasks run during a long stream."""
+    chunks = 10 * EMIT_YIELD_EVERY
+    async with running_worker(tmp_path, script([{"text": "x"}] * chunks)) as h:
+        _, events = await h.start(buffer=chunks + 1)  # room for the whole turn, unread
+        seen: list[int] = []  # events queued each time this task got to run
+        while not seen or seen[-1] < chunks + 1:  # ends once TurnFinished is queued too
+            await trio.lowlevel.checkpoint()
+            seen.append(events.statistics().current_buffer_used)
+        updates, finished = await collect(events)
+    assert finished == TurnFinished("end_turn") and len(updates) == chunks
+    # The model yielded mid-turn (other tasks ran), each time after a whole batch.
+    partial = sorted({n for n in seen if 0 < n < chunks})
+    assert len(partial) >= 2
+    assert all(n % EMIT_YIELD_EVERY == 0 for n in partial)
