@@ -22,6 +22,8 @@ class Metrics:
     messages_in: Counter = attrs.field(init=False)
     messages_out: Counter = attrs.field(init=False)
     errors: Counter = attrs.field(init=False)
+    # prompts.labels(stop_reason) children, looked up once per stop reason, not per prompt.
+    _prompts_by_stop: dict[str, Counter] = attrs.field(init=False, factory=dict)
 
     def __attrs_post_init__(self) -> None:
         r = self.registry
@@ -56,6 +58,16 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+    def prompt_done(self, stop_reason: str, seconds: float) -> None:
+        """Count a finished turn and observe its latency."""
+        counter = self._prompts_by_stop.get(stop_reason)
+        if counter is None:
+            counter = self._prompts_by_stop[stop_reason] = self.prompts.labels(
+                stop_reason=stop_reason
+            )
+        counter.inc()
+        self.prompt_latency.observe(seconds)
 
     # PeerObserver
     def message_in(self) -> None:

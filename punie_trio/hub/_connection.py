@@ -18,7 +18,7 @@ import trio
 
 from .. import acp
 from .._version import __version__
-from ..rpc import INVALID_REQUEST, Params, Peer, RpcError, method_not_found
+from ..rpc import INVALID_REQUEST, Deferred, Params, Peer, RpcError, method_not_found
 from ..transport import MessageStream
 from ._manager import Manager
 
@@ -36,7 +36,8 @@ class ClientConnection:
 
     Resource handling: every task of the connection (reader, writer, one per request) lives in
     its Peer's nursery, inside :meth:`run`; leaving ``run`` cancels them all, and the manager
-    then forgets the connection's sessions.
+    then forgets the connection's sessions. (A prompt's turn and relay live in the manager's
+    nursery: the peer holds only its Deferred.)
     """
 
     manager: Manager
@@ -75,7 +76,7 @@ class ClientConnection:
     def _cancel_turns(self) -> None:
         for session in self.manager.sessions.values():
             if session.turn is not None and session.turn.connection is self:
-                session.turn.cancel_requested.set()
+                self.manager.cancel_turn(session, session.turn)
 
     # -- outgoing (used by the manager's relays) ----------------------------------------------
 
@@ -106,7 +107,7 @@ class ClientConnection:
 
     # -- Dispatcher ---------------------------------------------------------------------------
 
-    def handle_request(self, method: str, params: Params) -> Awaitable[Any]:
+    def handle_request(self, method: str, params: Params) -> Awaitable[Any] | Deferred:
         if method == acp.INITIALIZE:
             return self._initialized(self._initialize(params))
         if not self.initialized:
@@ -130,8 +131,7 @@ class ClientConnection:
             return manager.delete_session(self, acp.parse_session_id(params).session_id)
         if method == acp.SESSION_PROMPT:
             prompt = acp.parse_prompt(params, max_bytes=manager.limits.max_prompt_bytes)
-            turn = manager.begin_prompt(self, prompt)
-            return manager.run_prompt(prompt.session_id, turn, prompt)
+            return manager.start_prompt(self, prompt)
         if method == acp.SESSION_CANCEL:
             # A notification in ACP; sent with an id it is answered (-32002 if not ours).
             manager.cancel(self, acp.parse_session_id(params).session_id)

@@ -3,21 +3,29 @@
 State changes are plain synchronous code between awaits (Trio's cooperative scheduling makes
 them atomic), so there is no lock anywhere, and none is ever held across network I/O.
 
-Routing: a turn's events arrive on the turn's own channel and are relayed by the task serving
-that ``session/prompt``, in the prompting connection's nursery. ``session/update``s therefore
-go to the session's owner, and ``fs/*``/``terminal/*``/``session/request_permission`` calls to
-the connection that sent the running prompt; a slow client blocks only its own relay, whose
-turn then waits on its bounded event channel (policy: wait). No other client is delayed.
+Routing: a turn's events arrive on the turn's own channel and are relayed by the turn's relay
+task, in the manager's nursery (so a turn can outlive its connection within the reconnect
+grace). ``session/update``s therefore go to the session's owner, and ``fs/*``/``terminal/*``/
+``session/request_permission`` calls to the connection that sent the running prompt; a slow
+client blocks only its own relay, whose turn then waits on its bounded event channel (policy:
+wait). No other client is delayed.
+
+The cost of a prompt: the reader registers the turn and queues its ``StartTurn`` without
+waiting; the peer starts no task for it (the request is a :class:`~punie_trio.rpc.Deferred`,
+answered by the relay); a cancel is a ``CancelTurn`` queued from wherever it is decided. So a
+prompt costs two task starts (the relay, the worker's turn) and, for a short answer, its
+updates and its answer leave in one write.
 
 Resource handling: workers live in the manager's worker nursery, one per project root, started
 with the first session on the root and stopped (command channel closed) with its last. A
-connection's sessions are dropped when it leaves; its turns were already cancelled by its
-Peer's nursery, and the relay's ``finally`` tells the worker so.
+connection's sessions are dropped when it leaves; its turns are cancelled (the peer tells the
+manager through the prompt's Deferred, and :meth:`Manager.detach` cancels the rest).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import json
 import logging
@@ -37,6 +45,8 @@ from ..acp import PromptParams, updates
 from ..rpc import (
     INTERNAL_ERROR,
     INVALID_REQUEST,
+    REQUEST_CANCELLED,
+    Deferred,
     PeerClosed,
     RequestId,
     RpcError,
@@ -116,13 +126,20 @@ class ActiveTurn:
     turn_id: int
     connection: ClientConnection  # the connection that sent the prompt
     request_id: RequestId | None = None
-    cancel_requested: trio.Event = attrs.field(factory=trio.Event)
+    # StartTurn is in the worker's command channel (a CancelTurn may follow it).
+    started: bool = False
+    cancel_requested: bool = False
+    # The client cancelled the request itself ($/cancel_request): answer -32800.
+    request_cancelled: bool = False
     finished: trio.Event = attrs.field(factory=trio.Event)
     response: dict[str, Any] | None = None
     error: RpcError | None = None
-    # The prompt's handler is gone (its client dropped within grace): the answer is
+    # The prompting connection is gone (its client dropped within grace): the answer is
     # delivered to whoever re-attaches the session.
     orphaned: bool = False
+    # Scopes of the tasks asking the client on the turn's behalf (cancelled with the turn).
+    calls: set[trio.CancelScope] = attrs.field(factory=set)
+    relaying: bool = True
 
 
 # What a detached session keeps for its client: ("update", encoded notification) or
@@ -226,7 +243,7 @@ class Manager:
             return
         for session in owned:
             if session.turn is not None:
-                session.turn.cancel_requested.set()
+                self.cancel_turn(session, session.turn)
             self._drop_session(session)
 
     def check_client_id(self, client_id: str) -> None:
@@ -258,7 +275,7 @@ class Manager:
         self._reattached.pop(client_id, None)
         for session in [s for s in self.sessions.values() if s.detached_client == client_id]:
             if session.turn is not None:
-                session.turn.cancel_requested.set()
+                self.cancel_turn(session, session.turn)
             self._drop_session(session)
 
     def _buffer(self, session: Session, item: Pending) -> None:
@@ -508,7 +525,7 @@ class Manager:
         session = self.owned_session(conn, session_id)
         turn = session.turn
         if turn is not None:
-            turn.cancel_requested.set()
+            self.cancel_turn(session, turn)
             await turn.finished.wait()
         if self.sessions.get(session_id) is session:
             self._drop_session(session)
@@ -594,87 +611,131 @@ class Manager:
     def cancel(self, conn: ClientConnection, session_id: str) -> None:
         session = self.owned_session(conn, session_id)
         if session.turn is not None:
-            session.turn.cancel_requested.set()
+            self.cancel_turn(session, session.turn)
 
     def cancel_all_turns(self) -> None:
         for session in self.sessions.values():
             if session.turn is not None:
-                session.turn.cancel_requested.set()
+                self.cancel_turn(session, session.turn)
 
-    async def run_prompt(
-        self, session_id: str, turn: ActiveTurn, params: PromptParams
-    ) -> dict[str, Any]:
-        """The ``session/prompt`` handler: start the turn's relay in the manager's nursery
-        (so a turn can outlive its connection within grace) and wait for its answer.
+    def cancel_turn(self, session: Session, turn: ActiveTurn) -> None:
+        """Have the worker cancel ``turn`` (idempotent; the turn then ends ``cancelled``).
+        Queued without waiting: the worker reads its commands in order, so the cancel always
+        follows the turn's ``StartTurn`` (sent first by whoever set ``turn.started``)."""
+        if turn.cancel_requested:
+            return
+        turn.cancel_requested = True
+        if turn.started:
+            self._command(session.worker, CancelTurn(turn.turn_id))
 
-        Cancelled (client gone, or ``$/cancel_request``): the turn is cancelled, unless the
-        client left with a client id within grace, in which case it runs on, orphaned, and
-        its answer waits for the client to come back."""
-        session = self.sessions[session_id]
-        turn.request_id = current_request_id.get(None)
+    def _command(self, handle: WorkerHandle, command: Command) -> None:
+        """Queue ``command`` for a worker without waiting; if its channel is full (a burst
+        of 64 commands), a task waits to send it."""
+        try:
+            handle.commands.send_nowait(command)
+        except trio.WouldBlock:
+            if self._nursery is not None:
+                self._nursery.start_soon(self._send_command, handle, command)
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            pass  # the worker is gone, and its turns with it
+
+    async def _send_command(self, handle: WorkerHandle, command: Command) -> None:
+        with contextlib.suppress(trio.ClosedResourceError, trio.BrokenResourceError):
+            await handle.commands.send(command)
+
+    def start_prompt(self, conn: ClientConnection, params: PromptParams) -> Deferred:
+        """The ``session/prompt`` handler, all synchronous (in the connection's reader):
+        register the turn, queue its ``StartTurn`` and start its relay in the manager's
+        nursery (so a turn can outlive its connection within grace). The relay answers.
+
+        The returned :class:`Deferred` hears from the peer if the request is cancelled
+        (``$/cancel_request``: the turn is cancelled and answered -32800) or its connection
+        ends first: the turn is cancelled, unless the client left with a client id within
+        grace, in which case it runs on, orphaned, and its answer waits for the client."""
         if self._nursery is None:
             raise RpcError(INTERNAL_ERROR, "Manager is not running")
-        self._nursery.start_soon(self._relay_turn, session, turn, params)
-        try:
-            await turn.finished.wait()
-        except trio.Cancelled:
-            conn = turn.connection
-            lost = conn.peer is not None and conn.peer.lost
-            if (
-                lost
-                and conn.client_id
-                and self.limits.grace_seconds > 0
-                and not self.closing.is_set()
-            ):
-                turn.orphaned = True
-            else:
-                turn.cancel_requested.set()
-            raise
-        if turn.error is not None:
-            raise turn.error
-        assert turn.response is not None
-        return turn.response
-
-    async def _relay_turn(self, session: Session, turn: ActiveTurn, params: PromptParams) -> None:
-        """Run one turn on the session's worker, relay its events to the session's owner (or
-        keep them while it is away), commit the transcript, then publish the answer."""
-        started = trio.current_time()
+        turn = self.begin_prompt(conn, params)
+        turn.request_id = current_request_id.get(None)
+        session = self.sessions[params.session_id]
         events_send, events_receive = trio.open_memory_channel[TurnEvent](TURN_EVENT_BUFFER)
-        env = TurnEnv(session.id, session.cwd, session.allowed_roots, turn.connection.capabilities)
+        env = TurnEnv(session.id, session.cwd, session.allowed_roots, conn.capabilities)
+        start = StartTurn(turn.turn_id, env, params.text(), params.prompt, events_send)
+        unsent: StartTurn | None = None
+        try:
+            session.worker.commands.send_nowait(start)
+            turn.started = True
+        except trio.WouldBlock:
+            unsent = start  # the relay waits to send it
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            events_send.close()  # no worker: the relay sees the turn end at once
+        self._nursery.start_soon(self._relay_turn, session, turn, params, events_receive, unsent)
+        return Deferred(functools.partial(self._prompt_cancelled, session, turn))
+
+    def _prompt_cancelled(self, session: Session, turn: ActiveTurn, lost: bool) -> None:
+        conn = turn.connection
+        if lost and conn.client_id and self.limits.grace_seconds > 0 and not self.closing.is_set():
+            turn.orphaned = True
+            return
+        turn.request_cancelled = not lost
+        self.cancel_turn(session, turn)
+
+    async def _relay_turn(
+        self,
+        session: Session,
+        turn: ActiveTurn,
+        params: PromptParams,
+        events: trio.MemoryReceiveChannel[TurnEvent],
+        start: StartTurn | None,
+    ) -> None:
+        """Relay one turn's events to the session's owner (or keep them while it is away),
+        commit the transcript, then answer the prompt.
+
+        No nursery and no wait between the turn's last update and its answer: for a short
+        turn both leave in the writer's next batch, one write."""
+        started = trio.current_time()
         finished: TurnFinished | None = None
         streamed: list[tuple[str, str]] = []  # (kind, encoded update)
         agent_text: list[str] = []
         prefix = updates.notification_prefix(session.id)
         try:
-            async with events_receive, trio.open_nursery() as nursery:
-                with contextlib.suppress(trio.ClosedResourceError, trio.BrokenResourceError):
-                    await session.worker.commands.send(
-                        StartTurn(turn.turn_id, env, params.text(), params.prompt, events_send)
-                    )
-                    nursery.start_soon(self._forward_cancel, session, turn)
-                    async for event in events_receive:
-                        # One scheduler trip per batch: relay whatever else is queued too.
-                        while isinstance(event, Update):
-                            # Encoded once: sent, buffered for a detached client and stored.
-                            update = event.update
-                            encoded = updates.encode(update)
-                            streamed.append((update["sessionUpdate"], encoded))
-                            if update["sessionUpdate"] == "agent_message_chunk":
-                                agent_text.append(_text_of(update))
-                            await self._deliver(session, prefix + encoded + "}}")
-                            try:
-                                event = events_receive.receive_nowait()
-                            except (trio.WouldBlock, trio.EndOfChannel):
-                                break
-                        if isinstance(event, ClientCall):
-                            nursery.start_soon(self._client_call, session, turn, event)
-                        elif isinstance(event, TurnFinished):
-                            finished = event
+            with contextlib.suppress(trio.ClosedResourceError, trio.BrokenResourceError):
+                if start is not None:
+                    await session.worker.commands.send(start)
+                    turn.started = True
+                    if turn.cancel_requested:
+                        await session.worker.commands.send(CancelTurn(turn.turn_id))
+                while True:
+                    try:
+                        event = await events.receive()
+                    except trio.EndOfChannel:
+                        break
+                    # One scheduler trip per batch: relay whatever else is queued too.
+                    while isinstance(event, Update):
+                        # Encoded once: sent, buffered for a detached client and stored.
+                        update = event.update
+                        encoded = updates.encode(update)
+                        streamed.append((update["sessionUpdate"], encoded))
+                        if update["sessionUpdate"] == "agent_message_chunk":
+                            agent_text.append(_text_of(update))
+                        await self._deliver(session, prefix + encoded + "}}")
+                        try:
+                            event = events.receive_nowait()
+                        except (trio.WouldBlock, trio.EndOfChannel):
                             break
-                nursery.cancel_scope.cancel()
+                    if isinstance(event, ClientCall):
+                        if self._nursery is not None:  # else shutting down: turn cancelled
+                            self._nursery.start_soon(self._client_call, session, turn, event)
+                    elif isinstance(event, TurnFinished):
+                        finished = event
+                        break
         finally:
-            if finished is None:
+            events.close()
+            turn.relaying = False
+            for scope in turn.calls:
+                scope.cancel()
+            if finished is None and turn.started:
                 # Cancelled from outside (shutdown) or the worker is gone: stop the turn.
+                turn.cancel_requested = True
                 with (
                     trio.CancelScope(shield=True),
                     trio.move_on_after(1.0),
@@ -685,8 +746,7 @@ class Manager:
             persist_error = await self._persist_turn(
                 session, params, streamed, stop, "".join(agent_text)
             )
-            self.metrics.prompts.labels(stop_reason=stop).inc()
-            self.metrics.prompt_latency.observe(trio.current_time() - started)
+            self.metrics.prompt_done(stop, trio.current_time() - started)
             if finished is not None and finished.error is not None:
                 turn.error = RpcError(
                     INTERNAL_ERROR, f"Internal error: the model failed: {finished.error}"
@@ -695,21 +755,19 @@ class Manager:
                 turn.error = RpcError(
                     INTERNAL_ERROR, f"Internal error: the turn was not saved: {persist_error}"
                 )
+            elif turn.request_cancelled:
+                turn.error = RpcError(REQUEST_CANCELLED, "Request cancelled")
             else:
                 turn.response = {"stopReason": stop}
             session.turn = None
-            # Answer from here when the prompting connection still owns the session: the
-            # answer then joins the turn's last updates in the writer's next batch.
-            if (
-                not turn.orphaned
-                and turn.request_id is not None
-                and session.owner is turn.connection
-                and not session.pending
-            ):
-                turn.connection.answer_now(turn.request_id, turn.response, turn.error)
             turn.finished.set()
-            if turn.orphaned and turn.request_id is not None:
-                await self._answer_orphan(session, turn)
+            if turn.request_id is not None:
+                if turn.orphaned:
+                    await self._answer_orphan(session, turn)
+                else:
+                    # Joins the turn's last updates in the writer's next batch. (False if
+                    # the connection ended meanwhile: nobody is left to answer.)
+                    turn.connection.answer_now(turn.request_id, turn.response, turn.error)
 
     async def _answer_orphan(self, session: Session, turn: ActiveTurn) -> None:
         item: Pending = ("answer", turn.request_id, turn.response, turn.error)
@@ -724,14 +782,20 @@ class Manager:
             except PeerClosed:
                 self._buffer(session, item)
 
-    async def _forward_cancel(self, session: Session, turn: ActiveTurn) -> None:
-        await turn.cancel_requested.wait()
-        with contextlib.suppress(trio.ClosedResourceError, trio.BrokenResourceError):
-            await session.worker.commands.send(CancelTurn(turn.turn_id))
-
     async def _client_call(self, session: Session, turn: ActiveTurn, call: ClientCall) -> None:
         """Ask the client (the session's owner: the prompting connection, or the one that
-        re-attached it) and hand the answer back to the waiting turn."""
+        re-attached it) and hand the answer back to the waiting turn. Cancelled when the
+        turn's relay ends."""
+        if not turn.relaying:
+            return
+        with trio.CancelScope() as scope:
+            turn.calls.add(scope)
+            try:
+                await self._ask_client(session, turn, call)
+            finally:
+                turn.calls.discard(scope)
+
+    async def _ask_client(self, session: Session, turn: ActiveTurn, call: ClientCall) -> None:
         reply: ClientReply
         conn = session.owner
         try:

@@ -28,6 +28,7 @@ from ._errors import (
 )
 from ._peer import (
     CANCEL_REQUEST,
+    Deferred,
     Dispatcher,
     Peer,
     PeerObserver,
@@ -46,6 +47,7 @@ __all__ = [
     "PARSE_ERROR",
     "REQUEST_CANCELLED",
     "RESOURCE_NOT_FOUND",
+    "Deferred",
     "Dispatcher",
     "ErrorResponse",
     "MalformedMessage",

@@ -45,6 +45,13 @@ class Outbox:
             raise trio.ClosedResourceError("outbox is closed")
         if len(self._items) >= self._limit:
             raise trio.WouldBlock
+        self.force(text)
+
+    def force(self, text: str) -> None:
+        """Queue ``text`` even when full (answers to requests running here: their number
+        is bounded by the peer's request limit, and a finished request must not wait)."""
+        if self._closed:
+            raise trio.ClosedResourceError("outbox is closed")
         self._items.append(text)
         if self._taker is not None:
             task, self._taker = self._taker, None

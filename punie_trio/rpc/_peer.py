@@ -9,6 +9,11 @@ called by the reader in arrival order. A handler validates and registers its wor
 returns the awaitable that does the rest. That is what makes ``session/prompt`` followed at
 once by ``session/cancel`` race-free: the prompt's turn is registered before the cancel is read.
 
+A handler may instead return a :class:`Deferred`: the work runs elsewhere (a turn runs in its
+project worker and is relayed by a task that outlives the connection within the reconnect
+grace) and whoever has it answers with :meth:`Peer.answer_now`. No task is started here for
+it, which matters for a request as frequent as ``session/prompt``.
+
 Resource handling: :meth:`run` owns every task. When it returns (the stream ended, the writer
 failed, or the caller cancelled it) request handlers are cancelled and every pending outbound
 request fails with :class:`PeerClosed`.
@@ -67,9 +72,10 @@ current_request_id: contextvars.ContextVar[RequestId] = contextvars.ContextVar("
 class Dispatcher(Protocol):
     """What a :class:`Peer` calls for incoming calls. Both methods run in the reader task."""
 
-    def handle_request(self, method: str, params: Params) -> Awaitable[Any]:
+    def handle_request(self, method: str, params: Params) -> Awaitable[Any] | Deferred:
         """Validate and register synchronously (raise :class:`RpcError` to refuse), then
-        return the awaitable whose result is the response."""
+        return the awaitable whose result is the response, or a :class:`Deferred` for a
+        request answered later with :meth:`Peer.answer_now`."""
         ...
 
     def handle_notification(self, method: str, params: Params) -> None:
@@ -96,6 +102,30 @@ class _NullObserver:
 
     def error_sent(self, code: int) -> None:
         pass
+
+
+@attrs.define(eq=False, slots=True)
+class Deferred:
+    """Returned by :meth:`Dispatcher.handle_request` for a request it answers later, from
+    another task, with :meth:`Peer.answer_now` (which cannot fail for lack of room: an answer
+    is always queued, so the number of answers in the outbox stays bounded by the number of
+    running requests).
+
+    ``on_cancel(lost)`` is called, at most once, if the request is still unanswered when
+    the other side sends ``$/cancel_request`` for it (``lost`` False: the request stays
+    running, the owner should answer it soon, usually with :data:`REQUEST_CANCELLED`), or
+    when the connection goes away or is cancelled (``lost`` True when the other side left;
+    the request is dropped from the peer, its answer can no longer be delivered here).
+    It runs synchronously in the peer's task and must not block.
+    """
+
+    on_cancel: Callable[[bool], None]
+    cancelled: bool = False
+
+    def _cancel(self, lost: bool) -> None:
+        if not self.cancelled:
+            self.cancelled = True
+            self.on_cancel(lost)
 
 
 @attrs.define(eq=False)
@@ -128,7 +158,8 @@ class Peer:
     on_eof: Callable[[], None] | None = None
     _ids: itertools.count[int] = attrs.field(factory=lambda: itertools.count(1), init=False)
     _pending: dict[RequestId, _PendingCall] = attrs.field(factory=dict, init=False)
-    _running: dict[RequestId, trio.CancelScope] = attrs.field(factory=dict, init=False)
+    # Running requests: a handler task's cancel scope, or a Deferred answered from elsewhere.
+    _running: dict[RequestId, trio.CancelScope | Deferred] = attrs.field(factory=dict, init=False)
     # Running requests already answered by answer_now (made on first use).
     _answered: set[RequestId] | None = attrs.field(default=None, init=False)
     _nursery: trio.Nursery | None = attrs.field(default=None, init=False)
@@ -173,8 +204,10 @@ class Peer:
                     # answers can still reach it, so let the handlers finish.
                     self.on_eof()
                 elif not self._finishing:
-                    for scope in self._running.values():
-                        scope.cancel()
+                    self._drop_deferred()
+                    for entry in self._running.values():
+                        assert not isinstance(entry, Deferred)
+                        entry.cancel()
                 if self._running:
                     self._handlers_done = trio.Event()
                     await self._handlers_done.wait()
@@ -189,10 +222,19 @@ class Peer:
         self._finishing = True
         self._reader_scope.cancel()
 
+    def _drop_deferred(self) -> None:
+        """Forget every unanswered :class:`Deferred`, telling each owner why."""
+        dropped = [(i, e) for i, e in self._running.items() if isinstance(e, Deferred)]
+        for request_id, _ in dropped:
+            del self._running[request_id]
+        for _, entry in dropped:
+            entry._cancel(self._lost)
+
     def _close(self) -> None:
         self._closed = True
         self._nursery = None
         self._outbox.close()
+        self._drop_deferred()
         for call in self._pending.values():
             if not call.done.is_set():
                 call.error = PeerClosed("connection closed before the answer arrived")
@@ -240,19 +282,33 @@ class Peer:
     ) -> bool:
         """Queue the answer to a request that is still running here, from whichever task
         has it (a turn's relay answers ``session/prompt`` in the same scheduler pass as the
-        turn's last update, so both leave in one write). The handler's own outcome is then
-        dropped, and a ``$/cancel_request`` for it is ignored. Returns False, queuing
-        nothing, if the request is not running here, is answered already, or the outbox
-        is full or closed: the handler's return value answers it as usual."""
-        if request_id not in self._running or (
-            self._answered is not None and request_id in self._answered
-        ):
+        turn's last update, so both leave in one write).
+
+        For a :class:`Deferred` request this is how it is answered: the answer is queued
+        even when the outbox is full, and False means only that the request is no longer
+        running here (answered, or dropped with its connection). For a request with a
+        handler task, the handler's own outcome is then dropped, and a ``$/cancel_request``
+        for it is ignored; False (nothing queued) if it is not running here, is answered
+        already, or the outbox is full or closed: the handler's return value answers it."""
+        entry = self._running.get(request_id)
+        if entry is None or (self._answered is not None and request_id in self._answered):
             return False
         msg: Message = (
             Response(request_id, result)
             if error is None
             else ErrorResponse(request_id, error.code, error.message, error.data)
         )
+        if isinstance(entry, Deferred):
+            try:
+                self._outbox.force(serialize(msg))
+            except trio.ClosedResourceError:
+                return False
+            del self._running[request_id]
+            if error is not None:
+                self.observer.error_sent(error.code)
+            if not self._running and self._handlers_done is not None:
+                self._handlers_done.set()
+            return True
         try:
             self._outbox.send_nowait(serialize(msg))
         except (trio.WouldBlock, trio.ClosedResourceError):
@@ -379,9 +435,11 @@ class Peer:
     def _on_notification(self, msg: Notification) -> None:
         if msg.method == CANCEL_REQUEST:
             request_id = msg.params.get("requestId") if isinstance(msg.params, dict) else None
-            scope = self._running.get(request_id) if valid_id(request_id) else None
-            if scope is not None and not (self._answered and request_id in self._answered):
-                scope.cancel()
+            entry = self._running.get(request_id) if valid_id(request_id) else None
+            if isinstance(entry, Deferred):
+                entry._cancel(False)
+            elif entry is not None and not (self._answered and request_id in self._answered):
+                entry.cancel()
             return
         try:
             self.dispatcher.handle_notification(msg.method, msg.params)
@@ -402,6 +460,8 @@ class Peer:
             )
             await self._send(ErrorResponse(msg.id, error.code, error.message))
             return
+        # The handler's synchronous part may want the id (to answer a Deferred later).
+        current_request_id.set(msg.id)
         try:
             awaitable = self.dispatcher.handle_request(msg.method, msg.params)
         except RpcError as exc:
@@ -410,6 +470,9 @@ class Peer:
         except Exception as exc:
             log.exception("request handler for %s failed", msg.method)
             await self._send(ErrorResponse(msg.id, INTERNAL_ERROR, f"Internal error: {exc}"))
+            return
+        if isinstance(awaitable, Deferred):
+            self._running[msg.id] = awaitable
             return
         scope = trio.CancelScope()
         self._running[msg.id] = scope

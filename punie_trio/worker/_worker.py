@@ -16,6 +16,7 @@ model that raises ends its turn with ``TurnFinished(error=...)`` and never the w
 from __future__ import annotations
 
 import collections
+import contextlib
 import itertools
 import logging
 from collections.abc import Sequence
@@ -244,7 +245,9 @@ class ProjectWorker:
     async def _run_turn(self, turn: _Turn) -> None:
         start = turn.start
         history = self._history.setdefault(start.env.session_id, [])
-        ctx = _Context(self, turn, tuple(history))
+        # The list itself, not a copy (a long session would copy its whole history every
+        # turn): it changes only after the turn, below, and a session runs one turn at a time.
+        ctx = _Context(self, turn, history)
         finished: TurnFinished
         try:
             with turn.scope:
@@ -260,10 +263,15 @@ class ProjectWorker:
         if finished.error is None:
             history.append(("user", start.prompt_text))
             history.append(("agent", "".join(turn.agent_text)))
-        with trio.CancelScope(shield=True) as final:
-            final.deadline = trio.current_time() + FINAL_SEND_TIMEOUT
-            try:
-                await start.events.send(finished)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                pass
-        await start.events.aclose()
+        try:
+            # Without a scheduler trip when there is room (the usual case): the relay then
+            # finds the turn's last updates and its end together.
+            start.events.send_nowait(finished)
+        except trio.WouldBlock:
+            with trio.CancelScope(shield=True) as final:
+                final.deadline = trio.current_time() + FINAL_SEND_TIMEOUT
+                with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                    await start.events.send(finished)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        start.events.close()

@@ -22,10 +22,12 @@ from punie_trio.rpc import (
     METHOD_NOT_FOUND,
     PARSE_ERROR,
     REQUEST_CANCELLED,
+    Deferred,
     Params,
     Peer,
     PeerClosed,
     RpcError,
+    current_request_id,
     method_not_found,
 )
 from punie_trio.transport import MemoryMessageStream, NdjsonStream, memory_message_stream_pair
@@ -769,3 +771,104 @@ async def test_answer_now_with_an_error() -> None:
             "error": {"code": INTERNAL_ERROR, "message": "Internal error: boom"},
         }
         nursery.cancel_scope.cancel()
+
+
+# -- Deferred: requests answered from elsewhere, with no handler task ----------------------------
+
+
+class DeferringDispatcher(Dispatcher):
+    """``later`` requests are Deferred: recorded with their id, answered by the test."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.deferred: dict[Any, Deferred] = {}
+        self.cancels: list[tuple[Any, bool]] = []
+
+    def handle_request(self, method: str, params: Params) -> Awaitable[Any] | Deferred:
+        if method != "later":
+            return super().handle_request(method, params)
+        request_id = current_request_id.get()
+        deferred = Deferred(lambda lost: self.cancels.append((request_id, lost)))
+        self.deferred[request_id] = deferred
+        return deferred
+
+
+async def test_deferred_request_starts_no_task_and_is_answered_from_elsewhere() -> None:
+    dispatcher = DeferringDispatcher()
+    async with trio.open_nursery() as nursery:
+        peer, raw = await start_peer(nursery, dispatcher, outbox_size=1)
+        await trio.testing.wait_all_tasks_blocked()
+        assert peer._nursery is not None
+        tasks_before = len(peer._nursery.child_tasks)  # the writer
+        await raw.send({"id": 1, "method": "later"})
+        await raw.send({"id": 2, "method": "later"})
+        await trio.testing.wait_all_tasks_blocked()
+        assert set(dispatcher.deferred) == {1, 2}
+        assert len(peer._nursery.child_tasks) == tasks_before == 1
+        # Answers are queued even past the outbox's limit (here 1): they never wait.
+        assert peer.answer_now(2, {"two": True})
+        assert peer.answer_now(1, error=RpcError(INTERNAL_ERROR, "Internal error: one"))
+        assert not peer.answer_now(1, "twice")
+        assert await raw.recv() == {"jsonrpc": "2.0", "id": 2, "result": {"two": True}}
+        assert (await raw.recv())["error"]["message"] == "Internal error: one"
+        assert dispatcher.cancels == []
+        nursery.cancel_scope.cancel()
+
+
+async def test_cancel_request_reaches_a_deferred_once() -> None:
+    dispatcher = DeferringDispatcher()
+    async with trio.open_nursery() as nursery:
+        peer, raw = await start_peer(nursery, dispatcher)
+        await raw.send({"id": 5, "method": "later"})
+        await raw.send({"method": CANCEL_REQUEST, "params": {"requestId": 5}})
+        await raw.send({"method": CANCEL_REQUEST, "params": {"requestId": 5}})
+        await trio.testing.wait_all_tasks_blocked()
+        assert dispatcher.cancels == [(5, False)]
+        # Still running: its owner answers it (as cancelled).
+        assert peer.answer_now(5, error=RpcError(REQUEST_CANCELLED, "Request cancelled"))
+        assert (await raw.recv())["error"]["code"] == REQUEST_CANCELLED
+        nursery.cancel_scope.cancel()
+
+
+async def test_lost_connection_drops_deferred_requests_and_tells_their_owners() -> None:
+    dispatcher = DeferringDispatcher()
+    ours, theirs = memory_message_stream_pair()
+    peer = Peer(ours, dispatcher)
+    # run() returns (ending the nursery) without waiting for the unanswerable request.
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(peer.run)
+            await Raw(theirs).send({"id": 3, "method": "later"})
+            await trio.testing.wait_all_tasks_blocked()
+            await theirs.aclose()
+    assert dispatcher.cancels == [(3, True)]
+    assert peer.lost
+    assert not peer.answer_now(3, "too late")
+
+
+async def test_finish_waits_for_deferred_answers_to_drain(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    dispatcher = DeferringDispatcher()
+    with trio.fail_after(5):  # the nursery ends when run() returns
+        async with trio.open_nursery() as nursery:
+            peer, raw = await start_peer(nursery, dispatcher)
+            await raw.send({"id": 4, "method": "later"})
+            await trio.testing.wait_all_tasks_blocked()
+            peer.finish()
+            await trio.sleep(1)
+            assert not peer.closed  # still waiting for the answer
+            assert peer.answer_now(4, "done")
+            assert await raw.recv() == {"jsonrpc": "2.0", "id": 4, "result": "done"}
+    assert peer.closed
+    assert dispatcher.cancels == []
+
+
+async def test_cancelled_peer_tells_deferred_owners_not_lost() -> None:
+    dispatcher = DeferringDispatcher()
+    async with trio.open_nursery() as nursery:
+        _, raw = await start_peer(nursery, dispatcher)
+        await raw.send({"id": 6, "method": "later"})
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.cancel_scope.cancel()
+    assert dispatcher.cancels == [(6, False)]

@@ -1,0 +1,126 @@
+"""The prompt's fast path through the hub: what a short prompt costs, and its cancel paths.
+
+A ``session/prompt`` starts no task in its connection (the peer holds a Deferred that the
+turn's relay answers), and a short turn's updates and answer leave in one write.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import trio
+import trio.testing
+
+from punie_trio.hub import ClientConnection, Manager
+from punie_trio.store import open_sqlite_store
+from punie_trio.transport import NdjsonStream
+from punie_trio.worker import EchoModel
+
+from .test_peer import LineReader, _CountingSend
+
+
+def _line(msg: dict[str, Any]) -> bytes:
+    return json.dumps({"jsonrpc": "2.0", **msg}).encode() + b"\n"
+
+
+async def test_short_prompt_updates_and_answer_leave_in_one_write(tmp_path: Path) -> None:
+    root = Path(await trio.Path(tmp_path).resolve())
+    async with open_sqlite_store(root / "store.db") as store:
+        manager = Manager((str(root),), EchoModel(chunks=3), store=store)
+        ours, theirs = trio.testing.memory_stream_pair()
+        counting = _CountingSend(ours)
+        reader = LineReader(theirs)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(manager.run)
+            conn = ClientConnection(manager, transport="memory")
+            await nursery.start(conn.run, NdjsonStream(ours, counting))
+            await theirs.send_all(
+                _line({"id": 1, "method": "initialize", "params": {"protocolVersion": 1}})
+            )
+            assert "result" in await reader.next()
+            new = {"cwd": str(root), "mcpServers": []}
+            await theirs.send_all(_line({"id": 2, "method": "session/new", "params": new}))
+            session_id = (await reader.next())["result"]["sessionId"]
+            for n in range(3):
+                await trio.testing.wait_all_tasks_blocked()
+                before = counting.writes
+                assert conn.peer is not None and conn.peer._nursery is not None
+                tasks = len(conn.peer._nursery.child_tasks)
+                prompt = {"sessionId": session_id, "prompt": [{"type": "text", "text": "a b c"}]}
+                await theirs.send_all(
+                    _line({"id": 10 + n, "method": "session/prompt", "params": prompt})
+                )
+                got = [await reader.next() for _ in range(4)]
+                assert [m.get("method") for m in got[:3]] == ["session/update"] * 3
+                assert got[3] == {
+                    "jsonrpc": "2.0",
+                    "id": 10 + n,
+                    "result": {"stopReason": "end_turn"},
+                }
+                assert counting.writes == before + 1
+                assert len(conn.peer._nursery.child_tasks) == tasks  # no handler task
+            nursery.cancel_scope.cancel()
+
+
+async def test_cancel_of_a_turn_whose_start_waits_for_room_still_reaches_it(
+    tmp_path: Path, monkeypatch: Any, autojump_clock: trio.testing.MockClock
+) -> None:
+    """With the worker's command channel full, a prompt's StartTurn is sent by its relay;
+    a session/cancel read before that must still cancel the turn (sent after its start)."""
+    from punie_trio.hub import _manager
+    from punie_trio.worker import ScriptModel
+
+    monkeypatch.setattr(_manager, "WORKER_COMMAND_BUFFER", 1)
+    relayed_unsent: dict[int, bool] = {}
+    relay = Manager._relay_turn
+
+    async def recording_relay(self: Manager, *args: Any) -> None:
+        relayed_unsent[args[1].turn_id] = args[-1] is not None
+        await relay(self, *args)
+
+    monkeypatch.setattr(Manager, "_relay_turn", recording_relay)
+    root = Path(await trio.Path(tmp_path).resolve())
+    model = ScriptModel([[{"text": "working"}, {"sleep": 3600}]])
+    manager = Manager((str(root),), model)
+    ours, theirs = trio.testing.memory_stream_pair()
+    reader = LineReader(theirs)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(manager.run)
+        conn = ClientConnection(manager, transport="memory")
+        await nursery.start(conn.run, NdjsonStream(ours, ours))
+        await theirs.send_all(
+            _line({"id": 1, "method": "initialize", "params": {"protocolVersion": 1}})
+        )
+        await reader.next()
+        sessions = []
+        for i in range(3):
+            new = {"cwd": str(root), "mcpServers": []}
+            await theirs.send_all(_line({"id": 2 + i, "method": "session/new", "params": new}))
+            sessions.append((await reader.next())["result"]["sessionId"])
+        await trio.testing.wait_all_tasks_blocked()
+        # One read: three prompts (the first is handed to the waiting worker, the second
+        # fills the channel, the third must wait) and a cancel of the third.
+        batch = b"".join(
+            _line(
+                {
+                    "id": 10 + i,
+                    "method": "session/prompt",
+                    "params": {"sessionId": s, "prompt": [{"type": "text", "text": "x"}]},
+                }
+            )
+            for i, s in enumerate(sessions)
+        ) + _line({"method": "session/cancel", "params": {"sessionId": sessions[2]}})
+        await theirs.send_all(batch)
+        answers: dict[int, Any] = {}
+        with trio.fail_after(60):
+            while 12 not in answers:
+                msg = await reader.next()
+                if "id" in msg:
+                    answers[msg["id"]] = msg["result"]
+        assert answers[12] == {"stopReason": "cancelled"}
+        assert 10 not in answers and 11 not in answers  # still working
+        # The third start waited for room (relays start in any order).
+        assert [relayed_unsent[k] for k in sorted(relayed_unsent)] == [False, False, True]
+        nursery.cancel_scope.cancel()
