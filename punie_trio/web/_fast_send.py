@@ -19,6 +19,10 @@ socket:
 
 A broken or closed socket reports ``Closed`` to the protocol exactly as Hypercorn does.
 
+Reading is Hypercorn's loop too, minus the ``fail_after`` scope it opens around every
+``receive_some`` when no ``read_timeout`` is configured (punie-trio never sets one: it would
+end quiet SSE streams): a cancel scope per received frame, for an infinite deadline.
+
 Resource handling: nothing new is owned per connection (an idle connection carries no
 buffer). :func:`install` (idempotent) swaps the class Hypercorn's ``worker_serve``
 instantiates per connection, for the whole process. If Hypercorn's internals ever stop
@@ -37,7 +41,7 @@ from typing import Any
 import hypercorn.trio.run as _hypercorn_run
 import trio
 from hypercorn.events import Closed, Event, RawData
-from hypercorn.trio.tcp_server import TCPServer
+from hypercorn.trio.tcp_server import MAX_RECV, TCPServer
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +88,21 @@ class FastSendTCPServer(TCPServer):
     # Class-level defaults: an idle connection carries no list of its own.
     _gathered: list[bytes] | None = None
     _gathered_bytes = 0
+
+    async def _read_data(self) -> None:
+        if self.config.read_timeout is not None:
+            await super()._read_data()
+            return
+        stream, handle = self.stream, self.protocol.handle
+        while True:
+            try:
+                data = await stream.receive_some(MAX_RECV)
+            except (trio.ClosedResourceError, trio.BrokenResourceError):
+                break
+            await handle(RawData(bytes(data)))
+            if data == b"":
+                break
+        await handle(Closed())
 
     async def protocol_send(self, event: Event) -> None:
         if type(event) is RawData:
