@@ -1,9 +1,11 @@
 """``MemoryStore``: the store in a dict, for tests and as the benchmark baseline.
 
-It follows ``SqliteStore`` to the letter (same validation, same JSON copying, same errors),
-so a hub test that passes against it says something about production. Every method
-checkpoints once, like a real I/O call, so code under test cannot accidentally rely on the
-store never yielding.
+It follows ``SqliteStore`` to the letter (same validation, same JSON copying, same errors,
+same scheduling), so a hub test that passes against it says something about production, and
+the benchmarks' memory-store baseline differs from sqlite only by the SQL. Reads checkpoint
+once, like SqliteStore's reads on its thread; writes are a cancellation point but do not
+yield, like SqliteStore's writes on the event loop (so a turn's commit never lets the writer
+send its last updates ahead of its answer).
 """
 
 from __future__ import annotations
@@ -50,6 +52,11 @@ class MemoryStore:
         if self._closed:
             raise StoreError("store is closed")
 
+    async def _enter_write(self) -> None:
+        await trio.lowlevel.checkpoint_if_cancelled()
+        if self._closed:
+            raise StoreError("store is closed")
+
     def _get(self, session_id: str) -> SessionRecord:
         rec = self._sessions.get(session_id)
         if rec is None:
@@ -57,7 +64,7 @@ class MemoryStore:
         return rec
 
     async def create_session(self, rec: SessionRecord) -> None:
-        await self._enter()
+        await self._enter_write()
         rec = check_record(rec)
         if rec.id in self._sessions:
             raise StoreError(f"session {rec.id!r} already exists")
@@ -79,7 +86,7 @@ class MemoryStore:
         client_id: str | Unset | None = UNSET,
         updated_at: float | Unset = UNSET,
     ) -> None:
-        await self._enter()
+        await self._enter_write()
         # Checked before the lookup: both stores report bad input before an unknown session.
         changes = session_changes(
             title=title, mode=mode, config=config, client_id=client_id, updated_at=updated_at
@@ -109,14 +116,14 @@ class MemoryStore:
         return [_fresh(r) for r in page], next_cursor
 
     async def delete_session(self, session_id: str) -> bool:
-        await self._enter()
+        await self._enter_write()
         self._transcripts.pop(session_id, None)
         return self._sessions.pop(session_id, None) is not None
 
     async def append_turn(
         self, session_id: str, turn: int, entries: Sequence[tuple[str, Payload]]
     ) -> None:
-        await self._enter()
+        await self._enter_write()
         rows = check_turn(turn, entries)
         rec = self._get(session_id)
         if turn < rec.turns:
