@@ -20,6 +20,8 @@ import punie_trio
 from punie_trio.store import (
     SCHEMA_VERSION,
     StoreError,
+    TranscriptEntry,
+    UnknownSessionError,
     _sqlite,
     open_sqlite_store,
     read_session,
@@ -304,3 +306,127 @@ async def test_read_helpers_see_a_live_store(tmp_path: Path) -> None:
         assert read_transcript(path, "s1") == await store.transcript("s1")
     # And after a clean close, when SQLite has removed the -wal and -shm files.
     assert read_session(path, "s2") is not None
+
+
+# -- the in-memory tails (turns, next seq) ---------------------------------------------------
+
+
+def _seqs(entries: list[TranscriptEntry]) -> list[int]:
+    return [e.seq for e in entries]
+
+
+async def test_tails_stay_right_with_two_sessions_interleaved(tmp_path: Path) -> None:
+    async with open_sqlite_store(tmp_path / "s.db") as store:
+        await store.create_session(make_record("a"))
+        await store.create_session(make_record("b", turns=2))  # created with turns: no entries
+        for turn in range(3):
+            await store.append_turn("a", turn, sample_turn(turn))
+            await store.append_turn("b", turn + 2, sample_turn(turn, n=turn))
+        assert _seqs(await store.transcript("a")) == list(range(15))
+        assert _seqs(await store.transcript("b")) == list(range(2 + 3 + 4))
+        assert store._tails == {"a": (3, 15), "b": (5, 9)}
+        with pytest.raises(StoreError, match="already has turn 4"):
+            await store.append_turn("b", 4, sample_turn(4))
+        assert _seqs(await store.transcript("b")) == list(range(9))
+
+
+async def test_tails_survive_rollback_cancel_and_restart(tmp_path: Path) -> None:
+    path = tmp_path / "s.db"
+    async with open_sqlite_store(path) as store:
+        await store.create_session(make_record())
+        await store.append_turn("s1", 0, sample_turn(0))
+
+        def explode() -> None:
+            raise RuntimeError("disk on fire")
+
+        store._before_commit = explode
+        with pytest.raises(RuntimeError):
+            await store.append_turn("s1", 1, sample_turn(1))
+        store._before_commit = None
+        with trio.CancelScope() as scope:
+            scope.cancel()
+            await store.append_turn("s1", 1, sample_turn(1))
+        assert scope.cancelled_caught
+        assert store._tails["s1"] == (1, 5)  # neither moved it
+        await store.append_turn("s1", 1, sample_turn(1))
+        assert _seqs(await store.transcript("s1")) == list(range(10))
+    async with open_sqlite_store(path) as store:  # a new process: nothing remembered yet
+        assert store._tails == {}
+        await store.append_turn("s1", 2, sample_turn(2))
+        assert store._tails["s1"] == (3, 15)
+        with pytest.raises(StoreError, match="already has turn 1"):
+            await store.append_turn("s1", 1, sample_turn(1))
+        assert _seqs(await store.transcript("s1")) == list(range(15))
+
+
+async def test_a_failed_commit_leaves_no_transaction_and_no_tail(tmp_path: Path) -> None:
+    async with open_sqlite_store(tmp_path / "s.db") as store:
+        await store.create_session(make_record())
+        await store.append_turn("s1", 0, sample_turn(0))
+        writer = store._writer
+        assert writer is not None
+
+        def orphan_row() -> None:  # a deferred foreign-key violation fails the COMMIT itself
+            writer.execute("PRAGMA defer_foreign_keys = ON")
+            writer.execute(
+                "INSERT INTO transcript (session_id, seq, turn, kind, payload) "
+                "VALUES ('ghost', 0, 0, 'stop', '{}')"
+            )
+
+        store._before_commit = orphan_row
+        with pytest.raises(StoreError, match="FOREIGN KEY"):
+            await store.append_turn("s1", 1, sample_turn(1))
+        store._before_commit = None
+        assert not writer.in_transaction
+        assert store._tails["s1"] == (1, 5)
+        await store.append_turn("s1", 1, sample_turn(1))
+        assert _seqs(await store.transcript("s1")) == list(range(10))
+        rec = await store.get_session("s1")
+        assert rec is not None and rec.turns == 2
+
+
+async def test_a_session_changed_by_another_process_is_reread(tmp_path: Path) -> None:
+    """The store is meant to be the file's only writer, but a second process writing the
+    same session must not make it reuse a seq or accept a recorded turn."""
+    path = tmp_path / "s.db"
+    async with open_sqlite_store(path) as store:
+        await store.create_session(make_record())
+        await store.create_session(make_record("gone"))
+        await store.append_turn("s1", 0, sample_turn(0))
+        await store.append_turn("gone", 0, sample_turn(0))
+        other = sqlite3.connect(path, isolation_level=None)
+        try:
+            other.execute("PRAGMA foreign_keys = ON")
+            other.execute("BEGIN IMMEDIATE")
+            other.execute(
+                "INSERT INTO transcript (session_id, seq, turn, kind, payload) "
+                "VALUES ('s1', 5, 1, 'stop', '{\"stopReason\":\"end_turn\"}')"
+            )
+            other.execute("UPDATE sessions SET turns = 2 WHERE id = 's1'")
+            other.execute("DELETE FROM sessions WHERE id = 'gone'")
+            other.execute("COMMIT")
+        finally:
+            other.close()
+        assert store._tails["s1"] == (1, 5)  # stale now
+        with pytest.raises(StoreError, match="already has turn 1"):
+            await store.append_turn("s1", 1, sample_turn(1))
+        await store.append_turn("s1", 2, sample_turn(2))
+        assert store._tails["s1"] == (3, 11)
+        entries = await store.transcript("s1")
+        assert _seqs(entries) == list(range(11))
+        assert [e.turn for e in entries] == [0] * 5 + [1] + [2] * 5
+        with pytest.raises(UnknownSessionError):
+            await store.append_turn("gone", 1, sample_turn(1))
+
+
+async def test_a_deleted_and_recreated_session_starts_at_seq_0(tmp_path: Path) -> None:
+    async with open_sqlite_store(tmp_path / "s.db") as store:
+        await store.create_session(make_record())
+        await store.append_turn("s1", 0, sample_turn(0))
+        assert await store.delete_session("s1")
+        assert "s1" not in store._tails
+        with pytest.raises(UnknownSessionError):
+            await store.append_turn("s1", 1, sample_turn(1))
+        await store.create_session(make_record())
+        await store.append_turn("s1", 0, sample_turn(0, n=1))
+        assert _seqs(await store.transcript("s1")) == [0, 1, 2]
