@@ -53,6 +53,8 @@ _WORDS = re.compile(r"\S+\s*|\s+")
 
 def echo_chunks(text: str, max_chunks: int = 16) -> list[str]:
     """Split ``text`` into at most ``max_chunks`` word-aligned chunks that join back to it."""
+    if max_chunks == 1:
+        return [text] if text else []
     words = _WORDS.findall(text)
     if not words:
         return []
