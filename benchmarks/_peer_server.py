@@ -1,11 +1,11 @@
 """Run one peer dev server for the dev-app benchmarks. Executed by the *peer's* Python.
 
 Usage: ``python _peer_server.py PEER PORT SITE [SRC]`` with PEER one of ``mkdocs``,
-``sphinx-autobuild``, ``livereload``. The server listens on 127.0.0.1:PORT (the caller picks a
-free port and polls it until it answers). Without SRC it serves SITE and reloads the browser when
-a file under SITE changes (no build command); with SRC it watches SRC and, on a change, "builds"
-by copying SRC/index.html to SITE/index.html (the trivial build of the benchmarks). The caller
-stops it with SIGTERM/SIGKILL.
+``sphinx-autobuild``, ``livereload``, ``bengal``. The server listens on 127.0.0.1:PORT (the
+caller picks a free port and polls it until it answers). Without SRC it serves SITE and
+reloads the browser when a file under SITE changes (no build command); with SRC it watches SRC
+and, on a change, "builds" by copying SRC/index.html to SITE/index.html (the trivial build of
+the benchmarks). The caller stops it with SIGTERM/SIGKILL.
 
 Each peer runs its own serving and reload machinery, the code its CLI runs, with only the build
 replaced (their real builds are an SSG: mkdocs' Markdown build, sphinx-build), in its fastest
@@ -28,8 +28,10 @@ sensible configuration:
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -78,7 +80,81 @@ def livereload(port: int, site: Path, src: Path | None) -> None:
     server.serve(port=port, host="127.0.0.1", root=str(site))
 
 
-PEERS = {"mkdocs": mkdocs, "sphinx-autobuild": sphinx_autobuild, "livereload": livereload}
+class BengalSite:
+    """Stands in for ``bengal.core.site.Site``: what the dev server reads of it, and a
+    ``build()`` that runs the benchmark's build and returns Bengal's own ``BuildStats``."""
+
+    theme = None
+
+    def __init__(self, root: Path, output_dir: Path, build: Callable[[], None]) -> None:
+        self.root_path, self.output_dir, self._build = root, output_dir, build
+        self.config: dict[str, object] = {"strict_mode": True}
+
+    def build(self, *args: object, **kwargs: object) -> object:
+        import time
+
+        from bengal.utils.build_stats import BuildStats
+
+        t0 = time.perf_counter()
+        self._build()
+        return BuildStats(
+            total_pages=1,
+            regular_pages=1,
+            build_time_ms=(time.perf_counter() - t0) * 1000,
+            incremental=bool(kwargs.get("incremental")),
+        )
+
+    def reset_ephemeral_state(self) -> None:
+        """Nothing to reset: the build above keeps no state."""
+
+
+def bengal(port: int, site: Path, src: Path | None) -> None:
+    import socketserver
+    import tempfile
+
+    from bengal.server.build_handler import BuildHandler
+    from bengal.server.request_handler import BengalRequestHandler
+    from bengal.utils.logger import LogLevel, configure_logging
+    from watchdog.observers import Observer
+
+    # `bengal serve` without --verbose: warnings only, to a log file (kept out of the watch).
+    log_dir = Path(tempfile.mkdtemp(prefix="punie-bench-bengal-log-"))
+    configure_logging(level=LogLevel.WARNING, log_file=log_dir / ".bengal-serve.log")
+    BuildHandler.DEBOUNCE_DELAY = float(os.environ.get("PUNIE_BENCH_BENGAL_DEBOUNCE", "0.2"))
+    root = site.parent
+    if src is not None:
+        fake = BengalSite(root, site, CopyBuild(src, site))
+        watched = src
+    else:  # the site's own change is the reload: it must not be Bengal's output directory
+        fake = BengalSite(root, root / "bengal-unused-output", noop)
+        watched = site
+
+    os.chdir(site)  # DevServer._create_server
+    socketserver.TCPServer.allow_reuse_address = True
+
+    class BengalThreadingTCPServer(socketserver.ThreadingTCPServer):
+        request_queue_size = 128
+
+    httpd = BengalThreadingTCPServer(("127.0.0.1", port), BengalRequestHandler)
+    httpd.daemon_threads = True
+    handler = BuildHandler(fake, "127.0.0.1", port)  # DevServer._create_observer
+    observer = Observer()
+    observer.schedule(handler, str(watched), recursive=True)
+    observer.schedule(handler, str(root), recursive=False)
+    observer.start()
+    try:
+        httpd.serve_forever()
+    finally:
+        observer.stop()
+        httpd.server_close()
+
+
+PEERS = {
+    "mkdocs": mkdocs,
+    "sphinx-autobuild": sphinx_autobuild,
+    "livereload": livereload,
+    "bengal": bengal,
+}
 
 if __name__ == "__main__":
     name, port, site = sys.argv[1], int(sys.argv[2]), Path(sys.argv[3])

@@ -3,15 +3,19 @@
 Not a benchmark itself. Used by ``static.py`` and ``reload_latency.py``.
 
 * :data:`PEERS` and :func:`find_peer`: which peer dev servers are installed. A peer runs under
-  its *own* Python (they are never dependencies of this project): ``$PUNIE_PEERS_PYTHON`` if
-  set, else this interpreter, else the interpreter named in the ``#!`` line of the peer's
-  command found on ``PATH``. A peer that none of them can import is skipped with a note saying
-  how to install it.
+  its *own* Python (they are never dependencies of this project), the first of these that
+  imports it: the peer's own ``$PUNIE_<KEY>_PYTHON`` (``PUNIE_MKDOCS_PYTHON``,
+  ``PUNIE_SPHINX_AUTOBUILD_PYTHON``, ``PUNIE_LIVERELOAD_PYTHON``, ``PUNIE_BENGAL_PYTHON``: Bengal
+  needs Python >= 3.13, so it usually lives apart from the others), the interpreters listed in
+  ``$PUNIE_PEERS_PYTHON`` (one, or several separated by ``os.pathsep``), this interpreter, and
+  the interpreter named in the ``#!`` line of the peer's command found on ``PATH``. A peer that
+  none of them can import is skipped with a note saying how to install it.
 * :func:`run_peer`: start one (``_peer_server.py`` under the peer's Python) on a free port.
 * :func:`run_punie_serve`: ``python -m punie_trio serve --site`` exactly as a user runs it.
 * Clients, one per reload protocol, on raw Trio sockets like the dev app's SSE client, so the
   client side costs the same kind of work for every server: :class:`LongPollClient` (mkdocs),
-  :class:`WebSocketClient` (sphinx-autobuild's ``refresh``, python-livereload's protocol 7).
+  :class:`WebSocketClient` (sphinx-autobuild's ``refresh``, python-livereload's protocol 7),
+  :class:`BengalSSEClient` (Bengal's ``/__bengal_reload__``).
 """
 
 from __future__ import annotations
@@ -70,9 +74,16 @@ PEERS = (
         "Bengal serve",
         "bengal",
         "bengal",
-        "pip install bengal (Bengal 0.1.3+ requires Python >= 3.14, 0.1.0-0.1.2 >= 3.13)",
+        'pip install "bengal<0.1.3" into a Python >= 3.13 virtualenv (0.1.3 onward needs '
+        "Python >= 3.14; the benchmarks drive 0.1.2's dev server) and set PUNIE_BENGAL_PYTHON "
+        "to its python",
     ),
 )
+
+
+def python_env_var(peer: Peer) -> str:
+    """The variable naming the peer's own Python: ``PUNIE_BENGAL_PYTHON`` and the like."""
+    return "PUNIE_" + re.sub(r"[^A-Z0-9]", "_", peer.key.upper()) + "_PYTHON"
 
 
 def _shebang_python(command: str) -> str | None:
@@ -92,8 +103,9 @@ def _shebang_python(command: str) -> str | None:
 
 def find_peer(peer: Peer) -> tuple[str | None, str]:
     """(a Python that imports the peer, or None; a note on what was found or how to install)."""
-    candidates = [os.environ.get("PUNIE_PEERS_PYTHON"), sys.executable]
-    candidates.append(_shebang_python(peer.command))
+    candidates = [os.environ.get(python_env_var(peer))]
+    candidates += os.environ.get("PUNIE_PEERS_PYTHON", "").split(os.pathsep)
+    candidates += [sys.executable, _shebang_python(peer.command)]
     tried = []
     error = ""
     for python in dict.fromkeys(c for c in candidates if c):
@@ -112,7 +124,7 @@ def find_peer(peer: Peer) -> tuple[str | None, str]:
     return None, (
         f"{peer.title}: skipped, not importable by {', '.join(tried)} ({error}). "
         f"Install: {peer.install}, into this environment or any on PATH "
-        "(or set PUNIE_PEERS_PYTHON)"
+        f"(or set {python_env_var(peer)} or PUNIE_PEERS_PYTHON)"
     )
 
 
@@ -177,14 +189,21 @@ async def _process(
 
 @asynccontextmanager
 async def run_peer(
-    peer: Peer, python: str, site: Path, src: Path | None = None, probe: str = "/"
+    peer: Peer,
+    python: str,
+    site: Path,
+    src: Path | None = None,
+    probe: str = "/",
+    env: dict[str, str] | None = None,
 ) -> AsyncIterator[tuple[str, int, int]]:
-    """The peer serving ``site`` (and building from ``src``, see ``_peer_server.py``)."""
+    """The peer serving ``site`` (and building from ``src``, see ``_peer_server.py``);
+    ``env`` is added to its environment."""
     port = free_port()
     argv = [python, str(HERE / "_peer_server.py"), peer.key, str(port), str(site)]
     if src is not None:
         argv.append(str(src))
-    async with _process(argv, port, probe) as server:
+    full_env = {**os.environ, **env} if env else None
+    async with _process(argv, port, probe, full_env) as server:
         yield server
 
 
@@ -388,3 +407,55 @@ async def livereload_handshake(client: WebSocketClient) -> None:
 
 def is_livereload_reload(text: str) -> bool:
     return json.loads(text).get("command") == "reload"
+
+
+class BengalSSEClient:
+    """Bengal's browser side: ``new EventSource('/__bengal_reload__')``. The server (HTTP/1.0,
+    a thread per stream) opens with ``retry: 2000`` and ``: connected``, then sends
+    ``data: reload`` (or ``reload-css``, ``reload-page``) after each rebuild and ``: keepalive``
+    every 10 s. There is no event id and no catch-up: a message is "the generation changed"."""
+
+    _MESSAGE = re.compile(rb"^data: (reload|reload-css|reload-page)\n\n", re.M)
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host, self.port = host, port
+        self.buffer = b""
+        self.stream: trio.SocketStream | None = None
+
+    async def connect(self) -> None:
+        self.stream = await trio.open_tcp_stream(self.host, self.port)
+        await self.stream.send_all(
+            b"GET /__bengal_reload__ HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\n\r\n"
+        )
+        while b": connected\n\n" not in self.buffer:
+            chunk = await self.stream.receive_some(65536)
+            if not chunk:
+                raise EOFError("Bengal closed the SSE stream")
+            self.buffer += chunk
+        self.buffer = b""
+
+    def discard(self) -> None:
+        """Drop whatever arrived since the last reload without waiting (a second message for
+        one save must not count as the next save's)."""
+        assert self.stream is not None
+        self.buffer = b""
+        fd = self.stream.socket.fileno()  # non-blocking: trio sockets are
+        while True:
+            try:
+                if not os.read(fd, 65536):
+                    return
+            except BlockingIOError:
+                return
+
+    async def wait_reload(self) -> None:
+        assert self.stream is not None
+        while (found := self._MESSAGE.search(self.buffer)) is None:
+            chunk = await self.stream.receive_some(65536)
+            if not chunk:
+                raise EOFError("Bengal closed the SSE stream")
+            self.buffer += chunk
+        self.buffer = self.buffer[found.end() :]
+
+    async def aclose(self) -> None:
+        if self.stream is not None:
+            await self.stream.aclose()

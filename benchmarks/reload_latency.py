@@ -5,11 +5,15 @@ process):
 
 * **DevApp**: ``DevApp`` under Hypercorn's trio worker with punie-trio's socket writer installed,
   as ``punie-trio serve`` runs it, with ``debounce=0`` (the quiet period is a configured wait,
-  not overhead; the watcher's own 10 ms batching step remains). Clients read ``/__reload__``
-  (SSE). A single-client row with the shipped default ``debounce=0.2`` shows what the CLI gives.
+  not overhead; on Linux its inotify watcher hands a save over once the file is closed).
+  Clients read ``/__reload__`` (SSE). A single-client row with the shipped default
+  ``debounce=0.2`` shows what the CLI gives.
 * Peers, when installed (``_peers.py``; skipped with a note otherwise), each speaking its own
   protocol: mkdocs serve (long polling), sphinx-autobuild (WebSocket ``refresh``),
-  python-livereload (LiveReload protocol 7 over WebSocket). Bengal cannot run here (Python 3.14).
+  python-livereload (LiveReload protocol 7 over WebSocket), Bengal serve 0.1.2 (SSE at
+  ``/__bengal_reload__``; under its own Python >= 3.13, ``$PUNIE_BENGAL_PYTHON``). Bengal's
+  build handler waits ``DEBOUNCE_DELAY`` (0.2 s) after a change: it runs with 0, like the
+  DevApp, and (full mode) a single-client row shows its default.
 
 Two configurations: **no build command** (the served file itself is edited; each server
 watches the site) and a **trivial build** (a source file is edited, the build copies it into the
@@ -40,6 +44,7 @@ import argparse
 import functools
 import gc
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -112,6 +117,7 @@ async def serve(root: Path, build: bool, debounce: float) -> None:
     prints its full GCs (perf_counter is CLOCK_MONOTONIC: comparable across processes)."""
     gc.callbacks.append(_on_gc)
     _fast_send.install()  # what punie-trio serve does
+    gc_setting = _gc_experiment()
     site = root / "site"
     dev = DevApp(
         site_dir=site,
@@ -128,6 +134,8 @@ async def serve(root: Path, build: bool, debounce: float) -> None:
     config.backlog = 2048
     async with trio.open_nursery() as nursery:
         await nursery.start(dev.run)
+        if "freeze" in gc_setting:
+            gc.freeze()  # everything alive once the server is up leaves the collector's view
         binds = await nursery.start(
             functools.partial(hypercorn.trio.serve, dev, config, shutdown_trigger=dev.closing.wait)
         )
@@ -137,6 +145,18 @@ async def serve(root: Path, build: bool, debounce: float) -> None:
         dev.closing.set()
         await trio.sleep(0.5)
         nursery.cancel_scope.cancel()
+
+
+def _gc_experiment() -> str:
+    """``$PUNIE_BENCH_GC``: an experiment with the server's collector, for measuring what a
+    setting in ``punie-trio serve`` would do (unset: Python's defaults, as ``serve`` runs).
+    Comma-separated: ``freeze`` (``gc.freeze()`` once the app is started) and/or
+    ``threshold=A:B:C`` (``gc.set_threshold(A, B, C)``)."""
+    setting = os.environ.get("PUNIE_BENCH_GC", "")
+    for part in setting.split(","):
+        if part.startswith("threshold="):
+            gc.set_threshold(*(int(x) for x in part.removeprefix("threshold=").split(":")))
+    return setting
 
 
 class SSEClient:
@@ -216,6 +236,7 @@ class Target:
     """One server under test: how to start it, and its clients' protocol."""
 
     name = ""
+    single_only = False  # no 1,000-client trials (a row showing a default setting)
     reload_gap = 0.0  # the server refuses a reload this soon after the previous one
     settle = 0.0  # pause after a notification before the next edit
     server_gcs: list[tuple[float, float]] | None = None
@@ -249,6 +270,7 @@ class DevAppTarget(Target):
     def __init__(self, debounce: float = 0.0) -> None:
         self.debounce = debounce
         self.name = "DevApp" if debounce == 0 else f"DevApp, debounce {debounce:g} s (default)"
+        self.single_only = debounce != 0
         self.rtt: list[float] = []
 
     @asynccontextmanager
@@ -283,16 +305,26 @@ class DevAppTarget(Target):
 
 
 class PeerTarget(Target):
-    def __init__(self, peer: _peers.Peer, python: str) -> None:
-        self.peer, self.python = peer, python
-        self.name = peer.title
+    def __init__(
+        self,
+        peer: _peers.Peer,
+        python: str,
+        *,
+        env: dict[str, str] | None = None,
+        name: str = "",
+        single_only: bool = False,
+    ) -> None:
+        self.peer, self.python, self.env = peer, python, env
+        self.name = name or peer.title
+        self.single_only = single_only
         self.reload_gap = peer.reload_gap
         self.settle = PEER_SETTLE
 
     @asynccontextmanager
     async def server(self, root: Path, build: bool) -> AsyncIterator[tuple[str, int, int]]:
         src = root / "src" if build else None
-        async with _peers.run_peer(self.peer, self.python, root / "site", src) as server:
+        peer = _peers.run_peer(self.peer, self.python, root / "site", src, env=self.env)
+        async with peer as server:
             self.server_gcs = None
             if self.reload_gap:  # its throttle counts from its start: let it pass
                 await trio.sleep(self.reload_gap)
@@ -301,11 +333,15 @@ class PeerTarget(Target):
     def client(self, host: str, port: int) -> Any:
         if self.peer.key == "mkdocs":
             return _peers.LongPollClient(host, port)
+        if self.peer.key == "bengal":
+            return _peers.BengalSSEClient(host, port)
         return _peers.WebSocketClient(host, port)
 
     async def connect(self, client: Any) -> None:
         if self.peer.key == "mkdocs":
             await client.connect("/index.html")
+        elif self.peer.key == "bengal":
+            await client.connect()
         elif self.peer.key == "sphinx-autobuild":
             await client.connect("/websocket-reload")
         else:
@@ -315,6 +351,8 @@ class PeerTarget(Target):
     async def arm(self, client: Any) -> None:
         if self.peer.key == "mkdocs":
             await client.arm()
+        elif self.peer.key == "bengal":
+            client.discard()  # a late second message for the previous save
 
     async def ready(self, pid: int, clients: int) -> str:
         if self.peer.key != "mkdocs":
@@ -332,7 +370,7 @@ class PeerTarget(Target):
         )
 
     async def wait(self, client: Any, edit: int) -> None:
-        if self.peer.key == "mkdocs":
+        if self.peer.key in ("mkdocs", "bengal"):
             await client.wait_reload()
         elif self.peer.key == "sphinx-autobuild":
             await client.wait_for(lambda text: text == "refresh")
@@ -540,7 +578,16 @@ async def main(quick: bool, only: list[str]) -> None:
     for peer in _peers.PEERS:
         python, note = _peers.find_peer(peer)
         print(note)
-        if python is not None:
+        if python is None:
+            pass
+        elif peer.key == "bengal":
+            debounce = {"PUNIE_BENCH_BENGAL_DEBOUNCE": "0"}
+            targets.append(PeerTarget(peer, python, env=debounce))
+            if not quick:
+                default = {"PUNIE_BENCH_BENGAL_DEBOUNCE": "0.2"}
+                name = f"{peer.title}, DEBOUNCE_DELAY 0.2 s (default)"
+                targets.append(PeerTarget(peer, python, env=default, name=name, single_only=True))
+        else:
             targets.append(PeerTarget(peer, python))
     if only:
         targets = [t for t in targets if any(o.lower() in t.name.lower() for o in only)]
@@ -548,7 +595,7 @@ async def main(quick: bool, only: list[str]) -> None:
     for build in (False, True):
         for target in targets:
             one, many = trials["DevApp" if isinstance(target, DevAppTarget) else "peer"]
-            if isinstance(target, DevAppTarget) and target.debounce:
+            if target.single_only:
                 many = 0
             print(f"measuring {target.name}, {'trivial build' if build else 'no build'}...",
                   flush=True)  # fmt: skip

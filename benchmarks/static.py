@@ -48,6 +48,7 @@ DURATION = 2.0
 ROUNDS = 5
 FILES = ("/page.html", "/style.css")
 RAW = "raw Hypercorn-trio file app"
+DEVAPP = "DevApp (punie-trio serve)"
 HTTP_SERVER = "python -m http.server"
 
 
@@ -207,7 +208,7 @@ Starter = Callable[[], AbstractAsyncContextManager[tuple[str, int, int]]]
 def servers(site: Path) -> list[tuple[str, Starter]]:
     """(label, starter) for every server of the run; peers that are not installed are skipped."""
     out: list[tuple[str, Starter]] = [
-        ("DevApp (punie-trio serve)", functools.partial(_peers.run_punie_serve, site)),
+        (DEVAPP, functools.partial(_peers.run_punie_serve, site)),
         ("DevApp, plain Hypercorn", functools.partial(_child, _hypercorn_child("dev-plain", site))),
         (RAW, functools.partial(_child, _hypercorn_child("raw", site))),
         (HTTP_SERVER, functools.partial(_child, _http_server(site))),
@@ -268,10 +269,6 @@ def _paired(xs: list[float], base: list[float]) -> float:
     return statistics.median(a / b for a, b in zip(xs, base, strict=True))
 
 
-def _paired(xs: list[float], base: list[float]) -> float:
-    return statistics.median(a / b for a, b in zip(xs, base, strict=True))
-
-
 def report(
     labels: list[str],
     rates: dict[tuple[str, str], list[float]],
@@ -280,13 +277,18 @@ def report(
     busy: dict[str, float],
 ) -> None:
     baselines = [b for b in (RAW, HTTP_SERVER) if b in labels]
+    names = {RAW: "raw", HTTP_SERVER: "http.server"}
+    if DEVAPP in labels:  # the peers against the DevApp, round by round too
+        baselines.append(DEVAPP)
+        names[DEVAPP] = "DevApp"
     for target in FILES:
         print(f"\n{target}  (req/s: median of rounds [min-max]; x: median per-round ratio)")
         for label in labels:
             xs = rates[label, target]
             ratios = "  ".join(
-                f"x{_paired(xs, rates[base, target]):.2f} {'raw' if base == RAW else 'http.server'}"
+                f"x{_paired(xs, rates[base, target]):.2f} {names[base]}"
                 for base in baselines
+                if base != label
             )
             print(
                 f"  {label:30} {statistics.median(xs):7.0f} [{min(xs):5.0f}-{max(xs):5.0f}]  "

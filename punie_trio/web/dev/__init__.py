@@ -9,7 +9,8 @@ See ``docs/dev-app.md``. The pieces, bottom-up (pure ones first):
 * ``_snapshot``: output snapshots and the reload decision;
 * ``_broadcast``: fan-out to subscribers with bounded, merged pending state;
 * ``_sse``: one ``/__reload__`` stream; ``_static``: file responses;
-* ``_watch``: ignore rules and the watcher; ``_builder``: the debounce/build loop;
+* ``_watch``: ignore rules and the watcher (``_inotify`` on Linux, watchfiles elsewhere);
+  ``_builder``: the debounce/build loop;
 * ``_app``: :class:`DevApp`, which ties them together.
 """
 

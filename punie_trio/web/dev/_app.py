@@ -6,6 +6,7 @@ The server routes every path it does not own to :meth:`DevApp.__call__` and star
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 import urllib.parse
@@ -23,7 +24,7 @@ from ._builder import BUILD_START_DELAY, BuildLoop
 from ._inject import inject
 from ._sse import stream_events
 from ._static import StaticSite
-from ._watch import IgnoreRules, PendingChanges, watch
+from ._watch import Backend, IgnoreRules, PendingChanges, watch
 
 access_log = logging.getLogger("punie_trio.access")
 
@@ -73,6 +74,8 @@ class DevApp:
     data_dir: Path | None = None
     access_log: bool = False
     keepalive: float = 15.0
+    #: Which watcher: "auto" (inotify on Linux, else watchfiles), "inotify" or "watchfiles".
+    watcher: Backend = "auto"
     broadcaster: Broadcaster = attrs.field(init=False, factory=Broadcaster)
     pending: PendingChanges = attrs.field(init=False, factory=PendingChanges)
     loop: BuildLoop = attrs.field(init=False)
@@ -119,7 +122,15 @@ class DevApp:
         await self.loop.prepare()
         async with trio.open_nursery() as nursery:
             if not self.no_watch:
-                await nursery.start(watch, self.watch_paths(), self.ignore_rules(), self.pending)
+                await nursery.start(
+                    functools.partial(
+                        watch,
+                        self.watch_paths(),
+                        self.ignore_rules(),
+                        self.pending,
+                        backend=self.watcher,
+                    )
+                )
             if self.build_cmd is not None:
                 await self.loop.cycle()
             task_status.started()

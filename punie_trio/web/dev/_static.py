@@ -174,6 +174,9 @@ class StaticSite:
     _gzip_cache_bytes: int = attrs.field(init=False, default=0)
     #: Lookups that took the thread hop (cache misses); hits take none.
     misses: int = attrs.field(init=False, default=0)
+    #: The last page state seen, with its JSON and tag: it changes once per build, not per
+    #: request, so a request compares three values instead of serialising them.
+    _state_memo: tuple[dict[str, Any], str, str] = attrs.field(init=False, default=({}, "", ""))
 
     def __attrs_post_init__(self) -> None:
         self._root = os.path.realpath(self.site_dir)
@@ -270,8 +273,11 @@ class StaticSite:
 
     async def _page(self, found: Lookup, state: dict[str, Any]) -> tuple[bytes, str, str]:
         """(injected page, its state's variant tag, memo key) for the current page state."""
-        state_json = json.dumps(state, sort_keys=True)
-        tag = f"{zlib.crc32(state_json.encode()):08x}"
+        memo_state, state_json, tag = self._state_memo
+        if state != memo_state or not state_json:
+            state_json = json.dumps(state, sort_keys=True)
+            tag = f"{zlib.crc32(state_json.encode()):08x}"
+            self._state_memo = (state, state_json, tag)
         body = found.variants.get(state_json)
         if body is None:
             raw = found.body

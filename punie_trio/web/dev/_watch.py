@@ -1,15 +1,24 @@
 """File watching: ignore rules (pure), the coalescing change set, and the watcher task.
 
-The watcher uses watchfiles' Rust notifier, the engine behind ``watchfiles.awatch``, driven
-the way ``awatch`` drives it (one blocking ``watch()`` call at a time in a worker thread, a stop
-event checked by that thread), with two things ``awatch`` cannot give us:
+Two watchers, one contract (see :func:`watch`):
 
-* a **readiness point**: the notifier registers its watches when it is constructed, and we
-  report ``started`` right after, so a change made as soon as ``DevApp.run`` has started is
-  never missed (tests rely on this instead of sleeping);
-* **prompt cancellation** on Trio: the thread call is not abandoned (the notifier must not be
-  closed under it); a sibling task sets the stop event when the watcher is cancelled, and the
-  thread notices within one ``step`` (10 ms).
+* on Linux, :mod:`._inotify`: inotify read on Trio's event loop. A save is handed over as soon
+  as it is complete (the writer closed the file, or renamed a finished file into place), within
+  a millisecond or two, with no polling step; changes still in progress hold the batch (bounded
+  by :data:`STEP_MS`/:data:`MAX_BATCH_MS`), so a half-written file does not start a build;
+* elsewhere (or when the kernel refuses inotify), watchfiles' Rust notifier, the engine behind
+  ``watchfiles.awatch``, driven the way ``awatch`` drives it (one blocking ``watch()`` call at a
+  time in a worker thread, a stop event checked by that thread). It hands changes over in
+  steps: a batch once :data:`STEP_MS` passed without news.
+
+Both give two things ``awatch`` cannot:
+
+* a **readiness point**: the watches are registered before we report ``started``, so a change
+  made as soon as ``DevApp.run`` has started is never missed (tests rely on this instead of
+  sleeping);
+* **prompt cancellation** on Trio. (watchfiles: the thread call is not abandoned, the notifier
+  must not be closed under it; a sibling task sets the stop event when the watcher is
+  cancelled, and the thread notices within one ``step``.)
 
 Changes go into a :class:`PendingChanges`, which coalesces them: the build loop takes them all
 at once after the quiet period.
@@ -24,10 +33,13 @@ import os
 import threading
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Literal
 
 import attrs
 import trio
 from watchfiles._rust_notify import RustNotify
+
+from . import _inotify
 
 log = logging.getLogger("punie_trio.dev")
 
@@ -62,9 +74,14 @@ DEFAULT_IGNORES: tuple[str, ...] = (
 #: is kept (the build runs regardless, and the reload decision compares outputs anyway).
 MAX_PENDING_PATHS = 1000
 
-#: The notifier's own batching of raw events (not a debounce: the quiet period is ours).
+#: The watchers' own batching of raw events (not a debounce: the quiet period is ours). The
+#: watchfiles notifier hands over a batch once a step passed without news (at most
+#: MAX_BATCH_MS after its first event); the inotify watcher hands over a batch at once when
+#: every change in it is complete, and uses these only while a change is in progress.
 STEP_MS = 10
 MAX_BATCH_MS = 50
+
+Backend = Literal["auto", "inotify", "watchfiles"]
 
 
 @attrs.frozen
@@ -133,6 +150,12 @@ class PendingChanges:
         self.last_change = trio.current_time()
         self._event.set()
 
+    def add_overflow(self) -> None:
+        """Something changed that the watcher could not name (its queue overflowed)."""
+        self.overflow = True
+        self.last_change = trio.current_time()
+        self._event.set()
+
     async def wait(self) -> None:
         """Block until there is something pending."""
         while not self:
@@ -166,23 +189,49 @@ async def watch(
     rules: IgnoreRules,
     pending: PendingChanges,
     *,
+    backend: Backend = "auto",
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Watch ``paths`` recursively and add every change not ignored to ``pending``.
 
-    Reports started once the watches are registered. Runs until cancelled.
+    Reports started once the watches are registered. Runs until cancelled. ``backend``:
+    ``"inotify"`` (Linux, :mod:`._inotify`), ``"watchfiles"`` (its Rust notifier, anywhere), or
+    ``"auto"``: inotify where the kernel gives an instance and the watches fit its limit, else
+    watchfiles (with a warning when inotify was expected to work).
 
     Error handling: a path that does not exist is skipped with a warning (it cannot be watched
     until it exists); with none left the task reports started and just waits.
     """
-    existing = [str(p) for p in paths if p.exists()]
+    existing = [p for p in paths if p.exists()]
     for p in paths:
         if not p.exists():
             log.warning("not watching %s: it does not exist", p)
     if not existing:
         task_status.started()
         await trio.sleep_forever()
-    notifier = RustNotify(existing, False, False, 300, True, True)
+    if backend != "watchfiles" and (backend == "inotify" or _inotify.available()):
+        try:
+            notify = await _inotify.open_watches(existing, rules)
+        except OSError as exc:
+            if backend == "inotify":
+                raise
+            log.warning("inotify unavailable (%s); watching with watchfiles", exc)
+        else:
+            task_status.started()
+            await _inotify.run(notify, pending, step=STEP_MS / 1000, max_batch=MAX_BATCH_MS / 1000)
+            return
+    await _watch_watchfiles(existing, rules, pending, task_status=task_status)
+
+
+async def _watch_watchfiles(
+    paths: Sequence[Path],
+    rules: IgnoreRules,
+    pending: PendingChanges,
+    *,
+    task_status: trio.TaskStatus[None],
+) -> None:
+    """The fallback: watchfiles' Rust notifier in a worker thread, one batch per call."""
+    notifier = RustNotify([str(p) for p in paths], False, False, 300, True, True)
     stop = threading.Event()
     try:
         async with trio.open_nursery() as nursery:

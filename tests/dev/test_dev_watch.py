@@ -1,0 +1,303 @@
+"""The watchers against real files: when a change is handed to the build loop, and that none
+is dropped.
+
+No test sleeps for a guessed time. The inotify watcher's batching is driven by Trio's clock,
+so the tests run under MockClock (time moves only when a test jumps it) and observe the
+watcher with ``wait_all_tasks_blocked``: Trio reports all tasks blocked only once a look at
+the descriptors found nothing more to read, so by then the watcher has seen every event the
+kernel had queued for the writes made before.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+import trio
+import trio.testing
+
+from punie_trio.web.dev import _inotify
+from punie_trio.web.dev._builder import direct_argv, run_build
+from punie_trio.web.dev._watch import (
+    MAX_BATCH_MS,
+    STEP_MS,
+    Backend,
+    IgnoreRules,
+    PendingChanges,
+    watch,
+)
+
+linux_only = pytest.mark.skipif(not _inotify.available(), reason="inotify is Linux only")
+DEADLINE = 10
+
+
+@asynccontextmanager
+async def watching(
+    root: Path, backend: Backend = "inotify", paths: list[Path] | None = None
+) -> AsyncIterator[PendingChanges]:
+    pending = PendingChanges()
+    rules = IgnoreRules.build([root], (), [root / "site"])
+    async with trio.open_nursery() as nursery:
+        await nursery.start(lambda task_status: watch(
+            paths or [root], rules, pending, backend=backend, task_status=task_status
+        ))  # fmt: skip
+        yield pending
+        nursery.cancel_scope.cancel()
+
+
+def taken(pending: PendingChanges, root: Path) -> set[str]:
+    paths, overflow = pending.take()
+    assert not overflow
+    real = os.path.realpath(root)
+    return {os.path.relpath(p, real) for p in paths}
+
+
+async def settle() -> None:
+    await trio.testing.wait_all_tasks_blocked()
+
+
+async def until_pending(pending: PendingChanges) -> None:
+    """Until the watcher hands something over, where it first scans a new directory in a
+    worker thread (Trio counts a task waiting for a thread as blocked, so ``settle`` alone
+    does not wait for it): polls the observed state, letting real time pass in between."""
+    for _ in range(DEADLINE * 1000):
+        await settle()
+        if pending:
+            return
+        await trio.to_thread.run_sync(time.sleep, 0.001)
+    raise AssertionError("nothing handed over")
+
+
+@linux_only
+async def test_complete_write_is_handed_over_at_once(
+    tmp_path: Path, mock_clock: trio.testing.MockClock
+) -> None:
+    (tmp_path / "a.html").write_text("v1")
+    async with watching(tmp_path) as pending:
+        # Right after started: not missed (the readiness guarantee), and with no clock
+        # movement at all: a closed file is complete, nothing waits for a step.
+        (tmp_path / "a.html").write_text("v2")
+        await settle()
+        assert taken(pending, tmp_path) == {"a.html"}
+        # Ignored names, and the ignored site directory, never count.
+        (tmp_path / "a.html.swp").write_text("x")
+        (tmp_path / "site").mkdir()
+        (tmp_path / "site" / "index.html").write_text("x")
+        await settle()
+        mock_clock.jump(1)
+        await settle()
+        assert not pending
+
+
+@linux_only
+async def test_a_write_in_progress_holds_the_batch_until_closed(
+    tmp_path: Path, mock_clock: trio.testing.MockClock
+) -> None:
+    async with watching(tmp_path) as pending:
+        with open(tmp_path / "big.html", "w") as f:  # noqa: ASYNC230 (held open on purpose)
+            f.write("<p>first half")
+            f.flush()
+            (tmp_path / "other.css").write_text("a{}")  # complete, but big.html is not
+            await settle()
+            assert not pending  # no build may start on a half-written file
+            f.write(" second half</p>")
+        await settle()
+        assert taken(pending, tmp_path) == {"big.html", "other.css"}
+
+
+@linux_only
+async def test_a_write_left_open_is_handed_over_after_the_step(
+    tmp_path: Path, mock_clock: trio.testing.MockClock
+) -> None:
+    async with watching(tmp_path) as pending:
+        with open(tmp_path / "log.html", "w") as f:  # noqa: ASYNC230 (held open on purpose)
+            f.write("x")
+            f.flush()
+            await settle()
+            assert not pending
+            mock_clock.jump(STEP_MS / 1000)  # quiet for a step: never held forever
+            await settle()
+            assert taken(pending, tmp_path) == {"log.html"}
+            # A writer that keeps writing is bounded by the batch limit instead.
+            for _ in range(MAX_BATCH_MS // (STEP_MS // 2) + 2):  # (+1: float rounding)
+                f.write("y")
+                f.flush()
+                await settle()
+                if pending:
+                    break
+                mock_clock.jump(STEP_MS / 2 / 1000)
+            assert taken(pending, tmp_path) == {"log.html"}
+
+
+@linux_only
+async def test_saves_by_rename(tmp_path: Path, mock_clock: trio.testing.MockClock) -> None:
+    (tmp_path / "page.html").write_text("v1")
+    async with watching(tmp_path) as pending:
+        # Atomic save: write a temporary file, rename it over the page. Complete at once.
+        (tmp_path / "page.html.tmp123").write_text("v2")
+        os.replace(tmp_path / "page.html.tmp123", tmp_path / "page.html")
+        await settle()
+        assert taken(pending, tmp_path) == {"page.html", "page.html.tmp123"}
+        # vim without backupcopy: the page is renamed to its (ignored) backup name, then
+        # written anew. Between the two the page does not exist: that must not be handed
+        # over as complete.
+        os.replace(tmp_path / "page.html", tmp_path / "page.html~")
+        await settle()
+        assert not pending
+        (tmp_path / "page.html").write_text("v3")
+        (tmp_path / "page.html~").unlink()
+        await settle()
+        assert taken(pending, tmp_path) == {"page.html"}
+        # A plain deletion is handed over after a quiet step.
+        (tmp_path / "page.html").unlink()
+        await settle()
+        assert not pending
+        mock_clock.jump(STEP_MS / 1000)
+        await settle()
+        assert taken(pending, tmp_path) == {"page.html"}
+
+
+@linux_only
+async def test_new_directories_are_watched_and_their_files_reported(
+    tmp_path: Path, mock_clock: trio.testing.MockClock
+) -> None:
+    async with watching(tmp_path) as pending:
+        # Made while nobody watched it yet: found by the scan of the new directory.
+        os.makedirs(tmp_path / "docs" / "api")
+        (tmp_path / "docs" / "api" / "x.md").write_text("x")
+        await settle()
+        mock_clock.jump(STEP_MS / 1000)
+        await until_pending(pending)
+        assert {"docs", "docs/api/x.md"} <= taken(pending, tmp_path)
+        # ...and watched from then on.
+        (tmp_path / "docs" / "api" / "y.md").write_text("y")
+        await settle()
+        assert taken(pending, tmp_path) == {"docs/api/y.md"}
+        # Moved away: no longer watched, its disappearance reported.
+        os.rename(tmp_path / "docs", tmp_path.parent / f"{tmp_path.name}-moved")
+        await settle()
+        mock_clock.jump(STEP_MS / 1000)
+        await settle()
+        assert taken(pending, tmp_path) == {"docs"}
+        (tmp_path.parent / f"{tmp_path.name}-moved" / "api" / "z.md").write_text("z")
+        await settle()
+        mock_clock.jump(1)
+        await settle()
+        assert not pending
+
+
+def _watched_dirs(tmp_path: Path) -> set[str]:
+    notify = _inotify.Inotify(IgnoreRules.build([tmp_path], (), [tmp_path / "site"]))
+    try:
+        notify.add_roots([str(tmp_path)])
+        return {os.path.relpath(d, os.path.realpath(tmp_path)) for d in notify.wds}
+    finally:
+        notify.close()
+
+
+@linux_only
+async def test_ignored_directories_get_no_watch(tmp_path: Path) -> None:
+    (tmp_path / "node_modules" / "pkg").mkdir(parents=True)
+    (tmp_path / "site" / "deep").mkdir(parents=True)
+    (tmp_path / "src" / "a").mkdir(parents=True)
+    assert _watched_dirs(tmp_path) == {".", "src", "src/a"}
+
+
+@linux_only
+async def test_a_watched_file_survives_replacement(
+    tmp_path: Path, mock_clock: trio.testing.MockClock
+) -> None:
+    config = tmp_path / "mkdocs.yml"
+    config.write_text("a: 1")
+    async with watching(tmp_path, paths=[config]) as pending:
+        (tmp_path / "unrelated.txt").write_text("x")  # same directory, not watched
+        new = tmp_path / "mkdocs.yml.new"
+        new.write_text("a: 2")
+        os.replace(new, config)
+        await settle()
+        assert taken(pending, tmp_path) == {"mkdocs.yml"}
+        config.write_text("a: 3")  # the new inode is seen too
+        await settle()
+        assert taken(pending, tmp_path) == {"mkdocs.yml"}
+
+
+async def test_watchfiles_backend_still_works(tmp_path: Path) -> None:
+    (tmp_path / "a.html").write_text("v1")
+    with trio.fail_after(DEADLINE):
+        async with watching(tmp_path, backend="watchfiles") as pending:
+            (tmp_path / "a.html").write_text("v2")
+            await pending.wait()
+            assert "a.html" in taken(pending, tmp_path)
+
+
+@linux_only
+def test_settler_rules() -> None:
+    s = _inotify.Settler()
+    s.started("a", 1.0)
+    s.touched("a")  # a chmod during a write does not complete it
+    assert not s.settled and s.first_in_progress == 1.0
+    s.completed("b")
+    s.started("c", 2.0)
+    assert s.first_in_progress == 1.0  # the batch's first event in progress
+    s.completed("a")
+    s.completed("c")
+    assert s.settled
+    assert s.take() == (["a", "b", "c"], False)
+    s.overflowed(3.0)
+    assert not s.settled and s.take() == ([], True) and not s
+
+
+# -- the build command --------------------------------------------------------------------
+
+
+def test_direct_argv() -> None:
+    assert direct_argv("cp src/index.html site/index.html") == [
+        "cp",
+        "src/index.html",
+        "site/index.html",
+    ]
+    assert direct_argv("  mkdocs\tbuild  -d site ") == ["mkdocs", "build", "-d", "site"]
+    assert direct_argv("sphinx-build -b html . _build/html --jobs=2") is not None
+    for shell_only in (
+        "make html > log",
+        "cd docs && make",
+        "make; make",
+        "echo $HOME",
+        "cp *.html out",
+        'python -c "print(1)"',
+        "FOO=1 make",
+        "cd docs",
+        "echo hi",
+        "cp ~/a b",
+        "make html # comment",
+        "",
+        "   ",
+    ):
+        assert direct_argv(shell_only) is None, shell_only
+
+
+async def test_run_build_direct_and_through_the_shell(tmp_path: Path) -> None:
+    script = tmp_path / "show.py"
+    script.write_text(
+        f"#!{sys.executable}\nimport os, sys\nprint(os.environ['PWD'], sys.argv[1:])\n"
+    )
+    script.chmod(0o755)
+    work = tmp_path / "work"
+    work.mkdir()
+    result = await run_build(f"{script} a  b", work)  # direct: no shell metacharacters
+    assert result.ok and result.output == f"{work} ['a', 'b']"
+    # Not found: the shell's own status and message, as before.
+    missing = await run_build("no-such-build-tool-xyz --flag", work)
+    assert missing.exit_status == 127 and "not found" in missing.output
+    # A script without a #! line: the shell runs it, as it would have.
+    plain = tmp_path / "plain.sh"
+    plain.write_text("echo from-sh\n")
+    plain.chmod(0o755)
+    assert (await run_build(str(plain), work)).output == "from-sh"
+    # Anything else still goes through the shell.
+    assert (await run_build("echo one && echo two >&2", work)).output == "one\ntwo"
