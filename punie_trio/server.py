@@ -18,6 +18,7 @@ of it is bounded by ``shutdown_timeout``.
 from __future__ import annotations
 
 import errno
+import gc
 import logging
 import os
 import signal
@@ -215,6 +216,12 @@ async def _serve(config: ServeConfig, store: Store, task_status: trio.TaskStatus
         stdio_done = trio.Event()
         if config.stdio:
             root.start_soon(_serve_stdio, manager, config, closing, stdio_done)
+        if config.handle_signals:
+            # The whole process is ours (the CLI): what is alive once serving starts
+            # (modules, the app, the store) lives as long as the process. Frozen, the
+            # collector no longer walks it: a full collection with 1,000 open SSE streams
+            # takes about a quarter less (docs/dev-app.md, Performance).
+            gc.freeze()
         task_status.started(Running(url, manager, closing))
         await closing.wait()
         with trio.move_on_after(config.shutdown_timeout):
