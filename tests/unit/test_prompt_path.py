@@ -25,21 +25,33 @@ def _line(msg: dict[str, Any]) -> bytes:
     return json.dumps({"jsonrpc": "2.0", **msg}).encode() + b"\n"
 
 
+async def _connect_initialized(
+    nursery: trio.Nursery, manager: Manager, counting: bool = False
+) -> tuple[ClientConnection, trio.StapledStream[Any, Any], LineReader, _CountingSend | None]:
+    """An NDJSON client connection to ``manager``, initialized (optionally counting the
+    agent's socket writes)."""
+    ours, theirs = trio.testing.memory_stream_pair()
+    writes = _CountingSend(ours) if counting else None
+    conn = ClientConnection(manager, transport="memory")
+    await nursery.start(conn.run, NdjsonStream(ours, writes or ours))
+    reader = LineReader(theirs)
+    await theirs.send_all(
+        _line({"id": 1, "method": "initialize", "params": {"protocolVersion": 1}})
+    )
+    assert "result" in await reader.next()
+    return conn, theirs, reader, writes
+
+
 async def test_short_prompt_updates_and_answer_leave_in_one_write(tmp_path: Path) -> None:
     root = Path(await trio.Path(tmp_path).resolve())
     async with open_sqlite_store(root / "store.db") as store:
         manager = Manager((str(root),), EchoModel(chunks=3), store=store)
-        ours, theirs = trio.testing.memory_stream_pair()
-        counting = _CountingSend(ours)
-        reader = LineReader(theirs)
         async with trio.open_nursery() as nursery:
             await nursery.start(manager.run)
-            conn = ClientConnection(manager, transport="memory")
-            await nursery.start(conn.run, NdjsonStream(ours, counting))
-            await theirs.send_all(
-                _line({"id": 1, "method": "initialize", "params": {"protocolVersion": 1}})
+            conn, theirs, reader, counting = await _connect_initialized(
+                nursery, manager, counting=True
             )
-            assert "result" in await reader.next()
+            assert counting is not None
             new = {"cwd": str(root), "mcpServers": []}
             await theirs.send_all(_line({"id": 2, "method": "session/new", "params": new}))
             session_id = (await reader.next())["result"]["sessionId"]
@@ -84,16 +96,9 @@ async def test_cancel_of_a_turn_whose_start_waits_for_room_still_reaches_it(
     root = Path(await trio.Path(tmp_path).resolve())
     model = ScriptModel([[{"text": "working"}, {"sleep": 3600}]])
     manager = Manager((str(root),), model)
-    ours, theirs = trio.testing.memory_stream_pair()
-    reader = LineReader(theirs)
     async with trio.open_nursery() as nursery:
         await nursery.start(manager.run)
-        conn = ClientConnection(manager, transport="memory")
-        await nursery.start(conn.run, NdjsonStream(ours, ours))
-        await theirs.send_all(
-            _line({"id": 1, "method": "initialize", "params": {"protocolVersion": 1}})
-        )
-        await reader.next()
+        _, theirs, reader, _ = await _connect_initialized(nursery, manager)
         sessions = []
         for i in range(3):
             new = {"cwd": str(root), "mcpServers": []}
