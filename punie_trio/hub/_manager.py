@@ -231,9 +231,7 @@ class Manager:
         self.connections.discard(conn)
         owned = [s for s in self.sessions.values() if s.owner is conn]
         client_id = conn.client_id
-        # No grace once the manager stopped (its nursery is gone) or is closing.
-        running = self._nursery is not None and not self.closing.is_set()
-        if client_id and self.limits.grace_seconds > 0 and running and owned:
+        if client_id and self._grace_for(conn) and owned:
             for session in owned:
                 session.owner = None
                 session.detached_client = client_id
@@ -245,6 +243,16 @@ class Manager:
             if session.turn is not None:
                 self.cancel_turn(session, session.turn)
             self._drop_session(session)
+
+    def _grace_for(self, conn: ClientConnection) -> bool:
+        """Whether ``conn``'s sessions (and running turns) wait for its client to come back:
+        it said who it is, grace is on, and the manager runs and is not closing."""
+        return (
+            bool(conn.client_id)
+            and self.limits.grace_seconds > 0
+            and self._nursery is not None
+            and not self.closing.is_set()
+        )
 
     def check_client_id(self, client_id: str) -> None:
         if any(c.client_id == client_id and c.initialized for c in self.connections):
@@ -672,8 +680,8 @@ class Manager:
         return Deferred(functools.partial(self._prompt_cancelled, session, turn))
 
     def _prompt_cancelled(self, session: Session, turn: ActiveTurn, lost: bool) -> None:
-        conn = turn.connection
-        if lost and conn.client_id and self.limits.grace_seconds > 0 and not self.closing.is_set():
+        if lost and self._grace_for(turn.connection):
+            # Its sessions are kept for the client (detach decides the same way).
             turn.orphaned = True
             return
         turn.request_cancelled = not lost
