@@ -23,8 +23,12 @@ Reading is Hypercorn's loop too, minus the ``fail_after`` scope it opens around 
 ``receive_some`` when no ``read_timeout`` is configured (punie-trio never sets one: it would
 end quiet SSE streams): a cancel scope per received frame, for an infinite deadline.
 
+The keep-alive timeout is :class:`~._keepalive.KeepAliveTimer`: one watcher task per
+connection whose deadline moves, instead of a timer task started anew after every response.
+
 Resource handling: nothing new is owned per connection (an idle connection carries no
-buffer). :func:`install` (idempotent) swaps the class Hypercorn's ``worker_serve``
+buffer; the keep-alive watcher replaces Hypercorn's timer task and ends with the
+connection). :func:`install` (idempotent) swaps the class Hypercorn's ``worker_serve``
 instantiates per connection, for the whole process. If Hypercorn's internals ever stop
 matching (checked at install), nothing is patched and Hypercorn runs unchanged, only slower.
 """
@@ -42,6 +46,8 @@ import hypercorn.trio.run as _hypercorn_run
 import trio
 from hypercorn.events import Closed, Event, RawData
 from hypercorn.trio.tcp_server import MAX_RECV, TCPServer
+
+from ._keepalive import KeepAliveTimer
 
 log = logging.getLogger(__name__)
 
@@ -83,13 +89,26 @@ async def coalesced_writes() -> AsyncIterator[None]:
 
 class FastSendTCPServer(TCPServer):
     """Hypercorn's per-connection ``TCPServer``, writing without a checkpoint when it can,
-    and gathering writes made inside :func:`coalesced_writes`."""
+    gathering writes made inside :func:`coalesced_writes`, and timing keep-alive with a
+    :class:`~._keepalive.KeepAliveTimer`."""
 
     # Class-level defaults: an idle connection carries no list of its own.
     _gathered: list[bytes] | None = None
     _gathered_bytes = 0
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.idle_task = KeepAliveTimer(self)  # type: ignore[assignment]
+
     async def _read_data(self) -> None:
+        try:
+            await self._read_until_closed()
+        finally:
+            # The connection is closing: its keep-alive watcher has nothing left to watch,
+            # and it must not hold the connection's task group open until its deadline.
+            self.idle_task.close()  # type: ignore[attr-defined]
+
+    async def _read_until_closed(self) -> None:
         if self.config.read_timeout is not None:
             await super()._read_data()
             return

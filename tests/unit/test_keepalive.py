@@ -1,0 +1,187 @@
+"""KeepAliveTimer: Hypercorn's keep-alive behaviour without a task start per request.
+
+A real Hypercorn (trio worker, port 0) with :class:`FastSendTCPServer`, real sockets, and
+Trio's autojump clock, so "five seconds idle" is exact and instant.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from typing import Any, cast
+
+import hypercorn.config
+import hypercorn.trio
+import hypercorn.trio.run
+import pytest
+import trio
+import trio.testing
+
+from punie_trio.web._fast_send import FastSendTCPServer
+
+KEEP_ALIVE = 5.0
+
+
+@pytest.fixture(autouse=True)
+def _fast_send(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(hypercorn.trio.run, "TCPServer", FastSendTCPServer)
+
+
+class App:
+    """``/fast`` answers at once; ``/slow`` once :attr:`release` is set."""
+
+    def __init__(self) -> None:
+        self.release = trio.Event()
+        self.slow_started = trio.Event()
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            while (await receive())["type"] != "lifespan.shutdown":
+                await send({"type": "lifespan.startup.complete"})
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+        if scope["path"] == "/slow":
+            self.slow_started.set()
+            await self.release.wait()
+        await send(
+            {"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]}
+        )
+        await send({"type": "http.response.body", "body": b"ok"})
+
+
+@asynccontextmanager
+async def serving(app: App, closing: trio.Event) -> AsyncIterator[tuple[str, int]]:
+    config = hypercorn.config.Config()
+    config.bind = ["127.0.0.1:0"]
+    config.accesslog = None
+    config.errorlog = None
+    config.keep_alive_timeout = KEEP_ALIVE
+    config.graceful_timeout = 60
+    async with trio.open_nursery() as nursery:
+        binds = await nursery.start(
+            functools.partial(
+                hypercorn.trio.serve, cast(Any, app), config, shutdown_trigger=closing.wait
+            )
+        )
+        host, port = binds[0].removeprefix("http://").rsplit(":", 1)
+        try:
+            yield host, int(port)
+        finally:
+            closing.set()
+
+
+class Client:
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self.stream = stream
+        self.buffer = b""
+
+    @classmethod
+    async def connect(cls, address: tuple[str, int]) -> Client:
+        return cls(await trio.open_tcp_stream(*address))
+
+    async def send(self, path: str) -> None:
+        await self.stream.send_all(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+
+    async def response(self) -> bytes:
+        """Read one response (the test app's bodies are ``ok``)."""
+        while b"\r\n\r\nok" not in self.buffer:
+            chunk = await self.stream.receive_some(65536)
+            assert chunk, f"connection closed mid-response: {self.buffer!r}"
+            self.buffer += chunk
+        head, _, self.buffer = self.buffer.partition(b"\r\n\r\nok")
+        return head
+
+    async def get(self, path: str) -> bytes:
+        await self.send(path)
+        return await self.response()
+
+    async def closed_after(self) -> float:
+        """Seconds (Trio's clock) until the server closes the connection."""
+        start = trio.current_time()
+        assert await self.stream.receive_some(65536) == b""
+        return trio.current_time() - start
+
+
+async def test_an_idle_connection_closes_after_the_keep_alive_timeout(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with serving(App(), trio.Event()) as address:
+        client = await Client.connect(address)
+        assert (await client.get("/fast")).startswith(b"HTTP/1.1 200")
+        assert await client.closed_after() == pytest.approx(KEEP_ALIVE, abs=0.01)
+
+
+async def test_each_request_starts_the_countdown_again(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with serving(App(), trio.Event()) as address:
+        client = await Client.connect(address)
+        for _ in range(5):
+            await client.get("/fast")
+            await trio.sleep(KEEP_ALIVE * 0.8)  # 20 s in all: more than the timeout
+        assert await client.closed_after() == pytest.approx(KEEP_ALIVE * 0.2, abs=0.01)
+
+
+async def test_a_running_request_is_never_timed_out(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    app = App()
+    async with serving(app, trio.Event()) as address:
+        client = await Client.connect(address)
+        await client.get("/fast")
+        await client.send("/slow")
+        await app.slow_started.wait()
+        await trio.sleep(KEEP_ALIVE * 10)
+        app.release.set()
+        assert (await client.response()).startswith(b"HTTP/1.1 200")
+        assert await client.closed_after() == pytest.approx(KEEP_ALIVE, abs=0.01)
+
+
+async def test_shutdown_closes_idle_connections_at_once_and_busy_ones_when_done(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    app = App()
+    closing = trio.Event()
+    async with serving(app, closing) as address:
+        idle, busy = await Client.connect(address), await Client.connect(address)
+        await idle.get("/fast")
+        await busy.send("/slow")
+        await app.slow_started.wait()
+        closing.set()
+        assert await idle.closed_after() < 0.01
+        await trio.sleep(1)
+        app.release.set()
+        assert (await busy.response()).startswith(b"HTTP/1.1 200")
+        assert await busy.closed_after() < 0.01
+
+
+def _all_tasks() -> Iterator[trio.lowlevel.Task]:
+    stack = [trio.lowlevel.current_root_task()]
+    while stack:
+        task = stack.pop()
+        assert task is not None
+        yield task
+        for nursery in task.child_nurseries:
+            stack.extend(nursery.child_tasks)
+
+
+async def test_a_connection_the_client_closes_leaves_no_task_behind(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with serving(App(), trio.Event()) as address:
+        await trio.testing.wait_all_tasks_blocked()
+        before = sum(1 for _ in _all_tasks())
+        client = await Client.connect(address)
+        await client.get("/fast")
+        assert sum(1 for _ in _all_tasks()) > before
+        # From here the clock stands still: the connection's tasks must end because it
+        # closed, not because its keep-alive timeout ran out.
+        autojump_clock.autojump_threshold = math.inf
+        start = trio.current_time()
+        await client.stream.aclose()
+        await trio.testing.wait_all_tasks_blocked()
+        assert sum(1 for _ in _all_tasks()) == before
+        assert trio.current_time() == start
+        autojump_clock.autojump_threshold = 0
