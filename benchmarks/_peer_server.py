@@ -7,6 +7,12 @@ reloads the browser when a file under SITE changes (no build command); with SRC 
 and, on a change, "builds" by copying SRC/index.html to SITE/index.html (the trivial build of
 the benchmarks). The caller stops it with SIGTERM/SIGKILL.
 
+How the build copies (``$PUNIE_BENCH_PEER_BUILD``): ``command`` (the default) runs the same
+command as the DevApp's ``--build``, ``cp src/index.html site/index.html`` in the project
+root, as a process started without a shell (python-livereload through its own ``shell()``
+helper, which does exactly that); ``copy`` calls ``shutil.copyfile`` in the server's own
+process, which no build *command* can match (a process start alone costs about 1 ms here).
+
 Each peer runs its own serving and reload machinery, the code its CLI runs, with only the build
 replaced (their real builds are an SSG: mkdocs' Markdown build, sphinx-build), in its fastest
 sensible configuration:
@@ -29,21 +35,46 @@ sensible configuration:
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
+import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
+#: The DevApp's build command in the benchmarks (run in the project root).
+COMMAND = "cp src/index.html site/index.html"
+
+
+def build_mode() -> str:
+    mode = os.environ.get("PUNIE_BENCH_PEER_BUILD", "command")
+    if mode not in ("command", "copy"):
+        raise SystemExit(f"PUNIE_BENCH_PEER_BUILD must be 'command' or 'copy', not {mode!r}")
+    return mode
+
 
 class CopyBuild:
-    """The trivial build: copy SRC/index.html to SITE/index.html (picklable, for the
-    process pool sphinx-autobuild runs its build in; any call signature)."""
+    """The trivial build: copy SRC/index.html to SITE/index.html, by running :data:`COMMAND`
+    or in-process (:func:`build_mode`). Picklable, for the process pool sphinx-autobuild
+    runs its build in; any call signature."""
 
     def __init__(self, src: Path, site: Path) -> None:
         self.src, self.site = src, site
+        self.mode = build_mode()
 
     def __call__(self, *args: object, **kwargs: object) -> None:
-        shutil.copyfile(self.src / "index.html", self.site / "index.html")
+        if self.mode == "copy":
+            shutil.copyfile(self.src / "index.html", self.site / "index.html")
+            return
+        # As the DevApp runs it: no shell, output captured, the project root as cwd.
+        subprocess.run(
+            shlex.split(COMMAND),
+            cwd=self.site.parent,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            check=False,
+        )
 
 
 def noop(*args: object, **kwargs: object) -> None:
@@ -70,10 +101,12 @@ def sphinx_autobuild(port: int, site: Path, src: Path | None) -> None:
 
 
 def livereload(port: int, site: Path, src: Path | None) -> None:
-    from livereload import Server
+    from livereload import Server, shell
 
     server = Server()
-    if src:
+    if src and build_mode() == "command":
+        server.watch(str(src), shell(COMMAND, cwd=str(site.parent)))
+    elif src:
         server.watch(str(src), CopyBuild(src, site))
     else:
         server.watch(str(site))

@@ -17,7 +17,11 @@ process):
 
 Two configurations: **no build command** (the served file itself is edited; each server
 watches the site) and a **trivial build** (a source file is edited, the build copies it into the
-site: ``cp`` for the DevApp, the same copy as each peer's build callback).
+site): every server runs the same command, ``cp src/index.html site/index.html``, as a process
+started without a shell (the DevApp's ``--build``; each peer's build callback, python-livereload
+through its own ``shell()``). In full mode each peer is measured a second time with its build
+callback copying in-process (``shutil.copyfile``): a reference no server running a build
+*command* can reach, since starting a process alone costs about 1 ms here.
 
 Measured: for one client, p50/p99 over the trials; for 1,000 clients, per trial the time until
 the *last* client has it ("all notified"), and per client. Baselines, in the same run: one
@@ -139,6 +143,8 @@ async def serve(root: Path, build: bool, debounce: float) -> None:
         binds = await nursery.start(
             functools.partial(hypercorn.trio.serve, dev, config, shutdown_trigger=dev.closing.wait)
         )
+        if not gc_setting:
+            gc.freeze()  # as punie-trio serve does once it is serving
         print(binds[0], flush=True)
         await trio.wrap_file(sys.stdin).read()
         print(json.dumps(FULL_GCS), flush=True)
@@ -149,9 +155,10 @@ async def serve(root: Path, build: bool, debounce: float) -> None:
 
 def _gc_experiment() -> str:
     """``$PUNIE_BENCH_GC``: an experiment with the server's collector, for measuring what a
-    setting in ``punie-trio serve`` would do (unset: Python's defaults, as ``serve`` runs).
-    Comma-separated: ``freeze`` (``gc.freeze()`` once the app is started) and/or
-    ``threshold=A:B:C`` (``gc.set_threshold(A, B, C)``)."""
+    setting in ``punie-trio serve`` would do. Unset: as ``serve`` runs (``gc.freeze()`` once
+    serving). Otherwise comma-separated: ``none`` (Python's defaults), ``freeze``
+    (``gc.freeze()`` once the app is started) and/or ``threshold=A:B:C``
+    (``gc.set_threshold(A, B, C)``)."""
     setting = os.environ.get("PUNIE_BENCH_GC", "")
     for part in setting.split(","):
         if part.startswith("threshold="):
@@ -313,10 +320,18 @@ class PeerTarget(Target):
         env: dict[str, str] | None = None,
         name: str = "",
         single_only: bool = False,
+        in_process_build: bool = False,
     ) -> None:
-        self.peer, self.python, self.env = peer, python, env
+        self.peer, self.python = peer, python
+        build = {"PUNIE_BENCH_PEER_BUILD": "copy" if in_process_build else "command"}
+        self.env = {**(env or {}), **build}
         self.name = name or peer.title
+        if in_process_build:
+            self.name += ", in-process copy"
         self.single_only = single_only
+        #: Only measured with a build (the variant whose build is a Python call, not a
+        #: command: a reference, as no server can run a command that fast).
+        self.build_only = in_process_build
         self.reload_gap = peer.reload_gap
         self.settle = PEER_SETTLE
 
@@ -507,7 +522,7 @@ def report(runs: list[Run], fanout: list[float]) -> None:
         group = [r for r in runs if r.build == build]
         if not group:
             continue
-        print(f"\n== {'trivial build (copy one file)' if build else 'no build command'} ==")
+        print(f"\n== {'trivial build (cp one file)' if build else 'no build command'} ==")
         dev = next((r for r in group if r.target.name == "DevApp"), None)
         dev50 = pct(dev.single, 0.5) if dev and dev.single else None
         rtt = dev.rtt if dev else []
@@ -584,16 +599,21 @@ async def main(quick: bool, only: list[str]) -> None:
             debounce = {"PUNIE_BENCH_BENGAL_DEBOUNCE": "0"}
             targets.append(PeerTarget(peer, python, env=debounce))
             if not quick:
+                targets.append(PeerTarget(peer, python, env=debounce, in_process_build=True))
                 default = {"PUNIE_BENCH_BENGAL_DEBOUNCE": "0.2"}
                 name = f"{peer.title}, DEBOUNCE_DELAY 0.2 s (default)"
                 targets.append(PeerTarget(peer, python, env=default, name=name, single_only=True))
         else:
             targets.append(PeerTarget(peer, python))
+            if not quick:
+                targets.append(PeerTarget(peer, python, in_process_build=True))
     if only:
         targets = [t for t in targets if any(o.lower() in t.name.lower() for o in only)]
     runs = []
     for build in (False, True):
         for target in targets:
+            if getattr(target, "build_only", False) and not build:
+                continue
             one, many = trials["DevApp" if isinstance(target, DevAppTarget) else "peer"]
             if target.single_only:
                 many = 0
