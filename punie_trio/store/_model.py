@@ -188,6 +188,12 @@ def check_turn(turn: int, entries: Sequence[tuple[str, Payload]]) -> list[tuple[
     cheaper than discovering on ``session/load`` that a replay is wrong. A payload given as
     JSON text is the caller's own encoding of such an object and is only checked to be an
     object (decoding it again would cost what encoding it once saved).
+
+    The SQLite store keeps a turn as one text, its entries joined by newlines, each
+    ``kind + TAB + payload_json`` (see ``_sql.encode_entries``), so a kind may hold neither
+    a tab nor a newline and the JSON text no raw newline. ``dump_json`` never writes one
+    (JSON escapes control characters inside strings); a pre-encoded payload with one, which
+    can only be whitespace between tokens, is refused: encode it compactly.
     """
     if isinstance(turn, bool) or not isinstance(turn, int) or turn < 0:
         raise StoreError(f"turn must be an int >= 0, got {turn!r}")
@@ -199,9 +205,16 @@ def check_turn(turn: int, entries: Sequence[tuple[str, Payload]]) -> list[tuple[
             raise StoreError(f"entry {index} must be a (kind, payload) pair") from None
         if not isinstance(kind, str) or not kind:
             raise StoreError(f"entry {index}: kind must be a non-empty string")
+        if "\t" in kind or "\n" in kind:
+            raise StoreError(f"entry {index}: kind {kind!r} must not contain a tab or newline")
         if isinstance(payload, str):
             if not payload.startswith("{"):
                 raise StoreError(f"entry {index} ({kind}): payload must be a JSON object")
+            if "\n" in payload:
+                raise StoreError(
+                    f"entry {index} ({kind}): payload JSON text must not contain a raw "
+                    "newline (encode it compactly)"
+                )
             out.append((kind, payload))
             continue
         if not isinstance(payload, dict):

@@ -57,7 +57,9 @@ class Store(Protocol):
         """Record one finished turn atomically: its entries in order, ``turns`` raised to
         ``turn + 1`` and ``updated_at`` set to now. Once this returns the turn is durable
         across a process crash; until it returns, none of it may be. A ``turn`` below the
-        session's ``turns`` (already recorded) is a ``StoreError``."""
+        session's ``turns`` (already recorded) is a ``StoreError``, and so is an invalid
+        entry (see ``check_turn``: among others, a kind with a tab or newline, or a payload
+        given as JSON text with a raw newline)."""
         ...
 
     async def transcript(self, session_id: str) -> list[TranscriptEntry]:

@@ -5,19 +5,79 @@ is readable before we know anything else about the file and changes atomically w
 migration that sets it. ``MIGRATIONS[i]`` takes the schema from version ``i`` to ``i + 1``;
 they run in order, each in its own ``BEGIN IMMEDIATE`` transaction, so two processes opening
 the same new file cannot both migrate it, and a crash mid-migration leaves the old version.
-Never edit a released migration: append a new one.
+A migration's steps are SQL statements or Python functions of the connection (for data
+conversions SQL cannot express), run inside that transaction. Never edit a released
+migration: append a new one.
 """
 
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Final
 
 from ._model import StoreError
 
-MIGRATIONS: Final[Sequence[Sequence[str]]] = (
+#: One step of a migration: a SQL statement, or a function run on the connection.
+Step = str | Callable[[sqlite3.Connection], None]
+
+
+def _transcript_to_turns(conn: sqlite3.Connection) -> None:
+    """Migration 2: convert version 1's ``transcript`` (a row per entry) into ``turns`` (a row
+    per turn), keeping every entry's ``seq``: a turn's entries must be consecutive there,
+    as version 1 always wrote them.
+
+    Rows the store could not have written itself (a kind with a tab or newline, a payload
+    with a raw newline, a turn whose entries are not consecutive) stop the migration with a
+    ``StoreError``; the file then stays at version 1, untouched. Rows of a session that no
+    longer exists (only possible with foreign keys off) are dropped: nothing could read
+    them.
+    """
+    rows = conn.execute(
+        "SELECT s.key, t.session_id, t.turn, t.seq, t.kind, t.payload"
+        " FROM transcript AS t JOIN sessions AS s ON s.id = t.session_id"
+        " ORDER BY t.session_id, t.seq"
+    )
+    # The turn being gathered: (session key, session id, turn), its first seq, its entries.
+    turn_of: tuple[int, str, int] | None = None
+    first_seq = 0
+    lines: list[str] = []
+    for key, session_id, turn, seq, kind, payload in rows:
+        if "\t" in kind or "\n" in kind or "\n" in payload:
+            raise StoreError(
+                f"session {session_id!r}, entry {seq}: a kind with a tab or newline, or a "
+                "payload with a raw newline, cannot be converted"
+            )
+        if turn_of != (key, session_id, turn):
+            if turn_of is not None:
+                _insert_turn(conn, turn_of, first_seq, lines)
+            turn_of, first_seq, lines = (key, session_id, turn), seq, []
+        elif seq != first_seq + len(lines):
+            raise StoreError(
+                f"session {session_id!r}: the entries of turn {turn} are not consecutive"
+            )
+        lines.append(kind + "\t" + payload)
+    if turn_of is not None:
+        _insert_turn(conn, turn_of, first_seq, lines)
+
+
+def _insert_turn(
+    conn: sqlite3.Connection, turn_of: tuple[int, str, int], first_seq: int, lines: list[str]
+) -> None:
+    key, session_id, turn = turn_of
+    try:
+        conn.execute(
+            "INSERT INTO turns (session, turn, first_seq, count, entries) VALUES (?, ?, ?, ?, ?)",
+            (key, turn, first_seq, len(lines), "\n".join(lines)),
+        )
+    except sqlite3.IntegrityError:  # the turn's entries came in two runs
+        raise StoreError(
+            f"session {session_id!r}: the entries of turn {turn} are not consecutive"
+        ) from None
+
+
+MIGRATIONS: Final[Sequence[Sequence[Step]]] = (
     # 1: sessions and their transcripts.
     (
         """
@@ -49,6 +109,53 @@ MIGRATIONS: Final[Sequence[Sequence[str]]] = (
         ) WITHOUT ROWID
         """,
     ),
+    # 2: one row per turn, keyed by an integer session key (docs/sessions-store.md: a turn's
+    # commit writes about half the pages and takes about half the time).
+    (
+        # The old table keeps its data under another name; renaming it first lets the new
+        # tables be created with their final names (and REFERENCES clauses) directly.
+        "DROP INDEX sessions_by_updated",
+        "DROP INDEX sessions_by_cwd",
+        "ALTER TABLE sessions RENAME TO sessions_v1",
+        """
+        CREATE TABLE sessions (
+            key INTEGER PRIMARY KEY AUTOINCREMENT,
+            id TEXT NOT NULL UNIQUE,
+            root TEXT NOT NULL,
+            cwd TEXT NOT NULL,
+            client_id TEXT,
+            title TEXT,
+            mode TEXT,
+            config TEXT NOT NULL DEFAULT '{}',
+            additional_directories TEXT NOT NULL DEFAULT '[]',
+            created_at REAL NOT NULL,
+            updated_at REAL NOT NULL,
+            turns INTEGER NOT NULL DEFAULT 0
+        )
+        """,
+        """
+        INSERT INTO sessions (id, root, cwd, client_id, title, mode, config,
+            additional_directories, created_at, updated_at, turns)
+        SELECT id, root, cwd, client_id, title, mode, config,
+            additional_directories, created_at, updated_at, turns
+        FROM sessions_v1 ORDER BY rowid
+        """,
+        """
+        CREATE TABLE turns (
+            session INTEGER NOT NULL REFERENCES sessions (key) ON DELETE CASCADE,
+            turn INTEGER NOT NULL,
+            first_seq INTEGER NOT NULL,
+            count INTEGER NOT NULL,
+            entries TEXT NOT NULL,
+            PRIMARY KEY (session, turn)
+        )
+        """,
+        _transcript_to_turns,
+        "DROP TABLE transcript",
+        "DROP TABLE sessions_v1",
+        "CREATE INDEX sessions_by_updated ON sessions (updated_at DESC, id DESC)",
+        "CREATE INDEX sessions_by_cwd ON sessions (cwd, updated_at DESC, id DESC)",
+    ),
 )
 
 #: The schema version this code writes and understands.
@@ -74,7 +181,7 @@ def _refuse_newer(version: int, path: Path, known: int = SCHEMA_VERSION) -> None
 
 
 def migrate(
-    conn: sqlite3.Connection, path: Path, migrations: Sequence[Sequence[str]] = MIGRATIONS
+    conn: sqlite3.Connection, path: Path, migrations: Sequence[Sequence[Step]] = MIGRATIONS
 ) -> int:
     """Bring the schema up to ``len(migrations)``; return the version found on disk.
 
@@ -92,8 +199,17 @@ def migrate(
             if version == target:
                 conn.execute("COMMIT")
                 return found
-            for statement in migrations[version]:
-                conn.execute(statement)
+            for step in migrations[version]:
+                if isinstance(step, str):
+                    conn.execute(step)
+                    continue
+                try:
+                    step(conn)
+                except StoreError as exc:
+                    raise StoreError(
+                        f"{path}: cannot upgrade the session store to schema version "
+                        f"{version + 1}: {exc}"
+                    ) from exc
             # PRAGMA does not take parameters; the value is our own integer.
             conn.execute(f"PRAGMA user_version = {version + 1}")
             conn.execute("COMMIT")
@@ -103,7 +219,7 @@ def migrate(
             raise
 
 
-def connect(path: Path, *, cached_statements: int = 128) -> sqlite3.Connection:
+def connect(path: Path) -> sqlite3.Connection:
     """Open (creating if needed) a read-write store database and migrate it.
 
     Durability: WAL with ``synchronous=NORMAL``. A commit appends the transaction to the WAL
@@ -114,13 +230,8 @@ def connect(path: Path, *, cached_statements: int = 128) -> sqlite3.Connection:
     or power loss can drop the last few commits, and even then the database stays consistent
     (WAL is never torn). ``FULL`` would add an ``fsync`` per turn - milliseconds on many
     disks - to cover power loss, which nothing here promises.
-
-    ``cached_statements`` sizes sqlite3's prepared-statement cache (the writer's holds a
-    multi-row INSERT per distinct turn length).
     """
-    conn = sqlite3.connect(
-        path, isolation_level=None, check_same_thread=True, cached_statements=cached_statements
-    )
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=True)
     try:
         conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
         mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]

@@ -5,17 +5,18 @@ Two connections, each bound to one thread (sqlite3 keeps its same-thread check o
 - **Writes** run synchronously on the event-loop thread, on the writer connection. A turn's
   commit is bounded CPU work: WAL with ``synchronous=NORMAL`` appends to the WAL file
   through the page cache and never fsyncs on commit, and automatic checkpoints (which do
-  fsync) are switched off on this connection. Measured, a 20-entry turn costs about 60 us
-  this way stand-alone, against about 330 us through a thread (a thread hop is ~100 us
-  each way on this machine, plus GIL hand-offs per statement). The event loop runs one
-  write at a time, so there is a single writer. Nothing can cancel a write half-way: the
-  SQL of a write is not interruptible at all.
-- **Each session's tail** (recorded turns, next ``seq``) is kept in memory once known, so
-  a turn's transaction is ``BEGIN``, ``UPDATE``, ``INSERT``, ``COMMIT`` with no read. The
-  ``UPDATE`` only matches while ``turns`` is what the store believes; if another process
-  changed the session it matches nothing and the tail is read from the file instead. The
-  memory copy changes only once the transaction that wrote it has committed, so a write
-  that fails or is rolled back leaves it as it was.
+  fsync) are switched off on this connection. A turn is one ``turns`` row: measured, a
+  20-entry turn costs about 30-40 us this way stand-alone; through a thread it cost about
+  330 us (with schema version 1's 60 us commit: a thread hop is ~100 us each way on this
+  machine, plus GIL hand-offs per statement). The event loop runs one write at a time, so
+  there is a single writer. Nothing can cancel a write half-way: the SQL of a write is not
+  interruptible at all.
+- **Each session's key and tail** (recorded turns, next ``seq``) are kept in memory once
+  known, so a turn's transaction is ``BEGIN``, ``UPDATE``, ``INSERT``, ``COMMIT`` with no
+  read. The ``UPDATE`` only matches while ``turns`` is what the store believes; if another
+  process changed the session it matches nothing and both are read from the file instead.
+  The memory copy changes only once the transaction that wrote it has committed, so a
+  write that fails or is rolled back leaves it as it was.
 - **Reads** (a session, a page of sessions, a transcript of 20,000 rows) and the
   **checkpoints** run on one :class:`~punie_trio.store._thread.OwnerThread`, on the
   reader connection, so a large read never stalls the event loop. WAL gives readers a
@@ -53,18 +54,15 @@ from ._model import (
     session_changes,
 )
 from ._schema import WRITER_BUSY_TIMEOUT_MS, connect
-from ._sql import Tail
+from ._sql import PageCursor, Row, Tail
 from ._thread import OwnerThread, Started
 
-#: Posts a PASSIVE checkpoint to the owner thread after this many rows written (SQLite's own
-#: automatic checkpoint, now off on the writer, runs every 1,000 pages).
+#: Posts a PASSIVE checkpoint to the owner thread after this many writes, a turn counting
+#: one per entry plus one (SQLite's own automatic checkpoint, off on the writer, runs every
+#: 1,000 pages; 5,000 is about 230 typical turns, about 1,600 WAL frames).
 CHECKPOINT_EVERY_ROWS = 5_000
 
-#: The writer's prepared-statement cache: a multi-row INSERT per distinct turn length.
-WRITER_CACHED_STATEMENTS = 512
-
 T = TypeVar("T")
-Row = tuple[int, str, str]  # a transcript row: seq, kind, payload JSON
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +91,9 @@ class SqliteStore:
     _rows_since_checkpoint: int = attrs.field(init=False, default=0)
     #: Committed ``(turns, next_seq)`` of the sessions this store has written or read.
     _tails: dict[str, Tail] = attrs.field(init=False, factory=dict)
+    #: The ``sessions.key`` of the same sessions: fixed for a session's life (and never
+    #: reused), so only deleting a session forgets it.
+    _keys: dict[str, int] = attrs.field(init=False, factory=dict)
     #: Test hook: runs inside ``append_turn``'s transaction, after the writes and before
     #: ``COMMIT``. Production code leaves it ``None``.
     _before_commit: Callable[[], None] | None = attrs.field(init=False, default=None)
@@ -103,7 +104,7 @@ class SqliteStore:
     async def _open(self) -> None:
         # The reader opens first: it creates and migrates the file, off the event loop.
         await self._owner.open(lambda: connect(self.path))
-        writer = connect(self.path, cached_statements=WRITER_CACHED_STATEMENTS)
+        writer = connect(self.path)
         try:
             writer.execute(f"PRAGMA busy_timeout = {WRITER_BUSY_TIMEOUT_MS}")
             writer.execute("PRAGMA wal_autocheckpoint = 0")
@@ -142,7 +143,7 @@ class SqliteStore:
         rec = check_record(rec)
 
         def job(conn: sqlite3.Connection) -> None:
-            _sql.insert_session(conn, rec)
+            self._keys[rec.id] = _sql.insert_session(conn, rec)
             self._tails[rec.id] = (rec.turns, 0)  # committed: a new session has no entries
 
         await self._write(job)
@@ -181,6 +182,7 @@ class SqliteStore:
         def job(conn: sqlite3.Connection) -> bool:
             found = _sql.delete_session(conn, session_id)
             self._tails.pop(session_id, None)
+            self._keys.pop(session_id, None)
             return found
 
         return await self._write(job)
@@ -193,11 +195,21 @@ class SqliteStore:
         hook = self._before_commit
 
         def job(conn: sqlite3.Connection) -> None:
-            tail = self._tails.get(session_id)
             # Returns once committed; a failure raises and leaves the remembered tail alone.
-            tail = _sql.append_turn(conn, session_id, turn, rows, self.clock(), tail, hook)
+            key, tail = _sql.append_turn(
+                conn,
+                session_id,
+                turn,
+                rows,
+                self.clock(),
+                self._keys.get(session_id),
+                self._tails.get(session_id),
+                hook,
+            )
+            self._keys[session_id] = key
             self._tails[session_id] = tail
 
+        # Counted in entries, as when each was a row: a checkpoint every ~230 typical turns.
         await self._write(job, rows=len(rows) + 1)
 
     async def transcript(self, session_id: str) -> list[TranscriptEntry]:
@@ -209,20 +221,20 @@ class SqliteStore:
         check_limit(page_size)
         self._check_open()
 
-        def read_page(after: int, upto: int | None) -> Started[tuple[list[Row], int]]:
+        def read_page(cursor: PageCursor | None) -> Started[tuple[list[Row], PageCursor | None]]:
             page = functools.partial(
-                _sql.select_transcript_page, session_id=session_id, after=after, upto=upto,
+                _sql.select_transcript_page, session_id=session_id, cursor=cursor,
                 limit=page_size,
             )  # fmt: skip
             return self._owner.start(_translated(page))
 
-        pending = read_page(-1, None)
+        pending = read_page(None)
         while True:
-            rows, upto = await pending.result()
-            if not rows:
+            rows, cursor = await pending.result()
+            if cursor is None:
                 return
             # Read ahead: the owner thread reads the next page while the caller uses this one.
-            pending = read_page(rows[-1][0], upto)
+            pending = read_page(cursor)
             yield rows
 
     async def aclose(self) -> None:

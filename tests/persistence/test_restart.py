@@ -5,6 +5,7 @@ SQLite store in one data directory, real WebSocket clients."""
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from pathlib import Path
 from typing import Any
@@ -408,13 +409,10 @@ async def test_load_gives_the_model_its_history(
             for text in ("first\nprompt", "second"):
                 assert await client.prompt(session_id, text) == "end_turn"
         if stored_by == "an older version":
-            with sqlite3.connect(tmp_path / "data" / "sessions.sqlite3") as db:
-                db.execute(
-                    "UPDATE transcript SET payload = json_object('stopReason', "
-                    "json_extract(payload, '$.stopReason')) WHERE kind = 'stop'"
-                )
-                stops = db.execute("SELECT payload FROM transcript WHERE kind = 'stop'").fetchall()
-            assert stops == [('{"stopReason":"end_turn"}',)] * 2
+            assert (
+                _strip_stop_history(tmp_path / "data" / "sessions.sqlite3")
+                == ['{"stopReason":"end_turn"}'] * 2
+            )
         recorder = HistoryRecorder()
         async with (
             in_process_server(tmp_path, recorder, store="sqlite") as running,
@@ -431,3 +429,22 @@ async def test_load_gives_the_model_its_history(
             ("agent", "answer to second"),
         ]
     ]
+
+
+def _strip_stop_history(path: Path) -> list[str]:
+    """Rewrite every stored stop entry as an older version wrote it (only ``stopReason``);
+    return the stop payloads. A turn is one ``turns`` row of ``kind TAB payload`` lines."""
+    stops: list[str] = []
+    with sqlite3.connect(path) as db:
+        for rowid, entries in db.execute("SELECT rowid, entries FROM turns").fetchall():
+            lines = []
+            for line in entries.split("\n"):
+                kind, payload = line.split("\t", 1)
+                if kind == "stop":
+                    payload = json.dumps(
+                        {"stopReason": json.loads(payload)["stopReason"]}, separators=(",", ":")
+                    )
+                    stops.append(payload)
+                lines.append(f"{kind}\t{payload}")
+            db.execute("UPDATE turns SET entries = ? WHERE rowid = ?", ("\n".join(lines), rowid))
+    return stops

@@ -4,6 +4,7 @@ across ``kill -9``."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sqlite3
@@ -12,6 +13,7 @@ import sys
 import textwrap
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -19,9 +21,11 @@ import trio
 import punie_trio
 from punie_trio.store import (
     SCHEMA_VERSION,
+    SessionRecord,
     StoreError,
     TranscriptEntry,
     UnknownSessionError,
+    _sql,
     _sqlite,
     open_sqlite_store,
     read_session,
@@ -55,9 +59,10 @@ async def test_new_file_is_migrated_to_current_version(tmp_path: Path) -> None:
     async with open_sqlite_store(path):
         pass
     with sqlite3.connect(path) as conn:
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 1
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
         names = {r[0] for r in conn.execute("SELECT name FROM sqlite_master")}
-    assert {"sessions", "transcript", "sessions_by_updated", "sessions_by_cwd"} <= names
+    assert {"sessions", "turns", "sessions_by_updated", "sessions_by_cwd"} <= names
+    assert "transcript" not in names and "sessions_v1" not in names
 
 
 async def test_newer_schema_is_refused(tmp_path: Path) -> None:
@@ -92,12 +97,12 @@ def test_migrations_apply_in_order_and_fail_atomically(tmp_path: Path) -> None:
         broken = [*later, ("CREATE TABLE extra (x)", "THIS IS NOT SQL")]
         with pytest.raises(sqlite3.OperationalError):
             migrate(conn, path, broken)
-        # Migration 2 committed; migration 3 rolled back whole, version stays 2.
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == 2
+        # The next migration committed; the one after rolled back whole.
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == len(later)
         tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master")}
         assert "extra" not in tables
         assert conn.execute("SELECT id, pinned FROM sessions").fetchall() == [("s1", None)]
-        assert migrate(conn, path, later) == 2  # already current: no-op
+        assert migrate(conn, path, later) == len(later)  # already current: no-op
         with pytest.raises(StoreError, match="newer"):
             migrate(conn, path, MIGRATIONS)
     finally:
@@ -369,8 +374,8 @@ async def test_a_failed_commit_leaves_no_transaction_and_no_tail(tmp_path: Path)
         def orphan_row() -> None:  # a deferred foreign-key violation fails the COMMIT itself
             writer.execute("PRAGMA defer_foreign_keys = ON")
             writer.execute(
-                "INSERT INTO transcript (session_id, seq, turn, kind, payload) "
-                "VALUES ('ghost', 0, 0, 'stop', '{}')"
+                "INSERT INTO turns (session, turn, first_seq, count, entries) "
+                "VALUES (999, 0, 0, 1, 'stop\t{}')"
             )
 
         store._before_commit = orphan_row
@@ -399,8 +404,9 @@ async def test_a_session_changed_by_another_process_is_reread(tmp_path: Path) ->
             other.execute("PRAGMA foreign_keys = ON")
             other.execute("BEGIN IMMEDIATE")
             other.execute(
-                "INSERT INTO transcript (session_id, seq, turn, kind, payload) "
-                "VALUES ('s1', 5, 1, 'stop', '{\"stopReason\":\"end_turn\"}')"
+                "INSERT INTO turns (session, turn, first_seq, count, entries) "
+                "SELECT key, 1, 5, 1, 'stop' || char(9) || '{\"stopReason\":\"end_turn\"}' "
+                "FROM sessions WHERE id = 's1'"
             )
             other.execute("UPDATE sessions SET turns = 2 WHERE id = 's1'")
             other.execute("DELETE FROM sessions WHERE id = 'gone'")
@@ -423,10 +429,241 @@ async def test_a_deleted_and_recreated_session_starts_at_seq_0(tmp_path: Path) -
     async with open_sqlite_store(tmp_path / "s.db") as store:
         await store.create_session(make_record())
         await store.append_turn("s1", 0, sample_turn(0))
+        old_key = store._keys["s1"]
         assert await store.delete_session("s1")
-        assert "s1" not in store._tails
+        assert "s1" not in store._tails and "s1" not in store._keys
         with pytest.raises(UnknownSessionError):
             await store.append_turn("s1", 1, sample_turn(1))
         await store.create_session(make_record())
         await store.append_turn("s1", 0, sample_turn(0, n=1))
         assert _seqs(await store.transcript("s1")) == [0, 1, 2]
+        assert store._keys["s1"] > old_key  # keys are never reused
+
+
+async def test_a_session_recreated_by_another_process_gets_a_new_key(tmp_path: Path) -> None:
+    """Keys are never reused (AUTOINCREMENT), so a remembered key of a session that another
+    process deleted and created again (same id, same turns) matches nothing: the store
+    reads the new session's key and tail instead of appending after the old one's."""
+    path = tmp_path / "s.db"
+    async with open_sqlite_store(path) as store:
+        await store.create_session(make_record())
+        await store.append_turn("s1", 0, sample_turn(0))
+        old_key = store._keys["s1"]
+        other = sqlite3.connect(path, isolation_level=None)
+        try:
+            other.execute("PRAGMA foreign_keys = ON")
+            other.execute("DELETE FROM sessions WHERE id = 's1'")
+            other.execute(
+                "INSERT INTO sessions (id, root, cwd, created_at, updated_at, turns) "
+                "VALUES ('s1', '/proj', '/proj', 1, 1, 1)"
+            )
+        finally:
+            other.close()
+        await store.append_turn("s1", 1, sample_turn(1))
+        assert store._keys["s1"] != old_key
+        assert store._tails["s1"] == (2, 5)
+        entries = await store.transcript("s1")
+        assert [(e.seq, e.turn) for e in entries] == [(seq, 1) for seq in range(5)]
+
+
+# -- schema version 2: one row per turn ------------------------------------------------------
+
+
+async def test_a_turn_is_one_row_written_without_a_read(tmp_path: Path) -> None:
+    path = tmp_path / "s.db"
+    async with open_sqlite_store(path) as store:
+        await store.create_session(make_record())
+        await store.append_turn("s1", 0, sample_turn(0))
+        assert store._writer is not None
+        statements: list[str] = []
+        store._writer.set_trace_callback(statements.append)
+        await store.append_turn("s1", 1, sample_turn(1, n=1))
+        store._writer.set_trace_callback(None)
+        await store.append_turn("s1", 2, [])  # no entries: no row
+        await store.append_turn("s1", 4, sample_turn(4, n=0))
+        key = store._keys["s1"]
+    verbs = [" ".join(sql.split()[:2]) for sql in statements]
+    assert verbs == ["BEGIN IMMEDIATE", "UPDATE sessions", "INSERT INTO", "COMMIT"]
+    with sqlite3.connect(path) as conn:
+        rows = conn.execute(
+            "SELECT session, turn, first_seq, count, entries FROM turns ORDER BY turn"
+        ).fetchall()
+    assert [row[:4] for row in rows] == [(key, 0, 0, 5), (key, 1, 5, 3), (key, 4, 8, 2)]
+    lines = rows[1][4].split("\n")
+    assert [line.split("\t", 1)[0] for line in lines] == [k for k, _ in sample_turn(1, n=1)]
+    assert [json.loads(line.split("\t", 1)[1]) for line in lines] == [
+        p for _, p in sample_turn(1, n=1)
+    ]
+
+
+async def test_a_read_in_pages_ends_if_the_session_is_deleted_meanwhile(tmp_path: Path) -> None:
+    async with open_sqlite_store(tmp_path / "s.db") as store:
+        await store.create_session(make_record())
+        for turn in range(3):
+            await store.append_turn("s1", turn, sample_turn(turn))
+        old = [(e.seq, e.kind, e.payload_json) for e in await store.transcript("s1")]
+        pages = []
+        async for page in store.transcript_rows("s1", page_size=2):
+            pages.append(page)
+            if len(pages) == 1:  # deleted and created again: the read never mixes the two
+                await store.delete_session("s1")
+                await store.create_session(make_record())
+                await store.append_turn("s1", 0, sample_turn(9, n=20))
+        # The read-ahead page may or may not have been read before the delete; nothing after.
+        rows = [r for p in pages for r in p]
+        assert rows in (old[:2], old[:4])
+
+
+def _v1_file(path: Path) -> sqlite3.Connection:
+    """A store file as punie-trio wrote it at schema version 1."""
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("PRAGMA journal_mode = WAL")
+    conn.execute("PRAGMA foreign_keys = ON")
+    assert migrate(conn, path, MIGRATIONS[:1]) == 0
+    return conn
+
+
+def _v1_session(conn: sqlite3.Connection, session_id: str, updated_at: float, **extra: Any) -> None:
+    fields = {"id": session_id, "root": "/proj", "cwd": "/proj", "created_at": 1.0}
+    fields |= {"updated_at": updated_at, **extra}
+    conn.execute(
+        f"INSERT INTO sessions ({', '.join(fields)}) VALUES ({', '.join('?' * len(fields))})",
+        tuple(fields.values()),
+    )
+
+
+def _v1_turn(
+    conn: sqlite3.Connection, session_id: str, turn: int, entries: list[tuple[str, Any]]
+) -> None:
+    """Version 1's ``append_turn``: a row per entry, seqs continuing the session's."""
+    conn.execute("BEGIN IMMEDIATE")
+    (next_seq,) = conn.execute(
+        "SELECT COALESCE(MAX(seq) + 1, 0) FROM transcript WHERE session_id = ?", (session_id,)
+    ).fetchone()
+    for seq, (kind, payload) in enumerate(entries, next_seq):
+        text = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)
+        conn.execute(
+            "INSERT INTO transcript (session_id, seq, turn, kind, payload) VALUES (?, ?, ?, ?, ?)",
+            (session_id, seq, turn, kind, text),
+        )
+    conn.execute(
+        "UPDATE sessions SET turns = ?, updated_at = updated_at + 1 WHERE id = ?",
+        (turn + 1, session_id),
+    )
+    conn.execute("COMMIT")
+
+
+async def test_migration_from_version_1_keeps_transcripts_and_seqs(tmp_path: Path) -> None:
+    path = tmp_path / "s.db"
+    conn = _v1_file(path)
+    try:
+        _v1_session(conn, "old", 10.0, title="Old one", config='{"model":"m1"}')
+        _v1_session(conn, "new", 20.0, cwd="/proj/sub", client_id="c1", mode="code")
+        _v1_session(conn, "none", 5.0, turns=2)  # created with turns, never appended to
+        _v1_session(conn, "gone", 6.0)
+        for turn in range(3):
+            _v1_turn(conn, "old", turn, sample_turn(turn, n=turn))
+        _v1_turn(conn, "old", 3, [])  # a turn without entries: no rows
+        raw = '{"sessionUpdate":"agent_message_chunk",\t"content":{"text":"tab\\n é"}}'
+        _v1_turn(conn, "old", 5, [("agent_message_chunk", raw), *sample_turn(5)[-1:]])
+        _v1_turn(conn, "new", 0, sample_turn(0, n=30))
+        _v1_turn(conn, "gone", 0, sample_turn(0))
+        conn.execute("DELETE FROM sessions WHERE id = 'gone'")
+        expected = {
+            sid: [
+                TranscriptEntry(sid, seq, turn, kind, payload)
+                for seq, turn, kind, payload in conn.execute(
+                    "SELECT seq, turn, kind, payload FROM transcript WHERE session_id = ?"
+                    " ORDER BY seq",
+                    (sid,),
+                )
+            ]
+            for sid in ("old", "new", "none")
+        }
+        records = {sid: read_session_v1(conn, sid) for sid in expected}
+    finally:
+        conn.close()
+    assert [e.seq for e in expected["old"]] == list(range(11))
+
+    async with open_sqlite_store(path) as store:
+        for sid, entries in expected.items():
+            assert await store.transcript(sid) == entries
+            assert await store.get_session(sid) == records[sid]
+            pages = [p async for p in store.transcript_rows(sid, page_size=7)]
+            assert [r for p in pages for r in p] == [
+                (e.seq, e.kind, e.payload_json) for e in entries
+            ]
+        listed, _ = await store.list_sessions()
+        assert [r.id for r in listed] == ["new", "old", "none"]
+        assert await store.get_session("gone") is None
+        # New turns continue each session's turns and seqs.
+        await store.append_turn("old", 6, sample_turn(6))
+        await store.append_turn("none", 2, sample_turn(2))
+        with pytest.raises(StoreError, match="already has turn 5"):
+            await store.append_turn("old", 5, sample_turn(5))
+        old = await store.transcript("old")
+        assert old[:11] == expected["old"]
+        assert [(e.seq, e.turn) for e in old[11:]] == [(seq, 6) for seq in range(11, 16)]
+        assert _seqs(await store.transcript("none")) == list(range(5))
+        assert await store.delete_session("new")
+    assert read_transcript(path, "old") == old
+    with sqlite3.connect(path) as db:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+        assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+        assert db.execute("PRAGMA foreign_key_check").fetchall() == []
+        names = {r[0] for r in db.execute("SELECT name FROM sqlite_master")}
+        assert "transcript" not in names and "sessions_v1" not in names
+        assert {"sessions_by_updated", "sessions_by_cwd"} <= names
+        # One row per turn with entries; the deleted session took its rows with it.
+        turns = db.execute(
+            "SELECT s.id, t.turn, t.first_seq, t.count FROM turns AS t"
+            " JOIN sessions AS s ON s.key = t.session ORDER BY s.id, t.turn"
+        ).fetchall()
+    assert turns == [
+        ("none", 2, 0, 5),
+        *[("old", t, f, c) for t, f, c in [(0, 0, 2), (1, 2, 3), (2, 5, 4), (5, 9, 2)]],
+        ("old", 6, 11, 5),
+    ]
+
+
+def read_session_v1(conn: sqlite3.Connection, session_id: str) -> SessionRecord | None:
+    return _sql.select_session(conn, session_id)  # the columns are the same in both versions
+
+
+@pytest.mark.parametrize(
+    ("rows", "match"),
+    [
+        ([(0, 0, "plan\tx", "{}")], "tab or newline"),
+        ([(0, 0, "plan", '{"a":\n1}')], "raw newline"),
+        ([(0, 0, "plan", "{}"), (2, 0, "stop", "{}")], "turn 0 .* not consecutive"),
+        ([(0, 0, "plan", "{}"), (1, 1, "plan", "{}"), (2, 0, "stop", "{}")], "not consecutive"),
+    ],
+)
+async def test_migration_refuses_rows_it_cannot_convert(
+    tmp_path: Path, rows: list[tuple[int, int, str, str]], match: str
+) -> None:
+    """Rows version 1 could not have written itself: the upgrade stops with a message and
+    leaves the file at version 1, whole."""
+    path = tmp_path / "s.db"
+    conn = _v1_file(path)
+    try:
+        _v1_session(conn, "s1", 1.0, turns=2)
+        conn.executemany(
+            "INSERT INTO transcript (session_id, seq, turn, kind, payload)"
+            " VALUES ('s1', ?, ?, ?, ?)",
+            rows,
+        )
+    finally:
+        conn.close()
+    with pytest.raises(StoreError, match=f"cannot upgrade .* to schema version 2: .*{match}"):
+        async with open_sqlite_store(path):
+            pass  # pragma: no cover
+    with sqlite3.connect(path) as db:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == 1
+        assert db.execute("SELECT seq, turn, kind, payload FROM transcript").fetchall() == rows
+        names = {r[0] for r in db.execute("SELECT name FROM sqlite_master")}
+    assert names == {"sessions", "transcript", "sessions_by_updated", "sessions_by_cwd"} | {
+        n for n in names if n.startswith("sqlite_autoindex")
+    }
+    with pytest.raises(StoreError, match="older than 2"):
+        read_sessions(path)

@@ -196,6 +196,21 @@ async def test_pre_encoded_payloads_are_stored_as_given(store: Store) -> None:
     assert entries[1].payload_json == '{"stopReason":"end_turn"}'
 
 
+async def test_newlines_and_tabs_inside_json_round_trip(store: Store) -> None:
+    """Only a raw newline in JSON text is refused: inside strings JSON escapes them, and a
+    raw tab (whitespace between tokens) is kept as given."""
+    await store.create_session(make_record())
+    update = text_update("agent_message_chunk", "line 1\n\tline 2\r\n\u2028end\t")
+    encoded = '{"sessionUpdate":\t"agent_message_chunk","content":{"text":"a\\nb"}}'
+    await store.append_turn(
+        "s1", 0, [("agent_message_chunk", update), ("agent_message_chunk", encoded)]
+    )
+    entries = await store.transcript("s1")
+    assert [e.payload for e in entries] == [update, json.loads(encoded)]
+    assert entries[1].payload_json == encoded
+    assert [e.seq for e in entries] == [0, 1]
+
+
 async def test_empty_turn_still_counts(store: Store) -> None:
     await store.create_session(make_record())
     await store.append_turn("s1", 0, [])
@@ -225,6 +240,10 @@ async def test_turn_gap_is_allowed_but_rewrite_is_not(store: Store) -> None:
         ([("plan",)], "pair"),
         ([("plan", {"sessionUpdate": "plan", "entries": [float("nan")]})], "JSON"),
         ([("plan", {"sessionUpdate": "plan", "x": object()})], "JSON"),
+        # A stored turn is one text of "kind TAB payload" lines: neither may break it.
+        ([("plan\tx", {"sessionUpdate": "plan\tx"})], "tab or newline"),
+        ([("plan\n", {"sessionUpdate": "plan\n"})], "tab or newline"),
+        ([("plan", '{"sessionUpdate": "plan",\n "entries": []}')], "raw newline"),
     ],
 )
 async def test_invalid_entries_write_nothing(store: Store, entries: Any, match: str) -> None:
@@ -317,6 +336,22 @@ async def test_transcript_rows_are_the_transcript_as_of_the_first_page(store: St
     assert [len(p) for p in pages] == [4, 4, 4, 3]
     assert [r for p in pages for r in p] == [(e.seq, e.kind, e.payload_json) for e in whole]
     assert len(await store.transcript("s1")) == 20
+
+
+@pytest.mark.parametrize("page_size", [1, 2, 3, 5, 6, 7, 100])
+async def test_transcript_rows_pages_cut_anywhere(store: Store, page_size: int) -> None:
+    """Pages hold exactly ``page_size`` entries (the last one fewer), whatever the turns'
+    lengths: the SQLite store cuts its one-row-per-turn storage at any entry."""
+    await store.create_session(make_record())
+    await store.append_turn("s1", 0, sample_turn(0, n=4))  # 6 entries
+    await store.append_turn("s1", 1, [])  # no entries
+    await store.append_turn("s1", 3, sample_turn(3, n=0))  # 2 entries, after a gap
+    await store.append_turn("s1", 4, sample_turn(4, n=1))  # 3 entries
+    whole = [(e.seq, e.kind, e.payload_json) for e in await store.transcript("s1")]
+    assert [seq for seq, _, _ in whole] == list(range(11))
+    pages = [page async for page in store.transcript_rows("s1", page_size=page_size)]
+    assert [r for p in pages for r in p] == whole
+    assert all(len(p) == page_size for p in pages[:-1]) and 0 < len(pages[-1]) <= page_size
 
 
 async def test_transcript_rows_of_unknown_or_empty_sessions(store: Store) -> None:
