@@ -300,6 +300,30 @@ def test_snapshot_and_decide(tmp_path: Path) -> None:
     assert _snapshot.take_snapshot(tmp_path / "missing") == {}
 
 
+def test_small_snapshot_equals_the_full_one_within_its_budget(tmp_path: Path) -> None:
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "index.html").write_text("a")
+    (tmp_path / "sub" / "s.css").write_text("b")
+    first = _snapshot.take_snapshot(tmp_path)
+    assert _snapshot.small_snapshot(tmp_path) == first
+    (tmp_path / "index.html").write_text("changed")
+    assert _snapshot.small_snapshot(tmp_path, first) == _snapshot.take_snapshot(tmp_path, first)
+    assert _snapshot.small_snapshot(tmp_path / "missing") == {}
+
+
+def test_small_snapshot_gives_up_past_its_budget(tmp_path: Path) -> None:
+    for i in range(_snapshot.SMALL_ENTRIES + 1):
+        (tmp_path / f"p{i}.html").write_text("x")
+    assert _snapshot.small_snapshot(tmp_path) is None
+    big = tmp_path / "big"
+    big.mkdir()
+    (big / "a.bin").write_bytes(b"x" * (_snapshot.SMALL_DIGEST_BYTES + 1))
+    assert _snapshot.small_snapshot(big) is None
+    # Unchanged files are not read again, so they do not count against the budget.
+    before = _snapshot.take_snapshot(big)
+    assert _snapshot.small_snapshot(big, before) == before
+
+
 # -- ignore rules --------------------------------------------------------------------------
 
 

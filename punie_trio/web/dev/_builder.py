@@ -26,7 +26,7 @@ import trio
 
 from ._broadcast import Broadcaster
 from ._events import StatusEvent
-from ._snapshot import FileSig, decide, take_snapshot
+from ._snapshot import FileSig, decide, small_snapshot, take_snapshot
 from ._watch import PendingChanges
 
 log = logging.getLogger("punie_trio.dev")
@@ -223,7 +223,9 @@ class BuildLoop:
                 return
             log.info("build ok in %.2fs", result.duration)
             duration = result.duration
-        after = await trio.to_thread.run_sync(take_snapshot, self.site_dir, self._last_good)
+        after = small_snapshot(self.site_dir, self._last_good)
+        if after is None:  # a bigger site, or big changed files: off the event loop
+            after = await trio.to_thread.run_sync(take_snapshot, self.site_dir, self._last_good)
         decision = decide(self._last_good, after)
         self._last_good = after
         # No await from here on: status and reload reach every subscriber together, and a page
