@@ -27,15 +27,14 @@ def _reading(path: Path | str) -> Iterator[sqlite3.Connection]:
 
 
 def read_sessions(path: Path | str, *, cwd: str | None = None) -> list[SessionRecord]:
-    """Every session in the store, newest first (ties: id descending)."""
-    out: list[SessionRecord] = []
+    """Every session in the store, newest first (ties: id descending).
+
+    One query, so one sort: a session's order derives from its last turn (schema version
+    3), and each page of a paged read would compute it for every session again.
+    """
     with _reading(path) as conn:
-        cursor: str | None = None
-        while True:
-            page, cursor = _sql.select_sessions(conn, cwd=cwd, cursor=cursor, limit=500)
-            out += page
-            if cursor is None:
-                return out
+        sessions, _ = _sql.select_sessions(conn, cwd=cwd, cursor=None, limit=None)
+        return sessions
 
 
 def read_session(path: Path | str, session_id: str) -> SessionRecord | None:

@@ -156,6 +156,37 @@ MIGRATIONS: Final[Sequence[Sequence[Step]]] = (
         "CREATE INDEX sessions_by_updated ON sessions (updated_at DESC, id DESC)",
         "CREATE INDEX sessions_by_cwd ON sessions (cwd, updated_at DESC, id DESC)",
     ),
+    # 3: a turn's commit no longer writes `sessions` (docs/sessions-store.md: 4 WAL frames a
+    # turn, was 7). Each turn row carries its commit time, `at`; a session's turns and
+    # updated_at are derived from its last turn row (see _sql.py), so the two indexes on
+    # updated_at, which every turn had to update, go. `at` is placed before `entries`, so
+    # reading it never walks a large turn's overflow pages: the table is rebuilt (ALTER
+    # TABLE ADD COLUMN could only append it after `entries`).
+    (
+        "ALTER TABLE turns RENAME TO turns_v2",
+        """
+        CREATE TABLE turns (
+            session INTEGER NOT NULL REFERENCES sessions (key) ON DELETE CASCADE,
+            turn INTEGER NOT NULL,
+            first_seq INTEGER NOT NULL,
+            count INTEGER NOT NULL,
+            at REAL,
+            entries TEXT NOT NULL,
+            PRIMARY KEY (session, turn)
+        )
+        """,
+        # Version 2's rows keep at NULL: sessions.turns and updated_at, which version 2
+        # updated with every turn, already account for them.
+        """
+        INSERT INTO turns (session, turn, first_seq, count, at, entries)
+        SELECT session, turn, first_seq, count, NULL, entries FROM turns_v2 ORDER BY rowid
+        """,
+        "DROP TABLE turns_v2",
+        "DROP INDEX sessions_by_updated",
+        "DROP INDEX sessions_by_cwd",
+        # session/list's cwd filter; ordering is by a derived value, so no column after cwd.
+        "CREATE INDEX sessions_cwd ON sessions (cwd)",
+    ),
 )
 
 #: The schema version this code writes and understands.

@@ -32,6 +32,35 @@ _COLUMNS = (
 
 _PLACEHOLDERS = ", ".join("?" * len(_COLUMNS.split(",")))
 
+# A turn's commit writes only its ``turns`` row (schema version 3): ``sessions.turns`` and
+# ``sessions.updated_at`` are the session's values as of its last metadata write (creation,
+# ``update_session``, the migration). The true values add the session's last turn row
+# ``t`` (joined by ``_LAST_TURN``, NULL columns if it has none: the covering ``(session,
+# turn)`` index gives its rowid, one more B-tree descent its row; ``at`` comes before
+# ``entries``, so a large turn's overflow pages are never read):
+#
+# - turns: ``max(s.turns, t.turn + 1)``. A session created with ``turns = n`` and never
+#   appended to has no row; every appended turn, even an empty one, has one.
+# - updated_at: ``t.at`` if ``t`` was appended after the last metadata write, else
+#   ``s.updated_at``. ``update_session`` folds the true values into the row, so a turn is
+#   "after" it exactly when ``t.turn >= s.turns``: the last write wins, whichever it was,
+#   as when every turn set ``updated_at`` itself (and as ``MemoryStore`` does). Version 2's
+#   rows have ``at`` NULL and ``turn < s.turns`` (it bumped ``sessions`` with every turn).
+_LAST_TURN = (
+    "LEFT JOIN turns AS t"
+    " ON t.rowid = (SELECT rowid FROM turns WHERE session = s.key ORDER BY turn DESC LIMIT 1)"
+)
+_TRUE_UPDATED_AT = (
+    "CASE WHEN t.turn >= s.turns THEN COALESCE(t.at, s.updated_at) ELSE s.updated_at END"
+)
+_TRUE_TURNS = "max(s.turns, COALESCE(t.turn + 1, 0))"
+#: ``_COLUMNS`` with the true ``updated_at`` and ``turns``, from ``sessions AS s`` and
+#: ``_LAST_TURN``.
+_TRUE_COLUMNS = (
+    "s.id, s.root, s.cwd, s.client_id, s.title, s.mode, s.config, s.additional_directories,"
+    f" s.created_at, {_TRUE_UPDATED_AT} AS updated_at, {_TRUE_TURNS} AS turns"
+)
+
 #: Columns ``update_session`` may set.
 UPDATABLE = frozenset({"title", "mode", "config", "client_id", "updated_at"})
 
@@ -98,49 +127,65 @@ def insert_session(conn: sqlite3.Connection, rec: SessionRecord) -> int:
 
 
 def select_session(conn: sqlite3.Connection, session_id: str) -> SessionRecord | None:
-    row = conn.execute(f"SELECT {_COLUMNS} FROM sessions WHERE id = ?", (session_id,)).fetchone()
+    row = conn.execute(
+        f"SELECT {_TRUE_COLUMNS} FROM sessions AS s {_LAST_TURN} WHERE s.id = ?", (session_id,)
+    ).fetchone()
     return None if row is None else _record(row)
 
 
 def update_session(conn: sqlite3.Connection, session_id: str, changes: dict[str, Any]) -> None:
-    """Set the given columns (keys of :data:`UPDATABLE`; ``config`` already a dict)."""
-    assignments: list[str] = []
-    params: list[Any] = []
-    for column, value in changes.items():
+    """Set the given columns (keys of :data:`UPDATABLE`; ``config`` already a dict).
+
+    The same write folds the session's true ``turns`` and ``updated_at`` (unless given) into
+    its row: a turn appended later is then the one with ``turn >= sessions.turns``.
+    """
+    for column in changes:
         if column not in UPDATABLE:  # pragma: no cover - guarded by the callers
             raise StoreError(f"cannot update {column!r}")
-        assignments.append(f"{column} = ?")
-        params.append(dump_json(value, "session config") if column == "config" else value)
     with transaction(conn):
-        if assignments:
-            cur = conn.execute(
-                f"UPDATE sessions SET {', '.join(assignments)} WHERE id = ?", (*params, session_id)
-            )
-            found = cur.rowcount > 0
-        else:
-            found = conn.execute("SELECT 1 FROM sessions WHERE id = ?", (session_id,)).fetchone()
-        if not found:
+        row = conn.execute(
+            f"SELECT s.key, {_TRUE_UPDATED_AT}, {_TRUE_TURNS} FROM sessions AS s {_LAST_TURN}"
+            " WHERE s.id = ?",
+            (session_id,),
+        ).fetchone()
+        if row is None:
             raise UnknownSessionError(session_id)
+        if not changes:
+            return
+        key, updated_at, turns = row
+        values = {"updated_at": updated_at, "turns": turns, **changes}
+        assignments = ", ".join(f"{column} = ?" for column in values)
+        params = [
+            dump_json(value, "session config") if column == "config" else value
+            for column, value in values.items()
+        ]
+        conn.execute(f"UPDATE sessions SET {assignments} WHERE key = ?", (*params, key))
 
 
 def select_sessions(
-    conn: sqlite3.Connection, *, cwd: str | None, cursor: str | None, limit: int
+    conn: sqlite3.Connection, *, cwd: str | None, cursor: str | None, limit: int | None
 ) -> tuple[list[SessionRecord], str | None]:
-    """One page, newest first; reads ``limit + 1`` rows to know whether another page exists."""
-    where: list[str] = []
+    """One page, newest first; reads ``limit + 1`` rows to know whether another page exists.
+    ``limit=None`` reads every session (after ``cursor``) at once: the CLI's listing.
+
+    The order is by a derived value (the true ``updated_at``), so no index serves it: each
+    page computes it for every session (of ``cwd``, found by index) and sorts them, about
+    2 us a session (docs/sessions-store.md).
+    """
     params: list[Any] = []
+    sql = f"SELECT {_TRUE_COLUMNS} FROM sessions AS s {_LAST_TURN}"
     if cwd is not None:
-        where.append("cwd = ?")
+        sql += " WHERE s.cwd = ?"
         params.append(cwd)
+    sql = f"SELECT {_COLUMNS} FROM ({sql})"
     if cursor is not None:
         updated_at, last_id = decode_cursor(cursor)
-        where.append("(updated_at < ? OR (updated_at = ? AND id < ?))")
+        sql += " WHERE (updated_at < ? OR (updated_at = ? AND id < ?))"
         params += [updated_at, updated_at, last_id]
-    sql = f"SELECT {_COLUMNS} FROM sessions"
-    if where:
-        sql += " WHERE " + " AND ".join(where)
     sql += " ORDER BY updated_at DESC, id DESC LIMIT ?"
-    rows = conn.execute(sql, (*params, limit + 1)).fetchall()
+    rows = conn.execute(sql, (*params, -1 if limit is None else limit + 1)).fetchall()
+    if limit is None:
+        return [_record(row) for row in rows], None
     page = [_record(row) for row in rows[:limit]]
     more = len(rows) > limit
     return page, (encode_cursor(page[-1].updated_at, page[-1].id) if more else None)
@@ -171,6 +216,19 @@ def encode_entries(rows: Sequence[tuple[str, str]]) -> str:
     return "\n".join(map("\t".join, rows))
 
 
+#: A turn's row, written only while no turn at or after ``?7`` (the session's recorded turns,
+#: as the caller believes) is recorded: one statement, no separate read. The subquery seeks
+#: the ``(session, turn)`` index where the insert lands anyway.
+_INSERT_TURN_IF_TAIL = (
+    "INSERT INTO turns (session, turn, first_seq, count, at, entries)"
+    " SELECT ?1, ?2, ?3, ?4, ?5, ?6"
+    " WHERE NOT EXISTS (SELECT 1 FROM turns WHERE session = ?1 AND turn >= ?7)"
+)
+_INSERT_TURN = (
+    "INSERT INTO turns (session, turn, first_seq, count, at, entries) VALUES (?, ?, ?, ?, ?, ?)"
+)
+
+
 def append_turn(
     conn: sqlite3.Connection,
     session_id: str,
@@ -181,39 +239,45 @@ def append_turn(
     tail: Tail | None = None,
     before_commit: Callable[[], None] | None = None,
 ) -> tuple[int, Tail]:
-    """Record one turn's ``(kind, payload_json)`` rows as one ``turns`` row and bump the
-    session, atomically; return the session's key and new tail.
+    """Record one turn's ``(kind, payload_json)`` rows as one ``turns`` row, stamped ``at =
+    now``; return the session's key and new tail. The row is all the transaction writes:
+    the session's turns and updated_at derive from it (schema version 3).
 
     ``key`` and ``tail`` are what the caller believes the session's key and tail to be
     (``SqliteStore`` keeps them in memory: it is the only writer). They save reading them:
-    the ``UPDATE`` that bumps the session matches only while ``turns`` is still the expected
-    value, so a stale belief (another process appended to the session, or removed it; keys
-    are never reused) matches no row and both are read from the database instead, in the
-    same transaction. With either None they are always read.
+    the ``INSERT`` (:data:`_INSERT_TURN_IF_TAIL`) writes only while no turn at or after the
+    believed count is recorded, and its foreign key only while the session with that key
+    exists (keys are never reused). A stale belief (another process appended to the
+    session, or removed it) writes nothing or fails the statement alone, and then key and
+    tail are read from the database and checked, in the same transaction: the errors are
+    the ones a fresh read gives. With either None they are always read. A turn the belief
+    says is already recorded is read again too before it is refused.
 
-    A turn without entries writes no ``turns`` row (only the bump). The primary key
-    ``(session, turn)`` refuses a turn recorded twice, should the checks here be bypassed.
+    Every turn writes a row, one without entries too (``count`` 0, ``entries`` ''), so the
+    last row always has the turn count and the next ``seq``. The primary key ``(session,
+    turn)`` refuses a turn recorded twice, should the checks here be bypassed.
 
     ``before_commit`` runs inside the transaction after every write; tests use it to hold
     a turn mid-transaction (to cancel its caller, or to fail it) and check all-or-nothing.
     """
     entries = encode_entries(rows)
     with transaction(conn):
-        if key is not None and tail is not None:
-            _check_new_turn(session_id, turn, tail[0])
-            if not _bump_session(conn, key, turn, now, expected_turns=tail[0]):
-                tail = None
-        if key is None or tail is None:
+        written = False
+        if key is not None and tail is not None and turn >= tail[0]:
+            try:
+                cur = conn.execute(
+                    _INSERT_TURN_IF_TAIL, (key, turn, tail[1], len(rows), now, entries, tail[0])
+                )
+            except sqlite3.IntegrityError:  # the session with this key is gone
+                pass  # only the statement was rolled back; the transaction goes on
+            else:
+                written = cur.rowcount > 0
+        if not written:
             key, turns, next_seq = _read_tail(conn, session_id)
             tail = (turns, next_seq)
             _check_new_turn(session_id, turn, turns)
-            _bump_session(conn, key, turn, now)
-        if rows:
-            conn.execute(
-                "INSERT INTO turns (session, turn, first_seq, count, entries)"
-                " VALUES (?, ?, ?, ?, ?)",
-                (key, turn, tail[1], len(rows), entries),
-            )
+            conn.execute(_INSERT_TURN, (key, turn, next_seq, len(rows), now, entries))
+        assert key is not None and tail is not None
         if before_commit is not None:
             before_commit()
     return key, (turn + 1, tail[1] + len(rows))
@@ -224,35 +288,13 @@ def _check_new_turn(session_id: str, turn: int, turns: int) -> None:
         raise StoreError(f"session {session_id!r} already has turn {turn} recorded")
 
 
-def _bump_session(
-    conn: sqlite3.Connection,
-    key: int,
-    turn: int,
-    now: float,
-    expected_turns: int | None = None,
-) -> bool:
-    """Set ``turns = turn + 1`` and ``updated_at``; False if no row matched (with
-    ``expected_turns``, only a session whose ``turns`` is that value matches)."""
-    if expected_turns is None:
-        cur = conn.execute(
-            "UPDATE sessions SET turns = ?, updated_at = ? WHERE key = ?", (turn + 1, now, key)
-        )
-    else:
-        cur = conn.execute(
-            "UPDATE sessions SET turns = ?, updated_at = ? WHERE key = ? AND turns = ?",
-            (turn + 1, now, key, expected_turns),
-        )
-    return cur.rowcount > 0
-
-
 def _read_tail(conn: sqlite3.Connection, session_id: str) -> tuple[int, int, int]:
     """The session's key, recorded turns and the ``seq`` its next entry gets (in the
     caller's transaction); ``UnknownSessionError`` if it is not stored. A session's seqs
     grow with its turns, so its last turn row ends where the next entry starts."""
     row = conn.execute(
-        "SELECT key, turns, COALESCE((SELECT first_seq + count FROM turns"
-        " WHERE session = sessions.key ORDER BY turn DESC LIMIT 1), 0)"
-        " FROM sessions WHERE id = ?",
+        f"SELECT s.key, {_TRUE_TURNS}, COALESCE(t.first_seq + t.count, 0)"
+        f" FROM sessions AS s {_LAST_TURN} WHERE s.id = ?",
         (session_id,),
     ).fetchone()
     if row is None:
@@ -267,7 +309,8 @@ def select_transcript(conn: sqlite3.Connection, session_id: str) -> list[Transcr
         if row is None:
             raise UnknownSessionError(session_id)
         turns = conn.execute(
-            "SELECT turn, first_seq, entries FROM turns WHERE session = ? ORDER BY turn",
+            "SELECT turn, first_seq, entries FROM turns"
+            " WHERE session = ? AND count > 0 ORDER BY turn",
             (row[0],),
         ).fetchall()
     out: list[TranscriptEntry] = []
@@ -300,7 +343,8 @@ def select_transcript_page(
         if after < upto:
             found = conn.execute(
                 "SELECT turn, first_seq, entries FROM turns"
-                " WHERE session = ? AND turn >= ? AND first_seq <= ? ORDER BY turn",
+                " WHERE session = ? AND turn >= ? AND first_seq <= ? AND count > 0"
+                " ORDER BY turn",
                 (key, resume_turn, upto),
             )
             try:

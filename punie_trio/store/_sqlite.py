@@ -5,18 +5,21 @@ Two connections, each bound to one thread (sqlite3 keeps its same-thread check o
 - **Writes** run synchronously on the event-loop thread, on the writer connection. A turn's
   commit is bounded CPU work: WAL with ``synchronous=NORMAL`` appends to the WAL file
   through the page cache and never fsyncs on commit, and automatic checkpoints (which do
-  fsync) are switched off on this connection. A turn is one ``turns`` row: measured, a
-  20-entry turn costs about 30-40 us this way stand-alone; through a thread it cost about
+  fsync) are switched off on this connection. A turn is one ``turns`` row and nothing
+  else: measured, a 20-entry turn costs about 25-35 us this way stand-alone (schema
+  version 2, which also updated ``sessions``: 32-40 us); through a thread it cost about
   330 us (with schema version 1's 60 us commit: a thread hop is ~100 us each way on this
   machine, plus GIL hand-offs per statement). The event loop runs one write at a time, so
   there is a single writer. Nothing can cancel a write half-way: the SQL of a write is not
   interruptible at all.
 - **Each session's key and tail** (recorded turns, next ``seq``) are kept in memory once
-  known, so a turn's transaction is ``BEGIN``, ``UPDATE``, ``INSERT``, ``COMMIT`` with no
-  read. The ``UPDATE`` only matches while ``turns`` is what the store believes; if another
-  process changed the session it matches nothing and both are read from the file instead.
-  The memory copy changes only once the transaction that wrote it has committed, so a
-  write that fails or is rolled back leaves it as it was.
+  known, so a turn's transaction is ``BEGIN``, one ``INSERT``, ``COMMIT``: no read, and
+  (schema version 3) no write to ``sessions``. The ``INSERT`` only writes while no turn at
+  or after the believed count is recorded, and its foreign key only lets it while the
+  session with the remembered key exists; if another process changed the session, it
+  writes nothing and both are read from the file instead, in the same transaction. The
+  memory copy changes only once the transaction that wrote it has committed, so a write
+  that fails or is rolled back leaves it as it was.
 - **Reads** (a session, a page of sessions, a transcript of 20,000 rows) and the
   **checkpoints** run on one :class:`~punie_trio.store._thread.OwnerThread`, on the
   reader connection, so a large read never stalls the event loop. WAL gives readers a
@@ -59,7 +62,7 @@ from ._thread import OwnerThread, Started
 
 #: Posts a PASSIVE checkpoint to the owner thread after this many writes, a turn counting
 #: one per entry plus one (SQLite's own automatic checkpoint, off on the writer, runs every
-#: 1,000 pages; 5,000 is about 230 typical turns, about 1,600 WAL frames).
+#: 1,000 pages; 5,000 is about 230 typical turns, about 950 WAL frames at 4 a turn).
 CHECKPOINT_EVERY_ROWS = 5_000
 
 T = TypeVar("T")

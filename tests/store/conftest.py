@@ -18,10 +18,10 @@ class StepClock:
 
     def __init__(self, start: float = 1_700_000_000.0) -> None:
         self._ticks = itertools.count()
-        self._start = start
+        self.start = start
 
     def __call__(self) -> float:
-        return self._start + next(self._ticks)
+        return self.start + next(self._ticks)
 
 
 @pytest.fixture

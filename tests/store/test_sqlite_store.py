@@ -34,7 +34,7 @@ from punie_trio.store import (
 )
 from punie_trio.store._schema import MIGRATIONS, migrate
 
-from .conftest import make_record, sample_turn
+from .conftest import StepClock, make_record, sample_turn
 
 REPO = Path(punie_trio.__file__).resolve().parent.parent
 
@@ -59,10 +59,14 @@ async def test_new_file_is_migrated_to_current_version(tmp_path: Path) -> None:
     async with open_sqlite_store(path):
         pass
     with sqlite3.connect(path) as conn:
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
         names = {r[0] for r in conn.execute("SELECT name FROM sqlite_master")}
-    assert {"sessions", "turns", "sessions_by_updated", "sessions_by_cwd"} <= names
-    assert "transcript" not in names and "sessions_v1" not in names
+        columns = [r[1] for r in conn.execute("PRAGMA table_info(turns)")]
+    assert {"sessions", "turns", "sessions_cwd"} <= names
+    assert not names & {"transcript", "sessions_v1", "turns_v2"}
+    assert not names & {"sessions_by_updated", "sessions_by_cwd"}
+    # ``at`` before ``entries``: reading it never walks a large turn's overflow pages.
+    assert columns == ["session", "turn", "first_seq", "count", "at", "entries"]
 
 
 async def test_newer_schema_is_refused(tmp_path: Path) -> None:
@@ -469,9 +473,11 @@ async def test_a_session_recreated_by_another_process_gets_a_new_key(tmp_path: P
 # -- schema version 2: one row per turn ------------------------------------------------------
 
 
-async def test_a_turn_is_one_row_written_without_a_read(tmp_path: Path) -> None:
+async def test_a_turn_is_one_row_written_without_a_read(tmp_path: Path, clock: StepClock) -> None:
+    """Schema version 3: the turn's row is the transaction's only write (``sessions`` is
+    not touched), and the transaction is ``BEGIN IMMEDIATE``, one ``INSERT``, ``COMMIT``."""
     path = tmp_path / "s.db"
-    async with open_sqlite_store(path) as store:
+    async with open_sqlite_store(path, clock=clock) as store:
         await store.create_session(make_record())
         await store.append_turn("s1", 0, sample_turn(0))
         assert store._writer is not None
@@ -479,17 +485,26 @@ async def test_a_turn_is_one_row_written_without_a_read(tmp_path: Path) -> None:
         store._writer.set_trace_callback(statements.append)
         await store.append_turn("s1", 1, sample_turn(1, n=1))
         store._writer.set_trace_callback(None)
-        await store.append_turn("s1", 2, [])  # no entries: no row
+        await store.append_turn("s1", 2, [])  # no entries: still a row
         await store.append_turn("s1", 4, sample_turn(4, n=0))
         key = store._keys["s1"]
     verbs = [" ".join(sql.split()[:2]) for sql in statements]
-    assert verbs == ["BEGIN IMMEDIATE", "UPDATE sessions", "INSERT INTO", "COMMIT"]
+    assert verbs == ["BEGIN IMMEDIATE", "INSERT INTO", "COMMIT"]
     with sqlite3.connect(path) as conn:
         rows = conn.execute(
-            "SELECT session, turn, first_seq, count, entries FROM turns ORDER BY turn"
+            "SELECT session, turn, first_seq, count, at, entries FROM turns ORDER BY turn"
         ).fetchall()
-    assert [row[:4] for row in rows] == [(key, 0, 0, 5), (key, 1, 5, 3), (key, 4, 8, 2)]
-    lines = rows[1][4].split("\n")
+        session = conn.execute("SELECT turns, updated_at FROM sessions").fetchone()
+    start = clock() - 4  # the four turns' readings
+    assert [row[:5] for row in rows] == [
+        (key, 0, 0, 5, start),
+        (key, 1, 5, 3, start + 1),
+        (key, 2, 8, 0, start + 2),
+        (key, 4, 8, 2, start + 3),
+    ]
+    assert rows[2][5] == ""
+    assert session == (0, 100.0)  # as created: no turn wrote it
+    lines = rows[1][5].split("\n")
     assert [line.split("\t", 1)[0] for line in lines] == [k for k, _ in sample_turn(1, n=1)]
     assert [json.loads(line.split("\t", 1)[1]) for line in lines] == [
         p for _, p in sample_turn(1, n=1)
@@ -613,7 +628,7 @@ async def test_migration_from_version_1_keeps_transcripts_and_seqs(tmp_path: Pat
         assert db.execute("PRAGMA foreign_key_check").fetchall() == []
         names = {r[0] for r in db.execute("SELECT name FROM sqlite_master")}
         assert "transcript" not in names and "sessions_v1" not in names
-        assert {"sessions_by_updated", "sessions_by_cwd"} <= names
+        assert "sessions_cwd" in names and "sessions_by_updated" not in names
         # One row per turn with entries; the deleted session took its rows with it.
         turns = db.execute(
             "SELECT s.id, t.turn, t.first_seq, t.count FROM turns AS t"
@@ -627,7 +642,11 @@ async def test_migration_from_version_1_keeps_transcripts_and_seqs(tmp_path: Pat
 
 
 def read_session_v1(conn: sqlite3.Connection, session_id: str) -> SessionRecord | None:
-    return _sql.select_session(conn, session_id)  # the columns are the same in both versions
+    """A record as versions 1 and 2 read it: ``sessions`` held the true values."""
+    row = conn.execute(
+        f"SELECT {_sql._COLUMNS} FROM sessions WHERE id = ?", (session_id,)
+    ).fetchone()
+    return None if row is None else _sql._record(row)
 
 
 @pytest.mark.parametrize(
@@ -665,5 +684,257 @@ async def test_migration_refuses_rows_it_cannot_convert(
     assert names == {"sessions", "transcript", "sessions_by_updated", "sessions_by_cwd"} | {
         n for n in names if n.startswith("sqlite_autoindex")
     }
-    with pytest.raises(StoreError, match="older than 2"):
+    with pytest.raises(StoreError, match=f"older than {SCHEMA_VERSION}"):
         read_sessions(path)
+
+
+# -- schema version 3: a turn writes only its row ---------------------------------------------
+
+
+async def test_an_empty_turn_is_a_row_and_counts_after_reopen(
+    tmp_path: Path, clock: StepClock
+) -> None:
+    path = tmp_path / "s.db"
+    async with open_sqlite_store(path, clock=clock) as store:
+        await store.create_session(make_record())
+        await store.append_turn("s1", 0, sample_turn(0))
+        await store.append_turn("s1", 1, [])
+        empty_at = clock() - 1
+    rec = read_session(path, "s1")
+    assert rec is not None and (rec.turns, rec.updated_at) == (2, empty_at)
+    assert [(r.id, r.turns) for r in read_sessions(path)] == [("s1", 2)]
+    async with open_sqlite_store(path, clock=clock) as store:  # nothing remembered
+        assert await store.get_session("s1") == rec
+        assert _seqs(await store.transcript("s1")) == list(range(5))
+        assert [r[0] for p in [p async for p in store.transcript_rows("s1")] for r in p] == list(
+            range(5)
+        )
+        with pytest.raises(StoreError, match="already has turn 1"):
+            await store.append_turn("s1", 1, sample_turn(1))
+        await store.append_turn("s1", 2, [])
+        await store.append_turn("s1", 3, sample_turn(3))
+        entries = await store.transcript("s1")
+        assert [(e.seq, e.turn) for e in entries] == [(s, 0) for s in range(5)] + [
+            (s, 3) for s in range(5, 10)
+        ]
+        rec = await store.get_session("s1")
+        assert rec is not None and (rec.turns, rec.updated_at) == (4, clock() - 1)
+
+
+async def test_update_session_folds_the_turns_into_the_session_row(
+    tmp_path: Path, clock: StepClock
+) -> None:
+    """``sessions.turns`` and ``updated_at`` hold the values as of the last metadata write;
+    turns after it are read from their rows."""
+    path = tmp_path / "s.db"
+    async with open_sqlite_store(path, clock=clock) as store:
+        await store.create_session(make_record())
+        await store.append_turn("s1", 0, sample_turn(0))
+        await store.append_turn("s1", 1, sample_turn(1))
+        last_turn = clock() - 1
+        await store.update_session("s1", title="first question")
+        await store.append_turn("s1", 2, sample_turn(2))
+        rec = await store.get_session("s1")
+    assert rec is not None and (rec.title, rec.turns, rec.updated_at) == (
+        "first question",
+        3,
+        clock() - 1,
+    )
+    with sqlite3.connect(path) as conn:
+        row = conn.execute("SELECT title, turns, updated_at FROM sessions").fetchone()
+    assert row == ("first question", 2, last_turn)
+
+
+async def test_another_store_on_the_same_file_appending_or_deleting(
+    tmp_path: Path, clock: StepClock
+) -> None:
+    """Two stores (two servers) writing one file: each one's remembered tails go stale, and
+    the guarded INSERT, the primary key and the foreign key still give the errors a fresh
+    read would, never a reused seq or a turn recorded twice."""
+    path = tmp_path / "s.db"
+    async with (
+        open_sqlite_store(path, clock=clock) as a,
+        open_sqlite_store(path, clock=clock) as b,
+    ):
+        await a.create_session(make_record())
+        await a.create_session(make_record("gone"))
+        await a.append_turn("s1", 0, sample_turn(0))
+        await a.append_turn("gone", 0, sample_turn(0))
+        await b.append_turn("s1", 1, sample_turn(1, n=1))  # b reads the tail: seqs 5-7
+        assert a._tails["s1"] == (1, 5)  # stale now
+        with pytest.raises(StoreError, match="already has turn 1 recorded"):  # the same turn
+            await a.append_turn("s1", 1, sample_turn(1))
+        await b.append_turn("s1", 3, [])  # a gap, and no entries
+        with pytest.raises(StoreError, match="already has turn 2 recorded"):  # a later turn
+            await a.append_turn("s1", 2, sample_turn(2))
+        assert a._tails["s1"] == (1, 5)  # a refused turn remembers nothing
+        await a.append_turn("s1", 4, sample_turn(4))
+        assert a._tails["s1"] == (5, 13)
+        await b.append_turn("s1", 5, sample_turn(5, n=0))  # b's tail is stale too
+        assert b._tails["s1"] == (6, 15)
+        entries = await a.transcript("s1")
+        assert _seqs(entries) == list(range(15))
+        assert [e.turn for e in entries] == [0] * 5 + [1] * 3 + [4] * 5 + [5] * 2
+        last_at = clock() - 1
+        for store in (a, b):
+            rec = await store.get_session("s1")
+            assert rec is not None and (rec.turns, rec.updated_at) == (6, last_at)
+        assert await b.delete_session("gone")
+        with pytest.raises(UnknownSessionError):  # the foreign key refuses the old key
+            await a.append_turn("gone", 1, sample_turn(1))
+        assert await a.get_session("gone") is None
+        # Deleted and created again elsewhere: a's next turn goes to the new session.
+        assert await b.delete_session("s1")
+        await b.create_session(make_record())
+        await a.append_turn("s1", 6, sample_turn(6))
+        assert a._keys["s1"] == b._keys["s1"]
+        assert [(e.seq, e.turn) for e in await b.transcript("s1")] == [(seq, 6) for seq in range(5)]
+        rec = await b.get_session("s1")
+        assert rec is not None and rec.turns == 7
+
+
+def _v2_file(path: Path) -> sqlite3.Connection:
+    """A store file as punie-trio wrote it at schema version 2."""
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("PRAGMA journal_mode = WAL")
+    conn.execute("PRAGMA foreign_keys = ON")
+    assert migrate(conn, path, MIGRATIONS[:2]) == 0
+    return conn
+
+
+def _v2_turn(
+    conn: sqlite3.Connection,
+    session_id: str,
+    turn: int,
+    entries: list[tuple[str, Any]],
+    now: float,
+) -> None:
+    """Version 2's ``append_turn``: bump the session, one row if the turn has entries."""
+    conn.execute("BEGIN IMMEDIATE")
+    key, next_seq = conn.execute(
+        "SELECT key, COALESCE((SELECT first_seq + count FROM turns"
+        " WHERE session = sessions.key ORDER BY turn DESC LIMIT 1), 0)"
+        " FROM sessions WHERE id = ?",
+        (session_id,),
+    ).fetchone()
+    conn.execute(
+        "UPDATE sessions SET turns = ?, updated_at = ? WHERE key = ?", (turn + 1, now, key)
+    )
+    if entries:
+        lines = [
+            kind + "\t" + json.dumps(payload, separators=(",", ":")) for kind, payload in entries
+        ]
+        conn.execute(
+            "INSERT INTO turns (session, turn, first_seq, count, entries) VALUES (?, ?, ?, ?, ?)",
+            (key, turn, next_seq, len(entries), "\n".join(lines)),
+        )
+    conn.execute("COMMIT")
+
+
+def _v2_transcript(conn: sqlite3.Connection, session_id: str) -> list[TranscriptEntry]:
+    out: list[TranscriptEntry] = []
+    for turn, first_seq, entries in conn.execute(
+        "SELECT turn, first_seq, entries FROM turns"
+        " WHERE session = (SELECT key FROM sessions WHERE id = ?) ORDER BY turn",
+        (session_id,),
+    ):
+        for seq, line in enumerate(entries.split("\n"), first_seq):
+            kind, payload = line.split("\t", 1)
+            out.append(TranscriptEntry(session_id, seq, turn, kind, payload))
+    return out
+
+
+async def test_migration_from_version_2_keeps_records_transcripts_and_order(
+    tmp_path: Path, clock: StepClock
+) -> None:
+    path = tmp_path / "s.db"
+    conn = _v2_file(path)
+    try:
+        _v1_session(conn, "old", 10.0, title="Old one", config='{"model":"m1"}')
+        _v1_session(conn, "new", 20.0, cwd="/proj/sub", client_id="c1", mode="code")
+        _v1_session(conn, "none", 5.0, turns=2)  # created with turns, never appended to
+        _v1_session(conn, "tie", 5.0)  # same updated_at as "none": the id breaks the tie
+        _v1_session(conn, "renamed", 1.0, cwd="/proj/sub")
+        for turn in range(3):
+            _v2_turn(conn, "old", turn, sample_turn(turn, n=turn), 100.0 + turn)
+        _v2_turn(conn, "old", 3, [], 103.0)  # no entries: no row at version 2
+        _v2_turn(conn, "new", 0, sample_turn(0, n=30), 200.0)
+        _v2_turn(conn, "renamed", 0, sample_turn(0), 300.0)
+        _v2_turn(conn, "renamed", 2, sample_turn(2), 301.0)  # a gap
+        # update_session after the turns, with an updated_at older than them: it wins.
+        conn.execute("UPDATE sessions SET title = 'R', updated_at = 7.5 WHERE id = 'renamed'")
+        ids = ["old", "new", "none", "tie", "renamed"]
+        records: dict[str, SessionRecord] = {}
+        for sid in ids:
+            rec = read_session_v1(conn, sid)
+            assert rec is not None
+            records[sid] = rec
+        transcripts = {sid: _v2_transcript(conn, sid) for sid in ids}
+    finally:
+        conn.close()
+    order = ["new", "old", "renamed", "tie", "none"]
+    assert sorted(ids, key=lambda i: (records[i].updated_at, i), reverse=True) == order
+    assert [len(transcripts[sid]) for sid in ids] == [2 + 3 + 4, 32, 0, 0, 10]
+    with pytest.raises(StoreError, match="version 2 is older than 3; run the server"):
+        read_sessions(path)  # the CLI never migrates
+
+    async with open_sqlite_store(path, clock=clock) as store:
+        for sid in ids:
+            assert await store.get_session(sid) == records[sid]
+            assert await store.transcript(sid) == transcripts[sid]
+            pages = [p async for p in store.transcript_rows(sid, page_size=4)]
+            assert [r for p in pages for r in p] == [
+                (e.seq, e.kind, e.payload_json) for e in transcripts[sid]
+            ]
+        for cwd, expected in [(None, order), ("/proj/sub", ["new", "renamed"])]:
+            for limit in (1, 2, 50):
+                listed: list[SessionRecord] = []
+                cursor: str | None = None
+                while True:
+                    page, cursor = await store.list_sessions(cwd=cwd, cursor=cursor, limit=limit)
+                    listed += page
+                    if cursor is None:
+                        break
+                assert listed == [records[sid] for sid in expected]
+        # New turns continue each session's turns and seqs, and move it to the front.
+        with pytest.raises(StoreError, match="already has turn 3"):
+            await store.append_turn("old", 3, sample_turn(3))
+        await store.append_turn("old", 4, sample_turn(4))
+        await store.append_turn("none", 2, [])
+        with pytest.raises(StoreError, match="already has turn 2"):
+            await store.append_turn("renamed", 2, sample_turn(2))
+        # The clock's readings: one per append_turn, the refused ones too.
+        old_at, none_at = clock.start + 1, clock.start + 2
+        old = await store.get_session("old")
+        assert old is not None and (old.turns, old.updated_at) == (5, old_at)
+        assert [(e.seq, e.turn) for e in (await store.transcript("old"))[9:]] == [
+            (seq, 4) for seq in range(9, 14)
+        ]
+        listed, _ = await store.list_sessions()
+        assert [(r.id, r.turns) for r in listed] == [
+            ("none", 3),
+            ("old", 5),
+            ("new", 1),
+            ("renamed", 3),
+            ("tie", 0),
+        ]
+    assert [r.id for r in read_sessions(path)] == ["none", "old", "new", "renamed", "tie"]
+    with sqlite3.connect(path) as db:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
+        assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+        assert db.execute("PRAGMA foreign_key_check").fetchall() == []
+        names = {r[0] for r in db.execute("SELECT name FROM sqlite_master")}
+        at = db.execute(
+            "SELECT s.id, t.turn, t.at FROM turns AS t JOIN sessions AS s ON s.key = t.session"
+            " ORDER BY s.id, t.turn"
+        ).fetchall()
+    assert "turns_v2" not in names and "sessions_cwd" in names
+    assert not names & {"sessions_by_updated", "sessions_by_cwd"}
+    assert at == [
+        ("new", 0, None),
+        ("none", 2, none_at),
+        *[("old", turn, None) for turn in range(3)],
+        ("old", 4, old_at),
+        ("renamed", 0, None),
+        ("renamed", 2, None),
+    ]

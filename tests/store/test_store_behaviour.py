@@ -162,6 +162,60 @@ async def test_append_turn_orders_entries_and_bumps_session(store: Store, clock:
     assert all(isinstance(e, TranscriptEntry) and e.session_id == "s1" for e in entries)
 
 
+async def test_turns_and_updated_at_follow_the_last_write(store: Store, clock: StepClock) -> None:
+    """A session's ``turns`` and ``updated_at`` reflect the turns appended after its last
+    metadata write, and the last write wins, whichever kind it was (SQLite derives them
+    from its turn rows since schema version 3; the memory store sets them)."""
+    await store.create_session(make_record(updated_at=100.0, turns=2))
+    await store.append_turn("s1", 2, sample_turn(2))
+    await store.append_turn("s1", 3, [])
+    rec = await store.get_session("s1")
+    assert rec is not None and (rec.turns, rec.updated_at) == (4, clock() - 1)
+    await store.update_session("s1", title="named")  # keeps turns and updated_at
+    rec = await store.get_session("s1")
+    assert rec is not None and (rec.title, rec.turns, rec.updated_at) == ("named", 4, clock() - 2)
+    await store.update_session("s1", updated_at=50.0)  # older than the turns: still wins
+    rec = await store.get_session("s1")
+    assert rec is not None and (rec.turns, rec.updated_at) == (4, 50.0)
+    assert [(r.id, r.turns, r.updated_at) for r in (await store.list_sessions())[0]] == [
+        ("s1", 4, 50.0)
+    ]
+    await store.append_turn("s1", 6, sample_turn(6))  # a gap
+    rec = await store.get_session("s1")
+    assert rec is not None and (rec.turns, rec.updated_at) == (7, clock() - 1)
+    assert (await store.list_sessions())[0] == [rec]
+    with pytest.raises(StoreError, match="already has turn 5"):
+        await store.append_turn("s1", 5, [])
+
+
+async def test_list_order_and_pages_follow_appended_turns(store: Store, clock: StepClock) -> None:
+    await _seed(store)  # d b e c a f, all older than any turn
+    for sid in ("f", "c", "a"):
+        await store.append_turn(sid, 0, sample_turn(0))  # newest last: a, then c, then f
+    order = ["a", "c", "f", "d", "b", "e"]
+    for cwd, expected in [(None, order), ("/x", ["a", "c", "f", "d"]), ("/y", ["b", "e"])]:
+        for limit in (1, 2, 3, 6):
+            seen: list[str] = []
+            cursor: str | None = None
+            while True:
+                page, cursor = await store.list_sessions(cwd=cwd, cursor=cursor, limit=limit)
+                assert len(page) <= limit
+                seen += [r.id for r in page]
+                if cursor is None:
+                    break
+            assert seen == expected, (cwd, limit)
+    page, _ = await store.list_sessions(limit=1)
+    assert (page[0].id, page[0].turns, page[0].updated_at) == ("a", 1, clock() - 1)
+    # A session given a turn between two pages moves to the front; the rest of the listing
+    # neither repeats nor skips.
+    page, cursor = await store.list_sessions(limit=3)
+    assert [r.id for r in page] == ["a", "c", "f"]
+    await store.append_turn("e", 0, sample_turn(0))
+    page, cursor = await store.list_sessions(cursor=cursor, limit=10)
+    assert [r.id for r in page] == ["d", "b"]
+    assert [r.id for r in (await store.list_sessions())[0]] == ["e", *order[:-1]]
+
+
 async def test_payloads_replay_byte_for_byte(store: Store) -> None:
     await store.create_session(make_record())
     update = {
