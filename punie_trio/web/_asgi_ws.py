@@ -2,6 +2,8 @@
 
 Hypercorn enforces the frame size bound itself (``websocket_max_message_size``: close 1009).
 Binary frames are accepted and handed on as bytes, which the codec parses as UTF-8 JSON.
+Outgoing text frames skip Hypercorn's per-message path when that path would not change them
+(:mod:`._ws_direct`).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import attrs
 import trio
 
 from ._fast_send import coalesced_writes
+from ._ws_direct import DirectFrames
 
 ASGIReceive = Callable[[], Awaitable[dict[str, Any]]]
 ASGISend = Callable[[dict[str, Any]], Awaitable[None]]
@@ -24,6 +27,17 @@ class AsgiWebSocketStream:
     send: ASGISend
     disconnected: bool = False
     closed: bool = False
+    #: Looked up at the first send (the connection is accepted by then); None: not
+    #: available, every frame takes Hypercorn's path.
+    _direct: DirectFrames | None = attrs.field(init=False, default=None)
+    _looked_up: bool = attrs.field(init=False, default=False)
+
+    def _direct_frames(self) -> DirectFrames | None:
+        if not self._looked_up:
+            self._looked_up = True
+            self._direct = DirectFrames.find(self.send)
+        direct = self._direct
+        return direct if direct is not None and direct.usable() else None
 
     async def receive_message(self) -> str | bytes:
         while True:
@@ -44,6 +58,10 @@ class AsgiWebSocketStream:
     async def send_message(self, text: str) -> None:
         if self.disconnected or self.closed:
             raise trio.BrokenResourceError("websocket is closed")
+        direct = self._direct_frames()
+        if direct is not None:
+            await direct.send_texts((text,))
+            return
         await self.send({"type": "websocket.send", "text": text})
 
     async def send_messages(self, texts: Sequence[str]) -> None:
@@ -51,6 +69,10 @@ class AsgiWebSocketStream:
         :func:`~punie_trio.web._fast_send.coalesced_writes`)."""
         if self.disconnected or self.closed:
             raise trio.BrokenResourceError("websocket is closed")
+        direct = self._direct_frames()
+        if direct is not None:
+            await direct.send_texts(texts)
+            return
         send = self.send
         async with coalesced_writes():
             for text in texts:

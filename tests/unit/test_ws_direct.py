@@ -1,0 +1,150 @@
+"""Direct WebSocket text frames: the same bytes Hypercorn's path sends, and the fallback.
+
+A real Hypercorn (trio worker, port 0) with :class:`FastSendTCPServer`, and a client that is
+wsproto over a real socket, so the frames and the negotiated extensions are the real ones.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any, cast
+
+import hypercorn.config
+import hypercorn.trio
+import hypercorn.trio.run
+import hypercorn.trio.tcp_server
+import pytest
+import trio
+from wsproto import ConnectionType, WSConnection
+from wsproto.events import (
+    AcceptConnection,
+    CloseConnection,
+    Event,
+    Request,
+    TextMessage,
+)
+from wsproto.extensions import PerMessageDeflate
+
+from punie_trio.web._asgi_ws import AsgiWebSocketStream
+from punie_trio.web._fast_send import FastSendTCPServer
+from punie_trio.web._ws_direct import DirectFrames, text_frame
+
+MESSAGES = ["a", "é" * 200, '{"jsonrpc":"2.0"}', "x" * 70_000, ""]
+
+
+class App:
+    """Accepts, sends :data:`MESSAGES` (a batch, then one by one), records the path used."""
+
+    def __init__(self) -> None:
+        self.direct: list[bool] = []
+        self.done = trio.Event()
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            while (await receive())["type"] != "lifespan.shutdown":
+                await send({"type": "lifespan.startup.complete"})
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+        assert (await receive())["type"] == "websocket.connect"
+        await send({"type": "websocket.accept"})
+        stream = AsgiWebSocketStream(receive, send)
+        self.direct.append(stream._direct_frames() is not None)
+        await stream.send_messages(MESSAGES)
+        for text in MESSAGES:
+            await stream.send_message(text)
+        await stream.close()
+        self.done.set()
+
+
+@asynccontextmanager
+async def serving(app: App) -> AsyncIterator[tuple[str, int]]:
+    config = hypercorn.config.Config()
+    config.bind = ["127.0.0.1:0"]
+    config.accesslog = None
+    config.errorlog = None
+    closing = trio.Event()
+    async with trio.open_nursery() as nursery:
+        binds = await nursery.start(
+            functools.partial(
+                hypercorn.trio.serve, cast(Any, app), config, shutdown_trigger=closing.wait
+            )
+        )
+        host, port = binds[0].removeprefix("http://").rsplit(":", 1)
+        try:
+            yield host, int(port)
+        finally:
+            closing.set()
+
+
+async def receive_all(address: tuple[str, int], *, deflate: bool) -> tuple[list[str], bool]:
+    """Connect with wsproto, read every text message until the close; return them and
+    whether permessage-deflate was negotiated."""
+    stream = await trio.open_tcp_stream(*address)
+    ws = WSConnection(ConnectionType.CLIENT)
+    extensions = [PerMessageDeflate()] if deflate else []
+    await stream.send_all(ws.send(Request(host="x", target="/", extensions=extensions)))
+    texts: list[str] = []
+    partial = ""
+    negotiated = False
+    async with stream:
+        while True:
+            data = await stream.receive_some(65536)
+            assert data, "server closed without a close frame"
+            ws.receive_data(data)
+            event: Event
+            for event in ws.events():
+                if isinstance(event, AcceptConnection):
+                    negotiated = bool(event.extensions)
+                elif isinstance(event, TextMessage):
+                    partial += event.data
+                    if event.message_finished:
+                        texts.append(partial)
+                        partial = ""
+                elif isinstance(event, CloseConnection):
+                    return texts, negotiated
+
+
+def test_text_frame_matches_wsproto() -> None:
+    from wsproto.frame_protocol import FrameProtocol
+
+    proto = FrameProtocol(client=False, extensions=[])
+    for text in [*MESSAGES, "y" * 125, "y" * 126, "y" * 65_535, "y" * 65_536]:
+        assert text_frame(text) == proto.send_data(text, fin=True)
+
+
+@pytest.mark.parametrize("fast_send", [True, False])
+async def test_frames_arrive_intact_and_in_order(
+    fast_send: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Stock Hypercorn explicitly: another test may have installed the writer process-wide.
+    server_class = FastSendTCPServer if fast_send else hypercorn.trio.tcp_server.TCPServer
+    monkeypatch.setattr(hypercorn.trio.run, "TCPServer", server_class)
+    app = App()
+    async with serving(app) as address:
+        texts, negotiated = await receive_all(address, deflate=False)
+        await app.done.wait()
+    assert not negotiated
+    assert texts == MESSAGES * 2
+    # Direct only over punie-trio's socket writer; stock Hypercorn takes its own path.
+    assert app.direct == [fast_send]
+
+
+async def test_permessage_deflate_takes_hypercorns_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(hypercorn.trio.run, "TCPServer", FastSendTCPServer)
+    app = App()
+    async with serving(app) as address:
+        texts, negotiated = await receive_all(address, deflate=True)
+        await app.done.wait()
+    assert negotiated
+    assert texts == MESSAGES * 2
+    assert app.direct == [False]
+
+
+def test_find_refuses_anything_but_hypercorns_stream() -> None:
+    async def send(message: Any) -> None:  # pragma: no cover - never called
+        pass
+
+    assert DirectFrames.find(send) is None
+    assert DirectFrames.find(print) is None
