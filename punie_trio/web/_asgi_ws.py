@@ -27,15 +27,17 @@ class AsgiWebSocketStream:
     send: ASGISend
     disconnected: bool = False
     closed: bool = False
-    #: Looked up at the first send (the connection is accepted by then); None: not
+    #: Found from ``send`` (make the stream once the WebSocket is accepted); None: not
     #: available, every frame takes Hypercorn's path.
     _direct: DirectFrames | None = attrs.field(init=False, default=None)
-    _looked_up: bool = attrs.field(init=False, default=False)
+
+    def __attrs_post_init__(self) -> None:
+        self._direct = DirectFrames.find(self.send)
+        if self._direct is not None:
+            # Accepted: the connection will not serve another HTTP request.
+            self._direct.retire_keepalive()
 
     def _direct_frames(self) -> DirectFrames | None:
-        if not self._looked_up:
-            self._looked_up = True
-            self._direct = DirectFrames.find(self.send)
         direct = self._direct
         return direct if direct is not None and direct.usable() else None
 

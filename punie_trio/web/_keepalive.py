@@ -48,6 +48,8 @@ class KeepAliveTimer:
         self._scope: trio.CancelScope | None = None
         self._idle = False
         self._closed = False
+        #: The watcher was ended by :meth:`retire`; a later :meth:`restart` starts a new one.
+        self._retired = False
         #: Set when the connection goes idle, while the watcher waits for that.
         self._went_idle: trio.Event | None = None
 
@@ -56,9 +58,10 @@ class KeepAliveTimer:
         ``_idle_timeout``, whose behaviour the watcher reproduces; it is not called."""
         self._idle = True
         deadline = trio.current_time() + self._connection.config.keep_alive_timeout
-        if self._scope is None:
+        if self._scope is None or self._retired:
+            self._retired = False
             self._scope = trio.CancelScope(deadline=deadline)
-            task_group._nursery.start_soon(self._watch)
+            task_group._nursery.start_soon(self._watch, self._scope)
         else:
             self._scope.deadline = deadline
         if self._went_idle is not None:
@@ -71,6 +74,16 @@ class KeepAliveTimer:
         if self._scope is not None:
             self._scope.deadline = math.inf
 
+    def retire(self) -> None:
+        """The connection became a WebSocket and will not be idle again: end the watcher
+        now rather than keep a parked task (about 2 KiB) for the connection's life."""
+        if self._scope is not None and not self._retired:
+            self._retired = True
+            self._scope.cancel()
+        if self._went_idle is not None:
+            self._went_idle.set()
+            self._went_idle = None
+
     def close(self) -> None:
         """The connection closed some other way: end the watcher without closing again."""
         self._closed = True
@@ -79,26 +92,26 @@ class KeepAliveTimer:
         if self._went_idle is not None:
             self._went_idle.set()
 
-    async def _watch(self) -> None:
+    async def _watch(self, scope: trio.CancelScope) -> None:
         terminated = self._connection.context.terminated
         while True:
-            assert self._scope is not None
-            with self._scope:
+            with scope:
                 await terminated.wait()
-            if self._closed:
+            if self._closed or self._retired:
                 return
+            assert self._scope is not None
             if self._idle:
                 if terminated.is_set() or trio.current_time() >= self._scope.deadline:
                     break  # idle for keep_alive_timeout, or the worker is terminating
                 # The deadline fired, but a request came and went before we ran, and the
                 # countdown started again: keep counting.
-                self._scope = trio.CancelScope(deadline=self._scope.deadline)
+                self._scope = scope = trio.CancelScope(deadline=self._scope.deadline)
                 continue
             # A request began as the deadline passed, or the worker is terminating while a
             # request runs: wait until the connection is idle again, then look again (a
             # terminating worker closes it at once then).
-            self._scope = trio.CancelScope()
+            self._scope = scope = trio.CancelScope()
             self._went_idle = trio.Event()
-            await self._went_idle.wait()  # (close() cancels the new scope too: we return)
+            await self._went_idle.wait()  # (close() and retire() cancel the new scope: we return)
         with trio.CancelScope(shield=True):
             await self._connection._initiate_server_close()

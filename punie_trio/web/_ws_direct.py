@@ -32,6 +32,7 @@ from hypercorn.protocol.ws_stream import ASGIWebsocketState, WSStream
 from wsproto.connection import ConnectionState
 
 from ._fast_send import FastSendTCPServer
+from ._keepalive import KeepAliveTimer
 
 
 def text_frame(text: str) -> bytes:
@@ -81,6 +82,12 @@ class DirectFrames:
             and not getattr(proto, "extensions", True)
             and getattr(proto, "_outbound_opcode", True) is None
         )
+
+    def retire_keepalive(self) -> None:
+        """The connection is a WebSocket now: its HTTP keep-alive watcher can end."""
+        timer = self.server.idle_task
+        if isinstance(timer, KeepAliveTimer):
+            timer.retire()
 
     async def send_texts(self, texts: Sequence[str]) -> None:
         """Write one text frame per item, in order, in one write (call only if

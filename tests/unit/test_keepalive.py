@@ -185,3 +185,42 @@ async def test_a_connection_the_client_closes_leaves_no_task_behind(
         assert sum(1 for _ in _all_tasks()) == before
         assert trio.current_time() == start
         autojump_clock.autojump_threshold = 0
+
+
+async def test_a_websocket_retires_the_watcher_and_keeps_no_task_for_it(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """After the upgrade the connection never idles again: the watcher task ends (memory
+    per idle WebSocket), and the WebSocket is not closed by a keep-alive timeout."""
+    from punie_trio.web._asgi_ws import AsgiWebSocketStream
+
+    watchers: list[int] = []
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            while (await receive())["type"] != "lifespan.shutdown":
+                await send({"type": "lifespan.startup.complete"})
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+        assert (await receive())["type"] == "websocket.connect"
+        await send({"type": "websocket.accept"})
+        stream = AsgiWebSocketStream(receive, send)
+        await trio.testing.wait_all_tasks_blocked()
+        watchers.append(sum(1 for t in _all_tasks() if t.name.endswith("KeepAliveTimer._watch")))
+        await trio.sleep(KEEP_ALIVE * 10)
+        await stream.send_message("still open")
+        await stream.close()
+
+    async with serving(cast(App, app), trio.Event()) as address:
+        client = await Client.connect(address)
+        await client.stream.send_all(
+            b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        )
+        received = b""
+        while b"still open" not in received:
+            chunk = await client.stream.receive_some(65536)
+            assert chunk, received
+            received += chunk
+    assert received.startswith(b"HTTP/1.1 101")
+    assert watchers == [0]
