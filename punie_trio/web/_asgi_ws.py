@@ -3,7 +3,7 @@
 Hypercorn enforces the frame size bound itself (``websocket_max_message_size``: close 1009).
 Binary frames are accepted and handed on as bytes, which the codec parses as UTF-8 JSON.
 Outgoing text frames skip Hypercorn's per-message path when that path would not change them
-(:mod:`._ws_direct`).
+(:mod:`._direct`).
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from typing import Any
 import attrs
 import trio
 
+from ._direct import DirectFrames
 from ._fast_send import coalesced_writes
-from ._ws_direct import DirectFrames
 
 ASGIReceive = Callable[[], Awaitable[dict[str, Any]]]
 ASGISend = Callable[[dict[str, Any]], Awaitable[None]]

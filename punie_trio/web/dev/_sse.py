@@ -8,9 +8,10 @@ when a keepalive is due and when the server-wide ``closing`` event is set, so ev
 sends ``event: shutdown`` and ends.
 
 Cost of an event, per stream: the writer is rescheduled, takes its pending state, and sends one
-chunk (status and reload together when both are pending). No timer, event object or queue is
-created per event (see :class:`._broadcast.Subscriber`), which keeps a broadcast to a thousand
-streams cheap and leaves the cyclic GC little to do.
+chunk (status and reload together when both are pending), straight to punie-trio's socket
+writer when Hypercorn's path would frame it the same (:class:`~.._direct.DirectChunks`). No
+timer, event object or queue is created per event (see :class:`._broadcast.Subscriber`),
+which keeps a broadcast to a thousand streams cheap and leaves the cyclic GC little to do.
 
 Resource handling: the subscriber is registered before the first byte is sent and removed in
 ``finally``, so no path leaves it behind. The response is always ended with a shielded final
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import trio
 
+from .._direct import DirectChunks
 from . import _events
 from ._asgi import Receive, Send, finish, start
 from ._broadcast import Broadcaster, Subscriber
@@ -89,18 +91,23 @@ async def stream_events(
             )
             subscriber.last_sent = trio.current_time()
             nursery.start_soon(_wake_for_keepalive_or_closing, closing, subscriber, keepalive)
+            direct = DirectChunks.find(send)
             while not closing.is_set():
                 await subscriber.wait()  # an event for us, a keepalive due, or closing
                 if closing.is_set():
                     break
                 chunk = b"".join([_events.encode(e) for e in subscriber.take()])
-                await send(
-                    {
-                        "type": "http.response.body",
-                        "body": chunk or _events.KEEPALIVE,
-                        "more_body": True,
-                    }
-                )
+                if direct is not None and direct.usable():
+                    # Past Hypercorn's per-message path: a broadcast pays it per stream.
+                    await direct.send_chunk(chunk or _events.KEEPALIVE)
+                else:
+                    await send(
+                        {
+                            "type": "http.response.body",
+                            "body": chunk or _events.KEEPALIVE,
+                            "more_body": True,
+                        }
+                    )
                 subscriber.last_sent = trio.current_time()
             final = _events.shutdown(broadcaster.generation)
             nursery.cancel_scope.cancel()

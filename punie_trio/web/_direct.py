@@ -1,11 +1,15 @@
-"""WebSocket text frames written straight to the socket writer, past Hypercorn's per-message
-path, when nothing in that path would change the bytes.
+"""Bytes written straight to the socket writer, past Hypercorn's per-message path, when
+nothing in that path would change them: WebSocket text frames (:class:`DirectFrames`) and
+the chunks of a streamed HTTP/1.1 response such as an SSE stream (:class:`DirectChunks`).
 
 Why: every ``websocket.send`` goes ASGI message -> Hypercorn's ``WSStream.app_send`` ->
 wsproto's ``Connection.send`` (event object, state checks, frame serialisation) -> Hypercorn's
 ``H11Protocol.stream_send`` -> the socket writer. Measured with py-spy while a 1,000-turn
 ``session/load`` replays 19,000 updates, that path is about 60% of the server's CPU; the
 frame itself, for a server (never masked), is two to ten header bytes and the UTF-8 text.
+An ``http.response.body`` chunk likewise crosses ``HTTPStream.app_send`` and h11 (an event
+object, the state machine, the chunked writer) to become ``SIZE CRLF data CRLF``; a reload
+broadcast pays that once per open stream.
 
 :class:`DirectFrames` serialises the frames of a batch itself and hands them to
 :class:`~._fast_send.FastSendTCPServer` as one write. It is used only while the bytes are
@@ -14,10 +18,13 @@ over punie-trio's socket writer, the ASGI stream is connected and not closed, ws
 connection is open, no extension is negotiated (permessage-deflate would compress the
 payload) and no fragmented message is in progress. Otherwise (and for anything but text
 frames) the caller uses Hypercorn's path, which also ignores sends after a close as before.
+:class:`DirectChunks` is used only while the response has started, is not closed, has a
+body (not HEAD) and h11 is sending it with chunked framing; the response's last send always
+takes Hypercorn's path (it ends the message and Hypercorn's bookkeeping).
 
 Resource handling: nothing is owned; the objects are looked up from the ASGI ``send``
-callable once per connection. If Hypercorn's or wsproto's internals stop matching, the
-lookup finds nothing and every frame takes Hypercorn's path.
+callable once per connection. If Hypercorn's, h11's or wsproto's internals stop matching,
+the lookup finds nothing and every message takes Hypercorn's path.
 """
 
 from __future__ import annotations
@@ -26,8 +33,11 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import attrs
+import h11
+from h11._writers import ChunkedWriter
 from hypercorn.events import RawData
 from hypercorn.protocol.h11 import H11Protocol
+from hypercorn.protocol.http_stream import ASGIHTTPState, HTTPStream
 from hypercorn.protocol.ws_stream import ASGIWebsocketState, WSStream
 from wsproto.connection import ConnectionState
 
@@ -97,3 +107,46 @@ class DirectFrames:
         else:
             data = b"".join([text_frame(text) for text in texts])
         await self.server.protocol_send(RawData(data=data))
+
+
+@attrs.frozen
+class DirectChunks:
+    """The pieces of one Hypercorn HTTP/1.1 response that a direct body chunk needs."""
+
+    stream: HTTPStream
+    protocol: H11Protocol
+    server: FastSendTCPServer
+
+    @classmethod
+    def find(cls, send: Callable[..., Any]) -> DirectChunks | None:
+        """From the ASGI ``send`` Hypercorn gave the app (``HTTPStream.app_send``); ``None``
+        for anything else."""
+        stream = getattr(send, "__self__", None)
+        if type(stream) is not HTTPStream:
+            return None
+        protocol = getattr(stream.send, "__self__", None)
+        if type(protocol) is not H11Protocol:
+            return None
+        server = getattr(protocol.send, "__self__", None)
+        if not isinstance(server, FastSendTCPServer):
+            return None
+        return cls(stream, protocol, server)
+
+    def usable(self) -> bool:
+        """Whether a chunk written now is exactly what Hypercorn and h11 would write."""
+        stream = self.stream
+        if stream.closed or stream.state is not ASGIHTTPState.RESPONSE:
+            return False
+        if stream.scope.get("method") == "HEAD":
+            return False
+        connection = getattr(self.protocol, "connection", None)
+        return (
+            isinstance(connection, h11.Connection)
+            and connection.our_state is h11.SEND_BODY
+            and type(getattr(connection, "_writer", None)) is ChunkedWriter
+        )
+
+    async def send_chunk(self, data: bytes) -> None:
+        """Write ``data`` as one chunk (call only if :meth:`usable`; nothing for b"")."""
+        if data:
+            await self.server.protocol_send(RawData(data=b"%x\r\n%b\r\n" % (len(data), data)))

@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any, cast
 
+import h11
 import hypercorn.config
 import hypercorn.trio
 import hypercorn.trio.run
@@ -28,8 +29,8 @@ from wsproto.events import (
 from wsproto.extensions import PerMessageDeflate
 
 from punie_trio.web._asgi_ws import AsgiWebSocketStream
+from punie_trio.web._direct import DirectChunks, DirectFrames, text_frame
 from punie_trio.web._fast_send import FastSendTCPServer
-from punie_trio.web._ws_direct import DirectFrames, text_frame
 
 MESSAGES = ["a", "é" * 200, '{"jsonrpc":"2.0"}', "x" * 70_000, ""]
 
@@ -148,3 +149,90 @@ def test_find_refuses_anything_but_hypercorns_stream() -> None:
 
     assert DirectFrames.find(send) is None
     assert DirectFrames.find(print) is None
+
+
+# -- DirectChunks: a streamed HTTP/1.1 response -----------------------------------------------
+
+CHUNKS = [b"data: one\n\n", b"x" * 70_000, b"", b"data: \xc3\xa9\n\n"]
+
+
+class StreamApp:
+    """Streams :data:`CHUNKS` (the first through Hypercorn, as the SSE stream does), then
+    ends the response through Hypercorn; records whether the direct path was usable."""
+
+    def __init__(self) -> None:
+        self.usable: list[bool] = []
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            while (await receive())["type"] != "lifespan.shutdown":
+                await send({"type": "lifespan.startup.complete"})
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"opening\n", "more_body": True})
+        direct = DirectChunks.find(send)
+        usable = direct is not None and direct.usable()
+        self.usable.append(usable)
+        for chunk in CHUNKS:
+            if direct is not None and usable:
+                await direct.send_chunk(chunk)
+            else:
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        await send({"type": "http.response.body", "body": b"end", "more_body": False})
+
+
+async def fetch(address: tuple[str, int], method: str, version: str) -> tuple[bytes, bool]:
+    """The response body as an h11 client reads it, and whether the server kept the
+    connection (it must stay usable for a next request after a chunked body)."""
+    stream = await trio.open_tcp_stream(*address)
+    request = f"{method} / HTTP/{version}\r\nHost: x\r\n\r\n".encode()
+    await stream.send_all(request)
+    client = h11.Connection(h11.CLIENT)
+    client.send(h11.Request(method=method, target="/", headers=[("Host", "x")]))
+    client.send(h11.EndOfMessage())
+    body = b""
+    async with stream:
+        while True:
+            event = client.next_event()
+            if event is h11.NEED_DATA:
+                client.receive_data(await stream.receive_some(65536))
+            elif isinstance(event, h11.Data):
+                body += event.data
+            elif isinstance(event, h11.EndOfMessage | h11.ConnectionClosed):
+                return body, client.their_state is h11.DONE
+
+
+@pytest.mark.parametrize("fast_send", [True, False])
+async def test_chunks_arrive_intact_and_the_connection_stays_usable(
+    fast_send: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    server_class = FastSendTCPServer if fast_send else hypercorn.trio.tcp_server.TCPServer
+    monkeypatch.setattr(hypercorn.trio.run, "TCPServer", server_class)
+    app = StreamApp()
+    async with serving(cast(App, app)) as address:
+        body, kept = await fetch(address, "GET", "1.1")
+    assert body == b"opening\n" + b"".join(CHUNKS) + b"end"
+    assert kept
+    assert app.usable == [fast_send]
+
+
+@pytest.mark.parametrize(("method", "version"), [("HEAD", "1.1"), ("GET", "1.0")])
+async def test_no_direct_chunks_without_chunked_framing(
+    method: str, version: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """HEAD has no body, and an HTTP/1.0 response is delimited by the close, not chunked."""
+    monkeypatch.setattr(hypercorn.trio.run, "TCPServer", FastSendTCPServer)
+    app = StreamApp()
+    async with serving(cast(App, app)) as address:
+        stream = await trio.open_tcp_stream(*address)
+        async with stream:
+            await stream.send_all(f"{method} / HTTP/{version}\r\nHost: x\r\n\r\n".encode())
+            received = b""
+            while chunk := await stream.receive_some(65536):
+                received += chunk
+                if method == "HEAD" and b"\r\n\r\n" in received:
+                    break
+    assert app.usable == [False]
+    if method == "GET":
+        assert received.endswith(b"opening\n" + b"".join(CHUNKS) + b"end")
