@@ -146,6 +146,24 @@ class DirectChunks:
             and type(getattr(connection, "_writer", None)) is ChunkedWriter
         )
 
+    def send_chunk_now(self, data: bytes) -> bytes | None:
+        """Write ``data`` as one chunk from synchronous code (call only if :meth:`usable`
+        and nothing of this response is waiting to be written): ``None`` if it could not
+        be written now (write it the ordinary way), else the bytes of the framed chunk the
+        kernel did not take, which must be written (raw, see :meth:`send_raw`) before
+        anything else."""
+        if not data:
+            return b""
+        frame = b"%x\r\n%b\r\n" % (len(data), data)
+        sent = self.server.send_now(frame)
+        if sent is None:
+            return None
+        return frame[sent:]
+
+    async def send_raw(self, data: bytes) -> None:
+        """The rest of a chunk :meth:`send_chunk_now` began, as it is."""
+        await self.server.protocol_send(RawData(data=data))
+
     async def send_chunk(self, data: bytes) -> None:
         """Write ``data`` as one chunk (call only if :meth:`usable`; nothing for b"")."""
         if data:

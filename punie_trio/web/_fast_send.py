@@ -155,6 +155,24 @@ class FastSendTCPServer(TCPServer):
         self._gathered_bytes = 0
         await self._write(data)
 
+    def send_now(self, data: bytes) -> int | None:
+        """Write what the kernel takes of ``data`` at once, from synchronous code; return
+        how many bytes that was (the caller must write the rest, in order, before anything
+        else), or ``None`` if nothing may be written now: a write is in flight or gathered,
+        the socket is not a plain one, or it failed (the caller's ordinary write will meet
+        the failure and report it as Hypercorn does)."""
+        if self._gathered or self.send_lock.locked():
+            return None
+        sock = _stdlib_socket(self.stream)
+        if sock is None:
+            return None
+        try:
+            return sock.send(data)
+        except BlockingIOError:
+            return 0
+        except OSError:
+            return None
+
     async def _write(self, data: bytes) -> None:
         sock = _stdlib_socket(self.stream)
         if sock is None:  # TLS or unknown: Hypercorn's own path

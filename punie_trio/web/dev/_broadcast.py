@@ -25,7 +25,8 @@ from typing import Any
 import attrs
 import trio
 
-from ._events import Action, Event, ReloadEvent, StatusEvent, StatusKind, merge_all
+from .._direct import DirectChunks
+from ._events import Action, Event, ReloadEvent, StatusEvent, StatusKind, encode, merge_all
 
 #: Reload events kept for catch-up. Older generations get a full reload instead.
 HISTORY = 256
@@ -46,6 +47,12 @@ class Subscriber:
     _signalled: bool = False
     #: Time of the last write to the client (Trio's clock), for the keepalive.
     last_sent: float = 0.0
+    #: Set by the stream once its response has started: lets an offer write the event to
+    #: the socket itself while the writer is parked (see :meth:`_write_now`).
+    direct: DirectChunks | None = None
+    #: The part of a chunk the kernel did not take when an offer wrote it: the writer sends
+    #: it before anything else.
+    _raw: bytes = b""
     _waiter: trio.lowlevel.Task | None = attrs.field(default=None, init=False)
     _abort_fn: Callable[[object], trio.lowlevel.Abort] = attrs.field(init=False)
 
@@ -53,12 +60,45 @@ class Subscriber:
         self._abort_fn = self._abort  # bound once: parking allocates nothing
 
     def offer_reload(self, event: ReloadEvent) -> None:
+        if self._reload is None and self._write_now(event):
+            return
         self._reload = event if self._reload is None else self._reload.merge(event)
         self._wake()
 
     def offer_status(self, event: StatusEvent) -> None:
+        if self._write_now(event):
+            return
         self._status = event
         self._wake()
+
+    def _write_now(self, event: Event) -> bool:
+        """Write ``event`` to the client here and now, if the writer is parked with nothing
+        pending and the socket takes it: a broadcast then wakes no task per stream (what
+        the writer would do, done without the trip through the scheduler). The part the
+        kernel does not take is left to the writer, which is woken for it."""
+        direct = self.direct
+        if (
+            direct is None
+            or self._waiter is None
+            or self._status is not None
+            or self._reload is not None
+            or self._raw
+            or not direct.usable()
+        ):
+            return False
+        rest = direct.send_chunk_now(encode(event))
+        if rest is None:
+            return False
+        self.last_sent = trio.current_time()
+        if rest:
+            self._raw = rest
+            self._wake()
+        return True
+
+    def take_raw(self) -> bytes:
+        """The rest of a chunk an offer began writing (b"" if none): write it first."""
+        raw, self._raw = self._raw, b""
+        return raw
 
     def wake(self) -> None:
         """Wake the writer without an event (the server is closing, or a keepalive is due)."""
@@ -73,7 +113,7 @@ class Subscriber:
 
     @property
     def pending(self) -> bool:
-        return self._reload is not None or self._status is not None
+        return self._reload is not None or self._status is not None or bool(self._raw)
 
     async def wait(self) -> None:
         """Block until something was offered (or :meth:`wake`) since the last :meth:`take`.

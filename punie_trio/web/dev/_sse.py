@@ -7,10 +7,12 @@ keepalive, and a stream with no events would live forever). A second sibling wak
 when a keepalive is due and when the server-wide ``closing`` event is set, so every stream
 sends ``event: shutdown`` and ends.
 
-Cost of an event, per stream: the writer is rescheduled, takes its pending state, and sends one
-chunk (status and reload together when both are pending), straight to punie-trio's socket
-writer when Hypercorn's path would frame it the same (:class:`~.._direct.DirectChunks`). No
-timer, event object or queue is created per event (see :class:`._broadcast.Subscriber`),
+Cost of an event, per stream: when the writer is parked with nothing pending, the offer itself
+writes the event to the socket (:meth:`._broadcast.Subscriber._write_now`: no task is woken);
+otherwise the writer is rescheduled, takes its pending state, and sends one chunk (status and
+reload together when both are pending). Either way the chunk goes straight to punie-trio's
+socket writer when Hypercorn's path would frame it the same (:class:`~.._direct.DirectChunks`).
+No timer, event object or queue is created per event (see :class:`._broadcast.Subscriber`),
 which keeps a broadcast to a thousand streams cheap and leaves the cyclic GC little to do.
 
 Resource handling: the subscriber is registered before the first byte is sent and removed in
@@ -58,6 +60,17 @@ async def _wake_for_keepalive_or_closing(
     subscriber.wake()
 
 
+async def _finish_raw(subscriber: Subscriber, direct: DirectChunks | None) -> bool:
+    """Write the rest of a chunk an offer began (it must precede anything else); whether
+    there was one."""
+    raw = subscriber.take_raw()
+    if not raw:
+        return False
+    assert direct is not None
+    await direct.send_raw(raw)
+    return True
+
+
 async def stream_events(
     broadcaster: Broadcaster,
     since: int | None,
@@ -92,11 +105,17 @@ async def stream_events(
             subscriber.last_sent = trio.current_time()
             nursery.start_soon(_wake_for_keepalive_or_closing, closing, subscriber, keepalive)
             direct = DirectChunks.find(send)
+            subscriber.direct = direct  # offers may now write to the socket themselves
             while not closing.is_set():
                 await subscriber.wait()  # an event for us, a keepalive due, or closing
+                flushed = await _finish_raw(subscriber, direct)
                 if closing.is_set():
                     break
-                chunk = b"".join([_events.encode(e) for e in subscriber.take()])
+                events = subscriber.take()
+                if not events and flushed:  # woken for the rest of a chunk an offer began
+                    subscriber.last_sent = trio.current_time()
+                    continue
+                chunk = b"".join([_events.encode(e) for e in events])
                 if direct is not None and direct.usable():
                     # Past Hypercorn's per-message path: a broadcast pays it per stream.
                     await direct.send_chunk(chunk or _events.KEEPALIVE)
@@ -109,6 +128,7 @@ async def stream_events(
                         }
                     )
                 subscriber.last_sent = trio.current_time()
+            await _finish_raw(subscriber, direct)
             final = _events.shutdown(broadcaster.generation)
             nursery.cancel_scope.cancel()
     finally:

@@ -1,0 +1,117 @@
+"""A broadcast writes to parked SSE streams itself, and leaves a partial chunk to the writer.
+
+A real Hypercorn (trio worker, port 0) with punie-trio's socket writer, the dev app, and raw
+socket clients parsed with h11, so the chunked framing on the wire is checked for real.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+from pathlib import Path
+from typing import Any
+
+import h11
+import hypercorn.trio.run
+import pytest
+import trio
+import trio.testing
+from devsupport import serve_app
+
+from punie_trio.web._fast_send import FastSendTCPServer
+from punie_trio.web.dev import DevApp
+
+
+@pytest.fixture(autouse=True)
+def _fast_send(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(hypercorn.trio.run, "TCPServer", FastSendTCPServer)
+
+
+class RawSSE:
+    """An SSE client on a raw socket: h11 for the HTTP framing, then ``id:``/``data:``."""
+
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self.stream = stream
+        self.http = h11.Connection(h11.CLIENT)
+        self.text = ""
+
+    @classmethod
+    async def open(cls, url: str, *, rcvbuf: int | None = None) -> RawSSE:
+        host, port = url.removeprefix("http://").rsplit(":", 1)
+        sock = trio.socket.socket()
+        if rcvbuf is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        await sock.connect((host, int(port)))
+        client = cls(trio.SocketStream(sock))
+        request = h11.Request(method="GET", target="/__reload__", headers=[("Host", host)])
+        await client.stream.send_all(
+            client.http.send(request) + client.http.send(h11.EndOfMessage())
+        )
+        await client.read_until(": punie-trio live reload")
+        return client
+
+    async def read_until(self, needle: str) -> None:
+        while needle not in self.text:
+            event = self.http.next_event()
+            if event is h11.NEED_DATA:
+                self.http.receive_data(await self.stream.receive_some(65536))
+            elif isinstance(event, h11.Data):
+                self.text += bytes(event.data).decode()
+            else:
+                assert isinstance(event, h11.Response), event
+
+    def events(self) -> list[tuple[int, dict[str, Any]]]:
+        out = []
+        for block in self.text.split("\n\n"):
+            fields = dict(line.split(": ", 1) for line in block.splitlines() if ": " in line)
+            if "id" in fields and fields.get("event") == "reload":
+                out.append((int(fields["id"]), json.loads(fields["data"])))
+        return out
+
+
+def _dev(tmp_path: Path) -> DevApp:
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "index.html").write_text("<html><body>x</body></html>")
+    return DevApp(site_dir=site, project_root=tmp_path, closing=trio.Event(), no_watch=True)
+
+
+async def test_a_broadcast_writes_to_parked_streams_without_waking_them(tmp_path: Path) -> None:
+    dev = _dev(tmp_path)
+    async with serve_app(dev, dev.closing) as url:
+        clients = [await RawSSE.open(url) for _ in range(3)]
+        await trio.testing.wait_all_tasks_blocked()
+        subscribers = list(dev.broadcaster._subscribers)
+        assert len(subscribers) == 3
+        dev.broadcaster.publish_reload("reload", ("index.html",))
+        # Written by the offer itself: every writer is still parked, nothing is pending.
+        assert all(s._waiter is not None and not s.pending for s in subscribers)
+        for client in clients:
+            await client.read_until("\n\n" + "id: 1")
+            await client.read_until('"generation":1}\n\n')
+            assert client.events() == [
+                (1, {"action": "reload", "paths": ["index.html"], "generation": 1})
+            ]
+
+
+async def test_a_partial_write_is_finished_by_the_writer_in_order(tmp_path: Path) -> None:
+    dev = _dev(tmp_path)
+    async with serve_app(dev, dev.closing) as url:
+        client = await RawSSE.open(url, rcvbuf=4096)  # a client that is slow to read
+        await trio.testing.wait_all_tasks_blocked()
+        (subscriber,) = dev.broadcaster._subscribers
+        paths = tuple(f"page-{i:03d}-{'x' * 80}.html" for i in range(150))
+        partial = False
+        for _ in range(2000):  # ~20 KB each: the kernel's buffers fill long before
+            dev.broadcaster.publish_reload("reload", paths)
+            if subscriber._raw:
+                partial = True
+                break
+        assert partial, "the socket never filled"
+        for _ in range(3):  # queued behind the partial chunk, merged
+            dev.broadcaster.publish_reload("reload", paths)
+        last = dev.broadcaster.generation
+        await client.read_until(f'"generation":{last}}}\n\n')
+        ids = [event_id for event_id, _ in client.events()]
+        assert ids == sorted(ids) and ids[-1] == last
+        assert all(data["paths"] == list(paths) for _, data in client.events())
