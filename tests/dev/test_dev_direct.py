@@ -115,3 +115,17 @@ async def test_a_partial_write_is_finished_by_the_writer_in_order(tmp_path: Path
         ids = [event_id for event_id, _ in client.events()]
         assert ids == sorted(ids) and ids[-1] == last
         assert all(data["paths"] == list(paths) for _, data in client.events())
+
+
+async def test_a_build_status_and_its_reload_go_out_together(tmp_path: Path) -> None:
+    dev = _dev(tmp_path)
+    async with serve_app(dev, dev.closing) as url:
+        client = await RawSSE.open(url)
+        await trio.testing.wait_all_tasks_blocked()
+        (subscriber,) = dev.broadcaster._subscribers
+        ok = dev.broadcaster.publish_status("build_ok", command="make", announce=False)
+        assert not subscriber.pending  # recorded, not announced on its own
+        dev.broadcaster.publish_reload("reload", ("index.html",), status=ok)
+        assert subscriber._waiter is not None and not subscriber.pending
+        await client.read_until('"generation":1}\n\n')
+        assert client.text.index("event: build_ok") < client.text.index("event: reload")

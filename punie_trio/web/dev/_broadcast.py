@@ -59,9 +59,12 @@ class Subscriber:
     def __attrs_post_init__(self) -> None:
         self._abort_fn = self._abort  # bound once: parking allocates nothing
 
-    def offer_reload(self, event: ReloadEvent) -> None:
-        if self._reload is None and self._write_now(event):
+    def offer_reload(self, event: ReloadEvent, status: StatusEvent | None = None) -> None:
+        """Offer a reload (and, with ``status``, a status to go out with it, first)."""
+        if self._reload is None and self._write_now(event, status):
             return
+        if status is not None:
+            self._status = status
         self._reload = event if self._reload is None else self._reload.merge(event)
         self._wake()
 
@@ -71,11 +74,11 @@ class Subscriber:
         self._status = event
         self._wake()
 
-    def _write_now(self, event: Event) -> bool:
-        """Write ``event`` to the client here and now, if the writer is parked with nothing
-        pending and the socket takes it: a broadcast then wakes no task per stream (what
-        the writer would do, done without the trip through the scheduler). The part the
-        kernel does not take is left to the writer, which is woken for it."""
+    def _write_now(self, event: Event, first: StatusEvent | None = None) -> bool:
+        """Write ``event`` (after ``first``) to the client here and now, if the writer is
+        parked with nothing pending and the socket takes it: a broadcast then wakes no task
+        per stream (what the writer would do, done without the trip through the scheduler).
+        The part the kernel does not take is left to the writer, which is woken for it."""
         direct = self.direct
         if (
             direct is None
@@ -86,7 +89,8 @@ class Subscriber:
             or not direct.usable()
         ):
             return False
-        rest = direct.send_chunk_now(encode(event))
+        data = encode(event) if first is None else encode(first) + encode(event)
+        rest = direct.send_chunk_now(data)
         if rest is None:
             return False
         self.last_sent = trio.current_time()
@@ -163,13 +167,18 @@ class Broadcaster:
     def building(self) -> bool:
         return self.status is not None and self.status.kind == "build_start"
 
-    def publish_reload(self, action: Action, paths: tuple[str, ...]) -> ReloadEvent:
-        """Record a change of the output as a new generation and offer it to everyone."""
+    def publish_reload(
+        self, action: Action, paths: tuple[str, ...], status: StatusEvent | None = None
+    ) -> ReloadEvent:
+        """Record a change of the output as a new generation and offer it to everyone;
+        ``status`` (recorded with ``announce=False``) goes out with it, in the same write."""
         self.generation += 1
         event = ReloadEvent(action, paths, self.generation)
         self._history.append(event)
+        if status is not None and self.status is not status:
+            status = None  # replaced meanwhile: the newer one was announced on its own
         for subscriber in self._subscribers:
-            subscriber.offer_reload(event)
+            subscriber.offer_reload(event, status)
         return event
 
     def publish_status(

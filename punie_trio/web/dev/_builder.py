@@ -228,13 +228,16 @@ class BuildLoop:
             after = await trio.to_thread.run_sync(take_snapshot, self.site_dir, self._last_good)
         decision = decide(self._last_good, after)
         self._last_good = after
-        # No await from here on: status and reload reach every subscriber together, and a page
-        # served after this point carries both.
+        # No await from here on: status and reload reach every subscriber together (in one
+        # write each), and a page served after this point carries both.
+        ok = None
         if self.build_cmd is not None:
-            self.broadcaster.publish_status("build_ok", command=self.build_cmd, duration=duration)
+            ok = self.broadcaster.publish_status(
+                "build_ok", command=self.build_cmd, duration=duration, announce=decision is None
+            )
         if decision is not None:
             action, paths = decision
-            event = self.broadcaster.publish_reload(action, paths)
+            event = self.broadcaster.publish_reload(action, paths, status=ok)
             log.info("%s (generation %d): %s", action, event.generation, ", ".join(paths[:5]))
 
     async def _announce_later(self, started: StatusEvent) -> None:
