@@ -30,7 +30,7 @@ the lookup finds nothing and every message takes Hypercorn's path.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import attrs
 import h11
@@ -43,6 +43,26 @@ from wsproto.connection import ConnectionState
 
 from ._fast_send import FastSendTCPServer
 from ._keepalive import KeepAliveTimer
+
+_S = TypeVar("_S", WSStream, HTTPStream)
+
+
+def _connection(
+    send: Callable[..., Any], stream_type: type[_S]
+) -> tuple[_S, H11Protocol, FastSendTCPServer] | None:
+    """Follow the ASGI ``send`` Hypercorn gave the app (its stream's bound ``app_send``) to
+    the stream, its HTTP/1.1 protocol and punie-trio's socket writer under them; ``None`` for
+    anything else (HTTP/2, TLS, stock Hypercorn, a wrapped ``send``)."""
+    stream = getattr(send, "__self__", None)
+    if type(stream) is not stream_type:
+        return None
+    protocol = getattr(stream.send, "__self__", None)
+    if type(protocol) is not H11Protocol:
+        return None
+    server = getattr(protocol.send, "__self__", None)
+    if not isinstance(server, FastSendTCPServer):
+        return None
+    return stream, protocol, server
 
 
 def text_frame(text: str) -> bytes:
@@ -65,19 +85,10 @@ class DirectFrames:
 
     @classmethod
     def find(cls, send: Callable[..., Any]) -> DirectFrames | None:
-        """From the ASGI ``send`` Hypercorn gave the app (``WSStream.app_send``), reach the
-        connection's socket writer; ``None`` for anything else (HTTP/2, TLS wrappers, stock
-        Hypercorn, a wrapped ``send``)."""
-        stream = getattr(send, "__self__", None)
-        if type(stream) is not WSStream:
-            return None
-        protocol = getattr(stream.send, "__self__", None)
-        if type(protocol) is not H11Protocol:
-            return None
-        server = getattr(protocol.send, "__self__", None)
-        if not isinstance(server, FastSendTCPServer):
-            return None
-        return cls(stream, server)
+        """From the ASGI ``send`` Hypercorn gave the app (``WSStream.app_send``); ``None``
+        for anything else (see :func:`_connection`)."""
+        found = _connection(send, WSStream)
+        return None if found is None else cls(found[0], found[2])
 
     def usable(self) -> bool:
         """Whether a text frame written now is exactly what Hypercorn's path would write."""
@@ -120,17 +131,8 @@ class DirectChunks:
     @classmethod
     def find(cls, send: Callable[..., Any]) -> DirectChunks | None:
         """From the ASGI ``send`` Hypercorn gave the app (``HTTPStream.app_send``); ``None``
-        for anything else."""
-        stream = getattr(send, "__self__", None)
-        if type(stream) is not HTTPStream:
-            return None
-        protocol = getattr(stream.send, "__self__", None)
-        if type(protocol) is not H11Protocol:
-            return None
-        server = getattr(protocol.send, "__self__", None)
-        if not isinstance(server, FastSendTCPServer):
-            return None
-        return cls(stream, protocol, server)
+        for anything else (see :func:`_connection`)."""
+        return None if (found := _connection(send, HTTPStream)) is None else cls(*found)
 
     def usable(self) -> bool:
         """Whether a chunk written now is exactly what Hypercorn and h11 would write."""

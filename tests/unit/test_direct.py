@@ -6,9 +6,6 @@ wsproto over a real socket, so the frames and the negotiated extensions are the 
 
 from __future__ import annotations
 
-import functools
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from typing import Any, cast
 
 import h11
@@ -32,6 +29,8 @@ from punie_trio.web._asgi_ws import AsgiWebSocketStream
 from punie_trio.web._direct import DirectChunks, DirectFrames, text_frame
 from punie_trio.web._fast_send import FastSendTCPServer
 
+from ._hypercorn import lifespan, serving
+
 MESSAGES = ["a", "é" * 200, '{"jsonrpc":"2.0"}', "x" * 70_000, ""]
 
 
@@ -43,10 +42,7 @@ class App:
         self.done = trio.Event()
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] == "lifespan":
-            while (await receive())["type"] != "lifespan.shutdown":
-                await send({"type": "lifespan.startup.complete"})
-            await send({"type": "lifespan.shutdown.complete"})
+        if await lifespan(scope, receive, send):
             return
         assert (await receive())["type"] == "websocket.connect"
         await send({"type": "websocket.accept"})
@@ -57,26 +53,6 @@ class App:
             await stream.send_message(text)
         await stream.close()
         self.done.set()
-
-
-@asynccontextmanager
-async def serving(app: App) -> AsyncIterator[tuple[str, int]]:
-    config = hypercorn.config.Config()
-    config.bind = ["127.0.0.1:0"]
-    config.accesslog = None
-    config.errorlog = None
-    closing = trio.Event()
-    async with trio.open_nursery() as nursery:
-        binds = await nursery.start(
-            functools.partial(
-                hypercorn.trio.serve, cast(Any, app), config, shutdown_trigger=closing.wait
-            )
-        )
-        host, port = binds[0].removeprefix("http://").rsplit(":", 1)
-        try:
-            yield host, int(port)
-        finally:
-            closing.set()
 
 
 async def receive_all(address: tuple[str, int], *, deflate: bool) -> tuple[list[str], bool]:
@@ -164,10 +140,7 @@ class StreamApp:
         self.usable: list[bool] = []
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] == "lifespan":
-            while (await receive())["type"] != "lifespan.shutdown":
-                await send({"type": "lifespan.startup.complete"})
-            await send({"type": "lifespan.shutdown.complete"})
+        if await lifespan(scope, receive, send):
             return
         await send({"type": "http.response.start", "status": 200, "headers": []})
         await send({"type": "http.response.body", "body": b"opening\n", "more_body": True})

@@ -6,10 +6,9 @@ Trio's autojump clock, so "five seconds idle" is exact and instant.
 
 from __future__ import annotations
 
-import functools
 import math
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
+from collections.abc import Iterator
+from contextlib import AbstractAsyncContextManager
 from typing import Any, cast
 
 import hypercorn.config
@@ -20,6 +19,9 @@ import trio
 import trio.testing
 
 from punie_trio.web._fast_send import FastSendTCPServer
+
+from . import _hypercorn
+from ._hypercorn import lifespan
 
 KEEP_ALIVE = 5.0
 
@@ -37,10 +39,7 @@ class App:
         self.slow_started = trio.Event()
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] == "lifespan":
-            while (await receive())["type"] != "lifespan.shutdown":
-                await send({"type": "lifespan.startup.complete"})
-            await send({"type": "lifespan.shutdown.complete"})
+        if await lifespan(scope, receive, send):
             return
         if scope["path"] == "/slow":
             self.slow_started.set()
@@ -51,25 +50,8 @@ class App:
         await send({"type": "http.response.body", "body": b"ok"})
 
 
-@asynccontextmanager
-async def serving(app: App, closing: trio.Event) -> AsyncIterator[tuple[str, int]]:
-    config = hypercorn.config.Config()
-    config.bind = ["127.0.0.1:0"]
-    config.accesslog = None
-    config.errorlog = None
-    config.keep_alive_timeout = KEEP_ALIVE
-    config.graceful_timeout = 60
-    async with trio.open_nursery() as nursery:
-        binds = await nursery.start(
-            functools.partial(
-                hypercorn.trio.serve, cast(Any, app), config, shutdown_trigger=closing.wait
-            )
-        )
-        host, port = binds[0].removeprefix("http://").rsplit(":", 1)
-        try:
-            yield host, int(port)
-        finally:
-            closing.set()
+def serving(app: Any, closing: trio.Event) -> AbstractAsyncContextManager[tuple[str, int]]:
+    return _hypercorn.serving(app, closing, keep_alive_timeout=KEEP_ALIVE, graceful_timeout=60)
 
 
 class Client:
@@ -197,10 +179,7 @@ async def test_a_websocket_retires_the_watcher_and_keeps_no_task_for_it(
     watchers: list[int] = []
 
     async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] == "lifespan":
-            while (await receive())["type"] != "lifespan.shutdown":
-                await send({"type": "lifespan.startup.complete"})
-            await send({"type": "lifespan.shutdown.complete"})
+        if await lifespan(scope, receive, send):
             return
         assert (await receive())["type"] == "websocket.connect"
         await send({"type": "websocket.accept"})
