@@ -34,7 +34,6 @@ from typing import Any, TypeVar
 
 import attrs
 import h11
-from h11._writers import ChunkedWriter
 from hypercorn.events import RawData
 from hypercorn.protocol.h11 import H11Protocol
 from hypercorn.protocol.http_stream import ASGIHTTPState, HTTPStream
@@ -45,6 +44,12 @@ from ._fast_send import FastSendTCPServer
 from ._keepalive import KeepAliveTimer
 
 _S = TypeVar("_S", WSStream, HTTPStream)
+
+_ChunkedWriter: type | None
+try:  # h11's writer classes are private: without this one, chunks take Hypercorn's path
+    from h11._writers import ChunkedWriter as _ChunkedWriter
+except ImportError:  # pragma: no cover - depends on the installed h11
+    _ChunkedWriter = None
 
 
 def _connection(
@@ -145,7 +150,8 @@ class DirectChunks:
         return (
             isinstance(connection, h11.Connection)
             and connection.our_state is h11.SEND_BODY
-            and type(getattr(connection, "_writer", None)) is ChunkedWriter
+            and _ChunkedWriter is not None
+            and type(getattr(connection, "_writer", None)) is _ChunkedWriter
         )
 
     def send_chunk_now(self, data: bytes) -> bytes | None:
