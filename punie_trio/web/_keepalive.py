@@ -97,15 +97,14 @@ class KeepAliveTimer:
         while True:
             with scope:
                 await terminated.wait()
-            if self._closed or self._retired:
-                return
-            assert self._scope is not None
+            if self._closed or self._retired or self._scope is not scope:
+                return  # closed, retired, or retired and replaced by a newer watcher
             if self._idle:
-                if terminated.is_set() or trio.current_time() >= self._scope.deadline:
+                if terminated.is_set() or trio.current_time() >= scope.deadline:
                     break  # idle for keep_alive_timeout, or the worker is terminating
                 # The deadline fired, but a request came and went before we ran, and the
                 # countdown started again: keep counting.
-                self._scope = scope = trio.CancelScope(deadline=self._scope.deadline)
+                self._scope = scope = trio.CancelScope(deadline=scope.deadline)
                 continue
             # A request began as the deadline passed, or the worker is terminating while a
             # request runs: wait until the connection is idle again, then look again (a

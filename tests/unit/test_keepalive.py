@@ -7,6 +7,7 @@ Trio's autojump clock, so "five seconds idle" is exact and instant.
 from __future__ import annotations
 
 import math
+import types
 from collections.abc import Iterator
 from contextlib import AbstractAsyncContextManager
 from typing import Any, cast
@@ -17,8 +18,10 @@ import hypercorn.trio.run
 import pytest
 import trio
 import trio.testing
+from hypercorn.trio.worker_context import WorkerContext
 
 from punie_trio.web._fast_send import FastSendTCPServer
+from punie_trio.web._keepalive import KeepAliveTimer
 
 from . import _hypercorn
 from ._hypercorn import lifespan
@@ -203,3 +206,34 @@ async def test_a_websocket_retires_the_watcher_and_keeps_no_task_for_it(
             received += chunk
     assert received.startswith(b"HTTP/1.1 101")
     assert watchers == [0]
+
+
+async def test_a_retired_watcher_replaced_at_once_leaves_one_watcher(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """retire() then restart() before the old watcher ran: the old one ends, the new one
+    times the connection out (once)."""
+    closes: list[float] = []
+
+    class Connection:
+        config = hypercorn.config.Config()
+        context = WorkerContext(None)
+
+        async def _initiate_server_close(self) -> None:
+            closes.append(trio.current_time())
+
+    Connection.config.keep_alive_timeout = KEEP_ALIVE
+    timer = KeepAliveTimer(Connection())
+    async with trio.open_nursery() as nursery:
+        group = types.SimpleNamespace(_nursery=nursery)
+        await timer.restart(group, _never_called)
+        await trio.testing.wait_all_tasks_blocked()
+        timer.retire()
+        await timer.restart(group, _never_called)  # before the retired watcher has run
+        await trio.testing.wait_all_tasks_blocked()
+        assert sum(1 for t in _all_tasks() if t.name.endswith("KeepAliveTimer._watch")) == 1
+    assert closes == [KEEP_ALIVE]
+
+
+async def _never_called() -> None:  # pragma: no cover
+    raise AssertionError("the timer reproduces Hypercorn's action, it does not call it")
