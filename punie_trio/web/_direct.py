@@ -81,6 +81,12 @@ def text_frame(text: str) -> bytes:
     return b"\x81\x7f" + n.to_bytes(8, "big") + data
 
 
+def chunk_frame(data: bytes) -> bytes:
+    """One chunk of a chunked HTTP/1.1 body, as h11's ``ChunkedWriter`` writes it (non-empty
+    ``data``: an empty chunk would end the body)."""
+    return b"%x\r\n%b\r\n" % (len(data), data)
+
+
 @attrs.frozen
 class DirectFrames:
     """The pieces of one Hypercorn WebSocket connection that a direct write needs."""
@@ -162,7 +168,7 @@ class DirectChunks:
         anything else."""
         if not data:
             return b""
-        frame = b"%x\r\n%b\r\n" % (len(data), data)
+        frame = chunk_frame(data)
         sent = self.server.send_now(frame)
         if sent is None:
             return None
@@ -175,4 +181,4 @@ class DirectChunks:
     async def send_chunk(self, data: bytes) -> None:
         """Write ``data`` as one chunk (call only if :meth:`usable`; nothing for b"")."""
         if data:
-            await self.server.protocol_send(RawData(data=b"%x\r\n%b\r\n" % (len(data), data)))
+            await self.server.protocol_send(RawData(data=chunk_frame(data)))

@@ -115,18 +115,12 @@ async def stream_events(
                 if not events and flushed:  # woken for the rest of a chunk an offer began
                     subscriber.last_sent = trio.current_time()
                     continue
-                chunk = b"".join([_events.encode(e) for e in events])
+                chunk = b"".join([_events.encode(e) for e in events]) or _events.KEEPALIVE
                 if direct is not None and direct.usable():
                     # Past Hypercorn's per-message path: a broadcast pays it per stream.
-                    await direct.send_chunk(chunk or _events.KEEPALIVE)
+                    await direct.send_chunk(chunk)
                 else:
-                    await send(
-                        {
-                            "type": "http.response.body",
-                            "body": chunk or _events.KEEPALIVE,
-                            "more_body": True,
-                        }
-                    )
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
                 subscriber.last_sent = trio.current_time()
             await _finish_raw(subscriber, direct)
             final = _events.shutdown(broadcaster.generation)
