@@ -409,13 +409,12 @@ def is_livereload_reload(text: str) -> bool:
     return json.loads(text).get("command") == "reload"
 
 
-class BengalSSEClient:
-    """Bengal's browser side: ``new EventSource('/__bengal_reload__')``. The server (HTTP/1.0,
-    a thread per stream) opens with ``retry: 2000`` and ``: connected``, then sends
-    ``data: reload`` (or ``reload-css``, ``reload-page``) after each rebuild and ``: keepalive``
-    every 10 s. There is no event id and no catch-up: a message is "the generation changed"."""
+class RawSSEClient:
+    """An SSE stream read from a raw socket: ``connect`` sends ``GET PATH`` and waits for
+    the server's opening comment (``OPENING``); subclasses look for their events."""
 
-    _MESSAGE = re.compile(rb"^data: (reload|reload-css|reload-page)\n\n", re.M)
+    PATH = b"/"
+    OPENING = b""
 
     def __init__(self, host: str, port: int) -> None:
         self.host, self.port = host, port
@@ -425,14 +424,33 @@ class BengalSSEClient:
     async def connect(self) -> None:
         self.stream = await trio.open_tcp_stream(self.host, self.port)
         await self.stream.send_all(
-            b"GET /__bengal_reload__ HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\n\r\n"
+            b"GET %b HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\n\r\n" % self.PATH
         )
-        while b": connected\n\n" not in self.buffer:
-            chunk = await self.stream.receive_some(65536)
-            if not chunk:
-                raise EOFError("Bengal closed the SSE stream")
-            self.buffer += chunk
+        while self.OPENING not in self.buffer:
+            await self.read_more()
         self.buffer = b""
+
+    async def read_more(self) -> None:
+        assert self.stream is not None
+        chunk = await self.stream.receive_some(65536)
+        if not chunk:
+            raise EOFError(f"the server closed the SSE stream {self.PATH.decode()}")
+        self.buffer += chunk
+
+    async def aclose(self) -> None:
+        if self.stream is not None:
+            await self.stream.aclose()
+
+
+class BengalSSEClient(RawSSEClient):
+    """Bengal's browser side: ``new EventSource('/__bengal_reload__')``. The server (HTTP/1.0,
+    a thread per stream) opens with ``retry: 2000`` and ``: connected``, then sends
+    ``data: reload`` (or ``reload-css``, ``reload-page``) after each rebuild and ``: keepalive``
+    every 10 s. There is no event id and no catch-up: a message is "the generation changed"."""
+
+    PATH = b"/__bengal_reload__"
+    OPENING = b": connected\n\n"
+    _MESSAGE = re.compile(rb"^data: (reload|reload-css|reload-page)\n\n", re.M)
 
     def discard(self) -> None:
         """Drop whatever arrived since the last reload without waiting (a second message for
@@ -448,14 +466,6 @@ class BengalSSEClient:
                 return
 
     async def wait_reload(self) -> None:
-        assert self.stream is not None
         while (found := self._MESSAGE.search(self.buffer)) is None:
-            chunk = await self.stream.receive_some(65536)
-            if not chunk:
-                raise EOFError("Bengal closed the SSE stream")
-            self.buffer += chunk
+            await self.read_more()
         self.buffer = self.buffer[found.end() :]
-
-    async def aclose(self) -> None:
-        if self.stream is not None:
-            await self.stream.aclose()

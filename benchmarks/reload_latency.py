@@ -166,32 +166,18 @@ def _gc_experiment() -> str:
     return setting
 
 
-class SSEClient:
-    def __init__(self, host: str, port: int) -> None:
-        self.host, self.port = host, port
-        self.buffer = b""
-        self.stream: trio.SocketStream | None = None
+class SSEClient(_peers.RawSSEClient):
+    """The DevApp's ``/__reload__`` stream."""
 
-    async def connect(self) -> None:
-        self.stream = await trio.open_tcp_stream(self.host, self.port)
-        await self.stream.send_all(
-            b"GET /__reload__ HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\n\r\n"
-        )
-        while b": punie-trio live reload\n\n" not in self.buffer:
-            self.buffer += await self.stream.receive_some(65536)
-        self.buffer = b""
+    PATH = b"/__reload__"
+    OPENING = b": punie-trio live reload\n\n"
 
     async def wait_reload(self, generation: int) -> None:
         """Until the reload event of ``generation`` (every edit is one generation)."""
         needle = b"id: %d\nevent: reload" % generation
-        assert self.stream is not None
         while needle not in self.buffer:
-            self.buffer += await self.stream.receive_some(65536)
+            await self.read_more()
         self.buffer = self.buffer[self.buffer.index(needle) + len(needle) :]
-
-    async def aclose(self) -> None:
-        if self.stream is not None:
-            await self.stream.aclose()
 
 
 async def http_round_trips(host: str, port: int, count: int) -> list[float]:
