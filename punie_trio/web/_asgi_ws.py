@@ -2,8 +2,8 @@
 
 Hypercorn enforces the frame size bound itself (``websocket_max_message_size``: close 1009).
 Binary frames are accepted and handed on as bytes, which the codec parses as UTF-8 JSON.
-Outgoing text frames skip Hypercorn's per-message path when that path would not change them
-(:mod:`._direct`).
+Outgoing text frames skip Hypercorn's per-message path when that path would not change them,
+and incoming single-frame messages are decoded past wsproto (:mod:`._direct`).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Any
 import attrs
 import trio
 
-from ._direct import DirectFrames
+from ._direct import DirectFrames, DirectReader
 from ._fast_send import coalesced_writes
 
 ASGIReceive = Callable[[], Awaitable[dict[str, Any]]]
@@ -36,6 +36,8 @@ class AsgiWebSocketStream:
         if self._direct is not None:
             # Accepted: the connection will not serve another HTTP request.
             self._direct.retire_keepalive()
+            # And the client's frames are read past wsproto from now on (when it can be).
+            DirectReader.install(self.send, self.receive)
 
     def _direct_frames(self) -> DirectFrames | None:
         direct = self._direct

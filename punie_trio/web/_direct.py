@@ -34,6 +34,7 @@ from typing import Any, TypeVar
 
 import attrs
 import h11
+import trio
 from hypercorn.events import RawData
 from hypercorn.protocol.h11 import H11Protocol
 from hypercorn.protocol.http_stream import ASGIHTTPState, HTTPStream
@@ -41,6 +42,7 @@ from hypercorn.protocol.ws_stream import ASGIWebsocketState, WSStream
 from wsproto.connection import ConnectionState
 
 from ._fast_send import FastSendTCPServer
+from ._frames import ClientFrameReader, Handover
 from ._keepalive import KeepAliveTimer
 
 _S = TypeVar("_S", WSStream, HTTPStream)
@@ -182,3 +184,128 @@ class DirectChunks:
         """Write ``data`` as one chunk (call only if :meth:`usable`; nothing for b"")."""
         if data:
             await self.server.protocol_send(RawData(data=chunk_frame(data)))
+
+
+@attrs.define(eq=False)
+class DirectReader:
+    """A WebSocket client's messages read past wsproto (the other direction of
+    :class:`DirectFrames`).
+
+    Why: every frame a client sends crosses Hypercorn's ``H11WSConnection``, wsproto's frame
+    and message decoders (a generator, ``Frame`` tuples, an incremental UTF-8 decoder, four
+    ``translate`` passes to unmask) and ``WSStream``'s ``StringIO`` buffer before it reaches
+    the app as a ``websocket.receive`` event. For the one-frame JSON messages of ACP,
+    :class:`~._frames.ClientFrameReader` does the same in one pass. Installed by
+    :meth:`install` as the connection's ``frame_reader``; the socket reader of
+    :class:`~._fast_send.FastSendTCPServer` then hands it every chunk it reads.
+
+    Messages go into the same channel Hypercorn's ``WSStream`` puts them in (so the app's
+    ``receive`` and the order of everything are unchanged), and whatever the frame reader
+    passes on (pings, fragments, a close, anything invalid) goes to Hypercorn's protocol as
+    before, which answers pings, reassembles fragments and fails bad input with the right
+    close code. The reader takes over only at a moment when wsproto holds nothing (no
+    partial frame, no fragmented message) and hands everything back for good once it meets
+    a close frame or anything it would not take.
+
+    Resource handling: nothing is owned but the frame reader's buffer (a partial frame).
+    Error handling: a message that arrives after the app's side is no longer connected is
+    dropped, as Hypercorn's ``WSStream`` drops input once closed.
+    """
+
+    stream: WSStream
+    protocol: H11Protocol
+    server: FastSendTCPServer
+    put: trio.MemorySendChannel[dict[str, Any]]
+    frames: ClientFrameReader
+    active: bool = False
+
+    @classmethod
+    def install(cls, send: Callable[..., Any], receive: Callable[..., Any]) -> DirectReader | None:
+        """Install a reader on the connection behind the accepted WebSocket's ASGI
+        ``send``/``receive``; ``None`` (nothing changed) where that is not Hypercorn's
+        HTTP/1.1 WebSocket over punie-trio's socket reader, or an extension is negotiated."""
+        found = _connection(send, WSStream)
+        if found is None:
+            return None
+        stream, protocol, server = found
+        put = getattr(stream.app_put, "__self__", None)
+        channel = getattr(receive, "__self__", None)
+        if not (
+            isinstance(put, trio.MemorySendChannel)
+            and isinstance(channel, trio.MemoryReceiveChannel)
+            and getattr(put, "_state", None) is getattr(channel, "_state", 0)
+        ):
+            return None
+        proto = getattr(getattr(stream, "connection", None), "_proto", None)
+        if proto is None or getattr(proto, "extensions", True):
+            return None
+        reader = cls(
+            stream,
+            protocol,
+            server,
+            put,
+            ClientFrameReader(server.config.websocket_max_message_size),
+        )
+        server.frame_reader = reader
+        return reader
+
+    def _connected(self) -> bool:
+        stream = self.stream
+        return (
+            not stream.closed
+            and stream.state is ASGIWebsocketState.CONNECTED
+            and stream.connection.state is ConnectionState.OPEN
+        )
+
+    def _wsproto_idle(self) -> bool:
+        """Whether wsproto and Hypercorn hold nothing of the client's stream: no bytes, no
+        partial frame, no message being reassembled. Only then may the reader take over."""
+        stream = self.stream
+        proto = stream.connection._proto
+        decoder = proto._frame_decoder
+        pending = getattr(self.protocol.connection, "buffer", None)
+        return (
+            decoder.header is None
+            and len(decoder.buffer) == 0
+            and proto._message_decoder.opcode is None
+            and stream.buffer.value is None
+            and pending is not None
+            and not pending
+        )
+
+    async def feed(self, data: bytes) -> None:
+        """Everything the socket reader read (never b"": EOF takes Hypercorn's path)."""
+        if not self.active:
+            try:
+                ready = self._connected() and self._wsproto_idle()
+            except AttributeError:  # internals changed: leave the connection to Hypercorn
+                ready = False
+                self.server.frame_reader = None
+            if not ready:
+                await self.protocol_handle(data)
+                return
+            self.active = True
+        items, handover = self.frames.feed(data)
+        if handover is Handover.FOREVER:
+            self.server.frame_reader = None
+        put = self.put
+        for item in items:
+            if isinstance(item, bytearray):
+                await self.protocol_handle(bytes(item))
+                continue
+            if not self._connected():
+                continue
+            event: dict[str, Any]
+            if isinstance(item, str):
+                event = {"type": "websocket.receive", "bytes": None, "text": item}
+            else:
+                event = {"type": "websocket.receive", "bytes": item[0], "text": None}
+            try:
+                put.send_nowait(event)
+            except trio.WouldBlock:
+                await put.send(event)  # the app is behind: wait, as Hypercorn does
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+
+    async def protocol_handle(self, data: bytes) -> None:
+        await self.server.protocol.handle(RawData(data=data))

@@ -19,9 +19,11 @@ socket:
 
 A broken or closed socket reports ``Closed`` to the protocol exactly as Hypercorn does.
 
-Reading is Hypercorn's loop too, minus the ``fail_after`` scope it opens around every
-``receive_some`` when no ``read_timeout`` is configured (punie-trio never sets one: it would
-end quiet SSE streams): a cancel scope per received frame, for an infinite deadline.
+Reading is Hypercorn's loop too (but for an accepted WebSocket's messages, which
+:class:`~._direct.DirectReader` decodes past wsproto), minus the ``fail_after`` scope it
+opens around every ``receive_some`` when no ``read_timeout`` is configured (punie-trio
+never sets one: it would end quiet SSE streams): a cancel scope per received frame, for an
+infinite deadline.
 
 The keep-alive timeout is :class:`~._keepalive.KeepAliveTimer`: one watcher task per
 connection whose deadline moves, instead of a timer task started anew after every response.
@@ -95,6 +97,9 @@ class FastSendTCPServer(TCPServer):
     # Class-level defaults: an idle connection carries no list of its own.
     _gathered: list[bytes] | None = None
     _gathered_bytes = 0
+    #: An accepted WebSocket's :class:`~._direct.DirectReader`: it gets every chunk read
+    #: (but EOF) instead of Hypercorn's protocol, and hands on what it does not decode.
+    frame_reader: Any = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -118,6 +123,10 @@ class FastSendTCPServer(TCPServer):
                 data = await stream.receive_some(MAX_RECV)
             except (trio.ClosedResourceError, trio.BrokenResourceError):
                 break
+            reader = self.frame_reader
+            if reader is not None and data:
+                await reader.feed(bytes(data))
+                continue
             await handle(RawData(bytes(data)))
             if data == b"":
                 break

@@ -15,6 +15,7 @@ import hypercorn.trio.run
 import hypercorn.trio.tcp_server
 import pytest
 import trio
+import trio.testing
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import (
     AcceptConnection,
@@ -26,7 +27,7 @@ from wsproto.events import (
 from wsproto.extensions import PerMessageDeflate
 
 from punie_trio.web._asgi_ws import AsgiWebSocketStream
-from punie_trio.web._direct import DirectChunks, DirectFrames, text_frame
+from punie_trio.web._direct import DirectChunks, DirectFrames, DirectReader, text_frame
 from punie_trio.web._fast_send import FastSendTCPServer
 
 from ._hypercorn import lifespan, serving
@@ -209,3 +210,160 @@ async def test_no_direct_chunks_without_chunked_framing(
     assert app.usable == [False]
     if method == "GET":
         assert received.endswith(b"opening\n" + b"".join(CHUNKS) + b"end")
+
+
+# -- DirectReader: a client's frames read past wsproto ----------------------------------------
+
+
+class ReadingApp:
+    """Accepts, records every message the stream receives (and whether the direct reader
+    was installed and active at the end), until the client leaves."""
+
+    def __init__(self, gate: trio.Event | None = None) -> None:
+        self.received: list[str | bytes] = []
+        self.reader_active: list[bool] = []
+        self.done = trio.Event()
+        self.gate = gate  # if given, the stream (and its reader) is made once it is set
+        self.server: Any = None
+        self.reader: Any = None
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if await lifespan(scope, receive, send):
+            return
+        assert (await receive())["type"] == "websocket.connect"
+        await send({"type": "websocket.accept"})
+        if self.gate is not None:
+            await self.gate.wait()
+        stream = AsgiWebSocketStream(receive, send)
+        self.server = stream._direct.server if stream._direct is not None else None
+        reader = getattr(self.server, "frame_reader", None)
+        self.reader = reader
+        try:
+            while True:
+                message = await stream.receive_message()
+                self.received.append(message)
+        except trio.EndOfChannel:
+            pass
+        finally:
+            self.reader_active.append(isinstance(reader, DirectReader) and reader.active)
+            await stream.close()
+            self.done.set()
+
+
+async def talk(
+    address: tuple[str, int], frames: list[bytes], *, early: bytes = b""
+) -> tuple[list[Event], int | None]:
+    """Upgrade with wsproto (``early`` bytes right behind the request, before the 101),
+    send ``frames`` (raw client frames) once accepted, then a close; return what the server
+    sent and the close code it sent (None if it sent none)."""
+    stream = await trio.open_tcp_stream(*address)
+    ws = WSConnection(ConnectionType.CLIENT)
+    events: list[Event] = []
+    async with stream:
+        await stream.send_all(ws.send(Request(host="x", target="/")) + early)
+        while True:
+            data = await stream.receive_some(65536)
+            if not data:
+                return events, None
+            ws.receive_data(data)
+            for event in ws.events():
+                if isinstance(event, AcceptConnection):
+                    await stream.send_all(b"".join(frames))
+                    await stream.send_all(ws.send(CloseConnection(1000)))
+                elif isinstance(event, CloseConnection):
+                    return events, event.code
+                else:
+                    events.append(event)
+
+
+def client_frames() -> Any:
+    from wsproto.frame_protocol import FrameProtocol
+
+    return FrameProtocol(client=True, extensions=[])
+
+
+async def test_client_frames_read_past_wsproto(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Messages, a binary frame, a ping between them (answered), a fragmented message (which
+    wsproto reassembles): all arrive in order, and the direct reader stayed active."""
+    from wsproto.events import Pong
+
+    monkeypatch.setattr(hypercorn.trio.run, "TCPServer", FastSendTCPServer)
+    proto = client_frames()
+    frames = [
+        proto.send_data("one", fin=True),
+        proto.send_data(b'{"bin":1}', fin=True),
+        proto.ping(b"hb"),
+        proto.send_data("frag", fin=False),
+        proto.send_data("mented", fin=True),
+        proto.send_data("é" * 40_000, fin=True),
+        proto.send_data("last", fin=True),
+    ]
+    app = ReadingApp()
+    async with serving(app) as address:
+        events, code = await talk(address, frames)
+        await app.done.wait()
+    assert app.received == ["one", b'{"bin":1}', "fragmented", "é" * 40_000, "last"]
+    assert app.reader_active == [True]
+    assert any(isinstance(e, Pong) and e.payload == b"hb" for e in events)
+    assert code == 1000
+
+
+async def test_the_reader_takes_over_only_at_a_frame_boundary(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Bytes wsproto already holds when the reader is installed (here: the start of a
+    frame) stay wsproto's; the reader takes over once wsproto holds nothing."""
+    monkeypatch.setattr(hypercorn.trio.run, "TCPServer", FastSendTCPServer)
+    proto = client_frames()
+    split = proto.send_data("split " * 100, fin=True)
+    later = proto.send_data("later", fin=True)
+    gate = trio.Event()
+    app = ReadingApp(gate)
+    async with serving(app) as address:
+        stream = await trio.open_tcp_stream(*address)
+        ws = WSConnection(ConnectionType.CLIENT)
+        async with stream:
+            await stream.send_all(ws.send(Request(host="x", target="/")))
+            while not any(isinstance(e, AcceptConnection) for e in ws.events()):
+                ws.receive_data(await stream.receive_some(65536))
+            await stream.send_all(split[:50])
+            await trio.testing.wait_all_tasks_blocked()  # wsproto has the first 50 bytes
+            gate.set()  # the reader is installed now, in the middle of a frame
+            await trio.testing.wait_all_tasks_blocked()
+            await stream.send_all(split[50:])
+            await trio.testing.wait_all_tasks_blocked()
+            assert not app.reader.active  # wsproto finished that frame itself
+            await stream.send_all(later)
+            await trio.testing.wait_all_tasks_blocked()
+            assert app.reader.active and app.server.frame_reader is app.reader
+            await stream.send_all(ws.send(CloseConnection(1000)))
+            await app.done.wait()
+    assert app.received == ["split " * 100, "later"]
+
+
+@pytest.mark.parametrize("fast_send", [True, False])
+@pytest.mark.parametrize(
+    ("payload", "code"),
+    # Hypercorn answers invalid UTF-8 by dropping the connection (wsproto reports 1007 but
+    # Hypercorn sends no close frame) and a message over its bound with close 1009.
+    [(b"\xff\xfe not utf-8", None), (b"x" * 2000, 1009)],
+)
+async def test_bad_frames_are_failed_as_hypercorn_fails_them(
+    payload: bytes, code: int | None, fast_send: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    server_class = FastSendTCPServer if fast_send else hypercorn.trio.tcp_server.TCPServer
+    monkeypatch.setattr(hypercorn.trio.run, "TCPServer", server_class)
+    from punie_trio.web._frames import unmask
+
+    mask = b"\x01\x02\x03\x04"
+    n = len(payload)
+    header = (
+        bytes((0x81, 0x80 | 126)) + n.to_bytes(2, "big") if n > 125 else bytes((0x81, 0x80 | n))
+    )
+    bad = header + mask + unmask(payload, mask)
+    app = ReadingApp()
+    async with serving(app, websocket_max_message_size=1000) as address:
+        _, got = await talk(address, [client_frames().send_data("fine", fin=True), bad])
+        await app.done.wait()
+    assert app.received == ["fine"]
+    assert got == code

@@ -1,0 +1,180 @@
+"""Reading a WebSocket client's frames (RFC 6455 section 5), sans-I/O: the common case only.
+
+:class:`ClientFrameReader` takes the bytes a client sends after the upgrade and splits them
+into whole messages it decodes itself and bytes it hands on, untouched, to a full WebSocket
+implementation (wsproto, under Hypercorn). It decodes only what is both common and simple:
+a final (unfragmented), masked text or binary frame with no reserved bits, within the size
+bound. Everything else is passed on whole:
+
+- ping and pong frames, one frame at a time (the reader carries on after them);
+- a fragmented message, frame by frame, until its final continuation frame has passed;
+- a close frame, and everything after it;
+- anything the reader would have to reject (an unmasked frame, reserved bits, an unknown
+  opcode, a message over the bound, a text frame that is not UTF-8): that frame and
+  everything after it, so the full implementation fails the connection with the right
+  close code (1002, 1007, 1009).
+
+The bytes handed on always start on a frame boundary and hold whole frames (but after
+"everything after it", which ends the reader's part), so the full implementation sees a
+well-formed stream in which some complete messages are missing, and its state is the same
+as if it had read them. Messages and passed-on bytes come out in the order they arrived.
+
+No I/O and no clock: :meth:`ClientFrameReader.feed` is a pure function of the bytes so far.
+"""
+
+from __future__ import annotations
+
+import enum
+
+__all__ = ["ClientFrameReader", "Handover", "unmask"]
+
+_TEXT = 0x1
+_BINARY = 0x2
+_CONTINUATION = 0x0
+_CLOSE = 0x8
+_PING = 0x9
+_PONG = 0xA
+
+
+class Handover(enum.Enum):
+    """What :meth:`ClientFrameReader.feed` decided about the bytes it could not decode."""
+
+    #: Nothing was handed on, or only whole control/fragment frames: keep feeding.
+    NONE = "none"
+    #: The reader is done: its last item holds everything from the first frame it would not
+    #: take on; from now on every byte goes to the full implementation.
+    FOREVER = "forever"
+
+
+def unmask(payload: bytes | bytearray, mask: bytes | bytearray) -> bytes:
+    """``payload`` XOR the 4-byte ``mask`` repeated (RFC 6455 section 5.3).
+
+    One big-integer XOR: linear in the size and done in C, much cheaper than a Python loop
+    and cheaper than wsproto's four ``translate`` passes for the small frames ACP sends.
+    """
+    n = len(payload)
+    if n == 0:
+        return b""
+    key = (bytes(mask) * ((n + 3) // 4))[:n]
+    return (int.from_bytes(payload, "little") ^ int.from_bytes(key, "little")).to_bytes(n, "little")
+
+
+class ClientFrameReader:
+    """Splits a client's bytes into decoded messages and bytes for the full implementation.
+
+    :meth:`feed` returns a list of items in arrival order: a ``str`` (a text message), a
+    ``bytes`` wrapped in a 1-tuple (a binary message: ``(data,)``) or a ``bytearray`` (raw
+    bytes to hand on). A partial frame at the end is kept for the next call.
+
+    ``max_size`` is the largest message it decodes (bytes); a bigger one is handed on, so the
+    full implementation applies its own bound and close code.
+    """
+
+    __slots__ = ("_buffer", "_fragmented", "done", "max_size")
+
+    def __init__(self, max_size: int) -> None:
+        self.max_size = max_size
+        self._buffer = bytearray()
+        self._fragmented = False
+        #: True once the reader has handed everything on for good (see :data:`Handover`).
+        self.done = False
+
+    @property
+    def buffered(self) -> int:
+        """Bytes of a partial frame waiting for the rest."""
+        return len(self._buffer)
+
+    def feed(
+        self, data: bytes | bytearray
+    ) -> tuple[list[str | tuple[bytes] | bytearray], Handover]:
+        """Take ``data``; return the items it completes and whether the reader is done."""
+        if self.done:
+            return [bytearray(data)], Handover.FOREVER
+        # Parse straight from ``data`` when nothing is waiting (the usual case: no copy).
+        buf: bytes | bytearray
+        if self._buffer:
+            self._buffer += data
+            buf = self._buffer
+        else:
+            buf = data
+        items: list[str | tuple[bytes] | bytearray] = []
+        pos = 0
+        end = len(buf)
+        while end - pos >= 2:
+            b0 = buf[pos]
+            b1 = buf[pos + 1]
+            length = b1 & 0x7F
+            header = 2
+            if length == 126:
+                header = 4
+                if end - pos < header:
+                    break
+                length = int.from_bytes(buf[pos + 2 : pos + 4], "big")
+            elif length == 127:
+                header = 10
+                if end - pos < header:
+                    break
+                length = int.from_bytes(buf[pos + 2 : pos + 10], "big")
+            opcode = b0 & 0x0F
+            fin = b0 & 0x80
+            simple = (b0 & 0x70) == 0 and b1 & 0x80  # no reserved bits, masked
+            if not simple or length > self.max_size:
+                return self._give_up(items, buf, pos), Handover.FOREVER
+            if opcode >= _CLOSE:
+                if opcode == _CLOSE or opcode > _PONG or not fin or length > 125:
+                    return self._give_up(items, buf, pos), Handover.FOREVER
+            elif opcode > _BINARY:
+                return self._give_up(items, buf, pos), Handover.FOREVER
+            frame_end = pos + header + 4 + length
+            if frame_end > end:
+                break  # wait for the rest of this frame
+            if opcode >= _CLOSE or self._fragmented or not fin:
+                # Ping/pong, or a frame of a fragmented message: the full implementation
+                # takes it (it answers pings, reassembles fragments). A data frame that
+                # starts a message while one is open, or a continuation with none open, is
+                # its protocol error to report.
+                if opcode < _CLOSE:
+                    if (opcode == _CONTINUATION) != self._fragmented:
+                        return self._give_up(items, buf, pos), Handover.FOREVER
+                    self._fragmented = not fin
+                _append_raw(items, bytearray(buf[pos:frame_end]))
+                pos = frame_end
+                continue
+            if opcode == _CONTINUATION:  # a continuation with no message open
+                return self._give_up(items, buf, pos), Handover.FOREVER
+            mask_at = pos + header
+            payload = unmask(buf[mask_at + 4 : frame_end], buf[mask_at : mask_at + 4])
+            if opcode == _TEXT:
+                try:
+                    items.append(payload.decode())
+                except UnicodeDecodeError:
+                    return self._give_up(items, buf, pos), Handover.FOREVER
+            else:
+                items.append((payload,))
+            pos = frame_end
+        if pos == 0:
+            if buf is not self._buffer:
+                self._buffer = bytearray(buf)  # a partial frame, kept (not copied again)
+        elif pos < end:
+            self._buffer = bytearray(buf[pos:])
+        else:
+            self._buffer = bytearray()
+        return items, Handover.NONE
+
+    def _give_up(
+        self, items: list[str | tuple[bytes] | bytearray], buf: bytes | bytearray, pos: int
+    ) -> list[str | tuple[bytes] | bytearray]:
+        """Hand on everything from ``pos`` and stop decoding for good."""
+        self.done = True
+        self._buffer = bytearray()
+        _append_raw(items, bytearray(buf[pos:]))
+        return items
+
+
+def _append_raw(items: list[str | tuple[bytes] | bytearray], raw: bytearray) -> None:
+    """Add ``raw`` to the bytes to hand on, joining it to the previous item if that is raw
+    too (consecutive control frames go to the full implementation in one piece)."""
+    if items and isinstance(items[-1], bytearray):
+        items[-1] += raw
+    elif raw:
+        items.append(raw)
