@@ -229,7 +229,7 @@ _INSERT_TURN = (
 )
 
 
-def append_turn(
+def write_turn(
     conn: sqlite3.Connection,
     session_id: str,
     turn: int,
@@ -237,11 +237,11 @@ def append_turn(
     now: float,
     key: int | None = None,
     tail: Tail | None = None,
-    before_commit: Callable[[], None] | None = None,
 ) -> tuple[int, Tail]:
-    """Record one turn's ``(kind, payload_json)`` rows as one ``turns`` row, stamped ``at =
-    now``; return the session's key and new tail. The row is all the transaction writes:
-    the session's turns and updated_at derive from it (schema version 3).
+    """Write one turn's ``(kind, payload_json)`` rows as one ``turns`` row, stamped ``at =
+    now``, in the caller's transaction (see :func:`append_turns`); return the session's key
+    and new tail. The row is all a turn writes: the session's turns and updated_at derive
+    from it (schema version 3).
 
     ``key`` and ``tail`` are what the caller believes the session's key and tail to be
     (``SqliteStore`` keeps them in memory: it is the only writer). They save reading them:
@@ -257,30 +257,56 @@ def append_turn(
     last row always has the turn count and the next ``seq``. The primary key ``(session,
     turn)`` refuses a turn recorded twice, should the checks here be bypassed.
 
+    An error leaves the statement's own writes undone (SQLite's statement rollback), not
+    the transaction's: the caller rolls back.
+    """
+    entries = encode_entries(rows)
+    written = False
+    if key is not None and tail is not None and turn >= tail[0]:
+        try:
+            cur = conn.execute(
+                _INSERT_TURN_IF_TAIL, (key, turn, tail[1], len(rows), now, entries, tail[0])
+            )
+        except sqlite3.IntegrityError:  # the session with this key is gone
+            pass  # only the statement was rolled back; the transaction goes on
+        else:
+            written = cur.rowcount > 0
+    if not written:
+        key, turns, next_seq = _read_tail(conn, session_id)
+        tail = (turns, next_seq)
+        _check_new_turn(session_id, turn, turns)
+        conn.execute(_INSERT_TURN, (key, turn, next_seq, len(rows), now, entries))
+    assert key is not None and tail is not None
+    return key, (turn + 1, tail[1] + len(rows))
+
+
+#: One turn for :func:`append_turns`: session id, turn, ``(kind, payload_json)`` rows, and
+#: the session's key and tail as the caller believes them (or None).
+TurnWrite = tuple[str, int, Sequence[tuple[str, str]], "int | None", "Tail | None"]
+
+
+def append_turns(
+    conn: sqlite3.Connection,
+    turns: Sequence[TurnWrite],
+    now: float,
+    before_commit: Callable[[], None] | None = None,
+) -> list[tuple[int, Tail]]:
+    """Record several turns (of different sessions) in one transaction, all or none; return
+    each one's key and new tail (see :func:`write_turn`). One transaction for many turns is
+    the point: a commit's cost is mostly per transaction (locks, WAL frame writes), and
+    turns of one transaction share their pages.
+
     ``before_commit`` runs inside the transaction after every write; tests use it to hold
     a turn mid-transaction (to cancel its caller, or to fail it) and check all-or-nothing.
     """
-    entries = encode_entries(rows)
     with transaction(conn):
-        written = False
-        if key is not None and tail is not None and turn >= tail[0]:
-            try:
-                cur = conn.execute(
-                    _INSERT_TURN_IF_TAIL, (key, turn, tail[1], len(rows), now, entries, tail[0])
-                )
-            except sqlite3.IntegrityError:  # the session with this key is gone
-                pass  # only the statement was rolled back; the transaction goes on
-            else:
-                written = cur.rowcount > 0
-        if not written:
-            key, turns, next_seq = _read_tail(conn, session_id)
-            tail = (turns, next_seq)
-            _check_new_turn(session_id, turn, turns)
-            conn.execute(_INSERT_TURN, (key, turn, next_seq, len(rows), now, entries))
-        assert key is not None and tail is not None
+        done = [
+            write_turn(conn, session_id, turn, rows, now, key, tail)
+            for session_id, turn, rows, key, tail in turns
+        ]
         if before_commit is not None:
             before_commit()
-    return key, (turn + 1, tail[1] + len(rows))
+    return done
 
 
 def _check_new_turn(session_id: str, turn: int, turns: int) -> None:

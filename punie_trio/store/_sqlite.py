@@ -20,6 +20,14 @@ Two connections, each bound to one thread (sqlite3 keeps its same-thread check o
   writes nothing and both are read from the file instead, in the same transaction. The
   memory copy changes only once the transaction that wrote it has committed, so a write
   that fails or is rolled back leaves it as it was.
+- **Group commit**: turns that finish close together share one transaction. Most of a
+  commit's cost is per transaction (six ``fcntl`` locks, the WAL frames' ``pwrite`` calls,
+  ``BEGIN``/``COMMIT``), and turns of one transaction share their pages: measured in the
+  server, one turn's commit takes about 68 us and each further turn in the group about
+  20 us. The first turn to arrive leads a group: it yields to the tasks about to run (so
+  the turns they finish can join), for at most :data:`GROUP_PASSES` scheduler passes and
+  only while the loop has other work; an idle loop commits after one pass. With ten
+  clients prompting, groups hold 1-9 turns and turns/s rise by about 10%.
 - **Reads** (a session, a page of sessions, a transcript of 20,000 rows) and the
   **checkpoints** run on one :class:`~punie_trio.store._thread.OwnerThread`, on the
   reader connection, so a large read never stalls the event loop. WAL gives readers a
@@ -40,6 +48,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import attrs
+import outcome
 import trio
 
 from . import _sql
@@ -64,6 +73,11 @@ from ._thread import OwnerThread, Started
 #: one per entry plus one (SQLite's own automatic checkpoint, off on the writer, runs every
 #: 1,000 pages; 5,000 is about 230 typical turns, about 950 WAL frames at 4 a turn).
 CHECKPOINT_EVERY_ROWS = 5_000
+#: A group commit's leader waits at most this many scheduler passes for turns to join, and
+#: only while other tasks are about to run (a busy loop); an idle one commits after one.
+GROUP_PASSES = 8
+#: Most turns in one group commit (one transaction).
+GROUP_MAX = 64
 
 T = TypeVar("T")
 
@@ -80,6 +94,18 @@ def _translated(job: Callable[[sqlite3.Connection], T]) -> Callable[[sqlite3.Con
             raise StoreError(f"session store: {exc}") from exc
 
     return run
+
+
+@attrs.define(eq=False, slots=True)
+class _GroupedTurn:
+    """A turn in a group commit: what to write, who waits for it (None: the group's leader,
+    which commits it itself) and how it ended."""
+
+    session_id: str
+    turn: int
+    rows: list[tuple[str, str]]
+    task: trio.lowlevel.Task | None = None
+    error: Exception | None = None
 
 
 @attrs.define(eq=False)
@@ -100,6 +126,8 @@ class SqliteStore:
     #: Test hook: runs inside ``append_turn``'s transaction, after the writes and before
     #: ``COMMIT``. Production code leaves it ``None``.
     _before_commit: Callable[[], None] | None = attrs.field(init=False, default=None)
+    #: The turns of the group commit being gathered (None: no group is open).
+    _gathering: list[_GroupedTurn] | None = attrs.field(init=False, default=None)
 
     def __attrs_post_init__(self) -> None:
         self._owner = OwnerThread(f"punie-store:{self.path.name}")
@@ -131,11 +159,15 @@ class SqliteStore:
         self._check_open()
         assert self._writer is not None
         result = _translated(job)(self._writer)
+        self._count_rows(rows)
+        return result
+
+    def _count_rows(self, rows: int) -> None:
+        """Post a checkpoint to the owner thread every :data:`CHECKPOINT_EVERY_ROWS`."""
         self._rows_since_checkpoint += rows
         if self._rows_since_checkpoint >= CHECKPOINT_EVERY_ROWS:
             self._rows_since_checkpoint = 0
             self._owner.post(_checkpoint)
-        return result
 
     def _check_open(self) -> None:
         if self._owner.closing or self._writer is None:
@@ -193,27 +225,77 @@ class SqliteStore:
     async def append_turn(
         self, session_id: str, turn: int, entries: Sequence[tuple[str, Payload]]
     ) -> None:
+        """Record a turn; return once it is committed (group commit, see the module).
+
+        The first turn to arrive while no group is gathering leads one: it lets the tasks
+        already runnable in this scheduler pass run (one shielded schedule point), so the
+        turns they finish join its group, then commits the group in one transaction and
+        wakes the others. A turn that joins waits for that commit (not interruptible, like
+        every write: it is at most one scheduler pass away). A group that fails is retried
+        a turn at a time, so one bad turn fails alone.
+        """
         self._check_open()
         rows = check_turn(turn, entries)
-        hook = self._before_commit
-
-        def job(conn: sqlite3.Connection) -> None:
-            # Returns once committed; a failure raises and leaves the remembered tail alone.
-            key, tail = _sql.append_turn(
-                conn,
-                session_id,
-                turn,
-                rows,
-                self.clock(),
-                self._keys.get(session_id),
-                self._tails.get(session_id),
-                hook,
+        await trio.lowlevel.checkpoint_if_cancelled()
+        item = _GroupedTurn(session_id, turn, rows)
+        group = self._gathering
+        if group is not None:
+            item.task = trio.lowlevel.current_task()
+            group.append(item)
+            await trio.lowlevel.wait_task_rescheduled(
+                lambda _raise_cancel: trio.lowlevel.Abort.FAILED
             )
-            self._keys[session_id] = key
-            self._tails[session_id] = tail
+            return
+        group = self._gathering = [item]
+        try:
+            for _ in range(GROUP_PASSES):
+                await trio.lowlevel.cancel_shielded_checkpoint()
+                if len(group) >= GROUP_MAX or not trio.lowlevel.current_statistics().tasks_runnable:
+                    break  # full, or nothing else is about to run that could join
+        finally:
+            self._gathering = None
+        self._commit_group(group)
+        if item.error is not None:
+            raise item.error
 
+    def _commit_group(self, group: list[_GroupedTurn]) -> None:
+        """Commit ``group`` in one transaction (or, if that fails and it holds more than
+        one turn, each turn in its own) and hand every waiting turn its outcome."""
+        try:
+            self._commit_turns(group)
+        except Exception as exc:
+            if len(group) == 1:
+                group[0].error = exc
+            else:
+                for item in group:
+                    try:
+                        self._commit_turns([item])
+                    except Exception as one:
+                        item.error = one
+        for item in group:
+            if item.task is not None:
+                result = outcome.Value(None) if item.error is None else outcome.Error(item.error)
+                trio.lowlevel.reschedule(item.task, result)
+
+    def _commit_turns(self, group: list[_GroupedTurn]) -> None:
+        """One transaction for ``group``; on success remember keys and tails and mark each
+        (on failure nothing is remembered: the transaction was rolled back)."""
+        self._check_open()
+        assert self._writer is not None
+        keys, tails = self._keys, self._tails
+        writes: list[_sql.TurnWrite] = [
+            (t.session_id, t.turn, t.rows, keys.get(t.session_id), tails.get(t.session_id))
+            for t in group
+        ]
+        hook = self._before_commit
+        done = _translated(lambda conn: _sql.append_turns(conn, writes, self.clock(), hook))(
+            self._writer
+        )
+        for t, (key, tail) in zip(group, done, strict=True):
+            keys[t.session_id] = key
+            tails[t.session_id] = tail
         # Counted in entries, as when each was a row: a checkpoint every ~230 typical turns.
-        await self._write(job, rows=len(rows) + 1)
+        self._count_rows(sum(len(t.rows) + 1 for t in group))
 
     async def transcript(self, session_id: str) -> list[TranscriptEntry]:
         return await self._run(lambda conn: _sql.select_transcript(conn, session_id))

@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
 
 import punie_trio
 from punie_trio.store import (
@@ -938,3 +939,83 @@ async def test_migration_from_version_2_keeps_records_transcripts_and_order(
         ("renamed", 0, None),
         ("renamed", 2, None),
     ]
+
+
+async def test_turns_finishing_together_share_one_transaction(tmp_path: Path) -> None:
+    """Group commit: turns appended in the same scheduler pass commit in one transaction,
+    each caller returns once it is committed, and every tail is right."""
+    async with open_sqlite_store(tmp_path / "s.db") as store:
+        ids = [f"g{i}" for i in range(5)]
+        for session_id in ids:
+            await store.create_session(make_record(session_id))
+        assert store._writer is not None
+        statements: list[str] = []
+        store._writer.set_trace_callback(statements.append)
+        returned: list[str] = []
+
+        async def append(session_id: str) -> None:
+            await store.append_turn(session_id, 0, sample_turn(0))
+            returned.append(session_id)
+
+        async with trio.open_nursery() as nursery:
+            for session_id in ids:
+                nursery.start_soon(append, session_id)
+        store._writer.set_trace_callback(None)
+        verbs = [" ".join(sql.split()[:2]) for sql in statements]
+        assert verbs == ["BEGIN IMMEDIATE", *["INSERT INTO"] * 5, "COMMIT"]
+        assert sorted(returned) == ids
+        for session_id in ids:
+            assert store._tails[session_id] == (1, 5)
+            assert _seqs(await store.transcript(session_id)) == list(range(5))
+
+
+async def test_a_bad_turn_in_a_group_fails_alone(tmp_path: Path) -> None:
+    """A group whose transaction fails is retried a turn at a time: the others commit."""
+    async with open_sqlite_store(tmp_path / "s.db") as store:
+        for session_id in ("a", "b", "c"):
+            await store.create_session(make_record(session_id))
+        await store.append_turn("b", 0, sample_turn(0))
+        outcomes: dict[str, str] = {}
+
+        async def append(session_id: str) -> None:
+            try:
+                await store.append_turn(session_id, 0, sample_turn(0))  # b: recorded already
+            except StoreError as exc:
+                outcomes[session_id] = str(exc)
+            else:
+                outcomes[session_id] = "ok"
+
+        async with trio.open_nursery() as nursery:
+            for session_id in ("a", "b", "c"):
+                nursery.start_soon(append, session_id)
+        assert outcomes["a"] == outcomes["c"] == "ok"
+        assert "already has turn 0" in outcomes["b"]
+        assert _seqs(await store.transcript("a")) == list(range(5))
+        assert _seqs(await store.transcript("b")) == list(range(5))
+
+
+async def test_a_turn_waiting_in_a_group_is_not_cancelled_half_way(tmp_path: Path) -> None:
+    """A caller cancelled while its turn waits in another's group still sees it committed
+    (the cancellation lands at its next checkpoint), as for any write."""
+    async with open_sqlite_store(tmp_path / "s.db") as store:
+        for session_id in ("a", "b"):
+            await store.create_session(make_record(session_id))
+        assert store._writer is not None
+        statements: list[str] = []
+        store._writer.set_trace_callback(statements.append)
+        returned = False
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(store.append_turn, "a", 0, sample_turn(0))
+            while store._gathering is None:  # "a" leads a group, gathering
+                await trio.lowlevel.checkpoint()
+            with trio.CancelScope() as scope:
+                store._before_commit = scope.cancel  # cancelled while it waits in the group
+                await store.append_turn("b", 0, sample_turn(0))
+                returned = True
+                await trio.lowlevel.checkpoint()
+        store._before_commit = None
+        store._writer.set_trace_callback(None)
+        assert returned and scope.cancelled_caught
+        verbs = [" ".join(sql.split()[:2]) for sql in statements]
+        assert verbs == ["BEGIN IMMEDIATE", "INSERT INTO", "INSERT INTO", "COMMIT"]
+        assert _seqs(await store.transcript("b")) == list(range(5))
