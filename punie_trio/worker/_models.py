@@ -28,7 +28,8 @@ class TurnContext(Protocol):
 
     @property
     def history(self) -> Sequence[tuple[str, str]]:
-        """(role, text) pairs of earlier turns in this session, oldest first."""
+        """(role, text) pairs of earlier turns in this session, oldest first: two per turn,
+        ``("user", ...)`` then ``("agent", ...)``."""
         ...
 
     async def text(self, chunk: str) -> None: ...
@@ -145,7 +146,9 @@ class ScriptModel:
         return cls(load_script(path), name=f"script:{path}")
 
     async def run_turn(self, ctx: TurnContext) -> str:
-        index = sum(1 for role, _ in ctx.history if role == "user") % len(self.turns)
+        # Two history entries per earlier turn: O(1), where counting the user entries was
+        # O(turns) per turn (quadratic over a long session).
+        index = (len(ctx.history) // 2) % len(self.turns)
         stop = "end_turn"
         for step in self.turns[index]:
             if "text" in step:

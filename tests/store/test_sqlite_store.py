@@ -1004,15 +1004,20 @@ async def test_a_turn_waiting_in_a_group_is_not_cancelled_half_way(tmp_path: Pat
         statements: list[str] = []
         store._writer.set_trace_callback(statements.append)
         returned = False
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(store.append_turn, "a", 0, sample_turn(0))
-            while store._gathering is None:  # "a" leads a group, gathering
-                await trio.lowlevel.checkpoint()
-            with trio.CancelScope() as scope:
-                store._before_commit = scope.cancel  # cancelled while it waits in the group
+        scope = trio.CancelScope()
+
+        async def follower() -> None:
+            nonlocal returned
+            with scope:
+                assert store._gathering is not None  # it joins the group led below
                 await store.append_turn("b", 0, sample_turn(0))
                 returned = True
                 await trio.lowlevel.checkpoint()
+
+        store._before_commit = scope.cancel  # cancels the follower while it waits
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(follower)  # runs in the pass the leader's append yields
+            await store.append_turn("a", 0, sample_turn(0))  # this task leads the group
         store._before_commit = None
         store._writer.set_trace_callback(None)
         assert returned and scope.cancelled_caught
