@@ -42,7 +42,7 @@ from hypercorn.protocol.ws_stream import ASGIWebsocketState, WSStream
 from wsproto.connection import ConnectionState
 
 from ._fast_send import FastSendTCPServer
-from ._frames import ClientFrameReader, Handover
+from ._frames import ClientFrameReader
 from ._keepalive import KeepAliveTimer
 
 _S = TypeVar("_S", WSStream, HTTPStream)
@@ -285,8 +285,8 @@ class DirectReader:
                 await self.protocol_handle(data)
                 return
             self.active = True
-        items, handover = self.frames.feed(data)
-        if handover is Handover.FOREVER:
+        items = self.frames.feed(data)
+        if self.frames.done:
             self.server.frame_reader = None
         put = self.put
         for item in items:

@@ -24,9 +24,7 @@ No I/O and no clock: :meth:`ClientFrameReader.feed` is a pure function of the by
 
 from __future__ import annotations
 
-import enum
-
-__all__ = ["ClientFrameReader", "Handover", "unmask"]
+__all__ = ["ClientFrameReader", "unmask"]
 
 _TEXT = 0x1
 _BINARY = 0x2
@@ -34,16 +32,6 @@ _CONTINUATION = 0x0
 _CLOSE = 0x8
 _PING = 0x9
 _PONG = 0xA
-
-
-class Handover(enum.Enum):
-    """What :meth:`ClientFrameReader.feed` decided about the bytes it could not decode."""
-
-    #: Nothing was handed on, or only whole control/fragment frames: keep feeding.
-    NONE = "none"
-    #: The reader is done: its last item holds everything from the first frame it would not
-    #: take on; from now on every byte goes to the full implementation.
-    FOREVER = "forever"
 
 
 def unmask(payload: bytes | bytearray, mask: bytes | bytearray) -> bytes:
@@ -76,7 +64,8 @@ class ClientFrameReader:
         self.max_size = max_size
         self._buffer = bytearray()
         self._fragmented = False
-        #: True once the reader has handed everything on for good (see :data:`Handover`).
+        #: True once the reader has handed on everything from the first frame it would not
+        #: take: from then on every byte goes to the full implementation.
         self.done = False
 
     @property
@@ -84,12 +73,10 @@ class ClientFrameReader:
         """Bytes of a partial frame waiting for the rest."""
         return len(self._buffer)
 
-    def feed(
-        self, data: bytes | bytearray
-    ) -> tuple[list[str | tuple[bytes] | bytearray], Handover]:
-        """Take ``data``; return the items it completes and whether the reader is done."""
+    def feed(self, data: bytes | bytearray) -> list[str | tuple[bytes] | bytearray]:
+        """Take ``data``; return the items it completes (then see :attr:`done`)."""
         if self.done:
-            return [bytearray(data)], Handover.FOREVER
+            return [bytearray(data)]
         # Parse straight from ``data`` when nothing is waiting (the usual case: no copy).
         buf: bytes | bytearray
         if self._buffer:
@@ -119,12 +106,12 @@ class ClientFrameReader:
             fin = b0 & 0x80
             simple = (b0 & 0x70) == 0 and b1 & 0x80  # no reserved bits, masked
             if not simple or length > self.max_size:
-                return self._give_up(items, buf, pos), Handover.FOREVER
+                return self._give_up(items, buf, pos)
             if opcode >= _CLOSE:
                 if opcode == _CLOSE or opcode > _PONG or not fin or length > 125:
-                    return self._give_up(items, buf, pos), Handover.FOREVER
+                    return self._give_up(items, buf, pos)
             elif opcode > _BINARY:
-                return self._give_up(items, buf, pos), Handover.FOREVER
+                return self._give_up(items, buf, pos)
             frame_end = pos + header + 4 + length
             if frame_end > end:
                 break  # wait for the rest of this frame
@@ -135,20 +122,20 @@ class ClientFrameReader:
                 # its protocol error to report.
                 if opcode < _CLOSE:
                     if (opcode == _CONTINUATION) != self._fragmented:
-                        return self._give_up(items, buf, pos), Handover.FOREVER
+                        return self._give_up(items, buf, pos)
                     self._fragmented = not fin
                 _append_raw(items, bytearray(buf[pos:frame_end]))
                 pos = frame_end
                 continue
             if opcode == _CONTINUATION:  # a continuation with no message open
-                return self._give_up(items, buf, pos), Handover.FOREVER
+                return self._give_up(items, buf, pos)
             mask_at = pos + header
             payload = unmask(buf[mask_at + 4 : frame_end], buf[mask_at : mask_at + 4])
             if opcode == _TEXT:
                 try:
                     items.append(payload.decode())
                 except UnicodeDecodeError:
-                    return self._give_up(items, buf, pos), Handover.FOREVER
+                    return self._give_up(items, buf, pos)
             else:
                 items.append((payload,))
             pos = frame_end
@@ -159,7 +146,7 @@ class ClientFrameReader:
             self._buffer = bytearray(buf[pos:])
         else:
             self._buffer = bytearray()
-        return items, Handover.NONE
+        return items
 
     def _give_up(
         self, items: list[str | tuple[bytes] | bytearray], buf: bytes | bytearray, pos: int

@@ -12,7 +12,7 @@ import random
 import pytest
 from wsproto.frame_protocol import FrameProtocol, XorMaskerSimple
 
-from punie_trio.web._frames import ClientFrameReader, Handover, unmask
+from punie_trio.web._frames import ClientFrameReader, unmask
 
 Item = str | tuple[bytes] | bytearray
 
@@ -29,7 +29,7 @@ def feed_in_pieces(reader: ClientFrameReader, data: bytes, sizes: list[int]) -> 
     while pos < len(data):
         size = sizes[i % len(sizes)]
         i += 1
-        items, _ = reader.feed(data[pos : pos + size])
+        items = reader.feed(data[pos : pos + size])
         pos += size
         for item in items:
             if isinstance(item, bytearray) and out and isinstance(out[-1], bytearray):
@@ -67,9 +67,8 @@ def test_ping_and_pong_are_handed_on_and_reading_goes_on() -> None:
     pong = proto.pong(b"x")
     data = proto.send_data("one", fin=True) + ping + pong + proto.send_data("two", fin=True)
     reader = ClientFrameReader(max_size=1000)
-    items, handover = reader.feed(data)
+    items = reader.feed(data)
     assert items == ["one", bytearray(ping + pong), "two"]
-    assert handover is Handover.NONE
     assert not reader.done
 
 
@@ -93,11 +92,12 @@ def test_close_hands_on_everything_after_it_for_good() -> None:
     close = proto.close(1000, "bye")
     later = client().send_data("late", fin=True)
     reader = ClientFrameReader(max_size=1000)
-    items, handover = reader.feed(proto.send_data("last", fin=True) + close + later)
+    items = reader.feed(proto.send_data("last", fin=True) + close + later)
     assert items == ["last", bytearray(close + later)]
-    assert handover is Handover.FOREVER and reader.done
+    assert reader.done
     # From then on every byte is handed on as it is.
-    assert reader.feed(b"anything") == ([bytearray(b"anything")], Handover.FOREVER)
+    assert reader.feed(b"anything") == [bytearray(b"anything")]
+    assert reader.done
 
 
 def masked_frame(first_byte: int, payload: bytes, *, masked: bool = True) -> bytes:
@@ -128,25 +128,25 @@ def test_anything_to_reject_is_handed_on_for_good(name: str, frame: bytes) -> No
     """The full implementation then fails the connection with its own close code."""
     good = client().send_data("ok", fin=True)
     reader = ClientFrameReader(max_size=1000)
-    items, handover = reader.feed(good + frame + good)
+    items = reader.feed(good + frame + good)
     assert items == ["ok", bytearray(frame + good)], name
-    assert handover is Handover.FOREVER and reader.done
+    assert reader.done
 
 
 def test_a_message_over_the_bound_is_handed_on_from_its_header() -> None:
     big = client().send_data("x" * 2000, fin=True)
     reader = ClientFrameReader(max_size=1999)
-    items, handover = reader.feed(big[:10])  # the header alone decides
+    items = reader.feed(big[:10])  # the header alone decides
     assert items == [bytearray(big[:10])]
-    assert handover is Handover.FOREVER
+    assert reader.done
 
 
 def test_partial_frames_wait_and_are_not_copied_quadratically() -> None:
     frame = client().send_data("q" * 300_000, fin=True)
     reader = ClientFrameReader(max_size=1 << 20)
     for start in range(0, len(frame) - 1, 65_536):
-        items, _ = reader.feed(frame[start : min(start + 65_536, len(frame) - 1)])
+        items = reader.feed(frame[start : min(start + 65_536, len(frame) - 1)])
         assert items == []
     assert reader.buffered == len(frame) - 1
-    assert reader.feed(frame[-1:])[0] == ["q" * 300_000]
+    assert reader.feed(frame[-1:]) == ["q" * 300_000]
     assert reader.buffered == 0
