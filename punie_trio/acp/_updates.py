@@ -6,9 +6,10 @@ same object can be sent, stored in the transcript and replayed byte for byte.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Mapping
 from typing import Any
+
+from .. import _json
 
 
 def text_block(text: str) -> dict[str, Any]:
@@ -94,7 +95,7 @@ def tool_call_update(
 
 def encode(update: Mapping[str, Any]) -> str:
     """The compact JSON text of an update object (the wire encoding of the JSON-RPC codec)."""
-    return json.dumps(update, separators=(",", ":"), ensure_ascii=False)
+    return _json.dumps(update)
 
 
 def notification(session_id: str, update_json: str) -> str:
@@ -111,6 +112,6 @@ def notification_prefix(session_id: str) -> str:
     """The text of a session's ``session/update`` notifications up to the update object."""
     return (
         '{"jsonrpc":"2.0","method":"session/update","params":{"sessionId":'
-        + json.dumps(session_id, ensure_ascii=False)
+        + _json.dumps(session_id)
         + ',"update":'
     )

@@ -17,6 +17,7 @@ from typing import Any, TypeGuard
 
 import attrs
 
+from .. import _json
 from ._errors import INVALID_REQUEST, PARSE_ERROR, RpcError
 
 RequestId = int | str
@@ -137,7 +138,7 @@ def parse(text: str | bytes) -> Message:
 
 def _dumps(obj: dict[str, Any]) -> str:
     # ensure_ascii=False keeps text compact; json never emits a raw newline inside strings.
-    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
+    return _json.dumps(obj)
 
 
 def serialize(msg: Message) -> str:

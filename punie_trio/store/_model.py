@@ -17,6 +17,8 @@ from typing import Any, Final
 
 import attrs
 
+from .. import _json
+
 #: The pseudo ``sessionUpdate`` kind recording a turn's stop reason: ``{"stopReason": ...}``.
 STOP: Final = "stop"
 
@@ -114,8 +116,8 @@ def dump_json(value: Any, what: str) -> str:
     for anything an ACP message can contain.
     """
     try:
-        return json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
-    except (TypeError, ValueError) as exc:
+        return _json.dumps_strict(value)
+    except (TypeError, ValueError, RecursionError) as exc:
         raise StoreError(f"{what} is not JSON-serialisable: {exc}") from exc
 
 

@@ -118,9 +118,15 @@ class FastSendTCPServer(TCPServer):
             await super()._read_data()
             return
         stream, handle = self.stream, self.protocol.handle
+        sock = _stdlib_socket(stream)
+        drained = False
         while True:
             try:
-                data = await stream.receive_some(MAX_RECV)
+                if sock is None:
+                    data = await stream.receive_some(MAX_RECV)
+                else:
+                    data = await _receive(sock, drained)
+                    drained = len(data) < MAX_RECV
             except (trio.ClosedResourceError, trio.BrokenResourceError):
                 break
             reader = self.frame_reader
@@ -255,6 +261,34 @@ def install() -> bool:
         return False
     setattr(_hypercorn_run, "TCPServer", FastSendTCPServer)  # noqa: B010 (not re-exported)
     return True
+
+
+async def _receive(sock: socket.socket, drained: bool) -> bytes:
+    """``SocketStream.receive_some`` for the plain socket under it, minus a system call.
+
+    trio's ``receive_some`` always tries ``recv`` first and waits for readability only when
+    that fails. A connection that just read less than it asked for has (almost always) an
+    empty kernel buffer, so that first ``recv`` fails: one wasted system call and one
+    ``BlockingIOError`` per message. Here a ``drained`` socket is waited on first, and the
+    ``recv`` after the wake finds the data. Otherwise (the last read filled the buffer) it
+    reads at once, after a checkpoint, as trio does. Errors are trio's: a socket closed
+    under the wait raises ``ClosedResourceError``, an ``OSError`` from ``recv``
+    ``BrokenResourceError``."""
+    if not drained:
+        await trio.lowlevel.checkpoint()
+    while True:
+        if drained:
+            if sock.fileno() == -1:
+                raise trio.ClosedResourceError("socket was closed")
+            await trio.lowlevel.wait_readable(sock)
+        try:
+            return sock.recv(MAX_RECV)
+        except BlockingIOError:
+            drained = True
+        except OSError as exc:
+            if sock.fileno() == -1:
+                raise trio.ClosedResourceError("socket was closed") from None
+            raise trio.BrokenResourceError(str(exc)) from exc
 
 
 def _stdlib_socket(stream: Any) -> socket.socket | None:

@@ -1,0 +1,40 @@
+"""punie_trio._json: the cached C encoders give exactly what json.dumps gives."""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+import pytest
+
+from punie_trio import _json
+
+CASES: list[Any] = [
+    {"sessionUpdate": "agent_message_chunk", "content": {"type": "text", "text": 'héllo\n"x"'}},
+    {"a": [1, 2.5, None, True, False, 1e100, -0.0], "b": {}, "c": []},
+    {"1": "x", "nested": {"deep": [{"k": "\u2028\x00"}]}},
+    "a string with \u00e9 and \\",
+    12,
+    1.1,
+    None,
+    [],
+]
+
+
+@pytest.mark.parametrize("value", CASES)
+def test_same_text_as_json_dumps(value: Any) -> None:
+    expected = json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+    assert _json.dumps(value) == expected
+    assert _json.dumps_strict(value) == expected
+
+
+def test_nan_written_by_dumps_refused_by_strict() -> None:
+    assert _json.dumps({"x": math.nan}) == '{"x":NaN}'
+    with pytest.raises(ValueError):
+        _json.dumps_strict({"x": math.inf})
+
+
+def test_unserialisable_raises_type_error() -> None:
+    with pytest.raises(TypeError):
+        _json.dumps({"x": {1, 2}})
