@@ -22,7 +22,7 @@ def _encoder(allow_nan: bool) -> Callable[[Any], str]:
     stdlib = json.JSONEncoder(
         separators=(",", ":"), ensure_ascii=False, allow_nan=allow_nan, check_circular=False
     )
-    make = json.encoder.c_make_encoder
+    make = getattr(json.encoder, "c_make_encoder", None)
     if make is None:  # pragma: no cover - CPython always has the C accelerator
         return stdlib.encode
     encode = make(
