@@ -187,6 +187,9 @@ class Manager:
     _turn_ids: itertools.count[int] = attrs.field(factory=lambda: itertools.count(1), init=False)
     _nursery: trio.Nursery | None = attrs.field(default=None, init=False)
     _reattached: dict[str, trio.Event] = attrs.field(factory=dict, init=False)
+    # Turns registered and not yet finished, in every session (the store's group commit
+    # need not wait for company when there is none).
+    _running_turns: int = attrs.field(default=0, init=False)
 
     def __attrs_post_init__(self) -> None:
         self.roots = tuple(str(Path(r).resolve()) for r in self.roots)
@@ -614,6 +617,7 @@ class Manager:
         recent.append(now)
         turn = ActiveTurn(next(self._turn_ids), conn)
         session.turn = turn
+        self._running_turns += 1
         return turn
 
     def cancel(self, conn: ClientConnection, session_id: str) -> None:
@@ -768,6 +772,7 @@ class Manager:
             else:
                 turn.response = {"stopReason": stop}
             session.turn = None
+            self._running_turns -= 1
             turn.finished.set()
             if turn.request_id is not None:
                 if turn.orphaned:
@@ -850,7 +855,9 @@ class Manager:
         with trio.CancelScope(shield=True) as scope:
             scope.deadline = trio.current_time() + PERSIST_TIMEOUT
             try:
-                await self.store.append_turn(session.id, session.turns, entries)
+                await self.store.append_turn(
+                    session.id, session.turns, entries, alone=self._running_turns == 1
+                )
                 session.turns += 1
                 if session.title is None:
                     first_line = params.text().strip().split("\n", 1)[0]

@@ -121,7 +121,12 @@ class MemoryStore:
         return self._sessions.pop(session_id, None) is not None
 
     async def append_turn(
-        self, session_id: str, turn: int, entries: Sequence[tuple[str, Payload]]
+        self,
+        session_id: str,
+        turn: int,
+        entries: Sequence[tuple[str, Payload]],
+        *,
+        alone: bool = False,
     ) -> None:
         await self._enter_write()
         rows = check_turn(turn, entries)

@@ -52,14 +52,22 @@ class Store(Protocol):
         ...
 
     async def append_turn(
-        self, session_id: str, turn: int, entries: Sequence[tuple[str, Payload]]
+        self,
+        session_id: str,
+        turn: int,
+        entries: Sequence[tuple[str, Payload]],
+        *,
+        alone: bool = False,
     ) -> None:
         """Record one finished turn atomically: its entries in order, ``turns`` raised to
         ``turn + 1`` and ``updated_at`` set to now. Once this returns the turn is durable
         across a process crash; until it returns, none of it may be. A ``turn`` below the
         session's ``turns`` (already recorded) is a ``StoreError``, and so is an invalid
         entry (see ``check_turn``: among others, a kind with a tab or newline, or a payload
-        given as JSON text with a raw newline)."""
+        given as JSON text with a raw newline).
+
+        ``alone``: the caller knows no other turn is about to be recorded (none other is
+        running), so a store that gathers turns into one commit need not wait for more."""
         ...
 
     async def transcript(self, session_id: str) -> list[TranscriptEntry]:

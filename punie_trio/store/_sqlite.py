@@ -223,7 +223,12 @@ class SqliteStore:
         return await self._write(job)
 
     async def append_turn(
-        self, session_id: str, turn: int, entries: Sequence[tuple[str, Payload]]
+        self,
+        session_id: str,
+        turn: int,
+        entries: Sequence[tuple[str, Payload]],
+        *,
+        alone: bool = False,
     ) -> None:
         """Record a turn; return once it is committed (group commit, see the module).
 
@@ -232,7 +237,8 @@ class SqliteStore:
         turns they finish join its group, then commits the group in one transaction and
         wakes the others. A turn that joins waits for that commit (not interruptible, like
         every write: it is at most one scheduler pass away). A group that fails is retried
-        a turn at a time, so one bad turn fails alone.
+        a turn at a time, so one bad turn fails alone. A turn recorded ``alone`` (no other
+        turn runs: nothing could join) is committed at once, without the leader's passes.
         """
         self._check_open()
         rows = check_turn(turn, entries)
@@ -245,6 +251,11 @@ class SqliteStore:
             await trio.lowlevel.wait_task_rescheduled(
                 lambda _raise_cancel: trio.lowlevel.Abort.FAILED
             )
+            return
+        if alone:
+            self._commit_group([item])
+            if item.error is not None:
+                raise item.error
             return
         group = self._gathering = [item]
         try:

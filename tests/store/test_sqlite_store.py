@@ -1024,3 +1024,42 @@ async def test_a_turn_waiting_in_a_group_is_not_cancelled_half_way(tmp_path: Pat
         verbs = [" ".join(sql.split()[:2]) for sql in statements]
         assert verbs == ["BEGIN IMMEDIATE", "INSERT INTO", "INSERT INTO", "COMMIT"]
         assert _seqs(await store.transcript("b")) == list(range(5))
+
+
+async def test_a_turn_recorded_alone_commits_without_waiting_for_a_group(
+    tmp_path: Path,
+) -> None:
+    """``alone=True`` (the hub knows no other turn runs): committed in its own transaction
+    before any other task runs; a group already gathering is joined all the same."""
+    async with open_sqlite_store(tmp_path / "s.db") as store:
+        for session_id in ("a", "b", "c"):
+            await store.create_session(make_record(session_id))
+        assert store._writer is not None
+        statements: list[str] = []
+        store._writer.set_trace_callback(statements.append)
+        ran: list[str] = []
+
+        async def other() -> None:
+            ran.append("other")
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(other)  # runnable, but no pass happens before the commit
+            await store.append_turn("a", 0, sample_turn(0), alone=True)
+            assert ran == []
+            assert store._tails["a"] == (1, 5)
+        verbs = [" ".join(sql.split()[:2]) for sql in statements]
+        assert verbs == ["BEGIN IMMEDIATE", "INSERT INTO", "COMMIT"]
+
+        statements.clear()
+
+        async def joiner() -> None:
+            assert store._gathering is not None
+            await store.append_turn("c", 0, sample_turn(0), alone=True)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(joiner)  # runs while the leader below gathers
+            await store.append_turn("b", 0, sample_turn(0))
+        store._writer.set_trace_callback(None)
+        verbs = [" ".join(sql.split()[:2]) for sql in statements]
+        assert verbs == ["BEGIN IMMEDIATE", "INSERT INTO", "INSERT INTO", "COMMIT"]
+        assert _seqs(await store.transcript("c")) == list(range(5))

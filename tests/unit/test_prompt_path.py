@@ -48,10 +48,8 @@ async def _connect_initialized(
 async def test_short_prompt_updates_and_answer_leave_in_one_write(
     tmp_path: Path, store_kind: str
 ) -> None:
-    """With the memory store, exactly one write. With sqlite the turn's commit leads a
-    group commit, which yields a scheduler pass for other turns to join; the writer may
-    send the updates in that pass (the client then reads them while the commit runs), so
-    it is one write or two, never more."""
+    """A short turn's updates and answer leave in exactly one write, with either store
+    (sqlite: the only running turn is committed at once, without a group's passes)."""
     root = Path(await trio.Path(tmp_path).resolve())
     async with contextlib.AsyncExitStack() as stack:
         store: Store = (
@@ -85,10 +83,9 @@ async def test_short_prompt_updates_and_answer_leave_in_one_write(
                     "id": 10 + n,
                     "result": {"stopReason": "end_turn"},
                 }
-                if store_kind == "memory":
-                    assert counting.writes == before + 1
-                else:
-                    assert counting.writes in (before + 1, before + 2)
+                # The only running turn: the sqlite store commits it at once (alone=True),
+                # so its updates and answer leave in one write with either store.
+                assert counting.writes == before + 1
                 assert len(conn.peer._nursery.child_tasks) == tasks  # no handler task
             nursery.cancel_scope.cancel()
 
