@@ -90,6 +90,10 @@ class ClientConnection:
         assert self.peer is not None
         await self.peer.send_encoded(text)
 
+    def send_encoded_now(self, texts: list[str]) -> bool:
+        """Queue encoded messages without waiting (see :meth:`Peer.send_encoded_now`)."""
+        return self.peer is not None and self.peer.send_encoded_now(texts)
+
     async def call_client(self, method: str, params: dict[str, Any]) -> Any:
         assert self.peer is not None
         return await self.peer.request(method, params)

@@ -702,12 +702,16 @@ class Manager:
         """Relay one turn's events to the session's owner (or keep them while it is away),
         commit the transcript, then answer the prompt.
 
-        No nursery and no wait between the turn's last update and its answer: for a short
-        turn both leave in the writer's next batch, one write."""
+        No nursery and no wait between the turn's last update and its answer: the updates
+        that arrive together with the turn's end are held until its transcript is committed
+        and then queued with the answer, so for a short turn everything leaves in one write
+        (not the updates while the commit runs and the answer after it: two writes, two
+        packets for the client to read)."""
         started = trio.current_time()
         finished: TurnFinished | None = None
         streamed: list[tuple[str, str]] = []  # (kind, encoded update)
         agent_text: list[str] = []
+        held: list[str] = []  # the last batch's notifications, sent with the answer
         prefix = updates.notification_prefix(session.id)
         try:
             with contextlib.suppress(trio.ClosedResourceError, trio.BrokenResourceError):
@@ -722,6 +726,7 @@ class Manager:
                     except trio.EndOfChannel:
                         break
                     # One scheduler trip per batch: relay whatever else is queued too.
+                    batch: list[str] = []
                     while isinstance(event, Update):
                         # Encoded once: sent, buffered for a detached client and stored.
                         update = event.update
@@ -729,17 +734,20 @@ class Manager:
                         streamed.append((update["sessionUpdate"], encoded))
                         if update["sessionUpdate"] == "agent_message_chunk":
                             agent_text.append(_text_of(update))
-                        await self._deliver(session, prefix + encoded + "}}")
+                        batch.append(prefix + encoded + "}}")
                         try:
                             event = events.receive_nowait()
                         except (trio.WouldBlock, trio.EndOfChannel):
                             break
-                    if isinstance(event, ClientCall):
-                        if self._nursery is not None:  # else shutting down: turn cancelled
-                            self._nursery.start_soon(self._client_call, session, turn, event)
-                    elif isinstance(event, TurnFinished):
+                    if isinstance(event, TurnFinished):
                         finished = event
+                        held = batch  # at most a channel's worth: TURN_EVENT_BUFFER
                         break
+                    for notification in batch:
+                        await self._deliver(session, notification)
+                    # (No nursery: shutting down, the turn is being cancelled.)
+                    if isinstance(event, ClientCall) and self._nursery is not None:
+                        self._nursery.start_soon(self._client_call, session, turn, event)
         finally:
             events.close()
             turn.relaying = False
@@ -771,6 +779,8 @@ class Manager:
                 turn.error = RpcError(REQUEST_CANCELLED, "Request cancelled")
             else:
                 turn.response = {"stopReason": stop}
+            if held:
+                await self._deliver_held(session, held)
             session.turn = None
             self._running_turns -= 1
             turn.finished.set()
@@ -781,6 +791,22 @@ class Manager:
                     # Joins the turn's last updates in the writer's next batch. (False if
                     # the connection ended meanwhile: nobody is left to answer.)
                     turn.connection.answer_now(turn.request_id, turn.response, turn.error)
+
+    async def _deliver_held(self, session: Session, held: list[str]) -> None:
+        """Queue a finished turn's last updates (see :meth:`_relay_turn`) without waiting
+        for room: they go out just before the answer. Kept for a detached owner; behind
+        updates it missed (it is re-attaching), sent after them, shielded like an answer."""
+        conn = session.owner
+        if conn is None:
+            for notification in held:
+                self._buffer(session, ("update", notification))
+        elif session.pending:
+            with trio.CancelScope(shield=True), trio.move_on_after(PERSIST_TIMEOUT):
+                for notification in held:
+                    await self._deliver(session, notification)
+        elif not conn.send_encoded_now(held):
+            for notification in held:
+                self._buffer(session, ("update", notification))
 
     async def _answer_orphan(self, session: Session, turn: ActiveTurn) -> None:
         item: Pending = ("answer", turn.request_id, turn.response, turn.error)

@@ -277,6 +277,16 @@ class Peer:
         for text in texts:
             await self._queue(text)
 
+    def send_encoded_now(self, texts: Iterable[str]) -> bool:
+        """Queue already encoded messages at once, even past the outbox's bound (the
+        caller bounds how many: a turn's last updates, sent with its answer). False if the
+        outbox is closed (nothing queued)."""
+        if self._outbox.closed:
+            return False
+        for text in texts:
+            self._outbox.force(text)
+        return True
+
     def answer_now(
         self, request_id: RequestId, result: Any = None, error: RpcError | None = None
     ) -> bool:

@@ -90,6 +90,39 @@ async def test_short_prompt_updates_and_answer_leave_in_one_write(
             nursery.cancel_scope.cancel()
 
 
+async def test_turns_committed_together_each_leave_in_one_write(tmp_path: Path) -> None:
+    """Several clients' turns finishing together share the sqlite store's group commit;
+    each turn's last updates are held until that commit and leave with the answer, so
+    every connection still gets one write per short turn (not the updates while the
+    group gathers and the answer after it)."""
+    root = Path(await trio.Path(tmp_path).resolve())
+    async with open_sqlite_store(root / "store.db") as store:
+        manager = Manager((str(root),), EchoModel(chunks=3), store=store)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(manager.run)
+            clients = [await _connect_initialized(nursery, manager, counting=True) for _ in "abc"]
+            sessions = []
+            for _, theirs, reader, _ in clients:
+                new = {"cwd": str(root), "mcpServers": []}
+                await theirs.send_all(_line({"id": 2, "method": "session/new", "params": new}))
+                sessions.append((await reader.next())["result"]["sessionId"])
+            await trio.testing.wait_all_tasks_blocked()
+            before = [counting.writes for *_, counting in clients if counting is not None]
+            prompt = [{"type": "text", "text": "a b c"}]
+            for (_, theirs, _, _), session_id in zip(clients, sessions, strict=True):
+                params = {"sessionId": session_id, "prompt": prompt}
+                await theirs.send_all(
+                    _line({"id": 3, "method": "session/prompt", "params": params})
+                )
+            for _, _, reader, _ in clients:
+                got = [await reader.next() for _ in range(4)]
+                assert [m.get("method") for m in got[:3]] == ["session/update"] * 3
+                assert got[3]["result"] == {"stopReason": "end_turn"}
+            after = [counting.writes for *_, counting in clients if counting is not None]
+            assert after == [n + 1 for n in before]
+            nursery.cancel_scope.cancel()
+
+
 async def test_cancel_of_a_turn_whose_start_waits_for_room_still_reaches_it(
     tmp_path: Path, monkeypatch: Any, autojump_clock: trio.testing.MockClock
 ) -> None:
