@@ -66,6 +66,8 @@ from ..worker import (
     ClientCall,
     ClientReply,
     Command,
+    EventReceiver,
+    EventSender,
     ForgetSession,
     Model,
     ProjectWorker,
@@ -75,6 +77,7 @@ from ..worker import (
     TurnEvent,
     TurnFinished,
     Update,
+    open_event_channel,
 )
 
 if TYPE_CHECKING:
@@ -669,7 +672,9 @@ class Manager:
         turn = self.begin_prompt(conn, params)
         turn.request_id = current_request_id.get(None)
         session = self.sessions[params.session_id]
-        events_send, events_receive = trio.open_memory_channel[TurnEvent](TURN_EVENT_BUFFER)
+        events_send: EventSender[TurnEvent]
+        events_receive: EventReceiver[TurnEvent]
+        events_send, events_receive = open_event_channel(TURN_EVENT_BUFFER)
         env = TurnEnv(session.id, session.cwd, session.allowed_roots, conn.capabilities)
         start = StartTurn(turn.turn_id, env, params.text(), params.prompt, events_send)
         unsent: StartTurn | None = None
@@ -696,7 +701,7 @@ class Manager:
         session: Session,
         turn: ActiveTurn,
         params: PromptParams,
-        events: trio.MemoryReceiveChannel[TurnEvent],
+        events: EventReceiver[TurnEvent],
         start: StartTurn | None,
     ) -> None:
         """Relay one turn's events to the session's owner (or keep them while it is away),

@@ -13,6 +13,7 @@ from ._envelopes import (
     TurnFinished,
     Update,
 )
+from ._events import EventReceiver, EventSender, EventSink, open_event_channel
 from ._models import (
     EchoModel,
     Model,
@@ -32,6 +33,9 @@ __all__ = [
     "ClientReply",
     "Command",
     "EchoModel",
+    "EventReceiver",
+    "EventSender",
+    "EventSink",
     "ForgetSession",
     "Model",
     "PathEscape",
@@ -48,5 +52,6 @@ __all__ = [
     "echo_chunks",
     "load_script",
     "model_from_spec",
+    "open_event_channel",
     "resolve_inside",
 ]

@@ -10,9 +10,9 @@ from __future__ import annotations
 from typing import Any
 
 import attrs
-import trio
 
 from ..acp import ClientCapabilities
+from ._events import EventSink
 
 
 @attrs.frozen
@@ -65,7 +65,7 @@ class StartTurn:
     env: TurnEnv
     prompt_text: str
     prompt_blocks: tuple[dict[str, Any], ...]
-    events: trio.MemorySendChannel[TurnEvent] = attrs.field(eq=False, repr=False)
+    events: EventSink[TurnEvent] = attrs.field(eq=False, repr=False)
 
 
 @attrs.frozen
