@@ -182,7 +182,7 @@ async def main() -> None:
     )
     args = parser.parse_args()
     raise_nofile()
-    single, multi, loads = (300, 60, 3) if args.quick else (3000, 600, 7)
+    single, multi, loads = (300, 60, 3) if args.quick else (6000, 3000, 7)
     header("persistence: sqlite vs memory store, and session/load of 1,000 turns")
     print(versions(), f"load average at start {os.getloadavg()[0]:.2f}", sep="; ")
     holder, project, data = tmpdirs("persist")
