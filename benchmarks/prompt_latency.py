@@ -140,7 +140,7 @@ async def main() -> None:
     CHUNKS = args.chunks
     raise_nofile()
     # (clients, prompts per client)
-    levels = [(1, 200), (10, 50), (100, 10)] if args.quick else [(1, 2000), (10, 400), (100, 60)]
+    levels = [(1, 200), (10, 50), (100, 10)] if args.quick else [(1, 3000), (10, 600), (100, 150)]
     header(f"prompt_latency: echo prompt round trips ({CHUNKS} chunk(s) + answer)")
     print(versions(), f"load average at start {os.getloadavg()[0]:.2f}", sep="; ")
     holder, project, data = tmpdirs("prompt")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Awaitable, Iterable
+from collections.abc import Awaitable, Iterable, Sequence
 from typing import Any
 
 import attrs
@@ -102,8 +102,12 @@ class ClientConnection:
         assert self.peer is not None
         await self.peer.notify(method, params)
 
-    def answer_now(self, request_id: Any, result: Any, error: RpcError | None) -> bool:
-        return self.peer is not None and self.peer.answer_now(request_id, result, error)
+    def answer_now(
+        self, request_id: Any, result: Any, error: RpcError | None, before: Sequence[str] = ()
+    ) -> bool:
+        return self.peer is not None and self.peer.answer_now(
+            request_id, result, error, before=before
+        )
 
     async def send_answer(self, request_id: Any, result: Any, error: RpcError | None) -> None:
         assert self.peer is not None

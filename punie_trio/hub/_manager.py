@@ -784,7 +784,16 @@ class Manager:
                 turn.error = RpcError(REQUEST_CANCELLED, "Request cancelled")
             else:
                 turn.response = {"stopReason": stop}
-            if held:
+            # The usual case: the owner sent the prompt and missed nothing, so the last
+            # updates and the answer are queued together (and written at once if its
+            # writer is idle). Otherwise the updates take the owner's way first.
+            together = (
+                turn.request_id is not None
+                and not turn.orphaned
+                and session.owner is turn.connection
+                and not session.pending
+            )
+            if held and not together:
                 await self._deliver_held(session, held)
             session.turn = None
             self._running_turns -= 1
@@ -792,10 +801,16 @@ class Manager:
             if turn.request_id is not None:
                 if turn.orphaned:
                     await self._answer_orphan(session, turn)
-                else:
-                    # Joins the turn's last updates in the writer's next batch. (False if
-                    # the connection ended meanwhile: nobody is left to answer.)
-                    turn.connection.answer_now(turn.request_id, turn.response, turn.error)
+                # (False if the connection ended meanwhile: nobody is left to answer;
+                # held updates are then kept for the owner like any other.)
+                elif (
+                    not turn.connection.answer_now(
+                        turn.request_id, turn.response, turn.error, before=held if together else ()
+                    )
+                    and together
+                    and held
+                ):
+                    await self._deliver_held(session, held)
 
     async def _deliver_held(self, session: Session, held: list[str]) -> None:
         """Queue a finished turn's last updates (see :meth:`_relay_turn`) without waiting

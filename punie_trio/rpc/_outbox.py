@@ -27,7 +27,7 @@ class Outbox:
         if limit < 1:
             raise ValueError("an outbox holds at least one message")
         self._limit = limit
-        self._items: list[str] = []
+        self._items: list[str | bytes] = []
         self._closed = False
         self._taker: trio.lowlevel.Task | None = None
         self._senders: trio.lowlevel.ParkingLot | None = None
@@ -47,15 +47,49 @@ class Outbox:
             raise trio.WouldBlock
         self.force(text)
 
-    def force(self, text: str) -> None:
+    def force(self, text: str, *, wake: bool = True) -> None:
         """Queue ``text`` even when full (answers to requests running here: their number
-        is bounded by the peer's request limit, and a finished request must not wait)."""
+        is bounded by the peer's request limit, and a finished request must not wait).
+
+        ``wake=False`` leaves a waiting taker waiting: the caller then either writes the
+        queue itself (:meth:`taker_waiting`, :meth:`take_now`) or calls :meth:`wake`, in
+        the same scheduler step."""
         if self._closed:
             raise trio.ClosedResourceError("outbox is closed")
         self._items.append(text)
-        if self._taker is not None:
+        if wake and self._taker is not None:
             task, self._taker = self._taker, None
             trio.lowlevel.reschedule(task)
+
+    @property
+    def taker_waiting(self) -> bool:
+        """The taker waits in :meth:`take` (so nothing taken is being written)."""
+        return self._taker is not None
+
+    def wake(self) -> None:
+        """Wake a waiting taker if anything is queued (after ``force(..., wake=False)``)."""
+        if self._taker is not None and self._items:
+            task, self._taker = self._taker, None
+            trio.lowlevel.reschedule(task)
+
+    def peek(self) -> list[str | bytes]:
+        """What is queued, in order, left queued (see :meth:`take_now`)."""
+        return self._items
+
+    def take_now(self, count: int) -> None:
+        """Drop the first ``count`` items, which the caller has written itself while the
+        taker waited (it keeps waiting). Senders waiting for room are woken."""
+        del self._items[:count]
+        if self._senders is not None:
+            self._senders.unpark(count=count)
+
+    def put_front(self, data: str | bytes) -> None:
+        """Queue ``data`` ahead of everything (the unwritten rest of a write made with
+        :meth:`take_now`: bytes, which the taker writes as they are) and wake the taker."""
+        if self._closed:
+            raise trio.ClosedResourceError("outbox is closed")
+        self._items.insert(0, data)
+        self.wake()
 
     async def send(self, text: str) -> None:
         """Queue ``text``, waiting while the outbox is full. Always a checkpoint."""
@@ -71,7 +105,7 @@ class Outbox:
                 await trio.lowlevel.cancel_shielded_checkpoint()
                 return
 
-    async def take(self, most: int) -> list[str]:
+    async def take(self, most: int) -> list[str | bytes]:
         """Everything queued, up to ``most`` messages, waiting until there is something.
         Raises :class:`trio.EndOfChannel` once closed and drained. One taker at a time."""
         if self._taker is not None:

@@ -28,13 +28,13 @@ from __future__ import annotations
 import contextvars
 import itertools
 import logging
-from collections.abc import Awaitable, Callable, Iterable
-from typing import Any, Protocol
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from typing import Any, Protocol, cast
 
 import attrs
 import trio
 
-from ..transport import BatchSender, MessageStream, MessageTooLarge
+from ..transport import BatchSender, MessageStream, MessageTooLarge, NowSender
 from ._codec import (
     ErrorResponse,
     MalformedMessage,
@@ -171,9 +171,11 @@ class Peer:
     _eof: bool = attrs.field(default=False, init=False)
     _reader_scope: trio.CancelScope = attrs.field(factory=trio.CancelScope, init=False)
     _outbox: Outbox = attrs.field(init=False)
+    _now_sender: NowSender | None = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
         self._outbox = Outbox(self.outbox_size)
+        self._now_sender = self.stream if isinstance(self.stream, NowSender) else None
 
     @property
     def closed(self) -> bool:
@@ -288,7 +290,12 @@ class Peer:
         return True
 
     def answer_now(
-        self, request_id: RequestId, result: Any = None, error: RpcError | None = None
+        self,
+        request_id: RequestId,
+        result: Any = None,
+        error: RpcError | None = None,
+        *,
+        before: Sequence[str] = (),
     ) -> bool:
         """Queue the answer to a request that is still running here, from whichever task
         has it (a turn's relay answers ``session/prompt`` in the same scheduler pass as the
@@ -299,7 +306,13 @@ class Peer:
         running here (answered, or dropped with its connection). For a request with a
         handler task, the handler's own outcome is then dropped, and a ``$/cancel_request``
         for it is ignored; False (nothing queued) if it is not running here, is answered
-        already, or the outbox is full or closed: the handler's return value answers it."""
+        already, or the outbox is full or closed: the handler's return value answers it.
+
+        ``before``: encoded messages to send just ahead of the answer (a turn's last
+        updates), for a :class:`Deferred` request only (nothing is queued when it returns
+        False). When the writer is idle and the stream is a
+        :class:`~punie_trio.transport.NowSender`, this task writes the queue itself: the
+        answer leaves now rather than in the writer's next scheduler step."""
         entry = self._running.get(request_id)
         if entry is None or (self._answered is not None and request_id in self._answered):
             return False
@@ -309,10 +322,13 @@ class Peer:
             else ErrorResponse(request_id, error.code, error.message, error.data)
         )
         if isinstance(entry, Deferred):
-            try:
-                self._outbox.force(serialize(msg))
-            except trio.ClosedResourceError:
+            outbox = self._outbox
+            if outbox.closed:
                 return False
+            for text in before:
+                outbox.force(text, wake=False)
+            outbox.force(serialize(msg), wake=False)
+            self._write_queued_now()
             del self._running[request_id]
             if error is not None:
                 self.observer.error_sent(error.code)
@@ -329,6 +345,25 @@ class Peer:
             self._answered = set()
         self._answered.add(request_id)
         return True
+
+    def _write_queued_now(self) -> None:
+        """Write what is queued from this task if the writer waits and the stream can
+        write synchronously; else (or for what the socket did not take) wake the writer."""
+        outbox = self._outbox
+        sender = self._now_sender
+        if sender is not None and outbox.taker_waiting:
+            queued = outbox.peek()
+            # Only texts: a raw rest sits at the front only while the writer is awake.
+            texts = [item for item in queued if isinstance(item, str)]
+            if len(texts) == len(queued):
+                rest = sender.send_messages_now(texts)
+                if rest is not None:
+                    outbox.take_now(len(texts))
+                    self.observer.message_out(len(texts))
+                    if rest:
+                        outbox.put_front(rest)
+                    return
+        outbox.wake()
 
     async def request(self, method: str, params: Params = None) -> Any:
         """Send a request and wait for its answer.
@@ -380,9 +415,15 @@ class Peer:
                 # Everything queued (up to WRITE_BATCH): one scheduler trip, and with a
                 # BatchSender one system call, per batch rather than per message.
                 try:
-                    batch = await outbox.take(WRITE_BATCH)
+                    taken = await outbox.take(WRITE_BATCH)
                 except trio.EndOfChannel:
                     break
+                first = taken[0]
+                if isinstance(first, bytes):  # the rest of a write made by answer_now
+                    assert self._now_sender is not None
+                    await self._now_sender.send_raw(first)
+                    del taken[0]
+                batch = cast(list[str], taken)
                 if send_batch is not None and len(batch) > 1:
                     await send_batch(batch)
                 else:

@@ -43,3 +43,21 @@ class BatchSender(Protocol):
     backlog has built up (a streamed turn, a ``session/load`` replay)."""
 
     async def send_messages(self, texts: Sequence[str]) -> None: ...
+
+
+@runtime_checkable
+class NowSender(Protocol):
+    """A :class:`MessageStream` that can write messages from synchronous code, when its
+    socket takes them at once: a turn's relay writes the answer (and the turn's last
+    updates) itself while the peer's writer waits, saving the writer's scheduler step on
+    the way to the client."""
+
+    def send_messages_now(self, texts: Sequence[str]) -> bytes | None:
+        """Write ``texts`` (one message each) now. ``None``: nothing was written, use the
+        ordinary path. Otherwise the bytes the socket did not take (``b""`` for none),
+        which must go out next, through :meth:`send_raw`, before anything else."""
+        ...
+
+    async def send_raw(self, data: bytes) -> None:
+        """Write the rest of a :meth:`send_messages_now` as it is."""
+        ...

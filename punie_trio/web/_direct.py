@@ -123,6 +123,18 @@ class DirectFrames:
         if isinstance(timer, KeepAliveTimer):
             timer.retire()
 
+    def send_texts_now(self, texts: Sequence[str]) -> bytes | None:
+        """Write one text frame per item from synchronous code (call only if
+        :meth:`usable`): ``None`` if nothing may be written now, else the bytes the kernel
+        did not take, to be written next (see ``FastSendTCPServer.send_now``)."""
+        data = b"".join([text_frame(text) for text in texts])
+        sent = self.server.send_now(data)
+        return None if sent is None else data[sent:]
+
+    async def send_raw(self, data: bytes) -> None:
+        """The rest of a :meth:`send_texts_now`, as it is."""
+        await self.server.protocol_send(RawData(data=data))
+
     async def send_texts(self, texts: Sequence[str]) -> None:
         """Write one text frame per item, in order, in one write (call only if
         :meth:`usable`)."""

@@ -36,10 +36,12 @@ MESSAGES = ["a", "é" * 200, '{"jsonrpc":"2.0"}', "x" * 70_000, ""]
 
 
 class App:
-    """Accepts, sends :data:`MESSAGES` (a batch, then one by one), records the path used."""
+    """Accepts, sends :data:`MESSAGES` (a batch, one by one, then written synchronously
+    with ``send_messages_now``, its rest through ``send_raw``), records the paths used."""
 
     def __init__(self) -> None:
         self.direct: list[bool] = []
+        self.now: list[bool] = []
         self.done = trio.Event()
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
@@ -52,6 +54,12 @@ class App:
         await stream.send_messages(MESSAGES)
         for text in MESSAGES:
             await stream.send_message(text)
+        rest = stream.send_messages_now(MESSAGES)
+        self.now.append(rest is not None)
+        if rest is None:
+            await stream.send_messages(MESSAGES)
+        elif rest:
+            await stream.send_raw(rest)
         await stream.close()
         self.done.set()
 
@@ -104,9 +112,9 @@ async def test_frames_arrive_intact_and_in_order(
         texts, negotiated = await receive_all(address, deflate=False)
         await app.done.wait()
     assert not negotiated
-    assert texts == MESSAGES * 2
+    assert texts == MESSAGES * 3
     # Direct only over punie-trio's socket writer; stock Hypercorn takes its own path.
-    assert app.direct == [fast_send]
+    assert app.direct == app.now == [fast_send]
 
 
 async def test_permessage_deflate_takes_hypercorns_path(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -116,8 +124,8 @@ async def test_permessage_deflate_takes_hypercorns_path(monkeypatch: pytest.Monk
         texts, negotiated = await receive_all(address, deflate=True)
         await app.done.wait()
     assert negotiated
-    assert texts == MESSAGES * 2
-    assert app.direct == [False]
+    assert texts == MESSAGES * 3
+    assert app.direct == app.now == [False]
 
 
 def test_find_refuses_anything_but_hypercorns_stream() -> None:

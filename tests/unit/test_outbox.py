@@ -109,3 +109,45 @@ async def test_cancelled_taker_leaves_no_trace_and_one_taker_at_a_time() -> None
 def test_limit_must_be_positive() -> None:
     with pytest.raises(ValueError, match="at least one"):
         Outbox(0)
+
+
+async def test_force_without_wake_leaves_the_taker_to_the_caller() -> None:
+    """``force(wake=False)`` + ``take_now``: the caller wrote the queue itself and the
+    taker never woke; ``put_front`` queues the unwritten rest first and wakes it."""
+    box = Outbox(1)
+    taken: list[list[str | bytes]] = []
+    async with trio.open_nursery() as nursery:
+
+        async def taker() -> None:
+            taken.append(await box.take(10))
+
+        nursery.start_soon(taker)
+        await trio.testing.wait_all_tasks_blocked()
+        box.force("a", wake=False)
+        box.force("b", wake=False)
+        assert box.taker_waiting and box.peek() == ["a", "b"]
+        box.take_now(2)
+        await trio.testing.wait_all_tasks_blocked()
+        assert taken == [] and box.taker_waiting and len(box) == 0
+        box.force("c", wake=False)
+        box.put_front(b"rest of b")
+        await trio.testing.wait_all_tasks_blocked()
+    assert taken == [[b"rest of b", "c"]]
+
+
+async def test_wake_after_force_without_wake() -> None:
+    box = Outbox(4)
+    taken: list[list[str | bytes]] = []
+    async with trio.open_nursery() as nursery:
+
+        async def taker() -> None:
+            taken.append(await box.take(10))
+
+        nursery.start_soon(taker)
+        await trio.testing.wait_all_tasks_blocked()
+        box.wake()  # nothing queued: the taker keeps waiting
+        await trio.testing.wait_all_tasks_blocked()
+        assert box.taker_waiting
+        box.force("x", wake=False)
+        box.wake()
+    assert taken == [["x"]]

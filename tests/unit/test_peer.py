@@ -872,3 +872,65 @@ async def test_cancelled_peer_tells_deferred_owners_not_lost() -> None:
         await trio.testing.wait_all_tasks_blocked()
         nursery.cancel_scope.cancel()
     assert dispatcher.cancels == [(6, False)]
+
+
+class NowStream(MemoryMessageStream):
+    """A memory stream that is also a NowSender: records what is written synchronously,
+    taking at most ``room`` bytes per write (None: refuse, as when the socket is busy)."""
+
+    def __init__(self, inner: MemoryMessageStream, room: int | None) -> None:
+        super().__init__(inner._send, inner._receive)
+        self.room = room
+        self.now: list[str] = []
+        self.raw: list[bytes] = []
+        self.queued: list[str] = []  # written by the writer task
+
+    def send_messages_now(self, texts: Any) -> bytes | None:
+        if self.room is None:
+            return None
+        data = "".join(texts).encode()
+        self.now.extend(texts)
+        return data[self.room :]
+
+    async def send_raw(self, data: bytes) -> None:
+        self.raw.append(data)
+
+    async def send_message(self, text: str) -> None:
+        self.queued.append(text)
+        await super().send_message(text)
+
+
+@pytest.mark.parametrize("room", [None, 1000, 10])
+async def test_a_deferred_answer_is_written_by_its_caller_when_the_writer_waits(
+    room: int | None,
+) -> None:
+    """``answer_now(before=...)`` on a NowSender with the writer idle: the updates and the
+    answer are written from the calling task, in order; the rest of a partial write goes
+    out first through the writer; a stream that cannot write now leaves it all to the
+    writer."""
+    dispatcher = DeferringDispatcher()
+    ours, theirs = memory_message_stream_pair()
+    stream = NowStream(ours, room)
+    async with trio.open_nursery() as nursery:
+        peer = Peer(stream, dispatcher)
+        await nursery.start(peer.run)
+        raw = Raw(theirs)
+        await raw.send({"id": 1, "method": "later"})
+        await trio.testing.wait_all_tasks_blocked()
+        assert peer.answer_now(1, {"ok": True}, before=['{"u":1}', '{"u":2}'])
+        answer = '{"jsonrpc":"2.0","id":1,"result":{"ok":true}}'
+        if room is None:
+            assert stream.now == []
+            await trio.testing.wait_all_tasks_blocked()
+            assert stream.queued == ['{"u":1}', '{"u":2}', answer]
+        else:
+            assert stream.now == ['{"u":1}', '{"u":2}', answer]  # before any other task ran
+            await trio.testing.wait_all_tasks_blocked()
+            written = ('{"u":1}{"u":2}' + answer).encode()
+            assert stream.raw == ([written[room:]] if room < len(written) else [])
+            assert stream.queued == []
+            # The writer still works afterwards, after the rest of the partial write.
+            await peer.notify("later/note")
+            await trio.testing.wait_all_tasks_blocked()
+            assert len(stream.queued) == 1
+        nursery.cancel_scope.cancel()
