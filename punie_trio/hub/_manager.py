@@ -898,8 +898,9 @@ class Manager:
         # turn, not every chunk (older stores without it fall back to the chunks).
         user_text = _user_text(params.prompt)
         entries.append((STOP, {"stopReason": stop, "history": [user_text, agent_text]}))
-        with trio.CancelScope(shield=True) as scope:
-            scope.deadline = trio.current_time() + PERSIST_TIMEOUT
+        # (The deadline given to the constructor: set on an entered scope it costs more.)
+        deadline = trio.current_time() + PERSIST_TIMEOUT
+        with trio.CancelScope(shield=True, deadline=deadline) as scope:
             try:
                 await self.store.append_turn(
                     session.id, session.turns, entries, alone=self._running_turns == 1
