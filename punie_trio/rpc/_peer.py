@@ -335,6 +335,8 @@ class Peer:
             if not self._running and self._handlers_done is not None:
                 self._handlers_done.set()
             return True
+        if before:
+            raise ValueError("before= is for Deferred requests only")
         try:
             self._outbox.send_nowait(serialize(msg))
         except (trio.WouldBlock, trio.ClosedResourceError):
