@@ -8,14 +8,38 @@ settings, so the text is byte for byte what ``json.dumps`` with those arguments 
 
 No circular-reference check (``check_circular=False``): every value encoded here came from
 ``json.loads`` or from this package's own builders. A cycle would end in ``RecursionError``.
+
+One difference from ``json.dumps(..., ensure_ascii=False)``: a lone surrogate (a ``str``
+that is not valid Unicode text, say from a model's badly decoded output) is written as its
+``\\uXXXX`` escape instead of raw, so the text always encodes as UTF-8: on the wire, in the
+store, everywhere. ``json.loads`` reads it back as the same string.
 """
 
 from __future__ import annotations
 
 import json
 import json.encoder
+import re
 from collections.abc import Callable
 from typing import Any
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _escape_surrogate(match: re.Match[str]) -> str:
+    return f"\\u{ord(match.group()):04x}"
+
+
+def _utf8_safe(text: str) -> str:
+    """``text`` with any lone surrogate replaced by its JSON escape (inside a JSON text a
+    surrogate can only stand in a string, where the escape means the same)."""
+    if text.isascii():
+        return text
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return _SURROGATE.sub(_escape_surrogate, text)
+    return text
 
 
 def _encoder(allow_nan: bool) -> Callable[[Any], str]:
@@ -24,7 +48,7 @@ def _encoder(allow_nan: bool) -> Callable[[Any], str]:
     )
     make = getattr(json.encoder, "c_make_encoder", None)
     if make is None:  # pragma: no cover - CPython always has the C accelerator
-        return stdlib.encode
+        return lambda value: _utf8_safe(stdlib.encode(value))
     encode = make(
         None,  # markers: no circular check
         stdlib.default,
@@ -38,9 +62,9 @@ def _encoder(allow_nan: bool) -> Callable[[Any], str]:
     )
 
     def dumps(value: Any) -> str:
-        if isinstance(value, str):  # the C encoder wants a container or a scalar; fine,
-            return json.encoder.encode_basestring(value)  # but this is quicker still
-        return "".join(encode(value, 0))
+        if isinstance(value, str):  # the C encoder takes a bare string too; this is quicker
+            return _utf8_safe(json.encoder.encode_basestring(value))
+        return _utf8_safe("".join(encode(value, 0)))
 
     return dumps
 

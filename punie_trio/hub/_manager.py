@@ -767,37 +767,41 @@ class Manager:
                     contextlib.suppress(trio.ClosedResourceError, trio.BrokenResourceError),
                 ):
                     await session.worker.commands.send(CancelTurn(turn.turn_id))
-            stop = finished.stop_reason if finished is not None else "cancelled"
-            persist_error = await self._persist_turn(
-                session, params, streamed, stop, "".join(agent_text)
-            )
-            self.metrics.prompt_done(stop, trio.current_time() - started)
-            if finished is not None and finished.error is not None:
-                turn.error = RpcError(
-                    INTERNAL_ERROR, f"Internal error: the model failed: {finished.error}"
+            together = False
+            try:
+                stop = finished.stop_reason if finished is not None else "cancelled"
+                persist_error = await self._persist_turn(
+                    session, params, streamed, stop, "".join(agent_text)
                 )
-            elif persist_error is not None:
-                turn.error = RpcError(
-                    INTERNAL_ERROR, f"Internal error: the turn was not saved: {persist_error}"
+                self.metrics.prompt_done(stop, trio.current_time() - started)
+                if finished is not None and finished.error is not None:
+                    turn.error = RpcError(
+                        INTERNAL_ERROR, f"Internal error: the model failed: {finished.error}"
+                    )
+                elif persist_error is not None:
+                    turn.error = RpcError(
+                        INTERNAL_ERROR, f"Internal error: the turn was not saved: {persist_error}"
+                    )
+                elif turn.request_cancelled:
+                    turn.error = RpcError(REQUEST_CANCELLED, "Request cancelled")
+                else:
+                    turn.response = {"stopReason": stop}
+                # The usual case: the owner sent the prompt and missed nothing, so the last
+                # updates and the answer are queued together (and written at once if its
+                # writer is idle). Otherwise the updates take the owner's way first.
+                together = (
+                    turn.request_id is not None
+                    and not turn.orphaned
+                    and session.owner is turn.connection
+                    and not session.pending
                 )
-            elif turn.request_cancelled:
-                turn.error = RpcError(REQUEST_CANCELLED, "Request cancelled")
-            else:
-                turn.response = {"stopReason": stop}
-            # The usual case: the owner sent the prompt and missed nothing, so the last
-            # updates and the answer are queued together (and written at once if its
-            # writer is idle). Otherwise the updates take the owner's way first.
-            together = (
-                turn.request_id is not None
-                and not turn.orphaned
-                and session.owner is turn.connection
-                and not session.pending
-            )
-            if held and not together:
-                await self._deliver_held(session, held)
-            session.turn = None
-            self._running_turns -= 1
-            turn.finished.set()
+                if held and not together:
+                    await self._deliver_held(session, held)
+            finally:
+                # Whatever happened above, the session is free for its next prompt.
+                session.turn = None
+                self._running_turns -= 1
+                turn.finished.set()
             if turn.request_id is not None:
                 if turn.orphaned:
                     await self._answer_orphan(session, turn)
@@ -914,6 +918,9 @@ class Manager:
             except StoreError as exc:
                 log.error("could not persist turn of session %s: %s", session.id, exc)
                 return str(exc)
+            except Exception as exc:  # a store bug must not take the manager down
+                log.exception("persisting a turn of session %s failed", session.id)
+                return f"{type(exc).__name__}: {exc}"
         if scope.cancelled_caught:
             log.error("persisting a turn of session %s timed out", session.id)
             return "the store did not answer in time"

@@ -84,8 +84,8 @@ class Outbox:
             self._senders.unpark(count=count)
 
     def put_front(self, data: str | bytes) -> None:
-        """Queue ``data`` ahead of everything (the unwritten rest of a write made with
-        :meth:`take_now`: bytes, which the taker writes as they are) and wake the taker."""
+        """Queue ``data`` ahead of everything and wake the taker (the peer's marker: finish
+        a write begun with :meth:`take_now`)."""
         if self._closed:
             raise trio.ClosedResourceError("outbox is closed")
         self._items.insert(0, data)

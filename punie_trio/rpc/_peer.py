@@ -63,6 +63,9 @@ log = logging.getLogger("punie_trio.rpc")
 CANCEL_REQUEST = "$/cancel_request"
 # Most messages the writer hands to the transport at once.
 WRITE_BATCH = 64
+# Queued ahead of everything when answer_now wrote part of the queue itself: the writer
+# has the transport write the rest it kept (NowSender.finish_sending).
+FINISH_SENDING = b""
 
 # The id of the request whose handler is running in this task (each handler task has its own
 # context), so a handler can answer it later from elsewhere (see Peer.send_answer).
@@ -358,12 +361,16 @@ class Peer:
             # Only texts: a raw rest sits at the front only while the writer is awake.
             texts = [item for item in queued if isinstance(item, str)]
             if len(texts) == len(queued):
-                rest = sender.send_messages_now(texts)
-                if rest is not None:
+                try:
+                    pending = sender.send_messages_now(texts)
+                except Exception:  # the writer meets it too and ends the connection
+                    log.exception("writing a turn's answer failed")
+                    pending = None
+                if pending is not None:
                     outbox.take_now(len(texts))
                     self.observer.message_out(len(texts))
-                    if rest:
-                        outbox.put_front(rest)
+                    if pending:  # the writer writes the rest before anything else
+                        outbox.put_front(FINISH_SENDING)
                     return
         outbox.wake()
 
@@ -420,11 +427,12 @@ class Peer:
                     taken = await outbox.take(WRITE_BATCH)
                 except trio.EndOfChannel:
                     break
-                first = taken[0]
-                if isinstance(first, bytes):  # the rest of a write made by answer_now
+                if isinstance(taken[0], bytes):  # FINISH_SENDING: see _write_queued_now
                     assert self._now_sender is not None
-                    await self._now_sender.send_raw(first)
+                    await self._now_sender.finish_sending()
                     del taken[0]
+                    if not taken:
+                        continue
                 batch = cast(list[str], taken)
                 if send_batch is not None and len(batch) > 1:
                     await send_batch(batch)

@@ -85,12 +85,14 @@ log = logging.getLogger(__name__)
 
 
 def _translated(job: Callable[[sqlite3.Connection], T]) -> Callable[[sqlite3.Connection], T]:
-    """Wrap a job so a raw ``sqlite3.Error`` reaches the caller as ``StoreError``."""
+    """Wrap a job so a raw ``sqlite3.Error`` (or text SQLite cannot take: a string that is
+    not valid UTF-8, which ``sqlite3`` reports as ``UnicodeEncodeError``) reaches the
+    caller as ``StoreError``."""
 
     def run(conn: sqlite3.Connection) -> T:
         try:
             return job(conn)
-        except sqlite3.Error as exc:
+        except (sqlite3.Error, UnicodeError) as exc:
             raise StoreError(f"session store: {exc}") from exc
 
     return run

@@ -52,12 +52,13 @@ class NowSender(Protocol):
     updates) itself while the peer's writer waits, saving the writer's scheduler step on
     the way to the client."""
 
-    def send_messages_now(self, texts: Sequence[str]) -> bytes | None:
+    def send_messages_now(self, texts: Sequence[str]) -> bool | None:
         """Write ``texts`` (one message each) now. ``None``: nothing was written, use the
-        ordinary path. Otherwise the bytes the socket did not take (``b""`` for none),
-        which must go out next, through :meth:`send_raw`, before anything else."""
+        ordinary path. ``False``: all written. ``True``: the socket took part; the
+        transport keeps the rest ahead of anything written later, and
+        :meth:`finish_sending` must be awaited soon to write it."""
         ...
 
-    async def send_raw(self, data: bytes) -> None:
-        """Write the rest of a :meth:`send_messages_now` as it is."""
+    async def finish_sending(self) -> None:
+        """Write what a :meth:`send_messages_now` kept (nothing if it kept nothing)."""
         ...

@@ -82,7 +82,7 @@ class AsgiWebSocketStream:
             for text in texts:
                 await send({"type": "websocket.send", "text": text})
 
-    def send_messages_now(self, texts: Sequence[str]) -> bytes | None:
+    def send_messages_now(self, texts: Sequence[str]) -> bool | None:
         """:class:`~punie_trio.transport.NowSender`: frames written at once when the
         direct path is usable and the socket is free (``None`` otherwise)."""
         if self.disconnected or self.closed:
@@ -90,10 +90,9 @@ class AsgiWebSocketStream:
         direct = self._direct_frames()
         return None if direct is None else direct.send_texts_now(texts)
 
-    async def send_raw(self, data: bytes) -> None:
-        if self.disconnected or self.closed or self._direct is None:
-            raise trio.BrokenResourceError("websocket is closed")
-        await self._direct.send_raw(data)
+    async def finish_sending(self) -> None:
+        if self._direct is not None:
+            await self._direct.finish_sending()
 
     async def close(self, code: int = 1000, reason: str = "") -> None:
         """Send the close frame once. Shielded: it ends Hypercorn's bookkeeping of the

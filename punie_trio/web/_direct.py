@@ -123,17 +123,16 @@ class DirectFrames:
         if isinstance(timer, KeepAliveTimer):
             timer.retire()
 
-    def send_texts_now(self, texts: Sequence[str]) -> bytes | None:
+    def send_texts_now(self, texts: Sequence[str]) -> bool | None:
         """Write one text frame per item from synchronous code (call only if
-        :meth:`usable`): ``None`` if nothing may be written now, else the bytes the kernel
-        did not take, to be written next (see ``FastSendTCPServer.send_now``)."""
-        data = b"".join([text_frame(text) for text in texts])
-        sent = self.server.send_now(data)
-        return None if sent is None else data[sent:]
+        :meth:`usable`): ``None`` if nothing may be written now, ``False`` if all was,
+        ``True`` if a rest is kept for :meth:`finish_sending` (see
+        ``FastSendTCPServer.write_now``)."""
+        return self.server.write_now(b"".join([text_frame(text) for text in texts]))
 
-    async def send_raw(self, data: bytes) -> None:
-        """The rest of a :meth:`send_texts_now`, as it is."""
-        await self.server.protocol_send(RawData(data=data))
+    async def finish_sending(self) -> None:
+        """Write the rest a :meth:`send_texts_now` kept (nothing if none)."""
+        await self.server.flush_gathered()
 
     async def send_texts(self, texts: Sequence[str]) -> None:
         """Write one text frame per item, in order, in one write (call only if

@@ -146,6 +146,8 @@ class FastSendTCPServer(TCPServer):
                     gathering.append(self)
                     if self._gathered is None:
                         self._gathered = []
+                elif self not in gathering:  # the kept rest of a write_now: flushed with it
+                    gathering.append(self)
                 self._gathered.append(event.data)
                 self._gathered_bytes += len(event.data)
                 if self._gathered_bytes >= COALESCE_LIMIT:
@@ -187,6 +189,22 @@ class FastSendTCPServer(TCPServer):
             return 0
         except OSError:
             return None
+
+    def write_now(self, data: bytes) -> bool | None:
+        """:meth:`send_now`, keeping what the kernel did not take: ``None`` if nothing may
+        be written now (nothing was), ``False`` if all of ``data`` was written, ``True`` if
+        the rest is kept as gathered bytes. Kept there, it goes out ahead of every later
+        write (``protocol_send`` appends after it and flushes, ``Closed`` flushes it
+        first, ``send_now`` refuses), so no other bytes (Hypercorn's pong, say) can land
+        inside the frame it cuts; the caller has :meth:`flush_gathered` called soon."""
+        sent = self.send_now(data)
+        if sent is None:
+            return None
+        if sent == len(data):
+            return False
+        self._gathered = [data[sent:]]
+        self._gathered_bytes = len(data) - sent
+        return True
 
     async def _write(self, data: bytes) -> None:
         sock = _stdlib_socket(self.stream)

@@ -7,10 +7,12 @@ import json
 from pathlib import Path
 from typing import Any
 
+import pytest
 import trio
 from trio_websocket import ConnectionClosed, open_websocket_url
 
 from punie_trio.server import Running
+from punie_trio.worker import ScriptModel
 
 from ..acp_schema import SchemaChecker
 from ..client import AcpTestClient
@@ -171,3 +173,23 @@ async def test_binary_frames_with_utf8_json(
                 await ws.get_message()
             except ConnectionClosed:
                 pass
+
+
+@pytest.mark.parametrize("store", ["memory", "sqlite"])
+async def test_model_output_that_is_not_valid_unicode_is_sent_and_stored(
+    start_server: StartServer, tmp_path: Path, acp_schema: SchemaChecker, store: str
+) -> None:
+    """A model's text with a lone surrogate (badly decoded output) cannot be UTF-8 as it
+    is; it is written as its JSON escape, so the update reaches the client, the turn is
+    stored and answered, and the server goes on (it once took the whole server down)."""
+    model = ScriptModel([[{"text": "a\ud800b"}], [{"text": "ok"}]])
+    async with start_server(model, store=store) as running:
+        with trio.fail_after(10):
+            async with acp_ws_client(running.url, acp_schema) as (client, _):
+                await client.initialize()
+                session = await client.new_session(str(tmp_path))
+                assert await client.prompt(session, "first") == "end_turn"
+                assert client.agent_text(session) == "a\ud800b"
+                assert await client.prompt(session, "second") == "end_turn"
+            records = await running.manager.store.transcript(session)
+            assert any("\\ud800" in r.payload_json for r in records)

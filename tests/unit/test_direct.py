@@ -37,7 +37,7 @@ MESSAGES = ["a", "é" * 200, '{"jsonrpc":"2.0"}', "x" * 70_000, ""]
 
 class App:
     """Accepts, sends :data:`MESSAGES` (a batch, one by one, then written synchronously
-    with ``send_messages_now``, its rest through ``send_raw``), records the paths used."""
+    with ``send_messages_now``, its rest by ``finish_sending``), records the paths used."""
 
     def __init__(self) -> None:
         self.direct: list[bool] = []
@@ -54,12 +54,12 @@ class App:
         await stream.send_messages(MESSAGES)
         for text in MESSAGES:
             await stream.send_message(text)
-        rest = stream.send_messages_now(MESSAGES)
-        self.now.append(rest is not None)
-        if rest is None:
+        pending = stream.send_messages_now(MESSAGES)
+        self.now.append(pending is not None)
+        if pending is None:
             await stream.send_messages(MESSAGES)
-        elif rest:
-            await stream.send_raw(rest)
+        elif pending:
+            await stream.finish_sending()
         await stream.close()
         self.done.set()
 

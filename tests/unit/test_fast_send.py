@@ -83,6 +83,50 @@ async def test_full_buffer_falls_back_and_keeps_byte_order() -> None:
     await reader.aclose()
 
 
+@pytest.mark.parametrize("coalesced", [False, True])
+async def test_the_rest_of_a_write_now_goes_before_any_later_write(coalesced: bool) -> None:
+    """``write_now`` with a full socket keeps the rest ahead of everything: another task's
+    write (Hypercorn answering a ping from its reader) made before the rest is flushed
+    lands after it, never inside the frame it cut; so does a coalesced block's."""
+    a, b = _pair()
+    server, protocol = _server(a)
+    frame = bytes(range(256)) * 1000  # 256 kB >> the buffers
+    pong = b"PONG"
+    received = bytearray()
+    reader = trio.SocketStream(trio.socket.from_stdlib_socket(b))
+    assert server.write_now(frame) is True  # the kernel took part: the rest is kept
+    assert server.send_now(b"x") is None  # nothing may overtake it
+
+    async def other_task() -> None:
+        if coalesced:
+            async with _fast_send.coalesced_writes():
+                await server.protocol_send(RawData(data=pong))
+        else:
+            await server.protocol_send(RawData(data=pong))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(other_task)
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(server.flush_gathered)  # the peer's writer, woken later
+        while len(received) < len(frame) + len(pong):
+            received += await reader.receive_some(65536)
+    assert bytes(received) == frame + pong
+    assert protocol.events == []
+    await server.stream.aclose()
+    await reader.aclose()
+
+
+async def test_write_now_all_at_once_keeps_nothing() -> None:
+    a, b = _pair()
+    server, _ = _server(a)
+    with b:
+        assert server.write_now(b"small") is False
+        assert not server._gathered
+        b.setblocking(False)
+        assert b.recv(100) == b"small"
+    await server.stream.aclose()
+
+
 async def test_peer_gone_reports_closed_to_the_protocol() -> None:
     a, b = _pair()
     server, protocol = _server(a)

@@ -38,3 +38,14 @@ def test_nan_written_by_dumps_refused_by_strict() -> None:
 def test_unserialisable_raises_type_error() -> None:
     with pytest.raises(TypeError):
         _json.dumps({"x": {1, 2}})
+
+
+def test_a_lone_surrogate_is_escaped_so_the_text_is_utf8() -> None:
+    """The one difference from json.dumps: a lone surrogate (badly decoded model output)
+    is written as its escape, which decodes to the same string."""
+    value = {"text": "a\ud800 \u00e9 \udc00"}
+    for dumps in (_json.dumps, _json.dumps_strict):
+        text = dumps(value)
+        text.encode()  # valid UTF-8
+        assert json.loads(text) == value
+    assert _json.dumps("x\ud83d") == '"x\\ud83d"'

@@ -876,24 +876,28 @@ async def test_cancelled_peer_tells_deferred_owners_not_lost() -> None:
 
 class NowStream(MemoryMessageStream):
     """A memory stream that is also a NowSender: records what is written synchronously,
-    taking at most ``room`` bytes per write (None: refuse, as when the socket is busy)."""
+    taking at most ``room`` bytes per write (None: refuse, as when the socket is busy) and
+    keeping the rest until ``finish_sending``."""
 
     def __init__(self, inner: MemoryMessageStream, room: int | None) -> None:
         super().__init__(inner._send, inner._receive)
         self.room = room
         self.now: list[str] = []
+        self.kept = b""
         self.raw: list[bytes] = []
         self.queued: list[str] = []  # written by the writer task
 
-    def send_messages_now(self, texts: Any) -> bytes | None:
+    def send_messages_now(self, texts: Any) -> bool | None:
         if self.room is None:
             return None
         data = "".join(texts).encode()
         self.now.extend(texts)
-        return data[self.room :]
+        self.kept = data[self.room :]
+        return bool(self.kept)
 
-    async def send_raw(self, data: bytes) -> None:
-        self.raw.append(data)
+    async def finish_sending(self) -> None:
+        self.raw.append(self.kept)
+        self.kept = b""
 
     async def send_message(self, text: str) -> None:
         self.queued.append(text)
