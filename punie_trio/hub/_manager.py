@@ -767,7 +767,6 @@ class Manager:
                     contextlib.suppress(trio.ClosedResourceError, trio.BrokenResourceError),
                 ):
                     await session.worker.commands.send(CancelTurn(turn.turn_id))
-            together = False
             try:
                 stop = finished.stop_reason if finished is not None else "cancelled"
                 persist_error = await self._persist_turn(
@@ -821,14 +820,11 @@ class Manager:
         for room: they go out just before the answer. Kept for a detached owner; behind
         updates it missed (it is re-attaching), sent after them, shielded like an answer."""
         conn = session.owner
-        if conn is None:
-            for notification in held:
-                self._buffer(session, ("update", notification))
-        elif session.pending:
+        if conn is not None and session.pending:
             with trio.CancelScope(shield=True), trio.move_on_after(PERSIST_TIMEOUT):
                 for notification in held:
                     await self._deliver(session, notification)
-        elif not conn.send_encoded_now(held):
+        elif conn is None or not conn.send_encoded_now(held):
             for notification in held:
                 self._buffer(session, ("update", notification))
 

@@ -357,21 +357,21 @@ class Peer:
         outbox = self._outbox
         sender = self._now_sender
         if sender is not None and outbox.taker_waiting:
-            queued = outbox.peek()
-            # Only texts: a raw rest sits at the front only while the writer is awake.
-            texts = [item for item in queued if isinstance(item, str)]
-            if len(texts) == len(queued):
-                try:
-                    pending = sender.send_messages_now(texts)
-                except Exception:  # the writer meets it too and ends the connection
-                    log.exception("writing a turn's answer failed")
-                    pending = None
-                if pending is not None:
-                    outbox.take_now(len(texts))
-                    self.observer.message_out(len(texts))
-                    if pending:  # the writer writes the rest before anything else
-                        outbox.put_front(FINISH_SENDING)
-                    return
+            # The writer parks only on an empty outbox, so all of it was queued by this
+            # call without waking it: texts, never the FINISH_SENDING marker (which wakes).
+            texts = cast(list[str], outbox.peek())
+            count = len(texts)
+            try:
+                pending = sender.send_messages_now(texts)
+            except Exception:  # the writer meets it too and ends the connection
+                log.exception("writing a turn's answer failed")
+                pending = None
+            if pending is not None:
+                outbox.take_now(count)
+                self.observer.message_out(count)
+                if pending:  # the writer writes the rest before anything else
+                    outbox.put_front(FINISH_SENDING)
+                return
         outbox.wake()
 
     async def request(self, method: str, params: Params = None) -> Any:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
 import pytest
 import trio
 import trio.testing
@@ -111,18 +114,26 @@ def test_limit_must_be_positive() -> None:
         Outbox(0)
 
 
+@asynccontextmanager
+async def waiting_taker(box: Outbox) -> AsyncIterator[list[list[str | bytes]]]:
+    """A task parked in ``box.take(10)``; yields the list its one take lands in, and
+    waits for that take when the block ends."""
+    taken: list[list[str | bytes]] = []
+
+    async def taker() -> None:
+        taken.append(await box.take(10))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(taker)
+        await trio.testing.wait_all_tasks_blocked()
+        yield taken
+
+
 async def test_force_without_wake_leaves_the_taker_to_the_caller() -> None:
     """``force(wake=False)`` + ``take_now``: the caller wrote the queue itself and the
     taker never woke; ``put_front`` queues the unwritten rest first and wakes it."""
     box = Outbox(1)
-    taken: list[list[str | bytes]] = []
-    async with trio.open_nursery() as nursery:
-
-        async def taker() -> None:
-            taken.append(await box.take(10))
-
-        nursery.start_soon(taker)
-        await trio.testing.wait_all_tasks_blocked()
+    async with waiting_taker(box) as taken:
         box.force("a", wake=False)
         box.force("b", wake=False)
         assert box.taker_waiting and box.peek() == ["a", "b"]
@@ -137,14 +148,7 @@ async def test_force_without_wake_leaves_the_taker_to_the_caller() -> None:
 
 async def test_wake_after_force_without_wake() -> None:
     box = Outbox(4)
-    taken: list[list[str | bytes]] = []
-    async with trio.open_nursery() as nursery:
-
-        async def taker() -> None:
-            taken.append(await box.take(10))
-
-        nursery.start_soon(taker)
-        await trio.testing.wait_all_tasks_blocked()
+    async with waiting_taker(box) as taken:
         box.wake()  # nothing queued: the taker keeps waiting
         await trio.testing.wait_all_tasks_blocked()
         assert box.taker_waiting
