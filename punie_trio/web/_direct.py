@@ -173,23 +173,19 @@ class DirectChunks:
             and type(getattr(connection, "_writer", None)) is _ChunkedWriter
         )
 
-    def send_chunk_now(self, data: bytes) -> bytes | None:
-        """Write ``data`` as one chunk from synchronous code (call only if :meth:`usable`
-        and nothing of this response is waiting to be written): ``None`` if it could not
-        be written now (write it the ordinary way), else the bytes of the framed chunk the
-        kernel did not take, which must be written (raw, see :meth:`send_raw`) before
-        anything else."""
+    def send_chunk_now(self, data: bytes) -> bool | None:
+        """Write ``data`` as one chunk from synchronous code (call only if :meth:`usable`):
+        ``None`` if it could not be written now (write it the ordinary way), ``False`` if
+        it was, ``True`` if the socket writer keeps the rest of the framed chunk ahead of
+        every later write, for :meth:`finish_sending` (see ``FastSendTCPServer.
+        write_now``)."""
         if not data:
-            return b""
-        frame = chunk_frame(data)
-        sent = self.server.send_now(frame)
-        if sent is None:
-            return None
-        return frame[sent:]
+            return False
+        return self.server.write_now(chunk_frame(data))
 
-    async def send_raw(self, data: bytes) -> None:
-        """The rest of a chunk :meth:`send_chunk_now` began, as it is."""
-        await self.server.protocol_send(RawData(data=data))
+    async def finish_sending(self) -> None:
+        """Write the rest a :meth:`send_chunk_now` kept (nothing if none)."""
+        await self.server.flush_gathered()
 
     async def send_chunk(self, data: bytes) -> None:
         """Write ``data`` as one chunk (call only if :meth:`usable`; nothing for b"")."""

@@ -104,7 +104,7 @@ async def test_a_partial_write_is_finished_by_the_writer_in_order(tmp_path: Path
         partial = False
         for _ in range(2000):  # ~20 KB each: the kernel's buffers fill long before
             dev.broadcaster.publish_reload("reload", paths)
-            if subscriber._raw:
+            if subscriber._unfinished:
                 partial = True
                 break
         assert partial, "the socket never filled"

@@ -50,9 +50,9 @@ class Subscriber:
     #: Set by the stream once its response has started: lets an offer write the event to
     #: the socket itself while the writer is parked (see :meth:`_write_now`).
     direct: DirectChunks | None = None
-    #: The part of a chunk the kernel did not take when an offer wrote it: the writer sends
-    #: it before anything else.
-    _raw: bytes = b""
+    #: An offer's chunk was only partly taken by the kernel: the socket writer keeps the
+    #: rest (ahead of every later write) and the writer has it written.
+    _unfinished: bool = False
     _waiter: trio.lowlevel.Task | None = attrs.field(default=None, init=False)
     _abort_fn: Callable[[object], trio.lowlevel.Abort] = attrs.field(init=False)
 
@@ -85,24 +85,24 @@ class Subscriber:
             or self._waiter is None
             or self._status is not None
             or self._reload is not None
-            or self._raw
+            or self._unfinished
             or not direct.usable()
         ):
             return False
         data = encode(event) if first is None else encode(first) + encode(event)
-        rest = direct.send_chunk_now(data)
-        if rest is None:
+        unfinished = direct.send_chunk_now(data)
+        if unfinished is None:
             return False
         self.last_sent = trio.current_time()
-        if rest:
-            self._raw = rest
+        if unfinished:
+            self._unfinished = True
             self._wake()
         return True
 
-    def take_raw(self) -> bytes:
-        """The rest of a chunk an offer began writing (b"" if none): write it first."""
-        raw, self._raw = self._raw, b""
-        return raw
+    def take_unfinished(self) -> bool:
+        """Whether an offer left a chunk unfinished (then have it finished first)."""
+        unfinished, self._unfinished = self._unfinished, False
+        return unfinished
 
     def wake(self) -> None:
         """Wake the writer without an event (the server is closing, or a keepalive is due)."""
@@ -117,7 +117,7 @@ class Subscriber:
 
     @property
     def pending(self) -> bool:
-        return self._reload is not None or self._status is not None or bool(self._raw)
+        return self._reload is not None or self._status is not None or self._unfinished
 
     async def wait(self) -> None:
         """Block until something was offered (or :meth:`wake`) since the last :meth:`take`.

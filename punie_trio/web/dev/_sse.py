@@ -60,14 +60,12 @@ async def _wake_for_keepalive_or_closing(
     subscriber.wake()
 
 
-async def _finish_raw(subscriber: Subscriber, direct: DirectChunks | None) -> bool:
-    """Write the rest of a chunk an offer began (it must precede anything else); whether
-    there was one."""
-    raw = subscriber.take_raw()
-    if not raw:
+async def _finish_unfinished(subscriber: Subscriber, direct: DirectChunks | None) -> bool:
+    """Write the rest of a chunk an offer began; whether there was one."""
+    if not subscriber.take_unfinished():
         return False
     assert direct is not None
-    await direct.send_raw(raw)
+    await direct.finish_sending()
     return True
 
 
@@ -108,7 +106,7 @@ async def stream_events(
             subscriber.direct = direct  # offers may now write to the socket themselves
             while not closing.is_set():
                 await subscriber.wait()  # an event for us, a keepalive due, or closing
-                flushed = await _finish_raw(subscriber, direct)
+                flushed = await _finish_unfinished(subscriber, direct)
                 if closing.is_set():
                     break
                 events = subscriber.take()
@@ -122,7 +120,7 @@ async def stream_events(
                 else:
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
                 subscriber.last_sent = trio.current_time()
-            await _finish_raw(subscriber, direct)
+            await _finish_unfinished(subscriber, direct)
             final = _events.shutdown(broadcaster.generation)
             nursery.cancel_scope.cancel()
     finally:
