@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import re
 from pathlib import Path
 
@@ -9,7 +10,8 @@ import httpx
 import trio
 
 from punie_trio import __version__
-from punie_trio.server import Running
+from punie_trio.server import GC_THRESHOLDS, Running, ServeConfig, serve
+from punie_trio.worker import EchoModel
 
 from ..acp_schema import SchemaChecker
 from ._support import acp_ws_client
@@ -96,3 +98,26 @@ async def test_unknown_path_and_plain_get_on_acp(server: Running) -> None:
             assert response.status_code == 426, path
             assert response.headers["upgrade"].lower() == "websocket"
             assert "WebSocket" in response.text
+
+
+async def test_serving_as_the_cli_does_freezes_startup_and_raises_gc_thresholds(
+    tmp_path: Path,
+) -> None:
+    """With the process to itself (``handle_signals``: the CLI), the server freezes what
+    start-up allocated and collects the young generation every 20,000 allocations, not
+    700 (performance.md, fifth pass). Restored afterwards for the other tests."""
+    before = gc.get_threshold()
+    (tmp_path / "data").mkdir()
+    config = ServeConfig(
+        projects=(tmp_path,), model=EchoModel(), port=0, data_dir=tmp_path / "data"
+    )
+    assert config.handle_signals
+    try:
+        async with trio.open_nursery() as nursery:
+            running: Running = await nursery.start(serve, config)
+            assert gc.get_threshold() == GC_THRESHOLDS
+            assert gc.get_freeze_count() > 0
+            running.closing.set()
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)

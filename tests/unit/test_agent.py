@@ -479,6 +479,27 @@ async def test_model_failure_is_internal_error(tmp_path: Path, acp_schema: Schem
         assert a.manager.sessions[session].turn is None
 
 
+async def test_a_store_bug_fails_only_its_turn(
+    tmp_path: Path, acp_schema: SchemaChecker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An unexpected exception from the store (not a StoreError) answers the prompt -32603
+    "not saved", frees the session, and leaves the manager serving."""
+    async with agent(tmp_path, acp_schema) as a:
+        await a.client.initialize()
+        session = await a.client.new_session(str(a.root))
+
+        async def broken(*args: Any, **kwargs: Any) -> None:
+            raise RuntimeError("store bug")
+
+        monkeypatch.setattr(type(a.manager.store), "append_turn", broken)
+        error = await expect_error(a.client, "session/prompt", prompt_params(session, "x"))
+        assert error["code"] == -32603
+        assert "not saved" in error["message"] and "store bug" in error["message"]
+        assert a.manager.sessions[session].turn is None
+        monkeypatch.undo()
+        assert await a.client.prompt(session, "again") == "end_turn"
+
+
 async def test_prompt_over_the_size_limit(tmp_path: Path, acp_schema: SchemaChecker) -> None:
     async with agent(tmp_path, acp_schema, limits=Limits(max_prompt_bytes=16)) as a:
         await a.client.initialize()

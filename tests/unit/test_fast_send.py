@@ -127,6 +127,54 @@ async def test_write_now_all_at_once_keeps_nothing() -> None:
     await server.stream.aclose()
 
 
+class _CountingSocket:
+    """A real socket's fd and ``recv``, counting the ``recv`` calls."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.recvs = 0
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def recv(self, size: int) -> bytes:
+        self.recvs += 1
+        return self.sock.recv(size)
+
+
+async def test_a_drained_socket_is_waited_on_before_it_is_read() -> None:
+    """``_receive``: after a short read the next one waits first, so the ``recv`` that
+    trio's ``receive_some`` would make and see fail (EAGAIN) is never made."""
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    counting = _CountingSocket(a)
+    with a, b:
+        async with trio.open_nursery() as nursery:
+            got: list[bytes] = []
+
+            async def read() -> None:
+                got.append(await _fast_send._receive(counting, drained=True))  # type: ignore[arg-type]
+
+            nursery.start_soon(read)
+            await trio.testing.wait_all_tasks_blocked()
+            assert counting.recvs == 0  # waiting, not reading
+            b.send(b"frame")
+        assert got == [b"frame"] and counting.recvs == 1
+        b.send(b"more")
+        assert await _fast_send._receive(counting, drained=False) == b"more"  # reads at once
+        b.close()
+        assert await _fast_send._receive(counting, drained=True) == b""  # EOF
+
+
+async def test_receive_on_a_closed_socket_raises_closed_resource_error() -> None:
+    a, b = socket.socketpair()
+    a.close()
+    b.close()
+    for drained in (True, False):
+        with pytest.raises(trio.ClosedResourceError):
+            await _fast_send._receive(a, drained=drained)
+
+
 async def test_peer_gone_reports_closed_to_the_protocol() -> None:
     a, b = _pair()
     server, protocol = _server(a)
