@@ -746,7 +746,7 @@ class Manager:
                             break
                     if isinstance(event, TurnFinished):
                         finished = event
-                        held = batch  # at most a channel's worth: TURN_EVENT_BUFFER
+                        held = batch  # what the channel held: TURN_EVENT_BUFFER (+ the sender's)
                         break
                     for notification in batch:
                         await self._deliver(session, notification)
