@@ -42,6 +42,12 @@ def _utf8_safe(text: str) -> str:
     return text
 
 
+def without_surrogates(text: str) -> str:
+    """``text`` with any lone surrogate replaced by U+FFFD, for a string that leaves JSON
+    (a session title bound as an SQLite parameter must be valid UTF-8)."""
+    return _SURROGATE.sub("\ufffd", text) if not text.isascii() else text
+
+
 def _encoder(allow_nan: bool) -> Callable[[Any], str]:
     stdlib = json.JSONEncoder(
         separators=(",", ":"), ensure_ascii=False, allow_nan=allow_nan, check_circular=False

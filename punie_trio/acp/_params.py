@@ -198,6 +198,13 @@ class PromptParams:
         return "\n".join(parts)
 
 
+def _utf8_len(text: str) -> int:
+    """The UTF-8 size of ``text``. A lone surrogate (valid JSON: ``"\\ud800"``) counts as
+    the 3 bytes ``surrogatepass`` gives it; the prompt is not refused for it (it is sent
+    on and stored escaped, see ``punie_trio._json``)."""
+    return len(text.encode("utf-8", "surrogatepass"))
+
+
 def parse_prompt(params: Params, *, max_bytes: int | None = None) -> PromptParams:
     obj = params_object(params)
     session_id = _req_str(obj, "sessionId")
@@ -217,7 +224,7 @@ def parse_prompt(params: Params, *, max_bytes: int | None = None) -> PromptParam
                 f"{path}.type", f"{kind!r} is not supported: promptCapabilities.{kind} is false"
             )
         if kind == "text":
-            size += len(_req_str(block, "text", f"{path}.").encode())
+            size += _utf8_len(_req_str(block, "text", f"{path}."))
         elif kind == "resource_link":
             _req_str(block, "name", f"{path}.")
             _req_str(block, "uri", f"{path}.")
@@ -228,7 +235,7 @@ def parse_prompt(params: Params, *, max_bytes: int | None = None) -> PromptParam
             _req_str(resource, "uri", f"{path}.resource.")
             text = resource.get("text")
             if isinstance(text, str):
-                size += len(text.encode())
+                size += _utf8_len(text)
     if max_bytes is not None and size > max_bytes:
         raise RpcError.invalid_params(
             f"Invalid params: prompt is {size} bytes, over the {max_bytes}-byte limit"

@@ -40,6 +40,7 @@ import attrs
 import trio
 
 from .. import acp
+from .._json import without_surrogates
 from .._metrics import Metrics
 from ..acp import PromptParams, updates
 from ..rpc import (
@@ -908,7 +909,7 @@ class Manager:
                 session.turns += 1
                 if session.title is None:
                     first_line = params.text().strip().split("\n", 1)[0]
-                    session.title = first_line[:TITLE_CHARS] or None
+                    session.title = without_surrogates(first_line[:TITLE_CHARS]) or None
                     if session.title is not None:
                         await self.store.update_session(session.id, title=session.title)
             except StoreError as exc:

@@ -193,3 +193,31 @@ async def test_model_output_that_is_not_valid_unicode_is_sent_and_stored(
                 assert await client.prompt(session, "second") == "end_turn"
             records = await running.manager.store.transcript(session)
             assert any("\\ud800" in r.payload_json for r in records)
+
+
+@pytest.mark.parametrize("store", ["memory", "sqlite"])
+async def test_a_prompt_that_is_not_valid_unicode_is_answered_and_stored(
+    start_server: StartServer, tmp_path: Path, acp_schema: SchemaChecker, store: str
+) -> None:
+    """``"\\ud800"`` in a prompt's text is valid JSON but no UTF-8: it once failed the
+    prompt's size check with -32603. The prompt runs, the title (an SQLite parameter) gets
+    U+FFFD in its place, and a load replays the prompt as it was sent."""
+    async with start_server(ScriptModel([[{"text": "ok"}]]), store=store) as running:
+        with trio.fail_after(10):
+            async with acp_ws_client(running.url, acp_schema) as (client, _):
+                await client.initialize()
+                session = await client.new_session(str(tmp_path))
+                assert await client.prompt(session, "a\ud800b") == "end_turn"
+                listed = await client.request("session/list", {})
+                assert [s["title"] for s in listed["sessions"]] == ["a\ufffdb"]
+            async with acp_ws_client(running.url, acp_schema) as (client, _):
+                await client.initialize()
+                await client.request(
+                    "session/load", {"sessionId": session, "cwd": str(tmp_path), "mcpServers": []}
+                )
+                user = [
+                    u["content"]["text"]
+                    for u in client.updates(session)
+                    if u["sessionUpdate"] == "user_message_chunk"
+                ]
+                assert user == ["a\ud800b"]
