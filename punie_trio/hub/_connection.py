@@ -18,7 +18,15 @@ import trio
 
 from .. import acp
 from .._version import __version__
-from ..rpc import INVALID_REQUEST, Deferred, Params, Peer, RpcError, method_not_found
+from ..rpc import (
+    INVALID_REQUEST,
+    Deferred,
+    Params,
+    Peer,
+    RpcError,
+    current_request_id,
+    method_not_found,
+)
 from ..transport import MessageStream
 from ._manager import Manager
 
@@ -188,9 +196,15 @@ class ClientConnection:
         }
 
     async def _initialized(self, result: dict[str, Any]) -> dict[str, Any]:
-        # Sessions left within grace come back (with what they missed) before the answer,
-        # so the client cannot race a prompt against the re-attachment.
-        await self.manager.reattach(self)
+        # Sessions left within grace are this connection's again before the answer (a
+        # prompt sent after it finds them), and what they produced meanwhile follows the
+        # answer: the first message a client reads is the result of its initialize.
+        sessions = self.manager.reclaim(self)
+        if sessions:
+            request_id = current_request_id.get(None)
+            if request_id is not None:
+                self.answer_now(request_id, result, None)  # (False: answered on return)
+            await self.manager.deliver_missed(self, sessions)
         return result
 
 

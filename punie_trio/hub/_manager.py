@@ -267,20 +267,29 @@ class Manager:
                 INVALID_REQUEST, f"Client id {client_id!r} is in use by another open connection"
             )
 
-    async def reattach(self, conn: ClientConnection) -> None:
-        """Give ``conn`` the sessions its client id left within grace, and deliver what they
-        produced meanwhile (updates, then answers), in order, each exactly once."""
+    def reclaim(self, conn: ClientConnection) -> list[Session]:
+        """Give ``conn`` the sessions its client id left within grace (synchronously: a
+        request it sends next finds them its own); return them, for
+        :meth:`deliver_missed`."""
         client_id = conn.client_id
         if not client_id:
-            return
+            return []
         event = self._reattached.pop(client_id, None)
         if event is not None:
             event.set()
-        for session in list(self.sessions.values()):
+        reclaimed = []
+        for session in self.sessions.values():
             if session.detached_client == client_id and session.owner is None:
                 session.owner = conn
                 session.detached_client = None
-                await self._flush(session, conn)
+                reclaimed.append(session)
+        return reclaimed
+
+    async def deliver_missed(self, conn: ClientConnection, sessions: list[Session]) -> None:
+        """Send ``conn`` what its reclaimed ``sessions`` produced while it was away
+        (updates, then answers), in order, each exactly once."""
+        for session in sessions:
+            await self._flush(session, conn)
 
     async def _expire_grace(self, client_id: str, event: trio.Event) -> None:
         with trio.move_on_after(self.limits.grace_seconds):

@@ -81,6 +81,9 @@ async def test_reconnect_within_grace_delivers_every_update_once_and_the_answer(
                 await initialize(second, client_id="ide-1", fs={"readTextFile": True})
                 assert manager.sessions[session_id].owner is not None
                 answer = await second.wait_for(lambda m: m.get("id") == "the-prompt")
+                # What was kept follows the initialize answer: a client reads that first.
+                assert "protocolVersion" in second.received[0]["result"]
+                assert second.received[1].get("method") == "session/update"
                 assert answer["result"] == {"stopReason": "end_turn"}
 
                 every = first.updates(session_id) + second.updates(session_id)
