@@ -16,6 +16,9 @@ from typing import Any
 
 import attrs
 import trio
+from wsproto.extensions import PerMessageDeflate
+from wsproto.handshake import server_extensions_handshake
+from wsproto.utilities import split_comma_header
 
 from .._version import __version__
 from ..hub import ClientConnection, Manager
@@ -157,6 +160,9 @@ class App:
 
     def _refuse_websocket(self, scope: dict[str, Any]) -> tuple[int, str] | None:
         """Why this upgrade must be refused (status, reason), or None to accept it."""
+        bad_offer = _bad_extension_offer(scope)
+        if bad_offer is not None:
+            return 400, f"Bad Request: invalid Sec-WebSocket-Extensions offer {bad_offer!r}"
         if not origin_allowed(scope, self.allow_origins):
             return 403, "Forbidden: this Origin may not use /acp (see --allow-origin)"
         if self.token and not token_matches(scope, self.token):
@@ -170,6 +176,29 @@ class App:
             limit = self.manager.limits.max_connections
             return 503, f"Service Unavailable: connection limit reached ({limit})"
         return None
+
+
+def _bad_extension_offer(scope: dict[str, Any]) -> str | None:
+    """The ``Sec-WebSocket-Extensions`` offer Hypercorn's handshake would fail on, or None.
+
+    Hypercorn hands the offers to wsproto only when the app accepts, and wsproto parses a
+    ``permessage-deflate`` window size with ``int()``: ``client_max_window_bits=zz`` raised
+    there, after Hypercorn had marked the stream connected, and its clean-up then raised
+    again and took the whole server down. So the same parse runs here first (on the header
+    Hypercorn reads: the last one), on a throwaway extension object.
+    """
+    value: bytes | None = None
+    for name, raw in scope.get("headers", ()):
+        if name.lower() == b"sec-websocket-extensions":
+            value = raw
+    if value is None:
+        return None
+    offers = split_comma_header(value)
+    try:
+        server_extensions_handshake(offers, [PerMessageDeflate()])
+    except Exception:
+        return value.decode("latin-1")[:200]
+    return None
 
 
 async def _reject_websocket(

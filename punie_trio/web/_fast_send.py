@@ -105,6 +105,20 @@ class FastSendTCPServer(TCPServer):
         super().__init__(*args, **kwargs)
         self.idle_task = KeepAliveTimer(self)  # type: ignore[assignment]
 
+    async def run(self) -> None:
+        """Serve the connection; an error escaping it ends this connection only.
+
+        Error handling: Hypercorn lets an exception out of a connection's task (for one, an
+        app that failed inside ``websocket.accept``: its clean-up then fails again), and
+        ``serve_listeners`` would take the whole server down with it. By the time it gets
+        here the connection's task group has finished and Hypercorn has closed the socket,
+        so it is logged and dropped. Cancellation (a ``BaseException``) passes.
+        """
+        try:
+            await super().run()
+        except Exception:
+            log.exception("connection failed and was closed; the server goes on")
+
     async def _read_data(self) -> None:
         try:
             await self._read_until_closed()

@@ -9,9 +9,10 @@ from typing import Any
 
 import pytest
 import trio
-from trio_websocket import ConnectionClosed, open_websocket_url
+from trio_websocket import ConnectionClosed, ConnectionRejected, open_websocket_url
 
 from punie_trio.server import Running
+from punie_trio.web._app import _bad_extension_offer
 from punie_trio.worker import ScriptModel
 
 from ..acp_schema import SchemaChecker
@@ -221,3 +222,31 @@ async def test_a_prompt_that_is_not_valid_unicode_is_answered_and_stored(
                     if u["sessionUpdate"] == "user_message_chunk"
                 ]
                 assert user == ["a\ud800b"]
+
+
+@pytest.mark.parametrize(
+    "offer",
+    [
+        "permessage-deflate; client_max_window_bits=zz",
+        "permessage-deflate; server_max_window_bits=",
+    ],
+)
+async def test_a_malformed_extension_offer_is_refused_and_the_server_goes_on(
+    server: Running, tmp_path: Path, acp_schema: SchemaChecker, offer: str
+) -> None:
+    """A window size that is not a number once failed inside Hypercorn's accept and took
+    the whole server down: it is a 400 with the reason now, and other clients go on."""
+    with trio.fail_after(10):
+        async with acp_ws_client(server.url, acp_schema) as (bystander, _):
+            await bystander.initialize()
+            headers = [(b"sec-websocket-extensions", offer.encode())]
+            with pytest.raises(ConnectionRejected) as info:
+                async with open_websocket_url(ws_url(server.url), extra_headers=headers):
+                    pass  # pragma: no cover - the handshake fails
+            assert info.value.status_code == 400
+            assert b"Sec-WebSocket-Extensions" in (info.value.body or b"")
+            session = await bystander.new_session(str(tmp_path))
+            assert await bystander.prompt(session, "still here") == "end_turn"
+            # A well-formed offer passes the check (Hypercorn then turns compression on).
+            scope = {"headers": [(b"sec-websocket-extensions", b"permessage-deflate; x, y")]}
+            assert _bad_extension_offer(scope) is None

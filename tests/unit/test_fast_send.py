@@ -286,3 +286,46 @@ async def test_a_peer_that_stops_reading_is_dropped_once_the_server_terminates(
         assert trio.current_time() - blocked_at[0] <= 1.0 + 2 * _fast_send.STALL_CHECK
         assert protocol.events and isinstance(protocol.events[0], Closed)
         assert server.stream.socket.fileno() == -1
+
+
+async def test_an_error_escaping_a_connection_ends_that_connection_only(
+    monkeypatch: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Hypercorn lets some errors out of a connection's task: here an app whose accept
+    fails after Hypercorn marked the stream connected (its clean-up then fails too). That
+    once took the whole server down; now it closes that connection and is logged."""
+    from . import _hypercorn
+
+    monkeypatch.setattr(hypercorn.trio.run, "TCPServer", hypercorn.trio.run.TCPServer)
+    _fast_send.install()
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if await _hypercorn.lifespan(scope, receive, send):
+            return
+        if scope["type"] == "websocket":
+            await receive()
+            await send({"type": "websocket.accept", "subprotocol": "never-offered"})
+            return
+        headers = [(b"content-length", b"2")]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    upgrade = (
+        b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )
+    with trio.fail_after(10):
+        async with _hypercorn.serving(app) as address:
+            broken = await trio.open_tcp_stream(*address)
+            await broken.send_all(upgrade)
+            while await broken.receive_some(65536):
+                pass  # closed by the server
+            fine = await trio.open_tcp_stream(*address)
+            await fine.send_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            reply = b""
+            while not reply.endswith(b"ok"):
+                chunk = await fine.receive_some(65536)
+                assert chunk, reply
+                reply += chunk
+            assert reply.startswith(b"HTTP/1.1 200")
+    assert "connection failed and was closed" in caplog.text
