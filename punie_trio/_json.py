@@ -13,12 +13,16 @@ One difference from ``json.dumps(..., ensure_ascii=False)``: a lone surrogate (a
 that is not valid Unicode text, say from a model's badly decoded output) is written as its
 ``\\uXXXX`` escape instead of raw, so the text always encodes as UTF-8: on the wire, in the
 store, everywhere. ``json.loads`` reads it back as the same string.
+
+:func:`loads` is the other direction for text from outside (a frame, a line, an HTTP body):
+strict JSON only, with every way it can fail a ``ValueError``.
 """
 
 from __future__ import annotations
 
 import json
 import json.encoder
+import math
 import re
 from collections.abc import Callable
 from typing import Any
@@ -79,3 +83,35 @@ def _encoder(allow_nan: bool) -> Callable[[Any], str]:
 dumps = _encoder(allow_nan=True)
 #: The same, but NaN and infinities raise ``ValueError`` (strict JSON, for the store).
 dumps_strict = _encoder(allow_nan=False)
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):
+        raise ValueError(f"number {text[:40]} is out of range for a double")
+    return value
+
+
+_STRICT_DECODER = json.JSONDecoder(parse_constant=_no_constant, parse_float=_finite)
+
+
+def loads(text: str | bytes) -> Any:
+    """``json.loads`` for text from outside; every failure is a ``ValueError``.
+
+    Stricter than ``json.loads``: ``NaN``, ``Infinity`` and ``-Infinity`` (which it takes,
+    though JSON has no such tokens) and numbers beyond a double (``1e400``, which it reads
+    as infinity) are refused, so whatever is read can be written back as JSON. Nesting too
+    deep for the parser's recursion (``[[[[...`` by the 100,000) is a ``ValueError`` here,
+    not a ``RecursionError``. Bytes are decoded as ``json.loads`` decodes them (UTF-8, -16
+    or -32; ``UnicodeDecodeError`` is a ``ValueError``).
+    """
+    if not isinstance(text, str):
+        text = text.decode(json.detect_encoding(text), "surrogatepass")
+    try:
+        return _STRICT_DECODER.decode(text)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None

@@ -12,7 +12,6 @@ piecewise would break the one-message-per-frame rule of the WebSocket transport.
 
 from __future__ import annotations
 
-import json
 from typing import Any, TypeGuard
 
 import attrs
@@ -80,12 +79,13 @@ def valid_id(value: Any) -> TypeGuard[RequestId]:
 def parse(text: str | bytes) -> Message:
     """Parse one JSON-RPC message.
 
-    Raises :class:`MalformedMessage` with -32700 for text that is not JSON (or not UTF-8),
+    Raises :class:`MalformedMessage` with -32700 for text that is not strict JSON (or not
+    UTF-8, or nested too deeply: see :func:`punie_trio._json.loads`),
     and -32600 for JSON that is not a single well-formed JSON-RPC 2.0 object.
     """
     try:
-        obj = json.loads(text)
-    except (ValueError, UnicodeDecodeError) as exc:
+        obj = _json.loads(text)
+    except ValueError as exc:
         raise MalformedMessage(RpcError(PARSE_ERROR, f"Parse error: {exc}")) from None
     if isinstance(obj, list):
         raise MalformedMessage(RpcError(INVALID_REQUEST, "Batch requests are not supported"))

@@ -7,7 +7,6 @@ sends can take the app down for the others.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 import uuid
@@ -20,6 +19,7 @@ from wsproto.extensions import PerMessageDeflate
 from wsproto.handshake import server_extensions_handshake
 from wsproto.utilities import split_comma_header
 
+from .. import _json
 from .._version import __version__
 from ..hub import ClientConnection, Manager
 from ._asgi_ws import ASGIReceive, ASGISend, AsgiWebSocketStream
@@ -119,7 +119,7 @@ class App:
             await respond_text(send, 413, f"Payload Too Large: the limit is {MAX_ECHO_BYTES} bytes")
             return
         try:
-            obj = json.loads(body)
+            obj = _json.loads(body)
         except ValueError as exc:
             await respond_text(send, 400, f"Bad Request: body is not JSON: {exc}")
             return

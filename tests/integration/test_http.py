@@ -54,6 +54,16 @@ async def test_echo(server: Running) -> None:
         assert response.status_code == 400
         assert "JSON" in response.text
 
+        # What json.loads would take but JSON cannot carry back out.
+        for body, why in [
+            (b"[NaN, Infinity]", "NaN"),
+            (b'{"x": 1e400}', "out of range"),
+            (b"[" * 100_000, "nested too deeply"),
+        ]:
+            response = await http.post("/echo", content=body)
+            assert response.status_code == 400, body[:20]
+            assert why in response.text
+
 
 async def test_metrics(server: Running, tmp_path: Path, acp_schema: SchemaChecker) -> None:
     async with httpx.AsyncClient(base_url=server.url) as http:

@@ -222,3 +222,13 @@ def test_valid_id_refuses_booleans_and_floats() -> None:
 
     assert valid_id(1) and valid_id("a")
     assert not valid_id(True) and not valid_id(1.0) and not valid_id(None)
+
+
+@pytest.mark.parametrize("text", ["[NaN]", '{"id": 1e400}', "[" * 100_000, '{"a":' * 3_000])
+def test_json_that_cannot_be_carried_is_a_parse_error(text: str) -> None:
+    """NaN/Infinity, numbers beyond a double and nesting deeper than the parser can go are
+    -32700 with id null (the last once escaped as RecursionError and closed the socket)."""
+    with pytest.raises(MalformedMessage) as info:
+        parse(text)
+    assert info.value.error.code == PARSE_ERROR
+    assert info.value.id is None

@@ -49,3 +49,30 @@ def test_a_lone_surrogate_is_escaped_so_the_text_is_utf8() -> None:
         text.encode()  # valid UTF-8
         assert json.loads(text) == value
     assert _json.dumps("x\ud83d") == '"x\\ud83d"'
+
+
+@pytest.mark.parametrize(
+    ("text", "why"),
+    [
+        ("[NaN]", "NaN is not JSON"),
+        ('{"x": -Infinity}', "-Infinity is not JSON"),
+        ("[1e400]", "out of range"),
+        ("[" * 100_000, "nested too deeply"),
+        ('{"a":' * 5_000, "nested too deeply"),
+        (b'{"a": "\xff"}', "can't decode"),
+        ("{", "Expecting"),
+    ],
+)
+def test_loads_refuses_what_json_cannot_carry_with_a_value_error(text: Any, why: str) -> None:
+    """json.loads takes NaN and 1e400 (as infinity) and raises RecursionError on deep
+    nesting; text from outside gets one kind of error, naming the problem."""
+    with pytest.raises(ValueError, match=why):
+        _json.loads(text)
+
+
+def test_loads_reads_what_json_loads_reads() -> None:
+    text = '{"a": [1, 2.5, -0.0, 1e300, null, true], "s": "\\ud800 h\\u00e9llo"}'
+    assert _json.loads(text) == json.loads(text)
+    assert _json.loads(text.encode("utf-16")) == json.loads(text)
+    nested = "[" * 200 + "]" * 200
+    assert _json.loads(nested) == json.loads(nested)
