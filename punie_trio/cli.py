@@ -7,6 +7,7 @@ stdout belongs to ACP under ``--stdio``: every human-readable line goes to stder
 from __future__ import annotations
 
 import argparse
+import io
 import logging
 import logging.handlers
 import os
@@ -175,15 +176,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _setup_logging(level: str, data_dir: Path | None) -> None:
+    """Log to stderr and (with a data dir) to ``punie-trio.log``.
+
+    Error handling: a log line may quote a client's text, and a lone surrogate (valid in
+    JSON) cannot be encoded: both streams write it as ``\\udXXX`` instead of printing
+    "--- Logging error ---" with a traceback."""
     root = logging.getLogger()
     root.setLevel(logging.DEBUG)
+    if isinstance(sys.stderr, io.TextIOWrapper):
+        sys.stderr.reconfigure(errors="backslashreplace")
     stderr = logging.StreamHandler(sys.stderr)
     stderr.setLevel(level.upper())
     stderr.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root.addHandler(stderr)
     if data_dir is not None:
         file_handler = logging.handlers.RotatingFileHandler(
-            data_dir / "punie-trio.log", maxBytes=5 * 1024 * 1024, backupCount=2, encoding="utf-8"
+            data_dir / "punie-trio.log",
+            maxBytes=5 * 1024 * 1024,
+            backupCount=2,
+            encoding="utf-8",
+            errors="backslashreplace",
         )
         file_handler.setLevel(min(logging.INFO, logging.getLevelName(level.upper())))
         file_handler.setFormatter(

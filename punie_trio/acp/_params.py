@@ -8,6 +8,7 @@ guess. Unknown fields and ``_meta`` are tolerated, as the extensibility page req
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -18,6 +19,12 @@ from ..rpc import Params, RpcError
 _CONTENT_TYPES = frozenset({"text", "image", "audio", "resource_link", "resource"})
 # Baseline content every agent must accept (prompt-turn page); the rest needs a capability.
 SUPPORTED_PROMPT_TYPES = frozenset({"text", "resource_link", "resource"})
+
+
+# NUL and lone surrogates: valid in a JSON string, but no path or identifier can hold them
+# (the OS refuses NUL, and UTF-8, which the file system and the store speak, has no
+# surrogates). Prompt text may hold a surrogate: it is only carried, escaped.
+_NOT_NAME_TEXT = re.compile("[\x00\ud800-\udfff]")
 
 
 def _bad(path: str, why: str) -> RpcError:
@@ -50,11 +57,26 @@ def _req_str(obj: Mapping[str, Any], key: str, path: str = "") -> str:
     return value
 
 
-def _abs_path(obj: Mapping[str, Any], key: str) -> str:
-    value = _req_str(obj, key)
-    if not os.path.isabs(value):
-        raise _bad(key, f"must be an absolute path, got {value!r}")
+def _name_text(value: str, where: str) -> str:
+    """``value``, refused if it holds NUL or a lone surrogate (see ``_NOT_NAME_TEXT``)."""
+    if _NOT_NAME_TEXT.search(value):
+        raise _bad(where, f"must not contain NUL or a lone surrogate, got {value!r}")
     return value
+
+
+def _abs_path_text(value: str, where: str) -> str:
+    _name_text(value, where)
+    if not os.path.isabs(value):
+        raise _bad(where, f"must be an absolute path, got {value!r}")
+    return value
+
+
+def _abs_path(obj: Mapping[str, Any], key: str) -> str:
+    return _abs_path_text(_req_str(obj, key), key)
+
+
+def _session_id(obj: Mapping[str, Any]) -> str:
+    return _name_text(_req_str(obj, "sessionId"), "sessionId")
 
 
 def _str_list(obj: Mapping[str, Any], key: str, *, absolute: bool = False) -> tuple[str, ...]:
@@ -66,8 +88,8 @@ def _str_list(obj: Mapping[str, Any], key: str, *, absolute: bool = False) -> tu
     for i, item in enumerate(value):
         if not isinstance(item, str):
             raise _bad(f"{key}[{i}]", "must be a string")
-        if absolute and not os.path.isabs(item):
-            raise _bad(f"{key}[{i}]", f"must be an absolute path, got {item!r}")
+        if absolute:
+            _abs_path_text(item, f"{key}[{i}]")
     return tuple(value)
 
 
@@ -151,12 +173,12 @@ class SessionRef:
 
 
 def parse_session_id(params: Params) -> SessionRef:
-    return SessionRef(_req_str(params_object(params), "sessionId"))
+    return SessionRef(_session_id(params_object(params)))
 
 
 def parse_load_session(params: Params, *, mcp_required: bool) -> SessionRef:
     obj = params_object(params)
-    session_id = _req_str(obj, "sessionId")
+    session_id = _session_id(obj)
     cwd = _abs_path(obj, "cwd")
     _mcp_servers(obj, required=mcp_required)
     return SessionRef(session_id, cwd, _str_list(obj, "additionalDirectories", absolute=True))
@@ -171,8 +193,8 @@ class ListSessionsParams:
 def parse_list_sessions(params: Params) -> ListSessionsParams:
     obj = params_object(params)
     cwd = _str(obj, "cwd", required=False)
-    if cwd is not None and not os.path.isabs(cwd):
-        raise _bad("cwd", f"must be an absolute path, got {cwd!r}")
+    if cwd is not None:
+        _abs_path_text(cwd, "cwd")
     return ListSessionsParams(cwd, _str(obj, "cursor", required=False))
 
 
@@ -207,7 +229,7 @@ def _utf8_len(text: str) -> int:
 
 def parse_prompt(params: Params, *, max_bytes: int | None = None) -> PromptParams:
     obj = params_object(params)
-    session_id = _req_str(obj, "sessionId")
+    session_id = _session_id(obj)
     blocks = obj.get("prompt")
     if not isinstance(blocks, list):
         raise _bad("prompt", "is required and must be an array of content blocks")
@@ -217,7 +239,7 @@ def parse_prompt(params: Params, *, max_bytes: int | None = None) -> PromptParam
         if not isinstance(block, dict):
             raise _bad(path, "must be a content block object")
         kind = block.get("type")
-        if kind not in _CONTENT_TYPES:
+        if not isinstance(kind, str) or kind not in _CONTENT_TYPES:
             raise _bad(f"{path}.type", f"must be one of {sorted(_CONTENT_TYPES)}, got {kind!r}")
         if kind not in SUPPORTED_PROMPT_TYPES:
             raise _bad(

@@ -309,6 +309,25 @@ def test_logs_go_to_the_data_dir_log_file(env: dict[str, str], tmp_path: Path) -
     assert b"without an id" in done.stderr
 
 
+def test_a_lone_surrogate_in_a_log_line_is_escaped_not_a_logging_error(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    """Log lines can quote a client's text; a lone surrogate (valid JSON) cannot be encoded
+    as UTF-8 and once made logging print "--- Logging error ---" and a traceback."""
+    data = tmp_path / "data"
+    done = subprocess.run(
+        [*PUNIE, "serve", "--stdio", "--no-http", "--project", str(tmp_path)],
+        input=b'{"jsonrpc":"2.0","id":null,"error":{"code":1,"message":"odd \\ud800 text"}}\n',
+        capture_output=True,
+        env=env,
+        timeout=TIMEOUT,
+    )
+    assert done.returncode == 0
+    assert b"odd \\ud800 text" in done.stderr
+    assert b"Logging error" not in done.stderr
+    assert "odd \\ud800 text" in (data / "punie-trio.log").read_text(encoding="utf-8")
+
+
 def test_data_dir_flag_overrides_the_environment(env: dict[str, str], tmp_path: Path) -> None:
     chosen = tmp_path / "chosen"
     done = subprocess.run(

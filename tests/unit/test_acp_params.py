@@ -198,6 +198,8 @@ def test_prompt_audio_unsupported() -> None:
         ([{"type": "text", "text": 3}], "prompt[0].text must be a string"),
         ([{"type": "text", "text": "a"}, {"type": "video"}], "prompt[1].type must be one of"),
         ([{"text": "a"}], "prompt[0].type must be one of"),
+        ([{"type": ["text"]}], "prompt[0].type must be one of"),  # unhashable: once -32603
+        ([{"type": {"a": 1}}], "prompt[0].type must be one of"),
         (["just a string"], "prompt[0] must be a content block object"),
         ([{"type": "resource_link", "uri": "u"}], "prompt[0].name is required"),
         ([{"type": "resource_link", "name": "n"}], "prompt[0].uri is required"),
@@ -234,3 +236,20 @@ def test_params_object() -> None:
     assert acp.params_object(None) == {}
     assert acp.params_object({"a": 1}) == {"a": 1}
     assert "expected an object" in _refused(acp.params_object, [1])
+
+
+@pytest.mark.parametrize("bad", ["/tmp/a\x00b", "/tmp/\ud800"])
+def test_paths_and_ids_with_nul_or_a_lone_surrogate_are_refused(bad: str) -> None:
+    """Valid JSON strings no path or id can hold (they once failed deep in the OS or the
+    store as -32603); prompt text may hold a surrogate (it is carried escaped)."""
+    mcp: dict[str, Any] = {"mcpServers": []}
+    assert "cwd must not contain NUL" in _refused(acp.parse_new_session, {"cwd": bad, **mcp})
+    extra = {"cwd": "/tmp", "additionalDirectories": ["/tmp", bad], **mcp}
+    assert "additionalDirectories[1] must not contain" in _refused(acp.parse_new_session, extra)
+    assert "cwd must not contain" in _refused(acp.parse_list_sessions, {"cwd": bad})
+    load = {"sessionId": bad, "cwd": "/tmp", **mcp}
+    assert "sessionId must not contain" in _refused(acp.parse_load_session, load, mcp_required=True)
+    assert "sessionId must not contain" in _refused(acp.parse_session_id, {"sessionId": bad})
+    assert "sessionId must not contain" in _refused(acp.parse_prompt, _prompt(sessionId=bad))
+    text = {"type": "text", "text": "a\ud800b"}
+    assert acp.parse_prompt(_prompt(text)).prompt == (text,)
