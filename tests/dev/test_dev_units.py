@@ -26,6 +26,8 @@ from punie_trio.web.dev._events import ReloadEvent
         ("bytes=-500", 100, (0, 99)),
         ("bytes=50-500", 100, (50, 99)),
         ("bytes = 5-5", 100, (5, 5)),
+        ("bytes=0-" + "9" * 5000, 100, (0, 99)),  # int() of 5000 digits raises: once a 500
+        ("bytes=-" + "9" * 5000, 100, (0, 99)),
     ],
 )
 def test_parse_range_satisfiable(header: str, size: int, expected: tuple[int, int]) -> None:
@@ -35,7 +37,9 @@ def test_parse_range_satisfiable(header: str, size: int, expected: tuple[int, in
     assert parsed.content_range() == f"bytes {expected[0]}-{expected[1]}/{size}"
 
 
-@pytest.mark.parametrize("header", ["bytes=100-", "bytes=200-300", "bytes=-0"])
+@pytest.mark.parametrize(
+    "header", ["bytes=100-", "bytes=200-300", "bytes=-0", "bytes=" + "9" * 30 + "-"]
+)
 def test_parse_range_unsatisfiable(header: str) -> None:
     parsed = _http.parse_range(header, 100)
     assert isinstance(parsed, _http.Unsatisfiable)
@@ -43,7 +47,8 @@ def test_parse_range_unsatisfiable(header: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "header", ["items=0-1", "bytes=a-b", "bytes=5-1", "bytes=0-1,3-4", "bytes=-", "bytes"]
+    "header",
+    ["items=0-1", "bytes=a-b", "bytes=5-1", "bytes=0-1,3-4", "bytes=-", "bytes", "bytes=\u00b2-"],
 )
 def test_parse_range_ignored(header: str) -> None:
     assert _http.parse_range(header, 100) is None
@@ -163,7 +168,17 @@ def test_sse_format() -> None:
 
 @pytest.mark.parametrize(
     ("value", "expected"),
-    [("12", 12), (b"3", 3), (" 4 ", 4), ("-1", None), ("x", None), ("", None), (None, None)],
+    [
+        ("12", 12),
+        (b"3", 3),
+        (" 4 ", 4),
+        ("-1", None),
+        ("x", None),
+        ("", None),
+        (None, None),
+        ("\u00b2", None),  # isdigit() but not int(): once a 500
+        (b"\xb2", None),
+    ],
 )
 def test_parse_event_id(value: str | bytes | None, expected: int | None) -> None:
     assert _events.parse_event_id(value) == expected

@@ -137,6 +137,7 @@ def parse_event_id(value: str | bytes | None) -> int | None:
     if isinstance(value, bytes):
         value = value.decode("latin-1")
     value = value.strip()
-    if not value.isdigit() or len(value) > 18:
+    # isascii too: isdigit() takes "²", which int() refuses.
+    if not (value.isascii() and value.isdigit()) or len(value) > 18:
         return None
     return int(value)

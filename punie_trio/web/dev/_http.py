@@ -190,6 +190,16 @@ class Unsatisfiable:
         return f"bytes */{self.size}"
 
 
+def _is_digits(text: str) -> bool:
+    return text.isascii() and text.isdigit()  # isdigit() alone takes "²", which int() refuses
+
+
+def _byte_pos(digits: str) -> int:
+    """A byte position; past 18 digits it is beyond any file (and int() of thousands of
+    digits would raise), so it reads as 10**18."""
+    return int(digits) if len(digits) <= 18 else 10**18
+
+
 def parse_range(value: str, size: int) -> ByteRange | Unsatisfiable | None:
     """Parse a ``Range`` header for a body of ``size`` bytes.
 
@@ -202,17 +212,17 @@ def parse_range(value: str, size: int) -> ByteRange | Unsatisfiable | None:
         return None
     first, dash, last = spec.strip().partition("-")
     first, last = first.strip(), last.strip()
-    if not dash or (first and not first.isdigit()) or (last and not last.isdigit()):
+    if not dash or (first and not _is_digits(first)) or (last and not _is_digits(last)):
         return None
     if not first:
         if not last:
             return None
-        suffix = int(last)
+        suffix = _byte_pos(last)
         if suffix == 0 or size == 0:
             return Unsatisfiable(size)
         return ByteRange(max(0, size - suffix), size - 1, size)
-    start = int(first)
-    end = int(last) if last else size - 1
+    start = _byte_pos(first)
+    end = _byte_pos(last) if last else size - 1
     if last and end < start:
         return None
     if start >= size:
