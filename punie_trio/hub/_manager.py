@@ -96,6 +96,9 @@ REPLAY_PAGE = 2000
 CLIENT_CALL_TIMEOUT = 300.0
 # Time a finished or cancelled turn gets to commit its transcript, even when cancelled.
 PERSIST_TIMEOUT = 10.0
+# How long a finished turn's relay waits for its cancelled client calls to end (each only
+# has to queue its $/cancel_request: one scheduler pass).
+CALLS_END_TIMEOUT = 1.0
 # Sent to a re-attached client whose missed updates overflowed the buffer.
 RELOAD_REQUIRED = "_punie-trio/reload_required"
 # Titles are the first prompt's first line, this long at most.
@@ -143,6 +146,8 @@ class ActiveTurn:
     orphaned: bool = False
     # Scopes of the tasks asking the client on the turn's behalf (cancelled with the turn).
     calls: set[trio.CancelScope] = attrs.field(factory=set)
+    # Set when the last of ``calls`` has ended, once the relay waits for that.
+    calls_ended: trio.Event | None = None
     relaying: bool = True
 
 
@@ -766,8 +771,15 @@ class Manager:
         finally:
             events.close()
             turn.relaying = False
-            for scope in turn.calls:
-                scope.cancel()
+            if turn.calls:
+                # The client hears that its pending requests are void ($/cancel_request,
+                # sent by each call as it ends) before the prompt's answer, as the
+                # cancellation page's cascade has it: wait for them to end.
+                turn.calls_ended = trio.Event()
+                for scope in turn.calls:
+                    scope.cancel()
+                with trio.CancelScope(shield=True), trio.move_on_after(CALLS_END_TIMEOUT):
+                    await turn.calls_ended.wait()
             if finished is None and turn.started:
                 # Cancelled from outside (shutdown) or the worker is gone: stop the turn.
                 turn.cancel_requested = True
@@ -863,6 +875,8 @@ class Manager:
                 await self._ask_client(session, turn, call)
             finally:
                 turn.calls.discard(scope)
+                if not turn.calls and turn.calls_ended is not None:
+                    turn.calls_ended.set()
 
     async def _ask_client(self, session: Session, turn: ActiveTurn, call: ClientCall) -> None:
         reply: ClientReply

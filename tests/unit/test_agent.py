@@ -374,6 +374,43 @@ async def test_client_call_timeout(
         ]
 
 
+async def test_cancelling_a_turn_voids_its_client_requests_before_the_answer(
+    tmp_path: Path, acp_schema: SchemaChecker
+) -> None:
+    """session/cancel while the turn waits on fs/read_text_file: the client is told that
+    request is void ($/cancel_request) before the prompt is answered ``cancelled`` (the
+    cascade of the cancellation page); it once came just after the answer."""
+    asked = trio.Event()
+
+    async def never_answer(method: str, params: dict[str, Any]) -> Any:
+        asked.set()
+        await trio.sleep_forever()
+
+    model = script([{"tool": "read_file", "input": {"path": "a.txt"}}, {"text": "never"}])
+    async with agent(tmp_path, acp_schema, model, on_agent_request=never_answer) as a:
+        await a.client.initialize(fs={"readTextFile": True})
+        session = await a.client.new_session(str(a.root))
+        result: dict[str, Any] = {}
+
+        async def run_prompt() -> None:
+            result.update(await a.client.request("session/prompt", prompt_params(session, "go")))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(run_prompt)
+            await asked.wait()
+            await a.client.notify("session/cancel", {"sessionId": session})
+        assert result == {"stopReason": "cancelled"}
+        fs_id = a.client.agent_requests[0]["id"]
+        order = [
+            "void" if m.get("method") == "$/cancel_request" else "answer"
+            for m in a.client.received
+            if m.get("method") == "$/cancel_request" or m.get("result") == result
+        ]
+        assert order == ["void", "answer"]
+        cancel = next(m for m in a.client.received if m.get("method") == "$/cancel_request")
+        assert cancel["params"] == {"requestId": fs_id}
+
+
 async def test_cancel_during_a_sleeping_turn(
     tmp_path: Path, acp_schema: SchemaChecker, autojump_clock: trio.testing.MockClock
 ) -> None:
