@@ -461,15 +461,23 @@ class Manager:
         self.project_root_for(ref.cwd)
         self.check_inside_roots(ref.additional_directories, "additionalDirectories")
         record = await self._stored(ref.session_id)
-        live = self.sessions.get(ref.session_id)
-        if live is not None and live.owner is not conn:
-            raise RpcError(
-                INVALID_REQUEST, f"Session {ref.session_id} is open on another connection"
+        if _resolved(ref.cwd) != _resolved(record.cwd):
+            # "cwd is immutable after session setup" (session-list page); only the extra
+            # roots may differ from one load to the next (session-setup page).
+            raise RpcError.invalid_params(
+                f"Invalid params: cwd {ref.cwd!r} is not the cwd of session {record.id} "
+                f"({record.cwd}); a session keeps the cwd it was created with"
             )
-        if live is not None and (live.turn is not None or live.loading):
-            raise RpcError(INVALID_REQUEST, f"Session {ref.session_id} has a prompt running")
-        if live is None:
-            self._check_session_quota(conn)
+        self._loadable(conn, ref.session_id)  # refused before anything is written
+        # The roots this request asked for are the session's now, in the store too (what
+        # session/list reports); stored ones are not restored implicitly.
+        additional = tuple(_resolved(p) for p in ref.additional_directories)
+        if additional != record.additional_directories:
+            await self.store.update_session(record.id, additional_directories=additional)
+        live = self._loadable(conn, ref.session_id)  # again: the await let others run
+        if live is not None:
+            live.additional_directories = additional
+        else:
             live = self._open(
                 conn,
                 record.id,
@@ -487,6 +495,19 @@ class Manager:
         finally:
             live.loading = False
         return {}
+
+    def _loadable(self, conn: ClientConnection, session_id: str) -> Session | None:
+        """The live session ``conn`` may load again (None: not live, and ``conn`` may open
+        one more), or the refusal."""
+        live = self.sessions.get(session_id)
+        if live is None:
+            self._check_session_quota(conn)
+            return None
+        if live.owner is not conn:
+            raise RpcError(INVALID_REQUEST, f"Session {session_id} is open on another connection")
+        if live.turn is not None or live.loading:
+            raise RpcError(INVALID_REQUEST, f"Session {session_id} has a prompt running")
+        return live
 
     async def _replay(
         self, conn: ClientConnection, session: Session, replay: bool
@@ -945,6 +966,11 @@ class Manager:
             log.error("persisting a turn of session %s timed out", session.id)
             return "the store did not answer in time"
         return None
+
+
+def _resolved(path: str) -> str:
+    """``path`` with symlinks, ``..`` and ``~`` resolved (a local file system: quick)."""
+    return str(Path(path).expanduser().resolve())
 
 
 def _user_text(blocks: Iterable[Any]) -> str:

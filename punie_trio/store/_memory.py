@@ -85,11 +85,17 @@ class MemoryStore:
         config: dict[str, Any] | Unset = UNSET,
         client_id: str | Unset | None = UNSET,
         updated_at: float | Unset = UNSET,
+        additional_directories: Sequence[str] | Unset = UNSET,
     ) -> None:
         await self._enter_write()
         # Checked before the lookup: both stores report bad input before an unknown session.
         changes = session_changes(
-            title=title, mode=mode, config=config, client_id=client_id, updated_at=updated_at
+            title=title,
+            mode=mode,
+            config=config,
+            client_id=client_id,
+            updated_at=updated_at,
+            additional_directories=additional_directories,
         )
         rec = self._get(session_id)
         self._sessions[session_id] = attrs.evolve(rec, **changes)

@@ -158,6 +158,7 @@ def session_changes(
     config: dict[str, Any] | Unset,
     client_id: str | Unset | None,
     updated_at: float | Unset,
+    additional_directories: Sequence[str] | Unset = UNSET,
 ) -> dict[str, Any]:
     """The fields ``update_session`` was given (checked), by column name; both stores apply
     exactly this."""
@@ -172,6 +173,12 @@ def session_changes(
         changes["client_id"] = client_id
     if updated_at is not UNSET:
         changes["updated_at"] = float(updated_at)
+    if additional_directories is not UNSET:
+        if isinstance(additional_directories, str) or not all(
+            isinstance(d, str) for d in additional_directories
+        ):
+            raise StoreError("additional directories must be a sequence of strings")
+        changes["additional_directories"] = tuple(additional_directories)
     return changes
 
 

@@ -35,6 +35,7 @@ class Store(Protocol):
         config: dict[str, Any] | Unset = UNSET,
         client_id: str | Unset | None = UNSET,
         updated_at: float | Unset = UNSET,
+        additional_directories: Sequence[str] | Unset = UNSET,
     ) -> None:
         """Change only the fields given (``None`` is a value, ``UNSET`` means untouched)."""
         ...

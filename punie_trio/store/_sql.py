@@ -62,7 +62,9 @@ _TRUE_COLUMNS = (
 )
 
 #: Columns ``update_session`` may set.
-UPDATABLE = frozenset({"title", "mode", "config", "client_id", "updated_at"})
+UPDATABLE = frozenset(
+    {"title", "mode", "config", "client_id", "updated_at", "additional_directories"}
+)
 
 
 @contextmanager
@@ -156,7 +158,11 @@ def update_session(conn: sqlite3.Connection, session_id: str, changes: dict[str,
         values = {"updated_at": updated_at, "turns": turns, **changes}
         assignments = ", ".join(f"{column} = ?" for column in values)
         params = [
-            dump_json(value, "session config") if column == "config" else value
+            dump_json(value, "session config")
+            if column == "config"
+            else dump_json(list(value), "additional directories")
+            if column == "additional_directories"
+            else value
             for column, value in values.items()
         ]
         conn.execute(f"UPDATE sessions SET {assignments} WHERE key = ?", (*params, key))

@@ -197,10 +197,16 @@ class SqliteStore:
         config: dict[str, Any] | Unset = UNSET,
         client_id: str | Unset | None = UNSET,
         updated_at: float | Unset = UNSET,
+        additional_directories: Sequence[str] | Unset = UNSET,
     ) -> None:
         self._check_open()
         changes = session_changes(
-            title=title, mode=mode, config=config, client_id=client_id, updated_at=updated_at
+            title=title,
+            mode=mode,
+            config=config,
+            client_id=client_id,
+            updated_at=updated_at,
+            additional_directories=additional_directories,
         )
         await self._write(lambda conn: _sql.update_session(conn, session_id, changes))
 

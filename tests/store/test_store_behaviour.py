@@ -64,6 +64,19 @@ async def test_update_changes_only_given_fields(store: Store) -> None:
     )
 
 
+async def test_update_additional_directories(store: Store) -> None:
+    """session/load may give a session other extra roots; the store keeps the new list."""
+    await store.create_session(make_record(additional_directories=("/a", "/b")))
+    await store.update_session("s1", additional_directories=["/c"])
+    got = await store.get_session("s1")
+    assert got == make_record(additional_directories=("/c",))
+    await store.update_session("s1", additional_directories=())
+    got = await store.get_session("s1")
+    assert got is not None and got.additional_directories == ()
+    with pytest.raises(StoreError, match="sequence of strings"):
+        await store.update_session("s1", additional_directories="/d")
+
+
 async def test_update_unknown_session(store: Store) -> None:
     with pytest.raises(UnknownSessionError):
         await store.update_session("ghost", title="x")

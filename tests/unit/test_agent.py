@@ -697,3 +697,39 @@ async def test_a_prompt_while_the_session_is_loading_is_refused(
         assert "still loading" in error["message"]
         a.manager.sessions[session].loading = False
         assert await a.client.prompt(session, "hi") == "end_turn"
+
+
+async def test_load_keeps_the_cwd_and_takes_the_extra_roots_it_is_given(
+    tmp_path: Path, acp_schema: SchemaChecker
+) -> None:
+    """A session's cwd is fixed at session/new (-32602 for another on load); its extra
+    roots are the ones each load asks for, and session/list reports those (the stored
+    ones once stayed in the listing after a load without them)."""
+    async with agent(tmp_path, acp_schema) as a:
+        extra = a.root / "extra"
+        sub = a.root / "sub"
+        extra.mkdir()
+        sub.mkdir()
+        await a.client.initialize()
+        session = await a.client.new_session(str(a.root), additionalDirectories=[str(extra)])
+        await a.client.request("session/close", {"sessionId": session})
+
+        async def listed() -> list[tuple[str, list[str]]]:
+            result = await a.client.request("session/list", {})
+            return [(s["cwd"], s.get("additionalDirectories", [])) for s in result["sessions"]]
+
+        assert await listed() == [(str(a.root), [str(extra)])]
+        load = {"sessionId": session, "cwd": str(sub), "mcpServers": []}
+        error = await expect_error(a.client, "session/load", load)
+        assert error["code"] == -32602
+        assert "is not the cwd of session" in error["message"] and str(a.root) in error["message"]
+        assert await listed() == [(str(a.root), [str(extra)])]  # nothing changed
+
+        load["cwd"] = str(a.root / "sub" / "..")  # the same directory, spelled otherwise
+        await a.client.request("session/load", load)
+        assert a.manager.sessions[session].additional_directories == ()
+        assert await listed() == [(str(a.root), [])]
+        # Loaded again on the same connection, with a root: the live session takes it too.
+        await a.client.request("session/load", {**load, "additionalDirectories": [str(sub)]})
+        assert a.manager.sessions[session].additional_directories == (str(sub),)
+        assert await listed() == [(str(a.root), [str(sub)])]
