@@ -8,6 +8,7 @@ disk directly. Either way the path must resolve inside the session's roots.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -16,7 +17,7 @@ import trio
 
 from ..acp import FS_READ_TEXT_FILE, FS_WRITE_TEXT_FILE
 from ._envelopes import TurnEnv
-from ._paths import PathEscape, resolve_inside
+from ._paths import PathEscape, is_path_text, resolve_inside
 
 ClientCaller = Callable[[str, dict[str, Any]], Awaitable[Any]]
 
@@ -32,11 +33,32 @@ class ToolSpec:
     run: Callable[[TurnEnv, dict[str, Any], ClientCaller], Awaitable[str]]
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+#: ``fs/read_text_file``'s ``line`` and ``limit`` are uint32 (the schema).
+_UINT32_MAX = 2**32 - 1
+
+
 def _path_arg(tool_input: dict[str, Any]) -> str:
     path = tool_input.get("path")
     if not isinstance(path, str) or not path:
         raise ToolError("input.path must be a non-empty string")
+    if not is_path_text(path):
+        raise ToolError("input.path must not contain NUL or a lone surrogate")
     return path
+
+
+def _line_args(tool_input: dict[str, Any]) -> dict[str, int]:
+    """``line`` and ``limit`` for ``fs/read_text_file``, checked against the schema's
+    uint32 (a bool is no integer here, though Python's ``bool`` is an ``int``)."""
+    args: dict[str, int] = {}
+    for key in ("line", "limit"):
+        value = tool_input.get(key)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= _UINT32_MAX:
+            raise ToolError(f"input.{key} must be an integer from 0 to {_UINT32_MAX}")
+        args[key] = value
+    return args
 
 
 async def _read_file(env: TurnEnv, tool_input: dict[str, Any], call: ClientCaller) -> str:
@@ -44,11 +66,9 @@ async def _read_file(env: TurnEnv, tool_input: dict[str, Any], call: ClientCalle
         path = resolve_inside(_path_arg(tool_input), env.cwd, env.roots)
     except PathEscape as exc:
         raise ToolError(str(exc)) from None
+    lines = _line_args(tool_input)
     if env.capabilities.read_text_file:
-        params: dict[str, Any] = {"sessionId": env.session_id, "path": str(path)}
-        for key in ("line", "limit"):
-            if isinstance(tool_input.get(key), int):
-                params[key] = tool_input[key]
+        params: dict[str, Any] = {"sessionId": env.session_id, "path": str(path), **lines}
         result = await call(FS_READ_TEXT_FILE, params)
         content = result.get("content") if isinstance(result, dict) else None
         if not isinstance(content, str):
@@ -68,6 +88,8 @@ async def _write_file(env: TurnEnv, tool_input: dict[str, Any], call: ClientCall
     content = tool_input.get("content")
     if not isinstance(content, str):
         raise ToolError("input.content must be a string")
+    if _SURROGATE.search(content):
+        raise ToolError("input.content is not valid Unicode text (a lone surrogate)")
     if env.capabilities.write_text_file:
         params = {"sessionId": env.session_id, "path": str(path), "content": content}
         await call(FS_WRITE_TEXT_FILE, params)

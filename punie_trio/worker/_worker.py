@@ -38,6 +38,7 @@ from ._envelopes import (
     Update,
 )
 from ._models import Model
+from ._paths import absolute_location, is_path_text
 from ._tools import TOOLS, ToolError
 
 log = logging.getLogger("punie_trio.worker")
@@ -153,7 +154,9 @@ class _Context:
             )
             return None
         path = tool_input.get("path")
-        locations = [path] if isinstance(path, str) else []
+        cwd = self.turn.start.env.cwd
+        clean = isinstance(path, str) and bool(path) and is_path_text(path)
+        locations = [absolute_location(path, cwd)] if clean and isinstance(path, str) else []
         title = f"{spec.title} {path}" if isinstance(path, str) else spec.title
         await self._emit(
             Update(

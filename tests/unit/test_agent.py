@@ -322,7 +322,8 @@ async def test_scripted_turn_with_client_file_read(
         ]
         assert updates[0]["content"]["text"] == "I should read the file"
         assert [e["content"] for e in updates[1]["entries"]] == ["read a.txt", "answer"]
-        assert updates[2]["kind"] == "read" and updates[2]["locations"] == [{"path": "a.txt"}]
+        assert updates[2]["kind"] == "read"
+        assert updates[2]["locations"] == [{"path": target}]  # absolute, as the schema says
         assert updates[3]["status"] == "in_progress"
         assert updates[4]["status"] == "completed"
         assert updates[4]["content"][0]["content"]["text"] == "hi from the editor buffer"

@@ -268,7 +268,7 @@ async def test_read_file_through_the_client(tmp_path: Path) -> None:
             "kind": "read",
             "status": "pending",
             "rawInput": {"path": "src/a.py", "line": 2, "limit": 3},
-            "locations": [{"path": "src/a.py"}],
+            "locations": [{"path": str(tmp_path / "src" / "a.py")}],  # absolute (the schema)
         }
         assert in_progress.update == {
             "sessionUpdate": "tool_call_update",
@@ -421,7 +421,18 @@ async def test_write_file_escape_writes_nothing(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("tool_input", "fragment"),
-    [({}, "input.path"), ({"path": ""}, "input.path"), ({"path": 3}, "input.path")],
+    [
+        ({}, "input.path"),
+        ({"path": ""}, "input.path"),
+        ({"path": 3}, "input.path"),
+        ({"path": "a\x00b"}, "input.path must not contain NUL"),
+        ({"path": "a\ud800"}, "input.path must not contain NUL or a lone surrogate"),
+        # fs/read_text_file's line and limit are uint32 (these once reached the client).
+        ({"path": "a.txt", "line": -3}, "input.line must be an integer from 0"),
+        ({"path": "a.txt", "limit": True}, "input.limit must be an integer from 0"),
+        ({"path": "a.txt", "limit": 2**32}, "input.limit must be an integer from 0"),
+        ({"path": "a.txt", "line": "2"}, "input.line must be an integer from 0"),
+    ],
 )
 async def test_bad_tool_input_fails_the_tool_call(
     tmp_path: Path, tool_input: dict[str, Any], fragment: str
@@ -433,12 +444,16 @@ async def test_bad_tool_input_fails_the_tool_call(
     assert fragment in updates[-1]["content"][0]["content"]["text"]
 
 
-async def test_write_file_needs_string_content(tmp_path: Path) -> None:
-    model = script([{"tool": "write_file", "input": {"path": "a.txt", "content": 5}}])
+@pytest.mark.parametrize(
+    ("content", "fragment"), [(5, "must be a string"), ("a\ud800", "is not valid Unicode")]
+)
+async def test_write_file_needs_string_content(tmp_path: Path, content: Any, fragment: str) -> None:
+    model = script([{"tool": "write_file", "input": {"path": "a.txt", "content": content}}])
     async with running_worker(tmp_path, model) as h:
         updates, _ = await h.run_turn()
     assert updates[-1]["status"] == "failed"
-    assert "input.content" in updates[-1]["content"][0]["content"]["text"]
+    assert "input.content " + fragment in updates[-1]["content"][0]["content"]["text"]
+    assert not (tmp_path / "a.txt").exists()
 
 
 async def test_unsupported_tool(tmp_path: Path) -> None:
