@@ -50,7 +50,7 @@ class ClientConnection:
 
     manager: Manager
     transport: str = "unknown"
-    id: str = attrs.field(factory=lambda: uuid.uuid4().hex)
+    id: str = attrs.field(factory=lambda: str(uuid.uuid4()))
     capabilities: acp.ClientCapabilities = attrs.field(factory=acp.ClientCapabilities)
     client_info: dict[str, Any] | None = None
     initialized: bool = False

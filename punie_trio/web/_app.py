@@ -58,8 +58,9 @@ class App:
             if scope["path"] in ACP_PATHS:
                 await self._acp_websocket(scope, receive, send)
             else:
-                # Closing before accept makes Hypercorn answer the upgrade with 403.
-                await send({"type": "websocket.close", "code": 1008})
+                await _reject_websocket(
+                    scope, send, 404, f"Not Found: {scope['path']} (ACP over WebSocket is at /acp)"
+                )
         elif kind == "http":
             await self._http(scope, receive, send)
 
@@ -142,7 +143,7 @@ class App:
         if refusal is not None:
             await _reject_websocket(scope, send, *refusal)
             return
-        conn_id = uuid.uuid4().hex
+        conn_id = str(uuid.uuid4())  # the RFD shows a UUID
         self._upgrading += 1
         try:
             await send(

@@ -7,14 +7,16 @@ import re
 from pathlib import Path
 
 import httpx
+import pytest
 import trio
+from trio_websocket import ConnectionRejected, open_websocket_url
 
 from punie_trio import __version__
 from punie_trio.server import GC_THRESHOLDS, Running, ServeConfig, serve
 from punie_trio.worker import EchoModel
 
 from ..acp_schema import SchemaChecker
-from ._support import acp_ws_client
+from ._support import acp_ws_client, ws_url
 
 
 async def test_health(server: Running, tmp_path: Path, acp_schema: SchemaChecker) -> None:
@@ -108,6 +110,13 @@ async def test_unknown_path_and_plain_get_on_acp(server: Running) -> None:
             assert response.status_code == 426, path
             assert response.headers["upgrade"].lower() == "websocket"
             assert "WebSocket" in response.text
+    # A WebSocket upgrade anywhere but /acp and /ws: 404 with the reason (it was a bare 403).
+    for path in ("/health", "/nope"):
+        with pytest.raises(ConnectionRejected) as info:
+            async with open_websocket_url(ws_url(server.url, path)):
+                pass  # pragma: no cover - the handshake fails
+        assert info.value.status_code == 404
+        assert b"/acp" in (info.value.body or b"")
 
 
 async def test_serving_as_the_cli_does_freezes_startup_and_raises_gc_thresholds(

@@ -3,6 +3,7 @@ ownership, disconnects."""
 
 from __future__ import annotations
 
+import uuid
 from pathlib import Path
 
 import pytest
@@ -26,7 +27,8 @@ async def test_single_client_initialize_new_session_echo(
         async with acp_ws_client(server.url, acp_schema) as (client, ws):
             headers = {k.lower(): v for k, v in ws.handshake_headers}
             conn_id = headers.get(b"acp-connection-id")
-            assert conn_id and len(conn_id) >= 16, ws.handshake_headers
+            assert conn_id is not None, ws.handshake_headers
+            assert str(uuid.UUID(conn_id.decode())) == conn_id.decode()  # the RFD's <uuid>
             init = await client.initialize()
             assert init["protocolVersion"] == 1
             assert init["agentInfo"]["name"] == "punie-trio"
