@@ -11,8 +11,10 @@ bound. Everything else is passed on whole:
 - a close frame, and everything after it;
 - anything the reader would have to reject (an unmasked frame, reserved bits, an unknown
   opcode, a message over the bound, a text frame that is not UTF-8): that frame and
-  everything after it, so the full implementation fails the connection with the right
-  close code (1002, 1007, 1009).
+  everything after it, so the full implementation fails the connection as it would
+  without this reader: 1009 for a message over the bound; for the protocol errors
+  (wsproto's 1002 and 1007) Hypercorn closes the TCP connection without a close frame,
+  its own behaviour (seen with stock Hypercorn 0.18 too).
 
 The bytes handed on always start on a frame boundary and hold whole frames (but after
 "everything after it", which ends the reader's part), so the full implementation sees a
