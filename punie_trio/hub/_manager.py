@@ -172,6 +172,8 @@ class Session:
     # A list, not a deque: empty for almost every session, and 56 bytes that way, not 760.
     pending: list[Pending] = attrs.field(factory=list)
     overflowed: bool = False
+    # Set while a task sends ``pending`` to the owner (see Manager._flush): the others wait.
+    flush_done: trio.Event | None = None
     # A session/load or session/resume is replaying it or seeding its history.
     loading: bool = False
 
@@ -320,19 +322,42 @@ class Manager:
         session.pending.append(item)
 
     async def _flush(self, session: Session, conn: ClientConnection) -> None:
-        if session.overflowed:
-            session.overflowed = False
-            await conn.notify(
-                RELOAD_REQUIRED,
-                {"sessionId": session.id, "reason": "updates were missed while disconnected"},
-            )
-        while session.pending and session.owner is conn:
-            item = session.pending.pop(0)
-            if item[0] == "update":
-                await conn.send_encoded(item[1])
-            else:
-                _, request_id, response, error = item
-                await conn.send_answer(request_id, response, error)
+        """Send ``conn`` what ``session`` kept for its owner, before anything newer.
+
+        One sender at a time: a relay and a re-attaching connection (or an orphan's answer)
+        may both want to send a session's backlog, and two tasks waiting for room in an
+        outbox may be let in in either order. So whoever finds a flush under way waits for
+        it to end (then looks again), and a caller that returns from here finds the
+        backlog sent. Error handling: an item whose send fails (the connection ended, or
+        the caller was cancelled before it was queued) goes back to the front, to be
+        delivered by whoever comes next: nothing is lost and nothing is sent twice.
+        """
+        while session.flush_done is not None:
+            await session.flush_done.wait()
+        if not session.pending and not session.overflowed:
+            return
+        done = session.flush_done = trio.Event()
+        try:
+            if session.overflowed:
+                session.overflowed = False
+                await conn.notify(
+                    RELOAD_REQUIRED,
+                    {"sessionId": session.id, "reason": "updates were missed while disconnected"},
+                )
+            while session.pending and session.owner is conn:
+                item = session.pending.pop(0)
+                try:
+                    if item[0] == "update":
+                        await conn.send_encoded(item[1])
+                    else:
+                        _, request_id, response, error = item
+                        await conn.send_answer(request_id, response, error)
+                except BaseException:
+                    session.pending.insert(0, item)
+                    raise
+        finally:
+            session.flush_done = None
+            done.set()
 
     async def _deliver(self, session: Session, update: str) -> None:
         """Send ``update`` (an encoded ``session/update`` notification) to the session's
@@ -468,13 +493,12 @@ class Manager:
                 f"Invalid params: cwd {ref.cwd!r} is not the cwd of session {record.id} "
                 f"({record.cwd}); a session keeps the cwd it was created with"
             )
-        self._loadable(conn, ref.session_id)  # refused before anything is written
-        # The roots this request asked for are the session's now, in the store too (what
-        # session/list reports); stored ones are not restored implicitly.
+        # Claimed with no await between the check and the claim: a concurrent load or a
+        # prompt is refused from here on, so only this request writes what follows.
+        live = self._loadable(conn, ref.session_id)
         additional = tuple(_resolved(p) for p in ref.additional_directories)
-        if additional != record.additional_directories:
-            await self.store.update_session(record.id, additional_directories=additional)
-        live = self._loadable(conn, ref.session_id)  # again: the await let others run
+        opened = live is None
+        previous = live.additional_directories if live is not None else ()
         if live is not None:
             live.additional_directories = additional
         else:
@@ -490,8 +514,21 @@ class Manager:
             )
         live.loading = True  # no prompt until the history is in place
         try:
+            if additional != record.additional_directories:
+                # The roots asked for are the session's now, in the store too (what
+                # session/list reports).
+                try:
+                    await self.store.update_session(record.id, additional_directories=additional)
+                except BaseException:
+                    if opened and self.sessions.get(live.id) is live:
+                        self._drop_session(live)
+                    elif not opened:
+                        live.additional_directories = previous
+                    raise
             history = await self._replay(conn, live, replay)
             await live.worker.commands.send(SeedHistory(live.id, tuple(history)))
+        except UnknownSessionError:  # deleted meanwhile
+            raise RpcError.not_found(f"Session not found: {record.id}") from None
         finally:
             live.loading = False
         return {}
@@ -836,6 +873,7 @@ class Manager:
                     and not turn.orphaned
                     and session.owner is turn.connection
                     and not session.pending
+                    and session.flush_done is None
                 )
                 if held and not together:
                     await self._deliver_held(session, held)
@@ -863,7 +901,7 @@ class Manager:
         for room: they go out just before the answer. Kept for a detached owner; behind
         updates it missed (it is re-attaching), sent after them, shielded like an answer."""
         conn = session.owner
-        if conn is not None and session.pending:
+        if conn is not None and (session.pending or session.flush_done is not None):
             with trio.CancelScope(shield=True), trio.move_on_after(PERSIST_TIMEOUT):
                 for notification in held:
                     await self._deliver(session, notification)

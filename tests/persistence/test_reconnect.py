@@ -265,3 +265,47 @@ async def test_buffered_updates_within_the_limit_are_all_delivered(
         assert b.client.agent_text(session_id) == "".join(chunks)
         error = await expect_error(b.client, "session/prompt", prompt_params("sess_other", "x"))
         assert error["code"] == -32002
+
+
+async def test_a_busy_reconnect_keeps_order_and_sends_nothing_twice(
+    tmp_path: Path, acp_schema: SchemaChecker, autojump_clock: trio.testing.MockClock
+) -> None:
+    """A long turn streams into a 2-message outbox; the client drops mid-turn and comes
+    back while the turn still runs, so the backlog (sent by the re-attaching connection)
+    and the turn's new updates (sent by its relay) meet. Every update comes in order and
+    none twice; the only ones that may be missing are those the old connection had queued
+    but not written (no transport gets those back without acknowledgements). The two
+    mechanisms this rests on are pinned down in tests/unit/test_flush.py."""
+    count = 400
+    steps: list[dict[str, Any]] = []
+    for i in range(count):
+        steps.append({"text": f"{i} "})
+        if i % 10 == 0:
+            steps.append({"sleep": 0.002})
+    limits = Limits(outbox_limit=2, grace_seconds=60, detached_buffer=10_000)
+    async with open_hub(tmp_path, acp_schema, ScriptModel([steps]), limits=limits) as hub:
+        first = await hub.connect(buffer=1)
+        await initialize(first.client, client_id="ide")
+        session = await first.client.new_session(str(hub.root))
+        await send_prompt(first.client, "p", session, "go")
+        await first.client.wait_for(has_update(session, "agent_message_chunk", "30 "))
+        await first.drop()
+        await trio.sleep(0.05)  # the turn runs on, its output kept
+        second = await hub.connect(buffer=1)
+        await initialize(second.client, client_id="ide")
+        answer = await second.client.wait_for(lambda m: m.get("id") == "p")
+        assert answer["result"] == {"stopReason": "end_turn"}
+
+        def numbers(link: Any) -> list[int]:
+            return [
+                int(u["content"]["text"])
+                for u in link.client.updates(session)
+                if u["sessionUpdate"] == "agent_message_chunk"
+            ]
+
+        seen_first, seen_second = numbers(first), numbers(second)
+        got = seen_first + seen_second
+        assert got == sorted(set(got)), "out of order or twice"
+        missing = sorted(set(range(count)) - set(got))
+        assert len(missing) <= limits.outbox_limit
+        assert all(seen_first[-1] < m < seen_second[0] for m in missing)

@@ -734,3 +734,74 @@ async def test_load_keeps_the_cwd_and_takes_the_extra_roots_it_is_given(
         await a.client.request("session/load", {**load, "additionalDirectories": [str(sub)]})
         assert a.manager.sessions[session].additional_directories == (str(sub),)
         assert await listed() == [(str(a.root), [str(sub)])]
+
+
+class GatedStore:
+    """A memory store whose ``update_session`` waits for the test (a slow disk)."""
+
+    def __init__(self) -> None:
+        from punie_trio.store import MemoryStore
+
+        self.inner = MemoryStore()
+        self.gate = trio.Event()
+        self.writing = trio.Event()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    async def update_session(self, *args: Any, **kwargs: Any) -> None:
+        self.writing.set()
+        await self.gate.wait()
+        await self.inner.update_session(*args, **kwargs)
+
+
+async def test_a_load_claims_the_session_before_it_writes_its_roots(
+    tmp_path: Path, acp_schema: SchemaChecker
+) -> None:
+    """While a load writes its roots, a second connection's load and the same connection's
+    prompt are refused, and the refused load writes nothing: the store, the live session
+    and session/list agree. (The roots were once written before the claim, so a refused
+    load could leave its roots in the store.)"""
+    root = Path(await trio.Path(tmp_path).resolve())
+    x, y = root / "x", root / "y"
+    x.mkdir()
+    y.mkdir()
+    store = GatedStore()
+    manager = Manager((str(root),), EchoModel(), store=store)  # type: ignore[arg-type]
+    async with trio.open_nursery() as nursery:
+        await nursery.start(manager.run)
+        clients = []
+        for _ in range(2):
+            agent_side, client_side = memory_message_stream_pair()
+            await nursery.start(ClientConnection(manager, transport="memory").run, agent_side)
+            client = AcpTestClient(client_side, acp_schema)
+            await nursery.start(client.run)
+            await client.initialize()
+            clients.append(client)
+        a, b = clients
+        session = await a.new_session(str(root))
+        await a.request("session/close", {"sessionId": session})
+        answers: dict[str, Any] = {}
+
+        async def load(name: str, client: AcpTestClient, extra: Path) -> None:
+            params = {"sessionId": session, "cwd": str(root), "mcpServers": []}
+            answers[name] = await client.request_raw(
+                "session/load", {**params, "additionalDirectories": [str(extra)]}
+            )
+
+        async with trio.open_nursery() as loads:
+            loads.start_soon(load, "a", a, x)
+            await store.writing.wait()  # a's write is under way
+            loads.start_soon(load, "b", b, y)
+            answers["prompt"] = await a.request_raw("session/prompt", prompt_params(session, "hi"))
+            await trio.testing.wait_all_tasks_blocked()
+            store.gate.set()
+        assert answers["a"]["result"] == {}
+        assert "open on another connection" in answers["b"]["error"]["message"]
+        assert "still loading" in answers["prompt"]["error"]["message"]
+        stored = await store.get_session(session)
+        assert stored is not None and stored.additional_directories == (str(x),)
+        assert manager.sessions[session].additional_directories == (str(x),)
+        listed = await a.request("session/list", {})
+        assert listed["sessions"][0]["additionalDirectories"] == [str(x)]
+        nursery.cancel_scope.cancel()

@@ -1,0 +1,107 @@
+"""``Manager._flush``: what a session kept for its absent owner goes out in order, by one
+sender at a time, and an item whose send fails is kept, not lost.
+
+The connection here is a stand-in with the three send methods ``_flush`` uses: each send
+waits until the test lets it finish, so the test decides the order in which senders are
+let through (a real outbox does not promise first come, first served to waiting senders).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import attrs
+import trio
+import trio.testing
+
+from punie_trio.hub import Manager
+from punie_trio.rpc import PeerClosed
+from punie_trio.worker import EchoModel
+
+
+@attrs.define(eq=False)
+class GatedConnection:
+    """Records what it was given; each send waits for :meth:`release` (newest first when
+    asked) or fails with PeerClosed once :attr:`closed`."""
+
+    sent: list[str] = attrs.field(factory=list)
+    waiting: list[tuple[str, trio.Event]] = attrs.field(factory=list)
+    closed: bool = False
+
+    async def send_encoded(self, text: str) -> None:
+        if self.closed:
+            raise PeerClosed("the client is gone")
+        gate = trio.Event()
+        self.waiting.append((text, gate))
+        await gate.wait()
+        if self.closed:
+            raise PeerClosed("the client is gone")
+        self.sent.append(text)
+
+    async def send_answer(self, request_id: Any, result: Any, error: Any) -> None:
+        await self.send_encoded(f"answer {request_id}")
+
+    async def notify(self, method: str, params: dict[str, Any]) -> None:
+        await self.send_encoded(method)
+
+    def release(self, newest_first: bool = False) -> None:
+        _, gate = self.waiting.pop(-1 if newest_first else 0)
+        gate.set()
+
+
+async def _session(manager: Manager, root: Path, conn: Any) -> Any:
+    """A live session owned by ``conn`` (registered as ``_open`` does for session/new)."""
+    session = manager._open(conn, "sess_1", str(root), ())
+    return session
+
+
+async def test_one_sender_at_a_time_keeps_the_order(tmp_path: Path) -> None:
+    """A relay delivering while a re-attaching connection sends the backlog waits for the
+    backlog: once it popped the next item itself and could be let through first."""
+    manager = Manager((str(tmp_path),), EchoModel())
+    async with trio.open_nursery() as nursery:
+        await nursery.start(manager.run)
+        conn = GatedConnection()
+        session = await _session(manager, tmp_path, conn)
+        session.pending = [("update", f"old {i}") for i in range(3)]
+        nursery.start_soon(manager._flush, session, conn)
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(manager._deliver, session, "new")
+        for _ in range(4):
+            await trio.testing.wait_all_tasks_blocked()
+            conn.release(newest_first=True)  # the least convenient order
+        await trio.testing.wait_all_tasks_blocked()
+        assert conn.sent == ["old 0", "old 1", "old 2", "new"]
+        assert session.pending == [] and session.flush_done is None
+        nursery.cancel_scope.cancel()
+
+
+async def test_an_item_whose_send_fails_is_kept_for_the_next_sender(tmp_path: Path) -> None:
+    """The owner's connection ends while the backlog goes out: the item being sent stays at
+    the front (it was once popped and lost), followed by the rest."""
+    manager = Manager((str(tmp_path),), EchoModel())
+    async with trio.open_nursery() as nursery:
+        await nursery.start(manager.run)
+        conn = GatedConnection()
+        session = await _session(manager, tmp_path, conn)
+        session.pending = [("update", "a"), ("update", "b"), ("answer", 7, {}, None)]
+        failed: list[BaseException] = []
+
+        async def flush() -> None:
+            try:
+                await manager._flush(session, conn)
+            except PeerClosed as exc:
+                failed.append(exc)
+
+        nursery.start_soon(flush)
+        await trio.testing.wait_all_tasks_blocked()
+        conn.release()  # "a" goes out
+        await trio.testing.wait_all_tasks_blocked()
+        conn.closed = True
+        conn.release()  # "b" fails
+        await trio.testing.wait_all_tasks_blocked()
+        assert failed and conn.sent == ["a"]
+        assert session.pending == [("update", "b"), ("answer", 7, {}, None)]
+        assert session.flush_done is None  # the next sender is not kept waiting
+        nursery.cancel_scope.cancel()
