@@ -167,9 +167,14 @@ class ClientConnection:
         self.client_info = init.client_info
         client_id = init.meta.get(CLIENT_ID_META)
         if client_id is not None:
-            if not isinstance(client_id, str) or not 0 < len(client_id) <= 200:
+            if (
+                not isinstance(client_id, str)
+                or not 0 < len(client_id) <= 200
+                or not client_id.isprintable()
+            ):
                 raise RpcError.invalid_params(
-                    f"Invalid params: _meta.{CLIENT_ID_META} must be a non-empty string"
+                    f"Invalid params: _meta.{CLIENT_ID_META} must be a non-empty string of "
+                    "at most 200 printable characters"
                 )
             if client_id != self.client_id:
                 self.manager.check_client_id(client_id)

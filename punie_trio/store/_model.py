@@ -174,11 +174,15 @@ def session_changes(
     if updated_at is not UNSET:
         changes["updated_at"] = float(updated_at)
     if additional_directories is not UNSET:
-        if isinstance(additional_directories, str) or not all(
-            isinstance(d, str) for d in additional_directories
-        ):
+        if isinstance(additional_directories, str | bytes):
             raise StoreError("additional directories must be a sequence of strings")
-        changes["additional_directories"] = tuple(additional_directories)
+        try:
+            directories = tuple(additional_directories)  # once: it may be an iterator
+        except TypeError:
+            raise StoreError("additional directories must be a sequence of strings") from None
+        if not all(isinstance(d, str) for d in directories):
+            raise StoreError("additional directories must be a sequence of strings")
+        changes["additional_directories"] = directories
     return changes
 
 

@@ -21,6 +21,7 @@ from ..acp_schema import SchemaChecker
 from ..integration._support import acp_ws_client, settle_until
 from ..integration.conftest import StartServer
 from ._hub import (
+    CLIENT_ID_META,
     expect_error,
     has_update,
     initialize,
@@ -131,6 +132,12 @@ async def test_client_id_in_use_by_an_open_connection_is_refused(
             c.client, "initialize", {"protocolVersion": 1, "_meta": {"punie-trio/clientId": 7}}
         )
         assert error["code"] == -32602 and "punie-trio/clientId" in error["message"]
+        # One no store can keep (a lone surrogate) or log plainly (a control character).
+        for bad in ("ide\ud800", "ide\n2"):
+            error = await expect_error(
+                c.client, "initialize", {"protocolVersion": 1, "_meta": {CLIENT_ID_META: bad}}
+            )
+            assert error["code"] == -32602 and "printable" in error["message"]
 
 
 async def test_grace_expiry_drops_the_sessions_but_they_stay_loadable(

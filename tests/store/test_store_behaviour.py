@@ -73,8 +73,12 @@ async def test_update_additional_directories(store: Store) -> None:
     await store.update_session("s1", additional_directories=())
     got = await store.get_session("s1")
     assert got is not None and got.additional_directories == ()
-    with pytest.raises(StoreError, match="sequence of strings"):
-        await store.update_session("s1", additional_directories="/d")
+    await store.update_session("s1", additional_directories=(d for d in ["/e", "/f"]))
+    got = await store.get_session("s1")
+    assert got is not None and got.additional_directories == ("/e", "/f")
+    for bad in ("/d", None, [1]):
+        with pytest.raises(StoreError, match="sequence of strings"):
+            await store.update_session("s1", additional_directories=bad)  # type: ignore[arg-type]
 
 
 async def test_update_unknown_session(store: Store) -> None:
