@@ -224,7 +224,7 @@ def test_valid_id_refuses_booleans_and_floats() -> None:
     assert not valid_id(True) and not valid_id(1.0) and not valid_id(None)
 
 
-@pytest.mark.parametrize("text", ["[NaN]", '{"id": 1e400}', "[" * 100_000, '{"a":' * 3_000])
+@pytest.mark.parametrize("text", ["[NaN]", '{"id": 1e400}', "[" * 100_000, '{"a":' * 100_000])
 def test_json_that_cannot_be_carried_is_a_parse_error(text: str) -> None:
     """NaN/Infinity, numbers beyond a double and nesting deeper than the parser can go are
     -32700 with id null (the last once escaped as RecursionError and closed the socket)."""

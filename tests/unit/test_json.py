@@ -58,7 +58,7 @@ def test_a_lone_surrogate_is_escaped_so_the_text_is_utf8() -> None:
         ('{"x": -Infinity}', "-Infinity is not JSON"),
         ("[1e400]", "out of range"),
         ("[" * 100_000, "nested too deeply"),
-        ('{"a":' * 5_000, "nested too deeply"),
+        ('{"a":' * 100_000, "nested too deeply"),  # (3.13's C recursion limit is higher)
         (b'{"a": "\xff"}', "can't decode"),
         ("{", "Expecting"),
     ],
