@@ -339,11 +339,11 @@ class Manager:
         done = session.flush_done = trio.Event()
         try:
             if session.overflowed:
-                session.overflowed = False
                 await conn.notify(
                     RELOAD_REQUIRED,
                     {"sessionId": session.id, "reason": "updates were missed while disconnected"},
                 )
+                session.overflowed = False  # only once sent: a failed send leaves it owed
             while session.pending and session.owner is conn:
                 item = session.pending.pop(0)
                 try:
@@ -512,23 +512,25 @@ class Manager:
                 turns=record.turns,
                 title=record.title,
             )
-        live.loading = True  # no prompt until the history is in place
+        live.loading = True  # no prompt, close or delete until the history is in place
         try:
             if additional != record.additional_directories:
                 # The roots asked for are the session's now, in the store too (what
                 # session/list reports).
-                try:
-                    await self.store.update_session(record.id, additional_directories=additional)
-                except BaseException:
-                    if opened and self.sessions.get(live.id) is live:
-                        self._drop_session(live)
-                    elif not opened:
-                        live.additional_directories = previous
-                    raise
+                await self.store.update_session(record.id, additional_directories=additional)
             history = await self._replay(conn, live, replay)
             await live.worker.commands.send(SeedHistory(live.id, tuple(history)))
-        except UnknownSessionError:  # deleted meanwhile
-            raise RpcError.not_found(f"Session not found: {record.id}") from None
+        except BaseException as exc:
+            # Failed or cancelled: a session this load opened is not left open half-loaded
+            # (no history: its next prompt would start from nothing), and one that was
+            # open keeps the roots it had.
+            if opened and self.sessions.get(live.id) is live:
+                self._drop_session(live)
+            elif not opened:
+                live.additional_directories = previous
+            if isinstance(exc, UnknownSessionError):  # deleted meanwhile (by another process)
+                raise RpcError.not_found(f"Session not found: {record.id}") from None
+            raise
         finally:
             live.loading = False
         return {}
@@ -610,6 +612,8 @@ class Manager:
         """Cancel the session's running turn, wait for it to finish, forget the live session
         (it stays loadable from the store)."""
         session = self.owned_session(conn, session_id)
+        if session.loading:
+            raise RpcError(INVALID_REQUEST, f"Session {session_id} is still loading")
         turn = session.turn
         if turn is not None:
             self.cancel_turn(session, turn)
@@ -877,6 +881,15 @@ class Manager:
                 )
                 if held and not together:
                     await self._deliver_held(session, held)
+                elif not together and not turn.orphaned and session.owner is turn.connection:
+                    # Nothing held, but the owner has a backlog going out (it re-attached):
+                    # the answer follows it.
+                    with (
+                        trio.CancelScope(shield=True),
+                        trio.move_on_after(PERSIST_TIMEOUT),
+                        contextlib.suppress(PeerClosed),
+                    ):
+                        await self._flush(session, turn.connection)
             finally:
                 # Whatever happened above, the session is free for its next prompt.
                 session.turn = None
@@ -902,9 +915,13 @@ class Manager:
         updates it missed (it is re-attaching), sent after them, shielded like an answer."""
         conn = session.owner
         if conn is not None and (session.pending or session.flush_done is not None):
+            sent = 0
             with trio.CancelScope(shield=True), trio.move_on_after(PERSIST_TIMEOUT):
                 for notification in held:
                     await self._deliver(session, notification)
+                    sent += 1
+            for notification in held[sent:]:  # the client has not read for that long
+                self._buffer(session, ("update", notification))
         elif conn is None or not conn.send_encoded_now(held):
             for notification in held:
                 self._buffer(session, ("update", notification))
@@ -915,12 +932,14 @@ class Manager:
         if conn is None:
             self._buffer(session, item)
             return
-        with trio.CancelScope(shield=True), trio.move_on_after(PERSIST_TIMEOUT):
+        with trio.CancelScope(shield=True), trio.move_on_after(PERSIST_TIMEOUT) as scope:
             try:
                 await self._flush(session, conn)
                 await conn.send_answer(turn.request_id, turn.response, turn.error)
             except PeerClosed:
                 self._buffer(session, item)
+        if scope.cancelled_caught:  # the client has not read for that long: keep it
+            self._buffer(session, item)
 
     async def _client_call(self, session: Session, turn: ActiveTurn, call: ClientCall) -> None:
         """Ask the client (the session's owner: the prompting connection, or the one that

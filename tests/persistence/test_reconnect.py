@@ -316,3 +316,37 @@ async def test_a_busy_reconnect_keeps_order_and_sends_nothing_twice(
         missing = sorted(set(range(count)) - set(got))
         assert len(missing) <= limits.outbox_limit
         assert all(seen_first[-1] < m < seen_second[0] for m in missing)
+
+
+async def test_a_new_answer_waits_for_the_reattach_backlog(
+    tmp_path: Path, acp_schema: SchemaChecker, autojump_clock: trio.testing.MockClock
+) -> None:
+    """A prompt sent on a re-attached connection while its backlog still goes out: its
+    answer (the turn streams nothing, so nothing is held) once went out at once, ahead of
+    the older backlog and the old prompt's answer."""
+    count = 300
+    long_turn: list[dict[str, Any]] = [{"text": "first "}, {"sleep": 0.01}]
+    long_turn += [{"text": f"{i} "} for i in range(count)]
+    model = ScriptModel([long_turn, []])  # the second prompt streams nothing
+    limits = Limits(outbox_limit=2, grace_seconds=60, detached_buffer=10_000)
+    async with open_hub(tmp_path, acp_schema, model, limits=limits) as hub:
+        first = await hub.connect()
+        await initialize(first.client, client_id="ide")
+        session = await first.client.new_session(str(hub.root))
+        await send_prompt(first.client, "p1", session, "go")
+        await first.client.wait_for(has_update(session, "agent_message_chunk", "first "))
+        await first.drop()
+        await trio.sleep(1)  # the turn ends while the client is away: all kept
+        assert len(hub.manager.sessions[session].pending) > count
+        second = await hub.connect(buffer=1)
+        await initialize(second.client, client_id="ide")
+        # the backlog is going out (slowly); the client prompts again right away
+        assert hub.manager.sessions[session].flush_done is not None
+        await send_prompt(second.client, "p2", session, "again")
+        await second.client.wait_for(lambda m: m.get("id") == "p2")
+        await second.client.wait_for(lambda m: m.get("id") == "p1")
+        got = second.client.received
+        ids = [m.get("id") for m in got]
+        last_update = max(i for i, m in enumerate(got) if m.get("method") == "session/update")
+        assert ids.index("p1") < ids.index("p2")
+        assert last_update < ids.index("p2")

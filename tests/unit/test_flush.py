@@ -16,6 +16,7 @@ import trio
 import trio.testing
 
 from punie_trio.hub import Manager
+from punie_trio.hub._manager import ActiveTurn
 from punie_trio.rpc import PeerClosed
 from punie_trio.worker import EchoModel
 
@@ -104,4 +105,74 @@ async def test_an_item_whose_send_fails_is_kept_for_the_next_sender(tmp_path: Pa
         assert failed and conn.sent == ["a"]
         assert session.pending == [("update", "b"), ("answer", 7, {}, None)]
         assert session.flush_done is None  # the next sender is not kept waiting
+        nursery.cancel_scope.cancel()
+
+
+async def test_reload_required_stays_owed_when_its_send_fails(tmp_path: Path) -> None:
+    """The flusher is cancelled while queuing reload_required (full outbox; e.g. the
+    re-attaching client drops during initialize): the notice stays owed (it was once
+    cleared first, so the next connection got a gap and no notice)."""
+    manager = Manager((str(tmp_path),), EchoModel())
+    async with trio.open_nursery() as nursery:
+        await nursery.start(manager.run)
+        conn = GatedConnection()
+        session = manager._open(conn, "sess_1", str(tmp_path), ())
+        session.overflowed = True
+        session.pending = [("answer", 7, {}, None)]
+        scope = trio.CancelScope()
+
+        async def flush() -> None:
+            with scope:
+                await manager._flush(session, conn)
+
+        nursery.start_soon(flush)
+        await trio.testing.wait_all_tasks_blocked()
+        assert conn.waiting and conn.waiting[0][0] == "_punie-trio/reload_required"
+        scope.cancel()
+        await trio.testing.wait_all_tasks_blocked()
+        assert session.flush_done is None and session.pending == [("answer", 7, {}, None)]
+        assert session.overflowed
+        nursery.cancel_scope.cancel()
+
+
+async def test_an_orphan_answer_the_client_does_not_take_in_time_is_kept(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """An orphaned turn's answer to a re-attached owner that takes nothing for
+    PERSIST_TIMEOUT is kept for the next flush (it was once neither sent nor kept)."""
+    manager = Manager((str(tmp_path),), EchoModel())
+    async with trio.open_nursery() as nursery:
+        await nursery.start(manager.run)
+        conn = GatedConnection()
+        session = manager._open(conn, "sess_1", str(tmp_path), ())
+        turn = ActiveTurn(
+            1, conn, request_id="p", orphaned=True, response={"stopReason": "end_turn"}
+        )
+        await manager._answer_orphan(session, turn)  # the gate never opens: times out
+        conn.release()  # the client catches up
+        await trio.testing.wait_all_tasks_blocked()
+        kept = ("answer", "p", {"stopReason": "end_turn"}, None)
+        assert conn.sent == ["answer p"] or kept in session.pending
+        nursery.cancel_scope.cancel()
+
+
+async def test_held_updates_the_client_does_not_take_in_time_are_kept(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """A turn ends while another task's flush to a slow owner is under way: what is not
+    sent within PERSIST_TIMEOUT is kept, in order (it was once dropped)."""
+    manager = Manager((str(tmp_path),), EchoModel())
+    async with trio.open_nursery() as nursery:
+        await nursery.start(manager.run)
+        conn = GatedConnection()
+        session = manager._open(conn, "sess_1", str(tmp_path), ())
+        session.pending = [("update", "old")]
+        nursery.start_soon(manager._flush, session, conn)
+        await trio.testing.wait_all_tasks_blocked()
+        await manager._deliver_held(session, ["held 1", "held 2"])
+        while conn.waiting:
+            conn.release()
+            await trio.testing.wait_all_tasks_blocked()
+        kept = [p[1] for p in session.pending]
+        assert conn.sent + kept == ["old", "held 1", "held 2"], (conn.sent, kept)
         nursery.cancel_scope.cancel()
