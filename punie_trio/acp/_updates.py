@@ -108,10 +108,10 @@ def notification(session_id: str, update_json: str) -> str:
     return notification_prefix(session_id) + update_json + "}}"
 
 
+#: How every ``session/update`` notification we encode starts, up to its session id.
+NOTIFICATION_START = '{"jsonrpc":"2.0","method":"session/update","params":{"sessionId":'
+
+
 def notification_prefix(session_id: str) -> str:
     """The text of a session's ``session/update`` notifications up to the update object."""
-    return (
-        '{"jsonrpc":"2.0","method":"session/update","params":{"sessionId":'
-        + _json.dumps(session_id)
-        + ',"update":'
-    )
+    return NOTIFICATION_START + _json.dumps(session_id) + ',"update":'

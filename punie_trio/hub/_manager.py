@@ -153,6 +153,8 @@ class ActiveTurn:
 
 # What a detached session keeps for its client: ("update", encoded notification) or
 # ("answer", request_id, response, error), in the order they happened.
+# ("message", encoded text): a message kept as written (an answer a dropped connection never
+# sent); always kept, like an answer.
 Pending = tuple[Any, ...]
 
 
@@ -174,6 +176,8 @@ class Session:
     overflowed: bool = False
     # Set while a task sends ``pending`` to the owner (see Manager._flush): the others wait.
     flush_done: trio.Event | None = None
+    # The request id of the last prompt answered to the owner (see Manager._keep_unsent).
+    answered_id: RequestId | None = None
     # A session/load or session/resume is replaying it or seeding its history.
     loading: bool = False
 
@@ -246,6 +250,8 @@ class Manager:
         owned = [s for s in self.sessions.values() if s.owner is conn]
         client_id = conn.client_id
         if client_id and self._grace_for(conn) and owned:
+            if conn.peer is not None:
+                self._keep_unsent(owned, conn.peer.unsent())
             for session in owned:
                 session.owner = None
                 session.detached_client = client_id
@@ -257,6 +263,41 @@ class Manager:
             if session.turn is not None:
                 self.cancel_turn(session, session.turn)
             self._drop_session(session)
+
+    def _keep_unsent(self, owned: list[Session], texts: list[str]) -> None:
+        """Put what a dropped connection had queued but never written back in front of its
+        sessions' backlogs (it is older than anything kept since): their updates, and the
+        answer of each one's last prompt. The rest (answers to other requests, our own
+        requests) belonged to that connection alone. What was written is not repeated:
+        whether it arrived cannot be known without the client acknowledging it."""
+        if not texts:
+            return
+        by_id = {s.id: s for s in owned}
+        answered = {s.answered_id: s for s in owned if s.answered_id is not None}
+        kept: dict[str, list[Pending]] = {}
+        for text in texts:
+            if text.startswith(updates.NOTIFICATION_START):
+                session_id = _json_string_at(text, len(updates.NOTIFICATION_START))
+                session = by_id.get(session_id) if session_id is not None else None
+                if session is not None:
+                    kept.setdefault(session.id, []).append(("update", text))
+            elif answered and text.startswith('{"jsonrpc":"2.0","id":'):
+                try:
+                    msg = json.loads(text)
+                except ValueError:  # pragma: no cover - we wrote it
+                    continue
+                session = answered.get(msg.get("id"))
+                result = msg.get("result")
+                prompt_answer = "error" in msg or (
+                    isinstance(result, dict) and "stopReason" in result
+                )
+                if session is not None and prompt_answer:
+                    kept.setdefault(session.id, []).append(("message", text))
+        for session_id, items in kept.items():
+            session = by_id[session_id]
+            rest, session.pending = session.pending, []
+            for item in (*items, *rest):
+                self._buffer(session, item)
 
     def _grace_for(self, conn: ClientConnection) -> bool:
         """Whether ``conn``'s sessions (and running turns) wait for its client to come back:
@@ -347,7 +388,7 @@ class Manager:
             while session.pending and session.owner is conn:
                 item = session.pending.pop(0)
                 try:
-                    if item[0] == "update":
+                    if item[0] == "update" or item[0] == "message":
                         await conn.send_encoded(item[1])
                     else:
                         _, request_id, response, error = item
@@ -900,13 +941,11 @@ class Manager:
                     await self._answer_orphan(session, turn)
                 # (False if the connection ended meanwhile: nobody is left to answer;
                 # held updates are then kept for the owner like any other.)
-                elif (
-                    not turn.connection.answer_now(
-                        turn.request_id, turn.response, turn.error, before=held if together else ()
-                    )
-                    and together
-                    and held
+                elif turn.connection.answer_now(
+                    turn.request_id, turn.response, turn.error, before=held if together else ()
                 ):
+                    session.answered_id = turn.request_id
+                elif together and held:
                     await self._deliver_held(session, held)
 
     async def _deliver_held(self, session: Session, held: list[str]) -> None:
@@ -1023,6 +1062,18 @@ class Manager:
             log.error("persisting a turn of session %s timed out", session.id)
             return "the store did not answer in time"
         return None
+
+
+def _json_string_at(text: str, start: int) -> str | None:
+    """The JSON string starting at ``text[start]`` (a quote), decoded; None if not one."""
+    try:
+        value, _ = _DECODER.raw_decode(text, start)
+    except ValueError:
+        return None
+    return value if isinstance(value, str) else None
+
+
+_DECODER = json.JSONDecoder()
 
 
 def _resolved(path: str) -> str:

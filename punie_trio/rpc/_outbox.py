@@ -131,6 +131,14 @@ class Outbox:
             self._senders.unpark(count=len(items))
         return items
 
+    def unsent(self) -> list[str]:
+        """Take what is still queued, once closed and its taker gone: messages no one
+        wrote (markers left out). The caller may deliver them another way."""
+        if not self._closed or self._taker is not None:
+            return []
+        items, self._items = self._items, []
+        return [item for item in items if isinstance(item, str)]
+
     def close(self) -> None:
         """End the outbox (idempotent): wake the taker and every waiting sender."""
         if self._closed:

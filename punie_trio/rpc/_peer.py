@@ -174,6 +174,8 @@ class Peer:
     _eof: bool = attrs.field(default=False, init=False)
     _reader_scope: trio.CancelScope = attrs.field(factory=trio.CancelScope, init=False)
     _outbox: Outbox = attrs.field(init=False)
+    # What the writer had taken but not sent when the stream broke (see unsent()).
+    _unwritten: list[str] | None = attrs.field(default=None, init=False)
     _now_sender: NowSender | None = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
@@ -220,6 +222,17 @@ class Peer:
                 self._outbox.close()
         finally:
             self._close()
+
+    def unsent(self) -> list[str]:
+        """Once :meth:`run` has returned: the messages queued that the writer never wrote
+        (the stream broke first), in order, taken out of the peer. Empty before that.
+
+        With a :class:`BatchSender`, a batch whose write failed is not among them: part of
+        it may have gone out, and a message must not be sent twice."""
+        if not self._closed:
+            return []
+        unwritten, self._unwritten = self._unwritten or [], None
+        return unwritten + self._outbox.unsent()
 
     def finish(self) -> None:
         """End gracefully: stop reading, let running handlers complete and their answers
@@ -435,10 +448,15 @@ class Peer:
                         continue
                 batch = cast(list[str], taken)
                 if send_batch is not None and len(batch) > 1:
-                    await send_batch(batch)
+                    await send_batch(batch)  # (one write: if it fails, how much went is unknown)
                 else:
-                    for text in batch:
-                        await stream.send_message(text)
+                    for written, text in enumerate(batch):
+                        try:
+                            await stream.send_message(text)
+                        except BaseException:
+                            # This one and the rest were not sent: see unsent().
+                            self._unwritten = batch[written:]
+                            raise
                 self.observer.message_out(len(batch))
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             log.debug("peer writer: stream closed")

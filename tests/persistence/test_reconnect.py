@@ -7,14 +7,16 @@ the hub over in-memory streams with a MockClock."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 import trio
 import trio.testing
 
-from punie_trio.hub import Limits
+from punie_trio.hub import ClientConnection, Limits
 from punie_trio.hub._manager import RELOAD_REQUIRED
+from punie_trio.transport import memory_message_stream_pair
 from punie_trio.worker import ScriptModel
 
 from ..acp_schema import SchemaChecker
@@ -350,3 +352,56 @@ async def test_a_new_answer_waits_for_the_reattach_backlog(
         last_update = max(i for i, m in enumerate(got) if m.get("method") == "session/update")
         assert ids.index("p1") < ids.index("p2")
         assert last_update < ids.index("p2")
+
+
+async def test_what_the_dropped_connection_never_wrote_is_delivered_after_reattach(
+    tmp_path: Path, acp_schema: SchemaChecker
+) -> None:
+    """A client stops reading mid-turn (its outbox fills) and drops. What its connection
+    had queued but never written is put back in front of the session's backlog and
+    delivered on re-attach, with what the writer had taken but not sent; only what was
+    already handed to the stream (here its one-message buffer) cannot be known to have
+    arrived. Before, the writer's batch and the whole outbox were lost."""
+    count = 60
+    model = ScriptModel([[{"text": f"{i} "} for i in range(count)]])
+    limits = Limits(outbox_limit=8, grace_seconds=60, detached_buffer=10_000)
+    async with open_hub(tmp_path, acp_schema, model, limits=limits) as hub:
+        agent_side, raw = memory_message_stream_pair(1)
+        connection = ClientConnection(hub.manager, transport="memory")
+        await hub.nursery.start(connection.run, agent_side)
+
+        async def call(request_id: int, method: str, params: dict[str, Any]) -> Any:
+            await raw.send_message(
+                json.dumps({"jsonrpc": "2.0", "id": request_id, "method": method, "params": params})
+            )
+            return json.loads(await raw.receive_message())["result"]
+
+        init = {"protocolVersion": 1, "_meta": {CLIENT_ID_META: "ide"}}
+        await call(1, "initialize", init)
+        new = await call(2, "session/new", {"cwd": str(hub.root), "mcpServers": []})
+        session = new["sessionId"]
+        prompt = {
+            "jsonrpc": "2.0",
+            "id": "p",
+            "method": "session/prompt",
+            "params": prompt_params(session, "go"),
+        }
+        acp_schema.client_sent(prompt)  # its answer comes on the next connection
+        await raw.send_message(json.dumps(prompt))
+        await trio.testing.wait_all_tasks_blocked()  # the outbox is full, nothing is read
+        assert len(hub.manager.sessions[session].pending) == 0
+        await raw.aclose()
+        await trio.testing.wait_all_tasks_blocked()
+        assert hub.manager.sessions[session].owner is None  # kept within grace
+        second = await hub.connect()
+        await initialize(second.client, client_id="ide")
+        answer = await second.client.wait_for(lambda m: m.get("id") == "p")
+        assert answer["result"] == {"stopReason": "end_turn"}
+        got = [
+            int(u["content"]["text"])
+            for u in second.client.updates(session)
+            if u["sessionUpdate"] == "agent_message_chunk"
+        ]
+        first = count - len(got)
+        assert got == list(range(first, count))  # in order, none twice
+        assert first == 1  # the one in the stream's buffer: handed over, maybe read

@@ -176,3 +176,38 @@ async def test_held_updates_the_client_does_not_take_in_time_are_kept(
         kept = [p[1] for p in session.pending]
         assert conn.sent + kept == ["old", "held 1", "held 2"], (conn.sent, kept)
         nursery.cancel_scope.cancel()
+
+
+async def test_what_a_dropped_connection_never_wrote_goes_back_to_its_sessions(
+    tmp_path: Path,
+) -> None:
+    """``_keep_unsent``: a session's updates and its last prompt's answer go in front of
+    its backlog, in order; answers to other requests and other sessions' updates do not."""
+    from punie_trio.acp import updates
+
+    manager = Manager((str(tmp_path),), EchoModel())
+    async with trio.open_nursery() as nursery:
+        await nursery.start(manager.run)
+        conn = GatedConnection()
+        mine = manager._open(conn, "sess_1", str(tmp_path), ())
+        mine.answered_id = 5
+        mine.pending = [("update", "kept while tearing down")]
+
+        def update(session_id: str, n: int) -> str:
+            return updates.notification_prefix(session_id) + f'{{"n":{n}}}}}}}'
+
+        texts = [
+            update("sess_1", 1),
+            '{"jsonrpc":"2.0","id":4,"result":{"sessions":[]}}',  # session/list: not ours
+            update("sess_other", 2),
+            update("sess_1", 3),
+            '{"jsonrpc":"2.0","id":5,"result":{"stopReason":"end_turn"}}',
+        ]
+        manager._keep_unsent([mine], texts)
+        assert mine.pending == [
+            ("update", texts[0]),
+            ("update", texts[3]),
+            ("message", texts[4]),
+            ("update", "kept while tearing down"),
+        ]
+        nursery.cancel_scope.cancel()

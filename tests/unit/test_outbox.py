@@ -155,3 +155,14 @@ async def test_wake_after_force_without_wake() -> None:
         box.force("x", wake=False)
         box.wake()
     assert taken == [["x"]]
+
+
+async def test_unsent_hands_back_what_no_one_wrote_once_closed() -> None:
+    outbox = Outbox(4)
+    outbox.send_nowait("a")
+    outbox.put_front(b"")  # the peer's marker is not a message
+    outbox.send_nowait("b")
+    assert outbox.unsent() == []  # still open: the writer may take them
+    outbox.close()
+    assert outbox.unsent() == ["a", "b"]
+    assert outbox.unsent() == [] and len(outbox) == 0  # taken, once
