@@ -62,7 +62,11 @@ class NdjsonStream:
                 self._scanned = 0
             if self._eof:
                 if self._discarding:
+                    # The oversized line ends at EOF: its tail goes with it (it was once
+                    # read as a message of its own, and a request hidden there was run).
                     self._discarding = False
+                    self._buffer.clear()
+                    self._scanned = 0
                     raise MessageTooLarge(self.max_message_bytes)
                 rest = bytes(self._buffer).strip()
                 self._buffer.clear()

@@ -692,6 +692,35 @@ async def test_ndjson_oversized_final_line_at_eof() -> None:
         await stream.receive_message()
 
 
+async def test_ndjson_the_tail_of_an_oversized_last_line_is_dropped_with_it() -> None:
+    """An unterminated line over the limit that ends at EOF: one MessageTooLarge, then the
+    end. The tail past the first cut was once returned as a message of its own, so a
+    request placed there ran (and plain junk got a second, -32700, answer)."""
+    from punie_trio.transport import MessageTooLarge
+
+    ours, theirs = trio.testing.memory_stream_pair()
+    stream = NdjsonStream(ours, ours, max_message_bytes=100)
+    outcomes: list[object] = []
+
+    async def read_all() -> None:
+        while True:
+            try:
+                outcomes.append(await stream.receive_message())
+            except MessageTooLarge:
+                outcomes.append("too large")
+            except trio.EndOfChannel:
+                return
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(read_all)
+        await theirs.send_all(b"x" * 150)  # past the limit: the reader cuts here
+        await trio.testing.wait_all_tasks_blocked()
+        await theirs.send_all(b'{"jsonrpc":"2.0","id":77,"method":"session/new","params":{}}')
+        await trio.testing.wait_all_tasks_blocked()
+        await theirs.send_eof()
+    assert outcomes == ["too large"]
+
+
 async def test_ndjson_send_appends_one_newline() -> None:
     ours, theirs = trio.testing.memory_stream_pair()
     stream = NdjsonStream(ours, ours)
