@@ -76,8 +76,24 @@ def _to_str(value: Any) -> str:
     return value
 
 
+def _to_nonempty(value: Any) -> str:
+    text = _to_str(value)
+    if not text.strip():
+        raise ValueError("must not be empty")
+    return text
+
+
+def _to_host(value: Any) -> str:
+    # An empty host would bind every interface (0.0.0.0): never by accident.
+    host = _to_nonempty(value)
+    if host != host.strip():
+        raise ValueError(f"must not have spaces around it, got {host!r}")
+    return host
+
+
 def _to_path(value: Any) -> Path:
-    return Path(_to_str(value)).expanduser()
+    # "" would mean the current directory: a data dir, site or project nobody chose.
+    return Path(_to_nonempty(value)).expanduser()
 
 
 @attrs.frozen
@@ -93,7 +109,7 @@ class Option:
 
 
 OPTIONS: tuple[Option, ...] = (
-    Option("host", _to_str, "127.0.0.1"),
+    Option("host", _to_host, "127.0.0.1"),
     Option("port", _to_port, 8765),
     Option("stdio", _to_bool, False),
     Option("no_http", _to_bool, False),
@@ -137,6 +153,8 @@ def load_file(path: Path, *, required: bool) -> dict[str, Any]:
         return {}
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {path} is not UTF-8 text: {exc}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
     table = data.get("serve", data)
@@ -161,7 +179,10 @@ def _from_env(option: Option, environ: Mapping[str, str]) -> Any:
         return None
     if option.many:
         sep = os.pathsep if option.convert is _to_path else ","
-        return _convert(option, [p for p in raw.split(sep) if p], f"${option.env}")
+        items = [p for p in raw.split(sep) if p]
+        if not items:  # set but empty: a mistake, not "none" (it would hide the file's list)
+            raise ConfigError(f"${option.env} is set but empty (unset it for the default)")
+        return _convert(option, items, f"${option.env}")
     return _convert(option, raw, f"${option.env}")
 
 

@@ -46,9 +46,15 @@ def _port(text: str) -> int:
 
 def _seconds(text: str) -> float:
     value = float(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    if not value >= 0:  # NaN too
+        raise argparse.ArgumentTypeError(f"must be a number of seconds >= 0, got {text}")
     return value
+
+
+def _host(text: str) -> str:
+    if not text.strip() or text != text.strip():
+        raise argparse.ArgumentTypeError(f"must be an address or host name, got {text!r}")
+    return text
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -67,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
         "(docs/configuration.md).",
     )
     s.add_argument("--config", type=Path, help="TOML config file (default: the platform's)")
-    s.add_argument("--host", help="address to bind (default 127.0.0.1)")
+    s.add_argument("--host", type=_host, help="address to bind (default 127.0.0.1)")
     s.add_argument("--port", type=_port, help="port (default 8765; 0 picks a free one)")
     s.add_argument(
         "--stdio",

@@ -22,6 +22,7 @@ import gc
 import logging
 import os
 import signal
+import socket
 import sys
 import threading
 from collections.abc import AsyncIterator, Callable
@@ -109,10 +110,10 @@ def find_exception(
 
 
 def _address_unusable(exc: BaseException) -> bool:
-    return isinstance(exc, OSError) and exc.errno in (
-        errno.EADDRINUSE,
-        errno.EACCES,
-        errno.EADDRNOTAVAIL,
+    # gaierror: a host name that does not resolve ("Name or service not known").
+    return isinstance(exc, socket.gaierror) or (
+        isinstance(exc, OSError)
+        and exc.errno in (errno.EADDRINUSE, errno.EACCES, errno.EADDRNOTAVAIL)
     )
 
 
@@ -262,9 +263,13 @@ async def _start_http(
         busy = find_exception(exc, _address_unusable)
         if not isinstance(busy, OSError):
             raise
+        hint = (
+            "(--host takes an address or a host name that resolves)"
+            if isinstance(busy, socket.gaierror)
+            else "(is another punie-trio running? use --port to pick another port, or --port 0)"
+        )
         raise ServeError(
-            f"cannot listen on {config.host}:{config.port}: {busy.strerror or busy} "
-            "(is another punie-trio running? use --port to pick another port, or --port 0)"
+            f"cannot listen on {config.host}:{config.port}: {busy.strerror or busy} {hint}"
         ) from None
     return binds[0]
 

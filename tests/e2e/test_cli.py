@@ -148,6 +148,9 @@ def test_serve_project_must_be_a_directory(env: dict[str, str], tmp_path: Path) 
         ["--max-prompt-bytes", "0"],
         ["--log-level", "loud"],
         ["--shutdown-timeout", "-1"],
+        ["--shutdown-timeout", "nan"],
+        ["--grace-seconds", "nan"],
+        ["--host", ""],
         ["--bogus-flag"],
     ],
 )

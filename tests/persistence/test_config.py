@@ -4,6 +4,7 @@ that name the option and where the bad value came from (exit status 2)."""
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -138,6 +139,27 @@ def test_unknown_key_is_named() -> None:
             {},
             "config.toml: grace-seconds must be a number of seconds >= 0, got -1.0",
         ),
+        (
+            {"shutdown_timeout": "nan"},
+            {},
+            "config.toml: shutdown-timeout must be a number of seconds >= 0, got nan",
+        ),
+        # Empty is a mistake, not a value: a host of "" binds every interface, a path of
+        # "" is the current directory, an empty list would hide the file's.
+        ({"host": ""}, {}, "config.toml: host must not be empty"),
+        ({}, {"PUNIE_HOST": ""}, "$PUNIE_HOST: host must not be empty"),
+        (
+            {"host": " localhost"},
+            {},
+            "config.toml: host must not have spaces around it, got ' localhost'",
+        ),
+        ({}, {"PUNIE_DATA_DIR": ""}, "$PUNIE_DATA_DIR: data-dir must not be empty"),
+        ({"site": ""}, {}, "config.toml: site must not be empty"),
+        (
+            {},
+            {"PUNIE_PROJECT": ""},
+            "$PUNIE_PROJECT is set but empty (unset it for the default)",
+        ),
     ],
 )
 def test_bad_type_names_the_option_and_the_source(
@@ -146,6 +168,21 @@ def test_bad_type_names_the_option_and_the_source(
     with pytest.raises(ConfigError) as info:
         resolve({}, file_values, environ, "config.toml")
     assert str(info.value) == expected
+
+
+def test_a_config_file_that_is_not_utf8_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "config.toml"
+    path.write_bytes(b"\xff\xfeport = 1\n")
+    with pytest.raises(ConfigError, match="is not UTF-8 text"):
+        load_file(path, required=True)
+
+
+def test_a_host_that_does_not_resolve_is_an_address_problem_not_a_crash() -> None:
+    """getaddrinfo's error for --host no.such.host was a traceback; it is reported like
+    a busy port (server._address_unusable), with a hint about --host."""
+    from punie_trio.server import _address_unusable
+
+    assert _address_unusable(socket.gaierror(socket.EAI_NONAME, "Name or service not known"))
 
 
 def test_every_option_has_a_flag() -> None:
