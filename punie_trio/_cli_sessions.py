@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections.abc import Iterable, Iterator
@@ -18,6 +19,7 @@ from typing import Any, TextIO
 
 import attrs
 
+from ._json import escape_lone_surrogates
 from ._paths import default_data_dir, store_path, token_path
 from .store import (
     STOP,
@@ -242,15 +244,23 @@ def cmd_export(args: argparse.Namespace) -> int:
             for e in entries
         ],
     }
-    text = json.dumps(document, ensure_ascii=False, indent=2) + "\n"
+    # A lone surrogate (a prompt's or a model's text may hold one) stays a \\uXXXX escape:
+    # the same JSON value, and the text is UTF-8.
+    text = escape_lone_surrogates(json.dumps(document, ensure_ascii=False, indent=2)) + "\n"
     if args.output is None:
         sys.stdout.write(text)
         return 0
+    # Written next to it and renamed into place: a failed export leaves an existing file
+    # as it was (writing in place once truncated it first).
+    output: Path = args.output
+    partial = output.with_name(f".{output.name}.{os.getpid()}.partial")
     try:
-        args.output.write_text(text, encoding="utf-8")
+        partial.write_text(text, encoding="utf-8")
+        partial.replace(output)
     except OSError as exc:
-        return _fail(f"cannot write {args.output}: {exc.strerror or exc}")
-    print(f"wrote {args.output}", file=sys.stderr)
+        partial.unlink(missing_ok=True)
+        return _fail(f"cannot write {output}: {exc.strerror or exc}")
+    print(f"wrote {output}", file=sys.stderr)
     return 0
 
 
@@ -265,6 +275,8 @@ def cmd_token(args: argparse.Namespace) -> int:
         return _fail(f"no token at {path} yet; `{_PROG} serve` creates one when it starts")
     except OSError as exc:
         return _fail(f"cannot read {path}: {exc.strerror or exc}")
+    except UnicodeDecodeError:
+        return _fail(f"token file {path} is not UTF-8 text (`{_PROG} serve` writes a new one)")
     if not token:
         return _fail(f"token file {path} is empty")
     print(f"token file: {path}")

@@ -46,6 +46,12 @@ def _utf8_safe(text: str) -> str:
     return text
 
 
+def escape_lone_surrogates(json_text: str) -> str:
+    """A JSON text with any lone surrogate written as its ``\\uXXXX`` escape (the same
+    value to a JSON reader), so the text encodes as UTF-8 (see the module docstring)."""
+    return _utf8_safe(json_text)
+
+
 def without_surrogates(text: str) -> str:
     """``text`` with any lone surrogate replaced by U+FFFD, for a string that leaves JSON
     (a session title bound as an SQLite parameter must be valid UTF-8)."""

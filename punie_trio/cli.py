@@ -185,12 +185,10 @@ def _setup_logging(level: str, data_dir: Path | None) -> None:
     """Log to stderr and (with a data dir) to ``punie-trio.log``.
 
     Error handling: a log line may quote a client's text, and a lone surrogate (valid in
-    JSON) cannot be encoded: both streams write it as ``\\udXXX`` instead of printing
-    "--- Logging error ---" with a traceback."""
+    JSON) cannot be encoded: both streams write it as ``\\udXXX`` (stderr set up so by
+    :func:`main`) instead of printing "--- Logging error ---" with a traceback."""
     root = logging.getLogger()
     root.setLevel(logging.DEBUG)
-    if isinstance(sys.stderr, io.TextIOWrapper):
-        sys.stderr.reconfigure(errors="backslashreplace")
     stderr = logging.StreamHandler(sys.stderr)
     stderr.setLevel(level.upper())
     stderr.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
@@ -309,10 +307,28 @@ async def _serve_main(config: ServeConfig, open_browser: bool) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run a command; its exit status.
+
+    Error handling: text the commands print can hold what a terminal's encoding cannot
+    (a lone surrogate from a client, any non-ASCII under ``LC_ALL=C`` or
+    ``PYTHONIOENCODING=ascii``): it is written escaped (``\\u...``) rather than failing
+    half-way. A reader that closes the pipe early (``| head -1``) ends the command quietly
+    with status 1, as Python's documentation recommends, not with a traceback.
+    """
+    for stream in (sys.stdout, sys.stderr):
+        if isinstance(stream, io.TextIOWrapper):
+            stream.reconfigure(errors="backslashreplace")
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help(sys.stderr)
         return 2
-    status: int = args.func(args)
+    try:
+        status: int = args.func(args)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # Nothing more can be written; keep the interpreter's final flush from failing too.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
     return status

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -193,3 +196,95 @@ def test_default_data_dir_from_env(
     token_path(tmp_path).write_text("abc")
     assert main(["token"]) == 0
     assert "token: abc" in capsys.readouterr().out
+
+
+async def _fill_odd(data_dir: Path) -> None:
+    ensure_data_dir(data_dir)
+    async with open_sqlite_store(store_path(data_dir)) as store:
+        await store.create_session(make_record("sess-odd", title="naïve ✓"))
+        await store.append_turn(
+            "sess-odd",
+            0,
+            [
+                ("user_message_chunk", text_update("user_message_chunk", "a\ud800b")),
+                ("stop", {"stopReason": "end_turn"}),
+            ],
+        )
+
+
+def test_export_of_a_lone_surrogate_is_valid_utf8_json_and_replaces_the_file_whole(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Text a client sent with a lone surrogate is escaped in the JSON (the same value);
+    it once failed half-way and left an existing output file empty."""
+    data_dir = tmp_path / "data"
+    trio.run(_fill_odd, data_dir)
+    out_file = tmp_path / "out.json"
+    out_file.write_text("previous export\n")
+    argv = ["sessions", "export", "sess-odd", "-o", str(out_file), "--data-dir", str(data_dir)]
+    assert main(argv) == 0
+    raw = out_file.read_bytes()
+    assert b"\\ud800" in raw
+    doc = json.loads(raw.decode("utf-8"))
+    assert doc["transcript"][0]["payload"]["content"]["text"] == "a\ud800b"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "out.json"]  # no leftovers
+    bad = ["sessions", "export", "sess-odd", "-o", str(tmp_path / "no" / "x.json")]
+    assert main([*bad, "--data-dir", str(data_dir)]) == 1
+    assert "cannot write" in capsys.readouterr().err
+
+
+def test_token_file_that_is_not_utf8(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data_dir = ensure_data_dir(tmp_path / "data")
+    token_path(data_dir).write_bytes(b"\xff\xfe\n")
+    assert main(["token", "--data-dir", str(data_dir)]) == 1
+    assert "is not UTF-8 text" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["list", "show sess-odd", "export sess-odd"])
+def test_what_the_terminal_cannot_encode_is_escaped_not_a_traceback(
+    tmp_path: Path, command: str
+) -> None:
+    """Through the real CLI, with an ASCII-only stdout: the lone surrogate and the
+    non-ASCII title come out escaped, and the command succeeds."""
+    data_dir = tmp_path / "data"
+    trio.run(_fill_odd, data_dir)
+    env = {**os.environ, "PYTHONIOENCODING": "ascii", "PUNIE_DATA_DIR": str(data_dir)}
+    done = subprocess.run(
+        [sys.executable, "-m", "punie_trio", "sessions", *command.split()],
+        capture_output=True,
+        env=env,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert b"Traceback" not in done.stderr
+    assert b"\\u" in done.stdout or b"\\x" in done.stdout  # escaped, not dropped
+
+
+def test_a_reader_that_closes_the_pipe_ends_the_command_quietly(tmp_path: Path) -> None:
+    """``sessions show ID | head -1`` on a long transcript: exit 1, no traceback."""
+    data_dir = tmp_path / "data"
+
+    async def fill() -> None:
+        ensure_data_dir(data_dir)
+        async with open_sqlite_store(store_path(data_dir)) as store:
+            await store.create_session(make_record("sess-long"))
+            chunk = ("agent_message_chunk", text_update("agent_message_chunk", "x" * 500 + "\n"))
+            for turn in range(200):
+                await store.append_turn(
+                    "sess-long", turn, [*[chunk] * 20, ("stop", {"stopReason": "end_turn"})]
+                )
+
+    trio.run(fill)
+    env = {**os.environ, "PUNIE_DATA_DIR": str(data_dir)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "punie_trio", "sessions", "show", "sess-long"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.readline()
+    proc.stdout.close()  # as `head -1` does
+    stderr = proc.stderr.read()
+    assert proc.wait(timeout=60) == 1
+    assert b"Traceback" not in stderr and b"BrokenPipe" not in stderr
