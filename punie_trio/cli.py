@@ -255,10 +255,18 @@ def _run_serve(args: argparse.Namespace) -> int:
     data_dir = (o["data_dir"] or default_data_dir()).expanduser()
     try:
         ensure_data_dir(data_dir)
-        token = o["token"] or write_token_file(token_path(data_dir))
     except OSError as exc:
         return _error(f"cannot use data directory {data_dir}: {exc.strerror or exc}", 1)
-    _setup_logging(o["log_level"], data_dir)
+    try:
+        token = o["token"] or write_token_file(token_path(data_dir))
+    except OSError as exc:
+        path = token_path(data_dir)
+        return _error(f"cannot write the token file {path}: {exc.strerror or exc}", 1)
+    try:
+        _setup_logging(o["log_level"], data_dir)
+    except OSError as exc:
+        path = data_dir / "punie-trio.log"
+        return _error(f"cannot write the log file {path}: {exc.strerror or exc}", 1)
     config = ServeConfig(
         projects=projects,
         model=model,

@@ -262,7 +262,11 @@ def connect(path: Path) -> sqlite3.Connection:
     (WAL is never torn). ``FULL`` would add an ``fsync`` per turn - milliseconds on many
     disks - to cover power loss, which nothing here promises.
     """
-    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=True)
+    try:
+        # (Fails here for a path that is a directory: "unable to open database file".)
+        conn = sqlite3.connect(path, isolation_level=None, check_same_thread=True)
+    except sqlite3.Error as exc:
+        raise StoreError(f"{path}: cannot open session store: {exc}") from exc
     try:
         conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
         mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]

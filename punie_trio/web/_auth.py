@@ -7,6 +7,7 @@ handshakes, so a foreign one is refused even before the token is looked at.
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import os
 import secrets
@@ -57,8 +58,14 @@ def write_token_file(path: Path) -> str:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
-        os.write(fd, (token + "\n").encode())
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+        try:
+            os.write(fd, (token + "\n").encode())
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        # (say the token path is a directory): no stray file holding a live token
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
     return token

@@ -160,6 +160,27 @@ def test_serve_bad_flag_values(env: dict[str, str], args: list[str]) -> None:
     assert "usage:" in done.stderr
 
 
+@pytest.mark.parametrize(
+    ("in_the_way", "message"),
+    [
+        ("punie-trio.log", "cannot write the log file"),
+        ("sessions.sqlite3", "cannot open session store"),
+        ("token", "cannot write the token file"),
+    ],
+)
+def test_serve_a_directory_where_a_data_file_goes_is_a_message(
+    env: dict[str, str], tmp_path: Path, in_the_way: str, message: str
+) -> None:
+    """Each once gave a traceback (and the token case left a stray file with a live token)."""
+    data = Path(env["PUNIE_DATA_DIR"])
+    (data / in_the_way).mkdir(parents=True)
+    done = punie("serve", "--stdio", "--no-http", "--project", str(tmp_path), env=env)
+    assert done.returncode == 1
+    assert message in done.stderr and str(data / in_the_way) in done.stderr
+    assert "Traceback" not in done.stderr
+    assert not [p for p in data.iterdir() if p.name.endswith(".tmp")]
+
+
 # -- serve --stdio --no-http ------------------------------------------------------------------
 
 
