@@ -91,6 +91,17 @@ def _to_host(value: Any) -> str:
     return host
 
 
+def _choice(*names: str, fold_case: bool = False) -> Callable[[Any], str]:
+    def convert(value: Any) -> str:
+        text = _to_str(value)
+        key = text.lower() if fold_case else text
+        if key not in names:
+            raise ValueError(f"must be one of {', '.join(names)}, got {text!r}")
+        return key
+
+    return convert
+
+
 def _to_path(value: Any) -> Path:
     # "" would mean the current directory: a data dir, site or project nobody chose.
     return Path(_to_nonempty(value)).expanduser()
@@ -115,9 +126,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("no_http", _to_bool, False),
     Option("project", _to_path, (), many=True),
     Option("model", _to_str, "echo"),
-    Option("log_level", _to_str, "warning"),
+    Option("log_level", _choice("debug", "info", "warning", "error", fold_case=True), "warning"),
     Option("data_dir", _to_path, None),
-    Option("store", _to_str, "sqlite"),
+    Option("store", _choice("sqlite", "memory"), "sqlite"),
     Option("token", _to_str, None),
     Option("allow_origin", _to_str, (), many=True),
     Option("metrics_public", _to_bool, False),
@@ -160,7 +171,18 @@ def load_file(path: Path, *, required: bool) -> dict[str, Any]:
     table = data.get("serve", data)
     if not isinstance(table, dict):
         raise ConfigError(f"{path}: [serve] must be a table")
-    return {key.replace("-", "_"): value for key, value in table.items()}
+    if table is not data and len(data) > 1:
+        # With a [serve] table, anything beside it (a misspelt table, an option above it)
+        # would be ignored without a word.
+        others = ", ".join(sorted(k for k in data if k != "serve"))
+        raise ConfigError(f"{path}: {others} beside the [serve] table (options go inside it)")
+    options: dict[str, Any] = {}
+    for key, value in table.items():
+        name = key.replace("-", "_")
+        if name in options:
+            raise ConfigError(f"{path}: {name.replace('_', '-')} is given twice (as - and _)")
+        options[name] = value
+    return options
 
 
 def _convert(option: Option, value: Any, source: str) -> Any:

@@ -239,8 +239,6 @@ def _run_serve(args: argparse.Namespace) -> int:
         return _error(str(exc), 2)
     if o["no_http"] and not o["stdio"]:
         return _error("--no-http needs --stdio (there would be nothing to serve)", 2)
-    if o["log_level"] not in LOG_LEVELS or o["store"] not in ("sqlite", "memory"):
-        return _error(f"log-level must be one of {LOG_LEVELS}; store sqlite or memory", 2)
     projects = tuple(p.expanduser().resolve() for p in (o["project"] or [Path.cwd()]))
     for project in projects:
         if not project.is_dir():

@@ -4,6 +4,7 @@ that name the option and where the bad value came from (exit status 2)."""
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -146,6 +147,16 @@ def test_unknown_key_is_named() -> None:
         ),
         # Empty is a mistake, not a value: a host of "" binds every interface, a path of
         # "" is the current directory, an empty list would hide the file's.
+        (
+            {"store": "postgres"},
+            {},
+            "config.toml: store must be one of sqlite, memory, got 'postgres'",
+        ),
+        (
+            {},
+            {"PUNIE_LOG_LEVEL": "loud"},
+            "$PUNIE_LOG_LEVEL: log-level must be one of debug, info, warning, error, got 'loud'",
+        ),
         ({"host": ""}, {}, "config.toml: host must not be empty"),
         ({}, {"PUNIE_HOST": ""}, "$PUNIE_HOST: host must not be empty"),
         (
@@ -168,6 +179,27 @@ def test_bad_type_names_the_option_and_the_source(
     with pytest.raises(ConfigError) as info:
         resolve({}, file_values, environ, "config.toml")
     assert str(info.value) == expected
+
+
+def test_log_level_is_read_in_any_case() -> None:
+    assert resolve({}, {"log_level": "INFO"}, {}, "config.toml")["log_level"] == "info"
+
+
+@pytest.mark.parametrize(
+    ("toml", "expected"),
+    [
+        # Beside a [serve] table these were ignored without a word.
+        ("max-prompt-bytes = 100\n[serve]\nport = 1\n", "max-prompt-bytes beside the [serve]"),
+        ("[serve]\nport = 1\n[sevre]\nmax-prompt-bytes = 100\n", "sevre beside the [serve]"),
+        ("max_prompt_bytes = 100\nmax-prompt-bytes = 5000\n", "max-prompt-bytes is given twice"),
+    ],
+)
+def test_config_file_options_that_would_be_ignored_are_refused(
+    tmp_path: Path, toml: str, expected: str
+) -> None:
+    path = write(tmp_path / "config.toml", toml)
+    with pytest.raises(ConfigError, match=re.escape(expected)):
+        load_file(path, required=True)
 
 
 def test_a_config_file_that_is_not_utf8_is_named(tmp_path: Path) -> None:
