@@ -58,7 +58,9 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
 
     p = actions.add_parser("export", parents=[common], help="write a session as JSON")
     p.add_argument("id", metavar="ID", help="session id")
-    p.add_argument("-o", "--output", type=Path, metavar="FILE", help="write to FILE, not stdout")
+    p.add_argument(
+        "-o", "--output", type=Path, metavar="FILE", help="write to FILE, not stdout (- for stdout)"
+    )
     p.set_defaults(func=cmd_export)
 
     p = subparsers.add_parser("token", parents=[common], help="print the server's access token")
@@ -94,7 +96,9 @@ def _load(args: argparse.Namespace) -> tuple[SessionRecord, list[TranscriptEntry
 def cmd_list(args: argparse.Namespace) -> int:
     db = store_path(args.data_dir)
     try:
-        records = read_sessions(db, cwd=args.cwd)
+        # Stored cwds are resolved (symlinks, "..", a trailing slash): filter on the same.
+        cwd = str(Path(args.cwd).expanduser().resolve()) if args.cwd else None
+        records = read_sessions(db, cwd=cwd)
     except StoreError as exc:
         return _fail(str(exc))
     if not records:
@@ -247,7 +251,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     # A lone surrogate (a prompt's or a model's text may hold one) stays a \\uXXXX escape:
     # the same JSON value, and the text is UTF-8.
     text = escape_lone_surrogates(json.dumps(document, ensure_ascii=False, indent=2)) + "\n"
-    if args.output is None:
+    if args.output is None or str(args.output) == "-":
         sys.stdout.write(text)
         return 0
     # Written next to it and renamed into place: a failed export leaves an existing file
@@ -279,6 +283,13 @@ def cmd_token(args: argparse.Namespace) -> int:
         return _fail(f"token file {path} is not UTF-8 text (`{_PROG} serve` writes a new one)")
     if not token:
         return _fail(f"token file {path} is empty")
+    mode = path.stat().st_mode & 0o777
+    if mode & 0o077:
+        print(
+            f"{_PROG}: warning: {path} is readable by others (mode {mode:04o}); "
+            f"`chmod 600 {path}`, or let `{_PROG} serve` write a new one",
+            file=sys.stderr,
+        )
     print(f"token file: {path}")
     print(f"token: {token}")
     return 0

@@ -30,24 +30,34 @@ from .worker import ScriptError, model_from_spec
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
+# (Each names the rule: argparse's own message for a ValueError would name the function.)
 def _positive_int(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
     if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
     return value
 
 
 def _port(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
     if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"must be 0-65535, got {text}")
+        raise argparse.ArgumentTypeError(f"must be a port number 0-65535, got {text!r}")
     return value
 
 
 def _seconds(text: str) -> float:
-    value = float(text)
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
     if not value >= 0:  # NaN too
-        raise argparse.ArgumentTypeError(f"must be a number of seconds >= 0, got {text}")
+        raise argparse.ArgumentTypeError(f"must be a number of seconds >= 0, got {text!r}")
     return value
 
 

@@ -49,13 +49,15 @@ class NdjsonStream:
                 if self._discarding:
                     self._discarding = False
                     raise MessageTooLarge(self.max_message_bytes)
+                if line.endswith(b"\r"):  # CRLF: the CR is not part of the message
+                    line = line[:-1]
                 if len(line) > self.max_message_bytes:
                     raise MessageTooLarge(self.max_message_bytes)
                 if line.strip():
                     return line
                 continue
             self._scanned = len(self._buffer)
-            if self._scanned > self.max_message_bytes:
+            if self._scanned > self.max_message_bytes + 1:  # (+1: a CRLF line's CR)
                 # Drop what we have of the oversized line and skip to its end.
                 self._discarding = True
                 self._buffer.clear()

@@ -288,3 +288,38 @@ def test_a_reader_that_closes_the_pipe_ends_the_command_quietly(tmp_path: Path) 
     stderr = proc.stderr.read()
     assert proc.wait(timeout=60) == 1
     assert b"Traceback" not in stderr and b"BrokenPipe" not in stderr
+
+
+def test_list_cwd_is_resolved_and_export_dash_is_stdout(
+    data_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: Any
+) -> None:
+    """``--cwd`` is compared resolved, as the server stores it (a trailing slash or ".."
+    once found nothing); ``-o -`` is stdout (it once wrote a file named "-")."""
+    project = tmp_path / "proj"
+    (project / "sub").mkdir(parents=True)
+
+    async def fill() -> None:
+        async with open_sqlite_store(store_path(data_dir)) as store:
+            await store.create_session(make_record("sess-here", cwd=str(project.resolve())))
+
+    trio.run(fill)
+    for spelled in (f"{project}/", f"{project}/sub/..", str(project)):
+        assert main(["sessions", "list", "--cwd", spelled, "--data-dir", str(data_dir)]) == 0
+        assert "sess-here" in capsys.readouterr().out, spelled
+    monkeypatch.chdir(tmp_path)
+    argv = ["sessions", "export", "sess-here", "-o", "-", "--data-dir", str(data_dir)]
+    assert main(argv) == 0
+    assert json.loads(capsys.readouterr().out)["session"]["id"] == "sess-here"
+    assert not (tmp_path / "-").exists()
+
+
+def test_token_readable_by_others_is_warned_about(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data_dir = ensure_data_dir(tmp_path / "data")
+    token_path(data_dir).write_text("s3cret\n")
+    token_path(data_dir).chmod(0o644)
+    assert main(["token", "--data-dir", str(data_dir)]) == 0
+    captured = capsys.readouterr()
+    assert "token: s3cret" in captured.out
+    assert "readable by others (mode 0644)" in captured.err

@@ -721,6 +721,14 @@ async def test_ndjson_the_tail_of_an_oversized_last_line_is_dropped_with_it() ->
     assert outcomes == ["too large"]
 
 
+async def test_ndjson_a_crlf_line_at_the_limit_is_taken() -> None:
+    """The CR of a CRLF line is not part of the message (it once counted toward the limit)."""
+    ours, theirs = trio.testing.memory_stream_pair()
+    stream = NdjsonStream(ours, ours, max_message_bytes=10)
+    await theirs.send_all(b'{"a":"12"}\r\n')  # 10 bytes and CRLF
+    assert await stream.receive_message() == b'{"a":"12"}'
+
+
 async def test_ndjson_send_appends_one_newline() -> None:
     ours, theirs = trio.testing.memory_stream_pair()
     stream = NdjsonStream(ours, ours)
