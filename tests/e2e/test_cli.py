@@ -189,6 +189,21 @@ def test_serve_a_directory_where_a_data_file_goes_is_a_message(
     assert not [p for p in data.iterdir() if p.name.endswith(".tmp")]
 
 
+def test_a_configured_token_removes_a_stale_generated_one(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    """``serve --token X`` once left an earlier start's DATA_DIR/token in place, and
+    ``punie-trio token`` then showed a token the server refused."""
+    data = Path(env["PUNIE_DATA_DIR"])
+    data.mkdir()
+    (data / "token").write_text("old-generated\n")
+    args = ["serve", "--stdio", "--no-http", "--project", str(tmp_path), "--token", "mine"]
+    assert punie(*args, env=env).returncode == 0
+    assert not (data / "token").exists()
+    done = punie("token", env=env)
+    assert done.returncode == 1 and "no token at" in done.stderr
+
+
 # -- serve --stdio --no-http ------------------------------------------------------------------
 
 
