@@ -78,6 +78,11 @@ CHECKPOINT_EVERY_ROWS = 5_000
 GROUP_PASSES = 8
 #: Most turns in one group commit (one transaction).
 GROUP_MAX = 64
+#: Every this many writes, commits wait for a checkpoint so that the WAL starts over: it
+#: holds at most about this many rows' pages (some 16 MB of 20-entry turns).
+SETTLE_EVERY_ROWS = 4 * CHECKPOINT_EVERY_ROWS
+#: Bytes of WAL file kept after the log starts over (``PRAGMA journal_size_limit``).
+WAL_SIZE_LIMIT = 16 * 1024 * 1024
 
 T = TypeVar("T")
 
@@ -120,6 +125,7 @@ class SqliteStore:
     _owner: OwnerThread[sqlite3.Connection] = attrs.field(init=False)
     _writer: sqlite3.Connection | None = attrs.field(init=False, default=None)
     _rows_since_checkpoint: int = attrs.field(init=False, default=0)
+    _rows_since_settle: int = attrs.field(init=False, default=0)
     #: Committed ``(turns, next_seq)`` of the sessions this store has written or read.
     _tails: dict[str, Tail] = attrs.field(init=False, factory=dict)
     #: The ``sessions.key`` of the same sessions: fixed for a session's life (and never
@@ -130,6 +136,8 @@ class SqliteStore:
     _before_commit: Callable[[], None] | None = attrs.field(init=False, default=None)
     #: The turns of the group commit being gathered (None: no group is open).
     _gathering: list[_GroupedTurn] | None = attrs.field(init=False, default=None)
+    #: The checkpoint running on the owner thread, which writes wait for (None: none).
+    _checkpointing: Started[None] | None = attrs.field(init=False, default=None)
 
     def __attrs_post_init__(self) -> None:
         self._owner = OwnerThread(f"punie-store:{self.path.name}")
@@ -141,6 +149,9 @@ class SqliteStore:
         try:
             writer.execute(f"PRAGMA busy_timeout = {WRITER_BUSY_TIMEOUT_MS}")
             writer.execute("PRAGMA wal_autocheckpoint = 0")
+            # The WAL file is reused from its start after each checkpoint (see
+            # _checkpoint_done); this trims it back when a burst made it larger.
+            writer.execute(f"PRAGMA journal_size_limit = {WAL_SIZE_LIMIT}")
         except BaseException:
             writer.close()
             raise
@@ -158,6 +169,7 @@ class SqliteStore:
         after it, so a committed write is always reported to its caller.
         """
         await trio.lowlevel.checkpoint_if_cancelled()
+        await self._checkpoint_done()
         self._check_open()
         assert self._writer is not None
         result = _translated(job)(self._writer)
@@ -165,11 +177,40 @@ class SqliteStore:
         return result
 
     def _count_rows(self, rows: int) -> None:
-        """Post a checkpoint to the owner thread every :data:`CHECKPOINT_EVERY_ROWS`."""
+        """Start a checkpoint on the owner thread every :data:`CHECKPOINT_EVERY_ROWS`;
+        every :data:`SETTLE_EVERY_ROWS`, one that writes wait for (see
+        :meth:`_checkpoint_done`)."""
         self._rows_since_checkpoint += rows
-        if self._rows_since_checkpoint >= CHECKPOINT_EVERY_ROWS:
+        self._rows_since_settle += rows
+        if (
+            self._rows_since_checkpoint >= CHECKPOINT_EVERY_ROWS
+            and self._checkpointing is None
+            and not self._owner.closing
+        ):
             self._rows_since_checkpoint = 0
-            self._owner.post(_checkpoint)
+            started = self._owner.start(_checkpoint)
+            if self._rows_since_settle >= SETTLE_EVERY_ROWS:
+                self._rows_since_settle = 0
+                self._checkpointing = started  # else nobody waits for it
+
+    async def _checkpoint_done(self) -> None:
+        """Wait for a settling checkpoint under way before writing.
+
+        Why: the WAL starts over from its beginning only when a write finds it wholly
+        copied into the database. Checkpoints racing a stream of commits never copy all
+        of it, so under steady load the WAL grew without end (hundreds of MB for a 13 MB
+        database). So every :data:`SETTLE_EVERY_ROWS` commits wait for one checkpoint to
+        finish (the event loop does not: it runs on the owner thread), the next write
+        restarts the WAL, and ``journal_size_limit`` trims the file. The checkpoints
+        between them, which nobody waits for, have copied most of the WAL by then, so
+        the wait is short.
+        """
+        started = self._checkpointing
+        if started is None:
+            return
+        await started.result()
+        if self._checkpointing is started:
+            self._checkpointing = None
 
     def _check_open(self) -> None:
         if self._owner.closing or self._writer is None:
@@ -261,6 +302,8 @@ class SqliteStore:
             )
             return
         if alone:
+            with trio.CancelScope(shield=True):  # (a commit is not interruptible either)
+                await self._checkpoint_done()
             self._commit_group([item])
             if item.error is not None:
                 raise item.error
@@ -276,6 +319,9 @@ class SqliteStore:
                 # in the current pass are not counted as runnable).
                 if passes >= 2 and not trio.lowlevel.current_statistics().tasks_runnable:
                     break  # nothing else is about to run that could join
+            # Shielded: the turns that joined wait for this leader's commit, uncancellably.
+            with trio.CancelScope(shield=True):
+                await self._checkpoint_done()  # (more turns may join meanwhile)
         finally:
             self._gathering = None
         self._commit_group(group)

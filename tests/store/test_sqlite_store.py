@@ -1063,3 +1063,26 @@ async def test_a_turn_recorded_alone_commits_without_waiting_for_a_group(
         verbs = [" ".join(sql.split()[:2]) for sql in statements]
         assert verbs == ["BEGIN IMMEDIATE", "INSERT INTO", "INSERT INTO", "COMMIT"]
         assert _seqs(await store.transcript("c")) == list(range(5))
+
+
+async def test_the_wal_starts_over_under_steady_writes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Checkpoints racing a stream of commits never copied the whole WAL, so it never
+    started over: hundreds of MB for a small database under steady load. Every
+    SETTLE_EVERY_ROWS writes now wait for one checkpoint; the WAL stays small."""
+    from punie_trio.store import _sqlite
+
+    monkeypatch.setattr(_sqlite, "CHECKPOINT_EVERY_ROWS", 50)
+    monkeypatch.setattr(_sqlite, "SETTLE_EVERY_ROWS", 200, raising=False)
+    path = tmp_path / "s.db"
+    wal = tmp_path / "s.db-wal"
+    async with open_sqlite_store(path) as store:
+        await store.create_session(make_record())
+        largest = 0
+        for turn in range(1500):  # 7,500 rows: 37 settling checkpoints
+            await store.append_turn("s1", turn, sample_turn(turn), alone=True)
+            largest = max(largest, wal.stat().st_size)
+        assert len(await store.transcript("s1")) == 1500 * 5
+    # ~40 turns' pages between two settles (about 2 frames a turn), not 1,500 turns'.
+    assert largest < 200 * 4096
