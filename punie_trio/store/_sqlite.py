@@ -78,9 +78,10 @@ CHECKPOINT_EVERY_ROWS = 5_000
 GROUP_PASSES = 8
 #: Most turns in one group commit (one transaction).
 GROUP_MAX = 64
-#: Every this many writes, commits wait for a checkpoint so that the WAL starts over: it
-#: holds at most about this many rows' pages (some 16 MB of 20-entry turns).
-SETTLE_EVERY_ROWS = 4 * CHECKPOINT_EVERY_ROWS
+#: Past this many bytes of frames (as a checkpoint counts them: since the WAL last started
+#: over), commits wait for the next checkpoint so that the WAL starts over: it stays near
+#: this size plus what two checkpoint intervals (CHECKPOINT_EVERY_ROWS) write.
+WAL_SETTLE_BYTES = 8 * 1024 * 1024
 #: Bytes of WAL file kept after the log starts over (``PRAGMA journal_size_limit``).
 WAL_SIZE_LIMIT = 16 * 1024 * 1024
 
@@ -125,7 +126,6 @@ class SqliteStore:
     _owner: OwnerThread[sqlite3.Connection] = attrs.field(init=False)
     _writer: sqlite3.Connection | None = attrs.field(init=False, default=None)
     _rows_since_checkpoint: int = attrs.field(init=False, default=0)
-    _rows_since_settle: int = attrs.field(init=False, default=0)
     #: Committed ``(turns, next_seq)`` of the sessions this store has written or read.
     _tails: dict[str, Tail] = attrs.field(init=False, factory=dict)
     #: The ``sessions.key`` of the same sessions: fixed for a session's life (and never
@@ -136,6 +136,11 @@ class SqliteStore:
     _before_commit: Callable[[], None] | None = attrs.field(init=False, default=None)
     #: The turns of the group commit being gathered (None: no group is open).
     _gathering: list[_GroupedTurn] | None = attrs.field(init=False, default=None)
+    #: The WAL's frames (bytes) since it last started over, as the last checkpoint saw
+    #: them (set on the owner thread: one int, read here).
+    _wal_bytes: int = attrs.field(init=False, default=0)
+    #: A checkpoint job is queued or running (cleared by the owner thread when it ends).
+    _checkpoint_busy: bool = attrs.field(init=False, default=False)
     #: The checkpoint running on the owner thread, which writes wait for (None: none).
     _checkpointing: Started[None] | None = attrs.field(init=False, default=None)
 
@@ -178,20 +183,30 @@ class SqliteStore:
 
     def _count_rows(self, rows: int) -> None:
         """Start a checkpoint on the owner thread every :data:`CHECKPOINT_EVERY_ROWS`;
-        every :data:`SETTLE_EVERY_ROWS`, one that writes wait for (see
+        once the WAL has passed :data:`WAL_SETTLE_BYTES`, one that writes wait for (see
         :meth:`_checkpoint_done`)."""
         self._rows_since_checkpoint += rows
-        self._rows_since_settle += rows
         if (
             self._rows_since_checkpoint >= CHECKPOINT_EVERY_ROWS
             and self._checkpointing is None
             and not self._owner.closing
         ):
             self._rows_since_checkpoint = 0
-            started = self._owner.start(_checkpoint)
-            if self._rows_since_settle >= SETTLE_EVERY_ROWS:
-                self._rows_since_settle = 0
+            if self._checkpoint_busy:
+                return  # the thread is still at the last one: no queue of them
+            self._checkpoint_busy = True
+            started = self._owner.start(self._checkpoint_job)
+            if self._wal_bytes > WAL_SETTLE_BYTES:  # as the last checkpoint found it
                 self._checkpointing = started  # else nobody waits for it
+
+    def _checkpoint_job(self, conn: sqlite3.Connection) -> None:
+        """On the owner thread. (The two attributes are set there, and read on the event
+        loop's thread without waiting for the job's result to be delivered: a loop busy
+        committing would otherwise not learn that it ended.)"""
+        try:
+            self._wal_bytes = _checkpoint(conn)
+        finally:
+            self._checkpoint_busy = False
 
     async def _checkpoint_done(self) -> None:
         """Wait for a settling checkpoint under way before writing.
@@ -199,16 +214,16 @@ class SqliteStore:
         Why: the WAL starts over from its beginning only when a write finds it wholly
         copied into the database. Checkpoints racing a stream of commits never copy all
         of it, so under steady load the WAL grew without end (hundreds of MB for a 13 MB
-        database). So every :data:`SETTLE_EVERY_ROWS` commits wait for one checkpoint to
-        finish (the event loop does not: it runs on the owner thread), the next write
-        restarts the WAL, and ``journal_size_limit`` trims the file. The checkpoints
-        between them, which nobody waits for, have copied most of the WAL by then, so
-        the wait is short.
+        database). So once the WAL passes :data:`WAL_SETTLE_BYTES`, commits wait for the
+        next checkpoint to finish (the event loop does not: it runs on the owner thread),
+        the next write restarts the WAL, and ``journal_size_limit`` trims the file. The
+        checkpoints before it, which nobody waits for, have copied most of the WAL by
+        then, so the wait is short.
         """
         started = self._checkpointing
         if started is None:
             return
-        await started.result()
+        await started.wait()  # (several writers may wait; the job logs its own errors)
         if self._checkpointing is started:
             self._checkpointing = None
 
@@ -400,13 +415,17 @@ class SqliteStore:
         await self._owner.close(lambda conn: conn.close())
 
 
-def _checkpoint(conn: sqlite3.Connection) -> None:
+def _checkpoint(conn: sqlite3.Connection) -> int:
     """Copy committed WAL content into the database (PASSIVE: never waits for, nor blocks,
-    the writer; what it cannot copy now the next one will)."""
+    the writer; what it cannot copy now the next one will). Returns the WAL's bytes of
+    frames since it last started over (0 if unknown)."""
     try:
-        conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        _, frames, _ = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        page_size = conn.execute("PRAGMA page_size").fetchone()[0]
     except sqlite3.Error as exc:  # pragma: no cover - logged, retried by the next one
         log.warning("session store checkpoint failed: %s", exc)
+        return 0
+    return max(0, int(frames)) * int(page_size)
 
 
 @asynccontextmanager

@@ -57,8 +57,13 @@ class Started(Generic[T]):
         self._outcome = result
         self._done.set()
 
+    async def wait(self) -> None:
+        """Wait for the job to end, leaving its outcome alone (any number of tasks may
+        wait; only one may take :meth:`result`)."""
+        await self._done.wait()
+
     async def result(self) -> T:
-        """Wait for the job; return its value or raise its exception."""
+        """Wait for the job; return its value or raise its exception (once)."""
         await self._done.wait()
         assert self._outcome is not None
         return self._outcome.unwrap()

@@ -158,6 +158,7 @@ class App:
             await conn.run(stream)
         finally:
             await stream.close(1001 if self.closing.is_set() else 1000)
+            _release_compression(send)
 
     def _refuse_websocket(self, scope: dict[str, Any]) -> tuple[int, str] | None:
         """Why this upgrade must be refused (status, reason), or None to accept it."""
@@ -177,6 +178,26 @@ class App:
             limit = self.manager.limits.max_connections
             return 503, f"Service Unavailable: connection limit reached ({limit})"
         return None
+
+
+def _release_compression(send: ASGISend) -> None:
+    """Drop a closed WebSocket's zlib streams (``permessage-deflate``) now.
+
+    Why: Hypercorn's stream and wsproto's connection sit in reference cycles, which the
+    server's collector, tuned to run rarely (``server.GC_THRESHOLDS``), frees late, and
+    each compressor holds a few hundred KB of C memory: an audit saw RSS climb 45 -> 331
+    MB over 14,000 compressed connections (47 -> 51 MB without compression). Clearing the
+    two attributes frees that memory at once; the rest of the cycle is small.
+
+    Reaches into Hypercorn's stream (the ASGI ``send``'s owner) and wsproto's private
+    attributes, as ``_direct`` does; if they are not there, it does nothing.
+    """
+    stream = getattr(send, "__self__", None)
+    protocol = getattr(getattr(stream, "connection", None), "_proto", None)
+    for extension in getattr(protocol, "extensions", ()):
+        if isinstance(extension, PerMessageDeflate):
+            extension._compressor = None
+            extension._decompressor = None
 
 
 def _bad_extension_offer(scope: dict[str, Any]) -> str | None:

@@ -250,3 +250,40 @@ async def test_a_malformed_extension_offer_is_refused_and_the_server_goes_on(
             # A well-formed offer passes the check (Hypercorn then turns compression on).
             scope = {"headers": [(b"sec-websocket-extensions", b"permessage-deflate; x, y")]}
             assert _bad_extension_offer(scope) is None
+
+
+async def test_a_compressed_connection_frees_its_zlib_streams_when_it_ends(
+    server: Running, tmp_path: Path
+) -> None:
+    """``permessage-deflate`` (browsers and ``websockets`` offer it): once the connection
+    ends, its compressor and decompressor are gone at once, not when the rarely-run
+    collector gets to the connection's cycle (RSS once climbed 45 -> 331 MB over 14,000
+    such connections)."""
+    import asyncio
+    import gc
+
+    import websockets
+    from wsproto.extensions import PerMessageDeflate
+
+    def talk() -> str:
+        async def run() -> str:
+            async with websockets.connect(ws_url(server.url), compression="deflate") as ws:
+                assert "permessage-deflate" in ws.response.headers["sec-websocket-extensions"]
+                request = {"jsonrpc": "2.0", "id": 1, "method": "initialize"}
+                await ws.send(json.dumps({**request, "params": {"protocolVersion": 1}}))
+                return str(await ws.recv())
+
+        return asyncio.run(run())
+
+    with trio.fail_after(10):
+        answer = await trio.to_thread.run_sync(talk)
+        assert json.loads(answer)["result"]["protocolVersion"] == 1
+        await settle_until(lambda: not server.manager.connections)
+        await trio.testing.wait_all_tasks_blocked()
+    held = [
+        o
+        for o in gc.get_objects()
+        if type(o) is PerMessageDeflate  # (not isinstance: dead weak proxies raise)
+        and (o._compressor is not None or o._decompressor is not None)
+    ]
+    assert held == []
