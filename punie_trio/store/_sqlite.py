@@ -81,9 +81,9 @@ GROUP_MAX = 64
 #: Past this many bytes of frames (as a checkpoint counts them: since the WAL last started
 #: over), commits wait for the next checkpoint so that the WAL starts over: it stays near
 #: this size plus what two checkpoint intervals (CHECKPOINT_EVERY_ROWS) write.
-WAL_SETTLE_BYTES = 8 * 1024 * 1024
+WAL_SETTLE_BYTES = 32 * 1024 * 1024
 #: Bytes of WAL file kept after the log starts over (``PRAGMA journal_size_limit``).
-WAL_SIZE_LIMIT = 16 * 1024 * 1024
+WAL_SIZE_LIMIT = 64 * 1024 * 1024
 
 T = TypeVar("T")
 
