@@ -1088,3 +1088,31 @@ async def test_the_wal_starts_over_under_steady_writes(
         assert len(await store.transcript("s1")) == 1500 * 5
     # One checkpoint interval's frames (10 turns), not the 14 MB of 1,500 turns' it reached.
     assert largest < 100 * 4096
+
+
+async def test_several_writes_wait_for_one_settling_checkpoint(tmp_path: Path) -> None:
+    """Writers waiting on the same checkpoint each go on when it ends (taking its result
+    twice once raised AlreadyUsedError in the second and failed its write)."""
+    release = threading.Event()
+    async with open_sqlite_store(tmp_path / "s.db") as store:
+
+        def slow_checkpoint(conn: sqlite3.Connection) -> None:
+            release.wait(10)
+
+        store._checkpointing = store._owner.start(slow_checkpoint)
+        written: list[str] = []
+
+        async def create(session_id: str) -> None:
+            await store.create_session(make_record(session_id))
+            written.append(session_id)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(create, "s1")
+            nursery.start_soon(create, "s2")
+            await trio.testing.wait_all_tasks_blocked()
+            assert written == []  # both wait for the checkpoint
+            release.set()
+        assert sorted(written) == ["s1", "s2"]
+        assert await store.get_session("s1") is not None
+        assert await store.get_session("s2") is not None
+        assert store._checkpointing is None
