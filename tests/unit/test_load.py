@@ -1,157 +1,206 @@
-"""session/load when something goes wrong half-way: a delete from another connection, a
-``$/cancel_request``, a close, a failed write of the roots. The session a failed load
-opened is dropped (no leaked session or worker, nothing left open without its history);
-one that was open keeps what it had."""
+"""session/load when something happens half-way: a load or a prompt from elsewhere, a
+delete from another connection, a ``$/cancel_request``, a close, a failed write of the
+roots. A load claims the session first; the session a failed load opened is dropped (no
+leaked session or worker, nothing left open without its history); one that was open keeps
+what it had."""
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import attrs
 import trio
 import trio.testing
 
-from punie_trio.hub import ClientConnection, Manager
 from punie_trio.store import MemoryStore, StoreError
-from punie_trio.transport import memory_message_stream_pair
 from punie_trio.worker import EchoModel
 
 from ..acp_schema import SchemaChecker
 from ..client import AcpTestClient
+from ..persistence._hub import Hub, initialize, open_hub, prompt_params
 
 
-class GatedReplayStore:
+@attrs.define(eq=False)
+class Gate:
+    """Where a store operation waits, once ``armed``, until the test opens it."""
+
+    armed: bool = False
+    entered: trio.Event = attrs.field(factory=trio.Event)
+    opened: trio.Event = attrs.field(factory=trio.Event)
+
+    async def pass_through(self) -> None:
+        if self.armed:
+            self.entered.set()
+            await self.opened.wait()
+
+
+class GatedStore:
+    """A memory store whose transcript reads, deletes and session updates can be held (a
+    slow disk), and whose session updates can fail (a full one)."""
+
     def __init__(self) -> None:
         self.inner = MemoryStore()
-        self.gate = trio.Event()
-        self.reading = trio.Event()
-        self.armed = False
-        self.deleting = trio.Event()
-        self.delete_gate = trio.Event()
+        self.reads = Gate()
+        self.deletes = Gate()
+        self.updates = Gate()
+        self.updates_fail = False
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
 
-    async def delete_session(self, session_id: str) -> bool:
-        self.deleting.set()
-        await self.delete_gate.wait()
-        return await self.inner.delete_session(session_id)
-
-    async def transcript_rows(self, session_id: str, page_size: int = 1000):
-        if self.armed:
-            self.reading.set()
-            await self.gate.wait()
+    async def transcript_rows(
+        self, session_id: str, page_size: int = 1000
+    ) -> AsyncIterator[list[tuple[int, str, str]]]:
+        await self.reads.pass_through()
         async for rows in self.inner.transcript_rows(session_id, page_size):
             yield rows
+
+    async def delete_session(self, session_id: str) -> bool:
+        await self.deletes.pass_through()
+        return await self.inner.delete_session(session_id)
+
+    async def update_session(self, *args: Any, **kwargs: Any) -> None:
+        await self.updates.pass_through()
+        if self.updates_fail:
+            raise StoreError("disk full")
+        await self.inner.update_session(*args, **kwargs)
+
+
+async def clients(hub: Hub, count: int) -> list[AcpTestClient]:
+    links = [await hub.connect() for _ in range(count)]
+    for link in links:
+        await initialize(link.client)
+    return [link.client for link in links]
+
+
+def load_params(session: str, root: Path, *extra: Path) -> dict[str, Any]:
+    params: dict[str, Any] = {"sessionId": session, "cwd": str(root), "mcpServers": []}
+    if extra:
+        params["additionalDirectories"] = [str(p) for p in extra]
+    return params
+
+
+async def test_a_load_claims_the_session_before_it_writes_its_roots(
+    tmp_path: Path, acp_schema: SchemaChecker
+) -> None:
+    """While a load writes its roots, a second connection's load and the same connection's
+    prompt are refused, and the refused load writes nothing: the store, the live session
+    and session/list agree. (The roots were once written before the claim, so a refused
+    load could leave its roots in the store.)"""
+    store = GatedStore()
+    async with open_hub(tmp_path, acp_schema, EchoModel(), store=store) as hub:  # type: ignore[arg-type]
+        root = hub.root
+        x, y = root / "x", root / "y"
+        x.mkdir()
+        y.mkdir()
+        a, b = await clients(hub, 2)
+        session = await a.new_session(str(root))
+        await a.request("session/close", {"sessionId": session})
+        store.updates.armed = True
+        answers: dict[str, Any] = {}
+
+        async def load(name: str, client: AcpTestClient, extra: Path) -> None:
+            answers[name] = await client.request_raw(
+                "session/load", load_params(session, root, extra)
+            )
+
+        async with trio.open_nursery() as loads:
+            loads.start_soon(load, "a", a, x)
+            await store.updates.entered.wait()  # a's write is under way
+            loads.start_soon(load, "b", b, y)
+            answers["prompt"] = await a.request_raw("session/prompt", prompt_params(session, "hi"))
+            await trio.testing.wait_all_tasks_blocked()
+            store.updates.opened.set()
+        assert answers["a"]["result"] == {}
+        assert "open on another connection" in answers["b"]["error"]["message"]
+        assert "still loading" in answers["prompt"]["error"]["message"]
+        stored = await store.get_session(session)
+        assert stored is not None and stored.additional_directories == (str(x),)
+        assert hub.manager.sessions[session].additional_directories == (str(x),)
+        listed = await a.request("session/list", {})
+        assert listed["sessions"][0]["additionalDirectories"] == [str(x)]
 
 
 async def test_a_load_that_fails_in_its_replay_drops_what_it_opened(
     tmp_path: Path, acp_schema: SchemaChecker
 ) -> None:
-    root = Path(await trio.Path(tmp_path).resolve())
-    store = GatedReplayStore()
-    manager = Manager((str(root),), EchoModel(), store=store)  # type: ignore[arg-type]
-    async with trio.open_nursery() as nursery:
-        await nursery.start(manager.run)
-        clients = []
-        for _ in range(2):
-            agent_side, client_side = memory_message_stream_pair()
-            await nursery.start(ClientConnection(manager, transport="memory").run, agent_side)
-            client = AcpTestClient(client_side, acp_schema)
-            await nursery.start(client.run)
-            await client.initialize()
-            clients.append(client)
-        a, b = clients
+    store = GatedStore()
+    async with open_hub(tmp_path, acp_schema, EchoModel(), store=store) as hub:  # type: ignore[arg-type]
+        manager, root = hub.manager, hub.root
+        a, b = await clients(hub, 2)
         session = await a.new_session(str(root))
         await a.request("session/close", {"sessionId": session})
         assert session not in manager.sessions and not manager.workers
-        store.armed = True
+        store.reads.armed = store.deletes.armed = True
         answers: dict[str, Any] = {}
 
         async def load() -> None:
-            answers["load"] = await a.request_raw(
-                "session/load", {"sessionId": session, "cwd": str(root), "mcpServers": []}
-            )
+            answers["load"] = await a.request_raw("session/load", load_params(session, root))
+
+        async def delete() -> None:
+            answers["delete"] = await b.request_raw("session/delete", {"sessionId": session})
 
         async with trio.open_nursery() as n:
-
-            async def delete() -> None:
-                answers["delete"] = await b.request_raw("session/delete", {"sessionId": session})
-
             n.start_soon(delete)
-            await store.deleting.wait()  # b's delete found no live session, is deleting
+            await store.deletes.entered.wait()  # b's delete found no live session, is deleting
             n.start_soon(load)
-            await store.reading.wait()  # a's load has opened the session, replay under way
-            store.delete_gate.set()
+            await store.reads.entered.wait()  # a's load has opened the session, replays
+            store.deletes.opened.set()
             await trio.testing.wait_all_tasks_blocked()
-            store.gate.set()
+            store.reads.opened.set()
         assert answers["delete"]["result"] == {}
         assert answers["load"]["error"]["code"] == -32002  # the load failed ...
         # ... and the session it opened is dropped, its worker with it:
         assert session not in manager.sessions
         assert not manager.workers
-        nursery.cancel_scope.cancel()
 
 
 async def test_a_cancelled_load_drops_what_it_opened(
     tmp_path: Path, acp_schema: SchemaChecker
 ) -> None:
-    root = Path(await trio.Path(tmp_path).resolve())
-    store = GatedReplayStore()
-    manager = Manager((str(root),), EchoModel(), store=store)  # type: ignore[arg-type]
-    async with trio.open_nursery() as nursery:
-        await nursery.start(manager.run)
-        agent_side, client_side = memory_message_stream_pair()
-        await nursery.start(ClientConnection(manager, transport="memory").run, agent_side)
-        a = AcpTestClient(client_side, acp_schema)
-        await nursery.start(a.run)
-        await a.initialize()
-        session = await a.new_session(str(root))
+    store = GatedStore()
+    async with open_hub(tmp_path, acp_schema, EchoModel(), store=store) as hub:  # type: ignore[arg-type]
+        (a,) = await clients(hub, 1)
+        session = await a.new_session(str(hub.root))
         await a.request("session/close", {"sessionId": session})
-        store.armed = True
+        store.reads.armed = True
         await a.send(
             {
                 "jsonrpc": "2.0",
                 "id": "L",
                 "method": "session/load",
-                "params": {"sessionId": session, "cwd": str(root), "mcpServers": []},
+                "params": load_params(session, hub.root),
             }
         )
-        await store.reading.wait()
+        await store.reads.entered.wait()
         await a.notify("$/cancel_request", {"requestId": "L"})
         answer = await a.wait_for(lambda m: m.get("id") == "L")
         assert "error" in answer and answer["error"]["code"] == -32800
-        assert session not in manager.sessions  # not left open without its history
-        nursery.cancel_scope.cancel()
+        assert session not in hub.manager.sessions  # not left open without its history
 
 
 async def test_a_close_during_a_load_is_refused(tmp_path: Path, acp_schema: SchemaChecker) -> None:
-    root = Path(await trio.Path(tmp_path).resolve())
-    store = GatedReplayStore()
-    manager = Manager((str(root),), EchoModel(), store=store)  # type: ignore[arg-type]
-    async with trio.open_nursery() as nursery:
-        await nursery.start(manager.run)
-        agent_side, client_side = memory_message_stream_pair()
-        await nursery.start(ClientConnection(manager, transport="memory").run, agent_side)
-        a = AcpTestClient(client_side, acp_schema)
-        await nursery.start(a.run)
-        await a.initialize()
+    store = GatedStore()
+    async with open_hub(tmp_path, acp_schema, EchoModel(), store=store) as hub:  # type: ignore[arg-type]
+        manager, root = hub.manager, hub.root
+        (a,) = await clients(hub, 1)
         await a.new_session(str(root))  # keeps the worker alive
         session = await a.new_session(str(root))
         await a.prompt(session, "hello")
         await a.request("session/close", {"sessionId": session})
-        store.armed = True
+        store.reads.armed = True
         answers: dict[str, Any] = {}
 
         async def load() -> None:
-            params = {"sessionId": session, "cwd": str(root), "mcpServers": []}
-            answers["load"] = await a.request_raw("session/load", params)
+            answers["load"] = await a.request_raw("session/load", load_params(session, root))
 
         async with trio.open_nursery() as n:
             n.start_soon(load)
-            await store.reading.wait()
+            await store.reads.entered.wait()
             answers["close"] = await a.request_raw("session/close", {"sessionId": session})
-            store.gate.set()
+            store.reads.opened.set()
         await trio.testing.wait_all_tasks_blocked()
         # Refused as a prompt is (it once went ahead, and the load then seeded the worker
         # with the history of a session no longer open): the load completes.
@@ -161,47 +210,26 @@ async def test_a_close_during_a_load_is_refused(tmp_path: Path, acp_schema: Sche
         worker = manager.workers[str(root)].worker
         assert session in manager.sessions and session in worker._history
         await a.request("session/close", {"sessionId": session})  # and closes after it
-        nursery.cancel_scope.cancel()
-
-
-class FailingWriteStore(GatedReplayStore):
-    async def update_session(self, *a: Any, **k: Any) -> None:
-        if self.armed:
-            raise StoreError("disk full")
-        await self.inner.update_session(*a, **k)
 
 
 async def test_a_failed_roots_write_rolls_back(tmp_path: Path, acp_schema: SchemaChecker) -> None:
     """The store cannot write the roots: a session the load opened is dropped, and one
     already open keeps the roots it had."""
-    root = Path(await trio.Path(tmp_path).resolve())
-    (root / "x").mkdir()
-    store = FailingWriteStore()
-    store.gate.set()
-    manager = Manager((str(root),), EchoModel(), store=store)  # type: ignore[arg-type]
-    async with trio.open_nursery() as nursery:
-        await nursery.start(manager.run)
-        agent_side, client_side = memory_message_stream_pair()
-        await nursery.start(ClientConnection(manager, transport="memory").run, agent_side)
-        a = AcpTestClient(client_side, acp_schema)
-        await nursery.start(a.run)
-        await a.initialize()
+    store = GatedStore()
+    async with open_hub(tmp_path, acp_schema, EchoModel(), store=store) as hub:  # type: ignore[arg-type]
+        manager, root = hub.manager, hub.root
+        (root / "x").mkdir()
+        (a,) = await clients(hub, 1)
         session = await a.new_session(str(root))
         await a.request("session/close", {"sessionId": session})
-        store.armed = True
-        params = {
-            "sessionId": session,
-            "cwd": str(root),
-            "mcpServers": [],
-            "additionalDirectories": [str(root / "x")],
-        }
+        store.updates_fail = True
+        params = load_params(session, root, root / "x")
         ans = await a.request_raw("session/load", params)
         assert "error" in ans
         assert session not in manager.sessions and not manager.workers
-        store.armed = False
-        await a.request("session/load", {**params, "additionalDirectories": []})
-        store.armed = True
+        store.updates_fail = False
+        await a.request("session/load", load_params(session, root))
+        store.updates_fail = True
         ans = await a.request_raw("session/load", params)
         assert "error" in ans and manager.sessions[session].additional_directories == ()
         assert not manager.sessions[session].loading
-        nursery.cancel_scope.cancel()
