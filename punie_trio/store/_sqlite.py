@@ -195,9 +195,10 @@ class SqliteStore:
             if self._checkpoint_busy:
                 return  # the thread is still at the last one: no queue of them
             self._checkpoint_busy = True
-            started = self._owner.start(self._checkpoint_job)
             if self._wal_bytes > WAL_SETTLE_BYTES:  # as the last checkpoint found it
-                self._checkpointing = started  # else nobody waits for it
+                self._checkpointing = self._owner.start(self._checkpoint_job)
+            else:
+                self._owner.post(self._checkpoint_job)  # nobody waits for this one
 
     def _checkpoint_job(self, conn: sqlite3.Connection) -> None:
         """On the owner thread. (The two attributes are set there, and read on the event
