@@ -34,9 +34,10 @@ def _escape_surrogate(match: re.Match[str]) -> str:
     return f"\\u{ord(match.group()):04x}"
 
 
-def _utf8_safe(text: str) -> str:
-    """``text`` with any lone surrogate replaced by its JSON escape (inside a JSON text a
-    surrogate can only stand in a string, where the escape means the same)."""
+def escape_lone_surrogates(text: str) -> str:
+    """A JSON text with any lone surrogate written as its ``\\uXXXX`` escape (inside a
+    JSON text a surrogate can only stand in a string, where the escape means the same), so
+    the text encodes as UTF-8 (see the module docstring)."""
     if text.isascii():
         return text
     try:
@@ -44,12 +45,6 @@ def _utf8_safe(text: str) -> str:
     except UnicodeEncodeError:
         return _SURROGATE.sub(_escape_surrogate, text)
     return text
-
-
-def escape_lone_surrogates(json_text: str) -> str:
-    """A JSON text with any lone surrogate written as its ``\\uXXXX`` escape (the same
-    value to a JSON reader), so the text encodes as UTF-8 (see the module docstring)."""
-    return _utf8_safe(json_text)
 
 
 def without_surrogates(text: str) -> str:
@@ -64,7 +59,7 @@ def _encoder(allow_nan: bool) -> Callable[[Any], str]:
     )
     make = getattr(json.encoder, "c_make_encoder", None)
     if make is None:  # pragma: no cover - CPython always has the C accelerator
-        return lambda value: _utf8_safe(stdlib.encode(value))
+        return lambda value: escape_lone_surrogates(stdlib.encode(value))
     encode = make(
         None,  # markers: no circular check
         stdlib.default,
@@ -79,8 +74,8 @@ def _encoder(allow_nan: bool) -> Callable[[Any], str]:
 
     def dumps(value: Any) -> str:
         if isinstance(value, str):  # the C encoder takes a bare string too; this is quicker
-            return _utf8_safe(json.encoder.encode_basestring(value))
-        return _utf8_safe("".join(encode(value, 0)))
+            return escape_lone_surrogates(json.encoder.encode_basestring(value))
+        return escape_lone_surrogates("".join(encode(value, 0)))
 
     return dumps
 

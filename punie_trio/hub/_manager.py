@@ -462,8 +462,8 @@ class Manager:
         session = Session(
             id=session_id,
             root=root,
-            cwd=str(Path(cwd).resolve()),
-            additional_directories=tuple(str(Path(p).resolve()) for p in additional),
+            cwd=_resolved(cwd),
+            additional_directories=tuple(_resolved(p) for p in additional),
             owner=conn,
             worker=worker,
             turns=turns,
@@ -618,7 +618,7 @@ class Manager:
     def list_sessions(self, params: acp.ListSessionsParams) -> Awaitable[dict[str, Any]]:
         # Sessions store their cwd resolved (symlinks followed): filter on the same form.
         # Resolved here, in the synchronous part, like every other path check.
-        cwd = str(Path(params.cwd).resolve()) if params.cwd is not None else None
+        cwd = _resolved(params.cwd) if params.cwd is not None else None
         return self._list_sessions(cwd, params.cursor)
 
     async def _list_sessions(self, cwd: str | None, cursor: str | None) -> dict[str, Any]:
