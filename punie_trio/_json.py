@@ -47,6 +47,21 @@ def escape_lone_surrogates(text: str) -> str:
     return text
 
 
+_NOT_NAME_TEXT = re.compile("[\x00\ud800-\udfff]")
+
+
+def has_lone_surrogate(text: str) -> bool:
+    """Whether ``text`` holds a lone surrogate: valid in a JSON string, but no UTF-8 text."""
+    return not text.isascii() and _SURROGATE.search(text) is not None
+
+
+def is_name_text(text: str) -> bool:
+    """Whether ``text`` could be a path or an identifier: no NUL (the OS refuses it) and no
+    lone surrogate (the file system and the store speak UTF-8). Prompt and model text may
+    hold a surrogate: it is only carried, escaped."""
+    return _NOT_NAME_TEXT.search(text) is None
+
+
 def without_surrogates(text: str) -> str:
     """``text`` with any lone surrogate replaced by U+FFFD, for a string that leaves JSON
     (a session title bound as an SQLite parameter must be valid UTF-8)."""

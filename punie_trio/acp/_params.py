@@ -8,23 +8,17 @@ guess. Unknown fields and ``_meta`` are tolerated, as the extensibility page req
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Mapping
 from typing import Any
 
 import attrs
 
+from .._json import is_name_text
 from ..rpc import Params, RpcError
 
 _CONTENT_TYPES = frozenset({"text", "image", "audio", "resource_link", "resource"})
 # Baseline content every agent must accept (prompt-turn page); the rest needs a capability.
 SUPPORTED_PROMPT_TYPES = frozenset({"text", "resource_link", "resource"})
-
-
-# NUL and lone surrogates: valid in a JSON string, but no path or identifier can hold them
-# (the OS refuses NUL, and UTF-8, which the file system and the store speak, has no
-# surrogates). Prompt text may hold a surrogate: it is only carried, escaped.
-_NOT_NAME_TEXT = re.compile("[\x00\ud800-\udfff]")
 
 
 def _bad(path: str, why: str) -> RpcError:
@@ -58,8 +52,8 @@ def _req_str(obj: Mapping[str, Any], key: str, path: str = "") -> str:
 
 
 def _name_text(value: str, where: str) -> str:
-    """``value``, refused if it holds NUL or a lone surrogate (see ``_NOT_NAME_TEXT``)."""
-    if _NOT_NAME_TEXT.search(value):
+    """``value``, refused if it holds NUL or a lone surrogate (``_json.is_name_text``)."""
+    if not is_name_text(value):
         raise _bad(where, f"must not contain NUL or a lone surrogate, got {value!r}")
     return value
 

@@ -3,21 +3,12 @@
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Iterable
 from pathlib import Path
-
-_NOT_PATH_TEXT = re.compile("[\x00\ud800-\udfff]")
 
 
 class PathEscape(ValueError):
     """A path resolves outside every allowed root."""
-
-
-def is_path_text(text: str) -> bool:
-    """Whether ``text`` could name a file: no NUL (the OS refuses it) and no lone surrogate
-    (not encodable as the UTF-8 file names and the store use)."""
-    return _NOT_PATH_TEXT.search(text) is None
 
 
 def absolute_location(path: str, cwd: str) -> str:

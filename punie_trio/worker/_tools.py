@@ -8,16 +8,16 @@ disk directly. Either way the path must resolve inside the session's roots.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import attrs
 import trio
 
+from .._json import has_lone_surrogate, is_name_text
 from ..acp import FS_READ_TEXT_FILE, FS_WRITE_TEXT_FILE
 from ._envelopes import TurnEnv
-from ._paths import PathEscape, is_path_text, resolve_inside
+from ._paths import PathEscape, resolve_inside
 
 ClientCaller = Callable[[str, dict[str, Any]], Awaitable[Any]]
 
@@ -33,7 +33,6 @@ class ToolSpec:
     run: Callable[[TurnEnv, dict[str, Any], ClientCaller], Awaitable[str]]
 
 
-_SURROGATE = re.compile("[\ud800-\udfff]")
 #: ``fs/read_text_file``'s ``line`` and ``limit`` are uint32 (the schema).
 _UINT32_MAX = 2**32 - 1
 
@@ -42,7 +41,7 @@ def _path_arg(tool_input: dict[str, Any]) -> str:
     path = tool_input.get("path")
     if not isinstance(path, str) or not path:
         raise ToolError("input.path must be a non-empty string")
-    if not is_path_text(path):
+    if not is_name_text(path):
         raise ToolError("input.path must not contain NUL or a lone surrogate")
     return path
 
@@ -88,7 +87,7 @@ async def _write_file(env: TurnEnv, tool_input: dict[str, Any], call: ClientCall
     content = tool_input.get("content")
     if not isinstance(content, str):
         raise ToolError("input.content must be a string")
-    if _SURROGATE.search(content):
+    if has_lone_surrogate(content):
         raise ToolError("input.content is not valid Unicode text (a lone surrogate)")
     if env.capabilities.write_text_file:
         params = {"sessionId": env.session_id, "path": str(path), "content": content}

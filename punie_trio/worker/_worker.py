@@ -25,6 +25,7 @@ from typing import Any
 import attrs
 import trio
 
+from .._json import is_name_text
 from ..acp import updates
 from ._envelopes import (
     CancelTurn,
@@ -38,7 +39,7 @@ from ._envelopes import (
     Update,
 )
 from ._models import Model
-from ._paths import absolute_location, is_path_text
+from ._paths import absolute_location
 from ._tools import TOOLS, ToolError
 
 log = logging.getLogger("punie_trio.worker")
@@ -155,7 +156,7 @@ class _Context:
             return None
         path = tool_input.get("path")
         cwd = self.turn.start.env.cwd
-        clean = isinstance(path, str) and bool(path) and is_path_text(path)
+        clean = isinstance(path, str) and bool(path) and is_name_text(path)
         locations = [absolute_location(path, cwd)] if clean and isinstance(path, str) else []
         title = f"{spec.title} {path}" if isinstance(path, str) else spec.title
         await self._emit(
