@@ -107,6 +107,11 @@ def _to_path(value: Any) -> Path:
     return Path(_to_nonempty(value)).expanduser()
 
 
+#: The values of ``log-level`` and ``store`` (the flags offer the same choices).
+LOG_LEVELS = ("debug", "info", "warning", "error")
+STORES = ("sqlite", "memory")
+
+
 @attrs.frozen
 class Option:
     name: str
@@ -126,9 +131,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("no_http", _to_bool, False),
     Option("project", _to_path, (), many=True),
     Option("model", _to_str, "echo"),
-    Option("log_level", _choice("debug", "info", "warning", "error", fold_case=True), "warning"),
+    Option("log_level", _choice(*LOG_LEVELS, fold_case=True), "warning"),
     Option("data_dir", _to_path, None),
-    Option("store", _choice("sqlite", "memory"), "sqlite"),
+    Option("store", _choice(*STORES), "sqlite"),
     Option("token", _to_str, None),
     Option("allow_origin", _to_str, (), many=True),
     Option("metrics_public", _to_bool, False),

@@ -12,14 +12,23 @@ import logging
 import logging.handlers
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import trio
 
 from ._cli_sessions import add_commands as add_session_commands
-from ._config import BY_NAME, ConfigError, load_file, resolve
+from ._config import (
+    BY_NAME,
+    LOG_LEVELS,
+    STORES,
+    ConfigError,
+    _to_host,
+    _to_seconds,
+    load_file,
+    resolve,
+)
 from ._paths import default_config_path, default_data_dir, ensure_data_dir, token_path
 from ._version import __version__
 from .hub import Limits
@@ -27,7 +36,7 @@ from .server import ServeConfig, ServeError, find_exception, serve
 from .web._auth import write_token_file
 from .worker import ScriptError, model_from_spec
 
-LOG_LEVELS = ("debug", "info", "warning", "error")
+T = TypeVar("T")
 
 
 # (Each names the rule: argparse's own message for a ValueError would name the function.)
@@ -51,20 +60,21 @@ def _port(text: str) -> int:
     return value
 
 
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not value >= 0:  # NaN too
-        raise argparse.ArgumentTypeError(f"must be a number of seconds >= 0, got {text!r}")
-    return value
+def _as_flag(convert: Callable[[Any], T]) -> Callable[[str], T]:
+    """A config converter as an argparse type: a flag is checked by the very rule its
+    variable and its file key are (``_config``)."""
+
+    def parse(text: str) -> T:
+        try:
+            return convert(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    return parse
 
 
-def _host(text: str) -> str:
-    if not text.strip() or text != text.strip():
-        raise argparse.ArgumentTypeError(f"must be an address or host name, got {text!r}")
-    return text
+_seconds = _as_flag(_to_seconds)  # a number >= 0 (not nan)
+_host = _as_flag(_to_host)  # not empty (that would bind every interface), no spaces around
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -109,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--data-dir", type=Path, help="data directory (default: $PUNIE_DATA_DIR or the platform's)"
     )
-    s.add_argument("--store", choices=("sqlite", "memory"), help="session store (default sqlite)")
+    s.add_argument("--store", choices=STORES, help="session store (default sqlite)")
     auth = s.add_argument_group("security")
     auth.add_argument(
         "--token", help="bearer token for /acp (default: generated into DATA_DIR/token)"
