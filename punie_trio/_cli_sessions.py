@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from collections.abc import Iterable, Iterator
@@ -20,7 +19,7 @@ from typing import Any, TextIO
 import attrs
 
 from ._json import escape_lone_surrogates
-from ._paths import default_data_dir, store_path, token_path
+from ._paths import default_data_dir, replace_file, resolved, store_path, token_path
 from .store import (
     STOP,
     SessionRecord,
@@ -97,7 +96,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     db = store_path(args.data_dir)
     try:
         # Stored cwds are resolved (symlinks, "..", a trailing slash): filter on the same.
-        cwd = str(Path(args.cwd).expanduser().resolve()) if args.cwd else None
+        cwd = resolved(args.cwd) if args.cwd else None
         records = read_sessions(db, cwd=cwd)
     except StoreError as exc:
         return _fail(str(exc))
@@ -254,15 +253,12 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.output is None or str(args.output) == "-":
         sys.stdout.write(text)
         return 0
-    # Written next to it and renamed into place: a failed export leaves an existing file
-    # as it was (writing in place once truncated it first).
+    # Whole or not at all: a failed export leaves an existing file as it was (writing in
+    # place once truncated it first).
     output: Path = args.output
-    partial = output.with_name(f".{output.name}.{os.getpid()}.partial")
     try:
-        partial.write_text(text, encoding="utf-8")
-        partial.replace(output)
+        replace_file(output, text.encode("utf-8"))
     except OSError as exc:
-        partial.unlink(missing_ok=True)
         return _fail(f"cannot write {output}: {exc.strerror or exc}")
     print(f"wrote {output}", file=sys.stderr)
     return 0

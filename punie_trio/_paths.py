@@ -7,6 +7,7 @@ the server wrote, and ``punie-trio sessions list`` opens the same database ``ser
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -48,3 +49,26 @@ def ensure_data_dir(path: Path) -> Path:
     """
     path.mkdir(mode=0o700, parents=True, exist_ok=True)
     return path
+
+
+def resolved(path: str) -> str:
+    """``path`` with ``~``, symlinks and ``..`` resolved: the form sessions' cwds and roots
+    are stored and compared in (the server and the CLI alike)."""
+    return str(Path(path).expanduser().resolve())
+
+
+def replace_file(path: Path, data: bytes, mode: int = 0o666) -> None:
+    """Write ``data`` to ``path`` whole or not at all: into a file beside it, created with
+    ``mode`` (so a private file is never readable by others, even for an instant), then
+    renamed into place. On failure an existing file is as it was, and nothing is left
+    behind (no stray copy of, say, a live token)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+        with os.fdopen(fd, "wb") as file:
+            file.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise

@@ -42,6 +42,7 @@ import trio
 from .. import acp
 from .._json import without_surrogates
 from .._metrics import Metrics
+from .._paths import resolved
 from ..acp import PromptParams, updates
 from ..rpc import (
     INTERNAL_ERROR,
@@ -462,8 +463,8 @@ class Manager:
         session = Session(
             id=session_id,
             root=root,
-            cwd=_resolved(cwd),
-            additional_directories=tuple(_resolved(p) for p in additional),
+            cwd=resolved(cwd),
+            additional_directories=tuple(resolved(p) for p in additional),
             owner=conn,
             worker=worker,
             turns=turns,
@@ -527,7 +528,7 @@ class Manager:
         self.project_root_for(ref.cwd)
         self.check_inside_roots(ref.additional_directories, "additionalDirectories")
         record = await self._stored(ref.session_id)
-        if _resolved(ref.cwd) != _resolved(record.cwd):
+        if resolved(ref.cwd) != resolved(record.cwd):
             # "cwd is immutable after session setup" (session-list page); only the extra
             # roots may differ from one load to the next (session-setup page).
             raise RpcError.invalid_params(
@@ -537,7 +538,7 @@ class Manager:
         # Claimed with no await between the check and the claim: a concurrent load or a
         # prompt is refused from here on, so only this request writes what follows.
         live = self._loadable(conn, ref.session_id)
-        additional = tuple(_resolved(p) for p in ref.additional_directories)
+        additional = tuple(resolved(p) for p in ref.additional_directories)
         opened = live is None
         previous = live.additional_directories if live is not None else ()
         if live is not None:
@@ -618,7 +619,7 @@ class Manager:
     def list_sessions(self, params: acp.ListSessionsParams) -> Awaitable[dict[str, Any]]:
         # Sessions store their cwd resolved (symlinks followed): filter on the same form.
         # Resolved here, in the synchronous part, like every other path check.
-        cwd = _resolved(params.cwd) if params.cwd is not None else None
+        cwd = resolved(params.cwd) if params.cwd is not None else None
         return self._list_sessions(cwd, params.cursor)
 
     async def _list_sessions(self, cwd: str | None, cursor: str | None) -> dict[str, Any]:
@@ -1074,11 +1075,6 @@ def _json_string_at(text: str, start: int) -> str | None:
 
 
 _DECODER = json.JSONDecoder()
-
-
-def _resolved(path: str) -> str:
-    """``path`` with symlinks, ``..`` and ``~`` resolved (a local file system: quick)."""
-    return str(Path(path).expanduser().resolve())
 
 
 def _user_text(blocks: Iterable[Any]) -> str:

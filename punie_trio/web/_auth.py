@@ -7,14 +7,13 @@ handshakes, so a foreign one is refused even before the token is looked at.
 
 from __future__ import annotations
 
-import contextlib
 import hmac
-import os
 import secrets
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs
 
+from .._paths import replace_file
 from ._http import header
 
 
@@ -55,17 +54,5 @@ def write_token_file(path: Path) -> str:
     """Generate a token and write it to ``path`` with mode 0600 (created that way, never
     readable by others even for an instant), replacing any previous one."""
     token = secrets.token_urlsafe(32)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        try:
-            os.write(fd, (token + "\n").encode())
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        # (say the token path is a directory): no stray file holding a live token
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    replace_file(path, (token + "\n").encode(), 0o600)
     return token
