@@ -20,6 +20,7 @@ from punie_trio.transport import memory_message_stream_pair
 from punie_trio.worker import ScriptModel
 
 from ..acp_schema import SchemaChecker
+from ..client import AcpTestClient
 from ..integration._support import acp_ws_client, settle_until
 from ..integration.conftest import StartServer
 from ._hub import (
@@ -34,6 +35,15 @@ from ._hub import (
 )
 
 READ_NOTES = {"tool": "read_file", "input": {"path": "notes.txt"}}
+
+
+def numbered_chunks(client: AcpTestClient, session_id: str) -> list[int]:
+    """The numbers a turn of ``{"text": "N "}`` steps streamed to ``client``, in order."""
+    return [
+        int(u["content"]["text"])
+        for u in client.updates(session_id)
+        if u["sessionUpdate"] == "agent_message_chunk"
+    ]
 
 
 async def test_reconnect_within_grace_delivers_every_update_once_and_the_answer(
@@ -304,15 +314,8 @@ async def test_a_busy_reconnect_keeps_order_and_sends_nothing_twice(
         await initialize(second.client, client_id="ide")
         answer = await second.client.wait_for(lambda m: m.get("id") == "p")
         assert answer["result"] == {"stopReason": "end_turn"}
-
-        def numbers(link: Any) -> list[int]:
-            return [
-                int(u["content"]["text"])
-                for u in link.client.updates(session)
-                if u["sessionUpdate"] == "agent_message_chunk"
-            ]
-
-        seen_first, seen_second = numbers(first), numbers(second)
+        seen_first = numbered_chunks(first.client, session)
+        seen_second = numbered_chunks(second.client, session)
         got = seen_first + seen_second
         assert got == sorted(set(got)), "out of order or twice"
         missing = sorted(set(range(count)) - set(got))
@@ -397,11 +400,7 @@ async def test_what_the_dropped_connection_never_wrote_is_delivered_after_reatta
         await initialize(second.client, client_id="ide")
         answer = await second.client.wait_for(lambda m: m.get("id") == "p")
         assert answer["result"] == {"stopReason": "end_turn"}
-        got = [
-            int(u["content"]["text"])
-            for u in second.client.updates(session)
-            if u["sessionUpdate"] == "agent_message_chunk"
-        ]
+        got = numbered_chunks(second.client, session)
         first = count - len(got)
         assert got == list(range(first, count))  # in order, none twice
         assert first == 1  # the one in the stream's buffer: handed over, maybe read
