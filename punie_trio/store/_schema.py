@@ -275,6 +275,7 @@ def connect(path: Path) -> sqlite3.Connection:
         conn.execute("PRAGMA synchronous = NORMAL")
         conn.execute("PRAGMA foreign_keys = ON")
         migrate(conn, path)
+        check_writable(conn, path)
     except sqlite3.Error as exc:
         conn.close()
         raise StoreError(f"{path}: cannot open session store: {exc}") from exc
@@ -282,6 +283,24 @@ def connect(path: Path) -> sqlite3.Connection:
         conn.close()
         raise
     return conn
+
+
+def check_writable(conn: sqlite3.Connection, path: Path) -> None:
+    """Refuse a store SQLite opened read-only (``StoreError``), at open.
+
+    Why: SQLite opens a write-protected file (or one in a directory where the ``-wal`` and
+    ``-shm`` files cannot be made) read-only without a word, and reads, migrations already
+    done and even ``BEGIN IMMEDIATE`` all succeed; the first write fails. Without this the
+    server started and then failed every ``session/new``. The probe rewrites the schema
+    version inside a transaction it rolls back, so a writable store is left untouched.
+    """
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        conn.execute(f"PRAGMA user_version = {_user_version(conn)}")
+    except sqlite3.OperationalError as exc:
+        raise StoreError(f"{path}: the session store is read-only ({exc})") from exc
+    finally:
+        conn.execute("ROLLBACK")
 
 
 def connect_readonly(path: Path) -> sqlite3.Connection:

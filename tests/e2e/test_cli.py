@@ -7,6 +7,7 @@ import os
 import queue
 import subprocess
 import sys
+import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -187,6 +188,50 @@ def test_serve_a_directory_where_a_data_file_goes_is_a_message(
     assert message in done.stderr and str(data / in_the_way) in done.stderr
     assert "Traceback" not in done.stderr
     assert not [p for p in data.iterdir() if p.name.endswith(".tmp")]
+
+
+def _as_another_user() -> list[str]:
+    """The command prefix that runs a child without root's right to write any file (empty
+    when the tests do not run as root); skips when that is not possible here."""
+    if os.geteuid() != 0:
+        return []
+    prefix = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+    try:
+        probe = subprocess.run([*prefix, *PUNIE, "--version"], capture_output=True, timeout=60)
+    except FileNotFoundError:
+        pytest.skip("running as root without setpriv: cannot make a file read-only")
+    if probe.returncode != 0:
+        pytest.skip("cannot run punie-trio as another user here")
+    return prefix
+
+
+def test_serve_a_read_only_store_is_a_message(env: dict[str, str]) -> None:
+    """SQLite opens a write-protected store read-only without a word: the server used to
+    start and then answer every ``session/new`` with -32603."""
+    prefix = _as_another_user()
+    # Not under tmp_path: pytest keeps its base directory closed to other users.
+    with tempfile.TemporaryDirectory(prefix="punie-ro-") as holder:
+        root = Path(holder)
+        root.chmod(0o755)
+        data, project = root / "data", root / "project"
+        project.mkdir()
+        env = dict(env, PUNIE_DATA_DIR=str(data), XDG_CONFIG_HOME=str(root / "cfg"))
+        args = ["serve", "--stdio", "--no-http", "--project", str(project)]
+        assert punie(*args, env=env).returncode == 0
+        store = data / "sessions.sqlite3"
+        before = store.read_bytes()
+        data.chmod(0o777)  # only the store is write-protected: the log and token are not
+        for file in data.iterdir():
+            file.chmod(0o666)
+        store.chmod(0o444)
+        done = subprocess.run(
+            [*prefix, *PUNIE, *args], env=env, capture_output=True, text=True, timeout=60,
+            stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+        assert done.returncode == 1, done.stderr
+        assert f"{store}: the session store is read-only" in done.stderr
+        assert "Traceback" not in done.stderr
+        assert store.read_bytes() == before
 
 
 def test_a_configured_token_removes_a_stale_generated_one(

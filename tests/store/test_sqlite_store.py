@@ -33,7 +33,7 @@ from punie_trio.store import (
     read_sessions,
     read_transcript,
 )
-from punie_trio.store._schema import MIGRATIONS, migrate
+from punie_trio.store._schema import MIGRATIONS, check_writable, connect, migrate
 
 from .conftest import StepClock, make_record, sample_turn
 
@@ -79,6 +79,28 @@ async def test_newer_schema_is_refused(tmp_path: Path) -> None:
             pass  # pragma: no cover
     with pytest.raises(StoreError, match="newer"):
         read_sessions(path)
+
+
+def test_a_read_only_store_is_refused_at_open(tmp_path: Path) -> None:
+    """What SQLite gives for a write-protected file: a connection on which reads and even
+    ``BEGIN IMMEDIATE`` succeed. ``check_writable`` refuses it, and leaves a writable
+    store as it was (the probe's write is rolled back)."""
+    path = tmp_path / "s.db"
+    connect(path).close()  # (the last connection to close empties the WAL)
+    writable = connect(path)  # (connect runs the probe)
+    try:
+        check_writable(writable, path)
+        wal = tmp_path / "s.db-wal"
+        assert not wal.exists() or wal.stat().st_size == 0  # not one frame written
+    finally:
+        writable.close()
+    readonly = sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True, isolation_level=None)
+    try:
+        with pytest.raises(StoreError, match=r"the session store is read-only \(attempt to"):
+            check_writable(readonly, path)
+        assert not readonly.in_transaction
+    finally:
+        readonly.close()
 
 
 async def test_not_a_database_is_a_store_error(tmp_path: Path) -> None:
