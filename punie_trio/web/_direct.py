@@ -40,6 +40,7 @@ from hypercorn.protocol.h11 import H11Protocol
 from hypercorn.protocol.http_stream import ASGIHTTPState, HTTPStream
 from hypercorn.protocol.ws_stream import ASGIWebsocketState, WSStream
 from wsproto.connection import ConnectionState
+from wsproto.events import CloseConnection
 
 from ._fast_send import FastSendTCPServer
 from ._frames import ClientFrameReader
@@ -209,8 +210,8 @@ class DirectReader:
     Messages go into the same channel Hypercorn's ``WSStream`` puts them in (so the app's
     ``receive`` and the order of everything are unchanged), and whatever the frame reader
     passes on (pings, fragments, a close, anything invalid) goes to Hypercorn's protocol as
-    before, which answers pings, reassembles fragments and fails bad input with the right
-    close code. The reader takes over only at a moment when wsproto holds nothing (no
+    before, which answers pings, reassembles fragments and fails bad input (for a protocol
+    error the reader sends the close frame first: see :meth:`_fail`). The reader takes over only at a moment when wsproto holds nothing (no
     partial frame, no fragmented message) and hands everything back for good once it meets
     a close frame or anything it would not take.
 
@@ -292,12 +293,15 @@ class DirectReader:
                 await self.protocol_handle(data)
                 return
             self.active = True
-        items = self.frames.feed(data)
-        if self.frames.done:
+        frames = self.frames
+        items = frames.feed(data)
+        if frames.done:
             self.server.frame_reader = None
         put = self.put
         for item in items:
             if isinstance(item, bytearray):
+                if frames.failure is not None and item is items[-1]:
+                    await self._fail(*frames.failure)
                 await self.protocol_handle(bytes(item))
                 continue
             if not self._connected():
@@ -313,6 +317,18 @@ class DirectReader:
                 await put.send(event)  # the app is behind: wait, as Hypercorn does
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 pass
+
+    async def _fail(self, code: int, reason: str) -> None:
+        """Send the close frame for a protocol error the frame reader found, ahead of the
+        bad bytes (see :attr:`~._frames.ClientFrameReader.failure`).
+
+        Why: wsproto reports the error too, but Hypercorn then drops the TCP connection
+        without a close frame. Sent through wsproto, so it knows the connection is closing:
+        the app's later sends are dropped (:meth:`DirectFrames.usable` is false, Hypercorn
+        ignores them), and the bad bytes that follow still end the connection.
+        """
+        if self._connected():
+            await self.stream._send_wsproto_event(CloseConnection(code=code, reason=reason))
 
     async def protocol_handle(self, data: bytes) -> None:
         await self.server.protocol.handle(RawData(data=data))

@@ -12,9 +12,11 @@ bound. Everything else is passed on whole:
 - anything the reader would have to reject (an unmasked frame, reserved bits, an unknown
   opcode, a message over the bound, a text frame that is not UTF-8): that frame and
   everything after it, so the full implementation fails the connection as it would
-  without this reader: 1009 for a message over the bound; for the protocol errors
-  (wsproto's 1002 and 1007) Hypercorn closes the TCP connection without a close frame,
-  its own behaviour (seen with stock Hypercorn 0.18 too).
+  without this reader (1009 for a message over the bound). For a protocol error the
+  reader also says which close code and reason it calls for (:attr:`ClientFrameReader.
+  failure`: 1002, or 1007 for text that is not UTF-8): wsproto finds the same error, but
+  Hypercorn then closes the TCP connection without the close frame RFC 6455 section 7.1.7
+  asks for (stock Hypercorn 0.18 too), so the caller sends it.
 
 The bytes handed on always start on a frame boundary and hold whole frames (but after
 "everything after it", which ends the reader's part), so the full implementation sees a
@@ -26,7 +28,7 @@ No I/O and no clock: :meth:`ClientFrameReader.feed` is a pure function of the by
 
 from __future__ import annotations
 
-__all__ = ["ClientFrameReader", "unmask"]
+__all__ = ["ClientFrameReader", "close_frame", "unmask"]
 
 _TEXT = 0x1
 _BINARY = 0x2
@@ -49,6 +51,13 @@ def unmask(payload: bytes | bytearray, mask: bytes | bytearray) -> bytes:
     return (int.from_bytes(payload, "little") ^ int.from_bytes(key, "little")).to_bytes(n, "little")
 
 
+def close_frame(code: int, reason: str) -> bytes:
+    """One unmasked close frame (RFC 6455 section 5.5.1), as a server sends it; ``reason``
+    is cut to the 123 bytes a control frame leaves it (whole characters only)."""
+    data = reason.encode()[:123].decode(errors="ignore").encode()
+    return bytes((0x88, 2 + len(data))) + code.to_bytes(2, "big") + data
+
+
 class ClientFrameReader:
     """Splits a client's bytes into decoded messages and bytes for the full implementation.
 
@@ -60,7 +69,7 @@ class ClientFrameReader:
     full implementation applies its own bound and close code.
     """
 
-    __slots__ = ("_buffer", "_fragmented", "done", "max_size")
+    __slots__ = ("_buffer", "_fragmented", "done", "failure", "max_size")
 
     def __init__(self, max_size: int) -> None:
         self.max_size = max_size
@@ -69,6 +78,10 @@ class ClientFrameReader:
         #: True once the reader has handed on everything from the first frame it would not
         #: take: from then on every byte goes to the full implementation.
         self.done = False
+        #: Set with ``done`` when that frame breaks the protocol: the close code (1002 or
+        #: 1007) and reason to fail the connection with (None for a close frame or a
+        #: message over the bound: the full implementation closes those itself).
+        self.failure: tuple[int, str] | None = None
 
     @property
     def buffered(self) -> int:
@@ -104,15 +117,19 @@ class ClientFrameReader:
                 if end - pos < header:
                     break
                 length = int.from_bytes(buf[pos + 2 : pos + 10], "big")
+                if length >> 63:
+                    return self._give_up(items, buf, pos, "payload length's top bit set")
             opcode = b0 & 0x0F
             fin = b0 & 0x80
-            simple = (b0 & 0x70) == 0 and b1 & 0x80  # no reserved bits, masked
-            if not simple or length > self.max_size:
-                return self._give_up(items, buf, pos)
-            if opcode >= _CLOSE:
-                if opcode == _CLOSE or opcode > _PONG or not fin or length > 125:
-                    return self._give_up(items, buf, pos)
-            elif opcode > _BINARY:
+            if b0 & 0x70:
+                return self._give_up(items, buf, pos, "reserved bits set")
+            if not b1 & 0x80:
+                return self._give_up(items, buf, pos, "client frame not masked")
+            if opcode > _PONG or _BINARY < opcode < _CLOSE:
+                return self._give_up(items, buf, pos, f"unknown opcode {opcode:#x}")
+            if opcode >= _CLOSE and (not fin or length > 125):
+                return self._give_up(items, buf, pos, "control frame fragmented or too long")
+            if opcode == _CLOSE or length > self.max_size:
                 return self._give_up(items, buf, pos)
             frame_end = pos + header + 4 + length
             if frame_end > end:
@@ -124,20 +141,20 @@ class ClientFrameReader:
                 # its protocol error to report.
                 if opcode < _CLOSE:
                     if (opcode == _CONTINUATION) != self._fragmented:
-                        return self._give_up(items, buf, pos)
+                        return self._give_up(items, buf, pos, _OUT_OF_ORDER[opcode != 0])
                     self._fragmented = not fin
                 _append_raw(items, bytearray(buf[pos:frame_end]))
                 pos = frame_end
                 continue
-            if opcode == _CONTINUATION:  # a continuation with no message open
-                return self._give_up(items, buf, pos)
+            if opcode == _CONTINUATION:
+                return self._give_up(items, buf, pos, _OUT_OF_ORDER[False])
             mask_at = pos + header
             payload = unmask(buf[mask_at + 4 : frame_end], buf[mask_at : mask_at + 4])
             if opcode == _TEXT:
                 try:
                     items.append(payload.decode())
                 except UnicodeDecodeError:
-                    return self._give_up(items, buf, pos)
+                    return self._give_up(items, buf, pos, "text frame not valid UTF-8", 1007)
             else:
                 items.append((payload,))
             pos = frame_end
@@ -151,13 +168,30 @@ class ClientFrameReader:
         return items
 
     def _give_up(
-        self, items: list[str | tuple[bytes] | bytearray], buf: bytes | bytearray, pos: int
+        self,
+        items: list[str | tuple[bytes] | bytearray],
+        buf: bytes | bytearray,
+        pos: int,
+        error: str | None = None,
+        code: int = 1002,
     ) -> list[str | tuple[bytes] | bytearray]:
-        """Hand on everything from ``pos`` and stop decoding for good."""
+        """Hand on everything from ``pos`` and stop decoding for good (``error``: the frame
+        at ``pos`` breaks the protocol, see :attr:`failure`)."""
         self.done = True
         self._buffer = bytearray()
-        _append_raw(items, bytearray(buf[pos:]))
+        if error is None:
+            _append_raw(items, bytearray(buf[pos:]))
+        else:  # kept apart from raw bytes before it, so the caller can fail it alone
+            self.failure = (code, error)
+            items.append(bytearray(buf[pos:]))
         return items
+
+
+#: Why a data frame is out of order, by whether it starts a message (opcode not 0).
+_OUT_OF_ORDER = {
+    False: "continuation frame with no message open",
+    True: "new message inside a fragmented one",
+}
 
 
 def _append_raw(items: list[str | tuple[bytes] | bytearray], raw: bytearray) -> None:

@@ -148,6 +148,45 @@ async def test_oversized_frame_closes_1009_others_unaffected(
                 assert bystander.agent_text(session) == "still fine"
 
 
+@pytest.mark.parametrize(
+    ("name", "frame", "code"),
+    [
+        ("text not UTF-8", b"\x81\x82" + b"\x00" * 4 + b"\xff\xfe", 1007),
+        ("unmasked", b"\x81\x02{}", 1002),
+        ("reserved bit", b"\xc1\x82" + b"\x00" * 4 + b"{}", 1002),
+    ],
+)
+async def test_a_broken_frame_closes_with_its_code_others_unaffected(
+    server: Running, tmp_path: Path, acp_schema: SchemaChecker, name: str, frame: bytes, code: int
+) -> None:
+    """RFC 6455 asks for a close frame naming the protocol error; Hypercorn alone dropped
+    the TCP connection without one."""
+    from wsproto import ConnectionType, WSConnection
+    from wsproto.events import AcceptConnection, CloseConnection, Request
+
+    host, port = server.url.removeprefix("http://").rsplit(":", 1)
+    with trio.fail_after(10):
+        async with acp_ws_client(server.url, acp_schema) as (bystander, _):
+            await bystander.initialize()
+            session = await bystander.new_session(str(tmp_path))
+            ws = WSConnection(ConnectionType.CLIENT)
+            closed: CloseConnection | None = None
+            async with await trio.open_tcp_stream(host, int(port)) as stream:
+                await stream.send_all(ws.send(Request(host=f"{host}:{port}", target="/acp")))
+                while closed is None:
+                    data = await stream.receive_some(65536)
+                    assert data, f"{name}: the server dropped the connection without a close"
+                    ws.receive_data(data)
+                    for event in ws.events():
+                        if isinstance(event, AcceptConnection):
+                            await stream.send_all(frame)
+                        elif isinstance(event, CloseConnection):
+                            closed = event
+            assert (closed.code, bool(closed.reason)) == (code, True), name
+            await settle_until(lambda: len(server.manager.connections) == 1)
+            assert await bystander.prompt(session, "still fine") == "end_turn"
+
+
 async def test_binary_frames_with_utf8_json(
     server: Running, tmp_path: Path, acp_schema: SchemaChecker
 ) -> None:

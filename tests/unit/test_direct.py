@@ -351,27 +351,41 @@ async def test_the_reader_takes_over_only_at_a_frame_boundary(
 
 @pytest.mark.parametrize("fast_send", [True, False])
 @pytest.mark.parametrize(
-    ("payload", "code"),
-    # Hypercorn answers invalid UTF-8 by dropping the connection (wsproto reports 1007 but
-    # Hypercorn sends no close frame) and a message over its bound with close 1009.
-    [(b"\xff\xfe not utf-8", None), (b"x" * 2000, 1009)],
+    ("first_byte", "masked", "payload", "code"),
+    # Stock Hypercorn answers a protocol error by dropping the connection (wsproto reports
+    # 1002 or 1007, but Hypercorn sends no close frame); punie-trio's reader sends the close
+    # frame first. A message over the bound is closed with 1009 either way.
+    [
+        (0x81, True, b"\xff\xfe not utf-8", 1007),
+        (0x81, False, b"unmasked", 1002),
+        (0xC1, True, b"reserved bit", 1002),
+        (0x81, True, b"x" * 2000, 1009),
+    ],
 )
-async def test_bad_frames_are_failed_as_hypercorn_fails_them(
-    payload: bytes, code: int | None, fast_send: bool, monkeypatch: pytest.MonkeyPatch
+async def test_bad_frames_fail_the_connection_with_a_close_frame(
+    first_byte: int,
+    masked: bool,
+    payload: bytes,
+    code: int,
+    fast_send: bool,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     server_class = FastSendTCPServer if fast_send else hypercorn.trio.tcp_server.TCPServer
     monkeypatch.setattr(hypercorn.trio.run, "TCPServer", server_class)
     from punie_trio.web._frames import unmask
 
-    mask = b"\x01\x02\x03\x04"
+    mask = b"\x01\x02\x03\x04" if masked else b""
     n = len(payload)
+    flag = 0x80 if masked else 0
     header = (
-        bytes((0x81, 0x80 | 126)) + n.to_bytes(2, "big") if n > 125 else bytes((0x81, 0x80 | n))
+        bytes((first_byte, flag | 126)) + n.to_bytes(2, "big")
+        if n > 125
+        else bytes((first_byte, flag | n))
     )
-    bad = header + mask + unmask(payload, mask)
+    bad = header + mask + (unmask(payload, mask) if masked else payload)
     app = ReadingApp()
     async with serving(app, websocket_max_message_size=1000) as address:
         _, got = await talk(address, [client_frames().send_data("fine", fin=True), bad])
         await app.done.wait()
     assert app.received == ["fine"]
-    assert got == code
+    assert got == (code if fast_send or code == 1009 else None)

@@ -12,7 +12,7 @@ import random
 import pytest
 from wsproto.frame_protocol import FrameProtocol, XorMaskerSimple
 
-from punie_trio.web._frames import ClientFrameReader, unmask
+from punie_trio.web._frames import ClientFrameReader, close_frame, unmask
 
 Item = str | tuple[bytes] | bytearray
 
@@ -109,28 +109,67 @@ def masked_frame(first_byte: int, payload: bytes, *, masked: bool = True) -> byt
 
 
 @pytest.mark.parametrize(
-    ("name", "frame"),
+    ("name", "frame", "failure"),
     [
-        ("invalid UTF-8", masked_frame(0x81, b"\xff\xfe")),
-        ("unmasked", masked_frame(0x81, b"hi", masked=False)),
-        ("reserved bit", masked_frame(0xC1, b"hi")),
-        ("unknown data opcode", masked_frame(0x83, b"hi")),
-        ("unknown control opcode", masked_frame(0x8B, b"")),
-        ("continuation with none open", masked_frame(0x80, b"hi")),
-        ("fragmented control frame", masked_frame(0x09, b"")),
+        ("invalid UTF-8", masked_frame(0x81, b"\xff\xfe"), (1007, "text frame not valid UTF-8")),
+        ("unmasked", masked_frame(0x81, b"hi", masked=False), (1002, "client frame not masked")),
+        ("reserved bit", masked_frame(0xC1, b"hi"), (1002, "reserved bits set")),
+        ("unknown data opcode", masked_frame(0x83, b"hi"), (1002, "unknown opcode 0x3")),
+        ("unknown control opcode", masked_frame(0x8B, b""), (1002, "unknown opcode 0xb")),
         (
-            "new message inside a fragmented one",
-            masked_frame(0x01, b"a") + masked_frame(0x81, b"b"),
+            "continuation with none open",
+            masked_frame(0x80, b"hi"),
+            (1002, "continuation frame with no message open"),
         ),
+        (
+            "fragmented control frame",
+            masked_frame(0x09, b""),
+            (1002, "control frame fragmented or too long"),
+        ),
+        (
+            "control frame too long",
+            bytes((0x89, 0x80 | 126)) + (200).to_bytes(2, "big") + b"mask" + b"x" * 200,
+            (1002, "control frame fragmented or too long"),
+        ),
+        (
+            "length's top bit",
+            bytes((0x82, 0x80 | 127)) + (1 << 63).to_bytes(8, "big") + b"mask",
+            (1002, "payload length's top bit set"),
+        ),
+        ("over the bound", client().send_data("x" * 1001, fin=True), None),
+        ("close", masked_frame(0x88, b"\x03\xe8"), None),
     ],
 )
-def test_anything_to_reject_is_handed_on_for_good(name: str, frame: bytes) -> None:
-    """The full implementation then fails the connection with its own close code."""
+def test_anything_to_reject_is_handed_on_for_good(
+    name: str, frame: bytes, failure: tuple[int, str] | None
+) -> None:
+    """The full implementation then fails the connection with its own close code; for a
+    protocol error the reader also names the code and reason (Hypercorn sends no close
+    frame for those), and hands the bad frame on as an item of its own."""
     good = client().send_data("ok", fin=True)
     reader = ClientFrameReader(max_size=1000)
     items = reader.feed(good + frame + good)
-    assert items == ["ok", bytearray(frame + good)], name
-    assert reader.done
+    assert items[0] == "ok", name
+    assert b"".join(items[1:]) == frame + good  # type: ignore[arg-type]
+    assert reader.done and reader.failure == failure
+    if failure is not None:
+        assert items[-1].startswith(frame[:2])  # type: ignore[union-attr]
+
+
+def test_a_protocol_error_after_a_control_frame_comes_apart_from_it() -> None:
+    """The ping is handed on first (wsproto answers it), then the bad frame alone: the
+    caller sends its close frame between the two, never ahead of the ping's pong."""
+    ping = masked_frame(0x89, b"hb")
+    bad = masked_frame(0x81, b"hi", masked=False)
+    reader = ClientFrameReader(max_size=1000)
+    assert reader.feed(ping + bad) == [bytearray(ping), bytearray(bad)]
+    assert reader.failure == (1002, "client frame not masked")
+
+
+def test_close_frame() -> None:
+    assert close_frame(1002, "bad") == b"\x88\x05\x03\xeabad"
+    long = close_frame(1007, "é" * 100)  # 200 bytes: cut to 122, a whole character
+    assert long[1] == 2 + 122 and long[4:].decode() == "é" * 61
 
 
 def test_a_message_over_the_bound_is_handed_on_from_its_header() -> None:
