@@ -688,6 +688,7 @@ class Manager:
 
     def _drop_session(self, session: Session) -> None:
         del self.sessions[session.id]
+        self.store.forget(session.id)
         handle = session.worker
         handle.sessions.discard(session.id)
         try:

@@ -159,6 +159,9 @@ class MemoryStore:
         for start in range(0, len(rows), page_size):
             yield rows[start : start + page_size]
 
+    def forget(self, session_id: str) -> None:
+        """Nothing to drop: this store's memory is the sessions themselves."""
+
     async def aclose(self) -> None:
         self._closed = True
         await trio.lowlevel.cancel_shielded_checkpoint()

@@ -87,6 +87,12 @@ class Store(Protocol):
         splices each payload into its replay without decoding it."""
         ...
 
+    def forget(self, session_id: str) -> None:
+        """The caller holds the session no more (closed, or its client left): drop what is
+        kept in memory only to speed up its writes. It stays stored; a later write reads
+        what it needs again. Never fails."""
+        ...
+
     async def aclose(self) -> None:
         """Release resources; idempotent. Later calls raise ``StoreError``."""
         ...

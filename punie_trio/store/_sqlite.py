@@ -129,7 +129,8 @@ class SqliteStore:
     #: Committed ``(turns, next_seq)`` of the sessions this store has written or read.
     _tails: dict[str, Tail] = attrs.field(init=False, factory=dict)
     #: The ``sessions.key`` of the same sessions: fixed for a session's life (and never
-    #: reused), so only deleting a session forgets it.
+    #: reused). Both are dropped when the session is deleted or the hub lets it go
+    #: (:meth:`forget`).
     _keys: dict[str, int] = attrs.field(init=False, factory=dict)
     #: Test hook: runs inside ``append_turn``'s transaction, after the writes and before
     #: ``COMMIT``. Production code leaves it ``None``.
@@ -407,6 +408,13 @@ class SqliteStore:
             # Read ahead: the owner thread reads the next page while the caller uses this one.
             pending = read_page(cursor)
             yield rows
+
+    def forget(self, session_id: str) -> None:
+        """Drop the session's remembered key and tail (about 200 bytes), which otherwise
+        stayed for the server's life, one pair per session it ever wrote. A turn of it
+        committing meanwhile remembers them again: harmless, they are committed values."""
+        self._keys.pop(session_id, None)
+        self._tails.pop(session_id, None)
 
     async def aclose(self) -> None:
         writer, self._writer = self._writer, None

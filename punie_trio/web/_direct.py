@@ -211,9 +211,10 @@ class DirectReader:
     ``receive`` and the order of everything are unchanged), and whatever the frame reader
     passes on (pings, fragments, a close, anything invalid) goes to Hypercorn's protocol as
     before, which answers pings, reassembles fragments and fails bad input (for a protocol
-    error the reader sends the close frame first: see :meth:`_fail`). The reader takes over only at a moment when wsproto holds nothing (no
-    partial frame, no fragmented message) and hands everything back for good once it meets
-    a close frame or anything it would not take.
+    error the reader sends the close frame first: see :meth:`_fail`). The reader takes over
+    only at a moment when wsproto holds nothing (no partial frame, no fragmented message)
+    and hands everything back for good once it meets a close frame or anything it would
+    not take.
 
     Resource handling: nothing is owned but the frame reader's buffer (a partial frame).
     Error handling: a message that arrives after the app's side is no longer connected is

@@ -404,3 +404,44 @@ async def test_what_the_dropped_connection_never_wrote_is_delivered_after_reatta
         first = count - len(got)
         assert got == list(range(first, count))  # in order, none twice
         assert first == 1  # the one in the stream's buffer: handed over, maybe read
+
+
+async def test_sessions_the_hub_lets_go_leave_nothing_in_the_stores_memory(
+    tmp_path: Path, acp_schema: SchemaChecker, autojump_clock: trio.testing.MockClock
+) -> None:
+    """The SQLite store remembered each written session's key and tail for the server's
+    life; closing, leaving without a client id and grace expiry now drop them, and a later
+    load writes on from the file."""
+    from punie_trio.store import open_sqlite_store
+
+    model = ScriptModel([[{"text": "one"}], [{"text": "two"}]])
+    async with (
+        open_sqlite_store(tmp_path / "s.db") as store,
+        open_hub(tmp_path, acp_schema, model, store=store, limits=Limits(grace_seconds=30)) as hub,
+    ):
+        remembered = store._tails.keys()
+        a = await hub.connect()
+        await initialize(a.client, client_id="ide-1")
+        closed, kept = [await a.client.new_session(str(hub.root)) for _ in range(2)]
+        for session_id in (closed, kept):
+            assert await a.client.prompt(session_id, "first") == "end_turn"
+        assert remembered == {closed, kept}
+        await a.client.request("session/close", {"sessionId": closed})
+        assert remembered == {kept}
+        await a.drop()
+        await hub.settle()
+        assert remembered == {kept}  # kept for the client's grace period
+        await trio.sleep(31)
+        assert remembered == set() and hub.manager.sessions == {}
+
+        b = await hub.connect()
+        await initialize(b.client)  # no client id: its sessions go when it does
+        params = {"cwd": str(hub.root), "mcpServers": []}
+        await b.client.request("session/load", {"sessionId": kept, **params})
+        assert await b.client.prompt(kept, "second") == "end_turn"
+        assert remembered == {kept}
+        await b.drop()
+        await hub.settle()
+        assert remembered == set()
+        entries = await store.transcript(kept)
+    assert [(e.turn, e.seq) for e in entries] == [(0, 0), (0, 1), (0, 2), (1, 3), (1, 4), (1, 5)]
