@@ -31,7 +31,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Iterable
+from collections.abc import Awaitable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -50,7 +50,6 @@ from ..rpc import (
     REQUEST_CANCELLED,
     Deferred,
     PeerClosed,
-    RequestId,
     RpcError,
     current_request_id,
 )
@@ -81,6 +80,17 @@ from ..worker import (
     Update,
     open_event_channel,
 )
+from ._session import (
+    ActiveTurn,
+    Limits,
+    Pending,
+    Session,
+    WorkerHandle,
+    json_string_at,
+    text_of,
+    turn_history,
+    user_text,
+)
 
 if TYPE_CHECKING:
     from ._connection import ClientConnection
@@ -93,8 +103,6 @@ WORKER_COMMAND_BUFFER = 64
 TURN_EVENT_BUFFER = 32
 # Transcript entries read per page by session/load and session/resume.
 REPLAY_PAGE = 2000
-# How long a client gets to answer fs/*, terminal/*, permission requests.
-CLIENT_CALL_TIMEOUT = 300.0
 # Time a finished or cancelled turn gets to commit its transcript, even when cancelled.
 PERSIST_TIMEOUT = 10.0
 # How long a finished turn's relay waits for its cancelled client calls to end (each only
@@ -104,87 +112,6 @@ CALLS_END_TIMEOUT = 1.0
 RELOAD_REQUIRED = "_punie-trio/reload_required"
 # Titles are the first prompt's first line, this long at most.
 TITLE_CHARS = 80
-
-
-@attrs.frozen
-class Limits:
-    """Bounds on what clients may ask for (see docs/configuration.md)."""
-
-    max_prompt_bytes: int = 1024 * 1024
-    max_sessions_per_connection: int = 64
-    max_connections: int = 256
-    prompts_per_minute: int = 120
-    tool_calls_per_minute: int = 240
-    outbox_limit: int = 256
-    grace_seconds: float = 300.0
-    detached_buffer: int = 1024
-    client_call_timeout: float = CLIENT_CALL_TIMEOUT
-
-
-@attrs.define(eq=False)
-class WorkerHandle:
-    root: str
-    worker: ProjectWorker
-    commands: trio.MemorySendChannel[Command]
-    sessions: set[str] = attrs.field(factory=set)
-
-
-@attrs.define(eq=False)
-class ActiveTurn:
-    turn_id: int
-    connection: ClientConnection  # the connection that sent the prompt
-    request_id: RequestId | None = None
-    # StartTurn is in the worker's command channel (a CancelTurn may follow it).
-    started: bool = False
-    cancel_requested: bool = False
-    # The client cancelled the request itself ($/cancel_request): answer -32800.
-    request_cancelled: bool = False
-    finished: trio.Event = attrs.field(factory=trio.Event)
-    response: dict[str, Any] | None = None
-    error: RpcError | None = None
-    # The prompting connection is gone (its client dropped within grace): the answer is
-    # delivered to whoever re-attaches the session.
-    orphaned: bool = False
-    # Scopes of the tasks asking the client on the turn's behalf (cancelled with the turn).
-    calls: set[trio.CancelScope] = attrs.field(factory=set)
-    # Set when the last of ``calls`` has ended, once the relay waits for that.
-    calls_ended: trio.Event | None = None
-    relaying: bool = True
-
-
-# What a detached session keeps for its client: ("update", encoded notification) or
-# ("answer", request_id, response, error), in the order they happened.
-# ("message", encoded text): a message kept as written (an answer a dropped connection never
-# sent); always kept, like an answer.
-Pending = tuple[Any, ...]
-
-
-@attrs.define(eq=False)
-class Session:
-    id: str
-    root: str
-    cwd: str
-    additional_directories: tuple[str, ...]
-    owner: ClientConnection | None
-    worker: WorkerHandle
-    turn: ActiveTurn | None = None
-    turns: int = 0
-    title: str | None = None
-    # While the owner is away within its grace period: its client id and what it missed.
-    detached_client: str | None = None
-    # A list, not a deque: empty for almost every session, and 56 bytes that way, not 760.
-    pending: list[Pending] = attrs.field(factory=list)
-    overflowed: bool = False
-    # Set while a task sends ``pending`` to the owner (see Manager._flush): the others wait.
-    flush_done: trio.Event | None = None
-    # The request id of the last prompt answered to the owner (see Manager._keep_unsent).
-    answered_id: RequestId | None = None
-    # A session/load or session/resume is replaying it or seeding its history.
-    loading: bool = False
-
-    @property
-    def allowed_roots(self) -> tuple[str, ...]:
-        return (self.root, *self.additional_directories)
 
 
 @attrs.define(eq=False)
@@ -278,7 +205,7 @@ class Manager:
         kept: dict[str, list[Pending]] = {}
         for text in texts:
             if text.startswith(updates.NOTIFICATION_START):
-                session_id = _json_string_at(text, len(updates.NOTIFICATION_START))
+                session_id = json_string_at(text, len(updates.NOTIFICATION_START))
                 session = by_id.get(session_id) if session_id is not None else None
                 if session is not None:
                     kept.setdefault(session.id, []).append(("update", text))
@@ -604,7 +531,7 @@ class Manager:
             async for rows in self.store.transcript_rows(session.id, REPLAY_PAGE):
                 for _, kind, payload_json in rows:
                     if kind == STOP:
-                        history += _turn_history(payload_json, chunks)
+                        history += turn_history(payload_json, chunks)
                         chunks.clear()
                     elif kind == "user_message_chunk" or kind == "agent_message_chunk":
                         chunks.append((kind, payload_json))
@@ -858,7 +785,7 @@ class Manager:
                         encoded = updates.encode(update)
                         streamed.append((update["sessionUpdate"], encoded))
                         if update["sessionUpdate"] == "agent_message_chunk":
-                            agent_text.append(_text_of(update))
+                            agent_text.append(text_of(update))
                         batch.append(prefix + encoded + "}}")
                         try:
                             event = events.receive_nowait()
@@ -1039,8 +966,8 @@ class Manager:
         entries += streamed
         # The turn's history rides on its stop entry: a load then decodes one entry per
         # turn, not every chunk (older stores without it fall back to the chunks).
-        user_text = _user_text(params.prompt)
-        entries.append((STOP, {"stopReason": stop, "history": [user_text, agent_text]}))
+        user_said = user_text(params.prompt)
+        entries.append((STOP, {"stopReason": stop, "history": [user_said, agent_text]}))
         # (The deadline given to the constructor: set on an entered scope it costs more.)
         deadline = trio.current_time() + PERSIST_TIMEOUT
         with trio.CancelScope(shield=True, deadline=deadline) as scope:
@@ -1064,45 +991,3 @@ class Manager:
             log.error("persisting a turn of session %s timed out", session.id)
             return "the store did not answer in time"
         return None
-
-
-def _json_string_at(text: str, start: int) -> str | None:
-    """The JSON string starting at ``text[start]`` (a quote), decoded; None if not one."""
-    try:
-        value, _ = _DECODER.raw_decode(text, start)
-    except ValueError:
-        return None
-    return value if isinstance(value, str) else None
-
-
-_DECODER = json.JSONDecoder()
-
-
-def _user_text(blocks: Iterable[Any]) -> str:
-    """The user's side of a turn in the history: the text of its text blocks, a line each
-    (the same whether taken from a prompt or from its stored user_message_chunks)."""
-    return "\n".join(
-        t for block in blocks if isinstance(block, dict) and isinstance(t := block.get("text"), str)
-    )
-
-
-def _text_of(update: dict[str, Any]) -> str:
-    """The text of a message chunk update ("" for a non-text content block)."""
-    content = update.get("content")
-    text = content.get("text") if isinstance(content, dict) else None
-    return text if isinstance(text, str) else ""
-
-
-def _turn_history(stop_json: str, chunks: list[tuple[str, str]]) -> list[tuple[str, str]]:
-    """A turn's ``[("user", text), ("agent", text)]``: from its stop entry's ``history``, or
-    (a store written before that existed) from its ``(kind, payload_json)`` message chunks."""
-    summary = json.loads(stop_json).get("history")
-    if (
-        isinstance(summary, list)
-        and len(summary) == 2
-        and all(isinstance(part, str) for part in summary)
-    ):
-        return [("user", summary[0]), ("agent", summary[1])]
-    user = _user_text(json.loads(p).get("content") for k, p in chunks if k == "user_message_chunk")
-    agent = "".join(_text_of(json.loads(p)) for k, p in chunks if k == "agent_message_chunk")
-    return [("user", user), ("agent", agent)]

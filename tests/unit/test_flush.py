@@ -15,8 +15,7 @@ import attrs
 import trio
 import trio.testing
 
-from punie_trio.hub import Manager
-from punie_trio.hub._manager import ActiveTurn
+from punie_trio.hub import ActiveTurn, Manager
 from punie_trio.rpc import PeerClosed
 from punie_trio.worker import EchoModel
 

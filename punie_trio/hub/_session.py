@@ -1,0 +1,144 @@
+"""What the manager keeps per session and per turn, the limits it enforces, and how a
+turn's history is read back from its transcript entries: plain data and pure functions
+(the manager, in ``_manager.py``, changes them)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
+
+import attrs
+import trio
+
+from ..rpc import RequestId, RpcError
+from ..worker import Command, ProjectWorker
+
+if TYPE_CHECKING:
+    from ._connection import ClientConnection
+
+# How long a client gets to answer fs/*, terminal/*, permission requests.
+CLIENT_CALL_TIMEOUT = 300.0
+
+
+@attrs.frozen
+class Limits:
+    """Bounds on what clients may ask for (see docs/configuration.md)."""
+
+    max_prompt_bytes: int = 1024 * 1024
+    max_sessions_per_connection: int = 64
+    max_connections: int = 256
+    prompts_per_minute: int = 120
+    tool_calls_per_minute: int = 240
+    outbox_limit: int = 256
+    grace_seconds: float = 300.0
+    detached_buffer: int = 1024
+    client_call_timeout: float = CLIENT_CALL_TIMEOUT
+
+
+@attrs.define(eq=False)
+class WorkerHandle:
+    root: str
+    worker: ProjectWorker
+    commands: trio.MemorySendChannel[Command]
+    sessions: set[str] = attrs.field(factory=set)
+
+
+@attrs.define(eq=False)
+class ActiveTurn:
+    turn_id: int
+    connection: ClientConnection  # the connection that sent the prompt
+    request_id: RequestId | None = None
+    # StartTurn is in the worker's command channel (a CancelTurn may follow it).
+    started: bool = False
+    cancel_requested: bool = False
+    # The client cancelled the request itself ($/cancel_request): answer -32800.
+    request_cancelled: bool = False
+    finished: trio.Event = attrs.field(factory=trio.Event)
+    response: dict[str, Any] | None = None
+    error: RpcError | None = None
+    # The prompting connection is gone (its client dropped within grace): the answer is
+    # delivered to whoever re-attaches the session.
+    orphaned: bool = False
+    # Scopes of the tasks asking the client on the turn's behalf (cancelled with the turn).
+    calls: set[trio.CancelScope] = attrs.field(factory=set)
+    # Set when the last of ``calls`` has ended, once the relay waits for that.
+    calls_ended: trio.Event | None = None
+    relaying: bool = True
+
+
+# What a detached session keeps for its client: ("update", encoded notification) or
+# ("answer", request_id, response, error), in the order they happened.
+# ("message", encoded text): a message kept as written (an answer a dropped connection never
+# sent); always kept, like an answer.
+Pending = tuple[Any, ...]
+
+
+@attrs.define(eq=False)
+class Session:
+    id: str
+    root: str
+    cwd: str
+    additional_directories: tuple[str, ...]
+    owner: ClientConnection | None
+    worker: WorkerHandle
+    turn: ActiveTurn | None = None
+    turns: int = 0
+    title: str | None = None
+    # While the owner is away within its grace period: its client id and what it missed.
+    detached_client: str | None = None
+    # A list, not a deque: empty for almost every session, and 56 bytes that way, not 760.
+    pending: list[Pending] = attrs.field(factory=list)
+    overflowed: bool = False
+    # Set while a task sends ``pending`` to the owner (see Manager._flush): the others wait.
+    flush_done: trio.Event | None = None
+    # The request id of the last prompt answered to the owner (see Manager._keep_unsent).
+    answered_id: RequestId | None = None
+    # A session/load or session/resume is replaying it or seeding its history.
+    loading: bool = False
+
+    @property
+    def allowed_roots(self) -> tuple[str, ...]:
+        return (self.root, *self.additional_directories)
+
+
+def json_string_at(text: str, start: int) -> str | None:
+    """The JSON string starting at ``text[start]`` (a quote), decoded; None if not one."""
+    try:
+        value, _ = _DECODER.raw_decode(text, start)
+    except ValueError:
+        return None
+    return value if isinstance(value, str) else None
+
+
+_DECODER = json.JSONDecoder()
+
+
+def user_text(blocks: Iterable[Any]) -> str:
+    """The user's side of a turn in the history: the text of its text blocks, a line each
+    (the same whether taken from a prompt or from its stored user_message_chunks)."""
+    return "\n".join(
+        t for block in blocks if isinstance(block, dict) and isinstance(t := block.get("text"), str)
+    )
+
+
+def text_of(update: dict[str, Any]) -> str:
+    """The text of a message chunk update ("" for a non-text content block)."""
+    content = update.get("content")
+    text = content.get("text") if isinstance(content, dict) else None
+    return text if isinstance(text, str) else ""
+
+
+def turn_history(stop_json: str, chunks: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """A turn's ``[("user", text), ("agent", text)]``: from its stop entry's ``history``, or
+    (a store written before that existed) from its ``(kind, payload_json)`` message chunks."""
+    summary = json.loads(stop_json).get("history")
+    if (
+        isinstance(summary, list)
+        and len(summary) == 2
+        and all(isinstance(part, str) for part in summary)
+    ):
+        return [("user", summary[0]), ("agent", summary[1])]
+    user = user_text(json.loads(p).get("content") for k, p in chunks if k == "user_message_chunk")
+    agent = "".join(text_of(json.loads(p)) for k, p in chunks if k == "agent_message_chunk")
+    return [("user", user), ("agent", agent)]
