@@ -66,6 +66,9 @@ class StartTurn:
     prompt_text: str
     prompt_blocks: tuple[dict[str, Any], ...]
     events: EventSink[TurnEvent] = attrs.field(eq=False, repr=False)
+    #: The turn's place in its session (0 for the first, counting recorded turns): tool
+    #: call ids must be unique within the session, across its turns and restarts.
+    number: int = 0
 
 
 @attrs.frozen

@@ -134,7 +134,9 @@ class _Context:
         return reply.result
 
     async def tool(self, name: str, tool_input: dict[str, Any]) -> Any:
-        tool_id = f"call_{next(self.turn.tool_ids)}"
+        # Unique within the session (the schema's rule), turn after turn: call_T_N is the
+        # session's T-th turn's N-th tool call (an IDE updates a tool call by its id).
+        tool_id = f"call_{self.turn.start.number + 1}_{next(self.turn.tool_ids)}"
         refusal = self.worker.rate_limit_tool(self.session_id)
         if refusal is not None:
             await self._emit(

@@ -448,3 +448,42 @@ def _strip_stop_history(path: Path) -> list[str]:
                 lines.append(f"{kind}\t{payload}")
             db.execute("UPDATE turns SET entries = ? WHERE rowid = ?", ("\n".join(lines), rowid))
     return stops
+
+
+async def test_tool_call_ids_are_unique_within_the_session_across_restarts(
+    tmp_path: Path, acp_schema: SchemaChecker
+) -> None:
+    """The schema: ``toolCallId`` is "unique ... within the session". Numbered per turn,
+    every turn's first tool call was ``call_1``, and an IDE that updates a tool call by its
+    id overwrote the earlier turn's."""
+    root = await resolved(tmp_path)
+    (root / "a.txt").write_text("a")
+    read = {"tool": "read_file", "input": {"path": "a.txt"}}
+    model = ScriptModel([[read, read], [read], [read]])
+    created: list[str] = []
+
+    def tool_calls(client: AcpTestClient, session_id: str) -> list[str]:
+        return [
+            u["toolCallId"] for u in client.updates(session_id) if u["sessionUpdate"] == "tool_call"
+        ]
+
+    with trio.fail_after(30):
+        async with (
+            in_process_server(tmp_path, model, store="sqlite") as running,
+            acp_ws_client(running.url, acp_schema) as (client, _),
+        ):
+            await client.initialize()
+            session_id = await client.new_session(str(root))
+            for text in ("one", "two"):
+                assert await client.prompt(session_id, text) == "end_turn"
+            created += tool_calls(client, session_id)
+        async with (
+            in_process_server(tmp_path, model, store="sqlite") as running,
+            acp_ws_client(running.url, acp_schema) as (client, _),
+        ):
+            await client.initialize()
+            await client.request("session/load", load_params(session_id, root))
+            assert tool_calls(client, session_id) == created  # the replay: the same ids
+            assert await client.prompt(session_id, "three") == "end_turn"
+            created += tool_calls(client, session_id)[len(created) :]
+    assert created == ["call_1_1", "call_1_2", "call_2_1", "call_3_1"]

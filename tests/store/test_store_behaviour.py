@@ -237,7 +237,7 @@ async def test_payloads_replay_byte_for_byte(store: Store) -> None:
     await store.create_session(make_record())
     update = {
         "sessionUpdate": "tool_call",
-        "toolCallId": "call_1",
+        "toolCallId": "call_1_1",
         "title": "Lire « fichier » \U0001f600",
         "kind": "read",
         "status": "pending",

@@ -13,7 +13,7 @@ SAMPLES = [
     updates.agent_message_chunk("plain"),
     updates.agent_thought_chunk('quotes " and \\ and\nnewline, unicode é ✓ 🙂'),
     updates.user_message_chunk({"type": "text", "text": "</script> \u2028"}),
-    updates.tool_call_update("call_1", status="completed", text="ok"),
+    updates.tool_call_update("call_1_1", status="completed", text="ok"),
 ]
 
 

@@ -263,7 +263,7 @@ async def test_read_file_through_the_client(tmp_path: Path) -> None:
         assert isinstance(tool_call, Update) and isinstance(in_progress, Update)
         assert tool_call.update == {
             "sessionUpdate": "tool_call",
-            "toolCallId": "call_1",
+            "toolCallId": "call_1_1",
             "title": "Read file src/a.py",
             "kind": "read",
             "status": "pending",
@@ -272,7 +272,7 @@ async def test_read_file_through_the_client(tmp_path: Path) -> None:
         }
         assert in_progress.update == {
             "sessionUpdate": "tool_call_update",
-            "toolCallId": "call_1",
+            "toolCallId": "call_1_1",
             "status": "in_progress",
         }
         assert isinstance(call, ClientCall)
@@ -292,7 +292,7 @@ async def test_read_file_through_the_client(tmp_path: Path) -> None:
     assert updates == [
         {
             "sessionUpdate": "tool_call_update",
-            "toolCallId": "call_1",
+            "toolCallId": "call_1_1",
             "status": "completed",
             "content": [{"type": "content", "content": {"type": "text", "text": "print(1)\n"}}],
             "rawOutput": {"output": "print(1)\n"},
@@ -345,7 +345,7 @@ async def test_read_and_write_file_on_disk_without_client_capability(tmp_path: P
         updates, finished = await h.run_turn()
     assert finished == TurnFinished("end_turn")
     final = [u for u in updates if u.get("status") in ("completed", "failed")]
-    assert [u["toolCallId"] for u in final] == ["call_1", "call_2", "call_3"]
+    assert [u["toolCallId"] for u in final] == ["call_1_1", "call_1_2", "call_1_3"]
     assert final[0]["rawOutput"] == {"output": "on disk"}
     assert final[1]["status"] == "completed"
     assert "10 bytes" in final[1]["rawOutput"]["output"]
@@ -462,7 +462,7 @@ async def test_unsupported_tool(tmp_path: Path) -> None:
         updates, finished = await h.run_turn()
     assert updates[0] == {
         "sessionUpdate": "tool_call",
-        "toolCallId": "call_1",
+        "toolCallId": "call_1_1",
         "title": "run_shell",
         "kind": "other",
         "status": "failed",
