@@ -221,6 +221,64 @@ def _utf8_len(text: str) -> int:
     return len(text.encode("utf-8", "surrogatepass"))
 
 
+#: Optional fields the schema marks ``x-deserialize-default-on-error`` (a receiver reads a
+#: bad value as absent), with the JSON types each may hold, by content block type.
+_META = ("_meta", (dict,))
+_LENIENT: dict[str, tuple[tuple[str, tuple[type, ...]], ...]] = {
+    "text": (("annotations", (dict,)), _META),
+    "resource_link": (
+        ("annotations", (dict,)), ("mimeType", (str,)), ("size", (int,)), ("title", (str,)),
+        _META,
+    ),
+    "resource": (("annotations", (dict,)), _META),
+}  # fmt: skip
+_LENIENT_RESOURCE = (("mimeType", (str,)), _META)
+_LENIENT_ANNOTATIONS = (("lastModified", (str,)), ("priority", (int, float)), _META)
+_ROLES = frozenset({"assistant", "user"})
+
+
+def _drop_bad(
+    obj: dict[str, Any], fields: tuple[tuple[str, tuple[type, ...]], ...]
+) -> dict[str, Any]:
+    """``obj`` without the listed optional fields whose value has the wrong type (``obj``
+    itself when none has: the usual case costs no copy). ``None`` counts as absent."""
+    bad = [
+        key
+        for key, types in fields
+        if (value := obj.get(key)) is not None
+        and (not isinstance(value, types) or isinstance(value, bool))
+    ]
+    if not bad:
+        return obj
+    return {k: v for k, v in obj.items() if k not in bad}
+
+
+def _lenient_fields(block: dict[str, Any], kind: str) -> dict[str, Any]:
+    """The block as the schema reads it: optional fields marked default-on-error that hold a
+    bad value are dropped, as a receiver would read them, so the block is stored and replayed
+    (``user_message_chunk``) valid. Required fields are checked by the caller (-32602)."""
+    fixed = _drop_bad(block, _LENIENT[kind])
+    annotations = fixed.get("annotations")
+    if isinstance(annotations, dict):
+        clean = _drop_bad(annotations, _LENIENT_ANNOTATIONS)
+        audience = clean.get("audience")
+        if audience is not None:
+            if not isinstance(audience, list):
+                clean = {k: v for k, v in clean.items() if k != "audience"}
+            elif not all(isinstance(r, str) and r in _ROLES for r in audience):
+                # (the schema: x-deserialize-skip-invalid-items)
+                roles = [r for r in audience if isinstance(r, str) and r in _ROLES]
+                clean = {**clean, "audience": roles}
+        if clean is not annotations:
+            fixed = {**fixed, "annotations": clean}
+    if kind == "resource":
+        resource = fixed["resource"]
+        clean_resource = _drop_bad(resource, _LENIENT_RESOURCE)
+        if clean_resource is not resource:
+            fixed = {**fixed, "resource": clean_resource}
+    return fixed
+
+
 def parse_prompt(params: Params, *, max_bytes: int | None = None) -> PromptParams:
     obj = params_object(params)
     session_id = _session_id(obj)
@@ -228,6 +286,7 @@ def parse_prompt(params: Params, *, max_bytes: int | None = None) -> PromptParam
     if not isinstance(blocks, list):
         raise _bad("prompt", "is required and must be an array of content blocks")
     size = 0
+    cleaned: list[dict[str, Any]] | None = None  # a copy, made only if a block changes
     for i, block in enumerate(blocks):
         path = f"prompt[{i}]"
         if not isinstance(block, dict):
@@ -249,9 +308,19 @@ def parse_prompt(params: Params, *, max_bytes: int | None = None) -> PromptParam
             if not isinstance(resource, dict):
                 raise _bad(f"{path}.resource", "must be an object")
             _req_str(resource, "uri", f"{path}.resource.")
-            text = resource.get("text")
+            text, blob = resource.get("text"), resource.get("blob")
             if isinstance(text, str):
                 size += _utf8_len(text)
+            elif not isinstance(blob, str):
+                raise _bad(f"{path}.resource", "must hold a string text or blob (the schema's "
+                           "TextResourceContents or BlobResourceContents)")  # fmt: skip
+        fixed = _lenient_fields(block, kind)
+        if fixed is not block:
+            if cleaned is None:
+                cleaned = list(blocks)
+            cleaned[i] = fixed
+    if cleaned is not None:
+        blocks = cleaned
     if max_bytes is not None and size > max_bytes:
         raise RpcError.invalid_params(
             f"Invalid params: prompt is {size} bytes, over the {max_bytes}-byte limit"

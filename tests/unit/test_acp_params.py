@@ -9,6 +9,8 @@ import pytest
 from punie_trio import acp
 from punie_trio.rpc import INVALID_PARAMS, RpcError
 
+from ..acp_schema import SchemaChecker
+
 
 def _refused(fn: Any, *args: Any, **kwargs: Any) -> str:
     with pytest.raises(RpcError) as info:
@@ -205,10 +207,48 @@ def test_prompt_audio_unsupported() -> None:
         ([{"type": "resource_link", "name": "n"}], "prompt[0].uri is required"),
         ([{"type": "resource"}], "prompt[0].resource must be an object"),
         ([{"type": "resource", "resource": {"text": "t"}}], "prompt[0].resource.uri is required"),
+        # Neither TextResourceContents nor BlobResourceContents: once stored, and replayed
+        # as a user_message_chunk the SDK's client refuses.
+        ([{"type": "resource", "resource": {"uri": "u"}}], "prompt[0].resource must hold"),
+        ([{"type": "resource", "resource": {"uri": "u", "text": 7}}], "string text or blob"),
+        ([{"type": "resource", "resource": {"uri": "u", "blob": None}}], "string text or blob"),
     ],
 )
 def test_prompt_block_refusals_name_the_path(blocks: list[Any], fragment: str) -> None:
     assert fragment in _refused(acp.parse_prompt, _prompt(*blocks))
+
+
+def test_prompt_optional_fields_with_bad_values_are_dropped_as_the_schema_reads_them(
+    acp_schema: SchemaChecker,
+) -> None:
+    """Fields the schema marks ``x-deserialize-default-on-error`` are read as absent when
+    their value is bad; the agent stores (and replays) the block as read, so what it sends
+    back is valid. Good values and unknown fields are kept, and valid blocks are not copied."""
+    good = {"type": "text", "text": "a", "annotations": {"priority": 0.5, "audience": ["user"]}}
+    blocks = [
+        good,
+        {"type": "text", "text": "b", "annotations": 5, "_meta": "x", "extra": 1},
+        {"type": "text", "text": "c", "annotations": {"priority": "high", "audience": ["user", 3,
+                                                       "robot"], "lastModified": None}},
+        {"type": "resource_link", "name": "n", "uri": "u", "size": "big", "title": 3,
+         "mimeType": "text/plain"},
+        {"type": "resource", "resource": {"uri": "u", "blob": "AA", "mimeType": 1}},
+    ]  # fmt: skip
+    parsed = acp.parse_prompt(_prompt(*blocks))
+    assert parsed.prompt[0] is good
+    assert list(parsed.prompt[1:]) == [
+        {"type": "text", "text": "b", "extra": 1},
+        {"type": "text", "text": "c", "annotations": {"audience": ["user"], "lastModified": None}},
+        {"type": "resource_link", "name": "n", "uri": "u", "mimeType": "text/plain"},
+        {"type": "resource", "resource": {"uri": "u", "blob": "AA"}},
+    ]
+    for block in parsed.prompt:
+        update = {"sessionUpdate": "user_message_chunk", "content": block}
+        acp_schema.agent_sent(
+            {"jsonrpc": "2.0", "method": "session/update",
+             "params": {"sessionId": "s", "update": update}}
+        )  # fmt: skip
+    assert blocks[1]["annotations"] == 5  # the client's own objects are left alone
 
 
 def test_prompt_missing_or_not_an_array() -> None:
