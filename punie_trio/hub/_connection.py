@@ -117,6 +117,10 @@ class ClientConnection:
             request_id, result, error, before=before
         )
 
+    def has_in_flight(self, request_id: Any) -> bool:
+        """Whether this connection's client has a request with ``request_id`` unanswered."""
+        return self.peer is not None and self.peer.in_flight(request_id)
+
     async def send_answer(self, request_id: Any, result: Any, error: RpcError | None) -> None:
         assert self.peer is not None
         await self.peer.send_answer(request_id, result, error)

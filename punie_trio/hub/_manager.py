@@ -50,6 +50,7 @@ from ..rpc import (
     REQUEST_CANCELLED,
     Deferred,
     PeerClosed,
+    RequestId,
     RpcError,
     current_request_id,
 )
@@ -220,7 +221,7 @@ class Manager:
                     isinstance(result, dict) and "stopReason" in result
                 )
                 if session is not None and prompt_answer:
-                    kept.setdefault(session.id, []).append(("message", text))
+                    kept.setdefault(session.id, []).append(("message", text, msg["id"]))
         for session_id, items in kept.items():
             session = by_id[session_id]
             rest, session.pending = session.pending, []
@@ -316,11 +317,15 @@ class Manager:
             while session.pending and session.owner is conn:
                 item = session.pending.pop(0)
                 try:
-                    if item[0] == "update" or item[0] == "message":
+                    if item[0] == "update":
                         await conn.send_encoded(item[1])
+                    elif item[0] == "message":  # an answer, as written
+                        if not _answer_clashes(session, conn, item[2]):
+                            await conn.send_encoded(item[1])
                     else:
                         _, request_id, response, error = item
-                        await conn.send_answer(request_id, response, error)
+                        if not _answer_clashes(session, conn, request_id):
+                            await conn.send_answer(request_id, response, error)
                 except BaseException:
                     session.pending.insert(0, item)
                     raise
@@ -905,6 +910,8 @@ class Manager:
         with trio.CancelScope(shield=True), trio.move_on_after(PERSIST_TIMEOUT) as scope:
             try:
                 await self._flush(session, conn)
+                if _answer_clashes(session, conn, turn.request_id):
+                    return
                 await conn.send_answer(turn.request_id, turn.response, turn.error)
             except PeerClosed:
                 self._buffer(session, item)
@@ -993,3 +1000,23 @@ class Manager:
             log.error("persisting a turn of session %s timed out", session.id)
             return "the store did not answer in time"
         return None
+
+
+def _answer_clashes(session: Session, conn: ClientConnection, request_id: RequestId | None) -> bool:
+    """Whether the answer to a prompt sent on a dropped connection would answer a request
+    ``conn`` has in flight under the same id; such an answer is dropped (logged).
+
+    Why: the answer keeps the prompt's id, for a client that carries its id space over to
+    the connection that re-attaches (as ``punie-trio acp`` carries the IDE's). A client
+    that started its ids afresh and has that id in flight would take the old turn's
+    answer for its new request's. It cannot be waiting for the old prompt's answer under
+    an id it has reused, and the turn itself is in the store (``session/load``).
+    """
+    if not conn.has_in_flight(request_id):
+        return False
+    log.warning(
+        "session %s: not delivering the answer to request %r of a dropped connection: "
+        "the re-attached connection has its own request %r in flight",
+        session.id, request_id, request_id,
+    )  # fmt: skip
+    return True

@@ -69,8 +69,8 @@ class ActiveTurn:
 
 # What a detached session keeps for its client: ("update", encoded notification) or
 # ("answer", request_id, response, error), in the order they happened.
-# ("message", encoded text): a message kept as written (an answer a dropped connection never
-# sent); always kept, like an answer.
+# ("message", encoded text, request_id): an answer kept as written (one a dropped connection
+# never sent); always kept, like an answer.
 Pending = tuple[Any, ...]
 
 

@@ -411,6 +411,10 @@ class Peer:
             raise call.error
         return call.result
 
+    def in_flight(self, request_id: RequestId) -> bool:
+        """Whether a request the client sent under ``request_id`` is not answered yet."""
+        return request_id in self._running
+
     async def send_answer(
         self, request_id: RequestId, result: Any = None, error: RpcError | None = None
     ) -> None:

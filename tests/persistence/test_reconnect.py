@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import pytest
 import trio
 import trio.testing
 
@@ -445,3 +446,35 @@ async def test_sessions_the_hub_lets_go_leave_nothing_in_the_stores_memory(
         assert remembered == set()
         entries = await store.transcript(kept)
     assert [(e.turn, e.seq) for e in entries] == [(0, 0), (0, 1), (0, 2), (1, 3), (1, 4), (1, 5)]
+
+
+async def test_an_old_prompts_answer_never_answers_the_new_connections_own_request(
+    tmp_path: Path,
+    acp_schema: SchemaChecker,
+    autojump_clock: trio.testing.MockClock,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The answer to a prompt sent on the dropped connection keeps that prompt's id (the
+    shim carries the IDE's ids over). A client that started its ids afresh and has that
+    id in flight once got the old turn's answer for its new request, then a second answer
+    under the same id; the old answer is now dropped (and logged)."""
+    model = ScriptModel([[{"text": "a"}, {"sleep": 5}]])
+    async with open_hub(tmp_path, acp_schema, model, limits=Limits(grace_seconds=60)) as hub:
+        a = await hub.connect()
+        await initialize(a.client, client_id="ide")
+        old_session = await a.client.new_session(str(hub.root))
+        await send_prompt(a.client, "p", old_session, "old")
+        await a.client.wait_for(has_update(old_session, "agent_message_chunk", "a"))
+        await a.drop()
+        b = await hub.connect()
+        await initialize(b.client, client_id="ide")  # re-attaches old_session
+        new_session = await b.client.new_session(str(hub.root))
+        await trio.sleep(1)
+        await send_prompt(b.client, "p", new_session, "new")  # the same id, afresh
+        started = trio.current_time()
+        answer = await b.client.wait_for(lambda m: m.get("id") == "p")
+        assert trio.current_time() - started >= 5  # its own turn's answer, not the old one
+        assert answer["result"] == {"stopReason": "end_turn"}
+        await trio.sleep(10)
+        assert [m for m in b.client.received if m.get("id") == "p"] == [answer]
+    assert "not delivering the answer to request 'p' of a dropped connection" in caplog.text
