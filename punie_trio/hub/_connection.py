@@ -166,6 +166,12 @@ class ClientConnection:
             log.debug("ignored notification %s", method)
 
     def _initialize(self, params: Params) -> dict[str, Any]:
+        if self.initialized:
+            # Once per connection (the initialization page). A second one could name
+            # another client id and take that client's sessions on top of its own.
+            raise RpcError(
+                INVALID_REQUEST, "Invalid request: the connection is already initialized"
+            )
         init = acp.parse_initialize(params)
         self.capabilities = init.capabilities
         self.client_info = init.client_info
@@ -180,8 +186,7 @@ class ClientConnection:
                     f"Invalid params: _meta.{CLIENT_ID_META} must be a non-empty string of "
                     "at most 200 printable characters"
                 )
-            if client_id != self.client_id:
-                self.manager.check_client_id(client_id)
+            self.manager.check_client_id(client_id)
             self.client_id = client_id
         self.initialized = True
         # We speak exactly version 1: answer with it whatever the client asked (the client
@@ -198,6 +203,13 @@ class ClientConnection:
                     "close": {},
                     "delete": {},
                     "additionalDirectories": {},
+                },
+                # The extensions (extensibility page: advertised in a capability's _meta).
+                "_meta": {
+                    "punie-trio": {
+                        "clientId": True,  # _meta["punie-trio/clientId"] in initialize
+                        "reloadRequired": True,  # the _punie-trio/reload_required notice
+                    }
                 },
             },
             "authMethods": [],

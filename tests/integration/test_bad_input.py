@@ -87,13 +87,18 @@ async def test_every_bad_input_gets_its_error(
                     {"sessionId": "s", "prompt": [{"type": "text"}]},
                     "prompt[0].text",
                 ),
-                ("initialize", {"protocolVersion": "one"}, "protocolVersion"),
                 ("session/new", [1, 2], "object"),
             ]
             for method, params, field in cases:
                 answer = await client.request_raw(method, params)
                 assert answer["error"]["code"] == -32602, (method, params, answer)
                 assert field in answer["error"]["message"], (field, answer)
+
+            # initialize once per connection: a second one could name another client id
+            # and take that client's sessions on top of its own.
+            again = await client.request_raw("initialize", {"protocolVersion": 1})
+            assert again["error"]["code"] == -32600
+            assert "already initialized" in again["error"]["message"]
 
             # Still open and working after all of that.
             session = await client.new_session(str(tmp_path))

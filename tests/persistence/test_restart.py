@@ -102,6 +102,8 @@ async def test_initialize_advertises_session_capabilities(
         assert caps["loadSession"] is True
         for name in ("list", "resume", "close", "delete"):
             assert caps["sessionCapabilities"][name] == {}, name
+        # The extensions, advertised as the extensibility page asks.
+        assert caps["_meta"] == {"punie-trio": {"clientId": True, "reloadRequired": True}}
 
 
 async def test_load_after_restart_replays_then_answers_and_keeps_history(
