@@ -201,17 +201,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: A log message longer than this is cut (its traceback, if any, is not).
+LOG_MESSAGE_CHARS = 2000
+
+
+class _ClippingFormatter(logging.Formatter):
+    """Cuts a long message: a line may quote what a client sent (a method name, a request
+    id), and 20 answers with a 1 MiB id once wrote 21 MB to stderr."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        message = record.message
+        if len(message) > LOG_MESSAGE_CHARS:
+            record.message = f"{message[:LOG_MESSAGE_CHARS]}... ({len(message):,} characters)"
+        return super().formatMessage(record)
+
+
 def _setup_logging(level: str, data_dir: Path | None) -> None:
     """Log to stderr and (with a data dir) to ``punie-trio.log``.
 
     Error handling: a log line may quote a client's text, and a lone surrogate (valid in
     JSON) cannot be encoded: both streams write it as ``\\udXXX`` (stderr set up so by
-    :func:`main`) instead of printing "--- Logging error ---" with a traceback."""
+    :func:`main`) instead of printing "--- Logging error ---" with a traceback. A long
+    message is cut (:class:`_ClippingFormatter`)."""
     root = logging.getLogger()
     root.setLevel(logging.DEBUG)
     stderr = logging.StreamHandler(sys.stderr)
     stderr.setLevel(level.upper())
-    stderr.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    stderr.setFormatter(_ClippingFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root.addHandler(stderr)
     if data_dir is not None:
         file_handler = logging.handlers.RotatingFileHandler(
@@ -223,7 +239,7 @@ def _setup_logging(level: str, data_dir: Path | None) -> None:
         )
         file_handler.setLevel(min(logging.INFO, logging.getLevelName(level.upper())))
         file_handler.setFormatter(
-            logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+            _ClippingFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
         )
         root.addHandler(file_handler)
 

@@ -13,6 +13,7 @@ from typing import Any
 
 import attrs
 
+from .. import _json
 from .._json import is_name_text
 from ..rpc import Params, RpcError
 
@@ -299,7 +300,11 @@ def parse_prompt(params: Params, *, max_bytes: int | None = None) -> PromptParam
                 f"{path}.type", f"{kind!r} is not supported: promptCapabilities.{kind} is false"
             )
         if kind == "text":
-            size += _utf8_len(_req_str(block, "text", f"{path}."))
+            text = _req_str(block, "text", f"{path}.")
+            # A bare text block counts its text; any other block (or a text block with
+            # more fields: annotations, _meta) its whole JSON text, which is what is stored
+            # and replayed: an 8 MiB blob or _meta is as big as 8 MiB of text.
+            size += _utf8_len(text) if len(block) == 2 else _utf8_len(_json.dumps(block))
         elif kind == "resource_link":
             _req_str(block, "name", f"{path}.")
             _req_str(block, "uri", f"{path}.")
@@ -308,12 +313,12 @@ def parse_prompt(params: Params, *, max_bytes: int | None = None) -> PromptParam
             if not isinstance(resource, dict):
                 raise _bad(f"{path}.resource", "must be an object")
             _req_str(resource, "uri", f"{path}.resource.")
-            text, blob = resource.get("text"), resource.get("blob")
-            if isinstance(text, str):
-                size += _utf8_len(text)
-            elif not isinstance(blob, str):
+            contents, blob = resource.get("text"), resource.get("blob")
+            if not isinstance(contents, str) and not isinstance(blob, str):
                 raise _bad(f"{path}.resource", "must hold a string text or blob (the schema's "
                            "TextResourceContents or BlobResourceContents)")  # fmt: skip
+        if kind != "text":
+            size += _utf8_len(_json.dumps(block))
         fixed = _lenient_fields(block, kind)
         if fixed is not block:
             if cleaned is None:

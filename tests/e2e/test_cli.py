@@ -332,6 +332,20 @@ def stdio_agent(env: dict[str, str], tmp_path: Path) -> Iterator[StdioAgent]:
         agent.kill()
 
 
+def test_a_log_line_quoting_what_a_client_sent_is_cut(stdio_agent: StdioAgent) -> None:
+    """Answers to requests nobody sent are logged with their id: 20 of them with a 1 MiB
+    id once wrote 21 MB to stderr (the log file rotates; stderr does not)."""
+    agent = stdio_agent
+    agent.request("initialize", {"protocolVersion": 1})
+    for n in range(5):
+        agent.send({"id": f"{n}" + "x" * 1_000_000, "result": {}})
+    assert agent.close_stdin_and_wait() == 0
+    lines = [line for line in agent.stderr_all if b"unknown or finished request id" in line]
+    assert len(lines) == 5
+    assert all(len(line) < 2_200 for line in lines)
+    assert b"... (1,000,0" in lines[0]  # says how long the message was
+
+
 def test_stdout_is_pure_acp_and_stderr_has_the_logs(stdio_agent: StdioAgent) -> None:
     agent = stdio_agent
     project: Path = agent.project  # type: ignore[attr-defined]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
@@ -260,14 +261,30 @@ def test_prompt_missing_or_not_an_array() -> None:
     )
 
 
-def test_prompt_size_limit_counts_text_and_embedded_resources() -> None:
+def test_prompt_size_limit_counts_text_and_every_other_block_whole() -> None:
+    """A bare text block counts its text's UTF-8 bytes; any other block its whole JSON
+    text (what is stored and replayed). Counting only text once let an 8 MiB blob, uri,
+    annotations or _meta through a 1,000-byte limit."""
     text = {"type": "text", "text": "é" * 50}  # 100 bytes in UTF-8
     resource = {"type": "resource", "resource": {"uri": "u", "text": "x" * 50}}
+    resource_size = len(json.dumps(resource, separators=(",", ":")))  # 89
     assert acp.parse_prompt(_prompt(text), max_bytes=100).prompt == (text,)
     message = _refused(acp.parse_prompt, _prompt(text), max_bytes=99)
     assert "100 bytes" in message and "99-byte limit" in message
-    assert acp.parse_prompt(_prompt(text, resource), max_bytes=150)
-    assert "150 bytes" in _refused(acp.parse_prompt, _prompt(text, resource), max_bytes=149)
+    total = 100 + resource_size
+    assert acp.parse_prompt(_prompt(text, resource), max_bytes=total)
+    assert f"{total} bytes" in _refused(
+        acp.parse_prompt, _prompt(text, resource), max_bytes=total - 1
+    )
+    for big in (
+        {"type": "resource", "resource": {"uri": "u", "blob": "A" * 2000}},
+        {"type": "resource_link", "name": "n", "uri": "u" * 2000},
+        {"type": "text", "text": "hi", "_meta": {"x": "y" * 2000}},
+        {"type": "text", "text": "hi", "annotations": {"lastModified": "z" * 2000}},
+    ):
+        assert "over the 1000-byte limit" in _refused(
+            acp.parse_prompt, _prompt(big), max_bytes=1000
+        ), big
     # No limit: anything goes.
     assert acp.parse_prompt(_prompt({"type": "text", "text": "x" * 100_000}))
 
