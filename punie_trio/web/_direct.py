@@ -43,7 +43,7 @@ from wsproto.connection import ConnectionState
 from wsproto.events import CloseConnection
 
 from ._fast_send import FastSendTCPServer
-from ._frames import ClientFrameReader
+from ._frames import ClientFrameReader, Failure
 from ._keepalive import KeepAliveTimer
 
 _S = TypeVar("_S", WSStream, HTTPStream)
@@ -301,9 +301,10 @@ class DirectReader:
         put = self.put
         for item in items:
             if isinstance(item, bytearray):
-                if frames.failure is not None and item is items[-1]:
-                    await self._fail(*frames.failure)
                 await self.protocol_handle(bytes(item))
+                continue
+            if isinstance(item, Failure):
+                await self._fail(item.code, item.reason)
                 continue
             if not self._connected():
                 continue
@@ -320,13 +321,16 @@ class DirectReader:
                 pass
 
     async def _fail(self, code: int, reason: str) -> None:
-        """Send the close frame for a protocol error the frame reader found, ahead of the
-        bad bytes (see :attr:`~._frames.ClientFrameReader.failure`).
+        """Send the close frame for a failure the frame reader found (a
+        :class:`~._frames.Failure`): a protocol error, ahead of the bad bytes, or a message
+        over the size bound.
 
-        Why: wsproto reports the error too, but Hypercorn then drops the TCP connection
-        without a close frame. Sent through wsproto, so it knows the connection is closing:
-        the app's later sends are dropped (:meth:`DirectFrames.usable` is false, Hypercorn
-        ignores them), and the bad bytes that follow still end the connection.
+        Why: for a protocol error wsproto reports it too, but Hypercorn then drops the TCP
+        connection without a close frame; a message over the bound the frame reader
+        measures in bytes (Hypercorn counts characters). Sent through wsproto, so it knows
+        the connection is closing: the app's later sends are dropped
+        (:meth:`DirectFrames.usable` is false, Hypercorn ignores them), and the bad bytes
+        that follow, or the client's close, end the connection.
         """
         if self._connected():
             await self.stream._send_wsproto_event(CloseConnection(code=code, reason=reason))

@@ -192,6 +192,27 @@ async def test_a_broken_frame_closes_with_its_code_others_unaffected(
             assert await bystander.prompt(session, "still fine") == "end_turn"
 
 
+async def test_the_message_bound_is_in_bytes_not_characters(
+    start_server: StartServer, tmp_path: Path, acp_schema: SchemaChecker
+) -> None:
+    """Hypercorn counts a message's characters against its bound: 1,500 emoji (6,000
+    bytes) passed a 4,096-byte --max-message-bytes. The direct reader measures bytes."""
+    async with start_server(max_message_bytes=4096) as running:
+        with trio.fail_after(10):
+            async with acp_ws_client(running.url, acp_schema) as (client, ws):
+                await client.initialize()
+                params = {"cwd": str(tmp_path), "mcpServers": [], "x": "😀" * 1500}
+                await client.send_raw(
+                    json.dumps({"jsonrpc": "2.0", "id": 9, "method": "session/new",
+                                "params": params}, ensure_ascii=False)
+                )  # fmt: skip
+                await client.closed.wait()
+                assert ws.closed is not None and ws.closed.code == 1009
+                assert "4096-byte limit" in (ws.closed.reason or "")
+            await settle_until(lambda: len(running.manager.connections) == 0)
+            assert running.manager.sessions == {}
+
+
 async def test_binary_frames_with_utf8_json(
     server: Running, tmp_path: Path, acp_schema: SchemaChecker
 ) -> None:
