@@ -24,6 +24,7 @@ manager through the prompt's Deferred, and :meth:`Manager.detach` cancels the re
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import itertools
@@ -131,6 +132,8 @@ class Manager:
     _turn_ids: itertools.count[int] = attrs.field(factory=lambda: itertools.count(1), init=False)
     _nursery: trio.Nursery | None = attrs.field(default=None, init=False)
     _reattached: dict[str, trio.Event] = attrs.field(factory=dict, init=False)
+    # Session ids a session/delete is removing (how many deletes of each are under way).
+    _deleting: collections.Counter[str] = attrs.field(factory=collections.Counter, init=False)
     # Turns registered and not yet finished, in every session (the store's group commit
     # need not wait for company when there is none).
     _running_turns: int = attrs.field(default=0, init=False)
@@ -512,12 +515,16 @@ class Manager:
     def _loadable(self, conn: ClientConnection, session_id: str) -> Session | None:
         """The live session ``conn`` may load again (None: not live, and ``conn`` may open
         one more), or the refusal."""
+        if session_id in self._deleting:
+            raise RpcError.not_found(f"Session not found: {session_id} (being deleted)")
         live = self.sessions.get(session_id)
         if live is None:
             self._check_session_quota(conn)
             return None
         if live.owner is not conn:
             raise RpcError(INVALID_REQUEST, f"Session {session_id} is open on another connection")
+        if live.closing:
+            raise RpcError(INVALID_REQUEST, f"Session {session_id} is closing")
         if live.turn is not None or live.loading:
             raise RpcError(INVALID_REQUEST, f"Session {session_id} has a prompt running")
         return live
@@ -588,6 +595,10 @@ class Manager:
         session = self.owned_session(conn, session_id)
         if session.loading:
             raise RpcError(INVALID_REQUEST, f"Session {session_id} is still loading")
+        # Claimed before the first await: a prompt read while the turn winds down (its
+        # relay ends a pass or two before this resumes) would otherwise start on a session
+        # about to be dropped, and run on after close was answered.
+        session.closing = True
         turn = session.turn
         if turn is not None:
             self.cancel_turn(session, turn)
@@ -599,15 +610,26 @@ class Manager:
     async def delete_session(self, conn: ClientConnection, session_id: str) -> dict[str, Any]:
         live = self.sessions.get(session_id)
         if live is not None:
-            await self.close_session(conn, session_id)
-        else:
-            try:
-                await self._stored(session_id)
-            except RpcError:
-                # Already deleted or never existed (or not under our roots: left alone).
-                # The session-delete page: this SHOULD succeed silently.
-                return {}
-        await self.store.delete_session(session_id)
+            self.owned_session(conn, session_id)  # (refused before anything is claimed)
+        # Claimed for the whole delete: a session/load of it is refused meanwhile, so no
+        # load can make it live between the checks below and the row's removal (it would
+        # be left live with nothing stored: every later turn failed to save).
+        self._deleting[session_id] += 1
+        try:
+            if live is not None:
+                await self.close_session(conn, session_id)
+            else:
+                try:
+                    await self._stored(session_id)
+                except RpcError:
+                    # Already deleted or never existed (or not under our roots: left
+                    # alone). The session-delete page: this SHOULD succeed silently.
+                    return {}
+            await self.store.delete_session(session_id)
+        finally:
+            self._deleting[session_id] -= 1
+            if not self._deleting[session_id]:
+                del self._deleting[session_id]
         return {}
 
     def owned_session(self, conn: ClientConnection, session_id: str) -> Session:
@@ -653,6 +675,8 @@ class Manager:
         if self.closing.is_set():
             raise RpcError(INTERNAL_ERROR, "Server is shutting down")
         session = self.owned_session(conn, params.session_id)
+        if session.closing:
+            raise RpcError(INVALID_REQUEST, f"Session {session.id} is closing")
         if session.turn is not None:
             raise RpcError(INVALID_REQUEST, f"Session {session.id} already has a prompt running")
         if session.loading:

@@ -96,6 +96,9 @@ class Session:
     answered_id: RequestId | None = None
     # A session/load or session/resume is replaying it or seeding its history.
     loading: bool = False
+    # A session/close (or delete) has begun: no new prompt or load, though the running
+    # turn may take a few scheduler passes to end.
+    closing: bool = False
 
     @property
     def allowed_roots(self) -> tuple[str, ...]:

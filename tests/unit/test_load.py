@@ -14,12 +14,12 @@ import attrs
 import trio
 import trio.testing
 
-from punie_trio.store import MemoryStore, StoreError
-from punie_trio.worker import EchoModel
+from punie_trio.store import MemoryStore, StoreError, UnknownSessionError
+from punie_trio.worker import EchoModel, ScriptModel
 
 from ..acp_schema import SchemaChecker
 from ..client import AcpTestClient
-from ..persistence._hub import Hub, initialize, open_hub, prompt_params
+from ..persistence._hub import Hub, has_update, initialize, open_hub, prompt_params, send_prompt
 
 
 @attrs.define(eq=False)
@@ -45,7 +45,9 @@ class GatedStore:
         self.reads = Gate()
         self.deletes = Gate()
         self.updates = Gate()
+        self.appends = Gate()
         self.updates_fail = False
+        self.reads_fail = False
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
@@ -54,8 +56,14 @@ class GatedStore:
         self, session_id: str, page_size: int = 1000
     ) -> AsyncIterator[list[tuple[int, str, str]]]:
         await self.reads.pass_through()
+        if self.reads_fail:  # another process deleted the session meanwhile
+            raise UnknownSessionError(f"unknown session {session_id!r}")
         async for rows in self.inner.transcript_rows(session_id, page_size):
             yield rows
+
+    async def append_turn(self, *args: Any, **kwargs: Any) -> None:
+        await self.appends.pass_through()
+        await self.inner.append_turn(*args, **kwargs)
 
     async def delete_session(self, session_id: str) -> bool:
         await self.deletes.pass_through()
@@ -126,35 +134,89 @@ async def test_a_load_claims_the_session_before_it_writes_its_roots(
 async def test_a_load_that_fails_in_its_replay_drops_what_it_opened(
     tmp_path: Path, acp_schema: SchemaChecker
 ) -> None:
+    """Another process deletes the session while the load replays it."""
+    store = GatedStore()
+    async with open_hub(tmp_path, acp_schema, EchoModel(), store=store) as hub:  # type: ignore[arg-type]
+        manager, root = hub.manager, hub.root
+        (a,) = await clients(hub, 1)
+        session = await a.new_session(str(root))
+        await a.request("session/close", {"sessionId": session})
+        assert session not in manager.sessions and not manager.workers
+        store.reads.armed = True
+        store.reads_fail = True
+        answers: dict[str, Any] = {}
+
+        async def load() -> None:
+            answers["load"] = await a.request_raw("session/load", load_params(session, root))
+
+        async with trio.open_nursery() as n:
+            n.start_soon(load)
+            await store.reads.entered.wait()  # the load has opened the session, replays
+            assert session in manager.sessions
+            store.reads.opened.set()
+        assert answers["load"]["error"]["code"] == -32002  # the load failed ...
+        # ... and the session it opened is dropped, its worker with it:
+        assert session not in manager.sessions
+        assert not manager.workers
+
+
+async def test_a_load_during_a_delete_is_refused(tmp_path: Path, acp_schema: SchemaChecker) -> None:
+    """A delete that found the session not live, then removed its row, once let a load
+    make it live in between: left live with nothing stored, every later turn of it failed
+    to save (-32603)."""
     store = GatedStore()
     async with open_hub(tmp_path, acp_schema, EchoModel(), store=store) as hub:  # type: ignore[arg-type]
         manager, root = hub.manager, hub.root
         a, b = await clients(hub, 2)
         session = await a.new_session(str(root))
         await a.request("session/close", {"sessionId": session})
-        assert session not in manager.sessions and not manager.workers
-        store.reads.armed = store.deletes.armed = True
+        store.deletes.armed = True
         answers: dict[str, Any] = {}
-
-        async def load() -> None:
-            answers["load"] = await a.request_raw("session/load", load_params(session, root))
 
         async def delete() -> None:
             answers["delete"] = await b.request_raw("session/delete", {"sessionId": session})
 
         async with trio.open_nursery() as n:
             n.start_soon(delete)
-            await store.deletes.entered.wait()  # b's delete found no live session, is deleting
-            n.start_soon(load)
-            await store.reads.entered.wait()  # a's load has opened the session, replays
+            await store.deletes.entered.wait()  # b's delete is removing the row
+            answers["load"] = await a.request_raw("session/load", load_params(session, root))
             store.deletes.opened.set()
-            await trio.testing.wait_all_tasks_blocked()
-            store.reads.opened.set()
         assert answers["delete"]["result"] == {}
-        assert answers["load"]["error"]["code"] == -32002  # the load failed ...
-        # ... and the session it opened is dropped, its worker with it:
-        assert session not in manager.sessions
-        assert not manager.workers
+        assert answers["load"]["error"]["code"] == -32002
+        assert "being deleted" in answers["load"]["error"]["message"]
+        assert session not in manager.sessions and not manager.workers
+        assert await store.get_session(session) is None
+
+
+async def test_a_prompt_during_a_close_is_refused(
+    tmp_path: Path, acp_schema: SchemaChecker
+) -> None:
+    """A close waits for the running turn to end; a prompt read after the turn's relay
+    finished but before the close resumed once started on the session about to be
+    dropped, and ran on after close was answered. The close claims the session first."""
+    model = ScriptModel([[{"text": "slow"}, {"sleep": 5}]])
+    store = GatedStore()
+    async with open_hub(tmp_path, acp_schema, model, store=store) as hub:  # type: ignore[arg-type]
+        (a,) = await clients(hub, 1)
+        session = await a.new_session(str(hub.root))
+        await send_prompt(a, "p", session, "go")
+        await a.wait_for(has_update(session, "agent_message_chunk", "slow"))
+        store.appends.armed = True  # the cancelled turn is held while it is recorded
+        answers: dict[str, Any] = {}
+
+        async def close() -> None:
+            answers["close"] = await a.request_raw("session/close", {"sessionId": session})
+
+        async with trio.open_nursery() as n:
+            n.start_soon(close)
+            await store.appends.entered.wait()  # the turn is cancelled and winding down
+            answers["prompt"] = await a.request_raw("session/prompt", prompt_params(session, "x"))
+            store.appends.opened.set()
+        assert answers["close"]["result"] == {}
+        assert "is closing" in answers["prompt"]["error"]["message"]
+        prompt_answer = await a.wait_for(lambda m: m.get("id") == "p")
+        assert prompt_answer["result"] == {"stopReason": "cancelled"}
+        assert session not in hub.manager.sessions
 
 
 async def test_a_cancelled_load_drops_what_it_opened(
