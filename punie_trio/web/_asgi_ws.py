@@ -39,6 +39,23 @@ class AsgiWebSocketStream:
             # And the client's frames are read past wsproto from now on (when it can be).
             DirectReader.install(self.send, self.receive)
 
+    def _check_open(self) -> None:
+        """Refuse a send that could not arrive. Hypercorn drops a message sent after the
+        connection was lost without a word, and the disconnect reaches ``receive`` (which
+        sets ``disconnected``) only passes later: a prompt's answer sent in between was
+        taken as delivered, and a client re-attaching within grace never got it."""
+        if self.disconnected or self.closed:
+            raise trio.BrokenResourceError("websocket is closed")
+        direct = self._direct
+        if direct is not None and direct.lost():
+            raise trio.BrokenResourceError("the connection was lost")
+
+    def _check_written(self) -> None:
+        """After a send through Hypercorn's path, which does not report a failed write."""
+        direct = self._direct
+        if direct is not None and direct.server.write_failed:
+            raise trio.BrokenResourceError("the connection was lost while writing")
+
     def _direct_frames(self) -> DirectFrames | None:
         direct = self._direct
         return direct if direct is not None and direct.usable() else None
@@ -60,19 +77,18 @@ class AsgiWebSocketStream:
                 self.disconnected = True
 
     async def send_message(self, text: str) -> None:
-        if self.disconnected or self.closed:
-            raise trio.BrokenResourceError("websocket is closed")
+        self._check_open()
         direct = self._direct_frames()
         if direct is not None:
             await direct.send_texts((text,))
             return
         await self.send({"type": "websocket.send", "text": text})
+        self._check_written()
 
     async def send_messages(self, texts: Sequence[str]) -> None:
         """One frame each, as always, but written to the socket together (see
         :func:`~punie_trio.web._fast_send.coalesced_writes`)."""
-        if self.disconnected or self.closed:
-            raise trio.BrokenResourceError("websocket is closed")
+        self._check_open()
         direct = self._direct_frames()
         if direct is not None:
             await direct.send_texts(texts)
@@ -81,13 +97,14 @@ class AsgiWebSocketStream:
         async with coalesced_writes():
             for text in texts:
                 await send({"type": "websocket.send", "text": text})
+        self._check_written()
 
     def send_messages_now(self, texts: Sequence[str]) -> bool | None:
         """:class:`~punie_trio.transport.NowSender`: frames written at once when the
         direct path is usable and the socket is free (``None`` otherwise)."""
         if self.disconnected or self.closed:
             return None
-        direct = self._direct_frames()
+        direct = self._direct_frames()  # (not usable once lost: the send path raises)
         return None if direct is None else direct.send_texts_now(texts)
 
     async def finish_sending(self) -> None:

@@ -135,14 +135,23 @@ class DirectFrames:
         """Write the rest a :meth:`send_texts_now` kept (nothing if none)."""
         await self.server.flush_gathered()
 
+    def lost(self) -> bool:
+        """Whether the connection is gone under the app: Hypercorn closed the stream (the
+        client reset it, or broke the protocol) or a socket write failed. Hypercorn then
+        drops every send silently, well before the app's ``receive`` hears of it."""
+        return self.stream.closed or self.server.write_failed
+
     async def send_texts(self, texts: Sequence[str]) -> None:
         """Write one text frame per item, in order, in one write (call only if
-        :meth:`usable`)."""
+        :meth:`usable`); ``BrokenResourceError`` if the write failed."""
         if len(texts) == 1:
             data = text_frame(texts[0])
         else:
             data = b"".join([text_frame(text) for text in texts])
-        await self.server.protocol_send(RawData(data=data))
+        server = self.server
+        await server.protocol_send(RawData(data=data))
+        if server.write_failed:
+            raise trio.BrokenResourceError("the connection was lost while writing")
 
 
 @attrs.frozen

@@ -100,6 +100,10 @@ class FastSendTCPServer(TCPServer):
     #: An accepted WebSocket's :class:`~._direct.DirectReader`: it gets every chunk read
     #: (but EOF) instead of Hypercorn's protocol, and hands on what it does not decode.
     frame_reader: Any = None
+    #: A socket write failed (the peer reset the connection, or stopped reading during
+    #: shutdown): Hypercorn is told ``Closed``, and later writes are dropped by it
+    #: silently, so a writer that must know what did not go out checks this.
+    write_failed = False
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -232,6 +236,7 @@ class FastSendTCPServer(TCPServer):
             except BlockingIOError:
                 sent = 0
             except OSError:  # reset, broken pipe, or closed under us
+                self.write_failed = True
                 await self.protocol.handle(Closed())
                 return
             if sent == len(data):
@@ -247,6 +252,7 @@ class FastSendTCPServer(TCPServer):
             log.info("closing a connection whose peer stopped reading during shutdown")
             await self.stream.aclose()
         if outcome != "sent":
+            self.write_failed = True
             await self.protocol.handle(Closed())
 
     async def _write_when_writable(self, sock: socket.socket, view: memoryview) -> str:

@@ -389,3 +389,48 @@ async def test_bad_frames_fail_the_connection_with_a_close_frame(
         await app.done.wait()
     assert app.received == ["fine"]
     assert got == (code if fast_send or code == 1009 else None)
+
+
+async def test_a_send_after_the_connection_was_lost_raises(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Once the client reset the connection, Hypercorn drops every send without a word,
+    and the app's ``receive`` hears of it only later. A prompt's answer sent in between
+    was taken as delivered: a client re-attaching within grace never got it."""
+    import socket
+    import struct
+
+    monkeypatch.setattr(hypercorn.trio.run, "TCPServer", FastSendTCPServer)
+    go, done = trio.Event(), trio.Event()
+    seen: dict[str, Any] = {}
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if await lifespan(scope, receive, send):
+            return
+        assert (await receive())["type"] == "websocket.connect"
+        await send({"type": "websocket.accept"})
+        stream = seen["stream"] = AsgiWebSocketStream(receive, send)
+        await go.wait()
+        try:
+            await stream.send_message("after the reset")
+            seen["raised"] = False
+        except trio.BrokenResourceError:
+            seen["raised"] = True
+        seen["disconnected"] = stream.disconnected
+        done.set()
+
+    with trio.fail_after(10):
+        async with serving(app) as address:
+            tcp = await trio.open_tcp_stream(*address)
+            ws = WSConnection(ConnectionType.CLIENT)
+            await tcp.send_all(ws.send(Request(host="x", target="/")))
+            while not any(isinstance(e, AcceptConnection) for e in ws.events()):
+                ws.receive_data(await tcp.receive_some(65536))
+            linger = struct.pack("ii", 1, 0)  # close with a reset (RST), not a FIN
+            tcp.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger)
+            await tcp.aclose()
+            while "stream" not in seen or not seen["stream"]._direct.stream.closed:
+                await trio.sleep(0.001)  # until Hypercorn has seen the reset
+            go.set()
+            await done.wait()
+    assert seen == {"stream": seen["stream"], "raised": True, "disconnected": False}
