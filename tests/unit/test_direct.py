@@ -30,6 +30,7 @@ from punie_trio.web._asgi_ws import AsgiWebSocketStream
 from punie_trio.web._direct import DirectChunks, DirectFrames, DirectReader, text_frame
 from punie_trio.web._fast_send import FastSendTCPServer
 
+from ..integration._support import settle_until
 from ._hypercorn import lifespan, serving
 
 MESSAGES = ["a", "é" * 200, '{"jsonrpc":"2.0"}', "x" * 70_000, ""]
@@ -429,8 +430,8 @@ async def test_a_send_after_the_connection_was_lost_raises(
             linger = struct.pack("ii", 1, 0)  # close with a reset (RST), not a FIN
             tcp.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger)
             await tcp.aclose()
-            while "stream" not in seen or not seen["stream"]._direct.stream.closed:
-                await trio.sleep(0.001)  # until Hypercorn has seen the reset
+            # Until Hypercorn has seen the reset (it closes the stream at once):
+            await settle_until(lambda: "stream" in seen and seen["stream"]._direct.stream.closed)
             go.set()
             await done.wait()
     assert seen == {"stream": seen["stream"], "raised": True, "disconnected": False}
