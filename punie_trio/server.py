@@ -211,6 +211,7 @@ async def _serve(config: ServeConfig, store: Store, task_status: trio.TaskStatus
         url = None
         hypercorn_done = trio.Event()
         if config.http:
+            await root.start(app.heartbeat.run)
             url = await _start_http(root, app, config, closing, hypercorn_done)
             print(
                 f"punie-trio listening on {url} (ACP: ws{url[4:]}/acp)", file=sys.stderr, flush=True

@@ -24,6 +24,7 @@ from .._version import __version__
 from ..hub import ClientConnection, Manager
 from ._asgi_ws import ASGIReceive, ASGISend, AsgiWebSocketStream
 from ._auth import origin_allowed, token_matches
+from ._heartbeat import Heartbeat
 from ._http import read_body, respond, respond_json, respond_text
 
 log = logging.getLogger("punie_trio.web")
@@ -46,6 +47,8 @@ class App:
     allow_origins: tuple[str, ...] = ()
     metrics_public: bool = False
     started_at: float = attrs.field(factory=time.monotonic)
+    #: Finds dead peers and connections that never initialize (start its ``run``).
+    heartbeat: Heartbeat = attrs.field(factory=Heartbeat)
     # Upgrades accepted but not yet attached to the manager: counted against the connection
     # limit, so simultaneous handshakes cannot slip past it.
     _upgrading: int = attrs.field(default=0, init=False)
@@ -154,9 +157,11 @@ class App:
             self._upgrading -= 1
         stream = AsgiWebSocketStream(receive, send)
         conn = ClientConnection(self.manager, transport="websocket", id=conn_id)
+        self.heartbeat.watch(stream, conn)
         try:
             await conn.run(stream)
         finally:
+            self.heartbeat.unwatch(stream)
             await stream.close(1001 if self.closing.is_set() else 1000)
             _release_compression(send)
 

@@ -39,6 +39,20 @@ class AsgiWebSocketStream:
             # And the client's frames are read past wsproto from now on (when it can be).
             DirectReader.install(self.send, self.receive)
 
+    # -- heartbeat (``_heartbeat.Watched``) -------------------------------------------------
+
+    def last_heard(self) -> float | None:
+        direct = self._direct
+        return None if direct is None else direct.server.last_read
+
+    def ping_now(self) -> None:
+        if self._direct is not None:
+            self._direct.ping_now()
+
+    async def drop(self, code: int | None, reason: str) -> None:
+        if self._direct is not None:
+            await self._direct.drop(code, reason)
+
     def _check_open(self) -> None:
         """Refuse a send that could not arrive. Hypercorn drops a message sent after the
         connection was lost without a word, and the disconnect reaches ``receive`` (which

@@ -43,7 +43,7 @@ from wsproto.connection import ConnectionState
 from wsproto.events import CloseConnection
 
 from ._fast_send import FastSendTCPServer
-from ._frames import ClientFrameReader, Failure
+from ._frames import ClientFrameReader, Failure, close_frame
 from ._keepalive import KeepAliveTimer
 
 _S = TypeVar("_S", WSStream, HTTPStream)
@@ -134,6 +134,22 @@ class DirectFrames:
     async def finish_sending(self) -> None:
         """Write the rest a :meth:`send_texts_now` kept (nothing if none)."""
         await self.server.flush_gathered()
+
+    def ping_now(self) -> None:
+        """Write an empty ping frame if the connection is open and the socket free (a
+        control frame may go between any two frames; see ``_heartbeat``)."""
+        stream = self.stream
+        if stream.closed or stream.state is not ASGIWebsocketState.CONNECTED:
+            return
+        if stream.connection.state is ConnectionState.OPEN:
+            self.server.write_now(b"\x89\x00")
+
+    async def drop(self, code: int | None, reason: str) -> None:
+        """Close the connection now: a close frame with ``code`` first, if it can be
+        written at once (a peer being dropped may have stopped reading)."""
+        if code is not None and not self.lost():
+            self.server.write_now(close_frame(code, reason))
+        await self.server.drop()
 
     def lost(self) -> bool:
         """Whether the connection is gone under the app: Hypercorn closed the stream (the

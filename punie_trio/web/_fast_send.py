@@ -108,6 +108,8 @@ class FastSendTCPServer(TCPServer):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.idle_task = KeepAliveTimer(self)  # type: ignore[assignment]
+        #: When bytes last came from the peer (``trio.current_time``; see ``_heartbeat``).
+        self.last_read = trio.current_time()
 
     async def run(self) -> None:
         """Serve the connection; an error escaping it ends this connection only.
@@ -147,6 +149,7 @@ class FastSendTCPServer(TCPServer):
                     drained = len(data) < MAX_RECV
             except (trio.ClosedResourceError, trio.BrokenResourceError):
                 break
+            self.last_read = trio.current_time()
             reader = self.frame_reader
             if reader is not None and data:
                 await reader.feed(bytes(data))
@@ -279,8 +282,18 @@ class FastSendTCPServer(TCPServer):
                 elif now - stalled_since >= self._stall_limit():
                     return "abandoned"
             with trio.move_on_after(STALL_CHECK):
-                await trio.lowlevel.wait_writable(sock)
+                try:
+                    await trio.lowlevel.wait_writable(sock)
+                except trio.ClosedResourceError:  # closed under us (see drop)
+                    return "closed"
         return "sent"
+
+    async def drop(self) -> None:
+        """Close the connection now, as Hypercorn's own idle timeout does: the protocol
+        hears ``Closed`` (the app gets its disconnect), then the socket closes (a write
+        waiting for room ends)."""
+        await self.protocol.handle(Closed())
+        await self.stream.aclose()
 
     def _stall_limit(self) -> float:
         """How long a write may make no progress once the server is terminating: half the

@@ -1,0 +1,137 @@
+"""Heartbeats for ``/acp`` WebSockets: a peer that went silent is found and dropped, and a
+connection that never sends ``initialize`` does not hold a slot for ever.
+
+Why: nothing else notices a peer that is gone without a word (a laptop put to sleep, a
+network that dropped, a frozen IDE): TCP keeps such a connection open for many minutes,
+Hypercorn has no pong timeout, and punie-trio sets no read timeout (it would end quiet
+connections that are fine). Meanwhile the connection counts against ``--max-connections``,
+and its client id stays in use, so the IDE reconnecting is refused its own sessions
+(-32600). Dropped, the connection ends like any other: its sessions wait out the grace
+period for the client to come back.
+
+One task watches every connection (:meth:`Heartbeat.run`), instead of a task per
+connection: an idle connection costs a dictionary entry, not a task. Every
+:data:`SWEEP_EVERY` seconds it looks at each one:
+
+- heard from within :data:`PING_AFTER` seconds (any bytes: messages, pongs): nothing;
+- silent longer: a ping (the client's pong is bytes heard);
+- silent for :data:`DROP_AFTER` seconds: dropped (the TCP connection is closed);
+- not initialized :data:`INITIALIZE_WITHIN` seconds after it was accepted: closed with
+  1008 and a reason, then dropped.
+
+Resource handling: the watcher owns nothing but its table; each drop runs in the
+watcher's nursery, bounded by :data:`CLOSE_TIMEOUT`.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Protocol
+
+import attrs
+import trio
+
+log = logging.getLogger("punie_trio.web")
+
+#: How often the watcher looks at the connections (seconds).
+SWEEP_EVERY = 10.0
+#: A connection silent this long gets a ping.
+PING_AFTER = 20.0
+#: A connection silent this long (no pong either) is dropped.
+DROP_AFTER = 60.0
+#: A connection not initialized this long after it was accepted is closed (1008).
+INITIALIZE_WITHIN = 30.0
+#: The longest the close frame of a connection being dropped may take to write.
+CLOSE_TIMEOUT = 1.0
+
+
+class Watched(Protocol):
+    """What the watcher needs of a connection (``_asgi_ws.AsgiWebSocketStream`` over
+    punie-trio's socket reader)."""
+
+    def last_heard(self) -> float | None:
+        """When bytes last came from the client (``trio.current_time``); None if this
+        connection cannot be watched (not punie-trio's socket reader)."""
+        ...
+
+    def ping_now(self) -> None:
+        """Send a ping if it can be written at once (else skip it: other writes are in
+        flight, and bytes heard will tell)."""
+        ...
+
+    async def drop(self, code: int | None, reason: str) -> None:
+        """Close the connection: with a close frame first if ``code`` is given."""
+        ...
+
+
+class Initialized(Protocol):
+    initialized: bool
+
+
+@attrs.define(eq=False)
+class _Entry:
+    connection: Initialized
+    since: float
+
+
+@attrs.define(eq=False)
+class Heartbeat:
+    """Watches every ``/acp`` WebSocket; start :meth:`run` in a nursery that lives as long
+    as the server."""
+
+    sweep_every: float = SWEEP_EVERY
+    ping_after: float = PING_AFTER
+    drop_after: float = DROP_AFTER
+    initialize_within: float = INITIALIZE_WITHIN
+    _watched: dict[Watched, _Entry] = attrs.field(factory=dict, init=False)
+    _dropping: set[Watched] = attrs.field(factory=set, init=False)
+    _nursery: trio.Nursery | None = attrs.field(default=None, init=False)
+
+    def watch(self, stream: Watched, connection: Initialized) -> None:
+        if stream.last_heard() is not None:
+            self._watched[stream] = _Entry(connection, trio.current_time())
+
+    def unwatch(self, stream: Watched) -> None:
+        self._watched.pop(stream, None)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Sweep every ``sweep_every`` seconds until cancelled."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            try:
+                while True:
+                    await trio.sleep(self.sweep_every)
+                    self.sweep()
+            finally:
+                self._nursery = None
+
+    def sweep(self) -> None:
+        """Ping the silent, drop the dead and the never initialized (see the module)."""
+        now = trio.current_time()
+        for stream, entry in list(self._watched.items()):
+            if stream in self._dropping:
+                continue
+            heard = stream.last_heard()
+            if heard is None:
+                continue
+            if not entry.connection.initialized and now - entry.since >= self.initialize_within:
+                self._drop(
+                    stream, 1008, f"initialize not received within {self.initialize_within:g} s"
+                )
+            elif now - heard >= self.drop_after:
+                self._drop(stream, None, f"no answer to pings for {self.drop_after:g} s")
+            elif now - heard >= self.ping_after:
+                stream.ping_now()
+
+    def _drop(self, stream: Watched, code: int | None, reason: str) -> None:
+        log.info("closing a WebSocket: %s", reason)
+        assert self._nursery is not None
+        self._dropping.add(stream)
+        self._nursery.start_soon(self._drop_one, stream, code, reason)
+
+    async def _drop_one(self, stream: Watched, code: int | None, reason: str) -> None:
+        try:
+            await stream.drop(code, reason)
+        finally:
+            self._dropping.discard(stream)

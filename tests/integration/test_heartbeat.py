@@ -1,0 +1,146 @@
+"""Heartbeats on ``/acp``: a silent peer is pinged, then dropped (its sessions wait out the
+grace period), a connection that never initializes is closed with 1008, and a client that
+answers pings stays. A real server on a real port, on a MockClock moved by hand."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+import trio
+import trio.testing
+from wsproto import ConnectionType, WSConnection
+from wsproto.events import AcceptConnection, CloseConnection, Message, Ping, Request
+
+from punie_trio.hub import Limits
+from punie_trio.web._heartbeat import INITIALIZE_WITHIN, PING_AFTER, SWEEP_EVERY
+
+from ..acp_schema import SchemaChecker
+from ._support import acp_ws_client, settle_until
+from .conftest import StartServer
+
+
+class RawClient:
+    """A WebSocket client that answers nothing by itself (wsproto, no pongs)."""
+
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self.stream = stream
+        # A stdlib view of the same socket, to read what has arrived without waiting.
+        self.peek = socket.socket(fileno=os.dup(stream.socket.fileno()))
+        self.ws = WSConnection(ConnectionType.CLIENT)
+        self.events: list[Any] = []
+        self.eof = False
+
+    @classmethod
+    async def connect(cls, url: str) -> RawClient:
+        host, port = url.removeprefix("http://").rsplit(":", 1)
+        client = cls(await trio.open_tcp_stream(host, int(port)))
+        await client.stream.send_all(client.ws.send(Request(host=host, target="/acp")))
+        while not any(isinstance(e, AcceptConnection) for e in client.events):
+            client._take(await client.stream.receive_some(65536))
+        return client
+
+    def _take(self, data: bytes) -> None:
+        if not data:
+            self.eof = True
+            return
+        self.ws.receive_data(data)
+        self.events += list(self.ws.events())
+
+    def read_ready(self) -> None:
+        """Take whatever the server sent so far, without waiting (and without answering)."""
+        sock = self.peek
+        while not self.eof:
+            try:
+                data = sock.recv(65536, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                return
+            except ConnectionError:
+                self.eof = True
+                return
+            self._take(data)
+
+    async def send_json(self, msg: dict[str, Any]) -> None:
+        await self.stream.send_all(self.ws.send(Message(data=json.dumps(msg))))
+
+    def pings(self) -> int:
+        return sum(isinstance(e, Ping) for e in self.events)
+
+    def closed_with(self) -> tuple[int, str] | None:
+        for e in self.events:
+            if isinstance(e, CloseConnection):
+                return e.code, e.reason
+        return None
+
+
+async def settle() -> None:
+    """Let the server and the in-process clients act on what just happened (loopback
+    bytes are in the receiver's buffer once sent; each pass polls for them)."""
+    for _ in range(4):
+        await trio.testing.wait_all_tasks_blocked()
+
+
+async def test_silent_peers_are_pinged_then_dropped_and_lazy_ones_closed(
+    start_server: StartServer,
+    tmp_path: Path,
+    acp_schema: SchemaChecker,
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    async with start_server(limits=Limits(grace_seconds=300)) as running:
+        manager = running.manager
+        assert running.url is not None
+        async with acp_ws_client(running.url, acp_schema) as (live, _):
+            await live.initialize()  # trio-websocket answers pings by itself
+            live_session = await live.new_session(str(tmp_path))
+            silent = await RawClient.connect(running.url)
+            await silent.send_json(
+                {"jsonrpc": "2.0", "id": 1, "method": "initialize",
+                 "params": {"protocolVersion": 1, "_meta": {"punie-trio/clientId": "laptop"}}}
+            )  # fmt: skip
+            await silent.send_json(
+                {"jsonrpc": "2.0", "id": 2, "method": "session/new",
+                 "params": {"cwd": str(tmp_path), "mcpServers": []}}
+            )  # fmt: skip
+            lazy = await RawClient.connect(running.url)  # never sends initialize
+            await settle_until(lambda: len(manager.sessions) == 2)
+            assert len(manager.connections) == 3
+
+            def step_to(t: float) -> None:
+                mock_clock.jump(t - trio.current_time())
+
+            start = trio.current_time()
+            step_to(start + SWEEP_EVERY)
+            await settle()
+            for raw in (silent, lazy):
+                raw.read_ready()
+                assert raw.pings() == 0 and not raw.eof
+            # Silent past PING_AFTER: pinged. The live client's pong counts as heard.
+            step_to(start + PING_AFTER)
+            await settle()
+            for raw in (silent, lazy):
+                raw.read_ready()
+                assert raw.pings() == 1, raw.events
+            # INITIALIZE_WITHIN after it was accepted, the lazy one is closed (1008).
+            step_to(start + INITIALIZE_WITHIN)
+            await settle()
+            lazy.read_ready()
+            assert lazy.closed_with() == (1008, "initialize not received within 30 s")
+            assert lazy.eof
+            assert len(manager.connections) == 2
+            # The silent one is dropped once silent for DROP_AFTER; the live one stays.
+            for t in range(40, 70, 10):
+                step_to(start + t)
+                await settle()
+            silent.read_ready()
+            assert silent.eof and silent.pings() >= 3
+            await settle_until(lambda: len(manager.connections) == 1)
+            # Its sessions wait for its client id (the grace period), as after any drop.
+            laptop = [s for s in manager.sessions.values() if s.detached_client == "laptop"]
+            assert len(laptop) == 1
+            assert await live.prompt(live_session, "still here") == "end_turn"
+            for raw in (silent, lazy):
+                raw.peek.close()
+                await raw.stream.aclose()
