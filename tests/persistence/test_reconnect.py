@@ -478,3 +478,38 @@ async def test_an_old_prompts_answer_never_answers_the_new_connections_own_reque
         await trio.sleep(10)
         assert [m for m in b.client.received if m.get("id") == "p"] == [answer]
     assert "not delivering the answer to request 'p' of a dropped connection" in caplog.text
+
+
+async def test_clients_away_within_grace_are_bounded_by_the_connection_limit(
+    tmp_path: Path,
+    acp_schema: SchemaChecker,
+    autojump_clock: trio.testing.MockClock,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A token holder coming back under a fresh client id each time once piled up
+    sessions and running turns for the whole grace period (3,200 turns, 900 MB in an
+    audit). Clients away and connected together stay within max_connections: past it,
+    the client away longest loses its grace (its turns are cancelled and recorded)."""
+    model = ScriptModel([[{"text": "start"}, {"sleep": 1000}]])
+    limits = Limits(grace_seconds=300, max_connections=2)
+    async with open_hub(tmp_path, acp_schema, model, limits=limits) as hub:
+        manager = hub.manager
+        sessions: dict[str, str] = {}
+        for name in ("a", "b", "c"):
+            link = await hub.connect()
+            await initialize(link.client, client_id=name)
+            sessions[name] = await link.client.new_session(str(hub.root))
+            await send_prompt(link.client, "p", sessions[name], "go")
+            await link.client.wait_for(has_update(sessions[name], "agent_message_chunk", "start"))
+            await link.drop()
+            await hub.settle()
+        # a, b and c away: over the limit of 2, so a (away the longest) lost its grace.
+        assert sessions["a"] not in manager.sessions
+        assert {manager.sessions[sessions[n]].detached_client for n in "bc"} == {"b", "c"}
+        assert "ending the grace period of client 'a' early" in caplog.text
+        entries = await manager.store.transcript(sessions["a"])
+        assert entries[-1].payload["stopReason"] == "cancelled"
+        # b comes back within grace and finds its session.
+        b = await hub.connect()
+        await initialize(b.client, client_id="b")
+        assert manager.sessions[sessions["b"]].owner is b.connection
