@@ -66,6 +66,9 @@ class _Turn:
     tool_ids: itertools.count[int] = attrs.field(factory=lambda: itertools.count(1))
     agent_text: list[str] = attrs.field(factory=list)
     emitted: int = 0  # events handed over since the model last yielded
+    # Ids of the tool calls reported in progress and not yet finished (a cancelled turn
+    # reports them failed: a tool call left in_progress spins in the IDE for ever).
+    open_tools: list[str] = attrs.field(factory=list)
 
 
 @attrs.define(eq=False)
@@ -169,13 +172,18 @@ class _Context:
             )
         )
         await self._emit(Update(updates.tool_call_update(tool_id, status="in_progress")))
+        self.turn.open_tools.append(tool_id)
         try:
             output = await spec.run(self.turn.start.env, tool_input, self.call_client)
+        except trio.Cancelled:
+            raise  # (still open: the turn reports it, see ProjectWorker._run_turn)
         except (ToolError, ClientCallError) as exc:
+            self.turn.open_tools.remove(tool_id)
             await self._emit(
                 Update(updates.tool_call_update(tool_id, status="failed", text=str(exc)))
             )
             return None
+        self.turn.open_tools.remove(tool_id)
         await self._emit(
             Update(
                 updates.tool_call_update(
@@ -269,15 +277,29 @@ class ProjectWorker:
         if finished.error is None:
             history.append(("user", start.prompt_text))
             history.append(("agent", "".join(turn.agent_text)))
+        # A tool call the turn left running ends failed: the tool-calls page has no status
+        # for "cancelled", and an IDE shows an in_progress call as running for ever.
+        why = "cancelled" if finished.stop_reason == "cancelled" else "the turn ended first"
+        final: list[TurnEvent] = [
+            Update(updates.tool_call_update(tool_id, status="failed", text=why))
+            for tool_id in turn.open_tools
+        ]
+        final.append(finished)
+        # Without a scheduler trip when there is room (the usual case): the relay then finds
+        # the turn's last updates and its end together.
+        sent = 0
         try:
-            # Without a scheduler trip when there is room (the usual case): the relay then
-            # finds the turn's last updates and its end together.
-            start.events.send_nowait(finished)
+            for event in final:
+                start.events.send_nowait(event)
+                sent += 1
         except trio.WouldBlock:
-            with trio.CancelScope(shield=True) as final:
-                final.deadline = trio.current_time() + FINAL_SEND_TIMEOUT
-                with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-                    await start.events.send(finished)
+            deadline = trio.current_time() + FINAL_SEND_TIMEOUT
+            with (
+                trio.CancelScope(shield=True, deadline=deadline),
+                contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError),
+            ):
+                for event in final[sent:]:
+                    await start.events.send(event)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
         start.events.close()

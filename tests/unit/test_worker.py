@@ -198,6 +198,38 @@ async def test_cancel_during_sleep(tmp_path: Path, autojump_clock: trio.testing.
     assert finished == TurnFinished("cancelled")
 
 
+async def test_a_cancelled_turn_ends_its_running_tool_call_failed(tmp_path: Path) -> None:
+    """A tool call left in_progress by a cancel spins in the IDE for ever (both live and
+    in a session/load replay): the turn reports it failed before it finishes."""
+    (tmp_path / "a.txt").write_text("a")
+    read = {"tool": "read_file", "input": {"path": "a.txt"}}
+    model = script([read, read])  # the first finishes, the second waits for the client
+    async with running_worker(tmp_path, model) as h:
+        turn_id, events = await h.start(env=h.env(read=True))
+        first_call = None
+        while True:
+            event = await events.receive()
+            if isinstance(event, ClientCall):
+                if first_call is None:
+                    first_call = event
+                    await h.commands.send(
+                        ClientReply(turn_id, event.call_id, result={"content": "a"})
+                    )
+                    continue
+                break  # the second call: its client never answers
+        await h.commands.send(CancelTurn(turn_id))
+        updates, finished = await collect(events)
+    assert finished == TurnFinished("cancelled")
+    assert updates == [
+        {
+            "sessionUpdate": "tool_call_update",
+            "toolCallId": "call_1_2",
+            "status": "failed",
+            "content": [{"type": "content", "content": {"type": "text", "text": "cancelled"}}],
+        }
+    ]
+
+
 async def test_cancelled_turn_counts_in_history(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
