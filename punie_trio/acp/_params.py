@@ -143,12 +143,40 @@ class NewSessionParams:
 
 
 def _mcp_servers(obj: Mapping[str, Any], required: bool) -> None:
+    """Check ``mcpServers`` against the schema's ``McpServer``: stdio entries (``name``,
+    ``command``, ``args``, ``env``); ``http`` and ``sse`` are refused, as the agent
+    advertises (``mcpCapabilities``). The servers are not started yet (no model backend
+    calls MCP tools: docs/architecture.md)."""
     if "mcpServers" not in obj:
         if required:
             raise _bad("mcpServers", "is required (send [] for none)")
         return
-    if not isinstance(obj["mcpServers"], list):
+    servers = obj["mcpServers"]
+    if not isinstance(servers, list):
         raise _bad("mcpServers", "must be an array")
+    for i, server in enumerate(servers):
+        path = f"mcpServers[{i}]"
+        if not isinstance(server, dict):
+            raise _bad(path, "must be an MCP server object")
+        kind = server.get("type")
+        if kind in ("http", "sse"):
+            raise _bad(
+                f"{path}.type", f"{kind!r} MCP servers are not supported: mcpCapabilities."
+                f"{kind} is false (use a stdio server)",
+            )  # fmt: skip
+        _req_str(server, "name", f"{path}.")
+        _req_str(server, "command", f"{path}.")
+        args = server.get("args")
+        if not isinstance(args, list) or not all(isinstance(a, str) for a in args):
+            raise _bad(f"{path}.args", "is required and must be an array of strings")
+        env = server.get("env")
+        if not isinstance(env, list):
+            raise _bad(f"{path}.env", "is required and must be an array of {name, value}")
+        for k, variable in enumerate(env):
+            if not isinstance(variable, dict):
+                raise _bad(f"{path}.env[{k}]", "must be an object with name and value")
+            _req_str(variable, "name", f"{path}.env[{k}].")
+            _req_str(variable, "value", f"{path}.env[{k}].")
 
 
 def parse_new_session(params: Params) -> NewSessionParams:

@@ -123,6 +123,41 @@ def test_new_session_refusals_name_the_field(params: dict[str, Any], fragment: s
     assert fragment in _refused(acp.parse_new_session, params)
 
 
+STDIO_SERVER = {"name": "fs", "command": "/usr/bin/mcp-fs", "args": ["--root", "/p"],
+                "env": [{"name": "TOKEN", "value": "x"}]}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("servers", "fragment"),
+    [
+        ([42], "mcpServers[0] must be an MCP server object"),
+        ([None], "mcpServers[0] must be an MCP server object"),
+        ([STDIO_SERVER, {**STDIO_SERVER, "type": "http", "url": "http://x", "headers": []}],
+         "mcpServers[1].type 'http' MCP servers are not supported: mcpCapabilities.http"),
+        ([{"type": "sse", "name": "s", "url": "http://x", "headers": []}], "mcpCapabilities.sse"),
+        ([{k: v for k, v in STDIO_SERVER.items() if k != "command"}],
+         "mcpServers[0].command is required"),
+        ([{**STDIO_SERVER, "args": "--root"}], "mcpServers[0].args is required and must be"),
+        ([{**STDIO_SERVER, "args": [1]}], "mcpServers[0].args"),
+        ([{**STDIO_SERVER, "env": {"A": "b"}}], "mcpServers[0].env is required"),
+        ([{**STDIO_SERVER, "env": [{"name": "A"}]}], "mcpServers[0].env[0].value is required"),
+    ],
+)  # fmt: skip
+def test_mcp_servers_are_checked_against_the_schema(servers: list[Any], fragment: str) -> None:
+    """Entries that are not an McpServer, or need a capability the agent does not
+    advertise, are refused (they were accepted and ignored)."""
+    for parse in (
+        acp.parse_new_session,
+        lambda p: acp.parse_load_session({**p, "sessionId": "s"}, mcp_required=True),
+    ):
+        assert fragment in _refused(parse, {"cwd": "/p", "mcpServers": servers})
+
+
+def test_stdio_mcp_servers_are_accepted() -> None:
+    for server in (STDIO_SERVER, {**STDIO_SERVER, "type": "stdio", "_meta": {"x": 1}}):
+        acp.parse_new_session({"cwd": "/p", "mcpServers": [server]})
+
+
 def test_new_session_mcp_servers_missing_message() -> None:
     message = _refused(acp.parse_new_session, {"cwd": "/p"})
     assert message.startswith("Invalid params: mcpServers")
