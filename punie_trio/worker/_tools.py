@@ -8,6 +8,7 @@ disk directly. Either way the path must resolve inside the session's roots.
 
 from __future__ import annotations
 
+import io
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -74,9 +75,24 @@ async def _read_file(env: TurnEnv, tool_input: dict[str, Any], call: ClientCalle
             raise ToolError("client answered fs/read_text_file without a content string")
         return content
     try:
-        return await trio.Path(path).read_text(encoding="utf-8")
+        # As stored (read_text would turn \r\n and \r into \n): what an editor holds.
+        text = (await trio.Path(path).read_bytes()).decode("utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise ToolError(f"cannot read {path}: {exc}") from None
+    return _lines_of(text, lines.get("line"), lines.get("limit"))
+
+
+def _lines_of(text: str, line: int | None, limit: int | None) -> str:
+    """``text`` from its ``line``-th line (1-based, as ``fs/read_text_file`` counts; 0
+    reads as 1), at most ``limit`` lines, each with its ending: what a client's
+    ``fs/read_text_file`` with the same ``line`` and ``limit`` answers. Lines end at
+    ``\n``, ``\r\n`` or ``\r``, as an editor counts them."""
+    if line is None and limit is None:
+        return text
+    lines = io.StringIO(text, newline="").readlines()
+    start = max(line or 1, 1) - 1
+    end = None if limit is None else start + limit
+    return "".join(lines[start:end])
 
 
 async def _write_file(env: TurnEnv, tool_input: dict[str, Any], call: ClientCaller) -> str:

@@ -386,6 +386,25 @@ async def test_read_and_write_file_on_disk_without_client_capability(tmp_path: P
     assert [u for u in updates if u["sessionUpdate"] == "tool_call"][1]["kind"] == "edit"
 
 
+async def test_read_file_on_disk_honours_line_and_limit(tmp_path: Path) -> None:
+    """Without the client's fs capability, line and limit were ignored: the whole file came
+    back. They count as fs/read_text_file counts: lines from 1, endings kept."""
+    (tmp_path / "f.txt").write_bytes(b"one\ntwo\r\nthree\rfour\nfive")
+    reads = [
+        {"line": 2, "limit": 2},
+        {"line": 4},
+        {"limit": 1},
+        {"line": 0, "limit": 1},
+        {"line": 9},
+        {"line": 1, "limit": 0},
+    ]
+    model = script([{"tool": "read_file", "input": {"path": "f.txt", **r}} for r in reads])
+    async with running_worker(tmp_path, model) as h:
+        updates, _ = await h.run_turn()
+    outputs = [u["rawOutput"]["output"] for u in updates if u.get("status") == "completed"]
+    assert outputs == ["two\r\nthree\r", "four\nfive", "one\n", "one\n", "", ""]
+
+
 async def test_write_file_through_the_client(tmp_path: Path) -> None:
     model = script([{"tool": "write_file", "input": {"path": "new.txt", "content": "abc"}}])
     async with running_worker(tmp_path, model) as h:
