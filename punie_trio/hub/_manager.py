@@ -383,13 +383,17 @@ class Manager:
         return [r for r in self.roots if path.is_relative_to(r)]
 
     def project_root_for(self, cwd: str) -> str:
-        """The most specific project root containing ``cwd`` (resolved), or -32602."""
-        matches = self._roots_containing(Path(cwd).resolve())
+        """The most specific project root containing ``cwd`` (resolved), or -32602; so is a
+        ``cwd`` that is not a directory (every tool of the session would fail in it)."""
+        path = Path(cwd).resolve()
+        matches = self._roots_containing(path)
         if not matches:
             allowed = ", ".join(self.roots)
             raise RpcError.invalid_params(
                 f"Invalid params: cwd {cwd!r} is outside the project roots ({allowed})"
             )
+        if not path.is_dir():
+            raise RpcError.invalid_params(f"Invalid params: cwd {cwd!r} is not a directory")
         return max(matches, key=len)
 
     def check_inside_roots(self, paths: tuple[str, ...], field: str) -> None:

@@ -65,6 +65,20 @@ async def test_session_cwd_must_be_inside_the_roots(
         await link.client.new_session(f"{root}/sub/../")
 
 
+async def test_session_cwd_must_be_a_directory(
+    layout: tuple[Path, Path], acp_schema: SchemaChecker
+) -> None:
+    """Inside the roots but missing, or a file: every tool of such a session would fail."""
+    root, _ = layout
+    (root / "a-file.txt").write_text("x")
+    async with open_hub(root, acp_schema, ScriptModel([[{"text": "x"}]])) as hub:
+        for cwd in (root / "no-such-dir", root / "a-file.txt"):
+            error = await new_session_error(hub, cwd=str(cwd))
+            assert error["code"] == -32602, cwd
+            assert error["message"] == f"Invalid params: cwd {str(cwd)!r} is not a directory"
+        assert hub.manager.sessions == {}
+
+
 async def test_session_load_with_a_cwd_outside_is_refused(
     layout: tuple[Path, Path], acp_schema: SchemaChecker
 ) -> None:
