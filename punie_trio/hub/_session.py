@@ -134,8 +134,13 @@ def text_of(update: dict[str, Any]) -> str:
 
 def turn_history(stop_json: str, chunks: list[tuple[str, str]]) -> list[tuple[str, str]]:
     """A turn's ``[("user", text), ("agent", text)]``: from its stop entry's ``history``, or
-    (a store written before that existed) from its ``(kind, payload_json)`` message chunks."""
-    summary = json.loads(stop_json).get("history")
+    (a store written before that existed) from its ``(kind, payload_json)`` message chunks.
+    Nothing for a turn that ended in ``refusal``: it "won't be included in the next prompt"
+    (the schema's ``StopReason``), after a load as before it."""
+    stop = json.loads(stop_json)
+    if stop.get("stopReason") == "refusal":
+        return []
+    summary = stop.get("history")
     if (
         isinstance(summary, list)
         and len(summary) == 2

@@ -29,7 +29,15 @@ class TurnContext(Protocol):
     @property
     def history(self) -> Sequence[tuple[str, str]]:
         """(role, text) pairs of earlier turns in this session, oldest first: two per turn,
-        ``("user", ...)`` then ``("agent", ...)``."""
+        ``("user", ...)`` then ``("agent", ...)``. A turn that ended in ``refusal`` is not
+        in it ("won't be included in the next prompt", the schema's ``StopReason``), nor
+        one whose model failed."""
+        ...
+
+    @property
+    def turn_number(self) -> int:
+        """This turn's place in its session: 0 for the first, counting every recorded turn
+        (refused and cancelled ones too)."""
         ...
 
     async def text(self, chunk: str) -> None: ...
@@ -136,7 +144,8 @@ def load_script(path: Path) -> list[list[dict[str, Any]]]:
 
 @attrs.define(eq=False)
 class ScriptModel:
-    """Plays a JSON script: the n-th prompt of a session plays turn ``n % len(turns)``."""
+    """Plays a JSON script: the n-th prompt of a session (``TurnContext.turn_number``) plays
+    turn ``n % len(turns)``."""
 
     turns: list[list[dict[str, Any]]]
     name: str = "script"
@@ -146,9 +155,7 @@ class ScriptModel:
         return cls(load_script(path), name=f"script:{path}")
 
     async def run_turn(self, ctx: TurnContext) -> str:
-        # Two history entries per earlier turn: O(1), where counting the user entries was
-        # O(turns) per turn (quadratic over a long session).
-        index = (len(ctx.history) // 2) % len(self.turns)
+        index = ctx.turn_number % len(self.turns)
         stop = "end_turn"
         for step in self.turns[index]:
             if "text" in step:

@@ -93,6 +93,10 @@ class _Context:
     def prompt_text(self) -> str:
         return self.turn.start.prompt_text
 
+    @property
+    def turn_number(self) -> int:
+        return self.turn.start.number
+
     async def _emit(self, event: TurnEvent) -> None:
         # Hand the event over without a trip through the scheduler while the turn's channel
         # has room (each trip costs an epoll_wait; a model streaming thousands of chunks
@@ -274,7 +278,8 @@ class ProjectWorker:
             finished = TurnFinished("end_turn", error=f"{type(exc).__name__}: {exc}")
         finally:
             del self._turns[start.turn_id]
-        if finished.error is None:
+        if finished.error is None and finished.stop_reason != "refusal":
+            # (A refused turn "won't be included in the next prompt": the StopReason schema.)
             history.append(("user", start.prompt_text))
             history.append(("agent", "".join(turn.agent_text)))
         # A tool call the turn left running ends failed: the tool-calls page has no status

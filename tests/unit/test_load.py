@@ -295,3 +295,30 @@ async def test_a_failed_roots_write_rolls_back(tmp_path: Path, acp_schema: Schem
         ans = await a.request_raw("session/load", params)
         assert "error" in ans and manager.sessions[session].additional_directories == ()
         assert not manager.sessions[session].loading
+
+
+async def test_a_loaded_session_leaves_its_refused_turns_out_of_the_history(
+    tmp_path: Path, acp_schema: SchemaChecker
+) -> None:
+    """As before the load: a refused turn "won't be included in the next prompt" (the
+    schema's StopReason), so the history seeded from the store skips it too."""
+    seen: list[list[tuple[str, str]]] = []
+
+    @attrs.define
+    class Refuses:
+        name: str = "refuses"
+
+        async def run_turn(self, ctx: Any) -> str:
+            seen.append(list(ctx.history))
+            await ctx.text(f"answer to {ctx.prompt_text}")
+            return "refusal" if ctx.prompt_text == "bad" else "end_turn"
+
+    async with open_hub(tmp_path, acp_schema, Refuses()) as hub:
+        (a,) = await clients(hub, 1)
+        session = await a.new_session(str(hub.root))
+        assert await a.prompt(session, "good") == "end_turn"
+        assert await a.prompt(session, "bad") == "refusal"
+        await a.request("session/close", {"sessionId": session})
+        await a.request("session/load", load_params(session, hub.root))
+        assert await a.prompt(session, "again") == "end_turn"
+    assert seen[-1] == [("user", "good"), ("agent", "answer to good")]

@@ -61,6 +61,7 @@ class FakeContext:
     prompt_text: str = ""
     history: Sequence[tuple[str, str]] = ()
     session_id: str = "s"
+    turn_number: int = 0
     events: list[tuple[str, Any]] = attrs.field(factory=list)
 
     async def text(self, chunk: str) -> None:
@@ -190,11 +191,11 @@ def _history(turns: int) -> list[tuple[str, str]]:
     return [pair for i in range(turns) for pair in (("user", f"q{i}"), ("agent", f"a{i}"))]
 
 
-async def test_script_model_cycles_turns_by_session_history() -> None:
+async def test_script_model_cycles_turns_by_turn_number() -> None:
     model = ScriptModel([[{"text": "zero"}], [{"text": "one"}], [{"text": "two"}]])
     played = []
     for n in range(7):
-        ctx = FakeContext(history=_history(n))
+        ctx = FakeContext(history=_history(n // 2), turn_number=n)  # (history: not counted)
         assert await model.run_turn(ctx) == "end_turn"
         played.append(ctx.events[0][1])
     assert played == ["zero", "one", "two", "zero", "one", "two", "zero"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import itertools
 import os
 from collections.abc import AsyncIterator
@@ -43,6 +44,7 @@ class Harness:
     worker: ProjectWorker
     commands: trio.MemorySendChannel[Command]
     root: Path
+    numbers: collections.Counter[str] = attrs.field(factory=collections.Counter)
 
     def env(
         self,
@@ -65,7 +67,11 @@ class Harness:
         send, receive = trio.open_memory_channel[TurnEvent](buffer)
         turn_id = next(_turn_ids)
         blocks = ({"type": "text", "text": prompt},)
-        await self.commands.send(StartTurn(turn_id, env or self.env(), prompt, blocks, send))
+        env = env or self.env()
+        number = self.numbers[env.session_id]  # (the manager counts recorded turns)
+        self.numbers[env.session_id] += 1
+        start = StartTurn(turn_id, env, prompt, blocks, send, number)
+        await self.commands.send(start)
         return turn_id, receive
 
     async def run_turn(
@@ -151,7 +157,9 @@ async def test_scripted_turn_emits_updates_in_order(tmp_path: Path) -> None:
     ]
 
 
-async def test_turns_cycle_per_session_history(tmp_path: Path) -> None:
+async def test_turns_cycle_per_session_turn_number(tmp_path: Path) -> None:
+    """The script model plays the session's n-th turn for its n-th prompt: the turn
+    number the manager counts (recorded turns, so a loaded session goes on from there)."""
     model = script([{"text": "first"}], [{"text": "second"}])
 
     def text(updates: list[dict[str, Any]]) -> str:
@@ -162,19 +170,42 @@ async def test_turns_cycle_per_session_history(tmp_path: Path) -> None:
         a2, _ = await h.run_turn(env=h.env("a"))
         b1, _ = await h.run_turn(env=h.env("b"))
         a3, _ = await h.run_turn(env=h.env("a"))
-        # Seeded history (a loaded session) counts too; forgetting it starts over.
-        await h.commands.send(SeedHistory("c", (("user", "q"), ("agent", "a"))))
+        h.numbers["c"] = 1  # a session loaded with one recorded turn
         c1, _ = await h.run_turn(env=h.env("c"))
-        await h.commands.send(ForgetSession("a"))
-        a4, _ = await h.run_turn(env=h.env("a"))
-    assert [text(u) for u in (a1, a2, b1, a3, c1, a4)] == [
+    assert [text(u) for u in (a1, a2, b1, a3, c1)] == [
         "first",
         "second",
         "first",
         "first",
         "second",
-        "first",
     ]
+
+
+async def test_a_refused_turn_is_left_out_of_the_next_turns_history(tmp_path: Path) -> None:
+    """The schema's StopReason: after a refusal, "the user prompt and everything that
+    comes after it won't be included in the next prompt"."""
+    seen: list[list[tuple[str, str]]] = []
+
+    @attrs.define
+    class Refuses:
+        name: str = "refuses"
+
+        async def run_turn(self, ctx: TurnContext) -> str:
+            seen.append(list(ctx.history))
+            await ctx.text(f"answer to {ctx.prompt_text}")
+            return "refusal" if ctx.prompt_text == "bad" else "end_turn"
+
+    async with running_worker(tmp_path, Refuses()) as h:
+        for prompt in ("good", "bad", "again"):
+            await h.run_turn(prompt)
+        # A loaded session's history is seeded; a forgotten one starts empty.
+        await h.commands.send(SeedHistory("c", (("user", "q"), ("agent", "a"))))
+        await h.run_turn("more", env=h.env("c"))
+        await h.commands.send(ForgetSession("s1"))
+        await h.run_turn("anew")
+    assert seen[2] == [("user", "good"), ("agent", "answer to good")]
+    assert seen[3] == [("user", "q"), ("agent", "a")]
+    assert seen[4] == []
 
 
 async def test_cancel_during_sleep(tmp_path: Path, autojump_clock: trio.testing.MockClock) -> None:
