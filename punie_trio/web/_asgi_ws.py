@@ -1,7 +1,8 @@
 """The server side of an ASGI WebSocket as a :class:`MessageStream` (under Hypercorn).
 
-Hypercorn enforces the frame size bound itself (``websocket_max_message_size``: close 1009).
-Binary frames are accepted and handed on as bytes, which the codec parses as UTF-8 JSON.
+The message size bound is applied in bytes by the direct reader (:mod:`._frames`: close
+1009), or by Hypercorn (``websocket_max_message_size``, in characters) where that reader is
+off. Binary frames are accepted and handed on as bytes, which the codec parses as UTF-8 JSON.
 Outgoing text frames skip Hypercorn's per-message path when that path would not change them,
 and incoming single-frame messages are decoded past wsproto (:mod:`._direct`).
 """
