@@ -41,6 +41,7 @@ from .store import MemoryStore, Store, StoreError, open_sqlite_store
 from .transport import stdio_stream
 from .web import App
 from .web import _fast_send as fast_send
+from .web import _handshake as handshake
 from .worker import Model
 
 log = logging.getLogger("punie_trio.server")
@@ -246,6 +247,7 @@ async def _start_http(
     root: trio.Nursery, app: App, config: ServeConfig, closing: trio.Event, done: trio.Event
 ) -> str:
     fast_send.install()
+    handshake.install()
 
     async def run_hypercorn(task_status: trio.TaskStatus[list[str]]) -> None:
         try:

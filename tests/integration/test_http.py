@@ -119,6 +119,43 @@ async def test_unknown_path_and_plain_get_on_acp(server: Running) -> None:
         assert b"/acp" in (info.value.body or b"")
 
 
+async def test_a_wrong_websocket_version_gets_426_naming_the_version(server: Running) -> None:
+    """RFC 6455 section 4.4: the server "MUST respond with a |Sec-WebSocket-Version| header
+    field" listing the versions it speaks; Hypercorn sent a bare 400. Other invalid
+    handshakes keep their 400."""
+    host, port = server.url.removeprefix("http://").rsplit(":", 1)
+
+    async def handshake(*headers: str) -> bytes:
+        request = "\r\n".join(["GET /acp HTTP/1.1", f"Host: {host}:{port}", *headers, "", ""])
+        async with await trio.open_tcp_stream(host, int(port)) as stream:
+            await stream.send_all(request.encode())
+            answer = b""
+            while b"\r\n\r\n" not in answer:
+                answer += await stream.receive_some(65536)
+            head, _, body = answer.partition(b"\r\n\r\n")
+            length = re.search(rb"(?i)\r\ncontent-length: (\d+)", head)
+            while length is not None and len(body) < int(length.group(1)):
+                body += await stream.receive_some(65536)
+            return head + b"\r\n\r\n" + body
+
+    upgrade = [
+        "Upgrade: websocket",
+        "Connection: Upgrade",
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
+    ]
+    with trio.fail_after(10):
+        for version in (["Sec-WebSocket-Version: 8"], []):
+            answer = await handshake(*upgrade, *version)
+            head, _, body = answer.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 426 "), answer
+            assert b"\r\nsec-websocket-version: 13" in head.lower()
+            assert b"version 13" in body
+        no_key = await handshake(
+            "Upgrade: websocket", "Connection: Upgrade", "Sec-WebSocket-Version: 8"
+        )
+        assert no_key.startswith(b"HTTP/1.1 400 ")
+
+
 async def test_serving_as_the_cli_does_freezes_startup_and_raises_gc_thresholds(
     tmp_path: Path,
 ) -> None:

@@ -1,0 +1,75 @@
+"""A WebSocket handshake with an unsupported ``Sec-WebSocket-Version`` is refused as RFC 6455
+section 4.4 asks: 426 Upgrade Required, naming the version the server speaks.
+
+Why: Hypercorn checks the handshake before the app sees it and answers any invalid one with
+a bare 400. For a version it does not speak, the RFC says the server "MUST respond with a
+|Sec-WebSocket-Version| header field ... containing all versions it is willing to use", so a
+client can retry with one of them. :func:`install` wraps Hypercorn's error response for that
+one case; every other invalid handshake keeps its 400.
+
+Resource handling: nothing is owned. :func:`install` patches Hypercorn's ``WSStream`` for
+the whole process (idempotent), like ``_fast_send.install``; if Hypercorn's internals ever
+stop matching, nothing is patched and Hypercorn answers as before.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from hypercorn.protocol.events import Body, EndBody, Response
+from hypercorn.protocol.ws_stream import WSStream
+from wsproto.handshake import WEBSOCKET_VERSION
+
+log = logging.getLogger(__name__)
+
+_REASON = b"Upgrade Required: this server speaks WebSocket version 13"
+
+
+def _wrong_version(stream: Any) -> bool:
+    """Whether the handshake ``stream`` refuses is a WebSocket upgrade that is sound but for
+    its version (a missing version header counts as a wrong one)."""
+    handshake = getattr(stream, "handshake", None)
+    if handshake is None or handshake.version == WEBSOCKET_VERSION:
+        return False
+    if handshake.http_version == "1.1":
+        tokens = handshake.connection_tokens or []
+        return (
+            handshake.key is not None
+            and any(token.lower() == "upgrade" for token in tokens)
+            and (handshake.upgrade or b"").lower() == b"websocket"
+        )
+    return bool(handshake.http_version > "1.1")
+
+
+def install() -> bool:
+    """Answer a wrong ``Sec-WebSocket-Version`` with 426 (idempotent). Returns False,
+    patching nothing, if Hypercorn's internals no longer look as expected."""
+    original = WSStream.__dict__.get("_send_error_response")
+    if original is None:
+        log.warning("Hypercorn internals changed; a wrong WebSocket version gets its 400")
+        return False
+    if getattr(original, "punie_trio", False):
+        return True
+
+    async def _send_error_response(self: WSStream, status_code: int) -> None:
+        if status_code != 400 or not _wrong_version(self):
+            await original(self, status_code)
+            return
+        headers = [
+            (b"sec-websocket-version", WEBSOCKET_VERSION),
+            (b"content-type", b"text/plain; charset=utf-8"),
+            (b"content-length", str(len(_REASON)).encode()),
+            (b"connection", b"close"),
+        ]
+        await self.send(Response(stream_id=self.stream_id, status_code=426, headers=headers))
+        await self.send(Body(stream_id=self.stream_id, data=_REASON))
+        await self.send(EndBody(stream_id=self.stream_id))
+        await self.config.log.access(
+            self.scope, {"status": 426, "headers": []}, time.time() - self.start_time
+        )
+
+    _send_error_response.punie_trio = True  # type: ignore[attr-defined]
+    WSStream._send_error_response = _send_error_response  # type: ignore[method-assign]
+    return True
