@@ -257,7 +257,7 @@ _LENIENT: dict[str, tuple[tuple[str, tuple[type, ...]], ...]] = {
     "text": (("annotations", (dict,)), _META),
     "resource_link": (
         ("annotations", (dict,)), ("mimeType", (str,)), ("size", (int,)), ("title", (str,)),
-        _META,
+        ("description", (str,)), _META,
     ),
     "resource": (("annotations", (dict,)), _META),
 }  # fmt: skip

@@ -633,7 +633,13 @@ class Manager:
         turn = session.turn
         if turn is not None:
             self.cancel_turn(session, turn)
-            await turn.finished.wait()
+            try:
+                await turn.finished.wait()
+            except BaseException:
+                # The close itself was cancelled ($/cancel_request, or its connection
+                # left): the session stays, usable (its turn is cancelled anyway).
+                session.closing = False
+                raise
         if self.sessions.get(session_id) is session:
             self._drop_session(session)
         return {}

@@ -34,7 +34,7 @@ from typing import Any, Protocol, cast
 import attrs
 import trio
 
-from ..transport import BatchSender, MessageStream, MessageTooLarge, NowSender
+from ..transport import BatchSender, MessageStream, MessageTooLarge, NotSent, NowSender
 from ._codec import (
     ErrorResponse,
     MalformedMessage,
@@ -228,7 +228,8 @@ class Peer:
         (the stream broke first), in order, taken out of the peer. Empty before that.
 
         With a :class:`BatchSender`, a batch whose write failed is not among them: part of
-        it may have gone out, and a message must not be sent twice."""
+        it may have gone out, and a message must not be sent twice. (Unless the stream
+        refused it whole, :class:`~punie_trio.transport.NotSent`: then it is.)"""
         if not self._closed:
             return []
         unwritten, self._unwritten = self._unwritten or [], None
@@ -452,7 +453,12 @@ class Peer:
                         continue
                 batch = cast(list[str], taken)
                 if send_batch is not None and len(batch) > 1:
-                    await send_batch(batch)  # (one write: if it fails, how much went is unknown)
+                    try:
+                        # One write: if it fails, how much went is unknown, unless none did.
+                        await send_batch(batch)
+                    except NotSent:
+                        self._unwritten = batch
+                        raise
                 else:
                     for written, text in enumerate(batch):
                         try:

@@ -2,7 +2,7 @@
 
 from ._memory import MemoryMessageStream, memory_message_stream_pair
 from ._ndjson import NdjsonStream, stdio_stream
-from ._stream import BatchSender, MessageStream, MessageTooLarge, NowSender
+from ._stream import BatchSender, MessageStream, MessageTooLarge, NotSent, NowSender
 
 __all__ = [
     "BatchSender",
@@ -10,6 +10,7 @@ __all__ = [
     "MessageStream",
     "MessageTooLarge",
     "NdjsonStream",
+    "NotSent",
     "NowSender",
     "memory_message_stream_pair",
     "stdio_stream",

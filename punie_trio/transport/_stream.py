@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
 
+import trio
+
 
 class MessageTooLarge(Exception):
     """An incoming message exceeded the transport's size bound and was discarded.
@@ -34,6 +36,12 @@ class MessageStream(Protocol):
     async def receive_message(self) -> str | bytes: ...
 
     async def aclose(self) -> None: ...
+
+
+class NotSent(trio.BrokenResourceError):
+    """The stream is gone, and refused the message (or the batch) before writing any of
+    it: unlike other send failures, the caller knows none of it went out (the peer keeps
+    it for a client that re-attaches, see ``Peer.unsent``)."""
 
 
 @runtime_checkable

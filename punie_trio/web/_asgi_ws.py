@@ -15,6 +15,7 @@ from typing import Any
 import attrs
 import trio
 
+from ..transport import NotSent
 from ._direct import DirectFrames, DirectReader
 from ._fast_send import coalesced_writes
 
@@ -46,9 +47,8 @@ class AsgiWebSocketStream:
         direct = self._direct
         return None if direct is None else direct.server.last_read
 
-    def ping_now(self) -> None:
-        if self._direct is not None:
-            self._direct.ping_now()
+    def ping_now(self) -> bool:
+        return self._direct is not None and self._direct.ping_now()
 
     async def drop(self, code: int | None, reason: str) -> None:
         if self._direct is not None:
@@ -60,10 +60,10 @@ class AsgiWebSocketStream:
         sets ``disconnected``) only passes later: a prompt's answer sent in between was
         taken as delivered, and a client re-attaching within grace never got it."""
         if self.disconnected or self.closed:
-            raise trio.BrokenResourceError("websocket is closed")
+            raise NotSent("websocket is closed")
         direct = self._direct
         if direct is not None and direct.lost():
-            raise trio.BrokenResourceError("the connection was lost")
+            raise NotSent("the connection was lost")
 
     def _check_written(self) -> None:
         """After a send through Hypercorn's path, which does not report a failed write."""
@@ -111,6 +111,7 @@ class AsgiWebSocketStream:
         send = self.send
         async with coalesced_writes():
             for text in texts:
+                self._check_open()  # (the connection may start closing between two)
                 await send({"type": "websocket.send", "text": text})
         self._check_written()
 

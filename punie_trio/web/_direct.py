@@ -135,14 +135,13 @@ class DirectFrames:
         """Write the rest a :meth:`send_texts_now` kept (nothing if none)."""
         await self.server.flush_gathered()
 
-    def ping_now(self) -> None:
+    def ping_now(self) -> bool:
         """Write an empty ping frame if the connection is open and the socket free (a
-        control frame may go between any two frames; see ``_heartbeat``)."""
-        stream = self.stream
-        if stream.closed or stream.state is not ASGIWebsocketState.CONNECTED:
-            return
-        if stream.connection.state is ConnectionState.OPEN:
-            self.server.write_now(b"\x89\x00")
+        control frame may go between any two frames; see ``_heartbeat``). True if part of
+        it is kept for :meth:`finish_sending` (the socket took one byte of two)."""
+        if self.lost():
+            return False
+        return self.server.write_now(b"\x89\x00") is True
 
     async def drop(self, code: int | None, reason: str) -> None:
         """Close the connection now: a close frame with ``code`` first, if it can be
@@ -152,10 +151,19 @@ class DirectFrames:
         await self.server.drop()
 
     def lost(self) -> bool:
-        """Whether the connection is gone under the app: Hypercorn closed the stream (the
-        client reset it, or broke the protocol) or a socket write failed. Hypercorn then
-        drops every send silently, well before the app's ``receive`` hears of it."""
-        return self.stream.closed or self.server.write_failed
+        """Whether a message sent now could not arrive: Hypercorn closed the stream (the
+        client reset it, or broke the protocol), a socket write failed, or the connection
+        is closing (a close frame went out: wsproto refuses data, and Hypercorn swallows
+        its refusal). Hypercorn drops every such send silently, well before the app's
+        ``receive`` hears of it. (Checked right before a send: Hypercorn's path decides
+        synchronously, on entry, whether it sends.)"""
+        stream = self.stream
+        return (
+            stream.closed
+            or self.server.write_failed
+            or stream.state is not ASGIWebsocketState.CONNECTED
+            or stream.connection.state is not ConnectionState.OPEN
+        )
 
     async def send_texts(self, texts: Sequence[str]) -> None:
         """Write one text frame per item, in order, in one write (call only if

@@ -289,10 +289,9 @@ class FastSendTCPServer(TCPServer):
         return "sent"
 
     async def drop(self) -> None:
-        """Close the connection now, as Hypercorn's own idle timeout does: the protocol
-        hears ``Closed`` (the app gets its disconnect), then the socket closes (a write
-        waiting for room ends)."""
-        await self.protocol.handle(Closed())
+        """Close the connection now: the socket closes (a write waiting for room ends), and
+        the read loop, woken by it, tells the protocol ``Closed`` as for any peer that
+        left (the app gets its disconnect). Nothing here waits for the app."""
         await self.stream.aclose()
 
     def _stall_limit(self) -> float:

@@ -152,8 +152,9 @@ class ClientFrameReader:
                 if end - pos < header:
                     break
                 length = int.from_bytes(buf[pos + 2 : pos + 10], "big")
-                if length >> 63:
-                    return self._give_up(items, buf, pos, "payload length's top bit set")
+                if length >> 63:  # (closing: handed on plainly, wsproto fails it)
+                    error = None if self._closing else "payload length's top bit set"
+                    return self._give_up(items, buf, pos, error)
             opcode = b0 & 0x0F
             fin = b0 & 0x80
             frame_end = pos + header + 4 + length

@@ -54,9 +54,14 @@ class Watched(Protocol):
         connection cannot be watched (not punie-trio's socket reader)."""
         ...
 
-    def ping_now(self) -> None:
+    def ping_now(self) -> bool:
         """Send a ping if it can be written at once (else skip it: other writes are in
-        flight, and bytes heard will tell)."""
+        flight, and bytes heard will tell). True if part of it waits for
+        :meth:`finish_sending`."""
+        ...
+
+    async def finish_sending(self) -> None:
+        """Write what a :meth:`ping_now` kept."""
         ...
 
     async def drop(self, code: int | None, reason: str) -> None:
@@ -107,22 +112,37 @@ class Heartbeat:
                 self._nursery = None
 
     def sweep(self) -> None:
-        """Ping the silent, drop the dead and the never initialized (see the module)."""
+        """Ping the silent, drop the dead and the never initialized (see the module).
+
+        Error handling: a connection whose check fails is logged and skipped; the watcher
+        (in the server's root nursery) goes on."""
         now = trio.current_time()
         for stream, entry in list(self._watched.items()):
             if stream in self._dropping:
                 continue
-            heard = stream.last_heard()
-            if heard is None:
-                continue
-            if not entry.connection.initialized and now - entry.since >= self.initialize_within:
-                self._drop(
-                    stream, 1008, f"initialize not received within {self.initialize_within:g} s"
-                )
-            elif now - heard >= self.drop_after:
-                self._drop(stream, None, f"no answer to pings for {self.drop_after:g} s")
-            elif now - heard >= self.ping_after:
-                stream.ping_now()
+            try:
+                self._check(stream, entry, now)
+            except Exception:
+                log.exception("heartbeat: checking a WebSocket failed")
+
+    def _check(self, stream: Watched, entry: _Entry, now: float) -> None:
+        heard = stream.last_heard()
+        if heard is None:
+            return
+        if not entry.connection.initialized and now - entry.since >= self.initialize_within:
+            self._drop(stream, 1008, f"initialize not received within {self.initialize_within:g} s")
+        elif now - heard >= self.drop_after:
+            self._drop(stream, None, f"no answer to pings for {self.drop_after:g} s")
+        elif now - heard >= self.ping_after and stream.ping_now():
+            assert self._nursery is not None
+            self._nursery.start_soon(self._finish, stream)
+
+    async def _finish(self, stream: Watched) -> None:
+        with trio.move_on_after(CLOSE_TIMEOUT):
+            try:
+                await stream.finish_sending()
+            except Exception:
+                log.exception("heartbeat: finishing a ping failed")
 
     def _drop(self, stream: Watched, code: int | None, reason: str) -> None:
         log.info("closing a WebSocket: %s", reason)
@@ -132,6 +152,9 @@ class Heartbeat:
 
     async def _drop_one(self, stream: Watched, code: int | None, reason: str) -> None:
         try:
-            await stream.drop(code, reason)
+            with trio.move_on_after(CLOSE_TIMEOUT):
+                await stream.drop(code, reason)
+        except Exception:
+            log.exception("heartbeat: dropping a WebSocket failed")
         finally:
             self._dropping.discard(stream)

@@ -30,8 +30,9 @@ class TurnContext(Protocol):
     def history(self) -> Sequence[tuple[str, str]]:
         """(role, text) pairs of earlier turns in this session, oldest first: two per turn,
         ``("user", ...)`` then ``("agent", ...)``. A turn that ended in ``refusal`` is not
-        in it ("won't be included in the next prompt", the schema's ``StopReason``), nor
-        one whose model failed."""
+        in it ("won't be included in the next prompt", the schema's ``StopReason``). Nor
+        is one whose model failed, while the session stays live (it is recorded, so a
+        load brings it back)."""
         ...
 
     @property

@@ -175,19 +175,20 @@ class _Context:
                 )
             )
         )
+        # Open from its report until its last update has been handed over: a cancel
+        # anywhere in between (an emit raises Cancelled before it sends anything) leaves
+        # it to ProjectWorker._run_turn, which reports it failed.
+        open_tools = self.turn.open_tools
+        open_tools.append(tool_id)
         await self._emit(Update(updates.tool_call_update(tool_id, status="in_progress")))
-        self.turn.open_tools.append(tool_id)
         try:
             output = await spec.run(self.turn.start.env, tool_input, self.call_client)
-        except trio.Cancelled:
-            raise  # (still open: the turn reports it, see ProjectWorker._run_turn)
         except (ToolError, ClientCallError) as exc:
-            self.turn.open_tools.remove(tool_id)
             await self._emit(
                 Update(updates.tool_call_update(tool_id, status="failed", text=str(exc)))
             )
+            open_tools.remove(tool_id)
             return None
-        self.turn.open_tools.remove(tool_id)
         await self._emit(
             Update(
                 updates.tool_call_update(
@@ -195,6 +196,7 @@ class _Context:
                 )
             )
         )
+        open_tools.remove(tool_id)
         return output
 
 

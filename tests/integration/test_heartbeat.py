@@ -17,6 +17,7 @@ from wsproto.events import AcceptConnection, CloseConnection, Message, Ping, Req
 
 from punie_trio.hub import Limits
 from punie_trio.web._heartbeat import INITIALIZE_WITHIN, PING_AFTER, SWEEP_EVERY
+from punie_trio.worker import ScriptModel
 
 from ..acp_schema import SchemaChecker
 from ._support import acp_ws_client, settle_until
@@ -144,3 +145,57 @@ async def test_silent_peers_are_pinged_then_dropped_and_lazy_ones_closed(
             for raw in (silent, lazy):
                 raw.peek.close()
                 await raw.stream.aclose()
+
+
+async def test_an_answer_sent_after_a_1009_close_is_kept_for_the_client(
+    start_server: StartServer,
+    tmp_path: Path,
+    acp_schema: SchemaChecker,
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    """Once the server has sent its close (1009 for a message over the bound), Hypercorn
+    drops the app's sends without a word. A prompt's answer sent then was taken as
+    delivered; it is now kept, and a client re-attaching within grace gets it."""
+    model = ScriptModel([[{"text": "working"}, {"sleep": 1}, {"text": "done"}]])
+    limits = Limits(grace_seconds=300)
+    async with start_server(model, max_message_bytes=4096, limits=limits) as running:
+        manager = running.manager
+        assert running.url is not None
+        raw = await RawClient.connect(running.url)
+        await raw.send_json(
+            {"jsonrpc": "2.0", "id": 1, "method": "initialize",
+             "params": {"protocolVersion": 1, "_meta": {"punie-trio/clientId": "ide"}}}
+        )  # fmt: skip
+        await raw.send_json(
+            {"jsonrpc": "2.0", "id": 2, "method": "session/new",
+             "params": {"cwd": str(tmp_path), "mcpServers": []}}
+        )  # fmt: skip
+        await settle_until(lambda: len(manager.sessions) == 1)
+        (session_id,) = manager.sessions
+        prompt = [{"type": "text", "text": "go"}]
+        await raw.send_json(
+            {"jsonrpc": "2.0", "id": 3, "method": "session/prompt",
+             "params": {"sessionId": session_id, "prompt": prompt}}
+        )  # fmt: skip
+        await settle_until(lambda: manager.sessions[session_id].turn is not None)
+        await raw.stream.send_all(raw.ws.send(Message(data="x" * 5000)))  # over the bound
+        await settle()
+        raw.read_ready()
+        assert raw.closed_with() == (1009, "message over the 4096-byte limit")
+        mock_clock.jump(2)  # the turn ends and answers while the connection is closing
+        await settle_until(lambda: manager.sessions[session_id].turn is None)
+        await settle()
+        raw.read_ready()
+        received = [json.loads(e.data).get("id") for e in raw.events if isinstance(e, Message)]
+        assert 3 not in received
+        raw.peek.close()
+        await raw.stream.aclose()
+        await settle_until(lambda: len(manager.connections) == 0)
+        # (The schema checker validates answers against the requests it saw sent.)
+        acp_schema.client_sent({"jsonrpc": "2.0", "id": 3, "method": "session/prompt"})
+        async with acp_ws_client(running.url, acp_schema) as (again, _):
+            meta = {"punie-trio/clientId": "ide"}
+            await again.request("initialize", {"protocolVersion": 1, "_meta": meta})
+            await settle()  # (no waiting for it: on a MockClock a missing answer would hang)
+            answers = [m for m in again.received if m.get("id") == 3]
+        assert [a.get("result") for a in answers] == [{"stopReason": "end_turn"}]

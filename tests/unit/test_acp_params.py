@@ -267,7 +267,7 @@ def test_prompt_optional_fields_with_bad_values_are_dropped_as_the_schema_reads_
         {"type": "text", "text": "c", "annotations": {"priority": "high", "audience": ["user", 3,
                                                        "robot"], "lastModified": None}},
         {"type": "resource_link", "name": "n", "uri": "u", "size": "big", "title": 3,
-         "mimeType": "text/plain"},
+         "mimeType": "text/plain", "description": 42},
         {"type": "resource", "resource": {"uri": "u", "blob": "AA", "mimeType": 1}},
     ]  # fmt: skip
     parsed = acp.parse_prompt(_prompt(*blocks))

@@ -322,3 +322,29 @@ async def test_a_loaded_session_leaves_its_refused_turns_out_of_the_history(
         await a.request("session/load", load_params(session, hub.root))
         assert await a.prompt(session, "again") == "end_turn"
     assert seen[-1] == [("user", "good"), ("agent", "answer to good")]
+
+
+async def test_a_cancelled_close_leaves_the_session_usable(
+    tmp_path: Path, acp_schema: SchemaChecker
+) -> None:
+    """A close cancelled ($/cancel_request) while its turn wound down once left the session
+    marked closing: every later prompt and load was refused."""
+    model = ScriptModel([[{"text": "slow"}, {"sleep": 5}], [{"text": "again"}]])
+    store = GatedStore()
+    async with open_hub(tmp_path, acp_schema, model, store=store) as hub:  # type: ignore[arg-type]
+        (a,) = await clients(hub, 1)
+        session = await a.new_session(str(hub.root))
+        await send_prompt(a, "p", session, "go")
+        await a.wait_for(has_update(session, "agent_message_chunk", "slow"))
+        store.appends.armed = True
+        close = {"jsonrpc": "2.0", "id": "C", "method": "session/close"}
+        await a.send({**close, "params": {"sessionId": session}})
+        await store.appends.entered.wait()  # the close waits for the cancelled turn
+        await a.notify("$/cancel_request", {"requestId": "C"})
+        answer = await a.wait_for(lambda m: m.get("id") == "C")
+        assert answer["error"]["code"] == -32800
+        store.appends.armed = False
+        store.appends.opened.set()
+        await a.wait_for(lambda m: m.get("id") == "p")
+        assert session in hub.manager.sessions and not hub.manager.sessions[session].closing
+        assert await a.prompt(session, "again") == "end_turn"

@@ -261,6 +261,30 @@ async def test_a_cancelled_turn_ends_its_running_tool_call_failed(tmp_path: Path
     ]
 
 
+async def test_a_tool_run_that_outlives_the_cancel_still_ends_failed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, autojump_clock: trio.testing.MockClock
+) -> None:
+    """A tool whose run finishes regardless of the cancel (a disk read in a thread) came
+    back to an emit that raised Cancelled: its call was dropped from the open ones without
+    its last update, and stayed in_progress for ever."""
+    from punie_trio.worker import _tools
+
+    async def uncancellable(env: Any, tool_input: Any, call: Any) -> str:
+        with trio.CancelScope(shield=True):
+            await trio.sleep(1)
+        return "done"
+
+    monkeypatch.setitem(_tools.TOOLS, "slow", _tools.ToolSpec("read", "Slow", uncancellable))
+    async with running_worker(tmp_path, script([{"tool": "slow", "input": {}}])) as h:
+        turn_id, events = await h.start()
+        assert (await events.receive()).update["status"] == "pending"  # type: ignore[union-attr]
+        assert (await events.receive()).update["status"] == "in_progress"  # type: ignore[union-attr]
+        await h.commands.send(CancelTurn(turn_id))
+        updates, finished = await collect(events)
+    assert finished == TurnFinished("cancelled")
+    assert [(u["toolCallId"], u["status"]) for u in updates] == [("call_1_1", "failed")]
+
+
 async def test_cancelled_turn_counts_in_history(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
