@@ -789,9 +789,9 @@ class Manager:
         events_receive: EventReceiver[TurnEvent]
         events_send, events_receive = open_event_channel(TURN_EVENT_BUFFER)
         env = TurnEnv(session.id, session.cwd, session.allowed_roots, conn.capabilities)
-        start = StartTurn(
-            turn.turn_id, env, params.text(), params.prompt, events_send, session.turns
-        )
+        number = max(session.turns, session.started)
+        session.started = number + 1
+        start = StartTurn(turn.turn_id, env, params.text(), params.prompt, events_send, number)
         unsent: StartTurn | None = None
         try:
             session.worker.commands.send_nowait(start)

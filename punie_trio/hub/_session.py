@@ -84,6 +84,9 @@ class Session:
     worker: WorkerHandle
     turn: ActiveTurn | None = None
     turns: int = 0
+    # Turns started in this live session, counted on from ``turns``: a turn's number (its
+    # tool call ids, the script's turn) stays unique when an earlier one failed to save.
+    started: int = 0
     title: str | None = None
     # While the owner is away within its grace period: its client id and what it missed.
     detached_client: str | None = None

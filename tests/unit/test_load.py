@@ -48,6 +48,7 @@ class GatedStore:
         self.appends = Gate()
         self.updates_fail = False
         self.reads_fail = False
+        self.appends_fail = False
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
@@ -63,6 +64,9 @@ class GatedStore:
 
     async def append_turn(self, *args: Any, **kwargs: Any) -> None:
         await self.appends.pass_through()
+        if self.appends_fail:
+            self.appends_fail = False  # (once)
+            raise StoreError("disk full")
         await self.inner.append_turn(*args, **kwargs)
 
     async def delete_session(self, session_id: str) -> bool:
@@ -348,3 +352,22 @@ async def test_a_cancelled_close_leaves_the_session_usable(
         await a.wait_for(lambda m: m.get("id") == "p")
         assert session in hub.manager.sessions and not hub.manager.sessions[session].closing
         assert await a.prompt(session, "again") == "end_turn"
+
+
+async def test_tool_call_ids_stay_unique_after_a_turn_failed_to_save(
+    tmp_path: Path, acp_schema: SchemaChecker
+) -> None:
+    """Tool call ids count the session's turns; counting only the recorded ones, the turn
+    after one that failed to save reused the ids the client had just seen."""
+    (tmp_path / "a.txt").write_text("a")
+    model = ScriptModel([[{"tool": "read_file", "input": {"path": "a.txt"}}]])
+    store = GatedStore()
+    async with open_hub(tmp_path, acp_schema, model, store=store) as hub:  # type: ignore[arg-type]
+        (a,) = await clients(hub, 1)
+        session = await a.new_session(str(hub.root))
+        store.appends_fail = True
+        failed = await a.request_raw("session/prompt", prompt_params(session, "one"))
+        assert "not saved" in failed["error"]["message"]
+        assert await a.prompt(session, "two") == "end_turn"
+        ids = [u["toolCallId"] for u in a.updates(session) if u["sessionUpdate"] == "tool_call"]
+    assert ids == ["call_1_1", "call_2_1"]
