@@ -31,6 +31,7 @@ from ._hub import (
     initialize,
     open_hub,
     prompt_params,
+    prompt_then_drop,
     send_prompt,
     summary,
 )
@@ -237,12 +238,9 @@ async def test_overflow_sends_reload_required_and_still_the_answer(
     model = ScriptModel([[{"text": "c1 "}, {"sleep": 1}, *({"text": c} for c in chunks)]])
     limits = Limits(detached_buffer=2)
     async with open_hub(tmp_path, acp_schema, model, limits=limits) as hub:
-        a = await hub.connect()
-        await initialize(a.client, client_id="ide-1")
-        session_id = await a.client.new_session(str(hub.root))
-        await send_prompt(a.client, "the-prompt", session_id, "stream a lot")
-        await a.client.wait_for(has_update(session_id, "agent_message_chunk", "c1 "))
-        await a.drop()
+        _, session_id = await prompt_then_drop(
+            hub, "ide-1", "the-prompt", "c1 ", text="stream a lot"
+        )
         await hub.settle()
         await trio.sleep(5)  # the turn ends while its client is away, overflowing the buffer
         assert hub.manager.sessions[session_id].turn is None
@@ -269,12 +267,7 @@ async def test_buffered_updates_within_the_limit_are_all_delivered(
     chunks = [f"c{i} " for i in range(2, 8)]
     model = ScriptModel([[{"text": "c1 "}, {"sleep": 1}, *({"text": c} for c in chunks)]])
     async with open_hub(tmp_path, acp_schema, model, limits=Limits(detached_buffer=6)) as hub:
-        a = await hub.connect()
-        await initialize(a.client, client_id="ide-1")
-        session_id = await a.client.new_session(str(hub.root))
-        await send_prompt(a.client, "the-prompt", session_id, "stream")
-        await a.client.wait_for(has_update(session_id, "agent_message_chunk", "c1 "))
-        await a.drop()
+        _, session_id = await prompt_then_drop(hub, "ide-1", "the-prompt", "c1 ", text="stream")
         await hub.settle()
         await trio.sleep(5)
         b = await hub.connect()
@@ -304,12 +297,7 @@ async def test_a_busy_reconnect_keeps_order_and_sends_nothing_twice(
             steps.append({"sleep": 0.002})
     limits = Limits(outbox_limit=2, grace_seconds=60, detached_buffer=10_000)
     async with open_hub(tmp_path, acp_schema, ScriptModel([steps]), limits=limits) as hub:
-        first = await hub.connect(buffer=1)
-        await initialize(first.client, client_id="ide")
-        session = await first.client.new_session(str(hub.root))
-        await send_prompt(first.client, "p", session, "go")
-        await first.client.wait_for(has_update(session, "agent_message_chunk", "30 "))
-        await first.drop()
+        first, session = await prompt_then_drop(hub, "ide", "p", "30 ", buffer=1)
         await trio.sleep(0.05)  # the turn runs on, its output kept
         second = await hub.connect(buffer=1)
         await initialize(second.client, client_id="ide")
@@ -336,12 +324,7 @@ async def test_a_new_answer_waits_for_the_reattach_backlog(
     model = ScriptModel([long_turn, []])  # the second prompt streams nothing
     limits = Limits(outbox_limit=2, grace_seconds=60, detached_buffer=10_000)
     async with open_hub(tmp_path, acp_schema, model, limits=limits) as hub:
-        first = await hub.connect()
-        await initialize(first.client, client_id="ide")
-        session = await first.client.new_session(str(hub.root))
-        await send_prompt(first.client, "p1", session, "go")
-        await first.client.wait_for(has_update(session, "agent_message_chunk", "first "))
-        await first.drop()
+        _, session = await prompt_then_drop(hub, "ide", "p1", "first ")
         await trio.sleep(1)  # the turn ends while the client is away: all kept
         assert len(hub.manager.sessions[session].pending) > count
         second = await hub.connect(buffer=1)
@@ -460,14 +443,9 @@ async def test_an_old_prompts_answer_never_answers_the_new_connections_own_reque
     under the same id; the old answer is now dropped (and logged)."""
     model = ScriptModel([[{"text": "a"}, {"sleep": 5}]])
     async with open_hub(tmp_path, acp_schema, model, limits=Limits(grace_seconds=60)) as hub:
-        a = await hub.connect()
-        await initialize(a.client, client_id="ide")
-        old_session = await a.client.new_session(str(hub.root))
-        await send_prompt(a.client, "p", old_session, "old")
-        await a.client.wait_for(has_update(old_session, "agent_message_chunk", "a"))
-        await a.drop()
+        await prompt_then_drop(hub, "ide", "p", "a", text="old")
         b = await hub.connect()
-        await initialize(b.client, client_id="ide")  # re-attaches old_session
+        await initialize(b.client, client_id="ide")  # re-attaches the old session
         new_session = await b.client.new_session(str(hub.root))
         await trio.sleep(1)
         await send_prompt(b.client, "p", new_session, "new")  # the same id, afresh
@@ -496,12 +474,7 @@ async def test_clients_away_within_grace_are_bounded_by_the_connection_limit(
         manager = hub.manager
         sessions: dict[str, str] = {}
         for name in ("a", "b", "c"):
-            link = await hub.connect()
-            await initialize(link.client, client_id=name)
-            sessions[name] = await link.client.new_session(str(hub.root))
-            await send_prompt(link.client, "p", sessions[name], "go")
-            await link.client.wait_for(has_update(sessions[name], "agent_message_chunk", "start"))
-            await link.drop()
+            _, sessions[name] = await prompt_then_drop(hub, name, "p", "start")
             await hub.settle()
         # a, b and c away: over the limit of 2, so a (away the longest) lost its grace.
         assert sessions["a"] not in manager.sessions
