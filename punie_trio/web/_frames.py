@@ -185,12 +185,7 @@ class ClientFrameReader:
                     self.failure = (1009, f"message over the {self.max_size}-byte limit")
                     items.append(Failure(*self.failure))
                     self._closing = True
-                    if frame_end > end:
-                        self._discard = frame_end - end
-                        pos = end
-                        break
-                    pos = frame_end
-                    continue
+                    continue  # the same frame again, now dropped by the closing branch
             else:
                 size = 0
             if frame_end > end:
