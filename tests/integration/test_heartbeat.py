@@ -67,6 +67,19 @@ class RawClient:
     async def send_json(self, msg: dict[str, Any]) -> None:
         await self.stream.send_all(self.ws.send(Message(data=json.dumps(msg))))
 
+    async def open_session(self, client_id: str, cwd: Path) -> None:
+        """Send ``initialize`` (with ``client_id``) and ``session/new`` (ids 1 and 2),
+        without reading the answers."""
+        meta = {"punie-trio/clientId": client_id}
+        await self.send_json(
+            {"jsonrpc": "2.0", "id": 1, "method": "initialize",
+             "params": {"protocolVersion": 1, "_meta": meta}}
+        )  # fmt: skip
+        await self.send_json(
+            {"jsonrpc": "2.0", "id": 2, "method": "session/new",
+             "params": {"cwd": str(cwd), "mcpServers": []}}
+        )  # fmt: skip
+
     def pings(self) -> int:
         return sum(isinstance(e, Ping) for e in self.events)
 
@@ -97,14 +110,7 @@ async def test_silent_peers_are_pinged_then_dropped_and_lazy_ones_closed(
             await live.initialize()  # trio-websocket answers pings by itself
             live_session = await live.new_session(str(tmp_path))
             silent = await RawClient.connect(running.url)
-            await silent.send_json(
-                {"jsonrpc": "2.0", "id": 1, "method": "initialize",
-                 "params": {"protocolVersion": 1, "_meta": {"punie-trio/clientId": "laptop"}}}
-            )  # fmt: skip
-            await silent.send_json(
-                {"jsonrpc": "2.0", "id": 2, "method": "session/new",
-                 "params": {"cwd": str(tmp_path), "mcpServers": []}}
-            )  # fmt: skip
+            await silent.open_session("laptop", tmp_path)
             lazy = await RawClient.connect(running.url)  # never sends initialize
             await settle_until(lambda: len(manager.sessions) == 2)
             assert len(manager.connections) == 3
@@ -162,14 +168,7 @@ async def test_an_answer_sent_after_a_1009_close_is_kept_for_the_client(
         manager = running.manager
         assert running.url is not None
         raw = await RawClient.connect(running.url)
-        await raw.send_json(
-            {"jsonrpc": "2.0", "id": 1, "method": "initialize",
-             "params": {"protocolVersion": 1, "_meta": {"punie-trio/clientId": "ide"}}}
-        )  # fmt: skip
-        await raw.send_json(
-            {"jsonrpc": "2.0", "id": 2, "method": "session/new",
-             "params": {"cwd": str(tmp_path), "mcpServers": []}}
-        )  # fmt: skip
+        await raw.open_session("ide", tmp_path)
         await settle_until(lambda: len(manager.sessions) == 1)
         (session_id,) = manager.sessions
         prompt = [{"type": "text", "text": "go"}]

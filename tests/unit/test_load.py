@@ -19,6 +19,7 @@ from punie_trio.worker import EchoModel, ScriptModel
 
 from ..acp_schema import SchemaChecker
 from ..client import AcpTestClient
+from ..models import RefusesBad
 from ..persistence._hub import Hub, has_update, initialize, open_hub, prompt_params, send_prompt
 
 
@@ -92,6 +93,15 @@ def load_params(session: str, root: Path, *extra: Path) -> dict[str, Any]:
     if extra:
         params["additionalDirectories"] = [str(p) for p in extra]
     return params
+
+
+async def slow_turn_running(hub: Hub) -> tuple[AcpTestClient, str]:
+    """A client whose session runs prompt "p", once its first chunk ("slow") has come."""
+    (client,) = await clients(hub, 1)
+    session = await client.new_session(str(hub.root))
+    await send_prompt(client, "p", session, "go")
+    await client.wait_for(has_update(session, "agent_message_chunk", "slow"))
+    return client, session
 
 
 async def test_a_load_claims_the_session_before_it_writes_its_roots(
@@ -201,10 +211,7 @@ async def test_a_prompt_during_a_close_is_refused(
     model = ScriptModel([[{"text": "slow"}, {"sleep": 5}]])
     store = GatedStore()
     async with open_hub(tmp_path, acp_schema, model, store=store) as hub:  # type: ignore[arg-type]
-        (a,) = await clients(hub, 1)
-        session = await a.new_session(str(hub.root))
-        await send_prompt(a, "p", session, "go")
-        await a.wait_for(has_update(session, "agent_message_chunk", "slow"))
+        a, session = await slow_turn_running(hub)
         store.appends.armed = True  # the cancelled turn is held while it is recorded
         answers: dict[str, Any] = {}
 
@@ -306,18 +313,8 @@ async def test_a_loaded_session_leaves_its_refused_turns_out_of_the_history(
 ) -> None:
     """As before the load: a refused turn "won't be included in the next prompt" (the
     schema's StopReason), so the history seeded from the store skips it too."""
-    seen: list[list[tuple[str, str]]] = []
-
-    @attrs.define
-    class Refuses:
-        name: str = "refuses"
-
-        async def run_turn(self, ctx: Any) -> str:
-            seen.append(list(ctx.history))
-            await ctx.text(f"answer to {ctx.prompt_text}")
-            return "refusal" if ctx.prompt_text == "bad" else "end_turn"
-
-    async with open_hub(tmp_path, acp_schema, Refuses()) as hub:
+    model = RefusesBad()
+    async with open_hub(tmp_path, acp_schema, model) as hub:
         (a,) = await clients(hub, 1)
         session = await a.new_session(str(hub.root))
         assert await a.prompt(session, "good") == "end_turn"
@@ -325,7 +322,7 @@ async def test_a_loaded_session_leaves_its_refused_turns_out_of_the_history(
         await a.request("session/close", {"sessionId": session})
         await a.request("session/load", load_params(session, hub.root))
         assert await a.prompt(session, "again") == "end_turn"
-    assert seen[-1] == [("user", "good"), ("agent", "answer to good")]
+    assert model.seen[-1] == [("user", "good"), ("agent", "answer to good")]
 
 
 async def test_a_cancelled_close_leaves_the_session_usable(
@@ -336,10 +333,7 @@ async def test_a_cancelled_close_leaves_the_session_usable(
     model = ScriptModel([[{"text": "slow"}, {"sleep": 5}], [{"text": "again"}]])
     store = GatedStore()
     async with open_hub(tmp_path, acp_schema, model, store=store) as hub:  # type: ignore[arg-type]
-        (a,) = await clients(hub, 1)
-        session = await a.new_session(str(hub.root))
-        await send_prompt(a, "p", session, "go")
-        await a.wait_for(has_update(session, "agent_message_chunk", "slow"))
+        a, session = await slow_turn_running(hub)
         store.appends.armed = True
         close = {"jsonrpc": "2.0", "id": "C", "method": "session/close"}
         await a.send({**close, "params": {"sessionId": session}})

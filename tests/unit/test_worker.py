@@ -36,6 +36,8 @@ from punie_trio.worker import (
 )
 from punie_trio.worker._worker import EMIT_YIELD_EVERY
 
+from ..models import RefusesBad
+
 _turn_ids = itertools.count(1)
 
 
@@ -184,18 +186,8 @@ async def test_turns_cycle_per_session_turn_number(tmp_path: Path) -> None:
 async def test_a_refused_turn_is_left_out_of_the_next_turns_history(tmp_path: Path) -> None:
     """The schema's StopReason: after a refusal, "the user prompt and everything that
     comes after it won't be included in the next prompt"."""
-    seen: list[list[tuple[str, str]]] = []
-
-    @attrs.define
-    class Refuses:
-        name: str = "refuses"
-
-        async def run_turn(self, ctx: TurnContext) -> str:
-            seen.append(list(ctx.history))
-            await ctx.text(f"answer to {ctx.prompt_text}")
-            return "refusal" if ctx.prompt_text == "bad" else "end_turn"
-
-    async with running_worker(tmp_path, Refuses()) as h:
+    model = RefusesBad()
+    async with running_worker(tmp_path, model) as h:
         for prompt in ("good", "bad", "again"):
             await h.run_turn(prompt)
         # A loaded session's history is seeded; a forgotten one starts empty.
@@ -203,9 +195,9 @@ async def test_a_refused_turn_is_left_out_of_the_next_turns_history(tmp_path: Pa
         await h.run_turn("more", env=h.env("c"))
         await h.commands.send(ForgetSession("s1"))
         await h.run_turn("anew")
-    assert seen[2] == [("user", "good"), ("agent", "answer to good")]
-    assert seen[3] == [("user", "q"), ("agent", "a")]
-    assert seen[4] == []
+    assert model.seen[2] == [("user", "good"), ("agent", "answer to good")]
+    assert model.seen[3] == [("user", "q"), ("agent", "a")]
+    assert model.seen[4] == []
 
 
 async def test_cancel_during_sleep(tmp_path: Path, autojump_clock: trio.testing.MockClock) -> None:
