@@ -73,6 +73,15 @@ def _connection(
     return stream, protocol, server
 
 
+def _ws_open(stream: WSStream) -> bool:
+    """Whether Hypercorn's WebSocket ``stream`` is accepted and open both ways: not closed,
+    connected for the app, and wsproto's connection open (no close frame sent or read)."""
+    if stream.closed or stream.state is not ASGIWebsocketState.CONNECTED:
+        return False
+    connection = getattr(stream, "connection", None)
+    return connection is not None and connection.state is ConnectionState.OPEN
+
+
 def text_frame(text: str) -> bytes:
     """One unmasked, final text frame (RFC 6455 section 5.2), as a server sends it."""
     data = text.encode()
@@ -107,14 +116,11 @@ class DirectFrames:
     def usable(self) -> bool:
         """Whether a text frame written now is exactly what Hypercorn's path would write."""
         stream = self.stream
-        if stream.closed or stream.state is not ASGIWebsocketState.CONNECTED:
+        if not _ws_open(stream):
             return False
-        connection = getattr(stream, "connection", None)
-        proto = getattr(connection, "_proto", None)
+        proto = getattr(stream.connection, "_proto", None)
         return (
-            connection is not None
-            and connection.state is ConnectionState.OPEN
-            and not getattr(proto, "extensions", True)
+            not getattr(proto, "extensions", True)
             and getattr(proto, "_outbound_opcode", True) is None
         )
 
@@ -157,13 +163,7 @@ class DirectFrames:
         its refusal). Hypercorn drops every such send silently, well before the app's
         ``receive`` hears of it. (Checked right before a send: Hypercorn's path decides
         synchronously, on entry, whether it sends.)"""
-        stream = self.stream
-        return (
-            stream.closed
-            or self.server.write_failed
-            or stream.state is not ASGIWebsocketState.CONNECTED
-            or stream.connection.state is not ConnectionState.OPEN
-        )
+        return self.server.write_failed or not _ws_open(self.stream)
 
     async def send_texts(self, texts: Sequence[str]) -> None:
         """Write one text frame per item, in order, in one write (call only if
@@ -292,12 +292,7 @@ class DirectReader:
         return reader
 
     def _connected(self) -> bool:
-        stream = self.stream
-        return (
-            not stream.closed
-            and stream.state is ASGIWebsocketState.CONNECTED
-            and stream.connection.state is ConnectionState.OPEN
-        )
+        return _ws_open(self.stream)
 
     def _wsproto_idle(self) -> bool:
         """Whether wsproto and Hypercorn hold nothing of the client's stream: no bytes, no
