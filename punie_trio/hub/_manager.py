@@ -193,8 +193,6 @@ class Manager:
             self._bound_detached()
             return
         for session in owned:
-            if session.turn is not None:
-                self.cancel_turn(session, session.turn)
             self._drop_session(session)
 
     def _keep_unsent(self, owned: list[Session], texts: list[str]) -> None:
@@ -280,12 +278,10 @@ class Manager:
         self._end_grace(client_id)
 
     def _end_grace(self, client_id: str) -> None:
-        """Drop the sessions ``client_id`` left (cancelling their turns): they stay
+        """Drop the sessions ``client_id`` left (their turns are cancelled): they stay
         loadable from the store."""
         self._reattached.pop(client_id, None)
         for session in [s for s in self.sessions.values() if s.detached_client == client_id]:
-            if session.turn is not None:
-                self.cancel_turn(session, session.turn)
             self._drop_session(session)
 
     def _bound_detached(self) -> None:
@@ -678,6 +674,10 @@ class Manager:
         return session
 
     def _drop_session(self, session: Session) -> None:
+        """Forget a live session (it stays loadable from the store), cancelling its turn if
+        one still runs (its relay records it as cancelled)."""
+        if session.turn is not None:
+            self.cancel_turn(session, session.turn)
         del self.sessions[session.id]
         self.store.forget(session.id)
         handle = session.worker
