@@ -74,17 +74,26 @@ def _session_id(obj: Mapping[str, Any]) -> str:
     return _name_text(_req_str(obj, "sessionId"), "sessionId")
 
 
-def _str_list(obj: Mapping[str, Any], key: str, *, absolute: bool = False) -> tuple[str, ...]:
+def _str_list(
+    obj: Mapping[str, Any],
+    key: str,
+    *,
+    path: str = "",
+    absolute: bool = False,
+    required: bool = False,
+) -> tuple[str, ...]:
+    where = f"{path}{key}"
     value = obj.get(key)
-    if value is None:
+    if value is None and not required:
         return ()
     if not isinstance(value, list):
-        raise _bad(key, "must be an array of strings")
+        why = "must be an array of strings"
+        raise _bad(where, f"is required and {why}" if required else why)
     for i, item in enumerate(value):
         if not isinstance(item, str):
-            raise _bad(f"{key}[{i}]", "must be a string")
+            raise _bad(f"{where}[{i}]", "must be a string")
         if absolute:
-            _abs_path_text(item, f"{key}[{i}]")
+            _abs_path_text(item, f"{where}[{i}]")
     return tuple(value)
 
 
@@ -166,9 +175,7 @@ def _mcp_servers(obj: Mapping[str, Any], required: bool) -> None:
             )  # fmt: skip
         _req_str(server, "name", f"{path}.")
         _req_str(server, "command", f"{path}.")
-        args = server.get("args")
-        if not isinstance(args, list) or not all(isinstance(a, str) for a in args):
-            raise _bad(f"{path}.args", "is required and must be an array of strings")
+        _str_list(server, "args", path=f"{path}.", required=True)
         env = server.get("env")
         if not isinstance(env, list):
             raise _bad(f"{path}.env", "is required and must be an array of {name, value}")
@@ -328,11 +335,7 @@ def parse_prompt(params: Params, *, max_bytes: int | None = None) -> PromptParam
                 f"{path}.type", f"{kind!r} is not supported: promptCapabilities.{kind} is false"
             )
         if kind == "text":
-            text = _req_str(block, "text", f"{path}.")
-            # A bare text block counts its text; any other block (or a text block with
-            # more fields: annotations, _meta) its whole JSON text, which is what is stored
-            # and replayed: an 8 MiB blob or _meta is as big as 8 MiB of text.
-            size += _utf8_len(text) if len(block) == 2 else _utf8_len(_json.dumps(block))
+            _req_str(block, "text", f"{path}.")
         elif kind == "resource_link":
             _req_str(block, "name", f"{path}.")
             _req_str(block, "uri", f"{path}.")
@@ -345,8 +348,11 @@ def parse_prompt(params: Params, *, max_bytes: int | None = None) -> PromptParam
             if not isinstance(contents, str) and not isinstance(blob, str):
                 raise _bad(f"{path}.resource", "must hold a string text or blob (the schema's "
                            "TextResourceContents or BlobResourceContents)")  # fmt: skip
-        if kind != "text":
-            size += _utf8_len(_json.dumps(block))
+        # A bare text block counts its text; any other block (or a text block with more
+        # fields: annotations, _meta) its whole JSON text, which is what is stored and
+        # replayed: an 8 MiB blob or _meta is as big as 8 MiB of text.
+        bare = kind == "text" and len(block) == 2
+        size += _utf8_len(block["text"] if bare else _json.dumps(block))
         fixed = _lenient_fields(block, kind)
         if fixed is not block:
             if cleaned is None:
