@@ -225,9 +225,10 @@ def _setup_logging(level: str, data_dir: Path | None) -> None:
     message is cut (:class:`_ClippingFormatter`)."""
     root = logging.getLogger()
     root.setLevel(logging.DEBUG)
+    formatter = _ClippingFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
     stderr = logging.StreamHandler(sys.stderr)
     stderr.setLevel(level.upper())
-    stderr.setFormatter(_ClippingFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    stderr.setFormatter(formatter)
     root.addHandler(stderr)
     if data_dir is not None:
         file_handler = logging.handlers.RotatingFileHandler(
@@ -238,9 +239,7 @@ def _setup_logging(level: str, data_dir: Path | None) -> None:
             errors="backslashreplace",
         )
         file_handler.setLevel(min(logging.INFO, logging.getLevelName(level.upper())))
-        file_handler.setFormatter(
-            _ClippingFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
-        )
+        file_handler.setFormatter(formatter)
         root.addHandler(file_handler)
 
 
