@@ -165,8 +165,9 @@ class _Context:
             return None
         path = tool_input.get("path")
         cwd = self.turn.start.env.cwd
-        clean = isinstance(path, str) and bool(path) and is_name_text(path)
-        locations = [absolute_location(path, cwd)] if clean and isinstance(path, str) else []
+        locations = []
+        if isinstance(path, str) and path and is_name_text(path):
+            locations.append(absolute_location(path, cwd))
         title = f"{spec.title} {path}" if isinstance(path, str) else spec.title
         await self._emit(
             Update(
