@@ -626,3 +626,43 @@ async def test_a_fast_model_hands_over_events_in_batches_but_still_yields(tmp_pa
     partial = sorted({n for n in seen if 0 < n < chunks})
     assert len(partial) >= 2
     assert all(n % EMIT_YIELD_EVERY == 0 for n in partial)
+
+
+def _task_named(suffix: str) -> trio.lowlevel.Task:
+    todo = [trio.lowlevel.current_root_task()]
+    while todo:
+        task = todo.pop()
+        if task.name.endswith(suffix):
+            return task
+        todo += [t for n in task.child_nurseries for t in n.child_tasks]
+    raise AssertionError(f"no task named ...{suffix}")
+
+
+class _StepCounter(trio.abc.Instrument):
+    def __init__(self, task: trio.lowlevel.Task) -> None:
+        self.task, self.steps = task, 0
+
+    def before_task_step(self, task: trio.lowlevel.Task) -> None:
+        self.steps += task is self.task
+
+
+async def test_queued_commands_are_handled_in_one_step(tmp_path: Path) -> None:
+    """The worker handles every queued command when it runs, not one per scheduler step:
+    it is the one task all of a root's prompts pass through, and one command a step once
+    made it the bottleneck with many clients (a scheduler pass per prompt)."""
+    async with running_worker(tmp_path, script([{"sleep": 3600}])) as h:
+        await trio.testing.wait_all_tasks_blocked()
+        counter = _StepCounter(_task_named("ProjectWorker.run"))
+        trio.lowlevel.add_instrument(counter)
+        try:
+            for i in range(5):
+                events, _ = trio.open_memory_channel[TurnEvent](8)
+                start = StartTurn(next(_turn_ids), h.env(f"s{i}"), "x", (), events, 0)
+                h.commands.send_nowait(start)
+            await trio.testing.wait_all_tasks_blocked()
+        finally:
+            trio.lowlevel.remove_instrument(counter)
+        assert h.worker.running_turns == 5
+        assert counter.steps == 1
+        for turn_id in list(h.worker._turns):
+            h.commands.send_nowait(CancelTurn(turn_id))
