@@ -68,7 +68,13 @@ class Store(Protocol):
         given as JSON text with a raw newline).
 
         ``alone``: the caller knows no other turn is about to be recorded (none other is
-        running), so a store that gathers turns into one commit need not wait for more."""
+        running), so a store that gathers turns into one commit need not wait for more.
+
+        Cancellation: a caller cancelled before the call records nothing (``Cancelled``
+        at once). Once the call has begun it is not interruptible: it records the turn
+        (or fails) and returns within a bounded time, then the cancellation lands at the
+        caller's next checkpoint. The manager relies on this and puts no cancel scope
+        around a turn's commit (each would cost ~9 us a prompt)."""
         ...
 
     async def transcript(self, session_id: str) -> list[TranscriptEntry]:

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import attrs
+import pytest
 import trio
 import trio.testing
 
@@ -64,7 +65,11 @@ class GatedStore:
             yield rows
 
     async def append_turn(self, *args: Any, **kwargs: Any) -> None:
-        await self.appends.pass_through()
+        # Not interruptible once begun (the Store protocol): only a caller cancelled
+        # before the call is refused.
+        await trio.lowlevel.checkpoint_if_cancelled()
+        with trio.CancelScope(shield=True):
+            await self.appends.pass_through()
         if self.appends_fail:
             self.appends_fail = False  # (once)
             raise StoreError("disk full")
@@ -365,3 +370,23 @@ async def test_tool_call_ids_stay_unique_after_a_turn_failed_to_save(
         assert await a.prompt(session, "two") == "end_turn"
         ids = [u["toolCallId"] for u in a.updates(session) if u["sessionUpdate"] == "tool_call"]
     assert ids == ["call_1_1", "call_2_1"]
+
+
+async def test_a_title_that_fails_to_save_does_not_fail_the_recorded_turn(
+    tmp_path: Path, acp_schema: SchemaChecker, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The first prompt's title is saved after its turn is committed; a store that cannot
+    save it logs the failure and the prompt still answers, its turn recorded (it once
+    answered "the turn was not saved" about a turn that was)."""
+    store = GatedStore()
+    async with open_hub(tmp_path, acp_schema, EchoModel(), store=store) as hub:  # type: ignore[arg-type]
+        (a,) = await clients(hub, 1)
+        session = await a.new_session(str(hub.root))
+        store.updates_fail = True
+        assert await a.prompt(session, "hello there") == "end_turn"
+        store.updates_fail = False
+        rec = await store.inner.get_session(session)
+        assert rec is not None and rec.turns == 1 and rec.title is None
+        kinds = [e.kind for e in await store.inner.transcript(session)]
+        assert kinds == ["user_message_chunk", "agent_message_chunk", "stop"]
+    assert "could not save the title" in caplog.text

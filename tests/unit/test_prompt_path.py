@@ -176,3 +176,45 @@ async def test_cancel_of_a_turn_whose_start_waits_for_room_still_reaches_it(
         # The third start waited for room (relays start in any order).
         assert [relayed_unsent[k] for k in sorted(relayed_unsent)] == [False, False, True]
         nursery.cancel_scope.cancel()
+
+
+async def test_turns_cut_by_a_cancelled_manager_are_recorded_cancelled(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """The manager's nursery cancelled with turns running (their relays cancelled too):
+    each relay still commits its turn, as cancelled, with the real sqlite store's group
+    commit (a relay puts a shield around the commit only when it is already cancelled)."""
+    from punie_trio.worker import ScriptModel
+
+    root = Path(await trio.Path(tmp_path).resolve())
+    model = ScriptModel([[{"text": "working"}, {"sleep": 3600}]])
+    async with open_sqlite_store(root / "store.db") as store:
+        manager = Manager((str(root),), model, store=store)
+        sessions = []
+        async with trio.open_nursery() as nursery:
+            await nursery.start(manager.run)
+            _, theirs, reader, _ = await _connect_initialized(nursery, manager)
+            for i in range(3):
+                new = {"cwd": str(root), "mcpServers": []}
+                await theirs.send_all(_line({"id": 2 + i, "method": "session/new", "params": new}))
+                sessions.append((await reader.next())["result"]["sessionId"])
+            for i, s in enumerate(sessions):
+                prompt = {"sessionId": s, "prompt": [{"type": "text", "text": "x"}]}
+                await theirs.send_all(
+                    _line({"id": 10 + i, "method": "session/prompt", "params": prompt})
+                )
+            for _ in sessions:
+                assert (await reader.next())["method"] == "session/update"
+            await trio.testing.wait_all_tasks_blocked()
+            assert manager._running_turns == 3
+            nursery.cancel_scope.cancel()
+        for s in sessions:
+            entries = await store.transcript(s)
+            assert [e.kind for e in entries] == [
+                "user_message_chunk",
+                "agent_message_chunk",
+                "stop",
+            ]
+            assert entries[-1].payload["stopReason"] == "cancelled"
+            rec = await store.get_session(s)
+            assert rec is not None and rec.turns == 1
