@@ -1039,17 +1039,21 @@ class Manager:
         # turn, not every chunk (older stores without it fall back to the chunks).
         user_said = user_text(params.prompt)
         entries.append((STOP, {"stopReason": stop, "history": [user_said, agent_text]}))
+        alone = self._running_turns == 1
         try:
-            if trio.current_effective_deadline() == -math.inf:
-                # Cancelled (shutting down): shielded, so the turn is still recorded, as
-                # cancelled. Otherwise no scope is needed (one costs ~9 us a prompt):
-                # append_turn is not interruptible once entered (the Store protocol).
-                with trio.CancelScope(shield=True):
-                    await self.store.append_turn(session.id, session.turns, entries)
+            if trio.current_effective_deadline() != -math.inf:
+                # No scope (one costs ~9 us a prompt): append_turn is not interruptible
+                # once begun (the Store protocol), and this task is not cancelled yet.
+                await self.store.append_turn(session.id, session.turns, entries, alone=alone)
             else:
-                await self.store.append_turn(
-                    session.id, session.turns, entries, alone=self._running_turns == 1
-                )
+                # Cancelled (shutting down): shielded, so the turn is still recorded, as
+                # cancelled; with a deadline, so a store that hangs cannot hold shutdown.
+                deadline = trio.current_time() + PERSIST_TIMEOUT
+                with trio.CancelScope(shield=True, deadline=deadline) as scope:
+                    await self.store.append_turn(session.id, session.turns, entries, alone=alone)
+                if scope.cancelled_caught:
+                    log.error("persisting a turn of session %s timed out", session.id)
+                    return "the store did not answer in time"
             session.turns += 1
         except StoreError as exc:
             log.error("could not persist turn of session %s: %s", session.id, exc)
@@ -1066,17 +1070,22 @@ class Manager:
 
     async def _save_title(self, session: Session) -> None:
         """Record the title taken from the session's first prompt. A failure is logged,
-        not reported: the turn itself is recorded, and the title is only a label."""
+        not reported (the turn itself is recorded; the title is only a label), and the
+        title is forgotten, so the next turn tries again."""
+        saved = False
         with trio.CancelScope(shield=True) as scope:
             scope.deadline = trio.current_time() + PERSIST_TIMEOUT
             try:
                 await self.store.update_session(session.id, title=session.title)
+                saved = True
             except StoreError as exc:
                 log.error("could not save the title of session %s: %s", session.id, exc)
             except Exception:  # a store bug must not take the manager down
                 log.exception("saving the title of session %s failed", session.id)
         if scope.cancelled_caught:
             log.error("saving the title of session %s timed out", session.id)
+        if not saved:
+            session.title = None
 
 
 def _answer_clashes(session: Session, conn: ClientConnection, request_id: RequestId | None) -> bool:

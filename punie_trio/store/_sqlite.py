@@ -306,9 +306,9 @@ class SqliteStore:
         a turn at a time, so one bad turn fails alone. A turn recorded ``alone`` (no other
         turn runs: nothing could join) is committed at once, without the leader's passes.
         """
+        await trio.lowlevel.checkpoint_if_cancelled()  # first: a cancelled caller writes nothing
         self._check_open()
         rows = check_turn(turn, entries)
-        await trio.lowlevel.checkpoint_if_cancelled()
         item = _GroupedTurn(session_id, turn, rows)
         group = self._gathering
         if group is not None:

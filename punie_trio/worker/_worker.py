@@ -49,7 +49,7 @@ FINAL_SEND_TIMEOUT = 2.0
 # A model handing over events faster than they are consumed yields to the scheduler at
 # least this often (when the turn's channel is full it waits anyway).
 EMIT_YIELD_EVERY = 16
-# Commands handled in one scheduler step at most, before the worker yields to others.
+# Queued commands handled after the one a step starts with, before the worker yields.
 COMMANDS_PER_STEP = 64
 
 
@@ -240,8 +240,9 @@ class ProjectWorker:
             async with self.commands:
                 async for command in self.commands:
                     self._handle(command, nursery)
-                    # And what else is queued, in the same step: with many clients a
-                    # scheduler trip per command would cost more than the command.
+                    # And what else is queued (up to COMMANDS_PER_STEP more), in the same
+                    # step: with many clients a scheduler trip per command would cost more
+                    # than the command.
                     for _ in range(COMMANDS_PER_STEP):
                         try:
                             command = self.commands.receive_nowait()

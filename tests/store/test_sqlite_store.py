@@ -15,6 +15,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
+import outcome
 import pytest
 import trio
 import trio.testing
@@ -1138,3 +1139,55 @@ async def test_several_writes_wait_for_one_settling_checkpoint(tmp_path: Path) -
         assert await store.get_session("s1") is not None
         assert await store.get_session("s2") is not None
         assert store._checkpointing is None
+
+
+@pytest.mark.parametrize("alone", [False, True])
+async def test_turns_cancelled_while_a_checkpoint_is_awaited_are_all_recorded(
+    tmp_path: Path, alone: bool
+) -> None:
+    """``append_turn`` is not interruptible once begun (the Store protocol; the hub puts no
+    cancel scope around it): callers cancelled while their group (or a turn recorded
+    alone) waits for a settling checkpoint are all committed, and each sees its
+    cancellation afterwards. Without the shield around that wait the leader left with
+    ``Cancelled`` and the turns that had joined it waited for ever."""
+    from punie_trio.store._thread import Started
+
+    async with open_sqlite_store(tmp_path / "s.db") as store:
+        sessions = ["a"] if alone else ["a", "b", "c"]
+        for session_id in sessions:
+            await store.create_session(make_record(session_id))
+        settling: Started[None] = Started()
+        store._checkpointing = settling  # as when the WAL has grown past WAL_SETTLE_BYTES
+        scopes = {session_id: trio.CancelScope() for session_id in sessions}
+        returned: list[str] = []
+
+        async def record(session_id: str) -> None:
+            with scopes[session_id]:
+                await store.append_turn(session_id, 0, sample_turn(0), alone=alone)
+                returned.append(session_id)
+                await trio.lowlevel.checkpoint()
+
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                for session_id in sessions:
+                    nursery.start_soon(record, session_id)
+                await trio.testing.wait_all_tasks_blocked()  # all wait for the checkpoint
+                assert returned == []
+                group = store._gathering
+                assert (group is None) == alone
+                for scope in scopes.values():
+                    scope.cancel()
+                await trio.testing.wait_all_tasks_blocked()
+                if group is not None and store._gathering is None:
+                    # The leader was interrupted (the defect): free the turns that had
+                    # joined it, which cannot be cancelled, so the test fails, not hangs.
+                    for item in group:
+                        if item.task is not None:
+                            trio.lowlevel.reschedule(item.task, outcome.Value(None))
+                    raise AssertionError("the group's leader left while its turns waited")
+                assert returned == []  # still waiting: not interruptible
+                settling.set(outcome.Value(None))
+        assert sorted(returned) == sessions
+        assert all(scope.cancelled_caught for scope in scopes.values())
+        for session_id in sessions:
+            assert _seqs(await store.transcript(session_id)) == list(range(5))

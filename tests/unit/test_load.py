@@ -377,7 +377,7 @@ async def test_a_title_that_fails_to_save_does_not_fail_the_recorded_turn(
 ) -> None:
     """The first prompt's title is saved after its turn is committed; a store that cannot
     save it logs the failure and the prompt still answers, its turn recorded (it once
-    answered "the turn was not saved" about a turn that was)."""
+    answered "the turn was not saved" about a turn that was), and the next turn retries."""
     store = GatedStore()
     async with open_hub(tmp_path, acp_schema, EchoModel(), store=store) as hub:  # type: ignore[arg-type]
         (a,) = await clients(hub, 1)
@@ -389,4 +389,8 @@ async def test_a_title_that_fails_to_save_does_not_fail_the_recorded_turn(
         assert rec is not None and rec.turns == 1 and rec.title is None
         kinds = [e.kind for e in await store.inner.transcript(session)]
         assert kinds == ["user_message_chunk", "agent_message_chunk", "stop"]
-    assert "could not save the title" in caplog.text
+        assert "could not save the title" in caplog.text
+        # Not kept in memory only (session/list reads the store): the next turn retries.
+        assert await a.prompt(session, "second words") == "end_turn"
+        rec = await store.inner.get_session(session)
+        assert rec is not None and rec.turns == 2 and rec.title == "second words"

@@ -34,7 +34,7 @@ from punie_trio.worker import (
     TurnFinished,
     Update,
 )
-from punie_trio.worker._worker import EMIT_YIELD_EVERY
+from punie_trio.worker._worker import COMMANDS_PER_STEP, EMIT_YIELD_EVERY
 
 from ..models import RefusesBad
 
@@ -646,23 +646,30 @@ class _StepCounter(trio.abc.Instrument):
         self.steps += task is self.task
 
 
-async def test_queued_commands_are_handled_in_one_step(tmp_path: Path) -> None:
-    """The worker handles every queued command when it runs, not one per scheduler step:
-    it is the one task all of a root's prompts pass through, and one command a step once
-    made it the bottleneck with many clients (a scheduler pass per prompt)."""
-    async with running_worker(tmp_path, script([{"sleep": 3600}])) as h:
+@pytest.mark.parametrize(("queued", "steps"), [(5, 1), (COMMANDS_PER_STEP + 1, 1), (70, 2)])
+async def test_queued_commands_are_handled_in_one_step(
+    tmp_path: Path, queued: int, steps: int
+) -> None:
+    """The worker handles every queued command when it runs (up to COMMANDS_PER_STEP
+    after the first), not one per scheduler step: it is the one task all of a root's
+    prompts pass through, and one command a step once made it the bottleneck with many
+    clients (a scheduler pass per prompt). The bound keeps a burst from hogging the loop."""
+    send, receive = trio.open_memory_channel[Command](128)
+    worker = ProjectWorker(str(tmp_path), script([{"sleep": 3600}]), receive)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(worker.run)
+        h = Harness(worker, send, tmp_path)
         await trio.testing.wait_all_tasks_blocked()
         counter = _StepCounter(_task_named("ProjectWorker.run"))
         trio.lowlevel.add_instrument(counter)
         try:
-            for i in range(5):
+            for i in range(queued):
                 events, _ = trio.open_memory_channel[TurnEvent](8)
                 start = StartTurn(next(_turn_ids), h.env(f"s{i}"), "x", (), events, 0)
-                h.commands.send_nowait(start)
+                send.send_nowait(start)
             await trio.testing.wait_all_tasks_blocked()
         finally:
             trio.lowlevel.remove_instrument(counter)
-        assert h.worker.running_turns == 5
-        assert counter.steps == 1
-        for turn_id in list(h.worker._turns):
-            h.commands.send_nowait(CancelTurn(turn_id))
+        assert worker.running_turns == queued
+        assert counter.steps == steps
+        await send.aclose()  # the worker cancels its turns and ends
