@@ -40,6 +40,7 @@ from .hub import ClientConnection, Limits, Manager
 from .store import MemoryStore, Store, StoreError, open_sqlite_store
 from .transport import stdio_stream
 from .web import App
+from .web import _deflate as deflate
 from .web import _fast_send as fast_send
 from .web import _handshake as handshake
 from .worker import Model
@@ -248,6 +249,7 @@ async def _start_http(
 ) -> str:
     fast_send.install()
     handshake.install()
+    deflate.install(config.max_message_bytes)
 
     async def run_hypercorn(task_status: trio.TaskStatus[list[str]]) -> None:
         try:

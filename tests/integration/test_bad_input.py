@@ -3,6 +3,7 @@ frame, close code 1009) and never disturbs the other clients."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ from trio_websocket import ConnectionClosed, ConnectionRejected, open_websocket_
 
 from punie_trio.server import Running
 from punie_trio.web._app import _bad_extension_offer
+from punie_trio.web._deflate import BoundedPerMessageDeflate
 from punie_trio.worker import ScriptModel
 
 from ..acp_schema import SchemaChecker
@@ -348,7 +350,57 @@ async def test_a_compressed_connection_frees_its_zlib_streams_when_it_ends(
     held = [
         o
         for o in gc.get_objects()
-        if type(o) is PerMessageDeflate  # (not isinstance: dead weak proxies raise)
+        # (Not isinstance: dead weak proxies raise.)
+        if type(o) in (PerMessageDeflate, BoundedPerMessageDeflate)
         and (o._compressor is not None or o._decompressor is not None)
     ]
     assert held == []
+
+
+async def test_a_compression_bomb_is_closed_1009_before_it_inflates(
+    start_server: StartServer,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    acp_schema: SchemaChecker,
+) -> None:
+    """One compressed message of 64 MiB (about 64 KB on the wire) is refused with 1009
+    after at most the size limit has been inflated, not after all of it (an audit saw 1 GiB
+    inflated, RSS 1.2 GB and other clients stalled, before the 1009); others go on."""
+    import asyncio
+
+    import websockets
+
+    inflated: list[int] = []
+    bounded = BoundedPerMessageDeflate.frame_inbound_payload_data
+
+    def counting(self: BoundedPerMessageDeflate, proto: Any, data: bytes) -> Any:
+        out = bounded(self, proto, data)
+        if isinstance(out, bytes) and self._inbound_compressed:
+            inflated.append(len(out))
+        return out
+
+    monkeypatch.setattr(BoundedPerMessageDeflate, "frame_inbound_payload_data", counting)
+    bomb = '{"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {"x": "' + (
+        "a" * (64 * 1024 * 1024)
+    )
+
+    def send_bomb(url: str) -> int | None:
+        async def run() -> int | None:
+            async with websockets.connect(url, compression="deflate", max_size=None) as ws:
+                with contextlib.suppress(websockets.ConnectionClosed):
+                    await ws.send(bomb)
+                    await ws.recv()
+                return ws.close_code
+
+        return asyncio.run(run())
+
+    async with start_server(max_message_bytes=1024 * 1024) as server:
+        with trio.fail_after(60):
+            code = await trio.to_thread.run_sync(send_bomb, ws_url(server.url))
+            assert code == 1009
+            assert 0 < sum(inflated) <= BoundedPerMessageDeflate.limit + 1
+            assert BoundedPerMessageDeflate.limit < len(bomb)
+            async with acp_ws_client(server.url, acp_schema) as (bystander, _):
+                await bystander.initialize()
+                session = await bystander.new_session(str(tmp_path))
+                assert await bystander.prompt(session, "still here") == "end_turn"
