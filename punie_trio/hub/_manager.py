@@ -382,7 +382,7 @@ class Manager:
     def project_root_for(self, cwd: str) -> str:
         """The most specific project root containing ``cwd`` (resolved), or -32602; so is a
         ``cwd`` that is not a directory (every tool of the session would fail in it)."""
-        path = Path(cwd).resolve()
+        path = _resolve_param(cwd, "cwd")
         matches = self._roots_containing(path)
         if not matches:
             allowed = ", ".join(self.roots)
@@ -394,11 +394,20 @@ class Manager:
         return max(matches, key=len)
 
     def check_inside_roots(self, paths: tuple[str, ...], field: str) -> None:
+        """Each of ``paths`` (additional directories) must be a directory inside a root: a
+        missing one would be checked only when a tool first uses it, and by then it could
+        have been made a symlink to anywhere."""
         for i, path in enumerate(paths):
-            if not self._roots_containing(Path(path).resolve()):
+            where = f"{field}[{i}]"
+            resolved_path = _resolve_param(path, where)
+            if not self._roots_containing(resolved_path):
                 raise RpcError.invalid_params(
-                    f"Invalid params: {field}[{i}] {path!r} is outside the project roots "
+                    f"Invalid params: {where} {path!r} is outside the project roots "
                     f"({', '.join(self.roots)})"
+                )
+            if not resolved_path.is_dir():
+                raise RpcError.invalid_params(
+                    f"Invalid params: {where} {path!r} is not a directory"
                 )
 
     def _check_session_quota(self, conn: ClientConnection) -> None:
@@ -491,7 +500,7 @@ class Manager:
         self.project_root_for(ref.cwd)
         self.check_inside_roots(ref.additional_directories, "additionalDirectories")
         record = await self._stored(ref.session_id)
-        if resolved(ref.cwd) != resolved(record.cwd):
+        if str(_resolve_param(ref.cwd, "cwd")) != str(_resolve_param(record.cwd, "stored cwd")):
             # "cwd is immutable after session setup" (session-list page); only the extra
             # roots may differ from one load to the next (session-setup page).
             raise RpcError.invalid_params(
@@ -586,7 +595,7 @@ class Manager:
     def list_sessions(self, params: acp.ListSessionsParams) -> Awaitable[dict[str, Any]]:
         # Sessions store their cwd resolved (symlinks followed): filter on the same form.
         # Resolved here, in the synchronous part, like every other path check.
-        cwd = resolved(params.cwd) if params.cwd is not None else None
+        cwd = str(_resolve_param(params.cwd, "cwd")) if params.cwd is not None else None
         return self._list_sessions(cwd, params.cursor)
 
     async def _list_sessions(self, cwd: str | None, cursor: str | None) -> dict[str, Any]:
@@ -1086,6 +1095,17 @@ class Manager:
             log.error("saving the title of session %s timed out", session.id)
         if not saved:
             session.title = None
+
+
+def _resolve_param(path: str, where: str) -> Path:
+    """``path`` resolved; one that cannot be (a symlink loop, a directory removed under the
+    walk) is -32602 naming ``where``, not an internal error."""
+    try:
+        return Path(path).expanduser().resolve()  # (as _paths.resolved)
+    except (OSError, RuntimeError) as exc:  # (3.11 reports a symlink loop as RuntimeError)
+        raise RpcError.invalid_params(
+            f"Invalid params: {where} {path!r} cannot be resolved: {exc}"
+        ) from None
 
 
 def _answer_clashes(session: Session, conn: ClientConnection, request_id: RequestId | None) -> bool:

@@ -23,10 +23,20 @@ def resolve_inside(path: str, cwd: str, roots: Iterable[str]) -> Path:
 
     Symlinks are resolved before the check, so a link pointing out of the project is caught;
     ``strict=False`` lets a not-yet-existing file (a write target) resolve through its parent.
+
+    ``roots`` are taken as given: resolved once, when the session was opened (the manager
+    stores them so). Resolving them again here let a root that had since been replaced by
+    a symlink (an additional directory swapped for a link to ``/``) point anywhere.
+
+    Error handling: a path that cannot be resolved (a symlink loop, a directory changing
+    under the walk) is a :class:`PathEscape` too, not an internal error.
     """
     expanded = os.path.expanduser(path)
-    candidate = Path(cwd, expanded).resolve(strict=False)
-    allowed = [Path(r).resolve(strict=False) for r in roots]
+    try:
+        candidate = Path(cwd, expanded).resolve(strict=False)
+    except (OSError, RuntimeError) as exc:  # (3.11 reports a symlink loop as RuntimeError)
+        raise PathEscape(f"path {path!r} cannot be resolved: {exc}") from None
+    allowed = [Path(r) for r in roots]
     for root in allowed:
         if candidate == root or candidate.is_relative_to(root):
             return candidate

@@ -183,3 +183,87 @@ async def test_file_tools_cannot_escape(
         assert asked == ([str(root / "inside.txt")] if through_client else [])
         if tool == "write_file" and not through_client:
             assert (root / "inside.txt").read_text() == "rewritten"
+
+
+async def test_additional_directories_must_be_directories(
+    layout: tuple[Path, Path], acp_schema: SchemaChecker
+) -> None:
+    """A missing one (which could later be created as a symlink to anywhere) or a file is
+    refused like one outside the roots."""
+    root, _ = layout
+    async with open_hub(root, acp_schema, ScriptModel([[{"text": "x"}]])) as hub:
+        for extra in (root / "not-yet", root / "inside.txt"):
+            error = await new_session_error(hub, cwd=str(root), additionalDirectories=[str(extra)])
+            assert error["code"] == -32602
+            assert error["message"] == (
+                f"Invalid params: additionalDirectories[0] {str(extra)!r} is not a directory"
+            )
+        assert hub.manager.sessions == {}
+
+
+async def test_an_additional_directory_swapped_for_a_symlink_lets_nothing_out(
+    layout: tuple[Path, Path], acp_schema: SchemaChecker
+) -> None:
+    """The allowed roots are the ones resolved when the session opened: an additional
+    directory replaced by a symlink to outside afterwards does not widen them (the roots
+    were once resolved again for every tool call, and then pointed outside)."""
+    root, outside = layout
+    extra = root / "extra"
+    extra.mkdir()
+    steps: list[dict[str, Any]] = [
+        {"tool": "read_file", "input": {"path": f"{extra}/secret.txt"}},
+        {"tool": "write_file", "input": {"path": f"{extra}/pwned.txt", "content": "pwned"}},
+    ]
+    async with open_hub(root, acp_schema, ScriptModel([steps])) as hub:
+        link = await hub.connect()
+        await initialize(link.client)
+        result = await link.client.request(
+            "session/new",
+            {"cwd": str(root), "mcpServers": [], "additionalDirectories": [str(extra)]},
+        )
+        session_id = result["sessionId"]
+        extra.rmdir()
+        extra.symlink_to(outside)
+        assert await link.client.prompt(session_id, "escape") == "end_turn"
+        finals = [
+            u
+            for u in link.client.updates(session_id)
+            if u["sessionUpdate"] == "tool_call_update" and u["status"] in ("failed", "completed")
+        ]
+        assert [u["status"] for u in finals] == ["failed", "failed"]
+        for update in finals:
+            assert "outside the allowed roots" in update["content"][0]["content"]["text"]
+        assert SECRET not in str(link.client.received)
+        assert sorted(p.name for p in outside.iterdir()) == ["secret.txt"]
+
+
+async def test_paths_that_cannot_be_resolved_are_invalid_params_or_failed_tools(
+    layout: tuple[Path, Path], acp_schema: SchemaChecker
+) -> None:
+    """A symlink loop under a cwd, an additional directory or a tool's path: -32602 naming
+    the field, and a failed tool call with the turn going on (each was an internal error,
+    and the tool's ended the whole turn)."""
+    root, _ = layout
+    (root / "loop").symlink_to(root / "loop")
+    steps: list[dict[str, Any]] = [
+        {"tool": "read_file", "input": {"path": "loop/x.txt"}},
+        {"text": "still here"},
+    ]
+    async with open_hub(root, acp_schema, ScriptModel([steps])) as hub:
+        loop = str(root / "loop" / "sub")
+        error = await new_session_error(hub, cwd=loop)
+        assert error["code"] == -32602 and "cwd" in error["message"], error
+        assert "cannot be resolved" in error["message"]
+        error = await new_session_error(hub, cwd=str(root), additionalDirectories=[loop])
+        assert error["code"] == -32602 and "additionalDirectories[0]" in error["message"]
+        link = await hub.connect()
+        await initialize(link.client)
+        listed = await expect_error(link.client, "session/list", {"cwd": loop})
+        assert listed["code"] == -32602 and "cannot be resolved" in listed["message"]
+        session_id = await link.client.new_session(str(root))
+        assert await link.client.prompt(session_id, "loop") == "end_turn"
+        updates = link.client.updates(session_id)
+        failed = [u for u in updates if u.get("status") == "failed"]
+        assert len(failed) == 1
+        assert "cannot be resolved" in failed[0]["content"][0]["content"]["text"]
+        assert any(u["sessionUpdate"] == "agent_message_chunk" for u in updates)
