@@ -91,6 +91,15 @@ def _to_host(value: Any) -> str:
     return host
 
 
+def _to_token(value: Any) -> str:
+    # Empty once meant "generate one" without a word; spaces around it could be sent only
+    # in ?token= (an HTTP header's value is stripped).
+    token = _to_nonempty(value)
+    if token != token.strip():
+        raise ValueError("must not have spaces around it")
+    return token
+
+
 def _choice(*names: str, fold_case: bool = False) -> Callable[[Any], str]:
     def convert(value: Any) -> str:
         text = _to_str(value)
@@ -134,7 +143,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("log_level", _choice(*LOG_LEVELS, fold_case=True), "warning"),
     Option("data_dir", _to_path, None),
     Option("store", _choice(*STORES), "sqlite"),
-    Option("token", _to_str, None),
+    Option("token", _to_token, None),
     Option("allow_origin", _to_str, (), many=True),
     Option("metrics_public", _to_bool, False),
     Option("max_message_bytes", _to_positive_int, 16 * 1024 * 1024),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 from pathlib import Path
 
 import platformdirs
@@ -61,10 +62,22 @@ def replace_file(path: Path, data: bytes, mode: int = 0o666) -> None:
     """Write ``data`` to ``path`` whole or not at all: into a file beside it, created with
     ``mode`` (so a private file is never readable by others, even for an instant), then
     renamed into place. On failure an existing file is as it was, and nothing is left
-    behind (no stray copy of, say, a live token)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    behind (no stray copy of, say, a live token).
+
+    The file beside it gets an unguessable name and is created exclusively (``O_EXCL``):
+    a file or symlink planted under a predictable name, by anyone who can write to the
+    directory, once received the token or lent it its wide mode.
+    """
+    for _ in range(100):
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+        except FileExistsError:
+            continue
+        break
+    else:
+        raise FileExistsError(f"could not create a temporary file beside {path}")
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
         with os.fdopen(fd, "wb") as file:
             file.write(data)
         os.replace(tmp, path)

@@ -26,6 +26,7 @@ from ._config import (
     ConfigError,
     _to_host,
     _to_seconds,
+    _to_token,
     load_file,
     resolve,
 )
@@ -75,6 +76,7 @@ def _as_flag(convert: Callable[[Any], T]) -> Callable[[str], T]:
 
 _seconds = _as_flag(_to_seconds)  # a number >= 0 (not nan)
 _host = _as_flag(_to_host)  # not empty (that would bind every interface), no spaces around
+_token = _as_flag(_to_token)  # not empty (that once meant a generated one), no spaces around
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -122,7 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--store", choices=STORES, help="session store (default sqlite)")
     auth = s.add_argument_group("security")
     auth.add_argument(
-        "--token", help="bearer token for /acp (default: generated into DATA_DIR/token)"
+        "--token",
+        type=_token,
+        help="bearer token for /acp (default: generated into DATA_DIR/token)",
     )
     auth.add_argument(
         "--allow-origin",

@@ -152,6 +152,8 @@ def test_serve_project_must_be_a_directory(env: dict[str, str], tmp_path: Path) 
         ["--shutdown-timeout", "nan"],
         ["--grace-seconds", "nan"],
         ["--host", ""],
+        ["--token", ""],
+        ["--token", " spaced "],
         ["--bogus-flag"],
     ],
 )

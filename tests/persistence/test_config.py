@@ -166,6 +166,10 @@ def test_unknown_key_is_named() -> None:
         ),
         ({}, {"PUNIE_DATA_DIR": ""}, "$PUNIE_DATA_DIR: data-dir must not be empty"),
         ({"site": ""}, {}, "config.toml: site must not be empty"),
+        # An empty token once meant "generate one", without a word.
+        ({}, {"PUNIE_TOKEN": ""}, "$PUNIE_TOKEN: token must not be empty"),
+        ({"token": "  "}, {}, "config.toml: token must not be empty"),
+        ({"token": " t0ken "}, {}, "config.toml: token must not have spaces around it"),
         (
             {},
             {"PUNIE_PROJECT": ""},

@@ -22,3 +22,32 @@ def test_ensure_data_dir_is_private(tmp_path: Path) -> None:
     assert path.is_dir()
     assert stat.S_IMODE(path.stat().st_mode) & 0o077 == 0
     assert _paths.ensure_data_dir(path) == path  # idempotent
+
+
+def test_replace_file_never_writes_through_a_planted_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Someone who can write to the directory plants a symlink (to a file they can read)
+    and a wide-mode file under the names the temporary file could take: the token still
+    goes only to its own 0600 file (it once went through the link, or took the planted
+    file's mode)."""
+    leak = tmp_path / "leak.txt"
+    leak.write_text("")
+    (tmp_path / ".token.aaaa.tmp").symlink_to(leak)
+    wide = tmp_path / ".token.bbbb.tmp"
+    wide.write_text("")
+    wide.chmod(0o666)
+    names = iter(["aaaa", "bbbb", "cccc"])
+    monkeypatch.setattr(_paths.secrets, "token_hex", lambda _n: next(names))
+    token = tmp_path / "token"
+    _paths.replace_file(token, b"s3cret\n", 0o600)
+    assert token.read_bytes() == b"s3cret\n"
+    assert not token.is_symlink()
+    assert stat.S_IMODE(token.stat().st_mode) == 0o600
+    assert leak.read_text() == "" and wide.read_text() == ""
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        ".token.aaaa.tmp",
+        ".token.bbbb.tmp",
+        "leak.txt",
+        "token",
+    ]
