@@ -9,7 +9,9 @@ disk directly. Either way the path must resolve inside the session's roots.
 from __future__ import annotations
 
 import io
+import os
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import attrs
@@ -18,7 +20,7 @@ import trio
 from .._json import has_lone_surrogate, is_name_text
 from ..acp import FS_READ_TEXT_FILE, FS_WRITE_TEXT_FILE
 from ._envelopes import TurnEnv
-from ._paths import PathEscape, resolve_inside
+from ._paths import PathEscape, open_beneath, resolve_inside
 
 ClientCaller = Callable[[str, dict[str, Any]], Awaitable[Any]]
 
@@ -76,7 +78,9 @@ async def _read_file(env: TurnEnv, tool_input: dict[str, Any], call: ClientCalle
         return content
     try:
         # As stored (read_text would turn \r\n and \r into \n): what an editor holds.
-        text = (await trio.Path(path).read_bytes()).decode("utf-8")
+        text = (await trio.to_thread.run_sync(_read_disk, path, env.roots)).decode("utf-8")
+    except PathEscape as exc:
+        raise ToolError(str(exc)) from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ToolError(f"cannot read {path}: {exc}") from None
     return _lines_of(text, lines.get("line"), lines.get("limit"))
@@ -110,11 +114,29 @@ async def _write_file(env: TurnEnv, tool_input: dict[str, Any], call: ClientCall
         await call(FS_WRITE_TEXT_FILE, params)
     else:
         try:
-            await trio.Path(path).write_text(content, encoding="utf-8")
+            await trio.to_thread.run_sync(_write_disk, path, env.roots, content)
+        except PathEscape as exc:
+            raise ToolError(str(exc)) from None
         except OSError as exc:
             raise ToolError(f"cannot write {path}: {exc}") from None
     return f"wrote {len(content.encode())} bytes to {path}"
 
+
+def _read_disk(path: Path, roots: tuple[str, ...]) -> bytes:
+    """(On a worker thread.) The file's bytes, opened without following a symlink that
+    appeared since the path was checked (``open_beneath``)."""
+    with os.fdopen(open_beneath(path, roots, os.O_RDONLY | _CLOEXEC), "rb") as file:
+        return file.read()
+
+
+def _write_disk(path: Path, roots: tuple[str, ...], content: str) -> None:
+    """(On a worker thread.) Create or replace the file, as ``_read_disk`` opens it."""
+    fd = open_beneath(path, roots, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | _CLOEXEC)
+    with os.fdopen(fd, "w", encoding="utf-8") as file:
+        file.write(content)
+
+
+_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 
 TOOLS: dict[str, ToolSpec] = {
     "read_file": ToolSpec("read", "Read file", _read_file),

@@ -267,3 +267,45 @@ async def test_paths_that_cannot_be_resolved_are_invalid_params_or_failed_tools(
         assert len(failed) == 1
         assert "cannot be resolved" in failed[0]["content"][0]["content"]["text"]
         assert any(u["sessionUpdate"] == "agent_message_chunk" for u in updates)
+
+
+@pytest.mark.parametrize("tool", ["read_file", "write_file"])
+async def test_a_directory_swapped_for_a_symlink_after_the_check_is_not_followed(
+    layout: tuple[Path, Path], acp_schema: SchemaChecker, monkeypatch: pytest.MonkeyPatch, tool: str
+) -> None:
+    """A local process swaps a checked directory for a symlink to outside between the
+    path check and the open (an audit won that race in 2 of 3 runs with a tight loop of
+    swaps): the tool opens one directory at a time without following links, so it fails
+    and nothing outside is read or written. The swap is made at that very moment here."""
+    from punie_trio.worker import _tools
+
+    root, outside = layout
+    (outside / "secret.txt").write_text(SECRET)
+    race = root / "race"
+    race.mkdir()
+    (race / "secret.txt").write_text("inside")
+    checked = _tools.resolve_inside
+
+    def check_then_swap(path: str, cwd: str, roots: Any) -> Path:
+        resolved = checked(path, cwd, roots)
+        race.rename(root / "race-was")
+        race.symlink_to(outside)
+        return resolved
+
+    monkeypatch.setattr(_tools, "resolve_inside", check_then_swap)
+    steps = [{"tool": tool, "input": {"path": "race/secret.txt", "content": "pwned"}}]
+    async with open_hub(root, acp_schema, ScriptModel([steps])) as hub:
+        link = await hub.connect()
+        await initialize(link.client)
+        session_id = await link.client.new_session(str(root))
+        assert await link.client.prompt(session_id, "race") == "end_turn"
+        finals = [
+            u
+            for u in link.client.updates(session_id)
+            if u["sessionUpdate"] == "tool_call_update" and u["status"] in ("failed", "completed")
+        ]
+        assert [u["status"] for u in finals] == ["failed"]
+        assert "a symlink now stands in its way" in finals[0]["content"][0]["content"]["text"]
+    assert SECRET not in str(link.client.received)
+    assert (outside / "secret.txt").read_text() == SECRET
+    assert sorted(p.name for p in outside.iterdir()) == ["secret.txt"]
