@@ -85,7 +85,8 @@ def open_beneath(path: Path, roots: Iterable[str], flags: int, mode: int = 0o666
     except OSError as exc:
         if exc.errno in (errno.ELOOP, errno.ENOTDIR) and _has_link(root, parts):
             raise PathEscape(
-                f"{path} changed while it was opened: a symlink now stands in its way"
+                f"{path} cannot be opened without following a symlink (one appeared after "
+                "the path was checked, or a link loops)"
             ) from None
         raise
 

@@ -250,22 +250,29 @@ async def test_paths_that_cannot_be_resolved_are_invalid_params_or_failed_tools(
         {"text": "still here"},
     ]
     async with open_hub(root, acp_schema, ScriptModel([steps])) as hub:
+        # (Python 3.11 and 3.12 report the loop while resolving; 3.13 resolves through it,
+        # and then the directory check or the open without following links refuses it.)
         loop = str(root / "loop" / "sub")
         error = await new_session_error(hub, cwd=loop)
         assert error["code"] == -32602 and "cwd" in error["message"], error
-        assert "cannot be resolved" in error["message"]
+        assert "cannot be resolved" in error["message"] or "not a directory" in error["message"]
         error = await new_session_error(hub, cwd=str(root), additionalDirectories=[loop])
         assert error["code"] == -32602 and "additionalDirectories[0]" in error["message"]
         link = await hub.connect()
         await initialize(link.client)
-        listed = await expect_error(link.client, "session/list", {"cwd": loop})
-        assert listed["code"] == -32602 and "cannot be resolved" in listed["message"]
+        listed = await link.client.request_raw("session/list", {"cwd": loop})
+        if "error" in listed:
+            assert listed["error"]["code"] == -32602
+            assert "cannot be resolved" in listed["error"]["message"]
+        else:
+            assert listed["result"]["sessions"] == []
         session_id = await link.client.new_session(str(root))
         assert await link.client.prompt(session_id, "loop") == "end_turn"
         updates = link.client.updates(session_id)
         failed = [u for u in updates if u.get("status") == "failed"]
         assert len(failed) == 1
-        assert "cannot be resolved" in failed[0]["content"][0]["content"]["text"]
+        text = failed[0]["content"][0]["content"]["text"]
+        assert "cannot be resolved" in text or "without following a symlink" in text
         assert any(u["sessionUpdate"] == "agent_message_chunk" for u in updates)
 
 
@@ -305,7 +312,8 @@ async def test_a_directory_swapped_for_a_symlink_after_the_check_is_not_followed
             if u["sessionUpdate"] == "tool_call_update" and u["status"] in ("failed", "completed")
         ]
         assert [u["status"] for u in finals] == ["failed"]
-        assert "a symlink now stands in its way" in finals[0]["content"][0]["content"]["text"]
+        text = finals[0]["content"][0]["content"]["text"]
+        assert "cannot be opened without following a symlink" in text
     assert SECRET not in str(link.client.received)
     assert (outside / "secret.txt").read_text() == SECRET
     assert sorted(p.name for p in outside.iterdir()) == ["secret.txt"]
