@@ -188,6 +188,7 @@ class ClientConnection:
                 )
             self.manager.check_client_id(client_id)
             self.client_id = client_id
+            self.prompt_times = self.manager.prompt_times_for(client_id)
         self.initialized = True
         # We speak exactly version 1: answer with it whatever the client asked (the client
         # disconnects if it cannot speak it), as the initialization page prescribes.

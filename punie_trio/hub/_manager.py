@@ -133,6 +133,9 @@ class Manager:
     _turn_ids: itertools.count[int] = attrs.field(factory=lambda: itertools.count(1), init=False)
     _nursery: trio.Nursery | None = attrs.field(default=None, init=False)
     _reattached: dict[str, trio.Event] = attrs.field(factory=dict, init=False)
+    # The prompt times of clients (by client id) whose connection ended in the last minute:
+    # a client that reconnects under its id goes on with its count (see prompt_times_for).
+    _left_prompt_times: dict[str, list[float]] = attrs.field(factory=dict, init=False)
     # Session ids a session/delete is removing (how many deletes of each are under way).
     _deleting: collections.Counter[str] = attrs.field(factory=collections.Counter, init=False)
     # Turns registered and not yet finished, in every session (the store's group commit
@@ -182,6 +185,8 @@ class Manager:
         self.connections.discard(conn)
         owned = [s for s in self.sessions.values() if s.owner is conn]
         client_id = conn.client_id
+        if client_id and conn.prompt_times:
+            self._keep_prompt_times(client_id, conn.prompt_times)
         if client_id and self._grace_for(conn) and owned:
             if conn.peer is not None:
                 self._keep_unsent(owned, conn.peer.unsent())
@@ -240,6 +245,20 @@ class Manager:
             and self._nursery is not None
             and not self.closing.is_set()
         )
+
+    def _keep_prompt_times(self, client_id: str, times: list[float]) -> None:
+        """Remember a leaving client's prompt times for the rate limit's window (and forget
+        those of clients gone longer than that: the dict stays as small as the churn of
+        the last minute)."""
+        horizon = trio.current_time() - 60.0
+        for gone in [c for c, t in self._left_prompt_times.items() if t[-1] <= horizon]:
+            del self._left_prompt_times[gone]
+        self._left_prompt_times[client_id] = times
+
+    def prompt_times_for(self, client_id: str) -> list[float]:
+        """The prompt times a client id left with, for its new connection: reconnecting
+        does not start a fresh count of ``prompts_per_minute``."""
+        return self._left_prompt_times.pop(client_id, [])
 
     def check_client_id(self, client_id: str) -> None:
         if any(c.client_id == client_id and c.initialized for c in self.connections):

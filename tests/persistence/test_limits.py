@@ -118,6 +118,34 @@ async def test_prompts_per_minute_per_connection(
         assert await a.client.prompt(sa, "four") == "end_turn"
 
 
+async def test_a_client_that_reconnects_goes_on_with_its_prompt_count(
+    tmp_path: Path, acp_schema: SchemaChecker, autojump_clock: trio.testing.MockClock
+) -> None:
+    """A client that says who it is (a client id) keeps its count across a reconnect (it
+    once started afresh, so reconnecting lifted the limit); a client without an id, or
+    back after the window, starts with a full budget."""
+    limits = Limits(prompts_per_minute=2)
+    async with open_hub(tmp_path, acp_schema, EchoModel(), limits=limits) as hub:
+        a = await hub.connect()
+        await initialize(a.client, client_id="ide-1")
+        session = await a.client.new_session(str(hub.root))
+        assert await a.client.prompt(session, "one") == "end_turn"
+        assert await a.client.prompt(session, "two") == "end_turn"
+        await a.drop()
+        await settle_until(lambda: not hub.manager.connections)
+        again = await hub.connect()
+        await initialize(again.client, client_id="ide-1")
+        session = await again.client.new_session(str(hub.root))
+        error = await expect_error(again.client, "session/prompt", prompt_params(session, "3"))
+        assert error["code"] == -32600 and "2 prompts per minute" in error["message"]
+        anonymous = await hub.connect()
+        await initialize(anonymous.client)
+        other = await anonymous.client.new_session(str(hub.root))
+        assert await anonymous.client.prompt(other, "fresh") == "end_turn"
+        await trio.sleep(61)
+        assert await again.client.prompt(session, "three") == "end_turn"
+
+
 def tool_updates(updates: list[dict[str, Any]]) -> list[tuple[str, str]]:
     """(status, text) of each tool call's final update."""
     done = [
