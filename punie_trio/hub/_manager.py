@@ -1117,10 +1117,10 @@ class Manager:
 
 
 def _resolve_param(path: str, where: str) -> Path:
-    """``path`` resolved; one that cannot be (a symlink loop, a directory removed under the
-    walk) is -32602 naming ``where``, not an internal error."""
+    """``path`` :func:`resolved`; one that cannot be (a symlink loop, a directory removed
+    under the walk) is -32602 naming ``where``, not an internal error."""
     try:
-        return Path(path).expanduser().resolve()  # (as _paths.resolved)
+        return Path(resolved(path))
     except (OSError, RuntimeError) as exc:  # (3.11 reports a symlink loop as RuntimeError)
         raise RpcError.invalid_params(
             f"Invalid params: {where} {path!r} cannot be resolved: {exc}"

@@ -7,6 +7,8 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
+_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+
 
 class PathEscape(ValueError):
     """A path resolves outside every allowed root."""
@@ -37,18 +39,22 @@ def resolve_inside(path: str, cwd: str, roots: Iterable[str]) -> Path:
         candidate = Path(cwd, expanded).resolve(strict=False)
     except (OSError, RuntimeError) as exc:  # (3.11 reports a symlink loop as RuntimeError)
         raise PathEscape(f"path {path!r} cannot be resolved: {exc}") from None
-    allowed = [Path(r) for r in roots]
-    for root in allowed:
-        if candidate == root or candidate.is_relative_to(root):
-            return candidate
-    names = ", ".join(str(r) for r in allowed)
+    if _root_of(candidate, roots) is not None:
+        return candidate
+    names = ", ".join(str(r) for r in roots)
     raise PathEscape(f"path {path!r} resolves to {candidate}, outside the allowed roots ({names})")
+
+
+def _root_of(path: Path, roots: Iterable[str]) -> Path | None:
+    """The most specific of ``roots`` that ``path`` is (or lies under), or None."""
+    inside = [Path(r) for r in roots if path.is_relative_to(r)]
+    return max(inside, key=lambda r: len(r.parts)) if inside else None
 
 
 def open_beneath(path: Path, roots: Iterable[str], flags: int, mode: int = 0o666) -> int:
     """Open ``path`` (as :func:`resolve_inside` returned it) without following a symlink on
     the way: from the root it lies in, one directory at a time, each with ``O_NOFOLLOW``.
-    Returns the file descriptor (the caller closes it).
+    Returns the file descriptor (close-on-exec; the caller closes it).
 
     Why: between the check and the open, a local process that can write in the project
     could swap a checked directory for a symlink to outside (an audit did, in 2 of 3 runs).
@@ -60,13 +66,12 @@ def open_beneath(path: Path, roots: Iterable[str], flags: int, mode: int = 0o666
     ``dir_fd`` (not POSIX), the path is opened directly, as before this check existed.
     """
     if os.open not in os.supports_dir_fd or not hasattr(os, "O_NOFOLLOW"):
-        return os.open(path, flags, mode)
-    inside = [Path(r) for r in roots if path == Path(r) or path.is_relative_to(r)]
-    if not inside:
+        return os.open(path, flags | _CLOEXEC, mode)
+    root = _root_of(path, roots)
+    if root is None:
         raise PathEscape(f"{path} is outside the allowed roots")
-    root = max(inside, key=lambda r: len(r.parts))
     parts = path.relative_to(root).parts
-    directory = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+    directory = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | _CLOEXEC
     try:
         fd = os.open(root, directory)
         for name in parts[:-1]:
@@ -79,7 +84,7 @@ def open_beneath(path: Path, roots: Iterable[str], flags: int, mode: int = 0o666
             return fd  # (the root itself: a directory, which the caller's read will refuse)
         parent, fd = fd, -1
         try:
-            return os.open(parts[-1], flags | os.O_NOFOLLOW, mode, dir_fd=parent)
+            return os.open(parts[-1], flags | os.O_NOFOLLOW | _CLOEXEC, mode, dir_fd=parent)
         finally:
             os.close(parent)
     except OSError as exc:

@@ -125,18 +125,16 @@ async def _write_file(env: TurnEnv, tool_input: dict[str, Any], call: ClientCall
 def _read_disk(path: Path, roots: tuple[str, ...]) -> bytes:
     """(On a worker thread.) The file's bytes, opened without following a symlink that
     appeared since the path was checked (``open_beneath``)."""
-    with os.fdopen(open_beneath(path, roots, os.O_RDONLY | _CLOEXEC), "rb") as file:
+    with os.fdopen(open_beneath(path, roots, os.O_RDONLY), "rb") as file:
         return file.read()
 
 
 def _write_disk(path: Path, roots: tuple[str, ...], content: str) -> None:
     """(On a worker thread.) Create or replace the file, as ``_read_disk`` opens it."""
-    fd = open_beneath(path, roots, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | _CLOEXEC)
+    fd = open_beneath(path, roots, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
     with os.fdopen(fd, "w", encoding="utf-8") as file:
         file.write(content)
 
-
-_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 
 TOOLS: dict[str, ToolSpec] = {
     "read_file": ToolSpec("read", "Read file", _read_file),
