@@ -67,23 +67,42 @@ UPDATABLE = frozenset(
 )
 
 
-@contextmanager
-def transaction(conn: sqlite3.Connection) -> Iterator[None]:
+# (Named like the function it replaced: ``with transaction(conn):``.)
+class transaction:
     """``BEGIN IMMEDIATE`` ... ``COMMIT``, or ``ROLLBACK`` on any exception.
 
     IMMEDIATE takes the write lock up front, so a transaction never fails half-way for
     having to upgrade a read lock (and waits ``busy_timeout`` for another process instead).
     A ``COMMIT`` that fails is rolled back too, so no transaction is ever left open.
+
+    A class, not a generator-based context manager: every turn's commit enters one, and
+    the generator machinery cost a few us of it.
     """
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        yield
-        conn.execute("COMMIT")
-    except BaseException:
-        # Checked: on some errors (disk full, I/O) SQLite has already rolled back.
-        if conn.in_transaction:
-            conn.execute("ROLLBACK")
-        raise
+
+    __slots__ = ("_conn",)
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self._conn = conn
+
+    def __enter__(self) -> None:
+        self._conn.execute("BEGIN IMMEDIATE")
+
+    def __exit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
+        conn = self._conn
+        try:
+            if exc_type is None:
+                conn.execute("COMMIT")
+                return
+        except BaseException:
+            _roll_back(conn)
+            raise
+        _roll_back(conn)
+
+
+def _roll_back(conn: sqlite3.Connection) -> None:
+    # Checked: on some errors (disk full, I/O) SQLite has already rolled back.
+    if conn.in_transaction:
+        conn.execute("ROLLBACK")
 
 
 def _record(row: sqlite3.Row | tuple[Any, ...]) -> SessionRecord:
@@ -305,21 +324,13 @@ def append_turns(
     ``before_commit`` runs inside the transaction after every write; tests use it to hold
     a turn mid-transaction (to cancel its caller, or to fail it) and check all-or-nothing.
     """
-    # transaction() spelled out: this runs once a prompt, and the generator-based context
-    # manager costs a few us of it.
-    conn.execute("BEGIN IMMEDIATE")
-    try:
+    with transaction(conn):
         done = [
             write_turn(conn, session_id, turn, rows, now, key, tail)
             for session_id, turn, rows, key, tail in turns
         ]
         if before_commit is not None:
             before_commit()
-        conn.execute("COMMIT")
-    except BaseException:
-        if conn.in_transaction:  # (as in transaction())
-            conn.execute("ROLLBACK")
-        raise
     return done
 
 
