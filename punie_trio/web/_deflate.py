@@ -35,21 +35,8 @@ class BoundedPerMessageDeflate(PerMessageDeflate):
 
     #: Set by :func:`install`.
     limit: ClassVar[int] = 0
-
-    def __init__(
-        self,
-        client_no_context_takeover: bool = False,
-        client_max_window_bits: int | None = None,
-        server_no_context_takeover: bool = False,
-        server_max_window_bits: int | None = None,
-    ) -> None:
-        super().__init__(
-            client_no_context_takeover,
-            client_max_window_bits,
-            server_no_context_takeover,
-            server_max_window_bits,
-        )
-        self._inflated = 0  # bytes of the current message inflated so far
+    #: Bytes of the current message inflated so far (set per instance once it grows).
+    _inflated: int = 0
 
     def frame_inbound_payload_data(
         self, proto: FrameDecoder | FrameProtocol, data: bytes
