@@ -855,7 +855,10 @@ class Manager:
         that arrive together with the turn's end are held until its transcript is committed
         and then queued with the answer, so for a short turn everything leaves in one write
         (not the updates while the commit runs and the answer after it: two writes, two
-        packets for the client to read)."""
+        packets for the client to read). Except for a lone turn on a store whose commit
+        takes time (``Store.slow_commit``): its updates are written first, so the client
+        reads them while the commit runs (1 client on SQLite: +8% turns/s). With other
+        turns running the server's CPU is the limit, and one write is cheaper."""
         started = trio.current_time()
         finished: TurnFinished | None = None
         streamed: list[tuple[str, str]] = []  # (kind, encoded update)
@@ -920,6 +923,14 @@ class Manager:
                     await session.worker.commands.send(CancelTurn(turn.turn_id))
             try:
                 stop = finished.stop_reason if finished is not None else "cancelled"
+                if (
+                    held
+                    and self.store.slow_commit
+                    and self._running_turns == 1
+                    and _answer_follows(session, turn)
+                    and turn.connection.send_encoded_now(held)
+                ):
+                    held = []
                 persist_error = await self._persist_turn(
                     session, params, streamed, stop, "".join(agent_text)
                 )
@@ -939,13 +950,7 @@ class Manager:
                 # The usual case: the owner sent the prompt and missed nothing, so the last
                 # updates and the answer are queued together (and written at once if its
                 # writer is idle). Otherwise the updates take the owner's way first.
-                together = (
-                    turn.request_id is not None
-                    and not turn.orphaned
-                    and session.owner is turn.connection
-                    and not session.pending
-                    and session.flush_done is None
-                )
+                together = _answer_follows(session, turn)
                 if held and not together:
                     await self._deliver_held(session, held)
                 elif not together and not turn.orphaned and session.owner is turn.connection:
@@ -1125,6 +1130,19 @@ def _resolve_param(path: str, where: str) -> Path:
         raise RpcError.invalid_params(
             f"Invalid params: {where} {path!r} cannot be resolved: {exc}"
         ) from None
+
+
+def _answer_follows(session: Session, turn: ActiveTurn) -> bool:
+    """Whether the turn's answer goes straight to the connection that sent the prompt,
+    right after its last updates: the owner sent it and has missed nothing (no updates
+    kept for it, no backlog being flushed)."""
+    return (
+        turn.request_id is not None
+        and not turn.orphaned
+        and session.owner is turn.connection
+        and not session.pending
+        and session.flush_done is None
+    )
 
 
 def _answer_clashes(session: Session, conn: ClientConnection, request_id: RequestId | None) -> bool:

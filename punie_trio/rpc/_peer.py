@@ -298,12 +298,14 @@ class Peer:
 
     def send_encoded_now(self, texts: Iterable[str]) -> bool:
         """Queue already encoded messages at once, even past the outbox's bound (the
-        caller bounds how many: a turn's last updates, sent with its answer). False if the
-        outbox is closed (nothing queued)."""
+        caller bounds how many: a turn's last updates), and write them from this task if
+        the writer is idle (as :meth:`answer_now` does). False if the outbox is closed
+        (nothing queued)."""
         if self._outbox.closed:
             return False
         for text in texts:
-            self._outbox.force(text)
+            self._outbox.force(text, wake=False)
+        self._write_queued_now()
         return True
 
     def answer_now(

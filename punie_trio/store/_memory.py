@@ -40,6 +40,8 @@ from ._model import (
 class MemoryStore:
     """An in-process :class:`~punie_trio.store.Store`; nothing survives the object."""
 
+    slow_commit = False  # (a turn is appended to a list)
+
     clock: Callable[[], float] = time.time
     _sessions: dict[str, SessionRecord] = attrs.field(init=False, factory=dict)
     # Payloads are kept as JSON text, as SQLite keeps them: every read hands out a fresh

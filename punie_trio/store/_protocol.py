@@ -20,6 +20,13 @@ class Store(Protocol):
     except ``get_session`` (``None``) and ``delete_session`` (``False``).
     """
 
+    @property
+    def slow_commit(self) -> bool:
+        """Whether :meth:`append_turn` takes real time (a disk write, tens of microseconds).
+        The hub then sends a lone turn's last updates before the commit, so the client
+        reads them while it runs, rather than in one write with the answer after it."""
+        ...
+
     async def create_session(self, rec: SessionRecord) -> None:
         """Store a new session; a duplicate id is a ``StoreError``."""
         ...

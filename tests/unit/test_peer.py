@@ -975,3 +975,27 @@ async def test_a_deferred_answer_is_written_by_its_caller_when_the_writer_waits(
             await trio.testing.wait_all_tasks_blocked()
             assert len(stream.queued) == 1
         nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("room", [None, 1000])
+async def test_encoded_messages_sent_now_are_written_by_the_caller_when_the_writer_waits(
+    room: int | None,
+) -> None:
+    """``send_encoded_now`` on a NowSender with the writer idle writes from the calling
+    task, before any other task runs (a lone turn's last updates leave before its commit);
+    a stream that cannot write now leaves them to the writer."""
+    ours, _theirs = memory_message_stream_pair()
+    stream = NowStream(ours, room)
+    async with trio.open_nursery() as nursery:
+        peer = Peer(stream, Dispatcher({}))
+        await nursery.start(peer.run)
+        await trio.testing.wait_all_tasks_blocked()
+        assert peer.send_encoded_now(['{"u":1}', '{"u":2}'])
+        if room is None:
+            assert stream.now == []
+            await trio.testing.wait_all_tasks_blocked()
+            assert stream.queued == ['{"u":1}', '{"u":2}']
+        else:
+            assert stream.now == ['{"u":1}', '{"u":2}']
+            assert stream.queued == []
+        nursery.cancel_scope.cancel()

@@ -17,7 +17,7 @@ import trio.testing
 
 from punie_trio.hub import ClientConnection, Manager
 from punie_trio.store import MemoryStore, Store, open_sqlite_store
-from punie_trio.transport import NdjsonStream
+from punie_trio.transport import NdjsonStream, memory_message_stream_pair
 from punie_trio.worker import EchoModel
 
 from .test_peer import LineReader, _CountingSend
@@ -49,7 +49,9 @@ async def test_short_prompt_updates_and_answer_leave_in_one_write(
     tmp_path: Path, store_kind: str
 ) -> None:
     """A short turn's updates and answer leave in exactly one write, with either store
-    (sqlite: the only running turn is committed at once, without a group's passes)."""
+    (sqlite: the only running turn is committed at once, without a group's passes; its
+    updates, sent before the commit, wake the writer of this stream, which cannot write
+    synchronously, and it runs once the answer is queued too)."""
     root = Path(await trio.Path(tmp_path).resolve())
     async with contextlib.AsyncExitStack() as stack:
         store: Store = (
@@ -84,7 +86,8 @@ async def test_short_prompt_updates_and_answer_leave_in_one_write(
                     "result": {"stopReason": "end_turn"},
                 }
                 # The only running turn: the sqlite store commits it at once (alone=True),
-                # so its updates and answer leave in one write with either store.
+                # so its updates and answer leave in one write with either store (over a
+                # NowSender, as a WebSocket, sqlite's go in two: see the test below).
                 assert counting.writes == before + 1
                 assert len(conn.peer._nursery.child_tasks) == tasks  # no handler task
             nursery.cancel_scope.cancel()
@@ -218,3 +221,49 @@ async def test_turns_cut_by_a_cancelled_manager_are_recorded_cancelled(
             assert entries[-1].payload["stopReason"] == "cancelled"
             rec = await store.get_session(s)
             assert rec is not None and rec.turns == 1
+
+
+@pytest.mark.parametrize("slow_commit", [True, False])
+async def test_a_lone_turns_updates_leave_before_a_slow_commit(
+    tmp_path: Path, slow_commit: bool
+) -> None:
+    """The only running turn on a store whose commit takes time (``slow_commit``, as
+    SQLite's): its last updates are written before the commit, so the client reads them
+    while it runs, and the answer follows it. On a store whose commit is immediate they
+    are held and leave with the answer."""
+    from .test_peer import NowStream, Raw
+
+    root = Path(await trio.Path(tmp_path).resolve())
+    seen_at_commit: list[list[str]] = []
+
+    class Store(MemoryStore):
+        async def append_turn(self, *args: Any, **kwargs: Any) -> None:
+            seen_at_commit.append([json.loads(t).get("method", "answer") for t in stream.now])
+            await super().append_turn(*args, **kwargs)
+
+    store = Store()
+    store.slow_commit = slow_commit  # type: ignore[misc]
+    manager = Manager((str(root),), EchoModel(chunks=3), store=store)
+    ours, theirs = memory_message_stream_pair()
+    stream = NowStream(ours, room=1_000_000)
+    raw = Raw(theirs)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(manager.run)
+        conn = ClientConnection(manager, transport="memory")
+        await nursery.start(conn.run, stream)
+        await raw.send({"id": 1, "method": "initialize", "params": {"protocolVersion": 1}})
+        await raw.recv()
+        new = {"cwd": str(root), "mcpServers": []}
+        await raw.send({"id": 2, "method": "session/new", "params": new})
+        session_id = (await raw.recv())["result"]["sessionId"]
+        await trio.testing.wait_all_tasks_blocked()
+        stream.now.clear()
+        prompt = {"sessionId": session_id, "prompt": [{"type": "text", "text": "a b c"}]}
+        await raw.send({"id": 3, "method": "session/prompt", "params": prompt})
+        await trio.testing.wait_all_tasks_blocked()
+        # Written by the relay itself (the writer was idle), in two writes or in one.
+        got = [json.loads(t) for t in stream.now]
+        assert [m.get("method") for m in got[:3]] == ["session/update"] * 3
+        assert got[3:] == [{"jsonrpc": "2.0", "id": 3, "result": {"stopReason": "end_turn"}}]
+        assert seen_at_commit == [["session/update"] * 3 if slow_commit else []]
+        nursery.cancel_scope.cancel()
