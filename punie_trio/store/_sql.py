@@ -315,23 +315,62 @@ def append_turns(
     turns: Sequence[TurnWrite],
     now: float,
     before_commit: Callable[[], None] | None = None,
-) -> list[tuple[int, Tail]]:
+    data_version: int | None = None,
+) -> tuple[list[tuple[int, Tail]], int]:
     """Record several turns (of different sessions) in one transaction, all or none; return
-    each one's key and new tail (see :func:`write_turn`). One transaction for many turns is
-    the point: a commit's cost is mostly per transaction (locks, WAL frame writes), and
-    turns of one transaction share their pages.
+    each one's key and new tail (see :func:`write_turn`), and the connection's ``PRAGMA
+    data_version`` read in the transaction. One transaction for many turns is the point: a
+    commit's cost is mostly per transaction (locks, WAL frame writes), and turns of one
+    transaction share their pages.
+
+    ``data_version``: the value this returned for the connection's last transaction. While
+    it is unchanged no other connection has committed since (SQLite's guarantee; a
+    connection's own commits leave it as it was), so the caller's beliefs, remembered from
+    its own commits, are exact: when every turn has them and each session appears once, the
+    rows go in with one ``executemany`` of the plain ``INSERT``, without the guard's
+    subquery (about 10 us a turn less in the server). The primary and foreign keys still
+    stand behind them. Otherwise each turn goes through :func:`write_turn`.
 
     ``before_commit`` runs inside the transaction after every write; tests use it to hold
     a turn mid-transaction (to cancel its caller, or to fail it) and check all-or-nothing.
     """
     with transaction(conn):
-        done = [
-            write_turn(conn, session_id, turn, rows, now, key, tail)
-            for session_id, turn, rows, key, tail in turns
-        ]
+        version: int = conn.execute("PRAGMA data_version").fetchone()[0]
+        known = _known_tails(turns) if version == data_version else None
+        if known is not None:
+            conn.executemany(
+                _INSERT_TURN,
+                [
+                    (key, turn, tail[1], len(rows), now, encode_entries(rows))
+                    for (_, turn, rows, _, _), (key, tail) in zip(turns, known, strict=True)
+                ],
+            )
+            done = [
+                (key, (turn + 1, tail[1] + len(rows)))
+                for (_, turn, rows, _, _), (key, tail) in zip(turns, known, strict=True)
+            ]
+        else:
+            done = [
+                write_turn(conn, session_id, turn, rows, now, key, tail)
+                for session_id, turn, rows, key, tail in turns
+            ]
         if before_commit is not None:
             before_commit()
-    return done
+    return done, version
+
+
+def _known_tails(turns: Sequence[TurnWrite]) -> list[tuple[int, Tail]] | None:
+    """Each turn's session key and tail, if every turn comes with them, is not below its
+    tail (a turn recorded already is refused by :func:`write_turn`, after a fresh read) and
+    is its session's only one (two would take the same ``first_seq``); else None."""
+    known: list[tuple[int, Tail]] = []
+    for _, turn, _, key, tail in turns:
+        if key is None or tail is None or turn < tail[0]:
+            return None
+        known.append((key, tail))
+    if len({session_id for session_id, *_ in turns}) != len(turns):
+        return None
+    return known
 
 
 def _check_new_turn(session_id: str, turn: int, turns: int) -> None:

@@ -137,6 +137,10 @@ class SqliteStore:
     #: Test hook: runs inside ``append_turn``'s transaction, after the writes and before
     #: ``COMMIT``. Production code leaves it ``None``.
     _before_commit: Callable[[], None] | None = attrs.field(init=False, default=None)
+    #: The writer's ``PRAGMA data_version`` as of its last turn transaction: unchanged, no
+    #: other connection has written since, and the tails and keys are exact (see
+    #: ``_sql.append_turns``). Read first when the writer opens.
+    _data_version: int | None = attrs.field(init=False, default=None)
     #: The turns of the group commit being gathered (None: no group is open).
     _gathering: list[_GroupedTurn] | None = attrs.field(init=False, default=None)
     #: The WAL's frames (bytes) since it last started over, as the last checkpoint saw
@@ -160,6 +164,8 @@ class SqliteStore:
             # The WAL file is reused from its start after each checkpoint (see
             # _checkpoint_done); this trims it back when a burst made it larger.
             writer.execute(f"PRAGMA journal_size_limit = {WAL_SIZE_LIMIT}")
+            # Nothing is remembered yet: whatever changes from here on is another's write.
+            self._data_version = writer.execute("PRAGMA data_version").fetchone()[0]
         except BaseException:
             writer.close()
             raise
@@ -380,9 +386,16 @@ class SqliteStore:
             for t in group
         ]
         hook = self._before_commit
-        done = _translated(lambda conn: _sql.append_turns(conn, writes, self.clock(), hook))(
-            self._writer
-        )
+        done, version = _translated(
+            lambda conn: _sql.append_turns(conn, writes, self.clock(), hook, self._data_version)
+        )(self._writer)
+        if version != self._data_version:
+            # Another connection wrote (or this is the first turn transaction): what is
+            # remembered of other sessions may be stale. Theirs are read again when they
+            # next write; this group's were checked against the file just now.
+            keys.clear()
+            tails.clear()
+            self._data_version = version
         for t, (key, tail) in zip(group, done, strict=True):
             keys[t.session_id] = key
             tails[t.session_id] = tail

@@ -513,7 +513,8 @@ async def test_a_turn_is_one_row_written_without_a_read(tmp_path: Path, clock: S
         await store.append_turn("s1", 4, sample_turn(4, n=0))
         key = store._keys["s1"]
     verbs = [" ".join(sql.split()[:2]) for sql in statements]
-    assert verbs == ["BEGIN IMMEDIATE", "INSERT INTO", "COMMIT"]
+    assert verbs == ["BEGIN IMMEDIATE", "PRAGMA data_version", "INSERT INTO", "COMMIT"]
+    assert "NOT EXISTS" not in statements[2]  # nothing else wrote: the plain INSERT
     with sqlite3.connect(path) as conn:
         rows = conn.execute(
             "SELECT session, turn, first_seq, count, at, entries FROM turns ORDER BY turn"
@@ -533,6 +534,43 @@ async def test_a_turn_is_one_row_written_without_a_read(tmp_path: Path, clock: S
     assert [json.loads(line.split("\t", 1)[1]) for line in lines] == [
         p for _, p in sample_turn(1, n=1)
     ]
+
+
+async def test_a_write_by_another_connection_makes_the_next_turns_check_the_file(
+    tmp_path: Path,
+) -> None:
+    """Once another connection has committed (``PRAGMA data_version`` moved), the next turn
+    transaction writes through the guarded ``INSERT`` and what was remembered of every
+    other session is dropped (read again when it next writes); after that, the plain
+    ``INSERT`` again."""
+    path = tmp_path / "s.db"
+    async with open_sqlite_store(path) as store:
+        for session_id in ("s1", "s2"):
+            await store.create_session(make_record(session_id))
+            await store.append_turn(session_id, 0, sample_turn(0))
+        other = sqlite3.connect(path, isolation_level=None)
+        try:
+            other.execute("UPDATE sessions SET title = 'elsewhere' WHERE id = 's2'")
+        finally:
+            other.close()
+        assert store._writer is not None
+        statements: list[str] = []
+        store._writer.set_trace_callback(statements.append)
+        await store.append_turn("s1", 1, sample_turn(1))
+        assert "NOT EXISTS" in statements[2]
+        assert set(store._tails) == {"s1"} and set(store._keys) == {"s1"}
+        statements.clear()
+        await store.append_turn("s2", 1, sample_turn(1))  # its tail is read again
+        assert any(sql.startswith("SELECT") for sql in statements)
+        statements.clear()
+        await store.append_turn("s1", 2, sample_turn(2))
+        store._writer.set_trace_callback(None)
+        assert [" ".join(sql.split()[:2]) for sql in statements] == [
+            "BEGIN IMMEDIATE", "PRAGMA data_version", "INSERT INTO", "COMMIT",
+        ]  # fmt: skip
+        assert "NOT EXISTS" not in statements[2]
+        assert _seqs(await store.transcript("s1")) == list(range(15))
+        assert _seqs(await store.transcript("s2")) == list(range(10))
 
 
 async def test_a_read_in_pages_ends_if_the_session_is_deleted_meanwhile(tmp_path: Path) -> None:
@@ -985,7 +1023,7 @@ async def test_turns_finishing_together_share_one_transaction(tmp_path: Path) ->
                 nursery.start_soon(append, session_id)
         store._writer.set_trace_callback(None)
         verbs = [" ".join(sql.split()[:2]) for sql in statements]
-        assert verbs == ["BEGIN IMMEDIATE", *["INSERT INTO"] * 5, "COMMIT"]
+        assert verbs == ["BEGIN IMMEDIATE", "PRAGMA data_version", *["INSERT INTO"] * 5, "COMMIT"]
         assert sorted(returned) == ids
         for session_id in ids:
             assert store._tails[session_id] == (1, 5)
@@ -1045,7 +1083,13 @@ async def test_a_turn_waiting_in_a_group_is_not_cancelled_half_way(tmp_path: Pat
         store._writer.set_trace_callback(None)
         assert returned and scope.cancelled_caught
         verbs = [" ".join(sql.split()[:2]) for sql in statements]
-        assert verbs == ["BEGIN IMMEDIATE", "INSERT INTO", "INSERT INTO", "COMMIT"]
+        assert verbs == [
+            "BEGIN IMMEDIATE",
+            "PRAGMA data_version",
+            "INSERT INTO",
+            "INSERT INTO",
+            "COMMIT",
+        ]
         assert _seqs(await store.transcript("b")) == list(range(5))
 
 
@@ -1071,7 +1115,7 @@ async def test_a_turn_recorded_alone_commits_without_waiting_for_a_group(
             assert ran == []
             assert store._tails["a"] == (1, 5)
         verbs = [" ".join(sql.split()[:2]) for sql in statements]
-        assert verbs == ["BEGIN IMMEDIATE", "INSERT INTO", "COMMIT"]
+        assert verbs == ["BEGIN IMMEDIATE", "PRAGMA data_version", "INSERT INTO", "COMMIT"]
 
         statements.clear()
 
@@ -1084,7 +1128,13 @@ async def test_a_turn_recorded_alone_commits_without_waiting_for_a_group(
             await store.append_turn("b", 0, sample_turn(0))
         store._writer.set_trace_callback(None)
         verbs = [" ".join(sql.split()[:2]) for sql in statements]
-        assert verbs == ["BEGIN IMMEDIATE", "INSERT INTO", "INSERT INTO", "COMMIT"]
+        assert verbs == [
+            "BEGIN IMMEDIATE",
+            "PRAGMA data_version",
+            "INSERT INTO",
+            "INSERT INTO",
+            "COMMIT",
+        ]
         assert _seqs(await store.transcript("c")) == list(range(5))
 
 
