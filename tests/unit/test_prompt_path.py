@@ -16,6 +16,7 @@ import trio
 import trio.testing
 
 from punie_trio.hub import ClientConnection, Manager
+from punie_trio.hub._manager import EARLY_WRITE_UPDATES
 from punie_trio.store import MemoryStore, Store, open_sqlite_store
 from punie_trio.transport import NdjsonStream, memory_message_stream_pair
 from punie_trio.worker import EchoModel
@@ -223,14 +224,17 @@ async def test_turns_cut_by_a_cancelled_manager_are_recorded_cancelled(
             assert rec is not None and rec.turns == 1
 
 
-@pytest.mark.parametrize("slow_commit", [True, False])
+@pytest.mark.parametrize(
+    ("slow_commit", "chunks", "early"),
+    [(True, EARLY_WRITE_UPDATES, True), (True, EARLY_WRITE_UPDATES - 1, False), (False, 8, False)],
+)
 async def test_a_lone_turns_updates_leave_before_a_slow_commit(
-    tmp_path: Path, slow_commit: bool
+    tmp_path: Path, slow_commit: bool, chunks: int, early: bool
 ) -> None:
     """The only running turn on a store whose commit takes time (``slow_commit``, as
-    SQLite's): its last updates are written before the commit, so the client reads them
-    while it runs, and the answer follows it. On a store whose commit is immediate they
-    are held and leave with the answer."""
+    SQLite's), with EARLY_WRITE_UPDATES or more updates held: they are written before the
+    commit, so the client reads them while it runs, and the answer follows it. Fewer, or
+    on a store whose commit is immediate, they are held and leave with the answer."""
     from .test_peer import NowStream, Raw
 
     root = Path(await trio.Path(tmp_path).resolve())
@@ -243,7 +247,7 @@ async def test_a_lone_turns_updates_leave_before_a_slow_commit(
 
     store = Store()
     store.slow_commit = slow_commit  # type: ignore[misc]
-    manager = Manager((str(root),), EchoModel(chunks=3), store=store)
+    manager = Manager((str(root),), EchoModel(chunks=chunks), store=store)
     ours, theirs = memory_message_stream_pair()
     stream = NowStream(ours, room=1_000_000)
     raw = Raw(theirs)
@@ -258,12 +262,14 @@ async def test_a_lone_turns_updates_leave_before_a_slow_commit(
         session_id = (await raw.recv())["result"]["sessionId"]
         await trio.testing.wait_all_tasks_blocked()
         stream.now.clear()
-        prompt = {"sessionId": session_id, "prompt": [{"type": "text", "text": "a b c"}]}
+        text = " ".join(f"w{i}" for i in range(chunks))
+        prompt = {"sessionId": session_id, "prompt": [{"type": "text", "text": text}]}
         await raw.send({"id": 3, "method": "session/prompt", "params": prompt})
         await trio.testing.wait_all_tasks_blocked()
         # Written by the relay itself (the writer was idle), in two writes or in one.
         got = [json.loads(t) for t in stream.now]
-        assert [m.get("method") for m in got[:3]] == ["session/update"] * 3
-        assert got[3:] == [{"jsonrpc": "2.0", "id": 3, "result": {"stopReason": "end_turn"}}]
-        assert seen_at_commit == [["session/update"] * 3 if slow_commit else []]
+        assert [m.get("method") for m in got[:chunks]] == ["session/update"] * chunks
+        answer = {"jsonrpc": "2.0", "id": 3, "result": {"stopReason": "end_turn"}}
+        assert got[chunks:] == [answer]
+        assert seen_at_commit == [["session/update"] * chunks if early else []]
         nursery.cancel_scope.cancel()
