@@ -13,13 +13,16 @@ Two connections, each bound to one thread (sqlite3 keeps its same-thread check o
   there is a single writer. Nothing can cancel a write half-way: the SQL of a write is not
   interruptible at all.
 - **Each session's key and tail** (recorded turns, next ``seq``) are kept in memory once
-  known, so a turn's transaction is ``BEGIN``, one ``INSERT``, ``COMMIT``: no read, and
-  (schema version 3) no write to ``sessions``. The ``INSERT`` only writes while no turn at
-  or after the believed count is recorded, and its foreign key only lets it while the
-  session with the remembered key exists; if another process changed the session, it
-  writes nothing and both are read from the file instead, in the same transaction. The
-  memory copy changes only once the transaction that wrote it has committed, so a write
-  that fails or is rolled back leaves it as it was.
+  known, so a turn's transaction is ``BEGIN``, ``PRAGMA data_version``, one ``INSERT``,
+  ``COMMIT``: no read, and (schema version 3) no write to ``sessions``. While
+  ``data_version`` has not moved since the store's last turn transaction, no other
+  connection has written and the plain ``INSERT`` is enough. Once it has moved, the
+  guarded ``INSERT`` only writes while no turn at or after the believed count is
+  recorded, and its foreign key only lets it while the session with the remembered key
+  exists; if another process changed the session, it writes nothing and both are read
+  from the file instead, in the same transaction (and what is remembered of the other
+  sessions is dropped). The memory copy changes only once the transaction that wrote it
+  has committed, so a write that fails or is rolled back leaves it as it was.
 - **Group commit**: turns that finish close together share one transaction. Most of a
   commit's cost is per transaction (six ``fcntl`` locks, the WAL frames' ``pwrite`` calls,
   ``BEGIN``/``COMMIT``), and turns of one transaction share their pages: measured in the
