@@ -348,6 +348,11 @@ def _seqs(entries: list[TranscriptEntry]) -> list[int]:
     return [e.seq for e in entries]
 
 
+def _verbs(statements: list[str]) -> list[str]:
+    """Each traced statement's first two words ("BEGIN IMMEDIATE", "INSERT INTO", ...)."""
+    return [" ".join(sql.split()[:2]) for sql in statements]
+
+
 async def test_tails_stay_right_with_two_sessions_interleaved(tmp_path: Path) -> None:
     async with open_sqlite_store(tmp_path / "s.db") as store:
         await store.create_session(make_record("a"))
@@ -512,7 +517,7 @@ async def test_a_turn_is_one_row_written_without_a_read(tmp_path: Path, clock: S
         await store.append_turn("s1", 2, [])  # no entries: still a row
         await store.append_turn("s1", 4, sample_turn(4, n=0))
         key = store._keys["s1"]
-    verbs = [" ".join(sql.split()[:2]) for sql in statements]
+    verbs = _verbs(statements)
     assert verbs == ["BEGIN IMMEDIATE", "PRAGMA data_version", "INSERT INTO", "COMMIT"]
     assert "NOT EXISTS" not in statements[2]  # nothing else wrote: the plain INSERT
     with sqlite3.connect(path) as conn:
@@ -565,7 +570,7 @@ async def test_a_write_by_another_connection_makes_the_next_turns_check_the_file
         statements.clear()
         await store.append_turn("s1", 2, sample_turn(2))
         store._writer.set_trace_callback(None)
-        assert [" ".join(sql.split()[:2]) for sql in statements] == [
+        assert _verbs(statements) == [
             "BEGIN IMMEDIATE", "PRAGMA data_version", "INSERT INTO", "COMMIT",
         ]  # fmt: skip
         assert "NOT EXISTS" not in statements[2]
@@ -1022,7 +1027,7 @@ async def test_turns_finishing_together_share_one_transaction(tmp_path: Path) ->
             for session_id in ids:
                 nursery.start_soon(append, session_id)
         store._writer.set_trace_callback(None)
-        verbs = [" ".join(sql.split()[:2]) for sql in statements]
+        verbs = _verbs(statements)
         assert verbs == ["BEGIN IMMEDIATE", "PRAGMA data_version", *["INSERT INTO"] * 5, "COMMIT"]
         assert sorted(returned) == ids
         for session_id in ids:
@@ -1082,7 +1087,7 @@ async def test_a_turn_waiting_in_a_group_is_not_cancelled_half_way(tmp_path: Pat
         store._before_commit = None
         store._writer.set_trace_callback(None)
         assert returned and scope.cancelled_caught
-        verbs = [" ".join(sql.split()[:2]) for sql in statements]
+        verbs = _verbs(statements)
         assert verbs == [
             "BEGIN IMMEDIATE",
             "PRAGMA data_version",
@@ -1114,7 +1119,7 @@ async def test_a_turn_recorded_alone_commits_without_waiting_for_a_group(
             await store.append_turn("a", 0, sample_turn(0), alone=True)
             assert ran == []
             assert store._tails["a"] == (1, 5)
-        verbs = [" ".join(sql.split()[:2]) for sql in statements]
+        verbs = _verbs(statements)
         assert verbs == ["BEGIN IMMEDIATE", "PRAGMA data_version", "INSERT INTO", "COMMIT"]
 
         statements.clear()
@@ -1127,7 +1132,7 @@ async def test_a_turn_recorded_alone_commits_without_waiting_for_a_group(
             nursery.start_soon(joiner)  # runs while the leader below gathers
             await store.append_turn("b", 0, sample_turn(0))
         store._writer.set_trace_callback(None)
-        verbs = [" ".join(sql.split()[:2]) for sql in statements]
+        verbs = _verbs(statements)
         assert verbs == [
             "BEGIN IMMEDIATE",
             "PRAGMA data_version",
