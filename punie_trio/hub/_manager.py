@@ -863,8 +863,8 @@ class Manager:
         packets for the client to read). Except for a lone turn on a store whose commit
         takes time (``Store.slow_commit``) holding :data:`EARLY_WRITE_UPDATES` or more: they
         are written first, so the client reads them while the commit runs (1 client on
-        SQLite, 20-step turns: +8% turns/s). With other
-        turns running the server's CPU is the limit, and one write is cheaper."""
+        SQLite, 20-step turns: +8% turns/s). With other turns running the server's CPU is
+        the limit, and one write is cheaper."""
         started = trio.current_time()
         finished: TurnFinished | None = None
         streamed: list[tuple[str, str]] = []  # (kind, encoded update)

@@ -323,7 +323,8 @@ def append_turns(
     commit's cost is mostly per transaction (locks, WAL frame writes), and turns of one
     transaction share their pages.
 
-    ``data_version``: the value this returned for the connection's last transaction. While
+    ``data_version``: the connection's ``PRAGMA data_version`` as the caller last read it
+    (what this returned for its last turn transaction, or read when it opened). While
     it is unchanged no other connection has committed since (SQLite's guarantee; a
     connection's own commits leave it as it was), so the caller's beliefs, remembered from
     its own commits, are exact: when every turn has them and each session appears once, the
@@ -338,17 +339,12 @@ def append_turns(
         version: int = conn.execute("PRAGMA data_version").fetchone()[0]
         known = _known_tails(turns) if version == data_version else None
         if known is not None:
-            conn.executemany(
-                _INSERT_TURN,
-                [
-                    (key, turn, tail[1], len(rows), now, encode_entries(rows))
-                    for (_, turn, rows, _, _), (key, tail) in zip(turns, known, strict=True)
-                ],
-            )
-            done = [
-                (key, (turn + 1, tail[1] + len(rows)))
-                for (_, turn, rows, _, _), (key, tail) in zip(turns, known, strict=True)
-            ]
+            params = []
+            done = []
+            for (_, turn, rows, _, _), (key, tail) in zip(turns, known, strict=True):
+                params.append((key, turn, tail[1], len(rows), now, encode_entries(rows)))
+                done.append((key, (turn + 1, tail[1] + len(rows))))
+            conn.executemany(_INSERT_TURN, params)
         else:
             done = [
                 write_turn(conn, session_id, turn, rows, now, key, tail)

@@ -393,9 +393,9 @@ class SqliteStore:
             lambda conn: _sql.append_turns(conn, writes, self.clock(), hook, self._data_version)
         )(self._writer)
         if version != self._data_version:
-            # Another connection wrote (or this is the first turn transaction): what is
-            # remembered of other sessions may be stale. Theirs are read again when they
-            # next write; this group's were checked against the file just now.
+            # Another connection wrote: what is remembered of other sessions may be stale.
+            # Theirs are read again when they next write; this group's were checked
+            # against the file just now.
             keys.clear()
             tails.clear()
             self._data_version = version
