@@ -85,3 +85,19 @@ def replace_file(path: Path, data: bytes, mode: int = 0o666) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def create_private(path: Path) -> None:
+    """Create ``path`` as an empty file readable only by the user (0600), unless it exists
+    (an existing file and its mode are left alone: the user may have chosen it).
+
+    Why: the session store and the log hold transcripts and prompts. SQLite and
+    ``logging`` create their files 0666 less the umask, 0644 for most users, which in a
+    data directory that already existed with a wide mode (the 0700 one ``ensure_data_dir``
+    creates protects only a new directory) let every local user read them. An empty file
+    is a valid empty database, and SQLite creates the ``-wal`` and ``-shm`` files with
+    the database's mode. ``OSError`` (a directory in the way, no permission) is the
+    caller's to report.
+    """
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    os.close(fd)

@@ -30,7 +30,13 @@ from ._config import (
     load_file,
     resolve,
 )
-from ._paths import default_config_path, default_data_dir, ensure_data_dir, token_path
+from ._paths import (
+    create_private,
+    default_config_path,
+    default_data_dir,
+    ensure_data_dir,
+    token_path,
+)
 from ._version import __version__
 from .hub import Limits
 from .server import ServeConfig, ServeError, find_exception, serve
@@ -220,6 +226,15 @@ class _ClippingFormatter(logging.Formatter):
         return super().formatMessage(record)
 
 
+class _PrivateRotatingFileHandler(logging.handlers.RotatingFileHandler):
+    """A ``RotatingFileHandler`` whose new files are readable only by the user (0600): a log
+    line may quote a client's prompt. (Rotation renames files, so the backups keep it.)"""
+
+    def _open(self) -> Any:
+        create_private(Path(self.baseFilename))
+        return super()._open()
+
+
 def _setup_logging(level: str, data_dir: Path | None) -> None:
     """Log to stderr and (with a data dir) to ``punie-trio.log``.
 
@@ -235,7 +250,7 @@ def _setup_logging(level: str, data_dir: Path | None) -> None:
     stderr.setFormatter(formatter)
     root.addHandler(stderr)
     if data_dir is not None:
-        file_handler = logging.handlers.RotatingFileHandler(
+        file_handler = _PrivateRotatingFileHandler(
             data_dir / "punie-trio.log",
             maxBytes=5 * 1024 * 1024,
             backupCount=2,

@@ -12,11 +12,13 @@ migration: append a new one.
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Final
 
+from .._paths import create_private
 from ._model import StoreError
 
 #: One step of a migration: a SQL statement, or a function run on the connection.
@@ -262,6 +264,10 @@ def connect(path: Path) -> sqlite3.Connection:
     (WAL is never torn). ``FULL`` would add an ``fsync`` per turn - milliseconds on many
     disks - to cover power loss, which nothing here promises.
     """
+    # A new store (and so its -wal and -shm) is private to the user. Where that fails,
+    # SQLite's own open below fails too, and its message is the one reported.
+    with contextlib.suppress(OSError):
+        create_private(path)
     try:
         # (Fails here for a path that is a directory: "unable to open database file".)
         conn = sqlite3.connect(path, isolation_level=None, check_same_thread=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import queue
+import stat
 import subprocess
 import sys
 import tempfile
@@ -415,6 +416,29 @@ def test_logs_go_to_the_data_dir_log_file(env: dict[str, str], tmp_path: Path) -
     assert log_file.is_file()
     assert "without an id" in log_file.read_text(encoding="utf-8")
     assert b"without an id" in done.stderr
+
+
+def test_store_and_log_are_private_in_a_data_dir_that_is_not(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    """In a data directory that already existed with mode 0755 (under umask 022), the
+    session store and the log are still created 0600: they hold transcripts and prompts.
+    They were 0644, readable by every local user."""
+    data = tmp_path / "data"
+    data.mkdir(mode=0o755)
+    data.chmod(0o755)
+    done = subprocess.run(
+        [*PUNIE, "serve", "--stdio", "--no-http", "--project", str(tmp_path)],
+        input=b"",
+        capture_output=True,
+        env=env,
+        timeout=TIMEOUT,
+        umask=0o022,
+    )
+    assert done.returncode == 0, done.stderr
+    assert stat.S_IMODE(data.stat().st_mode) == 0o755  # the user's choice, left alone
+    for name in ("sessions.sqlite3", "punie-trio.log", "token"):
+        assert stat.S_IMODE((data / name).stat().st_mode) == 0o600, name
 
 
 def test_a_lone_surrogate_in_a_log_line_is_escaped_not_a_logging_error(

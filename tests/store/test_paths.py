@@ -1,11 +1,13 @@
 from __future__ import annotations
 
+import logging
+import os
 import stat
 from pathlib import Path
 
 import pytest
 
-from punie_trio import _paths
+from punie_trio import _paths, cli
 
 
 def test_data_dir_env_override(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -51,3 +53,40 @@ def test_replace_file_never_writes_through_a_planted_file(
         "leak.txt",
         "token",
     ]
+
+
+def test_create_private_makes_0600_and_leaves_an_existing_file_alone(tmp_path: Path) -> None:
+    old_umask = os.umask(0o022)
+    try:
+        path = tmp_path / "new"
+        _paths.create_private(path)
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+        assert path.read_bytes() == b""
+        mine = tmp_path / "mine"
+        mine.write_bytes(b"kept")
+        mine.chmod(0o644)
+        _paths.create_private(mine)
+        assert stat.S_IMODE(mine.stat().st_mode) == 0o644
+        assert mine.read_bytes() == b"kept"
+        with pytest.raises(IsADirectoryError):
+            _paths.create_private(tmp_path)
+    finally:
+        os.umask(old_umask)
+
+
+def test_the_log_file_and_its_backups_are_private(tmp_path: Path) -> None:
+    """Rotation reopens the log: the new file is 0600 too, and the backups keep it."""
+    old_umask = os.umask(0o022)
+    handler = cli._PrivateRotatingFileHandler(
+        tmp_path / "punie-trio.log", maxBytes=200, backupCount=2, encoding="utf-8"
+    )
+    try:
+        for i in range(20):
+            handler.emit(logging.makeLogRecord({"msg": f"line {i} " + "x" * 40}))
+    finally:
+        handler.close()
+        os.umask(old_umask)
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["punie-trio.log", "punie-trio.log.1", "punie-trio.log.2"]
+    for name in names:
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o600, name

@@ -8,6 +8,7 @@ import json
 import os
 import signal
 import sqlite3
+import stat
 import subprocess
 import sys
 import textwrap
@@ -102,6 +103,26 @@ def test_a_read_only_store_is_refused_at_open(tmp_path: Path) -> None:
         assert not readonly.in_transaction
     finally:
         readonly.close()
+
+
+async def test_a_new_store_and_its_wal_are_private(tmp_path: Path) -> None:
+    """0600 whatever the umask allows (SQLite would make them 0644 under umask 022); an
+    existing file's mode is the user's and is left alone."""
+    old_umask = os.umask(0o022)
+    try:
+        path = tmp_path / "s.db"
+        async with open_sqlite_store(path) as store:
+            await store.create_session(make_record("s1"))
+            for name in ("s.db", "s.db-wal", "s.db-shm"):
+                assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o600, name
+        shared = tmp_path / "shared.db"
+        shared.touch(mode=0o640)
+        shared.chmod(0o640)
+        async with open_sqlite_store(shared):
+            pass
+        assert stat.S_IMODE(shared.stat().st_mode) == 0o640
+    finally:
+        os.umask(old_umask)
 
 
 async def test_not_a_database_is_a_store_error(tmp_path: Path) -> None:
