@@ -1,11 +1,14 @@
-"""A WebSocket handshake with an unsupported ``Sec-WebSocket-Version`` is refused as RFC 6455
-section 4.4 asks: 426 Upgrade Required, naming the version the server speaks.
+"""The WebSocket handshakes Hypercorn refuses before the app sees them: an unsupported
+``Sec-WebSocket-Version`` gets 426 Upgrade Required naming the version the server speaks (RFC
+6455 section 4.4), and every refused handshake ends its TCP connection.
 
-Why: Hypercorn checks the handshake before the app sees it and answers any invalid one with
-a bare 400. For a version it does not speak, the RFC says the server "MUST respond with a
-|Sec-WebSocket-Version| header field ... containing all versions it is willing to use", so a
-client can retry with one of them. :func:`install` wraps Hypercorn's error response for that
-one case; every other invalid handshake keeps its 400.
+Why: Hypercorn answers any invalid handshake with a bare 400. For a version it does not
+speak, the RFC says the server "MUST respond with a |Sec-WebSocket-Version| header field ...
+containing all versions it is willing to use", so a client can retry with one of them.
+And after that 400 (or the 404 for a host it does not serve) Hypercorn left the connection
+open, though its answer says ``connection: close``: its stream never reported itself
+closed, so the connection neither closed nor went idle (no keep-alive timeout), and stayed
+until the client left. :func:`install` wraps Hypercorn's error response for both.
 
 Resource handling: nothing is owned. :func:`install` patches Hypercorn's ``WSStream`` for
 the whole process (idempotent), like ``_fast_send.install``; if Hypercorn's internals ever
@@ -18,7 +21,7 @@ import logging
 import time
 from typing import Any
 
-from hypercorn.protocol.events import Body, EndBody, Response
+from hypercorn.protocol.events import Body, EndBody, Response, StreamClosed
 from hypercorn.protocol.ws_stream import WSStream
 from wsproto.handshake import WEBSOCKET_VERSION
 
@@ -44,11 +47,15 @@ def _wrong_version(stream: Any) -> bool:
 
 
 def install() -> bool:
-    """Answer a wrong ``Sec-WebSocket-Version`` with 426 (idempotent). Returns False,
-    patching nothing, if Hypercorn's internals no longer look as expected."""
+    """Answer a wrong ``Sec-WebSocket-Version`` with 426 and close every connection whose
+    handshake Hypercorn refused (idempotent). Returns False, patching nothing, if
+    Hypercorn's internals no longer look as expected."""
     original = WSStream.__dict__.get("_send_error_response")
     if original is None:
-        log.warning("Hypercorn internals changed; a wrong WebSocket version gets its 400")
+        log.warning(
+            "Hypercorn internals changed; a wrong WebSocket version gets its 400, and a "
+            "refused handshake's connection stays open until the client closes it"
+        )
         return False
     if getattr(original, "punie_trio", False):
         return True
@@ -56,20 +63,28 @@ def install() -> bool:
     async def _send_error_response(self: WSStream, status_code: int) -> None:
         if status_code != 400 or not _wrong_version(self):
             await original(self, status_code)
-            return
-        headers = [
-            (b"sec-websocket-version", WEBSOCKET_VERSION),
-            (b"content-type", b"text/plain; charset=utf-8"),
-            (b"content-length", str(len(_REASON)).encode()),
-            (b"connection", b"close"),
-        ]
-        await self.send(Response(stream_id=self.stream_id, status_code=426, headers=headers))
-        await self.send(Body(stream_id=self.stream_id, data=_REASON))
-        await self.send(EndBody(stream_id=self.stream_id))
-        await self.config.log.access(
-            self.scope, {"status": 426, "headers": []}, time.time() - self.start_time
-        )
+        else:
+            await _send_426(self)
+        if status_code in (400, 404):
+            # Refused by Hypercorn itself (from ``handle``): nothing else will report the
+            # stream closed. (403 and 500 come from the app's side, whose end reports it.)
+            await self.send(StreamClosed(stream_id=self.stream_id))
 
     _send_error_response.punie_trio = True  # type: ignore[attr-defined]
     WSStream._send_error_response = _send_error_response  # type: ignore[method-assign]
     return True
+
+
+async def _send_426(stream: WSStream) -> None:
+    headers = [
+        (b"sec-websocket-version", WEBSOCKET_VERSION),
+        (b"content-type", b"text/plain; charset=utf-8"),
+        (b"content-length", str(len(_REASON)).encode()),
+        (b"connection", b"close"),
+    ]
+    await stream.send(Response(stream_id=stream.stream_id, status_code=426, headers=headers))
+    await stream.send(Body(stream_id=stream.stream_id, data=_REASON))
+    await stream.send(EndBody(stream_id=stream.stream_id))
+    await stream.config.log.access(
+        stream.scope, {"status": 426, "headers": []}, time.time() - stream.start_time
+    )

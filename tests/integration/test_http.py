@@ -9,6 +9,7 @@ from pathlib import Path
 import httpx
 import pytest
 import trio
+import trio.testing
 from trio_websocket import ConnectionRejected, open_websocket_url
 
 from punie_trio import __version__
@@ -122,13 +123,14 @@ async def test_unknown_path_and_plain_get_on_acp(server: Running) -> None:
 async def test_a_wrong_websocket_version_gets_426_naming_the_version(server: Running) -> None:
     """RFC 6455 section 4.4: the server "MUST respond with a |Sec-WebSocket-Version| header
     field" listing the versions it speaks; Hypercorn sent a bare 400. Other invalid
-    handshakes keep their 400."""
+    handshakes keep their 400. After each the server closes the connection (it stayed
+    open until the client left)."""
     host, port = server.url.removeprefix("http://").rsplit(":", 1)
 
-    async def handshake(*headers: str) -> bytes:
+    async def handshake(*headers: str, then: bytes = b"") -> bytes:
         request = "\r\n".join(["GET /acp HTTP/1.1", f"Host: {host}:{port}", *headers, "", ""])
         async with await trio.open_tcp_stream(host, int(port)) as stream:
-            await stream.send_all(request.encode())
+            await stream.send_all(request.encode() + then)
             answer = b""
             while b"\r\n\r\n" not in answer:
                 answer += await stream.receive_some(65536)
@@ -136,6 +138,7 @@ async def test_a_wrong_websocket_version_gets_426_naming_the_version(server: Run
             length = re.search(rb"(?i)\r\ncontent-length: (\d+)", head)
             while length is not None and len(body) < int(length.group(1)):
                 body += await stream.receive_some(65536)
+            assert await stream.receive_some(65536) == b""  # closed by the server
             return head + b"\r\n\r\n" + body
 
     upgrade = [
@@ -154,6 +157,14 @@ async def test_a_wrong_websocket_version_gets_426_naming_the_version(server: Run
             "Upgrade: websocket", "Connection: Upgrade", "Sec-WebSocket-Version: 8"
         )
         assert no_key.startswith(b"HTTP/1.1 400 ")
+        # A frame sent before the 101 (RFC 6455 forbids it): Hypercorn's 400, with the app
+        # already started; it is told the client left.
+        early = await handshake(
+            *upgrade, "Sec-WebSocket-Version: 13", then=b"\x81\x85abcd" + b"hello"
+        )
+        assert early.startswith(b"HTTP/1.1 400 ")
+        await trio.testing.wait_all_tasks_blocked()
+        assert not server.manager.connections
 
 
 async def test_serving_as_the_cli_does_freezes_startup_and_raises_gc_thresholds(
