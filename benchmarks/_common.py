@@ -213,6 +213,9 @@ class RpcFailure(Exception):
     pass
 
 
+_INFO_UPDATE = '"sessionUpdate":"session_info_update"'
+
+
 def _is_update(text: str | bytes) -> bool:
     # Cheap test instead of json.loads on every streamed frame (the client's hot path): a
     # notification carries "method" and no "id" near its start; responses are parsed.
@@ -252,7 +255,8 @@ class AcpClient:
         while True:
             text = await self.ws.recv()
             if _is_update(text):
-                updates += 1
+                # (A session's first answer also names it: not one of the turn's updates.)
+                updates += not (isinstance(text, str) and _INFO_UPDATE in text)
                 continue
             msg = json.loads(text)
             if msg.get("id") == request_id and "method" not in msg:

@@ -198,6 +198,8 @@ def _render(entries: Iterable[TranscriptEntry]) -> Iterator[str]:
             status = payload.get("status")
             if status:
                 yield f"tool: {tools.get(call_id, call_id)} -> {status}"
+        elif entry.kind == "session_info_update" and "title" in payload:
+            yield f"named: {payload['title']}"  # (the first turn names its session)
         elif entry.kind == STOP:
             yield f"stop: {payload.get('stopReason')}"
         else:

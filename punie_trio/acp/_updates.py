@@ -28,6 +28,11 @@ def user_message_chunk(block: Mapping[str, Any]) -> dict[str, Any]:
     return {"sessionUpdate": "user_message_chunk", "content": dict(block)}
 
 
+def session_info(title: str) -> dict[str, Any]:
+    """A ``session_info_update`` naming the session (only changed fields are sent)."""
+    return {"sessionUpdate": "session_info_update", "title": title}
+
+
 _PRIORITIES = ("high", "medium", "low")
 _PLAN_STATUSES = ("pending", "in_progress", "completed")
 

@@ -929,6 +929,13 @@ class Manager:
                     await session.worker.commands.send(CancelTurn(turn.turn_id))
             try:
                 stop = finished.stop_reason if finished is not None else "cancelled"
+                title = _title_for(session, params)
+                if title is not None:
+                    # Named after its first prompt; recorded with the turn, so a load
+                    # replays it where it was sent.
+                    encoded = updates.encode(updates.session_info(title))
+                    streamed.append(("session_info_update", encoded))
+                    held.append(prefix + encoded + "}}")
                 if (
                     len(held) >= EARLY_WRITE_UPDATES
                     and self.store.slow_commit
@@ -938,7 +945,7 @@ class Manager:
                 ):
                     held = []
                 persist_error = await self._persist_turn(
-                    session, params, streamed, stop, "".join(agent_text)
+                    session, params, streamed, stop, "".join(agent_text), title
                 )
                 self.metrics.prompt_done(stop, trio.current_time() - started)
                 if finished is not None and finished.error is not None:
@@ -1066,10 +1073,12 @@ class Manager:
         streamed: list[tuple[str, str]],
         stop: str,
         agent_text: str,
+        title: str | None = None,
     ) -> str | None:
         """Commit the turn's transcript before its answer is sent (an answered turn is never
         lost). A relay cancelled meanwhile (shutdown) records its turn too, as cancelled.
-        Returns an error message, or None once committed."""
+        Once it is committed, ``title`` (the session's first) is saved. Returns an error
+        message, or None once committed."""
         entries: list[tuple[str, Payload]] = [
             ("user_message_chunk", updates.user_message_chunk(block)) for block in params.prompt
         ]
@@ -1100,11 +1109,9 @@ class Manager:
         except Exception as exc:  # a store bug must not take the manager down
             log.exception("persisting a turn of session %s failed", session.id)
             return f"{type(exc).__name__}: {exc}"
-        if session.title is None:
-            first_line = params.text().strip().split("\n", 1)[0]
-            session.title = without_surrogates(first_line[:TITLE_CHARS]) or None
-            if session.title is not None:
-                await self._save_title(session)
+        if title is not None:
+            session.title = title
+            await self._save_title(session)
         return None
 
     async def _save_title(self, session: Session) -> None:
@@ -1125,6 +1132,15 @@ class Manager:
             log.error("saving the title of session %s timed out", session.id)
         if not saved:
             session.title = None
+
+
+def _title_for(session: Session, params: PromptParams) -> str | None:
+    """The title a session without one takes from this prompt: its first line of text,
+    cut to :data:`TITLE_CHARS` (None: it has one, or the prompt has no text)."""
+    if session.title is not None:
+        return None
+    first_line = params.text().strip().split("\n", 1)[0]
+    return without_surrogates(first_line[:TITLE_CHARS]) or None
 
 
 def _resolve_param(path: str, where: str) -> Path:

@@ -374,12 +374,14 @@ def test_stdout_is_pure_acp_and_stderr_has_the_logs(stdio_agent: StdioAgent) -> 
     assert lines[-1] == b""  # every message ends with a newline
     messages = [parse(line) for line in lines[:-1]]
     assert all(isinstance(m, Request | Notification | Response | ErrorResponse) for m in messages)
-    chunks = [
-        m.params["update"]["content"]["text"]
+    updates = [
+        m.params["update"]
         for m in messages
         if isinstance(m, Notification) and m.method == "session/update" and m.params
     ]
-    assert "".join(chunks) == text
+    assert "".join(u["content"]["text"] for u in updates[:-1]) == text
+    # The first answer names the session after the prompt's first line.
+    assert updates[-1] == {"sessionUpdate": "session_info_update", "title": "print('hi')"}
     stderr = agent.stderr_text()
     assert "without an id" in stderr
     assert "WARNING" in stderr
@@ -569,6 +571,8 @@ def test_a_prompt_running_at_stdin_eof_answers_cancelled(
         call({"jsonrpc": "2.0", "id": 3, "method": "session/prompt", "params": prompt})
         assert read()["method"] == "session/update"  # the turn is running
         agent.stdin.close()
+        title = read()["params"]["update"]
+        assert title == {"sessionUpdate": "session_info_update", "title": "go"}
         assert read() == {"jsonrpc": "2.0", "id": 3, "result": {"stopReason": "cancelled"}}
         assert agent.wait(TIMEOUT) == 0
     finally:

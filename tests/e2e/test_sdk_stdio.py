@@ -27,6 +27,7 @@ from acp.schema import (
     FileSystemCapabilities,
     Implementation,
     ReadTextFileResponse,
+    SessionInfoUpdate,
     TextContentBlock,
 )
 
@@ -41,6 +42,7 @@ class RecordingClient:
     def __init__(self) -> None:
         self.chunks: dict[str, list[str]] = {}
         self.kinds: list[str] = []
+        self.titles: list[str | None] = []
         self.first_chunk = asyncio.Event()
         self.wire: list[tuple[str, dict[str, Any]]] = []
 
@@ -49,6 +51,8 @@ class RecordingClient:
 
     async def session_update(self, session_id: str, update: Any, **kw: Any) -> None:
         self.kinds.append(update.session_update)
+        if isinstance(update, SessionInfoUpdate):
+            self.titles.append(update.title)
         if isinstance(update, AgentMessageChunk) and isinstance(update.content, TextContentBlock):
             self.chunks.setdefault(session_id, []).append(update.content.text)
             self.first_chunk.set()
@@ -162,7 +166,9 @@ def test_sdk_stdio_echo_prompts(tmp_path: Path, acp_schema: SchemaChecker) -> No
     assert out["session"]
     assert out["stops"] == ["end_turn", "end_turn"]
     assert out["texts"] == out["prompts"]
-    assert set(client.kinds) == {"agent_message_chunk"}
+    # The first answer also names the session, after its first prompt's first line.
+    assert client.kinds == ["agent_message_chunk", "session_info_update", "agent_message_chunk"]
+    assert client.titles == [out["prompts"][0].split("\n")[0]]
     # The agent exited by itself at stdin EOF, cleanly.
     assert out["returncode"] == 0
     # The data directory came from PUNIE_DATA_DIR.
@@ -251,7 +257,9 @@ def test_sdk_stdio_scripted_tool_call_reads_through_the_client(
         "tool_call_update",
         "tool_call_update",
         "agent_message_chunk",
+        "session_info_update",
     ]
+    assert client.titles == ["go"]
     reads = [m for m in incoming if m.get("method") == "fs/read_text_file"]
     assert len(reads) == 1
     assert reads[0]["params"]["path"] == str((project / "notes.txt").resolve())

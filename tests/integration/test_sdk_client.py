@@ -23,6 +23,7 @@ from acp.schema import (
     FileSystemCapabilities,
     ReadTextFileResponse,
     ResumeSessionResponse,
+    SessionInfoUpdate,
     TextContentBlock,
 )
 from acp.ws import create_websocket_stream
@@ -38,9 +39,12 @@ class RecordingClient:
     def __init__(self) -> None:
         self.chunks: list[str] = []
         self.kinds: list[str] = []
+        self.titles: list[str | None] = []
 
     async def session_update(self, session_id: str, update: Any, **kw: Any) -> None:
         self.kinds.append(update.session_update)
+        if isinstance(update, SessionInfoUpdate):
+            self.titles.append(update.title)
         if isinstance(update, AgentMessageChunk) and isinstance(update.content, TextContentBlock):
             self.chunks.append(update.content.text)
 
@@ -114,7 +118,10 @@ def test_sdk_websocket_client(tmp_path: Path) -> None:
     assert re.fullmatch(r"\S+", session.session_id)
     assert response.stop_reason == "end_turn"
     assert "".join(client.chunks) == "hello from the sdk"
-    assert set(client.kinds) == {"agent_message_chunk"}
+    # The first answer names the session (parsed by the SDK as its SessionInfoUpdate).
+    assert client.kinds[-1] == "session_info_update"
+    assert set(client.kinds[:-1]) == {"agent_message_chunk"}
+    assert client.titles == ["hello from the sdk"]
 
 
 class EditorClient(RecordingClient):
@@ -202,8 +209,9 @@ def test_sdk_client_through_the_session_lifecycle(tmp_path: Path) -> None:
     kinds = [u["sessionUpdate"] for u in seen["streamed"]]
     assert kinds == [
         "agent_thought_chunk", "plan", "tool_call", "tool_call_update", "tool_call_update",
-        "agent_message_chunk",
+        "agent_message_chunk", "session_info_update",
     ]  # fmt: skip
+    assert seen["streamed"][-1]["title"] == "read it"
     done = seen["streamed"][4]
     assert done["status"] == "completed"
     assert done["content"][0]["content"]["text"] == "unsaved buffer text"  # the client's

@@ -69,12 +69,16 @@ async def test_kill_9_mid_turn_keeps_every_answered_turn(
                 "session/load", {"sessionId": session_id, "cwd": str(root), "mcpServers": []}
             )
             replayed = client.updates(session_id)
-            assert [summary(u) for u in replayed] == [
-                ("user_message_chunk", "first"),
-                *[summary(u) for u in answered[:1]],
-                ("user_message_chunk", "second"),
-                *[summary(u) for u in answered[1:]],
-            ]
+            assert (
+                [summary(u) for u in replayed]
+                == [
+                    ("user_message_chunk", "first"),
+                    *[summary(u) for u in answered[:2]],  # its answer, then the session's title
+                    ("user_message_chunk", "second"),
+                    *[summary(u) for u in answered[2:]],
+                ]
+            )
+            assert summary(answered[1]) == ("session_info_update", "first")
             listed = await client.request("session/list", {})
             assert [s["sessionId"] for s in listed["sessions"]] == [session_id]
             server.process.send_signal(signal.SIGTERM)

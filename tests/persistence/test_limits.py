@@ -214,5 +214,8 @@ async def test_small_outbox_still_delivers_everything(
                 nursery.start_soon(prompt, a.client, sa)
                 nursery.start_soon(prompt, b.client, sb)
         assert stops == {sa: "end_turn", sb: "end_turn"}
-        assert [u["content"]["text"] for u in a.client.updates(sa)] == chunks
-        assert [u["content"]["text"] for u in b.client.updates(sb)] == chunks
+        title = {"sessionUpdate": "session_info_update", "title": "go"}
+        for client, session_id in ((a.client, sa), (b.client, sb)):
+            *streamed, named = client.updates(session_id)
+            assert [u["content"]["text"] for u in streamed] == chunks
+            assert named == title

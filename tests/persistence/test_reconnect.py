@@ -111,6 +111,7 @@ async def test_reconnect_within_grace_delivers_every_update_once_and_the_answer(
                     ("agent_message_chunk", "three "),
                     ("agent_message_chunk", "four "),
                     ("agent_message_chunk", "five"),
+                    ("session_info_update", "count to five"),  # its first turn names it
                 ]
                 assert not any(m.get("id") == "the-prompt" for m in first.received)
                 # The answer came after every update of its turn.
@@ -187,6 +188,7 @@ async def test_grace_expiry_drops_the_sessions_but_they_stay_loadable(
         assert [summary(u) for u in b.client.updates(session_id)] == [
             ("user_message_chunk", "first"),
             ("agent_message_chunk", "kept"),
+            ("session_info_update", "first"),
         ]
         assert await b.client.prompt(session_id, "second") == "end_turn"
         assert b.client.agent_text(session_id) == "keptafter expiry"
@@ -266,7 +268,8 @@ async def test_buffered_updates_within_the_limit_are_all_delivered(
 ) -> None:
     chunks = [f"c{i} " for i in range(2, 8)]
     model = ScriptModel([[{"text": "c1 "}, {"sleep": 1}, *({"text": c} for c in chunks)]])
-    async with open_hub(tmp_path, acp_schema, model, limits=Limits(detached_buffer=6)) as hub:
+    # Missed while away: the 6 chunks and the title the first turn gives the session.
+    async with open_hub(tmp_path, acp_schema, model, limits=Limits(detached_buffer=7)) as hub:
         _, session_id = await prompt_then_drop(hub, "ide-1", "the-prompt", "c1 ", text="stream")
         await hub.settle()
         await trio.sleep(5)
@@ -276,6 +279,10 @@ async def test_buffered_updates_within_the_limit_are_all_delivered(
         assert answer["result"] == {"stopReason": "end_turn"}
         assert not any(m.get("method") == RELOAD_REQUIRED for m in b.client.received)
         assert b.client.agent_text(session_id) == "".join(chunks)
+        assert b.client.updates(session_id)[-1] == {
+            "sessionUpdate": "session_info_update",
+            "title": "stream",
+        }
         error = await expect_error(b.client, "session/prompt", prompt_params("sess_other", "x"))
         assert error["code"] == -32002
 
@@ -428,7 +435,10 @@ async def test_sessions_the_hub_lets_go_leave_nothing_in_the_stores_memory(
         await hub.settle()
         assert remembered == set()
         entries = await store.transcript(kept)
-    assert [(e.turn, e.seq) for e in entries] == [(0, 0), (0, 1), (0, 2), (1, 3), (1, 4), (1, 5)]
+    # Turn 0: prompt, answer, title, stop; turn 1: prompt, answer, stop.
+    assert [(e.turn, e.seq) for e in entries] == [
+        (0, 0), (0, 1), (0, 2), (0, 3), (1, 4), (1, 5), (1, 6),
+    ]  # fmt: skip
 
 
 async def test_an_old_prompts_answer_never_answers_the_new_connections_own_request(

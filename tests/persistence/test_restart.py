@@ -88,6 +88,7 @@ async def run_turns(
             "tool_call",
             "tool_call_update",
             "agent_message_chunk",
+            "session_info_update",  # the first turn names the session
         }
         assert NOTES_IN_EDITOR in str(streamed[0])
     assert (tmp_path / "data" / "sessions.sqlite3").is_file()
@@ -284,6 +285,7 @@ async def test_close_cancels_the_running_turn(
                 assert [summary(u) for u in client.updates(session_id)[mark:]] == [
                     ("user_message_chunk", "go"),
                     ("agent_message_chunk", "working"),
+                    ("session_info_update", "go"),
                 ]
 
 

@@ -60,6 +60,7 @@ def _turn0() -> list[tuple[str, dict[str, Any]]]:
         ),
         ("agent_message_chunk", text_update("agent_message_chunk", "Done.\nAll ")),
         ("agent_message_chunk", text_update("agent_message_chunk", "fixed.")),
+        ("session_info_update", {"sessionUpdate": "session_info_update", "title": "Fix bug"}),
         ("stop", {"stopReason": "end_turn"}),
     ]
 
@@ -127,6 +128,7 @@ def test_show(data_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
         "tool: Reading main.py -> completed\n"
         "agent: Done.\n"
         "       All fixed.\n"
+        "named: Fix bug\n"
         "stop: end_turn\n"
         "\n"
         "--- turn 2 ---\n"
@@ -143,11 +145,11 @@ def test_export_stdout_and_file(
     assert doc["session"]["id"] == "sess-new"
     assert doc["session"]["turns"] == 2
     assert doc["session"]["additional_directories"] == ["/extra"]
-    assert [e["seq"] for e in doc["transcript"]] == list(range(11))
-    assert [(e["kind"], e["payload"]) for e in doc["transcript"][:9]] == _turn0()
-    assert doc["transcript"][10] == {
+    assert [e["seq"] for e in doc["transcript"]] == list(range(12))
+    assert [(e["kind"], e["payload"]) for e in doc["transcript"][:10]] == _turn0()
+    assert doc["transcript"][11] == {
         "session_id": "sess-new",
-        "seq": 10,
+        "seq": 11,
         "turn": 1,
         "kind": "stop",
         "payload": {"stopReason": "cancelled"},

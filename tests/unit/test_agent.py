@@ -319,7 +319,9 @@ async def test_scripted_turn_with_client_file_read(
             "tool_call_update",
             "tool_call_update",
             "agent_message_chunk",
+            "session_info_update",  # the first turn names the session
         ]
+        assert updates[-1]["title"] == "what is in a.txt?"
         assert updates[0]["content"]["text"] == "I should read the file"
         assert [e["content"] for e in updates[1]["entries"]] == ["read a.txt", "answer"]
         assert updates[2]["kind"] == "read"
@@ -361,7 +363,8 @@ async def test_client_call_timeout(
         started = trio.current_time()
         assert await a.client.prompt(session, "read") == "end_turn"
         assert trio.current_time() - started == pytest.approx(10)
-        failed = a.client.updates(session)[-1]
+        *_, failed, title = a.client.updates(session)
+        assert title["sessionUpdate"] == "session_info_update"
         assert failed["status"] == "failed"
         assert "within 10 s" in failed["content"][0]["content"]["text"]
         # The agent told the client it gave up on its request.

@@ -388,9 +388,14 @@ async def test_a_title_that_fails_to_save_does_not_fail_the_recorded_turn(
         rec = await store.inner.get_session(session)
         assert rec is not None and rec.turns == 1 and rec.title is None
         kinds = [e.kind for e in await store.inner.transcript(session)]
-        assert kinds == ["user_message_chunk", "agent_message_chunk", "stop"]
+        assert kinds == ["user_message_chunk", "agent_message_chunk", "session_info_update", "stop"]
         assert "could not save the title" in caplog.text
-        # Not kept in memory only (session/list reads the store): the next turn retries.
+        # Not kept in memory only (session/list reads the store): the next turn retries,
+        # and names the session again (the client was told the first title).
         assert await a.prompt(session, "second words") == "end_turn"
         rec = await store.inner.get_session(session)
         assert rec is not None and rec.turns == 2 and rec.title == "second words"
+        titles = [u["title"] for u in a.updates(session) if "title" in u]
+        assert titles == ["hello there", "second words"]
+        assert await a.prompt(session, "third") == "end_turn"  # named: no title update
+        assert [u["title"] for u in a.updates(session) if "title" in u] == titles

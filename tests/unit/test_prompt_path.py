@@ -79,9 +79,11 @@ async def test_short_prompt_updates_and_answer_leave_in_one_write(
                 await theirs.send_all(
                     _line({"id": 10 + n, "method": "session/prompt", "params": prompt})
                 )
-                got = [await reader.next() for _ in range(4)]
-                assert [m.get("method") for m in got[:3]] == ["session/update"] * 3
-                assert got[3] == {
+                # 3 chunks (and, the first time, the session's title), then the answer.
+                updates = 4 if n == 0 else 3
+                got = [await reader.next() for _ in range(updates + 1)]
+                assert [m.get("method") for m in got[:updates]] == ["session/update"] * updates
+                assert got[updates] == {
                     "jsonrpc": "2.0",
                     "id": 10 + n,
                     "result": {"stopReason": "end_turn"},
@@ -119,9 +121,9 @@ async def test_turns_committed_together_each_leave_in_one_write(tmp_path: Path) 
                     _line({"id": 3, "method": "session/prompt", "params": params})
                 )
             for _, _, reader, _ in clients:
-                got = [await reader.next() for _ in range(4)]
-                assert [m.get("method") for m in got[:3]] == ["session/update"] * 3
-                assert got[3]["result"] == {"stopReason": "end_turn"}
+                got = [await reader.next() for _ in range(5)]  # 3 chunks, the title, the answer
+                assert [m.get("method") for m in got[:4]] == ["session/update"] * 4
+                assert got[4]["result"] == {"stopReason": "end_turn"}
             after = [counting.writes for *_, counting in clients if counting is not None]
             assert after == [n + 1 for n in before]
             nursery.cancel_scope.cancel()
@@ -217,6 +219,7 @@ async def test_turns_cut_by_a_cancelled_manager_are_recorded_cancelled(
             assert [e.kind for e in entries] == [
                 "user_message_chunk",
                 "agent_message_chunk",
+                "session_info_update",  # its first turn named it
                 "stop",
             ]
             assert entries[-1].payload["stopReason"] == "cancelled"
@@ -260,10 +263,13 @@ async def test_a_lone_turns_updates_leave_before_a_slow_commit(
         new = {"cwd": str(root), "mcpServers": []}
         await raw.send({"id": 2, "method": "session/new", "params": new})
         session_id = (await raw.recv())["result"]["sessionId"]
-        await trio.testing.wait_all_tasks_blocked()
-        stream.now.clear()
         text = " ".join(f"w{i}" for i in range(chunks))
         prompt = {"sessionId": session_id, "prompt": [{"type": "text", "text": text}]}
+        # A first turn names the session (one more update); the second is the one measured.
+        await raw.send({"id": 4, "method": "session/prompt", "params": prompt})
+        await trio.testing.wait_all_tasks_blocked()
+        stream.now.clear()
+        seen_at_commit.clear()
         await raw.send({"id": 3, "method": "session/prompt", "params": prompt})
         await trio.testing.wait_all_tasks_blocked()
         # Written by the relay itself (the writer was idle), in two writes or in one.

@@ -27,5 +27,8 @@ async def test_echo_prompt_over_memory_streams(tmp_path: Path, acp_schema: Schem
         session = await client.new_session(str(tmp_path))
         assert await client.prompt(session, "hello brave new world") == "end_turn"
         assert client.agent_text(session) == "hello brave new world"
-        assert len(client.updates(session)) == 1  # echo answers in one chunk
+        # Echo answers in one chunk; the first answer also names the session.
+        chunk, title = client.updates(session)
+        assert chunk["sessionUpdate"] == "agent_message_chunk"
+        assert title == {"sessionUpdate": "session_info_update", "title": "hello brave new world"}
         nursery.cancel_scope.cancel()
