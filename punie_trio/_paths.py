@@ -98,6 +98,14 @@ def create_private(path: Path) -> None:
     is a valid empty database, and SQLite creates the ``-wal`` and ``-shm`` files with
     the database's mode. ``OSError`` (a directory in the way, no permission) is the
     caller's to report.
+
+    An existing file is never opened (``O_EXCL``), not even for an instant: closing any
+    descriptor of a file drops every POSIX lock the process holds on it, SQLite's
+    included. Opening the store's second connection once did that to the first one's
+    locks, so another process opening the store could delete the WAL under it.
     """
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    except FileExistsError:
+        return
     os.close(fd)

@@ -125,6 +125,36 @@ async def test_a_new_store_and_its_wal_are_private(tmp_path: Path) -> None:
         os.umask(old_umask)
 
 
+# SQLite's locks on the database file: a SHARED lock is a read lock on one byte of this
+# range (the file format's fixed lock bytes, past 1 GiB).
+_SHARED_FIRST = 0x40000000 + 2
+_SHARED_SIZE = 510
+
+
+async def test_opening_the_store_keeps_every_connections_locks(tmp_path: Path) -> None:
+    """Closing any descriptor of a file drops all of the process's POSIX locks on it. The
+    writer's connect once opened and closed the database (to create it private) and so
+    dropped the reader's SHARED lock: another process could then lock the file
+    exclusively, believe itself the last user, and delete the WAL under this store."""
+    path = tmp_path / "s.db"
+    probe = textwrap.dedent(
+        f"""
+        import fcntl, os, sys
+        fd = os.open({str(path)!r}, os.O_RDWR)
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, {_SHARED_SIZE}, {_SHARED_FIRST})
+        except OSError:
+            sys.exit(0)  # blocked: a SHARED lock is held
+        sys.exit(1)
+        """
+    )
+    for i in range(2):  # a new file, then an existing one
+        async with open_sqlite_store(path) as store:
+            await store.create_session(make_record(f"s{i}"))
+            done = await trio.run_process([sys.executable, "-c", probe], check=False)
+            assert done.returncode == 0, "another process could lock the store exclusively"
+
+
 async def test_not_a_database_is_a_store_error(tmp_path: Path) -> None:
     path = tmp_path / "s.db"
     path.write_bytes(b"this is not sqlite" * 100)
