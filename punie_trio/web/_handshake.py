@@ -46,6 +46,15 @@ def _wrong_version(stream: Any) -> bool:
     return bool(handshake.http_version > "1.1")
 
 
+def _over_http1(stream: Any) -> bool:
+    """Whether the handshake came over HTTP/1.x, where the TCP connection is the stream's.
+    (Over HTTP/2 the refused stream has ended and the connection goes on serving the
+    others; reporting it closed there made Hypercorn forget it, and a frame the client
+    still sent on it raised ``KeyError`` and took the whole connection down.)"""
+    version = getattr(getattr(stream, "handshake", None), "http_version", None)
+    return isinstance(version, str) and version < "2"
+
+
 def install() -> bool:
     """Answer a wrong ``Sec-WebSocket-Version`` with 426 and close every connection whose
     handshake Hypercorn refused (idempotent). Returns False, patching nothing, if
@@ -65,7 +74,7 @@ def install() -> bool:
             await original(self, status_code)
         else:
             await _send_426(self)
-        if status_code in (400, 404):
+        if status_code in (400, 404) and _over_http1(self):
             # Refused by Hypercorn itself (from ``handle``): nothing else will report the
             # stream closed. (403 and 500 come from the app's side, whose end reports it.)
             await self.send(StreamClosed(stream_id=self.stream_id))

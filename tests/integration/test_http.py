@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import re
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -165,6 +166,65 @@ async def test_a_wrong_websocket_version_gets_426_naming_the_version(server: Run
         assert early.startswith(b"HTTP/1.1 400 ")
         await trio.testing.wait_all_tasks_blocked()
         assert not server.manager.connections
+
+
+async def test_a_refused_websocket_over_http2_leaves_the_connection_serving(
+    server: Running,
+) -> None:
+    """Over HTTP/2 (prior knowledge, extended CONNECT) a refused handshake ends its stream
+    only: the connection goes on serving others. Closing refused handshakes' connections
+    (for HTTP/1.1) once made Hypercorn forget the stream, and a frame the client still
+    sent on it took the whole connection down (``KeyError``)."""
+    import h2.config
+    import h2.connection
+    import h2.events
+
+    host, port = server.url.removeprefix("http://").rsplit(":", 1)
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(header_encoding=None))
+    conn.initiate_connection()
+    authority = f"{host}:{port}".encode()
+    with trio.fail_after(10):
+        async with await trio.open_tcp_stream(host, int(port)) as stream:
+
+            async def until(done: Any) -> list[h2.events.Event]:
+                seen: list[h2.events.Event] = []
+                while not done(seen):
+                    data = await stream.receive_some(65536)
+                    assert data, f"the server closed the connection; events: {seen}"
+                    seen += conn.receive_data(data)
+                    await stream.send_all(conn.data_to_send())
+                return seen
+
+            def ended(stream_id: int) -> Any:
+                return lambda seen: any(
+                    isinstance(e, h2.events.StreamEnded) and e.stream_id == stream_id for e in seen
+                )
+
+            conn.send_headers(
+                1,
+                [
+                    (b":method", b"CONNECT"), (b":protocol", b"websocket"),
+                    (b":scheme", b"http"), (b":path", b"/acp"), (b":authority", authority),
+                    (b"sec-websocket-version", b"8"),
+                ],
+            )  # fmt: skip
+            await stream.send_all(conn.data_to_send())
+            seen = await until(ended(1))
+            (response,) = [e for e in seen if isinstance(e, h2.events.ResponseReceived)]
+            assert dict(response.headers)[b":status"] == b"426"
+            conn.send_data(1, b"\x81\x85abcdhello")  # the client had not seen the answer yet
+            conn.send_headers(
+                3,
+                [
+                    (b":method", b"GET"), (b":scheme", b"http"), (b":path", b"/health"),
+                    (b":authority", authority),
+                ],
+                end_stream=True,
+            )  # fmt: skip
+            await stream.send_all(conn.data_to_send())
+            seen = await until(ended(3))
+            (response,) = [e for e in seen if isinstance(e, h2.events.ResponseReceived)]
+            assert dict(response.headers)[b":status"] == b"200"
 
 
 async def test_serving_as_the_cli_does_freezes_startup_and_raises_gc_thresholds(
