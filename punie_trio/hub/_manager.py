@@ -930,12 +930,13 @@ class Manager:
             try:
                 stop = finished.stop_reason if finished is not None else "cancelled"
                 title = _title_for(session, params)
+                named: str | None = None
                 if title is not None:
                     # Named after its first prompt; recorded with the turn, so a load
-                    # replays it where it was sent.
+                    # replays it where it was sent, and sent once the turn is recorded.
                     encoded = updates.encode(updates.session_info(title))
                     streamed.append(("session_info_update", encoded))
-                    held.append(prefix + encoded + "}}")
+                    named = prefix + encoded + "}}"
                 if (
                     len(held) >= EARLY_WRITE_UPDATES
                     and self.store.slow_commit
@@ -947,6 +948,8 @@ class Manager:
                 persist_error = await self._persist_turn(
                     session, params, streamed, stop, "".join(agent_text), title
                 )
+                if named is not None and persist_error is None:
+                    held.append(named)
                 self.metrics.prompt_done(stop, trio.current_time() - started)
                 if finished is not None and finished.error is not None:
                     turn.error = RpcError(

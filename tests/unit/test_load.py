@@ -372,6 +372,28 @@ async def test_tool_call_ids_stay_unique_after_a_turn_failed_to_save(
     assert ids == ["call_1_1", "call_2_1"]
 
 
+async def test_a_turn_that_was_not_saved_does_not_name_the_session(
+    tmp_path: Path, acp_schema: SchemaChecker
+) -> None:
+    """The title is sent once the turn that gives it is recorded: a load replays what the
+    client was sent (a failed turn's title was sent but never stored)."""
+    store = GatedStore()
+    async with open_hub(tmp_path, acp_schema, EchoModel(), store=store) as hub:  # type: ignore[arg-type]
+        (a,) = await clients(hub, 1)
+        session = await a.new_session(str(hub.root))
+        store.appends_fail = True
+        failed = await a.request_raw("session/prompt", prompt_params(session, "one"))
+        assert "not saved" in failed["error"]["message"]
+        store.appends_fail = False
+        assert await a.prompt(session, "two") == "end_turn"
+        titles = [u["title"] for u in a.updates(session) if "title" in u]
+        assert titles == ["two"]
+        rec = await store.inner.get_session(session)
+        assert rec is not None and rec.title == "two"
+        kinds = [e.kind for e in await store.inner.transcript(session)]
+        assert kinds == ["user_message_chunk", "agent_message_chunk", "session_info_update", "stop"]
+
+
 async def test_a_title_that_fails_to_save_does_not_fail_the_recorded_turn(
     tmp_path: Path, acp_schema: SchemaChecker, caplog: pytest.LogCaptureFixture
 ) -> None:
