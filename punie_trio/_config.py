@@ -13,6 +13,7 @@ import tomllib
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import attrs
 
@@ -91,6 +92,42 @@ def _to_host(value: Any) -> str:
     return host
 
 
+def _to_origin(value: Any) -> str:
+    """A browser origin, ``scheme://host[:port]``, as browsers send it (lowercase, no path):
+    anything else could never match an ``Origin`` header, and was accepted silently."""
+    text = _to_nonempty(value).strip().rstrip("/")
+    parts = urlsplit(text)
+    if (
+        parts.scheme.lower() not in ("http", "https")
+        or not parts.hostname
+        or parts.path
+        or parts.query
+        or parts.fragment
+        or "@" in parts.netloc
+    ):
+        raise ValueError(f"must be an origin like http://localhost:3000, got {value!r}")
+    try:
+        parts.port  # noqa: B018 - raises for a port that is not a number
+    except ValueError:
+        raise ValueError(f"must be an origin like http://localhost:3000, got {value!r}") from None
+    return f"{parts.scheme.lower()}://{parts.netloc.lower()}"
+
+
+def _to_host_name(value: Any) -> str:
+    """A host name for the Host check: ``name``, ``.domain`` (the domain and its
+    subdomains) or ``*`` (every name), without scheme or port."""
+    text = _to_nonempty(value).strip().lower().rstrip(".")
+    if text == "*":
+        return text
+    labels = text.removeprefix(".").split(".")
+    if not all(label and all(c.isalnum() or c == "-" for c in label) for label in labels):
+        raise ValueError(
+            f"must be a host name like myhost.lan or .example.com (no scheme or port), "
+            f"got {value!r}"
+        )
+    return text
+
+
 def _to_token(value: Any) -> str:
     # Empty once meant "generate one" without a word; spaces around it could be sent only
     # in ?token= (an HTTP header's value is stripped).
@@ -144,7 +181,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("data_dir", _to_path, None),
     Option("store", _choice(*STORES), "sqlite"),
     Option("token", _to_token, None),
-    Option("allow_origin", _to_str, (), many=True),
+    Option("allow_origin", _to_origin, (), many=True),
+    Option("allow_host", _to_host_name, (), many=True),
     Option("metrics_public", _to_bool, False),
     Option("max_message_bytes", _to_positive_int, 16 * 1024 * 1024),
     Option("max_prompt_bytes", _to_positive_int, 1024 * 1024),

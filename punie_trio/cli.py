@@ -25,6 +25,8 @@ from ._config import (
     STORES,
     ConfigError,
     _to_host,
+    _to_host_name,
+    _to_origin,
     _to_seconds,
     _to_token,
     load_file,
@@ -83,6 +85,8 @@ def _as_flag(convert: Callable[[Any], T]) -> Callable[[str], T]:
 _seconds = _as_flag(_to_seconds)  # a number >= 0 (not nan)
 _host = _as_flag(_to_host)  # not empty (that would bind every interface), no spaces around
 _token = _as_flag(_to_token)  # not empty (that once meant a generated one), no spaces around
+_origin = _as_flag(_to_origin)  # scheme://host[:port], as an Origin header carries it
+_host_name = _as_flag(_to_host_name)  # a name, .domain or *, without scheme or port
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -137,8 +141,17 @@ def build_parser() -> argparse.ArgumentParser:
     auth.add_argument(
         "--allow-origin",
         action="append",
+        type=_origin,
         metavar="ORIGIN",
         help="browser Origin allowed on /acp (repeatable)",
+    )
+    auth.add_argument(
+        "--allow-host",
+        action="append",
+        type=_host_name,
+        metavar="HOST",
+        help="host name the server may be reached by besides IP addresses and localhost; "
+        ".example.com admits its subdomains, * every name (repeatable)",
     )
     auth.add_argument(
         "--metrics-public",
@@ -349,6 +362,7 @@ def _run_serve(args: argparse.Namespace) -> int:
         store=o["store"],
         token=token,
         allow_origins=tuple(o["allow_origin"]),
+        allow_hosts=tuple(o["allow_host"]),
         metrics_public=o["metrics_public"],
     )
     try:

@@ -71,6 +71,9 @@ class ServeConfig:
     # Bearer token required on /acp (and /metrics unless metrics_public); None: no auth.
     token: str | None = None
     allow_origins: tuple[str, ...] = ()
+    # Host names accepted besides IP addresses and localhost (a DNS-rebinding guard; the
+    # --host name is always accepted).
+    allow_hosts: tuple[str, ...] = ()
     metrics_public: bool = False
     handle_signals: bool = True
 
@@ -202,6 +205,7 @@ async def _serve(config: ServeConfig, store: Store, task_status: trio.TaskStatus
         fallback=dev_app,
         token=config.token,
         allow_origins=config.allow_origins,
+        allow_hosts=(*config.allow_hosts, config.host.lower().rstrip(".")),
         metrics_public=config.metrics_public,
     )
     async with trio.open_nursery() as root:

@@ -23,7 +23,7 @@ from .. import _json
 from .._version import __version__
 from ..hub import ClientConnection, Manager
 from ._asgi_ws import ASGIReceive, ASGISend, AsgiWebSocketStream
-from ._auth import origin_allowed, token_matches
+from ._auth import host_allowed, origin_allowed, request_host, token_matches
 from ._heartbeat import Heartbeat
 from ._http import read_body, respond, respond_json, respond_text
 
@@ -45,6 +45,8 @@ class App:
     fallback: ASGIApp | None = None
     token: str | None = None
     allow_origins: tuple[str, ...] = ()
+    #: Host names accepted besides IP addresses and localhost (``_auth.host_allowed``).
+    allow_hosts: tuple[str, ...] = ()
     metrics_public: bool = False
     started_at: float = attrs.field(factory=time.monotonic)
     #: Finds dead peers and connections that never initialize (start its ``run``).
@@ -57,6 +59,17 @@ class App:
         kind = scope["type"]
         if kind == "lifespan":
             await _lifespan(receive, send)
+        elif not host_allowed(scope, self.allow_hosts):
+            # Before anything else, for every path: a DNS-rebinding page (see _auth).
+            name = (request_host(scope) or "")[:200]
+            reason = (
+                f"Forbidden: Host {name!r} is not allowed here (use an IP address or "
+                "localhost, or allow the name with --allow-host)"
+            )
+            if kind == "websocket":
+                await _reject_websocket(scope, send, 403, reason)
+            elif kind == "http":
+                await respond_text(send, 403, reason)
         elif kind == "websocket":
             if scope["path"] in ACP_PATHS:
                 await self._acp_websocket(scope, receive, send)

@@ -1,13 +1,22 @@
-"""Who may talk to the server: the bearer token and the browser Origin check (pure functions).
+"""Who may talk to the server: the bearer token, the browser Origin check and the Host check
+(pure functions).
 
 Cross-site WebSocket hijacking is the real risk of a localhost agent server: any web page the
 user visits may open ``ws://127.0.0.1:8765/acp``. Browsers always send ``Origin`` on WebSocket
 handshakes, so a foreign one is refused even before the token is looked at.
+
+DNS rebinding is the other: a page at ``http://evil.example:8765`` whose name the attacker
+then points at 127.0.0.1 is, to the browser, same-origin with the server, so it could read
+every response (the dev app's site, ``/health``) and would pass an Origin check that trusts
+``Host``. Its requests carry ``Host: evil.example:8765``, though, so only names that cannot be
+rebound are accepted: IP addresses, ``localhost`` and its subdomains (RFC 6761), and the ones
+the user lists (``--allow-host``).
 """
 
 from __future__ import annotations
 
 import hmac
+import ipaddress
 import secrets
 from pathlib import Path
 from typing import Any
@@ -56,3 +65,37 @@ def write_token_file(path: Path) -> str:
     token = secrets.token_urlsafe(32)
     replace_file(path, (token + "\n").encode(), 0o600)
     return token
+
+
+def request_host(scope: dict[str, Any]) -> str | None:
+    """The ``Host`` header's host name, lowercase, without its port or a final dot (an IPv6
+    address without its brackets); None without the header."""
+    value = header(scope, b"host")
+    if value is None:
+        return None
+    text = value.decode("latin-1").strip().lower()
+    if text.startswith("["):
+        name, bracket, _ = text[1:].partition("]")
+        return name if bracket else text
+    return text.rpartition(":")[0].rstrip(".") if ":" in text else text.rstrip(".")
+
+
+def host_allowed(scope: dict[str, Any], allowed: tuple[str, ...]) -> bool:
+    """Whether the request's ``Host`` is one a rebinding page cannot send: no header (not a
+    browser), an IP address, ``localhost`` or a ``.localhost`` name, or one of ``allowed``
+    (exact names; ``.example.com`` also admits its subdomains; ``*`` admits every name)."""
+    name = request_host(scope)
+    if name is None or name == "localhost" or name.endswith(".localhost"):
+        return True
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        pass
+    else:
+        return True
+    for pattern in allowed:
+        if pattern == "*" or name == pattern.lstrip("."):
+            return True
+        if pattern.startswith(".") and name.endswith(pattern):
+            return True
+    return False

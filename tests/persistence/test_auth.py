@@ -16,6 +16,8 @@ import pytest
 import trio
 from trio_websocket import ConnectionRejected, open_websocket_url
 
+from punie_trio.web._auth import request_host
+
 from ..acp_schema import SchemaChecker
 from ..client import AcpTestClient
 from ..integration._support import (
@@ -104,6 +106,96 @@ async def test_acp_needs_the_token_and_a_friendly_origin(
             await works(url + "?token=T", acp_schema, [origin(GOOD_ORIGIN + "/")])
             await works(url, acp_schema, [origin(running.url), bearer(TOKEN)])
             assert (await rejected(url, [origin(GOOD_ORIGIN)])).status_code == 401
+
+
+async def raw_handshake(url: str, host: str, *headers: str) -> bytes:
+    """A WebSocket handshake to ``/acp`` sent with ``Host: host`` (what a page whose name
+    was rebound to the server's address sends); the answer's status line and body."""
+    address, port = url.removeprefix("http://").rsplit(":", 1)
+    lines = [
+        "GET /acp HTTP/1.1",
+        f"Host: {host}",
+        "Upgrade: websocket",
+        "Connection: Upgrade",
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
+        "Sec-WebSocket-Version: 13",
+        *headers,
+    ]
+    async with await trio.open_tcp_stream(address, int(port)) as stream:
+        await stream.send_all(("\r\n".join(lines) + "\r\n\r\n").encode())
+        answer = b""
+        while True:  # the server closes the connection after a refusal
+            chunk = await stream.receive_some(65536)
+            if not chunk:
+                break
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    return head.split(b"\r\n")[0] + b"\n" + body
+
+
+async def test_a_host_name_that_could_be_rebound_is_refused_everywhere(
+    start_server: StartServer,
+) -> None:
+    """DNS rebinding: a page at http://evil.example:PORT, its name then pointed at
+    127.0.0.1, is same-origin with the server for the browser, and its Origin matched the
+    "own origin" (taken from Host). Its Host names it, though: refused with 403 on every
+    path, before the token or Origin are looked at."""
+    hosts = ("dev.test", ".corp.test")
+    async with (
+        start_server(token=TOKEN, allow_hosts=hosts) as running,
+        httpx.AsyncClient(base_url=running.url) as http,
+    ):
+        assert running.url is not None
+        port = running.url.rsplit(":", 1)[1]
+        with trio.fail_after(10):
+            for path in ("/health", "/metrics", "/nowhere"):
+                response = await http.get(path, headers={"Host": f"evil.example:{port}"})
+                assert response.status_code == 403, path
+                assert "Host 'evil.example' is not allowed" in response.text
+                assert "--allow-host" in response.text
+            evil = f"evil.example:{port}"
+            answer = await raw_handshake(
+                running.url, evil, f"Origin: http://{evil}", f"Authorization: Bearer {TOKEN}"
+            )
+            assert answer.startswith(b"HTTP/1.1 403 "), answer
+            assert b"Host 'evil.example' is not allowed" in answer
+            assert running.manager.connections == set()
+            # Names that cannot be rebound, and the ones allowed, are served.
+            for host in (
+                "127.0.0.1", "[::1]", "localhost", "app.localhost", "LocalHost.",
+                "dev.test", "corp.test", "a.b.corp.test",
+            ):  # fmt: skip
+                response = await http.get("/health", headers={"Host": f"{host}:{port}"})
+                assert response.status_code == 200, host
+            for host in ("notcorp.test", "dev.test.evil.example", "localhost.evil.example"):
+                response = await http.get("/health", headers={"Host": f"{host}:{port}"})
+                assert response.status_code == 403, host
+
+
+@pytest.mark.parametrize(
+    ("value", "name"),
+    [
+        (None, None),
+        (b"127.0.0.1:8765", "127.0.0.1"),
+        (b"[::1]:8765", "::1"),
+        (b"[::1]", "::1"),
+        (b"[::1", "[::1"),  # malformed: kept whole, so it matches nothing
+        (b"Dev.Test.:80", "dev.test"),
+        (b"localhost", "localhost"),
+    ],
+)
+def test_the_host_name_of_a_request(value: bytes | None, name: str | None) -> None:
+    headers = [] if value is None else [(b"host", value)]
+    assert request_host({"headers": headers}) == name
+
+
+async def test_allow_host_star_admits_every_name(start_server: StartServer) -> None:
+    async with (
+        start_server(allow_hosts=("*",)) as running,
+        httpx.AsyncClient(base_url=running.url) as http,
+    ):
+        response = await http.get("/health", headers={"Host": "anything.example"})
+        assert response.status_code == 200
 
 
 async def test_metrics_need_the_token_health_is_open(start_server: StartServer) -> None:

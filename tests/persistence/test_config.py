@@ -175,6 +175,37 @@ def test_unknown_key_is_named() -> None:
             {"PUNIE_PROJECT": ""},
             "$PUNIE_PROJECT is set but empty (unset it for the default)",
         ),
+        # Neither could ever match a request: they were accepted without a word.
+        (
+            {"allow_origin": ["example.com"]},
+            {},
+            "config.toml: allow-origin must be an origin like http://localhost:3000, "
+            "got 'example.com'",
+        ),
+        (
+            {},
+            {"PUNIE_ALLOW_ORIGIN": "http://x.test/app"},
+            "$PUNIE_ALLOW_ORIGIN: allow-origin must be an origin like http://localhost:3000, "
+            "got 'http://x.test/app'",
+        ),
+        (
+            {"allow_origin": ["http://x.test:port"]},
+            {},
+            "config.toml: allow-origin must be an origin like http://localhost:3000, "
+            "got 'http://x.test:port'",
+        ),
+        (
+            {},
+            {"PUNIE_ALLOW_HOST": "http://x.test"},
+            "$PUNIE_ALLOW_HOST: allow-host must be a host name like myhost.lan or "
+            ".example.com (no scheme or port), got 'http://x.test'",
+        ),
+        (
+            {"allow_host": ["dev.test:8765"]},
+            {},
+            "config.toml: allow-host must be a host name like myhost.lan or .example.com "
+            "(no scheme or port), got 'dev.test:8765'",
+        ),
     ],
 )
 def test_bad_type_names_the_option_and_the_source(
@@ -183,6 +214,18 @@ def test_bad_type_names_the_option_and_the_source(
     with pytest.raises(ConfigError) as info:
         resolve({}, file_values, environ, "config.toml")
     assert str(info.value) == expected
+
+
+def test_origins_and_host_names_are_kept_as_requests_carry_them() -> None:
+    """Lowercase, no trailing slash or dot: what the checks compare against."""
+    merged = resolve(
+        {},
+        {"allow_origin": ["HTTP://LocalHost:3000/", "https://app.test"]},
+        {"PUNIE_ALLOW_HOST": " Dev.Test. ,.corp.test,*"},
+        "config.toml",
+    )
+    assert merged["allow_origin"] == ("http://localhost:3000", "https://app.test")
+    assert merged["allow_host"] == ("dev.test", ".corp.test", "*")
 
 
 def test_log_level_is_read_in_any_case() -> None:
@@ -219,6 +262,32 @@ def test_a_host_that_does_not_resolve_is_an_address_problem_not_a_crash() -> Non
     from punie_trio.server import _address_unusable
 
     assert _address_unusable(socket.gaierror(socket.EAI_NONAME, "Name or service not known"))
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (
+            ["--allow-origin", "example.com"],
+            "argument --allow-origin: must be an origin like http://localhost:3000",
+        ),
+        (
+            ["--allow-host", "dev.test:8765"],
+            "argument --allow-host: must be a host name like myhost.lan",
+        ),
+    ],
+)
+def test_a_flag_is_checked_by_its_options_rule(
+    capsys: pytest.CaptureFixture[str], argv: list[str], expected: str
+) -> None:
+    with pytest.raises(SystemExit) as info:
+        cli.build_parser().parse_args(["serve", *argv])
+    assert info.value.code == 2
+    assert expected in capsys.readouterr().err
+    args = cli.build_parser().parse_args(
+        ["serve", "--allow-origin", "HTTP://A.test/", "--allow-host", ".Corp.Test."]
+    )
+    assert (args.allow_origin, args.allow_host) == (["http://a.test"], [".corp.test"])
 
 
 def test_every_option_has_a_flag() -> None:
