@@ -8,7 +8,9 @@ integer``) and the CLI exits 2 with them.
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import re
 import tomllib
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -92,40 +94,92 @@ def _to_host(value: Any) -> str:
     return host
 
 
+#: Ports an Origin header leaves out (a browser sends ``http://localhost``, not ``:80``).
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+_SCHEME = re.compile(r"[a-z][a-z0-9+.-]*\Z")
+_LABEL = re.compile(r"[a-z0-9_-]{1,63}\Z")
+
+
+def _ascii_name(name: str) -> str | None:
+    """``name`` as a ``Host`` header or an ``Origin`` carries it: lowercase, no final dot,
+    non-ASCII labels in their punycode (IDNA) form; None if it is not a host name. A name
+    ending in a number must be a whole IPv4 address (a browser reads ``127.1`` as one and
+    sends ``127.0.0.1``, so the short form could never match)."""
+    name = name.lower().rstrip(".")
+    if not name.isascii():
+        try:
+            name = name.encode("idna").decode("ascii")
+        except UnicodeError:
+            return None
+    labels = name.split(".")
+    if not all(_LABEL.match(label) for label in labels):
+        return None
+    if labels[-1].isdigit():
+        try:
+            ipaddress.IPv4Address(name)
+        except ValueError:
+            return None
+    return name
+
+
 def _to_origin(value: Any) -> str:
-    """A browser origin, ``scheme://host[:port]``, as browsers send it (lowercase, no path):
-    anything else could never match an ``Origin`` header, and was accepted silently."""
-    text = _to_nonempty(value).strip().rstrip("/")
-    parts = urlsplit(text)
+    """An origin, ``scheme://host[:port]``, in the form browsers send it (lowercase, IDNA,
+    no default port, no path). Anything else could never match an ``Origin`` header (and
+    was accepted without a word). ``null`` is refused: every site's sandboxed frames and
+    every ``file://`` page send it."""
+    text = _to_nonempty(value).strip()
+    if text.lower() == "null":
+        raise ValueError("cannot be null: sandboxed frames and file:// pages of any site send it")
+    bad = ValueError(f"must be an origin like http://localhost:3000, got {value!r}")
+    parts = urlsplit(text.removesuffix("/"))
+    scheme = parts.scheme.lower()
     if (
-        parts.scheme.lower() not in ("http", "https")
-        or not parts.hostname
+        not _SCHEME.match(scheme)
+        or not parts.netloc
+        or parts.netloc.endswith(":")
+        or "@" in parts.netloc
         or parts.path
         or parts.query
         or parts.fragment
-        or "@" in parts.netloc
+        or parts.hostname is None
     ):
-        raise ValueError(f"must be an origin like http://localhost:3000, got {value!r}")
+        raise bad
     try:
-        parts.port  # noqa: B018 - raises for a port that is not a number
+        port = parts.port
     except ValueError:
-        raise ValueError(f"must be an origin like http://localhost:3000, got {value!r}") from None
-    return f"{parts.scheme.lower()}://{parts.netloc.lower()}"
+        raise bad from None
+    host = parts.hostname
+    if ":" in host:  # an IPv6 address (urlsplit took off its brackets), without a zone
+        if "%" in host:
+            raise bad
+        try:
+            host = f"[{ipaddress.IPv6Address(host).compressed}]"
+        except ValueError:
+            raise bad from None
+    else:
+        name = _ascii_name(host)
+        if name is None:
+            raise bad
+        host = name
+    if port is not None and port != _DEFAULT_PORTS.get(scheme):
+        host += f":{port}"
+    return f"{scheme}://{host}"
 
 
 def _to_host_name(value: Any) -> str:
-    """A host name for the Host check: ``name``, ``.domain`` (the domain and its
-    subdomains) or ``*`` (every name), without scheme or port."""
-    text = _to_nonempty(value).strip().lower().rstrip(".")
+    """A host name for the Host check, as a ``Host`` header carries it: ``name``,
+    ``.domain`` (the domain and its subdomains) or ``*`` (every name)."""
+    text = _to_nonempty(value).strip()
     if text == "*":
         return text
-    labels = text.removeprefix(".").split(".")
-    if not all(label and all(c.isalnum() or c == "-" for c in label) for label in labels):
+    dot = "." if text.startswith(".") else ""
+    name = _ascii_name(text.removeprefix("."))
+    if name is None:
         raise ValueError(
-            f"must be a host name like myhost.lan or .example.com (no scheme or port), "
-            f"got {value!r}"
+            "must be a host name like myhost.lan or .example.com (no scheme or port; IP "
+            f"addresses are always allowed), got {value!r}"
         )
-    return text
+    return dot + name
 
 
 def _to_token(value: Any) -> str:

@@ -69,15 +69,26 @@ def write_token_file(path: Path) -> str:
 
 def request_host(scope: dict[str, Any]) -> str | None:
     """The ``Host`` header's host name, lowercase, without its port or a final dot (an IPv6
-    address without its brackets); None without the header."""
+    address without its brackets); None without the header. A malformed value comes back
+    whole, which only ``*`` accepts."""
     value = header(scope, b"host")
     if value is None:
         return None
     text = value.decode("latin-1").strip().lower()
     if text.startswith("["):
-        name, bracket, _ = text[1:].partition("]")
-        return name if bracket else text
-    return text.rpartition(":")[0].rstrip(".") if ":" in text else text.rstrip(".")
+        name, bracket, rest = text[1:].partition("]")
+        if not bracket or (rest and not rest.startswith(":")):
+            return text
+        port = rest[1:]
+    elif ":" in text:
+        name, _, port = text.rpartition(":")
+    else:
+        name, port = text, ""
+    if port and not port.isdigit():
+        # Not a port: no host at all. Kept whole, so it matches nothing (the name in
+        # ``127.0.0.1:evil.example`` is not 127.0.0.1).
+        return text
+    return name.rstrip(".")
 
 
 def host_allowed(scope: dict[str, Any], allowed: tuple[str, ...]) -> bool:
@@ -87,6 +98,8 @@ def host_allowed(scope: dict[str, Any], allowed: tuple[str, ...]) -> bool:
     name = request_host(scope)
     if name is None or name == "localhost" or name.endswith(".localhost"):
         return True
+    if "%" in name:  # an IPv6 zone id (or percent-encoding): nothing a browser sends
+        return False
     try:
         ipaddress.ip_address(name)
     except ValueError:

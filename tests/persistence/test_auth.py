@@ -16,7 +16,7 @@ import pytest
 import trio
 from trio_websocket import ConnectionRejected, open_websocket_url
 
-from punie_trio.web._auth import request_host
+from punie_trio.web._auth import host_allowed, request_host
 
 from ..acp_schema import SchemaChecker
 from ..client import AcpTestClient
@@ -182,11 +182,32 @@ async def test_a_host_name_that_could_be_rebound_is_refused_everywhere(
         (b"[::1", "[::1"),  # malformed: kept whole, so it matches nothing
         (b"Dev.Test.:80", "dev.test"),
         (b"localhost", "localhost"),
+        (b"localhost:", "localhost"),
+        # Not a port: no host name at all (kept whole, so only `*` admits it).
+        (b"127.0.0.1:evil.example", "127.0.0.1:evil.example"),
+        (b"[::1]evil.example", "[::1]evil.example"),
     ],
 )
 def test_the_host_name_of_a_request(value: bytes | None, name: str | None) -> None:
     headers = [] if value is None else [(b"host", value)]
     assert request_host({"headers": headers}) == name
+
+
+@pytest.mark.parametrize(
+    ("value", "allowed"),
+    [
+        (b"127.0.0.1:evil.example", False),
+        (b"[fe80::1%25evil.example]:80", False),  # a zone id: not sent by browsers
+        (b"[fe80::1]:80", True),
+        (b"x.localhost:1", True),
+        (b"localhost.evil.example", False),
+        (b"corp.test", True),
+        (b"a.corp.test", True),
+        (b"acorp.test", False),
+    ],
+)
+def test_host_allowed(value: bytes, allowed: bool) -> None:
+    assert host_allowed({"headers": [(b"host", value)]}, (".corp.test",)) is allowed
 
 
 async def test_allow_host_star_admits_every_name(start_server: StartServer) -> None:

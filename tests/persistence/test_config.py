@@ -198,13 +198,14 @@ def test_unknown_key_is_named() -> None:
             {},
             {"PUNIE_ALLOW_HOST": "http://x.test"},
             "$PUNIE_ALLOW_HOST: allow-host must be a host name like myhost.lan or "
-            ".example.com (no scheme or port), got 'http://x.test'",
+            ".example.com (no scheme or port; IP addresses are always allowed), "
+            "got 'http://x.test'",
         ),
         (
             {"allow_host": ["dev.test:8765"]},
             {},
             "config.toml: allow-host must be a host name like myhost.lan or .example.com "
-            "(no scheme or port), got 'dev.test:8765'",
+            "(no scheme or port; IP addresses are always allowed), got 'dev.test:8765'",
         ),
     ],
 )
@@ -217,15 +218,55 @@ def test_bad_type_names_the_option_and_the_source(
 
 
 def test_origins_and_host_names_are_kept_as_requests_carry_them() -> None:
-    """Lowercase, no trailing slash or dot: what the checks compare against."""
+    """In the form a browser sends them (lowercase, no trailing slash or dot, no default
+    port, IDNA): what the checks compare against."""
+    origins = {
+        "HTTP://LocalHost:3000/": "http://localhost:3000",
+        "https://app.test": "https://app.test",
+        "http://localhost:80": "http://localhost",  # a browser leaves the default port out
+        "https://app.test:443": "https://app.test",
+        "http://app.test:0080": "http://app.test",
+        "https://app.test:80": "https://app.test:80",
+        "http://[::1]:3000": "http://[::1]:3000",
+        "http://[0:0::1]": "http://[::1]",
+        "http://Bücher.example": "http://xn--bcher-kva.example",
+        "chrome-extension://abcdefghijklmnop": "chrome-extension://abcdefghijklmnop",
+        "tauri://localhost": "tauri://localhost",
+        "http://127.0.0.1:8765": "http://127.0.0.1:8765",
+    }
     merged = resolve(
         {},
-        {"allow_origin": ["HTTP://LocalHost:3000/", "https://app.test"]},
-        {"PUNIE_ALLOW_HOST": " Dev.Test. ,.corp.test,*"},
+        {"allow_origin": list(origins)},
+        {"PUNIE_ALLOW_HOST": " Dev.Test. ,.corp.test,*,my_host.lan,Bücher.example"},
         "config.toml",
     )
-    assert merged["allow_origin"] == ("http://localhost:3000", "https://app.test")
-    assert merged["allow_host"] == ("dev.test", ".corp.test", "*")
+    assert merged["allow_origin"] == tuple(origins.values())
+    assert merged["allow_host"] == (
+        "dev.test", ".corp.test", "*", "my_host.lan", "xn--bcher-kva.example",
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "origin",
+    ["example.com", "http://x.test/app", "http://x.test:", "http://127.1", "http://a b",
+     "http://[fe80::1%25eth0]", "http://user@x.test", "http://x.test?q", "ftp//x"],
+)  # fmt: skip
+def test_an_origin_no_browser_could_send_is_refused(origin: str) -> None:
+    with pytest.raises(ConfigError, match="allow-origin must be an origin like"):
+        resolve({}, {"allow_origin": [origin]}, {}, "config.toml")
+
+
+def test_null_cannot_be_an_allowed_origin() -> None:
+    with pytest.raises(ConfigError, match="cannot be null: sandboxed frames"):
+        resolve({}, {}, {"PUNIE_ALLOW_ORIGIN": "null"}, "config.toml")
+
+
+@pytest.mark.parametrize(
+    "host", ["*.example.com", "[::1]", "x.test:80", "http://x.test", "a b.test", "127.1", "."]
+)
+def test_a_host_name_no_request_could_carry_is_refused(host: str) -> None:
+    with pytest.raises(ConfigError, match="IP addresses are always allowed"):
+        resolve({}, {"allow_host": [host]}, {}, "config.toml")
 
 
 def test_log_level_is_read_in_any_case() -> None:
