@@ -42,6 +42,7 @@ from .transport import stdio_stream
 from .web import App
 from .web import _deflate as deflate
 from .web import _fast_send as fast_send
+from .web import _h2_late_data as h2_late_data
 from .web import _handshake as handshake
 from .worker import Model
 
@@ -253,6 +254,7 @@ async def _start_http(
 ) -> str:
     fast_send.install()
     handshake.install()
+    h2_late_data.install()
     deflate.install(config.max_message_bytes)
 
     async def run_hypercorn(task_status: trio.TaskStatus[list[str]]) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import gc
 import re
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
@@ -19,6 +18,7 @@ from punie_trio.worker import EchoModel
 
 from ..acp_schema import SchemaChecker
 from ._support import acp_ws_client, ws_url
+from .conftest import StartServer
 
 
 async def test_health(server: Running, tmp_path: Path, acp_schema: SchemaChecker) -> None:
@@ -168,63 +168,88 @@ async def test_a_wrong_websocket_version_gets_426_naming_the_version(server: Run
         assert not server.manager.connections
 
 
+class _H2:
+    """A bare HTTP/2 client (prior knowledge, as ``curl --http2-prior-knowledge``) on a
+    real connection: send frames, read until a stream has ended."""
+
+    def __init__(self, stream: trio.SocketStream, authority: bytes) -> None:
+        import h2.config
+        import h2.connection
+
+        self.stream = stream
+        self.authority = authority
+        self.conn = h2.connection.H2Connection(h2.config.H2Configuration(header_encoding=None))
+        self.conn.initiate_connection()
+
+    def websocket(self, stream_id: int, version: bytes) -> None:
+        self.conn.send_headers(
+            stream_id,
+            [
+                (b":method", b"CONNECT"), (b":protocol", b"websocket"), (b":scheme", b"http"),
+                (b":path", b"/acp"), (b":authority", self.authority),
+                (b"sec-websocket-version", version),
+            ],
+        )  # fmt: skip
+
+    def get(self, stream_id: int, path: bytes) -> None:
+        self.conn.send_headers(
+            stream_id,
+            [
+                (b":method", b"GET"), (b":scheme", b"http"), (b":path", path),
+                (b":authority", self.authority),
+            ],
+            end_stream=True,
+        )  # fmt: skip
+
+    async def flush(self) -> None:
+        await self.stream.send_all(self.conn.data_to_send())
+
+    async def status(self, stream_id: int) -> bytes:
+        """Read until ``stream_id`` has ended; its response's ``:status``."""
+        import h2.events
+
+        status: bytes | None = None
+        while True:
+            data = await self.stream.receive_some(65536)
+            assert data, "the server closed the connection"
+            for event in self.conn.receive_data(data):
+                if isinstance(event, h2.events.ResponseReceived):
+                    if event.stream_id == stream_id:
+                        status = dict(event.headers)[b":status"]
+                elif isinstance(event, h2.events.StreamEnded) and event.stream_id == stream_id:
+                    assert status is not None
+                    await self.flush()
+                    return status
+            await self.flush()
+
+
+@pytest.mark.parametrize("early_frames", [0, 2])
 async def test_a_refused_websocket_over_http2_leaves_the_connection_serving(
-    server: Running,
+    start_server: StartServer, early_frames: int, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Over HTTP/2 (prior knowledge, extended CONNECT) a refused handshake ends its stream
-    only: the connection goes on serving others. Closing refused handshakes' connections
-    (for HTTP/1.1) once made Hypercorn forget the stream, and a frame the client still
-    sent on it took the whole connection down (``KeyError``)."""
-    import h2.config
-    import h2.connection
-    import h2.events
-
-    host, port = server.url.removeprefix("http://").rsplit(":", 1)
-    conn = h2.connection.H2Connection(h2.config.H2Configuration(header_encoding=None))
-    conn.initiate_connection()
-    authority = f"{host}:{port}".encode()
-    with trio.fail_after(10):
-        async with await trio.open_tcp_stream(host, int(port)) as stream:
-
-            async def until(done: Any) -> list[h2.events.Event]:
-                seen: list[h2.events.Event] = []
-                while not done(seen):
-                    data = await stream.receive_some(65536)
-                    assert data, f"the server closed the connection; events: {seen}"
-                    seen += conn.receive_data(data)
-                    await stream.send_all(conn.data_to_send())
-                return seen
-
-            def ended(stream_id: int) -> Any:
-                return lambda seen: any(
-                    isinstance(e, h2.events.StreamEnded) and e.stream_id == stream_id for e in seen
-                )
-
-            conn.send_headers(
-                1,
-                [
-                    (b":method", b"CONNECT"), (b":protocol", b"websocket"),
-                    (b":scheme", b"http"), (b":path", b"/acp"), (b":authority", authority),
-                    (b"sec-websocket-version", b"8"),
-                ],
-            )  # fmt: skip
-            await stream.send_all(conn.data_to_send())
-            seen = await until(ended(1))
-            (response,) = [e for e in seen if isinstance(e, h2.events.ResponseReceived)]
-            assert dict(response.headers)[b":status"] == b"426"
-            conn.send_data(1, b"\x81\x85abcdhello")  # the client had not seen the answer yet
-            conn.send_headers(
-                3,
-                [
-                    (b":method", b"GET"), (b":scheme", b"http"), (b":path", b"/health"),
-                    (b":authority", authority),
-                ],
-                end_stream=True,
-            )  # fmt: skip
-            await stream.send_all(conn.data_to_send())
-            seen = await until(ended(3))
-            (response,) = [e for e in seen if isinstance(e, h2.events.ResponseReceived)]
-            assert dict(response.headers)[b":status"] == b"200"
+    only: the connection goes on serving others, also after the client sent frames on
+    the refused stream (before and after reading the refusal). Each of those once made
+    Hypercorn fail the whole connection with ``KeyError``: after our 426 closed the stream
+    (fixed in _handshake), and after its own 400 for frames sent too early (_h2_late_data)."""
+    frame = b"\x81\x85abcdhello"
+    async with start_server(token="T") as server:  # the app refuses the handshake too (401)
+        assert server.url is not None
+        host, port = server.url.removeprefix("http://").rsplit(":", 1)
+        with trio.fail_after(10):
+            stream = await trio.open_tcp_stream(host, int(port))
+            async with stream:
+                client = _H2(stream, f"{host}:{port}".encode())
+                client.websocket(1, b"13" if early_frames else b"8")
+                for _ in range(early_frames):
+                    client.conn.send_data(1, frame)  # sent before the handshake's answer
+                await client.flush()
+                assert await client.status(1) == (b"400" if early_frames else b"426")
+                client.conn.send_data(1, frame)  # the client had not read the answer yet
+                client.get(3, b"/health")
+                await client.flush()
+                assert await client.status(3) == b"200"
+    assert "connection failed" not in caplog.text
 
 
 async def test_serving_as_the_cli_does_freezes_startup_and_raises_gc_thresholds(
