@@ -109,3 +109,48 @@ def create_private(path: Path) -> None:
     except FileExistsError:
         return
     os.close(fd)
+
+
+class DataDirInUse(Exception):
+    """Another ``serve`` holds the data directory; ``pid`` is its process id as it wrote it
+    (empty if unreadable)."""
+
+    def __init__(self, pid: str) -> None:
+        super().__init__(pid)
+        self.pid = pid
+
+
+def lock_data_dir(data_dir: Path) -> int | None:
+    """Claim ``data_dir`` for this ``serve`` process: an exclusive ``flock`` on
+    ``DATA_DIR/serve.lock``, which holds this process's id. Returns the descriptor that
+    holds the lock (closing it, or the process ending in any way, ``kill -9`` included,
+    releases it); None where ``flock`` does not exist (Windows).
+
+    Why: one ``serve`` per data directory. Two shared the token file (each start
+    overwrote it, and the other server then refused the token it had written), the WAL
+    (neither could ever restart it: it grew by gigabytes an hour) and the sessions (each
+    kept its own idea of a session's turns, so prompts on one failed "already has turn N
+    recorded" once the other had appended).
+
+    Error handling: ``DataDirInUse`` when another process holds it; ``OSError`` when the
+    lock file cannot be opened.
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        return None
+    fd = os.open(data_dir / "serve.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        try:
+            pid = os.read(fd, 32).decode("ascii", "replace").strip()
+        finally:
+            os.close(fd)
+        raise DataDirInUse(pid) from None
+    except BaseException:
+        os.close(fd)
+        raise
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd

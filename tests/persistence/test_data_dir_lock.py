@@ -1,0 +1,85 @@
+"""One ``serve`` per data directory: a second is refused at start (exit status 1, naming the
+first's pid), and the first goes on unharmed. Two once shared the token file (each start
+overwrote it), the WAL (which then grew without end) and the sessions."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import trio
+
+from ..acp_schema import SchemaChecker
+from ..integration._support import (
+    TOKEN,
+    acp_ws_client,
+    serve_command,
+    server_env,
+    server_process,
+)
+
+
+async def test_a_second_serve_on_the_same_data_dir_is_refused(
+    tmp_path: Path, acp_schema: SchemaChecker
+) -> None:
+    with trio.fail_after(60):
+        async with server_process(tmp_path) as first:
+            second = await trio.run_process(
+                serve_command(tmp_path, token=None),
+                capture_stdout=True,
+                capture_stderr=True,
+                check=False,
+                env=server_env(),
+            )
+            assert second.returncode == 1
+            message = second.stderr.decode()
+            assert message.startswith("punie-trio: error: another punie-trio serve (pid ")
+            assert f"(pid {first.process.pid})" in message
+            assert str(tmp_path / "data") in message and "--data-dir" in message
+            # It left the first's files alone: no token written over the first's.
+            assert not (tmp_path / "data" / "token").exists()
+            assert first.url is not None
+            async with acp_ws_client(first.url, acp_schema, token=TOKEN) as (client, _):
+                await client.initialize()
+                session_id = await client.new_session(str(tmp_path))
+                assert await client.prompt(session_id, "still mine") == "end_turn"
+            first.process.send_signal(signal.SIGTERM)
+            assert await first.process.wait() == 0
+
+        # Once it has gone (by any way: the lock dies with the process), the next one starts.
+        async with server_process(tmp_path) as third:
+            assert third.url is not None
+            async with httpx.AsyncClient(base_url=third.url) as http:
+                assert (await http.get("/health")).status_code == 200
+            third.process.kill()
+            await third.process.wait()
+        async with server_process(tmp_path) as fourth:
+            assert fourth.url is not None
+
+
+def test_the_read_only_commands_do_not_need_the_lock(tmp_path: Path) -> None:
+    """``punie-trio token`` and ``sessions ...`` read beside a running server."""
+    data = tmp_path / "data"
+    server = subprocess.Popen(
+        serve_command(tmp_path, token=None),
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        env=server_env(),
+    )
+    try:
+        assert server.stderr is not None
+        assert b"listening" in server.stderr.readline()
+        for args in (["token"], ["sessions", "list"]):
+            done = subprocess.run(
+                [sys.executable, "-m", "punie_trio", *args, "--data-dir", str(data)],
+                capture_output=True,
+                env=server_env(),
+                timeout=60,
+            )
+            assert done.returncode == 0, done.stderr
+    finally:
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(timeout=60) == 0
