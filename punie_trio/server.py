@@ -2,8 +2,10 @@
 
 ::
 
+    signal watcher                       from the start (the store's open included):
+    │                                    1st SIGINT/SIGTERM/SIGHUP sets ``closing``, a 2nd
+    │                                    exits at once
     root nursery
-    ├─ signal watcher: 1st SIGINT/SIGTERM sets ``closing``; a 2nd exits at once
     ├─ Manager.run()                     worker nursery, one ProjectWorker per root
     ├─ hypercorn.trio.serve(app, shutdown_trigger=closing.wait)
     ├─ stdio ClientConnection.run()      with --stdio
@@ -12,7 +14,8 @@
 Shutdown: ``closing`` is the one event everything watches. Connections cancel their turns
 (which answer ``stopReason: "cancelled"``), drain, and close their WebSockets with 1001;
 Hypercorn stops accepting and returns once its handlers have; then the root is cancelled. All
-of it is bounded by ``shutdown_timeout``.
+of it is bounded by ``shutdown_timeout``. Before the server listens (the dev app's first build
+may take minutes), ``closing`` cancels the start-up instead.
 """
 
 from __future__ import annotations
@@ -140,8 +143,16 @@ def _force_exit(timeout: float) -> None:
     os._exit(1)
 
 
+#: The signals that ask for a graceful shutdown. SIGHUP too: the terminal running ``serve``
+#: was closed (its default action killed the process on the spot: no answers, no close
+#: frames, the running turns not recorded).
+SHUTDOWN_SIGNALS = tuple(
+    getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name)
+)
+
+
 async def _watch_signals(closing: trio.Event, shutdown_timeout: float) -> None:
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+    with trio.open_signal_receiver(*SHUTDOWN_SIGNALS) as signals:
         async for signum in signals:
             if closing.is_set():
                 print("punie-trio: second signal, exiting now", file=sys.stderr, flush=True)
@@ -162,9 +173,22 @@ async def serve(
 ) -> None:
     """Run the server until ``closing`` is set (by a signal, or by the caller through the
     :class:`Running` handed to ``task_status.started``), then shut down within
-    ``config.shutdown_timeout`` seconds."""
-    async with _open_store(config) as store:
-        await _serve(config, store, task_status)
+    ``config.shutdown_timeout`` seconds.
+
+    With ``config.handle_signals`` the signals are watched from the very start, so one
+    that arrives while the store opens or the dev app's first build runs shuts down
+    gracefully too: the start-up is abandoned (the build cancelled, its process group
+    killed) and ``task_status.started`` gets a :class:`Running` whose ``url`` is None.
+    """
+    closing = trio.Event()
+    async with trio.open_nursery() as signals:
+        if config.handle_signals:
+            signals.start_soon(_watch_signals, closing, config.shutdown_timeout)
+        try:
+            async with _open_store(config) as store:
+                await _serve(config, store, closing, task_status)
+        finally:
+            signals.cancel_scope.cancel()
 
 
 @asynccontextmanager
@@ -180,8 +204,12 @@ async def _open_store(config: ServeConfig) -> AsyncIterator[Store]:
         yield store
 
 
-async def _serve(config: ServeConfig, store: Store, task_status: trio.TaskStatus[Running]) -> None:
-    closing = trio.Event()
+async def _serve(
+    config: ServeConfig,
+    store: Store,
+    closing: trio.Event,
+    task_status: trio.TaskStatus[Running],
+) -> None:
     manager = Manager(
         tuple(str(p) for p in config.projects),
         config.model,
@@ -210,21 +238,29 @@ async def _serve(config: ServeConfig, store: Store, task_status: trio.TaskStatus
         metrics_public=config.metrics_public,
     )
     async with trio.open_nursery() as root:
-        if config.handle_signals:
-            root.start_soon(_watch_signals, closing, config.shutdown_timeout)
-        await root.start(manager.run)
-        if dev_app is not None:
-            await root.start(dev_app.run)
         url = None
         hypercorn_done = trio.Event()
-        if config.http:
-            await root.start(app.heartbeat.run)
-            url = await _start_http(root, app, config, closing, hypercorn_done)
-            print(
-                f"punie-trio listening on {url} (ACP: ws{url[4:]}/acp)", file=sys.stderr, flush=True
-            )
-        else:
-            hypercorn_done.set()
+        # Start-up (the dev app's first build may take minutes) gives way to a shutdown.
+        with trio.CancelScope() as startup:
+            root.start_soon(_cancel_on, closing, startup)
+            await root.start(manager.run)
+            if dev_app is not None:
+                await root.start(dev_app.run)
+            if config.http:
+                await root.start(app.heartbeat.run)
+                url = await _start_http(root, app, config, closing, hypercorn_done)
+                print(
+                    f"punie-trio listening on {url} (ACP: ws{url[4:]}/acp)",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            else:
+                hypercorn_done.set()
+        if startup.cancelled_caught:
+            # Interrupted before serving: nothing to wind down but what started.
+            task_status.started(Running(None, manager, closing))
+            root.cancel_scope.cancel()
+            return
         stdio_done = trio.Event()
         if config.stdio:
             root.start_soon(_serve_stdio, manager, config, closing, stdio_done)
@@ -247,6 +283,11 @@ async def _serve(config: ServeConfig, store: Store, task_status: trio.TaskStatus
             if config.stdio:
                 await stdio_done.wait()
         root.cancel_scope.cancel()
+
+
+async def _cancel_on(event: trio.Event, scope: trio.CancelScope) -> None:
+    await event.wait()
+    scope.cancel()
 
 
 async def _start_http(

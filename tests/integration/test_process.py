@@ -4,12 +4,14 @@ clients on one manager, signals and graceful shutdown, a busy port."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import socket
 from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 import trio
 from trio_websocket import open_websocket_url
 
@@ -21,6 +23,7 @@ from ._support import (
     TOKEN,
     acp_ws_client,
     fresh_ids,
+    run_punie,
     serve_command,
     server_process,
     write_script,
@@ -62,7 +65,14 @@ async def test_stdio_and_websocket_share_one_manager(
             nursery.cancel_scope.cancel()
 
 
-async def test_sigterm_shuts_down_gracefully(tmp_path: Path, acp_schema: SchemaChecker) -> None:
+@pytest.mark.parametrize(
+    "signum", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP], ids=lambda s: s.name
+)
+async def test_sigterm_shuts_down_gracefully(
+    tmp_path: Path, acp_schema: SchemaChecker, signum: signal.Signals
+) -> None:
+    """And SIGINT and SIGHUP the same way (SIGHUP, a closed terminal, once killed the
+    process on the spot: no answers, no close frames, the running turns not recorded)."""
     script = write_script(tmp_path / "slow.json", [[{"text": "started"}, {"sleep": 60}]])
     shutdown_timeout = 10.0
     with trio.fail_after(30):
@@ -85,7 +95,7 @@ async def test_sigterm_shuts_down_gracefully(tmp_path: Path, acp_schema: SchemaC
 
                 nursery.start_soon(run_prompt)
                 await busy.wait_for(lambda m: m.get("method") == "session/update")
-                server.process.send_signal(signal.SIGTERM)
+                server.process.send_signal(signum)
                 signalled = trio.current_time()
                 await busy.closed.wait()
                 await idle.closed.wait()
@@ -94,7 +104,32 @@ async def test_sigterm_shuts_down_gracefully(tmp_path: Path, acp_schema: SchemaC
             assert idle_ws.closed is not None and idle_ws.closed.code == 1001
             assert await server.process.wait() == 0
             assert trio.current_time() - signalled < shutdown_timeout
+            await server.wait_stderr(f"received {signum.name}, shutting down")
+        shown = await run_punie("sessions", "show", session, "--data-dir", str(tmp_path / "data"))
+        assert "stop: cancelled" in shown.stdout.decode()  # the running turn was recorded
+
+
+async def test_a_signal_during_the_first_build_stops_it_and_exits_0(tmp_path: Path) -> None:
+    """The dev app's first build runs before the server listens; a signal then once waited
+    for the watchdog (exit 1 after --shutdown-timeout) and left the build running."""
+    site = tmp_path / "site"
+    site.mkdir()
+    fifo = tmp_path / "build.pid"
+    os.mkfifo(fifo)  # the build writes its pid into it once it runs; reading waits for that
+    build = f"echo $$ > {fifo}; exec sleep 60"
+    with trio.fail_after(30):
+        async with server_process(
+            tmp_path,
+            "--site", str(site), "--build", build, "--no-watch", "--shutdown-timeout", "20",
+            wait_listening=False,
+        ) as server:  # fmt: skip
+            build_pid = int(await trio.to_thread.run_sync(fifo.read_text))
+            server.process.send_signal(signal.SIGTERM)
+            assert await server.process.wait() == 0
             await server.wait_stderr("received SIGTERM, shutting down")
+            assert "listening" not in "".join(server.stderr_lines)
+    with pytest.raises(ProcessLookupError):  # the build went with it
+        os.kill(build_pid, 0)
 
 
 async def test_second_signal_exits_at_once(tmp_path: Path, acp_schema: SchemaChecker) -> None:
