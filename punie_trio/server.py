@@ -21,6 +21,7 @@ may take minutes), ``closing`` cancels the start-up instead.
 from __future__ import annotations
 
 import errno
+import functools
 import gc
 import logging
 import os
@@ -285,6 +286,11 @@ async def _serve(
         root.cancel_scope.cancel()
 
 
+async def _set_after(event: trio.Event, delay: float) -> None:
+    await trio.sleep(delay)
+    event.set()
+
+
 async def _cancel_on(event: trio.Event, scope: trio.CancelScope) -> None:
     await event.wait()
     scope.cancel()
@@ -332,8 +338,19 @@ async def _serve_stdio(
     """One ACP connection on stdin/stdout. EOF ends only this connection, unless stdio is the
     only transport (``--no-http``), where it ends the server."""
     stream = stdio_stream(config.max_message_bytes)
+    conn = ClientConnection(manager, transport="stdio")
     try:
-        await ClientConnection(manager, transport="stdio").run(stream)
+        async with trio.open_nursery() as timers:
+            if not config.http:
+                # The requests read before EOF get shutdown_timeout to be answered; then
+                # the bounded shutdown starts, if the connection has not ended by itself
+                # (a client that closed stdin and stopped reading stdout once kept the
+                # process alive for good).
+                conn.on_input_end = functools.partial(
+                    timers.start_soon, _set_after, closing, config.shutdown_timeout
+                )
+            await conn.run(stream)
+            timers.cancel_scope.cancel()
     finally:
         done.set()
         with trio.CancelScope(shield=True):

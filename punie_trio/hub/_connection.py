@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Awaitable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any
 
 import attrs
@@ -53,6 +53,10 @@ class ClientConnection:
     id: str = attrs.field(factory=lambda: str(uuid.uuid4()))
     capabilities: acp.ClientCapabilities = attrs.field(factory=acp.ClientCapabilities)
     client_info: dict[str, Any] | None = None
+    #: Called (after the turns are cancelled) when a stdio client's input ends: where stdio
+    #: is the only transport the server then bounds its exit, which must not wait for good
+    #: on a client that stopped reading too (``server._serve_stdio``).
+    on_input_end: Callable[[], None] | None = None
     initialized: bool = False
     client_id: str | None = None
     peer: Peer | None = attrs.field(default=None, init=False)
@@ -73,13 +77,18 @@ class ClientConnection:
             observer=self.manager.metrics,
             # stdin EOF closes only the client's sending half: cancel our turns, but let
             # every request read so far be answered (a piped script gets all its answers).
-            on_eof=self._cancel_turns if self.transport == "stdio" else None,
+            on_eof=self._input_ended if self.transport == "stdio" else None,
         )
         self.manager.attach(self)
         try:
             await peer.run(task_status=task_status)
         finally:
             self.manager.detach(self)
+
+    def _input_ended(self) -> None:
+        self._cancel_turns()
+        if self.on_input_end is not None:
+            self.on_input_end()
 
     def _cancel_turns(self) -> None:
         for session in self.manager.sessions.values():

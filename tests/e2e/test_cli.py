@@ -443,6 +443,52 @@ def test_store_and_log_are_private_in_a_data_dir_that_is_not(
         assert stat.S_IMODE((data / name).stat().st_mode) == 0o600, name
 
 
+def test_stdin_eof_with_stdout_unread_still_exits(env: dict[str, str], tmp_path: Path) -> None:
+    """An IDE that closed stdin and stopped reading stdout mid-turn (the turn's output fills
+    the pipe): the process exits 0 within about twice --shutdown-timeout, the turn
+    recorded as cancelled. It stayed alive for good, the turn never recorded."""
+    script = tmp_path / "flood.json"
+    script.write_text(json.dumps({"turns": [[{"text": "y" * 65536}] * 200]}))
+    agent = subprocess.Popen(
+        [
+            *PUNIE, "serve", "--stdio", "--no-http", "--project", str(tmp_path),
+            "--model", f"script:{script}", "--shutdown-timeout", "1",
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        env=env,
+    )  # fmt: skip
+    assert agent.stdin is not None and agent.stdout is not None
+    try:
+        lines = [
+            {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {"protocolVersion": 1}},
+            {
+                "jsonrpc": "2.0", "id": 2, "method": "session/new",
+                "params": {"cwd": str(tmp_path), "mcpServers": []},
+            },
+        ]  # fmt: skip
+        answers = []
+        for line in lines:  # one at a time: answers may come in any order
+            agent.stdin.write((json.dumps(line) + "\n").encode())
+            agent.stdin.flush()
+            answers.append(json.loads(agent.stdout.readline()))
+        session = answers[1]["result"]["sessionId"]
+        prompt = {"sessionId": session, "prompt": [{"type": "text", "text": "flood"}]}
+        prompt_line = {"jsonrpc": "2.0", "id": 3, "method": "session/prompt", "params": prompt}
+        agent.stdin.write((json.dumps(prompt_line) + "\n").encode())
+        agent.stdin.flush()
+        assert json.loads(agent.stdout.readline())["method"] == "session/update"
+        agent.stdin.close()  # and stdout is read no more
+        assert agent.wait(TIMEOUT) == 0
+    finally:
+        agent.kill()
+        agent.wait()
+    shown = punie("sessions", "show", session, env=env)
+    assert shown.returncode == 0, shown.stderr
+    assert "stop: cancelled" in shown.stdout
+
+
 def test_a_lone_surrogate_in_a_log_line_is_escaped_not_a_logging_error(
     env: dict[str, str], tmp_path: Path
 ) -> None:
