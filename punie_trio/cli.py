@@ -429,6 +429,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         status: int = args.func(args)
         sys.stdout.flush()
+    except KeyboardInterrupt:
+        # Ctrl-C before ``serve`` watches its signals (it then shuts down gracefully, exit
+        # 0), or during a read-only command: no traceback.
+        print("punie-trio: interrupted", file=sys.stderr)
+        return 130
     except BrokenPipeError:
         # Nothing more can be written; keep the interpreter's final flush from failing too.
         devnull = os.open(os.devnull, os.O_WRONLY)

@@ -331,6 +331,20 @@ def test_a_flag_is_checked_by_its_options_rule(
     assert (args.allow_origin, args.allow_host) == (["http://a.test"], [".corp.test"])
 
 
+def test_ctrl_c_before_the_server_watches_signals_is_status_130_without_a_traceback(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A SIGINT in the first moments (imports, config, the token file) raised
+    ``KeyboardInterrupt`` through ``main`` and printed a traceback."""
+
+    def interrupted(args: Any) -> int:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_run_serve", interrupted)
+    assert cli.main(["serve"]) == 130
+    assert capsys.readouterr().err == "punie-trio: interrupted\n"
+
+
 def test_every_option_has_a_flag() -> None:
     args = cli.build_parser().parse_args(["serve"])
     assert set(BY_NAME) <= set(vars(args))
