@@ -406,6 +406,12 @@ class Manager:
     def project_root_for(self, cwd: str) -> str:
         """The most specific project root containing ``cwd`` (resolved), or -32602; so is a
         ``cwd`` that is not a directory (every tool of the session would fail in it)."""
+        return self.checked_cwd(cwd)[0]
+
+    def checked_cwd(self, cwd: str) -> tuple[str, str]:
+        """``(project root, cwd resolved)`` as :meth:`project_root_for` checks them. The
+        session keeps this resolved cwd: resolving it again later could give another path
+        (a symlink swapped meanwhile), one never checked."""
         path = _resolve_param(cwd, "cwd")
         matches = self._roots_containing(path)
         if not matches:
@@ -415,12 +421,28 @@ class Manager:
             )
         if not path.is_dir():
             raise RpcError.invalid_params(f"Invalid params: cwd {cwd!r} is not a directory")
-        return max(matches, key=len)
+        return max(matches, key=len), str(path)
 
-    def check_inside_roots(self, paths: tuple[str, ...], field: str) -> None:
+    def anchors_for(self, paths: tuple[str, ...]) -> tuple[str, ...]:
+        """The served roots that ``paths`` (a session's roots) lie under, the outermost of
+        each: where a tool's open starts walking down without following links
+        (``worker._paths.open_beneath``), so a link swapped in anywhere between a root
+        and an additional directory is met, not followed."""
+        anchors: list[str] = []
+        for path in paths:
+            matches = self._roots_containing(Path(path))
+            if matches:
+                outer = min(matches, key=len)
+                if outer not in anchors:
+                    anchors.append(outer)
+        return tuple(anchors)
+
+    def check_inside_roots(self, paths: tuple[str, ...], field: str) -> tuple[str, ...]:
         """Each of ``paths`` (additional directories) must be a directory inside a root: a
         missing one would be checked only when a tool first uses it, and by then it could
-        have been made a symlink to anywhere."""
+        have been made a symlink to anywhere. Returns them resolved, as checked: the
+        session keeps these (resolving again could give another path, never checked)."""
+        checked: list[str] = []
         for i, path in enumerate(paths):
             where = f"{field}[{i}]"
             resolved_path = _resolve_param(path, where)
@@ -433,6 +455,8 @@ class Manager:
                 raise RpcError.invalid_params(
                     f"Invalid params: {where} {path!r} is not a directory"
                 )
+            checked.append(str(resolved_path))
+        return tuple(checked)
 
     def _check_session_quota(self, conn: ClientConnection) -> None:
         owned = sum(1 for s in self.sessions.values() if s.owner is conn)
@@ -447,20 +471,21 @@ class Manager:
         self,
         conn: ClientConnection,
         session_id: str,
+        root: str,
         cwd: str,
         additional: tuple[str, ...],
         *,
         turns: int = 0,
         title: str | None = None,
     ) -> Session:
-        """Register a live session owned by ``conn`` (validation already done)."""
-        root = self.project_root_for(cwd)
+        """Register a live session owned by ``conn``; ``root``, ``cwd`` and ``additional``
+        as :meth:`checked_cwd` and :meth:`check_inside_roots` returned them."""
         worker = self._worker_for(root)
         session = Session(
             id=session_id,
             root=root,
-            cwd=resolved(cwd),
-            additional_directories=tuple(resolved(p) for p in additional),
+            cwd=cwd,
+            additional_directories=additional,
             owner=conn,
             worker=worker,
             turns=turns,
@@ -474,11 +499,11 @@ class Manager:
         """Register a new session synchronously; :meth:`persist_new` then stores it."""
         if self.closing.is_set():
             raise RpcError(INTERNAL_ERROR, "Server is shutting down")
-        self.project_root_for(params.cwd)
-        self.check_inside_roots(params.additional_directories, "additionalDirectories")
+        root, cwd = self.checked_cwd(params.cwd)
+        additional = self.check_inside_roots(params.additional_directories, "additionalDirectories")
         self._check_session_quota(conn)
         session_id = f"sess_{uuid.uuid4().hex}"
-        return self._open(conn, session_id, params.cwd, params.additional_directories)
+        return self._open(conn, session_id, root, cwd, additional)
 
     async def persist_new(self, session: Session) -> dict[str, Any]:
         now = time.time()
@@ -521,10 +546,10 @@ class Manager:
         if self.closing.is_set():
             raise RpcError(INTERNAL_ERROR, "Server is shutting down")
         assert ref.cwd is not None
-        self.project_root_for(ref.cwd)
-        self.check_inside_roots(ref.additional_directories, "additionalDirectories")
+        root, cwd = self.checked_cwd(ref.cwd)
+        additional = self.check_inside_roots(ref.additional_directories, "additionalDirectories")
         record = await self._stored(ref.session_id)
-        if str(_resolve_param(ref.cwd, "cwd")) != str(_resolve_param(record.cwd, "stored cwd")):
+        if cwd != str(_resolve_param(record.cwd, "stored cwd")):
             # "cwd is immutable after session setup" (session-list page); only the extra
             # roots may differ from one load to the next (session-setup page).
             raise RpcError.invalid_params(
@@ -534,7 +559,6 @@ class Manager:
         # Claimed with no await between the check and the claim: a concurrent load or a
         # prompt is refused from here on, so only this request writes what follows.
         live = self._loadable(conn, ref.session_id)
-        additional = tuple(resolved(p) for p in ref.additional_directories)
         opened = live is None
         previous = live.additional_directories if live is not None else ()
         if live is not None:
@@ -543,10 +567,11 @@ class Manager:
             live = self._open(
                 conn,
                 record.id,
-                ref.cwd,
+                root,
+                cwd,
                 # Only what this request asked for (checked above): stored roots are not
                 # restored implicitly (session-setup page), they may no longer be allowed.
-                ref.additional_directories,
+                additional,
                 turns=record.turns,
                 title=record.title,
             )
@@ -822,7 +847,8 @@ class Manager:
         events_send: EventSender[TurnEvent]
         events_receive: EventReceiver[TurnEvent]
         events_send, events_receive = open_event_channel(TURN_EVENT_BUFFER)
-        env = TurnEnv(session.id, session.cwd, session.allowed_roots, conn.capabilities)
+        roots = session.allowed_roots
+        env = TurnEnv(session.id, session.cwd, roots, conn.capabilities, self.anchors_for(roots))
         number = max(session.turns, session.started)
         session.started = number + 1
         start = StartTurn(turn.turn_id, env, params.text(), params.prompt, events_send, number)

@@ -17,12 +17,15 @@ from ._events import EventSink
 
 @attrs.frozen
 class TurnEnv:
-    """What a turn may touch: its working directory and the roots paths must stay inside."""
+    """What a turn may touch: its working directory and the roots paths must stay inside;
+    ``anchors``, the served roots those lie under, are where opening a file starts walking
+    down without following links (``_paths.open_beneath``; empty: from ``roots``)."""
 
     session_id: str
     cwd: str
     roots: tuple[str, ...]
     capabilities: ClientCapabilities
+    anchors: tuple[str, ...] = ()
 
 
 # --- out (worker -> manager), on the turn's event channel -----------------------------------

@@ -53,7 +53,8 @@ def _root_of(path: Path, roots: Iterable[str]) -> Path | None:
 
 def open_beneath(path: Path, roots: Iterable[str], flags: int, mode: int = 0o666) -> int:
     """Open ``path`` (as :func:`resolve_inside` returned it) without following a symlink on
-    the way: from the root it lies in, one directory at a time, each with ``O_NOFOLLOW``.
+    the way: from the outermost of ``roots`` it lies in, one directory at a time, each with
+    ``O_NOFOLLOW``.
     Returns the file descriptor (close-on-exec; the caller closes it).
 
     Why: between the check and the open, a local process that can write in the project
@@ -67,7 +68,10 @@ def open_beneath(path: Path, roots: Iterable[str], flags: int, mode: int = 0o666
     """
     if os.open not in os.supports_dir_fd or not hasattr(os, "O_NOFOLLOW"):
         return os.open(path, flags | _CLOEXEC, mode)
-    root = _root_of(path, roots)
+    # The outermost root containing the path: opening an inner one (an additional
+    # directory) directly followed any link swapped in above it.
+    inside = [Path(r) for r in roots if path.is_relative_to(r)]
+    root = min(inside, key=lambda r: len(r.parts)) if inside else None
     if root is None:
         raise PathEscape(f"{path} is outside the allowed roots")
     parts = path.relative_to(root).parts

@@ -78,9 +78,11 @@ async def _read_file(env: TurnEnv, tool_input: dict[str, Any], call: ClientCalle
         return content
     try:
         # As stored (read_text would turn \r\n and \r into \n): what an editor holds.
-        text = (await trio.to_thread.run_sync(_read_disk, path, env.roots)).decode("utf-8")
+        text = (await trio.to_thread.run_sync(_read_disk, path, _walk_from(env))).decode("utf-8")
     except PathEscape as exc:
         raise ToolError(str(exc)) from None
+    except IsADirectoryError:
+        raise ToolError(f"cannot read {path}: it is a directory") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ToolError(f"cannot read {path}: {exc}") from None
     return _lines_of(text, lines.get("line"), lines.get("limit"))
@@ -114,12 +116,21 @@ async def _write_file(env: TurnEnv, tool_input: dict[str, Any], call: ClientCall
         await call(FS_WRITE_TEXT_FILE, params)
     else:
         try:
-            await trio.to_thread.run_sync(_write_disk, path, env.roots, content)
+            await trio.to_thread.run_sync(_write_disk, path, _walk_from(env), content)
         except PathEscape as exc:
             raise ToolError(str(exc)) from None
+        except IsADirectoryError:
+            raise ToolError(f"cannot write {path}: it is a directory") from None
         except OSError as exc:
             raise ToolError(f"cannot write {path}: {exc}") from None
     return f"wrote {len(content.encode())} bytes to {path}"
+
+
+def _walk_from(env: TurnEnv) -> tuple[str, ...]:
+    """The roots an open may start its no-follow walk from: the served roots the session's
+    roots lie under (``open_beneath`` takes the outermost containing the path), so the
+    directories between a project root and an additional directory are walked too."""
+    return (*env.anchors, *env.roots)
 
 
 def _read_disk(path: Path, roots: tuple[str, ...]) -> bytes:

@@ -317,3 +317,121 @@ async def test_a_directory_swapped_for_a_symlink_after_the_check_is_not_followed
     assert SECRET not in str(link.client.received)
     assert (outside / "secret.txt").read_text() == SECRET
     assert sorted(p.name for p in outside.iterdir()) == ["secret.txt"]
+
+
+@pytest.mark.parametrize("tool", ["read_file", "write_file"])
+async def test_a_link_swapped_in_above_an_additional_directory_is_not_followed(
+    layout: tuple[Path, Path], acp_schema: SchemaChecker, monkeypatch: pytest.MonkeyPatch, tool: str
+) -> None:
+    """The same race, one level up: the additional directory ``proj/a/b`` stays, its parent
+    ``proj/a`` becomes a link to ``outside/a``. The open started at the additional
+    directory itself and followed the link (an audit read outside in 40 of 200 tries);
+    it walks down from the project root now."""
+    from punie_trio.worker import _tools
+
+    root, outside = layout
+    (root / "a" / "b").mkdir(parents=True)
+    (root / "a" / "b" / "f.txt").write_text("inside")
+    (outside / "a" / "b").mkdir(parents=True)
+    (outside / "a" / "b" / "f.txt").write_text(SECRET)
+    checked = _tools.resolve_inside
+
+    def check_then_swap(path: str, cwd: str, roots: Any) -> Path:
+        resolved = checked(path, cwd, roots)
+        (root / "a").rename(root / "a-was")
+        (root / "a").symlink_to(outside / "a")
+        return resolved
+
+    monkeypatch.setattr(_tools, "resolve_inside", check_then_swap)
+    steps = [{"tool": tool, "input": {"path": "a/b/f.txt", "content": "pwned"}}]
+    async with open_hub(root, acp_schema, ScriptModel([steps])) as hub:
+        link = await hub.connect()
+        await initialize(link.client)
+        session_id = await link.client.new_session(
+            str(root), additionalDirectories=[str(root / "a" / "b")]
+        )
+        assert await link.client.prompt(session_id, "race") == "end_turn"
+        finals = [
+            u
+            for u in link.client.updates(session_id)
+            if u["sessionUpdate"] == "tool_call_update" and u["status"] in ("failed", "completed")
+        ]
+        assert [u["status"] for u in finals] == ["failed"]
+        assert "cannot be opened without following a symlink" in str(finals[0])
+    assert SECRET not in str(link.client.received)
+    assert (outside / "a" / "b" / "f.txt").read_text() == SECRET
+
+
+@pytest.mark.parametrize("method", ["session/new", "session/load"])
+async def test_a_session_keeps_the_directories_as_checked(
+    layout: tuple[Path, Path],
+    acp_schema: SchemaChecker,
+    monkeypatch: pytest.MonkeyPatch,
+    method: str,
+) -> None:
+    """``proj/sub`` is a link to ``proj/real`` when the additional directory is checked and
+    to ``outside`` just after. The session was given the path resolved a second time:
+    outside, never checked (an audit won that race in 3-8 tries), and its tools then read
+    there. It keeps the path that was checked now."""
+    from punie_trio.hub import _manager
+
+    root, outside = layout
+    (root / "real").mkdir()
+    sub = root / "sub"
+    sub.symlink_to(root / "real")
+    check = _manager._resolve_param
+
+    def check_then_swap(path: str, where: str) -> Path:
+        resolved = check(path, where)
+        if where == "additionalDirectories[0]":
+            sub.unlink()
+            sub.symlink_to(outside)
+        return resolved
+
+    steps = [{"tool": "read_file", "input": {"path": str(outside / "secret.txt")}}]
+    async with open_hub(root, acp_schema, ScriptModel([steps, steps])) as hub:
+        link = await hub.connect()
+        await initialize(link.client)
+        params = {"cwd": str(root), "mcpServers": [], "additionalDirectories": [str(sub)]}
+        if method == "session/load":
+            session_id = await link.client.new_session(str(root))
+            await link.client.request("session/close", {"sessionId": session_id})
+            params["sessionId"] = session_id
+        monkeypatch.setattr(_manager, "_resolve_param", check_then_swap)
+        result = await link.client.request(method, params)
+        session_id = result.get("sessionId", params.get("sessionId"))
+        assert hub.manager.sessions[session_id].additional_directories == (str(root / "real"),)
+        assert await link.client.prompt(session_id, "read outside") == "end_turn"
+        finals = [
+            u
+            for u in link.client.updates(session_id)
+            if u["sessionUpdate"] == "tool_call_update" and u["status"] in ("failed", "completed")
+        ]
+        assert [u["status"] for u in finals] == ["failed"]
+        assert "outside the allowed roots" in str(finals[0])
+    assert SECRET not in str(link.client.received)
+
+
+async def test_a_directory_given_to_a_file_tool_is_named_as_one(
+    layout: tuple[Path, Path], acp_schema: SchemaChecker
+) -> None:
+    """It read "[Errno 21] Is a directory: 17", the number a file descriptor."""
+    root, _ = layout
+    steps = [
+        {"tool": "read_file", "input": {"path": "."}},
+        {"tool": "write_file", "input": {"path": ".", "content": "x"}},
+    ]
+    async with open_hub(root, acp_schema, ScriptModel([steps])) as hub:
+        link = await hub.connect()
+        await initialize(link.client)
+        session_id = await link.client.new_session(str(root))
+        assert await link.client.prompt(session_id, "dirs") == "end_turn"
+        failed = [
+            u["content"][0]["content"]["text"]
+            for u in link.client.updates(session_id)
+            if u["sessionUpdate"] == "tool_call_update" and u["status"] == "failed"
+        ]
+    assert failed == [
+        f"cannot read {root}: it is a directory",
+        f"cannot write {root}: it is a directory",
+    ]

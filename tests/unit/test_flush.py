@@ -55,7 +55,7 @@ class GatedConnection:
 
 async def _session(manager: Manager, root: Path, conn: Any) -> Any:
     """A live session owned by ``conn`` (registered as ``_open`` does for session/new)."""
-    session = manager._open(conn, "sess_1", str(root), ())
+    session = manager._open(conn, "sess_1", str(root), str(root), ())
     return session
 
 
@@ -118,7 +118,7 @@ async def test_reload_required_stays_owed_when_its_send_fails(tmp_path: Path) ->
     async with trio.open_nursery() as nursery:
         await nursery.start(manager.run)
         conn = GatedConnection()
-        session = manager._open(conn, "sess_1", str(tmp_path), ())
+        session = manager._open(conn, "sess_1", str(tmp_path), str(tmp_path), ())
         session.overflowed = True
         session.pending = [("answer", 7, {}, None)]
         scope = trio.CancelScope()
@@ -146,7 +146,7 @@ async def test_an_orphan_answer_the_client_does_not_take_in_time_is_kept(
     async with trio.open_nursery() as nursery:
         await nursery.start(manager.run)
         conn = GatedConnection()
-        session = manager._open(conn, "sess_1", str(tmp_path), ())
+        session = manager._open(conn, "sess_1", str(tmp_path), str(tmp_path), ())
         turn = ActiveTurn(
             1, conn, request_id="p", orphaned=True, response={"stopReason": "end_turn"}
         )
@@ -167,7 +167,7 @@ async def test_held_updates_the_client_does_not_take_in_time_are_kept(
     async with trio.open_nursery() as nursery:
         await nursery.start(manager.run)
         conn = GatedConnection()
-        session = manager._open(conn, "sess_1", str(tmp_path), ())
+        session = manager._open(conn, "sess_1", str(tmp_path), str(tmp_path), ())
         session.pending = [("update", "old")]
         nursery.start_soon(manager._flush, session, conn)
         await trio.testing.wait_all_tasks_blocked()
@@ -191,7 +191,7 @@ async def test_what_a_dropped_connection_never_wrote_goes_back_to_its_sessions(
     async with trio.open_nursery() as nursery:
         await nursery.start(manager.run)
         conn = GatedConnection()
-        mine = manager._open(conn, "sess_1", str(tmp_path), ())
+        mine = manager._open(conn, "sess_1", str(tmp_path), str(tmp_path), ())
         mine.answered_id = 5
         mine.pending = [("update", "kept while tearing down")]
 
