@@ -403,15 +403,11 @@ class Manager:
         """The served roots ``path`` lies under (``is_relative_to`` counts the root itself)."""
         return [r for r in self.roots if path.is_relative_to(r)]
 
-    def project_root_for(self, cwd: str) -> str:
-        """The most specific project root containing ``cwd`` (resolved), or -32602; so is a
-        ``cwd`` that is not a directory (every tool of the session would fail in it)."""
-        return self.checked_cwd(cwd)[0]
-
     def checked_cwd(self, cwd: str) -> tuple[str, str]:
-        """``(project root, cwd resolved)`` as :meth:`project_root_for` checks them. The
-        session keeps this resolved cwd: resolving it again later could give another path
-        (a symlink swapped meanwhile), one never checked."""
+        """``(project root, cwd resolved)``: the most specific project root containing
+        ``cwd``, or -32602; so is a ``cwd`` that is not a directory (every tool of the
+        session would fail in it). The session keeps this resolved cwd: resolving it again
+        later could give another path (a symlink swapped meanwhile), one never checked."""
         path = _resolve_param(cwd, "cwd")
         matches = self._roots_containing(path)
         if not matches:
@@ -422,20 +418,6 @@ class Manager:
         if not path.is_dir():
             raise RpcError.invalid_params(f"Invalid params: cwd {cwd!r} is not a directory")
         return max(matches, key=len), str(path)
-
-    def anchors_for(self, paths: tuple[str, ...]) -> tuple[str, ...]:
-        """The served roots that ``paths`` (a session's roots) lie under, the outermost of
-        each: where a tool's open starts walking down without following links
-        (``worker._paths.open_beneath``), so a link swapped in anywhere between a root
-        and an additional directory is met, not followed."""
-        anchors: list[str] = []
-        for path in paths:
-            matches = self._roots_containing(Path(path))
-            if matches:
-                outer = min(matches, key=len)
-                if outer not in anchors:
-                    anchors.append(outer)
-        return tuple(anchors)
 
     def check_inside_roots(self, paths: tuple[str, ...], field: str) -> tuple[str, ...]:
         """Each of ``paths`` (additional directories) must be a directory inside a root: a
@@ -847,8 +829,8 @@ class Manager:
         events_send: EventSender[TurnEvent]
         events_receive: EventReceiver[TurnEvent]
         events_send, events_receive = open_event_channel(TURN_EVENT_BUFFER)
-        roots = session.allowed_roots
-        env = TurnEnv(session.id, session.cwd, roots, conn.capabilities, self.anchors_for(roots))
+        # The served roots as anchors: every root of a session lies under one of them.
+        env = TurnEnv(session.id, session.cwd, session.allowed_roots, conn.capabilities, self.roots)
         number = max(session.turns, session.started)
         session.started = number + 1
         start = StartTurn(turn.turn_id, env, params.text(), params.prompt, events_send, number)

@@ -17,9 +17,10 @@ from ._events import EventSink
 
 @attrs.frozen
 class TurnEnv:
-    """What a turn may touch: its working directory and the roots paths must stay inside;
-    ``anchors``, the served roots those lie under, are where opening a file starts walking
-    down without following links (``_paths.open_beneath``; empty: from ``roots``)."""
+    """What a turn may touch: its working directory and the roots paths must stay inside.
+    ``anchors`` (the server's project roots, which every session root lies under) are
+    where opening a file starts walking down without following links
+    (``_paths.open_beneath``; empty: from ``roots``)."""
 
     session_id: str
     cwd: str

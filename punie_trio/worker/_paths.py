@@ -39,16 +39,16 @@ def resolve_inside(path: str, cwd: str, roots: Iterable[str]) -> Path:
         candidate = Path(cwd, expanded).resolve(strict=False)
     except (OSError, RuntimeError) as exc:  # (3.11 reports a symlink loop as RuntimeError)
         raise PathEscape(f"path {path!r} cannot be resolved: {exc}") from None
-    if _root_of(candidate, roots) is not None:
+    if _outermost_root(candidate, roots) is not None:
         return candidate
     names = ", ".join(str(r) for r in roots)
     raise PathEscape(f"path {path!r} resolves to {candidate}, outside the allowed roots ({names})")
 
 
-def _root_of(path: Path, roots: Iterable[str]) -> Path | None:
-    """The most specific of ``roots`` that ``path`` is (or lies under), or None."""
+def _outermost_root(path: Path, roots: Iterable[str]) -> Path | None:
+    """The least specific of ``roots`` that ``path`` is (or lies under), or None."""
     inside = [Path(r) for r in roots if path.is_relative_to(r)]
-    return max(inside, key=lambda r: len(r.parts)) if inside else None
+    return min(inside, key=lambda r: len(r.parts)) if inside else None
 
 
 def open_beneath(path: Path, roots: Iterable[str], flags: int, mode: int = 0o666) -> int:
@@ -70,8 +70,7 @@ def open_beneath(path: Path, roots: Iterable[str], flags: int, mode: int = 0o666
         return os.open(path, flags | _CLOEXEC, mode)
     # The outermost root containing the path: opening an inner one (an additional
     # directory) directly followed any link swapped in above it.
-    inside = [Path(r) for r in roots if path.is_relative_to(r)]
-    root = min(inside, key=lambda r: len(r.parts)) if inside else None
+    root = _outermost_root(path, roots)
     if root is None:
         raise PathEscape(f"{path} is outside the allowed roots")
     parts = path.relative_to(root).parts

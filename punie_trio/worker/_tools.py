@@ -127,10 +127,10 @@ async def _write_file(env: TurnEnv, tool_input: dict[str, Any], call: ClientCall
 
 
 def _walk_from(env: TurnEnv) -> tuple[str, ...]:
-    """The roots an open may start its no-follow walk from: the served roots the session's
-    roots lie under (``open_beneath`` takes the outermost containing the path), so the
-    directories between a project root and an additional directory are walked too."""
-    return (*env.anchors, *env.roots)
+    """The roots an open starts its no-follow walk from: the served project roots
+    (``open_beneath`` takes the outermost containing the path), so the directories
+    between a project root and an additional directory are walked too."""
+    return env.anchors or env.roots
 
 
 def _read_disk(path: Path, roots: tuple[str, ...]) -> bytes:
