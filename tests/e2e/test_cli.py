@@ -42,6 +42,21 @@ def punie(*args: str, env: dict[str, str], **kwargs: Any) -> subprocess.Complete
     )
 
 
+def serve_stdio(
+    env: dict[str, str], tmp_path: Path, stdin: bytes, **kwargs: Any
+) -> subprocess.CompletedProcess[bytes]:
+    """``punie-trio serve --stdio --no-http`` for ``tmp_path``, fed ``stdin`` up to EOF;
+    stdout and stderr captured as bytes."""
+    return subprocess.run(
+        [*PUNIE, "serve", "--stdio", "--no-http", "--project", str(tmp_path)],
+        input=stdin,
+        capture_output=True,
+        env=env,
+        timeout=TIMEOUT,
+        **kwargs,
+    )
+
+
 # -- version and help -------------------------------------------------------------------------
 
 
@@ -393,25 +408,15 @@ def test_stdin_eof_ends_the_server_with_status_0(stdio_agent: StdioAgent) -> Non
 
 
 def test_stdin_eof_right_away(env: dict[str, str], tmp_path: Path) -> None:
-    done = subprocess.run(
-        [*PUNIE, "serve", "--stdio", "--no-http", "--project", str(tmp_path)],
-        input=b"",
-        capture_output=True,
-        env=env,
-        timeout=TIMEOUT,
-    )
+    done = serve_stdio(env, tmp_path, b"")
     assert done.returncode == 0
     assert done.stdout == b""
 
 
 def test_logs_go_to_the_data_dir_log_file(env: dict[str, str], tmp_path: Path) -> None:
     data = tmp_path / "data"
-    done = subprocess.run(
-        [*PUNIE, "serve", "--stdio", "--no-http", "--project", str(tmp_path)],
-        input=b'{"jsonrpc":"2.0","id":null,"error":{"code":1,"message":"x"}}\n',
-        capture_output=True,
-        env=env,
-        timeout=TIMEOUT,
+    done = serve_stdio(
+        env, tmp_path, b'{"jsonrpc":"2.0","id":null,"error":{"code":1,"message":"x"}}\n'
     )
     assert done.returncode == 0
     log_file = data / "punie-trio.log"
@@ -429,14 +434,7 @@ def test_store_and_log_are_private_in_a_data_dir_that_is_not(
     data = tmp_path / "data"
     data.mkdir(mode=0o755)
     data.chmod(0o755)
-    done = subprocess.run(
-        [*PUNIE, "serve", "--stdio", "--no-http", "--project", str(tmp_path)],
-        input=b"",
-        capture_output=True,
-        env=env,
-        timeout=TIMEOUT,
-        umask=0o022,
-    )
+    done = serve_stdio(env, tmp_path, b"", umask=0o022)
     assert done.returncode == 0, done.stderr
     assert stat.S_IMODE(data.stat().st_mode) == 0o755  # the user's choice, left alone
     for name in ("sessions.sqlite3", "punie-trio.log", "token"):
@@ -495,12 +493,10 @@ def test_a_lone_surrogate_in_a_log_line_is_escaped_not_a_logging_error(
     """Log lines can quote a client's text; a lone surrogate (valid JSON) cannot be encoded
     as UTF-8 and once made logging print "--- Logging error ---" and a traceback."""
     data = tmp_path / "data"
-    done = subprocess.run(
-        [*PUNIE, "serve", "--stdio", "--no-http", "--project", str(tmp_path)],
-        input=b'{"jsonrpc":"2.0","id":null,"error":{"code":1,"message":"odd \\ud800 text"}}\n',
-        capture_output=True,
-        env=env,
-        timeout=TIMEOUT,
+    done = serve_stdio(
+        env,
+        tmp_path,
+        b'{"jsonrpc":"2.0","id":null,"error":{"code":1,"message":"odd \\ud800 text"}}\n',
     )
     assert done.returncode == 0
     assert b"odd \\ud800 text" in done.stderr
@@ -568,13 +564,7 @@ def test_piped_requests_are_all_answered_after_stdin_eof(
         },
         {"jsonrpc": "2.0", "id": 3, "method": "session/list", "params": {}},
     ]
-    done = subprocess.run(
-        [*PUNIE, "serve", "--stdio", "--no-http", "--project", str(tmp_path)],
-        input="".join(json.dumps(line) + "\n" for line in lines).encode(),
-        capture_output=True,
-        env=env,
-        timeout=TIMEOUT,
-    )
+    done = serve_stdio(env, tmp_path, "".join(json.dumps(line) + "\n" for line in lines).encode())
     assert done.returncode == 0, done.stderr
     answers = {m["id"]: m for m in map(json.loads, done.stdout.decode().splitlines())}
     assert sorted(answers) == [1, 2, 3]

@@ -40,6 +40,16 @@ async def new_session_error(hub: Hub, **params: Any) -> dict[str, Any]:
     return await expect_error(link.client, "session/new", {"mcpServers": [], **params})
 
 
+def tool_outcomes(client: Any, session_id: str) -> list[dict[str, Any]]:
+    """The session's tool calls as they ended: each ``failed`` or ``completed``
+    ``tool_call_update``, in order."""
+    return [
+        u
+        for u in client.updates(session_id)
+        if u["sessionUpdate"] == "tool_call_update" and u["status"] in ("failed", "completed")
+    ]
+
+
 async def test_session_cwd_must_be_inside_the_roots(
     layout: tuple[Path, Path], acp_schema: SchemaChecker
 ) -> None:
@@ -166,12 +176,7 @@ async def test_file_tools_cannot_escape(
         await initialize(link.client, **caps)
         session_id = await link.client.new_session(str(root))
         assert await link.client.prompt(session_id, "escape") == "end_turn"
-        updates = link.client.updates(session_id)
-        finals = [
-            u
-            for u in updates
-            if u["sessionUpdate"] == "tool_call_update" and u["status"] in ("failed", "completed")
-        ]
+        finals = tool_outcomes(link.client, session_id)
         assert [u["status"] for u in finals] == ["failed"] * len(paths) + ["completed"]
         for update in finals[:-1]:
             assert "outside the allowed roots" in update["content"][0]["content"]["text"]
@@ -225,11 +230,7 @@ async def test_an_additional_directory_swapped_for_a_symlink_lets_nothing_out(
         extra.rmdir()
         extra.symlink_to(outside)
         assert await link.client.prompt(session_id, "escape") == "end_turn"
-        finals = [
-            u
-            for u in link.client.updates(session_id)
-            if u["sessionUpdate"] == "tool_call_update" and u["status"] in ("failed", "completed")
-        ]
+        finals = tool_outcomes(link.client, session_id)
         assert [u["status"] for u in finals] == ["failed", "failed"]
         for update in finals:
             assert "outside the allowed roots" in update["content"][0]["content"]["text"]
@@ -306,11 +307,7 @@ async def test_a_directory_swapped_for_a_symlink_after_the_check_is_not_followed
         await initialize(link.client)
         session_id = await link.client.new_session(str(root))
         assert await link.client.prompt(session_id, "race") == "end_turn"
-        finals = [
-            u
-            for u in link.client.updates(session_id)
-            if u["sessionUpdate"] == "tool_call_update" and u["status"] in ("failed", "completed")
-        ]
+        finals = tool_outcomes(link.client, session_id)
         assert [u["status"] for u in finals] == ["failed"]
         text = finals[0]["content"][0]["content"]["text"]
         assert "cannot be opened without following a symlink" in text
@@ -351,11 +348,7 @@ async def test_a_link_swapped_in_above_an_additional_directory_is_not_followed(
             str(root), additionalDirectories=[str(root / "a" / "b")]
         )
         assert await link.client.prompt(session_id, "race") == "end_turn"
-        finals = [
-            u
-            for u in link.client.updates(session_id)
-            if u["sessionUpdate"] == "tool_call_update" and u["status"] in ("failed", "completed")
-        ]
+        finals = tool_outcomes(link.client, session_id)
         assert [u["status"] for u in finals] == ["failed"]
         assert "cannot be opened without following a symlink" in str(finals[0])
     assert SECRET not in str(link.client.received)
@@ -402,11 +395,7 @@ async def test_a_session_keeps_the_directories_as_checked(
         session_id = result.get("sessionId", params.get("sessionId"))
         assert hub.manager.sessions[session_id].additional_directories == (str(root / "real"),)
         assert await link.client.prompt(session_id, "read outside") == "end_turn"
-        finals = [
-            u
-            for u in link.client.updates(session_id)
-            if u["sessionUpdate"] == "tool_call_update" and u["status"] in ("failed", "completed")
-        ]
+        finals = tool_outcomes(link.client, session_id)
         assert [u["status"] for u in finals] == ["failed"]
         assert "outside the allowed roots" in str(finals[0])
     assert SECRET not in str(link.client.received)
@@ -428,8 +417,8 @@ async def test_a_directory_given_to_a_file_tool_is_named_as_one(
         assert await link.client.prompt(session_id, "dirs") == "end_turn"
         failed = [
             u["content"][0]["content"]["text"]
-            for u in link.client.updates(session_id)
-            if u["sessionUpdate"] == "tool_call_update" and u["status"] == "failed"
+            for u in tool_outcomes(link.client, session_id)
+            if u["status"] == "failed"
         ]
     assert failed == [
         f"cannot read {root}: it is a directory",
