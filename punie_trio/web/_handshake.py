@@ -70,29 +70,30 @@ def install() -> bool:
         return True
 
     async def _send_error_response(self: WSStream, status_code: int) -> None:
-        by_hypercorn = status_code in (400, 404)  # (403 and 500 come from the app's side)
+        if status_code not in (400, 404):
+            # 403 and 500 come from the app's side, whose end reports the stream closed.
+            await original(self, status_code)
+            return
+        # Refused by Hypercorn itself. Closed first: the app's own answer to the handshake
+        # (its accept or refusal, racing this one from its task) is then dropped by
+        # Hypercorn. Two answers on one stream made h11 raise and h2 corrupt the
+        # connection's header compression (it encodes the headers before refusing them).
         answered = getattr(self, "state", None) is not ASGIWebsocketState.HANDSHAKE
-        if by_hypercorn:
-            # Closed first: the app's own answer to the handshake (its accept or refusal,
-            # racing this one from its task) is then dropped by Hypercorn. Two answers on
-            # one stream made h11 raise and h2 corrupt the connection's header compression
-            # (it encodes the headers before refusing them).
-            self.closed = True
-        if by_hypercorn and answered:
+        self.closed = True
+        if answered:
             pass  # the app answered first (a client sent frames without reading that)
         elif status_code == 400 and _wrong_version(self):
             await _send_426(self)
         else:
             await original(self, status_code)
-        if by_hypercorn:
-            if self.app_put is not None:
-                # The app, if started, hears that the client is gone (Hypercorn's own
-                # notice skips a stream already closed).
-                await self.app_put({"type": "websocket.disconnect", "code": 1006})
-            if _over_http1(self):
-                # Nothing else will report the stream closed: the TCP connection stayed
-                # open until the client left.
-                await self.send(StreamClosed(stream_id=self.stream_id))
+        if self.app_put is not None:
+            # The app, if started, hears that the client is gone (Hypercorn's own notice
+            # skips a stream already closed).
+            await self.app_put({"type": "websocket.disconnect", "code": 1006})
+        if _over_http1(self):
+            # Nothing else reports the stream closed: the TCP connection stayed open until
+            # the client left.
+            await self.send(StreamClosed(stream_id=self.stream_id))
 
     _send_error_response.punie_trio = True  # type: ignore[attr-defined]
     WSStream._send_error_response = _send_error_response  # type: ignore[method-assign]
