@@ -263,6 +263,9 @@ def encode_cursor(updated_at: float, session_id: str) -> str:
 
 
 def decode_cursor(cursor: str) -> tuple[float, str]:
+    """The position :func:`encode_cursor` wrote, or ``StoreError`` for anything else: a
+    client may send any string, and only a cursor of ours may reach the query (a stamp
+    too large for a float, or an id that SQLite cannot store, included)."""
     try:
         raw = base64.urlsafe_b64decode(cursor.encode("ascii"))
         value = json.loads(raw)
@@ -273,10 +276,15 @@ def decode_cursor(cursor: str) -> tuple[float, str]:
         and len(value) == 2
         and isinstance(value[0], int | float)
         and not isinstance(value[0], bool)
-        and math.isfinite(value[0])
         and isinstance(value[1], str)
+        and _json.is_name_text(value[1])
     ):
-        return float(value[0]), value[1]
+        try:
+            stamp = float(value[0])
+        except OverflowError:  # (an integer of hundreds of digits)
+            raise StoreError(f"invalid cursor {cursor!r}") from None
+        if math.isfinite(stamp):
+            return stamp, value[1]
     raise StoreError(f"invalid cursor {cursor!r}")
 
 

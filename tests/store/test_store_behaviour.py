@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 from typing import Any
 
@@ -151,7 +152,23 @@ async def test_list_keyset_cursor_survives_a_touched_session(store: Store) -> No
     assert [r.id for r in page] == ["e", "a", "f"]
 
 
-@pytest.mark.parametrize("cursor", ["", "!!!", "bm90IGpzb24=", "WzEsMiwzXQ==", "WyJ4IiwieSJd"])
+def _b64(raw: str) -> str:
+    return base64.urlsafe_b64encode(raw.encode()).decode()
+
+
+_BAD_CURSORS = ["", "!!!", "bm90IGpzb24=", "WzEsMiwzXQ==", "WyJ4IiwieSJd"] + [
+    _b64(raw)
+    for raw in (
+        "[1" + "0" * 400 + ', "x"]',  # no float holds it (an OverflowError once)
+        '[1e999, "x"]',
+        '[true, "x"]',
+        '[1.5, "\\ud800"]',  # an id SQLite could not take
+        '[1.5, "a\\u0000b"]',
+    )
+]
+
+
+@pytest.mark.parametrize("cursor", _BAD_CURSORS)
 async def test_list_invalid_cursor(store: Store, cursor: str) -> None:
     await _seed(store)
     with pytest.raises(StoreError, match="invalid cursor"):
