@@ -122,6 +122,18 @@ RELOAD_REQUIRED = "_punie-trio/reload_required"
 TITLE_CHARS = 80
 
 
+def _held_elsewhere(session: Session) -> RpcError:
+    """The refusal for a session that another connection holds: open there, or kept for a
+    client that left and may come back within its grace period."""
+    if session.owner is None and session.detached_client is not None:
+        return RpcError(
+            INVALID_REQUEST,
+            f"Session {session.id} is kept for client {session.detached_client!r}, which "
+            "may reconnect within its grace period; it is open to others once that ends",
+        )
+    return RpcError(INVALID_REQUEST, f"Session {session.id} is open on another connection")
+
+
 @attrs.define(eq=False)
 class Manager:
     """Routes every session. Start :meth:`run` in the root nursery before serving clients."""
@@ -590,10 +602,12 @@ class Manager:
             self._check_session_quota(conn)
             return None
         if live.owner is not conn:
-            raise RpcError(INVALID_REQUEST, f"Session {session_id} is open on another connection")
+            raise _held_elsewhere(live)
         if live.closing:
             raise RpcError(INVALID_REQUEST, f"Session {session_id} is closing")
-        if live.turn is not None or live.loading:
+        if live.loading:
+            raise RpcError(INVALID_REQUEST, f"Session {session_id} is still loading")
+        if live.turn is not None:
             raise RpcError(INVALID_REQUEST, f"Session {session_id} has a prompt running")
         return live
 
@@ -707,11 +721,15 @@ class Manager:
         return {}
 
     def owned_session(self, conn: ClientConnection, session_id: str) -> Session:
-        """The session, if ``conn`` owns it; -32002 otherwise (unknown and foreign sessions
-        get the same answer, so ids cannot be probed)."""
+        """The session, if ``conn`` owns it; otherwise -32002 if it is not live, and the
+        refusal that says who holds it if another connection (or a client away within its
+        grace period) does. (Hiding the holder would hide nothing: every client with the
+        token sees the session in session/list, and session/load says the same.)"""
         session = self.sessions.get(session_id)
-        if session is None or session.owner is not conn:
+        if session is None:
             raise RpcError.not_found(f"Session not found: {session_id}")
+        if session.owner is not conn:
+            raise _held_elsewhere(session)
         return session
 
     def _drop_session(self, session: Session) -> None:

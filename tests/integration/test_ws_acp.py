@@ -144,7 +144,7 @@ async def test_client_request_routed_to_prompting_connection(
                 assert not any(m.get("method") for m in b.received)
 
 
-async def test_ownership_refused_with_resource_not_found(
+async def test_a_session_of_another_connection_is_refused_as_held_there(
     start_server: StartServer, tmp_path: Path, acp_schema: SchemaChecker
 ) -> None:
     model = ScriptModel([[{"text": "started"}, {"sleep": 60}]])
@@ -159,8 +159,8 @@ async def test_ownership_refused_with_resource_not_found(
                 session_a = await a.new_session(str(tmp_path))
                 with pytest.raises(AgentError) as prompt_err:
                     await b.prompt(session_a, "mine now")
-                assert prompt_err.value.code == -32002
-                assert session_a in prompt_err.value.message
+                assert prompt_err.value.code == -32600
+                assert f"{session_a} is open on another connection" in prompt_err.value.message
 
                 async with trio.open_nursery() as nursery:
                     stop: list[str] = []
@@ -172,8 +172,8 @@ async def test_ownership_refused_with_resource_not_found(
                     await a.wait_for(lambda m: m.get("method") == "session/update")
                     # As a request (the only form that can be answered): refused, named.
                     answer = await b.request_raw("session/cancel", {"sessionId": session_a})
-                    assert answer["error"]["code"] == -32002, answer
-                    assert session_a in answer["error"]["message"]
+                    assert answer["error"]["code"] == -32600, answer
+                    assert "open on another connection" in answer["error"]["message"]
                     # As the notification it normally is: no effect on A's turn.
                     await b.notify("session/cancel", {"sessionId": session_a})
                     await trio.testing.wait_all_tasks_blocked()

@@ -172,6 +172,23 @@ async def test_grace_expiry_drops_the_sessions_but_they_stay_loadable(
         assert manager.sessions[session_id].detached_client == "ide-1"
         assert len(manager.workers) == 1
 
+        # Within grace another client sees it listed, and is told who it is kept for (it
+        # was "not found" to a delete and a close).
+        other = await hub.connect()
+        await initialize(other.client)
+        listed = await other.client.request("session/list", {})
+        assert [s["sessionId"] for s in listed["sessions"]] == [session_id]
+        load = {"sessionId": session_id, "cwd": str(hub.root), "mcpServers": []}
+        for method, params in [
+            ("session/delete", {"sessionId": session_id}),
+            ("session/close", {"sessionId": session_id}),
+            ("session/load", load),
+        ]:
+            error = await expect_error(other.client, method, params)
+            assert error["code"] == -32600, (method, error)
+            assert f"{session_id} is kept for client 'ide-1'" in error["message"]
+        await other.drop()
+
         await trio.sleep(29.5)
         assert session_id in manager.sessions
         await trio.sleep(1)

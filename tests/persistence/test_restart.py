@@ -339,9 +339,16 @@ async def test_a_session_open_elsewhere_cannot_be_loaded_or_deleted(
                 session_id = await owner.new_session(str(root))
                 error = await expect_error(other, "session/load", load_params(session_id, root))
                 assert error["code"] == -32600 and "another connection" in error["message"]
-                error = await expect_error(other, "session/delete", {"sessionId": session_id})
-                assert error["code"] == -32002
+                # Refused as held elsewhere (it was "not found", while session/list showed
+                # it), for each method that needs the session; the owner keeps it.
+                for method in ("session/delete", "session/close", "session/prompt"):
+                    params = {"sessionId": session_id, "prompt": [{"type": "text", "text": "x"}]}
+                    error = await expect_error(other, method, params)
+                    assert error["code"] == -32600, (method, error)
+                    assert f"{session_id} is open on another connection" in error["message"]
                 assert await owner.prompt(session_id, "still mine") == "end_turn"
+                listed = await other.request("session/list", {})
+                assert [s["sessionId"] for s in listed["sessions"]] == [session_id]
 
 
 async def test_list_shows_only_sessions_under_served_roots(

@@ -205,7 +205,7 @@ async def test_unknown_session(tmp_path: Path, acp_schema: SchemaChecker) -> Non
         assert await a.client.prompt(session, "still here") == "end_turn"
 
 
-async def test_session_of_another_connection_is_not_found(
+async def test_session_of_another_connection_is_refused(
     tmp_path: Path, acp_schema: SchemaChecker
 ) -> None:
     async with agent(tmp_path, acp_schema) as a:
@@ -217,7 +217,10 @@ async def test_session_of_another_connection_is_not_found(
         await a.nursery.start(other.run)
         await other.initialize()
         error = await expect_error(other, "session/prompt", prompt_params(mine, "steal"))
-        assert error["code"] == -32002
+        assert error["code"] == -32600
+        assert error["message"] == f"Session {mine} is open on another connection"
+        error = await expect_error(other, "session/prompt", prompt_params("nobody", "hi"))
+        assert error == {"code": -32002, "message": "Session not found: nobody"}
 
 
 async def test_session_limit(tmp_path: Path, acp_schema: SchemaChecker) -> None:

@@ -137,12 +137,15 @@ async def test_a_load_claims_the_session_before_it_writes_its_roots(
             loads.start_soon(load, "a", a, x)
             await store.updates.entered.wait()  # a's write is under way
             loads.start_soon(load, "b", b, y)
+            loads.start_soon(load, "again", a, x)  # pipelined by the same client
             answers["prompt"] = await a.request_raw("session/prompt", prompt_params(session, "hi"))
             await trio.testing.wait_all_tasks_blocked()
             store.updates.opened.set()
         assert answers["a"]["result"] == {}
         assert "open on another connection" in answers["b"]["error"]["message"]
         assert "still loading" in answers["prompt"]["error"]["message"]
+        # (It was "has a prompt running", while none was.)
+        assert answers["again"]["error"]["message"] == f"Session {session} is still loading"
         stored = await store.get_session(session)
         assert stored is not None and stored.additional_directories == (str(x),)
         assert hub.manager.sessions[session].additional_directories == (str(x),)
