@@ -23,6 +23,7 @@ from ..rpc import (
     Deferred,
     Params,
     Peer,
+    RequestId,
     RpcError,
     current_request_id,
     method_not_found,
@@ -34,6 +35,11 @@ log = logging.getLogger("punie_trio.hub")
 
 # Where a client says who it is, so its sessions can be told apart (and, later, re-attached).
 CLIENT_ID_META = "punie-trio/clientId"
+# Where a re-attaching client lists the ids of the prompts it sent on its previous
+# connection and still awaits: only those answers are delivered to it (Manager._flush).
+AWAITING_META = "punie-trio/awaiting"
+#: Most ids a client may list there (it awaits at most one prompt per session).
+MAX_AWAITING = 1000
 
 AGENT_INFO = {"name": "punie-trio", "title": "punie-trio", "version": __version__}
 
@@ -59,6 +65,9 @@ class ClientConnection:
     on_input_end: Callable[[], None] | None = None
     initialized: bool = False
     client_id: str | None = None
+    #: The request ids whose answers this client still awaits from its previous connection
+    #: (``_meta["punie-trio/awaiting"]``); each is taken out once its answer is sent.
+    awaiting: set[RequestId] = attrs.field(factory=set, init=False)
     peer: Peer | None = attrs.field(default=None, init=False)
     # Start times of recent prompts, for the prompts-per-minute limit.
     # (A list, not a deque: an idle connection's empty list costs 56 bytes, a deque 760.)
@@ -137,6 +146,9 @@ class ClientConnection:
     # -- Dispatcher ---------------------------------------------------------------------------
 
     def handle_request(self, method: str, params: Params) -> Awaitable[Any] | Deferred:
+        if self.awaiting:
+            # An id the client uses again is one it no longer awaits an old answer under.
+            self.awaiting.discard(current_request_id.get(None))
         if method == acp.INITIALIZE:
             return self._initialized(self._initialize(params))
         if not self.initialized:
@@ -198,6 +210,7 @@ class ClientConnection:
             self.manager.check_client_id(client_id)
             self.client_id = client_id
             self.prompt_times = self.manager.prompt_times_for(client_id)
+        self.awaiting = _awaiting(init.meta.get(AWAITING_META))
         self.initialized = True
         # We speak exactly version 1: answer with it whatever the client asked (the client
         # disconnects if it cannot speak it), as the initialization page prescribes.
@@ -219,6 +232,7 @@ class ClientConnection:
                     "punie-trio": {
                         "clientId": True,  # _meta["punie-trio/clientId"] in initialize
                         "reloadRequired": True,  # the _punie-trio/reload_required notice
+                        "awaiting": True,  # _meta["punie-trio/awaiting"] in initialize
                     }
                 },
             },
@@ -257,3 +271,21 @@ _KNOWN = frozenset(
 async def _ready(value: Any) -> Any:
     """Wrap a result computed synchronously in the reader as the awaitable the Peer expects."""
     return value
+
+
+def _awaiting(value: object) -> set[RequestId]:
+    """The ids listed in ``_meta["punie-trio/awaiting"]`` (absent: none), or -32602."""
+    if value is None:
+        return set()
+    if (
+        not isinstance(value, list)
+        or len(value) > MAX_AWAITING
+        or not all(
+            isinstance(v, str) or (isinstance(v, int) and not isinstance(v, bool)) for v in value
+        )
+    ):
+        raise RpcError.invalid_params(
+            f"Invalid params: _meta.{AWAITING_META} must be an array of at most "
+            f"{MAX_AWAITING} request ids (strings or integers)"
+        )
+    return set(value)

@@ -383,11 +383,11 @@ class Manager:
                     if item[0] == "update":
                         await conn.send_encoded(item[1])
                     elif item[0] == "message":  # an answer, as written
-                        if not _answer_clashes(session, conn, item[2]):
+                        if not _answer_unwanted(session, conn, item[2]):
                             await conn.send_encoded(item[1])
                     else:
                         _, request_id, response, error = item
-                        if not _answer_clashes(session, conn, request_id):
+                        if not _answer_unwanted(session, conn, request_id):
                             await conn.send_answer(request_id, response, error)
                 except BaseException:
                     session.pending.insert(0, item)
@@ -1047,7 +1047,7 @@ class Manager:
         with trio.CancelScope(shield=True), trio.move_on_after(PERSIST_TIMEOUT) as scope:
             try:
                 await self._flush(session, conn)
-                if _answer_clashes(session, conn, turn.request_id):
+                if _answer_unwanted(session, conn, turn.request_id):
                     return
                 await conn.send_answer(turn.request_id, turn.response, turn.error)
             except PeerClosed:
@@ -1196,21 +1196,30 @@ def _answer_follows(session: Session, turn: ActiveTurn) -> bool:
     )
 
 
-def _answer_clashes(session: Session, conn: ClientConnection, request_id: RequestId | None) -> bool:
-    """Whether the answer to a prompt sent on a dropped connection would answer a request
-    ``conn`` has in flight under the same id; such an answer is dropped (logged).
+def _answer_unwanted(
+    session: Session, conn: ClientConnection, request_id: RequestId | None
+) -> bool:
+    """Whether the answer to a prompt sent on a dropped connection is kept from ``conn``,
+    the connection that re-attached the session (dropped, logged: the turn is in the
+    store, and ``session/load`` replays it); else ``conn`` is to get it, and no longer
+    awaits it.
 
-    Why: the answer keeps the prompt's id, for a client that carries its id space over to
-    the connection that re-attaches (as ``punie-trio acp`` carries the IDE's). A client
-    that started its ids afresh and has that id in flight would take the old turn's
-    answer for its new request's. It cannot be waiting for the old prompt's answer under
-    an id it has reused, and the turn itself is in the store (``session/load``).
+    Why: the answer keeps the prompt's id, which only a client that carries its ids over
+    to the new connection (as ``punie-trio acp`` carries the IDE's) can match. A client
+    that starts its ids afresh may have reused that id for a new request, in flight,
+    answered already, or sent and not yet read: it would take the old turn's answer for
+    its new request's. The server cannot tell the two apart, so the client says which
+    answers it awaits (``_meta["punie-trio/awaiting"]`` in ``initialize``), and only those
+    are sent, never one whose id it has in flight again.
     """
-    if not conn.has_in_flight(request_id):
+    if request_id in conn.awaiting and not conn.has_in_flight(request_id):
+        conn.awaiting.discard(request_id)
         return False
-    log.warning(
+    log.info(
         "session %s: not delivering the answer to request %r of a dropped connection: "
-        "the re-attached connection has its own request %r in flight",
-        session.id, request_id, request_id,
+        "the re-attached connection %s",
+        session.id, request_id,
+        "has its own request with that id in flight" if request_id in conn.awaiting
+        else "did not list it as awaited",
     )  # fmt: skip
     return True

@@ -193,7 +193,7 @@ async def test_an_answer_sent_after_a_1009_close_is_kept_for_the_client(
         # (The schema checker validates answers against the requests it saw sent.)
         acp_schema.client_sent({"jsonrpc": "2.0", "id": 3, "method": "session/prompt"})
         async with acp_ws_client(running.url, acp_schema) as (again, _):
-            meta = {"punie-trio/clientId": "ide"}
+            meta = {"punie-trio/clientId": "ide", "punie-trio/awaiting": [3]}
             await again.request("initialize", {"protocolVersion": 1, "_meta": meta})
             await settle()  # (no waiting for it: on a MockClock a missing answer would hang)
             answers = [m for m in again.received if m.get("id") == 3]

@@ -24,6 +24,7 @@ from ..client import AcpTestClient
 from ..integration._support import fresh_ids
 
 CLIENT_ID_META = "punie-trio/clientId"
+AWAITING_META = "punie-trio/awaiting"
 
 
 @attrs.define(eq=False)
@@ -83,17 +84,27 @@ async def open_hub(
 
 
 async def initialize(
-    client: AcpTestClient, *, client_id: str | None = None, **caps: Any
+    client: AcpTestClient,
+    *,
+    client_id: str | None = None,
+    awaiting: list[Any] | None = None,
+    **caps: Any,
 ) -> dict[str, Any]:
-    """``initialize``, optionally saying who the client is (for reconnects)."""
+    """``initialize``, optionally saying who the client is (for reconnects) and which
+    answers it still awaits from its previous connection."""
     params: dict[str, Any] = {
         "protocolVersion": 1,
         "clientInfo": {"name": "test", "version": "0"},
     }
     if caps:
         params["clientCapabilities"] = caps
+    meta: dict[str, Any] = {}
     if client_id is not None:
-        params["_meta"] = {CLIENT_ID_META: client_id}
+        meta[CLIENT_ID_META] = client_id
+    if awaiting is not None:
+        meta[AWAITING_META] = awaiting
+    if meta:
+        params["_meta"] = meta
     result: dict[str, Any] = await client.request("initialize", params)
     return result
 

@@ -8,6 +8,7 @@ the hub over in-memory streams with a MockClock."""
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -93,7 +94,9 @@ async def test_reconnect_within_grace_delivers_every_update_once_and_the_answer(
             assert session.owner is None and session.detached_client == "ide-1"
 
             async with acp_ws_client(running.url, acp_schema) as (second, _):
-                await initialize(second, client_id="ide-1", fs={"readTextFile": True})
+                await initialize(
+                    second, client_id="ide-1", awaiting=["the-prompt"], fs={"readTextFile": True}
+                )
                 assert manager.sessions[session_id].owner is not None
                 answer = await second.wait_for(lambda m: m.get("id") == "the-prompt")
                 # What was kept follows the initialize answer: a client reads that first.
@@ -265,7 +268,7 @@ async def test_overflow_sends_reload_required_and_still_the_answer(
         assert hub.manager.sessions[session_id].turn is None
 
         b = await hub.connect()
-        await initialize(b.client, client_id="ide-1")
+        await initialize(b.client, client_id="ide-1", awaiting=["the-prompt"])
         answer = await b.client.wait_for(lambda m: m.get("id") == "the-prompt")
         assert answer["result"] == {"stopReason": "end_turn"}
         notices = [m for m in b.client.received if m.get("method") == RELOAD_REQUIRED]
@@ -291,7 +294,7 @@ async def test_buffered_updates_within_the_limit_are_all_delivered(
         await hub.settle()
         await trio.sleep(5)
         b = await hub.connect()
-        await initialize(b.client, client_id="ide-1")
+        await initialize(b.client, client_id="ide-1", awaiting=["the-prompt"])
         answer = await b.client.wait_for(lambda m: m.get("id") == "the-prompt")
         assert answer["result"] == {"stopReason": "end_turn"}
         assert not any(m.get("method") == RELOAD_REQUIRED for m in b.client.received)
@@ -324,7 +327,7 @@ async def test_a_busy_reconnect_keeps_order_and_sends_nothing_twice(
         first, session = await prompt_then_drop(hub, "ide", "p", "30 ", buffer=1)
         await trio.sleep(0.05)  # the turn runs on, its output kept
         second = await hub.connect(buffer=1)
-        await initialize(second.client, client_id="ide")
+        await initialize(second.client, client_id="ide", awaiting=["p"])
         answer = await second.client.wait_for(lambda m: m.get("id") == "p")
         assert answer["result"] == {"stopReason": "end_turn"}
         seen_first = numbered_chunks(first.client, session)
@@ -352,7 +355,7 @@ async def test_a_new_answer_waits_for_the_reattach_backlog(
         await trio.sleep(1)  # the turn ends while the client is away: all kept
         assert len(hub.manager.sessions[session].pending) > count
         second = await hub.connect(buffer=1)
-        await initialize(second.client, client_id="ide")
+        await initialize(second.client, client_id="ide", awaiting=["p1"])
         # the backlog is going out (slowly); the client prompts again right away
         assert hub.manager.sessions[session].flush_done is not None
         await send_prompt(second.client, "p2", session, "again")
@@ -405,7 +408,7 @@ async def test_what_the_dropped_connection_never_wrote_is_delivered_after_reatta
         await trio.testing.wait_all_tasks_blocked()
         assert hub.manager.sessions[session].owner is None  # kept within grace
         second = await hub.connect()
-        await initialize(second.client, client_id="ide")
+        await initialize(second.client, client_id="ide", awaiting=["p"])
         answer = await second.client.wait_for(lambda m: m.get("id") == "p")
         assert answer["result"] == {"stopReason": "end_turn"}
         got = numbered_chunks(second.client, session)
@@ -468,11 +471,13 @@ async def test_an_old_prompts_answer_never_answers_the_new_connections_own_reque
     shim carries the IDE's ids over). A client that started its ids afresh and has that
     id in flight once got the old turn's answer for its new request, then a second answer
     under the same id; the old answer is now dropped (and logged)."""
+    caplog.set_level(logging.INFO, logger="punie_trio.hub")
     model = ScriptModel([[{"text": "a"}, {"sleep": 5}]])
     async with open_hub(tmp_path, acp_schema, model, limits=Limits(grace_seconds=60)) as hub:
         await prompt_then_drop(hub, "ide", "p", "a", text="old")
         b = await hub.connect()
-        await initialize(b.client, client_id="ide")  # re-attaches the old session
+        # Re-attaches the old session, awaiting its answer, but then reuses the id.
+        await initialize(b.client, client_id="ide", awaiting=["p"])
         new_session = await b.client.new_session(str(hub.root))
         await trio.sleep(1)
         await send_prompt(b.client, "p", new_session, "new")  # the same id, afresh
@@ -483,6 +488,30 @@ async def test_an_old_prompts_answer_never_answers_the_new_connections_own_reque
         await trio.sleep(10)
         assert [m for m in b.client.received if m.get("id") == "p"] == [answer]
     assert "not delivering the answer to request 'p' of a dropped connection" in caplog.text
+
+
+@pytest.mark.parametrize("awaiting", [None, ["p"]])
+async def test_an_old_answer_never_follows_the_answer_to_a_reused_id(
+    tmp_path: Path,
+    acp_schema: SchemaChecker,
+    autojump_clock: trio.testing.MockClock,
+    awaiting: list[str] | None,
+) -> None:
+    """A client that starts its ids afresh reuses the old prompt's id for a request that
+    is answered before the old turn ends: the old answer once followed, a second answer
+    under the same id (an audit saw it take the place of a later request's answer). It is
+    delivered only for an id the client listed as awaited and has not used again."""
+    model = ScriptModel([[{"text": "a"}, {"sleep": 5}]])
+    async with open_hub(tmp_path, acp_schema, model, limits=Limits(grace_seconds=60)) as hub:
+        _, session = await prompt_then_drop(hub, "ide", "p", "a", text="old")
+        b = await hub.connect()
+        await initialize(b.client, client_id="ide", awaiting=awaiting)
+        await b.client.send({"jsonrpc": "2.0", "id": "p", "method": "session/list"})
+        answer = await b.client.wait_for(lambda m: m.get("id") == "p")
+        assert [s["sessionId"] for s in answer["result"]["sessions"]] == [session]
+        await trio.sleep(10)  # the old turn has ended
+        assert hub.manager.sessions[session].turn is None
+        assert [m for m in b.client.received if m.get("id") == "p"] == [answer]
 
 
 async def test_clients_away_within_grace_are_bounded_by_the_connection_limit(

@@ -104,7 +104,9 @@ async def test_initialize_advertises_session_capabilities(
         for name in ("list", "resume", "close", "delete"):
             assert caps["sessionCapabilities"][name] == {}, name
         # The extensions, advertised as the extensibility page asks.
-        assert caps["_meta"] == {"punie-trio": {"clientId": True, "reloadRequired": True}}
+        assert caps["_meta"] == {
+            "punie-trio": {"clientId": True, "reloadRequired": True, "awaiting": True}
+        }
 
 
 async def test_load_after_restart_replays_then_answers_and_keeps_history(
