@@ -45,7 +45,7 @@ from .. import acp
 from .._json import without_surrogates
 from .._metrics import Metrics
 from .._paths import resolved
-from ..acp import PromptParams, updates
+from ..acp import FS_READ_TEXT_FILE, FS_WRITE_TEXT_FILE, PromptParams, updates
 from ..rpc import (
     INTERNAL_ERROR,
     INVALID_REQUEST,
@@ -1073,6 +1073,11 @@ class Manager:
     async def _ask_client(self, session: Session, turn: ActiveTurn, call: ClientCall) -> None:
         reply: ClientReply
         conn = session.owner
+        if not _can_take(conn, call.method):
+            reply = ClientReply(turn.turn_id, call.call_id, unavailable=True)
+            with contextlib.suppress(trio.ClosedResourceError, trio.BrokenResourceError):
+                await session.worker.commands.send(reply)
+            return
         try:
             if conn is None:
                 raise PeerClosed("the client is disconnected")
@@ -1194,6 +1199,20 @@ def _answer_follows(session: Session, turn: ActiveTurn) -> bool:
         and not session.pending
         and session.flush_done is None
     )
+
+
+def _can_take(conn: ClientConnection | None, method: str) -> bool:
+    """Whether ``method`` goes to the session's holder ``conn`` now (else the tool works on
+    disk). A turn asks by the capabilities of the client that prompted it, but a client
+    that re-attached may advertise others, and the file-system page says an agent MUST
+    NOT call a method whose capability the client did not advertise. While the client is
+    away a read goes to disk; a write does not (it fails: the client's editor may hold
+    unsaved changes to the file, which a write behind its back would clobber)."""
+    if method == FS_READ_TEXT_FILE:
+        return conn is not None and conn.capabilities.read_text_file
+    if method == FS_WRITE_TEXT_FILE:
+        return conn is None or conn.capabilities.write_text_file
+    return True
 
 
 def _answer_unwanted(

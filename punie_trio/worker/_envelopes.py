@@ -82,11 +82,17 @@ class CancelTurn:
 
 @attrs.frozen
 class ClientReply:
+    """The answer to a :class:`ClientCall`. ``unavailable``: no client can take the call
+    now (the session's holder does not advertise the method's capability, or, for a
+    read, the session is held for a client that is away); the tool does the work on
+    disk itself, as for a turn whose client never had the capability."""
+
     turn_id: int
     call_id: int
     result: Any = None
     error_code: int | None = None
     error_message: str | None = None
+    unavailable: bool = False
 
 
 @attrs.frozen

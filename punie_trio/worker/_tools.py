@@ -25,6 +25,11 @@ from ._paths import PathEscape, open_beneath, resolve_inside
 ClientCaller = Callable[[str, dict[str, Any]], Awaitable[Any]]
 
 
+class ClientUnavailable(Exception):
+    """Raised by a :data:`ClientCaller` when no client can take the call now (see
+    ``ClientReply.unavailable``): the tool falls back to the disk."""
+
+
 class ToolError(Exception):
     """The tool ran and failed; the message is shown to the user in the tool call."""
 
@@ -71,11 +76,15 @@ async def _read_file(env: TurnEnv, tool_input: dict[str, Any], call: ClientCalle
     lines = _line_args(tool_input)
     if env.capabilities.read_text_file:
         params: dict[str, Any] = {"sessionId": env.session_id, "path": str(path), **lines}
-        result = await call(FS_READ_TEXT_FILE, params)
-        content = result.get("content") if isinstance(result, dict) else None
-        if not isinstance(content, str):
-            raise ToolError("client answered fs/read_text_file without a content string")
-        return content
+        try:
+            result = await call(FS_READ_TEXT_FILE, params)
+        except ClientUnavailable:
+            pass  # (read from disk below)
+        else:
+            content = result.get("content") if isinstance(result, dict) else None
+            if not isinstance(content, str):
+                raise ToolError("client answered fs/read_text_file without a content string")
+            return content
     try:
         # As stored (read_text would turn \r\n and \r into \n): what an editor holds.
         text = (await trio.to_thread.run_sync(_read_disk, path, _walk_from(env))).decode("utf-8")
@@ -111,10 +120,14 @@ async def _write_file(env: TurnEnv, tool_input: dict[str, Any], call: ClientCall
         raise ToolError("input.content must be a string")
     if has_lone_surrogate(content):
         raise ToolError("input.content is not valid Unicode text (a lone surrogate)")
-    if env.capabilities.write_text_file:
+    on_disk = not env.capabilities.write_text_file
+    if not on_disk:
         params = {"sessionId": env.session_id, "path": str(path), "content": content}
-        await call(FS_WRITE_TEXT_FILE, params)
-    else:
+        try:
+            await call(FS_WRITE_TEXT_FILE, params)
+        except ClientUnavailable:
+            on_disk = True
+    if on_disk:
         try:
             await trio.to_thread.run_sync(_write_disk, path, _walk_from(env), content)
         except PathEscape as exc:

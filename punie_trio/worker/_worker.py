@@ -40,7 +40,7 @@ from ._envelopes import (
 )
 from ._models import Model
 from ._paths import absolute_location
-from ._tools import TOOLS, ToolError
+from ._tools import TOOLS, ClientUnavailable, ToolError
 
 log = logging.getLogger("punie_trio.worker")
 
@@ -138,6 +138,8 @@ class _Context:
             del self.turn.calls[call_id]
         reply = slot.reply
         assert reply is not None
+        if reply.unavailable:
+            raise ClientUnavailable(method)
         if reply.error_message is not None:
             raise ClientCallError(reply.error_code, reply.error_message)
         return reply.result

@@ -164,12 +164,14 @@ async def prompt_then_drop(
     *,
     text: str = "go",
     buffer: int = 64,
+    **caps: Any,
 ) -> tuple[Link, str]:
-    """Connect as ``client_id``, open a session, send it a prompt (``request_id``), wait for
-    the turn's ``first_chunk`` and drop the connection mid-turn (its turn runs on within
-    grace). Returns the dropped link (what its client got) and the session id."""
+    """Connect as ``client_id`` (advertising ``caps``), open a session, send it a prompt
+    (``request_id``), wait for the turn's ``first_chunk`` and drop the connection mid-turn
+    (its turn runs on within grace). Returns the dropped link (what its client got) and the
+    session id."""
     link = await hub.connect(buffer=buffer)
-    await initialize(link.client, client_id=client_id)
+    await initialize(link.client, client_id=client_id, **caps)
     session_id = await link.client.new_session(str(hub.root))
     await send_prompt(link.client, request_id, session_id, text)
     await link.client.wait_for(has_update(session_id, "agent_message_chunk", first_chunk))

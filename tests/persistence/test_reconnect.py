@@ -514,6 +514,69 @@ async def test_an_old_answer_never_follows_the_answer_to_a_reused_id(
         assert [m for m in b.client.received if m.get("id") == "p"] == [answer]
 
 
+FS_BOTH = {"readTextFile": True, "writeTextFile": True}
+
+
+def _tool_result(client: AcpTestClient, session_id: str) -> tuple[str, str]:
+    """The turn's one tool call's last status and text."""
+    (*_, last) = [u for u in client.updates(session_id) if u["sessionUpdate"] == "tool_call_update"]
+    return last["status"], json.dumps(last.get("content"))
+
+
+@pytest.mark.parametrize("back", ["while away", "without the capability"])
+async def test_a_read_goes_to_disk_when_the_sessions_holder_cannot_take_it(
+    tmp_path: Path,
+    acp_schema: SchemaChecker,
+    autojump_clock: trio.testing.MockClock,
+    back: str,
+) -> None:
+    """A turn prompted by a client with fs.readTextFile reads a file after its client
+    left (the read once failed: "the client is disconnected"), or after it re-attached
+    without the capability (the read once went to it: the file-system page's MUST NOT)."""
+    model = ScriptModel([[{"text": "a"}, {"sleep": 1}, READ_NOTES, {"text": "b"}]])
+    async with open_hub(tmp_path, acp_schema, model, limits=Limits(grace_seconds=60)) as hub:
+        (hub.root / "notes.txt").write_text("from disk")
+        _, session = await prompt_then_drop(hub, "ide", "p", "a", fs=FS_BOTH)
+        if back == "while away":
+            await trio.sleep(5)  # the read runs while no one holds the session
+        b = await hub.connect()
+        await initialize(b.client, client_id="ide", awaiting=["p"])  # no capabilities
+        answer = await b.client.wait_for(lambda m: m.get("id") == "p")
+        assert answer["result"] == {"stopReason": "end_turn"}
+        status, text = _tool_result(b.client, session)
+        assert status == "completed" and "from disk" in text
+        assert not any(m.get("method", "").startswith("fs/") for m in b.client.received)
+
+
+@pytest.mark.parametrize("back", ["while away", "without the capability"])
+async def test_a_write_while_away_fails_and_one_without_the_capability_goes_to_disk(
+    tmp_path: Path,
+    acp_schema: SchemaChecker,
+    autojump_clock: trio.testing.MockClock,
+    back: str,
+) -> None:
+    """A write is not done behind an away client's editor (its buffer may hold unsaved
+    changes): it fails. A client that re-attached without fs.writeTextFile is not asked
+    (it once was): the tool writes the file itself, as for any such client."""
+    write = {"tool": "write_file", "input": {"path": "out.txt", "content": "new"}}
+    model = ScriptModel([[{"text": "a"}, {"sleep": 1}, write]])
+    async with open_hub(tmp_path, acp_schema, model, limits=Limits(grace_seconds=60)) as hub:
+        _, session = await prompt_then_drop(hub, "ide", "p", "a", fs=FS_BOTH)
+        if back == "while away":
+            await trio.sleep(5)
+        b = await hub.connect()
+        await initialize(b.client, client_id="ide", awaiting=["p"])
+        await b.client.wait_for(lambda m: m.get("id") == "p")
+        status, text = _tool_result(b.client, session)
+        assert not any(m.get("method", "").startswith("fs/") for m in b.client.received)
+        if back == "while away":
+            assert status == "failed" and "the client is disconnected" in text
+            assert not (hub.root / "out.txt").exists()
+        else:
+            assert status == "completed"
+            assert (hub.root / "out.txt").read_text() == "new"
+
+
 async def test_clients_away_within_grace_are_bounded_by_the_connection_limit(
     tmp_path: Path,
     acp_schema: SchemaChecker,
