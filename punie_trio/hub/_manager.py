@@ -367,16 +367,10 @@ class Manager:
         """
         while session.flush_done is not None:
             await session.flush_done.wait()
-        if not session.pending and not session.overflowed:
+        if not session.pending and not (session.overflowed and session.turn is None):
             return
         done = session.flush_done = trio.Event()
         try:
-            if session.overflowed:
-                await conn.notify(
-                    RELOAD_REQUIRED,
-                    {"sessionId": session.id, "reason": "updates were missed while disconnected"},
-                )
-                session.overflowed = False  # only once sent: a failed send leaves it owed
             while session.pending and session.owner is conn:
                 item = session.pending.pop(0)
                 try:
@@ -392,6 +386,15 @@ class Manager:
                 except BaseException:
                     session.pending.insert(0, item)
                     raise
+            # Told after what was kept (the answers), once no turn of the session runs: at
+            # re-attach, or after the answer of the turn that ran on (a session/load is
+            # refused while a turn runs).
+            if session.overflowed and session.turn is None and session.owner is conn:
+                await conn.notify(
+                    RELOAD_REQUIRED,
+                    {"sessionId": session.id, "reason": "updates were missed while disconnected"},
+                )
+                session.overflowed = False  # only once sent: a failed send leaves it owed
         finally:
             session.flush_done = None
             done.set()
@@ -1039,21 +1042,19 @@ class Manager:
                 self._buffer(session, ("update", notification))
 
     async def _answer_orphan(self, session: Session, turn: ActiveTurn) -> None:
-        item: Pending = ("answer", turn.request_id, turn.response, turn.error)
+        # Kept behind what the session kept for its client, and sent with it: an item
+        # whose send fails or times out (the client has not read for PERSIST_TIMEOUT)
+        # stays kept (see _flush).
+        self._buffer(session, ("answer", turn.request_id, turn.response, turn.error))
         conn = session.owner
         if conn is None:
-            self._buffer(session, item)
             return
-        with trio.CancelScope(shield=True), trio.move_on_after(PERSIST_TIMEOUT) as scope:
-            try:
-                await self._flush(session, conn)
-                if _answer_unwanted(session, conn, turn.request_id):
-                    return
-                await conn.send_answer(turn.request_id, turn.response, turn.error)
-            except PeerClosed:
-                self._buffer(session, item)
-        if scope.cancelled_caught:  # the client has not read for that long: keep it
-            self._buffer(session, item)
+        with (
+            trio.CancelScope(shield=True),
+            trio.move_on_after(PERSIST_TIMEOUT),
+            contextlib.suppress(PeerClosed),
+        ):
+            await self._flush(session, conn)
 
     async def _client_call(self, session: Session, turn: ActiveTurn, call: ClientCall) -> None:
         """Ask the client (the session's owner: the prompting connection, or the one that

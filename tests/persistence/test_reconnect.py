@@ -273,7 +273,7 @@ async def test_overflow_sends_reload_required_and_still_the_answer(
         assert answer["result"] == {"stopReason": "end_turn"}
         notices = [m for m in b.client.received if m.get("method") == RELOAD_REQUIRED]
         assert len(notices) == 1 and notices[0]["params"]["sessionId"] == session_id
-        assert b.client.received.index(notices[0]) < b.client.received.index(answer)
+        assert b.client.received.index(answer) < b.client.received.index(notices[0])
         assert b.client.updates(session_id) == []  # told to reload, not given a partial stream
 
         # Which it can: the whole turn is in the store.
@@ -281,6 +281,34 @@ async def test_overflow_sends_reload_required_and_still_the_answer(
             "session/load", {"sessionId": session_id, "cwd": str(hub.root), "mcpServers": []}
         )
         assert b.client.agent_text(session_id) == "c1 " + "".join(chunks)
+
+
+async def test_reload_required_waits_for_the_turn_that_runs_on(
+    tmp_path: Path, acp_schema: SchemaChecker, autojump_clock: trio.testing.MockClock
+) -> None:
+    """The client comes back while the overflowing turn still runs: the notice once came
+    at once, and the session/load it asks for was refused ("has a prompt running"). It
+    now follows the turn's answer, and the load it asks for works."""
+    chunks = [f"c{i} " for i in range(2, 8)]
+    model = ScriptModel(
+        [[{"text": "c1 "}, {"sleep": 1}, *({"text": c} for c in chunks), {"sleep": 5}]]
+    )
+    async with open_hub(tmp_path, acp_schema, model, limits=Limits(detached_buffer=2)) as hub:
+        _, session_id = await prompt_then_drop(hub, "ide-1", "the-prompt", "c1 ", text="x")
+        await trio.sleep(2)  # overflowed while away; the turn still runs
+        assert hub.manager.sessions[session_id].overflowed
+        assert hub.manager.sessions[session_id].turn is not None
+        b = await hub.connect()
+        await initialize(b.client, client_id="ide-1", awaiting=["the-prompt"])
+        await trio.sleep(1)
+        assert not any(m.get("method") == RELOAD_REQUIRED for m in b.client.received)
+        notice = await b.client.wait_for(lambda m: m.get("method") == RELOAD_REQUIRED)
+        ids = [m.get("id") for m in b.client.received]
+        assert ids.index("the-prompt") < b.client.received.index(notice)
+        await b.client.request(
+            "session/load", {"sessionId": session_id, "cwd": str(hub.root), "mcpServers": []}
+        )
+        assert b.client.agent_text(session_id).endswith("".join(chunks))
 
 
 async def test_buffered_updates_within_the_limit_are_all_delivered(

@@ -131,10 +131,14 @@ async def test_reload_required_stays_owed_when_its_send_fails(tmp_path: Path) ->
 
         nursery.start_soon(flush)
         await trio.testing.wait_all_tasks_blocked()
-        assert conn.waiting and conn.waiting[0][0] == "_punie-trio/reload_required"
+        assert [text for text, _ in conn.waiting] == ["answer 7"]  # what was kept, first
+        conn.release()
+        await trio.testing.wait_all_tasks_blocked()
+        assert [text for text, _ in conn.waiting] == ["_punie-trio/reload_required"]
         scope.cancel()
         await trio.testing.wait_all_tasks_blocked()
-        assert session.flush_done is None and session.pending == [("answer", 7, {}, None)]
+        assert session.flush_done is None and session.pending == []
+        assert conn.sent == ["answer 7"]
         assert session.overflowed
         nursery.cancel_scope.cancel()
 
