@@ -271,6 +271,7 @@ async def test_overflow_sends_reload_required_and_still_the_answer(
         await initialize(b.client, client_id="ide-1", awaiting=["the-prompt"])
         answer = await b.client.wait_for(lambda m: m.get("id") == "the-prompt")
         assert answer["result"] == {"stopReason": "end_turn"}
+        await b.client.wait_for(lambda m: m.get("method") == RELOAD_REQUIRED)
         notices = [m for m in b.client.received if m.get("method") == RELOAD_REQUIRED]
         assert len(notices) == 1 and notices[0]["params"]["sessionId"] == session_id
         assert b.client.received.index(answer) < b.client.received.index(notices[0])
