@@ -77,6 +77,7 @@ from ..worker import (
     ProjectWorker,
     SeedHistory,
     StartTurn,
+    ToolCallLimiter,
     TurnEnv,
     TurnEvent,
     TurnFinished,
@@ -155,12 +156,15 @@ class Manager:
     _left_prompt_times: dict[str, list[float]] = attrs.field(factory=dict, init=False)
     # Session ids a session/delete is removing (how many deletes of each are under way).
     _deleting: collections.Counter[str] = attrs.field(factory=collections.Counter, init=False)
+    # Tool calls per minute per session, shared by the workers (a session outlives them).
+    _tool_limiter: ToolCallLimiter = attrs.field(init=False)
     # Turns registered and not yet finished, in every session (the store's group commit
     # need not wait for company when there is none).
     _running_turns: int = attrs.field(default=0, init=False)
 
     def __attrs_post_init__(self) -> None:
         self.roots = tuple(str(Path(r).resolve()) for r in self.roots)
+        self._tool_limiter = ToolCallLimiter(self.limits.tool_calls_per_minute)
         self.metrics.track(
             lambda: len(self.connections), lambda: len(self.sessions), lambda: len(self.workers)
         )
@@ -759,9 +763,7 @@ class Manager:
         if self._nursery is None:
             raise RpcError(INTERNAL_ERROR, "Manager is not running")
         send, receive = trio.open_memory_channel[Command](WORKER_COMMAND_BUFFER)
-        worker = ProjectWorker(
-            root, self.model, receive, tool_calls_per_minute=self.limits.tool_calls_per_minute
-        )
+        worker = ProjectWorker(root, self.model, receive, tool_limiter=self._tool_limiter)
         handle = WorkerHandle(root, worker, send)
         self.workers[root] = handle
         self._nursery.start_soon(handle.worker.run, name=f"worker:{root}")

@@ -25,7 +25,7 @@ from ._models import (
     model_from_spec,
 )
 from ._paths import PathEscape, resolve_inside
-from ._worker import ProjectWorker
+from ._worker import ProjectWorker, ToolCallLimiter
 
 __all__ = [
     "CancelTurn",
@@ -44,6 +44,7 @@ __all__ = [
     "ScriptModel",
     "SeedHistory",
     "StartTurn",
+    "ToolCallLimiter",
     "TurnContext",
     "TurnEnv",
     "TurnEvent",

@@ -206,31 +206,67 @@ class _Context:
 
 
 @attrs.define(eq=False)
+class ToolCallLimiter:
+    """Tool calls per minute per session, over the session's whole life in the server.
+
+    One per manager, shared by its workers: a worker ends with its root's last session,
+    and a session closed and resumed (or loaded) gets a new one, so a count kept by the
+    worker started over each time (an audit got 3 more calls a minute per close and
+    resume). Sessions whose last call is over a minute old are swept now and then, so
+    the table stays as large as the sessions that called a tool in the last minute.
+    """
+
+    per_minute: int = 240
+    _times: dict[str, collections.deque[float]] = attrs.field(factory=dict, init=False)
+    _sweep_at: int = attrs.field(default=64, init=False)
+
+    def count(self, session_id: str, now: float) -> str | None:
+        """Count a tool call of ``session_id`` at ``now``; a message if it is over the
+        limit (the call is then reported failed to the client and the model goes on)."""
+        recent = self._times.setdefault(session_id, collections.deque())
+        while recent and recent[0] <= now - 60.0:
+            recent.popleft()
+        if len(recent) >= self.per_minute:
+            return (
+                f"rate limit: {self.per_minute} tool calls per minute in this "
+                f"session; retry in {recent[0] + 60.0 - now:.1f} s"
+            )
+        recent.append(now)
+        if len(self._times) >= self._sweep_at:
+            self._sweep(now)
+        return None
+
+    def _sweep(self, now: float) -> None:
+        for session_id in [k for k, v in self._times.items() if not v or v[-1] <= now - 60.0]:
+            del self._times[session_id]
+        self._sweep_at = 2 * len(self._times) + 64  # (amortised: a sweep per doubling)
+
+    def __len__(self) -> int:
+        return len(self._times)
+
+
+@attrs.define(eq=False)
 class ProjectWorker:
-    """Runs turns for one project root. Feed it :data:`Command` envelopes on ``commands``."""
+    """Runs turns for one project root. Feed it :data:`Command` envelopes on ``commands``.
+    ``tool_limiter``: the manager's (one count per session across workers); by default
+    the worker's own, of ``tool_calls_per_minute``."""
 
     root: str
     model: Model
     commands: trio.MemoryReceiveChannel[Command]
     tool_calls_per_minute: int = 240
+    tool_limiter: ToolCallLimiter | None = None
     _turns: dict[int, _Turn] = attrs.field(factory=dict, init=False)
-    _tool_times: dict[str, collections.deque[float]] = attrs.field(factory=dict, init=False)
     _history: dict[str, list[tuple[str, str]]] = attrs.field(factory=dict, init=False)
 
+    def __attrs_post_init__(self) -> None:
+        if self.tool_limiter is None:
+            self.tool_limiter = ToolCallLimiter(self.tool_calls_per_minute)
+
     def rate_limit_tool(self, session_id: str) -> str | None:
-        """Count a tool call of ``session_id``; a message if it is over the per-minute limit
-        (the call is then reported failed to the client and the model goes on)."""
-        now = trio.current_time()
-        recent = self._tool_times.setdefault(session_id, collections.deque())
-        while recent and recent[0] <= now - 60.0:
-            recent.popleft()
-        if len(recent) >= self.tool_calls_per_minute:
-            return (
-                f"rate limit: {self.tool_calls_per_minute} tool calls per minute in this "
-                f"session; retry in {recent[0] + 60.0 - now:.1f} s"
-            )
-        recent.append(now)
-        return None
+        """Count a tool call of ``session_id`` (see :class:`ToolCallLimiter`)."""
+        assert self.tool_limiter is not None
+        return self.tool_limiter.count(session_id, trio.current_time())
 
     @property
     def running_turns(self) -> int:
@@ -272,7 +308,6 @@ class ProjectWorker:
                 slot.done.set()
         elif isinstance(command, ForgetSession):
             self._history.pop(command.session_id, None)
-            self._tool_times.pop(command.session_id, None)
         else:
             self._history[command.session_id] = list(command.history)
 

@@ -185,6 +185,17 @@ async def test_tool_calls_per_minute_per_session(
             "completed",
             "failed",
         ]
+        # Closing and resuming the session (its worker ends with the root's last session)
+        # keeps its count: it once started over, 2 more calls a minute each time.
+        await a.client.request("session/close", {"sessionId": other})
+        await a.client.request("session/close", {"sessionId": first})
+        assert hub.manager.workers == {}
+        resume = {"sessionId": first, "cwd": str(hub.root), "mcpServers": []}
+        await a.client.request("session/resume", resume)
+        mark = len(a.client.updates(first))
+        assert await a.client.prompt(first, "after resume") == "end_turn"
+        assert [s for s, _ in tool_updates(a.client.updates(first)[mark:])] == ["failed"] * 3
+
         await trio.sleep(60)
         mark = len(a.client.updates(first))
         assert await a.client.prompt(first, "again") == "end_turn"

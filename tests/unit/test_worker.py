@@ -28,6 +28,7 @@ from punie_trio.worker import (
     ScriptModel,
     SeedHistory,
     StartTurn,
+    ToolCallLimiter,
     TurnContext,
     TurnEnv,
     TurnEvent,
@@ -673,3 +674,18 @@ async def test_queued_commands_are_handled_in_one_step(
         assert worker.running_turns == queued
         assert counter.steps == steps
         await send.aclose()  # the worker cancels its turns and ends
+
+
+def test_tool_call_limiter_forgets_sessions_idle_for_a_minute() -> None:
+    """The manager's limiter outlives workers and sessions; what it keeps is bounded by the
+    sessions that called a tool in the last minute (swept as the table doubles)."""
+    limiter = ToolCallLimiter(per_minute=2)
+    for i in range(100):
+        assert limiter.count(f"old{i}", now=0.0) is None
+    assert limiter.count("old0", now=1.0) is None
+    assert limiter.count("old0", now=2.0) is not None  # (over 2 a minute)
+    for i in range(100):
+        assert limiter.count(f"new{i}", now=61.5) is None
+    assert len(limiter) == 100  # the old ones are gone (old0's last call was at 1.0)
+    assert limiter.count("new0", now=62.0) is None
+    assert limiter.count("new0", now=62.5) is not None  # (a kept one still counts)
