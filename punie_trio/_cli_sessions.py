@@ -19,7 +19,7 @@ from typing import Any, TextIO
 import attrs
 
 from ._json import escape_lone_surrogates
-from ._paths import default_data_dir, replace_file, resolved, store_path, token_path
+from ._paths import default_data_dir, resolved, store_path, token_path, write_output
 from .store import (
     STOP,
     SessionRecord,
@@ -58,7 +58,7 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
     p = actions.add_parser("export", parents=[common], help="write a session as JSON")
     p.add_argument("id", metavar="ID", help="session id")
     p.add_argument(
-        "-o", "--output", type=Path, metavar="FILE", help="write to FILE, not stdout (- for stdout)"
+        "-o", "--output", metavar="FILE", help="write to FILE, not stdout (- for stdout)"
     )
     p.set_defaults(func=cmd_export)
 
@@ -252,14 +252,16 @@ def cmd_export(args: argparse.Namespace) -> int:
     # A lone surrogate (a prompt's or a model's text may hold one) stays a \\uXXXX escape:
     # the same JSON value, and the text is UTF-8.
     text = escape_lone_surrogates(json.dumps(document, ensure_ascii=False, indent=2)) + "\n"
-    if args.output is None or str(args.output) == "-":
+    output: str | None = args.output
+    if output is None or output == "-":
         sys.stdout.write(text)
         return 0
-    # Whole or not at all: a failed export leaves an existing file as it was (writing in
-    # place once truncated it first).
-    output: Path = args.output
+    if not output:  # (Path("") is the current directory)
+        return _fail("cannot write '': the path is empty")
+    # Whole or not at all for a file: a failed export leaves an existing file as it was
+    # (writing in place once truncated it first). A FIFO or a device is written into.
     try:
-        replace_file(output, text.encode("utf-8"))
+        write_output(Path(output), text.encode("utf-8"))
     except OSError as exc:
         return _fail(f"cannot write {output}: {exc.strerror or exc}")
     print(f"wrote {output}", file=sys.stderr)

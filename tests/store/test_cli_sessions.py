@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import stat
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -325,3 +327,80 @@ def test_token_readable_by_others_is_warned_about(
     captured = capsys.readouterr()
     assert "token: s3cret" in captured.out
     assert "readable by others (mode 0644)" in captured.err
+
+
+def _export_to(data_dir: Path, output: str) -> list[str]:
+    return ["sessions", "export", "sess-new", "-o", output, "--data-dir", str(data_dir)]
+
+
+def test_export_writes_into_a_fifo_instead_of_replacing_it(data_dir: Path, tmp_path: Path) -> None:
+    """A FIFO at the output path is written into (it was replaced by a regular file, and
+    its reader got nothing); so would a device such as /dev/null be (as root, the export
+    once replaced the device)."""
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    received: list[bytes] = []
+
+    def read() -> None:
+        with open(fifo, "rb") as reader:
+            received.append(reader.read())
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    assert main(_export_to(data_dir, str(fifo))) == 0
+    reader.join(timeout=30)
+    assert stat.S_ISFIFO(fifo.lstat().st_mode)
+    assert json.loads(received[0])["session"]["id"] == "sess-new"
+
+
+def test_export_through_a_symlink_writes_its_target(data_dir: Path, tmp_path: Path) -> None:
+    """The link stays a link and its target gets the export (the link was replaced by a
+    file and its target kept the old export); the target keeps its mode."""
+    target = tmp_path / "real.json"
+    target.write_text("old export\n")
+    target.chmod(0o640)
+    link = tmp_path / "link.json"
+    link.symlink_to(target)
+    assert main(_export_to(data_dir, str(link))) == 0
+    assert link.is_symlink() and link.resolve() == target.resolve()
+    assert json.loads(target.read_text())["session"]["id"] == "sess-new"
+    assert stat.S_IMODE(target.stat().st_mode) == 0o640
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "link.json", "real.json"]
+
+
+def test_export_keeps_a_files_mode_and_creates_a_new_one_private(
+    data_dir: Path, tmp_path: Path
+) -> None:
+    """A transcript is as private as the store: a new export file is 0600 (it was 0644
+    with the usual umask), and a replaced one keeps the mode its owner gave it."""
+    old_umask = os.umask(0o022)
+    try:
+        new = tmp_path / "new.json"
+        assert main(_export_to(data_dir, str(new))) == 0
+        assert stat.S_IMODE(new.stat().st_mode) == 0o600
+        shared = tmp_path / "shared.json"
+        shared.write_text("old\n")
+        shared.chmod(0o664)
+        assert main(_export_to(data_dir, str(shared))) == 0
+        assert stat.S_IMODE(shared.stat().st_mode) == 0o664
+        assert json.loads(shared.read_text())["session"]["id"] == "sess-new"
+    finally:
+        os.umask(old_umask)
+
+
+@pytest.mark.parametrize("output", ["", ".", "dir", "dir/."])
+def test_export_to_a_directory_is_a_message_not_a_traceback(
+    data_dir: Path,
+    tmp_path: Path,
+    output: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """``-o ""`` and ``-o .`` were a ValueError traceback ("has an empty name")."""
+    (tmp_path / "dir").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert main(_export_to(data_dir, output)) == 1
+    named = output or "''"
+    assert capsys.readouterr().err.startswith(f"punie-trio: cannot write {named}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "dir"]
+    assert list((tmp_path / "dir").iterdir()) == []
