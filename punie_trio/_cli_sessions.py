@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 from collections.abc import Iterable, Iterator
@@ -71,6 +72,27 @@ def _fail(message: str) -> int:
     return 1
 
 
+def _escape(code: int) -> str:
+    named = {0x09: "\\t", 0x0A: "\\n", 0x0D: "\\r"}.get(code)
+    return named or (f"\\x{code:02x}" if code < 0x80 else f"\\u{code:04x}")
+
+
+#: Every control character (C0, DEL, C1) and its escape.
+_CONTROLS = {code: _escape(code) for code in [*range(0x20), *range(0x7F, 0xA0)]}
+#: The same but for the newline and tab that lay out a message's text.
+_CONTROLS_BUT_LAYOUT = {code: e for code, e in _CONTROLS.items() if code not in (0x09, 0x0A)}
+
+
+def _printable(text: str, *, layout: bool = False) -> str:
+    """``text`` with its control characters escaped (``\\x1b``, ``\\r``, ``\\u009b``), for
+    the terminal: titles, prompts and model text come from clients and models, and ESC,
+    BEL, CR, BS or a C1 CSI printed raw let any of them set the window title, rewrite or
+    erase lines, or fake a line of the transcript. With ``layout`` a newline and a tab are
+    kept (message text is laid out with them: a continuation line is indented, so it
+    cannot pass for a line of its own); elsewhere a newline is escaped too."""
+    return text.translate(_CONTROLS_BUT_LAYOUT if layout else _CONTROLS)
+
+
 def _when(ts: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
 
@@ -105,7 +127,13 @@ def cmd_list(args: argparse.Namespace) -> int:
         return 0
     rows = [("ID", "UPDATED", "TURNS", "TITLE", "CWD")]
     rows += [
-        (r.id, _when(r.updated_at), str(r.turns), _one_line(r.title or "-", 40), r.cwd)
+        (
+            _printable(r.id),
+            _when(r.updated_at),
+            str(r.turns),
+            _one_line(_printable(r.title or "-"), 40),
+            _printable(r.cwd),
+        )
         for r in records
     ]
     widths = [max(len(row[i]) for row in rows) for i in range(4)]
@@ -134,12 +162,13 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 def write_transcript(out: TextIO, rec: SessionRecord, entries: Iterable[TranscriptEntry]) -> None:
     """Render a session for a human: header, then each turn's messages, thoughts, plans,
-    tool calls and stop reason, with consecutive message chunks joined into paragraphs."""
-    out.write(f"session  {rec.id}\n")
-    out.write(f"title    {rec.title or '-'}\n")
-    out.write(f"cwd      {rec.cwd}\n")
+    tool calls and stop reason, with consecutive message chunks joined into paragraphs.
+    Control characters in what was stored are escaped (:func:`_printable`)."""
+    out.write(f"session  {_printable(rec.id)}\n")
+    out.write(f"title    {_printable(rec.title or '-')}\n")
+    out.write(f"cwd      {_printable(rec.cwd)}\n")
     if rec.root != rec.cwd:
-        out.write(f"root     {rec.root}\n")
+        out.write(f"root     {_printable(rec.root)}\n")
     out.write(f"created  {_when(rec.created_at)}\n")
     out.write(f"updated  {_when(rec.updated_at)}\n")
     out.write(f"turns    {rec.turns}\n")
@@ -162,7 +191,7 @@ def _render(entries: Iterable[TranscriptEntry]) -> Iterator[str]:
         nonlocal text_kind
         if text_kind is not None:
             label = "(thought)" if text_kind == _THOUGHT else _LABELS[text_kind]
-            yield _labelled(f"{label}: ", "".join(text))
+            yield _labelled(f"{label}: ", _printable("".join(text), layout=True))
         text_kind = None
         text.clear()
 
@@ -184,26 +213,26 @@ def _render(entries: Iterable[TranscriptEntry]) -> Iterator[str]:
             yield "plan:"
             for item in payload.get("entries") or []:
                 box = _CHECKBOX.get(str(item.get("status")), "[?]")
-                yield f"  {box} {item.get('content', '')}"
+                yield _printable(f"  {box} {item.get('content', '')}")
         elif entry.kind == "tool_call":
             call_id = str(payload.get("toolCallId", "?"))
             title = str(payload.get("title") or call_id)
             tools[call_id] = title
             kind = f" [{payload['kind']}]" if payload.get("kind") else ""
-            yield f"tool: {title}{kind} ({payload.get('status') or 'pending'})"
+            yield _printable(f"tool: {title}{kind} ({payload.get('status') or 'pending'})")
         elif entry.kind == "tool_call_update":
             call_id = str(payload.get("toolCallId", "?"))
             if payload.get("title"):
                 tools[call_id] = str(payload["title"])
             status = payload.get("status")
             if status:
-                yield f"tool: {tools.get(call_id, call_id)} -> {status}"
+                yield _printable(f"tool: {tools.get(call_id, call_id)} -> {status}")
         elif entry.kind == "session_info_update" and "title" in payload:
-            yield f"named: {payload['title']}"  # (the first turn names its session)
+            yield _printable(f"named: {payload['title']}")  # (the first turn names its session)
         elif entry.kind == STOP:
-            yield f"stop: {payload.get('stopReason')}"
+            yield _printable(f"stop: {payload.get('stopReason')}")
         else:
-            yield f"{entry.kind}: {json.dumps(payload, ensure_ascii=False)}"
+            yield _printable(f"{entry.kind}: {json.dumps(payload, ensure_ascii=False)}")
     yield from flush()
 
 
@@ -230,6 +259,15 @@ def _labelled(prefix: str, text: str) -> str:
 
 # -- sessions export ------------------------------------------------------------------------
 
+#: DEL and the C1 controls: ``json.dumps`` escapes only C0 ones, so these reached the
+#: terminal raw (U+009B is a CSI to many). In a JSON text they can only stand in a string,
+#: where ``\\u009b`` is the same value.
+_JSON_RAW_CONTROLS = re.compile("[\x7f-\x9f]")
+
+
+def _json_escape(match: re.Match[str]) -> str:
+    return f"\\u{ord(match.group()):04x}"
+
 
 def cmd_export(args: argparse.Namespace) -> int:
     loaded = _load(args)
@@ -252,6 +290,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     # A lone surrogate (a prompt's or a model's text may hold one) stays a \\uXXXX escape:
     # the same JSON value, and the text is UTF-8.
     text = escape_lone_surrogates(json.dumps(document, ensure_ascii=False, indent=2)) + "\n"
+    text = _JSON_RAW_CONTROLS.sub(_json_escape, text)
     output: str | None = args.output
     if output is None or output == "-":
         sys.stdout.write(text)

@@ -404,3 +404,78 @@ def test_export_to_a_directory_is_a_message_not_a_traceback(
     assert capsys.readouterr().err.startswith(f"punie-trio: cannot write {named}")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "dir"]
     assert list((tmp_path / "dir").iterdir()) == []
+
+
+#: Text a client or a model could send to drive the operator's terminal: set the window
+#: title (OSC ... BEL), erase the line (CSI 2K), return to the line's start, back up, and
+#: a C1 CSI (U+009B).
+_TITLE = "\x1b]0;pwned\x07Fix\rbug"
+_EVIL = "a\x1b[2Kb\rc\x08d\x9b31me\x7ff\ttab\nsecond line"
+
+
+async def _fill_evil(data_dir: Path) -> None:
+    ensure_data_dir(data_dir)
+    async with open_sqlite_store(store_path(data_dir)) as store:
+        await store.create_session(make_record("sess-evil", title=_TITLE, cwd="/proj/\x1bx"))
+        await store.append_turn(
+            "sess-evil",
+            0,
+            [
+                ("user_message_chunk", text_update("user_message_chunk", _EVIL)),
+                (
+                    "plan",
+                    {
+                        "sessionUpdate": "plan",
+                        "entries": [{"content": "x\nstop: end_turn", "status": "pending"}],
+                    },
+                ),
+                (
+                    "tool_call",
+                    {"sessionUpdate": "tool_call", "toolCallId": "c1", "title": "t\x1b[1A"},
+                ),
+                ("current_mode_update", {"sessionUpdate": "current_mode_update", "v": "\x9b\x7f"}),
+                ("stop", {"stopReason": "end_turn"}),
+            ],
+        )
+
+
+def _controls(text: str) -> set[str]:
+    return {c for c in text if ord(c) < 0x20 or 0x7F <= ord(c) < 0xA0}
+
+
+def test_show_and_list_escape_control_characters(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Titles, prompts and model text reached the terminal raw (ESC, BEL, CR, BS, C1):
+    any client or model could set the window title, erase lines or fake one. Only the
+    newline and tab that lay out a message's text are kept."""
+    data_dir = tmp_path / "data"
+    trio.run(_fill_evil, data_dir)
+    assert main(["sessions", "show", "sess-evil", "--data-dir", str(data_dir)]) == 0
+    out = capsys.readouterr().out
+    assert _controls(out) == {"\n", "\t"}
+    assert "title    \\x1b]0;pwned\\x07Fix\\rbug\n" in out
+    assert "cwd      /proj/\\x1bx\n" in out
+    assert "user: a\\x1b[2Kb\\rc\\x08d\\u009b31me\\x7ff\ttab\n      second line\n" in out
+    assert "  [ ] x\\nstop: end_turn\n" in out  # no line of its own
+    assert "tool: t\\x1b[1A (pending)\n" in out
+    assert '"v": "\\u009b\\x7f"' in out
+    assert main(["sessions", "list", "--data-dir", str(data_dir)]) == 0
+    out = capsys.readouterr().out
+    assert _controls(out) == {"\n"}
+    assert "\\x1b]0;pwned\\x07Fix\\rbug" in out and out.rstrip().endswith("/proj/\\x1bx")
+
+
+def test_export_to_stdout_escapes_c1_controls(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``json.dumps`` escapes C0 controls only: DEL and C1 (a CSI to many terminals)
+    went out raw. Escaped, the JSON holds the same strings."""
+    data_dir = tmp_path / "data"
+    trio.run(_fill_evil, data_dir)
+    assert main(["sessions", "export", "sess-evil", "--data-dir", str(data_dir)]) == 0
+    out = capsys.readouterr().out
+    assert _controls(out) == {"\n"}
+    doc = json.loads(out)
+    assert doc["session"]["title"] == _TITLE
+    assert doc["transcript"][0]["payload"]["content"]["text"] == _EVIL
