@@ -10,17 +10,26 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, TextIO
 
 import attrs
 
+from ._config import ConfigError, _to_path, as_flag, load_file, resolve_option
 from ._json import escape_lone_surrogates
-from ._paths import default_data_dir, resolved, store_path, token_path, write_output
+from ._paths import (
+    default_config_path,
+    default_data_dir,
+    resolved,
+    store_path,
+    token_path,
+    write_output,
+)
 from .store import (
     STOP,
     SessionRecord,
@@ -39,10 +48,17 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
     """Register ``sessions {list,show,export}`` and ``token`` on ``subparsers``."""
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
-        "--data-dir",
+        "--config",
         type=Path,
-        default=default_data_dir(),
-        help="where the server keeps its token and session store (default: %(default)s)",
+        metavar="FILE",
+        help="the config file whose data-dir to use (default: the platform's, as for serve)",
+    )
+    common.add_argument(
+        "--data-dir",
+        type=as_flag(_to_path),
+        metavar="DIR",
+        help="where the server keeps its token and session store (default: as serve finds "
+        "it: $PUNIE_DATA_DIR, else the config file's data-dir, else the platform's)",
     )
 
     sessions = subparsers.add_parser("sessions", help="inspect stored sessions")
@@ -50,21 +66,54 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
 
     p = actions.add_parser("list", parents=[common], help="list sessions, newest first")
     p.add_argument("--cwd", help="only sessions whose working directory is CWD")
-    p.set_defaults(func=cmd_list)
+    p.set_defaults(func=_in_data_dir(cmd_list))
 
     p = actions.add_parser("show", parents=[common], help="print a session's transcript")
     p.add_argument("id", metavar="ID", help="session id")
-    p.set_defaults(func=cmd_show)
+    p.set_defaults(func=_in_data_dir(cmd_show))
 
     p = actions.add_parser("export", parents=[common], help="write a session as JSON")
     p.add_argument("id", metavar="ID", help="session id")
     p.add_argument(
         "-o", "--output", metavar="FILE", help="write to FILE, not stdout (- for stdout)"
     )
-    p.set_defaults(func=cmd_export)
+    p.set_defaults(func=_in_data_dir(cmd_export))
 
     p = subparsers.add_parser("token", parents=[common], help="print the server's access token")
-    p.set_defaults(func=cmd_token)
+    p.set_defaults(func=_in_data_dir(cmd_token))
+
+
+def resolve_data_dir(args: argparse.Namespace) -> Path:
+    """The data directory ``serve`` would use with these ``--config`` and ``--data-dir``:
+    the flag, else ``$PUNIE_DATA_DIR``, else the config file's ``data-dir``, else the
+    platform's. ``ConfigError`` for a bad value (``PUNIE_DATA_DIR=``), a bad or missing
+    ``--config`` file.
+
+    Why: these commands once knew only the flag and the variable, so with ``data-dir``
+    in the config file ``serve`` wrote one directory and ``token`` and ``sessions`` read
+    another. Only ``data-dir`` is resolved: a bad value of an option they do not use is
+    ``serve``'s to report."""
+    config = args.config if args.config is not None else default_config_path()
+    file_values = load_file(config, required=args.config is not None)
+    value = resolve_option("data_dir", args.data_dir, file_values, os.environ, str(config))
+    return Path(value or default_data_dir()).expanduser()
+
+
+def _in_data_dir(
+    command: Callable[[argparse.Namespace, Path], int],
+) -> Callable[[argparse.Namespace], int]:
+    """``command`` run with the resolved data directory; a configuration error is exit 2,
+    as for ``serve``."""
+
+    def run(args: argparse.Namespace) -> int:
+        try:
+            data_dir = resolve_data_dir(args)
+        except ConfigError as exc:
+            print(f"{_PROG}: error: {exc}", file=sys.stderr)
+            return 2
+        return command(args, data_dir)
+
+    return run
 
 
 def _fail(message: str) -> int:
@@ -97,9 +146,11 @@ def _when(ts: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
 
 
-def _load(args: argparse.Namespace) -> tuple[SessionRecord, list[TranscriptEntry]] | int:
+def _load(
+    args: argparse.Namespace, data_dir: Path
+) -> tuple[SessionRecord, list[TranscriptEntry]] | int:
     """The session and transcript named by ``args.id``, or an exit status after a message."""
-    db = store_path(args.data_dir)
+    db = store_path(data_dir)
     try:
         rec = read_session(db, args.id)
         if rec is None:
@@ -114,8 +165,8 @@ def _load(args: argparse.Namespace) -> tuple[SessionRecord, list[TranscriptEntry
 # -- sessions list --------------------------------------------------------------------------
 
 
-def cmd_list(args: argparse.Namespace) -> int:
-    db = store_path(args.data_dir)
+def cmd_list(args: argparse.Namespace, data_dir: Path) -> int:
+    db = store_path(data_dir)
     try:
         # Stored cwds are resolved (symlinks, "..", a trailing slash): filter on the same.
         cwd = resolved(args.cwd) if args.cwd else None
@@ -151,8 +202,8 @@ def _one_line(text: str, width: int) -> str:
 # -- sessions show --------------------------------------------------------------------------
 
 
-def cmd_show(args: argparse.Namespace) -> int:
-    loaded = _load(args)
+def cmd_show(args: argparse.Namespace, data_dir: Path) -> int:
+    loaded = _load(args, data_dir)
     if isinstance(loaded, int):
         return loaded
     rec, entries = loaded
@@ -269,8 +320,8 @@ def _json_escape(match: re.Match[str]) -> str:
     return f"\\u{ord(match.group()):04x}"
 
 
-def cmd_export(args: argparse.Namespace) -> int:
-    loaded = _load(args)
+def cmd_export(args: argparse.Namespace, data_dir: Path) -> int:
+    loaded = _load(args, data_dir)
     if isinstance(loaded, int):
         return loaded
     rec, entries = loaded
@@ -310,8 +361,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 # -- token ----------------------------------------------------------------------------------
 
 
-def cmd_token(args: argparse.Namespace) -> int:
-    path = token_path(args.data_dir)
+def cmd_token(args: argparse.Namespace, data_dir: Path) -> int:
+    path = token_path(data_dir)
     try:
         token = path.read_text(encoding="utf-8").strip()
     except FileNotFoundError:

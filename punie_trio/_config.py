@@ -8,20 +8,37 @@ integer``) and the CLI exits 2 with them.
 
 from __future__ import annotations
 
+import argparse
 import ipaddress
 import os
 import re
 import tomllib
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import attrs
 
+T = TypeVar("T")
+
 
 class ConfigError(ValueError):
     """An option has a bad value, or the config file is unreadable or has unknown keys."""
+
+
+def as_flag(convert: Callable[[Any], T]) -> Callable[[str], T]:
+    """A converter below as an argparse type: a flag is checked by the very rule its
+    variable and its file key are (argparse's own message for a ValueError would name the
+    function, not the rule)."""
+
+    def parse(text: str) -> T:
+        try:
+            return convert(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    return parse
 
 
 def _to_bool(value: Any) -> bool:
@@ -325,17 +342,30 @@ def resolve(
     if unknown:
         known = ", ".join(o.name.replace("_", "-") for o in OPTIONS)
         raise ConfigError(f"{file_name}: unknown option(s) {', '.join(unknown)} (known: {known})")
-    merged: dict[str, Any] = {}
-    for option in OPTIONS:
-        flag = flags.get(option.name)
-        if flag is not None and not (option.many and not flag):
-            merged[option.name] = tuple(flag) if option.many else flag
-            continue
-        env = _from_env(option, environ)
-        if env is not None:
-            merged[option.name] = env
-        elif option.name in file_values:
-            merged[option.name] = _convert(option, file_values[option.name], file_name)
-        else:
-            merged[option.name] = option.default
-    return merged
+    return {
+        option.name: resolve_option(
+            option.name, flags.get(option.name), file_values, environ, file_name
+        )
+        for option in OPTIONS
+    }
+
+
+def resolve_option(
+    name: str,
+    flag: Any,
+    file_values: Mapping[str, Any],
+    environ: Mapping[str, str],
+    file_name: str,
+) -> Any:
+    """One option by the precedence of :func:`resolve`: the read-only commands need only
+    ``data_dir``, and find it where ``serve`` does (its flag, ``$PUNIE_DATA_DIR``, the
+    file), without failing on a bad value of an option they do not use."""
+    option = BY_NAME[name]
+    if flag is not None and not (option.many and not flag):
+        return tuple(flag) if option.many else flag
+    env = _from_env(option, environ)
+    if env is not None:
+        return env
+    if name in file_values:
+        return _convert(option, file_values[name], file_name)
+    return option.default

@@ -12,9 +12,9 @@ import logging
 import logging.handlers
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import trio
 
@@ -29,6 +29,7 @@ from ._config import (
     _to_origin,
     _to_seconds,
     _to_token,
+    as_flag,
     load_file,
     resolve,
 )
@@ -46,8 +47,6 @@ from .hub import Limits
 from .server import ServeConfig, ServeError, find_exception, serve
 from .web._auth import write_token_file
 from .worker import Model, ScriptError, model_from_spec
-
-T = TypeVar("T")
 
 
 # (Each names the rule: argparse's own message for a ValueError would name the function.)
@@ -71,24 +70,11 @@ def _port(text: str) -> int:
     return value
 
 
-def _as_flag(convert: Callable[[Any], T]) -> Callable[[str], T]:
-    """A config converter as an argparse type: a flag is checked by the very rule its
-    variable and its file key are (``_config``)."""
-
-    def parse(text: str) -> T:
-        try:
-            return convert(text)
-        except ValueError as exc:
-            raise argparse.ArgumentTypeError(str(exc)) from None
-
-    return parse
-
-
-_seconds = _as_flag(_to_seconds)  # a number >= 0 (not nan)
-_host = _as_flag(_to_host)  # not empty (that would bind every interface), no spaces around
-_token = _as_flag(_to_token)  # not empty (that once meant a generated one), no spaces around
-_origin = _as_flag(_to_origin)  # scheme://host[:port], as an Origin header carries it
-_host_name = _as_flag(_to_host_name)  # a name, .domain or *, without scheme or port
+_seconds = as_flag(_to_seconds)  # a number >= 0 (not nan)
+_host = as_flag(_to_host)  # not empty (that would bind every interface), no spaces around
+_token = as_flag(_to_token)  # not empty (that once meant a generated one), no spaces around
+_origin = as_flag(_to_origin)  # scheme://host[:port], as an Origin header carries it
+_host_name = as_flag(_to_host_name)  # a name, .domain or *, without scheme or port
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -30,6 +30,16 @@ def main(argv: list[str]) -> int:
     return status
 
 
+@pytest.fixture(autouse=True)
+def _isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No PUNIE_* variable or config file of the user's (the default config file is
+    under ``$XDG_CONFIG_HOME``, here an empty directory)."""
+    for name in list(os.environ):
+        if name.startswith("PUNIE_"):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg-config"))
+
+
 def _turn0() -> list[tuple[str, dict[str, Any]]]:
     return [
         ("user_message_chunk", text_update("user_message_chunk", "Fix the ")),
@@ -479,3 +489,78 @@ def test_export_to_stdout_escapes_c1_controls(
     doc = json.loads(out)
     assert doc["session"]["title"] == _TITLE
     assert doc["transcript"][0]["payload"]["content"]["text"] == _EVIL
+
+
+def _config_file(path: Path, data_dir: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"[serve]\ndata-dir = {str(data_dir)!r}\n", encoding="utf-8")
+    return path
+
+
+def test_read_only_commands_find_the_data_dir_of_the_config_file(
+    data_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``serve`` writes to the config file's ``data-dir``: ``token`` and ``sessions``
+    looked in the platform's directory instead (and failed)."""
+    _config_file(tmp_path / "xdg-config" / "punie-trio" / "config.toml", data_dir)
+    token_path(data_dir).write_text("s3cret\n")
+    assert main(["token"]) == 0
+    assert capsys.readouterr().out == f"token file: {token_path(data_dir)}\ntoken: s3cret\n"
+    assert main(["sessions", "list"]) == 0
+    assert "sess-new" in capsys.readouterr().out
+    assert main(["sessions", "show", "sess-new"]) == 0
+    assert "title    Fix bug" in capsys.readouterr().out
+
+
+def test_read_only_commands_take_config_and_serves_precedence(
+    data_dir: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """``--config FILE`` as for serve; the flag beats the variable, which beats the file."""
+    other = ensure_data_dir(tmp_path / "other")
+    token_path(other).write_text("other\n")
+    token_path(data_dir).write_text("mine\n")
+    config = _config_file(tmp_path / "punie.toml", data_dir)
+    assert main(["token", "--config", str(config)]) == 0
+    assert "token: mine" in capsys.readouterr().out
+    assert main(["sessions", "export", "sess-new", "--config", str(config)]) == 0
+    assert json.loads(capsys.readouterr().out)["session"]["id"] == "sess-new"
+    monkeypatch.setenv("PUNIE_DATA_DIR", str(other))
+    assert main(["token", "--config", str(config)]) == 0
+    assert "token: other" in capsys.readouterr().out
+    assert main(["token", "--config", str(config), "--data-dir", str(data_dir)]) == 0
+    assert "token: mine" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("argv", "environ", "expected"),
+    [
+        (["token"], {"PUNIE_DATA_DIR": ""}, "$PUNIE_DATA_DIR: data-dir must not be empty"),
+        (["sessions", "list"], {"PUNIE_DATA_DIR": ""}, "data-dir must not be empty"),
+        (["token", "--config", "/nonexistent/punie.toml"], {}, "does not exist"),
+    ],
+)
+def test_read_only_commands_refuse_a_bad_data_dir_setting_with_status_2(
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    argv: list[str],
+    environ: dict[str, str],
+    expected: str,
+) -> None:
+    """``PUNIE_DATA_DIR=`` is exit 2 for serve; these commands took it for unset."""
+    for name, value in environ.items():
+        monkeypatch.setenv(name, value)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("punie-trio: error: ") and expected in err
+
+
+def test_read_only_commands_refuse_an_empty_data_dir_flag(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["token", "--data-dir", ""])
+    assert info.value.code == 2
+    assert "argument --data-dir: must not be empty" in capsys.readouterr().err
