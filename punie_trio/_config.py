@@ -267,7 +267,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("detached_buffer", _to_positive_int, 1024),
     Option("client_call_timeout", _to_seconds, 300.0),
     Option("site", _to_path, None),
-    Option("build", _to_str, None),
+    Option("build", _to_nonempty, None),  # "" ran no build, without a word
     Option("watch", _to_path, (), many=True),
     Option("ignore", _to_str, (), many=True),
     Option("no_watch", _to_bool, False),
@@ -312,6 +312,10 @@ def _convert(option: Option, value: Any, source: str) -> Any:
     try:
         if option.many:
             items = value if isinstance(value, list | tuple) else [value]
+            if not items and option.convert is _to_path:
+                # project = [] meant the current directory, watch = [] the first root: a
+                # default nobody chose, as PUNIE_PROJECT= would be.
+                raise ValueError("must not be an empty list (leave it out for the default)")
             return tuple(option.convert(v) for v in items)
         return option.convert(value)
     except ValueError as exc:

@@ -26,7 +26,9 @@ from ._config import (
     ConfigError,
     _to_host,
     _to_host_name,
+    _to_nonempty,
     _to_origin,
+    _to_path,
     _to_seconds,
     _to_token,
     as_flag,
@@ -75,6 +77,8 @@ _host = as_flag(_to_host)  # not empty (that would bind every interface), no spa
 _token = as_flag(_to_token)  # not empty (that once meant a generated one), no spaces around
 _origin = as_flag(_to_origin)  # scheme://host[:port], as an Origin header carries it
 _host_name = as_flag(_to_host_name)  # a name, .domain or *, without scheme or port
+_path = as_flag(_to_path)  # not empty (Path("") is the current directory: nobody chose it)
+_command = as_flag(_to_nonempty)  # not empty (an empty --build ran nothing, without a word)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -110,14 +114,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--project",
         action="append",
-        type=Path,
+        type=_path,
         metavar="DIR",
         help="a project root sessions may use (repeatable; default: the current directory)",
     )
     s.add_argument("--model", help="model backend: echo (default), echo:N or script:PATH")
     s.add_argument("--log-level", choices=LOG_LEVELS, help="stderr log level (default warning)")
     s.add_argument(
-        "--data-dir", type=Path, help="data directory (default: $PUNIE_DATA_DIR or the platform's)"
+        "--data-dir", type=_path, help="data directory (default: $PUNIE_DATA_DIR or the platform's)"
     )
     s.add_argument("--store", choices=STORES, help="session store (default sqlite)")
     auth = s.add_argument_group("security")
@@ -188,10 +192,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--shutdown-timeout", type=_seconds, help="seconds a graceful shutdown may take (default 5)"
     )
     dev = s.add_argument_group("dev app (site preview with live reload)")
-    dev.add_argument("--site", type=Path, metavar="DIR", help="serve DIR (built output) at /")
-    dev.add_argument("--build", metavar="CMD", help="build command, run at start and on changes")
+    dev.add_argument("--site", type=_path, metavar="DIR", help="serve DIR (built output) at /")
     dev.add_argument(
-        "--watch", action="append", type=Path, metavar="PATH", help="watch PATH (repeatable)"
+        "--build", type=_command, metavar="CMD", help="build command, run at start and on changes"
+    )
+    dev.add_argument(
+        "--watch", action="append", type=_path, metavar="PATH", help="watch PATH (repeatable)"
     )
     dev.add_argument("--ignore", action="append", metavar="GLOB", help="ignore GLOB (repeatable)")
     dev.add_argument(

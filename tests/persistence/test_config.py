@@ -166,6 +166,20 @@ def test_unknown_key_is_named() -> None:
         ),
         ({}, {"PUNIE_DATA_DIR": ""}, "$PUNIE_DATA_DIR: data-dir must not be empty"),
         ({"site": ""}, {}, "config.toml: site must not be empty"),
+        # An empty build command ran no build; an empty list of paths meant a default
+        # directory (project: the current one), as PUNIE_PROJECT= would.
+        ({"build": ""}, {}, "config.toml: build must not be empty"),
+        ({}, {"PUNIE_BUILD": ""}, "$PUNIE_BUILD: build must not be empty"),
+        (
+            {"project": []},
+            {},
+            "config.toml: project must not be an empty list (leave it out for the default)",
+        ),
+        (
+            {"watch": []},
+            {},
+            "config.toml: watch must not be an empty list (leave it out for the default)",
+        ),
         # An empty token once meant "generate one", without a word.
         ({}, {"PUNIE_TOKEN": ""}, "$PUNIE_TOKEN: token must not be empty"),
         ({"token": "  "}, {}, "config.toml: token must not be empty"),
@@ -329,6 +343,24 @@ def test_a_flag_is_checked_by_its_options_rule(
         ["serve", "--allow-origin", "HTTP://A.test/", "--allow-host", ".Corp.Test."]
     )
     assert (args.allow_origin, args.allow_host) == (["http://a.test"], [".corp.test"])
+
+
+@pytest.mark.parametrize("flag", ["--data-dir", "--project", "--site", "--watch", "--build"])
+def test_an_empty_path_or_command_flag_is_refused(
+    capsys: pytest.CaptureFixture[str], flag: str
+) -> None:
+    """``--data-dir ""`` (and --project, --site, --watch) meant the current directory, and
+    ``--build ""`` no build, without a word."""
+    with pytest.raises(SystemExit) as info:
+        cli.build_parser().parse_args(["serve", flag, ""])
+    assert info.value.code == 2
+    assert f"argument {flag}: must not be empty" in capsys.readouterr().err
+
+
+def test_a_list_of_origins_may_be_empty_in_the_file() -> None:
+    """Only a list of paths has a default an empty list would stand in for."""
+    merged = resolve({}, {"allow_origin": [], "ignore": []}, {}, "config.toml")
+    assert merged["allow_origin"] == () and merged["ignore"] == ()
 
 
 def test_ctrl_c_before_the_server_watches_signals_is_status_130_without_a_traceback(
