@@ -83,10 +83,18 @@ def _to_port(value: Any) -> int:
     return number
 
 
+#: The most any seconds-valued option may be: a year. More is a mistake, and ``inf``
+#: (accepted once) crashed the shutdown's force-exit timer as it started (threading cannot
+#: wait that long), so that last resort never ran.
+MAX_SECONDS = 365 * 24 * 60 * 60
+
+
 def _to_seconds(value: Any) -> float:
     number = _to_float(value)
     if not number >= 0:
         raise ValueError(f"must be a number of seconds >= 0, got {number}")
+    if number > MAX_SECONDS:
+        raise ValueError(f"must be at most {MAX_SECONDS} seconds (a year), got {number:g}")
     return number
 
 
