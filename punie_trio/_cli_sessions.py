@@ -35,10 +35,8 @@ from .store import (
     SessionRecord,
     StoreError,
     TranscriptEntry,
-    UnknownSessionError,
-    read_session,
+    read_session_with_transcript,
     read_sessions,
-    read_transcript,
 )
 
 _PROG = "punie-trio"
@@ -152,14 +150,12 @@ def _load(
     """The session and transcript named by ``args.id``, or an exit status after a message."""
     db = store_path(data_dir)
     try:
-        rec = read_session(db, args.id)
-        if rec is None:
-            return _fail(f"no session {args.id!r} in {db}")
-        return rec, read_transcript(db, args.id)
-    except UnknownSessionError:  # deleted between the two reads
-        return _fail(f"no session {args.id!r} in {db}")
+        loaded = read_session_with_transcript(db, args.id)
     except StoreError as exc:
         return _fail(str(exc))
+    if loaded is None:
+        return _fail(f"no session {args.id!r} in {db}")
+    return loaded
 
 
 # -- sessions list --------------------------------------------------------------------------

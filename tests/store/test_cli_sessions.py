@@ -17,7 +17,7 @@ import trio
 
 from punie_trio._cli_sessions import add_commands
 from punie_trio._paths import ensure_data_dir, store_path, token_path
-from punie_trio.store import open_sqlite_store
+from punie_trio.store import _sql, open_sqlite_store
 
 from .conftest import make_record, text_update
 
@@ -564,3 +564,39 @@ def test_read_only_commands_refuse_an_empty_data_dir_flag(
         main(["token", "--data-dir", ""])
     assert info.value.code == 2
     assert "argument --data-dir: must not be empty" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["show", "export"])
+def test_show_and_export_read_the_session_and_its_transcript_as_of_one_moment(
+    data_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    command: str,
+) -> None:
+    """A server appends a turn right after the session's row is read: the header (and
+    the export's ``session.turns``) and the transcript still agree. Read through two
+    connections, ``show`` printed ``turns 4392`` above 4393 turns."""
+    select_session = _sql.select_session
+
+    def select_then_append(conn: Any, session_id: str) -> Any:
+        record = select_session(conn, session_id)
+
+        async def append() -> None:
+            async with open_sqlite_store(store_path(data_dir)) as store:
+                await store.append_turn(session_id, 2, [("stop", {"stopReason": "end_turn"})])
+
+        trio.run(append)
+        return record
+
+    monkeypatch.setattr(_sql, "select_session", select_then_append)
+    assert main(["sessions", command, "sess-new", "--data-dir", str(data_dir)]) == 0
+    out = capsys.readouterr().out
+    if command == "show":
+        assert "turns    2\n" in out and "--- turn 3 ---" not in out
+    else:
+        doc = json.loads(out)
+        assert doc["session"]["turns"] == 2
+        assert {e["turn"] for e in doc["transcript"]} == {0, 1}
+    monkeypatch.setattr(_sql, "select_session", select_session)
+    assert main(["sessions", "show", "sess-new", "--data-dir", str(data_dir)]) == 0
+    assert "turns    3\n" in capsys.readouterr().out  # the turn was appended
