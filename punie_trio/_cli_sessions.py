@@ -362,7 +362,7 @@ def cmd_token(args: argparse.Namespace, data_dir: Path) -> int:
     try:
         token = path.read_text(encoding="utf-8").strip()
     except FileNotFoundError:
-        return _fail(f"no token at {path} yet; `{_PROG} serve` creates one when it starts")
+        return _fail(_no_token_file(args, path))
     except OSError as exc:
         return _fail(f"cannot read {path}: {exc.strerror or exc}")
     except UnicodeDecodeError:
@@ -379,3 +379,36 @@ def cmd_token(args: argparse.Namespace, data_dir: Path) -> int:
     print(f"token file: {path}")
     print(f"token: {token}")
     return 0
+
+
+def _no_token_file(args: argparse.Namespace, path: Path) -> str:
+    """Why there is no token file, for a token configured or not.
+
+    Why: with a configured token ``serve`` writes no file (and removes an old one), so
+    "serve creates one when it starts" sent the user looking for a file that a running
+    server would never write. Only where the token is configured is named, never its
+    value."""
+    source = _configured_token_source(args)
+    if source is not None:
+        return (
+            f"no token file at {path}: a token is configured in {source}, and `{_PROG} "
+            "serve` uses it and writes no file"
+        )
+    return (
+        f"no token at {path} yet; `{_PROG} serve` writes one when it starts without a "
+        "configured token (with --token, $PUNIE_TOKEN or token in the config file it uses "
+        "that and writes no file)"
+    )
+
+
+def _configured_token_source(args: argparse.Namespace) -> str | None:
+    """``$PUNIE_TOKEN`` or the config file, whichever configures a token (as ``serve``
+    would take it); None if neither does. (A ``--token`` flag is ``serve``'s alone.)"""
+    if os.environ.get("PUNIE_TOKEN"):
+        return "$PUNIE_TOKEN"
+    config = args.config if args.config is not None else default_config_path()
+    try:
+        file_values = load_file(config, required=False)
+    except ConfigError:
+        return None
+    return str(config) if file_values.get("token") else None

@@ -600,3 +600,25 @@ def test_show_and_export_read_the_session_and_its_transcript_as_of_one_moment(
     monkeypatch.setattr(_sql, "select_session", select_session)
     assert main(["sessions", "show", "sess-new", "--data-dir", str(data_dir)]) == 0
     assert "turns    3\n" in capsys.readouterr().out  # the turn was appended
+
+
+def test_no_token_file_with_a_configured_token_names_where_it_is_configured(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``serve`` with a configured token writes no token file: "serve creates one when it
+    starts" was wrong. The message names the token's source, never the token."""
+    data_dir = ensure_data_dir(tmp_path / "data")
+    config = tmp_path / "punie.toml"
+    config.write_text(f'token = "file-s3cret"\ndata-dir = {str(data_dir)!r}\n')
+    assert main(["token", "--config", str(config)]) == 1
+    err = capsys.readouterr().err
+    assert f"a token is configured in {config}" in err and "writes no file" in err
+    assert "s3cret" not in err
+    monkeypatch.setenv("PUNIE_TOKEN", "env-s3cret")
+    assert main(["token", "--config", str(config)]) == 1
+    err = capsys.readouterr().err
+    assert "a token is configured in $PUNIE_TOKEN" in err and "s3cret" not in err
+    monkeypatch.delenv("PUNIE_TOKEN")
+    assert main(["token", "--data-dir", str(data_dir)]) == 1
+    err = capsys.readouterr().err
+    assert "no token at" in err and "without a configured token" in err
