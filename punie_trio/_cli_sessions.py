@@ -10,25 +10,33 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
 import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, TextIO
 
 import attrs
 
+from ._config import ConfigError, _to_path, as_flag, load_file, resolve_option
 from ._json import escape_lone_surrogates
-from ._paths import default_data_dir, replace_file, resolved, store_path, token_path
+from ._paths import (
+    default_config_path,
+    default_data_dir,
+    resolved,
+    store_path,
+    token_path,
+    write_output,
+)
 from .store import (
     STOP,
     SessionRecord,
     StoreError,
     TranscriptEntry,
-    UnknownSessionError,
-    read_session,
+    read_session_with_transcript,
     read_sessions,
-    read_transcript,
 )
 
 _PROG = "punie-trio"
@@ -38,10 +46,17 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
     """Register ``sessions {list,show,export}`` and ``token`` on ``subparsers``."""
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
-        "--data-dir",
+        "--config",
         type=Path,
-        default=default_data_dir(),
-        help="where the server keeps its token and session store (default: %(default)s)",
+        metavar="FILE",
+        help="the config file whose data-dir to use (default: the platform's, as for serve)",
+    )
+    common.add_argument(
+        "--data-dir",
+        type=as_flag(_to_path),
+        metavar="DIR",
+        help="where the server keeps its token and session store (default: as serve finds "
+        "it: $PUNIE_DATA_DIR, else the config file's data-dir, else the platform's)",
     )
 
     sessions = subparsers.add_parser("sessions", help="inspect stored sessions")
@@ -49,21 +64,54 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
 
     p = actions.add_parser("list", parents=[common], help="list sessions, newest first")
     p.add_argument("--cwd", help="only sessions whose working directory is CWD")
-    p.set_defaults(func=cmd_list)
+    p.set_defaults(func=_in_data_dir(cmd_list))
 
     p = actions.add_parser("show", parents=[common], help="print a session's transcript")
     p.add_argument("id", metavar="ID", help="session id")
-    p.set_defaults(func=cmd_show)
+    p.set_defaults(func=_in_data_dir(cmd_show))
 
     p = actions.add_parser("export", parents=[common], help="write a session as JSON")
     p.add_argument("id", metavar="ID", help="session id")
     p.add_argument(
-        "-o", "--output", type=Path, metavar="FILE", help="write to FILE, not stdout (- for stdout)"
+        "-o", "--output", metavar="FILE", help="write to FILE, not stdout (- for stdout)"
     )
-    p.set_defaults(func=cmd_export)
+    p.set_defaults(func=_in_data_dir(cmd_export))
 
     p = subparsers.add_parser("token", parents=[common], help="print the server's access token")
-    p.set_defaults(func=cmd_token)
+    p.set_defaults(func=_in_data_dir(cmd_token))
+
+
+def resolve_data_dir(args: argparse.Namespace) -> Path:
+    """The data directory ``serve`` would use with these ``--config`` and ``--data-dir``:
+    the flag, else ``$PUNIE_DATA_DIR``, else the config file's ``data-dir``, else the
+    platform's. ``ConfigError`` for a bad value (``PUNIE_DATA_DIR=``), a bad or missing
+    ``--config`` file.
+
+    Why: these commands once knew only the flag and the variable, so with ``data-dir``
+    in the config file ``serve`` wrote one directory and ``token`` and ``sessions`` read
+    another. Only ``data-dir`` is resolved: a bad value of an option they do not use is
+    ``serve``'s to report."""
+    config = args.config if args.config is not None else default_config_path()
+    file_values = load_file(config, required=args.config is not None)
+    value = resolve_option("data_dir", args.data_dir, file_values, os.environ, str(config))
+    return Path(value or default_data_dir()).expanduser()
+
+
+def _in_data_dir(
+    command: Callable[[argparse.Namespace, Path], int],
+) -> Callable[[argparse.Namespace], int]:
+    """``command`` run with the resolved data directory; a configuration error is exit 2,
+    as for ``serve``."""
+
+    def run(args: argparse.Namespace) -> int:
+        try:
+            data_dir = resolve_data_dir(args)
+        except ConfigError as exc:
+            print(f"{_PROG}: error: {exc}", file=sys.stderr)
+            return 2
+        return command(args, data_dir)
+
+    return run
 
 
 def _fail(message: str) -> int:
@@ -71,29 +119,50 @@ def _fail(message: str) -> int:
     return 1
 
 
+def _escape(code: int) -> str:
+    named = {0x09: "\\t", 0x0A: "\\n", 0x0D: "\\r"}.get(code)
+    return named or (f"\\x{code:02x}" if code < 0x80 else f"\\u{code:04x}")
+
+
+#: Every control character (C0, DEL, C1) and its escape.
+_CONTROLS = {code: _escape(code) for code in [*range(0x20), *range(0x7F, 0xA0)]}
+#: The same but for the newline and tab that lay out a message's text.
+_CONTROLS_BUT_LAYOUT = {code: e for code, e in _CONTROLS.items() if code not in (0x09, 0x0A)}
+
+
+def _printable(text: str, *, layout: bool = False) -> str:
+    """``text`` with its control characters escaped (``\\x1b``, ``\\r``, ``\\u009b``), for
+    the terminal: titles, prompts and model text come from clients and models, and ESC,
+    BEL, CR, BS or a C1 CSI printed raw let any of them set the window title, rewrite or
+    erase lines, or fake a line of the transcript. With ``layout`` a newline and a tab are
+    kept (message text is laid out with them: a continuation line is indented, so it
+    cannot pass for a line of its own); elsewhere a newline is escaped too."""
+    return text.translate(_CONTROLS_BUT_LAYOUT if layout else _CONTROLS)
+
+
 def _when(ts: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
 
 
-def _load(args: argparse.Namespace) -> tuple[SessionRecord, list[TranscriptEntry]] | int:
+def _load(
+    args: argparse.Namespace, data_dir: Path
+) -> tuple[SessionRecord, list[TranscriptEntry]] | int:
     """The session and transcript named by ``args.id``, or an exit status after a message."""
-    db = store_path(args.data_dir)
+    db = store_path(data_dir)
     try:
-        rec = read_session(db, args.id)
-        if rec is None:
-            return _fail(f"no session {args.id!r} in {db}")
-        return rec, read_transcript(db, args.id)
-    except UnknownSessionError:  # deleted between the two reads
-        return _fail(f"no session {args.id!r} in {db}")
+        loaded = read_session_with_transcript(db, args.id)
     except StoreError as exc:
         return _fail(str(exc))
+    if loaded is None:
+        return _fail(f"no session {args.id!r} in {db}")
+    return loaded
 
 
 # -- sessions list --------------------------------------------------------------------------
 
 
-def cmd_list(args: argparse.Namespace) -> int:
-    db = store_path(args.data_dir)
+def cmd_list(args: argparse.Namespace, data_dir: Path) -> int:
+    db = store_path(data_dir)
     try:
         # Stored cwds are resolved (symlinks, "..", a trailing slash): filter on the same.
         cwd = resolved(args.cwd) if args.cwd else None
@@ -105,7 +174,13 @@ def cmd_list(args: argparse.Namespace) -> int:
         return 0
     rows = [("ID", "UPDATED", "TURNS", "TITLE", "CWD")]
     rows += [
-        (r.id, _when(r.updated_at), str(r.turns), _one_line(r.title or "-", 40), r.cwd)
+        (
+            _printable(r.id),
+            _when(r.updated_at),
+            str(r.turns),
+            _one_line(_printable(r.title or "-"), 40),
+            _printable(r.cwd),
+        )
         for r in records
     ]
     widths = [max(len(row[i]) for row in rows) for i in range(4)]
@@ -123,8 +198,8 @@ def _one_line(text: str, width: int) -> str:
 # -- sessions show --------------------------------------------------------------------------
 
 
-def cmd_show(args: argparse.Namespace) -> int:
-    loaded = _load(args)
+def cmd_show(args: argparse.Namespace, data_dir: Path) -> int:
+    loaded = _load(args, data_dir)
     if isinstance(loaded, int):
         return loaded
     rec, entries = loaded
@@ -134,12 +209,13 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 def write_transcript(out: TextIO, rec: SessionRecord, entries: Iterable[TranscriptEntry]) -> None:
     """Render a session for a human: header, then each turn's messages, thoughts, plans,
-    tool calls and stop reason, with consecutive message chunks joined into paragraphs."""
-    out.write(f"session  {rec.id}\n")
-    out.write(f"title    {rec.title or '-'}\n")
-    out.write(f"cwd      {rec.cwd}\n")
+    tool calls and stop reason, with consecutive message chunks joined into paragraphs.
+    Control characters in what was stored are escaped (:func:`_printable`)."""
+    out.write(f"session  {_printable(rec.id)}\n")
+    out.write(f"title    {_printable(rec.title or '-')}\n")
+    out.write(f"cwd      {_printable(rec.cwd)}\n")
     if rec.root != rec.cwd:
-        out.write(f"root     {rec.root}\n")
+        out.write(f"root     {_printable(rec.root)}\n")
     out.write(f"created  {_when(rec.created_at)}\n")
     out.write(f"updated  {_when(rec.updated_at)}\n")
     out.write(f"turns    {rec.turns}\n")
@@ -162,7 +238,7 @@ def _render(entries: Iterable[TranscriptEntry]) -> Iterator[str]:
         nonlocal text_kind
         if text_kind is not None:
             label = "(thought)" if text_kind == _THOUGHT else _LABELS[text_kind]
-            yield _labelled(f"{label}: ", "".join(text))
+            yield _labelled(f"{label}: ", _printable("".join(text), layout=True))
         text_kind = None
         text.clear()
 
@@ -184,26 +260,26 @@ def _render(entries: Iterable[TranscriptEntry]) -> Iterator[str]:
             yield "plan:"
             for item in payload.get("entries") or []:
                 box = _CHECKBOX.get(str(item.get("status")), "[?]")
-                yield f"  {box} {item.get('content', '')}"
+                yield _printable(f"  {box} {item.get('content', '')}")
         elif entry.kind == "tool_call":
             call_id = str(payload.get("toolCallId", "?"))
             title = str(payload.get("title") or call_id)
             tools[call_id] = title
             kind = f" [{payload['kind']}]" if payload.get("kind") else ""
-            yield f"tool: {title}{kind} ({payload.get('status') or 'pending'})"
+            yield _printable(f"tool: {title}{kind} ({payload.get('status') or 'pending'})")
         elif entry.kind == "tool_call_update":
             call_id = str(payload.get("toolCallId", "?"))
             if payload.get("title"):
                 tools[call_id] = str(payload["title"])
             status = payload.get("status")
             if status:
-                yield f"tool: {tools.get(call_id, call_id)} -> {status}"
+                yield _printable(f"tool: {tools.get(call_id, call_id)} -> {status}")
         elif entry.kind == "session_info_update" and "title" in payload:
-            yield f"named: {payload['title']}"  # (the first turn names its session)
+            yield _printable(f"named: {payload['title']}")  # (the first turn names its session)
         elif entry.kind == STOP:
-            yield f"stop: {payload.get('stopReason')}"
+            yield _printable(f"stop: {payload.get('stopReason')}")
         else:
-            yield f"{entry.kind}: {json.dumps(payload, ensure_ascii=False)}"
+            yield _printable(f"{entry.kind}: {json.dumps(payload, ensure_ascii=False)}")
     yield from flush()
 
 
@@ -230,9 +306,18 @@ def _labelled(prefix: str, text: str) -> str:
 
 # -- sessions export ------------------------------------------------------------------------
 
+#: DEL and the C1 controls: ``json.dumps`` escapes only C0 ones, so these reached the
+#: terminal raw (U+009B is a CSI to many). In a JSON text they can only stand in a string,
+#: where ``\\u009b`` is the same value.
+_JSON_RAW_CONTROLS = re.compile("[\x7f-\x9f]")
 
-def cmd_export(args: argparse.Namespace) -> int:
-    loaded = _load(args)
+
+def _json_escape(match: re.Match[str]) -> str:
+    return f"\\u{ord(match.group()):04x}"
+
+
+def cmd_export(args: argparse.Namespace, data_dir: Path) -> int:
+    loaded = _load(args, data_dir)
     if isinstance(loaded, int):
         return loaded
     rec, entries = loaded
@@ -252,14 +337,17 @@ def cmd_export(args: argparse.Namespace) -> int:
     # A lone surrogate (a prompt's or a model's text may hold one) stays a \\uXXXX escape:
     # the same JSON value, and the text is UTF-8.
     text = escape_lone_surrogates(json.dumps(document, ensure_ascii=False, indent=2)) + "\n"
-    if args.output is None or str(args.output) == "-":
+    text = _JSON_RAW_CONTROLS.sub(_json_escape, text)
+    output: str | None = args.output
+    if output is None or output == "-":
         sys.stdout.write(text)
         return 0
-    # Whole or not at all: a failed export leaves an existing file as it was (writing in
-    # place once truncated it first).
-    output: Path = args.output
+    if not output:  # (Path("") is the current directory)
+        return _fail("cannot write '': the path is empty")
+    # Whole or not at all for a file: a failed export leaves an existing file as it was
+    # (writing in place once truncated it first). A FIFO or a device is written into.
     try:
-        replace_file(output, text.encode("utf-8"))
+        write_output(Path(output), text.encode("utf-8"))
     except OSError as exc:
         return _fail(f"cannot write {output}: {exc.strerror or exc}")
     print(f"wrote {output}", file=sys.stderr)
@@ -269,12 +357,12 @@ def cmd_export(args: argparse.Namespace) -> int:
 # -- token ----------------------------------------------------------------------------------
 
 
-def cmd_token(args: argparse.Namespace) -> int:
-    path = token_path(args.data_dir)
+def cmd_token(args: argparse.Namespace, data_dir: Path) -> int:
+    path = token_path(data_dir)
     try:
         token = path.read_text(encoding="utf-8").strip()
     except FileNotFoundError:
-        return _fail(f"no token at {path} yet; `{_PROG} serve` creates one when it starts")
+        return _fail(_no_token_file(args, path))
     except OSError as exc:
         return _fail(f"cannot read {path}: {exc.strerror or exc}")
     except UnicodeDecodeError:
@@ -291,3 +379,36 @@ def cmd_token(args: argparse.Namespace) -> int:
     print(f"token file: {path}")
     print(f"token: {token}")
     return 0
+
+
+def _no_token_file(args: argparse.Namespace, path: Path) -> str:
+    """Why there is no token file, for a token configured or not.
+
+    Why: with a configured token ``serve`` writes no file (and removes an old one), so
+    "serve creates one when it starts" sent the user looking for a file that a running
+    server would never write. Only where the token is configured is named, never its
+    value."""
+    source = _configured_token_source(args)
+    if source is not None:
+        return (
+            f"no token file at {path}: a token is configured in {source}, and `{_PROG} "
+            "serve` uses it and writes no file"
+        )
+    return (
+        f"no token at {path} yet; `{_PROG} serve` writes one when it starts without a "
+        "configured token (with --token, $PUNIE_TOKEN or token in the config file it uses "
+        "that and writes no file)"
+    )
+
+
+def _configured_token_source(args: argparse.Namespace) -> str | None:
+    """``$PUNIE_TOKEN`` or the config file, whichever configures a token (as ``serve``
+    would take it); None if neither does. (A ``--token`` flag is ``serve``'s alone.)"""
+    if os.environ.get("PUNIE_TOKEN"):
+        return "$PUNIE_TOKEN"
+    config = args.config if args.config is not None else default_config_path()
+    try:
+        file_values = load_file(config, required=False)
+    except ConfigError:
+        return None
+    return str(config) if file_values.get("token") else None

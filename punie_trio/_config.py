@@ -8,20 +8,37 @@ integer``) and the CLI exits 2 with them.
 
 from __future__ import annotations
 
+import argparse
 import ipaddress
 import os
 import re
 import tomllib
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import attrs
 
+T = TypeVar("T")
+
 
 class ConfigError(ValueError):
     """An option has a bad value, or the config file is unreadable or has unknown keys."""
+
+
+def as_flag(convert: Callable[[Any], T]) -> Callable[[str], T]:
+    """A converter below as an argparse type: a flag is checked by the very rule its
+    variable and its file key are (argparse's own message for a ValueError would name the
+    function, not the rule)."""
+
+    def parse(text: str) -> T:
+        try:
+            return convert(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    return parse
 
 
 def _to_bool(value: Any) -> bool:
@@ -66,10 +83,18 @@ def _to_port(value: Any) -> int:
     return number
 
 
+#: The most any seconds-valued option may be: a year. More is a mistake, and ``inf``
+#: (accepted once) crashed the shutdown's force-exit timer as it started (threading cannot
+#: wait that long), so that last resort never ran.
+MAX_SECONDS = 365 * 24 * 60 * 60
+
+
 def _to_seconds(value: Any) -> float:
     number = _to_float(value)
     if not number >= 0:
         raise ValueError(f"must be a number of seconds >= 0, got {number}")
+    if number > MAX_SECONDS:
+        raise ValueError(f"must be at most {MAX_SECONDS} seconds (a year), got {number:g}")
     return number
 
 
@@ -250,7 +275,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("detached_buffer", _to_positive_int, 1024),
     Option("client_call_timeout", _to_seconds, 300.0),
     Option("site", _to_path, None),
-    Option("build", _to_str, None),
+    Option("build", _to_nonempty, None),  # "" ran no build, without a word
     Option("watch", _to_path, (), many=True),
     Option("ignore", _to_str, (), many=True),
     Option("no_watch", _to_bool, False),
@@ -295,6 +320,10 @@ def _convert(option: Option, value: Any, source: str) -> Any:
     try:
         if option.many:
             items = value if isinstance(value, list | tuple) else [value]
+            if not items and option.convert is _to_path:
+                # project = [] meant the current directory, watch = [] the first root: a
+                # default nobody chose, as PUNIE_PROJECT= would be.
+                raise ValueError("must not be an empty list (leave it out for the default)")
             return tuple(option.convert(v) for v in items)
         return option.convert(value)
     except ValueError as exc:
@@ -325,17 +354,30 @@ def resolve(
     if unknown:
         known = ", ".join(o.name.replace("_", "-") for o in OPTIONS)
         raise ConfigError(f"{file_name}: unknown option(s) {', '.join(unknown)} (known: {known})")
-    merged: dict[str, Any] = {}
-    for option in OPTIONS:
-        flag = flags.get(option.name)
-        if flag is not None and not (option.many and not flag):
-            merged[option.name] = tuple(flag) if option.many else flag
-            continue
-        env = _from_env(option, environ)
-        if env is not None:
-            merged[option.name] = env
-        elif option.name in file_values:
-            merged[option.name] = _convert(option, file_values[option.name], file_name)
-        else:
-            merged[option.name] = option.default
-    return merged
+    return {
+        option.name: resolve_option(
+            option.name, flags.get(option.name), file_values, environ, file_name
+        )
+        for option in OPTIONS
+    }
+
+
+def resolve_option(
+    name: str,
+    flag: Any,
+    file_values: Mapping[str, Any],
+    environ: Mapping[str, str],
+    file_name: str,
+) -> Any:
+    """One option by the precedence of :func:`resolve`: the read-only commands need only
+    ``data_dir``, and find it where ``serve`` does (its flag, ``$PUNIE_DATA_DIR``, the
+    file), without failing on a bad value of an option they do not use."""
+    option = BY_NAME[name]
+    if flag is not None and not (option.many and not flag):
+        return tuple(flag) if option.many else flag
+    env = _from_env(option, environ)
+    if env is not None:
+        return env
+    if name in file_values:
+        return _convert(option, file_values[name], file_name)
+    return option.default

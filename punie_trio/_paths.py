@@ -8,8 +8,10 @@ the server wrote, and ``punie-trio sessions list`` opens the same database ``ser
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import secrets
+import stat
 from pathlib import Path
 
 import platformdirs
@@ -58,11 +60,15 @@ def resolved(path: str) -> str:
     return str(Path(path).expanduser().resolve())
 
 
-def replace_file(path: Path, data: bytes, mode: int = 0o666) -> None:
+def replace_file(path: Path, data: bytes, mode: int = 0o666, *, exact_mode: bool = False) -> None:
     """Write ``data`` to ``path`` whole or not at all: into a file beside it, created with
     ``mode`` (so a private file is never readable by others, even for an instant), then
     renamed into place. On failure an existing file is as it was, and nothing is left
     behind (no stray copy of, say, a live token).
+
+    ``mode`` is narrowed by the umask, as ``open`` does; with ``exact_mode`` the file gets
+    ``mode`` itself (created 0600, then widened if asked): an export that replaces a file
+    keeps the mode the user gave that file.
 
     The file beside it gets an unguessable name and is created exclusively (``O_EXCL``):
     a file or symlink planted under a predictable name, by anyone who can write to the
@@ -71,13 +77,15 @@ def replace_file(path: Path, data: bytes, mode: int = 0o666) -> None:
     for _ in range(100):
         tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600 if exact_mode else mode)
         except FileExistsError:
             continue
         break
     else:
         raise FileExistsError(f"could not create a temporary file beside {path}")
     try:
+        if exact_mode:
+            os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as file:
             file.write(data)
         os.replace(tmp, path)
@@ -85,6 +93,38 @@ def replace_file(path: Path, data: bytes, mode: int = 0o666) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def write_output(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` as ``sessions export -o`` promises: where ``path`` is (or
+    a symlink leads to) a regular file or nothing, whole or not at all
+    (:func:`replace_file`), keeping an existing file's mode and creating a new one 0600
+    (a transcript is as private as the store it came from); anything else that exists (a
+    FIFO, a terminal, ``/dev/null``) is opened and written into, as a shell's ``>`` would.
+
+    Why: the export once replaced whatever was at ``path`` with a regular file. A FIFO's
+    reader got nothing, a symlink became a file while its target kept the old export, and
+    ``-o /dev/null`` run as root replaced the device. A symlink is followed (the link
+    stays; its target is written), so an export through it is still whole or not at all.
+
+    Error handling: ``OSError`` for the caller to report; a directory (``.``, ``/``) is
+    ``IsADirectoryError`` (``.`` once was a ``ValueError`` traceback: it has no name to
+    put a temporary file beside).
+    """
+    target = Path(os.path.realpath(path)) if path.is_symlink() else path
+    try:
+        mode: int | None = os.stat(target).st_mode
+    except FileNotFoundError:
+        mode = None
+    if (mode is not None and stat.S_ISDIR(mode)) or not target.name:
+        raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
+    if mode is None or stat.S_ISREG(mode):
+        keep = 0o600 if mode is None else stat.S_IMODE(mode)
+        replace_file(target, data, keep, exact_mode=True)
+        return
+    fd = os.open(target, os.O_WRONLY | os.O_CLOEXEC)  # it exists: never O_CREAT here
+    with os.fdopen(fd, "wb") as file:
+        file.write(data)
 
 
 def create_private(path: Path) -> None:

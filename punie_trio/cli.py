@@ -12,9 +12,9 @@ import logging
 import logging.handlers
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import trio
 
@@ -26,9 +26,12 @@ from ._config import (
     ConfigError,
     _to_host,
     _to_host_name,
+    _to_nonempty,
     _to_origin,
+    _to_path,
     _to_seconds,
     _to_token,
+    as_flag,
     load_file,
     resolve,
 )
@@ -46,8 +49,6 @@ from .hub import Limits
 from .server import ServeConfig, ServeError, find_exception, serve
 from .web._auth import write_token_file
 from .worker import Model, ScriptError, model_from_spec
-
-T = TypeVar("T")
 
 
 # (Each names the rule: argparse's own message for a ValueError would name the function.)
@@ -71,24 +72,13 @@ def _port(text: str) -> int:
     return value
 
 
-def _as_flag(convert: Callable[[Any], T]) -> Callable[[str], T]:
-    """A config converter as an argparse type: a flag is checked by the very rule its
-    variable and its file key are (``_config``)."""
-
-    def parse(text: str) -> T:
-        try:
-            return convert(text)
-        except ValueError as exc:
-            raise argparse.ArgumentTypeError(str(exc)) from None
-
-    return parse
-
-
-_seconds = _as_flag(_to_seconds)  # a number >= 0 (not nan)
-_host = _as_flag(_to_host)  # not empty (that would bind every interface), no spaces around
-_token = _as_flag(_to_token)  # not empty (that once meant a generated one), no spaces around
-_origin = _as_flag(_to_origin)  # scheme://host[:port], as an Origin header carries it
-_host_name = _as_flag(_to_host_name)  # a name, .domain or *, without scheme or port
+_seconds = as_flag(_to_seconds)  # a number >= 0 (not nan)
+_host = as_flag(_to_host)  # not empty (that would bind every interface), no spaces around
+_token = as_flag(_to_token)  # not empty (that once meant a generated one), no spaces around
+_origin = as_flag(_to_origin)  # scheme://host[:port], as an Origin header carries it
+_host_name = as_flag(_to_host_name)  # a name, .domain or *, without scheme or port
+_path = as_flag(_to_path)  # not empty (Path("") is the current directory: nobody chose it)
+_command = as_flag(_to_nonempty)  # not empty (an empty --build ran nothing, without a word)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -124,14 +114,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--project",
         action="append",
-        type=Path,
+        type=_path,
         metavar="DIR",
         help="a project root sessions may use (repeatable; default: the current directory)",
     )
     s.add_argument("--model", help="model backend: echo (default), echo:N or script:PATH")
     s.add_argument("--log-level", choices=LOG_LEVELS, help="stderr log level (default warning)")
     s.add_argument(
-        "--data-dir", type=Path, help="data directory (default: $PUNIE_DATA_DIR or the platform's)"
+        "--data-dir", type=_path, help="data directory (default: $PUNIE_DATA_DIR or the platform's)"
     )
     s.add_argument("--store", choices=STORES, help="session store (default sqlite)")
     auth = s.add_argument_group("security")
@@ -202,10 +192,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--shutdown-timeout", type=_seconds, help="seconds a graceful shutdown may take (default 5)"
     )
     dev = s.add_argument_group("dev app (site preview with live reload)")
-    dev.add_argument("--site", type=Path, metavar="DIR", help="serve DIR (built output) at /")
-    dev.add_argument("--build", metavar="CMD", help="build command, run at start and on changes")
+    dev.add_argument("--site", type=_path, metavar="DIR", help="serve DIR (built output) at /")
     dev.add_argument(
-        "--watch", action="append", type=Path, metavar="PATH", help="watch PATH (repeatable)"
+        "--build", type=_command, metavar="CMD", help="build command, run at start and on changes"
+    )
+    dev.add_argument(
+        "--watch", action="append", type=_path, metavar="PATH", help="watch PATH (repeatable)"
     )
     dev.add_argument("--ignore", action="append", metavar="GLOB", help="ignore GLOB (repeatable)")
     dev.add_argument(

@@ -2,8 +2,8 @@
 
 The hub talks to a :class:`Store`. ``open_sqlite_store`` gives the production one (one
 SQLite file, WAL, one owner thread); ``MemoryStore`` has identical behaviour for tests.
-``read_sessions`` / ``read_session`` / ``read_transcript`` read a store file synchronously
-and read-only, for the CLI. See ``docs/sessions-store.md``.
+``read_sessions`` / ``read_session`` / ``read_transcript`` / ``read_session_with_transcript``
+read a store file synchronously and read-only, for the CLI. See ``docs/sessions-store.md``.
 """
 
 from ._memory import MemoryStore
@@ -19,7 +19,12 @@ from ._model import (
     Unset,
 )
 from ._protocol import Store
-from ._readonly import read_session, read_sessions, read_transcript
+from ._readonly import (
+    read_session,
+    read_session_with_transcript,
+    read_sessions,
+    read_transcript,
+)
 from ._schema import SCHEMA_VERSION
 from ._sqlite import SqliteStore, open_sqlite_store
 
@@ -39,6 +44,7 @@ __all__ = [
     "Unset",
     "open_sqlite_store",
     "read_session",
+    "read_session_with_transcript",
     "read_sessions",
     "read_transcript",
 ]

@@ -42,6 +42,21 @@ def read_session(path: Path | str, session_id: str) -> SessionRecord | None:
         return _sql.select_session(conn, session_id)
 
 
+def read_session_with_transcript(
+    path: Path | str, session_id: str
+) -> tuple[SessionRecord, list[TranscriptEntry]] | None:
+    """The session and its transcript as of one moment, or None if there is no such id.
+
+    Why one read transaction: read through two connections while a server appended turns,
+    ``sessions show`` printed ``turns 4392`` above 4393 rendered turns, and ``export`` a
+    session of 3936 turns with a transcript to turn 3940."""
+    with _reading(path) as conn, _sql.read_transaction(conn):
+        record = _sql.select_session(conn, session_id)
+        if record is None:
+            return None
+        return record, _sql.select_transcript(conn, session_id)
+
+
 def read_transcript(path: Path | str, session_id: str) -> list[TranscriptEntry]:
     """The session's transcript in order; ``UnknownSessionError`` if there is no such id."""
     with _reading(path) as conn:

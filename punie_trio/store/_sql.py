@@ -390,7 +390,7 @@ def _read_tail(conn: sqlite3.Connection, session_id: str) -> tuple[int, int, int
 
 def select_transcript(conn: sqlite3.Connection, session_id: str) -> list[TranscriptEntry]:
     # One read transaction: the existence check and the rows see the same snapshot.
-    with _read(conn):
+    with read_transaction(conn):
         row = conn.execute("SELECT key FROM sessions WHERE id = ?", (session_id,)).fetchone()
         if row is None:
             raise UnknownSessionError(session_id)
@@ -420,7 +420,7 @@ def select_transcript_page(
     Rows are plain tuples split out of each turn's text (about 0.2 us an entry, no JSON
     decoding), which is what lets a 20,000-entry ``session/load`` keep pace.
     """
-    with _read(conn):
+    with read_transaction(conn):
         if cursor is None:
             key, _, next_seq = _read_tail(conn, session_id)
             cursor = (key, 0, -1, next_seq - 1)
@@ -452,10 +452,15 @@ def select_transcript_page(
 
 
 @contextmanager
-def _read(conn: sqlite3.Connection) -> Iterator[None]:
-    conn.execute("BEGIN")
+def read_transaction(conn: sqlite3.Connection) -> Iterator[None]:
+    """One read snapshot for the reads inside (``conn`` in autocommit mode). Inside a
+    transaction already, the reads join it: its snapshot, and its owner commits (the CLI
+    reads a session and its transcript in one, :func:`read_session_with_transcript`)."""
+    owner = not conn.in_transaction
+    if owner:
+        conn.execute("BEGIN")
     try:
         yield
     finally:
-        if conn.in_transaction:
+        if owner and conn.in_transaction:
             conn.execute("COMMIT")

@@ -8,6 +8,7 @@ import re
 import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,14 @@ import trio
 from trio_websocket import ConnectionRejected, open_websocket_url
 
 from punie_trio import cli
-from punie_trio._config import BY_NAME, OPTIONS, ConfigError, load_file, resolve
+from punie_trio._config import (
+    BY_NAME,
+    MAX_SECONDS,
+    OPTIONS,
+    ConfigError,
+    load_file,
+    resolve,
+)
 
 from ..acp_schema import SchemaChecker
 from ..integration._support import LISTENING, ServerProcess, acp_ws_client, server_env, ws_url
@@ -145,6 +153,29 @@ def test_unknown_key_is_named() -> None:
             {},
             "config.toml: shutdown-timeout must be a number of seconds >= 0, got nan",
         ),
+        # inf once crashed the shutdown's force-exit timer as it started.
+        (
+            {"shutdown_timeout": float("inf")},
+            {},
+            "config.toml: shutdown-timeout must be at most 31536000 seconds (a year), got inf",
+        ),
+        (
+            {},
+            {"PUNIE_GRACE_SECONDS": "1e10"},
+            "$PUNIE_GRACE_SECONDS: grace-seconds must be at most 31536000 seconds (a year), "
+            "got 1e+10",
+        ),
+        (
+            {},
+            {"PUNIE_CLIENT_CALL_TIMEOUT": "Infinity"},
+            "$PUNIE_CLIENT_CALL_TIMEOUT: client-call-timeout must be at most 31536000 seconds "
+            "(a year), got inf",
+        ),
+        (
+            {"debounce": "-inf"},
+            {},
+            "config.toml: debounce must be a number of seconds >= 0, got -inf",
+        ),
         # Empty is a mistake, not a value: a host of "" binds every interface, a path of
         # "" is the current directory, an empty list would hide the file's.
         (
@@ -166,6 +197,20 @@ def test_unknown_key_is_named() -> None:
         ),
         ({}, {"PUNIE_DATA_DIR": ""}, "$PUNIE_DATA_DIR: data-dir must not be empty"),
         ({"site": ""}, {}, "config.toml: site must not be empty"),
+        # An empty build command ran no build; an empty list of paths meant a default
+        # directory (project: the current one), as PUNIE_PROJECT= would.
+        ({"build": ""}, {}, "config.toml: build must not be empty"),
+        ({}, {"PUNIE_BUILD": ""}, "$PUNIE_BUILD: build must not be empty"),
+        (
+            {"project": []},
+            {},
+            "config.toml: project must not be an empty list (leave it out for the default)",
+        ),
+        (
+            {"watch": []},
+            {},
+            "config.toml: watch must not be an empty list (leave it out for the default)",
+        ),
         # An empty token once meant "generate one", without a word.
         ({}, {"PUNIE_TOKEN": ""}, "$PUNIE_TOKEN: token must not be empty"),
         ({"token": "  "}, {}, "config.toml: token must not be empty"),
@@ -329,6 +374,52 @@ def test_a_flag_is_checked_by_its_options_rule(
         ["serve", "--allow-origin", "HTTP://A.test/", "--allow-host", ".Corp.Test."]
     )
     assert (args.allow_origin, args.allow_host) == (["http://a.test"], [".corp.test"])
+
+
+@pytest.mark.parametrize("flag", ["--data-dir", "--project", "--site", "--watch", "--build"])
+def test_an_empty_path_or_command_flag_is_refused(
+    capsys: pytest.CaptureFixture[str], flag: str
+) -> None:
+    """``--data-dir ""`` (and --project, --site, --watch) meant the current directory, and
+    ``--build ""`` no build, without a word."""
+    with pytest.raises(SystemExit) as info:
+        cli.build_parser().parse_args(["serve", flag, ""])
+    assert info.value.code == 2
+    assert f"argument {flag}: must not be empty" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "flag", ["--shutdown-timeout", "--grace-seconds", "--client-call-timeout", "--debounce"]
+)
+@pytest.mark.parametrize("value", ["inf", "1e400", "31536001"])
+def test_seconds_past_a_year_are_refused(
+    capsys: pytest.CaptureFixture[str], flag: str, value: str
+) -> None:
+    """``--shutdown-timeout inf`` was accepted, and the force-exit timer then died with
+    OverflowError as it started: a hung shutdown was never ended."""
+    with pytest.raises(SystemExit) as info:
+        cli.build_parser().parse_args(["serve", flag, value])
+    assert info.value.code == 2
+    assert f"argument {flag}: must be at most 31536000 seconds (a year)" in capsys.readouterr().err
+
+
+def test_the_longest_shutdown_timeout_still_starts_the_force_exit_timer() -> None:
+    from punie_trio.server import FORCE_EXIT_GRACE
+
+    timer = threading.Timer(MAX_SECONDS + FORCE_EXIT_GRACE, lambda: None)
+    timer.daemon = True
+    timer.start()
+    timer.cancel()
+    timer.join(timeout=10)
+    assert not timer.is_alive()
+    args = cli.build_parser().parse_args(["serve", "--shutdown-timeout", str(MAX_SECONDS)])
+    assert args.shutdown_timeout == MAX_SECONDS
+
+
+def test_a_list_of_origins_may_be_empty_in_the_file() -> None:
+    """Only a list of paths has a default an empty list would stand in for."""
+    merged = resolve({}, {"allow_origin": [], "ignore": []}, {}, "config.toml")
+    assert merged["allow_origin"] == () and merged["ignore"] == ()
 
 
 def test_ctrl_c_before_the_server_watches_signals_is_status_130_without_a_traceback(

@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import stat
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +17,7 @@ import trio
 
 from punie_trio._cli_sessions import add_commands
 from punie_trio._paths import ensure_data_dir, store_path, token_path
-from punie_trio.store import open_sqlite_store
+from punie_trio.store import _sql, open_sqlite_store
 
 from .conftest import make_record, text_update
 
@@ -26,6 +28,16 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     status: int = args.func(args)
     return status
+
+
+@pytest.fixture(autouse=True)
+def _isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No PUNIE_* variable or config file of the user's (the default config file is
+    under ``$XDG_CONFIG_HOME``, here an empty directory)."""
+    for name in list(os.environ):
+        if name.startswith("PUNIE_"):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg-config"))
 
 
 def _turn0() -> list[tuple[str, dict[str, Any]]]:
@@ -325,3 +337,288 @@ def test_token_readable_by_others_is_warned_about(
     captured = capsys.readouterr()
     assert "token: s3cret" in captured.out
     assert "readable by others (mode 0644)" in captured.err
+
+
+def _export_to(data_dir: Path, output: str) -> list[str]:
+    return ["sessions", "export", "sess-new", "-o", output, "--data-dir", str(data_dir)]
+
+
+def test_export_writes_into_a_fifo_instead_of_replacing_it(data_dir: Path, tmp_path: Path) -> None:
+    """A FIFO at the output path is written into (it was replaced by a regular file, and
+    its reader got nothing); so would a device such as /dev/null be (as root, the export
+    once replaced the device)."""
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    received: list[bytes] = []
+
+    def read() -> None:
+        with open(fifo, "rb") as reader:
+            received.append(reader.read())
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    assert main(_export_to(data_dir, str(fifo))) == 0
+    reader.join(timeout=30)
+    assert stat.S_ISFIFO(fifo.lstat().st_mode)
+    assert json.loads(received[0])["session"]["id"] == "sess-new"
+
+
+def test_export_through_a_symlink_writes_its_target(data_dir: Path, tmp_path: Path) -> None:
+    """The link stays a link and its target gets the export (the link was replaced by a
+    file and its target kept the old export); the target keeps its mode."""
+    target = tmp_path / "real.json"
+    target.write_text("old export\n")
+    target.chmod(0o640)
+    link = tmp_path / "link.json"
+    link.symlink_to(target)
+    assert main(_export_to(data_dir, str(link))) == 0
+    assert link.is_symlink() and link.resolve() == target.resolve()
+    assert json.loads(target.read_text())["session"]["id"] == "sess-new"
+    assert stat.S_IMODE(target.stat().st_mode) == 0o640
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "link.json", "real.json"]
+
+
+def test_export_keeps_a_files_mode_and_creates_a_new_one_private(
+    data_dir: Path, tmp_path: Path
+) -> None:
+    """A transcript is as private as the store: a new export file is 0600 (it was 0644
+    with the usual umask), and a replaced one keeps the mode its owner gave it."""
+    old_umask = os.umask(0o022)
+    try:
+        new = tmp_path / "new.json"
+        assert main(_export_to(data_dir, str(new))) == 0
+        assert stat.S_IMODE(new.stat().st_mode) == 0o600
+        shared = tmp_path / "shared.json"
+        shared.write_text("old\n")
+        shared.chmod(0o664)
+        assert main(_export_to(data_dir, str(shared))) == 0
+        assert stat.S_IMODE(shared.stat().st_mode) == 0o664
+        assert json.loads(shared.read_text())["session"]["id"] == "sess-new"
+    finally:
+        os.umask(old_umask)
+
+
+@pytest.mark.parametrize("output", ["", ".", "dir", "dir/."])
+def test_export_to_a_directory_is_a_message_not_a_traceback(
+    data_dir: Path,
+    tmp_path: Path,
+    output: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """``-o ""`` and ``-o .`` were a ValueError traceback ("has an empty name")."""
+    (tmp_path / "dir").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert main(_export_to(data_dir, output)) == 1
+    named = output or "''"
+    assert capsys.readouterr().err.startswith(f"punie-trio: cannot write {named}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "dir"]
+    assert list((tmp_path / "dir").iterdir()) == []
+
+
+#: Text a client or a model could send to drive the operator's terminal: set the window
+#: title (OSC ... BEL), erase the line (CSI 2K), return to the line's start, back up, and
+#: a C1 CSI (U+009B).
+_TITLE = "\x1b]0;pwned\x07Fix\rbug"
+_EVIL = "a\x1b[2Kb\rc\x08d\x9b31me\x7ff\ttab\nsecond line"
+
+
+async def _fill_evil(data_dir: Path) -> None:
+    ensure_data_dir(data_dir)
+    async with open_sqlite_store(store_path(data_dir)) as store:
+        await store.create_session(make_record("sess-evil", title=_TITLE, cwd="/proj/\x1bx"))
+        await store.append_turn(
+            "sess-evil",
+            0,
+            [
+                ("user_message_chunk", text_update("user_message_chunk", _EVIL)),
+                (
+                    "plan",
+                    {
+                        "sessionUpdate": "plan",
+                        "entries": [{"content": "x\nstop: end_turn", "status": "pending"}],
+                    },
+                ),
+                (
+                    "tool_call",
+                    {"sessionUpdate": "tool_call", "toolCallId": "c1", "title": "t\x1b[1A"},
+                ),
+                ("current_mode_update", {"sessionUpdate": "current_mode_update", "v": "\x9b\x7f"}),
+                ("stop", {"stopReason": "end_turn"}),
+            ],
+        )
+
+
+def _controls(text: str) -> set[str]:
+    return {c for c in text if ord(c) < 0x20 or 0x7F <= ord(c) < 0xA0}
+
+
+def test_show_and_list_escape_control_characters(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Titles, prompts and model text reached the terminal raw (ESC, BEL, CR, BS, C1):
+    any client or model could set the window title, erase lines or fake one. Only the
+    newline and tab that lay out a message's text are kept."""
+    data_dir = tmp_path / "data"
+    trio.run(_fill_evil, data_dir)
+    assert main(["sessions", "show", "sess-evil", "--data-dir", str(data_dir)]) == 0
+    out = capsys.readouterr().out
+    assert _controls(out) == {"\n", "\t"}
+    assert "title    \\x1b]0;pwned\\x07Fix\\rbug\n" in out
+    assert "cwd      /proj/\\x1bx\n" in out
+    assert "user: a\\x1b[2Kb\\rc\\x08d\\u009b31me\\x7ff\ttab\n      second line\n" in out
+    assert "  [ ] x\\nstop: end_turn\n" in out  # no line of its own
+    assert "tool: t\\x1b[1A (pending)\n" in out
+    assert '"v": "\\u009b\\x7f"' in out
+    assert main(["sessions", "list", "--data-dir", str(data_dir)]) == 0
+    out = capsys.readouterr().out
+    assert _controls(out) == {"\n"}
+    assert "\\x1b]0;pwned\\x07Fix\\rbug" in out and out.rstrip().endswith("/proj/\\x1bx")
+
+
+def test_export_to_stdout_escapes_c1_controls(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``json.dumps`` escapes C0 controls only: DEL and C1 (a CSI to many terminals)
+    went out raw. Escaped, the JSON holds the same strings."""
+    data_dir = tmp_path / "data"
+    trio.run(_fill_evil, data_dir)
+    assert main(["sessions", "export", "sess-evil", "--data-dir", str(data_dir)]) == 0
+    out = capsys.readouterr().out
+    assert _controls(out) == {"\n"}
+    doc = json.loads(out)
+    assert doc["session"]["title"] == _TITLE
+    assert doc["transcript"][0]["payload"]["content"]["text"] == _EVIL
+
+
+def _config_file(path: Path, data_dir: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"[serve]\ndata-dir = {str(data_dir)!r}\n", encoding="utf-8")
+    return path
+
+
+def test_read_only_commands_find_the_data_dir_of_the_config_file(
+    data_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``serve`` writes to the config file's ``data-dir``: ``token`` and ``sessions``
+    looked in the platform's directory instead (and failed)."""
+    _config_file(tmp_path / "xdg-config" / "punie-trio" / "config.toml", data_dir)
+    token_path(data_dir).write_text("s3cret\n")
+    assert main(["token"]) == 0
+    assert capsys.readouterr().out == f"token file: {token_path(data_dir)}\ntoken: s3cret\n"
+    assert main(["sessions", "list"]) == 0
+    assert "sess-new" in capsys.readouterr().out
+    assert main(["sessions", "show", "sess-new"]) == 0
+    assert "title    Fix bug" in capsys.readouterr().out
+
+
+def test_read_only_commands_take_config_and_serves_precedence(
+    data_dir: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """``--config FILE`` as for serve; the flag beats the variable, which beats the file."""
+    other = ensure_data_dir(tmp_path / "other")
+    token_path(other).write_text("other\n")
+    token_path(data_dir).write_text("mine\n")
+    config = _config_file(tmp_path / "punie.toml", data_dir)
+    assert main(["token", "--config", str(config)]) == 0
+    assert "token: mine" in capsys.readouterr().out
+    assert main(["sessions", "export", "sess-new", "--config", str(config)]) == 0
+    assert json.loads(capsys.readouterr().out)["session"]["id"] == "sess-new"
+    monkeypatch.setenv("PUNIE_DATA_DIR", str(other))
+    assert main(["token", "--config", str(config)]) == 0
+    assert "token: other" in capsys.readouterr().out
+    assert main(["token", "--config", str(config), "--data-dir", str(data_dir)]) == 0
+    assert "token: mine" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("argv", "environ", "expected"),
+    [
+        (["token"], {"PUNIE_DATA_DIR": ""}, "$PUNIE_DATA_DIR: data-dir must not be empty"),
+        (["sessions", "list"], {"PUNIE_DATA_DIR": ""}, "data-dir must not be empty"),
+        (["token", "--config", "/nonexistent/punie.toml"], {}, "does not exist"),
+    ],
+)
+def test_read_only_commands_refuse_a_bad_data_dir_setting_with_status_2(
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    argv: list[str],
+    environ: dict[str, str],
+    expected: str,
+) -> None:
+    """``PUNIE_DATA_DIR=`` is exit 2 for serve; these commands took it for unset."""
+    for name, value in environ.items():
+        monkeypatch.setenv(name, value)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("punie-trio: error: ") and expected in err
+
+
+def test_read_only_commands_refuse_an_empty_data_dir_flag(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["token", "--data-dir", ""])
+    assert info.value.code == 2
+    assert "argument --data-dir: must not be empty" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["show", "export"])
+def test_show_and_export_read_the_session_and_its_transcript_as_of_one_moment(
+    data_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    command: str,
+) -> None:
+    """A server appends a turn right after the session's row is read: the header (and
+    the export's ``session.turns``) and the transcript still agree. Read through two
+    connections, ``show`` printed ``turns 4392`` above 4393 turns."""
+    select_session = _sql.select_session
+
+    def select_then_append(conn: Any, session_id: str) -> Any:
+        record = select_session(conn, session_id)
+
+        async def append() -> None:
+            async with open_sqlite_store(store_path(data_dir)) as store:
+                await store.append_turn(session_id, 2, [("stop", {"stopReason": "end_turn"})])
+
+        trio.run(append)
+        return record
+
+    monkeypatch.setattr(_sql, "select_session", select_then_append)
+    assert main(["sessions", command, "sess-new", "--data-dir", str(data_dir)]) == 0
+    out = capsys.readouterr().out
+    if command == "show":
+        assert "turns    2\n" in out and "--- turn 3 ---" not in out
+    else:
+        doc = json.loads(out)
+        assert doc["session"]["turns"] == 2
+        assert {e["turn"] for e in doc["transcript"]} == {0, 1}
+    monkeypatch.setattr(_sql, "select_session", select_session)
+    assert main(["sessions", "show", "sess-new", "--data-dir", str(data_dir)]) == 0
+    assert "turns    3\n" in capsys.readouterr().out  # the turn was appended
+
+
+def test_no_token_file_with_a_configured_token_names_where_it_is_configured(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``serve`` with a configured token writes no token file: "serve creates one when it
+    starts" was wrong. The message names the token's source, never the token."""
+    data_dir = ensure_data_dir(tmp_path / "data")
+    config = tmp_path / "punie.toml"
+    config.write_text(f'token = "file-s3cret"\ndata-dir = {str(data_dir)!r}\n')
+    assert main(["token", "--config", str(config)]) == 1
+    err = capsys.readouterr().err
+    assert f"a token is configured in {config}" in err and "writes no file" in err
+    assert "s3cret" not in err
+    monkeypatch.setenv("PUNIE_TOKEN", "env-s3cret")
+    assert main(["token", "--config", str(config)]) == 1
+    err = capsys.readouterr().err
+    assert "a token is configured in $PUNIE_TOKEN" in err and "s3cret" not in err
+    monkeypatch.delenv("PUNIE_TOKEN")
+    assert main(["token", "--data-dir", str(data_dir)]) == 1
+    err = capsys.readouterr().err
+    assert "no token at" in err and "without a configured token" in err
