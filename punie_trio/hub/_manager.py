@@ -156,15 +156,16 @@ class Manager:
     _left_prompt_times: dict[str, list[float]] = attrs.field(factory=dict, init=False)
     # Session ids a session/delete is removing (how many deletes of each are under way).
     _deleting: collections.Counter[str] = attrs.field(factory=collections.Counter, init=False)
-    # Tool calls per minute per session, shared by the workers (a session outlives them).
-    _tool_limiter: ToolCallLimiter = attrs.field(init=False)
+    # Each session's tool calls of the last minute, between its turns (a session outlives
+    # its worker): handed to each turn as ages, and back when it ends.
+    _tool_calls: ToolCallLimiter = attrs.field(init=False)
     # Turns registered and not yet finished, in every session (the store's group commit
     # need not wait for company when there is none).
     _running_turns: int = attrs.field(default=0, init=False)
 
     def __attrs_post_init__(self) -> None:
         self.roots = tuple(str(Path(r).resolve()) for r in self.roots)
-        self._tool_limiter = ToolCallLimiter(self.limits.tool_calls_per_minute)
+        self._tool_calls = ToolCallLimiter(self.limits.tool_calls_per_minute)
         self.metrics.track(
             lambda: len(self.connections), lambda: len(self.sessions), lambda: len(self.workers)
         )
@@ -763,7 +764,9 @@ class Manager:
         if self._nursery is None:
             raise RpcError(INTERNAL_ERROR, "Manager is not running")
         send, receive = trio.open_memory_channel[Command](WORKER_COMMAND_BUFFER)
-        worker = ProjectWorker(root, self.model, receive, tool_limiter=self._tool_limiter)
+        worker = ProjectWorker(
+            root, self.model, receive, tool_calls_per_minute=self.limits.tool_calls_per_minute
+        )
         handle = WorkerHandle(root, worker, send)
         self.workers[root] = handle
         self._nursery.start_soon(handle.worker.run, name=f"worker:{root}")
@@ -856,7 +859,10 @@ class Manager:
         env = TurnEnv(session.id, session.cwd, session.allowed_roots, conn.capabilities, self.roots)
         number = max(session.turns, session.started)
         session.started = number + 1
-        start = StartTurn(turn.turn_id, env, params.text(), params.prompt, events_send, number)
+        ages = self._tool_calls.ages(session.id, trio.current_time())
+        start = StartTurn(
+            turn.turn_id, env, params.text(), params.prompt, events_send, number, ages
+        )
         unsent: StartTurn | None = None
         try:
             session.worker.commands.send_nowait(start)
@@ -930,6 +936,7 @@ class Manager:
                             break
                     if isinstance(event, TurnFinished):
                         finished = event
+                        self._tool_calls.seed(session.id, event.tool_call_ages, trio.current_time())
                         held = batch  # what the channel held: TURN_EVENT_BUFFER (+ the sender's)
                         break
                     for notification in batch:

@@ -51,10 +51,14 @@ class ClientCall:
 
 @attrs.frozen
 class TurnFinished:
-    """The turn is over. ``error`` is set when the model failed (answer -32603)."""
+    """The turn is over. ``error`` is set when the model failed (answer -32603).
+    ``tool_call_ages``: how long ago (seconds, oldest first) each of the session's tool
+    calls of the last minute was made, for the manager to hand to the session's next turn
+    (see :class:`StartTurn`)."""
 
     stop_reason: str
     error: str | None = None
+    tool_call_ages: tuple[float, ...] = attrs.field(default=(), eq=False)  # (bookkeeping)
 
 
 TurnEvent = Update | ClientCall | TurnFinished
@@ -73,6 +77,11 @@ class StartTurn:
     #: The turn's place in its session (0 for the first, counting recorded turns): tool
     #: call ids must be unique within the session, across its turns and restarts.
     number: int = 0
+    #: How long ago each of the session's tool calls of the last minute was made (oldest
+    #: first): the per-minute count goes on from there, also in a new worker (a session
+    #: closed and resumed gets one). Ages, not times: a worker's clock need not be the
+    #: manager's (it could run in a child process).
+    tool_call_ages: tuple[float, ...] = ()
 
 
 @attrs.frozen

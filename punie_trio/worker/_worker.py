@@ -207,13 +207,16 @@ class _Context:
 
 @attrs.define(eq=False)
 class ToolCallLimiter:
-    """Tool calls per minute per session, over the session's whole life in the server.
+    """Tool calls per minute per session.
 
-    One per manager, shared by its workers: a worker ends with its root's last session,
-    and a session closed and resumed (or loaded) gets a new one, so a count kept by the
-    worker started over each time (an audit got 3 more calls a minute per close and
-    resume). Sessions whose last call is over a minute old are swept now and then, so
-    the table stays as large as the sessions that called a tool in the last minute.
+    A worker keeps one for its turns; the manager keeps one too, between a session's
+    turns, and hands each turn its session's recent calls as ages
+    (``StartTurn.tool_call_ages``, back in ``TurnFinished``): a worker ends with its root's
+    last session, and a session closed and resumed gets a new one, so a count the worker
+    kept alone started over each time (an audit got 3 more calls a minute per close and
+    resume). Sessions whose last call is over a minute old are swept as the table
+    doubles, so it stays about as large as the sessions that called a tool in the last
+    minute.
     """
 
     per_minute: int = 240
@@ -223,18 +226,37 @@ class ToolCallLimiter:
     def count(self, session_id: str, now: float) -> str | None:
         """Count a tool call of ``session_id`` at ``now``; a message if it is over the
         limit (the call is then reported failed to the client and the model goes on)."""
-        recent = self._times.setdefault(session_id, collections.deque())
-        while recent and recent[0] <= now - 60.0:
-            recent.popleft()
+        recent = self._recent(session_id, now)
         if len(recent) >= self.per_minute:
             return (
                 f"rate limit: {self.per_minute} tool calls per minute in this "
                 f"session; retry in {recent[0] + 60.0 - now:.1f} s"
             )
         recent.append(now)
-        if len(self._times) >= self._sweep_at:
-            self._sweep(now)
         return None
+
+    def ages(self, session_id: str, now: float) -> tuple[float, ...]:
+        """How long before ``now`` each of the session's calls of the last minute was."""
+        recent = self._times.get(session_id)
+        return tuple(now - t for t in recent if t > now - 60.0) if recent else ()
+
+    def seed(self, session_id: str, ages: Sequence[float], now: float) -> None:
+        """Take the session's recent calls as :meth:`ages` gave them (elsewhere)."""
+        if ages:
+            self._times[session_id] = collections.deque(now - age for age in ages)
+            self._recent(session_id, now)
+        else:
+            self._times.pop(session_id, None)
+
+    def _recent(self, session_id: str, now: float) -> collections.deque[float]:
+        recent = self._times.get(session_id)
+        if recent is None:
+            if len(self._times) >= self._sweep_at:
+                self._sweep(now)
+            recent = self._times[session_id] = collections.deque()
+        while recent and recent[0] <= now - 60.0:
+            recent.popleft()
+        return recent
 
     def _sweep(self, now: float) -> None:
         for session_id in [k for k, v in self._times.items() if not v or v[-1] <= now - 60.0]:
@@ -247,26 +269,22 @@ class ToolCallLimiter:
 
 @attrs.define(eq=False)
 class ProjectWorker:
-    """Runs turns for one project root. Feed it :data:`Command` envelopes on ``commands``.
-    ``tool_limiter``: the manager's (one count per session across workers); by default
-    the worker's own, of ``tool_calls_per_minute``."""
+    """Runs turns for one project root. Feed it :data:`Command` envelopes on ``commands``."""
 
     root: str
     model: Model
     commands: trio.MemoryReceiveChannel[Command]
     tool_calls_per_minute: int = 240
-    tool_limiter: ToolCallLimiter | None = None
     _turns: dict[int, _Turn] = attrs.field(factory=dict, init=False)
+    _tool_calls: ToolCallLimiter = attrs.field(init=False)
     _history: dict[str, list[tuple[str, str]]] = attrs.field(factory=dict, init=False)
 
     def __attrs_post_init__(self) -> None:
-        if self.tool_limiter is None:
-            self.tool_limiter = ToolCallLimiter(self.tool_calls_per_minute)
+        self._tool_calls = ToolCallLimiter(self.tool_calls_per_minute)
 
     def rate_limit_tool(self, session_id: str) -> str | None:
         """Count a tool call of ``session_id`` (see :class:`ToolCallLimiter`)."""
-        assert self.tool_limiter is not None
-        return self.tool_limiter.count(session_id, trio.current_time())
+        return self._tool_calls.count(session_id, trio.current_time())
 
     @property
     def running_turns(self) -> int:
@@ -317,6 +335,8 @@ class ProjectWorker:
         # The list itself, not a copy (a long session would copy its whole history every
         # turn): it changes only after the turn, below, and a session runs one turn at a time.
         ctx = _Context(self, turn, history)
+        session_id = start.env.session_id
+        self._tool_calls.seed(session_id, start.tool_call_ages, trio.current_time())
         finished: TurnFinished
         try:
             with turn.scope:
@@ -329,6 +349,8 @@ class ProjectWorker:
             finished = TurnFinished("end_turn", error=f"{type(exc).__name__}: {exc}")
         finally:
             del self._turns[start.turn_id]
+        ages = self._tool_calls.ages(session_id, trio.current_time())
+        finished = attrs.evolve(finished, tool_call_ages=ages)
         if finished.error is None and finished.stop_reason != "refusal":
             # (A refused turn "won't be included in the next prompt": the StopReason schema.)
             history.append(("user", start.prompt_text))
