@@ -30,6 +30,7 @@ from ..rpc import (
 )
 from ..transport import MessageStream
 from ._manager import Manager
+from ._session import Session
 
 log = logging.getLogger("punie_trio.hub")
 
@@ -150,7 +151,11 @@ class ClientConnection:
             # An id the client uses again is one it no longer awaits an old answer under.
             self.awaiting.discard(current_request_id.get(None))
         if method == acp.INITIALIZE:
-            return self._initialized(self._initialize(params))
+            result = self._initialize(params)
+            # Synchronously, before the next message is read: a request pipelined behind
+            # initialize (a prompt on a re-attached session) must find the sessions its
+            # own. (Reclaimed in the answer's task, such a prompt was refused at random.)
+            return self._initialized(result, self.manager.reclaim(self))
         if not self.initialized:
             if method.startswith("_") or method in _KNOWN:
                 raise RpcError(INVALID_REQUEST, f"Invalid request: call initialize before {method}")
@@ -211,6 +216,7 @@ class ClientConnection:
             self.client_id = client_id
             self.prompt_times = self.manager.prompt_times_for(client_id)
         self.awaiting = _awaiting(init.meta.get(AWAITING_META))
+        self.awaiting.discard(current_request_id.get(None))  # (initialize's own id)
         self.initialized = True
         # We speak exactly version 1: answer with it whatever the client asked (the client
         # disconnects if it cannot speak it), as the initialization page prescribes.
@@ -240,11 +246,10 @@ class ClientConnection:
             "agentInfo": AGENT_INFO,
         }
 
-    async def _initialized(self, result: dict[str, Any]) -> dict[str, Any]:
-        # Sessions left within grace are this connection's again before the answer (a
-        # prompt sent after it finds them), and what they produced meanwhile follows the
-        # answer: the first message a client reads is the result of its initialize.
-        sessions = self.manager.reclaim(self)
+    async def _initialized(self, result: dict[str, Any], sessions: list[Session]) -> dict[str, Any]:
+        # ``sessions``, left within grace, are this connection's again (reclaimed when the
+        # request was read), and what they produced meanwhile follows the answer: the
+        # first message a client reads is the result of its initialize.
         if sessions:
             request_id = current_request_id.get(None)
             if request_id is not None:

@@ -125,12 +125,14 @@ TITLE_CHARS = 80
 
 def _held_elsewhere(session: Session) -> RpcError:
     """The refusal for a session that another connection holds: open there, or kept for a
-    client that left and may come back within its grace period."""
+    client that left and may come back within its grace period (not named: a client id
+    is what re-attaches its sessions, and any token holder could read this answer)."""
     if session.owner is None and session.detached_client is not None:
+        # (Not naming the client: its id is what re-attaches its sessions.)
         return RpcError(
             INVALID_REQUEST,
-            f"Session {session.id} is kept for client {session.detached_client!r}, which "
-            "may reconnect within its grace period; it is open to others once that ends",
+            f"Session {session.id} is kept for a client that is away and may reconnect "
+            "within its grace period; it is open to others once that ends",
         )
     return RpcError(INVALID_REQUEST, f"Session {session.id} is open on another connection")
 
@@ -384,10 +386,12 @@ class Manager:
                     elif item[0] == "message":  # an answer, as written
                         if not _answer_unwanted(session, conn, item[2]):
                             await conn.send_encoded(item[1])
+                            _answered(session, conn, item[2])
                     else:
                         _, request_id, response, error = item
                         if not _answer_unwanted(session, conn, request_id):
                             await conn.send_answer(request_id, response, error)
+                            _answered(session, conn, request_id)
                 except BaseException:
                     session.pending.insert(0, item)
                     raise
@@ -1032,6 +1036,16 @@ class Manager:
                     session.answered_id = turn.request_id
                 elif together and held:
                     await self._deliver_held(session, held)
+            owner = session.owner
+            if session.overflowed and owner is not None and session.turn is None:
+                # A reload_required still owed (a flush during the turn could not send it:
+                # a load is refused while a turn runs) goes now, after the answer.
+                with (
+                    trio.CancelScope(shield=True),
+                    trio.move_on_after(PERSIST_TIMEOUT),
+                    contextlib.suppress(PeerClosed),
+                ):
+                    await self._flush(session, owner)
 
     async def _deliver_held(self, session: Session, held: list[str]) -> None:
         """Queue a finished turn's last updates (see :meth:`_relay_turn`) without waiting
@@ -1225,13 +1239,20 @@ def _can_take(conn: ClientConnection | None, method: str) -> bool:
     return True
 
 
+def _answered(session: Session, conn: ClientConnection, request_id: RequestId | None) -> None:
+    """An old answer was handed to ``conn``: it awaits it no more, and it is the session's
+    last answer (should ``conn`` drop before writing it, ``_keep_unsent`` keeps it)."""
+    conn.awaiting.discard(request_id)
+    session.answered_id = request_id
+
+
 def _answer_unwanted(
     session: Session, conn: ClientConnection, request_id: RequestId | None
 ) -> bool:
     """Whether the answer to a prompt sent on a dropped connection is kept from ``conn``,
     the connection that re-attached the session (dropped, logged: the turn is in the
-    store, and ``session/load`` replays it); else ``conn`` is to get it, and no longer
-    awaits it.
+    store, and ``session/load`` replays it); else ``conn`` is to get it (and no longer
+    awaits it once it is sent: :func:`_answered`).
 
     Why: the answer keeps the prompt's id, which only a client that carries its ids over
     to the new connection (as ``punie-trio acp`` carries the IDE's) can match. A client
@@ -1242,7 +1263,6 @@ def _answer_unwanted(
     are sent, never one whose id it has in flight again.
     """
     if request_id in conn.awaiting and not conn.has_in_flight(request_id):
-        conn.awaiting.discard(request_id)
         return False
     log.info(
         "session %s: not delivering the answer to request %r of a dropped connection: "

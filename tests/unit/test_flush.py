@@ -219,3 +219,33 @@ async def test_what_a_dropped_connection_never_wrote_goes_back_to_its_sessions(
             ("update", "kept while tearing down"),
         ]
         nursery.cancel_scope.cancel()
+
+
+async def test_an_awaited_answer_kept_after_a_timeout_is_still_delivered(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """The first send of an awaited old answer times out (the client reads nothing for
+    PERSIST_TIMEOUT); it is kept, and the next flush still sends it. Its id was once
+    taken off the awaited list before the send, so the next flush dropped it (found in
+    review)."""
+    manager = Manager((str(tmp_path),), EchoModel())
+    async with trio.open_nursery() as nursery:
+        await nursery.start(manager.run)
+        conn = GatedConnection()  # awaits "p"
+        session = manager._open(conn, "sess_1", str(tmp_path), str(tmp_path), ())
+        turn = ActiveTurn(
+            1, conn, request_id="p", orphaned=True, response={"stopReason": "end_turn"}
+        )
+        await manager._answer_orphan(session, turn)  # the gate never opens: times out
+        assert session.pending == [("answer", "p", {"stopReason": "end_turn"}, None)]
+        assert "p" in conn.awaiting
+        conn.waiting.clear()  # (the timed-out send's gate)
+        nursery.start_soon(manager._deliver, session, "next update")
+        while True:
+            await trio.testing.wait_all_tasks_blocked()
+            if not conn.waiting:
+                break
+            conn.release()
+        assert conn.sent == ["answer p", "next update"]
+        assert "p" not in conn.awaiting and session.answered_id == "p"
+        nursery.cancel_scope.cancel()
