@@ -48,6 +48,7 @@ from .web import _deflate as deflate
 from .web import _fast_send as fast_send
 from .web import _h2_late_data as h2_late_data
 from .web import _handshake as handshake
+from .web import _ws_refusals as ws_refusals
 from .worker import Model
 
 log = logging.getLogger("punie_trio.server")
@@ -303,6 +304,7 @@ async def _start_http(
     handshake.install()
     h2_late_data.install()
     deflate.install(config.max_message_bytes)
+    ws_refusals.install()
 
     async def run_hypercorn(task_status: trio.TaskStatus[list[str]]) -> None:
         try:

@@ -161,6 +161,10 @@ async def test_oversized_frame_closes_1009_others_unaffected(
         ("text not UTF-8", b"\x81\x82" + b"\x00" * 4 + b"\xff\xfe", 1007),
         ("unmasked", b"\x81\x02{}", 1002),
         ("reserved bit", b"\xc1\x82" + b"\x00" * 4 + b"{}", 1002),
+        # Close frames go to wsproto, whose refusals Hypercorn once answered by dropping
+        # the connection (an audit): a reserved code, and a reason that is not UTF-8.
+        ("close with code 1005", b"\x88\x82" + b"\x00" * 4 + b"\x03\xed", 1002),
+        ("close reason not UTF-8", b"\x88\x83" + b"\x00" * 4 + b"\x03\xe8\xff", 1007),
     ],
 )
 async def test_a_broken_frame_closes_with_its_code_others_unaffected(
@@ -355,6 +359,41 @@ async def test_a_compressed_connection_frees_its_zlib_streams_when_it_ends(
         and (o._compressor is not None or o._decompressor is not None)
     ]
     assert held == []
+
+
+async def test_a_small_compressed_message_over_the_bound_gets_a_1009_close_frame(
+    start_server: StartServer, tmp_path: Path, acp_schema: SchemaChecker
+) -> None:
+    """A message over the bound that arrives compressed in one read (5 KB of text, a few
+    dozen bytes on the wire) is refused by the bounded inflater, inside wsproto: the
+    connection was dropped without a close frame, so the client saw 1006 (an audit)."""
+    import asyncio
+
+    import websockets
+
+    message = json.dumps({"jsonrpc": "2.0", "id": 1, "method": "x", "params": "a" * 5000})
+
+    def send(url: str) -> tuple[int | None, str | None]:
+        async def run() -> tuple[int | None, str | None]:
+            async with websockets.connect(url, compression="deflate", max_size=None) as ws:
+                with contextlib.suppress(websockets.ConnectionClosed):
+                    await ws.send(message)
+                    await ws.recv()
+                return ws.close_code, ws.close_reason
+
+        return asyncio.run(run())
+
+    async with start_server(max_message_bytes=4096) as server:
+        with trio.fail_after(30):
+            code, reason = await trio.to_thread.run_sync(send, ws_url(server.url))
+            # (The reason names the bound applied: with several servers in this process
+            # the inflater's is the largest, and Hypercorn's own bound on this server's
+            # messages closes, with a reason of ours.)
+            assert code == 1009 and (reason or "").startswith("message over the"), reason
+            async with acp_ws_client(server.url, acp_schema) as (bystander, _):
+                await bystander.initialize()
+                session = await bystander.new_session(str(tmp_path))
+                assert await bystander.prompt(session, "still here") == "end_turn"
 
 
 async def test_a_compression_bomb_is_closed_1009_before_it_inflates(
