@@ -122,11 +122,14 @@ def loads(text: str | bytes) -> Any:
     though JSON has no such tokens) and numbers beyond a double (``1e400``, which it reads
     as infinity) are refused, so whatever is read can be written back as JSON. Nesting too
     deep for the parser's recursion (``[[[[...`` by the 100,000) is a ``ValueError`` here,
-    not a ``RecursionError``. Bytes are decoded as ``json.loads`` decodes them (UTF-8, -16
-    or -32; ``UnicodeDecodeError`` is a ``ValueError``).
+    not a ``RecursionError``. Bytes must be UTF-8 (the transports page: messages MUST be
+    UTF-8), a leading byte-order mark aside: ``json.loads`` would also take UTF-16 and -32,
+    and surrogates encoded as UTF-8, which RFC 3629 forbids (an audit had a UTF-32 prompt
+    run). Anything else is a ``UnicodeDecodeError``, a ``ValueError``.
     """
     if not isinstance(text, str):
-        text = text.decode(json.detect_encoding(text), "surrogatepass")
+        text = bytes(text)
+        text = (text[3:] if text.startswith(b"\xef\xbb\xbf") else text).decode("utf-8")
     try:
         return _STRICT_DECODER.decode(text)
     except RecursionError:

@@ -73,6 +73,22 @@ def test_loads_refuses_what_json_cannot_carry_with_a_value_error(text: Any, why:
 def test_loads_reads_what_json_loads_reads() -> None:
     text = '{"a": [1, 2.5, -0.0, 1e300, null, true], "s": "\\ud800 h\\u00e9llo"}'
     assert _json.loads(text) == json.loads(text)
-    assert _json.loads(text.encode("utf-16")) == json.loads(text)
+    assert _json.loads(text.encode()) == json.loads(text)
+    assert _json.loads(b"\xef\xbb\xbf" + text.encode()) == json.loads(text)  # (a BOM)
     nested = "[" * 200 + "]" * 200
     assert _json.loads(nested) == json.loads(nested)
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        '{"a": 1}'.encode("utf-16"),  # json.loads takes these three
+        '{"a": 1}'.encode("utf-32-be"),
+        b'{"a": "\xed\xa0\x80"}',  # a surrogate encoded as UTF-8 (RFC 3629 forbids it)
+        b'{"a": "\xff"}',
+    ],
+)
+def test_loads_takes_bytes_only_as_utf_8(raw: bytes) -> None:
+    """The transports page: messages MUST be UTF-8 (an audit ran a UTF-32 prompt)."""
+    with pytest.raises(ValueError):
+        _json.loads(raw)
