@@ -1242,7 +1242,7 @@ def _can_take(conn: ClientConnection | None, method: str) -> bool:
 def _answered(session: Session, conn: ClientConnection, request_id: RequestId | None) -> None:
     """An old answer was handed to ``conn``: it awaits it no more, and it is the session's
     last answer (should ``conn`` drop before writing it, ``_keep_unsent`` keeps it)."""
-    conn.awaiting.discard(request_id)
+    conn.stop_awaiting(request_id)
     session.answered_id = request_id
 
 

@@ -29,7 +29,10 @@ class GatedConnection:
     waiting: list[tuple[str, trio.Event]] = attrs.field(factory=list)
     closed: bool = False
     # The old answers these tests hand over: the client says it awaits them.
-    awaiting: set[Any] = attrs.field(factory=lambda: {7, "p"})
+    awaiting: frozenset[Any] = frozenset({7, "p"})
+
+    def stop_awaiting(self, request_id: Any) -> None:
+        self.awaiting = self.awaiting - {request_id}
 
     async def send_encoded(self, text: str) -> None:
         if self.closed:
