@@ -344,6 +344,8 @@ def cmd_export(args: argparse.Namespace, data_dir: Path) -> int:
         return 0
     if not output:  # (Path("") is the current directory)
         return _fail("cannot write '': the path is empty")
+    if output.endswith(("/", os.sep)):  # (Path() drops the slash: "f/" named the file f)
+        return _fail(f"cannot write {output}: a path ending in / names a directory")
     # Whole or not at all for a file: a failed export leaves an existing file as it was
     # (writing in place once truncated it first). A FIFO or a device is written into.
     try:

@@ -111,6 +111,15 @@ def write_output(path: Path, data: bytes) -> None:
     ``IsADirectoryError`` (``.`` once was a ``ValueError`` traceback: it has no name to
     put a temporary file beside).
     """
+    if _names_a_descriptor(str(path)):
+        # /dev/stdout, /dev/fd/N, /proc/self/fd/N: a file already open (a pipe, or what
+        # the shell's > or >> opened). Resolving such a name gives a pipe's "pipe:[N]"
+        # (no such file) or the redirected file, which a replace would wipe (an export
+        # with -o /dev/stdout >> log once did): written into, at its end, as >> would.
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+        with os.fdopen(fd, "wb") as file:
+            file.write(data)
+        return
     target = Path(os.path.realpath(path)) if path.is_symlink() else path
     try:
         mode: int | None = os.stat(target).st_mode
@@ -125,6 +134,20 @@ def write_output(path: Path, data: bytes) -> None:
     fd = os.open(target, os.O_WRONLY | os.O_CLOEXEC)  # it exists: never O_CREAT here
     with os.fdopen(fd, "wb") as file:
         file.write(data)
+
+
+def _names_a_descriptor(path: str) -> bool:
+    """Whether ``path`` reaches a file through ``/proc`` (``/dev/stdout`` is a link to
+    ``/proc/self/fd/1``, ``/dev/fd`` one to ``/proc/self/fd``): the name of a descriptor
+    a process has open, not of a place in the file system."""
+    for _ in range(40):  # (SYMLOOP_MAX)
+        parent = os.path.realpath(os.path.dirname(path) or ".")
+        if parent == "/proc" or parent.startswith("/proc/"):
+            return True
+        if not os.path.islink(path):
+            return False
+        path = os.path.join(os.path.dirname(path), os.readlink(path))
+    return False
 
 
 def create_private(path: Path) -> None:

@@ -363,6 +363,38 @@ def test_export_writes_into_a_fifo_instead_of_replacing_it(data_dir: Path, tmp_p
     assert json.loads(received[0])["session"]["id"] == "sess-new"
 
 
+@pytest.mark.parametrize("redirect", ["a pipe", "a file appended to"])
+def test_export_to_dev_stdout_writes_into_what_stdout_is(
+    data_dir: Path, tmp_path: Path, redirect: str
+) -> None:
+    """``-o /dev/stdout`` names the open descriptor, not a file: into a pipe it failed
+    (the name resolves to "pipe:[N]"), and with ``>> file`` it replaced the file,
+    wiping what was there (found in review). It is written into, at the end."""
+    env = {**os.environ, "PUNIE_DATA_DIR": str(data_dir)}
+    command = [
+        sys.executable,
+        "-m",
+        "punie_trio",
+        "sessions",
+        "export",
+        "sess-new",
+        "-o",
+        "/dev/stdout",
+    ]
+    if redirect == "a pipe":
+        done = subprocess.run(command, capture_output=True, env=env, timeout=60)
+        assert done.returncode == 0, done.stderr
+        assert json.loads(done.stdout)["session"]["id"] == "sess-new"
+        return
+    log = tmp_path / "log.json"
+    log.write_text("EARLIER\n")
+    with open(log, "ab") as out:
+        done = subprocess.run(command, stdout=out, stderr=subprocess.PIPE, env=env, timeout=60)
+    assert done.returncode == 0, done.stderr
+    earlier, exported = log.read_text().split("\n", 1)
+    assert earlier == "EARLIER" and json.loads(exported)["session"]["id"] == "sess-new"
+
+
 def test_export_through_a_symlink_writes_its_target(data_dir: Path, tmp_path: Path) -> None:
     """The link stays a link and its target gets the export (the link was replaced by a
     file and its target kept the old export); the target keeps its mode."""
@@ -398,7 +430,7 @@ def test_export_keeps_a_files_mode_and_creates_a_new_one_private(
         os.umask(old_umask)
 
 
-@pytest.mark.parametrize("output", ["", ".", "dir", "dir/."])
+@pytest.mark.parametrize("output", ["", ".", "dir", "dir/.", "dir/", "new/", "file/"])
 def test_export_to_a_directory_is_a_message_not_a_traceback(
     data_dir: Path,
     tmp_path: Path,
@@ -406,13 +438,17 @@ def test_export_to_a_directory_is_a_message_not_a_traceback(
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    """``-o ""`` and ``-o .`` were a ValueError traceback ("has an empty name")."""
+    """``-o ""`` and ``-o .`` were a ValueError traceback ("has an empty name"). A path
+    ending in / names a directory: ``file/`` replaced the file, ``new/`` made a file
+    (found in review)."""
     (tmp_path / "dir").mkdir()
+    (tmp_path / "file").write_text("kept")
     monkeypatch.chdir(tmp_path)
     assert main(_export_to(data_dir, output)) == 1
     named = output or "''"
     assert capsys.readouterr().err.startswith(f"punie-trio: cannot write {named}")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "dir"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "dir", "file"]
+    assert (tmp_path / "file").read_text() == "kept"
     assert list((tmp_path / "dir").iterdir()) == []
 
 
