@@ -126,6 +126,20 @@ def _escape(code: int) -> str:
 
 #: Every control character (C0, DEL, C1) and its escape.
 _CONTROLS = {code: _escape(code) for code in [*range(0x20), *range(0x7F, 0xA0)]}
+# And the invisible characters that reorder or break what a terminal shows (Trojan Source
+# style): bidi marks, embeddings, overrides and isolates, the line and paragraph
+# separators, the zero-width space and the BOM. (Not the zero-width joiners: emoji and
+# some scripts are written with them.)
+_INVISIBLE = (
+    0x061C,
+    0x200B,
+    0x200E,
+    0x200F,
+    0xFEFF,
+    *range(0x2028, 0x202F),
+    *range(0x2066, 0x206A),
+)
+_CONTROLS |= {code: _escape(code) for code in _INVISIBLE}
 #: The same but for the newline and tab that lay out a message's text.
 _CONTROLS_BUT_LAYOUT = {code: e for code, e in _CONTROLS.items() if code not in (0x09, 0x0A)}
 

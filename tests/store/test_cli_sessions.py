@@ -457,6 +457,9 @@ def test_export_to_a_directory_is_a_message_not_a_traceback(
 #: a C1 CSI (U+009B).
 _TITLE = "\x1b]0;pwned\x07Fix\rbug"
 _EVIL = "a\x1b[2Kb\rc\x08d\x9b31me\x7ff\ttab\nsecond line"
+#: Invisible characters that reorder or break what the terminal shows (right-to-left
+#: override, a pop, a line separator); a zero-width joiner inside an emoji stays.
+_SPOOF = "fix \u202eexe.txt\u202c done\u2028fake 👨\u200d👩"
 
 
 async def _fill_evil(data_dir: Path) -> None:
@@ -480,6 +483,7 @@ async def _fill_evil(data_dir: Path) -> None:
                     {"sessionUpdate": "tool_call", "toolCallId": "c1", "title": "t\x1b[1A"},
                 ),
                 ("current_mode_update", {"sessionUpdate": "current_mode_update", "v": "\x9b\x7f"}),
+                ("agent_message_chunk", text_update("agent_message_chunk", _SPOOF)),
                 ("stop", {"stopReason": "end_turn"}),
             ],
         )
@@ -506,6 +510,8 @@ def test_show_and_list_escape_control_characters(
     assert "  [ ] x\\nstop: end_turn\n" in out  # no line of its own
     assert "tool: t\\x1b[1A (pending)\n" in out
     assert '"v": "\\u009b\\x7f"' in out
+    # (Bidi overrides and line separators were printed raw; found in review.)
+    assert "agent: fix \\u202eexe.txt\\u202c done\\u2028fake 👨\u200d👩\n" in out
     assert main(["sessions", "list", "--data-dir", str(data_dir)]) == 0
     out = capsys.readouterr().out
     assert _controls(out) == {"\n"}
