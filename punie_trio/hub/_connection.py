@@ -170,7 +170,8 @@ class ClientConnection:
             raise method_not_found(method)
         manager = self.manager
         if method == acp.SESSION_NEW:
-            return manager.persist_new(manager.new_session(self, acp.parse_new_session(params)))
+            parsed = acp.parse_new_session(params)
+            return manager.persist_new(manager.new_session(self, parsed), parsed.cwd)
         if method == acp.SESSION_LOAD:
             ref = acp.parse_load_session(params, mcp_required=True)
             return manager.load_session(self, ref, replay=True)

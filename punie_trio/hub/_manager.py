@@ -511,7 +511,9 @@ class Manager:
         session_id = f"sess_{uuid.uuid4().hex}"
         return self._open(conn, session_id, root, cwd, additional)
 
-    async def persist_new(self, session: Session) -> dict[str, Any]:
+    async def persist_new(self, session: Session, cwd_sent: str | None = None) -> dict[str, Any]:
+        """Store a session :meth:`new_session` opened; ``cwd_sent``: its cwd as the client
+        sent it (what session/list reports)."""
         now = time.time()
         record = SessionRecord(
             id=session.id,
@@ -521,6 +523,7 @@ class Manager:
             additional_directories=session.additional_directories,
             created_at=now,
             updated_at=now,
+            cwd_sent=cwd_sent,
         )
         try:
             await self.store.create_session(record)
@@ -665,7 +668,9 @@ class Manager:
         sessions = [
             {
                 "sessionId": r.id,
-                "cwd": r.cwd,
+                # As the client sent it (the session-list page: "cwd is immutable after
+                # session setup"); it filters and loads by either spelling.
+                "cwd": r.cwd_sent or r.cwd,
                 "title": r.title,
                 "updatedAt": datetime.fromtimestamp(r.updated_at, UTC).strftime(
                     "%Y-%m-%dT%H:%M:%SZ"

@@ -77,6 +77,9 @@ class SessionRecord:
     created_at: float = 0.0
     updated_at: float = 0.0
     turns: int = 0
+    #: ``cwd`` as the client sent it in ``session/new`` (``cwd`` is the resolved form the
+    #: session was checked in); None: not known (a session stored by an older version).
+    cwd_sent: str | None = None
 
 
 @attrs.frozen
@@ -144,6 +147,8 @@ def check_record(rec: SessionRecord) -> SessionRecord:
         raise StoreError("session config must be a JSON object")
     if rec.turns < 0:
         raise StoreError("session turns must be >= 0")
+    if rec.cwd_sent is not None and not isinstance(rec.cwd_sent, str):
+        raise StoreError("the cwd as sent must be a string or None")
     return attrs.evolve(
         rec,
         config=copy_json(rec.config, "session config"),

@@ -189,6 +189,11 @@ MIGRATIONS: Final[Sequence[Sequence[Step]]] = (
         # session/list's cwd filter; ordering is by a derived value, so no column after cwd.
         "CREATE INDEX sessions_cwd ON sessions (cwd)",
     ),
+    # 4: the cwd as the client sent it, which session/list reports ("cwd is immutable after
+    # session setup"); `cwd` keeps the resolved form the session was checked in, which the
+    # list's filter and session/load compare. NULL (a session of an older version): the
+    # resolved one is reported.
+    ("ALTER TABLE sessions ADD COLUMN cwd_sent TEXT",),
 )
 
 #: The schema version this code writes and understands.

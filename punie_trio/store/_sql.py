@@ -27,7 +27,7 @@ from ._model import (
 
 _COLUMNS = (
     "id, root, cwd, client_id, title, mode, config, additional_directories, "
-    "created_at, updated_at, turns"
+    "created_at, updated_at, turns, cwd_sent"
 )
 
 _PLACEHOLDERS = ", ".join("?" * len(_COLUMNS.split(",")))
@@ -58,7 +58,7 @@ _TRUE_TURNS = "max(s.turns, COALESCE(t.turn + 1, 0))"
 #: ``_LAST_TURN``.
 _TRUE_COLUMNS = (
     "s.id, s.root, s.cwd, s.client_id, s.title, s.mode, s.config, s.additional_directories,"
-    f" s.created_at, {_TRUE_UPDATED_AT} AS updated_at, {_TRUE_TURNS} AS turns"
+    f" s.created_at, {_TRUE_UPDATED_AT} AS updated_at, {_TRUE_TURNS} AS turns, s.cwd_sent"
 )
 
 #: Columns ``update_session`` may set.
@@ -118,6 +118,7 @@ def _record(row: sqlite3.Row | tuple[Any, ...]) -> SessionRecord:
         created_at=float(row[8]),
         updated_at=float(row[9]),
         turns=int(row[10]),
+        cwd_sent=row[11],
     )
 
 
@@ -135,6 +136,7 @@ def insert_session(conn: sqlite3.Connection, rec: SessionRecord) -> int:
         rec.created_at,
         rec.updated_at,
         rec.turns,
+        rec.cwd_sent,
     )
     try:
         with transaction(conn):

@@ -353,6 +353,35 @@ async def test_a_session_open_elsewhere_cannot_be_loaded_or_deleted(
                 assert [s["sessionId"] for s in listed["sessions"]] == [session_id]
 
 
+async def test_list_reports_the_cwd_as_the_client_sent_it(
+    tmp_path: Path, acp_schema: SchemaChecker
+) -> None:
+    """A session created through a symlinked cwd was listed with the resolved path, which
+    differed from the cwd the client set and filtered by (an audit; "cwd is immutable
+    after session setup"). It is listed as sent, after a restart too; the filter and
+    session/load take either spelling."""
+    root = await resolved(tmp_path)
+    (root / "site").mkdir()
+    (root / "link").symlink_to(root / "site")
+    sent = str(root / "link")
+    with trio.fail_after(30):
+        session_id = ""
+        for server in range(2):  # the second server reads it back from the store
+            async with (
+                in_process_server(tmp_path, history_script(), store="sqlite") as running,
+                acp_ws_client(running.url, acp_schema) as (client, _),
+            ):
+                await client.initialize()
+                if server == 0:
+                    session_id = await client.new_session(sent)
+                for spelling in (sent, str(root / "site"), sent + "/"):
+                    listed = await client.request("session/list", {"cwd": spelling})
+                    assert [(s["sessionId"], s["cwd"]) for s in listed["sessions"]] == [
+                        (session_id, sent)
+                    ], spelling
+                await client.request("session/load", load_params(session_id, root / "site"))
+
+
 async def test_list_shows_only_sessions_under_served_roots(
     tmp_path: Path, acp_schema: SchemaChecker
 ) -> None:

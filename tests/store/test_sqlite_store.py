@@ -62,7 +62,7 @@ async def test_new_file_is_migrated_to_current_version(tmp_path: Path) -> None:
     async with open_sqlite_store(path):
         pass
     with sqlite3.connect(path) as conn:
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
         names = {r[0] for r in conn.execute("SELECT name FROM sqlite_master")}
         columns = [r[1] for r in conn.execute("PRAGMA table_info(turns)")]
     assert {"sessions", "turns", "sessions_cwd"} <= names
@@ -761,9 +761,8 @@ async def test_migration_from_version_1_keeps_transcripts_and_seqs(tmp_path: Pat
 
 def read_session_v1(conn: sqlite3.Connection, session_id: str) -> SessionRecord | None:
     """A record as versions 1 and 2 read it: ``sessions`` held the true values."""
-    row = conn.execute(
-        f"SELECT {_sql._COLUMNS} FROM sessions WHERE id = ?", (session_id,)
-    ).fetchone()
+    columns = _sql._COLUMNS.replace("cwd_sent", "NULL AS cwd_sent")  # (version 4's)
+    row = conn.execute(f"SELECT {columns} FROM sessions WHERE id = ?", (session_id,)).fetchone()
     return None if row is None else _sql._record(row)
 
 
@@ -993,7 +992,7 @@ async def test_migration_from_version_2_keeps_records_transcripts_and_order(
     order = ["new", "old", "renamed", "tie", "none"]
     assert sorted(ids, key=lambda i: (records[i].updated_at, i), reverse=True) == order
     assert [len(transcripts[sid]) for sid in ids] == [2 + 3 + 4, 32, 0, 0, 10]
-    with pytest.raises(StoreError, match="version 2 is older than 3; run the server"):
+    with pytest.raises(StoreError, match="version 2 is older than 4; run the server"):
         read_sessions(path)  # the CLI never migrates
 
     async with open_sqlite_store(path, clock=clock) as store:
@@ -1038,7 +1037,7 @@ async def test_migration_from_version_2_keeps_records_transcripts_and_order(
         ]
     assert [r.id for r in read_sessions(path)] == ["none", "old", "new", "renamed", "tie"]
     with sqlite3.connect(path) as db:
-        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
+        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
         assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
         assert db.execute("PRAGMA foreign_key_check").fetchall() == []
         names = {r[0] for r in db.execute("SELECT name FROM sqlite_master")}
