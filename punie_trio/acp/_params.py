@@ -74,29 +74,6 @@ def _session_id(obj: Mapping[str, Any]) -> str:
     return _name_text(_req_str(obj, "sessionId"), "sessionId")
 
 
-def _str_list(
-    obj: Mapping[str, Any],
-    key: str,
-    *,
-    path: str = "",
-    absolute: bool = False,
-    required: bool = False,
-) -> tuple[str, ...]:
-    where = f"{path}{key}"
-    value = obj.get(key)
-    if value is None and not required:
-        return ()
-    if not isinstance(value, list):
-        why = "must be an array of strings"
-        raise _bad(where, f"is required and {why}" if required else why)
-    for i, item in enumerate(value):
-        if not isinstance(item, str):
-            raise _bad(f"{where}[{i}]", "must be a string")
-        if absolute:
-            _abs_path_text(item, f"{where}[{i}]")
-    return tuple(value)
-
-
 def _bool(obj: Mapping[str, Any], key: str, path: str) -> bool:
     value = obj.get(key, False)
     # The schema marks these x-deserialize-default-on-error: a wrong type reads as false.
@@ -152,45 +129,48 @@ class NewSessionParams:
 
 
 def _mcp_servers(obj: Mapping[str, Any], required: bool) -> None:
-    """Check ``mcpServers`` against the schema's ``McpServer``: stdio entries (``name``,
-    ``command``, ``args``, ``env``); ``http`` and ``sse`` are refused, as the agent
-    advertises (``mcpCapabilities``). The servers are not started yet (no model backend
-    calls MCP tools: docs/architecture.md)."""
+    """Read ``mcpServers`` as the schema tells a receiver to: it is marked
+    ``x-deserialize-default-on-error`` (a value that is not an array reads as ``[]``) and
+    ``x-deserialize-skip-invalid-items`` (an entry that is not an ``McpServer`` is
+    skipped). An entry refused by a capability is -32602: ``http`` and ``sse`` servers, as
+    ``mcpCapabilities`` advertises. The stdio servers are not started yet (no model
+    backend calls MCP tools: docs/architecture.md). (Refusing malformed entries, as this
+    once did, refused whole sessions that the reference agents accept.)"""
     if "mcpServers" not in obj:
         if required:
             raise _bad("mcpServers", "is required (send [] for none)")
         return
     servers = obj["mcpServers"]
     if not isinstance(servers, list):
-        raise _bad("mcpServers", "must be an array")
+        return
     for i, server in enumerate(servers):
-        path = f"mcpServers[{i}]"
-        if not isinstance(server, dict):
-            raise _bad(path, "must be an MCP server object")
-        kind = server.get("type")
+        kind = server.get("type") if isinstance(server, dict) else None
         if kind in ("http", "sse"):
             raise _bad(
-                f"{path}.type", f"{kind!r} MCP servers are not supported: mcpCapabilities."
-                f"{kind} is false (use a stdio server)",
+                f"mcpServers[{i}].type", f"{kind!r} MCP servers are not supported: "
+                f"mcpCapabilities.{kind} is false (use a stdio server)",
             )  # fmt: skip
-        _req_str(server, "name", f"{path}.")
-        _req_str(server, "command", f"{path}.")
-        _str_list(server, "args", path=f"{path}.", required=True)
-        env = server.get("env")
-        if not isinstance(env, list):
-            raise _bad(f"{path}.env", "is required and must be an array of {name, value}")
-        for k, variable in enumerate(env):
-            if not isinstance(variable, dict):
-                raise _bad(f"{path}.env[{k}]", "must be an object with name and value")
-            _req_str(variable, "name", f"{path}.env[{k}].")
-            _req_str(variable, "value", f"{path}.env[{k}].")
+
+
+def _directories(obj: Mapping[str, Any]) -> tuple[str, ...]:
+    """``additionalDirectories`` as the schema reads it (marked default-on-error and
+    skip-invalid-items: not an array reads as none, an item that is not a string is
+    skipped); each path must be absolute, or it is -32602 naming it."""
+    value = obj.get("additionalDirectories")
+    if not isinstance(value, list):
+        return ()
+    return tuple(
+        _abs_path_text(item, f"additionalDirectories[{i}]")
+        for i, item in enumerate(value)
+        if isinstance(item, str)
+    )
 
 
 def parse_new_session(params: Params) -> NewSessionParams:
     obj = params_object(params)
     cwd = _abs_path(obj, "cwd")
     _mcp_servers(obj, required=True)
-    return NewSessionParams(cwd, _str_list(obj, "additionalDirectories", absolute=True), _meta(obj))
+    return NewSessionParams(cwd, _directories(obj), _meta(obj))
 
 
 @attrs.frozen
@@ -211,7 +191,7 @@ def parse_load_session(params: Params, *, mcp_required: bool) -> SessionRef:
     session_id = _session_id(obj)
     cwd = _abs_path(obj, "cwd")
     _mcp_servers(obj, required=mcp_required)
-    return SessionRef(session_id, cwd, _str_list(obj, "additionalDirectories", absolute=True))
+    return SessionRef(session_id, cwd, _directories(obj))
 
 
 @attrs.frozen

@@ -107,15 +107,9 @@ def test_new_session_cwd_relative() -> None:
         ({"cwd": None, "mcpServers": []}, "cwd is required"),
         ({"cwd": 5, "mcpServers": []}, "cwd must be a string, got int"),
         ({"cwd": "/p"}, "mcpServers is required"),
-        ({"cwd": "/p", "mcpServers": {}}, "mcpServers must be an array"),
-        ({"cwd": "/p", "mcpServers": [], "additionalDirectories": "x"}, "additionalDirectories"),
         (
-            {"cwd": "/p", "mcpServers": [], "additionalDirectories": ["/a", 3]},
-            "additionalDirectories[1] must be a string",
-        ),
-        (
-            {"cwd": "/p", "mcpServers": [], "additionalDirectories": ["/a", "b"]},
-            "additionalDirectories[1] must be an absolute path",
+            {"cwd": "/p", "mcpServers": [], "additionalDirectories": ["/a", 3, "b"]},
+            "additionalDirectories[2] must be an absolute path",
         ),
     ],
 )
@@ -130,27 +124,46 @@ STDIO_SERVER = {"name": "fs", "command": "/usr/bin/mcp-fs", "args": ["--root", "
 @pytest.mark.parametrize(
     ("servers", "fragment"),
     [
-        ([42], "mcpServers[0] must be an MCP server object"),
-        ([None], "mcpServers[0] must be an MCP server object"),
         ([STDIO_SERVER, {**STDIO_SERVER, "type": "http", "url": "http://x", "headers": []}],
          "mcpServers[1].type 'http' MCP servers are not supported: mcpCapabilities.http"),
         ([{"type": "sse", "name": "s", "url": "http://x", "headers": []}], "mcpCapabilities.sse"),
-        ([{k: v for k, v in STDIO_SERVER.items() if k != "command"}],
-         "mcpServers[0].command is required"),
-        ([{**STDIO_SERVER, "args": "--root"}], "mcpServers[0].args is required and must be"),
-        ([{**STDIO_SERVER, "args": [1]}], "mcpServers[0].args"),
-        ([{**STDIO_SERVER, "env": {"A": "b"}}], "mcpServers[0].env is required"),
-        ([{**STDIO_SERVER, "env": [{"name": "A"}]}], "mcpServers[0].env[0].value is required"),
     ],
 )  # fmt: skip
-def test_mcp_servers_are_checked_against_the_schema(servers: list[Any], fragment: str) -> None:
-    """Entries that are not an McpServer, or need a capability the agent does not
-    advertise, are refused (they were accepted and ignored)."""
+def test_mcp_servers_the_agent_cannot_take_are_refused(servers: list[Any], fragment: str) -> None:
+    """Entries that need a capability the agent does not advertise are refused."""
     for parse in (
         acp.parse_new_session,
         lambda p: acp.parse_load_session({**p, "sessionId": "s"}, mcp_required=True),
     ):
         assert fragment in _refused(parse, {"cwd": "/p", "mcpServers": servers})
+
+
+@pytest.mark.parametrize(
+    "servers",
+    [
+        None, {}, "x",  # not an array: read as [] (x-deserialize-default-on-error)
+        [42], [None],  # not an McpServer: skipped (x-deserialize-skip-invalid-items)
+        [{k: v for k, v in STDIO_SERVER.items() if k != "command"}],
+        [{**STDIO_SERVER, "args": "--root"}], [{**STDIO_SERVER, "args": [1]}],
+        [{k: v for k, v in STDIO_SERVER.items() if k != "env"}],
+        [{**STDIO_SERVER, "env": [{"name": "A"}]}],
+    ],
+)  # fmt: skip
+def test_mcp_servers_are_read_as_the_schema_says(servers: Any) -> None:
+    """The schema marks mcpServers default-on-error and skip-invalid-items: a session
+    whose list is malformed is not refused (it once was, where the reference agents
+    accept it; found by a lifecycle audit)."""
+    params = {"cwd": "/p", "mcpServers": servers}
+    assert acp.parse_new_session(params).cwd == "/p"
+    assert acp.parse_load_session({**params, "sessionId": "s"}, mcp_required=True).cwd == "/p"
+
+
+def test_additional_directories_are_read_as_the_schema_says() -> None:
+    """Also default-on-error and skip-invalid-items: not an array reads as none, an item
+    that is not a string is skipped; a path that is not absolute is still -32602."""
+    for value, expected in [("x", ()), ({"a": 1}, ()), (["/a", 3, None, "/b"], ("/a", "/b"))]:
+        params = {"cwd": "/p", "mcpServers": [], "additionalDirectories": value}
+        assert acp.parse_new_session(params).additional_directories == expected
 
 
 def test_stdio_mcp_servers_are_accepted() -> None:
