@@ -18,7 +18,6 @@ warning is logged.
 
 from __future__ import annotations
 
-import logging
 import zlib
 from typing import ClassVar
 
@@ -26,7 +25,7 @@ from hypercorn.protocol import ws_stream
 from wsproto.extensions import PerMessageDeflate
 from wsproto.frame_protocol import CloseReason, FrameDecoder, FrameProtocol
 
-log = logging.getLogger(__name__)
+from ._swap import swap_class
 
 
 class BoundedPerMessageDeflate(PerMessageDeflate):
@@ -74,10 +73,13 @@ def install(max_message_bytes: int) -> bool:
     """Bound what one compressed message may inflate to (idempotent; the bound only grows,
     see the module). Returns False, patching nothing, if Hypercorn no longer builds its
     extension as expected."""
-    current = getattr(ws_stream, "PerMessageDeflate", None)
-    if current is not PerMessageDeflate and current is not BoundedPerMessageDeflate:
-        log.warning("Hypercorn internals changed; compressed WebSocket messages are unbounded")
-        return False
-    BoundedPerMessageDeflate.limit = max(BoundedPerMessageDeflate.limit, max_message_bytes)
-    ws_stream.PerMessageDeflate = BoundedPerMessageDeflate  # type: ignore[attr-defined]
-    return True
+    swapped = swap_class(
+        ws_stream,
+        "PerMessageDeflate",
+        PerMessageDeflate,
+        BoundedPerMessageDeflate,
+        "compressed WebSocket messages are unbounded",
+    )
+    if swapped:
+        BoundedPerMessageDeflate.limit = max(BoundedPerMessageDeflate.limit, max_message_bytes)
+    return swapped

@@ -50,6 +50,7 @@ from hypercorn.events import Closed, Event, RawData
 from hypercorn.trio.tcp_server import MAX_RECV, TCPServer
 
 from ._keepalive import KeepAliveTimer
+from ._swap import swap_class
 
 log = logging.getLogger(__name__)
 
@@ -303,14 +304,9 @@ class FastSendTCPServer(TCPServer):
 def install() -> bool:
     """Make Hypercorn's trio worker use :class:`FastSendTCPServer` (idempotent). Returns
     False, patching nothing, if Hypercorn's internals no longer look as expected."""
-    current = getattr(_hypercorn_run, "TCPServer", None)
-    if current is FastSendTCPServer:
-        return True
-    if current is not TCPServer:
-        log.warning("Hypercorn internals changed; using its default socket writes")
-        return False
-    setattr(_hypercorn_run, "TCPServer", FastSendTCPServer)  # noqa: B010 (not re-exported)
-    return True
+    return swap_class(
+        _hypercorn_run, "TCPServer", TCPServer, FastSendTCPServer, "using its default socket writes"
+    )
 
 
 async def _receive(sock: socket.socket, drained: bool) -> bytes:

@@ -22,7 +22,6 @@ whole process (idempotent), and patches nothing if Hypercorn's internals do not 
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Generator
 
 from hypercorn.protocol import ws_stream
@@ -31,8 +30,7 @@ from wsproto.events import CloseConnection, Event
 from wsproto.frame_protocol import CloseReason
 
 from ._deflate import BoundedPerMessageDeflate
-
-log = logging.getLogger(__name__)
+from ._swap import swap_class
 
 
 class _Connection(Connection):
@@ -59,11 +57,6 @@ class _Connection(Connection):
 def install() -> bool:
     """Answer refused frames with a close frame (idempotent). Returns False, patching
     nothing, if Hypercorn no longer builds wsproto's ``Connection`` in ``ws_stream``."""
-    current = getattr(ws_stream, "Connection", None)
-    if current is _Connection:
-        return True
-    if current is not Connection:
-        log.warning("Hypercorn internals changed; refused WebSocket frames get no close frame")
-        return False
-    ws_stream.Connection = _Connection  # type: ignore[attr-defined]
-    return True
+    return swap_class(
+        ws_stream, "Connection", Connection, _Connection, "refused frames get no close frame"
+    )
