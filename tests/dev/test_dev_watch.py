@@ -191,6 +191,36 @@ async def test_new_directories_are_watched_and_their_files_reported(
         assert not pending
 
 
+@linux_only
+async def test_a_root_directory_deleted_and_made_again_is_watched_again(
+    tmp_path: Path, mock_clock: trio.testing.MockClock
+) -> None:
+    """A build tool that wipes and recreates its output directory (a site outside the
+    project, watched as a root of its own): its return was never seen, and no later
+    change was reported (live reload stopped for good; found by a dev app audit)."""
+    site = tmp_path / "out"
+    site.mkdir()
+    async with watching(tmp_path, paths=[site]) as pending:
+        (site / "index.html").write_text("one")
+        await settle()
+        assert taken(pending, tmp_path) == {"out/index.html"}
+        for round in ("two", "three"):
+            for child in site.iterdir():
+                child.unlink()
+            site.rmdir()
+            site.mkdir()
+            (site / "index.html").write_text(round)
+            await settle()
+            mock_clock.jump(STEP_MS / 1000)
+            await until_pending(pending)
+            assert "out/index.html" in taken(pending, tmp_path), round
+            (site / "later.html").write_text(round)  # watched from then on
+            await settle()
+            mock_clock.jump(STEP_MS / 1000)
+            await until_pending(pending)
+            assert taken(pending, tmp_path) == {"out/later.html"}, round
+
+
 def _watched_dirs(tmp_path: Path) -> set[str]:
     notify = _inotify.Inotify(IgnoreRules.build([tmp_path], (), [tmp_path / "site"]))
     try:

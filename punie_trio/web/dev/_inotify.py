@@ -204,8 +204,14 @@ class Inotify:
             if os.path.isdir(root):
                 self.add_tree(root)
             else:  # a file: through its directory, so a replacement by rename is seen
-                parent, name = os.path.split(root)
-                self._add(parent or ".", {name})
+                self.watch_for(root)
+
+    def watch_for(self, root: str) -> None:
+        """Watch ``root``'s parent for ``root``'s name: a file root replaced by rename, or a
+        directory root that went away and may come back (tools that wipe and recreate
+        their output directory: its return was once never seen, and reloads stopped)."""
+        parent, name = os.path.split(root)
+        self._add(parent or ".", {name})
 
     def remove_tree(self, top: str) -> None:
         """Stop watching ``top`` and everything under it (deleted or moved away)."""
@@ -380,15 +386,21 @@ def _sort(
         if directory is None:
             continue  # a directory we stopped watching: its late events mean nothing
         if mask & (IN_DELETE_SELF | IN_MOVE_SELF | IN_UNMOUNT):
-            if directory in notify.roots:  # a root went away (its parent reports the rest)
+            if directory in notify.roots:  # a root went away: its parent reports its return
                 s.started(directory, now)
                 notify.remove_tree(directory)
+                notify.watch_for(directory)
+                if os.path.isdir(directory):  # back already, before its parent was watched
+                    scans.append(directory)
             continue
         path = _event_path(notify, wd, raw)
         if path is None or ignored(path):
             continue
         if mask & IN_ISDIR:
-            if notify.names.get(wd) is not None:
+            if notify.names.get(wd) is not None:  # a watched name's directory
+                if path in notify.roots and mask & (IN_CREATE | IN_MOVED_TO):
+                    s.started(path, now)  # a root came back: watched, its files reported
+                    scans.append(path)
                 continue
             if mask & (IN_CREATE | IN_MOVED_TO):
                 s.started(path, now)
