@@ -46,6 +46,8 @@ async def test_index_redirect_head_and_types(site: Path) -> None:
         assert r.status_code == 200 and b"<p>docs</p>" in r.content
         r = await client.get("/docs?x=1")
         assert r.status_code == 301 and r.headers["location"] == "/docs/?x=1"
+        # A leading // made the Location another host's (//docs/); found by an audit.
+        assert await _location(url, "//docs") == "/docs/"
         r = await client.get("/style.css", headers={"accept-encoding": "identity"})
         assert r.headers["content-type"] == "text/css; charset=utf-8"
         assert r.headers["cache-control"] == "no-cache"
@@ -58,6 +60,22 @@ async def test_index_redirect_head_and_types(site: Path) -> None:
         assert r.status_code == 405 and r.headers["allow"] == "GET, HEAD"
         r = await client.post("/__reload__")
         assert r.status_code == 405 and r.headers["allow"] == "GET"
+
+
+async def _location(base_url: str, target: str) -> str:
+    """The Location of the answer to ``GET target``, sent byte for byte."""
+    host, port = base_url.removeprefix("http://").rsplit(":", 1)
+    async with await trio.open_tcp_stream(host, int(port)) as stream:
+        request = f"GET {target} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+        await stream.send_all(request.encode())
+        data = b""
+        while chunk := await stream.receive_some(65536):
+            data += chunk
+    head = data.partition(b"\r\n\r\n")[0].decode("latin-1").split("\r\n")
+    assert head[0].split(" ")[1] == "301", head
+    return next(
+        line.split(":", 1)[1].strip() for line in head if line.lower().startswith("location:")
+    )
 
 
 async def test_conditional_requests(site: Path) -> None:
@@ -81,6 +99,12 @@ async def test_conditional_requests(site: Path) -> None:
         assert r.status_code == 304
         dev.broadcaster.publish_reload("reload", ("index.html",))
         r = await client.get("/", headers={"if-none-match": page.headers["etag"]})
+        assert r.status_code == 200 and b'"generation":1' in r.content
+        # A page has no date to revalidate by: its file's said "not modified" of a page
+        # whose embedded state had changed (found by an audit).
+        assert "last-modified" not in page.headers
+        future = "Fri, 01 Jan 2100 00:00:00 GMT"
+        r = await client.get("/", headers={"if-modified-since": future})
         assert r.status_code == 200 and b'"generation":1' in r.content
 
 

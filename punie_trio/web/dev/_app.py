@@ -213,7 +213,11 @@ class DevApp:
                 request[name] = bytes(value).decode("latin-1")
         found = await self.static.find(path)
         if found.kind == "redirect":
-            location = urllib.parse.quote(path) + "/"
+            # From the path's segments, so it is a path on this server: a request for
+            # //evil.example.com (a directory of the site) was sent to //evil.example.com/,
+            # which a browser reads as another host (found by a dev app audit).
+            segments = [urllib.parse.quote(segment) for segment in path.split("/") if segment]
+            location = "/" + "/".join(segments) + "/"
             if scope.get("query_string"):
                 location += "?" + scope["query_string"].decode("latin-1")
             await respond(

@@ -319,19 +319,21 @@ class StaticSite:
             variant = variant + "-gz" if variant else "gz"
             memo_key += "|gz"
         etag = _http.make_etag(found.size, found.mtime_ns, variant)
-        last_modified = found.last_modified
-        headers: Headers = [
-            (b"etag", etag.encode()),
-            (b"last-modified", last_modified.encode()),
-            (b"cache-control", b"no-store" if html else b"no-cache"),
-        ]
+        # A page's body also holds the page state it embeds, which changes without its file:
+        # its date would say "not modified" of a page that changed (If-Modified-Since gave
+        # 304 once the generation moved; found by a dev app audit). The ETag covers both.
+        last_modified = "" if html else found.last_modified
+        headers: Headers = [(b"etag", etag.encode())]
+        if last_modified:
+            headers.append((b"last-modified", last_modified.encode()))
+        headers.append((b"cache-control", b"no-store" if html else b"no-cache"))
         if compressible:
             headers.append((b"vary", b"accept-encoding"))
         if _http.not_modified(
             etag=etag,
             mtime=found.mtime_ns / 1e9,
             if_none_match=request.get("if-none-match"),
-            if_modified_since=request.get("if-modified-since"),
+            if_modified_since=None if html else request.get("if-modified-since"),
         ):
             await respond(send, 304, headers, b"")
             return
