@@ -138,6 +138,9 @@ class ClientConnection:
             request_id, result, error, before=before
         )
 
+    def request_refused(self, request_id: RequestId) -> None:
+        self.stop_awaiting(request_id)  # (the client used the id again: see handle_request)
+
     def stop_awaiting(self, request_id: RequestId | None) -> None:
         """``request_id``'s old answer is no longer for this client (sent, or the id is
         in use again)."""

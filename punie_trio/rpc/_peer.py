@@ -85,6 +85,11 @@ class Dispatcher(Protocol):
         """Act on a notification without blocking. Unknown ones should be ignored."""
         ...
 
+    def request_refused(self, request_id: RequestId) -> None:
+        """A request with ``request_id`` was refused before :meth:`handle_request` saw it
+        (its id in use, or too many in flight): the client has used the id all the same."""
+        ...
+
 
 class PeerObserver(Protocol):
     """Hooks for metrics. Called synchronously; must not block."""
@@ -541,10 +546,12 @@ class Peer:
 
     async def _start_request(self, msg: Request) -> None:
         if msg.id in self._running:
+            self.dispatcher.request_refused(msg.id)
             error = RpcError(INVALID_REQUEST, f"Invalid request: id {msg.id!r} is already in use")
             await self._send(ErrorResponse(msg.id, error.code, error.message))
             return
         if len(self._running) >= self.max_concurrent_requests:
+            self.dispatcher.request_refused(msg.id)
             error = RpcError(
                 INTERNAL_ERROR,
                 f"Too many concurrent requests (limit {self.max_concurrent_requests})",

@@ -667,6 +667,23 @@ async def test_the_initialize_requests_own_id_is_not_awaited(
         assert len(answers) == 1 and "protocolVersion" in answers[0]["result"]
 
 
+async def test_an_awaited_id_refused_before_dispatch_is_not_awaited_any_more(
+    tmp_path: Path, acp_schema: SchemaChecker, autojump_clock: trio.testing.MockClock
+) -> None:
+    """A request refused before the connection sees it (its id already in flight) still
+    used the id: the old answer under it must not follow (found in review)."""
+    model = ScriptModel([[{"text": "a"}, {"sleep": 5}]])
+    async with open_hub(tmp_path, acp_schema, model, limits=Limits(grace_seconds=60)) as hub:
+        await prompt_then_drop(hub, "ide", "p", "a")
+        b = await hub.connect()
+        await initialize(b.client, client_id="ide", awaiting=["p"])
+        assert b.connection.awaiting == {"p"}
+        b.connection.request_refused("p")  # as the Peer calls it
+        assert b.connection.awaiting == frozenset()
+        await trio.sleep(10)  # the old turn has ended
+        assert not any(m.get("id") == "p" for m in b.client.received)
+
+
 @pytest.mark.parametrize("run", range(8))  # (the old race lost about 1 run in 3)
 async def test_a_prompt_pipelined_behind_initialize_finds_its_reattached_session(
     tmp_path: Path, acp_schema: SchemaChecker, autojump_clock: trio.testing.MockClock, run: int

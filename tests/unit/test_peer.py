@@ -41,6 +41,7 @@ class Dispatcher:
     def __init__(self, handlers: dict[str, Handler] | None = None) -> None:
         self.handlers: dict[str, Handler] = dict(handlers or {})
         self.notifications: list[tuple[str, Params]] = []
+        self.refused: list[Any] = []
 
     def handle_request(self, method: str, params: Params) -> Awaitable[Any]:
         handler = self.handlers.get(method)
@@ -50,6 +51,9 @@ class Dispatcher:
 
     def handle_notification(self, method: str, params: Params) -> None:
         self.notifications.append((method, params))
+
+    def request_refused(self, request_id: Any) -> None:
+        self.refused.append(request_id)
 
 
 async def echo(params: Params) -> Any:
@@ -426,13 +430,15 @@ async def test_duplicate_in_flight_id_is_refused(autojump_clock: trio.testing.Mo
         return params
 
     async with trio.open_nursery() as nursery:
-        _, raw = await start_peer(nursery, Dispatcher({"slow": slow}))
+        dispatcher = Dispatcher({"slow": slow})
+        _, raw = await start_peer(nursery, dispatcher)
         await raw.send({"id": 1, "method": "slow", "params": ["first"]})
         await raw.send({"id": 1, "method": "slow", "params": ["second"]})
         answer = await raw.recv()
         assert answer["id"] == 1
         assert answer["error"]["code"] == INVALID_REQUEST
         assert "already in use" in answer["error"]["message"]
+        assert dispatcher.refused == [1]  # (told: the client used the id)
         release.set()
         assert await raw.recv() == {"jsonrpc": "2.0", "id": 1, "result": ["first"]}
         # Once answered, the id may be reused.
@@ -449,13 +455,15 @@ async def test_max_concurrent_requests(autojump_clock: trio.testing.MockClock) -
         return "done"
 
     async with trio.open_nursery() as nursery:
-        _, raw = await start_peer(nursery, Dispatcher({"slow": slow}), max_concurrent_requests=2)
+        dispatcher = Dispatcher({"slow": slow})
+        _, raw = await start_peer(nursery, dispatcher, max_concurrent_requests=2)
         for i in range(3):
             await raw.send({"id": i, "method": "slow"})
         answer = await raw.recv()
         assert answer["id"] == 2
         assert answer["error"]["code"] == INTERNAL_ERROR
         assert "limit 2" in answer["error"]["message"]
+        assert dispatcher.refused == [2]
         release.set()
         done = {(await raw.recv())["id"] for _ in range(2)}
         assert done == {0, 1}
