@@ -1102,17 +1102,15 @@ class Manager:
     async def _ask_client(self, session: Session, turn: ActiveTurn, call: ClientCall) -> None:
         reply: ClientReply
         conn = session.owner
-        if not _can_take(conn, call.method):
-            reply = ClientReply(turn.turn_id, call.call_id, unavailable=True)
-            with contextlib.suppress(trio.ClosedResourceError, trio.BrokenResourceError):
-                await session.worker.commands.send(reply)
-            return
         try:
-            if conn is None:
+            if not _can_take(conn, call.method):
+                reply = ClientReply(turn.turn_id, call.call_id, unavailable=True)
+            elif conn is None:
                 raise PeerClosed("the client is disconnected")
-            with trio.fail_after(self.limits.client_call_timeout):
-                result = await conn.call_client(call.method, call.params)
-            reply = ClientReply(turn.turn_id, call.call_id, result=result)
+            else:
+                with trio.fail_after(self.limits.client_call_timeout):
+                    result = await conn.call_client(call.method, call.params)
+                reply = ClientReply(turn.turn_id, call.call_id, result=result)
         except RpcError as exc:
             reply = ClientReply(
                 turn.turn_id, call.call_id, error_code=exc.code, error_message=exc.message
