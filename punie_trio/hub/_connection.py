@@ -211,6 +211,7 @@ class ClientConnection:
                 INVALID_REQUEST, "Invalid request: the connection is already initialized"
             )
         init = acp.parse_initialize(params)
+        awaiting = _awaiting(init.meta.get(AWAITING_META))  # (checked before any change)
         self.capabilities = init.capabilities
         self.client_info = init.client_info
         client_id = init.meta.get(CLIENT_ID_META)
@@ -227,7 +228,7 @@ class ClientConnection:
             self.manager.check_client_id(client_id)
             self.client_id = client_id
             self.prompt_times = self.manager.prompt_times_for(client_id)
-        self.awaiting = _awaiting(init.meta.get(AWAITING_META))
+        self.awaiting = awaiting
         self.stop_awaiting(current_request_id.get(None))  # (initialize's own id)
         self.initialized = True
         # We speak exactly version 1: answer with it whatever the client asked (the client

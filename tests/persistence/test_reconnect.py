@@ -159,6 +159,23 @@ async def test_client_id_in_use_by_an_open_connection_is_refused(
             assert error["code"] == -32602 and "printable" in error["message"]
 
 
+@pytest.mark.parametrize("awaiting", ["p", [True], [1.5], [None], list(range(1001))])
+async def test_a_bad_awaiting_list_is_refused_and_changes_nothing(
+    tmp_path: Path, acp_schema: SchemaChecker, awaiting: Any
+) -> None:
+    """``_meta["punie-trio/awaiting"]`` holds at most 1,000 request ids (strings or
+    integers); anything else is -32602, checked before the connection takes its client
+    id, so a corrected initialize then goes through."""
+    async with open_hub(tmp_path, acp_schema, ScriptModel([[{"text": "x"}]])) as hub:
+        c = await hub.connect()
+        meta = {CLIENT_ID_META: "ide", AWAITING_META: awaiting}
+        error = await expect_error(c.client, "initialize", {"protocolVersion": 1, "_meta": meta})
+        assert error["code"] == -32602 and AWAITING_META in error["message"]
+        assert c.connection.client_id is None and not c.connection.initialized
+        await initialize(c.client, client_id="ide", awaiting=["p", 7])
+        assert c.connection.awaiting == {"p", 7}
+
+
 async def test_grace_expiry_drops_the_sessions_but_they_stay_loadable(
     tmp_path: Path, acp_schema: SchemaChecker, autojump_clock: trio.testing.MockClock
 ) -> None:
