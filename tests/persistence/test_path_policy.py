@@ -277,6 +277,24 @@ async def test_paths_that_cannot_be_resolved_are_invalid_params_or_failed_tools(
         assert any(u["sessionUpdate"] == "agent_message_chunk" for u in updates)
 
 
+def swap_for_a_link_after_the_check(
+    monkeypatch: pytest.MonkeyPatch, directory: Path, target: Path
+) -> None:
+    """Make the tools' path check swap ``directory`` (renamed ``<name>-was``) for a link to
+    ``target`` right after it passes: the race a local process runs, won every time."""
+    from punie_trio.worker import _tools
+
+    checked = _tools.resolve_inside
+
+    def check_then_swap(path: str, cwd: str, roots: Any) -> Path:
+        resolved = checked(path, cwd, roots)
+        directory.rename(directory.with_name(directory.name + "-was"))
+        directory.symlink_to(target)
+        return resolved
+
+    monkeypatch.setattr(_tools, "resolve_inside", check_then_swap)
+
+
 @pytest.mark.parametrize("tool", ["read_file", "write_file"])
 async def test_a_directory_swapped_for_a_symlink_after_the_check_is_not_followed(
     layout: tuple[Path, Path], acp_schema: SchemaChecker, monkeypatch: pytest.MonkeyPatch, tool: str
@@ -285,22 +303,12 @@ async def test_a_directory_swapped_for_a_symlink_after_the_check_is_not_followed
     path check and the open (an audit won that race in 2 of 3 runs with a tight loop of
     swaps): the tool opens one directory at a time without following links, so it fails
     and nothing outside is read or written. The swap is made at that very moment here."""
-    from punie_trio.worker import _tools
-
     root, outside = layout
     (outside / "secret.txt").write_text(SECRET)
     race = root / "race"
     race.mkdir()
     (race / "secret.txt").write_text("inside")
-    checked = _tools.resolve_inside
-
-    def check_then_swap(path: str, cwd: str, roots: Any) -> Path:
-        resolved = checked(path, cwd, roots)
-        race.rename(root / "race-was")
-        race.symlink_to(outside)
-        return resolved
-
-    monkeypatch.setattr(_tools, "resolve_inside", check_then_swap)
+    swap_for_a_link_after_the_check(monkeypatch, race, outside)
     steps = [{"tool": tool, "input": {"path": "race/secret.txt", "content": "pwned"}}]
     async with open_hub(root, acp_schema, ScriptModel([steps])) as hub:
         link = await hub.connect()
@@ -324,22 +332,12 @@ async def test_a_link_swapped_in_above_an_additional_directory_is_not_followed(
     ``proj/a`` becomes a link to ``outside/a``. The open started at the additional
     directory itself and followed the link (an audit read outside in 40 of 200 tries);
     it walks down from the project root now."""
-    from punie_trio.worker import _tools
-
     root, outside = layout
     (root / "a" / "b").mkdir(parents=True)
     (root / "a" / "b" / "f.txt").write_text("inside")
     (outside / "a" / "b").mkdir(parents=True)
     (outside / "a" / "b" / "f.txt").write_text(SECRET)
-    checked = _tools.resolve_inside
-
-    def check_then_swap(path: str, cwd: str, roots: Any) -> Path:
-        resolved = checked(path, cwd, roots)
-        (root / "a").rename(root / "a-was")
-        (root / "a").symlink_to(outside / "a")
-        return resolved
-
-    monkeypatch.setattr(_tools, "resolve_inside", check_then_swap)
+    swap_for_a_link_after_the_check(monkeypatch, root / "a", outside / "a")
     steps = [{"tool": tool, "input": {"path": "a/b/f.txt", "content": "pwned"}}]
     async with open_hub(root, acp_schema, ScriptModel([steps])) as hub:
         link = await hub.connect()

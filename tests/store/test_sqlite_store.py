@@ -399,6 +399,11 @@ def _seqs(entries: list[TranscriptEntry]) -> list[int]:
     return [e.seq for e in entries]
 
 
+#: The statements of a group commit of two turns (sessions whose tails are known): one
+#: transaction, one ``data_version`` read, a row each.
+TWO_TURN_GROUP = ["BEGIN IMMEDIATE", "PRAGMA data_version", "INSERT INTO", "INSERT INTO", "COMMIT"]
+
+
 def _verbs(statements: list[str]) -> list[str]:
     """Each traced statement's first two words ("BEGIN IMMEDIATE", "INSERT INTO", ...)."""
     return [" ".join(sql.split()[:2]) for sql in statements]
@@ -1138,13 +1143,7 @@ async def test_a_turn_waiting_in_a_group_is_not_cancelled_half_way(tmp_path: Pat
         store._writer.set_trace_callback(None)
         assert returned and scope.cancelled_caught
         verbs = _verbs(statements)
-        assert verbs == [
-            "BEGIN IMMEDIATE",
-            "PRAGMA data_version",
-            "INSERT INTO",
-            "INSERT INTO",
-            "COMMIT",
-        ]
+        assert verbs == TWO_TURN_GROUP
         assert _seqs(await store.transcript("b")) == list(range(5))
 
 
@@ -1183,13 +1182,7 @@ async def test_a_turn_recorded_alone_commits_without_waiting_for_a_group(
             await store.append_turn("b", 0, sample_turn(0))
         store._writer.set_trace_callback(None)
         verbs = _verbs(statements)
-        assert verbs == [
-            "BEGIN IMMEDIATE",
-            "PRAGMA data_version",
-            "INSERT INTO",
-            "INSERT INTO",
-            "COMMIT",
-        ]
+        assert verbs == TWO_TURN_GROUP
         assert _seqs(await store.transcript("c")) == list(range(5))
 
 
