@@ -119,7 +119,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="a project root sessions may use (repeatable; default: the current directory)",
     )
     s.add_argument("--model", help="model backend: echo (default), echo:N or script:PATH")
-    s.add_argument("--log-level", choices=LOG_LEVELS, help="stderr log level (default warning)")
+    s.add_argument(
+        "--log-level",
+        type=str.lower,  # any case, like the file and $PUNIE_LOG_LEVEL
+        choices=LOG_LEVELS,
+        help="stderr log level (default warning)",
+    )
     s.add_argument(
         "--data-dir", type=_path, help="data directory (default: $PUNIE_DATA_DIR or the platform's)"
     )

@@ -527,7 +527,9 @@ def test_data_dir_flag_overrides_the_environment(env: dict[str, str], tmp_path: 
     assert not (tmp_path / "data").exists()
 
 
-def test_log_level_error_silences_warnings(env: dict[str, str], tmp_path: Path) -> None:
+@pytest.mark.parametrize("level", ["error", "ERROR"])
+def test_log_level_error_silences_warnings(env: dict[str, str], tmp_path: Path, level: str) -> None:
+    """--log-level takes any case, like the file and $PUNIE_LOG_LEVEL."""
     done = subprocess.run(
         [
             *PUNIE,
@@ -537,7 +539,7 @@ def test_log_level_error_silences_warnings(env: dict[str, str], tmp_path: Path) 
             "--project",
             str(tmp_path),
             "--log-level",
-            "error",
+            level,
         ],
         input=b'{"jsonrpc":"2.0","id":null,"error":{"code":1,"message":"x"}}\n',
         capture_output=True,
