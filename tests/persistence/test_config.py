@@ -314,6 +314,14 @@ def test_a_host_name_no_request_could_carry_is_refused(host: str) -> None:
         resolve({}, {"allow_host": [host]}, {}, "config.toml")
 
 
+def test_the_environment_turns_off_an_option_the_file_turns_on() -> None:
+    """On/off flags only turn options on; the environment is how one run turns one off."""
+    file = {"metrics_public": True, "stdio": True}
+    env = {"PUNIE_METRICS_PUBLIC": "false", "PUNIE_STDIO": "0"}
+    resolved = resolve({}, file, env, "config.toml")
+    assert (resolved["metrics_public"], resolved["stdio"]) == (False, False)
+
+
 def test_log_level_is_read_in_any_case() -> None:
     assert resolve({}, {"log_level": "INFO"}, {}, "config.toml")["log_level"] == "info"
 
