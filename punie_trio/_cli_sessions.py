@@ -291,7 +291,9 @@ def _render(entries: Iterable[TranscriptEntry]) -> Iterator[str]:
         elif entry.kind == "session_info_update" and "title" in payload:
             yield _printable(f"named: {payload['title']}")  # (the first turn names its session)
         elif entry.kind == STOP:
-            yield _printable(f"stop: {payload.get('stopReason')}")
+            error = payload.get("error")
+            failed = f" (the model failed: {error})" if isinstance(error, str) else ""
+            yield _printable(f"stop: {payload.get('stopReason')}{failed}")
         else:
             yield _printable(f"{entry.kind}: {json.dumps(payload, ensure_ascii=False)}")
     yield from flush()

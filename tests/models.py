@@ -10,7 +10,8 @@ import attrs
 @attrs.define
 class RefusesBad:
     """Answers every prompt ("answer to PROMPT"), ends a prompt "bad" with ``refusal``,
-    and records the history each turn was given (``seen``)."""
+    fails on a prompt "boom" once it has answered, and records the history each turn was
+    given (``seen``)."""
 
     name: str = "refuses-bad"
     seen: list[list[tuple[str, str]]] = attrs.field(factory=list)
@@ -18,4 +19,6 @@ class RefusesBad:
     async def run_turn(self, ctx: Any) -> str:
         self.seen.append(list(ctx.history))
         await ctx.text(f"answer to {ctx.prompt_text}")
+        if ctx.prompt_text == "boom":
+            raise RuntimeError("the model exploded")
         return "refusal" if ctx.prompt_text == "bad" else "end_turn"

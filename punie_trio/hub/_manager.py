@@ -992,8 +992,9 @@ class Manager:
                     and turn.connection.send_encoded_now(held)
                 ):
                     held = []
+                failed = finished.error if finished is not None else None
                 persist_error = await self._persist_turn(
-                    session, params, streamed, stop, "".join(agent_text), title
+                    session, params, streamed, stop, "".join(agent_text), title, failed
                 )
                 if named is not None and persist_error is None:
                     held.append(named)
@@ -1135,11 +1136,13 @@ class Manager:
         stop: str,
         agent_text: str,
         title: str | None = None,
+        failed: str | None = None,
     ) -> str | None:
         """Commit the turn's transcript before its answer is sent (an answered turn is never
         lost). A relay cancelled meanwhile (shutdown) records its turn too, as cancelled.
-        Once it is committed, ``title`` (the session's first) is saved. Returns an error
-        message, or None once committed."""
+        Once it is committed, ``title`` (the session's first) is saved. ``failed`` is the
+        model's error, recorded so a load leaves the turn out of the model's history as the
+        live session did. Returns an error message, or None once committed."""
         entries: list[tuple[str, Payload]] = [
             ("user_message_chunk", updates.user_message_chunk(block)) for block in params.prompt
         ]
@@ -1147,7 +1150,10 @@ class Manager:
         # The turn's history rides on its stop entry: a load then decodes one entry per
         # turn, not every chunk (older stores without it fall back to the chunks).
         user_said = user_text(params.prompt)
-        entries.append((STOP, {"stopReason": stop, "history": [user_said, agent_text]}))
+        stop_entry: dict[str, Any] = {"stopReason": stop, "history": [user_said, agent_text]}
+        if failed is not None:
+            stop_entry["error"] = failed
+        entries.append((STOP, stop_entry))
         alone = self._running_turns == 1
         try:
             if trio.current_effective_deadline() != -math.inf:

@@ -139,9 +139,10 @@ def turn_history(stop_json: str, chunks: list[tuple[str, str]]) -> list[tuple[st
     """A turn's ``[("user", text), ("agent", text)]``: from its stop entry's ``history``, or
     (a store written before that existed) from its ``(kind, payload_json)`` message chunks.
     Nothing for a turn that ended in ``refusal``: it "won't be included in the next prompt"
-    (the schema's ``StopReason``), after a load as before it."""
+    (the schema's ``StopReason``), after a load as before it; nor for one whose model failed
+    (its stop entry has an ``error``), which the live session left out too."""
     stop = json.loads(stop_json)
-    if stop.get("stopReason") == "refusal":
+    if stop.get("stopReason") == "refusal" or "error" in stop:
         return []
     summary = stop.get("history")
     if (

@@ -89,7 +89,8 @@ class TranscriptEntry:
     ``payload_json`` is the JSON text of exactly the ACP ``update`` object as it was
     streamed, so ``session/load`` splices it into its replayed notifications unchanged (no
     decode and re-encode per entry); ``payload`` decodes it. For :data:`STOP` it is
-    ``{"stopReason": ...}``.
+    ``{"stopReason": ...}``, which the hub extends with the turn's ``history`` (the user's
+    and the agent's text) and, when the model failed, its ``error``.
     """
 
     session_id: str

@@ -149,6 +149,28 @@ def test_show(data_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     )
 
 
+async def _fill_failed(data_dir: Path) -> None:
+    ensure_data_dir(data_dir)
+    async with open_sqlite_store(store_path(data_dir)) as store:
+        await store.create_session(make_record("sess-f"))
+        stop = {"stopReason": "end_turn", "history": ["go", ""], "error": "RuntimeError: x"}
+        await store.append_turn(
+            "sess-f",
+            0,
+            [("user_message_chunk", text_update("user_message_chunk", "go")), ("stop", stop)],
+        )
+
+
+def test_show_says_a_turn_whose_model_failed(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The prompt was answered with an error, not end_turn alone: show says so."""
+    trio.run(_fill_failed, tmp_path / "data")
+    assert main(["sessions", "show", "sess-f", "--data-dir", str(tmp_path / "data")]) == 0
+    out = capsys.readouterr().out
+    assert out.endswith("user: go\nstop: end_turn (the model failed: RuntimeError: x)\n")
+
+
 def test_export_stdout_and_file(
     data_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -316,21 +316,30 @@ async def test_a_failed_roots_write_rolls_back(tmp_path: Path, acp_schema: Schem
         assert not manager.sessions[session].loading
 
 
-async def test_a_loaded_session_leaves_its_refused_turns_out_of_the_history(
-    tmp_path: Path, acp_schema: SchemaChecker
+@pytest.mark.parametrize("prompt", ["bad", "boom"])
+async def test_a_loaded_session_leaves_refused_and_failed_turns_out_of_the_history(
+    tmp_path: Path, acp_schema: SchemaChecker, prompt: str
 ) -> None:
     """As before the load: a refused turn "won't be included in the next prompt" (the
-    schema's StopReason), so the history seeded from the store skips it too."""
+    schema's StopReason), and the live session leaves out a turn whose model failed, so
+    the history seeded from the store skips them too (a failed turn once came back)."""
     model = RefusesBad()
     async with open_hub(tmp_path, acp_schema, model) as hub:
         (a,) = await clients(hub, 1)
         session = await a.new_session(str(hub.root))
         assert await a.prompt(session, "good") == "end_turn"
-        assert await a.prompt(session, "bad") == "refusal"
+        ans = await a.request_raw("session/prompt", prompt_params(session, prompt))
+        if prompt == "bad":
+            assert ans["result"] == {"stopReason": "refusal"}
+        else:
+            assert "the model failed: RuntimeError" in ans["error"]["message"]
+        assert await a.prompt(session, "live") == "end_turn"
         await a.request("session/close", {"sessionId": session})
         await a.request("session/load", load_params(session, hub.root))
         assert await a.prompt(session, "again") == "end_turn"
-    assert model.seen[-1] == [("user", "good"), ("agent", "answer to good")]
+    good = [("user", "good"), ("agent", "answer to good")]
+    assert model.seen[-2] == good
+    assert model.seen[-1] == [*good, ("user", "live"), ("agent", "answer to live")]
 
 
 async def test_a_cancelled_close_leaves_the_session_usable(
