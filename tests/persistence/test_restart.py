@@ -14,6 +14,8 @@ import attrs
 import pytest
 import trio
 
+from punie_trio._paths import store_path
+from punie_trio.store import open_sqlite_store
 from punie_trio.worker import ScriptModel, TurnContext
 
 from ..acp_schema import SchemaChecker
@@ -386,7 +388,8 @@ async def test_list_shows_only_sessions_under_served_roots(
     tmp_path: Path, acp_schema: SchemaChecker
 ) -> None:
     """A store outlives ``--project`` choices: a server lists (and loads) only the sessions
-    under the roots it serves now."""
+    under the roots it serves now; a delete of another root's session answers as for an
+    unknown id and leaves it stored."""
     from punie_trio.server import ServeConfig, serve
 
     root = await resolved(tmp_path)
@@ -417,7 +420,10 @@ async def test_list_shows_only_sessions_under_served_roots(
                 assert [s["sessionId"] for s in listed["sessions"]] == [in_a]
                 error = await expect_error(client, "session/load", load_params(in_b, root / "a"))
                 assert error["code"] == -32002
+                assert await client.request("session/delete", {"sessionId": in_b}) == {}
             narrowed.closing.set()
+        async with open_sqlite_store(store_path(tmp_path / "data")) as store:
+            assert await store.get_session(in_b) is not None
 
 
 @attrs.define(eq=False)
