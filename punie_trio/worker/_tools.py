@@ -8,11 +8,12 @@ disk directly. Either way the path must resolve inside the session's roots.
 
 from __future__ import annotations
 
-import io
+import functools
 import os
+import re
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import attrs
 import trio
@@ -43,6 +44,27 @@ class ToolSpec:
 
 #: ``fs/read_text_file``'s ``line`` and ``limit`` are uint32 (the schema).
 _UINT32_MAX = 2**32 - 1
+
+#: The most a ``read_file`` from disk returns (16 MiB, the default message bound): a larger
+#: file, or a larger run of lines, fails the call rather than fill the server's memory.
+READ_LIMIT_BYTES = 16 * 1024 * 1024
+
+#: The most of a tool's output its ``tool_call_update`` shows (characters). The model gets
+#: the whole output; an IDE gets a readable head and the total, not megabytes per update
+#: (stored, and replayed by every ``session/load``).
+SHOWN_OUTPUT_CHARS = 64 * 1024
+
+
+def shown_output(output: str) -> tuple[str, dict[str, Any]]:
+    """The text ``content`` and the ``rawOutput`` a completed tool call reports: the output
+    itself, or its first :data:`SHOWN_OUTPUT_CHARS` characters with a note of what was cut
+    (``rawOutput`` then says ``truncated`` and the full ``length``)."""
+    if len(output) <= SHOWN_OUTPUT_CHARS:
+        return output, {"output": output}
+    head = output[:SHOWN_OUTPUT_CHARS]
+    more = len(output) - SHOWN_OUTPUT_CHARS
+    note = f"\n[... {more:,} more characters not shown ({len(output):,} in all)]"
+    return head + note, {"output": head, "truncated": True, "length": len(output)}
 
 
 def _path_arg(tool_input: dict[str, Any]) -> str:
@@ -85,29 +107,26 @@ async def _read_file(env: TurnEnv, tool_input: dict[str, Any], call: ClientCalle
             if not isinstance(content, str):
                 raise ToolError("client answered fs/read_text_file without a content string")
             return content
+    read = functools.partial(
+        _read_disk, path, _walk_from(env), lines.get("line"), lines.get("limit")
+    )
     try:
-        # As stored (read_text would turn \r\n and \r into \n): what an editor holds.
-        text = (await trio.to_thread.run_sync(_read_disk, path, _walk_from(env))).decode("utf-8")
+        return await trio.to_thread.run_sync(read)
     except PathEscape as exc:
         raise ToolError(str(exc)) from None
     except IsADirectoryError:
         raise ToolError(f"cannot read {path}: it is a directory") from None
+    except _TooLarge:
+        raise ToolError(
+            f"cannot read {path}: more than {READ_LIMIT_BYTES:,} bytes"
+            " (read it in parts with line and limit)"
+        ) from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ToolError(f"cannot read {path}: {exc}") from None
-    return _lines_of(text, lines.get("line"), lines.get("limit"))
 
 
-def _lines_of(text: str, line: int | None, limit: int | None) -> str:
-    """``text`` from its ``line``-th line (1-based, as ``fs/read_text_file`` counts; 0
-    reads as 1), at most ``limit`` lines, each with its ending: what a client's
-    ``fs/read_text_file`` with the same ``line`` and ``limit`` answers. Lines end at
-    ``\n``, ``\r\n`` or ``\r``, as an editor counts them."""
-    if line is None and limit is None:
-        return text
-    lines = io.StringIO(text, newline="").readlines()
-    start = max(line or 1, 1) - 1
-    end = None if limit is None else start + limit
-    return "".join(lines[start:end])
+class _TooLarge(Exception):
+    """What a disk read would return is over :data:`READ_LIMIT_BYTES`."""
 
 
 async def _write_file(env: TurnEnv, tool_input: dict[str, Any], call: ClientCaller) -> str:
@@ -146,11 +165,63 @@ def _walk_from(env: TurnEnv) -> tuple[str, ...]:
     return env.anchors or env.roots
 
 
-def _read_disk(path: Path, roots: tuple[str, ...]) -> bytes:
-    """(On a worker thread.) The file's bytes, opened without following a symlink that
-    appeared since the path was checked (``open_beneath``)."""
+def _read_disk(path: Path, roots: tuple[str, ...], line: int | None, limit: int | None) -> str:
+    """(On a worker thread.) The file's text as stored (``\r\n`` and ``\r`` kept: what an
+    editor holds), opened without following a symlink that appeared since the path was
+    checked (``open_beneath``). With ``line`` and/or ``limit``, from its ``line``-th line
+    (1-based, as ``fs/read_text_file`` counts; 0 reads as 1), at most ``limit`` lines, each
+    with its ending, as a client's ``fs/read_text_file`` answers; lines end at ``\n``,
+    ``\r\n`` or ``\r``, as an editor counts them. The file is read a line at a time then,
+    so a part of a file of any size can be read. Raises :class:`_TooLarge` past
+    :data:`READ_LIMIT_BYTES` of what would be returned."""
     with os.fdopen(open_beneath(path, roots, os.O_RDONLY), "rb") as file:
-        return file.read()
+        if line is None and limit is None:
+            data = file.read(READ_LIMIT_BYTES + 1)
+        else:
+            data = _take_lines(file, max(line or 1, 1) - 1, limit)
+        if len(data) > READ_LIMIT_BYTES:
+            raise _TooLarge
+        return data.decode("utf-8")
+
+
+_LINE_END = re.compile(rb"\r\n|\r|\n")
+
+
+def _take_lines(file: BinaryIO, first: int, limit: int | None, chunk_size: int = 1 << 20) -> bytes:
+    """Lines ``first`` (0-based) to ``first + limit`` of ``file`` (to its end if ``limit``
+    is None), read in chunks so that neither a long file nor a long line is held whole:
+    only the lines taken are kept, and reading stops once they pass
+    :data:`READ_LIMIT_BYTES` (the caller then refuses them)."""
+    end = None if limit is None else first + limit
+    out = bytearray()
+    index = 0  # the line the next byte belongs to
+    cr_ended = False  # the last chunk ended with \r: a \n opening the next one is its
+    while (end is None or index < end) and len(out) <= READ_LIMIT_BYTES:
+        chunk = file.read(chunk_size)
+        if not chunk:
+            break
+        pos = 0
+        if cr_ended and chunk.startswith(b"\n"):
+            if first <= index - 1:
+                out += b"\n"  # (the \r\n of a line taken)
+            pos = 1
+        cr_ended = False
+        for match in _LINE_END.finditer(chunk, pos):
+            if first <= index:
+                out += chunk[pos : match.end()]
+            index += 1
+            pos = match.end()
+            cr_ended = pos == len(chunk) and match.group() == b"\r"
+            if index == end:
+                break
+        else:
+            if first <= index:
+                out += chunk[pos:]
+            continue
+        break
+    if cr_ended and index == end and first < index and file.read(1) == b"\n":
+        out += b"\n"  # the last line taken ends with \r\n across two chunks
+    return bytes(out)
 
 
 def _write_disk(path: Path, roots: tuple[str, ...], content: str) -> None:

@@ -40,7 +40,7 @@ from ._envelopes import (
 )
 from ._models import Model
 from ._paths import absolute_location
-from ._tools import TOOLS, ClientUnavailable, ToolError
+from ._tools import TOOLS, ClientUnavailable, ToolError, shown_output
 
 log = logging.getLogger("punie_trio.worker")
 
@@ -194,11 +194,10 @@ class _Context:
             )
             open_tools.remove(tool_id)
             return None
+        shown, raw = shown_output(output)
         await self._emit(
             Update(
-                updates.tool_call_update(
-                    tool_id, status="completed", text=output, raw_output={"output": output}
-                )
+                updates.tool_call_update(tool_id, status="completed", text=shown, raw_output=raw)
             )
         )
         open_tools.remove(tool_id)

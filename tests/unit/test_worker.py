@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import io
 import itertools
 import os
 from collections.abc import AsyncIterator
@@ -35,6 +36,8 @@ from punie_trio.worker import (
     TurnFinished,
     Update,
 )
+from punie_trio.worker import _tools as tools_module
+from punie_trio.worker._tools import SHOWN_OUTPUT_CHARS, _take_lines
 from punie_trio.worker._worker import COMMANDS_PER_STEP, EMIT_YIELD_EVERY
 
 from ..models import RefusesBad
@@ -689,3 +692,67 @@ def test_tool_call_limiter_forgets_sessions_idle_for_a_minute() -> None:
     assert len(limiter) == 100  # the old ones are gone (old0's last call was at 1.0)
     assert limiter.count("new0", now=62.0) is None
     assert limiter.count("new0", now=62.5) is not None  # (a kept one still counts)
+
+
+def _reference_lines(text: bytes, first: int, limit: int | None) -> bytes:
+    """What fs/read_text_file counts: lines ending at \\n, \\r\\n or \\r, endings kept."""
+    lines = io.StringIO(text.decode(), newline="").readlines()
+    return "".join(lines[first : None if limit is None else first + limit]).encode()
+
+
+def test_take_lines_matches_the_editors_line_split_at_every_chunk_boundary() -> None:
+    """Read in chunks so a long file or line is never held whole; a \\r\\n split across two
+    chunks is still one line ending, at any chunk size."""
+    texts = [b"", b"a", b"a\n", b"a\r\nb", b"\r\n\r\n", b"a\rb\r\n\rc\n\nd", b"\r", b"ab\r\r\n"]
+    for text, chunk_size in itertools.product(texts, range(1, 8)):
+        for first, limit in itertools.product(range(5), [None, 0, 1, 2, 3]):
+            got = _take_lines(io.BytesIO(text), first, limit, chunk_size)
+            assert got == _reference_lines(text, first, limit), (text, chunk_size, first, limit)
+
+
+async def test_a_read_over_the_bound_fails_the_tool_call(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file (or a run of lines) over READ_LIMIT_BYTES is refused, not read into memory;
+    a part within the bound of a larger file reads fine."""
+    monkeypatch.setattr(tools_module, "READ_LIMIT_BYTES", 100)
+    (tmp_path / "big.txt").write_text("x" * 60 + "\n" + "y" * 60 + "\n", encoding="utf-8")
+    reads: list[dict[str, Any]] = [{}, {"limit": 2}, {"line": 2, "limit": 1}]
+    model = script([{"tool": "read_file", "input": {"path": "big.txt", **r}} for r in reads])
+    async with running_worker(tmp_path, model) as h:
+        updates, _ = await h.run_turn()
+    final = [u for u in updates if u.get("status") in ("completed", "failed")]
+    assert [u["status"] for u in final] == ["failed", "failed", "completed"]
+    assert (
+        "more than 100 bytes (read it in parts with line and limit)"
+        in (final[0]["content"][0]["content"]["text"])
+    )
+    assert final[2]["rawOutput"] == {"output": "y" * 60 + "\n"}
+
+
+async def test_a_long_output_is_shown_cut_and_the_model_gets_it_whole(tmp_path: Path) -> None:
+    """A 10 MB read was sent whole, twice (content and rawOutput), in one update larger than
+    the server's own message bound, stored and replayed by every load."""
+    whole = "z" * (SHOWN_OUTPUT_CHARS + 5)
+    (tmp_path / "long.txt").write_text(whole, encoding="utf-8")
+    seen: list[str] = []
+
+    @attrs.define(eq=False)
+    class Reader:
+        name: str = "reader"
+
+        async def run_turn(self, ctx: Any) -> str:
+            seen.append(await ctx.tool("read_file", {"path": "long.txt"}))
+            return "end_turn"
+
+    async with running_worker(tmp_path, Reader()) as h:
+        updates, _ = await h.run_turn()
+    assert seen == [whole]
+    (done,) = [u for u in updates if u.get("status") == "completed"]
+    shown = done["content"][0]["content"]["text"]
+    assert shown == "z" * SHOWN_OUTPUT_CHARS + "\n[... 5 more characters not shown (65,541 in all)]"
+    assert done["rawOutput"] == {
+        "output": "z" * SHOWN_OUTPUT_CHARS,
+        "truncated": True,
+        "length": SHOWN_OUTPUT_CHARS + 5,
+    }
