@@ -11,6 +11,7 @@ from ._codec import (
     Response,
     error_response,
     parse,
+    peek_envelope,
     serialize,
 )
 from ._errors import (
@@ -65,5 +66,6 @@ __all__ = [
     "error_response",
     "method_not_found",
     "parse",
+    "peek_envelope",
     "serialize",
 ]

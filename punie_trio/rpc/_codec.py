@@ -12,6 +12,8 @@ piecewise would break the one-message-per-frame rule of the WebSocket transport.
 
 from __future__ import annotations
 
+import json
+import re
 from typing import Any, TypeGuard
 
 import attrs
@@ -134,6 +136,60 @@ def parse(text: str | bytes) -> Message:
             raise invalid('"id" must be a string or an integer')
         return ErrorResponse(msg_id, err["code"], err["message"], err.get("data"))
     raise invalid('expected "method", or exactly one of "result" and "error"')
+
+
+_WHITESPACE = re.compile(r"[ \t\n\r]*")
+_DECODER = json.JSONDecoder()
+
+
+def _skip_space(text: str, i: int) -> int:
+    match = _WHITESPACE.match(text, i)
+    return match.end() if match else i
+
+
+def peek_envelope(head: bytes) -> tuple[str | None, RequestId | None]:
+    """What the first bytes of a message too large to parse say of it: its kind
+    (``"request"`` for ``method`` or ``params``, ``"response"`` for ``result`` or
+    ``error``, None when the head names neither) and its ``id`` (None when the head does
+    not hold a valid one), read from the top-level members that end within ``head``.
+
+    Why: an oversized message is dropped unread, and a client's answer to one of our
+    requests would leave that request waiting for a timeout that says the client did not
+    answer; a request's refusal could not carry its id. Serialisers write ``id`` before
+    ``result`` or ``params`` (the members in the order the message was built), so the head
+    usually has it. Never raises: a head it cannot read gives ``(None, None)``.
+    """
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        if exc.start < len(head) - 3:
+            return None, None
+        text = head[: exc.start].decode("utf-8")  # (a character cut at the end)
+    kind: str | None = None
+    found: Any = None
+    i = _skip_space(text, 0)
+    if not text.startswith("{", i):
+        return None, None
+    i += 1
+    try:
+        while text.startswith('"', i := _skip_space(text, i)):
+            key, i = _DECODER.raw_decode(text, i)
+            i = _skip_space(text, i)
+            if not text.startswith(":", i):
+                break
+            if key in ("method", "params"):
+                kind = kind or "request"
+            elif key in ("result", "error"):
+                kind = kind or "response"
+            value, i = _DECODER.raw_decode(text, _skip_space(text, i + 1))
+            if key == "id" and i < len(text):  # (a number at the very end may be cut)
+                found = value
+            if not text.startswith(",", i := _skip_space(text, i)):
+                break
+            i += 1
+    except (ValueError, RecursionError):
+        pass  # the member cut off by the end of the head (or not JSON): what came before
+    return kind, found if valid_id(found) else None
 
 
 def _dumps(obj: dict[str, Any]) -> str:

@@ -45,6 +45,7 @@ from ._codec import (
     RequestId,
     Response,
     parse,
+    peek_envelope,
     serialize,
     valid_id,
 )
@@ -490,7 +491,7 @@ class Peer:
             try:
                 text = await self.stream.receive_message()
             except MessageTooLarge as exc:
-                await self._send(ErrorResponse(None, INVALID_REQUEST, f"Invalid request: {exc}"))
+                await self._refuse_oversized(exc)
                 continue
             except trio.EndOfChannel:
                 self._lost = self._eof = True
@@ -505,6 +506,21 @@ class Peer:
                 await self._send(exc.response())
                 continue
             await self._dispatch(msg)
+
+    async def _refuse_oversized(self, exc: MessageTooLarge) -> None:
+        """Answer a message dropped for its size (-32600), with its id if it was a request
+        whose head names one. If it was the answer to one of our requests, that request
+        fails now, saying why: it would otherwise wait out its timeout, which then says the
+        peer did not answer. (The -32600 goes out then too, with a null id: the only way
+        to tell the peer.)"""
+        kind, request_id = peek_envelope(exc.head)
+        if kind == "response" and request_id is not None:
+            self._resolve(request_id, error=RpcError(INVALID_REQUEST, f"the answer's {exc}"))
+        if kind != "request":
+            request_id = None
+        elif request_id is not None:
+            self.dispatcher.request_refused(request_id)
+        await self._send(ErrorResponse(request_id, INVALID_REQUEST, f"Invalid request: {exc}"))
 
     async def _dispatch(self, msg: Message) -> None:
         if isinstance(msg, Request):

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import attrs
 import trio
 
-from ._stream import MessageTooLarge
+from ._stream import HEAD_BYTES, MessageTooLarge
 
 _CHUNK = 65536
 
@@ -30,6 +30,7 @@ class NdjsonStream:
     _buffer: bytearray = attrs.field(factory=bytearray, init=False)
     _scanned: int = attrs.field(default=0, init=False)
     _discarding: bool = attrs.field(default=False, init=False)
+    _head: bytes = attrs.field(default=b"", init=False)  # of the line being discarded
     _eof: bool = attrs.field(default=False, init=False)
     _closed: bool = attrs.field(default=False, init=False)
 
@@ -48,17 +49,20 @@ class NdjsonStream:
                 self._scanned = 0
                 if self._discarding:
                     self._discarding = False
-                    raise MessageTooLarge(self.max_message_bytes)
+                    raise MessageTooLarge(self.max_message_bytes, self._head)
                 if line.endswith(b"\r"):  # CRLF: the CR is not part of the message
                     line = line[:-1]
                 if len(line) > self.max_message_bytes:
-                    raise MessageTooLarge(self.max_message_bytes)
+                    raise MessageTooLarge(self.max_message_bytes, line[:HEAD_BYTES])
                 if line.strip():
                     return line
                 continue
             self._scanned = len(self._buffer)
             if self._scanned > self.max_message_bytes + 1:  # (+1: a CRLF line's CR)
-                # Drop what we have of the oversized line and skip to its end.
+                # Drop what we have of the oversized line (its head aside) and skip to
+                # its end.
+                if not self._discarding:
+                    self._head = bytes(self._buffer[:HEAD_BYTES])
                 self._discarding = True
                 self._buffer.clear()
                 self._scanned = 0
@@ -69,7 +73,7 @@ class NdjsonStream:
                     self._discarding = False
                     self._buffer.clear()
                     self._scanned = 0
-                    raise MessageTooLarge(self.max_message_bytes)
+                    raise MessageTooLarge(self.max_message_bytes, self._head)
                 rest = bytes(self._buffer).strip()
                 self._buffer.clear()
                 self._scanned = 0

@@ -14,11 +14,20 @@ class MessageTooLarge(Exception):
     Transports that can skip the offending message (NDJSON: discard to the next newline)
     raise this and stay usable, so the peer can answer -32600 and carry on. Transports that
     cannot (WebSocket: the frame is refused with close code 1009) end instead.
+
+    ``head`` holds the message's first bytes (at most :data:`HEAD_BYTES`) where the
+    transport kept them, so the peer can tell whose answer or which request it was
+    (:func:`punie_trio.rpc.peek_envelope`).
     """
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, head: bytes = b"") -> None:
         super().__init__(f"message exceeds the {limit}-byte limit")
         self.limit = limit
+        self.head = head
+
+
+#: How much of an oversized message a transport keeps for :attr:`MessageTooLarge.head`.
+HEAD_BYTES = 4096
 
 
 class MessageStream(Protocol):

@@ -29,6 +29,7 @@ from punie_trio.rpc import (
     RpcError,
     current_request_id,
     method_not_found,
+    peek_envelope,
 )
 from punie_trio.transport import MemoryMessageStream, NdjsonStream, memory_message_stream_pair
 
@@ -645,11 +646,69 @@ async def test_ndjson_oversized_line_is_refused_and_next_line_served(
             await theirs.send_all(huge)
         await theirs.send_all(_line({"id": 2, "method": "echo", "params": ["small"]}))
         answer = await reader.next()
-        assert answer["id"] is None
+        assert answer["id"] == 1  # (read from the line's head)
         assert answer["error"]["code"] == INVALID_REQUEST
         assert "200" in answer["error"]["message"]
         assert await reader.next() == {"jsonrpc": "2.0", "id": 2, "result": ["small"]}
         nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("split", [False, True])
+async def test_ndjson_an_oversized_answer_fails_its_request_at_once(
+    autojump_clock: trio.testing.MockClock, split: bool
+) -> None:
+    """Our request's answer dropped for its size once left the request waiting for its
+    timeout (which then said the client had not answered): it fails now, saying why."""
+    ours, theirs = trio.testing.memory_stream_pair()
+    peer = Peer(NdjsonStream(ours, ours, max_message_bytes=200), Dispatcher())
+    reader = LineReader(theirs)
+    failure: list[RpcError] = []
+
+    async def ask() -> None:
+        with pytest.raises(RpcError) as caught:
+            await peer.request("fs/read_text_file", {"path": "/big"})
+        failure.append(caught.value)
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(peer.run)
+        nursery.start_soon(ask)
+        request = await reader.next()
+        huge = _line({"jsonrpc": "2.0", "id": request["id"], "result": {"content": "x" * 999}})
+        step = 150 if split else len(huge)
+        for i in range(0, len(huge), step):
+            await theirs.send_all(huge[i : i + step])
+            await trio.testing.wait_all_tasks_blocked()
+        before = trio.current_time()
+        answer = await reader.next()  # the peer hears why its answer was dropped
+        assert answer["id"] is None and answer["error"]["code"] == INVALID_REQUEST
+        await trio.testing.wait_all_tasks_blocked()
+        assert trio.current_time() == before  # no timeout was waited for
+        assert failure[0].code == INVALID_REQUEST
+        assert failure[0].message == "the answer's message exceeds the 200-byte limit"
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize(
+    ("head", "expected"),
+    [
+        (b'{"jsonrpc":"2.0","id":7,"result":{"content":"xx', ("response", 7)),
+        (b' { "id" : "a" , "method" : "x", "params": {"a": "', ("request", "a")),
+        (b'{"jsonrpc":"2.0","error":{"code":1,"message":"', ("response", None)),
+        (b'{"params":{"a":1},"id":3,"method":"m","x":"', ("request", 3)),
+        (b'{"id":12', (None, None)),  # a number at the cut may be cut itself
+        (b'{"id":true,"result":"', ("response", None)),
+        (b'{"id":1.5,"result":"', ("response", None)),
+        (b'{"id":"\xc3\xa9",\xc3', (None, "\u00e9")),  # a character cut at the end
+        (b'{"id":"\xff","result":"', (None, None)),  # not UTF-8
+        (b'[{"id":1,"method":"m"', (None, None)),
+        (b"", (None, None)),
+        (b"{" * 3000, (None, None)),
+    ],
+)
+def test_peek_envelope_reads_what_the_head_holds(
+    head: bytes, expected: tuple[str | None, Any]
+) -> None:
+    assert peek_envelope(head) == expected
 
 
 async def test_ndjson_blank_lines_and_crlf_are_skipped() -> None:
