@@ -272,7 +272,9 @@ def _render(entries: Iterable[TranscriptEntry]) -> Iterator[str]:
         yield from flush()
         if entry.kind == "plan":
             yield "plan:"
-            for item in payload.get("entries") or []:
+            items = payload.get("entries")
+            for item in items if isinstance(items, list) else []:
+                item = item if isinstance(item, dict) else {"content": item}
                 box = _CHECKBOX.get(str(item.get("status")), "[?]")
                 yield _printable(f"  {box} {item.get('content', '')}")
         elif entry.kind == "tool_call":

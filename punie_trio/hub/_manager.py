@@ -58,6 +58,7 @@ from ..rpc import (
 )
 from ..store import (
     STOP,
+    BadCursor,
     MemoryStore,
     Payload,
     SessionRecord,
@@ -661,8 +662,10 @@ class Manager:
     async def _list_sessions(self, cwd: str | None, cursor: str | None) -> dict[str, Any]:
         try:
             records, cursor = await self.store.list_sessions(cwd=cwd, cursor=cursor)
-        except StoreError as exc:
+        except BadCursor as exc:
             raise RpcError.invalid_params(f"Invalid params: cursor is not valid ({exc})") from None
+        except StoreError as exc:  # (the store's trouble, not the client's cursor)
+            raise RpcError(INTERNAL_ERROR, f"Internal error: {exc}") from None
         # Only sessions under the roots this server serves (a store may outlive a --project).
         served = [r for r in records if self._serves(r)]
         sessions = [

@@ -42,6 +42,11 @@ class StoreError(Exception):
     an unreadable database or one written by a newer punie-trio."""
 
 
+class BadCursor(StoreError):
+    """A ``session/list`` cursor that this store did not hand out (the client's error, where
+    every other ``StoreError`` of a listing is the store's)."""
+
+
 class UnknownSessionError(StoreError):
     """The session id names no stored session."""
 
@@ -276,7 +281,7 @@ def decode_cursor(cursor: str) -> tuple[float, str]:
         raw = base64.urlsafe_b64decode(cursor.encode("ascii"))
         value = json.loads(raw)
     except (UnicodeError, binascii.Error, ValueError, AttributeError):
-        raise StoreError(f"invalid cursor {cursor!r}") from None
+        raise BadCursor(f"invalid cursor {cursor!r}") from None
     if (
         isinstance(value, list)
         and len(value) == 2
@@ -288,10 +293,10 @@ def decode_cursor(cursor: str) -> tuple[float, str]:
         try:
             stamp = float(value[0])
         except OverflowError:  # (an integer of hundreds of digits)
-            raise StoreError(f"invalid cursor {cursor!r}") from None
+            raise BadCursor(f"invalid cursor {cursor!r}") from None
         if math.isfinite(stamp):
             return stamp, value[1]
-    raise StoreError(f"invalid cursor {cursor!r}")
+    raise BadCursor(f"invalid cursor {cursor!r}")
 
 
 def after_cursor(rec: SessionRecord, position: tuple[float, str]) -> bool:

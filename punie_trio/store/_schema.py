@@ -218,6 +218,17 @@ def _refuse_newer(version: int, path: Path, known: int = SCHEMA_VERSION) -> None
         )
 
 
+def _refuse_foreign(conn: sqlite3.Connection, path: Path) -> None:
+    """A file at schema version 0 is new (empty) or was never ours: another program's
+    SQLite database would otherwise get our tables added to it without a word."""
+    names = [row[0] for row in conn.execute("SELECT name FROM sqlite_master LIMIT 3")]
+    if names:
+        raise StoreError(
+            f"{path}: not a punie-trio session store (it holds {', '.join(names)}); "
+            "move it away or use another --data-dir"
+        )
+
+
 def migrate(
     conn: sqlite3.Connection, path: Path, migrations: Sequence[Sequence[Step]] = MIGRATIONS
 ) -> int:
@@ -234,6 +245,8 @@ def migrate(
             # Re-read under the write lock: another process may have migrated meanwhile.
             version = _user_version(conn)
             _refuse_newer(version, path, target)
+            if version == 0:
+                _refuse_foreign(conn, path)
             if version == target:
                 conn.execute("COMMIT")
                 return found
@@ -280,6 +293,12 @@ def connect(path: Path) -> sqlite3.Connection:
         raise StoreError(f"{path}: cannot open session store: {exc}") from exc
     try:
         conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        # Before anything writes: switching the journal mode rewrites the file's header,
+        # and a newer store, or another program's database, is refused untouched.
+        version = _user_version(conn)
+        _refuse_newer(version, path)
+        if version == 0:
+            _refuse_foreign(conn, path)
         mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
         if str(mode).lower() != "wal":
             raise StoreError(f"{path}: could not enable WAL journal mode (got {mode!r})")
@@ -320,6 +339,8 @@ def connect_readonly(path: Path) -> sqlite3.Connection:
     A database that is missing, not yet migrated, or newer than this code is a
     ``StoreError`` with a message fit for the terminal.
     """
+    if path.exists() and not path.is_file():
+        raise StoreError(f"{path}: the session store is not a file")
     if not path.is_file():
         raise StoreError(f"no session store at {path}")
     uri = path.resolve().as_uri() + "?mode=ro"

@@ -9,11 +9,13 @@ the sqlite3 module.
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
+from .. import _json
 from ._model import (
     SessionRecord,
     StoreError,
@@ -24,6 +26,8 @@ from ._model import (
     encode_cursor,
     load_json,
 )
+
+log = logging.getLogger(__name__)
 
 _COLUMNS = (
     "id, root, cwd, client_id, title, mode, config, additional_directories, "
@@ -105,21 +109,62 @@ def _roll_back(conn: sqlite3.Connection) -> None:
         conn.execute("ROLLBACK")
 
 
+class DamagedRow(StoreError):
+    """What the file holds is not what this store writes (edited by hand, or damaged): a
+    session row whose columns do not decode, or a transcript entry that is not a JSON
+    object. Names the session (and the entry), so one bad row fails only what reads it."""
+
+
 def _record(row: sqlite3.Row | tuple[Any, ...]) -> SessionRecord:
-    return SessionRecord(
-        id=row[0],
-        root=row[1],
-        cwd=row[2],
-        client_id=row[3],
-        title=row[4],
-        mode=row[5],
-        config=load_json(row[6]),
-        additional_directories=tuple(load_json(row[7])),
-        created_at=float(row[8]),
-        updated_at=float(row[9]),
-        turns=int(row[10]),
-        cwd_sent=row[11],
+    try:
+        config = load_json(row[6])
+        directories = load_json(row[7])
+        if not isinstance(directories, list) or not all(isinstance(d, str) for d in directories):
+            raise ValueError("additional_directories is not a list of strings")
+        return SessionRecord(
+            id=row[0],
+            root=row[1],
+            cwd=row[2],
+            client_id=row[3],
+            title=row[4],
+            mode=row[5],
+            config=config,
+            additional_directories=tuple(directories),
+            created_at=float(row[8]),
+            updated_at=float(row[9]),
+            turns=int(row[10]),
+            cwd_sent=row[11],
+        )
+    except (ValueError, TypeError) as exc:
+        raise DamagedRow(f"stored session {row[0]!r} is damaged: {exc}") from None
+
+
+def _damaged_entry(session_id: str, seq: int, turn: int, why: str) -> DamagedRow:
+    return DamagedRow(
+        f"the stored transcript of session {session_id!r} is damaged at entry {seq}"
+        f" (turn {turn + 1}): {why}"
     )
+
+
+def _entry_rows(
+    session_id: str, turn: int, first_seq: int, entries: str, start: int, stop: int | None
+) -> list[Row]:
+    """The ``(seq, kind, payload_json)`` rows of a turn's entries ``start:stop``, each
+    checked to be ``kind``, a tab, and a JSON object: ``session/load`` splices payloads
+    into its notifications unread, so a damaged one would put a line on the wire that is
+    not JSON (or an ``update`` that is not an object). About 1.5 us an entry."""
+    rows: list[Row] = []
+    for seq, line in enumerate(entries.split("\n")[start:stop], first_seq + start):
+        kind, tab, payload = line.partition("\t")
+        if not tab:
+            raise _damaged_entry(session_id, seq, turn, "no tab after its kind")
+        try:
+            if type(_json.loads(payload)) is not dict:
+                raise ValueError("not a JSON object")
+        except ValueError as exc:
+            raise _damaged_entry(session_id, seq, turn, str(exc)) from None
+        rows.append((seq, kind, payload))
+    return rows
 
 
 def insert_session(conn: sqlite3.Connection, rec: SessionRecord) -> int:
@@ -212,10 +257,28 @@ def select_sessions(
     sql += " ORDER BY updated_at DESC, id DESC LIMIT ?"
     rows = conn.execute(sql, (*params, -1 if limit is None else limit + 1)).fetchall()
     if limit is None:
-        return [_record(row) for row in rows], None
-    page = [_record(row) for row in rows[:limit]]
-    more = len(rows) > limit
-    return page, (encode_cursor(page[-1].updated_at, page[-1].id) if more else None)
+        return _readable(rows), None
+    page = _readable(rows[:limit])
+    if len(rows) <= limit:
+        return page, None
+    # After the page's last row, read or not (its place in the order is all a cursor needs).
+    for row in reversed(rows[:limit]):
+        if isinstance(row[9], int | float) and isinstance(row[0], str):
+            return page, encode_cursor(float(row[9]), row[0])
+    return page, None
+
+
+def _readable(rows: list[Any]) -> list[SessionRecord]:
+    """The rows' records, leaving out (with a warning) a row that does not decode: one
+    damaged session must not take every listing with it (loading it still fails, naming
+    it)."""
+    records: list[SessionRecord] = []
+    for row in rows:
+        try:
+            records.append(_record(row))
+        except DamagedRow as exc:
+            log.warning("%s: left out of the list", exc)
+    return records
 
 
 def delete_session(conn: sqlite3.Connection, session_id: str) -> bool:
@@ -403,8 +466,7 @@ def select_transcript(conn: sqlite3.Connection, session_id: str) -> list[Transcr
         ).fetchall()
     out: list[TranscriptEntry] = []
     for turn, first_seq, entries in turns:
-        for seq, line in enumerate(entries.split("\n"), first_seq):
-            kind, payload = line.split("\t", 1)
+        for seq, kind, payload in _entry_rows(session_id, turn, first_seq, entries, 0, None):
             out.append(TranscriptEntry(session_id, seq, turn, kind, payload))
     return out
 
@@ -419,8 +481,8 @@ def select_transcript_page(
     carries the session's key, so a session deleted (even recreated) meanwhile ends the
     read, and the turn the page stopped in, where the next one starts by primary key.
 
-    Rows are plain tuples split out of each turn's text (about 0.2 us an entry, no JSON
-    decoding), which is what lets a 20,000-entry ``session/load`` keep pace.
+    Rows are plain tuples split out of each turn's text, each payload checked to be a JSON
+    object (:func:`_entry_rows`) but not kept decoded.
     """
     with read_transaction(conn):
         if cursor is None:
@@ -441,9 +503,7 @@ def select_transcript_page(
                     # This turn's entries with after < seq <= upto, as many as still fit.
                     start = max(after + 1 - first_seq, 0)
                     stop = min(upto + 1 - first_seq, start + limit - len(rows))
-                    for seq, line in enumerate(entries.split("\n")[start:stop], first_seq + start):
-                        kind, payload = line.split("\t", 1)
-                        rows.append((seq, kind, payload))
+                    rows += _entry_rows(session_id, turn, first_seq, entries, start, stop)
                     if len(rows) >= limit:
                         break
             finally:

@@ -535,3 +535,45 @@ async def test_tool_call_ids_are_unique_within_the_session_across_restarts(
             assert await client.prompt(session_id, "three") == "end_turn"
             created += tool_calls(client, session_id)[len(created) :]
     assert created == ["call_1_1", "call_1_2", "call_2_1", "call_3_1"]
+
+
+async def test_a_damaged_session_fails_its_load_alone(
+    tmp_path: Path, acp_schema: SchemaChecker
+) -> None:
+    """A stored payload edited into bad JSON was spliced into session/load's notifications
+    unread (the client's JSON parser died on them); a session row that did not decode made
+    session/list fail for every session. Now the load fails naming the damage and sends
+    nothing of it, the list leaves the bad row out, and every other session works."""
+    root = await resolved(tmp_path)
+    async with in_process_server(tmp_path, history_script(), store="sqlite") as running:
+        async with acp_ws_client(running.url, acp_schema) as (client, _):
+            await client.initialize()
+            sessions = [await client.new_session(str(root)) for _ in range(3)]
+            for session in sessions:
+                await client.prompt(session, "hello")
+        bad_transcript, bad_row, good = sessions
+        with sqlite3.connect(store_path(tmp_path / "data")) as db:
+            db.execute(
+                "UPDATE turns SET entries = substr(entries, 1, length(entries) - 1)"
+                " WHERE session = (SELECT key FROM sessions WHERE id = ?)",
+                (bad_transcript,),
+            )
+            db.execute("UPDATE sessions SET config = '{' WHERE id = ?", (bad_row,))
+        db.close()
+    async with (
+        in_process_server(tmp_path, history_script(), store="sqlite") as running,
+        acp_ws_client(running.url, acp_schema) as (client, _),
+    ):
+        await client.initialize()
+        listed = await client.request("session/list", {})
+        assert {s["sessionId"] for s in listed["sessions"]} == {bad_transcript, good}
+        error = await expect_error(client, "session/load", load_params(bad_transcript, root))
+        assert error["code"] == -32603
+        assert f"session '{bad_transcript}' is damaged at entry" in error["message"]
+        error = await expect_error(client, "session/load", load_params(bad_row, root))
+        assert error["code"] == -32603
+        assert f"stored session '{bad_row}' is damaged" in error["message"]
+        assert not client.updates(bad_transcript)  # nothing of the damaged turn
+        await client.request("session/load", load_params(good, root))
+        assert client.updates(good)  # (each checked against the schema by the client)
+        assert await client.prompt(good, "again") == "end_turn"

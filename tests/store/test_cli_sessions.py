@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sqlite3
 import stat
 import subprocess
 import sys
@@ -169,6 +170,32 @@ def test_show_says_a_turn_whose_model_failed(
     assert main(["sessions", "show", "sess-f", "--data-dir", str(tmp_path / "data")]) == 0
     out = capsys.readouterr().out
     assert out.endswith("user: go\nstop: end_turn (the model failed: RuntimeError: x)\n")
+
+
+def test_damaged_rows_are_named_not_tracebacks(
+    data_dir: Path, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A row edited by hand (or a damaged disk) gave a Python traceback from every command
+    (list, show, export), and show had printed half the transcript first."""
+    db = store_path(data_dir)
+    conn = sqlite3.connect(db)
+    with conn:
+        conn.execute("UPDATE sessions SET created_at = 'yesterday' WHERE id = 'sess-old'")
+        conn.execute("UPDATE turns SET entries = entries || 'x' WHERE turn = 1")
+    conn.close()
+    assert main(["sessions", "list", "--data-dir", str(data_dir)]) == 0
+    assert "sess-new" in capsys.readouterr().out
+    assert "stored session 'sess-old' is damaged" in caplog.text
+    for command in ("show", "export"):
+        assert main(["sessions", command, "sess-new", "--data-dir", str(data_dir)]) == 1
+        out, err = capsys.readouterr()
+        assert out == ""
+        assert err == (
+            "punie-trio: the stored transcript of session 'sess-new' is damaged at entry 11"
+            " (turn 2): Extra data: line 1 column 27 (char 26)\n"
+        )
+    assert main(["sessions", "show", "sess-old", "--data-dir", str(data_dir)]) == 1
+    assert "stored session 'sess-old' is damaged: could not convert" in capsys.readouterr().err
 
 
 def test_export_stdout_and_file(

@@ -83,6 +83,104 @@ async def test_newer_schema_is_refused(tmp_path: Path) -> None:
         read_sessions(path)
 
 
+async def test_a_newer_store_is_refused_without_a_byte_changed(tmp_path: Path) -> None:
+    """Switching to WAL came before the version check and rewrote a newer file's header
+    (one in rollback-journal mode): the docs promise it is never modified."""
+    path = tmp_path / "s.db"
+    with sqlite3.connect(path) as conn:
+        conn.execute("CREATE TABLE future (x)")
+        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    conn.close()
+    before = path.read_bytes()
+    with pytest.raises(StoreError, match="newer"):
+        async with open_sqlite_store(path):
+            pass  # pragma: no cover
+    assert path.read_bytes() == before
+
+
+async def test_another_programs_database_is_not_taken_over(tmp_path: Path) -> None:
+    """A version-0 file with tables is not ours: our tables were added to it silently."""
+    path = tmp_path / "s.db"
+    with sqlite3.connect(path) as conn:
+        conn.execute("CREATE TABLE notes (x)")
+        conn.execute("INSERT INTO notes VALUES ('precious')")
+    conn.close()
+    before = path.read_bytes()
+    with pytest.raises(StoreError, match=r"not a punie-trio session store \(it holds notes\)"):
+        async with open_sqlite_store(path):
+            pass  # pragma: no cover
+    assert path.read_bytes() == before
+
+
+def _damage(path: Path, sql: str, *params: Any) -> None:
+    """Edit the file behind the store's back (by hand, or a damaged disk)."""
+    with sqlite3.connect(path) as conn:
+        conn.execute(sql, params)
+    conn.close()
+
+
+@pytest.mark.parametrize(
+    ("column", "value"),
+    [("config", "{not json"), ("created_at", "yesterday"), ("additional_directories", "[1]")],
+)
+async def test_a_damaged_session_row_fails_alone_and_is_left_out_of_lists(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, column: str, value: str
+) -> None:
+    """One row that did not decode took every listing with it (the server's -32603, the
+    CLI's traceback); now only reading that session fails, naming it."""
+    path = tmp_path / "s.db"
+    async with open_sqlite_store(path) as store:
+        for i in range(3):
+            await store.create_session(make_record(f"s{i}", updated_at=float(i + 1)))
+    _damage(path, f"UPDATE sessions SET {column} = ? WHERE id = 's1'", value)
+    async with open_sqlite_store(path) as store:
+        page, cursor = await store.list_sessions(limit=2)
+        assert [r.id for r in page] == ["s2"] and cursor is not None  # s1 left out
+        rest, end = await store.list_sessions(cursor=cursor, limit=2)
+        assert [r.id for r in rest] == ["s0"] and end is None
+        with pytest.raises(StoreError, match="stored session 's1' is damaged"):
+            await store.get_session("s1")
+    assert [r.id for r in read_sessions(path)] == ["s2", "s0"]
+    assert "stored session 's1' is damaged" in caplog.text and "left out" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("entry", "why"),
+    [
+        ('agent_message_chunk\t{"sessionUpdate":"agent_message_chunk"', "Expecting"),
+        ("agent_message_chunk\t[1,2]", "not a JSON object"),
+        ('agent_message_chunk\t{"a":NaN}', "NaN"),
+        ("no tab here", "no tab after its kind"),
+    ],
+)
+async def test_a_damaged_transcript_entry_is_named_not_replayed(
+    tmp_path: Path, entry: str, why: str
+) -> None:
+    """A load spliced stored payloads into its notifications unread: a damaged one put a
+    line on the wire that was not JSON. Every reader now checks each entry and names the
+    first bad one; other sessions read as before."""
+    path = tmp_path / "s.db"
+    async with open_sqlite_store(path) as store:
+        for name in ("bad", "good"):
+            await store.create_session(make_record(name))
+            await store.append_turn(name, 0, sample_turn(0))
+    _damage(
+        path,
+        "UPDATE turns SET entries = ? WHERE session = (SELECT key FROM sessions WHERE id = 'bad')",
+        "user_message_chunk\t{}\n" + entry,
+    )
+    damaged = rf"session 'bad' is damaged at entry 1 \(turn 1\): .*{why}"
+    async with open_sqlite_store(path) as store:
+        with pytest.raises(StoreError, match=damaged):
+            async for _ in store.transcript_rows("bad"):
+                pass  # pragma: no cover
+        with pytest.raises(StoreError, match=damaged):
+            await store.transcript("bad")
+        assert len(await store.transcript("good")) == 5
+    with pytest.raises(StoreError, match=damaged):
+        read_transcript(path, "bad")
+
+
 def test_a_read_only_store_is_refused_at_open(tmp_path: Path) -> None:
     """What SQLite gives for a write-protected file: a connection on which reads and even
     ``BEGIN IMMEDIATE`` succeed. ``check_writable`` refuses it, and leaves a writable

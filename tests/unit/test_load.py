@@ -51,6 +51,7 @@ class GatedStore:
         self.updates_fail = False
         self.reads_fail = False
         self.appends_fail = False
+        self.lists_fail = False
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
@@ -74,6 +75,11 @@ class GatedStore:
             self.appends_fail = False  # (once)
             raise StoreError("disk full")
         await self.inner.append_turn(*args, **kwargs)
+
+    async def list_sessions(self, **kwargs: Any) -> Any:
+        if self.lists_fail:
+            raise StoreError("session store: database disk image is malformed")
+        return await self.inner.list_sessions(**kwargs)
 
     async def delete_session(self, session_id: str) -> bool:
         await self.deletes.pass_through()
@@ -433,3 +439,21 @@ async def test_a_title_that_fails_to_save_does_not_fail_the_recorded_turn(
         assert titles == ["hello there", "second words"]
         assert await a.prompt(session, "third") == "end_turn"  # named: no title update
         assert [u["title"] for u in a.updates(session) if "title" in u] == titles
+
+
+async def test_a_store_failing_a_list_is_an_internal_error_not_a_bad_cursor(
+    tmp_path: Path, acp_schema: SchemaChecker
+) -> None:
+    """Every StoreError of a listing was reported as -32602 "cursor is not valid", with no
+    cursor sent at all."""
+    store = GatedStore()
+    async with open_hub(tmp_path, acp_schema, EchoModel(), store=store) as hub:  # type: ignore[arg-type]
+        (a,) = await clients(hub, 1)
+        bad = await a.request_raw("session/list", {"cursor": "nope"})
+        assert bad["error"]["code"] == -32602
+        store.lists_fail = True
+        ans = await a.request_raw("session/list", {})
+        assert ans["error"] == {
+            "code": -32603,
+            "message": "Internal error: session store: database disk image is malformed",
+        }
