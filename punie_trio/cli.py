@@ -240,11 +240,35 @@ class _ClippingFormatter(logging.Formatter):
 
 class _PrivateRotatingFileHandler(logging.handlers.RotatingFileHandler):
     """A ``RotatingFileHandler`` whose new files are readable only by the user (0600): a log
-    line may quote a client's prompt. (Rotation renames files, so the backups keep it.)"""
+    line may quote a client's prompt. (Rotation renames files, so the backups keep it.)
+
+    Error handling: a write that fails (a full disk) prints one line to stderr, not
+    logging's "--- Logging error ---" and a traceback for every record; the lines are
+    dropped until a write succeeds again, which is said too."""
+
+    _failing = False
+    _erred = False
 
     def _open(self) -> Any:
         create_private(Path(self.baseFilename))
         return super()._open()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self._erred = False
+        super().emit(record)
+        if self._failing and not self._erred:
+            self._failing = False
+            sys.stderr.write(f"punie-trio: writing {self.baseFilename} again\n")
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        self._erred = True
+        if not self._failing:
+            self._failing = True
+            why = sys.exc_info()[1]
+            sys.stderr.write(
+                f"punie-trio: cannot write {self.baseFilename} ({why}); "
+                "its lines are dropped until it can\n"
+            )
 
 
 def _setup_logging(level: str, data_dir: Path | None) -> None:

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import stat
@@ -90,3 +91,30 @@ def test_the_log_file_and_its_backups_are_private(tmp_path: Path) -> None:
     assert names == ["punie-trio.log", "punie-trio.log.1", "punie-trio.log.2"]
     for name in names:
         assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o600, name
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+def test_a_full_disk_under_the_log_is_one_line_not_a_traceback_a_record(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A full disk made logging print "--- Logging error ---" and a traceback to stderr for
+    every record (an audit saw them flood stderr while prompts failed to save)."""
+    log = tmp_path / "punie-trio.log"
+    handler = cli._PrivateRotatingFileHandler(log, encoding="utf-8")
+    try:
+        with open("/dev/full", "w", encoding="utf-8") as full:
+            handler.stream, original = full, handler.stream
+            for i in range(3):
+                handler.emit(logging.makeLogRecord({"msg": f"lost {i}"}))
+            handler.stream = original
+            handler.emit(logging.makeLogRecord({"msg": "kept"}))
+            with contextlib.suppress(OSError):  # (its buffer still holds a line)
+                full.close()
+    finally:
+        handler.close()
+    err = capsys.readouterr().err
+    assert err == (
+        f"punie-trio: cannot write {log} ([Errno 28] No space left on device); its lines are"
+        f" dropped until it can\npunie-trio: writing {log} again\n"
+    )
+    assert log.read_text(encoding="utf-8") == "kept\n"
