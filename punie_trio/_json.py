@@ -101,6 +101,29 @@ dumps = _encoder(allow_nan=True)
 dumps_strict = _encoder(allow_nan=False)
 
 
+def _finite_copy(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _finite_copy(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite_copy(item) for item in value]
+    return value
+
+
+def dumps_finite(value: Any) -> str:
+    """Strict JSON text of ``value``, with any NaN or infinity written as ``null``.
+
+    For text that goes on the wire and into the store (a ``session/update``): a model that
+    puts a NaN in a tool call's input must not produce a line a client cannot parse, nor a
+    stored entry that later reads as damaged. The copy is made only when the fast strict
+    encoding fails."""
+    try:
+        return dumps_strict(value)
+    except ValueError:
+        return dumps_strict(_finite_copy(value))
+
+
 def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 

@@ -261,10 +261,13 @@ class _PrivateRotatingFileHandler(logging.handlers.RotatingFileHandler):
             sys.stderr.write(f"punie-trio: writing {self.baseFilename} again\n")
 
     def handleError(self, record: logging.LogRecord) -> None:
+        why = sys.exc_info()[1]
+        if not isinstance(why, OSError):  # a bad log call: logging's own report
+            super().handleError(record)
+            return
         self._erred = True
         if not self._failing:
             self._failing = True
-            why = sys.exc_info()[1]
             sys.stderr.write(
                 f"punie-trio: cannot write {self.baseFilename} ({why}); "
                 "its lines are dropped until it can\n"

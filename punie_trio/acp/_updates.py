@@ -99,8 +99,9 @@ def tool_call_update(
 
 
 def encode(update: Mapping[str, Any]) -> str:
-    """The compact JSON text of an update object (the wire encoding of the JSON-RPC codec)."""
-    return _json.dumps(update)
+    """The compact JSON text of an update object (the wire encoding of the JSON-RPC codec),
+    strict: a NaN or infinity is written as ``null`` (:func:`punie_trio._json.dumps_finite`)."""
+    return _json.dumps_finite(update)
 
 
 def notification(session_id: str, update_json: str) -> str:

@@ -124,6 +124,14 @@ RELOAD_REQUIRED = "_punie-trio/reload_required"
 TITLE_CHARS = 80
 
 
+def _store_failed(exc: StoreError) -> RpcError:
+    """-32603 for a store that cannot do what a request needs (a damaged row, a failing
+    disk), logged as a warning with its message: the store names the trouble, and a
+    traceback of the hub would only bury it."""
+    log.warning("session store: %s", exc)
+    return RpcError(INTERNAL_ERROR, f"Internal error: {exc}")
+
+
 def _held_elsewhere(session: Session) -> RpcError:
     """The refusal for a session that another connection holds: open there, or kept for a
     client that left and may come back within its grace period (not named: a client id
@@ -542,7 +550,10 @@ class Manager:
         return bool(self._roots_containing(Path(record.cwd)))
 
     async def _stored(self, session_id: str) -> SessionRecord:
-        record = await self.store.get_session(session_id)
+        try:
+            record = await self.store.get_session(session_id)
+        except StoreError as exc:
+            raise _store_failed(exc) from None
         if record is None or not self._serves(record):
             raise RpcError.not_found(f"Session not found: {session_id}")
         return record
@@ -603,6 +614,8 @@ class Manager:
                 live.additional_directories = previous
             if isinstance(exc, UnknownSessionError):  # deleted meanwhile (by another process)
                 raise RpcError.not_found(f"Session not found: {record.id}") from None
+            if isinstance(exc, StoreError):
+                raise _store_failed(exc) from None
             raise
         finally:
             live.loading = False
@@ -665,7 +678,7 @@ class Manager:
         except BadCursor as exc:
             raise RpcError.invalid_params(f"Invalid params: cursor is not valid ({exc})") from None
         except StoreError as exc:  # (the store's trouble, not the client's cursor)
-            raise RpcError(INTERNAL_ERROR, f"Internal error: {exc}") from None
+            raise _store_failed(exc) from None
         # Only sessions under the roots this server serves (a store may outlive a --project).
         served = [r for r in records if self._serves(r)]
         sessions = [

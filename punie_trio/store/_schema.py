@@ -295,10 +295,15 @@ def connect(path: Path) -> sqlite3.Connection:
         conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
         # Before anything writes: switching the journal mode rewrites the file's header,
         # and a newer store, or another program's database, is refused untouched.
-        version = _user_version(conn)
-        _refuse_newer(version, path)
-        if version == 0:
-            _refuse_foreign(conn, path)
+        # (One snapshot: another opener may be creating the schema between two reads.)
+        conn.execute("BEGIN")
+        try:
+            version = _user_version(conn)
+            _refuse_newer(version, path)
+            if version == 0:
+                _refuse_foreign(conn, path)
+        finally:
+            conn.execute("COMMIT")
         mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
         if str(mode).lower() != "wal":
             raise StoreError(f"{path}: could not enable WAL journal mode (got {mode!r})")

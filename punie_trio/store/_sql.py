@@ -9,6 +9,7 @@ the sqlite3 module.
 
 from __future__ import annotations
 
+import json
 import logging
 import sqlite3
 from collections.abc import Callable, Iterator, Sequence
@@ -162,9 +163,23 @@ def _entry_rows(
             if type(_json.loads(payload)) is not dict:
                 raise ValueError("not a JSON object")
         except ValueError as exc:
-            raise _damaged_entry(session_id, seq, turn, str(exc)) from None
+            repaired = _repaired(payload)
+            if repaired is None:
+                raise _damaged_entry(session_id, seq, turn, str(exc)) from None
+            payload = repaired
         rows.append((seq, kind, payload))
     return rows
+
+
+def _repaired(payload: str) -> str | None:
+    """A payload with ``NaN`` or ``Infinity`` in it (stored before the server's update
+    encoder became strict: a script's tool input, say) as strict JSON, those written
+    ``null`` as the server writes them now; None if it is something else."""
+    try:
+        value = json.loads(payload)
+    except (ValueError, RecursionError):
+        return None
+    return _json.dumps_finite(value) if type(value) is dict else None
 
 
 def insert_session(conn: sqlite3.Connection, rec: SessionRecord) -> int:
@@ -249,10 +264,12 @@ def select_sessions(
     if cwd is not None:
         sql += " WHERE s.cwd = ?"
         params.append(cwd)
-    sql = f"SELECT {_COLUMNS} FROM ({sql})"
+    # (A row whose time is not a number, which only editing the file can make, sorts
+    # before every other and no cursor could point past it: not listed at all.)
+    sql = f"SELECT {_COLUMNS} FROM ({sql}) WHERE typeof(updated_at) IN ('integer', 'real')"
     if cursor is not None:
         updated_at, last_id = decode_cursor(cursor)
-        sql += " WHERE (updated_at < ? OR (updated_at = ? AND id < ?))"
+        sql += " AND (updated_at < ? OR (updated_at = ? AND id < ?))"
         params += [updated_at, updated_at, last_id]
     sql += " ORDER BY updated_at DESC, id DESC LIMIT ?"
     rows = conn.execute(sql, (*params, -1 if limit is None else limit + 1)).fetchall()
@@ -263,7 +280,7 @@ def select_sessions(
         return page, None
     # After the page's last row, read or not (its place in the order is all a cursor needs).
     for row in reversed(rows[:limit]):
-        if isinstance(row[9], int | float) and isinstance(row[0], str):
+        if isinstance(row[0], str):
             return page, encode_cursor(float(row[9]), row[0])
     return page, None
 

@@ -7,7 +7,6 @@ scope; a model needs no special handling for it.
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -15,6 +14,8 @@ from typing import Any, Protocol
 
 import attrs
 import trio
+
+from .. import _json
 
 
 class TurnContext(Protocol):
@@ -127,7 +128,8 @@ def load_script(path: Path) -> list[list[dict[str, Any]]]:
     """Read and validate a script file: a list of turns, each a list of steps (or an object
     ``{"turns": [...]}``). Raises :class:`ScriptError` naming the bad place."""
     try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        # Strict: NaN and Infinity are not JSON (a step's input is sent to the client).
+        data = _json.loads(Path(path).read_text(encoding="utf-8"))
     except OSError as exc:
         raise ScriptError(f"cannot read script {path}: {exc.strerror or exc}") from None
     except ValueError as exc:

@@ -538,7 +538,7 @@ async def test_tool_call_ids_are_unique_within_the_session_across_restarts(
 
 
 async def test_a_damaged_session_fails_its_load_alone(
-    tmp_path: Path, acp_schema: SchemaChecker
+    tmp_path: Path, acp_schema: SchemaChecker, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A stored payload edited into bad JSON was spliced into session/load's notifications
     unread (the client's JSON parser died on them); a session row that did not decode made
@@ -573,6 +573,7 @@ async def test_a_damaged_session_fails_its_load_alone(
         error = await expect_error(client, "session/load", load_params(bad_row, root))
         assert error["code"] == -32603
         assert f"stored session '{bad_row}' is damaged" in error["message"]
+        assert "Traceback" not in caplog.text  # a warning naming the damage, no more
         assert not client.updates(bad_transcript)  # nothing of the damaged turn
         await client.request("session/load", load_params(good, root))
         assert client.updates(good)  # (each checked against the schema by the client)

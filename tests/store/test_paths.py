@@ -118,3 +118,17 @@ def test_a_full_disk_under_the_log_is_one_line_not_a_traceback_a_record(
         f" dropped until it can\npunie-trio: writing {log} again\n"
     )
     assert log.read_text(encoding="utf-8") == "kept\n"
+
+
+def test_a_bad_log_call_still_gets_loggings_own_report(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Only a failing write is the one-line report: a bad format string is a bug in the
+    caller, and logging's traceback points at it."""
+    handler = cli._PrivateRotatingFileHandler(tmp_path / "punie-trio.log", encoding="utf-8")
+    try:
+        handler.emit(logging.makeLogRecord({"msg": "%d items", "args": ("many",)}))
+    finally:
+        handler.close()
+    err = capsys.readouterr().err
+    assert "--- Logging error ---" in err and "cannot write" not in err

@@ -28,6 +28,7 @@ from punie_trio.store import (
     StoreError,
     TranscriptEntry,
     UnknownSessionError,
+    _schema,
     _sql,
     _sqlite,
     open_sqlite_store,
@@ -149,7 +150,6 @@ async def test_a_damaged_session_row_fails_alone_and_is_left_out_of_lists(
     [
         ('agent_message_chunk\t{"sessionUpdate":"agent_message_chunk"', "Expecting"),
         ("agent_message_chunk\t[1,2]", "not a JSON object"),
-        ('agent_message_chunk\t{"a":NaN}', "NaN"),
         ("no tab here", "no tab after its kind"),
     ],
 )
@@ -179,6 +179,75 @@ async def test_a_damaged_transcript_entry_is_named_not_replayed(
         assert len(await store.transcript("good")) == 5
     with pytest.raises(StoreError, match=damaged):
         read_transcript(path, "bad")
+
+
+async def test_a_stored_nan_reads_as_null(tmp_path: Path) -> None:
+    """The update encoder let NaN through before it became strict: such a store must still
+    load, and what it replays must be JSON (NaN is not)."""
+    path = tmp_path / "s.db"
+    async with open_sqlite_store(path) as store:
+        await store.create_session(make_record("s"))
+        await store.append_turn("s", 0, sample_turn(0))
+    _damage(
+        path,
+        "UPDATE turns SET entries = ?",
+        'tool_call\t{"sessionUpdate":"tool_call","rawInput":{"x":NaN,"y":[-Infinity,1]}}',
+    )
+    expected = '{"sessionUpdate":"tool_call","rawInput":{"x":null,"y":[null,1]}}'
+    async with open_sqlite_store(path) as store:
+        pages = [rows async for rows in store.transcript_rows("s")]
+        assert pages == [[(0, "tool_call", expected)]]
+    assert [e.payload_json for e in read_transcript(path, "s")] == [expected]
+
+
+async def test_a_page_of_rows_with_bad_times_hides_no_session(tmp_path: Path) -> None:
+    """A row whose time is not a number sorts before every other and no cursor points past
+    it: a first page of only such rows ended the listing, hiding every good session."""
+    path = tmp_path / "s.db"
+    async with open_sqlite_store(path) as store:
+        for i in range(5):
+            await store.create_session(make_record(f"s{i}", updated_at=float(i + 1)))
+    _damage(path, "UPDATE sessions SET updated_at = 'soon' WHERE id IN ('s3', 's4')")
+    async with open_sqlite_store(path) as store:
+        listed: list[str] = []
+        cursor = None
+        for _ in range(5):
+            page, cursor = await store.list_sessions(cursor=cursor, limit=2)
+            listed += [r.id for r in page]
+            if cursor is None:
+                break
+    assert listed == ["s2", "s1", "s0"]
+
+
+async def test_two_openers_of_a_new_store_do_not_refuse_each_other(tmp_path: Path) -> None:
+    """The version and the tables were read in two statements: another opener creating
+    the schema between them made a new store look like another program's database. Both
+    reads are one snapshot now, which the other opener must wait for (here it cannot: it
+    runs in the same thread, with no busy timeout, and gives up)."""
+    path = tmp_path / "s.db"
+    real_refuse_foreign = _schema._refuse_foreign
+    others: list[str] = []
+
+    def another_opener_first(conn: sqlite3.Connection, at: Path) -> None:
+        if others:  # (called again by the migration, under the write lock)
+            real_refuse_foreign(conn, at)
+            return
+        other = sqlite3.connect(path, isolation_level=None, timeout=0)
+        try:
+            other.execute("PRAGMA journal_mode = WAL")
+            migrate(other, path)
+            others.append("migrated")
+        except sqlite3.OperationalError as exc:
+            others.append(str(exc))
+        finally:
+            other.close()
+        real_refuse_foreign(conn, at)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(_schema, "_refuse_foreign", another_opener_first)
+        async with open_sqlite_store(path) as store:
+            await store.create_session(make_record("s"))
+    assert others == ["database is locked"]
 
 
 def test_a_read_only_store_is_refused_at_open(tmp_path: Path) -> None:

@@ -168,6 +168,10 @@ def test_load_script_invalid_json_and_missing_file(tmp_path: Path) -> None:
         load_script(bad)
     with pytest.raises(ScriptError, match="cannot read script"):
         load_script(tmp_path / "missing.json")
+    # NaN is no JSON: a step's input is sent to the client and stored.
+    nan = _write(tmp_path, '[[{"tool": "read_file", "input": {"x": NaN}}]]', "nan.json")
+    with pytest.raises(ScriptError, match="not valid JSON: NaN is not JSON"):
+        load_script(nan)
 
 
 def test_model_from_spec(tmp_path: Path) -> None:

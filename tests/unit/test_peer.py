@@ -702,6 +702,7 @@ async def test_ndjson_an_oversized_answer_fails_its_request_at_once(
         (b'{"id":"\xff","result":"', (None, None)),  # not UTF-8
         (b'[{"id":1,"method":"m"', (None, None)),
         (b"", (None, None)),
+        (b'\xef\xbb\xbf{"id":7,"result":"', ("response", 7)),  # a byte-order mark
         (b"{" * 3000, (None, None)),
     ],
 )

@@ -29,3 +29,12 @@ def test_notification_is_byte_identical_to_serialising_the_object(
     assert spliced == expected
     assert "\n" not in spliced
     assert json.loads(spliced)["params"]["update"] == update
+
+
+def test_an_update_with_nan_is_encoded_as_strict_json() -> None:
+    """A model's NaN went on the wire as NaN (no JSON parser of a strict client takes it)
+    and into the store, where it then read as a damaged entry."""
+    update = updates.tool_call("c", "t", raw_input={"x": float("nan"), "y": [1e999]})
+    encoded = updates.encode(update)
+    assert json.loads(encoded)["rawInput"] == {"x": None, "y": [None]}
+    assert "NaN" not in encoded and "Infinity" not in encoded
