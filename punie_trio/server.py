@@ -101,7 +101,8 @@ def _hypercorn_config(config: ServeConfig) -> hypercorn.config.Config:
     hc.graceful_timeout = config.shutdown_timeout
     hc.accesslog = None
     hc.errorlog = logging.getLogger("hypercorn.error")
-    # No read_timeout: it would kill quiet SSE streams; heartbeats live in the app.
+    # No read_timeout: it would kill quiet SSE streams. Heartbeats live in the app, and so
+    # does the deadline on a request body that stops coming (web/_http.py, read_body).
     return hc
 
 

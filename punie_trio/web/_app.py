@@ -25,7 +25,7 @@ from ..hub import ClientConnection, Manager
 from ._asgi_ws import ASGIReceive, ASGISend, AsgiWebSocketStream
 from ._auth import host_allowed, origin_allowed, request_host, token_matches
 from ._heartbeat import Heartbeat
-from ._http import read_body, respond, respond_json, respond_text
+from ._http import BodyRefused, closing_headers, read_body, respond, respond_json, respond_text
 
 log = logging.getLogger("punie_trio.web")
 
@@ -91,7 +91,7 @@ class App:
             if method != "POST":
                 await _not_allowed(send, "POST")
                 return
-            await self._echo(receive, send)
+            await self._echo(scope, receive, send)
         elif path == "/metrics":
             if method not in ("GET", "HEAD"):
                 await _not_allowed(send, "GET, HEAD")
@@ -130,10 +130,12 @@ class App:
             "workers": len(manager.workers),
         }
 
-    async def _echo(self, receive: ASGIReceive, send: ASGISend) -> None:
-        body = await read_body(receive, MAX_ECHO_BYTES)
-        if body is None:
-            await respond_text(send, 413, f"Payload Too Large: the limit is {MAX_ECHO_BYTES} bytes")
+    async def _echo(self, scope: dict[str, Any], receive: ASGIReceive, send: ASGISend) -> None:
+        try:
+            body = await read_body(receive, MAX_ECHO_BYTES)
+        except BodyRefused as refused:
+            headers = closing_headers(scope) if refused.status == 408 else None
+            await respond_text(send, refused.status, refused.reason, headers=headers)
             return
         try:
             obj = _json.loads(body)

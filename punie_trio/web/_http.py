@@ -1,4 +1,12 @@
-"""Tiny ASGI response helpers (no framework: the app is a handful of routes)."""
+"""Tiny ASGI response helpers (no framework: the app is a handful of routes), and the one
+request body reader.
+
+Error handling: a body that stops arriving is refused (408) after
+:data:`BODY_IDLE_TIMEOUT`. Hypercorn's ``read_timeout`` would do it for every connection,
+but it would also end the dev app's quiet SSE streams, so it is not set
+(``server._hypercorn_config``), and without this a client that declared more body than it
+sent held its connection, and a file descriptor, for good.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +16,11 @@ from typing import Any
 import trio
 
 from ._asgi_ws import ASGIReceive, ASGISend
+
+#: Seconds a request body may go without a byte before it is refused with 408 (the
+#: connection is closed). Reset by every chunk that carries bytes, so a slow but steady
+#: body is read to its end however long it takes.
+BODY_IDLE_TIMEOUT = 10.0
 
 
 def header(scope: dict[str, Any], name: bytes) -> bytes | None:
@@ -42,18 +55,52 @@ async def respond_text(send: ASGISend, status: int, text: str, **kw: Any) -> Non
     await respond(send, status, (text + "\n").encode(), **kw)
 
 
-async def read_body(receive: ASGIReceive, limit: int) -> bytes | None:
-    """The request body, or None if it exceeds ``limit`` bytes."""
+def closing_headers(scope: dict[str, Any]) -> list[tuple[bytes, bytes]]:
+    """``Connection: close`` for a response after which the server closes an HTTP/1.x
+    connection (a request body left unread, a refused WebSocket handshake), so the client
+    knows not to send another request on it; none over HTTP/2, which has no
+    ``Connection`` header (a refusal there ends its stream only)."""
+    if scope.get("http_version", "1.1") in ("1.0", "1.1"):
+        return [(b"connection", b"close")]
+    return []
+
+
+class BodyRefused(Exception):
+    """A request body the app will not read: answer ``status`` with ``reason``, and close."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(status, reason)
+        self.status = status
+        self.reason = reason
+
+
+async def read_body(receive: ASGIReceive, limit: int) -> bytes:
+    """The request body (what arrived of it if the client left).
+
+    Raises :class:`BodyRefused`: 413 past ``limit`` bytes, 408 when
+    :data:`BODY_IDLE_TIMEOUT` seconds pass without a byte of it (a client that declared
+    more than it sent, or a chunked body with no chunks, held its connection for ever).
+    """
     chunks: list[bytes] = []
     size = 0
+    deadline = trio.current_time() + BODY_IDLE_TIMEOUT
     while True:
-        event = await receive()
+        event: dict[str, Any] | None = None
+        with trio.move_on_at(deadline):
+            event = await receive()
+        if event is None:
+            raise BodyRefused(
+                408,
+                f"Request Timeout: no byte of the request body arrived for {BODY_IDLE_TIMEOUT:g} s",
+            )
         if event["type"] == "http.disconnect":
             return b"".join(chunks)
         chunk = event.get("body", b"")
         size += len(chunk)
         if size > limit:
-            return None
-        chunks.append(chunk)
+            raise BodyRefused(413, f"Payload Too Large: the limit is {limit} bytes")
+        if chunk:
+            chunks.append(chunk)
+            deadline = trio.current_time() + BODY_IDLE_TIMEOUT
         if not event.get("more_body", False):
             return b"".join(chunks)

@@ -14,10 +14,11 @@ from trio_websocket import ConnectionRejected, open_websocket_url
 
 from punie_trio import __version__
 from punie_trio.server import GC_THRESHOLDS, Running, ServeConfig, serve
+from punie_trio.web._http import BODY_IDLE_TIMEOUT
 from punie_trio.worker import EchoModel
 
 from ..acp_schema import SchemaChecker
-from ._support import acp_ws_client, ws_url
+from ._support import RawHttp, acp_ws_client, settle_loopback, ws_url
 from .conftest import StartServer
 
 
@@ -67,6 +68,47 @@ async def test_echo(server: Running) -> None:
             response = await http.post("/echo", content=body)
             assert response.status_code == 400, body[:20]
             assert why in response.text
+
+
+async def test_a_body_that_stops_coming_gets_408_and_a_slow_one_is_read(
+    start_server: StartServer, mock_clock: trio.testing.MockClock
+) -> None:
+    """A request body with no byte for BODY_IDLE_TIMEOUT is refused with 408 and its
+    connection closed: a POST that declared 10 bytes and sent 3, or a chunked one with no
+    chunk, held its connection (and a file descriptor) for good, since Hypercorn's
+    read_timeout is unset (it would end quiet SSE streams). A body that keeps coming, if
+    slowly, is read to its end, however long that takes in all. (A MockClock moved by hand.)"""
+    idle = BODY_IDLE_TIMEOUT
+    head = b"POST /echo HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+    async with start_server() as server:
+        assert server.url is not None
+        slow, short, chunked = [await RawHttp.connect(server.url) for _ in range(3)]
+        await slow.send(head + b'Content-Length: 10\r\n\r\n{"a')
+        await short.send(head + b'Content-Length: 10\r\n\r\n{"a')
+        await chunked.send(head + b"Transfer-Encoding: chunked\r\n\r\n")
+        await settle_loopback()
+        mock_clock.jump(0.75 * idle)
+        await slow.send(b'": ')
+        await settle_loopback()
+        assert [c.read_ready() for c in (slow, short, chunked)] == [[], [], []]
+
+        mock_clock.jump(0.25 * idle)  # `idle` since the last byte of short and chunked
+        await settle_loopback()
+        for client in (short, chunked):
+            [answer] = client.read_ready()
+            assert answer.status == 408
+            assert answer.headers["connection"] == "close"
+            assert f"no byte of the request body arrived for {idle:g} s" in answer.body.decode()
+            assert client.eof  # closed by the server
+        assert slow.read_ready() == []
+
+        mock_clock.jump(0.5 * idle)  # longer than `idle` since the first byte, in all
+        await slow.send(b"123}")
+        await settle_loopback()
+        [answer] = slow.read_ready()
+        assert (answer.status, answer.body) == (200, b'{"a":123}')
+        for client in (slow, short, chunked):
+            await client.aclose()
 
 
 async def test_metrics(server: Running, tmp_path: Path, acp_schema: SchemaChecker) -> None:
