@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import gc
+import itertools
+import logging
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -14,6 +18,7 @@ from trio_websocket import ConnectionRejected, open_websocket_url
 
 from punie_trio import __version__
 from punie_trio.server import GC_THRESHOLDS, Running, ServeConfig, serve
+from punie_trio.web._accept_log import ACCEPT_ERROR_LOG_EVERY, LOGGER_NAME, AcceptErrorFilter
 from punie_trio.web._http import BODY_IDLE_TIMEOUT
 from punie_trio.worker import EchoModel
 
@@ -109,6 +114,57 @@ async def test_a_body_that_stops_coming_gets_408_and_a_slow_one_is_read(
         assert (answer.status, answer.body) == (200, b'{"a":123}')
         for client in (slow, short, chunked):
             await client.aclose()
+
+
+class _OutOfDescriptors(trio.abc.Listener[trio.SocketStream]):
+    """A listener whose every accept fails as when the process has no descriptor left;
+    ``logged[i]``: how many records ``count()`` gave before try ``i``."""
+
+    def __init__(self, count: Callable[[], int]) -> None:
+        self.count = count
+        self.logged: list[int] = []
+
+    async def accept(self) -> trio.SocketStream:
+        self.logged.append(self.count())
+        await trio.lowlevel.checkpoint()
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    async def aclose(self) -> None:
+        await trio.lowlevel.checkpoint()
+
+
+async def test_failed_accepts_are_logged_once_per_interval_with_a_count(
+    start_server: StartServer,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Out of file descriptors, trio.serve_listeners logs "accept returned EMFILE ...
+    retrying" with a traceback and retries every 0.1 s: ten tracebacks a second. The server
+    lets one through per ACCEPT_ERROR_LOG_EVERY, and the next one says how many it left
+    out (trio's own retry loop, on a MockClock)."""
+    logger = logging.getLogger(LOGGER_NAME)
+    monkeypatch.setattr(logger, "filters", [])
+    async with start_server():
+        assert any(isinstance(f, AcceptErrorFilter) for f in logger.filters)
+
+    def records() -> list[logging.LogRecord]:
+        return [r for r in caplog.records if r.name == LOGGER_NAME]
+
+    listener = _OutOfDescriptors(lambda: len(records()))
+    with trio.move_on_after(2.5 * ACCEPT_ERROR_LOG_EVERY):
+        await trio.serve_listeners(trio.aclose_forcefully, [listener])
+    logged = [*listener.logged, len(records())]
+    logged_tries = [i for i in range(len(logged) - 1) if logged[i + 1] > logged[i]]
+    assert len(logged_tries) == len(records()) == 3  # at 0, 10 and 20 s
+    assert len(logged) > 200  # trio tried all along
+    first, *later = records()
+    assert "accept returned EMFILE" in first.getMessage()
+    assert first.exc_info is not None
+    for (before, at), record in zip(itertools.pairwise(logged_tries), later, strict=True):
+        assert f"({at - before - 1} more like it since the last one logged)" in (
+            record.getMessage()
+        )
 
 
 async def test_metrics(server: Running, tmp_path: Path, acp_schema: SchemaChecker) -> None:
