@@ -25,7 +25,15 @@ from ..hub import ClientConnection, Manager
 from ._asgi_ws import ASGIReceive, ASGISend, AsgiWebSocketStream
 from ._auth import host_allowed, origin_allowed, request_host, token_matches
 from ._heartbeat import Heartbeat
-from ._http import BodyRefused, closing_headers, read_body, respond, respond_json, respond_text
+from ._http import (
+    BodyRefused,
+    closing_headers,
+    over_http1,
+    read_body,
+    respond,
+    respond_json,
+    respond_text,
+)
 
 log = logging.getLogger("punie_trio.web")
 
@@ -107,12 +115,21 @@ class App:
             body = self.manager.metrics.render()
             await respond(send, 200, body, b"text/plain; version=0.0.4; charset=utf-8")
         elif path in ACP_PATHS:
+            if method != "GET":
+                await _not_allowed(send, "GET")
+                return
+            # RFC 9110: a 426 names the protocol in Upgrade (section 15.5.22), and a sender
+            # of Upgrade lists "upgrade" in Connection (section 7.8). Over HTTP/1.1 only:
+            # both are connection headers, which HTTP/2 has none of.
+            headers: list[tuple[bytes, bytes]] = []
+            if over_http1(scope):
+                headers = [(b"upgrade", b"websocket"), (b"connection", b"upgrade, close")]
             await respond_text(
                 send,
                 426,
                 "Upgrade Required: /acp speaks ACP over WebSocket only "
                 "(send GET with Upgrade: websocket)",
-                headers=[(b"upgrade", b"websocket")],
+                headers=headers,
             )
         elif self.fallback is not None:
             await self.fallback(scope, receive, send)

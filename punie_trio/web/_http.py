@@ -55,14 +55,18 @@ async def respond_text(send: ASGISend, status: int, text: str, **kw: Any) -> Non
     await respond(send, status, (text + "\n").encode(), **kw)
 
 
+def over_http1(scope: dict[str, Any]) -> bool:
+    """Whether the request came over HTTP/1.x (``Connection`` and ``Upgrade`` are headers
+    of the connection there; HTTP/2 has neither, and h2 strips them)."""
+    return scope.get("http_version", "1.1") in ("1.0", "1.1")
+
+
 def closing_headers(scope: dict[str, Any]) -> list[tuple[bytes, bytes]]:
     """``Connection: close`` for a response after which the server closes an HTTP/1.x
     connection (a request body left unread, a refused WebSocket handshake), so the client
-    knows not to send another request on it; none over HTTP/2, which has no
-    ``Connection`` header (a refusal there ends its stream only)."""
-    if scope.get("http_version", "1.1") in ("1.0", "1.1"):
-        return [(b"connection", b"close")]
-    return []
+    knows not to send another request on it; none over HTTP/2 (a refusal there ends its
+    stream only)."""
+    return [(b"connection", b"close")] if over_http1(scope) else []
 
 
 class BodyRefused(Exception):

@@ -200,7 +200,7 @@ async def test_metrics(server: Running, tmp_path: Path, acp_schema: SchemaChecke
         assert sample(r'punie_errors_total\{code="-32601",name="method_not_found"\}') == 1
 
 
-async def test_unknown_path_and_plain_get_on_acp(server: Running) -> None:
+async def test_unknown_path_and_plain_http_on_acp(server: Running) -> None:
     async with httpx.AsyncClient(base_url=server.url) as http:
         response = await http.get("/no/such/page")
         assert response.status_code == 404
@@ -209,7 +209,22 @@ async def test_unknown_path_and_plain_get_on_acp(server: Running) -> None:
             response = await http.get(path)
             assert response.status_code == 426, path
             assert response.headers["upgrade"].lower() == "websocket"
+            # RFC 9110 section 7.8: a sender of Upgrade lists it in Connection (it was
+            # missing, and the connection was kept alive).
+            assert response.headers["connection"].lower() == "upgrade, close", path
             assert "WebSocket" in response.text
+            raw = await RawHttp.connect(server.url)
+            await raw.send(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
+            assert (await raw.answer()).status == 426
+            await settle_loopback()
+            raw.read_ready()
+            assert raw.eof  # closed at once, not kept alive
+            await raw.aclose()
+            # Other methods: 405 naming GET (they got the 426 too).
+            for method in ("POST", "PUT", "DELETE", "HEAD"):
+                response = await http.request(method, path)
+                assert response.status_code == 405, (path, method)
+                assert response.headers["allow"] == "GET"
     # A WebSocket upgrade anywhere but /acp and /ws: 404 with the reason (it was a bare 403).
     for path in ("/health", "/nope"):
         with pytest.raises(ConnectionRejected) as info:
