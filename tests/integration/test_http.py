@@ -266,6 +266,9 @@ async def test_a_wrong_websocket_version_gets_426_naming_the_version(server: Run
             head, _, body = answer.partition(b"\r\n\r\n")
             assert head.startswith(b"HTTP/1.1 426 "), answer
             assert b"\r\nsec-websocket-version: 13" in head.lower()
+            # RFC 9110 section 15.5.22: a 426 MUST send Upgrade (it had none).
+            assert b"\r\nupgrade: websocket\r\n" in head.lower()
+            assert b"\r\nconnection: upgrade, close\r\n" in head.lower()
             assert b"version 13" in body
         no_key = await handshake(
             "Upgrade: websocket", "Connection: Upgrade", "Sec-WebSocket-Version: 8"
