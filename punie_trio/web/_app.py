@@ -149,10 +149,11 @@ class App:
 
     async def _echo(self, scope: dict[str, Any], receive: ASGIReceive, send: ASGISend) -> None:
         try:
-            body = await read_body(receive, MAX_ECHO_BYTES)
+            body = await read_body(scope, receive, MAX_ECHO_BYTES)
         except BodyRefused as refused:
-            headers = closing_headers(scope) if refused.status == 408 else None
-            await respond_text(send, refused.status, refused.reason, headers=headers)
+            # The rest of the body is not read, so the connection cannot carry another
+            # request: Hypercorn closes it, and the client is told.
+            await respond_text(send, refused.status, refused.reason, headers=closing_headers(scope))
             return
         try:
             obj = _json.loads(body)
@@ -272,6 +273,8 @@ async def _reject_websocket(
     headers = [
         (b"content-type", b"text/plain; charset=utf-8"),
         (b"content-length", str(len(body)).encode()),
+        # Over HTTP/1.1 Hypercorn closes the connection after a refused handshake.
+        *closing_headers(scope),
     ]
     if status == 401:
         headers.append((b"www-authenticate", b'Bearer realm="punie-trio"'))

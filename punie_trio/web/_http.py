@@ -78,13 +78,18 @@ class BodyRefused(Exception):
         self.reason = reason
 
 
-async def read_body(receive: ASGIReceive, limit: int) -> bytes:
+async def read_body(scope: dict[str, Any], receive: ASGIReceive, limit: int) -> bytes:
     """The request body (what arrived of it if the client left).
 
-    Raises :class:`BodyRefused`: 413 past ``limit`` bytes, 408 when
-    :data:`BODY_IDLE_TIMEOUT` seconds pass without a byte of it (a client that declared
-    more than it sent, or a chunked body with no chunks, held its connection for ever).
+    Raises :class:`BodyRefused`: 413 past ``limit`` bytes (at once, before reading, for a
+    ``Content-Length`` over it), 408 when :data:`BODY_IDLE_TIMEOUT` seconds pass without a
+    byte of it (a client that declared more than it sent, or a chunked body with no
+    chunks, held its connection for ever).
     """
+    too_large = BodyRefused(413, f"Payload Too Large: the limit is {limit} bytes")
+    declared = header(scope, b"content-length")
+    if declared is not None and declared.strip().isdigit() and int(declared) > limit:
+        raise too_large
     chunks: list[bytes] = []
     size = 0
     deadline = trio.current_time() + BODY_IDLE_TIMEOUT
@@ -102,7 +107,7 @@ async def read_body(receive: ASGIReceive, limit: int) -> bytes:
         chunk = event.get("body", b"")
         size += len(chunk)
         if size > limit:
-            raise BodyRefused(413, f"Payload Too Large: the limit is {limit} bytes")
+            raise too_large
         if chunk:
             chunks.append(chunk)
             deadline = trio.current_time() + BODY_IDLE_TIMEOUT

@@ -19,6 +19,7 @@ from trio_websocket import ConnectionRejected, open_websocket_url
 from punie_trio import __version__
 from punie_trio.server import GC_THRESHOLDS, Running, ServeConfig, serve
 from punie_trio.web._accept_log import ACCEPT_ERROR_LOG_EVERY, LOGGER_NAME, AcceptErrorFilter
+from punie_trio.web._app import MAX_ECHO_BYTES
 from punie_trio.web._http import BODY_IDLE_TIMEOUT
 from punie_trio.worker import EchoModel
 
@@ -114,6 +115,37 @@ async def test_a_body_that_stops_coming_gets_408_and_a_slow_one_is_read(
         assert (answer.status, answer.body) == (200, b'{"a":123}')
         for client in (slow, short, chunked):
             await client.aclose()
+
+
+async def test_an_oversized_body_gets_413_before_it_is_read(
+    start_server: StartServer, mock_clock: trio.testing.MockClock
+) -> None:
+    """A Content-Length over the limit is refused before a byte of the body is read (it
+    was read up to the limit first), with Connection: close: the rest of the body is not
+    read, so the connection carries nothing more. Also with Expect: 100-continue.
+    (Hypercorn itself sends its 100 Continue as soon as it has read the request's head,
+    before the app runs: the 413 follows it. See docs/security.md.) A MockClock that never
+    moves: an answer that waited for the body would never come."""
+    head = "POST /echo HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: {}\r\n{}\r\n"
+    async with start_server() as server:
+        assert server.url is not None
+        for expect in ("", "Expect: 100-continue\r\n"):
+            client = await RawHttp.connect(server.url)
+            await client.send(head.format(MAX_ECHO_BYTES + 1, expect).encode())
+            await settle_loopback()
+            *_, answer = client.read_ready()
+            assert answer.status == 413, expect
+            assert answer.headers["connection"] == "close"
+            assert f"the limit is {MAX_ECHO_BYTES} bytes" in answer.body.decode()
+            assert client.eof
+            await client.aclose()
+        # Within the limit, the body is read as before.
+        client = await RawHttp.connect(server.url)
+        await client.send(head.format(2, "").encode() + b"[]")
+        await settle_loopback()
+        [answer] = client.read_ready()
+        assert (answer.status, answer.body) == (200, b"[]")
+        await client.aclose()
 
 
 class _OutOfDescriptors(trio.abc.Listener[trio.SocketStream]):

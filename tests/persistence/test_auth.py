@@ -108,12 +108,13 @@ async def test_acp_needs_the_token_and_a_friendly_origin(
             assert (await rejected(url, [origin(GOOD_ORIGIN)])).status_code == 401
 
 
-async def raw_handshake(url: str, host: str, *headers: str) -> bytes:
-    """A WebSocket handshake to ``/acp`` sent with ``Host: host`` (what a page whose name
-    was rebound to the server's address sends); the answer's status line and body."""
+async def raw_handshake(url: str, host: str, *headers: str, path: str = "/acp") -> bytes:
+    """A WebSocket handshake to ``path`` sent with ``Host: host`` (what a page whose name
+    was rebound to the server's address sends); the answer as it came, once the server
+    has closed the connection."""
     address, port = url.removeprefix("http://").rsplit(":", 1)
     lines = [
-        "GET /acp HTTP/1.1",
+        f"GET {path} HTTP/1.1",
         f"Host: {host}",
         "Upgrade: websocket",
         "Connection: Upgrade",
@@ -129,8 +130,7 @@ async def raw_handshake(url: str, host: str, *headers: str) -> bytes:
             if not chunk:
                 break
             answer += chunk
-    head, _, body = answer.partition(b"\r\n\r\n")
-    return head.split(b"\r\n")[0] + b"\n" + body
+    return answer
 
 
 async def test_a_host_name_that_could_be_rebound_is_refused_everywhere(
@@ -170,6 +170,29 @@ async def test_a_host_name_that_could_be_rebound_is_refused_everywhere(
             for host in ("notcorp.test", "dev.test.evil.example", "localhost.evil.example"):
                 response = await http.get("/health", headers={"Host": f"{host}:{port}"})
                 assert response.status_code == 403, host
+
+
+async def test_a_refused_upgrade_says_the_connection_closes(start_server: StartServer) -> None:
+    """Every refusal of a WebSocket upgrade ends its HTTP/1.1 connection, and says so with
+    Connection: close (it did not): 400 for a bad extension offer, 401, 403 for the
+    Origin and for the Host, 404 for another path."""
+    async with start_server(token=TOKEN) as running:
+        assert running.url is not None
+        own = running.url.removeprefix("http://")
+        auth = f"Authorization: Bearer {TOKEN}"
+        with trio.fail_after(10):
+            for status, host, headers, path in [
+                (400, own, [auth, "Sec-WebSocket-Extensions: permessage-deflate; "
+                                  "client_max_window_bits=zz"], "/acp"),
+                (401, own, [], "/acp"),
+                (403, own, [auth, "Origin: http://evil.example"], "/acp"),
+                (403, "evil.example", [auth], "/acp"),
+                (404, own, [auth], "/nope"),
+            ]:  # fmt: skip
+                answer = await raw_handshake(running.url, host, *headers, path=path)
+                head = answer.partition(b"\r\n\r\n")[0].lower()
+                assert head.startswith(b"http/1.1 %d " % status), answer
+                assert b"\r\nconnection: close\r\n" in head, answer
 
 
 @pytest.mark.parametrize(
