@@ -29,6 +29,7 @@ from ._http import (
     BodyRefused,
     closing_headers,
     over_http1,
+    printable,
     read_body,
     respond,
     respond_json,
@@ -82,8 +83,9 @@ class App:
             if scope["path"] in ACP_PATHS:
                 await self._acp_websocket(scope, receive, send)
             else:
+                path = printable(scope["path"])
                 await _reject_websocket(
-                    scope, send, 404, f"Not Found: {scope['path']} (ACP over WebSocket is at /acp)"
+                    scope, send, 404, f"Not Found: {path} (ACP over WebSocket is at /acp)"
                 )
         elif kind == "http":
             await self._http(scope, receive, send)
@@ -134,7 +136,7 @@ class App:
         elif self.fallback is not None:
             await self.fallback(scope, receive, send)
         else:
-            await respond_text(send, 404, f"Not Found: {path}")
+            await respond_text(send, 404, f"Not Found: {printable(path)}")
 
     def health(self) -> dict[str, Any]:
         manager = self.manager
@@ -273,6 +275,7 @@ async def _reject_websocket(
     headers = [
         (b"content-type", b"text/plain; charset=utf-8"),
         (b"content-length", str(len(body)).encode()),
+        (b"x-content-type-options", b"nosniff"),
         # Over HTTP/1.1 Hypercorn closes the connection after a refused handshake.
         *closing_headers(scope),
     ]

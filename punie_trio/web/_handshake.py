@@ -106,6 +106,7 @@ async def _send_426(stream: WSStream) -> None:
         (b"sec-websocket-version", WEBSOCKET_VERSION),
         (b"content-type", b"text/plain; charset=utf-8"),
         (b"content-length", str(len(_REASON)).encode()),
+        (b"x-content-type-options", b"nosniff"),
     ]
     if _over_http1(stream):
         # RFC 9110: a 426 MUST name the protocol in Upgrade (section 15.5.22), and a sender

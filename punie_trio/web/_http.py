@@ -21,6 +21,24 @@ from ._asgi_ws import ASGIReceive, ASGISend
 #: connection is closed). Reset by every chunk that carries bytes, so a slow but steady
 #: body is read to its end however long it takes.
 BODY_IDLE_TIMEOUT = 10.0
+#: The most characters of a request's own text (its path) an answer echoes.
+ECHO_LIMIT = 200
+
+
+def printable(text: str, limit: int = ECHO_LIMIT) -> str:
+    """``text`` to echo in an answer: every character that is not printable escaped as
+    Python writes it (``\\x00``, ``\\r``, ``\\u202e``), and cut after ``limit``
+    characters with an ellipsis. A 404 echoed a path's NUL, CR and LF raw, and a path of
+    any length whole."""
+    pieces: list[str] = []
+    size = 0
+    for char in text:
+        piece = char if char.isprintable() else char.encode("unicode_escape").decode("ascii")
+        size += len(piece)
+        if size > limit:
+            return "".join(pieces) + "\u2026"
+        pieces.append(piece)
+    return "".join(pieces)
 
 
 def header(scope: dict[str, Any], name: bytes) -> bytes | None:
@@ -37,7 +55,12 @@ async def respond(
     content_type: bytes = b"text/plain; charset=utf-8",
     headers: list[tuple[bytes, bytes]] | None = None,
 ) -> None:
-    all_headers = [(b"content-type", content_type), (b"content-length", str(len(body)).encode())]
+    all_headers = [
+        (b"content-type", content_type),
+        (b"content-length", str(len(body)).encode()),
+        # A browser must not read a text answer (which may echo the request) as HTML.
+        (b"x-content-type-options", b"nosniff"),
+    ]
     all_headers += headers or []
     await send({"type": "http.response.start", "status": status, "headers": all_headers})
     # Shielded: the send that ends a response must complete, or Hypercorn's bookkeeping of

@@ -20,7 +20,7 @@ from punie_trio import __version__
 from punie_trio.server import GC_THRESHOLDS, Running, ServeConfig, serve
 from punie_trio.web._accept_log import ACCEPT_ERROR_LOG_EVERY, LOGGER_NAME, AcceptErrorFilter
 from punie_trio.web._app import MAX_ECHO_BYTES
-from punie_trio.web._http import BODY_IDLE_TIMEOUT
+from punie_trio.web._http import BODY_IDLE_TIMEOUT, ECHO_LIMIT
 from punie_trio.worker import EchoModel
 
 from ..acp_schema import SchemaChecker
@@ -266,6 +266,39 @@ async def test_unknown_path_and_plain_http_on_acp(server: Running) -> None:
         assert b"/acp" in (info.value.body or b"")
 
 
+async def test_a_404_escapes_and_cuts_the_path_it_echoes(server: Running) -> None:
+    """The 404's reason echoed the decoded path raw (NUL, CR, LF) and whole, however long;
+    now its control characters are escaped and it is cut at ECHO_LIMIT characters. Text
+    answers carry X-Content-Type-Options: nosniff, so no browser reads one as HTML."""
+    assert server.url is not None
+    long_path = "/" + "x" * 10_000
+    for path, echoed in [
+        ("/nope%00%0d%0a%1b[2J<script>", "/nope\\x00\\r\\n\\x1b[2J<script>"),
+        ("/%E2%80%AEevil", "/\\u202eevil"),
+        (long_path, long_path[:ECHO_LIMIT] + "\u2026"),
+    ]:
+        client = await RawHttp.connect(server.url)
+        await client.send(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
+        answer = await client.answer()
+        await client.aclose()
+        assert answer.status == 404
+        assert answer.body.decode() == f"Not Found: {echoed}\n"
+        assert answer.headers["x-content-type-options"] == "nosniff"
+    # The same for a WebSocket upgrade on such a path.
+    with pytest.raises(ConnectionRejected) as info:
+        async with open_websocket_url(ws_url(server.url, "/nope%00%0a")):
+            pass  # pragma: no cover - the handshake fails
+    assert info.value.status_code == 404
+    assert (info.value.body or b"").startswith(b"Not Found: /nope\\x00\\n (ACP")
+    assert (b"x-content-type-options", b"nosniff") in [
+        (k.lower(), v) for k, v in info.value.headers
+    ]
+    async with httpx.AsyncClient(base_url=server.url) as http:
+        for path in ("/health", "/acp", "/nowhere"):
+            response = await http.get(path)
+            assert response.headers["x-content-type-options"] == "nosniff", path
+
+
 async def test_a_wrong_websocket_version_gets_426_naming_the_version(server: Running) -> None:
     """RFC 6455 section 4.4: the server "MUST respond with a |Sec-WebSocket-Version| header
     field" listing the versions it speaks; Hypercorn sent a bare 400. Other invalid
@@ -301,6 +334,7 @@ async def test_a_wrong_websocket_version_gets_426_naming_the_version(server: Run
             # RFC 9110 section 15.5.22: a 426 MUST send Upgrade (it had none).
             assert b"\r\nupgrade: websocket\r\n" in head.lower()
             assert b"\r\nconnection: upgrade, close\r\n" in head.lower()
+            assert b"\r\nx-content-type-options: nosniff\r\n" in head.lower()
             assert b"version 13" in body
         no_key = await handshake(
             "Upgrade: websocket", "Connection: Upgrade", "Sec-WebSocket-Version: 8"
