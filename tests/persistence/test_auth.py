@@ -170,6 +170,10 @@ async def test_a_host_name_that_could_be_rebound_is_refused_everywhere(
             for host in ("notcorp.test", "dev.test.evil.example", "localhost.evil.example"):
                 response = await http.get("/health", headers={"Host": f"{host}:{port}"})
                 assert response.status_code == 403, host
+            # An IPv6 address without brackets is refused, and named whole (it was ':').
+            response = await http.get("/health", headers={"Host": "::1"})
+            assert response.status_code == 403
+            assert "Host '::1' is not allowed" in response.text
 
 
 async def test_a_refused_upgrade_says_the_connection_closes(start_server: StartServer) -> None:
@@ -203,6 +207,10 @@ async def test_a_refused_upgrade_says_the_connection_closes(start_server: StartS
         (b"[::1]:8765", "::1"),
         (b"[::1]", "::1"),
         (b"[::1", "[::1"),  # malformed: kept whole, so it matches nothing
+        # An IPv6 address without brackets: malformed, kept whole (it was split at its last
+        # colon, and the refusal named the host ':').
+        (b"::1", "::1"),
+        (b"fe80::1:8765", "fe80::1:8765"),
         (b"Dev.Test.:80", "dev.test"),
         (b"localhost", "localhost"),
         (b"localhost:", "localhost"),
@@ -222,6 +230,8 @@ def test_the_host_name_of_a_request(value: bytes | None, name: str | None) -> No
         (b"127.0.0.1:evil.example", False),
         (b"[fe80::1%25evil.example]:80", False),  # a zone id: not sent by browsers
         (b"[fe80::1]:80", True),
+        (b"::1", False),  # no brackets: malformed
+        (b"[::1]", True),
         (b"x.localhost:1", True),
         (b"localhost.evil.example", False),
         (b"corp.test", True),
