@@ -23,7 +23,7 @@ from .. import _json
 from .._version import __version__
 from ..hub import ClientConnection, Manager
 from ._asgi_ws import ASGIReceive, ASGISend, AsgiWebSocketStream
-from ._auth import host_allowed, origin_allowed, request_host, token_matches
+from ._auth import challenge, host_allowed, origin_allowed, request_host, token_matches
 from ._heartbeat import Heartbeat
 from ._http import (
     BodyRefused,
@@ -111,7 +111,7 @@ class App:
                     send,
                     401,
                     "Unauthorized: /metrics needs the server token (or --metrics-public)",
-                    headers=[(b"www-authenticate", b'Bearer realm="punie-trio"')],
+                    headers=[(b"www-authenticate", challenge(scope))],
                 )
                 return
             body = self.manager.metrics.render()
@@ -280,7 +280,7 @@ async def _reject_websocket(
         *closing_headers(scope),
     ]
     if status == 401:
-        headers.append((b"www-authenticate", b'Bearer realm="punie-trio"'))
+        headers.append((b"www-authenticate", challenge(scope)))
     await send({"type": "websocket.http.response.start", "status": status, "headers": headers})
     with trio.CancelScope(shield=True):
         await send({"type": "websocket.http.response.body", "body": body})

@@ -45,6 +45,15 @@ def token_matches(scope: dict[str, Any], expected: str) -> bool:
     return given is not None and hmac.compare_digest(given.encode(), expected.encode())
 
 
+def challenge(scope: dict[str, Any]) -> bytes:
+    """The ``WWW-Authenticate`` value of a 401 for this request: the bare Bearer challenge
+    when it carried no token, and ``error="invalid_token"`` when it carried a wrong one
+    (RFC 6750 section 3.1)."""
+    if bearer_token(scope) is None:
+        return b'Bearer realm="punie-trio"'
+    return b'Bearer realm="punie-trio", error="invalid_token"'
+
+
 def origin_allowed(scope: dict[str, Any], allowed: tuple[str, ...]) -> bool:
     """No Origin (a non-browser client), the server's own origin, or an allowed one."""
     origin = header(scope, b"origin")

@@ -82,12 +82,17 @@ async def test_acp_needs_the_token_and_a_friendly_origin(
             refusal = await rejected(url)
             assert refusal.status_code == 401
             assert b"Unauthorized" in (refusal.body or b"")
-            assert (b"www-authenticate", b'Bearer realm="punie-trio"') in [
-                (k.lower(), v) for k, v in refusal.headers
-            ]
-            assert (await rejected(url, [bearer("wrong")])).status_code == 401
-            assert (await rejected(url + "?token=wrong")).status_code == 401
-            assert (await rejected(url, [(b"authorization", b"Basic VA==")])).status_code == 401
+            assert challenges(refusal.headers) == [BARE_CHALLENGE]
+            # A wrong token (as opposed to none) is named in the challenge (RFC 6750 3.1).
+            for refusal in (
+                await rejected(url, [bearer("wrong")]),
+                await rejected(url + "?token=wrong"),
+            ):
+                assert refusal.status_code == 401
+                assert challenges(refusal.headers) == [INVALID_TOKEN]
+            refusal = await rejected(url, [(b"authorization", b"Basic VA==")])
+            assert refusal.status_code == 401
+            assert challenges(refusal.headers) == [BARE_CHALLENGE]
             assert running.manager.connections == set()
 
             await works(url + "?token=T", acp_schema, [])
@@ -106,6 +111,17 @@ async def test_acp_needs_the_token_and_a_friendly_origin(
             await works(url + "?token=T", acp_schema, [origin(GOOD_ORIGIN + "/")])
             await works(url, acp_schema, [origin(running.url), bearer(TOKEN)])
             assert (await rejected(url, [origin(GOOD_ORIGIN)])).status_code == 401
+
+
+BARE_CHALLENGE = b'Bearer realm="punie-trio"'
+INVALID_TOKEN = b'Bearer realm="punie-trio", error="invalid_token"'
+
+
+def challenges(headers: Headers | httpx.Headers) -> list[bytes]:
+    """The ``WWW-Authenticate`` values of an answer."""
+    if isinstance(headers, httpx.Headers):
+        return [v.encode() for v in headers.get_list("www-authenticate")]
+    return [v for k, v in headers if k.lower() == b"www-authenticate"]
 
 
 async def raw_handshake(url: str, host: str, *headers: str, path: str = "/acp") -> bytes:
@@ -260,9 +276,13 @@ async def test_metrics_need_the_token_health_is_open(start_server: StartServer) 
         response = await http.get("/metrics")
         assert response.status_code == 401
         assert "token" in response.text
-        assert (
-            await http.get("/metrics", headers={"Authorization": "Bearer no"})
-        ).status_code == 401
+        assert challenges(response.headers) == [BARE_CHALLENGE]
+        for wrong in (
+            await http.get("/metrics", headers={"Authorization": "Bearer no"}),
+            await http.get("/metrics", params={"token": "no"}),
+        ):
+            assert wrong.status_code == 401
+            assert challenges(wrong.headers) == [INVALID_TOKEN]
         response = await http.get("/metrics", headers={"Authorization": f"Bearer {TOKEN}"})
         assert response.status_code == 200 and "punie" in response.text
         assert (await http.get("/metrics", params={"token": TOKEN})).status_code == 200
