@@ -11,6 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import httpx
+import prometheus_client
 import pytest
 import trio
 import trio.testing
@@ -230,6 +231,12 @@ async def test_metrics(server: Running, tmp_path: Path, acp_schema: SchemaChecke
         assert sample("punie_prompt_latency_seconds_count") == 1
         assert sample("punie_messages_in_total") >= 4
         assert sample(r'punie_errors_total\{code="-32601",name="method_not_found"\}') == 1
+        # No `_created` series (prometheus_client adds one per counter and histogram), and
+        # without switching them off for other users of prometheus_client in the process.
+        assert "_created" not in text
+        other = prometheus_client.CollectorRegistry()
+        prometheus_client.Counter("other", "another user's counter", registry=other)
+        assert b"other_created" in prometheus_client.generate_latest(other)
 
 
 async def test_unknown_path_and_plain_http_on_acp(server: Running) -> None:
