@@ -1,8 +1,13 @@
 """The ASGI app Hypercorn serves: a small router over the ACP WebSocket, health, echo,
 metrics, and (with ``--site``) the dev app for every other path.
 
-Error handling: every refusal carries a status and a reason in the body; nothing a client
-sends can take the app down for the others.
+Error handling: every refusal the app makes carries a status and a reason in the body;
+nothing a client sends can take the app down for the others. Some requests never reach the
+app: Hypercorn refuses them itself, with an empty body and ``Connection: close``: 400 for
+what h11 cannot parse (two ``Host`` or ``Content-Length`` headers, a chunk size that is not
+a number), 431 for a request head over 16 KiB, and a bare 400 for a malformed WebSocket
+handshake (a missing ``Sec-WebSocket-Key``; a wrong version gets its 426 with a reason,
+``_handshake``). Those are left as Hypercorn sends them.
 """
 
 from __future__ import annotations

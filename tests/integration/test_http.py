@@ -306,6 +306,31 @@ async def test_a_404_escapes_and_cuts_the_path_it_echoes(server: Running) -> Non
             assert response.headers["x-content-type-options"] == "nosniff", path
 
 
+@pytest.mark.parametrize(
+    ("request_bytes", "status"),
+    [
+        (b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nHost: 127.0.0.1\r\n\r\n", 400),
+        (b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 1\r\n"
+         b"Content-Length: 2\r\n\r\n", 400),
+        (b"POST /echo HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\n"
+         b"zz\r\n", 400),
+        (b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: " + b"a" * 70_000, 431),
+    ],
+)  # fmt: skip
+async def test_hypercorn_refuses_what_it_cannot_parse_with_an_empty_body(
+    server: Running, request_bytes: bytes, status: int
+) -> None:
+    """What docs/security.md and the web/_app.py docstring say of the refusals that never
+    reach the app: Hypercorn's own, with an empty body, and the connection closed."""
+    assert server.url is not None
+    client = await RawHttp.connect(server.url)
+    await client.send(request_bytes)
+    answer = await client.answer()
+    assert (answer.status, answer.body, answer.headers["connection"]) == (status, b"", "close")
+    await client.wait_closed()
+    await client.aclose()
+
+
 async def test_a_wrong_websocket_version_gets_426_naming_the_version(server: Running) -> None:
     """RFC 6455 section 4.4: the server "MUST respond with a |Sec-WebSocket-Version| header
     field" listing the versions it speaks; Hypercorn sent a bare 400. Other invalid
