@@ -1,4 +1,5 @@
-"""The plain HTTP routes of a real in-process server, through httpx."""
+"""The plain HTTP routes of a real in-process server, through httpx and raw sockets (for
+what httpx will not send: a body that stops short, a path as it is on the wire)."""
 
 from __future__ import annotations
 
