@@ -1,12 +1,20 @@
 """Prometheus metrics, on a registry of the server's own (so two servers in one process,
-as in tests, never share counters)."""
+as in tests, never share counters).
+
+The exposition leaves out the ``<name>_created`` series prometheus_client adds for each
+counter and histogram (and each of their label sets): one more series per metric that no
+dashboard reads, the time the counter was made. It drops them as it renders
+(:class:`_WithoutCreated`), not with ``prometheus_client.disable_created_metrics()``, which
+would switch them off for every other user of the library in the process.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import attrs
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.metrics_core import Metric
 
 from .rpc import ERROR_NAMES
 
@@ -57,7 +65,7 @@ class Metrics:
         self.workers.set_function(workers)
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        return generate_latest(_WithoutCreated(self.registry))
 
     def prompt_done(self, stop_reason: str, seconds: float) -> None:
         """Count a finished turn and observe its latency."""
@@ -78,3 +86,17 @@ class Metrics:
 
     def error_sent(self, code: int) -> None:
         self.errors.labels(code=str(code), name=ERROR_NAMES.get(code, "other")).inc()
+
+
+@attrs.frozen
+class _WithoutCreated:
+    """A registry's metrics without their ``_created`` samples (a ``Collector``)."""
+
+    registry: CollectorRegistry
+
+    def collect(self) -> Iterator[Metric]:
+        for metric in self.registry.collect():
+            created = metric.name + "_created"
+            # Each collect() builds its Metric objects afresh: changing them is safe.
+            metric.samples = [sample for sample in metric.samples if sample.name != created]
+            yield metric

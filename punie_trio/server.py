@@ -44,6 +44,7 @@ from .hub import ClientConnection, Limits, Manager
 from .store import MemoryStore, Store, StoreError, open_sqlite_store
 from .transport import stdio_stream
 from .web import App
+from .web import _accept_log as accept_log
 from .web import _deflate as deflate
 from .web import _fast_send as fast_send
 from .web import _h2_late_data as h2_late_data
@@ -101,7 +102,8 @@ def _hypercorn_config(config: ServeConfig) -> hypercorn.config.Config:
     hc.graceful_timeout = config.shutdown_timeout
     hc.accesslog = None
     hc.errorlog = logging.getLogger("hypercorn.error")
-    # No read_timeout: it would kill quiet SSE streams; heartbeats live in the app.
+    # No read_timeout: it would kill quiet SSE streams. Heartbeats live in the app, and so
+    # does the deadline on a request body that stops coming (web/_http.py, read_body).
     return hc
 
 
@@ -301,6 +303,7 @@ async def _start_http(
     root: trio.Nursery, app: App, config: ServeConfig, closing: trio.Event, done: trio.Event
 ) -> str:
     fast_send.install()
+    accept_log.install()
     handshake.install()
     h2_late_data.install()
     deflate.install(config.max_message_bytes)

@@ -1,8 +1,13 @@
 """The ASGI app Hypercorn serves: a small router over the ACP WebSocket, health, echo,
 metrics, and (with ``--site``) the dev app for every other path.
 
-Error handling: every refusal carries a status and a reason in the body; nothing a client
-sends can take the app down for the others.
+Error handling: every refusal the app makes carries a status and a reason in the body;
+nothing a client sends can take the app down for the others. Some requests never reach the
+app: Hypercorn refuses them itself, with an empty body and ``Connection: close``: 400 for
+what h11 cannot parse (two ``Host`` or ``Content-Length`` headers, a chunk size that is not
+a number), 431 for a request head over 16 KiB, and a bare 400 for a malformed WebSocket
+handshake (a missing ``Sec-WebSocket-Key``; a wrong version gets its 426 with a reason,
+``_handshake``). Those are left as Hypercorn sends them.
 """
 
 from __future__ import annotations
@@ -23,9 +28,18 @@ from .. import _json
 from .._version import __version__
 from ..hub import ClientConnection, Manager
 from ._asgi_ws import ASGIReceive, ASGISend, AsgiWebSocketStream
-from ._auth import host_allowed, origin_allowed, request_host, token_matches
+from ._auth import challenge, host_allowed, origin_allowed, request_host, token_matches
 from ._heartbeat import Heartbeat
-from ._http import read_body, respond, respond_json, respond_text
+from ._http import (
+    BodyRefused,
+    closing_headers,
+    over_http1,
+    printable,
+    read_body,
+    respond,
+    respond_json,
+    respond_text,
+)
 
 log = logging.getLogger("punie_trio.web")
 
@@ -74,8 +88,9 @@ class App:
             if scope["path"] in ACP_PATHS:
                 await self._acp_websocket(scope, receive, send)
             else:
+                path = printable(scope["path"])
                 await _reject_websocket(
-                    scope, send, 404, f"Not Found: {scope['path']} (ACP over WebSocket is at /acp)"
+                    scope, send, 404, f"Not Found: {path} (ACP over WebSocket is at /acp)"
                 )
         elif kind == "http":
             await self._http(scope, receive, send)
@@ -91,7 +106,7 @@ class App:
             if method != "POST":
                 await _not_allowed(send, "POST")
                 return
-            await self._echo(receive, send)
+            await self._echo(scope, receive, send)
         elif path == "/metrics":
             if method not in ("GET", "HEAD"):
                 await _not_allowed(send, "GET, HEAD")
@@ -101,23 +116,32 @@ class App:
                     send,
                     401,
                     "Unauthorized: /metrics needs the server token (or --metrics-public)",
-                    headers=[(b"www-authenticate", b'Bearer realm="punie-trio"')],
+                    headers=[(b"www-authenticate", challenge(scope))],
                 )
                 return
             body = self.manager.metrics.render()
             await respond(send, 200, body, b"text/plain; version=0.0.4; charset=utf-8")
         elif path in ACP_PATHS:
+            if method != "GET":
+                await _not_allowed(send, "GET")
+                return
+            # RFC 9110: a 426 names the protocol in Upgrade (section 15.5.22), and a sender
+            # of Upgrade lists "upgrade" in Connection (section 7.8). Over HTTP/1.1 only:
+            # both are connection headers, which HTTP/2 has none of.
+            headers: list[tuple[bytes, bytes]] = []
+            if over_http1(scope):
+                headers = [(b"upgrade", b"websocket"), (b"connection", b"upgrade, close")]
             await respond_text(
                 send,
                 426,
                 "Upgrade Required: /acp speaks ACP over WebSocket only "
                 "(send GET with Upgrade: websocket)",
-                headers=[(b"upgrade", b"websocket")],
+                headers=headers,
             )
         elif self.fallback is not None:
             await self.fallback(scope, receive, send)
         else:
-            await respond_text(send, 404, f"Not Found: {path}")
+            await respond_text(send, 404, f"Not Found: {printable(path)}")
 
     def health(self) -> dict[str, Any]:
         manager = self.manager
@@ -130,10 +154,13 @@ class App:
             "workers": len(manager.workers),
         }
 
-    async def _echo(self, receive: ASGIReceive, send: ASGISend) -> None:
-        body = await read_body(receive, MAX_ECHO_BYTES)
-        if body is None:
-            await respond_text(send, 413, f"Payload Too Large: the limit is {MAX_ECHO_BYTES} bytes")
+    async def _echo(self, scope: dict[str, Any], receive: ASGIReceive, send: ASGISend) -> None:
+        try:
+            body = await read_body(scope, receive, MAX_ECHO_BYTES)
+        except BodyRefused as refused:
+            # The rest of the body is not read, so the connection cannot carry another
+            # request: Hypercorn closes it, and the client is told.
+            await respond_text(send, refused.status, refused.reason, headers=closing_headers(scope))
             return
         try:
             obj = _json.loads(body)
@@ -253,9 +280,12 @@ async def _reject_websocket(
     headers = [
         (b"content-type", b"text/plain; charset=utf-8"),
         (b"content-length", str(len(body)).encode()),
+        (b"x-content-type-options", b"nosniff"),
+        # Over HTTP/1.1 Hypercorn closes the connection after a refused handshake.
+        *closing_headers(scope),
     ]
     if status == 401:
-        headers.append((b"www-authenticate", b'Bearer realm="punie-trio"'))
+        headers.append((b"www-authenticate", challenge(scope)))
     await send({"type": "websocket.http.response.start", "status": status, "headers": headers})
     with trio.CancelScope(shield=True):
         await send({"type": "websocket.http.response.body", "body": body})

@@ -45,6 +45,15 @@ def token_matches(scope: dict[str, Any], expected: str) -> bool:
     return given is not None and hmac.compare_digest(given.encode(), expected.encode())
 
 
+def challenge(scope: dict[str, Any]) -> bytes:
+    """The ``WWW-Authenticate`` value of a 401 for this request: the bare Bearer challenge
+    when it carried no token, and ``error="invalid_token"`` when it carried a wrong one
+    (RFC 6750 section 3.1)."""
+    if bearer_token(scope) is None:
+        return b'Bearer realm="punie-trio"'
+    return b'Bearer realm="punie-trio", error="invalid_token"'
+
+
 def origin_allowed(scope: dict[str, Any], allowed: tuple[str, ...]) -> bool:
     """No Origin (a non-browser client), the server's own origin, or an allowed one."""
     origin = header(scope, b"origin")
@@ -67,36 +76,51 @@ def write_token_file(path: Path) -> str:
     return token
 
 
+def _host_name(text: str) -> str | None:
+    """The host name in a ``Host`` value (lowercase, stripped): without its port or a final
+    dot, an IPv6 address without its brackets; None if the value is malformed."""
+    if text.startswith("["):
+        name, bracket, rest = text[1:].partition("]")
+        if not bracket or (rest and not rest.startswith(":")):
+            return None
+        port = rest[1:]
+    elif text.count(":") > 1:
+        # An IPv6 address without its brackets (RFC 3986 section 3.2.2 requires them; no
+        # browser sends one): splitting it at its last colon named the host ':' for ::1.
+        return None
+    else:
+        name, _, port = text.partition(":")
+    if port and not port.isdigit():
+        # Not a port: no host at all (the name in ``127.0.0.1:evil.example`` is not
+        # 127.0.0.1).
+        return None
+    return name.rstrip(".")
+
+
 def request_host(scope: dict[str, Any]) -> str | None:
     """The ``Host`` header's host name, lowercase, without its port or a final dot (an IPv6
     address without its brackets); None without the header. A malformed value comes back
-    whole, which only ``*`` accepts."""
+    whole (``::1``, ``[::1``), which only ``*`` accepts."""
     value = header(scope, b"host")
     if value is None:
         return None
     text = value.decode("latin-1").strip().lower()
-    if text.startswith("["):
-        name, bracket, rest = text[1:].partition("]")
-        if not bracket or (rest and not rest.startswith(":")):
-            return text
-        port = rest[1:]
-    elif ":" in text:
-        name, _, port = text.rpartition(":")
-    else:
-        name, port = text, ""
-    if port and not port.isdigit():
-        # Not a port: no host at all. Kept whole, so it matches nothing (the name in
-        # ``127.0.0.1:evil.example`` is not 127.0.0.1).
-        return text
-    return name.rstrip(".")
+    name = _host_name(text)
+    return text if name is None else name
 
 
 def host_allowed(scope: dict[str, Any], allowed: tuple[str, ...]) -> bool:
     """Whether the request's ``Host`` is one a rebinding page cannot send: no header (not a
     browser), an IP address, ``localhost`` or a ``.localhost`` name, or one of ``allowed``
-    (exact names; ``.example.com`` also admits its subdomains; ``*`` admits every name)."""
-    name = request_host(scope)
-    if name is None or name == "localhost" or name.endswith(".localhost"):
+    (exact names; ``.example.com`` also admits its subdomains; ``*`` admits every name,
+    and is the only one to admit a malformed value)."""
+    value = header(scope, b"host")
+    if value is None:
+        return True
+    name = _host_name(value.decode("latin-1").strip().lower())
+    if name is None:
+        return "*" in allowed
+    if name == "localhost" or name.endswith(".localhost"):
         return True
     if "%" in name:  # an IPv6 zone id (or percent-encoding): nothing a browser sends
         return False

@@ -1,6 +1,7 @@
 """The WebSocket handshakes Hypercorn refuses before the app sees them: an unsupported
 ``Sec-WebSocket-Version`` gets 426 Upgrade Required naming the version the server speaks (RFC
-6455 section 4.4), and every refused handshake ends its TCP connection.
+6455 section 4.4) and, over HTTP/1.1, the protocol (``Upgrade: websocket``, as RFC 9110
+section 15.5.22 asks of every 426), and every refused handshake ends its TCP connection.
 
 Why: Hypercorn answers any invalid handshake with a bare 400. For a version it does not
 speak, the RFC says the server "MUST respond with a |Sec-WebSocket-Version| header field ...
@@ -105,8 +106,12 @@ async def _send_426(stream: WSStream) -> None:
         (b"sec-websocket-version", WEBSOCKET_VERSION),
         (b"content-type", b"text/plain; charset=utf-8"),
         (b"content-length", str(len(_REASON)).encode()),
-        (b"connection", b"close"),
+        (b"x-content-type-options", b"nosniff"),
     ]
+    if _over_http1(stream):
+        # RFC 9110: a 426 MUST name the protocol in Upgrade (section 15.5.22), and a sender
+        # of Upgrade lists "upgrade" in Connection (section 7.8). HTTP/2 has neither header.
+        headers += [(b"upgrade", b"websocket"), (b"connection", b"upgrade, close")]
     await stream.send(Response(stream_id=stream.stream_id, status_code=426, headers=headers))
     await stream.send(Body(stream_id=stream.stream_id, data=_REASON))
     await stream.send(EndBody(stream_id=stream.stream_id))

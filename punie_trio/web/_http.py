@@ -1,4 +1,12 @@
-"""Tiny ASGI response helpers (no framework: the app is a handful of routes)."""
+"""Tiny ASGI response helpers (no framework: the app is a handful of routes), and the one
+request body reader.
+
+Error handling: a body that stops arriving is refused (408) after
+:data:`BODY_IDLE_TIMEOUT`. Hypercorn's ``read_timeout`` would do it for every connection,
+but it would also end the dev app's quiet SSE streams, so it is not set
+(``server._hypercorn_config``), and without this a client that declared more body than it
+sent held its connection, and a file descriptor, for good.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +16,29 @@ from typing import Any
 import trio
 
 from ._asgi_ws import ASGIReceive, ASGISend
+
+#: Seconds a request body may go without a byte before it is refused with 408 (the
+#: connection is closed). Reset by every chunk that carries bytes, so a slow but steady
+#: body is read to its end however long it takes.
+BODY_IDLE_TIMEOUT = 10.0
+#: The most characters of a request's own text (its path) an answer echoes.
+ECHO_LIMIT = 200
+
+
+def printable(text: str, limit: int = ECHO_LIMIT) -> str:
+    """``text`` to echo in an answer: every character that is not printable escaped as
+    Python writes it (``\\x00``, ``\\r``, ``\\u202e``), and cut after ``limit``
+    characters with an ellipsis. A 404 echoed a path's NUL, CR and LF raw, and a path of
+    any length whole."""
+    pieces: list[str] = []
+    size = 0
+    for char in text:
+        piece = char if char.isprintable() else char.encode("unicode_escape").decode("ascii")
+        size += len(piece)
+        if size > limit:
+            return "".join(pieces) + "\u2026"
+        pieces.append(piece)
+    return "".join(pieces)
 
 
 def header(scope: dict[str, Any], name: bytes) -> bytes | None:
@@ -24,7 +55,12 @@ async def respond(
     content_type: bytes = b"text/plain; charset=utf-8",
     headers: list[tuple[bytes, bytes]] | None = None,
 ) -> None:
-    all_headers = [(b"content-type", content_type), (b"content-length", str(len(body)).encode())]
+    all_headers = [
+        (b"content-type", content_type),
+        (b"content-length", str(len(body)).encode()),
+        # A browser must not read a text answer (which may echo the request) as HTML.
+        (b"x-content-type-options", b"nosniff"),
+    ]
     all_headers += headers or []
     await send({"type": "http.response.start", "status": status, "headers": all_headers})
     # Shielded: the send that ends a response must complete, or Hypercorn's bookkeeping of
@@ -42,18 +78,61 @@ async def respond_text(send: ASGISend, status: int, text: str, **kw: Any) -> Non
     await respond(send, status, (text + "\n").encode(), **kw)
 
 
-async def read_body(receive: ASGIReceive, limit: int) -> bytes | None:
-    """The request body, or None if it exceeds ``limit`` bytes."""
+def over_http1(scope: dict[str, Any]) -> bool:
+    """Whether the request came over HTTP/1.x (``Connection`` and ``Upgrade`` are headers
+    of the connection there; HTTP/2 has neither, and h2 strips them)."""
+    return scope.get("http_version", "1.1") in ("1.0", "1.1")
+
+
+def closing_headers(scope: dict[str, Any]) -> list[tuple[bytes, bytes]]:
+    """``Connection: close`` for a response after which the server closes an HTTP/1.x
+    connection (a request body left unread, a refused WebSocket handshake), so the client
+    knows not to send another request on it; none over HTTP/2 (a refusal there ends its
+    stream only)."""
+    return [(b"connection", b"close")] if over_http1(scope) else []
+
+
+class BodyRefused(Exception):
+    """A request body the app will not read: answer ``status`` with ``reason``, and close."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(status, reason)
+        self.status = status
+        self.reason = reason
+
+
+async def read_body(scope: dict[str, Any], receive: ASGIReceive, limit: int) -> bytes:
+    """The request body (what arrived of it if the client left).
+
+    Raises :class:`BodyRefused`: 413 past ``limit`` bytes (at once, before reading, for a
+    ``Content-Length`` over it), 408 when :data:`BODY_IDLE_TIMEOUT` seconds pass without a
+    byte of it (a client that declared more than it sent, or a chunked body with no
+    chunks, held its connection for ever).
+    """
+    too_large = BodyRefused(413, f"Payload Too Large: the limit is {limit} bytes")
+    declared = header(scope, b"content-length")
+    if declared is not None and declared.strip().isdigit() and int(declared) > limit:
+        raise too_large
     chunks: list[bytes] = []
     size = 0
+    deadline = trio.current_time() + BODY_IDLE_TIMEOUT
     while True:
-        event = await receive()
+        event: dict[str, Any] | None = None
+        with trio.move_on_at(deadline):
+            event = await receive()
+        if event is None:
+            raise BodyRefused(
+                408,
+                f"Request Timeout: no byte of the request body arrived for {BODY_IDLE_TIMEOUT:g} s",
+            )
         if event["type"] == "http.disconnect":
             return b"".join(chunks)
         chunk = event.get("body", b"")
         size += len(chunk)
         if size > limit:
-            return None
-        chunks.append(chunk)
+            raise too_large
+        if chunk:
+            chunks.append(chunk)
+            deadline = trio.current_time() + BODY_IDLE_TIMEOUT
         if not event.get("more_body", False):
             return b"".join(chunks)

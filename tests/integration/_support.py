@@ -8,6 +8,7 @@ import itertools
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable
@@ -124,6 +125,105 @@ def task_tree() -> collections.Counter[str]:
 def write_script(path: Path, turns: list[list[dict[str, Any]]]) -> Path:
     path.write_text(json.dumps(turns), encoding="utf-8")
     return path
+
+
+# -- raw HTTP/1.1 ------------------------------------------------------------------------------
+
+
+@attrs.frozen
+class HttpAnswer:
+    """One response as it came off the wire (header names lowercase; the last of a name)."""
+
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+
+def parse_answers(data: bytes) -> list[HttpAnswer]:
+    """The complete responses at the start of ``data`` (1xx ones included)."""
+    answers: list[HttpAnswer] = []
+    while b"\r\n\r\n" in data:
+        head, _, rest = data.partition(b"\r\n\r\n")
+        status_line, *lines = head.decode("latin-1").split("\r\n")
+        headers = {}
+        for line in lines:
+            name, _, value = line.partition(":")
+            headers[name.strip().lower()] = value.strip()
+        status = int(status_line.split()[1])
+        length = int(headers.get("content-length", "0")) if status >= 200 else 0
+        if len(rest) < length:
+            break
+        answers.append(HttpAnswer(status, headers, rest[:length]))
+        data = rest[length:]
+    return answers
+
+
+@attrs.define(eq=False)
+class RawHttp:
+    """One TCP connection for requests httpx will not send (a body that stops short, a
+    path as it is on the wire). :meth:`read_ready` takes what has arrived without waiting
+    (for a server on a MockClock); :meth:`answer` waits for a whole response."""
+
+    stream: trio.SocketStream
+    received: bytes = b""
+    eof: bool = False
+    #: How many final responses :meth:`answer` has returned.
+    returned: int = 0
+
+    @classmethod
+    async def connect(cls, url: str) -> RawHttp:
+        host, port = url.removeprefix("http://").rsplit(":", 1)
+        return cls(await trio.open_tcp_stream(host, int(port)))
+
+    async def send(self, data: bytes) -> None:
+        await self.stream.send_all(data)
+
+    def answers(self) -> list[HttpAnswer]:
+        return parse_answers(self.received)
+
+    def read_ready(self) -> list[HttpAnswer]:
+        """Take whatever the server sent so far, without waiting; the answers in it."""
+        with socket.socket(fileno=os.dup(self.stream.socket.fileno())) as sock:
+            while not self.eof:
+                try:
+                    data = sock.recv(65536, socket.MSG_DONTWAIT)
+                except BlockingIOError:
+                    break
+                except ConnectionError:
+                    data = b""
+                self._take(data)
+        return self.answers()
+
+    async def answer(self) -> HttpAnswer:
+        """The next final (non-1xx) response, waiting until it is complete."""
+        while True:
+            final = [a for a in self.answers() if a.status >= 200]
+            if len(final) > self.returned:
+                self.returned += 1
+                return final[self.returned - 1]
+            assert not self.eof, f"the server closed the connection: {self.received!r}"
+            self._take(await self.stream.receive_some(65536))
+
+    async def wait_closed(self) -> None:
+        """Read until the server closes the connection."""
+        while not self.eof:
+            self._take(await self.stream.receive_some(65536))
+
+    def _take(self, data: bytes) -> None:
+        if data:
+            self.received += data
+        else:
+            self.eof = True
+
+    async def aclose(self) -> None:
+        await self.stream.aclose()
+
+
+async def settle_loopback() -> None:
+    """Let an in-process server and its raw clients act on what was just sent (loopback
+    bytes are in the receiver's buffer once sent; each pass polls for them)."""
+    for _ in range(4):
+        await trio.testing.wait_all_tasks_blocked()
 
 
 # -- a server as a real subprocess -------------------------------------------------------------

@@ -1,12 +1,18 @@
-"""The plain HTTP routes of a real in-process server, through httpx."""
+"""The plain HTTP routes of a real in-process server, through httpx and raw sockets (for
+what httpx will not send: a body that stops short, a path as it is on the wire)."""
 
 from __future__ import annotations
 
+import errno
 import gc
+import itertools
+import logging
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
+import prometheus_client
 import pytest
 import trio
 import trio.testing
@@ -14,10 +20,13 @@ from trio_websocket import ConnectionRejected, open_websocket_url
 
 from punie_trio import __version__
 from punie_trio.server import GC_THRESHOLDS, Running, ServeConfig, serve
+from punie_trio.web._accept_log import ACCEPT_ERROR_LOG_EVERY, LOGGER_NAME, AcceptErrorFilter
+from punie_trio.web._app import MAX_ECHO_BYTES
+from punie_trio.web._http import BODY_IDLE_TIMEOUT, ECHO_LIMIT
 from punie_trio.worker import EchoModel
 
 from ..acp_schema import SchemaChecker
-from ._support import acp_ws_client, ws_url
+from ._support import RawHttp, acp_ws_client, settle_loopback, ws_url
 from .conftest import StartServer
 
 
@@ -69,6 +78,129 @@ async def test_echo(server: Running) -> None:
             assert why in response.text
 
 
+async def test_a_body_that_stops_coming_gets_408_and_a_slow_one_is_read(
+    start_server: StartServer, mock_clock: trio.testing.MockClock
+) -> None:
+    """A request body with no byte for BODY_IDLE_TIMEOUT is refused with 408 and its
+    connection closed: a POST that declared 10 bytes and sent 3, or a chunked one with no
+    chunk, held its connection (and a file descriptor) for good, since Hypercorn's
+    read_timeout is unset (it would end quiet SSE streams). A body that keeps coming, if
+    slowly, is read to its end, however long that takes in all. (A MockClock moved by hand.)"""
+    idle = BODY_IDLE_TIMEOUT
+    head = b"POST /echo HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+    async with start_server() as server:
+        assert server.url is not None
+        slow, short, chunked = [await RawHttp.connect(server.url) for _ in range(3)]
+        await slow.send(head + b'Content-Length: 10\r\n\r\n{"a')
+        await short.send(head + b'Content-Length: 10\r\n\r\n{"a')
+        await chunked.send(head + b"Transfer-Encoding: chunked\r\n\r\n")
+        await settle_loopback()
+        mock_clock.jump(0.75 * idle)
+        await slow.send(b'": ')
+        await settle_loopback()
+        assert [c.read_ready() for c in (slow, short, chunked)] == [[], [], []]
+
+        mock_clock.jump(0.25 * idle)  # `idle` since the last byte of short and chunked
+        await settle_loopback()
+        for client in (short, chunked):
+            [answer] = client.read_ready()
+            assert answer.status == 408
+            assert answer.headers["connection"] == "close"
+            assert f"no byte of the request body arrived for {idle:g} s" in answer.body.decode()
+            assert client.eof  # closed by the server
+        assert slow.read_ready() == []
+
+        mock_clock.jump(0.5 * idle)  # longer than `idle` since the first byte, in all
+        await slow.send(b"123}")
+        await settle_loopback()
+        [answer] = slow.read_ready()
+        assert (answer.status, answer.body) == (200, b'{"a":123}')
+        for client in (slow, short, chunked):
+            await client.aclose()
+
+
+async def test_an_oversized_body_gets_413_before_it_is_read(
+    start_server: StartServer, mock_clock: trio.testing.MockClock
+) -> None:
+    """A Content-Length over the limit is refused before a byte of the body is read (it
+    was read up to the limit first), with Connection: close: the rest of the body is not
+    read, so the connection carries nothing more. Also with Expect: 100-continue.
+    (Hypercorn itself sends its 100 Continue as soon as it has read the request's head,
+    before the app runs: the 413 follows it. See docs/security.md.) A MockClock that never
+    moves: an answer that waited for the body would never come."""
+    head = "POST /echo HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: {}\r\n{}\r\n"
+    async with start_server() as server:
+        assert server.url is not None
+        for expect in ("", "Expect: 100-continue\r\n"):
+            client = await RawHttp.connect(server.url)
+            await client.send(head.format(MAX_ECHO_BYTES + 1, expect).encode())
+            await settle_loopback()
+            *_, answer = client.read_ready()
+            assert answer.status == 413, expect
+            assert answer.headers["connection"] == "close"
+            assert f"the limit is {MAX_ECHO_BYTES} bytes" in answer.body.decode()
+            assert client.eof
+            await client.aclose()
+        # Within the limit, the body is read as before.
+        client = await RawHttp.connect(server.url)
+        await client.send(head.format(2, "").encode() + b"[]")
+        await settle_loopback()
+        [answer] = client.read_ready()
+        assert (answer.status, answer.body) == (200, b"[]")
+        await client.aclose()
+
+
+class _OutOfDescriptors(trio.abc.Listener[trio.SocketStream]):
+    """A listener whose every accept fails as when the process has no descriptor left;
+    ``logged[i]``: how many records ``count()`` gave before try ``i``."""
+
+    def __init__(self, count: Callable[[], int]) -> None:
+        self.count = count
+        self.logged: list[int] = []
+
+    async def accept(self) -> trio.SocketStream:
+        self.logged.append(self.count())
+        await trio.lowlevel.checkpoint()
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    async def aclose(self) -> None:
+        await trio.lowlevel.checkpoint()
+
+
+async def test_failed_accepts_are_logged_once_per_interval_with_a_count(
+    start_server: StartServer,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Out of file descriptors, trio.serve_listeners logs "accept returned EMFILE ...
+    retrying" with a traceback and retries every 0.1 s: ten tracebacks a second. The server
+    lets one through per ACCEPT_ERROR_LOG_EVERY, and the next one says how many it left
+    out (trio's own retry loop, on a MockClock)."""
+    logger = logging.getLogger(LOGGER_NAME)
+    monkeypatch.setattr(logger, "filters", [])
+    async with start_server():
+        assert any(isinstance(f, AcceptErrorFilter) for f in logger.filters)
+
+    def records() -> list[logging.LogRecord]:
+        return [r for r in caplog.records if r.name == LOGGER_NAME]
+
+    listener = _OutOfDescriptors(lambda: len(records()))
+    with trio.move_on_after(2.5 * ACCEPT_ERROR_LOG_EVERY):
+        await trio.serve_listeners(trio.aclose_forcefully, [listener])
+    logged = [*listener.logged, len(records())]
+    logged_tries = [i for i in range(len(logged) - 1) if logged[i + 1] > logged[i]]
+    assert len(logged_tries) == len(records()) == 3  # at 0, 10 and 20 s
+    assert len(logged) > 200  # trio tried all along
+    first, *later = records()
+    assert "accept returned EMFILE" in first.getMessage()
+    assert first.exc_info is not None
+    for (before, at), record in zip(itertools.pairwise(logged_tries), later, strict=True):
+        assert f"({at - before - 1} more like it since the last one logged)" in (
+            record.getMessage()
+        )
+
+
 async def test_metrics(server: Running, tmp_path: Path, acp_schema: SchemaChecker) -> None:
     async with httpx.AsyncClient(base_url=server.url) as http:
         with trio.fail_after(10):
@@ -100,9 +232,15 @@ async def test_metrics(server: Running, tmp_path: Path, acp_schema: SchemaChecke
         assert sample("punie_prompt_latency_seconds_count") == 1
         assert sample("punie_messages_in_total") >= 4
         assert sample(r'punie_errors_total\{code="-32601",name="method_not_found"\}') == 1
+        # No `_created` series (prometheus_client adds one per counter and histogram), and
+        # without switching them off for other users of prometheus_client in the process.
+        assert "_created" not in text
+        other = prometheus_client.CollectorRegistry()
+        prometheus_client.Counter("other", "another user's counter", registry=other)
+        assert b"other_created" in prometheus_client.generate_latest(other)
 
 
-async def test_unknown_path_and_plain_get_on_acp(server: Running) -> None:
+async def test_unknown_path_and_plain_http_on_acp(server: Running) -> None:
     async with httpx.AsyncClient(base_url=server.url) as http:
         response = await http.get("/no/such/page")
         assert response.status_code == 404
@@ -111,7 +249,22 @@ async def test_unknown_path_and_plain_get_on_acp(server: Running) -> None:
             response = await http.get(path)
             assert response.status_code == 426, path
             assert response.headers["upgrade"].lower() == "websocket"
+            # RFC 9110 section 7.8: a sender of Upgrade lists it in Connection (it was
+            # missing, and the connection was kept alive).
+            assert response.headers["connection"].lower() == "upgrade, close", path
             assert "WebSocket" in response.text
+            raw = await RawHttp.connect(server.url)
+            await raw.send(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
+            assert (await raw.answer()).status == 426
+            await settle_loopback()
+            raw.read_ready()
+            assert raw.eof  # closed at once, not kept alive
+            await raw.aclose()
+            # Other methods: 405 naming GET (they got the 426 too).
+            for method in ("POST", "PUT", "DELETE", "HEAD"):
+                response = await http.request(method, path)
+                assert response.status_code == 405, (path, method)
+                assert response.headers["allow"] == "GET"
     # A WebSocket upgrade anywhere but /acp and /ws: 404 with the reason (it was a bare 403).
     for path in ("/health", "/nope"):
         with pytest.raises(ConnectionRejected) as info:
@@ -119,6 +272,64 @@ async def test_unknown_path_and_plain_get_on_acp(server: Running) -> None:
                 pass  # pragma: no cover - the handshake fails
         assert info.value.status_code == 404
         assert b"/acp" in (info.value.body or b"")
+
+
+async def test_a_404_escapes_and_cuts_the_path_it_echoes(server: Running) -> None:
+    """The 404's reason echoed the decoded path raw (NUL, CR, LF) and whole, however long;
+    now its control characters are escaped and it is cut at ECHO_LIMIT characters. Text
+    answers carry X-Content-Type-Options: nosniff, so no browser reads one as HTML."""
+    assert server.url is not None
+    long_path = "/" + "x" * 10_000
+    for path, echoed in [
+        ("/nope%00%0d%0a%1b[2J<script>", "/nope\\x00\\r\\n\\x1b[2J<script>"),
+        ("/%E2%80%AEevil", "/\\u202eevil"),
+        (long_path, long_path[:ECHO_LIMIT] + "\u2026"),
+    ]:
+        client = await RawHttp.connect(server.url)
+        await client.send(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
+        answer = await client.answer()
+        await client.aclose()
+        assert answer.status == 404
+        assert answer.body.decode() == f"Not Found: {echoed}\n"
+        assert answer.headers["x-content-type-options"] == "nosniff"
+    # The same for a WebSocket upgrade on such a path.
+    with pytest.raises(ConnectionRejected) as info:
+        async with open_websocket_url(ws_url(server.url, "/nope%00%0a")):
+            pass  # pragma: no cover - the handshake fails
+    assert info.value.status_code == 404
+    assert (info.value.body or b"").startswith(b"Not Found: /nope\\x00\\n (ACP")
+    assert (b"x-content-type-options", b"nosniff") in [
+        (k.lower(), v) for k, v in info.value.headers
+    ]
+    async with httpx.AsyncClient(base_url=server.url) as http:
+        for path in ("/health", "/acp", "/nowhere"):
+            response = await http.get(path)
+            assert response.headers["x-content-type-options"] == "nosniff", path
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "status"),
+    [
+        (b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nHost: 127.0.0.1\r\n\r\n", 400),
+        (b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 1\r\n"
+         b"Content-Length: 2\r\n\r\n", 400),
+        (b"POST /echo HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\n"
+         b"zz\r\n", 400),
+        (b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: " + b"a" * 70_000, 431),
+    ],
+)  # fmt: skip
+async def test_hypercorn_refuses_what_it_cannot_parse_with_an_empty_body(
+    server: Running, request_bytes: bytes, status: int
+) -> None:
+    """What docs/security.md and the web/_app.py docstring say of the refusals that never
+    reach the app: Hypercorn's own, with an empty body, and the connection closed."""
+    assert server.url is not None
+    client = await RawHttp.connect(server.url)
+    await client.send(request_bytes)
+    answer = await client.answer()
+    assert (answer.status, answer.body, answer.headers["connection"]) == (status, b"", "close")
+    await client.wait_closed()
+    await client.aclose()
 
 
 async def test_a_wrong_websocket_version_gets_426_naming_the_version(server: Running) -> None:
@@ -153,6 +364,10 @@ async def test_a_wrong_websocket_version_gets_426_naming_the_version(server: Run
             head, _, body = answer.partition(b"\r\n\r\n")
             assert head.startswith(b"HTTP/1.1 426 "), answer
             assert b"\r\nsec-websocket-version: 13" in head.lower()
+            # RFC 9110 section 15.5.22: a 426 MUST send Upgrade (it had none).
+            assert b"\r\nupgrade: websocket\r\n" in head.lower()
+            assert b"\r\nconnection: upgrade, close\r\n" in head.lower()
+            assert b"\r\nx-content-type-options: nosniff\r\n" in head.lower()
             assert b"version 13" in body
         no_key = await handshake(
             "Upgrade: websocket", "Connection: Upgrade", "Sec-WebSocket-Version: 8"

@@ -82,12 +82,17 @@ async def test_acp_needs_the_token_and_a_friendly_origin(
             refusal = await rejected(url)
             assert refusal.status_code == 401
             assert b"Unauthorized" in (refusal.body or b"")
-            assert (b"www-authenticate", b'Bearer realm="punie-trio"') in [
-                (k.lower(), v) for k, v in refusal.headers
-            ]
-            assert (await rejected(url, [bearer("wrong")])).status_code == 401
-            assert (await rejected(url + "?token=wrong")).status_code == 401
-            assert (await rejected(url, [(b"authorization", b"Basic VA==")])).status_code == 401
+            assert challenges(refusal.headers) == [BARE_CHALLENGE]
+            # A wrong token (as opposed to none) is named in the challenge (RFC 6750 3.1).
+            for refusal in (
+                await rejected(url, [bearer("wrong")]),
+                await rejected(url + "?token=wrong"),
+            ):
+                assert refusal.status_code == 401
+                assert challenges(refusal.headers) == [INVALID_TOKEN]
+            refusal = await rejected(url, [(b"authorization", b"Basic VA==")])
+            assert refusal.status_code == 401
+            assert challenges(refusal.headers) == [BARE_CHALLENGE]
             assert running.manager.connections == set()
 
             await works(url + "?token=T", acp_schema, [])
@@ -108,12 +113,24 @@ async def test_acp_needs_the_token_and_a_friendly_origin(
             assert (await rejected(url, [origin(GOOD_ORIGIN)])).status_code == 401
 
 
-async def raw_handshake(url: str, host: str, *headers: str) -> bytes:
-    """A WebSocket handshake to ``/acp`` sent with ``Host: host`` (what a page whose name
-    was rebound to the server's address sends); the answer's status line and body."""
+BARE_CHALLENGE = b'Bearer realm="punie-trio"'
+INVALID_TOKEN = b'Bearer realm="punie-trio", error="invalid_token"'
+
+
+def challenges(headers: Headers | httpx.Headers) -> list[bytes]:
+    """The ``WWW-Authenticate`` values of an answer."""
+    if isinstance(headers, httpx.Headers):
+        return [v.encode() for v in headers.get_list("www-authenticate")]
+    return [v for k, v in headers if k.lower() == b"www-authenticate"]
+
+
+async def raw_handshake(url: str, host: str, *headers: str, path: str = "/acp") -> bytes:
+    """A WebSocket handshake to ``path`` sent with ``Host: host`` (what a page whose name
+    was rebound to the server's address sends); the answer as it came, once the server
+    has closed the connection."""
     address, port = url.removeprefix("http://").rsplit(":", 1)
     lines = [
-        "GET /acp HTTP/1.1",
+        f"GET {path} HTTP/1.1",
         f"Host: {host}",
         "Upgrade: websocket",
         "Connection: Upgrade",
@@ -129,8 +146,7 @@ async def raw_handshake(url: str, host: str, *headers: str) -> bytes:
             if not chunk:
                 break
             answer += chunk
-    head, _, body = answer.partition(b"\r\n\r\n")
-    return head.split(b"\r\n")[0] + b"\n" + body
+    return answer
 
 
 async def test_a_host_name_that_could_be_rebound_is_refused_everywhere(
@@ -170,6 +186,33 @@ async def test_a_host_name_that_could_be_rebound_is_refused_everywhere(
             for host in ("notcorp.test", "dev.test.evil.example", "localhost.evil.example"):
                 response = await http.get("/health", headers={"Host": f"{host}:{port}"})
                 assert response.status_code == 403, host
+            # An IPv6 address without brackets is refused, and named whole (it was ':').
+            response = await http.get("/health", headers={"Host": "::1"})
+            assert response.status_code == 403
+            assert "Host '::1' is not allowed" in response.text
+
+
+async def test_a_refused_upgrade_says_the_connection_closes(start_server: StartServer) -> None:
+    """Every refusal of a WebSocket upgrade ends its HTTP/1.1 connection, and says so with
+    Connection: close (it did not): 400 for a bad extension offer, 401, 403 for the
+    Origin and for the Host, 404 for another path."""
+    async with start_server(token=TOKEN) as running:
+        assert running.url is not None
+        own = running.url.removeprefix("http://")
+        auth = f"Authorization: Bearer {TOKEN}"
+        with trio.fail_after(10):
+            for status, host, headers, path in [
+                (400, own, [auth, "Sec-WebSocket-Extensions: permessage-deflate; "
+                                  "client_max_window_bits=zz"], "/acp"),
+                (401, own, [], "/acp"),
+                (403, own, [auth, "Origin: http://evil.example"], "/acp"),
+                (403, "evil.example", [auth], "/acp"),
+                (404, own, [auth], "/nope"),
+            ]:  # fmt: skip
+                answer = await raw_handshake(running.url, host, *headers, path=path)
+                head = answer.partition(b"\r\n\r\n")[0].lower()
+                assert head.startswith(b"http/1.1 %d " % status), answer
+                assert b"\r\nconnection: close\r\n" in head, answer
 
 
 @pytest.mark.parametrize(
@@ -180,6 +223,10 @@ async def test_a_host_name_that_could_be_rebound_is_refused_everywhere(
         (b"[::1]:8765", "::1"),
         (b"[::1]", "::1"),
         (b"[::1", "[::1"),  # malformed: kept whole, so it matches nothing
+        # An IPv6 address without brackets: malformed, kept whole (it was split at its last
+        # colon, and the refusal named the host ':').
+        (b"::1", "::1"),
+        (b"fe80::1:8765", "fe80::1:8765"),
         (b"Dev.Test.:80", "dev.test"),
         (b"localhost", "localhost"),
         (b"localhost:", "localhost"),
@@ -199,6 +246,8 @@ def test_the_host_name_of_a_request(value: bytes | None, name: str | None) -> No
         (b"127.0.0.1:evil.example", False),
         (b"[fe80::1%25evil.example]:80", False),  # a zone id: not sent by browsers
         (b"[fe80::1]:80", True),
+        (b"::1", False),  # no brackets: malformed
+        (b"[::1]", True),
         (b"x.localhost:1", True),
         (b"localhost.evil.example", False),
         (b"corp.test", True),
@@ -227,9 +276,13 @@ async def test_metrics_need_the_token_health_is_open(start_server: StartServer) 
         response = await http.get("/metrics")
         assert response.status_code == 401
         assert "token" in response.text
-        assert (
-            await http.get("/metrics", headers={"Authorization": "Bearer no"})
-        ).status_code == 401
+        assert challenges(response.headers) == [BARE_CHALLENGE]
+        for wrong in (
+            await http.get("/metrics", headers={"Authorization": "Bearer no"}),
+            await http.get("/metrics", params={"token": "no"}),
+        ):
+            assert wrong.status_code == 401
+            assert challenges(wrong.headers) == [INVALID_TOKEN]
         response = await http.get("/metrics", headers={"Authorization": f"Bearer {TOKEN}"})
         assert response.status_code == 200 and "punie" in response.text
         assert (await http.get("/metrics", params={"token": TOKEN})).status_code == 200
