@@ -32,6 +32,7 @@ import threading
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import attrs
@@ -137,10 +138,16 @@ FORCE_EXIT_GRACE = 1.0
 GC_THRESHOLDS = (20_000, 20, 100)
 
 
-def _force_exit(timeout: float) -> None:
+@attrs.define
+class _Stage:
+    """What the shutdown is doing, for the watchdog's message."""
+
+    doing: str = "a client stopped reading?"
+
+
+def _force_exit(timeout: float, stage: _Stage) -> None:
     print(
-        f"punie-trio: shutdown did not finish within {timeout:g} s "
-        "(a client stopped reading?), exiting now",
+        f"punie-trio: shutdown did not finish within {timeout:g} s ({stage.doing}), exiting now",
         file=sys.stderr,
         flush=True,
     )
@@ -155,21 +162,37 @@ SHUTDOWN_SIGNALS = tuple(
 )
 
 
-async def _watch_signals(closing: trio.Event, shutdown_timeout: float) -> None:
-    with trio.open_signal_receiver(*SHUTDOWN_SIGNALS) as signals:
-        async for signum in signals:
-            if closing.is_set():
-                print("punie-trio: second signal, exiting now", file=sys.stderr, flush=True)
-                os._exit(1)
-            log.warning("received %s, shutting down", signal.Signals(signum).name)
-            closing.set()
-            # A last resort: stalled socket writes are abandoned during shutdown
-            # (web/_fast_send.py), but anything else beyond the reach of cancellation must
-            # not keep the process alive either.
-            timeout = shutdown_timeout + FORCE_EXIT_GRACE
-            watchdog = threading.Timer(timeout, _force_exit, (timeout,))
-            watchdog.daemon = True
-            watchdog.start()
+def _second_signal(signum: int, frame: FrameType | None) -> None:
+    print("punie-trio: second signal, exiting now", file=sys.stderr, flush=True)
+    os._exit(1)
+
+
+async def _watch_signals(
+    closing: trio.Event, shutdown_timeout: float, stage: _Stage | None = None
+) -> None:
+    signalled = False
+    try:
+        with trio.open_signal_receiver(*SHUTDOWN_SIGNALS) as signals:
+            async for signum in signals:
+                if closing.is_set():
+                    _second_signal(signum, None)
+                signalled = True
+                log.warning("received %s, shutting down", signal.Signals(signum).name)
+                closing.set()
+                # A last resort: stalled socket writes are abandoned during shutdown
+                # (web/_fast_send.py), but anything else beyond the reach of cancellation
+                # must not keep the process alive either.
+                timeout = shutdown_timeout + FORCE_EXIT_GRACE
+                watchdog = threading.Timer(timeout, _force_exit, (timeout, stage or _Stage()))
+                watchdog.daemon = True
+                watchdog.start()
+    finally:
+        if signalled:
+            # The receiver is gone (its handlers restored: the default kills), but the
+            # teardown goes on (the store's close, the interpreter's exit): a second
+            # signal there still means "exit now", as documented, not death by signal.
+            for signum in SHUTDOWN_SIGNALS:
+                signal.signal(signum, _second_signal)
 
 
 async def serve(
@@ -185,12 +208,17 @@ async def serve(
     killed) and ``task_status.started`` gets a :class:`Running` whose ``url`` is None.
     """
     closing = trio.Event()
+    stage = _Stage()
     async with trio.open_nursery() as signals:
         if config.handle_signals:
-            signals.start_soon(_watch_signals, closing, config.shutdown_timeout)
+            signals.start_soon(_watch_signals, closing, config.shutdown_timeout, stage)
         try:
             async with _open_store(config) as store:
-                await _serve(config, store, closing, task_status)
+                try:
+                    await _serve(config, store, closing, task_status)
+                finally:
+                    # (Outside the shutdown's budget: its WAL is copied into the file.)
+                    stage.doing = "closing the session store"
         finally:
             signals.cancel_scope.cancel()
 
