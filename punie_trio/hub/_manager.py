@@ -1012,6 +1012,10 @@ class Manager:
                 persist_error = await self._persist_turn(
                     session, params, streamed, stop, "".join(agent_text), title, failed
                 )
+                if self.sessions.get(session.id) is not session:
+                    # Dropped while its turn ran (the client left without grace, or its
+                    # grace ended): the commit remembered it in the store again.
+                    self.store.forget(session.id)
                 if named is not None and persist_error is None:
                     held.append(named)
                 self.metrics.prompt_done(stop, trio.current_time() - started)

@@ -433,7 +433,9 @@ class SqliteStore:
     def forget(self, session_id: str) -> None:
         """Drop the session's remembered key and tail (about 200 bytes), which otherwise
         stayed for the server's life, one pair per session it ever wrote. A turn of it
-        committing meanwhile remembers them again: harmless, they are committed values."""
+        committing afterwards remembers them again (they are committed values, so nothing
+        is wrong, but they would stay): the hub forgets such a session once more after
+        that commit."""
         self._keys.pop(session_id, None)
         self._tails.pop(session_id, None)
 

@@ -62,6 +62,10 @@ class ClientCallError(Exception):
 @attrs.define(eq=False)
 class _Turn:
     start: StartTurn
+    # The session's history, taken when the command is handled: a ForgetSession handled
+    # in the same step then drops it (taken when the task ran, it was made anew after the
+    # forget and kept for the worker's life).
+    history: list[tuple[str, str]]
     scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
     calls: dict[int, _Reply] = attrs.field(factory=dict)
     call_ids: itertools.count[int] = attrs.field(factory=lambda: itertools.count(1))
@@ -242,6 +246,8 @@ class ToolCallLimiter:
     def seed(self, session_id: str, ages: Sequence[float], now: float) -> None:
         """Take the session's recent calls as :meth:`ages` gave them (elsewhere)."""
         if ages:
+            if session_id not in self._times and len(self._times) >= self._sweep_at:
+                self._sweep(now)  # (as _recent does: the manager only ever seeds)
             self._times[session_id] = collections.deque(now - age for age in ages)
             self._recent(session_id, now)
         else:
@@ -310,7 +316,7 @@ class ProjectWorker:
 
     def _handle(self, command: Command, nursery: trio.Nursery) -> None:
         if isinstance(command, StartTurn):
-            turn = _Turn(command)
+            turn = _Turn(command, self._history.setdefault(command.env.session_id, []))
             self._turns[command.turn_id] = turn
             nursery.start_soon(self._run_turn, turn)
         elif isinstance(command, CancelTurn):
@@ -330,7 +336,7 @@ class ProjectWorker:
 
     async def _run_turn(self, turn: _Turn) -> None:
         start = turn.start
-        history = self._history.setdefault(start.env.session_id, [])
+        history = turn.history
         # The list itself, not a copy (a long session would copy its whole history every
         # turn): it changes only after the turn, below, and a session runs one turn at a time.
         ctx = _Context(self, turn, history)

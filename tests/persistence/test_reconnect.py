@@ -473,7 +473,7 @@ async def test_sessions_the_hub_lets_go_leave_nothing_in_the_stores_memory(
     load writes on from the file."""
     from punie_trio.store import open_sqlite_store
 
-    model = ScriptModel([[{"text": "one"}], [{"text": "two"}]])
+    model = ScriptModel([[{"text": "one"}], [{"text": "two"}], [{"text": "3"}, {"sleep": 5}]])
     async with (
         open_sqlite_store(tmp_path / "s.db") as store,
         open_hub(tmp_path, acp_schema, model, store=store, limits=Limits(grace_seconds=30)) as hub,
@@ -502,11 +502,24 @@ async def test_sessions_the_hub_lets_go_leave_nothing_in_the_stores_memory(
         await b.drop()
         await hub.settle()
         assert remembered == set()
+
+        # Dropped mid-turn: the cancelled turn's commit came after the forget and
+        # remembered the session again, for the server's life (an audit: one per cycle).
+        c = await hub.connect()
+        await initialize(c.client)
+        await c.client.request("session/load", {"sessionId": kept, **params})
+        await send_prompt(c.client, "p3", kept, "third")
+        await c.client.wait_for(has_update(kept, "agent_message_chunk", "3"))
+        await c.drop()
+        await hub.settle()
+        assert hub.manager._running_turns == 0 and remembered == set()
         entries = await store.transcript(kept)
-    # Turn 0: prompt, answer, title, stop; turn 1: prompt, answer, stop.
+    # Turn 0: prompt, answer, title, stop; turn 1: prompt, answer, stop; turn 2 (cancelled)
+    # the same.
     assert [(e.turn, e.seq) for e in entries] == [
-        (0, 0), (0, 1), (0, 2), (0, 3), (1, 4), (1, 5), (1, 6),
+        (0, 0), (0, 1), (0, 2), (0, 3), (1, 4), (1, 5), (1, 6), (2, 7), (2, 8), (2, 9),
     ]  # fmt: skip
+    assert entries[-1].payload["stopReason"] == "cancelled"
 
 
 async def test_an_old_prompts_answer_never_answers_the_new_connections_own_request(

@@ -694,6 +694,28 @@ def test_tool_call_limiter_forgets_sessions_idle_for_a_minute() -> None:
     assert limiter.count("new0", now=62.5) is not None  # (a kept one still counts)
 
 
+def test_a_limiter_only_seeded_forgets_sessions_idle_for_a_minute() -> None:
+    """The manager's limiter only seeds (each turn's calls, handed back by the worker),
+    and seed never swept: one entry stayed for every session that ever called a tool
+    (an audit: 3,200 after 3,200 sessions, none of them live)."""
+    limiter = ToolCallLimiter(per_minute=2)
+    for i in range(1000):
+        limiter.seed(f"s{i}", (0.5,), now=i * 61.0)  # each a minute after the last
+    assert len(limiter) <= 64
+    assert limiter.ages("s999", now=999 * 61.0) == (0.5,)  # the recent one is kept
+
+
+async def test_a_session_forgotten_in_its_turns_step_keeps_no_history(tmp_path: Path) -> None:
+    """A StartTurn and the session's ForgetSession handled in one step (the session dropped
+    as its turn began): the turn made the history anew when it ran, after the forget, and
+    the worker kept it for its life."""
+    async with running_worker(tmp_path, EchoModel()) as h:
+        _, events = await h.start("hello")  # (queued: the worker has not run since)
+        await h.commands.send(ForgetSession("s1"))
+        await collect(events)
+        assert "s1" not in h.worker._history
+
+
 def _reference_lines(text: bytes, first: int, limit: int | None) -> bytes:
     """What fs/read_text_file counts: lines ending at \\n, \\r\\n or \\r, endings kept."""
     lines = io.StringIO(text.decode(), newline="").readlines()
