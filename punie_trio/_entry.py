@@ -22,7 +22,7 @@ from typing import Any
 EARLY_SIGNALS = tuple(getattr(signal, n) for n in ("SIGTERM", "SIGHUP") if hasattr(signal, n))
 
 
-class _Stopped(Exception):
+class _Stopped(BaseException):  # (not caught by an import's ``except Exception``)
     def __init__(self, signum: int) -> None:
         super().__init__(signum)
         self.signum = signum
@@ -32,21 +32,38 @@ def _stop(signum: int, frame: FrameType | None) -> None:
     raise _Stopped(signum)
 
 
+def _restore(caught: list[int]) -> None:
+    """The defaults back, the signals held meanwhile: one arriving now gets the default
+    (as after start-up), not a _Stopped raised out of the restoring."""
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, caught)
+    try:
+        for signum in caught:
+            signal.signal(signum, signal.SIG_DFL)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+
+
 def main() -> int:
     """Import the CLI with the early signals caught, then run it."""
-    previous = {signum: signal.signal(signum, _stop) for signum in EARLY_SIGNALS}
+    # Only where the default would kill: an ignored SIGHUP (``nohup``) stays ignored.
+    caught = [s for s in EARLY_SIGNALS if signal.getsignal(s) is signal.SIG_DFL]
     try:
+        for signum in caught:
+            signal.signal(signum, _stop)
         cli = importlib.import_module("punie_trio.cli")
+        _restore(caught)
     except KeyboardInterrupt:
+        _restore(caught)
         print("punie-trio: interrupted", file=sys.stderr)
         return 130
     except _Stopped as stopped:
+        _restore(caught)
         name = signal.Signals(stopped.signum).name
         print(f"punie-trio: received {name} before starting, exiting", file=sys.stderr)
         return 0
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
+    except BaseException:  # (an import that failed: its traceback, under the defaults)
+        _restore(caught)
+        raise
     run: Callable[[], Any] = cli.main
     status: int = run()
     return status

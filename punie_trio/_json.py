@@ -101,14 +101,39 @@ dumps = _encoder(allow_nan=True)
 dumps_strict = _encoder(allow_nan=False)
 
 
+_NON_FINITE_KEYS = {"nan": "NaN", "inf": "Infinity", "-inf": "-Infinity"}
+
+
+def _finite_key(key: Any) -> Any:
+    # (A key is written as a string anyway: as the lenient encoder spelled it.)
+    if isinstance(key, float) and not math.isfinite(key):
+        return _NON_FINITE_KEYS[repr(key)]
+    return key
+
+
 def _finite_copy(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {key: _finite_copy(item) for key, item in value.items()}
-    if isinstance(value, list | tuple):
-        return [_finite_copy(item) for item in value]
-    return value
+    """``value`` with every NaN or infinity replaced by None; iterative, so a value nested
+    as deep as the encoder takes is copied too (recursion ran out at half that depth)."""
+    holder: list[Any] = [None]
+    stack: list[tuple[Any, Any, Any]] = [(value, holder, 0)]
+    while stack:
+        item, into, key = stack.pop()
+        copy: Any
+        if isinstance(item, dict):
+            copy = {}
+            for name, member in item.items():
+                name = _finite_key(name)
+                copy[name] = None  # (the order of the keys, filled in below)
+                stack.append((member, copy, name))
+        elif isinstance(item, list | tuple):
+            copy = [None] * len(item)
+            stack.extend((member, copy, index) for index, member in enumerate(item))
+        elif isinstance(item, float) and not math.isfinite(item):
+            copy = None
+        else:
+            copy = item
+        into[key] = copy
+    return holder[0]
 
 
 def dumps_finite(value: Any) -> str:

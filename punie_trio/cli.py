@@ -263,6 +263,7 @@ class _PrivateRotatingFileHandler(logging.handlers.RotatingFileHandler):
     def handleError(self, record: logging.LogRecord) -> None:
         why = sys.exc_info()[1]
         if not isinstance(why, OSError):  # a bad log call: logging's own report
+            self._erred = True  # (nor is it a write that succeeded)
             super().handleError(record)
             return
         self._erred = True

@@ -140,9 +140,11 @@ GC_THRESHOLDS = (20_000, 20, 100)
 
 @attrs.define
 class _Stage:
-    """What the shutdown is doing, for the watchdog's message."""
+    """What the shutdown is doing, for the watchdog's message; and the watchdog, which
+    ``serve`` cancels as it returns (a program running ``serve`` in-process lives on)."""
 
     doing: str = "a client stopped reading?"
+    watchdog: threading.Timer | None = None
 
 
 def _force_exit(timeout: float, stage: _Stage) -> None:
@@ -167,32 +169,20 @@ def _second_signal(signum: int, frame: FrameType | None) -> None:
     os._exit(1)
 
 
-async def _watch_signals(
-    closing: trio.Event, shutdown_timeout: float, stage: _Stage | None = None
-) -> None:
-    signalled = False
-    try:
-        with trio.open_signal_receiver(*SHUTDOWN_SIGNALS) as signals:
-            async for signum in signals:
-                if closing.is_set():
-                    _second_signal(signum, None)
-                signalled = True
-                log.warning("received %s, shutting down", signal.Signals(signum).name)
-                closing.set()
-                # A last resort: stalled socket writes are abandoned during shutdown
-                # (web/_fast_send.py), but anything else beyond the reach of cancellation
-                # must not keep the process alive either.
-                timeout = shutdown_timeout + FORCE_EXIT_GRACE
-                watchdog = threading.Timer(timeout, _force_exit, (timeout, stage or _Stage()))
-                watchdog.daemon = True
-                watchdog.start()
-    finally:
-        if signalled:
-            # The receiver is gone (its handlers restored: the default kills), but the
-            # teardown goes on (the store's close, the interpreter's exit): a second
-            # signal there still means "exit now", as documented, not death by signal.
-            for signum in SHUTDOWN_SIGNALS:
-                signal.signal(signum, _second_signal)
+async def _watch_signals(closing: trio.Event, shutdown_timeout: float, stage: _Stage) -> None:
+    with trio.open_signal_receiver(*SHUTDOWN_SIGNALS) as signals:
+        async for signum in signals:
+            if closing.is_set():
+                _second_signal(signum, None)
+            log.warning("received %s, shutting down", signal.Signals(signum).name)
+            closing.set()
+            # A last resort: stalled socket writes are abandoned during shutdown
+            # (web/_fast_send.py), but anything else beyond the reach of cancellation
+            # must not keep the process alive either.
+            timeout = shutdown_timeout + FORCE_EXIT_GRACE
+            stage.watchdog = threading.Timer(timeout, _force_exit, (timeout, stage))
+            stage.watchdog.daemon = True
+            stage.watchdog.start()
 
 
 async def serve(
@@ -209,18 +199,22 @@ async def serve(
     """
     closing = trio.Event()
     stage = _Stage()
-    async with trio.open_nursery() as signals:
-        if config.handle_signals:
-            signals.start_soon(_watch_signals, closing, config.shutdown_timeout, stage)
-        try:
-            async with _open_store(config) as store:
-                try:
-                    await _serve(config, store, closing, task_status)
-                finally:
-                    # (Outside the shutdown's budget: its WAL is copied into the file.)
-                    stage.doing = "closing the session store"
-        finally:
-            signals.cancel_scope.cancel()
+    try:
+        async with trio.open_nursery() as signals:
+            if config.handle_signals:
+                signals.start_soon(_watch_signals, closing, config.shutdown_timeout, stage)
+            try:
+                async with _open_store(config) as store:
+                    try:
+                        await _serve(config, store, closing, task_status)
+                    finally:
+                        # (Outside the shutdown's budget: its WAL is copied into the file.)
+                        stage.doing = "closing the session store"
+            finally:
+                signals.cancel_scope.cancel()
+    finally:
+        if stage.watchdog is not None:
+            stage.watchdog.cancel()
 
 
 @asynccontextmanager

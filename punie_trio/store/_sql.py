@@ -177,9 +177,9 @@ def _repaired(payload: str) -> str | None:
     ``null`` as the server writes them now; None if it is something else."""
     try:
         value = json.loads(payload)
+        return _json.dumps_finite(value) if type(value) is dict else None
     except (ValueError, RecursionError):
         return None
-    return _json.dumps_finite(value) if type(value) is dict else None
 
 
 def insert_session(conn: sqlite3.Connection, rec: SessionRecord) -> int:

@@ -106,6 +106,9 @@ def test_a_full_disk_under_the_log_is_one_line_not_a_traceback_a_record(
             handler.stream, original = full, handler.stream
             for i in range(3):
                 handler.emit(logging.makeLogRecord({"msg": f"lost {i}"}))
+            # A bad log call meanwhile is no write that succeeded: no "again" for it.
+            handler.emit(logging.makeLogRecord({"msg": "%d", "args": ("x",)}))
+            handler.emit(logging.makeLogRecord({"msg": "lost 3"}))
             handler.stream = original
             handler.emit(logging.makeLogRecord({"msg": "kept"}))
             with contextlib.suppress(OSError):  # (its buffer still holds a line)
@@ -113,10 +116,13 @@ def test_a_full_disk_under_the_log_is_one_line_not_a_traceback_a_record(
     finally:
         handler.close()
     err = capsys.readouterr().err
-    assert err == (
+    full = (
         f"punie-trio: cannot write {log} ([Errno 28] No space left on device); its lines are"
-        f" dropped until it can\npunie-trio: writing {log} again\n"
+        " dropped until it can\n"
     )
+    assert err.startswith(full) and err.endswith(f"punie-trio: writing {log} again\n")
+    assert err.count("again") == 1 and err.count("cannot write") == 1
+    assert "--- Logging error ---" in err  # (the bad call's own report)
     assert log.read_text(encoding="utf-8") == "kept\n"
 
 

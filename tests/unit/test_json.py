@@ -92,3 +92,17 @@ def test_loads_takes_bytes_only_as_utf_8(raw: bytes) -> None:
     """The transports page: messages MUST be UTF-8 (an audit ran a UTF-32 prompt)."""
     with pytest.raises(ValueError):
         _json.loads(raw)
+
+
+def test_dumps_finite_writes_non_finite_numbers_as_null_at_any_depth() -> None:
+    """What goes on the wire and into the store is strict JSON; the copy that replaces
+    NaN once recursed, and ran out of stack at half the depth the encoder takes; a NaN
+    key (written "NaN" before) raised."""
+    nested: Any = [float("nan")]
+    for _ in range(900):
+        nested = [nested]
+    assert _json.dumps_finite(nested) == "[" * 901 + "null" + "]" * 901
+    value = {"a": (1, float("inf")), float("nan"): -float("inf"), "é": "\ud800"}
+    assert _json.dumps_finite(value) == '{"a":[1,null],"NaN":null,"é":"\\ud800"}'
+    plain = {"text": "héllo \u2028", "n": 10**30, "f": -0.0}
+    assert _json.dumps_finite(plain) == _json.dumps(plain)  # valid data: unchanged
