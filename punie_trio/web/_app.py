@@ -5,7 +5,8 @@ Error handling: every refusal the app makes carries a status and a reason in the
 nothing a client sends can take the app down for the others. Some requests never reach the
 app: Hypercorn refuses them itself, with an empty body and ``Connection: close``: 400 for
 what h11 cannot parse (two ``Host`` or ``Content-Length`` headers, a chunk size that is not
-a number), 431 for a request head over 16 KiB, and a bare 400 for a malformed WebSocket
+a number), 431 for a request head still incomplete after 16 KiB (a larger head that
+arrives whole is served up to 64 KiB), and a bare 400 for a malformed WebSocket
 handshake (a missing ``Sec-WebSocket-Key``; a wrong version gets its 426 with a reason,
 ``_handshake``). Those are left as Hypercorn sends them.
 """
@@ -32,7 +33,9 @@ from ._auth import challenge, host_allowed, origin_allowed, request_host, token_
 from ._heartbeat import Heartbeat
 from ._http import (
     BodyRefused,
+    close_if_body_unread,
     closing_headers,
+    declares_body,
     over_http1,
     printable,
     read_body,
@@ -71,6 +74,8 @@ class App:
 
     async def __call__(self, scope: dict[str, Any], receive: ASGIReceive, send: ASGISend) -> None:
         kind = scope["type"]
+        if kind == "http" and over_http1(scope) and declares_body(scope):
+            receive, send = close_if_body_unread(receive, send)
         if kind == "lifespan":
             await _lifespan(receive, send)
         elif not host_allowed(scope, self.allow_hosts):
@@ -97,6 +102,8 @@ class App:
 
     async def _http(self, scope: dict[str, Any], receive: ASGIReceive, send: ASGISend) -> None:
         path, method = scope["path"], scope["method"]
+        if method == "HEAD" and path in ACP_PATHS:
+            method = "GET"  # (RFC 9110 9.3.2: HEAD is answered as GET, without the body)
         if path == "/health":
             if method not in ("GET", "HEAD"):
                 await _not_allowed(send, "GET, HEAD")

@@ -22,7 +22,7 @@ from punie_trio import __version__
 from punie_trio.server import GC_THRESHOLDS, Running, ServeConfig, serve
 from punie_trio.web._accept_log import ACCEPT_ERROR_LOG_EVERY, LOGGER_NAME, AcceptErrorFilter
 from punie_trio.web._app import MAX_ECHO_BYTES
-from punie_trio.web._http import BODY_IDLE_TIMEOUT, ECHO_LIMIT
+from punie_trio.web._http import BODY_IDLE_TIMEOUT, BODY_TOTAL_TIMEOUT, ECHO_LIMIT
 from punie_trio.worker import EchoModel
 
 from ..acp_schema import SchemaChecker
@@ -85,7 +85,7 @@ async def test_a_body_that_stops_coming_gets_408_and_a_slow_one_is_read(
     connection closed: a POST that declared 10 bytes and sent 3, or a chunked one with no
     chunk, held its connection (and a file descriptor) for good, since Hypercorn's
     read_timeout is unset (it would end quiet SSE streams). A body that keeps coming, if
-    slowly, is read to its end, however long that takes in all. (A MockClock moved by hand.)"""
+    slowly, is read to its end within BODY_TOTAL_TIMEOUT. (A MockClock moved by hand.)"""
     idle = BODY_IDLE_TIMEOUT
     head = b"POST /echo HTTP/1.1\r\nHost: 127.0.0.1\r\n"
     async with start_server() as server:
@@ -117,6 +117,25 @@ async def test_a_body_that_stops_coming_gets_408_and_a_slow_one_is_read(
         assert (answer.status, answer.body) == (200, b'{"a":123}')
         for client in (slow, short, chunked):
             await client.aclose()
+
+        # A byte just inside every idle window kept the connection for months: the
+        # whole body has BODY_TOTAL_TIMEOUT.
+        drip = await RawHttp.connect(server.url)
+        await drip.send(head + b"Content-Length: 1000\r\n\r\n")
+        await settle_loopback()
+        dripped = 0.0
+        while dripped + 0.9 * idle < BODY_TOTAL_TIMEOUT:
+            mock_clock.jump(0.9 * idle)
+            dripped += 0.9 * idle
+            await drip.send(b" ")
+            await settle_loopback()
+            assert drip.read_ready() == []
+        mock_clock.jump(BODY_TOTAL_TIMEOUT - dripped)
+        await settle_loopback()
+        [answer] = drip.read_ready()
+        assert answer.status == 408 and drip.eof
+        assert f"the request body took more than {BODY_TOTAL_TIMEOUT:g} s" in answer.body.decode()
+        await drip.aclose()
 
 
 async def test_an_oversized_body_gets_413_before_it_is_read(
@@ -260,11 +279,14 @@ async def test_unknown_path_and_plain_http_on_acp(server: Running) -> None:
             raw.read_ready()
             assert raw.eof  # closed at once, not kept alive
             await raw.aclose()
-            # Other methods: 405 naming GET (they got the 426 too).
-            for method in ("POST", "PUT", "DELETE", "HEAD"):
+            # Other methods: 405 naming GET (they got the 426 too); HEAD is answered as
+            # GET is (RFC 9110 9.3.2), without the body.
+            for method in ("POST", "PUT", "DELETE"):
                 response = await http.request(method, path)
                 assert response.status_code == 405, (path, method)
                 assert response.headers["allow"] == "GET"
+            response = await http.head(path)
+            assert (response.status_code, response.content) == (426, b"")
     # A WebSocket upgrade anywhere but /acp and /ws: 404 with the reason (it was a bare 403).
     for path in ("/health", "/nope"):
         with pytest.raises(ConnectionRejected) as info:
@@ -272,6 +294,34 @@ async def test_unknown_path_and_plain_http_on_acp(server: Running) -> None:
                 pass  # pragma: no cover - the handshake fails
         assert info.value.status_code == 404
         assert b"/acp" in (info.value.body or b"")
+
+
+async def test_an_answer_before_the_body_is_read_says_the_connection_closes(
+    server: Running,
+) -> None:
+    """A refusal sent before the request's body was read (POST /acp, a 404 with a body)
+    closed the HTTP/1.1 connection without a word (RFC 9110 9.3: a server answering
+    early should say whether it closes); a request without a body keeps its connection."""
+    assert server.url is not None
+    for request in (
+        b"POST /acp HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 10\r\n\r\nabc",
+        b"PUT /nope HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\n",
+    ):
+        raw = await RawHttp.connect(server.url)
+        await raw.send(request)
+        answer = await raw.answer()
+        assert answer.status in (404, 405) and answer.headers["connection"] == "close"
+        await settle_loopback()
+        raw.read_ready()
+        assert raw.eof
+        await raw.aclose()
+    raw = await RawHttp.connect(server.url)
+    await raw.send(b"POST /health HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 0\r\n\r\n")
+    answer = await raw.answer()
+    assert answer.status == 405 and "connection" not in answer.headers
+    await raw.send(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+    assert (await raw.answer()).status == 200  # (the same connection)
+    await raw.aclose()
 
 
 async def test_a_404_escapes_and_cuts_the_path_it_echoes(server: Running) -> None:
