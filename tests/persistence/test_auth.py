@@ -126,11 +126,8 @@ def challenges(headers: Headers | httpx.Headers) -> list[bytes]:
     return [v for k, v in headers if k.lower() == b"www-authenticate"]
 
 
-async def raw_handshake(url: str, host: str, *headers: str, path: str = "/acp") -> bytes:
-    """A WebSocket handshake to ``path`` sent with ``Host: host`` (what a page whose name
-    was rebound to the server's address sends); the answer as it came, once the server
-    has closed the connection."""
-    address, port = url.removeprefix("http://").rsplit(":", 1)
+def handshake_request(host: str, *headers: str, path: str = "/acp") -> bytes:
+    """The bytes of a WebSocket handshake to ``path`` with ``Host: host``."""
     lines = [
         f"GET {path} HTTP/1.1",
         f"Host: {host}",
@@ -140,8 +137,16 @@ async def raw_handshake(url: str, host: str, *headers: str, path: str = "/acp") 
         "Sec-WebSocket-Version: 13",
         *headers,
     ]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+async def raw_handshake(url: str, host: str, *headers: str, path: str = "/acp") -> bytes:
+    """A WebSocket handshake to ``path`` sent with ``Host: host`` (what a page whose name
+    was rebound to the server's address sends); the answer as it came, once the server
+    has closed the connection."""
+    address, port = url.removeprefix("http://").rsplit(":", 1)
     async with await trio.open_tcp_stream(address, int(port)) as stream:
-        await stream.send_all(("\r\n".join(lines) + "\r\n\r\n").encode())
+        await stream.send_all(handshake_request(host, *headers, path=path))
         answer = b""
         while True:  # the server closes the connection after a refusal
             chunk = await stream.receive_some(65536)
@@ -214,16 +219,7 @@ async def test_a_refused_upgrade_says_the_connection_closes(
             (404, own, [auth], "/nope"),
         ]:  # fmt: skip
             raw = await RawHttp.connect(running.url)
-            lines = [
-                f"GET {path} HTTP/1.1",
-                f"Host: {host}",
-                "Upgrade: websocket",
-                "Connection: Upgrade",
-                "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
-                "Sec-WebSocket-Version: 13",
-                *headers,
-            ]
-            await raw.send(("\r\n".join(lines) + "\r\n\r\n").encode())
+            await raw.send(handshake_request(host, *headers, path=path))
             answer = await raw.answer()
             assert (answer.status, answer.headers["connection"]) == (status, "close")
             await settle_loopback()
