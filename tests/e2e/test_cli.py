@@ -285,10 +285,14 @@ class StdioAgent:
         self.stdout_all: list[bytes] = []
         self.stderr_all: list[bytes] = []
         assert self.proc.stdout is not None and self.proc.stderr is not None
-        threading.Thread(
-            target=self._pump, args=(self.proc.stdout, self.stdout_lines), daemon=True
-        ).start()
-        threading.Thread(target=self._drain, args=(self.proc.stderr,), daemon=True).start()
+        self._readers = [
+            threading.Thread(
+                target=self._pump, args=(self.proc.stdout, self.stdout_lines), daemon=True
+            ),
+            threading.Thread(target=self._drain, args=(self.proc.stderr,), daemon=True),
+        ]
+        for reader in self._readers:
+            reader.start()
         self._ids = iter(range(1, 1_000_000))
 
     def _pump(self, stream: IO[bytes], out: queue.Queue[bytes | None]) -> None:
@@ -325,9 +329,14 @@ class StdioAgent:
                 return msg
 
     def close_stdin_and_wait(self) -> int:
+        """The exit status, once stdout and stderr are read to their end (the readers
+        joined: the process may exit before they have taken its last lines)."""
         assert self.proc.stdin is not None
         self.proc.stdin.close()
-        return self.proc.wait(timeout=TIMEOUT)
+        status = self.proc.wait(timeout=TIMEOUT)
+        for reader in self._readers:
+            reader.join(timeout=TIMEOUT)
+        return status
 
     def stderr_text(self) -> str:
         return b"".join(self.stderr_all).decode(errors="replace")
@@ -336,6 +345,11 @@ class StdioAgent:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
+        for reader in self._readers:
+            reader.join(timeout=TIMEOUT)
+        for stream in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
+            if stream is not None:
+                stream.close()
 
 
 @pytest.fixture

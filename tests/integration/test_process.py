@@ -15,8 +15,6 @@ import pytest
 import trio
 from trio_websocket import open_websocket_url
 
-from punie_trio.server import FORCE_EXIT_GRACE
-
 from ..acp_schema import SchemaChecker
 from ..client import AcpTestClient
 from ._support import (
@@ -96,14 +94,14 @@ async def test_sigterm_shuts_down_gracefully(
                 nursery.start_soon(run_prompt)
                 await busy.wait_for(lambda m: m.get("method") == "session/update")
                 server.process.send_signal(signum)
-                signalled = trio.current_time()
                 await busy.closed.wait()
                 await idle.closed.wait()
             assert stop == ["cancelled"]
             assert busy_ws.closed is not None and busy_ws.closed.code == 1001
             assert idle_ws.closed is not None and idle_ws.closed.code == 1001
+            # (That the turns are cancelled at once, not at the timeout, is checked on a
+            # MockClock in-process: test_agent.py::test_manager_shutdown_cancels_turns.)
             assert await server.process.wait() == 0
-            assert trio.current_time() - signalled < shutdown_timeout
             await server.wait_stderr(f"received {signum.name}, shutting down")
         shown = await run_punie("sessions", "show", session, "--data-dir", str(tmp_path / "data"))
         assert "stop: cancelled" in shown.stdout.decode()  # the running turn was recorded
@@ -229,8 +227,6 @@ async def test_shutdown_bounded_with_a_client_that_never_reads(
             # progress for a second is abandoned and that connection closed: the shutdown
             # finishes in time and cleanly, without the watchdog.
             server.process.send_signal(signal.SIGTERM)
-            signalled = trio.current_time()
-            assert await server.process.wait() == 0
-            assert trio.current_time() - signalled < shutdown_timeout + FORCE_EXIT_GRACE
+            assert await server.process.wait() == 0  # (the watchdog's exit is 1)
             await server.stderr_done.wait()
             assert "shutdown did not finish within" not in server.stderr

@@ -168,7 +168,8 @@ def test_additional_directories_are_read_as_the_schema_says() -> None:
 
 def test_stdio_mcp_servers_are_accepted() -> None:
     for server in (STDIO_SERVER, {**STDIO_SERVER, "type": "stdio", "_meta": {"x": 1}}):
-        acp.parse_new_session({"cwd": "/p", "mcpServers": [server]})
+        parsed = acp.parse_new_session({"cwd": "/p", "mcpServers": [server]})
+        assert parsed.cwd == "/p"  # (no RpcError: the server is a valid stdio one)
 
 
 def test_new_session_mcp_servers_missing_message() -> None:

@@ -668,7 +668,8 @@ async def test_disconnect_mid_prompt_cleans_up_everything(
 async def test_manager_shutdown_cancels_turns(
     tmp_path: Path, acp_schema: SchemaChecker, autojump_clock: trio.testing.MockClock
 ) -> None:
-    """``closing`` set: running turns answer ``cancelled`` and the connection ends."""
+    """``closing`` set: running turns answer ``cancelled`` at once (no time passes on the
+    MockClock: nothing waits for a timeout) and the connection ends."""
     model = script([{"text": "started"}, {"sleep": 1000}])
     async with agent(tmp_path, acp_schema, model) as a:
         await a.client.initialize()
@@ -681,8 +682,10 @@ async def test_manager_shutdown_cancels_turns(
         async with trio.open_nursery() as nursery:
             nursery.start_soon(run_prompt)
             await a.client.wait_for(lambda m: m.get("method") == "session/update")
+            signalled = trio.current_time()
             a.manager.closing.set()
         assert result == {"stopReason": "cancelled"}
+        assert trio.current_time() == signalled
         # The connection stopped reading and its run() returned (the stream itself belongs
         # to whoever opened it, so the client sees no EOF here).
         await trio.testing.wait_all_tasks_blocked()

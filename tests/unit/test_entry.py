@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 from typing import Any
@@ -128,10 +129,17 @@ async def test_a_signal_driven_shutdown_leaves_no_watchdog_nor_handlers_behind(
     config = server.ServeConfig(
         projects=(tmp_path,), model=EchoModel(), port=0, shutdown_timeout=5.0
     )
-    async with trio.open_nursery() as nursery:
-        running = await nursery.start(server.serve, config)
-        os.kill(os.getpid(), signal.SIGTERM)
-        await running.closing.wait()
+    gc_threshold = gc.get_threshold()
+    try:
+        async with trio.open_nursery() as nursery:
+            running = await nursery.start(server.serve, config)
+            os.kill(os.getpid(), signal.SIGTERM)
+            await running.closing.wait()
+    finally:
+        # (serve with handle_signals, as the CLI runs it, freezes and tunes the collector
+        # for the process: not for the rest of this test run.)
+        gc.unfreeze()
+        gc.set_threshold(*gc_threshold)
     (watchdog,) = timers
     assert watchdog.timeout == 5.0 + server.FORCE_EXIT_GRACE and watchdog.cancelled
     assert {signum: signal.getsignal(signum) for signum in server.SHUTDOWN_SIGNALS} == before
