@@ -1364,7 +1364,7 @@ async def test_the_wal_starts_over_under_steady_writes(
     monkeypatch.setattr(_sqlite, "CHECKPOINT_EVERY_ROWS", 50)
     # Every checkpoint settles (waited for), so the test does not depend on how fast the
     # owner thread gets through the ones nobody waits for.
-    monkeypatch.setattr(_sqlite, "WAL_SETTLE_BYTES", -1, raising=False)
+    monkeypatch.setattr(_sqlite, "WAL_SETTLE_BYTES", -1)
     path = tmp_path / "s.db"
     wal = tmp_path / "s.db-wal"
     async with open_sqlite_store(path) as store:
@@ -1376,6 +1376,35 @@ async def test_the_wal_starts_over_under_steady_writes(
         assert len(await store.transcript("s1")) == 1500 * 5
     # One checkpoint interval's frames (10 turns), not the 14 MB of 1,500 turns' it reached.
     assert largest < 100 * 4096
+
+
+async def test_writes_wait_for_a_checkpoint_only_past_the_settle_size(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Below WAL_SETTLE_BYTES (as the last checkpoint measured the WAL) a checkpoint is
+    posted and nobody waits for it; past it, the next write waits for the one it starts.
+    (The test above sets the size to -1: every checkpoint settles.)"""
+    from punie_trio.store import _sqlite
+
+    monkeypatch.setattr(_sqlite, "CHECKPOINT_EVERY_ROWS", 1)
+    monkeypatch.setattr(_sqlite, "WAL_SETTLE_BYTES", 1_000_000)
+    async with open_sqlite_store(tmp_path / "s.db") as store:
+        await store.create_session(make_record())
+
+        async def owner_thread_idle() -> None:  # (its queue is FIFO: a no-op job's turn)
+            await store._owner.start(lambda conn: None).result()
+
+        await owner_thread_idle()
+        store._wal_bytes = 999_999
+        await store.append_turn("s1", 0, sample_turn(0), alone=True)
+        assert store._checkpointing is None  # posted, not waited for
+        await owner_thread_idle()
+        store._wal_bytes = 1_000_001
+        await store.append_turn("s1", 1, sample_turn(1), alone=True)
+        settling = store._checkpointing
+        assert settling is not None  # the next write waits for this one
+        await store.append_turn("s1", 2, sample_turn(2), alone=True)
+        assert store._checkpointing is not settling  # waited for, and let go
 
 
 async def test_several_writes_wait_for_one_settling_checkpoint(tmp_path: Path) -> None:
