@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import sys
@@ -118,8 +119,11 @@ class SSEClient:
 async def sse(
     client: httpx.AsyncClient, url: str, headers: dict[str, str] | None = None
 ) -> AsyncIterator[SSEClient]:
-    async with client.stream("GET", url, headers=headers or {}) as response:
-        yield SSEClient(response, response.aiter_lines())
+    async with (
+        client.stream("GET", url, headers=headers or {}) as response,
+        contextlib.aclosing(response.aiter_lines()) as lines,  # (closed, not left to the gc)
+    ):
+        yield SSEClient(response, lines)
 
 
 def write(path: Path, text: str) -> None:

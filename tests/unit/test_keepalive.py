@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import types
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import AbstractAsyncContextManager
 from typing import Any, cast
 
@@ -27,6 +27,14 @@ from . import _hypercorn
 from ._hypercorn import lifespan
 
 KEEP_ALIVE = 5.0
+
+
+@pytest.fixture(autouse=True)
+async def _close_clients() -> AsyncIterator[None]:
+    """Close the test's client sockets (they were left to the garbage collector)."""
+    yield
+    while Client.opened:
+        await Client.opened.pop().stream.aclose()
 
 
 @pytest.fixture(autouse=True)
@@ -58,13 +66,18 @@ def serving(app: Any, closing: trio.Event) -> AbstractAsyncContextManager[tuple[
 
 
 class Client:
+    #: Every client a test opened, closed after it (``_close_clients``).
+    opened: list[Client] = []
+
     def __init__(self, stream: trio.SocketStream) -> None:
         self.stream = stream
         self.buffer = b""
 
     @classmethod
     async def connect(cls, address: tuple[str, int]) -> Client:
-        return cls(await trio.open_tcp_stream(*address))
+        client = cls(await trio.open_tcp_stream(*address))
+        cls.opened.append(client)
+        return client
 
     async def send(self, path: str) -> None:
         await self.stream.send_all(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
