@@ -100,11 +100,26 @@ class InitializeParams:
     meta: dict[str, Any]
 
 
+def parse_authenticate(params: Params) -> str:
+    """``authenticate``'s ``methodId`` (required, a string)."""
+    obj = params_object(params)
+    method_id = obj.get("methodId")
+    if not isinstance(method_id, str):
+        raise _bad("methodId", "is required (a string)")
+    return method_id
+
+
 def parse_initialize(params: Params) -> InitializeParams:
     obj = params_object(params)
     if "protocolVersion" not in obj:
         raise _bad("protocolVersion", "is required")
     version = obj["protocolVersion"]
+    if isinstance(version, str):
+        # Versions before 1 were strings ("0.2.0"): read as 0, as the reference SDK does,
+        # so such a client is answered with version 1 and can tell the mismatch.
+        version = 0
+    elif isinstance(version, float) and version.is_integer():
+        version = int(version)  # (1.0 is an integer to JSON Schema)
     if isinstance(version, bool) or not isinstance(version, int) or not 0 <= version <= 65535:
         raise _bad("protocolVersion", "must be an integer from 0 to 65535")
     caps_obj = obj.get("clientCapabilities")

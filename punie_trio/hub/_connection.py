@@ -194,6 +194,15 @@ class ClientConnection:
             # A notification in ACP; sent with an id it is answered (-32002 if not ours).
             manager.cancel(self, acp.parse_session_id(params).session_id)
             return _ready(None)
+        if method == acp.AUTHENTICATE:
+            # A baseline method (overview page); its methodId "must be one of the methods
+            # advertised in the initialize response" (the schema), and none are: the token
+            # is checked before the connection exists (web/_auth.py).
+            method_id = acp.parse_authenticate(params)
+            raise RpcError.invalid_params(
+                f"Invalid params: methodId {method_id!r} is not an advertised auth method "
+                "(authMethods is empty: this agent needs no authentication)"
+            )
         raise method_not_found(method)
 
     def handle_notification(self, method: str, params: Params) -> None:

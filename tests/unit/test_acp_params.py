@@ -61,7 +61,7 @@ def test_initialize_capability_of_wrong_type_reads_as_false() -> None:
     )
 
 
-@pytest.mark.parametrize("version", [-1, 65536, 1.5, "1", True, None, [1]])
+@pytest.mark.parametrize("version", [-1, 65536, 1.5, 65536.0, True, None, [1]])
 def test_initialize_protocol_version_out_of_range_or_type(version: Any) -> None:
     message = _refused(acp.parse_initialize, {"protocolVersion": version})
     assert "protocolVersion" in message
@@ -71,6 +71,21 @@ def test_initialize_protocol_version_out_of_range_or_type(version: Any) -> None:
 def test_initialize_protocol_version_bounds_accepted() -> None:
     assert acp.parse_initialize({"protocolVersion": 0}).protocol_version == 0
     assert acp.parse_initialize({"protocolVersion": 65535}).protocol_version == 65535
+
+
+@pytest.mark.parametrize(("version", "read"), [("0.2.0", 0), ("1", 0), (1.0, 1), (2.0, 2)])
+def test_initialize_reads_old_string_versions_as_0_and_integral_floats(
+    version: Any, read: int
+) -> None:
+    """As the reference SDK does: versions before 1 were strings, and a client sending one
+    must be answered with the version the agent speaks (it was -32602). 1.0 is an integer
+    to JSON Schema."""
+    assert acp.parse_initialize({"protocolVersion": version}).protocol_version == read
+
+
+@pytest.mark.parametrize("params", [{}, {"methodId": 5}, None])
+def test_authenticate_needs_a_method_id(params: Any) -> None:
+    assert "methodId is required" in _refused(acp.parse_authenticate, params)
 
 
 def test_initialize_missing_version_and_non_object_params() -> None:

@@ -113,10 +113,34 @@ async def test_initialize_bad_version_is_invalid_params(
     tmp_path: Path, acp_schema: SchemaChecker
 ) -> None:
     async with agent(tmp_path, acp_schema) as a:
-        error = await expect_error(a.client, "initialize", {"protocolVersion": "one"})
+        error = await expect_error(a.client, "initialize", {"protocolVersion": -1})
         assert error["code"] == -32602
         assert "protocolVersion" in error["message"]
         assert a.connection.initialized is False
+
+
+async def test_an_old_string_version_is_answered_with_version_1(
+    tmp_path: Path, acp_schema: SchemaChecker
+) -> None:
+    async with agent(tmp_path, acp_schema) as a:
+        result = await a.client.request("initialize", {"protocolVersion": "0.2.0"})
+        assert result["protocolVersion"] == 1
+
+
+async def test_authenticate_names_the_empty_auth_methods(
+    tmp_path: Path, acp_schema: SchemaChecker
+) -> None:
+    """A baseline method: it was -32601 (method not found) after initialize, and -32600
+    before it, as if it existed. No auth method is advertised, so any methodId is
+    invalid params (the schema: it must be one of those advertised)."""
+    async with agent(tmp_path, acp_schema) as a:
+        await a.client.initialize()
+        error = await expect_error(a.client, "authenticate", {"methodId": "x"})
+        assert error == {
+            "code": -32602,
+            "message": "Invalid params: methodId 'x' is not an advertised auth method "
+            "(authMethods is empty: this agent needs no authentication)",
+        }
 
 
 @pytest.mark.parametrize(
