@@ -11,7 +11,7 @@ import re
 import socket
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -184,13 +184,7 @@ class RawHttp:
     def read_ready(self) -> list[HttpAnswer]:
         """Take whatever the server sent so far, without waiting; the answers in it."""
         with socket.socket(fileno=os.dup(self.stream.socket.fileno())) as sock:
-            while not self.eof:
-                try:
-                    data = sock.recv(65536, socket.MSG_DONTWAIT)
-                except BlockingIOError:
-                    break
-                except ConnectionError:
-                    data = b""
+            for data in received_so_far(sock):
                 self._take(data)
         return self.answers()
 
@@ -217,6 +211,21 @@ class RawHttp:
 
     async def aclose(self) -> None:
         await self.stream.aclose()
+
+
+def received_so_far(sock: socket.socket) -> Iterator[bytes]:
+    """What has arrived on ``sock``, without waiting (for a server on a MockClock): its
+    chunks, then ``b""`` if the peer has closed (or reset) the connection."""
+    while True:
+        try:
+            data = sock.recv(65536, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return
+        except ConnectionError:
+            data = b""
+        yield data
+        if not data:
+            return
 
 
 async def settle_loopback() -> None:

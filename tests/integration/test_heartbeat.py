@@ -20,7 +20,7 @@ from punie_trio.web._heartbeat import INITIALIZE_WITHIN, PING_AFTER, SWEEP_EVERY
 from punie_trio.worker import ScriptModel
 
 from ..acp_schema import SchemaChecker
-from ._support import acp_ws_client, settle_until
+from ._support import acp_ws_client, received_so_far, settle_until
 from .conftest import StartServer
 
 
@@ -53,16 +53,9 @@ class RawClient:
 
     def read_ready(self) -> None:
         """Take whatever the server sent so far, without waiting (and without answering)."""
-        sock = self.peek
-        while not self.eof:
-            try:
-                data = sock.recv(65536, socket.MSG_DONTWAIT)
-            except BlockingIOError:
-                return
-            except ConnectionError:
-                self.eof = True
-                return
-            self._take(data)
+        if not self.eof:
+            for data in received_so_far(self.peek):
+                self._take(data)
 
     async def send_json(self, msg: dict[str, Any]) -> None:
         await self.stream.send_all(self.ws.send(Message(data=json.dumps(msg))))
