@@ -35,12 +35,14 @@ def _stop(signum: int, frame: FrameType | None) -> None:
 def _restore(caught: list[int]) -> None:
     """The defaults back, the signals held meanwhile: one arriving now gets the default
     (as after start-up), not a _Stopped raised out of the restoring."""
-    held = signal.pthread_sigmask(signal.SIG_BLOCK, caught)
+    mask = getattr(signal, "pthread_sigmask", None)  # (not on Windows)
+    held = mask(signal.SIG_BLOCK, caught) if mask is not None else None
     try:
         for signum in caught:
             signal.signal(signum, signal.SIG_DFL)
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+        if mask is not None and held is not None:
+            mask(signal.SIG_SETMASK, held)
 
 
 def main() -> int:

@@ -24,6 +24,7 @@ import json
 import json.encoder
 import math
 import re
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -115,19 +116,22 @@ def _finite_copy(value: Any) -> Any:
     """``value`` with every NaN or infinity replaced by None; iterative, so a value nested
     as deep as the encoder takes is copied too (recursion ran out at half that depth)."""
     holder: list[Any] = [None]
-    stack: list[tuple[Any, Any, Any]] = [(value, holder, 0)]
+    stack: list[tuple[Any, Any, Any, int]] = [(value, holder, 0, 0)]
+    deepest = sys.getrecursionlimit()  # (a cycle would never end: as deep as json goes)
     while stack:
-        item, into, key = stack.pop()
+        item, into, key, depth = stack.pop()
         copy: Any
+        if depth > deepest and isinstance(item, dict | list | tuple):
+            raise RecursionError("nested too deeply (or circular) to encode")
         if isinstance(item, dict):
             copy = {}
             for name, member in item.items():
                 name = _finite_key(name)
                 copy[name] = None  # (the order of the keys, filled in below)
-                stack.append((member, copy, name))
+                stack.append((member, copy, name, depth + 1))
         elif isinstance(item, list | tuple):
             copy = [None] * len(item)
-            stack.extend((member, copy, index) for index, member in enumerate(item))
+            stack.extend((member, copy, i, depth + 1) for i, member in enumerate(item))
         elif isinstance(item, float) and not math.isfinite(item):
             copy = None
         else:

@@ -33,9 +33,7 @@ from ._auth import challenge, host_allowed, origin_allowed, request_host, token_
 from ._heartbeat import Heartbeat
 from ._http import (
     BodyRefused,
-    close_if_body_unread,
     closing_headers,
-    declares_body,
     over_http1,
     printable,
     read_body,
@@ -74,8 +72,6 @@ class App:
 
     async def __call__(self, scope: dict[str, Any], receive: ASGIReceive, send: ASGISend) -> None:
         kind = scope["type"]
-        if kind == "http" and over_http1(scope) and declares_body(scope):
-            receive, send = close_if_body_unread(receive, send)
         if kind == "lifespan":
             await _lifespan(receive, send)
         elif not host_allowed(scope, self.allow_hosts):

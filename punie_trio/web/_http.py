@@ -87,40 +87,6 @@ def over_http1(scope: dict[str, Any]) -> bool:
     return scope.get("http_version", "1.1") in ("1.0", "1.1")
 
 
-def declares_body(scope: dict[str, Any]) -> bool:
-    """Whether the request says a body follows (a ``Content-Length`` over 0, or chunked)."""
-    length = header(scope, b"content-length")
-    if length is not None:
-        return length.strip() not in (b"", b"0")
-    coding = header(scope, b"transfer-encoding")
-    return coding is not None and b"chunked" in coding.lower()
-
-
-def close_if_body_unread(receive: ASGIReceive, send: ASGISend) -> tuple[ASGIReceive, ASGISend]:
-    """``receive`` and ``send`` for a request with a body (over HTTP/1.x): an answer that
-    starts before the body was read to its end (a 404, a 405, a refused Host) says
-    ``Connection: close``, which h11 then honours. RFC 9110 9.3 asks a server that answers
-    before reading the whole body to say whether it will close; Hypercorn closed such
-    connections without a word."""
-    read = False
-
-    async def tracking_receive() -> dict[str, Any]:
-        nonlocal read
-        event = await receive()
-        if event["type"] != "http.request" or not event.get("more_body", False):
-            read = True
-        return event
-
-    async def closing_send(message: dict[str, Any]) -> None:
-        if message["type"] == "http.response.start" and not read:
-            headers = list(message.get("headers", ()))
-            if not any(name.lower() == b"connection" for name, _ in headers):
-                message = {**message, "headers": [*headers, (b"connection", b"close")]}
-        await send(message)
-
-    return tracking_receive, closing_send
-
-
 def closing_headers(scope: dict[str, Any]) -> list[tuple[bytes, bytes]]:
     """``Connection: close`` for a response after which the server closes an HTTP/1.x
     connection (a request body left unread, a refused WebSocket handshake), so the client

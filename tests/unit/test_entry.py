@@ -159,3 +159,15 @@ def test_the_watchdog_says_what_the_shutdown_was_doing(
     assert capsys.readouterr().err == (
         "punie-trio: shutdown did not finish within 6 s (closing the session store), exiting now\n"
     )
+
+
+def test_the_defaults_come_back_where_signals_cannot_be_held(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Windows has no pthread_sigmask: the entry point crashed every command there."""
+    monkeypatch.delattr(signal, "pthread_sigmask")
+    monkeypatch.setattr("sys.argv", ["punie-trio", "--version"])
+    with pytest.raises(SystemExit) as done:
+        _entry.main()
+    assert done.value.code == 0
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL

@@ -106,3 +106,10 @@ def test_dumps_finite_writes_non_finite_numbers_as_null_at_any_depth() -> None:
     assert _json.dumps_finite(value) == '{"a":[1,null],"NaN":null,"é":"\\ud800"}'
     plain = {"text": "héllo \u2028", "n": 10**30, "f": -0.0}
     assert _json.dumps_finite(plain) == _json.dumps(plain)  # valid data: unchanged
+
+
+def test_dumps_finite_refuses_a_cycle_instead_of_copying_for_ever() -> None:
+    cycle: list[Any] = [float("nan")]
+    cycle.append(cycle)
+    with pytest.raises(RecursionError):
+        _json.dumps_finite(cycle)
