@@ -20,6 +20,7 @@ from typing import Final
 
 from .._paths import create_private
 from ._model import StoreError
+from ._sql import read_transaction
 
 #: One step of a migration: a SQL statement, or a function run on the connection.
 Step = str | Callable[[sqlite3.Connection], None]
@@ -218,9 +219,15 @@ def _refuse_newer(version: int, path: Path, known: int = SCHEMA_VERSION) -> None
         )
 
 
-def _refuse_foreign(conn: sqlite3.Connection, path: Path) -> None:
-    """A file at schema version 0 is new (empty) or was never ours: another program's
-    SQLite database would otherwise get our tables added to it without a word."""
+def _refuse_unknown(
+    conn: sqlite3.Connection, version: int, path: Path, known: int = SCHEMA_VERSION
+) -> None:
+    """Refuse a file this code must not touch: one newer than it understands, or one at
+    schema version 0 that already holds tables (another program's SQLite database, which
+    would otherwise get our tables added to it without a word; a new store is empty)."""
+    _refuse_newer(version, path, known)
+    if version != 0:
+        return
     names = [row[0] for row in conn.execute("SELECT name FROM sqlite_master LIMIT 3")]
     if names:
         raise StoreError(
@@ -244,9 +251,7 @@ def migrate(
         try:
             # Re-read under the write lock: another process may have migrated meanwhile.
             version = _user_version(conn)
-            _refuse_newer(version, path, target)
-            if version == 0:
-                _refuse_foreign(conn, path)
+            _refuse_unknown(conn, version, path, target)
             if version == target:
                 conn.execute("COMMIT")
                 return found
@@ -296,14 +301,8 @@ def connect(path: Path) -> sqlite3.Connection:
         # Before anything writes: switching the journal mode rewrites the file's header,
         # and a newer store, or another program's database, is refused untouched.
         # (One snapshot: another opener may be creating the schema between two reads.)
-        conn.execute("BEGIN")
-        try:
-            version = _user_version(conn)
-            _refuse_newer(version, path)
-            if version == 0:
-                _refuse_foreign(conn, path)
-        finally:
-            conn.execute("COMMIT")
+        with read_transaction(conn):
+            _refuse_unknown(conn, _user_version(conn), path)
         mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
         if str(mode).lower() != "wal":
             raise StoreError(f"{path}: could not enable WAL journal mode (got {mode!r})")

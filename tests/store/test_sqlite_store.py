@@ -225,13 +225,16 @@ async def test_two_openers_of_a_new_store_do_not_refuse_each_other(tmp_path: Pat
     reads are one snapshot now, which the other opener must wait for (here it cannot: it
     runs in the same thread, with no busy timeout, and gives up)."""
     path = tmp_path / "s.db"
-    real_refuse_foreign = _schema._refuse_foreign
+    real_refuse_unknown = _schema._refuse_unknown
     others: list[str] = []
 
-    def another_opener_first(conn: sqlite3.Connection, at: Path) -> None:
+    def another_opener_first(
+        conn: sqlite3.Connection, version: int, at: Path, known: int = SCHEMA_VERSION
+    ) -> None:
         if others:  # (called again by the migration, under the write lock)
-            real_refuse_foreign(conn, at)
+            real_refuse_unknown(conn, version, at, known)
             return
+        others.append("trying")
         other = sqlite3.connect(path, isolation_level=None, timeout=0)
         try:
             other.execute("PRAGMA journal_mode = WAL")
@@ -241,13 +244,13 @@ async def test_two_openers_of_a_new_store_do_not_refuse_each_other(tmp_path: Pat
             others.append(str(exc))
         finally:
             other.close()
-        real_refuse_foreign(conn, at)
+        real_refuse_unknown(conn, version, at, known)
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(_schema, "_refuse_foreign", another_opener_first)
+        patch.setattr(_schema, "_refuse_unknown", another_opener_first)
         async with open_sqlite_store(path) as store:
             await store.create_session(make_record("s"))
-    assert others == ["database is locked"]
+    assert others == ["trying", "database is locked"]
 
 
 def test_a_read_only_store_is_refused_at_open(tmp_path: Path) -> None:
