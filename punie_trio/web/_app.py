@@ -33,6 +33,7 @@ from ._auth import challenge, host_allowed, origin_allowed, request_host, token_
 from ._heartbeat import Heartbeat
 from ._http import (
     BodyRefused,
+    body_headers,
     closing_headers,
     over_http1,
     printable,
@@ -280,13 +281,8 @@ async def _reject_websocket(
         await send({"type": "websocket.close", "code": 1008})
         return
     body = (reason + "\n").encode()
-    headers = [
-        (b"content-type", b"text/plain; charset=utf-8"),
-        (b"content-length", str(len(body)).encode()),
-        (b"x-content-type-options", b"nosniff"),
-        # Over HTTP/1.1 Hypercorn closes the connection after a refused handshake.
-        *closing_headers(scope),
-    ]
+    # Over HTTP/1.1 Hypercorn closes the connection after a refused handshake.
+    headers = body_headers(body) + closing_headers(scope)
     if status == 401:
         headers.append((b"www-authenticate", challenge(scope)))
     await send({"type": "websocket.http.response.start", "status": status, "headers": headers})

@@ -26,6 +26,8 @@ from hypercorn.protocol.events import Body, EndBody, Response, StreamClosed
 from hypercorn.protocol.ws_stream import ASGIWebsocketState, WSStream
 from wsproto.handshake import WEBSOCKET_VERSION
 
+from ._http import body_headers
+
 log = logging.getLogger(__name__)
 
 _REASON = b"Upgrade Required: this server speaks WebSocket version 13"
@@ -102,12 +104,7 @@ def install() -> bool:
 
 
 async def _send_426(stream: WSStream) -> None:
-    headers = [
-        (b"sec-websocket-version", WEBSOCKET_VERSION),
-        (b"content-type", b"text/plain; charset=utf-8"),
-        (b"content-length", str(len(_REASON)).encode()),
-        (b"x-content-type-options", b"nosniff"),
-    ]
+    headers = [(b"sec-websocket-version", WEBSOCKET_VERSION), *body_headers(_REASON)]
     if _over_http1(stream):
         # RFC 9110: a 426 MUST name the protocol in Upgrade (section 15.5.22), and a sender
         # of Upgrade lists "upgrade" in Connection (section 7.8). HTTP/2 has neither header.

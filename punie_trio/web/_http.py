@@ -44,6 +44,20 @@ def printable(text: str, limit: int = ECHO_LIMIT) -> str:
     return "".join(pieces)
 
 
+TEXT = b"text/plain; charset=utf-8"
+
+
+def body_headers(body: bytes, content_type: bytes = TEXT) -> list[tuple[bytes, bytes]]:
+    """The headers of every answer the server writes itself (the app's, and the refusals
+    it adds to Hypercorn's handshakes): type and length, and ``nosniff``, so that no
+    browser reads a text answer (which may echo the request) as HTML."""
+    return [
+        (b"content-type", content_type),
+        (b"content-length", str(len(body)).encode()),
+        (b"x-content-type-options", b"nosniff"),
+    ]
+
+
 def header(scope: dict[str, Any], name: bytes) -> bytes | None:
     for key, value in scope.get("headers", ()):
         if key.lower() == name:
@@ -55,16 +69,10 @@ async def respond(
     send: ASGISend,
     status: int,
     body: bytes,
-    content_type: bytes = b"text/plain; charset=utf-8",
+    content_type: bytes = TEXT,
     headers: list[tuple[bytes, bytes]] | None = None,
 ) -> None:
-    all_headers = [
-        (b"content-type", content_type),
-        (b"content-length", str(len(body)).encode()),
-        # A browser must not read a text answer (which may echo the request) as HTML.
-        (b"x-content-type-options", b"nosniff"),
-    ]
-    all_headers += headers or []
+    all_headers = body_headers(body, content_type) + (headers or [])
     await send({"type": "http.response.start", "status": status, "headers": all_headers})
     # Shielded: the send that ends a response must complete, or Hypercorn's bookkeeping of
     # the connection is cut off and it hangs until graceful_timeout.
@@ -119,16 +127,16 @@ async def read_body(scope: dict[str, Any], receive: ASGIReceive, limit: int) -> 
         raise too_large
     chunks: list[bytes] = []
     size = 0
-    started = trio.current_time()
-    deadline = started + BODY_IDLE_TIMEOUT
+    total_at = trio.current_time() + BODY_TOTAL_TIMEOUT
+    idle_at = trio.current_time() + BODY_IDLE_TIMEOUT
     while True:
         event: dict[str, Any] | None = None
-        with trio.move_on_at(min(deadline, started + BODY_TOTAL_TIMEOUT)):
+        with trio.move_on_at(min(idle_at, total_at)):
             event = await receive()
         if event is None:
             why = (
                 f"the request body took more than {BODY_TOTAL_TIMEOUT:g} s"
-                if trio.current_time() >= started + BODY_TOTAL_TIMEOUT
+                if trio.current_time() >= total_at
                 else f"no byte of the request body arrived for {BODY_IDLE_TIMEOUT:g} s"
             )
             raise BodyRefused(408, f"Request Timeout: {why}")
@@ -140,6 +148,6 @@ async def read_body(scope: dict[str, Any], receive: ASGIReceive, limit: int) -> 
             raise too_large
         if chunk:
             chunks.append(chunk)
-            deadline = trio.current_time() + BODY_IDLE_TIMEOUT
+            idle_at = trio.current_time() + BODY_IDLE_TIMEOUT
         if not event.get("more_body", False):
             return b"".join(chunks)
