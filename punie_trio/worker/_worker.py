@@ -245,13 +245,12 @@ class ToolCallLimiter:
 
     def seed(self, session_id: str, ages: Sequence[float], now: float) -> None:
         """Take the session's recent calls as :meth:`ages` gave them (elsewhere)."""
-        if ages:
-            if session_id not in self._times and len(self._times) >= self._sweep_at:
-                self._sweep(now)  # (as _recent does: the manager only ever seeds)
-            self._times[session_id] = collections.deque(now - age for age in ages)
-            self._recent(session_id, now)
-        else:
+        if not ages:
             self._times.pop(session_id, None)
+            return
+        recent = self._recent(session_id, now)  # (a new key sweeps as the table grows)
+        recent.clear()
+        recent.extend(now - age for age in ages if age < 60.0)
 
     def _recent(self, session_id: str, now: float) -> collections.deque[float]:
         recent = self._times.get(session_id)
