@@ -8,7 +8,6 @@ disk directly. Either way the path must resolve inside the session's roots.
 
 from __future__ import annotations
 
-import functools
 import os
 import re
 from collections.abc import Awaitable, Callable
@@ -107,11 +106,9 @@ async def _read_file(env: TurnEnv, tool_input: dict[str, Any], call: ClientCalle
             if not isinstance(content, str):
                 raise ToolError("client answered fs/read_text_file without a content string")
             return content
-    read = functools.partial(
-        _read_disk, path, _walk_from(env), lines.get("line"), lines.get("limit")
-    )
+    line, limit = lines.get("line"), lines.get("limit")
     try:
-        return await trio.to_thread.run_sync(read)
+        return await trio.to_thread.run_sync(_read_disk, path, _walk_from(env), line, limit)
     except PathEscape as exc:
         raise ToolError(str(exc)) from None
     except IsADirectoryError:
