@@ -14,9 +14,7 @@ from __future__ import annotations
 import importlib
 import signal
 import sys
-from collections.abc import Callable
 from types import FrameType
-from typing import Any
 
 #: Asks to stop before the CLI is imported (SIGINT is Python's KeyboardInterrupt already).
 EARLY_SIGNALS = tuple(getattr(signal, n) for n in ("SIGTERM", "SIGHUP") if hasattr(signal, n))
@@ -66,6 +64,5 @@ def main() -> int:
     except BaseException:  # (an import that failed: its traceback, under the defaults)
         _restore(caught)
         raise
-    run: Callable[[], Any] = cli.main
-    status: int = run()
+    status: int = cli.main()
     return status

@@ -32,7 +32,6 @@ import threading
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 import attrs
@@ -164,16 +163,12 @@ SHUTDOWN_SIGNALS = tuple(
 )
 
 
-def _second_signal(signum: int, frame: FrameType | None) -> None:
-    print("punie-trio: second signal, exiting now", file=sys.stderr, flush=True)
-    os._exit(1)
-
-
 async def _watch_signals(closing: trio.Event, shutdown_timeout: float, stage: _Stage) -> None:
     with trio.open_signal_receiver(*SHUTDOWN_SIGNALS) as signals:
         async for signum in signals:
             if closing.is_set():
-                _second_signal(signum, None)
+                print("punie-trio: second signal, exiting now", file=sys.stderr, flush=True)
+                os._exit(1)
             log.warning("received %s, shutting down", signal.Signals(signum).name)
             closing.set()
             # A last resort: stalled socket writes are abandoned during shutdown

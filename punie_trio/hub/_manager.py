@@ -137,7 +137,6 @@ def _held_elsewhere(session: Session) -> RpcError:
     client that left and may come back within its grace period (not named: a client id
     is what re-attaches its sessions, and any token holder could read this answer)."""
     if session.owner is None and session.detached_client is not None:
-        # (Not naming the client: its id is what re-attaches its sessions.)
         return RpcError(
             INVALID_REQUEST,
             f"Session {session.id} is kept for a client that is away and may reconnect "
