@@ -167,6 +167,11 @@ def _finite(text: str) -> float:
 _STRICT_DECODER = json.JSONDecoder(parse_constant=_no_constant, parse_float=_finite)
 
 
+def without_bom(data: bytes) -> bytes:
+    """``data`` without a leading UTF-8 byte-order mark (which JSON text may carry)."""
+    return data[3:] if data.startswith(b"\xef\xbb\xbf") else data
+
+
 def loads(text: str | bytes) -> Any:
     """``json.loads`` for text from outside; every failure is a ``ValueError``.
 
@@ -180,8 +185,7 @@ def loads(text: str | bytes) -> Any:
     run). Anything else is a ``UnicodeDecodeError``, a ``ValueError``.
     """
     if not isinstance(text, str):
-        text = bytes(text)
-        text = (text[3:] if text.startswith(b"\xef\xbb\xbf") else text).decode("utf-8")
+        text = without_bom(bytes(text)).decode("utf-8")
     try:
         return _STRICT_DECODER.decode(text)
     except RecursionError:

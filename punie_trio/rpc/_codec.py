@@ -159,8 +159,7 @@ def peek_envelope(head: bytes) -> tuple[str | None, RequestId | None]:
     ``result`` or ``params`` (the members in the order the message was built), so the head
     usually has it. Never raises: a head it cannot read gives ``(None, None)``.
     """
-    if head.startswith(b"\xef\xbb\xbf"):
-        head = head[3:]  # (a byte-order mark, which the parser takes too)
+    head = _json.without_bom(head)  # (as the parser takes it)
     try:
         text = head.decode("utf-8")
     except UnicodeDecodeError as exc:
