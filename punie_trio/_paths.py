@@ -116,9 +116,7 @@ def write_output(path: Path, data: bytes) -> None:
         # the shell's > or >> opened). Resolving such a name gives a pipe's "pipe:[N]"
         # (no such file) or the redirected file, which a replace would wipe (an export
         # with -o /dev/stdout >> log once did): written into, at its end, as >> would.
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
-        with os.fdopen(fd, "wb") as file:
-            file.write(data)
+        _write_into(path, data, os.O_APPEND)
         return
     target = Path(os.path.realpath(path)) if path.is_symlink() else path
     try:
@@ -131,8 +129,13 @@ def write_output(path: Path, data: bytes) -> None:
         keep = 0o600 if mode is None else stat.S_IMODE(mode)
         replace_file(target, data, keep, exact_mode=True)
         return
-    fd = os.open(target, os.O_WRONLY | os.O_CLOEXEC)  # it exists: never O_CREAT here
-    with os.fdopen(fd, "wb") as file:
+    _write_into(target, data)  # (it exists: never O_CREAT here)
+
+
+def _write_into(path: Path, data: bytes, flags: int = 0) -> None:
+    """Write ``data`` into the existing file ``path`` opens (a FIFO, a device, a file
+    descriptor's name), as a shell's redirection does."""
+    with os.fdopen(os.open(path, os.O_WRONLY | os.O_CLOEXEC | flags), "wb") as file:
         file.write(data)
 
 
