@@ -308,6 +308,9 @@ def connect(path: Path) -> sqlite3.Connection:
             raise StoreError(f"{path}: could not enable WAL journal mode (got {mode!r})")
         conn.execute("PRAGMA synchronous = NORMAL")
         conn.execute("PRAGMA foreign_keys = ON")
+        # A deleted session's text is overwritten, not left in free pages of the file (the
+        # default of some SQLite builds, not of others).
+        conn.execute("PRAGMA secure_delete = ON")
         migrate(conn, path)
         check_writable(conn, path)
     except sqlite3.Error as exc:

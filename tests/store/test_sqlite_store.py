@@ -49,10 +49,10 @@ async def test_pragmas_wal_normal_foreign_keys(tmp_path: Path) -> None:
         got = await store._run(
             lambda conn: tuple(
                 conn.execute(f"PRAGMA {name}").fetchone()[0]
-                for name in ("journal_mode", "synchronous", "foreign_keys")
+                for name in ("journal_mode", "synchronous", "foreign_keys", "secure_delete")
             )
         )
-        assert got == ("wal", 1, 1)  # synchronous: 1 == NORMAL
+        assert got == ("wal", 1, 1, 1)  # synchronous: 1 == NORMAL
     # WAL is persistent: a fresh connection sees it too.
     with sqlite3.connect(path) as conn:
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
@@ -1400,14 +1400,86 @@ async def test_writes_wait_for_a_checkpoint_only_past_the_settle_size(
         await owner_thread_idle()
         store._wal_bytes = 999_999
         await store.append_turn("s1", 0, sample_turn(0), alone=True)
-        assert store._checkpointing is None  # posted, not waited for
+        assert store._writes_wait_for is None  # posted, not waited for
         await owner_thread_idle()
         store._wal_bytes = 1_000_001
         await store.append_turn("s1", 1, sample_turn(1), alone=True)
-        settling = store._checkpointing
+        settling = store._writes_wait_for
         assert settling is not None  # the next write waits for this one
         await store.append_turn("s1", 2, sample_turn(2), alone=True)
-        assert store._checkpointing is not settling  # waited for, and let go
+        assert store._writes_wait_for is not settling  # waited for, and let go
+
+
+async def test_delete_runs_off_the_event_loop_and_writes_wait_for_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A delete's cost grows with the session (104 ms for 10,000 turns), so it runs on the
+    owner thread: the event loop goes on meanwhile, and writes wait for it rather than
+    meeting its lock in SQLite's busy handler, which would block the loop."""
+    release = threading.Event()
+    threads: list[str] = []
+    real_delete = _sql.delete_session
+
+    def held_delete(conn: sqlite3.Connection, session_id: str) -> bool:
+        threads.append(threading.current_thread().name)
+        if threading.current_thread() is threading.main_thread():
+            raise AssertionError("the delete ran on the event loop's thread")
+        release.wait(10)
+        return real_delete(conn, session_id)
+
+    monkeypatch.setattr(_sql, "delete_session", held_delete)
+    async with open_sqlite_store(tmp_path / "s.db") as store:
+        for session_id in ("a", "b"):
+            await store.create_session(make_record(session_id))
+            await store.append_turn(session_id, 0, sample_turn(0), alone=True)
+        done: list[str] = []
+
+        async def delete() -> None:
+            assert await store.delete_session("a")
+            done.append("deleted a")
+
+        async def record() -> None:
+            await store.append_turn("b", 1, sample_turn(1), alone=True)
+            done.append("b turn 1")
+
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(delete)
+                await trio.testing.wait_all_tasks_blocked()
+                nursery.start_soon(record)
+                await trio.testing.wait_all_tasks_blocked()
+                assert done == []  # the loop runs; the turn waits for the delete
+                release.set()
+        assert sorted(done) == ["b turn 1", "deleted a"]
+        assert threads and threads[0].startswith("punie-store")
+        assert await store.get_session("a") is None
+        assert [e.turn for e in await store.transcript("b")] == [0] * 5 + [1] * 5
+        # The next turn after another connection's commit re-reads what it remembered.
+        await store.append_turn("b", 2, sample_turn(2), alone=True)
+        assert (await store.get_session("b")).turns == 3  # type: ignore[union-attr]
+
+
+async def test_a_deleted_transcript_is_not_left_in_the_file(tmp_path: Path) -> None:
+    """``secure_delete`` is set, not left to the SQLite build (Debian's has it on, others
+    off): once the store is closed (its last connection checkpoints and removes the WAL),
+    a deleted session's text is nowhere in the file."""
+    path = tmp_path / "s.db"
+    secret = "sk-this-was-pasted-by-mistake-0123456789"
+    async with open_sqlite_store(path) as store:
+        for session_id in ("keep", "gone"):
+            await store.create_session(make_record(session_id))
+        text = {"sessionUpdate": "agent_message_chunk", "content": {"type": "text"}}
+        for turn in range(50):
+            for session_id, word in (("keep", "kept text"), ("gone", secret)):
+                entry = {**text, "content": {"type": "text", "text": f"{word} {turn}"}}
+                await store.append_turn(
+                    session_id, turn, [("agent_message_chunk", entry)], alone=True
+                )
+        assert await store.delete_session("gone")
+    assert not path.with_name("s.db-wal").exists()
+    data = path.read_bytes()
+    assert b"kept text 49" in data
+    assert secret.encode() not in data
 
 
 async def test_several_writes_wait_for_one_settling_checkpoint(tmp_path: Path) -> None:
@@ -1419,7 +1491,7 @@ async def test_several_writes_wait_for_one_settling_checkpoint(tmp_path: Path) -
         def slow_checkpoint(conn: sqlite3.Connection) -> None:
             release.wait(10)
 
-        store._checkpointing = store._owner.start(slow_checkpoint)
+        store._writes_wait_for = store._owner.start(slow_checkpoint)
         written: list[str] = []
 
         async def create(session_id: str) -> None:
@@ -1435,7 +1507,7 @@ async def test_several_writes_wait_for_one_settling_checkpoint(tmp_path: Path) -
         assert sorted(written) == ["s1", "s2"]
         assert await store.get_session("s1") is not None
         assert await store.get_session("s2") is not None
-        assert store._checkpointing is None
+        assert store._writes_wait_for is None
 
 
 @pytest.mark.parametrize("alone", [False, True])
@@ -1454,7 +1526,7 @@ async def test_turns_cancelled_while_a_checkpoint_is_awaited_are_all_recorded(
         for session_id in sessions:
             await store.create_session(make_record(session_id))
         settling: Started[None] = Started()
-        store._checkpointing = settling  # as when the WAL has grown past WAL_SETTLE_BYTES
+        store._writes_wait_for = settling  # as when the WAL has grown past WAL_SETTLE_BYTES
         scopes = {session_id: trio.CancelScope() for session_id in sessions}
         returned: list[str] = []
 
