@@ -773,10 +773,10 @@ class Manager:
         self.store.forget(session.id)
         handle = session.worker
         handle.sessions.discard(session.id)
-        try:
-            handle.commands.send_nowait(ForgetSession(session.id))
-        except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
-            pass  # the worker is going away anyway, or will drop the history with itself
+        # (If the channel is full a task sends it. It parks in the next scheduler pass, and
+        # a memory channel serves parked senders before anything sent later; a load of the
+        # same session reads the store first, so its SeedHistory comes after it.)
+        self._command(handle, ForgetSession(session.id))
         if not handle.sessions:
             self.workers.pop(handle.root, None)
             handle.commands.close()

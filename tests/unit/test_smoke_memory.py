@@ -5,10 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import trio
+import trio.testing
 
 from punie_trio.hub import ClientConnection, Manager
 from punie_trio.transport import memory_message_stream_pair
-from punie_trio.worker import EchoModel
+from punie_trio.worker import CancelTurn, EchoModel
 
 from ..acp_schema import SchemaChecker
 from ..client import AcpTestClient
@@ -31,4 +32,36 @@ async def test_echo_prompt_over_memory_streams(tmp_path: Path, acp_schema: Schem
         chunk, title = client.updates(session)
         assert chunk["sessionUpdate"] == "agent_message_chunk"
         assert title == {"sessionUpdate": "session_info_update", "title": "hello brave new world"}
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_dropped_session_is_forgotten_by_its_worker_even_when_its_queue_is_full(
+    tmp_path: Path, acp_schema: SchemaChecker
+) -> None:
+    """The worker's copy of a session's history goes with the session. Its ForgetSession
+    was dropped when the worker's command channel was full (a burst of 64 commands), and
+    the history then stayed for the worker's life. Now it waits its turn, in order: a
+    memory channel serves parked senders first, so it cannot be overtaken."""
+    manager = Manager((str(tmp_path),), EchoModel())
+    agent_side, client_side = memory_message_stream_pair()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(manager.run)
+        await nursery.start(ClientConnection(manager, transport="memory").run, agent_side)
+        client = AcpTestClient(client_side, acp_schema)
+        await nursery.start(client.run)
+        await client.initialize()
+        gone = await client.new_session(str(tmp_path))
+        kept = await client.new_session(str(tmp_path))  # keeps the worker running
+        assert await client.prompt(gone, "remember me") == "end_turn"
+        handle = manager.workers[str(tmp_path)]
+        assert gone in handle.worker._history
+        while True:  # fill the worker's channel with commands it ignores
+            try:
+                handle.commands.send_nowait(CancelTurn(-1))
+            except trio.WouldBlock:
+                break
+        manager._drop_session(manager.sessions[gone])
+        await trio.testing.wait_all_tasks_blocked()
+        assert gone not in handle.worker._history
+        assert await client.prompt(kept, "still here") == "end_turn"
         nursery.cancel_scope.cancel()
