@@ -314,19 +314,21 @@ class SqliteStore:
         what it remembered.
         """
         await trio.lowlevel.checkpoint_if_cancelled()
-        with trio.CancelScope(shield=True):  # from here on the delete is reported
-            await self._wait_for_thread_job()
-            self._check_open()
-            started = self._owner.start(
-                _translated(lambda conn: _sql.delete_session(conn, session_id))
-            )
-            self._writes_wait_for = started  # writes wait for it from now on
-            await self._wait_for_thread_job()
+        await self._wait_for_thread_job()  # (cancellable: nothing has started yet)
+        self._check_open()
+        started = self._owner.start(_translated(lambda conn: _sql.delete_session(conn, session_id)))
+        self._writes_wait_for = started  # writes wait for it from now on
+        try:
+            with trio.CancelScope(shield=True):  # once started, the delete is reported
+                found = await started.result()
+        finally:
+            if self._writes_wait_for is started:
+                self._writes_wait_for = None
+            self._tails.pop(session_id, None)
+            self._keys.pop(session_id, None)
         # It rewrote pages all over the file (60 MB of WAL for 10,000 turns): checkpoint.
         self._count_rows(CHECKPOINT_EVERY_ROWS)
-        self._tails.pop(session_id, None)
-        self._keys.pop(session_id, None)
-        return await started.result()
+        return found
 
     async def append_turn(
         self,

@@ -1459,6 +1459,49 @@ async def test_delete_runs_off_the_event_loop_and_writes_wait_for_it(
         assert (await store.get_session("b")).turns == 3  # type: ignore[union-attr]
 
 
+async def test_a_delete_cancelled_once_started_is_done_and_reported(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Like every write: cancelled before it starts (here, while it waits for a settling
+    checkpoint) it deletes nothing; cancelled while it runs on the owner thread, it is
+    done and its caller gets its answer, then ``Cancelled`` at its next checkpoint."""
+    release = threading.Event()
+    real_delete = _sql.delete_session
+
+    def held_delete(conn: sqlite3.Connection, session_id: str) -> bool:
+        release.wait(10)
+        return real_delete(conn, session_id)
+
+    monkeypatch.setattr(_sql, "delete_session", held_delete)
+    async with open_sqlite_store(tmp_path / "s.db") as store:
+        for session_id in ("a", "b"):
+            await store.create_session(make_record(session_id))
+        answers: list[bool] = []
+
+        async def delete(session_id: str, scope: trio.CancelScope) -> None:
+            with scope:
+                answers.append(await store.delete_session(session_id))
+                await trio.lowlevel.checkpoint()
+                answers.append(False)  # not reached: the cancellation lands here
+
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                running, waiting = trio.CancelScope(), trio.CancelScope()
+                nursery.start_soon(delete, "a", running)
+                await trio.testing.wait_all_tasks_blocked()
+                nursery.start_soon(delete, "b", waiting)  # waits for "a"'s delete
+                await trio.testing.wait_all_tasks_blocked()
+                running.cancel()
+                waiting.cancel()
+                await trio.testing.wait_all_tasks_blocked()
+                release.set()
+        assert answers == [True]
+        assert running.cancelled_caught and waiting.cancelled_caught
+        assert await store.get_session("a") is None
+        assert await store.get_session("b") is not None
+        assert store._writes_wait_for is None
+
+
 async def test_a_deleted_transcript_is_not_left_in_the_file(tmp_path: Path) -> None:
     """``secure_delete`` is set, not left to the SQLite build (Debian's has it on, others
     off): once the store is closed (its last connection checkpoints and removes the WAL),
