@@ -77,7 +77,9 @@ def _path_arg(tool_input: dict[str, Any]) -> str:
 
 def _line_args(tool_input: dict[str, Any]) -> dict[str, int]:
     """``line`` and ``limit`` for ``fs/read_text_file``, checked against the schema's
-    uint32 (a bool is no integer here, though Python's ``bool`` is an ``int``)."""
+    uint32 (a bool is no integer here, though Python's ``bool`` is an ``int``). Lines count
+    from 1 (the overview page), so a ``line`` of 0 is sent as 1, as the disk read takes it:
+    what the client would make of 0 the spec leaves open."""
     args: dict[str, int] = {}
     for key in ("line", "limit"):
         value = tool_input.get(key)
@@ -85,7 +87,7 @@ def _line_args(tool_input: dict[str, Any]) -> dict[str, int]:
             continue
         if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= _UINT32_MAX:
             raise ToolError(f"input.{key} must be an integer from 0 to {_UINT32_MAX}")
-        args[key] = value
+        args[key] = max(value, 1) if key == "line" else value
     return args
 
 

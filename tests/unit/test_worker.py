@@ -437,6 +437,25 @@ async def test_read_and_write_file_on_disk_without_client_capability(tmp_path: P
     assert [u for u in updates if u["sessionUpdate"] == "tool_call"][1]["kind"] == "edit"
 
 
+async def test_line_zero_reaches_the_client_as_line_one(tmp_path: Path) -> None:
+    """Lines count from 1 (the overview page); the schema's uint32 admits 0. A model's
+    ``line: 0`` reads as line 1 from disk, and went to the client as 0, whose meaning
+    the spec leaves open: it now goes as 1."""
+    model = script([{"tool": "read_file", "input": {"path": "a.txt", "line": 0, "limit": 0}}])
+    async with running_worker(tmp_path, model) as h:
+        _, events = await h.start(env=h.env(read=True))
+        await events.receive()  # tool_call
+        await events.receive()  # in progress
+        call = await events.receive()
+        assert isinstance(call, ClientCall)
+        assert call.params == {
+            "sessionId": "s1",
+            "path": str(tmp_path / "a.txt"),
+            "line": 1,
+            "limit": 0,
+        }
+
+
 async def test_read_file_on_disk_honours_line_and_limit(tmp_path: Path) -> None:
     """Without the client's fs capability, line and limit were ignored: the whole file came
     back. They count as fs/read_text_file counts: lines from 1, endings kept."""
