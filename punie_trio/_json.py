@@ -164,7 +164,20 @@ def _finite(text: str) -> float:
     return value
 
 
-_STRICT_DECODER = json.JSONDecoder(parse_constant=_no_constant, parse_float=_finite)
+def _integer(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:  # past sys.get_int_max_str_digits(): Python's message names a call
+        digits = len(text.lstrip("-"))
+        limit = sys.get_int_max_str_digits()
+        raise ValueError(
+            f"integer {text[:20]}... has {digits:,} digits; at most {limit:,} are read"
+        ) from None
+
+
+_STRICT_DECODER = json.JSONDecoder(
+    parse_constant=_no_constant, parse_float=_finite, parse_int=_integer
+)
 
 
 def without_bom(data: bytes) -> bytes:

@@ -57,6 +57,8 @@ def test_a_lone_surrogate_is_escaped_so_the_text_is_utf8() -> None:
         ("[NaN]", "NaN is not JSON"),
         ('{"x": -Infinity}', "-Infinity is not JSON"),
         ("[1e400]", "out of range"),
+        # Python's own message told the client to call sys.set_int_max_str_digits().
+        ("[" + "7" * 5001 + "]", "^integer 7777777777.* has 5,001 digits; at most 4,300 are read$"),
         ("[" * 100_000, "nested too deeply"),
         ('{"a":' * 100_000, "nested too deeply"),  # (3.13's C recursion limit is higher)
         (b'{"a": "\xff"}', "can't decode"),
