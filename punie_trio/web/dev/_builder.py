@@ -13,6 +13,7 @@ build reloads exactly what changed since the output the tabs are showing.
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import re
@@ -54,13 +55,96 @@ class BuildResult:
         return self.exit_status == 0
 
 
+#: Terminal control sequences: CSI (colours, cursor moves, erase), OSC (window titles,
+#: hyperlinks) up to BEL or ST, DCS/SOS/PM/APC strings, and the short escapes.
+_ESCAPES = re.compile(
+    rb"\x1b(?:\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(?:\x07|\x1b\\)?|[PX^_][^\x1b]*(?:\x1b\\)?"
+    rb"|[ -/]*[0-~])"
+)
+#: C0 controls a terminal does not print (tab, newline, carriage return and backspace are
+#: handled apart), and DEL.
+_CONTROLS = re.compile(rb"[\x00-\x07\x0b\x0c\x0e-\x1f\x7f]")
+_BACKSPACED = re.compile(rb"[^\x08]\x08")
+
+
+def _visible(segment: bytes) -> bytes:
+    """``segment`` (no ``\r`` or ``\n`` in it) without what a terminal does not print."""
+    segment = _ESCAPES.sub(b"", segment)
+    while b"\x08" in segment:
+        rubbed = _BACKSPACED.sub(b"", segment).lstrip(b"\x08")
+        if rubbed == segment:
+            break
+        segment = rubbed
+    return _CONTROLS.sub(b"", segment)
+
+
+def _last_visible(segments: Sequence[bytes]) -> bytes:
+    for segment in reversed(segments):
+        visible = _visible(segment)
+        if visible:
+            return visible
+    return b""
+
+
+@attrs.define(eq=False)
+class OutputTail:
+    """The end of a build's output as a terminal would show it, kept as it is read.
+
+    Why: the overlay showed raw output, so colour codes were literal text, and every ``\r``
+    progress update was a line of its own (the last 60 lines were "progress N%"). Now escape
+    sequences and other unprinted controls are dropped, and within a line a ``\r`` means the
+    text after it replaces what came before (the last non-empty part of the line is kept).
+    The rule is applied as the output arrives, so progress spam longer than the bounds
+    cannot push out the lines before it.
+
+    Resource handling: at most ``max_lines`` finished lines and about ``max_bytes`` of them,
+    and the current line's last visible part (two ``\r`` parts, each bounded by
+    ``max_bytes``).
+    """
+
+    max_bytes: int = OUTPUT_TAIL_BYTES
+    max_lines: int = OUTPUT_TAIL_LINES
+    _lines: collections.deque[bytes] = attrs.field(init=False, factory=collections.deque)
+    _size: int = attrs.field(init=False, default=0)
+    _partial: bytes = attrs.field(init=False, default=b"")
+
+    def feed(self, chunk: bytes | bytearray) -> None:
+        *done, partial = (self._partial + chunk).split(b"\n")
+        for line in done:
+            self._finish(_last_visible(line.split(b"\r")))
+        if b"\r" in partial:
+            # Everything before the last \r is finished text: only its last visible part
+            # can still show. What follows may end inside an escape sequence: kept raw.
+            *before, current = partial.split(b"\r")
+            shown = _last_visible(before)[-self.max_bytes :]
+            partial = shown + b"\r" + current if shown else current
+        self._partial = partial[-2 * self.max_bytes - 1 :]
+
+    def _finish(self, line: bytes) -> None:
+        self._lines.append(line[-self.max_bytes :])
+        self._size += len(self._lines[-1]) + 1
+        while len(self._lines) > self.max_lines or (
+            len(self._lines) > 1 and self._size - len(self._lines[0]) - 1 >= self.max_bytes
+        ):
+            self._size -= len(self._lines.popleft()) + 1
+
+    def text(self) -> str:
+        lines = list(self._lines)
+        current = _last_visible(self._partial.split(b"\r"))
+        if current:
+            lines.append(current)
+        text = b"\n".join(lines)[-self.max_bytes :].decode("utf-8", "replace")
+        return "\n".join(text.splitlines()[-self.max_lines :])
+
+
 def tail(
     output: bytes, max_bytes: int = OUTPUT_TAIL_BYTES, max_lines: int = OUTPUT_TAIL_LINES
 ) -> str:
-    """The end of a build's output: at most ``max_lines`` lines and ``max_bytes`` bytes."""
-    text = output[-max_bytes:].decode("utf-8", "replace")
-    lines = text.splitlines()
-    return "\n".join(lines[-max_lines:])
+    """The end of a build's output as a terminal shows it (see :class:`OutputTail`): at most
+    ``max_lines`` lines and ``max_bytes`` bytes."""
+    kept = OutputTail(max_bytes, max_lines)
+    kept.feed(output)
+    return kept.text()
 
 
 async def _kill_group(process: trio.Process) -> None:
@@ -122,11 +206,11 @@ async def run_build(command: str, cwd: Path) -> BuildResult:
     the shell after all, so the status and message are the shell's own (127, "not found").
 
     Resource handling: the output is read as it comes (a build that prints a lot never fills a
-    pipe nor our memory: only the last :data:`OUTPUT_TAIL_BYTES` are kept). Cancellation
-    terminates the whole process group.
+    pipe nor our memory: only its end is kept, as a terminal shows it: :class:`OutputTail`).
+    Cancellation terminates the whole process group.
     """
     started = trio.current_time()
-    kept = bytearray()
+    kept = OutputTail()
     argv = direct_argv(command)
     async with trio.open_nursery() as nursery:
         process: trio.Process | None = None
@@ -139,11 +223,10 @@ async def run_build(command: str, cwd: Path) -> BuildResult:
             process = await nursery.start(_start_process, command, cwd)
         assert process.stdout is not None
         async for chunk in process.stdout:
-            kept += chunk
-            del kept[:-OUTPUT_TAIL_BYTES]
+            kept.feed(chunk)
     exit_status = process.returncode
     assert exit_status is not None
-    return BuildResult(command, exit_status, tail(bytes(kept)), trio.current_time() - started)
+    return BuildResult(command, exit_status, kept.text(), trio.current_time() - started)
 
 
 def _direct_env(cwd: Path) -> dict[str, str]:
