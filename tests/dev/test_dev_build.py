@@ -10,7 +10,7 @@ from pathlib import Path
 
 import httpx
 import trio
-from devsupport import BuildProject, running, sse, write
+from devsupport import BuildProject, process_running, running, sse, write
 
 from punie_trio.web.dev import DevApp, open_browser_when_ready
 
@@ -172,3 +172,37 @@ async def test_open_browser_when_ready(tmp_path: Path) -> None:
     # Nobody listening: gives up without opening.
     await open_browser_when_ready(url + "/", give_up_after=0.3, opener=opened.append)
     assert opened == [url + "/"]
+
+
+async def test_build_leftovers_are_stopped_by_the_next_build_and_at_shutdown(
+    tmp_path: Path,
+) -> None:
+    """A build script ending with ``sleep 600 &`` (a helper daemon): the build never
+    finished (badge stuck, later edits built nothing) and the child outlived SIGTERM (found
+    by a dev app audit)."""
+    root = tmp_path / "proj"
+    write(root / "src" / "index.html", "v1")
+    pids = tmp_path / "pids"
+    script = root / "build.sh"
+    script.write_text(
+        f"mkdir -p out\ncp src/index.html out/index.html\nsleep 600 &\necho $! >> {pids}\n"
+    )
+    dev = DevApp(
+        site_dir=root / "out",
+        project_root=root,
+        closing=trio.Event(),
+        build_cmd=f"sh {script}",
+        debounce=0,
+    )
+    with trio.fail_after(DEADLINE):
+        async with running(dev) as url, httpx.AsyncClient(base_url=url) as client:
+            (first,) = map(int, pids.read_text().split())
+            assert process_running(first) and not dev.broadcaster.building
+            async with sse(client, "/__reload__") as stream:
+                await stream.wait_open()
+                write(root / "src" / "index.html", "v2")
+                assert (await stream.next_named("reload")).json()["paths"] == ["index.html"]
+            first, second = map(int, pids.read_text().split())
+            assert not process_running(first) and process_running(second)
+            assert b"v2" in (await client.get("/")).content
+    assert not process_running(second)

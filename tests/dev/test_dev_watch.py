@@ -20,9 +20,10 @@ from pathlib import Path
 import pytest
 import trio
 import trio.testing
+from devsupport import process_running
 
 from punie_trio.web.dev import _inotify
-from punie_trio.web.dev._builder import direct_argv, run_build
+from punie_trio.web.dev._builder import direct_argv, run_build, stop_group
 from punie_trio.web.dev._watch import (
     MAX_BATCH_MS,
     STEP_MS,
@@ -331,3 +332,38 @@ async def test_run_build_direct_and_through_the_shell(tmp_path: Path) -> None:
     assert (await run_build(str(plain), work)).output == "from-sh"
     # Anything else still goes through the shell.
     assert (await run_build("echo one && echo two >&2", work)).output == "one\ntwo"
+
+
+@linux_only
+async def test_a_build_that_leaves_a_child_running_completes_when_its_command_exits(
+    tmp_path: Path,
+) -> None:
+    """The build loop read the output until EOF, which a background child holding the pipe
+    never gave: the build never finished, and the child outlived the server (found by a dev
+    app audit). Now the build ends with its command, and its process group is stopped."""
+    with trio.fail_after(DEADLINE):
+        result = await run_build("sleep 600 & echo $!; echo built", tmp_path)
+    assert result.ok and result.group is not None
+    pid_text, built = result.output.splitlines()
+    child = int(pid_text)
+    assert built == "built" and process_running(child)
+    with trio.fail_after(DEADLINE):
+        await stop_group(result.group)
+    assert not process_running(child)
+    await stop_group(result.group)  # nothing left: a no-op
+
+
+@linux_only
+async def test_a_cancelled_build_stops_its_whole_process_group(tmp_path: Path) -> None:
+    """Cancelled (shutdown), the build's group got SIGTERM and, once the command was gone,
+    nothing more: a child that ignores SIGTERM outlived the server. Now what is left of the
+    group after the command gets SIGKILL (after :data:`LEFTOVER_GRACE`)."""
+    pids = tmp_path / "pids"
+    command = f"(trap '' TERM; exec sleep 600) & echo $! > {pids}; exec sleep 600"
+    with trio.fail_after(DEADLINE), trio.CancelScope() as scope:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(run_build, command, tmp_path)
+            while not pids.exists() or not pids.read_text().endswith("\n"):
+                await trio.to_thread.run_sync(time.sleep, 0.001)
+            scope.cancel()
+    assert not process_running(int(pids.read_text()))

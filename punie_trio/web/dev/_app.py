@@ -120,21 +120,26 @@ class DevApp:
         without a build command), so no change after ``started`` is missed.
         """
         await self.loop.prepare()
-        async with trio.open_nursery() as nursery:
-            if not self.no_watch:
-                await nursery.start(
-                    functools.partial(
-                        watch,
-                        self.watch_paths(),
-                        self.ignore_rules(),
-                        self.pending,
-                        backend=self.watcher,
+        try:
+            async with trio.open_nursery() as nursery:
+                if not self.no_watch:
+                    await nursery.start(
+                        functools.partial(
+                            watch,
+                            self.watch_paths(),
+                            self.ignore_rules(),
+                            self.pending,
+                            backend=self.watcher,
+                        )
                     )
-                )
-            if self.build_cmd is not None:
-                await self.loop.cycle()
-            task_status.started()
-            await self.loop.run()
+                if self.build_cmd is not None:
+                    await self.loop.cycle()
+                task_status.started()
+                await self.loop.run()
+        finally:
+            # What the last build left running (a `daemon &`) must not outlive the server.
+            with trio.CancelScope(shield=True):
+                await self.loop.stop_leftovers()
 
     # -- ASGI ---------------------------------------------------------------------------
 

@@ -14,6 +14,7 @@ build reloads exactly what changed since the output the tabs are showing.
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import os
 import re
@@ -49,6 +50,9 @@ class BuildResult:
     exit_status: int
     output: str
     duration: float
+    #: The build's process group when processes of it still run after the command exited
+    #: (a background child, a helper daemon): the caller stops it (:func:`stop_group`).
+    group: int | None = None
 
     @property
     def ok(self) -> bool:
@@ -147,23 +151,76 @@ def tail(
     return kept.text()
 
 
-async def _kill_group(process: trio.Process) -> None:
-    """Cancel delivery: SIGTERM to the build's process group, SIGKILL after 5 s.
+#: How long a build's processes get between SIGTERM and SIGKILL: a cancelled build's command,
+#: and what a finished build left running (the server's shutdown watchdog must not beat it).
+KILL_GRACE = 5.0
+LEFTOVER_GRACE = 1.0
+#: Output read after the command exited: what is in the pipe then, without waiting (a child
+#: left running may keep the pipe open for ever), up to this much.
+DRAIN_BYTES = 1024 * 1024
 
-    ``shell=True`` puts a shell between us and the build; signalling the group reaches the
-    build too, so a cancelled build (shutdown) does not linger.
+
+def _group_running(pgid: int) -> bool:
+    """Whether a process of group ``pgid`` is still running. A zombie has ended: orphans
+    are reaped by init, which in a container may never do it."""
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return True  # no /proc: the group exists, which is all we can tell
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                fields = f.read().rpartition(b")")[2].split()
+        except OSError:
+            continue
+        if len(fields) > 2 and int(fields[2]) == pgid and fields[0] != b"Z":
+            return True
+    return False
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, sig)
+
+
+async def stop_group(pgid: int, grace: float = LEFTOVER_GRACE) -> None:
+    """SIGTERM to process group ``pgid``, SIGKILL to what is left after ``grace`` seconds;
+    returns once nothing of the group runs (or, if something survives even SIGKILL, a
+    process stuck in the kernel, after another ``grace``).
+
+    For processes that outlived their build's command (its shell has exited, so only the
+    group reaches them). They are not our children, so there is nothing to wait on for
+    their end: it is polled, every 10 ms. No-op when nothing of the group runs.
     """
-    try:
-        os.killpg(process.pid, signal.SIGTERM)
-    except (ProcessLookupError, PermissionError):
-        process.terminate()
-    with trio.move_on_after(5):
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        if not _group_running(pgid):
+            return
+        _signal_group(pgid, sig)
+        with trio.move_on_after(grace):
+            while _group_running(pgid):  # noqa: ASYNC110 (not our children: nothing to wait on)
+                await trio.sleep(0.01)
+
+
+async def _kill_build(process: trio.Process) -> None:
+    """A cancelled build: SIGTERM to its whole process group, SIGKILL after
+    :data:`KILL_GRACE`; then whatever of the group outlived the command (a background
+    child) is stopped too. Signalling the group reaches what a shell started."""
+    _signal_group(process.pid, signal.SIGTERM)
+    with trio.move_on_after(KILL_GRACE):
         await process.wait()
-        return
-    try:
-        os.killpg(process.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
+    if process.returncode is None:
+        _signal_group(process.pid, signal.SIGKILL)
         process.kill()
+        await process.wait()
+    await stop_group(process.pid)
 
 
 #: Characters that make the shell do more than split a command into words (quotes, escapes,
@@ -205,28 +262,57 @@ async def run_build(command: str, cwd: Path) -> BuildResult:
     started (not found, not executable, a script without ``#!``), the command goes through
     the shell after all, so the status and message are the shell's own (127, "not found").
 
+    The build is over when its command exits, not when its output ends: a child it left in
+    the background (``daemon &``) keeps the pipe open, and waiting for the end of the output
+    hung the build loop for good. What is in the pipe when the command exits is still read
+    (without waiting); the result names the process group if anything of it still runs.
+
     Resource handling: the output is read as it comes (a build that prints a lot never fills a
-    pipe nor our memory: only its end is kept, as a terminal shows it: :class:`OutputTail`).
-    Cancellation terminates the whole process group.
+    pipe nor our memory: only its end is kept, as a terminal shows it: :class:`OutputTail`),
+    and our end of the pipe is closed when the build is over. Cancellation terminates the
+    whole process group, including what the command left in the background.
     """
     started = trio.current_time()
     kept = OutputTail()
-    argv = direct_argv(command)
-    async with trio.open_nursery() as nursery:
-        process: trio.Process | None = None
-        if argv is not None:
-            try:
-                process = await nursery.start(_start_process, argv, cwd)
-            except OSError:
-                process = None
-        if process is None:
-            process = await nursery.start(_start_process, command, cwd)
-        assert process.stdout is not None
-        async for chunk in process.stdout:
-            kept.feed(chunk)
+    process = await _open_build(command, cwd)
+    stdout = process.stdout
+    assert isinstance(stdout, trio.lowlevel.FdStream)  # POSIX: a non-blocking pipe
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_read_output, stdout, kept)
+            await process.wait()
+            nursery.cancel_scope.cancel()
+        _drain(stdout.fileno(), kept)
+    except BaseException:
+        with trio.CancelScope(shield=True):
+            await _kill_build(process)
+        raise
+    finally:
+        with trio.CancelScope(shield=True):
+            await stdout.aclose()
     exit_status = process.returncode
     assert exit_status is not None
-    return BuildResult(command, exit_status, kept.text(), trio.current_time() - started)
+    group = process.pid if _group_running(process.pid) else None
+    return BuildResult(command, exit_status, kept.text(), trio.current_time() - started, group)
+
+
+async def _read_output(stdout: trio.abc.ReceiveStream, kept: OutputTail) -> None:
+    async for chunk in stdout:
+        kept.feed(chunk)
+
+
+def _drain(fd: int, kept: OutputTail) -> None:
+    """Read what the pipe holds now (the pipe is non-blocking), up to :data:`DRAIN_BYTES`."""
+    drained = 0
+    while drained < DRAIN_BYTES:
+        try:
+            chunk = os.read(fd, 65536)
+        except BlockingIOError:
+            return
+        if not chunk:
+            return
+        kept.feed(chunk)
+        drained += len(chunk)
 
 
 def _direct_env(cwd: Path) -> dict[str, str]:
@@ -235,22 +321,32 @@ def _direct_env(cwd: Path) -> dict[str, str]:
     return {**os.environ, "PWD": os.path.abspath(cwd)}
 
 
-async def _start_process(
-    command: str | list[str], cwd: Path, *, task_status: trio.TaskStatus[trio.Process]
-) -> None:
-    shell = isinstance(command, str)
-    await trio.run_process(
+async def _open_build(command: str, cwd: Path) -> trio.Process:
+    """The build's process, in a session (and process group) of its own, stdout and stderr
+    into one pipe: started directly when the shell would only split the command into words
+    and the program can be started, else through ``sh -c``."""
+    argv = direct_argv(command)
+    if argv is not None:
+        try:
+            return await trio.lowlevel.open_process(
+                argv,
+                cwd=cwd,
+                env=_direct_env(cwd),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        except OSError:
+            pass
+    return await trio.lowlevel.open_process(
         command,
-        shell=shell,
+        shell=True,
         cwd=cwd,
-        env=None if shell else _direct_env(cwd),
-        check=False,
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         start_new_session=True,
-        deliver_cancel=_kill_group,
-        task_status=task_status,
     )
 
 
@@ -267,6 +363,8 @@ class BuildLoop:
     build_start_delay: float = BUILD_START_DELAY
     builds: int = 0
     _last_good: dict[str, FileSig] = attrs.field(factory=dict)
+    #: The last build's process group while something it started still runs.
+    _leftover: int | None = None
 
     async def prepare(self) -> None:
         """Snapshot the output as it is before anything runs."""
@@ -276,6 +374,7 @@ class BuildLoop:
         """One build (if there is a command) and the reload decision."""
         duration: float | None = None
         if self.build_cmd is not None:
+            await self.stop_leftovers()  # the new build supersedes the last one, helpers too
             self.builds += 1
             # Recorded at once (pages served now show the badge, new streams get it), told to
             # open streams only if the build is still running after build_start_delay.
@@ -288,6 +387,13 @@ class BuildLoop:
                     nursery.start_soon(self._announce_later, started)
                 result = await run_build(self.build_cmd, self.project_root)
                 nursery.cancel_scope.cancel()
+            if result.group is not None:
+                self._leftover = result.group
+                log.warning(
+                    "the build left processes running (process group %d); they are stopped "
+                    "before the next build and when the server stops",
+                    result.group,
+                )
             if not result.ok:
                 log.warning(
                     "build failed (exit status %d) in %.2fs: %s\n%s",
@@ -322,6 +428,13 @@ class BuildLoop:
             action, paths = decision
             event = self.broadcaster.publish_reload(action, paths, status=ok)
             log.info("%s (generation %d): %s", action, event.generation, ", ".join(paths[:5]))
+
+    async def stop_leftovers(self) -> None:
+        """Stop what the last build left running (its command has exited, only its process
+        group reaches them): before the next build, and at shutdown."""
+        if self._leftover is not None:
+            group, self._leftover = self._leftover, None
+            await stop_group(group)
 
     async def _announce_later(self, started: StatusEvent) -> None:
         await trio.sleep(self.build_start_delay)
