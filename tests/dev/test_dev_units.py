@@ -8,8 +8,9 @@ import re
 from pathlib import Path
 
 import pytest
+import trio
 
-from punie_trio.web.dev import _events, _http, _inject, _pages, _snapshot, _watch
+from punie_trio.web.dev import DevApp, _events, _http, _inject, _pages, _snapshot, _watch
 from punie_trio.web.dev._broadcast import HISTORY, Broadcaster, Subscriber
 from punie_trio.web.dev._builder import OutputTail, tail
 from punie_trio.web.dev._events import ReloadEvent
@@ -385,3 +386,35 @@ def test_build_output_tail_is_what_a_terminal_shows() -> None:
         for at in range(0, len(output), size):
             kept.feed(output[at : at + size])
         assert kept.text() == "ERROR: the real error\ncolored"
+
+
+def test_ignore_patterns_are_paths_as_a_user_reads_them(tmp_path: Path) -> None:
+    """``--watch src --ignore src/gen`` did not ignore ``src/gen/x`` (patterns were matched
+    relative to each watched root only), nor did ``./src/gen`` or an absolute directory
+    (found by a dev app audit). Now a pattern with a ``/`` is a path from the project root
+    (and still from each watched root), ``./`` is dropped, and an absolute one is absolute."""
+    root = tmp_path / "proj"
+    (root / "src" / "gen").mkdir(parents=True)
+    (root / "out").mkdir()
+    dev = DevApp(
+        site_dir=root / "out",
+        project_root=root,
+        closing=trio.Event(),
+        build_cmd="make",
+        watch=[root / "src", root / "conf.yml"],
+        ignore=["src/gen", "./docs/api/", str(root / "vendor"), f"{root}/*.bak", "deep/*.tmp"],
+    )
+    rules = dev.ignore_rules()
+    p = os.path.realpath(root)
+    for ignored in (
+        "src/gen",
+        "src/gen/x",
+        "docs/api/y.md",
+        "vendor/lib/z.js",
+        "old.bak",
+        "src/deep/a.tmp",  # relative to the watched root, as before
+        "out/index.html",
+    ):
+        assert rules.ignored(f"{p}/{ignored}"), ignored
+    for counted in ("src/a.md", "src/generated/x", "vendorx/a", "conf.yml", "src/old.bak"):
+        assert not rules.ignored(f"{p}/{counted}"), counted

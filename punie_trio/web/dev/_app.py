@@ -111,7 +111,9 @@ class DevApp:
         dirs = [self.data_dir] if self.data_dir is not None else []
         if self.build_cmd is not None:
             dirs.append(self.site_dir)
-        return IgnoreRules.build(self.watch_paths(), self.ignore, dirs)
+        return IgnoreRules.build(
+            self.watch_paths(), self.ignore, dirs, project_root=self.project_root
+        )
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Watch -> debounce -> build -> broadcast, until cancelled.
