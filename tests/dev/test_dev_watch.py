@@ -222,6 +222,47 @@ async def test_a_root_directory_deleted_and_made_again_is_watched_again(
             assert taken(pending, tmp_path) == {"out/later.html"}, round
 
 
+@linux_only
+@pytest.mark.parametrize("holder", ["fd", "cwd"])
+async def test_a_root_wiped_while_a_process_is_in_it_is_watched_again(
+    tmp_path: Path, mock_clock: trio.testing.MockClock, holder: str
+) -> None:
+    """While anything still refers to the directory (a shell cd'ed into it, an open
+    descriptor), the kernel reports its deletion (IN_DELETE_SELF) only once the last
+    reference goes: the root's return was not seen, and live reload stopped for good
+    (found by a dev app audit). Its parent reports the name going and coming back."""
+    site = tmp_path / "out"
+    site.mkdir()
+    async with watching(tmp_path, paths=[site]) as pending:
+        for round in ("one", "two"):
+            sleeper: trio.Process | None = None
+            if holder == "fd":
+                held = os.open(site, os.O_RDONLY | os.O_DIRECTORY)
+            else:
+                sleeper = await trio.lowlevel.open_process(["sleep", "600"], cwd=site)
+            try:
+                for child in site.iterdir():
+                    child.unlink()
+                site.rmdir()
+                site.mkdir()
+                (site / "index.html").write_text(round)
+                await settle()
+                mock_clock.jump(STEP_MS / 1000)
+                await until_pending(pending)
+                assert "out/index.html" in taken(pending, tmp_path), round
+                (site / "later.html").write_text(round)  # the new directory is watched
+                await settle()
+                mock_clock.jump(STEP_MS / 1000)
+                await until_pending(pending)
+                assert taken(pending, tmp_path) == {"out/later.html"}, round
+            finally:
+                if sleeper is None:
+                    os.close(held)
+                else:
+                    sleeper.kill()
+                    await sleeper.wait()
+
+
 def _watched_dirs(tmp_path: Path) -> set[str]:
     notify = _inotify.Inotify(IgnoreRules.build([tmp_path], (), [tmp_path / "site"]))
     try:
@@ -236,7 +277,8 @@ async def test_ignored_directories_get_no_watch(tmp_path: Path) -> None:
     (tmp_path / "node_modules" / "pkg").mkdir(parents=True)
     (tmp_path / "site" / "deep").mkdir(parents=True)
     (tmp_path / "src" / "a").mkdir(parents=True)
-    assert _watched_dirs(tmp_path) == {".", "src", "src/a"}
+    # (and the root's parent, for the root's name: a root wiped and made again)
+    assert _watched_dirs(tmp_path) == {"..", ".", "src", "src/a"}
 
 
 @linux_only

@@ -32,7 +32,8 @@ Directories: every directory under a watched root is watched, except ignored one
 so they cost no watch at all. Directories created or moved in are added, and their contents
 reported (files written before the watch existed are not missed); directories deleted or moved
 away are dropped. A watched *file* is watched through its parent directory (filtered to its
-name), so an editor that replaces it by rename keeps being seen.
+name), so an editor that replaces it by rename keeps being seen; a watched root directory's
+parent is watched for its name too, so a root wiped and made again is seen at once.
 
 Resource handling: one inotify descriptor per :func:`watch_inotify` call, closed (after
 :func:`trio.lowlevel.notify_closing`) when it returns or is cancelled. Directory scans (the
@@ -73,6 +74,7 @@ IN_Q_OVERFLOW = 0x00004000
 IN_IGNORED = 0x00008000
 IN_ONLYDIR = 0x01000000
 IN_EXCL_UNLINK = 0x04000000
+IN_MASK_ADD = 0x20000000
 IN_ISDIR = 0x40000000
 
 #: What a watched directory reports.
@@ -89,6 +91,10 @@ DIR_MASK = (
     | IN_ONLYDIR
     | IN_EXCL_UNLINK
 )
+
+#: What the parent of a watched root directory reports: the root's name going and coming
+#: back. Added to what the parent reports anyway (``IN_MASK_ADD``), when it is watched too.
+PARENT_MASK = IN_CREATE | IN_DELETE | IN_MOVED_FROM | IN_MOVED_TO | IN_ONLYDIR | IN_MASK_ADD
 
 _HEADER = struct.Struct("iIII")  # struct inotify_event: wd, mask, cookie, len (then the name)
 _READ_SIZE = 256 * 1024
@@ -153,8 +159,8 @@ class Inotify:
 
     # -- watches (these run in a worker thread during scans; the loop waits for them) ------
 
-    def _add(self, directory: str, names: set[str] | None) -> int | None:
-        wd = int(self._libc.inotify_add_watch(self.fd, os.fsencode(directory), DIR_MASK))
+    def _add(self, directory: str, names: set[str] | None, mask: int = DIR_MASK) -> int | None:
+        wd = int(self._libc.inotify_add_watch(self.fd, os.fsencode(directory), mask))
         if wd < 0:
             err = ctypes.get_errno()
             if err in (errno.ENOENT, errno.ENOTDIR, errno.EACCES, errno.EPERM):
@@ -203,6 +209,13 @@ class Inotify:
             self.roots.add(root)
             if os.path.isdir(root):
                 self.add_tree(root)
+                # Its parent too, for its name: a root wiped and made again is seen at once.
+                # The root's own IN_DELETE_SELF comes only once nothing refers to it any
+                # more, which a shell cd'ed into it (or an open descriptor) postpones: the
+                # new directory was never watched, and live reload stopped for good.
+                parent, name = os.path.split(root)
+                if name:
+                    self._add(parent, {name}, PARENT_MASK)
             else:  # a file: through its directory, so a replacement by rename is seen
                 self.watch_for(root)
 
@@ -401,6 +414,9 @@ def _sort(
                 if path in notify.roots and mask & (IN_CREATE | IN_MOVED_TO):
                     s.started(path, now)  # a root came back: watched, its files reported
                     scans.append(path)
+                elif path in notify.roots and mask & (IN_DELETE | IN_MOVED_FROM):
+                    s.started(path, now)  # a root went: its watches with it (the kernel
+                    notify.remove_tree(path)  # may report that only much later)
                 continue
             if mask & (IN_CREATE | IN_MOVED_TO):
                 s.started(path, now)
