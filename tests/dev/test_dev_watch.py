@@ -96,6 +96,42 @@ async def test_complete_write_is_handed_over_at_once(
 
 
 @linux_only
+async def test_a_file_opened_for_writing_but_not_changed_does_not_count(
+    tmp_path: Path, mock_clock: trio.testing.MockClock
+) -> None:
+    """Hugo opens its lock file for writing on every build and writes nothing: the close
+    (IN_CLOSE_WRITE) counted as a change, so the build started itself again and again
+    (found by a dev app audit). A close counts only after a write, a creation or a
+    truncation; a metadata change (``touch``) still counts on its own."""
+    lock = tmp_path / "build.lock"
+    lock.write_text("")
+    async with watching(tmp_path) as pending:
+        os.close(os.open(lock, os.O_RDWR | os.O_CREAT))
+        await settle()
+        mock_clock.jump(1)
+        await settle()
+        assert not pending
+        with open(lock, "a") as f:  # noqa: ASYNC230 (held open on purpose)
+            f.write("x")
+            f.flush()
+            await settle()
+            mock_clock.jump(STEP_MS / 1000)  # handed over while still open...
+            await settle()
+            assert taken(pending, tmp_path) == {"build.lock"}
+        await settle()  # ...and its close counts too (it wrote)
+        assert taken(pending, tmp_path) == {"build.lock"}
+        os.close(os.open(lock, os.O_WRONLY | os.O_TRUNC))  # truncated: a change
+        await settle()
+        assert taken(pending, tmp_path) == {"build.lock"}
+        os.utime(lock, (1, 1))  # touch
+        await settle()
+        assert taken(pending, tmp_path) == {"build.lock"}
+        os.close(os.open(tmp_path / "new.txt", os.O_WRONLY | os.O_CREAT))  # created
+        await settle()
+        assert taken(pending, tmp_path) == {"new.txt"}
+
+
+@linux_only
 async def test_a_write_in_progress_holds_the_batch_until_closed(
     tmp_path: Path, mock_clock: trio.testing.MockClock
 ) -> None:

@@ -96,6 +96,9 @@ DIR_MASK = (
 #: back. Added to what the parent reports anyway (``IN_MASK_ADD``), when it is watched too.
 PARENT_MASK = IN_CREATE | IN_DELETE | IN_MOVED_FROM | IN_MOVED_TO | IN_ONLYDIR | IN_MASK_ADD
 
+#: Files tracked as being written (see :meth:`Inotify.closed_after_write`).
+MAX_WRITTEN = 4096
+
 _HEADER = struct.Struct("iIII")  # struct inotify_event: wd, mask, cookie, len (then the name)
 _READ_SIZE = 256 * 1024
 
@@ -150,6 +153,9 @@ class Inotify:
         #: or the names that count (the parent of a watched file).
         self.names: dict[int, set[str] | None] = {}
         self.roots: set[str] = set()
+        #: Files written (or created, or truncated) since their last close: only their
+        #: close is a change (see :meth:`closed_after_write`).
+        self.written: set[str] = set()
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -229,12 +235,28 @@ class Inotify:
     def remove_tree(self, top: str) -> None:
         """Stop watching ``top`` and everything under it (deleted or moved away)."""
         prefix = top + os.sep
+        self.written = {p for p in self.written if not p.startswith(prefix)}
         for directory in [d for d in self.wds if d == top or d.startswith(prefix)]:
             wd = self.wds.pop(directory)
             if self.dirs.get(wd) == directory:
                 del self.dirs[wd]
                 self.names.pop(wd, None)
                 self._libc.inotify_rm_watch(self.fd, wd)  # IN_IGNORED follows; harmless
+
+    def wrote(self, path: str) -> None:
+        if len(self.written) < MAX_WRITTEN:
+            self.written.add(path)
+
+    def closed_after_write(self, path: str) -> bool:
+        """Whether a writer's close (``IN_CLOSE_WRITE``) of ``path`` ends a change: only if
+        it wrote, created or truncated the file since the last close. A file opened for
+        writing and closed unchanged (Hugo's ``.hugo_build.lock``, on every build) is no
+        change: counting it made a build start itself again and again. When more files are
+        being written at once than are tracked, a close counts (as it always did)."""
+        if path in self.written:
+            self.written.discard(path)
+            return True
+        return len(self.written) >= MAX_WRITTEN
 
     def forget(self, wd: int) -> None:
         """The kernel dropped ``wd`` (``IN_IGNORED``: the directory is gone)."""
@@ -425,8 +447,14 @@ def _sort(
                 s.started(path, now)
                 notify.remove_tree(path)
             continue
-        complete = IN_CLOSE_WRITE | IN_MOVED_TO
-        if mask & complete or (mask & IN_MOVED_FROM and cookie in renamed_into):
+        if mask & (IN_MODIFY | IN_CREATE):
+            notify.wrote(path)
+        elif mask & (IN_DELETE | IN_MOVED_FROM):
+            notify.written.discard(path)
+        if mask & IN_CLOSE_WRITE:
+            if notify.closed_after_write(path):
+                s.completed(path)
+        elif mask & IN_MOVED_TO or (mask & IN_MOVED_FROM and cookie in renamed_into):
             s.completed(path)
         elif mask & (IN_MODIFY | IN_CREATE | IN_DELETE | IN_MOVED_FROM):
             s.started(path, now)
