@@ -359,6 +359,19 @@ def test_ignore_rules(tmp_path: Path) -> None:
     assert not rules.ignored(f"{p}/docs/index.md")
     assert not rules.ignored(f"{p}/_sitemap.md")
     assert not rules.ignored(f"{p}/src/page.md")
+    # Build tools' caches and locks in the project: a build writing them started the next.
+    for cache in (
+        ".hugo_build.lock",
+        ".jekyll-cache/Jekyll/Cache/x",
+        ".jekyll-metadata",
+        ".sass-cache/a/b.scssc",
+        "_build/doctrees/environment.pickle",
+        "docs/_build/doctrees/index.doctree",
+        ".docusaurus/registry.js",
+        ".parcel-cache/data.mdb",
+        ".quarto/idx/x.json",
+    ):
+        assert rules.ignored(f"{p}/{cache}"), cache
 
 
 def test_build_output_tail_is_what_a_terminal_shows() -> None:

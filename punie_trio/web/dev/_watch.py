@@ -43,8 +43,9 @@ from . import _inotify
 
 log = logging.getLogger("punie_trio.dev")
 
-#: Ignored by default, matched against every path component: VCS and tool directories and
-#: editor droppings, so neither a build nor an editor's swap file triggers a build.
+#: Ignored by default, matched against every path component: VCS and tool directories, build
+#: tools' caches, and editor droppings, so neither a build nor an editor's swap file triggers
+#: a build.
 DEFAULT_IGNORES: tuple[str, ...] = (
     ".git",
     ".hg",
@@ -61,6 +62,19 @@ DEFAULT_IGNORES: tuple[str, ...] = (
     ".cache",
     ".idea",
     ".DS_Store",
+    # Site generators' and bundlers' caches and locks, written by the build itself in the
+    # project (outside the site directory): with them watched a build started the next.
+    ".hugo_build.lock",
+    ".jekyll-cache",
+    ".jekyll-metadata",
+    ".sass-cache",
+    "doctrees",  # Sphinx's pickled environment (_build/doctrees)
+    ".docusaurus",
+    ".parcel-cache",
+    ".svelte-kit",
+    ".astro",
+    ".quarto",
+    ".turbo",
     "*.pyc",
     "*.swp",
     "*.swx",
