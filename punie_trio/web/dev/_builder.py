@@ -18,6 +18,7 @@ import contextlib
 import logging
 import os
 import re
+import shlex
 import signal
 import subprocess
 from collections.abc import Sequence
@@ -38,6 +39,10 @@ log = logging.getLogger("punie_trio.dev")
 #: badge shown for a few milliseconds is flicker. It also spares every open stream one write
 #: per quick rebuild, which is what keeps a broadcast to a thousand tabs quick.
 BUILD_START_DELAY = 0.1
+
+#: Builds in a row started only by paths the build before changed, and changing them again,
+#: after which the loop guard takes them for the build's own (see :meth:`BuildLoop._guard`).
+ECHO_BUILDS = 2
 
 #: How much of a build's combined stdout/stderr is kept for the error overlay.
 OUTPUT_TAIL_BYTES = 8192
@@ -350,6 +355,11 @@ async def _open_build(command: str, cwd: Path) -> trio.Process:
     )
 
 
+def _as_arguments(paths: Sequence[str], root: Path) -> list[str]:
+    """``paths`` as a user would type them in ``root`` (for a message's ``--ignore``)."""
+    return [shlex.quote(os.path.relpath(path, os.path.realpath(root))) for path in paths]
+
+
 @attrs.define(eq=False)
 class BuildLoop:
     """Owns the comparison base (last good snapshot) and the build/reload cycle."""
@@ -365,6 +375,12 @@ class BuildLoop:
     _last_good: dict[str, FileSig] = attrs.field(factory=dict)
     #: The last build's process group while something it started still runs.
     _leftover: int | None = None
+    #: The loop guard (see :meth:`_guard`): paths changed while the last build ran, how many
+    #: builds in a row those alone started and that changed them again, and the paths found
+    #: to be the build's own.
+    _echo: frozenset[str] = frozenset()
+    _echo_builds: int = 0
+    _own: set[str] = attrs.field(factory=set)
 
     async def prepare(self) -> None:
         """Snapshot the output as it is before anything runs."""
@@ -387,6 +403,7 @@ class BuildLoop:
                     nursery.start_soon(self._announce_later, started)
                 result = await run_build(self.build_cmd, self.project_root)
                 nursery.cancel_scope.cancel()
+            await self._guard(frozenset(changed))
             if result.group is not None:
                 self._leftover = result.group
                 log.warning(
@@ -428,6 +445,52 @@ class BuildLoop:
             action, paths = decision
             event = self.broadcaster.publish_reload(action, paths, status=ok)
             log.info("%s (generation %d): %s", action, event.generation, ", ".join(paths[:5]))
+
+    async def _guard(self, trigger: frozenset[str]) -> None:
+        """The loop guard, right after a build's command exited: stop a build that changes
+        watched files itself from starting itself for ever.
+
+        Why: a build that writes into the project outside the site directory (a log, a cache
+        no default ignore knows) started the next build, which wrote it again, every
+        ``debounce`` seconds, for ever. The rule: the changes that came while this build ran
+        are read at once (:meth:`PendingChanges.flush`: with inotify the kernel has queued
+        them all by now). A build started only by changes that came while the previous one
+        ran (an *echo*), during which the same paths changed again, echoes; after
+        :data:`ECHO_BUILDS` such builds in a row, those paths are the build's own: named in
+        the log, once, and from then on their changes during a build are dropped. Changes
+        between builds always count (they start a build, and a path of the build's own
+        changed between builds is a source again), and any other change during a build
+        still gets its one follow-up build.
+        """
+        await self.pending.flush()
+        if self.pending.overflow:
+            self._echo, self._echo_builds = frozenset(), 0
+            return
+        self._own -= trigger - self._echo  # changed between builds: a source after all
+        own = self.pending.paths & self._own
+        self.pending.discard(own)
+        during = frozenset(self.pending.paths)
+        again = trigger & during
+        if trigger and trigger <= self._echo and again:
+            self._echo_builds += 1
+        else:
+            self._echo_builds = 0
+        if self._echo_builds >= ECHO_BUILDS:
+            self._echo_builds = 0
+            self._own |= again
+            self.pending.discard(again)
+            during -= again
+            shown = _as_arguments(sorted(again), self.project_root)
+            log.warning(
+                "the build changes %s itself, so each build starts the next: changes to %s "
+                "while a build runs no longer start one (changes between builds still do); "
+                "to stop watching %s: %s",
+                ", ".join(shown[:5]) + (", ..." if len(shown) > 5 else ""),
+                "it" if len(shown) == 1 else "them",
+                "it" if len(shown) == 1 else "them",
+                " ".join(f"--ignore {name}" for name in shown[:5]),
+            )
+        self._echo = during
 
     async def stop_leftovers(self) -> None:
         """Stop what the last build left running (its command has exited, only its process

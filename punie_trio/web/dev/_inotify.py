@@ -347,43 +347,81 @@ async def open_watches(paths: Sequence[Path], rules: IgnoreRules) -> Inotify:
 
 
 async def run(notify: Inotify, pending: PendingChanges, *, step: float, max_batch: float) -> None:
-    """Add every change not ignored to ``pending``, until cancelled; closes ``notify``."""
+    """Add every change not ignored to ``pending``, until cancelled; closes ``notify``.
+
+    While it runs, ``pending.flush()`` hands over at once every change the kernel has
+    queued (see :class:`_Reader`)."""
+    reader = _Reader(notify, pending)
+    pending.flusher = reader.flush
     try:
-        await _loop(notify, pending, step, max_batch)
+        await reader.loop(step, max_batch)
     finally:
+        pending.flusher = None
         notify.close()
 
 
-async def _loop(notify: Inotify, pending: PendingChanges, step: float, max_batch: float) -> None:
-    settler = Settler()
-    last_event = 0.0
-    while True:
-        timed_out = False
-        if settler and not settler.settled:
-            deadline = min(last_event + step, settler.first_in_progress + max_batch)
-            with trio.move_on_at(deadline) as scope:
-                await trio.lowlevel.wait_readable(notify.fd)
-            timed_out = scope.cancelled_caught
-        else:
-            await trio.lowlevel.wait_readable(notify.fd)
+class _Reader:
+    """Reads the descriptor into a :class:`Settler` and hands batches to ``pending``.
+
+    :meth:`flush` is for the build loop, right after a build's command exited: every event
+    the build caused is queued by then (the kernel queues an event in the system call that
+    causes it), so reading the descriptor at once tells exactly which changes came while the
+    build ran, which the loop guard needs (see :mod:`._builder`). The two share a lock, so a
+    read is never sorted while the other is halfway through one (a scan of a new directory
+    runs in a thread).
+    """
+
+    def __init__(self, notify: Inotify, pending: PendingChanges) -> None:
+        self.notify = notify
+        self.pending = pending
+        self.settler = Settler()
+        self.last_event = 0.0
+        self.lock = trio.Lock()
+
+    async def loop(self, step: float, max_batch: float) -> None:
+        settler = self.settler
+        while True:
+            timed_out = False
+            if settler and not settler.settled:
+                deadline = min(self.last_event + step, settler.first_in_progress + max_batch)
+                with trio.move_on_at(deadline) as scope:
+                    await trio.lowlevel.wait_readable(self.notify.fd)
+                timed_out = scope.cancelled_caught
+            else:
+                await trio.lowlevel.wait_readable(self.notify.fd)
+            async with self.lock:
+                await self._read()
+                if settler and (settler.settled or timed_out):
+                    self._hand_over()
+
+    async def flush(self) -> None:
+        """Read what is queued now and hand everything over, complete or not."""
+        async with self.lock:
+            await self._read()
+            if self.settler:
+                self._hand_over()
+
+    async def _read(self) -> None:
+        notify, settler = self.notify, self.settler
         events = notify.read()
-        now = trio.current_time()
-        if events:
-            last_event = now
-            scans = _sort(notify, events, settler, now)
-            for top in scans:
-                files = await trio.to_thread.run_sync(_scan, notify, top)
-                for path in files:
-                    if not notify.rules.ignored(path):
-                        settler.touched(path)
-        if settler and (settler.settled or timed_out):
-            paths, overflow = settler.take()
-            if paths:
-                log.debug("changed: %s", paths)
-                pending.add(paths)
-            if overflow:
-                log.info("inotify queue overflowed: some changes were not itemised")
-                pending.add_overflow()
+        if not events:
+            return
+        now = self.last_event = trio.current_time()
+        scans = _sort(notify, events, settler, now)
+        for top in scans:
+            files = await trio.to_thread.run_sync(_scan, notify, top)
+            for path in files:
+                if not notify.rules.ignored(path):
+                    settler.touched(path)
+
+    def _hand_over(self) -> None:
+        paths, overflow = self.settler.take()
+        if paths:
+            log.debug("changed: %s", paths)
+            self.pending.add(paths)
+        if overflow:
+            log.info("inotify queue overflowed: some changes were not itemised")
+            self.pending.add_overflow()
 
 
 def _scan(notify: Inotify, top: str) -> list[str]:

@@ -31,7 +31,7 @@ import logging
 import math
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -204,6 +204,8 @@ class PendingChanges:
     paths: set[str] = attrs.field(factory=set)
     overflow: bool = False
     last_change: float = -math.inf
+    #: Set by a watcher that can hand over what it has seen so far on request (inotify).
+    flusher: Callable[[], Awaitable[None]] | None = None
     _event: trio.Event = attrs.field(factory=trio.Event)
 
     def __bool__(self) -> bool:
@@ -225,6 +227,19 @@ class PendingChanges:
         self.overflow = True
         self.last_change = trio.current_time()
         self._event.set()
+
+    def discard(self, paths: Iterable[str]) -> None:
+        """Drop ``paths`` (changes the loop guard found to be the build's own)."""
+        self.paths.difference_update(paths)
+        if not self:
+            self._event = trio.Event()
+
+    async def flush(self) -> None:
+        """Let the watcher hand over every change that happened before this call (the
+        inotify watcher can: the kernel queued them; the watchfiles one cannot, and its
+        changes come in their own time)."""
+        if self.flusher is not None:
+            await self.flusher()
 
     async def wait(self) -> None:
         """Block until there is something pending."""
