@@ -199,3 +199,13 @@ async def raw_get(base_url: str, target: str) -> tuple[int, bytes]:
             data += chunk
     head, _, body = data.partition(b"\r\n\r\n")
     return int(head.split(b" ", 2)[1]), body
+
+
+def process_running(pid: int) -> bool:
+    """Whether ``pid`` is a live process (a zombie nobody reaped has ended: this container's
+    init does not reap orphans)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] != "Z"
+    except FileNotFoundError:
+        return False

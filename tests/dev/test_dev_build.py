@@ -6,13 +6,15 @@ No test sleeps for a guessed time: each waits for the SSE event that proves the 
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import httpx
+import pytest
 import trio
-from devsupport import BuildProject, running, sse, write
+from devsupport import BuildProject, process_running, running, sse, write
 
-from punie_trio.web.dev import DevApp, open_browser_when_ready
+from punie_trio.web.dev import DevApp, _inotify, open_browser_when_ready
 
 DEADLINE = 30
 
@@ -172,3 +174,91 @@ async def test_open_browser_when_ready(tmp_path: Path) -> None:
     # Nobody listening: gives up without opening.
     await open_browser_when_ready(url + "/", give_up_after=0.3, opener=opened.append)
     assert opened == [url + "/"]
+
+
+async def test_build_leftovers_are_stopped_by_the_next_build_and_at_shutdown(
+    tmp_path: Path,
+) -> None:
+    """A build script ending with ``sleep 600 &`` (a helper daemon): the build never
+    finished (badge stuck, later edits built nothing) and the child outlived SIGTERM (found
+    by a dev app audit)."""
+    root = tmp_path / "proj"
+    write(root / "src" / "index.html", "v1")
+    pids = tmp_path / "pids"
+    script = root / "build.sh"
+    script.write_text(
+        f"mkdir -p out\ncp src/index.html out/index.html\nsleep 600 &\necho $! >> {pids}\n"
+    )
+    dev = DevApp(
+        site_dir=root / "out",
+        project_root=root,
+        closing=trio.Event(),
+        build_cmd=f"sh {script}",
+        debounce=0,
+    )
+    with trio.fail_after(DEADLINE):
+        async with running(dev) as url, httpx.AsyncClient(base_url=url) as client:
+            (first,) = map(int, pids.read_text().split())
+            assert process_running(first) and not dev.broadcaster.building
+            async with sse(client, "/__reload__") as stream:
+                await stream.wait_open()
+                write(root / "src" / "index.html", "v2")
+                assert (await stream.next_named("reload")).json()["paths"] == ["index.html"]
+            first, second = map(int, pids.read_text().split())
+            assert not process_running(first) and process_running(second)
+            assert b"v2" in (await client.get("/")).content
+    assert not process_running(second)
+
+
+@pytest.mark.skipif(not _inotify.available(), reason="the guard needs the inotify watcher")
+async def test_a_build_that_changes_a_watched_file_itself_stops_after_saying_so(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A build that writes a file in the project outside the site (a log, a cache nobody
+    ignored) rebuilt itself every 0.2 s, forever (found by a dev app audit). Now, once the
+    same paths, changed only while builds ran, have started builds again, they are named
+    in the log, once, and their changes during a build no longer start one. Edits between
+    builds still do, and an edit made during a build still gets its follow-up."""
+    project = BuildProject.create(tmp_path)
+    log_file = project.root / "build.log"
+    dev = DevApp(
+        site_dir=project.site,
+        project_root=project.root,
+        closing=trio.Event(),
+        build_cmd=f"{project.command()} && echo built >> {log_file}",
+        debounce=0.02,
+    )
+
+    def loop_warnings() -> list[str]:
+        return [r.getMessage() for r in caplog.records if "starts the next" in r.getMessage()]
+
+    caplog.set_level(logging.INFO, "punie_trio.dev")
+    with trio.fail_after(DEADLINE):
+        async with running(dev) as url, httpx.AsyncClient(base_url=url) as client:
+            while not loop_warnings():  # noqa: ASYNC110 (observed state; no guessed margin)
+                await trio.sleep(0.01)
+            (warning,) = loop_warnings()
+            assert "build.log" in warning and "--ignore" in warning
+            assert dev.loop.builds == project.builds() == 3  # the first, and two it started
+            async with sse(client, "/__reload__") as stream:
+                await stream.wait_open()
+                write(project.root / "src" / "index.html", "v2")  # between builds
+                assert (await stream.next_named("reload")).json()["paths"] == ["index.html"]
+                assert dev.loop.builds == 4
+                # During a build: its own follow-up, still.
+                project.gate.unlink()
+                write(project.root / "src" / "a.html", "a")
+                assert (await stream.next()).event == "build_start"
+                write(project.root / "src" / "b.html", "b")
+                while not any(p.endswith("b.html") for p in dev.pending.paths):  # noqa: ASYNC110
+                    await trio.sleep(0.01)
+                project.gate.touch()
+                paths: set[str] = set()
+                while dev.loop.builds < 6 or dev.broadcaster.building:
+                    event = await stream.next()
+                    if event.event == "reload":
+                        paths.update(event.json()["paths"])
+                assert {"a.html", "b.html"} <= paths
+                assert dev.loop.builds == 6 and not dev.pending
+    assert len(loop_warnings()) == 1
+    assert log_file.read_text().count("built") == 6

@@ -8,10 +8,11 @@ import re
 from pathlib import Path
 
 import pytest
+import trio
 
-from punie_trio.web.dev import _events, _http, _inject, _pages, _snapshot, _watch
+from punie_trio.web.dev import DevApp, _events, _http, _inject, _pages, _snapshot, _watch
 from punie_trio.web.dev._broadcast import HISTORY, Broadcaster, Subscriber
-from punie_trio.web.dev._builder import tail
+from punie_trio.web.dev._builder import OutputTail, tail
 from punie_trio.web.dev._events import ReloadEvent
 
 # -- HTTP rules -------------------------------------------------------------------------
@@ -358,3 +359,75 @@ def test_ignore_rules(tmp_path: Path) -> None:
     assert not rules.ignored(f"{p}/docs/index.md")
     assert not rules.ignored(f"{p}/_sitemap.md")
     assert not rules.ignored(f"{p}/src/page.md")
+    # Build tools' caches and locks in the project: a build writing them started the next.
+    for cache in (
+        ".hugo_build.lock",
+        ".jekyll-cache/Jekyll/Cache/x",
+        ".jekyll-metadata",
+        ".sass-cache/a/b.scssc",
+        "_build/doctrees/environment.pickle",
+        "docs/_build/doctrees/index.doctree",
+        ".docusaurus/registry.js",
+        ".parcel-cache/data.mdb",
+        ".quarto/idx/x.json",
+    ):
+        assert rules.ignored(f"{p}/{cache}"), cache
+
+
+def test_build_output_tail_is_what_a_terminal_shows() -> None:
+    """Colour codes were shown as text in the overlay, and every ``\\r`` progress update
+    counted as a line of its own, so the last 60 lines were mostly "progress N%" (found by a
+    dev app audit)."""
+    progress = b"".join(b"progress %d%%\r" % i for i in range(1, 201))
+    output = (
+        b"\x1b]0;window title\x07Compiling 1%\rCompiling 2%\r"
+        + progress
+        + b"ERROR: the real error\n\x1b[1;31mcolored\x1b[0m\n"
+    )
+    assert tail(output) == "ERROR: the real error\ncolored"
+    # \r\n line ends, a progress line left without a newline, a reset after the \r,
+    # backspaces, stray control characters.
+    assert tail(b"one\r\nstep 1/3\rstep 3/3\r\x1b[0m\nspin|\x08/\x08-\x07\nend\x00 50%\r") == (
+        "one\nstep 3/3\nspin-\nend 50%"
+    )
+    # Progress spam longer than the byte bound no longer pushes the lines before it out.
+    spam = b"".join(b"\x1b[2K\rprogress %d%%" % i for i in range(100_000))
+    assert tail(b"first line\n" + spam + b"\ndone\n") == "first line\nprogress 99999%\ndone"
+    # Fed in small chunks (escape sequences and \r runs split anywhere): the same text.
+    for size in (1, 3, 7):
+        kept = OutputTail()
+        for at in range(0, len(output), size):
+            kept.feed(output[at : at + size])
+        assert kept.text() == "ERROR: the real error\ncolored"
+
+
+def test_ignore_patterns_are_paths_as_a_user_reads_them(tmp_path: Path) -> None:
+    """``--watch src --ignore src/gen`` did not ignore ``src/gen/x`` (patterns were matched
+    relative to each watched root only), nor did ``./src/gen`` or an absolute directory
+    (found by a dev app audit). Now a pattern with a ``/`` is a path from the project root
+    (and still from each watched root), ``./`` is dropped, and an absolute one is absolute."""
+    root = tmp_path / "proj"
+    (root / "src" / "gen").mkdir(parents=True)
+    (root / "out").mkdir()
+    dev = DevApp(
+        site_dir=root / "out",
+        project_root=root,
+        closing=trio.Event(),
+        build_cmd="make",
+        watch=[root / "src", root / "conf.yml"],
+        ignore=["src/gen", "./docs/api/", str(root / "vendor"), f"{root}/*.bak", "deep/*.tmp"],
+    )
+    rules = dev.ignore_rules()
+    p = os.path.realpath(root)
+    for ignored in (
+        "src/gen",
+        "src/gen/x",
+        "docs/api/y.md",
+        "vendor/lib/z.js",
+        "old.bak",
+        "src/deep/a.tmp",  # relative to the watched root, as before
+        "out/index.html",
+    ):
+        assert rules.ignored(f"{p}/{ignored}"), ignored
+    for counted in ("src/a.md", "src/generated/x", "vendorx/a", "conf.yml", "src/old.bak"):
+        assert not rules.ignored(f"{p}/{counted}"), counted

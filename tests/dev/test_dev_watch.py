@@ -20,9 +20,10 @@ from pathlib import Path
 import pytest
 import trio
 import trio.testing
+from devsupport import process_running
 
 from punie_trio.web.dev import _inotify
-from punie_trio.web.dev._builder import direct_argv, run_build
+from punie_trio.web.dev._builder import direct_argv, run_build, stop_group
 from punie_trio.web.dev._watch import (
     MAX_BATCH_MS,
     STEP_MS,
@@ -92,6 +93,42 @@ async def test_complete_write_is_handed_over_at_once(
         mock_clock.jump(1)
         await settle()
         assert not pending
+
+
+@linux_only
+async def test_a_file_opened_for_writing_but_not_changed_does_not_count(
+    tmp_path: Path, mock_clock: trio.testing.MockClock
+) -> None:
+    """Hugo opens its lock file for writing on every build and writes nothing: the close
+    (IN_CLOSE_WRITE) counted as a change, so the build started itself again and again
+    (found by a dev app audit). A close counts only after a write, a creation or a
+    truncation; a metadata change (``touch``) still counts on its own."""
+    lock = tmp_path / "build.lock"
+    lock.write_text("")
+    async with watching(tmp_path) as pending:
+        os.close(os.open(lock, os.O_RDWR | os.O_CREAT))
+        await settle()
+        mock_clock.jump(1)
+        await settle()
+        assert not pending
+        with open(lock, "a") as f:  # noqa: ASYNC230 (held open on purpose)
+            f.write("x")
+            f.flush()
+            await settle()
+            mock_clock.jump(STEP_MS / 1000)  # handed over while still open...
+            await settle()
+            assert taken(pending, tmp_path) == {"build.lock"}
+        await settle()  # ...and its close counts too (it wrote)
+        assert taken(pending, tmp_path) == {"build.lock"}
+        os.close(os.open(lock, os.O_WRONLY | os.O_TRUNC))  # truncated: a change
+        await settle()
+        assert taken(pending, tmp_path) == {"build.lock"}
+        os.utime(lock, (1, 1))  # touch
+        await settle()
+        assert taken(pending, tmp_path) == {"build.lock"}
+        os.close(os.open(tmp_path / "new.txt", os.O_WRONLY | os.O_CREAT))  # created
+        await settle()
+        assert taken(pending, tmp_path) == {"new.txt"}
 
 
 @linux_only
@@ -221,6 +258,47 @@ async def test_a_root_directory_deleted_and_made_again_is_watched_again(
             assert taken(pending, tmp_path) == {"out/later.html"}, round
 
 
+@linux_only
+@pytest.mark.parametrize("holder", ["fd", "cwd"])
+async def test_a_root_wiped_while_a_process_is_in_it_is_watched_again(
+    tmp_path: Path, mock_clock: trio.testing.MockClock, holder: str
+) -> None:
+    """While anything still refers to the directory (a shell cd'ed into it, an open
+    descriptor), the kernel reports its deletion (IN_DELETE_SELF) only once the last
+    reference goes: the root's return was not seen, and live reload stopped for good
+    (found by a dev app audit). Its parent reports the name going and coming back."""
+    site = tmp_path / "out"
+    site.mkdir()
+    async with watching(tmp_path, paths=[site]) as pending:
+        for round in ("one", "two"):
+            sleeper: trio.Process | None = None
+            if holder == "fd":
+                held = os.open(site, os.O_RDONLY | os.O_DIRECTORY)
+            else:
+                sleeper = await trio.lowlevel.open_process(["sleep", "600"], cwd=site)
+            try:
+                for child in site.iterdir():
+                    child.unlink()
+                site.rmdir()
+                site.mkdir()
+                (site / "index.html").write_text(round)
+                await settle()
+                mock_clock.jump(STEP_MS / 1000)
+                await until_pending(pending)
+                assert "out/index.html" in taken(pending, tmp_path), round
+                (site / "later.html").write_text(round)  # the new directory is watched
+                await settle()
+                mock_clock.jump(STEP_MS / 1000)
+                await until_pending(pending)
+                assert taken(pending, tmp_path) == {"out/later.html"}, round
+            finally:
+                if sleeper is None:
+                    os.close(held)
+                else:
+                    sleeper.kill()
+                    await sleeper.wait()
+
+
 def _watched_dirs(tmp_path: Path) -> set[str]:
     notify = _inotify.Inotify(IgnoreRules.build([tmp_path], (), [tmp_path / "site"]))
     try:
@@ -235,7 +313,8 @@ async def test_ignored_directories_get_no_watch(tmp_path: Path) -> None:
     (tmp_path / "node_modules" / "pkg").mkdir(parents=True)
     (tmp_path / "site" / "deep").mkdir(parents=True)
     (tmp_path / "src" / "a").mkdir(parents=True)
-    assert _watched_dirs(tmp_path) == {".", "src", "src/a"}
+    # (and the root's parent, for the root's name: a root wiped and made again)
+    assert _watched_dirs(tmp_path) == {"..", ".", "src", "src/a"}
 
 
 @linux_only
@@ -331,3 +410,38 @@ async def test_run_build_direct_and_through_the_shell(tmp_path: Path) -> None:
     assert (await run_build(str(plain), work)).output == "from-sh"
     # Anything else still goes through the shell.
     assert (await run_build("echo one && echo two >&2", work)).output == "one\ntwo"
+
+
+@linux_only
+async def test_a_build_that_leaves_a_child_running_completes_when_its_command_exits(
+    tmp_path: Path,
+) -> None:
+    """The build loop read the output until EOF, which a background child holding the pipe
+    never gave: the build never finished, and the child outlived the server (found by a dev
+    app audit). Now the build ends with its command, and its process group is stopped."""
+    with trio.fail_after(DEADLINE):
+        result = await run_build("sleep 600 & echo $!; echo built", tmp_path)
+    assert result.ok and result.group is not None
+    pid_text, built = result.output.splitlines()
+    child = int(pid_text)
+    assert built == "built" and process_running(child)
+    with trio.fail_after(DEADLINE):
+        await stop_group(result.group)
+    assert not process_running(child)
+    await stop_group(result.group)  # nothing left: a no-op
+
+
+@linux_only
+async def test_a_cancelled_build_stops_its_whole_process_group(tmp_path: Path) -> None:
+    """Cancelled (shutdown), the build's group got SIGTERM and, once the command was gone,
+    nothing more: a child that ignores SIGTERM outlived the server. Now what is left of the
+    group after the command gets SIGKILL (after :data:`LEFTOVER_GRACE`)."""
+    pids = tmp_path / "pids"
+    command = f"(trap '' TERM; exec sleep 600) & echo $! > {pids}; exec sleep 600"
+    with trio.fail_after(DEADLINE), trio.CancelScope() as scope:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(run_build, command, tmp_path)
+            while not pids.exists() or not pids.read_text().endswith("\n"):
+                await trio.to_thread.run_sync(time.sleep, 0.001)
+            scope.cancel()
+    assert not process_running(int(pids.read_text()))

@@ -111,7 +111,9 @@ class DevApp:
         dirs = [self.data_dir] if self.data_dir is not None else []
         if self.build_cmd is not None:
             dirs.append(self.site_dir)
-        return IgnoreRules.build(self.watch_paths(), self.ignore, dirs)
+        return IgnoreRules.build(
+            self.watch_paths(), self.ignore, dirs, project_root=self.project_root
+        )
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Watch -> debounce -> build -> broadcast, until cancelled.
@@ -120,21 +122,26 @@ class DevApp:
         without a build command), so no change after ``started`` is missed.
         """
         await self.loop.prepare()
-        async with trio.open_nursery() as nursery:
-            if not self.no_watch:
-                await nursery.start(
-                    functools.partial(
-                        watch,
-                        self.watch_paths(),
-                        self.ignore_rules(),
-                        self.pending,
-                        backend=self.watcher,
+        try:
+            async with trio.open_nursery() as nursery:
+                if not self.no_watch:
+                    await nursery.start(
+                        functools.partial(
+                            watch,
+                            self.watch_paths(),
+                            self.ignore_rules(),
+                            self.pending,
+                            backend=self.watcher,
+                        )
                     )
-                )
-            if self.build_cmd is not None:
-                await self.loop.cycle()
-            task_status.started()
-            await self.loop.run()
+                if self.build_cmd is not None:
+                    await self.loop.cycle()
+                task_status.started()
+                await self.loop.run()
+        finally:
+            # What the last build left running (a `daemon &`) must not outlive the server.
+            with trio.CancelScope(shield=True):
+                await self.loop.stop_leftovers()
 
     # -- ASGI ---------------------------------------------------------------------------
 

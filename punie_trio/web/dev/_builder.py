@@ -13,9 +13,12 @@ build reloads exactly what changed since the output the tabs are showing.
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import logging
 import os
 import re
+import shlex
 import signal
 import subprocess
 from collections.abc import Sequence
@@ -37,6 +40,10 @@ log = logging.getLogger("punie_trio.dev")
 #: per quick rebuild, which is what keeps a broadcast to a thousand tabs quick.
 BUILD_START_DELAY = 0.1
 
+#: Builds in a row started only by paths the build before changed, and changing them again,
+#: after which the loop guard takes them for the build's own (see :meth:`BuildLoop._guard`).
+ECHO_BUILDS = 2
+
 #: How much of a build's combined stdout/stderr is kept for the error overlay.
 OUTPUT_TAIL_BYTES = 8192
 OUTPUT_TAIL_LINES = 60
@@ -48,38 +55,177 @@ class BuildResult:
     exit_status: int
     output: str
     duration: float
+    #: The build's process group when processes of it still run after the command exited
+    #: (a background child, a helper daemon): the caller stops it (:func:`stop_group`).
+    group: int | None = None
 
     @property
     def ok(self) -> bool:
         return self.exit_status == 0
 
 
+#: Terminal control sequences: CSI (colours, cursor moves, erase), OSC (window titles,
+#: hyperlinks) up to BEL or ST, DCS/SOS/PM/APC strings, and the short escapes.
+_ESCAPES = re.compile(
+    rb"\x1b(?:\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(?:\x07|\x1b\\)?|[PX^_][^\x1b]*(?:\x1b\\)?"
+    rb"|[ -/]*[0-~])"
+)
+#: C0 controls a terminal does not print (tab, newline, carriage return and backspace are
+#: handled apart), and DEL.
+_CONTROLS = re.compile(rb"[\x00-\x07\x0b\x0c\x0e-\x1f\x7f]")
+_BACKSPACED = re.compile(rb"[^\x08]\x08")
+
+
+def _visible(segment: bytes) -> bytes:
+    """``segment`` (no ``\r`` or ``\n`` in it) without what a terminal does not print."""
+    segment = _ESCAPES.sub(b"", segment)
+    while b"\x08" in segment:
+        rubbed = _BACKSPACED.sub(b"", segment).lstrip(b"\x08")
+        if rubbed == segment:
+            break
+        segment = rubbed
+    return _CONTROLS.sub(b"", segment)
+
+
+def _last_visible(segments: Sequence[bytes]) -> bytes:
+    for segment in reversed(segments):
+        visible = _visible(segment)
+        if visible:
+            return visible
+    return b""
+
+
+@attrs.define(eq=False)
+class OutputTail:
+    """The end of a build's output as a terminal would show it, kept as it is read.
+
+    Why: the overlay showed raw output, so colour codes were literal text, and every ``\r``
+    progress update was a line of its own (the last 60 lines were "progress N%"). Now escape
+    sequences and other unprinted controls are dropped, and within a line a ``\r`` means the
+    text after it replaces what came before (the last non-empty part of the line is kept).
+    The rule is applied as the output arrives, so progress spam longer than the bounds
+    cannot push out the lines before it.
+
+    Resource handling: at most ``max_lines`` finished lines and about ``max_bytes`` of them,
+    and the current line's last visible part (two ``\r`` parts, each bounded by
+    ``max_bytes``).
+    """
+
+    max_bytes: int = OUTPUT_TAIL_BYTES
+    max_lines: int = OUTPUT_TAIL_LINES
+    _lines: collections.deque[bytes] = attrs.field(init=False, factory=collections.deque)
+    _size: int = attrs.field(init=False, default=0)
+    _partial: bytes = attrs.field(init=False, default=b"")
+
+    def feed(self, chunk: bytes | bytearray) -> None:
+        *done, partial = (self._partial + chunk).split(b"\n")
+        for line in done:
+            self._finish(_last_visible(line.split(b"\r")))
+        if b"\r" in partial:
+            # Everything before the last \r is finished text: only its last visible part
+            # can still show. What follows may end inside an escape sequence: kept raw.
+            *before, current = partial.split(b"\r")
+            shown = _last_visible(before)[-self.max_bytes :]
+            partial = shown + b"\r" + current if shown else current
+        self._partial = partial[-2 * self.max_bytes - 1 :]
+
+    def _finish(self, line: bytes) -> None:
+        self._lines.append(line[-self.max_bytes :])
+        self._size += len(self._lines[-1]) + 1
+        while len(self._lines) > self.max_lines or (
+            len(self._lines) > 1 and self._size - len(self._lines[0]) - 1 >= self.max_bytes
+        ):
+            self._size -= len(self._lines.popleft()) + 1
+
+    def text(self) -> str:
+        lines = list(self._lines)
+        current = _last_visible(self._partial.split(b"\r"))
+        if current:
+            lines.append(current)
+        text = b"\n".join(lines)[-self.max_bytes :].decode("utf-8", "replace")
+        return "\n".join(text.splitlines()[-self.max_lines :])
+
+
 def tail(
     output: bytes, max_bytes: int = OUTPUT_TAIL_BYTES, max_lines: int = OUTPUT_TAIL_LINES
 ) -> str:
-    """The end of a build's output: at most ``max_lines`` lines and ``max_bytes`` bytes."""
-    text = output[-max_bytes:].decode("utf-8", "replace")
-    lines = text.splitlines()
-    return "\n".join(lines[-max_lines:])
+    """The end of a build's output as a terminal shows it (see :class:`OutputTail`): at most
+    ``max_lines`` lines and ``max_bytes`` bytes."""
+    kept = OutputTail(max_bytes, max_lines)
+    kept.feed(output)
+    return kept.text()
 
 
-async def _kill_group(process: trio.Process) -> None:
-    """Cancel delivery: SIGTERM to the build's process group, SIGKILL after 5 s.
+#: How long a build's processes get between SIGTERM and SIGKILL: a cancelled build's command,
+#: and what a finished build left running (the server's shutdown watchdog must not beat it).
+KILL_GRACE = 5.0
+LEFTOVER_GRACE = 1.0
+#: Output read after the command exited: what is in the pipe then, without waiting (a child
+#: left running may keep the pipe open for ever), up to this much.
+DRAIN_BYTES = 1024 * 1024
 
-    ``shell=True`` puts a shell between us and the build; signalling the group reaches the
-    build too, so a cancelled build (shutdown) does not linger.
+
+def _group_running(pgid: int) -> bool:
+    """Whether a process of group ``pgid`` is still running. A zombie has ended: orphans
+    are reaped by init, which in a container may never do it."""
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return True  # no /proc: the group exists, which is all we can tell
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                fields = f.read().rpartition(b")")[2].split()
+        except OSError:
+            continue
+        if len(fields) > 2 and int(fields[2]) == pgid and fields[0] != b"Z":
+            return True
+    return False
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, sig)
+
+
+async def stop_group(pgid: int, grace: float = LEFTOVER_GRACE) -> None:
+    """SIGTERM to process group ``pgid``, SIGKILL to what is left after ``grace`` seconds;
+    returns once nothing of the group runs (or, if something survives even SIGKILL, a
+    process stuck in the kernel, after another ``grace``).
+
+    For processes that outlived their build's command (its shell has exited, so only the
+    group reaches them). They are not our children, so there is nothing to wait on for
+    their end: it is polled, every 10 ms. No-op when nothing of the group runs.
     """
-    try:
-        os.killpg(process.pid, signal.SIGTERM)
-    except (ProcessLookupError, PermissionError):
-        process.terminate()
-    with trio.move_on_after(5):
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        if not _group_running(pgid):
+            return
+        _signal_group(pgid, sig)
+        with trio.move_on_after(grace):
+            while _group_running(pgid):  # noqa: ASYNC110 (not our children: nothing to wait on)
+                await trio.sleep(0.01)
+
+
+async def _kill_build(process: trio.Process) -> None:
+    """A cancelled build: SIGTERM to its whole process group, SIGKILL after
+    :data:`KILL_GRACE`; then whatever of the group outlived the command (a background
+    child) is stopped too. Signalling the group reaches what a shell started."""
+    _signal_group(process.pid, signal.SIGTERM)
+    with trio.move_on_after(KILL_GRACE):
         await process.wait()
-        return
-    try:
-        os.killpg(process.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
+    if process.returncode is None:
+        _signal_group(process.pid, signal.SIGKILL)
         process.kill()
+        await process.wait()
+    await stop_group(process.pid)
 
 
 #: Characters that make the shell do more than split a command into words (quotes, escapes,
@@ -121,29 +267,57 @@ async def run_build(command: str, cwd: Path) -> BuildResult:
     started (not found, not executable, a script without ``#!``), the command goes through
     the shell after all, so the status and message are the shell's own (127, "not found").
 
+    The build is over when its command exits, not when its output ends: a child it left in
+    the background (``daemon &``) keeps the pipe open, and waiting for the end of the output
+    hung the build loop for good. What is in the pipe when the command exits is still read
+    (without waiting); the result names the process group if anything of it still runs.
+
     Resource handling: the output is read as it comes (a build that prints a lot never fills a
-    pipe nor our memory: only the last :data:`OUTPUT_TAIL_BYTES` are kept). Cancellation
-    terminates the whole process group.
+    pipe nor our memory: only its end is kept, as a terminal shows it: :class:`OutputTail`),
+    and our end of the pipe is closed when the build is over. Cancellation terminates the
+    whole process group, including what the command left in the background.
     """
     started = trio.current_time()
-    kept = bytearray()
-    argv = direct_argv(command)
-    async with trio.open_nursery() as nursery:
-        process: trio.Process | None = None
-        if argv is not None:
-            try:
-                process = await nursery.start(_start_process, argv, cwd)
-            except OSError:
-                process = None
-        if process is None:
-            process = await nursery.start(_start_process, command, cwd)
-        assert process.stdout is not None
-        async for chunk in process.stdout:
-            kept += chunk
-            del kept[:-OUTPUT_TAIL_BYTES]
+    kept = OutputTail()
+    process = await _open_build(command, cwd)
+    stdout = process.stdout
+    assert isinstance(stdout, trio.lowlevel.FdStream)  # POSIX: a non-blocking pipe
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_read_output, stdout, kept)
+            await process.wait()
+            nursery.cancel_scope.cancel()
+        _drain(stdout.fileno(), kept)
+    except BaseException:
+        with trio.CancelScope(shield=True):
+            await _kill_build(process)
+        raise
+    finally:
+        with trio.CancelScope(shield=True):
+            await stdout.aclose()
     exit_status = process.returncode
     assert exit_status is not None
-    return BuildResult(command, exit_status, tail(bytes(kept)), trio.current_time() - started)
+    group = process.pid if _group_running(process.pid) else None
+    return BuildResult(command, exit_status, kept.text(), trio.current_time() - started, group)
+
+
+async def _read_output(stdout: trio.abc.ReceiveStream, kept: OutputTail) -> None:
+    async for chunk in stdout:
+        kept.feed(chunk)
+
+
+def _drain(fd: int, kept: OutputTail) -> None:
+    """Read what the pipe holds now (the pipe is non-blocking), up to :data:`DRAIN_BYTES`."""
+    drained = 0
+    while drained < DRAIN_BYTES:
+        try:
+            chunk = os.read(fd, 65536)
+        except BlockingIOError:
+            return
+        if not chunk:
+            return
+        kept.feed(chunk)
+        drained += len(chunk)
 
 
 def _direct_env(cwd: Path) -> dict[str, str]:
@@ -152,23 +326,38 @@ def _direct_env(cwd: Path) -> dict[str, str]:
     return {**os.environ, "PWD": os.path.abspath(cwd)}
 
 
-async def _start_process(
-    command: str | list[str], cwd: Path, *, task_status: trio.TaskStatus[trio.Process]
-) -> None:
-    shell = isinstance(command, str)
-    await trio.run_process(
+async def _open_build(command: str, cwd: Path) -> trio.Process:
+    """The build's process, in a session (and process group) of its own, stdout and stderr
+    into one pipe: started directly when the shell would only split the command into words
+    and the program can be started, else through ``sh -c``."""
+    argv = direct_argv(command)
+    if argv is not None:
+        try:
+            return await trio.lowlevel.open_process(
+                argv,
+                cwd=cwd,
+                env=_direct_env(cwd),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        except OSError:
+            pass
+    return await trio.lowlevel.open_process(
         command,
-        shell=shell,
+        shell=True,
         cwd=cwd,
-        env=None if shell else _direct_env(cwd),
-        check=False,
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         start_new_session=True,
-        deliver_cancel=_kill_group,
-        task_status=task_status,
     )
+
+
+def _as_arguments(paths: Sequence[str], root: Path) -> list[str]:
+    """``paths`` as a user would type them in ``root`` (for a message's ``--ignore``)."""
+    return [shlex.quote(os.path.relpath(path, os.path.realpath(root))) for path in paths]
 
 
 @attrs.define(eq=False)
@@ -184,6 +373,14 @@ class BuildLoop:
     build_start_delay: float = BUILD_START_DELAY
     builds: int = 0
     _last_good: dict[str, FileSig] = attrs.field(factory=dict)
+    #: The last build's process group while something it started still runs.
+    _leftover: int | None = None
+    #: The loop guard (see :meth:`_guard`): paths changed while the last build ran, how many
+    #: builds in a row those alone started and that changed them again, and the paths found
+    #: to be the build's own.
+    _echo: frozenset[str] = frozenset()
+    _echo_builds: int = 0
+    _own: set[str] = attrs.field(factory=set)
 
     async def prepare(self) -> None:
         """Snapshot the output as it is before anything runs."""
@@ -193,6 +390,7 @@ class BuildLoop:
         """One build (if there is a command) and the reload decision."""
         duration: float | None = None
         if self.build_cmd is not None:
+            await self.stop_leftovers()  # the new build supersedes the last one, helpers too
             self.builds += 1
             # Recorded at once (pages served now show the badge, new streams get it), told to
             # open streams only if the build is still running after build_start_delay.
@@ -205,6 +403,14 @@ class BuildLoop:
                     nursery.start_soon(self._announce_later, started)
                 result = await run_build(self.build_cmd, self.project_root)
                 nursery.cancel_scope.cancel()
+            await self._guard(frozenset(changed))
+            if result.group is not None:
+                self._leftover = result.group
+                log.warning(
+                    "the build left processes running (process group %d); they are stopped "
+                    "before the next build and when the server stops",
+                    result.group,
+                )
             if not result.ok:
                 log.warning(
                     "build failed (exit status %d) in %.2fs: %s\n%s",
@@ -239,6 +445,59 @@ class BuildLoop:
             action, paths = decision
             event = self.broadcaster.publish_reload(action, paths, status=ok)
             log.info("%s (generation %d): %s", action, event.generation, ", ".join(paths[:5]))
+
+    async def _guard(self, trigger: frozenset[str]) -> None:
+        """The loop guard, right after a build's command exited: stop a build that changes
+        watched files itself from starting itself for ever.
+
+        Why: a build that writes into the project outside the site directory (a log, a cache
+        no default ignore knows) started the next build, which wrote it again, every
+        ``debounce`` seconds, for ever. The rule: the changes that came while this build ran
+        are read at once (:meth:`PendingChanges.flush`: with inotify the kernel has queued
+        them all by now). A build started only by changes that came while the previous one
+        ran (an *echo*), during which the same paths changed again, echoes; after
+        :data:`ECHO_BUILDS` such builds in a row, those paths are the build's own: named in
+        the log, once, and from then on their changes during a build are dropped. Changes
+        between builds always count (they start a build, and a path of the build's own
+        changed between builds is a source again), and any other change during a build
+        still gets its one follow-up build.
+        """
+        await self.pending.flush()
+        if self.pending.overflow:
+            self._echo, self._echo_builds = frozenset(), 0
+            return
+        self._own -= trigger - self._echo  # changed between builds: a source after all
+        own = self.pending.paths & self._own
+        self.pending.discard(own)
+        during = frozenset(self.pending.paths)
+        again = trigger & during
+        if trigger and trigger <= self._echo and again:
+            self._echo_builds += 1
+        else:
+            self._echo_builds = 0
+        if self._echo_builds >= ECHO_BUILDS:
+            self._echo_builds = 0
+            self._own |= again
+            self.pending.discard(again)
+            during -= again
+            shown = _as_arguments(sorted(again), self.project_root)
+            log.warning(
+                "the build changes %s itself, so each build starts the next: changes to %s "
+                "while a build runs no longer start one (changes between builds still do); "
+                "to stop watching %s: %s",
+                ", ".join(shown[:5]) + (", ..." if len(shown) > 5 else ""),
+                "it" if len(shown) == 1 else "them",
+                "it" if len(shown) == 1 else "them",
+                " ".join(f"--ignore {name}" for name in shown[:5]),
+            )
+        self._echo = during
+
+    async def stop_leftovers(self) -> None:
+        """Stop what the last build left running (its command has exited, only its process
+        group reaches them): before the next build, and at shutdown."""
+        if self._leftover is not None:
+            group, self._leftover = self._leftover, None
+            await stop_group(group)
 
     async def _announce_later(self, started: StatusEvent) -> None:
         await trio.sleep(self.build_start_delay)

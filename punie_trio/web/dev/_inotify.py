@@ -32,7 +32,8 @@ Directories: every directory under a watched root is watched, except ignored one
 so they cost no watch at all. Directories created or moved in are added, and their contents
 reported (files written before the watch existed are not missed); directories deleted or moved
 away are dropped. A watched *file* is watched through its parent directory (filtered to its
-name), so an editor that replaces it by rename keeps being seen.
+name), so an editor that replaces it by rename keeps being seen; a watched root directory's
+parent is watched for its name too, so a root wiped and made again is seen at once.
 
 Resource handling: one inotify descriptor per :func:`watch_inotify` call, closed (after
 :func:`trio.lowlevel.notify_closing`) when it returns or is cancelled. Directory scans (the
@@ -73,6 +74,7 @@ IN_Q_OVERFLOW = 0x00004000
 IN_IGNORED = 0x00008000
 IN_ONLYDIR = 0x01000000
 IN_EXCL_UNLINK = 0x04000000
+IN_MASK_ADD = 0x20000000
 IN_ISDIR = 0x40000000
 
 #: What a watched directory reports.
@@ -89,6 +91,13 @@ DIR_MASK = (
     | IN_ONLYDIR
     | IN_EXCL_UNLINK
 )
+
+#: What the parent of a watched root directory reports: the root's name going and coming
+#: back. Added to what the parent reports anyway (``IN_MASK_ADD``), when it is watched too.
+PARENT_MASK = IN_CREATE | IN_DELETE | IN_MOVED_FROM | IN_MOVED_TO | IN_ONLYDIR | IN_MASK_ADD
+
+#: Files tracked as being written (see :meth:`Inotify.closed_after_write`).
+MAX_WRITTEN = 4096
 
 _HEADER = struct.Struct("iIII")  # struct inotify_event: wd, mask, cookie, len (then the name)
 _READ_SIZE = 256 * 1024
@@ -144,6 +153,9 @@ class Inotify:
         #: or the names that count (the parent of a watched file).
         self.names: dict[int, set[str] | None] = {}
         self.roots: set[str] = set()
+        #: Files written (or created, or truncated) since their last close: only their
+        #: close is a change (see :meth:`closed_after_write`).
+        self.written: set[str] = set()
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -153,8 +165,8 @@ class Inotify:
 
     # -- watches (these run in a worker thread during scans; the loop waits for them) ------
 
-    def _add(self, directory: str, names: set[str] | None) -> int | None:
-        wd = int(self._libc.inotify_add_watch(self.fd, os.fsencode(directory), DIR_MASK))
+    def _add(self, directory: str, names: set[str] | None, mask: int = DIR_MASK) -> int | None:
+        wd = int(self._libc.inotify_add_watch(self.fd, os.fsencode(directory), mask))
         if wd < 0:
             err = ctypes.get_errno()
             if err in (errno.ENOENT, errno.ENOTDIR, errno.EACCES, errno.EPERM):
@@ -203,6 +215,13 @@ class Inotify:
             self.roots.add(root)
             if os.path.isdir(root):
                 self.add_tree(root)
+                # Its parent too, for its name: a root wiped and made again is seen at once.
+                # The root's own IN_DELETE_SELF comes only once nothing refers to it any
+                # more, which a shell cd'ed into it (or an open descriptor) postpones: the
+                # new directory was never watched, and live reload stopped for good.
+                parent, name = os.path.split(root)
+                if name:
+                    self._add(parent, {name}, PARENT_MASK)
             else:  # a file: through its directory, so a replacement by rename is seen
                 self.watch_for(root)
 
@@ -216,12 +235,28 @@ class Inotify:
     def remove_tree(self, top: str) -> None:
         """Stop watching ``top`` and everything under it (deleted or moved away)."""
         prefix = top + os.sep
+        self.written = {p for p in self.written if not p.startswith(prefix)}
         for directory in [d for d in self.wds if d == top or d.startswith(prefix)]:
             wd = self.wds.pop(directory)
             if self.dirs.get(wd) == directory:
                 del self.dirs[wd]
                 self.names.pop(wd, None)
                 self._libc.inotify_rm_watch(self.fd, wd)  # IN_IGNORED follows; harmless
+
+    def wrote(self, path: str) -> None:
+        if len(self.written) < MAX_WRITTEN:
+            self.written.add(path)
+
+    def closed_after_write(self, path: str) -> bool:
+        """Whether a writer's close (``IN_CLOSE_WRITE``) of ``path`` ends a change: only if
+        it wrote, created or truncated the file since the last close. A file opened for
+        writing and closed unchanged (Hugo's ``.hugo_build.lock``, on every build) is no
+        change: counting it made a build start itself again and again. When more files are
+        being written at once than are tracked, a close counts (as it always did)."""
+        if path in self.written:
+            self.written.discard(path)
+            return True
+        return len(self.written) >= MAX_WRITTEN
 
     def forget(self, wd: int) -> None:
         """The kernel dropped ``wd`` (``IN_IGNORED``: the directory is gone)."""
@@ -312,43 +347,81 @@ async def open_watches(paths: Sequence[Path], rules: IgnoreRules) -> Inotify:
 
 
 async def run(notify: Inotify, pending: PendingChanges, *, step: float, max_batch: float) -> None:
-    """Add every change not ignored to ``pending``, until cancelled; closes ``notify``."""
+    """Add every change not ignored to ``pending``, until cancelled; closes ``notify``.
+
+    While it runs, ``pending.flush()`` hands over at once every change the kernel has
+    queued (see :class:`_Reader`)."""
+    reader = _Reader(notify, pending)
+    pending.flusher = reader.flush
     try:
-        await _loop(notify, pending, step, max_batch)
+        await reader.loop(step, max_batch)
     finally:
+        pending.flusher = None
         notify.close()
 
 
-async def _loop(notify: Inotify, pending: PendingChanges, step: float, max_batch: float) -> None:
-    settler = Settler()
-    last_event = 0.0
-    while True:
-        timed_out = False
-        if settler and not settler.settled:
-            deadline = min(last_event + step, settler.first_in_progress + max_batch)
-            with trio.move_on_at(deadline) as scope:
-                await trio.lowlevel.wait_readable(notify.fd)
-            timed_out = scope.cancelled_caught
-        else:
-            await trio.lowlevel.wait_readable(notify.fd)
+class _Reader:
+    """Reads the descriptor into a :class:`Settler` and hands batches to ``pending``.
+
+    :meth:`flush` is for the build loop, right after a build's command exited: every event
+    the build caused is queued by then (the kernel queues an event in the system call that
+    causes it), so reading the descriptor at once tells exactly which changes came while the
+    build ran, which the loop guard needs (see :mod:`._builder`). The two share a lock, so a
+    read is never sorted while the other is halfway through one (a scan of a new directory
+    runs in a thread).
+    """
+
+    def __init__(self, notify: Inotify, pending: PendingChanges) -> None:
+        self.notify = notify
+        self.pending = pending
+        self.settler = Settler()
+        self.last_event = 0.0
+        self.lock = trio.Lock()
+
+    async def loop(self, step: float, max_batch: float) -> None:
+        settler = self.settler
+        while True:
+            timed_out = False
+            if settler and not settler.settled:
+                deadline = min(self.last_event + step, settler.first_in_progress + max_batch)
+                with trio.move_on_at(deadline) as scope:
+                    await trio.lowlevel.wait_readable(self.notify.fd)
+                timed_out = scope.cancelled_caught
+            else:
+                await trio.lowlevel.wait_readable(self.notify.fd)
+            async with self.lock:
+                await self._read()
+                if settler and (settler.settled or timed_out):
+                    self._hand_over()
+
+    async def flush(self) -> None:
+        """Read what is queued now and hand everything over, complete or not."""
+        async with self.lock:
+            await self._read()
+            if self.settler:
+                self._hand_over()
+
+    async def _read(self) -> None:
+        notify, settler = self.notify, self.settler
         events = notify.read()
-        now = trio.current_time()
-        if events:
-            last_event = now
-            scans = _sort(notify, events, settler, now)
-            for top in scans:
-                files = await trio.to_thread.run_sync(_scan, notify, top)
-                for path in files:
-                    if not notify.rules.ignored(path):
-                        settler.touched(path)
-        if settler and (settler.settled or timed_out):
-            paths, overflow = settler.take()
-            if paths:
-                log.debug("changed: %s", paths)
-                pending.add(paths)
-            if overflow:
-                log.info("inotify queue overflowed: some changes were not itemised")
-                pending.add_overflow()
+        if not events:
+            return
+        now = self.last_event = trio.current_time()
+        scans = _sort(notify, events, settler, now)
+        for top in scans:
+            files = await trio.to_thread.run_sync(_scan, notify, top)
+            for path in files:
+                if not notify.rules.ignored(path):
+                    settler.touched(path)
+
+    def _hand_over(self) -> None:
+        paths, overflow = self.settler.take()
+        if paths:
+            log.debug("changed: %s", paths)
+            self.pending.add(paths)
+        if overflow:
+            log.info("inotify queue overflowed: some changes were not itemised")
+            self.pending.add_overflow()
 
 
 def _scan(notify: Inotify, top: str) -> list[str]:
@@ -401,6 +474,9 @@ def _sort(
                 if path in notify.roots and mask & (IN_CREATE | IN_MOVED_TO):
                     s.started(path, now)  # a root came back: watched, its files reported
                     scans.append(path)
+                elif path in notify.roots and mask & (IN_DELETE | IN_MOVED_FROM):
+                    s.started(path, now)  # a root went: its watches with it (the kernel
+                    notify.remove_tree(path)  # may report that only much later)
                 continue
             if mask & (IN_CREATE | IN_MOVED_TO):
                 s.started(path, now)
@@ -409,8 +485,14 @@ def _sort(
                 s.started(path, now)
                 notify.remove_tree(path)
             continue
-        complete = IN_CLOSE_WRITE | IN_MOVED_TO
-        if mask & complete or (mask & IN_MOVED_FROM and cookie in renamed_into):
+        if mask & (IN_MODIFY | IN_CREATE):
+            notify.wrote(path)
+        elif mask & (IN_DELETE | IN_MOVED_FROM):
+            notify.written.discard(path)
+        if mask & IN_CLOSE_WRITE:
+            if notify.closed_after_write(path):
+                s.completed(path)
+        elif mask & IN_MOVED_TO or (mask & IN_MOVED_FROM and cookie in renamed_into):
             s.completed(path)
         elif mask & (IN_MODIFY | IN_CREATE | IN_DELETE | IN_MOVED_FROM):
             s.started(path, now)

@@ -31,7 +31,7 @@ import logging
 import math
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -43,8 +43,9 @@ from . import _inotify
 
 log = logging.getLogger("punie_trio.dev")
 
-#: Ignored by default, matched against every path component: VCS and tool directories and
-#: editor droppings, so neither a build nor an editor's swap file triggers a build.
+#: Ignored by default, matched against every path component: VCS and tool directories, build
+#: tools' caches, and editor droppings, so neither a build nor an editor's swap file triggers
+#: a build.
 DEFAULT_IGNORES: tuple[str, ...] = (
     ".git",
     ".hg",
@@ -61,6 +62,19 @@ DEFAULT_IGNORES: tuple[str, ...] = (
     ".cache",
     ".idea",
     ".DS_Store",
+    # Site generators' and bundlers' caches and locks, written by the build itself in the
+    # project (outside the site directory): with them watched a build started the next.
+    ".hugo_build.lock",
+    ".jekyll-cache",
+    ".jekyll-metadata",
+    ".sass-cache",
+    "doctrees",  # Sphinx's pickled environment (_build/doctrees)
+    ".docusaurus",
+    ".parcel-cache",
+    ".svelte-kit",
+    ".astro",
+    ".quarto",
+    ".turbo",
     "*.pyc",
     "*.swp",
     "*.swx",
@@ -84,17 +98,44 @@ MAX_BATCH_MS = 50
 Backend = Literal["auto", "inotify", "watchfiles"]
 
 
+def _parts(path: str) -> tuple[str, ...]:
+    return tuple(part for part in path.split(os.sep) if part)
+
+
+def _match_leading(parts: Sequence[str], pattern: Sequence[str]) -> bool:
+    """Whether the first components of ``parts`` match ``pattern``, component by component
+    (``*`` stays within one component, ``**`` spans any number of them)."""
+    if not pattern:
+        return True
+    head, rest = pattern[0], pattern[1:]
+    if head == "**":
+        return any(_match_leading(parts[i:], rest) for i in range(len(parts) + 1))
+    return bool(parts) and fnmatch.fnmatchcase(parts[0], head) and _match_leading(parts[1:], rest)
+
+
 @attrs.frozen
 class IgnoreRules:
     """Which changed paths to drop.
 
-    ``globs`` are matched (fnmatch) against each path component, each leading part of the path
-    relative to a watched root (so ``docs/generated`` ignores that directory), and the whole
-    path. ``dirs`` are absolute directories ignored with everything under them.
+    Patterns are read as a user reads them on the command line (``--ignore``), not as one
+    kind of glob matched every which way (``--watch src --ignore src/gen`` once ignored
+    nothing: patterns were matched relative to each watched root only, so were ``./src/gen``
+    and absolute directories):
+
+    * ``names``: a pattern without ``/`` (``*.log``, ``node_modules``, the defaults) matches
+      any path component (below the project root or watched root the path is under);
+    * ``paths``: a pattern with ``/`` is a path, and ignores what it names and everything
+      under it. A relative one (``src/gen``, ``./src/gen``, ``docs/*/generated``) is taken
+      from the project root and, as before, from each watched root; an absolute one as it
+      is (and, when it names a directory without wildcards, through its symlinks too). They
+      are matched component by component: ``*`` does not cross a ``/``, ``**`` does;
+    * ``dirs``: absolute directories ignored with everything under them (the site and data
+      directories).
     """
 
     roots: tuple[str, ...]
-    globs: tuple[str, ...]
+    names: tuple[str, ...]
+    paths: tuple[tuple[str, ...], ...]
     dirs: tuple[str, ...]
 
     @classmethod
@@ -103,11 +144,36 @@ class IgnoreRules:
         roots: Sequence[Path],
         extra_globs: Sequence[str] = (),
         ignored_dirs: Sequence[Path] = (),
+        *,
+        project_root: Path | None = None,
     ) -> IgnoreRules:
+        bases = [str(p.resolve()) for p in roots]
+        if project_root is not None:
+            bases.insert(0, str(project_root.resolve()))
+        bases = list(dict.fromkeys(bases))
+        names: list[str] = list(DEFAULT_IGNORES)
+        paths: list[tuple[str, ...]] = []
+        dirs = [str(d.resolve()) for d in ignored_dirs]
+        for glob in extra_globs:
+            glob = glob.strip()
+            if not glob or glob in (".", "./"):
+                continue
+            if "/" not in glob.rstrip("/"):
+                names.append(glob.rstrip("/"))
+                continue
+            if os.path.isabs(glob):
+                absolute = [os.path.normpath(glob)]
+            else:
+                absolute = [os.path.normpath(os.path.join(base, glob)) for base in bases]
+            for pattern in absolute:
+                paths.append(_parts(pattern))
+                if not _glob_magic(pattern):
+                    dirs.append(os.path.realpath(pattern))
         return cls(
-            roots=tuple(str(p.resolve()) for p in roots),
-            globs=DEFAULT_IGNORES + tuple(g.rstrip("/") for g in extra_globs if g.strip()),
-            dirs=tuple(str(d.resolve()) for d in ignored_dirs),
+            roots=tuple(bases),
+            names=tuple(names),
+            paths=tuple(dict.fromkeys(paths)),
+            dirs=tuple(dict.fromkeys(dirs)),
         )
 
     def ignored(self, path: str) -> bool:
@@ -115,16 +181,20 @@ class IgnoreRules:
         for directory in self.dirs:
             if path == directory or path.startswith(directory + os.sep):
                 return True
-        candidates = [path]
+        parts = _parts(path)
+        if any(_match_leading(parts, pattern) for pattern in self.paths):
+            return True
+        components = parts
         for root in self.roots:
             if path.startswith(root + os.sep):
-                parts = path[len(root) + 1 :].split(os.sep)
-                candidates.extend("/".join(parts[: i + 1]) for i in range(len(parts)))
-                candidates.extend(parts)
+                components = _parts(path[len(root) + 1 :])
                 break
-        else:
-            candidates.extend(path.split(os.sep))
-        return any(fnmatch.fnmatchcase(c, g) for c in candidates for g in self.globs)
+        return any(fnmatch.fnmatchcase(c, g) for c in components for g in self.names)
+
+
+def _glob_magic(pattern: str) -> bool:
+    """Whether ``pattern`` has wildcards (else it names one path)."""
+    return any(c in pattern for c in "*?[")
 
 
 @attrs.define(eq=False)
@@ -134,6 +204,8 @@ class PendingChanges:
     paths: set[str] = attrs.field(factory=set)
     overflow: bool = False
     last_change: float = -math.inf
+    #: Set by a watcher that can hand over what it has seen so far on request (inotify).
+    flusher: Callable[[], Awaitable[None]] | None = None
     _event: trio.Event = attrs.field(factory=trio.Event)
 
     def __bool__(self) -> bool:
@@ -155,6 +227,19 @@ class PendingChanges:
         self.overflow = True
         self.last_change = trio.current_time()
         self._event.set()
+
+    def discard(self, paths: Iterable[str]) -> None:
+        """Drop ``paths`` (changes the loop guard found to be the build's own)."""
+        self.paths.difference_update(paths)
+        if not self:
+            self._event = trio.Event()
+
+    async def flush(self) -> None:
+        """Let the watcher hand over every change that happened before this call (the
+        inotify watcher can: the kernel queued them; the watchfiles one cannot, and its
+        changes come in their own time)."""
+        if self.flusher is not None:
+            await self.flusher()
 
     async def wait(self) -> None:
         """Block until there is something pending."""
