@@ -487,6 +487,14 @@ class Peer:
     # -- incoming ---------------------------------------------------------------------------
 
     async def _reader(self) -> None:
+        try:
+            await self._read_all()
+        except PeerClosed:
+            # The writer ended (the stream broke) and closed the outbox while an answer of
+            # ours was being queued: the connection is over (it escaped as an ASGI error).
+            self._lost = True
+
+    async def _read_all(self) -> None:
         while True:
             try:
                 text = await self.stream.receive_message()

@@ -50,6 +50,8 @@ ASGIApp = Callable[..., Awaitable[None]]
 
 ACP_PATHS = frozenset({"/acp", "/ws"})
 MAX_ECHO_BYTES = 1024 * 1024
+#: How long a client gets to answer our close frame before its connection is dropped.
+CLOSE_TIMEOUT = 5.0
 
 
 @attrs.define(eq=False)
@@ -181,7 +183,10 @@ class App:
         Resource handling: the connection's tasks all live inside ``conn.run``; it returns when
         the client disconnects (``websocket.disconnect``) or, at shutdown, after the
         connection's turns answered ``cancelled``; then we send the close frame (1001 at
-        shutdown), shielded.
+        shutdown), shielded, and read on until Hypercorn's ``websocket.disconnect`` (at
+        most :data:`CLOSE_TIMEOUT` before the connection is dropped): returning before it
+        could leave Hypercorn waiting for good to hand it over (see
+        ``AsgiWebSocketStream.wait_disconnected``).
         """
         event = await receive()
         if event["type"] != "websocket.connect":
@@ -208,6 +213,7 @@ class App:
             self.heartbeat.unwatch(stream)
             await stream.close(1001 if self.closing.is_set() else 1000)
             _release_compression(send)
+        await stream.wait_disconnected(CLOSE_TIMEOUT)
 
     def _refuse_websocket(self, scope: dict[str, Any]) -> tuple[int, str] | None:
         """Why this upgrade must be refused (status, reason), or None to accept it."""

@@ -138,3 +138,24 @@ class AsgiWebSocketStream:
 
     async def aclose(self) -> None:
         await self.close()
+
+    async def wait_disconnected(self, grace: float) -> None:
+        """Read (and drop) what the client still sends until Hypercorn's
+        ``websocket.disconnect``; after ``grace`` seconds, drop the connection and read on.
+
+        Why: Hypercorn hands the app every event through a bounded channel and waits while
+        it is full, the disconnect included. An app that returns with the channel full
+        (its reader had stopped: a client that sent on while reading nothing) leaves
+        Hypercorn waiting for good, holding the connection and what it buffered. After
+        a close frame the client answers with its own and the disconnect comes at once;
+        one that never answers is dropped, which makes it come."""
+        with trio.move_on_after(grace):
+            await self._drain()
+            return
+        await self.drop(None, "")
+        await self._drain()
+
+    async def _drain(self) -> None:
+        while not self.disconnected:
+            if (await self.receive())["type"] == "websocket.disconnect":
+                self.disconnected = True

@@ -17,7 +17,8 @@ socket:
 - Inside :func:`coalesced_writes` (the peer's writer wraps a batch of queued messages in
   it) the frames' bytes are gathered and leave together at the end of the block.
 
-A broken or closed socket reports ``Closed`` to the protocol exactly as Hypercorn does.
+A failed write closes the socket, and the read loop then reports ``Closed`` to the protocol
+as Hypercorn does (see :meth:`FastSendTCPServer._write_lost` for why not the writer).
 
 Reading is Hypercorn's loop too (but for an accepted WebSocket's messages, which
 :class:`~._direct.DirectReader` decodes past wsproto), minus the ``fail_after`` scope it
@@ -240,8 +241,7 @@ class FastSendTCPServer(TCPServer):
             except BlockingIOError:
                 sent = 0
             except OSError:  # reset, broken pipe, or closed under us
-                self.write_failed = True
-                await self.protocol.handle(Closed())
+                await self._write_lost()
                 return
             if sent == len(data):
                 return
@@ -254,10 +254,22 @@ class FastSendTCPServer(TCPServer):
             # A peer that stops reading must not hold the server's shutdown past its
             # timeout (Hypercorn's own shielded write would, forever).
             log.info("closing a connection whose peer stopped reading during shutdown")
-            await self.stream.aclose()
         if outcome != "sent":
-            self.write_failed = True
-            await self.protocol.handle(Closed())
+            await self._write_lost()
+
+    async def _write_lost(self) -> None:
+        """A write failed: the connection is over. The socket is closed, and the read loop,
+        woken by that, tells the protocol ``Closed`` (the app's disconnect follows).
+
+        Why not tell the protocol here, as Hypercorn does: its WebSocket stream then puts
+        ``websocket.disconnect`` into the app's bounded channel, and waits while it is full.
+        A client that stopped reading fills that channel too, once the app's reader waits
+        on the full outbox, which only this writer drains: writer and reader each waited for
+        the other for good (an audit: the connection stayed counted and its client id "in
+        use" until a restart). Returning lets the writer report the failure
+        (``write_failed``) and the app end its side."""
+        self.write_failed = True
+        await self.stream.aclose()
 
     async def _write_when_writable(self, sock: socket.socket, view: memoryview) -> str:
         """Write all of ``view``, waiting for the socket to drain. Shielded by the caller

@@ -4,6 +4,8 @@ while another client on the same project worker keeps completing prompts."""
 from __future__ import annotations
 
 import json
+import socket
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -11,11 +13,15 @@ import attrs
 import trio
 import trio.testing
 from trio_websocket import open_websocket_url
+from wsproto import ConnectionType, WSConnection
+from wsproto.events import AcceptConnection, Request
 
+from punie_trio.hub import Limits
 from punie_trio.worker import EchoModel, TurnContext
 
 from ..acp_schema import SchemaChecker
-from ._support import acp_ws_client, ws_url
+from ..unit.test_frames import masked_frame
+from ._support import acp_ws_client, settle_until, task_tree, ws_url
 from .conftest import StartServer
 
 FLOOD_CHUNKS = 1500
@@ -112,3 +118,58 @@ async def test_slow_reader_does_not_delay_other_clients(
                     assert update["content"]["text"] == CHUNK
                     chunks += 1
                 assert chunks == FLOOD_CHUNKS
+
+
+async def test_a_client_that_stopped_reading_and_reset_is_let_go(
+    start_server: StartServer, tmp_path: Path, acp_schema: SchemaChecker
+) -> None:
+    """A client that stops reading fills its outbox and then resets the TCP connection
+    (an IDE that reads slowly, then loses its network). The reader waited on the full
+    outbox; the writer, seeing the reset, told Hypercorn, which waited to hand the app its
+    ``websocket.disconnect`` in a channel only that reader empties: deadlocked for good,
+    the connection counted and its client id refused ("in use") until a restart."""
+    async with start_server(limits=Limits(outbox_limit=4)) as running:
+        manager = running.manager
+        await trio.testing.wait_all_tasks_blocked()
+        before = task_tree()
+        host, port = running.url.removeprefix("http://").rsplit(":", 1)
+        sock = trio.socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1024)
+        await sock.connect((host, int(port)))
+        ws = WSConnection(ConnectionType.CLIENT)
+        await sock.send(ws.send(Request(host=f"{host}:{port}", target="/acp")))
+        accepted = False
+        while not accepted:
+            ws.receive_data(await sock.recv(65536))
+            accepted = any(isinstance(e, AcceptConnection) for e in ws.events())
+        hello = {
+            "jsonrpc": "2.0",
+            "id": 1,
+            "method": "initialize",
+            "params": {"protocolVersion": 1, "_meta": {"punie-trio/clientId": "ide-1"}},
+        }
+        await sock.send(masked_frame(0x81, json.dumps(hello, separators=(",", ":")).encode()))
+        junk = masked_frame(0x81, b"x") * 1000  # each one answered -32700, never read
+
+        async def flood() -> None:
+            while True:
+                await sock.send(junk)
+
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(flood)
+                # Everything blocks once the server stops reading: its outbox is full.
+                await trio.testing.wait_all_tasks_blocked()
+                nursery.cancel_scope.cancel()
+            assert len(manager.connections) == 1
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            sock.close()  # a reset
+            # The connection ends whole: Hypercorn's tasks for it too (they waited to hand
+            # the app a disconnect that it returned without reading, holding what they read).
+            await settle_until(lambda: not manager.connections and task_tree() == before)
+            # The client id is free again: a reconnect gets its sessions back.
+            async with acp_ws_client(running.url, acp_schema) as (client, _):
+                again = await client.request_raw(
+                    "initialize", {"protocolVersion": 1, "_meta": {"punie-trio/clientId": "ide-1"}}
+                )
+                assert again["result"]["protocolVersion"] == 1, again

@@ -1067,3 +1067,42 @@ async def test_encoded_messages_sent_now_are_written_by_the_caller_when_the_writ
             assert stream.now == ['{"u":1}', '{"u":2}']
             assert stream.queued == []
         nursery.cancel_scope.cancel()
+
+
+class _BreakingStream:
+    """A stream whose one send waits for ``release``, then finds the connection gone; its
+    other side sends ``texts`` and then nothing."""
+
+    def __init__(self, texts: list[str]) -> None:
+        self.texts = texts
+        self.release = trio.Event()
+
+    async def receive_message(self) -> str:
+        if self.texts:
+            await trio.lowlevel.checkpoint()
+            return self.texts.pop(0)
+        await trio.sleep_forever()
+        raise AssertionError("unreachable")
+
+    async def send_message(self, text: str) -> None:
+        await self.release.wait()
+        raise trio.BrokenResourceError("connection reset")
+
+    async def aclose(self) -> None:
+        await trio.lowlevel.checkpoint()
+
+
+async def test_a_stream_that_breaks_while_the_reader_waits_on_a_full_outbox_ends_quietly() -> None:
+    """The reader waits to queue an answer (an error for bad JSON) on a full outbox when the
+    writer's send fails: the writer closes the outbox, and the reader's wait ended in
+    ``PeerClosed``, which escaped ``run`` (Hypercorn logged "Error in ASGI Framework" with
+    a traceback). The connection is just over."""
+    stream = _BreakingStream(["not json"] * 5)
+    peer = Peer(stream, Dispatcher(), outbox_size=1)
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(peer.run)
+            await trio.testing.wait_all_tasks_blocked()  # the reader waits on the outbox
+            assert len(peer._outbox) == 1
+            stream.release.set()
+    assert peer.closed and peer.lost
