@@ -151,6 +151,22 @@ async def test_gzip_but_never_for_event_stream(site: Path) -> None:
             assert event.json()["generation"] == 1
 
 
+async def test_precompressed_files_are_sent_as_they_are(site: Path) -> None:
+    script = gzip.compress(b"console.log('hi');\n" * 50, mtime=0)
+    (site / "bundle.js.gz").write_bytes(script)
+    (site / "app.wasm.br").write_bytes(b"\x1b\x03\x00\xf8\xa5\x40\x02\x80" * 64)
+    dev = make_app(site, no_watch=True)
+    async with running(dev) as url, httpx.AsyncClient(base_url=url) as client:
+        r = await client.get("/bundle.js.gz", headers={"accept-encoding": "gzip, br"})
+        assert r.headers["content-type"] == "application/gzip"
+        assert "content-encoding" not in r.headers and "vary" not in r.headers
+        assert r.content == script  # not compressed again, not decoded
+        r = await client.get("/app.wasm.br", headers={"accept-encoding": "gzip, br"})
+        assert r.headers["content-type"] == "application/octet-stream"
+        assert "content-encoding" not in r.headers
+        assert r.content == (site / "app.wasm.br").read_bytes()
+
+
 @pytest.mark.parametrize(
     "path",
     [

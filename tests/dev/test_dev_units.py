@@ -108,6 +108,26 @@ def test_content_types() -> None:
 
 
 @pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("bundle.js.gz", "application/gzip"),
+        ("BUNDLE.JS.GZ", "application/gzip"),
+        ("app.wasm.br", "application/octet-stream"),
+        ("data.json.bz2", "application/x-bzip2"),
+        ("site.tar.xz", "application/x-xz"),
+        ("old.Z", "application/octet-stream"),
+        ("release.tgz", "application/gzip"),
+        ("icon.svgz", "application/gzip"),
+    ],
+)
+def test_compressed_files_get_their_compressions_type(name: str, expected: str) -> None:
+    # They were sent as the inner type (text/javascript; charset=utf-8 for bundle.js.gz)
+    # without Content-Encoding (found by a dev app audit).
+    assert _http.content_type(name) == expected
+    assert not _http.is_compressible(_http.content_type(name))
+
+
+@pytest.mark.parametrize(
     ("path", "expected"),
     [
         ("/", []),

@@ -38,6 +38,21 @@ _TYPES: Final[dict[str, str]] = {
     ".pdf": "application/pdf",
 }
 
+#: What a compressed file is sent as: the compression's own type, never the inner file's. A
+#: ``bundle.js.gz`` is gzip bytes; labelled ``text/javascript`` without ``Content-Encoding``
+#: (what it was) a browser runs the compressed bytes as a script, and with ``Content-Encoding``
+#: a download would be decompressed behind the user's back. Python's ``http.server`` does
+#: the same for ``.gz``, ``.bz2``, ``.xz`` and ``.Z``; brotli has no registered type, so a
+#: ``.br`` file is plain binary, as ``.Z`` is there. The names ``mimetypes`` knows as
+#: compressed (``.tgz``, ``.svgz``, ...) count by their compression too.
+_COMPRESSED: Final[dict[str, str]] = {
+    "gzip": "application/gzip",
+    "bzip2": "application/x-bzip2",
+    "xz": "application/x-xz",
+    "compress": "application/octet-stream",
+    "br": "application/octet-stream",
+}
+
 _COMPRESSIBLE_APP: Final = frozenset(
     {
         "application/json",
@@ -51,10 +66,19 @@ _COMPRESSIBLE_APP: Final = frozenset(
 
 
 def content_type(name: str) -> str:
-    """The ``Content-Type`` for a file name; text types carry ``charset=utf-8``."""
+    """The ``Content-Type`` for a file name; text types carry ``charset=utf-8``.
+
+    A compressed file (``.gz``, ``.br``, ...) gets its compression's type (see
+    :data:`_COMPRESSED`), which is not compressible, so it is never gzipped again either.
+    """
     dot = name.rfind(".")
     suffix = name[dot:].lower() if dot >= 0 else ""
-    ctype = _TYPES.get(suffix) or mimetypes.guess_type(name)[0] or "application/octet-stream"
+    ctype = _TYPES.get(suffix)
+    if ctype is None:
+        guessed, encoding = mimetypes.guess_type(name, strict=False)
+        if encoding is not None:
+            return _COMPRESSED.get(encoding, "application/octet-stream")
+        ctype = guessed or "application/octet-stream"
     if ctype.startswith("text/") or ctype in ("application/json", "application/xml"):
         ctype += "; charset=utf-8"
     return ctype
