@@ -151,6 +151,31 @@ async def test_gzip_but_never_for_event_stream(site: Path) -> None:
             assert event.json()["generation"] == 1
 
 
+async def test_pages_are_sent_in_the_charset_they_declare(site: Path) -> None:
+    latin1 = '<html><head><meta charset="iso-8859-1"></head><body>Caf\xe9 cr\xe8me</body></html>'
+    (site / "latin1.html").write_bytes(latin1.encode("latin-1"))
+    (site / "utf16.html").write_bytes("\ufeff<html><body>Caf\xe9</body></html>".encode("utf-16le"))
+    big = b"\xff\xfe" + b"x\x00" * (1024 * 1024)  # past the cache: sniffed on its own
+    (site / "big.txt").write_bytes(big)
+    (site / "404.html").write_bytes(latin1.replace("Caf", "Missing caf").encode("latin-1"))
+    dev = make_app(site, no_watch=True)
+    async with running(dev) as url, httpx.AsyncClient(base_url=url) as client:
+        for accept in ("identity", "gzip"):
+            r = await client.get("/latin1.html", headers={"accept-encoding": accept})
+            assert r.headers["content-type"] == "text/html; charset=iso-8859-1"
+            assert "Caf\xe9 cr\xe8me<script" in r.text  # httpx decodes by the header
+        r = await client.get("/utf16.html")
+        assert r.headers["content-type"] == "text/html; charset=utf-16le"
+        assert r.content.startswith(b"\xff\xfe")
+        assert "Caf\xe9<script data-punie-reload" in r.text and r.text.endswith("</body></html>")
+        r = await client.head("/big.txt")
+        assert r.headers["content-type"] == "text/plain; charset=utf-16le"
+        r = await client.get("/nope.html")
+        assert r.status_code == 404
+        assert r.headers["content-type"] == "text/html; charset=iso-8859-1"
+        assert "Missing caf\xe9 cr\xe8me<script" in r.text
+
+
 async def test_precompressed_files_are_sent_as_they_are(site: Path) -> None:
     script = gzip.compress(b"console.log('hi');\n" * 50, mtime=0)
     (site / "bundle.js.gz").write_bytes(script)

@@ -108,6 +108,49 @@ def test_content_types() -> None:
 
 
 @pytest.mark.parametrize(
+    ("head", "expected"),
+    [
+        (b'<!doctype html><meta charset="iso-8859-1"><p>caf\xe9', "iso-8859-1"),
+        (b"<META CHARSET='Windows-1251'/>", "windows-1251"),
+        (b'<meta http-equiv="Content-Type" content="text/html; charset=Shift_JIS">', "shift_jis"),
+        (b'<meta content="text/html;charset=euc-jp" http-equiv=content-type>', "euc-jp"),
+        (b'<meta content="text/html; charset=euc-jp">', None),  # no http-equiv: not a pragma
+        (b"<!-- <meta charset=koi8-r> --><meta charset=latin1>", "latin1"),
+        (b'<div title="<meta charset=koi8-r>"><meta charset=gbk>', "gbk"),
+        (b"<meta charset=utf-16>", "utf-8"),  # ASCII bytes that say UTF-16 are not
+        (b"<meta charset=x-user-defined>", "windows-1252"),
+        (b'<meta charset="a;b"><meta charset=latin2>', "latin2"),  # not a label: skipped
+        (b" " * 1024 + b"<meta charset=latin1>", None),  # past the first 1024 bytes
+        (b"<p>no declaration</p>", None),
+    ],
+)
+def test_prescan(head: bytes, expected: str | None) -> None:
+    assert _http.prescan(head) == expected
+
+
+def test_charset_is_the_documents_own() -> None:
+    # Every text type went out as utf-8, overriding the page's own declaration (an audit).
+    latin1 = b'<html><head><meta charset="iso-8859-1"></head><body>caf\xe9</body></html>'
+    assert _http.content_type("a.html", latin1) == "text/html; charset=iso-8859-1"
+    assert _http.content_type("a.html", b"<p>plain") == "text/html; charset=utf-8"
+    assert _http.content_type("a.html", b"\xff\xfe<\x00") == "text/html; charset=utf-16le"
+    assert _http.content_type("a.css", b"\xfe\xff\x00a") == "text/css; charset=utf-16be"
+    assert _http.content_type("a.css", b"@charset 'x';") == "text/css; charset=utf-8"
+    decl = b'<?xml version="1.0" encoding="ISO-8859-1"?><a/>'
+    assert _http.content_type("feed.xml", decl) == "application/xml; charset=iso-8859-1"
+    assert _http.content_type("p.xhtml", b"<html/>") == "application/xhtml+xml; charset=utf-8"
+    assert _http.charset("text/html; charset=koi8-r") == "koi8-r"
+    assert _http.charset("image/png") is None
+
+
+def test_inject_into_utf16_page() -> None:
+    page = "\ufeff<html><body>\u00e9\U0001f600</body></html>".encode("utf-16le")
+    out = _inject.inject(page, {"generation": 1}, "utf-16le").decode("utf-16le")
+    assert out.startswith("\ufeff<html><body>\u00e9\U0001f600<script")
+    assert out.endswith("</script></body></html>")
+
+
+@pytest.mark.parametrize(
     ("name", "expected"),
     [
         ("bundle.js.gz", "application/gzip"),

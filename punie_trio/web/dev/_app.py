@@ -17,7 +17,7 @@ from typing import Any
 import attrs
 import trio
 
-from . import _events, _pages
+from . import _events, _http, _pages
 from ._asgi import Message, Receive, Scope, Send, header, respond
 from ._broadcast import Broadcaster
 from ._builder import BUILD_START_DELAY, BuildLoop
@@ -237,10 +237,8 @@ class DevApp:
         self, path: str, request: dict[str, str], send: Send, *, head: bool
     ) -> None:
         state: dict[str, Any] = self.broadcaster.page_state()
-        headers = [
-            (b"content-type", b"text/html; charset=utf-8"),
-            (b"cache-control", b"no-store"),
-        ]
+        ctype = "text/html; charset=utf-8"  # our own pages
+        headers = [(b"cache-control", b"no-store")]
         if self.broadcaster.building and _is_page_request(path, request.get("accept")):
             state["pending"] = True
             body = inject(_pages.rebuilding_page(path), state)
@@ -248,8 +246,13 @@ class DevApp:
             status = 503
         else:
             page = await self.static.read_html("404.html")
-            body = inject(page if page is not None else _pages.not_found_page(path), state)
+            if page is None:
+                body = inject(_pages.not_found_page(path), state)
+            else:  # the site's own, in the charset it declares
+                ctype = _http.content_type("404.html", page[: _http.SNIFF_BYTES])
+                body = inject(page, state, _http.charset(ctype))
             status = 404
+        headers.append((b"content-type", ctype.encode()))
         headers.append((b"content-length", b"%d" % len(body)))
         await respond(send, status, headers, body, head=head)
 

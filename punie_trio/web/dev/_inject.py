@@ -174,8 +174,21 @@ def script_tag(state: dict[str, Any]) -> bytes:
     ).encode()
 
 
-def inject(html: bytes, state: dict[str, Any]) -> bytes:
-    """Insert the script before the last ``</body>`` (any case), else append it."""
+def inject(html: bytes, state: dict[str, Any], charset: str | None = None) -> bytes:
+    """Insert the script before the last ``</body>`` (any case), else append it.
+
+    The tag is ASCII, and so is ``</body>`` in every encoding a page can declare in ASCII
+    bytes, so the bytes are searched and spliced as they are. A UTF-16 page (a BOM says so)
+    is the exception: there the tag and the search are in UTF-16 too.
+    """
+    if charset in ("utf-16le", "utf-16be"):
+        assert charset is not None
+        try:
+            text = html.decode(charset, errors="surrogatepass")
+        except UnicodeDecodeError:  # an odd number of bytes: not UTF-16 after all
+            return html
+        as_utf8 = inject(text.encode("utf-8", errors="surrogatepass"), state)
+        return as_utf8.decode("utf-8", errors="surrogatepass").encode(charset, "surrogatepass")
     tag = script_tag(state)
     last = None
     for last in _BODY_CLOSE.finditer(html):  # noqa: B007 - keep the final match
