@@ -280,22 +280,49 @@ async def test_sse_format_and_last_event_id(site: Path) -> None:
             dev.broadcaster.publish_reload("reload-css", ("a.css",))
             event = await stream.next()
             assert stream.retry == 1000 and stream.comments  # retry and an opening comment
-            assert (event.event, event.id) == ("reload", "1")
+            assert (event.event, event.id) == ("reload", f"{dev.broadcaster.run}.1")
             assert event.json() == {"action": "reload-css", "paths": ["a.css"], "generation": 1}
-        # While the tab was away: two more changes. It reconnects with Last-Event-ID: 1.
+        # While the tab was away: two more changes. It reconnects with Last-Event-ID.
         dev.broadcaster.publish_reload("reload", ("index.html",))
         dev.broadcaster.publish_reload("reload-css", ("b.css",))
-        async with sse(client, "/__reload__", {"last-event-id": "1"}) as stream:
-            event = await stream.next()
-            assert event.id == "3"
-            assert event.json() == {
-                "action": "reload",
-                "paths": ["b.css", "index.html"],
-                "generation": 3,
-            }
+        for last_id in (f"{dev.broadcaster.run}.1", "1"):  # a bare generation: this run's
+            async with sse(client, "/__reload__", {"last-event-id": last_id}) as stream:
+                event = await stream.next()
+                assert event.id == f"{dev.broadcaster.run}.3"
+                assert event.json() == {
+                    "action": "reload",
+                    "paths": ["b.css", "index.html"],
+                    "generation": 3,
+                }
         async with sse(client, "/__reload__?since=2") as stream:
             event = await stream.next()
             assert event.json() == {"action": "reload-css", "paths": ["b.css"], "generation": 3}
+
+
+async def test_a_page_from_another_server_run_is_reloaded(site: Path) -> None:
+    """Generations restart at 0 each run: a tab left open across a restart had the new run's
+    generation and was never reloaded (found by a dev app audit). The run id tells them apart."""
+    first = make_app(site, no_watch=True)
+    async with running(first) as url, httpx.AsyncClient(base_url=url) as client:
+        page = (await client.get("/")).text
+    old_run = first.broadcaster.run
+    assert f"{old_run}" in page
+    (site / "index.html").write_text("<html><body>edited while the server was down</body></html>")
+    second = make_app(site, no_watch=True)
+    assert second.broadcaster.run != old_run and second.broadcaster.generation == 0
+    async with running(second) as url, httpx.AsyncClient(base_url=url) as client:
+        for how in ("?since=" + old_run + ".0", "?since=" + old_run + ".7"):
+            async with sse(client, "/__reload__" + how) as stream:
+                event = await stream.next()
+                assert (event.event, event.json()["action"]) == ("reload", "reload"), how
+                assert event.id == f"{second.broadcaster.run}.0"
+        async with sse(client, "/__reload__", {"last-event-id": f"{old_run}.0"}) as stream:
+            assert (await stream.next()).json()["action"] == "reload"
+        # This run's own page at this generation is up to date: nothing but what comes next.
+        async with sse(client, f"/__reload__?since={second.broadcaster.run}.0") as stream:
+            await stream.wait_open()
+            second.broadcaster.publish_reload("reload-css", ("a.css",))
+            assert (await stream.next()).json()["action"] == "reload-css"
 
 
 async def test_disconnect_and_shutdown_end_streams(site: Path) -> None:

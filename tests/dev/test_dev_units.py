@@ -208,18 +208,19 @@ def test_merge_by_severity() -> None:
 
 def test_sse_format() -> None:
     event = ReloadEvent("reload", ("index.html",), 7)
-    wire = _events.encode(event)
+    wire = _events.encode(event, "5eed")
     assert wire == (
-        b'id: 7\nevent: reload\ndata: {"action":"reload","paths":["index.html"],"generation":7}\n\n'
+        b"id: 5eed.7\nevent: reload\n"
+        b'data: {"action":"reload","paths":["index.html"],"generation":7}\n\n'
     )
     assert _events.opening(1500).startswith(b"retry: 1500\n: ")
     assert _events.opening().endswith(b"\n\n")
     assert _events.format_comment("a\nb") == b": a\n: b\n\n"
     assert _events.KEEPALIVE == b": keepalive\n\n"
     error = _events.StatusEvent("build_error", 2, "make", 2, "line1\nline2")
-    wire = _events.encode(error)
+    wire = _events.encode(error, "5eed")
     lines = wire.decode().split("\n")
-    assert lines[:2] == ["id: 2", "event: build_error"]
+    assert lines[:2] == ["id: 5eed.2", "event: build_error"]
     assert json.loads(lines[2].removeprefix("data: ")) == {
         "generation": 2,
         "command": "make",
@@ -245,6 +246,37 @@ def test_sse_format() -> None:
 )
 def test_parse_event_id(value: str | bytes | None, expected: int | None) -> None:
     assert _events.parse_event_id(value) == expected
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("12", (None, 12)),
+        ("a1b2.3", ("a1b2", 3)),
+        (b"r_-9.0", ("r_-9", 0)),
+        ("a.b.3", None),
+        (".3", None),
+        ("run.", None),
+        ("run.x", None),
+        ("<x>.3", None),
+        (None, None),
+    ],
+)
+def test_parse_since(value: str | bytes | None, expected: tuple[str | None, int] | None) -> None:
+    assert _events.parse_since(value) == expected
+
+
+def test_another_runs_client_gets_a_full_reload() -> None:
+    hub = Broadcaster(run="now")
+    assert hub.missed_since(0, "now") is None
+    assert hub.missed_since(0) is None  # a client that does not say: this run's
+    assert hub.missed_since(0, "before") == ReloadEvent("reload", (), 0)
+    hub.publish_reload("reload-css", ("a.css",))
+    assert hub.missed_since(1, "before") == ReloadEvent("reload", (), 1)
+    assert hub.subscribe(1, "before").take() == [ReloadEvent("reload", (), 1)]
+    assert hub.subscribe(1, "now").take() == []
+    assert hub.page_state()["run"] == "now"
+    assert Broadcaster().run != Broadcaster().run
 
 
 # -- broadcaster: catch-up and per-subscriber merging --------------------------------------
@@ -300,7 +332,7 @@ def test_broadcaster_status_on_subscribe() -> None:
     hub = Broadcaster()
     hub.publish_status("build_start", command="make")
     assert hub.building
-    assert hub.page_state() == {"generation": 0, "building": True, "error": None}
+    assert hub.page_state() == {"run": hub.run, "generation": 0, "building": True, "error": None}
     assert [e.kind for e in hub.subscribe(None).take()] == ["build_start"]  # type: ignore[union-attr]
     hub.publish_status("build_ok", command="make")
     assert hub.subscribe(None).take() == []  # fresh client, nothing to say

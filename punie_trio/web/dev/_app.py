@@ -153,10 +153,11 @@ class DevApp:
             if method != "GET":
                 await _method_not_allowed(send, b"GET")
                 return
-            since = _events.parse_event_id(header(scope, b"last-event-id"))
-            if since is None:
+            position = _events.parse_since(header(scope, b"last-event-id"))
+            if position is None:
                 query = urllib.parse.parse_qs(scope.get("query_string", b"").decode("latin-1"))
-                since = _events.parse_event_id(query.get("since", [None])[-1])
+                position = _events.parse_since(query.get("since", [None])[-1])
+            run, since = position if position is not None else (None, None)
             await stream_events(
                 self.broadcaster,
                 since,
@@ -164,6 +165,7 @@ class DevApp:
                 send,
                 closing=self.closing,
                 keepalive=self.keepalive,
+                run=run,
             )
             return
         if method not in ("GET", "HEAD"):

@@ -133,7 +133,7 @@ SCRIPT_JS = r"""(function () {
   function data(m) { try { return JSON.parse(m.data); } catch (e) { return {}; } }
   function connect() {
     if (es || document.visibilityState === "hidden") return;
-    es = new EventSource("/__reload__?since=" + gen);
+    es = new EventSource("/__reload__?since=" + encodeURIComponent(S.run + "." + gen));
     es.onopen = function () { attempt = 0; };
     es.onerror = function () { disconnect(); schedule(); };
     es.addEventListener("reload", function (m) {
