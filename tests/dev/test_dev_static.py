@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import logging
+import xml.etree.ElementTree
 from pathlib import Path
 
 import httpx
@@ -11,7 +12,7 @@ import pytest
 import trio
 from devsupport import raw_get, running, sse, write
 
-from punie_trio.web.dev import DevApp
+from punie_trio.web.dev import DevApp, _inject
 
 CSS = "body { color: red; }\n" * 100
 
@@ -20,7 +21,8 @@ CSS = "body { color: red; }\n" * 100
 def site(tmp_path: Path) -> Path:
     site = tmp_path / "site"
     write(site / "index.html", "<!doctype html><html><body><h1>home</h1></body></html>")
-    write(site / "docs" / "index.html", "<html><BODY><p>docs</p></Body></html>")
+    # (Long enough to be gzipped: over GZIP_MIN once the script tag is in.)
+    write(site / "docs" / "index.html", f"<html><BODY><p>docs</p>{'.' * 256}</Body></html>")
     write(site / "style.css", CSS)
     write(site / "data.bin", "".join(chr(65 + i % 26) for i in range(2000)))
     write(site / "frag.html", "<p>no body tag</p>")
@@ -167,13 +169,48 @@ async def test_pages_are_sent_in_the_charset_they_declare(site: Path) -> None:
         r = await client.get("/utf16.html")
         assert r.headers["content-type"] == "text/html; charset=utf-16le"
         assert r.content.startswith(b"\xff\xfe")
-        assert "Caf\xe9<script data-punie-reload" in r.text and r.text.endswith("</body></html>")
+        assert 'Caf\xe9<script src="/__reload__.js"' in r.text and r.text.endswith("</body></html>")
         r = await client.head("/big.txt")
         assert r.headers["content-type"] == "text/plain; charset=utf-16le"
         r = await client.get("/nope.html")
         assert r.status_code == 404
         assert r.headers["content-type"] == "text/html; charset=iso-8859-1"
         assert "Missing caf\xe9 cr\xe8me<script" in r.text
+
+
+async def test_the_script_is_an_external_same_origin_file(site: Path) -> None:
+    """Inline, it was blocked by a page's CSP ``script-src 'self'`` (found by an audit)."""
+    xhtml = (
+        '<?xml version="1.0"?>\n<html xmlns="http://www.w3.org/1999/xhtml"><body><p/></body></html>'
+    )
+    write(site / "page.xhtml", xhtml)
+    dev = make_app(site, no_watch=True)
+    async with running(dev) as url, httpx.AsyncClient(base_url=url) as client:
+        page = (await client.get("/")).text
+        assert "<script" in page and page.count("<script") == 1
+        assert '<script src="/__reload__.js" data-punie-reload=""' in page
+        r = await client.get("/__reload__.js", headers={"accept-encoding": "identity"})
+        assert r.status_code == 200 and r.content == _inject.SCRIPT_BYTES
+        assert r.headers["content-type"] == "text/javascript; charset=utf-8"
+        assert r.headers["cache-control"] == "no-cache"
+        again = await client.get(
+            "/__reload__.js",
+            headers={"if-none-match": r.headers["etag"], "accept-encoding": "identity"},
+        )
+        assert again.status_code == 304 and again.content == b""
+        gz = await client.get("/__reload__.js", headers={"accept-encoding": "gzip"})
+        assert gz.headers["content-encoding"] == "gzip" and gz.content == _inject.SCRIPT_BYTES
+        assert gz.headers["etag"] != r.headers["etag"]
+        head = await client.head("/__reload__.js", headers={"accept-encoding": "identity"})
+        assert head.content == b"" and head.headers["content-length"] == str(len(r.content))
+        assert (await client.post("/__reload__.js")).status_code == 405
+        # XHTML gets it too, before </body>, and stays well-formed XML.
+        r = await client.get("/page.xhtml")
+        assert r.headers["content-type"] == "application/xhtml+xml; charset=utf-8"
+        assert r.headers["cache-control"] == "no-store"
+        root = xml.etree.ElementTree.fromstring(r.content)
+        ns = "{http://www.w3.org/1999/xhtml}"
+        assert root.find(f"{ns}body/{ns}script") is not None
 
 
 async def test_precompressed_files_are_sent_as_they_are(site: Path) -> None:
@@ -243,10 +280,10 @@ async def test_injection_and_content_length(site: Path) -> None:
     async with running(dev) as url, httpx.AsyncClient(base_url=url) as client:
         r = await client.get("/docs/", headers={"accept-encoding": "identity"})
         assert int(r.headers["content-length"]) == len(r.content)
-        assert r.content.index(b"<script data-punie-reload>") < r.content.index(b"</Body>")
+        assert r.content.index(b'<script src="/__reload__.js"') < r.content.index(b"</Body>")
         assert r.content.endswith(b"</Body></html>")
         r = await client.get("/frag.html", headers={"accept-encoding": "identity"})
-        assert r.content.startswith(b"<p>no body tag</p><script data-punie-reload>")
+        assert r.content.startswith(b'<p>no body tag</p><script src="/__reload__.js"')
         assert r.content.endswith(b"</script>")
         assert int(r.headers["content-length"]) == len(r.content)
         plain = await client.get("/docs/", headers={"accept-encoding": "identity"})

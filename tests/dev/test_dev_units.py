@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import html.parser
 import json
 import os
-import re
+import xml.etree.ElementTree
 from pathlib import Path
 
 import pytest
@@ -356,16 +357,44 @@ def test_inject_before_last_body_case_insensitive() -> None:
 
 def test_inject_appends_without_body() -> None:
     out = _inject.inject(b"<p>fragment</p>", {"generation": 0})
-    assert out.startswith(b"<p>fragment</p><script data-punie-reload>")
+    assert out.startswith(b'<p>fragment</p><script src="/__reload__.js"')
     assert out.endswith(b"</script>")
 
 
 def test_inject_state_cannot_close_the_script() -> None:
-    state = {"generation": 1, "error": {"output": "</script><img src=x onerror=alert(1)>"}}
-    tag = _inject.script_tag(state).decode()
-    assert tag.count("</script>") == 1 and tag.endswith("</script>")
-    embedded = re.search(r"window.__punieReload=(.*?);\n", tag)
-    assert embedded is not None and json.loads(embedded.group(1)) == state
+    output = "</script><img src=x onerror=alert(1)> ' \" &amp; \u00e9"
+    state = {"generation": 1, "error": {"output": output}}
+    tag = _inject.script_tag(state)
+    assert tag.isascii()
+    text = tag.decode()
+    assert text.count("</script>") == 1 and text.endswith("</script>")
+    assert text.count("'") == 2 and "<" not in text[1:-9]  # only the tag's own
+    # What the browser reads: the attribute, parsed by an HTML parser and by an XML parser.
+    parser = _AttributeReader()
+    parser.feed(text)
+    assert json.loads(parser.state) == state
+    element = xml.etree.ElementTree.fromstring(text)
+    assert json.loads(element.attrib["data-state"]) == state
+    assert element.attrib["src"] == _inject.SCRIPT_PATH
+
+
+class _AttributeReader(html.parser.HTMLParser):
+    state = ""
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.state = dict(attrs).get("data-state") or ""
+
+
+def test_inject_into_xhtml_only_before_body() -> None:
+    page = b'<?xml version="1.0"?><html xmlns="http://www.w3.org/1999/xhtml"><body/></html>'
+    assert _inject.inject(page, {"generation": 0}, xml=True) == page  # nowhere well-formed
+    page = page.replace(b"<body/>", b"<body><p>x</p></body>")
+    out = _inject.inject(page, {"generation": 0, "error": {"output": "<&'>"}}, xml=True)
+    root = xml.etree.ElementTree.fromstring(out)  # still well-formed
+    script = root.find(".//{http://www.w3.org/1999/xhtml}body/{http://www.w3.org/1999/xhtml}script")
+    assert (
+        script is not None and json.loads(script.attrib["data-state"])["error"]["output"] == "<&'>"
+    )
 
 
 def test_pages_escape_the_path() -> None:

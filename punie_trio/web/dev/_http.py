@@ -226,7 +226,13 @@ def charset(ctype: str) -> str | None:
 
 
 def is_html(ctype: str) -> bool:
-    return ctype.split(";", 1)[0].strip() == "text/html"
+    """A page that gets the live-reload script: HTML, or XHTML (see :func:`is_xhtml`)."""
+    return ctype.split(";", 1)[0].strip() in ("text/html", "application/xhtml+xml")
+
+
+def is_xhtml(ctype: str) -> bool:
+    """A page parsed as XML: the script may only go where it keeps it well-formed."""
+    return ctype.split(";", 1)[0].strip() == "application/xhtml+xml"
 
 
 def is_compressible(ctype: str) -> bool:

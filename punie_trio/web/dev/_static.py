@@ -288,7 +288,8 @@ class StaticSite:
             raw = found.body
             if raw is None:
                 raw = await trio.to_thread.run_sync(_read, found.path)
-            body = inject(raw, state, _http.charset(found.ctype))
+            charset = _http.charset(found.ctype)
+            body = inject(raw, state, charset, xml=_http.is_xhtml(found.ctype))
             self._remember(found, state_json, body)
         return body, tag, state_json
 
