@@ -252,7 +252,7 @@ def test_parse_event_id(value: str | bytes | None, expected: int | None) -> None
 @pytest.mark.parametrize(
     ("value", "expected"),
     [
-        ("12", (None, 12)),
+        ("12", ("", 12)),
         ("a1b2.3", ("a1b2", 3)),
         (b"r_-9.0", ("r_-9", 0)),
         ("a.b.3", None),
@@ -263,7 +263,7 @@ def test_parse_event_id(value: str | bytes | None, expected: int | None) -> None
         (None, None),
     ],
 )
-def test_parse_since(value: str | bytes | None, expected: tuple[str | None, int] | None) -> None:
+def test_parse_since(value: str | bytes | None, expected: tuple[str, int] | None) -> None:
     assert _events.parse_since(value) == expected
 
 

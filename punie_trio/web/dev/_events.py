@@ -158,10 +158,11 @@ def parse_event_id(value: str | bytes | None) -> int | None:
 _RUN = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
-def parse_since(value: str | bytes | None) -> tuple[str | None, int] | None:
-    """Parse ``Last-Event-ID`` / ``?since=``: ``<run>.<generation>`` or a bare generation
-    (a client that does not know the run: taken as one of this run, as before runs had ids).
-    ``None`` for anything else."""
+def parse_since(value: str | bytes | None) -> tuple[str, int] | None:
+    """Parse ``Last-Event-ID`` / ``?since=``: ``<run>.<generation>``, or a bare generation,
+    which names no run (``""``): it comes from a server that had no run ids or from a client
+    that read only the generation, so it cannot be told to be this run's, and gets the full
+    reload that is always right. ``None`` for anything else."""
     if value is None:
         return None
     if isinstance(value, bytes):
@@ -172,4 +173,4 @@ def parse_since(value: str | bytes | None) -> tuple[str | None, int] | None:
     parsed = parse_event_id(generation)
     if parsed is None:
         return None
-    return (run if dot else None), parsed
+    return run, parsed
