@@ -174,7 +174,7 @@ class SSEClient(_peers.RawSSEClient):
 
     async def wait_reload(self, generation: int) -> None:
         """Until the reload event of ``generation`` (every edit is one generation)."""
-        needle = b"id: %d\nevent: reload" % generation
+        needle = b".%d\nevent: reload" % generation  # the end of ``id: <run>.<generation>``
         while needle not in self.buffer:
             await self.read_more()
         self.buffer = self.buffer[self.buffer.index(needle) + len(needle) :]

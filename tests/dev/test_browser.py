@@ -7,7 +7,9 @@ API (asyncio inside) runs the whole browser scenario in one worker thread.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -95,3 +97,144 @@ async def test_live_reload_in_chromium(tmp_path: Path) -> None:
     with trio.fail_after(120):
         async with running(dev) as url:
             await trio.to_thread.run_sync(_scenario, url, project, dev)
+
+
+def _launch(p: Any) -> Any:
+    return p.chromium.launch(executable_path=str(CHROMIUM), args=ARGS, headless=True)
+
+
+def _wait_for(predicate: Callable[[], bool], what: str) -> None:
+    """Poll a server-side fact from the browser's thread (the server runs in the test's loop)."""
+    deadline = time.monotonic() + 20
+    while not predicate():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.02)
+
+
+FRAMES = 6
+GALLERY = (
+    '<!doctype html><html><head><link rel="stylesheet" href="/style.css"></head><body>'
+    + "".join(f'<iframe src="/ex{i}.html"></iframe>' for i in range(FRAMES))
+    + "</body></html>"
+)
+EXAMPLE = (
+    '<!doctype html><html><head><link rel="stylesheet" href="/style.css"></head>'
+    "<body><h1>{}</h1></body></html>"
+)
+
+
+def _frames_scenario(url: str, site: Path, dev: DevApp) -> None:
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = _launch(p)
+        try:
+            page = browser.new_page()
+            page.set_default_timeout(20_000)
+            page.goto(url + "/")  # waits for the frames' load events too
+            # The parent and six frames each held a stream: Chromium's six connections per
+            # host, and this request never went out (found by a dev app audit).
+            loaded = page.evaluate(
+                """() => new Promise((resolve, reject) => {
+                    const img = new Image();
+                    img.onload = () => resolve(true);
+                    img.onerror = () => reject(new Error("image failed"));
+                    img.src = "/pic.svg";
+                })"""
+            )
+            assert loaded is True
+            _wait_for(lambda: dev.broadcaster.subscriber_count == 1, "one stream for the tab")
+            frame = page.frame_locator("iframe").first
+            page.frames[1].evaluate("window.__marker = 'frame kept'")
+            # CSS only: swapped in the frames too, which are not reloaded.
+            write(site / "style.css", "h1 { color: rgb(0, 0, 255); }")
+            page.frames[1].wait_for_function(
+                "getComputedStyle(document.querySelector('h1')).color === 'rgb(0, 0, 255)'"
+            )
+            assert page.frames[1].evaluate("window.__marker") == "frame kept"
+            # A frame's page changed: the connected window reloads, and the frames with it.
+            write(site / "ex0.html", EXAMPLE.format("frame v2"))
+            frame.locator("h1", has_text="frame v2").wait_for()
+            assert dev.broadcaster.subscriber_count >= 1
+        finally:
+            browser.close()
+
+
+@pytest.mark.browser
+async def test_same_origin_frames_share_the_tabs_one_stream(tmp_path: Path) -> None:
+    site = tmp_path / "site"
+    write(site / "index.html", GALLERY)
+    for i in range(FRAMES):
+        write(site / f"ex{i}.html", EXAMPLE.format(f"frame {i}"))
+    write(site / "style.css", "h1 { color: rgb(255, 0, 0); }")
+    write(site / "pic.svg", '<svg xmlns="http://www.w3.org/2000/svg" width="4" height="4"/>')
+    dev = DevApp(site_dir=site, project_root=tmp_path, closing=trio.Event(), debounce=0)
+    with trio.fail_after(120):
+        async with running(dev) as url:
+            await trio.to_thread.run_sync(_frames_scenario, url, site, dev)
+
+
+def _cross_origin_scenario(url: str, site: Path, dev: DevApp) -> None:
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = _launch(p)
+        try:
+            page = browser.new_page()
+            page.set_default_timeout(20_000)
+            page.goto(url + "/outer.html")
+            # The outer page (127.0.0.1) and the preview in it (localhost): two origins, so
+            # the inner one cannot see the outer one's script and connects itself.
+            _wait_for(lambda: dev.broadcaster.subscriber_count == 2, "both windows connect")
+        finally:
+            browser.close()
+
+
+@pytest.mark.browser
+async def test_a_page_in_a_cross_origin_frame_still_connects(tmp_path: Path) -> None:
+    site = tmp_path / "site"
+    write(site / "inner.html", EXAMPLE.format("inner"))
+    dev = DevApp(site_dir=site, project_root=tmp_path, closing=trio.Event(), debounce=0)
+    with trio.fail_after(120):
+        async with running(dev) as url:
+            port = url.rsplit(":", 1)[1]
+            write(
+                site / "outer.html",
+                f'<!doctype html><body><iframe src="http://localhost:{port}/inner.html">'
+                "</iframe></body>",
+            )
+            await trio.to_thread.run_sync(_cross_origin_scenario, url, site, dev)
+
+
+CSP_PAGE = (
+    "<!doctype html><html><head>"
+    '<meta http-equiv="Content-Security-Policy" content="script-src \'self\'">'
+    "</head><body><h1>{}</h1></body></html>"
+)
+
+
+def _csp_scenario(url: str, site: Path, dev: DevApp) -> None:
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = _launch(p)
+        try:
+            page = browser.new_page()
+            page.set_default_timeout(20_000)
+            page.goto(url + "/")
+            # The inline script was refused by the policy: the page never connected.
+            _wait_for(lambda: dev.broadcaster.subscriber_count == 1, "the page connects")
+            write(site / "index.html", CSP_PAGE.format("v2"))
+            page.locator("h1", has_text="v2").wait_for()  # (the policy forbids eval)
+        finally:
+            browser.close()
+
+
+@pytest.mark.browser
+async def test_live_reload_under_a_content_security_policy(tmp_path: Path) -> None:
+    site = tmp_path / "site"
+    write(site / "index.html", CSP_PAGE.format("v1"))
+    dev = DevApp(site_dir=site, project_root=tmp_path, closing=trio.Event(), debounce=0)
+    with trio.fail_after(120):
+        async with running(dev) as url:
+            await trio.to_thread.run_sync(_csp_scenario, url, site, dev)

@@ -88,7 +88,7 @@ async def test_build_reload_css_and_error(tmp_path: Path) -> None:
             async with sse(client, "/__reload__") as late:
                 assert (await late.next()).event == "build_error"
 
-            async with sse(client, "/__reload__?since=3") as stream:
+            async with sse(client, f"/__reload__?since={dev.broadcaster.run}.3") as stream:
                 assert (await stream.next()).event == "build_error"
                 (project.root / "src" / "fail").unlink()
                 # The fix produced the same output as before: build_ok clears the overlay,

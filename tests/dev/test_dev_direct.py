@@ -65,7 +65,7 @@ class RawSSE:
         for block in self.text.split("\n\n"):
             fields = dict(line.split(": ", 1) for line in block.splitlines() if ": " in line)
             if "id" in fields and fields.get("event") == "reload":
-                out.append((int(fields["id"]), json.loads(fields["data"])))
+                out.append((int(fields["id"].rpartition(".")[2]), json.loads(fields["data"])))
         return out
 
 
@@ -87,7 +87,7 @@ async def test_a_broadcast_writes_to_parked_streams_without_waking_them(tmp_path
         # Written by the offer itself: every writer is still parked, nothing is pending.
         assert all(s._waiter is not None and not s.pending for s in subscribers)
         for client in clients:
-            await client.read_until("\n\n" + "id: 1")
+            await client.read_until(f"\n\nid: {dev.broadcaster.run}.1\n")
             await client.read_until('"generation":1}\n\n')
             assert client.events() == [
                 (1, {"action": "reload", "paths": ["index.html"], "generation": 1})

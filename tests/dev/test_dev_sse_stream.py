@@ -65,7 +65,7 @@ async def test_opening_and_events() -> None:
         assert client.body.startswith(b"retry: 1000\n: ")
         hub.publish_reload("reload", ("index.html",))
         await client.wait_for(b"event: reload")
-        assert b'id: 1\nevent: reload\ndata: {"action":"reload"' in client.body
+        assert f'id: {hub.run}.1\nevent: reload\ndata: {{"action":"reload"'.encode() in client.body
         client.leave()
     assert client.ended
     assert hub.subscriber_count == 0
@@ -146,7 +146,8 @@ async def test_catch_up_from_since() -> None:
         await client.wait_for(b"event: reload")
         client.leave()
     assert (
-        b'id: 3\nevent: reload\ndata: {"action":"reload","paths":["b.css","index.html"],'
+        f"id: {hub.run}.3\n".encode()
+        + b'event: reload\ndata: {"action":"reload","paths":["b.css","index.html"],'
         b'"generation":3}\n\n'
     ) in client.body
     assert client.body.count(b"event: reload") == 1  # merged, not replayed one by one
@@ -181,13 +182,13 @@ async def test_slow_subscriber_does_not_block_others() -> None:
         await fast.wait_for(b"\n\n")
         for i in range(50):
             hub.publish_reload("reload-css" if i % 2 else "reload", (f"{i}.css",))
-            await fast.wait_for(b"id: %d\n" % (i + 1))
+            await fast.wait_for(f"id: {hub.run}.{i + 1}\n".encode())
         assert len(slow_messages) == 2  # stuck on its opening, never growing a queue
         stuck.set()
         await got_third.wait()
         # Everything it missed arrives as one merged event: the strongest action, all paths.
         merged = slow_messages[2]["body"]
-        assert merged.startswith(b'id: 50\nevent: reload\ndata: {"action":"reload"')
+        assert merged.startswith(f"id: {hub.run}.50\n".encode() + b'event: reload\ndata: {"action"')
         assert merged.count(b".css") == 50
         fast.leave()
         nursery.cancel_scope.cancel()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import logging
+import xml.etree.ElementTree
 from pathlib import Path
 
 import httpx
@@ -11,7 +12,7 @@ import pytest
 import trio
 from devsupport import raw_get, running, sse, write
 
-from punie_trio.web.dev import DevApp
+from punie_trio.web.dev import DevApp, _inject
 
 CSS = "body { color: red; }\n" * 100
 
@@ -20,7 +21,8 @@ CSS = "body { color: red; }\n" * 100
 def site(tmp_path: Path) -> Path:
     site = tmp_path / "site"
     write(site / "index.html", "<!doctype html><html><body><h1>home</h1></body></html>")
-    write(site / "docs" / "index.html", "<html><BODY><p>docs</p></Body></html>")
+    # (Long enough to be gzipped: over GZIP_MIN once the script tag is in.)
+    write(site / "docs" / "index.html", f"<html><BODY><p>docs</p>{'.' * 256}</Body></html>")
     write(site / "style.css", CSS)
     write(site / "data.bin", "".join(chr(65 + i % 26) for i in range(2000)))
     write(site / "frag.html", "<p>no body tag</p>")
@@ -151,6 +153,82 @@ async def test_gzip_but_never_for_event_stream(site: Path) -> None:
             assert event.json()["generation"] == 1
 
 
+async def test_pages_are_sent_in_the_charset_they_declare(site: Path) -> None:
+    latin1 = '<html><head><meta charset="iso-8859-1"></head><body>Caf\xe9 cr\xe8me</body></html>'
+    (site / "latin1.html").write_bytes(latin1.encode("latin-1"))
+    (site / "utf16.html").write_bytes("\ufeff<html><body>Caf\xe9</body></html>".encode("utf-16le"))
+    big = b"\xff\xfe" + b"x\x00" * (1024 * 1024)  # past the cache: sniffed on its own
+    (site / "big.txt").write_bytes(big)
+    (site / "404.html").write_bytes(latin1.replace("Caf", "Missing caf").encode("latin-1"))
+    dev = make_app(site, no_watch=True)
+    async with running(dev) as url, httpx.AsyncClient(base_url=url) as client:
+        for accept in ("identity", "gzip"):
+            r = await client.get("/latin1.html", headers={"accept-encoding": accept})
+            assert r.headers["content-type"] == "text/html; charset=iso-8859-1"
+            assert "Caf\xe9 cr\xe8me<script" in r.text  # httpx decodes by the header
+        r = await client.get("/utf16.html")
+        assert r.headers["content-type"] == "text/html; charset=utf-16le"
+        assert r.content.startswith(b"\xff\xfe")
+        assert 'Caf\xe9<script src="/__reload__.js"' in r.text and r.text.endswith("</body></html>")
+        r = await client.head("/big.txt")
+        assert r.headers["content-type"] == "text/plain; charset=utf-16le"
+        r = await client.get("/nope.html")
+        assert r.status_code == 404
+        assert r.headers["content-type"] == "text/html; charset=iso-8859-1"
+        assert "Missing caf\xe9 cr\xe8me<script" in r.text
+
+
+async def test_the_script_is_an_external_same_origin_file(site: Path) -> None:
+    """Inline, it was blocked by a page's CSP ``script-src 'self'`` (found by an audit)."""
+    xhtml = (
+        '<?xml version="1.0"?>\n<html xmlns="http://www.w3.org/1999/xhtml"><body><p/></body></html>'
+    )
+    write(site / "page.xhtml", xhtml)
+    dev = make_app(site, no_watch=True)
+    async with running(dev) as url, httpx.AsyncClient(base_url=url) as client:
+        page = (await client.get("/")).text
+        assert "<script" in page and page.count("<script") == 1
+        assert '<script src="/__reload__.js" data-punie-reload=""' in page
+        r = await client.get("/__reload__.js", headers={"accept-encoding": "identity"})
+        assert r.status_code == 200 and r.content == _inject.SCRIPT_BYTES
+        assert r.headers["content-type"] == "text/javascript; charset=utf-8"
+        assert r.headers["cache-control"] == "no-cache"
+        again = await client.get(
+            "/__reload__.js",
+            headers={"if-none-match": r.headers["etag"], "accept-encoding": "identity"},
+        )
+        assert again.status_code == 304 and again.content == b""
+        gz = await client.get("/__reload__.js", headers={"accept-encoding": "gzip"})
+        assert gz.headers["content-encoding"] == "gzip" and gz.content == _inject.SCRIPT_BYTES
+        assert gz.headers["etag"] != r.headers["etag"]
+        head = await client.head("/__reload__.js", headers={"accept-encoding": "identity"})
+        assert head.content == b"" and head.headers["content-length"] == str(len(r.content))
+        assert (await client.post("/__reload__.js")).status_code == 405
+        # XHTML gets it too, before </body>, and stays well-formed XML.
+        r = await client.get("/page.xhtml")
+        assert r.headers["content-type"] == "application/xhtml+xml; charset=utf-8"
+        assert r.headers["cache-control"] == "no-store"
+        root = xml.etree.ElementTree.fromstring(r.content)
+        ns = "{http://www.w3.org/1999/xhtml}"
+        assert root.find(f"{ns}body/{ns}script") is not None
+
+
+async def test_precompressed_files_are_sent_as_they_are(site: Path) -> None:
+    script = gzip.compress(b"console.log('hi');\n" * 50, mtime=0)
+    (site / "bundle.js.gz").write_bytes(script)
+    (site / "app.wasm.br").write_bytes(b"\x1b\x03\x00\xf8\xa5\x40\x02\x80" * 64)
+    dev = make_app(site, no_watch=True)
+    async with running(dev) as url, httpx.AsyncClient(base_url=url) as client:
+        r = await client.get("/bundle.js.gz", headers={"accept-encoding": "gzip, br"})
+        assert r.headers["content-type"] == "application/gzip"
+        assert "content-encoding" not in r.headers and "vary" not in r.headers
+        assert r.content == script  # not compressed again, not decoded
+        r = await client.get("/app.wasm.br", headers={"accept-encoding": "gzip, br"})
+        assert r.headers["content-type"] == "application/octet-stream"
+        assert "content-encoding" not in r.headers
+        assert r.content == (site / "app.wasm.br").read_bytes()
+
+
 @pytest.mark.parametrize(
     "path",
     [
@@ -202,10 +280,10 @@ async def test_injection_and_content_length(site: Path) -> None:
     async with running(dev) as url, httpx.AsyncClient(base_url=url) as client:
         r = await client.get("/docs/", headers={"accept-encoding": "identity"})
         assert int(r.headers["content-length"]) == len(r.content)
-        assert r.content.index(b"<script data-punie-reload>") < r.content.index(b"</Body>")
+        assert r.content.index(b'<script src="/__reload__.js"') < r.content.index(b"</Body>")
         assert r.content.endswith(b"</Body></html>")
         r = await client.get("/frag.html", headers={"accept-encoding": "identity"})
-        assert r.content.startswith(b"<p>no body tag</p><script data-punie-reload>")
+        assert r.content.startswith(b'<p>no body tag</p><script src="/__reload__.js"')
         assert r.content.endswith(b"</script>")
         assert int(r.headers["content-length"]) == len(r.content)
         plain = await client.get("/docs/", headers={"accept-encoding": "identity"})
@@ -239,22 +317,57 @@ async def test_sse_format_and_last_event_id(site: Path) -> None:
             dev.broadcaster.publish_reload("reload-css", ("a.css",))
             event = await stream.next()
             assert stream.retry == 1000 and stream.comments  # retry and an opening comment
-            assert (event.event, event.id) == ("reload", "1")
+            assert (event.event, event.id) == ("reload", f"{dev.broadcaster.run}.1")
             assert event.json() == {"action": "reload-css", "paths": ["a.css"], "generation": 1}
-        # While the tab was away: two more changes. It reconnects with Last-Event-ID: 1.
+        # While the tab was away: two more changes. It reconnects with Last-Event-ID.
         dev.broadcaster.publish_reload("reload", ("index.html",))
         dev.broadcaster.publish_reload("reload-css", ("b.css",))
-        async with sse(client, "/__reload__", {"last-event-id": "1"}) as stream:
+        headers = {"last-event-id": f"{dev.broadcaster.run}.1"}
+        async with sse(client, "/__reload__", headers) as stream:
             event = await stream.next()
-            assert event.id == "3"
+            assert event.id == f"{dev.broadcaster.run}.3"
             assert event.json() == {
                 "action": "reload",
                 "paths": ["b.css", "index.html"],
                 "generation": 3,
             }
-        async with sse(client, "/__reload__?since=2") as stream:
+        async with sse(client, f"/__reload__?since={dev.broadcaster.run}.2") as stream:
             event = await stream.next()
             assert event.json() == {"action": "reload-css", "paths": ["b.css"], "generation": 3}
+
+
+async def test_a_page_from_another_server_run_is_reloaded(site: Path) -> None:
+    """Generations restart at 0 each run: a tab left open across a restart had the new run's
+    generation and was never reloaded (found by a dev app audit). The run id tells them apart."""
+    first = make_app(site, no_watch=True)
+    async with running(first) as url, httpx.AsyncClient(base_url=url) as client:
+        page = (await client.get("/")).text
+    old_run = first.broadcaster.run
+    assert f"{old_run}" in page
+    (site / "index.html").write_text("<html><body>edited while the server was down</body></html>")
+    second = make_app(site, no_watch=True)
+    assert second.broadcaster.run != old_run and second.broadcaster.generation == 0
+    async with running(second) as url, httpx.AsyncClient(base_url=url) as client:
+        for how in ("?since=" + old_run + ".0", "?since=" + old_run + ".7"):
+            async with sse(client, "/__reload__" + how) as stream:
+                event = await stream.next()
+                assert (event.event, event.json()["action"]) == ("reload", "reload"), how
+                assert event.id == f"{second.broadcaster.run}.0"
+        async with sse(client, "/__reload__", {"last-event-id": f"{old_run}.0"}) as stream:
+            assert (await stream.next()).json()["action"] == "reload"
+        # A bare generation names no run (an older server's id, or a client that read only
+        # the page's generation): it cannot be told to be this run's, so it is reloaded.
+        async with sse(client, "/__reload__?since=0") as stream:
+            assert (await stream.next()).json() == {
+                "action": "reload",
+                "paths": [],
+                "generation": 0,
+            }
+        # This run's own page at this generation is up to date: nothing but what comes next.
+        async with sse(client, f"/__reload__?since={second.broadcaster.run}.0") as stream:
+            await stream.wait_open()
+            second.broadcaster.publish_reload("reload-css", ("a.css",))
+            assert (await stream.next()).json()["action"] == "reload-css"
 
 
 async def test_disconnect_and_shutdown_end_streams(site: Path) -> None:

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import html.parser
 import json
 import os
-import re
+import xml.etree.ElementTree
 from pathlib import Path
 
 import pytest
@@ -109,6 +110,69 @@ def test_content_types() -> None:
 
 
 @pytest.mark.parametrize(
+    ("head", "expected"),
+    [
+        (b'<!doctype html><meta charset="iso-8859-1"><p>caf\xe9', "iso-8859-1"),
+        (b"<META CHARSET='Windows-1251'/>", "windows-1251"),
+        (b'<meta http-equiv="Content-Type" content="text/html; charset=Shift_JIS">', "shift_jis"),
+        (b'<meta content="text/html;charset=euc-jp" http-equiv=content-type>', "euc-jp"),
+        (b'<meta content="text/html; charset=euc-jp">', None),  # no http-equiv: not a pragma
+        (b"<!-- <meta charset=koi8-r> --><meta charset=latin1>", "latin1"),
+        (b'<div title="<meta charset=koi8-r>"><meta charset=gbk>', "gbk"),
+        (b"<meta charset=utf-16>", "utf-8"),  # ASCII bytes that say UTF-16 are not
+        (b"<meta charset=x-user-defined>", "windows-1252"),
+        (b'<meta charset="a;b"><meta charset=latin2>', "latin2"),  # not a label: skipped
+        (b" " * 1024 + b"<meta charset=latin1>", None),  # past the first 1024 bytes
+        (b"<p>no declaration</p>", None),
+    ],
+)
+def test_prescan(head: bytes, expected: str | None) -> None:
+    assert _http.prescan(head) == expected
+
+
+def test_charset_is_the_documents_own() -> None:
+    # Every text type went out as utf-8, overriding the page's own declaration (an audit).
+    latin1 = b'<html><head><meta charset="iso-8859-1"></head><body>caf\xe9</body></html>'
+    assert _http.content_type("a.html", latin1) == "text/html; charset=iso-8859-1"
+    assert _http.content_type("a.html", b"<p>plain") == "text/html; charset=utf-8"
+    assert _http.content_type("a.html", b"\xff\xfe<\x00") == "text/html; charset=utf-16le"
+    assert _http.content_type("a.css", b"\xfe\xff\x00a") == "text/css; charset=utf-16be"
+    assert _http.content_type("a.css", b"@charset 'x';") == "text/css; charset=utf-8"
+    decl = b'<?xml version="1.0" encoding="ISO-8859-1"?><a/>'
+    assert _http.content_type("feed.xml", decl) == "application/xml; charset=iso-8859-1"
+    assert _http.content_type("p.xhtml", b"<html/>") == "application/xhtml+xml; charset=utf-8"
+    assert _http.charset("text/html; charset=koi8-r") == "koi8-r"
+    assert _http.charset("image/png") is None
+
+
+def test_inject_into_utf16_page() -> None:
+    page = "\ufeff<html><body>\u00e9\U0001f600</body></html>".encode("utf-16le")
+    out = _inject.inject(page, {"generation": 1}, "utf-16le").decode("utf-16le")
+    assert out.startswith("\ufeff<html><body>\u00e9\U0001f600<script")
+    assert out.endswith("</script></body></html>")
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("bundle.js.gz", "application/gzip"),
+        ("BUNDLE.JS.GZ", "application/gzip"),
+        ("app.wasm.br", "application/octet-stream"),
+        ("data.json.bz2", "application/x-bzip2"),
+        ("site.tar.xz", "application/x-xz"),
+        ("old.Z", "application/octet-stream"),
+        ("release.tgz", "application/gzip"),
+        ("icon.svgz", "application/gzip"),
+    ],
+)
+def test_compressed_files_get_their_compressions_type(name: str, expected: str) -> None:
+    # They were sent as the inner type (text/javascript; charset=utf-8 for bundle.js.gz)
+    # without Content-Encoding (found by a dev app audit).
+    assert _http.content_type(name) == expected
+    assert not _http.is_compressible(_http.content_type(name))
+
+
+@pytest.mark.parametrize(
     ("path", "expected"),
     [
         ("/", []),
@@ -146,18 +210,19 @@ def test_merge_by_severity() -> None:
 
 def test_sse_format() -> None:
     event = ReloadEvent("reload", ("index.html",), 7)
-    wire = _events.encode(event)
+    wire = _events.encode(event, "5eed")
     assert wire == (
-        b'id: 7\nevent: reload\ndata: {"action":"reload","paths":["index.html"],"generation":7}\n\n'
+        b"id: 5eed.7\nevent: reload\n"
+        b'data: {"action":"reload","paths":["index.html"],"generation":7}\n\n'
     )
     assert _events.opening(1500).startswith(b"retry: 1500\n: ")
     assert _events.opening().endswith(b"\n\n")
     assert _events.format_comment("a\nb") == b": a\n: b\n\n"
     assert _events.KEEPALIVE == b": keepalive\n\n"
     error = _events.StatusEvent("build_error", 2, "make", 2, "line1\nline2")
-    wire = _events.encode(error)
+    wire = _events.encode(error, "5eed")
     lines = wire.decode().split("\n")
-    assert lines[:2] == ["id: 2", "event: build_error"]
+    assert lines[:2] == ["id: 5eed.2", "event: build_error"]
     assert json.loads(lines[2].removeprefix("data: ")) == {
         "generation": 2,
         "command": "make",
@@ -183,6 +248,37 @@ def test_sse_format() -> None:
 )
 def test_parse_event_id(value: str | bytes | None, expected: int | None) -> None:
     assert _events.parse_event_id(value) == expected
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("12", ("", 12)),
+        ("a1b2.3", ("a1b2", 3)),
+        (b"r_-9.0", ("r_-9", 0)),
+        ("a.b.3", None),
+        (".3", None),
+        ("run.", None),
+        ("run.x", None),
+        ("<x>.3", None),
+        (None, None),
+    ],
+)
+def test_parse_since(value: str | bytes | None, expected: tuple[str, int] | None) -> None:
+    assert _events.parse_since(value) == expected
+
+
+def test_another_runs_client_gets_a_full_reload() -> None:
+    hub = Broadcaster(run="now")
+    assert hub.missed_since(0, "now") is None
+    assert hub.missed_since(0) is None  # a client that does not say: this run's
+    assert hub.missed_since(0, "before") == ReloadEvent("reload", (), 0)
+    hub.publish_reload("reload-css", ("a.css",))
+    assert hub.missed_since(1, "before") == ReloadEvent("reload", (), 1)
+    assert hub.subscribe(1, "before").take() == [ReloadEvent("reload", (), 1)]
+    assert hub.subscribe(1, "now").take() == []
+    assert hub.page_state()["run"] == "now"
+    assert Broadcaster().run != Broadcaster().run
 
 
 # -- broadcaster: catch-up and per-subscriber merging --------------------------------------
@@ -238,7 +334,7 @@ def test_broadcaster_status_on_subscribe() -> None:
     hub = Broadcaster()
     hub.publish_status("build_start", command="make")
     assert hub.building
-    assert hub.page_state() == {"generation": 0, "building": True, "error": None}
+    assert hub.page_state() == {"run": hub.run, "generation": 0, "building": True, "error": None}
     assert [e.kind for e in hub.subscribe(None).take()] == ["build_start"]  # type: ignore[union-attr]
     hub.publish_status("build_ok", command="make")
     assert hub.subscribe(None).take() == []  # fresh client, nothing to say
@@ -262,16 +358,44 @@ def test_inject_before_last_body_case_insensitive() -> None:
 
 def test_inject_appends_without_body() -> None:
     out = _inject.inject(b"<p>fragment</p>", {"generation": 0})
-    assert out.startswith(b"<p>fragment</p><script data-punie-reload>")
+    assert out.startswith(b'<p>fragment</p><script src="/__reload__.js"')
     assert out.endswith(b"</script>")
 
 
 def test_inject_state_cannot_close_the_script() -> None:
-    state = {"generation": 1, "error": {"output": "</script><img src=x onerror=alert(1)>"}}
-    tag = _inject.script_tag(state).decode()
-    assert tag.count("</script>") == 1 and tag.endswith("</script>")
-    embedded = re.search(r"window.__punieReload=(.*?);\n", tag)
-    assert embedded is not None and json.loads(embedded.group(1)) == state
+    output = "</script><img src=x onerror=alert(1)> ' \" &amp; \u00e9"
+    state = {"generation": 1, "error": {"output": output}}
+    tag = _inject.script_tag(state)
+    assert tag.isascii()
+    text = tag.decode()
+    assert text.count("</script>") == 1 and text.endswith("</script>")
+    assert text.count("'") == 2 and "<" not in text[1:-9]  # only the tag's own
+    # What the browser reads: the attribute, parsed by an HTML parser and by an XML parser.
+    parser = _AttributeReader()
+    parser.feed(text)
+    assert json.loads(parser.state) == state
+    element = xml.etree.ElementTree.fromstring(text)
+    assert json.loads(element.attrib["data-state"]) == state
+    assert element.attrib["src"] == _inject.SCRIPT_PATH
+
+
+class _AttributeReader(html.parser.HTMLParser):
+    state = ""
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.state = dict(attrs).get("data-state") or ""
+
+
+def test_inject_into_xhtml_only_before_body() -> None:
+    page = b'<?xml version="1.0"?><html xmlns="http://www.w3.org/1999/xhtml"><body/></html>'
+    assert _inject.inject(page, {"generation": 0}, xml=True) == page  # nowhere well-formed
+    page = page.replace(b"<body/>", b"<body><p>x</p></body>")
+    out = _inject.inject(page, {"generation": 0, "error": {"output": "<&'>"}}, xml=True)
+    root = xml.etree.ElementTree.fromstring(out)  # still well-formed
+    script = root.find(".//{http://www.w3.org/1999/xhtml}body/{http://www.w3.org/1999/xhtml}script")
+    assert (
+        script is not None and json.loads(script.attrib["data-state"])["error"]["output"] == "<&'>"
+    )
 
 
 def test_pages_escape_the_path() -> None:

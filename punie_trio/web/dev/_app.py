@@ -7,6 +7,7 @@ The server routes every path it does not own to :meth:`DevApp.__call__` and star
 from __future__ import annotations
 
 import functools
+import gzip
 import logging
 import time
 import urllib.parse
@@ -17,11 +18,11 @@ from typing import Any
 import attrs
 import trio
 
-from . import _events, _pages
+from . import _events, _http, _pages
 from ._asgi import Message, Receive, Scope, Send, header, respond
 from ._broadcast import Broadcaster
 from ._builder import BUILD_START_DELAY, BuildLoop
-from ._inject import inject
+from ._inject import SCRIPT_BYTES, SCRIPT_ETAG, SCRIPT_PATH, inject
 from ._sse import stream_events
 from ._static import StaticSite
 from ._watch import Backend, IgnoreRules, PendingChanges, watch
@@ -160,10 +161,11 @@ class DevApp:
             if method != "GET":
                 await _method_not_allowed(send, b"GET")
                 return
-            since = _events.parse_event_id(header(scope, b"last-event-id"))
-            if since is None:
+            position = _events.parse_since(header(scope, b"last-event-id"))
+            if position is None:
                 query = urllib.parse.parse_qs(scope.get("query_string", b"").decode("latin-1"))
-                since = _events.parse_event_id(query.get("since", [None])[-1])
+                position = _events.parse_since(query.get("since", [None])[-1])
+            run, since = position if position is not None else (None, None)
             await stream_events(
                 self.broadcaster,
                 since,
@@ -171,10 +173,14 @@ class DevApp:
                 send,
                 closing=self.closing,
                 keepalive=self.keepalive,
+                run=run,
             )
             return
         if method not in ("GET", "HEAD"):
             await _method_not_allowed(send, b"GET, HEAD")
+            return
+        if path == SCRIPT_PATH:
+            await _serve_script(scope, send, head=method == "HEAD")
             return
         if not self.access_log:
             await self._serve(scope, send, head=method == "HEAD")
@@ -244,10 +250,8 @@ class DevApp:
         self, path: str, request: dict[str, str], send: Send, *, head: bool
     ) -> None:
         state: dict[str, Any] = self.broadcaster.page_state()
-        headers = [
-            (b"content-type", b"text/html; charset=utf-8"),
-            (b"cache-control", b"no-store"),
-        ]
+        ctype = "text/html; charset=utf-8"  # our own pages
+        headers = [(b"cache-control", b"no-store")]
         if self.broadcaster.building and _is_page_request(path, request.get("accept")):
             state["pending"] = True
             body = inject(_pages.rebuilding_page(path), state)
@@ -255,10 +259,46 @@ class DevApp:
             status = 503
         else:
             page = await self.static.read_html("404.html")
-            body = inject(page if page is not None else _pages.not_found_page(path), state)
+            if page is None:
+                body = inject(_pages.not_found_page(path), state)
+            else:  # the site's own, in the charset it declares
+                ctype = _http.content_type("404.html", page[: _http.SNIFF_BYTES])
+                body = inject(page, state, _http.charset(ctype))
             status = 404
+        headers.append((b"content-type", ctype.encode()))
         headers.append((b"content-length", b"%d" % len(body)))
         await respond(send, status, headers, body, head=head)
+
+
+_SCRIPT_GZIP = gzip.compress(SCRIPT_BYTES, compresslevel=9, mtime=0)
+
+
+async def _serve_script(scope: Scope, send: Send, *, head: bool) -> None:
+    """The live-reload script, served rather than inlined so a page's CSP ``script-src
+    'self'`` admits it. ``no-cache`` with an ETag: every page load revalidates it (a 304),
+    so a tab never runs a script older than the server it talks to."""
+    headers: list[tuple[bytes, bytes]] = [
+        (b"cache-control", b"no-cache"),
+        (b"vary", b"accept-encoding"),
+    ]
+    gzipped = _http.accepts_gzip(_header_text(scope, b"accept-encoding"))
+    etag = SCRIPT_ETAG[:-1] + '-gz"' if gzipped else SCRIPT_ETAG
+    headers.append((b"etag", etag.encode()))
+    if_none_match = _header_text(scope, b"if-none-match")
+    if if_none_match is not None and _http.etag_matches(if_none_match, etag):
+        await respond(send, 304, headers, b"")
+        return
+    body = _SCRIPT_GZIP if gzipped else SCRIPT_BYTES
+    headers.append((b"content-type", b"text/javascript; charset=utf-8"))
+    if gzipped:
+        headers.append((b"content-encoding", b"gzip"))
+    headers.append((b"content-length", b"%d" % len(body)))
+    await respond(send, 200, headers, body, head=head)
+
+
+def _header_text(scope: Scope, name: bytes) -> str | None:
+    value = header(scope, name)
+    return None if value is None else value.decode("latin-1")
 
 
 async def _method_not_allowed(send: Send, allow: bytes) -> None:

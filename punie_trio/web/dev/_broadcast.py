@@ -12,13 +12,15 @@ Policy (bounds and what happens when a subscriber is slow):
   received yet is folded into the one it will receive.
 * The broadcaster keeps the last :data:`HISTORY` reload events so a client that reconnects with
   ``Last-Event-ID`` (or ``?since=``) gets what it missed, merged. A client further behind than
-  that (or from an earlier server run: its generation is ahead of ours) gets a full reload,
+  that, or from another server run (its run id is not ours: generations restart at 0 each
+  run, so a page from an earlier run could otherwise look up to date), gets a full reload,
   which is always correct.
 """
 
 from __future__ import annotations
 
 import collections
+import secrets
 from collections.abc import Callable
 from typing import Any
 
@@ -42,6 +44,8 @@ class Subscriber:
     live until the next one, which is what drives the cyclic GC's full collections).
     """
 
+    #: The server run's id, which the events' SSE ids carry.
+    run: str = ""
     _reload: ReloadEvent | None = None
     _status: StatusEvent | None = None
     _signalled: bool = False
@@ -89,7 +93,9 @@ class Subscriber:
             or not direct.usable()
         ):
             return False
-        data = encode(event) if first is None else encode(first) + encode(event)
+        data = encode(event, self.run)
+        if first is not None:
+            data = encode(first, self.run) + data
         unfinished = direct.send_chunk_now(data)
         if unfinished is None:
             return False
@@ -154,6 +160,8 @@ class Broadcaster:
 
     generation: int = 0
     status: StatusEvent | None = None
+    #: Identifies this server run; pages and event ids carry it with the generation.
+    run: str = attrs.field(factory=lambda: secrets.token_hex(4))
     _history: collections.deque[ReloadEvent] = attrs.field(
         factory=lambda: collections.deque(maxlen=HISTORY)
     )
@@ -207,8 +215,11 @@ class Broadcaster:
         for subscriber in self._subscribers:
             subscriber.offer_status(event)
 
-    def missed_since(self, since: int) -> ReloadEvent | None:
-        """What a client that has seen generation ``since`` missed, merged (or ``None``)."""
+    def missed_since(self, since: int, run: str | None = None) -> ReloadEvent | None:
+        """What a client that has seen generation ``since`` of ``run`` missed, merged (or
+        ``None``). ``run=None``: a client that does not say, taken to be of this run."""
+        if run is not None and run != self.run:
+            return ReloadEvent("reload", (), self.generation)  # another run's page
         if since == self.generation:
             return None
         oldest = self._history[0].generation if self._history else self.generation + 1
@@ -217,16 +228,16 @@ class Broadcaster:
             return ReloadEvent("reload", (), self.generation)
         return merge_all(e for e in self._history if e.generation > since)
 
-    def subscribe(self, since: int | None) -> Subscriber:
+    def subscribe(self, since: int | None, run: str | None = None) -> Subscriber:
         """A new subscriber, pre-loaded with what it missed and, where useful, the status.
 
         A client with a page (``since`` given) always gets the current status: its page may
         show a badge or overlay from a state that ended before it connected. A fresh client
         only gets it while a build runs or after a failed one.
         """
-        subscriber = Subscriber()
+        subscriber = Subscriber(run=self.run)
         if since is not None:
-            missed = self.missed_since(since)
+            missed = self.missed_since(since, run)
             if missed is not None:
                 subscriber.offer_reload(missed)
         if self.status is not None and (since is not None or self.status.kind != "build_ok"):
@@ -246,4 +257,9 @@ class Broadcaster:
         error = None
         if self.status is not None and self.status.kind == "build_error":
             error = self.status.data()
-        return {"generation": self.generation, "building": self.building, "error": error}
+        return {
+            "run": self.run,
+            "generation": self.generation,
+            "building": self.building,
+            "error": error,
+        }

@@ -4,8 +4,12 @@ Two kinds of event travel on ``/__reload__``:
 
 * a :class:`ReloadEvent` says the served output changed. Each one bumps the server's
   *generation*; pages carry the generation they were served at, so a client that missed
-  events can ask for everything after it. Reload events *merge*: a full ``reload`` beats a
-  ``reload-css`` and the paths are united, so any number of missed events collapse into one.
+  events can ask for everything after it. Generations count from 0 in every server run, so
+  they are only comparable within one: every event id and every page also names the *run*
+  (a random id per :class:`~._broadcast.Broadcaster`), as ``<run>.<generation>``, and a
+  client from another run is reloaded whatever its generation. Reload events *merge*: a full
+  ``reload`` beats a ``reload-css`` and the paths are united, so any number of missed events
+  collapse into one.
 * a :class:`StatusEvent` reports the build: ``build_start``, ``build_ok``, ``build_error``.
   Status is *state*, not history: only the latest one matters, so a newer one replaces an
   older one that was not delivered yet.
@@ -17,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 from collections.abc import Iterable
 from typing import Any, Literal
 
@@ -89,7 +94,12 @@ class StatusEvent:
 Event = ReloadEvent | StatusEvent
 
 
-def format_event(name: str, event_id: int | None, data: dict[str, Any]) -> bytes:
+def event_id(run: str, generation: int) -> str:
+    """The SSE ``id`` (and ``?since=``) of a position: ``<run>.<generation>``."""
+    return f"{run}.{generation}"
+
+
+def format_event(name: str, event_id: str | None, data: dict[str, Any]) -> bytes:
     """One SSE event: ``id:``, ``event:`` and a single-line JSON ``data:`` field."""
     lines = []
     if event_id is not None:
@@ -101,15 +111,16 @@ def format_event(name: str, event_id: int | None, data: dict[str, Any]) -> bytes
 
 
 @functools.lru_cache(maxsize=64)
-def encode(event: Event) -> bytes:
-    """Wire form of a reload or status event; the SSE ``id`` is the generation.
+def encode(event: Event, run: str) -> bytes:
+    """Wire form of a reload or status event; the SSE ``id`` is run and generation.
 
     Cached: one broadcast sends the same (immutable) event to every subscriber, so it is
     serialised once, not once per client.
     """
+    position = event_id(run, event.generation)
     if isinstance(event, ReloadEvent):
-        return format_event("reload", event.generation, event.data())
-    return format_event(event.kind, event.generation, event.data())
+        return format_event("reload", position, event.data())
+    return format_event(event.kind, position, event.data())
 
 
 def format_comment(text: str) -> bytes:
@@ -125,9 +136,9 @@ def opening(retry_ms: int = RETRY_MS) -> bytes:
 KEEPALIVE = format_comment("keepalive")
 
 
-def shutdown(generation: int) -> bytes:
+def shutdown(run: str, generation: int) -> bytes:
     """The final event of a stream when the server shuts down."""
-    return format_event("shutdown", generation, {"generation": generation})
+    return format_event("shutdown", event_id(run, generation), {"generation": generation})
 
 
 def parse_event_id(value: str | bytes | None) -> int | None:
@@ -141,3 +152,25 @@ def parse_event_id(value: str | bytes | None) -> int | None:
     if not (value.isascii() and value.isdigit()) or len(value) > 18:
         return None
     return int(value)
+
+
+#: What a run id may be (ours are hex; anything else is ignored, not echoed anywhere).
+_RUN = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+def parse_since(value: str | bytes | None) -> tuple[str, int] | None:
+    """Parse ``Last-Event-ID`` / ``?since=``: ``<run>.<generation>``, or a bare generation,
+    which names no run (``""``): it comes from a server that had no run ids or from a client
+    that read only the generation, so it cannot be told to be this run's, and gets the full
+    reload that is always right. ``None`` for anything else."""
+    if value is None:
+        return None
+    if isinstance(value, bytes):
+        value = value.decode("latin-1")
+    run, dot, generation = value.strip().rpartition(".")
+    if dot and not _RUN.fullmatch(run):
+        return None
+    parsed = parse_event_id(generation)
+    if parsed is None:
+        return None
+    return run, parsed

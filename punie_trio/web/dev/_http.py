@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import email.utils
 import mimetypes
+import re
 from typing import Final
 
 import attrs
@@ -38,6 +39,21 @@ _TYPES: Final[dict[str, str]] = {
     ".pdf": "application/pdf",
 }
 
+#: What a compressed file is sent as: the compression's own type, never the inner file's. A
+#: ``bundle.js.gz`` is gzip bytes; labelled ``text/javascript`` without ``Content-Encoding``
+#: (what it was) a browser runs the compressed bytes as a script, and with ``Content-Encoding``
+#: a download would be decompressed behind the user's back. Python's ``http.server`` does
+#: the same for ``.gz``, ``.bz2``, ``.xz`` and ``.Z``; brotli has no registered type, so a
+#: ``.br`` file is plain binary, as ``.Z`` is there. The names ``mimetypes`` knows as
+#: compressed (``.tgz``, ``.svgz``, ...) count by their compression too.
+_COMPRESSED: Final[dict[str, str]] = {
+    "gzip": "application/gzip",
+    "bzip2": "application/x-bzip2",
+    "xz": "application/x-xz",
+    "compress": "application/octet-stream",
+    "br": "application/octet-stream",
+}
+
 _COMPRESSIBLE_APP: Final = frozenset(
     {
         "application/json",
@@ -50,18 +66,173 @@ _COMPRESSIBLE_APP: Final = frozenset(
 )
 
 
-def content_type(name: str) -> str:
-    """The ``Content-Type`` for a file name; text types carry ``charset=utf-8``."""
+#: How far into a page the charset declaration is looked for: the HTML spec's prescan reads
+#: the first 1024 bytes, and so does :func:`content_type`.
+SNIFF_BYTES = 1024
+
+_BOMS: Final = ((b"\xef\xbb\xbf", "utf-8"), (b"\xff\xfe", "utf-16le"), (b"\xfe\xff", "utf-16be"))
+#: The Encoding Standard's labels of UTF-16LE and UTF-16BE.
+_UTF16_LABELS: Final = frozenset(
+    {"csunicode", "iso-10646-ucs-2", "ucs-2", "unicode", "unicodefeff", "utf-16", "utf-16le"}
+    | {"unicodefffe", "utf-16be"}
+)
+_XML_TYPES: Final = frozenset({"application/xml", "text/xml", "application/xhtml+xml"})
+#: An encoding label fit for a header: no quotes, no ``;``, no spaces (labels are tokens).
+_LABEL = re.compile(rb"[A-Za-z0-9._:+-]{1,40}")
+_XML_DECL = re.compile(rb"<\?xml\s[^>]*?encoding\s*=\s*[\"']([^\"']*)[\"']")
+_ATTR = re.compile(
+    rb"[\t\n\f\r /]*([^\t\n\f\r />][^\t\n\f\r /=>]*)(?:[\t\n\f\r ]*=[\t\n\f\r ]*"
+    rb"(\"[^\"]*\"?|'[^']*'?|[^\t\n\f\r >]*))?"
+)
+_CONTENT_CHARSET = re.compile(
+    rb"charset[\t\n\f\r ]*=[\t\n\f\r ]*(\"[^\"]*\"|'[^']*'|[^\t\n\f\r ;\"']+)", re.I
+)
+
+
+def _label(raw: bytes) -> str | None:
+    raw = raw.strip(b"\t\n\f\r \"'")
+    if not _LABEL.fullmatch(raw):
+        return None
+    label = raw.decode("ascii").lower()
+    # The spec's prescan: a page that says it is UTF-16 in ASCII bytes is not (it would have
+    # a BOM), so UTF-16 labels mean UTF-8; x-user-defined means windows-1252.
+    if label in _UTF16_LABELS:
+        return "utf-8"
+    if label == "x-user-defined":
+        return "windows-1252"
+    return label
+
+
+def _attributes(tag: bytes) -> list[tuple[bytes, bytes]]:
+    """The attributes of a start tag's inside (after its name, up to ``>``)."""
+    out = []
+    for match in _ATTR.finditer(tag):
+        value = match.group(2) or b""
+        if value[:1] in (b'"', b"'"):
+            value = value[1:].rstrip(value[:1])
+        out.append((match.group(1).lower(), value))
+    return out
+
+
+def _tag_end(data: bytes, start: int) -> int:
+    """Index just past the ``>`` that ends the tag opened before ``start`` (quotes
+    respected), or ``len(data)``."""
+    i, quote = start, 0
+    while i < len(data):
+        c = data[i]
+        if quote:
+            if c == quote:
+                quote = 0
+        elif c in (0x22, 0x27):
+            quote = c
+        elif c == 0x3E:
+            return i + 1
+        i += 1
+    return len(data)
+
+
+def prescan(head: bytes) -> str | None:
+    """The charset an HTML page declares in its first :data:`SNIFF_BYTES` bytes, as the HTML
+    spec's prescan finds it: the first ``<meta charset>`` or ``<meta http-equiv=content-type
+    content="...; charset=...">`` outside comments, skipping other tags whole (a ``>`` or a
+    ``<meta`` inside a quoted attribute value does not count)."""
+    data = head[:SNIFF_BYTES]
+    i = 0
+    while True:
+        i = data.find(b"<", i)
+        if i < 0:
+            return None
+        if data.startswith(b"<!--", i):
+            end = data.find(b"-->", i + 2)
+            if end < 0:
+                return None
+            i = end + 3
+            continue
+        after = data[i + 5 : i + 6]
+        if data[i : i + 5].lower() == b"<meta" and after and after in b"\t\n\f\r /":
+            end = _tag_end(data, i + 5)
+            attrs = dict(reversed(_attributes(data[i + 5 : end].rstrip(b">"))))
+            charset = attrs.get(b"charset")
+            if charset is None:
+                content = attrs.get(b"content")
+                equiv = attrs.get(b"http-equiv", b"").lower()
+                found = _CONTENT_CHARSET.search(content) if content is not None else None
+                charset = found.group(1) if found is not None and equiv == b"content-type" else None
+            if charset is not None:
+                label = _label(charset)
+                if label is not None:
+                    return label
+            i = end
+            continue
+        nxt = data[i + 1 : i + 2]
+        if nxt.isalpha() or (nxt == b"/" and data[i + 2 : i + 3].isalpha()):
+            i = _tag_end(data, i + 1)
+        elif nxt in (b"!", b"/", b"?"):
+            end = data.find(b">", i + 1)
+            if end < 0:
+                return None
+            i = end + 1
+        else:
+            i += 1
+
+
+def bom_charset(head: bytes) -> str | None:
+    """The encoding a byte-order mark at the start of ``head`` names (it beats any label)."""
+    for bom, name in _BOMS:
+        if head.startswith(bom):
+            return name
+    return None
+
+
+def content_type(name: str, head: bytes = b"") -> str:
+    """The ``Content-Type`` for a file name whose content starts with ``head``.
+
+    Text types carry a charset, which overrides what the document itself declares (a page with
+    ``<meta charset="iso-8859-1">`` sent with ``charset=utf-8`` showed "Caf\ufffd cr\ufffdme";
+    found by a dev app audit). So it is the document's own: a byte-order mark; for HTML the
+    ``<meta>`` declaration the browser's prescan would find (:func:`prescan`); for XML the
+    ``encoding`` of its declaration; else ``utf-8``.
+
+    A compressed file (``.gz``, ``.br``, ...) gets its compression's type (see
+    :data:`_COMPRESSED`), which is not compressible, so it is never gzipped again either.
+    """
     dot = name.rfind(".")
     suffix = name[dot:].lower() if dot >= 0 else ""
-    ctype = _TYPES.get(suffix) or mimetypes.guess_type(name)[0] or "application/octet-stream"
-    if ctype.startswith("text/") or ctype in ("application/json", "application/xml"):
-        ctype += "; charset=utf-8"
+    ctype = _TYPES.get(suffix)
+    if ctype is None:
+        guessed, encoding = mimetypes.guess_type(name, strict=False)
+        if encoding is not None:
+            return _COMPRESSED.get(encoding, "application/octet-stream")
+        ctype = guessed or "application/octet-stream"
+    if (
+        ctype.startswith("text/")
+        or ctype in ("application/json", "application/xml")
+        or (ctype == "application/xhtml+xml")
+    ):
+        charset = bom_charset(head)
+        if charset is None and ctype == "text/html":
+            charset = prescan(head)
+        elif charset is None and ctype in _XML_TYPES:
+            found = _XML_DECL.match(head)
+            charset = _label(found.group(1)) if found is not None else None
+        ctype += "; charset=" + (charset or "utf-8")
     return ctype
 
 
+def charset(ctype: str) -> str | None:
+    """The ``charset`` parameter of a ``Content-Type`` we made."""
+    _, sep, value = ctype.partition("; charset=")
+    return value if sep else None
+
+
 def is_html(ctype: str) -> bool:
-    return ctype.split(";", 1)[0].strip() == "text/html"
+    """A page that gets the live-reload script: HTML, or XHTML (see :func:`is_xhtml`)."""
+    return ctype.split(";", 1)[0].strip() in ("text/html", "application/xhtml+xml")
+
+
+def is_xhtml(ctype: str) -> bool:
+    """A page parsed as XML: the script may only go where it keeps it well-formed."""
+    return ctype.split(";", 1)[0].strip() == "application/xhtml+xml"
 
 
 def is_compressible(ctype: str) -> bool:

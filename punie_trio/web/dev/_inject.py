@@ -1,9 +1,17 @@
 """The live-reload script and its injection into HTML (sans-I/O).
 
-The script goes before the *last* ``</body>`` (case-insensitive; ``</BODY >`` too), or at the
+A page gets a ``<script src="/__reload__.js" data-punie-reload="" data-state="...">`` tag:
+the script is *external* and same-origin, so a page whose Content-Security-Policy says
+``script-src 'self'`` runs it (an inline script was blocked there; found by a dev app audit).
+The page's state (server run, generation, build running, last build error) travels as JSON
+in the ``data-state`` attribute, escaped, so nothing in it can end the attribute or the
+element, and the tag is ASCII, so it fits a page in any ASCII-compatible charset. The script
+finds it through ``document.currentScript``.
+
+The tag goes before the *last* ``</body>`` (case-insensitive; ``</BODY >`` too), or at the
 end when there is none: a ``</body>`` inside an earlier inline script or comment must not
-receive it. The page's state (generation, build running, last build error) is embedded as
-JSON, with ``<`` escaped so no string in it can close the ``<script>`` element.
+receive it. An XHTML page (``application/xhtml+xml``) gets it too, but only before a
+``</body>``: the tag is well-formed XML, and appended after the root element it would not be.
 
 What the script does, and why:
 
@@ -16,6 +24,14 @@ What the script does, and why:
 * **CSS hot swap**: each same-origin stylesheet ``<link>`` is cloned with a cache-busting query;
   the old one is removed only when the new one has loaded (or failed), so there is no flash.
 * **Scroll kept across reloads** in ``sessionStorage``, keyed by path.
+* **One connection per tab, not per frame.** A window connects only when no same-origin
+  ancestor window runs the script; one that started first (frames load before their parent's
+  script runs) is told to stand down when the ancestor starts. The connected window swaps
+  stylesheets in its same-origin frames too, and its reload reloads them. A page with five
+  same-site iframes opened six streams: Chromium's six HTTP/1.1 connections per host, never
+  released, and every later request of the page hung (found by a dev app audit). A page shown
+  in a *cross-origin* frame (an IDE's preview pane) still connects: reading a cross-origin
+  ancestor's properties throws, and that ancestor is skipped.
 * **"rebuilding" badge** while a build runs, and a **build-error overlay** (command, exit
   status, tail of the output) on ``build_error``, cleared on ``build_ok``. Text is set with
   ``textContent``, so output is never parsed as HTML.
@@ -25,16 +41,21 @@ from __future__ import annotations
 
 import json
 import re
+import zlib
 from typing import Any
 
 _BODY_CLOSE = re.compile(rb"</body\s*>", re.IGNORECASE)
 
+SCRIPT_PATH = "/__reload__.js"
+
 SCRIPT_JS = r"""(function () {
   "use strict";
-  if (window.__punieReloadStarted) return;
-  window.__punieReloadStarted = true;
-  var S = window.__punieReload;
-  var gen = S.generation, es = null, timer = null, attempt = 0, swapping = 0;
+  var me = document.currentScript;
+  if (window.__punieReloadStarted || !me) return;
+  var S;
+  try { S = JSON.parse(me.getAttribute("data-state")); } catch (e) { return; }
+  window.__punieReload = S;
+  var gen = S.generation, es = null, timer = null, attempt = 0, swapping = 0, passive = false;
   var KEY = "punie-scroll:" + location.pathname + location.search;
   var STYLE_BADGE = "position:fixed;right:12px;bottom:12px;z-index:2147483647;" +
     "font:12px/1.4 system-ui,sans-serif;background:#1f2937;color:#fff;padding:4px 10px;" +
@@ -44,6 +65,27 @@ SCRIPT_JS = r"""(function () {
     "padding:24px";
   function root() { return document.body || document.documentElement; }
   function byId(id) { return document.getElementById(id); }
+  function ancestorRuns() {
+    var w = window;
+    while (w !== w.parent) {
+      w = w.parent;
+      try { if (w.__punieReloadStarted) return true; } catch (e) {}
+    }
+    return false;
+  }
+  function eachFrame(fn, w) {
+    var n = 0;
+    w = w || window;
+    try { n = w.length; } catch (e) { return; }
+    for (var i = 0; i < n; i++) {
+      var f = null, same = false;
+      try { f = w[i]; same = !!f.document; } catch (e) {}
+      if (!f) continue;
+      if (same) { try { fn(f); } catch (e) {} }
+      eachFrame(fn, f);
+    }
+  }
+  function api(f) { return f.__punieReloadStarted || null; }
   function badge(show) {
     var b = byId("__punie_badge");
     if (show && !b) {
@@ -94,15 +136,16 @@ SCRIPT_JS = r"""(function () {
   }
   function reload() {
     saveScroll();
+    eachFrame(function (f) { if (api(f)) api(f).saveScroll(); });
     disconnect();
     location.reload();
   }
-  function swapCss() {
-    var links = document.querySelectorAll('link[rel~="stylesheet"]');
+  function swapCssIn(doc) {
+    var links = doc.querySelectorAll('link[rel~="stylesheet"]');
     for (var i = 0; i < links.length; i++) {
       var old = links[i], url;
       if (old.getAttribute("data-punie-old")) continue;
-      try { url = new URL(old.href, location.href); } catch (e) { continue; }
+      try { url = new URL(old.href, doc.baseURI); } catch (e) { continue; }
       if (url.origin !== location.origin) continue;
       url.searchParams.set("__punie", gen + "-" + (++swapping));
       var link = old.cloneNode(false);
@@ -121,19 +164,26 @@ SCRIPT_JS = r"""(function () {
       old.parentNode.insertBefore(link, old.nextSibling);
     }
   }
+  function swapCss() {
+    swapCssIn(document);
+    eachFrame(function (f) { swapCssIn(f.document); });
+  }
+  function reloadPendingFrames() {
+    eachFrame(function (f) { if (api(f) && api(f).pending) f.location.reload(); });
+  }
   function disconnect() {
     if (timer !== null) { clearTimeout(timer); timer = null; }
     if (es) { es.close(); es = null; }
   }
   function schedule() {
-    if (timer !== null || document.visibilityState === "hidden") return;
+    if (passive || timer !== null || document.visibilityState === "hidden") return;
     var delay = Math.min(10000, 250 * Math.pow(2, attempt++)) * (0.75 + Math.random() / 2);
     timer = setTimeout(function () { timer = null; connect(); }, delay);
   }
   function data(m) { try { return JSON.parse(m.data); } catch (e) { return {}; } }
   function connect() {
-    if (es || document.visibilityState === "hidden") return;
-    es = new EventSource("/__reload__?since=" + gen);
+    if (passive || es || document.visibilityState === "hidden") return;
+    es = new EventSource("/__reload__?since=" + encodeURIComponent(S.run + "." + gen));
     es.onopen = function () { attempt = 0; };
     es.onerror = function () { disconnect(); schedule(); };
     es.addEventListener("reload", function (m) {
@@ -144,17 +194,26 @@ SCRIPT_JS = r"""(function () {
     });
     es.addEventListener("build_start", function () { badge(true); });
     es.addEventListener("build_ok", function () {
-      badge(false); overlay(null);
+      badge(false); overlay(null); reloadPendingFrames();
       if (S.pending) reload();
     });
     es.addEventListener("build_error", function (m) {
-      badge(false); overlay(data(m));
+      badge(false); overlay(data(m)); reloadPendingFrames();
       if (S.pending) reload();
     });
     es.addEventListener("shutdown", function () { disconnect(); schedule(); });
   }
-  badge(S.building);
-  overlay(S.error);
+  window.__punieReloadStarted = {
+    pending: !!S.pending,
+    saveScroll: saveScroll,
+    standDown: function () { passive = true; disconnect(); badge(false); overlay(null); }
+  };
+  passive = ancestorRuns();
+  if (!passive) {
+    eachFrame(function (f) { if (api(f)) api(f).standDown(); });
+    badge(S.building);
+    overlay(S.error);
+  }
   if (document.readyState === "complete") restoreScroll();
   else window.addEventListener("load", restoreScroll);
   window.addEventListener("pagehide", disconnect);
@@ -163,23 +222,50 @@ SCRIPT_JS = r"""(function () {
     if (document.visibilityState === "hidden") disconnect(); else connect();
   });
   connect();
-})();"""
+})();
+"""
+
+#: The script as served, and its validator (it changes only with the code).
+SCRIPT_BYTES = SCRIPT_JS.encode()
+SCRIPT_ETAG = f'"{zlib.crc32(SCRIPT_BYTES):08x}-{len(SCRIPT_BYTES):x}"'
+
+
+_ATTRIBUTE_ESCAPES = str.maketrans({"&": "&amp;", "'": "&#39;", "<": "&lt;", ">": "&gt;"})
 
 
 def script_tag(state: dict[str, Any]) -> bytes:
-    """The ``<script>`` element for a page served in ``state``."""
-    state_json = json.dumps(state, separators=(",", ":")).replace("<", "\\u003c")
+    """The ``<script>`` element for a page served in ``state``: ASCII, and well-formed XML."""
+    # ensure_ascii: ASCII. In a single-quoted attribute the JSON's own quotes stay as they are;
+    # & ' < > are escaped, so no string in it ends the attribute or the element (in HTML or
+    # XML), and getAttribute() gives the JSON back.
+    state_json = json.dumps(state, separators=(",", ":")).translate(_ATTRIBUTE_ESCAPES)
     return (
-        f"<script data-punie-reload>window.__punieReload={state_json};\n{SCRIPT_JS}</script>"
+        f'<script src="{SCRIPT_PATH}" data-punie-reload="" data-state=\'{state_json}\'></script>'
     ).encode()
 
 
-def inject(html: bytes, state: dict[str, Any]) -> bytes:
-    """Insert the script before the last ``</body>`` (any case), else append it."""
+def inject(
+    html: bytes, state: dict[str, Any], charset: str | None = None, *, xml: bool = False
+) -> bytes:
+    """Insert the script before the last ``</body>`` (any case), else append it (but for
+    ``xml``, an XHTML page: there nothing may follow the root element, so no script).
+
+    The tag is ASCII, and so is ``</body>`` in every encoding a page can declare in ASCII
+    bytes, so the bytes are searched and spliced as they are. A UTF-16 page (a BOM says so)
+    is the exception: there the tag and the search are in UTF-16 too.
+    """
+    if charset in ("utf-16le", "utf-16be"):
+        assert charset is not None
+        try:
+            text = html.decode(charset, errors="surrogatepass")
+        except UnicodeDecodeError:  # an odd number of bytes: not UTF-16 after all
+            return html
+        as_utf8 = inject(text.encode("utf-8", errors="surrogatepass"), state, xml=xml)
+        return as_utf8.decode("utf-8", errors="surrogatepass").encode(charset, "surrogatepass")
     tag = script_tag(state)
     last = None
     for last in _BODY_CLOSE.finditer(html):  # noqa: B007 - keep the final match
         pass
     if last is None:
-        return html + tag
+        return html if xml else html + tag
     return html[: last.start()] + tag + html[last.start() :]

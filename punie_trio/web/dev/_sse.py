@@ -78,14 +78,17 @@ async def stream_events(
     closing: trio.Event,
     keepalive: float = 15.0,
     retry_ms: int = _events.RETRY_MS,
+    run: str | None = None,
 ) -> None:
     """Serve one SSE response until the client leaves or ``closing`` is set.
 
-    ``since`` is the generation the client has seen (``Last-Event-ID`` or ``?since=``); what it
-    missed is replayed, merged, as the first event. Keepalive comments go out after
-    ``keepalive`` seconds without an event (read from Trio's clock, so MockClock drives it).
+    ``since`` is the generation the client has seen (``Last-Event-ID`` or ``?since=``), of
+    server run ``run`` (``None``: not said, taken as this run); what it missed is replayed,
+    merged, as the first event (a full reload for another run's client). Keepalive comments go
+    out after ``keepalive`` seconds without an event (read from Trio's clock, so MockClock
+    drives it).
     """
-    subscriber = broadcaster.subscribe(since)
+    subscriber = broadcaster.subscribe(since, run)
     started = False
     final = b""
     try:
@@ -113,7 +116,10 @@ async def stream_events(
                 if not events and flushed:  # woken for the rest of a chunk an offer began
                     subscriber.last_sent = trio.current_time()
                     continue
-                chunk = b"".join([_events.encode(e) for e in events]) or _events.KEEPALIVE
+                chunk = (
+                    b"".join([_events.encode(e, broadcaster.run) for e in events])
+                    or _events.KEEPALIVE
+                )
                 if direct is not None and direct.usable():
                     # Past Hypercorn's per-message path: a broadcast pays it per stream.
                     await direct.send_chunk(chunk)
@@ -121,7 +127,7 @@ async def stream_events(
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
                 subscriber.last_sent = trio.current_time()
             await _finish_unfinished(subscriber, direct)
-            final = _events.shutdown(broadcaster.generation)
+            final = _events.shutdown(broadcaster.run, broadcaster.generation)
             nursery.cancel_scope.cancel()
     finally:
         broadcaster.unsubscribe(subscriber)

@@ -86,6 +86,9 @@ class Lookup:
     key: str = ""
     #: Bodies derived from a cached file, by variant (page state, encoding).
     variants: dict[str, bytes] = attrs.field(factory=dict)
+    #: ``Content-Type``: from the name and, for text, the charset the content declares
+    #: (worked out in the lookup's hop, from the first :data:`~._http.SNIFF_BYTES` bytes).
+    ctype: str = "application/octet-stream"
 
     @property
     def cost(self) -> int:
@@ -126,6 +129,7 @@ def lookup(root: str, segments: list[str], trailing_slash: bool, read_limit: int
                 st.st_mtime_ns,
                 target=target,
                 last_modified=_http.http_date(st.st_mtime_ns / 1e9),
+                ctype=_http.content_type(real, _read(real, 0, _http.SNIFF_BYTES)),
             )
         with open(real, "rb") as f:
             st = os.fstat(f.fileno())
@@ -144,6 +148,7 @@ def lookup(root: str, segments: list[str], trailing_slash: bool, read_limit: int
         ident,
         target,
         _http.http_date(st.st_mtime_ns / 1e9),
+        ctype=_http.content_type(real, body[: _http.SNIFF_BYTES]),
     )
 
 
@@ -283,7 +288,8 @@ class StaticSite:
             raw = found.body
             if raw is None:
                 raw = await trio.to_thread.run_sync(_read, found.path)
-            body = inject(raw, state)
+            charset = _http.charset(found.ctype)
+            body = inject(raw, state, charset, xml=_http.is_xhtml(found.ctype))
             self._remember(found, state_json, body)
         return body, tag, state_json
 
@@ -300,7 +306,7 @@ class StaticSite:
 
         ``request`` holds the relevant request headers (lower-case names, decoded).
         """
-        ctype = _http.content_type(found.path)
+        ctype = found.ctype
         html = _http.is_html(ctype) and found.size <= INJECT_LIMIT
         compressible = _http.is_compressible(ctype)
         body = found.body
