@@ -514,7 +514,8 @@ async def test_serving_as_the_cli_does_freezes_startup_and_raises_gc_thresholds(
     start-up allocated and collects the young generation every 20,000 allocations, not
     700 (performance.md, fifth pass). Restored afterwards for the other tests."""
     before = gc.get_threshold()
-    assert before != GC_THRESHOLDS and gc.get_freeze_count() == 0  # (no test left them)
+    frozen = gc.get_freeze_count()  # (3.12.1 starts with some frozen)
+    assert before != GC_THRESHOLDS  # (no test left them)
     (tmp_path / "data").mkdir()
     config = ServeConfig(
         projects=(tmp_path,), model=EchoModel(), port=0, data_dir=tmp_path / "data"
@@ -524,7 +525,7 @@ async def test_serving_as_the_cli_does_freezes_startup_and_raises_gc_thresholds(
         async with trio.open_nursery() as nursery:
             running: Running = await nursery.start(serve, config)
             assert gc.get_threshold() == GC_THRESHOLDS
-            assert gc.get_freeze_count() > 0
+            assert gc.get_freeze_count() > frozen
             running.closing.set()
     finally:
         gc.unfreeze()
