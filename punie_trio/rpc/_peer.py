@@ -113,6 +113,22 @@ class _NullObserver:
         pass
 
 
+class _Gone:
+    """The dispatcher of a peer whose :meth:`Peer.run` is over (nothing calls it)."""
+
+    def handle_request(self, method: str, params: Params) -> Awaitable[Any] | Deferred:
+        raise RpcError(INTERNAL_ERROR, "connection closed")
+
+    def handle_notification(self, method: str, params: Params) -> None:
+        pass
+
+    def request_refused(self, request_id: RequestId) -> None:
+        pass
+
+
+_GONE = _Gone()
+
+
 @attrs.define(eq=False, slots=True)
 class Deferred:
     """Returned by :meth:`Dispatcher.handle_request` for a request it answers later, from
@@ -258,6 +274,11 @@ class Peer:
     def _close(self) -> None:
         self._closed = True
         self._nursery = None
+        # The dispatcher (the connection) holds this peer: without this, the two, and
+        # everything they hold (the stream, what is queued), would be freed only by the
+        # collector, which the server runs rarely. Only the reader calls them; it is done.
+        self.dispatcher = _GONE
+        self.on_eof = None
         self._outbox.close()
         self._drop_deferred()
         for call in self._pending.values():

@@ -126,6 +126,26 @@ class FastSendTCPServer(TCPServer):
             await super().run()
         except Exception:
             log.exception("connection failed and was closed; the server goes on")
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        """Break the reference cycles a finished connection would leave to the collector.
+
+        Why: this object holds Hypercorn's protocol, whose ``send`` is this object's bound
+        ``protocol_send``, and the keep-alive timer and direct reader hold this object: a
+        cycle through everything the connection had (wsproto, h11, the WebSocket stream with
+        a message being reassembled, up to the message size bound). The server's collector
+        runs rarely (``server.GC_THRESHOLDS``), so a closed connection's memory came back
+        late: an audit saw RSS reach 3 GB over rounds of 40 connections that each left a
+        16 MiB message unfinished. Once ``run`` is over every task of the connection (the
+        app's too: it runs in the connection's task group) has ended, so nothing needs
+        these links any more; the connection is freed as soon as nothing else holds it.
+        Later calls find a protocol and a timer that do nothing.
+        """
+        self.frame_reader = None
+        self.protocol = _ENDED  # type: ignore[assignment]
+        self.idle_task = _ENDED  # type: ignore[assignment]
 
     async def _read_data(self) -> None:
         try:
@@ -311,6 +331,26 @@ class FastSendTCPServer(TCPServer):
         """How long a write may make no progress once the server is terminating: half the
         graceful timeout, at most one second, so the rest of the shutdown still fits."""
         return min(1.0, self.config.graceful_timeout / 2)
+
+
+class _Ended:
+    """A finished connection's protocol and keep-alive timer (see
+    ``FastSendTCPServer._release``): every call does nothing."""
+
+    async def handle(self, event: Event) -> None:
+        pass
+
+    async def restart(self, task_group: Any, action: Any) -> None:
+        pass
+
+    async def stop(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+_ENDED = _Ended()
 
 
 def install() -> bool:
