@@ -270,6 +270,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("prompts_per_minute", _to_positive_int, 120),
     Option("tool_calls_per_minute", _to_positive_int, 240),
     Option("outbox_limit", _to_positive_int, 256),
+    Option("outbox_bytes", _to_positive_int, 1024 * 1024),
     Option("shutdown_timeout", _to_seconds, 5.0),
     Option("grace_seconds", _to_seconds, 300.0),
     Option("detached_buffer", _to_positive_int, 1024),

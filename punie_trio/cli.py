@@ -179,6 +179,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--outbox-limit", type=_positive_int, help="queued messages per connection (default 256)"
     )
     limits.add_argument(
+        "--outbox-bytes",
+        type=_positive_int,
+        help="bytes of queued messages per connection (default 1048576: 1 MiB)",
+    )
+    limits.add_argument(
         "--grace-seconds",
         type=_seconds,
         help="how long a disconnected client's sessions wait for it to reconnect (default 300)",
@@ -402,6 +407,7 @@ def _serve_locked(
             prompts_per_minute=o["prompts_per_minute"],
             tool_calls_per_minute=o["tool_calls_per_minute"],
             outbox_limit=o["outbox_limit"],
+            outbox_bytes=o["outbox_bytes"],
             grace_seconds=o["grace_seconds"],
             detached_buffer=o["detached_buffer"],
             client_call_timeout=o["client_call_timeout"],

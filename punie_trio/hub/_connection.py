@@ -86,6 +86,7 @@ class ClientConnection:
             stream,
             self,
             outbox_size=self.manager.limits.outbox_limit,
+            outbox_bytes=self.manager.limits.outbox_bytes,
             observer=self.manager.metrics,
             # stdin EOF closes only the client's sending half: cancel our turns, but let
             # every request read so far be answered (a piped script gets all its answers).
@@ -118,6 +119,12 @@ class ClientConnection:
         ``acp.updates.notification``)."""
         assert self.peer is not None
         await self.peer.send_encoded(text)
+
+    async def wait_for_room(self) -> None:
+        """Wait until this connection's outbox is below its bounds (see
+        :meth:`Peer.wait_for_room`); at once if it has ended."""
+        if self.peer is not None:
+            await self.peer.wait_for_room()
 
     def send_encoded_now(self, texts: list[str]) -> bool:
         """Queue encoded messages without waiting (see :meth:`Peer.send_encoded_now`)."""

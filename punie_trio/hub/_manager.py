@@ -968,6 +968,13 @@ class Manager:
                     # (No nursery: shutting down, the turn is being cancelled.)
                     if isinstance(event, ClientCall) and self._nursery is not None:
                         self._nursery.start_soon(self._client_call, session, turn, event)
+                if held:
+                    # The last updates go with the answer, queued past the outbox's
+                    # bounds (they must not wait once the turn is recorded): wait for
+                    # room first, as for the others, or a client that stops reading gets
+                    # every finished turn's updates queued (an audit: 120 echoed prompts
+                    # of 1 MiB, 300 MB held). At once if the connection has ended.
+                    await turn.connection.wait_for_room()
         finally:
             events.close()
             turn.relaying = False

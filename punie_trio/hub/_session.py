@@ -12,6 +12,7 @@ import attrs
 import trio
 
 from ..rpc import RequestId, RpcError
+from ..rpc._outbox import OUTBOX_BYTES
 from ..worker import Command, ProjectWorker
 
 if TYPE_CHECKING:
@@ -31,6 +32,7 @@ class Limits:
     prompts_per_minute: int = 120
     tool_calls_per_minute: int = 240
     outbox_limit: int = 256
+    outbox_bytes: int = OUTBOX_BYTES
     grace_seconds: float = 300.0
     detached_buffer: int = 1024
     client_call_timeout: float = CLIENT_CALL_TIMEOUT

@@ -6,27 +6,48 @@ not, and a ``trio.open_memory_channel`` pair costs about 2 KiB (its state, a ``d
 here is a list and three slots; the parking lot for senders waiting on a full outbox is
 made only when one has to wait. It also suits the writer better: :meth:`take` hands over
 everything queued at once.
+
+The bound is in messages and in bytes: a count alone let a client that stops reading pin
+256 messages of any size (an audit: 120 answers of 1 MiB, 300 MB held for one
+connection). Bytes are what the queued texts take in memory (``sys.getsizeof``: a byte per
+character for ASCII text, two or four for others), read in O(1).
 """
 
 from __future__ import annotations
 
+import sys
+
 import trio
+
+_size = sys.getsizeof
+
+#: The default byte budget of a connection's outbox (``--outbox-bytes``): far above what a
+#: client that reads keeps queued (a streamed turn's updates are a few hundred bytes each,
+#: and the writer takes everything queued at each pass), and 256 connections that all
+#: stop reading hold at most 256 MiB of it.
+OUTBOX_BYTES = 1024 * 1024
 
 
 class Outbox:
-    """A FIFO of message texts holding at most ``limit``: many senders, one taker.
+    """A FIFO of message texts holding at most ``limit`` messages and, but for one
+    message, ``byte_limit`` bytes: many senders, one taker.
 
-    Senders wait while it is full (backpressure). :meth:`close` ends it: waiting and later
-    senders get :class:`trio.ClosedResourceError`; the taker still gets what was queued,
-    then :class:`trio.EndOfChannel`.
+    Senders wait while it is full (backpressure): ``limit`` messages queued, or
+    ``byte_limit`` bytes or more (a message is queued while there are fewer, so one larger
+    than the budget still goes, alone). :meth:`close` ends it: waiting and later senders
+    get :class:`trio.ClosedResourceError`; the taker still gets what was queued, then
+    :class:`trio.EndOfChannel`.
     """
 
-    __slots__ = ("_closed", "_items", "_limit", "_senders", "_taker")
+    __slots__ = ("_byte_limit", "_bytes", "_closed", "_items", "_limit", "_senders", "_taker")
 
-    def __init__(self, limit: int) -> None:
-        if limit < 1:
+    def __init__(self, limit: int, byte_limit: int = sys.maxsize) -> None:
+        if limit < 1 or byte_limit < 1:
             raise ValueError("an outbox holds at least one message")
         self._limit = limit
+        self._byte_limit = byte_limit
+        #: The size of what is queued (reset to 0 whenever the outbox empties).
+        self._bytes = 0
         self._items: list[str | bytes] = []
         self._closed = False
         self._taker: trio.lowlevel.Task | None = None
@@ -39,11 +60,20 @@ class Outbox:
     def closed(self) -> bool:
         return self._closed
 
+    @property
+    def full(self) -> bool:
+        """Senders would wait: ``limit`` messages, or ``byte_limit`` bytes, are queued."""
+        return len(self._items) >= self._limit or self._bytes >= self._byte_limit
+
+    def queued_bytes(self) -> int:
+        """The size of what is queued (see the module's docstring)."""
+        return self._bytes
+
     def send_nowait(self, text: str) -> None:
         """Queue ``text``, or raise :class:`trio.WouldBlock` when full."""
         if self._closed:
             raise trio.ClosedResourceError("outbox is closed")
-        if len(self._items) >= self._limit:
+        if self.full:
             raise trio.WouldBlock
         self.force(text)
 
@@ -57,6 +87,7 @@ class Outbox:
         if self._closed:
             raise trio.ClosedResourceError("outbox is closed")
         self._items.append(text)
+        self._bytes += _size(text)
         if wake and self._taker is not None:
             task, self._taker = self._taker, None
             trio.lowlevel.reschedule(task)
@@ -79,7 +110,9 @@ class Outbox:
     def take_now(self, count: int) -> None:
         """Drop the first ``count`` items, which the caller has written itself while the
         taker waited (it keeps waiting). Senders waiting for room are woken."""
+        taken = self._items[:count]
         del self._items[:count]
+        self._dropped(taken)
         if self._senders is not None:
             self._senders.unpark(count=count)
 
@@ -89,6 +122,7 @@ class Outbox:
         if self._closed:
             raise trio.ClosedResourceError("outbox is closed")
         self._items.insert(0, data)
+        self._bytes += _size(data)
         self.wake()
 
     async def send(self, text: str) -> None:
@@ -105,9 +139,21 @@ class Outbox:
                 await trio.lowlevel.cancel_shielded_checkpoint()
                 return
 
+    async def wait_for_room(self) -> None:
+        """Wait until a sender would not wait (or the outbox is closed): for a producer
+        about to :meth:`force` messages that must not wait once queued (a finished turn's
+        last updates, with its answer). Always a checkpoint."""
+        await trio.lowlevel.checkpoint_if_cancelled()
+        while self.full and not self._closed:
+            if self._senders is None:
+                self._senders = trio.lowlevel.ParkingLot()
+            await self._senders.park()
+        await trio.lowlevel.cancel_shielded_checkpoint()
+
     async def take(self, most: int) -> list[str | bytes]:
-        """Everything queued, up to ``most`` messages, waiting until there is something.
-        Raises :class:`trio.EndOfChannel` once closed and drained. One taker at a time."""
+        """Everything queued, up to ``most`` messages and (but for the first) the byte
+        budget, waiting until there is something. Raises :class:`trio.EndOfChannel` once
+        closed and drained. One taker at a time."""
         if self._taker is not None:
             raise trio.BusyResourceError("another task is taking from this outbox")
         await trio.lowlevel.checkpoint_if_cancelled()
@@ -122,11 +168,21 @@ class Outbox:
 
             await trio.lowlevel.wait_task_rescheduled(abort)
         items = self._items
-        if len(items) <= most:
+        if len(items) <= most and self._bytes <= self._byte_limit:
             self._items = []
+            self._bytes = 0
         else:
-            self._items = items[most:]
-            items = items[:most]
+            # Messages queued past the bounds (answers) leave in batches of the bounds
+            # too: what the writer holds while it writes is bounded like the queue.
+            count, size, budget = 0, 0, self._byte_limit
+            for item in items[:most]:
+                if count and size + _size(item) > budget:
+                    break
+                count += 1
+                size += _size(item)
+            self._items = items[count:]
+            items = items[:count]
+            self._dropped(items)
         if self._senders is not None:
             self._senders.unpark(count=len(items))
         return items
@@ -137,7 +193,15 @@ class Outbox:
         if not self._closed or self._taker is not None:
             return []
         items, self._items = self._items, []
+        self._bytes = 0
         return [item for item in items if isinstance(item, str)]
+
+    def _dropped(self, items: list[str | bytes]) -> None:
+        """Account for ``items``, just taken out of the queue."""
+        if not self._items:
+            self._bytes = 0
+        else:
+            self._bytes = max(0, self._bytes - sum(map(_size, items)))
 
     def close(self) -> None:
         """End the outbox (idempotent): wake the taker and every waiting sender."""

@@ -57,7 +57,7 @@ from ._errors import (
     PeerClosed,
     RpcError,
 )
-from ._outbox import Outbox
+from ._outbox import OUTBOX_BYTES, Outbox
 
 log = logging.getLogger("punie_trio.rpc")
 
@@ -165,8 +165,9 @@ class Peer:
     """A JSON-RPC 2.0 endpoint. Call :meth:`run` (startable) and then :meth:`request` and
     :meth:`notify` from any task while it runs.
 
-    ``outbox_size`` bounds queued outgoing messages; when full, senders wait (backpressure
-    on whoever produces: a slow client slows only the work addressed to it).
+    ``outbox_size`` bounds queued outgoing messages, and ``outbox_bytes`` their size; when
+    either is reached, senders wait (backpressure on whoever produces: a slow client slows
+    only the work addressed to it).
     ``max_concurrent_requests`` bounds handler tasks; past it requests are refused with
     -32603 rather than queued, because a handler may be waiting on a reply that only the
     (unblocked) reader can deliver.
@@ -176,6 +177,7 @@ class Peer:
     dispatcher: Dispatcher
     outbox_size: int = 256
     max_concurrent_requests: int = 256
+    outbox_bytes: int = OUTBOX_BYTES
     observer: PeerObserver = attrs.field(factory=_NullObserver)
     # Called when the other side ends its half of a half-closable stream (NDJSON EOF). When
     # set, running handlers are not cancelled at EOF: they finish and their answers drain
@@ -201,7 +203,7 @@ class Peer:
     _now_sender: NowSender | None = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
-        self._outbox = Outbox(self.outbox_size)
+        self._outbox = Outbox(self.outbox_size, self.outbox_bytes)
         self._now_sender = self.stream if isinstance(self.stream, NowSender) else None
 
     @property
@@ -322,6 +324,12 @@ class Peer:
         await trio.lowlevel.checkpoint_if_cancelled()
         for text in texts:
             await self._queue(text)
+
+    async def wait_for_room(self) -> None:
+        """Wait until the outbox is below its bounds, or closed: for a producer about to
+        queue messages past them (:meth:`answer_now`'s ``before``), so that a client that
+        does not read holds only a bounded backlog however many turns finish for it."""
+        await self._outbox.wait_for_room()
 
     def send_encoded_now(self, texts: Iterable[str]) -> bool:
         """Queue already encoded messages at once, even past the outbox's bound (the

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gc
 import json
+import socket
 import weakref
 import zlib
 from collections.abc import Iterator
@@ -25,7 +26,7 @@ from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, Event, Request, TextMessage
 from wsproto.extensions import PerMessageDeflate
 
-from punie_trio.hub import ClientConnection
+from punie_trio.hub import ClientConnection, Limits
 from punie_trio.server import Running
 from punie_trio.web._asgi_ws import AsgiWebSocketStream
 from punie_trio.web._frames import unmask
@@ -199,3 +200,38 @@ async def test_a_connection_held_by_its_running_turn_drops_its_partial_message(
             assert held_conn() is not None  # (the running turn has it)
             assert partial() is None
             model.release.set()
+
+
+async def test_a_client_that_does_not_read_holds_a_bounded_backlog(
+    start_server: StartServer, tmp_path: Path
+) -> None:
+    """A client sends prompts whose answers stream back large (the echo model repeats
+    them) and reads nothing: what the server queues for it stays within the outbox's byte
+    budget (but for one message), where the message bound alone let 256 queue (an audit:
+    120 prompts of 1 MiB, 300 MB held for one connection). Turns wait for room."""
+    budget = 256 * 1024
+    prompts, text = 40, "z" * (512 * 1024)
+    async with start_server(limits=Limits(outbox_bytes=budget)) as server:
+        with trio.fail_after(30):
+            async with raw_client(server) as client:
+                client.stream.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+                await client.call(1, "initialize", {"protocolVersion": 1})
+                new = {"cwd": str(tmp_path), "mcpServers": []}
+                sessions = [
+                    (await client.call(10 + i, "session/new", new))["sessionId"]
+                    for i in range(prompts)
+                ]
+                for i, session in enumerate(sessions):
+                    params = {"sessionId": session, "prompt": [{"type": "text", "text": text}]}
+                    msg = {"jsonrpc": "2.0", "id": 100 + i, "method": "session/prompt"}
+                    await client.send(TextMessage(json.dumps({**msg, "params": params})))
+                conn, _ = the_connection(server)
+                assert conn.peer is not None
+                outbox = conn.peer._outbox
+                # Every prompt has arrived and its turn run (or waits for room).
+                await settle_until(lambda: len(conn.prompt_times) == prompts)
+                await trio.testing.wait_all_tasks_blocked()
+                update = len(text) + 200  # one echoed update, in memory
+                assert outbox.queued_bytes() <= budget + update
+                waiting = [s for s in sessions if server.manager.sessions[s].turn is not None]
+                assert waiting  # backpressure: their answers wait for the client

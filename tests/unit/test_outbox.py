@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -166,3 +167,110 @@ async def test_unsent_hands_back_what_no_one_wrote_once_closed() -> None:
     outbox.close()
     assert outbox.unsent() == ["a", "b"]
     assert outbox.unsent() == [] and len(outbox) == 0  # taken, once
+
+
+def size(*texts: str) -> int:
+    """What the outbox counts for ``texts`` (the memory they take)."""
+    return sum(map(sys.getsizeof, texts))
+
+
+async def test_the_byte_budget_bounds_the_queue_as_the_count_does() -> None:
+    big = "x" * 1000
+    box = Outbox(100, byte_limit=size(big, big))
+    box.send_nowait(big)
+    assert not box.full
+    box.send_nowait(big)
+    assert box.full and box.queued_bytes() == size(big, big)
+    with pytest.raises(trio.WouldBlock):
+        box.send_nowait("small")  # two messages of 100, but the bytes are spent
+    sent = False
+
+    async def sender() -> None:
+        nonlocal sent
+        await box.send("small")
+        sent = True
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(sender)
+        await trio.testing.wait_all_tasks_blocked()
+        assert not sent  # backpressure: it waits
+        assert await box.take(1) == [big]
+    assert sent
+    assert box.queued_bytes() == size(big, "small")
+    assert await box.take(10) == [big, "small"]
+    assert box.queued_bytes() == 0
+
+
+async def test_a_message_larger_than_the_budget_goes_alone() -> None:
+    huge = "x" * 10_000
+    box = Outbox(100, byte_limit=1000)
+    box.send_nowait(huge)  # an empty outbox takes it: else it could never be sent
+    with pytest.raises(trio.WouldBlock):
+        box.send_nowait("a")
+    assert await box.take(10) == [huge]
+    box.send_nowait("a")
+
+
+async def test_forced_messages_leave_in_batches_of_the_budget() -> None:
+    """Answers queued past the bounds are taken a budget at a time, so what the writer
+    holds while it writes is bounded too (but for one message)."""
+    text = "y" * 1000
+    box = Outbox(100, byte_limit=size(text, text))
+    for _ in range(5):
+        box.force(text)
+    assert box.queued_bytes() == size(*[text] * 5)
+    assert await box.take(64) == [text, text]
+    assert await box.take(64) == [text, text]
+    assert box.queued_bytes() == size(text)
+    assert await box.take(64) == [text]
+    huge = "z" * 10_000
+    box.force(huge)
+    box.force(text)
+    assert await box.take(64) == [huge]  # the first always goes
+    assert await box.take(64) == [text]
+
+
+async def test_wait_for_room_waits_while_over_a_bound_and_not_once_closed() -> None:
+    text = "w" * 1000
+    box = Outbox(100, byte_limit=size(text))
+    await box.wait_for_room()  # room: returns (after a checkpoint)
+    box.force(text)
+    box.force(text)
+    done = False
+
+    async def waiter() -> None:
+        nonlocal done
+        await box.wait_for_room()
+        done = True
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(waiter)
+        await trio.testing.wait_all_tasks_blocked()
+        assert not done
+        assert await box.take(1) == [text]
+        await trio.testing.wait_all_tasks_blocked()
+        assert not done  # still at the budget
+        assert await box.take(1) == [text]
+    assert done
+    box.force(text)
+    box.close()
+    with trio.testing.assert_checkpoints():
+        await box.wait_for_room()  # closed: no waiting for a writer that is gone
+
+
+async def test_take_now_and_unsent_give_the_bytes_back() -> None:
+    text = "v" * 500
+    box = Outbox(100, byte_limit=10_000)
+    box.force(text)
+    box.force(text)
+    box.force("tail")
+    box.take_now(1)
+    assert box.queued_bytes() == size(text, "tail")
+    box.close()
+    assert box.unsent() == [text, "tail"]
+    assert box.queued_bytes() == 0
+
+
+def test_byte_limit_must_be_positive() -> None:
+    with pytest.raises(ValueError):
+        Outbox(1, byte_limit=0)
