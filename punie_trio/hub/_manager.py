@@ -968,13 +968,6 @@ class Manager:
                     # (No nursery: shutting down, the turn is being cancelled.)
                     if isinstance(event, ClientCall) and self._nursery is not None:
                         self._nursery.start_soon(self._client_call, session, turn, event)
-                if held:
-                    # The last updates go with the answer, queued past the outbox's
-                    # bounds (they must not wait once the turn is recorded): wait for
-                    # room first, as for the others, or a client that stops reading gets
-                    # every finished turn's updates queued (an audit: 120 echoed prompts
-                    # of 1 MiB, 300 MB held). At once if the connection has ended.
-                    await turn.connection.wait_for_room()
         finally:
             events.close()
             turn.relaying = False
@@ -1018,6 +1011,16 @@ class Manager:
                 persist_error = await self._persist_turn(
                     session, params, streamed, stop, "".join(agent_text), title, failed
                 )
+                if held:
+                    # The last updates go with the answer, queued past the outbox's
+                    # bounds: wait for room first, as the other updates do, or a client
+                    # that reads nothing has every finished turn's updates queued for it
+                    # (an audit: 120 echoed prompts of 1 MiB, 300 MB held). After the
+                    # commit, holding no more than those (at most one turn a session);
+                    # at once if the connection has ended. (Cancelled only as the
+                    # shutdown's time runs out: the turn is recorded, not answered.)
+                    streamed, agent_text = [], []
+                    await turn.connection.wait_for_room()
                 if self.sessions.get(session.id) is not session:
                     # Dropped while its turn ran (the client left without grace, or its
                     # grace ended): the commit remembered it in the store again.
