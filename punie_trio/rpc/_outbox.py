@@ -142,13 +142,15 @@ class Outbox:
     async def wait_for_room(self) -> None:
         """Wait until a sender would not wait (or the outbox is closed): for a producer
         about to :meth:`force` messages that must not wait once queued (a finished turn's
-        last updates, with its answer). Always a checkpoint."""
-        await trio.lowlevel.checkpoint_if_cancelled()
+        last updates, with its answer).
+
+        No checkpoint while there is room, the common case: a turn's answer then leaves in
+        the scheduler step of its commit, not one later (a trip through the scheduler per
+        answer, which every prompt would pay). The caller makes its own."""
         while self.full and not self._closed:
             if self._senders is None:
                 self._senders = trio.lowlevel.ParkingLot()
             await self._senders.park()
-        await trio.lowlevel.cancel_shielded_checkpoint()
 
     async def take(self, most: int) -> list[str | bytes]:
         """Everything queued, up to ``most`` messages and (but for the first) the byte
