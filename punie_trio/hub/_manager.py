@@ -602,7 +602,7 @@ class Manager:
                 # session/list reports).
                 await self.store.update_session(record.id, additional_directories=additional)
             history = await self._replay(conn, live, replay)
-            await live.worker.commands.send(SeedHistory(live.id, tuple(history)))
+            self._command(live.worker, SeedHistory(live.id, tuple(history)))
         except BaseException as exc:
             # Failed or cancelled: a session this load opened is not left open half-loaded
             # (no history: its next prompt would start from nothing), and one that was
@@ -773,9 +773,7 @@ class Manager:
         self.store.forget(session.id)
         handle = session.worker
         handle.sessions.discard(session.id)
-        # (If the channel is full a task sends it. It parks in the next scheduler pass, and
-        # a memory channel serves parked senders before anything sent later; a load of the
-        # same session reads the store first, so its SeedHistory comes after it.)
+        # (In order: a load of the same session that follows seeds its history after this.)
         self._command(handle, ForgetSession(session.id))
         if not handle.sessions:
             self.workers.pop(handle.root, None)
@@ -840,27 +838,49 @@ class Manager:
     def cancel_turn(self, session: Session, turn: ActiveTurn) -> None:
         """Have the worker cancel ``turn`` (idempotent; the turn then ends ``cancelled``).
         Queued without waiting: the worker reads its commands in order, so the cancel always
-        follows the turn's ``StartTurn`` (sent first by whoever set ``turn.started``)."""
+        follows the turn's ``StartTurn`` (queued first: see :meth:`_command`)."""
         if turn.cancel_requested:
             return
         turn.cancel_requested = True
         if turn.started:
             self._command(session.worker, CancelTurn(turn.turn_id))
 
-    def _command(self, handle: WorkerHandle, command: Command) -> None:
-        """Queue ``command`` for a worker without waiting; if its channel is full (a burst
-        of 64 commands), a task waits to send it."""
+    def _command(self, handle: WorkerHandle, command: Command) -> bool:
+        """Queue ``command`` for a worker without waiting, after every command queued for it
+        before (False, dropped, if the worker is gone: its turns went with it).
+
+        Why in order, always: the worker acts on a session's commands as they come, and a
+        ``ForgetSession`` that arrived after the ``SeedHistory`` of the same session's
+        reload wiped the history it had just been given (a review: half the time, when the
+        drop met a full channel and a task sent it later). So past the channel's bound
+        (:data:`WORKER_COMMAND_BUFFER`: a burst) commands wait in the handle's backlog,
+        which one task sends on in order, and every later one joins the backlog too."""
+        backlog = handle.backlog
+        if backlog is not None:
+            backlog.append(command)
+            return True
         try:
             handle.commands.send_nowait(command)
         except trio.WouldBlock:
-            if self._nursery is not None:
-                self._nursery.start_soon(self._send_command, handle, command)
+            if self._nursery is None:
+                return False  # shutting down: the workers are being cancelled
+            handle.backlog = collections.deque((command,))
+            self._nursery.start_soon(self._send_backlog, handle)
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            return False
+        return True
+
+    async def _send_backlog(self, handle: WorkerHandle) -> None:
+        backlog = handle.backlog
+        assert backlog is not None
+        try:
+            while backlog:
+                await handle.commands.send(backlog[0])
+                backlog.popleft()
         except (trio.ClosedResourceError, trio.BrokenResourceError):
             pass  # the worker is gone, and its turns with it
-
-    async def _send_command(self, handle: WorkerHandle, command: Command) -> None:
-        with contextlib.suppress(trio.ClosedResourceError, trio.BrokenResourceError):
-            await handle.commands.send(command)
+        finally:
+            handle.backlog = None
 
     def start_prompt(self, conn: ClientConnection, params: PromptParams) -> Deferred:
         """The ``session/prompt`` handler, all synchronous (in the connection's reader):
@@ -887,15 +907,11 @@ class Manager:
         start = StartTurn(
             turn.turn_id, env, params.text(), params.prompt, events_send, number, ages
         )
-        unsent: StartTurn | None = None
-        try:
-            session.worker.commands.send_nowait(start)
+        if self._command(session.worker, start):
             turn.started = True
-        except trio.WouldBlock:
-            unsent = start  # the relay waits to send it
-        except (trio.ClosedResourceError, trio.BrokenResourceError):
+        else:
             events_send.close()  # no worker: the relay sees the turn end at once
-        self._nursery.start_soon(self._relay_turn, session, turn, params, events_receive, unsent)
+        self._nursery.start_soon(self._relay_turn, session, turn, params, events_receive)
         return Deferred(functools.partial(self._prompt_cancelled, session, turn))
 
     def _prompt_cancelled(self, session: Session, turn: ActiveTurn, lost: bool) -> None:
@@ -912,7 +928,6 @@ class Manager:
         turn: ActiveTurn,
         params: PromptParams,
         events: EventReceiver[TurnEvent],
-        start: StartTurn | None,
     ) -> None:
         """Relay one turn's events to the session's owner (or keep them while it is away),
         commit the transcript, then answer the prompt.
@@ -934,11 +949,6 @@ class Manager:
         prefix = updates.notification_prefix(session.id)
         try:
             with contextlib.suppress(trio.ClosedResourceError, trio.BrokenResourceError):
-                if start is not None:
-                    await session.worker.commands.send(start)
-                    turn.started = True
-                    if turn.cancel_requested:
-                        await session.worker.commands.send(CancelTurn(turn.turn_id))
                 while True:
                     try:
                         event = await events.receive()
@@ -983,12 +993,7 @@ class Manager:
             if finished is None and turn.started:
                 # Cancelled from outside (shutdown) or the worker is gone: stop the turn.
                 turn.cancel_requested = True
-                with (
-                    trio.CancelScope(shield=True),
-                    trio.move_on_after(1.0),
-                    contextlib.suppress(trio.ClosedResourceError, trio.BrokenResourceError),
-                ):
-                    await session.worker.commands.send(CancelTurn(turn.turn_id))
+                self._command(session.worker, CancelTurn(turn.turn_id))
             try:
                 stop = finished.stop_reason if finished is not None else "cancelled"
                 title = _title_for(session, params)
@@ -1154,8 +1159,7 @@ class Manager:
             )
         except PeerClosed as exc:
             reply = ClientReply(turn.turn_id, call.call_id, error_message=str(exc))
-        with contextlib.suppress(trio.ClosedResourceError, trio.BrokenResourceError):
-            await session.worker.commands.send(reply)
+        self._command(session.worker, reply)
 
     async def _persist_turn(
         self,

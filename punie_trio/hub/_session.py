@@ -4,6 +4,7 @@ turn's history is read back from its transcript entries: plain data and pure fun
 
 from __future__ import annotations
 
+import collections
 import json
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
@@ -44,6 +45,8 @@ class WorkerHandle:
     worker: ProjectWorker
     commands: trio.MemorySendChannel[Command]
     sessions: set[str] = attrs.field(factory=set)
+    #: Commands waiting for room in ``commands``, in order (see ``Manager._command``).
+    backlog: collections.deque[Command] | None = None
 
 
 @attrs.define(eq=False)
@@ -51,7 +54,7 @@ class ActiveTurn:
     turn_id: int
     connection: ClientConnection  # the connection that sent the prompt
     request_id: RequestId | None = None
-    # StartTurn is in the worker's command channel (a CancelTurn may follow it).
+    # StartTurn is queued for the worker, in order (a CancelTurn may follow it).
     started: bool = False
     cancel_requested: bool = False
     # The client cancelled the request itself ($/cancel_request): answer -32800.

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
+import pytest
 import trio
 import trio.testing
 
@@ -64,4 +66,52 @@ async def test_a_dropped_session_is_forgotten_by_its_worker_even_when_its_queue_
         await trio.testing.wait_all_tasks_blocked()
         assert gone not in handle.worker._history
         assert await client.prompt(kept, "still here") == "end_turn"
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_session_dropped_and_resumed_at_once_keeps_its_history(
+    tmp_path: Path, acp_schema: SchemaChecker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A review's race: the session is dropped (its worker's channel full) in the gap
+    between a resume's store read and its ``SeedHistory``. A task sent the drop's
+    ``ForgetSession`` one scheduler pass later, the same pass as the resume's seed, in
+    either order: half the time the forget came second and the resumed session's next
+    prompt started from nothing. Commands now reach the worker in the order queued."""
+    manager = Manager((str(tmp_path),), EchoModel())
+    agent_side, client_side = memory_message_stream_pair()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(manager.run)
+        await nursery.start(ClientConnection(manager, transport="memory").run, agent_side)
+        client = AcpTestClient(client_side, acp_schema)
+        await nursery.start(client.run)
+        await client.initialize()
+        gone = await client.new_session(str(tmp_path))
+        await client.new_session(str(tmp_path))  # keeps the worker running
+        assert await client.prompt(gone, "remember me") == "end_turn"
+        handle = manager.workers[str(tmp_path)]
+        store_type = type(manager.store)
+        real_get = store_type.get_session
+
+        async def get_session(store: Any, session_id: str) -> Any:
+            record = await real_get(store, session_id)
+            if session_id == gone:  # dropped, with the channel full, before the load goes on
+                while True:
+                    try:
+                        handle.commands.send_nowait(CancelTurn(-1))
+                    except trio.WouldBlock:
+                        break
+                manager._drop_session(manager.sessions[gone])
+            return record
+
+        monkeypatch.setattr(store_type, "get_session", get_session)
+        answer = await client.request_raw(
+            "session/resume", {"sessionId": gone, "cwd": str(tmp_path)}
+        )
+        assert "result" in answer, answer
+        await trio.testing.wait_all_tasks_blocked()
+        assert handle.backlog is None  # sent on, in order
+        assert handle.worker._history.get(gone) == [
+            ("user", "remember me"),
+            ("agent", "remember me"),
+        ]
         nursery.cancel_scope.cancel()
