@@ -132,20 +132,21 @@ async def test_turns_committed_together_each_leave_in_one_write(tmp_path: Path) 
 async def test_cancel_of_a_turn_whose_start_waits_for_room_still_reaches_it(
     tmp_path: Path, monkeypatch: Any, autojump_clock: trio.testing.MockClock
 ) -> None:
-    """With the worker's command channel full, a prompt's StartTurn is sent by its relay;
-    a session/cancel read before that must still cancel the turn (sent after its start)."""
+    """With the worker's command channel full, a prompt's StartTurn waits in the worker's
+    backlog; a session/cancel read before it is sent must still cancel the turn (its
+    CancelTurn waits behind it, in order)."""
     from punie_trio.hub import _manager
-    from punie_trio.worker import ScriptModel
+    from punie_trio.worker import CancelTurn, ScriptModel, StartTurn
 
     monkeypatch.setattr(_manager, "WORKER_COMMAND_BUFFER", 1)
-    relayed_unsent: dict[int, bool] = {}
-    relay = Manager._relay_turn
+    waited: list[type] = []
+    send_backlog = Manager._send_backlog
 
-    async def recording_relay(self: Manager, *args: Any) -> None:
-        relayed_unsent[args[1].turn_id] = args[-1] is not None
-        await relay(self, *args)
+    async def recording(self: Manager, handle: Any) -> None:
+        waited.extend(type(command) for command in handle.backlog)
+        await send_backlog(self, handle)
 
-    monkeypatch.setattr(Manager, "_relay_turn", recording_relay)
+    monkeypatch.setattr(Manager, "_send_backlog", recording)
     root = Path(await trio.Path(tmp_path).resolve())
     model = ScriptModel([[{"text": "working"}, {"sleep": 3600}]])
     manager = Manager((str(root),), model)
@@ -179,8 +180,8 @@ async def test_cancel_of_a_turn_whose_start_waits_for_room_still_reaches_it(
                     answers[msg["id"]] = msg["result"]
         assert answers[12] == {"stopReason": "cancelled"}
         assert 10 not in answers and 11 not in answers  # still working
-        # The third start waited for room (relays start in any order).
-        assert [relayed_unsent[k] for k in sorted(relayed_unsent)] == [False, False, True]
+        # The third start waited for room (its cancel behind it, or sent after it).
+        assert waited[:1] == [StartTurn] and set(waited) <= {StartTurn, CancelTurn}
         nursery.cancel_scope.cancel()
 
 
