@@ -17,8 +17,8 @@ socket:
 - Inside :func:`coalesced_writes` (the peer's writer wraps a batch of queued messages in
   it) the frames' bytes are gathered and leave together at the end of the block.
 
-A failed write closes the socket, and the read loop then reports ``Closed`` to the protocol
-as Hypercorn does (see :meth:`FastSendTCPServer._write_lost` for why not the writer).
+A failed write closes the socket and reports ``Closed`` to the protocol from a task of its
+own (see :meth:`FastSendTCPServer._write_lost` for why not from the writer).
 
 Reading is Hypercorn's loop too (but for an accepted WebSocket's messages, which
 :class:`~._direct.DirectReader` decodes past wsproto), minus the ``fail_after`` scope it
@@ -278,18 +278,27 @@ class FastSendTCPServer(TCPServer):
             await self._write_lost()
 
     async def _write_lost(self) -> None:
-        """A write failed: the connection is over. The socket is closed, and the read loop,
-        woken by that, tells the protocol ``Closed`` (the app's disconnect follows).
+        """A write failed: the connection is over. The socket is closed, and the protocol is
+        told ``Closed`` from a task of its own (the app's disconnect follows).
 
-        Why not tell the protocol here, as Hypercorn does: its WebSocket stream then puts
-        ``websocket.disconnect`` into the app's bounded channel, and waits while it is full.
-        A client that stopped reading fills that channel too, once the app's reader waits
-        on the full outbox, which only this writer drains: writer and reader each waited for
-        the other for good (an audit: the connection stayed counted and its client id "in
-        use" until a restart). Returning lets the writer report the failure
-        (``write_failed``) and the app end its side."""
+        Why not tell the protocol here, in the writer, as Hypercorn does: its WebSocket
+        stream then puts ``websocket.disconnect`` into the app's bounded channel, and waits
+        while it is full. A client that stopped reading fills that channel too, once the
+        app's reader waits on the full outbox, which only this writer drains: writer and
+        reader each waited for the other for good (an audit: the connection stayed counted
+        and its client id "in use" until a restart). Returning lets the writer report the
+        failure (``write_failed``) and the app end its side; the app then reads on to its
+        disconnect (``AsgiWebSocketStream.wait_disconnected``). Why not leave it to the
+        read loop, which the closed socket wakes: with a pipelined request waiting, h11 is
+        paused and the read loop waits on the protocol, not the socket (a review: an SSE
+        stream whose client pipelined a request and reset was never let go)."""
+        if self.write_failed:
+            return
         self.write_failed = True
         await self.stream.aclose()
+        task_group = getattr(self, "_task_group", None)
+        if task_group is not None:
+            task_group.spawn(self.protocol.handle, Closed())
 
     async def _write_when_writable(self, sock: socket.socket, view: memoryview) -> str:
         """Write all of ``view``, waiting for the socket to drain. Shielded by the caller

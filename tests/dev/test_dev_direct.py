@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import socket
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -129,3 +130,25 @@ async def test_a_build_status_and_its_reload_go_out_together(tmp_path: Path) -> 
         assert subscriber._waiter is not None and not subscriber.pending
         await client.read_until('"generation":1}\n\n')
         assert client.text.index("event: build_ok") < client.text.index("event: reload")
+
+
+@pytest.mark.parametrize("pipelined", [False, True])
+async def test_a_stream_whose_client_reset_is_let_go(tmp_path: Path, pipelined: bool) -> None:
+    """A failed write closes the socket and tells the protocol ``Closed`` from a task of
+    its own. Left to the read loop alone (which the closed socket wakes), a stream whose
+    client had pipelined a request behind it and then reset lived on: h11 is paused on the
+    pipelined request, and the read loop waits on the protocol, not the socket (a review)."""
+    dev = _dev(tmp_path)
+    async with serve_app(dev, dev.closing) as url:
+        client = await RawSSE.open(url)
+        if pipelined:  # a second request queued behind the stream (HTTP/1.1 pipelining)
+            await client.stream.send_all(b"GET /index.html HTTP/1.1\r\nHost: x\r\n\r\n")
+        await trio.testing.wait_all_tasks_blocked()
+        assert dev.broadcaster.subscriber_count == 1
+        sock = client.stream.socket
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.close()  # a reset
+        with trio.fail_after(10):
+            while dev.broadcaster.subscriber_count:
+                dev.broadcaster.publish_reload("reload", ("index.html",))  # writes that fail
+                await trio.testing.wait_all_tasks_blocked()
