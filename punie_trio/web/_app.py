@@ -185,7 +185,8 @@ class App:
         the client disconnects (``websocket.disconnect``) or, at shutdown, after the
         connection's turns answered ``cancelled``; then we send the close frame (1001 at
         shutdown), shielded, and read on until Hypercorn's ``websocket.disconnect`` (at
-        most :data:`CLOSE_TIMEOUT` before the connection is dropped): returning before it
+        most :data:`CLOSE_TIMEOUT` before the connection is dropped; at shutdown it is
+        dropped at once): returning before it
         could leave Hypercorn waiting for good to hand it over (see
         ``AsgiWebSocketStream.wait_disconnected``).
         """
@@ -214,7 +215,10 @@ class App:
             self.heartbeat.unwatch(stream)
             await stream.close(1001 if self.closing.is_set() else 1000)
             _release_buffers(send)
-        await stream.wait_disconnected(CLOSE_TIMEOUT)
+        # At shutdown the connection is dropped at once, as Hypercorn did when the app
+        # returned: a client that does not answer the close frame must not make every
+        # shutdown take CLOSE_TIMEOUT (a review: 5 s, against 0.02 s).
+        await stream.wait_disconnected(0 if self.closing.is_set() else CLOSE_TIMEOUT)
 
     def _refuse_websocket(self, scope: dict[str, Any]) -> tuple[int, str] | None:
         """Why this upgrade must be refused (status, reason), or None to accept it."""

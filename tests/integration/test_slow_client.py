@@ -173,3 +173,30 @@ async def test_a_client_that_stopped_reading_and_reset_is_let_go(
                     "initialize", {"protocolVersion": 1, "_meta": {"punie-trio/clientId": "ide-1"}}
                 )
                 assert again["result"]["protocolVersion"] == 1, again
+
+
+async def test_at_shutdown_a_client_that_ignores_the_close_frame_is_dropped_at_once(
+    start_server: StartServer,
+) -> None:
+    """After its close frame the handler reads on until the client's disconnect (see the
+    test above), for at most CLOSE_TIMEOUT; at shutdown the connection is dropped at once,
+    as before: a client that ignored close frames made every shutdown take 5 s."""
+    async with start_server() as running:
+        host, port = running.url.removeprefix("http://").rsplit(":", 1)
+        stream = await trio.open_tcp_stream(host, int(port))
+        ws = WSConnection(ConnectionType.CLIENT)
+        await stream.send_all(ws.send(Request(host=f"{host}:{port}", target="/acp")))
+        accepted = False
+        while not accepted:
+            ws.receive_data(await stream.receive_some(65536))
+            accepted = any(isinstance(e, AcceptConnection) for e in ws.events())
+        await trio.testing.wait_all_tasks_blocked()
+        assert len(running.manager.connections) == 1
+        running.closing.set()
+        received = b""
+        with trio.fail_after(3):  # (CLOSE_TIMEOUT is 5 s)
+            while data := await stream.receive_some(65536):  # never answering the close
+                received += data
+        assert received.startswith(b"\x88")  # the close frame, 1001, then the end
+        assert int.from_bytes(received[2:4], "big") == 1001
+        await stream.aclose()
