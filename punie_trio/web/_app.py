@@ -215,10 +215,11 @@ class App:
             self.heartbeat.unwatch(stream)
             await stream.close(1001 if self.closing.is_set() else 1000)
             _release_buffers(send)
-        # At shutdown the connection is dropped at once, as Hypercorn did when the app
-        # returned: a client that does not answer the close frame must not make every
-        # shutdown take CLOSE_TIMEOUT (a review: 5 s, against 0.02 s).
-        await stream.wait_disconnected(0 if self.closing.is_set() else CLOSE_TIMEOUT)
+            # (Also when conn.run failed.) At shutdown the connection is dropped at once, as
+            # Hypercorn did when the app returned: a client that does not answer the close
+            # frame must not make every shutdown take CLOSE_TIMEOUT (a review: 5 s, not
+            # 0.02 s).
+            await stream.wait_disconnected(0 if self.closing.is_set() else CLOSE_TIMEOUT)
 
     def _refuse_websocket(self, scope: dict[str, Any]) -> tuple[int, str] | None:
         """Why this upgrade must be refused (status, reason), or None to accept it."""

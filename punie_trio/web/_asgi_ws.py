@@ -148,9 +148,13 @@ class AsgiWebSocketStream:
         (its reader had stopped: a client that sent on while reading nothing) leaves
         Hypercorn waiting for good, holding the connection and what it buffered. After
         a close frame the client answers with its own and the disconnect comes at once;
-        one that never answers is dropped, which makes it come."""
+        one that never answers is dropped, which makes it come. (Where the connection
+        cannot be dropped from here, HTTP/2 or a Hypercorn without punie-trio's socket
+        writer, it returns after ``grace``, as it always did at once.)"""
         with trio.move_on_after(grace):
             await self._drain()
+            return
+        if self._direct is None:
             return
         await self.drop(None, "")
         await self._drain()
