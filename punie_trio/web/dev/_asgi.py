@@ -13,6 +13,7 @@ from collections.abc import Awaitable, Callable, MutableMapping, Sequence
 from typing import Any
 
 import trio
+from hypercorn.protocol.http_stream import HTTPStream
 
 from .._fast_send import coalesced_writes
 
@@ -34,6 +35,37 @@ def header(scope: Scope, name: bytes) -> bytes | None:
         if key.lower() == name:
             return bytes(value)
     return None
+
+
+def never() -> bool:
+    """A :func:`departed` check for a ``send`` it cannot follow: the peer is never known gone."""
+    return False
+
+
+def departed(send: Send) -> Callable[[], bool]:
+    """A check whether the peer of the request ``send`` answers has gone, cheap enough to
+    call before every chunk.
+
+    Why not ``http.disconnect`` alone: while a pipelined request waits behind this one,
+    Hypercorn's reader for the connection is paused, so it never reads the peer's close and
+    never sends the disconnect; the requests behind it are then served one by one to a
+    closed socket (an audit: 500 connections of 50 pipelined requests for a 2.7 MB file kept
+    the server busy for 25 s after the clients left). What tells is the socket writer:
+    punie-trio's (``FastSendTCPServer``) sets ``write_failed`` and closes the socket when a
+    write fails; stock Hypercorn marks the stream closed (its disconnect). Read from the
+    ``send`` Hypercorn gave the app (its stream's bound ``app_send``): a ``send`` that is not
+    one (a wrapper, another server) gives a check that never says gone.
+    """
+    stream = getattr(send, "__self__", None)
+    if not isinstance(stream, HTTPStream):
+        return never
+    protocol = getattr(stream.send, "__self__", None)
+    server = getattr(getattr(protocol, "send", None), "__self__", None)
+
+    def gone() -> bool:
+        return stream.closed or getattr(server, "write_failed", False) is True
+
+    return gone
 
 
 async def start(send: Send, status: int, headers: Sequence[tuple[bytes, bytes]]) -> None:
