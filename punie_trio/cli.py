@@ -331,6 +331,20 @@ def dev_options(o: dict[str, Any]) -> dict[str, Any]:
     return options
 
 
+def site_path(site: Path) -> Path:
+    """``--site`` made absolute, but a symlink it names is kept, not resolved.
+
+    Why: a build that re-points a link to its new output each time (``nix build``'s
+    ``./result``, a ``current -> releases/N``) must be served from the link's current
+    target; resolved once here, the output of the start stayed served for ever, while
+    reload events still went out (an audit). The directories above it are resolved.
+    """
+    site = site.expanduser()
+    if site.name in ("", ".", ".."):
+        return site.resolve()
+    return site.parent.resolve() / site.name
+
+
 def _run_serve(args: argparse.Namespace) -> int:
     try:
         o = _settings(args)
@@ -342,7 +356,7 @@ def _run_serve(args: argparse.Namespace) -> int:
     for project in projects:
         if not project.is_dir():
             return _error(f"--project {project}: not a directory", 2)
-    site = o["site"].expanduser().resolve() if o["site"] else None
+    site = site_path(o["site"]) if o["site"] else None
     if site is not None and not site.is_dir():
         return _error(f"--site {site}: not a directory", 2)
     try:

@@ -67,6 +67,8 @@ PIECE = 64 * 1024
 
 #: What identifies one version of one file: device, inode, size, mtime_ns, ctime_ns.
 Identity = tuple[int, int, int, int, int]
+#: What identifies the site directory a lookup resolved: device, inode.
+RootIdentity = tuple[int, int]
 
 
 def identity(st: os.stat_result) -> Identity:
@@ -95,6 +97,8 @@ class Lookup:
     #: ``Content-Type``: from the name and, for text, the charset the content declares
     #: (worked out in the lookup's hop, from the first :data:`~._http.SNIFF_BYTES` bytes).
     ctype: str = "application/octet-stream"
+    #: The site directory the lookup resolved, which a cache hit checks is still current.
+    root: RootIdentity | None = None
 
     @property
     def cost(self) -> int:
@@ -106,14 +110,22 @@ _MISSING = Lookup("missing")
 _REDIRECT = Lookup("redirect")
 
 
-def lookup(root: str, segments: list[str], trailing_slash: bool, read_limit: int = -1) -> Lookup:
+def lookup(site: str, segments: list[str], trailing_slash: bool, read_limit: int = -1) -> Lookup:
     """Find the file for a request and, if it has at most ``read_limit`` bytes, read it.
 
     Blocking: run it in a thread. One call does the containment check, the stat and the read.
+
+    ``site`` is the site directory as named (absolute). It is resolved here, on every
+    lookup, not once at start: a site that is a symlink a build re-points (``nix build``'s
+    ``./result``) must be served from where it leads now (an audit: the output of the start
+    stayed served for ever). The containment check is against that current target, so a
+    link *inside* it that leads out is still refused.
     """
-    target = os.path.join(root, *segments)
+    target = os.path.join(site, *segments)
     try:
-        real = os.path.realpath(target)
+        root = os.path.realpath(site)
+        root_st = os.stat(root)
+        real = os.path.realpath(os.path.join(root, *segments))
         if real != root and not real.startswith(root + os.sep):
             return _MISSING
         st = os.stat(real)
@@ -136,6 +148,7 @@ def lookup(root: str, segments: list[str], trailing_slash: bool, read_limit: int
                 target=target,
                 last_modified=_http.http_date(st.st_mtime_ns / 1e9),
                 ctype=_http.content_type(real, _read(real, 0, _http.SNIFF_BYTES)),
+                root=(root_st.st_dev, root_st.st_ino),
             )
         with open(real, "rb") as f:
             st = os.fstat(f.fileno())
@@ -155,6 +168,7 @@ def lookup(root: str, segments: list[str], trailing_slash: bool, read_limit: int
         target,
         _http.http_date(st.st_mtime_ns / 1e9),
         ctype=_http.content_type(real, body[: _http.SNIFF_BYTES]),
+        root=(root_st.st_dev, root_st.st_ino),
     )
 
 
@@ -231,7 +245,8 @@ class StaticSite:
     """Serves ``site_dir``; HTML pages get the script for the state ``page_state()`` returns."""
 
     site_dir: Path
-    _root: str = attrs.field(init=False)
+    #: The site directory as named (absolute, symlinks not resolved: see :func:`lookup`).
+    _site: str = attrs.field(init=False)
     _cache: collections.OrderedDict[str, Lookup] = attrs.field(
         init=False, factory=collections.OrderedDict
     )
@@ -252,7 +267,7 @@ class StaticSite:
     _state_memo: tuple[dict[str, Any], str, str] = attrs.field(init=False, default=({}, "", ""))
 
     def __attrs_post_init__(self) -> None:
-        self._root = os.path.realpath(self.site_dir)
+        self._site = os.path.abspath(self.site_dir)
 
     @property
     def cached(self) -> int:
@@ -275,15 +290,19 @@ class StaticSite:
         if cached is not None:
             try:
                 current: Identity | None = identity(os.stat(cached.target))
+                # The site directory too: re-pointed (a symlink), the file may be the same
+                # but reached from another tree, where containment must be checked again.
+                root = os.stat(self._site)
+                current_root: RootIdentity | None = (root.st_dev, root.st_ino)
             except OSError:
-                current = None
-            if current == cached.ident:
+                current = current_root = None
+            if current == cached.ident and current_root == cached.root:
                 self._cache.move_to_end(key)
                 return cached
             self._forget(key)
         self.misses += 1
         found = await trio.to_thread.run_sync(
-            lookup, self._root, segments, trailing, CACHE_FILE_LIMIT
+            lookup, self._site, segments, trailing, CACHE_FILE_LIMIT
         )
         if found.ident is not None:
             self._forget(key)  # a concurrent miss for the same path may have stored one

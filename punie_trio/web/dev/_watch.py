@@ -153,7 +153,11 @@ class IgnoreRules:
         bases = list(dict.fromkeys(bases))
         names: list[str] = list(DEFAULT_IGNORES)
         paths: list[tuple[str, ...]] = []
+        # Each as named and resolved: a site directory that is a symlink a build re-points
+        # (``nix build``'s ``./result``) is ignored by its name too, so re-pointing it is no
+        # source change (it started another build).
         dirs = [str(d.resolve()) for d in ignored_dirs]
+        dirs += [os.path.abspath(d) for d in ignored_dirs]
         for glob in extra_globs:
             glob = glob.strip()
             if not glob or glob in (".", "./"):
