@@ -445,3 +445,30 @@ async def test_a_cancelled_build_stops_its_whole_process_group(tmp_path: Path) -
                 await trio.to_thread.run_sync(time.sleep, 0.001)
             scope.cancel()
     assert not process_running(int(pids.read_text()))
+
+
+@linux_only
+async def test_a_root_named_by_a_symlink_follows_the_link_when_it_is_re_pointed(
+    tmp_path: Path, mock_clock: trio.testing.MockClock
+) -> None:
+    """A site that is a symlink a build re-points (``current -> releases/N``, ``nix build``'s
+    ``./result``), watched as a root of its own: only its target at start was watched, so
+    neither the re-point nor edits in the new target were seen (found by a dev app audit)."""
+    releases = tmp_path / "releases"
+    for n in ("1", "2"):
+        (releases / n).mkdir(parents=True)
+        (releases / n / "index.html").write_text(n)
+    link = tmp_path / "current"
+    link.symlink_to(releases / "1")
+    project = tmp_path / "project"
+    project.mkdir()
+    async with watching(project, paths=[project, link]) as pending:
+        (tmp_path / "current.tmp").symlink_to(releases / "2")
+        os.replace(tmp_path / "current.tmp", link)  # an atomic switch, as nix build does
+        await settle()
+        mock_clock.jump(STEP_MS / 1000)
+        await until_pending(pending)
+        assert "current" in taken(pending, tmp_path)
+        (releases / "2" / "index.html").write_text("2b")  # an edit in the new target
+        await settle()
+        assert taken(pending, tmp_path) == {"releases/2/index.html"}

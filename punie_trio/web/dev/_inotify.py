@@ -153,6 +153,8 @@ class Inotify:
         #: or the names that count (the parent of a watched file).
         self.names: dict[int, set[str] | None] = {}
         self.roots: set[str] = set()
+        #: Roots named by a symlink (absolute, as named) -> the directory watched for it.
+        self.links: dict[str, str] = {}
         #: Files written (or created, or truncated) since their last close: only their
         #: close is a change (see :meth:`closed_after_write`).
         self.written: set[str] = set()
@@ -211,19 +213,42 @@ class Inotify:
 
     def add_roots(self, paths: Sequence[str]) -> None:
         # Real paths: the ignore rules hold resolved paths (the site directory above all).
-        for root in map(os.path.realpath, paths):
-            self.roots.add(root)
-            if os.path.isdir(root):
-                self.add_tree(root)
-                # Its parent too, for its name: a root wiped and made again is seen at once.
-                # The root's own IN_DELETE_SELF comes only once nothing refers to it any
-                # more, which a shell cd'ed into it (or an open descriptor) postpones: the
-                # new directory was never watched, and live reload stopped for good.
-                parent, name = os.path.split(root)
-                if name:
-                    self._add(parent, {name}, PARENT_MASK)
-            else:  # a file: through its directory, so a replacement by rename is seen
-                self.watch_for(root)
+        for named in paths:
+            root = os.path.realpath(named)
+            if os.path.islink(named):
+                # A root named by a symlink (a site a build re-points, ``nix build``'s
+                # ``./result``): its parent is watched for the link's name, and a re-point
+                # watches the new target (:meth:`follow_link`). Only its target at start was
+                # watched, so edits in a new target went unseen.
+                link = os.path.abspath(named)
+                self.links[link] = root
+                self.watch_for(link)
+            self._add_root(root)
+
+    def follow_link(self, link: str) -> list[str]:
+        """A root's symlink was (re)created: watch where it leads now, as a root, and return
+        the files found there (changes nobody was watching for)."""
+        root = os.path.realpath(link)
+        if self.links.get(link) == root or root in self.roots:
+            return []
+        self.links[link] = root
+        return self._add_root(root)
+
+    def _add_root(self, root: str) -> list[str]:
+        found: list[str] = []
+        self.roots.add(root)
+        if os.path.isdir(root):
+            found = self.add_tree(root)
+            # Its parent too, for its name: a root wiped and made again is seen at once.
+            # The root's own IN_DELETE_SELF comes only once nothing refers to it any
+            # more, which a shell cd'ed into it (or an open descriptor) postpones: the
+            # new directory was never watched, and live reload stopped for good.
+            parent, name = os.path.split(root)
+            if name:
+                self._add(parent, {name}, PARENT_MASK)
+        else:  # a file: through its directory, so a replacement by rename is seen
+            self.watch_for(root)
+        return found
 
     def watch_for(self, root: str) -> None:
         """Watch ``root``'s parent for ``root``'s name: a file root replaced by rename, or a
@@ -426,6 +451,8 @@ class _Reader:
 
 def _scan(notify: Inotify, top: str) -> list[str]:
     try:
+        if top in notify.links:
+            return notify.follow_link(top)
         return notify.add_tree(top)
     except OSError as exc:  # the watch limit: that subtree stays unwatched
         log.warning("cannot watch %s: %s", top, exc)
@@ -485,6 +512,8 @@ def _sort(
                 s.started(path, now)
                 notify.remove_tree(path)
             continue
+        if path in notify.links and mask & (IN_CREATE | IN_MOVED_TO):
+            scans.append(path)  # a root's symlink re-pointed: follow it (and report it)
         if mask & (IN_MODIFY | IN_CREATE):
             notify.wrote(path)
         elif mask & (IN_DELETE | IN_MOVED_FROM):
