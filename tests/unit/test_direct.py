@@ -547,3 +547,82 @@ async def test_a_flood_of_tiny_frames_yields_to_other_tasks_and_gets_one_pong(
     steps = (FLOOD + FLOOD // 100 + 2) // FRAMES_PER_STEP
     assert app.stamps[-1] - app.stamps[0] >= steps - 2, app.stamps
     assert sent == [(0xA, b"%d" % (FLOOD - 1)), (0x8, (1000).to_bytes(2, "big"))]
+
+
+def test_pings_in_a_row_reach_hypercorn_as_one_ping_the_last() -> None:
+    """Where wsproto reads (a compressed WebSocket), Hypercorn answers every Ping event
+    with a pong: punie-trio's wsproto connection hands it only the last of a run."""
+    from wsproto.connection import Connection
+    from wsproto.events import Ping, TextMessage
+
+    from punie_trio.web._ws_refusals import _Connection
+
+    proto = client_frames()
+    data = (
+        b"".join(proto.ping(b"%d" % i) for i in range(100))
+        + proto.send_data("between", fin=True)
+        + proto.ping(b"a")
+        + proto.ping(b"\x00b\xff")
+    )
+    events = []
+    for connection_class in (Connection, _Connection):
+        connection = connection_class(ConnectionType.SERVER)
+        connection.receive_data(data)
+        events.append(list(connection.events()))
+    assert len(events[0]) == 103  # wsproto alone: every ping
+    assert events[1] == [
+        Ping(payload=b"99"),
+        TextMessage(data="between", frame_finished=True, message_finished=True),
+        Ping(payload=b"\x00b\xff"),
+    ]
+
+
+async def test_hypercorns_read_path_yields_between_pieces_of_a_read(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With permessage-deflate the direct reader is off and Hypercorn reads every frame
+    (wsproto): the socket reader hands it a read 4 KiB at a time, a checkpoint between,
+    and the pings of each piece get one pong, to the last."""
+    from hypercorn.protocol import ws_stream
+
+    from punie_trio.web._fast_send import HANDLE_STEP
+    from punie_trio.web._ws_refusals import _Connection
+
+    monkeypatch.setattr(hypercorn.trio.run, "TCPServer", FastSendTCPServer)
+    monkeypatch.setattr(ws_stream, "Connection", _Connection)
+    turns = 0
+
+    async def probe() -> None:
+        nonlocal turns
+        while True:
+            turns += 1
+            await trio.lowlevel.checkpoint()
+
+    data, expected = flood("pings")
+    app = ReadingApp(stamp=lambda: turns)
+    with trio.fail_after(10):
+        async with serving(app) as address:
+            stream = await trio.open_tcp_stream(*address)
+            ws = WSConnection(ConnectionType.CLIENT)
+            request = Request(host="x", target="/", extensions=[PerMessageDeflate()])
+            await stream.send_all(ws.send(request))
+            accepted: list[Event] = []
+            while not accepted:
+                ws.receive_data(await stream.receive_some(65536))
+                accepted = [e for e in ws.events() if isinstance(e, AcceptConnection)]
+            assert isinstance(accepted[0], AcceptConnection) and accepted[0].extensions
+            async with stream:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(probe)
+                    await stream.send_all(data)  # one read (see the test above)
+                    await app.got_end.wait()
+                    nursery.cancel_scope.cancel()
+                await stream.send_all(client_frames().close(1000))
+                sent = await read_server_frames(stream)
+            await app.done.wait()
+    assert app.received == expected and app.reader_active == [False]
+    pieces = -(-len(data) // HANDLE_STEP)
+    assert app.stamps[-1] - app.stamps[0] >= pieces - 2, app.stamps
+    pongs = [payload for opcode, payload in sent if opcode == 0xA]
+    assert 1 <= len(pongs) <= pieces and pongs[-1] == b"%d" % (FLOOD - 1)
+    assert sent[len(pongs) :] == [(0x8, (1000).to_bytes(2, "big"))]
