@@ -91,11 +91,6 @@ def close_frame(code: int, reason: str) -> bytes:
     return bytes((0x88, 2 + len(data))) + code.to_bytes(2, "big") + data
 
 
-def pong_frame(payload: bytes) -> bytes:
-    """One unmasked pong frame echoing ``payload`` (at most 125 bytes), as a server sends it."""
-    return bytes((0x8A, len(payload))) + payload
-
-
 @attrs.frozen
 class Failure:
     """A :meth:`ClientFrameReader.feed` item: fail the connection here, with this close code

@@ -17,7 +17,6 @@ from punie_trio.web._frames import (
     Failure,
     Pong,
     close_frame,
-    pong_frame,
     unmask,
 )
 
@@ -110,12 +109,6 @@ def test_pings_at_every_split_are_each_answered_once_complete(sizes: list[int]) 
     assert all(isinstance(item, Pong) for item in out)
     numbers = [int(item.payload[1:]) for item in out if isinstance(item, Pong)]
     assert numbers == sorted(set(numbers))
-
-
-def test_pong_frame_is_what_wsproto_sends() -> None:
-    server = FrameProtocol(client=False, extensions=[])
-    for payload in [b"", b"x", bytes(range(125))]:
-        assert pong_frame(payload) == server.pong(payload)
 
 
 def test_a_fragmented_message_is_joined_with_pings_between_answered() -> None:
