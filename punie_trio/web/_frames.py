@@ -166,6 +166,11 @@ class ClientFrameReader:
         return len(self._buffer) - self._start
 
     @property
+    def message_bytes(self) -> int:
+        """Payload bytes of the fragmented message being joined (0: none open)."""
+        return len(self._message)
+
+    @property
     def backlog(self) -> bool:
         """Whether the last :meth:`feed` stopped at :attr:`step` frames with whole frames
         possibly left: ``feed(b"")`` decodes the next ones."""
