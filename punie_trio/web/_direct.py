@@ -41,9 +41,10 @@ from hypercorn.protocol.http_stream import ASGIHTTPState, HTTPStream
 from hypercorn.protocol.ws_stream import ASGIWebsocketState, WSStream
 from wsproto.connection import ConnectionState
 from wsproto.events import CloseConnection
+from wsproto.events import Pong as PongEvent
 
 from ._fast_send import FastSendTCPServer
-from ._frames import ClientFrameReader, Failure, close_frame
+from ._frames import ClientFrameReader, Failure, Item, Pong, close_frame
 from ._keepalive import KeepAliveTimer
 
 _S = TypeVar("_S", WSStream, HTTPStream)
@@ -324,8 +325,18 @@ class DirectReader:
             self.active = True
         frames = self.frames
         items = frames.feed(data)
-        if frames.done:
-            self.server.frame_reader = None
+        while True:
+            if frames.done:
+                self.server.frame_reader = None
+            await self._deliver(items)
+            if not frames.backlog:
+                return
+            # One read can hold thousands of tiny frames (a ping or fragment flood): let
+            # the other connections' tasks run between steps of bounded work.
+            await trio.lowlevel.checkpoint()
+            items = frames.feed()
+
+    async def _deliver(self, items: list[Item]) -> None:
         put = self.put
         for item in items:
             if isinstance(item, bytearray):
@@ -333,6 +344,10 @@ class DirectReader:
                 continue
             if isinstance(item, Failure):
                 await self._fail(item.code, item.reason)
+                continue
+            if isinstance(item, Pong):
+                if self._connected():  # (wsproto refuses it once a close went out)
+                    await self.stream._send_wsproto_event(PongEvent(payload=item.payload))
                 continue
             if not self._connected():
                 continue

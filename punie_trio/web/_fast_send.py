@@ -24,7 +24,8 @@ Reading is Hypercorn's loop too (but for an accepted WebSocket's messages, which
 :class:`~._direct.DirectReader` decodes past wsproto), minus the ``fail_after`` scope it
 opens around every ``receive_some`` when no ``read_timeout`` is configured (punie-trio
 never sets one: it would end quiet SSE streams): a cancel scope per received frame, for an
-infinite deadline.
+infinite deadline. A read is handed to Hypercorn :data:`HANDLE_STEP` bytes at a time, with
+a checkpoint between, so one connection's read of many tiny frames lets others run.
 
 The keep-alive timeout is :class:`~._keepalive.KeepAliveTimer`: one watcher task per
 connection whose deadline moves, instead of a timer task started anew after every response.
@@ -57,6 +58,9 @@ log = logging.getLogger(__name__)
 
 #: A coalesced block writes out early once it has gathered this much for one connection.
 COALESCE_LIMIT = 256 * 1024
+#: The most bytes of one read handed to Hypercorn's protocol at once, a checkpoint between
+#: pieces (where the direct reader does not read: HTTP, compressed WebSockets).
+HANDLE_STEP = 4096
 #: How often a write waiting for a full socket checks whether the server is terminating.
 STALL_CHECK = 0.25
 
@@ -176,6 +180,14 @@ class FastSendTCPServer(TCPServer):
             if reader is not None and data:
                 await reader.feed(bytes(data))
                 continue
+            if len(data) > HANDLE_STEP:
+                # Hypercorn handles what it is given in one go: a read of 9,000 tiny frames
+                # (a ping flood on a compressed WebSocket) held every other client up.
+                view = memoryview(data)
+                for start in range(0, len(data) - HANDLE_STEP, HANDLE_STEP):
+                    await handle(RawData(bytes(view[start : start + HANDLE_STEP])))
+                    await trio.lowlevel.checkpoint()
+                data = bytes(view[start + HANDLE_STEP :])
             await handle(RawData(bytes(data)))
             if data == b"":
                 break

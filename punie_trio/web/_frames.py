@@ -1,29 +1,45 @@
-"""Reading a WebSocket client's frames (RFC 6455 section 5), sans-I/O: the common case only.
+"""Reading a WebSocket client's frames (RFC 6455 section 5), sans-I/O.
 
 :class:`ClientFrameReader` takes the bytes a client sends after the upgrade and splits them
-into whole messages it decodes itself and bytes it hands on, untouched, to a full WebSocket
-implementation (wsproto, under Hypercorn). It decodes only what is both common and simple:
-a final (unfragmented), masked text or binary frame with no reserved bits, within the size
-bound. Everything else is passed on whole:
+into the messages it decodes itself, the pongs to send, and bytes it hands on, untouched,
+to a full WebSocket implementation (wsproto, under Hypercorn). It decodes every masked
+frame with no reserved bits and a known opcode, within the size bound:
 
-- ping and pong frames, one frame at a time (the reader carries on after them);
-- a fragmented message, frame by frame, until its final continuation frame has passed;
+- text and binary messages, in one frame or fragmented (RFC 6455 section 5.4: the
+  fragments are joined here, with pings between them answered as anywhere else);
+- pings, answered with a :class:`Pong` item. Pings read together (one call) are answered
+  with one pong, to the last of them, as section 5.5.3 allows: a client that sends pings
+  faster than it reads costs one pong per socket read, not one per ping;
+- pongs, dropped (the server needs nothing of them: bytes heard are what the heartbeat
+  watches).
+
+Everything else is passed on whole:
+
 - a close frame, and everything after it;
 - anything the reader would have to reject (an unmasked frame, reserved bits, an unknown
-  opcode, a text frame that is not UTF-8): that frame and everything after it, so the
-  full implementation fails the connection as it would without this reader. Ahead of
-  them goes a :class:`Failure` naming the close code (1002, or 1007 for text that is not
-  UTF-8) and reason: wsproto finds the same error, but Hypercorn then closes the TCP
+  opcode, a control frame over 125 bytes or not final, frames out of order in a
+  fragmented message, a text message that is not UTF-8): that frame and everything after
+  it, so the full implementation fails the connection as it would without this reader.
+  Ahead of them goes a :class:`Failure` naming the close code (1002, or 1007 for text
+  that is not UTF-8: checked once the message is whole, where wsproto checked fragment by
+  fragment) and reason: wsproto finds the same error, but Hypercorn then closes the TCP
   connection without the close frame RFC 6455 section 7.1.7 asks for (stock Hypercorn
   0.18 too), so the caller sends it.
 
 A message over the size bound is a ``Failure(1009)`` of the reader's own (see
 :class:`ClientFrameReader`).
 
-The bytes handed on always start on a frame boundary and hold whole frames (but after
-"everything after it", which ends the reader's part), so the full implementation sees a
-well-formed stream in which some complete messages are missing, and its state is the same
-as if it had read them. Messages and passed-on bytes come out in the order they arrived.
+Bounded work per call: :meth:`ClientFrameReader.feed` decodes at most
+:attr:`ClientFrameReader.step` frames (:data:`FRAMES_PER_STEP`) and keeps the rest
+(:attr:`ClientFrameReader.backlog`) for the next call, so a caller that checkpoints
+between calls lets other tasks run however many small frames one read brought (a flood of
+tiny pings or fragments held the event loop for hundreds of milliseconds).
+
+The bytes handed on always start on a frame boundary outside any message, so the full
+implementation sees a well-formed stream in which some complete messages are missing,
+and its state is the same as if it had read them. Messages, pongs and passed-on bytes come
+out in the order they arrived, but for pongs: one goes once the bytes read together have
+been decoded (after the messages read with its pings; ahead of a close or failure).
 
 No I/O and no clock: :meth:`ClientFrameReader.feed` is a pure function of the bytes so far.
 """
@@ -32,7 +48,15 @@ from __future__ import annotations
 
 import attrs
 
-__all__ = ["ClientFrameReader", "Failure", "Item", "close_frame", "unmask"]
+__all__ = [
+    "FRAMES_PER_STEP",
+    "ClientFrameReader",
+    "Failure",
+    "Item",
+    "Pong",
+    "close_frame",
+    "unmask",
+]
 
 _TEXT = 0x1
 _BINARY = 0x2
@@ -40,6 +64,11 @@ _CONTINUATION = 0x0
 _CLOSE = 0x8
 _PING = 0x9
 _PONG = 0xA
+
+#: The most frames one :meth:`ClientFrameReader.feed` call decodes (the rest waits for the
+#: next call). About 0.1 ms of work for small frames; a read of ACP messages seldom holds
+#: more, so the common path pays no extra scheduler pass.
+FRAMES_PER_STEP = 64
 
 
 def unmask(payload: bytes | bytearray, mask: bytes | bytearray) -> bytes:
@@ -71,16 +100,26 @@ class Failure:
     reason: str
 
 
-Item = str | tuple[bytes] | bytearray | Failure
+@attrs.frozen
+class Pong:
+    """A :meth:`ClientFrameReader.feed` item: send a pong with this payload (the last
+    ping's, exactly) here."""
+
+    payload: bytes
+
+
+Item = str | tuple[bytes] | bytearray | Failure | Pong
 
 
 class ClientFrameReader:
-    """Splits a client's bytes into decoded messages and bytes for the full implementation.
+    """Splits a client's bytes into decoded messages, pongs, and bytes for the full
+    implementation.
 
     :meth:`feed` returns a list of items in arrival order: a ``str`` (a text message), a
-    ``bytes`` wrapped in a 1-tuple (a binary message: ``(data,)``), a ``bytearray`` (raw
-    bytes to hand on) or a :class:`Failure`. A partial frame at the end is kept for the next
-    call.
+    ``bytes`` wrapped in a 1-tuple (a binary message: ``(data,)``), a :class:`Pong`, a
+    ``bytearray`` (raw bytes to hand on) or a :class:`Failure`. A partial frame at the end
+    is kept for the next call; so are the whole frames past :attr:`step` (then
+    :attr:`backlog` is true: call ``feed(b"")`` to go on).
 
     ``max_size`` bounds a message in bytes (one frame, or the frames of a fragmented one).
     A message over it is a ``Failure(1009)`` as soon as the header that crosses the bound
@@ -89,19 +128,28 @@ class ClientFrameReader:
     it hands on with everything after it, so the full implementation finishes the closing
     handshake. (Hypercorn bounds a message in characters, not bytes: a message of 4-byte
     characters got four times the bound through, and as many bytes again in memory.)
+    A fragmented message's parts are kept in one ``bytearray`` (empty fragments add
+    nothing), so its memory is bounded by ``max_size`` however many fragments it has.
     """
 
     __slots__ = (
-        "_buffer", "_closing", "_discard", "_fragment_bytes", "_fragmented", "done", "failure",
-        "max_size",
+        "_backlog", "_buffer", "_closing", "_discard", "_message", "_opcode", "_ping",
+        "_start", "done", "failure", "max_size", "step",
     )  # fmt: skip
 
-    def __init__(self, max_size: int) -> None:
+    def __init__(self, max_size: int, step: int = FRAMES_PER_STEP) -> None:
         self.max_size = max_size
+        #: The most frames one :meth:`feed` decodes.
+        self.step = step
+        #: Bytes not decoded yet (a partial frame, or frames past the step) from ``_start``.
         self._buffer = bytearray()
-        self._fragmented = False
-        #: Payload bytes of the open fragmented message so far.
-        self._fragment_bytes = 0
+        self._start = 0
+        self._backlog = False
+        #: The open fragmented message's opcode (text or binary; 0: none open) and payload.
+        self._opcode = 0
+        self._message = bytearray()
+        #: The last ping not answered yet: its mask and masked payload (None: none).
+        self._ping: bytes | bytearray | None = None
         #: After a message over the bound: everything but a close frame is dropped.
         self._closing = False
         #: Bytes of a dropped frame still to come.
@@ -114,30 +162,54 @@ class ClientFrameReader:
 
     @property
     def buffered(self) -> int:
-        """Bytes of a partial frame waiting for the rest."""
-        return len(self._buffer)
+        """Bytes received and not decoded yet (a partial frame, or a :attr:`backlog`)."""
+        return len(self._buffer) - self._start
 
-    def feed(self, data: bytes | bytearray) -> list[Item]:
-        """Take ``data``; return the items it completes (then see :attr:`done`)."""
+    @property
+    def message_bytes(self) -> int:
+        """Payload bytes of the fragmented message being joined (0: none open)."""
+        return len(self._message)
+
+    @property
+    def backlog(self) -> bool:
+        """Whether the last :meth:`feed` stopped at :attr:`step` frames with whole frames
+        possibly left: ``feed(b"")`` decodes the next ones."""
+        return self._backlog
+
+    def feed(self, data: bytes | bytearray = b"") -> list[Item]:
+        """Take ``data``; return the items it (and any backlog) completes, at most
+        :attr:`step` frames' worth (then see :attr:`backlog` and :attr:`done`)."""
         if self.done:
-            return [bytearray(data)]
-        items: list[Item] = []
-        if self._discard:
+            return [bytearray(data)] if data else []
+        if self._discard and data:
             dropped = min(self._discard, len(data))
             self._discard -= dropped
-            if dropped == len(data):
-                return items
             data = data[dropped:]
         # Parse straight from ``data`` when nothing is waiting (the usual case: no copy).
         buf: bytes | bytearray
-        if self._buffer:
-            self._buffer += data
+        pos = self._start
+        if len(self._buffer) > pos:
+            if data:
+                if pos:
+                    del self._buffer[:pos]
+                    pos = 0
+                self._buffer += data
             buf = self._buffer
         else:
             buf = data
-        pos = 0
+            pos = 0
+        return self._parse(buf, pos)
+
+    def _parse(self, buf: bytes | bytearray, pos: int) -> list[Item]:
+        items: list[Item] = []
         end = len(buf)
+        frames = 0
+        step = self.step
+        self._backlog = False
         while end - pos >= 2:
+            if frames >= step:
+                self._backlog = True
+                break
             b0 = buf[pos]
             b1 = buf[pos + 1]
             length = b1 & 0x7F
@@ -163,6 +235,7 @@ class ClientFrameReader:
                 # malformed), which goes on to close the connection.
                 if opcode == _CLOSE or b0 & 0x70 or not b1 & 0x80 or opcode > _PONG:
                     return self._give_up(items, buf, pos)
+                frames += 1
                 if frame_end > end:
                     self._discard = frame_end - end
                     pos = end
@@ -175,38 +248,48 @@ class ClientFrameReader:
                 return self._give_up(items, buf, pos, "client frame not masked")
             if opcode > _PONG or _BINARY < opcode < _CLOSE:
                 return self._give_up(items, buf, pos, f"unknown opcode {opcode:#x}")
-            if opcode >= _CLOSE and (not fin or length > 125):
-                return self._give_up(items, buf, pos, "control frame fragmented or too long")
-            if opcode == _CLOSE:
-                return self._give_up(items, buf, pos)
-            if opcode < _CLOSE:
-                size = length + self._fragment_bytes if opcode == _CONTINUATION else length
-                if size > self.max_size:
-                    self.failure = (1009, f"message over the {self.max_size}-byte limit")
-                    items.append(Failure(*self.failure))
-                    self._closing = True
-                    continue  # the same frame again, now dropped by the closing branch
-            else:
-                size = 0
-            if frame_end > end:
-                break  # wait for the rest of this frame
-            if opcode >= _CLOSE or self._fragmented or not fin:
-                # Ping/pong, or a frame of a fragmented message: the full implementation
-                # takes it (it answers pings, reassembles fragments). A data frame that
-                # starts a message while one is open, or a continuation with none open, is
-                # a protocol error.
-                if opcode < _CLOSE:
-                    if (opcode == _CONTINUATION) != self._fragmented:
-                        return self._give_up(items, buf, pos, _OUT_OF_ORDER[opcode != 0])
-                    self._fragmented = not fin
-                    self._fragment_bytes = size if not fin else 0
-                _append_raw(items, bytearray(buf[pos:frame_end]))
+            if opcode >= _CLOSE:
+                if not fin or length > 125:
+                    return self._give_up(items, buf, pos, "control frame fragmented or too long")
+                if opcode == _CLOSE:
+                    return self._give_up(items, buf, pos)
+                if frame_end > end:
+                    break  # wait for the rest of this frame
+                if opcode == _PING:
+                    self._ping = buf[pos + header : frame_end]
+                frames += 1
                 pos = frame_end
                 continue
-            if opcode == _CONTINUATION:
-                return self._give_up(items, buf, pos, _OUT_OF_ORDER[False])
+            # A data frame: a message, or a fragment of one. A frame that starts a message
+            # while one is open, or a continuation with none open, is a protocol error.
+            if (opcode == _CONTINUATION) != bool(self._opcode):
+                return self._give_up(items, buf, pos, _OUT_OF_ORDER[opcode != _CONTINUATION])
+            size = length + len(self._message)
+            if size > self.max_size:
+                self._flush_pong(items)
+                self.failure = (1009, f"message over the {self.max_size}-byte limit")
+                items.append(Failure(*self.failure))
+                self._closing = True
+                self._opcode = 0
+                self._message = bytearray()
+                continue  # the same frame again, now dropped by the closing branch
+            if frame_end > end:
+                break  # wait for the rest of this frame
             mask_at = pos + header
             payload = unmask(buf[mask_at + 4 : frame_end], buf[mask_at : mask_at + 4])
+            frames += 1
+            if not fin:
+                if opcode:  # the first fragment
+                    self._opcode = opcode
+                self._message += payload
+                pos = frame_end
+                continue
+            if opcode == _CONTINUATION:  # the last fragment
+                opcode = self._opcode
+                self._message += payload
+                payload = bytes(self._message)
+                self._opcode = 0
+                self._message = bytearray()
             if opcode == _TEXT:
                 try:
                     items.append(payload.decode())
@@ -215,14 +298,24 @@ class ClientFrameReader:
             else:
                 items.append((payload,))
             pos = frame_end
-        if pos == 0:
-            if buf is not self._buffer:
-                self._buffer = bytearray(buf)  # a partial frame, kept (not copied again)
-        elif pos < end:
-            self._buffer = bytearray(buf[pos:])
-        else:
+        if not self._backlog:
+            self._flush_pong(items)  # the bytes read together are decoded
+        if pos >= end:
             self._buffer = bytearray()
+            self._start = 0
+        elif buf is self._buffer:
+            self._start = pos
+        else:
+            self._buffer = bytearray(buf[pos:])  # kept once, however many steps it takes
+            self._start = 0
         return items
+
+    def _flush_pong(self, items: list[Item]) -> None:
+        """Answer the last ping not answered yet, if any (RFC 6455 section 5.5.3)."""
+        ping = self._ping
+        if ping is not None:
+            self._ping = None
+            items.append(Pong(unmask(ping[4:], ping[:4])))
 
     def _give_up(
         self,
@@ -233,9 +326,14 @@ class ClientFrameReader:
         code: int = 1002,
     ) -> list[Item]:
         """Hand on everything from ``pos`` and stop decoding for good (``error``: the frame
-        at ``pos`` breaks the protocol: a :class:`Failure` goes before it)."""
+        at ``pos`` breaks the protocol: a :class:`Failure` goes before it). A ping read
+        before it is answered first."""
+        self._flush_pong(items)
         self.done = True
+        self._backlog = False
         self._buffer = bytearray()
+        self._start = 0
+        self._message = bytearray()
         if error is None:
             _append_raw(items, bytearray(buf[pos:]))
         else:  # kept apart from raw bytes before it: the close frame goes between them

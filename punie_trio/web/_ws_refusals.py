@@ -15,6 +15,8 @@ which marks such a refusal as a close the peer started: Hypercorn then sends the
 frame back (same code and reason) and ends the connection, as for any peer's close.
 (Frames the direct reader takes, ``_direct.py``, never reach wsproto; it sends its own.)
 A 1009 that Hypercorn sends for an assembled message past its bound gets a reason too.
+Pings in a row (on a connection the direct reader does not read: ``permessage-deflate``)
+are answered with one pong, to the last of them.
 
 Resource handling: nothing is owned; like ``_deflate.install`` it patches Hypercorn for the
 whole process (idempotent), and patches nothing if Hypercorn's internals do not match.
@@ -26,7 +28,7 @@ from collections.abc import Generator
 
 from hypercorn.protocol import ws_stream
 from wsproto.connection import Connection, ConnectionState
-from wsproto.events import CloseConnection, Event
+from wsproto.events import CloseConnection, Event, Ping
 from wsproto.frame_protocol import CloseReason
 
 from ._deflate import BoundedPerMessageDeflate
@@ -37,7 +39,16 @@ class _Connection(Connection):
     """wsproto's ``Connection``, turning a refused frame into a close Hypercorn answers."""
 
     def events(self) -> Generator[Event, None, None]:
+        ping: Ping | None = None
         for event in super().events():
+            if isinstance(event, Ping):
+                # Pings in a row get one pong, to the last (RFC 6455 5.5.3), as the direct
+                # reader does: Hypercorn answers every Ping event, a write each.
+                ping = event
+                continue
+            if ping is not None:
+                yield ping
+                ping = None
             if isinstance(event, CloseConnection) and self.state is ConnectionState.OPEN:
                 # wsproto refused a frame (a peer's close would have moved the state):
                 # answered like a peer's close, with this code and reason.
@@ -46,6 +57,8 @@ class _Connection(Connection):
                     limit = BoundedPerMessageDeflate.limit
                     event = CloseConnection(event.code, f"message over the {limit}-byte limit")
             yield event
+        if ping is not None:
+            yield ping
 
     def send(self, event: Event) -> bytes:
         if isinstance(event, CloseConnection) and event.code == 1009 and not event.reason:

@@ -29,6 +29,7 @@ from wsproto.extensions import PerMessageDeflate
 from punie_trio.hub import ClientConnection, Limits
 from punie_trio.server import Running
 from punie_trio.web._asgi_ws import AsgiWebSocketStream
+from punie_trio.web._direct import DirectReader
 from punie_trio.web._frames import unmask
 from punie_trio.worker import TurnContext
 
@@ -129,7 +130,14 @@ def the_connection(server: Running) -> tuple[ClientConnection, Any]:
 
 
 async def partial_message(stream: Any) -> weakref.ref[Any]:
-    """Once Hypercorn's ``stream`` buffers all of the unfinished message: the buffer."""
+    """Once the server holds all of the unfinished message: what holds it. That is
+    Hypercorn's ``stream``'s buffer where wsproto reads (permessage-deflate), else the
+    direct reader, whose frame reader joins the fragments (in a ``bytearray``, which takes
+    no weak reference; nothing else holds the reader or its frame reader)."""
+    reader = stream.send.__self__.send.__self__.frame_reader
+    if isinstance(reader, DirectReader):
+        await settle_until(lambda: reader.frames.message_bytes == PARTIAL)
+        return weakref.ref(reader)
     await settle_until(lambda: stream.buffer.length == PARTIAL)
     return weakref.ref(stream.buffer.value)
 

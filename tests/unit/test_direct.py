@@ -228,8 +228,12 @@ class ReadingApp:
     """Accepts, records every message the stream receives (and whether the direct reader
     was installed and active at the end), until the client leaves."""
 
-    def __init__(self, gate: trio.Event | None = None) -> None:
+    def __init__(self, gate: trio.Event | None = None, stamp: Any = None) -> None:
         self.received: list[str | bytes] = []
+        #: ``stamp()`` when each message was received (if ``stamp`` is given).
+        self.stamp = stamp
+        self.stamps: list[int] = []
+        self.got_end = trio.Event()  # set when the message "end" arrives
         self.reader_active: list[bool] = []
         self.done = trio.Event()
         self.gate = gate  # if given, the stream (and its reader) is made once it is set
@@ -251,6 +255,10 @@ class ReadingApp:
             while True:
                 message = await stream.receive_message()
                 self.received.append(message)
+                if self.stamp is not None:
+                    self.stamps.append(self.stamp())
+                if message == "end":
+                    self.got_end.set()
         except trio.EndOfChannel:
             pass
         finally:
@@ -445,3 +453,176 @@ async def test_a_send_after_the_connection_was_lost_raises(
             go.set()
             await done.wait()
     assert seen == {"stream": seen["stream"], "raised": True, "disconnected": False}
+
+
+# -- Floods of tiny frames: one pong per read, and the reader lets other tasks run ---------
+
+
+async def open_raw(address: tuple[str, int]) -> trio.SocketStream:
+    """A TCP connection upgraded to a WebSocket (the server's 101 read, nothing after it)."""
+    stream = await trio.open_tcp_stream(*address)
+    ws = WSConnection(ConnectionType.CLIENT)
+    await stream.send_all(ws.send(Request(host="x", target="/")))
+    while not any(isinstance(e, AcceptConnection) for e in ws.events()):
+        ws.receive_data(await stream.receive_some(65536))
+    return stream
+
+
+async def read_server_frames(stream: trio.SocketStream) -> list[tuple[int, bytes]]:
+    """Every frame (opcode, payload) the server sends until it closes the connection."""
+    data = b""
+    while chunk := await stream.receive_some(65536):
+        data += chunk
+    frames = []
+    pos = 0
+    while pos < len(data):
+        assert data[pos + 1] < 126  # the server sends only short frames here, unmasked
+        end = pos + 2 + data[pos + 1]
+        frames.append((data[pos] & 0x0F, data[pos + 2 : end]))
+        pos = end
+    assert pos == len(data)
+    return frames
+
+
+FLOOD = 2000
+
+
+def flood(kind: str) -> tuple[bytes, list[str | bytes]]:
+    """``start``, then 2,000 pings or a message in 2,000 fragments (a ping after every
+    100th), then ``end``, as a client masks them; and the messages the app should get."""
+    proto = client_frames()
+    if kind == "pings":
+        middle = b"".join(proto.ping(b"%d" % i) for i in range(FLOOD))
+        expected: list[str | bytes] = ["start", "end"]
+    else:
+        parts = []
+        for i in range(FLOOD):
+            parts.append(proto.send_data("x", fin=i == FLOOD - 1))
+            if i % 100 == 99:
+                parts.append(proto.ping(b"%d" % i))
+        middle = b"".join(parts)
+        expected = ["start", "x" * FLOOD, "end"]
+    start, end = proto.send_data("start", fin=True), proto.send_data("end", fin=True)
+    return start + middle + end, expected
+
+
+@pytest.mark.parametrize("kind", ["pings", "fragments"])
+async def test_a_flood_of_tiny_frames_yields_to_other_tasks_and_gets_one_pong(
+    kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One read of thousands of tiny frames (pings, or one message's fragments with pings
+    between) is decoded a bounded step at a time: another task runs between the steps (a
+    probe counts its turns: it runs once per scheduler pass). Before, the whole read was
+    handled in one pass (each ping answered through wsproto and Hypercorn, with its own
+    write), and an audit's other clients waited up to a second. The pings read together
+    get one pong, to the last of them, payload exact."""
+    from punie_trio.web._frames import FRAMES_PER_STEP
+
+    monkeypatch.setattr(hypercorn.trio.run, "TCPServer", FastSendTCPServer)
+    turns = 0
+
+    async def probe() -> None:
+        nonlocal turns
+        while True:
+            turns += 1
+            await trio.lowlevel.checkpoint()
+
+    data, expected = flood(kind)
+    app = ReadingApp(stamp=lambda: turns)
+    with trio.fail_after(10):
+        async with serving(app) as address:
+            stream = await open_raw(address)
+            async with stream:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(probe)
+                    # One write: on loopback the kernel has it all before the server's next
+                    # read (up to 64 KiB), so the server reads the whole flood at once.
+                    await stream.send_all(data)
+                    await app.got_end.wait()
+                    nursery.cancel_scope.cancel()
+                await stream.send_all(client_frames().close(1000))
+                sent = await read_server_frames(stream)
+            await app.done.wait()
+    assert app.received == expected
+    steps = (FLOOD + FLOOD // 100 + 2) // FRAMES_PER_STEP
+    assert app.stamps[-1] - app.stamps[0] >= steps - 2, app.stamps
+    assert sent == [(0xA, b"%d" % (FLOOD - 1)), (0x8, (1000).to_bytes(2, "big"))]
+
+
+def test_pings_in_a_row_reach_hypercorn_as_one_ping_the_last() -> None:
+    """Where wsproto reads (a compressed WebSocket), Hypercorn answers every Ping event
+    with a pong: punie-trio's wsproto connection hands it only the last of a run."""
+    from wsproto.connection import Connection
+    from wsproto.events import Ping, TextMessage
+
+    from punie_trio.web._ws_refusals import _Connection
+
+    proto = client_frames()
+    data = (
+        b"".join(proto.ping(b"%d" % i) for i in range(100))
+        + proto.send_data("between", fin=True)
+        + proto.ping(b"a")
+        + proto.ping(b"\x00b\xff")
+    )
+    events = []
+    for connection_class in (Connection, _Connection):
+        connection = connection_class(ConnectionType.SERVER)
+        connection.receive_data(data)
+        events.append(list(connection.events()))
+    assert len(events[0]) == 103  # wsproto alone: every ping
+    assert events[1] == [
+        Ping(payload=b"99"),
+        TextMessage(data="between", frame_finished=True, message_finished=True),
+        Ping(payload=b"\x00b\xff"),
+    ]
+
+
+async def test_hypercorns_read_path_yields_between_pieces_of_a_read(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With permessage-deflate the direct reader is off and Hypercorn reads every frame
+    (wsproto): the socket reader hands it a read 4 KiB at a time, a checkpoint between,
+    and the pings of each piece get one pong, to the last."""
+    from hypercorn.protocol import ws_stream
+
+    from punie_trio.web._fast_send import HANDLE_STEP
+    from punie_trio.web._ws_refusals import _Connection
+
+    monkeypatch.setattr(hypercorn.trio.run, "TCPServer", FastSendTCPServer)
+    monkeypatch.setattr(ws_stream, "Connection", _Connection)
+    turns = 0
+
+    async def probe() -> None:
+        nonlocal turns
+        while True:
+            turns += 1
+            await trio.lowlevel.checkpoint()
+
+    data, expected = flood("pings")
+    app = ReadingApp(stamp=lambda: turns)
+    with trio.fail_after(10):
+        async with serving(app) as address:
+            stream = await trio.open_tcp_stream(*address)
+            ws = WSConnection(ConnectionType.CLIENT)
+            request = Request(host="x", target="/", extensions=[PerMessageDeflate()])
+            await stream.send_all(ws.send(request))
+            accepted: list[Event] = []
+            while not accepted:
+                ws.receive_data(await stream.receive_some(65536))
+                accepted = [e for e in ws.events() if isinstance(e, AcceptConnection)]
+            assert isinstance(accepted[0], AcceptConnection) and accepted[0].extensions
+            async with stream:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(probe)
+                    await stream.send_all(data)  # one read (see the test above)
+                    await app.got_end.wait()
+                    nursery.cancel_scope.cancel()
+                await stream.send_all(client_frames().close(1000))
+                sent = await read_server_frames(stream)
+            await app.done.wait()
+    assert app.received == expected and app.reader_active == [False]
+    pieces = -(-len(data) // HANDLE_STEP)
+    assert app.stamps[-1] - app.stamps[0] >= pieces - 2, app.stamps
+    pongs = [payload for opcode, payload in sent if opcode == 0xA]
+    assert 1 <= len(pongs) <= pieces and pongs[-1] == b"%d" % (FLOOD - 1)
+    assert sent[len(pongs) :] == [(0x8, (1000).to_bytes(2, "big"))]

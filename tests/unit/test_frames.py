@@ -11,9 +11,16 @@ import random
 import pytest
 from wsproto.frame_protocol import FrameProtocol, XorMaskerSimple
 
-from punie_trio.web._frames import ClientFrameReader, Failure, close_frame, unmask
+from punie_trio.web._frames import (
+    FRAMES_PER_STEP,
+    ClientFrameReader,
+    Failure,
+    Pong,
+    close_frame,
+    unmask,
+)
 
-Item = str | tuple[bytes] | bytearray
+Item = str | tuple[bytes] | bytearray | Failure | Pong
 
 
 def client() -> FrameProtocol:
@@ -60,30 +67,122 @@ def test_unmask_matches_wsproto() -> None:
         assert unmask(payload, mask) == bytes(XorMaskerSimple(mask).process(bytearray(payload)))
 
 
-def test_ping_and_pong_are_handed_on_and_reading_goes_on() -> None:
+def test_pings_read_together_get_one_pong_to_the_last() -> None:
+    """RFC 6455 section 5.5.3: an endpoint may answer only the most recent of the pings it
+    has not answered yet. One pong per read, its payload the last ping's, byte for byte;
+    the client's pongs are dropped; messages around them come through in order."""
     proto = client()
-    ping = proto.ping(b"hb")
-    pong = proto.pong(b"x")
-    data = proto.send_data("one", fin=True) + ping + pong + proto.send_data("two", fin=True)
+    data = (
+        proto.send_data("one", fin=True)
+        + proto.ping(b"hb")
+        + proto.pong(b"x")
+        + proto.ping(b"")
+        + proto.send_data("two", fin=True)
+        + proto.ping(bytes(range(125)))
+        + proto.ping(b"\x00last\xff")
+        + proto.send_data("three", fin=True)
+    )
     reader = ClientFrameReader(max_size=1000)
-    items = reader.feed(data)
-    assert items == ["one", bytearray(ping + pong), "two"]
-    assert not reader.done
+    assert reader.feed(data) == ["one", "two", "three", Pong(b"\x00last\xff")]
+    assert not reader.done and reader.buffered == 0
+    assert reader.feed(proto.ping(bytes(range(125)))) == [Pong(bytes(range(125)))]
 
 
-def test_a_fragmented_message_is_handed_on_whole_then_reading_resumes() -> None:
+def test_each_read_answers_its_own_pings() -> None:
+    """A ping whose frame completes in a later read is answered in that read: no ping goes
+    unanswered while its pong could be sent, and a partial ping is not answered early."""
+    proto = client()
+    first, second = proto.ping(b"first"), proto.ping(b"second")
+    reader = ClientFrameReader(max_size=1000)
+    assert reader.feed(first + second[:3]) == [Pong(b"first")]
+    assert reader.feed(second[3:]) == [Pong(b"second")]
+    assert reader.feed(proto.pong(b"unsolicited")) == []
+
+
+@pytest.mark.parametrize("sizes", [[1], [2, 3, 5], [7], [1 << 20]])
+def test_pings_at_every_split_are_each_answered_once_complete(sizes: list[int]) -> None:
+    proto = client()
+    pings = [proto.ping(b"p%d" % i) for i in range(20)]
+    out = feed_in_pieces(ClientFrameReader(max_size=1000), b"".join(pings), sizes)
+    # Never a pong for a ping not read yet, the last one always answered, none twice.
+    assert out[-1] == Pong(b"p19")
+    assert all(isinstance(item, Pong) for item in out)
+    numbers = [int(item.payload[1:]) for item in out if isinstance(item, Pong)]
+    assert numbers == sorted(set(numbers))
+
+
+def test_a_fragmented_message_is_joined_with_pings_between_answered() -> None:
     proto = client()
     fragments = (
         proto.send_data("fir", fin=False)
-        + proto.ping(b"")
+        + proto.ping(b"mid")
+        + proto.send_data("", fin=False)
         + proto.send_data("st", fin=False)
         + proto.send_data("!", fin=True)
     )
     data = proto.send_data("before", fin=True) + fragments + proto.send_data("after", fin=True)
+    reader = ClientFrameReader(max_size=1000)
+    assert reader.feed(data) == ["before", "first!", "after", Pong(b"mid")]
+    assert not reader.done and reader.buffered == 0
+    # Cut anywhere, the same messages; the pong goes with the read that completed its ping.
+    reader = ClientFrameReader(max_size=1000)
+    assert feed_in_pieces(reader, data, [1]) == ["before", Pong(b"mid"), "first!", "after"]
+    assert not reader.done
+
+
+def test_fragments_binary_and_text_split_inside_a_character() -> None:
+    proto = client()
+    encoded = "é😀".encode()  # one fragment a byte: split inside both characters
+    data = (
+        proto.send_data(b"\x00", fin=False)
+        + proto.send_data(b"\xff", fin=True)
+        + b"".join(
+            masked_frame(0x00 if i else 0x01, encoded[i : i + 1]) for i in range(len(encoded) - 1)
+        )
+        + masked_frame(0x80, encoded[-1:])
+    )
     for sizes in ([1], [len(data)]):
         reader = ClientFrameReader(max_size=1000)
-        assert feed_in_pieces(reader, data, sizes) == ["before", bytearray(fragments), "after"]
-        assert not reader.done
+        assert feed_in_pieces(reader, data, sizes) == [(b"\x00\xff",), "é😀"]
+
+
+def test_a_fragmented_text_message_not_utf8_fails_1007_when_whole() -> None:
+    """Checked once the message is whole (wsproto checked fragment by fragment)."""
+    first = masked_frame(0x01, b'{"a":"\xc3')
+    last = masked_frame(0x80, b'\x28"}')
+    after = client().send_data("ok", fin=True)
+    reader = ClientFrameReader(max_size=1000)
+    assert reader.feed(first) == []
+    items = reader.feed(last + after)
+    assert items == [Failure(1007, "text frame not valid UTF-8"), bytearray(last + after)]
+    assert reader.done
+
+
+@pytest.mark.parametrize(
+    ("name", "frames", "reason"),
+    [
+        ("continuation first", [(0x80, b"x")], "continuation frame with no message open"),
+        ("text inside", [(0x01, b"a"), (0x81, b"b")], "new message inside a fragmented one"),
+        ("binary inside", [(0x02, b"a"), (0x02, b"b")], "new message inside a fragmented one"),
+    ],
+)
+def test_fragments_out_of_order_fail_1002(
+    name: str, frames: list[tuple[int, bytes]], reason: str
+) -> None:
+    data = b"".join(masked_frame(b0, payload) for b0, payload in frames)
+    last = masked_frame(*frames[-1])
+    reader = ClientFrameReader(max_size=1000)
+    assert reader.feed(data) == [Failure(1002, reason), bytearray(last)], name
+    assert reader.done
+
+
+def test_a_close_inside_a_fragmented_message_goes_on_after_the_pong() -> None:
+    first = masked_frame(0x01, b"half")
+    ping = masked_frame(0x89, b"p")
+    close = masked_frame(0x88, b"\x03\xe8")
+    reader = ClientFrameReader(max_size=1000)
+    assert reader.feed(first + ping + close) == [Pong(b"p"), bytearray(close)]
+    assert reader.done and reader.failure is None
 
 
 def test_close_hands_on_everything_after_it_for_good() -> None:
@@ -160,13 +259,13 @@ def test_anything_to_reject_is_handed_on_for_good(
 
 
 def test_a_protocol_error_after_a_control_frame_comes_apart_from_it() -> None:
-    """The ping is handed on first (wsproto answers it), then the bad frame alone: the
-    caller sends its close frame between the two, never ahead of the ping's pong."""
+    """The ping is answered first, then the bad frame goes on alone: the caller sends its
+    close frame between the two, never ahead of the ping's pong."""
     ping = masked_frame(0x89, b"hb")
     bad = masked_frame(0x81, b"hi", masked=False)
     reader = ClientFrameReader(max_size=1000)
     failure = Failure(1002, "client frame not masked")
-    assert reader.feed(ping + bad) == [bytearray(ping), failure, bytearray(bad)]
+    assert reader.feed(ping + bad) == [Pong(b"hb"), failure, bytearray(bad)]
     assert reader.failure == (1002, "client frame not masked")
 
 
@@ -199,7 +298,7 @@ def test_a_fragmented_message_is_bounded_by_its_fragments_together() -> None:
     first = proto.send_data("a" * 600, fin=False)
     second = proto.send_data("b" * 600, fin=False)
     reader = ClientFrameReader(max_size=1000)
-    assert reader.feed(first) == [bytearray(first)]  # wsproto reassembles fragments
+    assert reader.feed(first) == [] and reader.buffered == 0  # kept as the message so far
     assert reader.feed(second[:5]) == [Failure(1009, "message over the 1000-byte limit")]
     assert reader.feed(second[5:]) == []
     # Under the bound, fragments go on, and the count starts over with the next message.
@@ -207,8 +306,9 @@ def test_a_fragmented_message_is_bounded_by_its_fragments_together() -> None:
     proto = client()
     frames = [proto.send_data("a" * 500, fin=False), proto.send_data("b" * 500, fin=True)]
     frames.append(proto.send_data("c" * 1000, fin=False))
+    frames.append(proto.send_data("", fin=True))
     items = reader.feed(b"".join(frames))
-    assert items == [bytearray(b"".join(frames))] and reader.failure is None
+    assert items == ["a" * 500 + "b" * 500, "c" * 1000] and reader.failure is None
 
 
 def test_partial_frames_wait_and_are_not_copied_quadratically() -> None:
@@ -220,3 +320,53 @@ def test_partial_frames_wait_and_are_not_copied_quadratically() -> None:
     assert reader.buffered == len(frame) - 1
     assert reader.feed(frame[-1:]) == ["q" * 300_000]
     assert reader.buffered == 0
+
+
+# -- Bounded work per call ------------------------------------------------------------------
+
+
+def test_a_call_decodes_at_most_step_frames_and_keeps_the_rest() -> None:
+    """200 pings and 10 messages read at once: 64 frames per call (the caller checkpoints
+    between calls), the backlog kept in order, one pong once the read is all decoded."""
+    proto = client()
+    pings = b"".join(proto.ping(b"%d" % i) for i in range(200))
+    texts = b"".join(proto.send_data(f"m{i}", fin=True) for i in range(10))
+    partial = proto.send_data("next", fin=True)
+    reader = ClientFrameReader(max_size=1000)
+    assert reader.step == FRAMES_PER_STEP == 64
+    assert reader.feed() == [] and not reader.backlog  # nothing pending: a no-op
+    data = texts + pings + partial[:3]
+    calls = [reader.feed(data)]
+    while reader.backlog:
+        assert reader.buffered > 3
+        calls.append(reader.feed())
+    assert [len(call) for call in calls] == [10, 0, 0, 1]  # 210 frames: 64, 64, 64, 18
+    assert calls[0] == [f"m{i}" for i in range(10)] and calls[-1] == [Pong(b"199")]
+    assert reader.buffered == 3  # the partial frame waits
+    assert reader.feed(partial[3:]) == ["next"] and not reader.backlog
+
+
+def test_new_bytes_behind_a_backlog_keep_their_order() -> None:
+    proto = client()
+    reader = ClientFrameReader(max_size=1 << 20, step=2)
+    first = b"".join(proto.send_data(f"a{i}", fin=True) for i in range(5))
+    assert reader.feed(first) == ["a0", "a1"] and reader.backlog
+    assert reader.feed(proto.send_data("b", fin=True)) == ["a2", "a3"]
+    assert reader.feed() == ["a4", "b"] and not reader.backlog
+    assert reader.feed() == [] and reader.buffered == 0
+
+
+def test_a_fragment_flood_takes_bounded_memory_and_steps() -> None:
+    """One message in 3,001 frames (1,000 of them empty), reassembled a step at a time; its
+    parts are joined in one buffer as they come."""
+    frames = [masked_frame(0x01, b"[")]
+    for _ in range(1000):
+        frames += [masked_frame(0x00, b"1"), masked_frame(0x00, b""), masked_frame(0x00, b",")]
+    frames.append(masked_frame(0x80, b"0]"))
+    reader = ClientFrameReader(max_size=1 << 20)
+    calls = [reader.feed(b"".join(frames))]
+    while reader.backlog:
+        calls.append(reader.feed())
+    assert len(calls) == -(-len(frames) // FRAMES_PER_STEP)
+    assert calls[-1] == ["[" + "1," * 1000 + "0]"]
+    assert all(call == [] for call in calls[:-1])
