@@ -871,12 +871,22 @@ class Manager:
         return True
 
     async def _send_backlog(self, handle: WorkerHandle) -> None:
+        """Send the handle's backlog on, in order: as many as the channel takes at once,
+        then wait for room for the next. (Not one ``send`` each: every send is a trip
+        through the scheduler, and at 100 clients prompting the backlog held dozens of
+        StartTurns, so the last waited dozens of passes: 30% fewer prompts/s.)"""
         backlog = handle.backlog
         assert backlog is not None
+        commands = handle.commands
         try:
             while backlog:
-                await handle.commands.send(backlog[0])
-                backlog.popleft()
+                try:
+                    while backlog:
+                        commands.send_nowait(backlog[0])
+                        backlog.popleft()
+                except trio.WouldBlock:
+                    await commands.send(backlog[0])  # waits for room
+                    backlog.popleft()
         except (trio.ClosedResourceError, trio.BrokenResourceError):
             pass  # the worker is gone, and its turns with it
         finally:
