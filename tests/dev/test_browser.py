@@ -6,8 +6,9 @@ API (asyncio inside) runs the whole browser scenario in one worker thread.
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -99,8 +100,19 @@ async def test_live_reload_in_chromium(tmp_path: Path) -> None:
             await trio.to_thread.run_sync(_scenario, url, project, dev)
 
 
-def _launch(p: Any) -> Any:
-    return p.chromium.launch(executable_path=str(CHROMIUM), args=ARGS, headless=True)
+@contextlib.contextmanager
+def _page() -> Iterator[Any]:
+    """A fresh page in a headless Chromium, closed on exit."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=ARGS, headless=True)
+        try:
+            page = browser.new_page()
+            page.set_default_timeout(20_000)
+            yield page
+        finally:
+            browser.close()
 
 
 def _wait_for(predicate: Callable[[], bool], what: str) -> None:
@@ -124,40 +136,32 @@ EXAMPLE = (
 
 
 def _frames_scenario(url: str, site: Path, dev: DevApp) -> None:
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        browser = _launch(p)
-        try:
-            page = browser.new_page()
-            page.set_default_timeout(20_000)
-            page.goto(url + "/")  # waits for the frames' load events too
-            # The parent and six frames each held a stream: Chromium's six connections per
-            # host, and this request never went out (found by a dev app audit).
-            loaded = page.evaluate(
-                """() => new Promise((resolve, reject) => {
-                    const img = new Image();
-                    img.onload = () => resolve(true);
-                    img.onerror = () => reject(new Error("image failed"));
-                    img.src = "/pic.svg";
-                })"""
-            )
-            assert loaded is True
-            _wait_for(lambda: dev.broadcaster.subscriber_count == 1, "one stream for the tab")
-            frame = page.frame_locator("iframe").first
-            page.frames[1].evaluate("window.__marker = 'frame kept'")
-            # CSS only: swapped in the frames too, which are not reloaded.
-            write(site / "style.css", "h1 { color: rgb(0, 0, 255); }")
-            page.frames[1].wait_for_function(
-                "getComputedStyle(document.querySelector('h1')).color === 'rgb(0, 0, 255)'"
-            )
-            assert page.frames[1].evaluate("window.__marker") == "frame kept"
-            # A frame's page changed: the connected window reloads, and the frames with it.
-            write(site / "ex0.html", EXAMPLE.format("frame v2"))
-            frame.locator("h1", has_text="frame v2").wait_for()
-            assert dev.broadcaster.subscriber_count >= 1
-        finally:
-            browser.close()
+    with _page() as page:
+        page.goto(url + "/")  # waits for the frames' load events too
+        # The parent and six frames each held a stream: Chromium's six connections per
+        # host, and this request never went out (found by a dev app audit).
+        loaded = page.evaluate(
+            """() => new Promise((resolve, reject) => {
+                const img = new Image();
+                img.onload = () => resolve(true);
+                img.onerror = () => reject(new Error("image failed"));
+                img.src = "/pic.svg";
+            })"""
+        )
+        assert loaded is True
+        _wait_for(lambda: dev.broadcaster.subscriber_count == 1, "one stream for the tab")
+        frame = page.frame_locator("iframe").first
+        page.frames[1].evaluate("window.__marker = 'frame kept'")
+        # CSS only: swapped in the frames too, which are not reloaded.
+        write(site / "style.css", "h1 { color: rgb(0, 0, 255); }")
+        page.frames[1].wait_for_function(
+            "getComputedStyle(document.querySelector('h1')).color === 'rgb(0, 0, 255)'"
+        )
+        assert page.frames[1].evaluate("window.__marker") == "frame kept"
+        # A frame's page changed: the connected window reloads, and the frames with it.
+        write(site / "ex0.html", EXAMPLE.format("frame v2"))
+        frame.locator("h1", has_text="frame v2").wait_for()
+        assert dev.broadcaster.subscriber_count >= 1
 
 
 @pytest.mark.browser
@@ -175,19 +179,11 @@ async def test_same_origin_frames_share_the_tabs_one_stream(tmp_path: Path) -> N
 
 
 def _cross_origin_scenario(url: str, site: Path, dev: DevApp) -> None:
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        browser = _launch(p)
-        try:
-            page = browser.new_page()
-            page.set_default_timeout(20_000)
-            page.goto(url + "/outer.html")
-            # The outer page (127.0.0.1) and the preview in it (localhost): two origins, so
-            # the inner one cannot see the outer one's script and connects itself.
-            _wait_for(lambda: dev.broadcaster.subscriber_count == 2, "both windows connect")
-        finally:
-            browser.close()
+    with _page() as page:
+        page.goto(url + "/outer.html")
+        # The outer page (127.0.0.1) and the preview in it (localhost): two origins, so
+        # the inner one cannot see the outer one's script and connects itself.
+        _wait_for(lambda: dev.broadcaster.subscriber_count == 2, "both windows connect")
 
 
 @pytest.mark.browser
@@ -214,20 +210,12 @@ CSP_PAGE = (
 
 
 def _csp_scenario(url: str, site: Path, dev: DevApp) -> None:
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        browser = _launch(p)
-        try:
-            page = browser.new_page()
-            page.set_default_timeout(20_000)
-            page.goto(url + "/")
-            # The inline script was refused by the policy: the page never connected.
-            _wait_for(lambda: dev.broadcaster.subscriber_count == 1, "the page connects")
-            write(site / "index.html", CSP_PAGE.format("v2"))
-            page.locator("h1", has_text="v2").wait_for()  # (the policy forbids eval)
-        finally:
-            browser.close()
+    with _page() as page:
+        page.goto(url + "/")
+        # The inline script was refused by the policy: the page never connected.
+        _wait_for(lambda: dev.broadcaster.subscriber_count == 1, "the page connects")
+        write(site / "index.html", CSP_PAGE.format("v2"))
+        page.locator("h1", has_text="v2").wait_for()  # (the policy forbids eval)
 
 
 @pytest.mark.browser

@@ -120,6 +120,20 @@ async def test_slow_reader_does_not_delay_other_clients(
                 assert chunks == FLOOD_CHUNKS
 
 
+async def _upgraded(stream: trio.SocketStream, url: str) -> trio.SocketStream:
+    """``stream`` (an unconnected socket's) connected to ``url``'s ``/acp`` as a raw
+    WebSocket: the upgrade done with wsproto, and nothing read past it."""
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    await stream.socket.connect((host, int(port)))
+    ws = WSConnection(ConnectionType.CLIENT)
+    await stream.send_all(ws.send(Request(host=f"{host}:{port}", target="/acp")))
+    accepted = False
+    while not accepted:
+        ws.receive_data(await stream.receive_some(65536))
+        accepted = any(isinstance(e, AcceptConnection) for e in ws.events())
+    return stream
+
+
 async def test_a_client_that_stopped_reading_and_reset_is_let_go(
     start_server: StartServer, tmp_path: Path, acp_schema: SchemaChecker
 ) -> None:
@@ -132,16 +146,9 @@ async def test_a_client_that_stopped_reading_and_reset_is_let_go(
         manager = running.manager
         await trio.testing.wait_all_tasks_blocked()
         before = task_tree()
-        host, port = running.url.removeprefix("http://").rsplit(":", 1)
         sock = trio.socket.socket()
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1024)
-        await sock.connect((host, int(port)))
-        ws = WSConnection(ConnectionType.CLIENT)
-        await sock.send(ws.send(Request(host=f"{host}:{port}", target="/acp")))
-        accepted = False
-        while not accepted:
-            ws.receive_data(await sock.recv(65536))
-            accepted = any(isinstance(e, AcceptConnection) for e in ws.events())
+        await _upgraded(trio.SocketStream(sock), running.url)
         hello = {
             "jsonrpc": "2.0",
             "id": 1,
@@ -182,14 +189,7 @@ async def test_at_shutdown_a_client_that_ignores_the_close_frame_is_dropped_at_o
     test above), for at most CLOSE_TIMEOUT; at shutdown the connection is dropped at once,
     as before: a client that ignored close frames made every shutdown take 5 s."""
     async with start_server() as running:
-        host, port = running.url.removeprefix("http://").rsplit(":", 1)
-        stream = await trio.open_tcp_stream(host, int(port))
-        ws = WSConnection(ConnectionType.CLIENT)
-        await stream.send_all(ws.send(Request(host=f"{host}:{port}", target="/acp")))
-        accepted = False
-        while not accepted:
-            ws.receive_data(await stream.receive_some(65536))
-            accepted = any(isinstance(e, AcceptConnection) for e in ws.events())
+        stream = await _upgraded(trio.SocketStream(trio.socket.socket()), running.url)
         await trio.testing.wait_all_tasks_blocked()
         assert len(running.manager.connections) == 1
         running.closing.set()

@@ -1410,12 +1410,9 @@ async def test_writes_wait_for_a_checkpoint_only_past_the_settle_size(
         assert store._writes_wait_for is not settling  # waited for, and let go
 
 
-async def test_delete_runs_off_the_event_loop_and_writes_wait_for_it(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A delete's cost grows with the session (104 ms for 10,000 turns), so it runs on the
-    owner thread: the event loop goes on meanwhile, and writes wait for it rather than
-    meeting its lock in SQLite's busy handler, which would block the loop."""
+def _hold_deletes(monkeypatch: pytest.MonkeyPatch) -> tuple[threading.Event, list[str]]:
+    """Make every session delete wait for the returned event (on whichever thread runs
+    it, whose name goes into the returned list); one on the event loop's thread fails."""
     release = threading.Event()
     threads: list[str] = []
     real_delete = _sql.delete_session
@@ -1428,6 +1425,16 @@ async def test_delete_runs_off_the_event_loop_and_writes_wait_for_it(
         return real_delete(conn, session_id)
 
     monkeypatch.setattr(_sql, "delete_session", held_delete)
+    return release, threads
+
+
+async def test_delete_runs_off_the_event_loop_and_writes_wait_for_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A delete's cost grows with the session (104 ms for 10,000 turns), so it runs on the
+    owner thread: the event loop goes on meanwhile, and writes wait for it rather than
+    meeting its lock in SQLite's busy handler, which would block the loop."""
+    release, threads = _hold_deletes(monkeypatch)
     async with open_sqlite_store(tmp_path / "s.db") as store:
         for session_id in ("a", "b"):
             await store.create_session(make_record(session_id))
@@ -1465,14 +1472,7 @@ async def test_a_delete_cancelled_once_started_is_done_and_reported(
     """Like every write: cancelled before it starts (here, while it waits for a settling
     checkpoint) it deletes nothing; cancelled while it runs on the owner thread, it is
     done and its caller gets its answer, then ``Cancelled`` at its next checkpoint."""
-    release = threading.Event()
-    real_delete = _sql.delete_session
-
-    def held_delete(conn: sqlite3.Connection, session_id: str) -> bool:
-        release.wait(10)
-        return real_delete(conn, session_id)
-
-    monkeypatch.setattr(_sql, "delete_session", held_delete)
+    release, _ = _hold_deletes(monkeypatch)
     async with open_sqlite_store(tmp_path / "s.db") as store:
         for session_id in ("a", "b"):
             await store.create_session(make_record(session_id))

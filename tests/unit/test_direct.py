@@ -224,6 +224,17 @@ async def test_no_direct_chunks_without_chunked_framing(
 # -- DirectReader: a client's frames read past wsproto ----------------------------------------
 
 
+class _Passes:
+    """A task that counts the scheduler passes it gets (one each: it only checkpoints)."""
+
+    count = 0
+
+    async def run(self) -> None:
+        while True:
+            self.count += 1
+            await trio.lowlevel.checkpoint()
+
+
 class ReadingApp:
     """Accepts, records every message the stream receives (and whether the direct reader
     was installed and active at the end), until the client leaves."""
@@ -512,29 +523,23 @@ async def test_a_flood_of_tiny_frames_yields_to_other_tasks_and_gets_one_pong(
 ) -> None:
     """One read of thousands of tiny frames (pings, or one message's fragments with pings
     between) is decoded a bounded step at a time: another task runs between the steps (a
-    probe counts its turns: it runs once per scheduler pass). Before, the whole read was
+    probe counts its passes: it runs once per scheduler pass). Before, the whole read was
     handled in one pass (each ping answered through wsproto and Hypercorn, with its own
     write), and an audit's other clients waited up to a second. The pings read together
     get one pong, to the last of them, payload exact."""
     from punie_trio.web._frames import FRAMES_PER_STEP
 
     monkeypatch.setattr(hypercorn.trio.run, "TCPServer", FastSendTCPServer)
-    turns = 0
-
-    async def probe() -> None:
-        nonlocal turns
-        while True:
-            turns += 1
-            await trio.lowlevel.checkpoint()
+    passes = _Passes()
 
     data, expected = flood(kind)
-    app = ReadingApp(stamp=lambda: turns)
+    app = ReadingApp(stamp=lambda: passes.count)
     with trio.fail_after(10):
         async with serving(app) as address:
             stream = await open_raw(address)
             async with stream:
                 async with trio.open_nursery() as nursery:
-                    nursery.start_soon(probe)
+                    nursery.start_soon(passes.run)
                     # One write: on loopback the kernel has it all before the server's next
                     # read (up to 64 KiB), so the server reads the whole flood at once.
                     await stream.send_all(data)
@@ -590,16 +595,10 @@ async def test_hypercorns_read_path_yields_between_pieces_of_a_read(
 
     monkeypatch.setattr(hypercorn.trio.run, "TCPServer", FastSendTCPServer)
     monkeypatch.setattr(ws_stream, "Connection", _Connection)
-    turns = 0
-
-    async def probe() -> None:
-        nonlocal turns
-        while True:
-            turns += 1
-            await trio.lowlevel.checkpoint()
+    passes = _Passes()
 
     data, expected = flood("pings")
-    app = ReadingApp(stamp=lambda: turns)
+    app = ReadingApp(stamp=lambda: passes.count)
     with trio.fail_after(10):
         async with serving(app) as address:
             stream = await trio.open_tcp_stream(*address)
@@ -613,7 +612,7 @@ async def test_hypercorns_read_path_yields_between_pieces_of_a_read(
             assert isinstance(accepted[0], AcceptConnection) and accepted[0].extensions
             async with stream:
                 async with trio.open_nursery() as nursery:
-                    nursery.start_soon(probe)
+                    nursery.start_soon(passes.run)
                     await stream.send_all(data)  # one read (see the test above)
                     await app.got_end.wait()
                     nursery.cancel_scope.cancel()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -37,13 +39,12 @@ async def test_echo_prompt_over_memory_streams(tmp_path: Path, acp_schema: Schem
         nursery.cancel_scope.cancel()
 
 
-async def test_a_dropped_session_is_forgotten_by_its_worker_even_when_its_queue_is_full(
+@asynccontextmanager
+async def _one_worker_two_sessions(
     tmp_path: Path, acp_schema: SchemaChecker
-) -> None:
-    """The worker's copy of a session's history goes with the session. Its ForgetSession
-    was dropped when the worker's command channel was full (a burst of 64 commands), and
-    the history then stayed for the worker's life. Now it waits its turn, in order: a
-    memory channel serves parked senders first, so it cannot be overtaken."""
+) -> AsyncIterator[tuple[Manager, AcpTestClient, str, str]]:
+    """A manager and a client with two sessions on one project root (so its worker stays
+    while one goes); the first has had a turn, so the worker holds its history."""
     manager = Manager((str(tmp_path),), EchoModel())
     agent_side, client_side = memory_message_stream_pair()
     async with trio.open_nursery() as nursery:
@@ -52,21 +53,36 @@ async def test_a_dropped_session_is_forgotten_by_its_worker_even_when_its_queue_
         client = AcpTestClient(client_side, acp_schema)
         await nursery.start(client.run)
         await client.initialize()
-        gone = await client.new_session(str(tmp_path))
-        kept = await client.new_session(str(tmp_path))  # keeps the worker running
-        assert await client.prompt(gone, "remember me") == "end_turn"
+        first = await client.new_session(str(tmp_path))
+        second = await client.new_session(str(tmp_path))
+        assert await client.prompt(first, "remember me") == "end_turn"
+        assert first in manager.workers[str(tmp_path)].worker._history
+        yield manager, client, first, second
+        nursery.cancel_scope.cancel()
+
+
+def _fill(commands: trio.MemorySendChannel[Any]) -> None:
+    """Fill a worker's command channel with commands it ignores (a burst)."""
+    while True:
+        try:
+            commands.send_nowait(CancelTurn(-1))
+        except trio.WouldBlock:
+            return
+
+
+async def test_a_dropped_session_is_forgotten_by_its_worker_even_when_its_queue_is_full(
+    tmp_path: Path, acp_schema: SchemaChecker
+) -> None:
+    """The worker's copy of a session's history goes with the session. Its ForgetSession
+    was dropped when the worker's command channel was full (a burst of 64 commands), and
+    the history then stayed for the worker's life. Now it waits its turn, in order."""
+    async with _one_worker_two_sessions(tmp_path, acp_schema) as (manager, client, gone, kept):
         handle = manager.workers[str(tmp_path)]
-        assert gone in handle.worker._history
-        while True:  # fill the worker's channel with commands it ignores
-            try:
-                handle.commands.send_nowait(CancelTurn(-1))
-            except trio.WouldBlock:
-                break
+        _fill(handle.commands)
         manager._drop_session(manager.sessions[gone])
         await trio.testing.wait_all_tasks_blocked()
         assert gone not in handle.worker._history
         assert await client.prompt(kept, "still here") == "end_turn"
-        nursery.cancel_scope.cancel()
 
 
 async def test_a_session_dropped_and_resumed_at_once_keeps_its_history(
@@ -77,17 +93,7 @@ async def test_a_session_dropped_and_resumed_at_once_keeps_its_history(
     ``ForgetSession`` one scheduler pass later, the same pass as the resume's seed, in
     either order: half the time the forget came second and the resumed session's next
     prompt started from nothing. Commands now reach the worker in the order queued."""
-    manager = Manager((str(tmp_path),), EchoModel())
-    agent_side, client_side = memory_message_stream_pair()
-    async with trio.open_nursery() as nursery:
-        await nursery.start(manager.run)
-        await nursery.start(ClientConnection(manager, transport="memory").run, agent_side)
-        client = AcpTestClient(client_side, acp_schema)
-        await nursery.start(client.run)
-        await client.initialize()
-        gone = await client.new_session(str(tmp_path))
-        await client.new_session(str(tmp_path))  # keeps the worker running
-        assert await client.prompt(gone, "remember me") == "end_turn"
+    async with _one_worker_two_sessions(tmp_path, acp_schema) as (manager, client, gone, _):
         handle = manager.workers[str(tmp_path)]
         store_type = type(manager.store)
         real_get = store_type.get_session
@@ -95,11 +101,7 @@ async def test_a_session_dropped_and_resumed_at_once_keeps_its_history(
         async def get_session(store: Any, session_id: str) -> Any:
             record = await real_get(store, session_id)
             if session_id == gone:  # dropped, with the channel full, before the load goes on
-                while True:
-                    try:
-                        handle.commands.send_nowait(CancelTurn(-1))
-                    except trio.WouldBlock:
-                        break
+                _fill(handle.commands)
                 manager._drop_session(manager.sessions[gone])
             return record
 
@@ -114,4 +116,3 @@ async def test_a_session_dropped_and_resumed_at_once_keeps_its_history(
             ("user", "remember me"),
             ("agent", "remember me"),
         ]
-        nursery.cancel_scope.cancel()
