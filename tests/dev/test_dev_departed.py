@@ -14,6 +14,8 @@ connection's task has ended; then it counts what the server started after the re
 from __future__ import annotations
 
 import base64
+import gzip
+import os
 import random
 import socket
 import struct
@@ -140,11 +142,11 @@ async def test_a_large_file_is_compressed_once_for_concurrent_requests(
     real = _static._gzip_file
     token = trio.lowlevel.current_trio_token()
 
-    def gated(path: str, size: int, mtime_ns: int) -> tuple[bytes, bool]:
+    def gated(path: str, version: _static.Identity) -> tuple[bytes, bool]:
         nonlocal calls
         calls += 1
         trio.from_thread.run(gate.wait, trio_token=token)
-        return real(path, size, mtime_ns)
+        return real(path, version)
 
     monkeypatch.setattr(_static, "_gzip_file", gated)
     found = await site.static.find("/big.txt")
@@ -162,6 +164,28 @@ async def test_a_large_file_is_compressed_once_for_concurrent_requests(
     assert len(results) == 5 and all(r is results[0] for r in results)
     # The next request is a cache hit: no file is read.
     assert await site.static._gzipped(found) is results[0] and calls == 1
+
+
+async def test_a_large_file_rewritten_with_its_size_and_mtime_is_compressed_again(
+    tmp_path: Path,
+) -> None:
+    """The compressed copy is kept per version of the file: its whole identity, not size
+    and mtime alone, which a copy that keeps them (``cp -p``, ``rsync -t``, ``tar x``)
+    leaves as they were (a review: the old content was served gzipped)."""
+    site = StaticSiteFixture(tmp_path)
+    big = tmp_path / "site" / "big.txt"
+    old = await site.static._gzipped(await site.static.find("/big.txt"))
+    st = big.stat()
+    new_content = bytes(b ^ 1 for b in big.read_bytes())  # same size, other bytes
+    replacement = big.with_name("big.txt.new")
+    replacement.write_bytes(new_content)
+    os.utime(replacement, ns=(st.st_atime_ns, st.st_mtime_ns))
+    os.replace(replacement, big)  # as cp -p through a new file, or tar x
+    found = await site.static.find("/big.txt")
+    assert (found.size, found.mtime_ns) == (st.st_size, st.st_mtime_ns)
+    fresh = await site.static._gzipped(found)
+    assert fresh != old
+    assert gzip.decompress(fresh) == new_content
 
 
 class StaticSiteFixture:

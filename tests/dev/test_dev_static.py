@@ -253,11 +253,20 @@ async def test_traversal_and_hidden_files_refused(site: Path, path: str) -> None
 
 
 async def test_symlink_out_of_site_refused(site: Path) -> None:
+    (site.parent / "outside.txt").write_text("OUTSIDE-CONTENT")
     (site / "link.txt").symlink_to(site.parent / "outside.txt")
+    # A directory's index.html that leads out was served for "dir/" and "/" (a review),
+    # though refused by its own name: the index is resolved and checked too.
+    (site / "index.html").unlink(missing_ok=True)
+    (site / "index.html").symlink_to(site.parent / "outside.txt")
+    (site / "leaky").mkdir()
+    (site / "leaky" / "index.html").symlink_to(site.parent / "outside.txt")
     dev = make_app(site, no_watch=True)
     async with running(dev) as url, httpx.AsyncClient(base_url=url) as client:
-        r = await client.get("/link.txt")
-        assert r.status_code == 404
+        for path in ("/link.txt", "/leaky/index.html", "/leaky/", "/"):
+            r = await client.get(path)
+            assert r.status_code == 404, path
+            assert b"OUTSIDE-CONTENT" not in r.content, path
 
 
 async def test_404_pages(site: Path) -> None:

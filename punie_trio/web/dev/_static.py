@@ -99,6 +99,9 @@ class Lookup:
     ctype: str = "application/octet-stream"
     #: The site directory the lookup resolved, which a cache hit checks is still current.
     root: RootIdentity | None = None
+    #: A large file's identity as the lookup found it (the gzip cache's key: size and
+    #: mtime alone took a file rewritten with both kept, as ``cp -p`` does, for the old).
+    version: Identity | None = None
 
     @property
     def cost(self) -> int:
@@ -108,6 +111,11 @@ class Lookup:
 
 _MISSING = Lookup("missing")
 _REDIRECT = Lookup("redirect")
+
+
+def _inside(real: str, root: str) -> bool:
+    """Whether the resolved path ``real`` is the resolved site directory ``root`` or in it."""
+    return real == root or real.startswith(root + os.sep)
 
 
 def lookup(site: str, segments: list[str], trailing_slash: bool, read_limit: int = -1) -> Lookup:
@@ -126,13 +134,17 @@ def lookup(site: str, segments: list[str], trailing_slash: bool, read_limit: int
         root = os.path.realpath(site)
         root_st = os.stat(root)
         real = os.path.realpath(os.path.join(root, *segments))
-        if real != root and not real.startswith(root + os.sep):
+        if not _inside(real, root):
             return _MISSING
         st = os.stat(real)
         if stat.S_ISDIR(st.st_mode):
             if not trailing_slash and segments:
                 return _REDIRECT
-            real = os.path.join(real, "index.html")
+            # Resolved and checked again: an index.html that is a link out of the site was
+            # served for "/" and "dir/" (a review), though refused by its own name.
+            real = os.path.realpath(os.path.join(real, "index.html"))
+            if not _inside(real, root):
+                return _MISSING
             target = os.path.join(target, "index.html")
             st = os.stat(real)
         elif trailing_slash:
@@ -149,6 +161,7 @@ def lookup(site: str, segments: list[str], trailing_slash: bool, read_limit: int
                 last_modified=_http.http_date(st.st_mtime_ns / 1e9),
                 ctype=_http.content_type(real, _read(real, 0, _http.SNIFF_BYTES)),
                 root=(root_st.st_dev, root_st.st_ino),
+                version=identity(st),
             )
         with open(real, "rb") as f:
             st = os.fstat(f.fileno())
@@ -183,9 +196,9 @@ def _gzip(body: bytes) -> bytes:
     return gzip.compress(body, compresslevel=6, mtime=0)
 
 
-def _gzip_file(path: str, size: int, mtime_ns: int) -> tuple[bytes, bool]:
+def _gzip_file(path: str, version: Identity) -> tuple[bytes, bool]:
     """Gzip a file read in :data:`CHUNK` pieces (its whole content is never held); whether
-    the result is the file of that size and mtime, unchanged while it was read (cacheable).
+    the result is the file of that identity, unchanged while it was read (cacheable).
     Blocking: run it in a thread."""
     compressor = zlib.compressobj(6, zlib.DEFLATED, 31)  # 31: the gzip format, mtime 0
     parts = []
@@ -195,8 +208,7 @@ def _gzip_file(path: str, size: int, mtime_ns: int) -> tuple[bytes, bool]:
             parts.append(compressor.compress(chunk))
         after = os.fstat(f.fileno())
     parts.append(compressor.flush())
-    same = identity(before) == identity(after)
-    return b"".join(parts), same and (before.st_size, before.st_mtime_ns) == (size, mtime_ns)
+    return b"".join(parts), identity(before) == identity(after) == version
 
 
 async def _end_for_departed(send: Send, remaining: int) -> None:
@@ -251,13 +263,13 @@ class StaticSite:
         init=False, factory=collections.OrderedDict
     )
     _cache_bytes: int = attrs.field(init=False, default=0)
-    _gzip_cache: collections.OrderedDict[tuple[str, int, int], bytes] = attrs.field(
+    _gzip_cache: collections.OrderedDict[tuple[str, Identity], bytes] = attrs.field(
         init=False, factory=collections.OrderedDict
     )
     _gzip_cache_bytes: int = attrs.field(init=False, default=0)
     #: Compressions running, by gzip cache key: a request for the same file waits for the
     #: one running instead of compressing the file again.
-    _gzipping: dict[tuple[str, int, int], trio.Event] = attrs.field(init=False, factory=dict)
+    _gzipping: dict[tuple[str, Identity], trio.Event] = attrs.field(init=False, factory=dict)
     #: Large-file compressions done (a test hook, and a figure for benchmarks).
     compressions: int = attrs.field(init=False, default=0)
     #: Lookups that took the thread hop (cache misses); hits take none.
@@ -354,7 +366,8 @@ class StaticSite:
         for one 2.7 MB file at once each read it whole and compressed it, 1.2 GB of RSS; and
         every later request read it whole before looking in the cache.) The compression
         reads the file in pieces (:func:`_gzip_file`); a waiter holds nothing."""
-        key = (found.path, found.size, found.mtime_ns)
+        assert found.version is not None  # (a large file's lookup)
+        key = (found.path, found.version)
         while True:
             cached = self._gzip_cache.get(key)
             if cached is not None:
@@ -368,7 +381,7 @@ class StaticSite:
         try:
             # Not abandoned on cancel: the result is kept for the requests that wait for it.
             compressed, cacheable = await trio.to_thread.run_sync(
-                _gzip_file, found.path, found.size, found.mtime_ns
+                _gzip_file, found.path, found.version
             )
             self.compressions += 1
         finally:
