@@ -262,3 +262,43 @@ async def test_a_build_that_changes_a_watched_file_itself_stops_after_saying_so(
                 assert dev.loop.builds == 6 and not dev.pending
     assert len(loop_warnings()) == 1
     assert log_file.read_text().count("built") == 6
+
+
+async def test_a_file_saved_during_each_build_is_not_taken_for_the_builds_own(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A user saving the same source during each build, each build started by the save
+    before (auto-save with a slow build), looks like an echo: the loop guard took the file
+    for the build's own, said so, and dropped the saves (a review). A build's own files also
+    change during builds they did not start; a user's saves do not."""
+    project = BuildProject.create(tmp_path)
+    page = project.root / "src" / "index.html"
+    dev = DevApp(
+        site_dir=project.site,
+        project_root=project.root,
+        closing=trio.Event(),
+        build_cmd=project.command(),
+        debounce=0.02,
+    )
+    caplog.set_level(logging.INFO, "punie_trio.dev")
+    with trio.fail_after(DEADLINE):
+        async with running(dev) as url, httpx.AsyncClient(base_url=url) as client:
+            async with sse(client, "/__reload__") as stream:
+                await stream.wait_open()
+                project.gate.unlink()
+                write(page, "v2")  # between builds: starts build 2, held at the gate
+                assert (await stream.next()).event == "build_start"
+                for version in range(3, 7):  # saved during each build, which it then starts
+                    write(page, f"v{version}")
+                    while not any(p.endswith("index.html") for p in dev.pending.paths):  # noqa: ASYNC110
+                        await trio.sleep(0.01)
+                    project.gate.touch()
+                    while not dev.broadcaster.building or dev.loop.builds < version:  # noqa: ASYNC110
+                        await trio.sleep(0.01)
+                    project.gate.unlink()
+                project.gate.touch()
+                while dev.broadcaster.building or dev.pending:  # noqa: ASYNC110
+                    await trio.sleep(0.01)
+            assert (project.site / "index.html").read_text() == "v6"
+            assert (await client.get("/index.html")).text.count("v6") == 1
+    assert not [r for r in caplog.records if "starts the next" in r.getMessage()]

@@ -381,6 +381,9 @@ class BuildLoop:
     _echo: frozenset[str] = frozenset()
     _echo_builds: int = 0
     _own: set[str] = attrs.field(factory=set)
+    #: Paths that changed while a build ran that they did not start (the last build's,
+    #: or kept since while they changed during every build): only these can be a build's own.
+    _suspects: frozenset[str] = frozenset()
 
     async def prepare(self) -> None:
         """Snapshot the output as it is before anything runs."""
@@ -455,8 +458,10 @@ class BuildLoop:
         ``debounce`` seconds, for ever. The rule: the changes that came while this build ran
         are read at once (:meth:`PendingChanges.flush`: with inotify the kernel has queued
         them all by now). A build started only by changes that came while the previous one
-        ran (an *echo*), during which the same paths changed again, echoes; after
-        :data:`ECHO_BUILDS` such builds in a row, those paths are the build's own: named in
+        ran (an *echo*), during which the same paths changed again, echoes (counting only
+        paths also seen changing during a build they did not start, and during every build
+        since); after :data:`ECHO_BUILDS` such builds in a row, those paths are the build's
+        own: named in
         the log, once, and from then on their changes during a build are dropped. Changes
         between builds always count (they start a build, and a path of the build's own
         changed between builds is a source again), and any other change during a build
@@ -470,7 +475,12 @@ class BuildLoop:
         own = self.pending.paths & self._own
         self.pending.discard(own)
         during = frozenset(self.pending.paths)
-        again = trigger & during
+        # A build writes its own files during builds it did not start too (the first one,
+        # or one a source started). A user saving a file during each build, each started
+        # by the save before, never does that: an echo of those alone was taken for the
+        # build's own and the saves were dropped (a review: auto-save with a 1.5 s build).
+        self._suspects = (self._suspects & during) | (during - trigger)
+        again = trigger & during & self._suspects
         if trigger and trigger <= self._echo and again:
             self._echo_builds += 1
         else:
