@@ -23,7 +23,7 @@ import trio.testing
 from devsupport import process_running
 
 from punie_trio.web.dev import _inotify
-from punie_trio.web.dev._builder import direct_argv, run_build, stop_group
+from punie_trio.web.dev._builder import Group, direct_argv, group_of, run_build, stop_group
 from punie_trio.web.dev._watch import (
     MAX_BATCH_MS,
     STEP_MS,
@@ -429,6 +429,29 @@ async def test_a_build_that_leaves_a_child_running_completes_when_its_command_ex
         await stop_group(result.group)
     assert not process_running(child)
     await stop_group(result.group)  # nothing left: a no-op
+
+
+@linux_only
+async def test_leftovers_are_signalled_only_while_a_recorded_process_runs(
+    tmp_path: Path,
+) -> None:
+    """Once every process a build left has ended, its group's number may be taken by a
+    stranger that makes itself a group leader; the next build's stop sent it SIGTERM and
+    SIGKILL (a review). A process is recognised by its pid and start time."""
+    stranger = await trio.lowlevel.open_process(["sleep", "600"], start_new_session=True)
+    try:
+        found = group_of(stranger.pid)
+        assert found is not None and {pid for pid, _ in found.members} == {stranger.pid}
+        ((pid, start),) = found.members
+        # Recorded with another start time: a build's process that had this pid, now gone.
+        await stop_group(Group(stranger.pid, frozenset({(pid, start - 1)})))
+        assert process_running(stranger.pid)
+        with trio.fail_after(DEADLINE):
+            await stop_group(found)  # the process recorded: stopped
+        assert not process_running(stranger.pid)
+    finally:
+        stranger.kill()
+        await stranger.wait()
 
 
 @linux_only

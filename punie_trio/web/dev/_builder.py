@@ -57,7 +57,7 @@ class BuildResult:
     duration: float
     #: The build's process group when processes of it still run after the command exited
     #: (a background child, a helper daemon): the caller stops it (:func:`stop_group`).
-    group: int | None = None
+    group: Group | None = None
 
     @property
     def ok(self) -> bool:
@@ -165,28 +165,56 @@ LEFTOVER_GRACE = 1.0
 DRAIN_BYTES = 1024 * 1024
 
 
-def _group_running(pgid: int) -> bool:
-    """Whether a process of group ``pgid`` is still running. A zombie has ended: orphans
-    are reaped by init, which in a container may never do it."""
+@attrs.frozen
+class Group:
+    """A build's process group as it was when its command exited: its id, and the
+    ``(pid, start time)`` of the processes in it then (see :func:`stop_group`)."""
+
+    pgid: int
+    members: frozenset[tuple[int, int]]
+
+
+def _proc_stat(pid: int | str) -> list[bytes] | None:
+    """The fields of ``/proc/PID/stat`` after the command name (state first), or None."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rpartition(b")")[2].split()
+    except OSError:
+        return None
+
+
+def group_of(pgid: int) -> Group | None:
+    """The running processes of group ``pgid`` (a zombie has ended: orphans are reaped by
+    init, which in a container may never do it), or None if none runs."""
     try:
         os.killpg(pgid, 0)
     except ProcessLookupError:
-        return False
+        return None
     except PermissionError:
-        return True
-    try:
-        entries = os.listdir("/proc")
-    except OSError:
-        return True  # no /proc: the group exists, which is all we can tell
-    for entry in entries:
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as f:
-                fields = f.read().rpartition(b")")[2].split()
-        except OSError:
-            continue
-        if len(fields) > 2 and int(fields[2]) == pgid and fields[0] != b"Z":
+        pass
+    members = set()
+    with contextlib.suppress(OSError):
+        for entry in os.listdir("/proc"):
+            fields = _proc_stat(entry) if entry.isdigit() else None
+            if fields and len(fields) > 19 and int(fields[2]) == pgid and fields[0] != b"Z":
+                members.add((int(entry), int(fields[19])))
+    return Group(pgid, frozenset(members)) if members else None
+
+
+def _ours(group: Group) -> bool:
+    """Whether a process the group had when recorded still runs in it. Only then is the
+    group id still the build's: once all of them have ended, the id may be a stranger's
+    (a review: a process that took the number as its own group got the next build's
+    SIGTERM). Its start time tells a process from a later one with the same pid."""
+    for pid, start in group.members:
+        fields = _proc_stat(pid)
+        if (
+            fields
+            and len(fields) > 19
+            and fields[0] != b"Z"
+            and int(fields[2]) == group.pgid
+            and int(fields[19]) == start
+        ):
             return True
     return False
 
@@ -196,21 +224,22 @@ def _signal_group(pgid: int, sig: int) -> None:
         os.killpg(pgid, sig)
 
 
-async def stop_group(pgid: int, grace: float = LEFTOVER_GRACE) -> None:
-    """SIGTERM to process group ``pgid``, SIGKILL to what is left after ``grace`` seconds;
-    returns once nothing of the group runs (or, if something survives even SIGKILL, a
-    process stuck in the kernel, after another ``grace``).
+async def stop_group(group: Group, grace: float = LEFTOVER_GRACE) -> None:
+    """SIGTERM to the process group, SIGKILL after ``grace`` seconds; returns once none of
+    its recorded processes runs (or, if one survives even SIGKILL, a process stuck in the
+    kernel, after another ``grace``). Signals go only while one of them still runs in the
+    group (:func:`_ours`).
 
     For processes that outlived their build's command (its shell has exited, so only the
     group reaches them). They are not our children, so there is nothing to wait on for
-    their end: it is polled, every 10 ms. No-op when nothing of the group runs.
+    their end: it is polled, every 10 ms. No-op when none of them runs.
     """
     for sig in (signal.SIGTERM, signal.SIGKILL):
-        if not _group_running(pgid):
+        if not _ours(group):
             return
-        _signal_group(pgid, sig)
+        _signal_group(group.pgid, sig)
         with trio.move_on_after(grace):
-            while _group_running(pgid):  # noqa: ASYNC110 (not our children: nothing to wait on)
+            while _ours(group):  # noqa: ASYNC110 (not our children: nothing to wait on)
                 await trio.sleep(0.01)
 
 
@@ -225,7 +254,9 @@ async def _kill_build(process: trio.Process) -> None:
         _signal_group(process.pid, signal.SIGKILL)
         process.kill()
         await process.wait()
-    await stop_group(process.pid)
+    left = group_of(process.pid)
+    if left is not None:
+        await stop_group(left)
 
 
 #: Characters that make the shell do more than split a command into words (quotes, escapes,
@@ -297,7 +328,7 @@ async def run_build(command: str, cwd: Path) -> BuildResult:
             await stdout.aclose()
     exit_status = process.returncode
     assert exit_status is not None
-    group = process.pid if _group_running(process.pid) else None
+    group = group_of(process.pid)
     return BuildResult(command, exit_status, kept.text(), trio.current_time() - started, group)
 
 
@@ -374,7 +405,7 @@ class BuildLoop:
     builds: int = 0
     _last_good: dict[str, FileSig] = attrs.field(factory=dict)
     #: The last build's process group while something it started still runs.
-    _leftover: int | None = None
+    _leftover: Group | None = None
     #: The loop guard (see :meth:`_guard`): paths changed while the last build ran, how many
     #: builds in a row those alone started and that changed them again, and the paths found
     #: to be the build's own.
@@ -412,7 +443,7 @@ class BuildLoop:
                 log.warning(
                     "the build left processes running (process group %d); they are stopped "
                     "before the next build and when the server stops",
-                    result.group,
+                    result.group.pgid,
                 )
             if not result.ok:
                 log.warning(
