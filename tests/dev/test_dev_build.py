@@ -7,6 +7,7 @@ No test sleeps for a guessed time: each waits for the SSE event that proves the 
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
 
 import httpx
@@ -302,3 +303,43 @@ async def test_a_file_saved_during_each_build_is_not_taken_for_the_builds_own(
             assert (project.site / "index.html").read_text() == "v6"
             assert (await client.get("/index.html")).text.count("v6") == 1
     assert not [r for r in caplog.records if "starts the next" in r.getMessage()]
+
+
+async def test_a_build_that_re_points_its_site_link_to_a_new_output_stops(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A build that writes each output anew and re-points the site link to it (``site ->
+    out/N``, in the project) was seen writing a new directory each time, which no ignore
+    rule made at the start covers: 20 builds in 4 s without an edit (a review). Changes
+    under where the link leads now are the build's; the temporary link it renames into
+    place is named by the loop guard, and the loop stops."""
+    root = tmp_path / "proj"
+    write(root / "src" / "index.html", "<html><body>v1</body></html>")
+    write(root / "out" / "0" / "index.html", "<html><body>v0</body></html>")
+    (root / "site").symlink_to("out/0")
+    build = (
+        f'd=out/$("{sys.executable}" -c "import time; print(time.time_ns())") && '
+        'mkdir -p "$d" && cp src/index.html "$d/" && ln -sfn "$d" site.tmp && mv -T site.tmp site'
+    )
+    dev = DevApp(
+        site_dir=root / "site",
+        project_root=root,
+        closing=trio.Event(),
+        build_cmd=build,
+        debounce=0.02,
+    )
+    caplog.set_level(logging.INFO, "punie_trio.dev")
+
+    def loop_warnings() -> list[str]:
+        return [r.getMessage() for r in caplog.records if "starts the next" in r.getMessage()]
+
+    with trio.fail_after(DEADLINE):
+        async with running(dev) as url, httpx.AsyncClient(base_url=url) as client:
+            while not loop_warnings():  # noqa: ASYNC110 (observed state; no guessed margin)
+                await trio.sleep(0.01)
+            (warning,) = loop_warnings()
+            assert "site.tmp" in warning
+            while dev.broadcaster.building or dev.pending:  # noqa: ASYNC110
+                await trio.sleep(0.01)
+            assert dev.loop.builds == 3  # the first, and two it started
+            assert "v1" in (await client.get("/index.html")).text
