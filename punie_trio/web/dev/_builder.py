@@ -509,7 +509,7 @@ class BuildLoop:
         # and re-points the link to it (current -> releases/N) is seen writing a new
         # directory each time, which no rule made when the watch started ignores (a
         # review: 20 builds in 4 s, without an edit).
-        output = os.path.realpath(self.site_dir)
+        output = await trio.to_thread.run_sync(os.path.realpath, self.site_dir)
         self.pending.discard(
             [p for p in self.pending.paths if p == output or p.startswith(output + os.sep)]
         )
