@@ -328,7 +328,8 @@ class DirectReader:
         while True:
             if frames.done:
                 self.server.frame_reader = None
-            await self._deliver(items)
+            if not await self._deliver(items):
+                return
             if not frames.backlog:
                 return
             # One read can hold thousands of tiny frames (a ping or fragment flood): let
@@ -336,7 +337,9 @@ class DirectReader:
             await trio.lowlevel.checkpoint()
             items = frames.feed()
 
-    async def _deliver(self, items: list[Item]) -> None:
+    async def _deliver(self, items: list[Item]) -> bool:
+        """Hand on what the frame reader made of a read; False once the connection has
+        failed on a protocol error (nothing more is read from it)."""
         put = self.put
         for item in items:
             if isinstance(item, bytearray):
@@ -344,6 +347,15 @@ class DirectReader:
                 continue
             if isinstance(item, Failure):
                 await self._fail(item.code, item.reason)
+                if item.code != 1009:
+                    # A protocol error fails the connection (RFC 6455 7.1.7): no more of
+                    # its data is processed. The bad bytes went on to wsproto, which failed
+                    # on them too; but the frame reader joins fragments itself, and wsproto,
+                    # which never saw a message open, took a whole frame sent inside a
+                    # fragmented message for a message and the app got it (a review).
+                    self.server.frame_reader = None
+                    await self.server.drop()
+                    return False
                 continue
             if isinstance(item, Pong):
                 if self._connected():  # (wsproto refuses it once a close went out)
@@ -362,6 +374,7 @@ class DirectReader:
                 await put.send(event)  # the app is behind: wait, as Hypercorn does
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 pass
+        return True
 
     async def _fail(self, code: int, reason: str) -> None:
         """Send the close frame for a failure the frame reader found (a

@@ -625,3 +625,32 @@ async def test_hypercorns_read_path_yields_between_pieces_of_a_read(
     pongs = [payload for opcode, payload in sent if opcode == 0xA]
     assert 1 <= len(pongs) <= pieces and pongs[-1] == b"%d" % (FLOOD - 1)
     assert sent[len(pongs) :] == [(0x8, (1000).to_bytes(2, "big"))]
+
+
+async def test_a_whole_frame_inside_a_fragmented_message_fails_the_connection_at_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A text frame that starts a new message while a fragmented one is open is a protocol
+    error (1002), after which nothing more may be processed (RFC 6455 7.1.7). The frame
+    reader joins fragments itself, so wsproto, handed the bad bytes, never knew a message
+    was open: it took the frame for a message, the app got it, and the connection stayed
+    until the app's close timeout (a review)."""
+    from .test_frames import masked_frame
+
+    monkeypatch.setattr(hypercorn.trio.run, "TCPServer", FastSendTCPServer)
+    app = ReadingApp()
+    with trio.fail_after(10):
+        async with serving(app) as address:
+            stream = await open_raw(address)
+            async with stream:
+                # "start" whole, then half a message, then a whole one inside it.
+                await stream.send_all(
+                    masked_frame(0x81, b"start")
+                    + masked_frame(0x01, b"half of")
+                    + masked_frame(0x81, b"smuggled")
+                )
+                sent = await read_server_frames(stream)  # to the server's end of it
+            await app.done.wait()
+    assert app.received == ["start"]
+    assert [opcode for opcode, _ in sent] == [0x8]
+    assert int.from_bytes(sent[0][1][:2], "big") == 1002
