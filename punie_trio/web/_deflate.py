@@ -23,7 +23,7 @@ from typing import ClassVar
 
 from hypercorn.protocol import ws_stream
 from wsproto.extensions import PerMessageDeflate
-from wsproto.frame_protocol import CloseReason, FrameDecoder, FrameProtocol
+from wsproto.frame_protocol import CloseReason, FrameDecoder, FrameProtocol, Opcode, RsvBits
 
 from ._swap import swap_class
 
@@ -36,11 +36,25 @@ class BoundedPerMessageDeflate(PerMessageDeflate):
     limit: ClassVar[int] = 0
     #: Bytes of the current message inflated so far (set per instance once it grows).
     _inflated: int = 0
+    #: The frame being read is a control frame (set per instance when one comes).
+    _control: bool = False
+
+    def frame_inbound_header(
+        self, proto: FrameDecoder | FrameProtocol, opcode: Opcode, rsv: RsvBits, length: int
+    ) -> CloseReason | RsvBits:
+        """A control frame is never compressed and leaves the message it interrupts as it
+        was. wsproto's took a ping between two fragments for the message's kind and, at the
+        ping's end, forgot the message was compressed: the fragments after it were read as
+        they came, and the message failed as invalid UTF-8 (a review)."""
+        self._control = opcode.iscontrol()
+        if self._control:
+            return CloseReason.PROTOCOL_ERROR if rsv.rsv1 else RsvBits(True, False, False)
+        return super().frame_inbound_header(proto, opcode, rsv, length)
 
     def frame_inbound_payload_data(
         self, proto: FrameDecoder | FrameProtocol, data: bytes
     ) -> bytes | CloseReason:
-        if not self._inbound_compressed or not self._inbound_is_compressible:
+        if self._control or not self._inbound_compressed or not self._inbound_is_compressible:
             return data  # not compressed: the frame reader's own bound applies
         if self._inflated > self.limit:
             return b""  # already over: the rest of the message is not inflated
@@ -58,6 +72,9 @@ class BoundedPerMessageDeflate(PerMessageDeflate):
     def frame_inbound_complete(
         self, proto: FrameDecoder | FrameProtocol, fin: bool
     ) -> bytes | CloseReason | None:
+        if self._control:
+            self._control = False
+            return None
         if fin and self._inflated > self.limit:
             # Hypercorn counts characters, not bytes, so text of multi-byte characters can
             # pass its bound: the message, cut short above, must never be delivered.

@@ -72,3 +72,34 @@ def test_multibyte_text_over_the_limit_is_refused_at_its_end(
     with pytest.raises(ParseFailed) as info:
         parse(bounded, compressed_frame(text))
     assert info.value.code == CloseReason.MESSAGE_TOO_BIG
+
+
+def test_a_ping_between_compressed_fragments_leaves_the_message_compressed(
+    bounded: BoundedPerMessageDeflate,
+) -> None:
+    """A control frame may come between a message's fragments (RFC 6455 5.4). wsproto's
+    extension took the ping for the message's kind and forgot, at its end, that the message
+    was compressed: the fragments after it were read as they came (a review)."""
+    text = '{"jsonrpc": "2.0", "x": "' + "abc" * 2000 + '"}'
+    deflate = zlib.compressobj(wbits=-zlib.MAX_WBITS)
+    payload = (deflate.compress(text.encode()) + deflate.flush(zlib.Z_SYNC_FLUSH))[:-4]
+    third = len(payload) // 3
+    client = FrameProtocol(client=True, extensions=[])
+    first = client._serialize_frame(Opcode.TEXT, payload[:third], fin=False)
+    data = (
+        bytes([first[0] | 0x40]) + first[1:]  # RSV1 on the first frame only
+        + client._serialize_frame(Opcode.PING, b"a")
+        + client._serialize_frame(Opcode.CONTINUATION, payload[third : 2 * third], fin=False)
+        + client._serialize_frame(Opcode.PING, b"b")
+        + client._serialize_frame(Opcode.CONTINUATION, payload[2 * third :], fin=True)
+    )  # fmt: skip
+    server = FrameProtocol(client=False, extensions=[bounded])
+    server.receive_bytes(data)
+    message, pings = "", []
+    for frame in server.received_frames():
+        if frame.opcode is Opcode.PING:
+            pings.append(frame.payload)
+        else:
+            message += frame.payload
+    assert pings == [b"a", b"b"]
+    assert message == text
