@@ -132,9 +132,7 @@ class Outbox:
             try:
                 self.send_nowait(text)
             except trio.WouldBlock:
-                if self._senders is None:
-                    self._senders = trio.lowlevel.ParkingLot()
-                await self._senders.park()
+                await self._wait_for_taker()
             else:
                 await trio.lowlevel.cancel_shielded_checkpoint()
                 return
@@ -148,9 +146,13 @@ class Outbox:
         the scheduler step of its commit, not one later (a trip through the scheduler per
         answer, which every prompt would pay). The caller makes its own."""
         while self.full and not self._closed:
-            if self._senders is None:
-                self._senders = trio.lowlevel.ParkingLot()
-            await self._senders.park()
+            await self._wait_for_taker()
+
+    async def _wait_for_taker(self) -> None:
+        """Park until the taker takes something (or the outbox closes)."""
+        if self._senders is None:
+            self._senders = trio.lowlevel.ParkingLot()
+        await self._senders.park()
 
     async def take(self, most: int) -> list[str | bytes]:
         """Everything queued, up to ``most`` messages and (but for the first) the byte
@@ -184,7 +186,7 @@ class Outbox:
                 size += _size(item)
             self._items = items[count:]
             items = items[:count]
-            self._dropped(items)
+            self._bytes = max(0, self._bytes - size) if self._items else 0
         if self._senders is not None:
             self._senders.unpark(count=len(items))
         return items
