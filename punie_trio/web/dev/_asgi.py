@@ -15,6 +15,7 @@ from typing import Any
 import trio
 from hypercorn.protocol.http_stream import HTTPStream
 
+from .._direct import _connection
 from .._fast_send import coalesced_writes
 
 Scope = MutableMapping[str, Any]
@@ -59,11 +60,11 @@ def departed(send: Send) -> Callable[[], bool]:
     stream = getattr(send, "__self__", None)
     if not isinstance(stream, HTTPStream):
         return never
-    protocol = getattr(stream.send, "__self__", None)
-    server = getattr(getattr(protocol, "send", None), "__self__", None)
+    found = _connection(send, HTTPStream)
+    server = found[2] if found is not None else None
 
     def gone() -> bool:
-        return stream.closed or getattr(server, "write_failed", False) is True
+        return stream.closed or (server is not None and server.write_failed)
 
     return gone
 
