@@ -186,9 +186,8 @@ class App:
         connection's turns answered ``cancelled``; then we send the close frame (1001 at
         shutdown), shielded, and read on until Hypercorn's ``websocket.disconnect`` (at
         most :data:`CLOSE_TIMEOUT` before the connection is dropped; at shutdown it is
-        dropped at once): returning before it
-        could leave Hypercorn waiting for good to hand it over (see
-        ``AsgiWebSocketStream.wait_disconnected``).
+        dropped at once): returning before it could leave Hypercorn waiting for good to
+        hand it over (see ``AsgiWebSocketStream.wait_disconnected``).
         """
         event = await receive()
         if event["type"] != "websocket.connect":

@@ -492,11 +492,10 @@ class BuildLoop:
         ran (an *echo*), during which the same paths changed again, echoes (counting only
         paths also seen changing during a build they did not start, and during every build
         since); after :data:`ECHO_BUILDS` such builds in a row, those paths are the build's
-        own: named in
-        the log, once, and from then on their changes during a build are dropped. Changes
-        between builds always count (they start a build, and a path of the build's own
-        changed between builds is a source again), and any other change during a build
-        still gets its one follow-up build.
+        own: named in the log, once, and from then on their changes during a build are
+        dropped. Changes between builds always count (they start a build, and a path of the
+        build's own changed between builds is a source again), and any other change during
+        a build still gets its one follow-up build.
         """
         await self.pending.flush()
         if self.pending.overflow:
