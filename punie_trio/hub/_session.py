@@ -45,7 +45,9 @@ class WorkerHandle:
     worker: ProjectWorker
     commands: trio.MemorySendChannel[Command]
     sessions: set[str] = attrs.field(factory=set)
-    #: Commands waiting for room in ``commands``, in order (see ``Manager._command``).
+    #: Commands waiting for room in ``commands``, in order (see ``Manager._command``). Not
+    #: bounded itself: what can wait is what the limits bound (a StartTurn and a CancelTurn
+    #: per running turn, a reply per client call, a seed and a forget per session).
     backlog: collections.deque[Command] | None = None
 
 
