@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import trio
 import trio.testing
-from devsupport import process_running
+from devsupport import process_running, write
 
 from punie_trio.web.dev import _inotify
 from punie_trio.web.dev._builder import Group, direct_argv, group_of, run_build, stop_group
@@ -242,20 +242,36 @@ async def test_a_root_directory_deleted_and_made_again_is_watched_again(
         await settle()
         assert taken(pending, tmp_path) == {"out/index.html"}
         for round in ("two", "three"):
-            for child in site.iterdir():
-                child.unlink()
-            site.rmdir()
-            site.mkdir()
-            (site / "index.html").write_text(round)
-            await settle()
-            mock_clock.jump(STEP_MS / 1000)
-            await until_pending(pending)
-            assert "out/index.html" in taken(pending, tmp_path), round
-            (site / "later.html").write_text(round)  # watched from then on
-            await settle()
-            mock_clock.jump(STEP_MS / 1000)
-            await until_pending(pending)
-            assert taken(pending, tmp_path) == {"out/later.html"}, round
+            await _wipe_and_remake(site, round, pending, mock_clock, tmp_path)
+
+
+async def _wipe_and_remake(
+    site: Path,
+    round: str,
+    pending: PendingChanges,
+    mock_clock: trio.testing.MockClock,
+    tmp_path: Path,
+) -> None:
+    """Remove ``site`` (a directory of files) and make it again with an ``index.html``: the
+    new file is reported, and so is one written after it (the new directory is watched)."""
+    _remake(site, round)
+    await settle()
+    mock_clock.jump(STEP_MS / 1000)
+    await until_pending(pending)
+    assert "out/index.html" in taken(pending, tmp_path), round
+    write(site / "later.html", round)  # watched from then on
+    await settle()
+    mock_clock.jump(STEP_MS / 1000)
+    await until_pending(pending)
+    assert taken(pending, tmp_path) == {"out/later.html"}, round
+
+
+def _remake(site: Path, content: str) -> None:
+    for child in site.iterdir():
+        child.unlink()
+    site.rmdir()
+    site.mkdir()
+    (site / "index.html").write_text(content)
 
 
 @linux_only
@@ -277,20 +293,7 @@ async def test_a_root_wiped_while_a_process_is_in_it_is_watched_again(
             else:
                 sleeper = await trio.lowlevel.open_process(["sleep", "600"], cwd=site)
             try:
-                for child in site.iterdir():
-                    child.unlink()
-                site.rmdir()
-                site.mkdir()
-                (site / "index.html").write_text(round)
-                await settle()
-                mock_clock.jump(STEP_MS / 1000)
-                await until_pending(pending)
-                assert "out/index.html" in taken(pending, tmp_path), round
-                (site / "later.html").write_text(round)  # the new directory is watched
-                await settle()
-                mock_clock.jump(STEP_MS / 1000)
-                await until_pending(pending)
-                assert taken(pending, tmp_path) == {"out/later.html"}, round
+                await _wipe_and_remake(site, round, pending, mock_clock, tmp_path)
             finally:
                 if sleeper is None:
                     os.close(held)
