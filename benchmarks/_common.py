@@ -280,27 +280,47 @@ class AcpClient:
         await self.ws.close()
 
 
+def machine_ticks() -> tuple[int, int] | None:
+    """(steal, total) clock ticks of every CPU since boot, from ``/proc/stat``; None where
+    there is none. Steal is time the hypervisor gave this VM's CPUs to someone else: a run
+    with much of it measured the neighbours as much as the code."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    # user nice system idle iowait irq softirq steal (guest time is counted in user)
+    return (fields[7] if len(fields) > 7 else 0), sum(fields[:8])
+
+
 class CpuMeter:
-    """Client (this process) and server CPU seconds over an interval, and wall time."""
+    """Client (this process) and server CPU seconds over an interval, wall time, and the
+    share of the machine's CPU time stolen by the hypervisor (``steal``, None off Linux)."""
 
     def __init__(self, server_pid: int) -> None:
         self.server_pid = server_pid
+        self.steal: float | None = None
 
     def __enter__(self) -> CpuMeter:
         self.t0 = time.perf_counter()
         self.c0 = time.process_time()
         self.s0 = cpu_seconds(self.server_pid)
+        self.m0 = machine_ticks()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.wall = time.perf_counter() - self.t0
         self.client = time.process_time() - self.c0
         self.server = cpu_seconds(self.server_pid) - self.s0
+        m1 = machine_ticks()
+        if self.m0 is not None and m1 is not None and m1[1] > self.m0[1]:
+            self.steal = (m1[0] - self.m0[0]) / (m1[1] - self.m0[1])
 
     def describe(self) -> str:
+        steal = "" if self.steal is None else f", steal {100 * self.steal:.0f}%"
         return (
             f"CPU over {self.wall:.2f} s: server {100 * self.server / self.wall:.0f}% "
-            f"of a core, client {100 * self.client / self.wall:.0f}%"
+            f"of a core, client {100 * self.client / self.wall:.0f}%{steal}"
         )
 
 
