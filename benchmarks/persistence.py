@@ -14,7 +14,9 @@ time of ``session/load`` for a 1,000-turn session.
    Why 24 short rounds: one round's ratio moves by +-10% on this 2-core VM (its speed
    changes from second to second), so the median of 6 (the earlier default) moved by about
    5 points between runs and a cost near the target read as met in one run and missed in
-   the next. The median of 24 moves by about half as much, in the same minute.
+   the next. The median of 24 moves by about half as much, in the same minute. Each run
+   prints the hypervisor's steal (``/proc/stat``); a round where either run lost more than
+   10% of the machine to it is measured again (up to 3 times).
 2. ``session/load``: a session of 1,000 turns (20 transcript entries each: the user's
    prompt, a tool call and its update, 16 agent chunks, the stop) is written straight into
    a store file with ``open_sqlite_store`` + ``append_turn``; a server is started on that
@@ -54,6 +56,11 @@ from punie_trio.store import SessionRecord, open_sqlite_store
 TEXT_STEPS = 20
 LOAD_TURNS = 1000
 LOAD_TARGET_MS = 200.0
+#: A round in which the hypervisor took more than this share of the machine from either run
+#: is measured again, at most STEAL_ATTEMPTS times in all (then kept): the criterion is
+#: outside what is measured, so it removes noise without favouring either store.
+STEAL_RETRY = 0.10
+STEAL_ATTEMPTS = 3
 
 
 def write_script(path: Path) -> None:
@@ -216,6 +223,7 @@ async def main() -> None:
                 rates: dict[str, list[float]] = {"memory": [], "sqlite": []}
                 cpu: dict[str, list[float]] = {"memory": [], "sqlite": []}
                 steal: list[float] = []
+                retried = 0
                 for rnd in range(rounds):
                     # Each round measures both stores back to back, in alternating order, so a
                     # drift of the machine's speed (it moves by tens of percent over minutes
@@ -223,17 +231,25 @@ async def main() -> None:
                     order = list(servers.items())
                     if rnd % 2:
                         order.reverse()
-                    for name, server in order:
-                        r = await turns_rate(server, project, clients, per_client)
+                    for attempt in range(1, STEAL_ATTEMPTS + 1):
+                        runs: dict[str, dict[str, Any]] = {}
+                        for name, server in order:
+                            runs[name] = r = await turns_rate(server, project, clients, per_client)
+                            print(
+                                f"{clients:>2} client(s), round {rnd + 1}, {name:<6}: "
+                                f"{r['rate']:7.1f} turns/s ({r['cpu']})",
+                                flush=True,
+                            )
+                        stolen = max((r["steal"] or 0.0) for r in runs.values())
+                        if stolen <= STEAL_RETRY or attempt == STEAL_ATTEMPTS:
+                            break
+                        retried += 1
+                        print(f"    (steal {100 * stolen:.0f}%: round measured again)")
+                    for name, r in runs.items():
                         rates[name].append(r["rate"])
                         cpu[name].append(r["cpu_per_turn"])
                         if r["steal"] is not None:
                             steal.append(r["steal"])
-                        print(
-                            f"{clients:>2} client(s), round {rnd + 1}, {name:<6}: "
-                            f"{r['rate']:7.1f} turns/s ({r['cpu']})",
-                            flush=True,
-                        )
                 ratios = [q / m for q, m in zip(rates["sqlite"], rates["memory"], strict=True)]
                 cpu_ratios = [q / m for q, m in zip(cpu["sqlite"], cpu["memory"], strict=True)]
                 mem, sql = statistics.mean(rates["memory"]), statistics.mean(rates["sqlite"])
@@ -257,8 +273,8 @@ async def main() -> None:
                     print(
                         "     hypervisor steal over the runs: median"
                         f" {100 * statistics.median(steal):.0f}%,"
-                        f" max {100 * max(steal):.0f}% of the machine (above a few percent the"
-                        " ratios measure the neighbours too)",
+                        f" max {100 * max(steal):.0f}% of the machine; {retried} round(s) measured"
+                        f" again for steal over {100 * STEAL_RETRY:.0f}%",
                         flush=True,
                     )
         finally:
@@ -278,7 +294,7 @@ async def main() -> None:
         )
         with Server.punie(project, load_data) as server:
             times = []
-            with CpuMeter(server.pid) as cpu:
+            with CpuMeter(server.pid) as meter:
                 for _ in range(loads):
                     elapsed, updates = await time_load(server, project, session_id)
                     times.append(elapsed * 1000)
@@ -287,7 +303,7 @@ async def main() -> None:
         print(
             f"session/load ({updates} updates replayed): median {med:.0f} ms, min "
             f"{min(times):.0f} ms, max {max(times):.0f} ms over {loads} loads "
-            f"({updates / (med / 1000):.0f} updates/s; {cpu.describe()})",
+            f"({updates / (med / 1000):.0f} updates/s; {meter.describe()})",
             flush=True,
         )
         print(
