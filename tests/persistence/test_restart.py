@@ -341,8 +341,10 @@ async def test_a_session_open_elsewhere_cannot_be_loaded_or_deleted(
                 await owner.initialize()
                 await other.initialize()
                 session_id = await owner.new_session(str(root))
-                error = await expect_error(other, "session/load", load_params(session_id, root))
-                assert error["code"] == -32600 and "another connection" in error["message"]
+                for method in ("session/load", "session/resume"):
+                    error = await expect_error(other, method, load_params(session_id, root))
+                    assert error["code"] == -32600, (method, error)
+                    assert "another connection" in error["message"]
                 # Refused as held elsewhere (it was "not found", while session/list showed
                 # it), for each method that needs the session; the owner keeps it.
                 for method in ("session/delete", "session/close", "session/prompt"):
