@@ -289,7 +289,13 @@ def _render(entries: Iterable[TranscriptEntry]) -> Iterator[str]:
                 tools[call_id] = str(payload["title"])
             status = payload.get("status")
             if status:
-                yield _printable(f"tool: {tools.get(call_id, call_id)} -> {status}")
+                # A failure says why (its content: the tool's message), on one line.
+                why = ""
+                if status == "failed" and isinstance(payload.get("content"), list):
+                    said = [_tool_content_text(c) for c in payload["content"]]
+                    why = " ".join(t for t in said if t)
+                    why = f": {why}" if why else ""
+                yield _printable(f"tool: {tools.get(call_id, call_id)} -> {status}{why}")
         elif entry.kind == "session_info_update" and "title" in payload:
             yield _printable(f"named: {payload['title']}")  # (the first turn names its session)
         elif entry.kind == STOP:
@@ -299,6 +305,16 @@ def _render(entries: Iterable[TranscriptEntry]) -> Iterator[str]:
         else:
             yield _printable(f"{entry.kind}: {json.dumps(payload, ensure_ascii=False)}")
     yield from flush()
+
+
+def _tool_content_text(item: Any) -> str:
+    """The text of a tool call's content item (``{"type": "content", "content": block}``);
+    a diff or a terminal is named, not shown."""
+    if not isinstance(item, dict):
+        return ""
+    if item.get("type") == "content":
+        return _content_text(item.get("content"))
+    return f"[{item.get('type')}]"
 
 
 def _content_text(block: Any) -> str:

@@ -32,6 +32,7 @@ from ._model import (
     check_turn,
     decode_cursor,
     encode_cursor,
+    listed_position,
     session_changes,
 )
 
@@ -47,6 +48,10 @@ class MemoryStore:
     # Payloads are kept as JSON text, as SQLite keeps them: every read hands out a fresh
     # copy, so a caller mutating a returned payload cannot corrupt the transcript.
     _transcripts: dict[str, list[tuple[int, str, str]]] = attrs.field(init=False, factory=dict)
+    # What SQLite keeps beside the record, for a listing's positions (listed_position): each
+    # turn's commit time, and ``updated_at`` as of the last metadata write.
+    _turn_times: dict[str, list[float]] = attrs.field(init=False, factory=dict)
+    _meta_updated_at: dict[str, float] = attrs.field(init=False, factory=dict)
     _closed: bool = attrs.field(init=False, default=False)
 
     async def _enter(self) -> None:
@@ -72,6 +77,8 @@ class MemoryStore:
             raise StoreError(f"session {rec.id!r} already exists")
         self._sessions[rec.id] = rec
         self._transcripts[rec.id] = []
+        self._turn_times[rec.id] = []
+        self._meta_updated_at[rec.id] = rec.updated_at
 
     async def get_session(self, session_id: str) -> SessionRecord | None:
         await self._enter()
@@ -100,32 +107,45 @@ class MemoryStore:
             additional_directories=additional_directories,
         )
         rec = self._get(session_id)
-        self._sessions[session_id] = attrs.evolve(rec, **changes)
+        rec = self._sessions[session_id] = attrs.evolve(rec, **changes)
+        self._meta_updated_at[session_id] = rec.updated_at
 
     async def list_sessions(
         self, *, cwd: str | None = None, cursor: str | None = None, limit: int = 50
     ) -> tuple[list[SessionRecord], str | None]:
         await self._enter()
         check_limit(limit)
-        position = None if cursor is None else decode_cursor(cursor)
-        ordered = sorted(self._sessions.values(), key=lambda r: (r.updated_at, r.id), reverse=True)
-        page: list[SessionRecord] = []
-        for rec in ordered:
-            if cwd is not None and rec.cwd != cwd:
-                continue
-            if position is not None and not after_cursor(rec, position):
-                continue
-            page.append(rec)
-            if len(page) > limit:
-                break
-        more = len(page) > limit
-        page = page[:limit]
-        next_cursor = encode_cursor(page[-1].updated_at, page[-1].id) if more else None
-        return [_fresh(r) for r in page], next_cursor
+        last, last_id, as_of = (None, "", None) if cursor is None else decode_cursor(cursor)
+        placed = sorted(
+            (
+                (
+                    listed_position(
+                        rec, as_of, self._turn_times[rec.id], self._meta_updated_at[rec.id]
+                    ),
+                    rec.id,
+                    rec,
+                )
+                for rec in self._sessions.values()
+                if cwd is None or rec.cwd == cwd
+            ),
+            key=lambda p: (p[0], p[1]),
+            reverse=True,
+        )
+        if last is not None:
+            placed = [p for p in placed if after_cursor(p[0], p[1], (last, last_id))]
+        page = placed[:limit]
+        next_cursor = None
+        if len(placed) > limit:
+            # The listing's moment: its first page's newest updated_at.
+            moment = as_of if as_of is not None else placed[0][0]
+            next_cursor = encode_cursor(page[-1][0], page[-1][1], moment)
+        return [_fresh(rec) for _, _, rec in page], next_cursor
 
     async def delete_session(self, session_id: str) -> bool:
         await self._enter_write()
         self._transcripts.pop(session_id, None)
+        self._turn_times.pop(session_id, None)
+        self._meta_updated_at.pop(session_id, None)
         return self._sessions.pop(session_id, None) is not None
 
     async def append_turn(
@@ -143,7 +163,9 @@ class MemoryStore:
             raise StoreError(f"session {session_id!r} already has turn {turn} recorded")
         log = self._transcripts[session_id]
         log.extend((turn, kind, payload) for kind, payload in rows)
-        self._sessions[session_id] = attrs.evolve(rec, turns=turn + 1, updated_at=self.clock())
+        at = self.clock()
+        self._sessions[session_id] = attrs.evolve(rec, turns=turn + 1, updated_at=at)
+        self._turn_times[session_id].append(at)
 
     async def transcript(self, session_id: str) -> list[TranscriptEntry]:
         await self._enter()

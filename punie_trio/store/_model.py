@@ -263,20 +263,25 @@ def check_limit(limit: int) -> None:
 # -- cursors --------------------------------------------------------------------------------
 
 
-def encode_cursor(updated_at: float, session_id: str) -> str:
-    """An opaque cursor naming the last session of a page: base64url of ``[updated_at, id]``.
+def encode_cursor(position: float, session_id: str, as_of: float) -> str:
+    """An opaque cursor naming the last session of a page: base64url of
+    ``[position, id, as_of]``.
 
-    Keyset (not offset) pagination: a session created or touched between two pages moves to
-    the front and cannot shift the rest of the listing under the client.
+    Keyset (not offset) pagination, on each session's ``updated_at`` as of ``as_of``, the
+    newest ``updated_at`` of the listing's first page (:func:`listed_position`): a session
+    touched between two pages keeps its place for the rest of the listing, so it is listed
+    once, neither skipped (it once moved ahead of the cursor) nor repeated, and cannot shift
+    the others under the client. One created meanwhile waits for the next listing.
     """
-    raw = json.dumps([updated_at, session_id], separators=(",", ":")).encode()
+    raw = json.dumps([position, session_id, as_of], separators=(",", ":")).encode()
     return base64.urlsafe_b64encode(raw).decode("ascii")
 
 
-def decode_cursor(cursor: str) -> tuple[float, str]:
+def decode_cursor(cursor: str) -> tuple[float, str, float | None]:
     """The position :func:`encode_cursor` wrote, or ``StoreError`` for anything else: a
     client may send any string, and only a cursor of ours may reach the query (a stamp
-    too large for a float, or an id that SQLite cannot store, included)."""
+    too large for a float, or an id that SQLite cannot store, included). A cursor of the
+    older form ``[updated_at, id]`` reads with ``as_of`` None (positions as they are now)."""
     try:
         raw = base64.urlsafe_b64decode(cursor.encode("ascii"))
         value = json.loads(raw)
@@ -284,22 +289,43 @@ def decode_cursor(cursor: str) -> tuple[float, str]:
         raise BadCursor(f"invalid cursor {cursor!r}") from None
     if (
         isinstance(value, list)
-        and len(value) == 2
-        and isinstance(value[0], int | float)
-        and not isinstance(value[0], bool)
+        and len(value) in (2, 3)
+        and all(_is_stamp(v) for v in value[:1] + value[2:])
         and isinstance(value[1], str)
         and _json.is_name_text(value[1])
     ):
         try:
-            stamp = float(value[0])
+            stamps = [float(v) for v in value[:1] + value[2:]]
         except OverflowError:  # (an integer of hundreds of digits)
             raise BadCursor(f"invalid cursor {cursor!r}") from None
-        if math.isfinite(stamp):
-            return stamp, value[1]
+        if all(math.isfinite(v) for v in stamps):
+            return stamps[0], value[1], stamps[1] if len(stamps) == 2 else None
     raise BadCursor(f"invalid cursor {cursor!r}")
 
 
-def after_cursor(rec: SessionRecord, position: tuple[float, str]) -> bool:
-    """True if ``rec`` sorts after ``position`` in newest-first, id-descending order."""
-    updated_at, session_id = position
-    return rec.updated_at < updated_at or (rec.updated_at == updated_at and rec.id < session_id)
+def _is_stamp(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def listed_position(
+    rec: SessionRecord, as_of: float | None, turn_times: Sequence[float], meta_updated_at: float
+) -> float:
+    """Where ``rec`` sorts in a listing that began when its newest ``updated_at`` was
+    ``as_of``: its ``updated_at`` then. Unchanged since, that is its ``updated_at``; touched
+    since (a turn committed after ``as_of``), the later of its last turn's commit time and
+    its last metadata write's ``updated_at`` (``meta_updated_at``), each if not after
+    ``as_of``, else its creation time. ``turn_times`` are its turns' commit times in turn
+    order. The SQL in ``_sql.select_sessions`` computes the same."""
+    if as_of is None or rec.updated_at <= as_of:
+        return rec.updated_at
+    earlier = [t for t in reversed(turn_times) if t <= as_of][:1]
+    if meta_updated_at <= as_of:
+        earlier.append(meta_updated_at)
+    return max(earlier) if earlier else rec.created_at
+
+
+def after_cursor(position: float, session_id: str, cursor: tuple[float, str]) -> bool:
+    """True if a session at ``position`` sorts after ``cursor`` in newest-first,
+    id-descending order."""
+    last, last_id = cursor
+    return position < last or (position == last and session_id < last_id)

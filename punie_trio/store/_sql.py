@@ -260,28 +260,51 @@ def select_sessions(
     2 us a session (docs/sessions-store.md).
     """
     params: list[Any] = []
-    sql = f"SELECT {_TRUE_COLUMNS} FROM sessions AS s {_LAST_TURN}"
+    last, last_id, as_of = (None, "", None) if cursor is None else decode_cursor(cursor)
+    # Each session's place: its updated_at as of the listing's moment (``as_of``, the first
+    # page's newest), so a session touched between pages keeps its place (listed_position).
+    position = "updated_at"
+    if as_of is not None:
+        # Touched since: the later of its last turn committed by then and its last metadata
+        # write's value, each if not after as_of, else its creation (the rows are few: only
+        # sessions touched since the listing began take this branch).
+        earlier_turn = (
+            "(SELECT at FROM turns WHERE session = skey AND at <= ? ORDER BY turn DESC LIMIT 1)"
+        )
+        meta = "CASE WHEN meta_at <= ? THEN meta_at END"
+        position = (
+            f"CASE WHEN updated_at <= ? THEN updated_at ELSE COALESCE(max({earlier_turn},"
+            f" {meta}), {earlier_turn}, {meta}, created_at) END"
+        )
+        params += [as_of] * position.count("?")  # (textually first: the outer SELECT's)
+    sql = (
+        f"SELECT {_TRUE_COLUMNS}, s.key AS skey, s.updated_at AS meta_at"
+        f" FROM sessions AS s {_LAST_TURN}"
+    )
     if cwd is not None:
         sql += " WHERE s.cwd = ?"
         params.append(cwd)
     # (A row whose time is not a number, which only editing the file can make, sorts
     # before every other and no cursor could point past it: not listed at all.)
-    sql = f"SELECT {_COLUMNS} FROM ({sql}) WHERE typeof(updated_at) IN ('integer', 'real')"
-    if cursor is not None:
-        updated_at, last_id = decode_cursor(cursor)
-        sql += " AND (updated_at < ? OR (updated_at = ? AND id < ?))"
-        params += [updated_at, updated_at, last_id]
-    sql += " ORDER BY updated_at DESC, id DESC LIMIT ?"
+    sql = (
+        f"SELECT {_COLUMNS}, {position} AS position FROM ({sql})"
+        " WHERE typeof(updated_at) IN ('integer', 'real')"
+    )
+    if last is not None:
+        sql = f"SELECT * FROM ({sql}) WHERE (position < ? OR (position = ? AND id < ?))"
+        params += [last, last, last_id]
+    sql += " ORDER BY position DESC, id DESC LIMIT ?"
     rows = conn.execute(sql, (*params, -1 if limit is None else limit + 1)).fetchall()
     if limit is None:
         return _readable(rows), None
     page = _readable(rows[:limit])
     if len(rows) <= limit:
         return page, None
+    moment = as_of if as_of is not None else float(rows[0][-1])
     # After the page's last row, read or not (its place in the order is all a cursor needs).
     for row in reversed(rows[:limit]):
         if isinstance(row[0], str):
-            return page, encode_cursor(float(row[9]), row[0])
+            return page, encode_cursor(float(row[-1]), row[0], moment)
     return page, None
 
 

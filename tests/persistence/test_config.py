@@ -551,3 +551,101 @@ def test_debounce_flag_env_and_default_reach_the_dev_app() -> None:
     assert debounce([], {"PUNIE_DEBOUNCE": "1.5"}) == 1.5
     with pytest.raises(SystemExit):
         debounce(["--debounce", "-1"], {})
+
+
+# Every option, three values that differ from each other and from the default: (the TOML
+# file's, the environment's as text, the flag's argv) and the values each resolves to.
+_P = Path("/p")
+_EVERY_OPTION: dict[str, tuple[Any, str, list[str], tuple[Any, Any, Any]]] = {
+    "host": ("10.0.0.1", "10.0.0.2", ["--host", "10.0.0.3"], ("10.0.0.1", "10.0.0.2", "10.0.0.3")),
+    "port": (1, "2", ["--port", "3"], (1, 2, 3)),
+    "stdio": (True, "no", ["--stdio"], (True, False, True)),
+    "no_http": (True, "off", ["--no-http"], (True, False, True)),
+    "project": (
+        ["/f"],
+        "/e1:/e2",
+        ["--project", "/a", "--project", "/b"],
+        ((Path("/f"),), (Path("/e1"), Path("/e2")), (Path("/a"), Path("/b"))),
+    ),
+    "model": ("echo:1", "echo:2", ["--model", "echo:3"], ("echo:1", "echo:2", "echo:3")),
+    "log_level": ("INFO", "Error", ["--log-level", "debug"], ("info", "error", "debug")),
+    "data_dir": ("/f", "/e", ["--data-dir", "/a"], (Path("/f"), Path("/e"), Path("/a"))),
+    "store": ("memory", "sqlite", ["--store", "memory"], ("memory", "sqlite", "memory")),
+    "token": ("file", "env", ["--token", "flag"], ("file", "env", "flag")),
+    "allow_origin": (
+        ["http://f.test"],
+        "http://e.test,http://e2.test",
+        ["--allow-origin", "http://a.test"],
+        (("http://f.test",), ("http://e.test", "http://e2.test"), ("http://a.test",)),
+    ),
+    "allow_host": (
+        ["f.test"],
+        "e.test",
+        ["--allow-host", "a.test"],
+        (("f.test",), ("e.test",), ("a.test",)),
+    ),
+    "metrics_public": (True, "0", ["--metrics-public"], (True, False, True)),
+    **{
+        name: (11, "12", [f"--{name.replace('_', '-')}", "13"], (11, 12, 13))
+        for name in (
+            "max_message_bytes",
+            "max_prompt_bytes",
+            "max_sessions_per_connection",
+            "max_connections",
+            "prompts_per_minute",
+            "tool_calls_per_minute",
+            "outbox_limit",
+            "outbox_bytes",
+            "detached_buffer",
+        )
+    },
+    **{
+        name: (1.5, "2.5", [f"--{name.replace('_', '-')}", "3.5"], (1.5, 2.5, 3.5))
+        for name in ("shutdown_timeout", "grace_seconds", "client_call_timeout", "debounce")
+    },
+    "site": ("/f", "/e", ["--site", "/a"], (Path("/f"), Path("/e"), Path("/a"))),
+    "build": ("make f", "make e", ["--build", "make a"], ("make f", "make e", "make a")),
+    "watch": (["/f"], "/e", ["--watch", "/a"], ((Path("/f"),), (Path("/e"),), (Path("/a"),))),
+    "ignore": (["*.f"], "*.e,*.e2", ["--ignore", "*.a"], (("*.f",), ("*.e", "*.e2"), ("*.a",))),
+    "no_watch": (True, "false", ["--no-watch"], (True, False, True)),
+    "open": (True, "", ["--open"], (True, False, True)),
+}
+del _P
+
+
+def _toml(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    return repr(value) if isinstance(value, str) else str(value)
+
+
+def test_every_option_from_a_file_the_environment_and_a_flag(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A config file setting every option (dashed keys, in a [serve] table) is read whole;
+    each option's variable overrides the file's value, and its flag both, through the real
+    parser (an option missing from the table fails the test: every one is tried)."""
+    assert set(_EVERY_OPTION) == set(BY_NAME)
+    for name in list(os.environ):
+        if name.startswith("PUNIE_"):
+            monkeypatch.delenv(name)
+    lines = ["[serve]"] + [
+        f"{name.replace('_', '-')} = {_toml(file_value)}"
+        for name, (file_value, *_) in _EVERY_OPTION.items()
+    ]
+    config = write(tmp_path / "every.toml", "\n".join(lines) + "\n")
+    file_values = load_file(config, required=True)
+    no_flags = vars(cli.build_parser().parse_args(["serve"]))
+    from_file = resolve(no_flags, file_values, {}, str(config))
+    environ = {BY_NAME[name].env: env for name, (_, env, _, _) in _EVERY_OPTION.items()}
+    from_env = resolve(no_flags, file_values, environ, str(config))
+    argv = [arg for _, _, flag, _ in _EVERY_OPTION.values() for arg in flag]
+    flags = vars(cli.build_parser().parse_args(["serve", *argv]))
+    from_flags = resolve(flags, file_values, environ, str(config))
+    for name, (*_, (want_file, want_env, want_flag)) in _EVERY_OPTION.items():
+        assert want_file != BY_NAME[name].default, name
+        assert from_file[name] == want_file, name
+        assert from_env[name] == want_env, name
+        assert from_flags[name] == want_flag, name

@@ -204,6 +204,7 @@ async def test_grace_expiry_drops_the_sessions_but_they_stay_loadable(
             ("session/delete", {"sessionId": session_id}),
             ("session/close", {"sessionId": session_id}),
             ("session/load", load),
+            ("session/resume", load),
         ]:
             error = await expect_error(other.client, method, params)
             assert error["code"] == -32600, (method, error)

@@ -244,6 +244,22 @@ async def test_list_filters_by_cwd_and_pages_with_a_cursor(
             ids, pages = await list_all(client)
             assert sorted(ids) == sorted(in_root + in_sub) and pages == 2
 
+            # The IDE pages while the agent works: the session on the second page and one
+            # already listed get turns between the pages. Each is listed once (the one not
+            # yet listed moved ahead of the cursor and was never listed).
+            first = await client.request("session/list", {"cwd": str(root)})
+            listed = [s["sessionId"] for s in first["sessions"]]
+            (unlisted,) = set(in_root) - set(listed)
+            assert await client.prompt(unlisted, "touched") == "end_turn"
+            assert await client.prompt(listed[-1], "touched too") == "end_turn"
+            second = await client.request(
+                "session/list", {"cwd": str(root), "cursor": first["nextCursor"]}
+            )
+            assert [s["sessionId"] for s in second["sessions"]] == [unlisted]
+            assert "nextCursor" not in second
+            fresh = await client.request("session/list", {"cwd": str(root)})
+            assert [s["sessionId"] for s in fresh["sessions"][:2]] == [listed[-1], unlisted]
+
             error = await expect_error(client, "session/list", {"cursor": "not a cursor"})
             assert error["code"] == -32602 and "cursor" in error["message"]
             error = await expect_error(client, "session/list", {"cwd": "relative/dir"})
@@ -341,8 +357,10 @@ async def test_a_session_open_elsewhere_cannot_be_loaded_or_deleted(
                 await owner.initialize()
                 await other.initialize()
                 session_id = await owner.new_session(str(root))
-                error = await expect_error(other, "session/load", load_params(session_id, root))
-                assert error["code"] == -32600 and "another connection" in error["message"]
+                for method in ("session/load", "session/resume"):
+                    error = await expect_error(other, method, load_params(session_id, root))
+                    assert error["code"] == -32600, (method, error)
+                    assert "another connection" in error["message"]
                 # Refused as held elsewhere (it was "not found", while session/list showed
                 # it), for each method that needs the session; the owner keeps it.
                 for method in ("session/delete", "session/close", "session/prompt"):

@@ -172,6 +172,60 @@ def test_show_says_a_turn_whose_model_failed(
     assert out.endswith("user: go\nstop: end_turn (the model failed: RuntimeError: x)\n")
 
 
+async def _fill_failed_tools(data_dir: Path) -> None:
+    ensure_data_dir(data_dir)
+
+    def failed(call_id: str, text: str) -> dict[str, Any]:
+        content = [{"type": "content", "content": {"type": "text", "text": text}}]
+        return {
+            "sessionUpdate": "tool_call_update",
+            "toolCallId": call_id,
+            "status": "failed",
+            "content": content,
+        }
+
+    async with open_sqlite_store(store_path(data_dir)) as store:
+        await store.create_session(make_record("sess-t"))
+        call = {"sessionUpdate": "tool_call", "toolCallId": "c1", "title": "Read file ../x"}
+        refused = {
+            "sessionUpdate": "tool_call",
+            "toolCallId": "c2",
+            "title": "run_shell",
+            "kind": "other",
+            "status": "failed",
+        }
+        await store.append_turn(
+            "sess-t",
+            0,
+            [
+                ("user_message_chunk", text_update("user_message_chunk", "go")),
+                ("tool_call", call),
+                ("tool_call_update", failed("c1", "path '../x' is outside\nthe roots")),
+                ("tool_call", refused),
+                ("tool_call_update", failed("c2", "unsupported tool 'run_shell'")),
+                ("stop", {"stopReason": "end_turn"}),
+            ],
+        )
+
+
+def test_show_says_why_a_tool_call_failed(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A failed tool call is shown with its message (it said "-> failed" and no more: the
+    reason, stored in the update, was left out of the transcript a human reads)."""
+    trio.run(_fill_failed_tools, tmp_path / "data")
+    assert main(["sessions", "show", "sess-t", "--data-dir", str(tmp_path / "data")]) == 0
+    out = capsys.readouterr().out
+    assert out.endswith(
+        "user: go\n"
+        "tool: Read file ../x (pending)\n"
+        "tool: Read file ../x -> failed: path '../x' is outside\\nthe roots\n"
+        "tool: run_shell [other] (failed)\n"
+        "tool: run_shell -> failed: unsupported tool 'run_shell'\n"
+        "stop: end_turn\n"
+    )
+
+
 def test_damaged_rows_are_named_not_tracebacks(
     data_dir: Path, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
 ) -> None:

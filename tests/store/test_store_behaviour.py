@@ -240,14 +240,50 @@ async def test_list_order_and_pages_follow_appended_turns(store: Store, clock: S
             assert seen == expected, (cwd, limit)
     page, _ = await store.list_sessions(limit=1)
     assert (page[0].id, page[0].turns, page[0].updated_at) == ("a", 1, clock() - 1)
-    # A session given a turn between two pages moves to the front; the rest of the listing
-    # neither repeats nor skips.
+    # A session given a turn between two pages keeps, for the pages after the first, the
+    # place it had when the listing began: it is listed once, where the client expected it
+    # (it once moved to the front, ahead of the cursor, and that listing never showed it).
+    # The rest neither repeats nor skips; a fresh listing puts it first.
     page, cursor = await store.list_sessions(limit=3)
     assert [r.id for r in page] == ["a", "c", "f"]
     await store.append_turn("e", 0, sample_turn(0))
+    await store.append_turn("c", 1, sample_turn(1))  # listed already: not again
     page, cursor = await store.list_sessions(cursor=cursor, limit=10)
-    assert [r.id for r in page] == ["d", "b"]
-    assert [r.id for r in (await store.list_sessions())[0]] == ["e", *order[:-1]]
+    assert [r.id for r in page] == ["d", "b", "e"]
+    assert page[2].turns == 1  # with its new values
+    assert [r.id for r in (await store.list_sessions())[0]] == ["c", "e", "a", "f", "d", "b"]
+
+
+async def test_list_pages_with_a_cwd_filter_miss_no_session_touched_meanwhile(
+    store: Store, clock: StepClock
+) -> None:
+    """An IDE pages through one project's sessions while its agent works: every session of
+    the cwd that existed when the listing began is listed exactly once, however many of
+    them get turns between the pages; one created meanwhile waits for the next listing."""
+    for i in range(12):
+        cwd = "/x" if i % 3 else "/y"
+        await store.create_session(make_record(f"s{i:02d}", cwd=cwd, updated_at=float(i)))
+    for limit in (1, 2, 3, 5):
+        expected = [r.id for r in (await store.list_sessions(cwd="/x", limit=100))[0]]
+        seen: list[str] = []
+        cursor: str | None = None
+        pages = 0
+        while True:
+            page, cursor = await store.list_sessions(cwd="/x", cursor=cursor, limit=limit)
+            seen += [r.id for r in page]
+            pages += 1
+            # Between pages: the oldest session of /x and one already seen get turns, and
+            # a new session appears.
+            for sid in (expected[-1], seen[0]):
+                rec = await store.get_session(sid)
+                assert rec is not None
+                await store.append_turn(sid, rec.turns, sample_turn(rec.turns))
+            await store.create_session(
+                make_record(f"new{limit}-{pages}", cwd="/x", created_at=clock(), updated_at=clock())
+            )
+            if cursor is None:
+                break
+        assert sorted(seen) == sorted(expected) and len(seen) == len(expected), limit
 
 
 async def test_payloads_replay_byte_for_byte(store: Store) -> None:
