@@ -72,6 +72,11 @@ class ClientConnection:
     #: connection nothing, an empty set 216 bytes.)
     awaiting: frozenset[RequestId] = attrs.field(default=frozenset(), init=False)
     peer: Peer | None = attrs.field(default=None, init=False)
+    #: Sessions this connection's ``session/load``/``resume`` requests are loading, one
+    #: entry per request, from when it is read until it ends: a prompt or close read
+    #: meanwhile is refused as "still loading", also before the load has claimed the live
+    #: session (``Manager.owned_session``). (A tuple, for the same reason as ``awaiting``.)
+    loads_pending: tuple[str, ...] = attrs.field(default=(), init=False)
     # Start times of recent prompts, for the prompts-per-minute limit.
     # (A list, not a deque: an idle connection's empty list costs 56 bytes, a deque 760.)
     prompt_times: list[float] = attrs.field(factory=list, init=False)

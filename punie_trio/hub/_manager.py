@@ -557,12 +557,34 @@ class Manager:
             raise RpcError.not_found(f"Session not found: {session_id}")
         return record
 
-    async def load_session(
+    def load_session(
         self, conn: ClientConnection, ref: acp.SessionRef, *, replay: bool
-    ) -> dict[str, Any]:
+    ) -> Awaitable[dict[str, Any]]:
         """``session/load`` (``replay``) and ``session/resume``: make a stored session live
         on ``conn``, give the worker its history, and (for load) replay the transcript as
-        ``session/update``s before answering."""
+        ``session/update``s before answering.
+
+        Marked pending on ``conn`` here, in the connection's reader, before the next message
+        is read: the load reads the stored session before it can claim the live one, and a
+        prompt or close pipelined behind it must hear "still loading" meanwhile too (it
+        heard "Session not found", of a session that exists)."""
+        conn.loads_pending += (ref.session_id,)
+        return self._unmark_after(conn, ref, self._load_session(conn, ref, replay))
+
+    @staticmethod
+    async def _unmark_after(
+        conn: ClientConnection, ref: acp.SessionRef, load: Awaitable[dict[str, Any]]
+    ) -> dict[str, Any]:
+        try:
+            return await load
+        finally:
+            pending = list(conn.loads_pending)
+            pending.remove(ref.session_id)
+            conn.loads_pending = tuple(pending)
+
+    async def _load_session(
+        self, conn: ClientConnection, ref: acp.SessionRef, replay: bool
+    ) -> dict[str, Any]:
         if self.closing.is_set():
             raise RpcError(INTERNAL_ERROR, "Server is shutting down")
         assert ref.cwd is not None
@@ -729,7 +751,7 @@ class Manager:
 
     async def delete_session(self, conn: ClientConnection, session_id: str) -> dict[str, Any]:
         live = self.sessions.get(session_id)
-        if live is not None:
+        if live is not None or session_id in conn.loads_pending:
             self.owned_session(conn, session_id)  # (refused before anything is claimed)
         # Claimed for the whole delete: a session/load of it is refused meanwhile, so no
         # load can make it live between the checks below and the row's removal (it would
@@ -759,6 +781,8 @@ class Manager:
         token sees the session in session/list, and session/load says the same.)"""
         session = self.sessions.get(session_id)
         if session is None:
+            if session_id in conn.loads_pending:  # (not yet claimed by its load)
+                raise RpcError(INVALID_REQUEST, f"Session {session_id} is still loading")
             raise RpcError.not_found(f"Session not found: {session_id}")
         if session.owner is not conn:
             raise _held_elsewhere(session)

@@ -44,6 +44,7 @@ class GatedStore:
 
     def __init__(self) -> None:
         self.inner = MemoryStore()
+        self.gets = Gate()
         self.reads = Gate()
         self.deletes = Gate()
         self.updates = Gate()
@@ -55,6 +56,10 @@ class GatedStore:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
+
+    async def get_session(self, session_id: str) -> Any:
+        await self.gets.pass_through()
+        return await self.inner.get_session(session_id)
 
     async def transcript_rows(
         self, session_id: str, page_size: int = 1000
@@ -113,6 +118,52 @@ async def slow_turn_running(hub: Hub) -> tuple[AcpTestClient, str]:
     await send_prompt(client, "p", session, "go")
     await client.wait_for(has_update(session, "agent_message_chunk", "slow"))
     return client, session
+
+
+async def test_requests_pipelined_behind_a_load_that_reads_the_store_hear_it_is_loading(
+    tmp_path: Path, acp_schema: SchemaChecker
+) -> None:
+    """A prompt, a close and a delete sent right behind a ``session/load`` or
+    ``session/resume``, while it still reads the stored session (before it claims it), are
+    refused as "still loading", as they are once it has claimed it: the session exists.
+    (The prompt and the close got -32002 "Session not found"; the delete removed the
+    session under the load.) The load then succeeds and the session takes prompts."""
+    store = GatedStore()
+    async with open_hub(tmp_path, acp_schema, EchoModel(), store=store) as hub:  # type: ignore[arg-type]
+        root = hub.root
+        (client,) = await clients(hub, 1)
+        for method in ("session/load", "session/resume"):
+            session = await client.new_session(str(root))
+            await client.request("session/close", {"sessionId": session})
+            store.gets = Gate(armed=True)
+            answers: dict[str, Any] = {}
+
+            async def load(
+                method: str = method, session: str = session, answers: dict[str, Any] = answers
+            ) -> None:
+                answers["load"] = await client.request_raw(method, load_params(session, root))
+
+            with trio.fail_after(10):
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(load)
+                    await store.gets.entered.wait()  # the load reads the stored session
+                    store.gets.armed = False  # (only the load waits there)
+                    answers["prompt"] = await client.request_raw(
+                        "session/prompt", prompt_params(session, "hi")
+                    )
+                    for name in ("close", "delete"):
+                        answers[name] = await client.request_raw(
+                            f"session/{name}", {"sessionId": session}
+                        )
+                    store.gets.opened.set()
+            assert answers["load"]["result"] == {}, method
+            for name in ("prompt", "close", "delete"):
+                error = answers[name]["error"]
+                assert error == {
+                    "code": -32600,
+                    "message": f"Session {session} is still loading",
+                }, (method, name)
+            assert await client.prompt(session, "now") == "end_turn"
 
 
 async def test_a_load_claims_the_session_before_it_writes_its_roots(
