@@ -300,8 +300,14 @@ def _render(entries: Iterable[TranscriptEntry]) -> Iterator[str]:
             yield _printable(f"named: {payload['title']}")  # (the first turn names its session)
         elif entry.kind == STOP:
             error = payload.get("error")
-            failed = f" (the model failed: {error})" if isinstance(error, str) else ""
-            yield _printable(f"stop: {payload.get('stopReason')}{failed}")
+            if isinstance(error, str):
+                # The prompt was answered with an error: the stored stopReason (end_turn)
+                # never reached the client, so it is not shown as if it had.
+                yield _printable(
+                    f"stop: failed, the prompt got an error (the model failed: {error})"
+                )
+            else:
+                yield _printable(f"stop: {payload.get('stopReason')}")
         else:
             yield _printable(f"{entry.kind}: {json.dumps(payload, ensure_ascii=False)}")
     yield from flush()

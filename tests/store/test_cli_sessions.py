@@ -165,11 +165,14 @@ async def _fill_failed(data_dir: Path) -> None:
 def test_show_says_a_turn_whose_model_failed(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """The prompt was answered with an error, not end_turn alone: show says so."""
+    """The prompt was answered with an error, not end_turn: show says so, and does not print
+    the stored end_turn as if the client had been given it."""
     trio.run(_fill_failed, tmp_path / "data")
     assert main(["sessions", "show", "sess-f", "--data-dir", str(tmp_path / "data")]) == 0
     out = capsys.readouterr().out
-    assert out.endswith("user: go\nstop: end_turn (the model failed: RuntimeError: x)\n")
+    assert out.endswith(
+        "user: go\nstop: failed, the prompt got an error (the model failed: RuntimeError: x)\n"
+    )
 
 
 async def _fill_failed_tools(data_dir: Path) -> None:
