@@ -172,6 +172,10 @@ class Manager:
     # Turns registered and not yet finished, in every session (the store's group commit
     # need not wait for company when there is none).
     _running_turns: int = attrs.field(default=0, init=False)
+    # The running turns of sessions dropped while they ran (a client left without grace,
+    # or its grace ended), by session id, until each is recorded: a load (or delete) of
+    # the session waits for it, or it would read the store without that turn.
+    _ending: dict[str, ActiveTurn] = attrs.field(factory=dict, init=False)
 
     def __attrs_post_init__(self) -> None:
         self.roots = tuple(str(Path(r).resolve()) for r in self.roots)
@@ -569,6 +573,11 @@ class Manager:
         root, cwd = self.checked_cwd(ref.cwd)
         additional = self.check_inside_roots(ref.additional_directories, "additionalDirectories")
         record = await self._stored(ref.session_id)
+        while (ending := self._ending.get(ref.session_id)) is not None:
+            # Its turn, cut as the session was dropped, is still being recorded: read the
+            # store once it is (the replay, the history and the turn count include it).
+            await ending.finished.wait()
+            record = await self._stored(ref.session_id)
         if cwd != str(_resolve_param(record.cwd, "stored cwd")):
             # "cwd is immutable after session setup" (session-list page); only the extra
             # roots may differ from one load to the next (session-setup page).
@@ -739,6 +748,8 @@ class Manager:
             if live is not None:
                 await self.close_session(conn, session_id)
             else:
+                while (ending := self._ending.get(session_id)) is not None:
+                    await ending.finished.wait()  # (its commit would fail on no session)
                 try:
                     await self._stored(session_id)
                 except RpcError:
@@ -769,6 +780,7 @@ class Manager:
         one still runs (its relay records it as cancelled)."""
         if session.turn is not None:
             self.cancel_turn(session, session.turn)
+            self._ending[session.id] = session.turn  # (until it is recorded)
         del self.sessions[session.id]
         self.store.forget(session.id)
         handle = session.worker
@@ -1074,6 +1086,8 @@ class Manager:
                 # Whatever happened above, the session is free for its next prompt.
                 session.turn = None
                 self._running_turns -= 1
+                if self._ending.get(session.id) is turn:
+                    del self._ending[session.id]
                 turn.finished.set()
             if turn.request_id is not None:
                 if turn.orphaned:

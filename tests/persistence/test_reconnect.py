@@ -25,6 +25,7 @@ from ..acp_schema import SchemaChecker
 from ..client import AcpTestClient
 from ..integration._support import acp_ws_client, settle_until
 from ..integration.conftest import StartServer
+from ..unit.test_load import GatedStore  # (a store whose commits can be held)
 from ._hub import (
     AWAITING_META,
     CLIENT_ID_META,
@@ -765,3 +766,67 @@ async def test_clients_away_within_grace_are_bounded_by_the_connection_limit(
         b = await hub.connect()
         await initialize(b.client, client_id="b")
         assert manager.sessions[sessions["b"]].owner is b.connection
+
+
+async def test_a_load_waits_for_the_turn_a_grace_expiry_cut_to_be_recorded(
+    tmp_path: Path, acp_schema: SchemaChecker, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Grace ends as the client comes back: its running turn is cancelled, and is still
+    being recorded when the client's session/load arrives. The load must replay that
+    turn, and the loaded session's next turn must be saved. (The load read the store
+    before the cut turn was committed: the turn was missing from the replay and the
+    history, and the next prompt collided with its turn number: "the turn was not
+    saved".)"""
+    model = ScriptModel([[{"text": "slow"}, {"sleep": 60}, {"text": "never"}], [{"text": "2"}]])
+    store = GatedStore()
+    limits = Limits(grace_seconds=1)
+    async with open_hub(tmp_path, acp_schema, model, limits=limits, store=store) as hub:  # type: ignore[arg-type]
+        _, session_id = await prompt_then_drop(hub, "ide-1", "p", "slow")
+        await hub.settle()
+        store.appends.armed = True
+        await store.appends.entered.wait()  # grace ended: the turn is cancelled, committing
+        assert session_id not in hub.manager.sessions
+        b = await hub.connect()
+        await initialize(b.client, client_id="ide-1")
+        load = {"sessionId": session_id, "cwd": str(hub.root), "mcpServers": []}
+        async with trio.open_nursery() as n:
+            n.start_soon(b.client.request, "session/load", load)
+            await hub.settle()
+            store.appends.armed = False
+            store.appends.opened.set()
+        assert [summary(u) for u in b.client.updates(session_id)] == [
+            ("user_message_chunk", "go"),
+            ("agent_message_chunk", "slow"),
+            ("session_info_update", "go"),
+        ]
+        answer = await b.client.request_raw("session/prompt", prompt_params(session_id, "next"))
+        assert answer.get("result") == {"stopReason": "end_turn"}, answer
+        assert [e.turn for e in await store.transcript(session_id)][-1] == 1
+
+
+async def test_a_delete_waits_for_the_turn_a_grace_expiry_cut_to_be_recorded(
+    tmp_path: Path,
+    acp_schema: SchemaChecker,
+    autojump_clock: trio.testing.MockClock,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The same race with session/delete: the cut turn's commit, landing after the
+    delete, failed on a session no longer stored (logged as an error)."""
+    model = ScriptModel([[{"text": "slow"}, {"sleep": 60}, {"text": "never"}]])
+    store = GatedStore()
+    limits = Limits(grace_seconds=1)
+    async with open_hub(tmp_path, acp_schema, model, limits=limits, store=store) as hub:  # type: ignore[arg-type]
+        _, session_id = await prompt_then_drop(hub, "ide-1", "p", "slow")
+        await hub.settle()
+        store.appends.armed = True
+        await store.appends.entered.wait()
+        b = await hub.connect()
+        await initialize(b.client, client_id="ide-1")
+        async with trio.open_nursery() as n:
+            n.start_soon(b.client.request, "session/delete", {"sessionId": session_id})
+            await hub.settle()
+            store.appends.armed = False
+            store.appends.opened.set()
+        await hub.settle()
+        assert await store.get_session(session_id) is None
+        assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
