@@ -33,7 +33,7 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -176,6 +176,11 @@ class Manager:
     # or its grace ended), by session id, until each is recorded: a load (or delete) of
     # the session waits for it, or it would read the store without that turn.
     _ending: dict[str, ActiveTurn] = attrs.field(factory=dict, init=False)
+    # By client id: the sessions its grace period's end dropped with something the client
+    # had not got (a running turn, kept updates or answers). It is told to reload them
+    # when it comes back (see expired_for); at most max_connections client ids, oldest
+    # forgotten first.
+    _expired: dict[str, list[str]] = attrs.field(factory=dict, init=False)
 
     def __attrs_post_init__(self) -> None:
         self.roots = tuple(str(Path(r).resolve()) for r in self.roots)
@@ -320,11 +325,29 @@ class Manager:
                 reclaimed.append(session)
         return reclaimed
 
-    async def deliver_missed(self, conn: ClientConnection, sessions: list[Session]) -> None:
+    async def deliver_missed(
+        self, conn: ClientConnection, sessions: list[Session], expired: Sequence[str] = ()
+    ) -> None:
         """Send ``conn`` what its reclaimed ``sessions`` produced while it was away
-        (updates, then answers), in order, each exactly once."""
+        (updates, then answers), in order, each exactly once; then tell it to reload the
+        ``expired`` sessions (:meth:`expired_for`). A notice not sent (the connection
+        ended) stays owed to the client id."""
         for session in sessions:
             await self._flush(session, conn)
+        for i, session_id in enumerate(expired):
+            try:
+                await conn.notify(
+                    RELOAD_REQUIRED,
+                    {
+                        "sessionId": session_id,
+                        "reason": "the grace period ended while disconnected",
+                    },
+                )
+            except BaseException:
+                if conn.client_id:
+                    owed = self._expired.pop(conn.client_id, [])
+                    self._expired[conn.client_id] = [*expired[i:], *owed]
+                raise
 
     async def _expire_grace(self, client_id: str, event: trio.Event) -> None:
         with trio.move_on_after(self.limits.grace_seconds):
@@ -335,10 +358,26 @@ class Manager:
 
     def _end_grace(self, client_id: str) -> None:
         """Drop the sessions ``client_id`` left (their turns are cancelled): they stay
-        loadable from the store."""
+        loadable from the store. Those that drop something the client has not got (a
+        running turn, kept updates or answers) are remembered, so that the client, should
+        it come back, is told to reload them rather than wait for an answer that will
+        never come."""
         self._reattached.pop(client_id, None)
+        missed: list[str] = []
         for session in [s for s in self.sessions.values() if s.detached_client == client_id]:
+            if session.turn is not None or session.pending or session.overflowed:
+                missed.append(session.id)
             self._drop_session(session)
+        if missed:
+            self._expired.pop(client_id, None)
+            self._expired[client_id] = self._expired.get(client_id, []) + missed
+            while len(self._expired) > self.limits.max_connections:
+                del self._expired[next(iter(self._expired))]
+
+    def expired_for(self, client_id: str | None) -> list[str]:
+        """The sessions whose grace period ended with something ``client_id`` missed (see
+        :meth:`_end_grace`), taken: its connection tells it to reload each, once."""
+        return self._expired.pop(client_id, []) if client_id else []
 
     def _bound_detached(self) -> None:
         """Keep the clients away within grace, with the live connections, within

@@ -830,3 +830,42 @@ async def test_a_delete_waits_for_the_turn_a_grace_expiry_cut_to_be_recorded(
         await hub.settle()
         assert await store.get_session(session_id) is None
         assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+
+
+async def test_a_client_back_after_its_grace_ended_is_told_to_reload_what_it_missed(
+    tmp_path: Path, acp_schema: SchemaChecker, autojump_clock: trio.testing.MockClock
+) -> None:
+    """The grace period ends while a turn runs (or after it kept updates or an answer for
+    the client): the sessions are dropped, and what was kept with them. The client coming
+    back under its id, awaiting its prompt's answer, was told nothing: it waited for an
+    answer that never came. It is now told to reload each session that lost something,
+    and only those (an idle session is left alone, as before)."""
+    model = ScriptModel([[{"text": "slow"}, {"sleep": 60}, {"text": "never"}]])
+    async with open_hub(tmp_path, acp_schema, model, limits=Limits(grace_seconds=30)) as hub:
+        link, session_id = await prompt_then_drop(hub, "ide-1", "p", "slow")
+        # A second session, idle: nothing of it is missed.
+        idle = await hub.connect()
+        await initialize(idle.client)
+        await trio.sleep(31)
+        assert session_id not in hub.manager.sessions
+
+        b = await hub.connect()
+        await initialize(b.client, client_id="ide-1", awaiting=["p"])
+        with trio.fail_after(60):  # (the clock's time: it jumps there if nothing comes)
+            notice = await b.client.wait_for(lambda m: m.get("method") == RELOAD_REQUIRED)
+        assert notice["params"]["sessionId"] == session_id
+        await hub.settle()
+        assert [m.get("method") for m in b.client.received if "method" in m] == [RELOAD_REQUIRED]
+        await b.client.request(
+            "session/load", {"sessionId": session_id, "cwd": str(hub.root), "mcpServers": []}
+        )
+        assert b.client.agent_text(session_id) == "slow"  # the cut turn, recorded cancelled
+        await b.drop()
+        await hub.settle()
+
+        # Told once: the next connection under the id hears nothing more.
+        c = await hub.connect()
+        await initialize(c.client, client_id="ide-1")
+        await hub.settle()
+        assert [m for m in c.client.received if "method" in m] == []
+        assert link.client.received  # (what the first connection got, unchanged)
