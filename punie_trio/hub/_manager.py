@@ -246,7 +246,8 @@ class Manager:
         """Put what a dropped connection had queued but never written back in front of its
         sessions' backlogs (it is older than anything kept since): their updates, and the
         answer of each one's last prompt. The rest (answers to other requests, our own
-        requests) belonged to that connection alone. What was written is not repeated:
+        requests, a session/load's replay, spelled apart: ``updates.REPLAY_START``)
+        belonged to that connection alone. What was written is not repeated:
         whether it arrived cannot be known without the client acknowledging it."""
         if not texts:
             return
@@ -696,7 +697,9 @@ class Manager:
         history: list[tuple[str, str]] = []
         # This turn's message chunks, for a stop entry without history (an older store).
         chunks: list[tuple[str, str]] = []
-        prefix = updates.notification_prefix(session.id)
+        # (Spelled as a replay: what a dropped connection never wrote of it is not kept
+        # for its client as live output, see _keep_unsent.)
+        prefix = updates.replay_prefix(session.id)
         try:
             async for rows in self.store.transcript_rows(session.id, REPLAY_PAGE):
                 for _, kind, payload_json in rows:

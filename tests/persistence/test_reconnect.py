@@ -869,3 +869,51 @@ async def test_a_client_back_after_its_grace_ended_is_told_to_reload_what_it_mis
         await hub.settle()
         assert [m for m in c.client.received if "method" in m] == []
         assert link.client.received  # (what the first connection got, unchanged)
+
+
+async def test_a_replay_cut_by_a_drop_is_not_delivered_as_live_updates_after_reattach(
+    tmp_path: Path, acp_schema: SchemaChecker
+) -> None:
+    """A client reloads a session it holds (session/load of its own live session) and
+    drops while the replay is queued. The replay's updates its connection never wrote
+    are not the session's live output: they must not reach the re-attached client, which
+    sent no load there (it would take a stale transcript for new updates)."""
+    count = 40
+    model = ScriptModel([[{"text": f"{i} "} for i in range(count)]])
+    limits = Limits(outbox_limit=8, grace_seconds=60, detached_buffer=10_000)
+    async with open_hub(tmp_path, acp_schema, model, limits=limits) as hub:
+        agent_side, raw = memory_message_stream_pair(1)
+        connection = ClientConnection(hub.manager, transport="memory")
+        await hub.nursery.start(connection.run, agent_side)
+        replies: list[dict[str, Any]] = []
+
+        async def call(request_id: int, method: str, params: dict[str, Any]) -> Any:
+            await raw.send_message(
+                json.dumps({"jsonrpc": "2.0", "id": request_id, "method": method, "params": params})
+            )
+            while True:
+                msg = json.loads(await raw.receive_message())
+                replies.append(msg)
+                if msg.get("id") == request_id:
+                    return msg["result"]
+
+        await call(1, "initialize", {"protocolVersion": 1, "_meta": {CLIENT_ID_META: "ide"}})
+        session = (await call(2, "session/new", {"cwd": str(hub.root), "mcpServers": []}))[
+            "sessionId"
+        ]
+        assert await call(3, "session/prompt", prompt_params(session, "go")) == {
+            "stopReason": "end_turn"
+        }
+        load = {"sessionId": session, "cwd": str(hub.root), "mcpServers": []}
+        await raw.send_message(
+            json.dumps({"jsonrpc": "2.0", "id": 4, "method": "session/load", "params": load})
+        )
+        await trio.testing.wait_all_tasks_blocked()  # the replay fills the outbox, unread
+        await raw.aclose()
+        await trio.testing.wait_all_tasks_blocked()
+        assert hub.manager.sessions[session].owner is None  # kept within grace
+        second = await hub.connect()
+        await initialize(second.client, client_id="ide")
+        await hub.settle()
+        assert second.client.updates(session) == []
+        assert await second.client.prompt(session, "again") == "end_turn"
