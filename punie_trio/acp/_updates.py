@@ -121,3 +121,17 @@ NOTIFICATION_START = '{"jsonrpc":"2.0","method":"session/update","params":{"sess
 def notification_prefix(session_id: str) -> str:
     """The text of a session's ``session/update`` notifications up to the update object."""
     return NOTIFICATION_START + _json.dumps(session_id) + ',"update":'
+
+
+#: How a ``session/load`` replay spells its ``session/update`` notifications: the same JSON
+#: object, its first two keys swapped, so the replayed are told apart from live output at
+#: no cost per message. What a dropped connection never wrote of its sessions' live
+#: output is delivered when its client re-attaches (``Manager._keep_unsent`` looks for
+#: :data:`NOTIFICATION_START`); a replay it never wrote must not be: the client sent no
+#: load on the new connection and would take a stale transcript for new updates.
+REPLAY_START = '{"method":"session/update","jsonrpc":"2.0","params":{"sessionId":'
+
+
+def replay_prefix(session_id: str) -> str:
+    """:func:`notification_prefix`, spelled as a replay (see :data:`REPLAY_START`)."""
+    return REPLAY_START + _json.dumps(session_id) + ',"update":'

@@ -178,7 +178,9 @@ class ClientConnection:
             # Synchronously, before the next message is read: a request pipelined behind
             # initialize (a prompt on a re-attached session) must find the sessions its
             # own. (Reclaimed in the answer's task, such a prompt was refused at random.)
-            return self._initialized(result, self.manager.reclaim(self))
+            return self._initialized(
+                result, self.manager.reclaim(self), self.manager.expired_for(self.client_id)
+            )
         if not self.initialized:
             if method.startswith("_") or method in _KNOWN:
                 raise RpcError(INVALID_REQUEST, f"Invalid request: call initialize before {method}")
@@ -280,15 +282,18 @@ class ClientConnection:
             "agentInfo": AGENT_INFO,
         }
 
-    async def _initialized(self, result: dict[str, Any], sessions: list[Session]) -> dict[str, Any]:
+    async def _initialized(
+        self, result: dict[str, Any], sessions: list[Session], expired: list[str]
+    ) -> dict[str, Any]:
         # ``sessions``, left within grace, are this connection's again (reclaimed when the
         # request was read), and what they produced meanwhile follows the answer: the
-        # first message a client reads is the result of its initialize.
-        if sessions:
+        # first message a client reads is the result of its initialize. So do the
+        # reload notices of the ``expired`` sessions (whose grace ended while away).
+        if sessions or expired:
             request_id = current_request_id.get(None)
             if request_id is not None:
                 self.answer_now(request_id, result, None)  # (False: answered on return)
-            await self.manager.deliver_missed(self, sessions)
+            await self.manager.deliver_missed(self, sessions, expired)
         return result
 
 

@@ -33,7 +33,7 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -172,6 +172,15 @@ class Manager:
     # Turns registered and not yet finished, in every session (the store's group commit
     # need not wait for company when there is none).
     _running_turns: int = attrs.field(default=0, init=False)
+    # The running turns of sessions dropped while they ran (a client left without grace,
+    # or its grace ended), by session id, until each is recorded: a load (or delete) of
+    # the session waits for it, or it would read the store without that turn.
+    _ending: dict[str, ActiveTurn] = attrs.field(factory=dict, init=False)
+    # By client id: the sessions its grace period's end dropped with something the client
+    # had not got (a running turn, kept updates or answers). It is told to reload them
+    # when it comes back (see expired_for); at most max_connections client ids, oldest
+    # forgotten first.
+    _expired: dict[str, list[str]] = attrs.field(factory=dict, init=False)
 
     def __attrs_post_init__(self) -> None:
         self.roots = tuple(str(Path(r).resolve()) for r in self.roots)
@@ -237,7 +246,8 @@ class Manager:
         """Put what a dropped connection had queued but never written back in front of its
         sessions' backlogs (it is older than anything kept since): their updates, and the
         answer of each one's last prompt. The rest (answers to other requests, our own
-        requests) belonged to that connection alone. What was written is not repeated:
+        requests, a session/load's replay, spelled apart: ``updates.REPLAY_START``)
+        belonged to that connection alone. What was written is not repeated:
         whether it arrived cannot be known without the client acknowledging it."""
         if not texts:
             return
@@ -316,11 +326,29 @@ class Manager:
                 reclaimed.append(session)
         return reclaimed
 
-    async def deliver_missed(self, conn: ClientConnection, sessions: list[Session]) -> None:
+    async def deliver_missed(
+        self, conn: ClientConnection, sessions: list[Session], expired: Sequence[str] = ()
+    ) -> None:
         """Send ``conn`` what its reclaimed ``sessions`` produced while it was away
-        (updates, then answers), in order, each exactly once."""
+        (updates, then answers), in order, each exactly once; then tell it to reload the
+        ``expired`` sessions (:meth:`expired_for`). A notice not sent (the connection
+        ended) stays owed to the client id."""
         for session in sessions:
             await self._flush(session, conn)
+        for i, session_id in enumerate(expired):
+            try:
+                await conn.notify(
+                    RELOAD_REQUIRED,
+                    {
+                        "sessionId": session_id,
+                        "reason": "the grace period ended while disconnected",
+                    },
+                )
+            except BaseException:
+                if conn.client_id:
+                    owed = self._expired.pop(conn.client_id, [])
+                    self._expired[conn.client_id] = [*expired[i:], *owed]
+                raise
 
     async def _expire_grace(self, client_id: str, event: trio.Event) -> None:
         with trio.move_on_after(self.limits.grace_seconds):
@@ -331,10 +359,26 @@ class Manager:
 
     def _end_grace(self, client_id: str) -> None:
         """Drop the sessions ``client_id`` left (their turns are cancelled): they stay
-        loadable from the store."""
+        loadable from the store. Those that drop something the client has not got (a
+        running turn, kept updates or answers) are remembered, so that the client, should
+        it come back, is told to reload them rather than wait for an answer that will
+        never come."""
         self._reattached.pop(client_id, None)
+        missed: list[str] = []
         for session in [s for s in self.sessions.values() if s.detached_client == client_id]:
+            if session.turn is not None or session.pending or session.overflowed:
+                missed.append(session.id)
             self._drop_session(session)
+        if missed:
+            self._expired.pop(client_id, None)
+            self._expired[client_id] = self._expired.get(client_id, []) + missed
+            while len(self._expired) > self.limits.max_connections:
+                del self._expired[next(iter(self._expired))]
+
+    def expired_for(self, client_id: str | None) -> list[str]:
+        """The sessions whose grace period ended with something ``client_id`` missed (see
+        :meth:`_end_grace`), taken: its connection tells it to reload each, once."""
+        return self._expired.pop(client_id, []) if client_id else []
 
     def _bound_detached(self) -> None:
         """Keep the clients away within grace, with the live connections, within
@@ -591,6 +635,11 @@ class Manager:
         root, cwd = self.checked_cwd(ref.cwd)
         additional = self.check_inside_roots(ref.additional_directories, "additionalDirectories")
         record = await self._stored(ref.session_id)
+        while (ending := self._ending.get(ref.session_id)) is not None:
+            # Its turn, cut as the session was dropped, is still being recorded: read the
+            # store once it is (the replay, the history and the turn count include it).
+            await ending.finished.wait()
+            record = await self._stored(ref.session_id)
         if cwd != str(_resolve_param(record.cwd, "stored cwd")):
             # "cwd is immutable after session setup" (session-list page); only the extra
             # roots may differ from one load to the next (session-setup page).
@@ -670,7 +719,9 @@ class Manager:
         history: list[tuple[str, str]] = []
         # This turn's message chunks, for a stop entry without history (an older store).
         chunks: list[tuple[str, str]] = []
-        prefix = updates.notification_prefix(session.id)
+        # (Spelled as a replay: what a dropped connection never wrote of it is not kept
+        # for its client as live output, see _keep_unsent.)
+        prefix = updates.replay_prefix(session.id)
         try:
             async for rows in self.store.transcript_rows(session.id, REPLAY_PAGE):
                 for _, kind, payload_json in rows:
@@ -761,6 +812,8 @@ class Manager:
             if live is not None:
                 await self.close_session(conn, session_id)
             else:
+                while (ending := self._ending.get(session_id)) is not None:
+                    await ending.finished.wait()  # (its commit would fail on no session)
                 try:
                     await self._stored(session_id)
                 except RpcError:
@@ -793,6 +846,7 @@ class Manager:
         one still runs (its relay records it as cancelled)."""
         if session.turn is not None:
             self.cancel_turn(session, session.turn)
+            self._ending[session.id] = session.turn  # (until it is recorded)
         del self.sessions[session.id]
         self.store.forget(session.id)
         handle = session.worker
@@ -1098,6 +1152,8 @@ class Manager:
                 # Whatever happened above, the session is free for its next prompt.
                 session.turn = None
                 self._running_turns -= 1
+                if self._ending.get(session.id) is turn:
+                    del self._ending[session.id]
                 turn.finished.set()
             if turn.request_id is not None:
                 if turn.orphaned:

@@ -25,6 +25,7 @@ from ..acp_schema import SchemaChecker
 from ..client import AcpTestClient
 from ..integration._support import acp_ws_client, settle_until
 from ..integration.conftest import StartServer
+from ..unit.test_load import GatedStore  # (a store whose commits can be held)
 from ._hub import (
     AWAITING_META,
     CLIENT_ID_META,
@@ -766,3 +767,154 @@ async def test_clients_away_within_grace_are_bounded_by_the_connection_limit(
         b = await hub.connect()
         await initialize(b.client, client_id="b")
         assert manager.sessions[sessions["b"]].owner is b.connection
+
+
+async def test_a_load_waits_for_the_turn_a_grace_expiry_cut_to_be_recorded(
+    tmp_path: Path, acp_schema: SchemaChecker, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Grace ends as the client comes back: its running turn is cancelled, and is still
+    being recorded when the client's session/load arrives. The load must replay that
+    turn, and the loaded session's next turn must be saved. (The load read the store
+    before the cut turn was committed: the turn was missing from the replay and the
+    history, and the next prompt collided with its turn number: "the turn was not
+    saved".)"""
+    model = ScriptModel([[{"text": "slow"}, {"sleep": 60}, {"text": "never"}], [{"text": "2"}]])
+    store = GatedStore()
+    limits = Limits(grace_seconds=1)
+    async with open_hub(tmp_path, acp_schema, model, limits=limits, store=store) as hub:  # type: ignore[arg-type]
+        _, session_id = await prompt_then_drop(hub, "ide-1", "p", "slow")
+        await hub.settle()
+        store.appends.armed = True
+        await store.appends.entered.wait()  # grace ended: the turn is cancelled, committing
+        assert session_id not in hub.manager.sessions
+        b = await hub.connect()
+        await initialize(b.client, client_id="ide-1")
+        load = {"sessionId": session_id, "cwd": str(hub.root), "mcpServers": []}
+        async with trio.open_nursery() as n:
+            n.start_soon(b.client.request, "session/load", load)
+            await hub.settle()
+            store.appends.armed = False
+            store.appends.opened.set()
+        assert [summary(u) for u in b.client.updates(session_id)] == [
+            ("user_message_chunk", "go"),
+            ("agent_message_chunk", "slow"),
+            ("session_info_update", "go"),
+        ]
+        answer = await b.client.request_raw("session/prompt", prompt_params(session_id, "next"))
+        assert answer.get("result") == {"stopReason": "end_turn"}, answer
+        assert [e.turn for e in await store.transcript(session_id)][-1] == 1
+
+
+async def test_a_delete_waits_for_the_turn_a_grace_expiry_cut_to_be_recorded(
+    tmp_path: Path,
+    acp_schema: SchemaChecker,
+    autojump_clock: trio.testing.MockClock,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The same race with session/delete: the cut turn's commit, landing after the
+    delete, failed on a session no longer stored (logged as an error)."""
+    model = ScriptModel([[{"text": "slow"}, {"sleep": 60}, {"text": "never"}]])
+    store = GatedStore()
+    limits = Limits(grace_seconds=1)
+    async with open_hub(tmp_path, acp_schema, model, limits=limits, store=store) as hub:  # type: ignore[arg-type]
+        _, session_id = await prompt_then_drop(hub, "ide-1", "p", "slow")
+        await hub.settle()
+        store.appends.armed = True
+        await store.appends.entered.wait()
+        b = await hub.connect()
+        await initialize(b.client, client_id="ide-1")
+        async with trio.open_nursery() as n:
+            n.start_soon(b.client.request, "session/delete", {"sessionId": session_id})
+            await hub.settle()
+            store.appends.armed = False
+            store.appends.opened.set()
+        await hub.settle()
+        assert await store.get_session(session_id) is None
+        assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+
+
+async def test_a_client_back_after_its_grace_ended_is_told_to_reload_what_it_missed(
+    tmp_path: Path, acp_schema: SchemaChecker, autojump_clock: trio.testing.MockClock
+) -> None:
+    """The grace period ends while a turn runs (or after it kept updates or an answer for
+    the client): the sessions are dropped, and what was kept with them. The client coming
+    back under its id, awaiting its prompt's answer, was told nothing: it waited for an
+    answer that never came. It is now told to reload each session that lost something,
+    and only those (an idle session is left alone, as before)."""
+    model = ScriptModel([[{"text": "slow"}, {"sleep": 60}, {"text": "never"}]])
+    async with open_hub(tmp_path, acp_schema, model, limits=Limits(grace_seconds=30)) as hub:
+        link, session_id = await prompt_then_drop(hub, "ide-1", "p", "slow")
+        # A second session, idle: nothing of it is missed.
+        idle = await hub.connect()
+        await initialize(idle.client)
+        await trio.sleep(31)
+        assert session_id not in hub.manager.sessions
+
+        b = await hub.connect()
+        await initialize(b.client, client_id="ide-1", awaiting=["p"])
+        with trio.fail_after(60):  # (the clock's time: it jumps there if nothing comes)
+            notice = await b.client.wait_for(lambda m: m.get("method") == RELOAD_REQUIRED)
+        assert notice["params"]["sessionId"] == session_id
+        await hub.settle()
+        assert [m.get("method") for m in b.client.received if "method" in m] == [RELOAD_REQUIRED]
+        await b.client.request(
+            "session/load", {"sessionId": session_id, "cwd": str(hub.root), "mcpServers": []}
+        )
+        assert b.client.agent_text(session_id) == "slow"  # the cut turn, recorded cancelled
+        await b.drop()
+        await hub.settle()
+
+        # Told once: the next connection under the id hears nothing more.
+        c = await hub.connect()
+        await initialize(c.client, client_id="ide-1")
+        await hub.settle()
+        assert [m for m in c.client.received if "method" in m] == []
+        assert link.client.received  # (what the first connection got, unchanged)
+
+
+async def test_a_replay_cut_by_a_drop_is_not_delivered_as_live_updates_after_reattach(
+    tmp_path: Path, acp_schema: SchemaChecker
+) -> None:
+    """A client reloads a session it holds (session/load of its own live session) and
+    drops while the replay is queued. The replay's updates its connection never wrote
+    are not the session's live output: they must not reach the re-attached client, which
+    sent no load there (it would take a stale transcript for new updates)."""
+    count = 40
+    model = ScriptModel([[{"text": f"{i} "} for i in range(count)]])
+    limits = Limits(outbox_limit=8, grace_seconds=60, detached_buffer=10_000)
+    async with open_hub(tmp_path, acp_schema, model, limits=limits) as hub:
+        agent_side, raw = memory_message_stream_pair(1)
+        connection = ClientConnection(hub.manager, transport="memory")
+        await hub.nursery.start(connection.run, agent_side)
+        replies: list[dict[str, Any]] = []
+
+        async def call(request_id: int, method: str, params: dict[str, Any]) -> Any:
+            await raw.send_message(
+                json.dumps({"jsonrpc": "2.0", "id": request_id, "method": method, "params": params})
+            )
+            while True:
+                msg = json.loads(await raw.receive_message())
+                replies.append(msg)
+                if msg.get("id") == request_id:
+                    return msg["result"]
+
+        await call(1, "initialize", {"protocolVersion": 1, "_meta": {CLIENT_ID_META: "ide"}})
+        session = (await call(2, "session/new", {"cwd": str(hub.root), "mcpServers": []}))[
+            "sessionId"
+        ]
+        assert await call(3, "session/prompt", prompt_params(session, "go")) == {
+            "stopReason": "end_turn"
+        }
+        load = {"sessionId": session, "cwd": str(hub.root), "mcpServers": []}
+        await raw.send_message(
+            json.dumps({"jsonrpc": "2.0", "id": 4, "method": "session/load", "params": load})
+        )
+        await trio.testing.wait_all_tasks_blocked()  # the replay fills the outbox, unread
+        await raw.aclose()
+        await trio.testing.wait_all_tasks_blocked()
+        assert hub.manager.sessions[session].owner is None  # kept within grace
+        second = await hub.connect()
+        await initialize(second.client, client_id="ide")
+        await hub.settle()
+        assert second.client.updates(session) == []
+        assert await second.client.prompt(session, "again") == "end_turn"
