@@ -370,8 +370,8 @@ class Manager:
                 missed.append(session.id)
             self._drop_session(session)
         if missed:
-            self._expired.pop(client_id, None)
-            self._expired[client_id] = self._expired.get(client_id, []) + missed
+            # (Re-inserted: the newest client id is the last forgotten.)
+            self._expired[client_id] = self._expired.pop(client_id, []) + missed
             while len(self._expired) > self.limits.max_connections:
                 del self._expired[next(iter(self._expired))]
 

@@ -872,6 +872,24 @@ async def test_a_client_back_after_its_grace_ended_is_told_to_reload_what_it_mis
         assert link.client.received  # (what the first connection got, unchanged)
 
 
+async def test_notices_still_owed_survive_another_grace_ending(
+    tmp_path: Path, acp_schema: SchemaChecker, autojump_clock: trio.testing.MockClock
+) -> None:
+    """A notice owed to a client id (one its last connection could not deliver: it is put
+    back) is not lost when that client's grace ends again with more to tell: it gets both.
+    (The second ending replaced the owed list with its own.)"""
+    model = ScriptModel([[{"text": "slow"}, {"sleep": 60}, {"text": "never"}]])
+    async with open_hub(tmp_path, acp_schema, model, limits=Limits(grace_seconds=30)) as hub:
+        _, session_id = await prompt_then_drop(hub, "ide-1", "p", "slow")
+        hub.manager._expired["ide-1"] = ["sess_owed"]  # (as deliver_missed puts one back)
+        await trio.sleep(31)
+        b = await hub.connect()
+        await initialize(b.client, client_id="ide-1", awaiting=["p"])
+        await hub.settle()
+        told = [m["params"]["sessionId"] for m in b.client.received if "method" in m]
+        assert sorted(told) == sorted(["sess_owed", session_id])
+
+
 async def test_a_replay_cut_by_a_drop_is_not_delivered_as_live_updates_after_reattach(
     tmp_path: Path, acp_schema: SchemaChecker
 ) -> None:
