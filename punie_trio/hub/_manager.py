@@ -132,6 +132,14 @@ def _store_failed(exc: StoreError) -> RpcError:
     return RpcError(INTERNAL_ERROR, f"Internal error: {exc}")
 
 
+def _check_not_loading(conn: ClientConnection, session: Session) -> None:
+    """Refuse a prompt or close of a session being loaded: claimed by its load, or (the
+    connection reloading a session it holds) with the load read but still reading the
+    store (``conn.loads_pending``)."""
+    if session.loading or session.id in conn.loads_pending:
+        raise RpcError(INVALID_REQUEST, f"Session {session.id} is still loading")
+
+
 def _held_elsewhere(session: Session) -> RpcError:
     """The refusal for a session that another connection holds: open there, or kept for a
     client that left and may come back within its grace period (not named: a client id
@@ -333,10 +341,11 @@ class Manager:
         (updates, then answers), in order, each exactly once; then tell it to reload the
         ``expired`` sessions (:meth:`expired_for`). A notice not sent (the connection
         ended) stays owed to the client id."""
-        for session in sessions:
-            await self._flush(session, conn)
-        for i, session_id in enumerate(expired):
-            try:
+        told = 0
+        try:
+            for session in sessions:
+                await self._flush(session, conn)
+            for session_id in expired:
                 await conn.notify(
                     RELOAD_REQUIRED,
                     {
@@ -344,11 +353,11 @@ class Manager:
                         "reason": "the grace period ended while disconnected",
                     },
                 )
-            except BaseException:
-                if conn.client_id:
-                    owed = self._expired.pop(conn.client_id, [])
-                    self._expired[conn.client_id] = [*expired[i:], *owed]
-                raise
+                told += 1
+        except BaseException:
+            if conn.client_id and told < len(expired):
+                self._owe(conn.client_id, expired[told:])
+            raise
 
     async def _expire_grace(self, client_id: str, event: trio.Event) -> None:
         with trio.move_on_after(self.limits.grace_seconds):
@@ -370,10 +379,15 @@ class Manager:
                 missed.append(session.id)
             self._drop_session(session)
         if missed:
-            # (Re-inserted: the newest client id is the last forgotten.)
-            self._expired[client_id] = self._expired.pop(client_id, []) + missed
-            while len(self._expired) > self.limits.max_connections:
-                del self._expired[next(iter(self._expired))]
+            self._owe(client_id, missed)
+
+    def _owe(self, client_id: str, session_ids: Sequence[str]) -> None:
+        """Remember reload notices owed to ``client_id`` (after any it is owed already),
+        within the bound of ``max_connections`` client ids, the oldest forgotten first."""
+        owed = self._expired.pop(client_id, [])  # (re-inserted: now the newest)
+        self._expired[client_id] = owed + [s for s in session_ids if s not in owed]
+        while len(self._expired) > self.limits.max_connections:
+            del self._expired[next(iter(self._expired))]
 
     def expired_for(self, client_id: str | None) -> list[str]:
         """The sessions whose grace period ended with something ``client_id`` missed (see
@@ -639,6 +653,8 @@ class Manager:
             # Its turn, cut as the session was dropped, is still being recorded: read the
             # store once it is (the replay, the history and the turn count include it).
             await ending.finished.wait()
+            if self.closing.is_set():  # (it may have waited into the shutdown)
+                raise RpcError(INTERNAL_ERROR, "Server is shutting down")
             record = await self._stored(ref.session_id)
         if cwd != str(_resolve_param(record.cwd, "stored cwd")):
             # "cwd is immutable after session setup" (session-list page); only the extra
@@ -780,8 +796,7 @@ class Manager:
         """Cancel the session's running turn, wait for it to finish, forget the live session
         (it stays loadable from the store)."""
         session = self.owned_session(conn, session_id)
-        if session.loading:
-            raise RpcError(INVALID_REQUEST, f"Session {session_id} is still loading")
+        _check_not_loading(conn, session)
         # Claimed before the first await: a prompt read while the turn winds down (its
         # relay ends a pass or two before this resumes) would otherwise start on a session
         # about to be dropped, and run on after close was answered.
@@ -855,7 +870,10 @@ class Manager:
         self._command(handle, ForgetSession(session.id))
         if not handle.sessions:
             self.workers.pop(handle.root, None)
-            handle.commands.close()
+            if handle.backlog is not None:
+                handle.close_after_backlog = True  # (the worker needs what waits there)
+            else:
+                handle.commands.close()
 
     def _worker_for(self, root: str) -> WorkerHandle:
         handle = self.workers.get(root)
@@ -883,8 +901,7 @@ class Manager:
             raise RpcError(INVALID_REQUEST, f"Session {session.id} is closing")
         if session.turn is not None:
             raise RpcError(INVALID_REQUEST, f"Session {session.id} already has a prompt running")
-        if session.loading:
-            raise RpcError(INVALID_REQUEST, f"Session {session.id} is still loading")
+        _check_not_loading(conn, session)
         now = trio.current_time()
         recent = conn.prompt_times
         expired = next((i for i, t in enumerate(recent) if t > now - 60.0), len(recent))
@@ -969,6 +986,13 @@ class Manager:
             pass  # the worker is gone, and its turns with it
         finally:
             handle.backlog = None
+            # A turn whose start is not sent ends at once, as one with no worker does:
+            # its relay records it (else it waits for events that never come).
+            for command in backlog:
+                if isinstance(command, StartTurn):
+                    command.events.close()
+            if handle.close_after_backlog:
+                commands.close()
 
     def start_prompt(self, conn: ClientConnection, params: PromptParams) -> Deferred:
         """The ``session/prompt`` handler, all synchronous (in the connection's reader):

@@ -49,6 +49,10 @@ class WorkerHandle:
     #: bounded itself: what can wait is what the limits bound (a StartTurn and a CancelTurn
     #: per running turn, a reply per client call, a seed and a forget per session).
     backlog: collections.deque[Command] | None = None
+    #: The worker lost its last session while commands waited in ``backlog``: its channel
+    #: is closed once they are sent (closed under them, a waiting StartTurn was lost and
+    #: its turn never ended).
+    close_after_backlog: bool = False
 
 
 @attrs.define(eq=False)

@@ -16,10 +16,13 @@ import pytest
 import trio
 import trio.testing
 
+from punie_trio.acp import parse_prompt
 from punie_trio.hub import ClientConnection, Limits
 from punie_trio.hub._manager import RELOAD_REQUIRED
+from punie_trio.rpc import current_request_id
 from punie_trio.transport import memory_message_stream_pair
 from punie_trio.worker import ScriptModel
+from punie_trio.worker._envelopes import SeedHistory
 
 from ..acp_schema import SchemaChecker
 from ..client import AcpTestClient
@@ -936,3 +939,46 @@ async def test_a_replay_cut_by_a_drop_is_not_delivered_as_live_updates_after_rea
         await hub.settle()
         assert second.client.updates(session) == []
         assert await second.client.prompt(session, "again") == "end_turn"
+
+
+async def test_a_turn_whose_start_waited_in_a_dropped_workers_backlog_still_ends(
+    tmp_path: Path, acp_schema: SchemaChecker, autojump_clock: trio.testing.MockClock
+) -> None:
+    """A burst fills a worker's command channel, a prompt's StartTurn waits in the backlog,
+    and the root's last session is dropped (its client left without grace) before the
+    backlog drains. The turn still ends, recorded as cancelled: the worker gets the backlog
+    before its channel closes. (The channel was closed under the backlog: the StartTurn was
+    thrown away, the turn's relay waited for good, and every later load or delete of the
+    session waited on it.)"""
+    model = ScriptModel([[{"sleep": 600}, {"text": "x"}]] * 4)
+    async with open_hub(tmp_path, acp_schema, model) as hub:
+        manager = hub.manager
+        a = await hub.connect()
+        await initialize(a.client)
+        session_id = await a.client.new_session(str(hub.root))
+        await hub.settle()
+        session = manager.sessions[session_id]
+        handle = session.worker
+        # In one step, as a burst then a drop would be: the channel full, the StartTurn
+        # in the backlog, the session dropped.
+        while handle.backlog is None:
+            manager._command(handle, SeedHistory("other", ()))
+        token = current_request_id.set("p")
+        try:
+            manager.start_prompt(a.connection, parse_prompt(prompt_params(session_id, "go")))
+        finally:
+            current_request_id.reset(token)
+        assert handle.backlog and session.turn is not None
+        turn = session.turn
+        manager._drop_session(session)
+        with trio.fail_after(60):  # (the clock's time: it jumps there if the turn hangs)
+            await turn.finished.wait()
+        assert manager._ending == {} and manager._running_turns == 0
+        b = await hub.connect()
+        await initialize(b.client)
+        with trio.fail_after(60):
+            await b.client.request(
+                "session/load", {"sessionId": session_id, "cwd": str(hub.root), "mcpServers": []}
+            )
+        stops = [e for e in await manager.store.transcript(session_id) if e.kind == "stop"]
+        assert [e.payload["stopReason"] for e in stops] == ["cancelled"]

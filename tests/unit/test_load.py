@@ -120,21 +120,25 @@ async def slow_turn_running(hub: Hub) -> tuple[AcpTestClient, str]:
     return client, session
 
 
+@pytest.mark.parametrize("held", [False, True], ids=["closed", "held"])
 async def test_requests_pipelined_behind_a_load_that_reads_the_store_hear_it_is_loading(
-    tmp_path: Path, acp_schema: SchemaChecker
+    tmp_path: Path, acp_schema: SchemaChecker, held: bool
 ) -> None:
     """A prompt, a close and a delete sent right behind a ``session/load`` or
     ``session/resume``, while it still reads the stored session (before it claims it), are
     refused as "still loading", as they are once it has claimed it: the session exists.
     (The prompt and the close got -32002 "Session not found"; the delete removed the
-    session under the load.) The load then succeeds and the session takes prompts."""
+    session under the load.) So are they when the connection reloads a session it holds
+    (``held``): the prompt ran, or the close dropped the session, under the load. The
+    load then succeeds and the session takes prompts."""
     store = GatedStore()
     async with open_hub(tmp_path, acp_schema, EchoModel(), store=store) as hub:  # type: ignore[arg-type]
         root = hub.root
         (client,) = await clients(hub, 1)
         for method in ("session/load", "session/resume"):
             session = await client.new_session(str(root))
-            await client.request("session/close", {"sessionId": session})
+            if not held:
+                await client.request("session/close", {"sessionId": session})
             store.gets = Gate(armed=True)
             answers: dict[str, Any] = {}
 
