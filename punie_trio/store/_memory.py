@@ -136,8 +136,9 @@ class MemoryStore:
         page = placed[:limit]
         next_cursor = None
         if len(placed) > limit:
-            # The listing's moment: its first page's newest updated_at.
-            moment = as_of if as_of is not None else placed[0][0]
+            # The listing's moment: its first page's newest updated_at (none for a listing
+            # paged on from a cursor of the older form: it goes on in that form).
+            moment = as_of if as_of is not None or last is not None else placed[0][0]
             next_cursor = encode_cursor(page[-1][0], page[-1][1], moment)
         return [_fresh(rec) for _, _, rec in page], next_cursor
 

@@ -263,7 +263,7 @@ def check_limit(limit: int) -> None:
 # -- cursors --------------------------------------------------------------------------------
 
 
-def encode_cursor(position: float, session_id: str, as_of: float) -> str:
+def encode_cursor(position: float, session_id: str, as_of: float | None) -> str:
     """An opaque cursor naming the last session of a page: base64url of
     ``[position, id, as_of]``.
 
@@ -273,7 +273,9 @@ def encode_cursor(position: float, session_id: str, as_of: float) -> str:
     once, neither skipped (it once moved ahead of the cursor) nor repeated, and cannot shift
     the others under the client. One created meanwhile waits for the next listing.
     """
-    raw = json.dumps([position, session_id, as_of], separators=(",", ":")).encode()
+    # (``as_of`` None: the older form, for a listing begun with such a cursor.)
+    value = [position, session_id] if as_of is None else [position, session_id, as_of]
+    raw = json.dumps(value, separators=(",", ":")).encode()
     return base64.urlsafe_b64encode(raw).decode("ascii")
 
 

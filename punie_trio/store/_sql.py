@@ -300,7 +300,9 @@ def select_sessions(
     page = _readable(rows[:limit])
     if len(rows) <= limit:
         return page, None
-    moment = as_of if as_of is not None else float(rows[0][-1])
+    # The listing's moment: its first page's newest; kept by every later page. A listing
+    # paged on from a cursor of the older form has none, and goes on in that form.
+    moment = as_of if as_of is not None or last is not None else float(rows[0][-1])
     # After the page's last row, read or not (its place in the order is all a cursor needs).
     for row in reversed(rows[:limit]):
         if isinstance(row[0], str):

@@ -254,6 +254,28 @@ async def test_list_order_and_pages_follow_appended_turns(store: Store, clock: S
     assert [r.id for r in (await store.list_sessions())[0]] == ["c", "e", "a", "f", "d", "b"]
 
 
+async def test_a_cursor_of_the_older_form_pages_on_without_repeating(store: Store) -> None:
+    """A listing paged with a cursor minted before cursors carried the listing's moment
+    (``[updated_at, id]``, from a server before the upgrade) goes on as such cursors did,
+    positions as they are now: it lists each session after it once. (Its next cursor took
+    its own page's newest time as the moment, and a session listed before the old cursor
+    came back on a later page.)"""
+    for i, sid in enumerate("ABCD"):
+        await store.create_session(make_record(sid, created_at=100.0 + i, updated_at=100.0 + i))
+    for sid in "ABCD":
+        await store.append_turn(sid, 0, sample_turn(0))
+    await store.append_turn("A", 1, sample_turn(1))
+    full, _ = await store.list_sessions(limit=50)
+    assert [r.id for r in full] == ["A", "D", "C", "B"]
+    old = base64.urlsafe_b64encode(json.dumps([full[0].updated_at, "A"]).encode()).decode()
+    seen: list[str] = []
+    cursor: str | None = old
+    while cursor is not None:
+        page, cursor = await store.list_sessions(cursor=cursor, limit=1)
+        seen += [r.id for r in page]
+    assert seen == ["D", "C", "B"]
+
+
 async def test_list_pages_with_a_cwd_filter_miss_no_session_touched_meanwhile(
     store: Store, clock: StepClock
 ) -> None:
