@@ -236,9 +236,13 @@ class Manager:
         client_id = conn.client_id
         if client_id and conn.prompt_times:
             self._keep_prompt_times(client_id, conn.prompt_times)
-        if client_id and self._grace_for(conn) and owned:
-            if conn.peer is not None:
-                self._keep_unsent(owned, conn.peer.unsent())
+        grace = bool(client_id) and self._grace_for(conn)
+        unsent = conn.peer.unsent() if grace and conn.peer is not None else []
+        if unsent:
+            assert client_id is not None
+            self._keep_reload_notices(client_id, owned, unsent)
+        if client_id and grace and owned:
+            self._keep_unsent(owned, unsent)
             for session in owned:
                 session.owner = None
                 session.detached_client = client_id
@@ -285,6 +289,32 @@ class Manager:
             rest, session.pending = session.pending, []
             for item in (*items, *rest):
                 self._buffer(session, item)
+
+    def _keep_reload_notices(self, client_id: str, owned: list[Session], texts: list[str]) -> None:
+        """Reload notices a dropped connection queued but never wrote are owed again: a
+        session of its kept within grace is marked to be told again when it re-attaches,
+        and any other (one whose grace had ended) is owed to the client id. Without the
+        notice the client waits for ever for the answer it awaits."""
+        by_id = {s.id: s for s in owned}
+        owed: list[str] = []
+        for text in texts:
+            if RELOAD_REQUIRED not in text[:100]:
+                continue
+            try:
+                msg = json.loads(text)
+            except ValueError:  # pragma: no cover - we wrote it
+                continue
+            params = msg.get("params")
+            session_id = params.get("sessionId") if isinstance(params, dict) else None
+            if msg.get("method") != RELOAD_REQUIRED or not isinstance(session_id, str):
+                continue
+            session = by_id.get(session_id)
+            if session is not None:
+                session.overflowed = True  # (its flush tells it, once no turn runs)
+            else:
+                owed.append(session_id)
+        if owed:
+            self._owe(client_id, owed)
 
     def _grace_for(self, conn: ClientConnection) -> bool:
         """Whether ``conn``'s sessions (and running turns) wait for its client to come back:

@@ -982,3 +982,36 @@ async def test_a_turn_whose_start_waited_in_a_dropped_workers_backlog_still_ends
             )
         stops = [e for e in await manager.store.transcript(session_id) if e.kind == "stop"]
         assert [e.payload["stopReason"] for e in stops] == ["cancelled"]
+
+
+async def test_a_reload_notice_its_connection_never_wrote_stays_owed(
+    tmp_path: Path, acp_schema: SchemaChecker, autojump_clock: trio.testing.MockClock
+) -> None:
+    """A client back after its grace ended is owed a reload notice; its connection queues
+    it but ends before writing it (the client read nothing). The notice stays owed: the
+    next connection under the id gets it. (It was lost with the connection's outbox, and
+    the client waited for an answer that never came, as before the notice existed.)"""
+    model = ScriptModel([[{"text": "slow"}, {"sleep": 60}, {"text": "never"}]])
+    async with open_hub(tmp_path, acp_schema, model, limits=Limits(grace_seconds=30)) as hub:
+        _, session_id = await prompt_then_drop(hub, "ide-1", "p", "slow")
+        await trio.sleep(31)
+        assert session_id not in hub.manager.sessions
+        agent_side, raw = memory_message_stream_pair(1)
+        connection = ClientConnection(hub.manager, transport="memory")
+        await hub.nursery.start(connection.run, agent_side)
+        initialize_request = {
+            "jsonrpc": "2.0",
+            "id": 1,
+            "method": "initialize",
+            "params": {"protocolVersion": 1, "_meta": {CLIENT_ID_META: "ide-1"}},
+        }
+        await raw.send_message(json.dumps(initialize_request))
+        await trio.testing.wait_all_tasks_blocked()  # the answer fills the stream, unread
+        assert hub.manager._expired == {}  # (taken: the notice is queued)
+        await raw.aclose()
+        await trio.testing.wait_all_tasks_blocked()
+        third = await hub.connect()
+        await initialize(third.client, client_id="ide-1", awaiting=["p"])
+        with trio.fail_after(60):  # (the clock's time: it jumps there if nothing comes)
+            notice = await third.client.wait_for(lambda m: m.get("method") == RELOAD_REQUIRED)
+        assert notice["params"]["sessionId"] == session_id
