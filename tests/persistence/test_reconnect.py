@@ -20,7 +20,7 @@ from punie_trio.acp import parse_prompt
 from punie_trio.hub import ClientConnection, Limits
 from punie_trio.hub._manager import RELOAD_REQUIRED
 from punie_trio.rpc import current_request_id
-from punie_trio.transport import memory_message_stream_pair
+from punie_trio.transport import MemoryMessageStream, memory_message_stream_pair
 from punie_trio.worker import ScriptModel
 from punie_trio.worker._envelopes import SeedHistory
 
@@ -32,6 +32,8 @@ from ..unit.test_load import GatedStore  # (a store whose commits can be held)
 from ._hub import (
     AWAITING_META,
     CLIENT_ID_META,
+    Hub,
+    Link,
     expect_error,
     has_update,
     initialize,
@@ -52,6 +54,39 @@ def numbered_chunks(client: AcpTestClient, session_id: str) -> list[int]:
         for u in client.updates(session_id)
         if u["sessionUpdate"] == "agent_message_chunk"
     ]
+
+
+async def open_raw(hub: Hub) -> MemoryMessageStream:
+    """A connection to the hub whose client side the test drives by hand: a stream that
+    holds one message, so what the client leaves unread stays in the agent's outbox (what
+    a dropped connection never wrote)."""
+    agent_side, raw = memory_message_stream_pair(1)
+    connection = ClientConnection(hub.manager, transport="memory")
+    await hub.nursery.start(connection.run, agent_side)
+    return raw
+
+
+async def open_raw_session(hub: Hub, client_id: str) -> tuple[MemoryMessageStream, str]:
+    """:func:`open_raw`, initialized as ``client_id`` (ids 1 and 2), with a new session."""
+    raw = await open_raw(hub)
+    init = {"protocolVersion": 1, "_meta": {CLIENT_ID_META: client_id}}
+    await raw_call(raw, 1, "initialize", init)
+    new = await raw_call(raw, 2, "session/new", {"cwd": str(hub.root), "mcpServers": []})
+    return raw, new["sessionId"]
+
+
+async def raw_call(
+    raw: MemoryMessageStream, request_id: int, method: str, params: dict[str, Any]
+) -> Any:
+    """Send a request on ``raw`` and read up to its answer (skipping what comes first);
+    return its result."""
+    await raw.send_message(
+        json.dumps({"jsonrpc": "2.0", "id": request_id, "method": method, "params": params})
+    )
+    while True:
+        msg = json.loads(await raw.receive_message())
+        if msg.get("id") == request_id:
+            return msg["result"]
 
 
 async def test_reconnect_within_grace_delivers_every_update_once_and_the_answer(
@@ -433,20 +468,7 @@ async def test_what_the_dropped_connection_never_wrote_is_delivered_after_reatta
     model = ScriptModel([[{"text": f"{i} "} for i in range(count)]])
     limits = Limits(outbox_limit=8, grace_seconds=60, detached_buffer=10_000)
     async with open_hub(tmp_path, acp_schema, model, limits=limits) as hub:
-        agent_side, raw = memory_message_stream_pair(1)
-        connection = ClientConnection(hub.manager, transport="memory")
-        await hub.nursery.start(connection.run, agent_side)
-
-        async def call(request_id: int, method: str, params: dict[str, Any]) -> Any:
-            await raw.send_message(
-                json.dumps({"jsonrpc": "2.0", "id": request_id, "method": method, "params": params})
-            )
-            return json.loads(await raw.receive_message())["result"]
-
-        init = {"protocolVersion": 1, "_meta": {CLIENT_ID_META: "ide"}}
-        await call(1, "initialize", init)
-        new = await call(2, "session/new", {"cwd": str(hub.root), "mcpServers": []})
-        session = new["sessionId"]
+        raw, session = await open_raw_session(hub, "ide")
         prompt = {
             "jsonrpc": "2.0",
             "id": "p",
@@ -772,6 +794,20 @@ async def test_clients_away_within_grace_are_bounded_by_the_connection_limit(
         assert manager.sessions[sessions["b"]].owner is b.connection
 
 
+async def back_as_grace_ends(hub: Hub, store: GatedStore) -> tuple[str, Link]:
+    """Client "ide-1" drops with a turn running; its grace (1 s) ends, and the cut turn is
+    held in its commit (``store.appends``) as the client comes back on a new connection:
+    the session id and that connection."""
+    _, session_id = await prompt_then_drop(hub, "ide-1", "p", "slow")
+    await hub.settle()
+    store.appends.armed = True
+    await store.appends.entered.wait()  # grace ended: the turn is cancelled, committing
+    assert session_id not in hub.manager.sessions
+    b = await hub.connect()
+    await initialize(b.client, client_id="ide-1")
+    return session_id, b
+
+
 async def test_a_load_waits_for_the_turn_a_grace_expiry_cut_to_be_recorded(
     tmp_path: Path, acp_schema: SchemaChecker, autojump_clock: trio.testing.MockClock
 ) -> None:
@@ -785,13 +821,7 @@ async def test_a_load_waits_for_the_turn_a_grace_expiry_cut_to_be_recorded(
     store = GatedStore()
     limits = Limits(grace_seconds=1)
     async with open_hub(tmp_path, acp_schema, model, limits=limits, store=store) as hub:  # type: ignore[arg-type]
-        _, session_id = await prompt_then_drop(hub, "ide-1", "p", "slow")
-        await hub.settle()
-        store.appends.armed = True
-        await store.appends.entered.wait()  # grace ended: the turn is cancelled, committing
-        assert session_id not in hub.manager.sessions
-        b = await hub.connect()
-        await initialize(b.client, client_id="ide-1")
+        session_id, b = await back_as_grace_ends(hub, store)
         load = {"sessionId": session_id, "cwd": str(hub.root), "mcpServers": []}
         async with trio.open_nursery() as n:
             n.start_soon(b.client.request, "session/load", load)
@@ -820,12 +850,7 @@ async def test_a_delete_waits_for_the_turn_a_grace_expiry_cut_to_be_recorded(
     store = GatedStore()
     limits = Limits(grace_seconds=1)
     async with open_hub(tmp_path, acp_schema, model, limits=limits, store=store) as hub:  # type: ignore[arg-type]
-        _, session_id = await prompt_then_drop(hub, "ide-1", "p", "slow")
-        await hub.settle()
-        store.appends.armed = True
-        await store.appends.entered.wait()
-        b = await hub.connect()
-        await initialize(b.client, client_id="ide-1")
+        session_id, b = await back_as_grace_ends(hub, store)
         async with trio.open_nursery() as n:
             n.start_soon(b.client.request, "session/delete", {"sessionId": session_id})
             await hub.settle()
@@ -904,26 +929,8 @@ async def test_a_replay_cut_by_a_drop_is_not_delivered_as_live_updates_after_rea
     model = ScriptModel([[{"text": f"{i} "} for i in range(count)]])
     limits = Limits(outbox_limit=8, grace_seconds=60, detached_buffer=10_000)
     async with open_hub(tmp_path, acp_schema, model, limits=limits) as hub:
-        agent_side, raw = memory_message_stream_pair(1)
-        connection = ClientConnection(hub.manager, transport="memory")
-        await hub.nursery.start(connection.run, agent_side)
-        replies: list[dict[str, Any]] = []
-
-        async def call(request_id: int, method: str, params: dict[str, Any]) -> Any:
-            await raw.send_message(
-                json.dumps({"jsonrpc": "2.0", "id": request_id, "method": method, "params": params})
-            )
-            while True:
-                msg = json.loads(await raw.receive_message())
-                replies.append(msg)
-                if msg.get("id") == request_id:
-                    return msg["result"]
-
-        await call(1, "initialize", {"protocolVersion": 1, "_meta": {CLIENT_ID_META: "ide"}})
-        session = (await call(2, "session/new", {"cwd": str(hub.root), "mcpServers": []}))[
-            "sessionId"
-        ]
-        assert await call(3, "session/prompt", prompt_params(session, "go")) == {
+        raw, session = await open_raw_session(hub, "ide")
+        assert await raw_call(raw, 3, "session/prompt", prompt_params(session, "go")) == {
             "stopReason": "end_turn"
         }
         load = {"sessionId": session, "cwd": str(hub.root), "mcpServers": []}
@@ -996,9 +1003,7 @@ async def test_a_reload_notice_its_connection_never_wrote_stays_owed(
         _, session_id = await prompt_then_drop(hub, "ide-1", "p", "slow")
         await trio.sleep(31)
         assert session_id not in hub.manager.sessions
-        agent_side, raw = memory_message_stream_pair(1)
-        connection = ClientConnection(hub.manager, transport="memory")
-        await hub.nursery.start(connection.run, agent_side)
+        raw = await open_raw(hub)
         initialize_request = {
             "jsonrpc": "2.0",
             "id": 1,
