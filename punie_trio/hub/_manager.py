@@ -376,6 +376,9 @@ class Manager:
             for session in sessions:
                 await self._flush(session, conn)
             for session_id in expired:
+                if self._held_by(conn, session_id):
+                    told += 1  # (loaded again meanwhile, behind the initialize: it knows)
+                    continue
                 await conn.notify(
                     RELOAD_REQUIRED,
                     {
@@ -386,8 +389,12 @@ class Manager:
                 told += 1
         except BaseException:
             if conn.client_id and told < len(expired):
-                self._owe(conn.client_id, expired[told:])
+                self._owe(conn.client_id, [s for s in expired[told:] if not self._held_by(conn, s)])
             raise
+
+    def _held_by(self, conn: ClientConnection, session_id: str) -> bool:
+        session = self.sessions.get(session_id)
+        return session is not None and session.owner is conn
 
     async def _expire_grace(self, client_id: str, event: trio.Event) -> None:
         with trio.move_on_after(self.limits.grace_seconds):
@@ -415,7 +422,10 @@ class Manager:
         """Remember reload notices owed to ``client_id`` (after any it is owed already),
         within the bound of ``max_connections`` client ids, the oldest forgotten first."""
         owed = self._expired.pop(client_id, [])  # (re-inserted: now the newest)
-        self._expired[client_id] = owed + [s for s in session_ids if s not in owed]
+        for session_id in session_ids:
+            if session_id not in owed:  # (each session told once)
+                owed.append(session_id)
+        self._expired[client_id] = owed
         while len(self._expired) > self.limits.max_connections:
             del self._expired[next(iter(self._expired))]
 
@@ -683,9 +693,9 @@ class Manager:
             # Its turn, cut as the session was dropped, is still being recorded: read the
             # store once it is (the replay, the history and the turn count include it).
             await ending.finished.wait()
-            if self.closing.is_set():  # (it may have waited into the shutdown)
-                raise RpcError(INTERNAL_ERROR, "Server is shutting down")
             record = await self._stored(ref.session_id)
+        if self.closing.is_set():  # (the reads above may have waited into the shutdown)
+            raise RpcError(INTERNAL_ERROR, "Server is shutting down")
         if cwd != str(_resolve_param(record.cwd, "stored cwd")):
             # "cwd is immutable after session setup" (session-list page); only the extra
             # roots may differ from one load to the next (session-setup page).

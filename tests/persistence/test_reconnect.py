@@ -21,7 +21,7 @@ from punie_trio.hub import ClientConnection, Limits
 from punie_trio.hub._manager import RELOAD_REQUIRED
 from punie_trio.rpc import current_request_id
 from punie_trio.transport import MemoryMessageStream, memory_message_stream_pair
-from punie_trio.worker import ScriptModel
+from punie_trio.worker import EchoModel, ScriptModel
 from punie_trio.worker._envelopes import SeedHistory
 
 from ..acp_schema import SchemaChecker
@@ -1020,3 +1020,31 @@ async def test_a_reload_notice_its_connection_never_wrote_stays_owed(
         with trio.fail_after(60):  # (the clock's time: it jumps there if nothing comes)
             notice = await third.client.wait_for(lambda m: m.get("method") == RELOAD_REQUIRED)
         assert notice["params"]["sessionId"] == session_id
+
+
+async def test_a_session_is_told_to_reload_once_and_not_while_it_is_held(
+    tmp_path: Path, acp_schema: SchemaChecker
+) -> None:
+    """Two unwritten notices for one session are owed once; and an owed notice is not
+    sent to the connection that holds the session again (it loaded it behind its
+    initialize): it has what the notice would tell it to fetch."""
+    async with open_hub(tmp_path, acp_schema, EchoModel()) as hub:
+        link = await hub.connect()
+        await initialize(link.client, client_id="ide")
+        held = await link.client.new_session(str(hub.root))
+        notices = [
+            json.dumps(
+                {
+                    "jsonrpc": "2.0",
+                    "method": RELOAD_REQUIRED,
+                    "params": {"sessionId": "s", "reason": r},
+                }
+            )
+            for r in ("the grace period ended while disconnected", "updates were missed")
+        ]
+        hub.manager._keep_reload_notices("ide", [], notices)
+        assert hub.manager._expired == {"ide": ["s"]}
+        await hub.manager.deliver_missed(link.connection, [], [held, "s"])
+        await hub.settle()
+        told = [m["params"]["sessionId"] for m in link.client.received if "method" in m]
+        assert told == ["s"]
