@@ -14,9 +14,12 @@ time of ``session/load`` for a 1,000-turn session.
    Why 24 short rounds: one round's ratio moves by +-10% on this 2-core VM (its speed
    changes from second to second), so the median of 6 (the earlier default) moved by about
    5 points between runs and a cost near the target read as met in one run and missed in
-   the next. The median of 24 moves by about half as much, in the same minute. Each run
-   prints the hypervisor's steal (``/proc/stat``); a round where either run lost more than
-   10% of the machine to it is measured again (up to 3 times).
+   the next. The median of 24 is steadier within a run, but runs minutes apart still
+   differ by more than that (the machine's speed changes over minutes, and the rounds of
+   one run share it: -1.5% and 15.2% in two runs 20 minutes apart): read several runs,
+   and the server's CPU per turn beside each. Each run prints the hypervisor's steal
+   (``/proc/stat``); a round where either run lost more than 10% of the machine to it is
+   measured again (up to 3 times).
 2. ``session/load``: a session of 1,000 turns (20 transcript entries each: the user's
    prompt, a tool call and its update, 16 agent chunks, the stop) is written straight into
    a store file with ``open_sqlite_store`` + ``append_turn``; a server is started on that
