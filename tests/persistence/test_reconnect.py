@@ -1048,3 +1048,43 @@ async def test_a_session_is_told_to_reload_once_and_not_while_it_is_held(
         await hub.settle()
         told = [m["params"]["sessionId"] for m in link.client.received if "method" in m]
         assert told == ["s"]
+
+
+async def test_an_overflow_notice_its_connection_never_wrote_is_told_again(
+    tmp_path: Path, acp_schema: SchemaChecker, autojump_clock: trio.testing.MockClock
+) -> None:
+    """A session kept within grace overflowed its buffer; its client comes back, and the
+    new connection queues the kept answer and the "updates were missed" notice but ends
+    before writing them (the client read nothing). The session is kept again, and the
+    next connection gets both: the answer, then the notice. (The notice was lost with the
+    connection's outbox: the client took a partial stream for the whole turn.)"""
+    chunks = [f"c{i} " for i in range(2, 8)]
+    model = ScriptModel([[{"text": "c1 "}, {"sleep": 1}, *({"text": c} for c in chunks)]])
+    async with open_hub(tmp_path, acp_schema, model, limits=Limits(detached_buffer=2)) as hub:
+        _, session_id = await prompt_then_drop(hub, "ide-1", "the-prompt", "c1 ")
+        await hub.settle()
+        await trio.sleep(5)  # the turn ends while its client is away, overflowing the buffer
+        raw = await open_raw(hub)
+        meta = {CLIENT_ID_META: "ide-1", AWAITING_META: ["the-prompt"]}
+        initialize_request = {
+            "jsonrpc": "2.0",
+            "id": 1,
+            "method": "initialize",
+            "params": {"protocolVersion": 1, "_meta": meta},
+        }
+        await raw.send_message(json.dumps(initialize_request))
+        await trio.testing.wait_all_tasks_blocked()  # the answer fills the stream, unread
+        assert not hub.manager.sessions[session_id].overflowed  # (the notice is queued)
+        await raw.aclose()
+        await trio.testing.wait_all_tasks_blocked()
+        c = await hub.connect()
+        await initialize(c.client, client_id="ide-1", awaiting=["the-prompt"])
+        with trio.fail_after(60):  # (the clock's time: it jumps there if nothing comes)
+            notice = await c.client.wait_for(lambda m: m.get("method") == RELOAD_REQUIRED)
+        assert notice["params"] == {
+            "sessionId": session_id,
+            "reason": "updates were missed while disconnected",
+        }
+        answer = next(m for m in c.client.received if m.get("id") == "the-prompt")
+        assert answer["result"] == {"stopReason": "end_turn"}
+        assert c.client.received.index(answer) < c.client.received.index(notice)
