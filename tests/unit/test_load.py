@@ -512,3 +512,33 @@ async def test_a_store_failing_a_list_is_an_internal_error_not_a_bad_cursor(
             "code": -32603,
             "message": "Internal error: session store: database disk image is malformed",
         }
+
+
+async def test_a_load_whose_store_read_waited_into_shutdown_opens_nothing(
+    tmp_path: Path, acp_schema: SchemaChecker
+) -> None:
+    """The server starts shutting down while a session/load reads the stored session: the
+    load is answered "Server is shutting down" and opens nothing (it went on to open the
+    session, start a worker for it and replay, on a server cancelling every turn)."""
+    store = GatedStore()
+    async with open_hub(tmp_path, acp_schema, EchoModel(), store=store) as hub:  # type: ignore[arg-type]
+        (client,) = await clients(hub, 1)
+        session = await client.new_session(str(hub.root))
+        await client.request("session/close", {"sessionId": session})
+        store.gets = Gate(armed=True)
+        answers: dict[str, Any] = {}
+
+        async def load() -> None:
+            answers["load"] = await client.request_raw(
+                "session/load", load_params(session, hub.root)
+            )
+
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(load)
+                await store.gets.entered.wait()
+                hub.manager.closing.set()
+                await trio.testing.wait_all_tasks_blocked()
+                store.gets.opened.set()
+        assert answers["load"]["error"] == {"code": -32603, "message": "Server is shutting down"}
+        assert session not in hub.manager.sessions and not hub.manager.workers
