@@ -1088,3 +1088,49 @@ async def test_an_overflow_notice_its_connection_never_wrote_is_told_again(
         answer = next(m for m in c.client.received if m.get("id") == "the-prompt")
         assert answer["result"] == {"stopReason": "end_turn"}
         assert c.client.received.index(answer) < c.client.received.index(notice)
+
+
+async def test_owed_notices_survive_a_connection_that_ends_while_its_sessions_catch_up(
+    tmp_path: Path, acp_schema: SchemaChecker, autojump_clock: trio.testing.MockClock
+) -> None:
+    """A client is owed a reload notice and also has a session kept within grace with
+    updates waiting. It comes back, and its connection ends while those updates are still
+    being delivered (the client reads nothing). The notice, not yet sent, stays owed: the
+    next connection gets it. (It was taken by the first and lost.)"""
+    model = ScriptModel([[{"text": f"{i} "} for i in range(60)]])
+    limits = Limits(outbox_limit=8, grace_seconds=60, detached_buffer=10_000)
+    async with open_hub(tmp_path, acp_schema, model, limits=limits) as hub:
+        raw, session = await open_raw_session(hub, "ide")
+        prompt = {
+            "jsonrpc": "2.0",
+            "id": "p",
+            "method": "session/prompt",
+            "params": prompt_params(session, "go"),
+        }
+        acp_schema.client_sent(prompt)  # its answer comes on a later connection
+        await raw.send_message(json.dumps(prompt))
+        await trio.testing.wait_all_tasks_blocked()  # the outbox is full, nothing is read
+        await raw.aclose()
+        await trio.testing.wait_all_tasks_blocked()
+        hub.manager._expired["ide"] = ["sess_owed"]  # (a session whose grace had ended)
+        second = await open_raw(hub)
+        meta = {CLIENT_ID_META: "ide", AWAITING_META: ["p"]}
+        await second.send_message(
+            json.dumps(
+                {
+                    "jsonrpc": "2.0",
+                    "id": 1,
+                    "method": "initialize",
+                    "params": {"protocolVersion": 1, "_meta": meta},
+                }
+            )
+        )
+        await trio.testing.wait_all_tasks_blocked()  # re-attached, its updates stuck
+        assert hub.manager._expired == {}
+        await second.aclose()
+        await trio.testing.wait_all_tasks_blocked()
+        third = await hub.connect()
+        await initialize(third.client, client_id="ide", awaiting=["p"])
+        with trio.fail_after(60):
+            notice = await third.client.wait_for(lambda m: m.get("method") == RELOAD_REQUIRED)
+        assert notice["params"]["sessionId"] == "sess_owed"
