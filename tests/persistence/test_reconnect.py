@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +74,42 @@ async def open_raw_session(hub: Hub, client_id: str) -> tuple[MemoryMessageStrea
     await raw_call(raw, 1, "initialize", init)
     new = await raw_call(raw, 2, "session/new", {"cwd": str(hub.root), "mcpServers": []})
     return raw, new["sessionId"]
+
+
+async def send_unread(
+    raw: MemoryMessageStream,
+    request_id: int | str,
+    method: str,
+    params: dict[str, Any],
+    checker: SchemaChecker | None = None,
+) -> None:
+    """Send a request on ``raw`` and read nothing, until every task waits: what the agent
+    answers stays in its outbox, unwritten. ``checker``: the answer is to come on a later
+    connection, where the checker must know the request."""
+    request = {"jsonrpc": "2.0", "id": request_id, "method": method, "params": params}
+    if checker is not None:
+        checker.client_sent(request)
+    await raw.send_message(json.dumps(request))
+    await trio.testing.wait_all_tasks_blocked()
+
+
+async def told_after_an_unread_return(
+    hub: Hub, client_id: str, awaiting: list[str], while_queued: Callable[[], None]
+) -> tuple[Link, dict[str, Any]]:
+    """The client comes back on a connection it reads nothing from (what the agent sends
+    after the initialize answer stays queued: ``while_queued`` checks the manager then),
+    which ends; then on another: that connection, and the reload notice it gets."""
+    raw = await open_raw(hub)
+    meta = {CLIENT_ID_META: client_id, AWAITING_META: awaiting}
+    await send_unread(raw, 1, "initialize", {"protocolVersion": 1, "_meta": meta})
+    while_queued()
+    await raw.aclose()
+    await trio.testing.wait_all_tasks_blocked()
+    link = await hub.connect()
+    await initialize(link.client, client_id=client_id, awaiting=awaiting)
+    with trio.fail_after(60):  # (the clock's time: it jumps there if nothing comes)
+        notice = await link.client.wait_for(lambda m: m.get("method") == RELOAD_REQUIRED)
+    return link, notice
 
 
 async def raw_call(
@@ -469,15 +506,8 @@ async def test_what_the_dropped_connection_never_wrote_is_delivered_after_reatta
     limits = Limits(outbox_limit=8, grace_seconds=60, detached_buffer=10_000)
     async with open_hub(tmp_path, acp_schema, model, limits=limits) as hub:
         raw, session = await open_raw_session(hub, "ide")
-        prompt = {
-            "jsonrpc": "2.0",
-            "id": "p",
-            "method": "session/prompt",
-            "params": prompt_params(session, "go"),
-        }
-        acp_schema.client_sent(prompt)  # its answer comes on the next connection
-        await raw.send_message(json.dumps(prompt))
-        await trio.testing.wait_all_tasks_blocked()  # the outbox is full, nothing is read
+        # Its answer comes on the next connection; the outbox is full, nothing is read.
+        await send_unread(raw, "p", "session/prompt", prompt_params(session, "go"), acp_schema)
         assert len(hub.manager.sessions[session].pending) == 0
         await raw.aclose()
         await trio.testing.wait_all_tasks_blocked()
@@ -934,10 +964,7 @@ async def test_a_replay_cut_by_a_drop_is_not_delivered_as_live_updates_after_rea
             "stopReason": "end_turn"
         }
         load = {"sessionId": session, "cwd": str(hub.root), "mcpServers": []}
-        await raw.send_message(
-            json.dumps({"jsonrpc": "2.0", "id": 4, "method": "session/load", "params": load})
-        )
-        await trio.testing.wait_all_tasks_blocked()  # the replay fills the outbox, unread
+        await send_unread(raw, 4, "session/load", load)  # the replay fills the outbox, unread
         await raw.aclose()
         await trio.testing.wait_all_tasks_blocked()
         assert hub.manager.sessions[session].owner is None  # kept within grace
@@ -1003,22 +1030,11 @@ async def test_a_reload_notice_its_connection_never_wrote_stays_owed(
         _, session_id = await prompt_then_drop(hub, "ide-1", "p", "slow")
         await trio.sleep(31)
         assert session_id not in hub.manager.sessions
-        raw = await open_raw(hub)
-        initialize_request = {
-            "jsonrpc": "2.0",
-            "id": 1,
-            "method": "initialize",
-            "params": {"protocolVersion": 1, "_meta": {CLIENT_ID_META: "ide-1"}},
-        }
-        await raw.send_message(json.dumps(initialize_request))
-        await trio.testing.wait_all_tasks_blocked()  # the answer fills the stream, unread
-        assert hub.manager._expired == {}  # (taken: the notice is queued)
-        await raw.aclose()
-        await trio.testing.wait_all_tasks_blocked()
-        third = await hub.connect()
-        await initialize(third.client, client_id="ide-1", awaiting=["p"])
-        with trio.fail_after(60):  # (the clock's time: it jumps there if nothing comes)
-            notice = await third.client.wait_for(lambda m: m.get("method") == RELOAD_REQUIRED)
+
+        def taken() -> None:
+            assert hub.manager._expired == {}  # (the notice is queued)
+
+        _, notice = await told_after_an_unread_return(hub, "ide-1", ["p"], taken)
         assert notice["params"]["sessionId"] == session_id
 
 
@@ -1064,23 +1080,11 @@ async def test_an_overflow_notice_its_connection_never_wrote_is_told_again(
         _, session_id = await prompt_then_drop(hub, "ide-1", "the-prompt", "c1 ")
         await hub.settle()
         await trio.sleep(5)  # the turn ends while its client is away, overflowing the buffer
-        raw = await open_raw(hub)
-        meta = {CLIENT_ID_META: "ide-1", AWAITING_META: ["the-prompt"]}
-        initialize_request = {
-            "jsonrpc": "2.0",
-            "id": 1,
-            "method": "initialize",
-            "params": {"protocolVersion": 1, "_meta": meta},
-        }
-        await raw.send_message(json.dumps(initialize_request))
-        await trio.testing.wait_all_tasks_blocked()  # the answer fills the stream, unread
-        assert not hub.manager.sessions[session_id].overflowed  # (the notice is queued)
-        await raw.aclose()
-        await trio.testing.wait_all_tasks_blocked()
-        c = await hub.connect()
-        await initialize(c.client, client_id="ide-1", awaiting=["the-prompt"])
-        with trio.fail_after(60):  # (the clock's time: it jumps there if nothing comes)
-            notice = await c.client.wait_for(lambda m: m.get("method") == RELOAD_REQUIRED)
+
+        def queued() -> None:
+            assert not hub.manager.sessions[session_id].overflowed  # (the notice is queued)
+
+        c, notice = await told_after_an_unread_return(hub, "ide-1", ["the-prompt"], queued)
         assert notice["params"] == {
             "sessionId": session_id,
             "reason": "updates were missed while disconnected",
@@ -1101,31 +1105,15 @@ async def test_owed_notices_survive_a_connection_that_ends_while_its_sessions_ca
     limits = Limits(outbox_limit=8, grace_seconds=60, detached_buffer=10_000)
     async with open_hub(tmp_path, acp_schema, model, limits=limits) as hub:
         raw, session = await open_raw_session(hub, "ide")
-        prompt = {
-            "jsonrpc": "2.0",
-            "id": "p",
-            "method": "session/prompt",
-            "params": prompt_params(session, "go"),
-        }
-        acp_schema.client_sent(prompt)  # its answer comes on a later connection
-        await raw.send_message(json.dumps(prompt))
-        await trio.testing.wait_all_tasks_blocked()  # the outbox is full, nothing is read
+        # Its answer comes on a later connection; the outbox is full, nothing is read.
+        await send_unread(raw, "p", "session/prompt", prompt_params(session, "go"), acp_schema)
         await raw.aclose()
         await trio.testing.wait_all_tasks_blocked()
         hub.manager._expired["ide"] = ["sess_owed"]  # (a session whose grace had ended)
         second = await open_raw(hub)
         meta = {CLIENT_ID_META: "ide", AWAITING_META: ["p"]}
-        await second.send_message(
-            json.dumps(
-                {
-                    "jsonrpc": "2.0",
-                    "id": 1,
-                    "method": "initialize",
-                    "params": {"protocolVersion": 1, "_meta": meta},
-                }
-            )
-        )
-        await trio.testing.wait_all_tasks_blocked()  # re-attached, its updates stuck
+        init = {"protocolVersion": 1, "_meta": meta}
+        await send_unread(second, 1, "initialize", init)  # re-attached, its updates stuck
         assert hub.manager._expired == {}
         await second.aclose()
         await trio.testing.wait_all_tasks_blocked()
