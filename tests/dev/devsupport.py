@@ -186,6 +186,17 @@ class BuildProject:
     def builds(self) -> int:
         return len(self.counter.read_text().splitlines()) if self.counter.exists() else 0
 
+    def dev_app(self, build_cmd: str | None = None, **options: Any) -> DevApp:
+        """A dev app serving this project's site, built by :meth:`command` (or
+        ``build_cmd``), with ``options`` (``debounce``, ``no_watch``, ...)."""
+        return DevApp(
+            site_dir=self.site,
+            project_root=self.root,
+            closing=trio.Event(),
+            build_cmd=self.command() if build_cmd is None else build_cmd,
+            **options,
+        )
+
 
 async def raw_get(base_url: str, target: str) -> tuple[int, bytes]:
     """GET ``target`` byte for byte (no client-side normalisation of dot segments)."""

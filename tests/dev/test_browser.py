@@ -88,13 +88,7 @@ async def test_live_reload_in_chromium(tmp_path: Path) -> None:
     project = BuildProject.create(tmp_path)
     write(project.root / "src" / "index.html", INDEX.format("v1"))
     write(project.root / "src" / "style.css", "h1 { color: rgb(255, 0, 0); }")
-    dev = DevApp(
-        site_dir=project.site,
-        project_root=project.root,
-        closing=trio.Event(),
-        build_cmd=project.command(),
-        debounce=0.05,
-    )
+    dev = project.dev_app(debounce=0.05)
     with trio.fail_after(120):
         async with running(dev) as url:
             await trio.to_thread.run_sync(_scenario, url, project, dev)
@@ -164,6 +158,17 @@ def _frames_scenario(url: str, site: Path, dev: DevApp) -> None:
         assert dev.broadcaster.subscriber_count >= 1
 
 
+async def _in_browser(
+    site: Path, root: Path, scenario: Callable[[str, Path, DevApp], None]
+) -> None:
+    """Serve ``site`` (no build, no debounce) and run the synchronous browser
+    ``scenario(url, site, dev)`` in a thread."""
+    dev = DevApp(site_dir=site, project_root=root, closing=trio.Event(), debounce=0)
+    with trio.fail_after(120):
+        async with running(dev) as url:
+            await trio.to_thread.run_sync(scenario, url, site, dev)
+
+
 @pytest.mark.browser
 async def test_same_origin_frames_share_the_tabs_one_stream(tmp_path: Path) -> None:
     site = tmp_path / "site"
@@ -172,13 +177,15 @@ async def test_same_origin_frames_share_the_tabs_one_stream(tmp_path: Path) -> N
         write(site / f"ex{i}.html", EXAMPLE.format(f"frame {i}"))
     write(site / "style.css", "h1 { color: rgb(255, 0, 0); }")
     write(site / "pic.svg", '<svg xmlns="http://www.w3.org/2000/svg" width="4" height="4"/>')
-    dev = DevApp(site_dir=site, project_root=tmp_path, closing=trio.Event(), debounce=0)
-    with trio.fail_after(120):
-        async with running(dev) as url:
-            await trio.to_thread.run_sync(_frames_scenario, url, site, dev)
+    await _in_browser(site, tmp_path, _frames_scenario)
 
 
 def _cross_origin_scenario(url: str, site: Path, dev: DevApp) -> None:
+    port = url.rsplit(":", 1)[1]
+    write(
+        site / "outer.html",
+        f'<!doctype html><body><iframe src="http://localhost:{port}/inner.html"></iframe></body>',
+    )
     with _page() as page:
         page.goto(url + "/outer.html")
         # The outer page (127.0.0.1) and the preview in it (localhost): two origins, so
@@ -190,16 +197,7 @@ def _cross_origin_scenario(url: str, site: Path, dev: DevApp) -> None:
 async def test_a_page_in_a_cross_origin_frame_still_connects(tmp_path: Path) -> None:
     site = tmp_path / "site"
     write(site / "inner.html", EXAMPLE.format("inner"))
-    dev = DevApp(site_dir=site, project_root=tmp_path, closing=trio.Event(), debounce=0)
-    with trio.fail_after(120):
-        async with running(dev) as url:
-            port = url.rsplit(":", 1)[1]
-            write(
-                site / "outer.html",
-                f'<!doctype html><body><iframe src="http://localhost:{port}/inner.html">'
-                "</iframe></body>",
-            )
-            await trio.to_thread.run_sync(_cross_origin_scenario, url, site, dev)
+    await _in_browser(site, tmp_path, _cross_origin_scenario)
 
 
 CSP_PAGE = (
@@ -222,7 +220,4 @@ def _csp_scenario(url: str, site: Path, dev: DevApp) -> None:
 async def test_live_reload_under_a_content_security_policy(tmp_path: Path) -> None:
     site = tmp_path / "site"
     write(site / "index.html", CSP_PAGE.format("v1"))
-    dev = DevApp(site_dir=site, project_root=tmp_path, closing=trio.Event(), debounce=0)
-    with trio.fail_after(120):
-        async with running(dev) as url:
-            await trio.to_thread.run_sync(_csp_scenario, url, site, dev)
+    await _in_browser(site, tmp_path, _csp_scenario)

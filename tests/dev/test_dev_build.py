@@ -46,13 +46,7 @@ async def test_no_build_command_site_change_reloads(tmp_path: Path) -> None:
 
 async def test_build_reload_css_and_error(tmp_path: Path) -> None:
     project = BuildProject.create(tmp_path)
-    dev = DevApp(
-        site_dir=project.site,
-        project_root=project.root,
-        closing=trio.Event(),
-        build_cmd=project.command(),
-        debounce=0.02,
-    )
+    dev = project.dev_app(debounce=0.02)
     with trio.fail_after(DEADLINE):
         async with running(dev) as url, httpx.AsyncClient(base_url=url) as client:
             assert project.builds() == 1  # the initial build ran before started
@@ -100,13 +94,7 @@ async def test_build_reload_css_and_error(tmp_path: Path) -> None:
 
 async def test_changes_during_a_build_make_one_follow_up(tmp_path: Path) -> None:
     project = BuildProject.create(tmp_path)
-    dev = DevApp(
-        site_dir=project.site,
-        project_root=project.root,
-        closing=trio.Event(),
-        build_cmd=project.command(),
-        debounce=0.02,
-    )
+    dev = project.dev_app(debounce=0.02)
     with trio.fail_after(DEADLINE):
         async with running(dev) as url, httpx.AsyncClient(base_url=url) as client:
             async with sse(client, "/__reload__") as stream:
@@ -148,13 +136,7 @@ async def test_changes_during_a_build_make_one_follow_up(tmp_path: Path) -> None
 
 async def test_no_watch_builds_once(tmp_path: Path) -> None:
     project = BuildProject.create(tmp_path)
-    dev = DevApp(
-        site_dir=project.site,
-        project_root=project.root,
-        closing=trio.Event(),
-        build_cmd=project.command(),
-        no_watch=True,
-    )
+    dev = project.dev_app(no_watch=True)
     with trio.fail_after(DEADLINE):
         async with running(dev) as url, httpx.AsyncClient(base_url=url) as client:
             assert project.builds() == 1
@@ -222,13 +204,7 @@ async def test_a_build_that_changes_a_watched_file_itself_stops_after_saying_so(
     builds still do, and an edit made during a build still gets its follow-up."""
     project = BuildProject.create(tmp_path)
     log_file = project.root / "build.log"
-    dev = DevApp(
-        site_dir=project.site,
-        project_root=project.root,
-        closing=trio.Event(),
-        build_cmd=f"{project.command()} && echo built >> {log_file}",
-        debounce=0.02,
-    )
+    dev = project.dev_app(f"{project.command()} && echo built >> {log_file}", debounce=0.02)
 
     def loop_warnings() -> list[str]:
         return [r.getMessage() for r in caplog.records if "starts the next" in r.getMessage()]
@@ -274,13 +250,7 @@ async def test_a_file_saved_during_each_build_is_not_taken_for_the_builds_own(
     change during builds they did not start; a user's saves do not."""
     project = BuildProject.create(tmp_path)
     page = project.root / "src" / "index.html"
-    dev = DevApp(
-        site_dir=project.site,
-        project_root=project.root,
-        closing=trio.Event(),
-        build_cmd=project.command(),
-        debounce=0.02,
-    )
+    dev = project.dev_app(debounce=0.02)
     caplog.set_level(logging.INFO, "punie_trio.dev")
     with trio.fail_after(DEADLINE):
         async with running(dev) as url, httpx.AsyncClient(base_url=url) as client:

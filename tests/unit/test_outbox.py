@@ -22,25 +22,31 @@ async def test_fifo_and_take_hands_over_everything_up_to_most() -> None:
     assert len(box) == 0
 
 
-async def test_full_outbox_would_block_and_send_waits_for_room() -> None:
-    box = Outbox(2)
-    box.send_nowait("a")
-    box.send_nowait("b")
-    with pytest.raises(trio.WouldBlock):
-        box.send_nowait("c")
+async def send_waits_for_a_take(box: Outbox, message: str, oldest: str) -> None:
+    """On the full ``box``, ``send(message)`` waits (backpressure) until a take of one,
+    which gets ``oldest``, makes room; then it has queued it."""
     sent = False
 
     async def sender() -> None:
         nonlocal sent
-        await box.send("c")
+        await box.send(message)
         sent = True
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(sender)
         await trio.testing.wait_all_tasks_blocked()
         assert not sent  # backpressure: it waits
-        assert await box.take(1) == ["a"]
+        assert await box.take(1) == [oldest]
     assert sent
+
+
+async def test_full_outbox_would_block_and_send_waits_for_room() -> None:
+    box = Outbox(2)
+    box.send_nowait("a")
+    box.send_nowait("b")
+    with pytest.raises(trio.WouldBlock):
+        box.send_nowait("c")
+    await send_waits_for_a_take(box, "c", "a")
     assert await box.take(10) == ["b", "c"]
 
 
@@ -183,19 +189,7 @@ async def test_the_byte_budget_bounds_the_queue_as_the_count_does() -> None:
     assert box.full and box.queued_bytes() == size(big, big)
     with pytest.raises(trio.WouldBlock):
         box.send_nowait("small")  # two messages of 100, but the bytes are spent
-    sent = False
-
-    async def sender() -> None:
-        nonlocal sent
-        await box.send("small")
-        sent = True
-
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(sender)
-        await trio.testing.wait_all_tasks_blocked()
-        assert not sent  # backpressure: it waits
-        assert await box.take(1) == [big]
-    assert sent
+    await send_waits_for_a_take(box, "small", big)
     assert box.queued_bytes() == size(big, "small")
     assert await box.take(10) == [big, "small"]
     assert box.queued_bytes() == 0

@@ -19,7 +19,12 @@ from ..acp_schema import SchemaChecker
 from ..client import AcpTestClient
 
 
-async def test_echo_prompt_over_memory_streams(tmp_path: Path, acp_schema: SchemaChecker) -> None:
+@asynccontextmanager
+async def _connected(
+    tmp_path: Path, acp_schema: SchemaChecker
+) -> AsyncIterator[tuple[Manager, AcpTestClient]]:
+    """A running manager (echo model, one project root) and a client connected to it over
+    an in-memory stream pair; all of it cancelled on exit."""
     manager = Manager((str(tmp_path),), EchoModel())
     agent_side, client_side = memory_message_stream_pair()
     async with trio.open_nursery() as nursery:
@@ -27,6 +32,12 @@ async def test_echo_prompt_over_memory_streams(tmp_path: Path, acp_schema: Schem
         await nursery.start(ClientConnection(manager, transport="memory").run, agent_side)
         client = AcpTestClient(client_side, acp_schema)
         await nursery.start(client.run)
+        yield manager, client
+        nursery.cancel_scope.cancel()
+
+
+async def test_echo_prompt_over_memory_streams(tmp_path: Path, acp_schema: SchemaChecker) -> None:
+    async with _connected(tmp_path, acp_schema) as (_, client):
         init = await client.initialize()
         assert init["protocolVersion"] == 1
         session = await client.new_session(str(tmp_path))
@@ -36,7 +47,6 @@ async def test_echo_prompt_over_memory_streams(tmp_path: Path, acp_schema: Schem
         chunk, title = client.updates(session)
         assert chunk["sessionUpdate"] == "agent_message_chunk"
         assert title == {"sessionUpdate": "session_info_update", "title": "hello brave new world"}
-        nursery.cancel_scope.cancel()
 
 
 @asynccontextmanager
@@ -45,20 +55,13 @@ async def _one_worker_two_sessions(
 ) -> AsyncIterator[tuple[Manager, AcpTestClient, str, str]]:
     """A manager and a client with two sessions on one project root (so its worker stays
     while one goes); the first has had a turn, so the worker holds its history."""
-    manager = Manager((str(tmp_path),), EchoModel())
-    agent_side, client_side = memory_message_stream_pair()
-    async with trio.open_nursery() as nursery:
-        await nursery.start(manager.run)
-        await nursery.start(ClientConnection(manager, transport="memory").run, agent_side)
-        client = AcpTestClient(client_side, acp_schema)
-        await nursery.start(client.run)
+    async with _connected(tmp_path, acp_schema) as (manager, client):
         await client.initialize()
         first = await client.new_session(str(tmp_path))
         second = await client.new_session(str(tmp_path))
         assert await client.prompt(first, "remember me") == "end_turn"
         assert first in manager.workers[str(tmp_path)].worker._history
         yield manager, client, first, second
-        nursery.cancel_scope.cancel()
 
 
 def _fill(commands: trio.MemorySendChannel[Any]) -> None:
