@@ -30,9 +30,9 @@ from ._model import (
     check_limit,
     check_record,
     check_turn,
-    decode_cursor,
-    encode_cursor,
     listed_position,
+    next_cursor,
+    page_start,
     session_changes,
 )
 
@@ -115,7 +115,8 @@ class MemoryStore:
     ) -> tuple[list[SessionRecord], str | None]:
         await self._enter()
         check_limit(limit)
-        last, last_id, as_of = (None, "", None) if cursor is None else decode_cursor(cursor)
+        start = page_start(cursor)
+        last, last_id, as_of = start
         placed = sorted(
             (
                 (
@@ -134,13 +135,10 @@ class MemoryStore:
         if last is not None:
             placed = [p for p in placed if after_cursor(p[0], p[1], (last, last_id))]
         page = placed[:limit]
-        next_cursor = None
+        after = None
         if len(placed) > limit:
-            # The listing's moment: its first page's newest updated_at (none for a listing
-            # paged on from a cursor of the older form: it goes on in that form).
-            moment = as_of if as_of is not None or last is not None else placed[0][0]
-            next_cursor = encode_cursor(page[-1][0], page[-1][1], moment)
-        return [_fresh(rec) for _, _, rec in page], next_cursor
+            after = next_cursor(page[-1][0], page[-1][1], start, newest=placed[0][0])
+        return [_fresh(rec) for _, _, rec in page], after
 
     async def delete_session(self, session_id: str) -> bool:
         await self._enter_write()

@@ -305,6 +305,25 @@ def decode_cursor(cursor: str) -> tuple[float, str, float | None]:
     raise BadCursor(f"invalid cursor {cursor!r}")
 
 
+def page_start(cursor: str | None) -> tuple[float | None, str, float | None]:
+    """Where a page starts: after ``(position, id)``, in the listing begun at ``as_of``
+    (:func:`decode_cursor`); ``(None, "", None)`` for a first page."""
+    return (None, "", None) if cursor is None else decode_cursor(cursor)
+
+
+def next_cursor(
+    position: float, session_id: str, start: tuple[float | None, str, float | None], newest: float
+) -> str:
+    """The cursor after a page that ends at ``(position, session_id)`` and began at
+    ``start`` (:func:`page_start`). The listing's moment is its first page's ``newest``
+    position, kept by every later page; a listing paged on from a cursor of the older form
+    has none, and goes on in that form."""
+    last, _, as_of = start
+    return encode_cursor(
+        position, session_id, as_of if as_of is not None or last is not None else newest
+    )
+
+
 def _is_stamp(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 

@@ -22,10 +22,10 @@ from ._model import (
     StoreError,
     TranscriptEntry,
     UnknownSessionError,
-    decode_cursor,
     dump_json,
-    encode_cursor,
     load_json,
+    next_cursor,
+    page_start,
 )
 
 log = logging.getLogger(__name__)
@@ -260,7 +260,8 @@ def select_sessions(
     2 us a session (docs/sessions-store.md).
     """
     params: list[Any] = []
-    last, last_id, as_of = (None, "", None) if cursor is None else decode_cursor(cursor)
+    start = page_start(cursor)
+    last, last_id, as_of = start
     # Each session's place: its updated_at as of the listing's moment (``as_of``, the first
     # page's newest), so a session touched between pages keeps its place (listed_position).
     position = "updated_at"
@@ -300,13 +301,10 @@ def select_sessions(
     page = _readable(rows[:limit])
     if len(rows) <= limit:
         return page, None
-    # The listing's moment: its first page's newest; kept by every later page. A listing
-    # paged on from a cursor of the older form has none, and goes on in that form.
-    moment = as_of if as_of is not None or last is not None else float(rows[0][-1])
     # After the page's last row, read or not (its place in the order is all a cursor needs).
     for row in reversed(rows[:limit]):
         if isinstance(row[0], str):
-            return page, encode_cursor(float(row[-1]), row[0], moment)
+            return page, next_cursor(float(row[-1]), row[0], start, newest=float(rows[0][-1]))
     return page, None
 
 
