@@ -137,7 +137,13 @@ def _check_not_loading(conn: ClientConnection, session: Session) -> None:
     connection reloading a session it holds) with the load read but still reading the
     store (``conn.loads_pending``)."""
     if session.loading or session.id in conn.loads_pending:
-        raise RpcError(INVALID_REQUEST, f"Session {session.id} is still loading")
+        raise _still_loading(session.id)
+
+
+def _still_loading(session_id: str) -> RpcError:
+    """The refusal of a request on a session a ``session/load`` or ``resume`` is making live
+    (or, on the loading connection, still reading from the store)."""
+    return RpcError(INVALID_REQUEST, f"Session {session_id} is still loading")
 
 
 def _held_elsewhere(session: Session) -> RpcError:
@@ -689,10 +695,9 @@ class Manager:
         root, cwd = self.checked_cwd(ref.cwd)
         additional = self.check_inside_roots(ref.additional_directories, "additionalDirectories")
         record = await self._stored(ref.session_id)
-        while (ending := self._ending.get(ref.session_id)) is not None:
-            # Its turn, cut as the session was dropped, is still being recorded: read the
-            # store once it is (the replay, the history and the turn count include it).
-            await ending.finished.wait()
+        while await self._waited_for_cut_turn(ref.session_id):
+            # Read the store again now the cut turn is recorded (the replay, the history
+            # and the turn count include it).
             record = await self._stored(ref.session_id)
         if self.closing.is_set():  # (the reads above may have waited into the shutdown)
             raise RpcError(INTERNAL_ERROR, "Server is shutting down")
@@ -761,7 +766,7 @@ class Manager:
         if live.closing:
             raise RpcError(INVALID_REQUEST, f"Session {session_id} is closing")
         if live.loading:
-            raise RpcError(INVALID_REQUEST, f"Session {session_id} is still loading")
+            raise _still_loading(session_id)
         if live.turn is not None:
             raise RpcError(INVALID_REQUEST, f"Session {session_id} has a prompt running")
         return live
@@ -867,8 +872,8 @@ class Manager:
             if live is not None:
                 await self.close_session(conn, session_id)
             else:
-                while (ending := self._ending.get(session_id)) is not None:
-                    await ending.finished.wait()  # (its commit would fail on no session)
+                while await self._waited_for_cut_turn(session_id):
+                    pass  # (its commit would fail on no session)
                 try:
                     await self._stored(session_id)
                 except RpcError:
@@ -882,6 +887,16 @@ class Manager:
                 del self._deleting[session_id]
         return {}
 
+    async def _waited_for_cut_turn(self, session_id: str) -> bool:
+        """Wait for the turn cut as the session was dropped (``_ending``) to be recorded;
+        False at once if there is none. A load or delete reading the store before it is
+        would miss that turn."""
+        ending = self._ending.get(session_id)
+        if ending is None:
+            return False
+        await ending.finished.wait()
+        return True
+
     def owned_session(self, conn: ClientConnection, session_id: str) -> Session:
         """The session, if ``conn`` owns it; otherwise -32002 if it is not live, and the
         refusal that says who holds it if another connection (or a client away within its
@@ -890,7 +905,7 @@ class Manager:
         session = self.sessions.get(session_id)
         if session is None:
             if session_id in conn.loads_pending:  # (not yet claimed by its load)
-                raise RpcError(INVALID_REQUEST, f"Session {session_id} is still loading")
+                raise _still_loading(session_id)
             raise RpcError.not_found(f"Session not found: {session_id}")
         if session.owner is not conn:
             raise _held_elsewhere(session)
