@@ -110,9 +110,9 @@ class Outbox:
     def take_now(self, count: int) -> None:
         """Drop the first ``count`` items, which the caller has written itself while the
         taker waited (it keeps waiting). Senders waiting for room are woken."""
-        taken = self._items[:count]
+        size = sum(map(_size, self._items[:count]))
         del self._items[:count]
-        self._dropped(taken)
+        self._dropped(size)
         if self._senders is not None:
             self._senders.unpark(count=count)
 
@@ -186,7 +186,7 @@ class Outbox:
                 size += _size(item)
             self._items = items[count:]
             items = items[:count]
-            self._bytes = max(0, self._bytes - size) if self._items else 0
+            self._dropped(size)
         if self._senders is not None:
             self._senders.unpark(count=len(items))
         return items
@@ -200,12 +200,9 @@ class Outbox:
         self._bytes = 0
         return [item for item in items if isinstance(item, str)]
 
-    def _dropped(self, items: list[str | bytes]) -> None:
-        """Account for ``items``, just taken out of the queue."""
-        if not self._items:
-            self._bytes = 0
-        else:
-            self._bytes = max(0, self._bytes - sum(map(_size, items)))
+    def _dropped(self, size: int) -> None:
+        """Account for items of ``size`` bytes, just taken out of the queue."""
+        self._bytes = max(0, self._bytes - size) if self._items else 0
 
     def close(self) -> None:
         """End the outbox (idempotent): wake the taker and every waiting sender."""
