@@ -194,13 +194,18 @@ class SqliteStore:
         A cancellation point before the write (a cancelled caller writes nothing); none
         after it, so a committed write is always reported to its caller.
         """
-        await trio.lowlevel.checkpoint_if_cancelled()
-        await self._wait_for_thread_job()
-        self._check_open()
+        await self._ready_to_write()
         assert self._writer is not None
         result = _translated(job)(self._writer)
         self._count_rows(rows)
         return result
+
+    async def _ready_to_write(self) -> None:
+        """Before a write: a cancelled caller stops here, having written nothing; then wait
+        for the owner thread's job that writes wait for, and check the store is open."""
+        await trio.lowlevel.checkpoint_if_cancelled()
+        await self._wait_for_thread_job()
+        self._check_open()
 
     def _count_rows(self, rows: int) -> None:
         """Start a checkpoint on the owner thread every :data:`CHECKPOINT_EVERY_ROWS`;
@@ -313,9 +318,7 @@ class SqliteStore:
         transaction sees another connection's commit (``data_version``) and re-reads
         what it remembered.
         """
-        await trio.lowlevel.checkpoint_if_cancelled()
-        await self._wait_for_thread_job()  # (cancellable: nothing has started yet)
-        self._check_open()
+        await self._ready_to_write()  # (cancellable: nothing has started yet)
         started = self._owner.start(_translated(lambda conn: _sql.delete_session(conn, session_id)))
         self._writes_wait_for = started  # writes wait for it from now on
         try:
