@@ -150,6 +150,7 @@ async def test_a_damaged_session_row_fails_alone_and_is_left_out_of_lists(
     [
         ('agent_message_chunk\t{"sessionUpdate":"agent_message_chunk"', "Expecting"),
         ("agent_message_chunk\t[1,2]", "not a JSON object"),
+        ('agent_message_chunk\t{"sessionUpdate":"agent_message_chunk"}{"x":1}', "Extra data"),
         ("no tab here", "no tab after its kind"),
     ],
 )
@@ -179,6 +180,21 @@ async def test_a_damaged_transcript_entry_is_named_not_replayed(
         assert len(await store.transcript("good")) == 5
     with pytest.raises(StoreError, match=damaged):
         read_transcript(path, "bad")
+
+
+async def test_an_entry_with_whitespace_before_its_object_reads_as_stored(
+    tmp_path: Path,
+) -> None:
+    """The fast entry check refuses whitespace before the object; the full read it falls
+    back to takes it (JSON allows it), so such an entry is not called damaged."""
+    path = tmp_path / "s.db"
+    async with open_sqlite_store(path) as store:
+        await store.create_session(make_record("s"))
+        await store.append_turn("s", 0, sample_turn(0))
+    _damage(path, "UPDATE turns SET entries = ?", 'plan\t {"sessionUpdate":"plan"}')
+    async with open_sqlite_store(path) as store:
+        pages = [rows async for rows in store.transcript_rows("s")]
+    assert pages == [[(0, "plan", ' {"sessionUpdate":"plan"}')]]
 
 
 async def test_a_stored_nan_reads_as_null(tmp_path: Path) -> None:

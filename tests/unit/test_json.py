@@ -115,3 +115,38 @@ def test_dumps_finite_refuses_a_cycle_instead_of_copying_for_ever() -> None:
     cycle.append(cycle)
     with pytest.raises(RecursionError):
         _json.dumps_finite(cycle)
+
+
+def _loads_an_object(text: str) -> bool:
+    try:
+        return type(_json.loads(text)) is dict
+    except ValueError:
+        return False
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        '{"sessionUpdate":"agent_message_chunk","content":{"type":"text","text":"hi"}}',
+        "{}",
+        '{"a":[1,2.5,-3e2,true,false,null,"\\u00e9"]}',
+        '{"a":1} \t\r\n',  # whitespace after: loads takes it
+        ' {"a":1}',  # before: loads takes it; the fast check sends it to loads
+        '{"a":1}{"b":2}',
+        '{"a":1},',
+        '{"a":',
+        "[1,2]",
+        '"text"',
+        "",
+        '{"x":NaN}',
+        '{"x":-Infinity}',
+        '{"x":1e400}',
+        '{"x":' + "9" * 5000 + "}",
+        '{"a":' + "[" * 100_000 + "]" * 100_000 + "}",
+    ],
+)
+def test_is_object_text_accepts_only_what_loads_reads_as_an_object(text: str) -> None:
+    """The transcript read's fast check: whatever it accepts, ``loads`` reads as an object;
+    it refuses only whitespace before the object beyond what ``loads`` refuses."""
+    fast = _json.is_object_text(text)
+    assert fast == (_loads_an_object(text) and not text[:1].isspace())
