@@ -6,6 +6,7 @@ socket clients parsed with h11, so the chunked framing on the wire is checked fo
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import struct
@@ -79,8 +80,10 @@ def _dev(tmp_path: Path) -> DevApp:
 
 async def test_a_broadcast_writes_to_parked_streams_without_waking_them(tmp_path: Path) -> None:
     dev = _dev(tmp_path)
-    async with serve_app(dev, dev.closing) as url:
+    async with serve_app(dev, dev.closing) as url, contextlib.AsyncExitStack() as stack:
         clients = [await RawSSE.open(url) for _ in range(3)]
+        for client in clients:
+            stack.push_async_callback(client.stream.aclose)
         await trio.testing.wait_all_tasks_blocked()
         subscribers = list(dev.broadcaster._subscribers)
         assert len(subscribers) == 3
@@ -97,8 +100,9 @@ async def test_a_broadcast_writes_to_parked_streams_without_waking_them(tmp_path
 
 async def test_a_partial_write_is_finished_by_the_writer_in_order(tmp_path: Path) -> None:
     dev = _dev(tmp_path)
-    async with serve_app(dev, dev.closing) as url:
+    async with serve_app(dev, dev.closing) as url, contextlib.AsyncExitStack() as stack:
         client = await RawSSE.open(url, rcvbuf=4096)  # a client that is slow to read
+        stack.push_async_callback(client.stream.aclose)
         await trio.testing.wait_all_tasks_blocked()
         (subscriber,) = dev.broadcaster._subscribers
         paths = tuple(f"page-{i:03d}-{'x' * 80}.html" for i in range(150))
@@ -120,8 +124,9 @@ async def test_a_partial_write_is_finished_by_the_writer_in_order(tmp_path: Path
 
 async def test_a_build_status_and_its_reload_go_out_together(tmp_path: Path) -> None:
     dev = _dev(tmp_path)
-    async with serve_app(dev, dev.closing) as url:
+    async with serve_app(dev, dev.closing) as url, contextlib.AsyncExitStack() as stack:
         client = await RawSSE.open(url)
+        stack.push_async_callback(client.stream.aclose)
         await trio.testing.wait_all_tasks_blocked()
         (subscriber,) = dev.broadcaster._subscribers
         ok = dev.broadcaster.publish_status("build_ok", command="make", announce=False)

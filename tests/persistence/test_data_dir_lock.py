@@ -83,3 +83,5 @@ def test_the_read_only_commands_do_not_need_the_lock(tmp_path: Path) -> None:
     finally:
         server.send_signal(signal.SIGTERM)
         assert server.wait(timeout=60) == 0
+        assert server.stderr is not None
+        server.stderr.close()

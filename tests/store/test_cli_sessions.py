@@ -405,7 +405,8 @@ def test_a_reader_that_closes_the_pipe_ends_the_command_quietly(tmp_path: Path) 
     assert proc.stdout is not None and proc.stderr is not None
     proc.stdout.readline()
     proc.stdout.close()  # as `head -1` does
-    stderr = proc.stderr.read()
+    with proc.stderr:
+        stderr = proc.stderr.read()
     assert proc.wait(timeout=60) == 1
     assert b"Traceback" not in stderr and b"BrokenPipe" not in stderr
 

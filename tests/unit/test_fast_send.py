@@ -326,16 +326,16 @@ async def test_an_error_escaping_a_connection_ends_that_connection_only(
     )
     with trio.fail_after(10):
         async with _hypercorn.serving(app) as address:
-            broken = await trio.open_tcp_stream(*address)
-            await broken.send_all(upgrade)
-            while await broken.receive_some(65536):
-                pass  # closed by the server
-            fine = await trio.open_tcp_stream(*address)
-            await fine.send_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-            reply = b""
-            while not reply.endswith(b"ok"):
-                chunk = await fine.receive_some(65536)
-                assert chunk, reply
-                reply += chunk
+            async with await trio.open_tcp_stream(*address) as broken:
+                await broken.send_all(upgrade)
+                while await broken.receive_some(65536):
+                    pass  # closed by the server
+            async with await trio.open_tcp_stream(*address) as fine:
+                await fine.send_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+                reply = b""
+                while not reply.endswith(b"ok"):
+                    chunk = await fine.receive_some(65536)
+                    assert chunk, reply
+                    reply += chunk
             assert reply.startswith(b"HTTP/1.1 200")
     assert "connection failed and was closed" in caplog.text
