@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import attrs
@@ -115,7 +115,7 @@ class ClientConnection:
 
     # -- outgoing (used by the manager's relays) ----------------------------------------------
 
-    async def send_encoded_many(self, texts: Iterable[str]) -> None:
+    async def send_encoded_many(self, texts: Sequence[str]) -> None:
         assert self.peer is not None
         await self.peer.send_encoded_many(texts)
 

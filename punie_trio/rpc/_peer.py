@@ -319,11 +319,18 @@ class Peer:
         await trio.lowlevel.checkpoint_if_cancelled()
         await self._queue(text)
 
-    async def send_encoded_many(self, texts: Iterable[str]) -> None:
-        """:meth:`send_encoded` for each of ``texts``, in order (a replayed page)."""
+    async def send_encoded_many(self, texts: Sequence[str]) -> None:
+        """:meth:`send_encoded` for each of ``texts``, in order (a replayed page): queued
+        as many at a time as the outbox has room for, waiting for room in between."""
         await trio.lowlevel.checkpoint_if_cancelled()
-        for text in texts:
-            await self._queue(text)
+        outbox = self._outbox
+        done, count = 0, len(texts)
+        try:
+            while (done := done + outbox.send_some_nowait(texts, done)) < count:
+                await outbox.send(texts[done])  # full: wait for room for the next one
+                done += 1
+        except trio.ClosedResourceError:
+            raise PeerClosed("connection closed") from None
 
     async def wait_for_room(self) -> None:
         """Wait until the outbox is below its bounds, or closed: for a producer about to

@@ -269,3 +269,31 @@ async def test_take_now_and_unsent_give_the_bytes_back() -> None:
 def test_byte_limit_must_be_positive() -> None:
     with pytest.raises(ValueError):
         Outbox(1, byte_limit=0)
+
+
+async def test_send_some_nowait_queues_what_send_nowait_would_and_says_how_many() -> None:
+    """A replayed page is queued in bulk: as many as fit, in order, by the count and by
+    the byte budget, as one ``send_nowait`` each would; the taker is woken once."""
+    big = "x" * 1000
+    box = Outbox(4, byte_limit=size(big, big, "a"))
+    texts = ["a", big, big, "b", "c"]
+    assert box.send_some_nowait(texts) == 3  # the bytes are spent after the second big
+    assert box.full and box.send_some_nowait(texts, 3) == 0
+    assert await box.take(1) == ["a"]
+    assert box.send_some_nowait(texts, 3) == 1  # room for one again (the byte budget)
+    assert await box.take(10) == ["x" * 1000, big, "b"]
+    assert box.queued_bytes() == 0
+    assert box.send_some_nowait(texts, 4) == 1 and await box.take(10) == ["c"]
+    got: list[str] = []
+
+    async def taker() -> None:
+        got.extend(await box.take(10))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(taker)
+        await trio.testing.wait_all_tasks_blocked()
+        assert box.send_some_nowait(["d", "e"]) == 2
+    assert got == ["d", "e"]
+    box.close()
+    with pytest.raises(trio.ClosedResourceError):
+        box.send_some_nowait(["f"])

@@ -228,6 +228,36 @@ async def test_slow_handler_does_not_delay_other_requests(
         nursery.cancel_scope.cancel()
 
 
+async def test_send_encoded_many_sends_a_page_larger_than_the_outbox_in_order() -> None:
+    """A replayed page is queued as many at a time as the outbox holds, and waits for
+    room in between: a page of 50 through an outbox of 4 arrives whole and in order."""
+    page = [f'{{"jsonrpc":"2.0","method":"n","params":{{"i":{i}}}}}' for i in range(50)]
+    async with trio.open_nursery() as nursery:
+        peer, raw = await start_peer(nursery, Dispatcher(), outbox_size=4)
+        sent = False
+
+        async def send_page() -> None:
+            nonlocal sent
+            await peer.send_encoded_many(page)
+            sent = True
+
+        nursery.start_soon(send_page)
+        got = [(await raw.recv())["params"]["i"] for _ in range(50)]
+        await trio.testing.wait_all_tasks_blocked()
+        assert sent and got == list(range(50))
+        nursery.cancel_scope.cancel()
+
+
+async def test_send_encoded_many_on_a_closed_peer_is_peer_closed() -> None:
+    ours, theirs = memory_message_stream_pair()
+    peer = Peer(ours, Dispatcher(), outbox_size=4)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(peer.run)
+        await theirs.aclose()  # the other side leaves: run() ends, the outbox closes
+    with pytest.raises(PeerClosed):
+        await peer.send_encoded_many(['{"jsonrpc":"2.0","method":"n"}'] * 10)
+
+
 # -- cancellation -----------------------------------------------------------------------------
 
 
