@@ -770,3 +770,46 @@ def test_no_token_file_with_a_configured_token_names_where_it_is_configured(
     assert main(["token", "--data-dir", str(data_dir)]) == 1
     err = capsys.readouterr().err
     assert "no token at" in err and "without a configured token" in err
+
+
+@pytest.mark.parametrize(
+    "argv", [["sessions", "list"], ["sessions", "show", "x"], ["sessions", "export", "x"]]
+)
+def test_a_store_path_that_cannot_be_looked_at_is_a_message(
+    tmp_path: Path, argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A store whose path ``stat`` refuses (a name too long; a data directory the user may
+    not search, the same ``OSError`` under another errno) is exit 1 with a message: the
+    check for a missing store once let the ``OSError`` out as a traceback."""
+    data_dir = tmp_path / ("d" * 300)  # (over NAME_MAX: ENAMETOOLONG, as root too)
+    assert main([*argv, "--data-dir", str(data_dir)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("punie-trio: ") and "cannot open session store" in err
+    assert "File name too long" in err
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may search any directory")
+def test_a_data_dir_without_search_permission_is_a_message(
+    data_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data_dir.chmod(0o600)
+    try:
+        assert main(["sessions", "list", "--data-dir", str(data_dir)]) == 1
+    finally:
+        data_dir.chmod(0o700)
+    assert "Permission denied" in capsys.readouterr().err
+
+
+def test_another_programs_database_is_named_so(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """As ``serve`` refuses it: "run the server once to upgrade it" sent the user to a
+    server that then refuses the file."""
+    data_dir = ensure_data_dir(tmp_path / "data")
+    with sqlite3.connect(store_path(data_dir)) as conn:
+        conn.execute("CREATE TABLE notes (body TEXT)")
+    conn.close()
+    assert main(["sessions", "list", "--data-dir", str(data_dir)]) == 1
+    err = capsys.readouterr().err
+    assert "not a punie-trio session store (it holds notes)" in err
+    assert "run the server" not in err
