@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -155,6 +156,8 @@ class SqliteStore:
     #: The job on the owner thread that writes on the loop wait for (None: none): a
     #: settling checkpoint, or a session's delete (which holds the write lock).
     _writes_wait_for: Started[Any] | None = attrs.field(init=False, default=None)
+    #: The opened file's (device, inode): every write checks the path still names it.
+    _file_id: tuple[int, int] | None = attrs.field(init=False, default=None)
 
     def __attrs_post_init__(self) -> None:
         self._owner = OwnerThread(f"punie-store:{self.path.name}")
@@ -162,6 +165,7 @@ class SqliteStore:
     async def _open(self) -> None:
         # The reader opens first: it creates and migrates the file, off the event loop.
         await self._owner.open(self._connect_reader)
+        self._file_id = _file_id(self.path)
         writer = connect(self.path)
         try:
             writer.execute(f"PRAGMA busy_timeout = {WRITER_BUSY_TIMEOUT_MS}")
@@ -206,6 +210,7 @@ class SqliteStore:
         await trio.lowlevel.checkpoint_if_cancelled()
         await self._wait_for_thread_job()
         self._check_open()
+        self._check_file()
 
     def _count_rows(self, rows: int) -> None:
         """Start a checkpoint on the owner thread every :data:`CHECKPOINT_EVERY_ROWS`;
@@ -259,6 +264,29 @@ class SqliteStore:
     def _check_open(self) -> None:
         if self._owner.closing or self._writer is None:
             raise StoreError("store is closed")
+
+    def _check_file(self) -> None:
+        """Before a write: refuse it (``StoreError``) if the path no longer names the file
+        the store opened (deleted, replaced, or moved away with its directory).
+
+        Why: SQLite writes on to the file it has open, unlinked or not. A store deleted
+        while the server ran took every later turn with it, each answered as saved, when
+        the process ended (a restart found an empty store). One ``stat`` (about 1 us) per
+        transaction, not per turn of a group. A path put back (the directory moved back)
+        is the store again. A ``stat`` that fails otherwise (no permission to search the
+        directory) cannot tell, and the write goes on: the open file is still the store.
+        """
+        try:
+            found = _file_id(self.path)
+        except (FileNotFoundError, NotADirectoryError):
+            found = None
+        except OSError:
+            return
+        if found != self._file_id:
+            raise StoreError(
+                f"{self.path}: the session store was deleted or replaced while the server ran,"
+                " so nothing more can be saved to it; restart the server"
+            )
 
     async def create_session(self, rec: SessionRecord) -> None:
         self._check_open()
@@ -416,6 +444,7 @@ class SqliteStore:
         """One transaction for ``group``; on success remember keys and tails and mark each
         (on failure nothing is remembered: the transaction was rolled back)."""
         self._check_open()
+        self._check_file()
         assert self._writer is not None
         keys, tails = self._keys, self._tails
         writes: list[_sql.TurnWrite] = [
@@ -479,6 +508,12 @@ class SqliteStore:
             writer.close()
         # The reader closes last: as the last connection it checkpoints and removes the WAL.
         await self._owner.close(lambda conn: conn.close())
+
+
+def _file_id(path: Path) -> tuple[int, int]:
+    """The (device, inode) of the file ``path`` names (``OSError`` if none)."""
+    st = os.stat(path)
+    return st.st_dev, st.st_ino
 
 
 def _checkpoint(conn: sqlite3.Connection) -> int:

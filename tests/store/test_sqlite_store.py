@@ -1619,3 +1619,45 @@ async def test_turns_cancelled_while_a_checkpoint_is_awaited_are_all_recorded(
         assert all(scope.cancelled_caught for scope in scopes.values())
         for session_id in sessions:
             assert _seqs(await store.transcript(session_id)) == list(range(5))
+
+
+@pytest.mark.parametrize("how", ["deleted", "replaced", "data dir moved"])
+async def test_writes_fail_once_the_store_file_is_gone(tmp_path: Path, how: str) -> None:
+    """A store deleted (``rm sessions.sqlite3*``), replaced by another file, or moved away
+    with its data directory while the server runs: SQLite goes on writing to the file it
+    has open, so every turn was answered as saved and then vanished with the process (a
+    restart found nothing, or the other file). Writes fail instead, naming it; reads still
+    see what was there."""
+    data = tmp_path / "data"
+    data.mkdir()
+    path = data / "s.db"
+    async with open_sqlite_store(path) as store:
+        await store.create_session(make_record("s1"))
+        await store.append_turn("s1", 0, sample_turn(0))
+        if how == "deleted":
+            for name in ("s.db", "s.db-wal", "s.db-shm"):
+                (data / name).unlink()
+        elif how == "replaced":
+            (data / "other.db").write_bytes(b"")
+            os.replace(data / "other.db", path)
+        else:
+            data.rename(tmp_path / "moved")
+        with pytest.raises(StoreError, match="deleted or replaced while the server ran"):
+            await store.append_turn("s1", 1, sample_turn(1))
+        with pytest.raises(StoreError, match="deleted or replaced"):
+            await store.append_turn("s1", 1, sample_turn(1), alone=True)
+        with pytest.raises(StoreError, match="deleted or replaced"):
+            await store.create_session(make_record("s2"))
+        with pytest.raises(StoreError, match="deleted or replaced"):
+            await store.update_session("s1", title="t")
+        with pytest.raises(StoreError, match="deleted or replaced"):
+            await store.delete_session("s1")
+        rec = await store.get_session("s1")
+        assert rec is not None and rec.turns == 1 and rec.title is None
+        if how == "data dir moved":
+            # Put back where it was, it is the store again: nothing was lost meanwhile.
+            (tmp_path / "moved").rename(data)
+            await store.append_turn("s1", 1, sample_turn(1))
+    if how == "data dir moved":
+        assert read_session(path, "s1") is not None
+        assert [e.turn for e in read_transcript(path, "s1")][-1] == 1
