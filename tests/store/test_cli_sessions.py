@@ -813,3 +813,52 @@ def test_another_programs_database_is_named_so(
     err = capsys.readouterr().err
     assert "not a punie-trio session store (it holds notes)" in err
     assert "run the server" not in err
+
+
+@pytest.mark.parametrize("unbuffered", [False, True], ids=["buffered", "PYTHONUNBUFFERED"])
+@pytest.mark.parametrize("command", ["export sess-big", "show sess-big"])
+def test_output_cut_short_by_a_full_disk_is_an_error(
+    tmp_path: Path, command: str, unbuffered: bool
+) -> None:
+    """``sessions export ID > backup.json`` on a disk that fills up (here a file size limit,
+    ``RLIMIT_FSIZE``: the same short write and then ``EFBIG``, as ``ENOSPC`` gives): exit 1
+    with a message. It was a traceback, and with ``PYTHONUNBUFFERED`` set (as many
+    container images do) exit 0 with the file cut short: the unbuffered stdout dropped
+    what the short write left, without a word."""
+    data_dir = tmp_path / "data"
+
+    async def fill() -> None:
+        ensure_data_dir(data_dir)
+        async with open_sqlite_store(store_path(data_dir)) as store:
+            await store.create_session(make_record("sess-big"))
+            chunk = ("agent_message_chunk", text_update("agent_message_chunk", "y" * 1000))
+            for turn in range(20):
+                await store.append_turn(
+                    "sess-big", turn, [*[chunk] * 10, ("stop", {"stopReason": "end_turn"})]
+                )
+
+    trio.run(fill)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    env["PUNIE_DATA_DIR"] = str(data_dir)
+    if unbuffered:
+        env["PYTHONUNBUFFERED"] = "1"
+    limit = 64 * 1024  # (over the 32 KiB -shm a read of the store may create)
+
+    def limited() -> None:
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
+
+    out = tmp_path / "out"
+    with open(out, "wb") as stdout:
+        done = subprocess.run(
+            [sys.executable, "-m", "punie_trio", "sessions", *command.split()],
+            stdout=stdout,
+            stderr=subprocess.PIPE,
+            env=env,
+            timeout=60,
+            preexec_fn=limited,
+        )
+    assert out.stat().st_size == limit  # (what fitted)
+    assert done.returncode == 1
+    assert done.stderr.decode() == "punie-trio: cannot write the output: File too large\n"
