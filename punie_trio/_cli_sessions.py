@@ -199,6 +199,10 @@ def _load(
         loaded = read_session_with_transcript(db, args.id)
     except StoreError as exc:
         return _fail(str(exc))
+    except UnicodeEncodeError:
+        # An id that is not UTF-8 (bytes from argv) cannot be stored; sqlite3 refuses to
+        # encode it (this was a traceback).
+        loaded = None
     if loaded is None:
         return _fail(f"no session {args.id!r} in {db}")
     return loaded
@@ -215,6 +219,10 @@ def cmd_list(args: argparse.Namespace, data_dir: Path) -> int:
         records = read_sessions(db, cwd=cwd)
     except StoreError as exc:
         return _fail(str(exc))
+    except UnicodeEncodeError:
+        # A cwd that is not UTF-8 (bytes from argv) cannot be stored: it matches nothing
+        # (sqlite3 refuses to encode it: this was a traceback).
+        records = []
     if not records:
         return _emit(f"no sessions in {db}\n")
     rows = [("ID", "UPDATED", "TURNS", "TITLE", "CWD")]

@@ -862,3 +862,27 @@ def test_output_cut_short_by_a_full_disk_is_an_error(
     assert out.stat().st_size == limit  # (what fitted)
     assert done.returncode == 1
     assert done.stderr.decode() == "punie-trio: cannot write the output: File too large\n"
+
+
+@pytest.mark.parametrize("command", ["show", "export"])
+def test_an_id_that_is_not_utf8_is_no_session(
+    data_dir: Path, command: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An argument of bytes that are not UTF-8 (here as Python decodes argv: lone
+    surrogates) cannot be a stored id: "no session", exit 1. It was a traceback
+    (UnicodeEncodeError from sqlite3)."""
+    bad = b"sess-\xff".decode("utf-8", "surrogateescape")
+    assert main(["sessions", command, bad, "--data-dir", str(data_dir)]) == 1
+    captured = capsys.readouterr()
+    assert captured.err == f"punie-trio: no session 'sess-\\udcff' in {store_path(data_dir)}\n"
+    assert captured.out == ""
+
+
+def test_a_cwd_that_is_not_utf8_lists_nothing(
+    data_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """No stored cwd can hold such bytes (the server stores UTF-8 text): the filter
+    matches nothing, as any other cwd without sessions does (it was a traceback)."""
+    bad = os.fsdecode(bytes(tmp_path) + b"/caf\xe9")
+    assert main(["sessions", "list", "--cwd", bad, "--data-dir", str(data_dir)]) == 0
+    assert capsys.readouterr().out == f"no sessions in {store_path(data_dir)}\n"
