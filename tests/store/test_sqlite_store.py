@@ -311,6 +311,25 @@ async def test_a_new_store_and_its_wal_are_private(tmp_path: Path) -> None:
         os.umask(old_umask)
 
 
+async def test_a_new_store_through_a_symlink_is_private(tmp_path: Path) -> None:
+    """``sessions.sqlite3`` a symlink to where the store is to live (another disk), not
+    yet there: the store made there is 0600, as any new store (the exclusive create saw
+    the link, left it, and SQLite then made the target 0644, readable by every user)."""
+    old_umask = os.umask(0o022)
+    try:
+        (tmp_path / "elsewhere").mkdir()
+        link = tmp_path / "s.db"
+        link.symlink_to(tmp_path / "elsewhere" / "real.db")
+        async with open_sqlite_store(link) as store:
+            await store.create_session(make_record("s1"))
+            for name in ("real.db", "real.db-wal", "real.db-shm"):
+                mode = (tmp_path / "elsewhere" / name).stat().st_mode
+                assert stat.S_IMODE(mode) == 0o600, name
+        assert link.is_symlink()
+    finally:
+        os.umask(old_umask)
+
+
 # SQLite's locks on the database file: a SHARED lock is a read lock on one byte of this
 # range (the file format's fixed lock bytes, past 1 GiB).
 _SHARED_FIRST = 0x40000000 + 2
