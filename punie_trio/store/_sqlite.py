@@ -91,6 +91,8 @@ WAL_SETTLE_BYTES = 32 * 1024 * 1024
 WAL_SIZE_LIMIT = 64 * 1024 * 1024
 
 T = TypeVar("T")
+#: A file's (device, inode), None for no file.
+FileId = tuple[int, int] | None
 
 log = logging.getLogger(__name__)
 
@@ -156,8 +158,14 @@ class SqliteStore:
     #: The job on the owner thread that writes on the loop wait for (None: none): a
     #: settling checkpoint, or a session's delete (which holds the write lock).
     _writes_wait_for: Started[Any] | None = attrs.field(init=False, default=None)
-    #: The opened file's (device, inode): every write checks the path still names it.
-    _file_id: tuple[int, int] | None = attrs.field(init=False, default=None)
+    #: The (device, inode) of the opened database and of its WAL (None: none there), and
+    #: where the WAL is (beside the file a symlinked path leads to): every write checks
+    #: the paths still name them (:meth:`_check_file`).
+    _db_id: FileId = attrs.field(init=False, default=None)
+    _wal_id: FileId = attrs.field(init=False, default=None)
+    _wal_path: str = attrs.field(init=False, default="")
+    #: The WAL was found deleted, and what it held copied into the database.
+    _wal_saved: bool = attrs.field(init=False, default=False)
 
     def __attrs_post_init__(self) -> None:
         self._owner = OwnerThread(f"punie-store:{self.path.name}")
@@ -165,8 +173,10 @@ class SqliteStore:
     async def _open(self) -> None:
         # The reader opens first: it creates and migrates the file, off the event loop.
         await self._owner.open(self._connect_reader)
-        self._file_id = _file_id(self.path)
+        self._db_id = _file_id(self.path)
         writer = connect(self.path)
+        self._wal_path = _wal_of(self.path)
+        self._wal_id = _file_id(self._wal_path)  # (the open made it: WAL mode, migrated)
         try:
             writer.execute(f"PRAGMA busy_timeout = {WRITER_BUSY_TIMEOUT_MS}")
             writer.execute("PRAGMA wal_autocheckpoint = 0")
@@ -267,25 +277,39 @@ class SqliteStore:
 
     def _check_file(self) -> None:
         """Before a write: refuse it (``StoreError``) if the path no longer names the file
-        the store opened (deleted, replaced, or moved away with its directory).
+        the store opened (deleted, replaced, or moved away with its directory), or its
+        WAL was deleted or replaced.
 
-        Why: SQLite writes on to the file it has open, unlinked or not. A store deleted
+        Why: SQLite writes on to the files it has open, unlinked or not. A store deleted
         while the server ran took every later turn with it, each answered as saved, when
-        the process ended (a restart found an empty store). One ``stat`` (about 1 us) per
-        transaction, not per turn of a group. A path put back (the directory moved back)
-        is the store again. A ``stat`` that fails otherwise (no permission to search the
-        directory) cannot tell, and the write goes on: the open file is still the store.
+        the process ended (a restart found an empty store). A WAL deleted (a "stale" file
+        cleaned up) held every turn since the last checkpoint until the process ended:
+        after a ``kill -9`` the store had no tables at all. So the first write that finds
+        the WAL gone also has the owner thread copy what the unlinked WAL holds into the
+        database (a checkpoint: its connections still have it open), where it survives
+        any end of the process. One ``stat`` of each (about 1 us each) per transaction,
+        not per turn of a group. A path put back (the directory moved back) is the store
+        again. A ``stat`` that fails otherwise (no permission to search the directory)
+        cannot tell, and the write goes on: the open files are still the store.
         """
         try:
-            found = _file_id(self.path)
-        except (FileNotFoundError, NotADirectoryError):
-            found = None
+            db = _file_id(self.path)
+            wal = _file_id(self._wal_path)
         except OSError:
             return
-        if found != self._file_id:
+        if db != self._db_id:
             raise StoreError(
                 f"{self.path}: the session store was deleted or replaced while the server ran,"
                 " so nothing more can be saved to it; restart the server"
+            )
+        if wal != self._wal_id:
+            if not self._wal_saved:
+                self._wal_saved = True
+                self._owner.post(_checkpoint)
+            raise StoreError(
+                f"{self._wal_path}: the session store's write-ahead log was deleted or replaced"
+                " while the server ran, so nothing more can be saved to it (what it held is"
+                f" copied into {self.path.name}); restart the server"
             )
 
     async def create_session(self, rec: SessionRecord) -> None:
@@ -510,9 +534,19 @@ class SqliteStore:
         await self._owner.close(lambda conn: conn.close())
 
 
-def _file_id(path: Path) -> tuple[int, int]:
-    """The (device, inode) of the file ``path`` names (``OSError`` if none)."""
-    st = os.stat(path)
+def _wal_of(path: Path) -> str:
+    """Where SQLite keeps the WAL of the database ``path``: beside the file a symlink
+    leads to."""
+    return os.path.realpath(path) + "-wal"
+
+
+def _file_id(path: Path | str) -> FileId:
+    """The (device, inode) of the file ``path`` names; None if there is none (``OSError``
+    if that cannot be told)."""
+    try:
+        st = os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
     return st.st_dev, st.st_ino
 
 

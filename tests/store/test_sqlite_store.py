@@ -1680,3 +1680,29 @@ async def test_writes_fail_once_the_store_file_is_gone(tmp_path: Path, how: str)
     if how == "data dir moved":
         assert read_session(path, "s1") is not None
         assert [e.turn for e in read_transcript(path, "s1")][-1] == 1
+
+
+async def test_a_wal_deleted_under_the_store_fails_writes_and_is_saved(tmp_path: Path) -> None:
+    """``rm sessions.sqlite3-wal`` while the server runs (a "stale" file cleaned up): the
+    connections write on into the unlinked WAL, where every turn since the last
+    checkpoint then lived only until the process ended; after a ``kill -9`` the store
+    held no tables at all. Writes now fail, naming it, and what the unlinked WAL holds is
+    checkpointed into the database at once: the file alone has every committed turn."""
+    path = tmp_path / "s.db"
+    async with open_sqlite_store(path) as store:
+        await store.create_session(make_record("s1"))
+        for turn in range(3):
+            await store.append_turn("s1", turn, sample_turn(turn))
+        (tmp_path / "s.db-wal").unlink()
+        with pytest.raises(StoreError, match=r"s\.db-wal.* deleted or replaced"):
+            await store.append_turn("s1", 3, sample_turn(3))
+        with pytest.raises(StoreError, match="deleted or replaced"):
+            await store.create_session(make_record("s2"))
+        rec = await store.get_session("s1")  # (after the checkpoint: one owner thread)
+        assert rec is not None and rec.turns == 3
+        # As a crash would leave it: the database file without any WAL.
+        crashed = tmp_path / "crashed"
+        crashed.mkdir()
+        (crashed / "s.db").write_bytes(path.read_bytes())
+    assert read_session(crashed / "s.db", "s1") is not None
+    assert [e.turn for e in read_transcript(crashed / "s.db", "s1")][-1] == 2
