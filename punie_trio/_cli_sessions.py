@@ -130,6 +130,8 @@ def _emit(text: str) -> int:
     is written or the write fails. A closed pipe stays ``BrokenPipeError`` (``main``
     ends quietly)."""
     out = sys.stdout
+    if out is None:  # (started with stdout closed: ``>&-``)
+        return _fail("cannot write the output: standard output is closed")
     buffer = getattr(out, "buffer", None)
     if buffer is None:  # (a stream of text only, as an embedding may set)
         out.write(text)

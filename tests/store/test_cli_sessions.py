@@ -886,3 +886,23 @@ def test_a_cwd_that_is_not_utf8_lists_nothing(
     bad = os.fsdecode(bytes(tmp_path) + b"/caf\xe9")
     assert main(["sessions", "list", "--cwd", bad, "--data-dir", str(data_dir)]) == 0
     assert capsys.readouterr().out == f"no sessions in {store_path(data_dir)}\n"
+
+
+@pytest.mark.parametrize("command", ["sessions list", "sessions export sess-new", "token"])
+def test_a_closed_stdout_is_an_error_not_a_traceback(data_dir: Path, command: str) -> None:
+    """Started with stdout closed (``>&-``: Python's ``sys.stdout`` is None): exit 1 with
+    a message. It was an AttributeError traceback (``main`` flushed a stdout of None)."""
+    (data_dir / "token").write_text("tok\n")
+    (data_dir / "token").chmod(0o600)
+    env = {**os.environ, "PUNIE_DATA_DIR": str(data_dir)}
+    done = subprocess.run(
+        [sys.executable, "-m", "punie_trio", *command.split()],
+        stderr=subprocess.PIPE,
+        env=env,
+        timeout=60,
+        preexec_fn=lambda: os.close(1),
+    )
+    assert done.returncode == 1
+    assert (
+        done.stderr.decode() == "punie-trio: cannot write the output: standard output is closed\n"
+    )
