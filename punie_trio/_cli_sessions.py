@@ -9,6 +9,7 @@ work without Trio. ``cli.py`` calls :func:`add_commands` on its sub-parsers; eac
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import re
@@ -119,6 +120,39 @@ def _fail(message: str) -> int:
     return 1
 
 
+def _emit(text: str) -> int:
+    """Write ``text`` to stdout whole and return 0, or say why not and return 1.
+
+    Why: ``sessions export ID > backup.json`` on a disk that filled up ended with a
+    traceback; with ``PYTHONUNBUFFERED`` set (as many container images do) it exited 0
+    with the file cut short, since an unbuffered ``sys.stdout`` drops what a short write
+    left over without a word. Here every short write is carried on until the whole text
+    is written or the write fails. A closed pipe stays ``BrokenPipeError`` (``main``
+    ends quietly)."""
+    out = sys.stdout
+    if out is None:  # (started with stdout closed: ``>&-``)
+        return _fail("cannot write the output: standard output is closed")
+    buffer = getattr(out, "buffer", None)
+    if buffer is None:  # (a stream of text only, as an embedding may set)
+        out.write(text)
+        return 0
+    data = text.replace("\n", os.linesep).encode(out.encoding, out.errors or "strict")
+    view = memoryview(data)
+    try:
+        out.flush()
+        while view:
+            # A BufferedWriter takes it all or raises; a raw FileIO (unbuffered) may
+            # take part (None: a non-blocking stdout that would block: try again).
+            written = buffer.write(view)
+            view = view[written or 0 :]
+        buffer.flush()
+    except BrokenPipeError:
+        raise
+    except OSError as exc:
+        return _fail(f"cannot write the output: {exc.strerror or exc}")
+    return 0
+
+
 def _escape(code: int) -> str:
     named = {0x09: "\\t", 0x0A: "\\n", 0x0D: "\\r"}.get(code)
     return named or (f"\\x{code:02x}" if code < 0x80 else f"\\u{code:04x}")
@@ -167,6 +201,10 @@ def _load(
         loaded = read_session_with_transcript(db, args.id)
     except StoreError as exc:
         return _fail(str(exc))
+    except UnicodeEncodeError:
+        # An id that is not UTF-8 (bytes from argv) cannot be stored; sqlite3 refuses to
+        # encode it (this was a traceback).
+        loaded = None
     if loaded is None:
         return _fail(f"no session {args.id!r} in {db}")
     return loaded
@@ -183,9 +221,12 @@ def cmd_list(args: argparse.Namespace, data_dir: Path) -> int:
         records = read_sessions(db, cwd=cwd)
     except StoreError as exc:
         return _fail(str(exc))
+    except UnicodeEncodeError:
+        # A cwd that is not UTF-8 (bytes from argv) cannot be stored: it matches nothing
+        # (sqlite3 refuses to encode it: this was a traceback).
+        records = []
     if not records:
-        print(f"no sessions in {db}")
-        return 0
+        return _emit(f"no sessions in {db}\n")
     rows = [("ID", "UPDATED", "TURNS", "TITLE", "CWD")]
     rows += [
         (
@@ -198,10 +239,11 @@ def cmd_list(args: argparse.Namespace, data_dir: Path) -> int:
         for r in records
     ]
     widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    lines = []
     for row in rows:
         cells = [cell.ljust(width) for cell, width in zip(row, widths, strict=False)]
-        print("  ".join([*cells, row[4]]).rstrip())
-    return 0
+        lines.append("  ".join([*cells, row[4]]).rstrip() + "\n")
+    return _emit("".join(lines))
 
 
 def _one_line(text: str, width: int) -> str:
@@ -217,8 +259,9 @@ def cmd_show(args: argparse.Namespace, data_dir: Path) -> int:
     if isinstance(loaded, int):
         return loaded
     rec, entries = loaded
-    write_transcript(sys.stdout, rec, entries)
-    return 0
+    text = io.StringIO()
+    write_transcript(text, rec, entries)
+    return _emit(text.getvalue())
 
 
 def write_transcript(out: TextIO, rec: SessionRecord, entries: Iterable[TranscriptEntry]) -> None:
@@ -380,8 +423,7 @@ def cmd_export(args: argparse.Namespace, data_dir: Path) -> int:
     text = _JSON_RAW_CONTROLS.sub(_json_escape, text)
     output: str | None = args.output
     if output is None or output == "-":
-        sys.stdout.write(text)
-        return 0
+        return _emit(text)
     if not output:  # (Path("") is the current directory)
         return _fail("cannot write '': the path is empty")
     if output.endswith(("/", os.sep)):  # (Path() drops the slash: "f/" named the file f)
@@ -418,9 +460,7 @@ def cmd_token(args: argparse.Namespace, data_dir: Path) -> int:
             f"`chmod 600 {path}`, or let `{_PROG} serve` write a new one",
             file=sys.stderr,
         )
-    print(f"token file: {path}")
-    print(f"token: {token}")
-    return 0
+    return _emit(f"token file: {path}\ntoken: {token}\n")
 
 
 def _no_token_file(args: argparse.Namespace, path: Path) -> str:

@@ -169,11 +169,21 @@ def create_private(path: Path) -> None:
     descriptor of a file drops every POSIX lock the process holds on it, SQLite's
     included. Opening the store's second connection once did that to the first one's
     locks, so another process opening the store could delete the WAL under it.
+
+    A symlink to a file not made yet (the store put on another disk) gets its target
+    made here, 0600: ``O_EXCL`` stops at the link, and SQLite then made the target with
+    its own mode (0644), and the ``-wal`` and ``-shm`` after it.
     """
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        fd = os.open(path, flags, 0o600)
     except FileExistsError:
-        return
+        if not os.path.islink(path) or os.path.exists(path):
+            return
+        try:
+            fd = os.open(os.path.realpath(path), flags, 0o600)
+        except FileExistsError:  # (made meanwhile; or a loop of links: SQLite says so)
+            return
     os.close(fd)
 
 

@@ -473,7 +473,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         status: int = args.func(args)
-        sys.stdout.flush()
+        if sys.stdout is not None:  # (None: started with stdout closed, ``>&-``)
+            sys.stdout.flush()
     except KeyboardInterrupt:
         # Ctrl-C before ``serve`` watches its signals (it then shuts down gracefully, exit
         # 0), or during a read-only command: no traceback.

@@ -13,7 +13,9 @@ migration: append a new one.
 from __future__ import annotations
 
 import contextlib
+import os
 import sqlite3
+import stat
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Final
@@ -346,10 +348,18 @@ def connect_readonly(path: Path) -> sqlite3.Connection:
     A database that is missing, not yet migrated, or newer than this code is a
     ``StoreError`` with a message fit for the terminal.
     """
-    if path.exists() and not path.is_file():
+    # (os.stat, not Path.exists: that raises any errno but "missing" - a data directory
+    # the user may not search, a name too long - and its OSError was a traceback.)
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise StoreError(f"no session store at {path}") from None
+    except NotADirectoryError:  # (a file where the data directory should be)
+        raise StoreError(f"no session store at {path}") from None
+    except OSError as exc:
+        raise StoreError(f"{path}: cannot open session store: {exc.strerror or exc}") from exc
+    if not stat.S_ISREG(mode):
         raise StoreError(f"{path}: the session store is not a file")
-    if not path.is_file():
-        raise StoreError(f"no session store at {path}")
     uri = path.resolve().as_uri() + "?mode=ro"
     try:
         conn = sqlite3.connect(uri, uri=True, isolation_level=None)
@@ -357,8 +367,10 @@ def connect_readonly(path: Path) -> sqlite3.Connection:
         raise StoreError(f"{path}: cannot open session store: {exc}") from exc
     try:
         conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-        version = _user_version(conn)
-        _refuse_newer(version, path)
+        with read_transaction(conn):  # (one snapshot, as in connect)
+            version = _user_version(conn)
+            # Another program's database is named so, as serve names it (not "older").
+            _refuse_unknown(conn, version, path)
         if version < SCHEMA_VERSION:
             raise StoreError(
                 f"{path}: session store schema version {version} is older than "

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -90,6 +91,8 @@ WAL_SETTLE_BYTES = 32 * 1024 * 1024
 WAL_SIZE_LIMIT = 64 * 1024 * 1024
 
 T = TypeVar("T")
+#: A file's (device, inode), None for no file.
+FileId = tuple[int, int] | None
 
 log = logging.getLogger(__name__)
 
@@ -155,6 +158,14 @@ class SqliteStore:
     #: The job on the owner thread that writes on the loop wait for (None: none): a
     #: settling checkpoint, or a session's delete (which holds the write lock).
     _writes_wait_for: Started[Any] | None = attrs.field(init=False, default=None)
+    #: The (device, inode) of the opened database and of its WAL (None: none there), and
+    #: where the WAL is (beside the file a symlinked path leads to): every write checks
+    #: the paths still name them (:meth:`_check_file`).
+    _db_id: FileId = attrs.field(init=False, default=None)
+    _wal_id: FileId = attrs.field(init=False, default=None)
+    _wal_path: str = attrs.field(init=False, default="")
+    #: The WAL was found deleted, and what it held copied into the database.
+    _wal_saved: bool = attrs.field(init=False, default=False)
 
     def __attrs_post_init__(self) -> None:
         self._owner = OwnerThread(f"punie-store:{self.path.name}")
@@ -162,7 +173,10 @@ class SqliteStore:
     async def _open(self) -> None:
         # The reader opens first: it creates and migrates the file, off the event loop.
         await self._owner.open(self._connect_reader)
+        self._db_id = _file_id(self.path)
         writer = connect(self.path)
+        self._wal_path = _wal_of(self.path)
+        self._wal_id = _file_id(self._wal_path)  # (the open made it: WAL mode, migrated)
         try:
             writer.execute(f"PRAGMA busy_timeout = {WRITER_BUSY_TIMEOUT_MS}")
             writer.execute("PRAGMA wal_autocheckpoint = 0")
@@ -206,6 +220,7 @@ class SqliteStore:
         await trio.lowlevel.checkpoint_if_cancelled()
         await self._wait_for_thread_job()
         self._check_open()
+        self._check_file()
 
     def _count_rows(self, rows: int) -> None:
         """Start a checkpoint on the owner thread every :data:`CHECKPOINT_EVERY_ROWS`;
@@ -259,6 +274,43 @@ class SqliteStore:
     def _check_open(self) -> None:
         if self._owner.closing or self._writer is None:
             raise StoreError("store is closed")
+
+    def _check_file(self) -> None:
+        """Before a write: refuse it (``StoreError``) if the path no longer names the file
+        the store opened (deleted, replaced, or moved away with its directory), or its
+        WAL was deleted or replaced.
+
+        Why: SQLite writes on to the files it has open, unlinked or not. A store deleted
+        while the server ran took every later turn with it, each answered as saved, when
+        the process ended (a restart found an empty store). A WAL deleted (a "stale" file
+        cleaned up) held every turn since the last checkpoint until the process ended:
+        after a ``kill -9`` the store had no tables at all. So the first write that finds
+        the WAL gone also has the owner thread copy what the unlinked WAL holds into the
+        database (a checkpoint: its connections still have it open), where it survives
+        any end of the process. One ``stat`` of each (about 1 us each) per transaction,
+        not per turn of a group. A path put back (the directory moved back) is the store
+        again. A ``stat`` that fails otherwise (no permission to search the directory)
+        cannot tell, and the write goes on: the open files are still the store.
+        """
+        try:
+            db = _file_id(self.path)
+            wal = _file_id(self._wal_path)
+        except OSError:
+            return
+        if db != self._db_id:
+            raise StoreError(
+                f"{self.path}: the session store was deleted or replaced while the server ran,"
+                " so nothing more can be saved to it; restart the server"
+            )
+        if wal != self._wal_id:
+            if not self._wal_saved:
+                self._wal_saved = True
+                self._owner.post(_checkpoint)
+            raise StoreError(
+                f"{self._wal_path}: the session store's write-ahead log was deleted or replaced"
+                " while the server ran, so nothing more can be saved to it (what it held is"
+                f" copied into {self.path.name}); restart the server"
+            )
 
     async def create_session(self, rec: SessionRecord) -> None:
         self._check_open()
@@ -416,6 +468,7 @@ class SqliteStore:
         """One transaction for ``group``; on success remember keys and tails and mark each
         (on failure nothing is remembered: the transaction was rolled back)."""
         self._check_open()
+        self._check_file()
         assert self._writer is not None
         keys, tails = self._keys, self._tails
         writes: list[_sql.TurnWrite] = [
@@ -479,6 +532,22 @@ class SqliteStore:
             writer.close()
         # The reader closes last: as the last connection it checkpoints and removes the WAL.
         await self._owner.close(lambda conn: conn.close())
+
+
+def _wal_of(path: Path) -> str:
+    """Where SQLite keeps the WAL of the database ``path``: beside the file a symlink
+    leads to."""
+    return os.path.realpath(path) + "-wal"
+
+
+def _file_id(path: Path | str) -> FileId:
+    """The (device, inode) of the file ``path`` names; None if there is none (``OSError``
+    if that cannot be told)."""
+    try:
+        st = os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    return st.st_dev, st.st_ino
 
 
 def _checkpoint(conn: sqlite3.Connection) -> int:

@@ -771,3 +771,139 @@ def test_no_token_file_with_a_configured_token_names_where_it_is_configured(
     assert main(["token", "--data-dir", str(data_dir)]) == 1
     err = capsys.readouterr().err
     assert "no token at" in err and "without a configured token" in err
+
+
+@pytest.mark.parametrize(
+    "argv", [["sessions", "list"], ["sessions", "show", "x"], ["sessions", "export", "x"]]
+)
+def test_a_store_path_that_cannot_be_looked_at_is_a_message(
+    tmp_path: Path, argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A store whose path ``stat`` refuses (a name too long; a data directory the user may
+    not search, the same ``OSError`` under another errno) is exit 1 with a message: the
+    check for a missing store once let the ``OSError`` out as a traceback."""
+    data_dir = tmp_path / ("d" * 300)  # (over NAME_MAX: ENAMETOOLONG, as root too)
+    assert main([*argv, "--data-dir", str(data_dir)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("punie-trio: ") and "cannot open session store" in err
+    assert "File name too long" in err
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may search any directory")
+def test_a_data_dir_without_search_permission_is_a_message(
+    data_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data_dir.chmod(0o600)
+    try:
+        assert main(["sessions", "list", "--data-dir", str(data_dir)]) == 1
+    finally:
+        data_dir.chmod(0o700)
+    assert "Permission denied" in capsys.readouterr().err
+
+
+def test_another_programs_database_is_named_so(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """As ``serve`` refuses it: "run the server once to upgrade it" sent the user to a
+    server that then refuses the file."""
+    data_dir = ensure_data_dir(tmp_path / "data")
+    with sqlite3.connect(store_path(data_dir)) as conn:
+        conn.execute("CREATE TABLE notes (body TEXT)")
+    conn.close()
+    assert main(["sessions", "list", "--data-dir", str(data_dir)]) == 1
+    err = capsys.readouterr().err
+    assert "not a punie-trio session store (it holds notes)" in err
+    assert "run the server" not in err
+
+
+@pytest.mark.parametrize("unbuffered", [False, True], ids=["buffered", "PYTHONUNBUFFERED"])
+@pytest.mark.parametrize("command", ["export sess-big", "show sess-big"])
+def test_output_cut_short_by_a_full_disk_is_an_error(
+    tmp_path: Path, command: str, unbuffered: bool
+) -> None:
+    """``sessions export ID > backup.json`` on a disk that fills up (here a file size limit,
+    ``RLIMIT_FSIZE``: the same short write and then ``EFBIG``, as ``ENOSPC`` gives): exit 1
+    with a message. It was a traceback, and with ``PYTHONUNBUFFERED`` set (as many
+    container images do) exit 0 with the file cut short: the unbuffered stdout dropped
+    what the short write left, without a word."""
+    data_dir = tmp_path / "data"
+
+    async def fill() -> None:
+        ensure_data_dir(data_dir)
+        async with open_sqlite_store(store_path(data_dir)) as store:
+            await store.create_session(make_record("sess-big"))
+            chunk = ("agent_message_chunk", text_update("agent_message_chunk", "y" * 1000))
+            for turn in range(20):
+                await store.append_turn(
+                    "sess-big", turn, [*[chunk] * 10, ("stop", {"stopReason": "end_turn"})]
+                )
+
+    trio.run(fill)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    env["PUNIE_DATA_DIR"] = str(data_dir)
+    if unbuffered:
+        env["PYTHONUNBUFFERED"] = "1"
+    limit = 64 * 1024  # (over the 32 KiB -shm a read of the store may create)
+
+    def limited() -> None:
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
+
+    out = tmp_path / "out"
+    with open(out, "wb") as stdout:
+        done = subprocess.run(
+            [sys.executable, "-m", "punie_trio", "sessions", *command.split()],
+            stdout=stdout,
+            stderr=subprocess.PIPE,
+            env=env,
+            timeout=60,
+            preexec_fn=limited,
+        )
+    assert out.stat().st_size == limit  # (what fitted)
+    assert done.returncode == 1
+    assert done.stderr.decode() == "punie-trio: cannot write the output: File too large\n"
+
+
+@pytest.mark.parametrize("command", ["show", "export"])
+def test_an_id_that_is_not_utf8_is_no_session(
+    data_dir: Path, command: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An argument of bytes that are not UTF-8 (here as Python decodes argv: lone
+    surrogates) cannot be a stored id: "no session", exit 1. It was a traceback
+    (UnicodeEncodeError from sqlite3)."""
+    bad = b"sess-\xff".decode("utf-8", "surrogateescape")
+    assert main(["sessions", command, bad, "--data-dir", str(data_dir)]) == 1
+    captured = capsys.readouterr()
+    assert captured.err == f"punie-trio: no session 'sess-\\udcff' in {store_path(data_dir)}\n"
+    assert captured.out == ""
+
+
+def test_a_cwd_that_is_not_utf8_lists_nothing(
+    data_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """No stored cwd can hold such bytes (the server stores UTF-8 text): the filter
+    matches nothing, as any other cwd without sessions does (it was a traceback)."""
+    bad = os.fsdecode(bytes(tmp_path) + b"/caf\xe9")
+    assert main(["sessions", "list", "--cwd", bad, "--data-dir", str(data_dir)]) == 0
+    assert capsys.readouterr().out == f"no sessions in {store_path(data_dir)}\n"
+
+
+@pytest.mark.parametrize("command", ["sessions list", "sessions export sess-new", "token"])
+def test_a_closed_stdout_is_an_error_not_a_traceback(data_dir: Path, command: str) -> None:
+    """Started with stdout closed (``>&-``: Python's ``sys.stdout`` is None): exit 1 with
+    a message. It was an AttributeError traceback (``main`` flushed a stdout of None)."""
+    (data_dir / "token").write_text("tok\n")
+    (data_dir / "token").chmod(0o600)
+    env = {**os.environ, "PUNIE_DATA_DIR": str(data_dir)}
+    done = subprocess.run(
+        [sys.executable, "-m", "punie_trio", *command.split()],
+        stderr=subprocess.PIPE,
+        env=env,
+        timeout=60,
+        preexec_fn=lambda: os.close(1),
+    )
+    assert done.returncode == 1
+    assert (
+        done.stderr.decode() == "punie-trio: cannot write the output: standard output is closed\n"
+    )

@@ -311,6 +311,25 @@ async def test_a_new_store_and_its_wal_are_private(tmp_path: Path) -> None:
         os.umask(old_umask)
 
 
+async def test_a_new_store_through_a_symlink_is_private(tmp_path: Path) -> None:
+    """``sessions.sqlite3`` a symlink to where the store is to live (another disk), not
+    yet there: the store made there is 0600, as any new store (the exclusive create saw
+    the link, left it, and SQLite then made the target 0644, readable by every user)."""
+    old_umask = os.umask(0o022)
+    try:
+        (tmp_path / "elsewhere").mkdir()
+        link = tmp_path / "s.db"
+        link.symlink_to(tmp_path / "elsewhere" / "real.db")
+        async with open_sqlite_store(link) as store:
+            await store.create_session(make_record("s1"))
+            for name in ("real.db", "real.db-wal", "real.db-shm"):
+                mode = (tmp_path / "elsewhere" / name).stat().st_mode
+                assert stat.S_IMODE(mode) == 0o600, name
+        assert link.is_symlink()
+    finally:
+        os.umask(old_umask)
+
+
 # SQLite's locks on the database file: a SHARED lock is a read lock on one byte of this
 # range (the file format's fixed lock bytes, past 1 GiB).
 _SHARED_FIRST = 0x40000000 + 2
@@ -1619,3 +1638,71 @@ async def test_turns_cancelled_while_a_checkpoint_is_awaited_are_all_recorded(
         assert all(scope.cancelled_caught for scope in scopes.values())
         for session_id in sessions:
             assert _seqs(await store.transcript(session_id)) == list(range(5))
+
+
+@pytest.mark.parametrize("how", ["deleted", "replaced", "data dir moved"])
+async def test_writes_fail_once_the_store_file_is_gone(tmp_path: Path, how: str) -> None:
+    """A store deleted (``rm sessions.sqlite3*``), replaced by another file, or moved away
+    with its data directory while the server runs: SQLite goes on writing to the file it
+    has open, so every turn was answered as saved and then vanished with the process (a
+    restart found nothing, or the other file). Writes fail instead, naming it; reads still
+    see what was there."""
+    data = tmp_path / "data"
+    data.mkdir()
+    path = data / "s.db"
+    async with open_sqlite_store(path) as store:
+        await store.create_session(make_record("s1"))
+        await store.append_turn("s1", 0, sample_turn(0))
+        if how == "deleted":
+            for name in ("s.db", "s.db-wal", "s.db-shm"):
+                (data / name).unlink()
+        elif how == "replaced":
+            (data / "other.db").write_bytes(b"")
+            os.replace(data / "other.db", path)
+        else:
+            data.rename(tmp_path / "moved")
+        with pytest.raises(StoreError, match="deleted or replaced while the server ran"):
+            await store.append_turn("s1", 1, sample_turn(1))
+        with pytest.raises(StoreError, match="deleted or replaced"):
+            await store.append_turn("s1", 1, sample_turn(1), alone=True)
+        with pytest.raises(StoreError, match="deleted or replaced"):
+            await store.create_session(make_record("s2"))
+        with pytest.raises(StoreError, match="deleted or replaced"):
+            await store.update_session("s1", title="t")
+        with pytest.raises(StoreError, match="deleted or replaced"):
+            await store.delete_session("s1")
+        rec = await store.get_session("s1")
+        assert rec is not None and rec.turns == 1 and rec.title is None
+        if how == "data dir moved":
+            # Put back where it was, it is the store again: nothing was lost meanwhile.
+            (tmp_path / "moved").rename(data)
+            await store.append_turn("s1", 1, sample_turn(1))
+    if how == "data dir moved":
+        assert read_session(path, "s1") is not None
+        assert [e.turn for e in read_transcript(path, "s1")][-1] == 1
+
+
+async def test_a_wal_deleted_under_the_store_fails_writes_and_is_saved(tmp_path: Path) -> None:
+    """``rm sessions.sqlite3-wal`` while the server runs (a "stale" file cleaned up): the
+    connections write on into the unlinked WAL, where every turn since the last
+    checkpoint then lived only until the process ended; after a ``kill -9`` the store
+    held no tables at all. Writes now fail, naming it, and what the unlinked WAL holds is
+    checkpointed into the database at once: the file alone has every committed turn."""
+    path = tmp_path / "s.db"
+    async with open_sqlite_store(path) as store:
+        await store.create_session(make_record("s1"))
+        for turn in range(3):
+            await store.append_turn("s1", turn, sample_turn(turn))
+        (tmp_path / "s.db-wal").unlink()
+        with pytest.raises(StoreError, match=r"s\.db-wal.* deleted or replaced"):
+            await store.append_turn("s1", 3, sample_turn(3))
+        with pytest.raises(StoreError, match="deleted or replaced"):
+            await store.create_session(make_record("s2"))
+        rec = await store.get_session("s1")  # (after the checkpoint: one owner thread)
+        assert rec is not None and rec.turns == 3
+        # As a crash would leave it: the database file without any WAL.
+        crashed = tmp_path / "crashed"
+        crashed.mkdir()
+        (crashed / "s.db").write_bytes(path.read_bytes())
+    assert read_session(crashed / "s.db", "s1") is not None
+    assert [e.turn for e in read_transcript(crashed / "s.db", "s1")][-1] == 2
