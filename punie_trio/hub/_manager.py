@@ -880,7 +880,10 @@ class Manager:
                     # Already deleted or never existed (or not under our roots: left
                     # alone). The session-delete page: this SHOULD succeed silently.
                     return {}
-            await self.store.delete_session(session_id)
+            try:
+                await self.store.delete_session(session_id)
+            except StoreError as exc:  # (closed above, if it was live: it stays loadable)
+                raise _store_failed(exc) from None
         finally:
             self._deleting[session_id] -= 1
             if not self._deleting[session_id]:

@@ -53,6 +53,7 @@ class GatedStore:
         self.reads_fail = False
         self.appends_fail = False
         self.lists_fail = False
+        self.deletes_fail = False
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
@@ -88,6 +89,8 @@ class GatedStore:
 
     async def delete_session(self, session_id: str) -> bool:
         await self.deletes.pass_through()
+        if self.deletes_fail:
+            raise StoreError("session store: disk I/O error")
         return await self.inner.delete_session(session_id)
 
     async def update_session(self, *args: Any, **kwargs: Any) -> None:
@@ -512,6 +515,28 @@ async def test_a_store_failing_a_list_is_an_internal_error_not_a_bad_cursor(
             "code": -32603,
             "message": "Internal error: session store: database disk image is malformed",
         }
+
+
+async def test_a_store_failing_a_delete_is_an_internal_error_and_the_session_stays(
+    tmp_path: Path, acp_schema: SchemaChecker, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A delete the store failed was a handler crash: a traceback in the log and the
+    generic -32603. It now names the store's trouble, as every other store failure does,
+    and the session (closed by the delete before the store was asked) stays loadable."""
+    store = GatedStore()
+    async with open_hub(tmp_path, acp_schema, EchoModel(), store=store) as hub:  # type: ignore[arg-type]
+        (a,) = await clients(hub, 1)
+        session = await a.new_session(str(hub.root))
+        store.deletes_fail = True
+        ans = await a.request_raw("session/delete", {"sessionId": session})
+        assert ans["error"] == {
+            "code": -32603,
+            "message": "Internal error: session store: disk I/O error",
+        }
+        assert "Traceback" not in caplog.text
+        store.deletes_fail = False
+        await a.request("session/load", load_params(session, hub.root))
+        assert await a.prompt(session, "still here") == "end_turn"
 
 
 async def test_a_load_whose_store_read_waited_into_shutdown_opens_nothing(
