@@ -1055,7 +1055,8 @@ class Manager:
         nursery (so a turn can outlive its connection within grace). The relay answers.
 
         The returned :class:`Deferred` hears from the peer if the request is cancelled
-        (``$/cancel_request``: the turn is cancelled and answered -32800) or its connection
+        (``$/cancel_request``: the turn is cancelled and answered -32800, or, if it had
+        ended, with its stop reason) or its connection
         ends first: the turn is cancelled, unless the client left with a client id within
         grace, in which case it runs on, orphaned, and its answer waits for the client."""
         if self._nursery is None:
@@ -1208,7 +1209,9 @@ class Manager:
                     turn.error = RpcError(
                         INTERNAL_ERROR, f"Internal error: the turn was not saved: {persist_error}"
                     )
-                elif turn.request_cancelled:
+                elif turn.request_cancelled and stop == "cancelled":
+                    # (A cancel that came once the turn had ended cancelled nothing: the
+                    # answer is the stop reason the turn was recorded with, below.)
                     turn.error = RpcError(REQUEST_CANCELLED, "Request cancelled")
                 else:
                     turn.response = {"stopReason": stop}
