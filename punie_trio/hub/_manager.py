@@ -697,6 +697,8 @@ class Manager:
         assert ref.cwd is not None
         root, cwd = self.checked_cwd(ref.cwd)
         additional = self.check_inside_roots(ref.additional_directories, "additionalDirectories")
+        while await self._waited_for_cut_turn(ref.session_id):
+            pass  # (before reading: a read its commit lands in, ending it, would miss it)
         drops = self._drops
         record = await self._stored(ref.session_id)
         while await self._waited_for_cut_turn(ref.session_id):
