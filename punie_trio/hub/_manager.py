@@ -190,6 +190,9 @@ class Manager:
     # or its grace ended), by session id, until each is recorded: a load (or delete) of
     # the session waits for it, or it would read the store without that turn.
     _ending: dict[str, ActiveTurn] = attrs.field(factory=dict, init=False)
+    # Sessions dropped so far (any of them): a load whose read of the stored session
+    # began before a drop reads it again once it has claimed it (see _load_session).
+    _drops: int = attrs.field(default=0, init=False)
     # By client id: the sessions its grace period's end dropped with something the client
     # had not got (a running turn, kept updates or answers). It is told to reload them
     # when it comes back (see expired_for); at most max_connections client ids, oldest
@@ -694,10 +697,14 @@ class Manager:
         assert ref.cwd is not None
         root, cwd = self.checked_cwd(ref.cwd)
         additional = self.check_inside_roots(ref.additional_directories, "additionalDirectories")
+        while await self._waited_for_cut_turn(ref.session_id):
+            pass  # (before reading: a read its commit lands in, ending it, would miss it)
+        drops = self._drops
         record = await self._stored(ref.session_id)
         while await self._waited_for_cut_turn(ref.session_id):
             # Read the store again now the cut turn is recorded (the replay, the history
             # and the turn count include it).
+            drops = self._drops
             record = await self._stored(ref.session_id)
         if self.closing.is_set():  # (the reads above may have waited into the shutdown)
             raise RpcError(INTERNAL_ERROR, "Server is shutting down")
@@ -729,6 +736,14 @@ class Manager:
             )
         live.loading = True  # no prompt, close or delete until the history is in place
         try:
+            if opened and self._drops != drops:
+                # A session was dropped while the store was read: perhaps this one, live
+                # on another connection then, its last turn recorded before the read came
+                # back (so not waited for above). The record read may predate that turn,
+                # which the replay, read later, holds: the session's next turn reused its
+                # number and was not saved. Claimed now, nothing else writes it: read again.
+                record = await self._stored(ref.session_id)
+                live.turns, live.title = record.turns, record.title
             if additional != record.additional_directories:
                 # The roots asked for are the session's now, in the store too (what
                 # session/list reports).
@@ -921,6 +936,7 @@ class Manager:
             self.cancel_turn(session, session.turn)
             self._ending[session.id] = session.turn  # (until it is recorded)
         del self.sessions[session.id]
+        self._drops += 1
         self.store.forget(session.id)
         handle = session.worker
         handle.sessions.discard(session.id)
@@ -1058,7 +1074,8 @@ class Manager:
         nursery (so a turn can outlive its connection within grace). The relay answers.
 
         The returned :class:`Deferred` hears from the peer if the request is cancelled
-        (``$/cancel_request``: the turn is cancelled and answered -32800) or its connection
+        (``$/cancel_request``: the turn is cancelled and answered -32800, or, if it had
+        ended, with its stop reason) or its connection
         ends first: the turn is cancelled, unless the client left with a client id within
         grace, in which case it runs on, orphaned, and its answer waits for the client."""
         if self._nursery is None:
@@ -1211,7 +1228,9 @@ class Manager:
                     turn.error = RpcError(
                         INTERNAL_ERROR, f"Internal error: the turn was not saved: {persist_error}"
                     )
-                elif turn.request_cancelled:
+                elif turn.request_cancelled and stop == "cancelled":
+                    # (A cancel that came once the turn had ended cancelled nothing: the
+                    # answer is the stop reason the turn was recorded with, below.)
                     turn.error = RpcError(REQUEST_CANCELLED, "Request cancelled")
                 else:
                     turn.response = {"stopReason": stop}

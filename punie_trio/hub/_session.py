@@ -63,7 +63,8 @@ class ActiveTurn:
     # StartTurn is queued for the worker, in order (a CancelTurn may follow it).
     started: bool = False
     cancel_requested: bool = False
-    # The client cancelled the request itself ($/cancel_request): answer -32800.
+    # The client cancelled the request itself ($/cancel_request): answer -32800 if that
+    # cut the turn (one that had ended already is answered with its stop reason).
     request_cancelled: bool = False
     finished: trio.Event = attrs.field(factory=trio.Event)
     response: dict[str, Any] | None = None

@@ -100,6 +100,16 @@ class GatedStore:
         await self.inner.update_session(*args, **kwargs)
 
 
+class ReadsEarly(GatedStore):
+    """A gated store whose session reads take their snapshot before they wait (the owner
+    thread's read done, its result not yet handed back)."""
+
+    async def get_session(self, session_id: str) -> Any:
+        record = await self.inner.get_session(session_id)
+        await self.gets.pass_through()
+        return record
+
+
 async def clients(hub: Hub, count: int) -> list[AcpTestClient]:
     links = [await hub.connect() for _ in range(count)]
     for link in links:
@@ -567,3 +577,104 @@ async def test_a_load_whose_store_read_waited_into_shutdown_opens_nothing(
                 store.gets.opened.set()
         assert answers["load"]["error"] == {"code": -32603, "message": "Server is shutting down"}
         assert session not in hub.manager.sessions and not hub.manager.workers
+
+
+async def test_a_load_whose_store_read_outlived_the_session_counts_the_turn_recorded_meanwhile(
+    tmp_path: Path, acp_schema: SchemaChecker
+) -> None:
+    """A session/load reads the stored session while the session is still live on another
+    connection, with a turn running; that connection drops (no client id: the session is
+    dropped and its cut turn recorded) before the read returns. The load then found no cut
+    turn to wait for and opened the session with the turn count it had read (0), while its
+    replay, read afterwards, held the cut turn: the loaded session's next turn reused
+    number 0 and was answered -32603 "the turn was not saved: ... already has turn 0
+    recorded" (a kill -9 soak, reloading a session at once on a new connection after
+    dropping the old one mid-turn)."""
+
+    store = ReadsEarly()
+    model = ScriptModel([[{"text": "slow"}, {"sleep": 60}], [{"text": "second"}]])
+    async with open_hub(tmp_path, acp_schema, model, store=store) as hub:  # type: ignore[arg-type]
+        with trio.fail_after(10):
+            a = await hub.connect()
+            await initialize(a.client)
+            session = await a.client.new_session(str(hub.root))
+            await send_prompt(a.client, "p", session, "go")
+            await a.client.wait_for(has_update(session, "agent_message_chunk", "slow"))
+            (b,) = await clients(hub, 1)
+            store.gets = Gate(armed=True)
+            answers: dict[str, Any] = {}
+
+            async def load() -> None:
+                answers["load"] = await b.request_raw(
+                    "session/load", load_params(session, hub.root)
+                )
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(load)
+                await store.gets.entered.wait()  # the load reads the stored session...
+                store.gets.armed = False
+                await a.drop()  # ...while its owner leaves and the cut turn is recorded
+                await hub.settle()
+                assert session not in hub.manager.sessions and not hub.manager._ending
+                assert len(await store.inner.transcript(session)) == 4  # user, slow, title, stop
+                store.gets.opened.set()
+            assert answers["load"]["result"] == {}, answers
+            assert [u["sessionUpdate"] for u in b.updates(session)] == [
+                "user_message_chunk",
+                "agent_message_chunk",
+                "session_info_update",
+            ]
+            assert hub.manager.sessions[session].turns == 1
+            # The next turn is turn 1: recorded, and played as the second.
+            answer = await b.request_raw("session/prompt", prompt_params(session, "next"))
+            assert answer.get("result") == {"stopReason": "end_turn"}, answer
+            assert b.agent_text(session) == "slowsecond"
+            # Named by its first turn already (the title read again too): not named again.
+            assert [u["sessionUpdate"] for u in b.updates(session)[3:]] == ["agent_message_chunk"]
+            assert [e.turn for e in await store.inner.transcript(session)] == [0] * 4 + [1] * 3
+
+
+async def test_a_load_whose_store_read_a_cut_turns_commit_lands_in_waits_for_it_first(
+    tmp_path: Path, acp_schema: SchemaChecker
+) -> None:
+    """A session/load arrives while a dropped session's cut turn is still being recorded
+    (``_ending``). It read the store first and looked for the cut turn after: the commit
+    landed while the read was under way, so the read missed the turn and the look found
+    nothing left to wait for. The load opened the session with the turn count before
+    it, the replay (read later) held it, and the next turn reused its number: -32603
+    "already has turn 0 recorded" (20 times in 635 drop-and-reload rounds of a stress
+    run). It now waits for a cut turn before it reads."""
+    store = ReadsEarly()
+    model = ScriptModel([[{"text": "slow"}, {"sleep": 60}], [{"text": "second"}]])
+    async with open_hub(tmp_path, acp_schema, model, store=store) as hub:  # type: ignore[arg-type]
+        with trio.fail_after(10):
+            a = await hub.connect()
+            await initialize(a.client)
+            session = await a.client.new_session(str(hub.root))
+            await send_prompt(a.client, "p", session, "go")
+            await a.client.wait_for(has_update(session, "agent_message_chunk", "slow"))
+            (b,) = await clients(hub, 1)
+            store.appends = Gate(armed=True)  # the cut turn's commit waits...
+            await a.drop()
+            await store.appends.entered.wait()
+            assert session in hub.manager._ending
+            store.gets = Gate(armed=True)
+            answers: dict[str, Any] = {}
+
+            async def load() -> None:
+                answers["load"] = await b.request_raw(
+                    "session/load", load_params(session, hub.root)
+                )
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(load)
+                await hub.settle()  # ...while the load starts (and read, before the fix)
+                store.appends.opened.set()
+                await hub.settle()  # the cut turn is recorded
+                assert not hub.manager._ending
+                store.gets.opened.set()
+            assert answers["load"]["result"] == {}, answers
+            assert hub.manager.sessions[session].turns == 1
+            answer = await b.request_raw("session/prompt", prompt_params(session, "next"))
+            assert answer.get("result") == {"stopReason": "end_turn"}, answer
+            assert b.agent_text(session) == "slowsecond"
