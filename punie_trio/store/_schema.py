@@ -317,11 +317,20 @@ def connect(path: Path) -> sqlite3.Connection:
         check_writable(conn, path)
     except sqlite3.Error as exc:
         conn.close()
+        if _is_readonly(exc):  # (the directory will not take the -wal: the WAL switch)
+            raise StoreError(f"{path}: the session store is read-only ({exc})") from exc
         raise StoreError(f"{path}: cannot open session store: {exc}") from exc
     except BaseException:
         conn.close()
         raise
     return conn
+
+
+def _is_readonly(exc: sqlite3.Error) -> bool:
+    """Whether SQLite failed ``exc`` because it may only read the store (any of
+    ``SQLITE_READONLY``'s extended codes: the file, its directory, a recovery)."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    return code is not None and code & 0xFF == sqlite3.SQLITE_READONLY
 
 
 def check_writable(conn: sqlite3.Connection, path: Path) -> None:
@@ -378,6 +387,13 @@ def connect_readonly(path: Path) -> sqlite3.Connection:
             )
     except sqlite3.Error as exc:
         conn.close()
+        if getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_READONLY_DIRECTORY:
+            # (A store closed cleanly has no -shm; reading a WAL store needs one.)
+            raise StoreError(
+                f"{path}: cannot read session store: SQLite must make its -shm file to read"
+                " it, and the directory does not let it (make the directory writable, or"
+                " read while the server runs)"
+            ) from exc
         raise StoreError(f"{path}: cannot read session store: {exc}") from exc
     except BaseException:
         conn.close()

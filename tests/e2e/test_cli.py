@@ -630,3 +630,41 @@ def test_a_prompt_running_at_stdin_eof_answers_cancelled(
     finally:
         agent.kill()
         agent.wait()
+
+
+def test_a_store_whose_directory_takes_no_wal_is_a_message(env: dict[str, str]) -> None:
+    """A store closed cleanly (no ``-wal`` or ``-shm`` left) in a directory the user may
+    not write: SQLite cannot make the WAL, and the open said only "cannot open session
+    store: attempt to write a readonly database", not what docs/sessions-store.md
+    promises for a store SQLite can only read."""
+    prefix = _as_another_user()
+    with tempfile.TemporaryDirectory(prefix="punie-ro-") as holder:
+        root = Path(holder)
+        root.chmod(0o755)
+        data, project = root / "data", root / "project"
+        project.mkdir()
+        env = dict(env, PUNIE_DATA_DIR=str(data), XDG_CONFIG_HOME=str(root / "cfg"))
+        args = ["serve", "--stdio", "--no-http", "--project", str(project), "--token", "T"]
+        assert punie(*args, env=env).returncode == 0
+        store = data / "sessions.sqlite3"
+        assert not (data / "sessions.sqlite3-wal").exists()
+        for file in data.iterdir():
+            file.chmod(0o666)  # the lock and the log stay writable; the store too
+        data.chmod(0o555)  # but no new file (the -wal, the -shm) can be made beside it
+        try:
+            done = subprocess.run(
+                [*prefix, *PUNIE, *args], env=env, capture_output=True, text=True,
+                timeout=60, stdin=subprocess.DEVNULL,
+            )  # fmt: skip
+            listed = subprocess.run(
+                [*prefix, *PUNIE, "sessions", "list"], env=env, capture_output=True,
+                text=True, timeout=60, stdin=subprocess.DEVNULL,
+            )  # fmt: skip
+        finally:
+            data.chmod(0o755)
+        assert done.returncode == 1, done.stderr
+        assert f"{store}: the session store is read-only" in done.stderr, done.stderr
+        assert "Traceback" not in done.stderr
+        # The read-only commands cannot read it either (a WAL store needs its -shm): said so.
+        assert listed.returncode == 1, listed.stderr
+        assert "SQLite must make its -shm file to read it" in listed.stderr, listed.stderr
