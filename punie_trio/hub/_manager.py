@@ -74,6 +74,7 @@ from ..worker import (
     EventReceiver,
     EventSender,
     ForgetSession,
+    ForgetTurn,
     Model,
     ProjectWorker,
     SeedHistory,
@@ -1203,6 +1204,10 @@ class Manager:
                 persist_error = await self._persist_turn(
                     session, params, streamed, stop, "".join(agent_text), title, failed
                 )
+                if persist_error is not None and finished is not None:
+                    # Not in the store: not in the model's history either (before the
+                    # answer, so before any later StartTurn of the session).
+                    self._command(session.worker, ForgetTurn(session.id, turn.turn_id))
                 if held:
                     # The last updates go with the answer, queued past the outbox's
                     # bounds: wait for room first, as the other updates do, or a client

@@ -112,6 +112,16 @@ class ForgetSession:
 
 
 @attrs.frozen
+class ForgetTurn:
+    """Drop a finished turn from the worker's history of its session: its transcript was
+    not saved, so the session reloaded from the store would not have it (it is left out
+    as a turn whose model failed is). Nothing if it is not the last turn kept."""
+
+    session_id: str
+    turn_id: int
+
+
+@attrs.frozen
 class SeedHistory:
     """Give the worker a session's history (loaded from the store)."""
 
@@ -119,4 +129,4 @@ class SeedHistory:
     history: tuple[tuple[str, str], ...]
 
 
-Command = StartTurn | CancelTurn | ClientReply | ForgetSession | SeedHistory
+Command = StartTurn | CancelTurn | ClientReply | ForgetSession | ForgetTurn | SeedHistory

@@ -33,6 +33,7 @@ from ._envelopes import (
     ClientReply,
     Command,
     ForgetSession,
+    ForgetTurn,
     StartTurn,
     TurnEvent,
     TurnFinished,
@@ -282,6 +283,8 @@ class ProjectWorker:
     _turns: dict[int, _Turn] = attrs.field(factory=dict, init=False)
     _tool_calls: ToolCallLimiter = attrs.field(init=False)
     _history: dict[str, list[tuple[str, str]]] = attrs.field(factory=dict, init=False)
+    #: By session: the turn whose (user, agent) pair ends its history (for ForgetTurn).
+    _last_kept: dict[str, int] = attrs.field(factory=dict, init=False)
 
     def __attrs_post_init__(self) -> None:
         self._tool_calls = ToolCallLimiter(self.tool_calls_per_minute)
@@ -330,8 +333,14 @@ class ProjectWorker:
                 slot.done.set()
         elif isinstance(command, ForgetSession):
             self._history.pop(command.session_id, None)
+            self._last_kept.pop(command.session_id, None)
+        elif isinstance(command, ForgetTurn):
+            if self._last_kept.get(command.session_id) == command.turn_id:
+                del self._last_kept[command.session_id]
+                del self._history[command.session_id][-2:]
         else:
             self._history[command.session_id] = list(command.history)
+            self._last_kept.pop(command.session_id, None)
 
     async def _run_turn(self, turn: _Turn) -> None:
         start = turn.start
@@ -359,6 +368,7 @@ class ProjectWorker:
             # (A refused turn "won't be included in the next prompt": the StopReason schema.)
             history.append(("user", start.prompt_text))
             history.append(("agent", "".join(turn.agent_text)))
+            self._last_kept[session_id] = start.turn_id
         # A tool call the turn left running ends failed: the tool-calls page has no status
         # for "cancelled", and an IDE shows an in_progress call as running for ever.
         why = "cancelled" if finished.stop_reason == "cancelled" else "the turn ended first"

@@ -458,6 +458,31 @@ async def test_tool_call_ids_stay_unique_after_a_turn_failed_to_save(
     assert ids == ["call_1_1", "call_2_1"]
 
 
+async def test_a_turn_that_was_not_saved_is_not_in_the_live_history_either(
+    tmp_path: Path, acp_schema: SchemaChecker
+) -> None:
+    """The model's history kept a turn whose transcript was not saved: the live session's
+    next turn saw it, the same session reloaded from the store did not. It is left out, as
+    a turn whose model failed is."""
+    model = RefusesBad()
+    store = GatedStore()
+    async with open_hub(tmp_path, acp_schema, model, store=store) as hub:  # type: ignore[arg-type]
+        (a,) = await clients(hub, 1)
+        session = await a.new_session(str(hub.root))
+        assert await a.prompt(session, "one") == "end_turn"
+        store.appends_fail = True
+        failed = await a.request_raw("session/prompt", prompt_params(session, "two"))
+        assert "not saved" in failed["error"]["message"]
+        assert await a.prompt(session, "three") == "end_turn"
+        await a.request("session/close", {"sessionId": session})
+        await a.request("session/load", load_params(session, hub.root))
+        assert await a.prompt(session, "four") == "end_turn"
+    one = [("user", "one"), ("agent", "answer to one")]
+    three = [("user", "three"), ("agent", "answer to three")]
+    assert model.seen[2] == one  # the live turn after the unsaved one
+    assert model.seen[3] == one + three  # the reloaded session's: the same turns
+
+
 async def test_a_turn_that_was_not_saved_does_not_name_the_session(
     tmp_path: Path, acp_schema: SchemaChecker
 ) -> None:

@@ -24,6 +24,7 @@ from punie_trio.worker import (
     Command,
     EchoModel,
     ForgetSession,
+    ForgetTurn,
     Model,
     ProjectWorker,
     ScriptModel,
@@ -202,6 +203,22 @@ async def test_a_refused_turn_is_left_out_of_the_next_turns_history(tmp_path: Pa
     assert model.seen[2] == [("user", "good"), ("agent", "answer to good")]
     assert model.seen[3] == [("user", "q"), ("agent", "a")]
     assert model.seen[4] == []
+
+
+async def test_forget_turn_drops_only_the_last_kept_turn_it_names(tmp_path: Path) -> None:
+    """A turn whose transcript was not saved leaves the history (the hub's ForgetTurn);
+    one that is not the last kept (a stale or repeated command) changes nothing."""
+    model = RefusesBad()
+    async with running_worker(tmp_path, model) as h:
+        first, events = await h.start("one")
+        await collect(events)
+        second, events = await h.start("two")
+        await collect(events)
+        await h.commands.send(ForgetTurn("s1", first))  # not the last: kept
+        await h.commands.send(ForgetTurn("s1", second))
+        await h.commands.send(ForgetTurn("s1", second))  # again: nothing more goes
+        await h.run_turn("three")
+    assert model.seen[2] == [("user", "one"), ("agent", "answer to one")]
 
 
 async def test_cancel_during_sleep(tmp_path: Path, autojump_clock: trio.testing.MockClock) -> None:
