@@ -5,8 +5,11 @@ Why: importing the CLI imports the server (Hypercorn, h2, wsproto, the ACP layer
 of the command's start-up (about 0.25 s here). A Ctrl-C then was a ``KeyboardInterrupt``
 traceback, and a SIGTERM or SIGHUP killed the process without a word, before
 :func:`punie_trio.cli.main` could catch anything. Nothing has started yet, so there is
-nothing to shut down: Ctrl-C exits 130 as it does until ``serve`` watches its signals,
-SIGTERM and SIGHUP exit 0 as a graceful shutdown does, each with one line on stderr.
+nothing to shut down: Ctrl-C exits 130 as it does until ``serve`` watches its signals;
+SIGTERM and SIGHUP exit 0 for ``serve``, as its graceful shutdown does, and 128 + the
+signal's number for the other commands, as the signal's default gives once they run (a
+``sessions export`` stopped so had exited 0 with nothing written, which a script would
+take for an empty export); each with one line on stderr.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import importlib
 import signal
 import sys
+from collections.abc import Sequence
 from types import FrameType
 
 #: Asks to stop before the CLI is imported (SIGINT is Python's KeyboardInterrupt already).
@@ -43,8 +47,9 @@ def _restore(caught: list[int]) -> None:
             mask(signal.SIG_SETMASK, held)
 
 
-def main() -> int:
-    """Import the CLI with the early signals caught, then run it."""
+def main(argv: Sequence[str] | None = None) -> int:
+    """Import the CLI with the early signals caught, then run it (``argv``: the command
+    line after the program's name, default ``sys.argv[1:]``)."""
     # Only where the default would kill: an ignored SIGHUP (``nohup``) stays ignored.
     caught = [s for s in EARLY_SIGNALS if signal.getsignal(s) is signal.SIG_DFL]
     try:
@@ -60,9 +65,10 @@ def main() -> int:
         _restore(caught)
         name = signal.Signals(stopped.signum).name
         print(f"punie-trio: received {name} before starting, exiting", file=sys.stderr)
-        return 0
+        command = sys.argv[1:] if argv is None else argv
+        return 0 if command and command[0] == "serve" else 128 + stopped.signum
     except BaseException:  # (an import that failed: its traceback, under the defaults)
         _restore(caught)
         raise
-    status: int = cli.main()
+    status: int = cli.main(argv)
     return status

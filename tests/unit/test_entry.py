@@ -35,13 +35,24 @@ def test_ctrl_c_while_importing_is_130_and_one_line(
 
 
 @pytest.mark.parametrize("name", ["SIGTERM", "SIGHUP"])
-def test_sigterm_or_sighup_while_importing_exits_0_with_one_line(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], name: str
+@pytest.mark.parametrize(
+    ("argv", "serving"),
+    [(["serve", "--port", "0"], True), (["sessions", "export", "s1"], False), ([], False)],
+)
+def test_sigterm_or_sighup_while_importing_is_one_line_and_a_status(
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    name: str,
+    argv: list[str],
+    serving: bool,
 ) -> None:
+    """0 for ``serve`` (a graceful shutdown's status); for another command the status the
+    signal gives once it runs (128 + its number): a ``sessions export`` stopped so exited 0
+    with nothing written."""
     signum = getattr(signal, name)
     before = signal.getsignal(signum)
     monkeypatch.setattr(_entry.importlib, "import_module", _importing_gets(None, signum))
-    assert _entry.main() == 0
+    assert _entry.main(argv) == (0 if serving else 128 + signum)
     assert capsys.readouterr().err == f"punie-trio: received {name} before starting, exiting\n"
     assert signal.getsignal(signum) is before  # the process's own handling is back
 
@@ -57,7 +68,7 @@ def test_an_imports_except_exception_does_not_swallow_the_signal(
         raise AssertionError("the import went on")
 
     monkeypatch.setattr(_entry.importlib, "import_module", import_module)
-    assert _entry.main() == 0
+    assert _entry.main(["serve"]) == 0
     assert "received SIGTERM before starting" in capsys.readouterr().err
 
 
@@ -69,7 +80,7 @@ def test_an_ignored_sighup_stays_ignored_while_importing(
 
     class Cli:
         @staticmethod
-        def main() -> int:
+        def main(argv: Any = None) -> int:
             ran.append(True)
             return 0
 
