@@ -245,6 +245,10 @@ class PromptParams:
         return "\n".join(parts)
 
 
+#: What a bare text block adds to a prompt beyond its text: ``{"type":"text","text":""}``.
+TEXT_BLOCK_ENVELOPE = 25
+
+
 def _utf8_len(text: str) -> int:
     """The UTF-8 size of ``text``. A lone surrogate (valid JSON: ``"\\ud800"``) counts as
     the 3 bytes ``surrogatepass`` gives it; the prompt is not refused for it (it is sent
@@ -345,9 +349,13 @@ def parse_prompt(params: Params, *, max_bytes: int | None = None) -> PromptParam
                            "TextResourceContents or BlobResourceContents)")  # fmt: skip
         # A bare text block counts its text; any other block (or a text block with more
         # fields: annotations, _meta) its whole JSON text, which is what is stored and
-        # replayed: an 8 MiB blob or _meta is as big as 8 MiB of text.
-        bare = kind == "text" and len(block) == 2
-        size += _utf8_len(block["text"] if bare else _json.dumps(block))
+        # replayed: an 8 MiB blob or _meta is as big as 8 MiB of text. A bare text block
+        # past the first counts its JSON envelope too: each block is a transcript entry,
+        # and 500,000 empty ones (15 MB) were once 0 bytes.
+        if kind == "text" and len(block) == 2:
+            size += _utf8_len(block["text"]) + (TEXT_BLOCK_ENVELOPE if i else 0)
+        else:
+            size += _utf8_len(_json.dumps(block))
         fixed = _lenient_fields(block, kind)
         if fixed is not block:
             if cleaned is None:

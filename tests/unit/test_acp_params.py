@@ -353,6 +353,25 @@ def test_prompt_size_limit_counts_text_and_every_other_block_whole() -> None:
     assert acp.parse_prompt(_prompt({"type": "text", "text": "x" * 100_000}))
 
 
+def test_prompt_size_limit_counts_every_text_block_past_the_first() -> None:
+    """Each bare text block past the first counts its JSON envelope too
+    (``{"type":"text","text":""}``, 25 bytes): each is a transcript entry stored and
+    replayed. Counting their text alone, a prompt of 500,000 empty text blocks (15 MB on
+    the wire) was 0 bytes under the 1 MiB limit: 500,000 entries stored (100 MB of
+    SQLite and WAL), a session/load of 83 s, and other clients stalled for 1.9 s."""
+    envelope = len('{"type":"text","text":""}')
+    empty = {"type": "text", "text": ""}
+    message = _refused(acp.parse_prompt, _prompt(*[empty] * 1000), max_bytes=1000)
+    assert f"{999 * envelope} bytes" in message
+    # One text block still counts its text alone: exactly at the limit passes.
+    assert acp.parse_prompt(_prompt({"type": "text", "text": "é" * 50}), max_bytes=100)
+    two = _prompt({"type": "text", "text": "é" * 50}, {"type": "text", "text": "x" * 10})
+    assert acp.parse_prompt(two, max_bytes=100 + envelope + 10)
+    assert f"{100 + envelope + 10} bytes" in _refused(
+        acp.parse_prompt, two, max_bytes=100 + envelope + 9
+    )
+
+
 def test_params_object() -> None:
     assert acp.params_object(None) == {}
     assert acp.params_object({"a": 1}) == {"a": 1}
