@@ -167,6 +167,10 @@ def _mcp_servers(obj: Mapping[str, Any], required: bool) -> None:
             )  # fmt: skip
 
 
+#: The most ``additionalDirectories`` a session/new, load or resume may name.
+MAX_ADDITIONAL_DIRECTORIES = 256
+
+
 def _directories(obj: Mapping[str, Any]) -> tuple[str, ...]:
     """``additionalDirectories`` as the schema reads it (marked default-on-error and
     skip-invalid-items: not an array reads as none, an item that is not a string is
@@ -174,6 +178,14 @@ def _directories(obj: Mapping[str, Any]) -> tuple[str, ...]:
     value = obj.get("additionalDirectories")
     if not isinstance(value, list):
         return ()
+    count = sum(1 for item in value if isinstance(item, str))
+    if count > MAX_ADDITIONAL_DIRECTORIES:
+        # Before any is resolved: each is a walk of the file system in the server's one
+        # thread, and 200,000 of them (a 5 MB message) held every client up for 7.5 s.
+        raise RpcError.invalid_params(
+            f"Invalid params: additionalDirectories has {count} paths, "
+            f"over the limit of {MAX_ADDITIONAL_DIRECTORIES}"
+        )
     return tuple(
         _abs_path_text(item, f"additionalDirectories[{i}]")
         for i, item in enumerate(value)

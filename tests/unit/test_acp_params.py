@@ -181,6 +181,25 @@ def test_additional_directories_are_read_as_the_schema_says() -> None:
         assert acp.parse_new_session(params).additional_directories == expected
 
 
+def test_additional_directories_are_bounded() -> None:
+    """At most ``MAX_ADDITIONAL_DIRECTORIES`` paths, or -32602 naming the bound, before any
+    is resolved: each costs a walk of the file system in the server's one thread (about
+    40 us), and a session/new with 200,000 of them (a 5 MB message) held every client
+    up for 7.5 s. Items skipped as the schema says (not strings) do not count."""
+    most = acp.MAX_ADDITIONAL_DIRECTORIES
+    params = {"cwd": "/p", "mcpServers": [], "additionalDirectories": ["/a"] * most + [3]}
+    assert len(acp.parse_new_session(params).additional_directories) == most
+    params["additionalDirectories"] = ["/a"] * (most + 1)
+    for parse in (
+        acp.parse_new_session,
+        lambda p: acp.parse_load_session({**p, "sessionId": "s"}, mcp_required=True),
+    ):
+        message = _refused(parse, params)
+        assert message == (
+            f"Invalid params: additionalDirectories has {most + 1} paths, over the limit of {most}"
+        )
+
+
 def test_stdio_mcp_servers_are_accepted() -> None:
     for server in (STDIO_SERVER, {**STDIO_SERVER, "type": "stdio", "_meta": {"x": 1}}):
         parsed = acp.parse_new_session({"cwd": "/p", "mcpServers": [server]})
