@@ -25,6 +25,7 @@ from ._methods import (
     STOP_REASONS,
 )
 from ._params import (
+    MAX_ADDITIONAL_DIRECTORIES,
     ClientCapabilities,
     InitializeParams,
     ListSessionsParams,
@@ -47,6 +48,7 @@ __all__ = [
     "FS_READ_TEXT_FILE",
     "FS_WRITE_TEXT_FILE",
     "INITIALIZE",
+    "MAX_ADDITIONAL_DIRECTORIES",
     "PROTOCOL_VERSION",
     "REQUEST_PERMISSION",
     "SESSION_CANCEL",

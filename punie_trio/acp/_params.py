@@ -167,6 +167,10 @@ def _mcp_servers(obj: Mapping[str, Any], required: bool) -> None:
             )  # fmt: skip
 
 
+#: The most ``additionalDirectories`` a session/new, load or resume may name.
+MAX_ADDITIONAL_DIRECTORIES = 256
+
+
 def _directories(obj: Mapping[str, Any]) -> tuple[str, ...]:
     """``additionalDirectories`` as the schema reads it (marked default-on-error and
     skip-invalid-items: not an array reads as none, an item that is not a string is
@@ -174,6 +178,14 @@ def _directories(obj: Mapping[str, Any]) -> tuple[str, ...]:
     value = obj.get("additionalDirectories")
     if not isinstance(value, list):
         return ()
+    count = sum(1 for item in value if isinstance(item, str))
+    if count > MAX_ADDITIONAL_DIRECTORIES:
+        # Before any is resolved: each is a walk of the file system in the server's one
+        # thread, and 200,000 of them (a 5 MB message) held every client up for 7.5 s.
+        raise RpcError.invalid_params(
+            f"Invalid params: additionalDirectories has {count} paths, "
+            f"over the limit of {MAX_ADDITIONAL_DIRECTORIES}"
+        )
     return tuple(
         _abs_path_text(item, f"additionalDirectories[{i}]")
         for i, item in enumerate(value)
@@ -243,6 +255,10 @@ class PromptParams:
                 text = resource.get("text")
                 parts.append(text if isinstance(text, str) else f"<{resource.get('uri', '')}>")
         return "\n".join(parts)
+
+
+#: What a bare text block adds to a prompt beyond its text: ``{"type":"text","text":""}``.
+TEXT_BLOCK_ENVELOPE = 25
 
 
 def _utf8_len(text: str) -> int:
@@ -345,9 +361,13 @@ def parse_prompt(params: Params, *, max_bytes: int | None = None) -> PromptParam
                            "TextResourceContents or BlobResourceContents)")  # fmt: skip
         # A bare text block counts its text; any other block (or a text block with more
         # fields: annotations, _meta) its whole JSON text, which is what is stored and
-        # replayed: an 8 MiB blob or _meta is as big as 8 MiB of text.
-        bare = kind == "text" and len(block) == 2
-        size += _utf8_len(block["text"] if bare else _json.dumps(block))
+        # replayed: an 8 MiB blob or _meta is as big as 8 MiB of text. A bare text block
+        # past the first counts its JSON envelope too: each block is a transcript entry,
+        # and 500,000 empty ones (15 MB) were once 0 bytes.
+        if kind == "text" and len(block) == 2:
+            size += _utf8_len(block["text"]) + (TEXT_BLOCK_ENVELOPE if i else 0)
+        else:
+            size += _utf8_len(_json.dumps(block))
         fixed = _lenient_fields(block, kind)
         if fixed is not block:
             if cleaned is None:

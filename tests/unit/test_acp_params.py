@@ -181,6 +181,25 @@ def test_additional_directories_are_read_as_the_schema_says() -> None:
         assert acp.parse_new_session(params).additional_directories == expected
 
 
+def test_additional_directories_are_bounded() -> None:
+    """At most ``MAX_ADDITIONAL_DIRECTORIES`` paths, or -32602 naming the bound, before any
+    is resolved: each costs a walk of the file system in the server's one thread (about
+    40 us), and a session/new with 200,000 of them (a 5 MB message) held every client
+    up for 7.5 s. Items skipped as the schema says (not strings) do not count."""
+    most = acp.MAX_ADDITIONAL_DIRECTORIES
+    params = {"cwd": "/p", "mcpServers": [], "additionalDirectories": ["/a"] * most + [3]}
+    assert len(acp.parse_new_session(params).additional_directories) == most
+    params["additionalDirectories"] = ["/a"] * (most + 1)
+    for parse in (
+        acp.parse_new_session,
+        lambda p: acp.parse_load_session({**p, "sessionId": "s"}, mcp_required=True),
+    ):
+        message = _refused(parse, params)
+        assert message == (
+            f"Invalid params: additionalDirectories has {most + 1} paths, over the limit of {most}"
+        )
+
+
 def test_stdio_mcp_servers_are_accepted() -> None:
     for server in (STDIO_SERVER, {**STDIO_SERVER, "type": "stdio", "_meta": {"x": 1}}):
         parsed = acp.parse_new_session({"cwd": "/p", "mcpServers": [server]})
@@ -351,6 +370,25 @@ def test_prompt_size_limit_counts_text_and_every_other_block_whole() -> None:
         ), big
     # No limit: anything goes.
     assert acp.parse_prompt(_prompt({"type": "text", "text": "x" * 100_000}))
+
+
+def test_prompt_size_limit_counts_every_text_block_past_the_first() -> None:
+    """Each bare text block past the first counts its JSON envelope too
+    (``{"type":"text","text":""}``, 25 bytes): each is a transcript entry stored and
+    replayed. Counting their text alone, a prompt of 500,000 empty text blocks (15 MB on
+    the wire) was 0 bytes under the 1 MiB limit: 500,000 entries stored (100 MB of
+    SQLite and WAL), a session/load of 83 s, and other clients stalled for 1.9 s."""
+    envelope = len('{"type":"text","text":""}')
+    empty = {"type": "text", "text": ""}
+    message = _refused(acp.parse_prompt, _prompt(*[empty] * 1000), max_bytes=1000)
+    assert f"{999 * envelope} bytes" in message
+    # One text block still counts its text alone: exactly at the limit passes.
+    assert acp.parse_prompt(_prompt({"type": "text", "text": "é" * 50}), max_bytes=100)
+    two = _prompt({"type": "text", "text": "é" * 50}, {"type": "text", "text": "x" * 10})
+    assert acp.parse_prompt(two, max_bytes=100 + envelope + 10)
+    assert f"{100 + envelope + 10} bytes" in _refused(
+        acp.parse_prompt, two, max_bytes=100 + envelope + 9
+    )
 
 
 def test_params_object() -> None:
