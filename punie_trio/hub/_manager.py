@@ -1369,7 +1369,10 @@ class Manager:
     ) -> str | None:
         """Commit the turn's transcript before its answer is sent (an answered turn is never
         lost). A relay cancelled meanwhile (shutdown) records its turn too, as cancelled.
-        Once it is committed, ``title`` (the session's first) is saved. ``failed`` is the
+        ``title`` (the session's first) is recorded with the turn, in its transaction (saved
+        by a write of its own after it, a kill between the two left the transcript naming
+        the session and its record untitled; its next turn then named it after that later
+        prompt). ``failed`` is the
         model's error, recorded so a load leaves the turn out of the model's history as the
         live session did. Returns an error message, or None once committed."""
         entries: list[tuple[str, Payload]] = [
@@ -1388,13 +1391,17 @@ class Manager:
             if trio.current_effective_deadline() != -math.inf:
                 # No scope (one costs ~9 us a prompt): append_turn is not interruptible
                 # once begun (the Store protocol), and this task is not cancelled yet.
-                await self.store.append_turn(session.id, session.turns, entries, alone=alone)
+                await self.store.append_turn(
+                    session.id, session.turns, entries, alone=alone, title=title
+                )
             else:
                 # Cancelled (shutting down): shielded, so the turn is still recorded, as
                 # cancelled; with a deadline, so a store that hangs cannot hold shutdown.
                 deadline = trio.current_time() + PERSIST_TIMEOUT
                 with trio.CancelScope(shield=True, deadline=deadline) as scope:
-                    await self.store.append_turn(session.id, session.turns, entries, alone=alone)
+                    await self.store.append_turn(
+                        session.id, session.turns, entries, alone=alone, title=title
+                    )
                 if scope.cancelled_caught:
                     log.error("persisting a turn of session %s timed out", session.id)
                     return "the store did not answer in time"
@@ -1407,27 +1414,7 @@ class Manager:
             return f"{type(exc).__name__}: {exc}"
         if title is not None:
             session.title = title
-            await self._save_title(session)
         return None
-
-    async def _save_title(self, session: Session) -> None:
-        """Record the title taken from the session's first prompt. A failure is logged,
-        not reported (the turn itself is recorded; the title is only a label), and the
-        title is forgotten, so the next turn tries again."""
-        saved = False
-        with trio.CancelScope(shield=True) as scope:
-            scope.deadline = trio.current_time() + PERSIST_TIMEOUT
-            try:
-                await self.store.update_session(session.id, title=session.title)
-                saved = True
-            except StoreError as exc:
-                log.error("could not save the title of session %s: %s", session.id, exc)
-            except Exception:  # a store bug must not take the manager down
-                log.exception("saving the title of session %s failed", session.id)
-        if scope.cancelled_caught:
-            log.error("saving the title of session %s timed out", session.id)
-        if not saved:
-            session.title = None
 
 
 def _title_for(session: Session, params: PromptParams) -> str | None:

@@ -29,6 +29,7 @@ from ._model import (
     check_config,
     check_limit,
     check_record,
+    check_title,
     check_turn,
     listed_position,
     next_cursor,
@@ -154,15 +155,19 @@ class MemoryStore:
         entries: Sequence[tuple[str, Payload]],
         *,
         alone: bool = False,
+        title: str | None = None,
     ) -> None:
         await self._enter_write()
         rows = check_turn(turn, entries)
+        check_title(title)
         rec = self._get(session_id)
         if turn < rec.turns:
             raise StoreError(f"session {session_id!r} already has turn {turn} recorded")
         log = self._transcripts[session_id]
         log.extend((turn, kind, payload) for kind, payload in rows)
         at = self.clock()
+        if title is not None:
+            rec = attrs.evolve(rec, title=title)
         self._sessions[session_id] = attrs.evolve(rec, turns=turn + 1, updated_at=at)
         self._turn_times[session_id].append(at)
 

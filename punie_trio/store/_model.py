@@ -162,6 +162,12 @@ def check_record(rec: SessionRecord) -> SessionRecord:
     )
 
 
+def check_title(title: str | None) -> None:
+    """``append_turn``'s ``title``: None or a string (``StoreError`` otherwise)."""
+    if title is not None and not isinstance(title, str):
+        raise StoreError(f"a title must be a string, not {type(title).__name__}")
+
+
 def session_changes(
     *,
     title: str | Unset | None,

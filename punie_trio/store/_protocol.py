@@ -66,9 +66,13 @@ class Store(Protocol):
         entries: Sequence[tuple[str, Payload]],
         *,
         alone: bool = False,
+        title: str | None = None,
     ) -> None:
         """Record one finished turn atomically: its entries in order, ``turns`` raised to
-        ``turn + 1`` and ``updated_at`` set to now. Once this returns the turn is durable
+        ``turn + 1`` and ``updated_at`` set to now, and ``title`` (unless None) as the
+        session's title, in the same transaction (the turn that names a session records
+        the name with it: saved apart, a crash between the two left a transcript naming
+        the session and a record without the title). Once this returns the turn is durable
         across a process crash; until it returns, none of it may be. A ``turn`` below the
         session's ``turns`` (already recorded) is a ``StoreError``, and so is an invalid
         entry (see ``check_turn``: among others, a kind with a tab or newline, or a payload

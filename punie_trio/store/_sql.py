@@ -432,6 +432,7 @@ def append_turns(
     now: float,
     before_commit: Callable[[], None] | None = None,
     data_version: int | None = None,
+    titles: Sequence[str | None] = (),
 ) -> tuple[list[tuple[int, Tail]], int]:
     """Record several turns (of different sessions) in one transaction, all or none; return
     each one's key and new tail (see :func:`write_turn`), and the connection's ``PRAGMA
@@ -447,6 +448,10 @@ def append_turns(
     rows go in with one ``executemany`` of the plain ``INSERT``, without the guard's
     subquery (about 10 us a turn less in the server). The primary and foreign keys still
     stand behind them. Otherwise each turn goes through :func:`write_turn`.
+
+    ``titles``: empty, or for each turn None or the title it gives its session, set in
+    the same transaction (the session's ``turns`` and ``updated_at`` columns are left
+    alone: a title is no metadata write for the derived values, see ``update_session``).
 
     ``before_commit`` runs inside the transaction after every write; tests use it to hold
     a turn mid-transaction (to cancel its caller, or to fail it) and check all-or-nothing.
@@ -466,6 +471,11 @@ def append_turns(
                 write_turn(conn, session_id, turn, rows, now, key, tail)
                 for session_id, turn, rows, key, tail in turns
             ]
+        if any(title is not None for title in titles):
+            conn.executemany(
+                "UPDATE sessions SET title = ? WHERE key = ?",
+                [(t, key) for t, (key, _) in zip(titles, done, strict=True) if t is not None],
+            )
         if before_commit is not None:
             before_commit()
     return done, version

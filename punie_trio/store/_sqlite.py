@@ -66,6 +66,7 @@ from ._model import (
     Unset,
     check_limit,
     check_record,
+    check_title,
     check_turn,
     decode_cursor,
     session_changes,
@@ -119,6 +120,7 @@ class _GroupedTurn:
     session_id: str
     turn: int
     rows: list[tuple[str, str]]
+    title: str | None = None
     task: trio.lowlevel.Task | None = None
     error: Exception | None = None
 
@@ -392,8 +394,10 @@ class SqliteStore:
         entries: Sequence[tuple[str, Payload]],
         *,
         alone: bool = False,
+        title: str | None = None,
     ) -> None:
-        """Record a turn; return once it is committed (group commit, see the module).
+        """Record a turn (and ``title``, if given, as the session's, in the same
+        transaction); return once it is committed (group commit, see the module).
 
         The first turn to arrive while no group is gathering leads one: it lets the tasks
         already runnable in this scheduler pass run (one shielded schedule point), so the
@@ -406,7 +410,8 @@ class SqliteStore:
         await trio.lowlevel.checkpoint_if_cancelled()  # first: a cancelled caller writes nothing
         self._check_open()
         rows = check_turn(turn, entries)
-        item = _GroupedTurn(session_id, turn, rows)
+        check_title(title)
+        item = _GroupedTurn(session_id, turn, rows, title)
         group = self._gathering
         if group is not None:
             item.task = trio.lowlevel.current_task()
@@ -476,8 +481,11 @@ class SqliteStore:
             for t in group
         ]
         hook = self._before_commit
+        titles = [t.title for t in group]
         done, version = _translated(
-            lambda conn: _sql.append_turns(conn, writes, self.clock(), hook, self._data_version)
+            lambda conn: _sql.append_turns(
+                conn, writes, self.clock(), hook, self._data_version, titles
+            )
         )(self._writer)
         if version != self._data_version:
             # Another connection wrote: what is remembered of other sessions may be stale.

@@ -480,6 +480,8 @@ async def test_failure_inside_a_turn_rolls_it_back_whole(tmp_path: Path) -> None
         store._before_commit = explode
         with pytest.raises(RuntimeError, match="disk on fire"):
             await store.append_turn("s1", 0, sample_turn(0))
+        with pytest.raises(RuntimeError, match="disk on fire"):  # and the title it gives
+            await store.append_turn("s1", 0, sample_turn(0), title="named")
         store._before_commit = None
         assert await store.transcript("s1") == []
         assert await store.get_session("s1") == make_record()

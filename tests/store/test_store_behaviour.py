@@ -196,6 +196,27 @@ async def test_append_turn_orders_entries_and_bumps_session(store: Store, clock:
     assert all(isinstance(e, TranscriptEntry) and e.session_id == "s1" for e in entries)
 
 
+async def test_a_turn_records_the_title_it_gives_with_it(store: Store, clock: StepClock) -> None:
+    """``append_turn(..., title=)`` names the session in the turn's own commit (the hub's
+    first turn); the turn count and times derive as for any turn, and other sessions of
+    the same group keep their titles."""
+    await store.create_session(make_record())
+    await store.create_session(make_record("s2", title="kept"))
+    async with trio.open_nursery() as nursery:  # (one group commit for the sqlite store)
+        nursery.start_soon(lambda: store.append_turn("s1", 0, sample_turn(0), title="Fix bug"))
+        nursery.start_soon(lambda: store.append_turn("s2", 0, sample_turn(0)))
+    s1, s2 = await store.get_session("s1"), await store.get_session("s2")
+    assert s1 is not None and (s1.title, s1.turns) == ("Fix bug", 1)
+    assert s2 is not None and (s2.title, s2.turns) == ("kept", 1)
+    await store.append_turn("s1", 1, sample_turn(1))  # no title: left as it is
+    s1 = await store.get_session("s1")
+    assert s1 is not None and (s1.title, s1.turns) == ("Fix bug", 2)
+    assert s1.updated_at == clock() - 1
+    with pytest.raises(StoreError, match="title"):
+        await store.append_turn("s1", 2, sample_turn(2), title=3)  # type: ignore[arg-type]
+    assert [r.title for r in (await store.list_sessions())[0]] == ["Fix bug", "kept"]
+
+
 async def test_turns_and_updated_at_follow_the_last_write(store: Store, clock: StepClock) -> None:
     """A session's ``turns`` and ``updated_at`` reflect the turns appended after its last
     metadata write, and the last write wins, whichever kind it was (SQLite derives them

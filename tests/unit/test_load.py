@@ -6,6 +6,7 @@ what it had."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -505,33 +506,66 @@ async def test_a_turn_that_was_not_saved_does_not_name_the_session(
         assert kinds == ["user_message_chunk", "agent_message_chunk", "session_info_update", "stop"]
 
 
-async def test_a_title_that_fails_to_save_does_not_fail_the_recorded_turn(
-    tmp_path: Path, acp_schema: SchemaChecker, caplog: pytest.LogCaptureFixture
+async def test_the_title_is_recorded_with_its_turn_not_by_a_write_of_its_own(
+    tmp_path: Path, acp_schema: SchemaChecker
 ) -> None:
-    """The first prompt's title is saved after its turn is committed; a store that cannot
-    save it logs the failure and the prompt still answers, its turn recorded (it once
-    answered "the turn was not saved" about a turn that was), and the next turn retries."""
+    """The first prompt's title goes into its turn's commit: a store whose session updates
+    fail names the session all the same (the title was once saved by an update after the
+    commit; a failed one left the session untitled, the next turn naming it again), and
+    the next turns name nothing."""
     store = GatedStore()
     async with open_hub(tmp_path, acp_schema, EchoModel(), store=store) as hub:  # type: ignore[arg-type]
         (a,) = await clients(hub, 1)
         session = await a.new_session(str(hub.root))
         store.updates_fail = True
         assert await a.prompt(session, "hello there") == "end_turn"
-        store.updates_fail = False
         rec = await store.inner.get_session(session)
-        assert rec is not None and rec.turns == 1 and rec.title is None
+        assert rec is not None and rec.turns == 1 and rec.title == "hello there"
         kinds = [e.kind for e in await store.inner.transcript(session)]
         assert kinds == ["user_message_chunk", "agent_message_chunk", "session_info_update", "stop"]
-        assert "could not save the title" in caplog.text
-        # Not kept in memory only (session/list reads the store): the next turn retries,
-        # and names the session again (the client was told the first title).
-        assert await a.prompt(session, "second words") == "end_turn"
+        assert await a.prompt(session, "second words") == "end_turn"  # named: no title update
+        assert [u["title"] for u in a.updates(session) if "title" in u] == ["hello there"]
         rec = await store.inner.get_session(session)
-        assert rec is not None and rec.turns == 2 and rec.title == "second words"
-        titles = [u["title"] for u in a.updates(session) if "title" in u]
-        assert titles == ["hello there", "second words"]
-        assert await a.prompt(session, "third") == "end_turn"  # named: no title update
-        assert [u["title"] for u in a.updates(session) if "title" in u] == titles
+        assert rec is not None and rec.turns == 2 and rec.title == "hello there"
+
+
+class DiesAfterCommit(GatedStore):
+    """A store whose process dies (here: never comes back) the moment a turn's commit has
+    returned: what it holds then is what a restart after a ``kill -9`` there finds."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.committed = trio.Event()
+
+    async def append_turn(self, *args: Any, **kwargs: Any) -> None:
+        await self.inner.append_turn(*args, **kwargs)
+        self.committed.set()
+        await trio.sleep_forever()
+
+
+async def test_a_crash_right_after_the_first_turn_s_commit_leaves_the_session_named(
+    tmp_path: Path, acp_schema: SchemaChecker
+) -> None:
+    """The title is recorded in the transaction of the turn that gives it. It was saved by
+    a write of its own once that turn was committed: a kill -9 between the two (a soak saw
+    it twice) left a transcript whose replay names the session and a session/list that
+    lists it untitled, and the session's next turn then named it after that later prompt."""
+    store = DiesAfterCommit()
+    async with open_hub(tmp_path, acp_schema, EchoModel(), store=store) as hub:  # type: ignore[arg-type]
+        (a,) = await clients(hub, 1)
+        session = await a.new_session(str(hub.root))
+        await send_prompt(a, "p", session, "name me\nplease")
+        await store.committed.wait()
+        # (The process dies here: nothing after the commit happens.)
+        titles = [
+            json.loads(e.payload)["title"] if isinstance(e.payload, str) else e.payload["title"]
+            for e in await store.inner.transcript(session)
+            if e.kind == "session_info_update"
+        ]
+        assert titles == ["name me"]
+        rec = await store.inner.get_session(session)
+        assert rec is not None and rec.turns == 1 and rec.title == "name me"
+        hub.nursery.cancel_scope.cancel()
 
 
 async def test_a_store_failing_a_list_is_an_internal_error_not_a_bad_cursor(
