@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
@@ -223,19 +224,29 @@ def _as_another_user() -> list[str]:
     return prefix
 
 
-def test_serve_a_read_only_store_is_a_message(env: dict[str, str]) -> None:
-    """SQLite opens a write-protected store read-only without a word: the server used to
-    start and then answer every ``session/new`` with -32603."""
-    prefix = _as_another_user()
-    # Not under tmp_path: pytest keeps its base directory closed to other users.
+@contextlib.contextmanager
+def _served_once(
+    env: dict[str, str], *extra: str
+) -> Iterator[tuple[Path, dict[str, str], list[str]]]:
+    """A data directory where ``serve --stdio --no-http`` (and ``extra``) ran once, under a
+    temporary directory other users may enter (not under tmp_path: pytest keeps its base
+    directory closed to them): (data directory, env, the serve arguments)."""
     with tempfile.TemporaryDirectory(prefix="punie-ro-") as holder:
         root = Path(holder)
         root.chmod(0o755)
         data, project = root / "data", root / "project"
         project.mkdir()
         env = dict(env, PUNIE_DATA_DIR=str(data), XDG_CONFIG_HOME=str(root / "cfg"))
-        args = ["serve", "--stdio", "--no-http", "--project", str(project)]
+        args = ["serve", "--stdio", "--no-http", "--project", str(project), *extra]
         assert punie(*args, env=env).returncode == 0
+        yield data, env, args
+
+
+def test_serve_a_read_only_store_is_a_message(env: dict[str, str]) -> None:
+    """SQLite opens a write-protected store read-only without a word: the server used to
+    start and then answer every ``session/new`` with -32603."""
+    prefix = _as_another_user()
+    with _served_once(env) as (data, env, args):
         store = data / "sessions.sqlite3"
         before = store.read_bytes()
         data.chmod(0o777)  # only the store is write-protected: the log and token are not
@@ -638,14 +649,7 @@ def test_a_store_whose_directory_takes_no_wal_is_a_message(env: dict[str, str]) 
     store: attempt to write a readonly database", not what docs/sessions-store.md
     promises for a store SQLite can only read."""
     prefix = _as_another_user()
-    with tempfile.TemporaryDirectory(prefix="punie-ro-") as holder:
-        root = Path(holder)
-        root.chmod(0o755)
-        data, project = root / "data", root / "project"
-        project.mkdir()
-        env = dict(env, PUNIE_DATA_DIR=str(data), XDG_CONFIG_HOME=str(root / "cfg"))
-        args = ["serve", "--stdio", "--no-http", "--project", str(project), "--token", "T"]
-        assert punie(*args, env=env).returncode == 0
+    with _served_once(env, "--token", "T") as (data, env, args):
         store = data / "sessions.sqlite3"
         assert not (data / "sessions.sqlite3-wal").exists()
         for file in data.iterdir():

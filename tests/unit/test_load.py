@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -638,6 +639,26 @@ async def test_a_load_whose_store_read_waited_into_shutdown_opens_nothing(
         assert session not in hub.manager.sessions and not hub.manager.workers
 
 
+@asynccontextmanager
+async def _a_slow_turn_running(
+    tmp_path: Path, acp_schema: SchemaChecker
+) -> AsyncIterator[tuple[Hub, ReadsEarly, Any, AcpTestClient, str]]:
+    """A hub on a ``ReadsEarly`` store where connection ``a`` (no client id) has a session
+    whose first turn streamed "slow" and sleeps; ``b`` is a second client, initialized:
+    (hub, store, a, b, session id)."""
+    store = ReadsEarly()
+    model = ScriptModel([[{"text": "slow"}, {"sleep": 60}], [{"text": "second"}]])
+    async with open_hub(tmp_path, acp_schema, model, store=store) as hub:  # type: ignore[arg-type]
+        with trio.fail_after(10):
+            a = await hub.connect()
+            await initialize(a.client)
+            session = await a.client.new_session(str(hub.root))
+            await send_prompt(a.client, "p", session, "go")
+            await a.client.wait_for(has_update(session, "agent_message_chunk", "slow"))
+            (b,) = await clients(hub, 1)
+        yield hub, store, a, b, session
+
+
 async def test_a_load_whose_store_read_outlived_the_session_counts_the_turn_recorded_meanwhile(
     tmp_path: Path, acp_schema: SchemaChecker
 ) -> None:
@@ -650,16 +671,8 @@ async def test_a_load_whose_store_read_outlived_the_session_counts_the_turn_reco
     recorded" (a kill -9 soak, reloading a session at once on a new connection after
     dropping the old one mid-turn)."""
 
-    store = ReadsEarly()
-    model = ScriptModel([[{"text": "slow"}, {"sleep": 60}], [{"text": "second"}]])
-    async with open_hub(tmp_path, acp_schema, model, store=store) as hub:  # type: ignore[arg-type]
+    async with _a_slow_turn_running(tmp_path, acp_schema) as (hub, store, a, b, session):
         with trio.fail_after(10):
-            a = await hub.connect()
-            await initialize(a.client)
-            session = await a.client.new_session(str(hub.root))
-            await send_prompt(a.client, "p", session, "go")
-            await a.client.wait_for(has_update(session, "agent_message_chunk", "slow"))
-            (b,) = await clients(hub, 1)
             store.gets = Gate(armed=True)
             answers: dict[str, Any] = {}
 
@@ -703,16 +716,8 @@ async def test_a_load_whose_store_read_a_cut_turns_commit_lands_in_waits_for_it_
     it, the replay (read later) held it, and the next turn reused its number: -32603
     "already has turn 0 recorded" (20 times in 635 drop-and-reload rounds of a stress
     run). It now waits for a cut turn before it reads."""
-    store = ReadsEarly()
-    model = ScriptModel([[{"text": "slow"}, {"sleep": 60}], [{"text": "second"}]])
-    async with open_hub(tmp_path, acp_schema, model, store=store) as hub:  # type: ignore[arg-type]
+    async with _a_slow_turn_running(tmp_path, acp_schema) as (hub, store, a, b, session):
         with trio.fail_after(10):
-            a = await hub.connect()
-            await initialize(a.client)
-            session = await a.client.new_session(str(hub.root))
-            await send_prompt(a.client, "p", session, "go")
-            await a.client.wait_for(has_update(session, "agent_message_chunk", "slow"))
-            (b,) = await clients(hub, 1)
             store.appends = Gate(armed=True)  # the cut turn's commit waits...
             await a.drop()
             await store.appends.entered.wait()
