@@ -95,9 +95,7 @@ class Outbox:
             size += _size(text)
             index += 1
         self._bytes = size
-        if index > start and self._taker is not None:
-            task, self._taker = self._taker, None
-            trio.lowlevel.reschedule(task)
+        self.wake()
         return index - start
 
     def force(self, text: str, *, wake: bool = True) -> None:
