@@ -361,9 +361,7 @@ def connect_readonly(path: Path) -> sqlite3.Connection:
     # the user may not search, a name too long - and its OSError was a traceback.)
     try:
         mode = os.stat(path).st_mode
-    except FileNotFoundError:
-        raise StoreError(f"no session store at {path}") from None
-    except NotADirectoryError:  # (a file where the data directory should be)
+    except (FileNotFoundError, NotADirectoryError):  # (the latter: a file for the data dir)
         raise StoreError(f"no session store at {path}") from None
     except OSError as exc:
         raise StoreError(f"{path}: cannot open session store: {exc.strerror or exc}") from exc
