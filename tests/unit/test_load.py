@@ -112,6 +112,13 @@ class ReadsEarly(GatedStore):
         return record
 
 
+async def answer_into(
+    answers: dict[str, Any], key: str, client: AcpTestClient, method: str, params: Any
+) -> None:
+    """A request a test runs in the background: its raw answer lands in ``answers[key]``."""
+    answers[key] = await client.request_raw(method, params)
+
+
 async def clients(hub: Hub, count: int) -> list[AcpTestClient]:
     links = [await hub.connect() for _ in range(count)]
     for link in links:
@@ -244,11 +251,10 @@ async def test_a_load_that_fails_in_its_replay_drops_what_it_opened(
         store.reads_fail = True
         answers: dict[str, Any] = {}
 
-        async def load() -> None:
-            answers["load"] = await a.request_raw("session/load", load_params(session, root))
-
         async with trio.open_nursery() as n:
-            n.start_soon(load)
+            n.start_soon(
+                answer_into, answers, "load", a, "session/load", load_params(session, root)
+            )
             await store.reads.entered.wait()  # the load has opened the session, replays
             assert session in manager.sessions
             store.reads.opened.set()
@@ -271,11 +277,10 @@ async def test_a_load_during_a_delete_is_refused(tmp_path: Path, acp_schema: Sch
         store.deletes.armed = True
         answers: dict[str, Any] = {}
 
-        async def delete() -> None:
-            answers["delete"] = await b.request_raw("session/delete", {"sessionId": session})
-
         async with trio.open_nursery() as n:
-            n.start_soon(delete)
+            n.start_soon(
+                answer_into, answers, "delete", b, "session/delete", {"sessionId": session}
+            )
             await store.deletes.entered.wait()  # b's delete is removing the row
             answers["load"] = await a.request_raw("session/load", load_params(session, root))
             store.deletes.opened.set()
@@ -299,11 +304,8 @@ async def test_a_prompt_during_a_close_is_refused(
         store.appends.armed = True  # the cancelled turn is held while it is recorded
         answers: dict[str, Any] = {}
 
-        async def close() -> None:
-            answers["close"] = await a.request_raw("session/close", {"sessionId": session})
-
         async with trio.open_nursery() as n:
-            n.start_soon(close)
+            n.start_soon(answer_into, answers, "close", a, "session/close", {"sessionId": session})
             await store.appends.entered.wait()  # the turn is cancelled and winding down
             answers["prompt"] = await a.request_raw("session/prompt", prompt_params(session, "x"))
             store.appends.opened.set()
@@ -350,11 +352,10 @@ async def test_a_close_during_a_load_is_refused(tmp_path: Path, acp_schema: Sche
         store.reads.armed = True
         answers: dict[str, Any] = {}
 
-        async def load() -> None:
-            answers["load"] = await a.request_raw("session/load", load_params(session, root))
-
         async with trio.open_nursery() as n:
-            n.start_soon(load)
+            n.start_soon(
+                answer_into, answers, "load", a, "session/load", load_params(session, root)
+            )
             await store.reads.entered.wait()
             answers["close"] = await a.request_raw("session/close", {"sessionId": session})
             store.reads.opened.set()
@@ -623,14 +624,16 @@ async def test_a_load_whose_store_read_waited_into_shutdown_opens_nothing(
         store.gets = Gate(armed=True)
         answers: dict[str, Any] = {}
 
-        async def load() -> None:
-            answers["load"] = await client.request_raw(
-                "session/load", load_params(session, hub.root)
-            )
-
         with trio.fail_after(10):
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(load)
+                nursery.start_soon(
+                    answer_into,
+                    answers,
+                    "load",
+                    client,
+                    "session/load",
+                    load_params(session, hub.root),
+                )
                 await store.gets.entered.wait()
                 hub.manager.closing.set()
                 await trio.testing.wait_all_tasks_blocked()
@@ -676,13 +679,10 @@ async def test_a_load_whose_store_read_outlived_the_session_counts_the_turn_reco
             store.gets = Gate(armed=True)
             answers: dict[str, Any] = {}
 
-            async def load() -> None:
-                answers["load"] = await b.request_raw(
-                    "session/load", load_params(session, hub.root)
-                )
-
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(load)
+                nursery.start_soon(
+                    answer_into, answers, "load", b, "session/load", load_params(session, hub.root)
+                )
                 await store.gets.entered.wait()  # the load reads the stored session...
                 store.gets.armed = False
                 await a.drop()  # ...while its owner leaves and the cut turn is recorded
@@ -725,13 +725,10 @@ async def test_a_load_whose_store_read_a_cut_turns_commit_lands_in_waits_for_it_
             store.gets = Gate(armed=True)
             answers: dict[str, Any] = {}
 
-            async def load() -> None:
-                answers["load"] = await b.request_raw(
-                    "session/load", load_params(session, hub.root)
-                )
-
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(load)
+                nursery.start_soon(
+                    answer_into, answers, "load", b, "session/load", load_params(session, hub.root)
+                )
                 await hub.settle()  # ...while the load starts (and read, before the fix)
                 store.appends.opened.set()
                 await hub.settle()  # the cut turn is recorded
