@@ -1076,9 +1076,9 @@ class Manager:
 
         The returned :class:`Deferred` hears from the peer if the request is cancelled
         (``$/cancel_request``: the turn is cancelled and answered -32800, or, if it had
-        ended, with its stop reason) or its connection
-        ends first: the turn is cancelled, unless the client left with a client id within
-        grace, in which case it runs on, orphaned, and its answer waits for the client."""
+        ended, with its stop reason) or its connection ends first: the turn is cancelled,
+        unless the client left with a client id within grace, in which case it runs on,
+        orphaned, and its answer waits for the client."""
         if self._nursery is None:
             raise RpcError(INTERNAL_ERROR, "Manager is not running")
         turn = self.begin_prompt(conn, params)
@@ -1372,9 +1372,9 @@ class Manager:
         ``title`` (the session's first) is recorded with the turn, in its transaction (saved
         by a write of its own after it, a kill between the two left the transcript naming
         the session and its record untitled; its next turn then named it after that later
-        prompt). ``failed`` is the
-        model's error, recorded so a load leaves the turn out of the model's history as the
-        live session did. Returns an error message, or None once committed."""
+        prompt). ``failed`` is the model's error, recorded so a load leaves the turn out of
+        the model's history as the live session did. Returns an error message, or None
+        once committed."""
         entries: list[tuple[str, Payload]] = [
             ("user_message_chunk", updates.user_message_chunk(block)) for block in params.prompt
         ]
