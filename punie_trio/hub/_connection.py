@@ -41,6 +41,8 @@ CLIENT_ID_META = "punie-trio/clientId"
 AWAITING_META = "punie-trio/awaiting"
 #: Most ids a client may list there (it awaits at most one prompt per session).
 MAX_AWAITING = 1000
+#: Most prompt refusals remembered per connection: more than its outbox can hold unwritten.
+MAX_REFUSED = 1024
 
 AGENT_INFO = {"name": "punie-trio", "title": "punie-trio", "version": __version__}
 
@@ -80,6 +82,11 @@ class ClientConnection:
     # Start times of recent prompts, for the prompts-per-minute limit.
     # (A list, not a deque: an idle connection's empty list costs 56 bytes, a deque 760.)
     prompt_times: list[float] = attrs.field(factory=list, init=False)
+    #: The prompts refused at once (rate limit, a prompt already running, ...): request
+    #: id to the session id it named, the newest :data:`MAX_REFUSED` (None until the
+    #: first). Should the connection drop before writing such an error, it is kept for a
+    #: re-attaching client that awaits the id, as a turn's answer is (Manager._keep_unsent).
+    refused_prompts: dict[RequestId, str] | None = attrs.field(default=None, init=False)
 
     async def run(
         self,
@@ -173,6 +180,11 @@ class ClientConnection:
         if self.awaiting:
             # An id the client uses again is one it no longer awaits an old answer under.
             self.stop_awaiting(current_request_id.get(None))
+        if self.refused_prompts:
+            # (nor one whose old refusal, if unwritten, is to be kept for it)
+            request_id = current_request_id.get(None)
+            if request_id is not None:
+                self.refused_prompts.pop(request_id, None)
         if method == acp.INITIALIZE:
             result = self._initialize(params)
             # Synchronously, before the next message is read: a request pipelined behind
@@ -202,8 +214,12 @@ class ClientConnection:
         if method == acp.SESSION_DELETE:
             return manager.delete_session(self, acp.parse_session_id(params).session_id)
         if method == acp.SESSION_PROMPT:
-            prompt = acp.parse_prompt(params, max_bytes=manager.limits.max_prompt_bytes)
-            return manager.start_prompt(self, prompt)
+            try:
+                prompt = acp.parse_prompt(params, max_bytes=manager.limits.max_prompt_bytes)
+                return manager.start_prompt(self, prompt)
+            except RpcError:
+                self._refused_prompt(params)
+                raise
         if method == acp.SESSION_CANCEL:
             # A notification in ACP; sent with an id it is answered (-32002 if not ours).
             manager.cancel(self, acp.parse_session_id(params).session_id)
@@ -218,6 +234,19 @@ class ClientConnection:
                 "(authMethods is empty: this agent needs no authentication)"
             )
         raise method_not_found(method)
+
+    def _refused_prompt(self, params: Params) -> None:
+        """Remember a prompt refused at once, by the session it named (if it names one)."""
+        request_id = current_request_id.get(None)
+        session_id = params.get("sessionId") if isinstance(params, dict) else None
+        if request_id is None or not isinstance(session_id, str):
+            return
+        refused = self.refused_prompts
+        if refused is None:
+            refused = self.refused_prompts = {}
+        refused[request_id] = session_id
+        if len(refused) > MAX_REFUSED:
+            del refused[next(iter(refused))]
 
     def handle_notification(self, method: str, params: Params) -> None:
         if method == acp.SESSION_CANCEL and self.initialized:

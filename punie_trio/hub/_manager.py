@@ -33,7 +33,7 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -252,7 +252,7 @@ class Manager:
             assert client_id is not None
             self._keep_reload_notices(client_id, owned, unsent)
         if client_id and grace and owned:
-            self._keep_unsent(owned, unsent)
+            self._keep_unsent(owned, unsent, conn.refused_prompts or {})
             for session in owned:
                 session.owner = None
                 session.detached_client = client_id
@@ -264,17 +264,28 @@ class Manager:
         for session in owned:
             self._drop_session(session)
 
-    def _keep_unsent(self, owned: list[Session], texts: list[str]) -> None:
+    def _keep_unsent(
+        self, owned: list[Session], texts: list[str], refused: Mapping[RequestId, str]
+    ) -> None:
         """Put what a dropped connection had queued but never written back in front of its
-        sessions' backlogs (it is older than anything kept since): their updates, and the
-        answer of each one's last prompt. The rest (answers to other requests, our own
-        requests, a session/load's replay, spelled apart: ``updates.REPLAY_START``)
-        belonged to that connection alone. What was written is not repeated:
-        whether it arrived cannot be known without the client acknowledging it."""
+        sessions' backlogs (it is older than anything kept since): their updates, the
+        answer of each one's last prompt, and the errors of prompts refused at once
+        (``refused``: request id to session id). The rest (answers to other requests,
+        our own requests, a session/load's replay, spelled apart:
+        ``updates.REPLAY_START``) belonged to that connection alone. What was written is
+        not repeated: whether it arrived cannot be known without the client
+        acknowledging it.
+
+        Why the refusals: a re-attaching client that awaits a refused prompt's id would
+        otherwise wait for ever (its prompt never ran, so the store has no turn to say
+        so); kept, the error is delivered under the rule of any kept answer."""
         if not texts:
             return
         by_id = {s.id: s for s in owned}
         answered = {s.answered_id: s for s in owned if s.answered_id is not None}
+        for request_id, refused_in in refused.items():
+            if refused_in in by_id and request_id not in answered:
+                answered[request_id] = by_id[refused_in]
         kept: dict[str, list[Pending]] = {}
         for text in texts:
             if text.startswith(updates.NOTIFICATION_START):

@@ -1122,3 +1122,101 @@ async def test_owed_notices_survive_a_connection_that_ends_while_its_sessions_ca
         with trio.fail_after(60):
             notice = await third.client.wait_for(lambda m: m.get("method") == RELOAD_REQUIRED)
         assert notice["params"]["sessionId"] == "sess_owed"
+
+
+@pytest.mark.parametrize("why", ["running", "rate", "size"])
+async def test_a_refusal_the_dropped_connection_never_wrote_is_delivered_after_reattach(
+    tmp_path: Path, acp_schema: SchemaChecker, autojump_clock: trio.testing.MockClock, why: str
+) -> None:
+    """A prompt refused at once (another prompt running on the session, the rate limit, a
+    prompt over the size limit) whose error its connection had not written when it
+    dropped: the re-attaching client that awaits its id gets that error, in the order it
+    was queued (before the answer of the turn that runs on). Before, only answers of
+    prompts that ran were kept, and the client waited for ever (a limits audit: 1 of 4
+    runs of a 25-client reconnect stress)."""
+    model = ScriptModel([[{"text": f"{i} "} for i in range(30)] + [{"sleep": 5}]])
+    per_minute = 1 if why == "rate" else 120
+    limits = Limits(
+        outbox_limit=1000, grace_seconds=60, prompts_per_minute=per_minute, max_prompt_bytes=100
+    )
+    async with open_hub(tmp_path, acp_schema, model, limits=limits) as hub:
+        raw, session = await open_raw_session(hub, "ide")
+        await send_unread(raw, "p1", "session/prompt", prompt_params(session, "go"), acp_schema)
+        if why == "rate":  # (a second session: the refusal is the rate limit's alone)
+            new = {"cwd": str(hub.root), "mcpServers": []}
+            await send_unread(raw, "n", "session/new", new)
+            other = next(s for s in hub.manager.sessions if s != session)
+            params = prompt_params(other, "again")
+        else:
+            params = prompt_params(session, "again" * (40 if why == "size" else 1))
+        await send_unread(raw, "p2", "session/prompt", params, acp_schema)
+        await raw.aclose()
+        await trio.testing.wait_all_tasks_blocked()
+        second = await hub.connect()
+        await initialize(second.client, client_id="ide", awaiting=["p1", "p2"])
+        with trio.fail_after(30):  # (the clock's time: the turn's sleep is 5 s)
+            answer = await second.client.wait_for(lambda m: m.get("id") == "p1")
+            refusal = await second.client.wait_for(lambda m: m.get("id") == "p2")
+        assert answer["result"] == {"stopReason": "end_turn"}
+        expected, code = {
+            "running": ("already has a prompt running", -32600),
+            "rate": ("Rate limit", -32600),
+            "size": ("over the 100-byte limit", -32602),
+        }[why]
+        assert expected in refusal["error"]["message"]
+        assert refusal["error"]["code"] == code
+        ids = [m["id"] for m in second.client.received if m.get("id") in ("p1", "p2")]
+        assert ids == ["p2", "p1"]  # each once; the refusal was queued first
+
+
+async def test_a_refusal_never_written_is_not_sent_to_a_client_that_does_not_await_it(
+    tmp_path: Path, acp_schema: SchemaChecker, autojump_clock: trio.testing.MockClock
+) -> None:
+    """The refusal kept for a client id follows the rule of kept answers: only an id the
+    re-attaching client lists as awaited is answered (a client that starts its ids afresh
+    may have reused it)."""
+    model = ScriptModel([[{"text": f"{i} "} for i in range(30)] + [{"sleep": 5}]])
+    limits = Limits(outbox_limit=1000, grace_seconds=60)
+    async with open_hub(tmp_path, acp_schema, model, limits=limits) as hub:
+        raw, session = await open_raw_session(hub, "ide")
+        await send_unread(raw, "p1", "session/prompt", prompt_params(session, "go"), acp_schema)
+        await send_unread(raw, "p2", "session/prompt", prompt_params(session, "again"))
+        await raw.aclose()
+        await trio.testing.wait_all_tasks_blocked()
+        second = await hub.connect()
+        await initialize(second.client, client_id="ide", awaiting=["p1"])
+        with trio.fail_after(30):
+            await second.client.wait_for(lambda m: m.get("id") == "p1")
+        await trio.sleep(10)
+        assert not [m for m in second.client.received if m.get("id") == "p2"]
+        assert hub.manager.sessions[session].pending == []
+
+
+async def test_a_refused_prompts_id_used_again_is_forgotten_and_the_memory_is_bounded(
+    tmp_path: Path, acp_schema: SchemaChecker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A connection remembers its refused prompts' ids only until the client uses the id
+    again (its old refusal is then not for it), and at most ``MAX_REFUSED`` of them, the
+    newest."""
+    from punie_trio.hub import _connection
+
+    monkeypatch.setattr(_connection, "MAX_REFUSED", 3)
+    model = ScriptModel([[{"sleep": 5}]])
+    async with open_hub(tmp_path, acp_schema, model) as hub:
+        link = await hub.connect()
+        await initialize(link.client, client_id="ide")
+        sid = await link.client.new_session(str(hub.root))
+        (conn,) = hub.manager.connections
+        assert conn.refused_prompts is None  # (nothing until the first)
+        await send_prompt(link.client, "runs", sid, "go")
+        for _ in range(5):
+            error = await expect_error(link.client, "session/prompt", prompt_params(sid, "x"))
+            assert "already has a prompt running" in error["message"]
+        refused = conn.refused_prompts
+        assert refused is not None and list(refused.values()) == [sid] * 3
+        newest = list(refused)[-1]
+        await link.client.send(
+            {"jsonrpc": "2.0", "id": newest, "method": "session/list", "params": {}}
+        )
+        await link.client.wait_for(lambda m: m.get("id") == newest and "result" in m)
+        assert newest not in refused and len(refused) == 2

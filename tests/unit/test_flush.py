@@ -192,8 +192,9 @@ async def test_held_updates_the_client_does_not_take_in_time_are_kept(
 async def test_what_a_dropped_connection_never_wrote_goes_back_to_its_sessions(
     tmp_path: Path,
 ) -> None:
-    """``_keep_unsent``: a session's updates and its last prompt's answer go in front of
-    its backlog, in order; answers to other requests and other sessions' updates do not."""
+    """``_keep_unsent``: a session's updates, its last prompt's answer and the errors of
+    its prompts refused at once go in front of its backlog, in order; answers to other
+    requests, other sessions' updates and refusals do not."""
     from punie_trio.acp import updates
 
     manager = Manager((str(tmp_path),), EchoModel())
@@ -213,12 +214,17 @@ async def test_what_a_dropped_connection_never_wrote_goes_back_to_its_sessions(
             update("sess_other", 2),
             update("sess_1", 3),
             '{"jsonrpc":"2.0","id":5,"result":{"stopReason":"end_turn"}}',
+            '{"jsonrpc":"2.0","id":6,"error":{"code":-32600,"message":"Rate limit"}}',
+            '{"jsonrpc":"2.0","id":7,"error":{"code":-32600,"message":"Rate limit"}}',
+            '{"jsonrpc":"2.0","id":8,"error":{"code":-32002,"message":"not found"}}',
         ]
-        manager._keep_unsent([mine], texts)
+        refused = {6: "sess_1", 7: "sess_other"}  # (8: not a refused prompt)
+        manager._keep_unsent([mine], texts, refused)
         assert mine.pending == [
             ("update", texts[0]),
             ("update", texts[3]),
             ("message", texts[4], 5),
+            ("message", texts[5], 6),
             ("update", "kept while tearing down"),
         ]
         nursery.cancel_scope.cancel()
