@@ -326,6 +326,22 @@ def _lenient_fields(block: dict[str, Any], kind: str) -> dict[str, Any]:
     return fixed
 
 
+def _check_size(size: int, max_bytes: int | None, i: int, count: int) -> None:
+    """Refuse the prompt at the block (``i`` of ``count``) that takes it past ``max_bytes``:
+    the work a refusal costs is bounded by the limit, not the message (walked to its end,
+    500,000 empty text blocks held the event loop, every client's, for 2.3 s)."""
+    if max_bytes is None or size <= max_bytes:
+        return
+    if i + 1 < count:
+        raise RpcError.invalid_params(
+            f"Invalid params: prompt is at least {size} bytes (by prompt[{i}] of {count}), "
+            f"over the {max_bytes}-byte limit"
+        )
+    raise RpcError.invalid_params(
+        f"Invalid params: prompt is {size} bytes, over the {max_bytes}-byte limit"
+    )
+
+
 def parse_prompt(params: Params, *, max_bytes: int | None = None) -> PromptParams:
     obj = params_object(params)
     session_id = _session_id(obj)
@@ -347,6 +363,13 @@ def parse_prompt(params: Params, *, max_bytes: int | None = None) -> PromptParam
             )
         if kind == "text":
             _req_str(block, "text", f"{path}.")
+            if len(block) == 2:
+                # A bare text block counts its text (past the first, its JSON envelope
+                # too: each block is a transcript entry, and 500,000 empty ones, 15 MB,
+                # were once 0 bytes), and has no optional field to clean.
+                size += _utf8_len(block["text"]) + (TEXT_BLOCK_ENVELOPE if i else 0)
+                _check_size(size, max_bytes, i, len(blocks))
+                continue
         elif kind == "resource_link":
             _req_str(block, "name", f"{path}.")
             _req_str(block, "uri", f"{path}.")
@@ -359,15 +382,11 @@ def parse_prompt(params: Params, *, max_bytes: int | None = None) -> PromptParam
             if not isinstance(contents, str) and not isinstance(blob, str):
                 raise _bad(f"{path}.resource", "must hold a string text or blob (the schema's "
                            "TextResourceContents or BlobResourceContents)")  # fmt: skip
-        # A bare text block counts its text; any other block (or a text block with more
-        # fields: annotations, _meta) its whole JSON text, which is what is stored and
-        # replayed: an 8 MiB blob or _meta is as big as 8 MiB of text. A bare text block
-        # past the first counts its JSON envelope too: each block is a transcript entry,
-        # and 500,000 empty ones (15 MB) were once 0 bytes.
-        if kind == "text" and len(block) == 2:
-            size += _utf8_len(block["text"]) + (TEXT_BLOCK_ENVELOPE if i else 0)
-        else:
-            size += _utf8_len(_json.dumps(block))
+        # Any other block (or a text block with more fields: annotations, _meta) counts
+        # its whole JSON text, which is what is stored and replayed: an 8 MiB blob or
+        # _meta is as big as 8 MiB of text.
+        size += _utf8_len(_json.dumps(block))
+        _check_size(size, max_bytes, i, len(blocks))
         fixed = _lenient_fields(block, kind)
         if fixed is not block:
             if cleaned is None:
@@ -375,8 +394,4 @@ def parse_prompt(params: Params, *, max_bytes: int | None = None) -> PromptParam
             cleaned[i] = fixed
     if cleaned is not None:
         blocks = cleaned
-    if max_bytes is not None and size > max_bytes:
-        raise RpcError.invalid_params(
-            f"Invalid params: prompt is {size} bytes, over the {max_bytes}-byte limit"
-        )
     return PromptParams(session_id, tuple(blocks))

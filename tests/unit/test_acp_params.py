@@ -381,7 +381,8 @@ def test_prompt_size_limit_counts_every_text_block_past_the_first() -> None:
     envelope = len('{"type":"text","text":""}')
     empty = {"type": "text", "text": ""}
     message = _refused(acp.parse_prompt, _prompt(*[empty] * 1000), max_bytes=1000)
-    assert f"{999 * envelope} bytes" in message
+    first_over = 1000 // envelope + 1  # (the first block's envelope is not counted)
+    assert f"at least {first_over * envelope} bytes (by prompt[{first_over}] of 1000)" in message
     # One text block still counts its text alone: exactly at the limit passes.
     assert acp.parse_prompt(_prompt({"type": "text", "text": "é" * 50}), max_bytes=100)
     two = _prompt({"type": "text", "text": "é" * 50}, {"type": "text", "text": "x" * 10})
@@ -389,6 +390,21 @@ def test_prompt_size_limit_counts_every_text_block_past_the_first() -> None:
     assert f"{100 + envelope + 10} bytes" in _refused(
         acp.parse_prompt, two, max_bytes=100 + envelope + 9
     )
+
+
+def test_an_oversized_prompt_is_refused_at_the_block_that_passes_the_limit() -> None:
+    """The blocks past the one that takes the prompt over the limit are not looked at:
+    the refusal's work is bounded by the limit, not by the message. Walked to its end, a
+    prompt of 500,000 empty text blocks (12.5 MB) held the event loop, and every other
+    client, for 2.3 s (an audit, 2026-12-07); a bad block past the limit is not what is
+    reported either."""
+    empty = {"type": "text", "text": ""}
+    bad = {"type": "nonsense"}
+    message = _refused(acp.parse_prompt, _prompt(*[empty] * 100, bad), max_bytes=1000)
+    assert "at least 1025 bytes (by prompt[41] of 101), over the 1000-byte limit" in message
+    # The last block passing it: the exact size, as before.
+    message = _refused(acp.parse_prompt, _prompt({"type": "text", "text": "x" * 8}), max_bytes=7)
+    assert "prompt is 8 bytes, over the 7-byte limit" in message
 
 
 def test_params_object() -> None:
