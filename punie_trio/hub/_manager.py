@@ -992,12 +992,14 @@ class Manager:
         recent = conn.prompt_times
         expired = next((i for i, t in enumerate(recent) if t > now - 60.0), len(recent))
         del recent[:expired]
-        if len(recent) >= self.limits.prompts_per_minute:
+        per_minute = self.limits.prompts_per_minute
+        if len(recent) >= per_minute:
             retry = recent[0] + 60.0 - now
+            prompts = "prompt" if per_minute == 1 else "prompts"
             raise RpcError(
                 INVALID_REQUEST,
-                f"Rate limit: {self.limits.prompts_per_minute} prompts per minute on this "
-                f"connection; retry in {retry:.1f} s",
+                f"Rate limit: {per_minute} {prompts} per minute on this connection; "
+                f"retry in {retry:.1f} s",
                 {"retryAfterSeconds": round(retry, 3)},
             )
         recent.append(now)

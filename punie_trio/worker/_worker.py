@@ -232,9 +232,10 @@ class ToolCallLimiter:
         limit (the call is then reported failed to the client and the model goes on)."""
         recent = self._recent(session_id, now)
         if len(recent) >= self.per_minute:
+            calls = "tool call" if self.per_minute == 1 else "tool calls"
             return (
-                f"rate limit: {self.per_minute} tool calls per minute in this "
-                f"session; retry in {recent[0] + 60.0 - now:.1f} s"
+                f"rate limit: {self.per_minute} {calls} per minute in this session; "
+                f"retry in {recent[0] + 60.0 - now:.1f} s"
             )
         recent.append(now)
         return None

@@ -730,6 +730,15 @@ def test_tool_call_limiter_forgets_sessions_idle_for_a_minute() -> None:
     assert limiter.count("new0", now=62.5) is not None  # (a kept one still counts)
 
 
+def test_the_limits_messages_count_in_words_that_agree() -> None:
+    """ "1 tool call per minute", not "1 tool calls" (an audit's wording note)."""
+    one, two = ToolCallLimiter(per_minute=1), ToolCallLimiter(per_minute=2)
+    assert one.count("s", now=0.0) is None
+    assert "rate limit: 1 tool call per minute in this session" in (one.count("s", 1.0) or "")
+    two.count("s", now=0.0), two.count("s", now=0.0)
+    assert "rate limit: 2 tool calls per minute in this session" in (two.count("s", 1.0) or "")
+
+
 def test_a_limiter_only_seeded_forgets_sessions_idle_for_a_minute() -> None:
     """The manager's limiter only seeds (each turn's calls, handed back by the worker),
     and seed never swept: one entry stayed for every session that ever called a tool
