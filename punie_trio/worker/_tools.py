@@ -8,8 +8,10 @@ disk directly. Either way the path must resolve inside the session's roots.
 
 from __future__ import annotations
 
+import errno
 import os
 import re
+import stat
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -115,6 +117,8 @@ async def _read_file(env: TurnEnv, tool_input: dict[str, Any], call: ClientCalle
         raise ToolError(str(exc)) from None
     except IsADirectoryError:
         raise ToolError(f"cannot read {path}: it is a directory") from None
+    except _NotAFile as exc:
+        raise ToolError(f"cannot read {path}: not a regular file ({exc.kind})") from None
     except _TooLarge:
         raise ToolError(
             f"cannot read {path}: more than {READ_LIMIT_BYTES:,} bytes"
@@ -126,6 +130,14 @@ async def _read_file(env: TurnEnv, tool_input: dict[str, Any], call: ClientCalle
 
 class _TooLarge(Exception):
     """What a disk read would return is over :data:`READ_LIMIT_BYTES`."""
+
+
+class _NotAFile(Exception):
+    """The path names a FIFO, a socket or a device: ``kind`` says which."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__(kind)
+        self.kind = kind
 
 
 async def _write_file(env: TurnEnv, tool_input: dict[str, Any], call: ClientCaller) -> str:
@@ -152,6 +164,8 @@ async def _write_file(env: TurnEnv, tool_input: dict[str, Any], call: ClientCall
             raise ToolError(str(exc)) from None
         except IsADirectoryError:
             raise ToolError(f"cannot write {path}: it is a directory") from None
+        except _NotAFile as exc:
+            raise ToolError(f"cannot write {path}: not a regular file ({exc.kind})") from None
         except OSError as exc:
             raise ToolError(f"cannot write {path}: {exc}") from None
     return f"wrote {len(content.encode())} bytes to {path}"
@@ -173,7 +187,7 @@ def _read_disk(path: Path, roots: tuple[str, ...], line: int | None, limit: int 
     ``\r\n`` or ``\r``, as an editor counts them. The file is read a line at a time then,
     so a part of a file of any size can be read. Raises :class:`_TooLarge` past
     :data:`READ_LIMIT_BYTES` of what would be returned."""
-    with os.fdopen(open_beneath(path, roots, os.O_RDONLY), "rb") as file:
+    with os.fdopen(_open_file(path, roots, os.O_RDONLY), "rb") as file:
         if line is None and limit is None:
             data = file.read(READ_LIMIT_BYTES + 1)
         else:
@@ -181,6 +195,54 @@ def _read_disk(path: Path, roots: tuple[str, ...], line: int | None, limit: int 
         if len(data) > READ_LIMIT_BYTES:
             raise _TooLarge
         return data.decode("utf-8")
+
+
+#: Opened without waiting (a FIFO's open waits for its other end) and without making a
+#: terminal the server's controlling one. Neither flag exists on Windows.
+_NO_WAIT = getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0)
+
+_KINDS = (
+    (stat.S_ISFIFO, "a FIFO"),
+    (stat.S_ISSOCK, "a socket"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+)
+
+
+def _open_file(path: Path, roots: tuple[str, ...], flags: int) -> int:
+    """(On a worker thread.) ``open_beneath``, for a regular file only: a directory is
+    :class:`IsADirectoryError`, anything else :class:`_NotAFile`, closed again before
+    anything is read from it or written into it.
+
+    Why: the open of a FIFO waits for its other end, and a disk tool's open runs in a
+    thread that a cancel cannot stop: a ``read_file`` of a FIFO in the project hung its
+    turn, ``session/cancel`` could not end it, and a server told to stop gave up on its
+    shutdown after a timeout and exited 1. A device has no end (``/dev/zero`` read by
+    lines never stopped). The open does not wait now (``O_NONBLOCK``: a FIFO or a socket
+    nobody reads fails with ``ENXIO``), and what it opened is checked before use."""
+    try:
+        fd = open_beneath(path, roots, flags | _NO_WAIT)
+    except OSError as exc:
+        if exc.errno == errno.ENXIO:  # (a FIFO with no reader, a socket: never opened)
+            raise _NotAFile(_kind(os.stat(path, follow_symlinks=False).st_mode)) from None
+        raise
+    try:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
+        if not stat.S_ISREG(mode):
+            raise _NotAFile(_kind(mode))
+        if _NO_WAIT:
+            os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _kind(mode: int) -> str:
+    """What a file that is not a regular file is, for a message."""
+    return next((kind for is_kind, kind in _KINDS if is_kind(mode)), "not a file")
 
 
 _LINE_END = re.compile(rb"\r\n|\r|\n")
@@ -225,7 +287,7 @@ def _take_lines(file: BinaryIO, first: int, limit: int | None, chunk_size: int =
 
 def _write_disk(path: Path, roots: tuple[str, ...], content: str) -> None:
     """(On a worker thread.) Create or replace the file, as ``_read_disk`` opens it."""
-    fd = open_beneath(path, roots, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    fd = _open_file(path, roots, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
     with os.fdopen(fd, "w", encoding="utf-8") as file:
         file.write(content)
 

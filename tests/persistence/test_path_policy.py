@@ -5,6 +5,8 @@ client to."""
 
 from __future__ import annotations
 
+import os
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -421,4 +423,53 @@ async def test_a_directory_given_to_a_file_tool_is_named_as_one(
     assert failed == [
         f"cannot read {root}: it is a directory",
         f"cannot write {root}: it is a directory",
+    ]
+
+
+async def test_a_fifo_or_socket_is_refused_not_waited_on(
+    layout: tuple[Path, Path], acp_schema: SchemaChecker
+) -> None:
+    """A file tool on a FIFO waited in its open for a writer (or reader) that never came:
+    the turn hung, session/cancel could not end it (the open runs in a thread), and a
+    SIGTERM'd server gave up after its shutdown timeout and exited 1. Anything but a
+    regular file (or a directory, named as one) fails the tool call now, at once, and
+    nothing is read from or written into it."""
+    root, _ = layout
+    os.mkfifo(root / "fifo")
+    os.mkfifo(root / "fifo-read-by-someone")
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(str(root / "sock"))
+    # Someone reads this one: a write would open at once, and hand it the content.
+    reader = os.open(root / "fifo-read-by-someone", os.O_RDONLY | os.O_NONBLOCK)
+    steps: list[dict[str, Any]] = [
+        {"tool": "read_file", "input": {"path": "fifo"}},
+        {"tool": "read_file", "input": {"path": "fifo", "line": 2, "limit": 1}},
+        {"tool": "write_file", "input": {"path": "fifo", "content": "x"}},
+        {"tool": "write_file", "input": {"path": "fifo-read-by-someone", "content": "x"}},
+        {"tool": "read_file", "input": {"path": "sock"}},
+        {"tool": "write_file", "input": {"path": "sock", "content": "x"}},
+        {"text": "still here"},
+    ]
+    try:
+        async with open_hub(root, acp_schema, ScriptModel([steps])) as hub:
+            link = await hub.connect()
+            await initialize(link.client)
+            session_id = await link.client.new_session(str(root))
+            assert await link.client.prompt(session_id, "special files") == "end_turn"
+            finals = tool_outcomes(link.client, session_id)
+            assert link.client.agent_text(session_id) == "still here"
+        assert os.read(reader, 1) == b""  # (nothing was written into it)
+    finally:
+        os.close(reader)
+        listener.close()
+    texts = [u["content"][0]["content"]["text"] for u in finals]
+    assert [u["status"] for u in finals] == ["failed"] * 6
+    fifo, sock = root / "fifo", root / "sock"
+    assert texts == [
+        f"cannot read {fifo}: not a regular file (a FIFO)",
+        f"cannot read {fifo}: not a regular file (a FIFO)",
+        f"cannot write {fifo}: not a regular file (a FIFO)",
+        f"cannot write {root / 'fifo-read-by-someone'}: not a regular file (a FIFO)",
+        f"cannot read {sock}: not a regular file (a socket)",
+        f"cannot write {sock}: not a regular file (a socket)",
     ]
