@@ -191,7 +191,8 @@ def _read_disk(path: Path, roots: tuple[str, ...], line: int | None, limit: int 
         if line is None and limit is None:
             data = file.read(READ_LIMIT_BYTES + 1)
         else:
-            data = _take_lines(file, max(line or 1, 1) - 1, limit)
+            first = max(line or 1, 1) - 1
+            data = _take_lines(file, first, limit, check=trio.from_thread.check_cancelled)
         if len(data) > READ_LIMIT_BYTES:
             raise _TooLarge
         return data.decode("utf-8")
@@ -248,16 +249,29 @@ def _kind(mode: int) -> str:
 _LINE_END = re.compile(rb"\r\n|\r|\n")
 
 
-def _take_lines(file: BinaryIO, first: int, limit: int | None, chunk_size: int = 1 << 20) -> bytes:
+def _take_lines(
+    file: BinaryIO,
+    first: int,
+    limit: int | None,
+    chunk_size: int = 1 << 20,
+    *,
+    check: Callable[[], None] = lambda: None,
+) -> bytes:
     """Lines ``first`` (0-based) to ``first + limit`` of ``file`` (to its end if ``limit``
     is None), read in chunks so that neither a long file nor a long line is held whole:
     only the lines taken are kept, and reading stops once they pass
-    :data:`READ_LIMIT_BYTES` (the caller then refuses them)."""
+    :data:`READ_LIMIT_BYTES` (the caller then refuses them).
+
+    ``check`` runs before each chunk and raises to stop (``_read_disk`` passes
+    ``trio.from_thread.check_cancelled``): reaching a line reads every byte before it, and
+    a ``line`` past the end of a large file read all of it (a terabyte, for hours) while
+    the turn's cancel waited for the thread."""
     end = None if limit is None else first + limit
     out = bytearray()
     index = 0  # the line the next byte belongs to
     cr_ended = False  # the last chunk ended with \r: a \n opening the next one is its
     while (end is None or index < end) and len(out) <= READ_LIMIT_BYTES:
+        check()
         chunk = file.read(chunk_size)
         if not chunk:
             break

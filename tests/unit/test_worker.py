@@ -788,6 +788,25 @@ async def test_a_read_over_the_bound_fails_the_tool_call(
     assert final[2]["rawOutput"] == {"output": "y" * 60 + "\n"}
 
 
+async def test_a_read_by_lines_past_a_huge_file_ends_when_its_turn_is_cancelled(
+    tmp_path: Path,
+) -> None:
+    """Skipping to a line reads every byte before it (in a thread): a ``line`` past the
+    end of a large file (here 1 TiB, sparse) read it all, for minutes to hours, and a
+    cancel waited for that. The read checks for a cancel between chunks now."""
+    (tmp_path / "huge.log").touch()
+    os.truncate(tmp_path / "huge.log", 1 << 40)
+    read = {"tool": "read_file", "input": {"path": "huge.log", "line": 2**32 - 1, "limit": 1}}
+    async with running_worker(tmp_path, script([read])) as h:
+        turn_id, events = await h.start()
+        assert (await events.receive()).update["status"] == "pending"  # type: ignore[union-attr]
+        assert (await events.receive()).update["status"] == "in_progress"  # type: ignore[union-attr]
+        await h.commands.send(CancelTurn(turn_id))
+        updates, finished = await collect(events)
+    assert finished == TurnFinished("cancelled")
+    assert [(u["toolCallId"], u["status"]) for u in updates] == [("call_1_1", "failed")]
+
+
 async def test_a_long_output_is_shown_cut_and_the_model_gets_it_whole(tmp_path: Path) -> None:
     """A 10 MB read was sent whole, twice (content and rawOutput), in one update larger than
     the server's own message bound, stored and replayed by every load."""
