@@ -14,13 +14,6 @@ class PathEscape(ValueError):
     """A path resolves outside every allowed root."""
 
 
-def absolute_location(path: str, cwd: str) -> str:
-    """``path`` as the absolute path a tool call's ``locations`` must carry (the schema:
-    "the absolute file path"): joined to ``cwd``, ``~`` expanded, ``..`` collapsed.
-    Symlinks are the tool's business (``resolve_inside``); this is only for display."""
-    return os.path.normpath(os.path.join(cwd, os.path.expanduser(path)))
-
-
 def resolve_inside(path: str, cwd: str, roots: Iterable[str]) -> Path:
     """Resolve ``path`` (relative to ``cwd``) and check it lies inside one of ``roots``.
 

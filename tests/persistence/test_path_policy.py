@@ -473,3 +473,33 @@ async def test_a_fifo_or_socket_is_refused_not_waited_on(
         f"cannot read {sock}: not a regular file (a socket)",
         f"cannot write {sock}: not a regular file (a socket)",
     ]
+
+
+async def test_tool_call_locations_name_the_file_used_and_only_inside(
+    layout: tuple[Path, Path], acp_schema: SchemaChecker
+) -> None:
+    """A tool call's ``locations`` (what an IDE's follow-along opens) were the path with
+    ``..`` collapsed as text: a path the call refused pointed the IDE outside the project
+    (``/proc/self/environ``, another user's home), and ``lnk/../f.txt``, with ``lnk`` a
+    link to ``deep/er``, named ``proj/f.txt`` while ``proj/deep/f.txt`` was read. They
+    name the resolved path now, as the ``fs/*`` request does, and none for a refused one."""
+    root, outside = layout
+    (root / "deep" / "er").mkdir(parents=True)
+    (root / "deep" / "f.txt").write_text("deep")
+    (root / "f.txt").write_text("top")
+    (root / "lnk").symlink_to(root / "deep" / "er")
+    paths = [p.format(outside=outside) for p in ESCAPES] + ["/proc/self/environ", "~root/x"]
+    steps: list[dict[str, Any]] = [{"tool": "read_file", "input": {"path": p}} for p in paths]
+    steps.append({"tool": "read_file", "input": {"path": "lnk/../f.txt"}})
+    async with open_hub(root, acp_schema, ScriptModel([steps])) as hub:
+        link = await hub.connect()
+        await initialize(link.client)
+        session_id = await link.client.new_session(str(root))
+        assert await link.client.prompt(session_id, "where") == "end_turn"
+        calls = [u for u in link.client.updates(session_id) if u["sessionUpdate"] == "tool_call"]
+        finals = tool_outcomes(link.client, session_id)
+    assert [u["status"] for u in finals] == ["failed"] * len(paths) + ["completed"]
+    assert [c.get("locations") for c in calls] == [None] * len(paths) + [
+        [{"path": str(root / "deep" / "f.txt")}]
+    ]
+    assert finals[-1]["rawOutput"] == {"output": "deep"}
