@@ -14,6 +14,20 @@ class PathEscape(ValueError):
     """A path resolves outside every allowed root."""
 
 
+#: Endings that make a path name a directory (``new/``, ``sub/.``), for the OS and a shell.
+_DIRECTORY_ENDINGS = tuple(f"{sep}{dots}" for sep in {"/", os.sep} for dots in ("", ".", ".."))
+
+
+def directory_ending(path: str) -> str | None:
+    """The ending (``/``, ``/.`` or ``/..``) that makes ``path`` name a directory, or None.
+
+    Why: resolving drops it (``Path("new/")`` is ``new``), so a file tool given ``new/``
+    wrote a file ``new`` where a directory was meant, and read ``inside.txt/`` as the
+    file; the OS refuses both (``EISDIR``, ``ENOTDIR``). The file tools refuse such a
+    path before resolving it."""
+    return next((end for end in _DIRECTORY_ENDINGS if path.endswith(end)), None)
+
+
 def resolve_inside(path: str, cwd: str, roots: Iterable[str]) -> Path:
     """Resolve ``path`` (relative to ``cwd``) and check it lies inside one of ``roots``.
 

@@ -22,7 +22,7 @@ import trio
 from .._json import has_lone_surrogate, is_name_text
 from ..acp import FS_READ_TEXT_FILE, FS_WRITE_TEXT_FILE
 from ._envelopes import TurnEnv
-from ._paths import PathEscape, open_beneath, resolve_inside
+from ._paths import PathEscape, directory_ending, open_beneath, resolve_inside
 
 ClientCaller = Callable[[str, dict[str, Any]], Awaitable[Any]]
 
@@ -74,6 +74,9 @@ def _path_arg(tool_input: dict[str, Any]) -> str:
         raise ToolError("input.path must be a non-empty string")
     if not is_name_text(path):
         raise ToolError("input.path must not contain NUL or a lone surrogate")
+    ending = directory_ending(path)
+    if ending is not None:
+        raise ToolError(f"input.path {path!r} ends in {ending!r}: it names a directory, not a file")
     return path
 
 

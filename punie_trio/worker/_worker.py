@@ -41,7 +41,7 @@ from ._envelopes import (
     Update,
 )
 from ._models import Model
-from ._paths import PathEscape, resolve_inside
+from ._paths import PathEscape, directory_ending, resolve_inside
 from ._tools import TOOLS, ClientUnavailable, ToolError, shown_output
 
 log = logging.getLogger("punie_trio.worker")
@@ -217,6 +217,8 @@ def _locations(path: Any, env: TurnEnv) -> list[str]:
     wrong file where a symlink came before the ``..``."""
     if not isinstance(path, str) or not path or not is_name_text(path):
         return []
+    if directory_ending(path) is not None:
+        return []  # (refused: it names a directory)
     try:
         return [str(resolve_inside(path, env.cwd, env.roots))]
     except PathEscape:

@@ -503,3 +503,40 @@ async def test_tool_call_locations_name_the_file_used_and_only_inside(
         [{"path": str(root / "deep" / "f.txt")}]
     ]
     assert finals[-1]["rawOutput"] == {"output": "deep"}
+
+
+@pytest.mark.parametrize("through_client", [True, False], ids=["client-fs", "disk"])
+async def test_a_path_ending_in_a_slash_names_a_directory(
+    layout: tuple[Path, Path], acp_schema: SchemaChecker, through_client: bool
+) -> None:
+    """``new/`` names a directory, as it does to the OS and a shell: ``write_file`` of it
+    made a file ``new`` (on disk or through the client, the slash dropped), and every
+    later write under ``new/`` then failed "Not a directory"; ``read_file`` of
+    ``inside.txt/`` read the file. Both fail now, naming the slash, and nothing is
+    written or asked of the client."""
+    root, _ = layout
+    (root / "sub").mkdir()
+    steps: list[dict[str, Any]] = [
+        {"tool": "write_file", "input": {"path": "new/", "content": "x"}},
+        {"tool": "write_file", "input": {"path": "new/.", "content": "x"}},
+        {"tool": "read_file", "input": {"path": "inside.txt/"}},
+        {"tool": "read_file", "input": {"path": "sub/"}},
+    ]
+    async with open_hub(root, acp_schema, ScriptModel([steps])) as hub:
+        link = await hub.connect(files={str(root / "inside.txt"): "inside (editor)"})
+        caps = {"fs": {"readTextFile": True, "writeTextFile": True}} if through_client else {}
+        await initialize(link.client, **caps)
+        session_id = await link.client.new_session(str(root))
+        assert await link.client.prompt(session_id, "slashes") == "end_turn"
+        finals = tool_outcomes(link.client, session_id)
+        calls = [u for u in link.client.updates(session_id) if u["sessionUpdate"] == "tool_call"]
+    assert [u["status"] for u in finals] == ["failed"] * 4
+    assert [u["content"][0]["content"]["text"] for u in finals] == [
+        "input.path 'new/' ends in '/': it names a directory, not a file",
+        "input.path 'new/.' ends in '/.': it names a directory, not a file",
+        "input.path 'inside.txt/' ends in '/': it names a directory, not a file",
+        "input.path 'sub/' ends in '/': it names a directory, not a file",
+    ]
+    assert [c.get("locations") for c in calls] == [None] * 4
+    assert link.client.agent_requests == []
+    assert not (root / "new").exists()
