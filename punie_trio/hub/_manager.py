@@ -42,7 +42,7 @@ import attrs
 import trio
 
 from .. import acp
-from .._json import without_surrogates
+from .._json import is_name_text, without_surrogates
 from .._metrics import Metrics
 from .._paths import resolved
 from ..acp import FS_READ_TEXT_FILE, FS_WRITE_TEXT_FILE, PromptParams, updates
@@ -1439,13 +1439,22 @@ def _title_for(session: Session, params: PromptParams) -> str | None:
 
 def _resolve_param(path: str, where: str) -> Path:
     """``path`` :func:`resolved`; one that cannot be (a symlink loop, a directory removed
-    under the walk) is -32602 naming ``where``, not an internal error."""
+    under the walk) is -32602 naming ``where``, not an internal error. So is one that
+    resolves (through a symlink) to a path that is not UTF-8: the store refused such a
+    cwd with an internal error, and an additional directory was listed with an escape
+    (``\udce9``) that no load could send back."""
     try:
-        return Path(resolved(path))
+        checked = resolved(path)
     except (OSError, RuntimeError) as exc:  # (3.11 reports a symlink loop as RuntimeError)
         raise RpcError.invalid_params(
             f"Invalid params: {where} {path!r} cannot be resolved: {exc}"
         ) from None
+    if not is_name_text(checked):
+        raise RpcError.invalid_params(
+            f"Invalid params: {where} {path!r} resolves to {checked!r}, a path that is not "
+            "UTF-8 (no client could name it)"
+        )
+    return Path(checked)
 
 
 def _answer_follows(session: Session, turn: ActiveTurn) -> bool:

@@ -7,11 +7,14 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
+from .._json import is_name_text
+
 _CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 
 
 class PathEscape(ValueError):
-    """A path resolves outside every allowed root."""
+    """A path resolves outside every allowed root (or cannot be resolved, or resolves to a
+    name that is not UTF-8)."""
 
 
 #: Endings that make a path name a directory (``new/``, ``sub/.``), for the OS and a shell.
@@ -46,6 +49,13 @@ def resolve_inside(path: str, cwd: str, roots: Iterable[str]) -> Path:
         candidate = Path(cwd, expanded).resolve(strict=False)
     except (OSError, RuntimeError) as exc:  # (3.11 reports a symlink loop as RuntimeError)
         raise PathEscape(f"path {path!r} cannot be resolved: {exc}") from None
+    if not is_name_text(str(candidate)):
+        # (Only a symlink leads there: a client sends UTF-8. Its fs/* request and the
+        # call's locations carried an escape no client can open.)
+        raise PathEscape(
+            f"path {path!r} resolves to {str(candidate)!r}, a path that is not UTF-8 "
+            "(no client could name it)"
+        )
     if _outermost_root(candidate, roots) is not None:
         return candidate
     names = ", ".join(str(r) for r in roots)

@@ -540,3 +540,56 @@ async def test_a_path_ending_in_a_slash_names_a_directory(
     assert [c.get("locations") for c in calls] == [None] * 4
     assert link.client.agent_requests == []
     assert not (root / "new").exists()
+
+
+@pytest.mark.parametrize("through_client", [True, False], ids=["client-fs", "disk"])
+async def test_a_path_that_resolves_to_a_name_not_utf8_is_refused(
+    layout: tuple[Path, Path], acp_schema: SchemaChecker, through_client: bool
+) -> None:
+    """A client can only send UTF-8 paths, but a symlink inside the project can lead to a
+    name that is not (``caf\\xe9``). A cwd resolved there was an internal error (-32603,
+    the store refusing the lone surrogate) and an additional directory was kept, listed
+    with a ``\\udce9`` no load could send back; a tool's path sent that escape in its
+    ``locations`` and its ``fs/*`` request, which no client can open (and strict JSON
+    parsers reject). Each is refused now, naming the path: -32602, or a failed tool call
+    with nothing sent to the client."""
+    root, _ = layout
+    odd = root / os.fsdecode(b"caf\xe9")
+    odd.mkdir()
+    (odd / "f.txt").write_text("odd")
+    (root / "link").symlink_to(odd)
+    (root / "flink").symlink_to(odd / "f.txt")
+    steps: list[dict[str, Any]] = [
+        {"tool": "read_file", "input": {"path": "flink"}},
+        {"tool": "write_file", "input": {"path": "flink", "content": "x"}},
+        {"tool": "read_file", "input": {"path": "link/f.txt"}},
+    ]
+    async with open_hub(root, acp_schema, ScriptModel([steps])) as hub:
+        link = str(root / "link")
+        for params in ({"cwd": link}, {"cwd": str(root), "additionalDirectories": [link]}):
+            error = await new_session_error(hub, **params)
+            where = "cwd" if "additionalDirectories" not in params else "additionalDirectories[0]"
+            assert error == {
+                "code": -32602,
+                "message": f"Invalid params: {where} {link!r} resolves to {str(odd)!r}, "
+                "a path that is not UTF-8 (no client could name it)",
+            }
+        assert hub.manager.sessions == {}
+        client_link = await hub.connect()
+        caps = {"fs": {"readTextFile": True, "writeTextFile": True}} if through_client else {}
+        await initialize(client_link.client, **caps)
+        session_id = await client_link.client.new_session(str(root))
+        assert await client_link.client.prompt(session_id, "odd") == "end_turn"
+        finals = tool_outcomes(client_link.client, session_id)
+        calls = [
+            u for u in client_link.client.updates(session_id) if u["sessionUpdate"] == "tool_call"
+        ]
+    assert [u["status"] for u in finals] == ["failed"] * 3
+    for update, path in zip(finals, ["flink", "flink", "link/f.txt"], strict=True):
+        assert update["content"][0]["content"]["text"] == (
+            f"path {path!r} resolves to {str(odd / 'f.txt')!r}, a path that is not UTF-8 "
+            "(no client could name it)"
+        )
+    assert [c.get("locations") for c in calls] == [None] * 3
+    assert client_link.client.agent_requests == []
+    assert (odd / "f.txt").read_text() == "odd"
