@@ -8,9 +8,11 @@ disk directly. Either way the path must resolve inside the session's roots.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import re
+import secrets
 import stat
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -201,6 +203,8 @@ def _read_disk(path: Path, roots: tuple[str, ...], line: int | None, limit: int 
         return data.decode("utf-8")
 
 
+_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+
 #: Opened without waiting (a FIFO's open waits for its other end) and without making a
 #: terminal the server's controlling one. Neither flag exists on Windows.
 _NO_WAIT = getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0)
@@ -303,10 +307,111 @@ def _take_lines(
 
 
 def _write_disk(path: Path, roots: tuple[str, ...], content: str) -> None:
-    """(On a worker thread.) Create or replace the file, as ``_read_disk`` opens it."""
-    fd = _open_file(path, roots, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
-    with os.fdopen(fd, "w", encoding="utf-8") as file:
-        file.write(content)
+    """(On a worker thread.) Create or replace the file whole or not at all: the content
+    goes into a new file beside it, renamed over it once written, in the directory opened
+    as ``_read_disk`` opens a file (``open_beneath``). An existing file's mode (and, where
+    the server may set it, owner) is kept.
+
+    Why: the file was truncated, then written, so a write that failed part way (a full
+    disk) left the start of the new content where the user's file had been. Replacing
+    also leaves any other hard link to the file as it was: a hard link planted in the
+    project to a file outside no longer carries a write out.
+
+    Where the replace cannot be made as the file was (a directory the server may not
+    create files in, an owner it may not give), the file is written into, as before.
+    """
+    data = content.encode("utf-8")
+    if any(path == Path(root) for root in roots):  # (its parent is outside: nothing to open)
+        raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
+    directory = open_beneath(path.parent, roots, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        existing = _existing_file(directory, path)
+        try:
+            _replace(directory, path.name, data, existing)
+        except _CannotReplace:
+            if existing is None:  # (nothing to write into: no file may be made here)
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path)) from None
+            _write_into(directory, path, data)
+    finally:
+        os.close(directory)
+
+
+class _CannotReplace(Exception):
+    """The file cannot be replaced as it was (see :func:`_write_disk`)."""
+
+
+def _existing_file(directory: int, path: Path) -> os.stat_result | None:
+    """The status of the regular file ``path.name`` in ``directory`` (None: no such file);
+    anything else there is refused as ``_open_file`` refuses it, and a symlink (one that
+    appeared after the path was checked) as :class:`PathEscape`."""
+    try:
+        status = os.stat(path.name, dir_fd=directory, follow_symlinks=False)
+    except FileNotFoundError:
+        return None
+    mode = status.st_mode
+    if stat.S_ISLNK(mode):
+        raise PathEscape(
+            f"{path} cannot be opened without following a symlink (one appeared "
+            "after the path was checked)"
+        )
+    if stat.S_ISDIR(mode):
+        raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
+    if not stat.S_ISREG(mode):
+        raise _NotAFile(_kind(mode))
+    if not os.access(path.name, os.W_OK, dir_fd=directory, follow_symlinks=False):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+    return status
+
+
+def _replace(directory: int, name: str, data: bytes, existing: os.stat_result | None) -> None:
+    """Write ``data`` to a new file in ``directory`` and rename it to ``name``; the new file
+    gets an unguessable name, created exclusively, and is removed again on any failure."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | _CLOEXEC
+    for _ in range(100):
+        tmp = f".{name}.{secrets.token_hex(8)}.tmp"
+        try:
+            # (A new file: 0666 less the umask, as open would make it.)
+            fd = os.open(tmp, flags, 0o600 if existing else 0o666, dir_fd=directory)
+        except FileExistsError:
+            continue
+        except PermissionError:
+            raise _CannotReplace from None  # (no file may be made here)
+        break
+    else:
+        raise FileExistsError(f"could not create a temporary file beside {name}")
+    try:
+        with os.fdopen(fd, "wb") as file:
+            if existing is not None:
+                _take_owner_and_mode(file.fileno(), existing)
+            file.write(data)
+        os.replace(tmp, name, src_dir_fd=directory, dst_dir_fd=directory)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp, dir_fd=directory)
+        raise
+
+
+def _take_owner_and_mode(fd: int, existing: os.stat_result) -> None:
+    """Give the new file ``fd`` the owner and mode of the file it replaces, or raise
+    :class:`_CannotReplace` if the owner cannot be given (a file another user owns)."""
+    mine = os.fstat(fd)
+    if (mine.st_uid, mine.st_gid) != (existing.st_uid, existing.st_gid):
+        try:
+            os.fchown(fd, existing.st_uid, existing.st_gid)
+        except PermissionError:
+            raise _CannotReplace from None
+    os.fchmod(fd, stat.S_IMODE(existing.st_mode))
+
+
+def _write_into(directory: int, path: Path, data: bytes) -> None:
+    """Write ``data`` into the existing file (truncated first), where it cannot be replaced."""
+    flags = os.O_WRONLY | os.O_TRUNC | os.O_NOFOLLOW | _CLOEXEC | _NO_WAIT
+    fd = os.open(path.name, flags, dir_fd=directory)
+    with os.fdopen(fd, "wb") as file:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):  # (swapped meanwhile)
+            raise _NotAFile(_kind(os.fstat(fd).st_mode))
+        os.set_blocking(fd, True)
+        file.write(data)
 
 
 TOOLS: dict[str, ToolSpec] = {
