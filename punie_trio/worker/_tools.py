@@ -321,6 +321,10 @@ def _write_disk(path: Path, roots: tuple[str, ...], content: str) -> None:
     create files in, an owner it may not give), the file is written into, as before.
     """
     data = content.encode("utf-8")
+    if os.open not in os.supports_dir_fd:  # pragma: no cover - not POSIX (open_beneath too)
+        with os.fdopen(_open_file(path, roots, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), "wb") as f:
+            f.write(data)
+        return
     if any(path == Path(root) for root in roots):  # (its parent is outside: nothing to open)
         raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
     directory = open_beneath(path.parent, roots, os.O_RDONLY | os.O_DIRECTORY)
