@@ -237,6 +237,8 @@ async def _serve(
         limits=config.limits,
         closing=closing,
         store=store,
+        # (Its token and store are no tool's, even where a project root holds it.)
+        private=(str(config.data_dir),) if config.data_dir is not None else (),
     )
     dev_app = None
     if config.site is not None:

@@ -170,6 +170,9 @@ class Manager:
     limits: Limits = attrs.field(factory=Limits)
     closing: trio.Event = attrs.field(factory=trio.Event)
     store: Store = attrs.field(factory=MemoryStore)
+    # Directories no tool may touch, though a root may hold them: the data directory
+    # (``TurnEnv.private``).
+    private: tuple[str, ...] = ()
     connections: set[ClientConnection] = attrs.field(factory=set, init=False)
     sessions: dict[str, Session] = attrs.field(factory=dict, init=False)
     workers: dict[str, WorkerHandle] = attrs.field(factory=dict, init=False)
@@ -202,6 +205,7 @@ class Manager:
 
     def __attrs_post_init__(self) -> None:
         self.roots = tuple(str(Path(r).resolve()) for r in self.roots)
+        self.private = tuple(str(Path(p).resolve()) for p in self.private)
         self._tool_calls = ToolCallLimiter(self.limits.tool_calls_per_minute)
         self.metrics.track(
             lambda: len(self.connections), lambda: len(self.sessions), lambda: len(self.workers)
@@ -1099,7 +1103,14 @@ class Manager:
         events_receive: EventReceiver[TurnEvent]
         events_send, events_receive = open_event_channel(TURN_EVENT_BUFFER)
         # The served roots as anchors: every root of a session lies under one of them.
-        env = TurnEnv(session.id, session.cwd, session.allowed_roots, conn.capabilities, self.roots)
+        env = TurnEnv(
+            session.id,
+            session.cwd,
+            session.allowed_roots,
+            conn.capabilities,
+            self.roots,
+            self.private,
+        )
         number = max(session.turns, session.started)
         session.started = number + 1
         ages = self._tool_calls.ages(session.id, trio.current_time())

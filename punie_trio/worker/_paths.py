@@ -31,8 +31,9 @@ def directory_ending(path: str) -> str | None:
     return next((end for end in _DIRECTORY_ENDINGS if path.endswith(end)), None)
 
 
-def resolve_inside(path: str, cwd: str, roots: Iterable[str]) -> Path:
-    """Resolve ``path`` (relative to ``cwd``) and check it lies inside one of ``roots``.
+def resolve_inside(path: str, cwd: str, roots: Iterable[str], private: Iterable[str] = ()) -> Path:
+    """Resolve ``path`` (relative to ``cwd``) and check it lies inside one of ``roots`` and
+    outside each of ``private`` (the server's data directory: see ``TurnEnv.private``).
 
     Symlinks are resolved before the check, so a link pointing out of the project is caught;
     ``strict=False`` lets a not-yet-existing file (a write target) resolve through its parent.
@@ -56,6 +57,12 @@ def resolve_inside(path: str, cwd: str, roots: Iterable[str]) -> Path:
             f"path {path!r} resolves to {str(candidate)!r}, a path that is not UTF-8 "
             "(no client could name it)"
         )
+    for directory in private:
+        if candidate.is_relative_to(directory):
+            raise PathEscape(
+                f"path {path!r} resolves to {candidate}, inside the server's data directory "
+                f"({directory}), which no tool may use (it holds the token and the sessions)"
+            )
     if _outermost_root(candidate, roots) is not None:
         return candidate
     names = ", ".join(str(r) for r in roots)

@@ -100,7 +100,7 @@ def _line_args(tool_input: dict[str, Any]) -> dict[str, int]:
 
 async def _read_file(env: TurnEnv, tool_input: dict[str, Any], call: ClientCaller) -> str:
     try:
-        path = resolve_inside(_path_arg(tool_input), env.cwd, env.roots)
+        path = resolve_inside(_path_arg(tool_input), env.cwd, env.roots, env.private)
     except PathEscape as exc:
         raise ToolError(str(exc)) from None
     lines = _line_args(tool_input)
@@ -147,7 +147,7 @@ class _NotAFile(Exception):
 
 async def _write_file(env: TurnEnv, tool_input: dict[str, Any], call: ClientCaller) -> str:
     try:
-        path = resolve_inside(_path_arg(tool_input), env.cwd, env.roots)
+        path = resolve_inside(_path_arg(tool_input), env.cwd, env.roots, env.private)
     except PathEscape as exc:
         raise ToolError(str(exc)) from None
     content = tool_input.get("content")

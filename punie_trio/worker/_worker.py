@@ -220,7 +220,7 @@ def _locations(path: Any, env: TurnEnv) -> list[str]:
     if directory_ending(path) is not None:
         return []  # (refused: it names a directory)
     try:
-        return [str(resolve_inside(path, env.cwd, env.roots))]
+        return [str(resolve_inside(path, env.cwd, env.roots, env.private))]
     except PathEscape:
         return []
 

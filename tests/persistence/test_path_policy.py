@@ -17,6 +17,8 @@ from punie_trio.store import MemoryStore
 from punie_trio.worker import ScriptModel
 
 from ..acp_schema import SchemaChecker
+from ..integration._support import acp_ws_client
+from ..integration.conftest import StartServer
 from ._hub import Hub, expect_error, initialize, open_hub
 
 SECRET = "outside secret"
@@ -288,8 +290,8 @@ def swap_for_a_link_after_the_check(
 
     checked = _tools.resolve_inside
 
-    def check_then_swap(path: str, cwd: str, roots: Any) -> Path:
-        resolved = checked(path, cwd, roots)
+    def check_then_swap(path: str, cwd: str, roots: Any, private: Any = ()) -> Path:
+        resolved = checked(path, cwd, roots, private)
         directory.rename(directory.with_name(directory.name + "-was"))
         directory.symlink_to(target)
         return resolved
@@ -593,3 +595,53 @@ async def test_a_path_that_resolves_to_a_name_not_utf8_is_refused(
     assert [c.get("locations") for c in calls] == [None] * 3
     assert client_link.client.agent_requests == []
     assert (odd / "f.txt").read_text() == "odd"
+
+
+@pytest.mark.parametrize("through_client", [True, False], ids=["client-fs", "disk"])
+async def test_tools_cannot_touch_the_servers_data_directory(
+    tmp_path: Path, acp_schema: SchemaChecker, start_server: StartServer, through_client: bool
+) -> None:
+    """The data directory holds the bearer token and every session's transcript, of every
+    project. Where it lies inside a project root (``punie-trio serve`` started in the home
+    directory serves ``~``, and ``~/.local/share/punie-trio`` with it) a session's tools
+    read the token and the store and could overwrite them. Tool paths inside it are refused
+    now, as paths outside the roots are: nothing is read, written or asked of the client."""
+    root = Path(await trio.Path(tmp_path).resolve())
+    data = root / "data"  # (the in-process server's data directory, inside its project)
+    data.mkdir(exist_ok=True)
+    (data / "token").write_text("the-token")
+    (root / "tok").symlink_to(data / "token")
+    (root / "mine.txt").write_text("mine")
+    steps: list[dict[str, Any]] = [
+        {"tool": "read_file", "input": {"path": "data/token"}},
+        {"tool": "read_file", "input": {"path": "tok"}},
+        {"tool": "read_file", "input": {"path": "data/sessions.sqlite3"}},
+        {"tool": "write_file", "input": {"path": "data/sessions.sqlite3", "content": "x"}},
+        {"tool": "write_file", "input": {"path": "data/new.txt", "content": "x"}},
+        {"tool": "read_file", "input": {"path": "mine.txt"}},
+    ]
+    store_before = (
+        (data / "sessions.sqlite3").read_bytes() if (data / "sessions.sqlite3").exists() else None
+    )
+    async with (
+        start_server(ScriptModel([steps])) as running,
+        acp_ws_client(running.url, acp_schema, files={str(root / "mine.txt"): "mine"}) as (
+            client,
+            _,
+        ),
+    ):
+        caps = {"fs": {"readTextFile": True, "writeTextFile": True}} if through_client else {}
+        await client.initialize(**caps)
+        session_id = await client.new_session(str(root))
+        assert await client.prompt(session_id, "data") == "end_turn"
+        finals = tool_outcomes(client, session_id)
+        asked = [r["params"]["path"] for r in client.agent_requests]
+    assert [u["status"] for u in finals] == ["failed"] * 5 + ["completed"]
+    for update in finals[:5]:
+        text = update["content"][0]["content"]["text"]
+        assert f"inside the server's data directory ({data})" in text, text
+    assert "the-token" not in str(client.received)
+    assert asked == ([str(root / "mine.txt")] if through_client else [])
+    assert (data / "token").read_text() == "the-token"
+    assert not (data / "new.txt").exists()
+    assert store_before is None or (data / "sessions.sqlite3").exists()
