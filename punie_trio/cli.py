@@ -409,14 +409,20 @@ def _run_serve(args: argparse.Namespace) -> int:
         path = data_dir / "serve.lock"
         return _error(f"cannot lock the data directory ({path}): {exc.strerror or exc}", 1)
     try:
-        return _serve_locked(o, tuple(projects), site, model, data_dir)
+        config_path = args.config if args.config is not None else default_config_path()
+        return _serve_locked(o, tuple(projects), site, model, data_dir, config_path)
     finally:
         if lock is not None:
             os.close(lock)
 
 
 def _serve_locked(
-    o: dict[str, Any], projects: tuple[Path, ...], site: Path | None, model: Model, data_dir: Path
+    o: dict[str, Any],
+    projects: tuple[Path, ...],
+    site: Path | None,
+    model: Model,
+    data_dir: Path,
+    config_path: Path,
 ) -> int:
     """The rest of ``serve``, with the data directory claimed (``lock_data_dir``)."""
     try:
@@ -457,6 +463,7 @@ def _serve_locked(
         site=site,
         dev_options=dev_options(o),
         data_dir=data_dir,
+        config_path=config_path,
         store=o["store"],
         token=token,
         allow_origins=tuple(o["allow_origin"]),

@@ -170,9 +170,9 @@ class Manager:
     limits: Limits = attrs.field(factory=Limits)
     closing: trio.Event = attrs.field(factory=trio.Event)
     store: Store = attrs.field(factory=MemoryStore)
-    # Directories no tool may touch, though a root may hold them: the data directory
-    # (``TurnEnv.private``).
-    private: tuple[str, ...] = ()
+    # The server's own files, which no tool may touch though a root may hold them: the
+    # data directory and the config file, as ``(path, what)`` (``TurnEnv.private``).
+    private: tuple[tuple[str, str], ...] = ()
     connections: set[ClientConnection] = attrs.field(factory=set, init=False)
     sessions: dict[str, Session] = attrs.field(factory=dict, init=False)
     workers: dict[str, WorkerHandle] = attrs.field(factory=dict, init=False)
@@ -205,7 +205,7 @@ class Manager:
 
     def __attrs_post_init__(self) -> None:
         self.roots = tuple(str(Path(r).resolve()) for r in self.roots)
-        self.private = tuple(str(Path(p).resolve()) for p in self.private)
+        self.private = tuple((str(Path(p).resolve()), what) for p, what in self.private)
         self._tool_calls = ToolCallLimiter(self.limits.tool_calls_per_minute)
         self.metrics.track(
             lambda: len(self.connections), lambda: len(self.sessions), lambda: len(self.workers)

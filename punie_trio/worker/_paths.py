@@ -31,9 +31,20 @@ def directory_ending(path: str) -> str | None:
     return next((end for end in _DIRECTORY_ENDINGS if path.endswith(end)), None)
 
 
-def resolve_inside(path: str, cwd: str, roots: Iterable[str], private: Iterable[str] = ()) -> Path:
+#: What ``TurnEnv.private`` names: the server's own files, which no tool may touch.
+DATA_DIRECTORY = "data directory"
+CONFIG_FILE = "config file"
+_WHY_PRIVATE = {
+    DATA_DIRECTORY: "it holds the token and every session",
+    CONFIG_FILE: "it may hold the token",
+}
+
+
+def resolve_inside(
+    path: str, cwd: str, roots: Iterable[str], private: Iterable[tuple[str, str]] = ()
+) -> Path:
     """Resolve ``path`` (relative to ``cwd``) and check it lies inside one of ``roots`` and
-    outside each of ``private`` (the server's data directory: see ``TurnEnv.private``).
+    outside each of ``private`` (the server's own files: see ``TurnEnv.private``).
 
     Symlinks are resolved before the check, so a link pointing out of the project is caught;
     ``strict=False`` lets a not-yet-existing file (a write target) resolve through its parent.
@@ -57,11 +68,12 @@ def resolve_inside(path: str, cwd: str, roots: Iterable[str], private: Iterable[
             f"path {path!r} resolves to {str(candidate)!r}, a path that is not UTF-8 "
             "(no client could name it)"
         )
-    for directory in private:
-        if candidate.is_relative_to(directory):
+    for kept, what in private:
+        if candidate.is_relative_to(kept):
+            where = "is" if what == CONFIG_FILE else "lies inside"
             raise PathEscape(
-                f"path {path!r} resolves to {candidate}, inside the server's data directory "
-                f"({directory}), which no tool may use (it holds the token and the sessions)"
+                f"path {path!r} resolves to {candidate}, which {where} the server's {what} "
+                f"({kept}): no tool may use it ({_WHY_PRIVATE[what]})"
             )
     if _outermost_root(candidate, roots) is not None:
         return candidate

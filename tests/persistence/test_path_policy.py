@@ -605,7 +605,8 @@ async def test_tools_cannot_touch_the_servers_data_directory(
     project. Where it lies inside a project root (``punie-trio serve`` started in the home
     directory serves ``~``, and ``~/.local/share/punie-trio`` with it) a session's tools
     read the token and the store and could overwrite them. Tool paths inside it are refused
-    now, as paths outside the roots are: nothing is read, written or asked of the client."""
+    now, as paths outside the roots are: nothing is read, written or asked of the client.
+    So is the config file the server read (it may hold ``token =``)."""
     root = Path(await trio.Path(tmp_path).resolve())
     data = root / "data"  # (the in-process server's data directory, inside its project)
     data.mkdir(exist_ok=True)
@@ -618,13 +619,16 @@ async def test_tools_cannot_touch_the_servers_data_directory(
         {"tool": "read_file", "input": {"path": "data/sessions.sqlite3"}},
         {"tool": "write_file", "input": {"path": "data/sessions.sqlite3", "content": "x"}},
         {"tool": "write_file", "input": {"path": "data/new.txt", "content": "x"}},
+        {"tool": "read_file", "input": {"path": "config.toml"}},
+        {"tool": "write_file", "input": {"path": "config.toml", "content": "x"}},
         {"tool": "read_file", "input": {"path": "mine.txt"}},
     ]
+    (root / "config.toml").write_text('token = "config-token"\n')
     store_before = (
         (data / "sessions.sqlite3").read_bytes() if (data / "sessions.sqlite3").exists() else None
     )
     async with (
-        start_server(ScriptModel([steps])) as running,
+        start_server(ScriptModel([steps]), config_path=root / "config.toml") as running,
         acp_ws_client(running.url, acp_schema, files={str(root / "mine.txt"): "mine"}) as (
             client,
             _,
@@ -636,11 +640,16 @@ async def test_tools_cannot_touch_the_servers_data_directory(
         assert await client.prompt(session_id, "data") == "end_turn"
         finals = tool_outcomes(client, session_id)
         asked = [r["params"]["path"] for r in client.agent_requests]
-    assert [u["status"] for u in finals] == ["failed"] * 5 + ["completed"]
+    assert [u["status"] for u in finals] == ["failed"] * 7 + ["completed"]
     for update in finals[:5]:
         text = update["content"][0]["content"]["text"]
-        assert f"inside the server's data directory ({data})" in text, text
+        assert f"which lies inside the server's data directory ({data})" in text, text
+    for update in finals[5:7]:
+        text = update["content"][0]["content"]["text"]
+        assert f"which is the server's config file ({root / 'config.toml'})" in text, text
     assert "the-token" not in str(client.received)
+    assert "config-token" not in str(client.received)
+    assert (root / "config.toml").read_text() == 'token = "config-token"\n'
     assert asked == ([str(root / "mine.txt")] if through_client else [])
     assert (data / "token").read_text() == "the-token"
     assert not (data / "new.txt").exists()
