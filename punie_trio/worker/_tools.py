@@ -372,7 +372,8 @@ def _replace(directory: int, name: str, data: bytes, existing: os.stat_result | 
     gets an unguessable name, created exclusively, and is removed again on any failure."""
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | _CLOEXEC
     for _ in range(100):
-        tmp = f".{name}.{secrets.token_hex(8)}.tmp"
+        # (Not named after the target: that name could be too long where the target's is not.)
+        tmp = f".punie-trio-{secrets.token_hex(8)}.tmp"
         try:
             # (A new file: 0666 less the umask, as open would make it.)
             fd = os.open(tmp, flags, 0o600 if existing else 0o666, dir_fd=directory)

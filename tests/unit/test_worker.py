@@ -573,6 +573,18 @@ def test_a_file_whose_owner_cannot_be_kept_is_written_into(
     assert os.listdir(tmp_path) == ["theirs.txt"]
 
 
+async def test_write_file_takes_a_name_as_long_as_the_file_system_allows(tmp_path: Path) -> None:
+    """The file written beside the target is named apart from it: one named after it
+    (``.NAME.xxxx.tmp``) was too long for a target whose own name was within bounds."""
+    name = "n" * 255
+    model = script([{"tool": "write_file", "input": {"path": name, "content": "long"}}])
+    async with running_worker(tmp_path, model) as h:
+        updates, _ = await h.run_turn()
+    assert updates[-1]["status"] == "completed", updates[-1]
+    assert os.listdir(tmp_path) == [name]
+    assert (tmp_path / name).read_text() == "long"
+
+
 async def test_write_file_through_the_client(tmp_path: Path) -> None:
     model = script([{"tool": "write_file", "input": {"path": "new.txt", "content": "abc"}}])
     async with running_worker(tmp_path, model) as h:
