@@ -35,6 +35,7 @@ from ._config import (
     load_file,
     resolve,
 )
+from ._json import is_name_text
 from ._paths import (
     DataDirInUse,
     create_private,
@@ -345,6 +346,29 @@ def site_path(site: Path) -> Path:
     return site.parent.resolve() / site.name
 
 
+def _project_root(given: Path) -> tuple[Path, str | None]:
+    """``given`` resolved (``~``, symlinks, ``..``), and what keeps it from being served
+    (None: nothing).
+
+    Why: a path that cannot be resolved (a symlink loop, a name too long, a NUL from the
+    config file) was a traceback, and a path that is not UTF-8 was served although no
+    client can name it: a session's ``cwd`` is JSON text, so every ``session/new`` was
+    refused as outside the project roots."""
+    try:
+        project = given.expanduser().resolve()
+        is_dir = project.is_dir()
+    except (OSError, RuntimeError, ValueError) as exc:  # (3.11: a loop is a RuntimeError)
+        return given, f"cannot be resolved: {exc}"
+    if not is_dir:
+        return project, "not a directory"
+    if not is_name_text(str(project)):
+        return project, (
+            "its path is not UTF-8, so no client could name it as a session's cwd "
+            "(JSON text is UTF-8): rename it"
+        )
+    return project, None
+
+
 def _run_serve(args: argparse.Namespace) -> int:
     try:
         o = _settings(args)
@@ -352,10 +376,14 @@ def _run_serve(args: argparse.Namespace) -> int:
         return _error(str(exc), 2)
     if o["no_http"] and not o["stdio"]:
         return _error("--no-http needs --stdio (there would be nothing to serve)", 2)
-    projects = tuple(p.expanduser().resolve() for p in (o["project"] or [Path.cwd()]))
-    for project in projects:
-        if not project.is_dir():
-            return _error(f"--project {project}: not a directory", 2)
+    projects: list[Path] = []
+    for given in o["project"] or [Path.cwd()]:
+        project, problem = _project_root(given)
+        if problem is not None:
+            # (a NUL or an undecodable byte shown as an escape, not raw)
+            shown = "".join(c if c.isprintable() else ascii(c)[1:-1] for c in str(project))
+            return _error(f"--project {shown}: {problem}", 2)
+        projects.append(project)
     site = site_path(o["site"]) if o["site"] else None
     if site is not None and not site.is_dir():
         return _error(f"--site {site}: not a directory", 2)
@@ -381,14 +409,20 @@ def _run_serve(args: argparse.Namespace) -> int:
         path = data_dir / "serve.lock"
         return _error(f"cannot lock the data directory ({path}): {exc.strerror or exc}", 1)
     try:
-        return _serve_locked(o, projects, site, model, data_dir)
+        config_path = args.config if args.config is not None else default_config_path()
+        return _serve_locked(o, tuple(projects), site, model, data_dir, config_path)
     finally:
         if lock is not None:
             os.close(lock)
 
 
 def _serve_locked(
-    o: dict[str, Any], projects: tuple[Path, ...], site: Path | None, model: Model, data_dir: Path
+    o: dict[str, Any],
+    projects: tuple[Path, ...],
+    site: Path | None,
+    model: Model,
+    data_dir: Path,
+    config_path: Path,
 ) -> int:
     """The rest of ``serve``, with the data directory claimed (``lock_data_dir``)."""
     try:
@@ -429,6 +463,7 @@ def _serve_locked(
         site=site,
         dev_options=dev_options(o),
         data_dir=data_dir,
+        config_path=config_path,
         store=o["store"],
         token=token,
         allow_origins=tuple(o["allow_origin"]),

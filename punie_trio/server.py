@@ -50,7 +50,7 @@ from .web import _fast_send as fast_send
 from .web import _h2_late_data as h2_late_data
 from .web import _handshake as handshake
 from .web import _ws_refusals as ws_refusals
-from .worker import Model
+from .worker import CONFIG_FILE, DATA_DIRECTORY, Model
 
 log = logging.getLogger("punie_trio.server")
 
@@ -73,6 +73,8 @@ class ServeConfig:
     site: Path | None = None
     dev_options: dict[str, Any] = attrs.field(factory=dict)
     data_dir: Path | None = None
+    # The config file the settings came from (it may hold the token): no tool may touch it.
+    config_path: Path | None = None
     # "sqlite" (DATA_DIR/sessions.sqlite3; needs data_dir) or "memory" (nothing survives).
     store: str = "sqlite"
     # Bearer token required on /acp (and /metrics unless metrics_public); None: no auth.
@@ -237,6 +239,12 @@ async def _serve(
         limits=config.limits,
         closing=closing,
         store=store,
+        # (The token, the store and the config are no tool's, even under a project root.)
+        private=tuple(
+            (str(path), what)
+            for path, what in ((config.data_dir, DATA_DIRECTORY), (config.config_path, CONFIG_FILE))
+            if path is not None
+        ),
     )
     dev_app = None
     if config.site is not None:

@@ -42,7 +42,7 @@ import attrs
 import trio
 
 from .. import acp
-from .._json import without_surrogates
+from .._json import is_name_text, without_surrogates
 from .._metrics import Metrics
 from .._paths import resolved
 from ..acp import FS_READ_TEXT_FILE, FS_WRITE_TEXT_FILE, PromptParams, updates
@@ -170,6 +170,9 @@ class Manager:
     limits: Limits = attrs.field(factory=Limits)
     closing: trio.Event = attrs.field(factory=trio.Event)
     store: Store = attrs.field(factory=MemoryStore)
+    # The server's own files, which no tool may touch though a root may hold them: the
+    # data directory and the config file, as ``(path, what)`` (``TurnEnv.private``).
+    private: tuple[tuple[str, str], ...] = ()
     connections: set[ClientConnection] = attrs.field(factory=set, init=False)
     sessions: dict[str, Session] = attrs.field(factory=dict, init=False)
     workers: dict[str, WorkerHandle] = attrs.field(factory=dict, init=False)
@@ -202,6 +205,7 @@ class Manager:
 
     def __attrs_post_init__(self) -> None:
         self.roots = tuple(str(Path(r).resolve()) for r in self.roots)
+        self.private = tuple((str(Path(p).resolve()), what) for p, what in self.private)
         self._tool_calls = ToolCallLimiter(self.limits.tool_calls_per_minute)
         self.metrics.track(
             lambda: len(self.connections), lambda: len(self.sessions), lambda: len(self.workers)
@@ -1101,7 +1105,14 @@ class Manager:
         events_receive: EventReceiver[TurnEvent]
         events_send, events_receive = open_event_channel(TURN_EVENT_BUFFER)
         # The served roots as anchors: every root of a session lies under one of them.
-        env = TurnEnv(session.id, session.cwd, session.allowed_roots, conn.capabilities, self.roots)
+        env = TurnEnv(
+            session.id,
+            session.cwd,
+            session.allowed_roots,
+            conn.capabilities,
+            self.roots,
+            self.private,
+        )
         number = max(session.turns, session.started)
         session.started = number + 1
         ages = self._tool_calls.ages(session.id, trio.current_time())
@@ -1441,13 +1452,22 @@ def _title_for(session: Session, params: PromptParams) -> str | None:
 
 def _resolve_param(path: str, where: str) -> Path:
     """``path`` :func:`resolved`; one that cannot be (a symlink loop, a directory removed
-    under the walk) is -32602 naming ``where``, not an internal error."""
+    under the walk) is -32602 naming ``where``, not an internal error. So is one that
+    resolves (through a symlink) to a path that is not UTF-8: the store refused such a
+    cwd with an internal error, and an additional directory was listed with an escape
+    (``\udce9``) that no load could send back."""
     try:
-        return Path(resolved(path))
+        checked = resolved(path)
     except (OSError, RuntimeError) as exc:  # (3.11 reports a symlink loop as RuntimeError)
         raise RpcError.invalid_params(
             f"Invalid params: {where} {path!r} cannot be resolved: {exc}"
         ) from None
+    if not is_name_text(checked):
+        raise RpcError.invalid_params(
+            f"Invalid params: {where} {path!r} resolves to {checked!r}, a path that is not "
+            "UTF-8 (no client could name it)"
+        )
+    return Path(checked)
 
 
 def _answer_follows(session: Session, turn: ActiveTurn) -> bool:

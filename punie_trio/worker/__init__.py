@@ -25,10 +25,12 @@ from ._models import (
     load_script,
     model_from_spec,
 )
-from ._paths import PathEscape, resolve_inside
+from ._paths import CONFIG_FILE, DATA_DIRECTORY, PathEscape, resolve_inside
 from ._worker import ProjectWorker, ToolCallLimiter
 
 __all__ = [
+    "CONFIG_FILE",
+    "DATA_DIRECTORY",
     "CancelTurn",
     "ClientCall",
     "ClientReply",

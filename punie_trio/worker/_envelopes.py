@@ -20,13 +20,19 @@ class TurnEnv:
     """What a turn may touch: its working directory and the roots paths must stay inside.
     ``anchors`` (the server's project roots, which every session root lies under) are
     where opening a file starts walking down without following links
-    (``_paths.open_beneath``; empty: from ``roots``)."""
+    (``_paths.open_beneath``; empty: from ``roots``). ``private`` (the server's data
+    directory and config file, each as ``(path, _paths.DATA_DIRECTORY or CONFIG_FILE)``)
+    is never touched, though a root may hold it: the data directory holds the bearer token
+    and every session's transcript, and a ``write_file`` over its store stopped the server
+    saving anything (``punie-trio serve`` started in the home directory serves ``~``, and
+    the data directory in it); the config file may hold the token."""
 
     session_id: str
     cwd: str
     roots: tuple[str, ...]
     capabilities: ClientCapabilities
     anchors: tuple[str, ...] = ()
+    private: tuple[tuple[str, str], ...] = ()
 
 
 # --- out (worker -> manager), on the turn's event channel -----------------------------------

@@ -7,22 +7,44 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
+from .._json import is_name_text
+
 _CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 
 
 class PathEscape(ValueError):
-    """A path resolves outside every allowed root."""
+    """A path resolves outside every allowed root (or cannot be resolved, or resolves to a
+    name that is not UTF-8)."""
 
 
-def absolute_location(path: str, cwd: str) -> str:
-    """``path`` as the absolute path a tool call's ``locations`` must carry (the schema:
-    "the absolute file path"): joined to ``cwd``, ``~`` expanded, ``..`` collapsed.
-    Symlinks are the tool's business (``resolve_inside``); this is only for display."""
-    return os.path.normpath(os.path.join(cwd, os.path.expanduser(path)))
+#: Endings that make a path name a directory (``new/``, ``sub/.``), for the OS and a shell.
+_DIRECTORY_ENDINGS = tuple(f"{sep}{dots}" for sep in {"/", os.sep} for dots in ("", ".", ".."))
 
 
-def resolve_inside(path: str, cwd: str, roots: Iterable[str]) -> Path:
-    """Resolve ``path`` (relative to ``cwd``) and check it lies inside one of ``roots``.
+def directory_ending(path: str) -> str | None:
+    """The ending (``/``, ``/.`` or ``/..``) that makes ``path`` name a directory, or None.
+
+    Why: resolving drops it (``Path("new/")`` is ``new``), so a file tool given ``new/``
+    wrote a file ``new`` where a directory was meant, and read ``inside.txt/`` as the
+    file; the OS refuses both (``EISDIR``, ``ENOTDIR``). The file tools refuse such a
+    path before resolving it."""
+    return next((end for end in _DIRECTORY_ENDINGS if path.endswith(end)), None)
+
+
+#: What ``TurnEnv.private`` names: the server's own files, which no tool may touch.
+DATA_DIRECTORY = "data directory"
+CONFIG_FILE = "config file"
+_WHY_PRIVATE = {
+    DATA_DIRECTORY: "it holds the token and every session",
+    CONFIG_FILE: "it may hold the token",
+}
+
+
+def resolve_inside(
+    path: str, cwd: str, roots: Iterable[str], private: Iterable[tuple[str, str]] = ()
+) -> Path:
+    """Resolve ``path`` (relative to ``cwd``) and check it lies inside one of ``roots`` and
+    outside each of ``private`` (the server's own files: see ``TurnEnv.private``).
 
     Symlinks are resolved before the check, so a link pointing out of the project is caught;
     ``strict=False`` lets a not-yet-existing file (a write target) resolve through its parent.
@@ -39,6 +61,20 @@ def resolve_inside(path: str, cwd: str, roots: Iterable[str]) -> Path:
         candidate = Path(cwd, expanded).resolve(strict=False)
     except (OSError, RuntimeError) as exc:  # (3.11 reports a symlink loop as RuntimeError)
         raise PathEscape(f"path {path!r} cannot be resolved: {exc}") from None
+    if not is_name_text(str(candidate)):
+        # (Only a symlink leads there: a client sends UTF-8. Its fs/* request and the
+        # call's locations carried an escape no client can open.)
+        raise PathEscape(
+            f"path {path!r} resolves to {str(candidate)!r}, a path that is not UTF-8 "
+            "(no client could name it)"
+        )
+    for kept, what in private:
+        if candidate.is_relative_to(kept):
+            where = "is" if what == CONFIG_FILE else "lies inside"
+            raise PathEscape(
+                f"path {path!r} resolves to {candidate}, which {where} the server's {what} "
+                f"({kept}): no tool may use it ({_WHY_PRIVATE[what]})"
+            )
     if _outermost_root(candidate, roots) is not None:
         return candidate
     names = ", ".join(str(r) for r in roots)

@@ -8,8 +8,12 @@ disk directly. Either way the path must resolve inside the session's roots.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import re
+import secrets
+import stat
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -20,7 +24,7 @@ import trio
 from .._json import has_lone_surrogate, is_name_text
 from ..acp import FS_READ_TEXT_FILE, FS_WRITE_TEXT_FILE
 from ._envelopes import TurnEnv
-from ._paths import PathEscape, open_beneath, resolve_inside
+from ._paths import PathEscape, directory_ending, open_beneath, resolve_inside
 
 ClientCaller = Callable[[str, dict[str, Any]], Awaitable[Any]]
 
@@ -72,6 +76,9 @@ def _path_arg(tool_input: dict[str, Any]) -> str:
         raise ToolError("input.path must be a non-empty string")
     if not is_name_text(path):
         raise ToolError("input.path must not contain NUL or a lone surrogate")
+    ending = directory_ending(path)
+    if ending is not None:
+        raise ToolError(f"input.path {path!r} ends in {ending!r}: it names a directory, not a file")
     return path
 
 
@@ -93,7 +100,7 @@ def _line_args(tool_input: dict[str, Any]) -> dict[str, int]:
 
 async def _read_file(env: TurnEnv, tool_input: dict[str, Any], call: ClientCaller) -> str:
     try:
-        path = resolve_inside(_path_arg(tool_input), env.cwd, env.roots)
+        path = resolve_inside(_path_arg(tool_input), env.cwd, env.roots, env.private)
     except PathEscape as exc:
         raise ToolError(str(exc)) from None
     lines = _line_args(tool_input)
@@ -115,6 +122,8 @@ async def _read_file(env: TurnEnv, tool_input: dict[str, Any], call: ClientCalle
         raise ToolError(str(exc)) from None
     except IsADirectoryError:
         raise ToolError(f"cannot read {path}: it is a directory") from None
+    except _NotAFile as exc:
+        raise ToolError(f"cannot read {path}: not a regular file ({exc.kind})") from None
     except _TooLarge:
         raise ToolError(
             f"cannot read {path}: more than {READ_LIMIT_BYTES:,} bytes"
@@ -128,9 +137,17 @@ class _TooLarge(Exception):
     """What a disk read would return is over :data:`READ_LIMIT_BYTES`."""
 
 
+class _NotAFile(Exception):
+    """The path names a FIFO, a socket or a device: ``kind`` says which."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__(kind)
+        self.kind = kind
+
+
 async def _write_file(env: TurnEnv, tool_input: dict[str, Any], call: ClientCaller) -> str:
     try:
-        path = resolve_inside(_path_arg(tool_input), env.cwd, env.roots)
+        path = resolve_inside(_path_arg(tool_input), env.cwd, env.roots, env.private)
     except PathEscape as exc:
         raise ToolError(str(exc)) from None
     content = tool_input.get("content")
@@ -152,6 +169,8 @@ async def _write_file(env: TurnEnv, tool_input: dict[str, Any], call: ClientCall
             raise ToolError(str(exc)) from None
         except IsADirectoryError:
             raise ToolError(f"cannot write {path}: it is a directory") from None
+        except _NotAFile as exc:
+            raise ToolError(f"cannot write {path}: not a regular file ({exc.kind})") from None
         except OSError as exc:
             raise ToolError(f"cannot write {path}: {exc}") from None
     return f"wrote {len(content.encode())} bytes to {path}"
@@ -173,29 +192,93 @@ def _read_disk(path: Path, roots: tuple[str, ...], line: int | None, limit: int 
     ``\r\n`` or ``\r``, as an editor counts them. The file is read a line at a time then,
     so a part of a file of any size can be read. Raises :class:`_TooLarge` past
     :data:`READ_LIMIT_BYTES` of what would be returned."""
-    with os.fdopen(open_beneath(path, roots, os.O_RDONLY), "rb") as file:
+    with os.fdopen(_open_file(path, roots, os.O_RDONLY), "rb") as file:
         if line is None and limit is None:
             data = file.read(READ_LIMIT_BYTES + 1)
         else:
-            data = _take_lines(file, max(line or 1, 1) - 1, limit)
+            first = max(line or 1, 1) - 1
+            data = _take_lines(file, first, limit, check=trio.from_thread.check_cancelled)
         if len(data) > READ_LIMIT_BYTES:
             raise _TooLarge
         return data.decode("utf-8")
 
 
+_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+
+#: Opened without waiting (a FIFO's open waits for its other end) and without making a
+#: terminal the server's controlling one. Neither flag exists on Windows.
+_NO_WAIT = getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0)
+
+_KINDS = (
+    (stat.S_ISFIFO, "a FIFO"),
+    (stat.S_ISSOCK, "a socket"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+)
+
+
+def _open_file(path: Path, roots: tuple[str, ...], flags: int) -> int:
+    """(On a worker thread.) ``open_beneath``, for a regular file only: a directory is
+    :class:`IsADirectoryError`, anything else :class:`_NotAFile`, closed again before
+    anything is read from it or written into it.
+
+    Why: the open of a FIFO waits for its other end, and a disk tool's open runs in a
+    thread that a cancel cannot stop: a ``read_file`` of a FIFO in the project hung its
+    turn, ``session/cancel`` could not end it, and a server told to stop gave up on its
+    shutdown after a timeout and exited 1. A device has no end (``/dev/zero`` read by
+    lines never stopped). The open does not wait now (``O_NONBLOCK``: a FIFO or a socket
+    nobody reads fails with ``ENXIO``), and what it opened is checked before use."""
+    try:
+        fd = open_beneath(path, roots, flags | _NO_WAIT)
+    except OSError as exc:
+        if exc.errno == errno.ENXIO:  # (a FIFO with no reader, a socket: never opened)
+            raise _NotAFile(_kind(os.stat(path, follow_symlinks=False).st_mode)) from None
+        raise
+    try:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
+        if not stat.S_ISREG(mode):
+            raise _NotAFile(_kind(mode))
+        if _NO_WAIT:
+            os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _kind(mode: int) -> str:
+    """What a file that is not a regular file is, for a message."""
+    return next((kind for is_kind, kind in _KINDS if is_kind(mode)), "not a file")
+
+
 _LINE_END = re.compile(rb"\r\n|\r|\n")
 
 
-def _take_lines(file: BinaryIO, first: int, limit: int | None, chunk_size: int = 1 << 20) -> bytes:
+def _take_lines(
+    file: BinaryIO,
+    first: int,
+    limit: int | None,
+    chunk_size: int = 1 << 20,
+    *,
+    check: Callable[[], None] = lambda: None,
+) -> bytes:
     """Lines ``first`` (0-based) to ``first + limit`` of ``file`` (to its end if ``limit``
     is None), read in chunks so that neither a long file nor a long line is held whole:
     only the lines taken are kept, and reading stops once they pass
-    :data:`READ_LIMIT_BYTES` (the caller then refuses them)."""
+    :data:`READ_LIMIT_BYTES` (the caller then refuses them).
+
+    ``check`` runs before each chunk and raises to stop (``_read_disk`` passes
+    ``trio.from_thread.check_cancelled``): reaching a line reads every byte before it, and
+    a ``line`` past the end of a large file read all of it (a terabyte, for hours) while
+    the turn's cancel waited for the thread."""
     end = None if limit is None else first + limit
     out = bytearray()
     index = 0  # the line the next byte belongs to
     cr_ended = False  # the last chunk ended with \r: a \n opening the next one is its
     while (end is None or index < end) and len(out) <= READ_LIMIT_BYTES:
+        check()
         chunk = file.read(chunk_size)
         if not chunk:
             break
@@ -224,10 +307,116 @@ def _take_lines(file: BinaryIO, first: int, limit: int | None, chunk_size: int =
 
 
 def _write_disk(path: Path, roots: tuple[str, ...], content: str) -> None:
-    """(On a worker thread.) Create or replace the file, as ``_read_disk`` opens it."""
-    fd = open_beneath(path, roots, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
-    with os.fdopen(fd, "w", encoding="utf-8") as file:
-        file.write(content)
+    """(On a worker thread.) Create or replace the file whole or not at all: the content
+    goes into a new file beside it, renamed over it once written, in the directory opened
+    as ``_read_disk`` opens a file (``open_beneath``). An existing file's mode (and, where
+    the server may set it, owner) is kept.
+
+    Why: the file was truncated, then written, so a write that failed part way (a full
+    disk) left the start of the new content where the user's file had been. Replacing
+    also leaves any other hard link to the file as it was: a hard link planted in the
+    project to a file outside no longer carries a write out.
+
+    Where the replace cannot be made as the file was (a directory the server may not
+    create files in, an owner it may not give), the file is written into, as before.
+    """
+    data = content.encode("utf-8")
+    if os.open not in os.supports_dir_fd:  # pragma: no cover - not POSIX (open_beneath too)
+        with os.fdopen(_open_file(path, roots, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), "wb") as f:
+            f.write(data)
+        return
+    if any(path == Path(root) for root in roots):  # (its parent is outside: nothing to open)
+        raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
+    directory = open_beneath(path.parent, roots, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        existing = _existing_file(directory, path)
+        try:
+            _replace(directory, path.name, data, existing)
+        except _CannotReplace:
+            if existing is None:  # (nothing to write into: no file may be made here)
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path)) from None
+            _write_into(directory, path, data)
+    finally:
+        os.close(directory)
+
+
+class _CannotReplace(Exception):
+    """The file cannot be replaced as it was (see :func:`_write_disk`)."""
+
+
+def _existing_file(directory: int, path: Path) -> os.stat_result | None:
+    """The status of the regular file ``path.name`` in ``directory`` (None: no such file);
+    anything else there is refused as ``_open_file`` refuses it, and a symlink (one that
+    appeared after the path was checked) as :class:`PathEscape`."""
+    try:
+        status = os.stat(path.name, dir_fd=directory, follow_symlinks=False)
+    except FileNotFoundError:
+        return None
+    mode = status.st_mode
+    if stat.S_ISLNK(mode):
+        raise PathEscape(
+            f"{path} cannot be opened without following a symlink (one appeared "
+            "after the path was checked)"
+        )
+    if stat.S_ISDIR(mode):
+        raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
+    if not stat.S_ISREG(mode):
+        raise _NotAFile(_kind(mode))
+    if not os.access(path.name, os.W_OK, dir_fd=directory, follow_symlinks=False):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+    return status
+
+
+def _replace(directory: int, name: str, data: bytes, existing: os.stat_result | None) -> None:
+    """Write ``data`` to a new file in ``directory`` and rename it to ``name``; the new file
+    gets an unguessable name, created exclusively, and is removed again on any failure."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | _CLOEXEC
+    for _ in range(100):
+        # (Not named after the target: that name could be too long where the target's is not.)
+        tmp = f".punie-trio-{secrets.token_hex(8)}.tmp"
+        try:
+            # (A new file: 0666 less the umask, as open would make it.)
+            fd = os.open(tmp, flags, 0o600 if existing else 0o666, dir_fd=directory)
+        except FileExistsError:
+            continue
+        except PermissionError:
+            raise _CannotReplace from None  # (no file may be made here)
+        break
+    else:
+        raise FileExistsError(f"could not create a temporary file beside {name}")
+    try:
+        with os.fdopen(fd, "wb") as file:
+            if existing is not None:
+                _take_owner_and_mode(file.fileno(), existing)
+            file.write(data)
+        os.replace(tmp, name, src_dir_fd=directory, dst_dir_fd=directory)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp, dir_fd=directory)
+        raise
+
+
+def _take_owner_and_mode(fd: int, existing: os.stat_result) -> None:
+    """Give the new file ``fd`` the owner and mode of the file it replaces, or raise
+    :class:`_CannotReplace` if the owner cannot be given (a file another user owns)."""
+    mine = os.fstat(fd)
+    if (mine.st_uid, mine.st_gid) != (existing.st_uid, existing.st_gid):
+        try:
+            os.fchown(fd, existing.st_uid, existing.st_gid)
+        except PermissionError:
+            raise _CannotReplace from None
+    os.fchmod(fd, stat.S_IMODE(existing.st_mode))
+
+
+def _write_into(directory: int, path: Path, data: bytes) -> None:
+    """Write ``data`` into the existing file (truncated first), where it cannot be replaced."""
+    flags = os.O_WRONLY | os.O_TRUNC | os.O_NOFOLLOW | _CLOEXEC | _NO_WAIT
+    fd = os.open(path.name, flags, dir_fd=directory)
+    with os.fdopen(fd, "wb") as file:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):  # (swapped meanwhile)
+            raise _NotAFile(_kind(os.fstat(fd).st_mode))
+        os.set_blocking(fd, True)
+        file.write(data)
 
 
 TOOLS: dict[str, ToolSpec] = {

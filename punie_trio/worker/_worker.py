@@ -35,12 +35,13 @@ from ._envelopes import (
     ForgetSession,
     ForgetTurn,
     StartTurn,
+    TurnEnv,
     TurnEvent,
     TurnFinished,
     Update,
 )
 from ._models import Model
-from ._paths import absolute_location
+from ._paths import PathEscape, directory_ending, resolve_inside
 from ._tools import TOOLS, ClientUnavailable, ToolError, shown_output
 
 log = logging.getLogger("punie_trio.worker")
@@ -173,10 +174,7 @@ class _Context:
             )
             return None
         path = tool_input.get("path")
-        cwd = self.turn.start.env.cwd
-        locations = []
-        if isinstance(path, str) and path and is_name_text(path):
-            locations.append(absolute_location(path, cwd))
+        locations = _locations(path, self.turn.start.env)
         title = f"{spec.title} {path}" if isinstance(path, str) else spec.title
         await self._emit(
             Update(
@@ -207,6 +205,24 @@ class _Context:
         )
         open_tools.remove(tool_id)
         return output
+
+
+def _locations(path: Any, env: TurnEnv) -> list[str]:
+    """A tool call's ``locations``: the absolute path (the schema's "absolute file path")
+    its tool will use, resolved as the tool resolves it (the path an ``fs/*`` request
+    carries); none for a path the tool will refuse.
+
+    Why: an IDE's follow-along opens these. Collapsing ``..`` as text pointed it at a
+    file the call refused, outside the project (``/proc/self/environ``), and at the
+    wrong file where a symlink came before the ``..``."""
+    if not isinstance(path, str) or not path or not is_name_text(path):
+        return []
+    if directory_ending(path) is not None:
+        return []  # (refused: it names a directory)
+    try:
+        return [str(resolve_inside(path, env.cwd, env.roots, env.private))]
+    except PathEscape:
+        return []
 
 
 @attrs.define(eq=False)

@@ -159,6 +159,40 @@ def test_serve_project_must_be_a_directory(env: dict[str, str], tmp_path: Path) 
     assert "not a directory" in done.stderr
 
 
+@pytest.mark.parametrize("case", ["symlink-loop", "too-long", "nul-in-config", "not-utf8"])
+def test_serve_project_that_cannot_be_served_is_a_clear_error(
+    env: dict[str, str], tmp_path: Path, case: str
+) -> None:
+    """A ``--project`` that cannot be resolved (a symlink loop, a name too long, a NUL from
+    the config file) was a traceback and exit 1; one whose path is not UTF-8 was served,
+    though no client can send it as a session's cwd (JSON text is UTF-8), and every
+    session/new was then refused as "outside the project roots". Each is exit 2 naming
+    the project now, before anything is served."""
+    args = ["serve", "--stdio", "--no-http"]
+    if case == "symlink-loop":
+        (tmp_path / "loop").symlink_to(tmp_path / "loop")
+        args += ["--project", str(tmp_path / "loop")]
+        expected = "cannot be resolved"
+    elif case == "too-long":
+        args += ["--project", str(tmp_path / ("x" * 300))]
+        expected = "cannot be resolved"
+    elif case == "nul-in-config":
+        config = tmp_path / "config.toml"
+        config.write_text('project = ["/tmp/a\\u0000b"]\n')
+        args += ["--config", str(config)]
+        expected = "cannot be resolved"
+    else:
+        project = tmp_path / os.fsdecode(b"caf\xe9")
+        project.mkdir()
+        args += ["--project", str(project)]
+        expected = "is not UTF-8"
+    done = punie(*args, env=env)
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr
+    assert done.stderr.startswith("punie-trio: error: --project ")
+    assert expected in done.stderr
+
+
 @pytest.mark.parametrize(
     "args",
     [

@@ -5,6 +5,8 @@ client to."""
 
 from __future__ import annotations
 
+import os
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +17,8 @@ from punie_trio.store import MemoryStore
 from punie_trio.worker import ScriptModel
 
 from ..acp_schema import SchemaChecker
+from ..integration._support import acp_ws_client
+from ..integration.conftest import StartServer
 from ._hub import Hub, expect_error, initialize, open_hub
 
 SECRET = "outside secret"
@@ -286,8 +290,8 @@ def swap_for_a_link_after_the_check(
 
     checked = _tools.resolve_inside
 
-    def check_then_swap(path: str, cwd: str, roots: Any) -> Path:
-        resolved = checked(path, cwd, roots)
+    def check_then_swap(path: str, cwd: str, roots: Any, private: Any = ()) -> Path:
+        resolved = checked(path, cwd, roots, private)
         directory.rename(directory.with_name(directory.name + "-was"))
         directory.symlink_to(target)
         return resolved
@@ -422,3 +426,231 @@ async def test_a_directory_given_to_a_file_tool_is_named_as_one(
         f"cannot read {root}: it is a directory",
         f"cannot write {root}: it is a directory",
     ]
+
+
+async def test_a_fifo_or_socket_is_refused_not_waited_on(
+    layout: tuple[Path, Path], acp_schema: SchemaChecker
+) -> None:
+    """A file tool on a FIFO waited in its open for a writer (or reader) that never came:
+    the turn hung, session/cancel could not end it (the open runs in a thread), and a
+    SIGTERM'd server gave up after its shutdown timeout and exited 1. Anything but a
+    regular file (or a directory, named as one) fails the tool call now, at once, and
+    nothing is read from or written into it."""
+    root, _ = layout
+    os.mkfifo(root / "fifo")
+    os.mkfifo(root / "fifo-read-by-someone")
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(str(root / "sock"))
+    # Someone reads this one: a write would open at once, and hand it the content.
+    reader = os.open(root / "fifo-read-by-someone", os.O_RDONLY | os.O_NONBLOCK)
+    steps: list[dict[str, Any]] = [
+        {"tool": "read_file", "input": {"path": "fifo"}},
+        {"tool": "read_file", "input": {"path": "fifo", "line": 2, "limit": 1}},
+        {"tool": "write_file", "input": {"path": "fifo", "content": "x"}},
+        {"tool": "write_file", "input": {"path": "fifo-read-by-someone", "content": "x"}},
+        {"tool": "read_file", "input": {"path": "sock"}},
+        {"tool": "write_file", "input": {"path": "sock", "content": "x"}},
+        {"text": "still here"},
+    ]
+    try:
+        async with open_hub(root, acp_schema, ScriptModel([steps])) as hub:
+            link = await hub.connect()
+            await initialize(link.client)
+            session_id = await link.client.new_session(str(root))
+            assert await link.client.prompt(session_id, "special files") == "end_turn"
+            finals = tool_outcomes(link.client, session_id)
+            assert link.client.agent_text(session_id) == "still here"
+        assert os.read(reader, 1) == b""  # (nothing was written into it)
+    finally:
+        os.close(reader)
+        listener.close()
+    texts = [u["content"][0]["content"]["text"] for u in finals]
+    assert [u["status"] for u in finals] == ["failed"] * 6
+    fifo, sock = root / "fifo", root / "sock"
+    assert texts == [
+        f"cannot read {fifo}: not a regular file (a FIFO)",
+        f"cannot read {fifo}: not a regular file (a FIFO)",
+        f"cannot write {fifo}: not a regular file (a FIFO)",
+        f"cannot write {root / 'fifo-read-by-someone'}: not a regular file (a FIFO)",
+        f"cannot read {sock}: not a regular file (a socket)",
+        f"cannot write {sock}: not a regular file (a socket)",
+    ]
+
+
+async def test_tool_call_locations_name_the_file_used_and_only_inside(
+    layout: tuple[Path, Path], acp_schema: SchemaChecker
+) -> None:
+    """A tool call's ``locations`` (what an IDE's follow-along opens) were the path with
+    ``..`` collapsed as text: a path the call refused pointed the IDE outside the project
+    (``/proc/self/environ``, another user's home), and ``lnk/../f.txt``, with ``lnk`` a
+    link to ``deep/er``, named ``proj/f.txt`` while ``proj/deep/f.txt`` was read. They
+    name the resolved path now, as the ``fs/*`` request does, and none for a refused one."""
+    root, outside = layout
+    (root / "deep" / "er").mkdir(parents=True)
+    (root / "deep" / "f.txt").write_text("deep")
+    (root / "f.txt").write_text("top")
+    (root / "lnk").symlink_to(root / "deep" / "er")
+    paths = [p.format(outside=outside) for p in ESCAPES] + ["/proc/self/environ", "~root/x"]
+    steps: list[dict[str, Any]] = [{"tool": "read_file", "input": {"path": p}} for p in paths]
+    steps.append({"tool": "read_file", "input": {"path": "lnk/../f.txt"}})
+    async with open_hub(root, acp_schema, ScriptModel([steps])) as hub:
+        link = await hub.connect()
+        await initialize(link.client)
+        session_id = await link.client.new_session(str(root))
+        assert await link.client.prompt(session_id, "where") == "end_turn"
+        calls = [u for u in link.client.updates(session_id) if u["sessionUpdate"] == "tool_call"]
+        finals = tool_outcomes(link.client, session_id)
+    assert [u["status"] for u in finals] == ["failed"] * len(paths) + ["completed"]
+    assert [c.get("locations") for c in calls] == [None] * len(paths) + [
+        [{"path": str(root / "deep" / "f.txt")}]
+    ]
+    assert finals[-1]["rawOutput"] == {"output": "deep"}
+
+
+@pytest.mark.parametrize("through_client", [True, False], ids=["client-fs", "disk"])
+async def test_a_path_ending_in_a_slash_names_a_directory(
+    layout: tuple[Path, Path], acp_schema: SchemaChecker, through_client: bool
+) -> None:
+    """``new/`` names a directory, as it does to the OS and a shell: ``write_file`` of it
+    made a file ``new`` (on disk or through the client, the slash dropped), and every
+    later write under ``new/`` then failed "Not a directory"; ``read_file`` of
+    ``inside.txt/`` read the file. Both fail now, naming the slash, and nothing is
+    written or asked of the client."""
+    root, _ = layout
+    (root / "sub").mkdir()
+    steps: list[dict[str, Any]] = [
+        {"tool": "write_file", "input": {"path": "new/", "content": "x"}},
+        {"tool": "write_file", "input": {"path": "new/.", "content": "x"}},
+        {"tool": "read_file", "input": {"path": "inside.txt/"}},
+        {"tool": "read_file", "input": {"path": "sub/"}},
+    ]
+    async with open_hub(root, acp_schema, ScriptModel([steps])) as hub:
+        link = await hub.connect(files={str(root / "inside.txt"): "inside (editor)"})
+        caps = {"fs": {"readTextFile": True, "writeTextFile": True}} if through_client else {}
+        await initialize(link.client, **caps)
+        session_id = await link.client.new_session(str(root))
+        assert await link.client.prompt(session_id, "slashes") == "end_turn"
+        finals = tool_outcomes(link.client, session_id)
+        calls = [u for u in link.client.updates(session_id) if u["sessionUpdate"] == "tool_call"]
+    assert [u["status"] for u in finals] == ["failed"] * 4
+    assert [u["content"][0]["content"]["text"] for u in finals] == [
+        "input.path 'new/' ends in '/': it names a directory, not a file",
+        "input.path 'new/.' ends in '/.': it names a directory, not a file",
+        "input.path 'inside.txt/' ends in '/': it names a directory, not a file",
+        "input.path 'sub/' ends in '/': it names a directory, not a file",
+    ]
+    assert [c.get("locations") for c in calls] == [None] * 4
+    assert link.client.agent_requests == []
+    assert not (root / "new").exists()
+
+
+@pytest.mark.parametrize("through_client", [True, False], ids=["client-fs", "disk"])
+async def test_a_path_that_resolves_to_a_name_not_utf8_is_refused(
+    layout: tuple[Path, Path], acp_schema: SchemaChecker, through_client: bool
+) -> None:
+    """A client can only send UTF-8 paths, but a symlink inside the project can lead to a
+    name that is not (``caf\\xe9``). A cwd resolved there was an internal error (-32603,
+    the store refusing the lone surrogate) and an additional directory was kept, listed
+    with a ``\\udce9`` no load could send back; a tool's path sent that escape in its
+    ``locations`` and its ``fs/*`` request, which no client can open (and strict JSON
+    parsers reject). Each is refused now, naming the path: -32602, or a failed tool call
+    with nothing sent to the client."""
+    root, _ = layout
+    odd = root / os.fsdecode(b"caf\xe9")
+    odd.mkdir()
+    (odd / "f.txt").write_text("odd")
+    (root / "link").symlink_to(odd)
+    (root / "flink").symlink_to(odd / "f.txt")
+    steps: list[dict[str, Any]] = [
+        {"tool": "read_file", "input": {"path": "flink"}},
+        {"tool": "write_file", "input": {"path": "flink", "content": "x"}},
+        {"tool": "read_file", "input": {"path": "link/f.txt"}},
+    ]
+    async with open_hub(root, acp_schema, ScriptModel([steps])) as hub:
+        link = str(root / "link")
+        for params in ({"cwd": link}, {"cwd": str(root), "additionalDirectories": [link]}):
+            error = await new_session_error(hub, **params)
+            where = "cwd" if "additionalDirectories" not in params else "additionalDirectories[0]"
+            assert error == {
+                "code": -32602,
+                "message": f"Invalid params: {where} {link!r} resolves to {str(odd)!r}, "
+                "a path that is not UTF-8 (no client could name it)",
+            }
+        assert hub.manager.sessions == {}
+        client_link = await hub.connect()
+        caps = {"fs": {"readTextFile": True, "writeTextFile": True}} if through_client else {}
+        await initialize(client_link.client, **caps)
+        session_id = await client_link.client.new_session(str(root))
+        assert await client_link.client.prompt(session_id, "odd") == "end_turn"
+        finals = tool_outcomes(client_link.client, session_id)
+        calls = [
+            u for u in client_link.client.updates(session_id) if u["sessionUpdate"] == "tool_call"
+        ]
+    assert [u["status"] for u in finals] == ["failed"] * 3
+    for update, path in zip(finals, ["flink", "flink", "link/f.txt"], strict=True):
+        assert update["content"][0]["content"]["text"] == (
+            f"path {path!r} resolves to {str(odd / 'f.txt')!r}, a path that is not UTF-8 "
+            "(no client could name it)"
+        )
+    assert [c.get("locations") for c in calls] == [None] * 3
+    assert client_link.client.agent_requests == []
+    assert (odd / "f.txt").read_text() == "odd"
+
+
+@pytest.mark.parametrize("through_client", [True, False], ids=["client-fs", "disk"])
+async def test_tools_cannot_touch_the_servers_data_directory(
+    tmp_path: Path, acp_schema: SchemaChecker, start_server: StartServer, through_client: bool
+) -> None:
+    """The data directory holds the bearer token and every session's transcript, of every
+    project. Where it lies inside a project root (``punie-trio serve`` started in the home
+    directory serves ``~``, and ``~/.local/share/punie-trio`` with it) a session's tools
+    read the token and the store and could overwrite them. Tool paths inside it are refused
+    now, as paths outside the roots are: nothing is read, written or asked of the client.
+    So is the config file the server read (it may hold ``token =``)."""
+    root = Path(await trio.Path(tmp_path).resolve())
+    data = root / "data"  # (the in-process server's data directory, inside its project)
+    data.mkdir(exist_ok=True)
+    (data / "token").write_text("the-token")
+    (root / "tok").symlink_to(data / "token")
+    (root / "mine.txt").write_text("mine")
+    steps: list[dict[str, Any]] = [
+        {"tool": "read_file", "input": {"path": "data/token"}},
+        {"tool": "read_file", "input": {"path": "tok"}},
+        {"tool": "read_file", "input": {"path": "data/sessions.sqlite3"}},
+        {"tool": "write_file", "input": {"path": "data/sessions.sqlite3", "content": "x"}},
+        {"tool": "write_file", "input": {"path": "data/new.txt", "content": "x"}},
+        {"tool": "read_file", "input": {"path": "config.toml"}},
+        {"tool": "write_file", "input": {"path": "config.toml", "content": "x"}},
+        {"tool": "read_file", "input": {"path": "mine.txt"}},
+    ]
+    (root / "config.toml").write_text('token = "config-token"\n')
+    store_before = (
+        (data / "sessions.sqlite3").read_bytes() if (data / "sessions.sqlite3").exists() else None
+    )
+    async with (
+        start_server(ScriptModel([steps]), config_path=root / "config.toml") as running,
+        acp_ws_client(running.url, acp_schema, files={str(root / "mine.txt"): "mine"}) as (
+            client,
+            _,
+        ),
+    ):
+        caps = {"fs": {"readTextFile": True, "writeTextFile": True}} if through_client else {}
+        await client.initialize(**caps)
+        session_id = await client.new_session(str(root))
+        assert await client.prompt(session_id, "data") == "end_turn"
+        finals = tool_outcomes(client, session_id)
+        asked = [r["params"]["path"] for r in client.agent_requests]
+    assert [u["status"] for u in finals] == ["failed"] * 7 + ["completed"]
+    for update in finals[:5]:
+        text = update["content"][0]["content"]["text"]
+        assert f"which lies inside the server's data directory ({data})" in text, text
+    for update in finals[5:7]:
+        text = update["content"][0]["content"]["text"]
+        assert f"which is the server's config file ({root / 'config.toml'})" in text, text
+    assert "the-token" not in str(client.received)
+    assert "config-token" not in str(client.received)
+    assert (root / "config.toml").read_text() == 'token = "config-token"\n'
+    assert asked == ([str(root / "mine.txt")] if through_client else [])
+    assert (data / "token").read_text() == "the-token"
+    assert not (data / "new.txt").exists()
+    assert store_before is None or (data / "sessions.sqlite3").exists()

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import collections
+import errno
 import io
 import itertools
 import os
+import stat
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -492,6 +496,95 @@ async def test_read_file_on_disk_honours_line_and_limit(tmp_path: Path) -> None:
     assert outputs == ["two\r\nthree\r", "four\nfive", "one\n", "one\n", "", ""]
 
 
+def test_a_write_that_fails_part_way_leaves_the_file_as_it_was(tmp_path: Path) -> None:
+    """``write_file`` truncated the file, then wrote: a write that failed part way (a full
+    disk; here a file size limit, in a child process) left the start of the new content
+    where the user's file had been. The content goes into a file beside it now, renamed
+    over it once whole: the file is as it was, and no temporary file is left."""
+    root = tmp_path / "proj"
+    root.mkdir()
+    (root / "f.txt").write_text("precious " * 100)
+    child = f"""
+import resource, signal
+from pathlib import Path
+from punie_trio.worker._tools import _write_disk
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+try:
+    _write_disk(Path({str(root / "f.txt")!r}), ({str(root)!r},), "new content " * 1000)
+except OSError as exc:
+    print(exc.errno)
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", child], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert done.stdout.strip() == str(errno.EFBIG), done.stderr
+    assert (root / "f.txt").read_text() == "precious " * 100
+    assert os.listdir(root) == ["f.txt"]
+
+
+async def test_write_file_keeps_the_mode_and_leaves_other_hard_links_alone(tmp_path: Path) -> None:
+    """The file is replaced, not written into: it keeps its mode, and another name for it
+    (a hard link, here one outside the project) keeps the old content, so a write through
+    a hard link planted in the project no longer reaches the file outside."""
+    root, outside = tmp_path / "proj", tmp_path / "outside"
+    root.mkdir()
+    outside.mkdir()
+    (root / "script.sh").write_text("old")
+    (root / "script.sh").chmod(0o750)
+    (outside / "secret.txt").write_text("outside")
+    os.link(outside / "secret.txt", root / "linked.txt")
+    model = script(
+        [
+            {"tool": "write_file", "input": {"path": "script.sh", "content": "new"}},
+            {"tool": "write_file", "input": {"path": "linked.txt", "content": "pwned"}},
+        ]
+    )
+    async with running_worker(root, model) as h:
+        updates, _ = await h.run_turn()
+    assert [u["status"] for u in updates if u.get("status") in ("completed", "failed")] == [
+        "completed",
+        "completed",
+    ]
+    assert (root / "script.sh").read_text() == "new"
+    assert stat.S_IMODE((root / "script.sh").stat().st_mode) == 0o750
+    assert (root / "linked.txt").read_text() == "pwned"
+    assert (outside / "secret.txt").read_text() == "outside"
+    assert sorted(os.listdir(root)) == ["linked.txt", "script.sh"]
+
+
+def test_a_file_whose_owner_cannot_be_kept_is_written_into(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Replacing a file another user owns would make it the server's: where the owner
+    cannot be given back, the file is written into, as before (same inode and owner)."""
+    (tmp_path / "theirs.txt").write_text("old")
+    before = (tmp_path / "theirs.txt").stat()
+
+    def refuse(fd: int, uid: int, gid: int) -> None:
+        raise PermissionError(errno.EPERM, "not permitted")
+
+    monkeypatch.setattr(tools_module.os, "fchown", refuse)
+    os.chown(tmp_path / "theirs.txt", before.st_uid + 1, before.st_gid)
+    tools_module._write_disk(tmp_path / "theirs.txt", (str(tmp_path),), "new")
+    after = (tmp_path / "theirs.txt").stat()
+    assert (tmp_path / "theirs.txt").read_text() == "new"
+    assert (after.st_ino, after.st_uid) == (before.st_ino, before.st_uid + 1)
+    assert os.listdir(tmp_path) == ["theirs.txt"]
+
+
+async def test_write_file_takes_a_name_as_long_as_the_file_system_allows(tmp_path: Path) -> None:
+    """The file written beside the target is named apart from it: one named after it
+    (``.NAME.xxxx.tmp``) was too long for a target whose own name was within bounds."""
+    name = "n" * 255
+    model = script([{"tool": "write_file", "input": {"path": name, "content": "long"}}])
+    async with running_worker(tmp_path, model) as h:
+        updates, _ = await h.run_turn()
+    assert updates[-1]["status"] == "completed", updates[-1]
+    assert os.listdir(tmp_path) == [name]
+    assert (tmp_path / name).read_text() == "long"
+
+
 async def test_write_file_through_the_client(tmp_path: Path) -> None:
     model = script([{"tool": "write_file", "input": {"path": "new.txt", "content": "abc"}}])
     async with running_worker(tmp_path, model) as h:
@@ -795,6 +888,25 @@ async def test_a_read_over_the_bound_fails_the_tool_call(
         in (final[0]["content"][0]["content"]["text"])
     )
     assert final[2]["rawOutput"] == {"output": "y" * 60 + "\n"}
+
+
+async def test_a_read_by_lines_past_a_huge_file_ends_when_its_turn_is_cancelled(
+    tmp_path: Path,
+) -> None:
+    """Skipping to a line reads every byte before it (in a thread): a ``line`` past the
+    end of a large file (here 1 TiB, sparse) read it all, for minutes to hours, and a
+    cancel waited for that. The read checks for a cancel between chunks now."""
+    (tmp_path / "huge.log").touch()
+    os.truncate(tmp_path / "huge.log", 1 << 40)
+    read = {"tool": "read_file", "input": {"path": "huge.log", "line": 2**32 - 1, "limit": 1}}
+    async with running_worker(tmp_path, script([read])) as h:
+        turn_id, events = await h.start()
+        assert (await events.receive()).update["status"] == "pending"  # type: ignore[union-attr]
+        assert (await events.receive()).update["status"] == "in_progress"  # type: ignore[union-attr]
+        await h.commands.send(CancelTurn(turn_id))
+        updates, finished = await collect(events)
+    assert finished == TurnFinished("cancelled")
+    assert [(u["toolCallId"], u["status"]) for u in updates] == [("call_1_1", "failed")]
 
 
 async def test_a_long_output_is_shown_cut_and_the_model_gets_it_whole(tmp_path: Path) -> None:
