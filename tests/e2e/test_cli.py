@@ -223,20 +223,23 @@ def test_a_flag_that_is_not_a_number_names_the_rule(env: dict[str, str]) -> None
 
 
 @pytest.mark.parametrize(
-    ("in_the_way", "message"),
+    ("in_the_way", "message", "extra"),
     [
-        ("punie-trio.log", "cannot write the log file"),
-        ("sessions.sqlite3", "cannot open session store"),
-        ("token", "cannot write the token file"),
+        ("punie-trio.log", "cannot write the log file", []),
+        ("sessions.sqlite3", "cannot open session store", []),
+        ("token", "cannot write the token file", []),
+        # With a configured token nothing is written: the file an earlier start generated
+        # is removed (it said "cannot write the token file", which nothing had tried).
+        ("token", "cannot remove the token file an earlier start generated", ["--token", "t"]),
     ],
 )
 def test_serve_a_directory_where_a_data_file_goes_is_a_message(
-    env: dict[str, str], tmp_path: Path, in_the_way: str, message: str
+    env: dict[str, str], tmp_path: Path, in_the_way: str, message: str, extra: list[str]
 ) -> None:
     """Each once gave a traceback (and the token case left a stray file with a live token)."""
     data = Path(env["PUNIE_DATA_DIR"])
     (data / in_the_way).mkdir(parents=True)
-    done = punie("serve", "--stdio", "--no-http", "--project", str(tmp_path), env=env)
+    done = punie("serve", "--stdio", "--no-http", "--project", str(tmp_path), *extra, env=env)
     assert done.returncode == 1
     assert message in done.stderr and str(data / in_the_way) in done.stderr
     assert "Traceback" not in done.stderr
