@@ -16,7 +16,7 @@ import pytest
 import trio
 from trio_websocket import ConnectionRejected, open_websocket_url
 
-from punie_trio.web._auth import host_allowed, request_host
+from punie_trio.web._auth import bearer_token, host_allowed, request_host
 
 from ..acp_schema import SchemaChecker
 from ..client import AcpTestClient
@@ -270,6 +270,28 @@ def test_the_host_name_of_a_request(value: bytes | None, name: str | None) -> No
 )
 def test_host_allowed(value: bytes, allowed: bool) -> None:
     assert host_allowed({"headers": [(b"host", value)]}, (".corp.test",)) is allowed
+
+
+@pytest.mark.parametrize(
+    ("headers", "query", "token"),
+    [
+        ([b"bearer T"], b"", "T"),
+        ([b"Bearer   T  "], b"", "T"),
+        ([b"Bearer\tT"], b"", None),  # (only spaces separate the scheme, RFC 9110 11.4)
+        ([b"Bearer wrong"], b"token=T", "wrong"),  # a Bearer header is used, the query not
+        ([b"Basic dTpw"], b"token=T", "T"),  # another scheme is passed over
+        ([b"Bearer first", b"Bearer second"], b"", "first"),
+        ([], b"token=first&token=second", "first"),
+        ([], b"token=&token=T", "T"),
+        ([], b"token=", None),
+        ([], b"token=a%2Bb", "a+b"),
+        ([], b"token=a+b", "a b"),  # form-encoded (RFC 6750 2.3): percent-encode a '+'
+    ],
+)
+def test_which_token_counts(headers: list[bytes], query: bytes, token: str | None) -> None:
+    """As security.md says, so a client knows what a request with two tokens sends."""
+    scope = {"headers": [(b"authorization", h) for h in headers], "query_string": query}
+    assert bearer_token(scope) == token
 
 
 async def test_allow_host_star_admits_every_name(start_server: StartServer) -> None:
