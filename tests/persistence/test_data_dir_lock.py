@@ -85,3 +85,39 @@ def test_the_read_only_commands_do_not_need_the_lock(tmp_path: Path) -> None:
         assert server.wait(timeout=60) == 0
         assert server.stderr is not None
         server.stderr.close()
+
+
+def test_a_symlink_planted_as_the_lock_file_is_not_followed(tmp_path: Path) -> None:
+    """Someone who can write to a shared data directory plants ``serve.lock`` as a link to
+    a file of the user's: ``serve`` truncated that file and wrote its pid into it. Now it
+    refuses to start (exit 1) and says why; the file is untouched."""
+    data = tmp_path / "data"
+    data.mkdir(mode=0o777)
+    victim = tmp_path / "notes.txt"
+    victim.write_text("precious\n")
+    (data / "serve.lock").symlink_to(victim)
+    done = subprocess.run(
+        # (Over stdio, whose EOF ends it: a server that started does not hang the test.)
+        serve_command(tmp_path, "--stdio", "--no-http", data_dir=data),
+        capture_output=True,
+        stdin=subprocess.DEVNULL,
+        env=server_env(),
+        timeout=60,
+    )
+    assert done.returncode == 1
+    message = done.stderr.decode()
+    assert f"cannot lock the data directory ({data / 'serve.lock'}): " in message
+    assert "is a symbolic link" in message and "Traceback" not in message
+    assert victim.read_text() == "precious\n"
+    # A dangling one would have been created through: not either.
+    (data / "serve.lock").unlink()
+    (data / "serve.lock").symlink_to(tmp_path / "made.txt")
+    done = subprocess.run(
+        serve_command(tmp_path, "--stdio", "--no-http", data_dir=data),
+        capture_output=True,
+        stdin=subprocess.DEVNULL,
+        env=server_env(),
+        timeout=60,
+    )
+    assert done.returncode == 1 and b"is a symbolic link" in done.stderr
+    assert not (tmp_path / "made.txt").exists()
