@@ -189,7 +189,8 @@ def create_private(path: Path) -> None:
 
 class DataDirInUse(Exception):
     """Another ``serve`` holds the data directory; ``pid`` is its process id as it wrote it
-    (empty if unreadable)."""
+    (empty if unreadable, or if the file holds anything but a number: in a data directory
+    others can write to it may hold escape sequences, once printed to the terminal raw)."""
 
     def __init__(self, pid: str) -> None:
         super().__init__(pid)
@@ -235,7 +236,7 @@ def lock_data_dir(data_dir: Path) -> int | None:
             pid = os.read(fd, 32).decode("ascii", "replace").strip()
         finally:
             os.close(fd)
-        raise DataDirInUse(pid) from None
+        raise DataDirInUse(pid if pid.isdigit() else "") from None
     except BaseException:
         os.close(fd)
         raise

@@ -4,6 +4,7 @@ overwrote it), the WAL (which then grew without end) and the sessions."""
 
 from __future__ import annotations
 
+import fcntl
 import signal
 import subprocess
 import sys
@@ -121,3 +122,25 @@ def test_a_symlink_planted_as_the_lock_file_is_not_followed(tmp_path: Path) -> N
     )
     assert done.returncode == 1 and b"is a symbolic link" in done.stderr
     assert not (tmp_path / "made.txt").exists()
+
+
+def test_what_the_lock_file_says_is_shown_only_if_it_is_a_pid(tmp_path: Path) -> None:
+    """The refusal names the holder's pid as read from ``serve.lock``; in a data directory
+    others can write to, that file may hold anything: escape sequences went to the
+    terminal raw. Now only a number is shown."""
+    data = tmp_path / "data"
+    data.mkdir(mode=0o700)
+    lock = data / "serve.lock"
+    lock.write_bytes(b"\x1b]0;owned\x07\x1b[2J\n")
+    with lock.open("rb") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        done = subprocess.run(
+            serve_command(tmp_path, "--stdio", "--no-http", data_dir=data),
+            capture_output=True,
+            stdin=subprocess.DEVNULL,
+            env=server_env(),
+            timeout=60,
+        )
+    assert done.returncode == 1
+    assert b"\x1b" not in done.stderr and b"\x07" not in done.stderr
+    assert done.stderr.startswith(b"punie-trio: error: another punie-trio serve is using")
