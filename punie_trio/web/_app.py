@@ -30,7 +30,14 @@ from .. import _json
 from .._version import __version__
 from ..hub import ClientConnection, Manager
 from ._asgi_ws import ASGIReceive, ASGISend, AsgiWebSocketStream
-from ._auth import challenge, host_allowed, origin_allowed, request_host, token_matches
+from ._auth import (
+    challenge,
+    host_allowed,
+    origin_allowed,
+    request_host,
+    token_matches,
+    unauthorized,
+)
 from ._heartbeat import Heartbeat
 from ._http import (
     BodyRefused,
@@ -122,7 +129,7 @@ class App:
                 await respond_text(
                     send,
                     401,
-                    "Unauthorized: /metrics needs the server token (or --metrics-public)",
+                    unauthorized(scope, "/metrics needs the server token (or --metrics-public)"),
                     headers=[(b"www-authenticate", challenge(scope))],
                 )
                 return
@@ -228,10 +235,8 @@ class App:
         if not origin_allowed(scope, self.allow_origins):
             return 403, "Forbidden: this Origin may not use /acp (see --allow-origin)"
         if self.token and not token_matches(scope, self.token):
-            return (
-                401,
-                "Unauthorized: /acp needs the server token (Authorization: Bearer, or ?token=)",
-            )
+            needs = "/acp needs the server token (Authorization: Bearer, or ?token=)"
+            return 401, unauthorized(scope, needs)
         if self.closing.is_set():
             return 503, "Service Unavailable: the server is shutting down"
         if len(self.manager.connections) + self._upgrading >= self.manager.limits.max_connections:

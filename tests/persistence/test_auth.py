@@ -115,6 +115,34 @@ async def test_acp_needs_the_token_and_a_friendly_origin(
             assert (await rejected(url, [origin(GOOD_ORIGIN)])).status_code == 401
 
 
+async def test_a_wrong_token_is_told_from_a_missing_one(start_server: StartServer) -> None:
+    """Both were refused with "needs the server token": a client holding a stale token (a
+    generated one changes at each start) read that it had sent none. The body now says
+    which, on /acp and /metrics alike (the challenge already did)."""
+    async with (
+        start_server(token=TOKEN) as running,
+        httpx.AsyncClient(base_url=running.url) as http,
+    ):
+        assert running.url is not None
+        url = ws_url(running.url)
+        with trio.fail_after(10):
+            missing = [
+                (await rejected(url)).body or b"",
+                (await rejected(url + "?token=")).body or b"",
+                (await http.get("/metrics")).content,
+            ]
+            wrong = [
+                (await rejected(url, [bearer("stale")])).body or b"",
+                (await rejected(url + "?token=stale")).body or b"",
+                (await http.get("/metrics", params={"token": "stale"})).content,
+            ]
+        for body in missing:
+            assert body.startswith(b"Unauthorized: ") and b"needs the server token" in body
+        for body in wrong:
+            assert body.startswith(b"Unauthorized: the token sent is not this server's"), body
+            assert b"punie-trio token" in body and b"stale" not in body
+
+
 BARE_CHALLENGE = b'Bearer realm="punie-trio"'
 INVALID_TOKEN = b'Bearer realm="punie-trio", error="invalid_token"'
 
