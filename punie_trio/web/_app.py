@@ -43,6 +43,7 @@ from ._http import (
     BodyRefused,
     body_headers,
     closing_headers,
+    header,
     over_http1,
     printable,
     read_body,
@@ -233,7 +234,14 @@ class App:
         if bad_offer is not None:
             return 400, f"Bad Request: invalid Sec-WebSocket-Extensions offer {bad_offer!r}"
         if not origin_allowed(scope, self.allow_origins):
-            return 403, "Forbidden: this Origin may not use /acp (see --allow-origin)"
+            # Named (escaped and cut, as a path is), as the Host check names the host: "this
+            # Origin" left one who set --allow-origin guessing what the browser sent.
+            seen = printable((header(scope, b"origin") or b"").decode("latin-1"))
+            return (
+                403,
+                f"Forbidden: Origin '{seen}' may not use /acp (it is not this server's own, "
+                "nor one of --allow-origin)",
+            )
         if self.token and not token_matches(scope, self.token):
             needs = "/acp needs the server token (Authorization: Bearer, or ?token=)"
             return 401, unauthorized(scope, needs)

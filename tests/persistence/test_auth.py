@@ -106,6 +106,14 @@ async def test_acp_needs_the_token_and_a_friendly_origin(
             evil = origin("http://evil.example")
             refusal = await rejected(url, [evil, bearer(TOKEN)])
             assert refusal.status_code == 403 and b"Origin" in (refusal.body or b"")
+            # It names the Origin it saw, as the Host check names the host (it said "this
+            # Origin", and one who set --allow-origin could not tell what was sent).
+            assert refusal.body == (
+                b"Forbidden: Origin 'http://evil.example' may not use /acp (it is not this "
+                b"server's own, nor one of --allow-origin)\n"
+            )
+            refusal = await rejected(url, [origin("http://e\x1b[2J" + "x" * 300), bearer(TOKEN)])
+            assert b"\x1b" not in (refusal.body or b"") and len(refusal.body or b"") < 400
             assert (await rejected(url + "?token=T", [evil])).status_code == 403
             assert (await rejected(url, [origin("null"), bearer(TOKEN)])).status_code == 403
             # An allowed origin, and the server's own, work (still with the token).
