@@ -308,6 +308,28 @@ def _setup_logging(level: str, data_dir: Path | None) -> None:
         root.addHandler(file_handler)
 
 
+def _warn_if_the_token_is_readable(args: argparse.Namespace, o: dict[str, Any]) -> None:
+    """Warn when the token comes from a config file other users can read.
+
+    Why: editors create files 0644, so a ``token =`` in the config file was readable by
+    every local user, and ``serve`` said nothing (``punie-trio token`` warns so of the
+    token file it reads). A warning, not a refusal: the directories above may keep others
+    out. The token itself is never shown."""
+    if not o["token"] or args.token is not None or os.environ.get("PUNIE_TOKEN"):
+        return  # (no token, or not the file's: a flag or the environment wins over it)
+    path = args.config if args.config is not None else default_config_path()
+    try:
+        mode = path.stat().st_mode & 0o777
+    except OSError:
+        return
+    if mode & 0o044:
+        print(
+            f"punie-trio: warning: {path} holds the token and is readable by others (mode "
+            f"{mode:04o}); `chmod 600 {path}`, or give the token in $PUNIE_TOKEN",
+            file=sys.stderr,
+        )
+
+
 def _error(message: str, status: int) -> int:
     print(f"punie-trio: error: {message}", file=sys.stderr)
     return status
@@ -374,6 +396,7 @@ def _run_serve(args: argparse.Namespace) -> int:
         o = _settings(args)
     except ConfigError as exc:
         return _error(str(exc), 2)
+    _warn_if_the_token_is_readable(args, o)
     if o["no_http"] and not o["stdio"]:
         return _error("--no-http needs --stdio (there would be nothing to serve)", 2)
     projects: list[Path] = []

@@ -315,6 +315,34 @@ def test_a_configured_token_removes_a_stale_generated_one(
     assert done.returncode == 1 and "no token at" in done.stderr
 
 
+def test_a_token_in_a_config_file_others_can_read_is_warned_about(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    """Editors create files 0644: a token in such a config file was readable by every
+    local user, and ``serve`` said nothing (``punie-trio token`` warns so of its token
+    file). Only where the token comes from the file, and never showing it."""
+    config = tmp_path / "punie.toml"
+    config.write_text('token = "s3cret-from-file"\n')
+    config.chmod(0o644)
+    args = ["serve", "--stdio", "--no-http", "--project", str(tmp_path), "--config", str(config)]
+    done = punie(*args, env=env)
+    assert done.returncode == 0, done.stderr
+    assert (
+        f"punie-trio: warning: {config} holds the token and is readable by others (mode "
+        f"0644); `chmod 600 {config}`, or give the token in $PUNIE_TOKEN"
+    ) in done.stderr
+    assert "s3cret-from-file" not in done.stderr
+    # Private, or the token taken from elsewhere: no warning.
+    for mode, extra, environ in [
+        (0o600, [], {}),
+        (0o644, ["--token", "flag"], {}),
+        (0o644, [], {"PUNIE_TOKEN": "env"}),
+    ]:
+        config.chmod(mode)
+        done = punie(*args, *extra, env={**env, **environ})
+        assert done.returncode == 0 and "warning" not in done.stderr, (mode, extra, environ)
+
+
 # -- serve --stdio --no-http ------------------------------------------------------------------
 
 
