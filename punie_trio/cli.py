@@ -290,6 +290,11 @@ def _setup_logging(level: str, data_dir: Path | None) -> None:
     message is cut (:class:`_ClippingFormatter`)."""
     root = logging.getLogger()
     root.setLevel(logging.DEBUG)
+    # hpack (HTTP/2's header coding) logs every header it decodes, and each raw header
+    # block, at DEBUG: with --log-level debug, every `authorization: Bearer TOKEN` and
+    # `:path /acp?token=TOKEN` an HTTP/2 client sent went to stderr and the log file.
+    # Nothing of it is of use for debugging the server, so it stays at INFO and above.
+    logging.getLogger("hpack").setLevel(logging.INFO)
     formatter = _ClippingFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
     stderr = logging.StreamHandler(sys.stderr)
     stderr.setLevel(level.upper())

@@ -5,6 +5,7 @@ behind the token unless public, ``/health`` open; and the token ``serve`` genera
 from __future__ import annotations
 
 import re
+import signal
 import stat
 import subprocess
 from collections.abc import AsyncIterator
@@ -20,6 +21,7 @@ from punie_trio.web._auth import bearer_token, host_allowed, request_host
 
 from ..acp_schema import SchemaChecker
 from ..client import AcpTestClient
+from ..integration import _support
 from ..integration._support import (
     LISTENING,
     RawHttp,
@@ -30,6 +32,7 @@ from ..integration._support import (
     run_punie,
     serve_command,
     server_env,
+    server_process,
     settle_loopback,
     ws_url,
 )
@@ -407,3 +410,32 @@ async def test_serve_without_a_token_generates_one(
                 await process.wait()
                 assert process.stderr is not None
                 await process.stderr.aclose()
+
+
+async def test_the_token_is_not_logged_at_debug_level_over_http2(
+    tmp_path: Path, acp_schema: SchemaChecker
+) -> None:
+    """With ``--log-level debug`` the HTTP/2 header decoder (hpack) logged every header it
+    decoded, ``authorization: Bearer TOKEN`` and ``:path /acp?token=TOKEN`` with them (and
+    the raw header block), to stderr and to the log file: 7 copies of the token for one
+    audit's few requests. Our own debug lines are still written."""
+    async with server_process(tmp_path, "--log-level", "debug") as server:
+        with trio.fail_after(30):
+            async with httpx.AsyncClient(base_url=server.url, http1=False, http2=True) as http:
+                auth = {"Authorization": f"Bearer {_support.TOKEN}"}
+                response = await http.get("/metrics", headers=auth)
+                assert (response.http_version, response.status_code) == ("HTTP/2", 200)
+                response = await http.get("/metrics", params={"token": _support.TOKEN})
+                assert response.status_code == 200
+            async with acp_ws_client(server.url, acp_schema, token=_support.TOKEN) as (client, _):
+                await client.initialize()
+                await client.notify("debug/marker")
+                await client.request("session/list", {})
+            server.process.send_signal(signal.SIGTERM)
+            assert await server.process.wait() == 0
+            await server.stderr_done.wait()
+    log_file = (tmp_path / "data" / "punie-trio.log").read_text()
+    for text in (server.stderr, log_file):
+        assert "ignored notification debug/marker" in text  # debug lines are written
+        assert _support.TOKEN not in text
+        assert "hpack" not in text
