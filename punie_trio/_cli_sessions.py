@@ -453,6 +453,14 @@ def cmd_token(args: argparse.Namespace, data_dir: Path) -> int:
         return _fail(f"token file {path} is not UTF-8 text (`{_PROG} serve` writes a new one)")
     if not token:
         return _fail(f"token file {path} is empty")
+    if not (token.isascii() and token.isprintable()):
+        # Not what `serve` writes, nor any token it would take (config._to_token): in a
+        # data directory others can write to, a planted file's escape sequences went to
+        # the terminal raw. Not shown, then.
+        return _fail(
+            f"token file {path} does not hold a token (it has characters no token has: "
+            f"not printable ASCII); `{_PROG} serve` writes a new one"
+        )
     mode = path.stat().st_mode & 0o777
     if mode & 0o077:
         print(

@@ -209,10 +209,16 @@ def _to_host_name(value: Any) -> str:
 
 def _to_token(value: Any) -> str:
     # Empty once meant "generate one" without a word; spaces around it could be sent only
-    # in ?token= (an HTTP header's value is stripped).
+    # in ?token= (an HTTP header's value is stripped). Nor is anything but printable ASCII
+    # sent the same way by every client: a header's other bytes have no agreed encoding
+    # (the server read them as Latin-1, so "Bearer pässwörd" in UTF-8 never matched, while
+    # ?token= wanted UTF-8), and a control character cannot be in a header at all. The
+    # message never shows the value: it is a secret.
     token = _to_nonempty(value)
     if token != token.strip():
         raise ValueError("must not have spaces around it")
+    if not (token.isascii() and token.isprintable()):
+        raise ValueError("must be printable ASCII (a request carries it in a header)")
     return token
 
 

@@ -189,7 +189,8 @@ def create_private(path: Path) -> None:
 
 class DataDirInUse(Exception):
     """Another ``serve`` holds the data directory; ``pid`` is its process id as it wrote it
-    (empty if unreadable)."""
+    (empty if unreadable, or if the file holds anything but a number: in a data directory
+    others can write to it may hold escape sequences, once printed to the terminal raw)."""
 
     def __init__(self, pid: str) -> None:
         super().__init__(pid)
@@ -208,14 +209,26 @@ def lock_data_dir(data_dir: Path) -> int | None:
     kept its own idea of a session's turns, so prompts on one failed "already has turn N
     recorded" once the other had appended).
 
+    The lock file is never opened through a symlink (``O_NOFOLLOW``): one planted there by
+    someone who can write to a shared data directory made ``serve`` truncate the file it
+    led to (any of the user's) and write its pid into it.
+
     Error handling: ``DataDirInUse`` when another process holds it; ``OSError`` when the
-    lock file cannot be opened.
+    lock file cannot be opened (``ELOOP``, said in words, for a symlink).
     """
     try:
         import fcntl
     except ImportError:  # pragma: no cover - Windows
         return None
-    fd = os.open(data_dir / "serve.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
+    try:
+        fd = os.open(data_dir / "serve.lock", flags, 0o600)
+    except OSError as exc:
+        if exc.errno != errno.ELOOP:
+            raise
+        raise OSError(
+            errno.ELOOP, "it is a symbolic link, which serve does not follow (remove it)"
+        ) from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -223,7 +236,7 @@ def lock_data_dir(data_dir: Path) -> int | None:
             pid = os.read(fd, 32).decode("ascii", "replace").strip()
         finally:
             os.close(fd)
-        raise DataDirInUse(pid) from None
+        raise DataDirInUse(pid if pid.isdigit() else "") from None
     except BaseException:
         os.close(fd)
         raise

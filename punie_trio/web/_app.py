@@ -30,12 +30,20 @@ from .. import _json
 from .._version import __version__
 from ..hub import ClientConnection, Manager
 from ._asgi_ws import ASGIReceive, ASGISend, AsgiWebSocketStream
-from ._auth import challenge, host_allowed, origin_allowed, request_host, token_matches
+from ._auth import (
+    challenge,
+    host_allowed,
+    origin_allowed,
+    request_host,
+    token_matches,
+    unauthorized,
+)
 from ._heartbeat import Heartbeat
 from ._http import (
     BodyRefused,
     body_headers,
     closing_headers,
+    header,
     over_http1,
     printable,
     read_body,
@@ -122,7 +130,7 @@ class App:
                 await respond_text(
                     send,
                     401,
-                    "Unauthorized: /metrics needs the server token (or --metrics-public)",
+                    unauthorized(scope, "/metrics needs the server token (or --metrics-public)"),
                     headers=[(b"www-authenticate", challenge(scope))],
                 )
                 return
@@ -226,12 +234,17 @@ class App:
         if bad_offer is not None:
             return 400, f"Bad Request: invalid Sec-WebSocket-Extensions offer {bad_offer!r}"
         if not origin_allowed(scope, self.allow_origins):
-            return 403, "Forbidden: this Origin may not use /acp (see --allow-origin)"
-        if self.token and not token_matches(scope, self.token):
+            # Named (escaped and cut, as a path is), as the Host check names the host: "this
+            # Origin" left one who set --allow-origin guessing what the browser sent.
+            seen = printable((header(scope, b"origin") or b"").decode("latin-1"))
             return (
-                401,
-                "Unauthorized: /acp needs the server token (Authorization: Bearer, or ?token=)",
+                403,
+                f"Forbidden: Origin '{seen}' may not use /acp (it is not this server's own, "
+                "nor one of --allow-origin)",
             )
+        if self.token and not token_matches(scope, self.token):
+            needs = "/acp needs the server token (Authorization: Bearer, or ?token=)"
+            return 401, unauthorized(scope, needs)
         if self.closing.is_set():
             return 503, "Service Unavailable: the server is shutting down"
         if len(self.manager.connections) + self._upgrading >= self.manager.limits.max_connections:

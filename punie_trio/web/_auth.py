@@ -45,6 +45,19 @@ def token_matches(scope: dict[str, Any], expected: str) -> bool:
     return given is not None and hmac.compare_digest(given.encode(), expected.encode())
 
 
+def unauthorized(scope: dict[str, Any], needs: str) -> str:
+    """The reason of a 401: ``needs`` (what the request lacked) when it carried no token;
+    when it carried a wrong one, that it did. Both once said "needs the server token", so a
+    client holding a stale token (a generated one changes at each start) read that it had
+    sent none. The token sent is never echoed."""
+    if bearer_token(scope) is None:
+        return f"Unauthorized: {needs}"
+    return (
+        "Unauthorized: the token sent is not this server's (a generated token changes at "
+        "each start; `punie-trio token` shows the current one)"
+    )
+
+
 def challenge(scope: dict[str, Any]) -> bytes:
     """The ``WWW-Authenticate`` value of a 401 for this request: the bare Bearer challenge
     when it carried no token, and ``error="invalid_token"`` when it carried a wrong one

@@ -223,20 +223,23 @@ def test_a_flag_that_is_not_a_number_names_the_rule(env: dict[str, str]) -> None
 
 
 @pytest.mark.parametrize(
-    ("in_the_way", "message"),
+    ("in_the_way", "message", "extra"),
     [
-        ("punie-trio.log", "cannot write the log file"),
-        ("sessions.sqlite3", "cannot open session store"),
-        ("token", "cannot write the token file"),
+        ("punie-trio.log", "cannot write the log file", []),
+        ("sessions.sqlite3", "cannot open session store", []),
+        ("token", "cannot write the token file", []),
+        # With a configured token nothing is written: the file an earlier start generated
+        # is removed (it said "cannot write the token file", which nothing had tried).
+        ("token", "cannot remove the token file an earlier start generated", ["--token", "t"]),
     ],
 )
 def test_serve_a_directory_where_a_data_file_goes_is_a_message(
-    env: dict[str, str], tmp_path: Path, in_the_way: str, message: str
+    env: dict[str, str], tmp_path: Path, in_the_way: str, message: str, extra: list[str]
 ) -> None:
     """Each once gave a traceback (and the token case left a stray file with a live token)."""
     data = Path(env["PUNIE_DATA_DIR"])
     (data / in_the_way).mkdir(parents=True)
-    done = punie("serve", "--stdio", "--no-http", "--project", str(tmp_path), env=env)
+    done = punie("serve", "--stdio", "--no-http", "--project", str(tmp_path), *extra, env=env)
     assert done.returncode == 1
     assert message in done.stderr and str(data / in_the_way) in done.stderr
     assert "Traceback" not in done.stderr
@@ -310,6 +313,34 @@ def test_a_configured_token_removes_a_stale_generated_one(
     assert not (data / "token").exists()
     done = punie("token", env=env)
     assert done.returncode == 1 and "no token at" in done.stderr
+
+
+def test_a_token_in_a_config_file_others_can_read_is_warned_about(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    """Editors create files 0644: a token in such a config file was readable by every
+    local user, and ``serve`` said nothing (``punie-trio token`` warns so of its token
+    file). Only where the token comes from the file, and never showing it."""
+    config = tmp_path / "punie.toml"
+    config.write_text('token = "s3cret-from-file"\n')
+    config.chmod(0o644)
+    args = ["serve", "--stdio", "--no-http", "--project", str(tmp_path), "--config", str(config)]
+    done = punie(*args, env=env)
+    assert done.returncode == 0, done.stderr
+    assert (
+        f"punie-trio: warning: {config} holds the token and is readable by others (mode "
+        f"0644); `chmod 600 {config}`, or give the token in $PUNIE_TOKEN"
+    ) in done.stderr
+    assert "s3cret-from-file" not in done.stderr
+    # Private, or the token taken from elsewhere: no warning.
+    for mode, extra, environ in [
+        (0o600, [], {}),
+        (0o644, ["--token", "flag"], {}),
+        (0o644, [], {"PUNIE_TOKEN": "env"}),
+    ]:
+        config.chmod(mode)
+        done = punie(*args, *extra, env={**env, **environ})
+        assert done.returncode == 0 and "warning" not in done.stderr, (mode, extra, environ)
 
 
 # -- serve --stdio --no-http ------------------------------------------------------------------

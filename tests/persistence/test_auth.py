@@ -5,6 +5,7 @@ behind the token unless public, ``/health`` open; and the token ``serve`` genera
 from __future__ import annotations
 
 import re
+import signal
 import stat
 import subprocess
 from collections.abc import AsyncIterator
@@ -16,10 +17,11 @@ import pytest
 import trio
 from trio_websocket import ConnectionRejected, open_websocket_url
 
-from punie_trio.web._auth import host_allowed, request_host
+from punie_trio.web._auth import bearer_token, host_allowed, request_host
 
 from ..acp_schema import SchemaChecker
 from ..client import AcpTestClient
+from ..integration import _support
 from ..integration._support import (
     LISTENING,
     RawHttp,
@@ -30,6 +32,7 @@ from ..integration._support import (
     run_punie,
     serve_command,
     server_env,
+    server_process,
     settle_loopback,
     ws_url,
 )
@@ -106,6 +109,14 @@ async def test_acp_needs_the_token_and_a_friendly_origin(
             evil = origin("http://evil.example")
             refusal = await rejected(url, [evil, bearer(TOKEN)])
             assert refusal.status_code == 403 and b"Origin" in (refusal.body or b"")
+            # It names the Origin it saw, as the Host check names the host (it said "this
+            # Origin", and one who set --allow-origin could not tell what was sent).
+            assert refusal.body == (
+                b"Forbidden: Origin 'http://evil.example' may not use /acp (it is not this "
+                b"server's own, nor one of --allow-origin)\n"
+            )
+            refusal = await rejected(url, [origin("http://e\x1b[2J" + "x" * 300), bearer(TOKEN)])
+            assert b"\x1b" not in (refusal.body or b"") and len(refusal.body or b"") < 400
             assert (await rejected(url + "?token=T", [evil])).status_code == 403
             assert (await rejected(url, [origin("null"), bearer(TOKEN)])).status_code == 403
             # An allowed origin, and the server's own, work (still with the token).
@@ -113,6 +124,34 @@ async def test_acp_needs_the_token_and_a_friendly_origin(
             await works(url + "?token=T", acp_schema, [origin(GOOD_ORIGIN + "/")])
             await works(url, acp_schema, [origin(running.url), bearer(TOKEN)])
             assert (await rejected(url, [origin(GOOD_ORIGIN)])).status_code == 401
+
+
+async def test_a_wrong_token_is_told_from_a_missing_one(start_server: StartServer) -> None:
+    """Both were refused with "needs the server token": a client holding a stale token (a
+    generated one changes at each start) read that it had sent none. The body now says
+    which, on /acp and /metrics alike (the challenge already did)."""
+    async with (
+        start_server(token=TOKEN) as running,
+        httpx.AsyncClient(base_url=running.url) as http,
+    ):
+        assert running.url is not None
+        url = ws_url(running.url)
+        with trio.fail_after(10):
+            missing = [
+                (await rejected(url)).body or b"",
+                (await rejected(url + "?token=")).body or b"",
+                (await http.get("/metrics")).content,
+            ]
+            wrong = [
+                (await rejected(url, [bearer("stale")])).body or b"",
+                (await rejected(url + "?token=stale")).body or b"",
+                (await http.get("/metrics", params={"token": "stale"})).content,
+            ]
+        for body in missing:
+            assert body.startswith(b"Unauthorized: ") and b"needs the server token" in body
+        for body in wrong:
+            assert body.startswith(b"Unauthorized: the token sent is not this server's"), body
+            assert b"punie-trio token" in body and b"stale" not in body
 
 
 BARE_CHALLENGE = b'Bearer realm="punie-trio"'
@@ -272,6 +311,28 @@ def test_host_allowed(value: bytes, allowed: bool) -> None:
     assert host_allowed({"headers": [(b"host", value)]}, (".corp.test",)) is allowed
 
 
+@pytest.mark.parametrize(
+    ("headers", "query", "token"),
+    [
+        ([b"bearer T"], b"", "T"),
+        ([b"Bearer   T  "], b"", "T"),
+        ([b"Bearer\tT"], b"", None),  # (only spaces separate the scheme, RFC 9110 11.4)
+        ([b"Bearer wrong"], b"token=T", "wrong"),  # a Bearer header is used, the query not
+        ([b"Basic dTpw"], b"token=T", "T"),  # another scheme is passed over
+        ([b"Bearer first", b"Bearer second"], b"", "first"),
+        ([], b"token=first&token=second", "first"),
+        ([], b"token=&token=T", "T"),
+        ([], b"token=", None),
+        ([], b"token=a%2Bb", "a+b"),
+        ([], b"token=a+b", "a b"),  # form-encoded (RFC 6750 2.3): percent-encode a '+'
+    ],
+)
+def test_which_token_counts(headers: list[bytes], query: bytes, token: str | None) -> None:
+    """As security.md says, so a client knows what a request with two tokens sends."""
+    scope = {"headers": [(b"authorization", h) for h in headers], "query_string": query}
+    assert bearer_token(scope) == token
+
+
 async def test_allow_host_star_admits_every_name(start_server: StartServer) -> None:
     async with (
         start_server(allow_hosts=("*",)) as running,
@@ -349,3 +410,32 @@ async def test_serve_without_a_token_generates_one(
                 await process.wait()
                 assert process.stderr is not None
                 await process.stderr.aclose()
+
+
+async def test_the_token_is_not_logged_at_debug_level_over_http2(
+    tmp_path: Path, acp_schema: SchemaChecker
+) -> None:
+    """With ``--log-level debug`` the HTTP/2 header decoder (hpack) logged every header it
+    decoded, ``authorization: Bearer TOKEN`` and ``:path /acp?token=TOKEN`` with them (and
+    the raw header block), to stderr and to the log file: 7 copies of the token for one
+    audit's few requests. Our own debug lines are still written."""
+    async with server_process(tmp_path, "--log-level", "debug") as server:
+        with trio.fail_after(30):
+            async with httpx.AsyncClient(base_url=server.url, http1=False, http2=True) as http:
+                auth = {"Authorization": f"Bearer {_support.TOKEN}"}
+                response = await http.get("/metrics", headers=auth)
+                assert (response.http_version, response.status_code) == ("HTTP/2", 200)
+                response = await http.get("/metrics", params={"token": _support.TOKEN})
+                assert response.status_code == 200
+            async with acp_ws_client(server.url, acp_schema, token=_support.TOKEN) as (client, _):
+                await client.initialize()
+                await client.notify("debug/marker")
+                await client.request("session/list", {})
+            server.process.send_signal(signal.SIGTERM)
+            assert await server.process.wait() == 0
+            await server.stderr_done.wait()
+    log_file = (tmp_path / "data" / "punie-trio.log").read_text()
+    for text in (server.stderr, log_file):
+        assert "ignored notification debug/marker" in text  # debug lines are written
+        assert _support.TOKEN not in text
+        assert "hpack" not in text

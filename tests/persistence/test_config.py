@@ -215,6 +215,19 @@ def test_unknown_key_is_named() -> None:
         ({}, {"PUNIE_TOKEN": ""}, "$PUNIE_TOKEN: token must not be empty"),
         ({"token": "  "}, {}, "config.toml: token must not be empty"),
         ({"token": " t0ken "}, {}, "config.toml: token must not have spaces around it"),
+        # A header carries nothing else reliably: a non-ASCII token matched only when a
+        # client sent it in Latin-1, and in ?token= only percent-encoded UTF-8 (an audit
+        # sent "Bearer pässwörd" in UTF-8: 401).
+        (
+            {"token": "pässwörd"},
+            {},
+            "config.toml: token must be printable ASCII (a request carries it in a header)",
+        ),
+        (
+            {},
+            {"PUNIE_TOKEN": "to\tken"},
+            "$PUNIE_TOKEN: token must be printable ASCII (a request carries it in a header)",
+        ),
         (
             {},
             {"PUNIE_PROJECT": ""},

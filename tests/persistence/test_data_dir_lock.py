@@ -4,6 +4,7 @@ overwrote it), the WAL (which then grew without end) and the sessions."""
 
 from __future__ import annotations
 
+import fcntl
 import signal
 import subprocess
 import sys
@@ -85,3 +86,61 @@ def test_the_read_only_commands_do_not_need_the_lock(tmp_path: Path) -> None:
         assert server.wait(timeout=60) == 0
         assert server.stderr is not None
         server.stderr.close()
+
+
+def test_a_symlink_planted_as_the_lock_file_is_not_followed(tmp_path: Path) -> None:
+    """Someone who can write to a shared data directory plants ``serve.lock`` as a link to
+    a file of the user's: ``serve`` truncated that file and wrote its pid into it. Now it
+    refuses to start (exit 1) and says why; the file is untouched."""
+    data = tmp_path / "data"
+    data.mkdir(mode=0o777)
+    victim = tmp_path / "notes.txt"
+    victim.write_text("precious\n")
+    (data / "serve.lock").symlink_to(victim)
+    done = subprocess.run(
+        # (Over stdio, whose EOF ends it: a server that started does not hang the test.)
+        serve_command(tmp_path, "--stdio", "--no-http", data_dir=data),
+        capture_output=True,
+        stdin=subprocess.DEVNULL,
+        env=server_env(),
+        timeout=60,
+    )
+    assert done.returncode == 1
+    message = done.stderr.decode()
+    assert f"cannot lock the data directory ({data / 'serve.lock'}): " in message
+    assert "is a symbolic link" in message and "Traceback" not in message
+    assert victim.read_text() == "precious\n"
+    # A dangling one would have been created through: not either.
+    (data / "serve.lock").unlink()
+    (data / "serve.lock").symlink_to(tmp_path / "made.txt")
+    done = subprocess.run(
+        serve_command(tmp_path, "--stdio", "--no-http", data_dir=data),
+        capture_output=True,
+        stdin=subprocess.DEVNULL,
+        env=server_env(),
+        timeout=60,
+    )
+    assert done.returncode == 1 and b"is a symbolic link" in done.stderr
+    assert not (tmp_path / "made.txt").exists()
+
+
+def test_what_the_lock_file_says_is_shown_only_if_it_is_a_pid(tmp_path: Path) -> None:
+    """The refusal names the holder's pid as read from ``serve.lock``; in a data directory
+    others can write to, that file may hold anything: escape sequences went to the
+    terminal raw. Now only a number is shown."""
+    data = tmp_path / "data"
+    data.mkdir(mode=0o700)
+    lock = data / "serve.lock"
+    lock.write_bytes(b"\x1b]0;owned\x07\x1b[2J\n")
+    with lock.open("rb") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        done = subprocess.run(
+            serve_command(tmp_path, "--stdio", "--no-http", data_dir=data),
+            capture_output=True,
+            stdin=subprocess.DEVNULL,
+            env=server_env(),
+            timeout=60,
+        )
+    assert done.returncode == 1
+    assert b"\x1b" not in done.stderr and b"\x07" not in done.stderr
+    assert done.stderr.startswith(b"punie-trio: error: another punie-trio serve is using")

@@ -360,6 +360,23 @@ def test_token_file_that_is_not_utf8(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert "is not UTF-8 text" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("content", ["ab\x1b]0;owned\x07\x1b[2Jcd\n", "a\nb\n", "pässwörd\n"])
+def test_a_token_file_with_what_no_token_has_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], content: str
+) -> None:
+    """A token is printable ASCII (``serve`` generates one so, and refuses to start with
+    any other): a token file holding anything else was not written by ``serve`` (in a
+    data directory others can write to, it may hold escape sequences, which were printed
+    to the terminal raw). It is refused, and not shown."""
+    data_dir = ensure_data_dir(tmp_path / "data")
+    token_path(data_dir).write_text(content)
+    assert main(["token", "--data-dir", str(data_dir)]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert f"token file {token_path(data_dir)} does not hold a token" in captured.err
+    assert "\x1b" not in captured.err and "ö" not in captured.err
+
+
 @pytest.mark.parametrize("command", ["list", "show sess-odd", "export sess-odd"])
 def test_what_the_terminal_cannot_encode_is_escaped_not_a_traceback(
     tmp_path: Path, command: str
