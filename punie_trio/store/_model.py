@@ -261,6 +261,18 @@ def check_turn(turn: int, entries: Sequence[tuple[str, Payload]]) -> list[tuple[
     return out
 
 
+def root_prefix(root: str) -> str:
+    """What every path strictly under ``root`` starts with (``/`` for the file system's)."""
+    return root if root.endswith("/") else root + "/"
+
+
+def under_roots(cwd: str, roots: Sequence[str] | None) -> bool:
+    """Whether ``cwd`` is one of ``roots`` or lies under one (``None``: no filter). Both
+    are resolved absolute paths, as sessions store them: comparing text is comparing path
+    components (``/p/ab`` is not under ``/p/a``), as ``Path.is_relative_to`` would."""
+    return roots is None or any(cwd == r or cwd.startswith(root_prefix(r)) for r in roots)
+
+
 def check_limit(limit: int) -> None:
     if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
         raise StoreError(f"limit must be an int >= 1, got {limit!r}")

@@ -26,6 +26,7 @@ from ._model import (
     load_json,
     next_cursor,
     page_start,
+    root_prefix,
 )
 
 log = logging.getLogger(__name__)
@@ -261,7 +262,12 @@ def update_session(conn: sqlite3.Connection, session_id: str, changes: dict[str,
 
 
 def select_sessions(
-    conn: sqlite3.Connection, *, cwd: str | None, cursor: str | None, limit: int | None
+    conn: sqlite3.Connection,
+    *,
+    cwd: str | None,
+    cursor: str | None,
+    limit: int | None,
+    roots: Sequence[str] | None = None,
 ) -> tuple[list[SessionRecord], str | None]:
     """One page, newest first; reads ``limit + 1`` rows to know whether another page exists.
     ``limit=None`` reads every session (after ``cursor``) at once: the CLI's listing.
@@ -293,9 +299,22 @@ def select_sessions(
         f"SELECT {_TRUE_COLUMNS}, s.key AS skey, s.updated_at AS meta_at"
         f" FROM sessions AS s {_LAST_TURN}"
     )
+    where: list[str] = []
     if cwd is not None:
-        sql += " WHERE s.cwd = ?"
+        where.append("s.cwd = ?")
         params.append(cwd)
+    if roots is not None:
+        # (_model.under_roots, in SQL: the root itself, or a path starting with its prefix)
+        where.append(
+            "(" + " OR ".join(["s.cwd = ? OR substr(s.cwd, 1, ?) = ?"] * len(roots)) + ")"
+            if roots
+            else "0"
+        )
+        for root in roots:
+            prefix = root_prefix(root)
+            params += [root, len(prefix), prefix]
+    if where:
+        sql += " WHERE " + " AND ".join(where)
     # (A row whose time is not a number, which only editing the file can make, sorts
     # before every other and no cursor could point past it: not listed at all.)
     sql = (

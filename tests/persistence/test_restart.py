@@ -444,6 +444,49 @@ async def test_list_shows_only_sessions_under_served_roots(
             assert await store.get_session(in_b) is not None
 
 
+async def test_list_pages_hold_only_served_sessions_and_end_when_they_do(
+    tmp_path: Path, acp_schema: SchemaChecker
+) -> None:
+    """Sessions of a root no longer served are left out by the store's query, not from
+    each page after it: 51 newer sessions of another root once made the first page
+    ``{"sessions": [], "nextCursor": ...}`` and hid the one served session behind pages
+    of nothing (a client showing the first page showed no history)."""
+    from punie_trio.server import ServeConfig, serve
+
+    root = await resolved(tmp_path)
+    (root / "a").mkdir()
+    (root / "b").mkdir()
+    with trio.fail_after(30):
+        async with (
+            in_process_server(tmp_path, history_script(), store="sqlite") as running,
+            acp_ws_client(running.url, acp_schema) as (client, _),
+        ):
+            await client.initialize()
+            in_a = await client.new_session(str(root / "a"))
+            for _ in range(51):  # (newer: listed before in_a)
+                session_id = await client.new_session(str(root / "b"))
+                await client.request("session/close", {"sessionId": session_id})
+        config = ServeConfig(
+            projects=(root / "a",),
+            model=history_script(),
+            port=0,
+            handle_signals=False,
+            data_dir=tmp_path / "data",
+            store="sqlite",
+        )
+        async with trio.open_nursery() as nursery:
+            narrowed = await nursery.start(serve, config)
+            assert narrowed.url is not None
+            async with acp_ws_client(narrowed.url, acp_schema) as (client, _):
+                await client.initialize()
+                listed = await client.request("session/list", {})
+                assert [s["sessionId"] for s in listed["sessions"]] == [in_a]
+                assert "nextCursor" not in listed
+                listed = await client.request("session/list", {"cwd": str(root / "b")})
+                assert listed == {"sessions": []}
+            narrowed.closing.set()
+
+
 @attrs.define(eq=False)
 class HistoryRecorder:
     """Answers ``answer to <prompt>`` in two chunks and records the history it was given."""
