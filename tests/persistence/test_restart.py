@@ -309,6 +309,79 @@ async def test_close_cancels_the_running_turn(
                 ]
 
 
+async def test_turns_cut_by_cancel_replay_after_a_restart_as_they_were_streamed(
+    tmp_path: Path, acp_schema: SchemaChecker
+) -> None:
+    """A turn cut while its tool call waited on the client (``session/cancel``: the tool
+    call ends failed, the prompt ``cancelled``) and one cut by ``$/cancel_request``
+    (-32800) are replayed by a restarted server exactly as they were streamed, each after
+    its prompt's ``user_message_chunk``, then the answer."""
+    root = await resolved(tmp_path)
+    (root / "notes.txt").write_text("notes")
+    model = ScriptModel([[{"text": "reading"}, {"tool": "read_file",
+                          "input": {"path": "notes.txt"}}, {"text": "never"}]])  # fmt: skip
+    held = trio.Event()
+
+    async def never_answer(method: str, params: dict[str, Any]) -> Any:
+        await held.wait()  # (set at the end: the agent has cancelled it by then)
+
+    streamed: list[dict[str, Any]] = []
+    with trio.fail_after(30):
+        async with (
+            in_process_server(tmp_path, model, store="sqlite") as running,
+            acp_ws_client(running.url, acp_schema, on_agent_request=never_answer) as (
+                client,
+                _,
+            ),
+        ):
+            await client.initialize(fs={"readTextFile": True})
+            session_id = await client.new_session(str(root))
+            for cut_by in ("session/cancel", "$/cancel_request"):
+                mark = len(client.received)
+                request_id = f"cut by {cut_by}"
+                await client.send(
+                    {"jsonrpc": "2.0", "id": request_id, "method": "session/prompt",
+                     "params": prompt_params(session_id, cut_by)}
+                )  # fmt: skip
+                await client.wait_for(
+                    lambda m, mark=mark: (
+                        m.get("method") == "fs/read_text_file" and client.received.index(m) >= mark
+                    )
+                )
+                if cut_by == "session/cancel":
+                    await client.notify(cut_by, {"sessionId": session_id})
+                else:
+                    await client.notify(cut_by, {"requestId": request_id})
+                answer = await client.wait_for(
+                    lambda m, r=request_id: m.get("id") == r and "method" not in m
+                )
+                if cut_by == "session/cancel":
+                    assert answer["result"] == {"stopReason": "cancelled"}
+                else:
+                    assert answer["error"]["code"] == -32800
+                streamed.append(user_chunk(cut_by))
+                streamed += [
+                    m["params"]["update"]
+                    for m in client.received[mark:]
+                    if m.get("method") == "session/update"
+                ]
+            held.set()
+        statuses = [u.get("status") for u in streamed if u["sessionUpdate"] == "tool_call_update"]
+        assert statuses == ["in_progress", "failed", "in_progress", "failed"]
+        assert "never" not in str(streamed)
+
+        async with (
+            in_process_server(tmp_path, model, store="sqlite") as running,
+            acp_ws_client(running.url, acp_schema) as (client, _),
+        ):
+            await client.initialize()
+            mark = len(client.received)
+            answer = await client.request_raw("session/load", load_params(session_id, root))
+            after = client.received[mark:]
+            assert after[-1] is answer and answer["result"] == {}
+            assert [m["params"]["update"] for m in after[:-1]] == streamed
+
+
 async def test_delete_removes_the_session(
     start_server: StartServer, acp_schema: SchemaChecker
 ) -> None:
