@@ -157,6 +157,11 @@ async def test_list_roots_filter_in_the_query_so_pages_stay_full(store: Store) -
     assert await store.list_sessions(roots=[]) == ([], None)
     page, _ = await store.list_sessions(roots=["/"])
     assert len(page) == len(cwds)
+    # (SQLite's substr counts characters as Python does, past the BMP too.)
+    for i, cwd in enumerate(["/r/\u00e9\U0001f600/x", "/r/\u00e9\U0001f600x"], start=len(cwds)):
+        await store.create_session(make_record(f"s{i}", cwd=cwd, updated_at=float(i)))
+    page, _ = await store.list_sessions(roots=["/r/\u00e9\U0001f600"])
+    assert [r.id for r in page] == [f"s{len(cwds)}"]
 
 
 async def test_list_keyset_cursor_survives_a_touched_session(store: Store) -> None:
