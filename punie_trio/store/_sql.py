@@ -18,6 +18,8 @@ from typing import Any
 
 from .. import _json
 from ._model import (
+    MAX_TIME,
+    MIN_TIME,
     SessionRecord,
     StoreError,
     TranscriptEntry,
@@ -27,6 +29,7 @@ from ._model import (
     next_cursor,
     page_start,
     root_prefix,
+    stored_time,
 )
 
 log = logging.getLogger(__name__)
@@ -132,8 +135,8 @@ def _record(row: sqlite3.Row | tuple[Any, ...]) -> SessionRecord:
             mode=row[5],
             config=config,
             additional_directories=tuple(directories),
-            created_at=float(row[8]),
-            updated_at=float(row[9]),
+            created_at=stored_time(row[8]),
+            updated_at=stored_time(row[9]),
             turns=int(row[10]),
             cwd_sent=row[11],
         )
@@ -315,11 +318,15 @@ def select_sessions(
             params += [root, len(prefix), prefix]
     if where:
         sql += " WHERE " + " AND ".join(where)
-    # (A row whose time is not a number, which only editing the file can make, sorts
-    # before every other and no cursor could point past it: not listed at all.)
+    # (A row whose time is not a number, or no date (_model.stored_time), which only
+    # editing the file can make, sorts before every other and no cursor could point past
+    # it (an infinite one, the first page's newest, made every later cursor invalid): not
+    # listed at all. Its load fails naming it.)
+    in_range = f"BETWEEN {MIN_TIME!r} AND {MAX_TIME!r}"
     sql = (
-        f"SELECT {_COLUMNS}, {position} AS position FROM ({sql})"
-        " WHERE typeof(updated_at) IN ('integer', 'real')"
+        f"SELECT * FROM (SELECT {_COLUMNS}, {position} AS position FROM ({sql})"
+        f" WHERE typeof(updated_at) IN ('integer', 'real') AND updated_at {in_range})"
+        f" WHERE position {in_range}"
     )
     if last is not None:
         sql = f"SELECT * FROM ({sql}) WHERE (position < ? OR (position = ? AND id < ?))"
