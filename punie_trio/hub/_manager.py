@@ -838,13 +838,16 @@ class Manager:
 
     async def _list_sessions(self, cwd: str | None, cursor: str | None) -> dict[str, Any]:
         try:
-            records, cursor = await self.store.list_sessions(cwd=cwd, cursor=cursor)
+            # Only sessions under the roots this server serves (a store may outlive a
+            # --project), left out by the store's query: dropped from each page after it,
+            # 50 newer sessions of another root made a first page of nothing but a cursor.
+            records, cursor = await self.store.list_sessions(
+                cwd=cwd, cursor=cursor, roots=self.roots
+            )
         except BadCursor as exc:
             raise RpcError.invalid_params(f"Invalid params: cursor is not valid ({exc})") from None
         except StoreError as exc:  # (the store's trouble, not the client's cursor)
             raise _store_failed(exc) from None
-        # Only sessions under the roots this server serves (a store may outlive a --project).
-        served = [r for r in records if self._serves(r)]
         sessions = [
             {
                 "sessionId": r.id,
@@ -861,7 +864,7 @@ class Manager:
                     else {}
                 ),
             }
-            for r in served
+            for r in records
         ]
         result: dict[str, Any] = {"sessions": sessions}
         if cursor is not None:

@@ -19,7 +19,7 @@ from typing import Any, TypeGuard
 import attrs
 
 from .. import _json
-from ._errors import INVALID_REQUEST, PARSE_ERROR, RpcError
+from ._errors import INVALID_REQUEST, PARSE_ERROR, RpcError, concise_message
 
 RequestId = int | str
 Params = dict[str, Any] | list[Any] | None
@@ -212,7 +212,8 @@ def serialize(msg: Message) -> str:
         return _dumps(note)
     if isinstance(msg, Response):
         return _dumps({"jsonrpc": "2.0", "id": msg.id, "result": msg.result})
-    error: dict[str, Any] = {"code": msg.code, "message": msg.message}
+    # (Cut, if a refused value it names made it long: _errors.concise_message.)
+    error: dict[str, Any] = {"code": msg.code, "message": concise_message(msg.message)}
     if msg.data is not None:
         error["data"] = msg.data
     return _dumps({"jsonrpc": "2.0", "id": msg.id, "error": error})

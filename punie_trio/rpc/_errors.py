@@ -29,6 +29,21 @@ ERROR_NAMES: dict[int, str] = {
 }
 
 
+#: The longest error message sent (characters): the schema's ``Error.message`` is "a
+#: concise single sentence", and messages name the bad value they refuse, which a client
+#: may send a megabyte of (a cursor, a cwd, a method name). Longer than any path
+#: (``PATH_MAX`` is 4096 bytes), so a message naming a real one is never cut.
+MAX_ERROR_MESSAGE_CHARS = 4200
+
+
+def concise_message(message: str) -> str:
+    """``message``, cut to :data:`MAX_ERROR_MESSAGE_CHARS` with a note of its length."""
+    if len(message) <= MAX_ERROR_MESSAGE_CHARS:
+        return message
+    note = f"... (cut: the message had {len(message)} characters)"
+    return message[: MAX_ERROR_MESSAGE_CHARS - len(note)] + note
+
+
 class RpcError(Exception):
     """A JSON-RPC error: raised by handlers to answer with it, raised by ``Peer.request``
     when the other side answered with one.

@@ -35,6 +35,7 @@ from ._model import (
     next_cursor,
     page_start,
     session_changes,
+    under_roots,
 )
 
 
@@ -112,7 +113,12 @@ class MemoryStore:
         self._meta_updated_at[session_id] = rec.updated_at
 
     async def list_sessions(
-        self, *, cwd: str | None = None, cursor: str | None = None, limit: int = 50
+        self,
+        *,
+        cwd: str | None = None,
+        cursor: str | None = None,
+        limit: int = 50,
+        roots: Sequence[str] | None = None,
     ) -> tuple[list[SessionRecord], str | None]:
         await self._enter()
         check_limit(limit)
@@ -128,7 +134,7 @@ class MemoryStore:
                     rec,
                 )
                 for rec in self._sessions.values()
-                if cwd is None or rec.cwd == cwd
+                if (cwd is None or rec.cwd == cwd) and under_roots(rec.cwd, roots)
             ),
             key=lambda p: (p[0], p[1]),
             reverse=True,

@@ -261,6 +261,35 @@ def check_turn(turn: int, entries: Sequence[tuple[str, Payload]]) -> list[tuple[
     return out
 
 
+def root_prefix(root: str) -> str:
+    """What every path strictly under ``root`` starts with (``/`` for the file system's)."""
+    return root if root.endswith("/") else root + "/"
+
+
+def under_roots(cwd: str, roots: Sequence[str] | None) -> bool:
+    """Whether ``cwd`` is one of ``roots`` or lies under one (``None``: no filter). Both
+    are resolved absolute paths, as sessions store them: comparing text is comparing path
+    components (``/p/ab`` is not under ``/p/a``), as ``Path.is_relative_to`` would."""
+    return roots is None or any(cwd == r or cwd.startswith(root_prefix(r)) for r in roots)
+
+
+#: The stored times (seconds since the epoch) a date can be told from: 0001-01-02 to
+#: 9999-12-30 UTC, inside what ``datetime`` and ``time.localtime`` take (a day from each
+#: end, for any time zone). A time outside it (only an edited or damaged file holds one)
+#: is a damaged row: formatted as ``updatedAt`` it failed every session/list.
+MIN_TIME: Final = -62135510400.0
+MAX_TIME: Final = 253402128000.0
+
+
+def stored_time(value: Any) -> float:
+    """A stored time as a float, or ``ValueError`` if it is outside :data:`MIN_TIME` to
+    :data:`MAX_TIME` (infinities included)."""
+    time = float(value)
+    if not MIN_TIME <= time <= MAX_TIME:
+        raise ValueError(f"time {value!r} is out of range")
+    return time
+
+
 def check_limit(limit: int) -> None:
     if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
         raise StoreError(f"limit must be an int >= 1, got {limit!r}")

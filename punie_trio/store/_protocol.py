@@ -48,11 +48,18 @@ class Store(Protocol):
         ...
 
     async def list_sessions(
-        self, *, cwd: str | None = None, cursor: str | None = None, limit: int = 50
+        self,
+        *,
+        cwd: str | None = None,
+        cursor: str | None = None,
+        limit: int = 50,
+        roots: Sequence[str] | None = None,
     ) -> tuple[list[SessionRecord], str | None]:
         """A page of sessions, newest ``updated_at`` first (ties: id descending), and the
         cursor of the next page or ``None`` at the end. ``cwd`` keeps sessions whose cwd
-        equals it. An invalid cursor is a ``StoreError``."""
+        equals it; ``roots`` those whose cwd is one of them or lies under one (a server's
+        project roots: filtered in the query, so every page is full and the last one ends
+        the listing). An invalid cursor is a ``StoreError``."""
         ...
 
     async def delete_session(self, session_id: str) -> bool:

@@ -18,6 +18,8 @@ from typing import Any
 
 from .. import _json
 from ._model import (
+    MAX_TIME,
+    MIN_TIME,
     SessionRecord,
     StoreError,
     TranscriptEntry,
@@ -26,6 +28,8 @@ from ._model import (
     load_json,
     next_cursor,
     page_start,
+    root_prefix,
+    stored_time,
 )
 
 log = logging.getLogger(__name__)
@@ -131,8 +135,8 @@ def _record(row: sqlite3.Row | tuple[Any, ...]) -> SessionRecord:
             mode=row[5],
             config=config,
             additional_directories=tuple(directories),
-            created_at=float(row[8]),
-            updated_at=float(row[9]),
+            created_at=stored_time(row[8]),
+            updated_at=stored_time(row[9]),
             turns=int(row[10]),
             cwd_sent=row[11],
         )
@@ -261,7 +265,12 @@ def update_session(conn: sqlite3.Connection, session_id: str, changes: dict[str,
 
 
 def select_sessions(
-    conn: sqlite3.Connection, *, cwd: str | None, cursor: str | None, limit: int | None
+    conn: sqlite3.Connection,
+    *,
+    cwd: str | None,
+    cursor: str | None,
+    limit: int | None,
+    roots: Sequence[str] | None = None,
 ) -> tuple[list[SessionRecord], str | None]:
     """One page, newest first; reads ``limit + 1`` rows to know whether another page exists.
     ``limit=None`` reads every session (after ``cursor``) at once: the CLI's listing.
@@ -293,14 +302,31 @@ def select_sessions(
         f"SELECT {_TRUE_COLUMNS}, s.key AS skey, s.updated_at AS meta_at"
         f" FROM sessions AS s {_LAST_TURN}"
     )
+    where: list[str] = []
     if cwd is not None:
-        sql += " WHERE s.cwd = ?"
+        where.append("s.cwd = ?")
         params.append(cwd)
-    # (A row whose time is not a number, which only editing the file can make, sorts
-    # before every other and no cursor could point past it: not listed at all.)
+    if roots is not None:
+        # (_model.under_roots, in SQL: the root itself, or a path starting with its prefix)
+        where.append(
+            "(" + " OR ".join(["s.cwd = ? OR substr(s.cwd, 1, ?) = ?"] * len(roots)) + ")"
+            if roots
+            else "0"
+        )
+        for root in roots:
+            prefix = root_prefix(root)
+            params += [root, len(prefix), prefix]
+    if where:
+        sql += " WHERE " + " AND ".join(where)
+    # (A row whose time is not a number, or no date (_model.stored_time), which only
+    # editing the file can make, sorts before every other and no cursor could point past
+    # it (an infinite one, the first page's newest, made every later cursor invalid): not
+    # listed at all. Its load fails naming it.)
+    in_range = f"BETWEEN {MIN_TIME!r} AND {MAX_TIME!r}"
     sql = (
-        f"SELECT {_COLUMNS}, {position} AS position FROM ({sql})"
-        " WHERE typeof(updated_at) IN ('integer', 'real')"
+        f"SELECT * FROM (SELECT {_COLUMNS}, {position} AS position FROM ({sql})"
+        f" WHERE typeof(updated_at) IN ('integer', 'real') AND updated_at {in_range})"
+        f" WHERE position {in_range}"
     )
     if last is not None:
         sql = f"SELECT * FROM ({sql}) WHERE (position < ? OR (position = ? AND id < ?))"

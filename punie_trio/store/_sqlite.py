@@ -350,14 +350,21 @@ class SqliteStore:
         await self._write(lambda conn: _sql.update_session(conn, session_id, changes))
 
     async def list_sessions(
-        self, *, cwd: str | None = None, cursor: str | None = None, limit: int = 50
+        self,
+        *,
+        cwd: str | None = None,
+        cursor: str | None = None,
+        limit: int = 50,
+        roots: Sequence[str] | None = None,
     ) -> tuple[list[SessionRecord], str | None]:
         self._check_open()
         check_limit(limit)
         if cursor is not None:
             decode_cursor(cursor)  # fail fast on the Trio side
         return await self._run(
-            lambda conn: _sql.select_sessions(conn, cwd=cwd, cursor=cursor, limit=limit)
+            lambda conn: _sql.select_sessions(
+                conn, cwd=cwd, cursor=cursor, limit=limit, roots=roots
+            )
         )
 
     async def delete_session(self, session_id: str) -> bool:

@@ -12,6 +12,7 @@ import pytest
 import trio
 from trio_websocket import ConnectionClosed, ConnectionRejected, open_websocket_url
 
+from punie_trio.rpc import MAX_ERROR_MESSAGE_CHARS
 from punie_trio.server import Running
 from punie_trio.web._app import _bad_extension_offer
 from punie_trio.web._deflate import BoundedPerMessageDeflate
@@ -443,3 +444,29 @@ async def test_a_compression_bomb_is_closed_1009_before_it_inflates(
                 await bystander.initialize()
                 session = await bystander.new_session(str(tmp_path))
                 assert await bystander.prompt(session, "still here") == "end_turn"
+
+
+async def test_an_error_that_echoes_a_huge_value_stays_concise(
+    server: Running, acp_schema: SchemaChecker
+) -> None:
+    """An error message names the bad value, but a megabyte of it is not "a concise single
+    sentence" (the schema's ``Error.message``): the answer carried the whole value back,
+    a 1 MB toast in an IDE. It is cut, and says how long it was."""
+    huge = "x" * 1_000_000
+    cases = [
+        ("session/list", {"cursor": huge}, "Invalid params: cursor is not valid"),
+        ("session/list", {"cwd": huge}, "Invalid params: cwd must be an absolute path"),
+        ("session/new", {"cwd": "/" + huge, "mcpServers": []}, "Invalid params: cwd '/xxx"),
+        ("session/prompt", {"sessionId": huge, "prompt": []}, "Session not found: xxx"),
+        ("no/such_method" + huge, {}, "Method not found: no/such_methodxxx"),
+    ]
+    with trio.fail_after(20):
+        async with acp_ws_client(server.url, acp_schema) as (client, _):
+            await client.initialize()
+            for method, params, start in cases:
+                answer = await client.request_raw(method, params)
+                message = answer["error"]["message"]
+                assert message.startswith(start), (method, message[:100])
+                assert len(message) <= MAX_ERROR_MESSAGE_CHARS, (method, len(message))
+                assert message.endswith(" characters)"), message[-80:]
+            assert (await client.request("session/list", {}))["sessions"] == []

@@ -309,6 +309,79 @@ async def test_close_cancels_the_running_turn(
                 ]
 
 
+async def test_turns_cut_by_cancel_replay_after_a_restart_as_they_were_streamed(
+    tmp_path: Path, acp_schema: SchemaChecker
+) -> None:
+    """A turn cut while its tool call waited on the client (``session/cancel``: the tool
+    call ends failed, the prompt ``cancelled``) and one cut by ``$/cancel_request``
+    (-32800) are replayed by a restarted server exactly as they were streamed, each after
+    its prompt's ``user_message_chunk``, then the answer."""
+    root = await resolved(tmp_path)
+    (root / "notes.txt").write_text("notes")
+    model = ScriptModel([[{"text": "reading"}, {"tool": "read_file",
+                          "input": {"path": "notes.txt"}}, {"text": "never"}]])  # fmt: skip
+    held = trio.Event()
+
+    async def never_answer(method: str, params: dict[str, Any]) -> Any:
+        await held.wait()  # (set at the end: the agent has cancelled it by then)
+
+    streamed: list[dict[str, Any]] = []
+    with trio.fail_after(30):
+        async with (
+            in_process_server(tmp_path, model, store="sqlite") as running,
+            acp_ws_client(running.url, acp_schema, on_agent_request=never_answer) as (
+                client,
+                _,
+            ),
+        ):
+            await client.initialize(fs={"readTextFile": True})
+            session_id = await client.new_session(str(root))
+            for cut_by in ("session/cancel", "$/cancel_request"):
+                mark = len(client.received)
+                request_id = f"cut by {cut_by}"
+                await client.send(
+                    {"jsonrpc": "2.0", "id": request_id, "method": "session/prompt",
+                     "params": prompt_params(session_id, cut_by)}
+                )  # fmt: skip
+                await client.wait_for(
+                    lambda m, mark=mark: (
+                        m.get("method") == "fs/read_text_file" and client.received.index(m) >= mark
+                    )
+                )
+                if cut_by == "session/cancel":
+                    await client.notify(cut_by, {"sessionId": session_id})
+                else:
+                    await client.notify(cut_by, {"requestId": request_id})
+                answer = await client.wait_for(
+                    lambda m, r=request_id: m.get("id") == r and "method" not in m
+                )
+                if cut_by == "session/cancel":
+                    assert answer["result"] == {"stopReason": "cancelled"}
+                else:
+                    assert answer["error"]["code"] == -32800
+                streamed.append(user_chunk(cut_by))
+                streamed += [
+                    m["params"]["update"]
+                    for m in client.received[mark:]
+                    if m.get("method") == "session/update"
+                ]
+            held.set()
+        statuses = [u.get("status") for u in streamed if u["sessionUpdate"] == "tool_call_update"]
+        assert statuses == ["in_progress", "failed", "in_progress", "failed"]
+        assert "never" not in str(streamed)
+
+        async with (
+            in_process_server(tmp_path, model, store="sqlite") as running,
+            acp_ws_client(running.url, acp_schema) as (client, _),
+        ):
+            await client.initialize()
+            mark = len(client.received)
+            answer = await client.request_raw("session/load", load_params(session_id, root))
+            after = client.received[mark:]
+            assert after[-1] is answer and answer["result"] == {}
+            assert [m["params"]["update"] for m in after[:-1]] == streamed
+
+
 async def test_delete_removes_the_session(
     start_server: StartServer, acp_schema: SchemaChecker
 ) -> None:
@@ -442,6 +515,49 @@ async def test_list_shows_only_sessions_under_served_roots(
             narrowed.closing.set()
         async with open_sqlite_store(store_path(tmp_path / "data")) as store:
             assert await store.get_session(in_b) is not None
+
+
+async def test_list_pages_hold_only_served_sessions_and_end_when_they_do(
+    tmp_path: Path, acp_schema: SchemaChecker
+) -> None:
+    """Sessions of a root no longer served are left out by the store's query, not from
+    each page after it: 51 newer sessions of another root once made the first page
+    ``{"sessions": [], "nextCursor": ...}`` and hid the one served session behind pages
+    of nothing (a client showing the first page showed no history)."""
+    from punie_trio.server import ServeConfig, serve
+
+    root = await resolved(tmp_path)
+    (root / "a").mkdir()
+    (root / "b").mkdir()
+    with trio.fail_after(30):
+        async with (
+            in_process_server(tmp_path, history_script(), store="sqlite") as running,
+            acp_ws_client(running.url, acp_schema) as (client, _),
+        ):
+            await client.initialize()
+            in_a = await client.new_session(str(root / "a"))
+            for _ in range(51):  # (newer: listed before in_a)
+                session_id = await client.new_session(str(root / "b"))
+                await client.request("session/close", {"sessionId": session_id})
+        config = ServeConfig(
+            projects=(root / "a",),
+            model=history_script(),
+            port=0,
+            handle_signals=False,
+            data_dir=tmp_path / "data",
+            store="sqlite",
+        )
+        async with trio.open_nursery() as nursery:
+            narrowed = await nursery.start(serve, config)
+            assert narrowed.url is not None
+            async with acp_ws_client(narrowed.url, acp_schema) as (client, _):
+                await client.initialize()
+                listed = await client.request("session/list", {})
+                assert [s["sessionId"] for s in listed["sessions"]] == [in_a]
+                assert "nextCursor" not in listed
+                listed = await client.request("session/list", {"cwd": str(root / "b")})
+                assert listed == {"sessions": []}
+            narrowed.closing.set()
 
 
 @attrs.define(eq=False)

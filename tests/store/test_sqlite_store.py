@@ -13,6 +13,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -143,6 +144,38 @@ async def test_a_damaged_session_row_fails_alone_and_is_left_out_of_lists(
             await store.get_session("s1")
     assert [r.id for r in read_sessions(path)] == ["s2", "s0"]
     assert "stored session 's1' is damaged" in caplog.text and "left out" in caplog.text
+
+
+@pytest.mark.parametrize("column", ["updated_at", "created_at"])
+@pytest.mark.parametrize("value", [1e20, -1e20, float("inf"), float("-inf")])
+async def test_a_session_time_no_date_can_hold_fails_alone_and_is_left_out_of_lists(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, column: str, value: float
+) -> None:
+    """A stored time out of any date's range (only an edited or damaged file holds one)
+    made every session/list fail (-32603 "timestamp out of range for platform time_t",
+    formatting ``updatedAt``) and the CLI's listing print a traceback; an infinite one as
+    the first page's newest made every later page's cursor invalid. Now that session is
+    left out of listings, which page on, and reading it fails naming it."""
+    path = tmp_path / "s.db"
+    async with open_sqlite_store(path) as store:
+        for i in range(3):
+            await store.create_session(make_record(f"s{i}", updated_at=float(i + 1)))
+    _damage(path, f"UPDATE sessions SET {column} = ? WHERE id = 's1'", value)
+    async with open_sqlite_store(path) as store:
+        seen: list[str] = []
+        cursor = None
+        for _ in range(4):
+            page, cursor = await store.list_sessions(cursor=cursor, limit=1)
+            seen += [r.id for r in page]
+            for record in page:
+                datetime.fromtimestamp(record.updated_at, UTC)  # (what session/list sends)
+                datetime.fromtimestamp(record.created_at, UTC)
+            if cursor is None:
+                break
+        assert seen == ["s2", "s0"]
+        with pytest.raises(StoreError, match="stored session 's1' is damaged"):
+            await store.get_session("s1")
+    assert [r.id for r in read_sessions(path)] == ["s2", "s0"]
 
 
 @pytest.mark.parametrize(

@@ -142,6 +142,28 @@ async def test_list_cwd_filter(store: Store) -> None:
     assert await store.list_sessions(cwd="/nowhere") == ([], None)
 
 
+async def test_list_roots_filter_in_the_query_so_pages_stay_full(store: Store) -> None:
+    """``roots`` keeps sessions whose cwd is a root or lies under one (by whole path
+    components), before paging: every page is full and the last one has no cursor."""
+    cwds = ["/p/a", "/p/ab", "/p/a/deep", "/q", "/p/a", "/elsewhere", "/p/ab/x", "/p/a"]
+    for i, cwd in enumerate(cwds):
+        await store.create_session(make_record(f"s{i}", cwd=cwd, updated_at=float(i)))
+    page, cursor = await store.list_sessions(roots=["/p/a"], limit=2)
+    assert [r.id for r in page] == ["s7", "s4"]
+    page, cursor = await store.list_sessions(roots=["/p/a"], cursor=cursor, limit=2)
+    assert ([r.id for r in page], cursor) == (["s2", "s0"], None)
+    page, _ = await store.list_sessions(roots=["/q", "/p/ab"], cwd="/p/ab/x")
+    assert [r.id for r in page] == ["s6"]
+    assert await store.list_sessions(roots=[]) == ([], None)
+    page, _ = await store.list_sessions(roots=["/"])
+    assert len(page) == len(cwds)
+    # (SQLite's substr counts characters as Python does, past the BMP too.)
+    for i, cwd in enumerate(["/r/\u00e9\U0001f600/x", "/r/\u00e9\U0001f600x"], start=len(cwds)):
+        await store.create_session(make_record(f"s{i}", cwd=cwd, updated_at=float(i)))
+    page, _ = await store.list_sessions(roots=["/r/\u00e9\U0001f600"])
+    assert [r.id for r in page] == [f"s{len(cwds)}"]
+
+
 async def test_list_keyset_cursor_survives_a_touched_session(store: Store) -> None:
     await _seed(store)
     page, cursor = await store.list_sessions(limit=2)

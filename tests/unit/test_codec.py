@@ -9,6 +9,7 @@ import pytest
 
 from punie_trio.rpc import (
     INVALID_REQUEST,
+    MAX_ERROR_MESSAGE_CHARS,
     PARSE_ERROR,
     ErrorResponse,
     MalformedMessage,
@@ -232,3 +233,15 @@ def test_json_that_cannot_be_carried_is_a_parse_error(text: str) -> None:
         parse(text)
     assert info.value.error.code == PARSE_ERROR
     assert info.value.id is None
+
+
+def test_a_long_error_message_is_cut_with_its_length() -> None:
+    """Messages name the value they refuse; one a client sent a megabyte of is cut (the
+    schema's ``Error.message`` is "a concise single sentence")."""
+    exact = "m" * MAX_ERROR_MESSAGE_CHARS
+    assert json.loads(serialize(ErrorResponse(1, -32602, exact)))["error"]["message"] == exact
+    sent = json.loads(serialize(ErrorResponse(1, -32602, "Invalid params: " + "x" * 10_000)))
+    message = sent["error"]["message"]
+    assert len(message) == MAX_ERROR_MESSAGE_CHARS
+    assert message.startswith("Invalid params: xxx")
+    assert message.endswith("... (cut: the message had 10016 characters)")
