@@ -248,6 +248,10 @@ class Option:
     def env(self) -> str:
         return "PUNIE_" + self.name.upper()
 
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
 
 OPTIONS: tuple[Option, ...] = (
     Option("host", _to_host, "127.0.0.1"),
@@ -351,16 +355,33 @@ def resolve(
     file_name: str,
 ) -> dict[str, Any]:
     """Merge by precedence: flags (non-None) > env > file > defaults."""
+    return resolve_with_sources(flags, file_values, environ, file_name)[0]
+
+
+def resolve_with_sources(
+    flags: Mapping[str, Any],
+    file_values: Mapping[str, Any],
+    environ: Mapping[str, str],
+    file_name: str,
+) -> tuple[dict[str, Any], dict[str, str | None]]:
+    """:func:`resolve`, and where each value came from: ``--flag``, ``$PUNIE_NAME``, the
+    file's name, or None for the default.
+
+    Why: some values can only be checked after the merge (a project that is not a
+    directory, an unknown model), and their errors named the flag (``--project /x: not a
+    directory``) even when the value came from ``$PUNIE_PROJECT`` or the config file, so
+    the user looked for a flag nobody gave."""
     unknown = sorted(set(file_values) - set(BY_NAME))
     if unknown:
         known = ", ".join(o.name.replace("_", "-") for o in OPTIONS)
         raise ConfigError(f"{file_name}: unknown option(s) {', '.join(unknown)} (known: {known})")
-    return {
-        option.name: resolve_option(
+    values: dict[str, Any] = {}
+    sources: dict[str, str | None] = {}
+    for option in OPTIONS:
+        values[option.name], sources[option.name] = _pick(
             option.name, flags.get(option.name), file_values, environ, file_name
         )
-        for option in OPTIONS
-    }
+    return values, sources
 
 
 def resolve_option(
@@ -373,12 +394,22 @@ def resolve_option(
     """One option by the precedence of :func:`resolve`: the read-only commands need only
     ``data_dir``, and find it where ``serve`` does (its flag, ``$PUNIE_DATA_DIR``, the
     file), without failing on a bad value of an option they do not use."""
+    return _pick(name, flag, file_values, environ, file_name)[0]
+
+
+def _pick(
+    name: str,
+    flag: Any,
+    file_values: Mapping[str, Any],
+    environ: Mapping[str, str],
+    file_name: str,
+) -> tuple[Any, str | None]:
     option = BY_NAME[name]
     if flag is not None and not (option.many and not flag):
-        return tuple(flag) if option.many else flag
+        return (tuple(flag) if option.many else flag), option.flag
     env = _from_env(option, environ)
     if env is not None:
-        return env
+        return env, f"${option.env}"
     if name in file_values:
-        return _convert(option, file_values[name], file_name)
-    return option.default
+        return _convert(option, file_values[name], file_name), file_name
+    return option.default, None

@@ -33,7 +33,7 @@ from ._config import (
     _to_token,
     as_flag,
     load_file,
-    resolve,
+    resolve_with_sources,
 )
 from ._paths import (
     DataDirInUse,
@@ -312,11 +312,28 @@ def _error(message: str, status: int) -> int:
     return status
 
 
-def _settings(args: argparse.Namespace) -> dict[str, Any]:
+def _settings(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, str | None]]:
+    """The resolved options and where each came from (``resolve_with_sources``)."""
     config_path = args.config if args.config is not None else default_config_path()
     file_values = load_file(config_path, required=args.config is not None)
     flags = {name: getattr(args, name, None) for name in BY_NAME}
-    return resolve(flags, file_values, os.environ, str(config_path))
+    return resolve_with_sources(flags, file_values, os.environ, str(config_path))
+
+
+def _bad_value(sources: dict[str, str | None], name: str, problem: str) -> int:
+    """Exit 2 with ``problem`` (about option ``name``, checked after the merge), named by
+    the place its value came from: ``$PUNIE_PROJECT: project /x: not a directory``, not
+    the flag nobody gave. A flag's problem is said as is (it names the flag)."""
+    source = sources.get(name)
+    if source is None or source.startswith("--"):
+        return _error(problem, 2)
+    return _error(f"{source}: {problem}", 2)
+
+
+def _named(sources: dict[str, str | None], name: str) -> str:
+    """How a message names option ``name``: its flag if the flag set it, else its name."""
+    flag = BY_NAME[name].flag
+    return flag if sources.get(name) == flag else name.replace("_", "-")
 
 
 def dev_options(o: dict[str, Any]) -> dict[str, Any]:
@@ -347,22 +364,25 @@ def site_path(site: Path) -> Path:
 
 def _run_serve(args: argparse.Namespace) -> int:
     try:
-        o = _settings(args)
+        o, sources = _settings(args)
     except ConfigError as exc:
         return _error(str(exc), 2)
     if o["no_http"] and not o["stdio"]:
-        return _error("--no-http needs --stdio (there would be nothing to serve)", 2)
+        flag = _named(sources, "no_http") == "--no-http"
+        needs = "--no-http needs --stdio" if flag else "no-http needs stdio"
+        return _bad_value(sources, "no_http", f"{needs} (there would be nothing to serve)")
     projects = tuple(p.expanduser().resolve() for p in (o["project"] or [Path.cwd()]))
     for project in projects:
         if not project.is_dir():
-            return _error(f"--project {project}: not a directory", 2)
+            problem = f"{_named(sources, 'project')} {project}: not a directory"
+            return _bad_value(sources, "project", problem)
     site = site_path(o["site"]) if o["site"] else None
     if site is not None and not site.is_dir():
-        return _error(f"--site {site}: not a directory", 2)
+        return _bad_value(sources, "site", f"{_named(sources, 'site')} {site}: not a directory")
     try:
         model = model_from_spec(o["model"])
     except (ScriptError, ValueError) as exc:
-        return _error(str(exc), 2)
+        return _bad_value(sources, "model", str(exc))
     data_dir = (o["data_dir"] or default_data_dir()).expanduser()
     try:
         ensure_data_dir(data_dir)

@@ -479,6 +479,65 @@ def test_cli_exits_2_naming_the_problem(
         assert str(config) in err
 
 
+# Values checked only after the merge (is the project a directory, is the model known):
+# each one from each place, and the message that must name that place.
+# (From a flag, the message names the flag instead.)
+_CHECKED_AFTER_THE_MERGE = [
+    ("project", "/nonexistent/p", "project /nonexistent/p: not a directory"),
+    ("site", "/nonexistent/s", "site /nonexistent/s: not a directory"),
+    ("model", "bogus", "unknown model 'bogus': use echo, echo:N or script:PATH"),
+    ("model", "echo:0", "model 'echo:0': N in echo:N must be a whole number from 1 to 10000"),
+    ("model", "script:/nonexistent.json", "cannot read script /nonexistent.json"),
+    ("no_http", True, "no-http needs stdio (there would be nothing to serve)"),
+]
+_AS_FLAGS = {
+    "project": "--project /nonexistent/p: not a directory",
+    "site": "--site /nonexistent/s: not a directory",
+    "no_http": "--no-http needs --stdio (there would be nothing to serve)",
+}
+
+
+@pytest.mark.parametrize("source", ["flag", "env", "file"])
+@pytest.mark.parametrize(("name", "value", "problem"), _CHECKED_AFTER_THE_MERGE)
+def test_a_value_checked_after_the_merge_is_named_by_its_source(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    source: str,
+    name: str,
+    value: Any,
+    problem: str,
+) -> None:
+    """A project that is not a directory, an unknown model, ``no-http`` without ``stdio``:
+    exit 2, and the message says where the value came from. These were all named as flags
+    (``--project /x: not a directory``), so a value from ``$PUNIE_PROJECT`` or the config
+    file sent the user looking for a flag nobody gave (and a model said nothing of where
+    it came from)."""
+    for variable in list(os.environ):
+        if variable.startswith("PUNIE_"):
+            monkeypatch.delenv(variable)
+    monkeypatch.setenv("PUNIE_DATA_DIR", str(tmp_path / "data"))
+    config = tmp_path / "config.toml"
+    argv = ["serve", "--config", str(config), "--port", "0"]
+    if name != "project":
+        argv += ["--project", str(tmp_path)]
+    option = BY_NAME[name]
+    if source == "flag":
+        argv += [option.flag] if value is True else [option.flag, value]
+        write(config, "")
+        expected = _AS_FLAGS.get(name, problem)
+    elif source == "env":
+        monkeypatch.setenv(option.env, "1" if value is True else value)
+        write(config, "")
+        expected = f"${option.env}: {problem}"
+    else:
+        write(config, f"[serve]\n{name.replace('_', '-')} = {_toml(value)}\n")
+        expected = f"{config}: {problem}"
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"punie-trio: error: {expected}"), err
+
+
 async def test_serve_reads_the_toml_file_under_env_and_flags(
     tmp_path: Path, acp_schema: SchemaChecker
 ) -> None:
