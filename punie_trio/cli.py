@@ -96,7 +96,12 @@ def build_parser() -> argparse.ArgumentParser:
         "or the TOML config file; precedence: flags > env > file > defaults "
         "(docs/configuration.md).",
     )
-    s.add_argument("--config", type=Path, help="TOML config file (default: the platform's)")
+    s.add_argument(
+        "--config",
+        type=_path,
+        metavar="FILE",
+        help="TOML config file (default: the platform's, if it exists)",
+    )
     s.add_argument("--host", type=_host, help="address to bind (default 127.0.0.1)")
     s.add_argument("--port", type=_port, help="port (default 8765; 0 picks a free one)")
     s.add_argument(

@@ -397,6 +397,20 @@ def test_an_empty_path_or_command_flag_is_refused(
 
 
 @pytest.mark.parametrize(
+    "command", [["serve"], ["token"], ["sessions", "list"], ["sessions", "show", "ID"]]
+)
+def test_an_empty_config_flag_is_refused(
+    capsys: pytest.CaptureFixture[str], command: list[str]
+) -> None:
+    """``--config ""`` was read as the current directory: "cannot read config file .: Is a
+    directory", naming neither the flag nor the empty value."""
+    with pytest.raises(SystemExit) as info:
+        cli.build_parser().parse_args([*command, "--config", ""])
+    assert info.value.code == 2
+    assert "argument --config: must not be empty" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
     "flag", ["--shutdown-timeout", "--grace-seconds", "--client-call-timeout", "--debounce"]
 )
 @pytest.mark.parametrize("value", ["inf", "1e400", "31536001"])
