@@ -228,8 +228,14 @@ def _choice(*names: str, fold_case: bool = False) -> Callable[[Any], str]:
 
 
 def _to_path(value: Any) -> Path:
-    # "" would mean the current directory: a data dir, site or project nobody chose.
-    return Path(_to_nonempty(value)).expanduser()
+    # "" would mean the current directory: a data dir, site or project nobody chose. So
+    # would " /srv/data" (PUNIE_DATA_DIR=" $HOME/x", a list "/a, /b" split at the comma):
+    # a relative path, a directory named " " under the current one that serve created
+    # and the read-only commands looked in.
+    text = _to_nonempty(value)
+    if text != text.strip():
+        raise ValueError(f"must not have spaces around it, got {text!r}")
+    return Path(text).expanduser()
 
 
 #: The values of ``log-level`` and ``store`` (the flags offer the same choices).

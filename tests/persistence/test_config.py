@@ -196,6 +196,29 @@ def test_unknown_key_is_named() -> None:
             "config.toml: host must not have spaces around it, got ' localhost'",
         ),
         ({}, {"PUNIE_DATA_DIR": ""}, "$PUNIE_DATA_DIR: data-dir must not be empty"),
+        # A path with spaces around it was a relative path nobody meant (" /srv/d" made
+        # the directory "./ /srv/d").
+        (
+            {},
+            {"PUNIE_DATA_DIR": " /srv/d"},
+            "$PUNIE_DATA_DIR: data-dir must not have spaces around it, got ' /srv/d'",
+        ),
+        (
+            {"data_dir": "/srv/d "},
+            {},
+            "config.toml: data-dir must not have spaces around it, got '/srv/d '",
+        ),
+        (
+            {},
+            {"PUNIE_PROJECT": f"/a{os.pathsep} /b"},
+            "$PUNIE_PROJECT: project must not have spaces around it, got ' /b'",
+        ),
+        (
+            {"site": "\t/srv/site"},
+            {},
+            "config.toml: site must not have spaces around it, got '\\t/srv/site'",
+        ),
+        ({"watch": ["/w "]}, {}, "config.toml: watch must not have spaces around it, got '/w '"),
         ({"site": ""}, {}, "config.toml: site must not be empty"),
         # An empty build command ran no build; an empty list of paths meant a default
         # directory (project: the current one), as PUNIE_PROJECT= would.
@@ -368,6 +391,10 @@ def test_a_host_that_does_not_resolve_is_an_address_problem_not_a_crash() -> Non
         (
             ["--allow-host", "dev.test:8765"],
             "argument --allow-host: must be a host name like myhost.lan",
+        ),
+        (
+            ["--data-dir", "/srv/d "],
+            "argument --data-dir: must not have spaces around it, got '/srv/d '",
         ),
     ],
 )
