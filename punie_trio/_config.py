@@ -411,11 +411,15 @@ def _pick(
     file_name: str,
 ) -> tuple[Any, str | None]:
     option = BY_NAME[name]
+    # Each place is checked even where a higher one wins: a bad value in the file or the
+    # environment was ignored without a word while a flag overrode it (`port = "eighty"`
+    # under --port 0), and broke the next start, the one without the flag.
+    env = _from_env(option, environ)
+    in_file = _convert(option, file_values[name], file_name) if name in file_values else None
     if flag is not None and not (option.many and not flag):
         return (tuple(flag) if option.many else flag), option.flag
-    env = _from_env(option, environ)
     if env is not None:
         return env, f"${option.env}"
     if name in file_values:
-        return _convert(option, file_values[name], file_name), file_name
+        return in_file, file_name
     return option.default, None

@@ -285,6 +285,42 @@ def test_bad_type_names_the_option_and_the_source(
     assert str(info.value) == expected
 
 
+@pytest.mark.parametrize(
+    ("flags", "file_values", "environ", "expected"),
+    [
+        ({"port": 0}, {"port": "eighty"}, {}, "config.toml: port must be an integer"),
+        ({"port": 0}, {}, {"PUNIE_PORT": "eighty"}, "$PUNIE_PORT: port must be an integer"),
+        ({}, {"port": -1}, {"PUNIE_PORT": "0"}, "config.toml: port must be from 0 to 65535"),
+        (
+            {"data_dir": Path("/d")},
+            {},
+            {"PUNIE_DATA_DIR": ""},
+            "$PUNIE_DATA_DIR: data-dir must not be empty",
+        ),
+        (
+            {"project": [Path("/p")]},
+            {"project": []},
+            {},
+            "config.toml: project must not be an empty list",
+        ),
+        (
+            {"metrics_public": True},
+            {"metrics_public": "maybe"},
+            {},
+            "config.toml: metrics-public must be true or false",
+        ),
+    ],
+)
+def test_a_bad_value_is_refused_even_where_a_higher_place_overrides_it(
+    flags: dict[str, Any], file_values: dict[str, Any], environ: dict[str, str], expected: str
+) -> None:
+    """``port = "eighty"`` in the file with ``--port 0`` started without a word, and the
+    next start (without the flag) failed on a file nobody had touched since."""
+    with pytest.raises(ConfigError) as info:
+        resolve(flags, file_values, environ, "config.toml")
+    assert str(info.value).startswith(expected)
+
+
 def test_origins_and_host_names_are_kept_as_requests_carry_them() -> None:
     """In the form a browser sends them (lowercase, no trailing slash or dot, no default
     port, IDNA): what the checks compare against."""
