@@ -128,10 +128,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--log-level",
         type=str.lower,  # any case, like the file and $PUNIE_LOG_LEVEL
         choices=LOG_LEVELS,
-        help="stderr log level (default warning)",
+        metavar="LEVEL",
+        help=f"stderr log level: {', '.join(LOG_LEVELS)} (default warning)",
     )
     s.add_argument(
-        "--data-dir", type=_path, help="data directory (default: $PUNIE_DATA_DIR or the platform's)"
+        "--data-dir",
+        type=_path,
+        metavar="DIR",
+        help="data directory (default: $PUNIE_DATA_DIR, else the config file's data-dir, else "
+        "the platform's)",
     )
     s.add_argument("--store", choices=STORES, help="session store (default sqlite)")
     auth = s.add_argument_group("security")
@@ -165,46 +170,69 @@ def build_parser() -> argparse.ArgumentParser:
     limits.add_argument(
         "--max-message-bytes",
         type=_positive_int,
+        metavar="N",
         help="largest JSON-RPC message (default 16 MiB; WebSocket closes with 1009)",
     )
     limits.add_argument(
-        "--max-prompt-bytes", type=_positive_int, help="largest prompt text (default 1 MiB)"
-    )
-    limits.add_argument("--max-sessions-per-connection", type=_positive_int, help="default 64")
-    limits.add_argument(
-        "--max-connections", type=_positive_int, help="ACP connections in total (default 256)"
-    )
-    limits.add_argument(
-        "--prompts-per-minute", type=_positive_int, help="per connection (default 120)"
+        "--max-prompt-bytes",
+        type=_positive_int,
+        metavar="N",
+        help="largest prompt in UTF-8 bytes (default 1 MiB)",
     )
     limits.add_argument(
-        "--tool-calls-per-minute", type=_positive_int, help="per session (default 240)"
+        "--max-sessions-per-connection",
+        type=_positive_int,
+        metavar="N",
+        help="live sessions per connection (default 64)",
     )
     limits.add_argument(
-        "--outbox-limit", type=_positive_int, help="queued messages per connection (default 256)"
+        "--max-connections",
+        type=_positive_int,
+        metavar="N",
+        help="ACP connections in total (default 256)",
+    )
+    limits.add_argument(
+        "--prompts-per-minute", type=_positive_int, metavar="N", help="per connection (default 120)"
+    )
+    limits.add_argument(
+        "--tool-calls-per-minute", type=_positive_int, metavar="N", help="per session (default 240)"
+    )
+    limits.add_argument(
+        "--outbox-limit",
+        type=_positive_int,
+        metavar="N",
+        help="queued messages per connection (default 256)",
     )
     limits.add_argument(
         "--outbox-bytes",
         type=_positive_int,
+        metavar="N",
         help="bytes of queued messages per connection (default 1048576: 1 MiB)",
     )
     limits.add_argument(
         "--grace-seconds",
         type=_seconds,
+        metavar="SECONDS",
         help="how long a disconnected client's sessions wait for it to reconnect (default 300)",
     )
     limits.add_argument(
         "--detached-buffer",
         type=_positive_int,
+        metavar="N",
         help="updates kept per session while its client is away (default 1024)",
     )
     limits.add_argument(
         "--client-call-timeout",
         type=_seconds,
-        help="seconds a client gets to answer fs/terminal/permission requests (default 300)",
+        metavar="SECONDS",
+        help="seconds a client gets to answer the server's requests (fs/*) before the tool "
+        "call fails (default 300)",
     )
     limits.add_argument(
-        "--shutdown-timeout", type=_seconds, help="seconds a graceful shutdown may take (default 5)"
+        "--shutdown-timeout",
+        type=_seconds,
+        metavar="SECONDS",
+        help="seconds a graceful shutdown may take (default 5)",
     )
     dev = s.add_argument_group("dev app (site preview with live reload)")
     dev.add_argument("--site", type=_path, metavar="DIR", help="serve DIR (built output) at /")

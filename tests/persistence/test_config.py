@@ -521,6 +521,37 @@ def test_ctrl_c_before_the_server_watches_signals_is_status_130_without_a_traceb
     assert capsys.readouterr().err == "punie-trio: interrupted\n"
 
 
+_DOCS = Path(__file__).resolve().parents[2] / "docs"
+
+
+def test_the_docs_name_every_option_as_the_code_and_the_help_do() -> None:
+    """docs/configuration.md has a row for every option with its flag, variable, key and
+    default, and docs/cli.md writes each flag as ``--help`` does (``--max-prompt-bytes N``,
+    ``--grace-seconds SECONDS``). The help once showed ``MAX_PROMPT_BYTES``,
+    ``SHUTDOWN_TIMEOUT`` and ``--config CONFIG``, and its ``--data-dir`` default left
+    out the config file's ``data-dir``."""
+    configuration = (_DOCS / "configuration.md").read_text(encoding="utf-8")
+    reference = (_DOCS / "cli.md").read_text(encoding="utf-8")
+    serve = cli.build_parser()._subparsers._group_actions[0].choices["serve"]  # type: ignore[union-attr]
+    actions = {a.option_strings[0]: a for a in serve._actions if a.option_strings}
+    for option in OPTIONS:
+        key = option.name.replace("_", "-")
+        row = re.search(
+            rf"^\| {option.name} \| `{option.flag}[^|]*\| `{option.env}` \| `{key}` \| ([^|]+) \|",
+            configuration,
+            re.M,
+        )
+        assert row is not None, option.name
+        if option.default not in (None, ()):
+            default = str(option.default).lower()
+            assert row.group(1).strip().startswith(f"`{default}`"), option.name
+        # (As the help writes it: "--host HOST", "--store {sqlite,memory}", "--stdio".)
+        shown = serve._get_formatter()._format_action_invocation(actions[option.flag])
+        assert f"| `{shown}` |" in reference, shown
+    assert "| `--config FILE` |" in reference and actions["--config"].metavar == "FILE"
+    assert "else the config file's data-dir" in (actions["--data-dir"].help or "")
+
+
 def test_every_option_has_a_flag() -> None:
     args = cli.build_parser().parse_args(["serve"])
     assert set(BY_NAME) <= set(vars(args))
