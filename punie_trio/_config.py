@@ -303,6 +303,15 @@ def load_file(path: Path, *, required: bool) -> dict[str, Any]:
     except FileNotFoundError:
         if required:
             raise ConfigError(f"config file {path} does not exist") from None
+        # A default file that is a link (or under one) to nothing is not "no file": the
+        # dotfiles it came from moved, and serve ran on the defaults without a word (a
+        # generated token, the current directory as the project).
+        for link in (path, *path.parents):
+            if link.is_symlink() and not link.exists():
+                raise ConfigError(
+                    f"config file {path} cannot be read: {link} is a symlink to "
+                    f"{os.readlink(link)}, which does not exist"
+                ) from None
         return {}
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None

@@ -102,6 +102,28 @@ def test_load_file_reads_the_serve_table_and_dashed_keys(tmp_path: Path) -> None
         load_file(write(tmp_path / "t.toml", 'serve = "x"\n'), required=True)
 
 
+@pytest.mark.parametrize("dangling", ["config.toml", "punie-trio"])
+def test_a_default_config_file_that_is_a_dangling_symlink_is_named(
+    tmp_path: Path, dangling: str
+) -> None:
+    """A missing default file is fine; one that is (or is under) a symlink to nothing was
+    taken for missing too, and serve started on the defaults without a word."""
+    config_dir = tmp_path / "punie-trio"
+    if dangling == "config.toml":
+        config_dir.mkdir()
+        link, target = config_dir / "config.toml", tmp_path / "dotfiles" / "punie.toml"
+    else:
+        link, target = config_dir, tmp_path / "dotfiles" / "punie-trio"
+    link.symlink_to(target)
+    with pytest.raises(ConfigError) as info:
+        load_file(config_dir / "config.toml", required=False)
+    assert str(info.value) == (
+        f"config file {config_dir / 'config.toml'} cannot be read: {link} is a symlink to "
+        f"{target}, which does not exist"
+    )
+    assert load_file(tmp_path / "nothing" / "config.toml", required=False) == {}
+
+
 def test_unknown_key_is_named() -> None:
     with pytest.raises(ConfigError) as info:
         resolve({}, {"port": 1, "prot": 2}, {}, "/etc/punie.toml")
