@@ -419,6 +419,8 @@ def _run_serve(args: argparse.Namespace) -> int:
     data_dir = (o["data_dir"] or default_data_dir()).expanduser()
     try:
         ensure_data_dir(data_dir)
+    except FileExistsError:  # (mkdir's "File exists" for a file there read as nonsense)
+        return _error(f"cannot use data directory {data_dir}: it is not a directory", 1)
     except OSError as exc:
         return _error(f"cannot use data directory {data_dir}: {exc.strerror or exc}", 1)
     try:

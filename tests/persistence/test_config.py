@@ -574,6 +574,22 @@ def test_the_docs_name_every_option_as_the_code_and_the_help_do() -> None:
     assert "else the config file's data-dir" in (actions["--data-dir"].help or "")
 
 
+def test_a_data_dir_that_is_a_file_is_named_as_such(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """It said "cannot use data directory F: File exists", as if that were the trouble."""
+    for name in list(os.environ):
+        if name.startswith("PUNIE_"):
+            monkeypatch.delenv(name)
+    data_file = write(tmp_path / "data", "")
+    argv = ["serve", "--config", str(tmp_path / "none.toml"), "--data-dir", str(data_file)]
+    write(tmp_path / "none.toml", "")
+    assert cli.main([*argv, "--project", str(tmp_path), "--port", "0"]) == 1
+    assert capsys.readouterr().err == (
+        f"punie-trio: error: cannot use data directory {data_file}: it is not a directory\n"
+    )
+
+
 def test_every_option_has_a_flag() -> None:
     args = cli.build_parser().parse_args(["serve"])
     assert set(BY_NAME) <= set(vars(args))
