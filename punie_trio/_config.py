@@ -299,7 +299,9 @@ BY_NAME = {o.name: o for o in OPTIONS}
 def load_file(path: Path, *, required: bool) -> dict[str, Any]:
     """The ``[serve]`` table (or top level) of a TOML file; {} if absent and not required."""
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
+        # utf-8-sig: a byte-order mark (Windows editors write one) is skipped; it was "not
+        # valid TOML: Invalid statement (at line 1, column 1)", pointing at nothing visible.
+        data = tomllib.loads(path.read_text(encoding="utf-8-sig"))
     except FileNotFoundError:
         if required:
             raise ConfigError(f"config file {path} does not exist") from None

@@ -124,6 +124,14 @@ def test_a_default_config_file_that_is_a_dangling_symlink_is_named(
     assert load_file(tmp_path / "nothing" / "config.toml", required=False) == {}
 
 
+def test_a_config_file_may_start_with_a_byte_order_mark(tmp_path: Path) -> None:
+    """Windows editors write one; it was "not valid TOML: Invalid statement (at line 1,
+    column 1)", pointing at nothing the user could see."""
+    path = tmp_path / "c.toml"
+    path.write_bytes(b"\xef\xbb\xbf[serve]\r\nport = 0\r\n")
+    assert load_file(path, required=True) == {"port": 0}
+
+
 def test_unknown_key_is_named() -> None:
     with pytest.raises(ConfigError) as info:
         resolve({}, {"port": 1, "prot": 2}, {}, "/etc/punie.toml")
