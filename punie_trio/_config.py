@@ -207,12 +207,22 @@ def _to_host_name(value: Any) -> str:
     return dot + name
 
 
+_HEADER_TOKEN = re.compile(r"[\x21-\x7e]+( +[\x21-\x7e]+)*\Z")
+
+
 def _to_token(value: Any) -> str:
     # Empty once meant "generate one" without a word; spaces around it could be sent only
-    # in ?token= (an HTTP header's value is stripped).
+    # in ?token= (an HTTP header's value is stripped). A non-ASCII or control character
+    # could never match in an Authorization header (read as Latin-1 bytes, so "héllo"
+    # sent as UTF-8 was refused with 401), only in ?token=. (The token is not echoed.)
     token = _to_nonempty(value)
     if token != token.strip():
         raise ValueError("must not have spaces around it")
+    if not _HEADER_TOKEN.match(token):
+        raise ValueError(
+            "must be printable ASCII (an Authorization header carries nothing else: no "
+            "accents, tabs or control characters)"
+        )
     return token
 
 

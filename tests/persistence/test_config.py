@@ -37,6 +37,11 @@ def write(path: Path, text: str) -> Path:
     return path
 
 
+_NOT_ASCII = (
+    " (an Authorization header carries nothing else: no accents, tabs or control characters)"
+)
+
+
 def test_defaults() -> None:
     merged = resolve({}, {}, {}, "config.toml")
     assert merged == {o.name: o.default for o in OPTIONS}
@@ -268,6 +273,11 @@ def test_unknown_key_is_named() -> None:
         ({}, {"PUNIE_TOKEN": ""}, "$PUNIE_TOKEN: token must not be empty"),
         ({"token": "  "}, {}, "config.toml: token must not be empty"),
         ({"token": " t0ken "}, {}, "config.toml: token must not have spaces around it"),
+        # Never matched in an Authorization header (read as Latin-1): 401 for the very
+        # token configured, unless sent in ?token=.
+        ({"token": "h\u00e9llo"}, {}, "config.toml: token must be printable ASCII" + _NOT_ASCII),
+        ({}, {"PUNIE_TOKEN": "a\tb"}, "$PUNIE_TOKEN: token must be printable ASCII" + _NOT_ASCII),
+        ({"token": "a\x7fb"}, {}, "config.toml: token must be printable ASCII" + _NOT_ASCII),
         (
             {},
             {"PUNIE_PROJECT": ""},
