@@ -101,6 +101,11 @@ def _to_seconds(value: Any) -> float:
 def _to_str(value: Any) -> str:
     if not isinstance(value, str):
         raise ValueError("must be a string")
+    if "\0" in value:
+        # Only a TOML file can hold one ("\u0000"; argv and the environment cannot): no
+        # path, host or command can, and a data-dir, project, watch or host with one was a
+        # ValueError traceback (exit 1) from the first system call that met it.
+        raise ValueError(f"must not contain a NUL character, got {value!r}")
     return value
 
 

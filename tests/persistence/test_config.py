@@ -273,6 +273,23 @@ def test_unknown_key_is_named() -> None:
         ({}, {"PUNIE_TOKEN": ""}, "$PUNIE_TOKEN: token must not be empty"),
         ({"token": "  "}, {}, "config.toml: token must not be empty"),
         ({"token": " t0ken "}, {}, "config.toml: token must not have spaces around it"),
+        # A NUL (only a TOML file can hold one) was a ValueError traceback at the first
+        # system call: mkdir for data-dir, resolve for project and watch, bind for host.
+        (
+            {"data_dir": "/srv/a\0b"},
+            {},
+            "config.toml: data-dir must not contain a NUL character, got '/srv/a\\x00b'",
+        ),
+        (
+            {"project": ["/srv/a\0b"]},
+            {},
+            "config.toml: project must not contain a NUL character, got '/srv/a\\x00b'",
+        ),
+        (
+            {"host": "127.0.0.1\0"},
+            {},
+            "config.toml: host must not contain a NUL character, got '127.0.0.1\\x00'",
+        ),
         # Never matched in an Authorization header (read as Latin-1): 401 for the very
         # token configured, unless sent in ?token=.
         ({"token": "h\u00e9llo"}, {}, "config.toml: token must be printable ASCII" + _NOT_ASCII),
