@@ -474,6 +474,26 @@ def test_a_host_that_does_not_resolve_is_an_address_problem_not_a_crash() -> Non
     assert _address_unusable(socket.gaierror(socket.EAI_NONAME, "Name or service not known"))
 
 
+@pytest.mark.parametrize("host", ["192.0.2.1", "fe80::1%lo"])
+def test_a_host_this_machine_cannot_bind_is_named_with_a_host_hint(
+    tmp_path: Path, host: str
+) -> None:
+    """192.0.2.1 (no address of this machine: EADDRNOTAVAIL) got the busy port's hint,
+    "is another punie-trio running?"; fe80::1%lo (EINVAL: a zone that address cannot
+    have) was a traceback. Both are exit 1 with a hint about --host."""
+    command = [sys.executable, "-m", "punie_trio", "serve", "--host", host, "--port", "0"]
+    command += ["--project", str(tmp_path), "--data-dir", str(tmp_path / "data")]
+    env = {**server_env(), "XDG_CONFIG_HOME": str(tmp_path / "config")}
+    done = subprocess.run(
+        command, capture_output=True, text=True, env=env, stdin=subprocess.DEVNULL, timeout=60
+    )
+    assert done.returncode == 1
+    assert done.stderr.startswith(f"punie-trio: error: cannot listen on {host}:0: "), done.stderr
+    assert done.stderr.endswith(
+        "(--host takes an address of this machine or a host name that resolves to one)\n"
+    ), done.stderr
+
+
 @pytest.mark.parametrize(
     ("argv", "expected"),
     [
