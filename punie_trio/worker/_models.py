@@ -191,5 +191,7 @@ def model_from_spec(spec: str) -> Model:
         path = spec.removeprefix("script:")
         if not path:
             raise ScriptError("model 'script:' needs a path, as script:PATH")
-        return ScriptModel.from_path(Path(path))
+        # ~ too: the shell does not expand it after "script:", and config-file paths may
+        # start with it (a script:~/demo.json was "cannot read script ~/demo.json").
+        return ScriptModel.from_path(Path(path).expanduser())
     raise ValueError(f"unknown model {spec!r}: use echo, echo:N or script:PATH")
