@@ -369,6 +369,10 @@ def _named(sources: dict[str, str | None], name: str) -> str:
     return flag if sources.get(name) == flag else name.replace("_", "-")
 
 
+#: The dev app's options besides ``site``: without a site there is no dev app to use them.
+DEV_APP_OPTIONS = ("build", "watch", "ignore", "no_watch", "debounce", "open")
+
+
 def dev_options(o: dict[str, Any]) -> dict[str, Any]:
     """The DevApp's keyword arguments from resolved settings."""
     options: dict[str, Any] = {"no_watch": o["no_watch"], "debounce": o["debounce"]}
@@ -412,6 +416,13 @@ def _run_serve(args: argparse.Namespace) -> int:
     site = site_path(o["site"]) if o["site"] else None
     if site is not None and not site.is_dir():
         return _bad_value(sources, "site", f"{_named(sources, 'site')} {site}: not a directory")
+    if site is None:
+        for name in DEV_APP_OPTIONS:
+            if sources[name] is not None and o[name] != BY_NAME[name].default:
+                # It did nothing without a word: a --build never ran, --open opened nothing.
+                site_flag = "--site" if sources[name] == BY_NAME[name].flag else "site"
+                problem = f"{_named(sources, name)} needs {site_flag} (it is the dev app's)"
+                return _bad_value(sources, name, problem)
     try:
         model = model_from_spec(o["model"])
     except (ScriptError, ValueError) as exc:

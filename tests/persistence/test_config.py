@@ -696,6 +696,22 @@ _AS_FLAGS = {
     "site": "--site /nonexistent/s: not a directory",
     "no_http": "--no-http needs --stdio (there would be nothing to serve)",
 }
+# The dev app's options without a site did nothing, without a word (a --build never ran).
+_CHECKED_AFTER_THE_MERGE += [
+    (name, value, f"{name.replace('_', '-')} needs site (it is the dev app's)")
+    for name, value in [
+        ("build", "make html"),
+        ("watch", "/w"),
+        ("ignore", "*.tmp"),
+        ("no_watch", True),
+        ("debounce", "1.5"),
+        ("open", True),
+    ]
+]
+_AS_FLAGS |= {
+    name: f"--{name.replace('_', '-')} needs --site (it is the dev app's)"
+    for name in ("build", "watch", "ignore", "no_watch", "debounce", "open")
+}
 
 
 @pytest.mark.parametrize("source", ["flag", "env", "file"])
@@ -718,6 +734,8 @@ def test_a_value_checked_after_the_merge_is_named_by_its_source(
         if variable.startswith("PUNIE_"):
             monkeypatch.delenv(variable)
     monkeypatch.setenv("PUNIE_DATA_DIR", str(tmp_path / "data"))
+    # (Never a server: a value that got past the checks is a failure, not a hang.)
+    monkeypatch.setattr(cli, "_serve_locked", lambda *args: 0)
     config = tmp_path / "config.toml"
     argv = ["serve", "--config", str(config), "--port", "0"]
     if name != "project":
