@@ -417,12 +417,21 @@ def _run_serve(args: argparse.Namespace) -> int:
     if site is not None and not site.is_dir():
         return _bad_value(sources, "site", f"{_named(sources, 'site')} {site}: not a directory")
     if site is None:
+        # Without a site these did nothing, without a word: a --build never ran, --open
+        # opened nothing. A flag is a mistake on this command line; a value from the
+        # environment or the file may be a preference kept for the runs with a site.
         for name in DEV_APP_OPTIONS:
-            if sources[name] is not None and o[name] != BY_NAME[name].default:
-                # It did nothing without a word: a --build never ran, --open opened nothing.
-                site_flag = "--site" if sources[name] == BY_NAME[name].flag else "site"
-                problem = f"{_named(sources, name)} needs {site_flag} (it is the dev app's)"
-                return _bad_value(sources, name, problem)
+            source = sources[name]
+            if source is None or o[name] == BY_NAME[name].default:
+                continue
+            if source == BY_NAME[name].flag:
+                return _error(f"{source} needs --site (it is the dev app's)", 2)
+            key = name.replace("_", "-")
+            print(
+                f"punie-trio: warning: {source}: {key} does nothing without site (it is the "
+                "dev app's)",
+                file=sys.stderr,
+            )
     try:
         model = model_from_spec(o["model"])
     except (ScriptError, ValueError) as exc:
