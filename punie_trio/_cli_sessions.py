@@ -48,7 +48,7 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
         "--config",
-        type=Path,
+        type=as_flag(_to_path),  # ("" was read as the current directory)
         metavar="FILE",
         help="the config file whose data-dir to use (default: the platform's, as for serve)",
     )

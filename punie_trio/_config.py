@@ -101,6 +101,11 @@ def _to_seconds(value: Any) -> float:
 def _to_str(value: Any) -> str:
     if not isinstance(value, str):
         raise ValueError("must be a string")
+    if "\0" in value:
+        # Only a TOML file can hold one ("\u0000"; argv and the environment cannot): no
+        # path, host or command can, and a data-dir, project, watch or host with one was a
+        # ValueError traceback (exit 1) from the first system call that met it.
+        raise ValueError(f"must not contain a NUL character, got {value!r}")
     return value
 
 
@@ -234,8 +239,14 @@ def _choice(*names: str, fold_case: bool = False) -> Callable[[Any], str]:
 
 
 def _to_path(value: Any) -> Path:
-    # "" would mean the current directory: a data dir, site or project nobody chose.
-    return Path(_to_nonempty(value)).expanduser()
+    # "" would mean the current directory: a data dir, site or project nobody chose. So
+    # would " /srv/data" (PUNIE_DATA_DIR=" $HOME/x", a list "/a, /b" split at the comma):
+    # a relative path, a directory named " " under the current one that serve created
+    # and the read-only commands looked in.
+    text = _to_nonempty(value)
+    if text != text.strip():
+        raise ValueError(f"must not have spaces around it, got {text!r}")
+    return Path(text).expanduser()
 
 
 #: The values of ``log-level`` and ``store`` (the flags offer the same choices).
@@ -253,6 +264,10 @@ class Option:
     @property
     def env(self) -> str:
         return "PUNIE_" + self.name.upper()
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
 
 
 OPTIONS: tuple[Option, ...] = (
@@ -295,10 +310,21 @@ BY_NAME = {o.name: o for o in OPTIONS}
 def load_file(path: Path, *, required: bool) -> dict[str, Any]:
     """The ``[serve]`` table (or top level) of a TOML file; {} if absent and not required."""
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
+        # utf-8-sig: a byte-order mark (Windows editors write one) is skipped; it was "not
+        # valid TOML: Invalid statement (at line 1, column 1)", pointing at nothing visible.
+        data = tomllib.loads(path.read_text(encoding="utf-8-sig"))
     except FileNotFoundError:
         if required:
             raise ConfigError(f"config file {path} does not exist") from None
+        # A default file that is a link (or under one) to nothing is not "no file": the
+        # dotfiles it came from moved, and serve ran on the defaults without a word (a
+        # generated token, the current directory as the project).
+        for link in (path, *path.parents):
+            if link.is_symlink() and not link.exists():
+                raise ConfigError(
+                    f"config file {path} cannot be read: {link} is a symlink to "
+                    f"{os.readlink(link)}, which does not exist"
+                ) from None
         return {}
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
@@ -357,16 +383,33 @@ def resolve(
     file_name: str,
 ) -> dict[str, Any]:
     """Merge by precedence: flags (non-None) > env > file > defaults."""
+    return resolve_with_sources(flags, file_values, environ, file_name)[0]
+
+
+def resolve_with_sources(
+    flags: Mapping[str, Any],
+    file_values: Mapping[str, Any],
+    environ: Mapping[str, str],
+    file_name: str,
+) -> tuple[dict[str, Any], dict[str, str | None]]:
+    """:func:`resolve`, and where each value came from: ``--flag``, ``$PUNIE_NAME``, the
+    file's name, or None for the default.
+
+    Why: some values can only be checked after the merge (a project that is not a
+    directory, an unknown model), and their errors named the flag (``--project /x: not a
+    directory``) even when the value came from ``$PUNIE_PROJECT`` or the config file, so
+    the user looked for a flag nobody gave."""
     unknown = sorted(set(file_values) - set(BY_NAME))
     if unknown:
         known = ", ".join(o.name.replace("_", "-") for o in OPTIONS)
         raise ConfigError(f"{file_name}: unknown option(s) {', '.join(unknown)} (known: {known})")
-    return {
-        option.name: resolve_option(
+    values: dict[str, Any] = {}
+    sources: dict[str, str | None] = {}
+    for option in OPTIONS:
+        values[option.name], sources[option.name] = _pick(
             option.name, flags.get(option.name), file_values, environ, file_name
         )
-        for option in OPTIONS
-    }
+    return values, sources
 
 
 def resolve_option(
@@ -379,12 +422,26 @@ def resolve_option(
     """One option by the precedence of :func:`resolve`: the read-only commands need only
     ``data_dir``, and find it where ``serve`` does (its flag, ``$PUNIE_DATA_DIR``, the
     file), without failing on a bad value of an option they do not use."""
+    return _pick(name, flag, file_values, environ, file_name)[0]
+
+
+def _pick(
+    name: str,
+    flag: Any,
+    file_values: Mapping[str, Any],
+    environ: Mapping[str, str],
+    file_name: str,
+) -> tuple[Any, str | None]:
     option = BY_NAME[name]
-    if flag is not None and not (option.many and not flag):
-        return tuple(flag) if option.many else flag
+    # Each place is checked even where a higher one wins: a bad value in the file or the
+    # environment was ignored without a word while a flag overrode it (`port = "eighty"`
+    # under --port 0), and broke the next start, the one without the flag.
     env = _from_env(option, environ)
+    in_file = _convert(option, file_values[name], file_name) if name in file_values else None
+    if flag is not None and not (option.many and not flag):
+        return (tuple(flag) if option.many else flag), option.flag
     if env is not None:
-        return env
+        return env, f"${option.env}"
     if name in file_values:
-        return _convert(option, file_values[name], file_name)
-    return option.default
+        return in_file, file_name
+    return option.default, None

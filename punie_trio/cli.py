@@ -33,7 +33,7 @@ from ._config import (
     _to_token,
     as_flag,
     load_file,
-    resolve,
+    resolve_with_sources,
 )
 from ._json import is_name_text
 from ._paths import (
@@ -97,7 +97,12 @@ def build_parser() -> argparse.ArgumentParser:
         "or the TOML config file; precedence: flags > env > file > defaults "
         "(docs/configuration.md).",
     )
-    s.add_argument("--config", type=Path, help="TOML config file (default: the platform's)")
+    s.add_argument(
+        "--config",
+        type=_path,
+        metavar="FILE",
+        help="TOML config file (default: the platform's, if it exists)",
+    )
     s.add_argument("--host", type=_host, help="address to bind (default 127.0.0.1)")
     s.add_argument("--port", type=_port, help="port (default 8765; 0 picks a free one)")
     s.add_argument(
@@ -124,10 +129,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--log-level",
         type=str.lower,  # any case, like the file and $PUNIE_LOG_LEVEL
         choices=LOG_LEVELS,
-        help="stderr log level (default warning)",
+        metavar="LEVEL",
+        help=f"stderr log level: {', '.join(LOG_LEVELS)} (default warning)",
     )
     s.add_argument(
-        "--data-dir", type=_path, help="data directory (default: $PUNIE_DATA_DIR or the platform's)"
+        "--data-dir",
+        type=_path,
+        metavar="DIR",
+        help="data directory (default: $PUNIE_DATA_DIR, else the config file's data-dir, else "
+        "the platform's)",
     )
     s.add_argument("--store", choices=STORES, help="session store (default sqlite)")
     auth = s.add_argument_group("security")
@@ -161,46 +171,69 @@ def build_parser() -> argparse.ArgumentParser:
     limits.add_argument(
         "--max-message-bytes",
         type=_positive_int,
+        metavar="N",
         help="largest JSON-RPC message (default 16 MiB; WebSocket closes with 1009)",
     )
     limits.add_argument(
-        "--max-prompt-bytes", type=_positive_int, help="largest prompt text (default 1 MiB)"
-    )
-    limits.add_argument("--max-sessions-per-connection", type=_positive_int, help="default 64")
-    limits.add_argument(
-        "--max-connections", type=_positive_int, help="ACP connections in total (default 256)"
-    )
-    limits.add_argument(
-        "--prompts-per-minute", type=_positive_int, help="per connection (default 120)"
+        "--max-prompt-bytes",
+        type=_positive_int,
+        metavar="N",
+        help="largest prompt in UTF-8 bytes (default 1 MiB)",
     )
     limits.add_argument(
-        "--tool-calls-per-minute", type=_positive_int, help="per session (default 240)"
+        "--max-sessions-per-connection",
+        type=_positive_int,
+        metavar="N",
+        help="live sessions per connection (default 64)",
     )
     limits.add_argument(
-        "--outbox-limit", type=_positive_int, help="queued messages per connection (default 256)"
+        "--max-connections",
+        type=_positive_int,
+        metavar="N",
+        help="ACP connections in total (default 256)",
+    )
+    limits.add_argument(
+        "--prompts-per-minute", type=_positive_int, metavar="N", help="per connection (default 120)"
+    )
+    limits.add_argument(
+        "--tool-calls-per-minute", type=_positive_int, metavar="N", help="per session (default 240)"
+    )
+    limits.add_argument(
+        "--outbox-limit",
+        type=_positive_int,
+        metavar="N",
+        help="queued messages per connection (default 256)",
     )
     limits.add_argument(
         "--outbox-bytes",
         type=_positive_int,
+        metavar="N",
         help="bytes of queued messages per connection (default 1048576: 1 MiB)",
     )
     limits.add_argument(
         "--grace-seconds",
         type=_seconds,
+        metavar="SECONDS",
         help="how long a disconnected client's sessions wait for it to reconnect (default 300)",
     )
     limits.add_argument(
         "--detached-buffer",
         type=_positive_int,
+        metavar="N",
         help="updates kept per session while its client is away (default 1024)",
     )
     limits.add_argument(
         "--client-call-timeout",
         type=_seconds,
-        help="seconds a client gets to answer fs/terminal/permission requests (default 300)",
+        metavar="SECONDS",
+        help="seconds a client gets to answer the server's requests (fs/*) before the tool "
+        "call fails (default 300)",
     )
     limits.add_argument(
-        "--shutdown-timeout", type=_seconds, help="seconds a graceful shutdown may take (default 5)"
+        "--shutdown-timeout",
+        type=_seconds,
+        metavar="SECONDS",
+        help="seconds a graceful shutdown may take (default 5)",
     )
     dev = s.add_argument_group("dev app (site preview with live reload)")
     dev.add_argument("--site", type=_path, metavar="DIR", help="serve DIR (built output) at /")
@@ -340,11 +373,32 @@ def _error(message: str, status: int) -> int:
     return status
 
 
-def _settings(args: argparse.Namespace) -> dict[str, Any]:
+def _settings(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, str | None]]:
+    """The resolved options and where each came from (``resolve_with_sources``)."""
     config_path = args.config if args.config is not None else default_config_path()
     file_values = load_file(config_path, required=args.config is not None)
     flags = {name: getattr(args, name, None) for name in BY_NAME}
-    return resolve(flags, file_values, os.environ, str(config_path))
+    return resolve_with_sources(flags, file_values, os.environ, str(config_path))
+
+
+def _bad_value(sources: dict[str, str | None], name: str, problem: str) -> int:
+    """Exit 2 with ``problem`` (about option ``name``, checked after the merge), named by
+    the place its value came from: ``$PUNIE_PROJECT: project /x: not a directory``, not
+    the flag nobody gave. A flag's problem is said as is (it names the flag)."""
+    source = sources.get(name)
+    if source is None or source.startswith("--"):
+        return _error(problem, 2)
+    return _error(f"{source}: {problem}", 2)
+
+
+def _named(sources: dict[str, str | None], name: str) -> str:
+    """How a message names option ``name``: its flag if the flag set it, else its name."""
+    flag = BY_NAME[name].flag
+    return flag if sources.get(name) == flag else name.replace("_", "-")
+
+
+#: The dev app's options besides ``site``: without a site there is no dev app to use them.
+DEV_APP_OPTIONS = ("build", "watch", "ignore", "no_watch", "debounce", "open")
 
 
 def dev_options(o: dict[str, Any]) -> dict[str, Any]:
@@ -398,30 +452,52 @@ def _project_root(given: Path) -> tuple[Path, str | None]:
 
 def _run_serve(args: argparse.Namespace) -> int:
     try:
-        o = _settings(args)
+        o, sources = _settings(args)
     except ConfigError as exc:
         return _error(str(exc), 2)
     _warn_if_the_token_is_readable(args, o)
     if o["no_http"] and not o["stdio"]:
-        return _error("--no-http needs --stdio (there would be nothing to serve)", 2)
+        flag = _named(sources, "no_http") == "--no-http"
+        needs = "--no-http needs --stdio" if flag else "no-http needs stdio"
+        return _bad_value(sources, "no_http", f"{needs} (there would be nothing to serve)")
     projects: list[Path] = []
     for given in o["project"] or [Path.cwd()]:
         project, problem = _project_root(given)
         if problem is not None:
             # (a NUL or an undecodable byte shown as an escape, not raw)
             shown = "".join(c if c.isprintable() else ascii(c)[1:-1] for c in str(project))
-            return _error(f"--project {shown}: {problem}", 2)
+            return _bad_value(
+                sources, "project", f"{_named(sources, 'project')} {shown}: {problem}"
+            )
         projects.append(project)
     site = site_path(o["site"]) if o["site"] else None
     if site is not None and not site.is_dir():
-        return _error(f"--site {site}: not a directory", 2)
+        return _bad_value(sources, "site", f"{_named(sources, 'site')} {site}: not a directory")
+    if site is None:
+        # Without a site these did nothing, without a word: a --build never ran, --open
+        # opened nothing. A flag is a mistake on this command line; a value from the
+        # environment or the file may be a preference kept for the runs with a site.
+        for name in DEV_APP_OPTIONS:
+            source = sources[name]
+            if source is None or o[name] == BY_NAME[name].default:
+                continue
+            if source == BY_NAME[name].flag:
+                return _error(f"{source} needs --site (it is the dev app's)", 2)
+            key = name.replace("_", "-")
+            print(
+                f"punie-trio: warning: {source}: {key} does nothing without site (it is the "
+                "dev app's)",
+                file=sys.stderr,
+            )
     try:
         model = model_from_spec(o["model"])
     except (ScriptError, ValueError) as exc:
-        return _error(str(exc), 2)
+        return _bad_value(sources, "model", str(exc))
     data_dir = (o["data_dir"] or default_data_dir()).expanduser()
     try:
         ensure_data_dir(data_dir)
+    except FileExistsError:  # (mkdir's "File exists" for a file there read as nonsense)
+        return _error(f"cannot use data directory {data_dir}: it is not a directory", 1)
     except OSError as exc:
         return _error(f"cannot use data directory {data_dir}: {exc.strerror or exc}", 1)
     try:

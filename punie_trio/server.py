@@ -124,11 +124,23 @@ def find_exception(
     return None
 
 
+_HOST_HINT = "(--host takes an address of this machine or a host name that resolves to one)"
+#: Why a bind failed, by errno, as a hint for the user. EADDRNOTAVAIL (an address not on
+#: this machine, 192.0.2.1) once got the busy port's hint, "is another punie-trio
+#: running?"; EINVAL (``fe80::1%lo``: a zone the address cannot have) was a traceback.
+_BIND_HINTS = {
+    errno.EADDRINUSE: "(is another punie-trio running? use --port to pick another port, "
+    "or --port 0)",
+    errno.EACCES: "(ports below 1024 need privileges: use another --port, or --port 0)",
+    errno.EADDRNOTAVAIL: _HOST_HINT,
+    errno.EINVAL: _HOST_HINT,
+}
+
+
 def _address_unusable(exc: BaseException) -> bool:
     # gaierror: a host name that does not resolve ("Name or service not known").
     return isinstance(exc, socket.gaierror) or (
-        isinstance(exc, OSError)
-        and exc.errno in (errno.EADDRINUSE, errno.EACCES, errno.EADDRNOTAVAIL)
+        isinstance(exc, OSError) and exc.errno in _BIND_HINTS
     )
 
 
@@ -351,11 +363,7 @@ async def _start_http(
         busy = find_exception(exc, _address_unusable)
         if not isinstance(busy, OSError):
             raise
-        hint = (
-            "(--host takes an address or a host name that resolves)"
-            if isinstance(busy, socket.gaierror)
-            else "(is another punie-trio running? use --port to pick another port, or --port 0)"
-        )
+        hint = _HOST_HINT if isinstance(busy, socket.gaierror) else _BIND_HINTS[busy.errno or 0]
         raise ServeError(
             f"cannot listen on {config.host}:{config.port}: {busy.strerror or busy} {hint}"
         ) from None

@@ -185,11 +185,13 @@ def model_from_spec(spec: str) -> Model:
     if spec.startswith("echo:"):
         count = spec.removeprefix("echo:")
         if not count.isdigit() or not 1 <= int(count) <= 10_000:
-            raise ValueError(f"--model {spec}: N in echo:N must be a whole number from 1 to 10000")
+            raise ValueError(f"model {spec!r}: N in echo:N must be a whole number from 1 to 10000")
         return EchoModel(int(count))
     if spec.startswith("script:"):
         path = spec.removeprefix("script:")
         if not path:
-            raise ScriptError("--model script: needs a path, as script:PATH")
-        return ScriptModel.from_path(Path(path))
+            raise ScriptError("model 'script:' needs a path, as script:PATH")
+        # ~ too: the shell does not expand it after "script:", and config-file paths may
+        # start with it (a script:~/demo.json was "cannot read script ~/demo.json").
+        return ScriptModel.from_path(Path(path).expanduser())
     raise ValueError(f"unknown model {spec!r}: use echo, echo:N or script:PATH")

@@ -102,6 +102,36 @@ def test_load_file_reads_the_serve_table_and_dashed_keys(tmp_path: Path) -> None
         load_file(write(tmp_path / "t.toml", 'serve = "x"\n'), required=True)
 
 
+@pytest.mark.parametrize("dangling", ["config.toml", "punie-trio"])
+def test_a_default_config_file_that_is_a_dangling_symlink_is_named(
+    tmp_path: Path, dangling: str
+) -> None:
+    """A missing default file is fine; one that is (or is under) a symlink to nothing was
+    taken for missing too, and serve started on the defaults without a word."""
+    config_dir = tmp_path / "punie-trio"
+    if dangling == "config.toml":
+        config_dir.mkdir()
+        link, target = config_dir / "config.toml", tmp_path / "dotfiles" / "punie.toml"
+    else:
+        link, target = config_dir, tmp_path / "dotfiles" / "punie-trio"
+    link.symlink_to(target)
+    with pytest.raises(ConfigError) as info:
+        load_file(config_dir / "config.toml", required=False)
+    assert str(info.value) == (
+        f"config file {config_dir / 'config.toml'} cannot be read: {link} is a symlink to "
+        f"{target}, which does not exist"
+    )
+    assert load_file(tmp_path / "nothing" / "config.toml", required=False) == {}
+
+
+def test_a_config_file_may_start_with_a_byte_order_mark(tmp_path: Path) -> None:
+    """Windows editors write one; it was "not valid TOML: Invalid statement (at line 1,
+    column 1)", pointing at nothing the user could see."""
+    path = tmp_path / "c.toml"
+    path.write_bytes(b"\xef\xbb\xbf[serve]\r\nport = 0\r\n")
+    assert load_file(path, required=True) == {"port": 0}
+
+
 def test_unknown_key_is_named() -> None:
     with pytest.raises(ConfigError) as info:
         resolve({}, {"port": 1, "prot": 2}, {}, "/etc/punie.toml")
@@ -196,6 +226,29 @@ def test_unknown_key_is_named() -> None:
             "config.toml: host must not have spaces around it, got ' localhost'",
         ),
         ({}, {"PUNIE_DATA_DIR": ""}, "$PUNIE_DATA_DIR: data-dir must not be empty"),
+        # A path with spaces around it was a relative path nobody meant (" /srv/d" made
+        # the directory "./ /srv/d").
+        (
+            {},
+            {"PUNIE_DATA_DIR": " /srv/d"},
+            "$PUNIE_DATA_DIR: data-dir must not have spaces around it, got ' /srv/d'",
+        ),
+        (
+            {"data_dir": "/srv/d "},
+            {},
+            "config.toml: data-dir must not have spaces around it, got '/srv/d '",
+        ),
+        (
+            {},
+            {"PUNIE_PROJECT": f"/a{os.pathsep} /b"},
+            "$PUNIE_PROJECT: project must not have spaces around it, got ' /b'",
+        ),
+        (
+            {"site": "\t/srv/site"},
+            {},
+            "config.toml: site must not have spaces around it, got '\\t/srv/site'",
+        ),
+        ({"watch": ["/w "]}, {}, "config.toml: watch must not have spaces around it, got '/w '"),
         ({"site": ""}, {}, "config.toml: site must not be empty"),
         # An empty build command ran no build; an empty list of paths meant a default
         # directory (project: the current one), as PUNIE_PROJECT= would.
@@ -227,6 +280,28 @@ def test_unknown_key_is_named() -> None:
             {},
             {"PUNIE_TOKEN": "to\tken"},
             "$PUNIE_TOKEN: token must be printable ASCII (a request carries it in a header)",
+        ),
+        (
+            {"token": "a\x7fb"},
+            {},
+            "config.toml: token must be printable ASCII (a request carries it in a header)",
+        ),
+        # A NUL (only a TOML file can hold one) was a ValueError traceback at the first
+        # system call: mkdir for data-dir, resolve for project and watch, bind for host.
+        (
+            {"data_dir": "/srv/a\0b"},
+            {},
+            "config.toml: data-dir must not contain a NUL character, got '/srv/a\\x00b'",
+        ),
+        (
+            {"project": ["/srv/a\0b"]},
+            {},
+            "config.toml: project must not contain a NUL character, got '/srv/a\\x00b'",
+        ),
+        (
+            {"host": "127.0.0.1\0"},
+            {},
+            "config.toml: host must not contain a NUL character, got '127.0.0.1\\x00'",
         ),
         (
             {},
@@ -273,6 +348,42 @@ def test_bad_type_names_the_option_and_the_source(
     with pytest.raises(ConfigError) as info:
         resolve({}, file_values, environ, "config.toml")
     assert str(info.value) == expected
+
+
+@pytest.mark.parametrize(
+    ("flags", "file_values", "environ", "expected"),
+    [
+        ({"port": 0}, {"port": "eighty"}, {}, "config.toml: port must be an integer"),
+        ({"port": 0}, {}, {"PUNIE_PORT": "eighty"}, "$PUNIE_PORT: port must be an integer"),
+        ({}, {"port": -1}, {"PUNIE_PORT": "0"}, "config.toml: port must be from 0 to 65535"),
+        (
+            {"data_dir": Path("/d")},
+            {},
+            {"PUNIE_DATA_DIR": ""},
+            "$PUNIE_DATA_DIR: data-dir must not be empty",
+        ),
+        (
+            {"project": [Path("/p")]},
+            {"project": []},
+            {},
+            "config.toml: project must not be an empty list",
+        ),
+        (
+            {"metrics_public": True},
+            {"metrics_public": "maybe"},
+            {},
+            "config.toml: metrics-public must be true or false",
+        ),
+    ],
+)
+def test_a_bad_value_is_refused_even_where_a_higher_place_overrides_it(
+    flags: dict[str, Any], file_values: dict[str, Any], environ: dict[str, str], expected: str
+) -> None:
+    """``port = "eighty"`` in the file with ``--port 0`` started without a word, and the
+    next start (without the flag) failed on a file nobody had touched since."""
+    with pytest.raises(ConfigError) as info:
+        resolve(flags, file_values, environ, "config.toml")
+    assert str(info.value).startswith(expected)
 
 
 def test_origins_and_host_names_are_kept_as_requests_carry_them() -> None:
@@ -371,6 +482,26 @@ def test_a_host_that_does_not_resolve_is_an_address_problem_not_a_crash() -> Non
     assert _address_unusable(socket.gaierror(socket.EAI_NONAME, "Name or service not known"))
 
 
+@pytest.mark.parametrize("host", ["192.0.2.1", "fe80::1%lo"])
+def test_a_host_this_machine_cannot_bind_is_named_with_a_host_hint(
+    tmp_path: Path, host: str
+) -> None:
+    """192.0.2.1 (no address of this machine: EADDRNOTAVAIL) got the busy port's hint,
+    "is another punie-trio running?"; fe80::1%lo (EINVAL: a zone that address cannot
+    have) was a traceback. Both are exit 1 with a hint about --host."""
+    command = [sys.executable, "-m", "punie_trio", "serve", "--host", host, "--port", "0"]
+    command += ["--project", str(tmp_path), "--data-dir", str(tmp_path / "data")]
+    env = {**server_env(), "XDG_CONFIG_HOME": str(tmp_path / "config")}
+    done = subprocess.run(
+        command, capture_output=True, text=True, env=env, stdin=subprocess.DEVNULL, timeout=60
+    )
+    assert done.returncode == 1
+    assert done.stderr.startswith(f"punie-trio: error: cannot listen on {host}:0: "), done.stderr
+    assert done.stderr.endswith(
+        "(--host takes an address of this machine or a host name that resolves to one)\n"
+    ), done.stderr
+
+
 @pytest.mark.parametrize(
     ("argv", "expected"),
     [
@@ -381,6 +512,10 @@ def test_a_host_that_does_not_resolve_is_an_address_problem_not_a_crash() -> Non
         (
             ["--allow-host", "dev.test:8765"],
             "argument --allow-host: must be a host name like myhost.lan",
+        ),
+        (
+            ["--data-dir", "/srv/d "],
+            "argument --data-dir: must not have spaces around it, got '/srv/d '",
         ),
     ],
 )
@@ -407,6 +542,20 @@ def test_an_empty_path_or_command_flag_is_refused(
         cli.build_parser().parse_args(["serve", flag, ""])
     assert info.value.code == 2
     assert f"argument {flag}: must not be empty" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "command", [["serve"], ["token"], ["sessions", "list"], ["sessions", "show", "ID"]]
+)
+def test_an_empty_config_flag_is_refused(
+    capsys: pytest.CaptureFixture[str], command: list[str]
+) -> None:
+    """``--config ""`` was read as the current directory: "cannot read config file .: Is a
+    directory", naming neither the flag nor the empty value."""
+    with pytest.raises(SystemExit) as info:
+        cli.build_parser().parse_args([*command, "--config", ""])
+    assert info.value.code == 2
+    assert "argument --config: must not be empty" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
@@ -457,6 +606,53 @@ def test_ctrl_c_before_the_server_watches_signals_is_status_130_without_a_traceb
     assert capsys.readouterr().err == "punie-trio: interrupted\n"
 
 
+_DOCS = Path(__file__).resolve().parents[2] / "docs"
+
+
+def test_the_docs_name_every_option_as_the_code_and_the_help_do() -> None:
+    """docs/configuration.md has a row for every option with its flag, variable, key and
+    default, and docs/cli.md writes each flag as ``--help`` does (``--max-prompt-bytes N``,
+    ``--grace-seconds SECONDS``). The help once showed ``MAX_PROMPT_BYTES``,
+    ``SHUTDOWN_TIMEOUT`` and ``--config CONFIG``, and its ``--data-dir`` default left
+    out the config file's ``data-dir``."""
+    configuration = (_DOCS / "configuration.md").read_text(encoding="utf-8")
+    reference = (_DOCS / "cli.md").read_text(encoding="utf-8")
+    serve = cli.build_parser()._subparsers._group_actions[0].choices["serve"]  # type: ignore[union-attr]
+    actions = {a.option_strings[0]: a for a in serve._actions if a.option_strings}
+    for option in OPTIONS:
+        key = option.name.replace("_", "-")
+        row = re.search(
+            rf"^\| {option.name} \| `{option.flag}[^|]*\| `{option.env}` \| `{key}` \| ([^|]+) \|",
+            configuration,
+            re.M,
+        )
+        assert row is not None, option.name
+        if option.default not in (None, ()):
+            default = str(option.default).lower()
+            assert row.group(1).strip().startswith(f"`{default}`"), option.name
+        # (As the help writes it: "--host HOST", "--store {sqlite,memory}", "--stdio".)
+        shown = serve._get_formatter()._format_action_invocation(actions[option.flag])
+        assert f"| `{shown}` |" in reference, shown
+    assert "| `--config FILE` |" in reference and actions["--config"].metavar == "FILE"
+    assert "else the config file's data-dir" in (actions["--data-dir"].help or "")
+
+
+def test_a_data_dir_that_is_a_file_is_named_as_such(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """It said "cannot use data directory F: File exists", as if that were the trouble."""
+    for name in list(os.environ):
+        if name.startswith("PUNIE_"):
+            monkeypatch.delenv(name)
+    data_file = write(tmp_path / "data", "")
+    argv = ["serve", "--config", str(tmp_path / "none.toml"), "--data-dir", str(data_file)]
+    write(tmp_path / "none.toml", "")
+    assert cli.main([*argv, "--project", str(tmp_path), "--port", "0"]) == 1
+    assert capsys.readouterr().err == (
+        f"punie-trio: error: cannot use data directory {data_file}: it is not a directory\n"
+    )
+
+
 def test_every_option_has_a_flag() -> None:
     args = cli.build_parser().parse_args(["serve"])
     assert set(BY_NAME) <= set(vars(args))
@@ -490,6 +686,118 @@ def test_cli_exits_2_naming_the_problem(
     assert err.startswith("punie-trio: error: ") and expected in err
     if not environ:
         assert str(config) in err
+
+
+# Values checked only after the merge (is the project a directory, is the model known):
+# each one from each place, and the message that must name that place.
+# (From a flag, the message names the flag instead.)
+_CHECKED_AFTER_THE_MERGE = [
+    ("project", "/nonexistent/p", "project /nonexistent/p: not a directory"),
+    ("site", "/nonexistent/s", "site /nonexistent/s: not a directory"),
+    ("model", "bogus", "unknown model 'bogus': use echo, echo:N or script:PATH"),
+    ("model", "echo:0", "model 'echo:0': N in echo:N must be a whole number from 1 to 10000"),
+    ("model", "script:/nonexistent.json", "cannot read script /nonexistent.json"),
+    ("no_http", True, "no-http needs stdio (there would be nothing to serve)"),
+]
+_AS_FLAGS = {
+    "project": "--project /nonexistent/p: not a directory",
+    "site": "--site /nonexistent/s: not a directory",
+    "no_http": "--no-http needs --stdio (there would be nothing to serve)",
+}
+
+
+@pytest.mark.parametrize("source", ["flag", "env", "file"])
+@pytest.mark.parametrize(("name", "value", "problem"), _CHECKED_AFTER_THE_MERGE)
+def test_a_value_checked_after_the_merge_is_named_by_its_source(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    source: str,
+    name: str,
+    value: Any,
+    problem: str,
+) -> None:
+    """A project that is not a directory, an unknown model, ``no-http`` without ``stdio``:
+    exit 2, and the message says where the value came from. These were all named as flags
+    (``--project /x: not a directory``), so a value from ``$PUNIE_PROJECT`` or the config
+    file sent the user looking for a flag nobody gave (and a model said nothing of where
+    it came from)."""
+    for variable in list(os.environ):
+        if variable.startswith("PUNIE_"):
+            monkeypatch.delenv(variable)
+    monkeypatch.setenv("PUNIE_DATA_DIR", str(tmp_path / "data"))
+    # (Never a server: a value that got past the checks is a failure, not a hang.)
+    monkeypatch.setattr(cli, "_serve_locked", lambda *args: 0)
+    config = tmp_path / "config.toml"
+    argv = ["serve", "--config", str(config), "--port", "0"]
+    if name != "project":
+        argv += ["--project", str(tmp_path)]
+    option = BY_NAME[name]
+    if source == "flag":
+        argv += [option.flag] if value is True else [option.flag, value]
+        write(config, "")
+        expected = _AS_FLAGS.get(name, problem)
+    elif source == "env":
+        monkeypatch.setenv(option.env, "1" if value is True else value)
+        write(config, "")
+        expected = f"${option.env}: {problem}"
+    else:
+        write(config, f"[serve]\n{name.replace('_', '-')} = {_toml(value)}\n")
+        expected = f"{config}: {problem}"
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"punie-trio: error: {expected}"), err
+
+
+@pytest.mark.parametrize("source", ["flag", "env", "file"])
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("build", "make html"),
+        ("watch", "/w"),
+        ("ignore", "*.tmp"),
+        ("no_watch", True),
+        ("debounce", "1.5"),
+        ("open", True),
+    ],
+)
+def test_a_dev_app_option_without_a_site_is_not_ignored_without_a_word(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    source: str,
+    name: str,
+    value: Any,
+) -> None:
+    """``--build`` without ``--site`` never ran, ``--open`` opened nothing: silently. As a
+    flag it is now exit 2; from the environment or the file (a preference kept for the
+    runs with a site) a warning naming where it came from, and serve starts."""
+    for variable in list(os.environ):
+        if variable.startswith("PUNIE_"):
+            monkeypatch.delenv(variable)
+    monkeypatch.setenv("PUNIE_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setattr(cli, "_serve_locked", lambda *args: 0)  # (no server)
+    config = write(tmp_path / "config.toml", "")
+    argv = ["serve", "--config", str(config), "--port", "0", "--project", str(tmp_path)]
+    option = BY_NAME[name]
+    key = name.replace("_", "-")
+    if source == "flag":
+        argv += [option.flag] if value is True else [option.flag, value]
+        assert cli.main(argv) == 2
+        assert capsys.readouterr().err == (
+            f"punie-trio: error: {option.flag} needs --site (it is the dev app's)\n"
+        )
+        return
+    if source == "env":
+        monkeypatch.setenv(option.env, "1" if value is True else value)
+        where = f"${option.env}"
+    else:
+        write(config, f"[serve]\n{key} = {_toml(value)}\n")
+        where = str(config)
+    assert cli.main(argv) == 0
+    assert capsys.readouterr().err == (
+        f"punie-trio: warning: {where}: {key} does nothing without site (it is the dev app's)\n"
+    )
 
 
 async def test_serve_reads_the_toml_file_under_env_and_flags(

@@ -706,6 +706,12 @@ def test_read_only_commands_take_config_and_serves_precedence(
         (["token"], {"PUNIE_DATA_DIR": ""}, "$PUNIE_DATA_DIR: data-dir must not be empty"),
         (["sessions", "list"], {"PUNIE_DATA_DIR": ""}, "data-dir must not be empty"),
         (["token", "--config", "/nonexistent/punie.toml"], {}, "does not exist"),
+        # " /srv/d" was the relative path "./ /srv/d": "no token at  /srv/d/token yet".
+        (
+            ["token"],
+            {"PUNIE_DATA_DIR": " /srv/d"},
+            "$PUNIE_DATA_DIR: data-dir must not have spaces around it, got ' /srv/d'",
+        ),
     ],
 )
 def test_read_only_commands_refuse_a_bad_data_dir_setting_with_status_2(

@@ -188,6 +188,16 @@ def test_model_from_spec(tmp_path: Path) -> None:
         model_from_spec("bogus")
 
 
+def test_a_script_path_may_start_with_a_tilde(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``model = "script:~/demo.json"`` in the config file (and ``--model script:~/x``,
+    which no shell expands) was "cannot read script ~/demo.json"."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    _write(tmp_path, [[{"text": "hi"}]])
+    assert isinstance(model_from_spec("script:~/script.json"), ScriptModel)
+
+
 # -- script playback --------------------------------------------------------------------------
 
 
