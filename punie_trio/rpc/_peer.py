@@ -51,6 +51,7 @@ from ._codec import (
 )
 from ._errors import (
     INTERNAL_ERROR,
+    INVALID_PARAMS,
     INVALID_REQUEST,
     METHOD_NOT_FOUND,
     REQUEST_CANCELLED,
@@ -87,8 +88,9 @@ class Dispatcher(Protocol):
         ...
 
     def request_refused(self, request_id: RequestId) -> None:
-        """A request with ``request_id`` was refused before :meth:`handle_request` saw it
-        (its id in use, or too many in flight): the client has used the id all the same."""
+        """A request with ``request_id`` was refused (or, a ``$/cancel_request``, answered)
+        before :meth:`handle_request` saw it (its id in use, or too many in flight): the
+        client has used the id all the same."""
         ...
 
 
@@ -591,11 +593,8 @@ class Peer:
     def _on_notification(self, msg: Notification) -> None:
         if msg.method == CANCEL_REQUEST:
             request_id = msg.params.get("requestId") if isinstance(msg.params, dict) else None
-            entry = self._running.get(request_id) if valid_id(request_id) else None
-            if isinstance(entry, Deferred):
-                entry._cancel(False)
-            elif entry is not None and not (self._answered and request_id in self._answered):
-                entry.cancel()
+            if valid_id(request_id):
+                self._cancel_request(request_id)
             return
         try:
             self.dispatcher.handle_notification(msg.method, msg.params)
@@ -604,7 +603,33 @@ class Peer:
         except Exception:
             log.exception("notification handler for %s failed", msg.method)
 
+    def _cancel_request(self, request_id: RequestId) -> None:
+        """Cancel the handler of the other side's request ``request_id``, if it runs."""
+        entry = self._running.get(request_id)
+        if isinstance(entry, Deferred):
+            entry._cancel(False)
+        elif entry is not None and not (self._answered and request_id in self._answered):
+            entry.cancel()
+
+    async def _cancel_request_with_id(self, msg: Request) -> None:
+        """``$/cancel_request`` sent as a request: it cancels as the notification does and
+        is answered ``null`` (as ``session/cancel`` sent with an id is); params without a
+        usable ``requestId`` are -32602. (It was -32601, "method not found", for a method
+        that exists, and it cancelled nothing.)"""
+        self.dispatcher.request_refused(msg.id)  # (its id used: see request_refused)
+        params = msg.params
+        request_id = params.get("requestId") if isinstance(params, dict) else None
+        if not valid_id(request_id):
+            message = "Invalid params: requestId must be the string or integer id of a request"
+            await self._send(ErrorResponse(msg.id, INVALID_PARAMS, message))
+            return
+        self._cancel_request(request_id)
+        await self._send(Response(msg.id, None))
+
     async def _start_request(self, msg: Request) -> None:
+        if msg.method == CANCEL_REQUEST:
+            await self._cancel_request_with_id(msg)
+            return
         if msg.id in self._running:
             self.dispatcher.request_refused(msg.id)
             error = RpcError(INVALID_REQUEST, f"Invalid request: id {msg.id!r} is already in use")

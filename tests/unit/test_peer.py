@@ -345,6 +345,41 @@ async def test_incoming_cancel_request_cancels_the_handler(
         nursery.cancel_scope.cancel()
 
 
+async def test_a_cancel_request_sent_with_an_id_acts_and_is_answered(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """``$/cancel_request`` is a notification; sent with an id, as a request, it cancels
+    as the notification does and is answered ``null`` (as ``session/cancel`` sent with an
+    id is), and params without a usable ``requestId`` are -32602. It was -32601 "method
+    not found", for a method that exists, and cancelled nothing."""
+    cancelled = trio.Event()
+
+    async def slow(params: Params) -> Any:
+        try:
+            await trio.sleep_forever()
+        except trio.Cancelled:
+            cancelled.set()
+            raise
+
+    async with trio.open_nursery() as nursery:
+        _, raw = await start_peer(nursery, Dispatcher({"slow": slow}))
+        await raw.send({"id": 1, "method": "slow"})
+        for bad_id, params in ((2, None), (3, {"requestId": [1]}), (4, [1])):
+            await raw.send({"id": bad_id, "method": CANCEL_REQUEST, "params": params})
+            answer = await raw.recv()
+            assert answer["id"] == bad_id and answer["error"]["code"] == -32602, answer
+            assert "requestId" in answer["error"]["message"]
+        await raw.send({"id": 5, "method": CANCEL_REQUEST, "params": {"requestId": 999}})
+        assert await raw.recv() == {"jsonrpc": "2.0", "id": 5, "result": None}  # (nothing)
+        assert not cancelled.is_set()
+        await raw.send({"id": 6, "method": CANCEL_REQUEST, "params": {"requestId": 1}})
+        answers = {m["id"]: m for m in (await raw.recv(), await raw.recv())}
+        assert answers[6] == {"jsonrpc": "2.0", "id": 6, "result": None}
+        assert answers[1]["error"]["code"] == REQUEST_CANCELLED
+        assert cancelled.is_set()
+        nursery.cancel_scope.cancel()
+
+
 # -- errors -----------------------------------------------------------------------------------
 
 
