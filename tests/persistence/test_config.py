@@ -102,6 +102,34 @@ def test_load_file_reads_the_serve_table_and_dashed_keys(tmp_path: Path) -> None
         load_file(write(tmp_path / "t.toml", 'serve = "x"\n'), required=True)
 
 
+def test_a_config_file_that_is_no_regular_file_or_too_large_is_refused_not_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--config`` naming a FIFO waited for ever for a writer, and ``/dev/zero`` was read
+    until memory ran out (a config audit). A config file is a regular file of at most
+    ``MAX_CONFIG_BYTES``; anything else is named and refused, at once."""
+    from punie_trio import _config
+
+    fifo = tmp_path / "fifo.toml"
+    os.mkfifo(fifo)
+    with pytest.raises(ConfigError, match=r"fifo\.toml is not a regular file \(a FIFO\)"):
+        load_file(fifo, required=True)
+    with pytest.raises(ConfigError, match="/dev/zero is not a regular file"):
+        load_file(Path("/dev/zero"), required=True)
+    with pytest.raises(ConfigError, match=r"tmp is not a regular file \(a directory\)"):
+        load_file(_mkdir(tmp_path / "tmp"), required=True)
+    monkeypatch.setattr(_config, "MAX_CONFIG_BYTES", 10)
+    big = write(tmp_path / "big.toml", "port = 12345\n")  # 13 bytes
+    with pytest.raises(ConfigError, match=r"big\.toml is over 10 bytes: not a config file"):
+        load_file(big, required=True)
+    assert load_file(write(tmp_path / "ok.toml", "port = 1\n"), required=True) == {"port": 1}
+
+
+def _mkdir(path: Path) -> Path:
+    path.mkdir()
+    return path
+
+
 @pytest.mark.parametrize("dangling", ["config.toml", "punie-trio"])
 def test_a_default_config_file_that_is_a_dangling_symlink_is_named(
     tmp_path: Path, dangling: str
