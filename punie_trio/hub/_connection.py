@@ -237,6 +237,8 @@ class ClientConnection:
 
     def _refused_prompt(self, params: Params) -> None:
         """Remember a prompt refused at once, by the session it named (if it names one)."""
+        if not self.client_id:
+            return  # (nothing is kept for a client that cannot come back)
         request_id = current_request_id.get(None)
         session_id = params.get("sessionId") if isinstance(params, dict) else None
         if request_id is None or not isinstance(session_id, str):

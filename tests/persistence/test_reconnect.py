@@ -1220,3 +1220,17 @@ async def test_a_refused_prompts_id_used_again_is_forgotten_and_the_memory_is_bo
         )
         await link.client.wait_for(lambda m: m.get("id") == newest and "result" in m)
         assert newest not in refused and len(refused) == 2
+
+
+async def test_no_refusal_is_remembered_for_a_client_that_cannot_come_back(
+    tmp_path: Path, acp_schema: SchemaChecker
+) -> None:
+    """Without a client id nothing is kept at a drop, so nothing is remembered either."""
+    async with open_hub(tmp_path, acp_schema, ScriptModel([[{"sleep": 5}]])) as hub:
+        link = await hub.connect()
+        await initialize(link.client)
+        sid = await link.client.new_session(str(hub.root))
+        await send_prompt(link.client, "runs", sid, "go")
+        await expect_error(link.client, "session/prompt", prompt_params(sid, "x"))
+        (conn,) = hub.manager.connections
+        assert conn.refused_prompts is None
