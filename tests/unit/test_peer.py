@@ -284,17 +284,24 @@ async def test_timeout_around_request_sends_cancel_request(
         nursery.cancel_scope.cancel()
 
 
-async def test_timeout_cancels_the_remote_handler(autojump_clock: trio.testing.MockClock) -> None:
-    """Between two peers: the caller's timeout cancels the callee's handler, which answers
-    -32800 (ignored by the caller, who already gave up)."""
-    a_stream, b_stream = memory_message_stream_pair()
-    handler_cancelled = trio.Event()
+def slow_handler() -> tuple[Handler, trio.Event]:
+    """A handler that waits for ever, and the event it sets once it is cancelled."""
+    ended = trio.Event()
 
     async def slow(params: Params) -> Any:
         try:
             await trio.sleep_forever()
         finally:
-            handler_cancelled.set()
+            ended.set()
+
+    return slow, ended
+
+
+async def test_timeout_cancels_the_remote_handler(autojump_clock: trio.testing.MockClock) -> None:
+    """Between two peers: the caller's timeout cancels the callee's handler, which answers
+    -32800 (ignored by the caller, who already gave up)."""
+    a_stream, b_stream = memory_message_stream_pair()
+    slow, handler_cancelled = slow_handler()
 
     peer_a = Peer(a_stream, Dispatcher())
     peer_b = Peer(b_stream, Dispatcher({"slow": slow}))
@@ -317,14 +324,7 @@ async def test_timeout_cancels_the_remote_handler(autojump_clock: trio.testing.M
 async def test_incoming_cancel_request_cancels_the_handler(
     autojump_clock: trio.testing.MockClock, request_id: Any
 ) -> None:
-    cancelled = trio.Event()
-
-    async def slow(params: Params) -> Any:
-        try:
-            await trio.sleep_forever()
-        except trio.Cancelled:
-            cancelled.set()
-            raise
+    slow, cancelled = slow_handler()
 
     async with trio.open_nursery() as nursery:
         _, raw = await start_peer(nursery, Dispatcher({"slow": slow}))
@@ -352,14 +352,7 @@ async def test_a_cancel_request_sent_with_an_id_acts_and_is_answered(
     as the notification does and is answered ``null`` (as ``session/cancel`` sent with an
     id is), and params without a usable ``requestId`` are -32602. It was -32601 "method
     not found", for a method that exists, and cancelled nothing."""
-    cancelled = trio.Event()
-
-    async def slow(params: Params) -> Any:
-        try:
-            await trio.sleep_forever()
-        except trio.Cancelled:
-            cancelled.set()
-            raise
+    slow, cancelled = slow_handler()
 
     async with trio.open_nursery() as nursery:
         _, raw = await start_peer(nursery, Dispatcher({"slow": slow}))
@@ -594,13 +587,7 @@ async def test_eof_fails_pending_outbound_requests() -> None:
 
 
 async def test_eof_cancels_running_handlers() -> None:
-    cancelled = trio.Event()
-
-    async def slow(params: Params) -> Any:
-        try:
-            await trio.sleep_forever()
-        finally:
-            cancelled.set()
+    slow, cancelled = slow_handler()
 
     ours, theirs = memory_message_stream_pair()
     peer = Peer(ours, Dispatcher({"slow": slow}))
