@@ -218,8 +218,13 @@ def _to_token(value: Any) -> str:
     # sent the same way by every client: a header's other bytes have no agreed encoding
     # (the server read them as Latin-1, so "Bearer pässwörd" in UTF-8 never matched, while
     # ?token= wanted UTF-8), and a control character cannot be in a header at all. The
-    # message never shows the value: it is a secret.
-    token = _to_nonempty(value)
+    # message never shows the value: it is a secret (so not _to_nonempty, whose NUL check,
+    # common to every string, quotes the value: a NUL is refused below as unprintable).
+    if not isinstance(value, str):
+        raise ValueError("must be a string")
+    token = value
+    if not token.strip():
+        raise ValueError("must not be empty")
     if token != token.strip():
         raise ValueError("must not have spaces around it")
     if not (token.isascii() and token.isprintable()):

@@ -286,6 +286,14 @@ def test_unknown_key_is_named() -> None:
             {},
             "config.toml: token must be printable ASCII (a request carries it in a header)",
         ),
+        # A NUL in a token (only a TOML file can hold one) is refused as any other
+        # unprintable character, without the token: the NUL check common to every string
+        # once said "got 'abc\x00s3cret'", the secret on the terminal and in CI logs.
+        (
+            {"token": "abc\0s3cret"},
+            {},
+            "config.toml: token must be printable ASCII (a request carries it in a header)",
+        ),
         # A NUL (only a TOML file can hold one) was a ValueError traceback at the first
         # system call: mkdir for data-dir, resolve for project and watch, bind for host.
         (
