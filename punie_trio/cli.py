@@ -476,13 +476,14 @@ def _run_serve(args: argparse.Namespace) -> int:
     if site is None:
         # Without a site these did nothing, without a word: a --build never ran, --open
         # opened nothing. A flag is a mistake on this command line; a value from the
-        # environment or the file may be a preference kept for the runs with a site.
+        # environment or the file may be a preference kept for the runs with a site. (A
+        # flag whatever its value: `--debounce 0.2`, the default's, was let through.)
         for name in DEV_APP_OPTIONS:
             source = sources[name]
+            if source is not None and source == BY_NAME[name].flag:
+                return _error(f"{source} needs --site (it is the dev app's)", 2)
             if source is None or o[name] == BY_NAME[name].default:
                 continue
-            if source == BY_NAME[name].flag:
-                return _error(f"{source} needs --site (it is the dev app's)", 2)
             key = name.replace("_", "-")
             print(
                 f"punie-trio: warning: {source}: {key} does nothing without site (it is the "

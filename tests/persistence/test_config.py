@@ -808,6 +808,29 @@ def test_a_dev_app_option_without_a_site_is_not_ignored_without_a_word(
     )
 
 
+def test_a_dev_app_flag_without_a_site_is_refused_even_at_its_default(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--debounce 0.2`` (the default's value) without ``--site`` was let through without
+    a word, while ``--debounce 0.3`` was exit 2: a flag on this command line is a mistake
+    whatever its value (docs/configuration.md: "such a flag is exit 2")."""
+    for variable in list(os.environ):
+        if variable.startswith("PUNIE_"):
+            monkeypatch.delenv(variable)
+    monkeypatch.setenv("PUNIE_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setattr(cli, "_serve_locked", lambda *args: 0)  # (no server)
+    config = write(tmp_path / "config.toml", "")
+    argv = ["serve", "--config", str(config), "--port", "0", "--project", str(tmp_path)]
+    assert cli.main([*argv, "--debounce", "0.2"]) == 2
+    assert capsys.readouterr().err == (
+        "punie-trio: error: --debounce needs --site (it is the dev app's)\n"
+    )
+    # From the environment at the default's value it changes nothing: no warning.
+    monkeypatch.setenv("PUNIE_DEBOUNCE", "0.2")
+    assert cli.main(argv) == 0
+    assert capsys.readouterr().err == ""
+
+
 async def test_serve_reads_the_toml_file_under_env_and_flags(
     tmp_path: Path, acp_schema: SchemaChecker
 ) -> None:
