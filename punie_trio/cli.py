@@ -361,15 +361,29 @@ def _warn_if_the_token_is_readable(args: argparse.Namespace, o: dict[str, Any]) 
     except OSError:
         return
     if mode & 0o044:
-        print(
-            f"punie-trio: warning: {path} holds the token and is readable by others (mode "
-            f"{mode:04o}); `chmod 600 {path}`, or give the token in $PUNIE_TOKEN",
-            file=sys.stderr,
+        _warn(
+            f"{path} holds the token and is readable by others (mode {mode:04o}); "
+            f"`chmod 600 {path}`, or give the token in $PUNIE_TOKEN"
         )
 
 
+def _shown(text: str) -> str:
+    """``text`` with every character that is not printable escaped (``\\x1b``, ``\\x00``,
+    an undecodable byte's ``\\udcff``), for the terminal.
+
+    Why: errors and warnings quote values: a ``site``, a script path, a data directory, a
+    host. One with an escape sequence (in a config file given by ``--config``, a
+    repository's say) went to the terminal raw and could clear the screen or retitle the
+    window; only a ``project`` was escaped."""
+    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
+
+
+def _warn(message: str) -> None:
+    print(f"punie-trio: warning: {_shown(message)}", file=sys.stderr)
+
+
 def _error(message: str, status: int) -> int:
-    print(f"punie-trio: error: {message}", file=sys.stderr)
+    print(f"punie-trio: error: {_shown(message)}", file=sys.stderr)
     return status
 
 
@@ -464,10 +478,9 @@ def _run_serve(args: argparse.Namespace) -> int:
     for given in o["project"] or [Path.cwd()]:
         project, problem = _project_root(given)
         if problem is not None:
-            # (a NUL or an undecodable byte shown as an escape, not raw)
-            shown = "".join(c if c.isprintable() else ascii(c)[1:-1] for c in str(project))
+            # (a NUL or an undecodable byte shown as an escape, not raw: _error)
             return _bad_value(
-                sources, "project", f"{_named(sources, 'project')} {shown}: {problem}"
+                sources, "project", f"{_named(sources, 'project')} {project}: {problem}"
             )
         projects.append(project)
     site = site_path(o["site"]) if o["site"] else None
@@ -485,11 +498,7 @@ def _run_serve(args: argparse.Namespace) -> int:
             if source is None or o[name] == BY_NAME[name].default:
                 continue
             key = name.replace("_", "-")
-            print(
-                f"punie-trio: warning: {source}: {key} does nothing without site (it is the "
-                "dev app's)",
-                file=sys.stderr,
-            )
+            _warn(f"{source}: {key} does nothing without site (it is the dev app's)")
     try:
         model = model_from_spec(o["model"])
     except (ScriptError, ValueError) as exc:

@@ -808,6 +808,40 @@ def test_a_dev_app_option_without_a_site_is_not_ignored_without_a_word(
     )
 
 
+@pytest.mark.parametrize(
+    ("toml", "argv", "shown"),
+    [
+        ('site = "/nx\\u001b[2J"', [], "site /nx\\x1b[2J: not a directory"),
+        ("", ["--site", "/nx\x1b]0;owned\x07"], "--site /nx\\x1b]0;owned\\x07: not a directory"),
+        ('model = "script:/nx\\u001b[2J"', [], "cannot read script /nx\\x1b[2J"),
+        ("", ["--data-dir", "/dev/null/\x1b[2J"], "data directory /dev/null/\\x1b[2J: "),
+    ],
+)
+def test_a_value_quoted_in_an_error_is_escaped_not_sent_to_the_terminal_raw(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    toml: str,
+    argv: list[str],
+    shown: str,
+) -> None:
+    """A ``site``, a script path or a data directory with an escape sequence went to the
+    terminal raw in its error (a ``project`` was escaped): from a config file given by
+    ``--config`` (a repository's, say) it could clear the screen or retitle the window.
+    Every error ``serve`` prints now escapes what is not printable, as the project's did."""
+    for variable in list(os.environ):
+        if variable.startswith("PUNIE_"):
+            monkeypatch.delenv(variable)
+    monkeypatch.setenv("PUNIE_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setattr(cli, "_serve_locked", lambda *args: 0)  # (no server)
+    config = write(tmp_path / "config.toml", toml + "\n")
+    base = ["serve", "--config", str(config), "--port", "0", "--project", str(tmp_path)]
+    assert cli.main([*base, *argv]) != 0
+    err = capsys.readouterr().err
+    assert err.startswith("punie-trio: error: ") and shown in err, err
+    assert "\x1b" not in err and "\x07" not in err
+
+
 def test_a_dev_app_flag_without_a_site_is_refused_even_at_its_default(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
