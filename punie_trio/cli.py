@@ -29,6 +29,8 @@ from ._config import (
     _to_nonempty,
     _to_origin,
     _to_path,
+    _to_port,
+    _to_positive_int,
     _to_seconds,
     _to_token,
     as_flag,
@@ -51,28 +53,12 @@ from .server import ServeConfig, ServeError, find_exception, serve
 from .web._auth import write_token_file
 from .worker import Model, ScriptError, model_from_spec
 
-
-# (Each names the rule: argparse's own message for a ValueError would name the function.)
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
-    return value
-
-
-def _port(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"must be a port number 0-65535, got {text!r}")
-    return value
-
-
+# Each flag is checked by its option's rule (as_flag), so that it is said alike from the
+# flag, $PUNIE_* and the file (cli.py once had its own _port and _positive_int, which said
+# "must be a port number 0-65535, got '-1'" where $PUNIE_PORT said "must be from 0 to
+# 65535, got -1"); argparse's own message for a ValueError would name the function.
+_positive_int = as_flag(_to_positive_int)
+_port = as_flag(_to_port)
 _seconds = as_flag(_to_seconds)  # a number >= 0 (not nan)
 _host = as_flag(_to_host)  # not empty (that would bind every interface), no spaces around
 _token = as_flag(_to_token)  # not empty (that once meant a generated one), no spaces around

@@ -517,6 +517,14 @@ def test_a_host_this_machine_cannot_bind_is_named_with_a_host_hint(
             ["--allow-origin", "example.com"],
             "argument --allow-origin: must be an origin like http://localhost:3000",
         ),
+        # The numbers too (cli.py had its own _port and _positive_int, worded apart from
+        # the rule $PUNIE_PORT and the file's port are checked by).
+        (["--port", "70000"], "argument --port: must be from 0 to 65535, got 70000"),
+        (["--port", "eighty"], "argument --port: must be an integer, got 'eighty'"),
+        (
+            ["--max-connections", "0"],
+            "argument --max-connections: must be a positive integer, got 0\n",
+        ),
         (
             ["--allow-host", "dev.test:8765"],
             "argument --allow-host: must be a host name like myhost.lan",
