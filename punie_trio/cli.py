@@ -19,6 +19,7 @@ from typing import Any
 import trio
 
 from ._cli_sessions import add_commands as add_session_commands
+from ._cli_sessions import shown
 from ._config import (
     BY_NAME,
     LOG_LEVELS,
@@ -353,23 +354,12 @@ def _warn_if_the_token_is_readable(args: argparse.Namespace, o: dict[str, Any]) 
         )
 
 
-def _shown(text: str) -> str:
-    """``text`` with every character that is not printable escaped (``\\x1b``, ``\\x00``,
-    an undecodable byte's ``\\udcff``), for the terminal.
-
-    Why: errors and warnings quote values: a ``site``, a script path, a data directory, a
-    host. One with an escape sequence (in a config file given by ``--config``, a
-    repository's say) went to the terminal raw and could clear the screen or retitle the
-    window; only a ``project`` was escaped."""
-    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
-
-
 def _warn(message: str) -> None:
-    print(f"punie-trio: warning: {_shown(message)}", file=sys.stderr)
+    print(f"punie-trio: warning: {shown(message)}", file=sys.stderr)
 
 
 def _error(message: str, status: int) -> int:
-    print(f"punie-trio: error: {_shown(message)}", file=sys.stderr)
+    print(f"punie-trio: error: {shown(message)}", file=sys.stderr)
     return status
 
 

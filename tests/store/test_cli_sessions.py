@@ -353,6 +353,21 @@ def test_export_of_a_lone_surrogate_is_valid_utf8_json_and_replaces_the_file_who
     assert "cannot write" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("command", [["token"], ["sessions", "list"], ["sessions", "show", "x"]])
+def test_a_data_dir_quoted_in_an_error_is_escaped_not_sent_to_the_terminal_raw(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], command: list[str]
+) -> None:
+    """A data directory (from a config file given by ``--config``, a repository's say)
+    with an escape sequence went to the terminal raw in "no token at D/token yet" and "no
+    session store at D/...": it could clear the screen or retitle the window. What is not
+    printable is now escaped, as in ``serve``'s errors."""
+    data_dir = tmp_path / "nx\x1b]0;owned\x07\x1b[2J"
+    assert main([*command, "--data-dir", str(data_dir)]) == 1
+    err = capsys.readouterr().err
+    assert "\x1b" not in err and "\x07" not in err, err
+    assert str(tmp_path / "nx\\x1b]0;owned\\x07\\x1b[2J") in err, err
+
+
 def test_token_file_that_is_not_utf8(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     data_dir = ensure_data_dir(tmp_path / "data")
     token_path(data_dir).write_bytes(b"\xff\xfe\n")
