@@ -108,26 +108,18 @@ def _in_data_dir(
         try:
             data_dir = resolve_data_dir(args)
         except ConfigError as exc:
-            print(f"{_PROG}: error: {shown(str(exc))}", file=sys.stderr)
+            print(f"{_PROG}: error: {_printable(str(exc))}", file=sys.stderr)
             return 2
         return command(args, data_dir)
 
     return run
 
 
-def shown(text: str) -> str:
-    """``text`` with every character that is not printable escaped (``\\x1b``, ``\\x00``,
-    an undecodable byte's ``\\udcff``), for a message on the terminal.
-
-    Why: errors and warnings quote values: a data directory, a site, a script path, a
-    host. One with an escape sequence (from a config file given by ``--config``, a
-    repository's say) went to the terminal raw and could clear the screen or retitle the
-    window."""
-    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
-
-
 def _fail(message: str) -> int:
-    print(f"{_PROG}: {shown(message)}", file=sys.stderr)
+    # Escaped (_printable): a message quotes values (a data directory, from a config file
+    # given by --config, a repository's say), whose escape sequences went to the terminal
+    # raw and could clear the screen or retitle the window.
+    print(f"{_PROG}: {_printable(message)}", file=sys.stderr)
     return 1
 
 
@@ -445,7 +437,7 @@ def cmd_export(args: argparse.Namespace, data_dir: Path) -> int:
         write_output(Path(output), text.encode("utf-8"))
     except OSError as exc:
         return _fail(f"cannot write {output}: {exc.strerror or exc}")
-    print(f"wrote {shown(output)}", file=sys.stderr)
+    print(f"wrote {_printable(output)}", file=sys.stderr)
     return 0
 
 
@@ -475,7 +467,7 @@ def cmd_token(args: argparse.Namespace, data_dir: Path) -> int:
     mode = path.stat().st_mode & 0o777
     if mode & 0o077:
         print(
-            shown(
+            _printable(
                 f"{_PROG}: warning: {path} is readable by others (mode {mode:04o}); "
                 f"`chmod 600 {path}`, or let `{_PROG} serve` write a new one"
             ),

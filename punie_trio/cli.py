@@ -18,8 +18,8 @@ from typing import Any
 
 import trio
 
+from ._cli_sessions import _printable
 from ._cli_sessions import add_commands as add_session_commands
-from ._cli_sessions import shown
 from ._config import (
     BY_NAME,
     LOG_LEVELS,
@@ -355,11 +355,16 @@ def _warn_if_the_token_is_readable(args: argparse.Namespace, o: dict[str, Any]) 
 
 
 def _warn(message: str) -> None:
-    print(f"punie-trio: warning: {shown(message)}", file=sys.stderr)
+    # Escaped (_printable), as _error: a warning quotes values (a config file's path).
+    print(f"punie-trio: warning: {_printable(message)}", file=sys.stderr)
 
 
 def _error(message: str, status: int) -> int:
-    print(f"punie-trio: error: {shown(message)}", file=sys.stderr)
+    # Escaped (_printable): a message quotes values (a site, a script path, a data
+    # directory, a host), and one with an escape sequence, from a config file given by
+    # --config say, went to the terminal raw and could clear the screen or retitle the
+    # window (only a project was escaped).
+    print(f"punie-trio: error: {_printable(message)}", file=sys.stderr)
     return status
 
 
@@ -454,7 +459,7 @@ def _run_serve(args: argparse.Namespace) -> int:
     for given in o["project"] or [Path.cwd()]:
         project, problem = _project_root(given)
         if problem is not None:
-            # (a NUL or an undecodable byte shown as an escape, not raw: _error)
+            # (a NUL shown as an escape by _error, an undecodable byte by stderr's backslashreplace)
             return _bad_value(
                 sources, "project", f"{_named(sources, 'project')} {project}: {problem}"
             )
