@@ -381,7 +381,8 @@ def _bad_value(sources: dict[str, str | None], name: str, problem: str) -> int:
     the place its value came from: ``$PUNIE_PROJECT: project /x: not a directory``, not
     the flag nobody gave. A flag's problem is said as is (it names the flag)."""
     source = sources.get(name)
-    if source is None or source.startswith("--"):
+    # (Told by being the flag: a config file's name may start with "--" too.)
+    if source is None or source == BY_NAME[name].flag:
         return _error(problem, 2)
     return _error(f"{source}: {problem}", 2)
 

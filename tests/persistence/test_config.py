@@ -765,6 +765,26 @@ def test_a_value_checked_after_the_merge_is_named_by_its_source(
     assert err.startswith(f"punie-trio: error: {expected}"), err
 
 
+def test_a_config_file_whose_name_starts_with_dashes_is_still_named(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A value checked after the merge was named by its source unless the source started
+    with ``--``, taken for a flag: ``--config=--punie.toml`` (a relative name) lost its
+    file's name. A flag is now told by being the option's flag."""
+    for variable in list(os.environ):
+        if variable.startswith("PUNIE_"):
+            monkeypatch.delenv(variable)
+    monkeypatch.setenv("PUNIE_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setattr(cli, "_serve_locked", lambda *args: 0)  # (no server)
+    monkeypatch.chdir(tmp_path)
+    write(tmp_path / "--punie.toml", '[serve]\nsite = "/nonexistent/s"\n')
+    argv = ["serve", "--config=--punie.toml", "--port", "0", "--project", str(tmp_path)]
+    assert cli.main(argv) == 2
+    assert capsys.readouterr().err == (
+        "punie-trio: error: --punie.toml: site /nonexistent/s: not a directory\n"
+    )
+
+
 @pytest.mark.parametrize("source", ["flag", "env", "file"])
 @pytest.mark.parametrize(
     ("name", "value"),
