@@ -251,7 +251,12 @@ def _to_path(value: Any) -> Path:
     text = _to_nonempty(value)
     if text != text.strip():
         raise ValueError(f"must not have spaces around it, got {text!r}")
-    return Path(text).expanduser()
+    try:
+        return Path(text).expanduser()
+    except RuntimeError:
+        # ~nosuchuser (or ~ where no home directory can be found) was a RuntimeError
+        # traceback, in serve and in the read-only commands alike.
+        raise ValueError(f"has a ~ that names no home directory, got {text!r}") from None
 
 
 #: The values of ``log-level`` and ``store`` (the flags offer the same choices).

@@ -249,6 +249,13 @@ def test_unknown_key_is_named() -> None:
             "config.toml: site must not have spaces around it, got '\\t/srv/site'",
         ),
         ({"watch": ["/w "]}, {}, "config.toml: watch must not have spaces around it, got '/w '"),
+        # A ~ naming no user (or ~ with no home directory to be found) was a RuntimeError
+        # traceback from expanduser, in serve and in the read-only commands.
+        (
+            {"data_dir": "~nosuchuser-punie/d"},
+            {},
+            "config.toml: data-dir has a ~ that names no home directory, got '~nosuchuser-punie/d'",
+        ),
         ({"site": ""}, {}, "config.toml: site must not be empty"),
         # An empty build command ran no build; an empty list of paths meant a default
         # directory (project: the current one), as PUNIE_PROJECT= would.
