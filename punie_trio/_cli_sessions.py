@@ -221,6 +221,12 @@ def cmd_list(args: argparse.Namespace, data_dir: Path) -> int:
     try:
         # Stored cwds are resolved (symlinks, "..", a trailing slash): filter on the same.
         cwd = resolved(args.cwd) if args.cwd else None
+    except (OSError, RuntimeError) as exc:
+        # (~nosuchuser, and in 3.11 a symlink loop, are RuntimeErrors: a traceback.)
+        message = f"error: --cwd {args.cwd!r} cannot be resolved: {exc}"
+        print(f"{_PROG}: {_printable(message)}", file=sys.stderr)
+        return 2
+    try:
         records = read_sessions(db, cwd=cwd)
     except StoreError as exc:
         return _fail(str(exc))

@@ -124,6 +124,23 @@ def test_list_cwd_and_empty(data_dir: Path, capsys: pytest.CaptureFixture[str]) 
     assert capsys.readouterr().out.startswith("no sessions in ")
 
 
+@pytest.mark.parametrize("cwd", ["~nosuchuser-punie/p", "loop"])
+def test_a_cwd_that_cannot_be_resolved_is_exit_2_naming_it(
+    data_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], cwd: str
+) -> None:
+    """``--cwd ~nosuchuser/p`` and ``--cwd`` through a symlink loop were RuntimeError
+    tracebacks (expanduser's, and 3.11's resolve for a loop), as session/new once was for
+    a client's cwd."""
+    loop = tmp_path / "loop"
+    loop.symlink_to(loop)
+    if cwd == "loop":
+        cwd = str(loop)
+    assert main(["sessions", "list", "--data-dir", str(data_dir), "--cwd", cwd]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.startswith(f"punie-trio: error: --cwd {cwd!r} cannot be resolved: ")
+
+
 def test_show(data_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["sessions", "show", "sess-new", "--data-dir", str(data_dir)]) == 0
     out = capsys.readouterr().out
