@@ -333,16 +333,20 @@ def _setup_logging(level: str, data_dir: Path | None) -> None:
         root.addHandler(file_handler)
 
 
-def _warn_if_the_token_is_readable(args: argparse.Namespace, o: dict[str, Any]) -> None:
+def _warn_if_the_token_is_readable(
+    args: argparse.Namespace, sources: dict[str, str | None]
+) -> None:
     """Warn when the token comes from a config file other users can read.
 
     Why: editors create files 0644, so a ``token =`` in the config file was readable by
     every local user, and ``serve`` said nothing (``punie-trio token`` warns so of the
     token file it reads). A warning, not a refusal: the directories above may keep others
     out. The token itself is never shown."""
-    if not o["token"] or args.token is not None or os.environ.get("PUNIE_TOKEN"):
-        return  # (no token, or not the file's: a flag or the environment wins over it)
     path = args.config if args.config is not None else default_config_path()
+    if sources["token"] != str(path):
+        # No token, or not the file's (a flag or the environment wins over it): where it
+        # came from as the merge saw it, not a second reading of the flag and $PUNIE_TOKEN.
+        return
     try:
         mode = path.stat().st_mode & 0o777
     except OSError:
@@ -451,7 +455,7 @@ def _run_serve(args: argparse.Namespace) -> int:
         o, sources = _settings(args)
     except ConfigError as exc:
         return _error(str(exc), 2)
-    _warn_if_the_token_is_readable(args, o)
+    _warn_if_the_token_is_readable(args, sources)
     if o["no_http"] and not o["stdio"]:
         flag = _named(sources, "no_http") == "--no-http"
         needs = "--no-http needs --stdio" if flag else "no-http needs stdio"
