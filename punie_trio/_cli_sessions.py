@@ -108,7 +108,7 @@ def _in_data_dir(
         try:
             data_dir = resolve_data_dir(args)
         except ConfigError as exc:
-            print(f"{_PROG}: error: {exc}", file=sys.stderr)
+            print(f"{_PROG}: error: {_printable(str(exc))}", file=sys.stderr)
             return 2
         return command(args, data_dir)
 
@@ -116,7 +116,10 @@ def _in_data_dir(
 
 
 def _fail(message: str) -> int:
-    print(f"{_PROG}: {message}", file=sys.stderr)
+    # Escaped (_printable): a message quotes values (a data directory, from a config file
+    # given by --config, a repository's say), whose escape sequences went to the terminal
+    # raw and could clear the screen or retitle the window.
+    print(f"{_PROG}: {_printable(message)}", file=sys.stderr)
     return 1
 
 
@@ -218,6 +221,12 @@ def cmd_list(args: argparse.Namespace, data_dir: Path) -> int:
     try:
         # Stored cwds are resolved (symlinks, "..", a trailing slash): filter on the same.
         cwd = resolved(args.cwd) if args.cwd else None
+    except (OSError, RuntimeError) as exc:
+        # (~nosuchuser, and in 3.11 a symlink loop, are RuntimeErrors: a traceback.)
+        message = f"error: --cwd {args.cwd!r} cannot be resolved: {exc}"
+        print(f"{_PROG}: {_printable(message)}", file=sys.stderr)
+        return 2
+    try:
         records = read_sessions(db, cwd=cwd)
     except StoreError as exc:
         return _fail(str(exc))
@@ -434,7 +443,7 @@ def cmd_export(args: argparse.Namespace, data_dir: Path) -> int:
         write_output(Path(output), text.encode("utf-8"))
     except OSError as exc:
         return _fail(f"cannot write {output}: {exc.strerror or exc}")
-    print(f"wrote {output}", file=sys.stderr)
+    print(f"wrote {_printable(output)}", file=sys.stderr)
     return 0
 
 
@@ -464,8 +473,10 @@ def cmd_token(args: argparse.Namespace, data_dir: Path) -> int:
     mode = path.stat().st_mode & 0o777
     if mode & 0o077:
         print(
-            f"{_PROG}: warning: {path} is readable by others (mode {mode:04o}); "
-            f"`chmod 600 {path}`, or let `{_PROG} serve` write a new one",
+            _printable(
+                f"{_PROG}: warning: {path} is readable by others (mode {mode:04o}); "
+                f"`chmod 600 {path}`, or let `{_PROG} serve` write a new one"
+            ),
             file=sys.stderr,
         )
     return _emit(f"token file: {path}\ntoken: {token}\n")

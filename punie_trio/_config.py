@@ -220,8 +220,13 @@ def _to_token(value: Any) -> str:
     # sent the same way by every client: a header's other bytes have no agreed encoding
     # (the server read them as Latin-1, so "Bearer pässwörd" in UTF-8 never matched, while
     # ?token= wanted UTF-8), and a control character cannot be in a header at all. The
-    # message never shows the value: it is a secret.
-    token = _to_nonempty(value)
+    # message never shows the value: it is a secret (so not _to_nonempty, whose NUL check,
+    # common to every string, quotes the value: a NUL is refused below as unprintable).
+    if not isinstance(value, str):
+        raise ValueError("must be a string")
+    token = value
+    if not token.strip():
+        raise ValueError("must not be empty")
     if token != token.strip():
         raise ValueError("must not have spaces around it")
     if not (token.isascii() and token.isprintable()):
@@ -248,7 +253,12 @@ def _to_path(value: Any) -> Path:
     text = _to_nonempty(value)
     if text != text.strip():
         raise ValueError(f"must not have spaces around it, got {text!r}")
-    return Path(text).expanduser()
+    try:
+        return Path(text).expanduser()
+    except RuntimeError:
+        # ~nosuchuser (or ~ where no home directory can be found) was a RuntimeError
+        # traceback, in serve and in the read-only commands alike.
+        raise ValueError(f"has a ~ that names no home directory, got {text!r}") from None
 
 
 #: The values of ``log-level`` and ``store`` (the flags offer the same choices).

@@ -18,6 +18,7 @@ from typing import Any
 
 import trio
 
+from ._cli_sessions import _printable
 from ._cli_sessions import add_commands as add_session_commands
 from ._config import (
     BY_NAME,
@@ -29,6 +30,8 @@ from ._config import (
     _to_nonempty,
     _to_origin,
     _to_path,
+    _to_port,
+    _to_positive_int,
     _to_seconds,
     _to_token,
     as_flag,
@@ -51,28 +54,12 @@ from .server import ServeConfig, ServeError, find_exception, serve
 from .web._auth import write_token_file
 from .worker import Model, ScriptError, model_from_spec
 
-
-# (Each names the rule: argparse's own message for a ValueError would name the function.)
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
-    return value
-
-
-def _port(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"must be a port number 0-65535, got {text!r}")
-    return value
-
-
+# Each flag is checked by its option's rule (as_flag), so that it is said alike from the
+# flag, $PUNIE_* and the file (cli.py once had its own _port and _positive_int, which said
+# "must be a port number 0-65535, got '-1'" where $PUNIE_PORT said "must be from 0 to
+# 65535, got -1"); argparse's own message for a ValueError would name the function.
+_positive_int = as_flag(_to_positive_int)
+_port = as_flag(_to_port)
 _seconds = as_flag(_to_seconds)  # a number >= 0 (not nan)
 _host = as_flag(_to_host)  # not empty (that would bind every interface), no spaces around
 _token = as_flag(_to_token)  # not empty (that once meant a generated one), no spaces around
@@ -346,30 +333,42 @@ def _setup_logging(level: str, data_dir: Path | None) -> None:
         root.addHandler(file_handler)
 
 
-def _warn_if_the_token_is_readable(args: argparse.Namespace, o: dict[str, Any]) -> None:
+def _warn_if_the_token_is_readable(
+    args: argparse.Namespace, sources: dict[str, str | None]
+) -> None:
     """Warn when the token comes from a config file other users can read.
 
     Why: editors create files 0644, so a ``token =`` in the config file was readable by
     every local user, and ``serve`` said nothing (``punie-trio token`` warns so of the
     token file it reads). A warning, not a refusal: the directories above may keep others
     out. The token itself is never shown."""
-    if not o["token"] or args.token is not None or os.environ.get("PUNIE_TOKEN"):
-        return  # (no token, or not the file's: a flag or the environment wins over it)
     path = args.config if args.config is not None else default_config_path()
+    if sources["token"] != str(path):
+        # No token, or not the file's (a flag or the environment wins over it): where it
+        # came from as the merge saw it, not a second reading of the flag and $PUNIE_TOKEN.
+        return
     try:
         mode = path.stat().st_mode & 0o777
     except OSError:
         return
     if mode & 0o044:
-        print(
-            f"punie-trio: warning: {path} holds the token and is readable by others (mode "
-            f"{mode:04o}); `chmod 600 {path}`, or give the token in $PUNIE_TOKEN",
-            file=sys.stderr,
+        _warn(
+            f"{path} holds the token and is readable by others (mode {mode:04o}); "
+            f"`chmod 600 {path}`, or give the token in $PUNIE_TOKEN"
         )
 
 
+def _warn(message: str) -> None:
+    # Escaped (_printable), as _error: a warning quotes values (a config file's path).
+    print(f"punie-trio: warning: {_printable(message)}", file=sys.stderr)
+
+
 def _error(message: str, status: int) -> int:
-    print(f"punie-trio: error: {message}", file=sys.stderr)
+    # Escaped (_printable): a message quotes values (a site, a script path, a data
+    # directory, a host), and one with an escape sequence, from a config file given by
+    # --config say, went to the terminal raw and could clear the screen or retitle the
+    # window (only a project was escaped).
+    print(f"punie-trio: error: {_printable(message)}", file=sys.stderr)
     return status
 
 
@@ -386,7 +385,8 @@ def _bad_value(sources: dict[str, str | None], name: str, problem: str) -> int:
     the place its value came from: ``$PUNIE_PROJECT: project /x: not a directory``, not
     the flag nobody gave. A flag's problem is said as is (it names the flag)."""
     source = sources.get(name)
-    if source is None or source.startswith("--"):
+    # (Told by being the flag: a config file's name may start with "--" too.)
+    if source is None or source == BY_NAME[name].flag:
         return _error(problem, 2)
     return _error(f"{source}: {problem}", 2)
 
@@ -455,7 +455,7 @@ def _run_serve(args: argparse.Namespace) -> int:
         o, sources = _settings(args)
     except ConfigError as exc:
         return _error(str(exc), 2)
-    _warn_if_the_token_is_readable(args, o)
+    _warn_if_the_token_is_readable(args, sources)
     if o["no_http"] and not o["stdio"]:
         flag = _named(sources, "no_http") == "--no-http"
         needs = "--no-http needs --stdio" if flag else "no-http needs stdio"
@@ -464,10 +464,9 @@ def _run_serve(args: argparse.Namespace) -> int:
     for given in o["project"] or [Path.cwd()]:
         project, problem = _project_root(given)
         if problem is not None:
-            # (a NUL or an undecodable byte shown as an escape, not raw)
-            shown = "".join(c if c.isprintable() else ascii(c)[1:-1] for c in str(project))
+            # (a NUL shown as an escape by _error, an undecodable byte by stderr's backslashreplace)
             return _bad_value(
-                sources, "project", f"{_named(sources, 'project')} {shown}: {problem}"
+                sources, "project", f"{_named(sources, 'project')} {project}: {problem}"
             )
         projects.append(project)
     site = site_path(o["site"]) if o["site"] else None
@@ -476,19 +475,16 @@ def _run_serve(args: argparse.Namespace) -> int:
     if site is None:
         # Without a site these did nothing, without a word: a --build never ran, --open
         # opened nothing. A flag is a mistake on this command line; a value from the
-        # environment or the file may be a preference kept for the runs with a site.
+        # environment or the file may be a preference kept for the runs with a site. (A
+        # flag whatever its value: `--debounce 0.2`, the default's, was let through.)
         for name in DEV_APP_OPTIONS:
             source = sources[name]
+            if source is not None and source == BY_NAME[name].flag:
+                return _error(f"{source} needs --site (it is the dev app's)", 2)
             if source is None or o[name] == BY_NAME[name].default:
                 continue
-            if source == BY_NAME[name].flag:
-                return _error(f"{source} needs --site (it is the dev app's)", 2)
             key = name.replace("_", "-")
-            print(
-                f"punie-trio: warning: {source}: {key} does nothing without site (it is the "
-                "dev app's)",
-                file=sys.stderr,
-            )
+            _warn(f"{source}: {key} does nothing without site (it is the dev app's)")
     try:
         model = model_from_spec(o["model"])
     except (ScriptError, ValueError) as exc:

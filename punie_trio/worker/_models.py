@@ -193,5 +193,9 @@ def model_from_spec(spec: str) -> Model:
             raise ScriptError("model 'script:' needs a path, as script:PATH")
         # ~ too: the shell does not expand it after "script:", and config-file paths may
         # start with it (a script:~/demo.json was "cannot read script ~/demo.json").
-        return ScriptModel.from_path(Path(path).expanduser())
+        try:
+            expanded = Path(path).expanduser()
+        except RuntimeError:  # (~nosuchuser: a traceback, not the exit 2 naming the script)
+            raise ScriptError(f"cannot read script {path}: its ~ names no home directory") from None
+        return ScriptModel.from_path(expanded)
     raise ValueError(f"unknown model {spec!r}: use echo, echo:N or script:PATH")

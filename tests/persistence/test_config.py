@@ -277,6 +277,13 @@ def test_unknown_key_is_named() -> None:
             "config.toml: site must not have spaces around it, got '\\t/srv/site'",
         ),
         ({"watch": ["/w "]}, {}, "config.toml: watch must not have spaces around it, got '/w '"),
+        # A ~ naming no user (or ~ with no home directory to be found) was a RuntimeError
+        # traceback from expanduser, in serve and in the read-only commands.
+        (
+            {"data_dir": "~nosuchuser-punie/d"},
+            {},
+            "config.toml: data-dir has a ~ that names no home directory, got '~nosuchuser-punie/d'",
+        ),
         ({"site": ""}, {}, "config.toml: site must not be empty"),
         # An empty build command ran no build; an empty list of paths meant a default
         # directory (project: the current one), as PUNIE_PROJECT= would.
@@ -311,6 +318,14 @@ def test_unknown_key_is_named() -> None:
         ),
         (
             {"token": "a\x7fb"},
+            {},
+            "config.toml: token must be printable ASCII (a request carries it in a header)",
+        ),
+        # A NUL in a token (only a TOML file can hold one) is refused as any other
+        # unprintable character, without the token: the NUL check common to every string
+        # once said "got 'abc\x00s3cret'", the secret on the terminal and in CI logs.
+        (
+            {"token": "abc\0s3cret"},
             {},
             "config.toml: token must be printable ASCII (a request carries it in a header)",
         ),
@@ -536,6 +551,14 @@ def test_a_host_this_machine_cannot_bind_is_named_with_a_host_hint(
         (
             ["--allow-origin", "example.com"],
             "argument --allow-origin: must be an origin like http://localhost:3000",
+        ),
+        # The numbers too (cli.py had its own _port and _positive_int, worded apart from
+        # the rule $PUNIE_PORT and the file's port are checked by).
+        (["--port", "70000"], "argument --port: must be from 0 to 65535, got 70000"),
+        (["--port", "eighty"], "argument --port: must be an integer, got 'eighty'"),
+        (
+            ["--max-connections", "0"],
+            "argument --max-connections: must be a positive integer, got 0\n",
         ),
         (
             ["--allow-host", "dev.test:8765"],
@@ -777,6 +800,26 @@ def test_a_value_checked_after_the_merge_is_named_by_its_source(
     assert err.startswith(f"punie-trio: error: {expected}"), err
 
 
+def test_a_config_file_whose_name_starts_with_dashes_is_still_named(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A value checked after the merge was named by its source unless the source started
+    with ``--``, taken for a flag: ``--config=--punie.toml`` (a relative name) lost its
+    file's name. A flag is now told by being the option's flag."""
+    for variable in list(os.environ):
+        if variable.startswith("PUNIE_"):
+            monkeypatch.delenv(variable)
+    monkeypatch.setenv("PUNIE_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setattr(cli, "_serve_locked", lambda *args: 0)  # (no server)
+    monkeypatch.chdir(tmp_path)
+    write(tmp_path / "--punie.toml", '[serve]\nsite = "/nonexistent/s"\n')
+    argv = ["serve", "--config=--punie.toml", "--port", "0", "--project", str(tmp_path)]
+    assert cli.main(argv) == 2
+    assert capsys.readouterr().err == (
+        "punie-trio: error: --punie.toml: site /nonexistent/s: not a directory\n"
+    )
+
+
 @pytest.mark.parametrize("source", ["flag", "env", "file"])
 @pytest.mark.parametrize(
     ("name", "value"),
@@ -826,6 +869,63 @@ def test_a_dev_app_option_without_a_site_is_not_ignored_without_a_word(
     assert capsys.readouterr().err == (
         f"punie-trio: warning: {where}: {key} does nothing without site (it is the dev app's)\n"
     )
+
+
+@pytest.mark.parametrize(
+    ("toml", "argv", "shown"),
+    [
+        ('site = "/nx\\u001b[2J"', [], "site /nx\\x1b[2J: not a directory"),
+        ("", ["--site", "/nx\x1b]0;owned\x07"], "--site /nx\\x1b]0;owned\\x07: not a directory"),
+        ('model = "script:/nx\\u001b[2J"', [], "cannot read script /nx\\x1b[2J"),
+        ("", ["--data-dir", "/dev/null/\x1b[2J"], "data directory /dev/null/\\x1b[2J: "),
+    ],
+)
+def test_a_value_quoted_in_an_error_is_escaped_not_sent_to_the_terminal_raw(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    toml: str,
+    argv: list[str],
+    shown: str,
+) -> None:
+    """A ``site``, a script path or a data directory with an escape sequence went to the
+    terminal raw in its error (a ``project`` was escaped): from a config file given by
+    ``--config`` (a repository's, say) it could clear the screen or retitle the window.
+    Every error ``serve`` prints now escapes what is not printable, as the project's did."""
+    for variable in list(os.environ):
+        if variable.startswith("PUNIE_"):
+            monkeypatch.delenv(variable)
+    monkeypatch.setenv("PUNIE_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setattr(cli, "_serve_locked", lambda *args: 0)  # (no server)
+    config = write(tmp_path / "config.toml", toml + "\n")
+    base = ["serve", "--config", str(config), "--port", "0", "--project", str(tmp_path)]
+    assert cli.main([*base, *argv]) != 0
+    err = capsys.readouterr().err
+    assert err.startswith("punie-trio: error: ") and shown in err, err
+    assert "\x1b" not in err and "\x07" not in err
+
+
+def test_a_dev_app_flag_without_a_site_is_refused_even_at_its_default(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--debounce 0.2`` (the default's value) without ``--site`` was let through without
+    a word, while ``--debounce 0.3`` was exit 2: a flag on this command line is a mistake
+    whatever its value (docs/configuration.md: "such a flag is exit 2")."""
+    for variable in list(os.environ):
+        if variable.startswith("PUNIE_"):
+            monkeypatch.delenv(variable)
+    monkeypatch.setenv("PUNIE_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setattr(cli, "_serve_locked", lambda *args: 0)  # (no server)
+    config = write(tmp_path / "config.toml", "")
+    argv = ["serve", "--config", str(config), "--port", "0", "--project", str(tmp_path)]
+    assert cli.main([*argv, "--debounce", "0.2"]) == 2
+    assert capsys.readouterr().err == (
+        "punie-trio: error: --debounce needs --site (it is the dev app's)\n"
+    )
+    # From the environment at the default's value it changes nothing: no warning.
+    monkeypatch.setenv("PUNIE_DEBOUNCE", "0.2")
+    assert cli.main(argv) == 0
+    assert capsys.readouterr().err == ""
 
 
 async def test_serve_reads_the_toml_file_under_env_and_flags(

@@ -124,6 +124,23 @@ def test_list_cwd_and_empty(data_dir: Path, capsys: pytest.CaptureFixture[str]) 
     assert capsys.readouterr().out.startswith("no sessions in ")
 
 
+@pytest.mark.parametrize("cwd", ["~nosuchuser-punie/p", "loop"])
+def test_a_cwd_that_cannot_be_resolved_is_exit_2_naming_it(
+    data_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], cwd: str
+) -> None:
+    """``--cwd ~nosuchuser/p`` and ``--cwd`` through a symlink loop were RuntimeError
+    tracebacks (expanduser's, and 3.11's resolve for a loop), as session/new once was for
+    a client's cwd."""
+    loop = tmp_path / "loop"
+    loop.symlink_to(loop)
+    if cwd == "loop":
+        cwd = str(loop)
+    assert main(["sessions", "list", "--data-dir", str(data_dir), "--cwd", cwd]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.startswith(f"punie-trio: error: --cwd {cwd!r} cannot be resolved: ")
+
+
 def test_show(data_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["sessions", "show", "sess-new", "--data-dir", str(data_dir)]) == 0
     out = capsys.readouterr().out
@@ -351,6 +368,21 @@ def test_export_of_a_lone_surrogate_is_valid_utf8_json_and_replaces_the_file_who
     bad = ["sessions", "export", "sess-odd", "-o", str(tmp_path / "no" / "x.json")]
     assert main([*bad, "--data-dir", str(data_dir)]) == 1
     assert "cannot write" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", [["token"], ["sessions", "list"], ["sessions", "show", "x"]])
+def test_a_data_dir_quoted_in_an_error_is_escaped_not_sent_to_the_terminal_raw(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], command: list[str]
+) -> None:
+    """A data directory (from a config file given by ``--config``, a repository's say)
+    with an escape sequence went to the terminal raw in "no token at D/token yet" and "no
+    session store at D/...": it could clear the screen or retitle the window. What is not
+    printable is now escaped, as in ``serve``'s errors."""
+    data_dir = tmp_path / "nx\x1b]0;owned\x07\x1b[2J"
+    assert main([*command, "--data-dir", str(data_dir)]) == 1
+    err = capsys.readouterr().err
+    assert "\x1b" not in err and "\x07" not in err, err
+    assert str(tmp_path / "nx\\x1b]0;owned\\x07\\x1b[2J") in err, err
 
 
 def test_token_file_that_is_not_utf8(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

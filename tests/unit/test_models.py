@@ -198,6 +198,13 @@ def test_a_script_path_may_start_with_a_tilde(
     assert isinstance(model_from_spec("script:~/script.json"), ScriptModel)
 
 
+def test_a_script_path_whose_tilde_names_no_user_is_a_script_error() -> None:
+    """``script:~nosuchuser/x.json`` was a RuntimeError traceback from expanduser (exit 1),
+    not the exit 2 naming the script that any other unreadable script gets."""
+    with pytest.raises(ScriptError, match=r"cannot read script ~nosuchuser-punie/x\.json: "):
+        model_from_spec("script:~nosuchuser-punie/x.json")
+
+
 # -- script playback --------------------------------------------------------------------------
 
 
