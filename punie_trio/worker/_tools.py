@@ -310,7 +310,7 @@ def _write_disk(path: Path, roots: tuple[str, ...], content: str) -> None:
     """(On a worker thread.) Create or replace the file whole or not at all: the content
     goes into a new file beside it, renamed over it once written, in the directory opened
     as ``_read_disk`` opens a file (``open_beneath``). An existing file's mode (and, where
-    the server may set it, owner) is kept.
+    the server may set it, owner) is kept, and so are its extended attributes (its ACL).
 
     Why: the file was truncated, then written, so a write that failed part way (a full
     disk) left the start of the new content where the user's file had been. Replacing
@@ -318,7 +318,8 @@ def _write_disk(path: Path, roots: tuple[str, ...], content: str) -> None:
     project to a file outside no longer carries a write out.
 
     Where the replace cannot be made as the file was (a directory the server may not
-    create files in, an owner it may not give), the file is written into, as before.
+    create files in, an owner or an attribute it may not give), the file is written
+    into, as before.
     """
     data = content.encode("utf-8")
     if os.open not in os.supports_dir_fd:  # pragma: no cover - not POSIX (open_beneath too)
@@ -388,6 +389,7 @@ def _replace(directory: int, name: str, data: bytes, existing: os.stat_result | 
         with os.fdopen(fd, "wb") as file:
             if existing is not None:
                 _take_owner_and_mode(file.fileno(), existing)
+                _take_xattrs(file.fileno(), directory, name, existing)
             file.write(data)
         os.replace(tmp, name, src_dir_fd=directory, dst_dir_fd=directory)
     except BaseException:
@@ -406,6 +408,41 @@ def _take_owner_and_mode(fd: int, existing: os.stat_result) -> None:
         except PermissionError:
             raise _CannotReplace from None
     os.fchmod(fd, stat.S_IMODE(existing.st_mode))
+
+
+def _take_xattrs(fd: int, directory: int, name: str, existing: os.stat_result) -> None:
+    """Give the new file ``fd`` the extended attributes of the file ``name`` it replaces
+    (``existing``), and only those, or raise :class:`_CannotReplace` (Linux; elsewhere
+    there is nothing ``os`` can copy).
+
+    Why: a POSIX ACL is one (``system.posix_acl_access``). A file shared with one other
+    user (``user:bob:rw-``, ``group::---``, ``mask::rw-``) shows the mask as its group
+    bits (0660), so a new file given only its mode let every member of its group read and
+    write it, and bob not; and a directory's default ACL gave a new file entries the old
+    one never had. An attribute that cannot be set (``security.*`` needs rights the server
+    may lack) leaves the file to be written into, as an owner that cannot be given does."""
+    if not hasattr(os, "listxattr"):  # pragma: no cover - not Linux
+        return
+    flags = os.O_RDONLY | os.O_NOFOLLOW | _CLOEXEC | _NO_WAIT
+    try:
+        source = os.open(name, flags, dir_fd=directory)
+        try:
+            now = os.fstat(source)
+            if (now.st_dev, now.st_ino) != (existing.st_dev, existing.st_ino):
+                raise _CannotReplace  # (swapped since it was checked)
+            theirs = {key: os.getxattr(source, key) for key in os.listxattr(source)}
+        finally:
+            os.close(source)
+        for key in os.listxattr(fd):
+            if key not in theirs:
+                os.removexattr(fd, key)
+        for key, value in theirs.items():
+            with contextlib.suppress(OSError):
+                if os.getxattr(fd, key) == value:
+                    continue  # (a label the new file was given already: setting it may need rights)
+            os.setxattr(fd, key, value)
+    except OSError:
+        raise _CannotReplace from None
 
 
 def _write_into(directory: int, path: Path, data: bytes) -> None:
