@@ -336,7 +336,7 @@ def _write_disk(path: Path, roots: tuple[str, ...], content: str) -> None:
         except _CannotReplace:
             if existing is None:  # (nothing to write into: no file may be made here)
                 raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path)) from None
-            _write_into(directory, path, data)
+            _write_into(directory, path, data, existing)
     finally:
         os.close(directory)
 
@@ -425,11 +425,16 @@ def _take_xattrs(fd: int, directory: int, name: str, existing: os.stat_result) -
         return
     flags = os.O_RDONLY | os.O_NOFOLLOW | _CLOEXEC | _NO_WAIT
     try:
-        source = os.open(name, flags, dir_fd=directory)
+        try:
+            source = os.open(name, flags, dir_fd=directory)
+        except OSError as exc:
+            if exc.errno in (errno.ENOENT, errno.ELOOP, errno.ENXIO):
+                return  # (the file checked is gone: the rename replaces what took its name)
+            raise
         try:
             now = os.fstat(source)
             if (now.st_dev, now.st_ino) != (existing.st_dev, existing.st_ino):
-                raise _CannotReplace  # (swapped since it was checked)
+                return  # (as above; never a reason to write into what is there now)
             theirs = {key: os.getxattr(source, key) for key in os.listxattr(source)}
         finally:
             os.close(source)
@@ -445,15 +450,36 @@ def _take_xattrs(fd: int, directory: int, name: str, existing: os.stat_result) -
         raise _CannotReplace from None
 
 
-def _write_into(directory: int, path: Path, data: bytes) -> None:
-    """Write ``data`` into the existing file (truncated first), where it cannot be replaced."""
-    flags = os.O_WRONLY | os.O_TRUNC | os.O_NOFOLLOW | _CLOEXEC | _NO_WAIT
+def _write_into(directory: int, path: Path, data: bytes, existing: os.stat_result) -> None:
+    """Write ``data`` into the existing file (truncated first), where it cannot be replaced:
+    the very file checked (``existing``), or none.
+
+    Why: the name was opened with ``O_TRUNC`` and written whatever it named by then, so a
+    file swapped meanwhile for a hard link to a file outside the project (by a local
+    process that can write in it) had that file truncated and overwritten. The name is
+    opened without truncating now, and truncated only once it is known to be the file."""
+    flags = os.O_WRONLY | os.O_NOFOLLOW | _CLOEXEC | _NO_WAIT
     fd = os.open(path.name, flags, dir_fd=directory)
     with os.fdopen(fd, "wb") as file:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):  # (swapped meanwhile)
-            raise _NotAFile(_kind(os.fstat(fd).st_mode))
+        now = os.fstat(fd)
+        if not stat.S_ISREG(now.st_mode):  # (swapped meanwhile)
+            raise _NotAFile(_kind(now.st_mode))
+        if (now.st_dev, now.st_ino) != (existing.st_dev, existing.st_ino):
+            raise _Replaced
         os.set_blocking(fd, True)
+        os.ftruncate(fd, 0)
         file.write(data)
+
+
+class _Replaced(OSError):
+    """The file checked was replaced by another before it could be written into (the tool
+    call fails ``cannot write PATH: it was replaced ...``)."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "it was replaced while it was being written (another file took its name): "
+            "nothing was written"
+        )
 
 
 TOOLS: dict[str, ToolSpec] = {

@@ -658,6 +658,49 @@ def test_a_file_whose_attributes_cannot_be_kept_is_written_into(
     assert os.listdir(tmp_path) == ["labelled.txt"]
 
 
+def _swap_for_a_link_outside(path: Path, outside: Path) -> None:
+    """What a local process that can write in the project does between two steps of a
+    write: the checked file is gone, and its name is a hard link to a file outside."""
+    path.unlink()
+    os.link(outside, path)
+
+
+@pytest.mark.parametrize("owner_kept", [True, False], ids=["replaced", "written-into"])
+def test_a_file_swapped_for_a_link_outside_during_a_write_is_not_written_through(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, owner_kept: bool
+) -> None:
+    """Between the file's check and its use, its name was swapped for a hard link to a
+    file outside the project. Where the file is written into (its owner cannot be given
+    to a new file) the name was opened, truncated and written with no check that it was
+    still the file checked: the file outside was overwritten. (So was it where the old
+    file's extended attributes could not be read, it being gone.) Only the file checked
+    is written into now, and another one there fails the call before anything is
+    truncated; a replace renames over whatever took the name, as it did."""
+    root = tmp_path / "proj"
+    root.mkdir()
+    secret = tmp_path / "secret.txt"
+    secret.write_text("outside")
+    (root / "f.txt").write_text("old")
+    real = tools_module._take_owner_and_mode
+
+    def swap_during(fd: int, existing: os.stat_result) -> None:
+        real(fd, existing)
+        _swap_for_a_link_outside(root / "f.txt", secret)
+        if not owner_kept:
+            raise tools_module._CannotReplace  # (as for a file another user owns)
+
+    monkeypatch.setattr(tools_module, "_take_owner_and_mode", swap_during)
+    if owner_kept:
+        tools_module._write_disk(root / "f.txt", (str(root),), "payload")
+        assert (root / "f.txt").read_text() == "payload"
+    else:
+        with pytest.raises(OSError, match="was replaced while it was being written"):
+            tools_module._write_disk(root / "f.txt", (str(root),), "payload")
+        assert (root / "f.txt").read_text() == "outside"
+    assert secret.read_text() == "outside"
+    assert os.listdir(root) == ["f.txt"]
+
+
 async def test_write_file_takes_a_name_as_long_as_the_file_system_allows(tmp_path: Path) -> None:
     """The file written beside the target is named apart from it: one named after it
     (``.NAME.xxxx.tmp``) was too long for a target whose own name was within bounds."""
