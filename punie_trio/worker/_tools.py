@@ -227,7 +227,20 @@ def _open_file(path: Path, roots: tuple[str, ...], flags: int) -> int:
     turn, ``session/cancel`` could not end it, and a server told to stop gave up on its
     shutdown after a timeout and exited 1. A device has no end (``/dev/zero`` read by
     lines never stopped). The open does not wait now (``O_NONBLOCK``: a FIFO or a socket
-    nobody reads fails with ``ENXIO``), and what it opened is checked before use."""
+    nobody reads fails with ``ENXIO``), and what it opened is checked before use.
+
+    What the name is is looked at before the open too, so that such a file is not opened
+    at all (but for one swapped in after the look): an open acts. A writer waiting in its
+    own open of a FIFO was let go by the server's, and its writes failed (``EPIPE``) once
+    the server closed its end; a device may act on an open (a tape rewinds on its close).
+    """
+    try:
+        kind = os.stat(path, follow_symlinks=False).st_mode
+    except OSError:
+        pass  # (not there, not reachable: the open says so, as it did)
+    else:
+        if not (stat.S_ISREG(kind) or stat.S_ISDIR(kind) or stat.S_ISLNK(kind)):
+            raise _NotAFile(_kind(kind))
     try:
         fd = open_beneath(path, roots, flags | _NO_WAIT)
     except OSError as exc:

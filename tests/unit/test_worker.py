@@ -701,6 +701,33 @@ def test_a_file_swapped_for_a_link_outside_during_a_write_is_not_written_through
     assert os.listdir(root) == ["f.txt"]
 
 
+def test_a_fifo_is_refused_without_being_opened(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``read_file`` of a FIFO opened it (without waiting) before seeing what it was. An
+    open is not nothing: a writer waiting in its own open for a reader was let go by it,
+    and its writes then failed (``EPIPE``, or ``SIGPIPE`` killed it) once the server
+    closed its end; so with a device, whose open may act (a tape rewinds on its close, a
+    watchdog starts). What the name is is looked at first now, and such a file is never
+    opened (save one swapped in after the look, which the open's own check still
+    refuses)."""
+    os.mkfifo(tmp_path / "pipe")
+    opened: list[Path] = []
+    real = tools_module.open_beneath
+
+    def recording(path: Path, *args: Any, **kwargs: Any) -> int:
+        opened.append(path)
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(tools_module, "open_beneath", recording)
+    with pytest.raises(tools_module._NotAFile, match="a FIFO"):
+        tools_module._read_disk(tmp_path / "pipe", (str(tmp_path),), None, None)
+    assert opened == []
+    (tmp_path / "f.txt").write_text("text")
+    assert tools_module._read_disk(tmp_path / "f.txt", (str(tmp_path),), None, None) == "text"
+    assert opened == [tmp_path / "f.txt"]
+
+
 async def test_write_file_takes_a_name_as_long_as_the_file_system_allows(tmp_path: Path) -> None:
     """The file written beside the target is named apart from it: one named after it
     (``.NAME.xxxx.tmp``) was too long for a target whose own name was within bounds."""
