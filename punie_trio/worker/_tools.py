@@ -423,6 +423,10 @@ def _take_owner_and_mode(fd: int, existing: os.stat_result) -> None:
     os.fchmod(fd, stat.S_IMODE(existing.st_mode))
 
 
+#: What listing a file's extended attributes answers on a file system that keeps none.
+_NO_XATTRS = frozenset({errno.ENOTSUP, getattr(errno, "EOPNOTSUPP", errno.ENOTSUP)})
+
+
 def _take_xattrs(fd: int, directory: int, name: str, existing: os.stat_result) -> None:
     """Give the new file ``fd`` the extended attributes of the file ``name`` it replaces
     (``existing``), and only those, or raise :class:`_CannotReplace` (Linux; elsewhere
@@ -448,7 +452,13 @@ def _take_xattrs(fd: int, directory: int, name: str, existing: os.stat_result) -
             now = os.fstat(source)
             if (now.st_dev, now.st_ino) != (existing.st_dev, existing.st_ino):
                 return  # (as above; never a reason to write into what is there now)
-            theirs = {key: os.getxattr(source, key) for key in os.listxattr(source)}
+            try:
+                names = os.listxattr(source)
+            except OSError as exc:
+                if exc.errno not in _NO_XATTRS:
+                    raise
+                return  # (a file system that keeps none: nothing to keep)
+            theirs = {key: os.getxattr(source, key) for key in names}
         finally:
             os.close(source)
         for key in os.listxattr(fd):

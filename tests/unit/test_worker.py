@@ -638,6 +638,25 @@ def test_a_replaced_file_takes_no_acl_from_its_directory(tmp_path: Path) -> None
     assert stat.S_IMODE((tmp_path / "private.txt").stat().st_mode) == 0o600
 
 
+def test_a_file_on_a_file_system_without_attributes_is_still_replaced(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file system that keeps no extended attributes (vfat, NFSv3, many FUSE ones)
+    answers their listing with ``ENOTSUP``: there is nothing to keep, and the file is
+    replaced whole, not written into."""
+    (tmp_path / "f.txt").write_text("old")
+    before = (tmp_path / "f.txt").stat()
+
+    def unsupported(*args: Any, **kwargs: Any) -> list[str]:
+        raise OSError(errno.ENOTSUP, os.strerror(errno.ENOTSUP))
+
+    monkeypatch.setattr(tools_module.os, "listxattr", unsupported)
+    tools_module._write_disk(tmp_path / "f.txt", (str(tmp_path),), "new")
+    assert (tmp_path / "f.txt").read_text() == "new"
+    assert (tmp_path / "f.txt").stat().st_ino != before.st_ino
+    assert os.listdir(tmp_path) == ["f.txt"]
+
+
 def test_a_file_whose_attributes_cannot_be_kept_is_written_into(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
