@@ -72,7 +72,36 @@ def _closed(schema: dict[str, Any]) -> dict[str, Any]:
         else:  # (its nested objects are still closed)
             for key, value in definition.items():
                 close(value, key == "properties")
+    # A base used as it is, not extended (``session/request_permission``'s ``toolCall`` is
+    # a ``ToolCallUpdate``), was open there: such a use refers to a closed copy of it.
+    for name in bases:
+        standalone = copy.deepcopy(closed["$defs"][name])
+        close(standalone, False)
+        closed["$defs"][name + _STANDALONE] = standalone
+    _use_standalone(closed, bases, extending=False)
     return closed
+
+
+_STANDALONE = "--standalone"
+
+
+def _use_standalone(node: Any, bases: set[str], *, extending: bool) -> None:
+    """Point each ``$ref`` to one of ``bases`` at its closed copy, but where an object
+    extends it (a member of the ``allOf`` of an object listing ``properties``)."""
+    if isinstance(node, dict):
+        ref = node.get("$ref")
+        if not extending and isinstance(ref, str) and ref.rsplit("/", 1)[-1] in bases:
+            node["$ref"] = ref + _STANDALONE
+        extends = "properties" in node or "required" in node
+        for key, value in node.items():
+            if key == "allOf" and isinstance(value, list):
+                for sub in value:
+                    _use_standalone(sub, bases, extending=extends)
+            else:
+                _use_standalone(value, bases, extending=False)
+    elif isinstance(node, list):
+        for value in node:
+            _use_standalone(value, bases, extending=False)
 
 
 def _registry(schema: dict[str, Any]) -> referencing.Registry[Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 from collections.abc import Iterable
@@ -68,17 +69,62 @@ def resolve_inside(
             f"path {path!r} resolves to {str(candidate)!r}, a path that is not UTF-8 "
             "(no client could name it)"
         )
-    for kept, what in private:
-        if candidate.is_relative_to(kept):
-            where = "is" if what == CONFIG_FILE else "lies inside"
-            raise PathEscape(
-                f"path {path!r} resolves to {candidate}, which {where} the server's {what} "
-                f"({kept}): no tool may use it ({_WHY_PRIVATE[what]})"
-            )
-    if _outermost_root(candidate, roots) is not None:
+    roots = tuple(roots)
+    top = _outermost_root(candidate, roots)
+    hit = _private_hit(candidate, private, top)
+    if hit is not None:
+        kept, what = hit
+        where = "is" if what == CONFIG_FILE else "lies inside"
+        raise PathEscape(
+            f"path {path!r} resolves to {candidate}, which {where} the server's {what} "
+            f"({kept}): no tool may use it ({_WHY_PRIVATE[what]})"
+        )
+    if top is not None:
         return candidate
     names = ", ".join(str(r) for r in roots)
     raise PathEscape(f"path {path!r} resolves to {candidate}, outside the allowed roots ({names})")
+
+
+def _private_hit(
+    candidate: Path, private: Iterable[tuple[str, str]], top: Path | None
+) -> tuple[str, str] | None:
+    """The entry of ``private`` that ``candidate`` (resolved) is or lies inside, by its
+    path or, failing that, by what it names: the file itself or a directory above it, up
+    to the root it lies in (``top``; None: outside every root, refused anyway), that is
+    the same file (device and inode) as a private one.
+
+    Why: the text alone let another name for the same file through. On a case-insensitive
+    file system (macOS's default, Windows) ``Library/Application Support/PUNIE-TRIO/token``
+    is the data directory's token; a bind mount is another name for a directory, a hard
+    link for the config file. (A hard link to a file inside the data directory is still
+    not caught: nothing names it as the server's. See docs/security.md.)"""
+    private = tuple(private)
+    for kept, what in private:
+        if candidate.is_relative_to(kept):
+            return kept, what
+    if top is None:
+        return None
+    ids: dict[tuple[int, int], tuple[str, str]] = {}
+    for kept, what in private:
+        with contextlib.suppress(OSError, ValueError):
+            status = os.stat(kept)
+            ids[(status.st_dev, status.st_ino)] = (kept, what)
+    if not ids:
+        return None
+    here, last = str(candidate), str(top)  # (text: this runs on every tool call, twice)
+    while True:
+        try:
+            status = os.stat(here)
+        except (OSError, ValueError):
+            pass  # (a file not there yet, a directory the server may not enter)
+        else:
+            hit = ids.get((status.st_dev, status.st_ino))
+            if hit is not None:
+                return hit
+        up = os.path.dirname(here)
+        if here == last or up == here:
+            return None
+        here = up
 
 
 def _outermost_root(path: Path, roots: Iterable[str]) -> Path | None:

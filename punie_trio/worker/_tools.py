@@ -227,7 +227,20 @@ def _open_file(path: Path, roots: tuple[str, ...], flags: int) -> int:
     turn, ``session/cancel`` could not end it, and a server told to stop gave up on its
     shutdown after a timeout and exited 1. A device has no end (``/dev/zero`` read by
     lines never stopped). The open does not wait now (``O_NONBLOCK``: a FIFO or a socket
-    nobody reads fails with ``ENXIO``), and what it opened is checked before use."""
+    nobody reads fails with ``ENXIO``), and what it opened is checked before use.
+
+    What the name is is looked at before the open too, so that such a file is not opened
+    at all (but for one swapped in after the look): an open acts. A writer waiting in its
+    own open of a FIFO was let go by the server's, and its writes failed (``EPIPE``) once
+    the server closed its end; a device may act on an open (a tape rewinds on its close).
+    """
+    try:
+        kind = os.stat(path, follow_symlinks=False).st_mode
+    except OSError:
+        pass  # (not there, not reachable: the open says so, as it did)
+    else:
+        if not (stat.S_ISREG(kind) or stat.S_ISDIR(kind) or stat.S_ISLNK(kind)):
+            raise _NotAFile(_kind(kind))
     try:
         fd = open_beneath(path, roots, flags | _NO_WAIT)
     except OSError as exc:
@@ -310,7 +323,7 @@ def _write_disk(path: Path, roots: tuple[str, ...], content: str) -> None:
     """(On a worker thread.) Create or replace the file whole or not at all: the content
     goes into a new file beside it, renamed over it once written, in the directory opened
     as ``_read_disk`` opens a file (``open_beneath``). An existing file's mode (and, where
-    the server may set it, owner) is kept.
+    the server may set it, owner) is kept, and so are its extended attributes (its ACL).
 
     Why: the file was truncated, then written, so a write that failed part way (a full
     disk) left the start of the new content where the user's file had been. Replacing
@@ -318,7 +331,8 @@ def _write_disk(path: Path, roots: tuple[str, ...], content: str) -> None:
     project to a file outside no longer carries a write out.
 
     Where the replace cannot be made as the file was (a directory the server may not
-    create files in, an owner it may not give), the file is written into, as before.
+    create files in, an owner or an attribute it may not give), the file is written
+    into, as before.
     """
     data = content.encode("utf-8")
     if os.open not in os.supports_dir_fd:  # pragma: no cover - not POSIX (open_beneath too)
@@ -335,7 +349,7 @@ def _write_disk(path: Path, roots: tuple[str, ...], content: str) -> None:
         except _CannotReplace:
             if existing is None:  # (nothing to write into: no file may be made here)
                 raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path)) from None
-            _write_into(directory, path, data)
+            _write_into(directory, path, data, existing)
     finally:
         os.close(directory)
 
@@ -388,6 +402,7 @@ def _replace(directory: int, name: str, data: bytes, existing: os.stat_result | 
         with os.fdopen(fd, "wb") as file:
             if existing is not None:
                 _take_owner_and_mode(file.fileno(), existing)
+                _take_xattrs(file.fileno(), directory, name, existing)
             file.write(data)
         os.replace(tmp, name, src_dir_fd=directory, dst_dir_fd=directory)
     except BaseException:
@@ -408,15 +423,86 @@ def _take_owner_and_mode(fd: int, existing: os.stat_result) -> None:
     os.fchmod(fd, stat.S_IMODE(existing.st_mode))
 
 
-def _write_into(directory: int, path: Path, data: bytes) -> None:
-    """Write ``data`` into the existing file (truncated first), where it cannot be replaced."""
-    flags = os.O_WRONLY | os.O_TRUNC | os.O_NOFOLLOW | _CLOEXEC | _NO_WAIT
+#: What listing a file's extended attributes answers on a file system that keeps none.
+_NO_XATTRS = frozenset({errno.ENOTSUP, getattr(errno, "EOPNOTSUPP", errno.ENOTSUP)})
+
+
+def _take_xattrs(fd: int, directory: int, name: str, existing: os.stat_result) -> None:
+    """Give the new file ``fd`` the extended attributes of the file ``name`` it replaces
+    (``existing``), and only those, or raise :class:`_CannotReplace` (Linux; elsewhere
+    there is nothing ``os`` can copy).
+
+    Why: a POSIX ACL is one (``system.posix_acl_access``). A file shared with one other
+    user (``user:bob:rw-``, ``group::---``, ``mask::rw-``) shows the mask as its group
+    bits (0660), so a new file given only its mode let every member of its group read and
+    write it, and bob not; and a directory's default ACL gave a new file entries the old
+    one never had. An attribute that cannot be set (``security.*`` needs rights the server
+    may lack) leaves the file to be written into, as an owner that cannot be given does."""
+    if not hasattr(os, "listxattr"):  # pragma: no cover - not Linux
+        return
+    flags = os.O_RDONLY | os.O_NOFOLLOW | _CLOEXEC | _NO_WAIT
+    try:
+        try:
+            source = os.open(name, flags, dir_fd=directory)
+        except OSError as exc:
+            if exc.errno in (errno.ENOENT, errno.ELOOP, errno.ENXIO):
+                return  # (the file checked is gone: the rename replaces what took its name)
+            raise
+        try:
+            now = os.fstat(source)
+            if (now.st_dev, now.st_ino) != (existing.st_dev, existing.st_ino):
+                return  # (as above; never a reason to write into what is there now)
+            try:
+                names = os.listxattr(source)
+            except OSError as exc:
+                if exc.errno not in _NO_XATTRS:
+                    raise
+                return  # (a file system that keeps none: nothing to keep)
+            theirs = {key: os.getxattr(source, key) for key in names}
+        finally:
+            os.close(source)
+        for key in os.listxattr(fd):
+            if key not in theirs:
+                os.removexattr(fd, key)
+        for key, value in theirs.items():
+            with contextlib.suppress(OSError):
+                if os.getxattr(fd, key) == value:
+                    continue  # (a label the new file was given already: setting it may need rights)
+            os.setxattr(fd, key, value)
+    except OSError:
+        raise _CannotReplace from None
+
+
+def _write_into(directory: int, path: Path, data: bytes, existing: os.stat_result) -> None:
+    """Write ``data`` into the existing file (truncated first), where it cannot be replaced:
+    the very file checked (``existing``), or none.
+
+    Why: the name was opened with ``O_TRUNC`` and written whatever it named by then, so a
+    file swapped meanwhile for a hard link to a file outside the project (by a local
+    process that can write in it) had that file truncated and overwritten. The name is
+    opened without truncating now, and truncated only once it is known to be the file."""
+    flags = os.O_WRONLY | os.O_NOFOLLOW | _CLOEXEC | _NO_WAIT
     fd = os.open(path.name, flags, dir_fd=directory)
     with os.fdopen(fd, "wb") as file:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):  # (swapped meanwhile)
-            raise _NotAFile(_kind(os.fstat(fd).st_mode))
+        now = os.fstat(fd)
+        if not stat.S_ISREG(now.st_mode):  # (swapped meanwhile)
+            raise _NotAFile(_kind(now.st_mode))
+        if (now.st_dev, now.st_ino) != (existing.st_dev, existing.st_ino):
+            raise _Replaced
         os.set_blocking(fd, True)
+        os.ftruncate(fd, 0)
         file.write(data)
+
+
+class _Replaced(OSError):
+    """The file checked was replaced by another before it could be written into (the tool
+    call fails ``cannot write PATH: it was replaced ...``)."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "it was replaced while it was being written (another file took its name): "
+            "nothing was written"
+        )
 
 
 TOOLS: dict[str, ToolSpec] = {

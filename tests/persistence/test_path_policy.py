@@ -654,3 +654,36 @@ async def test_tools_cannot_touch_the_servers_data_directory(
     assert (data / "token").read_text() == "the-token"
     assert not (data / "new.txt").exists()
     assert store_before is None or (data / "sessions.sqlite3").exists()
+
+
+async def test_another_name_for_the_config_file_is_refused_too(
+    tmp_path: Path, acp_schema: SchemaChecker, start_server: StartServer
+) -> None:
+    """The server's files were told by their path's text alone: another name for the same
+    file passed. On a case-insensitive file system (macOS's default, Windows)
+    ``Library/Application Support/PUNIE-TRIO/token`` is the data directory's token; here
+    a hard link to the config file (a dotfiles project that links it in) stands for such a
+    name. What the path names is compared too now: the file itself, and each directory it
+    lies in (the data directory under another name)."""
+    root = Path(await trio.Path(tmp_path).resolve())
+    (root / "dotfiles").mkdir()
+    (root / "config.toml").write_text('token = "config-token"\n')
+    os.link(root / "config.toml", root / "dotfiles" / "punie.toml")
+    steps: list[dict[str, Any]] = [
+        {"tool": "read_file", "input": {"path": "dotfiles/punie.toml"}},
+        {"tool": "write_file", "input": {"path": "dotfiles/punie.toml", "content": "x"}},
+    ]
+    async with (
+        start_server(ScriptModel([steps]), config_path=root / "config.toml") as running,
+        acp_ws_client(running.url, acp_schema) as (client, _),
+    ):
+        await client.initialize()
+        session_id = await client.new_session(str(root))
+        assert await client.prompt(session_id, "config") == "end_turn"
+        finals = tool_outcomes(client, session_id)
+    assert [u["status"] for u in finals] == ["failed"] * 2
+    for update in finals:
+        text = update["content"][0]["content"]["text"]
+        assert f"which is the server's config file ({root / 'config.toml'})" in text, text
+    assert "config-token" not in str(client.received)
+    assert (root / "dotfiles" / "punie.toml").read_text() == 'token = "config-token"\n'

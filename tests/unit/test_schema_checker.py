@@ -85,3 +85,33 @@ def test_a_response_of_the_wrong_shape_for_its_method_is_refused() -> None:
 
 def test_not_strict_reads_the_schema_as_written() -> None:
     SchemaChecker(strict=False).agent_sent(_update(TOOL_CALL, extra=1))
+
+
+def _ask(tool_call: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "jsonrpc": "2.0",
+        "id": 3,
+        "method": "session/request_permission",
+        "params": {
+            "sessionId": "s",
+            "toolCall": tool_call,
+            "options": [{"optionId": "a", "name": "Allow", "kind": "allow_once"}],
+        },
+    }
+
+
+def test_a_base_type_used_as_it_is_is_closed_too() -> None:
+    """A definition that others extend through ``allOf`` (``ToolCallUpdate``: the
+    ``tool_call_update`` update) was left open wherever it is used as it is: a misspelt
+    field in ``session/request_permission``'s ``toolCall`` passed. Only the objects that
+    extend it see it open now."""
+    SchemaChecker().agent_sent(_ask({"toolCallId": "call_1_1", "status": "pending"}))
+    with pytest.raises(jsonschema.ValidationError):
+        SchemaChecker().agent_sent(_ask({"toolCallId": "call_1_1", "rawinput": {}}))
+    SchemaChecker().agent_sent(
+        _update({"sessionUpdate": "tool_call_update", "toolCallId": "c", "status": "failed"})
+    )
+    with pytest.raises(jsonschema.ValidationError):
+        SchemaChecker().agent_sent(
+            _update({"sessionUpdate": "tool_call_update", "toolCallId": "c", "rawinput": {}})
+        )

@@ -8,6 +8,7 @@ import io
 import itertools
 import os
 import stat
+import struct
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -571,6 +572,179 @@ def test_a_file_whose_owner_cannot_be_kept_is_written_into(
     assert (tmp_path / "theirs.txt").read_text() == "new"
     assert (after.st_ino, after.st_uid) == (before.st_ino, before.st_uid + 1)
     assert os.listdir(tmp_path) == ["theirs.txt"]
+
+
+def _posix_acl(*entries: tuple[int, int, int]) -> bytes:
+    """A ``system.posix_acl_access`` value: version 2, then (tag, permissions, id) each."""
+    return struct.pack("<I", 2) + b"".join(struct.pack("<HHI", *e) for e in entries)
+
+
+_NO_ID = 0xFFFFFFFF
+# user::rw- user:65534:rw- group::--- mask::rw- other::---  (ls shows 0660: the mask)
+_SHARED_WITH_ONE_USER = _posix_acl(
+    (0x01, 6, _NO_ID), (0x02, 6, 65534), (0x04, 0, _NO_ID), (0x10, 6, _NO_ID), (0x20, 0, _NO_ID)
+)
+
+
+def _set_xattrs_or_skip(path: Path, attrs_: dict[str, bytes]) -> None:
+    if not hasattr(os, "setxattr"):
+        pytest.skip("no extended attributes on this platform")
+    try:
+        for name, value in attrs_.items():
+            os.setxattr(path, name, value)
+    except OSError as exc:  # (a file system without ACLs or user attributes)
+        pytest.skip(f"cannot set {name}: {exc}")
+
+
+def _xattrs(path: Path) -> dict[str, bytes]:
+    return {name: os.getxattr(path, name) for name in sorted(os.listxattr(path))}
+
+
+def test_a_replaced_file_keeps_its_acl_and_extended_attributes(tmp_path: Path) -> None:
+    """The file is replaced by a new one, which had only the old one's owner and mode: a
+    POSIX ACL sharing it with one other user (``group::---``, ``mask::rw-``: the mode's
+    group bits show the mask, 0660) came out as plain 0660, so every member of its group
+    could read and write it, the user it was shared with could not, and its user
+    attributes were gone. The new file takes them all now."""
+    (tmp_path / "shared.txt").write_text("old")
+    (tmp_path / "shared.txt").chmod(0o600)
+    _set_xattrs_or_skip(
+        tmp_path / "shared.txt",
+        {"system.posix_acl_access": _SHARED_WITH_ONE_USER, "user.origin": b"kept"},
+    )
+    before = (tmp_path / "shared.txt").stat()
+    xattrs = _xattrs(tmp_path / "shared.txt")
+    tools_module._write_disk(tmp_path / "shared.txt", (str(tmp_path),), "new")
+    after = (tmp_path / "shared.txt").stat()
+    assert (tmp_path / "shared.txt").read_text() == "new"
+    assert _xattrs(tmp_path / "shared.txt") == xattrs
+    assert (after.st_mode, after.st_uid, after.st_gid) == (
+        before.st_mode,
+        before.st_uid,
+        before.st_gid,
+    )
+    assert os.listdir(tmp_path) == ["shared.txt"]
+
+
+def test_a_replaced_file_takes_no_acl_from_its_directory(tmp_path: Path) -> None:
+    """A new file is given its directory's default ACL: the file it replaces, made before
+    that ACL was, had none, and must still have none (no other user may read it now)."""
+    (tmp_path / "private.txt").write_text("old")
+    (tmp_path / "private.txt").chmod(0o600)
+    _set_xattrs_or_skip(tmp_path, {"system.posix_acl_default": _SHARED_WITH_ONE_USER})
+    tools_module._write_disk(tmp_path / "private.txt", (str(tmp_path),), "new")
+    assert (tmp_path / "private.txt").read_text() == "new"
+    assert _xattrs(tmp_path / "private.txt") == {}
+    assert stat.S_IMODE((tmp_path / "private.txt").stat().st_mode) == 0o600
+
+
+def test_a_file_on_a_file_system_without_attributes_is_still_replaced(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file system that keeps no extended attributes (vfat, NFSv3, many FUSE ones)
+    answers their listing with ``ENOTSUP``: there is nothing to keep, and the file is
+    replaced whole, not written into."""
+    (tmp_path / "f.txt").write_text("old")
+    before = (tmp_path / "f.txt").stat()
+
+    def unsupported(*args: Any, **kwargs: Any) -> list[str]:
+        raise OSError(errno.ENOTSUP, os.strerror(errno.ENOTSUP))
+
+    monkeypatch.setattr(tools_module.os, "listxattr", unsupported)
+    tools_module._write_disk(tmp_path / "f.txt", (str(tmp_path),), "new")
+    assert (tmp_path / "f.txt").read_text() == "new"
+    assert (tmp_path / "f.txt").stat().st_ino != before.st_ino
+    assert os.listdir(tmp_path) == ["f.txt"]
+
+
+def test_a_file_whose_attributes_cannot_be_kept_is_written_into(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where an attribute cannot be given to the new file (``security.*`` needs rights the
+    server may lack), the file is written into, as one whose owner cannot be kept is."""
+    (tmp_path / "labelled.txt").write_text("old")
+    _set_xattrs_or_skip(tmp_path / "labelled.txt", {"user.origin": b"kept"})
+    before = (tmp_path / "labelled.txt").stat()
+
+    def refuse(*args: Any, **kwargs: Any) -> None:
+        raise PermissionError(errno.EPERM, "not permitted")
+
+    monkeypatch.setattr(tools_module.os, "setxattr", refuse)
+    tools_module._write_disk(tmp_path / "labelled.txt", (str(tmp_path),), "new")
+    assert (tmp_path / "labelled.txt").read_text() == "new"
+    assert (tmp_path / "labelled.txt").stat().st_ino == before.st_ino
+    assert _xattrs(tmp_path / "labelled.txt") == {"user.origin": b"kept"}
+    assert os.listdir(tmp_path) == ["labelled.txt"]
+
+
+def _swap_for_a_link_outside(path: Path, outside: Path) -> None:
+    """What a local process that can write in the project does between two steps of a
+    write: the checked file is gone, and its name is a hard link to a file outside."""
+    path.unlink()
+    os.link(outside, path)
+
+
+@pytest.mark.parametrize("owner_kept", [True, False], ids=["replaced", "written-into"])
+def test_a_file_swapped_for_a_link_outside_during_a_write_is_not_written_through(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, owner_kept: bool
+) -> None:
+    """Between the file's check and its use, its name was swapped for a hard link to a
+    file outside the project. Where the file is written into (its owner cannot be given
+    to a new file) the name was opened, truncated and written with no check that it was
+    still the file checked: the file outside was overwritten. (So was it where the old
+    file's extended attributes could not be read, it being gone.) Only the file checked
+    is written into now, and another one there fails the call before anything is
+    truncated; a replace renames over whatever took the name, as it did."""
+    root = tmp_path / "proj"
+    root.mkdir()
+    secret = tmp_path / "secret.txt"
+    secret.write_text("outside")
+    (root / "f.txt").write_text("old")
+    real = tools_module._take_owner_and_mode
+
+    def swap_during(fd: int, existing: os.stat_result) -> None:
+        real(fd, existing)
+        _swap_for_a_link_outside(root / "f.txt", secret)
+        if not owner_kept:
+            raise tools_module._CannotReplace  # (as for a file another user owns)
+
+    monkeypatch.setattr(tools_module, "_take_owner_and_mode", swap_during)
+    if owner_kept:
+        tools_module._write_disk(root / "f.txt", (str(root),), "payload")
+        assert (root / "f.txt").read_text() == "payload"
+    else:
+        with pytest.raises(OSError, match="was replaced while it was being written"):
+            tools_module._write_disk(root / "f.txt", (str(root),), "payload")
+        assert (root / "f.txt").read_text() == "outside"
+    assert secret.read_text() == "outside"
+    assert os.listdir(root) == ["f.txt"]
+
+
+def test_a_fifo_is_refused_without_being_opened(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``read_file`` of a FIFO opened it (without waiting) before seeing what it was. An
+    open is not nothing: a writer waiting in its own open for a reader was let go by it,
+    and its writes then failed (``EPIPE``, or ``SIGPIPE`` killed it) once the server
+    closed its end; so with a device, whose open may act (a tape rewinds on its close, a
+    watchdog starts). What the name is is looked at first now, and such a file is never
+    opened (save one swapped in after the look, which the open's own check still
+    refuses)."""
+    os.mkfifo(tmp_path / "pipe")
+    opened: list[Path] = []
+    real = tools_module.open_beneath
+
+    def recording(path: Path, *args: Any, **kwargs: Any) -> int:
+        opened.append(path)
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(tools_module, "open_beneath", recording)
+    with pytest.raises(tools_module._NotAFile, match="a FIFO"):
+        tools_module._read_disk(tmp_path / "pipe", (str(tmp_path),), None, None)
+    assert opened == []
+    (tmp_path / "f.txt").write_text("text")
+    assert tools_module._read_disk(tmp_path / "f.txt", (str(tmp_path),), None, None) == "text"
+    assert opened == [tmp_path / "f.txt"]
 
 
 async def test_write_file_takes_a_name_as_long_as_the_file_system_allows(tmp_path: Path) -> None:
