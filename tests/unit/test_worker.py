@@ -554,6 +554,10 @@ async def test_write_file_keeps_the_mode_and_leaves_other_hard_links_alone(tmp_p
     assert sorted(os.listdir(root)) == ["linked.txt", "script.sh"]
 
 
+@pytest.mark.skipif(
+    not hasattr(os, "geteuid") or os.geteuid() != 0,
+    reason="giving a file another user's id needs root",
+)
 def test_a_file_whose_owner_cannot_be_kept_is_written_into(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
