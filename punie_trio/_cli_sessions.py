@@ -24,8 +24,10 @@ import attrs
 from ._config import ConfigError, _to_path, as_flag, load_file, resolve_option
 from ._json import escape_lone_surrogates
 from ._paths import (
+    NotASmallFile,
     default_config_path,
     default_data_dir,
+    read_small_file,
     resolved,
     store_path,
     token_path,
@@ -450,10 +452,16 @@ def cmd_export(args: argparse.Namespace, data_dir: Path) -> int:
 # -- token ----------------------------------------------------------------------------------
 
 
+#: The largest token file read (``serve`` writes 44 bytes).
+MAX_TOKEN_FILE_BYTES = 64 * 1024
+
+
 def cmd_token(args: argparse.Namespace, data_dir: Path) -> int:
     path = token_path(data_dir)
     try:
-        token = path.read_text(encoding="utf-8").strip()
+        token = read_small_file(path, MAX_TOKEN_FILE_BYTES).decode("utf-8").strip()
+    except NotASmallFile as exc:
+        return _fail(f"token file {path} {exc} (`{_PROG} serve` writes a new one)")
     except FileNotFoundError:
         return _fail(_no_token_file(args, path))
     except OSError as exc:

@@ -9,11 +9,9 @@ integer``) and the CLI exits 2 with them.
 from __future__ import annotations
 
 import argparse
-import errno
 import ipaddress
 import os
 import re
-import stat
 import tomllib
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -21,6 +19,8 @@ from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import attrs
+
+from ._paths import NotASmallFile, read_small_file
 
 T = TypeVar("T")
 
@@ -322,52 +322,16 @@ BY_NAME = {o.name: o for o in OPTIONS}
 #: The largest config file read (a real one is a few hundred bytes).
 MAX_CONFIG_BYTES = 1024 * 1024
 
-_KINDS = (
-    (stat.S_ISDIR, "a directory"),
-    (stat.S_ISFIFO, "a FIFO"),
-    (stat.S_ISSOCK, "a socket"),
-    (stat.S_ISCHR, "a character device"),
-    (stat.S_ISBLK, "a block device"),
-)
-
-
-def _read_config(path: Path) -> bytes:
-    """The bytes of the regular file ``path``, at most :data:`MAX_CONFIG_BYTES`; anything
-    else is a :class:`ConfigError` naming it.
-
-    Why: ``--config`` naming a FIFO waited for ever for a writer (its open waits), and
-    ``/dev/zero`` was read until memory ran out. The open does not wait (``O_NONBLOCK``),
-    and what it opened is checked before a byte is read."""
-    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
-    try:
-        fd = os.open(path, flags)
-    except OSError as exc:
-        if exc.errno != errno.ENXIO:  # (ENXIO: a socket)
-            raise
-        fd = None
-    try:
-        mode = os.fstat(fd).st_mode if fd is not None else os.stat(path).st_mode
-        if not stat.S_ISREG(mode):
-            kind = next((k for is_kind, k in _KINDS if is_kind(mode)), "not a file")
-            raise ConfigError(f"config file {path} is not a regular file ({kind})")
-        assert fd is not None
-        os.set_blocking(fd, True)
-        with os.fdopen(fd, "rb", closefd=False) as file:
-            data = file.read(MAX_CONFIG_BYTES + 1)
-    finally:
-        if fd is not None:
-            os.close(fd)
-    if len(data) > MAX_CONFIG_BYTES:
-        raise ConfigError(f"config file {path} is over {MAX_CONFIG_BYTES} bytes: not a config file")
-    return data
-
 
 def load_file(path: Path, *, required: bool) -> dict[str, Any]:
     """The ``[serve]`` table (or top level) of a TOML file; {} if absent and not required."""
     try:
         # utf-8-sig: a byte-order mark (Windows editors write one) is skipped; it was "not
         # valid TOML: Invalid statement (at line 1, column 1)", pointing at nothing visible.
-        data = tomllib.loads(_read_config(path).decode("utf-8-sig"))
+        text = read_small_file(path, MAX_CONFIG_BYTES).decode("utf-8-sig")
+        data = tomllib.loads(text)
+    except NotASmallFile as exc:
+        raise ConfigError(f"config file {path} {exc}: not a config file") from None
     except FileNotFoundError:
         if required:
             raise ConfigError(f"config file {path} does not exist") from None

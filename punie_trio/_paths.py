@@ -54,6 +54,53 @@ def ensure_data_dir(path: Path) -> Path:
     return path
 
 
+class NotASmallFile(Exception):
+    """What :func:`read_small_file` refuses; the message completes "FILE ...": ``is not
+    a regular file (a FIFO)``, ``is over 1048576 bytes``."""
+
+
+_KINDS = (
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISFIFO, "a FIFO"),
+    (stat.S_ISSOCK, "a socket"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+)
+
+
+def read_small_file(path: Path, max_bytes: int) -> bytes:
+    """The bytes of the regular file ``path``, at most ``max_bytes`` of them; anything
+    else is :class:`NotASmallFile` (and a missing or unreadable file the ``OSError`` an
+    open gives).
+
+    Why: a config or token file is read whole, at start or by a CLI command. Named by a
+    FIFO (``--config``, or one planted as ``DATA_DIR/token``) the open waited for ever for
+    a writer; ``/dev/zero`` was read until memory ran out. The open does not wait
+    (``O_NONBLOCK``), and what it opened is checked before a byte is read."""
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd: int | None = os.open(path, flags)
+    except OSError as exc:
+        if exc.errno != errno.ENXIO:  # (ENXIO: a socket, which no open reads)
+            raise
+        fd = None
+    try:
+        mode = os.fstat(fd).st_mode if fd is not None else os.stat(path).st_mode
+        if not stat.S_ISREG(mode):
+            kind = next((k for is_kind, k in _KINDS if is_kind(mode)), "not a file")
+            raise NotASmallFile(f"is not a regular file ({kind})")
+        assert fd is not None
+        os.set_blocking(fd, True)
+        with os.fdopen(fd, "rb", closefd=False) as file:
+            data = file.read(max_bytes + 1)
+    finally:
+        if fd is not None:
+            os.close(fd)
+    if len(data) > max_bytes:
+        raise NotASmallFile(f"is over {max_bytes} bytes")
+    return data
+
+
 def resolved(path: str) -> str:
     """``path`` with ``~``, symlinks and ``..`` resolved: the form sessions' cwds and roots
     are stored and compared in (the server and the CLI alike)."""

@@ -409,6 +409,33 @@ def test_a_token_file_with_what_no_token_has_is_refused(
     assert "\x1b" not in captured.err and "ö" not in captured.err
 
 
+@pytest.mark.parametrize("kind", ["fifo", "device", "directory", "huge"])
+def test_a_token_file_that_is_no_small_regular_file_is_refused_at_once(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], kind: str
+) -> None:
+    """A FIFO planted as ``DATA_DIR/token`` made ``punie-trio token`` wait for ever for a
+    writer, and a link to ``/dev/zero`` was read until memory ran out (a review, 2026-12-07).
+    The token file is a regular file of at most 64 KiB; anything else is named, at once."""
+    data_dir = ensure_data_dir(tmp_path / "data")
+    path = token_path(data_dir)
+    if kind == "fifo":
+        os.mkfifo(path)
+        expected = "is not a regular file (a FIFO)"
+    elif kind == "device":
+        path.symlink_to("/dev/zero")
+        expected = "is not a regular file (a character device)"
+    elif kind == "directory":
+        path.mkdir()
+        expected = "is not a regular file (a directory)"
+    else:
+        path.write_text("t" * (64 * 1024 + 1))
+        expected = "is over 65536 bytes"
+    assert main(["token", "--data-dir", str(data_dir)]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert f"token file {path} {expected}" in captured.err
+
+
 @pytest.mark.parametrize("command", ["list", "show sess-odd", "export sess-odd"])
 def test_what_the_terminal_cannot_encode_is_escaped_not_a_traceback(
     tmp_path: Path, command: str
