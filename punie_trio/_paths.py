@@ -68,6 +68,11 @@ _KINDS = (
 )
 
 
+def file_kind(mode: int) -> str:
+    """What a file that is not a regular file is (``a FIFO``), for a message."""
+    return next((kind for is_kind, kind in _KINDS if is_kind(mode)), "not a file")
+
+
 def read_small_file(path: Path, max_bytes: int) -> bytes:
     """The bytes of the regular file ``path``, at most ``max_bytes`` of them; anything
     else is :class:`NotASmallFile` (and a missing or unreadable file the ``OSError`` an
@@ -87,8 +92,7 @@ def read_small_file(path: Path, max_bytes: int) -> bytes:
     try:
         mode = os.fstat(fd).st_mode if fd is not None else os.stat(path).st_mode
         if not stat.S_ISREG(mode):
-            kind = next((k for is_kind, k in _KINDS if is_kind(mode)), "not a file")
-            raise NotASmallFile(f"is not a regular file ({kind})")
+            raise NotASmallFile(f"is not a regular file ({file_kind(mode)})")
         assert fd is not None
         os.set_blocking(fd, True)
         with os.fdopen(fd, "rb", closefd=False) as file:

@@ -7,10 +7,13 @@ stdout belongs to ACP under ``--stdio``: every human-readable line goes to stder
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import io
 import logging
 import logging.handlers
 import os
+import stat
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -45,6 +48,7 @@ from ._paths import (
     default_config_path,
     default_data_dir,
     ensure_data_dir,
+    file_kind,
     lock_data_dir,
     token_path,
 )
@@ -276,7 +280,14 @@ class _PrivateRotatingFileHandler(logging.handlers.RotatingFileHandler):
     _erred = False
 
     def _open(self) -> Any:
-        create_private(Path(self.baseFilename))
+        path = Path(self.baseFilename)
+        create_private(path)
+        # A FIFO there made serve wait at start for ever, for a reader; a device is no log.
+        with contextlib.suppress(FileNotFoundError):
+            mode = path.stat().st_mode
+            if not stat.S_ISREG(mode):
+                why = f"it is not a regular file ({file_kind(mode)})"
+                raise OSError(errno.EINVAL, why, str(path))
         return super()._open()
 
     def emit(self, record: logging.LogRecord) -> None:

@@ -247,6 +247,21 @@ def test_serve_a_directory_where_a_data_file_goes_is_a_message(
     assert not [p for p in data.iterdir() if p.name.endswith(".tmp")]
 
 
+def test_serve_a_fifo_where_the_log_file_goes_is_a_message_not_a_hang(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    """A FIFO named ``punie-trio.log`` in the data directory made ``serve`` wait at start
+    for ever, for a reader of the FIFO (an audit, 2026-12-07). It is named now, exit 1."""
+    data = Path(env["PUNIE_DATA_DIR"])
+    data.mkdir(parents=True, exist_ok=True)
+    os.mkfifo(data / "punie-trio.log")
+    done = punie("serve", "--stdio", "--no-http", "--project", str(tmp_path), env=env)
+    assert done.returncode == 1
+    assert "cannot write the log file" in done.stderr
+    assert "is not a regular file (a FIFO)" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
 def _as_another_user() -> list[str]:
     """The command prefix that runs a child without root's right to write any file (empty
     when the tests do not run as root); skips when that is not possible here."""
