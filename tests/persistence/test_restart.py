@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import sqlite3
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -475,14 +477,37 @@ async def test_list_reports_the_cwd_as_the_client_sent_it(
                 await client.request("session/load", load_params(session_id, root / "site"))
 
 
+@asynccontextmanager
+async def serving_only(
+    project: Path, data_dir: Path, acp_schema: SchemaChecker
+) -> AsyncIterator[AcpTestClient]:
+    """A server on ``data_dir`` that serves ``project`` alone (a store outlives
+    ``--project`` choices), and a client of it, initialized."""
+    from punie_trio.server import ServeConfig, serve
+
+    config = ServeConfig(
+        projects=(project,),
+        model=history_script(),
+        port=0,
+        handle_signals=False,
+        data_dir=data_dir,
+        store="sqlite",
+    )
+    async with trio.open_nursery() as nursery:
+        narrowed = await nursery.start(serve, config)
+        assert narrowed.url is not None
+        async with acp_ws_client(narrowed.url, acp_schema) as (client, _):
+            await client.initialize()
+            yield client
+        narrowed.closing.set()
+
+
 async def test_list_shows_only_sessions_under_served_roots(
     tmp_path: Path, acp_schema: SchemaChecker
 ) -> None:
     """A store outlives ``--project`` choices: a server lists (and loads) only the sessions
     under the roots it serves now; a delete of another root's session answers as for an
     unknown id and leaves it stored."""
-    from punie_trio.server import ServeConfig, serve
-
     root = await resolved(tmp_path)
     (root / "a").mkdir()
     (root / "b").mkdir()
@@ -494,25 +519,12 @@ async def test_list_shows_only_sessions_under_served_roots(
             await client.initialize()
             in_a = await client.new_session(str(root / "a"))
             in_b = await client.new_session(str(root / "b"))
-        config = ServeConfig(
-            projects=(root / "a",),
-            model=history_script(),
-            port=0,
-            handle_signals=False,
-            data_dir=tmp_path / "data",
-            store="sqlite",
-        )
-        async with trio.open_nursery() as nursery:
-            narrowed = await nursery.start(serve, config)
-            assert narrowed.url is not None
-            async with acp_ws_client(narrowed.url, acp_schema) as (client, _):
-                await client.initialize()
-                listed = await client.request("session/list", {})
-                assert [s["sessionId"] for s in listed["sessions"]] == [in_a]
-                error = await expect_error(client, "session/load", load_params(in_b, root / "a"))
-                assert error["code"] == -32002
-                assert await client.request("session/delete", {"sessionId": in_b}) == {}
-            narrowed.closing.set()
+        async with serving_only(root / "a", tmp_path / "data", acp_schema) as client:
+            listed = await client.request("session/list", {})
+            assert [s["sessionId"] for s in listed["sessions"]] == [in_a]
+            error = await expect_error(client, "session/load", load_params(in_b, root / "a"))
+            assert error["code"] == -32002
+            assert await client.request("session/delete", {"sessionId": in_b}) == {}
         async with open_sqlite_store(store_path(tmp_path / "data")) as store:
             assert await store.get_session(in_b) is not None
 
@@ -524,8 +536,6 @@ async def test_list_pages_hold_only_served_sessions_and_end_when_they_do(
     each page after it: 51 newer sessions of another root once made the first page
     ``{"sessions": [], "nextCursor": ...}`` and hid the one served session behind pages
     of nothing (a client showing the first page showed no history)."""
-    from punie_trio.server import ServeConfig, serve
-
     root = await resolved(tmp_path)
     (root / "a").mkdir()
     (root / "b").mkdir()
@@ -539,25 +549,12 @@ async def test_list_pages_hold_only_served_sessions_and_end_when_they_do(
             for _ in range(51):  # (newer: listed before in_a)
                 session_id = await client.new_session(str(root / "b"))
                 await client.request("session/close", {"sessionId": session_id})
-        config = ServeConfig(
-            projects=(root / "a",),
-            model=history_script(),
-            port=0,
-            handle_signals=False,
-            data_dir=tmp_path / "data",
-            store="sqlite",
-        )
-        async with trio.open_nursery() as nursery:
-            narrowed = await nursery.start(serve, config)
-            assert narrowed.url is not None
-            async with acp_ws_client(narrowed.url, acp_schema) as (client, _):
-                await client.initialize()
-                listed = await client.request("session/list", {})
-                assert [s["sessionId"] for s in listed["sessions"]] == [in_a]
-                assert "nextCursor" not in listed
-                listed = await client.request("session/list", {"cwd": str(root / "b")})
-                assert listed == {"sessions": []}
-            narrowed.closing.set()
+        async with serving_only(root / "a", tmp_path / "data", acp_schema) as client:
+            listed = await client.request("session/list", {})
+            assert [s["sessionId"] for s in listed["sessions"]] == [in_a]
+            assert "nextCursor" not in listed
+            listed = await client.request("session/list", {"cwd": str(root / "b")})
+            assert listed == {"sessions": []}
 
 
 @attrs.define(eq=False)
