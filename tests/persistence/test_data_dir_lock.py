@@ -88,6 +88,18 @@ def test_the_read_only_commands_do_not_need_the_lock(tmp_path: Path) -> None:
         server.stderr.close()
 
 
+def serve_stdio_once(tmp_path: Path, data: Path) -> subprocess.CompletedProcess[bytes]:
+    """``serve`` over stdio on ``data``, its stdin at EOF: a server that starts ends at once
+    (it does not hang the test); one refused says why on stderr."""
+    return subprocess.run(
+        serve_command(tmp_path, "--stdio", "--no-http", data_dir=data),
+        capture_output=True,
+        stdin=subprocess.DEVNULL,
+        env=server_env(),
+        timeout=60,
+    )
+
+
 def test_a_symlink_planted_as_the_lock_file_is_not_followed(tmp_path: Path) -> None:
     """Someone who can write to a shared data directory plants ``serve.lock`` as a link to
     a file of the user's: ``serve`` truncated that file and wrote its pid into it. Now it
@@ -97,14 +109,7 @@ def test_a_symlink_planted_as_the_lock_file_is_not_followed(tmp_path: Path) -> N
     victim = tmp_path / "notes.txt"
     victim.write_text("precious\n")
     (data / "serve.lock").symlink_to(victim)
-    done = subprocess.run(
-        # (Over stdio, whose EOF ends it: a server that started does not hang the test.)
-        serve_command(tmp_path, "--stdio", "--no-http", data_dir=data),
-        capture_output=True,
-        stdin=subprocess.DEVNULL,
-        env=server_env(),
-        timeout=60,
-    )
+    done = serve_stdio_once(tmp_path, data)
     assert done.returncode == 1
     message = done.stderr.decode()
     assert f"cannot lock the data directory ({data / 'serve.lock'}): " in message
@@ -113,13 +118,7 @@ def test_a_symlink_planted_as_the_lock_file_is_not_followed(tmp_path: Path) -> N
     # A dangling one would have been created through: not either.
     (data / "serve.lock").unlink()
     (data / "serve.lock").symlink_to(tmp_path / "made.txt")
-    done = subprocess.run(
-        serve_command(tmp_path, "--stdio", "--no-http", data_dir=data),
-        capture_output=True,
-        stdin=subprocess.DEVNULL,
-        env=server_env(),
-        timeout=60,
-    )
+    done = serve_stdio_once(tmp_path, data)
     assert done.returncode == 1 and b"is a symbolic link" in done.stderr
     assert not (tmp_path / "made.txt").exists()
 
@@ -134,13 +133,7 @@ def test_what_the_lock_file_says_is_shown_only_if_it_is_a_pid(tmp_path: Path) ->
     lock.write_bytes(b"\x1b]0;owned\x07\x1b[2J\n")
     with lock.open("rb") as held:
         fcntl.flock(held, fcntl.LOCK_EX)
-        done = subprocess.run(
-            serve_command(tmp_path, "--stdio", "--no-http", data_dir=data),
-            capture_output=True,
-            stdin=subprocess.DEVNULL,
-            env=server_env(),
-            timeout=60,
-        )
+        done = serve_stdio_once(tmp_path, data)
     assert done.returncode == 1
     assert b"\x1b" not in done.stderr and b"\x07" not in done.stderr
     assert done.stderr.startswith(b"punie-trio: error: another punie-trio serve is using")
