@@ -114,6 +114,18 @@ async def test_another_programs_database_is_not_taken_over(tmp_path: Path) -> No
     assert path.read_bytes() == before
 
 
+async def list_all(store: Any, page_size: int) -> list[SessionRecord]:
+    """Every session ``store`` lists, page by page (at most 10 pages)."""
+    listed: list[SessionRecord] = []
+    cursor = None
+    for _ in range(10):
+        page, cursor = await store.list_sessions(cursor=cursor, limit=page_size)
+        listed += page
+        if cursor is None:
+            return listed
+    raise AssertionError(f"more than 10 pages: {[r.id for r in listed]}")
+
+
 def _damage(path: Path, sql: str, *params: Any) -> None:
     """Edit the file behind the store's back (by hand, or a damaged disk)."""
     with sqlite3.connect(path) as conn:
@@ -162,17 +174,11 @@ async def test_a_session_time_no_date_can_hold_fails_alone_and_is_left_out_of_li
             await store.create_session(make_record(f"s{i}", updated_at=float(i + 1)))
     _damage(path, f"UPDATE sessions SET {column} = ? WHERE id = 's1'", value)
     async with open_sqlite_store(path) as store:
-        seen: list[str] = []
-        cursor = None
-        for _ in range(4):
-            page, cursor = await store.list_sessions(cursor=cursor, limit=1)
-            seen += [r.id for r in page]
-            for record in page:
-                datetime.fromtimestamp(record.updated_at, UTC)  # (what session/list sends)
-                datetime.fromtimestamp(record.created_at, UTC)
-            if cursor is None:
-                break
-        assert seen == ["s2", "s0"]
+        listed = await list_all(store, page_size=1)
+        assert [r.id for r in listed] == ["s2", "s0"]
+        for record in listed:
+            datetime.fromtimestamp(record.updated_at, UTC)  # (what session/list sends)
+            datetime.fromtimestamp(record.created_at, UTC)
         with pytest.raises(StoreError, match="stored session 's1' is damaged"):
             await store.get_session("s1")
     assert [r.id for r in read_sessions(path)] == ["s2", "s0"]
@@ -258,14 +264,8 @@ async def test_a_page_of_rows_with_bad_times_hides_no_session(tmp_path: Path) ->
             await store.create_session(make_record(f"s{i}", updated_at=float(i + 1)))
     _damage(path, "UPDATE sessions SET updated_at = 'soon' WHERE id IN ('s3', 's4')")
     async with open_sqlite_store(path) as store:
-        listed: list[str] = []
-        cursor = None
-        for _ in range(5):
-            page, cursor = await store.list_sessions(cursor=cursor, limit=2)
-            listed += [r.id for r in page]
-            if cursor is None:
-                break
-    assert listed == ["s2", "s1", "s0"]
+        listed = await list_all(store, page_size=2)
+    assert [r.id for r in listed] == ["s2", "s1", "s0"]
 
 
 async def test_two_openers_of_a_new_store_do_not_refuse_each_other(tmp_path: Path) -> None:
