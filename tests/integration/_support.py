@@ -339,12 +339,29 @@ async def server_process(
     tmp_path: Path, *extra: str, wait_listening: bool = True
 ) -> AsyncIterator[ServerProcess]:
     """Start the server as a subprocess; kill it on exit if it is still running."""
+    command = serve_command(tmp_path, *extra)
+    async with command_process(command, server_env(), wait_listening=wait_listening) as server:
+        yield server
+
+
+@asynccontextmanager
+async def command_process(
+    command: list[str],
+    env: dict[str, str],
+    *,
+    wait_listening: bool = True,
+    stdin: int = subprocess.PIPE,
+    cwd: str | None = None,
+) -> AsyncIterator[ServerProcess]:
+    """:func:`server_process` for a command line and environment of the test's own (a
+    config file, ``PUNIE_*`` variables, a working directory)."""
     process = await trio.lowlevel.open_process(
-        serve_command(tmp_path, *extra),
-        stdin=subprocess.PIPE,
+        command,
+        stdin=stdin,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
-        env=server_env(),
+        env=env,
+        cwd=cwd,
     )
     server = ServerProcess(process)
     try:

@@ -23,11 +23,10 @@ from ..acp_schema import SchemaChecker
 from ..client import AcpTestClient
 from ..integration import _support
 from ..integration._support import (
-    LISTENING,
     RawHttp,
-    ServerProcess,
     WsStream,
     acp_ws_client,
+    command_process,
     fresh_ids,
     run_punie,
     serve_command,
@@ -381,35 +380,22 @@ async def test_serve_without_a_token_generates_one(
     data_dir = tmp_path / "fresh" / "data"
     command = serve_command(tmp_path, data_dir=data_dir, token=None)
     with trio.fail_after(30):
-        process = await trio.lowlevel.open_process(
-            command, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, env=server_env()
-        )
-        server = ServerProcess(process)
-        try:
-            async with trio.open_nursery() as nursery:
-                await nursery.start(server.collect_stderr)
-                match = await server.wait_stderr(LISTENING)
-                url = f"http://{match.group(1)}:{match.group(2)}"
+        env = server_env()
+        async with command_process(command, env, stdin=subprocess.DEVNULL) as server:
+            url = server.url
 
-                token_file = data_dir / "token"
-                assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
-                assert stat.S_IMODE(data_dir.stat().st_mode) == 0o700
-                token = token_file.read_text().strip()
-                assert len(token) >= 32
+            token_file = data_dir / "token"
+            assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
+            assert stat.S_IMODE(data_dir.stat().st_mode) == 0o700
+            token = token_file.read_text().strip()
+            assert len(token) >= 32
 
-                shown = await run_punie("token", "--data-dir", str(data_dir))
-                assert shown.returncode == 0, shown.stderr
-                assert re.search(rf"^token: {re.escape(token)}$", shown.stdout.decode(), re.M)
+            shown = await run_punie("token", "--data-dir", str(data_dir))
+            assert shown.returncode == 0, shown.stderr
+            assert re.search(rf"^token: {re.escape(token)}$", shown.stdout.decode(), re.M)
 
-                assert (await rejected(ws_url(url))).status_code == 401
-                await works(ws_url(url), acp_schema, [bearer(token)])
-                nursery.cancel_scope.cancel()
-        finally:
-            process.kill()
-            with trio.CancelScope(shield=True):
-                await process.wait()
-                assert process.stderr is not None
-                await process.stderr.aclose()
+            assert (await rejected(ws_url(url))).status_code == 401
+            await works(ws_url(url), acp_schema, [bearer(token)])
 
 
 async def test_the_token_is_not_logged_at_debug_level_over_http2(

@@ -28,7 +28,7 @@ from punie_trio._config import (
 )
 
 from ..acp_schema import SchemaChecker
-from ..integration._support import LISTENING, ServerProcess, acp_ws_client, server_env, ws_url
+from ..integration._support import acp_ws_client, command_process, server_env, ws_url
 from ._hub import expect_error, prompt_params
 
 
@@ -952,41 +952,25 @@ async def test_serve_reads_the_toml_file_under_env_and_flags(
     env = {**server_env(), "PUNIE_TOKEN": "env-token", "PUNIE_MAX_PROMPT_BYTES": "20"}
     command = [sys.executable, "-m", "punie_trio", "serve", "--config", str(config)]
     with trio.fail_after(30):
-        process = await trio.lowlevel.open_process(
-            [*command, "--max-prompt-bytes", "30"],
-            stdin=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            env=env,
-        )
-        server = ServerProcess(process)
-        try:
-            async with trio.open_nursery() as nursery:
-                await nursery.start(server.collect_stderr)
-                match = await server.wait_stderr(LISTENING)
-                url = f"http://{match.group(1)}:{match.group(2)}"
-                assert match.group(2) != "8765"  # port 0 from the file
-                async with httpx.AsyncClient(base_url=url) as http:
-                    assert (await http.get("/metrics")).status_code == 200  # file
-                with pytest.raises(ConnectionRejected) as info:
-                    headers = [(b"authorization", b"Bearer file-token")]
-                    async with open_websocket_url(ws_url(url), extra_headers=headers):
-                        pass  # pragma: no cover
-                assert info.value.status_code == 401  # env beats file
-                async with acp_ws_client(url, acp_schema, token="env-token") as (client, _):
-                    await client.initialize()
-                    session_id = await client.new_session(str(project))
-                    assert await client.prompt(session_id, "x" * 30) == "end_turn"
-                    error = await expect_error(
-                        client, "session/prompt", prompt_params(session_id, "x" * 31)
-                    )
-                    assert error["code"] == -32602 and "30-byte limit" in error["message"]
-                nursery.cancel_scope.cancel()
-        finally:
-            process.kill()
-            with trio.CancelScope(shield=True):
-                await process.wait()
-                assert process.stderr is not None
-                await process.stderr.aclose()
+        command = [*command, "--max-prompt-bytes", "30"]
+        async with command_process(command, env, stdin=subprocess.DEVNULL) as server:
+            url = server.url
+            assert not url.endswith(":8765")  # port 0 from the file
+            async with httpx.AsyncClient(base_url=url) as http:
+                assert (await http.get("/metrics")).status_code == 200  # file
+            with pytest.raises(ConnectionRejected) as info:
+                headers = [(b"authorization", b"Bearer file-token")]
+                async with open_websocket_url(ws_url(url), extra_headers=headers):
+                    pass  # pragma: no cover
+            assert info.value.status_code == 401  # env beats file
+            async with acp_ws_client(url, acp_schema, token="env-token") as (client, _):
+                await client.initialize()
+                session_id = await client.new_session(str(project))
+                assert await client.prompt(session_id, "x" * 30) == "end_turn"
+                error = await expect_error(
+                    client, "session/prompt", prompt_params(session_id, "x" * 31)
+                )
+                assert error["code"] == -32602 and "30-byte limit" in error["message"]
 
 
 def test_debounce_flag_env_and_default_reach_the_dev_app() -> None:

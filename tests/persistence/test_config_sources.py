@@ -26,7 +26,13 @@ import trio
 from trio_websocket import ConnectionClosed, ConnectionRejected, open_websocket_url
 
 from ..acp_schema import SchemaChecker
-from ..integration._support import LISTENING, ServerProcess, acp_ws_client, server_env, ws_url
+from ..integration._support import (
+    ServerProcess,
+    acp_ws_client,
+    command_process,
+    server_env,
+    ws_url,
+)
 from ._hub import expect_error, prompt_params
 
 PLACES = ("file", "env", "flag")
@@ -271,28 +277,10 @@ async def test_every_observable_option_reaches_the_server_from_the_place_that_wi
         (site / "index.html").write_text(f"<html><body>site-{place}</body></html>")
     command, env = _command(root, winner, busy_port)
     with trio.fail_after(60):
-        process = await trio.lowlevel.open_process(
-            command,
-            stdin=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            env=env,
-            cwd=str(root / "project-default"),
-        )
-        server = ServerProcess(process)
-        try:
-            async with trio.open_nursery() as nursery:
-                await nursery.start(server.collect_stderr)
-                match = await server.wait_stderr(LISTENING)
-                server.url = f"http://{match.group(1)}:{match.group(2)}"
-                assert match.group(2) != str(busy_port)
-                got = await _read_back(server, root, acp_schema, winner)
-                nursery.cancel_scope.cancel()
-        finally:
-            process.kill()
-            with trio.CancelScope(shield=True):
-                await process.wait()
-                assert process.stderr is not None
-                await process.stderr.aclose()
+        cwd = str(root / "project-default")
+        async with command_process(command, env, stdin=subprocess.DEVNULL, cwd=cwd) as server:
+            assert not server.url.endswith(f":{busy_port}")
+            got = await _read_back(server, root, acp_schema, winner)
     # Every option the places set is read back (and the port: it started on 0, not on
     # the busy port the losing places gave).
     assert set(got) == set(_values(root))
