@@ -820,6 +820,19 @@ def test_a_config_file_whose_name_starts_with_dashes_is_still_named(
     )
 
 
+def serve_argv_without_a_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """``serve`` arguments (an empty config file, port 0, ``tmp_path`` as the project) for
+    a ``cli.main`` that checks the settings and starts no server; no ``PUNIE_*`` variable
+    but the data directory."""
+    for variable in list(os.environ):
+        if variable.startswith("PUNIE_"):
+            monkeypatch.delenv(variable)
+    monkeypatch.setenv("PUNIE_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setattr(cli, "_serve_locked", lambda *args: 0)  # (no server)
+    config = write(tmp_path / "config.toml", "")
+    return ["serve", "--config", str(config), "--port", "0", "--project", str(tmp_path)]
+
+
 @pytest.mark.parametrize("source", ["flag", "env", "file"])
 @pytest.mark.parametrize(
     ("name", "value"),
@@ -843,13 +856,8 @@ def test_a_dev_app_option_without_a_site_is_not_ignored_without_a_word(
     """``--build`` without ``--site`` never ran, ``--open`` opened nothing: silently. As a
     flag it is now exit 2; from the environment or the file (a preference kept for the
     runs with a site) a warning naming where it came from, and serve starts."""
-    for variable in list(os.environ):
-        if variable.startswith("PUNIE_"):
-            monkeypatch.delenv(variable)
-    monkeypatch.setenv("PUNIE_DATA_DIR", str(tmp_path / "data"))
-    monkeypatch.setattr(cli, "_serve_locked", lambda *args: 0)  # (no server)
-    config = write(tmp_path / "config.toml", "")
-    argv = ["serve", "--config", str(config), "--port", "0", "--project", str(tmp_path)]
+    argv = serve_argv_without_a_server(tmp_path, monkeypatch)
+    config = tmp_path / "config.toml"
     option = BY_NAME[name]
     key = name.replace("_", "-")
     if source == "flag":
@@ -911,13 +919,7 @@ def test_a_dev_app_flag_without_a_site_is_refused_even_at_its_default(
     """``--debounce 0.2`` (the default's value) without ``--site`` was let through without
     a word, while ``--debounce 0.3`` was exit 2: a flag on this command line is a mistake
     whatever its value (docs/configuration.md: "such a flag is exit 2")."""
-    for variable in list(os.environ):
-        if variable.startswith("PUNIE_"):
-            monkeypatch.delenv(variable)
-    monkeypatch.setenv("PUNIE_DATA_DIR", str(tmp_path / "data"))
-    monkeypatch.setattr(cli, "_serve_locked", lambda *args: 0)  # (no server)
-    config = write(tmp_path / "config.toml", "")
-    argv = ["serve", "--config", str(config), "--port", "0", "--project", str(tmp_path)]
+    argv = serve_argv_without_a_server(tmp_path, monkeypatch)
     assert cli.main([*argv, "--debounce", "0.2"]) == 2
     assert capsys.readouterr().err == (
         "punie-trio: error: --debounce needs --site (it is the dev app's)\n"

@@ -279,6 +279,16 @@ async def test_a_cancelled_turn_ends_its_running_tool_call_failed(tmp_path: Path
     ]
 
 
+async def cancelled_in_its_tool_call(h: Any) -> tuple[list[dict[str, Any]], TurnFinished]:
+    """Start a turn, cancel it once its (first) tool call runs, and collect the rest."""
+    turn_id, events = await h.start()
+    assert (await events.receive()).update["status"] == "pending"  # type: ignore[union-attr]
+    assert (await events.receive()).update["status"] == "in_progress"  # type: ignore[union-attr]
+    await h.commands.send(CancelTurn(turn_id))
+    updates, finished = await collect(events)
+    return updates, finished
+
+
 async def test_a_tool_run_that_outlives_the_cancel_still_ends_failed(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, autojump_clock: trio.testing.MockClock
 ) -> None:
@@ -294,11 +304,7 @@ async def test_a_tool_run_that_outlives_the_cancel_still_ends_failed(
 
     monkeypatch.setitem(_tools.TOOLS, "slow", _tools.ToolSpec("read", "Slow", uncancellable))
     async with running_worker(tmp_path, script([{"tool": "slow", "input": {}}])) as h:
-        turn_id, events = await h.start()
-        assert (await events.receive()).update["status"] == "pending"  # type: ignore[union-attr]
-        assert (await events.receive()).update["status"] == "in_progress"  # type: ignore[union-attr]
-        await h.commands.send(CancelTurn(turn_id))
-        updates, finished = await collect(events)
+        updates, finished = await cancelled_in_its_tool_call(h)
     assert finished == TurnFinished("cancelled")
     assert [(u["toolCallId"], u["status"]) for u in updates] == [("call_1_1", "failed")]
 
@@ -1078,11 +1084,7 @@ async def test_a_read_by_lines_past_a_huge_file_ends_when_its_turn_is_cancelled(
     os.truncate(tmp_path / "huge.log", 1 << 40)
     read = {"tool": "read_file", "input": {"path": "huge.log", "line": 2**32 - 1, "limit": 1}}
     async with running_worker(tmp_path, script([read])) as h:
-        turn_id, events = await h.start()
-        assert (await events.receive()).update["status"] == "pending"  # type: ignore[union-attr]
-        assert (await events.receive()).update["status"] == "in_progress"  # type: ignore[union-attr]
-        await h.commands.send(CancelTurn(turn_id))
-        updates, finished = await collect(events)
+        updates, finished = await cancelled_in_its_tool_call(h)
     assert finished == TurnFinished("cancelled")
     assert [(u["toolCallId"], u["status"]) for u in updates] == [("call_1_1", "failed")]
 
