@@ -42,7 +42,7 @@ import trio
 from ._paths import store_path
 from .hub import ClientConnection, Limits, Manager
 from .store import MemoryStore, Store, StoreError, open_sqlite_store
-from .transport import stdio_stream
+from .transport import NdjsonStream, stdio_stream
 from .web import App
 from .web import _accept_log as accept_log
 from .web import _deflate as deflate
@@ -208,6 +208,9 @@ async def serve(
     """
     closing = trio.Event()
     stage = _Stage()
+    # stdin and stdout are the client's from the start: nothing the start-up does (the
+    # store, the dev app's first build, a library's print) may write into the ACP stream.
+    stdio = stdio_stream(config.max_message_bytes) if config.stdio else None
     try:
         async with trio.open_nursery() as signals:
             if config.handle_signals:
@@ -215,7 +218,7 @@ async def serve(
             try:
                 async with _open_store(config) as store:
                     try:
-                        await _serve(config, store, closing, task_status)
+                        await _serve(config, store, stdio, closing, task_status)
                     finally:
                         # (Outside the shutdown's budget: its WAL is copied into the file.)
                         stage.doing = "closing the session store"
@@ -224,6 +227,9 @@ async def serve(
     finally:
         if stage.watchdog is not None:
             stage.watchdog.cancel()
+        if stdio is not None:  # (a start-up that failed: the client sees EOF, at once)
+            with trio.CancelScope(shield=True):
+                await stdio.aclose()
 
 
 @asynccontextmanager
@@ -242,6 +248,7 @@ async def _open_store(config: ServeConfig) -> AsyncIterator[Store]:
 async def _serve(
     config: ServeConfig,
     store: Store,
+    stdio: NdjsonStream | None,
     closing: trio.Event,
     task_status: trio.TaskStatus[Running],
 ) -> None:
@@ -303,8 +310,8 @@ async def _serve(
             root.cancel_scope.cancel()
             return
         stdio_done = trio.Event()
-        if config.stdio:
-            root.start_soon(_serve_stdio, manager, config, closing, stdio_done)
+        if stdio is not None:
+            root.start_soon(_serve_stdio, manager, config, stdio, closing, stdio_done)
         if config.handle_signals:
             # The whole process is ours (the CLI): what is alive once serving starts
             # (modules, the app, the store) lives as long as the process. Frozen, the
@@ -321,7 +328,7 @@ async def _serve(
         await closing.wait()
         with trio.move_on_after(config.shutdown_timeout):
             await hypercorn_done.wait()
-            if config.stdio:
+            if stdio is not None:
                 await stdio_done.wait()
         root.cancel_scope.cancel()
 
@@ -371,11 +378,16 @@ async def _start_http(
 
 
 async def _serve_stdio(
-    manager: Manager, config: ServeConfig, closing: trio.Event, done: trio.Event
+    manager: Manager,
+    config: ServeConfig,
+    stream: NdjsonStream,
+    closing: trio.Event,
+    done: trio.Event,
 ) -> None:
     """One ACP connection on stdin/stdout. EOF ends only this connection, unless stdio is the
-    only transport (``--no-http``), where it ends the server."""
-    stream = stdio_stream(config.max_message_bytes)
+    only transport (``--no-http``), where it ends the server. Its end closes the client's
+    pipes (:func:`stdio_stream`): the client reads stdout to its end while the HTTP server
+    serves on."""
     conn = ClientConnection(manager, transport="stdio")
     try:
         async with trio.open_nursery() as timers:

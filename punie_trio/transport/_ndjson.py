@@ -98,11 +98,34 @@ class NdjsonStream:
 
 
 def stdio_stream(max_message_bytes: int = 16 * 1024 * 1024) -> NdjsonStream:
-    """The process's stdin/stdout as an :class:`NdjsonStream` (non-blocking fd streams)."""
+    """The process's stdin/stdout as an :class:`NdjsonStream`, taken over for good: from
+    here on the stream holds the only descriptors of the client's pipes.
+
+    Why: stdout must carry nothing but ACP, and stdin belongs to the client. Whatever else
+    writes to fd 1 (a ``print``, a library, a process the server starts, such as the
+    browser ``--open`` runs, which inherits fd 0 and 1) once went out into the ACP stream;
+    a process reading stdin could take the client's requests. And closing the stream
+    closed only a duplicate: fd 1 stayed open, so a client reading stdout to its end
+    waited for as long as the process lived (with the HTTP server running, for good).
+    So the pipes move to private descriptors (not inherited by child processes), fd 1
+    becomes a copy of stderr (what is written there is seen, as a log line) and fd 0
+    ``/dev/null``; closing the stream then really closes the pipes. Under ``--stdio`` the
+    process's stdin and stdout are the client's; call this once, in the process that
+    serves them (never in a test run's own process).
+    """
     import os
 
-    # Duplicate the descriptors: FdStream puts them in non-blocking mode and closes them,
-    # and neither should happen to the process's real fd 0/1 behind other code's back.
+    # (os.dup makes descriptors that child processes do not inherit.) FdStream puts them
+    # in non-blocking mode and restores it when it closes them.
     stdin = trio.lowlevel.FdStream(os.dup(0))
     stdout = trio.lowlevel.FdStream(os.dup(1))
+    devnull = os.open(os.devnull, os.O_RDWR)
+    try:
+        os.dup2(devnull, 0)
+        try:
+            os.dup2(2, 1)
+        except OSError:  # (no stderr: started with ``2>&-``)
+            os.dup2(devnull, 1)
+    finally:
+        os.close(devnull)
     return NdjsonStream(stdin, stdout, max_message_bytes)

@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import queue
+import signal
 import stat
 import subprocess
 import sys
@@ -365,9 +366,11 @@ def test_a_token_in_a_config_file_others_can_read_is_warned_about(
 class StdioAgent:
     """A ``serve --stdio --no-http`` subprocess, talked to line by line."""
 
-    def __init__(self, args: list[str], env: dict[str, str]) -> None:
+    def __init__(self, args: list[str], env: dict[str, str], *, http: bool = False) -> None:
+        # (With ``http``: the HTTP server runs too, on a port the system picks.)
+        transports = ["--port", "0"] if http else ["--no-http"]
         self.proc = subprocess.Popen(
-            [*PUNIE, "serve", "--stdio", "--no-http", *args],
+            [*PUNIE, "serve", "--stdio", *transports, *args],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -376,6 +379,8 @@ class StdioAgent:
         self.stdout_lines: queue.Queue[bytes | None] = queue.Queue()
         self.stdout_all: list[bytes] = []
         self.stderr_all: list[bytes] = []
+        self._stderr_changed = threading.Condition()
+        self._stderr_ended = False
         assert self.proc.stdout is not None and self.proc.stderr is not None
         self._readers = [
             threading.Thread(
@@ -395,7 +400,23 @@ class StdioAgent:
 
     def _drain(self, stream: IO[bytes]) -> None:
         for line in stream:
-            self.stderr_all.append(line)
+            with self._stderr_changed:
+                self.stderr_all.append(line)
+                self._stderr_changed.notify_all()
+        with self._stderr_changed:
+            self._stderr_ended = True
+            self._stderr_changed.notify_all()
+
+    def wait_stderr(self, text: bytes) -> bytes:
+        """The first stderr line holding ``text``, waiting for it (up to TIMEOUT)."""
+        with self._stderr_changed:
+            found = self._stderr_changed.wait_for(
+                lambda: self._stderr_ended or any(text in line for line in self.stderr_all),
+                timeout=TIMEOUT,
+            )
+            lines = [line for line in self.stderr_all if text in line]
+        assert found and lines, f"no {text!r} on stderr:\n{self.stderr_text()}"
+        return lines[0]
 
     def send_raw(self, data: bytes) -> None:
         assert self.proc.stdin is not None
@@ -511,6 +532,52 @@ def test_stdout_is_pure_acp_and_stderr_has_the_logs(stdio_agent: StdioAgent) -> 
 def test_stdin_eof_ends_the_server_with_status_0(stdio_agent: StdioAgent) -> None:
     assert stdio_agent.request("initialize", {"protocolVersion": 1})["result"]
     assert stdio_agent.close_stdin_and_wait() == 0
+
+
+def test_stdin_eof_closes_stdout_while_http_serves_on(env: dict[str, str], tmp_path: Path) -> None:
+    """With the HTTP server running too, stdin EOF ends the stdio connection but not the
+    process: stdout must still reach EOF, as docs/cli.md says, or an IDE reading it to
+    the end waits for good. Only the server's duplicate of fd 1 was closed; fd 1 stayed
+    open, and the reader never saw EOF while the process lived."""
+    agent = StdioAgent(["--project", str(tmp_path)], env, http=True)
+    try:
+        agent.wait_stderr(b"punie-trio listening on")
+        assert agent.request("initialize", {"protocolVersion": 1})["result"]
+        assert agent.proc.stdin is not None
+        agent.proc.stdin.close()
+        assert agent.stdout_lines.get(timeout=TIMEOUT) is None  # EOF, the process alive
+        assert agent.proc.poll() is None
+        agent.proc.send_signal(signal.SIGTERM)
+        assert agent.proc.wait(timeout=TIMEOUT) == 0
+    finally:
+        agent.kill()
+
+
+def test_a_child_process_gets_neither_the_acp_stdout_nor_stdin(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    """Processes the server starts (here the browser ``--open`` runs, from $BROWSER) write
+    to stderr, not into the ACP stream, and read nothing of the client's messages. The
+    browser's line once went out on stdout, where the IDE took it for a broken message,
+    and a program reading stdin took the client's requests."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "index.html").write_text("<p>hi</p>", encoding="utf-8")
+    browser = "sh -c 'echo opened by the browser; read line; echo \"browser read [$line]\" >&2' %s"
+    args = ["--project", str(tmp_path), "--site", str(site), "--no-watch", "--open"]
+    agent = StdioAgent(args, {**env, "BROWSER": browser}, http=True)
+    try:
+        agent.wait_stderr(b"opened by the browser")
+        assert agent.wait_stderr(b"browser read [").strip() == b"browser read []"
+        assert agent.request("initialize", {"protocolVersion": 1})["result"]
+        assert agent.proc.stdin is not None
+        agent.proc.stdin.close()
+        assert agent.stdout_lines.get(timeout=TIMEOUT) is None
+        agent.proc.send_signal(signal.SIGTERM)
+        assert agent.proc.wait(timeout=TIMEOUT) == 0
+        assert [json.loads(line)["id"] for line in agent.stdout_all] == [1]
+    finally:
+        agent.kill()
 
 
 def test_stdin_eof_right_away(env: dict[str, str], tmp_path: Path) -> None:
