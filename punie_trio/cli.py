@@ -471,6 +471,17 @@ def _run_serve(args: argparse.Namespace) -> int:
         flag = _named(sources, "no_http") == "--no-http"
         needs = "--no-http needs --stdio" if flag else "no-http needs stdio"
         return _bad_value(sources, "no_http", f"{needs} (there would be nothing to serve)")
+    if o["stdio"]:
+        # Python makes sys.stdin/sys.stdout None when fd 0/1 were closed at its start
+        # (``<&-``, ``>&-``). The next file opened then takes the descriptor: the server read
+        # its own lock file as requests, or wrote ACP into a file of the data directory.
+        for name, stream in (("stdin", sys.stdin), ("stdout", sys.stdout)):
+            if stream is None:
+                return _bad_value(
+                    sources,
+                    "stdio",
+                    f"--stdio needs an open {name} (the client's pipe), and {name} is closed",
+                )
     projects: list[Path] = []
     for given in o["project"] or [Path.cwd()]:
         project, problem = _project_root(given)

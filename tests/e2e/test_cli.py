@@ -580,6 +580,29 @@ def test_a_child_process_gets_neither_the_acp_stdout_nor_stdin(
         agent.kill()
 
 
+@pytest.mark.parametrize("closed", ["stdin", "stdout"])
+def test_stdio_with_stdin_or_stdout_closed_is_an_error(
+    env: dict[str, str], tmp_path: Path, closed: str
+) -> None:
+    """Started with fd 0 or 1 closed (``<&-``, ``>&-``), the next file the server opened
+    took that descriptor: it read its own lock file as requests ("expected a JSON object,
+    got int", written to stdout) or wrote ACP into a file of the data directory, and
+    exited 0."""
+    redirect = "<&-" if closed == "stdin" else ">&-"
+    done = subprocess.run(
+        ["sh", "-c", f'exec "$@" {redirect}', "sh", *PUNIE, "serve", "--stdio", "--no-http",
+         "--project", str(tmp_path)],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        env=env,
+        timeout=TIMEOUT,
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert f"--stdio needs an open {closed}" in done.stderr.decode(), done.stderr
+    assert not done.stdout
+    assert not (tmp_path / "data" / "sessions.sqlite3").exists()  # nothing was started
+
+
 def test_stdin_eof_right_away(env: dict[str, str], tmp_path: Path) -> None:
     done = serve_stdio(env, tmp_path, b"")
     assert done.returncode == 0
