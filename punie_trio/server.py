@@ -331,6 +331,10 @@ async def _serve(
             if stdio is not None:
                 await stdio_done.wait()
         root.cancel_scope.cancel()
+    failure = _stdout_failure(stdio)
+    if failure is not None and not config.http:
+        # The only client's answers were lost: that is the run's outcome (exit 1).
+        raise ServeError(failure)
 
 
 async def _set_after(event: trio.Event, delay: float) -> None:
@@ -407,3 +411,21 @@ async def _serve_stdio(
             await stream.aclose()
         if not config.http:
             closing.set()
+        else:
+            failure = _stdout_failure(stream)
+            if failure is not None:
+                log.error("%s; the stdio connection ended", failure)
+
+
+#: Write errors that mean the client closed its end of stdout: it is gone, nothing to say.
+_CLIENT_GONE = (errno.EPIPE, errno.ECONNRESET)
+
+
+def _stdout_failure(stream: NdjsonStream | None) -> str | None:
+    """Why writing stdout failed, for the user (a full disk, an I/O error); None if it did
+    not, or only because the client closed its end. Such a failure ended the stdio
+    connection without a word, and ``--no-http`` exited 0 with every answer lost."""
+    failure = None if stream is None else stream.send_failure
+    if failure is None or failure.errno in _CLIENT_GONE:
+        return None
+    return f"cannot write to stdout: {failure.strerror or failure}"

@@ -22,6 +22,10 @@ class NdjsonStream:
     """A :class:`MessageStream` over ``receive_stream``/``send_stream`` (they may be one object).
 
     Resource handling: :meth:`aclose` closes both underlying streams, idempotently.
+    Error handling: a write that fails raises :class:`trio.BrokenResourceError` (the peer
+    then ends the connection); the system's error behind the first is kept in
+    :attr:`send_failure`, so that ``serve --stdio`` can say why the answers were lost (a
+    full disk), which the connection's end alone does not tell.
     """
 
     receive_stream: trio.abc.ReceiveStream
@@ -33,12 +37,22 @@ class NdjsonStream:
     _head: bytes = attrs.field(default=b"", init=False)  # of the line being discarded
     _eof: bool = attrs.field(default=False, init=False)
     _closed: bool = attrs.field(default=False, init=False)
+    #: Why writing failed (the first time): the OSError behind the BrokenResourceError.
+    send_failure: OSError | None = attrs.field(default=None, init=False)
 
     async def send_message(self, text: str) -> None:
-        await self.send_stream.send_all(text.encode() + b"\n")
+        await self._send(text.encode() + b"\n")
 
     async def send_messages(self, texts: Sequence[str]) -> None:
-        await self.send_stream.send_all(("\n".join(texts) + "\n").encode())
+        await self._send(("\n".join(texts) + "\n").encode())
+
+    async def _send(self, data: bytes) -> None:
+        try:
+            await self.send_stream.send_all(data)
+        except trio.BrokenResourceError as exc:
+            if self.send_failure is None and isinstance(exc.__cause__, OSError):
+                self.send_failure = exc.__cause__
+            raise
 
     async def receive_message(self) -> bytes:
         while True:

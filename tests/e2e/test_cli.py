@@ -603,6 +603,29 @@ def test_stdio_with_stdin_or_stdout_closed_is_an_error(
     assert not (tmp_path / "data" / "sessions.sqlite3").exists()  # nothing was started
 
 
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+def test_stdout_that_cannot_be_written_is_an_error(env: dict[str, str], tmp_path: Path) -> None:
+    """A stdout that fails (a full disk: ``> /dev/full``) loses every answer: that is said
+    on stderr and the exit status is 1. The answers were dropped without a word, status 0."""
+    lines = [
+        {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {"protocolVersion": 1}},
+        {"jsonrpc": "2.0", "id": 2, "method": "session/list", "params": {}},
+    ]
+    with open("/dev/full", "wb") as full:
+        done = subprocess.run(
+            [*PUNIE, "serve", "--stdio", "--no-http", "--project", str(tmp_path)],
+            input="".join(json.dumps(line) + "\n" for line in lines).encode(),
+            stdout=full,
+            stderr=subprocess.PIPE,
+            env=env,
+            timeout=TIMEOUT,
+        )
+    assert done.returncode == 1, done.stderr
+    stderr = done.stderr.decode()
+    assert "punie-trio: error: cannot write to stdout: No space left on device" in stderr, stderr
+    assert "Traceback" not in stderr
+
+
 def test_stdin_eof_right_away(env: dict[str, str], tmp_path: Path) -> None:
     done = serve_stdio(env, tmp_path, b"")
     assert done.returncode == 0
