@@ -626,6 +626,49 @@ def test_stdout_that_cannot_be_written_is_an_error(env: dict[str, str], tmp_path
     assert "Traceback" not in stderr
 
 
+def test_stderr_nobody_reads_does_not_stop_the_server(env: dict[str, str], tmp_path: Path) -> None:
+    """An IDE may pipe the agent's stderr and never read it (ACP: clients MAY ignore the
+    logs). Once the pipe was full, the next log line blocked the whole server: no request
+    was read or answered again (nor any WebSocket client's). Lines stderr cannot take are
+    dropped, and how many is said once it takes lines again."""
+    agent = subprocess.Popen(
+        [*PUNIE, "serve", "--stdio", "--no-http", "--project", str(tmp_path)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+    )
+    assert agent.stdin is not None and agent.stdout is not None and agent.stderr is not None
+    answers: queue.Queue[bytes] = queue.Queue()
+    # 3,000 warnings of about 400 bytes each: several times what a pipe holds.
+    noise = {"jsonrpc": "2.0", "id": None, "error": {"code": 1, "message": "x" * 300}}
+    lines = [json.dumps(noise).encode() + b"\n"] * 3000
+    lines.append(b'{"jsonrpc":"2.0","id":7,"method":"initialize","params":{"protocolVersion":1}}\n')
+
+    def write() -> None:
+        assert agent.stdin is not None
+        with contextlib.suppress(BrokenPipeError):
+            agent.stdin.write(b"".join(lines))
+            agent.stdin.flush()
+
+    writer = threading.Thread(target=write, daemon=True)
+    reader = threading.Thread(target=lambda: answers.put(agent.stdout.readline()), daemon=True)
+    try:
+        writer.start()
+        reader.start()
+        assert json.loads(answers.get(timeout=TIMEOUT))["id"] == 7
+        writer.join(timeout=TIMEOUT)
+        agent.stdin.close()
+        stderr = agent.stderr.read().decode()  # read only now, to its end
+        assert agent.wait(timeout=TIMEOUT) == 0
+    finally:
+        agent.kill()
+        agent.wait()
+    warnings = stderr.count("peer sent an error without an id")
+    assert 0 < warnings < 3000
+    assert f"punie-trio: {3000 - warnings} log lines dropped: stderr was not read" in stderr
+
+
 def test_stdin_eof_right_away(env: dict[str, str], tmp_path: Path) -> None:
     done = serve_stdio(env, tmp_path, b"")
     assert done.returncode == 0
