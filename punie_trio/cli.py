@@ -287,7 +287,9 @@ class _StderrHandler(logging.Handler):
 
     def __init__(self, level: str) -> None:
         super().__init__(level)
-        self._fd = os.dup(2)
+        # None: started without a stderr (``2>&-``). Descriptor 2 then belongs to the next
+        # file opened (the data directory's lock), which must not get the log lines.
+        self._fd = None if sys.__stderr__ is None else os.dup(2)
         self._encoding = getattr(sys.stderr, "encoding", None) or "utf-8"
         self._changed = threading.Condition()
         self._waiting: list[str] = []
@@ -303,6 +305,8 @@ class _StderrHandler(logging.Handler):
             self.handleError(record)
             return
         with self._changed:
+            if self._fd is None:
+                return
             if self._waiting_bytes + len(line) > self.limit:
                 self._dropped += 1
                 return
@@ -322,6 +326,7 @@ class _StderrHandler(logging.Handler):
             if dropped:  # (dropped after the lines that were waiting: said after them)
                 text += f"punie-trio: {dropped} log lines dropped: stderr was not read\n"
             data = text.encode(self._encoding, "backslashreplace")
+            assert self._fd is not None  # (nothing is queued without one)
             try:
                 while data:
                     try:

@@ -128,6 +128,7 @@ def stdio_stream(max_message_bytes: int = 16 * 1024 * 1024) -> NdjsonStream:
     serves them (never in a test run's own process).
     """
     import os
+    import sys
 
     # (os.dup makes descriptors that child processes do not inherit.) FdStream puts them
     # in non-blocking mode and restores it when it closes them.
@@ -136,10 +137,9 @@ def stdio_stream(max_message_bytes: int = 16 * 1024 * 1024) -> NdjsonStream:
     devnull = os.open(os.devnull, os.O_RDWR)
     try:
         os.dup2(devnull, 0)
-        try:
-            os.dup2(2, 1)
-        except OSError:  # (no stderr: started with ``2>&-``)
-            os.dup2(devnull, 1)
+        # Without a stderr at start (``2>&-``), descriptor 2 is whatever file was opened
+        # next (the data directory's lock): nothing may be written into that.
+        os.dup2(devnull if sys.__stderr__ is None else 2, 1)
     finally:
         os.close(devnull)
     return NdjsonStream(stdin, stdout, max_message_bytes)

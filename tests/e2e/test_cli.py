@@ -669,6 +669,29 @@ def test_stderr_nobody_reads_does_not_stop_the_server(env: dict[str, str], tmp_p
     assert f"punie-trio: {3000 - warnings} log lines dropped: stderr was not read" in stderr
 
 
+def test_stderr_closed_at_start_takes_nothing(env: dict[str, str], tmp_path: Path) -> None:
+    """Started with stderr closed (``2>&-``), descriptor 2 goes to the next file opened
+    (the data directory's lock): the log lines, and what else writes to stdout under
+    --stdio (a copy of stderr), must not go into it. The file log keeps them."""
+    data = tmp_path / "data"
+    lines = [
+        {"jsonrpc": "2.0", "id": None, "error": {"code": 1, "message": "a warning"}},
+        {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {"protocolVersion": 1}},
+    ]
+    done = subprocess.run(
+        ["sh", "-c", 'exec "$@" 2>&-', "sh", *PUNIE, "serve", "--stdio", "--no-http",
+         "--project", str(tmp_path)],
+        input="".join(json.dumps(line) + "\n" for line in lines).encode(),
+        capture_output=True,
+        env=env,
+        timeout=TIMEOUT,
+    )  # fmt: skip
+    assert done.returncode == 0
+    assert [json.loads(line)["id"] for line in done.stdout.splitlines()] == [1]
+    assert (data / "serve.lock").read_text().strip().isdigit()
+    assert "without an id" in (data / "punie-trio.log").read_text(encoding="utf-8")
+
+
 def test_stdin_eof_right_away(env: dict[str, str], tmp_path: Path) -> None:
     done = serve_stdio(env, tmp_path, b"")
     assert done.returncode == 0
