@@ -342,6 +342,11 @@ async def _set_after(event: trio.Event, delay: float) -> None:
     event.set()
 
 
+async def _cancel_after(scope: trio.CancelScope, delay: float) -> None:
+    await trio.sleep(delay)
+    scope.cancel()
+
+
 async def _cancel_on(event: trio.Event, scope: trio.CancelScope) -> None:
     await event.wait()
     scope.cancel()
@@ -394,17 +399,31 @@ async def _serve_stdio(
     serves on."""
     conn = ClientConnection(manager, transport="stdio")
     try:
-        async with trio.open_nursery() as timers:
-            if not config.http:
-                # The requests read before EOF get shutdown_timeout to be answered; then
-                # the bounded shutdown starts, if the connection has not ended by itself
+        with trio.CancelScope() as connection:
+            async with trio.open_nursery() as timers:
+                # The requests read before EOF get shutdown_timeout to be answered; then,
+                # if the connection has not ended by itself, the bounded shutdown starts
                 # (a client that closed stdin and stopped reading stdout once kept the
-                # process alive for good).
-                conn.on_input_end = functools.partial(
-                    timers.start_soon, _set_after, closing, config.shutdown_timeout
+                # process alive for good), or with the HTTP server serving on, the
+                # connection is ended (it once stayed, its sessions owned and its worker
+                # running, until the server stopped).
+                conn.on_input_end = (
+                    functools.partial(
+                        timers.start_soon, _set_after, closing, config.shutdown_timeout
+                    )
+                    if not config.http
+                    else functools.partial(
+                        timers.start_soon, _cancel_after, connection, config.shutdown_timeout
+                    )
                 )
-            await conn.run(stream)
-            timers.cancel_scope.cancel()
+                await conn.run(stream)
+                timers.cancel_scope.cancel()
+        if connection.cancelled_caught:
+            log.warning(
+                "the stdio client closed stdin and did not read its answers within %g s; "
+                "its connection is ended",
+                config.shutdown_timeout,
+            )
     finally:
         done.set()
         with trio.CancelScope(shield=True):

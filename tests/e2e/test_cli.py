@@ -12,10 +12,12 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
+import httpx
 import pytest
 
 from punie_trio import __version__
@@ -381,6 +383,8 @@ class StdioAgent:
         self.stderr_all: list[bytes] = []
         self._stderr_changed = threading.Condition()
         self._stderr_ended = False
+        self._reading = threading.Event()
+        self._reading.set()
         assert self.proc.stdout is not None and self.proc.stderr is not None
         self._readers = [
             threading.Thread(
@@ -396,7 +400,13 @@ class StdioAgent:
         for line in stream:
             self.stdout_all.append(line)
             out.put(line)
+            self._reading.wait()
         out.put(None)
+
+    def stop_reading(self) -> None:
+        """Read no more of stdout (after the line being read): the agent's writes fill
+        the pipe, as with a client that stopped reading."""
+        self._reading.clear()
 
     def _drain(self, stream: IO[bytes]) -> None:
         for line in stream:
@@ -458,6 +468,7 @@ class StdioAgent:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
+        self._reading.set()
         for reader in self._readers:
             reader.join(timeout=TIMEOUT)
         for stream in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
@@ -551,6 +562,44 @@ def test_stdin_eof_closes_stdout_while_http_serves_on(env: dict[str, str], tmp_p
         assert agent.proc.wait(timeout=TIMEOUT) == 0
     finally:
         agent.kill()
+
+
+def test_stdin_eof_with_stdout_unread_ends_the_connection_while_http_serves_on(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    """The HTTP server running too, a stdio client that closed stdin and stopped reading
+    stdout mid-turn: its answers get --shutdown-timeout to go out, then the connection
+    ends (its sessions free for a WebSocket client to load), the turn recorded as
+    cancelled. The connection, its session and its worker stayed until the server
+    stopped."""
+    script = tmp_path / "flood.json"
+    script.write_text(json.dumps({"turns": [[{"text": "y" * 65536}] * 200]}))
+    args = ["--project", str(tmp_path), "--model", f"script:{script}"]
+    agent = StdioAgent([*args, "--shutdown-timeout", "1", "--token", "T"], env, http=True)
+    try:
+        url = agent.wait_stderr(b"punie-trio listening on").split()[3].decode()
+        assert agent.request("initialize", {"protocolVersion": 1})["result"]
+        session = agent.request("session/new", {"cwd": str(tmp_path), "mcpServers": []})
+        session_id = session["result"]["sessionId"]
+        prompt = {"sessionId": session_id, "prompt": [{"type": "text", "text": "flood"}]}
+        agent.send({"id": 3, "method": "session/prompt", "params": prompt})
+        assert agent.receive()["method"] == "session/update"
+        agent.stop_reading()
+        assert agent.proc.stdin is not None
+        agent.proc.stdin.close()
+        deadline = time.monotonic() + TIMEOUT
+        while True:
+            health = httpx.get(f"{url}/health", headers={"authorization": "Bearer T"}).json()
+            if health["connections"] == 0:
+                break
+            assert time.monotonic() < deadline, health
+            time.sleep(0.1)
+        agent.proc.send_signal(signal.SIGTERM)
+        assert agent.proc.wait(timeout=TIMEOUT) == 0
+    finally:
+        agent.kill()
+    shown = punie("sessions", "show", session_id, env=env)
+    assert "stop: cancelled" in shown.stdout, shown.stdout
 
 
 def test_a_child_process_gets_neither_the_acp_stdout_nor_stdin(
