@@ -32,7 +32,7 @@ import threading
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import attrs
 import hypercorn.config
@@ -160,13 +160,29 @@ class _Stage:
     watchdog: threading.Timer | None = None
 
 
-def _force_exit(timeout: float, stage: _Stage) -> None:
-    print(
-        f"punie-trio: shutdown did not finish within {timeout:g} s ({stage.doing}), exiting now",
-        file=sys.stderr,
-        flush=True,
-    )
+#: How long the line said before an immediate exit gets to reach stderr.
+LAST_WORDS_SECONDS = 0.5
+
+
+def _exit_now(message: str) -> NoReturn:
+    """Say ``message`` on stderr and exit at once, status 1.
+
+    Why a thread: a stderr nobody reads (an IDE that pipes it and never reads it, which
+    ACP allows) is a full pipe, and the print waited on it for good, so neither a second
+    signal nor the watchdog could end the process; only SIGKILL did. The line now gets
+    :data:`LAST_WORDS_SECONDS`, and the process exits whether it went out or not."""
+    if sys.stderr is not None:  # (None: started without a stderr)
+        say = functools.partial(print, message, file=sys.stderr, flush=True)
+        writer = threading.Thread(target=say, name="last words", daemon=True)
+        writer.start()
+        writer.join(LAST_WORDS_SECONDS)
     os._exit(1)
+
+
+def _force_exit(timeout: float, stage: _Stage) -> None:
+    _exit_now(
+        f"punie-trio: shutdown did not finish within {timeout:g} s ({stage.doing}), exiting now"
+    )
 
 
 #: The signals that ask for a graceful shutdown. SIGHUP too: the terminal running ``serve``
@@ -181,8 +197,7 @@ async def _watch_signals(closing: trio.Event, shutdown_timeout: float, stage: _S
     with trio.open_signal_receiver(*SHUTDOWN_SIGNALS) as signals:
         async for signum in signals:
             if closing.is_set():
-                print("punie-trio: second signal, exiting now", file=sys.stderr, flush=True)
-                os._exit(1)
+                _exit_now("punie-trio: second signal, exiting now")
             log.warning("received %s, shutting down", signal.Signals(signum).name)
             closing.set()
             # A last resort: stalled socket writes are abandoned during shutdown

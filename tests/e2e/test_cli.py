@@ -741,6 +741,76 @@ def test_stderr_closed_at_start_takes_nothing(env: dict[str, str], tmp_path: Pat
     assert "without an id" in (data / "punie-trio.log").read_text(encoding="utf-8")
 
 
+@contextlib.contextmanager
+def full_pipe() -> Iterator[int]:
+    """The write end of a pipe already full: every write to it waits (for a reader that
+    never comes), as with an IDE that pipes the agent's stderr and never reads it."""
+    read_end, write_end = os.pipe()
+    os.set_blocking(write_end, False)
+    with contextlib.suppress(BlockingIOError):
+        while True:
+            os.write(write_end, b"x" * 65536)
+    os.set_blocking(write_end, True)
+    try:
+        yield write_end
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+
+
+def test_a_second_signal_exits_at_once_with_stderr_full(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    """The second signal's "exiting now" line was printed, then the process exited: with
+    a stderr nobody reads and full, the print waited for good, so the process did not exit
+    (the watchdog, which prints too, could not end it either); only SIGKILL did."""
+    script = tmp_path / "flood.json"
+    script.write_text(json.dumps({"turns": [[{"text": "y" * 65536}] * 200]}))
+    with contextlib.ExitStack() as stack:
+        stderr = stack.enter_context(full_pipe())  # (open, and full, as long as the test)
+        agent = subprocess.Popen(
+            [
+                *PUNIE, "serve", "--stdio", "--no-http", "--project", str(tmp_path),
+                "--model", f"script:{script}", "--shutdown-timeout", "600",
+            ],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            env=env,
+        )  # fmt: skip
+        stack.callback(agent.wait)
+        stack.callback(agent.kill)
+        _second_signal_with_stderr_full(agent, tmp_path)
+
+
+def _second_signal_with_stderr_full(agent: subprocess.Popen[bytes], tmp_path: Path) -> None:
+    assert agent.stdin is not None and agent.stdout is not None
+    log_file = tmp_path / "data" / "punie-trio.log"
+
+    def call(msg: dict[str, Any]) -> dict[str, Any]:
+        assert agent.stdin is not None and agent.stdout is not None
+        agent.stdin.write(json.dumps({"jsonrpc": "2.0", **msg}).encode() + b"\n")
+        agent.stdin.flush()
+        answer: dict[str, Any] = json.loads(agent.stdout.readline())
+        return answer
+
+    assert call({"id": 1, "method": "initialize", "params": {"protocolVersion": 1}})
+    params = {"cwd": str(tmp_path), "mcpServers": []}
+    session = call({"id": 2, "method": "session/new", "params": params})["result"]
+    prompt = {"sessionId": session["sessionId"], "prompt": [{"type": "text", "text": "go"}]}
+    # stdout is read no more: the shutdown waits (up to --shutdown-timeout) to drain it.
+    assert call({"id": 3, "method": "session/prompt", "params": prompt})["method"]
+    agent.send_signal(signal.SIGTERM)
+    # (stderr takes nothing: the log file tells when the first signal was taken.)
+    deadline = time.monotonic() + TIMEOUT
+    while "received SIGTERM, shutting down" not in log_file.read_text(encoding="utf-8"):
+        assert agent.poll() is None
+        assert time.monotonic() < deadline, "the first signal was not logged"
+        time.sleep(0.05)
+    agent.send_signal(signal.SIGTERM)
+    assert agent.wait(timeout=TIMEOUT) == 1
+
+
 def test_stdin_eof_right_away(env: dict[str, str], tmp_path: Path) -> None:
     done = serve_stdio(env, tmp_path, b"")
     assert done.returncode == 0
