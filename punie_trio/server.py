@@ -312,11 +312,7 @@ async def _serve(
             if config.http:
                 await root.start(app.heartbeat.run)
                 url = await _start_http(root, app, config, closing, hypercorn_done)
-                print(
-                    f"punie-trio listening on {url} (ACP: ws{url[4:]}/acp)",
-                    file=sys.stderr,
-                    flush=True,
-                )
+                _tell(f"punie-trio listening on {url} (ACP: ws{url[4:]}/acp)")
             else:
                 hypercorn_done.set()
         if startup.cancelled_caught:
@@ -350,6 +346,19 @@ async def _serve(
     if failure is not None and not config.http:
         # The only client's answers were lost: that is the run's outcome (exit 1).
         raise ServeError(failure)
+
+
+def _tell(line: str) -> None:
+    """Print ``line`` for the user on stderr, if stderr takes it.
+
+    Why: an IDE may close its end of the agent's stderr (ACP lets clients ignore it), or
+    stderr may be a file on a full disk; the print's error then ended ``serve`` just after
+    it started (status 1, not a word anywhere), stdio client and all. The log file says
+    why instead."""
+    try:
+        print(line, file=sys.stderr, flush=True)
+    except OSError as exc:
+        log.warning("cannot write to stderr (%s): %s", exc.strerror or exc, line)
 
 
 async def _set_after(event: trio.Event, delay: float) -> None:

@@ -811,6 +811,42 @@ def _second_signal_with_stderr_full(agent: subprocess.Popen[bytes], tmp_path: Pa
     assert agent.wait(timeout=TIMEOUT) == 1
 
 
+@pytest.mark.parametrize("stderr", ["closed pipe", "/dev/full"])
+def test_a_stderr_that_cannot_be_written_does_not_stop_serve(
+    env: dict[str, str], tmp_path: Path, stderr: str
+) -> None:
+    """An IDE that closed its end of the agent's stderr (or a stderr on a full disk): the
+    "listening on" line cannot be written. serve exited 1 right after it started, without
+    a word anywhere (the log file said nothing), so the stdio client got no answer."""
+    if stderr == "/dev/full" and not os.path.exists("/dev/full"):
+        pytest.skip("needs /dev/full")
+    with contextlib.ExitStack() as stack:
+        if stderr == "closed pipe":
+            read_end, write_end = os.pipe()
+            os.close(read_end)
+        else:
+            write_end = os.open("/dev/full", os.O_WRONLY)
+        stack.callback(os.close, write_end)
+        agent = subprocess.Popen(
+            [*PUNIE, "serve", "--stdio", "--port", "0", "--project", str(tmp_path)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=write_end,
+            env=env,
+        )
+        stack.callback(agent.wait)
+        stack.callback(agent.kill)
+        assert agent.stdin is not None and agent.stdout is not None
+        init = {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {"protocolVersion": 1}}
+        agent.stdin.write(json.dumps(init).encode() + b"\n")
+        agent.stdin.flush()
+        assert json.loads(agent.stdout.readline())["id"] == 1
+        agent.send_signal(signal.SIGTERM)
+        assert agent.wait(timeout=TIMEOUT) == 0
+    log_file = (tmp_path / "data" / "punie-trio.log").read_text(encoding="utf-8")
+    assert "cannot write to stderr" in log_file
+
+
 def test_stdin_eof_right_away(env: dict[str, str], tmp_path: Path) -> None:
     done = serve_stdio(env, tmp_path, b"")
     assert done.returncode == 0
