@@ -13,8 +13,10 @@ import io
 import logging
 import logging.handlers
 import os
+import select
 import stat
 import sys
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -268,6 +270,88 @@ class _ClippingFormatter(logging.Formatter):
         return super().formatMessage(record)
 
 
+class _StderrHandler(logging.Handler):
+    """Logs to stderr from a thread of its own, never from the server's.
+
+    Why: ACP clients MAY ignore an agent's stderr, and an IDE that pipes it and never reads
+    it fills the pipe; a ``StreamHandler``'s next write then blocked the Trio thread, and
+    the whole server stopped (no request read or answered again, over stdio or WebSocket).
+    Resource handling: at most :attr:`limit` bytes of lines wait for stderr; a line that
+    does not fit is dropped, and once stderr takes lines again one more says how many
+    were. The thread writes to its own copy of fd 2 (``os.write``, no Python stream lock
+    held while it waits), so the process can exit while it is stuck; at exit,
+    :meth:`flush` gives the lines waiting :data:`STDERR_FLUSH_SECONDS` to go out.
+    """
+
+    limit = 256 * 1024
+
+    def __init__(self, level: str) -> None:
+        super().__init__(level)
+        # None: started without a stderr (``2>&-``). Descriptor 2 then belongs to the next
+        # file opened (the data directory's lock), which must not get the log lines.
+        self._fd = None if sys.__stderr__ is None else os.dup(2)
+        self._encoding = getattr(sys.stderr, "encoding", None) or "utf-8"
+        self._changed = threading.Condition()
+        self._waiting: list[str] = []
+        self._waiting_bytes = 0
+        self._writing = False
+        self._dropped = 0
+        threading.Thread(target=self._write_all, name="stderr log", daemon=True).start()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            line = self.format(record) + "\n"
+        except Exception:
+            self.handleError(record)
+            return
+        with self._changed:
+            if self._fd is None:
+                return
+            if self._waiting_bytes + len(line) > self.limit:
+                self._dropped += 1
+                return
+            self._waiting.append(line)
+            self._waiting_bytes += len(line)
+            self._changed.notify_all()
+
+    def _write_all(self) -> None:
+        while True:
+            with self._changed:
+                self._writing = False
+                self._changed.notify_all()
+                self._changed.wait_for(lambda: bool(self._waiting or self._dropped))
+                text, dropped = "".join(self._waiting), self._dropped
+                self._waiting, self._waiting_bytes, self._dropped = [], 0, 0
+                self._writing = True
+            if dropped:  # (dropped after the lines that were waiting: said after them)
+                text += f"punie-trio: {dropped} log lines dropped: stderr was not read\n"
+            data = text.encode(self._encoding, "backslashreplace")
+            assert self._fd is not None  # (nothing is queued without one)
+            try:
+                while data:
+                    try:
+                        data = data[os.write(self._fd, data) :]
+                    except BlockingIOError:
+                        # stderr shares its file description with the ACP stdin or
+                        # stdout (a terminal, ``2>&1``), which the server put in
+                        # non-blocking mode: wait until it takes more.
+                        select.select([], [self._fd], [])
+            except OSError:
+                pass  # (stderr is gone: nowhere to say so)
+
+    def flush(self) -> None:
+        with self._changed:
+            self._changed.wait_for(
+                lambda: not (self._waiting or self._dropped or self._writing),
+                timeout=STDERR_FLUSH_SECONDS,
+            )
+
+
+#: How long the log lines waiting for stderr get at exit (a reader that stopped reading
+#: must not keep the process alive).
+STDERR_FLUSH_SECONDS = 2.0
+
+
 class _PrivateRotatingFileHandler(logging.handlers.RotatingFileHandler):
     """A ``RotatingFileHandler`` whose new files are readable only by the user (0600): a log
     line may quote a client's prompt. (Rotation renames files, so the backups keep it.)
@@ -327,8 +411,7 @@ def _setup_logging(level: str, data_dir: Path | None) -> None:
     # Nothing of it is of use for debugging the server, so it stays at INFO and above.
     logging.getLogger("hpack").setLevel(logging.INFO)
     formatter = _ClippingFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
-    stderr = logging.StreamHandler(sys.stderr)
-    stderr.setLevel(level.upper())
+    stderr = _StderrHandler(level.upper())
     stderr.setFormatter(formatter)
     root.addHandler(stderr)
     if data_dir is not None:
@@ -471,6 +554,17 @@ def _run_serve(args: argparse.Namespace) -> int:
         flag = _named(sources, "no_http") == "--no-http"
         needs = "--no-http needs --stdio" if flag else "no-http needs stdio"
         return _bad_value(sources, "no_http", f"{needs} (there would be nothing to serve)")
+    if o["stdio"]:
+        # Python makes sys.stdin/sys.stdout None when fd 0/1 were closed at its start
+        # (``<&-``, ``>&-``). The next file opened then takes the descriptor: the server read
+        # its own lock file as requests, or wrote ACP into a file of the data directory.
+        for name, stream in (("stdin", sys.stdin), ("stdout", sys.stdout)):
+            if stream is None:
+                return _bad_value(
+                    sources,
+                    "stdio",
+                    f"--stdio needs an open {name} (the client's pipe), and {name} is closed",
+                )
     projects: list[Path] = []
     for given in o["project"] or [Path.cwd()]:
         project, problem = _project_root(given)

@@ -32,7 +32,7 @@ import threading
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import attrs
 import hypercorn.config
@@ -42,7 +42,7 @@ import trio
 from ._paths import store_path
 from .hub import ClientConnection, Limits, Manager
 from .store import MemoryStore, Store, StoreError, open_sqlite_store
-from .transport import stdio_stream
+from .transport import NdjsonStream, stdio_stream
 from .web import App
 from .web import _accept_log as accept_log
 from .web import _deflate as deflate
@@ -160,13 +160,29 @@ class _Stage:
     watchdog: threading.Timer | None = None
 
 
-def _force_exit(timeout: float, stage: _Stage) -> None:
-    print(
-        f"punie-trio: shutdown did not finish within {timeout:g} s ({stage.doing}), exiting now",
-        file=sys.stderr,
-        flush=True,
-    )
+#: How long the line said before an immediate exit gets to reach stderr.
+LAST_WORDS_SECONDS = 0.5
+
+
+def _exit_now(message: str) -> NoReturn:
+    """Say ``message`` on stderr and exit at once, status 1.
+
+    Why a thread: a stderr nobody reads (an IDE that pipes it and never reads it, which
+    ACP allows) is a full pipe, and the print waited on it for good, so neither a second
+    signal nor the watchdog could end the process; only SIGKILL did. The line now gets
+    :data:`LAST_WORDS_SECONDS`, and the process exits whether it went out or not."""
+    if sys.stderr is not None:  # (None: started without a stderr)
+        say = functools.partial(print, message, file=sys.stderr, flush=True)
+        writer = threading.Thread(target=say, name="last words", daemon=True)
+        writer.start()
+        writer.join(LAST_WORDS_SECONDS)
     os._exit(1)
+
+
+def _force_exit(timeout: float, stage: _Stage) -> None:
+    _exit_now(
+        f"punie-trio: shutdown did not finish within {timeout:g} s ({stage.doing}), exiting now"
+    )
 
 
 #: The signals that ask for a graceful shutdown. SIGHUP too: the terminal running ``serve``
@@ -181,8 +197,7 @@ async def _watch_signals(closing: trio.Event, shutdown_timeout: float, stage: _S
     with trio.open_signal_receiver(*SHUTDOWN_SIGNALS) as signals:
         async for signum in signals:
             if closing.is_set():
-                print("punie-trio: second signal, exiting now", file=sys.stderr, flush=True)
-                os._exit(1)
+                _exit_now("punie-trio: second signal, exiting now")
             log.warning("received %s, shutting down", signal.Signals(signum).name)
             closing.set()
             # A last resort: stalled socket writes are abandoned during shutdown
@@ -208,6 +223,9 @@ async def serve(
     """
     closing = trio.Event()
     stage = _Stage()
+    # stdin and stdout are the client's from the start: nothing the start-up does (the
+    # store, the dev app's first build, a library's print) may write into the ACP stream.
+    stdio = stdio_stream(config.max_message_bytes) if config.stdio else None
     try:
         async with trio.open_nursery() as signals:
             if config.handle_signals:
@@ -215,7 +233,7 @@ async def serve(
             try:
                 async with _open_store(config) as store:
                     try:
-                        await _serve(config, store, closing, task_status)
+                        await _serve(config, store, stdio, closing, task_status)
                     finally:
                         # (Outside the shutdown's budget: its WAL is copied into the file.)
                         stage.doing = "closing the session store"
@@ -224,6 +242,9 @@ async def serve(
     finally:
         if stage.watchdog is not None:
             stage.watchdog.cancel()
+        if stdio is not None:  # (a start-up that failed: the client sees EOF, at once)
+            with trio.CancelScope(shield=True):
+                await stdio.aclose()
 
 
 @asynccontextmanager
@@ -242,6 +263,7 @@ async def _open_store(config: ServeConfig) -> AsyncIterator[Store]:
 async def _serve(
     config: ServeConfig,
     store: Store,
+    stdio: NdjsonStream | None,
     closing: trio.Event,
     task_status: trio.TaskStatus[Running],
 ) -> None:
@@ -290,11 +312,7 @@ async def _serve(
             if config.http:
                 await root.start(app.heartbeat.run)
                 url = await _start_http(root, app, config, closing, hypercorn_done)
-                print(
-                    f"punie-trio listening on {url} (ACP: ws{url[4:]}/acp)",
-                    file=sys.stderr,
-                    flush=True,
-                )
+                _tell(f"punie-trio listening on {url} (ACP: ws{url[4:]}/acp)")
             else:
                 hypercorn_done.set()
         if startup.cancelled_caught:
@@ -303,8 +321,8 @@ async def _serve(
             root.cancel_scope.cancel()
             return
         stdio_done = trio.Event()
-        if config.stdio:
-            root.start_soon(_serve_stdio, manager, config, closing, stdio_done)
+        if stdio is not None:
+            root.start_soon(_serve_stdio, manager, config, stdio, closing, stdio_done)
         if config.handle_signals:
             # The whole process is ours (the CLI): what is alive once serving starts
             # (modules, the app, the store) lives as long as the process. Frozen, the
@@ -321,14 +339,36 @@ async def _serve(
         await closing.wait()
         with trio.move_on_after(config.shutdown_timeout):
             await hypercorn_done.wait()
-            if config.stdio:
+            if stdio is not None:
                 await stdio_done.wait()
         root.cancel_scope.cancel()
+    failure = _stdout_failure(stdio)
+    if failure is not None and not config.http:
+        # The only client's answers were lost: that is the run's outcome (exit 1).
+        raise ServeError(failure)
+
+
+def _tell(line: str) -> None:
+    """Print ``line`` for the user on stderr, if stderr takes it.
+
+    Why: an IDE may close its end of the agent's stderr (ACP lets clients ignore it), or
+    stderr may be a file on a full disk; the print's error then ended ``serve`` just after
+    it started (status 1, not a word anywhere), stdio client and all. The log file says
+    why instead."""
+    try:
+        print(line, file=sys.stderr, flush=True)
+    except OSError as exc:
+        log.warning("cannot write to stderr (%s): %s", exc.strerror or exc, line)
 
 
 async def _set_after(event: trio.Event, delay: float) -> None:
     await trio.sleep(delay)
     event.set()
+
+
+async def _cancel_after(scope: trio.CancelScope, delay: float) -> None:
+    await trio.sleep(delay)
+    scope.cancel()
 
 
 async def _cancel_on(event: trio.Event, scope: trio.CancelScope) -> None:
@@ -371,27 +411,64 @@ async def _start_http(
 
 
 async def _serve_stdio(
-    manager: Manager, config: ServeConfig, closing: trio.Event, done: trio.Event
+    manager: Manager,
+    config: ServeConfig,
+    stream: NdjsonStream,
+    closing: trio.Event,
+    done: trio.Event,
 ) -> None:
     """One ACP connection on stdin/stdout. EOF ends only this connection, unless stdio is the
-    only transport (``--no-http``), where it ends the server."""
-    stream = stdio_stream(config.max_message_bytes)
+    only transport (``--no-http``), where it ends the server. Its end closes the client's
+    pipes (:func:`stdio_stream`): the client reads stdout to its end while the HTTP server
+    serves on."""
     conn = ClientConnection(manager, transport="stdio")
     try:
-        async with trio.open_nursery() as timers:
-            if not config.http:
-                # The requests read before EOF get shutdown_timeout to be answered; then
-                # the bounded shutdown starts, if the connection has not ended by itself
+        with trio.CancelScope() as connection:
+            async with trio.open_nursery() as timers:
+                # The requests read before EOF get shutdown_timeout to be answered; then,
+                # if the connection has not ended by itself, the bounded shutdown starts
                 # (a client that closed stdin and stopped reading stdout once kept the
-                # process alive for good).
-                conn.on_input_end = functools.partial(
-                    timers.start_soon, _set_after, closing, config.shutdown_timeout
+                # process alive for good), or with the HTTP server serving on, the
+                # connection is ended (it once stayed, its sessions owned and its worker
+                # running, until the server stopped).
+                conn.on_input_end = (
+                    functools.partial(
+                        timers.start_soon, _set_after, closing, config.shutdown_timeout
+                    )
+                    if not config.http
+                    else functools.partial(
+                        timers.start_soon, _cancel_after, connection, config.shutdown_timeout
+                    )
                 )
-            await conn.run(stream)
-            timers.cancel_scope.cancel()
+                await conn.run(stream)
+                timers.cancel_scope.cancel()
+        if connection.cancelled_caught:
+            log.warning(
+                "the stdio client closed stdin and did not read its answers within %g s; "
+                "its connection is ended",
+                config.shutdown_timeout,
+            )
     finally:
         done.set()
         with trio.CancelScope(shield=True):
             await stream.aclose()
         if not config.http:
             closing.set()
+        else:
+            failure = _stdout_failure(stream)
+            if failure is not None:
+                log.error("%s; the stdio connection ended", failure)
+
+
+#: Write errors that mean the client closed its end of stdout: it is gone, nothing to say.
+_CLIENT_GONE = (errno.EPIPE, errno.ECONNRESET)
+
+
+def _stdout_failure(stream: NdjsonStream | None) -> str | None:
+    """Why writing stdout failed, for the user (a full disk, an I/O error); None if it did
+    not, or only because the client closed its end. Such a failure ended the stdio
+    connection without a word, and ``--no-http`` exited 0 with every answer lost."""
+    failure = None if stream is None else stream.send_failure
+    if failure is None or failure.errno in _CLIENT_GONE:
+        return None
+    return f"cannot write to stdout: {failure.strerror or failure}"

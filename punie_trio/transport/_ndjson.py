@@ -22,6 +22,10 @@ class NdjsonStream:
     """A :class:`MessageStream` over ``receive_stream``/``send_stream`` (they may be one object).
 
     Resource handling: :meth:`aclose` closes both underlying streams, idempotently.
+    Error handling: a write that fails raises :class:`trio.BrokenResourceError` (the peer
+    then ends the connection); the system's error behind the first is kept in
+    :attr:`send_failure`, so that ``serve --stdio`` can say why the answers were lost (a
+    full disk), which the connection's end alone does not tell.
     """
 
     receive_stream: trio.abc.ReceiveStream
@@ -33,12 +37,22 @@ class NdjsonStream:
     _head: bytes = attrs.field(default=b"", init=False)  # of the line being discarded
     _eof: bool = attrs.field(default=False, init=False)
     _closed: bool = attrs.field(default=False, init=False)
+    #: Why writing failed (the first time): the OSError behind the BrokenResourceError.
+    send_failure: OSError | None = attrs.field(default=None, init=False)
 
     async def send_message(self, text: str) -> None:
-        await self.send_stream.send_all(text.encode() + b"\n")
+        await self._send(text.encode() + b"\n")
 
     async def send_messages(self, texts: Sequence[str]) -> None:
-        await self.send_stream.send_all(("\n".join(texts) + "\n").encode())
+        await self._send(("\n".join(texts) + "\n").encode())
+
+    async def _send(self, data: bytes) -> None:
+        try:
+            await self.send_stream.send_all(data)
+        except trio.BrokenResourceError as exc:
+            if self.send_failure is None and isinstance(exc.__cause__, OSError):
+                self.send_failure = exc.__cause__
+            raise
 
     async def receive_message(self) -> bytes:
         while True:
@@ -98,11 +112,34 @@ class NdjsonStream:
 
 
 def stdio_stream(max_message_bytes: int = 16 * 1024 * 1024) -> NdjsonStream:
-    """The process's stdin/stdout as an :class:`NdjsonStream` (non-blocking fd streams)."""
-    import os
+    """The process's stdin/stdout as an :class:`NdjsonStream`, taken over for good: from
+    here on the stream holds the only descriptors of the client's pipes.
 
-    # Duplicate the descriptors: FdStream puts them in non-blocking mode and closes them,
-    # and neither should happen to the process's real fd 0/1 behind other code's back.
+    Why: stdout must carry nothing but ACP, and stdin belongs to the client. Whatever else
+    writes to fd 1 (a ``print``, a library, a process the server starts, such as the
+    browser ``--open`` runs, which inherits fd 0 and 1) once went out into the ACP stream;
+    a process reading stdin could take the client's requests. And closing the stream
+    closed only a duplicate: fd 1 stayed open, so a client reading stdout to its end
+    waited for as long as the process lived (with the HTTP server running, for good).
+    So the pipes move to private descriptors (not inherited by child processes), fd 1
+    becomes a copy of stderr (what is written there is seen, as a log line) and fd 0
+    ``/dev/null``; closing the stream then really closes the pipes. Under ``--stdio`` the
+    process's stdin and stdout are the client's; call this once, in the process that
+    serves them (never in a test run's own process).
+    """
+    import os
+    import sys
+
+    # (os.dup makes descriptors that child processes do not inherit.) FdStream puts them
+    # in non-blocking mode and restores it when it closes them.
     stdin = trio.lowlevel.FdStream(os.dup(0))
     stdout = trio.lowlevel.FdStream(os.dup(1))
+    devnull = os.open(os.devnull, os.O_RDWR)
+    try:
+        os.dup2(devnull, 0)
+        # Without a stderr at start (``2>&-``), descriptor 2 is whatever file was opened
+        # next (the data directory's lock): nothing may be written into that.
+        os.dup2(devnull if sys.__stderr__ is None else 2, 1)
+    finally:
+        os.close(devnull)
     return NdjsonStream(stdin, stdout, max_message_bytes)

@@ -6,15 +6,18 @@ import contextlib
 import json
 import os
 import queue
+import signal
 import stat
 import subprocess
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
+import httpx
 import pytest
 
 from punie_trio import __version__
@@ -365,9 +368,11 @@ def test_a_token_in_a_config_file_others_can_read_is_warned_about(
 class StdioAgent:
     """A ``serve --stdio --no-http`` subprocess, talked to line by line."""
 
-    def __init__(self, args: list[str], env: dict[str, str]) -> None:
+    def __init__(self, args: list[str], env: dict[str, str], *, http: bool = False) -> None:
+        # (With ``http``: the HTTP server runs too, on a port the system picks.)
+        transports = ["--port", "0"] if http else ["--no-http"]
         self.proc = subprocess.Popen(
-            [*PUNIE, "serve", "--stdio", "--no-http", *args],
+            [*PUNIE, "serve", "--stdio", *transports, *args],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -376,6 +381,10 @@ class StdioAgent:
         self.stdout_lines: queue.Queue[bytes | None] = queue.Queue()
         self.stdout_all: list[bytes] = []
         self.stderr_all: list[bytes] = []
+        self._stderr_changed = threading.Condition()
+        self._stderr_ended = False
+        self._reading = threading.Event()
+        self._reading.set()
         assert self.proc.stdout is not None and self.proc.stderr is not None
         self._readers = [
             threading.Thread(
@@ -391,11 +400,33 @@ class StdioAgent:
         for line in stream:
             self.stdout_all.append(line)
             out.put(line)
+            self._reading.wait()
         out.put(None)
+
+    def stop_reading(self) -> None:
+        """Read no more of stdout (after the line being read): the agent's writes fill
+        the pipe, as with a client that stopped reading."""
+        self._reading.clear()
 
     def _drain(self, stream: IO[bytes]) -> None:
         for line in stream:
-            self.stderr_all.append(line)
+            with self._stderr_changed:
+                self.stderr_all.append(line)
+                self._stderr_changed.notify_all()
+        with self._stderr_changed:
+            self._stderr_ended = True
+            self._stderr_changed.notify_all()
+
+    def wait_stderr(self, text: bytes) -> bytes:
+        """The first stderr line holding ``text``, waiting for it (up to TIMEOUT)."""
+        with self._stderr_changed:
+            found = self._stderr_changed.wait_for(
+                lambda: self._stderr_ended or any(text in line for line in self.stderr_all),
+                timeout=TIMEOUT,
+            )
+            lines = [line for line in self.stderr_all if text in line]
+        assert found and lines, f"no {text!r} on stderr:\n{self.stderr_text()}"
+        return lines[0]
 
     def send_raw(self, data: bytes) -> None:
         assert self.proc.stdin is not None
@@ -437,6 +468,7 @@ class StdioAgent:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
+        self._reading.set()
         for reader in self._readers:
             reader.join(timeout=TIMEOUT)
         for stream in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
@@ -511,6 +543,308 @@ def test_stdout_is_pure_acp_and_stderr_has_the_logs(stdio_agent: StdioAgent) -> 
 def test_stdin_eof_ends_the_server_with_status_0(stdio_agent: StdioAgent) -> None:
     assert stdio_agent.request("initialize", {"protocolVersion": 1})["result"]
     assert stdio_agent.close_stdin_and_wait() == 0
+
+
+def test_stdin_eof_closes_stdout_while_http_serves_on(env: dict[str, str], tmp_path: Path) -> None:
+    """With the HTTP server running too, stdin EOF ends the stdio connection but not the
+    process: stdout must still reach EOF, as docs/cli.md says, or an IDE reading it to
+    the end waits for good. Only the server's duplicate of fd 1 was closed; fd 1 stayed
+    open, and the reader never saw EOF while the process lived."""
+    agent = StdioAgent(["--project", str(tmp_path)], env, http=True)
+    try:
+        agent.wait_stderr(b"punie-trio listening on")
+        assert agent.request("initialize", {"protocolVersion": 1})["result"]
+        assert agent.proc.stdin is not None
+        agent.proc.stdin.close()
+        assert agent.stdout_lines.get(timeout=TIMEOUT) is None  # EOF, the process alive
+        assert agent.proc.poll() is None
+        agent.proc.send_signal(signal.SIGTERM)
+        assert agent.proc.wait(timeout=TIMEOUT) == 0
+    finally:
+        agent.kill()
+
+
+def test_stdin_eof_with_stdout_unread_ends_the_connection_while_http_serves_on(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    """The HTTP server running too, a stdio client that closed stdin and stopped reading
+    stdout mid-turn: its answers get --shutdown-timeout to go out, then the connection
+    ends (its sessions free for a WebSocket client to load), the turn recorded as
+    cancelled. The connection, its session and its worker stayed until the server
+    stopped."""
+    script = tmp_path / "flood.json"
+    script.write_text(json.dumps({"turns": [[{"text": "y" * 65536}] * 200]}))
+    args = ["--project", str(tmp_path), "--model", f"script:{script}"]
+    agent = StdioAgent([*args, "--shutdown-timeout", "1", "--token", "T"], env, http=True)
+    try:
+        url = agent.wait_stderr(b"punie-trio listening on").split()[3].decode()
+        assert agent.request("initialize", {"protocolVersion": 1})["result"]
+        session = agent.request("session/new", {"cwd": str(tmp_path), "mcpServers": []})
+        session_id = session["result"]["sessionId"]
+        prompt = {"sessionId": session_id, "prompt": [{"type": "text", "text": "flood"}]}
+        agent.send({"id": 3, "method": "session/prompt", "params": prompt})
+        assert agent.receive()["method"] == "session/update"
+        agent.stop_reading()
+        assert agent.proc.stdin is not None
+        agent.proc.stdin.close()
+        deadline = time.monotonic() + TIMEOUT
+        while True:
+            health = httpx.get(f"{url}/health", headers={"authorization": "Bearer T"}).json()
+            if health["connections"] == 0:
+                break
+            assert time.monotonic() < deadline, health
+            time.sleep(0.1)
+        agent.proc.send_signal(signal.SIGTERM)
+        assert agent.proc.wait(timeout=TIMEOUT) == 0
+    finally:
+        agent.kill()
+    shown = punie("sessions", "show", session_id, env=env)
+    assert "stop: cancelled" in shown.stdout, shown.stdout
+
+
+def test_a_child_process_gets_neither_the_acp_stdout_nor_stdin(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    """Processes the server starts (here the browser ``--open`` runs, from $BROWSER) write
+    to stderr, not into the ACP stream, and read nothing of the client's messages. The
+    browser's line once went out on stdout, where the IDE took it for a broken message,
+    and a program reading stdin took the client's requests."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "index.html").write_text("<p>hi</p>", encoding="utf-8")
+    browser = "sh -c 'echo opened by the browser; read line; echo \"browser read [$line]\" >&2' %s"
+    args = ["--project", str(tmp_path), "--site", str(site), "--no-watch", "--open"]
+    agent = StdioAgent(args, {**env, "BROWSER": browser}, http=True)
+    try:
+        agent.wait_stderr(b"opened by the browser")
+        assert agent.wait_stderr(b"browser read [").strip() == b"browser read []"
+        assert agent.request("initialize", {"protocolVersion": 1})["result"]
+        assert agent.proc.stdin is not None
+        agent.proc.stdin.close()
+        assert agent.stdout_lines.get(timeout=TIMEOUT) is None
+        agent.proc.send_signal(signal.SIGTERM)
+        assert agent.proc.wait(timeout=TIMEOUT) == 0
+        assert [json.loads(line)["id"] for line in agent.stdout_all] == [1]
+    finally:
+        agent.kill()
+
+
+@pytest.mark.parametrize("closed", ["stdin", "stdout"])
+def test_stdio_with_stdin_or_stdout_closed_is_an_error(
+    env: dict[str, str], tmp_path: Path, closed: str
+) -> None:
+    """Started with fd 0 or 1 closed (``<&-``, ``>&-``), the next file the server opened
+    took that descriptor: it read its own lock file as requests ("expected a JSON object,
+    got int", written to stdout) or wrote ACP into a file of the data directory, and
+    exited 0."""
+    redirect = "<&-" if closed == "stdin" else ">&-"
+    done = subprocess.run(
+        ["sh", "-c", f'exec "$@" {redirect}', "sh", *PUNIE, "serve", "--stdio", "--no-http",
+         "--project", str(tmp_path)],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        env=env,
+        timeout=TIMEOUT,
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert f"--stdio needs an open {closed}" in done.stderr.decode(), done.stderr
+    assert not done.stdout
+    assert not (tmp_path / "data" / "sessions.sqlite3").exists()  # nothing was started
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+def test_stdout_that_cannot_be_written_is_an_error(env: dict[str, str], tmp_path: Path) -> None:
+    """A stdout that fails (a full disk: ``> /dev/full``) loses every answer: that is said
+    on stderr and the exit status is 1. The answers were dropped without a word, status 0."""
+    lines = [
+        {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {"protocolVersion": 1}},
+        {"jsonrpc": "2.0", "id": 2, "method": "session/list", "params": {}},
+    ]
+    with open("/dev/full", "wb") as full:
+        done = subprocess.run(
+            [*PUNIE, "serve", "--stdio", "--no-http", "--project", str(tmp_path)],
+            input="".join(json.dumps(line) + "\n" for line in lines).encode(),
+            stdout=full,
+            stderr=subprocess.PIPE,
+            env=env,
+            timeout=TIMEOUT,
+        )
+    assert done.returncode == 1, done.stderr
+    stderr = done.stderr.decode()
+    assert "punie-trio: error: cannot write to stdout: No space left on device" in stderr, stderr
+    assert "Traceback" not in stderr
+
+
+def test_stderr_nobody_reads_does_not_stop_the_server(env: dict[str, str], tmp_path: Path) -> None:
+    """An IDE may pipe the agent's stderr and never read it (ACP: clients MAY ignore the
+    logs). Once the pipe was full, the next log line blocked the whole server: no request
+    was read or answered again (nor any WebSocket client's). Lines stderr cannot take are
+    dropped, and how many is said once it takes lines again."""
+    agent = subprocess.Popen(
+        [*PUNIE, "serve", "--stdio", "--no-http", "--project", str(tmp_path)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+    )
+    assert agent.stdin is not None and agent.stdout is not None and agent.stderr is not None
+    answers: queue.Queue[bytes] = queue.Queue()
+    # 3,000 warnings of about 400 bytes each: several times what a pipe holds.
+    noise = {"jsonrpc": "2.0", "id": None, "error": {"code": 1, "message": "x" * 300}}
+    lines = [json.dumps(noise).encode() + b"\n"] * 3000
+    lines.append(b'{"jsonrpc":"2.0","id":7,"method":"initialize","params":{"protocolVersion":1}}\n')
+
+    def write() -> None:
+        assert agent.stdin is not None
+        with contextlib.suppress(BrokenPipeError):
+            agent.stdin.write(b"".join(lines))
+            agent.stdin.flush()
+
+    writer = threading.Thread(target=write, daemon=True)
+    reader = threading.Thread(target=lambda: answers.put(agent.stdout.readline()), daemon=True)
+    try:
+        writer.start()
+        reader.start()
+        assert json.loads(answers.get(timeout=TIMEOUT))["id"] == 7
+        writer.join(timeout=TIMEOUT)
+        agent.stdin.close()
+        stderr = agent.stderr.read().decode()  # read only now, to its end
+        assert agent.wait(timeout=TIMEOUT) == 0
+    finally:
+        agent.kill()
+        agent.wait()
+    warnings = stderr.count("peer sent an error without an id")
+    assert 0 < warnings < 3000
+    assert f"punie-trio: {3000 - warnings} log lines dropped: stderr was not read" in stderr
+
+
+def test_stderr_closed_at_start_takes_nothing(env: dict[str, str], tmp_path: Path) -> None:
+    """Started with stderr closed (``2>&-``), descriptor 2 goes to the next file opened
+    (the data directory's lock): the log lines, and what else writes to stdout under
+    --stdio (a copy of stderr), must not go into it. The file log keeps them."""
+    data = tmp_path / "data"
+    lines = [
+        {"jsonrpc": "2.0", "id": None, "error": {"code": 1, "message": "a warning"}},
+        {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {"protocolVersion": 1}},
+    ]
+    done = subprocess.run(
+        ["sh", "-c", 'exec "$@" 2>&-', "sh", *PUNIE, "serve", "--stdio", "--no-http",
+         "--project", str(tmp_path)],
+        input="".join(json.dumps(line) + "\n" for line in lines).encode(),
+        capture_output=True,
+        env=env,
+        timeout=TIMEOUT,
+    )  # fmt: skip
+    assert done.returncode == 0
+    assert [json.loads(line)["id"] for line in done.stdout.splitlines()] == [1]
+    assert (data / "serve.lock").read_text().strip().isdigit()
+    assert "without an id" in (data / "punie-trio.log").read_text(encoding="utf-8")
+
+
+@contextlib.contextmanager
+def full_pipe() -> Iterator[int]:
+    """The write end of a pipe already full: every write to it waits (for a reader that
+    never comes), as with an IDE that pipes the agent's stderr and never reads it."""
+    read_end, write_end = os.pipe()
+    os.set_blocking(write_end, False)
+    with contextlib.suppress(BlockingIOError):
+        while True:
+            os.write(write_end, b"x" * 65536)
+    os.set_blocking(write_end, True)
+    try:
+        yield write_end
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+
+
+def test_a_second_signal_exits_at_once_with_stderr_full(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    """The second signal's "exiting now" line was printed, then the process exited: with
+    a stderr nobody reads and full, the print waited for good, so the process did not exit
+    (the watchdog, which prints too, could not end it either); only SIGKILL did."""
+    script = tmp_path / "flood.json"
+    script.write_text(json.dumps({"turns": [[{"text": "y" * 65536}] * 200]}))
+    with contextlib.ExitStack() as stack:
+        stderr = stack.enter_context(full_pipe())  # (open, and full, as long as the test)
+        agent = subprocess.Popen(
+            [
+                *PUNIE, "serve", "--stdio", "--no-http", "--project", str(tmp_path),
+                "--model", f"script:{script}", "--shutdown-timeout", "600",
+            ],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            env=env,
+        )  # fmt: skip
+        stack.callback(agent.wait)
+        stack.callback(agent.kill)
+        _second_signal_with_stderr_full(agent, tmp_path)
+
+
+def _second_signal_with_stderr_full(agent: subprocess.Popen[bytes], tmp_path: Path) -> None:
+    assert agent.stdin is not None and agent.stdout is not None
+    log_file = tmp_path / "data" / "punie-trio.log"
+
+    def call(msg: dict[str, Any]) -> dict[str, Any]:
+        assert agent.stdin is not None and agent.stdout is not None
+        agent.stdin.write(json.dumps({"jsonrpc": "2.0", **msg}).encode() + b"\n")
+        agent.stdin.flush()
+        answer: dict[str, Any] = json.loads(agent.stdout.readline())
+        return answer
+
+    assert call({"id": 1, "method": "initialize", "params": {"protocolVersion": 1}})
+    params = {"cwd": str(tmp_path), "mcpServers": []}
+    session = call({"id": 2, "method": "session/new", "params": params})["result"]
+    prompt = {"sessionId": session["sessionId"], "prompt": [{"type": "text", "text": "go"}]}
+    # stdout is read no more: the shutdown waits (up to --shutdown-timeout) to drain it.
+    assert call({"id": 3, "method": "session/prompt", "params": prompt})["method"]
+    agent.send_signal(signal.SIGTERM)
+    # (stderr takes nothing: the log file tells when the first signal was taken.)
+    deadline = time.monotonic() + TIMEOUT
+    while "received SIGTERM, shutting down" not in log_file.read_text(encoding="utf-8"):
+        assert agent.poll() is None
+        assert time.monotonic() < deadline, "the first signal was not logged"
+        time.sleep(0.05)
+    agent.send_signal(signal.SIGTERM)
+    assert agent.wait(timeout=TIMEOUT) == 1
+
+
+@pytest.mark.parametrize("stderr", ["closed pipe", "/dev/full"])
+def test_a_stderr_that_cannot_be_written_does_not_stop_serve(
+    env: dict[str, str], tmp_path: Path, stderr: str
+) -> None:
+    """An IDE that closed its end of the agent's stderr (or a stderr on a full disk): the
+    "listening on" line cannot be written. serve exited 1 right after it started, without
+    a word anywhere (the log file said nothing), so the stdio client got no answer."""
+    if stderr == "/dev/full" and not os.path.exists("/dev/full"):
+        pytest.skip("needs /dev/full")
+    with contextlib.ExitStack() as stack:
+        if stderr == "closed pipe":
+            read_end, write_end = os.pipe()
+            os.close(read_end)
+        else:
+            write_end = os.open("/dev/full", os.O_WRONLY)
+        stack.callback(os.close, write_end)
+        agent = subprocess.Popen(
+            [*PUNIE, "serve", "--stdio", "--port", "0", "--project", str(tmp_path)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=write_end,
+            env=env,
+        )
+        stack.callback(agent.wait)
+        stack.callback(agent.kill)
+        assert agent.stdin is not None and agent.stdout is not None
+        init = {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {"protocolVersion": 1}}
+        agent.stdin.write(json.dumps(init).encode() + b"\n")
+        agent.stdin.flush()
+        assert json.loads(agent.stdout.readline())["id"] == 1
+        agent.send_signal(signal.SIGTERM)
+        assert agent.wait(timeout=TIMEOUT) == 0
+    log_file = (tmp_path / "data" / "punie-trio.log").read_text(encoding="utf-8")
+    assert "cannot write to stderr" in log_file
 
 
 def test_stdin_eof_right_away(env: dict[str, str], tmp_path: Path) -> None:
