@@ -1458,7 +1458,7 @@ def _resolve_param(path: str, where: str) -> Path:
     under the walk) is -32602 naming ``where``, not an internal error. So is one that
     resolves (through a symlink) to a path that is not UTF-8: the store refused such a
     cwd with an internal error, and an additional directory was listed with an escape
-    (``\udce9``) that no load could send back."""
+    (``\\udce9``) that no load could send back."""
     try:
         checked = resolved(path)
     except (OSError, RuntimeError) as exc:  # (3.11 reports a symlink loop as RuntimeError)
