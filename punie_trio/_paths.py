@@ -108,7 +108,26 @@ def read_small_file(path: Path, max_bytes: int) -> bytes:
 def resolved(path: str) -> str:
     """``path`` with ``~``, symlinks and ``..`` resolved: the form sessions' cwds and roots
     are stored and compared in (the server and the CLI alike)."""
-    return str(Path(path).expanduser().resolve())
+    return str(resolve_path(Path(path).expanduser()))
+
+
+def resolve_path(path: Path) -> Path:
+    """``path.resolve()`` (not strict: what does not exist yet is kept as written), with a
+    symlink loop an error on every Python: ``OSError`` (``ELOOP``) or, before 3.13,
+    ``RuntimeError``.
+
+    Why: Python 3.13's ``resolve`` no longer raises for a loop; it hands the looping link
+    back as if it were resolved, so a ``--project`` loop was "not a directory" there and a
+    ``sessions list --cwd`` loop listed nothing, without a word, where 3.11 named the loop.
+    A path that does not exist is resolved again strictly, for the loop's error alone."""
+    result = path.resolve()
+    if not result.exists():
+        try:
+            result.resolve(strict=True)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise
+    return result
 
 
 def replace_file(path: Path, data: bytes, mode: int = 0o666, *, exact_mode: bool = False) -> None:

@@ -52,6 +52,7 @@ from ._paths import (
     ensure_data_dir,
     file_kind,
     lock_data_dir,
+    resolve_path,
     token_path,
 )
 from ._version import __version__
@@ -530,7 +531,7 @@ def _project_root(given: Path) -> tuple[Path, str | None]:
     client can name it: a session's ``cwd`` is JSON text, so every ``session/new`` was
     refused as outside the project roots."""
     try:
-        project = given.expanduser().resolve()
+        project = resolve_path(given.expanduser())
         is_dir = project.is_dir()
     except (OSError, RuntimeError, ValueError) as exc:  # (3.11: a loop is a RuntimeError)
         return given, f"cannot be resolved: {exc}"
