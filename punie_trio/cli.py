@@ -296,6 +296,7 @@ class _StderrHandler(logging.Handler):
         self._waiting_bytes = 0
         self._writing = False
         self._dropped = 0
+        self._closing = False
         threading.Thread(target=self._write_all, name="stderr log", daemon=True).start()
 
     def emit(self, record: logging.LogRecord) -> None:
@@ -304,8 +305,14 @@ class _StderrHandler(logging.Handler):
         except Exception:
             self.handleError(record)
             return
+        self.say(line)
+
+    def say(self, line: str) -> None:
+        """Queue ``line`` (ending in a newline) for stderr as it is, whatever the level: what
+        the process says on stderr besides log records (the log file's trouble), from any
+        thread, without waiting on stderr."""
         with self._changed:
-            if self._fd is None:
+            if self._fd is None or self._closing:
                 return
             if self._waiting_bytes + len(line) > self.limit:
                 self._dropped += 1
@@ -319,7 +326,16 @@ class _StderrHandler(logging.Handler):
             with self._changed:
                 self._writing = False
                 self._changed.notify_all()
-                self._changed.wait_for(lambda: bool(self._waiting or self._dropped))
+                self._changed.wait_for(
+                    lambda: bool(self._waiting or self._dropped or self._closing)
+                )
+                if self._closing and not (self._waiting or self._dropped):
+                    # (Closed here, by the one thread that writes to it: never while a
+                    # write is under way, into a file that got the number meanwhile.)
+                    if self._fd is not None:
+                        os.close(self._fd)
+                        self._fd = None
+                    return
                 text, dropped = "".join(self._waiting), self._dropped
                 self._waiting, self._waiting_bytes, self._dropped = [], 0, 0
                 self._writing = True
@@ -346,6 +362,15 @@ class _StderrHandler(logging.Handler):
                 timeout=STDERR_FLUSH_SECONDS,
             )
 
+    def close(self) -> None:
+        """Stop taking lines; the thread writes those waiting, then closes its copy of fd 2
+        and ends (a handler replaced by a second :func:`_setup_logging` in one process
+        kept its thread and descriptor)."""
+        with self._changed:
+            self._closing = True
+            self._changed.notify_all()
+        super().close()
+
 
 #: How long the log lines waiting for stderr get at exit (a reader that stopped reading
 #: must not keep the process alive).
@@ -362,6 +387,17 @@ class _PrivateRotatingFileHandler(logging.handlers.RotatingFileHandler):
 
     _failing = False
     _erred = False
+    #: Where its trouble is said: the stderr log handler's queue. Without one (a handler
+    #: of its own, in a test), ``sys.stderr``.
+    stderr: _StderrHandler | None = None
+
+    def _say(self, line: str) -> None:
+        # Why not sys.stderr from here: this runs in the server's thread, and a stderr
+        # nobody reads (which ACP allows) blocked it for good at the first failed write.
+        if self.stderr is not None:
+            self.stderr.say(line)
+        else:
+            sys.stderr.write(line)
 
     def _open(self) -> Any:
         path = Path(self.baseFilename)
@@ -379,7 +415,7 @@ class _PrivateRotatingFileHandler(logging.handlers.RotatingFileHandler):
         super().emit(record)
         if self._failing and not self._erred:
             self._failing = False
-            sys.stderr.write(f"punie-trio: writing {self.baseFilename} again\n")
+            self._say(f"punie-trio: writing {self.baseFilename} again\n")
 
     def handleError(self, record: logging.LogRecord) -> None:
         why = sys.exc_info()[1]
@@ -390,7 +426,7 @@ class _PrivateRotatingFileHandler(logging.handlers.RotatingFileHandler):
         self._erred = True
         if not self._failing:
             self._failing = True
-            sys.stderr.write(
+            self._say(
                 f"punie-trio: cannot write {self.baseFilename} ({why}); "
                 "its lines are dropped until it can\n"
             )
@@ -424,6 +460,7 @@ def _setup_logging(level: str, data_dir: Path | None) -> None:
         )
         file_handler.setLevel(min(logging.INFO, logging.getLevelName(level.upper())))
         file_handler.setFormatter(formatter)
+        file_handler.stderr = stderr
         root.addHandler(file_handler)
 
 

@@ -1,9 +1,11 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import os
 import stat
+import sys
 from pathlib import Path
 
 import pytest
@@ -123,6 +125,51 @@ def test_a_full_disk_under_the_log_is_one_line_not_a_traceback_a_record(
     assert err.startswith(full) and err.endswith(f"punie-trio: writing {log} again\n")
     assert err.count("again") == 1 and err.count("cannot write") == 1
     assert "--- Logging error ---" in err  # (the bad call's own report)
+    assert log.read_text(encoding="utf-8") == "kept\n"
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+def test_a_full_disk_under_the_log_is_said_through_the_stderr_thread(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The log file's "cannot write" and "again" lines went to ``sys.stderr`` directly,
+    from the server's thread: with stderr a pipe nobody reads (an IDE may ignore it), that
+    write blocked the whole server for good, the very stall the stderr handler's thread
+    exists to avoid; with stderr sharing the non-blocking ACP stdin/stdout (a terminal)
+    it raised BlockingIOError out of the log call. They now wait in the stderr handler's
+    queue like any log line. (Here ``sys.stderr`` is a full non-blocking pipe: a test
+    cannot wait forever, and any direct write to it raises.)"""
+    read_end, write_end = os.pipe()
+    os.set_blocking(write_end, False)
+    with contextlib.suppress(BlockingIOError):
+        while True:
+            os.write(write_end, b"x" * 65536)
+    full_pipe = io.TextIOWrapper(io.FileIO(write_end, "w", closefd=False), line_buffering=True)
+    stderr = cli._StderrHandler("INFO")
+    log = tmp_path / "punie-trio.log"
+    handler = cli._PrivateRotatingFileHandler(log, encoding="utf-8")
+    handler.stderr = stderr
+    monkeypatch.setattr(sys, "stderr", full_pipe)
+    try:
+        with open("/dev/full", "w", encoding="utf-8") as full:
+            handler.stream, original = full, handler.stream
+            handler.emit(logging.makeLogRecord({"msg": "lost"}))
+            handler.stream = original
+            handler.emit(logging.makeLogRecord({"msg": "kept"}))
+            with contextlib.suppress(OSError):  # (its buffer still holds a line)
+                full.close()
+    finally:
+        monkeypatch.undo()
+        handler.close()
+        stderr.flush()
+        stderr.close()
+        os.close(read_end)
+        os.close(write_end)
+    err = capfd.readouterr().err
+    assert err == (
+        f"punie-trio: cannot write {log} ([Errno 28] No space left on device); its lines are"
+        f" dropped until it can\npunie-trio: writing {log} again\n"
+    )
     assert log.read_text(encoding="utf-8") == "kept\n"
 
 
