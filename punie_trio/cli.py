@@ -270,6 +270,9 @@ class _ClippingFormatter(logging.Formatter):
         return super().formatMessage(record)
 
 
+log = logging.getLogger(__name__)
+
+
 class _StderrHandler(logging.Handler):
     """Logs to stderr from a thread of its own, never from the server's.
 
@@ -297,6 +300,7 @@ class _StderrHandler(logging.Handler):
         self._writing = False
         self._dropped = 0
         self._closing = False
+        self._told: list[str] = []
         threading.Thread(target=self._write_all, name="stderr log", daemon=True).start()
 
     def emit(self, record: logging.LogRecord) -> None:
@@ -307,16 +311,27 @@ class _StderrHandler(logging.Handler):
             return
         self.say(line)
 
-    def say(self, line: str) -> None:
+    def say(self, line: str, *, told: bool = False) -> None:
         """Queue ``line`` (ending in a newline) for stderr as it is, whatever the level: what
-        the process says on stderr besides log records (the log file's trouble), from any
-        thread, without waiting on stderr."""
+        the process says on stderr besides log records (the log file's trouble, the
+        "listening on" line), from any thread, without waiting on stderr.
+
+        Why through here: written directly, such a line went out before the log lines
+        still waiting, or in the middle of one (``print`` writes the line and its newline
+        apart): the listening line came out as ``... (ACP: ws://HOST:PORT/acp)2026-...
+        INFO hypercorn.error: Running on ...``. ``told``: a line for the user (the
+        listening line), never dropped, and if stderr cannot take it, it is logged with
+        the reason (the log file then has it)."""
         with self._changed:
             if self._fd is None or self._closing:
+                if told:
+                    log.warning("no stderr to write to: %s", line.rstrip("\n"))
                 return
-            if self._waiting_bytes + len(line) > self.limit:
+            if not told and self._waiting_bytes + len(line) > self.limit:
                 self._dropped += 1
                 return
+            if told:
+                self._told.append(line)
             self._waiting.append(line)
             self._waiting_bytes += len(line)
             self._changed.notify_all()
@@ -336,8 +351,9 @@ class _StderrHandler(logging.Handler):
                         os.close(self._fd)
                         self._fd = None
                     return
-                text, dropped = "".join(self._waiting), self._dropped
+                text, dropped, told = "".join(self._waiting), self._dropped, self._told
                 self._waiting, self._waiting_bytes, self._dropped = [], 0, 0
+                self._told = []
                 self._writing = True
             if dropped:  # (dropped after the lines that were waiting: said after them)
                 text += f"punie-trio: {dropped} log lines dropped: stderr was not read\n"
@@ -352,8 +368,10 @@ class _StderrHandler(logging.Handler):
                         # stdout (a terminal, ``2>&1``), which the server put in
                         # non-blocking mode: wait until it takes more.
                         select.select([], [self._fd], [])
-            except OSError:
-                pass  # (stderr is gone: nowhere to say so)
+            except OSError as exc:
+                # (stderr is gone: nowhere to say so, but for the lines told the user.)
+                for line in told:
+                    log.warning("cannot write to stderr (%s): %s", exc.strerror or exc, line[:-1])
 
     def flush(self) -> None:
         with self._changed:

@@ -354,7 +354,17 @@ def _tell(line: str) -> None:
     Why: an IDE may close its end of the agent's stderr (ACP lets clients ignore it), or
     stderr may be a file on a full disk; the print's error then ended ``serve`` just after
     it started (status 1, not a word anywhere), stdio client and all. The log file says
-    why instead."""
+    why instead.
+
+    Where the CLI logs to stderr from a thread of its own (a root handler with ``say``),
+    the line goes out through it, after the log lines logged before it and never in the
+    middle of one (printed here, it once came out glued to a log line); that thread logs
+    it with the reason if stderr cannot take it."""
+    for handler in logging.getLogger().handlers:
+        say = getattr(handler, "say", None)
+        if say is not None:
+            say(line + "\n", told=True)
+            return
     try:
         print(line, file=sys.stderr, flush=True)
     except OSError as exc:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from punie_trio import _paths, cli
+from punie_trio import _paths, cli, server
 
 
 def test_data_dir_env_override(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -185,3 +185,45 @@ def test_a_bad_log_call_still_gets_loggings_own_report(
         handler.close()
     err = capsys.readouterr().err
     assert "--- Logging error ---" in err and "cannot write" not in err
+
+
+def test_the_listening_line_goes_out_after_the_log_lines_before_it_and_whole(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``serve`` printed its "listening on" line to stderr directly while log lines logged
+    before it still waited for the stderr thread: it came out before them, or glued to
+    one (``... (ACP: ws://HOST:PORT/acp)2026-... INFO hypercorn.error: Running on ...``,
+    4 starts in 12 at ``--log-level info``). It now goes through the same thread. (Here
+    stderr is a full pipe, so the log line surely still waits when the line is told.)"""
+    read_end, write_end = os.pipe()
+    os.set_blocking(write_end, False)
+    filled = 0
+    with contextlib.suppress(BlockingIOError):
+        while True:
+            filled += os.write(write_end, b"x" * 4096)
+    saved = os.dup(2)
+    os.dup2(write_end, 2)
+    try:
+        stderr = cli._StderrHandler("INFO")
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+    stderr.setFormatter(logging.Formatter("%(message)s"))
+    root = logging.getLogger()
+    root.addHandler(stderr)
+    direct = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", direct)
+    try:
+        logging.getLogger("punie_trio.test").warning("logged before")
+        server._tell("punie-trio listening on http://127.0.0.1:1 (ACP: ws://127.0.0.1:1/acp)")
+        assert direct.getvalue() == ""
+        expected = b"logged before\npunie-trio listening on http://127.0.0.1:1 (ACP: ws://127.0.0.1:1/acp)\n"
+        got = b""
+        while len(got) < filled + len(expected):
+            got += os.read(read_end, filled + len(expected) - len(got))
+        assert got[filled:] == expected
+    finally:
+        root.removeHandler(stderr)
+        stderr.close()
+        os.close(read_end)
+        os.close(write_end)
