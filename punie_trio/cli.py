@@ -17,6 +17,7 @@ import select
 import stat
 import sys
 import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -301,6 +302,7 @@ class _StderrHandler(logging.Handler):
         self._dropped = 0
         self._closing = False
         self._told: list[str] = []
+        self._flush_deadline: float | None = None
         threading.Thread(target=self._write_all, name="stderr log", daemon=True).start()
 
     def emit(self, record: logging.LogRecord) -> None:
@@ -374,10 +376,14 @@ class _StderrHandler(logging.Handler):
                     log.warning("cannot write to stderr (%s): %s", exc.strerror or exc, line[:-1])
 
     def flush(self) -> None:
+        # One budget for all the flushes at the end (the CLI's error line, then the exit's):
+        # a stderr nobody reads costs STDERR_FLUSH_SECONDS once, not once each.
+        if self._flush_deadline is None:
+            self._flush_deadline = time.monotonic() + STDERR_FLUSH_SECONDS
         with self._changed:
             self._changed.wait_for(
                 lambda: not (self._waiting or self._dropped or self._writing),
-                timeout=STDERR_FLUSH_SECONDS,
+                timeout=max(0.0, self._flush_deadline - time.monotonic()),
             )
 
     def close(self) -> None:
@@ -517,8 +523,18 @@ def _error(message: str, status: int) -> int:
     # directory, a host), and one with an escape sequence, from a config file given by
     # --config say, went to the terminal raw and could clear the screen or retitle the
     # window (only a project was escaped).
+    _stderr_log_written()
     print(f"punie-trio: error: {_printable(message)}", file=sys.stderr)
     return status
+
+
+def _stderr_log_written() -> None:
+    """Wait (at most :data:`STDERR_FLUSH_SECONDS`, as the exit would) for the log lines
+    that wait for stderr. Why: a line printed directly after ``serve`` returned (its
+    error) came before the log lines logged earlier, or in the middle of one."""
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, _StderrHandler):
+            handler.flush()
 
 
 def _settings(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, str | None]]:

@@ -6,6 +6,7 @@ import logging
 import os
 import stat
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -227,3 +228,56 @@ def test_the_listening_line_goes_out_after_the_log_lines_before_it_and_whole(
         stderr.close()
         os.close(read_end)
         os.close(write_end)
+
+
+def test_an_error_after_serve_comes_after_the_log_lines_before_it(
+    capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The CLI's last line (``cannot write to stdout``, after ``serve`` returned) was
+    printed to stderr directly while the log lines logged before it still waited for the
+    stderr thread: it came first in 3 runs of 10 (or in the middle of one). It now waits
+    for them (as long as the exit would: STDERR_FLUSH_SECONDS). Here the thread's write
+    is held until the test lets it go, so the log line surely still waits."""
+    stderr = cli._StderrHandler("INFO")
+    stderr.setFormatter(logging.Formatter("%(message)s"))
+    release, either = threading.Event(), threading.Event()
+    real_write = os.write
+
+    def held_write(fd: int, data: bytes) -> int:
+        if fd == stderr._fd:
+            release.wait()
+        return real_write(fd, data)
+
+    class Recorder(io.StringIO):
+        def write(self, text: str) -> int:
+            either.set()
+            return super().write(text)
+
+    real_flush = stderr.flush
+
+    def flush() -> None:
+        either.set()
+        real_flush()
+
+    direct = Recorder()
+    monkeypatch.setattr(os, "write", held_write)
+    monkeypatch.setattr(stderr, "flush", flush)
+    monkeypatch.setattr(sys, "stderr", direct)
+    root = logging.getLogger()
+    root.addHandler(stderr)
+    try:
+        logging.getLogger("punie_trio.test").warning("logged before")
+        error = threading.Thread(target=cli._error, args=("cannot write to stdout", 1))
+        error.start()
+        either.wait()
+        printed_early = direct.getvalue()
+        release.set()
+        error.join()
+    finally:
+        release.set()
+        root.removeHandler(stderr)
+        stderr.close()
+        monkeypatch.undo()
+    assert printed_early == ""
+    assert direct.getvalue() == "punie-trio: error: cannot write to stdout\n"
+    assert capfd.readouterr().err == "logged before\n"
