@@ -303,7 +303,8 @@ class _StderrHandler(logging.Handler):
         self._closing = False
         self._told: list[str] = []
         self._flush_deadline: float | None = None
-        threading.Thread(target=self._write_all, name="stderr log", daemon=True).start()
+        self._thread = threading.Thread(target=self._write_all, name="stderr log", daemon=True)
+        self._thread.start()
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
@@ -464,6 +465,13 @@ def _setup_logging(level: str, data_dir: Path | None) -> None:
     :func:`main`) instead of printing "--- Logging error ---" with a traceback. A long
     message is cut (:class:`_ClippingFormatter`)."""
     root = logging.getLogger()
+    # Set up a second time in one process (a program running ``main`` twice): the first
+    # set-up's handlers go, closed (each line went out twice, and each stderr handler's
+    # thread and copy of fd 2 stayed for good).
+    for old in list(root.handlers):
+        if isinstance(old, (_StderrHandler, _PrivateRotatingFileHandler)):
+            root.removeHandler(old)
+            old.close()
     root.setLevel(logging.DEBUG)
     # hpack (HTTP/2's header coding) logs every header it decodes, and each raw header
     # block, at DEBUG: with --log-level debug, every `authorization: Bearer TOKEN` and

@@ -281,3 +281,27 @@ def test_an_error_after_serve_comes_after_the_log_lines_before_it(
     assert printed_early == ""
     assert direct.getvalue() == "punie-trio: error: cannot write to stdout\n"
     assert capfd.readouterr().err == "logged before\n"
+
+
+def test_logging_set_up_twice_in_one_process_keeps_one_of_each_handler(tmp_path: Path) -> None:
+    """A program (a test) running ``cli.main`` twice in one process set logging up twice:
+    every line went to stderr and the file twice, and each stderr handler kept its thread
+    and its copy of fd 2 for good. The second set-up now replaces the first's handlers,
+    closed: the thread ends and closes its descriptor."""
+    root = logging.getLogger()
+    before, level = list(root.handlers), root.level
+    try:
+        cli._setup_logging("warning", tmp_path)
+        first = [h for h in root.handlers if h not in before]
+        cli._setup_logging("warning", tmp_path)
+        second = [h for h in root.handlers if h not in before]
+        assert len(first) == len(second) == 2
+        assert not set(first) & set(second)
+        stderr = next(h for h in first if isinstance(h, cli._StderrHandler))
+        stderr._thread.join()
+        assert stderr._fd is None
+    finally:
+        for handler in [h for h in root.handlers if h not in before]:
+            root.removeHandler(handler)
+            handler.close()
+        root.setLevel(level)
