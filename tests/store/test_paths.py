@@ -305,3 +305,66 @@ def test_logging_set_up_twice_in_one_process_keeps_one_of_each_handler(tmp_path:
             root.removeHandler(handler)
             handler.close()
         root.setLevel(level)
+
+
+class _Exited(Exception):
+    pass
+
+
+def test_the_last_words_come_after_the_log_lines_before_them_and_whole(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A second signal's "exiting now" was printed directly, from a thread, while the
+    "received SIGINT, shutting down" line logged a moment before still waited for the
+    stderr thread: it came first, glued to it, or alone (the log line lost to the exit).
+    It now goes through the same thread, after them, within LAST_WORDS_SECONDS. (Here
+    stderr is a full pipe the test drains only once the line is told.)"""
+    read_end, write_end = os.pipe()
+    os.set_blocking(write_end, False)
+    filled = 0
+    with contextlib.suppress(BlockingIOError):
+        while True:
+            filled += os.write(write_end, b"x" * 4096)
+    saved = os.dup(2)
+    os.dup2(write_end, 2)
+    try:
+        stderr = cli._StderrHandler("INFO")
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+    stderr.setFormatter(logging.Formatter("%(message)s"))
+    root = logging.getLogger()
+    root.addHandler(stderr)
+    direct = io.StringIO()
+    expected = b"received SIGINT, shutting down\npunie-trio: second signal, exiting now\n"
+    got = bytearray()
+
+    def drain() -> None:
+        while len(got) < filled + len(expected):
+            data = os.read(read_end, filled + len(expected) - len(got))
+            if not data:  # (the test is over: the handler and the test closed the pipe)
+                return
+            got.extend(data)
+
+    def exit_(status: int) -> None:
+        raise _Exited(status)
+
+    monkeypatch.setattr(sys, "stderr", direct)
+    monkeypatch.setattr(os, "_exit", exit_)
+    drainer = threading.Thread(target=drain)
+    try:
+        logging.getLogger("punie_trio.test").warning("received SIGINT, shutting down")
+        drainer.start()
+        with pytest.raises(_Exited):
+            server._exit_now("punie-trio: second signal, exiting now")
+        assert direct.getvalue() == ""
+        drainer.join()
+    finally:
+        monkeypatch.undo()
+        root.removeHandler(stderr)
+        stderr.close()
+        os.close(write_end)
+        drainer.join()
+        os.close(read_end)
+    assert direct.getvalue() == ""
+    assert bytes(got[filled:]) == expected
