@@ -17,6 +17,7 @@ import select
 import stat
 import sys
 import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -271,6 +272,9 @@ class _ClippingFormatter(logging.Formatter):
         return super().formatMessage(record)
 
 
+log = logging.getLogger(__name__)
+
+
 class _StderrHandler(logging.Handler):
     """Logs to stderr from a thread of its own, never from the server's.
 
@@ -297,7 +301,11 @@ class _StderrHandler(logging.Handler):
         self._waiting_bytes = 0
         self._writing = False
         self._dropped = 0
-        threading.Thread(target=self._write_all, name="stderr log", daemon=True).start()
+        self._closing = False
+        self._told: list[str] = []
+        self._flush_deadline: float | None = None
+        self._thread = threading.Thread(target=self._write_all, name="stderr log", daemon=True)
+        self._thread.start()
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
@@ -305,12 +313,29 @@ class _StderrHandler(logging.Handler):
         except Exception:
             self.handleError(record)
             return
+        self.say(line)
+
+    def say(self, line: str, *, told: bool = False) -> None:
+        """Queue ``line`` (ending in a newline) for stderr as it is, whatever the level: what
+        the process says on stderr besides log records (the log file's trouble, the
+        "listening on" line), from any thread, without waiting on stderr.
+
+        Why through here: written directly, such a line went out before the log lines
+        still waiting, or in the middle of one (``print`` writes the line and its newline
+        apart): the listening line came out as ``... (ACP: ws://HOST:PORT/acp)2026-...
+        INFO hypercorn.error: Running on ...``. ``told``: a line for the user (the
+        listening line), never dropped, and if stderr cannot take it, it is logged with
+        the reason (the log file then has it)."""
         with self._changed:
-            if self._fd is None:
+            if self._fd is None or self._closing:
+                if told:
+                    log.warning("no stderr to write to: %s", line.rstrip("\n"))
                 return
-            if self._waiting_bytes + len(line) > self.limit:
+            if not told and self._waiting_bytes + len(line) > self.limit:
                 self._dropped += 1
                 return
+            if told:
+                self._told.append(line)
             self._waiting.append(line)
             self._waiting_bytes += len(line)
             self._changed.notify_all()
@@ -320,9 +345,19 @@ class _StderrHandler(logging.Handler):
             with self._changed:
                 self._writing = False
                 self._changed.notify_all()
-                self._changed.wait_for(lambda: bool(self._waiting or self._dropped))
-                text, dropped = "".join(self._waiting), self._dropped
+                self._changed.wait_for(
+                    lambda: bool(self._waiting or self._dropped or self._closing)
+                )
+                if self._closing and not (self._waiting or self._dropped):
+                    # (Closed here, by the one thread that writes to it: never while a
+                    # write is under way, into a file that got the number meanwhile.)
+                    if self._fd is not None:
+                        os.close(self._fd)
+                        self._fd = None
+                    return
+                text, dropped, told = "".join(self._waiting), self._dropped, self._told
                 self._waiting, self._waiting_bytes, self._dropped = [], 0, 0
+                self._told = []
                 self._writing = True
             if dropped:  # (dropped after the lines that were waiting: said after them)
                 text += f"punie-trio: {dropped} log lines dropped: stderr was not read\n"
@@ -337,15 +372,30 @@ class _StderrHandler(logging.Handler):
                         # stdout (a terminal, ``2>&1``), which the server put in
                         # non-blocking mode: wait until it takes more.
                         select.select([], [self._fd], [])
-            except OSError:
-                pass  # (stderr is gone: nowhere to say so)
+            except OSError as exc:
+                # (stderr is gone: nowhere to say so, but for the lines told the user.)
+                for line in told:
+                    log.warning("cannot write to stderr (%s): %s", exc.strerror or exc, line[:-1])
 
     def flush(self) -> None:
+        # One budget for all the flushes at the end (the CLI's error line, then the exit's):
+        # a stderr nobody reads costs STDERR_FLUSH_SECONDS once, not once each.
+        if self._flush_deadline is None:
+            self._flush_deadline = time.monotonic() + STDERR_FLUSH_SECONDS
         with self._changed:
             self._changed.wait_for(
                 lambda: not (self._waiting or self._dropped or self._writing),
-                timeout=STDERR_FLUSH_SECONDS,
+                timeout=max(0.0, self._flush_deadline - time.monotonic()),
             )
+
+    def close(self) -> None:
+        """Stop taking lines; the thread writes those waiting, then closes its copy of fd 2
+        and ends (a handler replaced by a second :func:`_setup_logging` in one process
+        kept its thread and descriptor)."""
+        with self._changed:
+            self._closing = True
+            self._changed.notify_all()
+        super().close()
 
 
 #: How long the log lines waiting for stderr get at exit (a reader that stopped reading
@@ -363,6 +413,17 @@ class _PrivateRotatingFileHandler(logging.handlers.RotatingFileHandler):
 
     _failing = False
     _erred = False
+    #: Where its trouble is said: the stderr log handler's queue. Without one (a handler
+    #: of its own, in a test), ``sys.stderr``.
+    stderr: _StderrHandler | None = None
+
+    def _say(self, line: str) -> None:
+        # Why not sys.stderr from here: this runs in the server's thread, and a stderr
+        # nobody reads (which ACP allows) blocked it for good at the first failed write.
+        if self.stderr is not None:
+            self.stderr.say(line)
+        else:
+            sys.stderr.write(line)
 
     def _open(self) -> Any:
         path = Path(self.baseFilename)
@@ -380,7 +441,7 @@ class _PrivateRotatingFileHandler(logging.handlers.RotatingFileHandler):
         super().emit(record)
         if self._failing and not self._erred:
             self._failing = False
-            sys.stderr.write(f"punie-trio: writing {self.baseFilename} again\n")
+            self._say(f"punie-trio: writing {self.baseFilename} again\n")
 
     def handleError(self, record: logging.LogRecord) -> None:
         why = sys.exc_info()[1]
@@ -391,7 +452,7 @@ class _PrivateRotatingFileHandler(logging.handlers.RotatingFileHandler):
         self._erred = True
         if not self._failing:
             self._failing = True
-            sys.stderr.write(
+            self._say(
                 f"punie-trio: cannot write {self.baseFilename} ({why}); "
                 "its lines are dropped until it can\n"
             )
@@ -405,6 +466,13 @@ def _setup_logging(level: str, data_dir: Path | None) -> None:
     :func:`main`) instead of printing "--- Logging error ---" with a traceback. A long
     message is cut (:class:`_ClippingFormatter`)."""
     root = logging.getLogger()
+    # Set up a second time in one process (a program running ``main`` twice): the first
+    # set-up's handlers go, closed (each line went out twice, and each stderr handler's
+    # thread and copy of fd 2 stayed for good).
+    for old in list(root.handlers):
+        if isinstance(old, (_StderrHandler, _PrivateRotatingFileHandler)):
+            root.removeHandler(old)
+            old.close()
     root.setLevel(logging.DEBUG)
     # hpack (HTTP/2's header coding) logs every header it decodes, and each raw header
     # block, at DEBUG: with --log-level debug, every `authorization: Bearer TOKEN` and
@@ -425,6 +493,7 @@ def _setup_logging(level: str, data_dir: Path | None) -> None:
         )
         file_handler.setLevel(min(logging.INFO, logging.getLevelName(level.upper())))
         file_handler.setFormatter(formatter)
+        file_handler.stderr = stderr
         root.addHandler(file_handler)
 
 
@@ -463,8 +532,18 @@ def _error(message: str, status: int) -> int:
     # directory, a host), and one with an escape sequence, from a config file given by
     # --config say, went to the terminal raw and could clear the screen or retitle the
     # window (only a project was escaped).
+    _stderr_log_written()
     print(f"punie-trio: error: {_printable(message)}", file=sys.stderr)
     return status
+
+
+def _stderr_log_written() -> None:
+    """Wait (at most :data:`STDERR_FLUSH_SECONDS`, as the exit would) for the log lines
+    that wait for stderr. Why: a line printed directly after ``serve`` returned (its
+    error) came before the log lines logged earlier, or in the middle of one."""
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, _StderrHandler):
+            handler.flush()
 
 
 def _settings(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, str | None]]:

@@ -170,12 +170,24 @@ def _exit_now(message: str) -> NoReturn:
     Why a thread: a stderr nobody reads (an IDE that pipes it and never reads it, which
     ACP allows) is a full pipe, and the print waited on it for good, so neither a second
     signal nor the watchdog could end the process; only SIGKILL did. The line now gets
-    :data:`LAST_WORDS_SECONDS`, and the process exits whether it went out or not."""
-    if sys.stderr is not None:  # (None: started without a stderr)
-        say = functools.partial(print, message, file=sys.stderr, flush=True)
-        writer = threading.Thread(target=say, name="last words", daemon=True)
-        writer.start()
-        writer.join(LAST_WORDS_SECONDS)
+    :data:`LAST_WORDS_SECONDS`, and the process exits whether it went out or not.
+
+    Where the CLI logs to stderr from a thread of its own, the line goes out through it
+    (:func:`_tell`), after the log lines waiting (printed directly, it came before the
+    "received SIGINT" line logged a moment earlier, glued to it, or without it)."""
+    handlers = [h for h in logging.getLogger().handlers if hasattr(h, "say")]
+
+    def say() -> None:
+        if handlers:
+            _tell(message)
+            for handler in handlers:
+                handler.flush()
+        elif sys.stderr is not None:  # (None: started without a stderr)
+            print(message, file=sys.stderr, flush=True)
+
+    writer = threading.Thread(target=say, name="last words", daemon=True)
+    writer.start()
+    writer.join(LAST_WORDS_SECONDS)
     os._exit(1)
 
 
@@ -354,7 +366,17 @@ def _tell(line: str) -> None:
     Why: an IDE may close its end of the agent's stderr (ACP lets clients ignore it), or
     stderr may be a file on a full disk; the print's error then ended ``serve`` just after
     it started (status 1, not a word anywhere), stdio client and all. The log file says
-    why instead."""
+    why instead.
+
+    Where the CLI logs to stderr from a thread of its own (a root handler with ``say``),
+    the line goes out through it, after the log lines logged before it and never in the
+    middle of one (printed here, it once came out glued to a log line); that thread logs
+    it with the reason if stderr cannot take it."""
+    for handler in logging.getLogger().handlers:
+        say = getattr(handler, "say", None)
+        if say is not None:
+            say(line + "\n", told=True)
+            return
     try:
         print(line, file=sys.stderr, flush=True)
     except OSError as exc:

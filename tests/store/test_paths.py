@@ -1,14 +1,17 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import os
 import stat
+import sys
+import threading
 from pathlib import Path
 
 import pytest
 
-from punie_trio import _paths, cli
+from punie_trio import _paths, cli, server
 
 
 def test_data_dir_env_override(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -126,6 +129,51 @@ def test_a_full_disk_under_the_log_is_one_line_not_a_traceback_a_record(
     assert log.read_text(encoding="utf-8") == "kept\n"
 
 
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+def test_a_full_disk_under_the_log_is_said_through_the_stderr_thread(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The log file's "cannot write" and "again" lines went to ``sys.stderr`` directly,
+    from the server's thread: with stderr a pipe nobody reads (an IDE may ignore it), that
+    write blocked the whole server for good, the very stall the stderr handler's thread
+    exists to avoid; with stderr sharing the non-blocking ACP stdin/stdout (a terminal)
+    it raised BlockingIOError out of the log call. They now wait in the stderr handler's
+    queue like any log line. (Here ``sys.stderr`` is a full non-blocking pipe: a test
+    cannot wait forever, and any direct write to it raises.)"""
+    read_end, write_end = os.pipe()
+    os.set_blocking(write_end, False)
+    with contextlib.suppress(BlockingIOError):
+        while True:
+            os.write(write_end, b"x" * 65536)
+    full_pipe = io.TextIOWrapper(io.FileIO(write_end, "w", closefd=False), line_buffering=True)
+    stderr = cli._StderrHandler("INFO")
+    log = tmp_path / "punie-trio.log"
+    handler = cli._PrivateRotatingFileHandler(log, encoding="utf-8")
+    handler.stderr = stderr
+    monkeypatch.setattr(sys, "stderr", full_pipe)
+    try:
+        with open("/dev/full", "w", encoding="utf-8") as full:
+            handler.stream, original = full, handler.stream
+            handler.emit(logging.makeLogRecord({"msg": "lost"}))
+            handler.stream = original
+            handler.emit(logging.makeLogRecord({"msg": "kept"}))
+            with contextlib.suppress(OSError):  # (its buffer still holds a line)
+                full.close()
+    finally:
+        monkeypatch.undo()
+        handler.close()
+        stderr.flush()
+        stderr.close()
+        os.close(read_end)
+        os.close(write_end)
+    err = capfd.readouterr().err
+    assert err == (
+        f"punie-trio: cannot write {log} ([Errno 28] No space left on device); its lines are"
+        f" dropped until it can\npunie-trio: writing {log} again\n"
+    )
+    assert log.read_text(encoding="utf-8") == "kept\n"
+
+
 def test_a_bad_log_call_still_gets_loggings_own_report(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -138,3 +186,185 @@ def test_a_bad_log_call_still_gets_loggings_own_report(
         handler.close()
     err = capsys.readouterr().err
     assert "--- Logging error ---" in err and "cannot write" not in err
+
+
+def test_the_listening_line_goes_out_after_the_log_lines_before_it_and_whole(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``serve`` printed its "listening on" line to stderr directly while log lines logged
+    before it still waited for the stderr thread: it came out before them, or glued to
+    one (``... (ACP: ws://HOST:PORT/acp)2026-... INFO hypercorn.error: Running on ...``,
+    4 starts in 12 at ``--log-level info``). It now goes through the same thread. (Here
+    stderr is a full pipe, so the log line surely still waits when the line is told.)"""
+    read_end, write_end = os.pipe()
+    os.set_blocking(write_end, False)
+    filled = 0
+    with contextlib.suppress(BlockingIOError):
+        while True:
+            filled += os.write(write_end, b"x" * 4096)
+    saved = os.dup(2)
+    os.dup2(write_end, 2)
+    try:
+        stderr = cli._StderrHandler("INFO")
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+    stderr.setFormatter(logging.Formatter("%(message)s"))
+    root = logging.getLogger()
+    root.addHandler(stderr)
+    direct = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", direct)
+    try:
+        logging.getLogger("punie_trio.test").warning("logged before")
+        server._tell("punie-trio listening on http://127.0.0.1:1 (ACP: ws://127.0.0.1:1/acp)")
+        assert direct.getvalue() == ""
+        expected = b"logged before\npunie-trio listening on http://127.0.0.1:1 (ACP: ws://127.0.0.1:1/acp)\n"
+        got = b""
+        while len(got) < filled + len(expected):
+            got += os.read(read_end, filled + len(expected) - len(got))
+        assert got[filled:] == expected
+    finally:
+        root.removeHandler(stderr)
+        stderr.close()
+        os.close(read_end)
+        os.close(write_end)
+
+
+def test_an_error_after_serve_comes_after_the_log_lines_before_it(
+    capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The CLI's last line (``cannot write to stdout``, after ``serve`` returned) was
+    printed to stderr directly while the log lines logged before it still waited for the
+    stderr thread: it came first in 3 runs of 10 (or in the middle of one). It now waits
+    for them (as long as the exit would: STDERR_FLUSH_SECONDS). Here the thread's write
+    is held until the test lets it go, so the log line surely still waits."""
+    stderr = cli._StderrHandler("INFO")
+    stderr.setFormatter(logging.Formatter("%(message)s"))
+    release, either = threading.Event(), threading.Event()
+    real_write = os.write
+
+    def held_write(fd: int, data: bytes) -> int:
+        if fd == stderr._fd:
+            release.wait()
+        return real_write(fd, data)
+
+    class Recorder(io.StringIO):
+        def write(self, text: str) -> int:
+            either.set()
+            return super().write(text)
+
+    real_flush = stderr.flush
+
+    def flush() -> None:
+        either.set()
+        real_flush()
+
+    direct = Recorder()
+    monkeypatch.setattr(os, "write", held_write)
+    monkeypatch.setattr(stderr, "flush", flush)
+    monkeypatch.setattr(sys, "stderr", direct)
+    root = logging.getLogger()
+    root.addHandler(stderr)
+    try:
+        logging.getLogger("punie_trio.test").warning("logged before")
+        error = threading.Thread(target=cli._error, args=("cannot write to stdout", 1))
+        error.start()
+        either.wait()
+        printed_early = direct.getvalue()
+        release.set()
+        error.join()
+    finally:
+        release.set()
+        root.removeHandler(stderr)
+        stderr.close()
+        monkeypatch.undo()
+    assert printed_early == ""
+    assert direct.getvalue() == "punie-trio: error: cannot write to stdout\n"
+    assert capfd.readouterr().err == "logged before\n"
+
+
+def test_logging_set_up_twice_in_one_process_keeps_one_of_each_handler(tmp_path: Path) -> None:
+    """A program (a test) running ``cli.main`` twice in one process set logging up twice:
+    every line went to stderr and the file twice, and each stderr handler kept its thread
+    and its copy of fd 2 for good. The second set-up now replaces the first's handlers,
+    closed: the thread ends and closes its descriptor."""
+    root = logging.getLogger()
+    before, level = list(root.handlers), root.level
+    try:
+        cli._setup_logging("warning", tmp_path)
+        first = [h for h in root.handlers if h not in before]
+        cli._setup_logging("warning", tmp_path)
+        second = [h for h in root.handlers if h not in before]
+        assert len(first) == len(second) == 2
+        assert not set(first) & set(second)
+        stderr = next(h for h in first if isinstance(h, cli._StderrHandler))
+        stderr._thread.join()
+        assert stderr._fd is None
+    finally:
+        for handler in [h for h in root.handlers if h not in before]:
+            root.removeHandler(handler)
+            handler.close()
+        root.setLevel(level)
+
+
+class _Exited(Exception):
+    pass
+
+
+def test_the_last_words_come_after_the_log_lines_before_them_and_whole(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A second signal's "exiting now" was printed directly, from a thread, while the
+    "received SIGINT, shutting down" line logged a moment before still waited for the
+    stderr thread: it came first, glued to it, or alone (the log line lost to the exit).
+    It now goes through the same thread, after them, within LAST_WORDS_SECONDS. (Here
+    stderr is a full pipe the test drains only once the line is told.)"""
+    read_end, write_end = os.pipe()
+    os.set_blocking(write_end, False)
+    filled = 0
+    with contextlib.suppress(BlockingIOError):
+        while True:
+            filled += os.write(write_end, b"x" * 4096)
+    saved = os.dup(2)
+    os.dup2(write_end, 2)
+    try:
+        stderr = cli._StderrHandler("INFO")
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+    stderr.setFormatter(logging.Formatter("%(message)s"))
+    root = logging.getLogger()
+    root.addHandler(stderr)
+    direct = io.StringIO()
+    expected = b"received SIGINT, shutting down\npunie-trio: second signal, exiting now\n"
+    got = bytearray()
+
+    def drain() -> None:
+        while len(got) < filled + len(expected):
+            data = os.read(read_end, filled + len(expected) - len(got))
+            if not data:  # (the test is over: the handler and the test closed the pipe)
+                return
+            got.extend(data)
+
+    def exit_(status: int) -> None:
+        raise _Exited(status)
+
+    monkeypatch.setattr(sys, "stderr", direct)
+    monkeypatch.setattr(os, "_exit", exit_)
+    drainer = threading.Thread(target=drain)
+    try:
+        logging.getLogger("punie_trio.test").warning("received SIGINT, shutting down")
+        drainer.start()
+        with pytest.raises(_Exited):
+            server._exit_now("punie-trio: second signal, exiting now")
+        assert direct.getvalue() == ""
+        drainer.join()
+    finally:
+        monkeypatch.undo()
+        root.removeHandler(stderr)
+        stderr.close()
+        os.close(write_end)
+        drainer.join()
+        os.close(read_end)
+    assert direct.getvalue() == ""
+    assert bytes(got[filled:]) == expected
