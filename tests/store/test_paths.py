@@ -8,6 +8,7 @@ import stat
 import sys
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -188,14 +189,10 @@ def test_a_bad_log_call_still_gets_loggings_own_report(
     assert "--- Logging error ---" in err and "cannot write" not in err
 
 
-def test_the_listening_line_goes_out_after_the_log_lines_before_it_and_whole(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """``serve`` printed its "listening on" line to stderr directly while log lines logged
-    before it still waited for the stderr thread: it came out before them, or glued to
-    one (``... (ACP: ws://HOST:PORT/acp)2026-... INFO hypercorn.error: Running on ...``,
-    4 starts in 12 at ``--log-level info``). It now goes through the same thread. (Here
-    stderr is a full pipe, so the log line surely still waits when the line is told.)"""
+def stderr_handler_on_a_full_pipe() -> tuple[Any, int, int, int]:
+    """A ``_StderrHandler`` (``%(message)s``) whose stderr is a pipe filled up: what it is
+    given waits in its queue until the test reads ``read_end``. Returns the handler, the
+    pipe's two ends and how many bytes fill it."""
     read_end, write_end = os.pipe()
     os.set_blocking(write_end, False)
     filled = 0
@@ -210,6 +207,18 @@ def test_the_listening_line_goes_out_after_the_log_lines_before_it_and_whole(
         os.dup2(saved, 2)
         os.close(saved)
     stderr.setFormatter(logging.Formatter("%(message)s"))
+    return stderr, read_end, write_end, filled
+
+
+def test_the_listening_line_goes_out_after_the_log_lines_before_it_and_whole(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``serve`` printed its "listening on" line to stderr directly while log lines logged
+    before it still waited for the stderr thread: it came out before them, or glued to
+    one (``... (ACP: ws://HOST:PORT/acp)2026-... INFO hypercorn.error: Running on ...``,
+    4 starts in 12 at ``--log-level info``). It now goes through the same thread. (Here
+    stderr is a full pipe, so the log line surely still waits when the line is told.)"""
+    stderr, read_end, write_end, filled = stderr_handler_on_a_full_pipe()
     root = logging.getLogger()
     root.addHandler(stderr)
     direct = io.StringIO()
@@ -319,20 +328,7 @@ def test_the_last_words_come_after_the_log_lines_before_them_and_whole(
     stderr thread: it came first, glued to it, or alone (the log line lost to the exit).
     It now goes through the same thread, after them, within LAST_WORDS_SECONDS. (Here
     stderr is a full pipe the test drains only once the line is told.)"""
-    read_end, write_end = os.pipe()
-    os.set_blocking(write_end, False)
-    filled = 0
-    with contextlib.suppress(BlockingIOError):
-        while True:
-            filled += os.write(write_end, b"x" * 4096)
-    saved = os.dup(2)
-    os.dup2(write_end, 2)
-    try:
-        stderr = cli._StderrHandler("INFO")
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-    stderr.setFormatter(logging.Formatter("%(message)s"))
+    stderr, read_end, write_end, filled = stderr_handler_on_a_full_pipe()
     root = logging.getLogger()
     root.addHandler(stderr)
     direct = io.StringIO()
