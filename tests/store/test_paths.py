@@ -8,7 +8,6 @@ import stat
 import sys
 import threading
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -189,7 +188,7 @@ def test_a_bad_log_call_still_gets_loggings_own_report(
     assert "--- Logging error ---" in err and "cannot write" not in err
 
 
-def stderr_handler_on_a_full_pipe() -> tuple[Any, int, int, int]:
+def stderr_handler_on_a_full_pipe() -> tuple[cli._StderrHandler, int, int, int]:
     """A ``_StderrHandler`` (``%(message)s``) whose stderr is a pipe filled up: what it is
     given waits in its queue until the test reads ``read_end``. Returns the handler, the
     pipe's two ends and how many bytes fill it."""
