@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from typing import Any, TypeGuard
 
 import attrs
 import trio
@@ -43,6 +43,9 @@ AWAITING_META = "punie-trio/awaiting"
 MAX_AWAITING = 1000
 #: Most prompt refusals remembered per connection: more than its outbox can hold unwritten.
 MAX_REFUSED = 1024
+#: The longest string id remembered for a refusal (a request id may be any string, up to
+#: the message's size: 1,024 of 16 MiB each would pin 16 GiB).
+MAX_REMEMBERED_ID_CHARS = 256
 
 AGENT_INFO = {"name": "punie-trio", "title": "punie-trio", "version": __version__}
 
@@ -241,8 +244,10 @@ class ClientConnection:
             return  # (nothing is kept for a client that cannot come back)
         request_id = current_request_id.get(None)
         session_id = params.get("sessionId") if isinstance(params, dict) else None
-        if request_id is None or not isinstance(session_id, str):
+        if not (_small_id(request_id) and isinstance(session_id, str)):
             return
+        if len(session_id) > MAX_REMEMBERED_ID_CHARS:
+            return  # (no session of ours has such an id: nothing would be kept for it)
         refused = self.refused_prompts
         if refused is None:
             refused = self.refused_prompts = {}
@@ -341,6 +346,14 @@ _KNOWN = frozenset(
         acp.AUTHENTICATE,
     }
 )
+
+
+def _small_id(request_id: object) -> TypeGuard[RequestId]:
+    """Whether ``request_id`` is one a refusal is remembered under: a string of at most
+    :data:`MAX_REMEMBERED_ID_CHARS`, or an integer of 64 bits (JSON's may be of any size)."""
+    if isinstance(request_id, str):
+        return len(request_id) <= MAX_REMEMBERED_ID_CHARS
+    return isinstance(request_id, int) and -(2**63) <= request_id < 2**63
 
 
 async def _ready(value: Any) -> Any:

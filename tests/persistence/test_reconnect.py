@@ -1220,6 +1220,13 @@ async def test_a_refused_prompts_id_used_again_is_forgotten_and_the_memory_is_bo
         )
         await link.client.wait_for(lambda m: m.get("id") == newest and "result" in m)
         assert newest not in refused and len(refused) == 2
+        # A long string id (any size up to the message's), or an integer past 64 bits, is
+        # not remembered: 1,024 of 16 MiB each would pin 16 GiB.
+        for long_id in ("x" * 257, 2**64):
+            request = {"jsonrpc": "2.0", "id": long_id, "method": "session/prompt"}
+            await link.client.send({**request, "params": prompt_params(sid, "x")})
+            await link.client.wait_for(lambda m, i=long_id: m.get("id") == i)
+        assert len(refused) == 2 and "x" * 257 not in refused and 2**64 not in refused
 
 
 async def test_no_refusal_is_remembered_for_a_client_that_cannot_come_back(
