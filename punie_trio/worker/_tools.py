@@ -22,6 +22,7 @@ import attrs
 import trio
 
 from .._json import has_lone_surrogate, is_name_text
+from .._paths import file_kind
 from ..acp import FS_READ_TEXT_FILE, FS_WRITE_TEXT_FILE
 from ._envelopes import TurnEnv
 from ._paths import PathEscape, directory_ending, open_beneath, resolve_inside
@@ -209,13 +210,6 @@ _CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 #: terminal the server's controlling one. Neither flag exists on Windows.
 _NO_WAIT = getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0)
 
-_KINDS = (
-    (stat.S_ISFIFO, "a FIFO"),
-    (stat.S_ISSOCK, "a socket"),
-    (stat.S_ISCHR, "a character device"),
-    (stat.S_ISBLK, "a block device"),
-)
-
 
 def _open_file(path: Path, roots: tuple[str, ...], flags: int) -> int:
     """(On a worker thread.) ``open_beneath``, for a regular file only: a directory is
@@ -240,30 +234,25 @@ def _open_file(path: Path, roots: tuple[str, ...], flags: int) -> int:
         pass  # (not there, not reachable: the open says so, as it did)
     else:
         if not (stat.S_ISREG(kind) or stat.S_ISDIR(kind) or stat.S_ISLNK(kind)):
-            raise _NotAFile(_kind(kind))
+            raise _NotAFile(file_kind(kind))
     try:
         fd = open_beneath(path, roots, flags | _NO_WAIT)
     except OSError as exc:
         if exc.errno == errno.ENXIO:  # (a FIFO with no reader, a socket: never opened)
-            raise _NotAFile(_kind(os.stat(path, follow_symlinks=False).st_mode)) from None
+            raise _NotAFile(file_kind(os.stat(path, follow_symlinks=False).st_mode)) from None
         raise
     try:
         mode = os.fstat(fd).st_mode
         if stat.S_ISDIR(mode):
             raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
         if not stat.S_ISREG(mode):
-            raise _NotAFile(_kind(mode))
+            raise _NotAFile(file_kind(mode))
         if _NO_WAIT:
             os.set_blocking(fd, True)
     except BaseException:
         os.close(fd)
         raise
     return fd
-
-
-def _kind(mode: int) -> str:
-    """What a file that is not a regular file is, for a message."""
-    return next((kind for is_kind, kind in _KINDS if is_kind(mode)), "not a file")
 
 
 _LINE_END = re.compile(rb"\r\n|\r|\n")
@@ -375,7 +364,7 @@ def _existing_file(directory: int, path: Path) -> os.stat_result | None:
     if stat.S_ISDIR(mode):
         raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
     if not stat.S_ISREG(mode):
-        raise _NotAFile(_kind(mode))
+        raise _NotAFile(file_kind(mode))
     if not os.access(path.name, os.W_OK, dir_fd=directory, follow_symlinks=False):
         raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
     return status
@@ -486,7 +475,7 @@ def _write_into(directory: int, path: Path, data: bytes, existing: os.stat_resul
     with os.fdopen(fd, "wb") as file:
         now = os.fstat(fd)
         if not stat.S_ISREG(now.st_mode):  # (swapped meanwhile)
-            raise _NotAFile(_kind(now.st_mode))
+            raise _NotAFile(file_kind(now.st_mode))
         if (now.st_dev, now.st_ino) != (existing.st_dev, existing.st_ino):
             raise _Replaced
         os.set_blocking(fd, True)
