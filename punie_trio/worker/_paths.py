@@ -9,6 +9,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from .._json import is_name_text
+from .._paths import resolve_path
 
 _CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 
@@ -59,7 +60,8 @@ def resolve_inside(
     """
     expanded = os.path.expanduser(path)
     try:
-        candidate = Path(cwd, expanded).resolve(strict=False)
+        # (resolve_path: a symlink loop is an error on every Python, 3.13's too.)
+        candidate = resolve_path(Path(cwd, expanded))
     except (OSError, RuntimeError) as exc:  # (3.11 reports a symlink loop as RuntimeError)
         raise PathEscape(f"path {path!r} cannot be resolved: {exc}") from None
     if not is_name_text(str(candidate)):
