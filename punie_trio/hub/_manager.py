@@ -65,6 +65,7 @@ from ..store import (
     Store,
     StoreError,
     UnknownSessionError,
+    under_roots,
 )
 from ..worker import (
     CancelTurn,
@@ -668,8 +669,10 @@ class Manager:
 
     def _serves(self, record: SessionRecord) -> bool:
         """Whether ``record``'s working directory lies under a root this server serves
-        (the store may hold sessions of roots no longer passed with ``--project``)."""
-        return bool(self._roots_containing(Path(record.cwd)))
+        (the store may hold sessions of roots no longer passed with ``--project``): the
+        test the store's ``list_sessions(roots=...)`` makes, so a load and a listing
+        never disagree on which sessions are served."""
+        return under_roots(record.cwd, self.roots)
 
     async def _stored(self, session_id: str) -> SessionRecord:
         try:

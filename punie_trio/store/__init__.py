@@ -18,6 +18,7 @@ from ._model import (
     TranscriptEntry,
     UnknownSessionError,
     Unset,
+    under_roots,
 )
 from ._protocol import Store
 from ._readonly import (
@@ -49,4 +50,5 @@ __all__ = [
     "read_session_with_transcript",
     "read_sessions",
     "read_transcript",
+    "under_roots",
 ]
