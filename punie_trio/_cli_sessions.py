@@ -25,7 +25,7 @@ from ._config import ConfigError, _to_path, as_flag, load_file, resolve_option
 from ._json import escape_lone_surrogates
 from ._paths import (
     NotASmallFile,
-    default_config_path,
+    config_path,
     default_data_dir,
     read_small_file,
     resolved,
@@ -94,7 +94,7 @@ def resolve_data_dir(args: argparse.Namespace) -> Path:
     in the config file ``serve`` wrote one directory and ``token`` and ``sessions`` read
     another. Only ``data-dir`` is resolved: a bad value of an option they do not use is
     ``serve``'s to report."""
-    config = args.config if args.config is not None else default_config_path()
+    config = config_path(args.config)
     file_values = load_file(config, required=args.config is not None)
     value = resolve_option("data_dir", args.data_dir, file_values, os.environ, str(config))
     return Path(value or default_data_dir()).expanduser()
@@ -515,7 +515,7 @@ def _configured_token_source(args: argparse.Namespace) -> str | None:
     would take it); None if neither does. (A ``--token`` flag is ``serve``'s alone.)"""
     if os.environ.get("PUNIE_TOKEN"):
         return "$PUNIE_TOKEN"
-    config = args.config if args.config is not None else default_config_path()
+    config = config_path(args.config)
     try:
         file_values = load_file(config, required=False)
     except ConfigError:

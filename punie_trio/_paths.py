@@ -34,6 +34,11 @@ def default_config_path() -> Path:
     return Path(platformdirs.user_config_dir(APP_NAME)) / "config.toml"
 
 
+def config_path(given: Path | None) -> Path:
+    """The config file a command reads: ``given`` (``--config``), else the default."""
+    return given if given is not None else default_config_path()
+
+
 def token_path(data_dir: Path) -> Path:
     """The file holding the bearer token ``serve`` generated (mode 0600)."""
     return data_dir / "token"

@@ -47,8 +47,8 @@ from ._config import (
 from ._json import is_name_text
 from ._paths import (
     DataDirInUse,
+    config_path,
     create_private,
-    default_config_path,
     default_data_dir,
     ensure_data_dir,
     file_kind,
@@ -506,7 +506,7 @@ def _warn_if_the_token_is_readable(
     every local user, and ``serve`` said nothing (``punie-trio token`` warns so of the
     token file it reads). A warning, not a refusal: the directories above may keep others
     out. The token itself is never shown."""
-    path = args.config if args.config is not None else default_config_path()
+    path = config_path(args.config)
     if sources["token"] != str(path):
         # No token, or not the file's (a flag or the environment wins over it): where it
         # came from as the merge saw it, not a second reading of the flag and $PUNIE_TOKEN.
@@ -548,10 +548,10 @@ def _stderr_log_written() -> None:
 
 def _settings(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, str | None]]:
     """The resolved options and where each came from (``resolve_with_sources``)."""
-    config_path = args.config if args.config is not None else default_config_path()
-    file_values = load_file(config_path, required=args.config is not None)
+    config_file = config_path(args.config)
+    file_values = load_file(config_file, required=args.config is not None)
     flags = {name: getattr(args, name, None) for name in BY_NAME}
-    return resolve_with_sources(flags, file_values, os.environ, str(config_path))
+    return resolve_with_sources(flags, file_values, os.environ, str(config_file))
 
 
 def _bad_value(sources: dict[str, str | None], name: str, problem: str) -> int:
@@ -694,8 +694,8 @@ def _run_serve(args: argparse.Namespace) -> int:
         path = data_dir / "serve.lock"
         return _error(f"cannot lock the data directory ({path}): {exc.strerror or exc}", 1)
     try:
-        config_path = args.config if args.config is not None else default_config_path()
-        return _serve_locked(o, tuple(projects), site, model, data_dir, config_path)
+        config_file = config_path(args.config)
+        return _serve_locked(o, tuple(projects), site, model, data_dir, config_file)
     finally:
         if lock is not None:
             os.close(lock)
