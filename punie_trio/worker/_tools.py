@@ -25,7 +25,7 @@ from .._json import has_lone_surrogate, is_name_text
 from .._paths import file_kind
 from ..acp import FS_READ_TEXT_FILE, FS_WRITE_TEXT_FILE
 from ._envelopes import TurnEnv
-from ._paths import PathEscape, directory_ending, open_beneath, resolve_inside
+from ._paths import _CLOEXEC, PathEscape, directory_ending, open_beneath, resolve_inside
 
 ClientCaller = Callable[[str, dict[str, Any]], Awaitable[Any]]
 
@@ -203,8 +203,6 @@ def _read_disk(path: Path, roots: tuple[str, ...], line: int | None, limit: int 
             raise _TooLarge
         return data.decode("utf-8")
 
-
-_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 
 #: Opened without waiting (a FIFO's open waits for its other end) and without making a
 #: terminal the server's controlling one. Neither flag exists on Windows.
