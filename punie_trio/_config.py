@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 
 import attrs
 
-from ._paths import NotASmallFile, read_small_file
+from ._paths import NotASmallFile, OthersCanWrite, read_small_file
 
 T = TypeVar("T")
 
@@ -330,8 +330,14 @@ def load_file(path: Path, *, required: bool) -> dict[str, Any]:
     try:
         # utf-8-sig: a byte-order mark (Windows editors write one) is skipped; it was "not
         # valid TOML: Invalid statement (at line 1, column 1)", pointing at nothing visible.
-        text = read_small_file(path, MAX_CONFIG_BYTES).decode("utf-8-sig")
+        text = read_small_file(path, MAX_CONFIG_BYTES, trusted=True).decode("utf-8-sig")
         data = tomllib.loads(text)
+    except OthersCanWrite as exc:
+        fix = f"`chmod o-w {path}`" if "writable" in str(exc) else "use a copy you own"
+        raise ConfigError(
+            f"config file {path} {exc}: whoever can change it can make serve run "
+            f"commands as you (build, model); {fix}"
+        ) from None
     except NotASmallFile as exc:
         raise ConfigError(f"config file {path} {exc}: not a config file") from None
     except FileNotFoundError:
