@@ -7,6 +7,7 @@ import json
 import os
 import queue
 import signal
+import sqlite3
 import stat
 import subprocess
 import sys
@@ -248,6 +249,35 @@ def test_serve_a_directory_where_a_data_file_goes_is_a_message(
     assert message in done.stderr and str(data / in_the_way) in done.stderr
     assert "Traceback" not in done.stderr
     assert not [p for p in data.iterdir() if p.name.endswith(".tmp")]
+
+
+@pytest.mark.parametrize(
+    ("content", "reason"),
+    [
+        (b"not a database, just text\n" * 200, "file is not a database"),
+        (None, "not a punie-trio session store (it holds other)"),
+    ],
+)
+def test_serve_names_a_store_it_cannot_open_once(
+    env: dict[str, str], tmp_path: Path, content: bytes | None, reason: str
+) -> None:
+    """The message said it twice: "cannot open the session store: PATH: cannot open session
+    store: file is not a database" (serve's words, then the store's, which name the path
+    and the store already)."""
+    data = Path(env["PUNIE_DATA_DIR"])
+    data.mkdir(parents=True)
+    store = data / "sessions.sqlite3"
+    if content is None:
+        with sqlite3.connect(store) as conn:
+            conn.execute("CREATE TABLE other (a)")
+        conn.close()
+    else:
+        store.write_bytes(content)
+    done = punie("serve", "--stdio", "--no-http", "--project", str(tmp_path), env=env)
+    assert done.returncode == 1
+    assert done.stderr.startswith(f"punie-trio: error: {store}: ")
+    assert reason in done.stderr
+    assert done.stderr.count("session store") == 1
 
 
 def test_serve_a_fifo_where_the_log_file_goes_is_a_message_not_a_hang(
