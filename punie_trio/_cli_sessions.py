@@ -21,7 +21,7 @@ from typing import Any, TextIO
 
 import attrs
 
-from ._config import ConfigError, _to_path, as_flag, load_file, resolve_option
+from ._config import ConfigError, _to_nonempty, _to_path, as_flag, load_file, resolve_option
 from ._json import escape_lone_surrogates
 from ._paths import (
     NotASmallFile,
@@ -66,7 +66,11 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
     actions = sessions.add_subparsers(dest="sessions_command", metavar="COMMAND", required=True)
 
     p = actions.add_parser("list", parents=[common], help="list sessions, newest first")
-    p.add_argument("--cwd", help="only sessions whose working directory is CWD")
+    p.add_argument(
+        "--cwd",
+        type=as_flag(_to_nonempty),  # ("" listed every session, as if no filter was given)
+        help="only sessions whose working directory is CWD",
+    )
     p.set_defaults(func=_in_data_dir(cmd_list))
 
     p = actions.add_parser("show", parents=[common], help="print a session's transcript")

@@ -124,6 +124,20 @@ def test_list_cwd_and_empty(data_dir: Path, capsys: pytest.CaptureFixture[str]) 
     assert capsys.readouterr().out.startswith("no sessions in ")
 
 
+@pytest.mark.parametrize("cwd", ["", "  "])
+def test_an_empty_cwd_is_exit_2_not_every_session(
+    data_dir: Path, capsys: pytest.CaptureFixture[str], cwd: str
+) -> None:
+    """``--cwd ""`` (``--cwd "$DIR"`` with DIR unset) listed every session, as if no
+    filter had been given; an empty path is an error everywhere else (--data-dir, --project)."""
+    with pytest.raises(SystemExit) as info:
+        main(["sessions", "list", "--data-dir", str(data_dir), "--cwd", cwd])
+    assert info.value.code == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert "argument --cwd: must not be empty" in captured.err
+
+
 @pytest.mark.parametrize("cwd", ["~nosuchuser-punie/p", "loop"])
 def test_a_cwd_that_cannot_be_resolved_is_exit_2_naming_it(
     data_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], cwd: str
