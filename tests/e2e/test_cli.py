@@ -163,6 +163,25 @@ def test_serve_project_must_be_a_directory(env: dict[str, str], tmp_path: Path) 
     assert "not a directory" in done.stderr
 
 
+def test_a_project_named_twice_is_one_root(env: dict[str, str], tmp_path: Path) -> None:
+    """``--project P --project P/`` (or P through a link) gave the server P twice, and a
+    refusal listed it as often: "outside the project roots (P, P, P)"."""
+    project = (tmp_path / "project").resolve()
+    (project / "sub").mkdir(parents=True)
+    (tmp_path / "link").symlink_to(project)
+    given = [str(project), f"{project}/", str(tmp_path / "link"), str(project / "sub")]
+    agent = StdioAgent([arg for path in given for arg in ("--project", path)], env)
+    try:
+        assert agent.request("initialize", {"protocolVersion": 1})["result"]
+        refused = agent.request("session/new", {"cwd": "/", "mcpServers": []})
+        assert refused["error"]["message"] == (
+            f"Invalid params: cwd '/' is outside the project roots ({project}, {project}/sub)"
+        )
+        assert agent.close_stdin_and_wait() == 0
+    finally:
+        agent.kill()
+
+
 @pytest.mark.parametrize("case", ["symlink-loop", "too-long", "nul-in-config", "not-utf8"])
 def test_serve_project_that_cannot_be_served_is_a_clear_error(
     env: dict[str, str], tmp_path: Path, case: str
