@@ -281,11 +281,12 @@ async def _load_session(
             # number and was not saved. Claimed now, nothing else writes it: read again.
             record = await self._stored(ref.session_id)
             live.turns, live.title = record.turns, record.title
+        history = await self._replay(conn, live, replay)
         if additional != record.additional_directories:
             # The roots asked for are the session's now, in the store too (what
-            # session/list reports).
+            # session/list reports). Written once the replay is through: a load failed
+            # or cancelled before leaves the stored roots as they were, as the live ones.
             await self.store.update_session(record.id, additional_directories=additional)
-        history = await self._replay(conn, live, replay)
         self._command(live.worker, SeedHistory(live.id, tuple(history)))
     except BaseException as exc:
         # Failed or cancelled: a session this load opened is not left open half-loaded
