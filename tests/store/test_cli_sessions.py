@@ -773,6 +773,29 @@ def test_read_only_commands_take_config_and_serves_precedence(
     assert "token: mine" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("argv", [["token"], ["sessions", "list"]])
+def test_a_misspelt_data_dir_variable_is_named_by_the_read_only_commands(
+    data_dir: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    argv: list[str],
+) -> None:
+    """``PUNIE_DATADIR=DIR punie-trio token`` printed the token of another data directory
+    (the default one) without a word (serve warns of the variable, and these commands read the
+    one it nearly names). Another near miss (``PUNIE_PROT``) is none of theirs."""
+    token_path(data_dir).write_text("s3cret\n")
+    token_path(data_dir).chmod(0o600)
+    monkeypatch.setenv("PUNIE_DATA_DIR", str(data_dir))
+    monkeypatch.setenv("PUNIE_DATADIR", str(tmp_path / "meant"))
+    monkeypatch.setenv("PUNIE_PROT", "9000")
+    assert main(argv) == 0
+    assert capsys.readouterr().err == (
+        "punie-trio: warning: $PUNIE_DATADIR is not a punie-trio variable and is ignored; "
+        "did you mean $PUNIE_DATA_DIR?\n"
+    )
+
+
 @pytest.mark.parametrize(
     ("argv", "environ", "expected"),
     [
