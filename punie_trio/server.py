@@ -7,6 +7,7 @@
     │                                    exits at once
     root nursery
     ├─ Manager.run()                     worker nursery, one ProjectWorker per root
+    ├─ Heartbeat.run()                   with HTTP: pings silent /acp WebSockets, drops dead ones
     ├─ hypercorn.trio.serve(app, shutdown_trigger=closing.wait)
     ├─ stdio ClientConnection.run()      with --stdio
     └─ DevApp.run()                      with --site
