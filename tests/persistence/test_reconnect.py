@@ -681,7 +681,11 @@ async def test_a_write_while_away_fails_and_one_without_the_capability_goes_to_d
     async with open_hub(tmp_path, acp_schema, model, limits=Limits(grace_seconds=60)) as hub:
         _, session = await prompt_then_drop(hub, "ide", "p", "a", fs=FS_BOTH)
         if back == "while away":
-            await trio.sleep(5)
+            # Until the turn has ended (its write while away), not for a fixed time: the
+            # tool resolves its path in a thread, while which the clock may jump.
+            turn = hub.manager.sessions[session].turn
+            assert turn is not None
+            await turn.finished.wait()
         b = await hub.connect()
         await initialize(b.client, client_id="ide", awaiting=["p"])
         await b.client.wait_for(lambda m: m.get("id") == "p")
