@@ -755,6 +755,13 @@ class Manager:
             )
         live.loading = True  # no prompt, close or delete until the history is in place
         try:
+            if not opened:
+                # What the session kept for its client (it re-attached, and its backlog
+                # may still be going out, or wait for the next flush) goes first: sent
+                # beside the replay, the two interleaved, and the client took live updates
+                # for the transcript and saw the turn twice, mixed. (_flush waits for a
+                # flush under way.)
+                await self._flush(live, conn)
             if opened and self._drops != drops:
                 # A session was dropped while the store was read: perhaps this one, live
                 # on another connection then, its last turn recorded before the read came

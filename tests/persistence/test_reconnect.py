@@ -493,6 +493,46 @@ async def test_a_new_answer_waits_for_the_reattach_backlog(
         assert last_update < ids.index("p2")
 
 
+def update_texts(messages: list[dict[str, Any]], session_id: str) -> list[str]:
+    """The text (or kind) of each ``session/update`` of ``session_id`` in ``messages``."""
+    return [
+        str(u.get("content", {}).get("text", u["sessionUpdate"]))
+        for m in messages
+        if m.get("method") == "session/update" and m["params"]["sessionId"] == session_id
+        for u in [m["params"]["update"]]
+    ]
+
+
+async def test_a_load_during_the_reattach_backlog_replays_after_it_not_into_it(
+    tmp_path: Path, acp_schema: SchemaChecker, autojump_clock: trio.testing.MockClock
+) -> None:
+    """A client re-attaches and at once loads the session whose backlog is still going out
+    (a slow reader). The replay once went out beside the backlog, the two interleaved, and
+    the old prompt's answer came in the middle of the replay: the client could not tell
+    the transcript from the live updates, and saw the turn twice, mixed. The backlog (and
+    the answer) now go first, then the replay, then the load's answer."""
+    count = 100
+    long_turn: list[dict[str, Any]] = [{"text": "first "}, {"sleep": 0.01}]
+    long_turn += [{"text": f"{i} "} for i in range(count)]
+    limits = Limits(outbox_limit=2, grace_seconds=60, detached_buffer=10_000)
+    async with open_hub(tmp_path, acp_schema, ScriptModel([long_turn]), limits=limits) as hub:
+        _, session = await prompt_then_drop(hub, "ide", "p1", "first ")
+        await trio.sleep(1)  # the turn ends while the client is away: all kept
+        second = await hub.connect(buffer=1)
+        await initialize(second.client, client_id="ide", awaiting=["p1"])
+        assert hub.manager.sessions[session].flush_done is not None  # (going out)
+        load = {"sessionId": session, "cwd": str(hub.root), "mcpServers": []}
+        answer = await second.client.request_raw("session/load", load)
+        assert answer["result"] == {}
+        got = second.client.received
+        ids = [m.get("id") for m in got]
+        before, replayed = got[: ids.index("p1")], got[ids.index("p1") : ids.index(answer["id"])]
+        expected = [f"{i} " for i in range(count)] + ["session_info_update"]
+        assert update_texts(before, session) == expected  # (the backlog, in order, once)
+        assert update_texts(replayed, session) == ["go", "first ", *expected]
+        assert ids.count("p1") == 1
+
+
 async def test_what_the_dropped_connection_never_wrote_is_delivered_after_reattach(
     tmp_path: Path, acp_schema: SchemaChecker
 ) -> None:
