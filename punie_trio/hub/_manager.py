@@ -388,7 +388,44 @@ class Manager:
                 session.owner = conn
                 session.detached_client = None
                 reclaimed.append(session)
+        self._answers_lost_in_flight(conn, reclaimed)
         return reclaimed
+
+    @staticmethod
+    def _answers_lost_in_flight(conn: ClientConnection, reclaimed: list[Session]) -> None:
+        """Keep again, for :meth:`deliver_missed`, each reclaimed session's last answer
+        that ``conn``'s client says it never got, followed by a reload notice.
+
+        Why: an answer written to a connection that then dropped may never have reached
+        its client (it was in a socket buffer, or in a batch the client discarded as it
+        closed), and nothing tells the server so, except the re-attaching client listing
+        its id as awaited (``_meta["punie-trio/awaiting"]``). Not kept, the client waited
+        for ever for it. The updates written before it may have been lost with it, hence
+        the notice. Only the answer handed to the session's previous holder is sent again
+        (taken here, at each re-attach), and not under an id the client awaits from a
+        turn that still runs or an answer kept anyway (ids may be reused)."""
+        if not conn.awaiting:
+            for session in reclaimed:
+                session.last_answer = None
+            return
+        live: set[RequestId | None] = set()
+        for session in reclaimed:
+            if session.turn is not None:
+                live.add(session.turn.request_id)
+            live.update(_answer_id(p) for p in session.pending if p[0] != "update")
+        for session in reclaimed:
+            item, session.last_answer = session.last_answer, None
+            if item is None:
+                continue
+            request_id = _answer_id(item)
+            if request_id in conn.awaiting and request_id not in live:
+                log.info(
+                    "session %s: sending the answer to request %r again: the client "
+                    "re-attached awaiting it (lost in flight when its connection dropped)",
+                    session.id, request_id,
+                )  # fmt: skip
+                session.pending.insert(0, item)
+                session.overflowed = True
 
     async def deliver_missed(
         self, conn: ClientConnection, sessions: list[Session], expired: Sequence[str] = ()
@@ -518,12 +555,12 @@ class Manager:
                     elif item[0] == "message":  # an answer, as written
                         if not _answer_unwanted(session, conn, item[2]):
                             await conn.send_encoded(item[1])
-                            _answered(session, conn, item[2])
+                            _answered(session, conn, item)
                     else:
                         _, request_id, response, error = item
                         if not _answer_unwanted(session, conn, request_id):
                             await conn.send_answer(request_id, response, error)
-                            _answered(session, conn, request_id)
+                            _answered(session, conn, item)
                 except BaseException:
                     session.pending.insert(0, item)
                     raise
@@ -1307,6 +1344,7 @@ class Manager:
                     turn.request_id, turn.response, turn.error, before=held if together else ()
                 ):
                     session.answered_id = turn.request_id
+                    session.last_answer = ("answer", turn.request_id, turn.response, turn.error)
                 elif together and held:
                     await self._deliver_held(session, held)
             owner = session.owner
@@ -1510,11 +1548,20 @@ def _can_take(conn: ClientConnection | None, method: str) -> bool:
     return True
 
 
-def _answered(session: Session, conn: ClientConnection, request_id: RequestId | None) -> None:
-    """An old answer was handed to ``conn``: it awaits it no more, and it is the session's
-    last answer (should ``conn`` drop before writing it, ``_keep_unsent`` keeps it)."""
+def _answer_id(item: Pending) -> RequestId | None:
+    """The request id a kept answer (an ``"answer"`` or ``"message"`` item) answers."""
+    request_id: RequestId | None = item[1] if item[0] == "answer" else item[2]
+    return request_id
+
+
+def _answered(session: Session, conn: ClientConnection, item: Pending) -> None:
+    """An old answer (``item``) was handed to ``conn``: it awaits it no more, and it is the
+    session's last answer (should ``conn`` drop before writing it, ``_keep_unsent`` keeps
+    it; should it drop before its client read it, see ``_answers_lost_in_flight``)."""
+    request_id = _answer_id(item)
     conn.stop_awaiting(request_id)
     session.answered_id = request_id
+    session.last_answer = item
 
 
 def _answer_unwanted(

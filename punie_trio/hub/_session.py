@@ -109,6 +109,10 @@ class Session:
     flush_done: trio.Event | None = None
     # The request id of the last prompt answered to the owner (see Manager._keep_unsent).
     answered_id: RequestId | None = None
+    # That answer, as a pending item, until the session is next re-attached: written to a
+    # connection that then dropped, it may have been lost in flight, and a client that
+    # re-attaches awaiting its id never got it (see Manager._answers_lost_in_flight).
+    last_answer: Pending | None = None
     # A session/load or session/resume is replaying it or seeding its history.
     loading: bool = False
     # A session/close (or delete) has begun: no new prompt or load, though the running

@@ -57,19 +57,22 @@ def numbered_chunks(client: AcpTestClient, session_id: str) -> list[int]:
     ]
 
 
-async def open_raw(hub: Hub) -> MemoryMessageStream:
+async def open_raw(hub: Hub, buffer: int = 1) -> MemoryMessageStream:
     """A connection to the hub whose client side the test drives by hand: a stream that
-    holds one message, so what the client leaves unread stays in the agent's outbox (what
-    a dropped connection never wrote)."""
-    agent_side, raw = memory_message_stream_pair(1)
+    holds one message (``buffer``), so what the client leaves unread stays in the agent's
+    outbox (what a dropped connection never wrote); what the stream holds was written,
+    and is lost if the client drops without reading it (in flight)."""
+    agent_side, raw = memory_message_stream_pair(buffer)
     connection = ClientConnection(hub.manager, transport="memory")
     await hub.nursery.start(connection.run, agent_side)
     return raw
 
 
-async def open_raw_session(hub: Hub, client_id: str) -> tuple[MemoryMessageStream, str]:
+async def open_raw_session(
+    hub: Hub, client_id: str, buffer: int = 1
+) -> tuple[MemoryMessageStream, str]:
     """:func:`open_raw`, initialized as ``client_id`` (ids 1 and 2), with a new session."""
-    raw = await open_raw(hub)
+    raw = await open_raw(hub, buffer)
     init = {"protocolVersion": 1, "_meta": {CLIENT_ID_META: client_id}}
     await raw_call(raw, 1, "initialize", init)
     new = await raw_call(raw, 2, "session/new", {"cwd": str(hub.root), "mcpServers": []})
@@ -560,6 +563,42 @@ async def test_what_the_dropped_connection_never_wrote_is_delivered_after_reatta
         first = count - len(got)
         assert got == list(range(first, count))  # in order, none twice
         assert first == 1  # the one in the stream's buffer: handed over, maybe read
+
+
+@pytest.mark.parametrize("awaited", [True, False])
+async def test_an_answer_lost_in_flight_is_sent_again_to_a_client_that_awaits_it(
+    tmp_path: Path, acp_schema: SchemaChecker, awaited: bool
+) -> None:
+    """A prompt's answer (and its updates) are written to the transport, and the client
+    drops before reading them: lost in flight, which the server cannot see. The client
+    comes back listing the prompt's id as awaited, which says it never got the answer:
+    the answer was not kept, and the client waited for ever, told nothing. It now gets
+    the answer again, then a "reload required" notice (the updates before it may have
+    been lost with it). A client that does not list the id hears nothing of it."""
+    model = ScriptModel([[{"text": "a"}, {"text": "b"}]])
+    async with open_hub(tmp_path, acp_schema, model, limits=Limits(grace_seconds=60)) as hub:
+        raw, session = await open_raw_session(hub, "ide", buffer=64)
+        # Written, every message of the turn (the stream holds them), and never read.
+        await send_unread(raw, "p", "session/prompt", prompt_params(session, "go"), acp_schema)
+        assert hub.manager.sessions[session].turn is None
+        await raw.aclose()
+        await trio.testing.wait_all_tasks_blocked()
+        second = await hub.connect()
+        await initialize(second.client, client_id="ide", awaiting=["p"] if awaited else None)
+        await hub.settle()
+        got = [m.get("id") or m.get("method") for m in second.client.received[1:]]
+        assert got == (["p", RELOAD_REQUIRED] if awaited else [])
+        if awaited:
+            assert second.client.received[1]["result"] == {"stopReason": "end_turn"}
+            assert second.client.received[2]["params"]["sessionId"] == session
+        # It is the session's last answer again: a client that got it hears no more.
+        await second.drop()
+        await trio.testing.wait_all_tasks_blocked()
+        third = await hub.connect()
+        await initialize(third.client, client_id="ide")
+        await hub.settle()
+        assert third.client.received[1:] == []
+        assert await third.client.prompt(session, "again") == "end_turn"
 
 
 async def test_sessions_the_hub_lets_go_leave_nothing_in_the_stores_memory(
