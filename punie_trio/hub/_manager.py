@@ -313,6 +313,7 @@ class Manager:
         for session_id, items in kept.items():
             session = by_id[session_id]
             rest, session.pending = session.pending, []
+            session.kept_updates = 0
             for item in (*items, *rest):
                 self._buffer(session, item)
 
@@ -524,10 +525,12 @@ class Manager:
         if item[0] == "update":
             if session.overflowed:
                 return
-            if sum(1 for p in session.pending if p[0] == "update") >= self.limits.detached_buffer:
+            if session.kept_updates >= self.limits.detached_buffer:
                 session.overflowed = True
                 session.pending = [p for p in session.pending if p[0] != "update"]
+                session.kept_updates = 0
                 return
+            session.kept_updates += 1
         session.pending.append(item)
 
     async def _flush(self, session: Session, conn: ClientConnection) -> None:
@@ -549,8 +552,10 @@ class Manager:
         try:
             while session.pending and session.owner is conn:
                 item = session.pending.pop(0)
+                is_update = item[0] == "update"
+                session.kept_updates -= is_update
                 try:
-                    if item[0] == "update":
+                    if is_update:
                         await conn.send_encoded(item[1])
                     elif item[0] == "message":  # an answer, as written
                         if not _answer_unwanted(session, conn, item[2]):
@@ -563,6 +568,7 @@ class Manager:
                             _answered(session, conn, item)
                 except BaseException:
                     session.pending.insert(0, item)
+                    session.kept_updates += is_update
                     raise
             # Told after what was kept (the answers), once no turn of the session runs: at
             # re-attach, or after the answer of the turn that ran on (a session/load is

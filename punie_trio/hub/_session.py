@@ -104,6 +104,10 @@ class Session:
     detached_client: str | None = None
     # A list, not a deque: empty for almost every session, and 56 bytes that way, not 760.
     pending: list[Pending] = attrs.field(factory=list)
+    # How many of ``pending`` are updates, counted as they come and go: the bound is
+    # checked per update kept, and walking ``pending`` for it made a turn's output while
+    # its client was away cost time quadratic in its length.
+    kept_updates: int = 0
     overflowed: bool = False
     # Set while a task sends ``pending`` to the owner (see Manager._flush): the others wait.
     flush_done: trio.Event | None = None
