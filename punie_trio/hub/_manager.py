@@ -31,6 +31,7 @@ import itertools
 import json
 import logging
 import math
+import sys
 import time
 import uuid
 from collections.abc import Awaitable, Mapping, Sequence
@@ -313,7 +314,7 @@ class Manager:
         for session_id, items in kept.items():
             session = by_id[session_id]
             rest, session.pending = session.pending, []
-            session.kept_updates = 0
+            session.kept_updates = session.kept_bytes = 0
             for item in (*items, *rest):
                 self._buffer(session, item)
 
@@ -520,17 +521,24 @@ class Manager:
             self._end_grace(client_id)
 
     def _buffer(self, session: Session, item: Pending) -> None:
-        """Keep what a detached client missed; past ``detached_buffer`` updates the client
-        is told to ``session/load`` instead (answers are always kept)."""
+        """Keep what a detached client missed; past ``detached_buffer`` updates, or
+        ``detached_bytes`` of them, the client is told to ``session/load`` instead
+        (answers are always kept)."""
         if item[0] == "update":
             if session.overflowed:
                 return
-            if session.kept_updates >= self.limits.detached_buffer:
+            size = sys.getsizeof(item[1])  # (as the outbox counts: the memory it takes)
+            limits = self.limits
+            if (
+                session.kept_updates >= limits.detached_buffer
+                or session.kept_bytes + size > limits.detached_bytes
+            ):
                 session.overflowed = True
                 session.pending = [p for p in session.pending if p[0] != "update"]
-                session.kept_updates = 0
+                session.kept_updates = session.kept_bytes = 0
                 return
             session.kept_updates += 1
+            session.kept_bytes += size
         session.pending.append(item)
 
     async def _flush(self, session: Session, conn: ClientConnection) -> None:
@@ -553,7 +561,9 @@ class Manager:
             while session.pending and session.owner is conn:
                 item = session.pending.pop(0)
                 is_update = item[0] == "update"
+                size = sys.getsizeof(item[1]) if is_update else 0
                 session.kept_updates -= is_update
+                session.kept_bytes -= size
                 try:
                     if is_update:
                         await conn.send_encoded(item[1])
@@ -569,6 +579,7 @@ class Manager:
                 except BaseException:
                     session.pending.insert(0, item)
                     session.kept_updates += is_update
+                    session.kept_bytes += size
                     raise
             # Told after what was kept (the answers), once no turn of the session runs: at
             # re-attach, or after the answer of the turn that ran on (a session/load is

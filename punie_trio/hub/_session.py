@@ -21,6 +21,11 @@ if TYPE_CHECKING:
 
 # How long a client gets to answer fs/*, terminal/*, permission requests.
 CLIENT_CALL_TIMEOUT = 300.0
+#: The default bytes of updates kept per session while its client is away
+#: (``--detached-bytes``): four times a connection's outbox budget. An away client
+#: applies no backpressure, so without a byte bound a turn's 1,024 kept updates could
+#: be tool outputs of 130 KB each (130 MB per session, 64 sessions per client).
+DETACHED_BYTES = 4 * 1024 * 1024
 
 
 @attrs.frozen
@@ -36,6 +41,7 @@ class Limits:
     outbox_bytes: int = OUTBOX_BYTES
     grace_seconds: float = 300.0
     detached_buffer: int = 1024
+    detached_bytes: int = DETACHED_BYTES
     client_call_timeout: float = CLIENT_CALL_TIMEOUT
 
 
@@ -108,6 +114,8 @@ class Session:
     # checked per update kept, and walking ``pending`` for it made a turn's output while
     # its client was away cost time quadratic in its length.
     kept_updates: int = 0
+    # And the memory their texts take (``sys.getsizeof``, as the outbox counts).
+    kept_bytes: int = 0
     overflowed: bool = False
     # Set while a task sends ``pending`` to the owner (see Manager._flush): the others wait.
     flush_done: trio.Event | None = None

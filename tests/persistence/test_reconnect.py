@@ -476,6 +476,33 @@ async def test_the_detached_buffer_is_counted_not_walked_and_exact(
         assert session.kept_updates == 0 and session.pending == []
 
 
+@pytest.mark.parametrize("chunks", [9, 11])
+async def test_the_detached_buffer_is_bounded_in_bytes_too(
+    tmp_path: Path, acp_schema: SchemaChecker, autojump_clock: trio.testing.MockClock, chunks: int
+) -> None:
+    """Updates kept for an away client were bounded by count alone, whatever their size:
+    an away client applies no backpressure, so 1,024 tool outputs of 130 KB each (130 MB)
+    could be kept per session, 64 sessions per client. Past ``detached_bytes`` they are
+    dropped and the client is told to reload, as past the count; within it, all come."""
+    big = "x" * 100_000
+    model = ScriptModel([[{"text": "first "}, {"sleep": 1}, *([{"text": big}] * chunks)]])
+    limits = Limits(grace_seconds=60, detached_bytes=1_000_000)
+    async with open_hub(tmp_path, acp_schema, model, limits=limits) as hub:
+        _, session_id = await prompt_then_drop(hub, "ide", "p", "first ")
+        await trio.sleep(5)  # the turn ends while its client is away
+        session = hub.manager.sessions[session_id]
+        assert session.kept_bytes <= limits.detached_bytes
+        assert session.overflowed == (chunks == 11)
+        b = await hub.connect()
+        await initialize(b.client, client_id="ide", awaiting=["p"])
+        await b.client.wait_for(lambda m: m.get("id") == "p")
+        await hub.settle()
+        notices = [m for m in b.client.received if m.get("method") == RELOAD_REQUIRED]
+        assert len(notices) == (chunks == 11)
+        assert b.client.agent_text(session_id) == ("" if chunks == 11 else big * chunks)
+        assert session.kept_bytes == 0
+
+
 async def test_a_busy_reconnect_keeps_order_and_sends_nothing_twice(
     tmp_path: Path, acp_schema: SchemaChecker, autojump_clock: trio.testing.MockClock
 ) -> None:
