@@ -1195,10 +1195,11 @@ class Manager:
 
     def _prompt_cancelled(self, session: Session, turn: ActiveTurn, lost: bool) -> None:
         if lost and self._grace_for(turn.connection):
-            # Its sessions are kept for the client (detach decides the same way).
+            # Its sessions are kept for the client (detach decides the same way). Also
+            # after a $/cancel_request (told first): its -32800 is kept for the client.
             turn.orphaned = True
             return
-        turn.request_cancelled = not lost
+        turn.request_cancelled = turn.request_cancelled or not lost
         self.cancel_turn(session, turn)
 
     async def _relay_turn(

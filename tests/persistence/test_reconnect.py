@@ -884,6 +884,34 @@ async def test_reload_required_is_owed_past_a_prompt_sent_during_the_reattach(
         assert not hub.manager.sessions[sb].overflowed
 
 
+async def test_a_prompt_cancelled_by_request_then_dropped_is_answered_after_reattach(
+    tmp_path: Path, acp_schema: SchemaChecker, autojump_clock: trio.testing.MockClock
+) -> None:
+    """The client cancels its prompt (``$/cancel_request``) and its connection drops
+    before the answer (-32800) is sent. The re-attached client awaiting the prompt's id
+    got nothing, and no notice: the peer told the prompt of the cancel but not of the
+    loss, so the turn was not kept for the client and its answer went nowhere."""
+    model = ScriptModel([[{"text": "a"}, {"sleep": 10}, {"text": "b"}], [{"text": "c"}]])
+    async with open_hub(tmp_path, acp_schema, model, limits=Limits(grace_seconds=60)) as hub:
+        a = await hub.connect()
+        await initialize(a.client, client_id="ide")
+        session = await a.client.new_session(str(hub.root))
+        await send_prompt(a.client, "p", session, "go")
+        await a.client.wait_for(has_update(session, "agent_message_chunk", "a"))
+        await a.client.notify("$/cancel_request", {"requestId": "p"})
+        await a.drop()
+        await hub.settle()
+        b = await hub.connect()
+        await initialize(b.client, client_id="ide", awaiting=["p"])
+        with trio.fail_after(60):  # (the clock's time: it jumps there if nothing comes)
+            answer = await b.client.wait_for(lambda m: m.get("id") == "p")
+        assert answer["error"]["code"] == -32800
+        assert not any(m.get("id") == "p" for m in a.client.received)
+        assert await b.client.prompt(session, "again") == "end_turn"
+        stops = [e for e in await hub.manager.store.transcript(session) if e.kind == "stop"]
+        assert [e.payload["stopReason"] for e in stops] == ["cancelled", "end_turn"]
+
+
 async def test_the_initialize_requests_own_id_is_not_awaited(
     tmp_path: Path, acp_schema: SchemaChecker, autojump_clock: trio.testing.MockClock
 ) -> None:
