@@ -246,22 +246,32 @@ class Manager:
     def detach(self, conn: ClientConnection) -> None:
         """Forget a connection that ended. A client that said who it is keeps its sessions
         for ``grace_seconds`` (turns run on, what they produce is kept for it); the sessions
-        of any other client are dropped (they stay loadable from the store)."""
+        of any other client are dropped (they stay loadable from the store).
+
+        A grace of 0 is a grace period that ends at once: the sessions are dropped here,
+        but a client that said who it is is still told, when it comes back, to reload
+        those that lost something (:meth:`_end_grace`): it once waited for ever for the
+        answer of the turn cut under it."""
         self.connections.discard(conn)
         owned = [s for s in self.sessions.values() if s.owner is conn]
         client_id = conn.client_id
         if client_id and conn.prompt_times:
             self._keep_prompt_times(client_id, conn.prompt_times)
-        grace = bool(client_id) and self._grace_for(conn)
-        unsent = conn.peer.unsent() if grace and conn.peer is not None else []
+        # (As _grace_for, but for the length: a client that can be told when it is back.)
+        told = bool(client_id) and self._nursery is not None and not self.closing.is_set()
+        grace = told and self._grace_for(conn)
+        unsent = conn.peer.unsent() if told and conn.peer is not None else []
         if unsent:
             assert client_id is not None
             self._keep_reload_notices(client_id, owned, unsent)
-        if client_id and grace and owned:
+        if client_id and told and owned:
             self._keep_unsent(owned, unsent, conn.refused_prompts or {})
             for session in owned:
                 session.owner = None
                 session.detached_client = client_id
+            if not grace:
+                self._end_grace(client_id)
+                return
             event = self._reattached.setdefault(client_id, trio.Event())
             assert self._nursery is not None
             self._nursery.start_soon(self._expire_grace, client_id, event)

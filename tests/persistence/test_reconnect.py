@@ -1105,6 +1105,37 @@ async def test_a_client_back_after_its_grace_ended_is_told_to_reload_what_it_mis
         assert link.client.received  # (what the first connection got, unchanged)
 
 
+async def test_with_no_grace_a_client_back_is_still_told_to_reload_what_it_missed(
+    tmp_path: Path, acp_schema: SchemaChecker, autojump_clock: trio.testing.MockClock
+) -> None:
+    """``--grace-seconds 0`` drops a leaving client's sessions at once: a grace period
+    that ends as it begins. The client coming back under its id, awaiting its prompt's
+    answer, was told nothing (as a client back after a grace period that ended is) and
+    waited for ever. It is now told to reload the session whose turn was cut, once; an
+    idle session is dropped without a word."""
+    model = ScriptModel([[{"text": "slow"}, {"sleep": 60}, {"text": "never"}]])
+    async with open_hub(tmp_path, acp_schema, model, limits=Limits(grace_seconds=0)) as hub:
+        a = await hub.connect()
+        await initialize(a.client, client_id="ide-1")
+        idle = await a.client.new_session(str(hub.root))
+        session_id = await a.client.new_session(str(hub.root))
+        await send_prompt(a.client, "p", session_id, "go")
+        await a.client.wait_for(has_update(session_id, "agent_message_chunk", "slow"))
+        await a.drop()
+        await hub.settle()
+        assert hub.manager.sessions == {}  # dropped at once, as before
+
+        b = await hub.connect()
+        await initialize(b.client, client_id="ide-1", awaiting=["p"])
+        await hub.settle()
+        told = [m["params"]["sessionId"] for m in b.client.received if "method" in m]
+        assert told == [session_id] and idle not in told
+        await b.client.request(
+            "session/load", {"sessionId": session_id, "cwd": str(hub.root), "mcpServers": []}
+        )
+        assert b.client.agent_text(session_id) == "slow"  # the cut turn, recorded cancelled
+
+
 async def test_notices_still_owed_survive_another_grace_ending(
     tmp_path: Path, acp_schema: SchemaChecker, autojump_clock: trio.testing.MockClock
 ) -> None:
