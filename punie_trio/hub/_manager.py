@@ -34,7 +34,7 @@ import math
 import sys
 import time
 import uuid
-from collections.abc import Awaitable, Mapping, Sequence
+from collections.abc import Awaitable, Collection, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -95,6 +95,7 @@ from ._session import (
     Session,
     WorkerHandle,
     json_string_at,
+    small_id,
     text_of,
     turn_history,
     user_text,
@@ -204,6 +205,11 @@ class Manager:
     # when it comes back (see expired_for); at most max_connections client ids, oldest
     # forgotten first.
     _expired: dict[str, list[str]] = attrs.field(factory=dict, init=False)
+    # By client id: the sessions its grace period's end dropped idle but for their last
+    # answer, which may have been lost in flight (Session.last_answer), by that answer's
+    # request id: a client back awaiting one is told to reload its session (see
+    # expired_for). Bounded as _expired.
+    _unconfirmed: dict[str, dict[RequestId, str]] = attrs.field(factory=dict, init=False)
 
     def __attrs_post_init__(self) -> None:
         self.roots = tuple(str(Path(r).resolve()) for r in self.roots)
@@ -486,12 +492,22 @@ class Manager:
         never come."""
         self._reattached.pop(client_id, None)
         missed: list[str] = []
+        unconfirmed: dict[RequestId, str] = {}
         for session in [s for s in self.sessions.values() if s.detached_client == client_id]:
             if session.turn is not None or session.pending or session.overflowed:
                 missed.append(session.id)
+            elif session.last_answer is not None:
+                answer_id = _answer_id(session.last_answer)
+                if small_id(answer_id):  # (a huge id is not kept past its session)
+                    unconfirmed[answer_id] = session.id
             self._drop_session(session)
         if missed:
             self._owe(client_id, missed)
+        if unconfirmed:
+            unconfirmed.update(self._unconfirmed.pop(client_id, {}))  # (the older ones)
+            self._unconfirmed[client_id] = unconfirmed
+            while len(self._unconfirmed) > self.limits.max_connections:
+                del self._unconfirmed[next(iter(self._unconfirmed))]
 
     def _owe(self, client_id: str, session_ids: Sequence[str]) -> None:
         """Remember reload notices owed to ``client_id`` (after any it is owed already),
@@ -504,10 +520,18 @@ class Manager:
         while len(self._expired) > self.limits.max_connections:
             del self._expired[next(iter(self._expired))]
 
-    def expired_for(self, client_id: str | None) -> list[str]:
+    def expired_for(self, client_id: str | None, awaiting: Collection[RequestId] = ()) -> list[str]:
         """The sessions whose grace period ended with something ``client_id`` missed (see
-        :meth:`_end_grace`), taken: its connection tells it to reload each, once."""
-        return self._expired.pop(client_id, []) if client_id else []
+        :meth:`_end_grace`), taken: its connection tells it to reload each, once. With
+        them, those whose last answer the client says it still awaits (``awaiting``): it
+        was lost in flight (see :meth:`_answers_lost_in_flight`)."""
+        if not client_id:
+            return []
+        expired = self._expired.pop(client_id, [])
+        for answer_id, session_id in self._unconfirmed.pop(client_id, {}).items():
+            if answer_id in awaiting and session_id not in expired:
+                expired.append(session_id)
+        return expired
 
     def _bound_detached(self) -> None:
         """Keep the clients away within grace, with the live connections, within

@@ -7,7 +7,7 @@ from __future__ import annotations
 import collections
 import json
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeGuard
 
 import attrs
 import trio
@@ -19,6 +19,9 @@ from ..worker import Command, ProjectWorker
 if TYPE_CHECKING:
     from ._connection import ClientConnection
 
+#: The longest string request id remembered once its request has ended (a request id may
+#: be any string, up to the message's size: 1,024 of 16 MiB each would pin 16 GiB).
+MAX_REMEMBERED_ID_CHARS = 256
 # How long a client gets to answer fs/*, terminal/*, permission requests.
 CLIENT_CALL_TIMEOUT = 300.0
 #: The default bytes of updates kept per session while its client is away
@@ -134,6 +137,15 @@ class Session:
     @property
     def allowed_roots(self) -> tuple[str, ...]:
         return (self.root, *self.additional_directories)
+
+
+def small_id(request_id: object) -> TypeGuard[RequestId]:
+    """Whether ``request_id`` is one kept once its request has ended (a refusal, an
+    answer that may have been lost): a string of at most :data:`MAX_REMEMBERED_ID_CHARS`,
+    or an integer of 64 bits (JSON's may be of any size)."""
+    if isinstance(request_id, str):
+        return len(request_id) <= MAX_REMEMBERED_ID_CHARS
+    return isinstance(request_id, int) and -(2**63) <= request_id < 2**63
 
 
 def json_string_at(text: str, start: int) -> str | None:

@@ -46,6 +46,7 @@ from ._hub import (
 )
 
 READ_NOTES = {"tool": "read_file", "input": {"path": "notes.txt"}}
+GRACE_ENDED = "the grace period ended while disconnected"
 
 
 def numbered_chunks(client: AcpTestClient, session_id: str) -> list[int]:
@@ -667,6 +668,32 @@ async def test_an_answer_lost_in_flight_is_sent_again_to_a_client_that_awaits_it
         await hub.settle()
         assert third.client.received[1:] == []
         assert await third.client.prompt(session, "again") == "end_turn"
+
+
+@pytest.mark.parametrize("awaited", [True, False])
+async def test_an_answer_lost_in_flight_is_told_of_after_the_grace_period_too(
+    tmp_path: Path, acp_schema: SchemaChecker, autojump_clock: trio.testing.MockClock, awaited: bool
+) -> None:
+    """The same loss, and the client comes back after its grace period ended (the session
+    and its last answer dropped): a client awaiting that answer is told to reload the
+    session, once, rather than wait for ever; one that does not await it hears nothing
+    (its session was idle)."""
+    model = ScriptModel([[{"text": "a"}]])
+    async with open_hub(tmp_path, acp_schema, model, limits=Limits(grace_seconds=30)) as hub:
+        raw, session = await open_raw_session(hub, "ide", buffer=64)
+        await send_unread(raw, "p", "session/prompt", prompt_params(session, "go"), acp_schema)
+        await raw.aclose()
+        await trio.sleep(31)
+        assert session not in hub.manager.sessions
+        for _ in range(2):  # (told once)
+            link = await hub.connect()
+            await initialize(link.client, client_id="ide", awaiting=["p"] if awaited else None)
+            await hub.settle()
+            told = [m["params"] for m in link.client.received if "method" in m]
+            assert told == ([{"sessionId": session, "reason": GRACE_ENDED}] if awaited else [])
+            awaited = False
+            await link.drop()
+            await hub.settle()
 
 
 async def test_sessions_the_hub_lets_go_leave_nothing_in_the_stores_memory(
