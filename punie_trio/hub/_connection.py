@@ -323,12 +323,14 @@ class ClientConnection:
         # ``sessions``, left within grace, are this connection's again (reclaimed when the
         # request was read), and what they produced meanwhile follows the answer: the
         # first message a client reads is the result of its initialize. So do the
-        # reload notices of the ``expired`` sessions (whose grace ended while away).
-        if sessions or expired:
+        # reload notices of the ``expired`` sessions (whose grace ended while away), and
+        # the answers to the awaited requests nothing will answer.
+        if sessions or expired or self.awaiting:
             request_id = current_request_id.get(None)
             if request_id is not None:
                 self.answer_now(request_id, result, None)  # (False: answered on return)
             await self.manager.deliver_missed(self, sessions, expired)
+            await self.manager.refuse_unanswerable(self)
         return result
 
 

@@ -473,6 +473,36 @@ class Manager:
                 self._owe(conn.client_id, [s for s in expired[told:] if not self._held_by(conn, s)])
             raise
 
+    async def refuse_unanswerable(self, conn: ClientConnection) -> None:
+        """Answer at once each id ``conn``'s client awaits that nothing here will answer
+        (-32603), once what its sessions kept has been sent: no turn of its sessions runs
+        for it and no answer is kept under it. Its prompt's turn was cut by a restart, or
+        as its session's grace period ended, or the id was never a prompt's.
+
+        Why: the client waits for each awaited id's answer, and none would ever come: it
+        waited for ever (a reload notice names a session, not the request; after a
+        restart there is none). An id the client has in flight again, or used again, is
+        not awaited any more and is left alone."""
+        if not conn.awaiting:
+            return
+        owned = [s for s in self.sessions.values() if s.owner is conn]
+        answered: set[RequestId | None] = set()
+        for session in owned:
+            if session.turn is not None and session.turn.orphaned:
+                answered.add(session.turn.request_id)
+            answered.update(_answer_id(p) for p in session.pending if p[0] != "update")
+        error = RpcError(
+            INTERNAL_ERROR,
+            "Internal error: no answer to this request will come: no prompt runs and no "
+            "answer is kept under its id here (the server restarted, or the session's "
+            "grace period ended); session/load the session to see what was recorded",
+        )
+        for request_id in list(conn.awaiting):
+            if request_id in answered or conn.has_in_flight(request_id):
+                continue
+            conn.stop_awaiting(request_id)
+            await conn.send_answer(request_id, None, error)
+
     def _held_by(self, conn: ClientConnection, session_id: str) -> bool:
         session = self.sessions.get(session_id)
         return session is not None and session.owner is conn

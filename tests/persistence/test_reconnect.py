@@ -21,6 +21,7 @@ from punie_trio.acp import parse_prompt
 from punie_trio.hub import ClientConnection, Limits
 from punie_trio.hub._manager import RELOAD_REQUIRED
 from punie_trio.rpc import current_request_id
+from punie_trio.store import MemoryStore
 from punie_trio.transport import MemoryMessageStream, memory_message_stream_pair
 from punie_trio.worker import EchoModel, ScriptModel
 from punie_trio.worker._envelopes import SeedHistory
@@ -253,7 +254,10 @@ async def test_a_bad_awaiting_list_is_refused_and_changes_nothing(
         assert error["code"] == -32602 and AWAITING_META in error["message"]
         assert c.connection.client_id is None and not c.connection.initialized
         await initialize(c.client, client_id="ide", awaiting=["p", 7])
-        assert c.connection.awaiting == {"p", 7}
+        # Taken: and as nothing here will answer either, each is answered at once.
+        await hub.settle()
+        answered = [m["id"] for m in c.client.received if m.get("id") in ("p", 7)]
+        assert sorted(map(str, answered)) == ["7", "p"]
 
 
 async def test_grace_expiry_drops_the_sessions_but_they_stay_loadable(
@@ -1161,6 +1165,47 @@ async def test_with_no_grace_a_client_back_is_still_told_to_reload_what_it_misse
             "session/load", {"sessionId": session_id, "cwd": str(hub.root), "mcpServers": []}
         )
         assert b.client.agent_text(session_id) == "slow"  # the cut turn, recorded cancelled
+
+
+@pytest.mark.parametrize("why", ["restart", "grace ended", "still running"])
+async def test_an_awaited_id_nothing_will_answer_is_answered_at_once(
+    tmp_path: Path, acp_schema: SchemaChecker, autojump_clock: trio.testing.MockClock, why: str
+) -> None:
+    """A re-attaching client lists ids whose answers nothing here will ever send: the
+    server restarted under its prompt (the turn cut, nothing of it remembered), the grace
+    period ended (the turn cut and its session dropped; a notice names the session), or
+    an id no prompt of its had ("q"). The client once waited for ever for each. Each is
+    now answered at once, -32603 saying why and what to do; an id something will answer
+    (a turn still running within grace) is left to that answer."""
+    store = MemoryStore()
+    model = ScriptModel([[{"text": "slow"}, {"sleep": 60}, {"text": "end"}]])
+    limits = Limits(grace_seconds=30)
+    async with open_hub(tmp_path, acp_schema, model, limits=limits, store=store) as hub:
+        _, session = await prompt_then_drop(hub, "ide", "p", "slow")
+        if why == "grace ended":
+            await trio.sleep(31)
+        if why != "restart":
+            b = await hub.connect()
+            await initialize(b.client, client_id="ide", awaiting=["p", "q"])
+            await hub.settle()
+    if why == "restart":  # (the first hub is gone: a server on the same store)
+        async with open_hub(tmp_path, acp_schema, model, limits=limits, store=store) as hub:
+            b = await hub.connect()
+            await initialize(b.client, client_id="ide", awaiting=["p", "q"])
+            await hub.settle()
+    refused = ["q"] if why == "still running" else ["p", "q"]
+    answers = [m for m in b.client.received if m.get("id") in ("p", "q")]
+    assert sorted(m["id"] for m in answers) == refused
+    for answer in answers:
+        assert answer["error"]["code"] == -32603
+        message = answer["error"]["message"]
+        assert "no prompt runs and no answer is kept" in message and "session/load" in message
+    if why == "still running":
+        assert answers[0] == b.client.received[1]  # (at once; p's turn still runs)
+    notices = [m for m in b.client.received if m.get("method") == RELOAD_REQUIRED]
+    assert [n["params"]["sessionId"] for n in notices] == (
+        [session] if why == "grace ended" else []
+    )
 
 
 async def test_notices_still_owed_survive_another_grace_ending(
