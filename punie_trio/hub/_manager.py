@@ -482,25 +482,39 @@ class Manager:
         Why: the client waits for each awaited id's answer, and none would ever come: it
         waited for ever (a reload notice names a session, not the request; after a
         restart there is none). An id the client has in flight again, or used again, is
-        not awaited any more and is left alone."""
-        if not conn.awaiting:
+        not awaited any more and is left alone.
+
+        Decided once no backlog of the client's sessions is going out (an answer a flush
+        has taken is in neither place), with no wait until each refused id is no longer
+        awaited: nothing can answer it later, and a flush that does not find it awaited
+        does not send it."""
+        while conn.awaiting:
+            owned = [s for s in self.sessions.values() if s.owner is conn]
+            flushing = next((s.flush_done for s in owned if s.flush_done is not None), None)
+            if flushing is None:
+                break
+            await flushing.wait()
+        else:
             return
-        owned = [s for s in self.sessions.values() if s.owner is conn]
         answered: set[RequestId | None] = set()
         for session in owned:
             if session.turn is not None and session.turn.orphaned:
                 answered.add(session.turn.request_id)
             answered.update(_answer_id(p) for p in session.pending if p[0] != "update")
+        refused = [
+            request_id
+            for request_id in conn.awaiting
+            if request_id not in answered and not conn.has_in_flight(request_id)
+        ]
+        for request_id in refused:
+            conn.stop_awaiting(request_id)
         error = RpcError(
             INTERNAL_ERROR,
             "Internal error: no answer to this request will come: no prompt runs and no "
             "answer is kept under its id here (the server restarted, or the session's "
             "grace period ended); session/load the session to see what was recorded",
         )
-        for request_id in list(conn.awaiting):
-            if request_id in answered or conn.has_in_flight(request_id):
-                continue
-            conn.stop_awaiting(request_id)
+        for request_id in refused:
             await conn.send_answer(request_id, None, error)
 
     def _held_by(self, conn: ClientConnection, session_id: str) -> bool:
