@@ -438,7 +438,7 @@ class Manager:
             request_id = _answer_id(item)
             if request_id in conn.awaiting and request_id not in live:
                 log.info(
-                    "session %s: sending the answer to request %r again: the client "
+                    "session %s: sending the answer to request %.80r again: the client "
                     "re-attached awaiting it (lost in flight when its connection dropped)",
                     session.id, request_id,
                 )  # fmt: skip
@@ -1679,7 +1679,8 @@ def _answer_unwanted(
     if request_id in conn.awaiting and not conn.has_in_flight(request_id):
         return False
     log.info(
-        "session %s: not delivering the answer to request %r of a dropped connection: "
+        # (%.80r: a request id may be any string up to the message's size, 16 MiB.)
+        "session %s: not delivering the answer to request %.80r of a dropped connection: "
         "the re-attached connection %s",
         session.id, request_id,
         "has its own request with that id in flight" if request_id in conn.awaiting

@@ -786,6 +786,26 @@ async def test_an_old_prompts_answer_never_answers_the_new_connections_own_reque
     assert "not delivering the answer to request 'p' of a dropped connection" in caplog.text
 
 
+async def test_a_huge_request_id_is_logged_cut_short(
+    tmp_path: Path,
+    acp_schema: SchemaChecker,
+    autojump_clock: trio.testing.MockClock,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A request id may be any string up to the message's size: the log line about an
+    old answer not delivered once held all of it (16 MiB a line)."""
+    caplog.set_level(logging.INFO, logger="punie_trio.hub")
+    huge = "p" * 100_000
+    model = ScriptModel([[{"text": "a"}, {"sleep": 5}]])
+    async with open_hub(tmp_path, acp_schema, model, limits=Limits(grace_seconds=60)) as hub:
+        await prompt_then_drop(hub, "ide", huge, "a")
+        b = await hub.connect()
+        await initialize(b.client, client_id="ide")
+        await trio.sleep(10)  # the old turn ends; its answer is not delivered (not awaited)
+    (line,) = [r.getMessage() for r in caplog.records if "not delivering" in r.getMessage()]
+    assert len(line) < 500 and "'pppp" in line
+
+
 @pytest.mark.parametrize("awaiting", [None, ["p"]])
 async def test_an_old_answer_never_follows_the_answer_to_a_reused_id(
     tmp_path: Path,
