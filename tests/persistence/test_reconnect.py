@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 import trio
 import trio.testing
+from trio_websocket import open_websocket_url
 
 from punie_trio.acp import parse_prompt
 from punie_trio.hub import ClientConnection, Limits
@@ -28,7 +29,7 @@ from punie_trio.worker._envelopes import SeedHistory
 
 from ..acp_schema import SchemaChecker
 from ..client import AcpTestClient
-from ..integration._support import acp_ws_client, settle_until
+from ..integration._support import acp_ws_client, settle_until, ws_url
 from ..integration.conftest import StartServer
 from ..unit.test_load import GatedStore  # (a store whose commits can be held)
 from ._hub import (
@@ -698,6 +699,59 @@ async def test_an_answer_lost_in_flight_is_told_of_after_the_grace_period_too(
             awaited = False
             await link.drop()
             await hub.settle()
+
+
+async def test_an_answer_lost_in_flight_over_a_real_websocket_comes_once(
+    start_server: StartServer, tmp_path: Path, acp_schema: SchemaChecker
+) -> None:
+    """The same over a real server and WebSocket: the server writes the prompt's answer
+    and its updates to the socket, and the client closes without reading them (a
+    WebSocket client discards what arrives once it has sent its close, as one whose
+    network went loses it). The client coming back awaiting the answer gets it, once,
+    and is told to reload (it waited for ever); each of three rounds on one session."""
+    model = ScriptModel([[{"text": "a"}], [{"text": "b"}]])
+    root = Path(await trio.Path(tmp_path).resolve())
+    meta = {CLIENT_ID_META: "ide"}
+    async with start_server(model, limits=Limits(grace_seconds=60)) as running:
+        manager = running.manager
+        with trio.fail_after(10):
+            async with open_websocket_url(ws_url(running.url)) as ws:
+                for request_id, method, params in [
+                    (1, "initialize", {"protocolVersion": 1, "_meta": meta}),
+                    (2, "session/new", {"cwd": str(root), "mcpServers": []}),
+                ]:
+                    request = {"jsonrpc": "2.0", "id": request_id, "method": method}
+                    await ws.send_message(json.dumps({**request, "params": params}))
+                    answer = json.loads(await ws.get_message())
+                session_id = answer["result"]["sessionId"]
+            await settle_until(lambda: not manager.connections)
+            for round_ in range(3):
+                async with open_websocket_url(ws_url(running.url)) as ws:
+                    init = {"protocolVersion": 1, "_meta": meta}
+                    await ws.send_message(
+                        json.dumps(
+                            {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": init}
+                        )
+                    )
+                    prompt = {"jsonrpc": "2.0", "id": f"p{round_}", "method": "session/prompt"}
+                    acp_schema.client_sent(prompt)
+                    await ws.send_message(
+                        json.dumps({**prompt, "params": prompt_params(session_id, "go")})
+                    )
+                    # Answered, and written: every task waits, the outbox is empty.
+                    await settle_until(lambda: manager.sessions[session_id].turn is None)
+                    await trio.testing.wait_all_tasks_blocked()
+                await settle_until(lambda: not manager.connections)
+                async with acp_ws_client(running.url, acp_schema) as (client, ws):
+                    awaited = f"p{round_}"
+                    await initialize(client, client_id="ide", awaiting=[awaited])
+                    answer = await client.wait_for(lambda m, i=awaited: m.get("id") == i)
+                    assert answer["result"] == {"stopReason": "end_turn"}
+                    await client.wait_for(lambda m: m.get("method") == RELOAD_REQUIRED)
+                    await settle_until(lambda: manager.sessions[session_id].flush_done is None)
+                    assert [m.get("id") for m in client.received].count(awaited) == 1
+                    await ws.aclose()
+                await settle_until(lambda: not manager.connections)
 
 
 async def test_sessions_the_hub_lets_go_leave_nothing_in_the_stores_memory(
