@@ -1282,6 +1282,39 @@ async def test_an_awaited_id_nothing_will_answer_is_answered_at_once(
     )
 
 
+async def test_a_prompt_cut_by_a_restart_is_answered_to_the_client_back_awaiting_it(
+    start_server: StartServer, tmp_path: Path, acp_schema: SchemaChecker
+) -> None:
+    """A real server stops while a client's prompt runs (its turn recorded cancelled),
+    and the client comes back to the next server on the same data directory awaiting
+    the prompt's answer: it heard nothing at all and waited for ever. It is answered
+    -32603, and the session loads with the cut turn."""
+    model = ScriptModel([[{"text": "slow"}, {"sleep": 30}, {"text": "never"}]])
+    root = Path(await trio.Path(tmp_path).resolve())
+    with trio.fail_after(10):
+        async with (
+            start_server(model, limits=Limits(grace_seconds=60)) as running,
+            acp_ws_client(running.url, acp_schema) as (first, ws),
+        ):
+            await initialize(first, client_id="ide")
+            session_id = await first.new_session(str(root))
+            await send_prompt(first, "p", session_id, "go")
+            await first.wait_for(has_update(session_id, "agent_message_chunk", "slow"))
+            await ws.aclose()
+        async with (
+            start_server(model, limits=Limits(grace_seconds=60)) as running,
+            acp_ws_client(running.url, acp_schema) as (second, ws),
+        ):
+            await initialize(second, client_id="ide", awaiting=["p"])
+            answer = await second.wait_for(lambda m: m.get("id") == "p")
+            assert answer["error"]["code"] == -32603
+            assert "session/load" in answer["error"]["message"]
+            load = {"sessionId": session_id, "cwd": str(root), "mcpServers": []}
+            await second.request("session/load", load)
+            assert second.agent_text(session_id) == "slow"
+            await ws.aclose()
+
+
 async def test_notices_still_owed_survive_another_grace_ending(
     tmp_path: Path, acp_schema: SchemaChecker, autojump_clock: trio.testing.MockClock
 ) -> None:
