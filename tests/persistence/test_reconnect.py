@@ -610,6 +610,42 @@ async def test_a_load_during_the_reattach_backlog_replays_after_it_not_into_it(
         assert ids.count("p1") == 1
 
 
+@pytest.mark.parametrize("method", ["session/close", "session/delete"])
+async def test_a_close_during_the_reattach_backlog_answers_after_it(
+    tmp_path: Path, acp_schema: SchemaChecker, autojump_clock: trio.testing.MockClock, method: str
+) -> None:
+    """A client re-attaches and closes (or deletes) the session whose backlog is still
+    going out: the close was answered at once, and 98 updates of the closed session and
+    the old prompt's answer followed it. As for a cancel (the prompt-turn page: updates
+    before the answer), what the session kept goes first, then the answer."""
+    count = 100
+    long_turn: list[dict[str, Any]] = [{"text": "first "}, {"sleep": 0.01}]
+    long_turn += [{"text": f"{i} "} for i in range(count)]
+    limits = Limits(outbox_limit=2, grace_seconds=60, detached_buffer=10_000)
+    async with open_hub(tmp_path, acp_schema, ScriptModel([long_turn]), limits=limits) as hub:
+        _, session = await prompt_then_drop(hub, "ide", "p1", "first ")
+        await trio.sleep(1)  # the turn ends while the client is away: all kept
+        second = await hub.connect(buffer=1)
+        # (Pipelined: the close is read while the backlog goes out.)
+        init = {"protocolVersion": 1, "_meta": {CLIENT_ID_META: "ide", AWAITING_META: ["p1"]}}
+        close = {"jsonrpc": "2.0", "id": "c", "method": method}
+        await second.client.send(
+            {"jsonrpc": "2.0", "id": "i", "method": "initialize", "params": init}
+        )
+        await second.client.send({**close, "params": {"sessionId": session}})
+        answer = await second.client.wait_for(lambda m: m.get("id") == "c")
+        assert answer["result"] == {}
+        await hub.settle()
+        got = second.client.received
+        ids = [m.get("id") for m in got]
+        closed = ids.index("c")
+        assert got[closed + 1 :] == []
+        assert ids.index("p1") < closed and ids.count("p1") == 1
+        expected = [f"{i} " for i in range(count)] + ["session_info_update"]
+        assert update_texts(got, session) == expected  # (in order, once)
+        assert session not in hub.manager.sessions
+
+
 async def test_what_the_dropped_connection_never_wrote_is_delivered_after_reattach(
     tmp_path: Path, acp_schema: SchemaChecker
 ) -> None:
