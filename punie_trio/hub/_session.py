@@ -126,7 +126,7 @@ class Session:
     answered_id: RequestId | None = None
     # That answer, as a pending item, until the session is next re-attached: written to a
     # connection that then dropped, it may have been lost in flight, and a client that
-    # re-attaches awaiting its id never got it (see Manager._answers_lost_in_flight).
+    # re-attaches awaiting its id never got it (see _grace._answers_lost_in_flight).
     last_answer: Pending | None = None
     # A session/load or session/resume is replaying it or seeding its history.
     loading: bool = False
