@@ -30,6 +30,7 @@ from __future__ import annotations
 import collections
 import gzip
 import json
+import logging
 import os
 import stat
 import zlib
@@ -43,6 +44,8 @@ import trio
 from . import _asgi, _http
 from ._asgi import Headers, Send, finish, respond, start
 from ._inject import inject
+
+log = logging.getLogger("punie_trio.dev")
 
 CHUNK = 256 * 1024
 WHOLE_FILE_LIMIT = 1024 * 1024
@@ -548,7 +551,8 @@ class StaticSite:
                         return
                     chunk = await f.read(min(CHUNK, remaining))
                     if not chunk:
-                        break  # the file shrank under us; the client sees a short body
+                        await self._cut_short(path, length - remaining, length, send)
+                        return
                     remaining -= len(chunk)
                     if remaining > 0:
                         await send({"type": "http.response.body", "body": chunk, "more_body": True})
@@ -558,4 +562,28 @@ class StaticSite:
             except BaseException:
                 await finish(send)
                 raise
+            await finish(send)
+
+    async def _cut_short(self, path: str, sent: int, length: int, send: Send) -> None:
+        """End a streamed body whose file shrank under it (a build rewriting a large asset
+        while a browser downloads it: ``open(..., "w")`` truncates first).
+
+        The body cannot reach the ``Content-Length`` already sent, and padding it would pass
+        off other bytes as the file. So the connection is closed (:func:`._asgi.abort`), the
+        client sees a short body, which it must not take for the file, and reloads it once
+        the build is done; the declared length is then made up with zeros that go nowhere,
+        as for a peer that left, so Hypercorn's bookkeeping of the connection completes. It
+        used to end the response short: h11 raised, an ERROR with its traceback. Where the
+        connection cannot be closed that way (HTTP/2, stock Hypercorn), the body is ended
+        short, which an HTTP/2 client must treat as a malformed response (RFC 9113
+        8.1.1)."""
+        log.warning(
+            "%s changed while it was being sent (%d of %d bytes sent): connection closed",
+            path,
+            sent,
+            length,
+        )
+        if await _asgi.abort(send):
+            await _end_for_departed(send, length - sent)
+        else:
             await finish(send)
