@@ -13,6 +13,7 @@ handshake (a missing ``Sec-WebSocket-Key``; a wrong version gets its 426 with a 
 
 from __future__ import annotations
 
+import base64
 import logging
 import time
 import uuid
@@ -230,6 +231,9 @@ class App:
 
     def _refuse_websocket(self, scope: dict[str, Any]) -> tuple[int, str] | None:
         """Why this upgrade must be refused (status, reason), or None to accept it."""
+        bad_key = _bad_key(scope)
+        if bad_key is not None:
+            return 400, f"Bad Request: {bad_key}"
         bad_offer = _bad_extension_offer(scope)
         if bad_offer is not None:
             return 400, f"Bad Request: invalid Sec-WebSocket-Extensions offer {bad_offer!r}"
@@ -277,6 +281,33 @@ def _release_buffers(send: ASGISend) -> None:
         if isinstance(extension, PerMessageDeflate):
             extension._compressor = None
             extension._decompressor = None
+
+
+def _bad_key(scope: dict[str, Any]) -> str | None:
+    """What is wrong with an HTTP/1.1 handshake's ``Sec-WebSocket-Key``, or None.
+
+    RFC 6455 section 4.2.1: there is one, and it is "a base64-encoded value that, when
+    decoded, is 16 bytes in length"; a server that finds otherwise "MUST stop processing
+    the client's handshake" and answer 400. Hypercorn checked only that there was one, and
+    switched protocols for ``abc``, for an empty key, and for two keys (answering the
+    last). (A missing key never gets here: Hypercorn answers it with its bare 400. An
+    HTTP/2 handshake, RFC 8441, has no key.)
+    """
+    if not over_http1(scope):
+        return None
+    keys = [
+        value for name, value in scope.get("headers", ()) if name.lower() == b"sec-websocket-key"
+    ]
+    if len(keys) != 1:
+        return f"one Sec-WebSocket-Key is required, not {len(keys)}"
+    try:
+        decoded = base64.b64decode(keys[0].strip(), validate=True)
+    except ValueError:
+        decoded = b""
+    if len(decoded) != 16:
+        shown = printable(bytes(keys[0]).decode("latin-1"), 40)
+        return f"Sec-WebSocket-Key {shown!r} is not 16 bytes in base64 (RFC 6455 section 4.1)"
+    return None
 
 
 def _bad_extension_offer(scope: dict[str, Any]) -> str | None:

@@ -478,6 +478,46 @@ class _H2:
             await self.flush()
 
 
+@pytest.mark.parametrize(
+    "keys",
+    [
+        ["abc"],  # not 16 bytes
+        [""],
+        ["!!!!!!!!!!!!!!!!!!!!!!=="],  # not base64
+        ["dGhlIHNhbXBsZSBub25jZQ"],  # unpadded
+        ["dGhlIHNhbXBsZSBub25jZQ==", "AAAAAAAAAAAAAAAAAAAAAA=="],  # two
+    ],
+)
+async def test_a_malformed_websocket_key_gets_400_naming_it(
+    server: Running, keys: list[str]
+) -> None:
+    """RFC 6455 section 4.2.1: the handshake has one ``Sec-WebSocket-Key`` that "when
+    decoded, is 16 bytes in length", and a server that finds otherwise "MUST stop
+    processing the client's handshake and return an HTTP response with an appropriate
+    error code (such as 400 Bad Request)". Hypercorn switched protocols (101) for any key,
+    and for two keys answered the last."""
+    assert server.url is not None
+    host, port = server.url.removeprefix("http://").rsplit(":", 1)
+    client = await RawHttp.connect(server.url)
+    lines = [
+        "GET /acp HTTP/1.1",
+        f"Host: {host}:{port}",
+        "Upgrade: websocket",
+        "Connection: Upgrade",
+        "Sec-WebSocket-Version: 13",
+        *[f"Sec-WebSocket-Key: {key}" for key in keys],
+    ]
+    with trio.fail_after(10):
+        await client.send(("\r\n".join(lines) + "\r\n\r\n").encode())
+        answer = await client.answer()
+        assert answer.status == 400, answer
+        assert b"Sec-WebSocket-Key" in answer.body
+        assert answer.headers["connection"] == "close"
+        await client.wait_closed()
+    await client.aclose()
+    assert not server.manager.connections
+
+
 @pytest.mark.parametrize("early_frames", [0, 2])
 async def test_a_refused_websocket_over_http2_leaves_the_connection_serving(
     start_server: StartServer, early_frames: int, caplog: pytest.LogCaptureFixture
