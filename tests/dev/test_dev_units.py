@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import html.parser
 import json
+import mimetypes
 import os
 import xml.etree.ElementTree
 from pathlib import Path
@@ -107,6 +108,39 @@ def test_content_types() -> None:
     assert _http.is_compressible("image/svg+xml")
     assert not _http.is_compressible("text/event-stream")
     assert not _http.is_compressible("image/png")
+
+
+#: Lines of Debian's /etc/mime.types (media-types) that disagree with what a site means.
+_DEBIAN_MIME_TYPES = "text/vnd.trolltech.linguist\tts\nmodel/vnd.mts\tmts\n"
+
+
+@pytest.mark.parametrize("system", ["none", "debian"])
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("page.xhtml", "application/xhtml+xml; charset=utf-8"),
+        ("segment0.ts", "video/mp2t"),
+        ("font.otf", "font/otf"),
+        ("font.ttf", "font/ttf"),
+        ("clip.ogv", "video/ogg"),
+        ("sound.ogg", "audio/ogg"),
+        ("sound.oga", "audio/ogg"),
+    ],
+)
+def test_content_types_do_not_depend_on_the_machine(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, system: str, name: str, expected: str
+) -> None:
+    """``mimetypes`` reads the machine's own tables (/etc/mime.types, the Windows
+    registry) over its built-in one: without them (a slim container) an XHTML page, which
+    the docs say gets the script, was application/octet-stream (a download, no script),
+    and with Debian's a video segment (HLS ``.ts``) was Qt Linguist text, in utf-8, gzipped."""
+    files: list[str] = []
+    if system == "debian":
+        table = tmp_path / "mime.types"
+        table.write_text(_DEBIAN_MIME_TYPES)
+        files.append(str(table))
+    monkeypatch.setattr(mimetypes, "_db", mimetypes.MimeTypes(filenames=files))
+    assert _http.content_type(name, b"<html/>") == expected
 
 
 @pytest.mark.parametrize(

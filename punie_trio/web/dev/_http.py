@@ -14,10 +14,14 @@ from typing import Final
 
 import attrs
 
-#: Types that mimetypes gets wrong or not at all on some systems; checked first.
+#: Types that mimetypes gets wrong or not at all on some systems; checked first. (It
+#: reads the machine's tables over its built-in one: without /etc/mime.types, a slim
+#: container, ``.xhtml`` and the fonts were application/octet-stream; Debian's says a
+#: ``.ts`` video segment is Qt Linguist text.)
 _TYPES: Final[dict[str, str]] = {
     ".html": "text/html",
     ".htm": "text/html",
+    ".xhtml": "application/xhtml+xml",
     ".css": "text/css",
     ".js": "text/javascript",
     ".mjs": "text/javascript",
@@ -30,6 +34,12 @@ _TYPES: Final[dict[str, str]] = {
     ".wasm": "application/wasm",
     ".woff": "font/woff",
     ".woff2": "font/woff2",
+    ".otf": "font/otf",
+    ".ttf": "font/ttf",
+    ".ts": "video/mp2t",  # an HLS segment (a TypeScript source is not served to run)
+    ".ogg": "audio/ogg",
+    ".oga": "audio/ogg",
+    ".ogv": "video/ogg",
     ".png": "image/png",
     ".jpg": "image/jpeg",
     ".jpeg": "image/jpeg",
