@@ -44,6 +44,30 @@ async def test_no_build_command_site_change_reloads(tmp_path: Path) -> None:
             assert b"v3" in page.content and b'"generation":3' in page.content
 
 
+async def test_a_symlink_loop_in_the_site_does_not_stop_the_server(tmp_path: Path) -> None:
+    """``ln -s loop2 loop1; ln -s loop1 loop2`` in the output: the snapshot after that change
+    raised ELOOP, and the dev app's loop took the whole server down (also at start, when the
+    loop was there already). Now the links are not part of the output, and the next change
+    is reloaded as ever."""
+    site = tmp_path / "proj" / "public"
+    write(site / "index.html", "<html><body>v1</body></html>")
+    (site / "loop1").symlink_to("loop2")
+    (site / "loop2").symlink_to("loop1")
+    dev = DevApp(site_dir=site, project_root=tmp_path / "proj", closing=trio.Event(), debounce=0.02)
+    with trio.fail_after(DEADLINE):
+        async with running(dev) as url, httpx.AsyncClient(base_url=url) as client:
+            async with sse(client, "/__reload__") as stream:
+                await stream.wait_open()
+                (site / "loop3").symlink_to("loop4")
+                (site / "loop4").symlink_to("loop3")
+                (site / "self").symlink_to(".")
+                write(site / "index.html", "<html><body>v2</body></html>")
+                event = (await stream.next_named("reload")).json()
+                assert event["paths"] == ["index.html"]
+            assert b"v2" in (await client.get("/")).content
+            assert (await client.get("/loop1")).status_code == 404
+
+
 async def test_build_reload_css_and_error(tmp_path: Path) -> None:
     project = BuildProject.create(tmp_path)
     dev = project.dev_app(debounce=0.02)

@@ -485,6 +485,38 @@ def test_small_snapshot_equals_the_full_one_within_its_budget(tmp_path: Path) ->
     assert _snapshot.small_snapshot(tmp_path / "missing") == {}
 
 
+def test_snapshots_skip_links_that_loop_or_lead_out_of_the_site(tmp_path: Path) -> None:
+    """A symlink loop in the site (``loop1 -> loop2 -> loop1``) raised ELOOP out of the
+    walk, and the dev app's loop took the whole server down with it (at start, or at the
+    next change: ACP sessions and all). A link to a directory above (``self -> .``,
+    ``up -> ..``) was walked again and again until the path was too long. What a snapshot
+    holds is what the site serves: a link that leads out of it is not served, so it is
+    not walked or read either; one that stays inside is (as the static server serves it)."""
+    site = tmp_path / "site"
+    outside = tmp_path / "outside"
+    (site / "sub").mkdir(parents=True)
+    outside.mkdir()
+    (site / "index.html").write_text("a")
+    (site / "sub" / "s.css").write_text("b")
+    (outside / "secret.txt").write_text("s")
+    (site / "loop1").symlink_to("loop2")
+    (site / "loop2").symlink_to("loop1")
+    (site / "self").symlink_to(".")
+    (site / "sub" / "up").symlink_to("..")
+    (site / "parent").symlink_to("..")
+    (site / "out").symlink_to(outside)
+    (site / "secret.txt").symlink_to(outside / "secret.txt")
+    (site / "alias.css").symlink_to("sub/s.css")
+    (site / "again").symlink_to("sub")
+    os.mkfifo(site / "pipe")
+    expected = {"index.html", "sub/s.css", "alias.css", "again/s.css"}
+    assert set(_snapshot.take_snapshot(site)) == expected
+    assert set(_snapshot.small_snapshot(site) or {}) == expected
+    # The site named by a link (`./result`) is walked where it leads.
+    (tmp_path / "result").symlink_to(site)
+    assert set(_snapshot.take_snapshot(tmp_path / "result")) == expected
+
+
 def test_small_snapshot_gives_up_past_its_budget(tmp_path: Path) -> None:
     for i in range(_snapshot.SMALL_ENTRIES + 1):
         (tmp_path / f"p{i}.html").write_text("x")
