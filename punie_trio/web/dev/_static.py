@@ -578,7 +578,7 @@ class StaticSite:
         short, which an HTTP/2 client must treat as a malformed response (RFC 9113
         8.1.1)."""
         log.warning(
-            "%s changed while it was being sent (%d of %d bytes sent): connection closed",
+            "%s changed while it was being sent (%d of %d bytes sent): the response is cut short",
             path,
             sent,
             length,
