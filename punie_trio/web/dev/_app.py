@@ -24,7 +24,7 @@ from ._broadcast import Broadcaster
 from ._builder import BUILD_START_DELAY, BuildLoop
 from ._inject import SCRIPT_BYTES, SCRIPT_ETAG, SCRIPT_PATH, inject
 from ._sse import stream_events
-from ._static import StaticSite
+from ._static import StaticSite, Vanished
 from ._watch import Backend, IgnoreRules, PendingChanges, watch
 
 access_log = logging.getLogger("punie_trio.access")
@@ -250,8 +250,13 @@ class DevApp:
             return
         if found.kind == "file":
             state = self.broadcaster.page_state()
-            await self.static.serve_file(found, request, send, head=head, state=state, gone=gone)
-            return
+            try:
+                await self.static.serve_file(
+                    found, request, send, head=head, state=state, gone=gone
+                )
+                return
+            except Vanished:
+                pass  # deleted since the lookup (a build emptying its output): missing now
         await self._not_found(path, request, send, head=head)
 
     async def _not_found(
