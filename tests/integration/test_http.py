@@ -435,6 +435,8 @@ class _H2:
         self.authority = authority
         self.conn = h2.connection.H2Connection(h2.config.H2Configuration(header_encoding=None))
         self.conn.initiate_connection()
+        #: The body of each stream, as far as read.
+        self.bodies: dict[int, bytes] = {}
 
     def websocket(self, stream_id: int, version: bytes) -> None:
         self.conn.send_headers(
@@ -468,6 +470,10 @@ class _H2:
             data = await self.stream.receive_some(65536)
             assert data, "the server closed the connection"
             for event in self.conn.receive_data(data):
+                if isinstance(event, h2.events.DataReceived):
+                    self.bodies[event.stream_id] = (
+                        self.bodies.get(event.stream_id, b"") + event.data
+                    )
                 if isinstance(event, h2.events.ResponseReceived):
                     if event.stream_id == stream_id:
                         status = dict(event.headers)[b":status"]
@@ -516,6 +522,41 @@ async def test_a_malformed_websocket_key_gets_400_naming_it(
         await client.wait_closed()
     await client.aclose()
     assert not server.manager.connections
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [(b"GET", b"/\xc3\xbcber.html"), (b"GET", b"/x\xff?q=1"), (b"G\xc3\x89T", b"/health")],
+)
+async def test_a_non_ascii_request_over_http2_gets_400_and_the_connection_goes_on(
+    server: Running, caplog: pytest.LogCaptureFixture, method: bytes, path: bytes
+) -> None:
+    """HTTP/2 carries ``:path`` and ``:method`` as bytes, and a raw non-ASCII one (a
+    clumsy client's ``/\u00fcber.html`` unescaped) made Hypercorn's ``decode("ascii")``
+    raise: "connection failed" with a traceback, and every other stream of the connection
+    died with it. Over HTTP/1.1 h11 answers such a request 400; over HTTP/2 the request's
+    own stream gets 400 with the reason now, and the connection goes on."""
+    assert server.url is not None
+    host, port = server.url.removeprefix("http://").rsplit(":", 1)
+    with trio.fail_after(10):
+        stream = await trio.open_tcp_stream(host, int(port))
+        async with stream:
+            client = _H2(stream, f"{host}:{port}".encode())
+            client.conn.send_headers(
+                1,
+                [
+                    (b":method", method), (b":scheme", b"http"), (b":path", path),
+                    (b":authority", client.authority),
+                ],
+                end_stream=True,
+            )  # fmt: skip
+            await client.flush()
+            assert await client.status(1) == b"400"
+            assert b"not ASCII" in client.bodies[1]
+            client.get(3, b"/health")
+            await client.flush()
+            assert await client.status(3) == b"200"
+    assert "connection failed" not in caplog.text
 
 
 @pytest.mark.parametrize("early_frames", [0, 2])
