@@ -98,6 +98,24 @@ def test_accepts_gzip(value: str | None, expected: bool) -> None:
     assert _http.accepts_gzip(value) is expected
 
 
+@pytest.mark.parametrize(
+    ("path", "query", "expected"),
+    [
+        ("/docs", b"", b"/docs/"),
+        ("//docs", b"", b"/docs/"),  # a path on this server, never the host "docs"
+        ("/a b/c", b"", b"/a%20b/c/"),
+        ("/docs", b"x=1&y=a/b?c", b"/docs/?x=1&y=a/b?c"),
+        ("/docs", b"q=%C3%A9", b"/docs/?q=%C3%A9"),
+        # Raw bytes (HTTP/2 lets a client send them): escaped, not decoded as Latin-1 and
+        # encoded as UTF-8 (the Location said ?q=\xc3\x83\xc2\xa9 for ?q=\xc3\xa9).
+        ("/docs", "q=\u00e9".encode(), b"/docs/?q=%C3%A9"),
+        ("/docs", b"a b\xff", b"/docs/?a%20b%FF"),
+    ],
+)
+def test_directory_redirect_location(path: str, query: bytes, expected: bytes) -> None:
+    assert _http.directory_location(path, query) == expected
+
+
 def test_content_types() -> None:
     assert _http.content_type("a/index.HTML") == "text/html; charset=utf-8"
     assert _http.content_type("s.css") == "text/css; charset=utf-8"

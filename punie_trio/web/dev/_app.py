@@ -234,19 +234,8 @@ class DevApp:
                 request[name] = bytes(value).decode("latin-1")
         found = await self.static.find(path)
         if found.kind == "redirect":
-            # From the path's segments, so it is a path on this server: a request for
-            # //evil.example.com (a directory of the site) was sent to //evil.example.com/,
-            # which a browser reads as another host (found by a dev app audit).
-            segments = [urllib.parse.quote(segment) for segment in path.split("/") if segment]
-            location = "/" + "/".join(segments) + "/"
-            if scope.get("query_string"):
-                location += "?" + scope["query_string"].decode("latin-1")
-            await respond(
-                send,
-                301,
-                [(b"location", location.encode()), (b"content-length", b"0")],
-                b"",
-            )
+            location = _http.directory_location(path, scope.get("query_string") or b"")
+            await respond(send, 301, [(b"location", location), (b"content-length", b"0")], b"")
             return
         if found.kind == "file":
             state = self.broadcaster.page_state()

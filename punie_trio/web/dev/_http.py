@@ -10,6 +10,7 @@ from __future__ import annotations
 import email.utils
 import mimetypes
 import re
+import urllib.parse
 from typing import Final
 
 import attrs
@@ -293,6 +294,27 @@ def safe_segments(path: str) -> list[str] | None:
             return None
         segments.append(segment)
     return segments
+
+
+#: What a query keeps as it is in a Location: printable ASCII (escapes, reserved characters).
+_QUERY_SAFE: Final = "".join(chr(c) for c in range(0x21, 0x7F))
+
+
+def directory_location(path: str, query: bytes) -> bytes:
+    """The ``Location`` that sends a directory's path (no trailing slash) to ``dir/``.
+
+    Built from the path's segments, so it is a path on this server (a request for
+    ``//evil.example.com``, a directory of the site, was sent to ``//evil.example.com/``,
+    which a browser reads as another host). The query is kept byte for byte, but for what
+    a header may not carry raw: a space, a control, a byte past ASCII (HTTP/2 lets a client
+    send those) is percent-encoded; it was decoded as Latin-1 and encoded as UTF-8, so
+    ``?q=\xc3\xa9`` came back as ``?q=\xc3\x83\xc2\xa9``.
+    """
+    segments = [urllib.parse.quote(segment) for segment in path.split("/") if segment]
+    location = ("/" + "/".join(segments) + "/").encode()
+    if query:
+        location += b"?" + urllib.parse.quote_from_bytes(query, safe=_QUERY_SAFE).encode()
+    return location
 
 
 def make_etag(size: int, mtime_ns: int, variant: str = "") -> str:
