@@ -45,6 +45,7 @@ from ._http import (
     body_headers,
     closing_headers,
     header,
+    origin_form,
     over_http1,
     printable,
     read_body,
@@ -85,6 +86,8 @@ class App:
 
     async def __call__(self, scope: dict[str, Any], receive: ASGIReceive, send: ASGISend) -> None:
         kind = scope["type"]
+        if kind in ("http", "websocket"):
+            scope = origin_form(scope)
         if kind == "lifespan":
             await _lifespan(receive, send)
         elif not host_allowed(scope, self.allow_hosts):

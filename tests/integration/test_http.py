@@ -26,7 +26,7 @@ from punie_trio.web._http import BODY_IDLE_TIMEOUT, BODY_TOTAL_TIMEOUT, ECHO_LIM
 from punie_trio.worker import EchoModel
 
 from ..acp_schema import SchemaChecker
-from ._support import RawHttp, acp_ws_client, settle_loopback, ws_url
+from ._support import HttpAnswer, RawHttp, acp_ws_client, settle_loopback, ws_url
 from .conftest import StartServer
 
 
@@ -294,6 +294,51 @@ async def test_unknown_path_and_plain_http_on_acp(server: Running) -> None:
                 pass  # pragma: no cover - the handshake fails
         assert info.value.status_code == 404
         assert b"/acp" in (info.value.body or b"")
+
+
+async def test_a_request_in_absolute_form_is_served_by_its_path(
+    start_server: StartServer,
+) -> None:
+    """RFC 9112 section 3.2.2: "A server MUST accept the absolute-form in requests" (what
+    a client talking to a proxy sends, ``GET http://host:port/health``), and an origin
+    server then uses the target's host, not the ``Host`` header. Hypercorn hands the whole
+    target on as the path: every route was a 404 (``Not Found: http://...``), and an
+    upgrade to ``http://host/acp`` was told ACP is at /acp."""
+    async with start_server(token="T") as server:  # /acp refuses a client without it
+        assert server.url is not None
+        host, port = server.url.removeprefix("http://").rsplit(":", 1)
+
+        async def answer(target: str, host_header: str, *extra: str) -> HttpAnswer:
+            client = await RawHttp.connect(server.url)
+            lines = [
+                f"GET {target} HTTP/1.1",
+                f"Host: {host_header}",
+                *(extra or ["Connection: close"]),
+            ]
+            await client.send(("\r\n".join(lines) + "\r\n\r\n").encode())
+            try:
+                return await client.answer()
+            finally:
+                await client.aclose()
+
+        with trio.fail_after(10):
+            health = await answer(f"http://{host}:{port}/health", f"{host}:{port}")
+            assert health.status == 200 and b'"status":"ok"' in health.body
+            assert (await answer(f"HTTP://{host}:{port}/health?x=1", "x")).status == 200
+            bare = await answer(f"http://{host}:{port}", f"{host}:{port}")  # no path: "/"
+            assert bare.status == 404 and bare.body == b"Not Found: /\n"
+            # The target's host is the one checked (a rebinding name there is refused).
+            refused = await answer("http://evil.example/health", f"{host}:{port}")
+            assert refused.status == 403 and b"evil.example" in refused.body
+            upgrade = await answer(
+                f"http://{host}:{port}/acp",
+                f"{host}:{port}",
+                "Upgrade: websocket",
+                "Connection: Upgrade",
+                "Sec-WebSocket-Version: 13",
+                "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
+            )
+            assert upgrade.status == 401, upgrade  # /acp itself: the token is what is missing
 
 
 async def test_a_refusal_keeps_the_connection_when_the_body_has_arrived(
