@@ -61,8 +61,13 @@ async def test_index_redirect_head_and_types(site: Path) -> None:
         assert h.headers["etag"] == r.headers["etag"]
         r = await client.post("/")
         assert r.status_code == 405 and r.headers["allow"] == "GET, HEAD"
+        # The reason names the methods, as the server's own routes' 405 does (it said
+        # only "method not allowed").
+        assert r.text == "Method Not Allowed: use GET, HEAD\n"
+        assert r.headers["x-content-type-options"] == "nosniff"
         r = await client.post("/__reload__")
         assert r.status_code == 405 and r.headers["allow"] == "GET"
+        assert r.text == "Method Not Allowed: use GET\n"
 
 
 async def _location(base_url: str, target: str) -> str:

@@ -315,16 +315,16 @@ async def _refuse_departed(send: Send) -> None:
 
 
 async def _method_not_allowed(send: Send, allow: bytes) -> None:
-    await respond(
-        send,
-        405,
-        [
-            (b"allow", allow),
-            (b"content-type", b"text/plain; charset=utf-8"),
-            (b"content-length", b"19"),
-        ],
-        b"method not allowed\n",
-    )
+    """405 naming the methods to use, worded as the server's own routes word it (it said
+    only "method not allowed")."""
+    body = b"Method Not Allowed: use " + allow + b"\n"
+    headers = [
+        (b"allow", allow),
+        (b"content-type", b"text/plain; charset=utf-8"),
+        (b"content-length", b"%d" % len(body)),
+        (b"x-content-type-options", b"nosniff"),
+    ]
+    await respond(send, 405, headers, body)
 
 
 async def _lifespan(receive: Receive, send: Send) -> None:
