@@ -5,8 +5,9 @@ Error handling: every refusal the app makes carries a status and a reason in the
 nothing a client sends can take the app down for the others. Some requests never reach the
 app: Hypercorn refuses them itself, with an empty body and ``Connection: close``: 400 for
 what h11 cannot parse (two ``Host`` or ``Content-Length`` headers, a chunk size that is not
-a number), 431 for a request head still incomplete after 16 KiB (a larger head that
-arrives whole is served up to 64 KiB), and a bare 400 for a malformed WebSocket
+a number), 431 for a request head over 16 KiB (even one that arrives whole: the socket
+reader, ``_fast_send``, hands Hypercorn 4 KiB at a time, so it is incomplete past 16 KiB),
+and a bare 400 for a malformed WebSocket
 handshake (a missing ``Sec-WebSocket-Key``; a wrong version gets its 426 with a reason,
 ``_handshake``). Those are left as Hypercorn sends them.
 """
