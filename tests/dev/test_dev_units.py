@@ -197,6 +197,29 @@ def test_charset_is_the_documents_own() -> None:
     assert _http.charset("image/png") is None
 
 
+@pytest.mark.parametrize(
+    ("head", "expected"),
+    [
+        (b'@charset "ISO-8859-1";\nh1::after { content: "\xa9"; }', "iso-8859-1"),
+        (b'@charset "windows-1251";', "windows-1251"),
+        (b'@charset "utf-16";', "utf-8"),  # ASCII bytes that say UTF-16 are not
+        (b"@charset 'latin1';", "utf-8"),  # not the rule: it is exactly @charset "...";
+        (b' @charset "latin1";', "utf-8"),  # only at the very start
+        (b'@charset "a;b";', "utf-8"),  # not a label
+        (b'\xef\xbb\xbf@charset "latin1";', "utf-8"),  # the BOM wins
+        (b"h1 { color: red; }", "utf-8"),
+    ],
+)
+def test_a_stylesheet_is_sent_in_the_charset_its_charset_rule_names(
+    head: bytes, expected: str
+) -> None:
+    """CSS Syntax 3.2: a stylesheet's ``@charset "label";`` names its encoding, but the
+    header's charset comes first; every stylesheet went out as utf-8, so a Latin-1 one
+    that said so showed U+FFFD for its \u00a9 (as pages once did: their ``<meta charset>``
+    is honoured)."""
+    assert _http.content_type("a.css", head) == f"text/css; charset={expected}"
+
+
 def test_inject_into_utf16_page() -> None:
     page = "\ufeff<html><body>\u00e9\U0001f600</body></html>".encode("utf-16le")
     out = _inject.inject(page, {"generation": 1}, "utf-16le").decode("utf-16le")

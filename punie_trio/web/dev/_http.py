@@ -91,6 +91,9 @@ _XML_TYPES: Final = frozenset({"application/xml", "text/xml", "application/xhtml
 #: An encoding label fit for a header: no quotes, no ``;``, no spaces (labels are tokens).
 _LABEL = re.compile(rb"[A-Za-z0-9._:+-]{1,40}")
 _XML_DECL = re.compile(rb"<\?xml\s[^>]*?encoding\s*=\s*[\"']([^\"']*)[\"']")
+#: A stylesheet's ``@charset`` rule, as CSS Syntax 3.2 reads it: these exact bytes at the
+#: very start, the label in double quotes.
+_CSS_CHARSET = re.compile(rb'@charset "([\x00-\x21\x23-\x7f]*)";')
 _ATTR = re.compile(
     rb"[\t\n\f\r /]*([^\t\n\f\r />][^\t\n\f\r /=>]*)(?:[\t\n\f\r ]*=[\t\n\f\r ]*"
     rb"(\"[^\"]*\"?|'[^']*'?|[^\t\n\f\r >]*))?"
@@ -202,7 +205,8 @@ def content_type(name: str, head: bytes = b"") -> str:
     ``<meta charset="iso-8859-1">`` sent with ``charset=utf-8`` showed "Caf\ufffd cr\ufffdme";
     found by a dev app audit). So it is the document's own: a byte-order mark; for HTML the
     ``<meta>`` declaration the browser's prescan would find (:func:`prescan`); for XML the
-    ``encoding`` of its declaration; else ``utf-8``.
+    ``encoding`` of its declaration; for CSS its ``@charset "...";`` rule (CSS Syntax 3.2:
+    UTF-16 labels mean UTF-8 there too); else ``utf-8``.
 
     A compressed file (``.gz``, ``.br``, ...) gets its compression's type (see
     :data:`_COMPRESSED`), which is not compressible, so it is never gzipped again either.
@@ -225,6 +229,9 @@ def content_type(name: str, head: bytes = b"") -> str:
             charset = prescan(head)
         elif charset is None and ctype in _XML_TYPES:
             found = _XML_DECL.match(head)
+            charset = _label(found.group(1)) if found is not None else None
+        elif charset is None and ctype == "text/css":
+            found = _CSS_CHARSET.match(head)
             charset = _label(found.group(1)) if found is not None else None
         ctype += "; charset=" + (charset or "utf-8")
     return ctype
