@@ -334,6 +334,26 @@ def test_a_configured_token_removes_a_stale_generated_one(
     assert done.returncode == 1 and "no token at" in done.stderr
 
 
+def test_a_misspelt_environment_variable_is_warned_about(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    """A misspelt flag or config key is an error, but ``PUNIE_PROT=9000`` was ignored
+    without a word and serve ran on its default port. A near miss of an option's variable
+    is now named with the one meant; other ``PUNIE_*`` names (the benchmarks set their
+    own) are left alone, and the run goes on."""
+    args = ["serve", "--stdio", "--no-http", "--project", str(tmp_path)]
+    env = dict(env, PUNIE_PROT="9000", PUNIE_GRACE_SECOND="5", PUNIE_BENCH_GC="1")
+    done = punie(*args, env=env)
+    assert done.returncode == 0, done.stderr
+    warnings = [line for line in done.stderr.splitlines() if "warning:" in line]
+    assert warnings == [
+        "punie-trio: warning: $PUNIE_GRACE_SECOND is not a punie-trio variable and is "
+        "ignored; did you mean $PUNIE_GRACE_SECONDS?",
+        "punie-trio: warning: $PUNIE_PROT is not a punie-trio variable and is ignored; "
+        "did you mean $PUNIE_PORT?",
+    ], done.stderr
+
+
 def test_a_token_in_a_config_file_others_can_read_is_warned_about(
     env: dict[str, str], tmp_path: Path
 ) -> None:

@@ -365,13 +365,13 @@ async def test_a_session_keeps_the_directories_as_checked(
     to ``outside`` just after. The session was given the path resolved a second time:
     outside, never checked (an audit won that race in 3-8 tries), and its tools then read
     there. It keeps the path that was checked now."""
-    from punie_trio.hub import _manager
+    from punie_trio.hub import _lifecycle
 
     root, outside = layout
     (root / "real").mkdir()
     sub = root / "sub"
     sub.symlink_to(root / "real")
-    check = _manager._resolve_param
+    check = _lifecycle._resolve_param
 
     def check_then_swap(path: str, where: str) -> Path:
         resolved = check(path, where)
@@ -389,7 +389,7 @@ async def test_a_session_keeps_the_directories_as_checked(
             session_id = await link.client.new_session(str(root))
             await link.client.request("session/close", {"sessionId": session_id})
             params["sessionId"] = session_id
-        monkeypatch.setattr(_manager, "_resolve_param", check_then_swap)
+        monkeypatch.setattr(_lifecycle, "_resolve_param", check_then_swap)
         result = await link.client.request(method, params)
         session_id = result.get("sessionId", params.get("sessionId"))
         assert hub.manager.sessions[session_id].additional_directories == (str(root / "real"),)
