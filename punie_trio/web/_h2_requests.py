@@ -23,6 +23,7 @@ import logging
 from typing import Any
 
 import h2.events
+from h2.errors import ErrorCodes
 from hypercorn.protocol.h2 import H2Protocol
 
 from ._http import body_headers
@@ -59,9 +60,12 @@ def install() -> bool:
             return
         reason = f"Bad Request: the request's {name.decode()} is not ASCII (percent-encode it)\n"
         body = reason.encode()
-        headers = [(b":status", b"400"), *body_headers(body)]
-        self.connection.send_headers(request.stream_id, headers)
-        self.connection.send_data(request.stream_id, body, end_stream=True)
+        if self.connection.local_flow_control_window(request.stream_id) >= len(body):
+            headers = [(b":status", b"400"), *body_headers(body)]
+            self.connection.send_headers(request.stream_id, headers)
+            self.connection.send_data(request.stream_id, body, end_stream=True)
+        else:  # no room for the reason (a client that reads nothing): a bare stream error
+            self.connection.reset_stream(request.stream_id, ErrorCodes.PROTOCOL_ERROR)
         await self._flush()
 
     _create_stream.punie_trio = True  # type: ignore[attr-defined]

@@ -609,6 +609,50 @@ async def test_a_non_ascii_request_over_http2_gets_400_and_the_connection_goes_o
     assert "connection failed" not in caplog.text
 
 
+async def test_a_non_ascii_request_over_http2_with_no_window_is_reset_alone(
+    server: Running, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The 400's reason needs room in the client's flow-control window; a client that
+    gives none (``INITIAL_WINDOW_SIZE`` 0, or a window it never reopens) gets the stream
+    reset (RFC 9113 8.1.1: a malformed request is a stream error of type PROTOCOL_ERROR)
+    rather than a send that would fail the connection, which goes on."""
+    import h2.errors
+    import h2.events
+    import h2.settings
+
+    assert server.url is not None
+    host, port = server.url.removeprefix("http://").rsplit(":", 1)
+    window = h2.settings.SettingCodes.INITIAL_WINDOW_SIZE
+    with trio.fail_after(10):
+        stream = await trio.open_tcp_stream(host, int(port))
+        async with stream:
+            client = _H2(stream, f"{host}:{port}".encode())
+            client.conn.update_settings({window: 0})
+            client.conn.send_headers(
+                1,
+                [
+                    (b":method", b"GET"), (b":scheme", b"http"), (b":path", b"/\xff"),
+                    (b":authority", client.authority),
+                ],
+                end_stream=True,
+            )  # fmt: skip
+            await client.flush()
+            reset = None
+            while reset is None:
+                data = await stream.receive_some(65536)
+                assert data, "the server closed the connection"
+                for event in client.conn.receive_data(data):
+                    if isinstance(event, h2.events.StreamReset):
+                        reset = event
+                await client.flush()
+            assert (reset.stream_id, reset.error_code) == (1, h2.errors.ErrorCodes.PROTOCOL_ERROR)
+            client.conn.update_settings({window: 65535})
+            client.get(3, b"/health")
+            await client.flush()
+            assert await client.status(3) == b"200"
+    assert "connection failed" not in caplog.text
+
+
 @pytest.mark.parametrize("early_frames", [0, 2])
 async def test_a_refused_websocket_over_http2_leaves_the_connection_serving(
     start_server: StartServer, early_frames: int, caplog: pytest.LogCaptureFixture
