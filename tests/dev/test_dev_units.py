@@ -431,6 +431,23 @@ def test_inject_before_last_body_case_insensitive() -> None:
     assert out.count(b"</body>") == 1  # the one in the inline script, untouched
 
 
+@pytest.mark.parametrize(
+    "page",
+    [
+        b"<html><body><p>x</p></body></html>\n<!-- old footer: <p>f</p></body> -->\n",
+        b"<html><body><p>x</p></body></html><!--</body>-->",
+    ],
+)
+def test_inject_is_not_put_in_a_trailing_comment(page: bytes) -> None:
+    """The last ``</body>`` was inside a comment after the real one (a commented-out old
+    footer): the tag went into the comment and the page never connected (seen in
+    Chromium). Such a page gets the tag at its end, after the comment, where a browser
+    still runs it (in the body, as for a page without ``</body>``)."""
+    out = _inject.inject(page, {"generation": 0})
+    tag = _inject.script_tag({"generation": 0})
+    assert out == page + tag
+
+
 def test_inject_appends_without_body() -> None:
     out = _inject.inject(b"<p>fragment</p>", {"generation": 0})
     assert out.startswith(b'<p>fragment</p><script src="/__reload__.js"')
