@@ -1,5 +1,5 @@
-"""An HTTP/2 request whose ``:method`` or ``:path`` is not ASCII gets 400 on its own stream,
-instead of failing the whole connection.
+"""An HTTP/2 request whose ``:method`` or ``:path`` is not ASCII, or that has no ``:path``
+(a plain CONNECT), gets 400 on its own stream, instead of failing the whole connection.
 
 Why: HTTP/2 carries the pseudo-headers as bytes, and Hypercorn decodes them with
 ``decode("ascii")`` as it opens the stream (``H2Protocol._create_stream``, and the scope's
@@ -9,7 +9,10 @@ traceback, and every other stream of that connection died with it. Over HTTP/1.1
 refuses such a request line with 400; RFC 9113 section 8.1.1 makes such a request
 malformed, and lets the server answer it before ending the stream. So the request's own
 stream is answered 400 with the reason, and ended; the connection goes on. (Only the path
-before ``?`` counts: Hypercorn hands the query on as bytes.)
+before ``?`` counts: Hypercorn hands the query on as bytes.) A plain CONNECT (RFC 9113
+section 8.5: ``:method`` and ``:authority`` only, a tunnel through a proxy, which this
+server is not) made the same set-up read a ``raw_path`` it never set
+(``UnboundLocalError``), with the same end; it gets the same 400.
 
 Resource handling: nothing is owned; like ``_h2_late_data.install`` it patches Hypercorn
 for the whole process (idempotent), and patches nothing if Hypercorn's internals do not
@@ -31,20 +34,24 @@ from ._http import body_headers
 log = logging.getLogger(__name__)
 
 
-def _not_ascii(request: h2.events.RequestReceived) -> bytes | None:
-    """Which pseudo-header of ``request`` Hypercorn could not decode, or None."""
+def _refusal(request: h2.events.RequestReceived) -> str | None:
+    """Why Hypercorn could not open a stream for ``request`` (the 400's reason), or None."""
+    has_path = False
     for name, value in request.headers or ():
         if name == b":path":
+            has_path = True
             value = value.partition(b"?")[0]
         elif name != b":method":
             continue
         if not value.isascii():
-            return name
+            return f"the request's {name.decode()} is not ASCII (percent-encode it)"
+    if not has_path:
+        return "a request without :path (a CONNECT tunnel) is not served here"
     return None
 
 
 def install() -> bool:
-    """Answer a non-ASCII ``:method`` or ``:path`` with 400 on its stream (idempotent).
+    """Answer a non-ASCII ``:method`` or ``:path``, or none, with 400 on its stream (idempotent).
     Returns False, patching nothing, if Hypercorn's ``H2Protocol`` changed."""
     original = getattr(H2Protocol, "_create_stream", None)
     if original is None or not hasattr(H2Protocol, "_flush"):
@@ -54,12 +61,11 @@ def install() -> bool:
         return True
 
     async def _create_stream(self: H2Protocol, request: Any) -> None:
-        name = _not_ascii(request)
-        if name is None:
+        refusal = _refusal(request)
+        if refusal is None:
             await original(self, request)
             return
-        reason = f"Bad Request: the request's {name.decode()} is not ASCII (percent-encode it)\n"
-        body = reason.encode()
+        body = f"Bad Request: {refusal}\n".encode()
         if self.connection.local_flow_control_window(request.stream_id) >= len(body):
             headers = [(b":status", b"400"), *body_headers(body)]
             self.connection.send_headers(request.stream_id, headers)

@@ -609,6 +609,31 @@ async def test_a_non_ascii_request_over_http2_gets_400_and_the_connection_goes_o
     assert "connection failed" not in caplog.text
 
 
+async def test_a_connect_tunnel_over_http2_gets_400_and_the_connection_goes_on(
+    server: Running, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A plain HTTP/2 CONNECT (RFC 9113 section 8.5: ``:method`` and ``:authority``, no
+    ``:path``; a tunnel through a proxy, which this server is not) made Hypercorn's stream
+    set-up read a ``raw_path`` it never set: ``UnboundLocalError``, "connection failed"
+    with a traceback, and every other stream of the connection died with it."""
+    assert server.url is not None
+    host, port = server.url.removeprefix("http://").rsplit(":", 1)
+    with trio.fail_after(10):
+        stream = await trio.open_tcp_stream(host, int(port))
+        async with stream:
+            client = _H2(stream, f"{host}:{port}".encode())
+            client.conn.send_headers(
+                1, [(b":method", b"CONNECT"), (b":authority", b"example.com:443")]
+            )
+            await client.flush()
+            assert await client.status(1) == b"400"
+            assert b"CONNECT" in client.bodies[1]
+            client.get(3, b"/health")
+            await client.flush()
+            assert await client.status(3) == b"200"
+    assert "connection failed" not in caplog.text
+
+
 async def test_a_non_ascii_request_over_http2_with_no_window_is_reset_alone(
     server: Running, caplog: pytest.LogCaptureFixture
 ) -> None:
