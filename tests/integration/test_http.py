@@ -26,7 +26,14 @@ from punie_trio.web._http import BODY_IDLE_TIMEOUT, BODY_TOTAL_TIMEOUT, ECHO_LIM
 from punie_trio.worker import EchoModel
 
 from ..acp_schema import SchemaChecker
-from ._support import HttpAnswer, RawHttp, acp_ws_client, settle_loopback, ws_url
+from ._support import (
+    HttpAnswer,
+    RawHttp,
+    acp_ws_client,
+    settle_loopback,
+    task_tree,
+    ws_url,
+)
 from .conftest import StartServer
 
 
@@ -607,6 +614,44 @@ async def test_a_non_ascii_request_over_http2_gets_400_and_the_connection_goes_o
             await client.flush()
             assert await client.status(3) == b"200"
     assert "connection failed" not in caplog.text
+
+
+@pytest.mark.parametrize("path", [b"/big.bin", b"/__reload__"])
+async def test_an_http2_client_that_leaves_mid_response_ends_its_connection(
+    start_server: StartServer, tmp_path: Path, path: bytes
+) -> None:
+    """An HTTP/2 client that leaves while a response is still being written to it (a
+    download it gave no flow-control window, an open live-reload stream): Hypercorn closed
+    its streams but not their send buffers, so the response's writer waited for good for
+    room that its ended send task would never make. The connection's task never ended and
+    its socket stayed in CLOSE-WAIT: a descriptor leaked per such client (a loop of them
+    takes them all), and every shutdown waited its force-exit out."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "big.bin").write_bytes(bytes(2 * 1024 * 1024))
+    async with start_server(site=site, dev_options={"no_watch": True}) as server:
+        assert server.url is not None
+        host, port = server.url.removeprefix("http://").rsplit(":", 1)
+        with trio.fail_after(10):
+            stream = await trio.open_tcp_stream(host, int(port))
+            client = _H2(stream, f"{host}:{port}".encode())
+            client.get(1, path)
+            await client.flush()
+            import h2.events
+
+            answered = False
+            while not answered:
+                data = await stream.receive_some(65536)
+                assert data
+                answered = any(
+                    isinstance(event, h2.events.ResponseReceived)
+                    for event in client.conn.receive_data(data)
+                )
+            assert any(name.endswith("_run_handler") for name in task_tree())
+            await stream.aclose()  # gone, without a window for the rest
+            # Until the connection's task has ended (it never did: fail_after fails the test).
+            while any(name.endswith("_run_handler") for name in task_tree()):
+                await trio.testing.wait_all_tasks_blocked()
 
 
 async def test_a_connect_tunnel_over_http2_gets_400_and_the_connection_goes_on(
