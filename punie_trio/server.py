@@ -47,7 +47,7 @@ from .web import App
 from .web import _accept_log as accept_log
 from .web import _deflate as deflate
 from .web import _fast_send as fast_send
-from .web import _h2_closed as h2_closed
+from .web import _h2_buffers as h2_buffers
 from .web import _h2_late_data as h2_late_data
 from .web import _h2_requests as h2_requests
 from .web import _handshake as handshake
@@ -408,7 +408,7 @@ async def _start_http(
     handshake.install()
     h2_late_data.install()
     h2_requests.install()
-    h2_closed.install()
+    h2_buffers.install()
     deflate.install(config.max_message_bytes)
     ws_refusals.install()
 

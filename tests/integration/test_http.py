@@ -654,6 +654,51 @@ async def test_an_http2_client_that_leaves_mid_response_ends_its_connection(
                 await trio.testing.wait_all_tasks_blocked()
 
 
+async def test_an_http2_client_that_reads_nothing_holds_a_bounded_buffer(
+    start_server: StartServer, tmp_path: Path
+) -> None:
+    """A stream whose client gives no flow-control window (a stalled tab, or a client doing
+    it on purpose) must hold the writer once its buffer is full. Hypercorn's buffer let the
+    writer go on every attempt of its send task to take nothing (``pop(0)`` counted as
+    draining), so the whole body was buffered: 90 such streams for a 4 MB file took the
+    server from 59 to 550 MB, where HTTP/1.1 holds about 256 KiB per stalled response."""
+    import gc
+
+    import h2.events
+    import h2.settings
+    from hypercorn.protocol.h2 import BUFFER_HIGH_WATER, StreamBuffer
+
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "page.bin").write_bytes(bytes(1024 * 1024))  # in memory: sent in 64 KiB pieces
+    async with start_server(site=site, dev_options={"no_watch": True}) as server:
+        assert server.url is not None
+        host, port = server.url.removeprefix("http://").rsplit(":", 1)
+        with trio.fail_after(10):
+            stream = await trio.open_tcp_stream(host, int(port))
+            async with stream:
+                client = _H2(stream, f"{host}:{port}".encode())
+                client.conn.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 0})
+                for stream_id in (1, 3, 5):
+                    client.get(stream_id, b"/page.bin")
+                await client.flush()
+                answered: set[int] = set()
+                while len(answered) < 3:
+                    data = await stream.receive_some(65536)
+                    assert data
+                    answered |= {
+                        event.stream_id
+                        for event in client.conn.receive_data(data)
+                        if isinstance(event, h2.events.ResponseReceived)
+                    }
+                    await client.flush()
+                await trio.testing.wait_all_tasks_blocked()
+                buffers = [o for o in gc.get_objects() if isinstance(o, StreamBuffer)]
+                assert len(buffers) == 3
+                # Each holds what the writer had pushed when it passed the high-water mark.
+                assert all(len(b.buffer) <= BUFFER_HIGH_WATER + 64 * 1024 for b in buffers)
+
+
 async def test_a_connect_tunnel_over_http2_gets_400_and_the_connection_goes_on(
     server: Running, caplog: pytest.LogCaptureFixture
 ) -> None:
