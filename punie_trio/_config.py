@@ -97,8 +97,15 @@ def _to_seconds(value: Any) -> float:
     if not number >= 0:
         raise ValueError(f"must be a number of seconds >= 0, got {number}")
     if number > MAX_SECONDS:
-        raise ValueError(f"must be at most {MAX_SECONDS} seconds (a year), got {number:g}")
+        raise ValueError(f"must be at most {MAX_SECONDS} seconds (a year), got {_shown(number)}")
     return number
+
+
+def _shown(number: float) -> str:
+    """``number`` short (``1e+10``, ``inf``) where that is exact, else in full: six digits
+    showed 31536001 as ``3.1536e+07``, the limit itself, it seemed."""
+    short = f"{number:g}"
+    return short if float(short) == number else f"{number:.17g}"
 
 
 def _to_str(value: Any) -> str:

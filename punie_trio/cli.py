@@ -656,7 +656,8 @@ def _run_serve(args: argparse.Namespace) -> int:
             return _bad_value(
                 sources, "project", f"{_named(sources, 'project')} {project}: {problem}"
             )
-        projects.append(project)
+        if project not in projects:  # (P and P/, or P through a link: one root, said once)
+            projects.append(project)
     site = site_path(o["site"]) if o["site"] else None
     if site is not None and not site.is_dir():
         return _bad_value(sources, "site", f"{_named(sources, 'site')} {site}: not a directory")

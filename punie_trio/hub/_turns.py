@@ -483,7 +483,10 @@ def _title_for(session: Session, params: PromptParams) -> str | None:
     cut to :data:`TITLE_CHARS` (None: it has one, or the prompt has no text)."""
     if session.title is not None:
         return None
-    first_line = params.text().strip().split("\n", 1)[0]
+    # Any line break ends it (splitlines): split at "\n" only, a CRLF prompt named the
+    # session "Fix the bug\r". Spaces at its end are no part of a title either.
+    lines = params.text().strip().splitlines()
+    first_line = lines[0].rstrip() if lines else ""
     return without_surrogates(first_line[:TITLE_CHARS]) or None
 
 

@@ -7,6 +7,7 @@ import json
 import os
 import queue
 import signal
+import sqlite3
 import stat
 import subprocess
 import sys
@@ -162,6 +163,25 @@ def test_serve_project_must_be_a_directory(env: dict[str, str], tmp_path: Path) 
     assert "not a directory" in done.stderr
 
 
+def test_a_project_named_twice_is_one_root(env: dict[str, str], tmp_path: Path) -> None:
+    """``--project P --project P/`` (or P through a link) gave the server P twice, and a
+    refusal listed it as often: "outside the project roots (P, P, P)"."""
+    project = (tmp_path / "project").resolve()
+    (project / "sub").mkdir(parents=True)
+    (tmp_path / "link").symlink_to(project)
+    given = [str(project), f"{project}/", str(tmp_path / "link"), str(project / "sub")]
+    agent = StdioAgent([arg for path in given for arg in ("--project", path)], env)
+    try:
+        assert agent.request("initialize", {"protocolVersion": 1})["result"]
+        refused = agent.request("session/new", {"cwd": "/", "mcpServers": []})
+        assert refused["error"]["message"] == (
+            f"Invalid params: cwd '/' is outside the project roots ({project}, {project}/sub)"
+        )
+        assert agent.close_stdin_and_wait() == 0
+    finally:
+        agent.kill()
+
+
 @pytest.mark.parametrize("case", ["symlink-loop", "too-long", "nul-in-config", "not-utf8"])
 def test_serve_project_that_cannot_be_served_is_a_clear_error(
     env: dict[str, str], tmp_path: Path, case: str
@@ -248,6 +268,35 @@ def test_serve_a_directory_where_a_data_file_goes_is_a_message(
     assert message in done.stderr and str(data / in_the_way) in done.stderr
     assert "Traceback" not in done.stderr
     assert not [p for p in data.iterdir() if p.name.endswith(".tmp")]
+
+
+@pytest.mark.parametrize(
+    ("content", "reason"),
+    [
+        (b"not a database, just text\n" * 200, "file is not a database"),
+        (None, "not a punie-trio session store (it holds other)"),
+    ],
+)
+def test_serve_names_a_store_it_cannot_open_once(
+    env: dict[str, str], tmp_path: Path, content: bytes | None, reason: str
+) -> None:
+    """The message said it twice: "cannot open the session store: PATH: cannot open session
+    store: file is not a database" (serve's words, then the store's, which name the path
+    and the store already)."""
+    data = Path(env["PUNIE_DATA_DIR"])
+    data.mkdir(parents=True)
+    store = data / "sessions.sqlite3"
+    if content is None:
+        with sqlite3.connect(store) as conn:
+            conn.execute("CREATE TABLE other (a)")
+        conn.close()
+    else:
+        store.write_bytes(content)
+    done = punie("serve", "--stdio", "--no-http", "--project", str(tmp_path), env=env)
+    assert done.returncode == 1
+    assert done.stderr.startswith(f"punie-trio: error: {store}: ")
+    assert reason in done.stderr
+    assert done.stderr.count("session store") == 1
 
 
 def test_serve_a_fifo_where_the_log_file_goes_is_a_message_not_a_hang(

@@ -255,6 +255,19 @@ def test_unknown_key_is_named() -> None:
             "$PUNIE_CLIENT_CALL_TIMEOUT: client-call-timeout must be at most 31536000 seconds "
             "(a year), got inf",
         ),
+        # Shown in 6 digits, 31536001 read "got 3.1536e+07": the limit itself, it seemed.
+        (
+            {},
+            {"PUNIE_GRACE_SECONDS": "31536001"},
+            "$PUNIE_GRACE_SECONDS: grace-seconds must be at most 31536000 seconds (a year), "
+            "got 31536001",
+        ),
+        (
+            {"shutdown_timeout": 31536000.5},
+            {},
+            "config.toml: shutdown-timeout must be at most 31536000 seconds (a year), "
+            "got 31536000.5",
+        ),
         (
             {"debounce": "-inf"},
             {},
