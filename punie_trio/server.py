@@ -48,7 +48,9 @@ from .web import App
 from .web import _accept_log as accept_log
 from .web import _deflate as deflate
 from .web import _fast_send as fast_send
+from .web import _h2_buffers as h2_buffers
 from .web import _h2_late_data as h2_late_data
+from .web import _h2_requests as h2_requests
 from .web import _handshake as handshake
 from .web import _ws_refusals as ws_refusals
 from .worker import CONFIG_FILE, DATA_DIRECTORY, Model
@@ -409,6 +411,8 @@ async def _start_http(
     accept_log.install()
     handshake.install()
     h2_late_data.install()
+    h2_requests.install()
+    h2_buffers.install()
     deflate.install(config.max_message_bytes)
     ws_refusals.install()
 

@@ -5,14 +5,16 @@ Error handling: every refusal the app makes carries a status and a reason in the
 nothing a client sends can take the app down for the others. Some requests never reach the
 app: Hypercorn refuses them itself, with an empty body and ``Connection: close``: 400 for
 what h11 cannot parse (two ``Host`` or ``Content-Length`` headers, a chunk size that is not
-a number), 431 for a request head still incomplete after 16 KiB (a larger head that
-arrives whole is served up to 64 KiB), and a bare 400 for a malformed WebSocket
+a number), 431 for a request head over 16 KiB (even one that arrives whole: the socket
+reader, ``_fast_send``, hands Hypercorn 4 KiB at a time, so it is incomplete past 16 KiB),
+and a bare 400 for a malformed WebSocket
 handshake (a missing ``Sec-WebSocket-Key``; a wrong version gets its 426 with a reason,
 ``_handshake``). Those are left as Hypercorn sends them.
 """
 
 from __future__ import annotations
 
+import base64
 import logging
 import time
 import uuid
@@ -44,6 +46,7 @@ from ._http import (
     body_headers,
     closing_headers,
     header,
+    origin_form,
     over_http1,
     printable,
     read_body,
@@ -84,6 +87,8 @@ class App:
 
     async def __call__(self, scope: dict[str, Any], receive: ASGIReceive, send: ASGISend) -> None:
         kind = scope["type"]
+        if kind in ("http", "websocket"):
+            scope = origin_form(scope)
         if kind == "lifespan":
             await _lifespan(receive, send)
         elif not host_allowed(scope, self.allow_hosts):
@@ -230,6 +235,9 @@ class App:
 
     def _refuse_websocket(self, scope: dict[str, Any]) -> tuple[int, str] | None:
         """Why this upgrade must be refused (status, reason), or None to accept it."""
+        bad_key = _bad_key(scope)
+        if bad_key is not None:
+            return 400, f"Bad Request: {bad_key}"
         bad_offer = _bad_extension_offer(scope)
         if bad_offer is not None:
             return 400, f"Bad Request: invalid Sec-WebSocket-Extensions offer {bad_offer!r}"
@@ -277,6 +285,33 @@ def _release_buffers(send: ASGISend) -> None:
         if isinstance(extension, PerMessageDeflate):
             extension._compressor = None
             extension._decompressor = None
+
+
+def _bad_key(scope: dict[str, Any]) -> str | None:
+    """What is wrong with an HTTP/1.1 handshake's ``Sec-WebSocket-Key``, or None.
+
+    RFC 6455 section 4.2.1: there is one, and it is "a base64-encoded value that, when
+    decoded, is 16 bytes in length"; a server that finds otherwise "MUST stop processing
+    the client's handshake" and answer 400. Hypercorn checked only that there was one, and
+    switched protocols for ``abc``, for an empty key, and for two keys (answering the
+    last). (A missing key never gets here: Hypercorn answers it with its bare 400. An
+    HTTP/2 handshake, RFC 8441, has no key.)
+    """
+    if not over_http1(scope):
+        return None
+    keys = [
+        value for name, value in scope.get("headers", ()) if name.lower() == b"sec-websocket-key"
+    ]
+    if len(keys) != 1:
+        return f"one Sec-WebSocket-Key is required, not {len(keys)}"
+    try:
+        decoded = base64.b64decode(keys[0].strip(), validate=True)
+    except ValueError:
+        decoded = b""
+    if len(decoded) != 16:
+        shown = printable(bytes(keys[0]).decode("latin-1"), 40)
+        return f"Sec-WebSocket-Key {shown!r} is not 16 bytes in base64 (RFC 6455 section 4.1)"
+    return None
 
 
 def _bad_extension_offer(scope: dict[str, Any]) -> str | None:

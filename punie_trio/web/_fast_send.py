@@ -342,6 +342,14 @@ class FastSendTCPServer(TCPServer):
                     return "closed"
         return "sent"
 
+    async def abort(self) -> None:
+        """End the connection now, as a failed write does (``write_failed``, the socket
+        closed, ``Closed`` told to the protocol from a task of its own): for a response the
+        app cannot complete (a file that shrank while it was sent), so that the client sees
+        the body cut short rather than a complete-looking one, and a request pipelined
+        behind it is refused (the app's ``departed`` check reads ``write_failed``)."""
+        await self._write_lost()
+
     async def drop(self) -> None:
         """Close the connection now: the socket closes (a write waiting for room ends), and
         the read loop, woken by it, tells the protocol ``Closed`` as for any peer that

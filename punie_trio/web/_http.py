@@ -11,6 +11,8 @@ sent held its connection, and a file descriptor, for good.
 from __future__ import annotations
 
 import json
+import re
+import urllib.parse
 from typing import Any
 
 import trio
@@ -42,6 +44,34 @@ def printable(text: str, limit: int = ECHO_LIMIT) -> str:
             return "".join(pieces) + "\u2026"
         pieces.append(piece)
     return "".join(pieces)
+
+
+#: A request target in absolute-form: an http(s) URI (RFC 9112 section 3.2.2).
+_ABSOLUTE_FORM = re.compile(rb"(?i)https?://([^/?#]*)(.*)", re.S)
+
+
+def origin_form(scope: dict[str, Any]) -> dict[str, Any]:
+    """``scope`` with a request target in absolute-form (``GET http://host:port/health``)
+    turned into its path, and the target's host as ``Host``; any other scope as it is.
+
+    RFC 9112 section 3.2.2: "A server MUST accept the absolute-form in requests" (what a
+    client sends to a proxy), and an origin server then ignores the ``Host`` header and
+    uses the target's host, which the Host check therefore sees. Hypercorn hands the whole
+    target on as the path, so every route answered 404 (``Not Found: http://...``).
+    """
+    raw = scope.get("raw_path") or b""
+    if raw[:1] == b"/" or (found := _ABSOLUTE_FORM.fullmatch(raw)) is None:
+        return scope
+    authority, path = found.groups()
+    path = path or b"/"  # (an empty path is "/", RFC 9110 section 4.2.3)
+    headers = [(k, v) for k, v in scope.get("headers", ()) if k.lower() != b"host"]
+    headers.append((b"host", authority.rpartition(b"@")[2]))
+    return {
+        **scope,
+        "raw_path": path,
+        "path": urllib.parse.unquote(path.decode("latin-1")),
+        "headers": headers,
+    }
 
 
 TEXT = b"text/plain; charset=utf-8"

@@ -6,9 +6,11 @@ No test sleeps for a guessed time: each waits for the SSE event that proves the 
 
 from __future__ import annotations
 
+import errno
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -42,6 +44,30 @@ async def test_no_build_command_site_change_reloads(tmp_path: Path) -> None:
                 assert event["generation"] == 3 and event["paths"] == ["index.html"]
             page = await client.get("/")
             assert b"v3" in page.content and b'"generation":3' in page.content
+
+
+async def test_a_symlink_loop_in_the_site_does_not_stop_the_server(tmp_path: Path) -> None:
+    """``ln -s loop2 loop1; ln -s loop1 loop2`` in the output: the snapshot after that change
+    raised ELOOP, and the dev app's loop took the whole server down (also at start, when the
+    loop was there already). Now the links are not part of the output, and the next change
+    is reloaded as ever."""
+    site = tmp_path / "proj" / "public"
+    write(site / "index.html", "<html><body>v1</body></html>")
+    (site / "loop1").symlink_to("loop2")
+    (site / "loop2").symlink_to("loop1")
+    dev = DevApp(site_dir=site, project_root=tmp_path / "proj", closing=trio.Event(), debounce=0.02)
+    with trio.fail_after(DEADLINE):
+        async with running(dev) as url, httpx.AsyncClient(base_url=url) as client:
+            async with sse(client, "/__reload__") as stream:
+                await stream.wait_open()
+                (site / "loop3").symlink_to("loop4")
+                (site / "loop4").symlink_to("loop3")
+                (site / "self").symlink_to(".")
+                write(site / "index.html", "<html><body>v2</body></html>")
+                event = (await stream.next_named("reload")).json()
+                assert event["paths"] == ["index.html"]
+            assert b"v2" in (await client.get("/")).content
+            assert (await client.get("/loop1")).status_code == 404
 
 
 async def test_build_reload_css_and_error(tmp_path: Path) -> None:
@@ -90,6 +116,43 @@ async def test_build_reload_css_and_error(tmp_path: Path) -> None:
                 # and there is no reload.
                 assert (await stream.next_named("build_ok")).json()["generation"] == 3
             assert b'"error":null' in (await client.get("/")).content
+
+
+async def test_a_build_that_cannot_be_started_is_a_failed_build(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Out of file descriptors (a flood of connections: the accept loop is documented to
+    survive it), the build's pipe could not be made: ``OSError: [Errno 24] Too many open
+    files`` left the build loop and took the whole server down, ACP sessions and all. It
+    is a failed build now, shown in the overlay, and the next change builds again."""
+    project = BuildProject.create(tmp_path)
+    dev = project.dev_app(debounce=0.02)
+    real = trio.lowlevel.open_process
+    refuse = True
+
+    async def out_of_descriptors(*args: Any, **kwargs: Any) -> trio.Process:
+        if refuse:
+            raise OSError(errno.EMFILE, "Too many open files")
+        return await real(*args, **kwargs)
+
+    with trio.fail_after(DEADLINE):
+        async with (
+            running(dev) as url,
+            httpx.AsyncClient(base_url=url) as client,
+            sse(client, "/__reload__") as stream,
+        ):
+            await stream.wait_open()
+            monkeypatch.setattr(trio.lowlevel, "open_process", out_of_descriptors)
+            write(project.root / "src" / "index.html", "<html><body><h1>v2</h1></body></html>")
+            error = (await stream.next_named("build_error")).json()
+            assert error["exit_status"] == 126
+            assert "could not be started" in error["output"]
+            assert "Too many open files" in error["output"]
+            assert b"v1" in (await client.get("/")).content  # the last good output
+            refuse = False
+            write(project.root / "src" / "index.html", "<html><body><h1>v3</h1></body></html>")
+            await stream.next_named("build_ok")
+            assert b"v3" in (await client.get("/")).content
 
 
 async def test_changes_during_a_build_make_one_follow_up(tmp_path: Path) -> None:

@@ -191,3 +191,62 @@ async def test_a_large_file_rewritten_with_its_size_and_mtime_is_compressed_agai
 class StaticSiteFixture:
     def __init__(self, tmp_path: Path) -> None:
         self.static = _static.StaticSite(_site(tmp_path))
+
+
+class _RaiseRecorder(Recorder):
+    """A :class:`Recorder` that also keeps what the app raised (Hypercorn would log it as
+    "Error in ASGI Framework" with its traceback; the tests' Hypercorn has no error log)."""
+
+    def __init__(self, app: DevApp) -> None:
+        super().__init__(app)
+        self.raised: list[BaseException] = []
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        except Exception as exc:
+            self.raised.append(exc)
+            raise
+
+
+async def test_a_large_file_that_shrinks_while_sent_ends_its_connection_quietly(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A build that rewrites a large asset (truncating it first) while a browser downloads
+    it: the body cannot reach its declared length. The app raised h11's "Too little data
+    for declared Content-Length" (an ERROR with a traceback in the terminal), and with a
+    request pipelined behind it the connection's task waited for good. Now the connection
+    is closed (the client sees a short body, which it cannot take for the file), the
+    request behind it is refused, one line says why, and the connection's task ends."""
+    dev = DevApp(
+        site_dir=_site(tmp_path),
+        project_root=tmp_path,
+        closing=trio.Event(),
+        no_watch=True,
+    )
+    recorder = _RaiseRecorder(dev)
+    big = tmp_path / "site" / "big.bin"
+    size = big.stat().st_size
+    async with serve_app(recorder, dev.closing) as url:
+        host, port = url.removeprefix("http://").rsplit(":", 1)
+        sock = trio.socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        await sock.connect((host, int(port)))
+        request = f"GET /big.bin HTTP/1.1\r\nHost: {host}\r\n\r\n"
+        await sock.send(request.encode() * 2)
+        while len(recorder.statuses) <= recorder.ended:
+            await trio.testing.wait_all_tasks_blocked()
+        os.truncate(big, 1000)  # as open(..., "w") does before the new content comes
+        received = b""
+        while data := await sock.recv(65536):
+            received += data
+        sock.close()
+        while _connection_tasks():
+            await trio.testing.wait_all_tasks_blocked()
+    assert recorder.raised == []
+    assert recorder.statuses == [200, 503]
+    assert recorder.ended == 2
+    head, _, body = received.partition(b"\r\n\r\n")
+    assert f"content-length: {size}".encode() in head
+    assert len(body) < size  # cut short: no padding passed off as the file
+    assert "big.bin changed while it was being sent" in caplog.text

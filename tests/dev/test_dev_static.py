@@ -6,13 +6,14 @@ import gzip
 import logging
 import xml.etree.ElementTree
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 import trio
 from devsupport import raw_get, running, sse, write
 
-from punie_trio.web.dev import DevApp, _inject
+from punie_trio.web.dev import DevApp, _inject, _static
 
 CSS = "body { color: red; }\n" * 100
 
@@ -60,8 +61,13 @@ async def test_index_redirect_head_and_types(site: Path) -> None:
         assert h.headers["etag"] == r.headers["etag"]
         r = await client.post("/")
         assert r.status_code == 405 and r.headers["allow"] == "GET, HEAD"
+        # The reason names the methods, as the server's own routes' 405 does (it said
+        # only "method not allowed").
+        assert r.text == "Method Not Allowed: use GET, HEAD\n"
+        assert r.headers["x-content-type-options"] == "nosniff"
         r = await client.post("/__reload__")
         assert r.status_code == 405 and r.headers["allow"] == "GET"
+        assert r.text == "Method Not Allowed: use GET\n"
 
 
 async def _location(base_url: str, target: str) -> str:
@@ -131,6 +137,42 @@ async def test_ranges(site: Path) -> None:
         )
         assert css.status_code == 206 and css.content == CSS[:4].encode()
         assert "content-encoding" not in css.headers
+
+
+@pytest.mark.parametrize(
+    ("name", "headers"),
+    [
+        ("big.bin", {}),  # streamed from the file
+        ("big.bin", {"range": "bytes=10-19"}),  # a range read
+        ("big.txt", {"accept-encoding": "gzip"}),  # compressed from the file
+        ("big.html", {}),  # a page read to inject the script
+    ],
+)
+async def test_a_large_file_deleted_right_after_its_lookup_is_404(
+    site: Path, monkeypatch: pytest.MonkeyPatch, name: str, headers: dict[str, str]
+) -> None:
+    """A build that empties its output first (Vite's ``emptyOutDir``, Hugo's
+    ``--cleanDestinationDir``) can delete a file between the lookup that found it and the
+    read of a file too large for the lookup to have read: the open raised out of the app,
+    a 500 and "Error in ASGI Framework" with a traceback. It is missing now: a 404."""
+    big = "x" * (2 * 1024 * 1024)
+    write(site / "big.bin", big)
+    write(site / "big.txt", big)
+    write(site / "big.html", f"<html><body>{big}</body></html>")
+    real = _static.lookup
+
+    def then_deleted(*args: Any, **kwargs: Any) -> _static.Lookup:
+        found = real(*args, **kwargs)
+        if found.kind == "file" and found.path.endswith(name):
+            Path(found.path).unlink()
+        return found
+
+    monkeypatch.setattr(_static, "lookup", then_deleted)
+    dev = make_app(site, no_watch=True)
+    async with running(dev) as url, httpx.AsyncClient(base_url=url) as client:
+        r = await client.get(f"/{name}", headers=headers)
+        assert r.status_code == 404
+        assert (await client.get("/style.css")).status_code == 200
 
 
 async def test_gzip_but_never_for_event_stream(site: Path) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import html.parser
 import json
+import mimetypes
 import os
 import xml.etree.ElementTree
 from pathlib import Path
@@ -97,6 +98,24 @@ def test_accepts_gzip(value: str | None, expected: bool) -> None:
     assert _http.accepts_gzip(value) is expected
 
 
+@pytest.mark.parametrize(
+    ("path", "query", "expected"),
+    [
+        ("/docs", b"", b"/docs/"),
+        ("//docs", b"", b"/docs/"),  # a path on this server, never the host "docs"
+        ("/a b/c", b"", b"/a%20b/c/"),
+        ("/docs", b"x=1&y=a/b?c", b"/docs/?x=1&y=a/b?c"),
+        ("/docs", b"q=%C3%A9", b"/docs/?q=%C3%A9"),
+        # Raw bytes (HTTP/2 lets a client send them): escaped, not decoded as Latin-1 and
+        # encoded as UTF-8 (the Location said ?q=\xc3\x83\xc2\xa9 for ?q=\xc3\xa9).
+        ("/docs", "q=\u00e9".encode(), b"/docs/?q=%C3%A9"),
+        ("/docs", b"a b\xff", b"/docs/?a%20b%FF"),
+    ],
+)
+def test_directory_redirect_location(path: str, query: bytes, expected: bytes) -> None:
+    assert _http.directory_location(path, query) == expected
+
+
 def test_content_types() -> None:
     assert _http.content_type("a/index.HTML") == "text/html; charset=utf-8"
     assert _http.content_type("s.css") == "text/css; charset=utf-8"
@@ -107,6 +126,39 @@ def test_content_types() -> None:
     assert _http.is_compressible("image/svg+xml")
     assert not _http.is_compressible("text/event-stream")
     assert not _http.is_compressible("image/png")
+
+
+#: Lines of Debian's /etc/mime.types (media-types) that disagree with what a site means.
+_DEBIAN_MIME_TYPES = "text/vnd.trolltech.linguist\tts\nmodel/vnd.mts\tmts\n"
+
+
+@pytest.mark.parametrize("system", ["none", "debian"])
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("page.xhtml", "application/xhtml+xml; charset=utf-8"),
+        ("segment0.ts", "video/mp2t"),
+        ("font.otf", "font/otf"),
+        ("font.ttf", "font/ttf"),
+        ("clip.ogv", "video/ogg"),
+        ("sound.ogg", "audio/ogg"),
+        ("sound.oga", "audio/ogg"),
+    ],
+)
+def test_content_types_do_not_depend_on_the_machine(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, system: str, name: str, expected: str
+) -> None:
+    """``mimetypes`` reads the machine's own tables (/etc/mime.types, the Windows
+    registry) over its built-in one: without them (a slim container) an XHTML page, which
+    the docs say gets the script, was application/octet-stream (a download, no script),
+    and with Debian's a video segment (HLS ``.ts``) was Qt Linguist text, in utf-8, gzipped."""
+    files: list[str] = []
+    if system == "debian":
+        table = tmp_path / "mime.types"
+        table.write_text(_DEBIAN_MIME_TYPES)
+        files.append(str(table))
+    monkeypatch.setattr(mimetypes, "_db", mimetypes.MimeTypes(filenames=files))
+    assert _http.content_type(name, b"<html/>") == expected
 
 
 @pytest.mark.parametrize(
@@ -143,6 +195,29 @@ def test_charset_is_the_documents_own() -> None:
     assert _http.content_type("p.xhtml", b"<html/>") == "application/xhtml+xml; charset=utf-8"
     assert _http.charset("text/html; charset=koi8-r") == "koi8-r"
     assert _http.charset("image/png") is None
+
+
+@pytest.mark.parametrize(
+    ("head", "expected"),
+    [
+        (b'@charset "ISO-8859-1";\nh1::after { content: "\xa9"; }', "iso-8859-1"),
+        (b'@charset "windows-1251";', "windows-1251"),
+        (b'@charset "utf-16";', "utf-8"),  # ASCII bytes that say UTF-16 are not
+        (b"@charset 'latin1';", "utf-8"),  # not the rule: it is exactly @charset "...";
+        (b' @charset "latin1";', "utf-8"),  # only at the very start
+        (b'@charset "a;b";', "utf-8"),  # not a label
+        (b'\xef\xbb\xbf@charset "latin1";', "utf-8"),  # the BOM wins
+        (b"h1 { color: red; }", "utf-8"),
+    ],
+)
+def test_a_stylesheet_is_sent_in_the_charset_its_charset_rule_names(
+    head: bytes, expected: str
+) -> None:
+    """CSS Syntax 3.2: a stylesheet's ``@charset "label";`` names its encoding, but the
+    header's charset comes first; every stylesheet went out as utf-8, so a Latin-1 one
+    that said so showed U+FFFD for its \u00a9 (as pages once did: their ``<meta charset>``
+    is honoured)."""
+    assert _http.content_type("a.css", head) == f"text/css; charset={expected}"
 
 
 def test_inject_into_utf16_page() -> None:
@@ -356,6 +431,23 @@ def test_inject_before_last_body_case_insensitive() -> None:
     assert out.count(b"</body>") == 1  # the one in the inline script, untouched
 
 
+@pytest.mark.parametrize(
+    "page",
+    [
+        b"<html><body><p>x</p></body></html>\n<!-- old footer: <p>f</p></body> -->\n",
+        b"<html><body><p>x</p></body></html><!--</body>-->",
+    ],
+)
+def test_inject_is_not_put_in_a_trailing_comment(page: bytes) -> None:
+    """The last ``</body>`` was inside a comment after the real one (a commented-out old
+    footer): the tag went into the comment and the page never connected (seen in
+    Chromium). Such a page gets the tag at its end, after the comment, where a browser
+    still runs it (in the body, as for a page without ``</body>``)."""
+    out = _inject.inject(page, {"generation": 0})
+    tag = _inject.script_tag({"generation": 0})
+    assert out == page + tag
+
+
 def test_inject_appends_without_body() -> None:
     out = _inject.inject(b"<p>fragment</p>", {"generation": 0})
     assert out.startswith(b'<p>fragment</p><script src="/__reload__.js"')
@@ -449,6 +541,38 @@ def test_small_snapshot_equals_the_full_one_within_its_budget(tmp_path: Path) ->
     (tmp_path / "index.html").write_text("changed")
     assert _snapshot.small_snapshot(tmp_path, first) == _snapshot.take_snapshot(tmp_path, first)
     assert _snapshot.small_snapshot(tmp_path / "missing") == {}
+
+
+def test_snapshots_skip_links_that_loop_or_lead_out_of_the_site(tmp_path: Path) -> None:
+    """A symlink loop in the site (``loop1 -> loop2 -> loop1``) raised ELOOP out of the
+    walk, and the dev app's loop took the whole server down with it (at start, or at the
+    next change: ACP sessions and all). A link to a directory above (``self -> .``,
+    ``up -> ..``) was walked again and again until the path was too long. What a snapshot
+    holds is what the site serves: a link that leads out of it is not served, so it is
+    not walked or read either; one that stays inside is (as the static server serves it)."""
+    site = tmp_path / "site"
+    outside = tmp_path / "outside"
+    (site / "sub").mkdir(parents=True)
+    outside.mkdir()
+    (site / "index.html").write_text("a")
+    (site / "sub" / "s.css").write_text("b")
+    (outside / "secret.txt").write_text("s")
+    (site / "loop1").symlink_to("loop2")
+    (site / "loop2").symlink_to("loop1")
+    (site / "self").symlink_to(".")
+    (site / "sub" / "up").symlink_to("..")
+    (site / "parent").symlink_to("..")
+    (site / "out").symlink_to(outside)
+    (site / "secret.txt").symlink_to(outside / "secret.txt")
+    (site / "alias.css").symlink_to("sub/s.css")
+    (site / "again").symlink_to("sub")
+    os.mkfifo(site / "pipe")
+    expected = {"index.html", "sub/s.css", "alias.css", "again/s.css"}
+    assert set(_snapshot.take_snapshot(site)) == expected
+    assert set(_snapshot.small_snapshot(site) or {}) == expected
+    # The site named by a link (`./result`) is walked where it leads.
+    (tmp_path / "result").symlink_to(site)
+    assert set(_snapshot.take_snapshot(tmp_path / "result")) == expected
 
 
 def test_small_snapshot_gives_up_past_its_budget(tmp_path: Path) -> None:

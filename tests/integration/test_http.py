@@ -26,7 +26,14 @@ from punie_trio.web._http import BODY_IDLE_TIMEOUT, BODY_TOTAL_TIMEOUT, ECHO_LIM
 from punie_trio.worker import EchoModel
 
 from ..acp_schema import SchemaChecker
-from ._support import RawHttp, acp_ws_client, settle_loopback, ws_url
+from ._support import (
+    HttpAnswer,
+    RawHttp,
+    acp_ws_client,
+    settle_loopback,
+    task_tree,
+    ws_url,
+)
 from .conftest import StartServer
 
 
@@ -296,6 +303,51 @@ async def test_unknown_path_and_plain_http_on_acp(server: Running) -> None:
         assert b"/acp" in (info.value.body or b"")
 
 
+async def test_a_request_in_absolute_form_is_served_by_its_path(
+    start_server: StartServer,
+) -> None:
+    """RFC 9112 section 3.2.2: "A server MUST accept the absolute-form in requests" (what
+    a client talking to a proxy sends, ``GET http://host:port/health``), and an origin
+    server then uses the target's host, not the ``Host`` header. Hypercorn hands the whole
+    target on as the path: every route was a 404 (``Not Found: http://...``), and an
+    upgrade to ``http://host/acp`` was told ACP is at /acp."""
+    async with start_server(token="T") as server:  # /acp refuses a client without it
+        assert server.url is not None
+        host, port = server.url.removeprefix("http://").rsplit(":", 1)
+
+        async def answer(target: str, host_header: str, *extra: str) -> HttpAnswer:
+            client = await RawHttp.connect(server.url)
+            lines = [
+                f"GET {target} HTTP/1.1",
+                f"Host: {host_header}",
+                *(extra or ["Connection: close"]),
+            ]
+            await client.send(("\r\n".join(lines) + "\r\n\r\n").encode())
+            try:
+                return await client.answer()
+            finally:
+                await client.aclose()
+
+        with trio.fail_after(10):
+            health = await answer(f"http://{host}:{port}/health", f"{host}:{port}")
+            assert health.status == 200 and b'"status":"ok"' in health.body
+            assert (await answer(f"HTTP://{host}:{port}/health?x=1", "x")).status == 200
+            bare = await answer(f"http://{host}:{port}", f"{host}:{port}")  # no path: "/"
+            assert bare.status == 404 and bare.body == b"Not Found: /\n"
+            # The target's host is the one checked (a rebinding name there is refused).
+            refused = await answer("http://evil.example/health", f"{host}:{port}")
+            assert refused.status == 403 and b"evil.example" in refused.body
+            upgrade = await answer(
+                f"http://{host}:{port}/acp",
+                f"{host}:{port}",
+                "Upgrade: websocket",
+                "Connection: Upgrade",
+                "Sec-WebSocket-Version: 13",
+                "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
+            )
+            assert upgrade.status == 401, upgrade  # /acp itself: the token is what is missing
+
+
 async def test_a_refusal_keeps_the_connection_when_the_body_has_arrived(
     server: Running,
 ) -> None:
@@ -356,6 +408,11 @@ async def test_a_404_escapes_and_cuts_the_path_it_echoes(server: Running) -> Non
         (b"POST /echo HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\n"
          b"zz\r\n", 400),
         (b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: " + b"a" * 70_000, 431),
+        # Whole, in one write, but over 16 KiB: the server's reader hands Hypercorn 4 KiB
+        # at a time, so it is never seen whole (the docs said such a head was served up to
+        # 64 KiB, as Hypercorn's own reader would).
+        (b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: " + b"a" * 32_000
+         + b"\r\n\r\n", 431),
     ],
 )  # fmt: skip
 async def test_hypercorn_refuses_what_it_cannot_parse_with_an_empty_body(
@@ -435,6 +492,8 @@ class _H2:
         self.authority = authority
         self.conn = h2.connection.H2Connection(h2.config.H2Configuration(header_encoding=None))
         self.conn.initiate_connection()
+        #: The body of each stream, as far as read.
+        self.bodies: dict[int, bytes] = {}
 
     def websocket(self, stream_id: int, version: bytes) -> None:
         self.conn.send_headers(
@@ -468,6 +527,10 @@ class _H2:
             data = await self.stream.receive_some(65536)
             assert data, "the server closed the connection"
             for event in self.conn.receive_data(data):
+                if isinstance(event, h2.events.DataReceived):
+                    self.bodies[event.stream_id] = (
+                        self.bodies.get(event.stream_id, b"") + event.data
+                    )
                 if isinstance(event, h2.events.ResponseReceived):
                     if event.stream_id == stream_id:
                         status = dict(event.headers)[b":status"]
@@ -476,6 +539,233 @@ class _H2:
                     await self.flush()
                     return status
             await self.flush()
+
+
+@pytest.mark.parametrize(
+    "keys",
+    [
+        ["abc"],  # not 16 bytes
+        [""],
+        ["!!!!!!!!!!!!!!!!!!!!!!=="],  # not base64
+        ["dGhlIHNhbXBsZSBub25jZQ"],  # unpadded
+        ["dGhlIHNhbXBsZSBub25jZQ==", "AAAAAAAAAAAAAAAAAAAAAA=="],  # two
+    ],
+)
+async def test_a_malformed_websocket_key_gets_400_naming_it(
+    server: Running, keys: list[str]
+) -> None:
+    """RFC 6455 section 4.2.1: the handshake has one ``Sec-WebSocket-Key`` that "when
+    decoded, is 16 bytes in length", and a server that finds otherwise "MUST stop
+    processing the client's handshake and return an HTTP response with an appropriate
+    error code (such as 400 Bad Request)". Hypercorn switched protocols (101) for any key,
+    and for two keys answered the last."""
+    assert server.url is not None
+    host, port = server.url.removeprefix("http://").rsplit(":", 1)
+    client = await RawHttp.connect(server.url)
+    lines = [
+        "GET /acp HTTP/1.1",
+        f"Host: {host}:{port}",
+        "Upgrade: websocket",
+        "Connection: Upgrade",
+        "Sec-WebSocket-Version: 13",
+        *[f"Sec-WebSocket-Key: {key}" for key in keys],
+    ]
+    with trio.fail_after(10):
+        await client.send(("\r\n".join(lines) + "\r\n\r\n").encode())
+        answer = await client.answer()
+        assert answer.status == 400, answer
+        assert b"Sec-WebSocket-Key" in answer.body
+        assert answer.headers["connection"] == "close"
+        await client.wait_closed()
+    await client.aclose()
+    assert not server.manager.connections
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [(b"GET", b"/\xc3\xbcber.html"), (b"GET", b"/x\xff?q=1"), (b"G\xc3\x89T", b"/health")],
+)
+async def test_a_non_ascii_request_over_http2_gets_400_and_the_connection_goes_on(
+    server: Running, caplog: pytest.LogCaptureFixture, method: bytes, path: bytes
+) -> None:
+    """HTTP/2 carries ``:path`` and ``:method`` as bytes, and a raw non-ASCII one (a
+    clumsy client's ``/\u00fcber.html`` unescaped) made Hypercorn's ``decode("ascii")``
+    raise: "connection failed" with a traceback, and every other stream of the connection
+    died with it. Over HTTP/1.1 h11 answers such a request 400; over HTTP/2 the request's
+    own stream gets 400 with the reason now, and the connection goes on."""
+    assert server.url is not None
+    host, port = server.url.removeprefix("http://").rsplit(":", 1)
+    with trio.fail_after(10):
+        stream = await trio.open_tcp_stream(host, int(port))
+        async with stream:
+            client = _H2(stream, f"{host}:{port}".encode())
+            client.conn.send_headers(
+                1,
+                [
+                    (b":method", method), (b":scheme", b"http"), (b":path", path),
+                    (b":authority", client.authority),
+                ],
+                end_stream=True,
+            )  # fmt: skip
+            await client.flush()
+            assert await client.status(1) == b"400"
+            assert b"not ASCII" in client.bodies[1]
+            client.get(3, b"/health")
+            await client.flush()
+            assert await client.status(3) == b"200"
+    assert "connection failed" not in caplog.text
+
+
+@pytest.mark.parametrize("path", [b"/big.bin", b"/__reload__"])
+async def test_an_http2_client_that_leaves_mid_response_ends_its_connection(
+    start_server: StartServer, tmp_path: Path, path: bytes
+) -> None:
+    """An HTTP/2 client that leaves while a response is still being written to it (a
+    download it gave no flow-control window, an open live-reload stream): Hypercorn closed
+    its streams but not their send buffers, so the response's writer waited for good for
+    room that its ended send task would never make. The connection's task never ended and
+    its socket stayed in CLOSE-WAIT: a descriptor leaked per such client (a loop of them
+    takes them all), and every shutdown waited its force-exit out."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "big.bin").write_bytes(bytes(2 * 1024 * 1024))
+    async with start_server(site=site, dev_options={"no_watch": True}) as server:
+        assert server.url is not None
+        host, port = server.url.removeprefix("http://").rsplit(":", 1)
+        with trio.fail_after(10):
+            stream = await trio.open_tcp_stream(host, int(port))
+            client = _H2(stream, f"{host}:{port}".encode())
+            client.get(1, path)
+            await client.flush()
+            import h2.events
+
+            answered = False
+            while not answered:
+                data = await stream.receive_some(65536)
+                assert data
+                answered = any(
+                    isinstance(event, h2.events.ResponseReceived)
+                    for event in client.conn.receive_data(data)
+                )
+            assert any(name.endswith("_run_handler") for name in task_tree())
+            await stream.aclose()  # gone, without a window for the rest
+            # Until the connection's task has ended (it never did: fail_after fails the test).
+            while any(name.endswith("_run_handler") for name in task_tree()):
+                await trio.testing.wait_all_tasks_blocked()
+
+
+async def test_an_http2_client_that_reads_nothing_holds_a_bounded_buffer(
+    start_server: StartServer, tmp_path: Path
+) -> None:
+    """A stream whose client gives no flow-control window (a stalled tab, or a client doing
+    it on purpose) must hold the writer once its buffer is full. Hypercorn's buffer let the
+    writer go on every attempt of its send task to take nothing (``pop(0)`` counted as
+    draining), so the whole body was buffered: 90 such streams for a 4 MB file took the
+    server from 59 to 550 MB, where HTTP/1.1 holds about 256 KiB per stalled response."""
+    import gc
+
+    import h2.events
+    import h2.settings
+    from hypercorn.protocol.h2 import BUFFER_HIGH_WATER, StreamBuffer
+
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "page.bin").write_bytes(bytes(1024 * 1024))  # in memory: sent in 64 KiB pieces
+    async with start_server(site=site, dev_options={"no_watch": True}) as server:
+        assert server.url is not None
+        host, port = server.url.removeprefix("http://").rsplit(":", 1)
+        with trio.fail_after(10):
+            stream = await trio.open_tcp_stream(host, int(port))
+            async with stream:
+                client = _H2(stream, f"{host}:{port}".encode())
+                client.conn.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 0})
+                for stream_id in (1, 3, 5):
+                    client.get(stream_id, b"/page.bin")
+                await client.flush()
+                answered: set[int] = set()
+                while len(answered) < 3:
+                    data = await stream.receive_some(65536)
+                    assert data
+                    answered |= {
+                        event.stream_id
+                        for event in client.conn.receive_data(data)
+                        if isinstance(event, h2.events.ResponseReceived)
+                    }
+                    await client.flush()
+                await trio.testing.wait_all_tasks_blocked()
+                buffers = [o for o in gc.get_objects() if isinstance(o, StreamBuffer)]
+                assert len(buffers) == 3
+                # Each holds what the writer had pushed when it passed the high-water mark.
+                assert all(len(b.buffer) <= BUFFER_HIGH_WATER + 64 * 1024 for b in buffers)
+
+
+async def test_a_connect_tunnel_over_http2_gets_400_and_the_connection_goes_on(
+    server: Running, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A plain HTTP/2 CONNECT (RFC 9113 section 8.5: ``:method`` and ``:authority``, no
+    ``:path``; a tunnel through a proxy, which this server is not) made Hypercorn's stream
+    set-up read a ``raw_path`` it never set: ``UnboundLocalError``, "connection failed"
+    with a traceback, and every other stream of the connection died with it."""
+    assert server.url is not None
+    host, port = server.url.removeprefix("http://").rsplit(":", 1)
+    with trio.fail_after(10):
+        stream = await trio.open_tcp_stream(host, int(port))
+        async with stream:
+            client = _H2(stream, f"{host}:{port}".encode())
+            client.conn.send_headers(
+                1, [(b":method", b"CONNECT"), (b":authority", b"example.com:443")]
+            )
+            await client.flush()
+            assert await client.status(1) == b"400"
+            assert b"CONNECT" in client.bodies[1]
+            client.get(3, b"/health")
+            await client.flush()
+            assert await client.status(3) == b"200"
+    assert "connection failed" not in caplog.text
+
+
+async def test_a_non_ascii_request_over_http2_with_no_window_is_reset_alone(
+    server: Running, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The 400's reason needs room in the client's flow-control window; a client that
+    gives none (``INITIAL_WINDOW_SIZE`` 0, or a window it never reopens) gets the stream
+    reset (RFC 9113 8.1.1: a malformed request is a stream error of type PROTOCOL_ERROR)
+    rather than a send that would fail the connection, which goes on."""
+    import h2.errors
+    import h2.events
+    import h2.settings
+
+    assert server.url is not None
+    host, port = server.url.removeprefix("http://").rsplit(":", 1)
+    window = h2.settings.SettingCodes.INITIAL_WINDOW_SIZE
+    with trio.fail_after(10):
+        stream = await trio.open_tcp_stream(host, int(port))
+        async with stream:
+            client = _H2(stream, f"{host}:{port}".encode())
+            client.conn.update_settings({window: 0})
+            client.conn.send_headers(
+                1,
+                [
+                    (b":method", b"GET"), (b":scheme", b"http"), (b":path", b"/\xff"),
+                    (b":authority", client.authority),
+                ],
+                end_stream=True,
+            )  # fmt: skip
+            await client.flush()
+            reset = None
+            while reset is None:
+                data = await stream.receive_some(65536)
+                assert data, "the server closed the connection"
+                for event in client.conn.receive_data(data):
+                    if isinstance(event, h2.events.StreamReset):
+                        reset = event
+                await client.flush()
+            assert (reset.stream_id, reset.error_code) == (1, h2.errors.ErrorCodes.PROTOCOL_ERROR)
+            client.conn.update_settings({window: 65535})
+            client.get(3, b"/health")
+            await client.flush()
+            assert await client.status(3) == b"200"
+    assert "connection failed" not in caplog.text
 
 
 @pytest.mark.parametrize("early_frames", [0, 2])

@@ -24,7 +24,7 @@ from ._broadcast import Broadcaster
 from ._builder import BUILD_START_DELAY, BuildLoop
 from ._inject import SCRIPT_BYTES, SCRIPT_ETAG, SCRIPT_PATH, inject
 from ._sse import stream_events
-from ._static import StaticSite
+from ._static import StaticSite, Vanished
 from ._watch import Backend, IgnoreRules, PendingChanges, watch
 
 access_log = logging.getLogger("punie_trio.access")
@@ -234,24 +234,18 @@ class DevApp:
                 request[name] = bytes(value).decode("latin-1")
         found = await self.static.find(path)
         if found.kind == "redirect":
-            # From the path's segments, so it is a path on this server: a request for
-            # //evil.example.com (a directory of the site) was sent to //evil.example.com/,
-            # which a browser reads as another host (found by a dev app audit).
-            segments = [urllib.parse.quote(segment) for segment in path.split("/") if segment]
-            location = "/" + "/".join(segments) + "/"
-            if scope.get("query_string"):
-                location += "?" + scope["query_string"].decode("latin-1")
-            await respond(
-                send,
-                301,
-                [(b"location", location.encode()), (b"content-length", b"0")],
-                b"",
-            )
+            location = _http.directory_location(path, scope.get("query_string") or b"")
+            await respond(send, 301, [(b"location", location), (b"content-length", b"0")], b"")
             return
         if found.kind == "file":
             state = self.broadcaster.page_state()
-            await self.static.serve_file(found, request, send, head=head, state=state, gone=gone)
-            return
+            try:
+                await self.static.serve_file(
+                    found, request, send, head=head, state=state, gone=gone
+                )
+                return
+            except Vanished:
+                pass  # deleted since the lookup (a build emptying its output): missing now
         await self._not_found(path, request, send, head=head)
 
     async def _not_found(
@@ -321,16 +315,16 @@ async def _refuse_departed(send: Send) -> None:
 
 
 async def _method_not_allowed(send: Send, allow: bytes) -> None:
-    await respond(
-        send,
-        405,
-        [
-            (b"allow", allow),
-            (b"content-type", b"text/plain; charset=utf-8"),
-            (b"content-length", b"19"),
-        ],
-        b"method not allowed\n",
-    )
+    """405 naming the methods to use, worded as the server's own routes word it (it said
+    only "method not allowed")."""
+    body = b"Method Not Allowed: use " + allow + b"\n"
+    headers = [
+        (b"allow", allow),
+        (b"content-type", b"text/plain; charset=utf-8"),
+        (b"content-length", b"%d" % len(body)),
+        (b"x-content-type-options", b"nosniff"),
+    ]
+    await respond(send, 405, headers, body)
 
 
 async def _lifespan(receive: Receive, send: Send) -> None:

@@ -69,6 +69,23 @@ def departed(send: Send) -> Callable[[], bool]:
     return gone
 
 
+async def abort(send: Send) -> bool:
+    """Close the connection of the response ``send`` answers, mid-body; whether it was.
+
+    For a body that cannot reach its declared length (its file shrank while it was sent):
+    the client must see a connection cut short, which it cannot take for the whole file,
+    and Hypercorn's h11 raised "Too little data for declared Content-Length" when the
+    response was ended short (an ERROR with a traceback). Possible under punie-trio's socket
+    writer over HTTP/1.1 (what ``punie-trio serve`` runs); after it the peer counts as gone
+    (:func:`departed`), so the rest of the body is made up as for a peer that left.
+    Elsewhere (HTTP/2, stock Hypercorn) nothing is done and ``False`` returned."""
+    found = _connection(send, HTTPStream)
+    if found is None:
+        return False
+    await found[2].abort()
+    return True
+
+
 async def start(send: Send, status: int, headers: Sequence[tuple[bytes, bytes]]) -> None:
     await send({"type": "http.response.start", "status": status, "headers": list(headers)})
 

@@ -49,6 +49,11 @@ OUTPUT_TAIL_BYTES = 8192
 OUTPUT_TAIL_LINES = 60
 
 
+#: The exit status of a build whose command could not be started at all (the shell's
+#: "found but cannot be executed").
+NOT_STARTED = 126
+
+
 @attrs.frozen
 class BuildResult:
     command: str
@@ -307,10 +312,20 @@ async def run_build(command: str, cwd: Path) -> BuildResult:
     pipe nor our memory: only its end is kept, as a terminal shows it: :class:`OutputTail`),
     and our end of the pipe is closed when the build is over. Cancellation terminates the
     whole process group, including what the command left in the background.
+
+    Error handling: a build that cannot be started at all (no pipe or process to be had:
+    ``EMFILE`` when a flood of connections took every descriptor, ``ENOMEM``; the project
+    directory gone) is a failed build with status :data:`NOT_STARTED` and the reason as its
+    output. The ``OSError`` left the build loop and took the whole server down, ACP
+    sessions and all; the next change now builds again.
     """
     started = trio.current_time()
     kept = OutputTail()
-    process = await _open_build(command, cwd)
+    try:
+        process = await _open_build(command, cwd)
+    except OSError as exc:
+        reason = f"punie-trio: the build could not be started: {exc}"
+        return BuildResult(command, NOT_STARTED, reason, trio.current_time() - started)
     stdout = process.stdout
     assert isinstance(stdout, trio.lowlevel.FdStream)  # POSIX: a non-blocking pipe
     try:

@@ -10,14 +10,19 @@ from __future__ import annotations
 import email.utils
 import mimetypes
 import re
+import urllib.parse
 from typing import Final
 
 import attrs
 
-#: Types that mimetypes gets wrong or not at all on some systems; checked first.
+#: Types that mimetypes gets wrong or not at all on some systems; checked first. (It
+#: reads the machine's tables over its built-in one: without /etc/mime.types, a slim
+#: container, ``.xhtml`` and the fonts were application/octet-stream; Debian's says a
+#: ``.ts`` video segment is Qt Linguist text.)
 _TYPES: Final[dict[str, str]] = {
     ".html": "text/html",
     ".htm": "text/html",
+    ".xhtml": "application/xhtml+xml",
     ".css": "text/css",
     ".js": "text/javascript",
     ".mjs": "text/javascript",
@@ -30,6 +35,12 @@ _TYPES: Final[dict[str, str]] = {
     ".wasm": "application/wasm",
     ".woff": "font/woff",
     ".woff2": "font/woff2",
+    ".otf": "font/otf",
+    ".ttf": "font/ttf",
+    ".ts": "video/mp2t",  # an HLS segment (a TypeScript source is not served to run)
+    ".ogg": "audio/ogg",
+    ".oga": "audio/ogg",
+    ".ogv": "video/ogg",
     ".png": "image/png",
     ".jpg": "image/jpeg",
     ".jpeg": "image/jpeg",
@@ -80,6 +91,9 @@ _XML_TYPES: Final = frozenset({"application/xml", "text/xml", "application/xhtml
 #: An encoding label fit for a header: no quotes, no ``;``, no spaces (labels are tokens).
 _LABEL = re.compile(rb"[A-Za-z0-9._:+-]{1,40}")
 _XML_DECL = re.compile(rb"<\?xml\s[^>]*?encoding\s*=\s*[\"']([^\"']*)[\"']")
+#: A stylesheet's ``@charset`` rule, as CSS Syntax 3.2 reads it: these exact bytes at the
+#: very start, the label in double quotes.
+_CSS_CHARSET = re.compile(rb'@charset "([\x00-\x21\x23-\x7f]*)";')
 _ATTR = re.compile(
     rb"[\t\n\f\r /]*([^\t\n\f\r />][^\t\n\f\r /=>]*)(?:[\t\n\f\r ]*=[\t\n\f\r ]*"
     rb"(\"[^\"]*\"?|'[^']*'?|[^\t\n\f\r >]*))?"
@@ -191,7 +205,8 @@ def content_type(name: str, head: bytes = b"") -> str:
     ``<meta charset="iso-8859-1">`` sent with ``charset=utf-8`` showed "Caf\ufffd cr\ufffdme";
     found by a dev app audit). So it is the document's own: a byte-order mark; for HTML the
     ``<meta>`` declaration the browser's prescan would find (:func:`prescan`); for XML the
-    ``encoding`` of its declaration; else ``utf-8``.
+    ``encoding`` of its declaration; for CSS its ``@charset "...";`` rule (CSS Syntax 3.2:
+    UTF-16 labels mean UTF-8 there too); else ``utf-8``.
 
     A compressed file (``.gz``, ``.br``, ...) gets its compression's type (see
     :data:`_COMPRESSED`), which is not compressible, so it is never gzipped again either.
@@ -214,6 +229,9 @@ def content_type(name: str, head: bytes = b"") -> str:
             charset = prescan(head)
         elif charset is None and ctype in _XML_TYPES:
             found = _XML_DECL.match(head)
+            charset = _label(found.group(1)) if found is not None else None
+        elif charset is None and ctype == "text/css":
+            found = _CSS_CHARSET.match(head)
             charset = _label(found.group(1)) if found is not None else None
         ctype += "; charset=" + (charset or "utf-8")
     return ctype
@@ -283,6 +301,27 @@ def safe_segments(path: str) -> list[str] | None:
             return None
         segments.append(segment)
     return segments
+
+
+#: What a query keeps as it is in a Location: printable ASCII (escapes, reserved characters).
+_QUERY_SAFE: Final = "".join(chr(c) for c in range(0x21, 0x7F))
+
+
+def directory_location(path: str, query: bytes) -> bytes:
+    """The ``Location`` that sends a directory's path (no trailing slash) to ``dir/``.
+
+    Built from the path's segments, so it is a path on this server (a request for
+    ``//evil.example.com``, a directory of the site, was sent to ``//evil.example.com/``,
+    which a browser reads as another host). The query is kept byte for byte, but for what
+    a header may not carry raw: a space, a control, a byte past ASCII (HTTP/2 lets a client
+    send those) is percent-encoded; it was decoded as Latin-1 and encoded as UTF-8, so
+    ``?q=\xc3\xa9`` came back as ``?q=\xc3\x83\xc2\xa9``.
+    """
+    segments = [urllib.parse.quote(segment) for segment in path.split("/") if segment]
+    location = ("/" + "/".join(segments) + "/").encode()
+    if query:
+        location += b"?" + urllib.parse.quote_from_bytes(query, safe=_QUERY_SAFE).encode()
+    return location
 
 
 def make_etag(size: int, mtime_ns: int, variant: str = "") -> str:

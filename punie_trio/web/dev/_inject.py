@@ -10,7 +10,8 @@ finds it through ``document.currentScript``.
 
 The tag goes before the *last* ``</body>`` (case-insensitive; ``</BODY >`` too), or at the
 end when there is none: a ``</body>`` inside an earlier inline script or comment must not
-receive it. An XHTML page (``application/xhtml+xml``) gets it too, but only before a
+receive it. When that last one is itself inside a comment (after the real one), the tag
+goes at the end too. An XHTML page (``application/xhtml+xml``) gets it too, but only before a
 ``</body>``: the tag is well-formed XML, and appended after the root element it would not be.
 
 What the script does, and why:
@@ -268,4 +269,17 @@ def inject(
         pass
     if last is None:
         return html if xml else html + tag
+    if not xml and _in_comment(html, last.start()):
+        # A comment after the real </body> (an old footer commented out) held the last
+        # one, and the tag went into the comment: the page never connected. At the end,
+        # after the comment, a browser runs it in the body as for a page without </body>.
+        return html + tag
     return html[: last.start()] + tag + html[last.start() :]
+
+
+def _in_comment(html: bytes, at: int) -> bool:
+    """Whether ``at`` is after an HTML comment's ``<!--`` and before its ``-->``. (A
+    ``<!--`` in an inline script's string may look like one; the tag then goes at the
+    end, which a browser runs too.)"""
+    opened = html.rfind(b"<!--", 0, at)
+    return opened >= 0 and html.find(b"-->", opened + 4, at) < 0

@@ -22,6 +22,7 @@ from pathlib import Path
 import attrs
 
 from ._events import Action
+from ._static import _inside
 
 
 @attrs.frozen
@@ -77,15 +78,30 @@ def small_snapshot(root: Path, previous: Snapshot | None = None) -> dict[str, Fi
 def _walk(
     root: Path, previous: Snapshot, max_entries: int | None, max_digest: int | None
 ) -> dict[str, FileSig]:
+    """The snapshot of what the site serves under ``root``.
+
+    Symlinks are followed as the static server follows them, and only as far: a link whose
+    target is outside the site (resolved, as the server resolves it) is not served, so it is
+    neither walked nor read; a directory that is its own ancestor on the way down (``self
+    -> .``, ``sub/up -> ..``) is walked once, not until the path is too long; and an entry
+    that cannot be looked at (a link loop: ELOOP) is not part of the output. Any of these
+    raised out of the walk before, and the dev app's loop took the whole server with it.
+    """
     result: dict[str, FileSig] = {}
     entries_left = max_entries
     digest_left = max_digest
-    stack = [(str(root), "")]
+    real_root = os.path.realpath(root)
+    stack: list[tuple[str, str, frozenset[tuple[int, int]]]] = [(str(root), "", frozenset())]
     while stack:
-        directory, prefix = stack.pop()
+        directory, prefix, ancestors = stack.pop()
         try:
+            st = os.stat(directory)
+            here = (st.st_dev, st.st_ino)
+            if here in ancestors:
+                continue
+            ancestors = ancestors | {here}
             entries = list(os.scandir(directory))
-        except (FileNotFoundError, NotADirectoryError, PermissionError):
+        except OSError:  # gone, not a directory, unreadable, a loop: not output now
             continue
         if entries_left is not None:
             entries_left -= len(entries)
@@ -96,8 +112,10 @@ def _walk(
                 continue
             rel = prefix + entry.name
             try:
+                if entry.is_symlink() and not _inside(os.path.realpath(entry.path), real_root):
+                    continue
                 if entry.is_dir():
-                    stack.append((entry.path, rel + "/"))
+                    stack.append((entry.path, rel + "/", ancestors))
                     continue
                 if not entry.is_file():
                     continue
@@ -111,8 +129,8 @@ def _walk(
                     if digest_left < 0:
                         raise _OverBudget
                 result[rel] = FileSig(st.st_size, st.st_mtime_ns, _digest(entry.path))
-            except (FileNotFoundError, PermissionError):
-                continue  # vanished or unreadable mid-walk: it is not part of the output now
+            except OSError:
+                continue  # vanished, unreadable or a link loop mid-walk: not output now
     return result
 
 

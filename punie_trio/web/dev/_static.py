@@ -30,12 +30,13 @@ from __future__ import annotations
 import collections
 import gzip
 import json
+import logging
 import os
 import stat
 import zlib
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar, TypeVarTuple
 
 import attrs
 import trio
@@ -43,6 +44,8 @@ import trio
 from . import _asgi, _http
 from ._asgi import Headers, Send, finish, respond, start
 from ._inject import inject
+
+log = logging.getLogger("punie_trio.dev")
 
 CHUNK = 256 * 1024
 WHOLE_FILE_LIMIT = 1024 * 1024
@@ -190,6 +193,29 @@ def _read(path: str, offset: int = 0, length: int = -1) -> bytes:
         if offset:
             f.seek(offset)
         return f.read(length)
+
+
+_T = TypeVar("_T")
+_Args = TypeVarTuple("_Args")
+
+
+class Vanished(Exception):
+    """The file a lookup found could not be read before its response started: it was
+    deleted (or replaced by something unreadable) since. Answer as for a missing file."""
+
+
+async def _read_found(read: Callable[[*_Args], _T], *args: *_Args) -> _T:
+    """``read(*args)`` in a thread, for a file a lookup found but did not read (too large):
+    an ``OSError`` is :class:`Vanished`.
+
+    Why: a build that empties its output first (Vite's ``emptyOutDir``, Hugo's
+    ``--cleanDestinationDir``) deletes files between the lookup and this read, and the
+    ``FileNotFoundError`` left the app: a 500, and "Error in ASGI Framework" with a
+    traceback in the terminal."""
+    try:
+        return await trio.to_thread.run_sync(read, *args)
+    except OSError as exc:
+        raise Vanished(str(exc)) from exc
 
 
 def _gzip(body: bytes) -> bytes:
@@ -387,9 +413,7 @@ class StaticSite:
         done = self._gzipping[key] = trio.Event()
         try:
             # Not abandoned on cancel: the result is kept for the requests that wait for it.
-            compressed, cacheable = await trio.to_thread.run_sync(
-                _gzip_file, found.path, found.version
-            )
+            compressed, cacheable = await _read_found(_gzip_file, found.path, found.version)
             self.compressions += 1
         finally:
             del self._gzipping[key]
@@ -416,7 +440,7 @@ class StaticSite:
         if body is None:
             raw = found.body
             if raw is None:
-                raw = await trio.to_thread.run_sync(_read, found.path)
+                raw = await _read_found(_read, found.path)
             charset = _http.charset(found.ctype)
             body = inject(raw, state, charset, xml=_http.is_xhtml(found.ctype))
             self._remember(found, state_json, body)
@@ -437,6 +461,9 @@ class StaticSite:
         ``request`` holds the relevant request headers (lower-case names, decoded). ``gone``
         tells whether the peer has left (:func:`._asgi.departed`): a large body stops being
         read or sent then.
+
+        Raises :class:`Vanished`, with nothing sent, when a file too large for the lookup
+        to have read is gone by the time it is read.
         """
         ctype = found.ctype
         html = _http.is_html(ctype) and found.size <= INJECT_LIMIT
@@ -508,7 +535,7 @@ class StaticSite:
                 send,
                 status,
                 headers,
-                await trio.to_thread.run_sync(_read, found.path, offset, length),
+                await _read_found(_read, found.path, offset, length),
             )
         else:
             await self._stream(found.path, offset, length, status, headers, send, gone)
@@ -536,7 +563,11 @@ class StaticSite:
     ) -> None:
         """Send a large file chunk by chunk; each read is a thread hop, so others keep going.
         Once the peer has gone, the file is no longer read (:func:`_end_for_departed`)."""
-        async with await trio.open_file(path, "rb") as f:
+        try:
+            opened = await trio.open_file(path, "rb")
+        except OSError as exc:  # deleted since the lookup (see _read_found)
+            raise Vanished(str(exc)) from exc
+        async with opened as f:
             await f.seek(offset)
             await start(send, status, headers)
             remaining = length
@@ -548,7 +579,8 @@ class StaticSite:
                         return
                     chunk = await f.read(min(CHUNK, remaining))
                     if not chunk:
-                        break  # the file shrank under us; the client sees a short body
+                        await self._cut_short(path, length - remaining, length, send)
+                        return
                     remaining -= len(chunk)
                     if remaining > 0:
                         await send({"type": "http.response.body", "body": chunk, "more_body": True})
@@ -558,4 +590,28 @@ class StaticSite:
             except BaseException:
                 await finish(send)
                 raise
+            await finish(send)
+
+    async def _cut_short(self, path: str, sent: int, length: int, send: Send) -> None:
+        """End a streamed body whose file shrank under it (a build rewriting a large asset
+        while a browser downloads it: ``open(..., "w")`` truncates first).
+
+        The body cannot reach the ``Content-Length`` already sent, and padding it would pass
+        off other bytes as the file. So the connection is closed (:func:`._asgi.abort`), the
+        client sees a short body, which it must not take for the file, and reloads it once
+        the build is done; the declared length is then made up with zeros that go nowhere,
+        as for a peer that left, so Hypercorn's bookkeeping of the connection completes. It
+        used to end the response short: h11 raised, an ERROR with its traceback. Where the
+        connection cannot be closed that way (HTTP/2, stock Hypercorn), the body is ended
+        short, which an HTTP/2 client must treat as a malformed response (RFC 9113
+        8.1.1)."""
+        log.warning(
+            "%s changed while it was being sent (%d of %d bytes sent): the response is cut short",
+            path,
+            sent,
+            length,
+        )
+        if await _asgi.abort(send):
+            await _end_for_departed(send, length - sent)
+        else:
             await finish(send)
