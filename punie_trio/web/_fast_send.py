@@ -110,6 +110,8 @@ class FastSendTCPServer(TCPServer):
     #: shutdown): Hypercorn is told ``Closed``, and later writes are dropped by it
     #: silently, so a writer that must know what did not go out checks this.
     write_failed = False
+    #: The read loop's scope, cancelled once the protocol has closed the connection.
+    _reading: trio.CancelScope | None = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -153,13 +155,18 @@ class FastSendTCPServer(TCPServer):
 
     async def _read_data(self) -> None:
         try:
-            await self._read_until_closed()
+            with trio.CancelScope() as self._reading:
+                await self._read_until_closed()
+            if self._reading.cancelled_caught:
+                await self.protocol.handle(Closed())  # (as the loop's own end does)
         finally:
             # The connection is closing: its keep-alive watcher has nothing left to watch,
             # and it must not hold the connection's task group open until its deadline.
             self.idle_task.close()  # type: ignore[attr-defined]
 
     async def _read_until_closed(self) -> None:
+        """Read until the peer or the server closes the connection. Ended from outside too,
+        when the protocol says the connection is over (see :meth:`protocol_send`)."""
         if self.config.read_timeout is not None:
             await super()._read_data()
             return
@@ -217,6 +224,14 @@ class FastSendTCPServer(TCPServer):
         if self._gathered:  # e.g. Closed: what was "sent" before it leaves before it
             await self.flush_gathered()
         await super().protocol_send(event)
+        if type(event) is Closed and self._reading is not None:
+            # The protocol ended the connection (the socket is closed now): the read loop
+            # has nothing left to read, but it may be waiting inside the protocol. A
+            # response that ends while the server terminates, with a request pipelined
+            # behind it, leaves h11 paused on that request, and Hypercorn's protocol, which
+            # does not start the next cycle once terminating, never wakes it: the
+            # connection, and the shutdown with it, then waited for graceful_timeout.
+            self._reading.cancel()
 
     async def flush_gathered(self) -> None:
         """Write the gathered bytes now (a no-op when there are none)."""
