@@ -47,6 +47,7 @@ from .web import App
 from .web import _accept_log as accept_log
 from .web import _deflate as deflate
 from .web import _fast_send as fast_send
+from .web import _h2_idle as h2_idle
 from .web import _h2_late_data as h2_late_data
 from .web import _handshake as handshake
 from .web import _ws_refusals as ws_refusals
@@ -405,6 +406,7 @@ async def _start_http(
     accept_log.install()
     handshake.install()
     h2_late_data.install()
+    h2_idle.install()
     deflate.install(config.max_message_bytes)
     ws_refusals.install()
 
