@@ -175,7 +175,11 @@ def _exit_now(message: str) -> NoReturn:
 
     Where the CLI logs to stderr from a thread of its own, the line goes out through it
     (:func:`_tell`), after the log lines waiting (printed directly, it came before the
-    "received SIGINT" line logged a moment earlier, glued to it, or without it)."""
+    "received SIGINT" line logged a moment earlier, glued to it, or without it).
+
+    The dev app's builds are killed first (``_builder.kill_groups_now``): they run in
+    sessions of their own, and one the graceful shutdown had not stopped yet (it gives a
+    build 5 s between SIGTERM and SIGKILL) once ran on for good."""
     handlers = [h for h in logging.getLogger().handlers if hasattr(h, "say")]
 
     def say() -> None:
@@ -186,6 +190,11 @@ def _exit_now(message: str) -> NoReturn:
         elif sys.stderr is not None:  # (None: started without a stderr)
             print(message, file=sys.stderr, flush=True)
 
+    builds = sys.modules.get("punie_trio.web.dev._builder")  # (loaded only with --site)
+    if builds is not None:
+        # A build the shutdown was still stopping (or one the exit cuts short) must not
+        # outlive us: in a session of its own, nothing else would ever stop it.
+        builds.kill_groups_now()
     writer = threading.Thread(target=say, name="last words", daemon=True)
     writer.start()
     writer.join(LAST_WORDS_SECONDS)

@@ -3,6 +3,7 @@ clients on one manager, signals and graceful shutdown, a busy port."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -230,3 +231,48 @@ async def test_shutdown_bounded_with_a_client_that_never_reads(
             assert await server.process.wait() == 0  # (the watchdog's exit is 1)
             await server.stderr_done.wait()
             assert "shutdown did not finish within" not in server.stderr
+
+
+def _still_running(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie left to an init that does not reap is not running)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_bytes()
+    except FileNotFoundError:
+        return False
+    return stat.rpartition(b")")[2].split()[0] not in (b"Z", b"X")
+
+
+@pytest.mark.parametrize("exit_by", ["second signal", "watchdog"])
+async def test_a_build_that_ignores_sigterm_does_not_outlive_an_immediate_exit(
+    tmp_path: Path, exit_by: str
+) -> None:
+    """A shutdown gives a cancelled build 5 s between SIGTERM and SIGKILL. A process that
+    exits before (a second signal; the watchdog, past a --shutdown-timeout shorter than
+    that) once left a build that ignores SIGTERM running, in its own session, for good."""
+    site = tmp_path / "site"
+    site.mkdir()
+    fifo = tmp_path / "build.pid"
+    os.mkfifo(fifo)
+    build = f"trap '' TERM; echo $$ > {fifo}; exec sleep 60"
+    timeout = "30" if exit_by == "second signal" else "0.2"
+    with trio.fail_after(30):
+        async with server_process(
+            tmp_path,
+            "--site", str(site), "--build", build, "--no-watch", "--shutdown-timeout", timeout,
+            wait_listening=False,
+        ) as server:  # fmt: skip
+            build_pid = int(await trio.to_thread.run_sync(fifo.read_text))
+            try:
+                server.process.send_signal(signal.SIGTERM)
+                await server.wait_stderr("received SIGTERM, shutting down")
+                if exit_by == "second signal":
+                    server.process.send_signal(signal.SIGTERM)
+                    await server.wait_stderr("second signal, exiting now")
+                else:
+                    await server.wait_stderr("shutdown did not finish within 1.2 s")
+                assert await server.process.wait() == 1
+                while _still_running(build_pid):  # noqa: ASYNC110 (not our child: polled)
+                    await trio.sleep(0.01)
+            finally:
+                with contextlib.suppress(ProcessLookupError):  # (a failed test's build)
+                    os.kill(build_pid, signal.SIGKILL)

@@ -174,6 +174,28 @@ class Group:
     members: frozenset[tuple[int, int]]
 
 
+#: The process groups of the builds whose command runs (by its pid, the group's id: it is
+#: our child, so the id cannot be another's until we have reaped it), and of what builds
+#: left running that is not stopped yet. :func:`kill_groups_now` kills them all.
+_commands: set[int] = set()
+_left: dict[int, Group] = {}
+
+
+def kill_groups_now() -> None:
+    """SIGKILL every build's process group still running, without waiting: for a server
+    that exits at once (a second signal, the shutdown's watchdog; ``server._exit_now``).
+
+    Why: a shutdown stops builds in its own time (SIGTERM, SIGKILL after
+    :data:`KILL_GRACE`); a process that exits before that left a build that ignores
+    SIGTERM (or is slow to end) running, in a session of its own, for good. Safe from any
+    thread: it only reads ``/proc`` and sends signals."""
+    for pgid in list(_commands):
+        _signal_group(pgid, signal.SIGKILL)
+    for group in list(_left.values()):
+        if _ours(group):
+            _signal_group(group.pgid, signal.SIGKILL)
+
+
 def _proc_stat(pid: int | str) -> list[bytes] | None:
     """The fields of ``/proc/PID/stat`` after the command name (state first), or None."""
     try:
@@ -234,13 +256,18 @@ async def stop_group(group: Group, grace: float = LEFTOVER_GRACE) -> None:
     group reaches them). They are not our children, so there is nothing to wait on for
     their end: it is polled, every 10 ms. No-op when none of them runs.
     """
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        if not _ours(group):
-            return
-        _signal_group(group.pgid, sig)
-        with trio.move_on_after(grace):
-            while _ours(group):  # noqa: ASYNC110 (not our children: nothing to wait on)
-                await trio.sleep(0.01)
+    _left[group.pgid] = group
+    try:
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            if not _ours(group):
+                return
+            _signal_group(group.pgid, sig)
+            with trio.move_on_after(grace):
+                while _ours(group):  # noqa: ASYNC110 (not our children: nothing to wait on)
+                    await trio.sleep(0.01)
+    finally:
+        if _left.get(group.pgid) is group:
+            del _left[group.pgid]
 
 
 async def _kill_build(process: trio.Process) -> None:
@@ -313,6 +340,7 @@ async def run_build(command: str, cwd: Path) -> BuildResult:
     process = await _open_build(command, cwd)
     stdout = process.stdout
     assert isinstance(stdout, trio.lowlevel.FdStream)  # POSIX: a non-blocking pipe
+    _commands.add(process.pid)  # (until the group is stopped or known: kill_groups_now)
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_read_output, stdout, kept)
@@ -326,9 +354,12 @@ async def run_build(command: str, cwd: Path) -> BuildResult:
     finally:
         with trio.CancelScope(shield=True):
             await stdout.aclose()
+        group = group_of(process.pid)
+        if group is not None:  # (until BuildLoop.stop_leftovers stops it)
+            _left[group.pgid] = group
+        _commands.discard(process.pid)
     exit_status = process.returncode
     assert exit_status is not None
-    group = group_of(process.pid)
     return BuildResult(command, exit_status, kept.text(), trio.current_time() - started, group)
 
 
