@@ -29,7 +29,7 @@ from wsproto.utilities import split_comma_header
 from .. import _json
 from .._version import __version__
 from ..hub import ClientConnection, Manager
-from ._asgi_ws import ASGIReceive, ASGISend, AsgiWebSocketStream
+from ._asgi_ws import SHUTDOWN_CLOSE_TIMEOUT, ASGIReceive, ASGISend, AsgiWebSocketStream
 from ._auth import (
     challenge,
     host_allowed,
@@ -220,7 +220,12 @@ class App:
             await conn.run(stream)
         finally:
             self.heartbeat.unwatch(stream)
-            await stream.close(1001 if self.closing.is_set() else 1000)
+            if self.closing.is_set():
+                # (A client that does not take it within the bound goes without it: an
+                # HTTP/2 one that grants no window once held the shutdown for good.)
+                await stream.close(1001, within=SHUTDOWN_CLOSE_TIMEOUT)
+            else:
+                await stream.close(1000)
             _release_buffers(send)
             # (Also when conn.run failed.) At shutdown the connection is dropped at once, as
             # Hypercorn did when the app returned: a client that does not answer the close

@@ -276,3 +276,89 @@ async def test_a_build_that_ignores_sigterm_does_not_outlive_an_immediate_exit(
             finally:
                 with contextlib.suppress(ProcessLookupError):  # (a failed test's build)
                     os.kill(build_pid, signal.SIGKILL)
+
+
+async def test_a_websocket_over_http2_that_stops_reading_does_not_hold_the_shutdown(
+    tmp_path: Path,
+) -> None:
+    """/acp over HTTP/2 (extended CONNECT, prior knowledge) with a turn streaming to a
+    client that grants no more flow-control window. The shutdown's time runs out; the
+    close frame, sent shielded, then waited for good for Hypercorn to drain the stream
+    (its send task, cancelled by then, never did): the watchdog ended the process, status
+    1. The close is bounded now, and the shutdown ends in time, status 0."""
+    import h2.config
+    import h2.connection
+    import h2.events
+
+    def frame(msg: dict[str, Any]) -> bytes:  # a masked client text frame
+        data = json.dumps(msg).encode()
+        assert 126 <= len(data) < 65536
+        mask = os.urandom(4)
+        head = bytes([0x81, 0x80 | 126]) + len(data).to_bytes(2, "big") + mask
+        return head + bytes(b ^ mask[i % 4] for i, b in enumerate(data))
+
+    script = write_script(tmp_path / "flood.json", [[{"text": "z" * 60000}] * 100])
+    with trio.fail_after(30):
+        async with server_process(
+            tmp_path, "--model", f"script:{script}", "--shutdown-timeout", "1"
+        ) as server:
+            host, port = server.url.removeprefix("http://").rsplit(":", 1)
+            async with await trio.open_tcp_stream(host, int(port)) as sock:
+                config = h2.config.H2Configuration(client_side=True, header_encoding=None)
+                client = h2.connection.H2Connection(config)
+                client.initiate_connection()
+                client.send_headers(
+                    1,
+                    [
+                        (b":method", b"CONNECT"), (b":protocol", b"websocket"),
+                        (b":scheme", b"http"), (b":path", b"/acp"),
+                        (b":authority", f"{host}:{port}".encode()),
+                        (b"sec-websocket-version", b"13"),
+                        (b"authorization", f"Bearer {TOKEN}".encode()),
+                    ],
+                )  # fmt: skip
+                await sock.send_all(client.data_to_send())
+                received = b""
+                sent = 0
+                session: str | None = None
+                while b'"agent_message_chunk"' not in received:
+                    data = await sock.receive_some(65536)
+                    assert data, received
+                    for event in client.receive_data(data):
+                        if isinstance(event, h2.events.ResponseReceived):
+                            assert dict(event.headers)[b":status"] == b"200"
+                            client.send_data(1, frame({
+                                "jsonrpc": "2.0", "id": 1, "method": "initialize",
+                                "params": {
+                                    "protocolVersion": 1,
+                                    "clientInfo": {"name": "h2", "version": "0"},
+                                },
+                            }))  # fmt: skip
+                            sent += 1
+                        elif isinstance(event, h2.events.DataReceived):
+                            received += event.data
+                            if session is None:  # (then no more window is granted)
+                                client.acknowledge_received_data(
+                                    event.flow_controlled_length, event.stream_id
+                                )
+                    if sent == 1 and b'"agentInfo"' in received:
+                        client.send_data(1, frame({
+                            "jsonrpc": "2.0", "id": 2, "method": "session/new",
+                            "params": {"cwd": str(tmp_path), "mcpServers": []},
+                        }))  # fmt: skip
+                        sent += 1
+                    if session is None and b'"sessionId":"' in received:
+                        start = received.index(b'"sessionId":"') + 13
+                        session = received[start : received.index(b'"', start)].decode()
+                        client.send_data(1, frame({
+                            "jsonrpc": "2.0", "id": 3, "method": "session/prompt",
+                            "params": {
+                                "sessionId": session,
+                                "prompt": [{"type": "text", "text": "go"}],
+                            },
+                        }))  # fmt: skip
+                    await sock.send_all(client.data_to_send())
+                server.process.send_signal(signal.SIGTERM)
+                assert await server.process.wait() == 0  # (the watchdog's exit is 1)
+            await server.stderr_done.wait()
+            assert "shutdown did not finish within" not in server.stderr
