@@ -359,6 +359,7 @@ async def _serve(
             gc.set_threshold(*GC_THRESHOLDS)
         task_status.started(Running(url, manager, closing))
         await closing.wait()
+        fast_send.cut_final_sends()  # (the shielded ends of responses may wait no more)
         with trio.move_on_after(config.shutdown_timeout):
             await hypercorn_done.wait()
             if stdio is not None:

@@ -29,7 +29,7 @@ from wsproto.utilities import split_comma_header
 from .. import _json
 from .._version import __version__
 from ..hub import ClientConnection, Manager
-from ._asgi_ws import SHUTDOWN_CLOSE_TIMEOUT, ASGIReceive, ASGISend, AsgiWebSocketStream
+from ._asgi_ws import ASGIReceive, ASGISend, AsgiWebSocketStream
 from ._auth import (
     challenge,
     host_allowed,
@@ -38,6 +38,7 @@ from ._auth import (
     token_matches,
     unauthorized,
 )
+from ._fast_send import FINAL_SEND_TIMEOUT, final_send
 from ._heartbeat import Heartbeat
 from ._http import (
     BodyRefused,
@@ -220,12 +221,7 @@ class App:
             await conn.run(stream)
         finally:
             self.heartbeat.unwatch(stream)
-            if self.closing.is_set():
-                # (A client that does not take it within the bound goes without it: an
-                # HTTP/2 one that grants no window once held the shutdown for good.)
-                await stream.close(1001, within=SHUTDOWN_CLOSE_TIMEOUT)
-            else:
-                await stream.close(1000)
+            await stream.close(1001 if self.closing.is_set() else 1000)
             _release_buffers(send)
             # (Also when conn.run failed.) At shutdown the connection is dropped at once, as
             # Hypercorn did when the app returned: a client that does not answer the close
@@ -321,7 +317,7 @@ async def _reject_websocket(
     if status == 401:
         headers.append((b"www-authenticate", challenge(scope)))
     await send({"type": "websocket.http.response.start", "status": status, "headers": headers})
-    with trio.CancelScope(shield=True):
+    with final_send(send, FINAL_SEND_TIMEOUT):
         await send({"type": "websocket.http.response.body", "body": body})
 
 

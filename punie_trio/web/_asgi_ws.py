@@ -9,7 +9,6 @@ and incoming single-frame messages are decoded past wsproto (:mod:`._direct`).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
@@ -18,16 +17,13 @@ import trio
 
 from ..transport import NotSent
 from ._direct import DirectFrames, DirectReader
-from ._fast_send import coalesced_writes
+from ._fast_send import coalesced_writes, final_send
 
 ASGIReceive = Callable[[], Awaitable[dict[str, Any]]]
 ASGISend = Callable[[dict[str, Any]], Awaitable[None]]
 
-#: The longest the close frame's send may take (see :meth:`AsgiWebSocketStream.close`)...
+#: The longest the close frame's send may take (see :meth:`AsgiWebSocketStream.close`).
 CLOSE_SEND_TIMEOUT = 5.0
-#: ...and at shutdown: what is left of the shutdown's time may be no more than the
-#: watchdog's grace (``server.FORCE_EXIT_GRACE``, 1 s), shared with everything else ending.
-SHUTDOWN_CLOSE_TIMEOUT = 0.25
 
 
 @attrs.define(eq=False)
@@ -134,25 +130,18 @@ class AsgiWebSocketStream:
         if self._direct is not None:
             await self._direct.finish_sending()
 
-    async def close(
-        self, code: int = 1000, reason: str = "", *, within: float = CLOSE_SEND_TIMEOUT
-    ) -> None:
+    async def close(self, code: int = 1000, reason: str = "") -> None:
         """Send the close frame once. Shielded: it ends Hypercorn's bookkeeping of the
         stream, which must not be cut off by the cancellation that usually brings us here.
-
-        Bounded by ``within`` seconds (:data:`SHUTDOWN_CLOSE_TIMEOUT` at most when the caller is
-        cancelled already): over HTTP/2 the close waits for Hypercorn's send task to drain
-        the stream, which it never does for a client that grants no more flow-control
-        window, nor once a shutdown has cancelled it. Unbounded, the close waited for good
-        and the shutdown was ended by its watchdog (status 1). Over HTTP/1.1 the frame's
-        socket write is shielded on its own (``FastSendTCPServer``) and stops only as a
-        stalled write does: there the bound only ends a wait for a write in flight."""
+        Bounded: :data:`CLOSE_SEND_TIMEOUT`, and a short time once the server shuts down
+        (:func:`~._fast_send.final_send`). Over HTTP/2 the close waits for Hypercorn to
+        drain the stream, which a client that grants no more flow-control window, or a
+        shutdown that has cancelled Hypercorn's send task, never lets happen: unbounded,
+        the close waited for good and the shutdown's watchdog ended it (status 1)."""
         if self.closed or self.disconnected:
             return
         self.closed = True
-        if trio.current_effective_deadline() == -math.inf:  # (cancelled)
-            within = min(within, SHUTDOWN_CLOSE_TIMEOUT)
-        with trio.CancelScope(shield=True, deadline=trio.current_time() + within):
+        with final_send(self.send, CLOSE_SEND_TIMEOUT):
             await self.send({"type": "websocket.close", "code": code, "reason": reason})
 
     async def aclose(self) -> None:

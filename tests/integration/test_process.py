@@ -362,3 +362,62 @@ async def test_a_websocket_over_http2_that_stops_reading_does_not_hold_the_shutd
                 assert await server.process.wait() == 0  # (the watchdog's exit is 1)
             await server.stderr_done.wait()
             assert "shutdown did not finish within" not in server.stderr
+
+
+@pytest.mark.parametrize("with_sse", [False, True], ids=["download", "download and SSE"])
+async def test_a_download_over_http2_that_stops_reading_does_not_hold_the_shutdown(
+    tmp_path: Path, with_sse: bool
+) -> None:
+    """The dev app sends a file over HTTP/2 to a client that grants no more flow-control
+    window (Hypercorn buffers the rest of it and the response's last send waits for the
+    drain; on the same connection, the live-reload stream's last event at shutdown waits
+    too). That last send, shielded for up to 5 s to end Hypercorn's bookkeeping, outlived
+    the shutdown: the watchdog ended the process, status 1, at any --shutdown-timeout
+    under 4 s. It gets a short time once the server shuts down now."""
+    import h2.config
+    import h2.connection
+    import h2.events
+
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "big.bin").write_bytes(b"z" * 4_000_000)
+    with trio.fail_after(30):
+        async with server_process(
+            tmp_path, "--site", str(site), "--no-watch", "--shutdown-timeout", "0.5"
+        ) as server:
+            host, port = server.url.removeprefix("http://").rsplit(":", 1)
+            async with await trio.open_tcp_stream(host, int(port)) as sock:
+                config = h2.config.H2Configuration(client_side=True, header_encoding=None)
+                client = h2.connection.H2Connection(config)
+                client.initiate_connection()
+                client.send_headers(
+                    1,
+                    [
+                        (b":method", b"GET"), (b":scheme", b"http"), (b":path", b"/big.bin"),
+                        (b":authority", f"{host}:{port}".encode()),
+                    ],
+                    end_stream=True,
+                )  # fmt: skip
+                if with_sse:
+                    client.send_headers(
+                        3,
+                        [
+                            (b":method", b"GET"), (b":scheme", b"http"),
+                            (b":path", b"/__reload__"),
+                            (b":authority", f"{host}:{port}".encode()),
+                        ],
+                        end_stream=True,
+                    )  # fmt: skip
+                await sock.send_all(client.data_to_send())
+                received = 0
+                while received < 65535:  # the whole initial window, and no more granted
+                    data = await sock.receive_some(65536)
+                    assert data
+                    for event in client.receive_data(data):
+                        if isinstance(event, h2.events.DataReceived):
+                            received += len(event.data)
+                    await sock.send_all(client.data_to_send())
+                server.process.send_signal(signal.SIGTERM)
+                assert await server.process.wait() == 0  # (the watchdog's exit is 1)
+            await server.stderr_done.wait()
+            assert "shutdown did not finish within" not in server.stderr
