@@ -12,7 +12,7 @@ nox.options.sessions = ["tests", "lint", "typecheck"]
 nox.options.error_on_missing_interpreters = False
 nox.options.reuse_existing_virtualenvs = True
 
-PYTHONS = ["3.11", "3.13"]
+PYTHONS = ["3.11", "3.12", "3.13"]
 # Python sources only (ruff would otherwise also reformat code blocks inside docs/*.md).
 LINTED = ["punie_trio", "tests", "benchmarks", "noxfile.py"]
 

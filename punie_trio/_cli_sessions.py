@@ -21,7 +21,16 @@ from typing import Any, TextIO
 
 import attrs
 
-from ._config import ConfigError, _to_path, as_flag, load_file, resolve_option
+from ._config import (
+    BY_NAME,
+    ConfigError,
+    _to_nonempty,
+    _to_path,
+    as_flag,
+    load_file,
+    misspelt_env,
+    resolve_option,
+)
 from ._json import escape_lone_surrogates
 from ._paths import (
     NotASmallFile,
@@ -66,7 +75,11 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
     actions = sessions.add_subparsers(dest="sessions_command", metavar="COMMAND", required=True)
 
     p = actions.add_parser("list", parents=[common], help="list sessions, newest first")
-    p.add_argument("--cwd", help="only sessions whose working directory is CWD")
+    p.add_argument(
+        "--cwd",
+        type=as_flag(_to_nonempty),  # ("" listed every session, as if no filter was given)
+        help="only sessions whose working directory is CWD",
+    )
     p.set_defaults(func=_in_data_dir(cmd_list))
 
     p = actions.add_parser("show", parents=[common], help="print a session's transcript")
@@ -112,6 +125,15 @@ def _in_data_dir(
         except ConfigError as exc:
             print(f"{_PROG}: error: {_printable(str(exc))}", file=sys.stderr)
             return 2
+        # The one variable these commands read, misspelt (PUNIE_DATADIR), sent them to
+        # another data directory without a word; serve warns of it. (Other near misses,
+        # PUNIE_PROT, are serve's to name: nothing here reads them.)
+        for given, meant in misspelt_env(os.environ):
+            if meant == BY_NAME["data_dir"].env:
+                warning = (
+                    f"${given} is not a punie-trio variable and is ignored; did you mean ${meant}?"
+                )
+                print(f"{_PROG}: warning: {_printable(warning)}", file=sys.stderr)
         return command(args, data_dir)
 
     return run

@@ -9,6 +9,7 @@ integer``) and the CLI exits 2 with them.
 from __future__ import annotations
 
 import argparse
+import difflib
 import ipaddress
 import os
 import re
@@ -20,7 +21,7 @@ from urllib.parse import urlsplit
 
 import attrs
 
-from ._paths import NotASmallFile, read_small_file
+from ._paths import NotASmallFile, OthersCanWrite, read_small_file
 
 T = TypeVar("T")
 
@@ -96,8 +97,15 @@ def _to_seconds(value: Any) -> float:
     if not number >= 0:
         raise ValueError(f"must be a number of seconds >= 0, got {number}")
     if number > MAX_SECONDS:
-        raise ValueError(f"must be at most {MAX_SECONDS} seconds (a year), got {number:g}")
+        raise ValueError(f"must be at most {MAX_SECONDS} seconds (a year), got {_shown(number)}")
     return number
+
+
+def _shown(number: float) -> str:
+    """``number`` short (``1e+10``, ``inf``) where that is exact, else in full: six digits
+    showed 31536001 as ``3.1536e+07``, the limit itself, it seemed."""
+    short = f"{number:g}"
+    return short if float(short) == number else f"{number:.17g}"
 
 
 def _to_str(value: Any) -> str:
@@ -317,6 +325,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("open", _to_bool, False),
 )
 BY_NAME = {o.name: o for o in OPTIONS}
+BY_ENV = {o.env: o for o in OPTIONS}
 
 
 #: The largest config file read (a real one is a few hundred bytes).
@@ -328,8 +337,14 @@ def load_file(path: Path, *, required: bool) -> dict[str, Any]:
     try:
         # utf-8-sig: a byte-order mark (Windows editors write one) is skipped; it was "not
         # valid TOML: Invalid statement (at line 1, column 1)", pointing at nothing visible.
-        text = read_small_file(path, MAX_CONFIG_BYTES).decode("utf-8-sig")
+        text = read_small_file(path, MAX_CONFIG_BYTES, trusted=True).decode("utf-8-sig")
         data = tomllib.loads(text)
+    except OthersCanWrite as exc:
+        fix = f"`chmod o-w {path}`" if "writable" in str(exc) else "use a copy you own"
+        raise ConfigError(
+            f"config file {path} {exc}: whoever can change it can make serve run "
+            f"commands as you (build, model); {fix}"
+        ) from None
     except NotASmallFile as exc:
         raise ConfigError(f"config file {path} {exc}: not a config file") from None
     except FileNotFoundError:
@@ -393,6 +408,24 @@ def _from_env(option: Option, environ: Mapping[str, str]) -> Any:
             raise ConfigError(f"${option.env} is set but empty (unset it for the default)")
         return _convert(option, items, f"${option.env}")
     return _convert(option, raw, f"${option.env}")
+
+
+def misspelt_env(environ: Mapping[str, str]) -> list[tuple[str, str]]:
+    """``PUNIE_*`` variables that name no option but nearly name one, as ``(set, meant)``
+    pairs, sorted.
+
+    Why: a misspelt flag or config key is an error, but ``PUNIE_PROT=9000`` was ignored
+    without a word and serve ran on its default port. Only near misses are named (difflib's
+    ratio at least 0.8): the environment is shared, and other programs (the benchmarks,
+    too) set ``PUNIE_*`` variables of their own, which must not make serve complain."""
+    known = [option.env for option in OPTIONS]
+    found = []
+    for name in sorted(environ):
+        if name.startswith("PUNIE_") and name not in BY_ENV:
+            meant = difflib.get_close_matches(name, known, n=1, cutoff=0.8)
+            if meant:
+                found.append((name, meant[0]))
+    return found
 
 
 def resolve(

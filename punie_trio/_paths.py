@@ -64,6 +64,12 @@ class NotASmallFile(Exception):
     a regular file (a FIFO)``, ``is over 1048576 bytes``."""
 
 
+class OthersCanWrite(NotASmallFile):
+    """What :func:`read_small_file` refuses with ``trusted=True``: a file another user
+    could change (``is writable by every user (mode 0666)``, ``is owned by another
+    user (uid 1000)``)."""
+
+
 _KINDS = (
     (stat.S_ISDIR, "a directory"),
     (stat.S_ISFIFO, "a FIFO"),
@@ -78,15 +84,18 @@ def file_kind(mode: int) -> str:
     return next((kind for is_kind, kind in _KINDS if is_kind(mode)), "not a file")
 
 
-def read_small_file(path: Path, max_bytes: int) -> bytes:
+def read_small_file(path: Path, max_bytes: int, *, trusted: bool = False) -> bytes:
     """The bytes of the regular file ``path``, at most ``max_bytes`` of them; anything
     else is :class:`NotASmallFile` (and a missing or unreadable file the ``OSError`` an
-    open gives).
+    open gives). With ``trusted``, a file another user could change (writable by every
+    user, or owned by a user other than this one and root) is :class:`OthersCanWrite`.
 
     Why: a config or token file is read whole, at start or by a CLI command. Named by a
     FIFO (``--config``, or one planted as ``DATA_DIR/token``) the open waited for ever for
     a writer; ``/dev/zero`` was read until memory ran out. The open does not wait
-    (``O_NONBLOCK``), and what it opened is checked before a byte is read."""
+    (``O_NONBLOCK``), and what it opened is checked before a byte is read. A config file
+    names commands serve runs (``trusted``): one anybody could edit ran their commands as
+    this user. Group-writable passes: user private groups make files 0664."""
     flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
     try:
         fd: int | None = os.open(path, flags)
@@ -95,10 +104,13 @@ def read_small_file(path: Path, max_bytes: int) -> bytes:
             raise
         fd = None
     try:
-        mode = os.fstat(fd).st_mode if fd is not None else os.stat(path).st_mode
+        status = os.fstat(fd) if fd is not None else os.stat(path)
+        mode = status.st_mode
         if not stat.S_ISREG(mode):
             raise NotASmallFile(f"is not a regular file ({file_kind(mode)})")
         assert fd is not None
+        if trusted:
+            _check_trusted(status)
         os.set_blocking(fd, True)
         with os.fdopen(fd, "rb", closefd=False) as file:
             data = file.read(max_bytes + 1)
@@ -108,6 +120,14 @@ def read_small_file(path: Path, max_bytes: int) -> bytes:
     if len(data) > max_bytes:
         raise NotASmallFile(f"is over {max_bytes} bytes")
     return data
+
+
+def _check_trusted(status: os.stat_result) -> None:
+    if status.st_mode & stat.S_IWOTH:
+        raise OthersCanWrite(f"is writable by every user (mode {stat.S_IMODE(status.st_mode):04o})")
+    getuid = getattr(os, "getuid", None)  # (Windows: no owners to compare)
+    if getuid is not None and status.st_uid not in (getuid(), 0):
+        raise OthersCanWrite(f"is owned by another user (uid {status.st_uid})")
 
 
 def resolved(path: str) -> str:

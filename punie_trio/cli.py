@@ -42,6 +42,7 @@ from ._config import (
     _to_token,
     as_flag,
     load_file,
+    misspelt_env,
     resolve_with_sources,
 )
 from ._json import is_name_text
@@ -630,6 +631,8 @@ def _run_serve(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         return _error(str(exc), 2)
     _warn_if_the_token_is_readable(args, sources)
+    for given, meant in misspelt_env(os.environ):
+        _warn(f"${given} is not a punie-trio variable and is ignored; did you mean ${meant}?")
     if o["no_http"] and not o["stdio"]:
         flag = _named(sources, "no_http") == "--no-http"
         needs = "--no-http needs --stdio" if flag else "no-http needs stdio"
@@ -653,7 +656,8 @@ def _run_serve(args: argparse.Namespace) -> int:
             return _bad_value(
                 sources, "project", f"{_named(sources, 'project')} {project}: {problem}"
             )
-        projects.append(project)
+        if project not in projects:  # (P and P/, or P through a link: one root, said once)
+            projects.append(project)
     site = site_path(o["site"]) if o["site"] else None
     if site is not None and not site.is_dir():
         return _bad_value(sources, "site", f"{_named(sources, 'site')} {site}: not a directory")

@@ -7,6 +7,7 @@
     │                                    exits at once
     root nursery
     ├─ Manager.run()                     worker nursery, one ProjectWorker per root
+    ├─ Heartbeat.run()                   with HTTP: pings silent /acp WebSockets, drops dead ones
     ├─ hypercorn.trio.serve(app, shutdown_trigger=closing.wait)
     ├─ stdio ClientConnection.run()      with --stdio
     └─ DevApp.run()                      with --site
@@ -278,7 +279,10 @@ async def _open_store(config: ServeConfig) -> AsyncIterator[Store]:
         try:
             store = await stack.enter_async_context(open_sqlite_store(store_path(config.data_dir)))
         except StoreError as exc:
-            raise ServeError(f"cannot open the session store: {exc}") from None
+            # Each of its messages names the file and the store ("PATH: cannot open session
+            # store: ..."); said again in front, it read "cannot open the session store:
+            # PATH: cannot open session store: file is not a database".
+            raise ServeError(str(exc)) from None
         yield store
 
 

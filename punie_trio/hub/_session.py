@@ -1,6 +1,6 @@
 """What the manager keeps per session and per turn, the limits it enforces, and how a
 turn's history is read back from its transcript entries: plain data and pure functions
-(the manager, in ``_manager.py``, changes them)."""
+(the manager, in ``_manager.py`` and the modules its methods live in, changes them)."""
 
 from __future__ import annotations
 

@@ -3,9 +3,9 @@
 Why not a memory channel: a connection holds its outbox for as long as it is open, idle or
 not, and a ``trio.open_memory_channel`` pair costs about 2 KiB (its state, a ``deque``, two
 ``OrderedDict``s of waiting tasks and the two channel objects). An idle connection's outbox
-here is a list and three slots; the parking lot for senders waiting on a full outbox is
-made only when one has to wait. It also suits the writer better: :meth:`take` hands over
-everything queued at once.
+here is a list and five slots (its two bounds, its byte count, the closed flag, the taker);
+the parking lot for senders waiting on a full outbox is made only when one has to wait. It
+also suits the writer better: :meth:`take` hands over everything queued at once.
 
 The bound is in messages and in bytes: a count alone let a client that stops reading pin
 256 messages of any size (an audit: 120 answers of 1 MiB, 300 MB held for one

@@ -307,7 +307,10 @@ def connect(path: Path) -> sqlite3.Connection:
             _refuse_unknown(conn, _user_version(conn), path)
         mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
         if str(mode).lower() != "wal":
-            raise StoreError(f"{path}: could not enable WAL journal mode (got {mode!r})")
+            raise StoreError(
+                f"{path}: cannot open session store: could not enable WAL journal mode "
+                f"(got {mode!r})"
+            )
         conn.execute("PRAGMA synchronous = NORMAL")
         conn.execute("PRAGMA foreign_keys = ON")
         # A deleted session's text is overwritten, not left in free pages of the file (the

@@ -383,13 +383,15 @@ def encode_entries(rows: Sequence[tuple[str, str]]) -> str:
     return "\n".join(map("\t".join, rows))
 
 
-#: A turn's row, written only while no turn at or after ``?7`` (the session's recorded turns,
-#: as the caller believes) is recorded: one statement, no separate read. The subquery seeks
-#: the ``(session, turn)`` index where the insert lands anyway.
+#: A turn's row, written only while no turn at or after ``:tail`` (the session's recorded
+#: turns, as the caller believes) is recorded: one statement, no separate read. The subquery
+#: seeks the ``(session, turn)`` index where the insert lands anyway. Named parameters, with
+#: a mapping: numbered ones (``?1``) bound from a sequence warn from Python 3.12 and fail
+#: from 3.14.
 _INSERT_TURN_IF_TAIL = (
     "INSERT INTO turns (session, turn, first_seq, count, at, entries)"
-    " SELECT ?1, ?2, ?3, ?4, ?5, ?6"
-    " WHERE NOT EXISTS (SELECT 1 FROM turns WHERE session = ?1 AND turn >= ?7)"
+    " SELECT :session, :turn, :first_seq, :count, :at, :entries"
+    " WHERE NOT EXISTS (SELECT 1 FROM turns WHERE session = :session AND turn >= :tail)"
 )
 _INSERT_TURN = (
     "INSERT INTO turns (session, turn, first_seq, count, at, entries) VALUES (?, ?, ?, ?, ?, ?)"
@@ -432,7 +434,16 @@ def write_turn(
     if key is not None and tail is not None and turn >= tail[0]:
         try:
             cur = conn.execute(
-                _INSERT_TURN_IF_TAIL, (key, turn, tail[1], len(rows), now, entries, tail[0])
+                _INSERT_TURN_IF_TAIL,
+                {
+                    "session": key,
+                    "turn": turn,
+                    "first_seq": tail[1],
+                    "count": len(rows),
+                    "at": now,
+                    "entries": entries,
+                    "tail": tail[0],
+                },
             )
         except sqlite3.IntegrityError:  # the session with this key is gone
             pass  # only the statement was rolled back; the transaction goes on

@@ -99,11 +99,26 @@ def _line_args(tool_input: dict[str, Any]) -> dict[str, int]:
     return args
 
 
-async def _read_file(env: TurnEnv, tool_input: dict[str, Any], call: ClientCaller) -> str:
+async def _resolved(env: TurnEnv, tool_input: dict[str, Any]) -> Path:
+    """The tool's ``path``, resolved and checked inside the session's roots (a
+    :class:`ToolError` naming the problem otherwise).
+
+    Why a thread: resolving walks the file system (a ``stat`` per component, the server's
+    own files compared by inode), and on the event loop a project on a network mount that
+    stopped answering froze every client of the server. Only this turn waits now, and a
+    cancel does not wait for it (``abandon_on_cancel``: the walk changes nothing, and its
+    thread ends when the file system answers)."""
+    raw = _path_arg(tool_input)
     try:
-        path = resolve_inside(_path_arg(tool_input), env.cwd, env.roots, env.private)
+        return await trio.to_thread.run_sync(
+            resolve_inside, raw, env.cwd, env.roots, env.private, abandon_on_cancel=True
+        )
     except PathEscape as exc:
         raise ToolError(str(exc)) from None
+
+
+async def _read_file(env: TurnEnv, tool_input: dict[str, Any], call: ClientCaller) -> str:
+    path = await _resolved(env, tool_input)
     lines = _line_args(tool_input)
     if env.capabilities.read_text_file:
         params: dict[str, Any] = {"sessionId": env.session_id, "path": str(path), **lines}
@@ -147,10 +162,7 @@ class _NotAFile(Exception):
 
 
 async def _write_file(env: TurnEnv, tool_input: dict[str, Any], call: ClientCaller) -> str:
-    try:
-        path = resolve_inside(_path_arg(tool_input), env.cwd, env.roots, env.private)
-    except PathEscape as exc:
-        raise ToolError(str(exc)) from None
+    path = await _resolved(env, tool_input)
     content = tool_input.get("content")
     if not isinstance(content, str):
         raise ToolError("input.content must be a string")

@@ -174,7 +174,7 @@ class _Context:
             )
             return None
         path = tool_input.get("path")
-        locations = _locations(path, self.turn.start.env)
+        locations = await _locations(path, self.turn.start.env)
         title = f"{spec.title} {path}" if isinstance(path, str) else spec.title
         await self._emit(
             Update(
@@ -207,22 +207,26 @@ class _Context:
         return output
 
 
-def _locations(path: Any, env: TurnEnv) -> list[str]:
+async def _locations(path: Any, env: TurnEnv) -> list[str]:
     """A tool call's ``locations``: the absolute path (the schema's "absolute file path")
     its tool will use, resolved as the tool resolves it (the path an ``fs/*`` request
     carries); none for a path the tool will refuse.
 
     Why: an IDE's follow-along opens these. Collapsing ``..`` as text pointed it at a
     file the call refused, outside the project (``/proc/self/environ``), and at the
-    wrong file where a symlink came before the ``..``."""
+    wrong file where a symlink came before the ``..``. Resolved in a thread, as the tool
+    resolves it (``_tools._resolved`` says why)."""
     if not isinstance(path, str) or not path or not is_name_text(path):
         return []
     if directory_ending(path) is not None:
         return []  # (refused: it names a directory)
     try:
-        return [str(resolve_inside(path, env.cwd, env.roots, env.private))]
+        resolved = await trio.to_thread.run_sync(
+            resolve_inside, path, env.cwd, env.roots, env.private, abandon_on_cancel=True
+        )
     except PathEscape:
         return []
+    return [str(resolved)]
 
 
 @attrs.define(eq=False)

@@ -7,6 +7,7 @@ import json
 import os
 import queue
 import signal
+import sqlite3
 import stat
 import subprocess
 import sys
@@ -162,6 +163,25 @@ def test_serve_project_must_be_a_directory(env: dict[str, str], tmp_path: Path) 
     assert "not a directory" in done.stderr
 
 
+def test_a_project_named_twice_is_one_root(env: dict[str, str], tmp_path: Path) -> None:
+    """``--project P --project P/`` (or P through a link) gave the server P twice, and a
+    refusal listed it as often: "outside the project roots (P, P, P)"."""
+    project = (tmp_path / "project").resolve()
+    (project / "sub").mkdir(parents=True)
+    (tmp_path / "link").symlink_to(project)
+    given = [str(project), f"{project}/", str(tmp_path / "link"), str(project / "sub")]
+    agent = StdioAgent([arg for path in given for arg in ("--project", path)], env)
+    try:
+        assert agent.request("initialize", {"protocolVersion": 1})["result"]
+        refused = agent.request("session/new", {"cwd": "/", "mcpServers": []})
+        assert refused["error"]["message"] == (
+            f"Invalid params: cwd '/' is outside the project roots ({project}, {project}/sub)"
+        )
+        assert agent.close_stdin_and_wait() == 0
+    finally:
+        agent.kill()
+
+
 @pytest.mark.parametrize("case", ["symlink-loop", "too-long", "nul-in-config", "not-utf8"])
 def test_serve_project_that_cannot_be_served_is_a_clear_error(
     env: dict[str, str], tmp_path: Path, case: str
@@ -250,6 +270,35 @@ def test_serve_a_directory_where_a_data_file_goes_is_a_message(
     assert not [p for p in data.iterdir() if p.name.endswith(".tmp")]
 
 
+@pytest.mark.parametrize(
+    ("content", "reason"),
+    [
+        (b"not a database, just text\n" * 200, "file is not a database"),
+        (None, "not a punie-trio session store (it holds other)"),
+    ],
+)
+def test_serve_names_a_store_it_cannot_open_once(
+    env: dict[str, str], tmp_path: Path, content: bytes | None, reason: str
+) -> None:
+    """The message said it twice: "cannot open the session store: PATH: cannot open session
+    store: file is not a database" (serve's words, then the store's, which name the path
+    and the store already)."""
+    data = Path(env["PUNIE_DATA_DIR"])
+    data.mkdir(parents=True)
+    store = data / "sessions.sqlite3"
+    if content is None:
+        with sqlite3.connect(store) as conn:
+            conn.execute("CREATE TABLE other (a)")
+        conn.close()
+    else:
+        store.write_bytes(content)
+    done = punie("serve", "--stdio", "--no-http", "--project", str(tmp_path), env=env)
+    assert done.returncode == 1
+    assert done.stderr.startswith(f"punie-trio: error: {store}: ")
+    assert reason in done.stderr
+    assert done.stderr.count("session store") == 1
+
+
 def test_serve_a_fifo_where_the_log_file_goes_is_a_message_not_a_hang(
     env: dict[str, str], tmp_path: Path
 ) -> None:
@@ -332,6 +381,26 @@ def test_a_configured_token_removes_a_stale_generated_one(
     assert not (data / "token").exists()
     done = punie("token", env=env)
     assert done.returncode == 1 and "no token at" in done.stderr
+
+
+def test_a_misspelt_environment_variable_is_warned_about(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    """A misspelt flag or config key is an error, but ``PUNIE_PROT=9000`` was ignored
+    without a word and serve ran on its default port. A near miss of an option's variable
+    is now named with the one meant; other ``PUNIE_*`` names (the benchmarks set their
+    own) are left alone, and the run goes on."""
+    args = ["serve", "--stdio", "--no-http", "--project", str(tmp_path)]
+    env = dict(env, PUNIE_PROT="9000", PUNIE_GRACE_SECOND="5", PUNIE_BENCH_GC="1")
+    done = punie(*args, env=env)
+    assert done.returncode == 0, done.stderr
+    warnings = [line for line in done.stderr.splitlines() if "warning:" in line]
+    assert warnings == [
+        "punie-trio: warning: $PUNIE_GRACE_SECOND is not a punie-trio variable and is "
+        "ignored; did you mean $PUNIE_GRACE_SECONDS?",
+        "punie-trio: warning: $PUNIE_PROT is not a punie-trio variable and is ignored; "
+        "did you mean $PUNIE_PORT?",
+    ], done.stderr
 
 
 def test_a_token_in_a_config_file_others_can_read_is_warned_about(

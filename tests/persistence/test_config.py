@@ -125,6 +125,32 @@ def test_a_config_file_that_is_no_regular_file_or_too_large_is_refused_not_read(
     assert load_file(write(tmp_path / "ok.toml", "port = 1\n"), required=True) == {"port": 1}
 
 
+def test_a_config_file_others_can_write_is_refused(tmp_path: Path) -> None:
+    """A config file names commands serve runs as its user (``build``, a ``script:``
+    model) and the token. Writable by every local user (0666), or owned by another user
+    (not root), it let them run commands as the user or as root, and serve read it
+    without a word. It is refused, as OpenSSH refuses such a config; group-writable
+    stays allowed (user private groups make files 0664)."""
+    config = write(tmp_path / "punie.toml", "port = 1\n")
+    config.chmod(0o666)
+    with pytest.raises(
+        ConfigError,
+        match=r"punie\.toml is writable by every user \(mode 0666\): whoever can change "
+        r"it can make serve run commands as you \(build, model\); `chmod o-w .*punie\.toml`",
+    ):
+        load_file(config, required=True)
+    config.chmod(0o664)
+    assert load_file(config, required=True) == {"port": 1}
+    if os.getuid() != 0:
+        return  # (only root can give a file away)
+    os.chown(config, 4321, -1)
+    with pytest.raises(
+        ConfigError,
+        match=r"punie\.toml is owned by another user \(uid 4321\): .*; use a copy you own",
+    ):
+        load_file(config, required=True)
+
+
 def _mkdir(path: Path) -> Path:
     path.mkdir()
     return path
@@ -228,6 +254,19 @@ def test_unknown_key_is_named() -> None:
             {"PUNIE_CLIENT_CALL_TIMEOUT": "Infinity"},
             "$PUNIE_CLIENT_CALL_TIMEOUT: client-call-timeout must be at most 31536000 seconds "
             "(a year), got inf",
+        ),
+        # Shown in 6 digits, 31536001 read "got 3.1536e+07": the limit itself, it seemed.
+        (
+            {},
+            {"PUNIE_GRACE_SECONDS": "31536001"},
+            "$PUNIE_GRACE_SECONDS: grace-seconds must be at most 31536000 seconds (a year), "
+            "got 31536001",
+        ),
+        (
+            {"shutdown_timeout": 31536000.5},
+            {},
+            "config.toml: shutdown-timeout must be at most 31536000 seconds (a year), "
+            "got 31536000.5",
         ),
         (
             {"debounce": "-inf"},

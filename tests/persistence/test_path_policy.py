@@ -19,7 +19,7 @@ from punie_trio.worker import ScriptModel
 from ..acp_schema import SchemaChecker
 from ..integration._support import acp_ws_client
 from ..integration.conftest import StartServer
-from ._hub import Hub, expect_error, initialize, open_hub
+from ._hub import Hub, expect_error, initialize, open_hub, send_prompt
 
 SECRET = "outside secret"
 
@@ -365,13 +365,13 @@ async def test_a_session_keeps_the_directories_as_checked(
     to ``outside`` just after. The session was given the path resolved a second time:
     outside, never checked (an audit won that race in 3-8 tries), and its tools then read
     there. It keeps the path that was checked now."""
-    from punie_trio.hub import _manager
+    from punie_trio.hub import _lifecycle
 
     root, outside = layout
     (root / "real").mkdir()
     sub = root / "sub"
     sub.symlink_to(root / "real")
-    check = _manager._resolve_param
+    check = _lifecycle._resolve_param
 
     def check_then_swap(path: str, where: str) -> Path:
         resolved = check(path, where)
@@ -389,7 +389,7 @@ async def test_a_session_keeps_the_directories_as_checked(
             session_id = await link.client.new_session(str(root))
             await link.client.request("session/close", {"sessionId": session_id})
             params["sessionId"] = session_id
-        monkeypatch.setattr(_manager, "_resolve_param", check_then_swap)
+        monkeypatch.setattr(_lifecycle, "_resolve_param", check_then_swap)
         result = await link.client.request(method, params)
         session_id = result.get("sessionId", params.get("sessionId"))
         assert hub.manager.sessions[session_id].additional_directories == (str(root / "real"),)
@@ -684,3 +684,49 @@ async def test_another_name_for_the_config_file_is_refused_too(
         assert f"which is the server's config file ({root / 'config.toml'})" in text, text
     assert "config-token" not in str(client.received)
     assert (root / "dotfiles" / "punie.toml").read_text() == 'token = "config-token"\n'
+
+
+async def test_a_tool_path_that_is_slow_to_resolve_holds_up_only_its_own_turn(
+    layout: tuple[Path, Path], acp_schema: SchemaChecker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Resolving a tool's path walks the file system (a ``stat`` a component, the
+    server's own files compared by inode), twice a call (its ``locations``, then the
+    tool). It ran on the event loop, so a project on a network mount that stopped
+    answering froze every client of the server. It runs in a thread now: here the first
+    resolve waits (as a hung mount would) while another client's turn, tool call and
+    all, is answered."""
+    import threading
+
+    from punie_trio.worker import _tools, _worker
+
+    root, _ = layout
+    entered, release = threading.Event(), threading.Event()
+    timed_out: list[bool] = []
+    resolve = _tools.resolve_inside
+
+    def hung_once(*args: Any) -> Path:
+        if not entered.is_set():
+            entered.set()
+            timed_out.append(not release.wait(timeout=10))
+        return resolve(*args)
+
+    # (Both resolves of a tool call: its locations, then the tool's own.)
+    monkeypatch.setattr(_worker, "resolve_inside", hung_once)
+    monkeypatch.setattr(_tools, "resolve_inside", hung_once)
+    steps = [{"tool": "read_file", "input": {"path": "inside.txt"}}, {"text": "done"}]
+    async with open_hub(root, acp_schema, ScriptModel([steps])) as hub:
+        a, b = await hub.connect(), await hub.connect()
+        for link in (a, b):
+            await initialize(link.client)
+        session_a = await a.client.new_session(str(root))
+        session_b = await b.client.new_session(str(root))
+        await send_prompt(a.client, "slow", session_a, "read")
+        await trio.to_thread.run_sync(entered.wait)
+        assert await b.client.prompt(session_b, "read") == "end_turn"
+        assert timed_out == []  # (the loop was not held: b's turn went through meanwhile)
+        release.set()
+        answer = await a.client.wait_for(lambda m: m.get("id") == "slow")
+        assert answer["result"] == {"stopReason": "end_turn"}
+        assert timed_out == [False]
+        for client, session_id in ((a.client, session_a), (b.client, session_b)):
+            assert [u["status"] for u in tool_outcomes(client, session_id)] == ["completed"]

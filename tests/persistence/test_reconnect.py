@@ -19,7 +19,7 @@ import trio.testing
 
 from punie_trio.acp import parse_prompt
 from punie_trio.hub import ClientConnection, Limits
-from punie_trio.hub._manager import RELOAD_REQUIRED
+from punie_trio.hub._grace import RELOAD_REQUIRED
 from punie_trio.rpc import current_request_id
 from punie_trio.transport import MemoryMessageStream, memory_message_stream_pair
 from punie_trio.worker import EchoModel, ScriptModel

@@ -124,6 +124,20 @@ def test_list_cwd_and_empty(data_dir: Path, capsys: pytest.CaptureFixture[str]) 
     assert capsys.readouterr().out.startswith("no sessions in ")
 
 
+@pytest.mark.parametrize("cwd", ["", "  "])
+def test_an_empty_cwd_is_exit_2_not_every_session(
+    data_dir: Path, capsys: pytest.CaptureFixture[str], cwd: str
+) -> None:
+    """``--cwd ""`` (``--cwd "$DIR"`` with DIR unset) listed every session, as if no
+    filter had been given; an empty path is an error everywhere else (--data-dir, --project)."""
+    with pytest.raises(SystemExit) as info:
+        main(["sessions", "list", "--data-dir", str(data_dir), "--cwd", cwd])
+    assert info.value.code == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert "argument --cwd: must not be empty" in captured.err
+
+
 @pytest.mark.parametrize("cwd", ["~nosuchuser-punie/p", "loop"])
 def test_a_cwd_that_cannot_be_resolved_is_exit_2_naming_it(
     data_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], cwd: str
@@ -757,6 +771,29 @@ def test_read_only_commands_take_config_and_serves_precedence(
     assert "token: other" in capsys.readouterr().out
     assert main(["token", "--config", str(config), "--data-dir", str(data_dir)]) == 0
     assert "token: mine" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv", [["token"], ["sessions", "list"]])
+def test_a_misspelt_data_dir_variable_is_named_by_the_read_only_commands(
+    data_dir: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    argv: list[str],
+) -> None:
+    """``PUNIE_DATADIR=DIR punie-trio token`` printed the token of another data directory
+    (the default one) without a word (serve warns of the variable, and these commands read the
+    one it nearly names). Another near miss (``PUNIE_PROT``) is none of theirs."""
+    token_path(data_dir).write_text("s3cret\n")
+    token_path(data_dir).chmod(0o600)
+    monkeypatch.setenv("PUNIE_DATA_DIR", str(data_dir))
+    monkeypatch.setenv("PUNIE_DATADIR", str(tmp_path / "meant"))
+    monkeypatch.setenv("PUNIE_PROT", "9000")
+    assert main(argv) == 0
+    assert capsys.readouterr().err == (
+        "punie-trio: warning: $PUNIE_DATADIR is not a punie-trio variable and is ignored; "
+        "did you mean $PUNIE_DATA_DIR?\n"
+    )
 
 
 @pytest.mark.parametrize(

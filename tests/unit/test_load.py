@@ -340,6 +340,37 @@ async def test_a_cancelled_load_drops_what_it_opened(
         assert session not in hub.manager.sessions  # not left open without its history
 
 
+@pytest.mark.parametrize("live", [False, True], ids=["closed", "live"])
+async def test_a_cancelled_load_leaves_the_stored_roots_as_they_were(
+    tmp_path: Path, acp_schema: SchemaChecker, live: bool
+) -> None:
+    """A load asking for other ``additionalDirectories`` wrote them to the store before
+    its replay. Cancelled in the replay, the session was dropped (or kept the roots it
+    had), but the store, and so ``session/list``, reported the new roots. They are
+    written once the load has succeeded."""
+    store = GatedStore()
+    async with open_hub(tmp_path, acp_schema, EchoModel(), store=store) as hub:  # type: ignore[arg-type]
+        (hub.root / "x").mkdir()
+        (a,) = await clients(hub, 1)
+        session = await a.new_session(str(hub.root))
+        if not live:
+            await a.request("session/close", {"sessionId": session})
+        store.reads.armed = True
+        params = load_params(session, hub.root, hub.root / "x")
+        await a.send({"jsonrpc": "2.0", "id": "L", "method": "session/load", "params": params})
+        await store.reads.entered.wait()
+        await a.notify("$/cancel_request", {"requestId": "L"})
+        answer = await a.wait_for(lambda m: m.get("id") == "L")
+        assert answer["error"]["code"] == -32800
+        assert (await store.inner.get_session(session)).additional_directories == ()
+        if live:
+            assert hub.manager.sessions[session].additional_directories == ()
+        store.reads.armed = False
+        await a.request("session/load", params)  # and a load that succeeds writes them
+        stored = (await store.inner.get_session(session)).additional_directories
+        assert stored == (str(hub.root / "x"),)
+
+
 async def test_a_close_during_a_load_is_refused(tmp_path: Path, acp_schema: SchemaChecker) -> None:
     store = GatedStore()
     async with open_hub(tmp_path, acp_schema, EchoModel(), store=store) as hub:  # type: ignore[arg-type]

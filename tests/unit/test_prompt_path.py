@@ -16,7 +16,7 @@ import trio
 import trio.testing
 
 from punie_trio.hub import ClientConnection, Manager
-from punie_trio.hub._manager import EARLY_WRITE_UPDATES
+from punie_trio.hub._turns import EARLY_WRITE_UPDATES
 from punie_trio.store import MemoryStore, Store, open_sqlite_store
 from punie_trio.transport import NdjsonStream, memory_message_stream_pair
 from punie_trio.worker import EchoModel

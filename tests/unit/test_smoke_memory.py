@@ -49,6 +49,31 @@ async def test_echo_prompt_over_memory_streams(tmp_path: Path, acp_schema: Schem
         assert title == {"sessionUpdate": "session_info_update", "title": "hello brave new world"}
 
 
+@pytest.mark.parametrize(
+    ("text", "title"),
+    [
+        ("Fix the bug\r\nin main.py", "Fix the bug"),  # a Windows client's line ending
+        ("Fix the bug\rin main.py", "Fix the bug"),
+        ("Fix the bug   \nin main.py", "Fix the bug"),
+        ("\n\n  Fix the bug\nin main.py", "Fix the bug"),
+        ("Fix the bug\u2028in main.py", "Fix the bug"),
+    ],
+)
+async def test_a_title_is_the_first_line_without_its_line_break(
+    tmp_path: Path, acp_schema: SchemaChecker, text: str, title: str
+) -> None:
+    """Only "\n" ended the first line: a CRLF prompt named the session "Fix the bug\r",
+    which ``sessions list`` then showed as ``Fix the bug\r``."""
+    async with _connected(tmp_path, acp_schema) as (_, client):
+        await client.initialize()
+        session = await client.new_session(str(tmp_path))
+        assert await client.prompt(session, text) == "end_turn"
+        assert client.updates(session)[-1] == {
+            "sessionUpdate": "session_info_update",
+            "title": title,
+        }
+
+
 @asynccontextmanager
 async def _one_worker_two_sessions(
     tmp_path: Path, acp_schema: SchemaChecker

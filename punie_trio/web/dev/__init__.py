@@ -2,6 +2,7 @@
 
 See ``docs/dev-app.md``. The pieces, bottom-up (pure ones first):
 
+* ``_asgi``: ASGI types, header access, and the shielded send that ends a response;
 * ``_events``: reload/status events, merging, and the SSE wire format;
 * ``_http``: request path, Range, conditional request and content-type rules;
 * ``_inject``: the browser script and where it goes in a page;

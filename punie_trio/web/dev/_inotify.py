@@ -35,9 +35,10 @@ away are dropped. A watched *file* is watched through its parent directory (filt
 name), so an editor that replaces it by rename keeps being seen; a watched root directory's
 parent is watched for its name too, so a root wiped and made again is seen at once.
 
-Resource handling: one inotify descriptor per :func:`watch_inotify` call, closed (after
-:func:`trio.lowlevel.notify_closing`) when it returns or is cancelled. Directory scans (the
-initial registration and new trees) run in a worker thread: a large tree never blocks the loop.
+Resource handling: one inotify descriptor per :func:`open_watches` call (closed there if the
+registration fails), closed by :func:`run` (after :func:`trio.lowlevel.notify_closing`) when it
+returns or is cancelled. Directory scans (the initial registration and new trees) run in a
+worker thread: a large tree never blocks the loop.
 """
 
 from __future__ import annotations

@@ -1,0 +1,402 @@
+"""Reconnect grace: what a client that said who it is (``_meta["punie-trio/clientId"]``)
+keeps while its connection is down, and how it gets it back.
+
+A connection that ends under a client id keeps its sessions for ``grace_seconds``: their
+turns run on (a turn's relay lives in the manager's nursery, not the connection's), and
+what they produce is kept on each session (``Session.pending``; past ``detached_buffer``
+updates the client is told to reload instead) until the client re-attaches (:func:`reclaim`,
+then :func:`deliver_missed`), or its grace ends and the sessions are dropped (they stay
+loadable from the store, and the client is owed a reload notice, :func:`expired_for`). The
+sessions of any other client are dropped when it leaves.
+
+These are the :class:`~._manager.Manager`'s methods, defined here and bound in its class
+body (each takes the manager as ``self``): the state they change is the manager's
+(``sessions``, ``_reattached``, ``_expired``, ``_left_prompt_times``), and the manager
+stays the one object a connection talks to.
+
+Resource handling: a connection's sessions are dropped when it leaves; its turns are
+cancelled (the peer tells the manager through the prompt's Deferred, and :func:`detach`
+cancels the rest), unless its client keeps them within grace. Each client away has one
+timer task in the manager's nursery (:func:`_expire_grace`), ended by its re-attach or by
+its grace's end; the clients away, with the live connections, stay within
+``max_connections`` (:func:`_bound_detached`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
+
+import trio
+
+from ..acp import updates
+from ..rpc import PeerClosed, RequestId
+from ._session import Pending, Session, json_string_at
+
+if TYPE_CHECKING:
+    from ._connection import ClientConnection
+    from ._manager import Manager
+
+log = logging.getLogger("punie_trio.hub")
+
+# Sent to a re-attached client whose missed updates overflowed the buffer.
+RELOAD_REQUIRED = "_punie-trio/reload_required"
+
+
+def detach(self: Manager, conn: ClientConnection) -> None:
+    """Forget a connection that ended. A client that said who it is keeps its sessions
+    for ``grace_seconds`` (turns run on, what they produce is kept for it); the sessions
+    of any other client are dropped (they stay loadable from the store)."""
+    self.connections.discard(conn)
+    owned = [s for s in self.sessions.values() if s.owner is conn]
+    client_id = conn.client_id
+    if client_id and conn.prompt_times:
+        self._keep_prompt_times(client_id, conn.prompt_times)
+    grace = bool(client_id) and self._grace_for(conn)
+    unsent = conn.peer.unsent() if grace and conn.peer is not None else []
+    if unsent:
+        assert client_id is not None
+        self._keep_reload_notices(client_id, owned, unsent)
+    if client_id and grace and owned:
+        self._keep_unsent(owned, unsent, conn.refused_prompts or {})
+        for session in owned:
+            session.owner = None
+            session.detached_client = client_id
+        event = self._reattached.setdefault(client_id, trio.Event())
+        assert self._nursery is not None
+        self._nursery.start_soon(self._expire_grace, client_id, event)
+        self._bound_detached()
+        return
+    for session in owned:
+        self._drop_session(session)
+
+
+def _keep_unsent(
+    self: Manager, owned: list[Session], texts: list[str], refused: Mapping[RequestId, str]
+) -> None:
+    """Put what a dropped connection had queued but never written back in front of its
+    sessions' backlogs (it is older than anything kept since): their updates, the
+    answer of each one's last prompt, and the errors of prompts refused at once
+    (``refused``: request id to session id). The rest (answers to other requests,
+    our own requests, a session/load's replay, spelled apart:
+    ``updates.REPLAY_START``) belonged to that connection alone. What was written is
+    not repeated: whether it arrived cannot be known without the client
+    acknowledging it.
+
+    Why the refusals: a re-attaching client that awaits a refused prompt's id would
+    otherwise wait for ever (its prompt never ran, so the store has no turn to say
+    so); kept, the error is delivered under the rule of any kept answer."""
+    if not texts:
+        return
+    by_id = {s.id: s for s in owned}
+    answered = {s.answered_id: s for s in owned if s.answered_id is not None}
+    for request_id, refused_in in refused.items():
+        if refused_in in by_id and request_id not in answered:
+            answered[request_id] = by_id[refused_in]
+    kept: dict[str, list[Pending]] = {}
+    for text in texts:
+        if text.startswith(updates.NOTIFICATION_START):
+            session_id = json_string_at(text, len(updates.NOTIFICATION_START))
+            session = by_id.get(session_id) if session_id is not None else None
+            if session is not None:
+                kept.setdefault(session.id, []).append(("update", text))
+        elif answered and text.startswith('{"jsonrpc":"2.0","id":'):
+            try:
+                msg = json.loads(text)
+            except ValueError:  # pragma: no cover - we wrote it
+                continue
+            session = answered.get(msg.get("id"))
+            result = msg.get("result")
+            prompt_answer = "error" in msg or (isinstance(result, dict) and "stopReason" in result)
+            if session is not None and prompt_answer:
+                kept.setdefault(session.id, []).append(("message", text, msg["id"]))
+    for session_id, items in kept.items():
+        session = by_id[session_id]
+        rest, session.pending = session.pending, []
+        for item in (*items, *rest):
+            self._buffer(session, item)
+
+
+def _keep_reload_notices(
+    self: Manager, client_id: str, owned: list[Session], texts: list[str]
+) -> None:
+    """Reload notices a dropped connection queued but never wrote are owed again: a
+    session of its kept within grace is marked to be told again when it re-attaches,
+    and any other (one whose grace had ended) is owed to the client id. Without the
+    notice the client waits for ever for the answer it awaits."""
+    by_id = {s.id: s for s in owned}
+    owed: list[str] = []
+    for text in texts:
+        if RELOAD_REQUIRED not in text[:100]:
+            continue
+        try:
+            msg = json.loads(text)
+        except ValueError:  # pragma: no cover - we wrote it
+            continue
+        params = msg.get("params")
+        session_id = params.get("sessionId") if isinstance(params, dict) else None
+        if msg.get("method") != RELOAD_REQUIRED or not isinstance(session_id, str):
+            continue
+        session = by_id.get(session_id)
+        if session is not None:
+            session.overflowed = True  # (its flush tells it, once no turn runs)
+        else:
+            owed.append(session_id)
+    if owed:
+        self._owe(client_id, owed)
+
+
+def _grace_for(self: Manager, conn: ClientConnection) -> bool:
+    """Whether ``conn``'s sessions (and running turns) wait for its client to come back:
+    it said who it is, grace is on, and the manager runs and is not closing."""
+    return (
+        bool(conn.client_id)
+        and self.limits.grace_seconds > 0
+        and self._nursery is not None
+        and not self.closing.is_set()
+    )
+
+
+def _keep_prompt_times(self: Manager, client_id: str, times: list[float]) -> None:
+    """Remember a leaving client's prompt times for the rate limit's window (and forget
+    those of clients gone longer than that: the dict stays as small as the churn of
+    the last minute)."""
+    horizon = trio.current_time() - 60.0
+    for gone in [c for c, t in self._left_prompt_times.items() if t[-1] <= horizon]:
+        del self._left_prompt_times[gone]
+    self._left_prompt_times[client_id] = times
+
+
+def prompt_times_for(self: Manager, client_id: str) -> list[float]:
+    """The prompt times a client id left with, for its new connection: reconnecting
+    does not start a fresh count of ``prompts_per_minute``."""
+    return self._left_prompt_times.pop(client_id, [])
+
+
+def reclaim(self: Manager, conn: ClientConnection) -> list[Session]:
+    """Give ``conn`` the sessions its client id left within grace (synchronously: a
+    request it sends next finds them its own); return them, for
+    :meth:`deliver_missed`."""
+    client_id = conn.client_id
+    if not client_id:
+        return []
+    event = self._reattached.pop(client_id, None)
+    if event is not None:
+        event.set()
+    reclaimed = []
+    for session in self.sessions.values():
+        if session.detached_client == client_id and session.owner is None:
+            session.owner = conn
+            session.detached_client = None
+            reclaimed.append(session)
+    return reclaimed
+
+
+async def deliver_missed(
+    self: Manager, conn: ClientConnection, sessions: list[Session], expired: Sequence[str] = ()
+) -> None:
+    """Send ``conn`` what its reclaimed ``sessions`` produced while it was away
+    (updates, then answers), in order, each exactly once; then tell it to reload the
+    ``expired`` sessions (:meth:`expired_for`). A notice not sent (the connection
+    ended) stays owed to the client id."""
+    told = 0
+    try:
+        for session in sessions:
+            await self._flush(session, conn)
+        for session_id in expired:
+            if self._held_by(conn, session_id):
+                told += 1  # (loaded again meanwhile, behind the initialize: it knows)
+                continue
+            await conn.notify(
+                RELOAD_REQUIRED,
+                {
+                    "sessionId": session_id,
+                    "reason": "the grace period ended while disconnected",
+                },
+            )
+            told += 1
+    except BaseException:
+        if conn.client_id and told < len(expired):
+            self._owe(conn.client_id, [s for s in expired[told:] if not self._held_by(conn, s)])
+        raise
+
+
+def _held_by(self: Manager, conn: ClientConnection, session_id: str) -> bool:
+    session = self.sessions.get(session_id)
+    return session is not None and session.owner is conn
+
+
+async def _expire_grace(self: Manager, client_id: str, event: trio.Event) -> None:
+    with trio.move_on_after(self.limits.grace_seconds):
+        await event.wait()
+    if event.is_set():
+        return  # re-attached, or its grace was ended early (_bound_detached)
+    self._end_grace(client_id)
+
+
+def _end_grace(self: Manager, client_id: str) -> None:
+    """Drop the sessions ``client_id`` left (their turns are cancelled): they stay
+    loadable from the store. Those that drop something the client has not got (a
+    running turn, kept updates or answers) are remembered, so that the client, should
+    it come back, is told to reload them rather than wait for an answer that will
+    never come."""
+    self._reattached.pop(client_id, None)
+    missed: list[str] = []
+    for session in [s for s in self.sessions.values() if s.detached_client == client_id]:
+        if session.turn is not None or session.pending or session.overflowed:
+            missed.append(session.id)
+        self._drop_session(session)
+    if missed:
+        self._owe(client_id, missed)
+
+
+def _owe(self: Manager, client_id: str, session_ids: Sequence[str]) -> None:
+    """Remember reload notices owed to ``client_id`` (after any it is owed already),
+    within the bound of ``max_connections`` client ids, the oldest forgotten first."""
+    owed = self._expired.pop(client_id, [])  # (re-inserted: now the newest)
+    for session_id in session_ids:
+        if session_id not in owed:  # (each session told once)
+            owed.append(session_id)
+    self._expired[client_id] = owed
+    while len(self._expired) > self.limits.max_connections:
+        del self._expired[next(iter(self._expired))]
+
+
+def expired_for(self: Manager, client_id: str | None) -> list[str]:
+    """The sessions whose grace period ended with something ``client_id`` missed (see
+    :meth:`_end_grace`), taken: its connection tells it to reload each, once."""
+    return self._expired.pop(client_id, []) if client_id else []
+
+
+def _bound_detached(self: Manager) -> None:
+    """Keep the clients away within grace, with the live connections, within
+    ``max_connections``: past it, the client away longest loses its grace now.
+
+    Why: each client away keeps up to ``max_sessions_per_connection`` sessions and
+    their running turns, and a client may come and go under a fresh client id each
+    time: bounded only by the grace period, a token holder could pile up thousands
+    of sessions and turns (an audit reached 3,200 running turns and 900 MB). So the
+    sessions kept for absent clients are bounded like those of connected ones.
+    """
+    limit = self.limits.max_connections
+    while self._reattached and len(self.connections) + len(self._reattached) > limit:
+        client_id, event = next(iter(self._reattached.items()))  # away the longest
+        log.warning(
+            "ending the grace period of client %r early: %d clients away and %d "
+            "connected, over the connection limit (%d)",
+            client_id, len(self._reattached), len(self.connections), limit,
+        )  # fmt: skip
+        event.set()  # (its timer ends)
+        self._end_grace(client_id)
+
+
+def _buffer(self: Manager, session: Session, item: Pending) -> None:
+    """Keep what a detached client missed; past ``detached_buffer`` updates the client
+    is told to ``session/load`` instead (answers are always kept)."""
+    if item[0] == "update":
+        if session.overflowed:
+            return
+        if sum(1 for p in session.pending if p[0] == "update") >= self.limits.detached_buffer:
+            session.overflowed = True
+            session.pending = [p for p in session.pending if p[0] != "update"]
+            return
+    session.pending.append(item)
+
+
+async def _flush(self: Manager, session: Session, conn: ClientConnection) -> None:
+    """Send ``conn`` what ``session`` kept for its owner, before anything newer.
+
+    One sender at a time: a relay and a re-attaching connection (or an orphan's answer)
+    may both want to send a session's backlog, and two tasks waiting for room in an
+    outbox may be let in in either order. So whoever finds a flush under way waits for
+    it to end (then looks again), and a caller that returns from here finds the
+    backlog sent. Error handling: an item whose send fails (the connection ended, or
+    the caller was cancelled before it was queued) goes back to the front, to be
+    delivered by whoever comes next: nothing is lost and nothing is sent twice.
+    """
+    while session.flush_done is not None:
+        await session.flush_done.wait()
+    if not session.pending and not (session.overflowed and session.turn is None):
+        return
+    done = session.flush_done = trio.Event()
+    try:
+        while session.pending and session.owner is conn:
+            item = session.pending.pop(0)
+            try:
+                if item[0] == "update":
+                    await conn.send_encoded(item[1])
+                elif item[0] == "message":  # an answer, as written
+                    if not _answer_unwanted(session, conn, item[2]):
+                        await conn.send_encoded(item[1])
+                        _answered(session, conn, item[2])
+                else:
+                    _, request_id, response, error = item
+                    if not _answer_unwanted(session, conn, request_id):
+                        await conn.send_answer(request_id, response, error)
+                        _answered(session, conn, request_id)
+            except BaseException:
+                session.pending.insert(0, item)
+                raise
+        # Told after what was kept (the answers), once no turn of the session runs: at
+        # re-attach, or after the answer of the turn that ran on (a session/load is
+        # refused while a turn runs).
+        if session.overflowed and session.turn is None and session.owner is conn:
+            await conn.notify(
+                RELOAD_REQUIRED,
+                {"sessionId": session.id, "reason": "updates were missed while disconnected"},
+            )
+            session.overflowed = False  # only once sent: a failed send leaves it owed
+    finally:
+        session.flush_done = None
+        done.set()
+
+
+async def _deliver(self: Manager, session: Session, update: str) -> None:
+    """Send ``update`` (an encoded ``session/update`` notification) to the session's
+    owner, or keep it for the owner's return."""
+    conn = session.owner
+    if conn is not None:
+        try:
+            await self._flush(session, conn)
+            await conn.send_encoded(update)
+            return
+        except PeerClosed:
+            pass
+    self._buffer(session, ("update", update))
+
+
+def _answered(session: Session, conn: ClientConnection, request_id: RequestId | None) -> None:
+    """An old answer was handed to ``conn``: it awaits it no more, and it is the session's
+    last answer (should ``conn`` drop before writing it, ``_keep_unsent`` keeps it)."""
+    conn.stop_awaiting(request_id)
+    session.answered_id = request_id
+
+
+def _answer_unwanted(
+    session: Session, conn: ClientConnection, request_id: RequestId | None
+) -> bool:
+    """Whether the answer to a prompt sent on a dropped connection is kept from ``conn``,
+    the connection that re-attached the session (dropped, logged: the turn is in the
+    store, and ``session/load`` replays it); else ``conn`` is to get it (and no longer
+    awaits it once it is sent: :func:`_answered`).
+
+    Why: the answer keeps the prompt's id, which only a client that carries its ids over
+    to the new connection (as ``punie-trio acp`` carries the IDE's) can match. A client
+    that starts its ids afresh may have reused that id for a new request, in flight,
+    answered already, or sent and not yet read: it would take the old turn's answer for
+    its new request's. The server cannot tell the two apart, so the client says which
+    answers it awaits (``_meta["punie-trio/awaiting"]`` in ``initialize``), and only those
+    are sent, never one whose id it has in flight again.
+    """
+    if request_id in conn.awaiting and not conn.has_in_flight(request_id):
+        return False
+    log.info(
+        "session %s: not delivering the answer to request %r of a dropped connection: "
+        "the re-attached connection %s",
+        session.id, request_id,
+        "has its own request with that id in flight" if request_id in conn.awaiting
+        else "did not list it as awaited",
+    )  # fmt: skip
+    return True

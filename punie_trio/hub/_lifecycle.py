@@ -1,0 +1,495 @@
+"""The session lifecycle: the paths a session may have, and ``session/new``, ``load``,
+``resume``, ``list``, ``close`` and ``delete``.
+
+A session's cwd and additional directories are checked and resolved once, in the
+connection's reader (:func:`checked_cwd`, :func:`check_inside_roots`), and the session
+keeps them resolved as checked: resolving them again later could give another path (a
+symlink swapped meanwhile), one never checked.
+
+A load reads the stored session, then claims the live one with no await between its
+checks and the claim (``Session.loading``): a concurrent load, or a prompt or close of the
+session, is refused from there on. A load or delete first waits for the turn cut as its
+session was dropped (``Manager._ending``) to be recorded, or it would read the store
+without that turn.
+
+These are the :class:`~._manager.Manager`'s methods, defined here and bound in its class
+body (each takes the manager as ``self``): the state they change is the manager's
+(``sessions``, ``_deleting``, ``_drops``), and the manager stays the one object a
+connection talks to.
+
+Resource handling: a live session is registered by ``Manager._open`` and forgotten by
+``Manager._drop_session`` (which start and stop its project's worker: see ``_manager.py``);
+it stays loadable from the store. A load that fails or is cancelled drops a session it
+opened: none is left open half-loaded.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Awaitable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .. import acp
+from .._json import is_name_text
+from .._paths import resolved
+from ..acp import updates
+from ..rpc import INTERNAL_ERROR, INVALID_REQUEST, RpcError
+from ..store import (
+    STOP,
+    BadCursor,
+    SessionRecord,
+    StoreError,
+    UnknownSessionError,
+    under_roots,
+)
+from ..worker import SeedHistory
+from ._session import Session, turn_history
+
+if TYPE_CHECKING:
+    from ._connection import ClientConnection
+    from ._manager import Manager
+
+log = logging.getLogger("punie_trio.hub")
+
+# Transcript entries read per page by session/load and session/resume.
+REPLAY_PAGE = 2000
+
+
+def _store_failed(exc: StoreError) -> RpcError:
+    """-32603 for a store that cannot do what a request needs (a damaged row, a failing
+    disk), logged as a warning with its message: the store names the trouble, and a
+    traceback of the hub would only bury it."""
+    log.warning("session store: %s", exc)
+    return RpcError(INTERNAL_ERROR, f"Internal error: {exc}")
+
+
+def _check_not_loading(conn: ClientConnection, session: Session) -> None:
+    """Refuse a prompt or close of a session being loaded: claimed by its load, or (the
+    connection reloading a session it holds) with the load read but still reading the
+    store (``conn.loads_pending``)."""
+    if session.loading or session.id in conn.loads_pending:
+        raise _still_loading(session.id)
+
+
+def _still_loading(session_id: str) -> RpcError:
+    """The refusal of a request on a session a ``session/load`` or ``resume`` is making live
+    (or, on the loading connection, still reading from the store)."""
+    return RpcError(INVALID_REQUEST, f"Session {session_id} is still loading")
+
+
+def _held_elsewhere(session: Session) -> RpcError:
+    """The refusal for a session that another connection holds: open there, or kept for a
+    client that left and may come back within its grace period (not named: a client id
+    is what re-attaches its sessions, and any token holder could read this answer)."""
+    if session.owner is None and session.detached_client is not None:
+        return RpcError(
+            INVALID_REQUEST,
+            f"Session {session.id} is kept for a client that is away and may reconnect "
+            "within its grace period; it is open to others once that ends",
+        )
+    return RpcError(INVALID_REQUEST, f"Session {session.id} is open on another connection")
+
+
+def _roots_containing(self: Manager, path: Path) -> list[str]:
+    """The served roots ``path`` lies under (``is_relative_to`` counts the root itself)."""
+    return [r for r in self.roots if path.is_relative_to(r)]
+
+
+def checked_cwd(self: Manager, cwd: str) -> tuple[str, str]:
+    """``(project root, cwd resolved)``: the most specific project root containing
+    ``cwd``, or -32602; so is a ``cwd`` that is not a directory (every tool of the
+    session would fail in it). The session keeps this resolved cwd: resolving it again
+    later could give another path (a symlink swapped meanwhile), one never checked."""
+    path = _resolve_param(cwd, "cwd")
+    matches = self._roots_containing(path)
+    if not matches:
+        allowed = ", ".join(self.roots)
+        raise RpcError.invalid_params(
+            f"Invalid params: cwd {cwd!r} is outside the project roots ({allowed})"
+        )
+    if not path.is_dir():
+        raise RpcError.invalid_params(f"Invalid params: cwd {cwd!r} is not a directory")
+    return max(matches, key=len), str(path)
+
+
+def check_inside_roots(self: Manager, paths: tuple[str, ...], field: str) -> tuple[str, ...]:
+    """Each of ``paths`` (additional directories) must be a directory inside a root: a
+    missing one would be checked only when a tool first uses it, and by then it could
+    have been made a symlink to anywhere. Returns them resolved, as checked: the
+    session keeps these (resolving again could give another path, never checked)."""
+    checked: list[str] = []
+    for i, path in enumerate(paths):
+        where = f"{field}[{i}]"
+        resolved_path = _resolve_param(path, where)
+        if not self._roots_containing(resolved_path):
+            raise RpcError.invalid_params(
+                f"Invalid params: {where} {path!r} is outside the project roots "
+                f"({', '.join(self.roots)})"
+            )
+        if not resolved_path.is_dir():
+            raise RpcError.invalid_params(f"Invalid params: {where} {path!r} is not a directory")
+        checked.append(str(resolved_path))
+    return tuple(checked)
+
+
+def _check_session_quota(self: Manager, conn: ClientConnection) -> None:
+    owned = sum(1 for s in self.sessions.values() if s.owner is conn)
+    if owned >= self.limits.max_sessions_per_connection:
+        raise RpcError(
+            INVALID_REQUEST,
+            f"Session limit reached: {owned} sessions open on this connection "
+            f"(max {self.limits.max_sessions_per_connection}); close one first",
+        )
+
+
+def new_session(self: Manager, conn: ClientConnection, params: acp.NewSessionParams) -> Session:
+    """Register a new session synchronously; :meth:`persist_new` then stores it."""
+    if self.closing.is_set():
+        raise RpcError(INTERNAL_ERROR, "Server is shutting down")
+    root, cwd = self.checked_cwd(params.cwd)
+    additional = self.check_inside_roots(params.additional_directories, "additionalDirectories")
+    self._check_session_quota(conn)
+    session_id = f"sess_{uuid.uuid4().hex}"
+    return self._open(conn, session_id, root, cwd, additional)
+
+
+async def persist_new(
+    self: Manager, session: Session, cwd_sent: str | None = None
+) -> dict[str, Any]:
+    """Store a session :meth:`new_session` opened; ``cwd_sent``: its cwd as the client
+    sent it (what session/list reports)."""
+    now = time.time()
+    record = SessionRecord(
+        id=session.id,
+        root=session.root,
+        cwd=session.cwd,
+        client_id=session.owner.client_id if session.owner else None,
+        additional_directories=session.additional_directories,
+        created_at=now,
+        updated_at=now,
+        cwd_sent=cwd_sent,
+    )
+    try:
+        await self.store.create_session(record)
+    except StoreError as exc:
+        if self.sessions.get(session.id) is session:
+            self._drop_session(session)
+        raise RpcError(INTERNAL_ERROR, f"Internal error: cannot store the session: {exc}") from None
+    return {"sessionId": session.id}
+
+
+def _serves(self: Manager, record: SessionRecord) -> bool:
+    """Whether ``record``'s working directory lies under a root this server serves
+    (the store may hold sessions of roots no longer passed with ``--project``): the
+    test the store's ``list_sessions(roots=...)`` makes, so a load and a listing
+    never disagree on which sessions are served."""
+    return under_roots(record.cwd, self.roots)
+
+
+async def _stored(self: Manager, session_id: str) -> SessionRecord:
+    try:
+        record = await self.store.get_session(session_id)
+    except StoreError as exc:
+        raise _store_failed(exc) from None
+    if record is None or not self._serves(record):
+        raise RpcError.not_found(f"Session not found: {session_id}")
+    return record
+
+
+def load_session(
+    self: Manager, conn: ClientConnection, ref: acp.SessionRef, *, replay: bool
+) -> Awaitable[dict[str, Any]]:
+    """``session/load`` (``replay``) and ``session/resume``: make a stored session live
+    on ``conn``, give the worker its history, and (for load) replay the transcript as
+    ``session/update``s before answering.
+
+    Marked pending on ``conn`` here, in the connection's reader, before the next message
+    is read: the load reads the stored session before it can claim the live one, and a
+    prompt or close pipelined behind it must hear "still loading" meanwhile too (it
+    heard "Session not found", of a session that exists)."""
+    conn.loads_pending += (ref.session_id,)
+    return self._unmark_after(conn, ref, self._load_session(conn, ref, replay))
+
+
+async def _unmark_after(
+    conn: ClientConnection, ref: acp.SessionRef, load: Awaitable[dict[str, Any]]
+) -> dict[str, Any]:
+    try:
+        return await load
+    finally:
+        pending = list(conn.loads_pending)
+        pending.remove(ref.session_id)
+        conn.loads_pending = tuple(pending)
+
+
+async def _load_session(
+    self: Manager, conn: ClientConnection, ref: acp.SessionRef, replay: bool
+) -> dict[str, Any]:
+    if self.closing.is_set():
+        raise RpcError(INTERNAL_ERROR, "Server is shutting down")
+    assert ref.cwd is not None
+    root, cwd = self.checked_cwd(ref.cwd)
+    additional = self.check_inside_roots(ref.additional_directories, "additionalDirectories")
+    while await self._waited_for_cut_turn(ref.session_id):
+        pass  # (before reading: a read its commit lands in, ending it, would miss it)
+    drops = self._drops
+    record = await self._stored(ref.session_id)
+    while await self._waited_for_cut_turn(ref.session_id):
+        # Read the store again now the cut turn is recorded (the replay, the history
+        # and the turn count include it).
+        drops = self._drops
+        record = await self._stored(ref.session_id)
+    if self.closing.is_set():  # (the reads above may have waited into the shutdown)
+        raise RpcError(INTERNAL_ERROR, "Server is shutting down")
+    if cwd != str(_resolve_param(record.cwd, "stored cwd")):
+        # "cwd is immutable after session setup" (session-list page); only the extra
+        # roots may differ from one load to the next (session-setup page).
+        raise RpcError.invalid_params(
+            f"Invalid params: cwd {ref.cwd!r} is not the cwd of session {record.id} "
+            f"({record.cwd}); a session keeps the cwd it was created with"
+        )
+    # Claimed with no await between the check and the claim: a concurrent load or a
+    # prompt is refused from here on, so only this request writes what follows.
+    live = self._loadable(conn, ref.session_id)
+    opened = live is None
+    previous = live.additional_directories if live is not None else ()
+    if live is not None:
+        live.additional_directories = additional
+    else:
+        live = self._open(
+            conn,
+            record.id,
+            root,
+            cwd,
+            # Only what this request asked for (checked above): stored roots are not
+            # restored implicitly (session-setup page), they may no longer be allowed.
+            additional,
+            turns=record.turns,
+            title=record.title,
+        )
+    live.loading = True  # no prompt, close or delete until the history is in place
+    try:
+        if opened and self._drops != drops:
+            # A session was dropped while the store was read: perhaps this one, live
+            # on another connection then, its last turn recorded before the read came
+            # back (so not waited for above). The record read may predate that turn,
+            # which the replay, read later, holds: the session's next turn reused its
+            # number and was not saved. Claimed now, nothing else writes it: read again.
+            record = await self._stored(ref.session_id)
+            live.turns, live.title = record.turns, record.title
+        history = await self._replay(conn, live, replay)
+        if additional != record.additional_directories:
+            # The roots asked for are the session's now, in the store too (what
+            # session/list reports). Written once the replay is through: a load failed
+            # or cancelled before leaves the stored roots as they were, as the live ones.
+            await self.store.update_session(record.id, additional_directories=additional)
+        self._command(live.worker, SeedHistory(live.id, tuple(history)))
+    except BaseException as exc:
+        # Failed or cancelled: a session this load opened is not left open half-loaded
+        # (no history: its next prompt would start from nothing), and one that was
+        # open keeps the roots it had.
+        if opened and self.sessions.get(live.id) is live:
+            self._drop_session(live)
+        elif not opened:
+            live.additional_directories = previous
+        if isinstance(exc, UnknownSessionError):  # deleted meanwhile (by another process)
+            raise RpcError.not_found(f"Session not found: {record.id}") from None
+        if isinstance(exc, StoreError):
+            raise _store_failed(exc) from None
+        raise
+    finally:
+        live.loading = False
+    return {}
+
+
+def _loadable(self: Manager, conn: ClientConnection, session_id: str) -> Session | None:
+    """The live session ``conn`` may load again (None: not live, and ``conn`` may open
+    one more), or the refusal."""
+    if session_id in self._deleting:
+        raise RpcError.not_found(f"Session not found: {session_id} (being deleted)")
+    live = self.sessions.get(session_id)
+    if live is None:
+        self._check_session_quota(conn)
+        return None
+    if live.owner is not conn:
+        raise _held_elsewhere(live)
+    if live.closing:
+        raise RpcError(INVALID_REQUEST, f"Session {session_id} is closing")
+    if live.loading:
+        raise _still_loading(session_id)
+    if live.turn is not None:
+        raise RpcError(INVALID_REQUEST, f"Session {session_id} has a prompt running")
+    return live
+
+
+async def _replay(
+    self: Manager, conn: ClientConnection, session: Session, replay: bool
+) -> list[tuple[str, str]]:
+    """Read the transcript page by page (the store reads the next page on its thread
+    while this one is sent), replaying each update unless ``replay`` is false, and
+    return the conversation history: ``("user", text), ("agent", text)`` per turn."""
+    history: list[tuple[str, str]] = []
+    # This turn's message chunks, for a stop entry without history (an older store).
+    chunks: list[tuple[str, str]] = []
+    # (Spelled as a replay: what a dropped connection never wrote of it is not kept
+    # for its client as live output, see _keep_unsent.)
+    prefix = updates.replay_prefix(session.id)
+    try:
+        async for rows in self.store.transcript_rows(session.id, REPLAY_PAGE):
+            for _, kind, payload_json in rows:
+                if kind == STOP:
+                    history += turn_history(payload_json, chunks)
+                    chunks.clear()
+                elif kind == "user_message_chunk" or kind == "agent_message_chunk":
+                    chunks.append((kind, payload_json))
+            if replay:
+                await conn.send_encoded_many(
+                    [prefix + payload + "}}" for _, kind, payload in rows if kind != STOP]
+                )
+    except UnknownSessionError:  # deleted meanwhile
+        raise RpcError.not_found(f"Session not found: {session.id}") from None
+    return history
+
+
+def list_sessions(self: Manager, params: acp.ListSessionsParams) -> Awaitable[dict[str, Any]]:
+    # Sessions store their cwd resolved (symlinks followed): filter on the same form.
+    # Resolved here, in the synchronous part, like every other path check.
+    cwd = str(_resolve_param(params.cwd, "cwd")) if params.cwd is not None else None
+    return self._list_sessions(cwd, params.cursor)
+
+
+async def _list_sessions(self: Manager, cwd: str | None, cursor: str | None) -> dict[str, Any]:
+    try:
+        # Only sessions under the roots this server serves (a store may outlive a
+        # --project), left out by the store's query: dropped from each page after it,
+        # 50 newer sessions of another root made a first page of nothing but a cursor.
+        records, cursor = await self.store.list_sessions(cwd=cwd, cursor=cursor, roots=self.roots)
+    except BadCursor as exc:
+        raise RpcError.invalid_params(f"Invalid params: cursor is not valid ({exc})") from None
+    except StoreError as exc:  # (the store's trouble, not the client's cursor)
+        raise _store_failed(exc) from None
+    sessions = [
+        {
+            "sessionId": r.id,
+            # As the client sent it (the session-list page: "cwd is immutable after
+            # session setup"); it filters and loads by either spelling.
+            "cwd": r.cwd_sent or r.cwd,
+            "title": r.title,
+            "updatedAt": datetime.fromtimestamp(r.updated_at, UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            **(
+                {"additionalDirectories": list(r.additional_directories)}
+                if r.additional_directories
+                else {}
+            ),
+        }
+        for r in records
+    ]
+    result: dict[str, Any] = {"sessions": sessions}
+    if cursor is not None:
+        result["nextCursor"] = cursor
+    return result
+
+
+async def close_session(self: Manager, conn: ClientConnection, session_id: str) -> dict[str, Any]:
+    """Cancel the session's running turn, wait for it to finish, forget the live session
+    (it stays loadable from the store)."""
+    session = self.owned_session(conn, session_id)
+    _check_not_loading(conn, session)
+    # Claimed before the first await: a prompt read while the turn winds down (its
+    # relay ends a pass or two before this resumes) would otherwise start on a session
+    # about to be dropped, and run on after close was answered.
+    session.closing = True
+    turn = session.turn
+    if turn is not None:
+        self.cancel_turn(session, turn)
+        try:
+            await turn.finished.wait()
+        except BaseException:
+            # The close itself was cancelled ($/cancel_request, or its connection
+            # left): the session stays, usable (its turn is cancelled anyway).
+            session.closing = False
+            raise
+    if self.sessions.get(session_id) is session:
+        self._drop_session(session)
+    return {}
+
+
+async def delete_session(self: Manager, conn: ClientConnection, session_id: str) -> dict[str, Any]:
+    live = self.sessions.get(session_id)
+    if live is not None or session_id in conn.loads_pending:
+        self.owned_session(conn, session_id)  # (refused before anything is claimed)
+    # Claimed for the whole delete: a session/load of it is refused meanwhile, so no
+    # load can make it live between the checks below and the row's removal (it would
+    # be left live with nothing stored: every later turn failed to save).
+    self._deleting[session_id] += 1
+    try:
+        if live is not None:
+            await self.close_session(conn, session_id)
+        else:
+            while await self._waited_for_cut_turn(session_id):
+                pass  # (its commit would fail on no session)
+            try:
+                await self._stored(session_id)
+            except RpcError:
+                # Already deleted or never existed (or not under our roots: left
+                # alone). The session-delete page: this SHOULD succeed silently.
+                return {}
+        try:
+            await self.store.delete_session(session_id)
+        except StoreError as exc:  # (closed above, if it was live: it stays loadable)
+            raise _store_failed(exc) from None
+    finally:
+        self._deleting[session_id] -= 1
+        if not self._deleting[session_id]:
+            del self._deleting[session_id]
+    return {}
+
+
+async def _waited_for_cut_turn(self: Manager, session_id: str) -> bool:
+    """Wait for the turn cut as the session was dropped (``_ending``) to be recorded;
+    False at once if there is none. A load or delete reading the store before it is
+    would miss that turn."""
+    ending = self._ending.get(session_id)
+    if ending is None:
+        return False
+    await ending.finished.wait()
+    return True
+
+
+def owned_session(self: Manager, conn: ClientConnection, session_id: str) -> Session:
+    """The session, if ``conn`` owns it; otherwise -32002 if it is not live, and the
+    refusal that says who holds it if another connection (or a client away within its
+    grace period) does. (Hiding the holder would hide nothing: every client with the
+    token sees the session in session/list, and session/load says the same.)"""
+    session = self.sessions.get(session_id)
+    if session is None:
+        if session_id in conn.loads_pending:  # (not yet claimed by its load)
+            raise _still_loading(session_id)
+        raise RpcError.not_found(f"Session not found: {session_id}")
+    if session.owner is not conn:
+        raise _held_elsewhere(session)
+    return session
+
+
+def _resolve_param(path: str, where: str) -> Path:
+    """``path`` :func:`resolved`; one that cannot be (a symlink loop, a directory removed
+    under the walk) is -32602 naming ``where``, not an internal error. So is one that
+    resolves (through a symlink) to a path that is not UTF-8: the store refused such a
+    cwd with an internal error, and an additional directory was listed with an escape
+    (``\\udce9``) that no load could send back."""
+    try:
+        checked = resolved(path)
+    except (OSError, RuntimeError) as exc:  # (3.11 reports a symlink loop as RuntimeError)
+        raise RpcError.invalid_params(
+            f"Invalid params: {where} {path!r} cannot be resolved: {exc}"
+        ) from None
+    if not is_name_text(checked):
+        raise RpcError.invalid_params(
+            f"Invalid params: {where} {path!r} resolves to {checked!r}, a path that is not "
+            "UTF-8 (no client could name it)"
+        )
+    return Path(checked)
