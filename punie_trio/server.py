@@ -309,12 +309,17 @@ async def _serve(
     dev_app = None
     if config.site is not None:
         from .web.dev import DevApp
+        from .web.dev._builder import KILL_GRACE
 
         dev_app = DevApp(
             site_dir=config.site,
             project_root=config.projects[0],
             closing=closing,
             data_dir=config.data_dir,
+            # A build stopped at shutdown gets half of it between SIGTERM and SIGKILL
+            # (5 s at most): with the whole 5 s, a build that ignored SIGTERM outlasted a
+            # shorter --shutdown-timeout, and the watchdog ended the process, status 1.
+            kill_grace=min(KILL_GRACE, config.shutdown_timeout / 2),
             **config.dev_options,
         )
     app = App(

@@ -157,7 +157,8 @@ def tail(
 
 
 #: How long a build's processes get between SIGTERM and SIGKILL: a cancelled build's command,
-#: and what a finished build left running (the server's shutdown watchdog must not beat it).
+#: and what a finished build left running (the server's shutdown watchdog must not beat it:
+#: ``serve`` gives a build no more than half its shutdown timeout, ``BuildLoop.kill_grace``).
 KILL_GRACE = 5.0
 LEFTOVER_GRACE = 1.0
 #: Output read after the command exited: what is in the pipe then, without waiting (a child
@@ -270,12 +271,12 @@ async def stop_group(group: Group, grace: float = LEFTOVER_GRACE) -> None:
             del _left[group.pgid]
 
 
-async def _kill_build(process: trio.Process) -> None:
-    """A cancelled build: SIGTERM to its whole process group, SIGKILL after
-    :data:`KILL_GRACE`; then whatever of the group outlived the command (a background
-    child) is stopped too. Signalling the group reaches what a shell started."""
+async def _kill_build(process: trio.Process, grace: float = KILL_GRACE) -> None:
+    """A cancelled build: SIGTERM to its whole process group, SIGKILL after ``grace``
+    seconds; then whatever of the group outlived the command (a background child) is
+    stopped too. Signalling the group reaches what a shell started."""
     _signal_group(process.pid, signal.SIGTERM)
-    with trio.move_on_after(KILL_GRACE):
+    with trio.move_on_after(grace):
         await process.wait()
     if process.returncode is None:
         _signal_group(process.pid, signal.SIGKILL)
@@ -283,7 +284,7 @@ async def _kill_build(process: trio.Process) -> None:
         await process.wait()
     left = group_of(process.pid)
     if left is not None:
-        await stop_group(left)
+        await stop_group(left, min(LEFTOVER_GRACE, grace))
 
 
 #: Characters that make the shell do more than split a command into words (quotes, escapes,
@@ -317,7 +318,7 @@ def direct_argv(command: str) -> list[str] | None:
     return argv
 
 
-async def run_build(command: str, cwd: Path) -> BuildResult:
+async def run_build(command: str, cwd: Path, *, kill_grace: float = KILL_GRACE) -> BuildResult:
     """Run ``command`` as the shell runs it, in ``cwd``; keep a bounded tail of its output.
 
     A command the shell would only split into words is started directly (see
@@ -333,7 +334,8 @@ async def run_build(command: str, cwd: Path) -> BuildResult:
     Resource handling: the output is read as it comes (a build that prints a lot never fills a
     pipe nor our memory: only its end is kept, as a terminal shows it: :class:`OutputTail`),
     and our end of the pipe is closed when the build is over. Cancellation terminates the
-    whole process group, including what the command left in the background.
+    whole process group, including what the command left in the background (SIGKILL
+    after ``kill_grace`` seconds).
     """
     started = trio.current_time()
     kept = OutputTail()
@@ -349,7 +351,7 @@ async def run_build(command: str, cwd: Path) -> BuildResult:
         _drain(stdout.fileno(), kept)
     except BaseException:
         with trio.CancelScope(shield=True):
-            await _kill_build(process)
+            await _kill_build(process, kill_grace)
         raise
     finally:
         with trio.CancelScope(shield=True):
@@ -433,6 +435,9 @@ class BuildLoop:
     build_cmd: str | None = None
     debounce: float = 0.2
     build_start_delay: float = BUILD_START_DELAY
+    #: Seconds a stopped build's processes get between SIGTERM and SIGKILL (what a build
+    #: left running: :data:`LEFTOVER_GRACE` at most).
+    kill_grace: float = KILL_GRACE
     builds: int = 0
     _last_good: dict[str, FileSig] = attrs.field(factory=dict)
     #: The last build's process group while something it started still runs.
@@ -466,7 +471,9 @@ class BuildLoop:
             async with trio.open_nursery() as nursery:
                 if self.build_start_delay > 0:
                     nursery.start_soon(self._announce_later, started)
-                result = await run_build(self.build_cmd, self.project_root)
+                result = await run_build(
+                    self.build_cmd, self.project_root, kill_grace=self.kill_grace
+                )
                 nursery.cancel_scope.cancel()
             await self._guard(frozenset(changed))
             if result.group is not None:
@@ -576,7 +583,7 @@ class BuildLoop:
         group reaches them): before the next build, and at shutdown."""
         if self._leftover is not None:
             group, self._leftover = self._leftover, None
-            await stop_group(group)
+            await stop_group(group, min(LEFTOVER_GRACE, self.kill_grace))
 
     async def _announce_later(self, started: StatusEvent) -> None:
         await trio.sleep(self.build_start_delay)
