@@ -48,6 +48,7 @@ from .web import App
 from .web import _accept_log as accept_log
 from .web import _deflate as deflate
 from .web import _fast_send as fast_send
+from .web import _h2_backpressure as h2_backpressure
 from .web import _h2_idle as h2_idle
 from .web import _h2_late_data as h2_late_data
 from .web import _handshake as handshake
@@ -426,6 +427,7 @@ async def _start_http(
     handshake.install()
     h2_late_data.install()
     h2_idle.install()
+    h2_backpressure.install()
     deflate.install(config.max_message_bytes)
     ws_refusals.install()
 
