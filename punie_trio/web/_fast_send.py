@@ -104,9 +104,10 @@ def final_send(send: Any, timeout: float) -> Iterator[None]:
     :func:`cut_final_sends` for one already waiting) or when the caller is cancelled.
 
     Why the shutdown's bound: over HTTP/2 such a send waits for Hypercorn to drain the
-    stream, which a client that grants no more flow-control window never lets happen (and
-    Hypercorn buffers a whole response for it, so the wait begins at its last send, maybe
-    before the shutdown). Shielded for its ``timeout`` (5 s) or for good, it held the
+    stream, which a client that grants no more flow-control window never lets happen (a
+    wait that may have begun before the shutdown: a small response's only send, or the
+    last of one Hypercorn buffered whole before ``_h2_backpressure``). Shielded for its
+    ``timeout`` (5 s) or for good, it held the
     process past its shutdown until the watchdog ended it, status 1. Over HTTP/1.1 the
     socket write inside is shielded on its own (:meth:`FastSendTCPServer._write`) and
     stops only as a stalled write does: the bound there cuts only a wait for a write in
