@@ -315,6 +315,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("shutdown_timeout", _to_seconds, 5.0),
     Option("grace_seconds", _to_seconds, 300.0),
     Option("detached_buffer", _to_positive_int, 1024),
+    Option("detached_bytes", _to_positive_int, 4 * 1024 * 1024),
     Option("client_call_timeout", _to_seconds, 300.0),
     Option("site", _to_path, None),
     Option("build", _to_nonempty, None),  # "" ran no build, without a word

@@ -219,6 +219,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="updates kept per session while its client is away (default 1024)",
     )
     limits.add_argument(
+        "--detached-bytes",
+        type=_positive_int,
+        metavar="N",
+        help="bytes of updates kept per session while its client is away (default 4194304: 4 MiB)",
+    )
+    limits.add_argument(
         "--client-call-timeout",
         type=_seconds,
         metavar="SECONDS",
@@ -756,6 +762,7 @@ def _serve_locked(
             outbox_bytes=o["outbox_bytes"],
             grace_seconds=o["grace_seconds"],
             detached_buffer=o["detached_buffer"],
+            detached_bytes=o["detached_bytes"],
             client_call_timeout=o["client_call_timeout"],
         ),
         site=site,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, TypeGuard
+from typing import Any
 
 import attrs
 import trio
@@ -30,7 +30,7 @@ from ..rpc import (
 )
 from ..transport import MessageStream
 from ._manager import Manager
-from ._session import Session
+from ._session import MAX_REMEMBERED_ID_CHARS, Session, small_id
 
 log = logging.getLogger("punie_trio.hub")
 
@@ -43,9 +43,6 @@ AWAITING_META = "punie-trio/awaiting"
 MAX_AWAITING = 1000
 #: Most prompt refusals remembered per connection: more than its outbox can hold unwritten.
 MAX_REFUSED = 1024
-#: The longest string id remembered for a refusal (a request id may be any string, up to
-#: the message's size: 1,024 of 16 MiB each would pin 16 GiB).
-MAX_REMEMBERED_ID_CHARS = 256
 
 AGENT_INFO = {"name": "punie-trio", "title": "punie-trio", "version": __version__}
 
@@ -194,7 +191,9 @@ class ClientConnection:
             # initialize (a prompt on a re-attached session) must find the sessions its
             # own. (Reclaimed in the answer's task, such a prompt was refused at random.)
             return self._initialized(
-                result, self.manager.reclaim(self), self.manager.expired_for(self.client_id)
+                result,
+                self.manager.reclaim(self),
+                self.manager.expired_for(self.client_id, self.awaiting),
             )
         if not self.initialized:
             if method.startswith("_") or method in _KNOWN:
@@ -244,7 +243,7 @@ class ClientConnection:
             return  # (nothing is kept for a client that cannot come back)
         request_id = current_request_id.get(None)
         session_id = params.get("sessionId") if isinstance(params, dict) else None
-        if not (_small_id(request_id) and isinstance(session_id, str)):
+        if not (small_id(request_id) and isinstance(session_id, str)):
             return
         if len(session_id) > MAX_REMEMBERED_ID_CHARS:
             return  # (no session of ours has such an id: nothing would be kept for it)
@@ -324,12 +323,14 @@ class ClientConnection:
         # ``sessions``, left within grace, are this connection's again (reclaimed when the
         # request was read), and what they produced meanwhile follows the answer: the
         # first message a client reads is the result of its initialize. So do the
-        # reload notices of the ``expired`` sessions (whose grace ended while away).
-        if sessions or expired:
+        # reload notices of the ``expired`` sessions (whose grace ended while away), and
+        # the answers to the awaited requests nothing will answer.
+        if sessions or expired or self.awaiting:
             request_id = current_request_id.get(None)
             if request_id is not None:
                 self.answer_now(request_id, result, None)  # (False: answered on return)
             await self.manager.deliver_missed(self, sessions, expired)
+            await self.manager.refuse_unanswerable(self)
         return result
 
 
@@ -346,14 +347,6 @@ _KNOWN = frozenset(
         acp.AUTHENTICATE,
     }
 )
-
-
-def _small_id(request_id: object) -> TypeGuard[RequestId]:
-    """Whether ``request_id`` is one a refusal is remembered under: a string of at most
-    :data:`MAX_REMEMBERED_ID_CHARS`, or an integer of 64 bits (JSON's may be of any size)."""
-    if isinstance(request_id, str):
-        return len(request_id) <= MAX_REMEMBERED_ID_CHARS
-    return isinstance(request_id, int) and -(2**63) <= request_id < 2**63
 
 
 async def _ready(value: Any) -> Any:

@@ -4,15 +4,16 @@ keeps while its connection is down, and how it gets it back.
 A connection that ends under a client id keeps its sessions for ``grace_seconds``: their
 turns run on (a turn's relay lives in the manager's nursery, not the connection's), and
 what they produce is kept on each session (``Session.pending``; past ``detached_buffer``
-updates the client is told to reload instead) until the client re-attaches (:func:`reclaim`,
-then :func:`deliver_missed`), or its grace ends and the sessions are dropped (they stay
-loadable from the store, and the client is owed a reload notice, :func:`expired_for`). The
-sessions of any other client are dropped when it leaves.
+updates, or ``detached_bytes`` of them, the client is told to reload instead) until the
+client re-attaches (:func:`reclaim`, then :func:`deliver_missed`), or its grace ends and
+the sessions are dropped (they stay loadable from the store, and the client is owed a
+reload notice, :func:`expired_for`). The sessions of any other client are dropped when it
+leaves.
 
 These are the :class:`~._manager.Manager`'s methods, defined here and bound in its class
 body (each takes the manager as ``self``): the state they change is the manager's
-(``sessions``, ``_reattached``, ``_expired``, ``_left_prompt_times``), and the manager
-stays the one object a connection talks to.
+(``sessions``, ``_reattached``, ``_expired``, ``_unconfirmed``, ``_left_prompt_times``),
+and the manager stays the one object a connection talks to.
 
 Resource handling: a connection's sessions are dropped when it leaves; its turns are
 cancelled (the peer tells the manager through the prompt's Deferred, and :func:`detach`
@@ -26,14 +27,15 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping, Sequence
+import sys
+from collections.abc import Collection, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 import trio
 
 from ..acp import updates
-from ..rpc import PeerClosed, RequestId
-from ._session import Pending, Session, json_string_at
+from ..rpc import INTERNAL_ERROR, PeerClosed, RequestId, RpcError
+from ._session import Pending, Session, json_string_at, small_id
 
 if TYPE_CHECKING:
     from ._connection import ClientConnection
@@ -48,22 +50,32 @@ RELOAD_REQUIRED = "_punie-trio/reload_required"
 def detach(self: Manager, conn: ClientConnection) -> None:
     """Forget a connection that ended. A client that said who it is keeps its sessions
     for ``grace_seconds`` (turns run on, what they produce is kept for it); the sessions
-    of any other client are dropped (they stay loadable from the store)."""
+    of any other client are dropped (they stay loadable from the store).
+
+    A grace of 0 is a grace period that ends at once: the sessions are dropped here,
+    but a client that said who it is is still told, when it comes back, to reload
+    those that lost something (:func:`_end_grace`): it once waited for ever for the
+    answer of the turn cut under it."""
     self.connections.discard(conn)
     owned = [s for s in self.sessions.values() if s.owner is conn]
     client_id = conn.client_id
     if client_id and conn.prompt_times:
         self._keep_prompt_times(client_id, conn.prompt_times)
-    grace = bool(client_id) and self._grace_for(conn)
-    unsent = conn.peer.unsent() if grace and conn.peer is not None else []
+    # (As _grace_for, but for the length: a client that can be told when it is back.)
+    told = bool(client_id) and self._nursery is not None and not self.closing.is_set()
+    grace = told and self._grace_for(conn)
+    unsent = conn.peer.unsent() if told and conn.peer is not None else []
     if unsent:
         assert client_id is not None
         self._keep_reload_notices(client_id, owned, unsent)
-    if client_id and grace and owned:
+    if client_id and told and owned:
         self._keep_unsent(owned, unsent, conn.refused_prompts or {})
         for session in owned:
             session.owner = None
             session.detached_client = client_id
+        if not grace:
+            self._end_grace(client_id)
+            return
         event = self._reattached.setdefault(client_id, trio.Event())
         assert self._nursery is not None
         self._nursery.start_soon(self._expire_grace, client_id, event)
@@ -115,6 +127,7 @@ def _keep_unsent(
     for session_id, items in kept.items():
         session = by_id[session_id]
         rest, session.pending = session.pending, []
+        session.kept_updates = session.kept_bytes = 0
         for item in (*items, *rest):
             self._buffer(session, item)
 
@@ -191,7 +204,44 @@ def reclaim(self: Manager, conn: ClientConnection) -> list[Session]:
             session.owner = conn
             session.detached_client = None
             reclaimed.append(session)
+    _answers_lost_in_flight(conn, reclaimed)
     return reclaimed
+
+
+def _answers_lost_in_flight(conn: ClientConnection, reclaimed: list[Session]) -> None:
+    """Keep again, for :func:`deliver_missed`, each reclaimed session's last answer that
+    ``conn``'s client says it never got, followed by a reload notice.
+
+    Why: an answer written to a connection that then dropped may never have reached its
+    client (it was in a socket buffer, or in a batch the client discarded as it closed),
+    and nothing tells the server so, except the re-attaching client listing its id as
+    awaited (``_meta["punie-trio/awaiting"]``). Not kept, the client waited for ever for
+    it. The updates written before it may have been lost with it, hence the notice. Only
+    the answer handed to the session's previous holder is sent again (taken here, at
+    each re-attach), and not under an id the client awaits from a turn that still runs
+    or an answer kept anyway (ids may be reused)."""
+    if not conn.awaiting:
+        for session in reclaimed:
+            session.last_answer = None
+        return
+    live: set[RequestId | None] = set()
+    for session in reclaimed:
+        if session.turn is not None:
+            live.add(session.turn.request_id)
+        live.update(_answer_id(p) for p in session.pending if p[0] != "update")
+    for session in reclaimed:
+        item, session.last_answer = session.last_answer, None
+        if item is None:
+            continue
+        request_id = _answer_id(item)
+        if request_id in conn.awaiting and request_id not in live:
+            log.info(
+                "session %s: sending the answer to request %.80r again: the client "
+                "re-attached awaiting it (lost in flight when its connection dropped)",
+                session.id, request_id,
+            )  # fmt: skip
+            session.pending.insert(0, item)
+            session.overflowed = True
 
 
 async def deliver_missed(
@@ -223,6 +273,51 @@ async def deliver_missed(
         raise
 
 
+async def refuse_unanswerable(self: Manager, conn: ClientConnection) -> None:
+    """Answer at once each id ``conn``'s client awaits that nothing here will answer
+    (-32603), once what its sessions kept has been sent: no turn of its sessions runs
+    for it and no answer is kept under it. Its prompt's turn was cut by a restart, or
+    as its session's grace period ended, or the id was never a prompt's.
+
+    Why: the client waits for each awaited id's answer, and none would ever come: it
+    waited for ever (a reload notice names a session, not the request; after a restart
+    there is none). An id the client has in flight again, or used again, is not awaited
+    any more and is left alone.
+
+    Decided once no backlog of the client's sessions is going out (an answer a flush
+    has taken is in neither place), with no wait until each refused id is no longer
+    awaited: nothing can answer it later, and a flush that does not find it awaited
+    does not send it."""
+    while conn.awaiting:
+        owned = [s for s in self.sessions.values() if s.owner is conn]
+        flushing = next((s.flush_done for s in owned if s.flush_done is not None), None)
+        if flushing is None:
+            break
+        await flushing.wait()
+    else:
+        return
+    answered: set[RequestId | None] = set()
+    for session in owned:
+        if session.turn is not None and session.turn.orphaned:
+            answered.add(session.turn.request_id)
+        answered.update(_answer_id(p) for p in session.pending if p[0] != "update")
+    refused = [
+        request_id
+        for request_id in conn.awaiting
+        if request_id not in answered and not conn.has_in_flight(request_id)
+    ]
+    for request_id in refused:
+        conn.stop_awaiting(request_id)
+    error = RpcError(
+        INTERNAL_ERROR,
+        "Internal error: no answer to this request will come: no prompt runs and no "
+        "answer is kept under its id here (the server restarted, or the session's grace "
+        "period ended); session/load the session to see what was recorded",
+    )
+    for request_id in refused:
+        await conn.send_answer(request_id, None, error)
+
+
 def _held_by(self: Manager, conn: ClientConnection, session_id: str) -> bool:
     session = self.sessions.get(session_id)
     return session is not None and session.owner is conn
@@ -244,12 +339,22 @@ def _end_grace(self: Manager, client_id: str) -> None:
     never come."""
     self._reattached.pop(client_id, None)
     missed: list[str] = []
+    unconfirmed: dict[RequestId, str] = {}
     for session in [s for s in self.sessions.values() if s.detached_client == client_id]:
         if session.turn is not None or session.pending or session.overflowed:
             missed.append(session.id)
+        elif session.last_answer is not None:
+            answer_id = _answer_id(session.last_answer)
+            if small_id(answer_id):  # (a huge id is not kept past its session)
+                unconfirmed[answer_id] = session.id
         self._drop_session(session)
     if missed:
         self._owe(client_id, missed)
+    if unconfirmed:
+        unconfirmed.update(self._unconfirmed.pop(client_id, {}))  # (the older ones)
+        self._unconfirmed[client_id] = unconfirmed
+        while len(self._unconfirmed) > self.limits.max_connections:
+            del self._unconfirmed[next(iter(self._unconfirmed))]
 
 
 def _owe(self: Manager, client_id: str, session_ids: Sequence[str]) -> None:
@@ -264,10 +369,20 @@ def _owe(self: Manager, client_id: str, session_ids: Sequence[str]) -> None:
         del self._expired[next(iter(self._expired))]
 
 
-def expired_for(self: Manager, client_id: str | None) -> list[str]:
+def expired_for(
+    self: Manager, client_id: str | None, awaiting: Collection[RequestId] = ()
+) -> list[str]:
     """The sessions whose grace period ended with something ``client_id`` missed (see
-    :meth:`_end_grace`), taken: its connection tells it to reload each, once."""
-    return self._expired.pop(client_id, []) if client_id else []
+    :meth:`_end_grace`), taken: its connection tells it to reload each, once. With them,
+    those whose last answer the client says it still awaits (``awaiting``): it was lost
+    in flight (see :func:`_answers_lost_in_flight`)."""
+    if not client_id:
+        return []
+    expired = self._expired.pop(client_id, [])
+    for answer_id, session_id in self._unconfirmed.pop(client_id, {}).items():
+        if answer_id in awaiting and session_id not in expired:
+            expired.append(session_id)
+    return expired
 
 
 def _bound_detached(self: Manager) -> None:
@@ -293,15 +408,24 @@ def _bound_detached(self: Manager) -> None:
 
 
 def _buffer(self: Manager, session: Session, item: Pending) -> None:
-    """Keep what a detached client missed; past ``detached_buffer`` updates the client
-    is told to ``session/load`` instead (answers are always kept)."""
+    """Keep what a detached client missed; past ``detached_buffer`` updates, or
+    ``detached_bytes`` of them, the client is told to ``session/load`` instead (answers
+    are always kept)."""
     if item[0] == "update":
         if session.overflowed:
             return
-        if sum(1 for p in session.pending if p[0] == "update") >= self.limits.detached_buffer:
+        size = sys.getsizeof(item[1])  # (as the outbox counts: the memory it takes)
+        limits = self.limits
+        if (
+            session.kept_updates >= limits.detached_buffer
+            or session.kept_bytes + size > limits.detached_bytes
+        ):
             session.overflowed = True
             session.pending = [p for p in session.pending if p[0] != "update"]
+            session.kept_updates = session.kept_bytes = 0
             return
+        session.kept_updates += 1
+        session.kept_bytes += size
     session.pending.append(item)
 
 
@@ -324,20 +448,26 @@ async def _flush(self: Manager, session: Session, conn: ClientConnection) -> Non
     try:
         while session.pending and session.owner is conn:
             item = session.pending.pop(0)
+            is_update = item[0] == "update"
+            size = sys.getsizeof(item[1]) if is_update else 0
+            session.kept_updates -= is_update
+            session.kept_bytes -= size
             try:
-                if item[0] == "update":
+                if is_update:
                     await conn.send_encoded(item[1])
                 elif item[0] == "message":  # an answer, as written
                     if not _answer_unwanted(session, conn, item[2]):
                         await conn.send_encoded(item[1])
-                        _answered(session, conn, item[2])
+                        _answered(session, conn, item)
                 else:
                     _, request_id, response, error = item
                     if not _answer_unwanted(session, conn, request_id):
                         await conn.send_answer(request_id, response, error)
-                        _answered(session, conn, request_id)
+                        _answered(session, conn, item)
             except BaseException:
                 session.pending.insert(0, item)
+                session.kept_updates += is_update
+                session.kept_bytes += size
                 raise
         # Told after what was kept (the answers), once no turn of the session runs: at
         # re-attach, or after the answer of the turn that ran on (a session/load is
@@ -367,11 +497,20 @@ async def _deliver(self: Manager, session: Session, update: str) -> None:
     self._buffer(session, ("update", update))
 
 
-def _answered(session: Session, conn: ClientConnection, request_id: RequestId | None) -> None:
-    """An old answer was handed to ``conn``: it awaits it no more, and it is the session's
-    last answer (should ``conn`` drop before writing it, ``_keep_unsent`` keeps it)."""
+def _answer_id(item: Pending) -> RequestId | None:
+    """The request id a kept answer (an ``"answer"`` or ``"message"`` item) answers."""
+    request_id: RequestId | None = item[1] if item[0] == "answer" else item[2]
+    return request_id
+
+
+def _answered(session: Session, conn: ClientConnection, item: Pending) -> None:
+    """An old answer (``item``) was handed to ``conn``: it awaits it no more, and it is the
+    session's last answer (should ``conn`` drop before writing it, ``_keep_unsent`` keeps
+    it; should it drop before its client read it, see :func:`_answers_lost_in_flight`)."""
+    request_id = _answer_id(item)
     conn.stop_awaiting(request_id)
     session.answered_id = request_id
+    session.last_answer = item
 
 
 def _answer_unwanted(
@@ -393,7 +532,8 @@ def _answer_unwanted(
     if request_id in conn.awaiting and not conn.has_in_flight(request_id):
         return False
     log.info(
-        "session %s: not delivering the answer to request %r of a dropped connection: "
+        # (%.80r: a request id may be any string up to the message's size, 16 MiB.)
+        "session %s: not delivering the answer to request %.80r of a dropped connection: "
         "the re-attached connection %s",
         session.id, request_id,
         "has its own request with that id in flight" if request_id in conn.awaiting

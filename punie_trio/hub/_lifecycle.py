@@ -273,6 +273,13 @@ async def _load_session(
         )
     live.loading = True  # no prompt, close or delete until the history is in place
     try:
+        if not opened:
+            # What the session kept for its client (it re-attached, and its backlog may
+            # still be going out, or wait for the next flush) goes first: sent beside the
+            # replay, the two interleaved, and the client took live updates for the
+            # transcript and saw the turn twice, mixed. (_flush waits for a flush under
+            # way.)
+            await self._flush(live, conn)
         if opened and self._drops != drops:
             # A session was dropped while the store was read: perhaps this one, live
             # on another connection then, its last turn recorded before the read came
@@ -395,24 +402,30 @@ async def _list_sessions(self: Manager, cwd: str | None, cursor: str | None) -> 
 
 
 async def close_session(self: Manager, conn: ClientConnection, session_id: str) -> dict[str, Any]:
-    """Cancel the session's running turn, wait for it to finish, forget the live session
-    (it stays loadable from the store)."""
+    """Cancel the session's running turn, wait for it to finish, send what the session
+    still keeps for ``conn``, forget the live session (it stays loadable from the store).
+
+    Why send what is kept first: a session re-attached with its backlog still going out
+    was closed at once, and that backlog (and the old prompt's answer) followed the
+    close's answer. A close is a cancel (the session-setup page), and a cancelled turn's
+    updates come before its answer (the prompt-turn page)."""
     session = self.owned_session(conn, session_id)
     _check_not_loading(conn, session)
     # Claimed before the first await: a prompt read while the turn winds down (its
     # relay ends a pass or two before this resumes) would otherwise start on a session
     # about to be dropped, and run on after close was answered.
     session.closing = True
-    turn = session.turn
-    if turn is not None:
-        self.cancel_turn(session, turn)
-        try:
+    try:
+        turn = session.turn
+        if turn is not None:
+            self.cancel_turn(session, turn)
             await turn.finished.wait()
-        except BaseException:
-            # The close itself was cancelled ($/cancel_request, or its connection
-            # left): the session stays, usable (its turn is cancelled anyway).
-            session.closing = False
-            raise
+        await self._flush(session, conn)  # (waits for a flush under way)
+    except BaseException:
+        # The close itself was cancelled ($/cancel_request, or its connection left):
+        # the session stays, usable (its turn is cancelled anyway).
+        session.closing = False
+        raise
     if self.sessions.get(session_id) is session:
         self._drop_session(session)
     return {}

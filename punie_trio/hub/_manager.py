@@ -37,7 +37,7 @@ import attrs
 import trio
 
 from .._metrics import Metrics
-from ..rpc import INTERNAL_ERROR, INVALID_REQUEST, RpcError
+from ..rpc import INTERNAL_ERROR, INVALID_REQUEST, RequestId, RpcError
 from ..store import MemoryStore, Store
 from ..worker import (
     CancelTurn,
@@ -103,6 +103,11 @@ class Manager:
     # when it comes back (see expired_for); at most max_connections client ids, oldest
     # forgotten first.
     _expired: dict[str, list[str]] = attrs.field(factory=dict, init=False)
+    # By client id: the sessions its grace period's end dropped idle but for their last
+    # answer, which may have been lost in flight (Session.last_answer), by that answer's
+    # request id: a client back awaiting one is told to reload its session (see
+    # expired_for). Bounded as _expired.
+    _unconfirmed: dict[str, dict[RequestId, str]] = attrs.field(factory=dict, init=False)
 
     def __attrs_post_init__(self) -> None:
         self.roots = tuple(str(Path(r).resolve()) for r in self.roots)
@@ -158,6 +163,7 @@ class Manager:
     prompt_times_for = _grace.prompt_times_for
     reclaim = _grace.reclaim
     deliver_missed = _grace.deliver_missed
+    refuse_unanswerable = _grace.refuse_unanswerable
     _held_by = _grace._held_by
     _expire_grace = _grace._expire_grace
     _end_grace = _grace._end_grace

@@ -7,7 +7,7 @@ from __future__ import annotations
 import collections
 import json
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeGuard
 
 import attrs
 import trio
@@ -19,8 +19,16 @@ from ..worker import Command, ProjectWorker
 if TYPE_CHECKING:
     from ._connection import ClientConnection
 
+#: The longest string request id remembered once its request has ended (a request id may
+#: be any string, up to the message's size: 1,024 of 16 MiB each would pin 16 GiB).
+MAX_REMEMBERED_ID_CHARS = 256
 # How long a client gets to answer fs/*, terminal/*, permission requests.
 CLIENT_CALL_TIMEOUT = 300.0
+#: The default bytes of updates kept per session while its client is away
+#: (``--detached-bytes``): four times a connection's outbox budget. An away client
+#: applies no backpressure, so without a byte bound a turn's 1,024 kept updates could
+#: be tool outputs of 130 KB each (130 MB per session, 64 sessions per client).
+DETACHED_BYTES = 4 * 1024 * 1024
 
 
 @attrs.frozen
@@ -36,6 +44,7 @@ class Limits:
     outbox_bytes: int = OUTBOX_BYTES
     grace_seconds: float = 300.0
     detached_buffer: int = 1024
+    detached_bytes: int = DETACHED_BYTES
     client_call_timeout: float = CLIENT_CALL_TIMEOUT
 
 
@@ -104,11 +113,21 @@ class Session:
     detached_client: str | None = None
     # A list, not a deque: empty for almost every session, and 56 bytes that way, not 760.
     pending: list[Pending] = attrs.field(factory=list)
+    # How many of ``pending`` are updates, counted as they come and go: the bound is
+    # checked per update kept, and walking ``pending`` for it made a turn's output while
+    # its client was away cost time quadratic in its length.
+    kept_updates: int = 0
+    # And the memory their texts take (``sys.getsizeof``, as the outbox counts).
+    kept_bytes: int = 0
     overflowed: bool = False
     # Set while a task sends ``pending`` to the owner (see Manager._flush): the others wait.
     flush_done: trio.Event | None = None
     # The request id of the last prompt answered to the owner (see Manager._keep_unsent).
     answered_id: RequestId | None = None
+    # That answer, as a pending item, until the session is next re-attached: written to a
+    # connection that then dropped, it may have been lost in flight, and a client that
+    # re-attaches awaiting its id never got it (see _grace._answers_lost_in_flight).
+    last_answer: Pending | None = None
     # A session/load or session/resume is replaying it or seeding its history.
     loading: bool = False
     # A session/close (or delete) has begun: no new prompt or load, though the running
@@ -118,6 +137,15 @@ class Session:
     @property
     def allowed_roots(self) -> tuple[str, ...]:
         return (self.root, *self.additional_directories)
+
+
+def small_id(request_id: object) -> TypeGuard[RequestId]:
+    """Whether ``request_id`` is one kept once its request has ended (a refusal, an
+    answer that may have been lost): a string of at most :data:`MAX_REMEMBERED_ID_CHARS`,
+    or an integer of 64 bits (JSON's may be of any size)."""
+    if isinstance(request_id, str):
+        return len(request_id) <= MAX_REMEMBERED_ID_CHARS
+    return isinstance(request_id, int) and -(2**63) <= request_id < 2**63
 
 
 def json_string_at(text: str, start: int) -> str | None:

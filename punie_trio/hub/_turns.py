@@ -159,10 +159,11 @@ def start_prompt(self: Manager, conn: ClientConnection, params: PromptParams) ->
 
 def _prompt_cancelled(self: Manager, session: Session, turn: ActiveTurn, lost: bool) -> None:
     if lost and self._grace_for(turn.connection):
-        # Its sessions are kept for the client (detach decides the same way).
+        # Its sessions are kept for the client (detach decides the same way). Also
+        # after a $/cancel_request (told first): its -32800 is kept for the client.
         turn.orphaned = True
         return
-    turn.request_cancelled = not lost
+    turn.request_cancelled = turn.request_cancelled or not lost
     self.cancel_turn(session, turn)
 
 
@@ -326,6 +327,7 @@ async def _relay_turn(
                 turn.request_id, turn.response, turn.error, before=held if together else ()
             ):
                 session.answered_id = turn.request_id
+                session.last_answer = ("answer", turn.request_id, turn.response, turn.error)
             elif together and held:
                 await self._deliver_held(session, held)
         owner = session.owner

@@ -138,19 +138,26 @@ class Deferred:
     is always queued, so the number of answers in the outbox stays bounded by the number of
     running requests).
 
-    ``on_cancel(lost)`` is called, at most once, if the request is still unanswered when
-    the other side sends ``$/cancel_request`` for it (``lost`` False: the request stays
-    running, the owner should answer it soon, usually with :data:`REQUEST_CANCELLED`), or
-    when the connection goes away or is cancelled (``lost`` True when the other side left;
-    the request is dropped from the peer, its answer can no longer be delivered here).
-    It runs synchronously in the peer's task and must not block.
+    ``on_cancel(lost)`` is called if the request is still unanswered when the other side
+    sends ``$/cancel_request`` for it (``lost`` False: the request stays running, the
+    owner should answer it soon, usually with :data:`REQUEST_CANCELLED`), or when the
+    connection goes away or is cancelled (``lost`` True when the other side left; the
+    request is dropped from the peer, its answer can no longer be delivered here). At
+    most once for each ``lost``, and once in all but for a request the other side
+    cancelled and then left: that one is told both, because its owner may keep its
+    answer for a client that comes back (told only of the cancel, a cancelled prompt's
+    answer went nowhere). It runs synchronously in the peer's task and must not block.
     """
 
     on_cancel: Callable[[bool], None]
     cancelled: bool = False
+    lost: bool = False
 
     def _cancel(self, lost: bool) -> None:
-        if not self.cancelled:
+        if lost and not self.lost:
+            self.lost = self.cancelled = True
+            self.on_cancel(True)
+        elif not self.cancelled:
             self.cancelled = True
             self.on_cancel(lost)
 

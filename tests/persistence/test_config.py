@@ -1071,6 +1071,7 @@ _EVERY_OPTION: dict[str, tuple[Any, str, list[str], tuple[Any, Any, Any]]] = {
             "outbox_limit",
             "outbox_bytes",
             "detached_buffer",
+            "detached_bytes",
         )
     },
     **{

@@ -258,3 +258,30 @@ async def test_an_awaited_answer_kept_after_a_timeout_is_still_delivered(
         assert conn.sent == ["answer p", "next update"]
         assert "p" not in conn.awaiting and session.answered_id == "p"
         nursery.cancel_scope.cancel()
+
+
+async def test_an_awaited_answer_being_flushed_is_not_refused_as_unanswerable(
+    tmp_path: Path,
+) -> None:
+    """``refuse_unanswerable`` answers each awaited id nothing will answer. An answer a
+    flush has taken (waiting for room in the outbox) is in neither the session's backlog
+    nor a running turn: decided then, its id was refused, and the real answer followed
+    under the same id. It waits for the flush, then finds the id answered."""
+    manager = Manager((str(tmp_path),), EchoModel())
+    async with trio.open_nursery() as nursery:
+        await nursery.start(manager.run)
+        conn = GatedConnection()  # awaits 7 and "p"
+        session = await _session(manager, tmp_path, conn)
+        session.pending = [("answer", "p", {"stopReason": "end_turn"}, None)]
+        nursery.start_soon(manager._flush, session, conn)
+        await trio.testing.wait_all_tasks_blocked()
+        assert session.pending == []  # (taken, waiting for room)
+        nursery.start_soon(manager.refuse_unanswerable, conn)
+        while True:
+            await trio.testing.wait_all_tasks_blocked()
+            if not conn.waiting:
+                break
+            conn.release()
+        assert conn.sent == ["answer p", "answer 7"]  # 7: nothing answers it
+        assert conn.awaiting == frozenset()
+        nursery.cancel_scope.cancel()

@@ -987,6 +987,25 @@ async def test_cancel_request_reaches_a_deferred_once() -> None:
         nursery.cancel_scope.cancel()
 
 
+async def test_a_deferred_cancelled_then_lost_is_told_both() -> None:
+    """A request the other side cancelled and whose connection then ends is told of the
+    loss too: its owner keeps the answer for a client that may come back (a cancelled
+    prompt's -32800 was dropped with the connection, and the re-attached client awaiting
+    it waited for ever)."""
+    dispatcher = DeferringDispatcher()
+    ours, theirs = memory_message_stream_pair()
+    peer = Peer(ours, dispatcher)
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(peer.run)
+            await Raw(theirs).send({"id": 5, "method": "later"})
+            await Raw(theirs).send({"method": CANCEL_REQUEST, "params": {"requestId": 5}})
+            await trio.testing.wait_all_tasks_blocked()
+            assert dispatcher.cancels == [(5, False)]
+            await theirs.aclose()
+    assert dispatcher.cancels == [(5, False), (5, True)]
+
+
 async def test_lost_connection_drops_deferred_requests_and_tells_their_owners() -> None:
     dispatcher = DeferringDispatcher()
     ours, theirs = memory_message_stream_pair()
