@@ -49,6 +49,7 @@ from .web import _accept_log as accept_log
 from .web import _deflate as deflate
 from .web import _fast_send as fast_send
 from .web import _h2_buffers as h2_buffers
+from .web import _h2_idle as h2_idle
 from .web import _h2_late_data as h2_late_data
 from .web import _h2_requests as h2_requests
 from .web import _handshake as handshake
@@ -177,7 +178,11 @@ def _exit_now(message: str) -> NoReturn:
 
     Where the CLI logs to stderr from a thread of its own, the line goes out through it
     (:func:`_tell`), after the log lines waiting (printed directly, it came before the
-    "received SIGINT" line logged a moment earlier, glued to it, or without it)."""
+    "received SIGINT" line logged a moment earlier, glued to it, or without it).
+
+    The dev app's builds are killed first (``_builder.kill_groups_now``): they run in
+    sessions of their own, and one the graceful shutdown had not stopped yet (it gives a
+    build 5 s between SIGTERM and SIGKILL) once ran on for good."""
     handlers = [h for h in logging.getLogger().handlers if hasattr(h, "say")]
 
     def say() -> None:
@@ -188,6 +193,11 @@ def _exit_now(message: str) -> NoReturn:
         elif sys.stderr is not None:  # (None: started without a stderr)
             print(message, file=sys.stderr, flush=True)
 
+    builds = sys.modules.get("punie_trio.web.dev._builder")  # (loaded only with --site)
+    if builds is not None:
+        # A build the shutdown was still stopping (or one the exit cuts short) must not
+        # outlive us: in a session of its own, nothing else would ever stop it.
+        builds.kill_groups_now()
     writer = threading.Thread(target=say, name="last words", daemon=True)
     writer.start()
     writer.join(LAST_WORDS_SECONDS)
@@ -301,12 +311,17 @@ async def _serve(
     dev_app = None
     if config.site is not None:
         from .web.dev import DevApp
+        from .web.dev._builder import KILL_GRACE
 
         dev_app = DevApp(
             site_dir=config.site,
             project_root=config.projects[0],
             closing=closing,
             data_dir=config.data_dir,
+            # A build stopped at shutdown gets half of it between SIGTERM and SIGKILL
+            # (5 s at most): with the whole 5 s, a build that ignored SIGTERM outlasted a
+            # shorter --shutdown-timeout, and the watchdog ended the process, status 1.
+            kill_grace=min(KILL_GRACE, config.shutdown_timeout / 2),
             **config.dev_options,
         )
     app = App(
@@ -355,6 +370,7 @@ async def _serve(
             gc.set_threshold(*GC_THRESHOLDS)
         task_status.started(Running(url, manager, closing))
         await closing.wait()
+        fast_send.cut_final_sends()  # (the shielded ends of responses may wait no more)
         with trio.move_on_after(config.shutdown_timeout):
             await hypercorn_done.wait()
             if stdio is not None:
@@ -413,6 +429,7 @@ async def _start_http(
     h2_late_data.install()
     h2_requests.install()
     h2_buffers.install()
+    h2_idle.install()
     deflate.install(config.max_message_bytes)
     ws_refusals.install()
 

@@ -40,6 +40,7 @@ from ._auth import (
     token_matches,
     unauthorized,
 )
+from ._fast_send import FINAL_SEND_TIMEOUT, final_send
 from ._heartbeat import Heartbeat
 from ._http import (
     BodyRefused,
@@ -351,7 +352,7 @@ async def _reject_websocket(
     if status == 401:
         headers.append((b"www-authenticate", challenge(scope)))
     await send({"type": "websocket.http.response.start", "status": status, "headers": headers})
-    with trio.CancelScope(shield=True):
+    with final_send(send, FINAL_SEND_TIMEOUT):
         await send({"type": "websocket.http.response.body", "body": body})
 
 

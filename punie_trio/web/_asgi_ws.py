@@ -17,10 +17,13 @@ import trio
 
 from ..transport import NotSent
 from ._direct import DirectFrames, DirectReader
-from ._fast_send import coalesced_writes
+from ._fast_send import coalesced_writes, final_send
 
 ASGIReceive = Callable[[], Awaitable[dict[str, Any]]]
 ASGISend = Callable[[dict[str, Any]], Awaitable[None]]
+
+#: The longest the close frame's send may take (see :meth:`AsgiWebSocketStream.close`).
+CLOSE_SEND_TIMEOUT = 5.0
 
 
 @attrs.define(eq=False)
@@ -129,11 +132,16 @@ class AsgiWebSocketStream:
 
     async def close(self, code: int = 1000, reason: str = "") -> None:
         """Send the close frame once. Shielded: it ends Hypercorn's bookkeeping of the
-        stream, which must not be cut off by the cancellation that usually brings us here."""
+        stream, which must not be cut off by the cancellation that usually brings us here.
+        Bounded: :data:`CLOSE_SEND_TIMEOUT`, and a short time once the server shuts down
+        (:func:`~._fast_send.final_send`). Over HTTP/2 the close waits for Hypercorn to
+        drain the stream, which a client that grants no more flow-control window, or a
+        shutdown that has cancelled Hypercorn's send task, never lets happen: unbounded,
+        the close waited for good and the shutdown's watchdog ended it (status 1)."""
         if self.closed or self.disconnected:
             return
         self.closed = True
-        with trio.CancelScope(shield=True):
+        with final_send(self.send, CLOSE_SEND_TIMEOUT):
             await self.send({"type": "websocket.close", "code": code, "reason": reason})
 
     async def aclose(self) -> None:

@@ -41,9 +41,10 @@ from __future__ import annotations
 
 import contextvars
 import logging
+import math
 import socket
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from typing import Any
 
 import hypercorn.trio.run as _hypercorn_run
@@ -67,6 +68,75 @@ STALL_CHECK = 0.25
 _gathering: contextvars.ContextVar[list[FastSendTCPServer] | None] = contextvars.ContextVar(
     "punie_trio_coalesced_writes", default=None
 )
+
+
+#: The longest a final send (:func:`final_send`) may take, as a rule...
+FINAL_SEND_TIMEOUT = 5.0
+#: ...and how long it may still wait once the server shuts down:
+#: what is left of a shutdown may be no more than the watchdog's grace
+#: (``server.FORCE_EXIT_GRACE``, 1 s), shared with everything else still ending.
+SHUTDOWN_FINAL_SEND = 0.25
+#: The scopes of the final sends under way in this Trio run, and whether its server shuts
+#: down (see :func:`cut_final_sends`).
+_final_sends: trio.lowlevel.RunVar[set[trio.CancelScope]] = trio.lowlevel.RunVar(
+    "punie_trio_final_sends"
+)
+_shutting_down: trio.lowlevel.RunVar[bool] = trio.lowlevel.RunVar(
+    "punie_trio_final_sends_cut", default=False
+)
+
+
+def _final_scopes() -> set[trio.CancelScope]:
+    try:
+        return _final_sends.get()
+    except LookupError:
+        scopes: set[trio.CancelScope] = set()
+        _final_sends.set(scopes)
+        return scopes
+
+
+@contextmanager
+def final_send(send: Any, timeout: float) -> Iterator[None]:
+    """A shielded scope for the send that ends a response or a WebSocket (``send`` is the
+    ASGI send it calls): it must complete even while the handler is cancelled, or
+    Hypercorn's bookkeeping of the stream is cut off. Bounded by ``timeout`` seconds, and by
+    :data:`SHUTDOWN_FINAL_SEND` once the server shuts down (Hypercorn's ``terminated``, or
+    :func:`cut_final_sends` for one already waiting) or when the caller is cancelled.
+
+    Why the shutdown's bound: over HTTP/2 such a send waits for Hypercorn to drain the
+    stream, which a client that grants no more flow-control window never lets happen (a
+    wait that may have begun before the shutdown: a small response's only send, or the
+    last of one Hypercorn buffered whole before ``_h2_buffers``). Shielded for its
+    ``timeout`` (5 s) or for good, it held the
+    process past its shutdown until the watchdog ended it, status 1. Over HTTP/1.1 the
+    socket write inside is shielded on its own (:meth:`FastSendTCPServer._write`) and
+    stops only as a stalled write does: the bound there cuts only a wait for a write in
+    flight (the send lock)."""
+    context = getattr(getattr(send, "__self__", None), "context", None)
+    terminated = getattr(context, "terminated", None)
+    if (
+        _shutting_down.get()
+        or (terminated is not None and terminated.is_set())
+        or trio.current_effective_deadline() == -math.inf  # (cancelled)
+    ):
+        timeout = min(timeout, SHUTDOWN_FINAL_SEND)
+    scopes = _final_scopes()
+    with trio.CancelScope(shield=True, deadline=trio.current_time() + timeout) as scope:
+        scopes.add(scope)
+        try:
+            yield
+        finally:
+            scopes.discard(scope)
+
+
+def cut_final_sends() -> None:
+    """The server shuts down: every final send still waiting (:func:`final_send`) gets
+    :data:`SHUTDOWN_FINAL_SEND` more at most, and so does every later one in this run (a
+    ``send`` wrapped by the app does not tell Hypercorn's ``terminated``)."""
+    _shutting_down.set(True)
+    limit = trio.current_time() + SHUTDOWN_FINAL_SEND
+    for scope in _final_scopes():
+        scope.deadline = min(scope.deadline, limit)
 
 
 @asynccontextmanager
@@ -110,6 +180,8 @@ class FastSendTCPServer(TCPServer):
     #: shutdown): Hypercorn is told ``Closed``, and later writes are dropped by it
     #: silently, so a writer that must know what did not go out checks this.
     write_failed = False
+    #: The read loop's scope, cancelled once the protocol has closed the connection.
+    _reading: trio.CancelScope | None = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -153,13 +225,18 @@ class FastSendTCPServer(TCPServer):
 
     async def _read_data(self) -> None:
         try:
-            await self._read_until_closed()
+            with trio.CancelScope() as self._reading:
+                await self._read_until_closed()
+            if self._reading.cancelled_caught:
+                await self.protocol.handle(Closed())  # (as the loop's own end does)
         finally:
             # The connection is closing: its keep-alive watcher has nothing left to watch,
             # and it must not hold the connection's task group open until its deadline.
             self.idle_task.close()  # type: ignore[attr-defined]
 
     async def _read_until_closed(self) -> None:
+        """Read until the peer or the server closes the connection. Ended from outside too,
+        when the protocol says the connection is over (see :meth:`protocol_send`)."""
         if self.config.read_timeout is not None:
             await super()._read_data()
             return
@@ -217,6 +294,14 @@ class FastSendTCPServer(TCPServer):
         if self._gathered:  # e.g. Closed: what was "sent" before it leaves before it
             await self.flush_gathered()
         await super().protocol_send(event)
+        if type(event) is Closed and self._reading is not None:
+            # The protocol ended the connection (the socket is closed now): the read loop
+            # has nothing left to read, but it may be waiting inside the protocol. A
+            # response that ends while the server terminates, with a request pipelined
+            # behind it, leaves h11 paused on that request, and Hypercorn's protocol, which
+            # does not start the next cycle once terminating, never wakes it: the
+            # connection, and the shutdown with it, then waited for graceful_timeout.
+            self._reading.cancel()
 
     async def flush_gathered(self) -> None:
         """Write the gathered bytes now (a no-op when there are none)."""

@@ -18,6 +18,7 @@ from typing import Any
 import trio
 
 from ._asgi_ws import ASGIReceive, ASGISend
+from ._fast_send import FINAL_SEND_TIMEOUT, final_send
 
 #: Seconds a request body may go without a byte before it is refused with 408 (the
 #: connection is closed). Reset by every chunk that carries bytes.
@@ -105,8 +106,9 @@ async def respond(
     all_headers = body_headers(body, content_type) + (headers or [])
     await send({"type": "http.response.start", "status": status, "headers": all_headers})
     # Shielded: the send that ends a response must complete, or Hypercorn's bookkeeping of
-    # the connection is cut off and it hangs until graceful_timeout.
-    with trio.CancelScope(shield=True):
+    # the connection is cut off and it hangs until graceful_timeout. Bounded: over HTTP/2
+    # it waits for a drain a client can withhold (see final_send).
+    with final_send(send, FINAL_SEND_TIMEOUT):
         await send({"type": "http.response.body", "body": body})
 
 

@@ -3,6 +3,7 @@ clients on one manager, signals and graceful shutdown, a busy port."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -228,5 +229,199 @@ async def test_shutdown_bounded_with_a_client_that_never_reads(
             # finishes in time and cleanly, without the watchdog.
             server.process.send_signal(signal.SIGTERM)
             assert await server.process.wait() == 0  # (the watchdog's exit is 1)
+            await server.stderr_done.wait()
+            assert "shutdown did not finish within" not in server.stderr
+
+
+def _still_running(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie left to an init that does not reap is not running)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_bytes()
+    except FileNotFoundError:
+        return False
+    return stat.rpartition(b")")[2].split()[0] not in (b"Z", b"X")
+
+
+@pytest.mark.parametrize("exit_by", ["second signal", "shutdown timeout"])
+async def test_a_build_that_ignores_sigterm_does_not_outlive_the_server(
+    tmp_path: Path, exit_by: str
+) -> None:
+    """A build stopped by a shutdown gets SIGTERM, then SIGKILL. It got the SIGKILL after
+    5 s, whatever the --shutdown-timeout: past a shorter one the watchdog ended the process
+    (status 1, 'shutdown did not finish'), and the build, which ignored SIGTERM, ran on
+    for good in a session of its own; so it did after a second signal. Now the build gets
+    half the shutdown timeout, and an exit at once SIGKILLs it first."""
+    site = tmp_path / "site"
+    site.mkdir()
+    fifo = tmp_path / "build.pid"
+    os.mkfifo(fifo)
+    build = f"trap '' TERM; echo $$ > {fifo}; exec sleep 60"
+    timeout = "30" if exit_by == "second signal" else "0.2"
+    with trio.fail_after(30):
+        async with server_process(
+            tmp_path,
+            "--site", str(site), "--build", build, "--no-watch", "--shutdown-timeout", timeout,
+            wait_listening=False,
+        ) as server:  # fmt: skip
+            build_pid = int(await trio.to_thread.run_sync(fifo.read_text))
+            try:
+                server.process.send_signal(signal.SIGTERM)
+                await server.wait_stderr("received SIGTERM, shutting down")
+                if exit_by == "second signal":
+                    server.process.send_signal(signal.SIGTERM)
+                    await server.wait_stderr("second signal, exiting now")
+                    assert await server.process.wait() == 1
+                else:
+                    assert await server.process.wait() == 0
+                    await server.stderr_done.wait()
+                    assert "shutdown did not finish within" not in server.stderr
+                while _still_running(build_pid):  # noqa: ASYNC110 (not our child: polled)
+                    await trio.sleep(0.01)
+            finally:
+                with contextlib.suppress(ProcessLookupError):  # (a failed test's build)
+                    os.kill(build_pid, signal.SIGKILL)
+
+
+async def test_a_websocket_over_http2_that_stops_reading_does_not_hold_the_shutdown(
+    tmp_path: Path,
+) -> None:
+    """/acp over HTTP/2 (extended CONNECT, prior knowledge) with a turn streaming to a
+    client that grants no more flow-control window. The shutdown's time runs out; the
+    close frame, sent shielded, then waited for good for Hypercorn to drain the stream
+    (its send task, cancelled by then, never did): the watchdog ended the process, status
+    1. The close is bounded now, and the shutdown ends in time, status 0."""
+    import h2.config
+    import h2.connection
+    import h2.events
+
+    def frame(msg: dict[str, Any]) -> bytes:  # a masked client text frame
+        data = json.dumps(msg).encode()
+        assert 126 <= len(data) < 65536
+        mask = os.urandom(4)
+        head = bytes([0x81, 0x80 | 126]) + len(data).to_bytes(2, "big") + mask
+        return head + bytes(b ^ mask[i % 4] for i, b in enumerate(data))
+
+    script = write_script(tmp_path / "flood.json", [[{"text": "z" * 60000}] * 100])
+    with trio.fail_after(30):
+        async with server_process(
+            tmp_path, "--model", f"script:{script}", "--shutdown-timeout", "1"
+        ) as server:
+            host, port = server.url.removeprefix("http://").rsplit(":", 1)
+            async with await trio.open_tcp_stream(host, int(port)) as sock:
+                config = h2.config.H2Configuration(client_side=True, header_encoding=None)
+                client = h2.connection.H2Connection(config)
+                client.initiate_connection()
+                client.send_headers(
+                    1,
+                    [
+                        (b":method", b"CONNECT"), (b":protocol", b"websocket"),
+                        (b":scheme", b"http"), (b":path", b"/acp"),
+                        (b":authority", f"{host}:{port}".encode()),
+                        (b"sec-websocket-version", b"13"),
+                        (b"authorization", f"Bearer {TOKEN}".encode()),
+                    ],
+                )  # fmt: skip
+                await sock.send_all(client.data_to_send())
+                received = b""
+                sent = 0
+                session: str | None = None
+                while b'"agent_message_chunk"' not in received:
+                    data = await sock.receive_some(65536)
+                    assert data, received
+                    for event in client.receive_data(data):
+                        if isinstance(event, h2.events.ResponseReceived):
+                            assert dict(event.headers)[b":status"] == b"200"
+                            client.send_data(1, frame({
+                                "jsonrpc": "2.0", "id": 1, "method": "initialize",
+                                "params": {
+                                    "protocolVersion": 1,
+                                    "clientInfo": {"name": "h2", "version": "0"},
+                                },
+                            }))  # fmt: skip
+                            sent += 1
+                        elif isinstance(event, h2.events.DataReceived):
+                            received += event.data
+                            if session is None:  # (then no more window is granted)
+                                client.acknowledge_received_data(
+                                    event.flow_controlled_length, event.stream_id
+                                )
+                    if sent == 1 and b'"agentInfo"' in received:
+                        client.send_data(1, frame({
+                            "jsonrpc": "2.0", "id": 2, "method": "session/new",
+                            "params": {"cwd": str(tmp_path), "mcpServers": []},
+                        }))  # fmt: skip
+                        sent += 1
+                    if session is None and b'"sessionId":"' in received:
+                        start = received.index(b'"sessionId":"') + 13
+                        session = received[start : received.index(b'"', start)].decode()
+                        client.send_data(1, frame({
+                            "jsonrpc": "2.0", "id": 3, "method": "session/prompt",
+                            "params": {
+                                "sessionId": session,
+                                "prompt": [{"type": "text", "text": "go"}],
+                            },
+                        }))  # fmt: skip
+                    await sock.send_all(client.data_to_send())
+                server.process.send_signal(signal.SIGTERM)
+                assert await server.process.wait() == 0  # (the watchdog's exit is 1)
+            await server.stderr_done.wait()
+            assert "shutdown did not finish within" not in server.stderr
+
+
+@pytest.mark.parametrize("with_sse", [False, True], ids=["download", "download and SSE"])
+async def test_a_download_over_http2_that_stops_reading_does_not_hold_the_shutdown(
+    tmp_path: Path, with_sse: bool
+) -> None:
+    """The dev app sends a file over HTTP/2 to a client that grants no more flow-control
+    window (Hypercorn buffers the rest of it and the response's last send waits for the
+    drain; on the same connection, the live-reload stream's last event at shutdown waits
+    too). That last send, shielded for up to 5 s to end Hypercorn's bookkeeping, outlived
+    the shutdown: the watchdog ended the process, status 1, at any --shutdown-timeout
+    under 4 s. It gets a short time once the server shuts down now."""
+    import h2.config
+    import h2.connection
+    import h2.events
+
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "big.bin").write_bytes(b"z" * 4_000_000)
+    with trio.fail_after(30):
+        async with server_process(
+            tmp_path, "--site", str(site), "--no-watch", "--shutdown-timeout", "0.5"
+        ) as server:
+            host, port = server.url.removeprefix("http://").rsplit(":", 1)
+            async with await trio.open_tcp_stream(host, int(port)) as sock:
+                config = h2.config.H2Configuration(client_side=True, header_encoding=None)
+                client = h2.connection.H2Connection(config)
+                client.initiate_connection()
+                client.send_headers(
+                    1,
+                    [
+                        (b":method", b"GET"), (b":scheme", b"http"), (b":path", b"/big.bin"),
+                        (b":authority", f"{host}:{port}".encode()),
+                    ],
+                    end_stream=True,
+                )  # fmt: skip
+                if with_sse:
+                    client.send_headers(
+                        3,
+                        [
+                            (b":method", b"GET"), (b":scheme", b"http"),
+                            (b":path", b"/__reload__"),
+                            (b":authority", f"{host}:{port}".encode()),
+                        ],
+                        end_stream=True,
+                    )  # fmt: skip
+                await sock.send_all(client.data_to_send())
+                received = 0
+                while received < 65535:  # the whole initial window, and no more granted
+                    data = await sock.receive_some(65536)
+                    assert data
+                    for event in client.receive_data(data):
+                        if isinstance(event, h2.events.DataReceived):
+                            received += len(event.data)
+                    await sock.send_all(client.data_to_send())
+                server.process.send_signal(signal.SIGTERM)
+                assert await server.process.wait() == 0  # (the watchdog's exit is 1)
             await server.stderr_done.wait()
             assert "shutdown did not finish within" not in server.stderr

@@ -20,6 +20,7 @@ import trio
 import trio.testing
 from hypercorn.trio.worker_context import WorkerContext
 
+from punie_trio.web import _h2_idle as h2_idle
 from punie_trio.web._fast_send import FastSendTCPServer
 from punie_trio.web._keepalive import KeepAliveTimer
 
@@ -40,6 +41,7 @@ async def _close_clients() -> AsyncIterator[None]:
 @pytest.fixture(autouse=True)
 def _fast_send(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(hypercorn.trio.run, "TCPServer", FastSendTCPServer)
+    h2_idle.install()  # (as the server does)
 
 
 class App:
@@ -250,3 +252,47 @@ async def test_a_retired_watcher_replaced_at_once_leaves_one_watcher(
 
 async def _never_called() -> None:  # pragma: no cover
     raise AssertionError("the timer reproduces Hypercorn's action, it does not call it")
+
+
+async def _open_http2(address: tuple[str, int]) -> Client:
+    """A connection that speaks HTTP/2 with prior knowledge (its preface and SETTINGS) and
+    has sent no request."""
+    import h2.config
+    import h2.connection
+
+    client = await Client.connect(address)
+    h2c = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    h2c.initiate_connection()
+    await client.stream.send_all(h2c.data_to_send())
+    return client
+
+
+async def _closed_after_reading(client: Client) -> float:
+    """Seconds (Trio's clock) until the server closes the connection, reading (and dropping)
+    what it sends first (an HTTP/2 server's SETTINGS)."""
+    start = trio.current_time()
+    while await client.stream.receive_some(65536):
+        pass
+    return trio.current_time() - start
+
+
+@pytest.mark.parametrize("end", ["keep-alive", "shutdown"])
+async def test_an_http2_connection_without_a_request_is_idle(
+    autojump_clock: trio.testing.MockClock, end: str
+) -> None:
+    """Hypercorn's h11 protocol says "busy" when it reads the HTTP/2 preface (as for any
+    request), then hands the connection to its h2 protocol, which says "idle" only when a
+    stream ends. A connection that never sent a request was therefore never idle: the
+    keep-alive timeout never closed it, and at shutdown it held the server for the whole
+    graceful timeout (a live ``serve --shutdown-timeout 5``: exit after 5.02 s, 0.02 s
+    without it)."""
+    closing = trio.Event()
+    with trio.fail_after(KEEP_ALIVE * 4):  # (Trio's clock: without the fix, it waited for good)
+        async with serving(App(), closing) as address:
+            client = await _open_http2(address)
+            if end == "keep-alive":
+                assert await _closed_after_reading(client) == pytest.approx(KEEP_ALIVE, abs=0.01)
+            else:
+                await trio.sleep(1)
+                closing.set()
+                assert await _closed_after_reading(client) < 0.01

@@ -21,7 +21,7 @@ import trio
 from . import _events, _http, _pages
 from ._asgi import Message, Receive, Scope, Send, departed, header, respond
 from ._broadcast import Broadcaster
-from ._builder import BUILD_START_DELAY, BuildLoop
+from ._builder import BUILD_START_DELAY, KILL_GRACE, BuildLoop
 from ._inject import SCRIPT_BYTES, SCRIPT_ETAG, SCRIPT_PATH, inject
 from ._sse import stream_events
 from ._static import StaticSite, Vanished
@@ -72,6 +72,8 @@ class DevApp:
     no_watch: bool = False
     debounce: float = 0.2
     build_start_delay: float = BUILD_START_DELAY
+    #: Seconds a stopped build gets between SIGTERM and SIGKILL (``BuildLoop.kill_grace``).
+    kill_grace: float = KILL_GRACE
     data_dir: Path | None = None
     access_log: bool = False
     keepalive: float = 15.0
@@ -91,6 +93,7 @@ class DevApp:
             build_cmd=self.build_cmd,
             debounce=self.debounce,
             build_start_delay=self.build_start_delay,
+            kill_grace=self.kill_grace,
         )
         self.static = StaticSite(self.site_dir)
 

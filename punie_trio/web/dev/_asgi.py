@@ -12,11 +12,10 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, MutableMapping, Sequence
 from typing import Any
 
-import trio
 from hypercorn.protocol.http_stream import HTTPStream
 
 from .._direct import _connection
-from .._fast_send import coalesced_writes
+from .._fast_send import coalesced_writes, final_send
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -91,9 +90,9 @@ async def start(send: Send, status: int, headers: Sequence[tuple[bytes, bytes]])
 
 
 async def finish(send: Send, body: bytes = b"") -> None:
-    """Send the last body chunk, shielded from cancellation (bounded by a deadline)."""
-    with trio.move_on_after(FINAL_SEND_TIMEOUT) as scope:
-        scope.shield = True
+    """Send the last body chunk, shielded from cancellation (bounded by a deadline, a
+    short one once the server shuts down: :func:`.._fast_send.final_send`)."""
+    with final_send(send, FINAL_SEND_TIMEOUT):
         await send({"type": "http.response.body", "body": body, "more_body": False})
 
 

@@ -162,7 +162,8 @@ def tail(
 
 
 #: How long a build's processes get between SIGTERM and SIGKILL: a cancelled build's command,
-#: and what a finished build left running (the server's shutdown watchdog must not beat it).
+#: and what a finished build left running (the server's shutdown watchdog must not beat it:
+#: ``serve`` gives a build no more than half its shutdown timeout, ``BuildLoop.kill_grace``).
 KILL_GRACE = 5.0
 LEFTOVER_GRACE = 1.0
 #: Output read after the command exited: what is in the pipe then, without waiting (a child
@@ -177,6 +178,28 @@ class Group:
 
     pgid: int
     members: frozenset[tuple[int, int]]
+
+
+#: The process groups of the builds whose command runs (by its pid, the group's id: it is
+#: our child, so the id cannot be another's until we have reaped it), and of what builds
+#: left running that is not stopped yet. :func:`kill_groups_now` kills them all.
+_commands: set[int] = set()
+_left: dict[int, Group] = {}
+
+
+def kill_groups_now() -> None:
+    """SIGKILL every build's process group still running, without waiting: for a server
+    that exits at once (a second signal, the shutdown's watchdog; ``server._exit_now``).
+
+    Why: a shutdown stops builds in its own time (SIGTERM, SIGKILL after
+    :data:`KILL_GRACE`); a process that exits before that left a build that ignores
+    SIGTERM (or is slow to end) running, in a session of its own, for good. Safe from any
+    thread: it only reads ``/proc`` and sends signals."""
+    for pgid in list(_commands):
+        _signal_group(pgid, signal.SIGKILL)
+    for group in list(_left.values()):
+        if _ours(group):
+            _signal_group(group.pgid, signal.SIGKILL)
 
 
 def _proc_stat(pid: int | str) -> list[bytes] | None:
@@ -239,21 +262,26 @@ async def stop_group(group: Group, grace: float = LEFTOVER_GRACE) -> None:
     group reaches them). They are not our children, so there is nothing to wait on for
     their end: it is polled, every 10 ms. No-op when none of them runs.
     """
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        if not _ours(group):
-            return
-        _signal_group(group.pgid, sig)
-        with trio.move_on_after(grace):
-            while _ours(group):  # noqa: ASYNC110 (not our children: nothing to wait on)
-                await trio.sleep(0.01)
+    _left[group.pgid] = group
+    try:
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            if not _ours(group):
+                return
+            _signal_group(group.pgid, sig)
+            with trio.move_on_after(grace):
+                while _ours(group):  # noqa: ASYNC110 (not our children: nothing to wait on)
+                    await trio.sleep(0.01)
+    finally:
+        if _left.get(group.pgid) is group:
+            del _left[group.pgid]
 
 
-async def _kill_build(process: trio.Process) -> None:
-    """A cancelled build: SIGTERM to its whole process group, SIGKILL after
-    :data:`KILL_GRACE`; then whatever of the group outlived the command (a background
-    child) is stopped too. Signalling the group reaches what a shell started."""
+async def _kill_build(process: trio.Process, grace: float = KILL_GRACE) -> None:
+    """A cancelled build: SIGTERM to its whole process group, SIGKILL after ``grace``
+    seconds; then whatever of the group outlived the command (a background child) is
+    stopped too. Signalling the group reaches what a shell started."""
     _signal_group(process.pid, signal.SIGTERM)
-    with trio.move_on_after(KILL_GRACE):
+    with trio.move_on_after(grace):
         await process.wait()
     if process.returncode is None:
         _signal_group(process.pid, signal.SIGKILL)
@@ -261,7 +289,7 @@ async def _kill_build(process: trio.Process) -> None:
         await process.wait()
     left = group_of(process.pid)
     if left is not None:
-        await stop_group(left)
+        await stop_group(left, min(LEFTOVER_GRACE, grace))
 
 
 #: Characters that make the shell do more than split a command into words (quotes, escapes,
@@ -295,7 +323,7 @@ def direct_argv(command: str) -> list[str] | None:
     return argv
 
 
-async def run_build(command: str, cwd: Path) -> BuildResult:
+async def run_build(command: str, cwd: Path, *, kill_grace: float = KILL_GRACE) -> BuildResult:
     """Run ``command`` as the shell runs it, in ``cwd``; keep a bounded tail of its output.
 
     A command the shell would only split into words is started directly (see
@@ -311,7 +339,8 @@ async def run_build(command: str, cwd: Path) -> BuildResult:
     Resource handling: the output is read as it comes (a build that prints a lot never fills a
     pipe nor our memory: only its end is kept, as a terminal shows it: :class:`OutputTail`),
     and our end of the pipe is closed when the build is over. Cancellation terminates the
-    whole process group, including what the command left in the background.
+    whole process group, including what the command left in the background (SIGKILL
+    after ``kill_grace`` seconds).
 
     Error handling: a build that cannot be started at all (no pipe or process to be had:
     ``EMFILE`` when a flood of connections took every descriptor, ``ENOMEM``; the project
@@ -328,6 +357,7 @@ async def run_build(command: str, cwd: Path) -> BuildResult:
         return BuildResult(command, NOT_STARTED, reason, trio.current_time() - started)
     stdout = process.stdout
     assert isinstance(stdout, trio.lowlevel.FdStream)  # POSIX: a non-blocking pipe
+    _commands.add(process.pid)  # (until the group is stopped or known: kill_groups_now)
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_read_output, stdout, kept)
@@ -336,14 +366,17 @@ async def run_build(command: str, cwd: Path) -> BuildResult:
         _drain(stdout.fileno(), kept)
     except BaseException:
         with trio.CancelScope(shield=True):
-            await _kill_build(process)
+            await _kill_build(process, kill_grace)
         raise
     finally:
         with trio.CancelScope(shield=True):
             await stdout.aclose()
+        group = group_of(process.pid)
+        if group is not None:  # (until BuildLoop.stop_leftovers stops it)
+            _left[group.pgid] = group
+        _commands.discard(process.pid)
     exit_status = process.returncode
     assert exit_status is not None
-    group = group_of(process.pid)
     return BuildResult(command, exit_status, kept.text(), trio.current_time() - started, group)
 
 
@@ -417,6 +450,9 @@ class BuildLoop:
     build_cmd: str | None = None
     debounce: float = 0.2
     build_start_delay: float = BUILD_START_DELAY
+    #: Seconds a stopped build's processes get between SIGTERM and SIGKILL (what a build
+    #: left running: :data:`LEFTOVER_GRACE` at most).
+    kill_grace: float = KILL_GRACE
     builds: int = 0
     _last_good: dict[str, FileSig] = attrs.field(factory=dict)
     #: The last build's process group while something it started still runs.
@@ -450,7 +486,9 @@ class BuildLoop:
             async with trio.open_nursery() as nursery:
                 if self.build_start_delay > 0:
                     nursery.start_soon(self._announce_later, started)
-                result = await run_build(self.build_cmd, self.project_root)
+                result = await run_build(
+                    self.build_cmd, self.project_root, kill_grace=self.kill_grace
+                )
                 nursery.cancel_scope.cancel()
             await self._guard(frozenset(changed))
             if result.group is not None:
@@ -560,7 +598,7 @@ class BuildLoop:
         group reaches them): before the next build, and at shutdown."""
         if self._leftover is not None:
             group, self._leftover = self._leftover, None
-            await stop_group(group)
+            await stop_group(group, min(LEFTOVER_GRACE, self.kill_grace))
 
     async def _announce_later(self, started: StatusEvent) -> None:
         await trio.sleep(self.build_start_delay)

@@ -1,0 +1,76 @@
+"""HTTP/2 flow control holds a response back: a client that grants no window makes the
+app wait, not the server buffer the whole response.
+
+A real Hypercorn (trio worker, port 0) and a real HTTP/2 client (prior knowledge) that
+reads the initial window and grants nothing more."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import h2.config
+import h2.connection
+import h2.events
+import trio
+import trio.testing
+
+from punie_trio.web import _h2_buffers as h2_buffers
+
+from . import _hypercorn
+
+BODY_PIECE = 64 * 1024
+PIECES = 160  # 10 MiB
+
+
+async def test_a_client_that_grants_no_window_holds_the_response_back() -> None:
+    """Hypercorn's stream buffer let its producer go on whenever its sender took less than
+    a frame, and with the window closed it takes nothing at all: every send of the app
+    returned at once, and the whole response piled up in memory (a live ``serve --site``:
+    a 200 MB file over HTTP/2 to such a client, +192 MB of RSS in 8 s, for one stream)."""
+    h2_buffers.install()
+    sent = 0
+    blocked = trio.Event()
+    sending = trio.CancelScope()  # (ended by the test: the client never reads the rest)
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        nonlocal sent
+        if await _hypercorn.lifespan(scope, receive, send):
+            return
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        with sending:
+            for _ in range(PIECES):
+                piece = {"type": "http.response.body", "body": b"z" * BODY_PIECE, "more_body": True}
+                await send(piece)
+                sent += BODY_PIECE
+            blocked.set()
+
+    with trio.fail_after(10):
+        async with _hypercorn.serving(app) as (host, port):  # noqa: SIM117 (needs the port)
+            async with await trio.open_tcp_stream(host, port) as sock:
+                config = h2.config.H2Configuration(client_side=True, header_encoding=None)
+                client = h2.connection.H2Connection(config)
+                client.initiate_connection()
+                client.send_headers(
+                    1,
+                    [
+                        (b":method", b"GET"), (b":scheme", b"http"), (b":path", b"/"),
+                        (b":authority", f"{host}:{port}".encode()),
+                    ],
+                    end_stream=True,
+                )  # fmt: skip
+                await sock.send_all(client.data_to_send())
+                received = 0
+                while received < 65535:  # the initial window, and not a byte more granted
+                    data = await sock.receive_some(65536)
+                    assert data
+                    for event in client.receive_data(data):
+                        if isinstance(event, h2.events.DataReceived):
+                            received += len(event.data)
+                    await sock.send_all(client.data_to_send())
+                for _ in range(10):
+                    await trio.testing.wait_all_tasks_blocked()
+                # What the window let out, one piece waiting in Hypercorn's buffer, and the
+                # app's send waiting for room: not the other 9.8 MiB.
+                assert sent <= 65535 + 2 * BODY_PIECE
+                assert not blocked.is_set()
+                sending.cancel()
