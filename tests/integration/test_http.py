@@ -484,6 +484,13 @@ class _H2:
     """A bare HTTP/2 client (prior knowledge, as ``curl --http2-prior-knowledge``) on a
     real connection: send frames, read until a stream has ended."""
 
+    @classmethod
+    async def open(cls, url: str | None) -> _H2:
+        """A connection to the server at ``url`` (``http://HOST:PORT``)."""
+        assert url is not None
+        host, port = url.removeprefix("http://").rsplit(":", 1)
+        return cls(await trio.open_tcp_stream(host, int(port)), f"{host}:{port}".encode())
+
     def __init__(self, stream: trio.SocketStream, authority: bytes) -> None:
         import h2.config
         import h2.connection
@@ -594,11 +601,10 @@ async def test_a_non_ascii_request_over_http2_gets_400_and_the_connection_goes_o
     died with it. Over HTTP/1.1 h11 answers such a request 400; over HTTP/2 the request's
     own stream gets 400 with the reason now, and the connection goes on."""
     assert server.url is not None
-    host, port = server.url.removeprefix("http://").rsplit(":", 1)
     with trio.fail_after(10):
-        stream = await trio.open_tcp_stream(host, int(port))
+        client = await _H2.open(server.url)
+        stream = client.stream
         async with stream:
-            client = _H2(stream, f"{host}:{port}".encode())
             client.conn.send_headers(
                 1,
                 [
@@ -631,10 +637,9 @@ async def test_an_http2_client_that_leaves_mid_response_ends_its_connection(
     (site / "big.bin").write_bytes(bytes(2 * 1024 * 1024))
     async with start_server(site=site, dev_options={"no_watch": True}) as server:
         assert server.url is not None
-        host, port = server.url.removeprefix("http://").rsplit(":", 1)
         with trio.fail_after(10):
-            stream = await trio.open_tcp_stream(host, int(port))
-            client = _H2(stream, f"{host}:{port}".encode())
+            client = await _H2.open(server.url)
+            stream = client.stream
             client.get(1, path)
             await client.flush()
             import h2.events
@@ -673,11 +678,10 @@ async def test_an_http2_client_that_reads_nothing_holds_a_bounded_buffer(
     (site / "page.bin").write_bytes(bytes(1024 * 1024))  # in memory: sent in 64 KiB pieces
     async with start_server(site=site, dev_options={"no_watch": True}) as server:
         assert server.url is not None
-        host, port = server.url.removeprefix("http://").rsplit(":", 1)
         with trio.fail_after(10):
-            stream = await trio.open_tcp_stream(host, int(port))
+            client = await _H2.open(server.url)
+            stream = client.stream
             async with stream:
-                client = _H2(stream, f"{host}:{port}".encode())
                 client.conn.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 0})
                 for stream_id in (1, 3, 5):
                     client.get(stream_id, b"/page.bin")
@@ -707,11 +711,10 @@ async def test_a_connect_tunnel_over_http2_gets_400_and_the_connection_goes_on(
     set-up read a ``raw_path`` it never set: ``UnboundLocalError``, "connection failed"
     with a traceback, and every other stream of the connection died with it."""
     assert server.url is not None
-    host, port = server.url.removeprefix("http://").rsplit(":", 1)
     with trio.fail_after(10):
-        stream = await trio.open_tcp_stream(host, int(port))
+        client = await _H2.open(server.url)
+        stream = client.stream
         async with stream:
-            client = _H2(stream, f"{host}:{port}".encode())
             client.conn.send_headers(
                 1, [(b":method", b"CONNECT"), (b":authority", b"example.com:443")]
             )
@@ -736,12 +739,11 @@ async def test_a_non_ascii_request_over_http2_with_no_window_is_reset_alone(
     import h2.settings
 
     assert server.url is not None
-    host, port = server.url.removeprefix("http://").rsplit(":", 1)
     window = h2.settings.SettingCodes.INITIAL_WINDOW_SIZE
     with trio.fail_after(10):
-        stream = await trio.open_tcp_stream(host, int(port))
+        client = await _H2.open(server.url)
+        stream = client.stream
         async with stream:
-            client = _H2(stream, f"{host}:{port}".encode())
             client.conn.update_settings({window: 0})
             client.conn.send_headers(
                 1,
@@ -780,11 +782,10 @@ async def test_a_refused_websocket_over_http2_leaves_the_connection_serving(
     frame = b"\x81\x85abcdhello"
     async with start_server(token="T") as server:  # the app refuses the handshake too (401)
         assert server.url is not None
-        host, port = server.url.removeprefix("http://").rsplit(":", 1)
         with trio.fail_after(10):
-            stream = await trio.open_tcp_stream(host, int(port))
+            client = await _H2.open(server.url)
+            stream = client.stream
             async with stream:
-                client = _H2(stream, f"{host}:{port}".encode())
                 client.websocket(1, b"13" if early_frames else b"8")
                 for _ in range(early_frames):
                     client.conn.send_data(1, frame)  # sent before the handshake's answer
