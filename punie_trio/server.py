@@ -149,7 +149,10 @@ def _address_unusable(exc: BaseException) -> bool:
 
 
 # After the shutdown timeout, how long cancellation gets before the process exits anyway.
-FORCE_EXIT_GRACE = 1.0
+# Two seconds: what is still ending then (a final send's SHUTDOWN_FINAL_SEND, the store's
+# close) takes a fraction of that on a quiet machine, but with 1 s a busy one (a CI run
+# beside other work) ran a shutdown that ended in time into the watchdog, status 1.
+FORCE_EXIT_GRACE = 2.0
 # The collector's thresholds once serving (gc.set_threshold): young collections every
 # 20,000 net allocations rather than 700 (see _serve).
 GC_THRESHOLDS = (20_000, 20, 100)

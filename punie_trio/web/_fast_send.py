@@ -74,7 +74,7 @@ _gathering: contextvars.ContextVar[list[FastSendTCPServer] | None] = contextvars
 FINAL_SEND_TIMEOUT = 5.0
 #: ...and how long it may still wait once the server shuts down:
 #: what is left of a shutdown may be no more than the watchdog's grace
-#: (``server.FORCE_EXIT_GRACE``, 1 s), shared with everything else still ending.
+#: (``server.FORCE_EXIT_GRACE``, 2 s), shared with everything else still ending.
 SHUTDOWN_FINAL_SEND = 0.25
 #: The scopes of the final sends under way in this Trio run, and whether its server shuts
 #: down (see :func:`cut_final_sends`).
