@@ -102,6 +102,9 @@ def final_send(send: Any, timeout: float) -> Iterator[None]:
     Hypercorn's bookkeeping of the stream is cut off. Bounded by ``timeout`` seconds, and by
     :data:`SHUTDOWN_FINAL_SEND` once the server shuts down (Hypercorn's ``terminated``, or
     :func:`cut_final_sends` for one already waiting) or when the caller is cancelled.
+    Over HTTP/2 (Hypercorn's own ``send``), ``timeout`` counts from the client's last
+    progress: each time its stream's buffer gives data to the connection
+    (``_h2_buffers``), the send gets ``timeout`` more, until the server shuts down.
 
     Why the shutdown's bound: over HTTP/2 such a send waits for Hypercorn to drain the
     stream, which a client that grants no more flow-control window never lets happen (a
@@ -111,8 +114,16 @@ def final_send(send: Any, timeout: float) -> Iterator[None]:
     process past its shutdown until the watchdog ended it, status 1. Over HTTP/1.1 the
     socket write inside is shielded on its own (:meth:`FastSendTCPServer._write`) and
     stops only as a stalled write does: the bound there cuts only a wait for a write in
-    flight (the send lock)."""
-    context = getattr(getattr(send, "__self__", None), "context", None)
+    flight (the send lock).
+
+    Why from the last progress over HTTP/2: that wait lasts as long as the client takes
+    to read the whole body the send carries (a response sent in one piece, up to 1 MiB
+    for ``/echo``; a dev page's or file's last piece and what is buffered before it).
+    Counted in all, a client that read steadily but slowly (64 KiB a second) had its
+    response cut at 5 s, in a normal run: the app returned before the body's end was
+    queued, and the stream never ended."""
+    stream = getattr(send, "__self__", None)
+    context = getattr(stream, "context", None)
     terminated = getattr(context, "terminated", None)
     if (
         _shutting_down.get()
@@ -120,13 +131,36 @@ def final_send(send: Any, timeout: float) -> Iterator[None]:
         or trio.current_effective_deadline() == -math.inf  # (cancelled)
     ):
         timeout = min(timeout, SHUTDOWN_FINAL_SEND)
+        buffer = None
+    else:
+        buffer = _h2_stream_buffer(stream)
     scopes = _final_scopes()
     with trio.CancelScope(shield=True, deadline=trio.current_time() + timeout) as scope:
+
+        def progress() -> None:
+            if not _shutting_down.get() and not (terminated is not None and terminated.is_set()):
+                scope.deadline = max(scope.deadline, trio.current_time() + timeout)
+
         scopes.add(scope)
+        if buffer is not None:
+            buffer.punie_progress = progress
         try:
             yield
         finally:
             scopes.discard(scope)
+            if buffer is not None and getattr(buffer, "punie_progress", None) is progress:
+                buffer.punie_progress = None
+
+
+def _h2_stream_buffer(stream: Any) -> Any:
+    """The HTTP/2 send buffer (Hypercorn's ``StreamBuffer``) of ``stream`` (the
+    ``HTTPStream`` or ``WSStream`` whose ``app_send`` the app was given), or None: another
+    protocol, or a ``send`` the app wrapped."""
+    protocol = getattr(getattr(stream, "send", None), "__self__", None)
+    buffers = getattr(protocol, "stream_buffers", None)
+    if not isinstance(buffers, dict):
+        return None
+    return buffers.get(getattr(stream, "stream_id", None))
 
 
 def cut_final_sends() -> None:

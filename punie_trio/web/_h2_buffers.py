@@ -26,6 +26,10 @@ faults, each patched here:
   stream that its peer has gone (``http.disconnect``, and ``stream.closed`` for the dev
   app's ``departed`` check).
 
+The patched ``pop`` also tells the stream's final send, if one waits on it, that the
+client took data (``punie_progress``, set by ``_fast_send.final_send``): that send's bound
+counts from the client's last progress, not from its start.
+
 Resource handling: nothing is owned; like ``_h2_late_data.install`` it patches Hypercorn for
 the whole process (idempotent), and patches nothing if Hypercorn's internals do not match.
 """
@@ -52,6 +56,10 @@ async def _pop(self: StreamBuffer, max_length: int) -> bytes:
         await self._paused.set()
     if len(self.buffer) == 0:
         await self._is_empty.set()
+    if data:
+        progress = getattr(self, "punie_progress", None)
+        if progress is not None:
+            progress()  # (a final send waiting on this stream: see _fast_send.final_send)
     return data
 
 

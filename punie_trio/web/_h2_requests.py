@@ -18,6 +18,14 @@ Resource handling: nothing is owned; like ``_h2_late_data.install`` it patches H
 for the whole process (idempotent), and patches nothing if Hypercorn's internals do not
 match. A request body the client still sends on the answered stream is dropped as any
 late data is (``_h2_late_data``).
+
+A refused request opens no stream, so the patch keeps Hypercorn's bookkeeping of one itself:
+Hypercorn says "busy" (``Updated(idle=False)``: the keep-alive timer stops) after every
+request it reads, and "idle" only as a stream ends. Once the events read with a refused
+request are handled, a connection left without a running stream says "idle" again (its
+keep-alive timer restarts; at shutdown it is closed at once): one refused request, and
+nothing after it, once held the connection open for good, and a shutdown for its whole
+graceful timeout. And a refused request counts towards ``keep_alive_max_requests``.
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ from typing import Any
 
 import h2.events
 from h2.errors import ErrorCodes
+from hypercorn.events import Updated
 from hypercorn.protocol.h2 import H2Protocol
 
 from ._http import body_headers
@@ -54,7 +63,13 @@ def install() -> bool:
     """Answer a non-ASCII ``:method`` or ``:path``, or none, with 400 on its stream (idempotent).
     Returns False, patching nothing, if Hypercorn's ``H2Protocol`` changed."""
     original = getattr(H2Protocol, "_create_stream", None)
-    if original is None or not hasattr(H2Protocol, "_flush"):
+    handle_events = getattr(H2Protocol, "_handle_events", None)
+    if (
+        original is None
+        or handle_events is None
+        or not hasattr(H2Protocol, "_flush")
+        or not isinstance(getattr(H2Protocol, "idle", None), property)
+    ):
         log.warning("Hypercorn internals changed; a non-ASCII HTTP/2 path may fail its connection")
         return False
     if getattr(original, "punie_trio", False):
@@ -73,7 +88,19 @@ def install() -> bool:
         else:  # no room for the reason (a client that reads nothing): a bare stream error
             self.connection.reset_stream(request.stream_id, ErrorCodes.PROTOCOL_ERROR)
         await self._flush()
+        self.keep_alive_requests += 1  # (as Hypercorn counts a stream it opens)
+        self._punie_refused = True  # type: ignore[attr-defined]
+
+    async def _handle_events(self: H2Protocol, events: list[Any]) -> None:
+        await handle_events(self, events)
+        # After Hypercorn's "busy" for the refused request (sent once _create_stream
+        # returned): no stream will end to say "idle" (see the module's docstring).
+        if getattr(self, "_punie_refused", False):
+            self._punie_refused = False  # type: ignore[attr-defined]
+            if self.idle and not self.closed:
+                await self.send(Updated(idle=True))
 
     _create_stream.punie_trio = True  # type: ignore[attr-defined]
     H2Protocol._create_stream = _create_stream  # type: ignore[method-assign]
+    H2Protocol._handle_events = _handle_events  # type: ignore[method-assign]
     return True

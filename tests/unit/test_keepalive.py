@@ -21,6 +21,7 @@ import trio.testing
 from hypercorn.trio.worker_context import WorkerContext
 
 from punie_trio.web import _h2_idle as h2_idle
+from punie_trio.web import _h2_requests as h2_requests
 from punie_trio.web._fast_send import FastSendTCPServer
 from punie_trio.web._keepalive import KeepAliveTimer
 
@@ -42,6 +43,7 @@ async def _close_clients() -> AsyncIterator[None]:
 def _fast_send(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(hypercorn.trio.run, "TCPServer", FastSendTCPServer)
     h2_idle.install()  # (as the server does)
+    h2_requests.install()
 
 
 class App:
@@ -290,6 +292,44 @@ async def test_an_http2_connection_without_a_request_is_idle(
     with trio.fail_after(KEEP_ALIVE * 4):  # (Trio's clock: without the fix, it waited for good)
         async with serving(App(), closing) as address:
             client = await _open_http2(address)
+            if end == "keep-alive":
+                assert await _closed_after_reading(client) == pytest.approx(KEEP_ALIVE, abs=0.01)
+            else:
+                await trio.sleep(1)
+                closing.set()
+                assert await _closed_after_reading(client) < 0.01
+
+
+@pytest.mark.parametrize("end", ["keep-alive", "shutdown"])
+async def test_an_http2_connection_whose_request_was_refused_is_idle(
+    autojump_clock: trio.testing.MockClock, end: str
+) -> None:
+    """A request ``_h2_requests`` answers 400 itself (a non-ASCII ``:path``) opens no
+    stream, and Hypercorn says "busy" after every request it reads (the keep-alive timer
+    stops), and "idle" only when a stream ends: a connection whose last request was
+    refused was never idle again. The keep-alive timeout never closed it (one bad request
+    held a connection open for good), and at shutdown it held the server for the whole
+    graceful timeout."""
+    import h2.config
+    import h2.connection
+
+    closing = trio.Event()
+    with trio.fail_after(KEEP_ALIVE * 4):  # (Trio's clock: without the fix, it waited for good)
+        async with serving(App(), closing) as address:
+            client = await Client.connect(address)
+            h2c = h2.connection.H2Connection(
+                h2.config.H2Configuration(client_side=True, header_encoding=None)
+            )
+            h2c.initiate_connection()
+            h2c.send_headers(
+                1,
+                [
+                    (b":method", b"GET"), (b":scheme", b"http"), (b":path", b"/\xc3\xbcber"),
+                    (b":authority", b"x"),
+                ],
+                end_stream=True,
+            )  # fmt: skip
+            await client.stream.send_all(h2c.data_to_send())
             if end == "keep-alive":
                 assert await _closed_after_reading(client) == pytest.approx(KEEP_ALIVE, abs=0.01)
             else:
