@@ -18,6 +18,7 @@ from trio_websocket import open_websocket_url
 
 from ..acp_schema import SchemaChecker
 from ..client import AcpTestClient
+from ..unit._hypercorn import h2_get, read_initial_window
 from ._support import (
     TOKEN,
     acp_ws_client,
@@ -378,9 +379,6 @@ async def test_a_download_over_http2_that_stops_reading_does_not_hold_the_shutdo
     too). That last send, shielded for up to 5 s to end Hypercorn's bookkeeping, outlived
     the shutdown: the watchdog ended the process, status 1, at any --shutdown-timeout
     under 4 s. It gets a short time once the server shuts down now."""
-    import h2.config
-    import h2.connection
-    import h2.events
 
     site = tmp_path / "site"
     site.mkdir()
@@ -391,17 +389,7 @@ async def test_a_download_over_http2_that_stops_reading_does_not_hold_the_shutdo
         ) as server:
             host, port = server.url.removeprefix("http://").rsplit(":", 1)
             async with await trio.open_tcp_stream(host, int(port)) as sock:
-                config = h2.config.H2Configuration(client_side=True, header_encoding=None)
-                client = h2.connection.H2Connection(config)
-                client.initiate_connection()
-                client.send_headers(
-                    1,
-                    [
-                        (b":method", b"GET"), (b":scheme", b"http"), (b":path", b"/big.bin"),
-                        (b":authority", f"{host}:{port}".encode()),
-                    ],
-                    end_stream=True,
-                )  # fmt: skip
+                client = await h2_get(sock, f"{host}:{port}", b"/big.bin")
                 if with_sse:
                     client.send_headers(
                         3,
@@ -412,15 +400,8 @@ async def test_a_download_over_http2_that_stops_reading_does_not_hold_the_shutdo
                         ],
                         end_stream=True,
                     )  # fmt: skip
-                await sock.send_all(client.data_to_send())
-                received = 0
-                while received < 65535:  # the whole initial window, and no more granted
-                    data = await sock.receive_some(65536)
-                    assert data
-                    for event in client.receive_data(data):
-                        if isinstance(event, h2.events.DataReceived):
-                            received += len(event.data)
                     await sock.send_all(client.data_to_send())
+                await read_initial_window(sock, client)  # (and no more window granted)
                 server.process.send_signal(signal.SIGTERM)
                 assert await server.process.wait() == 0  # (the watchdog's exit is 1)
             await server.stderr_done.wait()

@@ -45,3 +45,43 @@ async def serving(
             yield host, int(port)
         finally:
             closing.set()
+
+
+#: HTTP/2's initial flow-control window (RFC 9113 section 6.9.2).
+INITIAL_WINDOW = 65535
+
+
+async def h2_get(sock: trio.SocketStream, authority: str, path: bytes = b"/") -> Any:
+    """An HTTP/2 client (prior knowledge, ``h2.connection.H2Connection``) on ``sock`` that
+    has sent ``GET path`` on stream 1."""
+    import h2.config
+    import h2.connection
+
+    client = h2.connection.H2Connection(
+        h2.config.H2Configuration(client_side=True, header_encoding=None)
+    )
+    client.initiate_connection()
+    client.send_headers(
+        1,
+        [
+            (b":method", b"GET"), (b":scheme", b"http"), (b":path", path),
+            (b":authority", authority.encode()),
+        ],
+        end_stream=True,
+    )  # fmt: skip
+    await sock.send_all(client.data_to_send())
+    return client
+
+
+async def read_initial_window(sock: trio.SocketStream, client: Any) -> None:
+    """Read the body data the initial window lets out, granting not a byte more."""
+    import h2.events
+
+    received = 0
+    while received < INITIAL_WINDOW:
+        data = await sock.receive_some(65536)
+        assert data
+        for event in client.receive_data(data):
+            if isinstance(event, h2.events.DataReceived):
+                received += len(event.data)
+        await sock.send_all(client.data_to_send())

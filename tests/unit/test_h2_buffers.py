@@ -8,8 +8,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import h2.config
-import h2.connection
 import h2.events
 import pytest
 import trio
@@ -18,6 +16,7 @@ import trio.testing
 from punie_trio.web import _h2_buffers as h2_buffers
 
 from . import _hypercorn
+from ._hypercorn import h2_get, read_initial_window
 
 BODY_PIECE = 64 * 1024
 PIECES = 160  # 10 MiB
@@ -48,26 +47,8 @@ async def test_a_client_that_grants_no_window_holds_the_response_back() -> None:
     with trio.fail_after(10):
         async with _hypercorn.serving(app) as (host, port):  # noqa: SIM117 (needs the port)
             async with await trio.open_tcp_stream(host, port) as sock:
-                config = h2.config.H2Configuration(client_side=True, header_encoding=None)
-                client = h2.connection.H2Connection(config)
-                client.initiate_connection()
-                client.send_headers(
-                    1,
-                    [
-                        (b":method", b"GET"), (b":scheme", b"http"), (b":path", b"/"),
-                        (b":authority", f"{host}:{port}".encode()),
-                    ],
-                    end_stream=True,
-                )  # fmt: skip
-                await sock.send_all(client.data_to_send())
-                received = 0
-                while received < 65535:  # the initial window, and not a byte more granted
-                    data = await sock.receive_some(65536)
-                    assert data
-                    for event in client.receive_data(data):
-                        if isinstance(event, h2.events.DataReceived):
-                            received += len(event.data)
-                    await sock.send_all(client.data_to_send())
+                client = await h2_get(sock, f"{host}:{port}")
+                await read_initial_window(sock, client)
                 for _ in range(10):
                     await trio.testing.wait_all_tasks_blocked()
                 # What the window let out, one piece waiting in Hypercorn's buffer, and the
@@ -100,18 +81,7 @@ async def test_a_slow_client_reading_steadily_gets_a_whole_final_send(
     with trio.fail_after(120):
         async with _hypercorn.serving(app) as (host, port):  # noqa: SIM117 (needs the port)
             async with await trio.open_tcp_stream(host, port) as sock:
-                config = h2.config.H2Configuration(client_side=True, header_encoding=None)
-                client = h2.connection.H2Connection(config)
-                client.initiate_connection()
-                client.send_headers(
-                    1,
-                    [
-                        (b":method", b"GET"), (b":scheme", b"http"), (b":path", b"/"),
-                        (b":authority", f"{host}:{port}".encode()),
-                    ],
-                    end_stream=True,
-                )  # fmt: skip
-                await sock.send_all(client.data_to_send())
+                client = await h2_get(sock, f"{host}:{port}")
                 received = bytearray()
                 unacknowledged = 0
                 ended = False
@@ -163,26 +133,8 @@ async def test_a_final_send_to_a_client_that_stops_reading_ends_its_bound_after(
 
     async with _hypercorn.serving(app) as (host, port):  # noqa: SIM117 (needs the port)
         async with await trio.open_tcp_stream(host, port) as sock:
-            config = h2.config.H2Configuration(client_side=True, header_encoding=None)
-            client = h2.connection.H2Connection(config)
-            client.initiate_connection()
-            client.send_headers(
-                1,
-                [
-                    (b":method", b"GET"), (b":scheme", b"http"), (b":path", b"/"),
-                    (b":authority", f"{host}:{port}".encode()),
-                ],
-                end_stream=True,
-            )  # fmt: skip
-            await sock.send_all(client.data_to_send())
-            received = 0
-            while received < 65535:  # the initial window, and not a byte more granted
-                data = await sock.receive_some(65536)
-                assert data
-                for event in client.receive_data(data):
-                    if isinstance(event, h2.events.DataReceived):
-                        received += len(event.data)
-                await sock.send_all(client.data_to_send())
+            client = await h2_get(sock, f"{host}:{port}")
+            await read_initial_window(sock, client)
             last_progress = trio.current_time()
             with trio.fail_after(FINAL_SEND_TIMEOUT * 4):
                 await done.wait()
