@@ -128,12 +128,8 @@ def _in_data_dir(
         # The one variable these commands read, misspelt (PUNIE_DATADIR), sent them to
         # another data directory without a word; serve warns of it. (Other near misses,
         # PUNIE_PROT, are serve's to name: nothing here reads them.)
-        for given, meant in misspelt_env(os.environ):
-            if meant == BY_NAME["data_dir"].env:
-                warning = (
-                    f"${given} is not a punie-trio variable and is ignored; did you mean ${meant}?"
-                )
-                print(f"{_PROG}: warning: {_printable(warning)}", file=sys.stderr)
+        for warning in misspelt_env(os.environ, meaning=BY_NAME["data_dir"].env):
+            print(f"{_PROG}: warning: {_printable(warning)}", file=sys.stderr)
         return command(args, data_dir)
 
     return run

@@ -411,22 +411,25 @@ def _from_env(option: Option, environ: Mapping[str, str]) -> Any:
     return _convert(option, raw, f"${option.env}")
 
 
-def misspelt_env(environ: Mapping[str, str]) -> list[tuple[str, str]]:
-    """``PUNIE_*`` variables that name no option but nearly name one, as ``(set, meant)``
-    pairs, sorted.
+def misspelt_env(environ: Mapping[str, str], *, meaning: str | None = None) -> list[str]:
+    """A warning for each ``PUNIE_*`` variable that names no option but nearly names one
+    (only those nearly naming the variable ``meaning``, if given), sorted by name.
 
     Why: a misspelt flag or config key is an error, but ``PUNIE_PROT=9000`` was ignored
     without a word and serve ran on its default port. Only near misses are named (difflib's
     ratio at least 0.8): the environment is shared, and other programs (the benchmarks,
     too) set ``PUNIE_*`` variables of their own, which must not make serve complain."""
     known = [option.env for option in OPTIONS]
-    found = []
+    warnings = []
     for name in sorted(environ):
         if name.startswith("PUNIE_") and name not in BY_ENV:
             meant = difflib.get_close_matches(name, known, n=1, cutoff=0.8)
-            if meant:
-                found.append((name, meant[0]))
-    return found
+            if meant and meaning in (None, meant[0]):
+                warnings.append(
+                    f"${name} is not a punie-trio variable and is ignored; did you mean "
+                    f"${meant[0]}?"
+                )
+    return warnings
 
 
 def resolve(

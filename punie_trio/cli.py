@@ -637,8 +637,8 @@ def _run_serve(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         return _error(str(exc), 2)
     _warn_if_the_token_is_readable(args, sources)
-    for given, meant in misspelt_env(os.environ):
-        _warn(f"${given} is not a punie-trio variable and is ignored; did you mean ${meant}?")
+    for warning in misspelt_env(os.environ):
+        _warn(warning)
     if o["no_http"] and not o["stdio"]:
         flag = _named(sources, "no_http") == "--no-http"
         needs = "--no-http needs --stdio" if flag else "no-http needs stdio"
