@@ -43,7 +43,12 @@ class ToolError(Exception):
 class ToolSpec:
     kind: str
     title: str
-    run: Callable[[TurnEnv, dict[str, Any], ClientCaller], Awaitable[str]]
+    #: ``(env, input, call_client, path)``: ``path`` is the input's, as
+    #: :func:`resolve_tool_path` resolved and checked it (once, for the call's ``locations``
+    #: too, so the file reported is the file used); None for a tool without ``uses_path``.
+    run: Callable[[TurnEnv, dict[str, Any], ClientCaller, Path | None], Awaitable[str]]
+    #: Whether the input names a file (``path``) the call works on.
+    uses_path: bool = True
 
 
 #: ``fs/read_text_file``'s ``line`` and ``limit`` are uint32 (the schema).
@@ -99,7 +104,7 @@ def _line_args(tool_input: dict[str, Any]) -> dict[str, int]:
     return args
 
 
-async def _resolved(env: TurnEnv, tool_input: dict[str, Any]) -> Path:
+async def resolve_tool_path(env: TurnEnv, tool_input: dict[str, Any]) -> Path:
     """The tool's ``path``, resolved and checked inside the session's roots (a
     :class:`ToolError` naming the problem otherwise).
 
@@ -117,8 +122,10 @@ async def _resolved(env: TurnEnv, tool_input: dict[str, Any]) -> Path:
         raise ToolError(str(exc)) from None
 
 
-async def _read_file(env: TurnEnv, tool_input: dict[str, Any], call: ClientCaller) -> str:
-    path = await _resolved(env, tool_input)
+async def _read_file(
+    env: TurnEnv, tool_input: dict[str, Any], call: ClientCaller, path: Path | None
+) -> str:
+    assert path is not None  # (uses_path)
     lines = _line_args(tool_input)
     if env.capabilities.read_text_file:
         params: dict[str, Any] = {"sessionId": env.session_id, "path": str(path), **lines}
@@ -161,8 +168,10 @@ class _NotAFile(Exception):
         self.kind = kind
 
 
-async def _write_file(env: TurnEnv, tool_input: dict[str, Any], call: ClientCaller) -> str:
-    path = await _resolved(env, tool_input)
+async def _write_file(
+    env: TurnEnv, tool_input: dict[str, Any], call: ClientCaller, path: Path | None
+) -> str:
+    assert path is not None  # (uses_path)
     content = tool_input.get("content")
     if not isinstance(content, str):
         raise ToolError("input.content must be a string")

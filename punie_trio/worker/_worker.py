@@ -25,7 +25,6 @@ from typing import Any
 import attrs
 import trio
 
-from .._json import is_name_text
 from ..acp import updates
 from ._envelopes import (
     CancelTurn,
@@ -35,14 +34,12 @@ from ._envelopes import (
     ForgetSession,
     ForgetTurn,
     StartTurn,
-    TurnEnv,
     TurnEvent,
     TurnFinished,
     Update,
 )
 from ._models import Model
-from ._paths import PathEscape, directory_ending, resolve_inside
-from ._tools import TOOLS, ClientUnavailable, ToolError, shown_output
+from ._tools import TOOLS, ClientUnavailable, ToolError, resolve_tool_path, shown_output
 
 log = logging.getLogger("punie_trio.worker")
 
@@ -174,7 +171,18 @@ class _Context:
             )
             return None
         path = tool_input.get("path")
-        locations = await _locations(path, self.turn.start.env)
+        refused: ToolError | None = None
+        resolved = None
+        if spec.uses_path:
+            try:
+                resolved = await resolve_tool_path(self.turn.start.env, tool_input)
+            except ToolError as exc:
+                refused = exc
+        # An IDE's follow-along opens these: the absolute path the tool will use (the one
+        # an fs/* request carries), none for a path it refuses. (Collapsing ``..`` as text
+        # pointed it at a file the call refused, outside the project, and at the wrong
+        # file where a symlink came before the ``..``.)
+        locations = [str(resolved)] if resolved is not None else []
         title = f"{spec.title} {path}" if isinstance(path, str) else spec.title
         await self._emit(
             Update(
@@ -190,7 +198,9 @@ class _Context:
         open_tools.append(tool_id)
         await self._emit(Update(updates.tool_call_update(tool_id, status="in_progress")))
         try:
-            output = await spec.run(self.turn.start.env, tool_input, self.call_client)
+            if refused is not None:
+                raise refused
+            output = await spec.run(self.turn.start.env, tool_input, self.call_client, resolved)
         except (ToolError, ClientCallError) as exc:
             await self._emit(
                 Update(updates.tool_call_update(tool_id, status="failed", text=str(exc)))
@@ -205,28 +215,6 @@ class _Context:
         )
         open_tools.remove(tool_id)
         return output
-
-
-async def _locations(path: Any, env: TurnEnv) -> list[str]:
-    """A tool call's ``locations``: the absolute path (the schema's "absolute file path")
-    its tool will use, resolved as the tool resolves it (the path an ``fs/*`` request
-    carries); none for a path the tool will refuse.
-
-    Why: an IDE's follow-along opens these. Collapsing ``..`` as text pointed it at a
-    file the call refused, outside the project (``/proc/self/environ``), and at the
-    wrong file where a symlink came before the ``..``. Resolved in a thread, as the tool
-    resolves it (``_tools._resolved`` says why)."""
-    if not isinstance(path, str) or not path or not is_name_text(path):
-        return []
-    if directory_ending(path) is not None:
-        return []  # (refused: it names a directory)
-    try:
-        resolved = await trio.to_thread.run_sync(
-            resolve_inside, path, env.cwd, env.roots, env.private, abandon_on_cancel=True
-        )
-    except PathEscape:
-        return []
-    return [str(resolved)]
 
 
 @attrs.define(eq=False)

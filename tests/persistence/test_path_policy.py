@@ -690,14 +690,14 @@ async def test_a_tool_path_that_is_slow_to_resolve_holds_up_only_its_own_turn(
     layout: tuple[Path, Path], acp_schema: SchemaChecker, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Resolving a tool's path walks the file system (a ``stat`` a component, the
-    server's own files compared by inode), twice a call (its ``locations``, then the
+    server's own files compared by inode), once a call (for its ``locations`` and the
     tool). It ran on the event loop, so a project on a network mount that stopped
     answering froze every client of the server. It runs in a thread now: here the first
     resolve waits (as a hung mount would) while another client's turn, tool call and
     all, is answered."""
     import threading
 
-    from punie_trio.worker import _tools, _worker
+    from punie_trio.worker import _tools
 
     root, _ = layout
     entered, release = threading.Event(), threading.Event()
@@ -710,8 +710,6 @@ async def test_a_tool_path_that_is_slow_to_resolve_holds_up_only_its_own_turn(
             timed_out.append(not release.wait(timeout=10))
         return resolve(*args)
 
-    # (Both resolves of a tool call: its locations, then the tool's own.)
-    monkeypatch.setattr(_worker, "resolve_inside", hung_once)
     monkeypatch.setattr(_tools, "resolve_inside", hung_once)
     steps = [{"tool": "read_file", "input": {"path": "inside.txt"}}, {"text": "done"}]
     async with open_hub(root, acp_schema, ScriptModel([steps])) as hub:

@@ -297,12 +297,14 @@ async def test_a_tool_run_that_outlives_the_cancel_still_ends_failed(
     its last update, and stayed in_progress for ever."""
     from punie_trio.worker import _tools
 
-    async def uncancellable(env: Any, tool_input: Any, call: Any) -> str:
+    async def uncancellable(env: Any, tool_input: Any, call: Any, path: Any) -> str:
         with trio.CancelScope(shield=True):
             await trio.sleep(1)
         return "done"
 
-    monkeypatch.setitem(_tools.TOOLS, "slow", _tools.ToolSpec("read", "Slow", uncancellable))
+    monkeypatch.setitem(
+        _tools.TOOLS, "slow", _tools.ToolSpec("read", "Slow", uncancellable, uses_path=False)
+    )
     async with running_worker(tmp_path, script([{"tool": "slow", "input": {}}])) as h:
         updates, finished = await cancelled_in_its_tool_call(h)
     assert finished == TurnFinished("cancelled")
