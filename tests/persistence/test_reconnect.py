@@ -581,6 +581,27 @@ def update_texts(messages: list[dict[str, Any]], session_id: str) -> list[str]:
     ]
 
 
+#: What a turn streams while its client is away, in the re-attach backlog tests.
+BACKLOG_UPDATES = 100
+
+
+def _backlog_hub(tmp_path: Path, acp_schema: SchemaChecker) -> Any:
+    """A hub whose one script turn streams "first " then :data:`BACKLOG_UPDATES` chunks,
+    and whose outbox holds 2 messages: a re-attaching client's backlog goes out slowly."""
+    long_turn: list[dict[str, Any]] = [{"text": "first "}, {"sleep": 0.01}]
+    long_turn += [{"text": f"{i} "} for i in range(BACKLOG_UPDATES)]
+    limits = Limits(outbox_limit=2, grace_seconds=60, detached_buffer=10_000)
+    return open_hub(tmp_path, acp_schema, ScriptModel([long_turn]), limits=limits)
+
+
+async def _away_with_a_backlog(hub: Hub) -> str:
+    """Client "ide" prompts ("p1") and drops; the turn ends while it is away, all of its
+    output kept. Returns the session id."""
+    _, session = await prompt_then_drop(hub, "ide", "p1", "first ")
+    await trio.sleep(1)
+    return session
+
+
 async def test_a_load_during_the_reattach_backlog_replays_after_it_not_into_it(
     tmp_path: Path, acp_schema: SchemaChecker, autojump_clock: trio.testing.MockClock
 ) -> None:
@@ -589,13 +610,9 @@ async def test_a_load_during_the_reattach_backlog_replays_after_it_not_into_it(
     the old prompt's answer came in the middle of the replay: the client could not tell
     the transcript from the live updates, and saw the turn twice, mixed. The backlog (and
     the answer) now go first, then the replay, then the load's answer."""
-    count = 100
-    long_turn: list[dict[str, Any]] = [{"text": "first "}, {"sleep": 0.01}]
-    long_turn += [{"text": f"{i} "} for i in range(count)]
-    limits = Limits(outbox_limit=2, grace_seconds=60, detached_buffer=10_000)
-    async with open_hub(tmp_path, acp_schema, ScriptModel([long_turn]), limits=limits) as hub:
-        _, session = await prompt_then_drop(hub, "ide", "p1", "first ")
-        await trio.sleep(1)  # the turn ends while the client is away: all kept
+    count = BACKLOG_UPDATES
+    async with _backlog_hub(tmp_path, acp_schema) as hub:
+        session = await _away_with_a_backlog(hub)
         second = await hub.connect(buffer=1)
         await initialize(second.client, client_id="ide", awaiting=["p1"])
         assert hub.manager.sessions[session].flush_done is not None  # (going out)
@@ -619,13 +636,9 @@ async def test_a_close_during_the_reattach_backlog_answers_after_it(
     going out: the close was answered at once, and 98 updates of the closed session and
     the old prompt's answer followed it. As for a cancel (the prompt-turn page: updates
     before the answer), what the session kept goes first, then the answer."""
-    count = 100
-    long_turn: list[dict[str, Any]] = [{"text": "first "}, {"sleep": 0.01}]
-    long_turn += [{"text": f"{i} "} for i in range(count)]
-    limits = Limits(outbox_limit=2, grace_seconds=60, detached_buffer=10_000)
-    async with open_hub(tmp_path, acp_schema, ScriptModel([long_turn]), limits=limits) as hub:
-        _, session = await prompt_then_drop(hub, "ide", "p1", "first ")
-        await trio.sleep(1)  # the turn ends while the client is away: all kept
+    count = BACKLOG_UPDATES
+    async with _backlog_hub(tmp_path, acp_schema) as hub:
+        session = await _away_with_a_backlog(hub)
         second = await hub.connect(buffer=1)
         # (Pipelined: the close is read while the backlog goes out.)
         init = {"protocolVersion": 1, "_meta": {CLIENT_ID_META: "ide", AWAITING_META: ["p1"]}}

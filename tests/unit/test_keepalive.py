@@ -269,6 +269,17 @@ async def _open_http2(address: tuple[str, int]) -> Client:
     return client
 
 
+async def _ends_idle(client: Client, end: str, closing: trio.Event) -> None:
+    """``client``'s connection is idle: the keep-alive timeout closes it on time, or a
+    shutdown (``closing``) at once."""
+    if end == "keep-alive":
+        assert await _closed_after_reading(client) == pytest.approx(KEEP_ALIVE, abs=0.01)
+    else:
+        await trio.sleep(1)
+        closing.set()
+        assert await _closed_after_reading(client) < 0.01
+
+
 async def _closed_after_reading(client: Client) -> float:
     """Seconds (Trio's clock) until the server closes the connection, reading (and dropping)
     what it sends first (an HTTP/2 server's SETTINGS)."""
@@ -292,12 +303,7 @@ async def test_an_http2_connection_without_a_request_is_idle(
     with trio.fail_after(KEEP_ALIVE * 4):  # (Trio's clock: without the fix, it waited for good)
         async with serving(App(), closing) as address:
             client = await _open_http2(address)
-            if end == "keep-alive":
-                assert await _closed_after_reading(client) == pytest.approx(KEEP_ALIVE, abs=0.01)
-            else:
-                await trio.sleep(1)
-                closing.set()
-                assert await _closed_after_reading(client) < 0.01
+            await _ends_idle(client, end, closing)
 
 
 @pytest.mark.parametrize("end", ["keep-alive", "shutdown"])
@@ -330,9 +336,4 @@ async def test_an_http2_connection_whose_request_was_refused_is_idle(
                 end_stream=True,
             )  # fmt: skip
             await client.stream.send_all(h2c.data_to_send())
-            if end == "keep-alive":
-                assert await _closed_after_reading(client) == pytest.approx(KEEP_ALIVE, abs=0.01)
-            else:
-                await trio.sleep(1)
-                closing.set()
-                assert await _closed_after_reading(client) < 0.01
+            await _ends_idle(client, end, closing)
