@@ -341,10 +341,9 @@ def load_file(path: Path, *, required: bool) -> dict[str, Any]:
         text = read_small_file(path, MAX_CONFIG_BYTES, trusted=True).decode("utf-8-sig")
         data = tomllib.loads(text)
     except OthersCanWrite as exc:
-        fix = f"`chmod o-w {path}`" if "writable" in str(exc) else "use a copy you own"
         raise ConfigError(
             f"config file {path} {exc}: whoever can change it can make serve run "
-            f"commands as you (build, model); {fix}"
+            f"commands as you (build, model); {exc.fix.format(path=path)}"
         ) from None
     except NotASmallFile as exc:
         raise ConfigError(f"config file {path} {exc}: not a config file") from None

@@ -67,7 +67,11 @@ class NotASmallFile(Exception):
 class OthersCanWrite(NotASmallFile):
     """What :func:`read_small_file` refuses with ``trusted=True``: a file another user
     could change (``is writable by every user (mode 0666)``, ``is owned by another
-    user (uid 1000)``)."""
+    user (uid 1000)``); ``fix`` says what to do about it, with ``{path}`` for the file."""
+
+    def __init__(self, message: str, fix: str) -> None:
+        super().__init__(message)
+        self.fix = fix
 
 
 _KINDS = (
@@ -124,10 +128,13 @@ def read_small_file(path: Path, max_bytes: int, *, trusted: bool = False) -> byt
 
 def _check_trusted(status: os.stat_result) -> None:
     if status.st_mode & stat.S_IWOTH:
-        raise OthersCanWrite(f"is writable by every user (mode {stat.S_IMODE(status.st_mode):04o})")
+        mode = stat.S_IMODE(status.st_mode)
+        raise OthersCanWrite(f"is writable by every user (mode {mode:04o})", "`chmod o-w {path}`")
     getuid = getattr(os, "getuid", None)  # (Windows: no owners to compare)
     if getuid is not None and status.st_uid not in (getuid(), 0):
-        raise OthersCanWrite(f"is owned by another user (uid {status.st_uid})")
+        raise OthersCanWrite(
+            f"is owned by another user (uid {status.st_uid})", "use a copy you own"
+        )
 
 
 def resolved(path: str) -> str:
