@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from ..acp import updates
-from ..rpc import INTERNAL_ERROR, PeerClosed, RequestId, RpcError
+from ..rpc import INTERNAL_ERROR, INVALID_REQUEST, PeerClosed, RequestId, RpcError
 from ._session import Pending, Session, json_string_at, small_id
 
 if TYPE_CHECKING:
@@ -45,6 +45,9 @@ log = logging.getLogger("punie_trio.hub")
 
 # Sent to a re-attached client whose missed updates overflowed the buffer.
 RELOAD_REQUIRED = "_punie-trio/reload_required"
+#: The longest an ``initialize`` waits to take a client id over from a silent connection
+#: (its probe, then its disconnect's clean-up: each bounded far below this).
+TAKE_OVER_WITHIN = 30.0
 
 
 def detach(self: Manager, conn: ClientConnection) -> None:
@@ -56,6 +59,15 @@ def detach(self: Manager, conn: ClientConnection) -> None:
     but a client that said who it is is still told, when it comes back, to reload
     those that lost something (:func:`_end_grace`): it once waited for ever for the
     answer of the turn cut under it."""
+    try:
+        _detach(self, conn)
+    finally:
+        leaving = self._leaving.pop(conn, None)
+        if leaving is not None:
+            leaving.set()  # (a take_over waits for this: conn's sessions are decided)
+
+
+def _detach(self: Manager, conn: ClientConnection) -> None:
     self.connections.discard(conn)
     owned = [s for s in self.sessions.values() if s.owner is conn]
     client_id = conn.client_id
@@ -83,6 +95,79 @@ def detach(self: Manager, conn: ClientConnection) -> None:
         return
     for session in owned:
         self._drop_session(session)
+
+
+async def take_over(self: Manager, conn: ClientConnection, client_id: str) -> None:
+    """Let ``conn``, whose ``initialize`` names ``client_id``, have it: at once if no
+    other open connection holds it; else once that connection, probed (:attr:`alive`:
+    pinged, and silent for a few seconds), has been dropped and detached (its sessions
+    kept within grace, for ``conn`` to reclaim). -32600 if the holder is alive (or
+    cannot be told dead), or another connection is taking the id over meanwhile (two
+    connections racing for one id: one probe, and at most one winner). The caller
+    decides (``check_client_id``, ``reclaim``) right after, with no await between.
+
+    Why: a connection left half-open (a network flap, a laptop's resume) looks open
+    until the heartbeat's sweep finds it silent, 60-70 s later; the client coming back
+    under its id was refused its own sessions (-32600) for that long. The refusal of a
+    live holder stays: one client must not take over another's live sessions by naming
+    its id while it is connected.
+
+    Error handling: past :data:`TAKE_OVER_WITHIN` (a holder whose disconnect does not
+    finish) it is -32600 too; the client may try again."""
+    holder = self.holder_of(client_id, conn)
+    if holder is None or self.alive is None or client_id in self._claims:
+        self.check_client_id(client_id, conn)  # (raises if held or claimed)
+        return
+    self._claims[client_id] = conn
+    try:
+        with trio.move_on_after(TAKE_OVER_WITHIN) as waited:
+            gone = await self._gone_after_probe(holder)
+    finally:
+        del self._claims[client_id]
+    if waited.cancelled_caught:
+        raise RpcError(
+            INVALID_REQUEST,
+            f"Client id {client_id!r} is in use by a connection that was found silent and "
+            "is still closing; try again",
+        )
+    if not gone:
+        raise RpcError(
+            INVALID_REQUEST,
+            f"Client id {client_id!r} is in use by another open connection (alive: it answered "
+            "a ping, or cannot be pinged)"
+            if not self.closing.is_set()
+            else f"Client id {client_id!r} is in use: the server is shutting down",
+        )
+
+
+async def _gone_after_probe(self: Manager, holder: ClientConnection) -> bool:
+    """Probe ``holder``: True once it has detached (dropped as silent, or it ended by
+    itself meanwhile); False if it is alive, or the server starts shutting down (the
+    shutdown does not wait for a probe)."""
+    assert self.alive is not None
+    alive = self.alive
+    left = self._leaving.setdefault(holder, trio.Event())
+    gone = False
+    try:
+        async with trio.open_nursery() as nursery:
+
+            async def probe() -> None:
+                if await alive(holder):
+                    nursery.cancel_scope.cancel()
+
+            async def shutdown() -> None:
+                await self.closing.wait()
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(probe)
+            nursery.start_soon(shutdown)
+            await left.wait()
+            gone = True
+            nursery.cancel_scope.cancel()  # (also if it left by itself: no need to wait on)
+    finally:
+        if not left.is_set() and self._leaving.get(holder) is left:
+            del self._leaving[holder]
+    return gone
 
 
 def _keep_unsent(

@@ -205,6 +205,8 @@ class Peer:
     _finishing: bool = attrs.field(default=False, init=False)
     _lost: bool = attrs.field(default=False, init=False)
     _eof: bool = attrs.field(default=False, init=False)
+    # Set by hold_reading: the reader reads nothing more until it is set.
+    _reading_held: trio.Event | None = attrs.field(default=None, init=False)
     _reader_scope: trio.CancelScope = attrs.field(factory=trio.CancelScope, init=False)
     _outbox: Outbox = attrs.field(init=False)
     # What the writer had taken but not sent when the stream broke (see unsent()).
@@ -267,6 +269,18 @@ class Peer:
             return []
         unwritten, self._unwritten = self._unwritten or [], None
         return unwritten + self._outbox.unsent()
+
+    def hold_reading(self) -> trio.Event:
+        """Read no further message until the returned event is set. Called by a
+        handler's synchronous part: the message being dispatched is then the last one
+        read until the event is set (whatever the handler's task does meanwhile).
+
+        Why: a request whose synchronous decision must wait (``initialize`` naming a
+        client id whose connection is being probed: ``ClientConnection``) still decides
+        before the next message is handled, as it would have at once: a request
+        pipelined behind it finds the connection as that decision left it."""
+        held = self._reading_held = trio.Event()
+        return held
 
     def finish(self) -> None:
         """End gracefully: stop reading, let running handlers complete and their answers
@@ -559,6 +573,10 @@ class Peer:
                 await self._send(exc.response())
                 continue
             await self._dispatch(msg)
+            held = self._reading_held
+            if held is not None:
+                self._reading_held = None
+                await held.wait()
 
     async def _refuse_oversized(self, exc: MessageTooLarge) -> None:
         """Answer a message dropped for its size (-32600), with its id if it was a request
