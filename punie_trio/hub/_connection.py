@@ -215,9 +215,12 @@ class ClientConnection:
         if method == acp.SESSION_LIST:
             return manager.list_sessions(acp.parse_list_sessions(params))
         if method == acp.SESSION_CLOSE:
-            return manager.close_session(self, acp.parse_session_id(params).session_id)
+            # (Both go on if the connection drops first: the client asked for them.)
+            session_id = acp.parse_session_id(params).session_id
+            return manager.despite_a_drop(self, manager.close_session(self, session_id))
         if method == acp.SESSION_DELETE:
-            return manager.delete_session(self, acp.parse_session_id(params).session_id)
+            session_id = acp.parse_session_id(params).session_id
+            return manager.despite_a_drop(self, manager.delete_session(self, session_id))
         if method == acp.SESSION_PROMPT:
             try:
                 prompt = acp.parse_prompt(params, max_bytes=manager.limits.max_prompt_bytes)

@@ -335,11 +335,17 @@ async def deliver_missed(
     """Send ``conn`` what its reclaimed ``sessions`` produced while it was away
     (updates, then answers), in order, each exactly once; then tell it to reload the
     ``expired`` sessions (:meth:`expired_for`). A notice not sent (the connection
-    ended) stays owed to the client id."""
+    ended) stays owed to the client id. A session its client closed as its previous
+    connection dropped (kept, marked closing, for what it had not got: see
+    ``_lifecycle.close_session``) is dropped once that is sent."""
     told = 0
     try:
         for session in sessions:
             await self._flush(session, conn)
+            if session.closing and session.turn is None and self._held_by(conn, session.id):
+                # Closed as its previous connection dropped (_lifecycle.close_session),
+                # and kept for this: now sent, the close takes effect.
+                self._drop_session(session)
         for session_id in expired:
             if self._held_by(conn, session_id):
                 told += 1  # (loaded again meanwhile, behind the initialize: it knows)
@@ -421,12 +427,14 @@ def _end_grace(self: Manager, client_id: str) -> None:
     loadable from the store. Those that drop something the client has not got (a
     running turn, kept updates or answers) are remembered, so that the client, should
     it come back, is told to reload them rather than wait for an answer that will
-    never come."""
+    never come; not those it closed (as its connection dropped: ``closing``)."""
     self._reattached.pop(client_id, None)
     missed: list[str] = []
     unconfirmed: dict[RequestId, str] = {}
     for session in [s for s in self.sessions.values() if s.detached_client == client_id]:
-        if session.turn is not None or session.pending or session.overflowed:
+        if session.closing:
+            pass  # (its client closed it: nothing to reload)
+        elif session.turn is not None or session.pending or session.overflowed:
             missed.append(session.id)
         elif session.last_answer is not None:
             answer_id = _answer_id(session.last_answer)

@@ -220,6 +220,7 @@ class Manager:
     list_sessions = _lifecycle.list_sessions
     _list_sessions = _lifecycle._list_sessions
     close_session = _lifecycle.close_session
+    despite_a_drop = _lifecycle.despite_a_drop
     delete_session = _lifecycle.delete_session
     _waited_for_cut_turn = _lifecycle._waited_for_cut_turn
     owned_session = _lifecycle.owned_session
