@@ -119,11 +119,18 @@ async def take_over(self: Manager, conn: ClientConnection, client_id: str) -> No
         self.check_client_id(client_id, conn)  # (raises if held or claimed)
         return
     self._claims[client_id] = conn
+    # Nothing more is written to the holder meanwhile: half-open, it would never get it,
+    # and what was written is never sent again. Held, it is kept for ``conn`` if the
+    # holder is dropped (_keep_unsent), and goes on to the holder if it is alive.
+    peer = holder.peer
+    held = peer.hold_writing() if peer is not None else None
     try:
         with trio.move_on_after(TAKE_OVER_WITHIN) as waited:
             gone = await self._gone_after_probe(holder)
     finally:
         del self._claims[client_id]
+        if peer is not None and held is not None:
+            peer.release_writing(held)
     if waited.cancelled_caught:
         raise RpcError(
             INVALID_REQUEST,

@@ -258,7 +258,8 @@ async def test_a_client_back_while_its_old_connection_is_half_open_takes_its_ses
     """The old connection is probed at once (a ping) and, silent for PROBE_WITHIN, dropped
     as a dead peer is; the client's new connection then gets its initialize answer, every
     update of the running turn exactly once and in order (those the old connection wrote
-    are its), and the prompt's answer. Before, it was refused (-32600) until the sweep
+    before the probe are its; nothing is written to it during the probe), and the
+    prompt's answer. Before, it was refused (-32600) until the sweep
     dropped the old connection, 60-70 s later. A request pipelined behind the initialize
     is handled after it, as with no probe."""
     model = ScriptModel(
@@ -280,8 +281,10 @@ async def test_a_client_back_while_its_old_connection_is_half_open_takes_its_ses
             assert old.pings() == 1 and not old.eof  # probed at once
             assert new.received == []  # the initialize waits for the probe
             mock_clock.jump(2)
-            await settle()  # ("3 ", still to the old connection: it holds the session)
+            await settle()  # ("3 " comes; the old connection holds the session still)
             assert new.received == []
+            old.read_ready()  # Nothing more is written to a connection being probed:
+            assert chunks(old.messages(), session_id) == ["1 ", "2 "]  # (lost, half-open)
             mock_clock.jump(PROBE_WITHIN - 2)
             await settle_until(lambda: answer_to(new, "list") is not None)
             old.read_ready()
@@ -296,8 +299,9 @@ async def test_a_client_back_while_its_old_connection_is_half_open_takes_its_ses
                 await settle()
             answer = answer_to(new, 3)  # type: ignore[arg-type]
             assert answer is not None and answer["result"] == {"stopReason": "end_turn"}
-            got = chunks(old.messages(), session_id) + chunks(new.received, session_id)
-            assert got == ["1 ", "2 ", "3 ", "4 ", "5"]
+            old.read_ready()
+            assert chunks(old.messages(), session_id) == ["1 ", "2 "]
+            assert chunks(new.received, session_id) == ["3 ", "4 ", "5"]  # (kept for it)
             assert [m.get("id") for m in new.received].count(3) == 1
             # The new connection serves on.
             assert await new.prompt(session_id, "again") == "end_turn"
