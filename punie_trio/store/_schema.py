@@ -288,6 +288,62 @@ def damaged(path: Path, problem: str) -> StoreError:
     )
 
 
+#: Less room than this left where SQLite failed a write: it failed for want of room (a
+#: commit needs a few 4 KiB WAL frames, the ``-shm`` file grows by 32 KiB, a checkpoint
+#: grows the database by what the WAL holds).
+NO_ROOM_BELOW: Final = 1024 * 1024
+
+
+def out_of_room(path: Path, exc: sqlite3.Error) -> tuple[str, str] | None:
+    """Why SQLite could not write the store ``path``, and what to do, when the cause can be
+    seen: the file system holding it is (nearly) full, or one of its files is at the
+    process's file size limit (``RLIMIT_FSIZE``: a write past it fails with ``EFBIG``);
+    None otherwise, and for an error that is no failed write.
+
+    Why: SQLite names neither. A full disk is ``database or disk is full`` where a write
+    fails, but ``disk I/O error`` where its ``-shm`` file cannot grow (a store being made
+    with 16-32 KiB left), and the file size limit is ``disk I/O error`` everywhere:
+    ``serve`` said "cannot open session store: disk I/O error", and a prompt "the turn was
+    not saved: session store: disk I/O error".
+    """
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is None or code & 0xFF not in (sqlite3.SQLITE_FULL, sqlite3.SQLITE_IOERR):
+        return None
+    real = os.path.realpath(path)
+    try:
+        fs = os.statvfs(os.path.dirname(real))
+    except (OSError, AttributeError):  # (AttributeError: Windows has no statvfs)
+        fs = None
+    if fs is not None and fs.f_bavail * fs.f_frsize < NO_ROOM_BELOW:
+        free = fs.f_bavail * fs.f_frsize // 1024
+        return (
+            f"the file system holding the session store is full, with {free} KiB free",
+            "free some space",
+        )
+    limit = _file_size_limit()
+    if limit is not None:
+        largest = 0
+        for name in (real, real + "-wal", real + "-shm"):
+            with contextlib.suppress(OSError):
+                largest = max(largest, os.stat(name).st_size)
+        if limit - largest < NO_ROOM_BELOW:
+            return (
+                f"the session store reached the file size limit of {limit} bytes (ulimit -f)",
+                "raise the limit",
+            )
+    return None
+
+
+def _file_size_limit() -> int | None:
+    """The process's file size limit in bytes (``RLIMIT_FSIZE``); None: no limit."""
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - Windows
+        return None
+    soft, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
+    return None if soft == resource.RLIM_INFINITY else int(soft)
+
+
 def _is_damaged(exc: sqlite3.Error) -> bool:
     """Whether SQLite failed ``exc`` because the file is damaged (``SQLITE_CORRUPT``)."""
     code = getattr(exc, "sqlite_errorcode", None)
@@ -371,6 +427,13 @@ def connect(path: Path, *, check: bool = False) -> sqlite3.Connection:
             raise StoreError(f"{path}: the session store is read-only ({exc})") from exc
         if _is_damaged(exc):  # (a page the open itself reads: the schema, the end)
             raise damaged(path, str(exc)) from exc
+        room = out_of_room(path, exc)
+        if room is not None:  # (making a new store, or replaying a WAL: no room for it)
+            what, remedy = room
+            raise StoreError(
+                f"{path}: cannot open session store: {what} (SQLite: {exc}); {remedy}, "
+                "then start again"
+            ) from exc
         raise StoreError(f"{path}: cannot open session store: {exc}") from exc
     except BaseException:
         conn.close()

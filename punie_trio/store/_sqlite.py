@@ -72,7 +72,7 @@ from ._model import (
     decode_cursor,
     session_changes,
 )
-from ._schema import WRITER_BUSY_TIMEOUT_MS, connect
+from ._schema import WRITER_BUSY_TIMEOUT_MS, connect, out_of_room
 from ._sql import PageCursor, Row, Tail
 from ._thread import OwnerThread, Started
 
@@ -99,15 +99,24 @@ FileId = tuple[int, int] | None
 log = logging.getLogger(__name__)
 
 
-def _translated(job: Callable[[sqlite3.Connection], T]) -> Callable[[sqlite3.Connection], T]:
+def _translated(
+    job: Callable[[sqlite3.Connection], T], path: Path
+) -> Callable[[sqlite3.Connection], T]:
     """Wrap a job so a raw ``sqlite3.Error`` (or text SQLite cannot take: a string that is
     not valid UTF-8, which ``sqlite3`` reports as ``UnicodeEncodeError``) reaches the
-    caller as ``StoreError``."""
+    caller as ``StoreError``; one for want of room (a full disk, the file size limit)
+    names the store ``path`` and says so (:func:`~._schema.out_of_room`)."""
 
     def run(conn: sqlite3.Connection) -> T:
         try:
             return job(conn)
-        except (sqlite3.Error, UnicodeError) as exc:
+        except sqlite3.Error as exc:
+            room = out_of_room(path, exc)
+            if room is not None:
+                what, remedy = room
+                raise StoreError(f"{path}: {what} (SQLite: {exc}); {remedy}") from exc
+            raise StoreError(f"session store: {exc}") from exc
+        except UnicodeError as exc:
             raise StoreError(f"session store: {exc}") from exc
 
     return run
@@ -215,7 +224,7 @@ class SqliteStore:
     async def _run(self, job: Callable[[sqlite3.Connection], T]) -> T:
         """Run a read (or a checkpoint) on the owner thread."""
         self._check_open()
-        return await self._owner.run(_translated(job))
+        return await self._owner.run(_translated(job, self.path))
 
     async def _write(self, job: Callable[[sqlite3.Connection], T], rows: int = 1) -> T:
         """Run a write on the writer connection, here on the event-loop thread.
@@ -225,7 +234,7 @@ class SqliteStore:
         """
         await self._ready_to_write()
         assert self._writer is not None
-        result = _translated(job)(self._writer)
+        result = _translated(job, self.path)(self._writer)
         self._count_rows(rows)
         return result
 
@@ -393,7 +402,9 @@ class SqliteStore:
         what it remembered.
         """
         await self._ready_to_write()  # (cancellable: nothing has started yet)
-        started = self._owner.start(_translated(lambda conn: _sql.delete_session(conn, session_id)))
+        started = self._owner.start(
+            _translated(lambda conn: _sql.delete_session(conn, session_id), self.path)
+        )
         self._writes_wait_for = started  # writes wait for it from now on
         try:
             with trio.CancelScope(shield=True):  # once started, the delete is reported
@@ -505,7 +516,8 @@ class SqliteStore:
         done, version = _translated(
             lambda conn: _sql.append_turns(
                 conn, writes, self.clock(), hook, self._data_version, titles
-            )
+            ),
+            self.path,
         )(self._writer)
         if version != self._data_version:
             # Another connection wrote: what is remembered of other sessions may be stale.
@@ -534,7 +546,7 @@ class SqliteStore:
                 _sql.select_transcript_page, session_id=session_id, cursor=cursor,
                 limit=page_size,
             )  # fmt: skip
-            return self._owner.start(_translated(page))
+            return self._owner.start(_translated(page, self.path))
 
         pending = read_page(None)
         while True:
