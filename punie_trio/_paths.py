@@ -51,6 +51,12 @@ def store_path(data_dir: Path) -> Path:
     return data_dir / "sessions.sqlite3"
 
 
+def closed_marker(store: Path) -> Path:
+    """The file a clean close of the session store ``store`` leaves beside it
+    (``sessions.sqlite3-closed``): without it, the next open checks the whole store."""
+    return store.with_name(store.name + "-closed")
+
+
 def ensure_data_dir(path: Path) -> Path:
     """Create ``path`` (and parents) if missing, private to the user (0700), and return it.
 

@@ -56,7 +56,13 @@ import attrs
 import outcome
 import trio
 
-from .._paths import NotASmallFile, read_small_file, replace_file, sync_directory
+from .._paths import (
+    NotASmallFile,
+    closed_marker,
+    read_small_file,
+    replace_file,
+    sync_directory,
+)
 from . import _sql
 from ._model import (
     UNSET,
@@ -579,11 +585,6 @@ class SqliteStore:
         conn.close()
         if opened and _file_id(self.path) == self._db_id:
             _mark_closed(self.path)
-
-
-def closed_marker(path: Path) -> Path:
-    """The file a clean close of the store ``path`` leaves beside it (``PATH-closed``)."""
-    return path.with_name(path.name + "-closed")
 
 
 def _identity(path: Path) -> str | None:

@@ -142,15 +142,18 @@ def test_what_the_lock_file_says_is_shown_only_if_it_is_a_pid(tmp_path: Path) ->
 def test_serve_removes_the_token_temporary_a_killed_start_left(tmp_path: Path) -> None:
     """A ``serve`` killed while it wrote the token (between the temporary file and its
     rename) left ``.token.<16 hex digits>.tmp`` in the data directory for good, holding a
-    token. The next start removes it (only a name of exactly that form), once it holds
+    token (and one killed while it closed the store, the store marker's). The next start
+    removes them (only a name of exactly that form), once it holds
     the directory's lock, so never another running server's."""
     data = tmp_path / "data"
     data.mkdir(mode=0o700)
     (data / ".token.0123456789abcdef.tmp").write_text("half-written token\n")
+    (data / ".sessions.sqlite3-closed.0123456789abcdef.tmp").write_text("1 2 3 4 5\n")
     (data / ".token.tmp").write_text("the user's\n")
     done = serve_stdio_once(tmp_path, data)
     assert done.returncode == 0, done.stderr
     assert not (data / ".token.0123456789abcdef.tmp").exists()
+    assert not (data / ".sessions.sqlite3-closed.0123456789abcdef.tmp").exists()
     assert (data / ".token.tmp").read_text() == "the user's\n"
 
 
