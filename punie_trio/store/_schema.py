@@ -13,9 +13,11 @@ migration: append a new one.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import sqlite3
 import stat
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Final
@@ -23,6 +25,8 @@ from typing import Final
 from .._paths import create_private
 from ._model import StoreError
 from ._sql import read_transaction
+
+log = logging.getLogger(__name__)
 
 #: One step of a migration: a SQL statement, or a function run on the connection.
 Step = str | Callable[[sqlite3.Connection], None]
@@ -365,6 +369,12 @@ def check_integrity(conn: sqlite3.Connection, path: Path) -> None:
     ``integrity_check``, no slower here, but a bad index is no lost data); on a 100 MB
     store, measured: about 70-85 ms from the page cache, 1.5-2 s from the disk.
     """
+    log.warning(
+        "session store %s: not closed cleanly by the last run (or changed since), so "
+        "checking it whole before serving (PRAGMA quick_check)",
+        path,
+    )
+    started = time.perf_counter()
     try:
         rows = conn.execute(f"PRAGMA quick_check({QUICK_CHECK_SAID})").fetchall()
     except sqlite3.DatabaseError as exc:
@@ -374,6 +384,7 @@ def check_integrity(conn: sqlite3.Connection, path: Path) -> None:
     found = [str(row[0]) for row in rows]
     if found != ["ok"]:
         raise damaged(path, "; ".join(found))
+    log.info("session store %s: checked in %.2f s", path, time.perf_counter() - started)
 
 
 def connect(path: Path, *, check: bool = False) -> sqlite3.Connection:
@@ -406,7 +417,7 @@ def connect(path: Path, *, check: bool = False) -> sqlite3.Connection:
         # (One snapshot: another opener may be creating the schema between two reads.)
         with read_transaction(conn):
             _refuse_unknown(conn, _user_version(conn), path)
-            if check:
+            if check:  # (once the file is known to be a store: another's is refused as such)
                 check_integrity(conn, path)
         mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
         if str(mode).lower() != "wal":

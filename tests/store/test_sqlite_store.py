@@ -464,7 +464,7 @@ async def test_the_check_runs_unless_the_store_was_closed_cleanly_and_left_alone
     the open removes) or on a file changed since that close."""
     path = tmp_path / "s.db"
     marker = tmp_path / "s.db-closed"
-    caplog.set_level(logging.INFO, logger="punie_trio.store._sqlite")
+    caplog.set_level(logging.INFO, logger="punie_trio.store._schema")
 
     def checked() -> bool:
         found = any("checking it" in r.getMessage() for r in caplog.records)
