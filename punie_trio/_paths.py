@@ -10,8 +10,10 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
 import secrets
 import stat
+from collections.abc import Iterable
 from pathlib import Path
 
 import platformdirs
@@ -47,6 +49,12 @@ def token_path(data_dir: Path) -> Path:
 def store_path(data_dir: Path) -> Path:
     """The SQLite session store (sessions and transcripts)."""
     return data_dir / "sessions.sqlite3"
+
+
+def closed_marker(store: Path) -> Path:
+    """The file a clean close of the session store ``store`` leaves beside it
+    (``sessions.sqlite3-closed``): without it, the next open checks the whole store."""
+    return store.with_name(store.name + "-closed")
 
 
 def ensure_data_dir(path: Path) -> Path:
@@ -174,10 +182,17 @@ def replace_file(path: Path, data: bytes, mode: int = 0o666, *, exact_mode: bool
 
     The file beside it gets an unguessable name and is created exclusively (``O_EXCL``):
     a file or symlink planted under a predictable name, by anyone who can write to the
-    directory, once received the token or lent it its wide mode.
+    directory, once received the token or lent it its wide mode. Its name is
+    ``.NAME.<16 hex digits>.tmp``, which :func:`remove_leftover_temporaries` knows.
+
+    Durable: the new file's data is synced before the rename, and the directory after it.
+    Unsynced, a power loss or kernel crash soon after could leave the name holding an
+    empty file (the rename reached the disk, the data had not) where the old token had
+    been; and a token the shim had read could come back as the previous one. (Measured
+    on the development VM: 0.6 ms a replace, synced; the token is written once a start.)
     """
     for _ in range(100):
-        tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(TEMPORARY_HEX_BYTES)}.tmp")
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600 if exact_mode else mode)
         except FileExistsError:
@@ -190,11 +205,77 @@ def replace_file(path: Path, data: bytes, mode: int = 0o666, *, exact_mode: bool
             os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as file:
             file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+    sync_directory(path.parent)
+
+
+#: :func:`replace_file`'s temporary files are ``.NAME.`` + twice this many hex digits + ``.tmp``.
+TEMPORARY_HEX_BYTES = 8
+
+
+def sync_directory(path: Path | str | int) -> None:
+    """``fsync`` the directory ``path`` (or the open descriptor of one), so that a rename
+    or a new name in it survives a power loss. Where a system cannot sync a directory
+    (Windows opens none; some file systems answer ``EINVAL``), nothing is done: the
+    file's own data was synced, and the rename is as durable as that system makes it."""
+    if isinstance(path, int):
+        fd, close = path, False
+    else:
+        try:
+            fd = os.open(
+                path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0)
+            )
+        except (PermissionError, IsADirectoryError):  # (Windows: a directory is no file)
+            return
+        close = True
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        if exc.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
+            raise
+    finally:
+        if close:
+            os.close(fd)
+
+
+def remove_leftover_temporaries(directory: Path, names: Iterable[str]) -> list[Path]:
+    """Remove the temporary files :func:`replace_file` left in ``directory`` for the files
+    ``names`` (``.NAME.<16 hex digits>.tmp`` exactly, a regular file or a symlink, which is
+    removed, not followed); return those removed.
+
+    Why: a process killed between creating such a file and renaming it (``kill -9``, a
+    power loss) left it for good, and the token's holds a token. Only names of exactly
+    that form go: nothing else in the directory is ours to remove. The caller holds the
+    directory (``serve``, under :func:`lock_data_dir`), so no write of another process
+    is in flight. A file that cannot be removed is left (it is only a stale copy).
+    """
+    wanted = set(names)
+    removed: list[Path] = []
+    try:
+        entries = list(os.scandir(directory))
+    except OSError:
+        return removed
+    for entry in entries:
+        match = _TEMPORARY.fullmatch(entry.name)
+        if match is None or match.group(1) not in wanted:
+            continue
+        try:
+            if entry.is_dir(follow_symlinks=False):
+                continue
+            os.unlink(entry.path)
+        except OSError:
+            continue
+        removed.append(Path(entry.path))
+    return removed
+
+
+_TEMPORARY = re.compile(rf"\.(.+)\.[0-9a-f]{{{2 * TEMPORARY_HEX_BYTES}}}\.tmp")
 
 
 def write_output(path: Path, data: bytes) -> None:

@@ -41,6 +41,10 @@ CLIENT_ID_META = "punie-trio/clientId"
 AWAITING_META = "punie-trio/awaiting"
 #: Most ids a client may list there (it awaits at most one prompt per session).
 MAX_AWAITING = 1000
+#: Longest string id it may list, in characters (integer ids: 64 bits). A UUID is 36, and
+#: the ids kept after a request ended (``small_id``) are at most 256: 1,024 leaves room
+#: for any real client's ids, and keeps the whole list near 1 MB at most.
+MAX_AWAITED_ID_CHARS = 1024
 #: Most prompt refusals remembered per connection: more than its outbox can hold unwritten.
 MAX_REFUSED = 1024
 
@@ -402,18 +406,26 @@ async def _ready(value: Any) -> Any:
 
 
 def _awaiting(value: object) -> frozenset[RequestId]:
-    """The ids listed in ``_meta["punie-trio/awaiting"]`` (absent: none), or -32602."""
+    """The ids listed in ``_meta["punie-trio/awaiting"]`` (absent: none), or -32602.
+
+    Why each id is bounded too (:data:`MAX_AWAITED_ID_CHARS`, 64-bit integers): only the
+    count was, so a 16 MB initialize could list 15 ids of 1 MB each (or integers of
+    4,000 digits), each held for the connection and each echoed back in the -32603 that
+    answers an id nothing will answer: 15 MB of answers for one request (measured, 0.3 s).
+    """
     if value is None:
         return frozenset()
-    if (
-        not isinstance(value, list)
-        or len(value) > MAX_AWAITING
-        or not all(
-            isinstance(v, str) or (isinstance(v, int) and not isinstance(v, bool)) for v in value
-        )
-    ):
+    if not isinstance(value, list) or len(value) > MAX_AWAITING or not all(map(_awaitable, value)):
         raise RpcError.invalid_params(
             f"Invalid params: _meta.{AWAITING_META} must be an array of at most "
-            f"{MAX_AWAITING} request ids (strings or integers)"
+            f"{MAX_AWAITING} request ids (strings of at most {MAX_AWAITED_ID_CHARS} "
+            "characters, or 64-bit integers)"
         )
     return frozenset(value)
+
+
+def _awaitable(value: object) -> bool:
+    """Whether ``value`` may be listed as an awaited request id (see :func:`_awaiting`)."""
+    if isinstance(value, str):
+        return len(value) <= MAX_AWAITED_ID_CHARS
+    return isinstance(value, int) and not isinstance(value, bool) and -(2**63) <= value < 2**63

@@ -56,6 +56,13 @@ import attrs
 import outcome
 import trio
 
+from .._paths import (
+    NotASmallFile,
+    closed_marker,
+    read_small_file,
+    replace_file,
+    sync_directory,
+)
 from . import _sql
 from ._model import (
     UNSET,
@@ -71,7 +78,7 @@ from ._model import (
     decode_cursor,
     session_changes,
 )
-from ._schema import WRITER_BUSY_TIMEOUT_MS, connect
+from ._schema import WRITER_BUSY_TIMEOUT_MS, connect, out_of_room
 from ._sql import PageCursor, Row, Tail
 from ._thread import OwnerThread, Started
 
@@ -98,15 +105,24 @@ FileId = tuple[int, int] | None
 log = logging.getLogger(__name__)
 
 
-def _translated(job: Callable[[sqlite3.Connection], T]) -> Callable[[sqlite3.Connection], T]:
+def _translated(
+    job: Callable[[sqlite3.Connection], T], path: Path
+) -> Callable[[sqlite3.Connection], T]:
     """Wrap a job so a raw ``sqlite3.Error`` (or text SQLite cannot take: a string that is
     not valid UTF-8, which ``sqlite3`` reports as ``UnicodeEncodeError``) reaches the
-    caller as ``StoreError``."""
+    caller as ``StoreError``; one for want of room (a full disk, the file size limit)
+    names the store ``path`` and says so (:func:`~._schema.out_of_room`)."""
 
     def run(conn: sqlite3.Connection) -> T:
         try:
             return job(conn)
-        except (sqlite3.Error, UnicodeError) as exc:
+        except sqlite3.Error as exc:
+            room = out_of_room(path, exc)
+            if room is not None:
+                what, remedy = room
+                raise StoreError(f"{path}: {what} (SQLite: {exc}); {remedy}") from exc
+            raise StoreError(f"session store: {exc}") from exc
+        except UnicodeError as exc:
             raise StoreError(f"session store: {exc}") from exc
 
     return run
@@ -193,7 +209,7 @@ class SqliteStore:
         self._writer = writer
 
     def _connect_reader(self) -> sqlite3.Connection:
-        conn = connect(self.path)
+        conn = connect(self.path, check=not _left_as_closed(self.path))
         # Its checkpoints are the store's (_count_rows), never one in a write's commit: a
         # delete's commit would otherwise copy the whole WAL before writes could go on.
         conn.execute("PRAGMA wal_autocheckpoint = 0")
@@ -202,7 +218,7 @@ class SqliteStore:
     async def _run(self, job: Callable[[sqlite3.Connection], T]) -> T:
         """Run a read (or a checkpoint) on the owner thread."""
         self._check_open()
-        return await self._owner.run(_translated(job))
+        return await self._owner.run(_translated(job, self.path))
 
     async def _write(self, job: Callable[[sqlite3.Connection], T], rows: int = 1) -> T:
         """Run a write on the writer connection, here on the event-loop thread.
@@ -212,7 +228,7 @@ class SqliteStore:
         """
         await self._ready_to_write()
         assert self._writer is not None
-        result = _translated(job)(self._writer)
+        result = _translated(job, self.path)(self._writer)
         self._count_rows(rows)
         return result
 
@@ -380,7 +396,9 @@ class SqliteStore:
         what it remembered.
         """
         await self._ready_to_write()  # (cancellable: nothing has started yet)
-        started = self._owner.start(_translated(lambda conn: _sql.delete_session(conn, session_id)))
+        started = self._owner.start(
+            _translated(lambda conn: _sql.delete_session(conn, session_id), self.path)
+        )
         self._writes_wait_for = started  # writes wait for it from now on
         try:
             with trio.CancelScope(shield=True):  # once started, the delete is reported
@@ -492,7 +510,8 @@ class SqliteStore:
         done, version = _translated(
             lambda conn: _sql.append_turns(
                 conn, writes, self.clock(), hook, self._data_version, titles
-            )
+            ),
+            self.path,
         )(self._writer)
         if version != self._data_version:
             # Another connection wrote: what is remembered of other sessions may be stale.
@@ -521,7 +540,7 @@ class SqliteStore:
                 _sql.select_transcript_page, session_id=session_id, cursor=cursor,
                 limit=page_size,
             )  # fmt: skip
-            return self._owner.start(_translated(page))
+            return self._owner.start(_translated(page, self.path))
 
         pending = read_page(None)
         while True:
@@ -546,7 +565,75 @@ class SqliteStore:
         if writer is not None:
             writer.close()
         # The reader closes last: as the last connection it checkpoints and removes the WAL.
-        await self._owner.close(lambda conn: conn.close())
+        await self._owner.close(functools.partial(self._close_reader, writer is not None))
+
+    def _close_reader(self, opened: bool, conn: sqlite3.Connection) -> None:
+        """On the owner thread: close the reader, then (for a store that was open, and
+        whose path still names the file it opened) leave the marker of a clean close."""
+        conn.close()
+        if opened and _file_id(self.path) == self._db_id:
+            _mark_closed(self.path)
+
+
+def _identity(path: Path) -> str | None:
+    """What says the file ``path`` is the one a clean close left: device, inode, size,
+    and the times of its last change (content or status); None for no file."""
+    try:
+        st = os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    return f"{st.st_dev} {st.st_ino} {st.st_size} {st.st_mtime_ns} {st.st_ctime_ns}\n"
+
+
+def _mark_closed(path: Path) -> None:
+    """Leave :func:`closed_marker` saying the store's file is as this close left it. Not
+    written (a full disk), the next open checks the store: logged, not raised."""
+    identity = _identity(path)
+    if identity is None:
+        return
+    try:
+        replace_file(closed_marker(path), identity.encode(), 0o600)
+    except OSError as exc:
+        log.warning(
+            "cannot write %s (%s): the next start checks the store", closed_marker(path), exc
+        )
+
+
+def _left_as_closed(path: Path) -> bool:
+    """Whether the store ``path`` is exactly as a clean close left it (its marker is
+    there and names it), or new (no file, or an empty one): nothing to check. The marker
+    is taken away, so a run that ends without closing the store (``kill -9``, a crash,
+    a power loss) leaves none, and the next open checks the file.
+
+    Why not check at every open: the check reads the whole file, 1.5-2 s per 100 MB from
+    the disk (after a reboot, the usual case), about 70-85 ms from the page cache. Damage
+    comes with an end that was not clean, or with a change made to the file while no
+    server ran (a copy cut short, a tool writing into it, another file put in its
+    place), which the marker's identity (device, inode, size, times) tells. What it
+    cannot tell is a disk that damages a file it was not asked to change: run
+    ``PRAGMA quick_check`` by hand for that (docs/sessions-store.md).
+    """
+    marker = closed_marker(path)
+    try:
+        said: str | None = read_small_file(marker, 256).decode("ascii", "replace")
+    except FileNotFoundError:
+        said = None
+    except (OSError, NotASmallFile):
+        said = ""  # (unreadable, or no file: no proof of a clean close)
+    if said is not None:
+        try:
+            os.unlink(marker)
+            sync_directory(marker.parent)  # (gone for good: a power loss must not bring it back)
+        except FileNotFoundError:
+            pass
+        except OSError:
+            # (A directory that takes no change, where the store cannot be written either:
+            # checked, and its open says what is wrong.)
+            said = ""
+    identity = _identity(path)
+    if identity is None or identity.split()[2] == "0":
+        return True  # a new store: nothing in it to check
+    return said == identity
 
 
 def _wal_of(path: Path) -> str:

@@ -22,7 +22,7 @@ import attrs
 import trio
 
 from .._json import has_lone_surrogate, is_name_text
-from .._paths import file_kind
+from .._paths import file_kind, sync_directory
 from ..acp import FS_READ_TEXT_FILE, FS_WRITE_TEXT_FILE
 from ._envelopes import TurnEnv
 from ._paths import _CLOEXEC, PathEscape, directory_ending, open_beneath, resolve_inside
@@ -391,7 +391,13 @@ def _existing_file(directory: int, path: Path) -> os.stat_result | None:
 
 def _replace(directory: int, name: str, data: bytes, existing: os.stat_result | None) -> None:
     """Write ``data`` to a new file in ``directory`` and rename it to ``name``; the new file
-    gets an unguessable name, created exclusively, and is removed again on any failure."""
+    gets an unguessable name, created exclusively, and is removed again on any failure.
+
+    Durable (on the worker's thread): the data is synced before the rename and the
+    directory after it. Unsynced, a power loss soon after a write could leave the user's
+    file empty (the rename reached the disk before the data), neither version. A
+    temporary file a ``kill -9`` leaves here is not swept: it could be in any directory
+    of the project."""
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | _CLOEXEC
     for _ in range(100):
         # (Not named after the target: that name could be too long where the target's is not.)
@@ -412,11 +418,14 @@ def _replace(directory: int, name: str, data: bytes, existing: os.stat_result | 
                 _take_owner_and_mode(file.fileno(), existing)
                 _take_xattrs(file.fileno(), directory, name, existing)
             file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
         os.replace(tmp, name, src_dir_fd=directory, dst_dir_fd=directory)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp, dir_fd=directory)
         raise
+    sync_directory(directory)
 
 
 def _take_owner_and_mode(fd: int, existing: os.stat_result) -> None:

@@ -137,3 +137,41 @@ def test_what_the_lock_file_says_is_shown_only_if_it_is_a_pid(tmp_path: Path) ->
     assert done.returncode == 1
     assert b"\x1b" not in done.stderr and b"\x07" not in done.stderr
     assert done.stderr.startswith(b"punie-trio: error: another punie-trio serve is using")
+
+
+def test_serve_removes_the_token_temporary_a_killed_start_left(tmp_path: Path) -> None:
+    """A ``serve`` killed while it wrote the token (between the temporary file and its
+    rename) left ``.token.<16 hex digits>.tmp`` in the data directory for good, holding a
+    token (and one killed while it closed the store, the store marker's). The next start
+    removes them (only a name of exactly that form), once it holds
+    the directory's lock, so never another running server's."""
+    data = tmp_path / "data"
+    data.mkdir(mode=0o700)
+    (data / ".token.0123456789abcdef.tmp").write_text("half-written token\n")
+    (data / ".sessions.sqlite3-closed.0123456789abcdef.tmp").write_text("1 2 3 4 5\n")
+    (data / ".token.tmp").write_text("the user's\n")
+    done = serve_stdio_once(tmp_path, data)
+    assert done.returncode == 0, done.stderr
+    assert not (data / ".token.0123456789abcdef.tmp").exists()
+    assert not (data / ".sessions.sqlite3-closed.0123456789abcdef.tmp").exists()
+    assert (data / ".token.tmp").read_text() == "the user's\n"
+
+
+def test_serve_refuses_a_damaged_store_with_what_to_do(tmp_path: Path) -> None:
+    """A store with a page damaged at rest made ``serve`` start and serve, and fail
+    only a later read. It now exits 1 at start, naming the file and what to do, without
+    a traceback and without changing a byte of it."""
+    from ..store.test_sqlite_store import _fill, _overwrite_a_middle_page
+
+    data = tmp_path / "data"
+    data.mkdir(mode=0o700)
+    store = data / "sessions.sqlite3"
+    trio.run(_fill, store)
+    _overwrite_a_middle_page(store)
+    damaged = store.read_bytes()
+    done = serve_stdio_once(tmp_path, data)
+    assert done.returncode == 1
+    message = done.stderr.decode()
+    assert f"punie-trio: error: {store}: the session store is damaged (" in message
+    assert f"sqlite3 {store} .dump" in message and "Traceback" not in message
+    assert store.read_bytes() == damaged

@@ -242,24 +242,54 @@ async def test_client_id_in_use_by_an_open_connection_is_refused(
             assert error["code"] == -32602 and "printable" in error["message"]
 
 
-@pytest.mark.parametrize("awaiting", ["p", [True], [1.5], [None], list(range(1001))])
+@pytest.mark.parametrize(
+    "awaiting",
+    [
+        "p",
+        [True],
+        [1.5],
+        [None],
+        list(range(1001)),
+        ["p", "x" * 1025],  # (an id of 1 MB was taken, held, and echoed back in full)
+        [2**63],
+        [-(2**63) - 1],
+        [int("9" * 4000)],
+    ],
+)
 async def test_a_bad_awaiting_list_is_refused_and_changes_nothing(
     tmp_path: Path, acp_schema: SchemaChecker, awaiting: Any
 ) -> None:
-    """``_meta["punie-trio/awaiting"]`` holds at most 1,000 request ids (strings or
-    integers); anything else is -32602, checked before the connection takes its client
-    id, so a corrected initialize then goes through."""
+    """``_meta["punie-trio/awaiting"]`` holds at most 1,000 request ids (strings of at
+    most 1,024 characters, or 64-bit integers); anything else is -32602 naming the
+    bounds, checked before the connection takes its client id, so a corrected initialize
+    then goes through."""
     async with open_hub(tmp_path, acp_schema, ScriptModel([[{"text": "x"}]])) as hub:
         c = await hub.connect()
         meta = {CLIENT_ID_META: "ide", AWAITING_META: awaiting}
         error = await expect_error(c.client, "initialize", {"protocolVersion": 1, "_meta": meta})
         assert error["code"] == -32602 and AWAITING_META in error["message"]
+        assert "at most 1000 request ids" in error["message"]
+        assert "at most 1024 characters, or 64-bit integers" in error["message"]
         assert c.connection.client_id is None and not c.connection.initialized
         await initialize(c.client, client_id="ide", awaiting=["p", 7])
         # Taken: and as nothing here will answer either, each is answered at once.
         await hub.settle()
         answered = [m["id"] for m in c.client.received if m.get("id") in ("p", 7)]
         assert sorted(map(str, answered)) == ["7", "p"]
+
+
+async def test_awaited_ids_at_their_bounds_are_taken(
+    tmp_path: Path, acp_schema: SchemaChecker
+) -> None:
+    """The largest ids the awaiting list takes (1,024 characters, either end of 64 bits)
+    are listed and, as nothing here answers them, each is answered at once."""
+    largest = ["x" * 1024, 2**63 - 1, -(2**63)]
+    async with open_hub(tmp_path, acp_schema, ScriptModel([[{"text": "x"}]])) as hub:
+        c = await hub.connect()
+        await initialize(c.client, client_id="ide", awaiting=largest)
+        await hub.settle()
+        answered = [m["id"] for m in c.client.received if m.get("id") in largest]
+        assert sorted(answered, key=str) == sorted(largest, key=str)
 
 
 async def test_grace_expiry_drops_the_sessions_but_they_stay_loadable(

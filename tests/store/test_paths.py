@@ -8,6 +8,7 @@ import stat
 import sys
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -363,3 +364,82 @@ def test_the_last_words_come_after_the_log_lines_before_them_and_whole(
         os.close(read_end)
     assert direct.getvalue() == ""
     assert bytes(got[filled:]) == expected
+
+
+def _record_syncs(monkeypatch: pytest.MonkeyPatch, module: object) -> list[tuple[str, str]]:
+    """Spy on ``fsync`` and ``replace`` as ``module`` calls them: ``("fsync", path the
+    descriptor names)`` and ``("replace", destination)``, in order."""
+    events: list[tuple[str, str]] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd: int) -> None:
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def replace(src: Any, dst: Any, **kwargs: Any) -> None:
+        events.append(("replace", str(dst)))
+        real_replace(src, dst, **kwargs)
+
+    monkeypatch.setattr(module.os, "fsync", fsync)  # type: ignore[attr-defined]
+    monkeypatch.setattr(module.os, "replace", replace)  # type: ignore[attr-defined]
+    return events
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc")
+def test_replace_file_syncs_the_file_before_the_rename_and_the_directory_after(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The token (and an export) was renamed into place unsynced: after a power loss the
+    name could hold an empty file where the old token had been. Now the new file's data
+    reaches the disk before the rename, and the directory (the rename) after it."""
+    events = _record_syncs(monkeypatch, _paths)
+    _paths.replace_file(tmp_path / "token", b"s3cret\n", 0o600)
+    assert [kind for kind, _ in events] == ["fsync", "replace", "fsync"]
+    temporary = events[0][1]
+    assert Path(temporary).parent == tmp_path and Path(temporary).name.startswith(".token.")
+    assert events[1:] == [("replace", str(tmp_path / "token")), ("fsync", str(tmp_path))]
+    assert (tmp_path / "token").read_bytes() == b"s3cret\n"
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc")
+def test_a_tool_write_syncs_the_file_before_the_rename_and_the_directory_after(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``write_file`` replaces the user's file by a rename: unsynced, a power loss could
+    leave the name holding an empty file instead of either version."""
+    from punie_trio.worker import _tools
+
+    (tmp_path / "f.txt").write_text("old")
+    events = _record_syncs(monkeypatch, _tools)
+    _tools._write_disk(tmp_path / "f.txt", (str(tmp_path),), "new")
+    assert [kind for kind, _ in events] == ["fsync", "replace", "fsync"]
+    assert Path(events[0][1]).name.startswith(".punie-trio-")
+    assert events[1:] == [("replace", "f.txt"), ("fsync", str(tmp_path))]
+    assert (tmp_path / "f.txt").read_text() == "new"
+
+
+def test_leftover_temporaries_are_removed_by_exact_name_only(tmp_path: Path) -> None:
+    """A ``serve`` killed between creating the token's temporary file and renaming it
+    (SIGKILL, a power loss) left ``.token.<16 hex digits>.tmp`` behind for good, holding a
+    token. Only files of that exact name are removed, nothing else."""
+    ours = [".token.0123456789abcdef.tmp", ".token.fedcba9876543210.tmp"]
+    theirs = [
+        ".token.tmp",
+        ".token.0123456789abcde.tmp",  # 15 digits
+        ".token.0123456789ABCDEF.tmp",  # (token_hex writes lower case)
+        ".token.0123456789abcdeg.tmp",
+        "x.token.0123456789abcdef.tmp",
+        ".token.0123456789abcdef.tmp.bak",
+        ".notes.0123456789abcdef.tmp",  # (not a file serve writes)
+        "token",
+    ]
+    for name in ours + theirs:
+        (tmp_path / name).write_text("x")
+    (tmp_path / ".token.00000000000000aa.tmp").mkdir()  # (a directory is not ours either)
+    (tmp_path / ".token.00000000000000bb.tmp").symlink_to(tmp_path / "token")
+    removed = _paths.remove_leftover_temporaries(tmp_path, ["token"])
+    assert sorted(p.name for p in removed) == sorted([*ours, ".token.00000000000000bb.tmp"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [*theirs, ".token.00000000000000aa.tmp"]
+    )
+    assert (tmp_path / "token").read_text() == "x"  # (the link went, not what it led to)

@@ -1,0 +1,186 @@
+"""``serve`` when the data directory's disk is full, or its files reach the file size limit:
+at start (the store cannot be made) a message naming the store and the cause, exit 1;
+while serving, a turn that cannot be committed is answered -32603 naming the cause, and
+the server goes on serving reads and, once there is room again, writes.
+
+Two ways to fill a disk: ``RLIMIT_FSIZE`` (a write past it fails with ``EFBIG``), which
+runs everywhere, and a 1 MiB tmpfs (``ENOSPC``, the real thing), which needs root to
+mount and is skipped without it."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import trio
+
+from ..acp_schema import SchemaChecker
+from ..integration._support import (
+    TOKEN,
+    acp_ws_client,
+    command_process,
+    serve_command,
+    server_env,
+)
+from ._hub import expect_error, prompt_params
+
+
+def limited(command: list[str], max_bytes: int) -> list[str]:
+    """``command`` (a Python one) run with ``RLIMIT_FSIZE`` at ``max_bytes``. (Python
+    ignores ``SIGXFSZ``, so a write past the limit fails with ``EFBIG``.)"""
+    assert command[0] == sys.executable
+    setup = (
+        "import os, resource, sys; "
+        f"resource.setrlimit(resource.RLIMIT_FSIZE, ({max_bytes}, {max_bytes})); "
+        "os.execv(sys.executable, [sys.executable, *sys.argv[1:]])"
+    )
+    return [sys.executable, "-c", setup, *command[1:]]
+
+
+def test_a_store_that_cannot_be_made_past_the_file_size_limit_is_said_at_start(
+    tmp_path: Path,
+) -> None:
+    """SQLite's own word for it was ``disk I/O error``."""
+    data = tmp_path / "data"
+    command = serve_command(tmp_path, "--stdio", "--no-http", data_dir=data)
+    done = subprocess.run(
+        limited(command, 4096),
+        capture_output=True,
+        stdin=subprocess.DEVNULL,
+        env=server_env(),
+        timeout=60,
+    )
+    assert done.returncode == 1
+    message = done.stderr.decode()
+    store = data / "sessions.sqlite3"
+    assert f"punie-trio: error: {store}: cannot open session store: " in message
+    assert (
+        "the session store reached the file size limit of 4096 bytes (ulimit -f)" in message
+        and "Traceback" not in message
+    )
+
+
+async def turns_fail_then_work_again(
+    tmp_path: Path,
+    acp_schema: SchemaChecker,
+    command: list[str],
+    store: Path,
+    fill: Callable[[], object],
+    free: Callable[[], object],
+) -> str:
+    """Serve, prompt once, ``fill()`` the disk: a prompt is answered -32603 saying why
+    its turn was not saved, a second client still lists and loads, and after ``free()``
+    prompts are saved again; the server then ends cleanly. Returns the prompt's error
+    message."""
+    root = Path(await trio.Path(tmp_path).resolve())
+    with trio.fail_after(60):
+        async with (
+            command_process(command, server_env(), stdin=subprocess.DEVNULL) as server,
+            acp_ws_client(server.url, acp_schema, token=TOKEN) as (client, _),
+        ):
+            await client.initialize()
+            session_id = await client.new_session(str(root))
+            assert await client.prompt(session_id, "saved") == "end_turn"
+            fill()
+            error = await expect_error(
+                client, "session/prompt", prompt_params(session_id, "x" * 300_000)
+            )
+            assert error["code"] == -32603
+            assert "the turn was not saved" in error["message"]
+            assert f"{store}: " in error["message"]
+            async with acp_ws_client(server.url, acp_schema, token=TOKEN) as (other, _):
+                await other.initialize()
+                listed = await other.request("session/list", {})
+                assert [s["sessionId"] for s in listed["sessions"]] == [session_id]
+            free()
+            assert await client.prompt(session_id, "saved again") == "end_turn"
+            server.process.send_signal(signal.SIGTERM)
+            assert await server.process.wait() == 0
+    return str(error["message"])
+
+
+async def test_a_turn_past_the_file_size_limit_is_refused_and_serving_goes_on(
+    tmp_path: Path, acp_schema: SchemaChecker
+) -> None:
+    """The WAL reaches the limit (1 MiB) with a large turn. (Here the limit stays: "free"
+    is a smaller turn, which fits in the WAL after a checkpoint has made room.)"""
+    command = limited(serve_command(tmp_path), 1024 * 1024)
+    store = tmp_path / "data" / "sessions.sqlite3"
+    message = await turns_fail_then_work_again(
+        tmp_path, acp_schema, command, store, lambda: None, lambda: None
+    )
+    assert "reached the file size limit of 1048576 bytes (ulimit -f)" in message
+    assert message.endswith("; raise the limit")
+
+
+@contextlib.contextmanager
+def small_disk(path: Path) -> Iterator[Path]:
+    """A 1 MiB tmpfs at ``path`` (skips the test where it cannot be mounted: not root)."""
+    path.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m,mode=0700", "tmpfs", str(path)],
+        capture_output=True,
+        check=False,
+    ) if hasattr(os, "geteuid") and os.geteuid() == 0 else None  # fmt: skip
+    if mounted is None or mounted.returncode != 0:
+        pytest.skip("needs root to mount a tmpfs")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def fill(disk: Path, leave: int = 0) -> None:
+    """Fill ``disk`` up, leaving about ``leave`` bytes."""
+    free = os.statvfs(disk).f_bavail * os.statvfs(disk).f_frsize
+    with (disk / "filler").open("ab") as file, contextlib.suppress(OSError):
+        file.write(b"\0" * max(0, free - leave))
+        file.flush()
+
+
+def test_a_store_that_cannot_be_made_on_a_full_disk_is_said_at_start(
+    tmp_path: Path,
+) -> None:
+    """With 16 KiB left SQLite said ``disk I/O error`` (its shared-memory file could not
+    grow), and with a little more ``database or disk is full``."""
+    with small_disk(tmp_path / "disk") as disk:
+        data = disk / "data"
+        for leave in (16 * 1024, 64 * 1024):
+            with contextlib.suppress(FileNotFoundError):
+                (disk / "filler").unlink()
+            shutil.rmtree(data, ignore_errors=True)
+            fill(disk, leave)
+            command = serve_command(tmp_path, "--stdio", "--no-http", data_dir=data)
+            done = subprocess.run(
+                command, capture_output=True, stdin=subprocess.DEVNULL, env=server_env(),
+                timeout=60,
+            )  # fmt: skip
+            assert done.returncode == 1
+            message = done.stderr.decode()
+            store = data / "sessions.sqlite3"
+            assert f"punie-trio: error: {store}: cannot open session store: " in message
+            assert "the file system holding the session store is full, with " in message
+            assert (
+                "KiB free (SQLite: " in message and "free some space, then start again" in message
+            )
+            assert "Traceback" not in message
+
+
+async def test_a_turn_on_a_full_disk_is_refused_and_serving_goes_on(
+    tmp_path: Path, acp_schema: SchemaChecker
+) -> None:
+    with small_disk(tmp_path / "disk") as disk:
+        command = serve_command(tmp_path, data_dir=disk / "data")
+        store = disk / "data" / "sessions.sqlite3"
+        message = await turns_fail_then_work_again(
+            tmp_path, acp_schema, command, store, lambda: fill(disk), (disk / "filler").unlink
+        )
+        assert "the file system holding the session store is full, with " in message
+        assert message.endswith("; free some space")
