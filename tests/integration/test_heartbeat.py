@@ -245,7 +245,7 @@ def initialize_request(request_id: str, client_id: str, awaiting: list[Any]) -> 
     }
 
 
-def answer_to(client: Any, request_id: str) -> dict[str, Any] | None:
+def answer_to(client: Any, request_id: str | int) -> dict[str, Any] | None:
     return next((m for m in client.received if m.get("id") == request_id), None)
 
 
@@ -297,7 +297,7 @@ async def test_a_client_back_while_its_old_connection_is_half_open_takes_its_ses
             for _ in range(4):
                 mock_clock.jump(1)
                 await settle()
-            answer = answer_to(new, 3)  # type: ignore[arg-type]
+            answer = answer_to(new, 3)
             assert answer is not None and answer["result"] == {"stopReason": "end_turn"}
             old.read_ready()
             assert chunks(old.messages(), session_id) == ["1 ", "2 "]
@@ -381,7 +381,7 @@ async def test_two_connections_racing_for_a_half_open_client_id_do_not_both_win(
             assert late is not None and "answered a ping" in late["error"]["message"]
             assert manager.sessions[session_id].owner is owner
             mock_clock.jump(30)
-            await settle_until(lambda: answer_to(winner, 3) is not None)  # type: ignore[arg-type]
+            await settle_until(lambda: answer_to(winner, 3) is not None)
         old.read_ready()
         assert old.eof
         old.peek.close()
