@@ -438,8 +438,10 @@ async def close_session(self: Manager, conn: ClientConnection, session_id: str) 
         raise
     if self.sessions.get(session_id) is not session:
         return {}  # (dropped meanwhile: its client left without grace, or its grace ended)
-    if session.owner is None and session.pending:
-        return {}  # (kept for its client: see above)
+    if session.pending and (session.owner is None or (conn.peer is not None and conn.peer.lost)):
+        # Kept for its client (see above), also when conn is gone but not yet detached
+        # (detach keeps it within grace, or drops it).
+        return {}
     self._drop_session(session)
     return {}
 
