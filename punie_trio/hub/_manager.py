@@ -180,6 +180,8 @@ class Manager:
     _roots_containing = _lifecycle._roots_containing
     checked_cwd = _lifecycle.checked_cwd
     check_inside_roots = _lifecycle.check_inside_roots
+    checked_paths = _lifecycle.checked_paths
+    _checked_paths = _lifecycle._checked_paths
     _check_session_quota = _lifecycle._check_session_quota
     new_session = _lifecycle.new_session
     persist_new = _lifecycle.persist_new
@@ -211,7 +213,7 @@ class Manager:
         title: str | None = None,
     ) -> Session:
         """Register a live session owned by ``conn``; ``root``, ``cwd`` and ``additional``
-        as :meth:`checked_cwd` and :meth:`check_inside_roots` returned them."""
+        as :meth:`checked_paths` returned them."""
         worker = self._worker_for(root)
         session = Session(
             id=session_id,
