@@ -82,6 +82,7 @@ class Manager:
     _reattached: dict[str, trio.Event] = attrs.field(factory=dict, init=False)
     # The prompt times of clients (by client id) whose connection ended in the last minute:
     # a client that reconnects under its id goes on with its count (see prompt_times_for).
+    # At most max_connections client ids, in the order they left, oldest forgotten first.
     _left_prompt_times: dict[str, list[float]] = attrs.field(factory=dict, init=False)
     # Session ids a session/delete is removing (how many deletes of each are under way).
     _deleting: collections.Counter[str] = attrs.field(factory=collections.Counter, init=False)
