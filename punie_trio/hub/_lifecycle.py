@@ -272,11 +272,18 @@ async def _load_session(
         pass  # (before reading: a read its commit lands in, ending it, would miss it)
     drops = self._drops
     record = await self._stored(ref.session_id)
-    # A walk too (see checked_paths); before the wait below, which must stay the last
-    # await before the claim. (A session's cwd never changes: a record read again has it.)
-    stored_cwd = await trio.to_thread.run_sync(
-        _resolve_param, record.cwd, "stored cwd", abandon_on_cancel=True
-    )
+    # The stored cwd as it resolves now. Mostly it is the cwd just checked, resolved (the
+    # store keeps it so), and resolving it again would give it back: no walk then.
+    # Otherwise a walk, in a thread (see checked_paths), before the wait below, which must
+    # stay the last await before the claim. (A session's cwd never changes: a record read
+    # again has it.)
+    stored_cwd = record.cwd
+    if stored_cwd != cwd:
+        stored_cwd = str(
+            await trio.to_thread.run_sync(
+                _resolve_param, record.cwd, "stored cwd", abandon_on_cancel=True
+            )
+        )
     while await self._waited_for_cut_turn(ref.session_id):
         # Read the store again now the cut turn is recorded (the replay, the history
         # and the turn count include it).
@@ -284,7 +291,7 @@ async def _load_session(
         record = await self._stored(ref.session_id)
     if self.closing.is_set():  # (the reads above may have waited into the shutdown)
         raise RpcError(INTERNAL_ERROR, "Server is shutting down")
-    if cwd != str(stored_cwd):
+    if cwd != stored_cwd:
         # "cwd is immutable after session setup" (session-list page); only the extra
         # roots may differ from one load to the next (session-setup page).
         raise RpcError.invalid_params(
