@@ -317,6 +317,7 @@ async def _exited(process: trio.Process) -> None:
         try:
             await trio.lowlevel.wait_readable(pidfd)
         finally:
+            trio.lowlevel.notify_closing(pidfd)
             os.close(pidfd)
     elif hasattr(os, "waitid") and hasattr(os, "WNOWAIT"):
         await trio.to_thread.run_sync(_waitid_exited, process.pid, abandon_on_cancel=True)
