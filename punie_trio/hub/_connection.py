@@ -209,7 +209,7 @@ class ClientConnection:
         manager = self.manager
         if method == acp.SESSION_NEW:
             parsed = acp.parse_new_session(params)
-            return manager.persist_new(manager.new_session(self, parsed), parsed.cwd)
+            return manager.new_session(self, parsed)
         if method == acp.SESSION_LOAD:
             ref = acp.parse_load_session(params, mcp_required=True)
             return manager.load_session(self, ref, replay=True)

@@ -1,10 +1,10 @@
 """The session lifecycle: the paths a session may have, and ``session/new``, ``load``,
 ``resume``, ``list``, ``close`` and ``delete``.
 
-A session's cwd and additional directories are checked and resolved once, in the
-connection's reader (:func:`checked_cwd`, :func:`check_inside_roots`), and the session
-keeps them resolved as checked: resolving them again later could give another path (a
-symlink swapped meanwhile), one never checked.
+A session's cwd and additional directories are checked and resolved once, on a worker
+thread (:func:`checked_paths`: resolving walks the file system, which may not answer),
+and the session keeps them resolved as checked: resolving them again later could give
+another path (a symlink swapped meanwhile), one never checked.
 
 A load reads the stored session, then claims the live one with no await between its
 checks and the claim (``Session.loading``): a concurrent load, or a prompt or close of the
@@ -32,6 +32,8 @@ from collections.abc import Awaitable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
+
+import trio
 
 import trio
 
@@ -138,6 +140,32 @@ def check_inside_roots(self: Manager, paths: tuple[str, ...], field: str) -> tup
     return tuple(checked)
 
 
+async def checked_paths(
+    self: Manager, cwd: str, additional: tuple[str, ...]
+) -> tuple[str, str, tuple[str, ...]]:
+    """``(project root, cwd, additional directories)``, resolved and checked as
+    :func:`checked_cwd` and :func:`check_inside_roots` check them (-32602 naming the
+    first that fails), on a worker thread.
+
+    Why a thread: resolving walks the file system (a ``stat`` a component, and one to see
+    a directory), and on the event loop a ``cwd`` on a network mount that stopped
+    answering froze every client of the server. Only this request waits now, and its
+    cancel (``$/cancel_request``, its connection closing, shutdown) does not wait for the
+    walk (``abandon_on_cancel``: it only reads, and its thread ends when the file system
+    answers). As :func:`~punie_trio.worker._tools.resolve_tool_path` does for a tool."""
+    return await trio.to_thread.run_sync(
+        self._checked_paths, cwd, additional, abandon_on_cancel=True
+    )
+
+
+def _checked_paths(
+    self: Manager, cwd: str, additional: tuple[str, ...]
+) -> tuple[str, str, tuple[str, ...]]:
+    """(On a worker thread.) :func:`checked_paths`' work."""
+    root, resolved_cwd = self.checked_cwd(cwd)
+    return root, resolved_cwd, self.check_inside_roots(additional, "additionalDirectories")
+
+
 def _check_session_quota(self: Manager, conn: ClientConnection) -> None:
     owned = sum(1 for s in self.sessions.values() if s.owner is conn)
     if owned >= self.limits.max_sessions_per_connection:
@@ -148,15 +176,22 @@ def _check_session_quota(self: Manager, conn: ClientConnection) -> None:
         )
 
 
-def new_session(self: Manager, conn: ClientConnection, params: acp.NewSessionParams) -> Session:
-    """Register a new session synchronously; :meth:`persist_new` then stores it."""
+async def new_session(
+    self: Manager, conn: ClientConnection, params: acp.NewSessionParams
+) -> dict[str, Any]:
+    """``session/new``: check its paths (:meth:`checked_paths`, in a thread), then
+    register the session (the quota checked with no await before the claim, so two
+    concurrent requests cannot both take the last place) and store it
+    (:meth:`persist_new`)."""
     if self.closing.is_set():
         raise RpcError(INTERNAL_ERROR, "Server is shutting down")
-    root, cwd = self.checked_cwd(params.cwd)
-    additional = self.check_inside_roots(params.additional_directories, "additionalDirectories")
+    root, cwd, additional = await self.checked_paths(params.cwd, params.additional_directories)
+    if self.closing.is_set():  # (the walk may have waited into the shutdown)
+        raise RpcError(INTERNAL_ERROR, "Server is shutting down")
     self._check_session_quota(conn)
     session_id = f"sess_{uuid.uuid4().hex}"
-    return self._open(conn, session_id, root, cwd, additional)
+    session = self._open(conn, session_id, root, cwd, additional)
+    return await self.persist_new(session, params.cwd)
 
 
 async def persist_new(
@@ -234,12 +269,23 @@ async def _load_session(
     if self.closing.is_set():
         raise RpcError(INTERNAL_ERROR, "Server is shutting down")
     assert ref.cwd is not None
-    root, cwd = self.checked_cwd(ref.cwd)
-    additional = self.check_inside_roots(ref.additional_directories, "additionalDirectories")
+    root, cwd, additional = await self.checked_paths(ref.cwd, ref.additional_directories)
     while await self._waited_for_cut_turn(ref.session_id):
         pass  # (before reading: a read its commit lands in, ending it, would miss it)
     drops = self._drops
     record = await self._stored(ref.session_id)
+    # The stored cwd as it resolves now. Mostly it is the cwd just checked, resolved (the
+    # store keeps it so), and resolving it again would give it back: no walk then.
+    # Otherwise a walk, in a thread (see checked_paths), before the wait below, which must
+    # stay the last await before the claim. (A session's cwd never changes: a record read
+    # again has it.)
+    stored_cwd = record.cwd
+    if stored_cwd != cwd:
+        stored_cwd = str(
+            await trio.to_thread.run_sync(
+                _resolve_param, record.cwd, "stored cwd", abandon_on_cancel=True
+            )
+        )
     while await self._waited_for_cut_turn(ref.session_id):
         # Read the store again now the cut turn is recorded (the replay, the history
         # and the turn count include it).
@@ -247,7 +293,7 @@ async def _load_session(
         record = await self._stored(ref.session_id)
     if self.closing.is_set():  # (the reads above may have waited into the shutdown)
         raise RpcError(INTERNAL_ERROR, "Server is shutting down")
-    if cwd != str(_resolve_param(record.cwd, "stored cwd")):
+    if cwd != stored_cwd:
         # "cwd is immutable after session setup" (session-list page); only the extra
         # roots may differ from one load to the next (session-setup page).
         raise RpcError.invalid_params(
@@ -364,11 +410,16 @@ async def _replay(
     return history
 
 
-def list_sessions(self: Manager, params: acp.ListSessionsParams) -> Awaitable[dict[str, Any]]:
-    # Sessions store their cwd resolved (symlinks followed): filter on the same form.
-    # Resolved here, in the synchronous part, like every other path check.
-    cwd = str(_resolve_param(params.cwd, "cwd")) if params.cwd is not None else None
-    return self._list_sessions(cwd, params.cursor)
+async def list_sessions(self: Manager, params: acp.ListSessionsParams) -> dict[str, Any]:
+    cwd = None
+    if params.cwd is not None:
+        # Sessions store their cwd resolved (symlinks followed): filter on the same form,
+        # resolved in a thread as every path check is (see checked_paths).
+        checked = await trio.to_thread.run_sync(
+            _resolve_param, params.cwd, "cwd", abandon_on_cancel=True
+        )
+        cwd = str(checked)
+    return await self._list_sessions(cwd, params.cursor)
 
 
 async def _list_sessions(self: Manager, cwd: str | None, cursor: str | None) -> dict[str, Any]:

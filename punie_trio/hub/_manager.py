@@ -88,6 +88,7 @@ class Manager:
     _reattached: dict[str, trio.Event] = attrs.field(factory=dict, init=False)
     # The prompt times of clients (by client id) whose connection ended in the last minute:
     # a client that reconnects under its id goes on with its count (see prompt_times_for).
+    # At most max_connections client ids, in the order they left, oldest forgotten first.
     _left_prompt_times: dict[str, list[float]] = attrs.field(factory=dict, init=False)
     # Session ids a session/delete is removing (how many deletes of each are under way).
     _deleting: collections.Counter[str] = attrs.field(factory=collections.Counter, init=False)
@@ -207,6 +208,8 @@ class Manager:
     _roots_containing = _lifecycle._roots_containing
     checked_cwd = _lifecycle.checked_cwd
     check_inside_roots = _lifecycle.check_inside_roots
+    checked_paths = _lifecycle.checked_paths
+    _checked_paths = _lifecycle._checked_paths
     _check_session_quota = _lifecycle._check_session_quota
     new_session = _lifecycle.new_session
     persist_new = _lifecycle.persist_new
@@ -239,7 +242,7 @@ class Manager:
         title: str | None = None,
     ) -> Session:
         """Register a live session owned by ``conn``; ``root``, ``cwd`` and ``additional``
-        as :meth:`checked_cwd` and :meth:`check_inside_roots` returned them."""
+        as :meth:`checked_paths` returned them."""
         worker = self._worker_for(root)
         session = Session(
             id=session_id,

@@ -1610,11 +1610,11 @@ async def test_a_refusal_the_dropped_connection_never_wrote_is_delivered_after_r
     )
     async with open_hub(tmp_path, acp_schema, model, limits=limits) as hub:
         raw, session = await open_raw_session(hub, "ide")
-        await send_unread(raw, "p1", "session/prompt", prompt_params(session, "go"), acp_schema)
         if why == "rate":  # (a second session: the refusal is the rate limit's alone)
             new = {"cwd": str(hub.root), "mcpServers": []}
-            await send_unread(raw, "n", "session/new", new)
-            other = next(s for s in hub.manager.sessions if s != session)
+            other = (await raw_call(raw, "n", "session/new", new))["sessionId"]
+        await send_unread(raw, "p1", "session/prompt", prompt_params(session, "go"), acp_schema)
+        if why == "rate":
             params = prompt_params(other, "again")
         else:
             params = prompt_params(session, "again" * (40 if why == "size" else 1))
