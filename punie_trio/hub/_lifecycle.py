@@ -35,8 +35,6 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import trio
 
-import trio
-
 from .. import acp
 from .._json import is_name_text
 from .._paths import resolved
