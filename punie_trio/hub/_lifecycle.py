@@ -31,7 +31,7 @@ import uuid
 from collections.abc import Awaitable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import trio
 
@@ -39,7 +39,7 @@ from .. import acp
 from .._json import is_name_text
 from .._paths import resolved
 from ..acp import updates
-from ..rpc import INTERNAL_ERROR, INVALID_REQUEST, RpcError
+from ..rpc import INTERNAL_ERROR, INVALID_REQUEST, PeerClosed, RpcError
 from ..store import (
     STOP,
     BadCursor,
@@ -459,7 +459,13 @@ async def close_session(self: Manager, conn: ClientConnection, session_id: str) 
     Why send what is kept first: a session re-attached with its backlog still going out
     was closed at once, and that backlog (and the old prompt's answer) followed the
     close's answer. A close is a cancel (the session-setup page), and a cancelled turn's
-    updates come before its answer (the prompt-turn page)."""
+    updates come before its answer (the prompt-turn page).
+
+    Should ``conn`` drop meanwhile (the close goes on: :func:`despite_a_drop`), the
+    close still takes effect; but a session kept within grace with what its client has
+    not got (the cancelled turn's answer, which the client awaits) stays, marked
+    closing, until its client re-attaches and has been sent it (``deliver_missed``
+    then drops it) or its grace ends."""
     session = self.owned_session(conn, session_id)
     _check_not_loading(conn, session)
     # Claimed before the first await: a prompt read while the turn winds down (its
@@ -472,14 +478,67 @@ async def close_session(self: Manager, conn: ClientConnection, session_id: str) 
             self.cancel_turn(session, turn)
             await turn.finished.wait()
         await self._flush(session, conn)  # (waits for a flush under way)
+    except PeerClosed:
+        pass  # (conn dropped: what is still kept is for its client's return, below)
     except BaseException:
-        # The close itself was cancelled ($/cancel_request, or its connection left):
-        # the session stays, usable (its turn is cancelled anyway).
+        # The close itself was cancelled ($/cancel_request): the session stays, usable
+        # (its turn is cancelled anyway).
         session.closing = False
         raise
-    if self.sessions.get(session_id) is session:
-        self._drop_session(session)
+    if self.sessions.get(session_id) is not session:
+        return {}  # (dropped meanwhile: its client left without grace, or its grace ended)
+    if session.pending and (session.owner is None or (conn.peer is not None and conn.peer.lost)):
+        # Kept for its client (see above), also when conn is gone but not yet detached
+        # (detach keeps it within grace, or drops it).
+        return {}
+    self._drop_session(session)
     return {}
+
+
+T = TypeVar("T")
+
+
+async def despite_a_drop(self: Manager, conn: ClientConnection, work: Awaitable[T]) -> T:
+    """Await ``work`` (a ``session/close`` or ``delete``) in the manager's nursery: should
+    ``conn``'s connection drop before it is done, it goes on to the end; cancelled any
+    other way (``$/cancel_request``), it is cancelled, as it would have been in place.
+
+    Why: the request was received; the client asked for the close, and only its answer
+    is lost in flight. Cut with the connection (as every request handler is), the close
+    left the session live, kept within grace for the client, which came back to a
+    session it had closed (counted against its session limit, never closed again),
+    and a delete left the stored session too."""
+    nursery = self._nursery
+    if nursery is None:
+        return await work
+    done = trio.Event()
+    scope = trio.CancelScope()
+    outcome: list[T] = []
+    failure: list[Exception] = []
+
+    async def run() -> None:
+        try:
+            with scope:
+                outcome.append(await work)
+        except Exception as exc:
+            failure.append(exc)
+        finally:
+            done.set()
+
+    nursery.start_soon(run, name="close or delete")
+    try:
+        await done.wait()
+    except trio.Cancelled:
+        if conn.peer is None or not conn.peer.lost:
+            scope.cancel()
+            with trio.CancelScope(shield=True):
+                await done.wait()  # (its clean-up done: the session usable again)
+        raise
+    if failure:
+        raise failure[0]
+    if not outcome:  # (cancelled with the manager's nursery: a shutdown's end)
+        raise RpcError(INTERNAL_ERROR, "Internal error: the server is shutting down")
+    return outcome[0]
 
 
 async def delete_session(self: Manager, conn: ClientConnection, session_id: str) -> dict[str, Any]:
