@@ -500,6 +500,44 @@ async def test_a_root_named_by_a_symlink_follows_the_link_when_it_is_re_pointed(
         assert taken(pending, tmp_path) == {"releases/2/index.html"}
 
 
+@linux_only
+@pytest.mark.parametrize("command", ["sleep 600", "sleep 600; true"])
+async def test_an_immediate_exit_while_a_build_starts_kills_that_build(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, command: str
+) -> None:
+    """``kill_groups_now`` (a second signal, the watchdog) comes while a build's command is
+    being started on its worker thread. The command was listed for it only once the build's
+    task ran again on the event loop, so nothing was killed, and the build, in a session of
+    its own, outlived the server (1 run in 20 of a server test, on a loaded machine). It is
+    listed on the starting thread now, under the lock ``kill_groups_now`` takes: the kill
+    waits for the start, then kills it too. (Directly, and through the shell.)"""
+    import subprocess
+    import threading
+
+    from punie_trio.web.dev import _builder
+
+    real_popen = subprocess.Popen
+    killers: list[threading.Thread] = []
+
+    def popen_then_exit(*args: object, **kwargs: object) -> subprocess.Popen[bytes]:
+        process = real_popen(*args, **kwargs)  # type: ignore[call-overload]
+        # The exit comes now, the child running and its start not yet returned.
+        killer = threading.Thread(target=_builder.kill_groups_now)
+        killer.start()
+        killers.append(killer)
+        return process  # type: ignore[no-any-return]
+
+    monkeypatch.setattr(subprocess, "Popen", popen_then_exit)
+    with trio.fail_after(DEADLINE):
+        result = await run_build(command, tmp_path)
+    monkeypatch.undo()
+    for killer in killers:
+        killer.join()
+    assert len(killers) == 1
+    assert result.exit_status == -9, result  # SIGKILL, from kill_groups_now
+    assert not _builder._commands
+
+
 def _unreaped_child(pid: int) -> bool:
     """Whether ``pid`` is a child of this process not reaped yet (running, or a zombie):
     only then is its number, and its process group's, still its own."""

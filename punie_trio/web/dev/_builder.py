@@ -283,7 +283,7 @@ async def stop_group(group: Group, grace: float = LEFTOVER_GRACE) -> None:
             del _left[group.pgid]
 
 
-async def _kill_build(process: trio.Process, grace: float = KILL_GRACE) -> None:
+async def _kill_build(process: subprocess.Popen[bytes], grace: float = KILL_GRACE) -> None:
     """A cancelled build: SIGTERM to its whole process group, SIGKILL after ``grace``
     seconds; then the command is reaped (:func:`_reap`), and whatever of the group
     outlived it (a background child) is stopped too. Signalling the group reaches what a
@@ -300,10 +300,10 @@ async def _kill_build(process: trio.Process, grace: float = KILL_GRACE) -> None:
         await stop_group(left, min(LEFTOVER_GRACE, grace))
 
 
-async def _exited(process: trio.Process) -> None:
+async def _exited(process: subprocess.Popen[bytes]) -> None:
     """Wait for ``process`` to exit without reaping it: it stays a zombie, which keeps its
     pid, and so its process group's id, from any other process until :func:`_reap`.
-    (``Process.wait``, and even reading ``Process.returncode``, reap it.)
+    (``Popen.wait`` and ``Popen.poll`` reap it.)
 
     A pidfd (Linux 5.3) is waited on; failing one, ``waitid`` with ``WNOWAIT`` in a
     thread. Where neither exists (macOS before Python 3.13) the process is reaped as it
@@ -322,7 +322,7 @@ async def _exited(process: trio.Process) -> None:
     elif hasattr(os, "waitid") and hasattr(os, "WNOWAIT"):
         await trio.to_thread.run_sync(_waitid_exited, process.pid, abandon_on_cancel=True)
     else:  # pragma: no cover - neither pidfd nor waitid
-        await process.wait()
+        await trio.to_thread.run_sync(process.wait, abandon_on_cancel=True)
 
 
 def _waitid_exited(pid: int) -> None:
@@ -331,7 +331,7 @@ def _waitid_exited(pid: int) -> None:
         os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)
 
 
-def _reap(process: trio.Process) -> Group | None:
+def _reap(process: subprocess.Popen[bytes]) -> Group | None:
     """Reap the command (exited, not reaped yet: :func:`_exited`), and return what of
     its process group still runs. The group is looked at first, while the exited command
     still holds the group's id (a stranger may take the id once it is reaped, and would
@@ -409,13 +409,10 @@ async def run_build(command: str, cwd: Path, *, kill_grace: float = KILL_GRACE) 
     started = trio.current_time()
     kept = OutputTail()
     try:
-        process = await _open_build(command, cwd)
+        process, stdout = await _open_build(command, cwd)  # (listed: kill_groups_now)
     except OSError as exc:
         reason = f"punie-trio: the build could not be started: {exc}"
         return BuildResult(command, NOT_STARTED, reason, trio.current_time() - started)
-    stdout = process.stdout
-    assert isinstance(stdout, trio.lowlevel.FdStream)  # POSIX: a non-blocking pipe
-    _commands.add(process.pid)  # (until it is reaped: kill_groups_now)
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_read_output, stdout, kept)
@@ -462,33 +459,66 @@ def _direct_env(cwd: Path) -> dict[str, str]:
     return {**os.environ, "PWD": os.path.abspath(cwd)}
 
 
-async def _open_build(command: str, cwd: Path) -> trio.Process:
+async def _open_build(
+    command: str, cwd: Path
+) -> tuple[subprocess.Popen[bytes], trio.lowlevel.FdStream]:
     """The build's process, in a session (and process group) of its own, stdout and stderr
-    into one pipe: started directly when the shell would only split the command into words
-    and the program can be started, else through ``sh -c``."""
+    into one pipe (our end returned as a stream), and already listed for
+    :func:`kill_groups_now`: started directly when the shell would only split the command
+    into words and the program can be started, else through ``sh -c``."""
     argv = direct_argv(command)
     if argv is not None:
         try:
-            return await trio.lowlevel.open_process(
-                argv,
-                cwd=cwd,
-                env=_direct_env(cwd),
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
+            return await _spawn_listed(argv, cwd, _direct_env(cwd), shell=False)
         except OSError:
             pass
-    return await trio.lowlevel.open_process(
-        command,
-        shell=True,
-        cwd=cwd,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    return await _spawn_listed(command, cwd, None, shell=True)
+
+
+async def _spawn_listed(
+    args: str | list[str], cwd: Path, env: dict[str, str] | None, *, shell: bool
+) -> tuple[subprocess.Popen[bytes], trio.lowlevel.FdStream]:
+    """Start the build's command on a worker thread (a fork can take a while), listed in
+    :data:`_commands` on that thread, under :data:`_reaping`, as it is started.
+
+    Why not ``trio.lowlevel.open_process``: it starts the process on a worker thread, and
+    the command was listed only once the task ran again on the event loop. A server
+    exiting at once meanwhile (a second signal while the build starts; the watchdog)
+    found nothing to kill, and the build, in a session of its own, ran on for good (a
+    test saw it in about 1 run in 20 on a loaded machine). Under the lock,
+    :func:`kill_groups_now` waits for a start under way (a fork: milliseconds), then
+    kills that group too.
+
+    Resource handling: the pipe's ends are ours until the process has its copy; the
+    child's end is closed here whatever happens, ours on failure."""
+    ours, theirs = os.pipe()
+    try:
+        process = await trio.to_thread.run_sync(_start_listed, args, cwd, env, shell, theirs)
+    except BaseException:
+        os.close(ours)
+        raise
+    finally:
+        os.close(theirs)
+    return process, trio.lowlevel.FdStream(ours)  # (POSIX: made non-blocking)
+
+
+def _start_listed(
+    args: str | list[str], cwd: Path, env: dict[str, str] | None, shell: bool, stdout: int
+) -> subprocess.Popen[bytes]:
+    """(On a worker thread.) :func:`_spawn_listed`'s start and listing, in one step."""
+    with _reaping:
+        process = subprocess.Popen(
+            args,
+            shell=shell,
+            cwd=cwd,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=stdout,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        _commands.add(process.pid)
+    return process
 
 
 def _as_arguments(paths: Sequence[str], root: Path) -> list[str]:
