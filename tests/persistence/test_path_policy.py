@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import trio
 
-from punie_trio.store import MemoryStore
+from punie_trio.store import MemoryStore, open_sqlite_store
 from punie_trio.worker import ScriptModel
 
 from ..acp_schema import SchemaChecker
@@ -841,11 +841,11 @@ async def test_a_hung_root_holds_up_only_its_own_threads(
     calls, the dev app's file reads. Each served root has threads of its own now
     (``_threads.ROOT_THREADS``): here 40 ``session/new`` with a cwd on a hung mount under
     root ``a`` take all of ``a``'s; root ``b``'s ``session/new`` and a turn reading and
-    writing its files go through, and so does a thread on the default limiter (the dev
-    app's). What waits for one of ``a``'s threads has started nothing and is cancellable:
-    a ``session/new`` in ``a`` (``$/cancel_request``: -32800) and a turn whose tool
-    call's path waits to be checked (``session/cancel``: the turn ends cancelled before
-    the call is reported)."""
+    writing its files go through (stored in SQLite, whose thread is its own), and so does
+    a thread on the default limiter (the dev app's). What waits for one of ``a``'s threads
+    has started nothing and is cancellable: a ``session/new`` in ``a``
+    (``$/cancel_request``: -32800) and a turn whose tool call's path waits to be checked
+    (``session/cancel``: the turn ends cancelled before the call is reported)."""
     import threading
 
     from punie_trio import _threads
@@ -877,7 +877,11 @@ async def test_a_hung_root_holds_up_only_its_own_threads(
         {"tool": "write_file", "input": {"path": "new.txt", "content": "written"}},
         {"text": "done"},
     ]
-    async with open_hub(root_a, acp_schema, ScriptModel([steps]), roots=(root_a, root_b)) as hub:
+    model = ScriptModel([steps])
+    async with (
+        open_sqlite_store(base / "sessions.sqlite3") as store,  # (its own thread, no limiter)
+        open_hub(root_a, acp_schema, model, store=store, roots=(root_a, root_b)) as hub,
+    ):
         a, b = await hub.connect(), await hub.connect()
         for link in (a, b):
             await initialize(link.client)
@@ -900,6 +904,8 @@ async def test_a_hung_root_holds_up_only_its_own_threads(
         assert await b.client.prompt(session_b, "read and write") == "end_turn"
         assert [u["status"] for u in tool_outcomes(b.client, session_b)] == ["completed"] * 2
         assert (root_b / "new.txt").read_text() == "written"
+        record = await store.get_session(session_b)
+        assert record is not None and record.turns == 1
 
         # Waiting for a's threads: cancellable, nothing started.
         await a.client.send(
