@@ -78,7 +78,7 @@ from ._model import (
     decode_cursor,
     session_changes,
 )
-from ._schema import WRITER_BUSY_TIMEOUT_MS, connect, out_of_room
+from ._schema import WRITER_BUSY_TIMEOUT_MS, CheckStop, connect, out_of_room
 from ._sql import PageCursor, Row, Tail
 from ._thread import OwnerThread, Started
 
@@ -184,13 +184,23 @@ class SqliteStore:
     _wal_path: str = attrs.field(init=False, default="")
     #: The WAL was found deleted, and what it held copied into the database.
     _wal_saved: bool = attrs.field(init=False, default=False)
+    #: Stopped (on the Trio thread) when the open is cancelled: the start-up check, on
+    #: the owner thread, ends (see ``_schema.CheckStop``).
+    _check_stop: CheckStop = attrs.field(init=False, factory=CheckStop)
 
     def __attrs_post_init__(self) -> None:
         self._owner = OwnerThread(f"punie-store:{self.path.name}")
 
     async def _open(self) -> None:
         # The reader opens first: it creates and migrates the file, off the event loop.
-        await self._owner.open(self._connect_reader)
+        try:
+            await self._owner.open(self._connect_reader, on_cancel=self._check_stop.stop)
+        except StoreError:
+            if self._check_stop.stopped:
+                # The check stopped for a cancellation (a signal at start): that is how
+                # this open ends, not with an error of the store's.
+                await trio.lowlevel.checkpoint()
+            raise
         self._db_id = _file_id(self.path)
         writer = connect(self.path)
         self._wal_path = _wal_of(self.path)
@@ -209,7 +219,7 @@ class SqliteStore:
         self._writer = writer
 
     def _connect_reader(self) -> sqlite3.Connection:
-        conn = connect(self.path, check=not _left_as_closed(self.path))
+        conn = connect(self.path, check=not _left_as_closed(self.path), stop=self._check_stop)
         # Its checkpoints are the store's (_count_rows), never one in a write's commit: a
         # delete's commit would otherwise copy the whole WAL before writes could go on.
         conn.execute("PRAGMA wal_autocheckpoint = 0")

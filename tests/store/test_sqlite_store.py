@@ -14,6 +14,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -485,6 +486,62 @@ async def test_the_check_runs_unless_the_store_was_closed_cleanly_and_left_alone
     os.utime(path, ns=(0, 0))  # changed since its clean close
     async with open_sqlite_store(path):
         assert checked()
+
+
+#: A query that runs for seconds (about 3 s here) unless interrupted: a start-up check of
+#: a large store from the disk (10.4 s for 618 MB), without the store.
+A_LONG_CHECK = (
+    "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < 10000000)"
+    " SELECT count(*) FROM c"
+)
+
+
+def slow_check(
+    monkeypatch: pytest.MonkeyPatch, started: Callable[[], object]
+) -> list[BaseException | None]:
+    """Make the start-up check :data:`A_LONG_CHECK`, calling ``started()`` (on the owner
+    thread) as it begins; what it ended in is appended to the list returned."""
+    ended: list[BaseException | None] = []
+
+    def check(conn: sqlite3.Connection, path: Path) -> None:
+        started()
+        try:
+            conn.execute(A_LONG_CHECK).fetchall()
+        except BaseException as exc:
+            ended.append(exc)
+            raise
+        ended.append(None)
+
+    monkeypatch.setattr(_schema, "check_integrity", check)
+    return ended
+
+
+async def test_a_cancelled_open_stops_its_check_and_changes_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The check of a large store takes seconds from the disk, and the open could not be
+    cancelled while it ran (a SIGTERM at start waited for it; ``serve``'s watchdog
+    ended the process, status 1). A cancelled open now interrupts it at once: the open
+    ends in ``Cancelled``, the file is as it was, and with no marker the next open
+    checks again."""
+    path = tmp_path / "s.db"
+    await _fill(path, sessions=1, turns=3)
+    (tmp_path / "s.db-closed").unlink()  # (as a kill -9 leaves it)
+    before = path.read_bytes()
+    token = trio.lowlevel.current_trio_token()
+    with trio.CancelScope() as scope:
+        ended = slow_check(monkeypatch, lambda: token.run_sync_soon(scope.cancel))
+        async with open_sqlite_store(path):
+            raise AssertionError("the open was cancelled")
+    assert scope.cancelled_caught
+    assert len(ended) == 1 and isinstance(ended[0], sqlite3.OperationalError)
+    assert str(ended[0]) == "interrupted"
+    assert path.read_bytes() == before
+    assert not (tmp_path / "s.db-closed").exists()
+    monkeypatch.undo()
+    async with open_sqlite_store(path) as store:  # (checked, and whole)
+        sessions, _ = await store.list_sessions()
+        assert [record.id for record in sessions] == ["s0"]
 
 
 def test_migrations_apply_in_order_and_fail_atomically(tmp_path: Path) -> None:
