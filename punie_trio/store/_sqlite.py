@@ -587,12 +587,33 @@ class SqliteStore:
 
 def _identity(path: Path) -> str | None:
     """What says the file ``path`` is the one a clean close left: device, inode, size,
-    and the times of its last change (content or status); None for no file."""
+    and the times of its last change (content or status), then the same of its WAL
+    (``-``: none, or an empty one); None for no file.
+
+    Why the WAL too: SQLite replays whatever valid WAL it finds beside the file, and a
+    WAL is not tied to its database (only the page size must agree). Another store's
+    WAL put beside a store closed cleanly and left alone (a copy of the data directory's
+    files, a backup restored in part) was replayed without a check, and its pages
+    written into the file by the next checkpoint: ``quick_check`` then found it damaged
+    ("Page 232 is never used", ...), and the marker the run's clean close left named the
+    damaged file, so no later start checked it either."""
+    st = _stat(path)
+    if st is None:
+        return None
+    wal = _stat(_wal_of(path))
+    said = "-" if wal is None or wal.st_size == 0 else _said(wal)
+    return f"{_said(st)} {said}\n"
+
+
+def _stat(path: Path | str) -> os.stat_result | None:
     try:
-        st = os.stat(path)
+        return os.stat(path)
     except (FileNotFoundError, NotADirectoryError):
         return None
-    return f"{st.st_dev} {st.st_ino} {st.st_size} {st.st_mtime_ns} {st.st_ctime_ns}\n"
+
+
+def _said(st: os.stat_result) -> str:
+    return f"{st.st_dev} {st.st_ino} {st.st_size} {st.st_mtime_ns} {st.st_ctime_ns}"
 
 
 def _mark_closed(path: Path) -> None:
@@ -617,9 +638,10 @@ def _left_as_closed(path: Path) -> bool:
 
     Why not check at every open: the check reads the whole file, 1.5-2 s per 100 MB from
     the disk (after a reboot, the usual case), about 70-85 ms from the page cache. Damage
-    comes with an end that was not clean, or with a change made to the file while no
-    server ran (a copy cut short, a tool writing into it, another file put in its
-    place), which the marker's identity (device, inode, size, times) tells. What it
+    comes with an end that was not clean, or with a change made to the file or its WAL
+    while no server ran (a copy cut short, a tool writing into it, another file or
+    another store's WAL put in place), which the marker's identity (device, inode, size,
+    times of both: :func:`_identity`) tells. What it
     cannot tell is a disk that damages a file it was not asked to change: run
     ``PRAGMA quick_check`` by hand for that (docs/sessions-store.md).
     """

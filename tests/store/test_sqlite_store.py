@@ -4,6 +4,7 @@ across ``kill -9``."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -486,6 +487,60 @@ async def test_the_check_runs_unless_the_store_was_closed_cleanly_and_left_alone
     os.utime(path, ns=(0, 0))  # changed since its clean close
     async with open_sqlite_store(path):
         assert checked()
+
+
+def another_stores_wal(path: Path, tmp_path: Path) -> None:
+    """Put beside the store ``path`` the WAL of another store, as a run killed with turns
+    in it left it: committed, not yet copied into its file."""
+    other = tmp_path / "other" / "s.db"
+    other.parent.mkdir()
+    trio.run(_fill, other, 4, 15)
+    conn = sqlite3.connect(other, isolation_level=None)
+    conn.execute("PRAGMA wal_autocheckpoint = 0")
+    conn.execute("UPDATE turns SET entries = entries || ' '")
+    wal = Path(f"{other}-wal").read_bytes()
+    conn.close()
+    Path(f"{path}-wal").write_bytes(wal)
+
+
+def test_another_stores_wal_beside_a_store_closed_cleanly_is_checked(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The marker named the file alone: another store's WAL put beside a store closed
+    cleanly and left alone (a copy of the data directory's files, a backup restored in
+    part) was replayed without a check, and the close's checkpoint wrote its pages into
+    the file, which ``quick_check`` then found damaged ("Page 232 is never used"); the
+    marker that close left named the damaged file, so no start checked it again. The
+    marker names the WAL too now (none, or an empty one, after a clean close): the
+    start checks."""
+    path = tmp_path / "s.db"
+    trio.run(_fill, path)
+    assert (tmp_path / "s.db-closed").exists()
+    another_stores_wal(path, tmp_path)
+    caplog.set_level(logging.WARNING, logger="punie_trio.store._schema")
+    with contextlib.suppress(StoreError):  # (refused as damaged where the check sees it)
+        trio.run(_open_and_close, path)
+    assert any("checking it whole" in r.getMessage() for r in caplog.records)
+
+
+async def _open_and_close(path: Path) -> None:
+    async with open_sqlite_store(path):
+        pass
+
+
+def test_an_empty_wal_a_reader_left_is_no_reason_to_check(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``punie-trio sessions ...`` beside a stopped server leaves an empty ``-wal`` (and
+    ``-shm``): no change to the store, and no check at the next start."""
+    path = tmp_path / "s.db"
+    trio.run(_fill, path)
+    with contextlib.closing(_schema.connect_readonly(path)) as conn:
+        conn.execute("SELECT count(*) FROM turns").fetchone()
+    assert Path(f"{path}-wal").stat().st_size == 0
+    caplog.set_level(logging.WARNING, logger="punie_trio.store._schema")
+    trio.run(_open_and_close, path)
+    assert not any("checking it whole" in r.getMessage() for r in caplog.records)
 
 
 #: A query that runs for seconds (about 3 s here) unless interrupted: a start-up check of
