@@ -643,7 +643,7 @@ def _left_as_closed(path: Path) -> bool:
     another store's WAL put in place), which the marker's identity (device, inode, size,
     times of both: :func:`_identity`) tells. What it
     cannot tell is a disk that damages a file it was not asked to change: run
-    ``PRAGMA quick_check`` by hand for that (docs/sessions-store.md).
+    ``PRAGMA integrity_check`` by hand for that (docs/sessions-store.md).
     """
     marker = closed_marker(path)
     try:

@@ -523,6 +523,22 @@ def test_another_stores_wal_beside_a_store_closed_cleanly_is_checked(
     assert any("checking it whole" in r.getMessage() for r in caplog.records)
 
 
+def test_an_index_that_disagrees_with_its_table_is_refused_at_open(tmp_path: Path) -> None:
+    """The check was ``quick_check``, which leaves out whether each index matches its
+    table: another store's WAL replayed into a store passed it, and the store served
+    sessions whose records said 5, 10 and 15 turns with 20 turns each read through the
+    ``turns`` key (15 in the table). ``integrity_check`` (as fast from the disk) refuses
+    it."""
+    path = tmp_path / "s.db"
+    trio.run(_fill, path)
+    (tmp_path / "s.db-closed").unlink()  # (checked either way: see the test above)
+    another_stores_wal(path, tmp_path)
+    with pytest.raises(StoreError) as caught:
+        trio.run(_open_and_close, path)
+    _assert_damaged(str(caught.value), path)
+    assert "missing from index" in str(caught.value)
+
+
 async def _open_and_close(path: Path) -> None:
     async with open_sqlite_store(path):
         pass
