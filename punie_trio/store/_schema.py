@@ -492,7 +492,7 @@ def connect(
         migrate(conn, path)
         check_writable(conn, path)
     except sqlite3.Error as exc:
-        conn.close()
+        _close_as_found(conn, path)
         if _is_readonly(exc):  # (the directory will not take the -wal: the WAL switch)
             raise StoreError(f"{path}: the session store is read-only ({exc})") from exc
         if _is_damaged(exc):  # (a page the open itself reads: the schema, the end)
@@ -506,9 +506,35 @@ def connect(
             ) from exc
         raise StoreError(f"{path}: cannot open session store: {exc}") from exc
     except BaseException:
-        conn.close()
+        _close_as_found(conn, path)
         raise
     return conn
+
+
+def _close_as_found(conn: sqlite3.Connection, path: Path) -> None:
+    """Close ``conn``, an open that failed, leaving the store's files as they are.
+
+    Why: the last connection to close a store checkpoints its WAL into the file and
+    removes it. A store refused as damaged was changed so, just after the message said
+    "nothing was changed in it. Keep a copy of PATH (and its -wal, if any)": a damaged
+    file took the WAL's pages, the -wal was gone, and a store whole but for another
+    store's WAL beside it was damaged for good. So a read-only connection holds the
+    store while ``conn`` closes (``conn`` is then not the last), and closes after it
+    (a read-only one never checkpoints). (Python 3.12 has ``setconfig`` for SQLite's
+    ``SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE``; 3.11 has not.) Where that connection cannot
+    be made or read (no file, page 1 unreadable), ``conn`` closes as it would have.
+    """
+    keeper: sqlite3.Connection | None = None
+    try:
+        keeper = sqlite3.connect(path.resolve().as_uri() + "?mode=ro", uri=True)
+        keeper.execute("PRAGMA schema_version").fetchone()  # (its hold on the WAL)
+    except (sqlite3.Error, OSError):
+        pass
+    try:
+        conn.close()
+    finally:
+        if keeper is not None:
+            keeper.close()
 
 
 def _is_readonly(exc: sqlite3.Error) -> bool:

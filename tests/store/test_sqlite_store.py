@@ -539,6 +539,50 @@ def test_an_index_that_disagrees_with_its_table_is_refused_at_open(tmp_path: Pat
     assert "missing from index" in str(caught.value)
 
 
+def _killed_with_a_wal(path: Path) -> None:
+    """A process writes into the store ``path`` and is killed (``kill -9``) before any
+    checkpoint: its commit is only in the ``-wal`` it leaves, with no marker."""
+    child = textwrap.dedent(
+        """
+        import os, signal, sqlite3, sys
+        conn = sqlite3.connect(sys.argv[1], isolation_level=None)
+        conn.execute("PRAGMA wal_autocheckpoint = 0")
+        conn.execute("UPDATE sessions SET title = 'only in the WAL'")
+        os.kill(os.getpid(), signal.SIGKILL)
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", child, str(path)], check=False)
+    assert done.returncode == -signal.SIGKILL
+    assert Path(f"{path}-wal").stat().st_size > 0
+    path.with_name(path.name + "-closed").unlink(missing_ok=True)
+
+
+@pytest.mark.parametrize("damage", ["a damaged page", "another store's WAL"])
+def test_a_store_refused_as_damaged_keeps_its_file_and_its_wal(tmp_path: Path, damage: str) -> None:
+    """The refusal says "nothing was changed in it. Keep a copy of PATH (and its -wal,
+    if any)"; but the checking connection, closing as the store's last, checkpointed the
+    WAL into the damaged file and removed it. A damaged file (after a ``kill -9``) took
+    the WAL's pages, and a good store with another's WAL beside it was damaged for
+    good (without that WAL, it had been whole). Now both files are left as they were."""
+    path = tmp_path / "s.db"
+    trio.run(_fill, path)
+    if damage == "a damaged page":
+        _killed_with_a_wal(path)
+        _overwrite_a_middle_page(path)
+    else:
+        (tmp_path / "s.db-closed").unlink()
+        another_stores_wal(path, tmp_path)
+    wal = Path(f"{path}-wal")
+    before = path.read_bytes(), wal.read_bytes()
+    with pytest.raises(StoreError) as caught:
+        trio.run(_open_and_close, path)
+    _assert_damaged(str(caught.value), path)
+    assert (path.read_bytes(), wal.read_bytes()) == before
+    if damage == "another store's WAL":  # (the store itself was whole all along)
+        wal.unlink()
+        trio.run(_open_and_close, path)
+
+
 async def _open_and_close(path: Path) -> None:
     async with open_sqlite_store(path):
         pass
