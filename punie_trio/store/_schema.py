@@ -303,7 +303,8 @@ def out_of_room(path: Path, exc: sqlite3.Error) -> tuple[str, str] | None:
     """Why SQLite could not write the store ``path``, and what to do, when the cause can be
     seen: the file system holding it is (nearly) full, or one of its files is at the
     process's file size limit (``RLIMIT_FSIZE``: a write past it fails with ``EFBIG``);
-    None otherwise, and for an error that is no failed write.
+    None otherwise, and for an error that is no failed write. A file system is said
+    full only if it gives its size (a ramfs gives 0 blocks, 0 free).
 
     Why: SQLite names neither. A full disk is ``database or disk is full`` where a write
     fails, but ``disk I/O error`` where its ``-shm`` file cannot grow (a store being made
@@ -319,7 +320,10 @@ def out_of_room(path: Path, exc: sqlite3.Error) -> tuple[str, str] | None:
         fs = os.statvfs(os.path.dirname(real))
     except (OSError, AttributeError):  # (AttributeError: Windows has no statvfs)
         fs = None
-    if fs is not None and fs.f_bavail * fs.f_frsize < NO_ROOM_BELOW:
+    # (0 blocks: a file system that gives no size, a ramfs, a tmpfs of size=0, some FUSE
+    # ones; its 0 free is no measure. Said full, the file size limit was hidden behind
+    # "free some space".)
+    if fs is not None and fs.f_blocks > 0 and fs.f_bavail * fs.f_frsize < NO_ROOM_BELOW:
         free = fs.f_bavail * fs.f_frsize // 1024
         return (
             f"the file system holding the session store is full, with {free} KiB free",
