@@ -42,6 +42,7 @@ Input is validated on the Trio side before anything touches the database.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -616,18 +617,64 @@ def _said(st: os.stat_result) -> str:
     return f"{st.st_dev} {st.st_ino} {st.st_size} {st.st_mtime_ns} {st.st_ctime_ns}"
 
 
+#: How long a close waits for the file system's clock to pass the store's last change
+#: (:func:`_mark_closed`): a tick of a file system with 1-second times, and some; past
+#: it, no marker is left (the next start checks).
+CLOSE_WAITS_FOR_THE_CLOCK = 1.5
+#: How often it looks again meanwhile.
+CLOCK_POLL_SECONDS = 0.05
+
+
 def _mark_closed(path: Path) -> None:
     """Leave :func:`closed_marker` saying the store's file is as this close left it. Not
-    written (a full disk), the next open checks the store: logged, not raised."""
-    identity = _identity(path)
-    if identity is None:
-        return
-    try:
-        replace_file(closed_marker(path), identity.encode(), 0o600)
-    except OSError as exc:
-        log.warning(
-            "cannot write %s (%s): the next start checks the store", closed_marker(path), exc
-        )
+    written (a full disk), the next open checks the store: logged, not raised.
+
+    Only once the file system's clock (the marker's own time) is past the store's last
+    change (and its WAL's). Why: a file system whose times are coarse (1 s: ext2 or
+    ext3 with 128-byte inodes, HFS+, some NFS; 2 s: FAT) gives a change made in the
+    same tick as the close the times the marker holds, and the size often stays:
+    measured on ext2, a page overwritten just after a clean close slipped past the
+    check 20 times in 20. A marker left while the times are "racy" is taken back, and
+    written again a moment later (at most :data:`CLOSE_WAITS_FOR_THE_CLOCK`, on the
+    owner thread); any change after it then has a later time. Where times are fine
+    (ext4 with nanosecond times), the first marker stands: no wait.
+    """
+    marker = closed_marker(path)
+    deadline = time.monotonic() + CLOSE_WAITS_FOR_THE_CLOCK
+    while True:
+        identity = _identity(path)
+        if identity is None:
+            return
+        try:
+            replace_file(marker, identity.encode(), 0o600)
+            if os.stat(marker).st_mtime_ns > _newest_time(path):
+                return
+            os.unlink(marker)  # (racy: a change made now would keep these times)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                os.unlink(marker)
+            log.warning("cannot write %s (%s): the next start checks the store", marker, exc)
+            return
+        if time.monotonic() >= deadline:
+            log.info(
+                "%s: the file system's clock did not pass the store's last change within "
+                "%g s: no marker, the next start checks the store",
+                marker,
+                CLOSE_WAITS_FOR_THE_CLOCK,
+            )
+            return
+        time.sleep(CLOCK_POLL_SECONDS)
+
+
+def _newest_time(path: Path) -> int:
+    """The latest time (ns) :func:`_identity` holds: of the store's last change, content
+    or status, and of its WAL's (if not empty); 0 for none."""
+    wal = _stat(_wal_of(path))
+    times = [0]
+    for st in (_stat(path), wal if wal is not None and wal.st_size else None):
+        if st is not None:
+            times += [st.st_mtime_ns, st.st_ctime_ns]
+    return max(times)
 
 
 def _left_as_closed(path: Path) -> bool:
