@@ -190,15 +190,18 @@ class ClientConnection:
             if request_id is not None:
                 self.refused_prompts.pop(request_id, None)
         if method == acp.INITIALIZE:
-            result = self._initialize(params)
-            # Synchronously, before the next message is read: a request pipelined behind
-            # initialize (a prompt on a re-attached session) must find the sessions its
-            # own. (Reclaimed in the answer's task, such a prompt was refused at random.)
-            return self._initialized(
-                result,
-                self.manager.reclaim(self),
-                self.manager.expired_for(self.client_id, self.awaiting),
-            )
+            init, client_id, awaiting = self._initialize_params(params)
+            manager = self.manager
+            if (
+                client_id is not None
+                and manager.alive is not None
+                and manager.holder_of(client_id, self) is not None
+            ):
+                # (Held here, synchronously: the next message is not read meanwhile.)
+                assert self.peer is not None
+                held = self.peer.hold_reading()
+                return self._initialize_after_take_over(init, client_id, awaiting, held)
+            return self._initialize(init, client_id, awaiting)
         if not self.initialized:
             if method.startswith("_") or method in _KNOWN:
                 raise RpcError(INVALID_REQUEST, f"Invalid request: call initialize before {method}")
@@ -206,7 +209,7 @@ class ClientConnection:
         manager = self.manager
         if method == acp.SESSION_NEW:
             parsed = acp.parse_new_session(params)
-            return manager.persist_new(manager.new_session(self, parsed), parsed.cwd)
+            return manager.new_session(self, parsed)
         if method == acp.SESSION_LOAD:
             ref = acp.parse_load_session(params, mcp_required=True)
             return manager.load_session(self, ref, replay=True)
@@ -216,9 +219,12 @@ class ClientConnection:
         if method == acp.SESSION_LIST:
             return manager.list_sessions(acp.parse_list_sessions(params))
         if method == acp.SESSION_CLOSE:
-            return manager.close_session(self, acp.parse_session_id(params).session_id)
+            # (Both go on if the connection drops first: the client asked for them.)
+            session_id = acp.parse_session_id(params).session_id
+            return manager.despite_a_drop(self, manager.close_session(self, session_id))
         if method == acp.SESSION_DELETE:
-            return manager.delete_session(self, acp.parse_session_id(params).session_id)
+            session_id = acp.parse_session_id(params).session_id
+            return manager.despite_a_drop(self, manager.delete_session(self, session_id))
         if method == acp.SESSION_PROMPT:
             try:
                 prompt = acp.parse_prompt(params, max_bytes=manager.limits.max_prompt_bytes)
@@ -265,7 +271,11 @@ class ClientConnection:
         elif not method.startswith("_"):
             log.debug("ignored notification %s", method)
 
-    def _initialize(self, params: Params) -> dict[str, Any]:
+    def _initialize_params(
+        self, params: Params
+    ) -> tuple[acp.InitializeParams, str | None, frozenset[RequestId]]:
+        """``initialize``'s params, checked (-32602 naming the field), and its client id
+        and awaited ids; nothing changes yet."""
         if self.initialized:
             # Once per connection (the initialization page). A second one could name
             # another client id and take that client's sessions on top of its own.
@@ -273,53 +283,60 @@ class ClientConnection:
                 INVALID_REQUEST, "Invalid request: the connection is already initialized"
             )
         init = acp.parse_initialize(params)
-        awaiting = _awaiting(init.meta.get(AWAITING_META))  # (checked before any change)
+        awaiting = _awaiting(init.meta.get(AWAITING_META))
+        client_id = init.meta.get(CLIENT_ID_META)
+        if client_id is not None and (
+            not isinstance(client_id, str)
+            or not 0 < len(client_id) <= 200
+            or not client_id.isprintable()
+        ):
+            raise RpcError.invalid_params(
+                f"Invalid params: _meta.{CLIENT_ID_META} must be a non-empty string of "
+                "at most 200 printable characters"
+            )
+        return init, client_id, awaiting
+
+    async def _initialize_after_take_over(
+        self,
+        init: acp.InitializeParams,
+        client_id: str,
+        awaiting: frozenset[RequestId],
+        held: trio.Event,
+    ) -> dict[str, Any]:
+        """``initialize`` naming a client id another open connection holds: answered once
+        the manager has probed that connection (``Manager.take_over``): -32600 if it is
+        alive, else as any initialize once it has been dropped (its sessions re-attach
+        here). Nothing more is read from this client until ``held`` is set
+        (``Peer.hold_reading``), so a request pipelined behind the initialize is handled
+        as if it had been answered at once. Every other client is unaffected."""
+        try:
+            await self.manager.take_over(self, client_id)
+            answer = self._initialize(init, client_id, awaiting)  # (no await since)
+        finally:
+            held.set()
+        return await answer
+
+    def _initialize(
+        self, init: acp.InitializeParams, client_id: str | None, awaiting: frozenset[RequestId]
+    ) -> Awaitable[dict[str, Any]]:
+        if client_id is not None:
+            self.manager.check_client_id(client_id, self)
         self.capabilities = init.capabilities
         self.client_info = init.client_info
-        client_id = init.meta.get(CLIENT_ID_META)
         if client_id is not None:
-            if (
-                not isinstance(client_id, str)
-                or not 0 < len(client_id) <= 200
-                or not client_id.isprintable()
-            ):
-                raise RpcError.invalid_params(
-                    f"Invalid params: _meta.{CLIENT_ID_META} must be a non-empty string of "
-                    "at most 200 printable characters"
-                )
-            self.manager.check_client_id(client_id)
             self.client_id = client_id
             self.prompt_times = self.manager.prompt_times_for(client_id)
         self.awaiting = awaiting
         self.stop_awaiting(current_request_id.get(None))  # (initialize's own id)
         self.initialized = True
-        # We speak exactly version 1: answer with it whatever the client asked (the client
-        # disconnects if it cannot speak it), as the initialization page prescribes.
-        return {
-            "protocolVersion": acp.PROTOCOL_VERSION,
-            "agentCapabilities": {
-                "loadSession": True,
-                "promptCapabilities": {"image": False, "audio": False, "embeddedContext": True},
-                "mcpCapabilities": {"http": False, "sse": False},
-                "sessionCapabilities": {
-                    "list": {},
-                    "resume": {},
-                    "close": {},
-                    "delete": {},
-                    "additionalDirectories": {},
-                },
-                # The extensions (extensibility page: advertised in a capability's _meta).
-                "_meta": {
-                    "punie-trio": {
-                        "clientId": True,  # _meta["punie-trio/clientId"] in initialize
-                        "reloadRequired": True,  # the _punie-trio/reload_required notice
-                        "awaiting": True,  # _meta["punie-trio/awaiting"] in initialize
-                    }
-                },
-            },
-            "authMethods": [],
-            "agentInfo": AGENT_INFO,
-        }
+        # Synchronously, before the next message is read: a request pipelined behind
+        # initialize (a prompt on a re-attached session) must find the sessions its
+        # own. (Reclaimed in the answer's task, such a prompt was refused at random.)
+        return self._initialized(
+            _initialize_result(),
+            self.manager.reclaim(self),
+            self.manager.expired_for(self.client_id, self.awaiting),
+        )
 
     async def _initialized(
         self, result: dict[str, Any], sessions: list[Session], expired: list[str]
@@ -336,6 +353,36 @@ class ClientConnection:
             await self.manager.deliver_missed(self, sessions, expired)
             await self.manager.refuse_unanswerable(self)
         return result
+
+
+def _initialize_result() -> dict[str, Any]:
+    # We speak exactly version 1: answer with it whatever the client asked (the client
+    # disconnects if it cannot speak it), as the initialization page prescribes.
+    return {
+        "protocolVersion": acp.PROTOCOL_VERSION,
+        "agentCapabilities": {
+            "loadSession": True,
+            "promptCapabilities": {"image": False, "audio": False, "embeddedContext": True},
+            "mcpCapabilities": {"http": False, "sse": False},
+            "sessionCapabilities": {
+                "list": {},
+                "resume": {},
+                "close": {},
+                "delete": {},
+                "additionalDirectories": {},
+            },
+            # The extensions (extensibility page: advertised in a capability's _meta).
+            "_meta": {
+                "punie-trio": {
+                    "clientId": True,  # _meta["punie-trio/clientId"] in initialize
+                    "reloadRequired": True,  # the _punie-trio/reload_required notice
+                    "awaiting": True,  # _meta["punie-trio/awaiting"] in initialize
+                }
+            },
+        },
+        "authMethods": [],
+        "agentInfo": AGENT_INFO,
+    }
 
 
 _KNOWN = frozenset(

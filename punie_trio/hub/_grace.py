@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from ..acp import updates
-from ..rpc import INTERNAL_ERROR, PeerClosed, RequestId, RpcError
+from ..rpc import INTERNAL_ERROR, INVALID_REQUEST, PeerClosed, RequestId, RpcError
 from ._session import Pending, Session, json_string_at, small_id
 
 if TYPE_CHECKING:
@@ -45,6 +45,9 @@ log = logging.getLogger("punie_trio.hub")
 
 # Sent to a re-attached client whose missed updates overflowed the buffer.
 RELOAD_REQUIRED = "_punie-trio/reload_required"
+#: The longest an ``initialize`` waits to take a client id over from a silent connection
+#: (its probe, then its disconnect's clean-up: each bounded far below this).
+TAKE_OVER_WITHIN = 30.0
 
 
 def detach(self: Manager, conn: ClientConnection) -> None:
@@ -56,6 +59,15 @@ def detach(self: Manager, conn: ClientConnection) -> None:
     but a client that said who it is is still told, when it comes back, to reload
     those that lost something (:func:`_end_grace`): it once waited for ever for the
     answer of the turn cut under it."""
+    try:
+        _detach(self, conn)
+    finally:
+        leaving = self._leaving.pop(conn, None)
+        if leaving is not None:
+            leaving.set()  # (a take_over waits for this: conn's sessions are decided)
+
+
+def _detach(self: Manager, conn: ClientConnection) -> None:
     self.connections.discard(conn)
     owned = [s for s in self.sessions.values() if s.owner is conn]
     client_id = conn.client_id
@@ -83,6 +95,86 @@ def detach(self: Manager, conn: ClientConnection) -> None:
         return
     for session in owned:
         self._drop_session(session)
+
+
+async def take_over(self: Manager, conn: ClientConnection, client_id: str) -> None:
+    """Let ``conn``, whose ``initialize`` names ``client_id``, have it: at once if no
+    other open connection holds it; else once that connection, probed (:attr:`alive`:
+    pinged, and silent for a few seconds), has been dropped and detached (its sessions
+    kept within grace, for ``conn`` to reclaim). -32600 if the holder is alive (or
+    cannot be told dead), or another connection is taking the id over meanwhile (two
+    connections racing for one id: one probe, and at most one winner). The caller
+    decides (``check_client_id``, ``reclaim``) right after, with no await between.
+
+    Why: a connection left half-open (a network flap, a laptop's resume) looks open
+    until the heartbeat's sweep finds it silent, 60-70 s later; the client coming back
+    under its id was refused its own sessions (-32600) for that long. The refusal of a
+    live holder stays: one client must not take over another's live sessions by naming
+    its id while it is connected.
+
+    Error handling: past :data:`TAKE_OVER_WITHIN` (a holder whose disconnect does not
+    finish) it is -32600 too; the client may try again."""
+    holder = self.holder_of(client_id, conn)
+    if holder is None or self.alive is None or client_id in self._claims:
+        self.check_client_id(client_id, conn)  # (raises if held or claimed)
+        return
+    self._claims[client_id] = conn
+    # Nothing more is written to the holder meanwhile: half-open, it would never get it,
+    # and what was written is never sent again. Held, it is kept for ``conn`` if the
+    # holder is dropped (_keep_unsent), and goes on to the holder if it is alive.
+    peer = holder.peer
+    held = peer.hold_writing() if peer is not None else None
+    try:
+        with trio.move_on_after(TAKE_OVER_WITHIN) as waited:
+            gone = await self._gone_after_probe(holder)
+    finally:
+        del self._claims[client_id]
+        if peer is not None and held is not None:
+            peer.release_writing(held)
+    if waited.cancelled_caught:
+        raise RpcError(
+            INVALID_REQUEST,
+            f"Client id {client_id!r} is in use by a connection that was found silent and "
+            "is still closing; try again",
+        )
+    if not gone:
+        raise RpcError(
+            INVALID_REQUEST,
+            f"Client id {client_id!r} is in use by another open connection (alive: it answered "
+            "a ping, or cannot be pinged)"
+            if not self.closing.is_set()
+            else f"Client id {client_id!r} is in use: the server is shutting down",
+        )
+
+
+async def _gone_after_probe(self: Manager, holder: ClientConnection) -> bool:
+    """Probe ``holder``: True once it has detached (dropped as silent, or it ended by
+    itself meanwhile); False if it is alive, or the server starts shutting down (the
+    shutdown does not wait for a probe)."""
+    assert self.alive is not None
+    alive = self.alive
+    left = self._leaving.setdefault(holder, trio.Event())
+    gone = False
+    try:
+        async with trio.open_nursery() as nursery:
+
+            async def probe() -> None:
+                if await alive(holder):
+                    nursery.cancel_scope.cancel()
+
+            async def shutdown() -> None:
+                await self.closing.wait()
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(probe)
+            nursery.start_soon(shutdown)
+            await left.wait()
+            gone = True
+            nursery.cancel_scope.cancel()  # (also if it left by itself: no need to wait on)
+    finally:
+        if not left.is_set() and self._leaving.get(holder) is left:
+            del self._leaving[holder]
+    return gone
 
 
 def _keep_unsent(
@@ -173,13 +265,30 @@ def _grace_for(self: Manager, conn: ClientConnection) -> bool:
 
 
 def _keep_prompt_times(self: Manager, client_id: str, times: list[float]) -> None:
-    """Remember a leaving client's prompt times for the rate limit's window (and forget
-    those of clients gone longer than that: the dict stays as small as the churn of
-    the last minute)."""
+    """Remember a leaving client's prompt times for the rate limit's window: for at most
+    ``max_connections`` client ids, the oldest to leave forgotten first, and none for a
+    client whose last prompt is older than the window.
+
+    Why the count: bounded by the window alone, the dict held every client id that left
+    in the last minute, and a token holder coming and going under fresh ids (199
+    connections a second on a 2-core machine) grew it by 12,000 entries a minute; each
+    leave also scanned the whole dict (1 ms a leave at 4,000 entries). A client id
+    forgotten early starts with a fresh count, as one back after the window does: the
+    limit guards against a runaway client, not a token holder, who can use fresh ids.
+
+    The dict is in the order clients left (re-inserted on each leave), so the sweep looks
+    only at its front: a client gone longer than the window has a last prompt older than
+    that too, and an entry expired behind a live one waits for it (still within the
+    count)."""
+    left = self._left_prompt_times
     horizon = trio.current_time() - 60.0
-    for gone in [c for c, t in self._left_prompt_times.items() if t[-1] <= horizon]:
-        del self._left_prompt_times[gone]
-    self._left_prompt_times[client_id] = times
+    while left:
+        oldest = next(iter(left))
+        if left[oldest][-1] > horizon and len(left) < self.limits.max_connections:
+            break
+        del left[oldest]
+    left.pop(client_id, None)  # (re-inserted: now the newest)
+    left[client_id] = times
 
 
 def prompt_times_for(self: Manager, client_id: str) -> list[float]:
@@ -250,11 +359,17 @@ async def deliver_missed(
     """Send ``conn`` what its reclaimed ``sessions`` produced while it was away
     (updates, then answers), in order, each exactly once; then tell it to reload the
     ``expired`` sessions (:meth:`expired_for`). A notice not sent (the connection
-    ended) stays owed to the client id."""
+    ended) stays owed to the client id. A session its client closed as its previous
+    connection dropped (kept, marked closing, for what it had not got: see
+    ``_lifecycle.close_session``) is dropped once that is sent."""
     told = 0
     try:
         for session in sessions:
             await self._flush(session, conn)
+            if session.closing and session.turn is None and self._held_by(conn, session.id):
+                # Closed as its previous connection dropped (_lifecycle.close_session),
+                # and kept for this: now sent, the close takes effect.
+                self._drop_session(session)
         for session_id in expired:
             if self._held_by(conn, session_id):
                 told += 1  # (loaded again meanwhile, behind the initialize: it knows)
@@ -336,12 +451,14 @@ def _end_grace(self: Manager, client_id: str) -> None:
     loadable from the store. Those that drop something the client has not got (a
     running turn, kept updates or answers) are remembered, so that the client, should
     it come back, is told to reload them rather than wait for an answer that will
-    never come."""
+    never come; not those it closed (as its connection dropped: ``closing``)."""
     self._reattached.pop(client_id, None)
     missed: list[str] = []
     unconfirmed: dict[RequestId, str] = {}
     for session in [s for s in self.sessions.values() if s.detached_client == client_id]:
-        if session.turn is not None or session.pending or session.overflowed:
+        if session.closing:
+            pass  # (its client closed it: nothing to reload)
+        elif session.turn is not None or session.pending or session.overflowed:
             missed.append(session.id)
         elif session.last_answer is not None:
             answer_id = _answer_id(session.last_answer)

@@ -1,10 +1,10 @@
 """The session lifecycle: the paths a session may have, and ``session/new``, ``load``,
 ``resume``, ``list``, ``close`` and ``delete``.
 
-A session's cwd and additional directories are checked and resolved once, in the
-connection's reader (:func:`checked_cwd`, :func:`check_inside_roots`), and the session
-keeps them resolved as checked: resolving them again later could give another path (a
-symlink swapped meanwhile), one never checked.
+A session's cwd and additional directories are checked and resolved once, on a worker
+thread (:func:`checked_paths`: resolving walks the file system, which may not answer),
+and the session keeps them resolved as checked: resolving them again later could give
+another path (a symlink swapped meanwhile), one never checked.
 
 A load reads the stored session, then claims the live one with no await between its
 checks and the claim (``Session.loading``): a concurrent load, or a prompt or close of the
@@ -31,13 +31,15 @@ import uuid
 from collections.abc import Awaitable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import trio
 
 from .. import acp
 from .._json import is_name_text
 from .._paths import resolved
 from ..acp import updates
-from ..rpc import INTERNAL_ERROR, INVALID_REQUEST, RpcError
+from ..rpc import INTERNAL_ERROR, INVALID_REQUEST, PeerClosed, RpcError
 from ..store import (
     STOP,
     BadCursor,
@@ -136,6 +138,32 @@ def check_inside_roots(self: Manager, paths: tuple[str, ...], field: str) -> tup
     return tuple(checked)
 
 
+async def checked_paths(
+    self: Manager, cwd: str, additional: tuple[str, ...]
+) -> tuple[str, str, tuple[str, ...]]:
+    """``(project root, cwd, additional directories)``, resolved and checked as
+    :func:`checked_cwd` and :func:`check_inside_roots` check them (-32602 naming the
+    first that fails), on a worker thread.
+
+    Why a thread: resolving walks the file system (a ``stat`` a component, and one to see
+    a directory), and on the event loop a ``cwd`` on a network mount that stopped
+    answering froze every client of the server. Only this request waits now, and its
+    cancel (``$/cancel_request``, its connection closing, shutdown) does not wait for the
+    walk (``abandon_on_cancel``: it only reads, and its thread ends when the file system
+    answers). As :func:`~punie_trio.worker._tools.resolve_tool_path` does for a tool."""
+    return await trio.to_thread.run_sync(
+        self._checked_paths, cwd, additional, abandon_on_cancel=True
+    )
+
+
+def _checked_paths(
+    self: Manager, cwd: str, additional: tuple[str, ...]
+) -> tuple[str, str, tuple[str, ...]]:
+    """(On a worker thread.) :func:`checked_paths`' work."""
+    root, resolved_cwd = self.checked_cwd(cwd)
+    return root, resolved_cwd, self.check_inside_roots(additional, "additionalDirectories")
+
+
 def _check_session_quota(self: Manager, conn: ClientConnection) -> None:
     owned = sum(1 for s in self.sessions.values() if s.owner is conn)
     if owned >= self.limits.max_sessions_per_connection:
@@ -146,15 +174,22 @@ def _check_session_quota(self: Manager, conn: ClientConnection) -> None:
         )
 
 
-def new_session(self: Manager, conn: ClientConnection, params: acp.NewSessionParams) -> Session:
-    """Register a new session synchronously; :meth:`persist_new` then stores it."""
+async def new_session(
+    self: Manager, conn: ClientConnection, params: acp.NewSessionParams
+) -> dict[str, Any]:
+    """``session/new``: check its paths (:meth:`checked_paths`, in a thread), then
+    register the session (the quota checked with no await before the claim, so two
+    concurrent requests cannot both take the last place) and store it
+    (:meth:`persist_new`)."""
     if self.closing.is_set():
         raise RpcError(INTERNAL_ERROR, "Server is shutting down")
-    root, cwd = self.checked_cwd(params.cwd)
-    additional = self.check_inside_roots(params.additional_directories, "additionalDirectories")
+    root, cwd, additional = await self.checked_paths(params.cwd, params.additional_directories)
+    if self.closing.is_set():  # (the walk may have waited into the shutdown)
+        raise RpcError(INTERNAL_ERROR, "Server is shutting down")
     self._check_session_quota(conn)
     session_id = f"sess_{uuid.uuid4().hex}"
-    return self._open(conn, session_id, root, cwd, additional)
+    session = self._open(conn, session_id, root, cwd, additional)
+    return await self.persist_new(session, params.cwd)
 
 
 async def persist_new(
@@ -232,12 +267,23 @@ async def _load_session(
     if self.closing.is_set():
         raise RpcError(INTERNAL_ERROR, "Server is shutting down")
     assert ref.cwd is not None
-    root, cwd = self.checked_cwd(ref.cwd)
-    additional = self.check_inside_roots(ref.additional_directories, "additionalDirectories")
+    root, cwd, additional = await self.checked_paths(ref.cwd, ref.additional_directories)
     while await self._waited_for_cut_turn(ref.session_id):
         pass  # (before reading: a read its commit lands in, ending it, would miss it)
     drops = self._drops
     record = await self._stored(ref.session_id)
+    # The stored cwd as it resolves now. Mostly it is the cwd just checked, resolved (the
+    # store keeps it so), and resolving it again would give it back: no walk then.
+    # Otherwise a walk, in a thread (see checked_paths), before the wait below, which must
+    # stay the last await before the claim. (A session's cwd never changes: a record read
+    # again has it.)
+    stored_cwd = record.cwd
+    if stored_cwd != cwd:
+        stored_cwd = str(
+            await trio.to_thread.run_sync(
+                _resolve_param, record.cwd, "stored cwd", abandon_on_cancel=True
+            )
+        )
     while await self._waited_for_cut_turn(ref.session_id):
         # Read the store again now the cut turn is recorded (the replay, the history
         # and the turn count include it).
@@ -245,7 +291,7 @@ async def _load_session(
         record = await self._stored(ref.session_id)
     if self.closing.is_set():  # (the reads above may have waited into the shutdown)
         raise RpcError(INTERNAL_ERROR, "Server is shutting down")
-    if cwd != str(_resolve_param(record.cwd, "stored cwd")):
+    if cwd != stored_cwd:
         # "cwd is immutable after session setup" (session-list page); only the extra
         # roots may differ from one load to the next (session-setup page).
         raise RpcError.invalid_params(
@@ -362,11 +408,16 @@ async def _replay(
     return history
 
 
-def list_sessions(self: Manager, params: acp.ListSessionsParams) -> Awaitable[dict[str, Any]]:
-    # Sessions store their cwd resolved (symlinks followed): filter on the same form.
-    # Resolved here, in the synchronous part, like every other path check.
-    cwd = str(_resolve_param(params.cwd, "cwd")) if params.cwd is not None else None
-    return self._list_sessions(cwd, params.cursor)
+async def list_sessions(self: Manager, params: acp.ListSessionsParams) -> dict[str, Any]:
+    cwd = None
+    if params.cwd is not None:
+        # Sessions store their cwd resolved (symlinks followed): filter on the same form,
+        # resolved in a thread as every path check is (see checked_paths).
+        checked = await trio.to_thread.run_sync(
+            _resolve_param, params.cwd, "cwd", abandon_on_cancel=True
+        )
+        cwd = str(checked)
+    return await self._list_sessions(cwd, params.cursor)
 
 
 async def _list_sessions(self: Manager, cwd: str | None, cursor: str | None) -> dict[str, Any]:
@@ -408,7 +459,13 @@ async def close_session(self: Manager, conn: ClientConnection, session_id: str) 
     Why send what is kept first: a session re-attached with its backlog still going out
     was closed at once, and that backlog (and the old prompt's answer) followed the
     close's answer. A close is a cancel (the session-setup page), and a cancelled turn's
-    updates come before its answer (the prompt-turn page)."""
+    updates come before its answer (the prompt-turn page).
+
+    Should ``conn`` drop meanwhile (the close goes on: :func:`despite_a_drop`), the
+    close still takes effect; but a session kept within grace with what its client has
+    not got (the cancelled turn's answer, which the client awaits) stays, marked
+    closing, until its client re-attaches and has been sent it (``deliver_missed``
+    then drops it) or its grace ends."""
     session = self.owned_session(conn, session_id)
     _check_not_loading(conn, session)
     # Claimed before the first await: a prompt read while the turn winds down (its
@@ -421,14 +478,67 @@ async def close_session(self: Manager, conn: ClientConnection, session_id: str) 
             self.cancel_turn(session, turn)
             await turn.finished.wait()
         await self._flush(session, conn)  # (waits for a flush under way)
+    except PeerClosed:
+        pass  # (conn dropped: what is still kept is for its client's return, below)
     except BaseException:
-        # The close itself was cancelled ($/cancel_request, or its connection left):
-        # the session stays, usable (its turn is cancelled anyway).
+        # The close itself was cancelled ($/cancel_request): the session stays, usable
+        # (its turn is cancelled anyway).
         session.closing = False
         raise
-    if self.sessions.get(session_id) is session:
-        self._drop_session(session)
+    if self.sessions.get(session_id) is not session:
+        return {}  # (dropped meanwhile: its client left without grace, or its grace ended)
+    if session.pending and (session.owner is None or (conn.peer is not None and conn.peer.lost)):
+        # Kept for its client (see above), also when conn is gone but not yet detached
+        # (detach keeps it within grace, or drops it).
+        return {}
+    self._drop_session(session)
     return {}
+
+
+T = TypeVar("T")
+
+
+async def despite_a_drop(self: Manager, conn: ClientConnection, work: Awaitable[T]) -> T:
+    """Await ``work`` (a ``session/close`` or ``delete``) in the manager's nursery: should
+    ``conn``'s connection drop before it is done, it goes on to the end; cancelled any
+    other way (``$/cancel_request``), it is cancelled, as it would have been in place.
+
+    Why: the request was received; the client asked for the close, and only its answer
+    is lost in flight. Cut with the connection (as every request handler is), the close
+    left the session live, kept within grace for the client, which came back to a
+    session it had closed (counted against its session limit, never closed again),
+    and a delete left the stored session too."""
+    nursery = self._nursery
+    if nursery is None:
+        return await work
+    done = trio.Event()
+    scope = trio.CancelScope()
+    outcome: list[T] = []
+    failure: list[Exception] = []
+
+    async def run() -> None:
+        try:
+            with scope:
+                outcome.append(await work)
+        except Exception as exc:
+            failure.append(exc)
+        finally:
+            done.set()
+
+    nursery.start_soon(run, name="close or delete")
+    try:
+        await done.wait()
+    except trio.Cancelled:
+        if conn.peer is None or not conn.peer.lost:
+            scope.cancel()
+            with trio.CancelScope(shield=True):
+                await done.wait()  # (its clean-up done: the session usable again)
+        raise
+    if failure:
+        raise failure[0]
+    if not outcome:  # (cancelled with the manager's nursery: a shutdown's end)
+        raise RpcError(INTERNAL_ERROR, "Internal error: the server is shutting down")
+    return outcome[0]
 
 
 async def delete_session(self: Manager, conn: ClientConnection, session_id: str) -> dict[str, Any]:

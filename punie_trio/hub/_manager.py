@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import collections
 import itertools
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -74,6 +75,11 @@ class Manager:
     # The server's own files, which no tool may touch though a root may hold them: the
     # data directory and the config file, as ``(path, what)`` (``TurnEnv.private``).
     private: tuple[tuple[str, str], ...] = ()
+    #: Whether an open connection is alive right now (``web._heartbeat.Heartbeat.alive``:
+    #: pinged, heard from within a short window, else dropped and False); set by the app
+    #: that watches its connections. None: no connection can be told dead, and a client
+    #: id in use is refused at once (see :meth:`take_over`).
+    alive: Callable[[ClientConnection], Awaitable[bool]] | None = None
     connections: set[ClientConnection] = attrs.field(factory=set, init=False)
     sessions: dict[str, Session] = attrs.field(factory=dict, init=False)
     workers: dict[str, WorkerHandle] = attrs.field(factory=dict, init=False)
@@ -82,6 +88,7 @@ class Manager:
     _reattached: dict[str, trio.Event] = attrs.field(factory=dict, init=False)
     # The prompt times of clients (by client id) whose connection ended in the last minute:
     # a client that reconnects under its id goes on with its count (see prompt_times_for).
+    # At most max_connections client ids, in the order they left, oldest forgotten first.
     _left_prompt_times: dict[str, list[float]] = attrs.field(factory=dict, init=False)
     # Session ids a session/delete is removing (how many deletes of each are under way).
     _deleting: collections.Counter[str] = attrs.field(factory=collections.Counter, init=False)
@@ -108,6 +115,11 @@ class Manager:
     # request id: a client back awaiting one is told to reload its session (see
     # expired_for). Bounded as _expired.
     _unconfirmed: dict[str, dict[RequestId, str]] = attrs.field(factory=dict, init=False)
+    # By client id: the connection whose initialize is probing the connection that holds
+    # it (take_over); another connection naming the id meanwhile is refused.
+    _claims: dict[str, ClientConnection] = attrs.field(factory=dict, init=False)
+    # Connections a take_over waits to see detached: set by detach.
+    _leaving: dict[ClientConnection, trio.Event] = attrs.field(factory=dict, init=False)
 
     def __attrs_post_init__(self) -> None:
         self.roots = tuple(str(Path(r).resolve()) for r in self.roots)
@@ -147,15 +159,31 @@ class Manager:
             if conn.peer is not None:
                 conn.peer.finish()
 
-    def check_client_id(self, client_id: str) -> None:
-        if any(c.client_id == client_id and c.initialized for c in self.connections):
+    def check_client_id(self, client_id: str, conn: ClientConnection) -> None:
+        """Refuse (-32600) a client id held by another open connection, or being taken
+        over by another (:meth:`take_over`)."""
+        claimant = self._claims.get(client_id)
+        if claimant is not None and claimant is not conn:
             raise RpcError(
-                INVALID_REQUEST, f"Client id {client_id!r} is in use by another open connection"
+                INVALID_REQUEST,
+                f"Client id {client_id!r} is being taken over by another connection "
+                "(the open connection that holds it is being probed)",
             )
+        if self.holder_of(client_id, conn) is not None:
+            raise _in_use(client_id)
+
+    def holder_of(self, client_id: str, conn: ClientConnection) -> ClientConnection | None:
+        """The open connection other than ``conn`` initialized under ``client_id``."""
+        for other in self.connections:
+            if other.client_id == client_id and other.initialized and other is not conn:
+                return other
+        return None
 
     # -- reconnect grace: _grace.py -----------------------------------------------------------
 
     detach = _grace.detach
+    take_over = _grace.take_over
+    _gone_after_probe = _grace._gone_after_probe
     _keep_unsent = _grace._keep_unsent
     _keep_reload_notices = _grace._keep_reload_notices
     _grace_for = _grace._grace_for
@@ -180,6 +208,8 @@ class Manager:
     _roots_containing = _lifecycle._roots_containing
     checked_cwd = _lifecycle.checked_cwd
     check_inside_roots = _lifecycle.check_inside_roots
+    checked_paths = _lifecycle.checked_paths
+    _checked_paths = _lifecycle._checked_paths
     _check_session_quota = _lifecycle._check_session_quota
     new_session = _lifecycle.new_session
     persist_new = _lifecycle.persist_new
@@ -193,6 +223,7 @@ class Manager:
     list_sessions = _lifecycle.list_sessions
     _list_sessions = _lifecycle._list_sessions
     close_session = _lifecycle.close_session
+    despite_a_drop = _lifecycle.despite_a_drop
     delete_session = _lifecycle.delete_session
     _waited_for_cut_turn = _lifecycle._waited_for_cut_turn
     owned_session = _lifecycle.owned_session
@@ -211,7 +242,7 @@ class Manager:
         title: str | None = None,
     ) -> Session:
         """Register a live session owned by ``conn``; ``root``, ``cwd`` and ``additional``
-        as :meth:`checked_cwd` and :meth:`check_inside_roots` returned them."""
+        as :meth:`checked_paths` returned them."""
         worker = self._worker_for(root)
         session = Session(
             id=session_id,
@@ -350,3 +381,9 @@ class Manager:
                     command.events.close()
             if handle.close_after_backlog:
                 commands.close()
+
+
+def _in_use(client_id: str) -> RpcError:
+    return RpcError(
+        INVALID_REQUEST, f"Client id {client_id!r} is in use by another open connection"
+    )

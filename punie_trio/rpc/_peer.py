@@ -205,6 +205,10 @@ class Peer:
     _finishing: bool = attrs.field(default=False, init=False)
     _lost: bool = attrs.field(default=False, init=False)
     _eof: bool = attrs.field(default=False, init=False)
+    # Set by hold_reading: the reader reads nothing more until it is set.
+    _reading_held: trio.Event | None = attrs.field(default=None, init=False)
+    # Set by hold_writing: the writer writes nothing more until it is set.
+    _writing_held: trio.Event | None = attrs.field(default=None, init=False)
     _reader_scope: trio.CancelScope = attrs.field(factory=trio.CancelScope, init=False)
     _outbox: Outbox = attrs.field(init=False)
     # What the writer had taken but not sent when the stream broke (see unsent()).
@@ -239,6 +243,11 @@ class Peer:
                 task_status.started()
                 with self._reader_scope:
                     await self._reader()
+                if self._writing_held is not None:
+                    # The connection is over: what is queued is written (or, the stream
+                    # lost, kept as unsent) as it would have been.
+                    self._writing_held.set()
+                    self._writing_held = None
                 if self._eof and self.on_eof is not None:
                     # The other side closed only its sending half (stdin EOF): our
                     # answers can still reach it, so let the handlers finish.
@@ -267,6 +276,40 @@ class Peer:
             return []
         unwritten, self._unwritten = self._unwritten or [], None
         return unwritten + self._outbox.unsent()
+
+    def hold_reading(self) -> trio.Event:
+        """Read no further message until the returned event is set. Called by a
+        handler's synchronous part: the message being dispatched is then the last one
+        read until the event is set (whatever the handler's task does meanwhile).
+
+        Why: a request whose synchronous decision must wait (``initialize`` naming a
+        client id whose connection is being probed: ``ClientConnection``) still decides
+        before the next message is handled, as it would have at once: a request
+        pipelined behind it finds the connection as that decision left it."""
+        held = self._reading_held = trio.Event()
+        return held
+
+    def hold_writing(self) -> trio.Event:
+        """Write nothing more to the stream until the returned event is set (or the
+        connection ends): what is sent meanwhile stays queued, and is among
+        :meth:`unsent` should the stream be lost. (Bytes the stream writes by itself, a
+        WebSocket ping, are not held.)
+
+        Why: a connection being probed (``Manager.take_over``: its client id is named by
+        a new connection) may be half-open, and what is written to it then never
+        arrives, and is never sent again (only what was not written is). Held, it goes
+        to the client's new connection if this one is dropped, and on here if not."""
+        held = self._writing_held
+        if held is None or held.is_set():
+            held = self._writing_held = trio.Event()
+        return held
+
+    def release_writing(self, held: trio.Event) -> None:
+        """End the hold :meth:`hold_writing` returned ``held`` for."""
+        held.set()
+        if self._writing_held is held:
+            self._writing_held = None
+        self._outbox.wake()  # (what was queued meanwhile, if the writer waits for it)
 
     def finish(self) -> None:
         """End gracefully: stop reading, let running handlers complete and their answers
@@ -423,7 +466,8 @@ class Peer:
         write synchronously; else (or for what the socket did not take) wake the writer."""
         outbox = self._outbox
         sender = self._now_sender
-        if sender is not None and outbox.taker_waiting:
+        held = self._writing_held
+        if sender is not None and outbox.taker_waiting and (held is None or held.is_set()):
             # The writer parks only on an empty outbox, so all of it was queued by this
             # call without waking it: texts, never the FINISH_SENDING marker (which wakes).
             texts = cast(list[str], outbox.peek())
@@ -505,6 +549,14 @@ class Peer:
                     if not taken:
                         continue
                 batch = cast(list[str], taken)
+                held = self._writing_held
+                if held is not None:
+                    if not held.is_set():
+                        self._unwritten = batch  # (not written, should the stream end now)
+                        await held.wait()
+                        self._unwritten = None
+                    if self._writing_held is held:
+                        self._writing_held = None
                 if send_batch is not None and len(batch) > 1:
                     try:
                         # One write: if it fails, how much went is unknown, unless none did.
@@ -559,6 +611,10 @@ class Peer:
                 await self._send(exc.response())
                 continue
             await self._dispatch(msg)
+            held = self._reading_held
+            if held is not None:
+                self._reading_held = None
+                await held.wait()
 
     async def _refuse_oversized(self, exc: MessageTooLarge) -> None:
         """Answer a message dropped for its size (-32600), with its id if it was a request

@@ -86,6 +86,11 @@ class App:
     # limit, so simultaneous handshakes cannot slip past it.
     _upgrading: int = attrs.field(default=0, init=False)
 
+    def __attrs_post_init__(self) -> None:
+        # The manager asks the heartbeat whether a connection holding a client id that a
+        # new connection names is alive (Manager.take_over): only it can ping one.
+        self.manager.alive = self.heartbeat.alive
+
     async def __call__(self, scope: dict[str, Any], receive: ASGIReceive, send: ASGISend) -> None:
         kind = scope["type"]
         if kind in ("http", "websocket"):

@@ -53,6 +53,10 @@ class AsgiWebSocketStream:
     def ping_now(self) -> bool:
         return self._direct is not None and self._direct.ping_now()
 
+    def heard_event(self) -> trio.Event | None:
+        direct = self._direct
+        return None if direct is None else direct.server.heard_event()
+
     async def drop(self, code: int | None, reason: str) -> None:
         if self._direct is not None:
             await self._direct.drop(code, reason)

@@ -216,6 +216,9 @@ class FastSendTCPServer(TCPServer):
     write_failed = False
     #: The read loop's scope, cancelled once the protocol has closed the connection.
     _reading: trio.CancelScope | None = None
+    #: Set (and forgotten) when bytes next come from the peer; made by whoever waits for
+    #: that (:meth:`heard_event`). Class-level None: an idle connection carries none.
+    _heard: trio.Event | None = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -257,6 +260,13 @@ class FastSendTCPServer(TCPServer):
         self.protocol = _ENDED  # type: ignore[assignment]
         self.idle_task = _ENDED  # type: ignore[assignment]
 
+    def heard_event(self) -> trio.Event:
+        """An event set when bytes next come from the peer (a message, a pong: any read
+        after this call). Never set if none come (the connection may end first)."""
+        if self._heard is None:
+            self._heard = trio.Event()
+        return self._heard
+
     async def _read_data(self) -> None:
         try:
             # The scope ends with the HTTP phase: an accepted WebSocket's frames go to its
@@ -297,6 +307,10 @@ class FastSendTCPServer(TCPServer):
             except (trio.ClosedResourceError, trio.BrokenResourceError):
                 break
             self.last_read = trio.current_time()
+            heard = self._heard
+            if heard is not None:
+                self._heard = None
+                heard.set()
             reader = self.frame_reader
             if reader is not None and data:
                 await reader.feed(bytes(data))

@@ -4,10 +4,9 @@ connection that never sends ``initialize`` does not hold a slot for ever.
 Why: nothing else notices a peer that is gone without a word (a laptop put to sleep, a
 network that dropped, a frozen IDE): TCP keeps such a connection open for many minutes,
 Hypercorn has no pong timeout, and punie-trio sets no read timeout (it would end quiet
-connections that are fine). Meanwhile the connection counts against ``--max-connections``,
-and its client id stays in use, so the IDE reconnecting is refused its own sessions
-(-32600). Dropped, the connection ends like any other: its sessions wait out the grace
-period for the client to come back.
+connections that are fine). Meanwhile the connection counts against ``--max-connections``.
+Dropped, the connection ends like any other: its sessions wait out the grace period for the
+client to come back.
 
 One task watches every connection (:meth:`Heartbeat.run`), instead of a task per
 connection: an idle connection costs a dictionary entry, not a task. Every
@@ -19,8 +18,16 @@ connection: an idle connection costs a dictionary entry, not a task. Every
 - not initialized :data:`INITIALIZE_WITHIN` seconds after it was accepted: closed with
   1008 and a reason, then dropped.
 
+It also answers, for one connection, whether it is alive right now
+(:meth:`Heartbeat.alive`): when a new connection's ``initialize`` names the client id an
+open one holds, the manager asks, rather than refuse the client its own sessions until the
+sweep finds the old connection dead (60-70 s after a network flap or a laptop's resume
+left it half-open). The connection is pinged at once; bytes heard from it within
+:data:`PROBE_WITHIN` seconds (a message, the pong) say it is alive; silent, it is dropped
+as a dead peer is.
+
 Resource handling: the watcher owns nothing but its table; each drop runs in the
-watcher's nursery, bounded by :data:`CLOSE_TIMEOUT`.
+watcher's nursery (a probe's in the caller's task), bounded by :data:`CLOSE_TIMEOUT`.
 """
 
 from __future__ import annotations
@@ -43,6 +50,11 @@ DROP_AFTER = 60.0
 INITIALIZE_WITHIN = 30.0
 #: The longest the close frame of a connection being dropped may take to write.
 CLOSE_TIMEOUT = 1.0
+#: How long a connection probed by :meth:`Heartbeat.alive` has to be heard from (seconds):
+#: a pong comes back in a round trip; a client that neither answers a ping nor sends
+#: anything for this long is taken for a dead peer (the sweep waits 60 s for one that
+#: has no one waiting for its client id).
+PROBE_WITHIN = 5.0
 
 
 class Watched(Protocol):
@@ -68,6 +80,11 @@ class Watched(Protocol):
         """Close the connection: with a close frame first if ``code`` is given."""
         ...
 
+    def heard_event(self) -> trio.Event | None:
+        """An event set when bytes next come from the client (any read after this call);
+        None where :meth:`last_heard` is."""
+        ...
+
 
 class Initialized(Protocol):
     initialized: bool
@@ -88,6 +105,7 @@ class Heartbeat:
     ping_after: float = PING_AFTER
     drop_after: float = DROP_AFTER
     initialize_within: float = INITIALIZE_WITHIN
+    probe_within: float = PROBE_WITHIN
     _watched: dict[Watched, _Entry] = attrs.field(factory=dict, init=False)
     _dropping: set[Watched] = attrs.field(factory=set, init=False)
     _nursery: trio.Nursery | None = attrs.field(default=None, init=False)
@@ -124,6 +142,37 @@ class Heartbeat:
                 self._check(stream, entry, now)
             except Exception:
                 log.exception("heartbeat: checking a WebSocket failed")
+
+    async def alive(self, connection: Initialized) -> bool:
+        """Whether ``connection`` is alive: pinged now, heard from (any bytes: a message,
+        the pong) within ``probe_within`` seconds. Silent, it is dropped as the sweep
+        drops a dead peer (the TCP connection is closed; its disconnect then ends it like
+        any other), and False is returned once the drop is done. True at once for a
+        connection this watcher cannot tell dead (not watched: stdio, HTTP/2, or not
+        punie-trio's socket reader): the caller keeps it as it is.
+
+        Why a probe and not the sweep's verdict: the sweep only finds a peer dead after
+        ``drop_after`` seconds of silence, and meanwhile a client coming back under the
+        same client id (its old connection left half-open by a network flap or a laptop
+        put to sleep) was refused its own sessions (see ``Manager.take_over``)."""
+        stream = next((s for s, e in self._watched.items() if e.connection is connection), None)
+        heard = None if stream is None else stream.heard_event()
+        if stream is None or heard is None:
+            return True
+        if stream not in self._dropping:
+            with trio.move_on_after(self.probe_within):
+                if stream.ping_now():
+                    await stream.finish_sending()
+                await heard.wait()
+                return True
+            reason = (
+                f"no answer to a ping within {self.probe_within:g} s "
+                "(a new connection names its client id)"
+            )
+            log.info("closing a WebSocket: %s", reason)
+            self._dropping.add(stream)
+            await self._drop_one(stream, None, reason)
+        return False
 
     def _check(self, stream: Watched, entry: _Entry, now: float) -> None:
         heard = stream.last_heard()

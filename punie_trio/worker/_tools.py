@@ -39,14 +39,27 @@ class ToolError(Exception):
     """The tool ran and failed; the message is shown to the user in the tool call."""
 
 
+@attrs.define(eq=False)
+class CallState:
+    """What a running tool call may have done that its turn's cancel does not undo.
+
+    ``may_have`` (None: nothing) completes "cancelled, but ...": a turn cancelled before
+    the call reported its end reports it failed with that text (``ProjectWorker``), so
+    a write that may land after the cancel is not reported as one that did not happen.
+    A tool sets it before it starts what it cannot take back."""
+
+    may_have: str | None = None
+
+
 @attrs.frozen
 class ToolSpec:
     kind: str
     title: str
-    #: ``(env, input, call_client, path)``: ``path`` is the input's, as
+    #: ``(env, input, call_client, path, state)``: ``path`` is the input's, as
     #: :func:`resolve_tool_path` resolved and checked it (once, for the call's ``locations``
     #: too, so the file reported is the file used); None for a tool without ``uses_path``.
-    run: Callable[[TurnEnv, dict[str, Any], ClientCaller, Path | None], Awaitable[str]]
+    #: ``state``: the call's :class:`CallState`.
+    run: Callable[[TurnEnv, dict[str, Any], ClientCaller, Path | None, CallState], Awaitable[str]]
     #: Whether the input names a file (``path``) the call works on.
     uses_path: bool = True
 
@@ -123,7 +136,11 @@ async def resolve_tool_path(env: TurnEnv, tool_input: dict[str, Any]) -> Path:
 
 
 async def _read_file(
-    env: TurnEnv, tool_input: dict[str, Any], call: ClientCaller, path: Path | None
+    env: TurnEnv,
+    tool_input: dict[str, Any],
+    call: ClientCaller,
+    path: Path | None,
+    state: CallState,
 ) -> str:
     assert path is not None  # (uses_path)
     lines = _line_args(tool_input)
@@ -140,7 +157,12 @@ async def _read_file(
             return content
     line, limit = lines.get("line"), lines.get("limit")
     try:
-        return await trio.to_thread.run_sync(_read_disk, path, _walk_from(env), line, limit)
+        # Abandoned on cancel: a read changes nothing, and on a network mount that stopped
+        # answering it held the turn's session/cancel (and a shutdown) until the mount
+        # answered. The thread ends when the file system answers (or at its next chunk).
+        return await trio.to_thread.run_sync(
+            _read_disk, path, _walk_from(env), line, limit, abandon_on_cancel=True
+        )
     except PathEscape as exc:
         raise ToolError(str(exc)) from None
     except IsADirectoryError:
@@ -169,8 +191,29 @@ class _NotAFile(Exception):
 
 
 async def _write_file(
-    env: TurnEnv, tool_input: dict[str, Any], call: ClientCaller, path: Path | None
+    env: TurnEnv,
+    tool_input: dict[str, Any],
+    call: ClientCaller,
+    path: Path | None,
+    state: CallState,
 ) -> str:
+    """Write the file through the client (``fs/write_text_file``) or on disk.
+
+    Cancelled (``session/cancel``, the client gone, shutdown), the call does not wait for
+    the write: a disk write runs in a thread abandoned on cancel, since on a network
+    mount that stopped answering it held the turn's cancel until the mount answered. An
+    abandoned write lands or not as follows, and ``state`` says so for the call's report:
+
+    - Before its commit (the rename of the new file over the old, or the truncation of
+      a file written into) the thread looks at the cancel (:func:`_write_disk`'s
+      ``commit``): cancelled by then, it removes its new file and changes nothing, and
+      the call is reported ``cancelled``, the truth.
+    - From its commit on, it may land after the turn is over (a rename the file system
+      has not answered). The call is reported failed with "cancelled, but PATH may hold
+      the new content": never as a write that did not happen.
+    - Asked of the client, the write is the client's once the request is sent; a cancel
+      before its answer is reported so too.
+    """
     assert path is not None  # (uses_path)
     content = tool_input.get("content")
     if not isinstance(content, str):
@@ -180,13 +223,28 @@ async def _write_file(
     on_disk = not env.capabilities.write_text_file
     if not on_disk:
         params = {"sessionId": env.session_id, "path": str(path), "content": content}
+        state.may_have = f"{path} may hold the new content: the client was asked to write it"
         try:
             await call(FS_WRITE_TEXT_FILE, params)
+        except trio.Cancelled:
+            state.may_have += " and had not answered"
+            raise
         except ClientUnavailable:
+            state.may_have = None  # (it was not asked: the disk is)
             on_disk = True
     if on_disk:
+
+        def commit() -> None:  # (on the write's thread, just before its commit)
+            state.may_have = (
+                f"{path} may hold the new content: the cancel came while it was being "
+                "written, and a write the file system has not finished runs on"
+            )
+            trio.from_thread.check_cancelled()
+
         try:
-            await trio.to_thread.run_sync(_write_disk, path, _walk_from(env), content)
+            await trio.to_thread.run_sync(
+                _write_disk, path, _walk_from(env), content, commit, abandon_on_cancel=True
+            )
         except PathEscape as exc:
             raise ToolError(str(exc)) from None
         except IsADirectoryError:
@@ -195,7 +253,9 @@ async def _write_file(
             raise ToolError(f"cannot write {path}: not a regular file ({exc.kind})") from None
         except OSError as exc:
             raise ToolError(f"cannot write {path}: {exc}") from None
-    return f"wrote {len(content.encode())} bytes to {path}"
+    output = f"wrote {len(content.encode())} bytes to {path}"
+    state.may_have = f"it {output}"  # (a cancel before the call reports: it did)
+    return output
 
 
 def _walk_from(env: TurnEnv) -> tuple[str, ...]:
@@ -327,11 +387,21 @@ def _take_lines(
     return bytes(out)
 
 
-def _write_disk(path: Path, roots: tuple[str, ...], content: str) -> None:
+def _write_disk(
+    path: Path,
+    roots: tuple[str, ...],
+    content: str,
+    commit: Callable[[], None] = lambda: None,
+) -> None:
     """(On a worker thread.) Create or replace the file whole or not at all: the content
     goes into a new file beside it, renamed over it once written, in the directory opened
     as ``_read_disk`` opens a file (``open_beneath``). An existing file's mode (and, where
     the server may set it, owner) is kept, and so are its extended attributes (its ACL).
+
+    ``commit`` runs just before the first change to the file (the rename, or the
+    truncation of a file written into), and raises to write nothing: ``_write_file``
+    passes one that looks at the turn's cancel, so that a write abandoned before it
+    never lands (the new file beside is removed).
 
     Why: the file was truncated, then written, so a write that failed part way (a full
     disk) left the start of the new content where the user's file had been. Replacing
@@ -344,6 +414,7 @@ def _write_disk(path: Path, roots: tuple[str, ...], content: str) -> None:
     """
     data = content.encode("utf-8")
     if os.open not in os.supports_dir_fd:  # pragma: no cover - not POSIX (open_beneath too)
+        commit()
         with os.fdopen(_open_file(path, roots, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), "wb") as f:
             f.write(data)
         return
@@ -353,11 +424,11 @@ def _write_disk(path: Path, roots: tuple[str, ...], content: str) -> None:
     try:
         existing = _existing_file(directory, path)
         try:
-            _replace(directory, path.name, data, existing)
+            _replace(directory, path.name, data, existing, commit)
         except _CannotReplace:
             if existing is None:  # (nothing to write into: no file may be made here)
                 raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path)) from None
-            _write_into(directory, path, data, existing)
+            _write_into(directory, path, data, existing, commit)
     finally:
         os.close(directory)
 
@@ -389,9 +460,16 @@ def _existing_file(directory: int, path: Path) -> os.stat_result | None:
     return status
 
 
-def _replace(directory: int, name: str, data: bytes, existing: os.stat_result | None) -> None:
-    """Write ``data`` to a new file in ``directory`` and rename it to ``name``; the new file
-    gets an unguessable name, created exclusively, and is removed again on any failure.
+def _replace(
+    directory: int,
+    name: str,
+    data: bytes,
+    existing: os.stat_result | None,
+    commit: Callable[[], None] = lambda: None,
+) -> None:
+    """Write ``data`` to a new file in ``directory`` and rename it to ``name`` (``commit``
+    first); the new file gets an unguessable name, created exclusively, and is removed
+    again on any failure (``commit`` raising too).
 
     Durable (on the worker's thread): the data is synced before the rename and the
     directory after it. Unsynced, a power loss soon after a write could leave the user's
@@ -420,6 +498,7 @@ def _replace(directory: int, name: str, data: bytes, existing: os.stat_result | 
             file.write(data)
             file.flush()
             os.fsync(file.fileno())
+        commit()
         os.replace(tmp, name, src_dir_fd=directory, dst_dir_fd=directory)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -490,9 +569,15 @@ def _take_xattrs(fd: int, directory: int, name: str, existing: os.stat_result) -
         raise _CannotReplace from None
 
 
-def _write_into(directory: int, path: Path, data: bytes, existing: os.stat_result) -> None:
-    """Write ``data`` into the existing file (truncated first), where it cannot be replaced:
-    the very file checked (``existing``), or none.
+def _write_into(
+    directory: int,
+    path: Path,
+    data: bytes,
+    existing: os.stat_result,
+    commit: Callable[[], None] = lambda: None,
+) -> None:
+    """Write ``data`` into the existing file (truncated first, ``commit`` before that),
+    where it cannot be replaced: the very file checked (``existing``), or none.
 
     Why: the name was opened with ``O_TRUNC`` and written whatever it named by then, so a
     file swapped meanwhile for a hard link to a file outside the project (by a local
@@ -507,6 +592,7 @@ def _write_into(directory: int, path: Path, data: bytes, existing: os.stat_resul
         if (now.st_dev, now.st_ino) != (existing.st_dev, existing.st_ino):
             raise _Replaced
         os.set_blocking(fd, True)
+        commit()
         os.ftruncate(fd, 0)
         file.write(data)
 

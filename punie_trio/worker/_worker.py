@@ -39,7 +39,14 @@ from ._envelopes import (
     Update,
 )
 from ._models import Model
-from ._tools import TOOLS, ClientUnavailable, ToolError, resolve_tool_path, shown_output
+from ._tools import (
+    TOOLS,
+    CallState,
+    ClientUnavailable,
+    ToolError,
+    resolve_tool_path,
+    shown_output,
+)
 
 log = logging.getLogger("punie_trio.worker")
 
@@ -71,9 +78,10 @@ class _Turn:
     tool_ids: itertools.count[int] = attrs.field(factory=lambda: itertools.count(1))
     agent_text: list[str] = attrs.field(factory=list)
     emitted: int = 0  # events handed over since the model last yielded
-    # Ids of the tool calls reported in progress and not yet finished (a cancelled turn
-    # reports them failed: a tool call left in_progress spins in the IDE for ever).
-    open_tools: list[str] = attrs.field(factory=list)
+    # The tool calls reported in progress and not yet finished, by id (a cancelled turn
+    # reports them failed: a tool call left in_progress spins in the IDE for ever), each
+    # with what it may have done all the same (CallState).
+    open_tools: dict[str, CallState] = attrs.field(factory=dict)
 
 
 @attrs.define(eq=False)
@@ -195,17 +203,18 @@ class _Context:
         # anywhere in between (an emit raises Cancelled before it sends anything) leaves
         # it to ProjectWorker._run_turn, which reports it failed.
         open_tools = self.turn.open_tools
-        open_tools.append(tool_id)
+        state = open_tools[tool_id] = CallState()
         await self._emit(Update(updates.tool_call_update(tool_id, status="in_progress")))
         try:
             if refused is not None:
                 raise refused
-            output = await spec.run(self.turn.start.env, tool_input, self.call_client, resolved)
+            env = self.turn.start.env
+            output = await spec.run(env, tool_input, self.call_client, resolved, state)
         except (ToolError, ClientCallError) as exc:
             await self._emit(
                 Update(updates.tool_call_update(tool_id, status="failed", text=str(exc)))
             )
-            open_tools.remove(tool_id)
+            del open_tools[tool_id]
             return None
         shown, raw = shown_output(output)
         await self._emit(
@@ -213,7 +222,7 @@ class _Context:
                 updates.tool_call_update(tool_id, status="completed", text=shown, raw_output=raw)
             )
         )
-        open_tools.remove(tool_id)
+        del open_tools[tool_id]
         return output
 
 
@@ -379,11 +388,19 @@ class ProjectWorker:
             history.append(("agent", "".join(turn.agent_text)))
             self._last_kept[session_id] = start.turn_id
         # A tool call the turn left running ends failed: the tool-calls page has no status
-        # for "cancelled", and an IDE shows an in_progress call as running for ever.
+        # for "cancelled", and an IDE shows an in_progress call as running for ever. One
+        # that may have changed something all the same (a write the cancel did not wait
+        # for) says what, not just "cancelled": failed must not read as "nothing written".
         why = "cancelled" if finished.stop_reason == "cancelled" else "the turn ended first"
         final: list[TurnEvent] = [
-            Update(updates.tool_call_update(tool_id, status="failed", text=why))
-            for tool_id in turn.open_tools
+            Update(
+                updates.tool_call_update(
+                    tool_id,
+                    status="failed",
+                    text=why if state.may_have is None else f"{why}, but {state.may_have}",
+                )
+            )
+            for tool_id, state in turn.open_tools.items()
         ]
         final.append(finished)
         # Without a scheduler trip when there is room (the usual case): the relay then finds

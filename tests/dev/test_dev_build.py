@@ -125,13 +125,15 @@ async def test_a_build_that_cannot_be_started_is_a_failed_build(
     survive it), the build's pipe could not be made: ``OSError: [Errno 24] Too many open
     files`` left the build loop and took the whole server down, ACP sessions and all. It
     is a failed build now, shown in the overlay, and the next change builds again."""
+    from punie_trio.web.dev import _builder
+
     project = BuildProject.create(tmp_path)
     dev = project.dev_app(debounce=0.02)
-    real = trio.lowlevel.open_process
+    real = _builder._spawn_listed
     refuse = True
 
-    async def out_of_descriptors(*args: Any, **kwargs: Any) -> trio.Process:
-        if refuse:
+    async def out_of_descriptors(*args: Any, **kwargs: Any) -> Any:
+        if refuse:  # (as its pipe, or the fork, fails then)
             raise OSError(errno.EMFILE, "Too many open files")
         return await real(*args, **kwargs)
 
@@ -142,7 +144,7 @@ async def test_a_build_that_cannot_be_started_is_a_failed_build(
             sse(client, "/__reload__") as stream,
         ):
             await stream.wait_open()
-            monkeypatch.setattr(trio.lowlevel, "open_process", out_of_descriptors)
+            monkeypatch.setattr(_builder, "_spawn_listed", out_of_descriptors)
             write(project.root / "src" / "index.html", "<html><body><h1>v2</h1></body></html>")
             error = (await stream.next_named("build_error")).json()
             assert error["exit_status"] == 126

@@ -66,8 +66,8 @@ async def test_index_redirect_head_and_types(site: Path) -> None:
         assert r.text == "Method Not Allowed: use GET, HEAD\n"
         assert r.headers["x-content-type-options"] == "nosniff"
         r = await client.post("/__reload__")
-        assert r.status_code == 405 and r.headers["allow"] == "GET"
-        assert r.text == "Method Not Allowed: use GET\n"
+        assert r.status_code == 405 and r.headers["allow"] == "GET, HEAD"
+        assert r.text == "Method Not Allowed: use GET, HEAD\n"
 
 
 async def _location(base_url: str, target: str) -> str:
@@ -385,6 +385,40 @@ async def test_sse_format_and_last_event_id(site: Path) -> None:
         async with sse(client, f"/__reload__?since={dev.broadcaster.run}.2") as stream:
             event = await stream.next()
             assert event.json() == {"action": "reload-css", "paths": ["b.css"], "generation": 3}
+
+
+async def test_head_on_the_reload_stream_answers_its_headers_without_a_stream(
+    site: Path,
+) -> None:
+    """HEAD is allowed wherever GET is (RFC 9110 9.3.2); ``/__reload__`` answered it 405
+    (``Allow: GET``). It gets the stream's status and header fields now, and no body, and
+    no stream is registered for it: the connection goes on to its next request."""
+    dev = make_app(site, no_watch=True)
+    async with running(dev) as url, httpx.AsyncClient(base_url=url) as client:
+        head = await client.head("/__reload__")
+        assert head.status_code == 200 and head.content == b""
+        assert dev.broadcaster.subscriber_count == 0
+        # A GET pipelined behind it on one connection: its answer follows the HEAD's
+        # header block at once (nothing of a body, no stream, came between).
+        host, port = url.removeprefix("http://").rsplit(":", 1)
+        async with await trio.open_tcp_stream(host, int(port)) as raw:
+            await raw.send_all(
+                f"HEAD /__reload__ HTTP/1.1\r\nHost: {host}\r\n\r\n"
+                f"GET /style.css HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode()
+            )
+            data = b""
+            while chunk := await raw.receive_some(65536):
+                data += chunk
+        first, _, rest = data.partition(b"\r\n\r\n")
+        assert first.startswith(b"HTTP/1.1 200 ") and b"text/event-stream" in first, first
+        assert rest.startswith(b"HTTP/1.1 200 ") and rest.endswith(CSS.encode()), rest[:200]
+        assert dev.broadcaster.subscriber_count == 0
+        async with sse(client, "/__reload__") as stream:  # (the GET it stands for)
+            assert stream.response.status_code == 200
+            for name in ("content-type", "cache-control", "x-accel-buffering"):
+                assert head.headers[name] == stream.response.headers[name], name
+        r = await client.post("/__reload__")
+        assert r.status_code == 405 and r.headers["allow"] == "GET, HEAD"
 
 
 async def test_a_page_from_another_server_run_is_reloaded(site: Path) -> None:

@@ -498,3 +498,95 @@ async def test_a_root_named_by_a_symlink_follows_the_link_when_it_is_re_pointed(
         (releases / "2" / "index.html").write_text("2b")  # an edit in the new target
         await settle()
         assert taken(pending, tmp_path) == {"releases/2/index.html"}
+
+
+@linux_only
+@pytest.mark.parametrize("command", ["sleep 600", "sleep 600; true"])
+async def test_an_immediate_exit_while_a_build_starts_kills_that_build(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, command: str
+) -> None:
+    """``kill_groups_now`` (a second signal, the watchdog) comes while a build's command is
+    being started on its worker thread. The command was listed for it only once the build's
+    task ran again on the event loop, so nothing was killed, and the build, in a session of
+    its own, outlived the server (1 run in 20 of a server test, on a loaded machine). It is
+    listed on the starting thread now, under the lock ``kill_groups_now`` takes: the kill
+    waits for the start, then kills it too. (Directly, and through the shell.)"""
+    import subprocess
+    import threading
+
+    from punie_trio.web.dev import _builder
+
+    real_popen = subprocess.Popen
+    killers: list[threading.Thread] = []
+
+    def popen_then_exit(*args: object, **kwargs: object) -> subprocess.Popen[bytes]:
+        process = real_popen(*args, **kwargs)  # type: ignore[call-overload]
+        # The exit comes now, the child running and its start not yet returned.
+        killer = threading.Thread(target=_builder.kill_groups_now)
+        killer.start()
+        killers.append(killer)
+        return process  # type: ignore[no-any-return]
+
+    monkeypatch.setattr(subprocess, "Popen", popen_then_exit)
+    with trio.fail_after(DEADLINE):
+        result = await run_build(command, tmp_path)
+    monkeypatch.undo()
+    for killer in killers:
+        killer.join()
+    assert len(killers) == 1
+    assert result.exit_status == -9, result  # SIGKILL, from kill_groups_now
+    assert not _builder._commands
+
+
+def _unreaped_child(pid: int) -> bool:
+    """Whether ``pid`` is a child of this process not reaped yet (running, or a zombie):
+    only then is its number, and its process group's, still its own."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rpartition(b")")[2].split()
+    except FileNotFoundError:
+        return False
+    return int(fields[1]) == os.getpid()
+
+
+@linux_only
+@pytest.mark.parametrize("pidfd", [True, False])
+async def test_a_build_group_is_listed_for_killing_only_while_its_command_is_unreaped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, pidfd: bool
+) -> None:
+    """``kill_groups_now`` (an immediate exit: a second signal, the shutdown watchdog)
+    SIGKILLs the process group of every build whose command runs, by the command's pid.
+    The command was reaped (``Process.wait``) and taken off that list only later, some
+    awaits on (its pipe closed, its group looked up): meanwhile its pid was free for any
+    new process, and one that made itself a group leader there (a shell's job, a daemon)
+    would have been killed. Here a task looks at the list at every scheduling pass while
+    builds run, end, and are cancelled: each pid on it must be an unreaped child. (Without
+    a pidfd the exit is waited for with ``waitid(WNOWAIT)`` in a thread.)"""
+    from punie_trio.web.dev import _builder
+
+    if not pidfd:
+        monkeypatch.delattr(os, "pidfd_open")
+
+    strays: list[int] = []
+
+    async def watch_the_list() -> None:
+        while True:
+            strays.extend(pid for pid in list(_builder._commands) if not _unreaped_child(pid))
+            await trio.lowlevel.checkpoint()
+
+    with trio.fail_after(DEADLINE):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(watch_the_list)
+            for command in ("true", "echo through the shell; true", "sleep 600 & echo $!"):
+                result = await run_build(command, tmp_path)
+                assert result.ok, result
+                if result.group is not None:
+                    await stop_group(result.group)
+            async with trio.open_nursery() as cancelled:  # (its group killed, then reaped)
+                cancelled.start_soon(run_build, "sleep 600", tmp_path)
+                while not _builder._commands:
+                    await trio.lowlevel.checkpoint()
+                cancelled.cancel_scope.cancel()
+            nursery.cancel_scope.cancel()
+    assert strays == []
+    assert not _builder._commands

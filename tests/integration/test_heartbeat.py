@@ -1,6 +1,9 @@
 """Heartbeats on ``/acp``: a silent peer is pinged, then dropped (its sessions wait out the
 grace period), a connection that never initializes is closed with 1008, and a client that
-answers pings stays. A real server on a real port, on a MockClock moved by hand."""
+answers pings stays. A connection whose client id a new connection names is probed at once
+(ping, :data:`PROBE_WITHIN` to answer): silent, it is dropped and the new connection gets
+its sessions; alive, the new one is refused. A real server on a real port, on a MockClock
+moved by hand."""
 
 from __future__ import annotations
 
@@ -16,7 +19,7 @@ from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, CloseConnection, Message, Ping, Request
 
 from punie_trio.hub import Limits
-from punie_trio.web._heartbeat import INITIALIZE_WITHIN, PING_AFTER, SWEEP_EVERY
+from punie_trio.web._heartbeat import INITIALIZE_WITHIN, PING_AFTER, PROBE_WITHIN, SWEEP_EVERY
 from punie_trio.worker import ScriptModel
 
 from ..acp_schema import SchemaChecker
@@ -72,6 +75,10 @@ class RawClient:
             {"jsonrpc": "2.0", "id": 2, "method": "session/new",
              "params": {"cwd": str(cwd), "mcpServers": []}}
         )  # fmt: skip
+
+    def messages(self) -> list[dict[str, Any]]:
+        """The JSON-RPC messages received so far (call :meth:`read_ready` first)."""
+        return [json.loads(e.data) for e in self.events if isinstance(e, Message)]
 
     def pings(self) -> int:
         return sum(isinstance(e, Ping) for e in self.events)
@@ -191,3 +198,191 @@ async def test_an_answer_sent_after_a_1009_close_is_kept_for_the_client(
             await settle()  # (no waiting for it: on a MockClock a missing answer would hang)
             answers = [m for m in again.received if m.get("id") == 3]
         assert [a.get("result") for a in answers] == [{"stopReason": "end_turn"}]
+
+
+def chunks(messages: list[dict[str, Any]], session_id: str) -> list[str]:
+    """The agent message chunks of ``session_id`` among ``messages``, in order."""
+    return [
+        m["params"]["update"]["content"]["text"]
+        for m in messages
+        if m.get("method") == "session/update"
+        and m["params"]["sessionId"] == session_id
+        and m["params"]["update"]["sessionUpdate"] == "agent_message_chunk"
+    ]
+
+
+async def half_open_client(
+    running: Any, client_id: str, cwd: Path, acp_schema: SchemaChecker
+) -> tuple[RawClient, str]:
+    """A client (``client_id``) with a session whose prompt (id 3) runs its turn, which
+    then stops reading and answers nothing, pings included: what a network flap or a
+    laptop's sleep leaves, a connection the server still thinks open."""
+    manager = running.manager
+    raw = await RawClient.connect(running.url)
+    await raw.open_session(client_id, cwd)
+    await settle_until(lambda: len(manager.sessions) == 1)
+    (session_id,) = manager.sessions
+    prompt = {
+        "jsonrpc": "2.0",
+        "id": 3,
+        "method": "session/prompt",
+        "params": {"sessionId": session_id, "prompt": [{"type": "text", "text": "go"}]},
+    }
+    acp_schema.client_sent(prompt)  # (its answer is to come on another connection)
+    await raw.send_json(prompt)
+    await settle_until(lambda: manager.sessions[session_id].turn is not None)
+    await settle()
+    return raw, session_id
+
+
+def initialize_request(request_id: str, client_id: str, awaiting: list[Any]) -> dict[str, Any]:
+    meta = {"punie-trio/clientId": client_id, "punie-trio/awaiting": awaiting}
+    return {
+        "jsonrpc": "2.0",
+        "id": request_id,
+        "method": "initialize",
+        "params": {"protocolVersion": 1, "_meta": meta},
+    }
+
+
+def answer_to(client: Any, request_id: str | int) -> dict[str, Any] | None:
+    return next((m for m in client.received if m.get("id") == request_id), None)
+
+
+async def test_a_client_back_while_its_old_connection_is_half_open_takes_its_sessions_over(
+    start_server: StartServer,
+    tmp_path: Path,
+    acp_schema: SchemaChecker,
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    """The old connection is probed at once (a ping) and, silent for PROBE_WITHIN, dropped
+    as a dead peer is; the client's new connection then gets its initialize answer, every
+    update of the running turn exactly once and in order (those the old connection wrote
+    before the probe are its; nothing is written to it during the probe), and the
+    prompt's answer. Before, it was refused (-32600) until the sweep
+    dropped the old connection, 60-70 s later. A request pipelined behind the initialize
+    is handled after it, as with no probe."""
+    model = ScriptModel(
+        [[{"text": "1 "}, {"sleep": 1}, {"text": "2 "}, {"sleep": 2}, {"text": "3 "},
+          {"sleep": 4}, {"text": "4 "}, {"sleep": 1}, {"text": "5"}],
+         [{"text": "again"}]]
+    )  # fmt: skip
+    async with start_server(model, limits=Limits(grace_seconds=300)) as running:
+        manager = running.manager
+        assert running.url is not None
+        old, session_id = await half_open_client(running, "ide", tmp_path, acp_schema)
+        mock_clock.jump(1)
+        await settle()  # ("2 " written to the old connection)
+        async with acp_ws_client(running.url, acp_schema) as (new, _):
+            await new.send(initialize_request("init", "ide", [3]))
+            await new.send({"jsonrpc": "2.0", "id": "list", "method": "session/list"})
+            await settle()
+            old.read_ready()
+            assert old.pings() == 1 and not old.eof  # probed at once
+            assert new.received == []  # the initialize waits for the probe
+            mock_clock.jump(2)
+            await settle()  # ("3 " comes; the old connection holds the session still)
+            assert new.received == []
+            old.read_ready()  # Nothing more is written to a connection being probed:
+            assert chunks(old.messages(), session_id) == ["1 ", "2 "]  # (lost, half-open)
+            mock_clock.jump(PROBE_WITHIN - 2)
+            await settle_until(lambda: answer_to(new, "list") is not None)
+            old.read_ready()
+            assert old.eof  # dropped, as the heartbeat drops a dead peer
+            assert "protocolVersion" in new.received[0]["result"]  # the answer comes first
+            listed = answer_to(new, "list")
+            assert listed is not None
+            assert [s["sessionId"] for s in listed["result"]["sessions"]] == [session_id]
+            assert manager.sessions[session_id].owner in manager.connections
+            for _ in range(4):
+                mock_clock.jump(1)
+                await settle()
+            answer = answer_to(new, 3)
+            assert answer is not None and answer["result"] == {"stopReason": "end_turn"}
+            old.read_ready()
+            assert chunks(old.messages(), session_id) == ["1 ", "2 "]
+            assert chunks(new.received, session_id) == ["3 ", "4 ", "5"]  # (kept for it)
+            assert [m.get("id") for m in new.received].count(3) == 1
+            # The new connection serves on.
+            assert await new.prompt(session_id, "again") == "end_turn"
+        old.peek.close()
+        await old.stream.aclose()
+
+
+async def test_a_client_id_whose_connection_answers_the_probe_is_still_refused(
+    start_server: StartServer,
+    tmp_path: Path,
+    acp_schema: SchemaChecker,
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    """The guard stays: a connection that answers the ping (trio-websocket pongs by
+    itself) is alive, and a second connection naming its client id gets -32600 at once
+    (no time passes), while the first serves on, its sessions its own."""
+    async with start_server(limits=Limits(grace_seconds=300)) as running:
+        manager = running.manager
+        assert running.url is not None
+        async with (
+            acp_ws_client(running.url, acp_schema) as (first, _),
+            acp_ws_client(running.url, acp_schema) as (second, _),
+        ):
+            await first.request("initialize", initialize_request("", "ide", [])["params"])
+            session_id = await first.new_session(str(tmp_path))
+            start = trio.current_time()
+            await second.send(initialize_request("init", "ide", []))
+            await settle_until(lambda: answer_to(second, "init") is not None)
+            refused = answer_to(second, "init")
+            assert refused is not None and refused["error"]["code"] == -32600
+            assert "answered a ping" in refused["error"]["message"]
+            assert trio.current_time() == start
+            assert manager.sessions[session_id].owner is not None
+            assert len(manager.connections) == 2
+            assert await first.prompt(session_id, "still mine") == "end_turn"
+
+
+async def test_two_connections_racing_for_a_half_open_client_id_do_not_both_win(
+    start_server: StartServer,
+    tmp_path: Path,
+    acp_schema: SchemaChecker,
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    """Two connections name the id of a half-open one at once: one probes it, the other is
+    refused at once (-32600: being taken over); the first gets the sessions. A third
+    naming the id later probes the winner, which answers: refused."""
+    model = ScriptModel([[{"text": "1 "}, {"sleep": 30}, {"text": "2"}]])
+    async with start_server(model, limits=Limits(grace_seconds=300)) as running:
+        manager = running.manager
+        assert running.url is not None
+        old, session_id = await half_open_client(running, "ide", tmp_path, acp_schema)
+        async with (
+            acp_ws_client(running.url, acp_schema) as (one, _),
+            acp_ws_client(running.url, acp_schema) as (two, _),
+            acp_ws_client(running.url, acp_schema) as (three, _),
+        ):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(one.send, initialize_request("init-1", "ide", [3]))
+                nursery.start_soon(two.send, initialize_request("init-2", "ide", [3]))
+            ids = {one: "init-1", two: "init-2"}
+            await settle_until(lambda: any(answer_to(c, i) is not None for c, i in ids.items()))
+            await settle()
+            (loser,) = [c for c, i in ids.items() if answer_to(c, i) is not None]
+            (winner,) = [c for c in ids if c is not loser]
+            refused = answer_to(loser, ids[loser])
+            assert refused is not None and "being taken over" in refused["error"]["message"]
+            mock_clock.jump(PROBE_WITHIN)
+            await settle_until(lambda: answer_to(winner, ids[winner]) is not None)
+            accepted = answer_to(winner, ids[winner])
+            assert accepted is not None and "protocolVersion" in accepted["result"]
+            owner = manager.sessions[session_id].owner
+            assert owner is not None and owner.client_id == "ide"
+            assert [c.client_id for c in manager.connections].count("ide") == 1
+            await three.send(initialize_request("init-3", "ide", []))
+            await settle_until(lambda: answer_to(three, "init-3") is not None)
+            late = answer_to(three, "init-3")
+            assert late is not None and "answered a ping" in late["error"]["message"]
+            assert manager.sessions[session_id].owner is owner
+            mock_clock.jump(30)
+            await settle_until(lambda: answer_to(winner, 3) is not None)
+        old.read_ready()
+        assert old.eof
+        old.peek.close()
+        await old.stream.aclose()

@@ -230,3 +230,43 @@ async def test_small_outbox_still_delivers_everything(
             *streamed, named = client.updates(session_id)
             assert [u["content"]["text"] for u in streamed] == chunks
             assert named == title
+
+
+async def test_the_prompt_counts_kept_for_clients_gone_are_bounded(
+    tmp_path: Path, acp_schema: SchemaChecker, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Each client id that leaves keeps its prompt times for the window (a minute), for
+    its reconnect. They were bounded by that minute alone: a token holder coming and
+    going under fresh client ids (199 connections a second, each with one prompt, on
+    this 2-core machine) left 3,984 entries in 20 s, about 343 bytes each, and every
+    leave scanned them all (1 ms a leave at 4,000). At most ``max_connections`` client
+    ids are kept now, the oldest to leave forgotten first (it starts with a fresh count,
+    as a client away longer than the window does)."""
+    limits = Limits(prompts_per_minute=1, max_connections=4)
+    async with open_hub(tmp_path, acp_schema, EchoModel(), limits=limits) as hub:
+        for i in range(20):
+            link = await hub.connect()
+            await initialize(link.client, client_id=f"churn-{i}")
+            session = await link.client.new_session(str(hub.root))
+            assert await link.client.prompt(session, "one") == "end_turn"
+            await link.drop()
+            await settle_until(lambda: not hub.manager.connections)
+            assert len(hub.manager._left_prompt_times) <= 4
+        assert list(hub.manager._left_prompt_times) == [f"churn-{i}" for i in range(16, 20)]
+        for client_id, refused in (("churn-19", True), ("churn-0", False)):
+            link = await hub.connect()
+            await initialize(link.client, client_id=client_id)
+            session = await link.client.new_session(str(hub.root))
+            answer = await link.client.request_raw("session/prompt", prompt_params(session, "2"))
+            assert ("error" in answer) == refused, (client_id, answer)
+            await link.drop()
+            await settle_until(lambda: not hub.manager.connections)
+        # Gone longer than the window: swept as the next client leaves.
+        await trio.sleep(61)
+        link = await hub.connect()
+        await initialize(link.client, client_id="late")
+        session = await link.client.new_session(str(hub.root))
+        assert await link.client.prompt(session, "one") == "end_turn"
+        await link.drop()
+        await settle_until(lambda: not hub.manager.connections)
+        assert list(hub.manager._left_prompt_times) == ["late"]

@@ -728,3 +728,77 @@ async def test_a_tool_path_that_is_slow_to_resolve_holds_up_only_its_own_turn(
         assert timed_out == [False]
         for client, session_id in ((a.client, session_a), (b.client, session_b)):
             assert [u["status"] for u in tool_outcomes(client, session_id)] == ["completed"]
+
+
+async def test_a_session_path_that_is_slow_to_resolve_holds_up_only_its_own_request(
+    layout: tuple[Path, Path], acp_schema: SchemaChecker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``session/new``'s and ``session/load``'s ``cwd`` and ``additionalDirectories`` are
+    resolved and looked at (``realpath``, ``stat``). That ran on the event loop, so a
+    directory on a network mount that stopped answering froze every client of the server.
+    It runs in a thread now: here every resolve under ``mount/`` waits (as a hung mount
+    would) while another client opens a session and runs a turn, and the hung requests'
+    cancels are not held by the walk: a ``$/cancel_request`` is answered -32800, and a
+    connection closing mid-load ends, while the walks still wait."""
+    import threading
+
+    from punie_trio.hub import _lifecycle
+
+    root, _ = layout
+    (root / "mount").mkdir()
+    entered, left = threading.Semaphore(0), threading.Semaphore(0)
+    release = threading.Event()
+    timed_out: list[bool] = []
+    resolve = _lifecycle.resolved
+
+    def hung_under_mount(path: str) -> str:
+        if "mount" not in path:
+            return resolve(path)
+        entered.release()
+        try:
+            timed_out.append(not release.wait(timeout=10))
+            return resolve(path)
+        finally:
+            left.release()
+
+    monkeypatch.setattr(_lifecycle, "resolved", hung_under_mount)
+    steps = [{"tool": "read_file", "input": {"path": "inside.txt"}}, {"text": "done"}]
+    async with open_hub(root, acp_schema, ScriptModel([steps])) as hub:
+        a, b = await hub.connect(), await hub.connect()
+        for link in (a, b):
+            await initialize(link.client)
+        new = {"cwd": str(root / "mount"), "mcpServers": []}
+        await a.client.send(
+            {"jsonrpc": "2.0", "id": "slow", "method": "session/new", "params": new}
+        )
+        await trio.to_thread.run_sync(entered.acquire)
+        session_b = await b.client.new_session(str(root))
+        assert await b.client.prompt(session_b, "read") == "end_turn"
+        assert timed_out == []  # (the loop was not held: b's turn went through meanwhile)
+        await a.client.notify("$/cancel_request", {"requestId": "slow"})
+        answer = await a.client.wait_for(lambda m: m.get("id") == "slow")
+        assert answer["error"]["code"] == -32800, answer
+        assert list(hub.manager.sessions) == [session_b]  # (nothing opened for a)
+
+        # A load whose additional directory hangs, and its connection closes meanwhile.
+        session_a = await a.client.new_session(str(root))
+        await a.client.request("session/close", {"sessionId": session_a})
+        load = {
+            "sessionId": session_a,
+            "cwd": str(root),
+            "mcpServers": [],
+            "additionalDirectories": [str(root / "mount")],
+        }
+        await a.client.send(
+            {"jsonrpc": "2.0", "id": "load", "method": "session/load", "params": load}
+        )
+        await trio.to_thread.run_sync(entered.acquire)
+        await a.drop()
+        await hub.settle()
+        assert a.connection not in hub.manager.connections  # (its end was not held)
+        assert list(hub.manager.sessions) == [session_b]
+        assert timed_out == []
+        release.set()
+        for _ in range(2):  # (the abandoned walks end once the "mount" answers)
+            await trio.to_thread.run_sync(left.acquire)
+    assert timed_out == [False, False]

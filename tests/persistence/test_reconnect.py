@@ -32,7 +32,7 @@ from ..acp_schema import SchemaChecker
 from ..client import AcpTestClient
 from ..integration._support import acp_ws_client, settle_until, ws_url
 from ..integration.conftest import StartServer
-from ..unit.test_load import GatedStore  # (a store whose commits can be held)
+from ..unit.test_load import GatedStore, load_params  # (a store whose commits can be held)
 from ._hub import (
     AWAITING_META,
     CLIENT_ID_META,
@@ -1610,11 +1610,11 @@ async def test_a_refusal_the_dropped_connection_never_wrote_is_delivered_after_r
     )
     async with open_hub(tmp_path, acp_schema, model, limits=limits) as hub:
         raw, session = await open_raw_session(hub, "ide")
-        await send_unread(raw, "p1", "session/prompt", prompt_params(session, "go"), acp_schema)
         if why == "rate":  # (a second session: the refusal is the rate limit's alone)
             new = {"cwd": str(hub.root), "mcpServers": []}
-            await send_unread(raw, "n", "session/new", new)
-            other = next(s for s in hub.manager.sessions if s != session)
+            other = (await raw_call(raw, "n", "session/new", new))["sessionId"]
+        await send_unread(raw, "p1", "session/prompt", prompt_params(session, "go"), acp_schema)
+        if why == "rate":
             params = prompt_params(other, "again")
         else:
             params = prompt_params(session, "again" * (40 if why == "size" else 1))
@@ -1789,3 +1789,80 @@ async def test_every_prompt_is_answered_once_across_random_drops(
         await hub.settle()
     assert answered(links) == dict.fromkeys(prompts, 1)
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+
+
+@pytest.mark.parametrize("method", ["session/close", "session/delete"])
+async def test_a_close_in_flight_when_its_connection_drops_takes_effect(
+    tmp_path: Path, acp_schema: SchemaChecker, method: str
+) -> None:
+    """A client closes (or deletes) a session whose turn is winding down, and its
+    connection drops before the answer: the client asked for it, and only the answer was
+    lost in flight. The close was cut with the connection and the session kept within
+    grace, live, for good: the client came back to a session it had closed (counted
+    against its limit, re-attached to it), and a delete left the stored session too.
+    The close (delete) now takes effect; what the session kept for the client (the
+    cancelled turn's answer, which it awaits) is sent when it comes back, then the
+    session is gone; after a close it stays loadable."""
+    model = ScriptModel([[{"text": "slow"}, {"sleep": 5}]])
+    store = GatedStore()
+    limits = Limits(grace_seconds=60)
+    async with open_hub(tmp_path, acp_schema, model, limits=limits, store=store) as hub:  # type: ignore[arg-type]
+        link = await hub.connect()
+        await initialize(link.client, client_id="ide")
+        session = await link.client.new_session(str(hub.root))
+        await send_prompt(link.client, "p", session, "go")
+        await link.client.wait_for(has_update(session, "agent_message_chunk", "slow"))
+        store.appends.armed = True
+        await link.client.send(
+            {"jsonrpc": "2.0", "id": "c", "method": method, "params": {"sessionId": session}}
+        )
+        await store.appends.entered.wait()  # the close waits for the cancelled turn
+        await link.drop()  # (before the close is answered)
+        await hub.settle()
+        store.appends.armed = False
+        store.appends.opened.set()
+        await hub.settle()
+        kept = hub.manager.sessions[session]  # (for the prompt's answer, awaited)
+        assert kept.owner is None and kept.closing
+        stored = await store.inner.get_session(session)
+        assert (stored is None) == (method == "session/delete")
+
+        again = await hub.connect()
+        await initialize(again.client, client_id="ide", awaiting=["p"])
+        answer = await again.client.wait_for(lambda m: m.get("id") == "p")
+        assert answer["result"] == {"stopReason": "cancelled"}
+        await hub.settle()
+        assert session not in hub.manager.sessions  # closed, as the client asked
+        assert [m.get("id") for m in again.client.received].count("p") == 1
+        if method == "session/close":
+            await again.client.request("session/load", load_params(session, hub.root))
+            assert hub.manager.sessions[session].owner is again.connection
+
+
+async def test_a_delete_in_flight_when_a_client_without_grace_drops_takes_effect(
+    tmp_path: Path, acp_schema: SchemaChecker
+) -> None:
+    """The same delete from a client that gave no client id (no grace: its sessions go
+    with its connection): the live session was dropped, but the delete, cut, left the
+    stored session. It is deleted now."""
+    model = ScriptModel([[{"text": "slow"}, {"sleep": 5}]])
+    store = GatedStore()
+    async with open_hub(tmp_path, acp_schema, model, store=store) as hub:  # type: ignore[arg-type]
+        link = await hub.connect()
+        await initialize(link.client)
+        session = await link.client.new_session(str(hub.root))
+        await send_prompt(link.client, "p", session, "go")
+        await link.client.wait_for(has_update(session, "agent_message_chunk", "slow"))
+        store.appends.armed = True
+        await link.client.send(
+            {"jsonrpc": "2.0", "id": "d", "method": "session/delete",
+             "params": {"sessionId": session}}
+        )  # fmt: skip
+        await store.appends.entered.wait()  # the delete's close waits for the turn
+        await link.drop()
+        await hub.settle()
+        assert session not in hub.manager.sessions
+        store.appends.armed = False
+        store.appends.opened.set()
+        await hub.settle()
+        assert await store.inner.get_session(session) is None

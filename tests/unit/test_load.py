@@ -219,10 +219,14 @@ async def test_a_load_claims_the_session_before_it_writes_its_roots(
         async with trio.open_nursery() as loads:
             loads.start_soon(load, "a", a, x)
             await store.updates.entered.wait()  # a's write is under way
-            loads.start_soon(load, "b", b, y)
-            loads.start_soon(load, "again", a, x)  # pipelined by the same client
-            answers["prompt"] = await a.request_raw("session/prompt", prompt_params(session, "hi"))
-            await trio.testing.wait_all_tasks_blocked()
+            # Refused while it is (each load checks its paths in a thread first: awaited
+            # here, not just started).
+            async with trio.open_nursery() as refused:
+                refused.start_soon(load, "b", b, y)
+                refused.start_soon(load, "again", a, x)  # pipelined by the same client
+                answers["prompt"] = await a.request_raw(
+                    "session/prompt", prompt_params(session, "hi")
+                )
             store.updates.opened.set()
         assert answers["a"]["result"] == {}
         assert "open on another connection" in answers["b"]["error"]["message"]

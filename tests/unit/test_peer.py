@@ -1177,3 +1177,71 @@ async def test_a_stream_that_breaks_while_the_reader_waits_on_a_full_outbox_ends
             assert len(peer._outbox) == 1
             stream.release.set()
     assert peer.closed and peer.lost
+
+
+async def test_held_writes_wait_and_are_unsent_if_the_stream_ends_meanwhile(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """``hold_writing`` (a connection probed for a take-over, which may be half-open):
+    nothing is written while held; released, what waited goes, in order. Should the
+    stream end while held, what waited is among ``unsent()``, to be kept for the
+    client's next connection, not written into a socket it will never read."""
+    async with trio.open_nursery() as nursery:
+        peer, raw = await start_peer(nursery, Dispatcher())
+        held = peer.hold_writing()
+        await peer.notify("a")
+        await peer.notify("b")
+        with trio.move_on_after(1) as waited:
+            await raw.recv()
+        assert waited.cancelled_caught  # (nothing was written while held)
+        peer.release_writing(held)
+        assert [(await raw.recv())["method"] for _ in range(2)] == ["a", "b"]
+        await peer.notify("c")
+        assert (await raw.recv())["method"] == "c"  # (no hold left behind)
+
+        peer.hold_writing()
+        await peer.notify("d")
+        await trio.testing.wait_all_tasks_blocked()
+        await raw.stream.aclose()  # the client is gone
+        with trio.fail_after(1):
+            while not peer.closed:
+                await trio.testing.wait_all_tasks_blocked()
+        assert [json.loads(text)["method"] for text in peer.unsent()] == ["d"]
+
+
+async def test_a_held_reader_reads_nothing_more_until_released() -> None:
+    """``hold_reading``, from a handler's synchronous part: the next message is read only
+    once the handler releases it (an ``initialize`` that waits for a probe decides
+    before a request pipelined behind it is handled)."""
+    order: list[str] = []
+
+    async with trio.open_nursery() as nursery:
+        release = trio.Event()
+        dispatcher = Dispatcher()
+        peer, raw = await start_peer(nursery, dispatcher)
+
+        def first(params: Params) -> Awaitable[Any]:
+            held = peer.hold_reading()
+
+            async def run() -> str:
+                await release.wait()
+                order.append("first decided")
+                held.set()
+                return "first"
+
+            return run()
+
+        async def second(params: Params) -> str:
+            order.append("second handled")
+            return "second"
+
+        dispatcher.handlers.update({"first": first, "second": second})
+        await raw.send({"id": 1, "method": "first"})
+        await raw.send({"id": 2, "method": "second"})
+        await trio.testing.wait_all_tasks_blocked()
+        assert order == []
+        release.set()
+        answers = {(await raw.recv())["id"] for _ in range(2)}
+        assert answers == {1, 2}
+        assert order == ["first decided", "second handled"]
+        nursery.cancel_scope.cancel()

@@ -11,6 +11,7 @@ import stat
 import struct
 import subprocess
 import sys
+import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -297,7 +298,7 @@ async def test_a_tool_run_that_outlives_the_cancel_still_ends_failed(
     its last update, and stayed in_progress for ever."""
     from punie_trio.worker import _tools
 
-    async def uncancellable(env: Any, tool_input: Any, call: Any, path: Any) -> str:
+    async def uncancellable(env: Any, tool_input: Any, call: Any, path: Any, state: Any) -> str:
         with trio.CancelScope(shield=True):
             await trio.sleep(1)
         return "done"
@@ -1117,3 +1118,156 @@ async def test_a_long_output_is_shown_cut_and_the_model_gets_it_whole(tmp_path: 
         "truncated": True,
         "length": SHOWN_OUTPUT_CHARS + 5,
     }
+
+
+@attrs.define(eq=False)
+class HungDisk:
+    """A file system that stops answering: ``hang`` (called by the patched step, on the
+    tool's thread) waits until :meth:`answer`; ``ended`` counts the disk tool runs that
+    returned or raised, however late (an abandoned thread's included)."""
+
+    entered: threading.Semaphore = attrs.field(factory=lambda: threading.Semaphore(0))
+    released: threading.Event = attrs.field(factory=threading.Event)
+    ended: threading.Semaphore = attrs.field(factory=lambda: threading.Semaphore(0))
+    timed_out: list[bool] = attrs.field(factory=list)
+
+    def hang(self) -> None:
+        self.entered.release()
+        self.timed_out.append(not self.released.wait(timeout=10))
+
+    def counting(self, run: Any) -> Any:
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return run(*args, **kwargs)
+            finally:
+                self.ended.release()
+
+        return counted
+
+    async def wait_entered(self) -> None:
+        await trio.to_thread.run_sync(self.entered.acquire)
+
+    async def answer(self) -> None:
+        """Let the file system answer, and wait for the abandoned run to end."""
+        self.released.set()
+        await trio.to_thread.run_sync(self.ended.acquire)
+        assert self.timed_out == [False]
+
+
+async def cancelled_while_hung(
+    h: Harness, disk: HungDisk, env: TurnEnv | None = None
+) -> tuple[list[dict[str, Any]], TurnFinished]:
+    """Start a turn, cancel it once its tool's disk step hangs, and collect the rest:
+    all of it while the step still hangs (``disk.ended`` untouched)."""
+    turn_id, events = await h.start(env=env)
+    assert (await events.receive()).update["status"] == "pending"  # type: ignore[union-attr]
+    assert (await events.receive()).update["status"] == "in_progress"  # type: ignore[union-attr]
+    await disk.wait_entered()
+    await h.commands.send(CancelTurn(turn_id))
+    updates, finished = await collect(events)
+    assert not disk.ended.acquire(blocking=False)  # (the turn ended with the step hung)
+    assert disk.timed_out == []
+    return updates, finished
+
+
+async def test_a_disk_read_that_hangs_does_not_hold_the_turns_cancel(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A tool's disk read runs in a thread; on a network mount that stopped answering it
+    held its turn's ``session/cancel`` (and a shutdown) until the mount answered. A read
+    changes nothing: the cancel leaves it now, and the call is reported cancelled."""
+    (tmp_path / "f.txt").write_text("text")
+    disk = HungDisk()
+    real_open = tools_module.open_beneath
+
+    def hung_open(*args: Any, **kwargs: Any) -> int:
+        disk.hang()
+        return real_open(*args, **kwargs)
+
+    monkeypatch.setattr(tools_module, "open_beneath", hung_open)
+    monkeypatch.setattr(tools_module, "_read_disk", disk.counting(tools_module._read_disk))
+    steps = [{"tool": "read_file", "input": {"path": "f.txt"}}]
+    async with running_worker(tmp_path, script(steps)) as h:
+        updates, finished = await cancelled_while_hung(h, disk)
+        await disk.answer()
+    assert finished == TurnFinished("cancelled")
+    assert [(u["status"], u["content"][0]["content"]["text"]) for u in updates] == [
+        ("failed", "cancelled")
+    ]
+
+
+@pytest.mark.parametrize("where", ["directory", "rename"])
+async def test_a_disk_write_that_hangs_does_not_hold_the_turns_cancel(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str
+) -> None:
+    """A tool's disk write runs in a thread; on a network mount that stopped answering it
+    held its turn's ``session/cancel`` until the mount answered. The cancel leaves it
+    now, and what the call reports says what it may still do. Hung before the write is
+    committed (opening the directory), it never lands: the thread looks at the cancel
+    before it renames its new file into place, and removes that file, so "cancelled" is
+    the truth. Hung in the rename, it may land after the turn ended, and the call says
+    that the file may hold the new content (it does, once the mount answers)."""
+    target = tmp_path / "f.txt"
+    target.write_text("old")
+    disk = HungDisk()
+    monkeypatch.setattr(tools_module, "_write_disk", disk.counting(tools_module._write_disk))
+    if where == "directory":
+        real_open = tools_module.open_beneath
+
+        def hung_open(*args: Any, **kwargs: Any) -> int:
+            disk.hang()
+            return real_open(*args, **kwargs)
+
+        monkeypatch.setattr(tools_module, "open_beneath", hung_open)
+    else:
+        real_replace = os.replace
+
+        def hung_replace(src: Any, dst: Any, **kwargs: Any) -> None:
+            if str(src).startswith(".punie-trio-"):
+                disk.hang()
+            real_replace(src, dst, **kwargs)
+
+        monkeypatch.setattr(os, "replace", hung_replace)
+    steps = [{"tool": "write_file", "input": {"path": "f.txt", "content": "new"}}]
+    async with running_worker(tmp_path, script(steps)) as h:
+        updates, finished = await cancelled_while_hung(h, disk)
+        await disk.answer()
+    assert finished == TurnFinished("cancelled")
+    [final] = updates
+    assert final["status"] == "failed"
+    text = final["content"][0]["content"]["text"]
+    if where == "directory":
+        assert text == "cancelled"
+        assert target.read_text() == "old"
+    else:
+        assert text == (
+            f"cancelled, but {target} may hold the new content: the cancel came while it "
+            "was being written, and a write the file system has not finished runs on"
+        )
+        assert target.read_text() == "new"
+    assert sorted(os.listdir(tmp_path)) == ["f.txt"]  # (no new file left beside it)
+
+
+async def test_a_write_the_client_was_asked_for_is_not_reported_as_not_made(
+    tmp_path: Path,
+) -> None:
+    """A ``write_file`` through the client's ``fs/write_text_file``, cancelled while the
+    client had not answered: the client may have written the file (or still will), and
+    the call says so, not just "cancelled"."""
+    steps = [{"tool": "write_file", "input": {"path": "f.txt", "content": "new"}}]
+    async with running_worker(tmp_path, script(steps)) as h:
+        turn_id, events = await h.start(env=h.env(write=True))
+        for _ in range(2):  # (pending, in_progress)
+            await events.receive()
+        call = await events.receive()
+        assert isinstance(call, ClientCall) and call.method == "fs/write_text_file"
+        await h.commands.send(CancelTurn(turn_id))
+        updates, finished = await collect(events)
+    assert finished == TurnFinished("cancelled")
+    assert [(u["status"], u["content"][0]["content"]["text"]) for u in updates] == [
+        (
+            "failed",
+            f"cancelled, but {tmp_path / 'f.txt'} may hold the new content: the client "
+            "was asked to write it and had not answered",
+        )
+    ]

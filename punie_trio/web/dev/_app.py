@@ -23,6 +23,7 @@ from ._asgi import Message, Receive, Scope, Send, departed, header, respond
 from ._broadcast import Broadcaster
 from ._builder import BUILD_START_DELAY, KILL_GRACE, BuildLoop
 from ._inject import SCRIPT_BYTES, SCRIPT_ETAG, SCRIPT_PATH, inject
+from ._sse import HEADERS as SSE_HEADERS
 from ._sse import stream_events
 from ._static import StaticSite, Vanished
 from ._watch import Backend, IgnoreRules, PendingChanges, watch
@@ -161,8 +162,13 @@ class DevApp:
         method = scope["method"]
         path = scope["path"]
         if path == RELOAD_PATH:
+            if method == "HEAD":
+                # Allowed wherever GET is (RFC 9110 9.3.2; it was 405): the stream's status
+                # and header fields, no body, and no stream registered for it.
+                await respond(send, 200, SSE_HEADERS, b"", head=True)
+                return
             if method != "GET":
-                await _method_not_allowed(send, b"GET")
+                await _method_not_allowed(send, b"GET, HEAD")
                 return
             position = _events.parse_since(header(scope, b"last-event-id"))
             if position is None:

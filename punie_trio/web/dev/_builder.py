@@ -21,6 +21,7 @@ import re
 import shlex
 import signal
 import subprocess
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -180,11 +181,15 @@ class Group:
     members: frozenset[tuple[int, int]]
 
 
-#: The process groups of the builds whose command runs (by its pid, the group's id: it is
-#: our child, so the id cannot be another's until we have reaped it), and of what builds
-#: left running that is not stopped yet. :func:`kill_groups_now` kills them all.
+#: The process groups of the builds whose command has not been reaped (by its pid, the
+#: group's id: it is our child, so the id cannot be another's until we reap it; a command
+#: leaves this set before it is reaped, under :data:`_reaping`), and of what builds left
+#: running that is not stopped yet. :func:`kill_groups_now` kills them all.
 _commands: set[int] = set()
 _left: dict[int, Group] = {}
+#: Held while a command leaves :data:`_commands` and is reaped, and while
+#: :func:`kill_groups_now` signals those groups (it may run on the watchdog's thread).
+_reaping = threading.Lock()
 
 
 def kill_groups_now() -> None:
@@ -194,9 +199,11 @@ def kill_groups_now() -> None:
     Why: a shutdown stops builds in its own time (SIGTERM, SIGKILL after
     :data:`KILL_GRACE`); a process that exits before that left a build that ignores
     SIGTERM (or is slow to end) running, in a session of its own, for good. Safe from any
-    thread: it only reads ``/proc`` and sends signals."""
-    for pgid in list(_commands):
-        _signal_group(pgid, signal.SIGKILL)
+    thread: it only reads ``/proc`` and sends signals, and a command's group is signalled
+    only while the command is not reaped (:data:`_reaping`)."""
+    with _reaping:
+        for pgid in list(_commands):
+            _signal_group(pgid, signal.SIGKILL)
     for group in list(_left.values()):
         if _ours(group):
             _signal_group(group.pgid, signal.SIGKILL)
@@ -276,20 +283,71 @@ async def stop_group(group: Group, grace: float = LEFTOVER_GRACE) -> None:
             del _left[group.pgid]
 
 
-async def _kill_build(process: trio.Process, grace: float = KILL_GRACE) -> None:
+async def _kill_build(process: subprocess.Popen[bytes], grace: float = KILL_GRACE) -> None:
     """A cancelled build: SIGTERM to its whole process group, SIGKILL after ``grace``
-    seconds; then whatever of the group outlived the command (a background child) is
-    stopped too. Signalling the group reaches what a shell started."""
+    seconds; then the command is reaped (:func:`_reap`), and whatever of the group
+    outlived it (a background child) is stopped too. Signalling the group reaches what a
+    shell started; the group is signalled by its id only while the command, its leader,
+    is not reaped."""
     _signal_group(process.pid, signal.SIGTERM)
-    with trio.move_on_after(grace):
-        await process.wait()
-    if process.returncode is None:
-        _signal_group(process.pid, signal.SIGKILL)
-        process.kill()
-        await process.wait()
-    left = group_of(process.pid)
+    with trio.move_on_after(grace) as waited:
+        await _exited(process)
+    if waited.cancelled_caught:
+        _signal_group(process.pid, signal.SIGKILL)  # (the leader too: it cannot leave)
+        await _exited(process)
+    left = _reap(process)
     if left is not None:
         await stop_group(left, min(LEFTOVER_GRACE, grace))
+
+
+async def _exited(process: subprocess.Popen[bytes]) -> None:
+    """Wait for ``process`` to exit without reaping it: it stays a zombie, which keeps its
+    pid, and so its process group's id, from any other process until :func:`_reap`.
+    (``Popen.wait`` and ``Popen.poll`` reap it.)
+
+    A pidfd (Linux 5.3) is waited on; failing one, ``waitid`` with ``WNOWAIT`` in a
+    thread. Where neither exists (macOS before Python 3.13) the process is reaped as it
+    exits, as it always was there."""
+    pidfd_open = getattr(os, "pidfd_open", None)
+    try:
+        pidfd = pidfd_open(process.pid) if pidfd_open is not None else -1
+    except OSError:  # (ENOSYS: an old kernel; EMFILE: no descriptor to be had)
+        pidfd = -1
+    if pidfd >= 0:
+        try:
+            await trio.lowlevel.wait_readable(pidfd)
+        finally:
+            trio.lowlevel.notify_closing(pidfd)
+            os.close(pidfd)
+    elif hasattr(os, "waitid") and hasattr(os, "WNOWAIT"):
+        await trio.to_thread.run_sync(_waitid_exited, process.pid, abandon_on_cancel=True)
+    else:  # pragma: no cover - neither pidfd nor waitid
+        await trio.to_thread.run_sync(process.wait, abandon_on_cancel=True)
+
+
+def _waitid_exited(pid: int) -> None:
+    """(On a worker thread.) Return once child ``pid`` has exited, leaving it unreaped."""
+    with contextlib.suppress(ChildProcessError):  # (reaped meanwhile: it has exited)
+        os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)
+
+
+def _reap(process: subprocess.Popen[bytes]) -> Group | None:
+    """Reap the command (exited, not reaped yet: :func:`_exited`), and return what of
+    its process group still runs. The group is looked at first, while the exited command
+    still holds the group's id (a stranger may take the id once it is reaped, and would
+    have been recorded as the build's leftovers); then, under :data:`_reaping`, the
+    command leaves :data:`_commands` and is reaped, so that :func:`kill_groups_now`
+    (from any thread) never signals the group by an id that is free.
+
+    Why: the command was reaped first and taken off the list some awaits later (its pipe
+    closed, its group looked up): an immediate exit meanwhile sent SIGKILL to a group id
+    any new process could have taken, a stranger that made itself a group leader there
+    (a shell's job, a daemon)."""
+    group = group_of(process.pid)
+    with _reaping:
+        _commands.discard(process.pid)
+        process.poll()
+    return group
 
 
 #: Characters that make the shell do more than split a command into words (quotes, escapes,
@@ -351,30 +409,26 @@ async def run_build(command: str, cwd: Path, *, kill_grace: float = KILL_GRACE) 
     started = trio.current_time()
     kept = OutputTail()
     try:
-        process = await _open_build(command, cwd)
+        process, stdout = await _open_build(command, cwd)  # (listed: kill_groups_now)
     except OSError as exc:
         reason = f"punie-trio: the build could not be started: {exc}"
         return BuildResult(command, NOT_STARTED, reason, trio.current_time() - started)
-    stdout = process.stdout
-    assert isinstance(stdout, trio.lowlevel.FdStream)  # POSIX: a non-blocking pipe
-    _commands.add(process.pid)  # (until the group is stopped or known: kill_groups_now)
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_read_output, stdout, kept)
-            await process.wait()
+            await _exited(process)  # (not reaped: see _reap)
             nursery.cancel_scope.cancel()
         _drain(stdout.fileno(), kept)
     except BaseException:
         with trio.CancelScope(shield=True):
             await _kill_build(process, kill_grace)
-        raise
-    finally:
-        with trio.CancelScope(shield=True):
             await stdout.aclose()
-        group = group_of(process.pid)
-        if group is not None:  # (until BuildLoop.stop_leftovers stops it)
-            _left[group.pgid] = group
-        _commands.discard(process.pid)
+        raise
+    with trio.CancelScope(shield=True):
+        await stdout.aclose()
+    group = _reap(process)
+    if group is not None:  # (until BuildLoop.stop_leftovers stops it)
+        _left[group.pgid] = group
     exit_status = process.returncode
     assert exit_status is not None
     return BuildResult(command, exit_status, kept.text(), trio.current_time() - started, group)
@@ -405,33 +459,66 @@ def _direct_env(cwd: Path) -> dict[str, str]:
     return {**os.environ, "PWD": os.path.abspath(cwd)}
 
 
-async def _open_build(command: str, cwd: Path) -> trio.Process:
+async def _open_build(
+    command: str, cwd: Path
+) -> tuple[subprocess.Popen[bytes], trio.lowlevel.FdStream]:
     """The build's process, in a session (and process group) of its own, stdout and stderr
-    into one pipe: started directly when the shell would only split the command into words
-    and the program can be started, else through ``sh -c``."""
+    into one pipe (our end returned as a stream), and already listed for
+    :func:`kill_groups_now`: started directly when the shell would only split the command
+    into words and the program can be started, else through ``sh -c``."""
     argv = direct_argv(command)
     if argv is not None:
         try:
-            return await trio.lowlevel.open_process(
-                argv,
-                cwd=cwd,
-                env=_direct_env(cwd),
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
+            return await _spawn_listed(argv, cwd, _direct_env(cwd), shell=False)
         except OSError:
             pass
-    return await trio.lowlevel.open_process(
-        command,
-        shell=True,
-        cwd=cwd,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    return await _spawn_listed(command, cwd, None, shell=True)
+
+
+async def _spawn_listed(
+    args: str | list[str], cwd: Path, env: dict[str, str] | None, *, shell: bool
+) -> tuple[subprocess.Popen[bytes], trio.lowlevel.FdStream]:
+    """Start the build's command on a worker thread (a fork can take a while), listed in
+    :data:`_commands` on that thread, under :data:`_reaping`, as it is started.
+
+    Why not ``trio.lowlevel.open_process``: it starts the process on a worker thread, and
+    the command was listed only once the task ran again on the event loop. A server
+    exiting at once meanwhile (a second signal while the build starts; the watchdog)
+    found nothing to kill, and the build, in a session of its own, ran on for good (a
+    test saw it in about 1 run in 20 on a loaded machine). Under the lock,
+    :func:`kill_groups_now` waits for a start under way (a fork: milliseconds), then
+    kills that group too.
+
+    Resource handling: the pipe's ends are ours until the process has its copy; the
+    child's end is closed here whatever happens, ours on failure."""
+    ours, theirs = os.pipe()
+    try:
+        process = await trio.to_thread.run_sync(_start_listed, args, cwd, env, shell, theirs)
+    except BaseException:
+        os.close(ours)
+        raise
+    finally:
+        os.close(theirs)
+    return process, trio.lowlevel.FdStream(ours)  # (POSIX: made non-blocking)
+
+
+def _start_listed(
+    args: str | list[str], cwd: Path, env: dict[str, str] | None, shell: bool, stdout: int
+) -> subprocess.Popen[bytes]:
+    """(On a worker thread.) :func:`_spawn_listed`'s start and listing, in one step."""
+    with _reaping:
+        process = subprocess.Popen(
+            args,
+            shell=shell,
+            cwd=cwd,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=stdout,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        _commands.add(process.pid)
+    return process
 
 
 def _as_arguments(paths: Sequence[str], root: Path) -> list[str]:
