@@ -582,7 +582,20 @@ class SqliteStore:
         """On the owner thread: close the reader, then (for a store that was open, and
         whose path still names the file it opened) leave the marker of a clean close."""
         conn.close()
-        if opened and _file_id(self.path) == self._db_id:
+        if not opened:
+            return
+        try:
+            same = _file_id(self.path) == self._db_id
+        except OSError as exc:
+            # (A data directory replaced by a symlink loop, or one the user may no longer
+            # search: the OSError ended serve's clean shutdown with a traceback, status 1.)
+            log.warning(
+                "cannot look at %s as it closes (%s): no marker, the next start checks it",
+                self.path,
+                exc,
+            )
+            return
+        if same:
             _mark_closed(self.path)
 
 
@@ -642,10 +655,10 @@ def _mark_closed(path: Path) -> None:
     marker = closed_marker(path)
     deadline = time.monotonic() + CLOSE_WAITS_FOR_THE_CLOCK
     while True:
-        identity = _identity(path)
-        if identity is None:
-            return
         try:
+            identity = _identity(path)
+            if identity is None:
+                return
             replace_file(marker, identity.encode(), 0o600)
             if os.stat(marker).st_mtime_ns > _newest_time(path):
                 return

@@ -706,6 +706,32 @@ def test_a_change_in_the_second_of_a_clean_close_is_seen_where_times_are_coarse(
         _assert_damaged(str(caught.value), path)
 
 
+async def test_a_close_where_the_store_cannot_be_looked_at_ends_cleanly(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The close looks at the store's path to leave its marker; where that fails other
+    than "no file" (the data directory replaced by a symlink loop; for a user other than
+    root, one whose search permission was taken away), the ``OSError`` came out of the
+    close: ``serve`` ended its clean shutdown with a traceback, status 1. Now the close
+    ends cleanly, leaves no marker, and says so; the next open checks the store."""
+    directory = tmp_path / "d"
+    directory.mkdir()
+    caplog.set_level(logging.WARNING, logger="punie_trio.store._sqlite")
+    async with open_sqlite_store(directory / "s.db") as store:
+        await store.create_session(make_record("s1"))
+        directory.rename(tmp_path / "moved")
+        directory.symlink_to("d")  # (d -> d: ELOOP)
+    assert any("no marker" in r.getMessage() for r in caplog.records)
+    directory.unlink()
+    (tmp_path / "moved").rename(directory)
+    assert not (directory / "s.db-closed").exists()
+    caplog.clear()
+    caplog.set_level(logging.WARNING, logger="punie_trio.store._schema")
+    async with open_sqlite_store(directory / "s.db") as store:
+        assert await store.get_session("s1") is not None
+    assert any("checking it whole" in r.getMessage() for r in caplog.records)
+
+
 def test_migrations_apply_in_order_and_fail_atomically(tmp_path: Path) -> None:
     path = tmp_path / "s.db"
     conn = sqlite3.connect(path, isolation_level=None)
