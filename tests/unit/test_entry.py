@@ -231,3 +231,58 @@ async def test_a_signal_during_the_start_up_check_stops_it_and_serve_ends_cleanl
     assert watchdog.cancelled
     assert store.read_bytes() == before
     assert not (data / "sessions.sqlite3-closed").exists()
+
+
+async def test_serve_watches_its_signals_before_the_store_opens(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The signal watcher was started with ``start_soon``, and the store's open ran first:
+    it hands the start-up check to the store's thread before its task yields, so a
+    signal as the check began met the system's default (the test above, which sends one
+    there, killed the test run with SIGTERM in 9 of 40 runs). The watcher is now in
+    place before the store is opened."""
+    import trio
+
+    from punie_trio import server
+    from punie_trio.worker import EchoModel
+
+    timers: list[Any] = []
+
+    class Timer:  # (a real one would os._exit this test process if it fired)
+        def __init__(self, timeout: float, function: Any, args: Any) -> None:
+            self.cancelled = False
+            self.daemon = False
+            timers.append(self)
+
+        def start(self) -> None:
+            pass
+
+        def cancel(self) -> None:
+            self.cancelled = True
+
+    monkeypatch.setattr(server.threading, "Timer", Timer)
+    before = {signum: signal.getsignal(signum) for signum in server.SHUTDOWN_SIGNALS}
+    watched_at_open: list[dict[int, bool]] = []
+    open_store = server.open_sqlite_store
+
+    def opening(path: Any) -> Any:
+        watched_at_open.append(
+            {signum: signal.getsignal(signum) is not before[signum] for signum in before}
+        )
+        return open_store(path)
+
+    monkeypatch.setattr(server, "open_sqlite_store", opening)
+    data = tmp_path / "data"
+    data.mkdir(mode=0o700)
+    config = server.ServeConfig(projects=(tmp_path,), model=EchoModel(), port=0, data_dir=data)
+    gc_threshold = gc.get_threshold()
+    try:
+        async with trio.open_nursery() as nursery:
+            running = await nursery.start(server.serve, config)
+            running.closing.set()
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*gc_threshold)
+    assert watched_at_open == [{signum: True for signum in before}]
+    assert not timers
+    assert {signum: signal.getsignal(signum) for signum in server.SHUTDOWN_SIGNALS} == before
