@@ -225,8 +225,21 @@ SHUTDOWN_SIGNALS = tuple(
 )
 
 
-async def _watch_signals(closing: trio.Event, shutdown_timeout: float, stage: _Stage) -> None:
+async def _watch_signals(
+    closing: trio.Event,
+    shutdown_timeout: float,
+    stage: _Stage,
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Turn the first :data:`SHUTDOWN_SIGNALS` signal into ``closing``, a second into an
+    exit at once. ``task_status.started`` once the handlers are in place: ``serve``
+    waits for that before the store opens, whose start-up check begins on the store's
+    thread before the opening task yields (started with ``start_soon``, this watcher
+    ran only then, and a signal as the check began met the system's default: the
+    process was killed, with no shutdown at all)."""
     with trio.open_signal_receiver(*SHUTDOWN_SIGNALS) as signals:
+        task_status.started()
         async for signum in signals:
             if closing.is_set():
                 _exit_now("punie-trio: second signal, exiting now")
@@ -261,7 +274,8 @@ async def serve(
     try:
         async with trio.open_nursery() as signals:
             if config.handle_signals:
-                signals.start_soon(_watch_signals, closing, config.shutdown_timeout, stage)
+                # (Started, not start_soon: watched before anything below can take long.)
+                await signals.start(_watch_signals, closing, config.shutdown_timeout, stage)
             try:
                 stage.doing = "opening the session store"
                 async with _open_store(config, closing, signals) as store:
