@@ -1866,3 +1866,36 @@ async def test_a_delete_in_flight_when_a_client_without_grace_drops_takes_effect
         store.appends.opened.set()
         await hub.settle()
         assert await store.inner.get_session(session) is None
+
+
+async def test_a_delete_that_fails_after_its_connection_dropped_is_logged(
+    tmp_path: Path, acp_schema: SchemaChecker, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A delete goes on after its connection drops (the client asked for it); an
+    unexpected error it then meets has no request left to answer. It was kept for a
+    handler that had gone and lost without a word; it is logged with its traceback, as
+    a failing handler's is (a store's own trouble is logged as a warning, as before)."""
+
+    class FailingStore(GatedStore):
+        async def delete_session(self, session_id: str) -> bool:
+            await self.deletes.pass_through()
+            raise RuntimeError("a bug in the delete")
+
+    store = FailingStore()
+    async with open_hub(tmp_path, acp_schema, EchoModel(), store=store) as hub:  # type: ignore[arg-type]
+        link = await hub.connect()
+        await initialize(link.client)
+        session = await link.client.new_session(str(hub.root))
+        store.deletes.armed = True
+        await link.client.send(
+            {"jsonrpc": "2.0", "id": "d", "method": "session/delete",
+             "params": {"sessionId": session}}
+        )  # fmt: skip
+        await store.deletes.entered.wait()
+        await link.drop()  # (before the delete is answered)
+        await hub.settle()
+        store.deletes.opened.set()
+        await hub.settle()
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and errors[0].exc_info is not None
+    assert "a bug in the delete" in str(errors[0].exc_info[1])
