@@ -62,7 +62,7 @@ from ._paths import (
 )
 from ._version import __version__
 from .hub import Limits
-from .server import ServeConfig, ServeError, find_exception, serve
+from .server import Running, ServeConfig, ServeError, find_exception, serve
 from .web._auth import write_token_file
 from .worker import Model, ScriptError, model_from_spec
 
@@ -792,12 +792,28 @@ def _serve_locked(
 
 
 async def _serve_main(config: ServeConfig, open_browser: bool) -> None:
+    """``serve``, and with ``--open`` the browser opened beside it, which ends with it.
+
+    Why the browser's task is cancelled once ``serve`` returns: ``webbrowser.open`` may wait
+    for the browser to exit (``$BROWSER``, a console browser), and the process waited for
+    it after its shutdown, until the user closed the browser."""
     async with trio.open_nursery() as nursery:
-        running = await nursery.start(serve, config)
+        running = await nursery.start(_serve_then_stop, config, nursery.cancel_scope)
         if open_browser and running.url is not None and config.site is not None:
             from .web.dev import open_browser_when_ready
 
             nursery.start_soon(open_browser_when_ready, running.url + "/")
+
+
+async def _serve_then_stop(
+    config: ServeConfig,
+    others: trio.CancelScope,
+    *,
+    task_status: trio.TaskStatus[Running] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """``serve``, then cancel ``others`` (what runs beside it: the browser's opening)."""
+    await serve(config, task_status=task_status)
+    others.cancel()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

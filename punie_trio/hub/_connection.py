@@ -39,7 +39,8 @@ CLIENT_ID_META = "punie-trio/clientId"
 # Where a re-attaching client lists the ids of the prompts it sent on its previous
 # connection and still awaits: only those answers are delivered to it (Manager._flush).
 AWAITING_META = "punie-trio/awaiting"
-#: Most ids a client may list there (it awaits at most one prompt per session).
+#: Most ids a client may list there (it awaits at most one prompt per session), or
+#: ``--max-sessions-per-connection`` if that is more.
 MAX_AWAITING = 1000
 #: Longest string id it may list, in characters (integer ids: 64 bits). A UUID is 36, and
 #: the ids kept after a request ended (``small_id``) are at most 256: 1,024 leaves room
@@ -283,7 +284,8 @@ class ClientConnection:
                 INVALID_REQUEST, "Invalid request: the connection is already initialized"
             )
         init = acp.parse_initialize(params)
-        awaiting = _awaiting(init.meta.get(AWAITING_META))
+        most = max(MAX_AWAITING, self.manager.limits.max_sessions_per_connection)
+        awaiting = _awaiting(init.meta.get(AWAITING_META), most)
         client_id = init.meta.get(CLIENT_ID_META)
         if client_id is not None and (
             not isinstance(client_id, str)
@@ -405,8 +407,10 @@ async def _ready(value: Any) -> Any:
     return value
 
 
-def _awaiting(value: object) -> frozenset[RequestId]:
-    """The ids listed in ``_meta["punie-trio/awaiting"]`` (absent: none), or -32602.
+def _awaiting(value: object, most: int = MAX_AWAITING) -> frozenset[RequestId]:
+    """The ids listed in ``_meta["punie-trio/awaiting"]`` (absent: none), at most ``most``
+    of them, or -32602. (``most``: :data:`MAX_AWAITING`, or the sessions a connection may
+    hold if more: a server allowing 5,000 refused a client back awaiting 1,001 prompts.)
 
     Why each id is bounded too (:data:`MAX_AWAITED_ID_CHARS`, 64-bit integers): only the
     count was, so a 16 MB initialize could list 15 ids of 1 MB each (or integers of
@@ -415,10 +419,10 @@ def _awaiting(value: object) -> frozenset[RequestId]:
     """
     if value is None:
         return frozenset()
-    if not isinstance(value, list) or len(value) > MAX_AWAITING or not all(map(_awaitable, value)):
+    if not isinstance(value, list) or len(value) > most or not all(map(_awaitable, value)):
         raise RpcError.invalid_params(
             f"Invalid params: _meta.{AWAITING_META} must be an array of at most "
-            f"{MAX_AWAITING} request ids (strings of at most {MAX_AWAITED_ID_CHARS} "
+            f"{most} request ids (strings of at most {MAX_AWAITED_ID_CHARS} "
             "characters, or 64-bit integers)"
         )
     return frozenset(value)

@@ -28,16 +28,17 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, TypeVarTuple
 
 import trio
 
 from .. import acp
 from .._json import is_name_text
 from .._paths import resolved
+from .._threads import RootNotAnswering, root_of, run_sync_under
 from ..acp import updates
 from ..rpc import INTERNAL_ERROR, INVALID_REQUEST, PeerClosed, RpcError
 from ..store import (
@@ -56,6 +57,9 @@ if TYPE_CHECKING:
     from ._manager import Manager
 
 log = logging.getLogger("punie_trio.hub")
+
+T = TypeVar("T")
+Args = TypeVarTuple("Args")
 
 # Transcript entries read per page by session/load and session/resume.
 REPLAY_PAGE = 2000
@@ -118,13 +122,16 @@ def checked_cwd(self: Manager, cwd: str) -> tuple[str, str]:
     return max(matches, key=len), str(path)
 
 
-def check_inside_roots(self: Manager, paths: tuple[str, ...], field: str) -> tuple[str, ...]:
+def check_inside_roots(
+    self: Manager, paths: tuple[str, ...], field: str, first: int = 0
+) -> tuple[str, ...]:
     """Each of ``paths`` (additional directories) must be a directory inside a root: a
     missing one would be checked only when a tool first uses it, and by then it could
     have been made a symlink to anywhere. Returns them resolved, as checked: the
-    session keeps these (resolving again could give another path, never checked)."""
+    session keeps these (resolving again could give another path, never checked).
+    ``first``: the index in ``field`` of the first of ``paths`` (for the messages)."""
     checked: list[str] = []
-    for i, path in enumerate(paths):
+    for i, path in enumerate(paths, first):
         where = f"{field}[{i}]"
         resolved_path = _resolve_param(path, where)
         if not self._roots_containing(resolved_path):
@@ -150,10 +157,48 @@ async def checked_paths(
     answering froze every client of the server. Only this request waits now, and its
     cancel (``$/cancel_request``, its connection closing, shutdown) does not wait for the
     walk (``abandon_on_cancel``: it only reads, and its thread ends when the file system
-    answers). As :func:`~punie_trio.worker._tools.resolve_tool_path` does for a tool."""
-    return await trio.to_thread.run_sync(
-        self._checked_paths, cwd, additional, abandon_on_cancel=True
-    )
+    answers). As :func:`~punie_trio.worker._tools.resolve_tool_path` does for a tool.
+
+    The thread is one of the threads of the root the path names (:func:`in_root_thread`),
+    so a hung mount under one root holds none of another's: the paths are checked in
+    runs, each of the paths one after another that name the same root (all of them, in
+    one thread hop, for a session within one root), in order, so the first that fails
+    is still the one named."""
+    paths = (cwd, *additional)
+    keys = [root_of(p, self.roots) for p in paths]
+    root = resolved_cwd = ""
+    checked: list[str] = []
+    start = 0
+    while start < len(paths):
+        end = start + 1
+        while end < len(paths) and keys[end] == keys[start]:
+            end += 1
+        if start == 0:
+            root, resolved_cwd, run = await in_root_thread(
+                keys[0], self._checked_paths, cwd, additional[: end - 1]
+            )
+        else:
+            run = await in_root_thread(
+                keys[start],
+                self.check_inside_roots,
+                additional[start - 1 : end - 1],
+                "additionalDirectories",
+                start - 1,
+            )
+        checked += run
+        start = end
+    return root, resolved_cwd, tuple(checked)
+
+
+async def in_root_thread(root: str, fn: Callable[[*Args], T], *args: *Args) -> T:
+    """``fn(*args)`` in one of ``root``'s threads (``_threads.run_sync_under``: abandoned on
+    cancel), for a path check; a root whose threads have all been held by a file system
+    that does not answer is -32603 naming it, not a wait for ever."""
+    try:
+        return await run_sync_under(root, fn, *args)
+    except RootNotAnswering as exc:
+        log.warning("%s", exc)
+        raise RpcError(INTERNAL_ERROR, f"Internal error: {exc}") from None
 
 
 def _checked_paths(
@@ -280,8 +325,8 @@ async def _load_session(
     stored_cwd = record.cwd
     if stored_cwd != cwd:
         stored_cwd = str(
-            await trio.to_thread.run_sync(
-                _resolve_param, record.cwd, "stored cwd", abandon_on_cancel=True
+            await in_root_thread(
+                root_of(record.cwd, self.roots), _resolve_param, record.cwd, "stored cwd"
             )
         )
     while await self._waited_for_cut_turn(ref.session_id):
@@ -413,8 +458,8 @@ async def list_sessions(self: Manager, params: acp.ListSessionsParams) -> dict[s
     if params.cwd is not None:
         # Sessions store their cwd resolved (symlinks followed): filter on the same form,
         # resolved in a thread as every path check is (see checked_paths).
-        checked = await trio.to_thread.run_sync(
-            _resolve_param, params.cwd, "cwd", abandon_on_cancel=True
+        checked = await in_root_thread(
+            root_of(params.cwd, self.roots), _resolve_param, params.cwd, "cwd"
         )
         cwd = str(checked)
     return await self._list_sessions(cwd, params.cursor)
@@ -493,9 +538,6 @@ async def close_session(self: Manager, conn: ClientConnection, session_id: str) 
         return {}
     self._drop_session(session)
     return {}
-
-
-T = TypeVar("T")
 
 
 async def despite_a_drop(self: Manager, conn: ClientConnection, work: Awaitable[T]) -> T:

@@ -42,6 +42,7 @@ Input is validated on the Trio side before anything touches the database.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -78,7 +79,7 @@ from ._model import (
     decode_cursor,
     session_changes,
 )
-from ._schema import WRITER_BUSY_TIMEOUT_MS, connect, out_of_room
+from ._schema import WRITER_BUSY_TIMEOUT_MS, CheckStop, connect, out_of_room
 from ._sql import PageCursor, Row, Tail
 from ._thread import OwnerThread, Started
 
@@ -184,13 +185,23 @@ class SqliteStore:
     _wal_path: str = attrs.field(init=False, default="")
     #: The WAL was found deleted, and what it held copied into the database.
     _wal_saved: bool = attrs.field(init=False, default=False)
+    #: Stopped (on the Trio thread) when the open is cancelled: the start-up check, on
+    #: the owner thread, ends (see ``_schema.CheckStop``).
+    _check_stop: CheckStop = attrs.field(init=False, factory=CheckStop)
 
     def __attrs_post_init__(self) -> None:
         self._owner = OwnerThread(f"punie-store:{self.path.name}")
 
     async def _open(self) -> None:
         # The reader opens first: it creates and migrates the file, off the event loop.
-        await self._owner.open(self._connect_reader)
+        try:
+            await self._owner.open(self._connect_reader, on_cancel=self._check_stop.stop)
+        except StoreError:
+            if self._check_stop.stopped:
+                # The check stopped for a cancellation (a signal at start): that is how
+                # this open ends, not with an error of the store's.
+                await trio.lowlevel.checkpoint()
+            raise
         self._db_id = _file_id(self.path)
         writer = connect(self.path)
         self._wal_path = _wal_of(self.path)
@@ -209,7 +220,7 @@ class SqliteStore:
         self._writer = writer
 
     def _connect_reader(self) -> sqlite3.Connection:
-        conn = connect(self.path, check=not _left_as_closed(self.path))
+        conn = connect(self.path, check=not _left_as_closed(self.path), stop=self._check_stop)
         # Its checkpoints are the store's (_count_rows), never one in a write's commit: a
         # delete's commit would otherwise copy the whole WAL before writes could go on.
         conn.execute("PRAGMA wal_autocheckpoint = 0")
@@ -571,32 +582,118 @@ class SqliteStore:
         """On the owner thread: close the reader, then (for a store that was open, and
         whose path still names the file it opened) leave the marker of a clean close."""
         conn.close()
-        if opened and _file_id(self.path) == self._db_id:
+        if not opened:
+            return
+        try:
+            same = _file_id(self.path) == self._db_id
+        except OSError as exc:
+            # (A data directory replaced by a symlink loop, or one the user may no longer
+            # search: the OSError ended serve's clean shutdown with a traceback, status 1.)
+            log.warning(
+                "cannot look at %s as it closes (%s): no marker, the next start checks it",
+                self.path,
+                exc,
+            )
+            return
+        if same:
             _mark_closed(self.path)
 
 
 def _identity(path: Path) -> str | None:
     """What says the file ``path`` is the one a clean close left: device, inode, size,
-    and the times of its last change (content or status); None for no file."""
+    and the times of its last change (content or status), then the same of its WAL
+    (``-``: none, or an empty one); None for no file.
+
+    Why the WAL too: SQLite replays whatever valid WAL it finds beside the file, and a
+    WAL is not tied to its database (only the page size must agree). Another store's
+    WAL put beside a store closed cleanly and left alone (a copy of the data directory's
+    files, a backup restored in part) was replayed without a check, and its pages
+    written into the file by the next checkpoint: ``quick_check`` then found it damaged
+    ("Page 232 is never used", ...), and the marker the run's clean close left named the
+    damaged file, so no later start checked it either."""
+    st = _stat(path)
+    if st is None:
+        return None
+    wal = _stat(_wal_of(path))
+    said = "-" if wal is None or wal.st_size == 0 else _said(wal)
+    return f"{_said(st)} {said}\n"
+
+
+def _stat(path: Path | str) -> os.stat_result | None:
     try:
-        st = os.stat(path)
+        return os.stat(path)
     except (FileNotFoundError, NotADirectoryError):
         return None
-    return f"{st.st_dev} {st.st_ino} {st.st_size} {st.st_mtime_ns} {st.st_ctime_ns}\n"
+
+
+def _said(st: os.stat_result) -> str:
+    return f"{st.st_dev} {st.st_ino} {st.st_size} {st.st_mtime_ns} {st.st_ctime_ns}"
+
+
+#: How long a close waits for the file system's clock to pass the store's last change
+#: (:func:`_mark_closed`): a tick of a file system with 1-second times, and some; past
+#: it, no marker is left (the next start checks).
+CLOSE_WAITS_FOR_THE_CLOCK = 1.5
+#: How often it looks again meanwhile.
+CLOCK_POLL_SECONDS = 0.05
+#: What the marker holds while the close waits for the clock: no store's identity.
+PENDING_MARKER = b"pending\n"
 
 
 def _mark_closed(path: Path) -> None:
     """Leave :func:`closed_marker` saying the store's file is as this close left it. Not
-    written (a full disk), the next open checks the store: logged, not raised."""
-    identity = _identity(path)
-    if identity is None:
-        return
+    written (a full disk), the next open checks the store: logged, not raised.
+
+    Only once the file system's clock (the marker's own time) is past the store's last
+    change (and its WAL's). Why: a file system whose times are coarse (1 s: ext2 or
+    ext3 with 128-byte inodes, HFS+, some NFS; 2 s: FAT) gives a change made in the
+    same tick as the close the times the marker holds, and the size often stays:
+    measured on ext2, a page overwritten just after a clean close slipped past the
+    check 20 times in 20. So a marker that names nothing (:data:`PENDING_MARKER`) is
+    written first, and its time read: until it is past the store's times ("racy"), it is
+    written again a moment later (at most :data:`CLOSE_WAITS_FOR_THE_CLOCK`, on the
+    owner thread); then the identity is. Any change after that has a later time. Where
+    times are fine (ext4 with nanosecond times) there is no wait, and the first write
+    costs about 0.6 ms.
+    """
+    marker = closed_marker(path)
+    deadline = time.monotonic() + CLOSE_WAITS_FOR_THE_CLOCK
     try:
-        replace_file(closed_marker(path), identity.encode(), 0o600)
+        while True:
+            # First a marker that names nothing (a kill now leaves one that never
+            # matches), whose time is the file system's clock now.
+            replace_file(marker, PENDING_MARKER, 0o600)
+            now = os.stat(marker).st_mtime_ns
+            identity = _identity(path)
+            if identity is None:
+                break
+            if now > _newest_time(path):  # (else racy: a change now would keep the times)
+                replace_file(marker, identity.encode(), 0o600)
+                return
+            if time.monotonic() >= deadline:
+                log.info(
+                    "%s: the file system's clock did not pass the store's last change "
+                    "within %g s: no marker, the next start checks the store",
+                    marker,
+                    CLOSE_WAITS_FOR_THE_CLOCK,
+                )
+                break
+            time.sleep(CLOCK_POLL_SECONDS)
     except OSError as exc:
-        log.warning(
-            "cannot write %s (%s): the next start checks the store", closed_marker(path), exc
-        )
+        log.warning("cannot write %s (%s): the next start checks the store", marker, exc)
+    with contextlib.suppress(OSError):
+        os.unlink(marker)
+
+
+def _newest_time(path: Path) -> int:
+    """The latest time (ns) :func:`_identity` holds: of the store's last change, content
+    or status, and of its WAL's (if not empty); 0 for none."""
+    wal = _stat(_wal_of(path))
+    times = [0]
+    for st in (_stat(path), wal if wal is not None and wal.st_size else None):
+        if st is not None:
+            times += [st.st_mtime_ns, st.st_ctime_ns]
+    return max(times)
 
 
 def _left_as_closed(path: Path) -> bool:
@@ -607,11 +704,12 @@ def _left_as_closed(path: Path) -> bool:
 
     Why not check at every open: the check reads the whole file, 1.5-2 s per 100 MB from
     the disk (after a reboot, the usual case), about 70-85 ms from the page cache. Damage
-    comes with an end that was not clean, or with a change made to the file while no
-    server ran (a copy cut short, a tool writing into it, another file put in its
-    place), which the marker's identity (device, inode, size, times) tells. What it
+    comes with an end that was not clean, or with a change made to the file or its WAL
+    while no server ran (a copy cut short, a tool writing into it, another file or
+    another store's WAL put in place), which the marker's identity (device, inode, size,
+    times of both: :func:`_identity`) tells. What it
     cannot tell is a disk that damages a file it was not asked to change: run
-    ``PRAGMA quick_check`` by hand for that (docs/sessions-store.md).
+    ``PRAGMA integrity_check`` by hand for that (docs/sessions-store.md).
     """
     marker = closed_marker(path)
     try:

@@ -117,13 +117,24 @@ class OwnerThread(Generic[R]):
         if not self._closing:
             self._jobs.put((job, None, None))
 
-    async def open(self, factory: Callable[[], R]) -> None:
-        """Create the resource on the owner thread (an exception propagates here)."""
+    async def open(
+        self, factory: Callable[[], R], *, on_cancel: Callable[[], object] | None = None
+    ) -> None:
+        """Create the resource on the owner thread (an exception propagates here).
+
+        ``on_cancel`` is called (on the Trio thread) if the caller is cancelled while the
+        factory runs: the caller still waits for it to end, so the factory must see the
+        request and end soon (the store's start-up check reads a whole file, 10 s for
+        600 MB from the disk, and is stopped so).
+        """
 
         def build(_: object) -> None:
             self._resource = factory()
 
-        await self.run(build)
+        await trio.lowlevel.checkpoint_if_cancelled()
+        if self._closing:
+            raise RuntimeError("owner thread is closed")
+        await self._submit(build, on_cancel)
 
     async def run(self, job: Callable[[R], T]) -> T:
         """Run ``job(resource)`` on the owner thread and return its result.
@@ -136,14 +147,20 @@ class OwnerThread(Generic[R]):
             raise RuntimeError("owner thread is closed")
         return await self._submit(job)
 
-    async def _submit(self, job: Callable[[R], T]) -> T:
+    async def _submit(
+        self, job: Callable[[R], T], on_cancel: Callable[[], object] | None = None
+    ) -> T:
         task = trio.lowlevel.current_task()
         token = trio.lowlevel.current_trio_token()
         self._jobs.put((job, token, functools.partial(trio.lowlevel.reschedule, task)))
+
+        def abort(_raise_cancel: object) -> trio.lowlevel.Abort:
+            if on_cancel is not None:
+                on_cancel()  # (the job is told; the caller still waits for it to end)
+            return trio.lowlevel.Abort.FAILED
+
         # No await between put() and the park: the wake-up is queued behind our parking.
-        value: T = await trio.lowlevel.wait_task_rescheduled(
-            lambda _raise_cancel: trio.lowlevel.Abort.FAILED
-        )
+        value: T = await trio.lowlevel.wait_task_rescheduled(abort)
         return value
 
     async def close(self, final: Callable[[R], None]) -> None:

@@ -23,6 +23,7 @@ import trio
 
 from .._json import has_lone_surrogate, is_name_text
 from .._paths import file_kind, sync_directory
+from .._threads import RootNotAnswering, root_of, run_sync_under
 from ..acp import FS_READ_TEXT_FILE, FS_WRITE_TEXT_FILE
 from ._envelopes import TurnEnv
 from ._paths import _CLOEXEC, PathEscape, directory_ending, open_beneath, resolve_inside
@@ -125,14 +126,28 @@ async def resolve_tool_path(env: TurnEnv, tool_input: dict[str, Any]) -> Path:
     own files compared by inode), and on the event loop a project on a network mount that
     stopped answering froze every client of the server. Only this turn waits now, and a
     cancel does not wait for it (``abandon_on_cancel``: the walk changes nothing, and its
-    thread ends when the file system answers)."""
+    thread ends when the file system answers). The thread is one of the root's the path
+    names (:func:`_threads_of`): a hung mount holds only its own root's threads."""
     raw = _path_arg(tool_input)
     try:
-        return await trio.to_thread.run_sync(
-            resolve_inside, raw, env.cwd, env.roots, env.private, abandon_on_cancel=True
+        return await run_sync_under(
+            _threads_of(env, raw), resolve_inside, raw, env.cwd, env.roots, env.private
         )
-    except PathEscape as exc:
+    except (PathEscape, RootNotAnswering) as exc:
         raise ToolError(str(exc)) from None
+
+
+def _threads_of(env: TurnEnv, path: str | Path) -> str:
+    """The served root whose threads (``_threads.run_sync_under``) a tool's work on
+    ``path`` takes: the one the path names, relative to the session's cwd (by its text:
+    :func:`~punie_trio._threads.root_of`), else the one the session's cwd lies under (a
+    path with ``~``, or outside every root: refused once resolved)."""
+    anchors = _walk_from(env)
+    own = root_of(env.cwd, anchors)
+    text = str(path)
+    if text.startswith("~"):
+        return own
+    return root_of(os.path.join(env.cwd, text), anchors, own)
 
 
 async def _read_file(
@@ -160,10 +175,11 @@ async def _read_file(
         # Abandoned on cancel: a read changes nothing, and on a network mount that stopped
         # answering it held the turn's session/cancel (and a shutdown) until the mount
         # answered. The thread ends when the file system answers (or at its next chunk).
-        return await trio.to_thread.run_sync(
-            _read_disk, path, _walk_from(env), line, limit, abandon_on_cancel=True
+        # One of the file's root's threads: a hung mount holds only its own root's.
+        return await run_sync_under(
+            _threads_of(env, path), _read_disk, path, _walk_from(env), line, limit
         )
-    except PathEscape as exc:
+    except (PathEscape, RootNotAnswering) as exc:
         raise ToolError(str(exc)) from None
     except IsADirectoryError:
         raise ToolError(f"cannot read {path}: it is a directory") from None
@@ -242,10 +258,12 @@ async def _write_file(
             trio.from_thread.check_cancelled()
 
         try:
-            await trio.to_thread.run_sync(
-                _write_disk, path, _walk_from(env), content, commit, abandon_on_cancel=True
+            # (One of the file's root's threads, as a read. Refused for want of one,
+            # nothing was started: the call fails with nothing written.)
+            await run_sync_under(
+                _threads_of(env, path), _write_disk, path, _walk_from(env), content, commit
             )
-        except PathEscape as exc:
+        except (PathEscape, RootNotAnswering) as exc:
             raise ToolError(str(exc)) from None
         except IsADirectoryError:
             raise ToolError(f"cannot write {path}: it is a directory") from None

@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
 
+import pytest
 import trio
 import trio.testing
 
 from punie_trio.web.dev._broadcast import Broadcaster, Subscriber
 from punie_trio.web.dev._builder import BuildLoop
 from punie_trio.web.dev._events import ReloadEvent
+from punie_trio.web.dev._snapshot import SMALL_ENTRIES
 from punie_trio.web.dev._watch import PendingChanges
 
 
@@ -125,3 +128,42 @@ async def test_slow_build_is_announced_after_the_delay(
         gate.touch()
     assert [getattr(e, "kind", "reload") for e in sub.take()] == ["build_ok", "reload"]
     assert not hub.building
+
+
+@pytest.mark.parametrize("step", ["prepare", "cycle"])
+async def test_a_site_snapshot_that_hangs_does_not_hold_a_cancel(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, step: str
+) -> None:
+    """The build loop snapshots the site in a thread (at start, and after a build). On a
+    site that stopped answering (a network mount) the snapshot was not left to its thread
+    on cancel, so the server's shutdown waited until the file system answered (under the
+    CLI the watchdog then ended the process, status 1). A snapshot only reads: a cancel
+    leaves it now, and its thread ends when the mount answers."""
+    import threading
+
+    from punie_trio.web.dev import _builder
+
+    root, site, _ = _project(tmp_path)
+    loop = BuildLoop(site, root, Broadcaster(), PendingChanges(), None)
+    if step == "cycle":
+        await loop.prepare()
+        (site / "many").mkdir()  # (past what small_snapshot takes on the event loop)
+        for i in range(SMALL_ENTRIES + 1):
+            (site / "many" / f"{i}.html").write_text("x")
+    entered, release = threading.Event(), threading.Event()
+    timed_out: list[bool] = []
+    real = _builder.take_snapshot
+
+    def hung(*args: Any) -> Any:
+        entered.set()
+        timed_out.append(not release.wait(timeout=10))
+        return real(*args)
+
+    monkeypatch.setattr(_builder, "take_snapshot", hung)
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(loop.prepare if step == "prepare" else loop.cycle)
+            await trio.to_thread.run_sync(entered.wait)
+            nursery.cancel_scope.cancel()
+    assert timed_out == []  # (the cancel ended it while the snapshot still hung)
+    release.set()

@@ -3,6 +3,7 @@ what httpx will not send: a body that stops short, a path as it is on the wire).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import gc
 import itertools
@@ -821,3 +822,55 @@ async def test_serving_as_the_cli_does_freezes_startup_and_raises_gc_thresholds(
     finally:
         gc.unfreeze()
         gc.set_threshold(*before)
+
+
+@pytest.mark.parametrize("where", ["lookup", "read"])
+async def test_a_site_read_that_hangs_does_not_hold_the_shutdown(
+    tmp_path: Path, start_server: StartServer, monkeypatch: pytest.MonkeyPatch, where: str
+) -> None:
+    """The dev app reads the site in threads. On a site that stopped answering (a network
+    mount) a request's lookup or read was not left to its thread on cancel, so the
+    server's shutdown waited past ``shutdown_timeout`` until the file system answered
+    (under the CLI the watchdog then ended the process with status 1). A read changes
+    nothing: the shutdown leaves it now, and its thread ends when the mount answers."""
+    import threading
+
+    from punie_trio.web.dev import _static
+
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "index.html").write_text("<html><body>x</body></html>")
+    (site / "big.bin").write_bytes(b"b" * (_static.CACHE_FILE_LIMIT + 1))
+    entered, release = threading.Event(), threading.Event()
+    ended = threading.Semaphore(0)
+    timed_out: list[bool] = []
+    real = getattr(_static, where if where == "lookup" else "_read")
+
+    def hung(*args: object) -> object:
+        try:
+            entered.set()
+            timed_out.append(not release.wait(timeout=10))
+            return real(*args)
+        finally:
+            ended.release()
+
+    monkeypatch.setattr(_static, where if where == "lookup" else "_read", hung)
+    # A lookup reads a small file itself; a range of a large one is read apart.
+    path, headers = (
+        ("/index.html", {}) if where == "lookup" else ("/big.bin", {"Range": "bytes=0-99"})
+    )
+    async with trio.open_nursery() as nursery:
+        config = {"site": site, "dev_options": {"no_watch": True}, "shutdown_timeout": 0.5}
+        async with start_server(**config) as server:
+
+            async def get() -> None:
+                async with httpx.AsyncClient(base_url=server.url) as http:
+                    with contextlib.suppress(httpx.HTTPError):
+                        await http.get(path, headers=headers)
+
+            nursery.start_soon(get)
+            await trio.to_thread.run_sync(entered.wait)
+        assert timed_out == []  # (the server stopped while the read still hung)
+        release.set()
+        await trio.to_thread.run_sync(ended.acquire)
+    assert timed_out == [False]

@@ -22,9 +22,11 @@ from ..unit._hypercorn import h2_get, read_initial_window
 from ._support import (
     TOKEN,
     acp_ws_client,
+    command_process,
     fresh_ids,
     run_punie,
     serve_command,
+    server_env,
     server_process,
     write_script,
     ws_url,
@@ -130,6 +132,38 @@ async def test_a_signal_during_the_first_build_stops_it_and_exits_0(tmp_path: Pa
             assert "listening" not in "".join(server.stderr_lines)
     with pytest.raises(ProcessLookupError):  # the build went with it
         os.kill(build_pid, 0)
+
+
+async def test_a_browser_that_stays_open_does_not_hold_the_exit(tmp_path: Path) -> None:
+    """``serve --open`` opens the site with ``webbrowser.open`` in a thread. With
+    ``$BROWSER`` set (or a console browser) that call waits for the browser process to
+    exit, and the thread was neither abandoned on cancel nor cancelled when ``serve``
+    returned: a server told to stop shut down, then waited until the user closed the
+    browser (the process was still there 12 s after SIGINT). It exits 0 now, and the
+    browser it started stays open."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "index.html").write_text("<html><body>x</body></html>")
+    fifo = tmp_path / "browser.pid"
+    os.mkfifo(fifo)  # the browser writes its pid into it once it runs
+    browser = tmp_path / "browser.sh"
+    browser.write_text(f"#!/bin/sh\necho $$ > {fifo}\nexec sleep 60\n")
+    browser.chmod(0o755)
+    command = serve_command(tmp_path, "--site", str(site), "--no-watch", "--open")
+    env = {**server_env(), "BROWSER": str(browser)}
+    browser_pid = None
+    try:
+        with trio.fail_after(30):
+            async with command_process(command, env) as server:
+                browser_pid = int(await trio.to_thread.run_sync(fifo.read_text))
+                server.process.send_signal(signal.SIGINT)
+                assert await server.process.wait() == 0
+                await server.wait_stderr("received SIGINT, shutting down")
+        os.kill(browser_pid, 0)  # (still open: the user's, not the server's to close)
+    finally:
+        if browser_pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(browser_pid, signal.SIGKILL)
 
 
 async def test_second_signal_exits_at_once(tmp_path: Path, acp_schema: SchemaChecker) -> None:

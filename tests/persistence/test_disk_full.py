@@ -67,6 +67,49 @@ def test_a_store_that_cannot_be_made_past_the_file_size_limit_is_said_at_start(
     )
 
 
+@contextlib.contextmanager
+def ram_disk(path: Path) -> Iterator[Path]:
+    """A ramfs at ``path``: it has no size, and ``statvfs`` says 0 blocks, 0 free (skips
+    the test where it cannot be mounted: not root)."""
+    path.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "ramfs", "-o", "mode=0700", "ramfs", str(path)],
+        capture_output=True,
+        check=False,
+    ) if hasattr(os, "geteuid") and os.geteuid() == 0 else None  # fmt: skip
+    if mounted is None or mounted.returncode != 0:
+        pytest.skip("needs root to mount a ramfs")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def test_a_file_system_that_says_no_size_is_not_said_to_be_full(tmp_path: Path) -> None:
+    """A ramfs (a tmpfs mounted with ``size=0``, some FUSE file systems) gives ``statvfs``
+    0 blocks and 0 free: any failed write of SQLite's there was said as "the file system
+    holding the session store is full, with 0 KiB free ...; free some space", here
+    where the file size limit was the cause. A file system that gives no size is never
+    said to be full."""
+    with ram_disk(tmp_path / "ram") as disk:
+        assert os.statvfs(disk).f_blocks == 0
+        data = disk / "data"
+        command = serve_command(tmp_path, "--stdio", "--no-http", data_dir=data)
+        done = subprocess.run(
+            limited(command, 4096),
+            capture_output=True,
+            stdin=subprocess.DEVNULL,
+            env=server_env(),
+            timeout=60,
+        )
+        assert done.returncode == 1
+        message = done.stderr.decode()
+        assert "is full" not in message, message
+        assert "the session store reached the file size limit of 4096 bytes (ulimit -f)" in (
+            message
+        )
+
+
 async def turns_fail_then_work_again(
     tmp_path: Path,
     acp_schema: SchemaChecker,

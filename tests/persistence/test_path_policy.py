@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import trio
 
-from punie_trio.store import MemoryStore
+from punie_trio.store import MemoryStore, open_sqlite_store
 from punie_trio.worker import ScriptModel
 
 from ..acp_schema import SchemaChecker
@@ -208,6 +208,33 @@ async def test_additional_directories_must_be_directories(
                 f"Invalid params: additionalDirectories[0] {str(extra)!r} is not a directory"
             )
         assert hub.manager.sessions == {}
+
+
+async def test_directories_of_several_roots_are_checked_in_order(
+    tmp_path: Path, acp_schema: SchemaChecker
+) -> None:
+    """A session's paths are checked in the threads of the root each names (a run of
+    paths naming one root in one thread hop): across roots, the first that fails is still
+    the one named, and the session keeps them all, in the order sent."""
+    base = Path(await trio.Path(tmp_path).resolve())
+    root_a, root_b = base / "a", base / "b"
+    for directory in (root_a / "sub", root_b / "sub"):
+        directory.mkdir(parents=True)
+    roots = (root_a, root_b)
+    async with open_hub(root_a, acp_schema, ScriptModel([[{"text": "x"}]]), roots=roots) as hub:
+        extra = [str(root_b), str(root_a / "sub"), str(root_b / "missing"), str(root_a / "gone")]
+        error = await new_session_error(hub, cwd=str(root_a), additionalDirectories=extra)
+        assert error == {
+            "code": -32602,
+            "message": f"Invalid params: additionalDirectories[2] {extra[2]!r} is not a directory",
+        }
+        extra = [str(root_b), str(root_a / "sub"), str(root_b / "sub")]
+        link = await hub.connect()
+        await initialize(link.client)
+        session_id = await link.client.new_session(str(root_b / "sub"), additionalDirectories=extra)
+        session = hub.manager.sessions[session_id]
+        assert (session.root, session.cwd) == (str(root_b), str(root_b / "sub"))
+        assert session.additional_directories == tuple(extra)
 
 
 async def test_an_additional_directory_swapped_for_a_symlink_lets_nothing_out(
@@ -802,3 +829,192 @@ async def test_a_session_path_that_is_slow_to_resolve_holds_up_only_its_own_requ
         for _ in range(2):  # (the abandoned walks end once the "mount" answers)
             await trio.to_thread.run_sync(left.acquire)
     assert timed_out == [False, False]
+
+
+async def test_a_hung_root_holds_up_only_its_own_threads(
+    tmp_path: Path, acp_schema: SchemaChecker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A thread abandoned on cancel (a path check, a tool's read or write) keeps its slot
+    until the file system answers. Every such thread took a slot of Trio's one default
+    limiter (40), so 40 requests stuck on one hung mount (one project) made every other
+    threaded operation of the server wait: another project's ``session/new`` and tool
+    calls, the dev app's file reads. Each served root has threads of its own now
+    (``_threads.ROOT_THREADS``): here 40 ``session/new`` with a cwd on a hung mount under
+    root ``a`` take all of ``a``'s; root ``b``'s ``session/new`` and a turn reading and
+    writing its files go through (stored in SQLite, whose thread is its own), and so does
+    a thread on the default limiter (the dev app's). What waits for one of ``a``'s threads
+    has started nothing and is cancellable: a ``session/new`` in ``a``
+    (``$/cancel_request``: -32800) and a turn whose tool call's path waits to be checked
+    (``session/cancel``: the turn ends cancelled before the call is reported)."""
+    import threading
+
+    from punie_trio import _threads
+    from punie_trio.hub import _lifecycle
+
+    base = Path(await trio.Path(tmp_path).resolve())
+    root_a, root_b = base / "a", base / "b"
+    (root_a / "mount").mkdir(parents=True)
+    root_b.mkdir()
+    for root in (root_a, root_b):
+        (root / "inside.txt").write_text("inside")
+    mount = str(root_a / "mount")
+    entered = threading.Semaphore(0)
+    release = threading.Event()
+    timed_out: list[bool] = []
+    resolve = _lifecycle.resolved
+
+    def hung_under_mount(path: str) -> str:
+        if path.startswith(mount):
+            entered.release()
+            timed_out.append(not release.wait(timeout=10))
+        return resolve(path)
+
+    monkeypatch.setattr(_lifecycle, "resolved", hung_under_mount)
+    fill = trio.to_thread.current_default_thread_limiter().total_tokens
+    assert fill > _threads.ROOT_THREADS
+    steps = [
+        {"tool": "read_file", "input": {"path": "inside.txt"}},
+        {"tool": "write_file", "input": {"path": "new.txt", "content": "written"}},
+        {"text": "done"},
+    ]
+    model = ScriptModel([steps])
+    async with (
+        open_sqlite_store(base / "sessions.sqlite3") as store,  # (its own thread, no limiter)
+        open_hub(root_a, acp_schema, model, store=store, roots=(root_a, root_b)) as hub,
+    ):
+        a, b = await hub.connect(), await hub.connect()
+        for link in (a, b):
+            await initialize(link.client)
+        session_a = await a.client.new_session(str(root_a))  # (before the mount hangs)
+        new = {"cwd": mount, "mcpServers": []}
+        for i in range(fill):
+            await a.client.send(
+                {"jsonrpc": "2.0", "id": f"hung{i}", "method": "session/new", "params": new}
+            )
+        for _ in range(_threads.ROOT_THREADS):
+            await trio.to_thread.run_sync(entered.acquire)
+        await hub.settle()
+        slots = _threads.slots_for(str(root_a)).limiter
+        assert (slots.borrowed_tokens, slots.statistics().tasks_waiting) == (
+            _threads.ROOT_THREADS,
+            fill - _threads.ROOT_THREADS,
+        )
+        await trio.to_thread.run_sync(lambda: None)  # (the default limiter: the dev app's)
+        session_b = await b.client.new_session(str(root_b))
+        assert await b.client.prompt(session_b, "read and write") == "end_turn"
+        assert [u["status"] for u in tool_outcomes(b.client, session_b)] == ["completed"] * 2
+        assert (root_b / "new.txt").read_text() == "written"
+        record = await store.get_session(session_b)
+        assert record is not None and record.turns == 1
+
+        # Waiting for a's threads: cancellable, nothing started.
+        await a.client.send(
+            {
+                "jsonrpc": "2.0",
+                "id": "in-a",
+                "method": "session/new",
+                "params": {**new, "cwd": str(root_a)},
+            }
+        )
+        await send_prompt(a.client, "turn-a", session_a, "read")
+        await hub.settle()
+        assert slots.statistics().tasks_waiting == fill - _threads.ROOT_THREADS + 2
+        await a.client.notify("$/cancel_request", {"requestId": "in-a"})
+        answer = await a.client.wait_for(lambda m: m.get("id") == "in-a")
+        assert answer["error"]["code"] == -32800, answer
+        await a.client.notify("session/cancel", {"sessionId": session_a})
+        answer = await a.client.wait_for(lambda m: m.get("id") == "turn-a")
+        assert answer["result"] == {"stopReason": "cancelled"}
+        # (Cancelled while its path waited to be checked: no tool call was reported.)
+        assert not [u for u in a.client.updates(session_a) if "toolCallId" in u]
+        assert slots.statistics().tasks_waiting == fill - _threads.ROOT_THREADS
+        assert timed_out == []  # (all of that while a's mount still hung)
+        release.set()
+        for i in range(fill):
+            answer = await a.client.wait_for(lambda m, i=i: m.get("id") == f"hung{i}")
+            assert "sessionId" in answer["result"], answer
+    assert timed_out == [False] * fill
+    assert not (root_a / "new.txt").exists()
+
+
+async def test_a_root_whose_threads_stay_busy_refuses_with_a_clear_error(
+    tmp_path: Path,
+    acp_schema: SchemaChecker,
+    monkeypatch: pytest.MonkeyPatch,
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    """What waits :data:`~punie_trio._threads.ROOT_WAIT` seconds for one of its root's
+    threads, all held by a file system that does not answer, is refused rather than left
+    waiting for ever: a ``session/new`` with -32603 naming the root, a tool call failed
+    with the same words (the turn goes on). Once the mount answers, the root serves
+    again."""
+    import threading
+
+    from punie_trio import _threads
+    from punie_trio.hub import _lifecycle
+
+    root = Path(await trio.Path(tmp_path).resolve())
+    (root / "mount").mkdir()
+    (root / "inside.txt").write_text("inside")
+    mount = str(root / "mount")
+    entered = threading.Semaphore(0)
+    release = threading.Event()
+    timed_out: list[bool] = []
+    resolve = _lifecycle.resolved
+
+    def hung_under_mount(path: str) -> str:
+        if path.startswith(mount):
+            entered.release()
+            timed_out.append(not release.wait(timeout=10))
+        return resolve(path)
+
+    monkeypatch.setattr(_lifecycle, "resolved", hung_under_mount)
+    steps = [{"tool": "read_file", "input": {"path": "inside.txt"}}, {"text": "done"}]
+    async with open_hub(root, acp_schema, ScriptModel([steps])) as hub:
+        link = await hub.connect()
+        await initialize(link.client)
+        client = link.client
+        session_id = await client.new_session(str(root))  # (before the mount hangs)
+        new = {"cwd": mount, "mcpServers": []}
+        for i in range(_threads.ROOT_THREADS):
+            await client.send(
+                {"jsonrpc": "2.0", "id": f"hung{i}", "method": "session/new", "params": new}
+            )
+        for _ in range(_threads.ROOT_THREADS):
+            await trio.to_thread.run_sync(entered.acquire)
+        await client.send(
+            {
+                "jsonrpc": "2.0",
+                "id": "refused",
+                "method": "session/new",
+                "params": {"cwd": str(root), "mcpServers": []},
+            }
+        )
+        await send_prompt(client, "turn", session_id, "read")
+        await hub.settle()
+        assert _threads.slots_for(str(root)).limiter.statistics().tasks_waiting == 2
+        mock_clock.jump(_threads.ROOT_WAIT)
+        answer = await client.wait_for(lambda m: m.get("id") == "refused")
+        expected = (
+            f"the file system of project root {root} is not answering: all "
+            f"{_threads.ROOT_THREADS} threads for its files have been busy for "
+            f"{_threads.ROOT_WAIT:g} s (a network mount that stopped answering?); nothing "
+            "was done, try again once it answers"
+        )
+        assert answer["error"] == {"code": -32603, "message": f"Internal error: {expected}"}
+        answer = await client.wait_for(lambda m: m.get("id") == "turn")
+        assert answer["result"] == {"stopReason": "end_turn"}
+        [outcome] = tool_outcomes(client, session_id)
+        assert outcome["status"] == "failed"
+        assert outcome["content"][0]["content"]["text"] == expected
+        assert len(hub.manager.sessions) == 1  # (nothing opened by the refused request)
+        assert timed_out == []
+        release.set()
+        for i in range(_threads.ROOT_THREADS):
+            answer = await client.wait_for(lambda m, i=i: m.get("id") == f"hung{i}")
+            assert "sessionId" in answer["result"], answer
+        # The mount answers: the root serves again.
+        other = await client.new_session(str(root))
+        assert await client.prompt(other, "read") == "end_turn"
+        assert [u["status"] for u in tool_outcomes(client, other)] == ["completed"]
+    assert timed_out == [False] * _threads.ROOT_THREADS

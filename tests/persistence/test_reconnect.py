@@ -292,6 +292,24 @@ async def test_awaited_ids_at_their_bounds_are_taken(
         assert sorted(answered, key=str) == sorted(largest, key=str)
 
 
+async def test_a_server_allowing_more_sessions_takes_as_many_awaited_ids(
+    tmp_path: Path, acp_schema: SchemaChecker
+) -> None:
+    """The awaiting list took at most 1,000 ids whatever ``--max-sessions-per-connection``
+    allowed: a client of a server allowing 5,000 sessions, back awaiting a prompt in each
+    of 1,001, was refused its reconnect (-32602). The bound is the larger of the two."""
+    limits = Limits(max_sessions_per_connection=1500)
+    async with open_hub(tmp_path, acp_schema, ScriptModel([[{"text": "x"}]]), limits=limits) as hub:
+        c = await hub.connect()
+        await initialize(c.client, client_id="ide", awaiting=list(range(1500)))
+        await hub.settle()
+        assert len([m for m in c.client.received if m.get("id") in range(1500)]) == 1500
+        over = await hub.connect()
+        meta = {CLIENT_ID_META: "ide-2", AWAITING_META: list(range(1501))}
+        error = await expect_error(over.client, "initialize", {"protocolVersion": 1, "_meta": meta})
+        assert error["code"] == -32602 and "at most 1500 request ids" in error["message"]
+
+
 async def test_grace_expiry_drops_the_sessions_but_they_stay_loadable(
     tmp_path: Path, acp_schema: SchemaChecker, autojump_clock: trio.testing.MockClock
 ) -> None:

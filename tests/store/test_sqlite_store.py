@@ -4,9 +4,11 @@ across ``kill -9``."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import shutil
 import signal
 import sqlite3
 import stat
@@ -14,6 +16,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -485,6 +488,248 @@ async def test_the_check_runs_unless_the_store_was_closed_cleanly_and_left_alone
     os.utime(path, ns=(0, 0))  # changed since its clean close
     async with open_sqlite_store(path):
         assert checked()
+
+
+def another_stores_wal(path: Path, tmp_path: Path) -> None:
+    """Put beside the store ``path`` the WAL of another store, as a run killed with turns
+    in it left it: committed, not yet copied into its file."""
+    other = tmp_path / "other" / "s.db"
+    other.parent.mkdir()
+    trio.run(_fill, other, 4, 15)
+    conn = sqlite3.connect(other, isolation_level=None)
+    conn.execute("PRAGMA wal_autocheckpoint = 0")
+    conn.execute("UPDATE turns SET entries = entries || ' '")
+    wal = Path(f"{other}-wal").read_bytes()
+    conn.close()
+    Path(f"{path}-wal").write_bytes(wal)
+
+
+def test_another_stores_wal_beside_a_store_closed_cleanly_is_checked(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The marker named the file alone: another store's WAL put beside a store closed
+    cleanly and left alone (a copy of the data directory's files, a backup restored in
+    part) was replayed without a check, and the close's checkpoint wrote its pages into
+    the file, which ``quick_check`` then found damaged ("Page 232 is never used"); the
+    marker that close left named the damaged file, so no start checked it again. The
+    marker names the WAL too now (none, or an empty one, after a clean close): the
+    start checks."""
+    path = tmp_path / "s.db"
+    trio.run(_fill, path)
+    assert (tmp_path / "s.db-closed").exists()
+    another_stores_wal(path, tmp_path)
+    caplog.set_level(logging.WARNING, logger="punie_trio.store._schema")
+    with contextlib.suppress(StoreError):  # (refused as damaged where the check sees it)
+        trio.run(_open_and_close, path)
+    assert any("checking it whole" in r.getMessage() for r in caplog.records)
+
+
+def test_an_index_that_disagrees_with_its_table_is_refused_at_open(tmp_path: Path) -> None:
+    """The check was ``quick_check``, which leaves out whether each index matches its
+    table: another store's WAL replayed into a store passed it, and the store served
+    sessions whose records said 5, 10 and 15 turns with 20 turns each read through the
+    ``turns`` key (15 in the table). ``integrity_check`` (as fast from the disk) refuses
+    it."""
+    path = tmp_path / "s.db"
+    trio.run(_fill, path)
+    (tmp_path / "s.db-closed").unlink()  # (checked either way: see the test above)
+    another_stores_wal(path, tmp_path)
+    with pytest.raises(StoreError) as caught:
+        trio.run(_open_and_close, path)
+    _assert_damaged(str(caught.value), path)
+    assert "missing from index" in str(caught.value)
+
+
+def _killed_with_a_wal(path: Path) -> None:
+    """A process writes into the store ``path`` and is killed (``kill -9``) before any
+    checkpoint: its commit is only in the ``-wal`` it leaves, with no marker."""
+    child = textwrap.dedent(
+        """
+        import os, signal, sqlite3, sys
+        conn = sqlite3.connect(sys.argv[1], isolation_level=None)
+        conn.execute("PRAGMA wal_autocheckpoint = 0")
+        conn.execute("UPDATE sessions SET title = 'only in the WAL'")
+        os.kill(os.getpid(), signal.SIGKILL)
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", child, str(path)], check=False)
+    assert done.returncode == -signal.SIGKILL
+    assert Path(f"{path}-wal").stat().st_size > 0
+    path.with_name(path.name + "-closed").unlink(missing_ok=True)
+
+
+@pytest.mark.parametrize("damage", ["a damaged page", "another store's WAL"])
+def test_a_store_refused_as_damaged_keeps_its_file_and_its_wal(tmp_path: Path, damage: str) -> None:
+    """The refusal says "nothing was changed in it. Keep a copy of PATH (and its -wal,
+    if any)"; but the checking connection, closing as the store's last, checkpointed the
+    WAL into the damaged file and removed it. A damaged file (after a ``kill -9``) took
+    the WAL's pages, and a good store with another's WAL beside it was damaged for
+    good (without that WAL, it had been whole). Now both files are left as they were."""
+    path = tmp_path / "s.db"
+    trio.run(_fill, path)
+    if damage == "a damaged page":
+        _killed_with_a_wal(path)
+        _overwrite_a_middle_page(path)
+    else:
+        (tmp_path / "s.db-closed").unlink()
+        another_stores_wal(path, tmp_path)
+    wal = Path(f"{path}-wal")
+    before = path.read_bytes(), wal.read_bytes()
+    with pytest.raises(StoreError) as caught:
+        trio.run(_open_and_close, path)
+    _assert_damaged(str(caught.value), path)
+    assert (path.read_bytes(), wal.read_bytes()) == before
+    if damage == "another store's WAL":  # (the store itself was whole all along)
+        wal.unlink()
+        trio.run(_open_and_close, path)
+
+
+async def _open_and_close(path: Path) -> None:
+    async with open_sqlite_store(path):
+        pass
+
+
+def test_an_empty_wal_a_reader_left_is_no_reason_to_check(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``punie-trio sessions ...`` beside a stopped server leaves an empty ``-wal`` (and
+    ``-shm``): no change to the store, and no check at the next start."""
+    path = tmp_path / "s.db"
+    trio.run(_fill, path)
+    with contextlib.closing(_schema.connect_readonly(path)) as conn:
+        conn.execute("SELECT count(*) FROM turns").fetchone()
+    assert Path(f"{path}-wal").stat().st_size == 0
+    caplog.set_level(logging.WARNING, logger="punie_trio.store._schema")
+    trio.run(_open_and_close, path)
+    assert not any("checking it whole" in r.getMessage() for r in caplog.records)
+
+
+#: A query that runs for seconds (about 3 s here) unless interrupted: a start-up check of
+#: a large store from the disk (10.4 s for 618 MB), without the store.
+A_LONG_CHECK = (
+    "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < 10000000)"
+    " SELECT count(*) FROM c"
+)
+
+
+def slow_check(
+    monkeypatch: pytest.MonkeyPatch, started: Callable[[], object]
+) -> list[BaseException | None]:
+    """Make the start-up check :data:`A_LONG_CHECK`, calling ``started()`` (on the owner
+    thread) as it begins; what it ended in is appended to the list returned."""
+    ended: list[BaseException | None] = []
+
+    def check(conn: sqlite3.Connection, path: Path) -> None:
+        started()
+        try:
+            conn.execute(A_LONG_CHECK).fetchall()
+        except BaseException as exc:
+            ended.append(exc)
+            raise
+        ended.append(None)
+
+    monkeypatch.setattr(_schema, "check_integrity", check)
+    return ended
+
+
+async def test_a_cancelled_open_stops_its_check_and_changes_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The check of a large store takes seconds from the disk, and the open could not be
+    cancelled while it ran (a SIGTERM at start waited for it; ``serve``'s watchdog
+    ended the process, status 1). A cancelled open now interrupts it at once: the open
+    ends in ``Cancelled``, the file is as it was, and with no marker the next open
+    checks again."""
+    path = tmp_path / "s.db"
+    await _fill(path, sessions=1, turns=3)
+    (tmp_path / "s.db-closed").unlink()  # (as a kill -9 leaves it)
+    before = path.read_bytes()
+    token = trio.lowlevel.current_trio_token()
+    with trio.CancelScope() as scope:
+        ended = slow_check(monkeypatch, lambda: token.run_sync_soon(scope.cancel))
+        async with open_sqlite_store(path):
+            raise AssertionError("the open was cancelled")
+    assert scope.cancelled_caught
+    assert len(ended) == 1 and isinstance(ended[0], sqlite3.OperationalError)
+    assert str(ended[0]) == "interrupted"
+    assert path.read_bytes() == before
+    assert not (tmp_path / "s.db-closed").exists()
+    monkeypatch.undo()
+    async with open_sqlite_store(path) as store:  # (checked, and whole)
+        sessions, _ = await store.list_sessions()
+        assert [record.id for record in sessions] == ["s0"]
+
+
+@contextlib.contextmanager
+def one_second_times(path: Path) -> Iterator[Path]:
+    """A file system at ``path`` whose times are whole seconds (ext2 with 128-byte
+    inodes, on a loop device); skips the test where it cannot be made and mounted (not
+    root, no ``mke2fs``, no loop devices)."""
+    image = path.with_name(path.name + ".img")
+    path.mkdir()
+    made = None
+    if hasattr(os, "geteuid") and os.geteuid() == 0 and shutil.which("mke2fs"):
+        with image.open("wb") as file:
+            file.truncate(16 * 1024 * 1024)
+        made = subprocess.run(
+            ["mke2fs", "-q", "-t", "ext2", "-I", "128", "-F", str(image)],
+            capture_output=True,
+            check=False,
+        )
+    if made is not None and made.returncode == 0:
+        made = subprocess.run(
+            ["mount", "-o", "loop", str(image), str(path)], capture_output=True, check=False
+        )
+    if made is None or made.returncode != 0:
+        pytest.skip("needs root, mke2fs and a loop device to mount a file system")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def test_a_change_in_the_second_of_a_clean_close_is_seen_where_times_are_coarse(
+    tmp_path: Path,
+) -> None:
+    """Where file times are whole seconds (ext2 or ext3 with 128-byte inodes, HFS+, some
+    NFS; FAT's are 2 s), a page overwritten just after a clean close kept the times and
+    the size the marker held, and slipped past the check (20 times in 20, measured). The
+    close now leaves its marker only once the file system's clock has passed the
+    store's last change (about a second here), so any later change is seen."""
+    with one_second_times(tmp_path / "disk") as disk:
+        path = disk / "s.db"
+        trio.run(_fill, path)
+        assert (disk / "s.db-closed").exists()
+        _overwrite_a_middle_page(path)  # (in the same second, but for a slow machine)
+        with pytest.raises(StoreError) as caught:
+            trio.run(_open_and_close, path)
+        _assert_damaged(str(caught.value), path)
+
+
+async def test_a_close_where_the_store_cannot_be_looked_at_ends_cleanly(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The close looks at the store's path to leave its marker; where that fails other
+    than "no file" (the data directory replaced by a symlink loop; for a user other than
+    root, one whose search permission was taken away), the ``OSError`` came out of the
+    close: ``serve`` ended its clean shutdown with a traceback, status 1. Now the close
+    ends cleanly, leaves no marker, and says so; the next open checks the store."""
+    directory = tmp_path / "d"
+    directory.mkdir()
+    caplog.set_level(logging.WARNING, logger="punie_trio.store._sqlite")
+    async with open_sqlite_store(directory / "s.db") as store:
+        await store.create_session(make_record("s1"))
+        directory.rename(tmp_path / "moved")
+        directory.symlink_to("d")  # (d -> d: ELOOP)
+    assert any("no marker" in r.getMessage() for r in caplog.records)
+    directory.unlink()
+    (tmp_path / "moved").rename(directory)
+    assert not (directory / "s.db-closed").exists()
+    caplog.clear()
+    caplog.set_level(logging.WARNING, logger="punie_trio.store._schema")
+    async with open_sqlite_store(directory / "s.db") as store:
+        assert await store.get_session("s1") is not None
+    assert any("checking it whole" in r.getMessage() for r in caplog.records)
 
 
 def test_migrations_apply_in_order_and_fail_atomically(tmp_path: Path) -> None:

@@ -177,3 +177,57 @@ def test_the_defaults_come_back_where_signals_cannot_be_held(
         _entry.main()
     assert done.value.code == 0
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+async def test_a_signal_during_the_start_up_check_stops_it_and_serve_ends_cleanly(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The store's start-up check reads the whole file (10.4 s for 618 MB from the disk)
+    and could not be stopped: a SIGTERM then waited for it, and past the shutdown
+    timeout the watchdog ended serve, status 1, blaming "a client stopped reading?".
+    Now the signal interrupts the check, and serve ends as for a signal a moment later:
+    nothing served, no watchdog left, the store as it was (and checked at the next
+    start: no marker of a clean close)."""
+    import trio
+
+    from punie_trio import server
+    from punie_trio.worker import EchoModel
+
+    from ..store.test_sqlite_store import _fill, slow_check
+
+    timers: list[Any] = []
+
+    class Timer:  # (a real one would os._exit this test process if it fired)
+        def __init__(self, timeout: float, function: Any, args: Any) -> None:
+            self.stage, self.cancelled = args[1], False
+            self.daemon = False
+            timers.append(self)
+
+        def start(self) -> None:
+            pass
+
+        def cancel(self) -> None:
+            self.cancelled = True
+
+    monkeypatch.setattr(server.threading, "Timer", Timer)
+    data = tmp_path / "data"
+    data.mkdir(mode=0o700)
+    store = data / "sessions.sqlite3"
+    await _fill(store, sessions=1, turns=3)
+    (data / "sessions.sqlite3-closed").unlink()  # (as a kill -9 leaves it)
+    before = store.read_bytes()
+    ended = slow_check(monkeypatch, lambda: os.kill(os.getpid(), signal.SIGTERM))
+    config = server.ServeConfig(projects=(tmp_path,), model=EchoModel(), port=0, data_dir=data)
+    gc_threshold = gc.get_threshold()
+    try:
+        async with trio.open_nursery() as nursery:
+            running = await nursery.start(server.serve, config)
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*gc_threshold)
+    assert running.url is None and running.closing.is_set()
+    assert len(ended) == 1 and str(ended[0]) == "interrupted"
+    (watchdog,) = timers
+    assert watchdog.cancelled
+    assert store.read_bytes() == before
+    assert not (data / "sessions.sqlite3-closed").exists()

@@ -66,7 +66,10 @@ async def open_browser_when_ready(
 
     Error handling: a server that never answers within ``give_up_after`` seconds is logged and
     the browser is not opened; ``webbrowser.open`` may block (it can start a process), so it
-    runs in a thread.
+    runs in a thread, abandoned on cancel: with ``$BROWSER`` set (or a console browser) it
+    waits for the browser to exit, and a server told to stop waited for the user to close
+    the browser. The browser stays open (the user's, not the server's), its thread left to
+    end with it.
     """
     parts = urllib.parse.urlsplit(url)
     host = parts.hostname or "127.0.0.1"
@@ -78,6 +81,6 @@ async def open_browser_when_ready(
                 if await _answers(host, port, target):
                     break
             await trio.sleep(interval)
-        await trio.to_thread.run_sync(opener, url)
+        await trio.to_thread.run_sync(opener, url, abandon_on_cancel=True)
         return
     log.warning("not opening a browser: %s did not answer within %.0fs", url, give_up_after)

@@ -556,7 +556,11 @@ class BuildLoop:
 
     async def prepare(self) -> None:
         """Snapshot the output as it is before anything runs."""
-        self._last_good = await trio.to_thread.run_sync(take_snapshot, self.site_dir, None)
+        # Left to its thread on cancel (a snapshot only reads): on a site that stopped
+        # answering (a network mount) it held the server's shutdown until it answered.
+        self._last_good = await trio.to_thread.run_sync(
+            take_snapshot, self.site_dir, None, abandon_on_cancel=True
+        )
 
     async def cycle(self, changed: Sequence[str] = ()) -> None:
         """One build (if there is a command) and the reload decision."""
@@ -605,7 +609,9 @@ class BuildLoop:
             duration = result.duration
         after = small_snapshot(self.site_dir, self._last_good)
         if after is None:  # a bigger site, or big changed files: off the event loop
-            after = await trio.to_thread.run_sync(take_snapshot, self.site_dir, self._last_good)
+            after = await trio.to_thread.run_sync(
+                take_snapshot, self.site_dir, self._last_good, abandon_on_cancel=True
+            )  # (as in prepare)
         decision = decide(self._last_good, after)
         self._last_good = after
         # No await from here on: status and reload reach every subscriber together (in one
@@ -648,7 +654,9 @@ class BuildLoop:
         # and re-points the link to it (current -> releases/N) is seen writing a new
         # directory each time, which no rule made when the watch started ignores (a
         # review: 20 builds in 4 s, without an edit).
-        output = await trio.to_thread.run_sync(os.path.realpath, self.site_dir)
+        output = await trio.to_thread.run_sync(
+            os.path.realpath, self.site_dir, abandon_on_cancel=True
+        )  # (as in prepare)
         self.pending.discard(
             [p for p in self.pending.paths if p == output or p.startswith(output + os.sep)]
         )

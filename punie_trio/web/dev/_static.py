@@ -204,16 +204,23 @@ class Vanished(Exception):
     deleted (or replaced by something unreadable) since. Answer as for a missing file."""
 
 
-async def _read_found(read: Callable[[*_Args], _T], *args: *_Args) -> _T:
+async def _read_found(read: Callable[[*_Args], _T], *args: *_Args, shared: bool = False) -> _T:
     """``read(*args)`` in a thread, for a file a lookup found but did not read (too large):
     an ``OSError`` is :class:`Vanished`.
 
     Why: a build that empties its output first (Vite's ``emptyOutDir``, Hugo's
     ``--cleanDestinationDir``) deletes files between the lookup and this read, and the
     ``FileNotFoundError`` left the app: a 500, and "Error in ASGI Framework" with a
-    traceback in the terminal."""
+    traceback in the terminal.
+
+    Abandoned on cancel, unless ``shared`` (the compression of a large file, whose result
+    other requests wait for: :meth:`StaticSite._gzipped`): a read changes nothing, and on
+    a site that stopped answering (a network mount) a request's read held the server's
+    shutdown until the file system answered, past ``shutdown_timeout`` (the watchdog then
+    ended the process with status 1). The thread ends when the file system answers. A
+    lookup (:meth:`StaticSite.find`) and a page's read are left so too."""
     try:
-        return await trio.to_thread.run_sync(read, *args)
+        return await trio.to_thread.run_sync(read, *args, abandon_on_cancel=not shared)
     except OSError as exc:
         raise Vanished(str(exc)) from exc
 
@@ -346,8 +353,9 @@ class StaticSite:
                 return cached
             self._forget(key)
         self.misses += 1
+        # (Abandoned on cancel, as a read: see _read_found.)
         found = await trio.to_thread.run_sync(
-            lookup, self._site, segments, trailing, CACHE_FILE_LIMIT
+            lookup, self._site, segments, trailing, CACHE_FILE_LIMIT, abandon_on_cancel=True
         )
         if found.ident is not None:
             self._forget(key)  # a concurrent miss for the same path may have stored one
@@ -387,7 +395,7 @@ class StaticSite:
         if found.body is not None:
             return found.body
         try:
-            return await trio.to_thread.run_sync(_read, found.path)
+            return await trio.to_thread.run_sync(_read, found.path, abandon_on_cancel=True)
         except OSError:
             return None
 
@@ -413,7 +421,9 @@ class StaticSite:
         done = self._gzipping[key] = trio.Event()
         try:
             # Not abandoned on cancel: the result is kept for the requests that wait for it.
-            compressed, cacheable = await _read_found(_gzip_file, found.path, found.version)
+            compressed, cacheable = await _read_found(
+                _gzip_file, found.path, found.version, shared=True
+            )
             self.compressions += 1
         finally:
             del self._gzipping[key]
