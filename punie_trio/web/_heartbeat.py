@@ -86,6 +86,10 @@ class Watched(Protocol):
         progress of a write that waited for room); None where :meth:`last_heard` is."""
         ...
 
+    def closing(self) -> bool:
+        """Whether the connection is closing: a close frame came or went, or it is lost."""
+        ...
+
 
 class Initialized(Protocol):
     initialized: bool
@@ -147,9 +151,10 @@ class Heartbeat:
     async def alive(self, connection: Initialized) -> bool:
         """Whether ``connection`` is alive: pinged now, heard from (any bytes: a message,
         the pong; or it reads a write that waited for room: ``heard_event``) within
-        ``probe_within`` seconds. Silent, it is dropped as the sweep
-        drops a dead peer (the TCP connection is closed; its disconnect then ends it like
-        any other), and False is returned once the drop is done. True at once for a
+        ``probe_within`` seconds, and not closing (what was heard may be its client's
+        close: then False, with no drop, and its end follows). Silent, it is dropped as
+        the sweep drops a dead peer (the TCP connection is closed; its disconnect then
+        ends it like any other), and False is returned once the drop is done. True at once for a
         connection this watcher cannot tell dead (not watched: stdio, HTTP/2, or not
         punie-trio's socket reader): the caller keeps it as it is.
 
@@ -166,7 +171,12 @@ class Heartbeat:
                 if stream.ping_now():
                     await stream.finish_sending()
                 await heard.wait()
-                return True
+                # What was heard may be its client's goodbye (a close frame, handled by
+                # now: its read goes on to the protocol before this task runs again): a
+                # client reconnecting closes its old connection, and the close could come
+                # in behind the new connection's initialize. Not alive then: the caller
+                # waits for its end (it was refused as alive, the id free a moment later).
+                return not stream.closing()
             reason = (
                 f"no answer to a ping within {self.probe_within:g} s "
                 "(a new connection names its client id)"

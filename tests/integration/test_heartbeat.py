@@ -445,3 +445,37 @@ async def test_a_live_client_reading_a_long_write_is_not_taken_for_dead(
             assert [m.get("id") for m in reader.messages()].count(3) == 1
         reader.peek.close()
         await reader.stream.aclose()
+
+
+async def test_a_connection_whose_client_closes_it_during_the_probe_is_not_alive(
+    start_server: StartServer,
+    tmp_path: Path,
+    acp_schema: SchemaChecker,
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    """A client reconnecting closes its old connection, and the close frame can come in
+    behind the new connection's initialize (two TCP connections): what the probe heard
+    was its goodbye. It was taken as an answer, and the new connection refused (-32600,
+    "alive") while the old one ended a moment later, its id free. It is not alive: the
+    new connection waits for its end and gets the sessions (no time passes)."""
+    model = ScriptModel([[{"text": "1 "}, {"sleep": 30}]])
+    async with start_server(model, limits=Limits(grace_seconds=300)) as running:
+        manager = running.manager
+        assert running.url is not None
+        old, session_id = await half_open_client(running, "ide", tmp_path, acp_schema)
+        async with acp_ws_client(running.url, acp_schema) as (new, _):
+            start = trio.current_time()
+            await new.send(initialize_request("init", "ide", [3]))
+            await settle()
+            await old.stream.send_all(old.ws.send(CloseConnection(code=1000)))
+            await settle_until(lambda: answer_to(new, "init") is not None)
+            accepted = answer_to(new, "init")
+            assert accepted is not None and "protocolVersion" in accepted["result"], accepted
+            assert trio.current_time() == start
+            owner = manager.sessions[session_id].owner
+            assert owner is not None and owner in manager.connections
+            assert len(manager.connections) == 1
+            mock_clock.jump(30)
+            await settle_until(lambda: answer_to(new, 3) is not None)
+        old.peek.close()
+        await old.stream.aclose()
