@@ -549,7 +549,13 @@ async def despite_a_drop(self: Manager, conn: ClientConnection, work: Awaitable[
     is lost in flight. Cut with the connection (as every request handler is), the close
     left the session live, kept within grace for the client, which came back to a
     session it had closed (counted against its session limit, never closed again),
-    and a delete left the stored session too."""
+    and a delete left the stored session too.
+
+    Error handling: an error the work meets after its connection dropped has no
+    request left to answer: one the hub did not expect is logged with its traceback
+    here, as the peer logs a failing handler's (it was kept for the gone handler and
+    lost without a word); a refusal (:class:`RpcError`) is the client's news, and a
+    store's trouble is logged where it is met."""
     nursery = self._nursery
     if nursery is None:
         return await work
@@ -557,12 +563,15 @@ async def despite_a_drop(self: Manager, conn: ClientConnection, work: Awaitable[
     scope = trio.CancelScope()
     outcome: list[T] = []
     failure: list[Exception] = []
+    left = False  # (the handler was cut with its connection: no one awaits the outcome)
 
     async def run() -> None:
         try:
             with scope:
                 outcome.append(await work)
         except Exception as exc:
+            if left and not isinstance(exc, RpcError):
+                log.exception("a session/close or delete whose connection dropped failed")
             failure.append(exc)
         finally:
             done.set()
@@ -575,6 +584,8 @@ async def despite_a_drop(self: Manager, conn: ClientConnection, work: Awaitable[
             scope.cancel()
             with trio.CancelScope(shield=True):
                 await done.wait()  # (its clean-up done: the session usable again)
+        else:
+            left = True
         raise
     if failure:
         raise failure[0]

@@ -298,9 +298,18 @@ class Peer:
         Why: a connection being probed (``Manager.take_over``: its client id is named by
         a new connection) may be half-open, and what is written to it then never
         arrives, and is never sent again (only what was not written is). Held, it goes
-        to the client's new connection if this one is dropped, and on here if not."""
+        to the client's new connection if this one is dropped, and on here if not.
+
+        Nothing is held (the event comes back set) once the connection is over: the
+        other side left, or :meth:`finish` was called. :meth:`run` then ends with what
+        is queued written or unsent, as it releases a hold at that point; held after it,
+        the writer waited with a handler's last answer and :meth:`run` never returned
+        (the connection, never detached, kept its prober waiting)."""
         held = self._writing_held
-        if held is None or held.is_set():
+        if self._lost or self._finishing:
+            held = trio.Event()
+            held.set()
+        elif held is None or held.is_set():
             held = self._writing_held = trio.Event()
         return held
 

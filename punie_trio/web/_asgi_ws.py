@@ -57,6 +57,10 @@ class AsgiWebSocketStream:
         direct = self._direct
         return None if direct is None else direct.server.heard_event()
 
+    def closing(self) -> bool:
+        direct = self._direct
+        return self.disconnected or self.closed or (direct is not None and direct.lost())
+
     async def drop(self, code: int | None, reason: str) -> None:
         if self._direct is not None:
             await self._direct.drop(code, reason)

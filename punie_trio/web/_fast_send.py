@@ -216,7 +216,7 @@ class FastSendTCPServer(TCPServer):
     write_failed = False
     #: The read loop's scope, cancelled once the protocol has closed the connection.
     _reading: trio.CancelScope | None = None
-    #: Set (and forgotten) when bytes next come from the peer; made by whoever waits for
+    #: Set (and forgotten) when the peer is next heard from; made by whoever waits for
     #: that (:meth:`heard_event`). Class-level None: an idle connection carries none.
     _heard: trio.Event | None = None
 
@@ -261,11 +261,26 @@ class FastSendTCPServer(TCPServer):
         self.idle_task = _ENDED  # type: ignore[assignment]
 
     def heard_event(self) -> trio.Event:
-        """An event set when bytes next come from the peer (a message, a pong: any read
-        after this call). Never set if none come (the connection may end first)."""
+        """An event set when the peer is next heard from: bytes come from it (a message,
+        a pong: any read after this call), or it takes bytes off a write that waited for
+        room. Never set if neither happens (the connection may end first).
+
+        Why a write's progress too: a write that waits for room holds the socket, so no
+        ping can go out meanwhile, and a client reading a long write (a turn streaming
+        megabytes, a load's replay) while sending nothing was taken for dead by a probe
+        (``Heartbeat.alive``), dropped, and its sessions taken over by the connection
+        that named its client id. Room comes back only as the peer's TCP acknowledges
+        what its application read: a peer that is gone, or has stopped reading, makes
+        none."""
         if self._heard is None:
             self._heard = trio.Event()
         return self._heard
+
+    def _heard_from(self) -> None:
+        heard = self._heard
+        if heard is not None:
+            self._heard = None
+            heard.set()
 
     async def _read_data(self) -> None:
         try:
@@ -307,10 +322,7 @@ class FastSendTCPServer(TCPServer):
             except (trio.ClosedResourceError, trio.BrokenResourceError):
                 break
             self.last_read = trio.current_time()
-            heard = self._heard
-            if heard is not None:
-                self._heard = None
-                heard.set()
+            self._heard_from()
             reader = self.frame_reader
             if reader is not None and data:
                 await reader.feed(bytes(data))
@@ -464,6 +476,7 @@ class FastSendTCPServer(TCPServer):
         is terminating, a socket that takes nothing for :meth:`_stall_limit` is abandoned.
         Returns "sent", "closed" (the peer is gone) or "abandoned"."""
         stalled_since: float | None = None
+        waited = False
         while view:
             try:
                 sent = sock.send(view)
@@ -474,6 +487,8 @@ class FastSendTCPServer(TCPServer):
             if sent:
                 view = view[sent:]
                 stalled_since = None
+                if waited:
+                    self._heard_from()  # (it read: see heard_event)
                 continue
             if self.context.terminated.is_set():
                 now = trio.current_time()
@@ -486,6 +501,7 @@ class FastSendTCPServer(TCPServer):
                     await trio.lowlevel.wait_writable(sock)
                 except trio.ClosedResourceError:  # closed under us (see drop)
                     return "closed"
+            waited = True
         return "sent"
 
     async def abort(self) -> None:

@@ -23,8 +23,9 @@ It also answers, for one connection, whether it is alive right now
 open one holds, the manager asks, rather than refuse the client its own sessions until the
 sweep finds the old connection dead (60-70 s after a network flap or a laptop's resume
 left it half-open). The connection is pinged at once; bytes heard from it within
-:data:`PROBE_WITHIN` seconds (a message, the pong) say it is alive; silent, it is dropped
-as a dead peer is.
+:data:`PROBE_WITHIN` seconds (a message, the pong), or bytes it takes off a write that
+waited for room (it reads: the ping waits behind that write), say it is alive; silent, it
+is dropped as a dead peer is.
 
 Resource handling: the watcher owns nothing but its table; each drop runs in the
 watcher's nursery (a probe's in the caller's task), bounded by :data:`CLOSE_TIMEOUT`.
@@ -81,8 +82,12 @@ class Watched(Protocol):
         ...
 
     def heard_event(self) -> trio.Event | None:
-        """An event set when bytes next come from the client (any read after this call);
-        None where :meth:`last_heard` is."""
+        """An event set when the client is next heard from (any read after this call, or
+        progress of a write that waited for room); None where :meth:`last_heard` is."""
+        ...
+
+    def closing(self) -> bool:
+        """Whether the connection is closing: a close frame came or went, or it is lost."""
         ...
 
 
@@ -145,9 +150,11 @@ class Heartbeat:
 
     async def alive(self, connection: Initialized) -> bool:
         """Whether ``connection`` is alive: pinged now, heard from (any bytes: a message,
-        the pong) within ``probe_within`` seconds. Silent, it is dropped as the sweep
-        drops a dead peer (the TCP connection is closed; its disconnect then ends it like
-        any other), and False is returned once the drop is done. True at once for a
+        the pong; or it reads a write that waited for room: ``heard_event``) within
+        ``probe_within`` seconds, and not closing (what was heard may be its client's
+        close: then False, with no drop, and its end follows). Silent, it is dropped as
+        the sweep drops a dead peer (the TCP connection is closed; its disconnect then
+        ends it like any other), and False is returned once the drop is done. True at once for a
         connection this watcher cannot tell dead (not watched: stdio, HTTP/2, or not
         punie-trio's socket reader): the caller keeps it as it is.
 
@@ -164,7 +171,12 @@ class Heartbeat:
                 if stream.ping_now():
                     await stream.finish_sending()
                 await heard.wait()
-                return True
+                # What was heard may be its client's goodbye (a close frame, handled by
+                # now: its read goes on to the protocol before this task runs again): a
+                # client reconnecting closes its old connection, and the close could come
+                # in behind the new connection's initialize. Not alive then: the caller
+                # waits for its end (it was refused as alive, the id free a moment later).
+                return not stream.closing()
             reason = (
                 f"no answer to a ping within {self.probe_within:g} s "
                 "(a new connection names its client id)"

@@ -77,8 +77,16 @@ class RawClient:
         )  # fmt: skip
 
     def messages(self) -> list[dict[str, Any]]:
-        """The JSON-RPC messages received so far (call :meth:`read_ready` first)."""
-        return [json.loads(e.data) for e in self.events if isinstance(e, Message)]
+        """The JSON-RPC messages received so far (call :meth:`read_ready` first); a
+        message wsproto handed over in parts (a large one) once it is whole."""
+        messages, parts = [], []
+        for e in self.events:
+            if isinstance(e, Message):
+                parts.append(e.data)
+                if e.message_finished:
+                    messages.append(json.loads("".join(parts)))
+                    parts = []
+        return messages
 
     def pings(self) -> int:
         return sum(isinstance(e, Ping) for e in self.events)
@@ -384,5 +392,90 @@ async def test_two_connections_racing_for_a_half_open_client_id_do_not_both_win(
             await settle_until(lambda: answer_to(winner, 3) is not None)
         old.read_ready()
         assert old.eof
+        old.peek.close()
+        await old.stream.aclose()
+
+
+async def test_a_live_client_reading_a_long_write_is_not_taken_for_dead(
+    start_server: StartServer,
+    tmp_path: Path,
+    acp_schema: SchemaChecker,
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    """A client that reads (a turn streams 20 MB to it, more than the socket buffers
+    hold) but sends nothing while another connection names its client id: the ping
+    cannot go out while that write waits for room, and the probe took the client for
+    dead though it read all the while: it was dropped and its sessions taken over. What
+    the peer takes off a write that waited for room is heard from it now: alive, the new
+    connection is refused and the client gets its turn, every update once."""
+    model = ScriptModel([[{"text": f"{i:02} " + "x" * 500_000} for i in range(40)]])
+    async with start_server(model, limits=Limits(grace_seconds=300)) as running:
+        manager = running.manager
+        assert running.url is not None
+        reader = await RawClient.connect(running.url)
+        await reader.open_session("ide", tmp_path)
+        await settle_until(lambda: len(manager.sessions) == 1)
+        (session_id,) = manager.sessions
+        prompt = {
+            "jsonrpc": "2.0",
+            "id": 3,
+            "method": "session/prompt",
+            "params": {"sessionId": session_id, "prompt": [{"type": "text", "text": "go"}]},
+        }
+        await reader.send_json(prompt)
+        await settle()  # (the socket buffers are full: a write waits for room)
+        async with acp_ws_client(running.url, acp_schema) as (other, _):
+            await other.send(initialize_request("init", "ide", []))
+            await settle()
+            for _ in range(100):  # (no time passes)
+                reader.read_ready()  # the client reads on, and sends nothing
+                await settle()
+            mock_clock.jump(PROBE_WITHIN)
+            await settle_until(lambda: answer_to(other, "init") is not None)
+            refused = answer_to(other, "init")
+            assert refused is not None and refused["error"]["code"] == -32600
+            await settle_until(lambda: manager.sessions[session_id].turn is None)
+            while not any(m.get("id") == 3 for m in reader.messages()):
+                reader.read_ready()
+                await settle()
+            assert not reader.eof
+            assert manager.sessions[session_id].owner in manager.connections
+            texts = chunks(reader.messages(), session_id)
+            assert [t[:2] for t in texts] == [f"{i:02}" for i in range(40)]
+            assert [m.get("id") for m in reader.messages()].count(3) == 1
+        reader.peek.close()
+        await reader.stream.aclose()
+
+
+async def test_a_connection_whose_client_closes_it_during_the_probe_is_not_alive(
+    start_server: StartServer,
+    tmp_path: Path,
+    acp_schema: SchemaChecker,
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    """A client reconnecting closes its old connection, and the close frame can come in
+    behind the new connection's initialize (two TCP connections): what the probe heard
+    was its goodbye. It was taken as an answer, and the new connection refused (-32600,
+    "alive") while the old one ended a moment later, its id free. It is not alive: the
+    new connection waits for its end and gets the sessions (no time passes)."""
+    model = ScriptModel([[{"text": "1 "}, {"sleep": 30}]])
+    async with start_server(model, limits=Limits(grace_seconds=300)) as running:
+        manager = running.manager
+        assert running.url is not None
+        old, session_id = await half_open_client(running, "ide", tmp_path, acp_schema)
+        async with acp_ws_client(running.url, acp_schema) as (new, _):
+            start = trio.current_time()
+            await new.send(initialize_request("init", "ide", [3]))
+            await settle()
+            await old.stream.send_all(old.ws.send(CloseConnection(code=1000)))
+            await settle_until(lambda: answer_to(new, "init") is not None)
+            accepted = answer_to(new, "init")
+            assert accepted is not None and "protocolVersion" in accepted["result"], accepted
+            assert trio.current_time() == start
+            owner = manager.sessions[session_id].owner
+            assert owner is not None and owner in manager.connections
+            assert len(manager.connections) == 1
+            mock_clock.jump(30)
+            await settle_until(lambda: answer_to(new, 3) is not None)
         old.peek.close()
         await old.stream.aclose()

@@ -1209,6 +1209,36 @@ async def test_held_writes_wait_and_are_unsent_if_the_stream_ends_meanwhile(
         assert [json.loads(text)["method"] for text in peer.unsent()] == ["d"]
 
 
+async def test_a_hold_on_a_connection_already_ending_holds_nothing(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A connection whose client has gone (its reader ended) but whose ``run`` is not
+    over (a handler still winds down) is still listed, and may be probed for a take-over.
+    ``hold_writing`` then parked its writer for good on the handler's last answer: ``run``
+    never returned, the connection was never detached, and the take-over waited for that
+    until its 30 s limit and refused the client. Once the reader has ended nothing is
+    held (as ``run`` releases a hold then): what is queued goes, or is unsent."""
+    release = trio.Event()
+
+    async def winding_down(params: Params) -> str:
+        with trio.CancelScope(shield=True):
+            await release.wait()
+        return "late"
+
+    async with trio.open_nursery() as nursery:
+        peer, raw = await start_peer(nursery, Dispatcher({"slow": winding_down}))
+        await raw.send({"id": 1, "method": "slow"})
+        await trio.testing.wait_all_tasks_blocked()
+        await raw.stream.aclose()  # the client is gone; its request winds down
+        await trio.testing.wait_all_tasks_blocked()
+        assert peer.lost and not peer.closed
+        held = peer.hold_writing()  # (a prober releases it only once the connection ends)
+        release.set()
+        await trio.sleep(60)  # (the clock's time: far past any pass the end needs)
+        assert peer.closed and held.is_set()
+        nursery.cancel_scope.cancel()
+
+
 async def test_a_held_reader_reads_nothing_more_until_released() -> None:
     """``hold_reading``, from a handler's synchronous part: the next message is read only
     once the handler releases it (an ``initialize`` that waits for a probe decides
