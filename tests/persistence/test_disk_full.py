@@ -67,18 +67,24 @@ def test_a_store_that_cannot_be_made_past_the_file_size_limit_is_said_at_start(
     )
 
 
-@contextlib.contextmanager
-def ram_disk(path: Path) -> Iterator[Path]:
+def ram_disk(path: Path) -> contextlib.AbstractContextManager[Path]:
     """A ramfs at ``path``: it has no size, and ``statvfs`` says 0 blocks, 0 free (skips
     the test where it cannot be mounted: not root)."""
+    return _mounted(path, "ramfs", "mode=0700")
+
+
+@contextlib.contextmanager
+def _mounted(path: Path, kind: str, options: str) -> Iterator[Path]:
+    """A file system of ``kind`` mounted at ``path`` with ``options`` for the test, and
+    unmounted after it (skips the test where it cannot be mounted: not root)."""
     path.mkdir()
     mounted = subprocess.run(
-        ["mount", "-t", "ramfs", "-o", "mode=0700", "ramfs", str(path)],
+        ["mount", "-t", kind, "-o", options, kind, str(path)],
         capture_output=True,
         check=False,
     ) if hasattr(os, "geteuid") and os.geteuid() == 0 else None  # fmt: skip
     if mounted is None or mounted.returncode != 0:
-        pytest.skip("needs root to mount a ramfs")
+        pytest.skip(f"needs root to mount a {kind}")
     try:
         yield path
     finally:
@@ -163,21 +169,9 @@ async def test_a_turn_past_the_file_size_limit_is_refused_and_serving_goes_on(
     assert message.endswith("; raise the limit")
 
 
-@contextlib.contextmanager
-def small_disk(path: Path) -> Iterator[Path]:
+def small_disk(path: Path) -> contextlib.AbstractContextManager[Path]:
     """A 1 MiB tmpfs at ``path`` (skips the test where it cannot be mounted: not root)."""
-    path.mkdir()
-    mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=1m,mode=0700", "tmpfs", str(path)],
-        capture_output=True,
-        check=False,
-    ) if hasattr(os, "geteuid") and os.geteuid() == 0 else None  # fmt: skip
-    if mounted is None or mounted.returncode != 0:
-        pytest.skip("needs root to mount a tmpfs")
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], check=False)
+    return _mounted(path, "tmpfs", "size=1m,mode=0700")
 
 
 def fill(disk: Path, leave: int = 0) -> None:

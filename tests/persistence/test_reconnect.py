@@ -1730,6 +1730,30 @@ async def test_no_refusal_is_remembered_for_a_client_that_cannot_come_back(
         assert conn.refused_prompts is None
 
 
+def _random_turns(rng: random.Random) -> list[list[dict[str, Any]]]:
+    """Four scripted turns of up to 60 text steps each, some with a sleep between."""
+    turns: list[list[dict[str, Any]]] = []
+    for t in range(4):
+        steps: list[dict[str, Any]] = []
+        for i in range(rng.randint(0, 60)):
+            steps.append({"text": f"t{t}-{i} "})
+            if rng.random() < 0.1:
+                steps.append({"sleep": rng.choice([0.01, 0.5, 2])})
+        turns.append(steps)
+    return turns
+
+
+def _answers_per_prompt(links: list[Link], prompts: list[str]) -> dict[str, int]:
+    """How many answers each of ``prompts`` (request ids) got over all ``links``."""
+    counts: dict[str, int] = {}
+    for link in links:
+        for m in link.client.received:
+            request_id = m.get("id")
+            if request_id in prompts and "method" not in m:
+                counts[request_id] = counts.get(request_id, 0) + 1
+    return counts
+
+
 @pytest.mark.parametrize("seed", range(57, 69))
 async def test_every_prompt_is_answered_once_across_random_drops(
     tmp_path: Path,
@@ -1746,14 +1770,7 @@ async def test_every_prompt_is_answered_once_across_random_drops(
     prompt's answer dropped with its connection, turns cut with no grace or after it; 5
     of these 12 seeds.)"""
     rng = random.Random(seed)
-    turns: list[list[dict[str, Any]]] = []
-    for t in range(4):
-        steps: list[dict[str, Any]] = []
-        for i in range(rng.randint(0, 60)):
-            steps.append({"text": f"t{t}-{i} "})
-            if rng.random() < 0.1:
-                steps.append({"sleep": rng.choice([0.01, 0.5, 2])})
-        turns.append(steps)
+    turns = _random_turns(rng)
     limits = Limits(
         grace_seconds=rng.choice([0, 1, 5, 60]),
         detached_buffer=rng.choice([5, 50, 1000]),
@@ -1762,13 +1779,7 @@ async def test_every_prompt_is_answered_once_across_random_drops(
     prompts: list[str] = []
 
     def answered(links: list[Link]) -> dict[str, int]:
-        counts: dict[str, int] = {}
-        for link in links:
-            for m in link.client.received:
-                request_id = m.get("id")
-                if request_id in prompts and "method" not in m:
-                    counts[request_id] = counts.get(request_id, 0) + 1
-        return counts
+        return _answers_per_prompt(links, prompts)
 
     async with open_hub(tmp_path, acp_schema, ScriptModel(turns), limits=limits) as hub:
         link = await hub.connect(buffer=rng.choice([1, 4, 64]))
@@ -1824,14 +1835,7 @@ async def test_every_prompt_is_answered_once_across_random_take_overs(
     Every prompt is answered exactly once over all the connections, and nothing is
     logged as an error."""
     rng = random.Random(seed)
-    turns: list[list[dict[str, Any]]] = []
-    for t in range(4):
-        steps: list[dict[str, Any]] = []
-        for i in range(rng.randint(0, 60)):
-            steps.append({"text": f"t{t}-{i} "})
-            if rng.random() < 0.1:
-                steps.append({"sleep": rng.choice([0.01, 0.5, 2])})
-        turns.append(steps)
+    turns = _random_turns(rng)
     limits = Limits(
         grace_seconds=rng.choice([1, 5, 60]),
         detached_buffer=rng.choice([5, 50, 1000]),
@@ -1841,13 +1845,7 @@ async def test_every_prompt_is_answered_once_across_random_take_overs(
     links: list[Link] = []
 
     def answered() -> dict[str, int]:
-        counts: dict[str, int] = {}
-        for link in links:
-            for m in link.client.received:
-                request_id = m.get("id")
-                if request_id in prompts and "method" not in m:
-                    counts[request_id] = counts.get(request_id, 0) + 1
-        return counts
+        return _answers_per_prompt(links, prompts)
 
     async def alive(conn: ClientConnection) -> bool:
         await trio.sleep(rng.choice([0, 0.01, 1, 5]))
