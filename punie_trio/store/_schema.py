@@ -312,8 +312,7 @@ def out_of_room(path: Path, exc: sqlite3.Error) -> tuple[str, str] | None:
     ``serve`` said "cannot open session store: disk I/O error", and a prompt "the turn was
     not saved: session store: disk I/O error".
     """
-    code = getattr(exc, "sqlite_errorcode", None)
-    if code is None or code & 0xFF not in (sqlite3.SQLITE_FULL, sqlite3.SQLITE_IOERR):
+    if _primary_code(exc) not in (sqlite3.SQLITE_FULL, sqlite3.SQLITE_IOERR):
         return None
     real = os.path.realpath(path)
     try:
@@ -353,10 +352,16 @@ def _file_size_limit() -> int | None:
     return None if soft == resource.RLIM_INFINITY else int(soft)
 
 
+def _primary_code(exc: sqlite3.Error) -> int | None:
+    """SQLite's primary result code for ``exc`` (the low byte of its extended code), or
+    None where the error carries none."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    return None if code is None else code & 0xFF
+
+
 def _is_damaged(exc: sqlite3.Error) -> bool:
     """Whether SQLite failed ``exc`` because the file is damaged (``SQLITE_CORRUPT``)."""
-    code = getattr(exc, "sqlite_errorcode", None)
-    return code is not None and code & 0xFF == sqlite3.SQLITE_CORRUPT
+    return _primary_code(exc) == sqlite3.SQLITE_CORRUPT
 
 
 #: Most of ``integrity_check``'s findings said in the error (the first ones tell the kind).
@@ -544,8 +549,7 @@ def _close_as_found(conn: sqlite3.Connection, path: Path) -> None:
 def _is_readonly(exc: sqlite3.Error) -> bool:
     """Whether SQLite failed ``exc`` because it may only read the store (any of
     ``SQLITE_READONLY``'s extended codes: the file, its directory, a recovery)."""
-    code = getattr(exc, "sqlite_errorcode", None)
-    return code is not None and code & 0xFF == sqlite3.SQLITE_READONLY
+    return _primary_code(exc) == sqlite3.SQLITE_READONLY
 
 
 def check_writable(conn: sqlite3.Connection, path: Path) -> None:
