@@ -611,12 +611,21 @@ def _identity(path: Path) -> str | None:
     written into the file by the next checkpoint: ``quick_check`` then found it damaged
     ("Page 232 is never used", ...), and the marker the run's clean close left named the
     damaged file, so no later start checked it either."""
-    st = _stat(path)
+    return _identity_of(*_store_files(path))
+
+
+def _store_files(path: Path) -> tuple[os.stat_result | None, os.stat_result | None]:
+    """The store's file and its WAL as ``stat`` sees them now (None: no file; the WAL
+    None too when it is empty)."""
+    wal = _stat(_wal_of(path))
+    return _stat(path), wal if wal is not None and wal.st_size else None
+
+
+def _identity_of(st: os.stat_result | None, wal: os.stat_result | None) -> str | None:
+    """:func:`_identity` of the files :func:`_store_files` saw."""
     if st is None:
         return None
-    wal = _stat(_wal_of(path))
-    said = "-" if wal is None or wal.st_size == 0 else _said(wal)
-    return f"{_said(st)} {said}\n"
+    return f"{_said(st)} {'-' if wal is None else _said(wal)}\n"
 
 
 def _stat(path: Path | str) -> os.stat_result | None:
@@ -664,10 +673,11 @@ def _mark_closed(path: Path) -> None:
             # matches), whose time is the file system's clock now.
             replace_file(marker, PENDING_MARKER, 0o600)
             now = os.stat(marker).st_mtime_ns
-            identity = _identity(path)
+            files = _store_files(path)  # (one look: the identity and its times agree)
+            identity = _identity_of(*files)
             if identity is None:
                 break
-            if now > _newest_time(path):  # (else racy: a change now would keep the times)
+            if now > _newest_time(*files):  # (else racy: a change now would keep the times)
                 replace_file(marker, identity.encode(), 0o600)
                 return
             if time.monotonic() >= deadline:
@@ -685,15 +695,12 @@ def _mark_closed(path: Path) -> None:
         os.unlink(marker)
 
 
-def _newest_time(path: Path) -> int:
-    """The latest time (ns) :func:`_identity` holds: of the store's last change, content
-    or status, and of its WAL's (if not empty); 0 for none."""
-    wal = _stat(_wal_of(path))
-    times = [0]
-    for st in (_stat(path), wal if wal is not None and wal.st_size else None):
-        if st is not None:
-            times += [st.st_mtime_ns, st.st_ctime_ns]
-    return max(times)
+def _newest_time(st: os.stat_result | None, wal: os.stat_result | None) -> int:
+    """The latest time (ns) :func:`_identity_of` holds for the files :func:`_store_files`
+    saw: of the store's last change, content or status, and of its WAL's; 0 for none."""
+    return max(
+        (t for f in (st, wal) if f is not None for t in (f.st_mtime_ns, f.st_ctime_ns)), default=0
+    )
 
 
 def _left_as_closed(path: Path) -> bool:
