@@ -25,6 +25,7 @@ opened: none is left open half-loaded.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 import uuid
@@ -168,25 +169,22 @@ async def checked_paths(
     keys = [root_of(p, self.roots) for p in paths]
     root = resolved_cwd = ""
     checked: list[str] = []
-    start = 0
-    while start < len(paths):
-        end = start + 1
-        while end < len(paths) and keys[end] == keys[start]:
-            end += 1
+    for key, group in itertools.groupby(range(len(paths)), key=keys.__getitem__):
+        run = list(group)  # (indexes in paths; additional's are one less)
+        start, end = run[0], run[-1] + 1
         if start == 0:
-            root, resolved_cwd, run = await in_root_thread(
-                keys[0], self._checked_paths, cwd, additional[: end - 1]
+            root, resolved_cwd, done = await in_root_thread(
+                key, self._checked_paths, cwd, additional[: end - 1]
             )
         else:
-            run = await in_root_thread(
-                keys[start],
+            done = await in_root_thread(
+                key,
                 self.check_inside_roots,
                 additional[start - 1 : end - 1],
                 "additionalDirectories",
                 start - 1,
             )
-        checked += run
-        start = end
+        checked += done
     return root, resolved_cwd, tuple(checked)
 
 
