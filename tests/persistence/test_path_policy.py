@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -846,10 +847,8 @@ async def test_a_hung_root_holds_up_only_its_own_threads(
     has started nothing and is cancellable: a ``session/new`` in ``a``
     (``$/cancel_request``: -32800) and a turn whose tool call's path waits to be checked
     (``session/cancel``: the turn ends cancelled before the call is reported)."""
-    import threading
 
     from punie_trio import _threads
-    from punie_trio.hub import _lifecycle
 
     base = Path(await trio.Path(tmp_path).resolve())
     root_a, root_b = base / "a", base / "b"
@@ -858,18 +857,7 @@ async def test_a_hung_root_holds_up_only_its_own_threads(
     for root in (root_a, root_b):
         (root / "inside.txt").write_text("inside")
     mount = str(root_a / "mount")
-    entered = threading.Semaphore(0)
-    release = threading.Event()
-    timed_out: list[bool] = []
-    resolve = _lifecycle.resolved
-
-    def hung_under_mount(path: str) -> str:
-        if path.startswith(mount):
-            entered.release()
-            timed_out.append(not release.wait(timeout=10))
-        return resolve(path)
-
-    monkeypatch.setattr(_lifecycle, "resolved", hung_under_mount)
+    entered, release, timed_out = _hang_resolves_under(monkeypatch, mount)
     fill = trio.to_thread.current_default_thread_limiter().total_tokens
     assert fill > _threads.ROOT_THREADS
     steps = [
@@ -948,27 +936,14 @@ async def test_a_root_whose_threads_stay_busy_refuses_with_a_clear_error(
     waiting for ever: a ``session/new`` with -32603 naming the root, a tool call failed
     with the same words (the turn goes on). Once the mount answers, the root serves
     again."""
-    import threading
 
     from punie_trio import _threads
-    from punie_trio.hub import _lifecycle
 
     root = Path(await trio.Path(tmp_path).resolve())
     (root / "mount").mkdir()
     (root / "inside.txt").write_text("inside")
     mount = str(root / "mount")
-    entered = threading.Semaphore(0)
-    release = threading.Event()
-    timed_out: list[bool] = []
-    resolve = _lifecycle.resolved
-
-    def hung_under_mount(path: str) -> str:
-        if path.startswith(mount):
-            entered.release()
-            timed_out.append(not release.wait(timeout=10))
-        return resolve(path)
-
-    monkeypatch.setattr(_lifecycle, "resolved", hung_under_mount)
+    entered, release, timed_out = _hang_resolves_under(monkeypatch, mount)
     steps = [{"tool": "read_file", "input": {"path": "inside.txt"}}, {"text": "done"}]
     async with open_hub(root, acp_schema, ScriptModel([steps])) as hub:
         link = await hub.connect()
@@ -1018,3 +993,27 @@ async def test_a_root_whose_threads_stay_busy_refuses_with_a_clear_error(
         assert await client.prompt(other, "read") == "end_turn"
         assert [u["status"] for u in tool_outcomes(client, other)] == ["completed"]
     assert timed_out == [False] * _threads.ROOT_THREADS
+
+
+def _hang_resolves_under(
+    monkeypatch: pytest.MonkeyPatch, mount: str
+) -> tuple[threading.Semaphore, threading.Event, list[bool]]:
+    """Make the session path checks' resolves of paths under ``mount`` hang, as on a
+    network mount that stopped answering, until the returned event is set: ``entered``
+    counts the resolves that began, ``timed_out`` says for each whether its 10 s ran
+    out first."""
+    from punie_trio.hub import _lifecycle
+
+    entered = threading.Semaphore(0)
+    release = threading.Event()
+    timed_out: list[bool] = []
+    resolve = _lifecycle.resolved
+
+    def hung_under_mount(path: str) -> str:
+        if path.startswith(mount):
+            entered.release()
+            timed_out.append(not release.wait(timeout=10))
+        return resolve(path)
+
+    monkeypatch.setattr(_lifecycle, "resolved", hung_under_mount)
+    return entered, release, timed_out
