@@ -15,6 +15,7 @@ a test waits for ``ROOT_WAIT``.
 from __future__ import annotations
 
 import os
+import sys
 import threading
 import time
 from pathlib import Path
@@ -286,3 +287,59 @@ async def test_a_large_files_descriptor_is_closed_once_after_an_abandoned_read(
     late.close()
     late.open(str(path))
     assert late.fd is None and _open_fds() == before
+
+
+async def test_a_build_whose_output_cannot_be_read_for_a_hung_site_does_not_end_the_server(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    mock_clock: trio.testing.MockClock,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The snapshot after a build (and the look at where the site link leads) takes one of
+    the site's threads. With all of them held by a hung site, it waited ``ROOT_WAIT`` and
+    ``RootNotAnswering`` left the build loop, and so ``DevApp.run``, in the server's root
+    nursery: the whole server ended, ACP sessions included. The build is reported, the
+    output is compared at the next build that can read it, and the loop goes on."""
+    site = tmp_path / "site"
+    write(site / "index.html", "<p>x</p>")
+    static = StaticSite(site)
+    hang = Hang()
+    real_lookup = _static.lookup
+
+    def hung_lookup(*args: Any) -> Any:
+        hang.wait()
+        return real_lookup(*args)
+
+    monkeypatch.setattr(_static, "lookup", hung_lookup)
+    slots = _threads.slots_for(_threads.site_key(site)).limiter
+    broadcaster = Broadcaster()
+    build = f'"{sys.executable}" -c pass'
+    loop = BuildLoop(site, tmp_path, broadcaster, PendingChanges(), build, remote=True)
+    await loop.prepare()
+    before = dict(loop._last_good)
+    write(site / "index.html", "<p>y</p>")
+    cycled = trio.Event()
+
+    async def cycle() -> None:
+        await loop.cycle()
+        cycled.set()
+
+    try:
+        async with trio.open_nursery() as nursery:
+            for i in range(_threads.SITE_THREADS):
+                nursery.start_soon(static.find, f"/page{i}.html")
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.start_soon(cycle)
+            while not cycled.is_set():  # (the build runs, then each look waits for a thread)
+                if slots.statistics().tasks_waiting:
+                    mock_clock.jump(_threads.ROOT_WAIT)
+                await trio.to_thread.run_sync(time.sleep, 0.001)
+            assert hang.timed_out == []  # (all of that while the site still hung)
+            nursery.cancel_scope.cancel()  # (abandons the hung lookups)
+    finally:
+        hang.release.set()
+    assert broadcaster.status is not None and broadcaster.status.kind == "build_ok"
+    assert loop._last_good == before  # (compared at the next build that can read it)
+    assert f"the file system of the site directory {site} is not answering" in caplog.text
+    await loop.cycle()  # (the site answers again: the change is found)
+    assert broadcaster.generation == 1
