@@ -656,8 +656,8 @@ class StaticSite:
         """Send a large file chunk by chunk; each read is a thread hop, so others keep going,
         abandoned on cancel (:class:`_Chunks`). Once the peer has gone, the file is no longer
         read (:func:`_end_for_departed`). A read that finds every thread of the site busy
-        for ``ROOT_WAIT`` seconds (a site that stopped answering) cuts the body short, as a
-        file that shrank does (:meth:`_cut_short`)."""
+        for ``ROOT_WAIT`` seconds (a site that stopped answering) or that fails (``EIO``,
+        ``ESTALE``) cuts the body short, as a file that shrank does (:meth:`_end_short`)."""
         chunks = _Chunks()
         try:
             try:
@@ -676,9 +676,20 @@ class StaticSite:
                         chunk = await self.in_thread(
                             chunks.read, offset + length - remaining, min(CHUNK, remaining)
                         )
-                    except RootNotAnswering as exc:
-                        log.warning("%s", exc)
-                        chunk = b""
+                    except (RootNotAnswering, OSError) as exc:
+                        # (OSError: EIO from a soft NFS mount that stopped answering or a
+                        # failing disk, ESTALE from a file replaced on another NFS client.
+                        # It left the app: an ERROR with its traceback, then h11's.)
+                        log.warning(
+                            "%s could not be read while it was being sent (%d of %d bytes "
+                            "sent): %s",
+                            path,
+                            length - remaining,
+                            length,
+                            exc,
+                        )
+                        await self._end_short(send, length - remaining, length)
+                        return
                     if not chunk:
                         await self._cut_short(path, length - remaining, length, send)
                         return
@@ -714,6 +725,12 @@ class StaticSite:
             sent,
             length,
         )
+        await self._end_short(send, sent, length)
+
+    @staticmethod
+    async def _end_short(send: Send, sent: int, length: int) -> None:
+        """End a started body that cannot reach its ``Content-Length`` (see
+        :meth:`_cut_short`): the connection is closed, else (HTTP/2) the body ended short."""
         if await _asgi.abort(send):
             await _end_for_departed(send, length - sent)
         else:
