@@ -19,7 +19,10 @@ import os
 import re
 
 #: File system types whose calls can wait on another machine (or on a user-space daemon,
-#: for FUSE: sshfs, rclone, gvfs). Local ones (ext4, xfs, btrfs, tmpfs, overlay, ...) answer.
+#: for FUSE: sshfs, rclone, gvfs), on a VM's host (its shared folders: virtiofs, vboxsf,
+#: prl_fs, vmhgfs; a site edited on the host and served from the VM lies there), or on
+#: an automounter (autofs: the first use of a path mounts it). Local ones (ext4, xfs,
+#: btrfs, tmpfs, overlay, ...) answer.
 NETWORK_TYPES = frozenset(
     {
         "nfs",
@@ -40,6 +43,13 @@ NETWORK_TYPES = frozenset(
         "coda",
         "fuse",
         "fuseblk",
+        "beegfs",
+        "orangefs",
+        "virtiofs",
+        "vboxsf",
+        "prl_fs",
+        "vmhgfs",
+        "autofs",
     }
 )
 

@@ -87,6 +87,20 @@ def test_may_hang_names_network_and_fuse_types_and_assumes_so_when_it_cannot_tel
     assert _mounts.may_hang(tmp_path) is True
 
 
+@pytest.mark.parametrize(
+    "fs_type", ["virtiofs", "vboxsf", "prl_fs", "vmhgfs", "autofs", "beegfs", "orangefs"]
+)
+def test_may_hang_names_vm_shared_folders_and_automounts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fs_type: str
+) -> None:
+    """A site in a VM's shared folder (virtiofs, VirtualBox's vboxsf, Parallels' prl_fs,
+    VMware's vmhgfs), answered by a daemon or the host, or under an automount point that
+    mounts on first use, counted as a local disk: its cache hits' ``stat()`` ran on the
+    event loop, where one that waited on the host froze every client of the server."""
+    monkeypatch.setattr(_mounts, "mount_type", lambda path, text: fs_type)
+    assert _mounts.may_hang(tmp_path) is True
+
+
 class Hang:
     """Makes a blocking function hang in its thread, once or every time, until released."""
 
