@@ -101,6 +101,41 @@ def test_may_hang_names_vm_shared_folders_and_automounts(
     assert _mounts.may_hang(tmp_path) is True
 
 
+OVERLAYS = """\
+27 1 8:1 / / rw,relatime shared:1 - ext4 /dev/sda1 rw
+40 27 0:40 / /net/share rw,relatime - nfs4 server:/export rw,vers=4.2
+50 27 0:50 / /srv/site rw,relatime - overlay overlay rw,lowerdir=/opt/base:/net/share/\
+layer,upperdir=/var/up/u,workdir=/var/up/w
+51 27 0:51 / /srv/local rw,relatime - overlay overlay rw,lowerdir=/opt/base,upperdir=/var/u\
+p/u,workdir=/var/up/w
+52 27 0:52 / /srv/deep rw,relatime - overlay overlay rw,lowerdir=/srv/site/x,upperdir=/var/\
+u,workdir=/var/w
+53 27 0:53 / /srv/up rw,relatime - overlay overlay rw,lowerdir=/opt/base,upperdir=/net/shar\
+e/u,workdir=/net/share/w
+54 27 0:54 / /srv/loop rw,relatime - overlay overlay rw,lowerdir=/srv/loop/l,upperdir=/srv/\
+loop/u,workdir=/srv/loop/w
+"""
+
+
+@pytest.mark.parametrize(
+    ("path", "hangs"),
+    [
+        ("/srv/site/index.html", True),  # a lower layer on NFS
+        ("/srv/up/index.html", True),  # the upper layer on NFS
+        ("/srv/deep/index.html", True),  # over an overlay over NFS
+        ("/srv/local/index.html", False),  # every layer on a local disk
+        ("/srv/loop/index.html", False),  # (its layers under itself: no endless look)
+        ("/net/share/site", True),
+        ("/home/site", False),
+    ],
+)
+def test_an_overlay_over_a_network_mount_may_hang(path: str, hangs: bool) -> None:
+    """An overlay (a container's root, a build sandbox) answers only as fast as its
+    layers: one whose lower or upper layer lies on NFS waits on NFS. The type "overlay"
+    alone counted as a local disk, so its cache hits' ``stat()`` ran on the event loop."""
+    assert _mounts.hangs_on(path, OVERLAYS) is hangs
+
+
 class Hang:
     """Makes a blocking function hang in its thread, once or every time, until released."""
 
