@@ -9,9 +9,9 @@ such a file system, those take a thread too (abandoned on cancel).
 
 How: on Linux, the type of the mount the directory's real path lies under, from
 ``/proc/self/mountinfo`` (the longest mount point that contains it); for an overlay,
-the types its layers lie on (:func:`hangs_on`). Where that cannot be
-read (macOS, a ``/proc`` not mounted), the answer is "may hang": the shortcut is a speed-up,
-and a thread hop costs tens of microseconds, where a frozen loop costs the whole server.
+the types its layers lie on (:func:`hangs_on`). Where that cannot be read (macOS, a
+``/proc`` not mounted), the answer is "may hang": the shortcut is a speed-up, and a
+thread hop costs tens of microseconds, where a frozen loop costs the whole server.
 """
 
 from __future__ import annotations
