@@ -364,6 +364,79 @@ async def test_close_cancels_the_running_turn(
                 ]
 
 
+@pytest.mark.parametrize("method", ["session/close", "session/delete"])
+async def test_close_or_delete_mid_client_call_answers_the_prompt_cancelled_first(
+    tmp_path: Path, acp_schema: SchemaChecker, method: str
+) -> None:
+    """A close (or a delete) of a session whose turn waits on the client (a file read)
+    cancels it as ``session/cancel`` would (the session-setup page), in the order the
+    prompt-turn and cancellation pages give: the client's pending request is cancelled
+    (``$/cancel_request``), the turn's last updates come, the prompt is answered
+    ``cancelled``, and only then the close (or delete) itself. A closed session loads
+    with the cut turn; a deleted one is gone from the list and from load."""
+    root = await resolved(tmp_path)
+    (root / "notes.txt").write_text("notes")
+    model = ScriptModel([[{"text": "reading"}, {"tool": "read_file",
+                          "input": {"path": "notes.txt"}}, {"text": "never"}]])  # fmt: skip
+    held = trio.Event()
+
+    async def never_answer(method: str, params: dict[str, Any]) -> Any:
+        await held.wait()  # (set at the end: the agent has cancelled it by then)
+
+    with trio.fail_after(30):
+        async with (
+            in_process_server(tmp_path, model, store="sqlite") as running,
+            acp_ws_client(running.url, acp_schema, on_agent_request=never_answer) as (
+                client,
+                _,
+            ),
+        ):
+            await client.initialize(fs={"readTextFile": True})
+            session_id = await client.new_session(str(root))
+            await client.send(
+                {"jsonrpc": "2.0", "id": "p", "method": "session/prompt",
+                 "params": prompt_params(session_id, "go")}
+            )  # fmt: skip
+            call = await client.wait_for(lambda m: m.get("method") == "fs/read_text_file")
+            mark = len(client.received)
+            answer = await client.request_raw(method, {"sessionId": session_id})
+            after = client.received[mark:]
+            assert after[-1] is answer and answer["result"] == {}
+            assert after[0] == {
+                "jsonrpc": "2.0",
+                "method": "$/cancel_request",
+                "params": {"requestId": call["id"]},
+            }
+            assert after[-2] == {"jsonrpc": "2.0", "id": "p", "result": {"stopReason": "cancelled"}}
+            assert [summary(m["params"]["update"]) for m in after[1:-2]] == [
+                ("tool_call_update", "failed"),
+                ("session_info_update", "go"),
+            ]
+            assert session_id not in running.manager.sessions and not running.manager.workers
+            held.set()
+
+            listed = [
+                s["sessionId"] for s in (await client.request("session/list", {}))["sessions"]
+            ]
+            if method == "session/delete":
+                assert listed == []
+                error = await expect_error(client, "session/load", load_params(session_id, root))
+                assert error["code"] == -32002
+            else:
+                assert listed == [session_id]
+                mark = len(client.updates(session_id))
+                await client.request("session/load", load_params(session_id, root))
+                replayed = [summary(u) for u in client.updates(session_id)[mark:]]
+                assert replayed[:2] == [
+                    ("user_message_chunk", "go"),
+                    ("agent_message_chunk", "reading"),
+                ]
+                assert replayed[-2:] == [
+                    ("tool_call_update", "failed"),
+                    ("session_info_update", "go"),
+                ]
+
+
 async def test_turns_cut_by_cancel_replay_after_a_restart_as_they_were_streamed(
     tmp_path: Path, acp_schema: SchemaChecker
 ) -> None:
