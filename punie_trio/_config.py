@@ -72,10 +72,21 @@ def _to_float(value: Any) -> float:
         raise ValueError(f"must be a number, got {value!r}") from None
 
 
+#: The most any count or byte-size option (a limit) may be: 2**40 (1 TiB, a trillion),
+#: far past any machine's memory or a client's pace, so in effect no bound. More is a
+#: mistake, and ``--max-message-bytes 999999999999999999999999999999`` (accepted once)
+#: ended every ``permessage-deflate`` connection with OverflowError at its first message:
+#: the bounded inflate hands zlib the limit plus one, which must fit a C ``ssize_t``.
+MAX_COUNT = 2**40
+
+
 def _to_positive_int(value: Any) -> int:
     number = _to_int(value)
     if number <= 0:
         raise ValueError(f"must be a positive integer, got {number}")
+    if number > MAX_COUNT:
+        shown = str(number) if number < 10**20 else f"{number:.3g}"
+        raise ValueError(f"must be at most {MAX_COUNT} (2**40), got {shown}")
     return number
 
 

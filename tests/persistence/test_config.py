@@ -20,6 +20,7 @@ from trio_websocket import ConnectionRejected, open_websocket_url
 from punie_trio import cli
 from punie_trio._config import (
     BY_NAME,
+    MAX_COUNT,
     MAX_SECONDS,
     OPTIONS,
     ConfigError,
@@ -661,6 +662,59 @@ def test_seconds_past_a_year_are_refused(
         cli.build_parser().parse_args(["serve", flag, value])
     assert info.value.code == 2
     assert f"argument {flag}: must be at most 31536000 seconds (a year)" in capsys.readouterr().err
+
+
+#: The options read as a positive integer (the limits and bounds).
+POSITIVE_INT_FLAGS = [o.flag for o in OPTIONS if o.convert is BY_NAME["max_connections"].convert]
+
+
+@pytest.mark.parametrize("flag", POSITIVE_INT_FLAGS)
+@pytest.mark.parametrize("value", [str(MAX_COUNT + 1), str(2**63), "9" * 30])
+def test_counts_past_the_largest_are_refused(
+    capsys: pytest.CaptureFixture[str], flag: str, value: str
+) -> None:
+    """``--max-message-bytes 999999999999999999999999999999`` was accepted, and the server
+    served it until a client sent a message on a ``permessage-deflate`` connection (the
+    default of browsers and ``websockets``): the bounded inflate passed the limit to zlib,
+    which raised OverflowError, and the connection ended with a traceback in the log and
+    no 1009, before its first message was read (2**63 - 1, the largest a C ssize_t holds,
+    did so too: the bound is the limit plus one)."""
+    assert len(POSITIVE_INT_FLAGS) == 10
+    with pytest.raises(SystemExit) as info:
+        cli.build_parser().parse_args(["serve", flag, value])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {flag}: must be at most {MAX_COUNT} (2**40), got " in err
+    assert value not in err or len(value) < 20  # (a number of 30 digits is shown short)
+    name = flag.removeprefix("--")
+    with pytest.raises(ConfigError) as env_info:
+        resolve({}, {}, {f"PUNIE_{name.upper().replace('-', '_')}": value}, "config.toml")
+    assert f"{name} must be at most {MAX_COUNT} (2**40)" in str(env_info.value)
+    with pytest.raises(ConfigError) as file_info:
+        resolve({}, {name.replace("-", "_"): int(value)}, {}, "config.toml")
+    assert str(file_info.value).startswith(f"config.toml: {name} must be at most {MAX_COUNT}")
+    args = cli.build_parser().parse_args(["serve", flag, str(MAX_COUNT)])
+    assert getattr(args, name.replace("-", "_")) == MAX_COUNT
+
+
+def test_the_largest_message_bound_still_inflates() -> None:
+    """The bounded inflate (``web/_deflate.py``) at the largest ``max-message-bytes`` hands
+    zlib a bound it can take."""
+    import zlib
+
+    from punie_trio.web._deflate import BoundedPerMessageDeflate
+
+    deflate = BoundedPerMessageDeflate()
+    deflate._decompressor = zlib.decompressobj(-zlib.MAX_WBITS)
+    deflate._inbound_compressed = deflate._inbound_is_compressible = True
+    compressor = zlib.compressobj(wbits=-zlib.MAX_WBITS)
+    data = compressor.compress(b"x" * 100) + compressor.flush(zlib.Z_SYNC_FLUSH)
+    old = BoundedPerMessageDeflate.limit
+    BoundedPerMessageDeflate.limit = MAX_COUNT
+    try:
+        assert deflate.frame_inbound_payload_data(None, data) == b"x" * 100  # type: ignore[arg-type]
+    finally:
+        BoundedPerMessageDeflate.limit = old
 
 
 def test_the_longest_shutdown_timeout_still_starts_the_force_exit_timer() -> None:
