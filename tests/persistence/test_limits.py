@@ -118,6 +118,35 @@ async def test_prompts_per_minute_per_connection(
         assert await a.client.prompt(sa, "four") == "end_turn"
 
 
+async def test_a_client_that_waits_the_retry_it_was_told_is_let_in(
+    tmp_path: Path, acp_schema: SchemaChecker, autojump_clock: trio.testing.MockClock
+) -> None:
+    """``retryAfterSeconds`` (and the message's "retry in S s") is rounded up, never down:
+    59.9994 s was sent as 59.999 (and "59.9 s" for 59.94), and a client that waited just
+    that long came back before its first prompt left the window and was refused again."""
+    limits = Limits(prompts_per_minute=1)
+    async with open_hub(tmp_path, acp_schema, EchoModel(), limits=limits) as hub:
+        a = await hub.connect()
+        await initialize(a.client)
+        session = await a.client.new_session(str(hub.root))
+        for early in (0.0006, 0.06):
+            assert await a.client.prompt(session, "one") == "end_turn"
+            await trio.sleep(early)
+            error = await expect_error(a.client, "session/prompt", prompt_params(session, "2"))
+            retry = error["data"]["retryAfterSeconds"]
+            said = float(error["message"].rsplit("retry in ", 1)[1].removesuffix(" s"))
+            assert retry >= 60 - early and said >= 60 - early, (retry, said)
+            await trio.sleep(said)
+            assert await a.client.prompt(session, "after the message's wait") == "end_turn"
+            await trio.sleep(61)  # (the last prompt leaves the window)
+            assert await a.client.prompt(session, "one") == "end_turn"
+            await trio.sleep(early)
+            await expect_error(a.client, "session/prompt", prompt_params(session, "2"))
+            await trio.sleep(retry)
+            assert await a.client.prompt(session, "after retryAfterSeconds") == "end_turn"
+            await trio.sleep(61)  # (the last prompt leaves the window)
+
+
 async def test_a_client_that_reconnects_goes_on_with_its_prompt_count(
     tmp_path: Path, acp_schema: SchemaChecker, autojump_clock: trio.testing.MockClock
 ) -> None:
