@@ -832,6 +832,59 @@ def test_cli_exits_2_naming_the_problem(
         assert str(config) in err
 
 
+@pytest.mark.parametrize(
+    ("argv", "environ", "toml", "expected"),
+    [
+        (
+            ["--max-prompt-bytes", "16777216"],
+            {},
+            "",
+            "--max-prompt-bytes (16777216) must be less than max-message-bytes (16777216)",
+        ),
+        (
+            [],
+            {"PUNIE_MAX_MESSAGE_BYTES": "65536"},
+            "",
+            "$PUNIE_MAX_MESSAGE_BYTES: max-prompt-bytes (1048576) must be less than "
+            "max-message-bytes (65536)",
+        ),
+        (
+            ["--max-message-bytes", "2000"],
+            {},
+            "max-prompt-bytes = 4000\n",
+            "config.toml: max-prompt-bytes (4000) must be less than --max-message-bytes (2000)",
+        ),
+    ],
+)
+def test_a_prompt_limit_no_message_could_reach_is_refused(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    argv: list[str],
+    environ: dict[str, str],
+    toml: str,
+    expected: str,
+) -> None:
+    """A prompt goes in one message, and a WebSocket message over ``max-message-bytes`` is
+    closed with 1009 before its prompt is read. ``--max-message-bytes 65536`` (prompts at
+    their default 1 MiB) started, and a 100 KB prompt then ended its connection (and, for a
+    client without a client id, the turns of its other sessions) where the prompt limit
+    promises a -32602 that leaves the connection as it was."""
+    for variable in list(os.environ):
+        if variable.startswith("PUNIE_"):
+            monkeypatch.delenv(variable)
+    for name, value in environ.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("PUNIE_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setattr(cli, "_serve_locked", lambda *args: 0)  # (never a server)
+    config = write(tmp_path / "config.toml", "[serve]\n" + toml)
+    base = ["serve", "--config", str(config), "--port", "0", "--project", str(tmp_path)]
+    assert cli.main([*base, *argv]) == 2
+    err = capsys.readouterr().err.replace(str(config), "config.toml")
+    assert err.startswith(f"punie-trio: error: {expected}: a prompt goes in one message"), err
+    assert cli.main([*base, "--max-prompt-bytes", "1000", "--max-message-bytes", "1001"]) == 0
+
+
 # Values checked only after the merge (is the project a directory, is the model known):
 # each one from each place, and the message that must name that place.
 # (From a flag, the message names the flag instead.)
