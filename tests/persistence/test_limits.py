@@ -65,6 +65,39 @@ async def test_sessions_per_connection(tmp_path: Path, acp_schema: SchemaChecker
         assert len(hub.manager.sessions) == 4
 
 
+async def test_sessions_taken_back_from_grace_count_on_the_new_connection(
+    tmp_path: Path, acp_schema: SchemaChecker, autojump_clock: trio.testing.MockClock
+) -> None:
+    """A client that comes back under its client id takes its sessions back, and they
+    count: it cannot open a limit's worth more on top (a reconnect does not reset the
+    count). Another client is unaffected meanwhile, and a session closed frees a slot."""
+    limits = Limits(max_sessions_per_connection=2)
+    async with open_hub(tmp_path, acp_schema, EchoModel(), limits=limits) as hub:
+        a = await hub.connect()
+        await initialize(a.client, client_id="ide-1")
+        first = await a.client.new_session(str(hub.root))
+        second = await a.client.new_session(str(hub.root))
+        await a.drop()
+        await settle_until(lambda: not hub.manager.connections)
+        other = await hub.connect()
+        await initialize(other.client)
+        theirs = await other.client.new_session(str(hub.root))
+        again = await hub.connect()
+        await initialize(again.client, client_id="ide-1")
+        owned = {s.id for s in hub.manager.sessions.values() if s.owner is again.connection}
+        assert owned == {first, second}
+        error = await expect_error(
+            again.client, "session/new", {"cwd": str(hub.root), "mcpServers": []}
+        )
+        assert error["code"] == -32600
+        assert "2 sessions open on this connection (max 2)" in error["message"]
+        assert len(hub.manager.sessions) == 3  # nothing left behind by the refusal
+        assert await again.client.prompt(first, "still mine") == "end_turn"
+        assert await other.client.prompt(theirs, "fine") == "end_turn"
+        await again.client.request("session/close", {"sessionId": second})
+        await again.client.new_session(str(hub.root))
+
+
 async def test_connection_limit_is_http_503(
     start_server: StartServer, tmp_path: Path, acp_schema: SchemaChecker
 ) -> None:
