@@ -4,9 +4,11 @@ Rate limits run on a MockClock."""
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 from typing import Any
 
+import pytest
 import trio
 import trio.testing
 from trio_websocket import ConnectionRejected, open_websocket_url
@@ -15,7 +17,15 @@ from punie_trio.hub import Limits
 from punie_trio.worker import EchoModel, ScriptModel
 
 from ..acp_schema import SchemaChecker
-from ..integration._support import acp_ws_client, settle_until, ws_url
+from ..client import AcpTestClient
+from ..integration._support import (
+    TOKEN,
+    acp_ws_client,
+    fresh_ids,
+    server_process,
+    settle_until,
+    ws_url,
+)
 from ..integration.conftest import StartServer
 from ._hub import expect_error, initialize, open_hub, prompt_params
 
@@ -118,6 +128,34 @@ async def test_connection_limit_is_http_503(
             await settle_until(lambda: not running.manager.connections)
             async with acp_ws_client(running.url, acp_schema) as (again, _):
                 await again.initialize()
+
+
+async def test_the_stdio_connection_counts_toward_max_connections(
+    tmp_path: Path, acp_schema: SchemaChecker
+) -> None:
+    """``--max-connections`` counts every ACP connection, the ``--stdio`` one too (the docs
+    said "WebSocket connections"): with ``--stdio --max-connections 2`` one WebSocket fits,
+    and the second is refused with 503 while the stdio client goes on."""
+    with trio.fail_after(30):
+        async with (
+            server_process(tmp_path, "--stdio", "--max-connections", "2") as server,
+            trio.open_nursery() as nursery,
+        ):
+            stdio = AcpTestClient(server.stdio(), acp_schema, ids=fresh_ids())
+            await nursery.start(stdio.run)
+            await stdio.initialize()
+            async with acp_ws_client(server.url, acp_schema, token=TOKEN) as (ws, _):
+                await ws.initialize()
+                with pytest.raises(ConnectionRejected) as refused:
+                    headers = [(b"authorization", f"Bearer {TOKEN}".encode())]
+                    async with open_websocket_url(ws_url(server.url), extra_headers=headers):
+                        pass
+                assert refused.value.status_code == 503
+                assert b"connection limit reached (2)" in (refused.value.body or b"")
+                session_id = await stdio.new_session(str(tmp_path))
+                assert await stdio.prompt(session_id, "stdio goes on") == "end_turn"
+            server.process.send_signal(signal.SIGTERM)
+            assert await server.process.wait() == 0
 
 
 async def test_prompts_per_minute_per_connection(
