@@ -5,6 +5,7 @@ Pure functions and attrs values only; the hub wires them to a :class:`~punie_tri
 
 from . import _updates as updates
 from ._methods import (
+    AGENT_METHODS,
     AUTHENTICATE,
     CLIENT_METHODS,
     FS_READ_TEXT_FILE,
@@ -43,6 +44,7 @@ from ._params import (
 )
 
 __all__ = [
+    "AGENT_METHODS",
     "AUTHENTICATE",
     "CLIENT_METHODS",
     "FS_READ_TEXT_FILE",

@@ -63,7 +63,7 @@ from ..worker import (
     open_event_channel,
     seconds_up,
 )
-from ._lifecycle import _check_not_loading
+from ._lifecycle import _check_not_loading, shutting_down
 from ._session import ActiveTurn, Session, text_of, user_text
 
 if TYPE_CHECKING:
@@ -91,7 +91,7 @@ TITLE_CHARS = 80
 def begin_prompt(self: Manager, conn: ClientConnection, params: PromptParams) -> ActiveTurn:
     """Register a turn synchronously (so a ``session/cancel`` read next finds it)."""
     if self.closing.is_set():
-        raise RpcError(INTERNAL_ERROR, "Server is shutting down")
+        raise shutting_down()
     session = self.owned_session(conn, params.session_id)
     if session.closing:
         raise RpcError(INVALID_REQUEST, f"Session {session.id} is closing")
