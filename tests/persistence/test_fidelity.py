@@ -1,0 +1,413 @@
+"""What survives a restart, as the client saw it: real ``serve`` subprocesses on one data
+directory, a scripted model that streams every kind of update, prompts of every content
+block the agent takes. ``session/load`` after a restart replays each turn exactly as it
+was streamed (every update as JSON, key order included, in order), after its prompt's
+blocks as ``user_message_chunk``s; what was refused is nowhere; the session's metadata
+reads the same in ``session/list`` and the CLI."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import random
+import signal
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+from trio_websocket import ConnectionClosed
+
+from ..acp_schema import SchemaChecker
+from ..client import AcpTestClient
+from ..integration._support import (
+    TOKEN,
+    acp_ws_client,
+    run_punie,
+    server_process,
+    write_script,
+)
+from ._hub import expect_error, has_update
+
+BIG = "x" * 70_000 + "\n"  # past the 64 KiB a tool call shows
+
+SCRIPT = [
+    [
+        {"thought": "The user wants notes. "},
+        {"plan": ["Read notes", {"content": "Write todo", "priority": "high"}]},
+        {"tool": "read_file", "input": {"path": "notes.txt", "line": 1, "limit": 2}},
+        {"tool": "write_file", "input": {"path": "sub/todo.txt", "content": "- ship\n"}},
+        {"plan": [{"content": "Read notes", "status": "completed"},
+                  {"content": "Write todo", "status": "completed", "priority": "low"}]},
+        {"text": "Done: "},
+        {"text": "caf\u00e9 \U0001f600 \ud800 \"quoted\"\n\ttab"},
+    ],
+    [
+        {"tool": "read_file", "input": {"path": "../outside.txt"}},
+        {"tool": "run_shell", "input": {"command": "ls"}},
+        {"tool": "read_file", "input": {"path": "big.txt"}},
+        {"text": "this got lon"},
+        {"stop": "max_tokens"},
+    ],
+    [{"stop": "max_turn_requests"}],
+    [{"text": "I can't help with that."}, {"stop": "refusal"}],
+    [{"text": "working "}, {"sleep": 600}, {"text": "never sent"}],
+    [{"thought": "after the cancel"}, {"text": "still here"}],
+]  # fmt: skip
+
+# Every content block the agent takes (promptCapabilities: embeddedContext), with the
+# optional fields the schema allows.
+PROMPTS: list[list[dict[str, Any]]] = [
+    [
+        {"type": "text", "text": "Read my notes\nand write a todo"},
+        {
+            "type": "resource_link",
+            "name": "notes.txt",
+            "uri": "file:///notes.txt",
+            "title": "Notes",
+            "description": "the notes",
+            "mimeType": "text/plain",
+            "size": 42,
+            "annotations": {"audience": ["user"], "priority": 0.5},
+            "_meta": {"editor": {"line": 3}},
+        },
+    ],
+    [
+        {"type": "text", "text": "embedded", "annotations": {"lastModified": "2026-01-01"}},
+        {
+            "type": "resource",
+            "resource": {"uri": "file:///a.py", "mimeType": "text/x-python", "text": "x = 1\n"},
+        },
+        {"type": "resource", "resource": {"uri": "file:///b.bin", "blob": "AAEC"}},
+    ],
+    [{"type": "text", "text": "third"}],
+    [{"type": "text", "text": "refuse this"}],
+    [{"type": "text", "text": "cancel this"}],
+    [{"type": "text", "text": "after"}],
+]
+
+
+def dumped(updates: list[dict[str, Any]]) -> list[str]:
+    """Each update as JSON text, key order kept (what the client parsed, written back)."""
+    return [json.dumps(u, ensure_ascii=False) for u in updates]
+
+
+def user_chunks(blocks: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{"sessionUpdate": "user_message_chunk", "content": b} for b in blocks]
+
+
+async def prompt_raw(
+    client: AcpTestClient, session_id: str, blocks: list[dict[str, Any]]
+) -> dict[str, Any]:
+    return await client.request_raw("session/prompt", {"sessionId": session_id, "prompt": blocks})
+
+
+async def test_every_update_kind_is_replayed_after_a_restart_as_it_was_streamed(
+    tmp_path: Path, acp_schema: SchemaChecker
+) -> None:
+    root = Path(await trio.Path(tmp_path).resolve())
+    (root / "sub").mkdir()
+    (root / "extra").mkdir()
+    (root / "notes.txt").write_text("on disk\n")
+    (root / "big.txt").write_text(BIG)
+    script = write_script(tmp_path / "script.json", SCRIPT)
+    data_dir = tmp_path / "data"
+    editor = {str(root / "notes.txt"): "line one\nline two\n"}
+    expected: list[dict[str, Any]] = []
+    answers: list[dict[str, Any]] = []
+    with trio.fail_after(60):
+        async with (
+            server_process(tmp_path, "--model", f"script:{script}") as server,
+            acp_ws_client(server.url, acp_schema, token=TOKEN, files=editor) as (client, _),
+        ):
+            await client.initialize(fs={"readTextFile": True})
+            result = await client.request(
+                "session/new",
+                {
+                    "cwd": str(root),
+                    "mcpServers": [],
+                    "additionalDirectories": [str(root / "extra")],
+                },
+            )
+            session_id = result["sessionId"]
+            # Refused at once: an image (promptCapabilities.image is false).
+            image = [{"type": "image", "data": "iVBORw0KGgo=", "mimeType": "image/png"}]
+            error = await expect_error(
+                client, "session/prompt", {"sessionId": session_id, "prompt": image}
+            )
+            assert error["code"] == -32602
+            for blocks in PROMPTS[:4]:
+                mark = len(client.updates(session_id))
+                answers.append(await prompt_raw(client, session_id, blocks))
+                expected += user_chunks(blocks) + client.updates(session_id)[mark:]
+            # A turn cancelled while it sleeps.
+            mark = len(client.updates(session_id))
+            async with trio.open_nursery() as nursery:
+
+                async def cancelled() -> None:
+                    answers.append(await prompt_raw(client, session_id, PROMPTS[4]))
+
+                nursery.start_soon(cancelled)
+                await client.wait_for(has_update(session_id, "agent_message_chunk", "working "))
+                # A prompt while one runs is refused, and leaves nothing.
+                error = await expect_error(
+                    client, "session/prompt", {"sessionId": session_id, "prompt": PROMPTS[5]}
+                )
+                assert error["code"] == -32600
+                await client.notify("session/cancel", {"sessionId": session_id})
+            expected += user_chunks(PROMPTS[4]) + client.updates(session_id)[mark:]
+            mark = len(client.updates(session_id))
+            answers.append(await prompt_raw(client, session_id, PROMPTS[5]))
+            expected += user_chunks(PROMPTS[5]) + client.updates(session_id)[mark:]
+            assert [a["result"]["stopReason"] for a in answers] == [
+                "end_turn", "max_tokens", "max_turn_requests", "refusal", "cancelled", "end_turn",
+            ]  # fmt: skip
+            kinds = {u["sessionUpdate"] for u in expected}
+            assert kinds == {
+                "user_message_chunk",
+                "agent_message_chunk",
+                "agent_thought_chunk",
+                "plan",
+                "tool_call",
+                "tool_call_update",
+                "session_info_update",
+            }
+            listed_before = await client.request("session/list", {})
+            server.process.send_signal(signal.SIGTERM)
+            assert await server.process.wait() == 0, server.stderr
+
+        # The CLI reads the same session: its export is the transcript as streamed.
+        exported = await run_punie("sessions", "export", session_id, "--data-dir", str(data_dir))
+        assert exported.returncode == 0, exported.stderr
+        export = json.loads(exported.stdout)
+        stored = [e["payload"] for e in export["transcript"] if e["kind"] != "stop"]
+        assert dumped(stored) == dumped(expected)
+        stops = [e["payload"]["stopReason"] for e in export["transcript"] if e["kind"] == "stop"]
+        assert stops == [a["result"]["stopReason"] for a in answers]
+        assert export["session"]["title"] == "Read my notes"
+        assert export["session"]["additional_directories"] == [str(root / "extra")]
+
+        async with (
+            server_process(tmp_path, "--model", f"script:{script}") as server,
+            acp_ws_client(server.url, acp_schema, token=TOKEN) as (client, _),
+        ):
+            await client.initialize()
+            assert await client.request("session/list", {}) == listed_before
+            mark = len(client.received)
+            answer = await client.request_raw(
+                "session/load", {"sessionId": session_id, "cwd": str(root), "mcpServers": []}
+            )
+            assert answer.get("result") == {}, answer
+            after = client.received[mark:]
+            assert after[-1] is answer
+            assert dumped([m["params"]["update"] for m in after[:-1]]) == dumped(expected)
+            # The session goes on where it was: the seventh prompt plays turn 0 again, and
+            # its tool calls are numbered after the stored ones.
+            mark = len(client.updates(session_id))
+            assert await client.prompt(session_id, "again") == "end_turn"
+            again = client.updates(session_id)[mark:]
+            assert [u["toolCallId"] for u in again if u["sessionUpdate"] == "tool_call"] == [
+                "call_7_1",
+                "call_7_2",
+            ]
+            server.process.send_signal(signal.SIGTERM)
+            assert await server.process.wait() == 0, server.stderr
+
+
+async def test_a_turn_cut_by_sigterm_is_replayed_as_the_client_saw_it(
+    tmp_path: Path, acp_schema: SchemaChecker
+) -> None:
+    root = Path(await trio.Path(tmp_path).resolve())
+    (root / "notes.txt").write_text("notes")
+    script = write_script(
+        tmp_path / "script.json",
+        [[{"text": "reading "}, {"tool": "read_file", "input": {"path": "notes.txt"}},
+          {"text": "never sent"}]],
+    )  # fmt: skip
+    held = trio.Event()
+
+    async def never_answer(method: str, params: dict[str, Any]) -> Any:
+        await held.wait()
+
+    with trio.fail_after(60):
+        async with (
+            server_process(tmp_path, "--model", f"script:{script}") as server,
+            acp_ws_client(server.url, acp_schema, token=TOKEN, on_agent_request=never_answer) as (
+                client,
+                _,
+            ),
+        ):
+            await client.initialize(fs={"readTextFile": True})
+            session_id = await client.new_session(str(root))
+            await client.send(
+                {"jsonrpc": "2.0", "id": "p", "method": "session/prompt",
+                 "params": {"sessionId": session_id, "prompt": [{"type": "text", "text": "go"}]}}
+            )  # fmt: skip
+            await client.wait_for(lambda m: m.get("method") == "fs/read_text_file")
+            server.process.send_signal(signal.SIGTERM)
+            answer = await client.wait_for(lambda m: m.get("id") == "p" and "method" not in m)
+            seen = client.updates(session_id)
+            assert await server.process.wait() == 0, server.stderr
+            held.set()
+        assert answer.get("result") == {"stopReason": "cancelled"}, answer
+        statuses = [u.get("status") for u in seen if u["sessionUpdate"] == "tool_call_update"]
+        assert statuses == ["in_progress", "failed"], seen
+
+        async with (
+            server_process(tmp_path, "--model", f"script:{script}") as server,
+            acp_ws_client(server.url, acp_schema, token=TOKEN) as (client, _),
+        ):
+            await client.initialize()
+            await client.request(
+                "session/load", {"sessionId": session_id, "cwd": str(root), "mcpServers": []}
+            )
+            replayed = client.updates(session_id)
+            assert dumped(replayed) == dumped(user_chunks([{"type": "text", "text": "go"}]) + seen)
+
+
+CRASH_SCRIPT = [
+    [{"thought": "look"}, {"plan": ["Read notes"]},
+     {"tool": "read_file", "input": {"path": "notes.txt"}}, {"text": "a "}, {"text": "b"}],
+    [{"text": "short"}],
+    [{"text": "one "}, {"tool": "run_shell"}, {"text": "two "}, {"text": "three"}],
+]  # fmt: skip
+CRASH_CLIENTS = 4
+
+
+def stored_turns(data_dir: Path) -> dict[str, list[list[tuple[str, dict[str, Any]]]]]:
+    """Every session's stored turns, each as its ``(kind, payload)`` entries, read from the
+    file as the schema describes it (a turn a row, an entry a line)."""
+    turns: dict[str, list[list[tuple[str, dict[str, Any]]]]] = {}
+    with contextlib.closing(sqlite3.connect(data_dir / "sessions.sqlite3")) as db:
+        for session_id, turn, count, entries in db.execute(
+            "SELECT s.id, t.turn, t.count, t.entries FROM turns AS t"
+            " JOIN sessions AS s ON s.key = t.session ORDER BY s.id, t.turn"
+        ):
+            lines = entries.split("\n") if entries else []
+            assert len(lines) == count, (session_id, turn)
+            parsed = [(k, json.loads(p)) for k, p in (line.split("\t", 1) for line in lines)]
+            held = turns.setdefault(session_id, [])
+            assert turn == len(held), (session_id, turn)  # no turn missing before it
+            held.append(parsed)
+    return turns
+
+
+@pytest.mark.parametrize("seed", range(5))
+async def test_kill_9_at_a_random_moment_keeps_every_answered_turn_whole(
+    tmp_path: Path, acp_schema: SchemaChecker, seed: int
+) -> None:
+    """Several clients prompt back to back; ``kill -9`` after a random number of updates
+    (seeded). After it: every turn whose prompt was answered is stored, whole and exactly
+    as streamed; every stored turn is whole (one the server committed but did not answer
+    too: all its script's updates and its stop); the store passes its integrity check;
+    a new server's load replays exactly the stored turns."""
+    rng = random.Random(seed)
+    kill_after = rng.randint(1, 150)  # updates seen over all clients
+    root = Path(await trio.Path(tmp_path).resolve())
+    (root / "notes.txt").write_text("notes")
+    script = write_script(tmp_path / "script.json", CRASH_SCRIPT)
+    data_dir = tmp_path / "data"
+    # By session: (prompt text, updates streamed, answer) of each answered turn.
+    answered: dict[str, list[tuple[str, list[dict[str, Any]], dict[str, Any]]]] = {}
+    clients: list[AcpTestClient] = []
+
+    async def prompting(client: AcpTestClient, session_id: str) -> None:
+        with contextlib.suppress(ConnectionClosed):  # (the kill)
+            for n in range(1000):
+                mark = len(client.updates(session_id))
+                text = f"{session_id[-4:]} p{n}"
+                answer = await prompt_raw(client, session_id, [{"type": "text", "text": text}])
+                answered[session_id].append((text, client.updates(session_id)[mark:], answer))
+
+    updates_seen = 0
+    enough = trio.Event()
+
+    async def counting(client: AcpTestClient) -> None:
+        def count(msg: dict[str, Any]) -> bool:
+            nonlocal updates_seen
+            updates_seen += msg.get("method") == "session/update"
+            return updates_seen >= kill_after
+
+        with contextlib.suppress(AssertionError):  # (closed first: another client counted)
+            await client.wait_for(count)
+        enough.set()
+
+    with trio.fail_after(60):
+        async with (
+            server_process(tmp_path, "--model", f"script:{script}") as server,
+            contextlib.AsyncExitStack() as stack,
+        ):
+            sessions = []
+            for _ in range(CRASH_CLIENTS):
+                client, _ = await stack.enter_async_context(
+                    acp_ws_client(server.url, acp_schema, token=TOKEN)
+                )
+                await client.initialize()
+                session_id = await client.new_session(str(root))
+                answered[session_id] = []
+                clients.append(client)
+                sessions.append(session_id)
+            async with trio.open_nursery() as nursery:
+                for client, session_id in zip(clients, sessions, strict=True):
+                    nursery.start_soon(prompting, client, session_id)
+                    nursery.start_soon(counting, client)
+                await enough.wait()
+                server.process.send_signal(signal.SIGKILL)
+                assert await server.process.wait() == -signal.SIGKILL
+                for client in clients:
+                    await client.closed.wait()
+                nursery.cancel_scope.cancel()
+
+        stored = stored_turns(data_dir)
+        for session_id in sessions:
+            turns = stored.get(session_id, [])
+            done = answered[session_id]
+            assert len(turns) in (len(done), len(done) + 1), (session_id, len(turns), len(done))
+            for t, entries in enumerate(turns):
+                kinds = [k for k, _ in entries]
+                assert kinds[-1] == "stop", (session_id, t)
+                assert [k for k in kinds[:-1] if k != "session_info_update"][1:] == [
+                    k for k, _ in _script_kinds(t)
+                ], (session_id, t, kinds)
+                if t < len(done):
+                    text, streamed, answer = done[t]
+                    assert answer["result"] == {"stopReason": entries[-1][1]["stopReason"]}
+                    assert dumped([p for _, p in entries[:-1]]) == dumped(
+                        user_chunks([{"type": "text", "text": text}]) + streamed
+                    )
+
+        async with (
+            server_process(tmp_path, "--model", f"script:{script}") as server,
+            acp_ws_client(server.url, acp_schema, token=TOKEN) as (client, _),
+        ):
+            await client.initialize()
+            for session_id in sessions:
+                await client.request(
+                    "session/load", {"sessionId": session_id, "cwd": str(root), "mcpServers": []}
+                )
+                replayed = client.updates(session_id)
+                assert dumped(replayed) == dumped(
+                    [p for turn in stored.get(session_id, []) for k, p in turn if k != "stop"]
+                )
+            server.process.send_signal(signal.SIGTERM)
+            assert await server.process.wait() == 0, server.stderr
+    with contextlib.closing(sqlite3.connect(data_dir / "sessions.sqlite3")) as db:
+        assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+
+
+def _script_kinds(turn: int) -> list[tuple[str, str]]:
+    """The updates turn ``turn`` of :data:`CRASH_SCRIPT` streams, as (kind, status)."""
+    kinds: list[tuple[str, str]] = []
+    for step in CRASH_SCRIPT[turn % len(CRASH_SCRIPT)]:
+        if "text" in step:
+            kinds.append(("agent_message_chunk", ""))
+        elif "thought" in step:
+            kinds.append(("agent_thought_chunk", ""))
+        elif "plan" in step:
+            kinds.append(("plan", ""))
+        elif step["tool"] == "read_file":
+            kinds += [("tool_call", ""), ("tool_call_update", ""), ("tool_call_update", "")]
+        else:  # an unsupported tool: failed at once
+            kinds += [("tool_call", ""), ("tool_call_update", "")]
+    return kinds
