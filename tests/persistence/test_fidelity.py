@@ -15,6 +15,7 @@ import sqlite3
 from pathlib import Path
 from typing import Any
 
+import attrs
 import pytest
 import trio
 from trio_websocket import ConnectionClosed
@@ -24,6 +25,7 @@ from ..client import AcpTestClient
 from ..integration._support import (
     TOKEN,
     acp_ws_client,
+    in_process_server,
     run_punie,
     server_process,
     write_script,
@@ -411,3 +413,80 @@ def _script_kinds(turn: int) -> list[tuple[str, str]]:
         else:  # an unsupported tool: failed at once
             kinds += [("tool_call", ""), ("tool_call_update", "")]
     return kinds
+
+
+@attrs.define(eq=False)
+class Streamer:
+    """Streams ``c0 c1 c2 ...`` without end to a prompt "stream" (until cancelled), fails
+    after a chunk to "boom", refuses "bad", answers anything else in one chunk; records
+    the history each turn is given."""
+
+    name: str = "streamer"
+    seen: list[list[tuple[str, str]]] = attrs.field(factory=list)
+
+    async def run_turn(self, ctx: Any) -> str:
+        self.seen.append(list(ctx.history))
+        if ctx.prompt_text == "stream":
+            for i in range(1_000_000):
+                await ctx.text(f"c{i} ")
+        await ctx.text(f"answer to {ctx.prompt_text}")
+        if ctx.prompt_text == "boom":
+            raise RuntimeError("the model exploded")
+        return "refusal" if ctx.prompt_text == "bad" else "end_turn"
+
+
+async def test_the_history_after_a_restart_is_the_live_one_a_cancelled_stream_included(
+    tmp_path: Path, acp_schema: SchemaChecker
+) -> None:
+    """The design: a cancelled turn stays in the model's history with the output it had
+    streamed (a refused turn and one whose model failed do not). Live, the history held
+    a chunk more than the client saw: the chunk the model was emitting when the cancel
+    came was counted before it was sent, and never sent or stored, so after a restart
+    the same session gave the model another history."""
+    root = Path(await trio.Path(tmp_path).resolve())
+    live = Streamer()
+    with trio.fail_after(30):
+        async with (
+            in_process_server(tmp_path, live, store="sqlite") as running,
+            acp_ws_client(running.url, acp_schema) as (client, _),
+        ):
+            await client.initialize()
+            session_id = await client.new_session(str(root))
+            assert await client.prompt(session_id, "hello") == "end_turn"
+            answers: list[dict[str, Any]] = []
+            async with trio.open_nursery() as nursery:
+
+                async def streaming() -> None:
+                    answers.append(
+                        await prompt_raw(client, session_id, [{"type": "text", "text": "stream"}])
+                    )
+
+                nursery.start_soon(streaming)
+                await client.wait_for(has_update(session_id, "agent_message_chunk", "c40 "))
+                await client.notify("session/cancel", {"sessionId": session_id})
+            assert answers == [answers[0]] and answers[0]["result"] == {"stopReason": "cancelled"}
+            streamed = client.agent_text(session_id).removeprefix("answer to hello")
+            assert (await prompt_raw(client, session_id, [{"type": "text", "text": "bad"}]))[
+                "result"
+            ] == {"stopReason": "refusal"}
+            failed = await prompt_raw(client, session_id, [{"type": "text", "text": "boom"}])
+            assert "the model exploded" in failed["error"]["message"]
+            assert await client.prompt(session_id, "last") == "end_turn"
+        restarted = Streamer()
+        async with (
+            in_process_server(tmp_path, restarted, store="sqlite") as running,
+            acp_ws_client(running.url, acp_schema) as (client, _),
+        ):
+            await client.initialize()
+            await client.request(
+                "session/load", {"sessionId": session_id, "cwd": str(root), "mcpServers": []}
+            )
+            assert await client.prompt(session_id, "last") == "end_turn"
+    expected = [
+        ("user", "hello"),
+        ("agent", "answer to hello"),
+        ("user", "stream"),
+        ("agent", streamed),  # what the client saw of it
+    ]
+    assert live.seen[-1] == expected
+    assert restarted.seen[-1] == [*expected, ("user", "last"), ("agent", "answer to last")]
