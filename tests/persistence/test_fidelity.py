@@ -18,7 +18,13 @@ from typing import Any
 import attrs
 import pytest
 import trio
+import trio.testing
 from trio_websocket import ConnectionClosed
+
+from punie_trio.hub import Limits
+from punie_trio.hub._turns import CUT_TOOL_CALL
+from punie_trio.store import MemoryStore
+from punie_trio.worker import ScriptModel
 
 from ..acp_schema import SchemaChecker
 from ..client import AcpTestClient
@@ -30,7 +36,8 @@ from ..integration._support import (
     server_process,
     write_script,
 )
-from ._hub import expect_error, has_update
+from ._hub import expect_error, has_update, initialize, open_hub, prompt_params
+from .test_reconnect import open_raw, raw_call, send_unread
 
 BIG = "x" * 70_000 + "\n"  # past the 64 KiB a tool call shows
 
@@ -490,3 +497,54 @@ async def test_the_history_after_a_restart_is_the_live_one_a_cancelled_stream_in
     ]
     assert live.seen[-1] == expected
     assert restarted.seen[-1] == [*expected, ("user", "last"), ("agent", "answer to last")]
+
+
+async def test_a_tool_call_cut_with_its_relay_ends_failed_in_the_store(
+    tmp_path: Path, acp_schema: SchemaChecker, autojump_clock: trio.testing.MockClock
+) -> None:
+    """A shutdown whose time ran out while a turn's updates waited on a client that reads
+    nothing: the turn was cancelled with its tool call running (waiting for the client's
+    fs/read_text_file), and its relay was cut before the worker's last update (the call
+    ended failed) came through. The turn was stored with the call ``pending`` or
+    ``in_progress``, and every load replayed it running for ever. How many chunks come
+    first decides where the relay is cut, so the test tries each count. (The clock waits
+    for the tool's path check, in a thread: see the ``autojump_clock`` fixture.)"""
+    (tmp_path / "notes.txt").write_text("notes")
+    store = MemoryStore()
+    sessions = []
+    for count in range(8, 40):
+        turn = [{"text": f"{i} "} for i in range(count)]
+        turn += [{"tool": "read_file", "input": {"path": "notes.txt"}}, {"text": "never"}]
+        model = ScriptModel([turn])
+        async with open_hub(
+            tmp_path, acp_schema, model, store=store, limits=Limits(outbox_limit=8)
+        ) as hub:
+            raw = await open_raw(hub)
+            caps = {"fs": {"readTextFile": True}}
+            await raw_call(raw, 1, "initialize", {"protocolVersion": 1, "clientCapabilities": caps})
+            new = await raw_call(raw, 2, "session/new", {"cwd": str(hub.root), "mcpServers": []})
+            sessions.append(new["sessionId"])
+            await send_unread(raw, "p", "session/prompt", prompt_params(new["sessionId"], "go"))
+            await trio.sleep(1)  # (the clock jumps once the tool's path check is done too)
+            hub.manager.closing.set()
+            await trio.sleep(1)
+        # (then the hub's nursery is cancelled: the shutdown's time is out)
+    tool_calls = cut = 0
+    async with open_hub(tmp_path, acp_schema, ScriptModel([[]]), store=store) as hub:
+        link = await hub.connect()
+        await initialize(link.client)
+        for session_id in sessions:
+            await link.client.request(
+                "session/load", {"sessionId": session_id, "cwd": str(hub.root), "mcpServers": []}
+            )
+            statuses: dict[str, list[str]] = {}
+            for u in link.client.updates(session_id):
+                if u["sessionUpdate"] in ("tool_call", "tool_call_update") and "status" in u:
+                    statuses.setdefault(u["toolCallId"], []).append(u["status"])
+            for tool_id, seen in statuses.items():
+                assert seen[-1] == "failed", (session_id, tool_id, seen)
+                tool_calls += 1
+                ended = link.client.updates(session_id)[-2]  # (before the title)
+                cut += CUT_TOOL_CALL in str(ended)  # (ended by the relay, not the worker)
+            await link.client.request("session/close", {"sessionId": session_id})
+    assert tool_calls > cut > 0  # (the counts reach the tool call, some before the cut)
