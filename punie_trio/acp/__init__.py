@@ -40,6 +40,7 @@ from ._params import (
     parse_new_session,
     parse_prompt,
     parse_session_id,
+    prompt_text,
 )
 
 __all__ = [
@@ -76,5 +77,6 @@ __all__ = [
     "parse_new_session",
     "parse_prompt",
     "parse_session_id",
+    "prompt_text",
     "updates",
 ]

@@ -63,7 +63,7 @@ from ..worker import (
     open_event_channel,
 )
 from ._lifecycle import _check_not_loading
-from ._session import ActiveTurn, Session, text_of, user_text
+from ._session import ActiveTurn, Session, text_of
 
 if TYPE_CHECKING:
     from ._connection import ClientConnection
@@ -459,7 +459,9 @@ async def _persist_turn(
     entries += streamed
     # The turn's history rides on its stop entry: a load then decodes one entry per
     # turn, not every chunk (older stores without it fall back to the chunks).
-    user_said = user_text(params.prompt)
+    # (The prompt as the model was given it, links and embedded resources included: the
+    # live history keeps it so.)
+    user_said = params.text()
     stop_entry: dict[str, Any] = {"stopReason": stop, "history": [user_said, agent_text]}
     if failed is not None:
         stop_entry["error"] = failed

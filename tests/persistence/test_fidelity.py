@@ -499,6 +499,42 @@ async def test_the_history_after_a_restart_is_the_live_one_a_cancelled_stream_in
     assert restarted.seen[-1] == [*expected, ("user", "last"), ("agent", "answer to last")]
 
 
+async def test_the_history_after_a_restart_holds_a_prompt_s_links_and_resources(
+    tmp_path: Path, acp_schema: SchemaChecker
+) -> None:
+    """The model is given a prompt as text: its text blocks, its resource links as
+    ``[name](uri)``, its embedded resources by content; the live history keeps it so. The
+    history a load gives was the text blocks alone: after a restart the model no longer
+    saw which files an earlier prompt had pointed it at, nor what they held."""
+    root = Path(await trio.Path(tmp_path).resolve())
+    blocks: list[dict[str, Any]] = [
+        {"type": "text", "text": "Look at these"},
+        {"type": "resource_link", "name": "notes.txt", "uri": "file:///notes.txt"},
+        {"type": "resource", "resource": {"uri": "file:///a.py", "text": "x = 1\n"}},
+        {"type": "resource", "resource": {"uri": "file:///b.bin", "blob": "AAEC"}},
+    ]
+    said = "Look at these\n[notes.txt](file:///notes.txt)\nx = 1\n\n<file:///b.bin>"
+    live, restarted = Streamer(), Streamer()
+    with trio.fail_after(30):
+        for model in (live, restarted):
+            async with (
+                in_process_server(tmp_path, model, store="sqlite") as running,
+                acp_ws_client(running.url, acp_schema) as (client, _),
+            ):
+                await client.initialize()
+                if model is live:
+                    session_id = await client.new_session(str(root))
+                    await prompt_raw(client, session_id, blocks)
+                else:
+                    await client.request(
+                        "session/load",
+                        {"sessionId": session_id, "cwd": str(root), "mcpServers": []},
+                    )
+                assert await client.prompt(session_id, "last") == "end_turn"
+    assert live.seen[-1] == [("user", said), ("agent", f"answer to {said}")]
+    assert restarted.seen[-1][:2] == live.seen[-1], (restarted.seen[-1], live.seen[-1])
+
+
 async def test_a_tool_call_cut_with_its_relay_ends_failed_in_the_store(
     tmp_path: Path, acp_schema: SchemaChecker, autojump_clock: trio.testing.MockClock
 ) -> None:
