@@ -499,6 +499,49 @@ async def test_the_history_after_a_restart_is_the_live_one_a_cancelled_stream_in
     assert restarted.seen[-1] == [*expected, ("user", "last"), ("agent", "answer to last")]
 
 
+async def test_cancelled_refused_and_failed_turns_replay_after_a_restart_as_streamed(
+    tmp_path: Path, acp_schema: SchemaChecker
+) -> None:
+    """Each turn as the client saw it, whatever its end: cancelled mid-stream (its chunks
+    up to the cancel), refused, failed by the model (its output, then the -32603 answer),
+    answered; a prompt refused at once (too large) leaves nothing."""
+    root = Path(await trio.Path(tmp_path).resolve())
+    seen: list[dict[str, Any]] = []
+    with trio.fail_after(30):
+        async with (
+            in_process_server(
+                tmp_path, Streamer(), store="sqlite", limits=Limits(max_prompt_bytes=1000)
+            ) as running,
+            acp_ws_client(running.url, acp_schema) as (client, _),
+        ):
+            await client.initialize()
+            session_id = await client.new_session(str(root))
+            for text in ("hello", "stream", "bad", "boom", "x" * 2000, "last"):
+                blocks = [{"type": "text", "text": text}]
+                mark = len(client.updates(session_id))
+                if text == "stream":
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(prompt_raw, client, session_id, blocks)
+                        await client.wait_for(has_update(session_id, "agent_message_chunk", "c9 "))
+                        await client.notify("session/cancel", {"sessionId": session_id})
+                else:
+                    answer = await prompt_raw(client, session_id, blocks)
+                    if "error" in answer:
+                        assert answer["error"]["code"] == (-32602 if text[0] == "x" else -32603)
+                        if text[0] == "x":
+                            continue
+                seen += user_chunks(blocks) + client.updates(session_id)[mark:]
+        async with (
+            in_process_server(tmp_path, Streamer(), store="sqlite") as running,
+            acp_ws_client(running.url, acp_schema) as (client, _),
+        ):
+            await client.initialize()
+            await client.request(
+                "session/load", {"sessionId": session_id, "cwd": str(root), "mcpServers": []}
+            )
+            assert dumped(client.updates(session_id)) == dumped(seen)
+
+
 async def test_the_history_after_a_restart_holds_a_prompt_s_links_and_resources(
     tmp_path: Path, acp_schema: SchemaChecker
 ) -> None:
