@@ -41,6 +41,7 @@ from ._params import (
     parse_new_session,
     parse_prompt,
     parse_session_id,
+    prompt_text,
 )
 
 __all__ = [
@@ -78,5 +79,6 @@ __all__ = [
     "parse_new_session",
     "parse_prompt",
     "parse_session_id",
+    "prompt_text",
     "updates",
 ]
