@@ -19,6 +19,7 @@ import collections
 import contextlib
 import itertools
 import logging
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -129,8 +130,12 @@ class _Context:
             await trio.lowlevel.cancel_shielded_checkpoint()
 
     async def text(self, chunk: str) -> None:
-        self.turn.agent_text.append(chunk)
+        # Counted once handed over, not before: a chunk the cancel stops in _emit is
+        # never sent nor stored, and counted first it was in the live history (the
+        # model's next prompt saw text the client never did) but not in the one a load
+        # gives from the store.
         await self._emit(Update(updates.agent_message_chunk(chunk)))
+        self.turn.agent_text.append(chunk)
 
     async def thought(self, chunk: str) -> None:
         await self._emit(Update(updates.agent_thought_chunk(chunk)))
@@ -226,6 +231,15 @@ class _Context:
         return output
 
 
+def seconds_up(seconds: float, digits: int) -> float:
+    """``seconds`` rounded up to ``digits`` decimals: a wait to tell a client (or model)
+    that is over the rate limit. Rounded to nearest, 59.9994 s was told as 59.999 (and
+    59.94 s as "59.9 s"), and one that waited just that long came back before the oldest
+    call left the window and was refused again."""
+    scale = 10.0**digits
+    return math.ceil(seconds * scale) / scale
+
+
 @attrs.define(eq=False)
 class ToolCallLimiter:
     """Tool calls per minute per session.
@@ -252,7 +266,7 @@ class ToolCallLimiter:
             calls = "tool call" if self.per_minute == 1 else "tool calls"
             return (
                 f"rate limit: {self.per_minute} {calls} per minute in this session; "
-                f"retry in {recent[0] + 60.0 - now:.1f} s"
+                f"retry in {seconds_up(recent[0] + 60.0 - now, 1):.1f} s"
             )
         recent.append(now)
         return None
