@@ -390,9 +390,7 @@ class StaticSite:
         every slot has been busy for ``_threads.ROOT_WAIT`` seconds (a 503)."""
         return await run_sync_under(self._key, fn, *args, abandon_on_cancel=abandon_on_cancel)
 
-    async def _read_found(
-        self, read: Callable[[*_Args], _T], *args: *_Args, shared: bool = False
-    ) -> _T:
+    async def _read_found(self, read: Callable[[*_Args], _T], *args: *_Args) -> _T:
         """``read(*args)`` in a thread (:meth:`in_thread`), for a file a lookup found but
         did not read (too large): an ``OSError`` is :class:`Vanished`.
 
@@ -401,10 +399,10 @@ class StaticSite:
         ``FileNotFoundError`` left the app: a 500, and "Error in ASGI Framework" with a
         traceback in the terminal.
 
-        Abandoned on cancel, unless ``shared`` (the compression of a large file, whose
-        result other requests wait for: :meth:`_gzipped`)."""
+        Abandoned on cancel (:meth:`in_thread`), the compression of a large file too
+        (:meth:`_gzipped`)."""
         try:
-            return await self.in_thread(read, *args, abandon_on_cancel=not shared)
+            return await self.in_thread(read, *args)
         except OSError as exc:
             raise Vanished(str(exc)) from exc
 
@@ -502,10 +500,12 @@ class StaticSite:
             await running.wait()  # then the cache has it, unless the file changed meanwhile
         done = self._gzipping[key] = trio.Event()
         try:
-            # Not abandoned on cancel: the result is kept for the requests that wait for it.
-            compressed, cacheable = await self._read_found(
-                _gzip_file, found.path, found.version, shared=True
-            )
+            # Abandoned on cancel, as a read: once it was not, so that the requests
+            # waiting for it got its result, and on a site that stopped answering it held
+            # the server's shutdown until the file system answered. Hypercorn cancels a
+            # request only at shutdown (not when its peer leaves); the waiters, woken
+            # below, then start their own compression, unless cancelled too.
+            compressed, cacheable = await self._read_found(_gzip_file, found.path, found.version)
             self.compressions += 1
         finally:
             del self._gzipping[key]
