@@ -23,12 +23,14 @@ import attrs
 
 from ._config import (
     BY_NAME,
+    CONFIG_ENV,
     ConfigError,
     _to_nonempty,
     _to_path,
     as_flag,
     load_file,
     misspelt_env,
+    named_config,
     resolve_option,
 )
 from ._json import escape_lone_surrogates
@@ -121,14 +123,16 @@ def _in_data_dir(
 
     def run(args: argparse.Namespace) -> int:
         try:
+            args.config = named_config(args.config, os.environ)  # (--config, else $PUNIE_CONFIG)
             data_dir = resolve_data_dir(args)
         except ConfigError as exc:
             print(f"{_PROG}: error: {_printable(str(exc))}", file=sys.stderr)
             return 2
-        # The one variable these commands read, misspelt (PUNIE_DATADIR), sent them to
+        # The variables these commands read, misspelt (PUNIE_DATADIR), sent them to
         # another data directory without a word; serve warns of it. (Other near misses,
         # PUNIE_PROT, are serve's to name: nothing here reads them.)
-        for warning in misspelt_env(os.environ, meaning=BY_NAME["data_dir"].env):
+        read = (BY_NAME["data_dir"].env, CONFIG_ENV)
+        for warning in misspelt_env(os.environ, meaning=read):
             print(f"{_PROG}: warning: {_printable(warning)}", file=sys.stderr)
         return command(args, data_dir)
 

@@ -14,7 +14,7 @@ import ipaddress
 import os
 import re
 import tomllib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
@@ -410,20 +410,49 @@ def _from_env(option: Option, environ: Mapping[str, str]) -> Any:
     return _convert(option, raw, f"${option.env}")
 
 
-def misspelt_env(environ: Mapping[str, str], *, meaning: str | None = None) -> list[str]:
-    """A warning for each ``PUNIE_*`` variable that names no option but nearly names one
-    (only those nearly naming the variable ``meaning``, if given), sorted by name.
+#: The variable naming the config file, as ``--config`` does (which beats it). Not an
+#: option: the file cannot name itself, so it is in no table of :data:`OPTIONS`.
+CONFIG_ENV = "PUNIE_CONFIG"
+
+
+def named_config(flag: Path | None, environ: Mapping[str, str]) -> Path | None:
+    """The config file named by ``--config``, else by ``$PUNIE_CONFIG``; None for
+    neither (the platform's file is then read, if it exists). A named file must exist.
+
+    Why: docs/cli.md has every flag settable as ``PUNIE_<NAME>``, ``--config`` among them,
+    but ``$PUNIE_CONFIG`` was ignored without a word: ``serve`` ran on the defaults (the
+    platform's data directory, a generated token) and ``token`` looked there. Set but
+    empty, or with spaces around it, it is an error, as ``PUNIE_DATA_DIR=`` is."""
+    if flag is not None:
+        return flag
+    raw = environ.get(CONFIG_ENV)
+    if raw is None:
+        return None
+    if not raw.strip():
+        raise ConfigError(f"${CONFIG_ENV} is set but empty (unset it for the default)")
+    try:
+        return _to_path(raw)
+    except ValueError as exc:
+        raise ConfigError(f"${CONFIG_ENV}: config {exc}") from None
+
+
+def misspelt_env(
+    environ: Mapping[str, str], *, meaning: Collection[str] | None = None
+) -> list[str]:
+    """A warning for each ``PUNIE_*`` variable that names no option (nor the config file)
+    but nearly names one (only those nearly naming one of the variables ``meaning``, if
+    given), sorted by name.
 
     Why: a misspelt flag or config key is an error, but ``PUNIE_PROT=9000`` was ignored
     without a word and serve ran on its default port. Only near misses are named (difflib's
     ratio at least 0.8): the environment is shared, and other programs (the benchmarks,
     too) set ``PUNIE_*`` variables of their own, which must not make serve complain."""
-    known = [option.env for option in OPTIONS]
+    known = [option.env for option in OPTIONS] + [CONFIG_ENV]
     warnings = []
     for name in sorted(environ):
-        if name.startswith("PUNIE_") and name not in BY_ENV:
+        if name.startswith("PUNIE_") and name not in known:
             meant = difflib.get_close_matches(name, known, n=1, cutoff=0.8)
-            if meant and meaning in (None, meant[0]):
+            if meant and (meaning is None or meant[0] in meaning):
                 warnings.append(
                     f"${name} is not a punie-trio variable and is ignored; did you mean "
                     f"${meant[0]}?"
