@@ -49,6 +49,7 @@ from .store import (
     SessionRecord,
     StoreError,
     TranscriptEntry,
+    read_ids_starting_with,
     read_session_with_transcript,
     read_sessions,
 )
@@ -219,13 +220,34 @@ def _when(ts: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
 
 
+#: The ids a message names when a prefix starts several.
+SHOWN_IDS = 5
+
+
 def _load(
     args: argparse.Namespace, data_dir: Path
 ) -> tuple[SessionRecord, list[TranscriptEntry]] | int:
-    """The session and transcript named by ``args.id``, or an exit status after a message."""
+    """The session and transcript named by ``args.id`` (a whole id, else the prefix of
+    exactly one), or an exit status after a message.
+
+    Why a prefix: ids are 37 characters, ``list`` shows them whole, and ``show sess_c26b``
+    was ``no session 'sess_c26b'`` although one session's id starts so. An exact id wins;
+    a prefix of several is named with them, not guessed."""
     db = store_path(data_dir)
     try:
         loaded = read_session_with_transcript(db, args.id)
+        if loaded is None and args.id:
+            ids, count = read_ids_starting_with(db, args.id, limit=SHOWN_IDS)
+            if count > 1:
+                shown = ", ".join(_printable(i) for i in ids) + (
+                    ", ..." if count > len(ids) else ""
+                )
+                return _fail(
+                    f"{args.id!r} is the start of {count} session ids in {db} ({shown}): "
+                    "give more of it"
+                )
+            if ids:  # (None again if it was deleted meanwhile: "no session" below)
+                loaded = read_session_with_transcript(db, ids[0])
     except StoreError as exc:
         return _fail(str(exc))
     except UnicodeEncodeError:

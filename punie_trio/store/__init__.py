@@ -22,6 +22,7 @@ from ._model import (
 )
 from ._protocol import Store
 from ._readonly import (
+    read_ids_starting_with,
     read_session,
     read_session_with_transcript,
     read_sessions,
@@ -46,6 +47,7 @@ __all__ = [
     "UnknownSessionError",
     "Unset",
     "open_sqlite_store",
+    "read_ids_starting_with",
     "read_session",
     "read_session_with_transcript",
     "read_sessions",

@@ -18,7 +18,7 @@ import trio
 
 from punie_trio._cli_sessions import add_commands
 from punie_trio._paths import ensure_data_dir, store_path, token_path
-from punie_trio.store import _sql, open_sqlite_store
+from punie_trio.store import SessionRecord, _sql, open_sqlite_store
 
 from .conftest import make_record, text_update
 
@@ -317,6 +317,35 @@ def test_unknown_id(data_dir: Path, command: str, capsys: pytest.CaptureFixture[
     assert main(["sessions", command, "nope-123", "--data-dir", str(data_dir)]) == 1
     captured = capsys.readouterr()
     assert "'nope-123'" in captured.err and captured.out == ""
+
+
+@pytest.mark.parametrize("command", ["show", "export"])
+def test_a_prefix_of_one_id_names_that_session_and_of_several_is_named_ambiguous(
+    data_dir: Path, command: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Ids are 37 characters (``sess_`` and 32 hex digits) and ``list`` shows them whole:
+    ``show sess_c26b`` was ``no session 'sess_c26b'`` although one session's id starts so.
+    A prefix of exactly one id names it (as git takes a commit's); of several, the message
+    names them, and nothing is printed. An exact id wins over being a prefix of others."""
+    argv = ["sessions", command, "sess-n", "--data-dir", str(data_dir)]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert ("session  sess-new\n" in out) if command == "show" else ('"id": "sess-new"' in out)
+    assert main(["sessions", command, "sess-", "--data-dir", str(data_dir)]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err == (
+        f"punie-trio: 'sess-' is the start of 2 session ids in {store_path(data_dir)} "
+        "(sess-new, sess-old): give more of it\n"
+    )
+    trio.run(_add, data_dir, make_record("sess-n", title="Exact"))
+    assert main(["sessions", command, "sess-n", "--data-dir", str(data_dir)]) == 0
+    assert "Exact" in capsys.readouterr().out
+
+
+async def _add(data_dir: Path, record: SessionRecord) -> None:
+    async with open_sqlite_store(store_path(data_dir)) as store:
+        await store.create_session(record)
 
 
 @pytest.mark.parametrize(
