@@ -422,18 +422,16 @@ def named_config(flag: Path | None, environ: Mapping[str, str]) -> Path | None:
     Why: docs/cli.md has every flag settable as ``PUNIE_<NAME>``, ``--config`` among them,
     but ``$PUNIE_CONFIG`` was ignored without a word: ``serve`` ran on the defaults (the
     platform's data directory, a generated token) and ``token`` looked there. Set but
-    empty, or with spaces around it, it is an error, as ``PUNIE_DATA_DIR=`` is."""
-    if flag is not None:
-        return flag
+    empty, or with spaces around it, it is an error, as ``PUNIE_DATA_DIR=`` is, also
+    under ``--config`` (as every variable is checked where a flag overrides it)."""
     raw = environ.get(CONFIG_ENV)
-    if raw is None:
-        return None
-    if not raw.strip():
+    if raw is not None and not raw.strip():
         raise ConfigError(f"${CONFIG_ENV} is set but empty (unset it for the default)")
     try:
-        return _to_path(raw)
+        named = None if raw is None else _to_path(raw)
     except ValueError as exc:
         raise ConfigError(f"${CONFIG_ENV}: config {exc}") from None
+    return named if flag is None else flag
 
 
 def misspelt_env(

@@ -416,6 +416,9 @@ def test_the_config_file_may_be_named_by_punie_config(env: dict[str, str], tmp_p
             done = punie(*command, env=dict(env, PUNIE_CONFIG=value))
             assert done.returncode == 2, (command, done.stderr)
             assert done.stderr.startswith("punie-trio: error: ") and said in done.stderr
+    # (Checked under --config too, as every variable is under its flag.)
+    done = punie("token", "--config", str(other), env=dict(env, PUNIE_CONFIG=""))
+    assert done.returncode == 2 and "$PUNIE_CONFIG is set but empty" in done.stderr
 
 
 def test_a_misspelt_environment_variable_is_warned_about(
