@@ -38,7 +38,7 @@ from ._paths import (
     NotASmallFile,
     config_path,
     default_data_dir,
-    read_small_file,
+    read_small_file_and_status,
     resolved,
     store_path,
     token_path,
@@ -503,7 +503,8 @@ MAX_TOKEN_FILE_BYTES = 64 * 1024
 def cmd_token(args: argparse.Namespace, data_dir: Path) -> int:
     path = token_path(data_dir)
     try:
-        token = read_small_file(path, MAX_TOKEN_FILE_BYTES).decode("utf-8").strip()
+        data, status = read_small_file_and_status(path, MAX_TOKEN_FILE_BYTES)
+        token = data.decode("utf-8").strip()
     except NotASmallFile as exc:
         return _fail(f"token file {path} {exc} (`{_PROG} serve` writes a new one)")
     except FileNotFoundError:
@@ -522,7 +523,9 @@ def cmd_token(args: argparse.Namespace, data_dir: Path) -> int:
             f"token file {path} does not hold a token (it has characters no token has: "
             f"not printable ASCII); `{_PROG} serve` writes a new one"
         )
-    mode = path.stat().st_mode & 0o777
+    # (The mode of the file read: a second look by name found none when a serve starting
+    # with a configured token removed it meanwhile, a FileNotFoundError traceback.)
+    mode = status.st_mode & 0o777
     if mode & 0o077:
         print(
             _printable(

@@ -565,6 +565,31 @@ def test_token_readable_by_others_is_warned_about(
     assert "readable by others (mode 0644)" in captured.err
 
 
+def test_a_token_file_gone_right_after_it_was_read_is_no_traceback(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``token`` looked at the file's mode (for its warning) in a second call after reading
+    it: a ``serve`` starting in between with a configured token removes the file, and the
+    command ended in a ``FileNotFoundError`` traceback. The mode is that of the file read."""
+    from punie_trio import _cli_sessions
+
+    data_dir = ensure_data_dir(tmp_path / "data")
+    token_path(data_dir).write_text("s3cret\n")
+    token_path(data_dir).chmod(0o644)
+    read = _cli_sessions.read_small_file_and_status
+
+    def read_then_removed(path: Path, max_bytes: int, **kwargs: Any) -> Any:
+        result = read(path, max_bytes, **kwargs)
+        path.unlink()  # (as a serve starting with a configured token does)
+        return result
+
+    monkeypatch.setattr(_cli_sessions, "read_small_file_and_status", read_then_removed)
+    assert main(["token", "--data-dir", str(data_dir)]) == 0
+    captured = capsys.readouterr()
+    assert "token: s3cret" in captured.out
+    assert "readable by others (mode 0644)" in captured.err
+
+
 def _export_to(data_dir: Path, output: str) -> list[str]:
     return ["sessions", "export", "sess-new", "-o", output, "--data-dir", str(data_dir)]
 
