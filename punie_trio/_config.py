@@ -329,6 +329,9 @@ BY_NAME = {o.name: o for o in OPTIONS}
 BY_ENV = {o.env: o for o in OPTIONS}
 
 
+#: A key TOML lets stand unquoted.
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+\Z")
+
 #: The largest config file read (a real one is a few hundred bytes).
 MAX_CONFIG_BYTES = 1024 * 1024
 
@@ -484,7 +487,10 @@ def resolve_with_sources(
     unknown = sorted(set(file_values) - set(BY_NAME))
     if unknown:
         known = ", ".join(o.name.replace("_", "-") for o in OPTIONS)
-        raise ConfigError(f"{file_name}: unknown option(s) {', '.join(unknown)} (known: {known})")
+        # A key no bare TOML key could be is quoted: "" = 1 was named as nothing at all
+        # ("unknown option(s)  (known: ..."), and one with spaces read as several.
+        named = ", ".join(k if _BARE_KEY.match(k) else repr(k) for k in unknown)
+        raise ConfigError(f"{file_name}: unknown option(s) {named} (known: {known})")
     values: dict[str, Any] = {}
     sources: dict[str, str | None] = {}
     for option in OPTIONS:
