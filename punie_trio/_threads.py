@@ -7,8 +7,9 @@ and every such thread took a slot of Trio's one default limiter (40): about 40 r
 stuck on one hung mount (one project) made every other threaded operation of the server
 wait, for every project and the dev app. Work that touches a project root's files now
 takes one of that root's own :data:`ROOT_THREADS` slots (:func:`run_sync_under`), so a
-hung mount under root A uses up only A's slots; another root, the dev app (Trio's
-default limiter) and the session store (a thread of its own, ``store/_thread.py``) go on.
+hung mount under root A uses up only A's slots; another root, the dev app (its site's
+own :data:`SITE_THREADS`: :func:`site_key`) and the session store (a thread of its own,
+``store/_thread.py``) go on.
 
 A call waiting for a slot has not started anything: it stays cancellable, and one that
 waits :data:`ROOT_WAIT` seconds is refused with :class:`RootNotAnswering` (its request
@@ -46,13 +47,28 @@ ROOT_WAIT = 30.0
 OUTSIDE = ""
 
 
+#: Threads of the dev app's site directory (its own slots, apart from every project
+#: root's): a page load's misses and large files' reads, each milliseconds.
+SITE_THREADS = 16
+
+#: The key of the dev app's site directory in :func:`slots_for` (no path starts with it).
+_SITE = "\0site "
+
+
+def _where(key: str) -> str:
+    if key == OUTSIDE:
+        return "paths outside the project roots"
+    if key.startswith(_SITE):
+        return f"the site directory {key[len(_SITE) :]}"
+    return f"project root {key}"
+
+
 class RootNotAnswering(Exception):
     """A call found every thread of its root busy for :data:`ROOT_WAIT` seconds."""
 
-    def __init__(self, root: str) -> None:
-        where = f"project root {root}" if root != OUTSIDE else "paths outside the project roots"
+    def __init__(self, root: str, threads: int = ROOT_THREADS) -> None:
         super().__init__(
-            f"the file system of {where} is not answering: all {ROOT_THREADS} threads for "
+            f"the file system of {_where(root)} is not answering: all {threads} threads for "
             f"its files have been busy for {ROOT_WAIT:g} s (a network mount that stopped "
             "answering?); nothing was done, try again once it answers"
         )
@@ -67,13 +83,16 @@ class RootSlots:
     slot until the thread has really ended, an abandoned one too)."""
 
     root: str
-    limiter: trio.CapacityLimiter = attrs.field(factory=lambda: trio.CapacityLimiter(ROOT_THREADS))
+    threads: int = ROOT_THREADS
+    limiter: trio.CapacityLimiter = attrs.field(
+        default=attrs.Factory(lambda self: trio.CapacityLimiter(self.threads), takes_self=True)
+    )
 
     async def acquire_on_behalf_of(self, borrower: object) -> None:
         with trio.move_on_after(ROOT_WAIT):
             await self.limiter.acquire_on_behalf_of(borrower)
             return
-        raise RootNotAnswering(self.root)
+        raise RootNotAnswering(self.root, self.threads)
 
     def release_on_behalf_of(self, borrower: object) -> None:
         self.limiter.release_on_behalf_of(borrower)
@@ -91,8 +110,17 @@ def slots_for(root: str) -> RootSlots:
         _SLOTS.set(slots)
     found = slots.get(root)
     if found is None:
-        found = slots[root] = RootSlots(root)
+        threads = SITE_THREADS if root.startswith(_SITE) else ROOT_THREADS
+        found = slots[root] = RootSlots(root, threads)
     return found
+
+
+def site_key(site: str | os.PathLike[str]) -> str:
+    """The :func:`slots_for` key of the dev app's site directory ``site``: its file work
+    (lookups, reads, snapshots) takes :data:`SITE_THREADS` slots of its own, so a site on
+    a mount that stopped answering holds neither Trio's default threads (the build's
+    start, the watcher's scans) nor a project root's."""
+    return _SITE + os.fspath(site)
 
 
 def root_of(path: str, roots: Iterable[str], default: str = OUTSIDE) -> str:
@@ -112,10 +140,15 @@ def root_of(path: str, roots: Iterable[str], default: str = OUTSIDE) -> str:
     return max(inside, key=len) if inside else default
 
 
-async def run_sync_under(root: str, fn: Callable[[*Args], T], *args: *Args) -> T:
+async def run_sync_under(
+    root: str, fn: Callable[[*Args], T], *args: *Args, abandon_on_cancel: bool = True
+) -> T:
     """``fn(*args)`` in a thread of ``root``'s (:func:`slots_for`), abandoned on cancel:
     only for work that changes nothing a cancel must wait for (a walk, a read), or that
     says what it may still do (a tool's write). Raises :class:`RootNotAnswering` after
-    waiting :data:`ROOT_WAIT` seconds for a thread; the wait is cancellable."""
+    waiting :data:`ROOT_WAIT` seconds for a thread; the wait is cancellable.
+    ``abandon_on_cancel=False`` for work whose result others wait for."""
     limiter = cast(trio.CapacityLimiter, slots_for(root))  # (CapacityLimiter-like: see RootSlots)
-    return await trio.to_thread.run_sync(fn, *args, abandon_on_cancel=True, limiter=limiter)
+    return await trio.to_thread.run_sync(
+        fn, *args, abandon_on_cancel=abandon_on_cancel, limiter=limiter
+    )

@@ -824,7 +824,7 @@ async def test_serving_as_the_cli_does_freezes_startup_and_raises_gc_thresholds(
         gc.set_threshold(*before)
 
 
-@pytest.mark.parametrize("where", ["lookup", "read"])
+@pytest.mark.parametrize("where", ["lookup", "read", "chunk"])
 async def test_a_site_read_that_hangs_does_not_hold_the_shutdown(
     tmp_path: Path, start_server: StartServer, monkeypatch: pytest.MonkeyPatch, where: str
 ) -> None:
@@ -832,7 +832,9 @@ async def test_a_site_read_that_hangs_does_not_hold_the_shutdown(
     mount) a request's lookup or read was not left to its thread on cancel, so the
     server's shutdown waited past ``shutdown_timeout`` until the file system answered
     (under the CLI the watchdog then ended the process with status 1). A read changes
-    nothing: the shutdown leaves it now, and its thread ends when the mount answers."""
+    nothing: the shutdown leaves it now, and its thread ends when the mount answers. A
+    chunk of a file over 1 MiB too: it was read through ``trio.open_file``, whose reads
+    cannot be abandoned."""
     import threading
 
     from punie_trio.web.dev import _static
@@ -844,7 +846,9 @@ async def test_a_site_read_that_hangs_does_not_hold_the_shutdown(
     entered, release = threading.Event(), threading.Event()
     ended = threading.Semaphore(0)
     timed_out: list[bool] = []
-    real = getattr(_static, where if where == "lookup" else "_read")
+    owner: object = _static._Chunks if where == "chunk" else _static
+    name = {"lookup": "lookup", "read": "_read", "chunk": "read"}[where]
+    real = getattr(owner, name)
 
     def hung(*args: object) -> object:
         try:
@@ -854,11 +858,14 @@ async def test_a_site_read_that_hangs_does_not_hold_the_shutdown(
         finally:
             ended.release()
 
-    monkeypatch.setattr(_static, where if where == "lookup" else "_read", hung)
-    # A lookup reads a small file itself; a range of a large one is read apart.
-    path, headers = (
-        ("/index.html", {}) if where == "lookup" else ("/big.bin", {"Range": "bytes=0-99"})
-    )
+    monkeypatch.setattr(owner, name, hung)
+    # A lookup reads a small file itself; a range of a large one is read apart, the whole
+    # of it in chunks.
+    path, headers = {
+        "lookup": ("/index.html", {}),
+        "read": ("/big.bin", {"Range": "bytes=0-99"}),
+        "chunk": ("/big.bin", {"accept-encoding": "identity"}),
+    }[where]
     async with trio.open_nursery() as nursery:
         config = {"site": site, "dev_options": {"no_watch": True}, "shutdown_timeout": 0.5}
         async with start_server(**config) as server:

@@ -18,6 +18,8 @@ from typing import Any
 import attrs
 import trio
 
+from ..._mounts import may_hang
+from ..._threads import RootNotAnswering
 from . import _events, _http, _pages
 from ._asgi import Message, Receive, Scope, Send, departed, header, respond
 from ._broadcast import Broadcaster
@@ -29,6 +31,7 @@ from ._static import StaticSite, Vanished
 from ._watch import Backend, IgnoreRules, PendingChanges, watch
 
 access_log = logging.getLogger("punie_trio.access")
+log = logging.getLogger("punie_trio.dev")
 
 RELOAD_PATH = "/__reload__"
 _PAGE_SUFFIXES = ("", ".html", ".htm")
@@ -126,6 +129,14 @@ class DevApp:
         Started once the watches are registered and the initial build finished (at once
         without a build command), so no change after ``started`` is missed.
         """
+        remote = await self.static.in_thread(may_hang, self.site_dir)
+        self.static.remote = self.loop.remote = remote
+        if remote:
+            log.info(
+                "the site directory %s is on a network or FUSE file system: a cached file's "
+                "stat and the snapshot after a build run in threads",
+                self.site_dir,
+            )
         await self.loop.prepare()
         try:
             async with trio.open_nursery() as nursery:
@@ -233,6 +244,25 @@ class DevApp:
             )
 
     async def _serve(
+        self, scope: Scope, send: Send, *, head: bool, gone: Callable[[], bool]
+    ) -> None:
+        """A site file, or the page for a missing one; a 503 naming the site directory when
+        its file system does not answer (every one of its threads busy for ``ROOT_WAIT``
+        seconds: nothing has been sent then, see ``StaticSite._stream``)."""
+        try:
+            await self._serve_site(scope, send, head=head, gone=gone)
+        except RootNotAnswering as exc:
+            log.warning("%s", exc)
+            body = f"503 Service Unavailable: {exc}\n".encode()
+            headers = [
+                (b"content-type", b"text/plain; charset=utf-8"),
+                (b"content-length", b"%d" % len(body)),
+                (b"cache-control", b"no-store"),
+                (b"retry-after", b"30"),
+            ]
+            await respond(send, 503, headers, body, head=head)
+
+    async def _serve_site(
         self, scope: Scope, send: Send, *, head: bool, gone: Callable[[], bool]
     ) -> None:
         path: str = scope["path"]

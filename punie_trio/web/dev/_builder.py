@@ -22,16 +22,21 @@ import shlex
 import signal
 import subprocess
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TypeVar, TypeVarTuple
 
 import attrs
 import trio
 
+from ..._threads import run_sync_under, site_key
 from ._broadcast import Broadcaster
 from ._events import StatusEvent
 from ._snapshot import FileSig, decide, small_snapshot, take_snapshot
 from ._watch import PendingChanges
+
+_T = TypeVar("_T")
+_Args = TypeVarTuple("_Args")
 
 log = logging.getLogger("punie_trio.dev")
 
@@ -541,6 +546,16 @@ class BuildLoop:
     #: left running: :data:`LEFTOVER_GRACE` at most).
     kill_grace: float = KILL_GRACE
     builds: int = 0
+    #: Whether the site lies on a file system that may stop answering (``_mounts.may_hang``,
+    #: set by the dev app at start): then even a small site's snapshot takes a thread.
+    remote: bool = False
+    #: The site's thread slots (as the site's requests take: ``StaticSite.in_thread``).
+    _site_key: str = attrs.field(
+        init=False,
+        default=attrs.Factory(
+            lambda self: site_key(os.path.abspath(self.site_dir)), takes_self=True
+        ),
+    )
     _last_good: dict[str, FileSig] = attrs.field(factory=dict)
     #: The last build's process group while something it started still runs.
     _leftover: Group | None = None
@@ -558,9 +573,12 @@ class BuildLoop:
         """Snapshot the output as it is before anything runs."""
         # Left to its thread on cancel (a snapshot only reads): on a site that stopped
         # answering (a network mount) it held the server's shutdown until it answered.
-        self._last_good = await trio.to_thread.run_sync(
-            take_snapshot, self.site_dir, None, abandon_on_cancel=True
-        )
+        self._last_good = await self._in_thread(take_snapshot, self.site_dir, None)
+
+    async def _in_thread(self, fn: Callable[[*_Args], _T], *args: *_Args) -> _T:
+        """``fn(*args)`` in one of the site's threads (``_threads.site_key``, shared with
+        the site's requests), abandoned on cancel."""
+        return await run_sync_under(self._site_key, fn, *args)
 
     async def cycle(self, changed: Sequence[str] = ()) -> None:
         """One build (if there is a command) and the reload decision."""
@@ -607,11 +625,9 @@ class BuildLoop:
                 return
             log.info("build ok in %.2fs", result.duration)
             duration = result.duration
-        after = small_snapshot(self.site_dir, self._last_good)
-        if after is None:  # a bigger site, or big changed files: off the event loop
-            after = await trio.to_thread.run_sync(
-                take_snapshot, self.site_dir, self._last_good, abandon_on_cancel=True
-            )  # (as in prepare)
+        after = None if self.remote else small_snapshot(self.site_dir, self._last_good)
+        if after is None:  # a bigger site, big changed files, or a network mount: a thread
+            after = await self._in_thread(take_snapshot, self.site_dir, self._last_good)
         decision = decide(self._last_good, after)
         self._last_good = after
         # No await from here on: status and reload reach every subscriber together (in one
@@ -654,9 +670,7 @@ class BuildLoop:
         # and re-points the link to it (current -> releases/N) is seen writing a new
         # directory each time, which no rule made when the watch started ignores (a
         # review: 20 builds in 4 s, without an edit).
-        output = await trio.to_thread.run_sync(
-            os.path.realpath, self.site_dir, abandon_on_cancel=True
-        )  # (as in prepare)
+        output = await self._in_thread(os.path.realpath, self.site_dir)  # (as in prepare)
         self.pending.discard(
             [p for p in self.pending.paths if p == output or p.startswith(output + os.sep)]
         )

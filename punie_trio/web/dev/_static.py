@@ -9,11 +9,12 @@ neither a slow disk nor a large file blocks other requests, and memory per reque
 The cache: small files' bytes (and what is derived from them: the injected page for the current
 page state, the gzipped body, validators) are kept, keyed by the request path, LRU-bounded by
 :data:`CACHE_ENTRIES` and :data:`CACHE_BYTES`. An entry is used only while one ``stat()`` of the
-requested path (symlinks followed, on the event loop: a metadata call, no read) still shows the
-same file: device, inode, size, ``mtime_ns`` and ``ctime_ns``. Any write, replace (rename),
-truncation or re-link changes one of those, and the request then takes the thread hop again.
-So a cache hit costs no thread hop at all, and a changed file is never served stale (down to
-the file system's timestamp granularity, the limit ETags share).
+requested path (symlinks followed; on the event loop on a local disk, a metadata call, no
+read; in a thread on a network mount, ``_mounts.may_hang``) still shows the same file:
+device, inode, size, ``mtime_ns`` and ``ctime_ns``. Any write, replace (rename), truncation
+or re-link changes one of those, and the request then takes the thread hop again. So a
+cache hit on a local disk costs no thread hop at all, and a changed file is never served
+stale (down to the file system's timestamp granularity, the limit ETags share).
 
 HTML is read whole (it must be, to inject the script), up to :data:`INJECT_LIMIT`; a larger
 page is served as is.
@@ -33,6 +34,7 @@ import json
 import logging
 import os
 import stat
+import threading
 import zlib
 from collections.abc import Callable
 from pathlib import Path
@@ -41,6 +43,7 @@ from typing import Any, Literal, TypeVar, TypeVarTuple
 import attrs
 import trio
 
+from ..._threads import RootNotAnswering, run_sync_under, site_key
 from . import _asgi, _http
 from ._asgi import Headers, Send, finish, respond, start
 from ._inject import inject
@@ -195,6 +198,74 @@ def _read(path: str, offset: int = 0, length: int = -1) -> bytes:
         return f.read(length)
 
 
+@attrs.define(eq=False)
+class _Chunks:
+    """A large file's descriptor, read in pieces (``os.pread``), each in a thread that may
+    be abandoned on cancel.
+
+    Why not ``trio.open_file``: its reads cannot be abandoned, so on a site that stopped
+    answering (a network mount) a download held the server's shutdown until it answered.
+
+    Resource handling: the descriptor is closed once, by whichever ends last of the
+    response (:meth:`close`, idempotent) and a thread still in :meth:`open` or
+    :meth:`read`. Closing it under an abandoned read would free its number for the next
+    ``open()`` or ``accept()``, and a read not yet in the kernel could then take that
+    file's (or socket's) bytes."""
+
+    fd: int | None = None
+    _lock: threading.Lock = attrs.field(factory=threading.Lock)
+    _busy: bool = False
+    _closing: bool = False
+
+    def open(self, path: str) -> None:
+        """(In a thread.) Open ``path``; closed at once if :meth:`close` came first."""
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        with self._lock:
+            if not self._closing:
+                self.fd = fd
+                return
+        os.close(fd)
+
+    def read(self, offset: int, size: int) -> bytes:
+        """(In a thread.) Up to ``size`` bytes at ``offset``; ``b""`` past the end."""
+        with self._lock:
+            if self._closing or self.fd is None:
+                return b""
+            self._busy, fd = True, self.fd
+        try:
+            return os.pread(fd, size, offset)
+        finally:
+            if self._done_reading():  # closed meanwhile: the last one out closes it
+                os.close(fd)
+
+    def _done_reading(self) -> bool:
+        with self._lock:
+            self._busy = False
+            return self._closing
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closing:
+                return
+            self._closing = True
+            fd = None if self._busy else self.fd
+        if fd is not None:
+            os.close(fd)
+
+
+def _unchanged(cached: Lookup, site: str) -> bool:
+    """Whether a cached lookup's file is still the one it read: one ``stat()`` of the path
+    (symlinks followed) and one of the site directory. The site too: re-pointed (a
+    symlink), the file may be the same but reached from another tree, where containment
+    must be checked again."""
+    try:
+        current = identity(os.stat(cached.target))
+        root = os.stat(site)
+    except OSError:
+        return False
+    return current == cached.ident and (root.st_dev, root.st_ino) == cached.root
+
+
 _T = TypeVar("_T")
 _Args = TypeVarTuple("_Args")
 
@@ -202,27 +273,6 @@ _Args = TypeVarTuple("_Args")
 class Vanished(Exception):
     """The file a lookup found could not be read before its response started: it was
     deleted (or replaced by something unreadable) since. Answer as for a missing file."""
-
-
-async def _read_found(read: Callable[[*_Args], _T], *args: *_Args, shared: bool = False) -> _T:
-    """``read(*args)`` in a thread, for a file a lookup found but did not read (too large):
-    an ``OSError`` is :class:`Vanished`.
-
-    Why: a build that empties its output first (Vite's ``emptyOutDir``, Hugo's
-    ``--cleanDestinationDir``) deletes files between the lookup and this read, and the
-    ``FileNotFoundError`` left the app: a 500, and "Error in ASGI Framework" with a
-    traceback in the terminal.
-
-    Abandoned on cancel, unless ``shared`` (the compression of a large file, whose result
-    other requests wait for: :meth:`StaticSite._gzipped`): a read changes nothing, and on
-    a site that stopped answering (a network mount) a request's read held the server's
-    shutdown until the file system answered, past ``shutdown_timeout`` (the watchdog then
-    ended the process with status 1). The thread ends when the file system answers. A
-    lookup (:meth:`StaticSite.find`) and a page's read are left so too."""
-    try:
-        return await trio.to_thread.run_sync(read, *args, abandon_on_cancel=not shared)
-    except OSError as exc:
-        raise Vanished(str(exc)) from exc
 
 
 def _gzip(body: bytes) -> bytes:
@@ -318,8 +368,45 @@ class StaticSite:
     #: request, so a request compares three values instead of serialising them.
     _state_memo: tuple[dict[str, Any], str, str] = attrs.field(init=False, default=({}, "", ""))
 
+    #: Whether the site lies on a file system that may stop answering (``_mounts.may_hang``,
+    #: set by the dev app at start): then a cache hit's ``stat()`` takes a thread too.
+    remote: bool = attrs.field(init=False, default=False)
+    #: The site's thread slots (``_threads.site_key``): every thread of this class's file
+    #: work takes one, so a hung site holds at most :data:`_threads.SITE_THREADS` threads.
+    _key: str = attrs.field(init=False)
+
     def __attrs_post_init__(self) -> None:
         self._site = os.path.abspath(self.site_dir)
+        self._key = site_key(self._site)
+
+    async def in_thread(
+        self, fn: Callable[[*_Args], _T], *args: *_Args, abandon_on_cancel: bool = True
+    ) -> _T:
+        """``fn(*args)`` in one of the site's threads, abandoned on cancel unless told
+        otherwise: a read changes nothing, and on a site that stopped answering (a network
+        mount) a request's read held the server's shutdown until the file system answered,
+        past ``shutdown_timeout`` (the watchdog then ended the process with status 1). The
+        thread ends when the file system answers. Raises ``_threads.RootNotAnswering`` when
+        every slot has been busy for ``_threads.ROOT_WAIT`` seconds (a 503)."""
+        return await run_sync_under(self._key, fn, *args, abandon_on_cancel=abandon_on_cancel)
+
+    async def _read_found(
+        self, read: Callable[[*_Args], _T], *args: *_Args, shared: bool = False
+    ) -> _T:
+        """``read(*args)`` in a thread (:meth:`in_thread`), for a file a lookup found but
+        did not read (too large): an ``OSError`` is :class:`Vanished`.
+
+        Why: a build that empties its output first (Vite's ``emptyOutDir``, Hugo's
+        ``--cleanDestinationDir``) deletes files between the lookup and this read, and the
+        ``FileNotFoundError`` left the app: a 500, and "Error in ASGI Framework" with a
+        traceback in the terminal.
+
+        Abandoned on cancel, unless ``shared`` (the compression of a large file, whose
+        result other requests wait for: :meth:`_gzipped`)."""
+        try:
+            return await self.in_thread(read, *args, abandon_on_cancel=not shared)
+        except OSError as exc:
+            raise Vanished(str(exc)) from exc
 
     @property
     def cached(self) -> int:
@@ -340,23 +427,18 @@ class StaticSite:
         key = "/".join(segments) + ("/" if trailing and segments else "")
         cached = self._cache.get(key)
         if cached is not None:
-            try:
-                current: Identity | None = identity(os.stat(cached.target))
-                # The site directory too: re-pointed (a symlink), the file may be the same
-                # but reached from another tree, where containment must be checked again.
-                root = os.stat(self._site)
-                current_root: RootIdentity | None = (root.st_dev, root.st_ino)
-            except OSError:
-                current = current_root = None
-            if current == cached.ident and current_root == cached.root:
-                self._cache.move_to_end(key)
+            if self.remote:  # (see _mounts: a stat there may wait on another machine)
+                unchanged = await self.in_thread(_unchanged, cached, self._site)
+            else:
+                unchanged = _unchanged(cached, self._site)
+            if unchanged:
+                if self._cache.get(key) is cached:  # (not replaced during a thread's stat)
+                    self._cache.move_to_end(key)
                 return cached
-            self._forget(key)
+            if self._cache.get(key) is cached:
+                self._forget(key)
         self.misses += 1
-        # (Abandoned on cancel, as a read: see _read_found.)
-        found = await trio.to_thread.run_sync(
-            lookup, self._site, segments, trailing, CACHE_FILE_LIMIT, abandon_on_cancel=True
-        )
+        found = await self.in_thread(lookup, self._site, segments, trailing, CACHE_FILE_LIMIT)
         if found.ident is not None:
             self._forget(key)  # a concurrent miss for the same path may have stored one
             found.key = key
@@ -395,7 +477,7 @@ class StaticSite:
         if found.body is not None:
             return found.body
         try:
-            return await trio.to_thread.run_sync(_read, found.path, abandon_on_cancel=True)
+            return await self.in_thread(_read, found.path)
         except OSError:
             return None
 
@@ -421,7 +503,7 @@ class StaticSite:
         done = self._gzipping[key] = trio.Event()
         try:
             # Not abandoned on cancel: the result is kept for the requests that wait for it.
-            compressed, cacheable = await _read_found(
+            compressed, cacheable = await self._read_found(
                 _gzip_file, found.path, found.version, shared=True
             )
             self.compressions += 1
@@ -450,7 +532,7 @@ class StaticSite:
         if body is None:
             raw = found.body
             if raw is None:
-                raw = await _read_found(_read, found.path)
+                raw = await self._read_found(_read, found.path)
             charset = _http.charset(found.ctype)
             body = inject(raw, state, charset, xml=_http.is_xhtml(found.ctype))
             self._remember(found, state_json, body)
@@ -545,7 +627,7 @@ class StaticSite:
                 send,
                 status,
                 headers,
-                await _read_found(_read, found.path, offset, length),
+                await self._read_found(_read, found.path, offset, length),
             )
         else:
             await self._stream(found.path, offset, length, status, headers, send, gone)
@@ -571,23 +653,32 @@ class StaticSite:
         send: Send,
         gone: Callable[[], bool],
     ) -> None:
-        """Send a large file chunk by chunk; each read is a thread hop, so others keep going.
-        Once the peer has gone, the file is no longer read (:func:`_end_for_departed`)."""
+        """Send a large file chunk by chunk; each read is a thread hop, so others keep going,
+        abandoned on cancel (:class:`_Chunks`). Once the peer has gone, the file is no longer
+        read (:func:`_end_for_departed`). A read that finds every thread of the site busy
+        for ``ROOT_WAIT`` seconds (a site that stopped answering) cuts the body short, as a
+        file that shrank does (:meth:`_cut_short`)."""
+        chunks = _Chunks()
         try:
-            opened = await trio.open_file(path, "rb")
-        except OSError as exc:  # deleted since the lookup (see _read_found)
-            raise Vanished(str(exc)) from exc
-        async with opened as f:
-            await f.seek(offset)
+            try:
+                await self.in_thread(chunks.open, path)
+            except OSError as exc:  # deleted since the lookup (see _read_found)
+                raise Vanished(str(exc)) from exc
             await start(send, status, headers)
             remaining = length
             try:
                 while remaining > 0:
                     if gone():
-                        await f.aclose()
+                        chunks.close()
                         await _end_for_departed(send, remaining)
                         return
-                    chunk = await f.read(min(CHUNK, remaining))
+                    try:
+                        chunk = await self.in_thread(
+                            chunks.read, offset + length - remaining, min(CHUNK, remaining)
+                        )
+                    except RootNotAnswering as exc:
+                        log.warning("%s", exc)
+                        chunk = b""
                     if not chunk:
                         await self._cut_short(path, length - remaining, length, send)
                         return
@@ -601,6 +692,8 @@ class StaticSite:
                 await finish(send)
                 raise
             await finish(send)
+        finally:
+            chunks.close()
 
     async def _cut_short(self, path: str, sent: int, length: int, send: Send) -> None:
         """End a streamed body whose file shrank under it (a build rewriting a large asset
