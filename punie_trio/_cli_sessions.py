@@ -50,6 +50,7 @@ from .store import (
     StoreError,
     TranscriptEntry,
     read_ids_starting_with,
+    read_session_count,
     read_session_with_transcript,
     read_sessions,
 )
@@ -279,7 +280,15 @@ def cmd_list(args: argparse.Namespace, data_dir: Path) -> int:
     except UnicodeEncodeError:
         # A cwd that is not UTF-8 (bytes from argv) cannot be stored: it matches nothing
         # (sqlite3 refuses to encode it: this was a traceback).
-        records = []
+        return _emit(f"no sessions in {db}\n")
+    if not records and cwd is not None:
+        # Said as for an empty store, a mistyped --cwd read as a store holding nothing.
+        try:
+            total = read_session_count(db)
+        except StoreError as exc:
+            return _fail(str(exc))
+        of = f"{total} session{'s' if total != 1 else ''}"
+        return _emit(f"no sessions in {db} with cwd {_printable(cwd)} (of {of})\n")
     if not records:
         return _emit(f"no sessions in {db}\n")
     rows = [("ID", "UPDATED", "TURNS", "TITLE", "CWD")]

@@ -24,6 +24,7 @@ from ._protocol import Store
 from ._readonly import (
     read_ids_starting_with,
     read_session,
+    read_session_count,
     read_session_with_transcript,
     read_sessions,
     read_transcript,
@@ -49,6 +50,7 @@ __all__ = [
     "open_sqlite_store",
     "read_ids_starting_with",
     "read_session",
+    "read_session_count",
     "read_session_with_transcript",
     "read_sessions",
     "read_transcript",

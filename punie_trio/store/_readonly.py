@@ -57,6 +57,12 @@ def read_session_with_transcript(
         return record, _sql.select_transcript(conn, session_id)
 
 
+def read_session_count(path: Path | str) -> int:
+    """How many sessions the store holds (``list`` says so when its filter matched none)."""
+    with _reading(path) as conn:
+        return int(conn.execute("SELECT count(*) FROM sessions").fetchone()[0])
+
+
 def read_ids_starting_with(path: Path | str, prefix: str, *, limit: int) -> tuple[list[str], int]:
     """The first ``limit`` session ids that start with ``prefix``, and how many do.
 

@@ -124,6 +124,17 @@ def test_list_cwd_and_empty(data_dir: Path, capsys: pytest.CaptureFixture[str]) 
     assert capsys.readouterr().out.startswith("no sessions in ")
 
 
+def test_a_filter_that_matches_nothing_is_said_as_such(
+    data_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``list --cwd /none`` said ``no sessions in PATH``, as for an empty store: one who
+    mistyped the directory read that the store held nothing. It names the filter."""
+    assert main(["sessions", "list", "--data-dir", str(data_dir), "--cwd", "/none"]) == 0
+    assert capsys.readouterr().out == (
+        f"no sessions in {store_path(data_dir)} with cwd /none (of 2 sessions)\n"
+    )
+
+
 @pytest.mark.parametrize("cwd", ["", "  "])
 def test_an_empty_cwd_is_exit_2_not_every_session(
     data_dir: Path, capsys: pytest.CaptureFixture[str], cwd: str
