@@ -371,6 +371,25 @@ def test_missing_store_is_not_created(
     assert not data_dir.exists()
 
 
+@pytest.mark.parametrize(
+    "argv", [["sessions", "list"], ["sessions", "show", "x"], ["sessions", "export", "x"]]
+)
+def test_an_empty_store_file_is_named_so_not_an_old_store(
+    tmp_path: Path, argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A store file that no serve set up (0 bytes: one killed as it made the store, or a
+    ``touch``) was ``schema version 0 is older than 4``, an old store that does not exist.
+    It is named empty; nothing is written to it."""
+    data_dir = ensure_data_dir(tmp_path / "data")
+    store_path(data_dir).touch()
+    assert main([*argv, "--data-dir", str(data_dir)]) == 1
+    assert capsys.readouterr().err == (
+        f"punie-trio: {store_path(data_dir)}: the session store is empty (no serve has set "
+        "it up: it holds no sessions); start the server once to set it up\n"
+    )
+    assert store_path(data_dir).stat().st_size == 0
+
+
 def test_token(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     data_dir = ensure_data_dir(tmp_path / "data")
     assert main(["token", "--data-dir", str(data_dir)]) == 1
