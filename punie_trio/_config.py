@@ -54,13 +54,32 @@ def _to_bool(value: Any) -> bool:
     raise ValueError("must be true or false")
 
 
-def _to_int(value: Any) -> int:
+#: An integer as ``int()`` reads it (sign, digits, underscores, spaces around).
+_INTEGER = re.compile(r"\s*[+-]?[0-9]+(?:_[0-9]+)*\s*")
+
+
+def _to_int(value: Any, *, bounds: str = "") -> int:
+    """``value`` as an integer; ``bounds`` (``"from 0 to 65535"``) is what a number too
+    long for ``int()`` (over 4,300 digits) is told it must be: it is an integer, and was
+    once refused as not one, quoted whole (5 KB on the terminal)."""
     if isinstance(value, bool) or not isinstance(value, int | str):
         raise ValueError("must be an integer")
     try:
         return int(value)
     except ValueError:  # int("abc") says "invalid literal for int() with base 10"
+        if bounds and isinstance(value, str) and _INTEGER.fullmatch(value):
+            digits = sum(c.isdigit() for c in value)
+            raise ValueError(f"must be {bounds}, got a number of {digits} digits") from None
         raise ValueError(f"must be an integer, got {value!r}") from None
+
+
+def _shown_int(number: int) -> str:
+    """``number`` in full, or its length past 20 digits (a float's ``1e+400`` would not
+    do: past about 309 digits an int cannot be made a float at all)."""
+    if abs(number) < 10**20:
+        return str(number)
+    sign = "a negative" if number < 0 else "a"
+    return f"{sign} number of {len(str(abs(number)))} digits"
 
 
 def _to_float(value: Any) -> float:
@@ -72,17 +91,27 @@ def _to_float(value: Any) -> float:
         raise ValueError(f"must be a number, got {value!r}") from None
 
 
+#: The most any count or byte-size option (a limit) may be: 2**40 (1 TiB, a trillion),
+#: far past any machine's memory or a client's pace, so in effect no bound. More is a
+#: mistake, and ``--max-message-bytes 999999999999999999999999999999`` (accepted once)
+#: ended every ``permessage-deflate`` connection with OverflowError at its first message:
+#: the bounded inflate hands zlib the limit plus one, which must fit a C ``ssize_t``.
+MAX_COUNT = 2**40
+
+
 def _to_positive_int(value: Any) -> int:
-    number = _to_int(value)
+    number = _to_int(value, bounds=f"from 1 to {MAX_COUNT} (2**40)")
     if number <= 0:
-        raise ValueError(f"must be a positive integer, got {number}")
+        raise ValueError(f"must be a positive integer, got {_shown_int(number)}")
+    if number > MAX_COUNT:
+        raise ValueError(f"must be at most {MAX_COUNT} (2**40), got {_shown_int(number)}")
     return number
 
 
 def _to_port(value: Any) -> int:
-    number = _to_int(value)
+    number = _to_int(value, bounds="from 0 to 65535")
     if not 0 <= number <= 65535:
-        raise ValueError(f"must be from 0 to 65535, got {number}")
+        raise ValueError(f"must be from 0 to 65535, got {_shown_int(number)}")
     return number
 
 

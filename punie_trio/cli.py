@@ -648,6 +648,22 @@ def _run_serve(args: argparse.Namespace) -> int:
         flag = _named(sources, "no_http") == "--no-http"
         needs = "--no-http needs --stdio" if flag else "no-http needs stdio"
         return _bad_value(sources, "no_http", f"{needs} (there would be nothing to serve)")
+    if o["max_prompt_bytes"] >= o["max_message_bytes"]:
+        # A prompt goes in one message, and its message is larger still (the envelope, JSON
+        # escapes): at or past the message bound no prompt would ever get the prompt
+        # limit's -32602, which leaves the connection as it was. A WebSocket would be
+        # closed with 1009 instead, and with it the turns of the connection's other
+        # sessions (for a client without a client id). Blamed on the prompt limit if it
+        # was set, else on the message bound that was lowered under it.
+        blamed = "max_prompt_bytes" if sources.get("max_prompt_bytes") else "max_message_bytes"
+        return _bad_value(
+            sources,
+            blamed,
+            f"{_named(sources, 'max_prompt_bytes')} ({o['max_prompt_bytes']}) must be less "
+            f"than {_named(sources, 'max_message_bytes')} ({o['max_message_bytes']}): a "
+            "prompt goes in one message, and a message over that bound ends a WebSocket "
+            "(1009) before its prompt is read, so the prompt limit would never apply",
+        )
     if o["stdio"]:
         # Python makes sys.stdin/sys.stdout None when fd 0/1 were closed at its start
         # (``<&-``, ``>&-``). The next file opened then takes the descriptor: the server read

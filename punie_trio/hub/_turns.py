@@ -61,6 +61,7 @@ from ..worker import (
     TurnFinished,
     Update,
     open_event_channel,
+    seconds_up,
 )
 from ._lifecycle import _check_not_loading
 from ._session import ActiveTurn, Session, text_of, user_text
@@ -108,8 +109,8 @@ def begin_prompt(self: Manager, conn: ClientConnection, params: PromptParams) ->
         raise RpcError(
             INVALID_REQUEST,
             f"Rate limit: {per_minute} {prompts} per minute on this connection; "
-            f"retry in {retry:.1f} s",
-            {"retryAfterSeconds": round(retry, 3)},
+            f"retry in {seconds_up(retry, 1):.1f} s",
+            {"retryAfterSeconds": seconds_up(retry, 3)},  # (up: a client may wait just that)
         )
     recent.append(now)
     turn = ActiveTurn(next(self._turn_ids), conn)

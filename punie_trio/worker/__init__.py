@@ -26,7 +26,7 @@ from ._models import (
     model_from_spec,
 )
 from ._paths import CONFIG_FILE, DATA_DIRECTORY, PathEscape, resolve_inside
-from ._worker import ProjectWorker, ToolCallLimiter
+from ._worker import ProjectWorker, ToolCallLimiter, seconds_up
 
 __all__ = [
     "CONFIG_FILE",
@@ -59,4 +59,5 @@ __all__ = [
     "model_from_spec",
     "open_event_channel",
     "resolve_inside",
+    "seconds_up",
 ]

@@ -19,6 +19,7 @@ import collections
 import contextlib
 import itertools
 import logging
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -226,6 +227,15 @@ class _Context:
         return output
 
 
+def seconds_up(seconds: float, digits: int) -> float:
+    """``seconds`` rounded up to ``digits`` decimals: a wait to tell a client (or model)
+    that is over the rate limit. Rounded to nearest, 59.9994 s was told as 59.999 (and
+    59.94 s as "59.9 s"), and one that waited just that long came back before the oldest
+    call left the window and was refused again."""
+    scale = 10.0**digits
+    return math.ceil(seconds * scale) / scale
+
+
 @attrs.define(eq=False)
 class ToolCallLimiter:
     """Tool calls per minute per session.
@@ -252,7 +262,7 @@ class ToolCallLimiter:
             calls = "tool call" if self.per_minute == 1 else "tool calls"
             return (
                 f"rate limit: {self.per_minute} {calls} per minute in this session; "
-                f"retry in {recent[0] + 60.0 - now:.1f} s"
+                f"retry in {seconds_up(recent[0] + 60.0 - now, 1):.1f} s"
             )
         recent.append(now)
         return None

@@ -20,6 +20,7 @@ from trio_websocket import ConnectionRejected, open_websocket_url
 from punie_trio import cli
 from punie_trio._config import (
     BY_NAME,
+    MAX_COUNT,
     MAX_SECONDS,
     OPTIONS,
     ConfigError,
@@ -675,6 +676,86 @@ def test_seconds_past_a_year_are_refused(
     assert f"argument {flag}: must be at most 31536000 seconds (a year)" in capsys.readouterr().err
 
 
+#: The options read as a positive integer (the limits and bounds).
+POSITIVE_INT_FLAGS = [o.flag for o in OPTIONS if o.convert is BY_NAME["max_connections"].convert]
+
+
+@pytest.mark.parametrize("flag", POSITIVE_INT_FLAGS)
+@pytest.mark.parametrize("value", [str(MAX_COUNT + 1), str(2**63), "9" * 30, "9" * 400])
+def test_counts_past_the_largest_are_refused(
+    capsys: pytest.CaptureFixture[str], flag: str, value: str
+) -> None:
+    """``--max-message-bytes 999999999999999999999999999999`` was accepted, and the server
+    served it until a client sent a message on a ``permessage-deflate`` connection (the
+    default of browsers and ``websockets``): the bounded inflate passed the limit to zlib,
+    which raised OverflowError, and the connection ended with a traceback in the log and
+    no 1009, before its first message was read (2**63 - 1, the largest a C ssize_t holds,
+    did so too: the bound is the limit plus one)."""
+    assert len(POSITIVE_INT_FLAGS) == 10
+    with pytest.raises(SystemExit) as info:
+        cli.build_parser().parse_args(["serve", flag, value])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {flag}: must be at most {MAX_COUNT} (2**40), got " in err
+    if len(value) > 20:  # (shown short; 400 digits, as a float, was an OverflowError)
+        assert err.rstrip().endswith(f"got a number of {len(value)} digits"), err
+    name = flag.removeprefix("--")
+    with pytest.raises(ConfigError) as env_info:
+        resolve({}, {}, {f"PUNIE_{name.upper().replace('-', '_')}": value}, "config.toml")
+    assert f"{name} must be at most {MAX_COUNT} (2**40)" in str(env_info.value)
+    with pytest.raises(ConfigError) as file_info:
+        resolve({}, {name.replace("-", "_"): int(value)}, {}, "config.toml")
+    assert str(file_info.value).startswith(f"config.toml: {name} must be at most {MAX_COUNT}")
+    args = cli.build_parser().parse_args(["serve", flag, str(MAX_COUNT)])
+    assert getattr(args, name.replace("-", "_")) == MAX_COUNT
+
+
+@pytest.mark.parametrize(
+    ("flag", "bounds"),
+    [("--max-prompt-bytes", f"from 1 to {MAX_COUNT} (2**40)"), ("--port", "from 0 to 65535")],
+)
+@pytest.mark.parametrize("value", ["9" * 5000, "-" + "9" * 5000, " 1_" + "0" * 4999 + " "])
+def test_a_number_too_long_to_read_is_named_as_out_of_bounds(
+    capsys: pytest.CaptureFixture[str], flag: str, bounds: str, value: str
+) -> None:
+    """Past 4,300 digits ``int()`` refuses a number: it was called "not an integer" and
+    quoted whole (5 KB on the terminal)."""
+    digits = sum(c.isdigit() for c in value)
+    with pytest.raises(SystemExit) as info:
+        cli.build_parser().parse_args(["serve", flag, value])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {flag}: must be {bounds}, got a number of {digits} digits" in err
+    assert len(err) < 2000
+    name = flag.removeprefix("--")
+    with pytest.raises(ConfigError) as env_info:
+        resolve({}, {}, {f"PUNIE_{name.upper().replace('-', '_')}": value}, "config.toml")
+    assert str(env_info.value).endswith(f"must be {bounds}, got a number of {digits} digits")
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["serve", flag, "12x" + "9" * 5000])
+    assert "must be an integer, got '12x" in capsys.readouterr().err
+
+
+def test_the_largest_message_bound_still_inflates() -> None:
+    """The bounded inflate (``web/_deflate.py``) at the largest ``max-message-bytes`` hands
+    zlib a bound it can take."""
+    import zlib
+
+    from punie_trio.web._deflate import BoundedPerMessageDeflate
+
+    deflate = BoundedPerMessageDeflate()
+    deflate._decompressor = zlib.decompressobj(-zlib.MAX_WBITS)
+    deflate._inbound_compressed = deflate._inbound_is_compressible = True
+    compressor = zlib.compressobj(wbits=-zlib.MAX_WBITS)
+    data = compressor.compress(b"x" * 100) + compressor.flush(zlib.Z_SYNC_FLUSH)
+    old = BoundedPerMessageDeflate.limit
+    BoundedPerMessageDeflate.limit = MAX_COUNT
+    try:
+        assert deflate.frame_inbound_payload_data(None, data) == b"x" * 100  # type: ignore[arg-type]
+    finally:
+        BoundedPerMessageDeflate.limit = old
+
+
 def test_the_longest_shutdown_timeout_still_starts_the_force_exit_timer() -> None:
     from punie_trio.server import FORCE_EXIT_GRACE
 
@@ -788,6 +869,59 @@ def test_cli_exits_2_naming_the_problem(
     assert err.startswith("punie-trio: error: ") and expected in err
     if not environ:
         assert str(config) in err
+
+
+@pytest.mark.parametrize(
+    ("argv", "environ", "toml", "expected"),
+    [
+        (
+            ["--max-prompt-bytes", "16777216"],
+            {},
+            "",
+            "--max-prompt-bytes (16777216) must be less than max-message-bytes (16777216)",
+        ),
+        (
+            [],
+            {"PUNIE_MAX_MESSAGE_BYTES": "65536"},
+            "",
+            "$PUNIE_MAX_MESSAGE_BYTES: max-prompt-bytes (1048576) must be less than "
+            "max-message-bytes (65536)",
+        ),
+        (
+            ["--max-message-bytes", "2000"],
+            {},
+            "max-prompt-bytes = 4000\n",
+            "config.toml: max-prompt-bytes (4000) must be less than --max-message-bytes (2000)",
+        ),
+    ],
+)
+def test_a_prompt_limit_no_message_could_reach_is_refused(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    argv: list[str],
+    environ: dict[str, str],
+    toml: str,
+    expected: str,
+) -> None:
+    """A prompt goes in one message, and a WebSocket message over ``max-message-bytes`` is
+    closed with 1009 before its prompt is read. ``--max-message-bytes 65536`` (prompts at
+    their default 1 MiB) started, and a 100 KB prompt then ended its connection (and, for a
+    client without a client id, the turns of its other sessions) where the prompt limit
+    promises a -32602 that leaves the connection as it was."""
+    for variable in list(os.environ):
+        if variable.startswith("PUNIE_"):
+            monkeypatch.delenv(variable)
+    for name, value in environ.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("PUNIE_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setattr(cli, "_serve_locked", lambda *args: 0)  # (never a server)
+    config = write(tmp_path / "config.toml", "[serve]\n" + toml)
+    base = ["serve", "--config", str(config), "--port", "0", "--project", str(tmp_path)]
+    assert cli.main([*base, *argv]) == 2
+    err = capsys.readouterr().err.replace(str(config), "config.toml")
+    assert err.startswith(f"punie-trio: error: {expected}: a prompt goes in one message"), err
+    assert cli.main([*base, "--max-prompt-bytes", "1000", "--max-message-bytes", "1001"]) == 0
 
 
 # Values checked only after the merge (is the project a directory, is the model known):

@@ -4,9 +4,11 @@ Rate limits run on a MockClock."""
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 from typing import Any
 
+import pytest
 import trio
 import trio.testing
 from trio_websocket import ConnectionRejected, open_websocket_url
@@ -15,7 +17,15 @@ from punie_trio.hub import Limits
 from punie_trio.worker import EchoModel, ScriptModel
 
 from ..acp_schema import SchemaChecker
-from ..integration._support import acp_ws_client, settle_until, ws_url
+from ..client import AcpTestClient
+from ..integration._support import (
+    TOKEN,
+    acp_ws_client,
+    fresh_ids,
+    server_process,
+    settle_until,
+    ws_url,
+)
 from ..integration.conftest import StartServer
 from ._hub import expect_error, initialize, open_hub, prompt_params
 
@@ -65,6 +75,39 @@ async def test_sessions_per_connection(tmp_path: Path, acp_schema: SchemaChecker
         assert len(hub.manager.sessions) == 4
 
 
+async def test_sessions_taken_back_from_grace_count_on_the_new_connection(
+    tmp_path: Path, acp_schema: SchemaChecker, autojump_clock: trio.testing.MockClock
+) -> None:
+    """A client that comes back under its client id takes its sessions back, and they
+    count: it cannot open a limit's worth more on top (a reconnect does not reset the
+    count). Another client is unaffected meanwhile, and a session closed frees a slot."""
+    limits = Limits(max_sessions_per_connection=2)
+    async with open_hub(tmp_path, acp_schema, EchoModel(), limits=limits) as hub:
+        a = await hub.connect()
+        await initialize(a.client, client_id="ide-1")
+        first = await a.client.new_session(str(hub.root))
+        second = await a.client.new_session(str(hub.root))
+        await a.drop()
+        await settle_until(lambda: not hub.manager.connections)
+        other = await hub.connect()
+        await initialize(other.client)
+        theirs = await other.client.new_session(str(hub.root))
+        again = await hub.connect()
+        await initialize(again.client, client_id="ide-1")
+        owned = {s.id for s in hub.manager.sessions.values() if s.owner is again.connection}
+        assert owned == {first, second}
+        error = await expect_error(
+            again.client, "session/new", {"cwd": str(hub.root), "mcpServers": []}
+        )
+        assert error["code"] == -32600
+        assert "2 sessions open on this connection (max 2)" in error["message"]
+        assert len(hub.manager.sessions) == 3  # nothing left behind by the refusal
+        assert await again.client.prompt(first, "still mine") == "end_turn"
+        assert await other.client.prompt(theirs, "fine") == "end_turn"
+        await again.client.request("session/close", {"sessionId": second})
+        await again.client.new_session(str(hub.root))
+
+
 async def test_connection_limit_is_http_503(
     start_server: StartServer, tmp_path: Path, acp_schema: SchemaChecker
 ) -> None:
@@ -85,6 +128,34 @@ async def test_connection_limit_is_http_503(
             await settle_until(lambda: not running.manager.connections)
             async with acp_ws_client(running.url, acp_schema) as (again, _):
                 await again.initialize()
+
+
+async def test_the_stdio_connection_counts_toward_max_connections(
+    tmp_path: Path, acp_schema: SchemaChecker
+) -> None:
+    """``--max-connections`` counts every ACP connection, the ``--stdio`` one too (the docs
+    said "WebSocket connections"): with ``--stdio --max-connections 2`` one WebSocket fits,
+    and the second is refused with 503 while the stdio client goes on."""
+    with trio.fail_after(30):
+        async with (
+            server_process(tmp_path, "--stdio", "--max-connections", "2") as server,
+            trio.open_nursery() as nursery,
+        ):
+            stdio = AcpTestClient(server.stdio(), acp_schema, ids=fresh_ids())
+            await nursery.start(stdio.run)
+            await stdio.initialize()
+            async with acp_ws_client(server.url, acp_schema, token=TOKEN) as (ws, _):
+                await ws.initialize()
+                with pytest.raises(ConnectionRejected) as refused:
+                    headers = [(b"authorization", f"Bearer {TOKEN}".encode())]
+                    async with open_websocket_url(ws_url(server.url), extra_headers=headers):
+                        pass
+                assert refused.value.status_code == 503
+                assert b"connection limit reached (2)" in (refused.value.body or b"")
+                session_id = await stdio.new_session(str(tmp_path))
+                assert await stdio.prompt(session_id, "stdio goes on") == "end_turn"
+            server.process.send_signal(signal.SIGTERM)
+            assert await server.process.wait() == 0
 
 
 async def test_prompts_per_minute_per_connection(
@@ -116,6 +187,35 @@ async def test_prompts_per_minute_per_connection(
         assert error["code"] == -32600
         await trio.sleep(60)
         assert await a.client.prompt(sa, "four") == "end_turn"
+
+
+async def test_a_client_that_waits_the_retry_it_was_told_is_let_in(
+    tmp_path: Path, acp_schema: SchemaChecker, autojump_clock: trio.testing.MockClock
+) -> None:
+    """``retryAfterSeconds`` (and the message's "retry in S s") is rounded up, never down:
+    59.9994 s was sent as 59.999 (and "59.9 s" for 59.94), and a client that waited just
+    that long came back before its first prompt left the window and was refused again."""
+    limits = Limits(prompts_per_minute=1)
+    async with open_hub(tmp_path, acp_schema, EchoModel(), limits=limits) as hub:
+        a = await hub.connect()
+        await initialize(a.client)
+        session = await a.client.new_session(str(hub.root))
+        for early in (0.0006, 0.06):
+            assert await a.client.prompt(session, "one") == "end_turn"
+            await trio.sleep(early)
+            error = await expect_error(a.client, "session/prompt", prompt_params(session, "2"))
+            retry = error["data"]["retryAfterSeconds"]
+            said = float(error["message"].rsplit("retry in ", 1)[1].removesuffix(" s"))
+            assert retry >= 60 - early and said >= 60 - early, (retry, said)
+            await trio.sleep(said)
+            assert await a.client.prompt(session, "after the message's wait") == "end_turn"
+            await trio.sleep(61)  # (the last prompt leaves the window)
+            assert await a.client.prompt(session, "one") == "end_turn"
+            await trio.sleep(early)
+            await expect_error(a.client, "session/prompt", prompt_params(session, "2"))
+            await trio.sleep(retry)
+            assert await a.client.prompt(session, "after retryAfterSeconds") == "end_turn"
+            await trio.sleep(61)  # (the last prompt leaves the window)
 
 
 async def test_a_client_that_reconnects_goes_on_with_its_prompt_count(

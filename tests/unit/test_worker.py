@@ -1019,6 +1019,16 @@ def test_the_limits_messages_count_in_words_that_agree() -> None:
     assert "rate limit: 2 tool calls per minute in this session" in (two.count("s", 1.0) or "")
 
 
+def test_the_tool_call_limiters_retry_is_rounded_up() -> None:
+    """ "retry in 59.9 s" for 59.94 s sent a model that waited as told back too early."""
+    limiter = ToolCallLimiter(per_minute=1)
+    assert limiter.count("s", now=0.0) is None
+    message = limiter.count("s", now=0.06) or ""
+    assert message.endswith("retry in 60.0 s"), message
+    assert limiter.count("s", now=0.06 + 59.9) is not None
+    assert limiter.count("s", now=0.06 + 60.0) is None
+
+
 def test_a_limiter_only_seeded_forgets_sessions_idle_for_a_minute() -> None:
     """The manager's limiter only seeds (each turn's calls, handed back by the worker),
     and seed never swept: one entry stayed for every session that ever called a tool
