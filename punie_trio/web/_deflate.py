@@ -64,8 +64,8 @@ class BoundedPerMessageDeflate(PerMessageDeflate):
             # At most one byte over the limit: Hypercorn's own bound on the assembled
             # message then closes with 1009, with a close frame (a CloseReason returned
             # here would end the connection without one). zlib takes a C ssize_t: a
-            # larger bound (--max-message-bytes may be any integer, 2**63 - 1 from a TOML
-            # file) was an OverflowError on every compressed message, and every such
+            # larger bound (the options cap it at 2**40, but ServeConfig takes any
+            # integer) was an OverflowError on every compressed message, and every such
             # client lost its connection before its first answer.
             room = min(self.limit - self._inflated + 1, sys.maxsize)
             out = self._decompressor.decompress(bytes(data), room)

@@ -449,11 +449,11 @@ async def test_a_compression_bomb_is_closed_1009_before_it_inflates(
 async def test_a_message_bound_past_what_zlib_takes_still_serves_compressed_clients(
     start_server: StartServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """``--max-message-bytes`` takes any positive integer (a huge one meaning "no bound"),
-    and the bounded inflater handed zlib that bound plus one as its output cap: past a
-    C ``ssize_t`` (2**63 - 1, which a TOML file can hold) every compressed message was an
-    ``OverflowError`` inside wsproto, and every browser's or ``websockets``' connection
-    was closed before its first answer (an audit). Compressed clients are answered."""
+    """The bounded inflater handed zlib the message bound plus one as its output cap: past
+    a C ``ssize_t`` (a bound of 2**63 - 1, which a TOML file could hold before the options
+    were capped at 2**40, and which ``ServeConfig`` still takes) every compressed message
+    was an ``OverflowError`` inside wsproto, and every browser's or ``websockets``'
+    connection was closed before its first answer (an audit). They are answered."""
     import asyncio
 
     import websockets
