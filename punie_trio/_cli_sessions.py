@@ -298,7 +298,7 @@ def cmd_list(args: argparse.Namespace, data_dir: Path) -> int:
             _when(r.updated_at),
             str(r.turns),
             _one_line(_printable(r.title or "-"), 40),
-            _printable(r.cwd),
+            _printable(r.cwd_sent or r.cwd),  # (as session/list gives it)
         )
         for r in records
     ]
@@ -334,9 +334,16 @@ def write_transcript(out: TextIO, rec: SessionRecord, entries: Iterable[Transcri
     Control characters in what was stored are escaped (:func:`_printable`)."""
     out.write(f"session  {_printable(rec.id)}\n")
     out.write(f"title    {_printable(rec.title or '-')}\n")
-    out.write(f"cwd      {_printable(rec.cwd)}\n")
+    # The cwd as the client sent it, as session/list gives it (the resolved one, which
+    # the server checks paths against, beside it when it differs: a symlink).
+    sent = rec.cwd_sent or rec.cwd
+    resolved = f" (resolved: {_printable(rec.cwd)})" if sent != rec.cwd else ""
+    out.write(f"cwd      {_printable(sent)}{resolved}\n")
     if rec.root != rec.cwd:
         out.write(f"root     {_printable(rec.root)}\n")
+    # (session/list gives them too; they were once in export alone.)
+    for i, directory in enumerate(rec.additional_directories):
+        out.write(f"{'dirs' if i == 0 else '':<9}{_printable(directory)}\n")
     out.write(f"created  {_when(rec.created_at)}\n")
     out.write(f"updated  {_when(rec.updated_at)}\n")
     out.write(f"turns    {rec.turns}\n")

@@ -5,6 +5,7 @@ Pure functions and attrs values only; the hub wires them to a :class:`~punie_tri
 
 from . import _updates as updates
 from ._methods import (
+    AGENT_METHODS,
     AUTHENTICATE,
     CLIENT_METHODS,
     FS_READ_TEXT_FILE,
@@ -40,9 +41,11 @@ from ._params import (
     parse_new_session,
     parse_prompt,
     parse_session_id,
+    prompt_text,
 )
 
 __all__ = [
+    "AGENT_METHODS",
     "AUTHENTICATE",
     "CLIENT_METHODS",
     "FS_READ_TEXT_FILE",
@@ -76,5 +79,6 @@ __all__ = [
     "parse_new_session",
     "parse_prompt",
     "parse_session_id",
+    "prompt_text",
     "updates",
 ]

@@ -15,6 +15,29 @@ SESSION_DELETE = "session/delete"
 SESSION_PROMPT = "session/prompt"
 SESSION_CANCEL = "session/cancel"
 SESSION_SET_MODE = "session/set_mode"
+SESSION_SET_CONFIG_OPTION = "session/set_config_option"
+LOGOUT = "logout"
+
+#: Every method of the agent side of v1 (the schema's ``x-side: agent``, meta.json's
+#: ``agentMethods``), served or not: called before ``initialize``, such a method is
+#: -32600 "call initialize first", where a name ACP does not define is -32601.
+AGENT_METHODS = frozenset(
+    {
+        INITIALIZE,
+        AUTHENTICATE,
+        SESSION_NEW,
+        SESSION_LOAD,
+        SESSION_LIST,
+        SESSION_RESUME,
+        SESSION_CLOSE,
+        SESSION_DELETE,
+        SESSION_PROMPT,
+        SESSION_CANCEL,
+        SESSION_SET_MODE,
+        SESSION_SET_CONFIG_OPTION,
+        LOGOUT,
+    }
+)
 
 # Client-side methods (the agent calls them).
 SESSION_UPDATE = "session/update"

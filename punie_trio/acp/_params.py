@@ -8,7 +8,7 @@ guess. Unknown fields and ``_meta`` are tolerated, as the extensibility page req
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import attrs
@@ -241,20 +241,36 @@ class PromptParams:
     prompt: tuple[dict[str, Any], ...]
 
     def text(self) -> str:
-        """The prompt as plain text for a model: text blocks verbatim, resources by content
-        when embedded, links as ``[name](uri)``."""
-        parts: list[str] = []
-        for block in self.prompt:
-            kind = block["type"]
-            if kind == "text":
-                parts.append(block["text"])
-            elif kind == "resource_link":
-                parts.append(f"[{block['name']}]({block['uri']})")
-            elif kind == "resource":
-                resource = block["resource"]
+        """The prompt as plain text for a model (see :func:`prompt_text`)."""
+        return prompt_text(self.prompt)
+
+
+def prompt_text(blocks: Iterable[Any]) -> str:
+    """Prompt content blocks as plain text for a model: text blocks verbatim, resources by
+    content when embedded, links as ``[name](uri)``, a line each.
+
+    One function for a prompt as it comes and for its blocks read back from the store
+    (its ``user_message_chunk``s): the history a load gives the model must be the one the
+    live session kept. (The stored history once held the text blocks alone, so after a
+    restart the model no longer saw the files an earlier prompt had linked or embedded.)
+    Blocks from the store are not checked as a prompt is: anything else is skipped."""
+    parts: list[str] = []
+    for block in blocks:
+        if not isinstance(block, dict):
+            continue
+        kind = block.get("type")
+        if kind == "text":
+            text = block.get("text")
+            if isinstance(text, str):
+                parts.append(text)
+        elif kind == "resource_link":
+            parts.append(f"[{block.get('name')}]({block.get('uri')})")
+        elif kind == "resource":
+            resource = block.get("resource")
+            if isinstance(resource, dict):
                 text = resource.get("text")
                 parts.append(text if isinstance(text, str) else f"<{resource.get('uri', '')}>")
-        return "\n".join(parts)
+    return "\n".join(parts)
 
 
 #: What a bare text block adds to a prompt beyond its text: ``{"type":"text","text":""}``.

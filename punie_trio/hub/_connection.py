@@ -204,7 +204,7 @@ class ClientConnection:
                 return self._initialize_after_take_over(init, client_id, awaiting, held)
             return self._initialize(init, client_id, awaiting)
         if not self.initialized:
-            if method.startswith("_") or method in _KNOWN:
+            if method.startswith("_") or method in acp.AGENT_METHODS:
                 raise RpcError(INVALID_REQUEST, f"Invalid request: call initialize before {method}")
             raise method_not_found(method)
         manager = self.manager
@@ -385,21 +385,6 @@ def _initialize_result() -> dict[str, Any]:
         "authMethods": [],
         "agentInfo": AGENT_INFO,
     }
-
-
-_KNOWN = frozenset(
-    {
-        acp.SESSION_NEW,
-        acp.SESSION_LOAD,
-        acp.SESSION_PROMPT,
-        acp.SESSION_LIST,
-        acp.SESSION_RESUME,
-        acp.SESSION_CLOSE,
-        acp.SESSION_DELETE,
-        acp.SESSION_SET_MODE,
-        acp.AUTHENTICATE,
-    }
-)
 
 
 async def _ready(value: Any) -> Any:

@@ -41,7 +41,7 @@ from .._json import is_name_text
 from .._paths import resolved
 from .._threads import RootNotAnswering, root_of, run_sync_under
 from ..acp import updates
-from ..rpc import INTERNAL_ERROR, INVALID_REQUEST, PeerClosed, RpcError
+from ..rpc import INTERNAL_ERROR, INVALID_REQUEST, REQUEST_CANCELLED, PeerClosed, RpcError
 from ..store import (
     STOP,
     BadCursor,
@@ -72,6 +72,17 @@ def _store_failed(exc: StoreError) -> RpcError:
     traceback of the hub would only bury it."""
     log.warning("session store: %s", exc)
     return RpcError(INTERNAL_ERROR, f"Internal error: {exc}")
+
+
+def shutting_down() -> RpcError:
+    """The answer to a request the server's shutdown aborts (or refuses as it begins).
+
+    -32800, not -32603: the schema's ``ErrorCode`` is for "execution of the method ...
+    aborted ... because of resource constraints or shutdown", and the cancellation page
+    asks an agent that cancels a request itself to answer it as if the client had (a
+    client then takes it as cancelled, as it does a prompt's ``stopReason: cancelled``
+    at shutdown, not as the agent failing). It was -32603, "Internal error"."""
+    return RpcError(REQUEST_CANCELLED, "Server is shutting down")
 
 
 def _check_not_loading(conn: ClientConnection, session: Session) -> None:
@@ -225,10 +236,10 @@ async def new_session(
     concurrent requests cannot both take the last place) and store it
     (:meth:`persist_new`)."""
     if self.closing.is_set():
-        raise RpcError(INTERNAL_ERROR, "Server is shutting down")
+        raise shutting_down()
     root, cwd, additional = await self.checked_paths(params.cwd, params.additional_directories)
     if self.closing.is_set():  # (the walk may have waited into the shutdown)
-        raise RpcError(INTERNAL_ERROR, "Server is shutting down")
+        raise shutting_down()
     self._check_session_quota(conn)
     session_id = f"sess_{uuid.uuid4().hex}"
     session = self._open(conn, session_id, root, cwd, additional)
@@ -308,7 +319,7 @@ async def _load_session(
     self: Manager, conn: ClientConnection, ref: acp.SessionRef, replay: bool
 ) -> dict[str, Any]:
     if self.closing.is_set():
-        raise RpcError(INTERNAL_ERROR, "Server is shutting down")
+        raise shutting_down()
     assert ref.cwd is not None
     root, cwd, additional = await self.checked_paths(ref.cwd, ref.additional_directories)
     while await self._waited_for_cut_turn(ref.session_id):
@@ -333,7 +344,7 @@ async def _load_session(
         drops = self._drops
         record = await self._stored(ref.session_id)
     if self.closing.is_set():  # (the reads above may have waited into the shutdown)
-        raise RpcError(INTERNAL_ERROR, "Server is shutting down")
+        raise shutting_down()
     if cwd != stored_cwd:
         # "cwd is immutable after session setup" (session-list page); only the extra
         # roots may differ from one load to the next (session-setup page).
@@ -588,7 +599,7 @@ async def despite_a_drop(self: Manager, conn: ClientConnection, work: Awaitable[
     if failure:
         raise failure[0]
     if not outcome:  # (cancelled with the manager's nursery: a shutdown's end)
-        raise RpcError(INTERNAL_ERROR, "Internal error: the server is shutting down")
+        raise shutting_down()
     return outcome[0]
 
 

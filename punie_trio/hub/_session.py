@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import collections
 import json
-from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, TypeGuard
 
 import attrs
 import trio
 
+from ..acp import prompt_text
 from ..rpc import RequestId, RpcError
 from ..rpc._outbox import OUTBOX_BYTES
 from ..worker import Command, ProjectWorker
@@ -160,14 +160,6 @@ def json_string_at(text: str, start: int) -> str | None:
 _DECODER = json.JSONDecoder()
 
 
-def user_text(blocks: Iterable[Any]) -> str:
-    """The user's side of a turn in the history: the text of its text blocks, a line each
-    (the same whether taken from a prompt or from its stored user_message_chunks)."""
-    return "\n".join(
-        t for block in blocks if isinstance(block, dict) and isinstance(t := block.get("text"), str)
-    )
-
-
 def text_of(update: dict[str, Any]) -> str:
     """The text of a message chunk update ("" for a non-text content block)."""
     content = update.get("content")
@@ -191,6 +183,6 @@ def turn_history(stop_json: str, chunks: list[tuple[str, str]]) -> list[tuple[st
         and all(isinstance(part, str) for part in summary)
     ):
         return [("user", summary[0]), ("agent", summary[1])]
-    user = user_text(json.loads(p).get("content") for k, p in chunks if k == "user_message_chunk")
+    user = prompt_text(json.loads(p).get("content") for k, p in chunks if k == "user_message_chunk")
     agent = "".join(text_of(json.loads(p)) for k, p in chunks if k == "agent_message_chunk")
     return [("user", user), ("agent", agent)]

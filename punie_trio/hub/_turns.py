@@ -63,8 +63,8 @@ from ..worker import (
     open_event_channel,
     seconds_up,
 )
-from ._lifecycle import _check_not_loading
-from ._session import ActiveTurn, Session, text_of, user_text
+from ._lifecycle import _check_not_loading, shutting_down
+from ._session import ActiveTurn, Session, text_of
 
 if TYPE_CHECKING:
     from ._connection import ClientConnection
@@ -91,7 +91,7 @@ TITLE_CHARS = 80
 def begin_prompt(self: Manager, conn: ClientConnection, params: PromptParams) -> ActiveTurn:
     """Register a turn synchronously (so a ``session/cancel`` read next finds it)."""
     if self.closing.is_set():
-        raise RpcError(INTERNAL_ERROR, "Server is shutting down")
+        raise shutting_down()
     session = self.owned_session(conn, params.session_id)
     if session.closing:
         raise RpcError(INVALID_REQUEST, f"Session {session.id} is closing")
@@ -192,6 +192,8 @@ async def _relay_turn(
     streamed: list[tuple[str, str]] = []  # (kind, encoded update)
     agent_text: list[str] = []
     held: list[str] = []  # the last batch's notifications, sent with the answer
+    # Tool calls streamed and not yet ended (completed or failed), in the order opened.
+    open_tools: dict[str, None] = {}
     prefix = updates.notification_prefix(session.id)
     try:
         with contextlib.suppress(trio.ClosedResourceError, trio.BrokenResourceError):
@@ -206,9 +208,12 @@ async def _relay_turn(
                     # Encoded once: sent, buffered for a detached client and stored.
                     update = event.update
                     encoded = updates.encode(update)
-                    streamed.append((update["sessionUpdate"], encoded))
-                    if update["sessionUpdate"] == "agent_message_chunk":
+                    kind = update["sessionUpdate"]
+                    streamed.append((kind, encoded))
+                    if kind == "agent_message_chunk":
                         agent_text.append(text_of(update))
+                    elif kind == "tool_call" or kind == "tool_call_update":
+                        _track_tool_call(open_tools, update)
                     batch.append(prefix + encoded + "}}")
                     try:
                         event = events.receive_nowait()
@@ -242,6 +247,16 @@ async def _relay_turn(
             self._command(session.worker, CancelTurn(turn.turn_id))
         try:
             stop = finished.stop_reason if finished is not None else "cancelled"
+            if open_tools:
+                # Cut before the turn's end came through (the shutdown's time ran out,
+                # or the worker's last updates found no room): the tool calls it left
+                # running end failed here, as the worker ends them, or every load
+                # replayed them running for ever.
+                ended = _cut_tool_calls(open_tools)
+                streamed += [("tool_call_update", encoded) for encoded in ended]
+                if trio.current_effective_deadline() != -math.inf:
+                    # (and told, if its client can still be)
+                    held += [prefix + encoded + "}}" for encoded in ended]
             title = _title_for(session, params)
             named: str | None = None
             if title is not None:
@@ -445,7 +460,9 @@ async def _persist_turn(
     entries += streamed
     # The turn's history rides on its stop entry: a load then decodes one entry per
     # turn, not every chunk (older stores without it fall back to the chunks).
-    user_said = user_text(params.prompt)
+    # (The prompt as the model was given it, links and embedded resources included: the
+    # live history keeps it so.)
+    user_said = params.text()
     stop_entry: dict[str, Any] = {"stopReason": stop, "history": [user_said, agent_text]}
     if failed is not None:
         stop_entry["error"] = failed
@@ -479,6 +496,39 @@ async def _persist_turn(
     if title is not None:
         session.title = title
     return None
+
+
+#: What a tool call the relay ends (see :func:`_cut_tool_calls`) says.
+CUT_TOOL_CALL = (
+    "cancelled: the turn ended before this tool call reported its outcome, "
+    "so whether it was carried out is not known"
+)
+
+
+def _track_tool_call(open_tools: dict[str, None], update: dict[str, Any]) -> None:
+    """Keep ``open_tools`` (the ids of the turn's tool calls not yet ended) up to date
+    with a ``tool_call`` or ``tool_call_update`` the turn streamed."""
+    tool_id = update.get("toolCallId")
+    status = update.get("status")
+    if not isinstance(tool_id, str):
+        return
+    if status == "completed" or status == "failed":
+        open_tools.pop(tool_id, None)
+    elif update["sessionUpdate"] == "tool_call" or status is not None:
+        open_tools[tool_id] = None
+
+
+def _cut_tool_calls(open_tools: dict[str, None]) -> list[str]:
+    """The encoded ``tool_call_update``s that end, failed, the tool calls a turn cut
+    before its end left running. The tool-calls page has no status for "cancelled", and
+    an IDE shows a call left ``in_progress`` as running for ever, a load's replay too.
+    The worker ends such calls itself (saying whether a write may have landed); these
+    stand in only where its word never reached the relay, so they say the outcome is
+    not known rather than that nothing was done."""
+    return [
+        updates.encode(updates.tool_call_update(tool_id, status="failed", text=CUT_TOOL_CALL))
+        for tool_id in open_tools
+    ]
 
 
 def _title_for(session: Session, params: PromptParams) -> str | None:

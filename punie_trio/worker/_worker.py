@@ -130,8 +130,12 @@ class _Context:
             await trio.lowlevel.cancel_shielded_checkpoint()
 
     async def text(self, chunk: str) -> None:
-        self.turn.agent_text.append(chunk)
+        # Counted once handed over, not before: a chunk the cancel stops in _emit is
+        # never sent nor stored, and counted first it was in the live history (the
+        # model's next prompt saw text the client never did) but not in the one a load
+        # gives from the store.
         await self._emit(Update(updates.agent_message_chunk(chunk)))
+        self.turn.agent_text.append(chunk)
 
     async def thought(self, chunk: str) -> None:
         await self._emit(Update(updates.agent_thought_chunk(chunk)))

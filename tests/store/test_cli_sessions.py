@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import trio
 
-from punie_trio._cli_sessions import add_commands
+from punie_trio._cli_sessions import _when, add_commands
 from punie_trio._paths import ensure_data_dir, store_path, token_path
 from punie_trio.store import SessionRecord, _sql, open_sqlite_store
 
@@ -1110,3 +1110,44 @@ def test_a_closed_stdout_is_an_error_not_a_traceback(data_dir: Path, command: st
     assert (
         done.stderr.decode() == "punie-trio: cannot write the output: standard output is closed\n"
     )
+
+
+def test_show_and_list_give_the_metadata_session_list_gives(
+    data_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A session's additional directories and its cwd as the client sent it (what
+    ``session/list`` reports) were nowhere in ``show`` and ``list``: ``show`` left the
+    directories out, and both printed the resolved cwd, which for a session created
+    through a symlink is not the one the IDE set and lists."""
+
+    async def fill() -> None:
+        async with open_sqlite_store(store_path(data_dir)) as store:
+            await store.create_session(
+                make_record(
+                    "sess-link",
+                    root="/proj",
+                    cwd="/proj/site",
+                    cwd_sent="/proj/link",
+                    additional_directories=("/proj/lib", "/proj/docs"),
+                    created_at=200.0,
+                    updated_at=300.0,
+                )
+            )
+
+    trio.run(fill)
+    assert main(["sessions", "show", "sess-link", "--data-dir", str(data_dir)]) == 0
+    out = capsys.readouterr().out
+    header = out[: out.index("turns    ")]
+    assert header == (
+        "session  sess-link\n"
+        "title    -\n"
+        "cwd      /proj/link (resolved: /proj/site)\n"
+        "root     /proj\n"
+        "dirs     /proj/lib\n"
+        "         /proj/docs\n"
+        f"created  {_when(200.0)}\n"
+        f"updated  {_when(300.0)}\n"
+    )
+    assert main(["sessions", "list", "--data-dir", str(data_dir)]) == 0
+    (line,) = [x for x in capsys.readouterr().out.splitlines() if x.startswith("sess-link ")]
+    assert line.endswith(" /proj/link")

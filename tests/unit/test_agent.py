@@ -17,12 +17,13 @@ import pytest
 import trio
 import trio.testing
 
+from punie_trio import acp
 from punie_trio.hub import ClientConnection, Limits, Manager
 from punie_trio.rpc import INVALID_REQUEST
 from punie_trio.transport import MemoryMessageStream, memory_message_stream_pair
 from punie_trio.worker import EchoModel, Model, ScriptModel
 
-from ..acp_schema import SchemaChecker
+from ..acp_schema import SCHEMA_PATH, SchemaChecker
 from ..client import AcpTestClient
 
 
@@ -150,6 +151,11 @@ async def test_authenticate_names_the_empty_auth_methods(
         ("session/prompt", {"sessionId": "s", "prompt": []}),
         ("session/load", {"sessionId": "s", "cwd": "/", "mcpServers": []}),
         ("_vendor/thing", {}),
+        # Every other method of the schema's agent side (meta.json's agentMethods) is
+        # known too: these were -32601, "Method not found", before initialize.
+        ("session/cancel", {"sessionId": "s"}),
+        ("session/set_config_option", {"sessionId": "s", "configId": "c", "value": "v"}),
+        ("logout", {}),
     ],
 )
 async def test_calls_before_initialize_are_refused(
@@ -164,6 +170,14 @@ async def test_calls_before_initialize_are_refused(
         # After initialize the connection works normally.
         await a.client.initialize()
         assert await a.client.new_session(str(a.root))
+
+
+def test_the_methods_known_before_initialize_are_the_schemas_agent_side() -> None:
+    """What a call before ``initialize`` is refused as "call initialize first" (not
+    "method not found") is every method the v1 schema puts on the agent's side."""
+    schema = json.loads(SCHEMA_PATH.read_text())
+    agent_side = {d["x-method"] for d in schema["$defs"].values() if d.get("x-side") == "agent"}
+    assert agent_side == acp.AGENT_METHODS
 
 
 async def test_cancel_before_initialize_is_ignored(

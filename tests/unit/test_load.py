@@ -7,6 +7,7 @@ what it had."""
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -650,7 +651,9 @@ async def test_a_load_whose_store_read_waited_into_shutdown_opens_nothing(
 ) -> None:
     """The server starts shutting down while a session/load reads the stored session: the
     load is answered "Server is shutting down" and opens nothing (it went on to open the
-    session, start a worker for it and replay, on a server cancelling every turn)."""
+    session, start a worker for it and replay, on a server cancelling every turn). The
+    answer is -32800, the schema's code for a request aborted by a shutdown (it was
+    -32603, an internal error)."""
     store = GatedStore()
     async with open_hub(tmp_path, acp_schema, EchoModel(), store=store) as hub:  # type: ignore[arg-type]
         (client,) = await clients(hub, 1)
@@ -673,8 +676,42 @@ async def test_a_load_whose_store_read_waited_into_shutdown_opens_nothing(
                 hub.manager.closing.set()
                 await trio.testing.wait_all_tasks_blocked()
                 store.gets.opened.set()
-        assert answers["load"]["error"] == {"code": -32603, "message": "Server is shutting down"}
+        assert answers["load"]["error"] == {"code": -32800, "message": "Server is shutting down"}
         assert session not in hub.manager.sessions and not hub.manager.workers
+
+
+async def test_a_new_session_whose_path_check_waited_into_shutdown_is_cancelled(
+    tmp_path: Path, acp_schema: SchemaChecker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A session/new whose cwd check (in a thread) is still walking when the server starts
+    shutting down opens nothing, and is answered -32800: the ErrorCode of the schema is
+    for "execution of the method ... aborted ... because of resource constraints or
+    shutdown", and the cancellation page asks for it on any internal cancellation (a
+    client treats it as cancelled, not as the agent failing). It was -32603."""
+    from punie_trio._paths import resolved
+    from punie_trio.hub import _lifecycle
+
+    entered, release = threading.Event(), threading.Event()
+
+    def slow(path: str) -> str:
+        entered.set()
+        release.wait(timeout=10)
+        return resolved(path)
+
+    async with open_hub(tmp_path, acp_schema, EchoModel()) as hub:
+        (client,) = await clients(hub, 1)
+        monkeypatch.setattr(_lifecycle, "resolved", slow)
+        answers: dict[str, Any] = {}
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                params = {"cwd": str(hub.root), "mcpServers": []}
+                nursery.start_soon(answer_into, answers, "new", client, "session/new", params)
+                await trio.to_thread.run_sync(entered.wait)
+                hub.manager.closing.set()
+                await trio.testing.wait_all_tasks_blocked()
+                release.set()
+        assert answers["new"]["error"] == {"code": -32800, "message": "Server is shutting down"}
+        assert hub.manager.sessions == {} and not hub.manager.workers
 
 
 @asynccontextmanager
