@@ -23,12 +23,14 @@ import attrs
 
 from ._config import (
     BY_NAME,
+    CONFIG_ENV,
     ConfigError,
     _to_nonempty,
     _to_path,
     as_flag,
     load_file,
     misspelt_env,
+    named_config,
     resolve_option,
 )
 from ._json import escape_lone_surrogates
@@ -36,7 +38,7 @@ from ._paths import (
     NotASmallFile,
     config_path,
     default_data_dir,
-    read_small_file,
+    read_small_file_and_status,
     resolved,
     store_path,
     token_path,
@@ -47,6 +49,8 @@ from .store import (
     SessionRecord,
     StoreError,
     TranscriptEntry,
+    read_ids_starting_with,
+    read_session_count,
     read_session_with_transcript,
     read_sessions,
 )
@@ -121,14 +125,16 @@ def _in_data_dir(
 
     def run(args: argparse.Namespace) -> int:
         try:
+            args.config = named_config(args.config, os.environ)  # (--config, else $PUNIE_CONFIG)
             data_dir = resolve_data_dir(args)
         except ConfigError as exc:
             print(f"{_PROG}: error: {_printable(str(exc))}", file=sys.stderr)
             return 2
-        # The one variable these commands read, misspelt (PUNIE_DATADIR), sent them to
+        # The variables these commands read, misspelt (PUNIE_DATADIR), sent them to
         # another data directory without a word; serve warns of it. (Other near misses,
         # PUNIE_PROT, are serve's to name: nothing here reads them.)
-        for warning in misspelt_env(os.environ, meaning=BY_NAME["data_dir"].env):
+        read = (BY_NAME["data_dir"].env, CONFIG_ENV)
+        for warning in misspelt_env(os.environ, meaning=read):
             print(f"{_PROG}: warning: {_printable(warning)}", file=sys.stderr)
         return command(args, data_dir)
 
@@ -215,13 +221,34 @@ def _when(ts: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
 
 
+#: The ids a message names when a prefix starts several.
+SHOWN_IDS = 5
+
+
 def _load(
     args: argparse.Namespace, data_dir: Path
 ) -> tuple[SessionRecord, list[TranscriptEntry]] | int:
-    """The session and transcript named by ``args.id``, or an exit status after a message."""
+    """The session and transcript named by ``args.id`` (a whole id, else the prefix of
+    exactly one), or an exit status after a message.
+
+    Why a prefix: ids are 37 characters, ``list`` shows them whole, and ``show sess_c26b``
+    was ``no session 'sess_c26b'`` although one session's id starts so. An exact id wins;
+    a prefix of several is named with them, not guessed."""
     db = store_path(data_dir)
     try:
         loaded = read_session_with_transcript(db, args.id)
+        if loaded is None and args.id:
+            ids, count = read_ids_starting_with(db, args.id, limit=SHOWN_IDS)
+            if count > 1:
+                shown = ", ".join(_printable(i) for i in ids) + (
+                    ", ..." if count > len(ids) else ""
+                )
+                return _fail(
+                    f"{args.id!r} is the start of {count} session ids in {db} ({shown}): "
+                    "give more of it"
+                )
+            if ids:  # (None again if it was deleted meanwhile: "no session" below)
+                loaded = read_session_with_transcript(db, ids[0])
     except StoreError as exc:
         return _fail(str(exc))
     except UnicodeEncodeError:
@@ -253,7 +280,15 @@ def cmd_list(args: argparse.Namespace, data_dir: Path) -> int:
     except UnicodeEncodeError:
         # A cwd that is not UTF-8 (bytes from argv) cannot be stored: it matches nothing
         # (sqlite3 refuses to encode it: this was a traceback).
-        records = []
+        return _emit(f"no sessions in {db}\n")
+    if not records and cwd is not None:
+        # Said as for an empty store, a mistyped --cwd read as a store holding nothing.
+        try:
+            total = read_session_count(db)
+        except StoreError as exc:
+            return _fail(str(exc))
+        of = f"{total} session{'s' if total != 1 else ''}"
+        return _emit(f"no sessions in {db} with cwd {_printable(cwd)} (of {of})\n")
     if not records:
         return _emit(f"no sessions in {db}\n")
     rows = [("ID", "UPDATED", "TURNS", "TITLE", "CWD")]
@@ -484,7 +519,8 @@ MAX_TOKEN_FILE_BYTES = 64 * 1024
 def cmd_token(args: argparse.Namespace, data_dir: Path) -> int:
     path = token_path(data_dir)
     try:
-        token = read_small_file(path, MAX_TOKEN_FILE_BYTES).decode("utf-8").strip()
+        data, status = read_small_file_and_status(path, MAX_TOKEN_FILE_BYTES)
+        token = data.decode("utf-8").strip()
     except NotASmallFile as exc:
         return _fail(f"token file {path} {exc} (`{_PROG} serve` writes a new one)")
     except FileNotFoundError:
@@ -503,7 +539,9 @@ def cmd_token(args: argparse.Namespace, data_dir: Path) -> int:
             f"token file {path} does not hold a token (it has characters no token has: "
             f"not printable ASCII); `{_PROG} serve` writes a new one"
         )
-    mode = path.stat().st_mode & 0o777
+    # (The mode of the file read: a second look by name found none when a serve starting
+    # with a configured token removed it meanwhile, a FileNotFoundError traceback.)
+    mode = status.st_mode & 0o777
     if mode & 0o077:
         print(
             _printable(

@@ -14,7 +14,7 @@ import ipaddress
 import os
 import re
 import tomllib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
@@ -358,6 +358,9 @@ BY_NAME = {o.name: o for o in OPTIONS}
 BY_ENV = {o.env: o for o in OPTIONS}
 
 
+#: A key TOML lets stand unquoted.
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+\Z")
+
 #: The largest config file read (a real one is a few hundred bytes).
 MAX_CONFIG_BYTES = 1024 * 1024
 
@@ -439,20 +442,47 @@ def _from_env(option: Option, environ: Mapping[str, str]) -> Any:
     return _convert(option, raw, f"${option.env}")
 
 
-def misspelt_env(environ: Mapping[str, str], *, meaning: str | None = None) -> list[str]:
-    """A warning for each ``PUNIE_*`` variable that names no option but nearly names one
-    (only those nearly naming the variable ``meaning``, if given), sorted by name.
+#: The variable naming the config file, as ``--config`` does (which beats it). Not an
+#: option: the file cannot name itself, so it is in no table of :data:`OPTIONS`.
+CONFIG_ENV = "PUNIE_CONFIG"
+
+
+def named_config(flag: Path | None, environ: Mapping[str, str]) -> Path | None:
+    """The config file named by ``--config``, else by ``$PUNIE_CONFIG``; None for
+    neither (the platform's file is then read, if it exists). A named file must exist.
+
+    Why: docs/cli.md has every flag settable as ``PUNIE_<NAME>``, ``--config`` among them,
+    but ``$PUNIE_CONFIG`` was ignored without a word: ``serve`` ran on the defaults (the
+    platform's data directory, a generated token) and ``token`` looked there. Set but
+    empty, or with spaces around it, it is an error, as ``PUNIE_DATA_DIR=`` is, also
+    under ``--config`` (as every variable is checked where a flag overrides it)."""
+    raw = environ.get(CONFIG_ENV)
+    if raw is not None and not raw.strip():
+        raise ConfigError(f"${CONFIG_ENV} is set but empty (unset it for the default)")
+    try:
+        named = None if raw is None else _to_path(raw)
+    except ValueError as exc:
+        raise ConfigError(f"${CONFIG_ENV}: config {exc}") from None
+    return named if flag is None else flag
+
+
+def misspelt_env(
+    environ: Mapping[str, str], *, meaning: Collection[str] | None = None
+) -> list[str]:
+    """A warning for each ``PUNIE_*`` variable that names no option (nor the config file)
+    but nearly names one (only those nearly naming one of the variables ``meaning``, if
+    given), sorted by name.
 
     Why: a misspelt flag or config key is an error, but ``PUNIE_PROT=9000`` was ignored
     without a word and serve ran on its default port. Only near misses are named (difflib's
     ratio at least 0.8): the environment is shared, and other programs (the benchmarks,
     too) set ``PUNIE_*`` variables of their own, which must not make serve complain."""
-    known = [option.env for option in OPTIONS]
+    known = [option.env for option in OPTIONS] + [CONFIG_ENV]
     warnings = []
     for name in sorted(environ):
-        if name.startswith("PUNIE_") and name not in BY_ENV:
+        if name.startswith("PUNIE_") and name not in known:
             meant = difflib.get_close_matches(name, known, n=1, cutoff=0.8)
-            if meant and meaning in (None, meant[0]):
+            if meant and (meaning is None or meant[0] in meaning):
                 warnings.append(
                     f"${name} is not a punie-trio variable and is ignored; did you mean "
                     f"${meant[0]}?"
@@ -486,7 +516,10 @@ def resolve_with_sources(
     unknown = sorted(set(file_values) - set(BY_NAME))
     if unknown:
         known = ", ".join(o.name.replace("_", "-") for o in OPTIONS)
-        raise ConfigError(f"{file_name}: unknown option(s) {', '.join(unknown)} (known: {known})")
+        # A key no bare TOML key could be is quoted: "" = 1 was named as nothing at all
+        # ("unknown option(s)  (known: ..."), and one with spaces read as several.
+        named = ", ".join(k if _BARE_KEY.match(k) else repr(k) for k in unknown)
+        raise ConfigError(f"{file_name}: unknown option(s) {named} (known: {known})")
     values: dict[str, Any] = {}
     sources: dict[str, str | None] = {}
     for option in OPTIONS:

@@ -97,6 +97,13 @@ def file_kind(mode: int) -> str:
 
 
 def read_small_file(path: Path, max_bytes: int, *, trusted: bool = False) -> bytes:
+    """:func:`read_small_file_and_status`'s bytes."""
+    return read_small_file_and_status(path, max_bytes, trusted=trusted)[0]
+
+
+def read_small_file_and_status(
+    path: Path, max_bytes: int, *, trusted: bool = False
+) -> tuple[bytes, os.stat_result]:
     """The bytes of the regular file ``path``, at most ``max_bytes`` of them; anything
     else is :class:`NotASmallFile` (and a missing or unreadable file the ``OSError`` an
     open gives). With ``trusted``, a file another user could change (writable by every
@@ -107,7 +114,9 @@ def read_small_file(path: Path, max_bytes: int, *, trusted: bool = False) -> byt
     a writer; ``/dev/zero`` was read until memory ran out. The open does not wait
     (``O_NONBLOCK``), and what it opened is checked before a byte is read. A config file
     names commands serve runs (``trusted``): one anybody could edit ran their commands as
-    this user. Group-writable passes: user private groups make files 0664."""
+    this user. Group-writable passes: user private groups make files 0664. The status is
+    the file's that was read (``token`` warns of its mode: looked at again by name, a file
+    removed meanwhile was a traceback)."""
     flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
     try:
         fd: int | None = os.open(path, flags)
@@ -131,7 +140,7 @@ def read_small_file(path: Path, max_bytes: int, *, trusted: bool = False) -> byt
             os.close(fd)
     if len(data) > max_bytes:
         raise NotASmallFile(f"is over {max_bytes} bytes")
-    return data
+    return data, status
 
 
 def _check_trusted(status: os.stat_result) -> None:

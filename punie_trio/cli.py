@@ -43,6 +43,7 @@ from ._config import (
     as_flag,
     load_file,
     misspelt_env,
+    named_config,
     resolve_with_sources,
 )
 from ._json import is_name_text
@@ -636,6 +637,7 @@ def _project_root(given: Path) -> tuple[Path, str | None]:
 
 def _run_serve(args: argparse.Namespace) -> int:
     try:
+        args.config = named_config(args.config, os.environ)  # (--config, else $PUNIE_CONFIG)
         o, sources = _settings(args)
     except ConfigError as exc:
         return _error(str(exc), 2)

@@ -22,7 +22,9 @@ from ._model import (
 )
 from ._protocol import Store
 from ._readonly import (
+    read_ids_starting_with,
     read_session,
+    read_session_count,
     read_session_with_transcript,
     read_sessions,
     read_transcript,
@@ -46,7 +48,9 @@ __all__ = [
     "UnknownSessionError",
     "Unset",
     "open_sqlite_store",
+    "read_ids_starting_with",
     "read_session",
+    "read_session_count",
     "read_session_with_transcript",
     "read_sessions",
     "read_transcript",

@@ -57,6 +57,21 @@ def read_session_with_transcript(
         return record, _sql.select_transcript(conn, session_id)
 
 
+def read_session_count(path: Path | str) -> int:
+    """How many sessions the store holds (``list`` says so when its filter matched none)."""
+    with _reading(path) as conn:
+        return int(conn.execute("SELECT count(*) FROM sessions").fetchone()[0])
+
+
+def read_ids_starting_with(path: Path | str, prefix: str, *, limit: int) -> tuple[list[str], int]:
+    """The first ``limit`` session ids that start with ``prefix``, and how many do.
+
+    Why: ids are 37 characters, and ``sessions show`` took only a whole one; a prefix of
+    one id now names it, as git takes a commit's (see ``_cli_sessions._load``)."""
+    with _reading(path) as conn:
+        return _sql.select_ids_starting_with(conn, prefix, limit)
+
+
 def read_transcript(path: Path | str, session_id: str) -> list[TranscriptEntry]:
     """The session's transcript in order; ``UnknownSessionError`` if there is no such id."""
     with _reading(path) as conn:

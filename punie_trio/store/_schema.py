@@ -597,6 +597,13 @@ def connect_readonly(path: Path) -> sqlite3.Connection:
             version = _user_version(conn)
             # Another program's database is named so, as serve names it (not "older").
             _refuse_unknown(conn, version, path)
+        if version == 0:
+            # No tables (_refuse_unknown named any): a store no serve set up (one killed as
+            # it made it, a ``touch``), which was "schema version 0 is older than 4".
+            raise StoreError(
+                f"{path}: the session store is empty (no serve has set it up: it holds no "
+                "sessions); start the server once to set it up"
+            )
         if version < SCHEMA_VERSION:
             raise StoreError(
                 f"{path}: session store schema version {version} is older than "

@@ -231,6 +231,18 @@ def select_session(conn: sqlite3.Connection, session_id: str) -> SessionRecord |
     return None if row is None else _record(row)
 
 
+def select_ids_starting_with(
+    conn: sqlite3.Connection, prefix: str, limit: int
+) -> tuple[list[str], int]:
+    """The first ``limit`` session ids (in order) that start with ``prefix``, and how many
+    start so in all. (``substr``, not ``LIKE``: ``_`` and ``%`` in a prefix are its own.)"""
+    rows = conn.execute(
+        "SELECT id, count(*) OVER () FROM sessions WHERE substr(id, 1, ?) = ? ORDER BY id LIMIT ?",
+        (len(prefix), prefix, limit),
+    ).fetchall()
+    return [row[0] for row in rows], (rows[0][1] if rows else 0)
+
+
 def update_session(conn: sqlite3.Connection, session_id: str, changes: dict[str, Any]) -> None:
     """Set the given columns (keys of :data:`UPDATABLE`; ``config`` already a dict).
 

@@ -18,6 +18,7 @@ warning is logged.
 
 from __future__ import annotations
 
+import sys
 import zlib
 from typing import ClassVar
 
@@ -62,8 +63,12 @@ class BoundedPerMessageDeflate(PerMessageDeflate):
         try:
             # At most one byte over the limit: Hypercorn's own bound on the assembled
             # message then closes with 1009, with a close frame (a CloseReason returned
-            # here would end the connection without one).
-            out = self._decompressor.decompress(bytes(data), self.limit - self._inflated + 1)
+            # here would end the connection without one). zlib takes a C ssize_t: a
+            # larger bound (the options cap it at 2**40, but ServeConfig takes any
+            # integer) was an OverflowError on every compressed message, and every such
+            # client lost its connection before its first answer.
+            room = min(self.limit - self._inflated + 1, sys.maxsize)
+            out = self._decompressor.decompress(bytes(data), room)
         except zlib.error:
             return CloseReason.INVALID_FRAME_PAYLOAD_DATA
         self._inflated += len(out)

@@ -383,6 +383,44 @@ def test_a_configured_token_removes_a_stale_generated_one(
     assert done.returncode == 1 and "no token at" in done.stderr
 
 
+def test_the_config_file_may_be_named_by_punie_config(env: dict[str, str], tmp_path: Path) -> None:
+    """docs/cli.md says a flag can also be set as ``PUNIE_<NAME>``, ``--config`` among them,
+    but ``$PUNIE_CONFIG`` was ignored without a word: serve ran on the defaults (the
+    platform's data directory, a generated token), and ``token`` looked there too. It
+    names the file now, for serve and the read-only commands (``--config`` beats it); set
+    but empty, or naming no file, it is exit 2, as ``--config`` is."""
+    env = {k: v for k, v in env.items() if k != "PUNIE_DATA_DIR"}
+    data = tmp_path / "from-env-config"
+    config = tmp_path / "punie.toml"
+    config.write_text(f'data-dir = "{data}"\ntoken = "s3cret"\n')
+    config.chmod(0o600)
+    env = dict(env, PUNIE_CONFIG=str(config))
+    args = ["serve", "--stdio", "--no-http", "--project", str(tmp_path)]
+    done = punie(*args, env=env)
+    assert done.returncode == 0, done.stderr
+    assert (data / "sessions.sqlite3").exists() and not (data / "token").exists()
+    done = punie("token", env=env)
+    assert done.returncode == 1 and f"a token is configured in {config}" in done.stderr
+    other = tmp_path / "other.toml"
+    other.write_text(f'data-dir = "{tmp_path / "other"}"\n')
+    done = punie("token", "--config", str(other), env=env)
+    assert done.returncode == 1 and f"no token at {tmp_path / 'other' / 'token'}" in done.stderr
+    done = punie("token", env=dict(env, PUNIE_CONFG=str(other)))
+    assert "$PUNIE_CONFG is not a punie-trio variable" in done.stderr
+    assert "did you mean $PUNIE_CONFIG?" in done.stderr
+    for value, said in [
+        ("", "$PUNIE_CONFIG is set but empty"),
+        (str(tmp_path / "none.toml"), f"config file {tmp_path / 'none.toml'} does not exist"),
+    ]:
+        for command in (args, ["token"], ["sessions", "list"]):
+            done = punie(*command, env=dict(env, PUNIE_CONFIG=value))
+            assert done.returncode == 2, (command, done.stderr)
+            assert done.stderr.startswith("punie-trio: error: ") and said in done.stderr
+    # (Checked under --config too, as every variable is under its flag.)
+    done = punie("token", "--config", str(other), env=dict(env, PUNIE_CONFIG=""))
+    assert done.returncode == 2 and "$PUNIE_CONFIG is set but empty" in done.stderr
+
+
 def test_a_misspelt_environment_variable_is_warned_about(
     env: dict[str, str], tmp_path: Path
 ) -> None:

@@ -446,6 +446,37 @@ async def test_a_compression_bomb_is_closed_1009_before_it_inflates(
                 assert await bystander.prompt(session, "still here") == "end_turn"
 
 
+async def test_a_message_bound_past_what_zlib_takes_still_serves_compressed_clients(
+    start_server: StartServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The bounded inflater handed zlib the message bound plus one as its output cap: past
+    a C ``ssize_t`` (a bound of 2**63 - 1, which a TOML file could hold before the options
+    were capped at 2**40, and which ``ServeConfig`` still takes) every compressed message
+    was an ``OverflowError`` inside wsproto, and every browser's or ``websockets``'
+    connection was closed before its first answer (an audit). They are answered."""
+    import asyncio
+
+    import websockets
+
+    # (install() only grows the class's bound: it is put back for the tests after this one.)
+    monkeypatch.setattr(BoundedPerMessageDeflate, "limit", BoundedPerMessageDeflate.limit)
+    request = {"jsonrpc": "2.0", "id": 1, "method": "initialize"}
+
+    def talk(url: str) -> Any:
+        async def run() -> Any:
+            async with websockets.connect(url, compression="deflate") as ws:
+                assert "permessage-deflate" in ws.response.headers["sec-websocket-extensions"]
+                await ws.send(json.dumps({**request, "params": {"protocolVersion": 1}}))
+                return json.loads(await ws.recv())
+
+        return asyncio.run(run())
+
+    async with start_server(max_message_bytes=2**63 - 1) as server:
+        with trio.fail_after(10):
+            answer = await trio.to_thread.run_sync(talk, ws_url(server.url))
+    assert answer["result"]["protocolVersion"] == 1
+
+
 async def test_an_error_that_echoes_a_huge_value_stays_concise(
     server: Running, acp_schema: SchemaChecker
 ) -> None:

@@ -195,6 +195,18 @@ def test_unknown_key_is_named() -> None:
     assert "max-prompt-bytes" in message  # the known ones are listed
 
 
+def test_an_unknown_key_no_bare_key_could_be_is_quoted(tmp_path: Path) -> None:
+    """A quoted TOML key (``"" = 1``, ``"max prompt bytes" = 1``) was named as it is:
+    ``unknown option(s)  (known: ...)`` named nothing at all, and a key with spaces read
+    as several. One that is no bare key is quoted; a bare one is named as it was."""
+    config = write(tmp_path / "c.toml", '"" = 1\n"max prompt bytes" = 2\nprot = 3\n')
+    with pytest.raises(ConfigError) as info:
+        resolve({}, load_file(config, required=True), {}, str(config))
+    assert str(info.value).startswith(
+        f"{config}: unknown option(s) '', 'max prompt bytes', prot (known: host, "
+    )
+
+
 @pytest.mark.parametrize(
     ("file_values", "environ", "expected"),
     [

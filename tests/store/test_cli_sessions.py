@@ -18,7 +18,7 @@ import trio
 
 from punie_trio._cli_sessions import _when, add_commands
 from punie_trio._paths import ensure_data_dir, store_path, token_path
-from punie_trio.store import _sql, open_sqlite_store
+from punie_trio.store import SessionRecord, _sql, open_sqlite_store
 
 from .conftest import make_record, text_update
 
@@ -122,6 +122,17 @@ def test_list_cwd_and_empty(data_dir: Path, capsys: pytest.CaptureFixture[str]) 
     assert "sess-old" in out and "sess-new" not in out
     assert main(["sessions", "list", "--data-dir", str(data_dir), "--cwd", "/none"]) == 0
     assert capsys.readouterr().out.startswith("no sessions in ")
+
+
+def test_a_filter_that_matches_nothing_is_said_as_such(
+    data_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``list --cwd /none`` said ``no sessions in PATH``, as for an empty store: one who
+    mistyped the directory read that the store held nothing. It names the filter."""
+    assert main(["sessions", "list", "--data-dir", str(data_dir), "--cwd", "/none"]) == 0
+    assert capsys.readouterr().out == (
+        f"no sessions in {store_path(data_dir)} with cwd /none (of 2 sessions)\n"
+    )
 
 
 @pytest.mark.parametrize("cwd", ["", "  "])
@@ -319,6 +330,35 @@ def test_unknown_id(data_dir: Path, command: str, capsys: pytest.CaptureFixture[
     assert "'nope-123'" in captured.err and captured.out == ""
 
 
+@pytest.mark.parametrize("command", ["show", "export"])
+def test_a_prefix_of_one_id_names_that_session_and_of_several_is_named_ambiguous(
+    data_dir: Path, command: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Ids are 37 characters (``sess_`` and 32 hex digits) and ``list`` shows them whole:
+    ``show sess_c26b`` was ``no session 'sess_c26b'`` although one session's id starts so.
+    A prefix of exactly one id names it (as git takes a commit's); of several, the message
+    names them, and nothing is printed. An exact id wins over being a prefix of others."""
+    argv = ["sessions", command, "sess-n", "--data-dir", str(data_dir)]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert ("session  sess-new\n" in out) if command == "show" else ('"id": "sess-new"' in out)
+    assert main(["sessions", command, "sess-", "--data-dir", str(data_dir)]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err == (
+        f"punie-trio: 'sess-' is the start of 2 session ids in {store_path(data_dir)} "
+        "(sess-new, sess-old): give more of it\n"
+    )
+    trio.run(_add, data_dir, make_record("sess-n", title="Exact"))
+    assert main(["sessions", command, "sess-n", "--data-dir", str(data_dir)]) == 0
+    assert "Exact" in capsys.readouterr().out
+
+
+async def _add(data_dir: Path, record: SessionRecord) -> None:
+    async with open_sqlite_store(store_path(data_dir)) as store:
+        await store.create_session(record)
+
+
 @pytest.mark.parametrize(
     "argv", [["sessions", "list"], ["sessions", "show", "x"], ["sessions", "export", "x"]]
 )
@@ -329,6 +369,25 @@ def test_missing_store_is_not_created(
     assert main([*argv, "--data-dir", str(data_dir)]) == 1
     assert "no session store at" in capsys.readouterr().err
     assert not data_dir.exists()
+
+
+@pytest.mark.parametrize(
+    "argv", [["sessions", "list"], ["sessions", "show", "x"], ["sessions", "export", "x"]]
+)
+def test_an_empty_store_file_is_named_so_not_an_old_store(
+    tmp_path: Path, argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A store file that no serve set up (0 bytes: one killed as it made the store, or a
+    ``touch``) was ``schema version 0 is older than 4``, an old store that does not exist.
+    It is named empty; nothing is written to it."""
+    data_dir = ensure_data_dir(tmp_path / "data")
+    store_path(data_dir).touch()
+    assert main([*argv, "--data-dir", str(data_dir)]) == 1
+    assert capsys.readouterr().err == (
+        f"punie-trio: {store_path(data_dir)}: the session store is empty (no serve has set "
+        "it up: it holds no sessions); start the server once to set it up\n"
+    )
+    assert store_path(data_dir).stat().st_size == 0
 
 
 def test_token(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -530,6 +589,31 @@ def test_token_readable_by_others_is_warned_about(
     data_dir = ensure_data_dir(tmp_path / "data")
     token_path(data_dir).write_text("s3cret\n")
     token_path(data_dir).chmod(0o644)
+    assert main(["token", "--data-dir", str(data_dir)]) == 0
+    captured = capsys.readouterr()
+    assert "token: s3cret" in captured.out
+    assert "readable by others (mode 0644)" in captured.err
+
+
+def test_a_token_file_gone_right_after_it_was_read_is_no_traceback(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``token`` looked at the file's mode (for its warning) in a second call after reading
+    it: a ``serve`` starting in between with a configured token removes the file, and the
+    command ended in a ``FileNotFoundError`` traceback. The mode is that of the file read."""
+    from punie_trio import _cli_sessions
+
+    data_dir = ensure_data_dir(tmp_path / "data")
+    token_path(data_dir).write_text("s3cret\n")
+    token_path(data_dir).chmod(0o644)
+    read = _cli_sessions.read_small_file_and_status
+
+    def read_then_removed(path: Path, max_bytes: int, **kwargs: Any) -> Any:
+        result = read(path, max_bytes, **kwargs)
+        path.unlink()  # (as a serve starting with a configured token does)
+        return result
+
+    monkeypatch.setattr(_cli_sessions, "read_small_file_and_status", read_then_removed)
     assert main(["token", "--data-dir", str(data_dir)]) == 0
     captured = capsys.readouterr()
     assert "token: s3cret" in captured.out
