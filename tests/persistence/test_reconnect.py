@@ -1647,7 +1647,7 @@ async def test_a_refusal_the_dropped_connection_never_wrote_is_delivered_after_r
         assert answer["result"] == {"stopReason": "end_turn"}
         expected, code = {
             "running": ("already has a prompt running", -32600),
-            "rate": ("Rate limit: 1 prompt per minute on this connection", -32600),
+            "rate": ("Rate limit: 1 prompt per minute for this client", -32600),
             "size": ("over the 100-byte limit", -32602),
         }[why]
         assert expected in refusal["error"]["message"]
