@@ -409,6 +409,10 @@ def load_file(path: Path, *, required: bool) -> dict[str, Any]:
     options: dict[str, Any] = {}
     for key, value in table.items():
         name = key.replace("-", "_")
+        if name not in BY_NAME:
+            # An unknown key keeps its spelling, for the error that names it: turned
+            # into max_conections, max-conections = 1 was named as the file has it not.
+            name = key
         if name in options:
             raise ConfigError(f"{path}: {name.replace('_', '-')} is given twice (as - and _)")
         options[name] = value
