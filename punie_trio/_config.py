@@ -467,6 +467,17 @@ def named_config(flag: Path | None, environ: Mapping[str, str]) -> Path | None:
         named = None if raw is None else _to_path(raw)
     except ValueError as exc:
         raise ConfigError(f"${CONFIG_ENV}: config {exc}") from None
+    if flag is None and named is not None:
+        # Named by the variable, which is on no command line (a shell profile set it),
+        # a missing file is blamed on it: it once read as --config's "config file PATH
+        # does not exist", with nothing to say where PATH came from. (Other troubles
+        # with the file name it, as for --config: load_file.)
+        try:
+            os.stat(named)
+        except (FileNotFoundError, NotADirectoryError):
+            raise ConfigError(f"${CONFIG_ENV}: config file {named} does not exist") from None
+        except OSError:
+            pass  # (load_file names what it is)
     return named if flag is None else flag
 
 
