@@ -439,6 +439,15 @@ def test_a_missing_config_file_named_by_punie_config_names_the_variable(
     assert done.stderr.startswith(f"punie-trio: error: config file {missing} does not exist")
 
 
+@pytest.mark.parametrize("command", [["serve"], ["token"], ["sessions", "list"]])
+def test_the_help_of_config_names_punie_config(env: dict[str, str], command: list[str]) -> None:
+    """``--config``'s help gave the platform's file as its default, as before
+    ``$PUNIE_CONFIG`` was read: the variable, which comes first, was in no help."""
+    done = punie(*command, "--help", env=env)
+    assert done.returncode == 0
+    assert "$PUNIE_CONFIG" in " ".join(done.stdout.split())
+
+
 def test_a_misspelt_environment_variable_is_warned_about(
     env: dict[str, str], tmp_path: Path
 ) -> None:
