@@ -609,6 +609,9 @@ def test_token_readable_by_others_is_warned_about(
     captured = capsys.readouterr()
     assert "token: s3cret" in captured.out
     assert "readable by others (mode 0644)" in captured.err
+    token_path(data_dir).chmod(0o620)  # (others cannot read it, but can change it)
+    assert main(["token", "--data-dir", str(data_dir)]) == 0
+    assert "is open to others (mode 0620)" in capsys.readouterr().err
 
 
 def test_a_token_file_gone_right_after_it_was_read_is_no_traceback(
