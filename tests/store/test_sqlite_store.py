@@ -5,6 +5,7 @@ across ``kill -9``."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -658,6 +659,64 @@ async def test_a_cancelled_open_stops_its_check_and_changes_nothing(
     async with open_sqlite_store(path) as store:  # (checked, and whole)
         sessions, _ = await store.list_sessions()
         assert [record.id for record in sessions] == ["s0"]
+
+
+def slow_migration(
+    monkeypatch: pytest.MonkeyPatch, started: Callable[[], object]
+) -> list[BaseException | None]:
+    """Make the migration from version 2 (its first step) :data:`A_LONG_CHECK`, as a
+    large store's takes seconds (11 s for 100,000 turns from version 1), calling
+    ``started()`` (on the owner thread) as it begins; what that step ended in is appended
+    to the list returned."""
+    ended: list[BaseException | None] = []
+
+    def step(conn: sqlite3.Connection) -> None:
+        started()
+        try:
+            conn.execute(A_LONG_CHECK).fetchall()
+        except BaseException as exc:
+            ended.append(exc)
+            raise
+        ended.append(None)
+
+    slow = [*MIGRATIONS[:2], (step, *MIGRATIONS[2]), *MIGRATIONS[3:]]
+    monkeypatch.setattr(_schema, "migrate", functools.partial(migrate, migrations=slow))
+    return ended
+
+
+async def test_a_cancelled_open_stops_a_migration_and_leaves_the_old_version(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An upgrade of a large store takes seconds (11 s for 100,000 turns from version 1)
+    and, unlike the check before it, could not be stopped: a SIGTERM at start waited for
+    it, and past the shutdown timeout ``serve``'s watchdog ended the process, status 1.
+    A cancelled open now interrupts it: the open ends in ``Cancelled``, the migration is
+    rolled back (the file still at version 2, as it was), and the next open upgrades it."""
+    path = tmp_path / "s.db"
+    _v2_file(path).close()
+    with sqlite3.connect(path) as db:
+        db.execute("INSERT INTO sessions (id, root, cwd, created_at, updated_at) "
+                   "VALUES ('s1', '/proj', '/proj', 1, 2)")  # fmt: skip
+    db.close()
+    before = path.read_bytes()
+    token = trio.lowlevel.current_trio_token()
+    with trio.CancelScope() as scope:
+        ended = slow_migration(monkeypatch, lambda: token.run_sync_soon(scope.cancel))
+        async with open_sqlite_store(path):
+            raise AssertionError("the open was cancelled")
+    assert scope.cancelled_caught
+    assert len(ended) == 1 and isinstance(ended[0], sqlite3.OperationalError)
+    assert str(ended[0]) == "interrupted"
+    assert path.read_bytes() == before
+    with sqlite3.connect(path) as db:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == 2
+    db.close()
+    monkeypatch.undo()
+    async with open_sqlite_store(path) as store:
+        assert [r.id for r in (await store.list_sessions())[0]] == ["s1"]
+    with sqlite3.connect(path) as db:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    db.close()
 
 
 @contextlib.contextmanager
