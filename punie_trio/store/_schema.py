@@ -484,13 +484,22 @@ UPGRADE_STEPS_PER_LOOK: Final = 10_000
 
 
 def connect(
-    path: Path, *, check: bool = False, stop: CheckStop | None = None
+    path: Path,
+    *,
+    check: bool = False,
+    stop: CheckStop | None = None,
+    left_as_closed: Callable[[], bool] | None = None,
 ) -> sqlite3.Connection:
     """Open (creating if needed) a read-write store database and migrate it; with
     ``check``, first check the whole file (:func:`check_integrity`), before anything
-    writes to it. Once ``stop`` is stopped (from another thread), the check or the
-    migration running ends and the open fails (``StoreError``), the file at the version
-    it had (a migration stopped is rolled back).
+    writes to it. ``left_as_closed`` is asked once the file is known to be a store this
+    code opens (not a newer one, nor another program's database), before the check:
+    whether it is as a clean close left it (taking that proof away); if not, it is checked.
+    (Asked before, it took away a newer version's marker of its clean close from the store
+    it then refused, and that version's next start checked the whole store for nothing.)
+    Once ``stop`` is stopped (from another thread), the check or the migration running
+    ends and the open fails (``StoreError``), the file at the version it had (a migration
+    stopped is rolled back).
 
     Durability: WAL with ``synchronous=NORMAL``. A commit appends the transaction to the WAL
     with ``write()``, and ``fsync`` happens only at checkpoints. Once ``COMMIT`` returns the
@@ -517,6 +526,8 @@ def connect(
         # (One snapshot: another opener may be creating the schema between two reads.)
         with read_transaction(conn):
             _refuse_unknown(conn, _user_version(conn), path)
+            if left_as_closed is not None and not left_as_closed():
+                check = True
             if check:  # (once the file is known to be a store: another's is refused as such)
                 with stop.running(conn, path) if stop else contextlib.nullcontext():
                     check_integrity(conn, path)
