@@ -519,6 +519,7 @@ def connect(
         conn = sqlite3.connect(path, isolation_level=None, check_same_thread=True)
     except sqlite3.Error as exc:
         raise StoreError(f"{path}: cannot open session store: {exc}") from exc
+    upgrading: tuple[int, int] | None = None
     try:
         conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
         # Before anything writes: switching the journal mode rewrites the file's header,
@@ -542,16 +543,23 @@ def connect(
         # A deleted session's text is overwritten, not left in free pages of the file (the
         # default of some SQLite builds, not of others).
         conn.execute("PRAGMA secure_delete = ON")
+        old = _user_version(conn)
+        # (The version and the size it had: where an upgrade finds no room, both are said.)
+        upgrading = (old, _database_bytes(conn)) if 0 < old < SCHEMA_VERSION else None
         with stop.upgrading(conn, path) if stop else contextlib.nullcontext():
             migrate(conn, path)
+        upgrading = None
         check_writable(conn, path)
     except sqlite3.Error as exc:
+        left = _version_left(conn) if upgrading is not None else None
         _close_as_found(conn, path)
         if _is_readonly(exc):  # (the directory will not take the -wal: the WAL switch)
             raise StoreError(f"{path}: the session store is read-only ({exc})") from exc
         if _is_damaged(exc):  # (a page the open itself reads: the schema, the end)
             raise damaged(path, str(exc)) from exc
         room = out_of_room(path, exc)
+        if room is not None and upgrading is not None:
+            raise StoreError(_no_room_to_upgrade(path, upgrading, left, room, exc)) from exc
         if room is not None:  # (making a new store, or replaying a WAL: no room for it)
             what, remedy = room
             raise StoreError(
@@ -563,6 +571,67 @@ def connect(
         _close_as_found(conn, path)
         raise
     return conn
+
+
+#: What an upgrade needs while it runs, measured from version 1 (10.9 and 365 MB stores)
+#: and 2 (12.4 MB): free room of 3.3-3.6 and 2.6-2.9 times the store's size. The new
+#: tables are written beside the old ones, and the old ones' pages overwritten
+#: (``secure_delete``), all in one transaction, so the WAL holds both.
+UPGRADE_ROOM_FACTOR: Final = 3.5
+
+
+def _database_bytes(conn: sqlite3.Connection) -> int:
+    """The size of ``conn``'s database (its pages, the WAL's included)."""
+    pages = int(conn.execute("PRAGMA page_count").fetchone()[0])
+    return pages * int(conn.execute("PRAGMA page_size").fetchone()[0])
+
+
+def _version_left(conn: sqlite3.Connection) -> int | None:
+    """The schema version of ``conn``'s store once a migration failed (and was rolled
+    back); None where it cannot be read."""
+    try:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        return _user_version(conn)
+    except sqlite3.Error:
+        return None
+
+
+def _no_room_to_upgrade(
+    path: Path,
+    upgrading: tuple[int, int],
+    left: int | None,
+    room: tuple[str, str],
+    exc: sqlite3.Error,
+) -> str:
+    """The message for an upgrade of the store ``path`` that found no room: ``upgrading``
+    is the version and size it had, ``left`` the version it was left at (each migration
+    is a transaction of its own: those done stay, the one that failed is rolled back),
+    ``room`` :func:`out_of_room`'s cause and remedy.
+
+    Why: it was the message of a store that could not be made (``cannot open session
+    store: the file system holding the session store is full, with 0 KiB free``), and
+    once the refused start had ended the disk could have room again (the upgrade's WAL
+    gone): nothing said that the upgrade needed it, nor how much, nor what was kept."""
+    what, remedy = room
+    version, size = upgrading
+    if left == version:
+        kept = f"it was rolled back, and the store is as it was (version {version})"
+    elif left is not None:
+        kept = (
+            f"the store is whole, at version {left} (the migrations before the one that "
+            "failed stay, that one was rolled back)"
+        )
+    else:
+        kept = "the migration that failed was rolled back"
+    mib = size / (1024 * 1024)
+    return (
+        f"{path}: cannot upgrade the session store from schema version {version} to "
+        f"{SCHEMA_VERSION}: {what} (SQLite: {exc}); {kept}. An upgrade needs free room "
+        f"of about {UPGRADE_ROOM_FACTOR:g} times the store's size while it runs "
+        f"({mib:.1f} MiB here: about {mib * UPGRADE_ROOM_FACTOR:.0f} MiB), and leaves the "
+        f"store about twice as large: {remedy}, then start again"
+    )
 
 
 def _close_as_found(conn: sqlite3.Connection, path: Path) -> None:
