@@ -253,6 +253,7 @@ def migrate(
     target = len(migrations)
     found = _user_version(conn)
     _refuse_newer(found, path, target)
+    started: float | None = None
     while True:
         conn.execute("BEGIN IMMEDIATE")
         try:
@@ -261,7 +262,24 @@ def migrate(
             _refuse_unknown(conn, version, path, target)
             if version == target:
                 conn.execute("COMMIT")
+                if started is not None:
+                    log.info(
+                        "session store %s: upgraded to schema version %d in %.2f s",
+                        path,
+                        target,
+                        time.perf_counter() - started,
+                    )
                 return found
+            if started is None and version > 0:  # (version 0: a new store, set up at once)
+                # Why: it takes seconds for a large store, and the start said nothing.
+                log.warning(
+                    "session store %s: upgrading it from schema version %d to %d, once "
+                    "(a large store takes seconds: 11 s for 100,000 turns from version 1)",
+                    path,
+                    version,
+                    target,
+                )
+                started = time.perf_counter()
             for step in migrations[version]:
                 if isinstance(step, str):
                     conn.execute(step)
