@@ -1417,6 +1417,59 @@ async def test_migration_from_version_1_keeps_transcripts_and_seqs(tmp_path: Pat
     ]
 
 
+def _steps_after_version_1() -> list[tuple[int, int]]:
+    """(migration, step) for every step of the migrations after version 1."""
+    return [(m, step) for m in range(1, len(MIGRATIONS)) for step in range(len(MIGRATIONS[m]))]
+
+
+@pytest.mark.parametrize(("failing", "after"), _steps_after_version_1())
+async def test_a_migration_failing_at_any_step_keeps_the_versions_before_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failing: int, after: int
+) -> None:
+    """An error after any step of any migration (here after step ``after`` of migration
+    ``failing``) rolls that migration back whole: the store is at the version before it
+    (the migrations before it are done), whole, and the next open upgrades the rest with
+    every record and transcript as version 1 had them."""
+    path = tmp_path / "s.db"
+    conn = _v1_file(path)
+    try:
+        _v1_session(conn, "old", 10.0, title="Old ✓", config='{"model":"m1"}')
+        _v1_session(conn, "empty", 5.0, additional_directories='["/x"]', cwd="/proj/sub")
+        for turn in range(3):
+            _v1_turn(conn, "old", turn, sample_turn(turn, n=turn))
+        _v1_turn(conn, "old", 3, [])
+        expected = {sid: read_session_v1(conn, sid) for sid in ("old", "empty")}
+        entries = [
+            (seq, turn, kind, payload)
+            for seq, turn, kind, payload in conn.execute(
+                "SELECT seq, turn, kind, payload FROM transcript ORDER BY seq"
+            )
+        ]
+    finally:
+        conn.close()
+
+    def fail(conn: sqlite3.Connection) -> None:
+        raise sqlite3.OperationalError("injected")
+
+    steps = list(MIGRATIONS[failing])
+    steps.insert(after + 1, fail)
+    broken = [*MIGRATIONS[:failing], steps, *MIGRATIONS[failing + 1 :]]
+    monkeypatch.setattr(_schema, "migrate", functools.partial(migrate, migrations=broken))
+    with pytest.raises(StoreError, match="cannot open session store: injected"):
+        async with open_sqlite_store(path):
+            pass  # pragma: no cover
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == failing
+        assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+    monkeypatch.undo()
+    async with open_sqlite_store(path) as store:
+        for sid, record in expected.items():
+            assert await store.get_session(sid) == record
+        got = [(e.seq, e.turn, e.kind, e.payload_json) for e in await store.transcript("old")]
+        assert got == entries
+        assert await store.transcript("empty") == []
+
+
 def read_session_v1(conn: sqlite3.Connection, session_id: str) -> SessionRecord | None:
     """A record as versions 1 and 2 read it: ``sessions`` held the true values."""
     columns = _sql._COLUMNS.replace("cwd_sent", "NULL AS cwd_sent")  # (version 4's)
