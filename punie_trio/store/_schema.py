@@ -253,6 +253,53 @@ def migrate(
     target = len(migrations)
     found = _user_version(conn)
     _refuse_newer(found, path, target)
+    with _alone(conn, path, found, target) if 0 < found < target else contextlib.nullcontext():
+        return _migrate(conn, path, migrations, found)
+
+
+@contextlib.contextmanager
+def _alone(conn: sqlite3.Connection, path: Path, version: int, target: int) -> Iterator[None]:
+    """Hold the store ``path`` alone (``conn`` in ``EXCLUSIVE`` locking mode) while it is
+    upgraded from ``version`` to ``target``; a ``StoreError`` if another process keeps it
+    open past the busy timeout, with nothing changed.
+
+    Why: punie-trio's releases at schema versions 1 and 2 took no lock on the data
+    directory. One still serving (upgrading the package does not stop it) had its store
+    upgraded under it by a newer ``serve``, and every later turn of it failed (`the turn
+    was not saved: session store: no such table: transcript`). In WAL mode every open
+    connection holds a shared lock on the file, so the exclusive one waits for readers
+    (``sessions ...`` commands) and fails while such a server runs.
+    """
+    conn.execute("PRAGMA locking_mode = EXCLUSIVE")
+    try:
+        conn.execute("BEGIN IMMEDIATE")  # (takes the file's exclusive lock, and keeps it)
+        conn.execute("COMMIT")
+    except sqlite3.OperationalError as exc:
+        # Only closing lets go of the lock half taken: in this mode SQLite keeps the
+        # PENDING lock it got, and every new reader (the one that keeps the store's files
+        # as found while this open fails, a ``sessions`` command) waited its busy timeout.
+        conn.close()
+        if _primary_code(exc) != sqlite3.SQLITE_BUSY:
+            raise
+        raise StoreError(
+            f"{path}: cannot upgrade the session store from schema version {version} "
+            f"to {target}: another process has it open (a punie-trio serve of a release "
+            "that wrote version 1 or 2, which takes no lock on the data directory, or "
+            "a tool reading it); nothing was changed: stop it, then start again"
+        ) from exc
+    try:
+        yield
+    finally:
+        conn.execute("PRAGMA locking_mode = NORMAL")
+        # (The lock goes at the connection's next access of the file.)
+        conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+
+
+def _migrate(
+    conn: sqlite3.Connection, path: Path, migrations: Sequence[Sequence[Step]], found: int
+) -> int:
+    """:func:`migrate`'s migrations, each in its own transaction."""
+    target = len(migrations)
     started: float | None = None
     while True:
         conn.execute("BEGIN IMMEDIATE")
@@ -491,7 +538,9 @@ class CheckStop:
         try:
             yield
         finally:
-            conn.set_progress_handler(None, 0)
+            # (An upgrade that found the store held by another process closed ``conn``.)
+            with contextlib.suppress(sqlite3.ProgrammingError):
+                conn.set_progress_handler(None, 0)
             with self._lock:
                 self._checking = None
 

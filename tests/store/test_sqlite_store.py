@@ -1470,6 +1470,57 @@ async def test_a_migration_failing_at_any_step_keeps_the_versions_before_it(
         assert await store.transcript("empty") == []
 
 
+async def test_an_upgrade_under_another_process_that_has_the_store_open_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """punie-trio's releases at schema versions 1 and 2 took no lock on the data directory:
+    one still serving (a package upgrade does not stop it) had its store upgraded under it
+    by a newer ``serve``, and every later turn of it failed (``the turn was not saved:
+    session store: no such table: transcript``). The upgrade now holds the file alone,
+    and refuses (after the busy timeout) while another process has it open, changing
+    nothing; once that process is gone, the next start upgrades it."""
+    path = tmp_path / "s.db"
+    conn = _v1_file(path)
+    try:
+        _v1_session(conn, "s1", 1.0)
+        _v1_turn(conn, "s1", 0, sample_turn(0))
+    finally:
+        conn.close()
+    child = textwrap.dedent("""
+        import sqlite3, sys
+        conn = sqlite3.connect(sys.argv[1])
+        conn.execute("SELECT count(*) FROM transcript").fetchall()
+        print("open", flush=True)
+        sys.stdin.read()
+    """)
+    other = await trio.lowlevel.open_process(  # (an old serve: its connection stays open)
+        [sys.executable, "-c", child, str(path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+    )
+    try:
+        assert other.stdout is not None and other.stdin is not None
+        said = b""
+        while not said.endswith(b"\n"):
+            said += await other.stdout.receive_some()
+        assert said == b"open\n"
+        before = path.read_bytes()
+        monkeypatch.setattr(_schema, "BUSY_TIMEOUT_MS", 0)  # (5 s: a reader that ends in time)
+        with pytest.raises(StoreError, match="from schema version 1 to 4: another process") as err:
+            async with open_sqlite_store(path):
+                pass  # pragma: no cover
+        assert "nothing was changed" in str(err.value)
+        assert path.read_bytes() == before
+    finally:
+        if other.stdin is not None:
+            await other.stdin.aclose()
+        with trio.fail_after(10):
+            await other.wait()
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == 1
+    monkeypatch.undo()
+    async with open_sqlite_store(path) as store:
+        assert _seqs(await store.transcript("s1")) == list(range(5))
+
+
 def read_session_v1(conn: sqlite3.Connection, session_id: str) -> SessionRecord | None:
     """A record as versions 1 and 2 read it: ``sessions`` held the true values."""
     columns = _sql._COLUMNS.replace("cwd_sent", "NULL AS cwd_sent")  # (version 4's)
