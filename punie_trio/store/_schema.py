@@ -792,6 +792,14 @@ def connect_readonly(path: Path) -> sqlite3.Connection:
             )
     except sqlite3.Error as exc:
         conn.close()
+        if _primary_code(exc) == sqlite3.SQLITE_BUSY:
+            # (Only a connection holding the file alone keeps a reader out in WAL mode:
+            # an upgrade, _alone. It said "database is locked", naming no cause.)
+            raise StoreError(
+                f"{path}: cannot read session store: another process holds it alone (a "
+                "serve upgrading it from an older schema version, which takes seconds for "
+                "a large store); try again once that serve has started"
+            ) from exc
         if getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_READONLY_DIRECTORY:
             # (A store closed cleanly has no -shm; reading a WAL store needs one.)
             raise StoreError(

@@ -1521,6 +1521,29 @@ async def test_an_upgrade_under_another_process_that_has_the_store_open_is_refus
         assert _seqs(await store.transcript("s1")) == list(range(5))
 
 
+def test_a_read_while_a_serve_upgrades_the_store_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An upgrade holds the store alone, seconds for a large one: ``sessions ...`` said
+    ``cannot read session store: database is locked`` after its busy timeout (5 s), which
+    named no cause and no remedy. It now says what holds the store and what to do."""
+    path = tmp_path / "s.db"
+    upgrading = _v1_file(path)  # (as the upgrade holds it)
+    try:
+        upgrading.execute("PRAGMA locking_mode = EXCLUSIVE")
+        upgrading.execute("BEGIN IMMEDIATE")
+        monkeypatch.setattr(_schema, "BUSY_TIMEOUT_MS", 0)
+        with pytest.raises(StoreError) as err:
+            read_sessions(path)
+    finally:
+        upgrading.close()
+    assert str(err.value) == (
+        f"{path}: cannot read session store: another process holds it alone (a serve "
+        "upgrading it from an older schema version, which takes seconds for a large store);"
+        " try again once that serve has started"
+    )
+
+
 def read_session_v1(conn: sqlite3.Connection, session_id: str) -> SessionRecord | None:
     """A record as versions 1 and 2 read it: ``sessions`` held the true values."""
     columns = _sql._COLUMNS.replace("cwd_sent", "NULL AS cwd_sent")  # (version 4's)
