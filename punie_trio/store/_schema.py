@@ -317,7 +317,7 @@ def _migrate(
                         time.perf_counter() - started,
                     )
                 return found
-            if started is None and version > 0:  # (version 0: a new store, set up at once)
+            if started is None and found > 0:  # (0: a new store, set up, not upgraded)
                 # Why: it takes seconds for a large store, and the start said nothing.
                 log.warning(
                     "session store %s: upgrading it from schema version %d to %d, once "
