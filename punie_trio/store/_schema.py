@@ -761,8 +761,12 @@ def connect_readonly(path: Path) -> sqlite3.Connection:
     # the user may not search, a name too long - and its OSError was a traceback.)
     try:
         mode = os.stat(path).st_mode
-    except (FileNotFoundError, NotADirectoryError):  # (the latter: a file for the data dir)
+    except FileNotFoundError:
         raise StoreError(f"no session store at {path}") from None
+    except NotADirectoryError:  # a file given for the data directory (as serve says)
+        raise StoreError(
+            f"cannot use data directory {path.parent}: it is not a directory"
+        ) from None
     except OSError as exc:
         raise StoreError(f"{path}: cannot open session store: {exc.strerror or exc}") from exc
     if not stat.S_ISREG(mode):
