@@ -187,17 +187,13 @@ async def test_on_a_network_mount_a_cache_hit_stats_in_a_thread(
     assert hang.timed_out == [False]
 
 
-async def test_a_hung_site_holds_only_its_own_threads_then_gets_a_503(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mock_clock: trio.testing.MockClock
-) -> None:
-    """The dev app's threads took Trio's default limiter (40, shared with the build's
-    start, the watcher's scans and name lookups): a hung site could take them all, and a
-    request waited for a thread for ever. Now it takes at most ``SITE_THREADS`` slots of
-    the site's own, and a request that waits ``ROOT_WAIT`` seconds for one is refused
-    (``RootNotAnswering``: a 503 naming the site, below)."""
+def _hung_site(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> tuple[Path, StaticSite, Hang, trio.CapacityLimiter]:
+    """A site whose every lookup hangs in its thread until released: the site, its
+    ``StaticSite``, the hang, and the site's thread slots."""
     site = tmp_path / "site"
     write(site / "index.html", "<p>x</p>")
-    static = StaticSite(site)
     hang = Hang()
     real_lookup = _static.lookup
 
@@ -206,7 +202,18 @@ async def test_a_hung_site_holds_only_its_own_threads_then_gets_a_503(
         return real_lookup(*args)
 
     monkeypatch.setattr(_static, "lookup", hung_lookup)
-    slots = _threads.slots_for(_threads.site_key(site)).limiter
+    return site, StaticSite(site), hang, _threads.slots_for(_threads.site_key(site)).limiter
+
+
+async def test_a_hung_site_holds_only_its_own_threads_then_gets_a_503(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mock_clock: trio.testing.MockClock
+) -> None:
+    """The dev app's threads took Trio's default limiter (40, shared with the build's
+    start, the watcher's scans and name lookups): a hung site could take them all, and a
+    request waited for a thread for ever. Now it takes at most ``SITE_THREADS`` slots of
+    the site's own, and a request that waits ``ROOT_WAIT`` seconds for one is refused
+    (``RootNotAnswering``: a 503 naming the site, below)."""
+    site, static, hang, slots = _hung_site(tmp_path, monkeypatch)
     refused: list[BaseException] = []
 
     async def find_refused() -> None:
@@ -349,18 +356,7 @@ async def test_a_build_whose_output_cannot_be_read_for_a_hung_site_does_not_end_
     ``RootNotAnswering`` left the build loop, and so ``DevApp.run``, in the server's root
     nursery: the whole server ended, ACP sessions included. The build is reported, the
     output is compared at the next build that can read it, and the loop goes on."""
-    site = tmp_path / "site"
-    write(site / "index.html", "<p>x</p>")
-    static = StaticSite(site)
-    hang = Hang()
-    real_lookup = _static.lookup
-
-    def hung_lookup(*args: Any) -> Any:
-        hang.wait()
-        return real_lookup(*args)
-
-    monkeypatch.setattr(_static, "lookup", hung_lookup)
-    slots = _threads.slots_for(_threads.site_key(site)).limiter
+    site, static, hang, slots = _hung_site(tmp_path, monkeypatch)
     broadcaster = Broadcaster()
     build = f'"{sys.executable}" -c pass'
     loop = BuildLoop(site, tmp_path, broadcaster, PendingChanges(), build, remote=True)

@@ -1897,6 +1897,25 @@ async def test_every_prompt_is_answered_once_across_random_take_overs(
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
 
 
+async def _close_cut_by_a_drop(hub: Any, store: GatedStore, method: str) -> str:
+    """A client ("ide") prompts ("p") a new session, then closes (``method``, id "c") it
+    while the turn is being recorded (``store``'s appends held), and its connection
+    drops before the close is answered; the session's id."""
+    link = await hub.connect()
+    await initialize(link.client, client_id="ide")
+    session: str = await link.client.new_session(str(hub.root))
+    await send_prompt(link.client, "p", session, "go")
+    await link.client.wait_for(has_update(session, "agent_message_chunk", "slow"))
+    store.appends.armed = True
+    await link.client.send(
+        {"jsonrpc": "2.0", "id": "c", "method": method, "params": {"sessionId": session}}
+    )
+    await store.appends.entered.wait()  # the close waits for the cancelled turn
+    await link.drop()  # (before the close is answered)
+    await hub.settle()
+    return session
+
+
 @pytest.mark.parametrize("method", ["session/close", "session/delete"])
 async def test_a_close_in_flight_when_its_connection_drops_takes_effect(
     tmp_path: Path, acp_schema: SchemaChecker, method: str
@@ -1913,18 +1932,7 @@ async def test_a_close_in_flight_when_its_connection_drops_takes_effect(
     store = GatedStore()
     limits = Limits(grace_seconds=60)
     async with open_hub(tmp_path, acp_schema, model, limits=limits, store=store) as hub:  # type: ignore[arg-type]
-        link = await hub.connect()
-        await initialize(link.client, client_id="ide")
-        session = await link.client.new_session(str(hub.root))
-        await send_prompt(link.client, "p", session, "go")
-        await link.client.wait_for(has_update(session, "agent_message_chunk", "slow"))
-        store.appends.armed = True
-        await link.client.send(
-            {"jsonrpc": "2.0", "id": "c", "method": method, "params": {"sessionId": session}}
-        )
-        await store.appends.entered.wait()  # the close waits for the cancelled turn
-        await link.drop()  # (before the close is answered)
-        await hub.settle()
+        session = await _close_cut_by_a_drop(hub, store, method)
         store.appends.armed = False
         store.appends.opened.set()
         await hub.settle()
@@ -1961,18 +1969,7 @@ async def test_a_close_cut_by_a_drop_is_answered_to_its_client_back_awaiting_it(
     store = GatedStore()
     limits = Limits(grace_seconds=60)
     async with open_hub(tmp_path, acp_schema, model, limits=limits, store=store) as hub:  # type: ignore[arg-type]
-        link = await hub.connect()
-        await initialize(link.client, client_id="ide")
-        session = await link.client.new_session(str(hub.root))
-        await send_prompt(link.client, "p", session, "go")
-        await link.client.wait_for(has_update(session, "agent_message_chunk", "slow"))
-        store.appends.armed = True
-        await link.client.send(
-            {"jsonrpc": "2.0", "id": "c", "method": method, "params": {"sessionId": session}}
-        )
-        await store.appends.entered.wait()  # the close waits for the cancelled turn
-        await link.drop()  # (before the close is answered)
-        await hub.settle()
+        session = await _close_cut_by_a_drop(hub, store, method)
         if back == "after it ended":
             store.appends.armed = False
             store.appends.opened.set()
