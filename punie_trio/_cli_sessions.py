@@ -65,7 +65,10 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
         "--config",
         type=as_flag(_to_path),  # ("" was read as the current directory)
         metavar="FILE",
-        help="the config file whose data-dir to use (default: the platform's, as for serve)",
+        help=(
+            "the config file whose data-dir to use (default: $PUNIE_CONFIG, else the "
+            "platform's, as for serve)"
+        ),
     )
     common.add_argument(
         "--data-dir",

@@ -409,6 +409,10 @@ def load_file(path: Path, *, required: bool) -> dict[str, Any]:
     options: dict[str, Any] = {}
     for key, value in table.items():
         name = key.replace("-", "_")
+        if name not in BY_NAME:
+            # An unknown key keeps its spelling, for the error that names it: turned
+            # into max_conections, max-conections = 1 was named as the file has it not.
+            name = key
         if name in options:
             raise ConfigError(f"{path}: {name.replace('_', '-')} is given twice (as - and _)")
         options[name] = value
@@ -463,6 +467,17 @@ def named_config(flag: Path | None, environ: Mapping[str, str]) -> Path | None:
         named = None if raw is None else _to_path(raw)
     except ValueError as exc:
         raise ConfigError(f"${CONFIG_ENV}: config {exc}") from None
+    if flag is None and named is not None:
+        # Named by the variable, which is on no command line (a shell profile set it),
+        # a missing file is blamed on it: it once read as --config's "config file PATH
+        # does not exist", with nothing to say where PATH came from. (Other troubles
+        # with the file name it, as for --config: load_file.)
+        try:
+            os.stat(named)
+        except (FileNotFoundError, NotADirectoryError):
+            raise ConfigError(f"${CONFIG_ENV}: config file {named} does not exist") from None
+        except OSError:
+            pass  # (load_file names what it is)
     return named if flag is None else flag
 
 

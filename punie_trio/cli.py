@@ -101,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--config",
         type=_path,
         metavar="FILE",
-        help="TOML config file (default: the platform's, if it exists)",
+        help="TOML config file (default: $PUNIE_CONFIG, else the platform's, if it exists)",
     )
     s.add_argument("--host", type=_host, help="address to bind (default 127.0.0.1)")
     s.add_argument("--port", type=_port, help="port (default 8765; 0 picks a free one)")

@@ -586,6 +586,15 @@ async def despite_a_drop(self: Manager, conn: ClientConnection, work: Awaitable[
     left: LeftAnswer | None = None  # (the handler was cut with its connection)
     gone = False
 
+    def settle(left: LeftAnswer) -> None:
+        if failure:
+            error = failure[0]
+            left.settle(None, error if isinstance(error, RpcError) else _internal(error))
+        elif outcome:
+            left.settle(outcome[0], None)
+        else:  # (cancelled with the manager's nursery: a shutdown's end)
+            left.settle(None, shutting_down())
+
     async def run() -> None:
         try:
             with scope:
@@ -596,13 +605,7 @@ async def despite_a_drop(self: Manager, conn: ClientConnection, work: Awaitable[
             failure.append(exc)
         finally:
             if left is not None:  # kept for its client's return
-                if failure:
-                    error = failure[0]
-                    left.settle(None, error if isinstance(error, RpcError) else _internal(error))
-                elif outcome:
-                    left.settle(outcome[0], None)
-                else:  # (cancelled with the manager's nursery: a shutdown's end)
-                    left.settle(None, shutting_down())
+                settle(left)
             done.set()
 
     nursery.start_soon(run, name="close or delete")
@@ -616,6 +619,11 @@ async def despite_a_drop(self: Manager, conn: ClientConnection, work: Awaitable[
         else:
             gone = True
             left = self.keep_left_answer(conn, request_id)
+            if left is not None and done.is_set():
+                # The work ended as the drop cut this handler (the cancel came before
+                # the handler saw the end): run() has settled nothing, so settle here.
+                # Left unsettled, the client back awaiting the id got nothing, ever.
+                settle(left)
         raise
     if failure:
         raise failure[0]

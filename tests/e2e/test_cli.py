@@ -421,6 +421,33 @@ def test_the_config_file_may_be_named_by_punie_config(env: dict[str, str], tmp_p
     assert done.returncode == 2 and "$PUNIE_CONFIG is set but empty" in done.stderr
 
 
+def test_a_missing_config_file_named_by_punie_config_names_the_variable(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    """``PUNIE_CONFIG`` naming no file was ``config file PATH does not exist``, as for
+    ``--config PATH``: but a variable set in a shell's profile is nowhere on the command
+    line, and docs/configuration.md has every error name where the bad value came from.
+    The message names the variable now."""
+    missing = tmp_path / "gone.toml"
+    for command in (["serve", "--stdio", "--no-http"], ["token"], ["sessions", "list"]):
+        done = punie(*command, env=dict(env, PUNIE_CONFIG=str(missing)))
+        assert done.returncode == 2, (command, done.stderr)
+        assert done.stderr.startswith(
+            f"punie-trio: error: $PUNIE_CONFIG: config file {missing} does not exist"
+        ), (command, done.stderr)
+    done = punie("token", "--config", str(missing), env=env)  # (the flag: as it was)
+    assert done.stderr.startswith(f"punie-trio: error: config file {missing} does not exist")
+
+
+@pytest.mark.parametrize("command", [["serve"], ["token"], ["sessions", "list"]])
+def test_the_help_of_config_names_punie_config(env: dict[str, str], command: list[str]) -> None:
+    """``--config``'s help gave the platform's file as its default, as before
+    ``$PUNIE_CONFIG`` was read: the variable, which comes first, was in no help."""
+    done = punie(*command, "--help", env=env)
+    assert done.returncode == 0
+    assert "$PUNIE_CONFIG" in " ".join(done.stdout.split())
+
+
 def test_a_misspelt_environment_variable_is_warned_about(
     env: dict[str, str], tmp_path: Path
 ) -> None:

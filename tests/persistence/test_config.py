@@ -207,6 +207,21 @@ def test_an_unknown_key_no_bare_key_could_be_is_quoted(tmp_path: Path) -> None:
     )
 
 
+def test_an_unknown_key_is_named_as_the_file_spells_it(tmp_path: Path) -> None:
+    """An unknown key with a ``-`` (``max-conections = 1``, as the known keys are
+    spelt) was named with ``_`` (``unknown option(s) max_conections``): a key the file
+    does not have, and not as the known ones beside it are listed. It is named as
+    written, ``-`` or ``_``; a known key is still read either way."""
+    config = write(
+        tmp_path / "c.toml", "max-conections = 1\nmax_prompt_byts = 2\nmax_connections = 3\n"
+    )
+    with pytest.raises(ConfigError) as info:
+        resolve({}, load_file(config, required=True), {}, str(config))
+    assert str(info.value).startswith(
+        f"{config}: unknown option(s) max-conections, max_prompt_byts (known: host, "
+    )
+
+
 @pytest.mark.parametrize(
     ("file_values", "environ", "expected"),
     [

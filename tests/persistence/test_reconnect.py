@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import attrs
 import pytest
 import trio
 import trio.testing
@@ -1997,6 +1998,54 @@ async def test_a_close_cut_by_a_drop_is_answered_to_its_client_back_awaiting_it(
         await initialize(third.client, client_id="ide", awaiting=["c"])
         answer = await third.client.wait_for(lambda m: m.get("id") == "c")
         assert answer["error"]["code"] == -32603, answer
+
+
+@attrs.define
+class _DroppingPeer:
+    lost: bool = False
+
+
+@attrs.define(eq=False)
+class _DroppingConnection:
+    """What ``Manager.despite_a_drop`` reads of a connection: its client id and whether
+    its peer was lost."""
+
+    client_id: str
+    peer: _DroppingPeer = attrs.field(factory=_DroppingPeer)
+
+
+async def test_a_close_done_as_its_connection_drops_keeps_its_answer(
+    tmp_path: Path, acp_schema: SchemaChecker, autojump_clock: trio.testing.MockClock
+) -> None:
+    """A close (or delete) that ends in the same moment its connection drops: the drop
+    cancels its handler after the work has ended but before the handler saw it. The
+    answer was then promised to the client's return (``keep_left_answer``) but never
+    settled, since the work's end had already passed: the client, back awaiting the
+    close's id, got nothing for it, ever (neither the answer nor the -32603 refusal;
+    about half the runs of a hub client dropping a few scheduling steps after its close
+    of a session whose turn waited on the client's file read). It is now settled with
+    the work's outcome."""
+    async with open_hub(tmp_path, acp_schema, EchoModel(), limits=Limits(grace_seconds=60)) as hub:
+        conn = _DroppingConnection("ide")
+        handler = trio.CancelScope()
+
+        async def close() -> dict[str, Any]:
+            conn.peer.lost = True  # the connection drops, cancelling the close's handler,
+            handler.cancel()  # as the close ends
+            return {}
+
+        request = {"jsonrpc": "2.0", "id": "c", "method": "session/close"}
+        acp_schema.client_sent({**request, "params": {"sessionId": "sess_x"}})
+        current_request_id.set("c")
+        with handler:
+            await hub.manager.despite_a_drop(conn, close())  # type: ignore[arg-type]
+        assert handler.cancelled_caught
+
+        back = await hub.connect()
+        await initialize(back.client, client_id="ide", awaiting=["c"])
+        with trio.fail_after(5):
+            answer = await back.client.wait_for(lambda m: m.get("id") == "c")
+        assert answer == {"jsonrpc": "2.0", "id": "c", "result": {}}
 
 
 async def test_a_delete_in_flight_when_a_client_without_grace_drops_takes_effect(
