@@ -66,7 +66,8 @@ def _seeds(variable: str = "RACE_SEEDS", default: int = 8) -> list[int]:
 
 
 def _random_turns(rng: random.Random) -> list[list[dict[str, Any]]]:
-    """Three scripted turns of up to 30 steps (text, a thought, a sleep)."""
+    """Three scripted turns of up to 30 steps (text, a thought, a sleep, a file read: from
+    the disk, or from the client for one that advertises reading)."""
     turns: list[list[dict[str, Any]]] = []
     for t in range(3):
         steps: list[dict[str, Any]] = []
@@ -74,6 +75,8 @@ def _random_turns(rng: random.Random) -> list[list[dict[str, Any]]]:
             roll = rng.random()
             if roll < 0.1:
                 steps.append({"sleep": rng.choice([0.01, 0.5, 2])})
+            elif roll < 0.15:
+                steps.append({"tool": "read_file", "input": {"path": "notes.txt"}})
             elif roll < 0.2:
                 steps.append({"thought": f"think {t}-{i}"})
             else:
@@ -171,6 +174,11 @@ class Place:
     scale: float = 1.0
 
 
+def caps(rng: random.Random) -> dict[str, Any]:
+    """A client's capabilities: reads files for the agent, or not."""
+    return rng.choice([{}, {"fs": {"readTextFile": True, "writeTextFile": False}}])
+
+
 def random_limits(rng: random.Random) -> Limits:
     return Limits(
         grace_seconds=rng.choice([0, 1, 5, 60]),
@@ -230,7 +238,7 @@ async def _race(place: Place, rng: random.Random, root: str, race: Race) -> None
     race.bystander = await place.nursery.start(bystander)
     for client_id in CLIENTS:
         link = await place.connect(rng.choice([1, 4, 64]))
-        await initialize(link.client, client_id=client_id)
+        await initialize(link.client, client_id=client_id, **caps(rng))
         sessions.append(await link.client.new_session(root))
         racers.append(Racer(client_id, link, [link]))
     for step in range(rng.randint(20, 80)):
@@ -279,7 +287,9 @@ async def _race(place: Place, rng: random.Random, root: str, race: Race) -> None
             ]
             racer.link = await place.connect(rng.choice([1, 4, 64]))
             racer.links.append(racer.link)
-            await initialize(racer.link.client, client_id=racer.client_id, awaiting=awaiting)
+            await initialize(
+                racer.link.client, client_id=racer.client_id, awaiting=awaiting, **caps(rng)
+            )
         if rng.random() < 0.6:  # (else the next request is pipelined behind this one)
             await trio.testing.wait_all_tasks_blocked()
         learn_sessions()
@@ -537,6 +547,7 @@ async def test_random_lifecycle_races_on_the_hub(
     agrees with the store, a deleted session is gone from it with its turns and every
     other stays loadable, every answered turn is stored whole, and the bystander is
     served throughout; nothing is left running or open."""
+    (tmp_path / "notes.txt").write_text("notes\n")
     before = _resources()
     rng = random.Random(seed)
     turns, limits = _random_turns(rng), random_limits(rng)
@@ -568,6 +579,7 @@ async def test_random_lifecycle_races_on_a_real_server(
     connection gone when its client comes back at once), in real time: the script's
     sleeps and the grace period a hundredth of the hub test's."""
     scale = 0.01
+    (tmp_path / "notes.txt").write_text("notes\n")
     before = _resources()
     rng = random.Random(seed)
     turns = [
