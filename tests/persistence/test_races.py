@@ -34,7 +34,15 @@ from ..acp_schema import SchemaChecker
 from ..client import AcpTestClient
 from ..integration._support import acp_ws_client, settle_until, task_tree
 from ..integration.conftest import StartServer
-from ._hub import Link, expect_error, initialize, open_hub, prompt_params
+from ._hub import (
+    AWAITING_META,
+    CLIENT_ID_META,
+    Link,
+    expect_error,
+    initialize,
+    open_hub,
+    prompt_params,
+)
 
 CLIENTS = ("ide-a", "ide-b")
 #: What each seed does: the lifecycle methods (twice as many prompts), cancels and drops.
@@ -287,9 +295,18 @@ async def _race(place: Place, rng: random.Random, root: str, race: Race) -> None
             ]
             racer.link = await place.connect(rng.choice([1, 4, 64]))
             racer.links.append(racer.link)
-            await initialize(
-                racer.link.client, client_id=racer.client_id, awaiting=awaiting, **caps(rng)
-            )
+            if rng.random() < 0.5:
+                await initialize(
+                    racer.link.client, client_id=racer.client_id, awaiting=awaiting, **caps(rng)
+                )
+            else:  # (what the client sends next is pipelined behind it)
+                meta = {CLIENT_ID_META: racer.client_id, AWAITING_META: awaiting}
+                init: dict[str, Any] = {
+                    "protocolVersion": 1,
+                    "_meta": meta,
+                    "clientCapabilities": caps(rng),
+                }
+                await send(racer, "initialize", init, step)
         if rng.random() < 0.6:  # (else the next request is pipelined behind this one)
             await trio.testing.wait_all_tasks_blocked()
         learn_sessions()
