@@ -543,9 +543,12 @@ def cmd_token(args: argparse.Namespace, data_dir: Path) -> int:
     # with a configured token removed it meanwhile, a FileNotFoundError traceback.)
     mode = status.st_mode & 0o777
     if mode & 0o077:
+        # (Said as it is: "readable by others" was said of a 0620 file too, which others
+        # cannot read but can change.)
+        others = "readable by others" if mode & 0o044 else "open to others"
         print(
             _printable(
-                f"{_PROG}: warning: {path} is readable by others (mode {mode:04o}); "
+                f"{_PROG}: warning: {path} is {others} (mode {mode:04o}); "
                 f"`chmod 600 {path}`, or let `{_PROG} serve` write a new one"
             ),
             file=sys.stderr,

@@ -56,6 +56,8 @@ CLIENT_METHODS = frozenset(
         "terminal/release",
         "terminal/wait_for_exit",
         "terminal/kill",
+        "elicitation/create",
+        "elicitation/complete",
     }
 )
 

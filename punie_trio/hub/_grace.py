@@ -12,7 +12,8 @@ leaves.
 
 These are the :class:`~._manager.Manager`'s methods, defined here and bound in its class
 body (each takes the manager as ``self``): the state they change is the manager's
-(``sessions``, ``_reattached``, ``_expired``, ``_unconfirmed``, ``_left_prompt_times``),
+(``sessions``, ``_reattached``, ``_expired``, ``_unconfirmed``, ``_left_prompt_times``,
+``_left_answers``),
 and the manager stays the one object a connection talks to.
 
 Resource handling: a connection's sessions are dropped when it leaves; its turns are
@@ -27,10 +28,12 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import sys
 from collections.abc import Collection, Mapping, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+import attrs
 import trio
 
 from ..acp import updates
@@ -416,6 +419,8 @@ async def refuse_unanswerable(self: Manager, conn: ClientConnection) -> None:
         if session.turn is not None and session.turn.orphaned:
             answered.add(session.turn.request_id)
         answered.update(_answer_id(p) for p in session.pending if p[0] != "update")
+    left = self._left_answers.pop(conn.client_id, {}) if conn.client_id else {}
+    answered.update(left)
     refused = [
         request_id
         for request_id in conn.awaiting
@@ -431,6 +436,85 @@ async def refuse_unanswerable(self: Manager, conn: ClientConnection) -> None:
     )
     for request_id in refused:
         await conn.send_answer(request_id, None, error)
+    await self._send_left_answers(conn, left)
+
+
+#: The most answers of closes and deletes cut by a drop kept for one client id.
+LEFT_ANSWERS = 64
+
+
+@attrs.define(eq=False)
+class LeftAnswer:
+    """The answer of a ``session/close`` or ``session/delete`` that went on after its
+    connection dropped (``_lifecycle.despite_a_drop``): ``done`` once it is known."""
+
+    done: trio.Event = attrs.field(factory=trio.Event)
+    result: Any = None
+    error: RpcError | None = None
+    #: When it was done (``trio.current_time``): kept ``grace_seconds`` after that.
+    done_at: float = math.inf
+
+    def settle(self, result: Any, error: RpcError | None) -> None:
+        self.result, self.error = result, error
+        self.done_at = trio.current_time()
+        self.done.set()
+
+
+def keep_left_answer(
+    self: Manager, conn: ClientConnection, request_id: RequestId | None
+) -> LeftAnswer | None:
+    """Keep, for the return of ``conn``'s client, the answer of its close or delete
+    ``request_id`` that goes on after ``conn`` dropped; the :class:`LeftAnswer` to settle
+    once it is done (None: nothing kept, for a client that gave no id, or a huge id).
+
+    Why: the close took effect, but its answer was lost with the connection, and the
+    client, back awaiting it (``_meta["punie-trio/awaiting"]``), was told "no answer to
+    this request will come" (-32603), as if the close had failed."""
+    client_id = conn.client_id
+    if not client_id or not small_id(request_id):
+        return None
+    now = trio.current_time()
+    grace = self.limits.grace_seconds
+    kept = self._left_answers.pop(client_id, {})  # (re-inserted: now the newest)
+    for old in [i for i, a in kept.items() if a.done_at + grace < now]:
+        del kept[old]
+    kept.pop(request_id, None)  # (an id used again: the newest answer)
+    answer = kept[request_id] = LeftAnswer()
+    while len(kept) > LEFT_ANSWERS:
+        del kept[next(iter(kept))]
+    self._left_answers[client_id] = kept
+    while len(self._left_answers) > self.limits.max_connections:
+        del self._left_answers[next(iter(self._left_answers))]
+    return answer
+
+
+async def _send_left_answers(
+    self: Manager, conn: ClientConnection, left: dict[RequestId, LeftAnswer]
+) -> None:
+    """Send ``conn`` the answers in ``left`` (its client's closes and deletes that its
+    previous connection's drop cut: :func:`keep_left_answer`) that it awaits, each once
+    it is done; the rest are dropped (not awaited: the client does not want them).
+    Those not sent (the connection ended) stay kept for the client's next return."""
+    now = trio.current_time()
+    waiting = [
+        (request_id, answer)
+        for request_id, answer in left.items()
+        if request_id in conn.awaiting and answer.done_at + self.limits.grace_seconds >= now
+    ]
+    try:
+        while waiting:
+            request_id, answer = waiting[0]
+            await answer.done.wait()
+            if request_id in conn.awaiting and not conn.has_in_flight(request_id):
+                await conn.send_answer(request_id, answer.result, answer.error)
+                conn.stop_awaiting(request_id)
+            waiting.pop(0)
+    except BaseException:
+        if waiting and conn.client_id:
+            kept = self._left_answers.setdefault(conn.client_id, {})
+            for request_id, answer in waiting:
+                kept.setdefault(request_id, answer)
+        raise
 
 
 def _held_by(self: Manager, conn: ClientConnection, session_id: str) -> bool:

@@ -41,7 +41,14 @@ from .._json import is_name_text
 from .._paths import resolved
 from .._threads import RootNotAnswering, root_of, run_sync_under
 from ..acp import updates
-from ..rpc import INTERNAL_ERROR, INVALID_REQUEST, REQUEST_CANCELLED, PeerClosed, RpcError
+from ..rpc import (
+    INTERNAL_ERROR,
+    INVALID_REQUEST,
+    REQUEST_CANCELLED,
+    PeerClosed,
+    RpcError,
+    current_request_id,
+)
 from ..store import (
     STOP,
     BadCursor,
@@ -55,6 +62,7 @@ from ._session import Session, turn_history
 
 if TYPE_CHECKING:
     from ._connection import ClientConnection
+    from ._grace import LeftAnswer
     from ._manager import Manager
 
 log = logging.getLogger("punie_trio.hub")
@@ -558,7 +566,9 @@ async def despite_a_drop(self: Manager, conn: ClientConnection, work: Awaitable[
     is lost in flight. Cut with the connection (as every request handler is), the close
     left the session live, kept within grace for the client, which came back to a
     session it had closed (counted against its session limit, never closed again),
-    and a delete left the stored session too.
+    and a delete left the stored session too. Its answer, lost with the connection, is
+    kept for the client's return (``Manager.keep_left_answer``; a client back awaiting
+    it was told "no answer to this request will come", as if the close had failed).
 
     Error handling: an error the work meets after its connection dropped has no
     request left to answer: one the hub did not expect is logged with its traceback
@@ -568,21 +578,31 @@ async def despite_a_drop(self: Manager, conn: ClientConnection, work: Awaitable[
     nursery = self._nursery
     if nursery is None:
         return await work
+    request_id = current_request_id.get(None)
     done = trio.Event()
     scope = trio.CancelScope()
     outcome: list[T] = []
     failure: list[Exception] = []
-    left = False  # (the handler was cut with its connection: no one awaits the outcome)
+    left: LeftAnswer | None = None  # (the handler was cut with its connection)
+    gone = False
 
     async def run() -> None:
         try:
             with scope:
                 outcome.append(await work)
         except Exception as exc:
-            if left and not isinstance(exc, RpcError):
+            if gone and not isinstance(exc, RpcError):
                 log.exception("a session/close or delete whose connection dropped failed")
             failure.append(exc)
         finally:
+            if left is not None:  # kept for its client's return
+                if failure:
+                    error = failure[0]
+                    left.settle(None, error if isinstance(error, RpcError) else _internal(error))
+                elif outcome:
+                    left.settle(outcome[0], None)
+                else:  # (cancelled with the manager's nursery: a shutdown's end)
+                    left.settle(None, shutting_down())
             done.set()
 
     nursery.start_soon(run, name="close or delete")
@@ -594,13 +614,19 @@ async def despite_a_drop(self: Manager, conn: ClientConnection, work: Awaitable[
             with trio.CancelScope(shield=True):
                 await done.wait()  # (its clean-up done: the session usable again)
         else:
-            left = True
+            gone = True
+            left = self.keep_left_answer(conn, request_id)
         raise
     if failure:
         raise failure[0]
     if not outcome:  # (cancelled with the manager's nursery: a shutdown's end)
         raise shutting_down()
     return outcome[0]
+
+
+def _internal(exc: Exception) -> RpcError:
+    """The answer to a request whose handler raised ``exc``, as the peer gives it."""
+    return RpcError(INTERNAL_ERROR, f"Internal error: {exc}")
 
 
 async def delete_session(self: Manager, conn: ClientConnection, session_id: str) -> dict[str, Any]:

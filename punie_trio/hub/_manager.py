@@ -115,6 +115,13 @@ class Manager:
     # request id: a client back awaiting one is told to reload its session (see
     # expired_for). Bounded as _expired.
     _unconfirmed: dict[str, dict[RequestId, str]] = attrs.field(factory=dict, init=False)
+    # By client id: the answers of its session/close and session/delete requests that
+    # went on after their connection dropped (despite_a_drop), by request id, kept for
+    # the client's return (refuse_unanswerable sends those it awaits). Bounded as
+    # _expired, LEFT_ANSWERS a client, and forgotten grace_seconds after they are done.
+    _left_answers: dict[str, dict[RequestId, _grace.LeftAnswer]] = attrs.field(
+        factory=dict, init=False
+    )
     # By client id: the connection whose initialize is probing the connection that holds
     # it (take_over); another connection naming the id meanwhile is refused.
     _claims: dict[str, ClientConnection] = attrs.field(factory=dict, init=False)
@@ -192,6 +199,8 @@ class Manager:
     reclaim = _grace.reclaim
     deliver_missed = _grace.deliver_missed
     refuse_unanswerable = _grace.refuse_unanswerable
+    keep_left_answer = _grace.keep_left_answer
+    _send_left_answers = _grace._send_left_answers
     _held_by = _grace._held_by
     _expire_grace = _grace._expire_grace
     _end_grace = _grace._end_grace

@@ -108,7 +108,7 @@ def begin_prompt(self: Manager, conn: ClientConnection, params: PromptParams) ->
         prompts = "prompt" if per_minute == 1 else "prompts"
         raise RpcError(
             INVALID_REQUEST,
-            f"Rate limit: {per_minute} {prompts} per minute on this connection; "
+            f"Rate limit: {per_minute} {prompts} per minute for this client; "
             f"retry in {seconds_up(retry, 1):.1f} s",
             {"retryAfterSeconds": seconds_up(retry, 3)},  # (up: a client may wait just that)
         )

@@ -253,6 +253,54 @@ def migrate(
     target = len(migrations)
     found = _user_version(conn)
     _refuse_newer(found, path, target)
+    with _alone(conn, path, found, target) if 0 < found < target else contextlib.nullcontext():
+        return _migrate(conn, path, migrations, found)
+
+
+@contextlib.contextmanager
+def _alone(conn: sqlite3.Connection, path: Path, version: int, target: int) -> Iterator[None]:
+    """Hold the store ``path`` alone (``conn`` in ``EXCLUSIVE`` locking mode) while it is
+    upgraded from ``version`` to ``target``; a ``StoreError`` if another process keeps it
+    open past the busy timeout, with nothing changed.
+
+    Why: punie-trio's releases at schema versions 1 and 2 took no lock on the data
+    directory. One still serving (upgrading the package does not stop it) had its store
+    upgraded under it by a newer ``serve``, and every later turn of it failed (`the turn
+    was not saved: session store: no such table: transcript`). In WAL mode every open
+    connection holds a shared lock on the file, so the exclusive one waits for readers
+    (``sessions ...`` commands) and fails while such a server runs.
+    """
+    conn.execute("PRAGMA locking_mode = EXCLUSIVE")
+    try:
+        conn.execute("BEGIN IMMEDIATE")  # (takes the file's exclusive lock, and keeps it)
+        conn.execute("COMMIT")
+    except sqlite3.OperationalError as exc:
+        # Only closing lets go of the lock half taken: in this mode SQLite keeps the
+        # PENDING lock it got, and every new reader (the one that keeps the store's files
+        # as found while this open fails, a ``sessions`` command) waited its busy timeout.
+        conn.close()
+        if _primary_code(exc) != sqlite3.SQLITE_BUSY:
+            raise
+        raise StoreError(
+            f"{path}: cannot upgrade the session store from schema version {version} "
+            f"to {target}: another process has it open (a punie-trio serve of a release "
+            "that wrote version 1 or 2, which takes no lock on the data directory, or "
+            "a tool reading it); nothing was changed: stop it, then start again"
+        ) from exc
+    try:
+        yield
+    finally:
+        conn.execute("PRAGMA locking_mode = NORMAL")
+        # (The lock goes at the connection's next access of the file.)
+        conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+
+
+def _migrate(
+    conn: sqlite3.Connection, path: Path, migrations: Sequence[Sequence[Step]], found: int
+) -> int:
+    """:func:`migrate`'s migrations, each in its own transaction."""
+    target = len(migrations)
+    started: float | None = None
     while True:
         conn.execute("BEGIN IMMEDIATE")
         try:
@@ -261,7 +309,24 @@ def migrate(
             _refuse_unknown(conn, version, path, target)
             if version == target:
                 conn.execute("COMMIT")
+                if started is not None:
+                    log.info(
+                        "session store %s: upgraded to schema version %d in %.2f s",
+                        path,
+                        target,
+                        time.perf_counter() - started,
+                    )
                 return found
+            if started is None and found > 0:  # (0: a new store, set up, not upgraded)
+                # Why: it takes seconds for a large store, and the start said nothing.
+                log.warning(
+                    "session store %s: upgrading it from schema version %d to %d, once "
+                    "(a large store takes seconds: 11 s for 100,000 turns from version 1)",
+                    path,
+                    version,
+                    target,
+                )
+                started = time.perf_counter()
             for step in migrations[version]:
                 if isinstance(step, str):
                     conn.execute(step)
@@ -403,7 +468,8 @@ def check_integrity(conn: sqlite3.Connection, path: Path) -> None:
 
 
 class CheckStop:
-    """Stops the start-up check of :func:`connect` from another thread (:meth:`stop`).
+    """Stops the start-up check and the migrations of :func:`connect` from another thread
+    (:meth:`stop`).
 
     Why: the check of a large store takes seconds (10.4 s for 618 MB from the disk), and
     a SIGINT or SIGTERM at start waited for it to end: past the shutdown timeout, the
@@ -413,6 +479,11 @@ class CheckStop:
     stops it within a millisecond; a progress handler would not do: the check
     walks the b-trees within one step of SQLite's virtual machine (measured, the
     handler's calls all came in the last 0.4 s of a 12 s check).
+
+    The migrations of an old store take seconds too (11 s for 100,000 turns from
+    version 1, 4.4 s from version 2), and a signal during them met the same watchdog
+    (status 1 after 7 s). Stopping one loses nothing either: its transaction is rolled
+    back, the file keeps the version it had, and the next start upgrades it.
     """
 
     def __init__(self) -> None:
@@ -450,14 +521,52 @@ class CheckStop:
         finally:
             running.close()
 
+    @contextlib.contextmanager
+    def upgrading(self, conn: sqlite3.Connection, path: Path) -> Iterator[None]:
+        """The migrations run on ``conn`` inside: :meth:`stop` interrupts them there.
+
+        No statement can be kept running across them as :meth:`running` does (SQLite
+        refuses a ``DROP TABLE`` while another statement of the connection runs), so a
+        progress handler also ends the statement running when :meth:`stop` was called
+        between two of them, where the interrupt is forgotten. (A handler alone would not
+        do: a ``DROP TABLE`` of a large table is one step of SQLite's virtual machine.)"""
+        with self._lock:
+            if self.stopped:
+                raise StoreError(f"{path}: cannot open session store: its upgrade was stopped")
+            self._checking = conn
+        conn.set_progress_handler(lambda: self.stopped, UPGRADE_STEPS_PER_LOOK)
+        try:
+            yield
+        finally:
+            # (An upgrade that found the store held by another process closed ``conn``.)
+            with contextlib.suppress(sqlite3.ProgrammingError):
+                conn.set_progress_handler(None, 0)
+            with self._lock:
+                self._checking = None
+
+
+#: SQLite virtual machine steps between two looks of a migration at :class:`CheckStop`
+#: (a Python call each: well under 1% of a migration's time).
+UPGRADE_STEPS_PER_LOOK: Final = 10_000
+
 
 def connect(
-    path: Path, *, check: bool = False, stop: CheckStop | None = None
+    path: Path,
+    *,
+    check: bool = False,
+    stop: CheckStop | None = None,
+    left_as_closed: Callable[[], bool] | None = None,
 ) -> sqlite3.Connection:
     """Open (creating if needed) a read-write store database and migrate it; with
     ``check``, first check the whole file (:func:`check_integrity`), before anything
-    writes to it. Once ``stop`` is stopped (from another thread), the check ends and the
-    open fails (``StoreError``), having written nothing.
+    writes to it. ``left_as_closed`` is asked once the file is known to be a store this
+    code opens (not a newer one, nor another program's database), before the check:
+    whether it is as a clean close left it (taking that proof away); if not, it is checked.
+    (Asked before, it took away a newer version's marker of its clean close from the store
+    it then refused, and that version's next start checked the whole store for nothing.)
+    Once ``stop`` is stopped (from another thread), the check or the migration running
+    ends and the open fails (``StoreError``), the file at the version it had (a migration
+    stopped is rolled back).
 
     Durability: WAL with ``synchronous=NORMAL``. A commit appends the transaction to the WAL
     with ``write()``, and ``fsync`` happens only at checkpoints. Once ``COMMIT`` returns the
@@ -477,6 +586,7 @@ def connect(
         conn = sqlite3.connect(path, isolation_level=None, check_same_thread=True)
     except sqlite3.Error as exc:
         raise StoreError(f"{path}: cannot open session store: {exc}") from exc
+    upgrading: tuple[int, int] | None = None
     try:
         conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
         # Before anything writes: switching the journal mode rewrites the file's header,
@@ -484,6 +594,8 @@ def connect(
         # (One snapshot: another opener may be creating the schema between two reads.)
         with read_transaction(conn):
             _refuse_unknown(conn, _user_version(conn), path)
+            if left_as_closed is not None and not left_as_closed():
+                check = True
             if check:  # (once the file is known to be a store: another's is refused as such)
                 with stop.running(conn, path) if stop else contextlib.nullcontext():
                     check_integrity(conn, path)
@@ -498,15 +610,23 @@ def connect(
         # A deleted session's text is overwritten, not left in free pages of the file (the
         # default of some SQLite builds, not of others).
         conn.execute("PRAGMA secure_delete = ON")
-        migrate(conn, path)
+        old = _user_version(conn)
+        # (The version and the size it had: where an upgrade finds no room, both are said.)
+        upgrading = (old, _database_bytes(conn)) if 0 < old < SCHEMA_VERSION else None
+        with stop.upgrading(conn, path) if stop else contextlib.nullcontext():
+            migrate(conn, path)
+        upgrading = None
         check_writable(conn, path)
     except sqlite3.Error as exc:
+        left = _version_left(conn) if upgrading is not None else None
         _close_as_found(conn, path)
         if _is_readonly(exc):  # (the directory will not take the -wal: the WAL switch)
             raise StoreError(f"{path}: the session store is read-only ({exc})") from exc
         if _is_damaged(exc):  # (a page the open itself reads: the schema, the end)
             raise damaged(path, str(exc)) from exc
         room = out_of_room(path, exc)
+        if room is not None and upgrading is not None:
+            raise StoreError(_no_room_to_upgrade(path, upgrading, left, room, exc)) from exc
         if room is not None:  # (making a new store, or replaying a WAL: no room for it)
             what, remedy = room
             raise StoreError(
@@ -518,6 +638,67 @@ def connect(
         _close_as_found(conn, path)
         raise
     return conn
+
+
+#: What an upgrade needs while it runs, measured from version 1 (10.9 and 365 MB stores)
+#: and 2 (12.4 MB): free room of 3.3-3.6 and 2.6-2.9 times the store's size. The new
+#: tables are written beside the old ones, and the old ones' pages overwritten
+#: (``secure_delete``), all in one transaction, so the WAL holds both.
+UPGRADE_ROOM_FACTOR: Final = 3.5
+
+
+def _database_bytes(conn: sqlite3.Connection) -> int:
+    """The size of ``conn``'s database (its pages, the WAL's included)."""
+    pages = int(conn.execute("PRAGMA page_count").fetchone()[0])
+    return pages * int(conn.execute("PRAGMA page_size").fetchone()[0])
+
+
+def _version_left(conn: sqlite3.Connection) -> int | None:
+    """The schema version of ``conn``'s store once a migration failed (and was rolled
+    back); None where it cannot be read."""
+    try:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        return _user_version(conn)
+    except sqlite3.Error:
+        return None
+
+
+def _no_room_to_upgrade(
+    path: Path,
+    upgrading: tuple[int, int],
+    left: int | None,
+    room: tuple[str, str],
+    exc: sqlite3.Error,
+) -> str:
+    """The message for an upgrade of the store ``path`` that found no room: ``upgrading``
+    is the version and size it had, ``left`` the version it was left at (each migration
+    is a transaction of its own: those done stay, the one that failed is rolled back),
+    ``room`` :func:`out_of_room`'s cause and remedy.
+
+    Why: it was the message of a store that could not be made (``cannot open session
+    store: the file system holding the session store is full, with 0 KiB free``), and
+    once the refused start had ended the disk could have room again (the upgrade's WAL
+    gone): nothing said that the upgrade needed it, nor how much, nor what was kept."""
+    what, remedy = room
+    version, size = upgrading
+    if left == version:
+        kept = f"it was rolled back, and the store is as it was (version {version})"
+    elif left is not None:
+        kept = (
+            f"the store is whole, at version {left} (the migrations before the one that "
+            "failed stay, that one was rolled back)"
+        )
+    else:
+        kept = "the migration that failed was rolled back"
+    mib = size / (1024 * 1024)
+    return (
+        f"{path}: cannot upgrade the session store from schema version {version} to "
+        f"{SCHEMA_VERSION}: {what} (SQLite: {exc}); {kept}. An upgrade needs free room "
+        f"of about {UPGRADE_ROOM_FACTOR:g} times the store's size while it runs "
+        f"({mib:.1f} MiB here: about {mib * UPGRADE_ROOM_FACTOR:.0f} MiB), and leaves the "
+        f"store about twice as large: {remedy}, then start again"
+    )
 
 
 def _close_as_found(conn: sqlite3.Connection, path: Path) -> None:
@@ -580,8 +761,12 @@ def connect_readonly(path: Path) -> sqlite3.Connection:
     # the user may not search, a name too long - and its OSError was a traceback.)
     try:
         mode = os.stat(path).st_mode
-    except (FileNotFoundError, NotADirectoryError):  # (the latter: a file for the data dir)
+    except FileNotFoundError:
         raise StoreError(f"no session store at {path}") from None
+    except NotADirectoryError:  # a file given for the data directory (as serve says)
+        raise StoreError(
+            f"cannot use data directory {path.parent}: it is not a directory"
+        ) from None
     except OSError as exc:
         raise StoreError(f"{path}: cannot open session store: {exc.strerror or exc}") from exc
     if not stat.S_ISREG(mode):
@@ -611,6 +796,14 @@ def connect_readonly(path: Path) -> sqlite3.Connection:
             )
     except sqlite3.Error as exc:
         conn.close()
+        if _primary_code(exc) == sqlite3.SQLITE_BUSY:
+            # (Only a connection holding the file alone keeps a reader out in WAL mode:
+            # an upgrade, _alone. It said "database is locked", naming no cause.)
+            raise StoreError(
+                f"{path}: cannot read session store: another process holds it alone (a "
+                "serve upgrading it from an older schema version, which takes seconds for "
+                "a large store); try again once that serve has started"
+            ) from exc
         if getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_READONLY_DIRECTORY:
             # (A store closed cleanly has no -shm; reading a WAL store needs one.)
             raise StoreError(

@@ -220,7 +220,9 @@ class SqliteStore:
         self._writer = writer
 
     def _connect_reader(self) -> sqlite3.Connection:
-        conn = connect(self.path, check=not _left_as_closed(self.path), stop=self._check_stop)
+        conn = connect(
+            self.path, left_as_closed=lambda: _left_as_closed(self.path), stop=self._check_stop
+        )
         # Its checkpoints are the store's (_count_rows), never one in a write's commit: a
         # delete's commit would otherwise copy the whole WAL before writes could go on.
         conn.execute("PRAGMA wal_autocheckpoint = 0")

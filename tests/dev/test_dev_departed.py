@@ -250,3 +250,51 @@ async def test_a_large_file_that_shrinks_while_sent_ends_its_connection_quietly(
     assert f"content-length: {size}".encode() in head
     assert len(body) < size  # cut short: no padding passed off as the file
     assert "big.bin changed while it was being sent" in caplog.text
+
+
+async def test_a_large_file_whose_read_fails_while_sent_ends_its_connection_quietly(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A chunk's read that fails after the response has started (``EIO``: a ``soft`` NFS
+    mount whose server stopped answering, a disk error; ``ESTALE``: the file replaced on
+    another NFS client) left the app as the ``OSError``: an ERROR with its traceback and,
+    after h11's own "Too little data" error, a response ended who knows how. Now it ends
+    as for a file that shrank: the connection is closed, one line names the error."""
+    dev = DevApp(
+        site_dir=_site(tmp_path),
+        project_root=tmp_path,
+        closing=trio.Event(),
+        no_watch=True,
+    )
+    recorder = _RaiseRecorder(dev)
+    big = tmp_path / "site" / "big.bin"
+    size = big.stat().st_size
+    real_pread = os.pread
+    reads = 0
+
+    def pread(fd: int, length: int, offset: int) -> bytes:
+        nonlocal reads
+        reads += 1
+        if reads == 2:
+            raise OSError(5, "Input/output error")
+        return real_pread(fd, length, offset)
+
+    monkeypatch.setattr(os, "pread", pread)
+    async with serve_app(recorder, dev.closing) as url:
+        host, port = url.removeprefix("http://").rsplit(":", 1)
+        sock = trio.socket.socket()
+        await sock.connect((host, int(port)))
+        await sock.send(f"GET /big.bin HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+        received = b""
+        while data := await sock.recv(65536):
+            received += data
+        sock.close()
+        while _connection_tasks():
+            await trio.testing.wait_all_tasks_blocked()
+    assert recorder.raised == []
+    assert (recorder.statuses, recorder.ended) == ([200], 1)
+    head, _, body = received.partition(b"\r\n\r\n")
+    assert f"content-length: {size}".encode() in head
+    assert 0 < len(body) < size  # cut short: no padding passed off as the file
+    assert "big.bin could not be read while it was being sent" in caplog.text
+    assert "Input/output error" in caplog.text

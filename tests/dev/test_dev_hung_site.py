@@ -15,6 +15,7 @@ a test waits for ``ROOT_WAIT``.
 from __future__ import annotations
 
 import os
+import sys
 import threading
 import time
 from pathlib import Path
@@ -86,6 +87,55 @@ def test_may_hang_names_network_and_fuse_types_and_assumes_so_when_it_cannot_tel
     assert _mounts.may_hang(tmp_path) is True
 
 
+@pytest.mark.parametrize(
+    "fs_type", ["virtiofs", "vboxsf", "prl_fs", "vmhgfs", "autofs", "beegfs", "orangefs"]
+)
+def test_may_hang_names_vm_shared_folders_and_automounts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fs_type: str
+) -> None:
+    """A site in a VM's shared folder (virtiofs, VirtualBox's vboxsf, Parallels' prl_fs,
+    VMware's vmhgfs), answered by a daemon or the host, or under an automount point that
+    mounts on first use, counted as a local disk: its cache hits' ``stat()`` ran on the
+    event loop, where one that waited on the host froze every client of the server."""
+    monkeypatch.setattr(_mounts, "mount_type", lambda path, text: fs_type)
+    assert _mounts.may_hang(tmp_path) is True
+
+
+OVERLAYS = """\
+27 1 8:1 / / rw,relatime shared:1 - ext4 /dev/sda1 rw
+40 27 0:40 / /net/share rw,relatime - nfs4 server:/export rw,vers=4.2
+50 27 0:50 / /srv/site rw,relatime - overlay overlay rw,lowerdir=/opt/base:/net/share/\
+layer,upperdir=/var/up/u,workdir=/var/up/w
+51 27 0:51 / /srv/local rw,relatime - overlay overlay rw,lowerdir=/opt/base,upperdir=/var/u\
+p/u,workdir=/var/up/w
+52 27 0:52 / /srv/deep rw,relatime - overlay overlay rw,lowerdir=/srv/site/x,upperdir=/var/\
+u,workdir=/var/w
+53 27 0:53 / /srv/up rw,relatime - overlay overlay rw,lowerdir=/opt/base,upperdir=/net/shar\
+e/u,workdir=/net/share/w
+54 27 0:54 / /srv/loop rw,relatime - overlay overlay rw,lowerdir=/srv/loop/l,upperdir=/srv/\
+loop/u,workdir=/srv/loop/w
+"""
+
+
+@pytest.mark.parametrize(
+    ("path", "hangs"),
+    [
+        ("/srv/site/index.html", True),  # a lower layer on NFS
+        ("/srv/up/index.html", True),  # the upper layer on NFS
+        ("/srv/deep/index.html", True),  # over an overlay over NFS
+        ("/srv/local/index.html", False),  # every layer on a local disk
+        ("/srv/loop/index.html", False),  # (its layers under itself: no endless look)
+        ("/net/share/site", True),
+        ("/home/site", False),
+    ],
+)
+def test_an_overlay_over_a_network_mount_may_hang(path: str, hangs: bool) -> None:
+    """An overlay (a container's root, a build sandbox) answers only as fast as its
+    layers: one whose lower or upper layer lies on NFS waits on NFS. The type "overlay"
+    alone counted as a local disk, so its cache hits' ``stat()`` ran on the event loop."""
+    assert _mounts.hangs_on(path, OVERLAYS) is hangs
+
+
 class Hang:
     """Makes a blocking function hang in its thread, once or every time, until released."""
 
@@ -137,17 +187,13 @@ async def test_on_a_network_mount_a_cache_hit_stats_in_a_thread(
     assert hang.timed_out == [False]
 
 
-async def test_a_hung_site_holds_only_its_own_threads_then_gets_a_503(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mock_clock: trio.testing.MockClock
-) -> None:
-    """The dev app's threads took Trio's default limiter (40, shared with the build's
-    start, the watcher's scans and name lookups): a hung site could take them all, and a
-    request waited for a thread for ever. Now it takes at most ``SITE_THREADS`` slots of
-    the site's own, and a request that waits ``ROOT_WAIT`` seconds for one is refused
-    (``RootNotAnswering``: a 503 naming the site, below)."""
+def _hung_site(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> tuple[Path, StaticSite, Hang, trio.CapacityLimiter]:
+    """A site whose every lookup hangs in its thread until released: the site, its
+    ``StaticSite``, the hang, and the site's thread slots."""
     site = tmp_path / "site"
     write(site / "index.html", "<p>x</p>")
-    static = StaticSite(site)
     hang = Hang()
     real_lookup = _static.lookup
 
@@ -156,7 +202,18 @@ async def test_a_hung_site_holds_only_its_own_threads_then_gets_a_503(
         return real_lookup(*args)
 
     monkeypatch.setattr(_static, "lookup", hung_lookup)
-    slots = _threads.slots_for(_threads.site_key(site)).limiter
+    return site, StaticSite(site), hang, _threads.slots_for(_threads.site_key(site)).limiter
+
+
+async def test_a_hung_site_holds_only_its_own_threads_then_gets_a_503(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mock_clock: trio.testing.MockClock
+) -> None:
+    """The dev app's threads took Trio's default limiter (40, shared with the build's
+    start, the watcher's scans and name lookups): a hung site could take them all, and a
+    request waited for a thread for ever. Now it takes at most ``SITE_THREADS`` slots of
+    the site's own, and a request that waits ``ROOT_WAIT`` seconds for one is refused
+    (``RootNotAnswering``: a 503 naming the site, below)."""
+    site, static, hang, slots = _hung_site(tmp_path, monkeypatch)
     refused: list[BaseException] = []
 
     async def find_refused() -> None:
@@ -286,3 +343,48 @@ async def test_a_large_files_descriptor_is_closed_once_after_an_abandoned_read(
     late.close()
     late.open(str(path))
     assert late.fd is None and _open_fds() == before
+
+
+async def test_a_build_whose_output_cannot_be_read_for_a_hung_site_does_not_end_the_server(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    mock_clock: trio.testing.MockClock,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The snapshot after a build (and the look at where the site link leads) takes one of
+    the site's threads. With all of them held by a hung site, it waited ``ROOT_WAIT`` and
+    ``RootNotAnswering`` left the build loop, and so ``DevApp.run``, in the server's root
+    nursery: the whole server ended, ACP sessions included. The build is reported, the
+    output is compared at the next build that can read it, and the loop goes on."""
+    site, static, hang, slots = _hung_site(tmp_path, monkeypatch)
+    broadcaster = Broadcaster()
+    build = f'"{sys.executable}" -c pass'
+    loop = BuildLoop(site, tmp_path, broadcaster, PendingChanges(), build, remote=True)
+    await loop.prepare()
+    before = dict(loop._last_good)
+    write(site / "index.html", "<p>y</p>")
+    cycled = trio.Event()
+
+    async def cycle() -> None:
+        await loop.cycle()
+        cycled.set()
+
+    try:
+        async with trio.open_nursery() as nursery:
+            for i in range(_threads.SITE_THREADS):
+                nursery.start_soon(static.find, f"/page{i}.html")
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.start_soon(cycle)
+            while not cycled.is_set():  # (the build runs, then each look waits for a thread)
+                if slots.statistics().tasks_waiting:
+                    mock_clock.jump(_threads.ROOT_WAIT)
+                await trio.to_thread.run_sync(time.sleep, 0.001)
+            assert hang.timed_out == []  # (all of that while the site still hung)
+            nursery.cancel_scope.cancel()  # (abandons the hung lookups)
+    finally:
+        hang.release.set()
+    assert broadcaster.status is not None and broadcaster.status.kind == "build_ok"
+    assert loop._last_good == before  # (compared at the next build that can read it)
+    assert f"the file system of the site directory {site} is not answering" in caplog.text
+    await loop.cycle()  # (the site answers again: the change is found)
+    assert broadcaster.generation == 1

@@ -824,7 +824,7 @@ async def test_serving_as_the_cli_does_freezes_startup_and_raises_gc_thresholds(
         gc.set_threshold(*before)
 
 
-@pytest.mark.parametrize("where", ["lookup", "read", "chunk"])
+@pytest.mark.parametrize("where", ["lookup", "read", "chunk", "gzip"])
 async def test_a_site_read_that_hangs_does_not_hold_the_shutdown(
     tmp_path: Path, start_server: StartServer, monkeypatch: pytest.MonkeyPatch, where: str
 ) -> None:
@@ -834,7 +834,8 @@ async def test_a_site_read_that_hangs_does_not_hold_the_shutdown(
     (under the CLI the watchdog then ended the process with status 1). A read changes
     nothing: the shutdown leaves it now, and its thread ends when the mount answers. A
     chunk of a file over 1 MiB too: it was read through ``trio.open_file``, whose reads
-    cannot be abandoned."""
+    cannot be abandoned. The compression of a file over 1 MiB too: it was not abandoned,
+    so that the requests waiting for it got its result (they start their own now)."""
     import threading
 
     from punie_trio.web.dev import _static
@@ -843,11 +844,12 @@ async def test_a_site_read_that_hangs_does_not_hold_the_shutdown(
     site.mkdir()
     (site / "index.html").write_text("<html><body>x</body></html>")
     (site / "big.bin").write_bytes(b"b" * (_static.CACHE_FILE_LIMIT + 1))
+    (site / "big.txt").write_bytes(b"t" * (_static.CACHE_FILE_LIMIT + 1))
     entered, release = threading.Event(), threading.Event()
     ended = threading.Semaphore(0)
     timed_out: list[bool] = []
     owner: object = _static._Chunks if where == "chunk" else _static
-    name = {"lookup": "lookup", "read": "_read", "chunk": "read"}[where]
+    name = {"lookup": "lookup", "read": "_read", "chunk": "read", "gzip": "_gzip_file"}[where]
     real = getattr(owner, name)
 
     def hung(*args: object) -> object:
@@ -865,6 +867,7 @@ async def test_a_site_read_that_hangs_does_not_hold_the_shutdown(
         "lookup": ("/index.html", {}),
         "read": ("/big.bin", {"Range": "bytes=0-99"}),
         "chunk": ("/big.bin", {"accept-encoding": "identity"}),
+        "gzip": ("/big.txt", {"accept-encoding": "gzip"}),
     }[where]
     async with trio.open_nursery() as nursery:
         config = {"site": site, "dev_options": {"no_watch": True}, "shutdown_timeout": 0.5}

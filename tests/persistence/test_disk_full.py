@@ -13,6 +13,7 @@ import contextlib
 import os
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -20,6 +21,8 @@ from pathlib import Path
 
 import pytest
 import trio
+
+from punie_trio.store import read_transcript
 
 from ..acp_schema import SchemaChecker
 from ..integration._support import (
@@ -221,3 +224,95 @@ async def test_a_turn_on_a_full_disk_is_refused_and_serving_goes_on(
         )
         assert "the file system holding the session store is full, with " in message
         assert message.endswith("; free some space")
+
+
+def old_store(data: Path, turns: int = 200) -> Path:
+    """A store of schema version 1 (as punie-trio wrote it then) in ``data``, of about
+    1 MB, closed; returns its path."""
+    from ..store.test_sqlite_store import _v1_file, _v1_session, _v1_turn
+
+    data.mkdir(mode=0o700, exist_ok=True)
+    store = data / "sessions.sqlite3"
+    conn = _v1_file(store)
+    try:
+        _v1_session(conn, "old", 1.0, title="Old ✓")
+        for turn in range(turns):
+            texts = [f"answer {turn}.{i} " * 8 for i in range(20)]
+            _v1_turn(conn, "old", turn, [("agent_message_chunk", text_update(t)) for t in texts])
+    finally:
+        conn.close()
+    return store
+
+
+def text_update(text: str) -> dict[str, object]:
+    return {"sessionUpdate": "agent_message_chunk", "content": {"type": "text", "text": text}}
+
+
+def _version(store: Path) -> int:
+    with contextlib.closing(sqlite3.connect(store)) as conn:
+        return int(conn.execute("PRAGMA user_version").fetchone()[0])
+
+
+def _assert_upgrade_said(message: str, store: Path, cause: str) -> None:
+    assert f"punie-trio: error: {store}: cannot upgrade the session store from schema " in message
+    assert "version 1 to 4: " in message and cause in message, message
+    if _version(store) == 1:
+        assert "it was rolled back, and the store is as it was (version 1)" in message
+    else:  # (migration 2 was done, one after it found no room)
+        assert f"the store is whole, at version {_version(store)} (the migrations" in message
+    assert "times the store's size while it runs" in message
+    assert "then start again" in message and "Traceback" not in message
+
+
+def test_an_upgrade_past_the_file_size_limit_says_so_and_changes_nothing(
+    tmp_path: Path,
+) -> None:
+    """An upgrade makes the store and its WAL each about 2.3 times as large while it
+    runs: where that did not fit, the message was the one of a store that could not be
+    made (`cannot open session store: ...`), and did not say that it was the upgrade
+    that needed the room, nor how much. The store stays at its version, byte for byte,
+    and a start with room upgrades it."""
+    data = tmp_path / "data"
+    store = old_store(data)
+    before = store.read_bytes()
+    command = serve_command(tmp_path, "--stdio", "--no-http", data_dir=data)
+    done = subprocess.run(
+        limited(command, len(before) + 64 * 1024),
+        capture_output=True, stdin=subprocess.DEVNULL, env=server_env(), timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 1
+    _assert_upgrade_said(done.stderr.decode(), store, "reached the file size limit of ")
+    assert store.read_bytes() == before and _version(store) == 1
+    done = subprocess.run(
+        command, capture_output=True, stdin=subprocess.DEVNULL, env=server_env(), timeout=60
+    )
+    assert done.returncode == 0, done.stderr.decode()
+    assert _version(store) == 4
+
+
+def test_an_upgrade_on_a_disk_without_room_for_it_says_so_and_changes_nothing(
+    tmp_path: Path,
+) -> None:
+    """A full disk as the upgrade runs was said `the file system holding the session
+    store is full, with 0 KiB free`, and once the refused start had ended the disk had
+    room again (the upgrade's WAL removed): nothing said that the upgrade needed it."""
+    made = old_store(tmp_path / "made")
+    with _mounted(tmp_path / "disk", "tmpfs", "size=3m,mode=0700") as disk:
+        (disk / "data").mkdir(mode=0o700)
+        store = disk / "data" / "sessions.sqlite3"
+        shutil.copyfile(made, store)
+        command = serve_command(tmp_path, "--stdio", "--no-http", data_dir=disk / "data")
+        done = subprocess.run(
+            command, capture_output=True, stdin=subprocess.DEVNULL, env=server_env(), timeout=60
+        )
+        assert done.returncode == 1
+        _assert_upgrade_said(done.stderr.decode(), store, "is full, with ")
+        with contextlib.closing(sqlite3.connect(store)) as conn:
+            assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+        subprocess.run(["mount", "-o", "remount,size=8m", str(disk)], check=True)
+        done = subprocess.run(
+            command, capture_output=True, stdin=subprocess.DEVNULL, env=server_env(), timeout=60
+        )
+        assert done.returncode == 0, done.stderr.decode()
+        assert _version(store) == 4
+        assert len(read_transcript(store, "old")) == 200 * 20

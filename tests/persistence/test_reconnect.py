@@ -1647,7 +1647,7 @@ async def test_a_refusal_the_dropped_connection_never_wrote_is_delivered_after_r
         assert answer["result"] == {"stopReason": "end_turn"}
         expected, code = {
             "running": ("already has a prompt running", -32600),
-            "rate": ("Rate limit: 1 prompt per minute on this connection", -32600),
+            "rate": ("Rate limit: 1 prompt per minute for this client", -32600),
             "size": ("over the 100-byte limit", -32602),
         }[why]
         assert expected in refusal["error"]["message"]
@@ -1896,6 +1896,25 @@ async def test_every_prompt_is_answered_once_across_random_take_overs(
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
 
 
+async def _close_cut_by_a_drop(hub: Any, store: GatedStore, method: str) -> str:
+    """A client ("ide") prompts ("p") a new session, then closes (``method``, id "c") it
+    while the turn is being recorded (``store``'s appends held), and its connection
+    drops before the close is answered; the session's id."""
+    link = await hub.connect()
+    await initialize(link.client, client_id="ide")
+    session: str = await link.client.new_session(str(hub.root))
+    await send_prompt(link.client, "p", session, "go")
+    await link.client.wait_for(has_update(session, "agent_message_chunk", "slow"))
+    store.appends.armed = True
+    await link.client.send(
+        {"jsonrpc": "2.0", "id": "c", "method": method, "params": {"sessionId": session}}
+    )
+    await store.appends.entered.wait()  # the close waits for the cancelled turn
+    await link.drop()  # (before the close is answered)
+    await hub.settle()
+    return session
+
+
 @pytest.mark.parametrize("method", ["session/close", "session/delete"])
 async def test_a_close_in_flight_when_its_connection_drops_takes_effect(
     tmp_path: Path, acp_schema: SchemaChecker, method: str
@@ -1912,18 +1931,7 @@ async def test_a_close_in_flight_when_its_connection_drops_takes_effect(
     store = GatedStore()
     limits = Limits(grace_seconds=60)
     async with open_hub(tmp_path, acp_schema, model, limits=limits, store=store) as hub:  # type: ignore[arg-type]
-        link = await hub.connect()
-        await initialize(link.client, client_id="ide")
-        session = await link.client.new_session(str(hub.root))
-        await send_prompt(link.client, "p", session, "go")
-        await link.client.wait_for(has_update(session, "agent_message_chunk", "slow"))
-        store.appends.armed = True
-        await link.client.send(
-            {"jsonrpc": "2.0", "id": "c", "method": method, "params": {"sessionId": session}}
-        )
-        await store.appends.entered.wait()  # the close waits for the cancelled turn
-        await link.drop()  # (before the close is answered)
-        await hub.settle()
+        session = await _close_cut_by_a_drop(hub, store, method)
         store.appends.armed = False
         store.appends.opened.set()
         await hub.settle()
@@ -1942,6 +1950,53 @@ async def test_a_close_in_flight_when_its_connection_drops_takes_effect(
         if method == "session/close":
             await again.client.request("session/load", load_params(session, hub.root))
             assert hub.manager.sessions[session].owner is again.connection
+
+
+@pytest.mark.parametrize("method", ["session/close", "session/delete"])
+@pytest.mark.parametrize("back", ["after it ended", "while it runs"])
+async def test_a_close_cut_by_a_drop_is_answered_to_its_client_back_awaiting_it(
+    tmp_path: Path, acp_schema: SchemaChecker, method: str, back: str
+) -> None:
+    """The close (delete) of the test above took effect, but its own answer was lost with
+    the connection: the client, back and listing the close's id as awaited, got -32603
+    "no answer to this request will come", as if the close had failed, though its
+    session was closed (deleted). Its answer is now kept for the client's return (after
+    what the session kept: the cancelled turn's answer), or, if the client is back while
+    the close still waits for its turn, sent once the close is done; and the session
+    does not stay live, closing, on the new connection."""
+    model = ScriptModel([[{"text": "slow"}, {"sleep": 5}]])
+    store = GatedStore()
+    limits = Limits(grace_seconds=60)
+    async with open_hub(tmp_path, acp_schema, model, limits=limits, store=store) as hub:  # type: ignore[arg-type]
+        session = await _close_cut_by_a_drop(hub, store, method)
+        if back == "after it ended":
+            store.appends.armed = False
+            store.appends.opened.set()
+            await hub.settle()
+
+        again = await hub.connect()
+        await initialize(again.client, client_id="ide", awaiting=["p", "c"])
+        if back == "while it runs":
+            await hub.settle()
+            assert "c" not in [m.get("id") for m in again.client.received]  # (not refused)
+            store.appends.armed = False
+            store.appends.opened.set()
+        answer = await again.client.wait_for(lambda m: m.get("id") == "c")
+        assert answer == {"jsonrpc": "2.0", "id": "c", "result": {}}
+        await hub.settle()
+        ids = [m.get("id") for m in again.client.received if "id" in m]
+        assert ids.count("p") == 1 and ids.count("c") == 1
+        assert ids.index("p") < ids.index("c")  # (the cancelled turn's answer first)
+        assert session not in hub.manager.sessions  # closed, as the client asked
+        stored = await store.inner.get_session(session)
+        assert (stored is None) == (method == "session/delete")
+        # Answered once: a later connection awaiting it again gets the usual refusal.
+        await again.drop()
+        await hub.settle()
+        third = await hub.connect()
+        await initialize(third.client, client_id="ide", awaiting=["c"])
+        answer = await third.client.wait_for(lambda m: m.get("id") == "c")
+        assert answer["error"]["code"] == -32603, answer
 
 
 async def test_a_delete_in_flight_when_a_client_without_grace_drops_takes_effect(

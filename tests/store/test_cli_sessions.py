@@ -362,6 +362,22 @@ async def _add(data_dir: Path, record: SessionRecord) -> None:
 @pytest.mark.parametrize(
     "argv", [["sessions", "list"], ["sessions", "show", "x"], ["sessions", "export", "x"]]
 )
+def test_a_file_given_as_the_data_directory_is_named_so(
+    tmp_path: Path, argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A file given for ``--data-dir`` was "no session store at FILE/sessions.sqlite3", as
+    if the directory were only empty; serve says it is not a directory, and so do these."""
+    data_dir = tmp_path / "file"
+    data_dir.write_text("not a directory")
+    assert main([*argv, "--data-dir", str(data_dir)]) == 1
+    err = capsys.readouterr().err
+    assert f"cannot use data directory {data_dir}: it is not a directory" in err, err
+    assert data_dir.read_text() == "not a directory"
+
+
+@pytest.mark.parametrize(
+    "argv", [["sessions", "list"], ["sessions", "show", "x"], ["sessions", "export", "x"]]
+)
 def test_missing_store_is_not_created(
     tmp_path: Path, argv: list[str], capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -593,6 +609,9 @@ def test_token_readable_by_others_is_warned_about(
     captured = capsys.readouterr()
     assert "token: s3cret" in captured.out
     assert "readable by others (mode 0644)" in captured.err
+    token_path(data_dir).chmod(0o620)  # (others cannot read it, but can change it)
+    assert main(["token", "--data-dir", str(data_dir)]) == 0
+    assert "is open to others (mode 0620)" in capsys.readouterr().err
 
 
 def test_a_token_file_gone_right_after_it_was_read_is_no_traceback(

@@ -5,6 +5,7 @@ across ``kill -9``."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -102,6 +103,29 @@ async def test_a_newer_store_is_refused_without_a_byte_changed(tmp_path: Path) -
         async with open_sqlite_store(path):
             pass  # pragma: no cover
     assert path.read_bytes() == before
+
+
+async def test_a_newer_store_closed_cleanly_keeps_its_marker_when_refused(tmp_path: Path) -> None:
+    """The marker of a clean close was taken away before the version was read: a start of
+    this version on a store a newer one had closed cleanly was refused, and the newer
+    version's next start then checked the whole store (10.4 s for 618 MB from the disk)
+    for nothing. The store and its marker are now left as they were."""
+    path = tmp_path / "s.db"
+    await _fill(path, sessions=1, turns=2)
+    with sqlite3.connect(path) as conn:  # (what a newer version would have written)
+        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    conn.close()
+    _sqlite._mark_closed(path)  # (the newer version's clean close)
+    marker = tmp_path / "s.db-closed"
+    said, before = marker.read_bytes(), path.read_bytes()
+    for _ in range(2):
+        with pytest.raises(StoreError, match="newer than this punie-trio understands"):
+            async with open_sqlite_store(path):
+                pass  # pragma: no cover
+        assert path.read_bytes() == before
+        assert marker.read_bytes() == said
+        assert _sqlite._left_as_closed(path)  # (what the newer version will find)
+        marker.write_bytes(said)  # (_left_as_closed takes it)
 
 
 async def test_another_programs_database_is_not_taken_over(tmp_path: Path) -> None:
@@ -658,6 +682,64 @@ async def test_a_cancelled_open_stops_its_check_and_changes_nothing(
     async with open_sqlite_store(path) as store:  # (checked, and whole)
         sessions, _ = await store.list_sessions()
         assert [record.id for record in sessions] == ["s0"]
+
+
+def slow_migration(
+    monkeypatch: pytest.MonkeyPatch, started: Callable[[], object]
+) -> list[BaseException | None]:
+    """Make the migration from version 2 (its first step) :data:`A_LONG_CHECK`, as a
+    large store's takes seconds (11 s for 100,000 turns from version 1), calling
+    ``started()`` (on the owner thread) as it begins; what that step ended in is appended
+    to the list returned."""
+    ended: list[BaseException | None] = []
+
+    def step(conn: sqlite3.Connection) -> None:
+        started()
+        try:
+            conn.execute(A_LONG_CHECK).fetchall()
+        except BaseException as exc:
+            ended.append(exc)
+            raise
+        ended.append(None)
+
+    slow = [*MIGRATIONS[:2], (step, *MIGRATIONS[2]), *MIGRATIONS[3:]]
+    monkeypatch.setattr(_schema, "migrate", functools.partial(migrate, migrations=slow))
+    return ended
+
+
+async def test_a_cancelled_open_stops_a_migration_and_leaves_the_old_version(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An upgrade of a large store takes seconds (11 s for 100,000 turns from version 1)
+    and, unlike the check before it, could not be stopped: a SIGTERM at start waited for
+    it, and past the shutdown timeout ``serve``'s watchdog ended the process, status 1.
+    A cancelled open now interrupts it: the open ends in ``Cancelled``, the migration is
+    rolled back (the file still at version 2, as it was), and the next open upgrades it."""
+    path = tmp_path / "s.db"
+    _v2_file(path).close()
+    with sqlite3.connect(path) as db:
+        db.execute("INSERT INTO sessions (id, root, cwd, created_at, updated_at) "
+                   "VALUES ('s1', '/proj', '/proj', 1, 2)")  # fmt: skip
+    db.close()
+    before = path.read_bytes()
+    token = trio.lowlevel.current_trio_token()
+    with trio.CancelScope() as scope:
+        ended = slow_migration(monkeypatch, lambda: token.run_sync_soon(scope.cancel))
+        async with open_sqlite_store(path):
+            raise AssertionError("the open was cancelled")
+    assert scope.cancelled_caught
+    assert len(ended) == 1 and isinstance(ended[0], sqlite3.OperationalError)
+    assert str(ended[0]) == "interrupted"
+    assert path.read_bytes() == before
+    with sqlite3.connect(path) as db:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == 2
+    db.close()
+    monkeypatch.undo()
+    async with open_sqlite_store(path) as store:
+        assert [r.id for r in (await store.list_sessions())[0]] == ["s1"]
+    with sqlite3.connect(path) as db:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    db.close()
 
 
 @contextlib.contextmanager
@@ -1335,6 +1417,133 @@ async def test_migration_from_version_1_keeps_transcripts_and_seqs(tmp_path: Pat
     ]
 
 
+def _steps_after_version_1() -> list[tuple[int, int]]:
+    """(migration, step) for every step of the migrations after version 1."""
+    return [(m, step) for m in range(1, len(MIGRATIONS)) for step in range(len(MIGRATIONS[m]))]
+
+
+@pytest.mark.parametrize(("failing", "after"), _steps_after_version_1())
+async def test_a_migration_failing_at_any_step_keeps_the_versions_before_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failing: int, after: int
+) -> None:
+    """An error after any step of any migration (here after step ``after`` of migration
+    ``failing``) rolls that migration back whole: the store is at the version before it
+    (the migrations before it are done), whole, and the next open upgrades the rest with
+    every record and transcript as version 1 had them."""
+    path = tmp_path / "s.db"
+    conn = _v1_file(path)
+    try:
+        _v1_session(conn, "old", 10.0, title="Old ✓", config='{"model":"m1"}')
+        _v1_session(conn, "empty", 5.0, additional_directories='["/x"]', cwd="/proj/sub")
+        for turn in range(3):
+            _v1_turn(conn, "old", turn, sample_turn(turn, n=turn))
+        _v1_turn(conn, "old", 3, [])
+        expected = {sid: read_session_v1(conn, sid) for sid in ("old", "empty")}
+        entries = [
+            (seq, turn, kind, payload)
+            for seq, turn, kind, payload in conn.execute(
+                "SELECT seq, turn, kind, payload FROM transcript ORDER BY seq"
+            )
+        ]
+    finally:
+        conn.close()
+
+    def fail(conn: sqlite3.Connection) -> None:
+        raise sqlite3.OperationalError("injected")
+
+    steps = list(MIGRATIONS[failing])
+    steps.insert(after + 1, fail)
+    broken = [*MIGRATIONS[:failing], steps, *MIGRATIONS[failing + 1 :]]
+    monkeypatch.setattr(_schema, "migrate", functools.partial(migrate, migrations=broken))
+    with pytest.raises(StoreError, match="cannot open session store: injected"):
+        async with open_sqlite_store(path):
+            pass  # pragma: no cover
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == failing
+        assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+    monkeypatch.undo()
+    async with open_sqlite_store(path) as store:
+        for sid, record in expected.items():
+            assert await store.get_session(sid) == record
+        got = [(e.seq, e.turn, e.kind, e.payload_json) for e in await store.transcript("old")]
+        assert got == entries
+        assert await store.transcript("empty") == []
+
+
+async def test_an_upgrade_under_another_process_that_has_the_store_open_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """punie-trio's releases at schema versions 1 and 2 took no lock on the data directory:
+    one still serving (a package upgrade does not stop it) had its store upgraded under it
+    by a newer ``serve``, and every later turn of it failed (``the turn was not saved:
+    session store: no such table: transcript``). The upgrade now holds the file alone,
+    and refuses (after the busy timeout) while another process has it open, changing
+    nothing; once that process is gone, the next start upgrades it."""
+    path = tmp_path / "s.db"
+    conn = _v1_file(path)
+    try:
+        _v1_session(conn, "s1", 1.0)
+        _v1_turn(conn, "s1", 0, sample_turn(0))
+    finally:
+        conn.close()
+    child = textwrap.dedent("""
+        import sqlite3, sys
+        conn = sqlite3.connect(sys.argv[1])
+        conn.execute("SELECT count(*) FROM transcript").fetchall()
+        print("open", flush=True)
+        sys.stdin.read()
+    """)
+    other = await trio.lowlevel.open_process(  # (an old serve: its connection stays open)
+        [sys.executable, "-c", child, str(path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+    )
+    try:
+        assert other.stdout is not None and other.stdin is not None
+        said = b""
+        while not said.endswith(b"\n"):
+            said += await other.stdout.receive_some()
+        assert said == b"open\n"
+        before = path.read_bytes()
+        monkeypatch.setattr(_schema, "BUSY_TIMEOUT_MS", 0)  # (5 s: a reader that ends in time)
+        with pytest.raises(StoreError, match="from schema version 1 to 4: another process") as err:
+            async with open_sqlite_store(path):
+                pass  # pragma: no cover
+        assert "nothing was changed" in str(err.value)
+        assert path.read_bytes() == before
+    finally:
+        if other.stdin is not None:
+            await other.stdin.aclose()
+        with trio.fail_after(10):
+            await other.wait()
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == 1
+    monkeypatch.undo()
+    async with open_sqlite_store(path) as store:
+        assert _seqs(await store.transcript("s1")) == list(range(5))
+
+
+def test_a_read_while_a_serve_upgrades_the_store_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An upgrade holds the store alone, seconds for a large one: ``sessions ...`` said
+    ``cannot read session store: database is locked`` after its busy timeout (5 s), which
+    named no cause and no remedy. It now says what holds the store and what to do."""
+    path = tmp_path / "s.db"
+    upgrading = _v1_file(path)  # (as the upgrade holds it)
+    try:
+        upgrading.execute("PRAGMA locking_mode = EXCLUSIVE")
+        upgrading.execute("BEGIN IMMEDIATE")
+        monkeypatch.setattr(_schema, "BUSY_TIMEOUT_MS", 0)
+        with pytest.raises(StoreError) as err:
+            read_sessions(path)
+    finally:
+        upgrading.close()
+    assert str(err.value) == (
+        f"{path}: cannot read session store: another process holds it alone (a serve "
+        "upgrading it from an older schema version, which takes seconds for a large store);"
+        " try again once that serve has started"
+    )
+
+
 def read_session_v1(conn: sqlite3.Connection, session_id: str) -> SessionRecord | None:
     """A record as versions 1 and 2 read it: ``sessions`` held the true values."""
     columns = _sql._COLUMNS.replace("cwd_sent", "NULL AS cwd_sent")  # (version 4's)
@@ -1631,6 +1840,34 @@ async def test_migration_from_version_2_keeps_records_transcripts_and_order(
         ("renamed", 0, None),
         ("renamed", 2, None),
     ]
+
+
+async def test_an_upgrade_says_so_and_how_long_it_took(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An upgrade of a large store takes seconds (11 s for 100,000 turns from version 1)
+    and said nothing: the start-up check before it says why a start takes longer, and
+    ``serve`` then sat silent for the rest. Both are said now, and nothing when there is
+    nothing to upgrade."""
+    path = tmp_path / "s.db"
+    _v2_file(path).close()
+    caplog.set_level(logging.INFO, logger="punie_trio.store._schema")
+    caplog.clear()  # (making the file migrated it from 1 to 2, and said so)
+    async with open_sqlite_store(path):
+        pass
+    said = [r.getMessage() for r in caplog.records if ": upgrad" in r.getMessage()]
+    assert len(said) == 2, said
+    assert said[0] == (
+        f"session store {path}: upgrading it from schema version 2 to {SCHEMA_VERSION}, "
+        "once (a large store takes seconds: 11 s for 100,000 turns from version 1)"
+    )
+    assert said[1].startswith(f"session store {path}: upgraded to schema version 4 in ")
+    caplog.clear()
+    async with open_sqlite_store(path):
+        pass
+    async with open_sqlite_store(tmp_path / "new.db"):  # (set up: no upgrade)
+        pass
+    assert not [r for r in caplog.records if ": upgrad" in r.getMessage()]
 
 
 async def test_turns_finishing_together_share_one_transaction(tmp_path: Path) -> None:

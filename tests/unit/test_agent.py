@@ -174,10 +174,13 @@ async def test_calls_before_initialize_are_refused(
 
 def test_the_methods_known_before_initialize_are_the_schemas_agent_side() -> None:
     """What a call before ``initialize`` is refused as "call initialize first" (not
-    "method not found") is every method the v1 schema puts on the agent's side."""
+    "method not found") is every method the v1 schema puts on the agent's side; and
+    ``CLIENT_METHODS`` is its client side (it lacked the ``elicitation/*`` methods)."""
     schema = json.loads(SCHEMA_PATH.read_text())
     agent_side = {d["x-method"] for d in schema["$defs"].values() if d.get("x-side") == "agent"}
     assert agent_side == acp.AGENT_METHODS
+    client_side = {d["x-method"] for d in schema["$defs"].values() if d.get("x-side") == "client"}
+    assert client_side == acp.CLIENT_METHODS  # (the methods the agent may call)
 
 
 async def test_cancel_before_initialize_is_ignored(

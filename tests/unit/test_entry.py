@@ -240,6 +240,63 @@ async def test_a_signal_during_the_start_up_check_stops_it_and_serve_ends_cleanl
     assert not (data / "sessions.sqlite3-closed").exists()
 
 
+async def test_a_signal_during_a_migration_stops_it_and_serve_ends_cleanly(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An old store's upgrade takes seconds (11 s for 100,000 turns from version 1) and
+    could not be stopped: a SIGTERM then waited for it, and past the shutdown timeout the
+    watchdog ended serve, status 1 (`shutdown did not finish within 7 s (opening the
+    session store)`). Now the signal interrupts the migration, which is rolled back, and
+    serve ends as for a signal a moment later: the store still at its old version, to be
+    upgraded at the next start."""
+    import sqlite3
+
+    import trio
+
+    from punie_trio import server
+    from punie_trio.worker import EchoModel
+
+    from ..store.test_sqlite_store import _v2_file, slow_migration
+
+    timers: list[Any] = []
+
+    class Timer:  # (a real one would os._exit this test process if it fired)
+        def __init__(self, timeout: float, function: Any, args: Any) -> None:
+            self.cancelled = False
+            self.daemon = False
+            timers.append(self)
+
+        def start(self) -> None:
+            pass
+
+        def cancel(self) -> None:
+            self.cancelled = True
+
+    monkeypatch.setattr(server.threading, "Timer", Timer)
+    data = tmp_path / "data"
+    data.mkdir(mode=0o700)
+    store = data / "sessions.sqlite3"
+    _v2_file(store).close()
+    before = store.read_bytes()
+    ended = slow_migration(monkeypatch, lambda: os.kill(os.getpid(), signal.SIGTERM))
+    config = server.ServeConfig(projects=(tmp_path,), model=EchoModel(), port=0, data_dir=data)
+    gc_threshold = gc.get_threshold()
+    try:
+        async with trio.open_nursery() as nursery:
+            running = await nursery.start(server.serve, config)
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*gc_threshold)
+    assert running.url is None and running.closing.is_set()
+    assert len(ended) == 1 and str(ended[0]) == "interrupted"
+    (watchdog,) = timers
+    assert watchdog.cancelled
+    assert store.read_bytes() == before
+    with sqlite3.connect(store) as db:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == 2
+    db.close()
+
+
 async def test_serve_watches_its_signals_before_the_store_opens(
     tmp_path: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -30,6 +30,7 @@ class GatedConnection:
     closed: bool = False
     # The old answers these tests hand over: the client says it awaits them.
     awaiting: frozenset[Any] = frozenset({7, "p"})
+    client_id: str | None = None
 
     def stop_awaiting(self, request_id: Any) -> None:
         self.awaiting = self.awaiting - {request_id}

@@ -29,7 +29,7 @@ from typing import TypeVar, TypeVarTuple
 import attrs
 import trio
 
-from ..._threads import run_sync_under, site_key
+from ..._threads import RootNotAnswering, run_sync_under, site_key
 from ._broadcast import Broadcaster
 from ._events import StatusEvent
 from ._snapshot import FileSig, decide, small_snapshot, take_snapshot
@@ -549,12 +549,14 @@ class BuildLoop:
     #: Whether the site lies on a file system that may stop answering (``_mounts.may_hang``,
     #: set by the dev app at start): then even a small site's snapshot takes a thread.
     remote: bool = False
+    #: The site directory as named, absolute (nothing resolved).
+    _site: str = attrs.field(
+        init=False,
+        default=attrs.Factory(lambda self: os.path.abspath(self.site_dir), takes_self=True),
+    )
     #: The site's thread slots (as the site's requests take: ``StaticSite.in_thread``).
     _site_key: str = attrs.field(
-        init=False,
-        default=attrs.Factory(
-            lambda self: site_key(os.path.abspath(self.site_dir)), takes_self=True
-        ),
+        init=False, default=attrs.Factory(lambda self: site_key(self._site), takes_self=True)
     )
     _last_good: dict[str, FileSig] = attrs.field(factory=dict)
     #: The last build's process group while something it started still runs.
@@ -627,7 +629,15 @@ class BuildLoop:
             duration = result.duration
         after = None if self.remote else small_snapshot(self.site_dir, self._last_good)
         if after is None:  # a bigger site, big changed files, or a network mount: a thread
-            after = await self._in_thread(take_snapshot, self.site_dir, self._last_good)
+            try:
+                after = await self._in_thread(take_snapshot, self.site_dir, self._last_good)
+            except RootNotAnswering as exc:
+                # A site that stopped answering holds every one of its threads. Left to
+                # raise, this ended the build loop, DevApp.run and so the whole server
+                # (its root nursery). The output is compared at the next build that can
+                # read it (the last snapshot is kept): no reload now.
+                log.warning("%s: the build's output is compared after the next build", exc)
+                after = self._last_good
         decision = decide(self._last_good, after)
         self._last_good = after
         # No await from here on: status and reload reach every subscriber together (in one
@@ -670,7 +680,11 @@ class BuildLoop:
         # and re-points the link to it (current -> releases/N) is seen writing a new
         # directory each time, which no rule made when the watch started ignores (a
         # review: 20 builds in 4 s, without an edit).
-        output = await self._in_thread(os.path.realpath, self.site_dir)  # (as in prepare)
+        try:
+            output = await self._in_thread(os.path.realpath, self.site_dir)  # (as in prepare)
+        except RootNotAnswering as exc:  # (see cycle: it ended the server) the link as named
+            log.warning("%s", exc)
+            output = self._site
         self.pending.discard(
             [p for p in self.pending.paths if p == output or p.startswith(output + os.sep)]
         )

@@ -390,9 +390,7 @@ class StaticSite:
         every slot has been busy for ``_threads.ROOT_WAIT`` seconds (a 503)."""
         return await run_sync_under(self._key, fn, *args, abandon_on_cancel=abandon_on_cancel)
 
-    async def _read_found(
-        self, read: Callable[[*_Args], _T], *args: *_Args, shared: bool = False
-    ) -> _T:
+    async def _read_found(self, read: Callable[[*_Args], _T], *args: *_Args) -> _T:
         """``read(*args)`` in a thread (:meth:`in_thread`), for a file a lookup found but
         did not read (too large): an ``OSError`` is :class:`Vanished`.
 
@@ -401,10 +399,10 @@ class StaticSite:
         ``FileNotFoundError`` left the app: a 500, and "Error in ASGI Framework" with a
         traceback in the terminal.
 
-        Abandoned on cancel, unless ``shared`` (the compression of a large file, whose
-        result other requests wait for: :meth:`_gzipped`)."""
+        Abandoned on cancel (:meth:`in_thread`), the compression of a large file too
+        (:meth:`_gzipped`)."""
         try:
-            return await self.in_thread(read, *args, abandon_on_cancel=not shared)
+            return await self.in_thread(read, *args)
         except OSError as exc:
             raise Vanished(str(exc)) from exc
 
@@ -502,10 +500,12 @@ class StaticSite:
             await running.wait()  # then the cache has it, unless the file changed meanwhile
         done = self._gzipping[key] = trio.Event()
         try:
-            # Not abandoned on cancel: the result is kept for the requests that wait for it.
-            compressed, cacheable = await self._read_found(
-                _gzip_file, found.path, found.version, shared=True
-            )
+            # Abandoned on cancel, as a read: once it was not, so that the requests
+            # waiting for it got its result, and on a site that stopped answering it held
+            # the server's shutdown until the file system answered. Hypercorn cancels a
+            # request only at shutdown (not when its peer leaves); the waiters, woken
+            # below, then start their own compression, unless cancelled too.
+            compressed, cacheable = await self._read_found(_gzip_file, found.path, found.version)
             self.compressions += 1
         finally:
             del self._gzipping[key]
@@ -656,8 +656,8 @@ class StaticSite:
         """Send a large file chunk by chunk; each read is a thread hop, so others keep going,
         abandoned on cancel (:class:`_Chunks`). Once the peer has gone, the file is no longer
         read (:func:`_end_for_departed`). A read that finds every thread of the site busy
-        for ``ROOT_WAIT`` seconds (a site that stopped answering) cuts the body short, as a
-        file that shrank does (:meth:`_cut_short`)."""
+        for ``ROOT_WAIT`` seconds (a site that stopped answering) or that fails (``EIO``,
+        ``ESTALE``) cuts the body short, as a file that shrank does (:meth:`_end_short`)."""
         chunks = _Chunks()
         try:
             try:
@@ -676,9 +676,20 @@ class StaticSite:
                         chunk = await self.in_thread(
                             chunks.read, offset + length - remaining, min(CHUNK, remaining)
                         )
-                    except RootNotAnswering as exc:
-                        log.warning("%s", exc)
-                        chunk = b""
+                    except (RootNotAnswering, OSError) as exc:
+                        # (OSError: EIO from a soft NFS mount that stopped answering or a
+                        # failing disk, ESTALE from a file replaced on another NFS client.
+                        # It left the app: an ERROR with its traceback, then h11's.)
+                        log.warning(
+                            "%s could not be read while it was being sent (%d of %d bytes "
+                            "sent): %s",
+                            path,
+                            length - remaining,
+                            length,
+                            exc,
+                        )
+                        await self._end_short(send, length - remaining, length)
+                        return
                     if not chunk:
                         await self._cut_short(path, length - remaining, length, send)
                         return
@@ -714,6 +725,12 @@ class StaticSite:
             sent,
             length,
         )
+        await self._end_short(send, sent, length)
+
+    @staticmethod
+    async def _end_short(send: Send, sent: int, length: int) -> None:
+        """End a started body that cannot reach its ``Content-Length`` (see
+        :meth:`_cut_short`): the connection is closed, else (HTTP/2) the body ended short."""
         if await _asgi.abort(send):
             await _end_for_departed(send, length - sent)
         else:
