@@ -27,7 +27,7 @@ import trio.testing
 
 from punie_trio._paths import store_path
 from punie_trio.hub import Limits, Manager
-from punie_trio.store import STOP, UnknownSessionError, open_sqlite_store
+from punie_trio.store import STOP, MemoryStore, UnknownSessionError, open_sqlite_store
 from punie_trio.worker import EchoModel, ScriptModel
 
 from ..acp_schema import SchemaChecker
@@ -634,3 +634,47 @@ def _first_sessions(racer: Racer) -> list[str]:
         and "sessionId" in m["result"]
         and not isinstance(m.get("id"), str)
     ]
+
+
+class HeldDeletes:
+    """A memory store whose deletes, once begun, wait for the test (as the SQLite store's
+    does on its thread: not interruptible once begun, the Store protocol)."""
+
+    def __init__(self) -> None:
+        self.inner = MemoryStore()
+        self.entered = trio.Event()
+        self.opened = trio.Event()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    async def delete_session(self, session_id: str) -> bool:
+        await trio.lowlevel.checkpoint_if_cancelled()
+        with trio.CancelScope(shield=True):
+            self.entered.set()
+            await self.opened.wait()
+            found: bool = await self.inner.delete_session(session_id)
+        return found
+
+
+async def test_a_delete_cancelled_once_its_store_delete_began_says_it_was_done(
+    tmp_path: Path, acp_schema: SchemaChecker
+) -> None:
+    """A ``$/cancel_request`` that comes while the store is deleting the session cannot
+    stop it (a store's delete is not interruptible once begun). The client was answered
+    -32800, "Request cancelled", of a session that was gone: it took the session for
+    still there. The answer is now the delete's own result."""
+    store = HeldDeletes()
+    async with open_hub(tmp_path, acp_schema, EchoModel(), store=store) as hub:
+        link = await hub.connect()
+        await initialize(link.client)
+        sid = await link.client.new_session(str(hub.root))
+        request = {"jsonrpc": "2.0", "id": "del", "method": "session/delete"}
+        await link.client.send({**request, "params": {"sessionId": sid}})
+        await store.entered.wait()
+        await link.client.notify("$/cancel_request", {"requestId": "del"})
+        await hub.settle()
+        store.opened.set()
+        answer = await link.client.wait_for(lambda m: m.get("id") == "del")
+        assert await store.inner.get_session(sid) is None
+        assert answer.get("result") == {}, answer
