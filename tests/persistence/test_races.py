@@ -502,8 +502,14 @@ async def _check_after(race: Race, db: Path, checker: SchemaChecker, root: Path)
             listed += [r.id for r in page]
             if cursor is None:
                 break
-        # A delete (or a new) whose answer was lost with its connection may have been done.
-        maybe_deleted = {s.session_id for s in sent if s.method == "session/delete"}
+        # A delete (or a new) whose answer was lost with its connection may have been done;
+        # one refused (or cancelled: -32800) was not.
+        maybe_deleted = {
+            s.session_id
+            for s in sent
+            if s.method == "session/delete"
+            and not any("error" in m for _, _, m in answers.get(s.request_id, []))
+        }
         unanswered_new = [
             s for s in sent if s.method == "session/new" and s.request_id not in answers
         ]
