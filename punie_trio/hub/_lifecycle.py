@@ -562,6 +562,10 @@ async def despite_a_drop(self: Manager, conn: ClientConnection, work: Awaitable[
     ``conn``'s connection drop before it is done, it goes on to the end; cancelled any
     other way (``$/cancel_request``), it is cancelled, as it would have been in place.
 
+    A cancel that comes too late to stop the work (a store's delete, once begun, runs to
+    its end) gets the work's own answer, not -32800: the client must not take a session
+    it deleted for still there.
+
     Why: the request was received; the client asked for the close, and only its answer
     is lost in flight. Cut with the connection (as every request handler is), the close
     left the session live, kept within grace for the client, which came back to a
@@ -612,11 +616,7 @@ async def despite_a_drop(self: Manager, conn: ClientConnection, work: Awaitable[
     try:
         await done.wait()
     except trio.Cancelled:
-        if conn.peer is None or not conn.peer.lost:
-            scope.cancel()
-            with trio.CancelScope(shield=True):
-                await done.wait()  # (its clean-up done: the session usable again)
-        else:
+        if conn.peer is not None and conn.peer.lost:
             gone = True
             left = self.keep_left_answer(conn, request_id)
             if left is not None and done.is_set():
@@ -624,7 +624,17 @@ async def despite_a_drop(self: Manager, conn: ClientConnection, work: Awaitable[
                 # the handler saw the end): run() has settled nothing, so settle here.
                 # Left unsettled, the client back awaiting the id got nothing, ever.
                 settle(left)
-        raise
+            raise
+        scope.cancel()
+        with trio.CancelScope(shield=True):
+            await done.wait()  # (its clean-up done: the session usable again)
+        if not outcome and not failure:
+            raise
+        # It ran to its end all the same: the cancel came once the store's delete had
+        # begun, which nothing interrupts. Answered -32800, "Request cancelled", the
+        # client took the session it had deleted for still there. (Not re-raised, the
+        # Cancelled ends here: should a scope outside the request's own be cancelled,
+        # the answer's send is the next checkpoint, and it lands there.)
     if failure:
         raise failure[0]
     if not outcome:  # (cancelled with the manager's nursery: a shutdown's end)
