@@ -334,26 +334,40 @@ class ClientConnection:
         # Synchronously, before the next message is read: a request pipelined behind
         # initialize (a prompt on a re-attached session) must find the sessions its
         # own. (Reclaimed in the answer's task, such a prompt was refused at random.)
-        return self._initialized(
-            _initialize_result(),
-            self.manager.reclaim(self),
-            self.manager.expired_for(self.client_id, self.awaiting),
-        )
+        sessions = self.manager.reclaim(self)
+        expired = self.manager.expired_for(self.client_id, self.awaiting)
+        if not (sessions or expired or self.awaiting) or self.peer is None:
+            return _ready(_initialize_result())
+        # What the sessions send from now on (a turn's updates, an orphaned prompt's
+        # answer) waits behind initialize's answer: the first message a client reads is
+        # the result of its initialize. (A turn ending as its client came back had its
+        # prompt's answer written first, which a client still waiting for that result
+        # could take for a stray message.)
+        first = (self.peer.hold_writing(), self.peer.queued())
+        return self._initialized(_initialize_result(), sessions, expired, first)
 
     async def _initialized(
-        self, result: dict[str, Any], sessions: list[Session], expired: list[str]
+        self,
+        result: dict[str, Any],
+        sessions: list[Session],
+        expired: list[str],
+        first: tuple[trio.Event, int],
     ) -> dict[str, Any]:
         # ``sessions``, left within grace, are this connection's again (reclaimed when the
-        # request was read), and what they produced meanwhile follows the answer: the
-        # first message a client reads is the result of its initialize. So do the
-        # reload notices of the ``expired`` sessions (whose grace ended while away), and
-        # the answers to the awaited requests nothing will answer.
-        if sessions or expired or self.awaiting:
+        # request was read), and what they produced meanwhile follows the answer (queued
+        # ahead of what they sent since: ``first``, the writing held until then). So do
+        # the reload notices of the ``expired`` sessions (whose grace ended while away),
+        # and the answers to the awaited requests nothing will answer.
+        held, place = first
+        try:
             request_id = current_request_id.get(None)
-            if request_id is not None:
-                self.answer_now(request_id, result, None)  # (False: answered on return)
-            await self.manager.deliver_missed(self, sessions, expired)
-            await self.manager.refuse_unanswerable(self)
+            if request_id is not None and self.peer is not None:
+                self.peer.answer_now(request_id, result, at=place)  # (False: on return)
+        finally:
+            assert self.peer is not None
+            self.peer.release_writing(held)
+        await self.manager.deliver_missed(self, sessions, expired)
+        await self.manager.refuse_unanswerable(self)
         return result
 
 

@@ -113,6 +113,15 @@ class Outbox:
             task, self._taker = self._taker, None
             trio.lowlevel.reschedule(task)
 
+    def force_at(self, index: int, text: str) -> None:
+        """:meth:`force`, but queued at ``index`` (behind what was queued before it, ahead
+        of what came since: see ``Peer.answer_now``'s ``at``)."""
+        if self._closed:
+            raise trio.ClosedResourceError("outbox is closed")
+        self._items.insert(index, text)
+        self._bytes += _size(text)
+        self.wake()
+
     @property
     def taker_waiting(self) -> bool:
         """The taker waits in :meth:`take` (so nothing taken is being written)."""

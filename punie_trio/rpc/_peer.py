@@ -289,6 +289,11 @@ class Peer:
         held = self._reading_held = trio.Event()
         return held
 
+    def queued(self) -> int:
+        """How many messages are queued, not yet taken by the writer (an ``at`` of
+        :meth:`answer_now`)."""
+        return len(self._outbox)
+
     def hold_writing(self) -> trio.Event:
         """Write nothing more to the stream until the returned event is set (or the
         connection ends): what is sent meanwhile stays queued, and is among
@@ -418,6 +423,7 @@ class Peer:
         error: RpcError | None = None,
         *,
         before: Sequence[str] = (),
+        at: int | None = None,
     ) -> bool:
         """Queue the answer to a request that is still running here, from whichever task
         has it (a turn's relay answers ``session/prompt`` in the same scheduler pass as the
@@ -434,7 +440,11 @@ class Peer:
         updates), for a :class:`Deferred` request only (nothing is queued when it returns
         False). When the writer is idle and the stream is a
         :class:`~punie_trio.transport.NowSender`, this task writes the queue itself: the
-        answer leaves now rather than in the writer's next scheduler step."""
+        answer leaves now rather than in the writer's next scheduler step.
+
+        ``at``: for a request with a handler task, queue the answer at that place in the
+        outbox (:meth:`queued` when it was taken), ahead of what was queued since, and
+        even when full (``initialize``'s answer on a re-attach: see ``ClientConnection``)."""
         entry = self._running.get(request_id)
         if entry is None or (self._answered is not None and request_id in self._answered):
             return False
@@ -460,7 +470,10 @@ class Peer:
         if before:
             raise ValueError("before= is for Deferred requests only")
         try:
-            self._outbox.send_nowait(serialize(msg))
+            if at is None:
+                self._outbox.send_nowait(serialize(msg))
+            else:  # (queued even when full, as a Deferred's answer is)
+                self._outbox.force_at(min(at, len(self._outbox)), serialize(msg))
         except (trio.WouldBlock, trio.ClosedResourceError):
             return False
         if error is not None:

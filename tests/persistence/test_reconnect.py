@@ -20,7 +20,7 @@ import trio
 import trio.testing
 from trio_websocket import open_websocket_url
 
-from punie_trio.acp import parse_prompt
+from punie_trio.acp import parse_prompt, updates
 from punie_trio.hub import ClientConnection, Limits
 from punie_trio.hub._grace import RELOAD_REQUIRED
 from punie_trio.rpc import current_request_id
@@ -1951,6 +1951,48 @@ async def test_a_close_in_flight_when_its_connection_drops_takes_effect(
         if method == "session/close":
             await again.client.request("session/load", load_params(session, hub.root))
             assert hub.manager.sessions[session].owner is again.connection
+
+
+async def test_initialize_is_answered_before_what_a_reattached_session_sends_meanwhile(
+    tmp_path: Path, acp_schema: SchemaChecker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client back under its client id re-attaches its sessions as its ``initialize``
+    is read, and the answer is queued in the request's own task, a scheduler pass or
+    more later. What a session sent in between (a turn's update, or the answer of a
+    prompt whose turn ended as the client came back: seen on a real server, about 1 run
+    in 10) was written before that answer, and a client still waiting for its
+    initialize's result (as the first message of the connection) took it for a stray
+    message. Here a session's update is queued in that gap; the answer now comes first."""
+    from punie_trio.hub._connection import ClientConnection
+
+    model = ScriptModel([[{"text": "slow"}, {"sleep": 5}, {"text": "late"}]])
+    async with open_hub(tmp_path, acp_schema, model, limits=Limits(grace_seconds=60)) as hub:
+        link = await hub.connect()
+        await initialize(link.client, client_id="ide")
+        session = await link.client.new_session(str(hub.root))
+        await send_prompt(link.client, "p", session, "go")
+        await link.client.wait_for(has_update(session, "agent_message_chunk", "slow"))
+        await link.drop()
+        await hub.settle()
+        real = ClientConnection._initialized
+
+        async def in_the_gap(self: ClientConnection, *args: Any) -> Any:
+            # (As the request's task starts: another task's send came first.)
+            update = updates.encode(updates.agent_message_chunk("in the gap"))
+            assert self.send_encoded_now([updates.notification_prefix(session) + update + "}}"])
+            return await real(self, *args)
+
+        monkeypatch.setattr(ClientConnection, "_initialized", in_the_gap)
+        again = await hub.connect()
+        await initialize(again.client, client_id="ide", awaiting=["p"])
+        answer = await again.client.wait_for(lambda m: m.get("id") == "p")
+        assert answer["result"] == {"stopReason": "end_turn"}
+        first, *rest = again.client.received
+        assert "result" in first and "protocolVersion" in first["result"], first
+        assert any(
+            m.get("params", {}).get("update", {}).get("content", {}).get("text") == "in the gap"
+            for m in rest
+        )
 
 
 @pytest.mark.parametrize("method", ["session/close", "session/delete"])
