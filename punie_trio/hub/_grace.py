@@ -85,6 +85,7 @@ def _detach(self: Manager, conn: ClientConnection) -> None:
         self._keep_reload_notices(client_id, owned, unsent)
     if client_id and told and owned:
         self._keep_unsent(owned, unsent, conn.refused_prompts or {})
+        _keep_unsent_answers(self, conn, owned, unsent)
         for session in owned:
             session.owner = None
             session.detached_client = client_id
@@ -96,6 +97,8 @@ def _detach(self: Manager, conn: ClientConnection) -> None:
         self._nursery.start_soon(self._expire_grace, client_id, event)
         self._bound_detached()
         return
+    if unsent:  # (only when told)
+        _keep_unsent_answers(self, conn, owned, unsent)
     for session in owned:
         self._drop_session(session)
 
@@ -225,6 +228,42 @@ def _keep_unsent(
         session.kept_updates = session.kept_bytes = 0
         for item in (*items, *rest):
             self._buffer(session, item)
+
+
+def _keep_unsent_answers(
+    self: Manager, conn: ClientConnection, owned: list[Session], texts: list[str]
+) -> None:
+    """Keep for ``conn``'s client (:func:`keep_left_answer`) the answers its connection
+    queued and never wrote that no session it held keeps (:func:`_keep_unsent`): those
+    of a session closed or deleted before the drop was seen (the close's own, and its
+    cancelled prompt's), and of any other request.
+
+    Why: the close had run to its end, its session gone, and the client, back awaiting
+    both ids, was told "no answer to this request will come" for each, though neither
+    answer had left the server. Only what was never written: a written one may have
+    arrived, and is not repeated."""
+    kept = {_answer_id(p) for s in owned for p in s.pending if p[0] != "update"}
+    # (A close or delete that goes on past the drop keeps its own answer, to come: the
+    # -32800 its cut handler queued is not it.)
+    kept.update(self._left_answers.get(conn.client_id or "", ()))
+    for text in texts:
+        if not text.startswith('{"jsonrpc":"2.0","id":'):
+            continue
+        try:
+            msg = json.loads(text)
+        except ValueError:  # pragma: no cover - we wrote it
+            continue
+        request_id = msg.get("id")
+        if "method" in msg or request_id in kept:  # (a request of ours, or kept already)
+            continue
+        left = self.keep_left_answer(conn, request_id)
+        if left is None:
+            continue
+        error = msg.get("error")
+        if isinstance(error, dict):
+            left.settle(None, RpcError(error["code"], error["message"], error.get("data")))
+        else:
+            left.settle(msg.get("result"), None)
 
 
 def _keep_reload_notices(

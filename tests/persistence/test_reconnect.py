@@ -738,6 +738,36 @@ async def test_what_the_dropped_connection_never_wrote_is_delivered_after_reatta
         assert first == 1  # the one in the stream's buffer: handed over, maybe read
 
 
+@pytest.mark.parametrize("method", ["session/close", "session/delete"])
+async def test_the_unwritten_answers_of_a_closed_session_are_kept_for_its_client(
+    tmp_path: Path, acp_schema: SchemaChecker, method: str
+) -> None:
+    """A client closes (deletes) a session whose turn runs, reading nothing, and drops.
+    The close ran to its end before the drop was seen: the prompt's answer and the
+    close's were queued, never written, and the session was gone, so nothing kept them
+    (what a connection never wrote was kept only for the sessions it still held). Back
+    awaiting both, the client was told -32603 "no answer to this request will come" for
+    each, though the server knew neither had left it. Both are kept for it now."""
+    model = ScriptModel([[{"text": "slow"}, {"sleep": 5}]])
+    async with open_hub(tmp_path, acp_schema, model, limits=Limits(grace_seconds=60)) as hub:
+        raw, session = await open_raw_session(hub, "ide")  # (a stream buffer of one)
+        await send_unread(raw, "p", "session/prompt", prompt_params(session, "go"), acp_schema)
+        params = {"sessionId": session}
+        await send_unread(raw, "c", method, params, acp_schema)
+        assert session not in hub.manager.sessions  # closed before the drop is seen
+        await raw.aclose()
+        await hub.settle()
+        again = await hub.connect()
+        await initialize(again.client, client_id="ide", awaiting=["p", "c"])
+        answer = await again.client.wait_for(lambda m: m.get("id") == "c")
+        assert answer["result"] == {}, answer
+        answer = await again.client.wait_for(lambda m: m.get("id") == "p")
+        assert answer["result"] == {"stopReason": "cancelled"}, answer
+        ids = [m.get("id") for m in again.client.received if "id" in m]
+        assert ids.count("p") == 1 and ids.count("c") == 1
+        assert ids.index("p") < ids.index("c")  # (in the order they were queued)
+
+
 @pytest.mark.parametrize("awaited", [True, False])
 async def test_an_answer_lost_in_flight_is_sent_again_to_a_client_that_awaits_it(
     tmp_path: Path, acp_schema: SchemaChecker, awaited: bool
