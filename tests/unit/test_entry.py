@@ -13,6 +13,36 @@ import pytest
 from punie_trio import _entry
 
 
+class _Timer:
+    """The shutdown watchdog's ``threading.Timer``, never started (a real one would
+    ``os._exit`` this test process if it fired): what serve made it with."""
+
+    def __init__(self, timeout: float, function: Any, args: Any) -> None:
+        self.timeout, self.stage, self.cancelled = timeout, args[1], False
+        self.daemon = False
+
+    def start(self) -> None:
+        pass
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+def _fake_timers(monkeypatch: pytest.MonkeyPatch) -> list[_Timer]:
+    """Make serve's watchdog timers :class:`_Timer`; the list gets each one made."""
+    from punie_trio import server
+
+    timers: list[_Timer] = []
+
+    class Timer(_Timer):
+        def __init__(self, timeout: float, function: Any, args: Any) -> None:
+            super().__init__(timeout, function, args)
+            timers.append(self)
+
+    monkeypatch.setattr(server.threading, "Timer", Timer)
+    return timers
+
+
 def _importing_gets(exc: BaseException | None, signum: int | None = None) -> Any:
     def import_module(name: str) -> Any:
         assert name == "punie_trio.cli"
@@ -123,21 +153,7 @@ async def test_a_signal_driven_shutdown_leaves_no_watchdog_nor_handlers_behind(
     from punie_trio import server
     from punie_trio.worker import EchoModel
 
-    timers: list[Any] = []
-
-    class Timer:  # (a real one would os._exit this test process if it fired)
-        def __init__(self, timeout: float, function: Any, args: Any) -> None:
-            self.timeout, self.stage, self.cancelled = timeout, args[1], False
-            self.daemon = False
-            timers.append(self)
-
-        def start(self) -> None:
-            pass
-
-        def cancel(self) -> None:
-            self.cancelled = True
-
-    monkeypatch.setattr(server.threading, "Timer", Timer)
+    timers = _fake_timers(monkeypatch)
     before = {signum: signal.getsignal(signum) for signum in server.SHUTDOWN_SIGNALS}
     config = server.ServeConfig(
         projects=(tmp_path,), model=EchoModel(), port=0, shutdown_timeout=5.0
@@ -202,21 +218,7 @@ async def test_a_signal_during_the_start_up_check_stops_it_and_serve_ends_cleanl
 
     from ..store.test_sqlite_store import _fill, slow_check
 
-    timers: list[Any] = []
-
-    class Timer:  # (a real one would os._exit this test process if it fired)
-        def __init__(self, timeout: float, function: Any, args: Any) -> None:
-            self.stage, self.cancelled = args[1], False
-            self.daemon = False
-            timers.append(self)
-
-        def start(self) -> None:
-            pass
-
-        def cancel(self) -> None:
-            self.cancelled = True
-
-    monkeypatch.setattr(server.threading, "Timer", Timer)
+    timers = _fake_timers(monkeypatch)
     data = tmp_path / "data"
     data.mkdir(mode=0o700)
     store = data / "sessions.sqlite3"
@@ -258,21 +260,7 @@ async def test_a_signal_during_a_migration_stops_it_and_serve_ends_cleanly(
 
     from ..store.test_sqlite_store import _v2_file, slow_migration
 
-    timers: list[Any] = []
-
-    class Timer:  # (a real one would os._exit this test process if it fired)
-        def __init__(self, timeout: float, function: Any, args: Any) -> None:
-            self.cancelled = False
-            self.daemon = False
-            timers.append(self)
-
-        def start(self) -> None:
-            pass
-
-        def cancel(self) -> None:
-            self.cancelled = True
-
-    monkeypatch.setattr(server.threading, "Timer", Timer)
+    timers = _fake_timers(monkeypatch)
     data = tmp_path / "data"
     data.mkdir(mode=0o700)
     store = data / "sessions.sqlite3"
@@ -310,21 +298,7 @@ async def test_serve_watches_its_signals_before_the_store_opens(
     from punie_trio import server
     from punie_trio.worker import EchoModel
 
-    timers: list[Any] = []
-
-    class Timer:  # (a real one would os._exit this test process if it fired)
-        def __init__(self, timeout: float, function: Any, args: Any) -> None:
-            self.cancelled = False
-            self.daemon = False
-            timers.append(self)
-
-        def start(self) -> None:
-            pass
-
-        def cancel(self) -> None:
-            self.cancelled = True
-
-    monkeypatch.setattr(server.threading, "Timer", Timer)
+    timers = _fake_timers(monkeypatch)
     before = {signum: signal.getsignal(signum) for signum in server.SHUTDOWN_SIGNALS}
     watched_at_open: list[dict[int, bool]] = []
     open_store = server.open_sqlite_store
