@@ -47,19 +47,27 @@ def limited(command: list[str], max_bytes: int) -> list[str]:
     return [sys.executable, "-c", setup, *command[1:]]
 
 
-def test_a_store_that_cannot_be_made_past_the_file_size_limit_is_said_at_start(
-    tmp_path: Path,
-) -> None:
-    """SQLite's own word for it was ``disk I/O error``."""
-    data = tmp_path / "data"
+def serve_once(
+    tmp_path: Path, data: Path, max_bytes: int | None = None
+) -> subprocess.CompletedProcess[bytes]:
+    """``serve --stdio --no-http`` on ``data`` with nothing to read (it starts, then ends
+    at end of input), its file size limited to ``max_bytes`` if given (:func:`limited`)."""
     command = serve_command(tmp_path, "--stdio", "--no-http", data_dir=data)
-    done = subprocess.run(
-        limited(command, 4096),
+    return subprocess.run(
+        command if max_bytes is None else limited(command, max_bytes),
         capture_output=True,
         stdin=subprocess.DEVNULL,
         env=server_env(),
         timeout=60,
     )
+
+
+def test_a_store_that_cannot_be_made_past_the_file_size_limit_is_said_at_start(
+    tmp_path: Path,
+) -> None:
+    """SQLite's own word for it was ``disk I/O error``."""
+    data = tmp_path / "data"
+    done = serve_once(tmp_path, data, 4096)
     assert done.returncode == 1
     message = done.stderr.decode()
     store = data / "sessions.sqlite3"
@@ -103,14 +111,7 @@ def test_a_file_system_that_says_no_size_is_not_said_to_be_full(tmp_path: Path) 
     with ram_disk(tmp_path / "ram") as disk:
         assert os.statvfs(disk).f_blocks == 0
         data = disk / "data"
-        command = serve_command(tmp_path, "--stdio", "--no-http", data_dir=data)
-        done = subprocess.run(
-            limited(command, 4096),
-            capture_output=True,
-            stdin=subprocess.DEVNULL,
-            env=server_env(),
-            timeout=60,
-        )
+        done = serve_once(tmp_path, data, 4096)
         assert done.returncode == 1
         message = done.stderr.decode()
         assert "is full" not in message, message
@@ -275,17 +276,11 @@ def test_an_upgrade_past_the_file_size_limit_says_so_and_changes_nothing(
     data = tmp_path / "data"
     store = old_store(data)
     before = store.read_bytes()
-    command = serve_command(tmp_path, "--stdio", "--no-http", data_dir=data)
-    done = subprocess.run(
-        limited(command, len(before) + 64 * 1024),
-        capture_output=True, stdin=subprocess.DEVNULL, env=server_env(), timeout=60,
-    )  # fmt: skip
+    done = serve_once(tmp_path, data, len(before) + 64 * 1024)
     assert done.returncode == 1
     _assert_upgrade_said(done.stderr.decode(), store, "reached the file size limit of ")
     assert store.read_bytes() == before and _version(store) == 1
-    done = subprocess.run(
-        command, capture_output=True, stdin=subprocess.DEVNULL, env=server_env(), timeout=60
-    )
+    done = serve_once(tmp_path, data)
     assert done.returncode == 0, done.stderr.decode()
     assert _version(store) == 4
 

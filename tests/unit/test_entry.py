@@ -6,11 +6,31 @@ from __future__ import annotations
 import gc
 import os
 import signal
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from punie_trio import _entry
+
+
+async def _serve_stopped_while_opening(tmp_path: Path, data: Path) -> None:
+    """Run serve on ``data``, which a signal stops while it opens the store: it ends
+    without listening (the GC settings serve changes are restored after)."""
+    import trio
+
+    from punie_trio import server
+    from punie_trio.worker import EchoModel
+
+    config = server.ServeConfig(projects=(tmp_path,), model=EchoModel(), port=0, data_dir=data)
+    gc_threshold = gc.get_threshold()
+    try:
+        async with trio.open_nursery() as nursery:
+            running = await nursery.start(server.serve, config)
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*gc_threshold)
+    assert running.url is None and running.closing.is_set()
 
 
 class _Timer:
@@ -211,10 +231,6 @@ async def test_a_signal_during_the_start_up_check_stops_it_and_serve_ends_cleanl
     Now the signal interrupts the check, and serve ends as for a signal a moment later:
     nothing served, no watchdog left, the store as it was (and checked at the next
     start: no marker of a clean close)."""
-    import trio
-
-    from punie_trio import server
-    from punie_trio.worker import EchoModel
 
     from ..store.test_sqlite_store import _fill, slow_check
 
@@ -226,15 +242,7 @@ async def test_a_signal_during_the_start_up_check_stops_it_and_serve_ends_cleanl
     (data / "sessions.sqlite3-closed").unlink()  # (as a kill -9 leaves it)
     before = store.read_bytes()
     ended = slow_check(monkeypatch, lambda: os.kill(os.getpid(), signal.SIGTERM))
-    config = server.ServeConfig(projects=(tmp_path,), model=EchoModel(), port=0, data_dir=data)
-    gc_threshold = gc.get_threshold()
-    try:
-        async with trio.open_nursery() as nursery:
-            running = await nursery.start(server.serve, config)
-    finally:
-        gc.unfreeze()
-        gc.set_threshold(*gc_threshold)
-    assert running.url is None and running.closing.is_set()
+    await _serve_stopped_while_opening(tmp_path, data)
     assert len(ended) == 1 and str(ended[0]) == "interrupted"
     (watchdog,) = timers
     assert watchdog.cancelled
@@ -253,11 +261,6 @@ async def test_a_signal_during_a_migration_stops_it_and_serve_ends_cleanly(
     upgraded at the next start."""
     import sqlite3
 
-    import trio
-
-    from punie_trio import server
-    from punie_trio.worker import EchoModel
-
     from ..store.test_sqlite_store import _v2_file, slow_migration
 
     timers = _fake_timers(monkeypatch)
@@ -267,15 +270,7 @@ async def test_a_signal_during_a_migration_stops_it_and_serve_ends_cleanly(
     _v2_file(store).close()
     before = store.read_bytes()
     ended = slow_migration(monkeypatch, lambda: os.kill(os.getpid(), signal.SIGTERM))
-    config = server.ServeConfig(projects=(tmp_path,), model=EchoModel(), port=0, data_dir=data)
-    gc_threshold = gc.get_threshold()
-    try:
-        async with trio.open_nursery() as nursery:
-            running = await nursery.start(server.serve, config)
-    finally:
-        gc.unfreeze()
-        gc.set_threshold(*gc_threshold)
-    assert running.url is None and running.closing.is_set()
+    await _serve_stopped_while_opening(tmp_path, data)
     assert len(ended) == 1 and str(ended[0]) == "interrupted"
     (watchdog,) = timers
     assert watchdog.cancelled
