@@ -37,7 +37,16 @@ import attrs
 import trio
 
 from ..acp import updates
-from ..rpc import INTERNAL_ERROR, INVALID_REQUEST, PeerClosed, RequestId, RpcError
+from ..rpc import (
+    INTERNAL_ERROR,
+    INVALID_REQUEST,
+    PeerClosed,
+    RequestId,
+    Response,
+    RpcError,
+    error_response,
+    serialize,
+)
 from ._session import Pending, Session, json_string_at, small_id
 
 if TYPE_CHECKING:
@@ -259,11 +268,8 @@ def _keep_unsent_answers(
         left = self.keep_left_answer(conn, request_id)
         if left is None:
             continue
-        error = msg.get("error")
-        if isinstance(error, dict):
-            left.settle(None, RpcError(error["code"], error["message"], error.get("data")))
-        else:
-            left.settle(msg.get("result"), None)
+        left.text = text  # (sent as it is: see LeftAnswer.text)
+        left.settle(None, None)
 
 
 def _keep_reload_notices(
@@ -391,8 +397,20 @@ def _answers_lost_in_flight(conn: ClientConnection, reclaimed: list[Session]) ->
                 "re-attached awaiting it (lost in flight when its connection dropped)",
                 session.id, request_id,
             )  # fmt: skip
-            session.pending.insert(0, item)
+            # As it was sent (encoded again): the same answer, not a new one, so an
+            # error is not counted again in punie_errors_total.
+            session.pending.insert(0, _as_sent(item))
             session.overflowed = True
+
+
+def _as_sent(item: Pending) -> Pending:
+    """A kept answer as a ``"message"`` item: sent as it is, like one a dropped connection
+    never wrote, rather than answered anew (:meth:`Peer.send_answer` counts an error)."""
+    if item[0] != "answer":
+        return item
+    _, request_id, response, error = item
+    msg = Response(request_id, response) if error is None else error_response(request_id, error)
+    return ("message", serialize(msg), request_id)
 
 
 async def deliver_missed(
@@ -492,6 +510,11 @@ class LeftAnswer:
     error: RpcError | None = None
     #: When it was done (``trio.current_time``): kept ``grace_seconds`` after that.
     done_at: float = math.inf
+    #: The answer as a dropped connection had queued it and never written it
+    #: (:func:`_keep_unsent_answers`), sent as it is instead of ``result``/``error``.
+    #: Why: it was counted as it was queued (an error in ``punie_errors_total``), and
+    #: the client's return sends the same answer, not another one.
+    text: str | None = None
 
     def settle(self, result: Any, error: RpcError | None) -> None:
         self.result, self.error = result, error
@@ -545,7 +568,10 @@ async def _send_left_answers(
             request_id, answer = waiting[0]
             await answer.done.wait()
             if request_id in conn.awaiting and not conn.has_in_flight(request_id):
-                await conn.send_answer(request_id, answer.result, answer.error)
+                if answer.text is not None:
+                    await conn.send_encoded(answer.text)
+                else:
+                    await conn.send_answer(request_id, answer.result, answer.error)
                 conn.stop_awaiting(request_id)
             waiting.pop(0)
     except BaseException:
