@@ -230,7 +230,9 @@ class ClientConnection:
             try:
                 prompt = acp.parse_prompt(params, max_bytes=manager.limits.max_prompt_bytes)
                 return manager.start_prompt(self, prompt)
-            except RpcError:
+            except RpcError as exc:
+                if isinstance(exc, acp.PromptTooLarge):
+                    manager.metrics.tallies.limits["max_prompt_bytes"] += 1
                 self._refused_prompt(params)
                 raise
         if method == acp.SESSION_CANCEL:

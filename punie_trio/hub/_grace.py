@@ -669,6 +669,7 @@ def _bound_detached(self: Manager) -> None:
             "connected, over the connection limit (%d)",
             client_id, len(self._reattached), len(self.connections), limit,
         )  # fmt: skip
+        self.metrics.tallies.limits["max_connections"] += 1
         event.set()  # (its timer ends)
         self._end_grace(client_id)
 
@@ -686,6 +687,7 @@ def _buffer(self: Manager, session: Session, item: Pending) -> None:
             session.kept_updates >= limits.detached_buffer
             or session.kept_bytes + size > limits.detached_bytes
         ):
+            self.metrics.tallies.limits["detached_buffer"] += 1
             session.overflowed = True
             session.pending = [p for p in session.pending if p[0] != "update"]
             session.kept_updates = session.kept_bytes = 0
