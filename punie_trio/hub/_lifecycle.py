@@ -45,6 +45,7 @@ from ..rpc import (
     INTERNAL_ERROR,
     INVALID_REQUEST,
     REQUEST_CANCELLED,
+    RESOURCE_NOT_FOUND,
     PeerClosed,
     RpcError,
     current_request_id,
@@ -670,7 +671,12 @@ async def delete_session(self: Manager, conn: ClientConnection, session_id: str)
                 pass  # (its commit would fail on no session)
             try:
                 await self._stored(session_id)
-            except RpcError:
+            except RpcError as exc:
+                if exc.code != RESOURCE_NOT_FOUND:
+                    # The store could not be read (-32603): whether the session is
+                    # there is not known, and it is not deleted. Taken for "not
+                    # there", this answered {}, done, with the session still stored.
+                    raise
                 # Already deleted or never existed (or not under our roots: left
                 # alone). The session-delete page: this SHOULD succeed silently.
                 return {}

@@ -505,3 +505,28 @@ async def test_the_memory_store_has_no_size(
         assert "punie_store_bytes" not in running.manager.metrics.render().decode()
         async with acp_ws_client(str(running.url), acp_schema) as (client, _):
             await client.initialize()
+
+
+async def test_a_delete_whose_store_read_fails_says_so_and_deletes_nothing(
+    tmp_path: Path, acp_schema: SchemaChecker
+) -> None:
+    """A ``session/delete`` of a session not live here reads it from the store first;
+    that read failing (a disk error) was taken for "not there", and the delete answered
+    ``{}``, done, with the session still stored. It is -32603 naming the trouble now,
+    counted as a failed read, and the session stays (a delete that works then removes it)."""
+    store = FailingStore()
+    async with open_hub(tmp_path, acp_schema, ScriptModel([[{"text": "x"}]]), store=store) as hub:
+        link = await hub.connect()
+        await initialize(link.client)
+        session = await link.client.new_session(str(hub.root))
+        assert await link.client.request("session/close", {"sessionId": session}) == {}
+        store.failing.add("get_session")
+        answer = await link.client.request_raw("session/delete", {"sessionId": session})
+        assert answer.get("error", {}).get("code") == -32603, answer
+        assert "disk I/O error" in answer["error"]["message"]
+        assert await store.inner.get_session(session) is not None
+        failures = scraped(hub.manager)
+        assert failures[("punie_store_failures_total", (("operation", "read"),))] == 1
+        store.failing.clear()
+        assert await link.client.request("session/delete", {"sessionId": session}) == {}
+        assert await store.inner.get_session(session) is None
