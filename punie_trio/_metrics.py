@@ -71,6 +71,8 @@ class Tallies:
         factory=lambda: dict.fromkeys(HTTP_REFUSALS, 0)
     )
     store_failures: dict[str, int] = attrs.field(factory=lambda: dict.fromkeys(STORE_OPERATIONS, 0))
+    #: Turns whose model raised (answered -32603 "the model failed").
+    model_failures: int = 0
 
 
 @attrs.define(eq=False)
@@ -227,6 +229,12 @@ class _TalliesCollector:
         for operation, count in tallies.store_failures.items():
             failures.add_metric([operation], count)
         yield failures
+        yield CounterMetricFamily(
+            "punie_model_failures",
+            "Turns whose model failed (answered with an error, counted in punie_prompts "
+            "under the stop reason they were recorded with)",
+            value=tallies.model_failures,
+        )
         size = m._store_bytes()
         if size is not None:
             yield GaugeMetricFamily(

@@ -300,6 +300,7 @@ async def _relay_turn(
                 held.append(named)
             self.metrics.prompt_done(stop, trio.current_time() - started)
             if finished is not None and finished.error is not None:
+                self.metrics.tallies.model_failures += 1
                 turn.error = RpcError(
                     INTERNAL_ERROR, f"Internal error: the model failed: {finished.error}"
                 )

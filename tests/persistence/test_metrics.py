@@ -30,6 +30,7 @@ from ..acp_schema import SchemaChecker
 from ..integration._support import acp_ws_client, settle_until, ws_url
 from ..integration.conftest import StartServer
 from ..integration.test_heartbeat import RawClient, settle
+from ..models import RefusesBad
 from ..unit.test_load import load_params
 from ..unit.test_peer import Dispatcher, start_peer
 from ._hub import expect_error, initialize, open_hub, prompt_params
@@ -530,3 +531,22 @@ async def test_a_delete_whose_store_read_fails_says_so_and_deletes_nothing(
         store.failing.clear()
         assert await link.client.request("session/delete", {"sessionId": session}) == {}
         assert await store.inner.get_session(session) is None
+
+
+async def test_a_turn_whose_model_failed_is_counted_as_a_model_failure(
+    tmp_path: Path, acp_schema: SchemaChecker
+) -> None:
+    """A model that raises: its turn is answered -32603 and recorded with the stop reason
+    its worker gave it (``end_turn``, with the error), so ``punie_prompts_total`` alone
+    showed a failing model as turns that ended well; ``punie_model_failures_total``
+    counts it."""
+    async with open_hub(tmp_path, acp_schema, RefusesBad()) as hub:
+        link = await hub.connect()
+        await initialize(link.client)
+        session = await link.client.new_session(str(hub.root))
+        assert await link.client.prompt(session, "fine") == "end_turn"
+        failed = await expect_error(link.client, "session/prompt", prompt_params(session, "boom"))
+        assert "the model failed" in failed["message"]
+        got = scraped(hub.manager)
+        assert got[("punie_model_failures_total", ())] == 1
+        assert got[("punie_prompts_total", (("stop_reason", "end_turn"),))] == 2
