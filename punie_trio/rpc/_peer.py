@@ -599,8 +599,11 @@ class Peer:
                         try:
                             await stream.send_message(text)
                         except BaseException:
-                            # This one and the rest were not sent: see unsent().
+                            # This one and the rest were not sent: see unsent(). Those
+                            # before it were, and count (only whole batches did).
                             self._unwritten = batch[written:]
+                            if written:
+                                self.observer.message_out(written)
                             raise
                 self.observer.message_out(len(batch))
         except (trio.BrokenResourceError, trio.ClosedResourceError):

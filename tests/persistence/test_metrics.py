@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import attrs
 import httpx
 import trio
 import trio.testing
@@ -22,6 +23,7 @@ from wsproto.events import AcceptConnection, Request
 from punie_trio._metrics import LIMITS, Metrics
 from punie_trio._paths import store_path
 from punie_trio.hub import Limits, Manager
+from punie_trio.rpc import Peer
 from punie_trio.store import MemoryStore, StoreError
 from punie_trio.web._heartbeat import PROBE_WITHIN
 from punie_trio.worker import ScriptModel
@@ -550,3 +552,42 @@ async def test_a_turn_whose_model_failed_is_counted_as_a_model_failure(
         got = scraped(hub.manager)
         assert got[("punie_model_failures_total", ())] == 1
         assert got[("punie_prompts_total", (("stop_reason", "end_turn"),))] == 2
+
+
+@attrs.define(eq=False)
+class BreaksAfter:
+    """A message stream that takes ``ok`` messages, then breaks (a connection lost in the
+    middle of the writer's batch); it never receives anything."""
+
+    ok: int
+    sent: list[str] = attrs.field(factory=list)
+
+    async def send_message(self, text: str) -> None:
+        await trio.lowlevel.checkpoint()
+        if len(self.sent) >= self.ok:
+            raise trio.BrokenResourceError("connection lost")
+        self.sent.append(text)
+
+    async def receive_message(self) -> str:
+        await trio.sleep_forever()
+        raise AssertionError  # pragma: no cover
+
+    async def aclose(self) -> None:
+        await trio.lowlevel.checkpoint()
+
+
+async def test_the_messages_written_before_a_connection_breaks_are_counted() -> None:
+    """The writer writes a batch one message at a time (a WebSocket's way); the stream
+    breaking at the second, the first had been written but was not counted in
+    ``punie_messages_out_total`` (only a whole batch was)."""
+    metrics = Metrics()
+    stream = BreaksAfter(ok=1)
+    async with trio.open_nursery() as nursery:
+        peer = Peer(stream, Dispatcher({}), observer=metrics)
+        nursery.start_soon(peer.run)
+        await trio.testing.wait_all_tasks_blocked()
+        for n in range(3):  # (queued together: one batch)
+            await peer.notify("note", {"n": n})
+        await trio.testing.wait_all_tasks_blocked()
+    assert len(stream.sent) == 1
+    assert _parsed(metrics.render().decode())[("punie_messages_out_total", ())] == 1
