@@ -407,8 +407,10 @@ class ClientConnection:
 
     def _close_on_probation(self, why: str | None = None) -> None:
         """End this connection once the answers under way are written: nothing more is
-        read (``Peer.finish``), and the transport closes with the limit's reason."""
-        self.close_with = self.manager.close_reason(why)
+        read (``Peer.finish``), and the transport closes with the limit's reason (at a
+        shutdown, as every connection does then: going away, not "try again later")."""
+        if not self.manager.closing.is_set():
+            self.close_with = self.manager.close_reason(why)
         if self.peer is not None:
             self.peer.finish()
 

@@ -722,3 +722,30 @@ async def test_a_connection_on_probation_takes_a_place_that_comes_free(
                 assert not manager.on_probation
                 session_id = await late.new_session(str(tmp_path))
                 assert await late.prompt(session_id, "in") == "end_turn"
+
+
+async def test_a_shutdown_during_a_probe_at_a_full_server_closes_as_a_shutdown(
+    start_server: StartServer,
+    tmp_path: Path,
+    acp_schema: SchemaChecker,
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    """A shutdown does not wait for a probe: the initialize of the connection on
+    probation is refused (the server is shutting down) and it is closed as every other
+    connection is at a shutdown, 1001 (going away), not 1013 (try again later)."""
+    model = ScriptModel([[{"text": "1 "}, {"sleep": 30}]])
+    limits = Limits(grace_seconds=300, max_connections=1)
+    async with start_server(model, limits=limits) as running:
+        assert running.url is not None
+        old, _ = await half_open_client(running, "ide", tmp_path, acp_schema)
+        async with acp_ws_client(running.url, acp_schema) as (new, ws):
+            await new.send(initialize_request("init", "ide", [3]))
+            await settle()
+            assert running.manager.on_probation and new.received == []
+            running.closing.set()
+            await settle_until(lambda: new.closed.is_set())
+            refused = answer_to(new, "init")
+            assert refused is not None and "shutting down" in refused["error"]["message"]
+            assert ws.closed is not None and ws.closed.code == 1001
+        old.peek.close()
+        await old.stream.aclose()
