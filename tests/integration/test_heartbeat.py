@@ -512,15 +512,20 @@ async def test_a_client_back_at_a_full_server_takes_over_its_half_open_connectio
         assert wrong.value.status_code == 401
         async with acp_ws_client(running.url, acp_schema, token=TOKEN) as (new, _):
             await new.send(initialize_request("init", "ide", [3]))
+            await new.send({"jsonrpc": "2.0", "id": "list", "method": "session/list"})
             await settle()
             old.read_ready()
             assert old.pings() == 1 and not old.eof  # probed at once
             assert new.received == []
             assert len(manager.connections) == 2  # the limit, and one on probation
             mock_clock.jump(PROBE_WITHIN)
-            await settle_until(lambda: answer_to(new, "init") is not None)
+            await settle_until(lambda: answer_to(new, "list") is not None)
             accepted = answer_to(new, "init")
             assert accepted is not None and "protocolVersion" in accepted["result"], accepted
+            assert new.received[0] is accepted  # (then the pipelined request's answer)
+            listed = answer_to(new, "list")
+            assert listed is not None
+            assert [s["sessionId"] for s in listed["result"]["sessions"]] == [session_id]
             old.read_ready()
             assert old.eof
             assert len(manager.connections) == 1
