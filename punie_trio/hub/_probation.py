@@ -20,12 +20,14 @@ to the one on probation as it detaches (:func:`promote`, from ``detach``: in the
 step, so no other upgrade can take it in between), and the ``initialize`` is answered as
 at a server with room (the sessions re-attach). Anything else (no client id, one no
 other connection holds, a holder that answers the probe, another connection taking the
-id over, any other request first, no ``initialize`` within
-:data:`PROBATION_INITIALIZE_WITHIN`) is refused with -32600 ``Connection limit reached
-(N): ...`` naming why, and the WebSocket is closed with 1013 (Try Again Later, the IANA
-code for a server casting off clients it has no room for) and ``connection limit reached
-(N)``. A place that comes free meanwhile (another client leaves) is taken instead: the
-connection is then one like any other, and its ``initialize`` is answered as anywhere.
+id over, any other request first) is refused with -32600 ``Connection limit reached
+(N): ...`` naming why (bad ``initialize`` params keep their -32602, the limit in front),
+and the WebSocket is then closed with 1013 (Try Again Later, the IANA code for a server
+casting off clients it has no room for) and ``connection limit reached (N)``; so is one
+that sends no ``initialize`` within :data:`PROBATION_INITIALIZE_WITHIN`, with nothing to
+answer. (At a shutdown the close is 1001, as for every connection.) A place that comes
+free meanwhile (another client leaves) is taken instead: the connection is then one
+like any other, and its ``initialize`` is answered as anywhere.
 
 So at most ``max_connections`` connections count against the limit and at most
 :data:`MAX_ON_PROBATION` more are on probation; a client without a client id, or whose
