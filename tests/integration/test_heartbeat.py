@@ -595,6 +595,15 @@ async def test_at_a_full_server_only_a_claim_to_a_dead_connection_is_let_in(
                 assert closed == (1013, "connection limit reached (1)")
                 await settle_until(lambda: len(manager.connections) == 1)
                 assert not manager.on_probation
+            # Bad params keep their -32602 (naming the field), the limit in front.
+            bad = initialize_request("e", "ide", [])
+            bad["params"]["_meta"]["punie-trio/clientId"] = 5
+            answer, closed = await refused_on_probation(running.url, acp_schema, bad)
+            assert answer["error"]["code"] == -32602
+            assert answer["error"]["message"].startswith(
+                "Connection limit reached (1): Invalid params: _meta.punie-trio/clientId"
+            )
+            assert closed == (1013, "connection limit reached (1)")
             assert trio.current_time() == start
             assert manager.sessions[session_id].owner in manager.connections
             assert await live.prompt(session_id, "still mine") == "end_turn"
