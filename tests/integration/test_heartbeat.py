@@ -763,3 +763,36 @@ async def test_a_shutdown_during_a_probe_at_a_full_server_closes_as_a_shutdown(
             assert ws.closed is not None and ws.closed.code == 1001
         old.peek.close()
         await old.stream.aclose()
+
+
+async def test_at_a_full_server_a_connection_closed_by_its_client_during_the_probe_gives_its_place(
+    start_server: StartServer,
+    tmp_path: Path,
+    acp_schema: SchemaChecker,
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    """A client reconnecting closes its old connection, and the close comes in behind the
+    new connection's initialize; at a full server the new connection, on probation, takes
+    the old one's place as it ends (no time passes), not only when a probe drops it."""
+    model = ScriptModel([[{"text": "1 "}, {"sleep": 30}]])
+    limits = Limits(grace_seconds=300, max_connections=1)
+    async with start_server(model, limits=limits) as running:
+        manager = running.manager
+        assert running.url is not None
+        old, session_id = await half_open_client(running, "ide", tmp_path, acp_schema)
+        async with acp_ws_client(running.url, acp_schema) as (new, _):
+            start = trio.current_time()
+            await new.send(initialize_request("init", "ide", [3]))
+            await settle()
+            assert manager.on_probation
+            await old.stream.send_all(old.ws.send(CloseConnection(code=1000)))
+            await settle_until(lambda: answer_to(new, "init") is not None)
+            accepted = answer_to(new, "init")
+            assert accepted is not None and "protocolVersion" in accepted["result"], accepted
+            assert trio.current_time() == start
+            assert len(manager.connections) == 1 and not manager.on_probation
+            assert manager.sessions[session_id].owner in manager.connections
+            mock_clock.jump(30)
+            await settle_until(lambda: answer_to(new, 3) is not None)
+        old.peek.close()
+        await old.stream.aclose()
