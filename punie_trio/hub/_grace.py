@@ -648,13 +648,15 @@ def _bound_detached(self: Manager) -> None:
     # (Counted twice, a client taking over its half-open connection at a full server
     # would lose the very sessions it came back for.)
     connected = len(self.connections) - len(self.on_probation)
-    away = [c for c in self._reattached if c not in self._claims]  # (oldest first)
-    while away and connected + len(away) > limit:
-        client_id = away.pop(0)
+    claimed = sum(c in self._reattached for c in self._claims)  # (a few take-overs)
+    while connected + len(self._reattached) - claimed > limit:
+        client_id = next((c for c in self._reattached if c not in self._claims), None)
+        if client_id is None:
+            break  # (away the longest, and not being taken over: none)
         log.warning(
             "ending the grace period of client %r early: %d clients away and %d "
             "connected, over the connection limit (%d)",
-            client_id, len(away) + 1, connected, limit,
+            client_id, len(self._reattached) - claimed, connected, limit,
         )  # fmt: skip
         self._reattached[client_id].set()  # (its timer ends)
         self._end_grace(client_id)
