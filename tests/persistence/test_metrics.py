@@ -153,7 +153,8 @@ async def test_the_gauges_follow_every_lifecycle_path_on_a_real_server(
     """Scraped over HTTP after each step, ``punie_connections``, ``punie_sessions`` and
     ``punie_workers`` are what the server holds: refused requests (the sessions limit,
     the path policy, a load of a session open elsewhere) and refused upgrades (401, 403,
-    503 full) change nothing; a load of a live session does not count it twice; close
+    a full server's refusal on probation) change nothing; a load of a live session does
+    not count it twice; close
     and delete take theirs away; a drop keeps the sessions within grace, a client back
     (also through the take-over of its half-open connection) takes them without a
     second count, the grace's end drops them; and the shutdown leaves nothing."""
@@ -191,14 +192,22 @@ async def test_the_gauges_follow_every_lifecycle_path_on_a_real_server(
                 refused = await expect_error(b, "session/load", load_params(first, tmp_path))
                 assert refused["code"] == -32600  # (open on another connection)
                 assert await gauges(http) == (2, 2, 1, 0, 0)
-                # Refused upgrades: no token, a foreign Origin, the server full.
+                # Refused upgrades: no token, a foreign Origin. The server full: let in
+                # on probation (a client id is held here), refused without one, closed.
                 assert (await rejected(url)).status_code == 401
                 evil = [origin("http://evil.example"), bearer(TOKEN)]
                 assert (await rejected(url, evil)).status_code == 403
                 async with acp_client(url, acp_schema, auth) as c:
                     await c.initialize()
-                    assert (await rejected(url, auth)).status_code == 503
+                    async with acp_client(url, acp_schema, auth) as over:
+                        assert await gauges(http) == (4, 2, 1, 0, 0)  # (open, on probation)
+                        init = {"protocolVersion": 1}
+                        refused = await expect_error(over, "initialize", init)
+                        assert "Connection limit reached" in refused["message"]
+                        await over.closed.wait()
                     assert await gauges(http) == (3, 2, 1, 0, 0)
+                    limits_hit = running.manager.metrics.tallies.limits
+                    assert limits_hit["max_connections"] == 1  # (turned away once)
                 assert await gauges(http) == (2, 2, 1, 0, 0)
             # Close, and delete.
             assert await a.request("session/close", {"sessionId": second}) == {}
