@@ -2180,3 +2180,41 @@ async def test_a_delete_that_fails_after_its_connection_dropped_is_logged(
     errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert len(errors) == 1 and errors[0].exc_info is not None
     assert "a bug in the delete" in str(errors[0].exc_info[1])
+
+
+async def test_initialize_is_answered_before_what_the_writer_took_while_held(
+    tmp_path: Path, acp_schema: SchemaChecker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As above, but the writer runs before the initialize's task: it takes the session's
+    update (queued after the re-attach) out of the outbox and waits, holding it, for the
+    hold to end. The answer, queued at its place in what was left in the outbox, came
+    after that update all the same."""
+    from punie_trio.hub._connection import ClientConnection
+
+    model = ScriptModel([[{"text": "slow"}, {"sleep": 5}, {"text": "late"}]])
+    async with open_hub(tmp_path, acp_schema, model, limits=Limits(grace_seconds=60)) as hub:
+        link = await hub.connect()
+        await initialize(link.client, client_id="ide")
+        session = await link.client.new_session(str(hub.root))
+        await send_prompt(link.client, "p", session, "go")
+        await link.client.wait_for(has_update(session, "agent_message_chunk", "slow"))
+        await link.drop()
+        await hub.settle()
+        real = ClientConnection._initialized
+
+        async def writer_first(self: ClientConnection, *args: Any) -> Any:
+            update = updates.encode(updates.agent_message_chunk("in the gap"))
+            assert self.send_encoded_now([updates.notification_prefix(session) + update + "}}"])
+            await trio.testing.wait_all_tasks_blocked()  # (the writer took it, and waits)
+            return await real(self, *args)
+
+        monkeypatch.setattr(ClientConnection, "_initialized", writer_first)
+        again = await hub.connect()
+        await initialize(again.client, client_id="ide", awaiting=["p"])
+        await again.client.wait_for(lambda m: m.get("id") == "p")
+        first, *rest = again.client.received
+        assert "result" in first and "protocolVersion" in first["result"], first
+        assert any(
+            m.get("params", {}).get("update", {}).get("content", {}).get("text") == "in the gap"
+            for m in rest
+        )
