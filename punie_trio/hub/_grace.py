@@ -473,9 +473,18 @@ async def refuse_unanswerable(self: Manager, conn: ClientConnection) -> None:
         "answer is kept under its id here (the server restarted, or the session's grace "
         "period ended); session/load the session to see what was recorded",
     )
-    for request_id in refused:
-        await conn.send_answer(request_id, None, error)
-    await self._send_left_answers(conn, left)
+    # The kept answers it awaits, taken out of ``_left_answers`` above: until each is
+    # sent, they are put back should this end early (the connection dropping while a
+    # refusal waits for room). (Put back only by the sends after the refusals', they
+    # were once lost there, and the client back again was told -32603 for each.)
+    waiting = _left_awaited(self, conn, left)
+    try:
+        for request_id in refused:
+            await conn.send_answer(request_id, None, error)
+        await self._send_left_answers(conn, waiting)
+    except BaseException:
+        _keep_left_again(self, conn, waiting)
+        raise
 
 
 #: The most answers of closes and deletes cut by a drop kept for one client id.
@@ -519,41 +528,63 @@ def keep_left_answer(
         del kept[old]
     kept.pop(request_id, None)  # (an id used again: the newest answer)
     answer = kept[request_id] = LeftAnswer()
+    _bound_left(self, client_id, kept)
+    return answer
+
+
+def _bound_left(self: Manager, client_id: str, kept: dict[RequestId, LeftAnswer]) -> None:
+    """Keep ``kept`` as ``client_id``'s left answers (now the newest client id), within
+    :data:`LEFT_ANSWERS` for it and ``max_connections`` client ids, the oldest of each
+    forgotten first."""
     while len(kept) > LEFT_ANSWERS:
         del kept[next(iter(kept))]
     self._left_answers[client_id] = kept
     while len(self._left_answers) > self.limits.max_connections:
         del self._left_answers[next(iter(self._left_answers))]
-    return answer
 
 
-async def _send_left_answers(
+def _left_awaited(
     self: Manager, conn: ClientConnection, left: dict[RequestId, LeftAnswer]
-) -> None:
-    """Send ``conn`` the answers in ``left`` (its client's closes and deletes that its
-    previous connection's drop cut: :func:`keep_left_answer`) that it awaits, each once
-    it is done; the rest are dropped (not awaited: the client does not want them).
-    Those not sent (the connection ended) stay kept for the client's next return."""
+) -> list[tuple[RequestId, LeftAnswer]]:
+    """The answers in ``left`` (``conn``'s client's, taken: :func:`keep_left_answer`) to
+    send it, in the order they were kept: those it awaits, not past their grace period.
+    The rest are dropped (not awaited: the client does not want them)."""
     now = trio.current_time()
-    waiting = [
+    return [
         (request_id, answer)
         for request_id, answer in left.items()
         if request_id in conn.awaiting and answer.done_at + self.limits.grace_seconds >= now
     ]
-    try:
-        while waiting:
-            request_id, answer = waiting[0]
-            await answer.done.wait()
-            if request_id in conn.awaiting and not conn.has_in_flight(request_id):
-                await conn.send_answer(request_id, answer.result, answer.error)
-                conn.stop_awaiting(request_id)
-            waiting.pop(0)
-    except BaseException:
-        if waiting and conn.client_id:
-            kept = self._left_answers.setdefault(conn.client_id, {})
-            for request_id, answer in waiting:
-                kept.setdefault(request_id, answer)
-        raise
+
+
+async def _send_left_answers(
+    self: Manager, conn: ClientConnection, waiting: list[tuple[RequestId, LeftAnswer]]
+) -> None:
+    """Send ``conn`` the answers ``waiting`` (:func:`_left_awaited`: its client's closes
+    and deletes that its previous connection's drop cut), each once it is done, taking
+    each out of ``waiting`` once it is queued (or no longer awaited): what is left
+    there if this ends early was not sent, for the caller to keep again
+    (:func:`_keep_left_again`)."""
+    while waiting:
+        request_id, answer = waiting[0]
+        await answer.done.wait()
+        if request_id in conn.awaiting and not conn.has_in_flight(request_id):
+            await conn.send_answer(request_id, answer.result, answer.error)
+            conn.stop_awaiting(request_id)
+        waiting.pop(0)
+
+
+def _keep_left_again(
+    self: Manager, conn: ClientConnection, waiting: list[tuple[RequestId, LeftAnswer]]
+) -> None:
+    """Keep again, for the client's next return, the answers ``waiting`` that ``conn``
+    did not send (it ended first): ahead of any kept for the client since (they are
+    older), but not over an answer kept since under the same id (the newer)."""
+    if not waiting or not conn.client_id:
+        return
+    kept = dict(waiting)
+    kept.update(self._left_answers.pop(conn.client_id, {}))
+    _bound_left(self, conn.client_id, kept)
 
 
 def _held_by(self: Manager, conn: ClientConnection, session_id: str) -> bool:

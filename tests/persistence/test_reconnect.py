@@ -2218,3 +2218,32 @@ async def test_initialize_is_answered_before_what_the_writer_took_while_held(
             m.get("params", {}).get("update", {}).get("content", {}).get("text") == "in the gap"
             for m in rest
         )
+
+
+async def test_a_cut_closes_answer_survives_a_drop_while_refusals_are_sent(
+    tmp_path: Path, acp_schema: SchemaChecker
+) -> None:
+    """The client of a close cut by a drop comes back awaiting the close's id and ids
+    nothing will answer, reads nothing, and drops again while the -32603 refusals wait
+    for room in its outbox. The close's answer had been taken out of what is kept for
+    the client before those sends, and was put back only by the sends after them: it
+    was lost, and the client, back a third time awaiting the close's id, was told
+    -32603, as if the close had failed. It keeps it now."""
+    model = ScriptModel([[{"text": "slow"}, {"sleep": 5}]])
+    store = GatedStore()
+    limits = Limits(grace_seconds=60, outbox_limit=2)
+    async with open_hub(tmp_path, acp_schema, model, limits=limits, store=store) as hub:  # type: ignore[arg-type]
+        await _close_cut_by_a_drop(hub, store, "session/close")
+        raw = await open_raw(hub)
+        awaiting = ["c", *(f"x{i}" for i in range(5))]
+        meta = {CLIENT_ID_META: "ide", AWAITING_META: awaiting}
+        await send_unread(raw, 1, "initialize", {"protocolVersion": 1, "_meta": meta})
+        await raw.aclose()  # (its refusals wait for room)
+        await hub.settle()
+        store.appends.armed = False
+        store.appends.opened.set()
+        await hub.settle()
+        third = await hub.connect()
+        await initialize(third.client, client_id="ide", awaiting=["c"])
+        answer = await third.client.wait_for(lambda m: m.get("id") == "c")
+        assert answer == {"jsonrpc": "2.0", "id": "c", "result": {}}
