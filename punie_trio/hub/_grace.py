@@ -83,9 +83,8 @@ def _detach(self: Manager, conn: ClientConnection) -> None:
     if unsent:
         assert client_id is not None
         self._keep_reload_notices(client_id, owned, unsent)
+        self._keep_unsent(owned, unsent, conn.refused_prompts or {}, client_id)
     if client_id and told and owned:
-        self._keep_unsent(owned, unsent, conn.refused_prompts or {})
-        _keep_unsent_answers(self, conn, owned, unsent)
         for session in owned:
             session.owner = None
             session.detached_client = client_id
@@ -97,8 +96,6 @@ def _detach(self: Manager, conn: ClientConnection) -> None:
         self._nursery.start_soon(self._expire_grace, client_id, event)
         self._bound_detached()
         return
-    if unsent:  # (only when told)
-        _keep_unsent_answers(self, conn, owned, unsent)
     for session in owned:
         self._drop_session(session)
 
@@ -184,20 +181,31 @@ async def _gone_after_probe(self: Manager, holder: ClientConnection) -> bool:
 
 
 def _keep_unsent(
-    self: Manager, owned: list[Session], texts: list[str], refused: Mapping[RequestId, str]
+    self: Manager,
+    owned: list[Session],
+    texts: list[str],
+    refused: Mapping[RequestId, str],
+    client_id: str | None = None,
 ) -> None:
     """Put what a dropped connection had queued but never written back in front of its
     sessions' backlogs (it is older than anything kept since): their updates, the
     answer of each one's last prompt, and the errors of prompts refused at once
-    (``refused``: request id to session id). The rest (answers to other requests,
-    our own requests, a session/load's replay, spelled apart:
+    (``refused``: request id to session id). The other answers are kept for the return
+    of ``client_id`` (None: a client that cannot come back), as a cut close's is
+    (:func:`keep_left_answer`): those of a session closed or deleted before the drop
+    was seen (the close's own, and its cancelled prompt's), and of any other request.
+    The rest (our own requests, a session/load's replay, spelled apart:
     ``updates.REPLAY_START``) belonged to that connection alone. What was written is
     not repeated: whether it arrived cannot be known without the client
-    acknowledging it.
+    acknowledging it. Each text is looked at once.
 
     Why the refusals: a re-attaching client that awaits a refused prompt's id would
     otherwise wait for ever (its prompt never ran, so the store has no turn to say
-    so); kept, the error is delivered under the rule of any kept answer."""
+    so); kept, the error is delivered under the rule of any kept answer.
+
+    Why the other answers: a close had run to its end, its session gone, and the
+    client, back awaiting its id and its prompt's, was told "no answer to this request
+    will come" for each, though neither answer had left the server."""
     if not texts:
         return
     by_id = {s.id: s for s in owned}
@@ -205,23 +213,43 @@ def _keep_unsent(
     for request_id, refused_in in refused.items():
         if refused_in in by_id and request_id not in answered:
             answered[request_id] = by_id[refused_in]
+    # Answers kept already, not to be kept again as left answers: a session's (one it
+    # kept, or one kept for it here), and a close's or delete's that goes on past the
+    # drop (its own answer is to come: the -32800 its cut handler queued is not it).
+    skipped: set[RequestId | None] = set()
+    if client_id:
+        skipped.update(_answer_id(p) for s in owned for p in s.pending if p[0] != "update")
+        skipped.update(self._left_answers.get(client_id, ()))
     kept: dict[str, list[Pending]] = {}
+    others: list[dict[str, Any]] = []  # (the other answers, for client_id)
     for text in texts:
         if text.startswith(updates.NOTIFICATION_START):
             session_id = json_string_at(text, len(updates.NOTIFICATION_START))
             session = by_id.get(session_id) if session_id is not None else None
             if session is not None:
                 kept.setdefault(session.id, []).append(("update", text))
-        elif answered and text.startswith('{"jsonrpc":"2.0","id":'):
-            try:
-                msg = json.loads(text)
-            except ValueError:  # pragma: no cover - we wrote it
-                continue
-            session = answered.get(msg.get("id"))
-            result = msg.get("result")
-            prompt_answer = "error" in msg or (isinstance(result, dict) and "stopReason" in result)
-            if session is not None and prompt_answer:
-                kept.setdefault(session.id, []).append(("message", text, msg["id"]))
+            continue
+        if not (answered or client_id) or not text.startswith('{"jsonrpc":"2.0","id":'):
+            continue
+        try:
+            msg = json.loads(text)
+        except ValueError:  # pragma: no cover - we wrote it
+            continue
+        if "method" in msg:
+            continue  # (a request of ours)
+        request_id = msg.get("id")
+        session = answered.get(request_id)
+        result = msg.get("result")
+        prompt_answer = "error" in msg or (isinstance(result, dict) and "stopReason" in result)
+        if session is not None and prompt_answer:
+            kept.setdefault(session.id, []).append(("message", text, request_id))
+            skipped.add(request_id)
+        elif client_id:
+            others.append(msg)
+    for msg in others:
+        if msg.get("id") not in skipped:
+            assert client_id is not None
+            _keep_unwritten_answer(self, client_id, msg)
     for session_id, items in kept.items():
         session = by_id[session_id]
         rest, session.pending = session.pending, []
@@ -230,40 +258,17 @@ def _keep_unsent(
             self._buffer(session, item)
 
 
-def _keep_unsent_answers(
-    self: Manager, conn: ClientConnection, owned: list[Session], texts: list[str]
-) -> None:
-    """Keep for ``conn``'s client (:func:`keep_left_answer`) the answers its connection
-    queued and never wrote that no session it held keeps (:func:`_keep_unsent`): those
-    of a session closed or deleted before the drop was seen (the close's own, and its
-    cancelled prompt's), and of any other request.
-
-    Why: the close had run to its end, its session gone, and the client, back awaiting
-    both ids, was told "no answer to this request will come" for each, though neither
-    answer had left the server. Only what was never written: a written one may have
-    arrived, and is not repeated."""
-    kept = {_answer_id(p) for s in owned for p in s.pending if p[0] != "update"}
-    # (A close or delete that goes on past the drop keeps its own answer, to come: the
-    # -32800 its cut handler queued is not it.)
-    kept.update(self._left_answers.get(conn.client_id or "", ()))
-    for text in texts:
-        if not text.startswith('{"jsonrpc":"2.0","id":'):
-            continue
-        try:
-            msg = json.loads(text)
-        except ValueError:  # pragma: no cover - we wrote it
-            continue
-        request_id = msg.get("id")
-        if "method" in msg or request_id in kept:  # (a request of ours, or kept already)
-            continue
-        left = self.keep_left_answer(conn, request_id)
-        if left is None:
-            continue
-        error = msg.get("error")
-        if isinstance(error, dict):
-            left.settle(None, RpcError(error["code"], error["message"], error.get("data")))
-        else:
-            left.settle(msg.get("result"), None)
+def _keep_unwritten_answer(self: Manager, client_id: str, msg: dict[str, Any]) -> None:
+    """Keep ``msg``, an answer a dropped connection queued and never wrote, for
+    ``client_id``'s return (:func:`keep_left_answer`)."""
+    left = _keep_left(self, client_id, msg.get("id"))
+    if left is None:
+        return
+    error = msg.get("error")
+    if isinstance(error, dict):
+        left.settle(None, RpcError(error["code"], error["message"], error.get("data")))
+    else:
+        left.settle(msg.get("result"), None)
 
 
 def _keep_reload_notices(
@@ -518,7 +523,13 @@ def keep_left_answer(
     Why: the close took effect, but its answer was lost with the connection, and the
     client, back awaiting it (``_meta["punie-trio/awaiting"]``), was told "no answer to
     this request will come" (-32603), as if the close had failed."""
-    client_id = conn.client_id
+    return _keep_left(self, conn.client_id, request_id)
+
+
+def _keep_left(
+    self: Manager, client_id: str | None, request_id: RequestId | None
+) -> LeftAnswer | None:
+    """:func:`keep_left_answer`, by client id."""
     if not client_id or not small_id(request_id):
         return None
     now = trio.current_time()
