@@ -464,7 +464,14 @@ async def refuse_unanswerable(self: Manager, conn: ClientConnection) -> None:
             answered.add(session.turn.request_id)
         answered.update(_answer_id(p) for p in session.pending if p[0] != "update")
     left = self._left_answers.pop(conn.client_id, {}) if conn.client_id else {}
-    answered.update(left)
+    # The kept answers it awaits, taken out of ``_left_answers``: those past their grace
+    # period are not sent, so they are refused as any other. (Counted as to come, they
+    # once got neither, and the client waited for ever.) Until each is sent, they are
+    # put back should this end early (the connection dropping while a refusal waits for
+    # room); put back only by the sends after the refusals', they were once lost there,
+    # and the client back again was told -32603 for each.
+    waiting = _left_awaited(self, conn, left)
+    answered.update(request_id for request_id, _ in waiting)
     refused = [
         request_id
         for request_id in conn.awaiting
@@ -478,11 +485,6 @@ async def refuse_unanswerable(self: Manager, conn: ClientConnection) -> None:
         "answer is kept under its id here (the server restarted, or the session's grace "
         "period ended); session/load the session to see what was recorded",
     )
-    # The kept answers it awaits, taken out of ``_left_answers`` above: until each is
-    # sent, they are put back should this end early (the connection dropping while a
-    # refusal waits for room). (Put back only by the sends after the refusals', they
-    # were once lost there, and the client back again was told -32603 for each.)
-    waiting = _left_awaited(self, conn, left)
     try:
         for request_id in refused:
             await conn.send_answer(request_id, None, error)

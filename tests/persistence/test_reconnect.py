@@ -2247,3 +2247,26 @@ async def test_a_cut_closes_answer_survives_a_drop_while_refusals_are_sent(
         await initialize(third.client, client_id="ide", awaiting=["c"])
         answer = await third.client.wait_for(lambda m: m.get("id") == "c")
         assert answer == {"jsonrpc": "2.0", "id": "c", "result": {}}
+
+
+async def test_a_cut_closes_answer_past_its_grace_is_refused_not_left_unanswered(
+    tmp_path: Path, acp_schema: SchemaChecker, autojump_clock: trio.testing.MockClock
+) -> None:
+    """The client of a close cut by a drop comes back awaiting the close's id once the
+    answer's grace period is over. The answer, past it, is not sent; but it was still
+    counted as one to come, so the -32603 "no answer to this request will come" was not
+    sent either: the client got nothing for the id, ever. It is told -32603 now."""
+    model = ScriptModel([[{"text": "slow"}, {"sleep": 5}]])
+    store = GatedStore()
+    limits = Limits(grace_seconds=60)
+    async with open_hub(tmp_path, acp_schema, model, limits=limits, store=store) as hub:  # type: ignore[arg-type]
+        await _close_cut_by_a_drop(hub, store, "session/close")
+        store.appends.armed = False
+        store.appends.opened.set()
+        await hub.settle()
+        await trio.sleep(61)  # (the close's answer's grace period ends)
+        back = await hub.connect()
+        await initialize(back.client, client_id="ide", awaiting=["c"])
+        with trio.fail_after(5):
+            answer = await back.client.wait_for(lambda m: m.get("id") == "c")
+        assert answer["error"]["code"] == -32603, answer
