@@ -548,7 +548,22 @@ def _keep_left(
 def _bound_left(self: Manager, client_id: str, kept: dict[RequestId, LeftAnswer]) -> None:
     """Keep ``kept`` as ``client_id``'s left answers (now the newest client id), within
     :data:`LEFT_ANSWERS` for it and ``max_connections`` client ids, the oldest of each
-    forgotten first."""
+    forgotten first; and forget the clients, from the one kept for longest, whose
+    answers are all past their grace period.
+
+    Why the sweep: a client's answers were forgotten only when it kept another, so
+    those of a client that never came back stayed, past their grace period, for as
+    long as the server ran (up to 64 answers for each of ``max_connections`` client
+    ids, any request's among them: ``_keep_unsent``). The dict is in the order clients
+    kept answers (re-inserted on each), so the sweep looks only at its front; one
+    expired behind a live one waits for it (still within the count)."""
+    left = self._left_answers
+    deadline = trio.current_time() - self.limits.grace_seconds
+    while left:
+        oldest = next(iter(left))
+        if any(a.done_at >= deadline for a in left[oldest].values()):
+            break
+        del left[oldest]
     while len(kept) > LEFT_ANSWERS:
         del kept[next(iter(kept))]
     self._left_answers[client_id] = kept

@@ -116,9 +116,11 @@ class Manager:
     # expired_for). Bounded as _expired.
     _unconfirmed: dict[str, dict[RequestId, str]] = attrs.field(factory=dict, init=False)
     # By client id: the answers of its session/close and session/delete requests that
-    # went on after their connection dropped (despite_a_drop), by request id, kept for
-    # the client's return (refuse_unanswerable sends those it awaits). Bounded as
-    # _expired, LEFT_ANSWERS a client, and forgotten grace_seconds after they are done.
+    # went on after their connection dropped (despite_a_drop), and those its dropped
+    # connection never wrote that no session keeps (_keep_unsent), by request id, kept
+    # for the client's return (refuse_unanswerable sends those it awaits). Bounded as
+    # _expired, LEFT_ANSWERS a client; a client's, all grace_seconds past done, are
+    # forgotten as the next answer is kept (_grace._bound_left).
     _left_answers: dict[str, dict[RequestId, _grace.LeftAnswer]] = attrs.field(
         factory=dict, init=False
     )

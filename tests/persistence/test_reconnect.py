@@ -2270,3 +2270,34 @@ async def test_a_cut_closes_answer_past_its_grace_is_refused_not_left_unanswered
         with trio.fail_after(5):
             answer = await back.client.wait_for(lambda m: m.get("id") == "c")
         assert answer["error"]["code"] == -32603, answer
+
+
+async def test_the_answers_kept_for_a_client_that_never_returns_go_after_their_grace(
+    tmp_path: Path, acp_schema: SchemaChecker, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Answers kept for clients' returns (a cut close's, or any answer a dropped
+    connection never wrote) were forgotten only when the same client kept another: a
+    client that never came back left them, past their grace period, for as long as the
+    server ran (up to 64 for each of ``max-connections`` client ids). Past it, they go
+    as the next client keeps one; one still within it stays."""
+    limits = Limits(grace_seconds=60)
+    async with open_hub(tmp_path, acp_schema, EchoModel(), limits=limits) as hub:
+        manager = hub.manager
+        for n in range(3):
+            answer = manager.keep_left_answer(_DroppingConnection(f"gone-{n}"), "c")  # type: ignore[arg-type]
+            assert answer is not None
+            answer.settle({}, None)
+        await trio.sleep(30)
+        within = manager.keep_left_answer(_DroppingConnection("within"), "c")  # type: ignore[arg-type]
+        assert within is not None
+        within.settle({}, None)
+        await trio.sleep(31)  # (the first three are past their grace period)
+        assert manager.keep_left_answer(_DroppingConnection("new"), "c") is not None  # type: ignore[arg-type]
+        assert list(manager._left_answers) == ["within", "new"]
+        # (The one within its grace period is still the client's.)
+        request = {"jsonrpc": "2.0", "id": "c", "method": "session/close"}
+        acp_schema.client_sent({**request, "params": {"sessionId": "sess_x"}})
+        back = await hub.connect()
+        await initialize(back.client, client_id="within", awaiting=["c"])
+        answer = await back.client.wait_for(lambda m: m.get("id") == "c")
+        assert answer == {"jsonrpc": "2.0", "id": "c", "result": {}}
