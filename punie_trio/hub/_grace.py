@@ -83,7 +83,7 @@ def _detach(self: Manager, conn: ClientConnection) -> None:
     if unsent:
         assert client_id is not None
         self._keep_reload_notices(client_id, owned, unsent)
-        self._keep_unsent(owned, unsent, conn.refused_prompts or {}, client_id)
+        self._keep_unsent(owned, unsent, conn.prompt_sessions or {}, client_id)
     if client_id and told and owned:
         for session in owned:
             session.owner = None
@@ -184,13 +184,14 @@ def _keep_unsent(
     self: Manager,
     owned: list[Session],
     texts: list[str],
-    refused: Mapping[RequestId, str],
+    prompts: Mapping[RequestId, str],
     client_id: str | None = None,
 ) -> None:
     """Put what a dropped connection had queued but never written back in front of its
     sessions' backlogs (it is older than anything kept since): their updates, the
-    answer of each one's last prompt, and the errors of prompts refused at once
-    (``refused``: request id to session id). The other answers are kept for the return
+    answers of its prompts, and the errors of those refused at once, in their places
+    (``prompts``: the connection's prompts, request id to session id; each session's
+    last answered prompt too). The other answers are kept for the return
     of ``client_id`` (None: a client that cannot come back), as a cut close's is
     (:func:`keep_left_answer`): those of a session closed or deleted before the drop
     was seen (the close's own, and its cancelled prompt's), and of any other request.
@@ -210,9 +211,9 @@ def _keep_unsent(
         return
     by_id = {s.id: s for s in owned}
     answered = {s.answered_id: s for s in owned if s.answered_id is not None}
-    for request_id, refused_in in refused.items():
-        if refused_in in by_id and request_id not in answered:
-            answered[request_id] = by_id[refused_in]
+    for request_id, sent_in in prompts.items():
+        if sent_in in by_id and request_id not in answered:
+            answered[request_id] = by_id[sent_in]
     # Answers kept already, not to be kept again as left answers: a session's (one it
     # kept, or one kept for it here), and a close's or delete's that goes on past the
     # drop (its own answer is to come: the -32800 its cut handler queued is not it).

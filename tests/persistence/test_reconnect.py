@@ -1725,12 +1725,12 @@ async def test_a_refused_prompts_id_used_again_is_forgotten_and_the_memory_is_bo
         await initialize(link.client, client_id="ide")
         sid = await link.client.new_session(str(hub.root))
         (conn,) = hub.manager.connections
-        assert conn.refused_prompts is None  # (nothing until the first)
+        assert conn.prompt_sessions is None  # (nothing until the first)
         await send_prompt(link.client, "runs", sid, "go")
         for _ in range(5):
             error = await expect_error(link.client, "session/prompt", prompt_params(sid, "x"))
             assert "already has a prompt running" in error["message"]
-        refused = conn.refused_prompts
+        refused = conn.prompt_sessions
         assert refused is not None and list(refused.values()) == [sid] * 3
         newest = list(refused)[-1]
         await link.client.send(
@@ -1758,7 +1758,7 @@ async def test_no_refusal_is_remembered_for_a_client_that_cannot_come_back(
         await send_prompt(link.client, "runs", sid, "go")
         await expect_error(link.client, "session/prompt", prompt_params(sid, "x"))
         (conn,) = hub.manager.connections
-        assert conn.refused_prompts is None
+        assert conn.prompt_sessions is None
 
 
 def _random_turns(rng: random.Random) -> list[list[dict[str, Any]]]:
@@ -2301,3 +2301,31 @@ async def test_the_answers_kept_for_a_client_that_never_returns_go_after_their_g
         await initialize(back.client, client_id="within", awaiting=["c"])
         answer = await back.client.wait_for(lambda m: m.get("id") == "c")
         assert answer == {"jsonrpc": "2.0", "id": "c", "result": {}}
+
+
+async def test_two_unwritten_turns_of_a_session_are_answered_in_order(
+    tmp_path: Path, acp_schema: SchemaChecker
+) -> None:
+    """A client reading nothing runs two turns, one after the other, on a session and
+    drops: both turns' updates and answers were queued and never written. Only the
+    session's last answered prompt was known to be its, so the first prompt's answer
+    was kept apart (as any other request's) and sent last, after the second turn's
+    updates and answer. Back awaiting both prompts, the client gets them in the order
+    they ran now."""
+    model = ScriptModel([[{"text": "one"}], [{"text": "two"}]])
+    async with open_hub(tmp_path, acp_schema, model, limits=Limits(grace_seconds=60)) as hub:
+        raw, session = await open_raw_session(hub, "ide")
+        await send_unread(raw, "p1", "session/prompt", prompt_params(session, "a"), acp_schema)
+        await send_unread(raw, "p2", "session/prompt", prompt_params(session, "b"), acp_schema)
+        await raw.aclose()
+        await hub.settle()
+        back = await hub.connect()
+        await initialize(back.client, client_id="ide", awaiting=["p1", "p2"])
+        await back.client.wait_for(lambda m: m.get("id") == "p2")
+        await hub.settle()
+        seen = [
+            m.get("id") or m["params"]["update"].get("content", {}).get("text")
+            for m in back.client.received[1:]
+        ]
+        # (The first turn's first update was in the stream's buffer: handed over.)
+        assert [s for s in seen if s is not None] == ["p1", "two", "p2"], seen
