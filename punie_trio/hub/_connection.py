@@ -259,6 +259,9 @@ class ClientConnection:
             return
         if len(session_id) > MAX_REMEMBERED_ID_CHARS:
             return  # (no session of ours has such an id: nothing would be kept for it)
+        live = self.manager.sessions.get(session_id)
+        if live is not None:
+            session_id = live.id  # (its string, not one more copy per prompt)
         prompts = self.prompt_sessions
         if prompts is None:
             prompts = self.prompt_sessions = {}
