@@ -2329,3 +2329,95 @@ async def test_two_unwritten_turns_of_a_session_are_answered_in_order(
         ]
         # (The first turn's first update was in the stream's buffer: handed over.)
         assert [s for s in seen if s is not None] == ["p1", "two", "p2"], seen
+
+
+@pytest.mark.parametrize("seed", range(8))
+async def test_every_awaited_request_is_answered_once_after_initialize_across_random_drops(
+    tmp_path: Path,
+    acp_schema: SchemaChecker,
+    autojump_clock: trio.testing.MockClock,
+    caplog: pytest.LogCaptureFixture,
+    seed: int,
+) -> None:
+    """Random prompts, closes, deletes, new sessions, lists and cancels, and drops (each
+    back at once or later, within grace or not, awaiting every request of its own not
+    yet answered: closes and deletes as well as prompts): every request is answered
+    exactly once over all the connections (its answer, or -32603 for one lost in
+    flight or kept past its grace period), each connection's first message is its
+    initialize's answer, and nothing is logged as an error."""
+    rng = random.Random(seed)
+    limits = Limits(
+        grace_seconds=rng.choice([0, 1, 5, 60]),
+        detached_buffer=rng.choice([5, 50, 1000]),
+        outbox_limit=rng.choice([2, 8, 256]),
+    )
+    sent: list[str] = []
+
+    def answers(links: list[Link]) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for link in links:
+            for m in link.client.received:
+                if "method" not in m and m.get("id") in sent:
+                    counts[m["id"]] = counts.get(m["id"], 0) + 1
+        return counts
+
+    async def back(links: list[Link]) -> Link:
+        link = await hub.connect(buffer=rng.choice([1, 4, 64]))
+        links.append(link)
+        got = answers(links)
+        await initialize(link.client, client_id="ide", awaiting=[i for i in sent if i not in got])
+        return link
+
+    async with open_hub(
+        tmp_path, acp_schema, ScriptModel(_random_turns(rng)), limits=limits
+    ) as hub:
+        link = await hub.connect(buffer=rng.choice([1, 4, 64]))
+        await initialize(link.client, client_id="ide")
+        sessions = [await link.client.new_session(str(hub.root)) for _ in range(2)]
+        links = [link]
+        for step in range(rng.randint(10, 60)):
+            action = rng.choice(
+                ["prompt", "prompt", "close", "delete", "new", "list", "cancel", "drop", "sleep"]
+            )
+            session = rng.choice(sessions)
+            request: dict[str, Any] = {"jsonrpc": "2.0", "id": f"{action}-{step}"}
+            if action == "prompt":
+                params = prompt_params(session, "go")
+            elif action in ("close", "delete"):
+                params = {"sessionId": session}
+            elif action == "new":
+                params = {"cwd": str(hub.root), "mcpServers": []}
+            elif action == "list":
+                params = {}
+            elif action == "cancel":
+                await link.client.notify("session/cancel", {"sessionId": session})
+            elif action == "sleep":
+                await trio.sleep(rng.choice([0.001, 0.3, 3]))
+            else:
+                await link.drop()
+                await hub.settle()
+                if rng.random() < 0.3:
+                    await trio.sleep(rng.choice([0.5, 2, 10]))
+                link = await back(links)
+            if action in ("prompt", "close", "delete", "new", "list"):
+                sent.append(request["id"])
+                method = "session/" + action
+                await link.client.send({**request, "method": method, "params": params})
+            if rng.random() < 0.6:  # (else a drop may come as the request runs)
+                await trio.testing.wait_all_tasks_blocked()
+            for m in link.client.received:
+                sid = m.get("result", {}).get("sessionId") if "result" in m else None
+                if sid is not None and sid not in sessions:
+                    sessions.append(sid)
+        await trio.sleep(100)  # (every turn ends)
+        await hub.settle()
+        await link.drop()  # (and back once more, for what the last connection did not get)
+        await hub.settle()
+        await back(links)
+        await trio.sleep(100)
+        await hub.settle()
+    assert answers(links) == dict.fromkeys(sent, 1)
+    for link in links[1:]:
+        first = link.client.received[0]
+        assert "protocolVersion" in first.get("result", {}), first
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
