@@ -222,7 +222,7 @@ def _keep_unsent(
         skipped.update(_answer_id(p) for s in owned for p in s.pending if p[0] != "update")
         skipped.update(self._left_answers.get(client_id, ()))
     kept: dict[str, list[Pending]] = {}
-    others: list[dict[str, Any]] = []  # (the other answers, for client_id)
+    others: list[tuple[RequestId, str]] = []  # (the other answers, for client_id)
     for text in texts:
         if text.startswith(updates.NOTIFICATION_START):
             session_id = json_string_at(text, len(updates.NOTIFICATION_START))
@@ -246,30 +246,17 @@ def _keep_unsent(
             kept.setdefault(session.id, []).append(("message", text, request_id))
             skipped.add(request_id)
         elif client_id:
-            others.append(msg)
-    for msg in others:
-        if msg.get("id") not in skipped:
+            others.append((request_id, text))
+    for request_id, text in others:
+        if request_id not in skipped:
             assert client_id is not None
-            _keep_unwritten_answer(self, client_id, msg)
+            _keep_left(self, client_id, request_id, text)
     for session_id, items in kept.items():
         session = by_id[session_id]
         rest, session.pending = session.pending, []
         session.kept_updates = session.kept_bytes = 0
         for item in (*items, *rest):
             self._buffer(session, item)
-
-
-def _keep_unwritten_answer(self: Manager, client_id: str, msg: dict[str, Any]) -> None:
-    """Keep ``msg``, an answer a dropped connection queued and never wrote, for
-    ``client_id``'s return (:func:`keep_left_answer`)."""
-    left = _keep_left(self, client_id, msg.get("id"))
-    if left is None:
-        return
-    error = msg.get("error")
-    if isinstance(error, dict):
-        left.settle(None, RpcError(error["code"], error["message"], error.get("data")))
-    else:
-        left.settle(msg.get("result"), None)
 
 
 def _keep_reload_notices(
@@ -509,6 +496,13 @@ class LeftAnswer:
     error: RpcError | None = None
     #: When it was done (``trio.current_time``): kept ``grace_seconds`` after that.
     done_at: float = math.inf
+    #: The answer as its connection queued it and never wrote it (``_keep_unsent``),
+    #: kept as that text: sent as it is, and its memory is what the outbox held.
+    text: str | None = None
+
+    def size(self) -> int:
+        """The memory its text takes (``sys.getsizeof``, as the outbox counts)."""
+        return sys.getsizeof(self.text) if self.text is not None else 0
 
     def settle(self, result: Any, error: RpcError | None) -> None:
         self.result, self.error = result, error
@@ -530,9 +524,10 @@ def keep_left_answer(
 
 
 def _keep_left(
-    self: Manager, client_id: str | None, request_id: RequestId | None
+    self: Manager, client_id: str | None, request_id: RequestId | None, text: str | None = None
 ) -> LeftAnswer | None:
-    """:func:`keep_left_answer`, by client id."""
+    """:func:`keep_left_answer`, by client id; with ``text``, an answer known already
+    (one a dropped connection never wrote, as it was queued)."""
     if not client_id or not small_id(request_id):
         return None
     now = trio.current_time()
@@ -541,7 +536,9 @@ def _keep_left(
     for old in [i for i, a in kept.items() if a.done_at + grace < now]:
         del kept[old]
     kept.pop(request_id, None)  # (an id used again: the newest answer)
-    answer = kept[request_id] = LeftAnswer()
+    answer = kept[request_id] = LeftAnswer(text=text)
+    if text is not None:
+        answer.settle(None, None)  # (its text is the answer)
     _bound_left(self, client_id, kept)
     return answer
 
@@ -567,6 +564,12 @@ def _bound_left(self: Manager, client_id: str, kept: dict[RequestId, LeftAnswer]
         del left[oldest]
     while len(kept) > LEFT_ANSWERS:
         del kept[next(iter(kept))]
+    # And within an outbox's bytes (but for the newest, as the outbox takes one message
+    # over its budget): each drop kept what its outbox held, and they piled up over a
+    # client's drops, up to 64 of any size (a session/list page is 10 KB and more).
+    size = sum(a.size() for a in kept.values())
+    while size > self.limits.outbox_bytes and len(kept) > 1:
+        size -= kept.pop(next(iter(kept))).size()
     self._left_answers[client_id] = kept
     while len(self._left_answers) > self.limits.max_connections:
         del self._left_answers[next(iter(self._left_answers))]
@@ -598,7 +601,10 @@ async def _send_left_answers(
         request_id, answer = waiting[0]
         await answer.done.wait()
         if request_id in conn.awaiting and not conn.has_in_flight(request_id):
-            await conn.send_answer(request_id, answer.result, answer.error)
+            if answer.text is not None:
+                await conn.send_encoded(answer.text)
+            else:
+                await conn.send_answer(request_id, answer.result, answer.error)
             conn.stop_awaiting(request_id)
         waiting.pop(0)
 

@@ -2421,3 +2421,37 @@ async def test_every_awaited_request_is_answered_once_after_initialize_across_ra
         first = link.client.received[0]
         assert "protocolVersion" in first.get("result", {}), first
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+
+
+async def test_the_unwritten_answers_kept_for_a_client_are_bounded_in_bytes(
+    tmp_path: Path, acp_schema: SchemaChecker
+) -> None:
+    """A client comes and goes, each time leaving answers its connection never wrote
+    (here ``session/list`` pages). Those no session keeps were kept for its return up to
+    64, whatever their size: a drop's worth of its outbox (``outbox_bytes``) each time,
+    piling up over its drops (and a token holder has ``max-connections`` client ids).
+    They are kept within one outbox's worth now, the newest; back awaiting them all, the
+    client gets those, and -32603 for the older ones, each id once."""
+    budget = 2048
+    limits = Limits(grace_seconds=60, outbox_bytes=budget)
+    async with open_hub(tmp_path, acp_schema, EchoModel(), limits=limits) as hub:
+        ids: list[str] = []
+        for away in range(4):
+            raw = await open_raw(hub)
+            await raw_call(
+                raw, 1, "initialize", {"protocolVersion": 1, "_meta": {CLIENT_ID_META: "ide"}}
+            )
+            if away == 0:
+                await raw_call(raw, 2, "session/new", {"cwd": str(hub.root), "mcpServers": []})
+            for n in range(12):  # (the outbox holds some; the rest wait for room)
+                ids.append(f"list-{away}-{n}")
+                await send_unread(raw, ids[-1], "session/list", {}, acp_schema)
+            await raw.aclose()
+            await hub.settle()
+        back = await hub.connect()
+        await initialize(back.client, client_id="ide", awaiting=ids)
+        await hub.settle()
+        answers = [m for m in back.client.received if m.get("id") in ids]
+        assert sorted(m["id"] for m in answers) == sorted(ids)  # (each once)
+        kept = [m for m in answers if "result" in m]
+        assert kept and sum(len(json.dumps(m)) for m in kept) <= budget
