@@ -543,6 +543,34 @@ def _keep_left(
     return answer
 
 
+def forget_left_answers(
+    self: Manager,
+    client_id: str | None,
+    awaited: Collection[RequestId] = (),
+    reused: RequestId | None = None,
+) -> None:
+    """Forget the answers kept for ``client_id``'s return (:func:`keep_left_answer`) that
+    its new connection does not await (``awaited``, as its ``initialize`` is read), or,
+    given ``reused``, the one under that id, which it uses again for a request of its own.
+
+    Why: such an answer is not for the client any more, and it stood for its id: the
+    answer of a new request under that id, left unwritten by a drop, was not kept (as
+    one kept already), and the client, back awaiting the id, got the old answer for its
+    new request. They were forgotten only by a return that awaited something."""
+    if not client_id:
+        return
+    kept = self._left_answers.get(client_id)
+    if not kept:
+        return
+    if reused is not None:
+        kept.pop(reused, None)
+    else:
+        for request_id in [i for i in kept if i not in awaited]:
+            del kept[request_id]
+    if not kept:
+        del self._left_answers[client_id]
+
+
 def _bound_left(self: Manager, client_id: str, kept: dict[RequestId, LeftAnswer]) -> None:
     """Keep ``kept`` as ``client_id``'s left answers (now the newest client id), within
     :data:`LEFT_ANSWERS` for it and ``max_connections`` client ids, the oldest of each
@@ -615,6 +643,7 @@ def _keep_left_again(
     """Keep again, for the client's next return, the answers ``waiting`` that ``conn``
     did not send (it ended first): ahead of any kept for the client since (they are
     older), but not over an answer kept since under the same id (the newer)."""
+    waiting = [(i, a) for i, a in waiting if i in conn.awaiting]  # (not one used again)
     if not waiting or not conn.client_id:
         return
     kept = dict(waiting)

@@ -202,6 +202,7 @@ class Manager:
     deliver_missed = _grace.deliver_missed
     refuse_unanswerable = _grace.refuse_unanswerable
     keep_left_answer = _grace.keep_left_answer
+    forget_left_answers = _grace.forget_left_answers
     _send_left_answers = _grace._send_left_answers
     _held_by = _grace._held_by
     _expire_grace = _grace._expire_grace

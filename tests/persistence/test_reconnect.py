@@ -2455,3 +2455,35 @@ async def test_the_unwritten_answers_kept_for_a_client_are_bounded_in_bytes(
         assert sorted(m["id"] for m in answers) == sorted(ids)  # (each once)
         kept = [m for m in answers if "result" in m]
         assert kept and sum(len(json.dumps(m)) for m in kept) <= budget
+
+
+async def test_a_cut_closes_answer_not_awaited_never_answers_its_ids_next_request(
+    tmp_path: Path, acp_schema: SchemaChecker
+) -> None:
+    """The client of a close cut by a drop comes back awaiting nothing (a client that
+    starts its ids afresh), uses the close's id again for a request of its own, and drops
+    before that answer is written. The close's answer, not awaited, was still kept (the
+    re-attach took the kept answers only when the client awaited something), and it kept
+    the new request's unwritten answer out as "kept already": the client, back awaiting
+    the id, got the old close's answer for its new request. An answer not awaited at a
+    re-attach is dropped now, as an id not listed is, and the new one is kept."""
+    model = ScriptModel([[{"text": "slow"}, {"sleep": 5}]])
+    store = GatedStore()
+    limits = Limits(grace_seconds=60)
+    async with open_hub(tmp_path, acp_schema, model, limits=limits, store=store) as hub:  # type: ignore[arg-type]
+        await _close_cut_by_a_drop(hub, store, "session/close")
+        store.appends.armed = False
+        store.appends.opened.set()
+        await hub.settle()
+        raw = await open_raw(hub)
+        await raw_call(
+            raw, 1, "initialize", {"protocolVersion": 1, "_meta": {CLIENT_ID_META: "ide"}}
+        )
+        await send_unread(raw, "d", "session/list", {}, acp_schema)  # (the stream holds it)
+        await send_unread(raw, "c", "session/list", {}, acp_schema)  # (never written)
+        await raw.aclose()
+        await hub.settle()
+        back = await hub.connect()
+        await initialize(back.client, client_id="ide", awaiting=["c"])
+        answer = await back.client.wait_for(lambda m: m.get("id") == "c")
+        assert "sessions" in answer.get("result", {}), answer  # (the list's, not the close's {})
