@@ -482,14 +482,16 @@ async def refuse_unanswerable(self: Manager, conn: ClientConnection) -> None:
         raise
 
 
-#: The most answers of closes and deletes cut by a drop kept for one client id.
+#: The most answers kept for one client id's return: of its closes and deletes cut by a
+#: drop, and those its dropped connections never wrote that no session keeps.
 LEFT_ANSWERS = 64
 
 
 @attrs.define(eq=False)
 class LeftAnswer:
-    """The answer of a ``session/close`` or ``session/delete`` that went on after its
-    connection dropped (``_lifecycle.despite_a_drop``): ``done`` once it is known."""
+    """An answer kept for a client's return: of a ``session/close`` or ``session/delete``
+    that went on after its connection dropped (``_lifecycle.despite_a_drop``), ``done``
+    once it is known; or one its dropped connection never wrote (``text``)."""
 
     done: trio.Event = attrs.field(factory=trio.Event)
     result: Any = None
@@ -620,8 +622,8 @@ def _left_awaited(
 async def _send_left_answers(
     self: Manager, conn: ClientConnection, waiting: list[tuple[RequestId, LeftAnswer]]
 ) -> None:
-    """Send ``conn`` the answers ``waiting`` (:func:`_left_awaited`: its client's closes
-    and deletes that its previous connection's drop cut), each once it is done, taking
+    """Send ``conn`` the answers ``waiting`` (:func:`_left_awaited`: those kept for its
+    client's return, :func:`keep_left_answer`), each once it is done, taking
     each out of ``waiting`` once it is queued (or no longer awaited): what is left
     there if this ends early was not sent, for the caller to keep again
     (:func:`_keep_left_again`)."""
