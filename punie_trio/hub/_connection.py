@@ -74,6 +74,15 @@ class ClientConnection:
     on_input_end: Callable[[], None] | None = None
     initialized: bool = False
     client_id: str | None = None
+    #: Let in past a full ``max_connections`` (``Manager.admit_upgrade``): it may only
+    #: send ``initialize`` naming a client id whose connection a probe finds dead, and
+    #: takes that connection's place (``Manager.promote``); refused and closed otherwise.
+    on_probation: bool = False
+    #: How the transport is to close once :meth:`run` returns (a WebSocket close code
+    #: and reason), if not as usual: set when a connection on probation is refused.
+    close_with: tuple[int, str] | None = attrs.field(default=None, init=False)
+    # On probation: whether its initialize has been read (the deadline for it is met).
+    _initialize_read: bool = attrs.field(default=False, init=False)
     #: The request ids whose answers this client still awaits from its previous connection
     #: (``_meta["punie-trio/awaiting"]``); each is taken out once its answer is sent.
     #: (A frozenset, replaced when it changes: the shared empty one costs an idle
@@ -198,19 +207,15 @@ class ClientConnection:
             if request_id is not None:
                 self.prompt_sessions.pop(request_id, None)
         if method == acp.INITIALIZE:
-            init, client_id, awaiting = self._initialize_params(params)
-            manager = self.manager
-            if (
-                client_id is not None
-                and manager.alive is not None
-                and manager.holder_of(client_id, self) is not None
-            ):
-                # (Held here, synchronously: the next message is not read meanwhile.)
-                assert self.peer is not None
-                held = self.peer.hold_reading()
-                return self._initialize_after_take_over(init, client_id, awaiting, held)
-            return self._initialize(init, client_id, awaiting)
+            if self.on_probation:
+                return self._initialize_on_probation(params)
+            return self._initialize_request(*self._initialize_params(params))
         if not self.initialized:
+            if self.on_probation:
+                return self._refused_on_probation(
+                    f"a connection let in past the limit may only send initialize, "
+                    f"not {method}, naming its client id"
+                )
             if method.startswith("_") or method in acp.AGENT_METHODS:
                 raise RpcError(INVALID_REQUEST, f"Invalid request: call initialize before {method}")
             raise method_not_found(method)
@@ -305,6 +310,23 @@ class ClientConnection:
             )
         return init, client_id, awaiting
 
+    def _initialize_request(
+        self, init: acp.InitializeParams, client_id: str | None, awaiting: frozenset[RequestId]
+    ) -> Awaitable[dict[str, Any]]:
+        """Answer ``initialize`` (its params checked): at once, or once the connection
+        that holds its client id has been probed."""
+        manager = self.manager
+        if (
+            client_id is not None
+            and manager.alive is not None
+            and manager.holder_of(client_id, self) is not None
+        ):
+            # (Held here, synchronously: the next message is not read meanwhile.)
+            assert self.peer is not None
+            held = self.peer.hold_reading()
+            return self._initialize_after_take_over(init, client_id, awaiting, held)
+        return self._initialize(init, client_id, awaiting)
+
     async def _initialize_after_take_over(
         self,
         init: acp.InitializeParams,
@@ -317,13 +339,87 @@ class ClientConnection:
         alive, else as any initialize once it has been dropped (its sessions re-attach
         here). Nothing more is read from this client until ``held`` is set
         (``Peer.hold_reading``), so a request pipelined behind the initialize is handled
-        as if it had been answered at once. Every other client is unaffected."""
+        as if it had been answered at once. Every other client is unaffected.
+
+        On probation, the holder's place is this connection's once it has detached
+        (``Manager.detach`` promotes it); refused, a connection still on probation is
+        closed, unless a place came free meanwhile (it then stays, as anywhere)."""
         try:
-            await self.manager.take_over(self, client_id)
+            try:
+                await self.manager.take_over(self, client_id)
+            except RpcError as refused:
+                if self.on_probation and self.manager.has_room():
+                    self.manager.promote(self)
+                if self.on_probation:
+                    self._close_on_probation()
+                    raise self.manager.limit_reached(refused.message) from None
+                raise
+            if self.on_probation:  # (the holder left, but not by the probe: see detach)
+                if not self.manager.has_room():
+                    self._close_on_probation()
+                    raise self.manager.limit_reached(
+                        f"no place came free for client id {client_id!r}"
+                    )
+                self.manager.promote(self)
             answer = self._initialize(init, client_id, awaiting)  # (no await since)
         finally:
             held.set()
         return await answer
+
+    def _initialize_on_probation(self, params: Params) -> Awaitable[dict[str, Any]]:
+        """``initialize`` on a connection let in past a full limit (``on_probation``):
+        taken on only if it names a client id another open connection holds (probed
+        next: :meth:`_initialize_after_take_over`), or if a place has come free since
+        the upgrade (then as any initialize); else refused (-32600 naming the limit)
+        and the connection closed (1013). Bad params are refused so too: a connection
+        on probation gets one try."""
+        manager = self.manager
+        self._initialize_read = True
+        try:
+            init, client_id, awaiting = self._initialize_params(params)
+        except RpcError as exc:  # (its code kept: -32602 names the field)
+            self._close_on_probation()
+            message = manager.limit_reached(exc.message).message
+            return _raise(RpcError(exc.code, message, exc.data))
+        if manager.has_room():
+            manager.promote(self)
+            return self._initialize_request(init, client_id, awaiting)
+        if client_id is None:
+            return self._refused_on_probation(
+                f"a connection past the limit may only take the place of its own client's "
+                f"connection that no longer answers: name its client id in "
+                f"initialize _meta.{CLIENT_ID_META}"
+            )
+        if manager.holder_of(client_id, self) is None:
+            return self._refused_on_probation(
+                f"no open connection holds client id {client_id!r}, so this one can take "
+                "no connection's place"
+            )
+        assert self.peer is not None
+        held = self.peer.hold_reading()
+        return self._initialize_after_take_over(init, client_id, awaiting, held)
+
+    def _refused_on_probation(self, why: str) -> Awaitable[Any]:
+        """Refuse the request being read (on probation) with the limit's -32600 saying
+        ``why``, and close the connection once that answer is written."""
+        self._close_on_probation()
+        return _raise(self.manager.limit_reached(why))
+
+    def end_probation_unless_initializing(self, why: str) -> None:
+        """Close this connection (1013, the limit's reason and ``why``) if it is on
+        probation and has not sent its ``initialize`` (the app's deadline for it)."""
+        if self.on_probation and not self._initialize_read and self.close_with is None:
+            log.info("closing a connection on probation: %s", why)
+            self._close_on_probation(why)
+
+    def _close_on_probation(self, why: str | None = None) -> None:
+        """End this connection once the answers under way are written: nothing more is
+        read (``Peer.finish``), and the transport closes with the limit's reason (at a
+        shutdown, as every connection does then: going away, not "try again later")."""
+        if not self.manager.closing.is_set():
+            self.close_with = self.manager.close_reason(why)
+        if self.peer is not None:
+            self.peer.finish()
 
     def _initialize(
         self, init: acp.InitializeParams, client_id: str | None, awaiting: frozenset[RequestId]
@@ -412,6 +508,12 @@ def _initialize_result() -> dict[str, Any]:
 async def _ready(value: Any) -> Any:
     """Wrap a result computed synchronously in the reader as the awaitable the Peer expects."""
     return value
+
+
+async def _raise(error: RpcError) -> Any:
+    """An error the Peer answers from a handler's task rather than the reader's (the
+    reader may be stopping: ``Peer.finish``, and its own sends are then cut)."""
+    raise error
 
 
 def _awaiting(value: object, most: int = MAX_AWAITING) -> frozenset[RequestId]:

@@ -65,8 +65,14 @@ def detach(self: Manager, conn: ClientConnection) -> None:
     try:
         _detach(self, conn)
     finally:
+        self.on_probation.discard(conn)
         leaving = self._leaving.pop(conn, None)
         if leaving is not None:
+            # The connection whose take_over probed conn takes its place, if it was let
+            # in on probation past a full limit: now, before anything else can take it.
+            claimant = self._claims.get(conn.client_id or "")
+            if claimant is not None and claimant.on_probation:
+                self.promote(claimant)
             leaving.set()  # (a take_over waits for this: conn's sessions are decided)
 
 
@@ -733,14 +739,23 @@ def _bound_detached(self: Manager) -> None:
     sessions kept for absent clients are bounded like those of connected ones.
     """
     limit = self.limits.max_connections
-    while self._reattached and len(self.connections) + len(self._reattached) > limit:
-        client_id, event = next(iter(self._reattached.items()))  # away the longest
+    # Connections on probation are not counted (they are past the limit, and each takes
+    # a place only as another leaves); nor is a client away whose id a connection is
+    # taking over (take_over): that connection is its client, back, and counted already.
+    # (Counted twice, a client taking over its half-open connection at a full server
+    # would lose the very sessions it came back for.)
+    connected = len(self.connections) - len(self.on_probation)
+    claimed = sum(c in self._reattached for c in self._claims)  # (a few take-overs)
+    while connected + len(self._reattached) - claimed > limit:
+        client_id = next((c for c in self._reattached if c not in self._claims), None)
+        if client_id is None:
+            break  # (away the longest, and not being taken over: none)
         log.warning(
             "ending the grace period of client %r early: %d clients away and %d "
             "connected, over the connection limit (%d)",
-            client_id, len(self._reattached), len(self.connections), limit,
+            client_id, len(self._reattached) - claimed, connected, limit,
         )  # fmt: skip
-        event.set()  # (its timer ends)
+        self._reattached[client_id].set()  # (its timer ends)
         self._end_grace(client_id)
 
 

@@ -13,6 +13,8 @@ waits for a turn its session's drop cut, an expiring grace drops sessions).
 
 - ``_grace.py``, the reconnect grace: a client that said who it is keeps its sessions while
   away, and gets what they produced when it comes back;
+- ``_probation.py``, the connection limit, and the way back in past it for a client whose
+  old connection a probe finds dead;
 - ``_lifecycle.py``, the session lifecycle: path checks, ``session/new``, ``load``,
   ``resume``, ``list``, ``close`` and ``delete``;
 - ``_turns.py``, turns: a prompt's registration, the relay of its events (routing, and what
@@ -49,7 +51,7 @@ from ..worker import (
     StartTurn,
     ToolCallLimiter,
 )
-from . import _grace, _lifecycle, _turns
+from . import _grace, _lifecycle, _probation, _turns
 from ._session import ActiveTurn, Limits, Session, WorkerHandle
 
 if TYPE_CHECKING:
@@ -129,6 +131,14 @@ class Manager:
     _claims: dict[str, ClientConnection] = attrs.field(factory=dict, init=False)
     # Connections a take_over waits to see detached: set by detach.
     _leaving: dict[ClientConnection, trio.Event] = attrs.field(factory=dict, init=False)
+    #: WebSocket upgrades accepted and not yet attached (``web._app``: admit_upgrade),
+    #: counted against ``max_connections`` (simultaneous handshakes must not slip past
+    #: it), and those let in on probation, counted against ``_probation.MAX_ON_PROBATION``.
+    upgrading: int = attrs.field(default=0, init=False)
+    upgrading_on_probation: int = attrs.field(default=0, init=False)
+    #: The open connections let in past a full ``max_connections`` on probation, each
+    #: only to take the place of a connection found dead (see ``_probation.py``).
+    on_probation: set[ClientConnection] = attrs.field(factory=set, init=False)
 
     def __attrs_post_init__(self) -> None:
         self.roots = tuple(str(Path(r).resolve()) for r in self.roots)
@@ -156,6 +166,8 @@ class Manager:
 
     def attach(self, conn: ClientConnection) -> None:
         self.connections.add(conn)
+        if conn.on_probation:
+            self.on_probation.add(conn)
         if self.closing.is_set():
             self._finish_connections()
 
@@ -187,6 +199,14 @@ class Manager:
             if other.client_id == client_id and other.initialized and other is not conn:
                 return other
         return None
+
+    # The connection limit, and probation past it: _probation.py.
+    has_room = _probation.has_room
+    admit_upgrade = _probation.admit_upgrade
+    upgraded = _probation.upgraded
+    promote = _probation.promote
+    limit_reached = _probation.limit_reached
+    close_reason = _probation.close_reason
 
     # -- reconnect grace: _grace.py -----------------------------------------------------------
 

@@ -329,7 +329,10 @@ class Peer:
 
     def finish(self) -> None:
         """End gracefully: stop reading, let running handlers complete and their answers
-        drain, then return from :meth:`run`. Used at shutdown, after turns were cancelled."""
+        drain, then return from :meth:`run`. Used at shutdown, after turns were cancelled,
+        and to close a connection refused past the connection limit (called from a
+        handler's synchronous part, which then returns an awaitable: an error raised
+        there is sent by the reader, which the stop cuts)."""
         self._finishing = True
         self._reader_scope.cancel()
 

@@ -30,7 +30,7 @@ from wsproto.utilities import split_comma_header
 
 from .. import _json
 from .._version import __version__
-from ..hub import ClientConnection, Manager
+from ..hub import PROBATION_INITIALIZE_WITHIN, ClientConnection, Manager
 from ._asgi_ws import ASGIReceive, ASGISend, AsgiWebSocketStream
 from ._auth import (
     challenge,
@@ -82,9 +82,9 @@ class App:
     started_at: float = attrs.field(factory=time.monotonic)
     #: Finds dead peers and connections that never initialize (start its ``run``).
     heartbeat: Heartbeat = attrs.field(factory=Heartbeat)
-    # Upgrades accepted but not yet attached to the manager: counted against the connection
-    # limit, so simultaneous handshakes cannot slip past it.
-    _upgrading: int = attrs.field(default=0, init=False)
+    #: How long a connection let in on probation past a full limit has to send its
+    #: ``initialize`` (``hub._probation``).
+    probation_initialize_within: float = PROBATION_INITIALIZE_WITHIN
 
     def __attrs_post_init__(self) -> None:
         # The manager asks the heartbeat whether a connection holding a client id that a
@@ -215,23 +215,37 @@ class App:
         if refusal is not None:
             await _reject_websocket(scope, send, *refusal)
             return
+        admitted = self.manager.admit_upgrade()
+        if admitted is None:
+            limit = self.manager.limits.max_connections
+            await _reject_websocket(
+                scope, send, 503, f"Service Unavailable: connection limit reached ({limit})"
+            )
+            return
         conn_id = str(uuid.uuid4())  # the RFD shows a UUID
-        self._upgrading += 1
         try:
             await send(
                 {"type": "websocket.accept", "headers": [(b"acp-connection-id", conn_id.encode())]}
             )
         finally:
-            # conn.run() attaches to the manager before its first checkpoint.
-            self._upgrading -= 1
+            # Counted by the manager until here, and by the connection from its attach
+            # (conn.run() attaches before its first checkpoint).
+            self.manager.upgraded(admitted)
         stream = AsgiWebSocketStream(receive, send)
-        conn = ClientConnection(self.manager, transport="websocket", id=conn_id)
+        probation = admitted == "probation"
+        conn = ClientConnection(
+            self.manager, transport="websocket", id=conn_id, on_probation=probation
+        )
         self.heartbeat.watch(stream, conn)
         try:
-            await conn.run(stream)
+            if probation:
+                await self._run_on_probation(conn, stream)
+            else:
+                await conn.run(stream)
         finally:
             self.heartbeat.unwatch(stream)
-            await stream.close(1001 if self.closing.is_set() else 1000)
+            code, reason = conn.close_with or (1001 if self.closing.is_set() else 1000, "")
+            await stream.close(code, reason)
             _release_buffers(send)
             # (Also when conn.run failed.) At shutdown the connection is dropped at once, as
             # Hypercorn did when the app returned: a client that does not answer the close
@@ -239,8 +253,29 @@ class App:
             # 0.02 s).
             await stream.wait_disconnected(0 if self.closing.is_set() else CLOSE_TIMEOUT)
 
+    async def _run_on_probation(self, conn: ClientConnection, stream: AsgiWebSocketStream) -> None:
+        """Run a connection let in on probation past a full limit (``hub._probation``),
+        closing it (1013) if it has not sent ``initialize`` within
+        :attr:`probation_initialize_within`: a place on probation is held for a round
+        trip, not for the heartbeat's 30 s.
+
+        Resource handling: the deadline's task lives in a nursery around ``conn.run``,
+        and ends with it (cancelled once the connection does)."""
+        async with trio.open_nursery() as nursery:
+
+            async def deadline() -> None:
+                await trio.sleep(self.probation_initialize_within)
+                conn.end_probation_unless_initializing(
+                    f"initialize not received within {self.probation_initialize_within:g} s"
+                )
+
+            nursery.start_soon(deadline)
+            await conn.run(stream)
+            nursery.cancel_scope.cancel()
+
     def _refuse_websocket(self, scope: dict[str, Any]) -> tuple[int, str] | None:
-        """Why this upgrade must be refused (status, reason), or None to accept it."""
+        """Why this upgrade must be refused (status, reason), or None to accept it
+        (the connection limit is the manager's: ``Manager.admit_upgrade``)."""
         bad_key = _bad_key(scope)
         if bad_key is not None:
             return 400, f"Bad Request: {bad_key}"
@@ -261,9 +296,6 @@ class App:
             return 401, unauthorized(scope, needs)
         if self.closing.is_set():
             return 503, "Service Unavailable: the server is shutting down"
-        if len(self.manager.connections) + self._upgrading >= self.manager.limits.max_connections:
-            limit = self.manager.limits.max_connections
-            return 503, f"Service Unavailable: connection limit reached ({limit})"
         return None
 
 

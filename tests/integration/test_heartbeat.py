@@ -13,17 +13,19 @@ import socket
 from pathlib import Path
 from typing import Any
 
+import pytest
 import trio
 import trio.testing
+from trio_websocket import ConnectionRejected, WebSocketConnection, open_websocket_url
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, CloseConnection, Message, Ping, Request
 
-from punie_trio.hub import Limits
+from punie_trio.hub import MAX_ON_PROBATION, PROBATION_INITIALIZE_WITHIN, Limits
 from punie_trio.web._heartbeat import INITIALIZE_WITHIN, PING_AFTER, PROBE_WITHIN, SWEEP_EVERY
 from punie_trio.worker import ScriptModel
 
 from ..acp_schema import SchemaChecker
-from ._support import acp_ws_client, received_so_far, settle_until
+from ._support import TOKEN, acp_ws_client, received_so_far, settle_until, ws_url
 from .conftest import StartServer
 
 
@@ -39,10 +41,12 @@ class RawClient:
         self.eof = False
 
     @classmethod
-    async def connect(cls, url: str) -> RawClient:
+    async def connect(cls, url: str, token: str | None = None) -> RawClient:
         host, port = url.removeprefix("http://").rsplit(":", 1)
         client = cls(await trio.open_tcp_stream(host, int(port)))
-        await client.stream.send_all(client.ws.send(Request(host=host, target="/acp")))
+        headers = [(b"authorization", f"Bearer {token}".encode())] if token else []
+        request = Request(host=host, target="/acp", extra_headers=headers)
+        await client.stream.send_all(client.ws.send(request))
         while not any(isinstance(e, AcceptConnection) for e in client.events):
             client._take(await client.stream.receive_some(65536))
         return client
@@ -220,13 +224,13 @@ def chunks(messages: list[dict[str, Any]], session_id: str) -> list[str]:
 
 
 async def half_open_client(
-    running: Any, client_id: str, cwd: Path, acp_schema: SchemaChecker
+    running: Any, client_id: str, cwd: Path, acp_schema: SchemaChecker, token: str | None = None
 ) -> tuple[RawClient, str]:
     """A client (``client_id``) with a session whose prompt (id 3) runs its turn, which
     then stops reading and answers nothing, pings included: what a network flap or a
     laptop's sleep leaves, a connection the server still thinks open."""
     manager = running.manager
-    raw = await RawClient.connect(running.url)
+    raw = await RawClient.connect(running.url, token)
     await raw.open_session(client_id, cwd)
     await settle_until(lambda: len(manager.sessions) == 1)
     (session_id,) = manager.sessions
@@ -475,6 +479,319 @@ async def test_a_connection_whose_client_closes_it_during_the_probe_is_not_alive
             owner = manager.sessions[session_id].owner
             assert owner is not None and owner in manager.connections
             assert len(manager.connections) == 1
+            mock_clock.jump(30)
+            await settle_until(lambda: answer_to(new, 3) is not None)
+        old.peek.close()
+        await old.stream.aclose()
+
+
+async def test_a_client_back_at_a_full_server_takes_over_its_half_open_connection(
+    start_server: StartServer,
+    tmp_path: Path,
+    acp_schema: SchemaChecker,
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    """At a full server (``max_connections`` 1, held by the client's own half-open
+    connection) the client coming back under its client id is let in on probation: its
+    initialize probes the old connection, which, silent, is dropped, and the new one takes
+    its place (and its sessions, with the running turn's updates and answer). Before, its
+    upgrade was refused with HTTP 503 before its client id could be read, and it was locked
+    out of its own sessions until the sweep dropped the old connection, 60-70 s later."""
+    model = ScriptModel(
+        [[{"text": "1 "}, {"sleep": 1}, {"text": "2 "}, {"sleep": 8}, {"text": "3"}],
+         [{"text": "again"}]]
+    )  # fmt: skip
+    limits = Limits(grace_seconds=300, max_connections=1)
+    async with start_server(model, limits=limits, token=TOKEN) as running:
+        manager = running.manager
+        assert running.url is not None
+        old, session_id = await half_open_client(running, "ide", tmp_path, acp_schema, TOKEN)
+        with pytest.raises(ConnectionRejected) as wrong:  # (the token first, as ever)
+            async with open_websocket_url(ws_url(running.url) + "?token=wrong"):
+                pass
+        assert wrong.value.status_code == 401
+        async with acp_ws_client(running.url, acp_schema, token=TOKEN) as (new, _):
+            await new.send(initialize_request("init", "ide", [3]))
+            await new.send({"jsonrpc": "2.0", "id": "list", "method": "session/list"})
+            await settle()
+            old.read_ready()
+            assert old.pings() == 1 and not old.eof  # probed at once
+            assert new.received == []
+            assert len(manager.connections) == 2  # the limit, and one on probation
+            mock_clock.jump(PROBE_WITHIN)
+            await settle_until(lambda: answer_to(new, "list") is not None)
+            accepted = answer_to(new, "init")
+            assert accepted is not None and "protocolVersion" in accepted["result"], accepted
+            assert new.received[0] is accepted  # (then the pipelined request's answer)
+            listed = answer_to(new, "list")
+            assert listed is not None
+            assert [s["sessionId"] for s in listed["result"]["sessions"]] == [session_id]
+            old.read_ready()
+            assert old.eof
+            assert len(manager.connections) == 1
+            owner = manager.sessions[session_id].owner
+            assert owner is not None and owner in manager.connections
+            mock_clock.jump(10)
+            await settle_until(lambda: answer_to(new, 3) is not None)
+            answer = answer_to(new, 3)
+            assert answer is not None and answer["result"] == {"stopReason": "end_turn"}
+            assert chunks(old.messages(), session_id) + chunks(new.received, session_id) == [
+                "1 ", "2 ", "3"
+            ]  # fmt: skip
+            assert await new.prompt(session_id, "again") == "end_turn"
+        old.peek.close()
+        await old.stream.aclose()
+
+
+async def refused_on_probation(
+    url: str, acp_schema: SchemaChecker, first: dict[str, Any]
+) -> tuple[dict[str, Any], tuple[int, str]]:
+    """Upgrade at a full server (let in on probation), send ``first``, and return its
+    answer and the WebSocket close that follows it."""
+    async with acp_ws_client(url, acp_schema) as (client, ws):
+        await client.send(first)
+        await settle_until(lambda: client.closed.is_set())
+        answer = answer_to(client, first["id"])
+        assert answer is not None, client.received
+        closed = ws.closed
+        assert closed is not None
+        return answer, (closed.code, closed.reason)
+
+
+async def test_at_a_full_server_only_a_claim_to_a_dead_connection_is_let_in(
+    start_server: StartServer,
+    tmp_path: Path,
+    acp_schema: SchemaChecker,
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    """A connection let in on probation past a full limit that has no claim to a dead
+    connection's place is refused, with -32600 naming the limit and why, and closed
+    with 1013 (Try Again Later) naming the limit: an initialize with no client id, one
+    naming a client id no connection holds, one naming the id of a live connection (it
+    answers the probe at once: no time passes), and any other request first. The
+    connection that holds the limit serves on, its sessions its own, and the server is
+    back at its limit after each."""
+    async with start_server(limits=Limits(grace_seconds=300, max_connections=1)) as running:
+        manager = running.manager
+        assert running.url is not None
+        async with acp_ws_client(running.url, acp_schema) as (live, _):
+            await live.request("initialize", initialize_request("", "ide", [])["params"])
+            session_id = await live.new_session(str(tmp_path))
+            start = trio.current_time()
+            no_id = {"jsonrpc": "2.0", "id": "a", "method": "initialize",
+                     "params": {"protocolVersion": 1}}  # fmt: skip
+            cases = [
+                (no_id, "name its client id in initialize _meta.punie-trio/clientId"),
+                (initialize_request("b", "nobody", []), "no open connection holds client id"),
+                (initialize_request("c", "ide", []), "in use by another open connection"),
+                ({"jsonrpc": "2.0", "id": "d", "method": "session/list"}, "not session/list"),
+            ]
+            for first, why in cases:
+                answer, closed = await refused_on_probation(running.url, acp_schema, first)
+                error = answer["error"]
+                assert error["code"] == -32600
+                assert error["message"].startswith("Connection limit reached (1): "), error
+                assert why in error["message"], error
+                assert closed == (1013, "connection limit reached (1)")
+                await settle_until(lambda: len(manager.connections) == 1)
+                assert not manager.on_probation
+            # Bad params keep their -32602 (naming the field), the limit in front.
+            bad = initialize_request("e", "ide", [])
+            bad["params"]["_meta"]["punie-trio/clientId"] = 5
+            answer, closed = await refused_on_probation(running.url, acp_schema, bad)
+            assert answer["error"]["code"] == -32602
+            assert answer["error"]["message"].startswith(
+                "Connection limit reached (1): Invalid params: _meta.punie-trio/clientId"
+            )
+            assert closed == (1013, "connection limit reached (1)")
+            assert trio.current_time() == start
+            assert manager.sessions[session_id].owner in manager.connections
+            assert await live.prompt(session_id, "still mine") == "end_turn"
+
+
+async def test_probation_past_a_full_limit_is_bounded_and_brief(
+    start_server: StartServer,
+    tmp_path: Path,
+    acp_schema: SchemaChecker,
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    """At most MAX_ON_PROBATION connections are let in past the limit at once; the next
+    upgrade gets the 503 as before. One that sends nothing is closed (1013) once
+    PROBATION_INITIALIZE_WITHIN has passed, and its place is free again. With no
+    connection holding a client id, no probe could free a place: 503 at once."""
+    async with start_server(limits=Limits(grace_seconds=300, max_connections=1)) as running:
+        manager = running.manager
+        assert running.url is not None
+        url = ws_url(running.url)
+
+        async def refused_with_503() -> bytes:
+            with pytest.raises(ConnectionRejected) as refused:
+                async with open_websocket_url(url):
+                    pass
+            assert refused.value.status_code == 503
+            return refused.value.body or b""
+
+        async with acp_ws_client(running.url, acp_schema) as (anonymous, _):
+            await anonymous.initialize()  # (no client id)
+            assert b"connection limit reached (1)" in await refused_with_503()
+        await settle_until(lambda: not manager.connections)
+        async with acp_ws_client(running.url, acp_schema) as (live, _):
+            await live.request("initialize", initialize_request("", "ide", [])["params"])
+            silent = [await RawClient.connect(running.url) for _ in range(MAX_ON_PROBATION)]
+            await settle_until(lambda: len(manager.on_probation) == MAX_ON_PROBATION)
+            assert len(manager.connections) == 1 + MAX_ON_PROBATION
+            assert b"connection limit reached (1)" in await refused_with_503()
+            mock_clock.jump(PROBATION_INITIALIZE_WITHIN)
+            await settle_until(lambda: len(manager.connections) == 1)
+            for raw in silent:
+                await settle_until(lambda raw=raw: raw.read_ready() or raw.closed_with())
+                assert raw.closed_with() == (
+                    1013, "connection limit reached (1): initialize not received within 5 s"
+                )  # fmt: skip
+                raw.peek.close()
+                await raw.stream.aclose()
+            answer, _ = await refused_on_probation(
+                running.url, acp_schema, initialize_request("x", "ide", [])
+            )
+            assert "in use by another open connection" in answer["error"]["message"]
+            session_id = await live.new_session(str(tmp_path))
+            assert await live.prompt(session_id, "unaffected") == "end_turn"
+
+
+async def test_two_connections_racing_for_a_half_open_client_id_at_a_full_server(
+    start_server: StartServer,
+    tmp_path: Path,
+    acp_schema: SchemaChecker,
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    """Both on probation, both naming the half-open connection's client id: one probes
+    it and takes its place and its sessions; the other is refused at once (being taken
+    over) and closed (1013). The server is back at its limit, with one connection under
+    the id."""
+    model = ScriptModel([[{"text": "1 "}, {"sleep": 30}, {"text": "2"}]])
+    limits = Limits(grace_seconds=300, max_connections=1)
+    async with start_server(model, limits=limits) as running:
+        manager = running.manager
+        assert running.url is not None
+        old, session_id = await half_open_client(running, "ide", tmp_path, acp_schema)
+        async with (
+            acp_ws_client(running.url, acp_schema) as (one, ws_one),
+            acp_ws_client(running.url, acp_schema) as (two, ws_two),
+        ):
+            assert len(manager.on_probation) == 2
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(one.send, initialize_request("init-1", "ide", [3]))
+                nursery.start_soon(two.send, initialize_request("init-2", "ide", [3]))
+            ids = {one: "init-1", two: "init-2"}
+            await settle_until(lambda: any(answer_to(c, i) is not None for c, i in ids.items()))
+            await settle()
+            (loser,) = [c for c, i in ids.items() if answer_to(c, i) is not None]
+            (winner,) = [c for c in ids if c is not loser]
+            refused = answer_to(loser, ids[loser])
+            assert refused is not None
+            assert refused["error"]["message"].startswith("Connection limit reached (1): ")
+            assert "being taken over" in refused["error"]["message"]
+            await settle_until(lambda: loser.closed.is_set())
+            ws: WebSocketConnection = ws_one if loser is one else ws_two
+            assert ws.closed is not None and ws.closed.code == 1013
+            assert len(manager.connections) == 2  # (the half-open one and the winner)
+            mock_clock.jump(PROBE_WITHIN)
+            await settle_until(lambda: answer_to(winner, ids[winner]) is not None)
+            accepted = answer_to(winner, ids[winner])
+            assert accepted is not None and "protocolVersion" in accepted["result"]
+            assert len(manager.connections) == 1 and not manager.on_probation
+            owner = manager.sessions[session_id].owner
+            assert owner is not None and owner.client_id == "ide"
+            mock_clock.jump(30)
+            await settle_until(lambda: answer_to(winner, 3) is not None)
+        old.peek.close()
+        await old.stream.aclose()
+
+
+async def test_a_connection_on_probation_takes_a_place_that_comes_free(
+    start_server: StartServer,
+    tmp_path: Path,
+    acp_schema: SchemaChecker,
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    """Let in on probation, a connection whose initialize comes after another client
+    left is one like any other: it needs no claim to a dead connection's place."""
+    async with start_server(limits=Limits(grace_seconds=300, max_connections=2)) as running:
+        manager = running.manager
+        assert running.url is not None
+        async with acp_ws_client(running.url, acp_schema) as (live, _):
+            await live.request("initialize", initialize_request("", "ide", [])["params"])
+            leaving = await RawClient.connect(running.url)
+            await leaving.send_json(
+                {"jsonrpc": "2.0", "id": 1, "method": "initialize",
+                 "params": {"protocolVersion": 1}}
+            )  # fmt: skip
+            await settle_until(lambda: all(c.initialized for c in manager.connections))
+            async with acp_ws_client(running.url, acp_schema) as (late, _):
+                assert len(manager.on_probation) == 1
+                leaving.peek.close()
+                await leaving.stream.aclose()
+                await settle_until(lambda: len(manager.connections) == 2)
+                await late.initialize()  # (no client id)
+                assert not manager.on_probation
+                session_id = await late.new_session(str(tmp_path))
+                assert await late.prompt(session_id, "in") == "end_turn"
+
+
+async def test_a_shutdown_during_a_probe_at_a_full_server_closes_as_a_shutdown(
+    start_server: StartServer,
+    tmp_path: Path,
+    acp_schema: SchemaChecker,
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    """A shutdown does not wait for a probe: the initialize of the connection on
+    probation is refused (the server is shutting down) and it is closed as every other
+    connection is at a shutdown, 1001 (going away), not 1013 (try again later)."""
+    model = ScriptModel([[{"text": "1 "}, {"sleep": 30}]])
+    limits = Limits(grace_seconds=300, max_connections=1)
+    async with start_server(model, limits=limits) as running:
+        assert running.url is not None
+        old, _ = await half_open_client(running, "ide", tmp_path, acp_schema)
+        async with acp_ws_client(running.url, acp_schema) as (new, ws):
+            await new.send(initialize_request("init", "ide", [3]))
+            await settle()
+            assert running.manager.on_probation and new.received == []
+            running.closing.set()
+            await settle_until(lambda: new.closed.is_set())
+            refused = answer_to(new, "init")
+            assert refused is not None and "shutting down" in refused["error"]["message"]
+            assert ws.closed is not None and ws.closed.code == 1001
+        old.peek.close()
+        await old.stream.aclose()
+
+
+async def test_at_a_full_server_a_connection_closed_by_its_client_during_the_probe_gives_its_place(
+    start_server: StartServer,
+    tmp_path: Path,
+    acp_schema: SchemaChecker,
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    """A client reconnecting closes its old connection, and the close comes in behind the
+    new connection's initialize; at a full server the new connection, on probation, takes
+    the old one's place as it ends (no time passes), not only when a probe drops it."""
+    model = ScriptModel([[{"text": "1 "}, {"sleep": 30}]])
+    limits = Limits(grace_seconds=300, max_connections=1)
+    async with start_server(model, limits=limits) as running:
+        manager = running.manager
+        assert running.url is not None
+        old, session_id = await half_open_client(running, "ide", tmp_path, acp_schema)
+        async with acp_ws_client(running.url, acp_schema) as (new, _):
+            start = trio.current_time()
+            await new.send(initialize_request("init", "ide", [3]))
+            await settle()
+            assert manager.on_probation
+            await old.stream.send_all(old.ws.send(CloseConnection(code=1000)))
+            await settle_until(lambda: answer_to(new, "init") is not None)
+            accepted = answer_to(new, "init")
+            assert accepted is not None and "protocolVersion" in accepted["result"], accepted
+            assert trio.current_time() == start
+            assert len(manager.connections) == 1 and not manager.on_probation
+            assert manager.sessions[session_id].owner in manager.connections
             mock_clock.jump(30)
             await settle_until(lambda: answer_to(new, 3) is not None)
         old.peek.close()

@@ -47,9 +47,13 @@ class Hub:
     checker: SchemaChecker
     root: Path
 
-    async def connect(self, *, buffer: int = 64, **client_kw: Any) -> Link:
+    async def connect(
+        self, *, buffer: int = 64, on_probation: bool = False, **client_kw: Any
+    ) -> Link:
+        """A client connected to the hub; ``on_probation`` as the app lets one in past a
+        full ``max_connections`` (``Manager.admit_upgrade``)."""
         agent_side, client_side = memory_message_stream_pair(buffer)
-        connection = ClientConnection(self.manager, transport="memory")
+        connection = ClientConnection(self.manager, transport="memory", on_probation=on_probation)
         await self.nursery.start(connection.run, agent_side)
         client = AcpTestClient(client_side, self.checker, ids=fresh_ids(), **client_kw)
         await self.nursery.start(client.run)

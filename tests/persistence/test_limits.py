@@ -370,3 +370,41 @@ async def test_the_prompt_counts_kept_for_clients_gone_are_bounded(
         await link.drop()
         await settle_until(lambda: not hub.manager.connections)
         assert list(hub.manager._left_prompt_times) == ["late"]
+
+
+async def test_a_client_taking_over_at_a_full_server_keeps_its_grace_as_another_leaves(
+    tmp_path: Path, acp_schema: SchemaChecker
+) -> None:
+    """At a full server (two connections: "other" and the client's old "ide"), the client
+    comes back on probation and its probe finds the old connection gone; "other" leaves
+    before the new connection has re-attached the sessions. The clients away ("ide" and
+    "other") plus the connections must stay within the limit, and "ide" is counted once:
+    by its new connection, not again as a client away (it lost its grace, and the
+    sessions it came back for, when counted twice)."""
+    limits = Limits(max_connections=2, grace_seconds=300)
+    async with open_hub(tmp_path, acp_schema, EchoModel(), limits=limits) as hub:
+        manager = hub.manager
+        old = await hub.connect()
+        await initialize(old.client, client_id="ide")
+        session_id = await old.client.new_session(str(hub.root))
+        other = await hub.connect()
+        await initialize(other.client, client_id="other")
+        await other.client.new_session(str(hub.root))
+
+        async def alive(conn: Any) -> bool:
+            # Shielded: the take-over waits for this to end, so "other" leaves after the
+            # old connection did and before the sessions are re-attached.
+            with trio.CancelScope(shield=True):
+                await old.drop()
+                await settle_until(lambda: old.connection not in manager.connections)
+                await other.drop()
+                await settle_until(lambda: other.connection not in manager.connections)
+            return False
+
+        manager.alive = alive
+        back = await hub.connect(on_probation=True)
+        assert not manager.has_room()
+        await initialize(back.client, client_id="ide")
+        assert not manager.on_probation
+        assert manager.sessions[session_id].owner is back.connection
+        assert await back.client.prompt(session_id, "still mine") == "end_turn"
