@@ -50,6 +50,9 @@ MAX_AWAITED_ID_CHARS = 1024
 #: unwritten.
 MAX_REFUSED = 1024
 
+#: Requests a ``$/cancel_request`` does not cancel (``Peer.uncancellable``).
+_UNCANCELLABLE = frozenset({acp.INITIALIZE})
+
 AGENT_INFO = {"name": "punie-trio", "title": "punie-trio", "version": __version__}
 
 
@@ -121,6 +124,10 @@ class ClientConnection:
             # stdin EOF closes only the client's sending half: cancel our turns, but let
             # every request read so far be answered (a piped script gets all its answers).
             on_eof=self._input_ended if self.transport == "stdio" else None,
+            # A re-attaching initialize delivers what its sessions kept after its answer,
+            # in its own task: cancelled by a $/cancel_request read before that task ran,
+            # the answer went but the rest was cut, and the client waited for it for ever.
+            uncancellable=_UNCANCELLABLE,
         )
         self.manager.attach(self)
         try:

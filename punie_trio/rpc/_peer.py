@@ -199,12 +199,17 @@ class Peer:
     # set, running handlers are not cancelled at EOF: they finish and their answers drain
     # (the callback is where the owner cuts long work short, e.g. cancels turns).
     on_eof: Callable[[], None] | None = None
+    #: Methods whose requests a ``$/cancel_request`` does not cancel (the cancellation
+    #: page: the receiver MAY cancel). The connection's end still cancels them.
+    uncancellable: frozenset[str] = frozenset()
     _ids: itertools.count[int] = attrs.field(factory=lambda: itertools.count(1), init=False)
     _pending: dict[RequestId, _PendingCall] = attrs.field(factory=dict, init=False)
     # Running requests: a handler task's cancel scope, or a Deferred answered from elsewhere.
     _running: dict[RequestId, trio.CancelScope | Deferred] = attrs.field(factory=dict, init=False)
     # Running requests already answered by answer_now (made on first use).
     _answered: set[RequestId] | None = attrs.field(default=None, init=False)
+    # Running requests of an ``uncancellable`` method (made on first use).
+    _not_cancellable: set[RequestId] | None = attrs.field(default=None, init=False)
     _nursery: trio.Nursery | None = attrs.field(default=None, init=False)
     # Set when the last running handler finishes, for whoever waits for that (run's end).
     _handlers_done: trio.Event | None = attrs.field(default=None, init=False)
@@ -714,7 +719,11 @@ class Peer:
         entry = self._running.get(request_id)
         if isinstance(entry, Deferred):
             entry._cancel(False)
-        elif entry is not None and not (self._answered and request_id in self._answered):
+        elif (
+            entry is not None
+            and not (self._answered and request_id in self._answered)
+            and not (self._not_cancellable and request_id in self._not_cancellable)
+        ):
             entry.cancel()
 
     async def _cancel_request_with_id(self, msg: Request) -> None:
@@ -766,6 +775,10 @@ class Peer:
             return
         scope = trio.CancelScope()
         self._running[msg.id] = scope
+        if msg.method in self.uncancellable:
+            if self._not_cancellable is None:
+                self._not_cancellable = set()
+            self._not_cancellable.add(msg.id)
         assert self._nursery is not None
         self._nursery.start_soon(self._run_handler, msg, awaitable, scope)
 
@@ -783,6 +796,8 @@ class Peer:
             self._running.pop(msg.id, None)
             if self._answered:
                 self._answered.discard(msg.id)
+            if self._not_cancellable:
+                self._not_cancellable.discard(msg.id)
             if not self._running and self._handlers_done is not None:
                 self._handlers_done.set()
 

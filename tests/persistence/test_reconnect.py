@@ -2487,3 +2487,39 @@ async def test_a_cut_closes_answer_not_awaited_never_answers_its_ids_next_reques
         await initialize(back.client, client_id="ide", awaiting=["c"])
         answer = await back.client.wait_for(lambda m: m.get("id") == "c")
         assert "sessions" in answer.get("result", {}), answer  # (the list's, not the close's {})
+
+
+async def test_a_cancel_of_a_reattaching_initialize_does_not_cut_what_it_delivers(
+    tmp_path: Path,
+    acp_schema: SchemaChecker,
+    monkeypatch: pytest.MonkeyPatch,
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A ``$/cancel_request`` for a re-attaching ``initialize``, read before the request's
+    task ran, cancelled that task: its answer still went (queued at the task's start,
+    before any checkpoint), but what it delivers after it (the turn's answer the client
+    awaits, kept while it was away) was cut at the first checkpoint, and the client
+    waited for ever. ``initialize`` is not cancellable (the cancellation page: a request's
+    receiver MAY cancel it), so both come."""
+    from punie_trio.hub._connection import ClientConnection
+
+    model = ScriptModel([[{"text": "slow"}, {"sleep": 5}, {"text": "late"}]])
+    async with open_hub(tmp_path, acp_schema, model, limits=Limits(grace_seconds=60)) as hub:
+        _, session = await prompt_then_drop(hub, "ide", "p", "slow")
+        await trio.sleep(6)  # (the turn ends while its client is away: its answer is kept)
+        real = ClientConnection._initialized
+
+        async def cancelled_first(self: ClientConnection, *args: Any) -> Any:
+            # (As a $/cancel_request read before this task ran does.)
+            assert self.peer is not None
+            self.peer._cancel_request(current_request_id.get())
+            return await real(self, *args)
+
+        monkeypatch.setattr(ClientConnection, "_initialized", cancelled_first)
+        again = await hub.connect()
+        result = await initialize(again.client, client_id="ide", awaiting=["p"])
+        assert result["protocolVersion"] == 1
+        with trio.fail_after(30):  # (it waited for ever)
+            answer = await again.client.wait_for(lambda m: m.get("id") == "p")
+        assert answer["result"] == {"stopReason": "end_turn"}
+        assert has_update(session, "agent_message_chunk", "late")(again.client.received[1])

@@ -345,6 +345,42 @@ async def test_incoming_cancel_request_cancels_the_handler(
         nursery.cancel_scope.cancel()
 
 
+async def test_a_cancel_request_leaves_an_uncancellable_method_running(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """``$/cancel_request`` for a request of an ``uncancellable`` method is ignored (the
+    cancellation page: the receiver MAY cancel), and the request answers as usual; the
+    end of the connection still cancels it."""
+    release = trio.Event()
+
+    async def steady(params: Params) -> Any:
+        await release.wait()
+        return "done"
+
+    slow, cancelled = slow_handler()
+    ours, theirs = memory_message_stream_pair()
+    peer = Peer(
+        ours,
+        Dispatcher({"steady": steady, "slow": slow}),
+        uncancellable=frozenset({"steady", "slow"}),
+    )
+    raw = Raw(theirs)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(peer.run)
+        await raw.send({"id": 1, "method": "steady"})
+        await raw.send({"method": CANCEL_REQUEST, "params": {"requestId": 1}})
+        await trio.testing.wait_all_tasks_blocked()
+        release.set()
+        assert await raw.recv() == {"jsonrpc": "2.0", "id": 1, "result": "done"}
+        assert not peer._not_cancellable  # (forgotten once answered)
+        await raw.send({"id": 2, "method": "slow"})
+        await raw.send({"method": CANCEL_REQUEST, "params": {"requestId": 2}})
+        await trio.testing.wait_all_tasks_blocked()
+        assert not cancelled.is_set()
+        await theirs.aclose()
+    assert cancelled.is_set()
+
+
 async def test_a_cancel_request_sent_with_an_id_acts_and_is_answered(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
