@@ -40,6 +40,7 @@ import hypercorn.config
 import hypercorn.trio
 import trio
 
+from ._metrics import store_bytes
 from ._paths import store_path
 from .hub import ClientConnection, Limits, Manager
 from .store import MemoryStore, Store, StoreError, open_sqlite_store
@@ -348,6 +349,8 @@ async def _serve(
             if path is not None
         ),
     )
+    if config.store != "memory" and config.data_dir is not None:
+        manager.metrics.track_store(functools.partial(store_bytes, store_path(config.data_dir)))
     dev_app = None
     if config.site is not None:
         from .web.dev import DevApp

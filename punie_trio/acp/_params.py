@@ -15,7 +15,7 @@ import attrs
 
 from .. import _json
 from .._json import is_name_text
-from ..rpc import Params, RpcError
+from ..rpc import INVALID_PARAMS, Params, RpcError
 
 _CONTENT_TYPES = frozenset({"text", "image", "audio", "resource_link", "resource"})
 # Baseline content every agent must accept (prompt-turn page); the rest needs a capability.
@@ -349,13 +349,19 @@ def _check_size(size: int, max_bytes: int | None, i: int, count: int) -> None:
     if max_bytes is None or size <= max_bytes:
         return
     if i + 1 < count:
-        raise RpcError.invalid_params(
+        raise PromptTooLarge(
+            INVALID_PARAMS,
             f"Invalid params: prompt is at least {size} bytes (by prompt[{i}] of {count}), "
-            f"over the {max_bytes}-byte limit"
+            f"over the {max_bytes}-byte limit",
         )
-    raise RpcError.invalid_params(
-        f"Invalid params: prompt is {size} bytes, over the {max_bytes}-byte limit"
+    raise PromptTooLarge(
+        INVALID_PARAMS, f"Invalid params: prompt is {size} bytes, over the {max_bytes}-byte limit"
     )
+
+
+class PromptTooLarge(RpcError):
+    """-32602 for a prompt over ``max_bytes``: an :class:`RpcError` like any invalid
+    params, told apart so the hub can count the limit hit (``punie_limits_hit_total``)."""
 
 
 def parse_prompt(params: Params, *, max_bytes: int | None = None) -> PromptParams:

@@ -247,7 +247,11 @@ class ClientConnection:
             return manager.despite_a_drop(self, manager.delete_session(self, session_id))
         if method == acp.SESSION_PROMPT:
             self._sent_prompt(params)
-            prompt = acp.parse_prompt(params, max_bytes=manager.limits.max_prompt_bytes)
+            try:
+                prompt = acp.parse_prompt(params, max_bytes=manager.limits.max_prompt_bytes)
+            except acp.PromptTooLarge:
+                manager.metrics.tallies.limits["max_prompt_bytes"] += 1
+                raise
             return manager.start_prompt(self, prompt)
         if method == acp.SESSION_CANCEL:
             # A notification in ACP; sent with an id it is answered (-32002 if not ours).
@@ -424,6 +428,8 @@ class ClientConnection:
         read (``Peer.finish``), and the transport closes with the limit's reason (at a
         shutdown, as every connection does then: going away, not "try again later")."""
         if not self.manager.closing.is_set():
+            if self.close_with is None:  # (counted once: the limit turned it away)
+                self.manager.metrics.tallies.limits["max_connections"] += 1
             self.close_with = self.manager.close_reason(why)
         if self.peer is not None:
             self.peer.finish()

@@ -37,7 +37,16 @@ import attrs
 import trio
 
 from ..acp import updates
-from ..rpc import INTERNAL_ERROR, INVALID_REQUEST, PeerClosed, RequestId, RpcError
+from ..rpc import (
+    INTERNAL_ERROR,
+    INVALID_REQUEST,
+    PeerClosed,
+    RequestId,
+    Response,
+    RpcError,
+    error_response,
+    serialize,
+)
 from ._session import Pending, Session, json_string_at, small_id
 
 if TYPE_CHECKING:
@@ -390,8 +399,20 @@ def _answers_lost_in_flight(conn: ClientConnection, reclaimed: list[Session]) ->
                 "re-attached awaiting it (lost in flight when its connection dropped)",
                 session.id, request_id,
             )  # fmt: skip
-            session.pending.insert(0, item)
+            # As it was sent (encoded again): the same answer, not a new one, so an
+            # error is not counted again in punie_errors_total.
+            session.pending.insert(0, _as_sent(item))
             session.overflowed = True
+
+
+def _as_sent(item: Pending) -> Pending:
+    """A kept answer as a ``"message"`` item: sent as it is, like one a dropped connection
+    never wrote, rather than answered anew (:meth:`Peer.send_answer` counts an error)."""
+    if item[0] != "answer":
+        return item
+    _, request_id, response, error = item
+    msg = Response(request_id, response) if error is None else error_response(request_id, error)
+    return ("message", serialize(msg), request_id)
 
 
 async def deliver_missed(
@@ -755,6 +776,7 @@ def _bound_detached(self: Manager) -> None:
             "connected, over the connection limit (%d)",
             client_id, len(self._reattached) - claimed, connected, limit,
         )  # fmt: skip
+        self.metrics.tallies.limits["max_connections"] += 1
         self._reattached[client_id].set()  # (its timer ends)
         self._end_grace(client_id)
 
@@ -772,6 +794,7 @@ def _buffer(self: Manager, session: Session, item: Pending) -> None:
             session.kept_updates >= limits.detached_buffer
             or session.kept_bytes + size > limits.detached_bytes
         ):
+            self.metrics.tallies.limits["detached_buffer"] += 1
             session.overflowed = True
             session.pending = [p for p in session.pending if p[0] != "update"]
             session.kept_updates = session.kept_bytes = 0

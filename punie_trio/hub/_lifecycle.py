@@ -45,6 +45,7 @@ from ..rpc import (
     INTERNAL_ERROR,
     INVALID_REQUEST,
     REQUEST_CANCELLED,
+    RESOURCE_NOT_FOUND,
     PeerClosed,
     RpcError,
     current_request_id,
@@ -229,6 +230,7 @@ def _checked_paths(
 def _check_session_quota(self: Manager, conn: ClientConnection) -> None:
     owned = sum(1 for s in self.sessions.values() if s.owner is conn)
     if owned >= self.limits.max_sessions_per_connection:
+        self.metrics.tallies.limits["max_sessions_per_connection"] += 1
         raise RpcError(
             INVALID_REQUEST,
             f"Session limit reached: {owned} sessions open on this connection "
@@ -273,6 +275,7 @@ async def persist_new(
     try:
         await self.store.create_session(record)
     except StoreError as exc:
+        self.metrics.tallies.store_failures["create_session"] += 1
         if self.sessions.get(session.id) is session:
             self._drop_session(session)
         raise RpcError(INTERNAL_ERROR, f"Internal error: cannot store the session: {exc}") from None
@@ -291,6 +294,7 @@ async def _stored(self: Manager, session_id: str) -> SessionRecord:
     try:
         record = await self.store.get_session(session_id)
     except StoreError as exc:
+        self.metrics.tallies.store_failures["read"] += 1
         raise _store_failed(exc) from None
     if record is None or not self._serves(record):
         raise RpcError.not_found(f"Session not found: {session_id}")
@@ -380,6 +384,7 @@ async def _load_session(
             title=record.title,
         )
     live.loading = True  # no prompt, close or delete until the history is in place
+    operation = "read"  # (what a StoreError failed, for punie_store_failures_total)
     try:
         if not opened:
             # What the session kept for its client (it re-attached, and its backlog may
@@ -401,6 +406,7 @@ async def _load_session(
             # The roots asked for are the session's now, in the store too (what
             # session/list reports). Written once the replay is through: a load failed
             # or cancelled before leaves the stored roots as they were, as the live ones.
+            operation = "update_session"
             await self.store.update_session(record.id, additional_directories=additional)
         self._command(live.worker, SeedHistory(live.id, tuple(history)))
     except BaseException as exc:
@@ -414,6 +420,7 @@ async def _load_session(
         if isinstance(exc, UnknownSessionError):  # deleted meanwhile (by another process)
             raise RpcError.not_found(f"Session not found: {record.id}") from None
         if isinstance(exc, StoreError):
+            self.metrics.tallies.store_failures[operation] += 1
             raise _store_failed(exc) from None
         raise
     finally:
@@ -491,6 +498,7 @@ async def _list_sessions(self: Manager, cwd: str | None, cursor: str | None) -> 
     except BadCursor as exc:
         raise RpcError.invalid_params(f"Invalid params: cursor is not valid ({exc})") from None
     except StoreError as exc:  # (the store's trouble, not the client's cursor)
+        self.metrics.tallies.store_failures["read"] += 1
         raise _store_failed(exc) from None
     sessions = [
         {
@@ -663,13 +671,19 @@ async def delete_session(self: Manager, conn: ClientConnection, session_id: str)
                 pass  # (its commit would fail on no session)
             try:
                 await self._stored(session_id)
-            except RpcError:
+            except RpcError as exc:
+                if exc.code != RESOURCE_NOT_FOUND:
+                    # The store could not be read (-32603): whether the session is
+                    # there is not known, and it is not deleted. Taken for "not
+                    # there", this answered {}, done, with the session still stored.
+                    raise
                 # Already deleted or never existed (or not under our roots: left
                 # alone). The session-delete page: this SHOULD succeed silently.
                 return {}
         try:
             await self.store.delete_session(session_id)
         except StoreError as exc:  # (closed above, if it was live: it stays loadable)
+            self.metrics.tallies.store_failures["delete_session"] += 1
             raise _store_failed(exc) from None
     finally:
         self._deleting[session_id] -= 1

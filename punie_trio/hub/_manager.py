@@ -145,7 +145,10 @@ class Manager:
         self.private = tuple((str(Path(p).resolve()), what) for p, what in self.private)
         self._tool_calls = ToolCallLimiter(self.limits.tool_calls_per_minute)
         self.metrics.track(
-            lambda: len(self.connections), lambda: len(self.sessions), lambda: len(self.workers)
+            lambda: len(self.connections),
+            lambda: len(self.sessions),
+            lambda: len(self.workers),
+            self._in_grace,
         )
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -163,6 +166,12 @@ class Manager:
                     handle.commands.close()
 
     # -- connections --------------------------------------------------------------------------
+
+    def _in_grace(self) -> tuple[int, int]:
+        """(Read at scrape time.) The sessions held for clients away within their grace
+        period (no owner: see ``_grace.detach``), and those clients."""
+        held = sum(1 for s in self.sessions.values() if s.owner is None)
+        return held, len(self._reattached)
 
     def attach(self, conn: ClientConnection) -> None:
         self.connections.add(conn)
@@ -318,7 +327,11 @@ class Manager:
             raise RpcError(INTERNAL_ERROR, "Manager is not running")
         send, receive = trio.open_memory_channel[Command](WORKER_COMMAND_BUFFER)
         worker = ProjectWorker(
-            root, self.model, receive, tool_calls_per_minute=self.limits.tool_calls_per_minute
+            root,
+            self.model,
+            receive,
+            tool_calls_per_minute=self.limits.tool_calls_per_minute,
+            limit_hits=self.metrics.tallies.limits,
         )
         handle = WorkerHandle(root, worker, send)
         self.workers[root] = handle

@@ -104,6 +104,7 @@ def begin_prompt(self: Manager, conn: ClientConnection, params: PromptParams) ->
     del recent[:expired]
     per_minute = self.limits.prompts_per_minute
     if len(recent) >= per_minute:
+        self.metrics.tallies.limits["prompts_per_minute"] += 1
         retry = recent[0] + 60.0 - now
         prompts = "prompt" if per_minute == 1 else "prompts"
         raise RpcError(
@@ -299,6 +300,7 @@ async def _relay_turn(
                 held.append(named)
             self.metrics.prompt_done(stop, trio.current_time() - started)
             if finished is not None and finished.error is not None:
+                self.metrics.tallies.model_failures += 1
                 turn.error = RpcError(
                     INTERNAL_ERROR, f"Internal error: the model failed: {finished.error}"
                 )
@@ -485,13 +487,16 @@ async def _persist_turn(
                 )
             if scope.cancelled_caught:
                 log.error("persisting a turn of session %s timed out", session.id)
+                self.metrics.tallies.store_failures["turn"] += 1
                 return "the store did not answer in time"
         session.turns += 1
     except StoreError as exc:
         log.error("could not persist turn of session %s: %s", session.id, exc)
+        self.metrics.tallies.store_failures["turn"] += 1
         return str(exc)
     except Exception as exc:  # a store bug must not take the manager down
         log.exception("persisting a turn of session %s failed", session.id)
+        self.metrics.tallies.store_failures["turn"] += 1
         return f"{type(exc).__name__}: {exc}"
     if title is not None:
         session.title = title

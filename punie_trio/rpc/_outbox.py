@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
+from typing import Protocol
 
 import trio
 
@@ -27,6 +28,12 @@ _size = sys.getsizeof
 #: and the writer takes everything queued at each pass), and 256 connections that all
 #: stop reading hold at most 256 MiB of it.
 OUTBOX_BYTES = 1024 * 1024
+
+
+class LimitObserver(Protocol):
+    """What an outbox tells of its bound being hit (the peer's ``PeerObserver``)."""
+
+    def limit_hit(self, limit: str) -> None: ...
 
 
 class Outbox:
@@ -40,7 +47,16 @@ class Outbox:
     :class:`trio.EndOfChannel`.
     """
 
-    __slots__ = ("_byte_limit", "_bytes", "_closed", "_items", "_limit", "_senders", "_taker")
+    __slots__ = (
+        "_byte_limit",
+        "_bytes",
+        "_closed",
+        "_items",
+        "_limit",
+        "_senders",
+        "_taker",
+        "observer",
+    )
 
     def __init__(self, limit: int, byte_limit: int = sys.maxsize) -> None:
         if limit < 1 or byte_limit < 1:
@@ -53,6 +69,10 @@ class Outbox:
         self._closed = False
         self._taker: trio.lowlevel.Task | None = None
         self._senders: trio.lowlevel.ParkingLot | None = None
+        #: Told ``limit_hit("outbox")`` as a producer starts to wait for room (its client
+        #: does not read fast enough): only then, so the common case pays nothing. (The
+        #: peer's observer itself: a callback made for it would cost each connection.)
+        self.observer: LimitObserver | None = None
 
     def __len__(self) -> int:
         return len(self._items)
@@ -164,10 +184,14 @@ class Outbox:
     async def send(self, text: str) -> None:
         """Queue ``text``, waiting while the outbox is full. Always a checkpoint."""
         await trio.lowlevel.checkpoint_if_cancelled()
+        told = False
         while True:
             try:
                 self.send_nowait(text)
             except trio.WouldBlock:
+                if not told and self.observer is not None:
+                    told = True
+                    self.observer.limit_hit("outbox")
                 await self._wait_for_taker()
             else:
                 await trio.lowlevel.cancel_shielded_checkpoint()
@@ -181,8 +205,11 @@ class Outbox:
         No checkpoint while there is room, the common case: a turn's answer then leaves in
         the scheduler step of its commit, not one later (a trip through the scheduler per
         answer, which every prompt would pay). The caller makes its own."""
-        while self.full and not self._closed:
-            await self._wait_for_taker()
+        if self.full and not self._closed:
+            if self.observer is not None:
+                self.observer.limit_hit("outbox")
+            while self.full and not self._closed:
+                await self._wait_for_taker()
 
     async def _wait_for_taker(self) -> None:
         """Park until the taker takes something (or the outbox closes)."""

@@ -103,6 +103,10 @@ class PeerObserver(Protocol):
 
     def error_sent(self, code: int) -> None: ...
 
+    def limit_hit(self, limit: str) -> None:
+        """A limit of the connection's was hit: ``"outbox"`` (a producer waits for a
+        client that does not read), ``"concurrent_requests"``, ``"max_message_bytes"``."""
+
 
 class _NullObserver:
     def message_in(self) -> None:
@@ -112,6 +116,9 @@ class _NullObserver:
         pass
 
     def error_sent(self, code: int) -> None:
+        pass
+
+    def limit_hit(self, limit: str) -> None:
         pass
 
 
@@ -222,6 +229,7 @@ class Peer:
 
     def __attrs_post_init__(self) -> None:
         self._outbox = Outbox(self.outbox_size, self.outbox_bytes)
+        self._outbox.observer = self.observer
         self._now_sender = self.stream if isinstance(self.stream, NowSender) else None
 
     @property
@@ -605,8 +613,11 @@ class Peer:
                         try:
                             await stream.send_message(text)
                         except BaseException:
-                            # This one and the rest were not sent: see unsent().
+                            # This one and the rest were not sent: see unsent(). Those
+                            # before it were, and count (only whole batches did).
                             self._unwritten = batch[written:]
+                            if written:
+                                self.observer.message_out(written)
                             raise
                 self.observer.message_out(len(batch))
         except (trio.BrokenResourceError, trio.ClosedResourceError):
@@ -658,6 +669,7 @@ class Peer:
         fails now, saying why: it would otherwise wait out its timeout, which then says the
         peer did not answer. (The -32600 goes out then too, with a null id: the only way
         to tell the peer.)"""
+        self.observer.limit_hit("max_message_bytes")
         kind, request_id = peek_envelope(exc.head)
         if kind == "response" and request_id is not None:
             self._resolve(request_id, error=RpcError(INVALID_REQUEST, f"the answer's {exc}"))
@@ -739,6 +751,7 @@ class Peer:
             await self._send(ErrorResponse(msg.id, error.code, error.message))
             return
         if len(self._running) >= self.max_concurrent_requests:
+            self.observer.limit_hit("concurrent_requests")
             self.dispatcher.request_refused(msg.id)
             error = RpcError(
                 INTERNAL_ERROR,

@@ -104,14 +104,18 @@ class App:
                 f"Forbidden: Host {name!r} is not allowed here (use an IP address or "
                 "localhost, or allow the name with --allow-host)"
             )
+            tallies = self.manager.metrics.tallies
             if kind == "websocket":
+                tallies.upgrades_refused[403, "host"] += 1
                 await _reject_websocket(scope, send, 403, reason)
             elif kind == "http":
+                tallies.http_refused[403, "host"] += 1
                 await respond_text(send, 403, reason)
         elif kind == "websocket":
             if scope["path"] in ACP_PATHS:
                 await self._acp_websocket(scope, receive, send)
             else:
+                self.manager.metrics.tallies.upgrades_refused[404, "not_found"] += 1
                 path = printable(scope["path"])
                 await _reject_websocket(
                     scope, send, 404, f"Not Found: {path} (ACP over WebSocket is at /acp)"
@@ -138,6 +142,7 @@ class App:
                 await _not_allowed(send, "GET, HEAD")
                 return
             if not self.metrics_public and self.token and not token_matches(scope, self.token):
+                self.manager.metrics.tallies.http_refused[401, "token"] += 1
                 await respond_text(
                     send,
                     401,
@@ -213,10 +218,15 @@ class App:
             return
         refusal = self._refuse_websocket(scope)
         if refusal is not None:
-            await _reject_websocket(scope, send, *refusal)
+            status, reason, counted_as = refusal
+            self.manager.metrics.tallies.upgrades_refused[status, counted_as] += 1
+            await _reject_websocket(scope, send, status, reason)
             return
         admitted = self.manager.admit_upgrade()
         if admitted is None:
+            tallies = self.manager.metrics.tallies
+            tallies.upgrades_refused[503, "full"] += 1
+            tallies.limits["max_connections"] += 1
             limit = self.manager.limits.max_connections
             await _reject_websocket(
                 scope, send, 503, f"Service Unavailable: connection limit reached ({limit})"
@@ -273,15 +283,20 @@ class App:
             await conn.run(stream)
             nursery.cancel_scope.cancel()
 
-    def _refuse_websocket(self, scope: dict[str, Any]) -> tuple[int, str] | None:
-        """Why this upgrade must be refused (status, reason), or None to accept it
-        (the connection limit is the manager's: ``Manager.admit_upgrade``)."""
+    def _refuse_websocket(self, scope: dict[str, Any]) -> tuple[int, str, str] | None:
+        """Why this upgrade must be refused (status, reason, and the reason it is counted
+        under in ``punie_upgrades_refused_total``), or None to accept it (the connection
+        limit is the manager's: ``Manager.admit_upgrade``)."""
         bad_key = _bad_key(scope)
         if bad_key is not None:
-            return 400, f"Bad Request: {bad_key}"
+            return 400, f"Bad Request: {bad_key}", "bad_handshake"
         bad_offer = _bad_extension_offer(scope)
         if bad_offer is not None:
-            return 400, f"Bad Request: invalid Sec-WebSocket-Extensions offer {bad_offer!r}"
+            return (
+                400,
+                f"Bad Request: invalid Sec-WebSocket-Extensions offer {bad_offer!r}",
+                "bad_handshake",
+            )
         if not origin_allowed(scope, self.allow_origins):
             # Named (escaped and cut, as a path is), as the Host check names the host: "this
             # Origin" left one who set --allow-origin guessing what the browser sent.
@@ -290,12 +305,13 @@ class App:
                 403,
                 f"Forbidden: Origin '{seen}' may not use /acp (it is not this server's own, "
                 "nor one of --allow-origin)",
+                "origin",
             )
         if self.token and not token_matches(scope, self.token):
             needs = "/acp needs the server token (Authorization: Bearer, or ?token=)"
-            return 401, unauthorized(scope, needs)
+            return 401, unauthorized(scope, needs), "token"
         if self.closing.is_set():
-            return 503, "Service Unavailable: the server is shutting down"
+            return 503, "Service Unavailable: the server is shutting down", "shutting_down"
         return None
 
 

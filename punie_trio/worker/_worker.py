@@ -312,6 +312,9 @@ class ProjectWorker:
     model: Model
     commands: trio.MemoryReceiveChannel[Command]
     tool_calls_per_minute: int = 240
+    #: Where a tool call refused by the rate limit is counted, under
+    #: ``"tool_calls_per_minute"`` (the manager's ``Metrics.tallies.limits``; None: not).
+    limit_hits: dict[str, int] | None = None
     _turns: dict[int, _Turn] = attrs.field(factory=dict, init=False)
     _tool_calls: ToolCallLimiter = attrs.field(init=False)
     _history: dict[str, list[tuple[str, str]]] = attrs.field(factory=dict, init=False)
@@ -323,7 +326,10 @@ class ProjectWorker:
 
     def rate_limit_tool(self, session_id: str) -> str | None:
         """Count a tool call of ``session_id`` (see :class:`ToolCallLimiter`)."""
-        return self._tool_calls.count(session_id, trio.current_time())
+        refused = self._tool_calls.count(session_id, trio.current_time())
+        if refused is not None and self.limit_hits is not None:
+            self.limit_hits["tool_calls_per_minute"] += 1
+        return refused
 
     @property
     def running_turns(self) -> int:

@@ -21,9 +21,11 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import attrs
+import httpx
 import pytest
 import trio
 import trio.testing
+from prometheus_client.parser import text_string_to_metric_families
 
 from punie_trio._paths import store_path
 from punie_trio.hub import Limits, Manager
@@ -180,6 +182,8 @@ class Place:
     #: at once, the take-over probe tells the old connection gone).
     gone: Callable[[Any], Callable[[], bool]] | None = None
     scale: float = 1.0
+    #: Called at each quiet point of the race (every task blocked), to check the state.
+    quiet: Callable[[Race], None] | None = None
 
 
 def caps(rng: random.Random) -> dict[str, Any]:
@@ -201,6 +205,8 @@ class Race:
     sent: list[Sent] = attrs.field(factory=list)
     racers: list[Racer] = attrs.field(factory=list)
     bystander: str = ""
+    bystander_link: Any = None
+    bystander_scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
 
     def links(self) -> list[Any]:
         return [link for r in self.racers for link in r.links]
@@ -235,13 +241,14 @@ async def _race(place: Place, rng: random.Random, root: str, race: Race) -> None
                     sessions.append(sid)
 
     async def bystander(task_status: trio.TaskStatus[str]) -> None:
-        link = await place.connect(64)
+        link = race.bystander_link = await place.connect(64)
         await initialize(link.client)
         sid = await link.client.new_session(root)
-        task_status.started(sid)
-        while True:
-            bystander_stops.append(await link.client.prompt(sid, "hello"))
-            await trio.sleep(rng.choice([0.1, 1, 3]) * place.scale)
+        with trio.CancelScope() as race.bystander_scope:
+            task_status.started(sid)
+            while True:
+                bystander_stops.append(await link.client.prompt(sid, "hello"))
+                await trio.sleep(rng.choice([0.1, 1, 3]) * place.scale)
 
     race.bystander = await place.nursery.start(bystander)
     for client_id in CLIENTS:
@@ -309,6 +316,8 @@ async def _race(place: Place, rng: random.Random, root: str, race: Race) -> None
                 await send(racer, "initialize", init, step)
         if rng.random() < 0.6:  # (else the next request is pipelined behind this one)
             await trio.testing.wait_all_tasks_blocked()
+            if place.quiet is not None:
+                place.quiet(race)
         learn_sessions()
         for session in manager.sessions.values():
             # Live on one connection at most: its owner is open, or it is away.
@@ -322,6 +331,9 @@ async def _race(place: Place, rng: random.Random, root: str, race: Race) -> None
         if all(s.request_id in got for s in owed):
             break
         await trio.sleep(1 * place.scale)
+    if place.quiet is not None:
+        await trio.testing.wait_all_tasks_blocked()
+        place.quiet(race)
     assert bystander_stops and set(bystander_stops) == {"end_turn"}
 
 
@@ -621,13 +633,121 @@ async def test_random_lifecycle_races_on_a_real_server(
                 link: WsLink = await nursery.start(WsLink.run, url, acp_schema)
                 return link
 
-            place = Place(running.manager, nursery, connect, scale=scale)
+            def quiet(race: Race) -> None:
+                # (Real sockets: a drop is seen a little later, so the connections are
+                # not counted against the links here.)
+                _check_gauges(manager, _scraped(manager.metrics.render().decode()), None)
+
+            manager = running.manager
+            place = Place(manager, nursery, connect, scale=scale, quiet=quiet)
             root = str(Path(await trio.Path(tmp_path).resolve()))
             await _race(place, rng, root, race)
             nursery.cancel_scope.cancel()
+        # Every client gone, every grace period over: a scrape counts nothing.
+        await settle_until(lambda: not manager.connections)
+        await trio.sleep(limits.grace_seconds)
+        await settle_until(lambda: not manager.sessions and not manager._running_turns)
+        async with httpx.AsyncClient(base_url=url) as http:
+            response = await http.get("/metrics")
+        scraped = _scraped(response.text)
+        _check_gauges(manager, scraped, 0)
+        assert not manager.workers
+        _check_turn_counts(manager, scraped)
     await _check_after(race, store_path(tmp_path / "data"), acp_schema, tmp_path)
     await trio.testing.wait_all_tasks_blocked()
     assert _resources() == before
+
+
+def _scraped(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """The samples of a ``/metrics`` exposition, parsed as Prometheus parses it (a
+    malformed one raises), by (name, labels)."""
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def _check_gauges(manager: Manager, scraped: dict[Any, float], connections: int | None) -> None:
+    """The gauges a scrape shows are the server's state, and that state is whole:
+    ``connections`` open connections (None: not known here), each live session held by
+    one of them or kept for a client away within its grace period (none left behind by
+    a drop, an expiry, a close or a delete), and one worker a root that has sessions,
+    holding just those."""
+    if connections is not None:
+        assert len(manager.connections) == connections
+    assert scraped[("punie_connections", ())] == len(manager.connections)
+    assert scraped[("punie_sessions", ())] == len(manager.sessions)
+    assert scraped[("punie_workers", ())] == len(manager.workers)
+    away = set(manager._reattached)
+    for session in manager.sessions.values():
+        if session.owner is None:
+            assert session.detached_client in away, (session.id, session.detached_client)
+        else:
+            assert session.owner in manager.connections, session.id
+    by_root: dict[str, set[str]] = collections.defaultdict(set)
+    for session in manager.sessions.values():
+        by_root[session.root].add(session.id)
+    assert {root: h.sessions for root, h in manager.workers.items()} == by_root
+    held = {s.id for s in manager.sessions.values() if s.owner is None}
+    assert scraped[("punie_sessions_in_grace", ())] == len(held)
+    assert scraped[("punie_clients_in_grace", ())] == len(away)
+
+
+def _check_turn_counts(manager: Manager, scraped: dict[Any, float]) -> None:
+    """Each turn counted once, by its stop reason and in the latency histogram, once no
+    turn runs: as many as were begun (a prompt refused at once begins none)."""
+    begun = next(manager._turn_ids) - 1
+    finished = sum(v for (name, _), v in scraped.items() if name == "punie_prompts_total")
+    assert finished == begun
+    assert scraped[("punie_prompt_latency_seconds_count", ())] == begun
+
+
+@pytest.mark.parametrize("seed", _seeds("RACE_METRICS_SEEDS", 4))
+async def test_metrics_follow_random_lifecycles_on_the_hub(
+    tmp_path: Path,
+    acp_schema: SchemaChecker,
+    autojump_clock: trio.testing.MockClock,
+    seed: int,
+) -> None:
+    """The random races of :func:`_race`, checking the gauges against the hub's state at
+    each quiet point (every connection open, every session held or in grace, every
+    worker with sessions), and at the end, once every client has left and every grace
+    period has run out, that nothing is counted: no connection, session or worker is
+    left, and each turn was counted once."""
+    (tmp_path / "notes.txt").write_text("notes\n")
+    rng = random.Random(seed)
+    turns, limits = _random_turns(rng), random_limits(rng)
+    race = Race()
+    async with (
+        open_sqlite_store(tmp_path / "s.db") as store,
+        open_hub(tmp_path, acp_schema, ScriptModel(turns), limits=limits, store=store) as hub,
+    ):
+        manager = hub.manager
+
+        def gone(link: Link) -> Callable[[], bool]:
+            return lambda: link.connection not in manager.connections
+
+        async def connect(buffer: int) -> Link:
+            return await hub.connect(buffer=buffer)
+
+        def quiet(race: Race) -> None:
+            open_links = [r.link for r in race.racers if r.link not in r.dropped]
+            scraped = _scraped(manager.metrics.render().decode())
+            _check_gauges(manager, scraped, len(open_links) + 1)
+
+        place = Place(manager, hub.nursery, connect, gone, quiet=quiet)
+        await _race(place, rng, str(hub.root), race)
+        race.bystander_scope.cancel()
+        for racer in race.racers:
+            await racer.link.drop()
+        await race.bystander_link.drop()
+        await trio.sleep(limits.grace_seconds + 1)
+        await settle_until(lambda: not manager.connections and not manager._ending)
+        scraped = _scraped(manager.metrics.render().decode())
+        _check_gauges(manager, scraped, 0)
+        assert not manager.sessions and not manager.workers
+        _check_turn_counts(manager, scraped)
 
 
 def _first_sessions(racer: Racer) -> list[str]:
