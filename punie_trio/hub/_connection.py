@@ -364,19 +364,22 @@ class ClientConnection:
         taken on only if it names a client id another open connection holds (probed
         next: :meth:`_initialize_after_take_over`), or if a place has come free since
         the upgrade (then as any initialize); else refused (-32600 naming the limit)
-        and the connection closed (1013). Bad params are refused so too: a connection
-        on probation gets one try."""
+        and the connection closed (1013). Bad params are refused so too, unless a place
+        has come free: a connection still on probation gets one try."""
         manager = self.manager
         self._initialize_read = True
+        if manager.has_room():
+            # Before its params are checked: with a place free it is one like any other,
+            # whatever its initialize (bad params were answered "Connection limit
+            # reached" and the connection closed, with room for it).
+            manager.promote(self)
+            return self._initialize_request(*self._initialize_params(params))
         try:
             init, client_id, awaiting = self._initialize_params(params)
         except RpcError as exc:  # (its code kept: -32602 names the field)
             self._close_on_probation()
             message = manager.limit_reached(exc.message).message
             return _raise(RpcError(exc.code, message, exc.data))
-        if manager.has_room():
-            manager.promote(self)
-            return self._initialize_request(init, client_id, awaiting)
         if client_id is None:
             return self._refused_on_probation(
                 f"a connection past the limit may only take the place of its own client's "

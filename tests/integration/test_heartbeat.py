@@ -749,6 +749,50 @@ async def test_a_connection_on_probation_takes_a_place_that_comes_free(
                 assert await late.prompt(session_id, "in") == "end_turn"
 
 
+async def test_an_initialize_with_bad_params_after_a_place_came_free_is_answered_as_anywhere(
+    start_server: StartServer,
+    tmp_path: Path,
+    acp_schema: SchemaChecker,
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    """Let in on probation, a connection whose initialize (bad params) comes after another
+    client left is one like any other (as the docs say, "whatever its initialize"): its
+    -32602 names the field, not the connection limit, and it stays open to try again. It
+    was answered "Connection limit reached (2): Invalid params: ..." and closed with 1013,
+    with a place free."""
+    async with start_server(limits=Limits(grace_seconds=300, max_connections=2)) as running:
+        manager = running.manager
+        assert running.url is not None
+        async with acp_ws_client(running.url, acp_schema) as (live, _):
+            await live.request("initialize", initialize_request("", "ide", [])["params"])
+            leaving = await RawClient.connect(running.url)
+            await leaving.send_json(
+                {"jsonrpc": "2.0", "id": 1, "method": "initialize",
+                 "params": {"protocolVersion": 1}}
+            )  # fmt: skip
+            await settle_until(lambda: all(c.initialized for c in manager.connections))
+            async with acp_ws_client(running.url, acp_schema) as (late, _):
+                assert len(manager.on_probation) == 1
+                leaving.peek.close()
+                await leaving.stream.aclose()
+                await settle_until(lambda: len(manager.connections) == 2)
+                bad = initialize_request("bad", "other", [])
+                bad["params"]["_meta"]["punie-trio/clientId"] = 5
+                await late.send(bad)
+                await settle_until(lambda: answer_to(late, "bad") is not None)
+                answer = answer_to(late, "bad")
+                assert answer is not None
+                assert answer["error"]["code"] == -32602
+                assert answer["error"]["message"].startswith(
+                    "Invalid params: _meta.punie-trio/clientId"
+                ), answer
+                await settle()
+                assert not late.closed.is_set() and not manager.on_probation
+                await late.initialize()
+                session_id = await late.new_session(str(tmp_path))
+                assert await late.prompt(session_id, "in") == "end_turn"
+
+
 async def test_a_shutdown_during_a_probe_at_a_full_server_closes_as_a_shutdown(
     start_server: StartServer,
     tmp_path: Path,
