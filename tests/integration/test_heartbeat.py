@@ -793,6 +793,46 @@ async def test_an_initialize_with_bad_params_after_a_place_came_free_is_answered
                 assert await late.prompt(session_id, "in") == "end_turn"
 
 
+async def test_on_probation_nothing_pipelined_behind_a_refusal_is_read(
+    start_server: StartServer,
+    tmp_path: Path,
+    acp_schema: SchemaChecker,
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    """On probation, a refused request is the last one read: an initialize naming the
+    half-open connection's client id, sent in the same write behind a refused one, is
+    neither answered nor acted on (the old connection is not probed, its sessions stay
+    its own), and the refusal is written before the close (1013)."""
+    model = ScriptModel([[{"text": "1 "}, {"sleep": 30}]])
+    limits = Limits(grace_seconds=300, max_connections=1)
+    async with start_server(model, limits=limits) as running:
+        manager = running.manager
+        assert running.url is not None
+        old, session_id = await half_open_client(running, "ide", tmp_path, acp_schema)
+        new = await RawClient.connect(running.url)
+        first = {"jsonrpc": "2.0", "id": "a", "method": "session/list"}
+        second = initialize_request("b", "ide", [3])
+        data = new.ws.send(Message(data=json.dumps(first)))
+        data += new.ws.send(Message(data=json.dumps(second)))
+        await new.stream.send_all(data)
+        await settle_until(lambda: new.read_ready() or new.closed_with() is not None)
+        await settle()
+        new.read_ready()
+        answers = new.messages()
+        assert [m.get("id") for m in answers] == ["a"], answers
+        acp_schema.client_sent(first)
+        acp_schema.agent_sent(answers[0])
+        assert answers[0]["error"]["code"] == -32600
+        assert new.closed_with() == (1013, "connection limit reached (1)")
+        old.read_ready()
+        assert old.pings() == 0 and not old.eof
+        owner = manager.sessions[session_id].owner
+        assert owner is not None and owner.client_id == "ide"
+        for raw in (old, new):
+            raw.peek.close()
+            await raw.stream.aclose()
+
+
 async def test_a_shutdown_during_a_probe_at_a_full_server_closes_as_a_shutdown(
     start_server: StartServer,
     tmp_path: Path,
