@@ -77,6 +77,11 @@ class ClientConnection:
     #: send ``initialize`` naming a client id whose connection a probe finds dead, and
     #: takes that connection's place (``Manager.promote``); refused and closed otherwise.
     on_probation: bool = False
+    #: Whether a probe (``Manager.alive``) can find this connection dead, so that a
+    #: client taking its place could be let in on probation past a full limit
+    #: (``Manager.admit_upgrade``): not the ``--stdio`` one, nor a WebSocket the
+    #: heartbeat cannot watch (over HTTP/2): those are taken for alive.
+    probeable: bool = True
     #: How the transport is to close once :meth:`run` returns (a WebSocket close code
     #: and reason), if not as usual: set when a connection on probation is refused.
     close_with: tuple[int, str] | None = attrs.field(default=None, init=False)

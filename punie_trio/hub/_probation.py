@@ -13,8 +13,8 @@ its own sessions for a minute, where a server with room lets it in at once (its
 
 So a full server lets at most :data:`MAX_ON_PROBATION` upgrades past the limit **on
 probation** (:func:`admit_upgrade`), while some open connection holds a client id that a
-probe could free (none does, or only the ``--stdio`` one, which nothing probes: 503 at
-once, as before). A connection on probation may do
+probe could free (none does, or only the ``--stdio`` one or WebSockets over HTTP/2,
+which nothing probes: 503 at once, as before). A connection on probation may do
 one thing: send ``initialize`` naming a client id held by another open connection, which
 is then probed. Found dead (dropped, or it closed meanwhile), that connection's place goes
 to the one on probation as it detaches (:func:`promote`, from ``detach``: in the same
@@ -88,10 +88,11 @@ def admit_upgrade(self: Manager) -> Literal["counted", "probation"] | None:
 
 def _probeable_holder(conn: ClientConnection) -> bool:
     """Whether ``conn`` holds a client id that a probe could find dead and free. Not the
-    ``--stdio`` connection: nothing pings it (``Heartbeat.alive`` takes it for alive), so
-    with it alone holding an id (``--stdio --max-connections 1``) every upgrade was let in
-    on probation only to be refused (-32600, 1013), where the 503 says it at once."""
-    return conn.client_id is not None and conn.initialized and conn.transport != "stdio"
+    ``--stdio`` connection, nor a WebSocket over HTTP/2: nothing pings them
+    (``Heartbeat.alive`` takes them for alive), so with only such a connection holding
+    an id (``--stdio --max-connections 1``) every upgrade was let in on probation only
+    to be refused (-32600, 1013), where the 503 says it at once."""
+    return conn.client_id is not None and conn.initialized and conn.probeable
 
 
 def upgraded(self: Manager, admitted: Literal["counted", "probation"]) -> None:

@@ -236,7 +236,7 @@ class App:
         conn = ClientConnection(
             self.manager, transport="websocket", id=conn_id, on_probation=probation
         )
-        self.heartbeat.watch(stream, conn)
+        conn.probeable = self.heartbeat.watch(stream, conn)
         try:
             if probation:
                 await self._run_on_probation(conn, stream)
