@@ -209,6 +209,10 @@ class ClientConnection:
                 return self._initialize_on_probation(params)
             return self._initialize_request(*self._initialize_params(params))
         if not self.initialized:
+            if self.on_probation and self.manager.has_room():
+                # A place came free since the upgrade: one like any other from now on (it
+                # was told "Connection limit reached" and closed, with room for it).
+                self.manager.promote(self)
             if self.on_probation:
                 return self._refused_on_probation(
                     f"a connection let in past the limit may only send initialize, "

@@ -28,7 +28,8 @@ casting off clients it has no room for) and ``connection limit reached (N)``; so
 that sends no ``initialize`` within :data:`PROBATION_INITIALIZE_WITHIN`, with nothing to
 answer. (At a shutdown the close is 1001, as for every connection.) A place that comes
 free meanwhile (another client leaves) is taken instead: the connection is then one
-like any other, and its ``initialize`` is answered as anywhere.
+like any other, and what it sends first is answered as anywhere (bad params, a request
+before ``initialize``: the connection stays open).
 
 So at most ``max_connections`` connections count against the limit and at most
 :data:`MAX_ON_PROBATION` more are on probation; a client without a client id, or whose

@@ -793,6 +793,47 @@ async def test_an_initialize_with_bad_params_after_a_place_came_free_is_answered
                 assert await late.prompt(session_id, "in") == "end_turn"
 
 
+async def test_a_request_before_initialize_after_a_place_came_free_is_answered_as_anywhere(
+    start_server: StartServer,
+    tmp_path: Path,
+    acp_schema: SchemaChecker,
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    """Let in on probation, a connection whose first request (not initialize) comes after
+    another client left is one like any other: told to call initialize first, and open
+    to do so. It was answered "Connection limit reached (2): ..." with a place free,
+    and closed with 1013."""
+    async with start_server(limits=Limits(grace_seconds=300, max_connections=2)) as running:
+        manager = running.manager
+        assert running.url is not None
+        async with acp_ws_client(running.url, acp_schema) as (live, _):
+            await live.request("initialize", initialize_request("", "ide", [])["params"])
+            leaving = await RawClient.connect(running.url)
+            await leaving.send_json(
+                {"jsonrpc": "2.0", "id": 1, "method": "initialize",
+                 "params": {"protocolVersion": 1}}
+            )  # fmt: skip
+            await settle_until(lambda: all(c.initialized for c in manager.connections))
+            async with acp_ws_client(running.url, acp_schema) as (late, _):
+                assert len(manager.on_probation) == 1
+                leaving.peek.close()
+                await leaving.stream.aclose()
+                await settle_until(lambda: len(manager.connections) == 2)
+                await late.send({"jsonrpc": "2.0", "id": "early", "method": "session/list"})
+                await settle_until(lambda: answer_to(late, "early") is not None)
+                answer = answer_to(late, "early")
+                assert answer is not None
+                assert answer["error"] == {
+                    "code": -32600,
+                    "message": "Invalid request: call initialize before session/list",
+                }
+                await settle()
+                assert not late.closed.is_set() and not manager.on_probation
+                await late.initialize()
+                session_id = await late.new_session(str(tmp_path))
+                assert await late.prompt(session_id, "in") == "end_turn"
+
+
 async def test_on_probation_nothing_pipelined_behind_a_refusal_is_read(
     start_server: StartServer,
     tmp_path: Path,
