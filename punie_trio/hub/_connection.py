@@ -412,8 +412,14 @@ class ClientConnection:
 
     def end_probation_unless_initializing(self, why: str) -> None:
         """Close this connection (1013, the limit's reason and ``why``) if it is on
-        probation and has not sent its ``initialize`` (the app's deadline for it)."""
+        probation and has not sent its ``initialize`` (the app's deadline for it); if a
+        place has come free meanwhile, it takes it instead, and is one like any other
+        (the heartbeat's deadline for ``initialize`` then holds: it was closed for "the
+        connection limit" with room for it)."""
         if self.on_probation and not self._initialize_read and self.close_with is None:
+            if self.manager.has_room() and not self.manager.closing.is_set():
+                self.manager.promote(self)
+                return
             log.info("closing a connection on probation: %s", why)
             self._close_on_probation(why)
 

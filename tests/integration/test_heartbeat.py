@@ -874,6 +874,40 @@ async def test_on_probation_nothing_pipelined_behind_a_refusal_is_read(
             await raw.stream.aclose()
 
 
+async def test_a_silent_connection_on_probation_takes_a_place_that_came_free(
+    start_server: StartServer,
+    tmp_path: Path,
+    acp_schema: SchemaChecker,
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    """A connection on probation that has not spoken by PROBATION_INITIALIZE_WITHIN, when
+    a place has come free meanwhile, takes it: it is one like any other (the heartbeat's
+    30 s to initialize). It was closed with 1013 "connection limit reached (2): initialize
+    not received within 5 s", with a place free."""
+    async with start_server(limits=Limits(grace_seconds=300, max_connections=2)) as running:
+        manager = running.manager
+        assert running.url is not None
+        async with acp_ws_client(running.url, acp_schema) as (live, _):
+            await live.request("initialize", initialize_request("", "ide", [])["params"])
+            leaving = await RawClient.connect(running.url)
+            await leaving.send_json(
+                {"jsonrpc": "2.0", "id": 1, "method": "initialize",
+                 "params": {"protocolVersion": 1}}
+            )  # fmt: skip
+            await settle_until(lambda: all(c.initialized for c in manager.connections))
+            async with acp_ws_client(running.url, acp_schema) as (late, _):
+                assert len(manager.on_probation) == 1
+                leaving.peek.close()
+                await leaving.stream.aclose()
+                await settle_until(lambda: len(manager.connections) == 2)
+                mock_clock.jump(PROBATION_INITIALIZE_WITHIN)
+                await settle()
+                assert not late.closed.is_set() and not manager.on_probation
+                await late.initialize()
+                session_id = await late.new_session(str(tmp_path))
+                assert await late.prompt(session_id, "in") == "end_turn"
+
+
 async def test_a_shutdown_during_a_probe_at_a_full_server_closes_as_a_shutdown(
     start_server: StartServer,
     tmp_path: Path,
