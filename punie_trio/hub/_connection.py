@@ -46,7 +46,8 @@ MAX_AWAITING = 1000
 #: the ids kept after a request ended (``small_id``) are at most 256: 1,024 leaves room
 #: for any real client's ids, and keeps the whole list near 1 MB at most.
 MAX_AWAITED_ID_CHARS = 1024
-#: Most prompt refusals remembered per connection: more than its outbox can hold unwritten.
+#: Most prompts (run or refused) remembered per connection: more than its outbox can hold
+#: unwritten.
 MAX_REFUSED = 1024
 
 AGENT_INFO = {"name": "punie-trio", "title": "punie-trio", "version": __version__}
@@ -101,11 +102,14 @@ class ClientConnection:
     # Start times of recent prompts, for the prompts-per-minute limit.
     # (A list, not a deque: an idle connection's empty list costs 56 bytes, a deque 760.)
     prompt_times: list[float] = attrs.field(factory=list, init=False)
-    #: The prompts refused at once (rate limit, a prompt already running, ...): request
-    #: id to the session id it named, the newest :data:`MAX_REFUSED` (None until the
-    #: first). Should the connection drop before writing such an error, it is kept for a
-    #: re-attaching client that awaits the id, as a turn's answer is (Manager._keep_unsent).
-    refused_prompts: dict[RequestId, str] | None = attrs.field(default=None, init=False)
+    #: The prompts sent on this connection, run or refused at once (rate limit, a prompt
+    #: already running, ...): request id to the session id it named, the newest
+    #: :data:`MAX_REFUSED` (None until the first; only for a client that gave a client
+    #: id). Should the connection drop before writing such a prompt's answer or error, it
+    #: goes back in its place in that session's backlog, for a re-attaching client that
+    #: awaits the id (Manager._keep_unsent). (Of the prompts that ran, only each session's
+    #: last was known: an earlier one's answer, unwritten, was sent after the later turn.)
+    prompt_sessions: dict[RequestId, str] | None = attrs.field(default=None, init=False)
 
     async def run(
         self,
@@ -198,12 +202,15 @@ class ClientConnection:
     def handle_request(self, method: str, params: Params) -> Awaitable[Any] | Deferred:
         if self.awaiting:
             # An id the client uses again is one it no longer awaits an old answer under.
-            self.stop_awaiting(current_request_id.get(None))
-        if self.refused_prompts:
-            # (nor one whose old refusal, if unwritten, is to be kept for it)
+            request_id = current_request_id.get(None)
+            if request_id in self.awaiting:
+                self.stop_awaiting(request_id)
+                self.manager.forget_left_answers(self.client_id, reused=request_id)
+        if self.prompt_sessions:
+            # (nor one whose old answer or refusal, if unwritten, is to be kept for it)
             request_id = current_request_id.get(None)
             if request_id is not None:
-                self.refused_prompts.pop(request_id, None)
+                self.prompt_sessions.pop(request_id, None)
         if method == acp.INITIALIZE:
             if self.on_probation:
                 return self._initialize_on_probation(params)
@@ -241,12 +248,9 @@ class ClientConnection:
             session_id = acp.parse_session_id(params).session_id
             return manager.despite_a_drop(self, manager.delete_session(self, session_id))
         if method == acp.SESSION_PROMPT:
-            try:
-                prompt = acp.parse_prompt(params, max_bytes=manager.limits.max_prompt_bytes)
-                return manager.start_prompt(self, prompt)
-            except RpcError:
-                self._refused_prompt(params)
-                raise
+            self._sent_prompt(params)
+            prompt = acp.parse_prompt(params, max_bytes=manager.limits.max_prompt_bytes)
+            return manager.start_prompt(self, prompt)
         if method == acp.SESSION_CANCEL:
             # A notification in ACP; sent with an id it is answered (-32002 if not ours).
             manager.cancel(self, acp.parse_session_id(params).session_id)
@@ -262,8 +266,8 @@ class ClientConnection:
             )
         raise method_not_found(method)
 
-    def _refused_prompt(self, params: Params) -> None:
-        """Remember a prompt refused at once, by the session it named (if it names one)."""
+    def _sent_prompt(self, params: Params) -> None:
+        """Remember a prompt (run or refused), by the session it named (if it names one)."""
         if not self.client_id:
             return  # (nothing is kept for a client that cannot come back)
         request_id = current_request_id.get(None)
@@ -272,12 +276,15 @@ class ClientConnection:
             return
         if len(session_id) > MAX_REMEMBERED_ID_CHARS:
             return  # (no session of ours has such an id: nothing would be kept for it)
-        refused = self.refused_prompts
-        if refused is None:
-            refused = self.refused_prompts = {}
-        refused[request_id] = session_id
-        if len(refused) > MAX_REFUSED:
-            del refused[next(iter(refused))]
+        live = self.manager.sessions.get(session_id)
+        if live is not None:
+            session_id = live.id  # (its string, not one more copy per prompt)
+        prompts = self.prompt_sessions
+        if prompts is None:
+            prompts = self.prompt_sessions = {}
+        prompts[request_id] = session_id
+        if len(prompts) > MAX_REFUSED:
+            del prompts[next(iter(prompts))]
 
     def handle_notification(self, method: str, params: Params) -> None:
         if method == acp.SESSION_CANCEL and self.initialized:
@@ -450,6 +457,7 @@ class ClientConnection:
         # own. (Reclaimed in the answer's task, such a prompt was refused at random.)
         sessions = self.manager.reclaim(self)
         expired = self.manager.expired_for(self.client_id, self.awaiting)
+        self.manager.forget_left_answers(self.client_id, self.awaiting)
         if not (sessions or expired or self.awaiting) or self.peer is None:
             return _ready(_initialize_result())
         # What the sessions send from now on (a turn's updates, an orphaned prompt's

@@ -89,9 +89,8 @@ def _detach(self: Manager, conn: ClientConnection) -> None:
     if unsent:
         assert client_id is not None
         self._keep_reload_notices(client_id, owned, unsent)
+        self._keep_unsent(owned, unsent, conn.prompt_sessions or {}, client_id)
     if client_id and told and owned:
-        self._keep_unsent(owned, unsent, conn.refused_prompts or {})
-        _keep_unsent_answers(self, conn, owned, unsent)
         for session in owned:
             session.owner = None
             session.detached_client = client_id
@@ -103,8 +102,6 @@ def _detach(self: Manager, conn: ClientConnection) -> None:
         self._nursery.start_soon(self._expire_grace, client_id, event)
         self._bound_detached()
         return
-    if unsent:  # (only when told)
-        _keep_unsent_answers(self, conn, owned, unsent)
     for session in owned:
         self._drop_session(session)
 
@@ -190,86 +187,82 @@ async def _gone_after_probe(self: Manager, holder: ClientConnection) -> bool:
 
 
 def _keep_unsent(
-    self: Manager, owned: list[Session], texts: list[str], refused: Mapping[RequestId, str]
+    self: Manager,
+    owned: list[Session],
+    texts: list[str],
+    prompts: Mapping[RequestId, str],
+    client_id: str | None = None,
 ) -> None:
     """Put what a dropped connection had queued but never written back in front of its
     sessions' backlogs (it is older than anything kept since): their updates, the
-    answer of each one's last prompt, and the errors of prompts refused at once
-    (``refused``: request id to session id). The rest (answers to other requests,
-    our own requests, a session/load's replay, spelled apart:
+    answers of its prompts, and the errors of those refused at once, in their places
+    (``prompts``: the connection's prompts, request id to session id; each session's
+    last answered prompt too). The other answers are kept for the return
+    of ``client_id`` (None: a client that cannot come back), as a cut close's is
+    (:func:`keep_left_answer`): those of a session closed or deleted before the drop
+    was seen (the close's own, and its cancelled prompt's), and of any other request.
+    The rest (our own requests, a session/load's replay, spelled apart:
     ``updates.REPLAY_START``) belonged to that connection alone. What was written is
     not repeated: whether it arrived cannot be known without the client
-    acknowledging it.
+    acknowledging it. Each text is looked at once.
 
     Why the refusals: a re-attaching client that awaits a refused prompt's id would
     otherwise wait for ever (its prompt never ran, so the store has no turn to say
-    so); kept, the error is delivered under the rule of any kept answer."""
+    so); kept, the error is delivered under the rule of any kept answer.
+
+    Why the other answers: a close had run to its end, its session gone, and the
+    client, back awaiting its id and its prompt's, was told "no answer to this request
+    will come" for each, though neither answer had left the server."""
     if not texts:
         return
     by_id = {s.id: s for s in owned}
     answered = {s.answered_id: s for s in owned if s.answered_id is not None}
-    for request_id, refused_in in refused.items():
-        if refused_in in by_id and request_id not in answered:
-            answered[request_id] = by_id[refused_in]
+    for request_id, sent_in in prompts.items():
+        if sent_in in by_id and request_id not in answered:
+            answered[request_id] = by_id[sent_in]
+    # Answers kept already, not to be kept again as left answers: a session's (one it
+    # kept, or one kept for it here), and a close's or delete's that goes on past the
+    # drop (its own answer is to come: the -32800 its cut handler queued is not it).
+    skipped: set[RequestId | None] = set()
+    if client_id:
+        skipped.update(_answer_id(p) for s in owned for p in s.pending if p[0] != "update")
+        skipped.update(self._left_answers.get(client_id, ()))
     kept: dict[str, list[Pending]] = {}
+    others: list[tuple[RequestId, str]] = []  # (the other answers, for client_id)
     for text in texts:
         if text.startswith(updates.NOTIFICATION_START):
             session_id = json_string_at(text, len(updates.NOTIFICATION_START))
             session = by_id.get(session_id) if session_id is not None else None
             if session is not None:
                 kept.setdefault(session.id, []).append(("update", text))
-        elif answered and text.startswith('{"jsonrpc":"2.0","id":'):
-            try:
-                msg = json.loads(text)
-            except ValueError:  # pragma: no cover - we wrote it
-                continue
-            session = answered.get(msg.get("id"))
-            result = msg.get("result")
-            prompt_answer = "error" in msg or (isinstance(result, dict) and "stopReason" in result)
-            if session is not None and prompt_answer:
-                kept.setdefault(session.id, []).append(("message", text, msg["id"]))
+            continue
+        if not (answered or client_id) or not text.startswith('{"jsonrpc":"2.0","id":'):
+            continue
+        try:
+            msg = json.loads(text)
+        except ValueError:  # pragma: no cover - we wrote it
+            continue
+        if "method" in msg:
+            continue  # (a request of ours)
+        request_id = msg.get("id")
+        session = answered.get(request_id)
+        result = msg.get("result")
+        prompt_answer = "error" in msg or (isinstance(result, dict) and "stopReason" in result)
+        if session is not None and prompt_answer:
+            kept.setdefault(session.id, []).append(("message", text, request_id))
+            skipped.add(request_id)
+        elif client_id:
+            others.append((request_id, text))
+    for request_id, text in others:
+        if request_id not in skipped:
+            assert client_id is not None
+            _keep_left(self, client_id, request_id, text)
     for session_id, items in kept.items():
         session = by_id[session_id]
         rest, session.pending = session.pending, []
         session.kept_updates = session.kept_bytes = 0
         for item in (*items, *rest):
             self._buffer(session, item)
-
-
-def _keep_unsent_answers(
-    self: Manager, conn: ClientConnection, owned: list[Session], texts: list[str]
-) -> None:
-    """Keep for ``conn``'s client (:func:`keep_left_answer`) the answers its connection
-    queued and never wrote that no session it held keeps (:func:`_keep_unsent`): those
-    of a session closed or deleted before the drop was seen (the close's own, and its
-    cancelled prompt's), and of any other request.
-
-    Why: the close had run to its end, its session gone, and the client, back awaiting
-    both ids, was told "no answer to this request will come" for each, though neither
-    answer had left the server. Only what was never written: a written one may have
-    arrived, and is not repeated."""
-    kept = {_answer_id(p) for s in owned for p in s.pending if p[0] != "update"}
-    # (A close or delete that goes on past the drop keeps its own answer, to come: the
-    # -32800 its cut handler queued is not it.)
-    kept.update(self._left_answers.get(conn.client_id or "", ()))
-    for text in texts:
-        if not text.startswith('{"jsonrpc":"2.0","id":'):
-            continue
-        try:
-            msg = json.loads(text)
-        except ValueError:  # pragma: no cover - we wrote it
-            continue
-        request_id = msg.get("id")
-        if "method" in msg or request_id in kept:  # (a request of ours, or kept already)
-            continue
-        left = self.keep_left_answer(conn, request_id)
-        if left is None:
-            continue
-        error = msg.get("error")
-        if isinstance(error, dict):
-            left.settle(None, RpcError(error["code"], error["message"], error.get("data")))
-        else:
-            left.settle(msg.get("result"), None)
 
 
 def _keep_reload_notices(
@@ -465,7 +458,14 @@ async def refuse_unanswerable(self: Manager, conn: ClientConnection) -> None:
             answered.add(session.turn.request_id)
         answered.update(_answer_id(p) for p in session.pending if p[0] != "update")
     left = self._left_answers.pop(conn.client_id, {}) if conn.client_id else {}
-    answered.update(left)
+    # The kept answers it awaits, taken out of ``_left_answers``: those past their grace
+    # period are not sent, so they are refused as any other. (Counted as to come, they
+    # once got neither, and the client waited for ever.) Until each is sent, they are
+    # put back should this end early (the connection dropping while a refusal waits for
+    # room); put back only by the sends after the refusals', they were once lost there,
+    # and the client back again was told -32603 for each.
+    waiting = _left_awaited(self, conn, left)
+    answered.update(request_id for request_id, _ in waiting)
     refused = [
         request_id
         for request_id in conn.awaiting
@@ -479,25 +479,38 @@ async def refuse_unanswerable(self: Manager, conn: ClientConnection) -> None:
         "answer is kept under its id here (the server restarted, or the session's grace "
         "period ended); session/load the session to see what was recorded",
     )
-    for request_id in refused:
-        await conn.send_answer(request_id, None, error)
-    await self._send_left_answers(conn, left)
+    try:
+        for request_id in refused:
+            await conn.send_answer(request_id, None, error)
+        await self._send_left_answers(conn, waiting)
+    except BaseException:
+        _keep_left_again(self, conn, waiting)
+        raise
 
 
-#: The most answers of closes and deletes cut by a drop kept for one client id.
+#: The most answers kept for one client id's return: of its closes and deletes cut by a
+#: drop, and those its dropped connections never wrote that no session keeps.
 LEFT_ANSWERS = 64
 
 
 @attrs.define(eq=False)
 class LeftAnswer:
-    """The answer of a ``session/close`` or ``session/delete`` that went on after its
-    connection dropped (``_lifecycle.despite_a_drop``): ``done`` once it is known."""
+    """An answer kept for a client's return: of a ``session/close`` or ``session/delete``
+    that went on after its connection dropped (``_lifecycle.despite_a_drop``), ``done``
+    once it is known; or one its dropped connection never wrote (``text``)."""
 
     done: trio.Event = attrs.field(factory=trio.Event)
     result: Any = None
     error: RpcError | None = None
     #: When it was done (``trio.current_time``): kept ``grace_seconds`` after that.
     done_at: float = math.inf
+    #: The answer as its connection queued it and never wrote it (``_keep_unsent``),
+    #: kept as that text: sent as it is, and its memory is what the outbox held.
+    text: str | None = None
+
+    def size(self) -> int:
+        """The memory its text takes (``sys.getsizeof``, as the outbox counts)."""
+        return sys.getsizeof(self.text) if self.text is not None else 0
 
     def settle(self, result: Any, error: RpcError | None) -> None:
         self.result, self.error = result, error
@@ -515,7 +528,14 @@ def keep_left_answer(
     Why: the close took effect, but its answer was lost with the connection, and the
     client, back awaiting it (``_meta["punie-trio/awaiting"]``), was told "no answer to
     this request will come" (-32603), as if the close had failed."""
-    client_id = conn.client_id
+    return _keep_left(self, conn.client_id, request_id)
+
+
+def _keep_left(
+    self: Manager, client_id: str | None, request_id: RequestId | None, text: str | None = None
+) -> LeftAnswer | None:
+    """:func:`keep_left_answer`, by client id; with ``text``, an answer known already
+    (one a dropped connection never wrote, as it was queued)."""
     if not client_id or not small_id(request_id):
         return None
     now = trio.current_time()
@@ -524,42 +544,119 @@ def keep_left_answer(
     for old in [i for i, a in kept.items() if a.done_at + grace < now]:
         del kept[old]
     kept.pop(request_id, None)  # (an id used again: the newest answer)
-    answer = kept[request_id] = LeftAnswer()
-    while len(kept) > LEFT_ANSWERS:
-        del kept[next(iter(kept))]
-    self._left_answers[client_id] = kept
-    while len(self._left_answers) > self.limits.max_connections:
-        del self._left_answers[next(iter(self._left_answers))]
+    answer = kept[request_id] = LeftAnswer(text=text)
+    if text is not None:
+        answer.settle(None, None)  # (its text is the answer)
+    _bound_left(self, client_id, kept)
     return answer
 
 
-async def _send_left_answers(
-    self: Manager, conn: ClientConnection, left: dict[RequestId, LeftAnswer]
+def forget_left_answers(
+    self: Manager,
+    client_id: str | None,
+    awaited: Collection[RequestId] = (),
+    reused: RequestId | None = None,
 ) -> None:
-    """Send ``conn`` the answers in ``left`` (its client's closes and deletes that its
-    previous connection's drop cut: :func:`keep_left_answer`) that it awaits, each once
-    it is done; the rest are dropped (not awaited: the client does not want them).
-    Those not sent (the connection ended) stay kept for the client's next return."""
+    """Forget the answers kept for ``client_id``'s return (:func:`keep_left_answer`) that
+    its new connection does not await (``awaited``, as its ``initialize`` is read), or,
+    given ``reused``, the one under that id, which it uses again for a request of its own.
+
+    Why: such an answer is not for the client any more, and it stood for its id: the
+    answer of a new request under that id, left unwritten by a drop, was not kept (as
+    one kept already), and the client, back awaiting the id, got the old answer for its
+    new request. They were forgotten only by a return that awaited something."""
+    if not client_id:
+        return
+    kept = self._left_answers.get(client_id)
+    if not kept:
+        return
+    if reused is not None:
+        kept.pop(reused, None)
+    else:
+        for request_id in [i for i in kept if i not in awaited]:
+            del kept[request_id]
+    if not kept:
+        del self._left_answers[client_id]
+
+
+def _bound_left(self: Manager, client_id: str, kept: dict[RequestId, LeftAnswer]) -> None:
+    """Keep ``kept`` as ``client_id``'s left answers (now the newest client id), within
+    :data:`LEFT_ANSWERS` for it and ``max_connections`` client ids, the oldest of each
+    forgotten first; and forget the clients, from the one kept for longest, whose
+    answers are all past their grace period.
+
+    Why the sweep: a client's answers were forgotten only when it kept another, so
+    those of a client that never came back stayed, past their grace period, for as
+    long as the server ran (up to 64 answers for each of ``max_connections`` client
+    ids, any request's among them: ``_keep_unsent``). The dict is in the order clients
+    kept answers (re-inserted on each), so the sweep looks only at its front; one
+    expired behind a live one waits for it (still within the count)."""
+    left = self._left_answers
+    deadline = trio.current_time() - self.limits.grace_seconds
+    while left:
+        oldest = next(iter(left))
+        if any(a.done_at >= deadline for a in left[oldest].values()):
+            break
+        del left[oldest]
+    while len(kept) > LEFT_ANSWERS:
+        del kept[next(iter(kept))]
+    # And within an outbox's bytes (but for the newest, as the outbox takes one message
+    # over its budget): each drop kept what its outbox held, and they piled up over a
+    # client's drops, up to 64 of any size (a session/list page is 10 KB and more).
+    size = sum(a.size() for a in kept.values())
+    while size > self.limits.outbox_bytes and len(kept) > 1:
+        size -= kept.pop(next(iter(kept))).size()
+    self._left_answers[client_id] = kept
+    while len(self._left_answers) > self.limits.max_connections:
+        del self._left_answers[next(iter(self._left_answers))]
+
+
+def _left_awaited(
+    self: Manager, conn: ClientConnection, left: dict[RequestId, LeftAnswer]
+) -> list[tuple[RequestId, LeftAnswer]]:
+    """The answers in ``left`` (``conn``'s client's, taken: :func:`keep_left_answer`) to
+    send it, in the order they were kept: those it awaits, not past their grace period.
+    The rest are dropped (not awaited: the client does not want them)."""
     now = trio.current_time()
-    waiting = [
+    return [
         (request_id, answer)
         for request_id, answer in left.items()
         if request_id in conn.awaiting and answer.done_at + self.limits.grace_seconds >= now
     ]
-    try:
-        while waiting:
-            request_id, answer = waiting[0]
-            await answer.done.wait()
-            if request_id in conn.awaiting and not conn.has_in_flight(request_id):
+
+
+async def _send_left_answers(
+    self: Manager, conn: ClientConnection, waiting: list[tuple[RequestId, LeftAnswer]]
+) -> None:
+    """Send ``conn`` the answers ``waiting`` (:func:`_left_awaited`: those kept for its
+    client's return, :func:`keep_left_answer`), each once it is done, taking
+    each out of ``waiting`` once it is queued (or no longer awaited): what is left
+    there if this ends early was not sent, for the caller to keep again
+    (:func:`_keep_left_again`)."""
+    while waiting:
+        request_id, answer = waiting[0]
+        await answer.done.wait()
+        if request_id in conn.awaiting and not conn.has_in_flight(request_id):
+            if answer.text is not None:
+                await conn.send_encoded(answer.text)
+            else:
                 await conn.send_answer(request_id, answer.result, answer.error)
-                conn.stop_awaiting(request_id)
-            waiting.pop(0)
-    except BaseException:
-        if waiting and conn.client_id:
-            kept = self._left_answers.setdefault(conn.client_id, {})
-            for request_id, answer in waiting:
-                kept.setdefault(request_id, answer)
-        raise
+            conn.stop_awaiting(request_id)
+        waiting.pop(0)
+
+
+def _keep_left_again(
+    self: Manager, conn: ClientConnection, waiting: list[tuple[RequestId, LeftAnswer]]
+) -> None:
+    """Keep again, for the client's next return, the answers ``waiting`` that ``conn``
+    did not send (it ended first): ahead of any kept for the client since (they are
+    older), but not over an answer kept since under the same id (the newer)."""
+    waiting = [(i, a) for i, a in waiting if i in conn.awaiting]  # (not one used again)
+    if not waiting or not conn.client_id:
+        return
+    kept = dict(waiting)
+    kept.update(self._left_answers.pop(conn.client_id, {}))
+    _bound_left(self, conn.client_id, kept)
 
 
 def _held_by(self: Manager, conn: ClientConnection, session_id: str) -> bool:

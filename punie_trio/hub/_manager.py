@@ -118,9 +118,11 @@ class Manager:
     # expired_for). Bounded as _expired.
     _unconfirmed: dict[str, dict[RequestId, str]] = attrs.field(factory=dict, init=False)
     # By client id: the answers of its session/close and session/delete requests that
-    # went on after their connection dropped (despite_a_drop), by request id, kept for
-    # the client's return (refuse_unanswerable sends those it awaits). Bounded as
-    # _expired, LEFT_ANSWERS a client, and forgotten grace_seconds after they are done.
+    # went on after their connection dropped (despite_a_drop), and those its dropped
+    # connection never wrote that no session keeps (_keep_unsent), by request id, kept
+    # for the client's return (refuse_unanswerable sends those it awaits). Bounded as
+    # _expired, LEFT_ANSWERS a client; a client's, all grace_seconds past done, are
+    # forgotten as the next answer is kept (_grace._bound_left).
     _left_answers: dict[str, dict[RequestId, _grace.LeftAnswer]] = attrs.field(
         factory=dict, init=False
     )
@@ -220,6 +222,7 @@ class Manager:
     deliver_missed = _grace.deliver_missed
     refuse_unanswerable = _grace.refuse_unanswerable
     keep_left_answer = _grace.keep_left_answer
+    forget_left_answers = _grace.forget_left_answers
     _send_left_answers = _grace._send_left_answers
     _held_by = _grace._held_by
     _expire_grace = _grace._expire_grace

@@ -155,6 +155,12 @@ class Outbox:
         self._bytes += _size(data)
         self.wake()
 
+    def put_back(self, items: Sequence[str]) -> None:
+        """Queue ``items``, just taken, ahead of everything again, waking no one (the
+        taker's own, for a batch it must not write yet: see ``Peer.hold_writing``)."""
+        self._items[:0] = items
+        self._bytes += sum(map(_size, items))
+
     async def send(self, text: str) -> None:
         """Queue ``text``, waiting while the outbox is full. Always a checkpoint."""
         await trio.lowlevel.checkpoint_if_cancelled()

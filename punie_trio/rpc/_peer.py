@@ -291,7 +291,9 @@ class Peer:
 
     def queued(self) -> int:
         """How many messages are queued, not yet taken by the writer (an ``at`` of
-        :meth:`answer_now`)."""
+        :meth:`answer_now`). While writing is held, all that is not written: the writer
+        puts back what it takes meanwhile, so a place taken here stays behind what was
+        queued before and ahead of what comes after."""
         return len(self._outbox)
 
     def hold_writing(self) -> trio.Event:
@@ -576,12 +578,16 @@ class Peer:
                 batch = cast(list[str], taken)
                 held = self._writing_held
                 if held is not None:
-                    if not held.is_set():
-                        self._unwritten = batch  # (not written, should the stream end now)
-                        await held.wait()
-                        self._unwritten = None
-                    if self._writing_held is held:
+                    if self._writing_held is held and held.is_set():
                         self._writing_held = None
+                    if not held.is_set():
+                        # Put back, not kept aside: what is queued meanwhile may go ahead
+                        # of it (answer_now's ``at``: a re-attaching initialize's answer
+                        # behind what was queued before the hold, and ahead of this).
+                        # (Kept aside here, the answer was queued behind it all the same.)
+                        outbox.put_back(batch)
+                        await held.wait()
+                        continue
                 if send_batch is not None and len(batch) > 1:
                     try:
                         # One write: if it fails, how much went is unknown, unless none did.

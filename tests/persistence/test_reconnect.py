@@ -1725,12 +1725,12 @@ async def test_a_refused_prompts_id_used_again_is_forgotten_and_the_memory_is_bo
         await initialize(link.client, client_id="ide")
         sid = await link.client.new_session(str(hub.root))
         (conn,) = hub.manager.connections
-        assert conn.refused_prompts is None  # (nothing until the first)
+        assert conn.prompt_sessions is None  # (nothing until the first)
         await send_prompt(link.client, "runs", sid, "go")
         for _ in range(5):
             error = await expect_error(link.client, "session/prompt", prompt_params(sid, "x"))
             assert "already has a prompt running" in error["message"]
-        refused = conn.refused_prompts
+        refused = conn.prompt_sessions
         assert refused is not None and list(refused.values()) == [sid] * 3
         newest = list(refused)[-1]
         await link.client.send(
@@ -1758,7 +1758,7 @@ async def test_no_refusal_is_remembered_for_a_client_that_cannot_come_back(
         await send_prompt(link.client, "runs", sid, "go")
         await expect_error(link.client, "session/prompt", prompt_params(sid, "x"))
         (conn,) = hub.manager.connections
-        assert conn.refused_prompts is None
+        assert conn.prompt_sessions is None
 
 
 def _random_turns(rng: random.Random) -> list[list[dict[str, Any]]]:
@@ -2180,3 +2180,310 @@ async def test_a_delete_that_fails_after_its_connection_dropped_is_logged(
     errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert len(errors) == 1 and errors[0].exc_info is not None
     assert "a bug in the delete" in str(errors[0].exc_info[1])
+
+
+async def test_initialize_is_answered_before_what_the_writer_took_while_held(
+    tmp_path: Path, acp_schema: SchemaChecker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As above, but the writer runs before the initialize's task: it takes the session's
+    update (queued after the re-attach) out of the outbox and waits, holding it, for the
+    hold to end. The answer, queued at its place in what was left in the outbox, came
+    after that update all the same."""
+    from punie_trio.hub._connection import ClientConnection
+
+    model = ScriptModel([[{"text": "slow"}, {"sleep": 5}, {"text": "late"}]])
+    async with open_hub(tmp_path, acp_schema, model, limits=Limits(grace_seconds=60)) as hub:
+        link = await hub.connect()
+        await initialize(link.client, client_id="ide")
+        session = await link.client.new_session(str(hub.root))
+        await send_prompt(link.client, "p", session, "go")
+        await link.client.wait_for(has_update(session, "agent_message_chunk", "slow"))
+        await link.drop()
+        await hub.settle()
+        real = ClientConnection._initialized
+
+        async def writer_first(self: ClientConnection, *args: Any) -> Any:
+            update = updates.encode(updates.agent_message_chunk("in the gap"))
+            assert self.send_encoded_now([updates.notification_prefix(session) + update + "}}"])
+            await trio.testing.wait_all_tasks_blocked()  # (the writer took it, and waits)
+            return await real(self, *args)
+
+        monkeypatch.setattr(ClientConnection, "_initialized", writer_first)
+        again = await hub.connect()
+        await initialize(again.client, client_id="ide", awaiting=["p"])
+        await again.client.wait_for(lambda m: m.get("id") == "p")
+        first, *rest = again.client.received
+        assert "result" in first and "protocolVersion" in first["result"], first
+        assert any(
+            m.get("params", {}).get("update", {}).get("content", {}).get("text") == "in the gap"
+            for m in rest
+        )
+
+
+async def test_a_cut_closes_answer_survives_a_drop_while_refusals_are_sent(
+    tmp_path: Path, acp_schema: SchemaChecker
+) -> None:
+    """The client of a close cut by a drop comes back awaiting the close's id and ids
+    nothing will answer, reads nothing, and drops again while the -32603 refusals wait
+    for room in its outbox. The close's answer had been taken out of what is kept for
+    the client before those sends, and was put back only by the sends after them: it
+    was lost, and the client, back a third time awaiting the close's id, was told
+    -32603, as if the close had failed. It keeps it now."""
+    model = ScriptModel([[{"text": "slow"}, {"sleep": 5}]])
+    store = GatedStore()
+    limits = Limits(grace_seconds=60, outbox_limit=2)
+    async with open_hub(tmp_path, acp_schema, model, limits=limits, store=store) as hub:  # type: ignore[arg-type]
+        await _close_cut_by_a_drop(hub, store, "session/close")
+        raw = await open_raw(hub)
+        awaiting = ["c", *(f"x{i}" for i in range(5))]
+        meta = {CLIENT_ID_META: "ide", AWAITING_META: awaiting}
+        await send_unread(raw, 1, "initialize", {"protocolVersion": 1, "_meta": meta})
+        await raw.aclose()  # (its refusals wait for room)
+        await hub.settle()
+        store.appends.armed = False
+        store.appends.opened.set()
+        await hub.settle()
+        third = await hub.connect()
+        await initialize(third.client, client_id="ide", awaiting=["c"])
+        answer = await third.client.wait_for(lambda m: m.get("id") == "c")
+        assert answer == {"jsonrpc": "2.0", "id": "c", "result": {}}
+
+
+async def test_a_cut_closes_answer_past_its_grace_is_refused_not_left_unanswered(
+    tmp_path: Path, acp_schema: SchemaChecker, autojump_clock: trio.testing.MockClock
+) -> None:
+    """The client of a close cut by a drop comes back awaiting the close's id once the
+    answer's grace period is over. The answer, past it, is not sent; but it was still
+    counted as one to come, so the -32603 "no answer to this request will come" was not
+    sent either: the client got nothing for the id, ever. It is told -32603 now."""
+    model = ScriptModel([[{"text": "slow"}, {"sleep": 5}]])
+    store = GatedStore()
+    limits = Limits(grace_seconds=60)
+    async with open_hub(tmp_path, acp_schema, model, limits=limits, store=store) as hub:  # type: ignore[arg-type]
+        await _close_cut_by_a_drop(hub, store, "session/close")
+        store.appends.armed = False
+        store.appends.opened.set()
+        await hub.settle()
+        await trio.sleep(61)  # (the close's answer's grace period ends)
+        back = await hub.connect()
+        await initialize(back.client, client_id="ide", awaiting=["c"])
+        with trio.fail_after(5):
+            answer = await back.client.wait_for(lambda m: m.get("id") == "c")
+        assert answer["error"]["code"] == -32603, answer
+
+
+async def test_the_answers_kept_for_a_client_that_never_returns_go_after_their_grace(
+    tmp_path: Path, acp_schema: SchemaChecker, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Answers kept for clients' returns (a cut close's, or any answer a dropped
+    connection never wrote) were forgotten only when the same client kept another: a
+    client that never came back left them, past their grace period, for as long as the
+    server ran (up to 64 for each of ``max-connections`` client ids). Past it, they go
+    as the next client keeps one; one still within it stays."""
+    limits = Limits(grace_seconds=60)
+    async with open_hub(tmp_path, acp_schema, EchoModel(), limits=limits) as hub:
+        manager = hub.manager
+        for n in range(3):
+            answer = manager.keep_left_answer(_DroppingConnection(f"gone-{n}"), "c")  # type: ignore[arg-type]
+            assert answer is not None
+            answer.settle({}, None)
+        await trio.sleep(30)
+        within = manager.keep_left_answer(_DroppingConnection("within"), "c")  # type: ignore[arg-type]
+        assert within is not None
+        within.settle({}, None)
+        await trio.sleep(31)  # (the first three are past their grace period)
+        assert manager.keep_left_answer(_DroppingConnection("new"), "c") is not None  # type: ignore[arg-type]
+        assert list(manager._left_answers) == ["within", "new"]
+        # (The one within its grace period is still the client's.)
+        request = {"jsonrpc": "2.0", "id": "c", "method": "session/close"}
+        acp_schema.client_sent({**request, "params": {"sessionId": "sess_x"}})
+        back = await hub.connect()
+        await initialize(back.client, client_id="within", awaiting=["c"])
+        answer = await back.client.wait_for(lambda m: m.get("id") == "c")
+        assert answer == {"jsonrpc": "2.0", "id": "c", "result": {}}
+
+
+async def test_two_unwritten_turns_of_a_session_are_answered_in_order(
+    tmp_path: Path, acp_schema: SchemaChecker
+) -> None:
+    """A client reading nothing runs two turns, one after the other, on a session and
+    drops: both turns' updates and answers were queued and never written. Only the
+    session's last answered prompt was known to be its, so the first prompt's answer
+    was kept apart (as any other request's) and sent last, after the second turn's
+    updates and answer. Back awaiting both prompts, the client gets them in the order
+    they ran now."""
+    model = ScriptModel([[{"text": "one"}], [{"text": "two"}]])
+    async with open_hub(tmp_path, acp_schema, model, limits=Limits(grace_seconds=60)) as hub:
+        raw, session = await open_raw_session(hub, "ide")
+        await send_unread(raw, "p1", "session/prompt", prompt_params(session, "a"), acp_schema)
+        await send_unread(raw, "p2", "session/prompt", prompt_params(session, "b"), acp_schema)
+        await raw.aclose()
+        await hub.settle()
+        back = await hub.connect()
+        await initialize(back.client, client_id="ide", awaiting=["p1", "p2"])
+        await back.client.wait_for(lambda m: m.get("id") == "p2")
+        await hub.settle()
+        seen = [
+            m.get("id") or m["params"]["update"].get("content", {}).get("text")
+            for m in back.client.received[1:]
+        ]
+        # (The first turn's first update was in the stream's buffer: handed over.)
+        assert [s for s in seen if s is not None] == ["p1", "two", "p2"], seen
+
+
+@pytest.mark.parametrize("seed", range(8))
+async def test_every_awaited_request_is_answered_once_after_initialize_across_random_drops(
+    tmp_path: Path,
+    acp_schema: SchemaChecker,
+    autojump_clock: trio.testing.MockClock,
+    caplog: pytest.LogCaptureFixture,
+    seed: int,
+) -> None:
+    """Random prompts, closes, deletes, new sessions, lists and cancels, and drops (each
+    back at once or later, within grace or not, awaiting every request of its own not
+    yet answered: closes and deletes as well as prompts): every request is answered
+    exactly once over all the connections (its answer, or -32603 for one lost in
+    flight or kept past its grace period), each connection's first message is its
+    initialize's answer, and nothing is logged as an error."""
+    rng = random.Random(seed)
+    limits = Limits(
+        grace_seconds=rng.choice([0, 1, 5, 60]),
+        detached_buffer=rng.choice([5, 50, 1000]),
+        outbox_limit=rng.choice([2, 8, 256]),
+    )
+    sent: list[str] = []
+
+    def answers(links: list[Link]) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for link in links:
+            for m in link.client.received:
+                if "method" not in m and m.get("id") in sent:
+                    counts[m["id"]] = counts.get(m["id"], 0) + 1
+        return counts
+
+    async def back(links: list[Link]) -> Link:
+        link = await hub.connect(buffer=rng.choice([1, 4, 64]))
+        links.append(link)
+        got = answers(links)
+        await initialize(link.client, client_id="ide", awaiting=[i for i in sent if i not in got])
+        return link
+
+    async with open_hub(
+        tmp_path, acp_schema, ScriptModel(_random_turns(rng)), limits=limits
+    ) as hub:
+        link = await hub.connect(buffer=rng.choice([1, 4, 64]))
+        await initialize(link.client, client_id="ide")
+        sessions = [await link.client.new_session(str(hub.root)) for _ in range(2)]
+        links = [link]
+        for step in range(rng.randint(10, 60)):
+            action = rng.choice(
+                ["prompt", "prompt", "close", "delete", "new", "list", "cancel", "drop", "sleep"]
+            )
+            session = rng.choice(sessions)
+            request: dict[str, Any] = {"jsonrpc": "2.0", "id": f"{action}-{step}"}
+            if action == "prompt":
+                params = prompt_params(session, "go")
+            elif action in ("close", "delete"):
+                params = {"sessionId": session}
+            elif action == "new":
+                params = {"cwd": str(hub.root), "mcpServers": []}
+            elif action == "list":
+                params = {}
+            elif action == "cancel":
+                await link.client.notify("session/cancel", {"sessionId": session})
+            elif action == "sleep":
+                await trio.sleep(rng.choice([0.001, 0.3, 3]))
+            else:
+                await link.drop()
+                await hub.settle()
+                if rng.random() < 0.3:
+                    await trio.sleep(rng.choice([0.5, 2, 10]))
+                link = await back(links)
+            if action in ("prompt", "close", "delete", "new", "list"):
+                sent.append(request["id"])
+                method = "session/" + action
+                await link.client.send({**request, "method": method, "params": params})
+            if rng.random() < 0.6:  # (else a drop may come as the request runs)
+                await trio.testing.wait_all_tasks_blocked()
+            for m in link.client.received:
+                sid = m.get("result", {}).get("sessionId") if "result" in m else None
+                if sid is not None and sid not in sessions:
+                    sessions.append(sid)
+        await trio.sleep(100)  # (every turn ends)
+        await hub.settle()
+        await link.drop()  # (and back once more, for what the last connection did not get)
+        await hub.settle()
+        await back(links)
+        await trio.sleep(100)
+        await hub.settle()
+    assert answers(links) == dict.fromkeys(sent, 1)
+    for link in links[1:]:
+        first = link.client.received[0]
+        assert "protocolVersion" in first.get("result", {}), first
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+
+
+async def test_the_unwritten_answers_kept_for_a_client_are_bounded_in_bytes(
+    tmp_path: Path, acp_schema: SchemaChecker
+) -> None:
+    """A client comes and goes, each time leaving answers its connection never wrote
+    (here ``session/list`` pages). Those no session keeps were kept for its return up to
+    64, whatever their size: a drop's worth of its outbox (``outbox_bytes``) each time,
+    piling up over its drops (and a token holder has ``max-connections`` client ids).
+    They are kept within one outbox's worth now, the newest; back awaiting them all, the
+    client gets those, and -32603 for the older ones, each id once."""
+    budget = 2048
+    limits = Limits(grace_seconds=60, outbox_bytes=budget)
+    async with open_hub(tmp_path, acp_schema, EchoModel(), limits=limits) as hub:
+        ids: list[str] = []
+        for away in range(4):
+            raw = await open_raw(hub)
+            await raw_call(
+                raw, 1, "initialize", {"protocolVersion": 1, "_meta": {CLIENT_ID_META: "ide"}}
+            )
+            if away == 0:
+                await raw_call(raw, 2, "session/new", {"cwd": str(hub.root), "mcpServers": []})
+            for n in range(12):  # (the outbox holds some; the rest wait for room)
+                ids.append(f"list-{away}-{n}")
+                await send_unread(raw, ids[-1], "session/list", {}, acp_schema)
+            await raw.aclose()
+            await hub.settle()
+        back = await hub.connect()
+        await initialize(back.client, client_id="ide", awaiting=ids)
+        await hub.settle()
+        answers = [m for m in back.client.received if m.get("id") in ids]
+        assert sorted(m["id"] for m in answers) == sorted(ids)  # (each once)
+        kept = [m for m in answers if "result" in m]
+        assert kept and sum(len(json.dumps(m)) for m in kept) <= budget
+
+
+async def test_a_cut_closes_answer_not_awaited_never_answers_its_ids_next_request(
+    tmp_path: Path, acp_schema: SchemaChecker
+) -> None:
+    """The client of a close cut by a drop comes back awaiting nothing (a client that
+    starts its ids afresh), uses the close's id again for a request of its own, and drops
+    before that answer is written. The close's answer, not awaited, was still kept (the
+    re-attach took the kept answers only when the client awaited something), and it kept
+    the new request's unwritten answer out as "kept already": the client, back awaiting
+    the id, got the old close's answer for its new request. An answer not awaited at a
+    re-attach is dropped now, as an id not listed is, and the new one is kept."""
+    model = ScriptModel([[{"text": "slow"}, {"sleep": 5}]])
+    store = GatedStore()
+    limits = Limits(grace_seconds=60)
+    async with open_hub(tmp_path, acp_schema, model, limits=limits, store=store) as hub:  # type: ignore[arg-type]
+        await _close_cut_by_a_drop(hub, store, "session/close")
+        store.appends.armed = False
+        store.appends.opened.set()
+        await hub.settle()
+        raw = await open_raw(hub)
+        await raw_call(
+            raw, 1, "initialize", {"protocolVersion": 1, "_meta": {CLIENT_ID_META: "ide"}}
+        )
+        await send_unread(raw, "d", "session/list", {}, acp_schema)  # (the stream holds it)
+        await send_unread(raw, "c", "session/list", {}, acp_schema)  # (never written)
+        await raw.aclose()
+        await hub.settle()
+        back = await hub.connect()
+        await initialize(back.client, client_id="ide", awaiting=["c"])
+        answer = await back.client.wait_for(lambda m: m.get("id") == "c")
+        assert "sessions" in answer.get("result", {}), answer  # (the list's, not the close's {})

@@ -1209,6 +1209,37 @@ async def test_held_writes_wait_and_are_unsent_if_the_stream_ends_meanwhile(
         assert [json.loads(text)["method"] for text in peer.unsent()] == ["d"]
 
 
+async def test_what_the_writer_takes_while_held_waits_in_the_outbox(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """What the writer takes while writing is held goes back to the outbox to wait, so
+    ``queued()`` counts it and an answer queued ``at`` a place taken before it goes
+    ahead of it (a re-attaching ``initialize``'s answer, ahead of a session's update
+    queued between the hold and the answer). Kept aside by the writer, it was written
+    first all the same."""
+    answered = trio.Event()
+
+    async def answered_at_the_hold(params: Params) -> str:
+        await answered.wait()
+        return "answered already"
+
+    async with trio.open_nursery() as nursery:
+        peer, raw = await start_peer(nursery, Dispatcher({"init": answered_at_the_hold}))
+        await raw.send({"id": 1, "method": "init"})
+        await trio.testing.wait_all_tasks_blocked()
+        held, place = peer.hold_writing(), peer.queued()
+        await peer.notify("update")
+        await trio.testing.wait_all_tasks_blocked()  # (the writer took it, and waits)
+        assert peer.queued() == place + 1
+        assert peer.answer_now(1, {"first": True}, at=place)
+        peer.release_writing(held)
+        first, second = await raw.recv(), await raw.recv()
+        assert first == {"jsonrpc": "2.0", "id": 1, "result": {"first": True}}
+        assert second["method"] == "update"
+        answered.set()
+        nursery.cancel_scope.cancel()
+
+
 async def test_a_hold_on_a_connection_already_ending_holds_nothing(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
