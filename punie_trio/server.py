@@ -511,7 +511,7 @@ async def _serve_stdio(
     only transport (``--no-http``), where it ends the server. Its end closes the client's
     pipes (:func:`stdio_stream`): the client reads stdout to its end while the HTTP server
     serves on."""
-    conn = ClientConnection(manager, transport="stdio")
+    conn = ClientConnection(manager, transport="stdio", probeable=False)
     try:
         with trio.CancelScope() as connection:
             async with trio.open_nursery() as timers:

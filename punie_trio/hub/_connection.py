@@ -81,6 +81,11 @@ class ClientConnection:
     #: send ``initialize`` naming a client id whose connection a probe finds dead, and
     #: takes that connection's place (``Manager.promote``); refused and closed otherwise.
     on_probation: bool = False
+    #: Whether a probe (``Manager.alive``) can find this connection dead, so that a
+    #: client taking its place could be let in on probation past a full limit
+    #: (``Manager.admit_upgrade``): not the ``--stdio`` one, nor a WebSocket the
+    #: heartbeat cannot watch (over HTTP/2): those are taken for alive.
+    probeable: bool = True
     #: How the transport is to close once :meth:`run` returns (a WebSocket close code
     #: and reason), if not as usual: set when a connection on probation is refused.
     close_with: tuple[int, str] | None = attrs.field(default=None, init=False)
@@ -218,6 +223,10 @@ class ClientConnection:
                 return self._initialize_on_probation(params)
             return self._initialize_request(*self._initialize_params(params))
         if not self.initialized:
+            if self.on_probation and self.manager.has_room():
+                # A place came free since the upgrade: one like any other from now on (it
+                # was told "Connection limit reached" and closed, with room for it).
+                self.manager.promote(self)
             if self.on_probation:
                 return self._refused_on_probation(
                     f"a connection let in past the limit may only send initialize, "
@@ -382,19 +391,22 @@ class ClientConnection:
         taken on only if it names a client id another open connection holds (probed
         next: :meth:`_initialize_after_take_over`), or if a place has come free since
         the upgrade (then as any initialize); else refused (-32600 naming the limit)
-        and the connection closed (1013). Bad params are refused so too: a connection
-        on probation gets one try."""
+        and the connection closed (1013). Bad params are refused so too, unless a place
+        has come free: a connection still on probation gets one try."""
         manager = self.manager
         self._initialize_read = True
+        if manager.has_room():
+            # Before its params are checked: with a place free it is one like any other,
+            # whatever its initialize (bad params were answered "Connection limit
+            # reached" and the connection closed, with room for it).
+            manager.promote(self)
+            return self._initialize_request(*self._initialize_params(params))
         try:
             init, client_id, awaiting = self._initialize_params(params)
         except RpcError as exc:  # (its code kept: -32602 names the field)
             self._close_on_probation()
             message = manager.limit_reached(exc.message).message
             return _raise(RpcError(exc.code, message, exc.data))
-        if manager.has_room():
-            manager.promote(self)
-            return self._initialize_request(init, client_id, awaiting)
         if client_id is None:
             return self._refused_on_probation(
                 f"a connection past the limit may only take the place of its own client's "
@@ -418,8 +430,14 @@ class ClientConnection:
 
     def end_probation_unless_initializing(self, why: str) -> None:
         """Close this connection (1013, the limit's reason and ``why``) if it is on
-        probation and has not sent its ``initialize`` (the app's deadline for it)."""
+        probation and has not sent its ``initialize`` (the app's deadline for it); if a
+        place has come free meanwhile, it takes it instead, and is one like any other
+        (the heartbeat's deadline for ``initialize`` then holds: it was closed for "the
+        connection limit" with room for it)."""
         if self.on_probation and not self._initialize_read and self.close_with is None:
+            if self.manager.has_room() and not self.manager.closing.is_set():
+                self.manager.promote(self)
+                return
             log.info("closing a connection on probation: %s", why)
             self._close_on_probation(why)
 

@@ -13,7 +13,8 @@ its own sessions for a minute, where a server with room lets it in at once (its
 
 So a full server lets at most :data:`MAX_ON_PROBATION` upgrades past the limit **on
 probation** (:func:`admit_upgrade`), while some open connection holds a client id that a
-probe could free (none does: 503 at once, as before). A connection on probation may do
+probe could free (none does, or only the ``--stdio`` one or WebSockets over HTTP/2,
+which nothing probes: 503 at once, as before). A connection on probation may do
 one thing: send ``initialize`` naming a client id held by another open connection, which
 is then probed. Found dead (dropped, or it closed meanwhile), that connection's place goes
 to the one on probation as it detaches (:func:`promote`, from ``detach``: in the same
@@ -27,7 +28,8 @@ casting off clients it has no room for) and ``connection limit reached (N)``; so
 that sends no ``initialize`` within :data:`PROBATION_INITIALIZE_WITHIN`, with nothing to
 answer. (At a shutdown the close is 1001, as for every connection.) A place that comes
 free meanwhile (another client leaves) is taken instead: the connection is then one
-like any other, and its ``initialize`` is answered as anywhere.
+like any other, and what it sends first is answered as anywhere (bad params, a request
+before ``initialize``: the connection stays open).
 
 So at most ``max_connections`` connections count against the limit and at most
 :data:`MAX_ON_PROBATION` more are on probation; a client without a client id, or whose
@@ -79,10 +81,19 @@ def admit_upgrade(self: Manager) -> Literal["counted", "probation"] | None:
         return None  # (no probe can tell a connection dead here)
     if len(self.on_probation) + self.upgrading_on_probation >= MAX_ON_PROBATION:
         return None
-    if not any(c.client_id is not None and c.initialized for c in self.connections):
+    if not any(_probeable_holder(c) for c in self.connections):
         return None  # (no connection whose place a probe could free: refused as before)
     self.upgrading_on_probation += 1
     return "probation"
+
+
+def _probeable_holder(conn: ClientConnection) -> bool:
+    """Whether ``conn`` holds a client id that a probe could find dead and free. Not the
+    ``--stdio`` connection, nor a WebSocket over HTTP/2: nothing pings them
+    (``Heartbeat.alive`` takes them for alive), so with only such a connection holding
+    an id (``--stdio --max-connections 1``) every upgrade was let in on probation only
+    to be refused (-32600, 1013), where the 503 says it at once."""
+    return conn.client_id is not None and conn.initialized and conn.probeable
 
 
 def upgraded(self: Manager, admitted: Literal["counted", "probation"]) -> None:

@@ -246,7 +246,7 @@ class App:
         conn = ClientConnection(
             self.manager, transport="websocket", id=conn_id, on_probation=probation
         )
-        self.heartbeat.watch(stream, conn)
+        conn.probeable = self.heartbeat.watch(stream, conn)
         try:
             if probation:
                 await self._run_on_probation(conn, stream)
@@ -266,8 +266,9 @@ class App:
     async def _run_on_probation(self, conn: ClientConnection, stream: AsgiWebSocketStream) -> None:
         """Run a connection let in on probation past a full limit (``hub._probation``),
         closing it (1013) if it has not sent ``initialize`` within
-        :attr:`probation_initialize_within`: a place on probation is held for a round
-        trip, not for the heartbeat's 30 s.
+        :attr:`probation_initialize_within` (unless a place has come free by then, which
+        it takes): a place on probation is held for a round trip, not for the
+        heartbeat's 30 s.
 
         Resource handling: the deadline's task lives in a nursery around ``conn.run``,
         and ends with it (cancelled once the connection does)."""

@@ -115,9 +115,13 @@ class Heartbeat:
     _dropping: set[Watched] = attrs.field(factory=set, init=False)
     _nursery: trio.Nursery | None = attrs.field(default=None, init=False)
 
-    def watch(self, stream: Watched, connection: Initialized) -> None:
-        if stream.last_heard() is not None:
-            self._watched[stream] = _Entry(connection, trio.current_time())
+    def watch(self, stream: Watched, connection: Initialized) -> bool:
+        """Watch ``stream``, if it can be (punie-trio's socket reader: not over HTTP/2);
+        whether it is, and so whether :meth:`alive` can ever find it dead."""
+        if stream.last_heard() is None:
+            return False
+        self._watched[stream] = _Entry(connection, trio.current_time())
+        return True
 
     def unwatch(self, stream: Watched) -> None:
         self._watched.pop(stream, None)

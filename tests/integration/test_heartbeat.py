@@ -7,8 +7,10 @@ moved by hand."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
+import random
 import socket
 from pathlib import Path
 from typing import Any
@@ -18,7 +20,16 @@ import trio
 import trio.testing
 from trio_websocket import ConnectionRejected, WebSocketConnection, open_websocket_url
 from wsproto import ConnectionType, WSConnection
-from wsproto.events import AcceptConnection, CloseConnection, Message, Ping, Request
+from wsproto.connection import ConnectionState
+from wsproto.events import (
+    AcceptConnection,
+    CloseConnection,
+    Message,
+    Ping,
+    RejectConnection,
+    RejectData,
+    Request,
+)
 
 from punie_trio.hub import MAX_ON_PROBATION, PROBATION_INITIALIZE_WITHIN, Limits
 from punie_trio.web._heartbeat import INITIALIZE_WITHIN, PING_AFTER, PROBE_WITHIN, SWEEP_EVERY
@@ -738,6 +749,165 @@ async def test_a_connection_on_probation_takes_a_place_that_comes_free(
                 assert await late.prompt(session_id, "in") == "end_turn"
 
 
+async def test_an_initialize_with_bad_params_after_a_place_came_free_is_answered_as_anywhere(
+    start_server: StartServer,
+    tmp_path: Path,
+    acp_schema: SchemaChecker,
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    """Let in on probation, a connection whose initialize (bad params) comes after another
+    client left is one like any other (as the docs say, "whatever its initialize"): its
+    -32602 names the field, not the connection limit, and it stays open to try again. It
+    was answered "Connection limit reached (2): Invalid params: ..." and closed with 1013,
+    with a place free."""
+    async with start_server(limits=Limits(grace_seconds=300, max_connections=2)) as running:
+        manager = running.manager
+        assert running.url is not None
+        async with acp_ws_client(running.url, acp_schema) as (live, _):
+            await live.request("initialize", initialize_request("", "ide", [])["params"])
+            leaving = await RawClient.connect(running.url)
+            await leaving.send_json(
+                {"jsonrpc": "2.0", "id": 1, "method": "initialize",
+                 "params": {"protocolVersion": 1}}
+            )  # fmt: skip
+            await settle_until(lambda: all(c.initialized for c in manager.connections))
+            async with acp_ws_client(running.url, acp_schema) as (late, _):
+                assert len(manager.on_probation) == 1
+                leaving.peek.close()
+                await leaving.stream.aclose()
+                await settle_until(lambda: len(manager.connections) == 2)
+                bad = initialize_request("bad", "other", [])
+                bad["params"]["_meta"]["punie-trio/clientId"] = 5
+                await late.send(bad)
+                await settle_until(lambda: answer_to(late, "bad") is not None)
+                answer = answer_to(late, "bad")
+                assert answer is not None
+                assert answer["error"]["code"] == -32602
+                assert answer["error"]["message"].startswith(
+                    "Invalid params: _meta.punie-trio/clientId"
+                ), answer
+                await settle()
+                assert not late.closed.is_set() and not manager.on_probation
+                await late.initialize()
+                session_id = await late.new_session(str(tmp_path))
+                assert await late.prompt(session_id, "in") == "end_turn"
+
+
+async def test_a_request_before_initialize_after_a_place_came_free_is_answered_as_anywhere(
+    start_server: StartServer,
+    tmp_path: Path,
+    acp_schema: SchemaChecker,
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    """Let in on probation, a connection whose first request (not initialize) comes after
+    another client left is one like any other: told to call initialize first, and open
+    to do so. It was answered "Connection limit reached (2): ..." with a place free,
+    and closed with 1013."""
+    async with start_server(limits=Limits(grace_seconds=300, max_connections=2)) as running:
+        manager = running.manager
+        assert running.url is not None
+        async with acp_ws_client(running.url, acp_schema) as (live, _):
+            await live.request("initialize", initialize_request("", "ide", [])["params"])
+            leaving = await RawClient.connect(running.url)
+            await leaving.send_json(
+                {"jsonrpc": "2.0", "id": 1, "method": "initialize",
+                 "params": {"protocolVersion": 1}}
+            )  # fmt: skip
+            await settle_until(lambda: all(c.initialized for c in manager.connections))
+            async with acp_ws_client(running.url, acp_schema) as (late, _):
+                assert len(manager.on_probation) == 1
+                leaving.peek.close()
+                await leaving.stream.aclose()
+                await settle_until(lambda: len(manager.connections) == 2)
+                await late.send({"jsonrpc": "2.0", "id": "early", "method": "session/list"})
+                await settle_until(lambda: answer_to(late, "early") is not None)
+                answer = answer_to(late, "early")
+                assert answer is not None
+                assert answer["error"] == {
+                    "code": -32600,
+                    "message": "Invalid request: call initialize before session/list",
+                }
+                await settle()
+                assert not late.closed.is_set() and not manager.on_probation
+                await late.initialize()
+                session_id = await late.new_session(str(tmp_path))
+                assert await late.prompt(session_id, "in") == "end_turn"
+
+
+async def test_on_probation_nothing_pipelined_behind_a_refusal_is_read(
+    start_server: StartServer,
+    tmp_path: Path,
+    acp_schema: SchemaChecker,
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    """On probation, a refused request is the last one read: an initialize naming the
+    half-open connection's client id, sent in the same write behind a refused one, is
+    neither answered nor acted on (the old connection is not probed, its sessions stay
+    its own), and the refusal is written before the close (1013)."""
+    model = ScriptModel([[{"text": "1 "}, {"sleep": 30}]])
+    limits = Limits(grace_seconds=300, max_connections=1)
+    async with start_server(model, limits=limits) as running:
+        manager = running.manager
+        assert running.url is not None
+        old, session_id = await half_open_client(running, "ide", tmp_path, acp_schema)
+        new = await RawClient.connect(running.url)
+        first = {"jsonrpc": "2.0", "id": "a", "method": "session/list"}
+        second = initialize_request("b", "ide", [3])
+        data = new.ws.send(Message(data=json.dumps(first)))
+        data += new.ws.send(Message(data=json.dumps(second)))
+        await new.stream.send_all(data)
+        await settle_until(lambda: new.read_ready() or new.closed_with() is not None)
+        await settle()
+        new.read_ready()
+        answers = new.messages()
+        assert [m.get("id") for m in answers] == ["a"], answers
+        acp_schema.client_sent(first)
+        acp_schema.agent_sent(answers[0])
+        assert answers[0]["error"]["code"] == -32600
+        assert new.closed_with() == (1013, "connection limit reached (1)")
+        old.read_ready()
+        assert old.pings() == 0 and not old.eof
+        owner = manager.sessions[session_id].owner
+        assert owner is not None and owner.client_id == "ide"
+        for raw in (old, new):
+            raw.peek.close()
+            await raw.stream.aclose()
+
+
+async def test_a_silent_connection_on_probation_takes_a_place_that_came_free(
+    start_server: StartServer,
+    tmp_path: Path,
+    acp_schema: SchemaChecker,
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    """A connection on probation that has not spoken by PROBATION_INITIALIZE_WITHIN, when
+    a place has come free meanwhile, takes it: it is one like any other (the heartbeat's
+    30 s to initialize). It was closed with 1013 "connection limit reached (2): initialize
+    not received within 5 s", with a place free."""
+    async with start_server(limits=Limits(grace_seconds=300, max_connections=2)) as running:
+        manager = running.manager
+        assert running.url is not None
+        async with acp_ws_client(running.url, acp_schema) as (live, _):
+            await live.request("initialize", initialize_request("", "ide", [])["params"])
+            leaving = await RawClient.connect(running.url)
+            await leaving.send_json(
+                {"jsonrpc": "2.0", "id": 1, "method": "initialize",
+                 "params": {"protocolVersion": 1}}
+            )  # fmt: skip
+            await settle_until(lambda: all(c.initialized for c in manager.connections))
+            async with acp_ws_client(running.url, acp_schema) as (late, _):
+                assert len(manager.on_probation) == 1
+                leaving.peek.close()
+                await leaving.stream.aclose()
+                await settle_until(lambda: len(manager.connections) == 2)
+                mock_clock.jump(PROBATION_INITIALIZE_WITHIN)
+                await settle()
+                assert not late.closed.is_set() and not manager.on_probation
+                await late.initialize()
+                session_id = await late.new_session(str(tmp_path))
+                assert await late.prompt(session_id, "in") == "end_turn"
+
+
 async def test_a_shutdown_during_a_probe_at_a_full_server_closes_as_a_shutdown(
     start_server: StartServer,
     tmp_path: Path,
@@ -796,3 +966,216 @@ async def test_at_a_full_server_a_connection_closed_by_its_client_during_the_pro
             await settle_until(lambda: answer_to(new, 3) is not None)
         old.peek.close()
         await old.stream.aclose()
+
+
+class _Dialer:
+    """A raw client of the random test below: it answers a probe (a notification sent for
+    each ping) while ``answers``, and remembers what it sent."""
+
+    def __init__(self, raw: RawClient, answers: bool) -> None:
+        self.raw = raw
+        self.answers = answers
+        self.client_id: str | None = None
+        self.init_id: str | None = None
+        self.pongs = 0
+        self.gone = False
+
+    def answer(self) -> dict[str, Any] | None:
+        if self.init_id is None:
+            return None
+        return next((m for m in self.raw.messages() if m.get("id") == self.init_id), None)
+
+    def closed(self) -> bool:
+        return self.gone or self.raw.eof or self.raw.ws.state is not ConnectionState.OPEN
+
+    def ended(self) -> bool:
+        """Whether it is closed, with what arrived so far taken."""
+        if not self.gone:
+            self.raw.read_ready()
+        return self.closed()
+
+    def answered(self) -> bool:
+        """Whether its initialize is answered, with what arrived so far taken."""
+        self.raw.read_ready()
+        return self.answer() is not None
+
+    async def close(self) -> None:
+        if not self.gone:
+            self.gone = True
+            self.raw.peek.close()
+            await self.raw.stream.aclose()
+
+
+async def _dial(url: str) -> RawClient | bytes:
+    """Upgrade: the client, or the body of the refusal (any status but 503 fails)."""
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    raw = RawClient(await trio.open_tcp_stream(host, int(port)))
+    await raw.stream.send_all(raw.ws.send(Request(host=host, target="/acp")))
+    while True:
+        if any(isinstance(e, AcceptConnection) for e in raw.events):
+            return raw
+        rejected = [e for e in raw.events if isinstance(e, RejectConnection)]
+        if rejected and (
+            raw.eof or any(isinstance(e, RejectData) and e.body_finished for e in raw.events)
+        ):
+            assert rejected[0].status_code == 503, rejected
+            body = b"".join(e.data for e in raw.events if isinstance(e, RejectData))
+            raw.peek.close()
+            await raw.stream.aclose()
+            return body
+        assert not raw.eof, raw.events
+        raw._take(await raw.stream.receive_some(65536))
+
+
+@pytest.mark.parametrize("seed", range(12))
+async def test_a_full_server_under_random_reconnects_keeps_its_bounds(
+    start_server: StartServer,
+    tmp_path: Path,
+    mock_clock: trio.testing.MockClock,
+    seed: int,
+) -> None:
+    """Seeded random connects, initializes (three client ids, or none), drops, closes,
+    handshakes cut, half-open clients (they stop answering pings), time passing and (a
+    third of the seeds) a shutdown, at a full server (2 places). After every step: at most
+    ``max_connections`` connections counted and at most MAX_ON_PROBATION more on
+    probation, no upgrade counted once its handshake is over, one connection per client
+    id. A client whose connection is half-open, back, gets its place at once the probe is
+    over. At the end every initialize is answered or its connection closed, each with a
+    clear reason, and once every client has gone the counts are all 0. (400 seeds held:
+    351 clients back at a full server, each let in.)"""
+    rng = random.Random(seed)
+    limit = 2
+    ids = ["a", "b", "c", None]
+    async with start_server(limits=Limits(grace_seconds=300, max_connections=limit)) as running:
+        manager = running.manager
+        assert running.url is not None
+        url = running.url
+        dialers: list[_Dialer] = []
+        refusals: list[bytes] = []
+        serial = itertools.count()
+
+        def check() -> None:
+            counted = len(manager.connections) - len(manager.on_probation)
+            assert counted <= limit, (counted, limit)
+            assert len(manager.on_probation) <= MAX_ON_PROBATION
+            assert manager.on_probation <= manager.connections
+            assert manager.upgrading == manager.upgrading_on_probation == 0
+            held = [c.client_id for c in manager.connections if c.initialized and c.client_id]
+            assert len(held) == len(set(held)), held
+
+        async def step() -> None:
+            await settle()
+            for d in dialers:  # (the live ones answer the probes: bytes heard)
+                if d.gone:
+                    continue
+                d.raw.read_ready()
+                if d.answers and not d.closed() and d.raw.pings() > d.pongs:
+                    d.pongs = d.raw.pings()
+                    await d.raw.send_json({"jsonrpc": "2.0", "method": "_heard"})
+            await settle()
+            check()
+
+        async def back(client_id: str) -> None:
+            """The client whose connection under ``client_id`` is half-open comes back: its
+            new connection gets the place (and is answered) once the probe is over."""
+            dialed = await _dial(url)
+            if isinstance(dialed, bytes):  # (the places on probation taken)
+                return
+            new = _Dialer(dialed, answers=True)
+            dialers.append(new)
+            await initialize(new, client_id)
+            await step()
+            mock_clock.jump(PROBE_WITHIN)
+            await step()
+            await settle_until(new.answered)
+            answer = new.answer()
+            assert answer is not None and "result" in answer, (seed, client_id, answer)
+
+        async def initialize(d: _Dialer, client_id: str | None) -> None:
+            d.client_id, d.init_id = client_id, f"init-{next(serial)}"
+            msg: dict[str, Any] = {"jsonrpc": "2.0", "id": d.init_id, "method": "initialize",
+                                   "params": {"protocolVersion": 1}}  # fmt: skip
+            if client_id is not None:
+                msg["params"]["_meta"] = {"punie-trio/clientId": client_id}
+            await d.raw.send_json(msg)
+
+        shutdown_at = rng.randrange(80) if seed % 3 == 2 else None
+        for n in range(80):
+            if n == shutdown_at:
+                # A shutdown at a random point: every connection ends (1001), none is
+                # let in any more, and nothing stays counted.
+                running.closing.set()
+                await step()
+                for d in dialers:
+                    await settle_until(d.ended)
+                    close = d.raw.closed_with()
+                    assert close is None or close[0] in (1000, 1001, 1008, 1013), close
+                await settle_until(lambda: not manager.connections)
+                assert manager.upgrading == manager.upgrading_on_probation == 0
+                for d in dialers:
+                    await d.close()
+                return
+            action = rng.choice(
+                ["open", "open", "init", "drop", "bye", "cut", "silence", "wake", "tick", "back"]
+            )
+            open_ = [d for d in dialers if not d.closed()]
+            # Client ids held by a connection that answers no more (and no one probing it).
+            dead = [
+                c.client_id
+                for c in manager.connections
+                if c.initialized
+                and c.client_id
+                and c.client_id not in manager._claims
+                and not any(d.answers for d in open_ if d.client_id == c.client_id)
+            ]
+            if action == "open":
+                dialed = await _dial(url)
+                if isinstance(dialed, bytes):
+                    assert b"connection limit reached (2)" in dialed, dialed
+                    refusals.append(dialed)
+                else:
+                    d = _Dialer(dialed, answers=rng.random() < 0.6)
+                    dialers.append(d)
+                    if rng.random() < 0.8:
+                        await initialize(d, rng.choice(ids))
+            elif action == "init" and (fresh := [d for d in open_ if d.init_id is None]):
+                await initialize(rng.choice(fresh), rng.choice(ids))
+            elif action == "drop" and open_:
+                await rng.choice(open_).close()
+            elif action == "bye" and open_:  # (its client closes it: a close frame)
+                d = rng.choice(open_)
+                await d.raw.stream.send_all(d.raw.ws.send(CloseConnection(code=1000)))
+            elif action == "cut":  # (a client gone during its handshake)
+                host, port = url.removeprefix("http://").rsplit(":", 1)
+                stream = await trio.open_tcp_stream(host, int(port))
+                ws = WSConnection(ConnectionType.CLIENT)
+                await stream.send_all(ws.send(Request(host=host, target="/acp")))
+                await stream.aclose()
+            elif action in ("silence", "wake") and open_:
+                rng.choice(open_).answers = action == "wake"
+            elif action == "tick":
+                mock_clock.jump(rng.choice([1.0, PROBE_WITHIN, SWEEP_EVERY]))
+            elif action == "back" and dead:
+                await back(rng.choice(dead))
+            await step()
+        # Let every probe, deadline and sweep run out.
+        for _ in range(10):
+            mock_clock.jump(SWEEP_EVERY)
+            await step()
+        for d in dialers:
+            if d.init_id is None or d.gone:
+                continue
+            answer = d.answer()
+            assert answer is not None or d.closed(), (seed, d.init_id, d.raw.messages())
+            if answer is not None and "error" in answer:
+                error = answer["error"]
+                assert error["code"] in (-32600, -32602) and error["message"], error
+            close = d.raw.closed_with()
+            if close is not None:
+                assert close[0] in (1000, 1008, 1013), close
+                assert close[0] != 1013 or close[1].startswith("connection limit reached (2)")
+        for d in dialers:
+            await d.close()
+        await settle_until(lambda: not manager.connections)
+        check()
+        assert not manager.on_probation

@@ -7,7 +7,9 @@ import contextlib
 import errno
 import gc
 import itertools
+import json
 import logging
+import os
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -20,6 +22,7 @@ import trio.testing
 from trio_websocket import ConnectionRejected, open_websocket_url
 
 from punie_trio import __version__
+from punie_trio.hub import Limits
 from punie_trio.server import GC_THRESHOLDS, Running, ServeConfig, serve
 from punie_trio.web._accept_log import ACCEPT_ERROR_LOG_EVERY, LOGGER_NAME, AcceptErrorFilter
 from punie_trio.web._app import MAX_ECHO_BYTES
@@ -32,6 +35,7 @@ from ._support import (
     RawHttp,
     acp_ws_client,
     settle_loopback,
+    settle_until,
     task_tree,
     ws_url,
 )
@@ -885,3 +889,49 @@ async def test_a_site_read_that_hangs_does_not_hold_the_shutdown(
         release.set()
         await trio.to_thread.run_sync(ended.acquire)
     assert timed_out == [False]
+
+
+async def test_a_full_server_held_by_an_http2_websocket_client_refuses_upgrades_with_503(
+    start_server: StartServer,
+) -> None:
+    """At a full server (``max_connections`` 1) whose one connection is a WebSocket over
+    HTTP/2 under a client id, an upgrade gets the 503 at once, as before probation: the
+    heartbeat cannot watch an HTTP/2 WebSocket, so no probe could free its place. (It was
+    let in on probation, to be refused with -32600 and closed with 1013 whatever its
+    initialize.)"""
+    import h2.events
+
+    async with start_server(limits=Limits(max_connections=1)) as server:
+        assert server.url is not None
+        manager = server.manager
+        with trio.fail_after(10):
+            client = await _H2.open(server.url)
+            async with client.stream:
+                client.websocket(1, b"13")
+                await client.flush()
+                status = None
+                while status is None:
+                    data = await client.stream.receive_some(65536)
+                    assert data
+                    for event in client.conn.receive_data(data):
+                        if isinstance(event, h2.events.ResponseReceived):
+                            status = dict(event.headers)[b":status"]
+                    await client.flush()
+                assert status == b"200"
+                text = json.dumps(
+                    {"jsonrpc": "2.0", "id": 1, "method": "initialize",
+                     "params": {"protocolVersion": 1, "_meta": {"punie-trio/clientId": "ide"}}},
+                    separators=(",", ":"),
+                ).encode()  # fmt: skip
+                assert len(text) < 126
+                mask = os.urandom(4)
+                masked = bytes(b ^ mask[i % 4] for i, b in enumerate(text))
+                client.conn.send_data(1, bytes([0x81, 0x80 | len(text)]) + mask + masked)
+                await client.flush()
+                await settle_until(lambda: any(c.initialized for c in manager.connections))
+                with pytest.raises(ConnectionRejected) as refused:
+                    async with open_websocket_url(ws_url(server.url)):
+                        pass
+                assert refused.value.status_code == 503
+                assert b"connection limit reached (1)" in (refused.value.body or b"")
+                assert len(manager.connections) == 1

@@ -158,6 +158,34 @@ async def test_the_stdio_connection_counts_toward_max_connections(
             assert await server.process.wait() == 0
 
 
+async def test_a_full_server_held_by_the_stdio_client_refuses_upgrades_with_503(
+    tmp_path: Path, acp_schema: SchemaChecker
+) -> None:
+    """With ``--stdio --max-connections 1`` and the stdio client under a client id, a
+    WebSocket upgrade gets the 503 at once, as before probation: no probe can tell the
+    stdio connection dead, so none could free its place. (It was let in on probation, to
+    be refused with -32600 and closed with 1013 whatever its initialize.)"""
+    with trio.fail_after(30):
+        async with (
+            server_process(tmp_path, "--stdio", "--max-connections", "1") as server,
+            trio.open_nursery() as nursery,
+        ):
+            stdio = AcpTestClient(server.stdio(), acp_schema, ids=fresh_ids())
+            await nursery.start(stdio.run)
+            meta = {"punie-trio/clientId": "ide"}
+            await stdio.request("initialize", {"protocolVersion": 1, "_meta": meta})
+            with pytest.raises(ConnectionRejected) as refused:
+                headers = [(b"authorization", f"Bearer {TOKEN}".encode())]
+                async with open_websocket_url(ws_url(server.url), extra_headers=headers):
+                    pass
+            assert refused.value.status_code == 503
+            assert b"connection limit reached (1)" in (refused.value.body or b"")
+            session_id = await stdio.new_session(str(tmp_path))
+            assert await stdio.prompt(session_id, "stdio goes on") == "end_turn"
+            server.process.send_signal(signal.SIGTERM)
+            assert await server.process.wait() == 0
+
+
 async def test_prompts_per_minute_per_connection(
     tmp_path: Path, acp_schema: SchemaChecker, autojump_clock: trio.testing.MockClock
 ) -> None:
