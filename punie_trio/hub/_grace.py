@@ -38,6 +38,7 @@ import trio
 
 from ..acp import updates
 from ..rpc import (
+    ANSWER_START,
     INTERNAL_ERROR,
     INVALID_REQUEST,
     PeerClosed,
@@ -211,7 +212,10 @@ def _keep_unsent(
     (:func:`keep_left_answer`): those of a session closed or deleted before the drop
     was seen (the close's own, and its cancelled prompt's), and of any other request.
     The rest (our own requests, a session/load's replay, spelled apart:
-    ``updates.REPLAY_START``) belonged to that connection alone. What was written is
+    ``updates.REPLAY_START``) belonged to that connection alone; so did the answer to
+    a request sent under an id in flight (refused as in use: ``rpc.serialize_aside``),
+    which is not that request's (kept, it answered the prompt in flight under its id to
+    the client back awaiting it). What was written is
     not repeated: whether it arrived cannot be known without the client
     acknowledging it. Each text is looked at once.
 
@@ -245,7 +249,7 @@ def _keep_unsent(
             if session is not None:
                 kept.setdefault(session.id, []).append(("update", text))
             continue
-        if not (answered or client_id) or not text.startswith('{"jsonrpc":"2.0","id":'):
+        if not (answered or client_id) or not text.startswith(ANSWER_START):
             continue
         try:
             msg = json.loads(text)

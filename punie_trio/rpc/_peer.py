@@ -47,6 +47,7 @@ from ._codec import (
     parse,
     peek_envelope,
     serialize,
+    serialize_aside,
     valid_id,
 )
 from ._errors import (
@@ -392,6 +393,20 @@ class Peer:
         except trio.ClosedResourceError:
             raise PeerClosed("connection closed") from None
 
+    async def _refuse(self, msg: Response | ErrorResponse) -> None:
+        """Send the reader's own answer to a message it does not dispatch (malformed, too
+        large, a ``$/cancel_request`` sent as a request, an id in use): spelled apart
+        (:func:`serialize_aside`) when another request of the other side is in flight
+        under its id, for that answer is not the running request's (kept for a client's
+        return as if it were, it was sent to the client back awaiting the prompt under
+        that id, whose real answer was then dropped)."""
+        if msg.id is not None and msg.id in self._running:
+            await self.send_encoded(serialize_aside(msg))
+            if isinstance(msg, ErrorResponse):
+                self.observer.error_sent(msg.code)
+        else:
+            await self._send(msg)
+
     async def notify(self, method: str, params: Params = None) -> None:
         """Send a notification (waits while the outbox is full)."""
         await self._send(Notification(method, params))
@@ -655,7 +670,7 @@ class Peer:
             try:
                 msg = parse(text)
             except MalformedMessage as exc:
-                await self._send(exc.response())
+                await self._refuse(exc.response())
                 continue
             await self._dispatch(msg)
             held = self._reading_held
@@ -677,7 +692,7 @@ class Peer:
             request_id = None
         elif request_id is not None:
             self.dispatcher.request_refused(request_id)
-        await self._send(ErrorResponse(request_id, INVALID_REQUEST, f"Invalid request: {exc}"))
+        await self._refuse(ErrorResponse(request_id, INVALID_REQUEST, f"Invalid request: {exc}"))
 
     async def _dispatch(self, msg: Message) -> None:
         if isinstance(msg, Request):
@@ -736,10 +751,10 @@ class Peer:
         request_id = params.get("requestId") if isinstance(params, dict) else None
         if not valid_id(request_id):
             message = "Invalid params: requestId must be the string or integer id of a request"
-            await self._send(ErrorResponse(msg.id, INVALID_PARAMS, message))
+            await self._refuse(ErrorResponse(msg.id, INVALID_PARAMS, message))
             return
         self._cancel_request(request_id)
-        await self._send(Response(msg.id, None))
+        await self._refuse(Response(msg.id, None))
 
     async def _start_request(self, msg: Request) -> None:
         if msg.method == CANCEL_REQUEST:
@@ -748,7 +763,7 @@ class Peer:
         if msg.id in self._running:
             self.dispatcher.request_refused(msg.id)
             error = RpcError(INVALID_REQUEST, f"Invalid request: id {msg.id!r} is already in use")
-            await self._send(ErrorResponse(msg.id, error.code, error.message))
+            await self._refuse(ErrorResponse(msg.id, error.code, error.message))
             return
         if len(self._running) >= self.max_concurrent_requests:
             self.observer.limit_hit("concurrent_requests")

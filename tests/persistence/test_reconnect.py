@@ -2523,3 +2523,32 @@ async def test_a_cancel_of_a_reattaching_initialize_does_not_cut_what_it_deliver
             answer = await again.client.wait_for(lambda m: m.get("id") == "p")
         assert answer["result"] == {"stopReason": "end_turn"}
         assert has_update(session, "agent_message_chunk", "late")(again.client.received[1])
+
+
+@pytest.mark.parametrize("method", ["session/list", "$/cancel_request"])
+async def test_a_duplicate_ids_refusal_is_not_taken_for_the_prompts_answer(
+    tmp_path: Path, acp_schema: SchemaChecker, autojump_clock: trio.testing.MockClock, method: str
+) -> None:
+    """A prompt (id 5) runs; the client sends another request under id 5, which the
+    peer refuses at once (-32600 "id 5 is already in use"; a ``$/cancel_request`` sent
+    as a request is answered ``null``), and drops before that answer is written. It was
+    taken for the prompt's answer (an error under one of the connection's prompt ids
+    was kept in the session's backlog; the ``null``, as any other request's answer) and
+    sent to the client back awaiting 5, and the prompt's real answer was then dropped
+    as no longer awaited. That answer is to a request the client sent under an id in
+    use, and the one answer under the id a client can take is the prompt's: it gets
+    that now, once."""
+    model = ScriptModel([[{"text": "slow"}, {"sleep": 5}]])
+    async with open_hub(tmp_path, acp_schema, model, limits=Limits(grace_seconds=60)) as hub:
+        raw, session = await open_raw_session(hub, "ide")
+        await send_unread(raw, 5, "session/prompt", prompt_params(session, "go"), acp_schema)
+        await send_unread(raw, 5, method, {"requestId": "none"})  # (its id in use)
+        await raw.aclose()
+        await hub.settle()
+        back = await hub.connect()
+        await initialize(back.client, client_id="ide", awaiting=[5])
+        with trio.fail_after(30):  # (the clock's time: the turn's sleep is 5 s)
+            answer = await back.client.wait_for(lambda m: m.get("id") == 5)
+        assert answer.get("result") == {"stopReason": "end_turn"}, answer
+        await trio.sleep(10)
+        assert [m.get("id") for m in back.client.received].count(5) == 1
