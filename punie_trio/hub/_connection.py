@@ -213,6 +213,7 @@ class ClientConnection:
             if request_id in self.awaiting:
                 self.stop_awaiting(request_id)
                 self.manager.forget_left_answers(self.client_id, reused=request_id)
+                self.manager.forget_old_answers(self, request_id)
         if self.prompt_sessions:
             # (nor one whose old answer or refusal, if unwritten, is to be kept for it)
             request_id = current_request_id.get(None)

@@ -30,7 +30,7 @@ import json
 import logging
 import math
 import sys
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -368,7 +368,57 @@ def reclaim(self: Manager, conn: ClientConnection) -> list[Session]:
             session.detached_client = None
             reclaimed.append(session)
     _answers_lost_in_flight(conn, reclaimed)
+    _drop_old_answers(
+        reclaimed, conn, lambda i: i not in conn.awaiting, "did not list it as awaited"
+    )
     return reclaimed
+
+
+def forget_old_answers(self: Manager, conn: ClientConnection, reused: RequestId) -> None:
+    """Drop the old answer under ``reused`` (kept in a backlog of ``conn``'s sessions, or
+    to come from an orphaned turn of theirs): ``conn``'s client, which awaited it, uses
+    the id again for a request of its own (see :func:`_drop_old_answers`)."""
+    owned = [s for s in self.sessions.values() if s.owner is conn]
+    _drop_old_answers(owned, conn, lambda i: i == reused, "uses its id again")
+
+
+def _drop_old_answers(
+    sessions: Sequence[Session],
+    conn: ClientConnection,
+    unwanted: Callable[[Any], bool],
+    why: str,
+) -> None:
+    """Drop the answers to prompts of dropped connections that ``conn`` (which holds
+    ``sessions``) does not want (``unwanted``: it did not list the id as awaited, or it
+    uses it again): those kept in the sessions' backlogs, and that of a turn still
+    running orphaned (it will not be kept when it ends). Logged, as a flush logs one
+    (:func:`_answer_unwanted`).
+
+    Why now, not only as a flush sends a backlog to ``conn``: ``conn`` may drop first
+    (the turn still running, or the backlog unsent), and the answer was then kept for the
+    next connection, which took it for that of its own request under the id (sent on
+    ``conn``, its answer left unwritten too), and got it ahead of that one. The client
+    said on ``conn`` that the old answer is not its; that holds past ``conn``."""
+    for session in sessions:
+        turn = session.turn
+        if (
+            turn is not None
+            and turn.orphaned
+            and turn.connection is not conn
+            and turn.request_id is not None
+            and unwanted(turn.request_id)
+        ):
+            _log_unwanted(session, turn.request_id, why)
+            turn.request_id = None  # (so nothing answers it: _relay_turn)
+        if not any(p[0] != "update" and unwanted(_answer_id(p)) for p in session.pending):
+            continue
+        kept = []
+        for item in session.pending:
+            if item[0] != "update" and unwanted(_answer_id(item)):
+                _log_unwanted(session, _answer_id(item), why)
+            else:
+                kept.append(item)
+        session.pending = kept
 
 
 def _answers_lost_in_flight(conn: ClientConnection, reclaimed: list[Session]) -> None:
@@ -910,12 +960,20 @@ def _answer_unwanted(
     """
     if request_id in conn.awaiting and not conn.has_in_flight(request_id):
         return False
+    _log_unwanted(
+        session,
+        request_id,
+        "has its own request with that id in flight"
+        if request_id in conn.awaiting
+        else "did not list it as awaited",
+    )
+    return True
+
+
+def _log_unwanted(session: Session, request_id: RequestId | None, why: str) -> None:
     log.info(
         # (%.80r: a request id may be any string up to the message's size, 16 MiB.)
         "session %s: not delivering the answer to request %.80r of a dropped connection: "
         "the re-attached connection %s",
-        session.id, request_id,
-        "has its own request with that id in flight" if request_id in conn.awaiting
-        else "did not list it as awaited",
+        session.id, request_id, why,
     )  # fmt: skip
-    return True

@@ -2552,3 +2552,40 @@ async def test_a_duplicate_ids_refusal_is_not_taken_for_the_prompts_answer(
         assert answer.get("result") == {"stopReason": "end_turn"}, answer
         await trio.sleep(10)
         assert [m.get("id") for m in back.client.received].count(5) == 1
+
+
+@pytest.mark.parametrize("awaiting", [[], ["p"]])
+async def test_an_old_prompts_kept_answer_never_answers_a_later_request_under_its_id(
+    tmp_path: Path,
+    acp_schema: SchemaChecker,
+    autojump_clock: trio.testing.MockClock,
+    awaiting: list[str],
+) -> None:
+    """A client drops during prompt "p"'s turn and comes back while it runs, not awaiting
+    "p" (or awaiting it, then using the id again): the old answer is not for it. It
+    sends a request of its own under "p" and drops before that answer is written; the
+    old turn ends while it is away. Its answer was kept in the session's backlog all the
+    same, and the client back awaiting "p" (for its new request) got the old turn's
+    answer for it, ahead of its own, which was then dropped. Decided not to be the
+    client's as the second connection had the session, the old answer stays so."""
+    model = ScriptModel([[{"text": "slow"}, {"sleep": 5}]])
+    async with open_hub(tmp_path, acp_schema, model, limits=Limits(grace_seconds=60)) as hub:
+        _, session = await prompt_then_drop(hub, "ide", "p", "slow")
+        await hub.settle()
+        raw = await open_raw(hub)
+        meta = {CLIENT_ID_META: "ide", AWAITING_META: awaiting}
+        await raw_call(raw, 1, "initialize", {"protocolVersion": 1, "_meta": meta})
+        assert hub.manager.sessions[session].turn is not None  # (the old turn runs on)
+        await send_unread(raw, "d", "session/list", {})  # (the stream holds it)
+        await send_unread(raw, "p", "session/list", {}, acp_schema)  # (never written)
+        await raw.aclose()
+        await hub.settle()
+        await trio.sleep(10)  # (the old turn ends while the client is away)
+        assert hub.manager.sessions[session].turn is None
+        back = await hub.connect()
+        await initialize(back.client, client_id="ide", awaiting=["p"])
+        with trio.fail_after(30):
+            answer = await back.client.wait_for(lambda m: m.get("id") == "p")
+        assert "sessions" in answer.get("result", {}), answer  # (the list's)
+        await hub.settle()
+        assert [m.get("id") for m in back.client.received].count("p") == 1
