@@ -2589,3 +2589,39 @@ async def test_an_old_prompts_kept_answer_never_answers_a_later_request_under_it
         assert "sessions" in answer.get("result", {}), answer  # (the list's)
         await hub.settle()
         assert [m.get("id") for m in back.client.received].count("p") == 1
+
+
+async def test_a_closed_sessions_answer_lost_in_flight_is_sent_to_its_client_back(
+    tmp_path: Path, acp_schema: SchemaChecker
+) -> None:
+    """A prompt's answer is written to the connection (and lost in flight: the client
+    never reads it); the client then deletes the session, and drops while the delete
+    runs on (its answer kept for the client's return). Back awaiting both ids, it got
+    the delete's answer and -32603 "no answer to this request will come" for the
+    prompt, though the server had its answer: a session kept within grace sends such
+    an answer again, but a closed session's went with it. It is kept for the client's
+    return like the close's own now, and sent once."""
+    store = GatedStore()
+    limits = Limits(grace_seconds=60)
+    async with open_hub(tmp_path, acp_schema, EchoModel(), limits=limits, store=store) as hub:  # type: ignore[arg-type]
+        raw, session = await open_raw_session(hub, "ide", buffer=64)
+        # Written, the turn's updates and answer (the stream holds them), never read.
+        await send_unread(raw, "p", "session/prompt", prompt_params(session, "go"), acp_schema)
+        assert hub.manager.sessions[session].turn is None
+        store.deletes.armed = True
+        await send_unread(raw, "d", "session/delete", {"sessionId": session}, acp_schema)
+        assert store.deletes.entered.is_set() and session not in hub.manager.sessions
+        await raw.aclose()
+        await hub.settle()
+        store.deletes.armed = False
+        store.deletes.opened.set()
+        await hub.settle()
+        back = await hub.connect()
+        await initialize(back.client, client_id="ide", awaiting=["p", "d"])
+        await hub.settle()
+        answers = {m["id"]: m for m in back.client.received if m.get("id") in ("p", "d")}
+        assert answers["p"].get("result") == {"stopReason": "end_turn"}, answers
+        assert answers["d"].get("result") == {}, answers
+        ids = [m.get("id") for m in back.client.received]
+        assert ids.count("p") == 1 and ids.count("d") == 1
+        assert ids.index("p") < ids.index("d")  # (in the order they were answered)
