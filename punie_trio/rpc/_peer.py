@@ -220,8 +220,10 @@ class Peer:
     _eof: bool = attrs.field(default=False, init=False)
     # Set by hold_reading: the reader reads nothing more until it is set.
     _reading_held: trio.Event | None = attrs.field(default=None, init=False)
-    # Set by hold_writing: the writer writes nothing more until it is set.
+    # Set by hold_writing: the writer writes nothing more until it is set (as the last
+    # of the holds not yet released, ``_holds``, is).
     _writing_held: trio.Event | None = attrs.field(default=None, init=False)
+    _holds: int = attrs.field(default=0, init=False)
     _reader_scope: trio.CancelScope = attrs.field(factory=trio.CancelScope, init=False)
     _outbox: Outbox = attrs.field(init=False)
     # What the writer had taken but not sent when the stream broke (see unsent()).
@@ -262,6 +264,7 @@ class Peer:
                     # lost, kept as unsent) as it would have been.
                     self._writing_held.set()
                     self._writing_held = None
+                    self._holds = 0
                 if self._eof and self.on_eof is not None:
                     # The other side closed only its sending half (stdin EOF): our
                     # answers can still reach it, so let the handlers finish.
@@ -325,20 +328,32 @@ class Peer:
         other side left, or :meth:`finish` was called. :meth:`run` then ends with what
         is queued written or unsent, as it releases a hold at that point; held after it,
         the writer waited with a handler's last answer and :meth:`run` never returned
-        (the connection, never detached, kept its prober waiting)."""
-        held = self._writing_held
+        (the connection, never detached, kept its prober waiting).
+
+        Each hold is its own (the event returned), and writing resumes once every hold
+        is released. Two holds at once (a re-attaching ``initialize``'s, whose answer's
+        task had not run yet, and a take-over probe's of that connection, taken in that
+        scheduler step) once shared one event: the ``initialize``'s release ended the
+        probe's hold too, and what the sessions sent during the probe was written to a
+        connection perhaps half-open."""
+        held = trio.Event()
         if self._lost or self._finishing:
-            held = trio.Event()
             held.set()
-        elif held is None or held.is_set():
-            held = self._writing_held = trio.Event()
+            return held
+        if self._writing_held is None or self._writing_held.is_set():
+            self._writing_held = trio.Event()
+        self._holds += 1
         return held
 
     def release_writing(self, held: trio.Event) -> None:
-        """End the hold :meth:`hold_writing` returned ``held`` for."""
-        held.set()
-        if self._writing_held is held:
-            self._writing_held = None
+        """End the hold :meth:`hold_writing` returned ``held`` for (once: a hold released
+        already, or one that held nothing, changes nothing)."""
+        if not held.is_set():
+            held.set()
+            self._holds = max(self._holds - 1, 0)  # (0 once run's end released all)
+            if not self._holds and self._writing_held is not None:
+                self._writing_held.set()
+                self._writing_held = None
         self._outbox.wake()  # (what was queued meanwhile, if the writer waits for it)
 
     def finish(self) -> None:

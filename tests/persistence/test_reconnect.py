@@ -2625,3 +2625,54 @@ async def test_a_closed_sessions_answer_lost_in_flight_is_sent_to_its_client_bac
         ids = [m.get("id") for m in back.client.received]
         assert ids.count("p") == 1 and ids.count("d") == 1
         assert ids.index("p") < ids.index("d")  # (in the order they were answered)
+
+
+async def test_a_probe_taken_as_its_holder_reattaches_holds_writing_until_it_ends(
+    tmp_path: Path,
+    acp_schema: SchemaChecker,
+    monkeypatch: pytest.MonkeyPatch,
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A client re-attaches its sessions; before its ``initialize``'s answer is queued (a
+    scheduler step: here made longer), another connection names its client id, and the
+    re-attaching connection is probed (``take_over``): nothing more is to be written to
+    it until the probe ends. Both holds shared one event (``Peer.hold_writing`` handed
+    the probe the hold in place), and the answer's release ended the probe's too: the
+    turn's next update went out during the probe, to a connection perhaps half-open."""
+    from punie_trio.hub._connection import ClientConnection
+
+    model = ScriptModel([[{"text": "slow"}, {"sleep": 5}, {"text": "late"}]])
+    async with open_hub(tmp_path, acp_schema, model, limits=Limits(grace_seconds=60)) as hub:
+        _, session = await prompt_then_drop(hub, "ide", "p", "slow")
+        await hub.settle()
+        real = ClientConnection._initialized
+
+        async def answered_a_second_later(self: ClientConnection, *args: Any) -> Any:
+            await trio.sleep(1)
+            return await real(self, *args)
+
+        async def alive(conn: ClientConnection) -> bool:
+            await trio.sleep(10)
+            return True
+
+        monkeypatch.setattr(ClientConnection, "_initialized", answered_a_second_later)
+        hub.manager.alive = alive
+        back = await hub.connect()
+        meta = {CLIENT_ID_META: "ide", AWAITING_META: ["p"]}
+        request = {"jsonrpc": "2.0", "id": "init", "method": "initialize"}
+        await back.client.send({**request, "params": {"protocolVersion": 1, "_meta": meta}})
+        await trio.testing.wait_all_tasks_blocked()
+        other = await hub.connect()
+        probed = trio.current_time()
+        request["id"] = "init-2"  # (the checker knows one request a request id)
+        await other.client.send({**request, "params": {"protocolVersion": 1, "_meta": meta}})
+        await trio.sleep(9)  # (the probe runs; the turn's "late" came meanwhile)
+        assert trio.current_time() - probed < 10
+        assert back.client.received == []  # (nothing written during the probe)
+        refused = await other.client.wait_for(lambda m: m.get("id") == "init-2")
+        assert "in use by another open connection" in refused["error"]["message"]
+        answer = await back.client.wait_for(lambda m: m.get("id") == "p")
+        assert answer["result"] == {"stopReason": "end_turn"}
+        first, *rest = back.client.received
+        assert first.get("id") == "init" and "protocolVersion" in first["result"], first
+        assert has_update(session, "agent_message_chunk", "late")(rest[0]), rest
