@@ -24,6 +24,7 @@ import attrs
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+from .acp import STOP_REASONS
 from .rpc import ERROR_NAMES
 
 #: The limits ``punie_limits_hit_total`` counts, by the option that sets each (what
@@ -113,6 +114,14 @@ class Metrics:
         self.errors = Counter(
             "punie_errors", "JSON-RPC error responses sent, by code", ["code", "name"], registry=r
         )
+        # Every labelled series from the start, at 0 (as the tallies): one that appears
+        # only with its first event is missed by a rate() over it. The stop reasons are
+        # ACP's five, the codes those the server sends; an unknown code still gets its
+        # series ("other") when first sent.
+        for stop_reason in sorted(STOP_REASONS):
+            self._prompts_by_stop[stop_reason] = self.prompts.labels(stop_reason=stop_reason)
+        for code, name in ERROR_NAMES.items():
+            self.errors.labels(code=str(code), name=name)
         r.register(_TalliesCollector(self))
 
     def track(

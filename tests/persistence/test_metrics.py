@@ -22,8 +22,9 @@ from wsproto.events import AcceptConnection, Request
 
 from punie_trio._metrics import LIMITS, Metrics
 from punie_trio._paths import store_path
+from punie_trio.acp import STOP_REASONS
 from punie_trio.hub import Limits, Manager
-from punie_trio.rpc import Peer
+from punie_trio.rpc import ERROR_NAMES, Peer
 from punie_trio.store import MemoryStore, StoreError
 from punie_trio.web._heartbeat import PROBE_WITHIN
 from punie_trio.worker import ScriptModel
@@ -507,6 +508,27 @@ async def test_refused_upgrades_and_requests_are_counted_by_reason(
         db = store_path(tmp_path / "data")
         on_disk = sum([(await trio.Path(f"{db}{end}").stat()).st_size for end in ("", "-wal")])
         assert _parsed(response.text)[("punie_store_bytes", ())] == on_disk > 0
+
+
+def test_every_labelled_series_is_there_at_0_from_the_start() -> None:
+    """The docs promise every series from the start, at 0 until its first event: a
+    ``rate()`` or ``increase()`` over a series that appears only with its first event
+    misses that event (the first cancelled turn, the first -32603). The turns by stop
+    reason (ACP's five) and the errors by code (those the server sends) are there too,
+    not only the tallies."""
+    got = _parsed(Metrics().render().decode())
+    prompts = {
+        dict(labels)["stop_reason"]: v
+        for (n, labels), v in got.items()
+        if n == "punie_prompts_total"
+    }
+    assert prompts == dict.fromkeys(STOP_REASONS, 0)
+    errors_by_code = {
+        (dict(labels)["code"], dict(labels)["name"]): v
+        for (n, labels), v in got.items()
+        if n == "punie_errors_total"
+    }
+    assert errors_by_code == {(str(code), name): 0 for code, name in ERROR_NAMES.items()}
 
 
 async def test_the_memory_store_has_no_size(
