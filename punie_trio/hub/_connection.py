@@ -30,7 +30,7 @@ from ..rpc import (
 )
 from ..transport import MessageStream
 from ._manager import Manager
-from ._session import MAX_REMEMBERED_ID_CHARS, Session, small_id
+from ._session import MAX_REMEMBERED_ID_CHARS, Pending, Session, small_id
 
 log = logging.getLogger("punie_trio.hub")
 
@@ -113,6 +113,15 @@ class ClientConnection:
     #: awaits the id (Manager._keep_unsent). (Of the prompts that ran, only each session's
     #: last was known: an earlier one's answer, unwritten, was sent after the later turn.)
     prompt_sessions: dict[RequestId, str] | None = attrs.field(default=None, init=False)
+    #: The last answers (written) of the sessions this connection closed or deleted, by
+    #: request id: the session id and the answer, the newest ``LEFT_ANSWERS`` (None until
+    #: the first; only for a client that gave a client id). Should the connection drop,
+    #: those of its prompts whose ids it did not use again are kept for the client's
+    #: return (``Manager.remember_closed_answer``): written, they may have been lost in
+    #: flight, as a session's kept within grace may (which it sends again).
+    closed_answers: dict[RequestId, tuple[str, Pending]] | None = attrs.field(
+        default=None, init=False
+    )
 
     async def run(
         self,
@@ -213,6 +222,7 @@ class ClientConnection:
             if request_id in self.awaiting:
                 self.stop_awaiting(request_id)
                 self.manager.forget_left_answers(self.client_id, reused=request_id)
+                self.manager.forget_old_answers(self, request_id)
         if self.prompt_sessions:
             # (nor one whose old answer or refusal, if unwritten, is to be kept for it)
             request_id = current_request_id.get(None)

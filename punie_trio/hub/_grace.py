@@ -30,7 +30,7 @@ import json
 import logging
 import math
 import sys
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -38,6 +38,7 @@ import trio
 
 from ..acp import updates
 from ..rpc import (
+    ANSWER_START,
     INTERNAL_ERROR,
     INVALID_REQUEST,
     PeerClosed,
@@ -99,6 +100,8 @@ def _detach(self: Manager, conn: ClientConnection) -> None:
         assert client_id is not None
         self._keep_reload_notices(client_id, owned, unsent)
         self._keep_unsent(owned, unsent, conn.prompt_sessions or {}, client_id)
+    if told and conn.closed_answers:
+        _keep_closed_answers(self, conn)
     if client_id and told and owned:
         for session in owned:
             session.owner = None
@@ -211,7 +214,10 @@ def _keep_unsent(
     (:func:`keep_left_answer`): those of a session closed or deleted before the drop
     was seen (the close's own, and its cancelled prompt's), and of any other request.
     The rest (our own requests, a session/load's replay, spelled apart:
-    ``updates.REPLAY_START``) belonged to that connection alone. What was written is
+    ``updates.REPLAY_START``) belonged to that connection alone; so did the answer to
+    a request sent under an id in flight (refused as in use: ``rpc.serialize_aside``),
+    which is not that request's (kept, it answered the prompt in flight under its id to
+    the client back awaiting it). What was written is
     not repeated: whether it arrived cannot be known without the client
     acknowledging it. Each text is looked at once.
 
@@ -245,7 +251,7 @@ def _keep_unsent(
             if session is not None:
                 kept.setdefault(session.id, []).append(("update", text))
             continue
-        if not (answered or client_id) or not text.startswith('{"jsonrpc":"2.0","id":'):
+        if not (answered or client_id) or not text.startswith(ANSWER_START):
             continue
         try:
             msg = json.loads(text)
@@ -301,6 +307,54 @@ def _keep_reload_notices(
             owed.append(session_id)
     if owed:
         self._owe(client_id, owed)
+
+
+def remember_closed_answer(self: Manager, conn: ClientConnection, session: Session) -> None:
+    """Remember on ``conn`` the last answer of ``session``, which it closes (or deletes):
+    that of a prompt it sent (``prompt_sessions``), for :func:`_keep_closed_answers`."""
+    item = session.last_answer
+    prompts = conn.prompt_sessions
+    if item is None or not prompts:
+        return  # (prompts: only for a client that gave a client id)
+    request_id = _answer_id(item)
+    if request_id is None or prompts.get(request_id) != session.id:
+        return  # (not its prompt, or its id used again since)
+    closed = conn.closed_answers
+    if closed is None:
+        closed = conn.closed_answers = {}
+    closed.pop(request_id, None)  # (re-inserted: the newest)
+    closed[request_id] = (session.id, item)
+    if len(closed) > LEFT_ANSWERS:
+        del closed[next(iter(closed))]
+
+
+def _keep_closed_answers(self: Manager, conn: ClientConnection) -> None:
+    """Keep for the return of ``conn``'s client (as a cut close's answer is:
+    :func:`keep_left_answer`) the last answers of the sessions it closed
+    (:func:`remember_closed_answer`), unless the client used the id again since (for a
+    request of its own, or a prompt of another session) or an answer under it is kept
+    already (newer): ahead of the rest it kept, for they were written before all that.
+
+    Why: written to the connection before its drop was seen, such an answer may have
+    been lost in flight, and a client back awaiting its id says it was. A session kept
+    within grace sends it again (:func:`_answers_lost_in_flight`); a closed one was
+    gone with it, and the client (which sent a prompt, closed its session, and dropped)
+    was told -32603 "no answer to this request will come", though the answer was
+    known."""
+    client_id = conn.client_id
+    closed, conn.closed_answers = conn.closed_answers or {}, None
+    if not client_id:
+        return
+    prompts = conn.prompt_sessions or {}
+    kept = self._left_answers.pop(client_id, {})  # (re-inserted: now the newest)
+    ahead: dict[RequestId, LeftAnswer] = {}
+    for request_id, (session_id, item) in closed.items():
+        if prompts.get(request_id) == session_id and request_id not in kept:
+            answer = ahead[request_id] = LeftAnswer(text=_as_sent(item)[1])
+            answer.settle(None, None)  # (its text is the answer)
+    ahead.update(kept)
+    if ahead:
+        _bound_left(self, client_id, ahead)
 
 
 def _grace_for(self: Manager, conn: ClientConnection) -> bool:
@@ -364,7 +418,57 @@ def reclaim(self: Manager, conn: ClientConnection) -> list[Session]:
             session.detached_client = None
             reclaimed.append(session)
     _answers_lost_in_flight(conn, reclaimed)
+    _drop_old_answers(
+        reclaimed, conn, lambda i: i not in conn.awaiting, "did not list it as awaited"
+    )
     return reclaimed
+
+
+def forget_old_answers(self: Manager, conn: ClientConnection, reused: RequestId) -> None:
+    """Drop the old answer under ``reused`` (kept in a backlog of ``conn``'s sessions, or
+    to come from an orphaned turn of theirs): ``conn``'s client, which awaited it, uses
+    the id again for a request of its own (see :func:`_drop_old_answers`)."""
+    owned = [s for s in self.sessions.values() if s.owner is conn]
+    _drop_old_answers(owned, conn, lambda i: i == reused, "uses its id again")
+
+
+def _drop_old_answers(
+    sessions: Sequence[Session],
+    conn: ClientConnection,
+    unwanted: Callable[[Any], bool],
+    why: str,
+) -> None:
+    """Drop the answers to prompts of dropped connections that ``conn`` (which holds
+    ``sessions``) does not want (``unwanted``: it did not list the id as awaited, or it
+    uses it again): those kept in the sessions' backlogs, and that of a turn still
+    running orphaned (it will not be kept when it ends). Logged, as a flush logs one
+    (:func:`_answer_unwanted`).
+
+    Why now, not only as a flush sends a backlog to ``conn``: ``conn`` may drop first
+    (the turn still running, or the backlog unsent), and the answer was then kept for the
+    next connection, which took it for that of its own request under the id (sent on
+    ``conn``, its answer left unwritten too), and got it ahead of that one. The client
+    said on ``conn`` that the old answer is not its; that holds past ``conn``."""
+    for session in sessions:
+        turn = session.turn
+        if (
+            turn is not None
+            and turn.orphaned
+            and turn.connection is not conn
+            and turn.request_id is not None
+            and unwanted(turn.request_id)
+        ):
+            _log_unwanted(session, turn.request_id, why)
+            turn.request_id = None  # (so nothing answers it: _relay_turn)
+        if not any(p[0] != "update" and unwanted(_answer_id(p)) for p in session.pending):
+            continue
+        kept = []
+        for item in session.pending:
+            if item[0] != "update" and unwanted(_answer_id(item)):
+                _log_unwanted(session, _answer_id(item), why)
+            else:
+                kept.append(item)
+        session.pending = kept
 
 
 def _answers_lost_in_flight(conn: ClientConnection, reclaimed: list[Session]) -> None:
@@ -906,12 +1010,20 @@ def _answer_unwanted(
     """
     if request_id in conn.awaiting and not conn.has_in_flight(request_id):
         return False
+    _log_unwanted(
+        session,
+        request_id,
+        "has its own request with that id in flight"
+        if request_id in conn.awaiting
+        else "did not list it as awaited",
+    )
+    return True
+
+
+def _log_unwanted(session: Session, request_id: RequestId | None, why: str) -> None:
     log.info(
         # (%.80r: a request id may be any string up to the message's size, 16 MiB.)
         "session %s: not delivering the answer to request %.80r of a dropped connection: "
         "the re-attached connection %s",
-        session.id, request_id,
-        "has its own request with that id in flight" if request_id in conn.awaiting
-        else "did not list it as awaited",
+        session.id, request_id, why,
     )  # fmt: skip
-    return True

@@ -561,6 +561,7 @@ async def close_session(self: Manager, conn: ClientConnection, session_id: str) 
         # Kept for its client (see above), also when conn is gone but not yet detached
         # (detach keeps it within grace, or drops it).
         return {}
+    self.remember_closed_answer(conn, session)
     self._drop_session(session)
     return {}
 

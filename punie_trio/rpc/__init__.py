@@ -1,6 +1,7 @@
 """JSON-RPC 2.0: a sans-I/O codec (:func:`parse`, :func:`serialize`) and the Trio :class:`Peer`."""
 
 from ._codec import (
+    ANSWER_START,
     ErrorResponse,
     MalformedMessage,
     Message,
@@ -13,6 +14,7 @@ from ._codec import (
     parse,
     peek_envelope,
     serialize,
+    serialize_aside,
 )
 from ._errors import (
     AUTH_REQUIRED,
@@ -39,6 +41,7 @@ from ._peer import (
 )
 
 __all__ = [
+    "ANSWER_START",
     "AUTH_REQUIRED",
     "CANCEL_REQUEST",
     "ERROR_NAMES",
@@ -70,4 +73,5 @@ __all__ = [
     "parse",
     "peek_envelope",
     "serialize",
+    "serialize_aside",
 ]

@@ -212,11 +212,36 @@ def serialize(msg: Message) -> str:
         return _dumps(note)
     if isinstance(msg, Response):
         return _dumps({"jsonrpc": "2.0", "id": msg.id, "result": msg.result})
+    return _dumps({"jsonrpc": "2.0", "id": msg.id, "error": _error_member(msg)})
+
+
+#: How :func:`serialize` spells the start of every answer (a result or an error).
+ANSWER_START = '{"jsonrpc":"2.0","id":'
+
+
+def serialize_aside(msg: Response | ErrorResponse) -> str:
+    """:func:`serialize`, with the id last (the same JSON, not beginning with
+    :data:`ANSWER_START`): for the answer to a request sent under an id the other side
+    has in flight already (refused as in use; a ``$/cancel_request`` sent as a request,
+    or a message too large, under that id).
+
+    Why: such an answer is not the answer of the request in flight under its id, and a
+    client can take one answer per id. Left unwritten by a drop, it was kept for the
+    client's return like any answer (``hub._grace._keep_unsent``), and the client back
+    awaiting the id got it (the -32600 refusal, say) for its prompt, whose real answer
+    was then no longer awaited. Spelled apart, it is left out there at no cost to any
+    other message (as a replay's updates are: ``acp.updates.REPLAY_START``)."""
+    if isinstance(msg, Response):
+        return _dumps({"jsonrpc": "2.0", "result": msg.result, "id": msg.id})
+    return _dumps({"jsonrpc": "2.0", "error": _error_member(msg), "id": msg.id})
+
+
+def _error_member(msg: ErrorResponse) -> dict[str, Any]:
     # (Cut, if a refused value it names made it long: _errors.concise_message.)
     error: dict[str, Any] = {"code": msg.code, "message": concise_message(msg.message)}
     if msg.data is not None:
         error["data"] = msg.data
-    return _dumps({"jsonrpc": "2.0", "id": msg.id, "error": error})
+    return error
 
 
 def error_response(id: RequestId | None, error: RpcError) -> ErrorResponse:

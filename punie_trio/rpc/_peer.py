@@ -47,6 +47,7 @@ from ._codec import (
     parse,
     peek_envelope,
     serialize,
+    serialize_aside,
     valid_id,
 )
 from ._errors import (
@@ -219,8 +220,10 @@ class Peer:
     _eof: bool = attrs.field(default=False, init=False)
     # Set by hold_reading: the reader reads nothing more until it is set.
     _reading_held: trio.Event | None = attrs.field(default=None, init=False)
-    # Set by hold_writing: the writer writes nothing more until it is set.
+    # Set by hold_writing: the writer writes nothing more until it is set (as the last
+    # of the holds not yet released, ``_holds``, is).
     _writing_held: trio.Event | None = attrs.field(default=None, init=False)
+    _holds: int = attrs.field(default=0, init=False)
     _reader_scope: trio.CancelScope = attrs.field(factory=trio.CancelScope, init=False)
     _outbox: Outbox = attrs.field(init=False)
     # What the writer had taken but not sent when the stream broke (see unsent()).
@@ -261,6 +264,7 @@ class Peer:
                     # lost, kept as unsent) as it would have been.
                     self._writing_held.set()
                     self._writing_held = None
+                    self._holds = 0
                 if self._eof and self.on_eof is not None:
                     # The other side closed only its sending half (stdin EOF): our
                     # answers can still reach it, so let the handlers finish.
@@ -324,20 +328,32 @@ class Peer:
         other side left, or :meth:`finish` was called. :meth:`run` then ends with what
         is queued written or unsent, as it releases a hold at that point; held after it,
         the writer waited with a handler's last answer and :meth:`run` never returned
-        (the connection, never detached, kept its prober waiting)."""
-        held = self._writing_held
+        (the connection, never detached, kept its prober waiting).
+
+        Each hold is its own (the event returned), and writing resumes once every hold
+        is released. Two holds at once (a re-attaching ``initialize``'s, whose answer's
+        task had not run yet, and a take-over probe's of that connection, taken in that
+        scheduler step) once shared one event: the ``initialize``'s release ended the
+        probe's hold too, and what the sessions sent during the probe was written to a
+        connection perhaps half-open."""
+        held = trio.Event()
         if self._lost or self._finishing:
-            held = trio.Event()
             held.set()
-        elif held is None or held.is_set():
-            held = self._writing_held = trio.Event()
+            return held
+        if self._writing_held is None or self._writing_held.is_set():
+            self._writing_held = trio.Event()
+        self._holds += 1
         return held
 
     def release_writing(self, held: trio.Event) -> None:
-        """End the hold :meth:`hold_writing` returned ``held`` for."""
-        held.set()
-        if self._writing_held is held:
-            self._writing_held = None
+        """End the hold :meth:`hold_writing` returned ``held`` for (once: a hold released
+        already, or one that held nothing, changes nothing)."""
+        if not held.is_set():
+            held.set()
+            self._holds = max(self._holds - 1, 0)  # (0 once run's end released all)
+            if not self._holds and self._writing_held is not None:
+                self._writing_held.set()
+                self._writing_held = None
         self._outbox.wake()  # (what was queued meanwhile, if the writer waits for it)
 
     def finish(self) -> None:
@@ -391,6 +407,20 @@ class Peer:
                 await self._outbox.send(text)
         except trio.ClosedResourceError:
             raise PeerClosed("connection closed") from None
+
+    async def _refuse(self, msg: Response | ErrorResponse) -> None:
+        """Send the reader's own answer to a message it does not dispatch (malformed, too
+        large, a ``$/cancel_request`` sent as a request, an id in use): spelled apart
+        (:func:`serialize_aside`) when another request of the other side is in flight
+        under its id, for that answer is not the running request's (kept for a client's
+        return as if it were, it was sent to the client back awaiting the prompt under
+        that id, whose real answer was then dropped)."""
+        if msg.id is not None and msg.id in self._running:
+            await self.send_encoded(serialize_aside(msg))
+            if isinstance(msg, ErrorResponse):
+                self.observer.error_sent(msg.code)
+        else:
+            await self._send(msg)
 
     async def notify(self, method: str, params: Params = None) -> None:
         """Send a notification (waits while the outbox is full)."""
@@ -655,7 +685,7 @@ class Peer:
             try:
                 msg = parse(text)
             except MalformedMessage as exc:
-                await self._send(exc.response())
+                await self._refuse(exc.response())
                 continue
             await self._dispatch(msg)
             held = self._reading_held
@@ -677,7 +707,7 @@ class Peer:
             request_id = None
         elif request_id is not None:
             self.dispatcher.request_refused(request_id)
-        await self._send(ErrorResponse(request_id, INVALID_REQUEST, f"Invalid request: {exc}"))
+        await self._refuse(ErrorResponse(request_id, INVALID_REQUEST, f"Invalid request: {exc}"))
 
     async def _dispatch(self, msg: Message) -> None:
         if isinstance(msg, Request):
@@ -736,10 +766,10 @@ class Peer:
         request_id = params.get("requestId") if isinstance(params, dict) else None
         if not valid_id(request_id):
             message = "Invalid params: requestId must be the string or integer id of a request"
-            await self._send(ErrorResponse(msg.id, INVALID_PARAMS, message))
+            await self._refuse(ErrorResponse(msg.id, INVALID_PARAMS, message))
             return
         self._cancel_request(request_id)
-        await self._send(Response(msg.id, None))
+        await self._refuse(Response(msg.id, None))
 
     async def _start_request(self, msg: Request) -> None:
         if msg.method == CANCEL_REQUEST:
@@ -748,7 +778,7 @@ class Peer:
         if msg.id in self._running:
             self.dispatcher.request_refused(msg.id)
             error = RpcError(INVALID_REQUEST, f"Invalid request: id {msg.id!r} is already in use")
-            await self._send(ErrorResponse(msg.id, error.code, error.message))
+            await self._refuse(ErrorResponse(msg.id, error.code, error.message))
             return
         if len(self._running) >= self.max_concurrent_requests:
             self.observer.limit_hit("concurrent_requests")

@@ -2523,3 +2523,156 @@ async def test_a_cancel_of_a_reattaching_initialize_does_not_cut_what_it_deliver
             answer = await again.client.wait_for(lambda m: m.get("id") == "p")
         assert answer["result"] == {"stopReason": "end_turn"}
         assert has_update(session, "agent_message_chunk", "late")(again.client.received[1])
+
+
+@pytest.mark.parametrize("method", ["session/list", "$/cancel_request"])
+async def test_a_duplicate_ids_refusal_is_not_taken_for_the_prompts_answer(
+    tmp_path: Path, acp_schema: SchemaChecker, autojump_clock: trio.testing.MockClock, method: str
+) -> None:
+    """A prompt (id 5) runs; the client sends another request under id 5, which the
+    peer refuses at once (-32600 "id 5 is already in use"; a ``$/cancel_request`` sent
+    as a request is answered ``null``), and drops before that answer is written. It was
+    taken for the prompt's answer (an error under one of the connection's prompt ids
+    was kept in the session's backlog; the ``null``, as any other request's answer) and
+    sent to the client back awaiting 5, and the prompt's real answer was then dropped
+    as no longer awaited. That answer is to a request the client sent under an id in
+    use, and the one answer under the id a client can take is the prompt's: it gets
+    that now, once."""
+    model = ScriptModel([[{"text": "slow"}, {"sleep": 5}]])
+    async with open_hub(tmp_path, acp_schema, model, limits=Limits(grace_seconds=60)) as hub:
+        raw, session = await open_raw_session(hub, "ide")
+        await send_unread(raw, 5, "session/prompt", prompt_params(session, "go"), acp_schema)
+        await send_unread(raw, 5, method, {"requestId": "none"})  # (its id in use)
+        await raw.aclose()
+        await hub.settle()
+        back = await hub.connect()
+        await initialize(back.client, client_id="ide", awaiting=[5])
+        with trio.fail_after(30):  # (the clock's time: the turn's sleep is 5 s)
+            answer = await back.client.wait_for(lambda m: m.get("id") == 5)
+        assert answer.get("result") == {"stopReason": "end_turn"}, answer
+        await trio.sleep(10)
+        assert [m.get("id") for m in back.client.received].count(5) == 1
+
+
+@pytest.mark.parametrize("awaiting", [[], ["p"]])
+async def test_an_old_prompts_kept_answer_never_answers_a_later_request_under_its_id(
+    tmp_path: Path,
+    acp_schema: SchemaChecker,
+    autojump_clock: trio.testing.MockClock,
+    awaiting: list[str],
+) -> None:
+    """A client drops during prompt "p"'s turn and comes back while it runs, not awaiting
+    "p" (or awaiting it, then using the id again): the old answer is not for it. It
+    sends a request of its own under "p" and drops before that answer is written; the
+    old turn ends while it is away. Its answer was kept in the session's backlog all the
+    same, and the client back awaiting "p" (for its new request) got the old turn's
+    answer for it, ahead of its own, which was then dropped. Decided not to be the
+    client's as the second connection had the session, the old answer stays so."""
+    model = ScriptModel([[{"text": "slow"}, {"sleep": 5}]])
+    async with open_hub(tmp_path, acp_schema, model, limits=Limits(grace_seconds=60)) as hub:
+        _, session = await prompt_then_drop(hub, "ide", "p", "slow")
+        await hub.settle()
+        raw = await open_raw(hub)
+        meta = {CLIENT_ID_META: "ide", AWAITING_META: awaiting}
+        await raw_call(raw, 1, "initialize", {"protocolVersion": 1, "_meta": meta})
+        assert hub.manager.sessions[session].turn is not None  # (the old turn runs on)
+        await send_unread(raw, "d", "session/list", {})  # (the stream holds it)
+        await send_unread(raw, "p", "session/list", {}, acp_schema)  # (never written)
+        await raw.aclose()
+        await hub.settle()
+        await trio.sleep(10)  # (the old turn ends while the client is away)
+        assert hub.manager.sessions[session].turn is None
+        back = await hub.connect()
+        await initialize(back.client, client_id="ide", awaiting=["p"])
+        with trio.fail_after(30):
+            answer = await back.client.wait_for(lambda m: m.get("id") == "p")
+        assert "sessions" in answer.get("result", {}), answer  # (the list's)
+        await hub.settle()
+        assert [m.get("id") for m in back.client.received].count("p") == 1
+
+
+async def test_a_closed_sessions_answer_lost_in_flight_is_sent_to_its_client_back(
+    tmp_path: Path, acp_schema: SchemaChecker
+) -> None:
+    """A prompt's answer is written to the connection (and lost in flight: the client
+    never reads it); the client then deletes the session, and drops while the delete
+    runs on (its answer kept for the client's return). Back awaiting both ids, it got
+    the delete's answer and -32603 "no answer to this request will come" for the
+    prompt, though the server had its answer: a session kept within grace sends such
+    an answer again, but a closed session's went with it. It is kept for the client's
+    return like the close's own now, and sent once."""
+    store = GatedStore()
+    limits = Limits(grace_seconds=60)
+    async with open_hub(tmp_path, acp_schema, EchoModel(), limits=limits, store=store) as hub:  # type: ignore[arg-type]
+        raw, session = await open_raw_session(hub, "ide", buffer=64)
+        # Written, the turn's updates and answer (the stream holds them), never read.
+        await send_unread(raw, "p", "session/prompt", prompt_params(session, "go"), acp_schema)
+        assert hub.manager.sessions[session].turn is None
+        store.deletes.armed = True
+        await send_unread(raw, "d", "session/delete", {"sessionId": session}, acp_schema)
+        assert store.deletes.entered.is_set() and session not in hub.manager.sessions
+        await raw.aclose()
+        await hub.settle()
+        store.deletes.armed = False
+        store.deletes.opened.set()
+        await hub.settle()
+        back = await hub.connect()
+        await initialize(back.client, client_id="ide", awaiting=["p", "d"])
+        await hub.settle()
+        answers = {m["id"]: m for m in back.client.received if m.get("id") in ("p", "d")}
+        assert answers["p"].get("result") == {"stopReason": "end_turn"}, answers
+        assert answers["d"].get("result") == {}, answers
+        ids = [m.get("id") for m in back.client.received]
+        assert ids.count("p") == 1 and ids.count("d") == 1
+        assert ids.index("p") < ids.index("d")  # (in the order they were answered)
+
+
+async def test_a_probe_taken_as_its_holder_reattaches_holds_writing_until_it_ends(
+    tmp_path: Path,
+    acp_schema: SchemaChecker,
+    monkeypatch: pytest.MonkeyPatch,
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A client re-attaches its sessions; before its ``initialize``'s answer is queued (a
+    scheduler step: here made longer), another connection names its client id, and the
+    re-attaching connection is probed (``take_over``): nothing more is to be written to
+    it until the probe ends. Both holds shared one event (``Peer.hold_writing`` handed
+    the probe the hold in place), and the answer's release ended the probe's too: the
+    turn's next update went out during the probe, to a connection perhaps half-open."""
+    from punie_trio.hub._connection import ClientConnection
+
+    model = ScriptModel([[{"text": "slow"}, {"sleep": 5}, {"text": "late"}]])
+    async with open_hub(tmp_path, acp_schema, model, limits=Limits(grace_seconds=60)) as hub:
+        _, session = await prompt_then_drop(hub, "ide", "p", "slow")
+        await hub.settle()
+        real = ClientConnection._initialized
+
+        async def answered_a_second_later(self: ClientConnection, *args: Any) -> Any:
+            await trio.sleep(1)
+            return await real(self, *args)
+
+        async def alive(conn: ClientConnection) -> bool:
+            await trio.sleep(10)
+            return True
+
+        monkeypatch.setattr(ClientConnection, "_initialized", answered_a_second_later)
+        hub.manager.alive = alive
+        back = await hub.connect()
+        meta = {CLIENT_ID_META: "ide", AWAITING_META: ["p"]}
+        request = {"jsonrpc": "2.0", "id": "init", "method": "initialize"}
+        await back.client.send({**request, "params": {"protocolVersion": 1, "_meta": meta}})
+        await trio.testing.wait_all_tasks_blocked()
+        other = await hub.connect()
+        probed = trio.current_time()
+        request["id"] = "init-2"  # (the checker knows one request a request id)
+        await other.client.send({**request, "params": {"protocolVersion": 1, "_meta": meta}})
+        await trio.sleep(9)  # (the probe runs; the turn's "late" came meanwhile)
+        assert trio.current_time() - probed < 10
+        assert back.client.received == []  # (nothing written during the probe)
+        refused = await other.client.wait_for(lambda m: m.get("id") == "init-2")
+        assert "in use by another open connection" in refused["error"]["message"]
+        answer = await back.client.wait_for(lambda m: m.get("id") == "p")
+        assert answer["result"] == {"stopReason": "end_turn"}
+        first, *rest = back.client.received
+        assert first.get("id") == "init" and "protocolVersion" in first["result"], first
+        assert has_update(session, "agent_message_chunk", "late")(rest[0]), rest

@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 
 from punie_trio.rpc import (
+    ANSWER_START,
     INVALID_REQUEST,
     MAX_ERROR_MESSAGE_CHARS,
     PARSE_ERROR,
@@ -20,6 +21,7 @@ from punie_trio.rpc import (
     error_response,
     parse,
     serialize,
+    serialize_aside,
 )
 
 # -- well-formed messages ---------------------------------------------------------------------
@@ -114,6 +116,20 @@ def test_serialize_exact_shapes() -> None:
         serialize(ErrorResponse(None, -32700, "Parse error"))
         == '{"jsonrpc":"2.0","id":null,"error":{"code":-32700,"message":"Parse error"}}'
     )
+
+
+@pytest.mark.parametrize(
+    "msg", [Response(5, None), ErrorResponse(5, -32600, "in use", {"x": 1}), Response("5", {})]
+)
+def test_an_answer_spelled_aside_is_the_same_json_told_apart_by_its_start(
+    msg: Response | ErrorResponse,
+) -> None:
+    """``serialize_aside`` (the answer to a request under an id in flight): the same
+    message, and it does not begin as every other answer does (``ANSWER_START``)."""
+    assert serialize(msg).startswith(ANSWER_START)
+    aside = serialize_aside(msg)
+    assert not aside.startswith(ANSWER_START)
+    assert json.loads(aside) == json.loads(serialize(msg)) and parse(aside) == msg
 
 
 def test_serialize_keeps_non_ascii_text() -> None:

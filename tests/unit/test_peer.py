@@ -1245,6 +1245,32 @@ async def test_held_writes_wait_and_are_unsent_if_the_stream_ends_meanwhile(
         assert [json.loads(text)["method"] for text in peer.unsent()] == ["d"]
 
 
+async def test_two_holds_are_released_each_by_its_own_release(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Two holds at once (a re-attaching ``initialize``'s, whose answer's task has not
+    run yet, and a take-over probe's of that same connection, taken in that scheduler
+    step): ``hold_writing`` handed the second the first's event, and the first's release
+    (the ``initialize`` answered) released the probe's too, so what the connection's
+    sessions sent during the probe was written to a connection perhaps half-open, and
+    lost. Writing is held until both are released."""
+    async with trio.open_nursery() as nursery:
+        peer, raw = await start_peer(nursery, Dispatcher())
+        first = peer.hold_writing()
+        second = peer.hold_writing()
+        await peer.notify("a")
+        peer.release_writing(first)
+        with trio.move_on_after(1) as waited:
+            await raw.recv()
+        assert waited.cancelled_caught  # (still held by the second)
+        peer.release_writing(second)
+        assert (await raw.recv())["method"] == "a"
+        peer.release_writing(first)  # (released twice: nothing changes)
+        await peer.notify("b")
+        assert (await raw.recv())["method"] == "b"  # (no hold left behind)
+        nursery.cancel_scope.cancel()
+
+
 async def test_what_the_writer_takes_while_held_waits_in_the_outbox(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
