@@ -12,6 +12,8 @@ import json
 import os
 import random
 import socket
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -31,11 +33,12 @@ from wsproto.events import (
     Request,
 )
 
-from punie_trio.hub import MAX_ON_PROBATION, PROBATION_INITIALIZE_WITHIN, Limits
+from punie_trio.hub import MAX_ON_PROBATION, PROBATION_INITIALIZE_WITHIN, Limits, Manager
 from punie_trio.web._heartbeat import INITIALIZE_WITHIN, PING_AFTER, PROBE_WITHIN, SWEEP_EVERY
 from punie_trio.worker import ScriptModel
 
 from ..acp_schema import SchemaChecker
+from ..client import AcpTestClient
 from ._support import TOKEN, acp_ws_client, received_so_far, settle_until, ws_url
 from .conftest import StartServer
 
@@ -719,14 +722,13 @@ async def test_two_connections_racing_for_a_half_open_client_id_at_a_full_server
         await old.stream.aclose()
 
 
-async def test_a_connection_on_probation_takes_a_place_that_comes_free(
-    start_server: StartServer,
-    tmp_path: Path,
-    acp_schema: SchemaChecker,
-    mock_clock: trio.testing.MockClock,
-) -> None:
-    """Let in on probation, a connection whose initialize comes after another client
-    left is one like any other: it needs no claim to a dead connection's place."""
+@asynccontextmanager
+async def _a_place_comes_free(
+    start_server: StartServer, acp_schema: SchemaChecker
+) -> AsyncIterator[tuple[Manager, AcpTestClient]]:
+    """A full server (``max_connections`` 2: a client with a client id and a raw one), a
+    third client let in on probation, and then the raw one gone: the third is on
+    probation with a place free. Yields the manager and the third client."""
     async with start_server(limits=Limits(grace_seconds=300, max_connections=2)) as running:
         manager = running.manager
         assert running.url is not None
@@ -743,10 +745,22 @@ async def test_a_connection_on_probation_takes_a_place_that_comes_free(
                 leaving.peek.close()
                 await leaving.stream.aclose()
                 await settle_until(lambda: len(manager.connections) == 2)
-                await late.initialize()  # (no client id)
-                assert not manager.on_probation
-                session_id = await late.new_session(str(tmp_path))
-                assert await late.prompt(session_id, "in") == "end_turn"
+                yield manager, late
+
+
+async def test_a_connection_on_probation_takes_a_place_that_comes_free(
+    start_server: StartServer,
+    tmp_path: Path,
+    acp_schema: SchemaChecker,
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    """Let in on probation, a connection whose initialize comes after another client
+    left is one like any other: it needs no claim to a dead connection's place."""
+    async with _a_place_comes_free(start_server, acp_schema) as (manager, late):
+        await late.initialize()  # (no client id)
+        assert not manager.on_probation
+        session_id = await late.new_session(str(tmp_path))
+        assert await late.prompt(session_id, "in") == "end_turn"
 
 
 async def test_an_initialize_with_bad_params_after_a_place_came_free_is_answered_as_anywhere(
@@ -760,37 +774,22 @@ async def test_an_initialize_with_bad_params_after_a_place_came_free_is_answered
     -32602 names the field, not the connection limit, and it stays open to try again. It
     was answered "Connection limit reached (2): Invalid params: ..." and closed with 1013,
     with a place free."""
-    async with start_server(limits=Limits(grace_seconds=300, max_connections=2)) as running:
-        manager = running.manager
-        assert running.url is not None
-        async with acp_ws_client(running.url, acp_schema) as (live, _):
-            await live.request("initialize", initialize_request("", "ide", [])["params"])
-            leaving = await RawClient.connect(running.url)
-            await leaving.send_json(
-                {"jsonrpc": "2.0", "id": 1, "method": "initialize",
-                 "params": {"protocolVersion": 1}}
-            )  # fmt: skip
-            await settle_until(lambda: all(c.initialized for c in manager.connections))
-            async with acp_ws_client(running.url, acp_schema) as (late, _):
-                assert len(manager.on_probation) == 1
-                leaving.peek.close()
-                await leaving.stream.aclose()
-                await settle_until(lambda: len(manager.connections) == 2)
-                bad = initialize_request("bad", "other", [])
-                bad["params"]["_meta"]["punie-trio/clientId"] = 5
-                await late.send(bad)
-                await settle_until(lambda: answer_to(late, "bad") is not None)
-                answer = answer_to(late, "bad")
-                assert answer is not None
-                assert answer["error"]["code"] == -32602
-                assert answer["error"]["message"].startswith(
-                    "Invalid params: _meta.punie-trio/clientId"
-                ), answer
-                await settle()
-                assert not late.closed.is_set() and not manager.on_probation
-                await late.initialize()
-                session_id = await late.new_session(str(tmp_path))
-                assert await late.prompt(session_id, "in") == "end_turn"
+    async with _a_place_comes_free(start_server, acp_schema) as (manager, late):
+        bad = initialize_request("bad", "other", [])
+        bad["params"]["_meta"]["punie-trio/clientId"] = 5
+        await late.send(bad)
+        await settle_until(lambda: answer_to(late, "bad") is not None)
+        answer = answer_to(late, "bad")
+        assert answer is not None
+        assert answer["error"]["code"] == -32602
+        assert answer["error"]["message"].startswith("Invalid params: _meta.punie-trio/clientId"), (
+            answer
+        )
+        await settle()
+        assert not late.closed.is_set() and not manager.on_probation
+        await late.initialize()
+        session_id = await late.new_session(str(tmp_path))
+        assert await late.prompt(session_id, "in") == "end_turn"
 
 
 async def test_a_request_before_initialize_after_a_place_came_free_is_answered_as_anywhere(
@@ -803,35 +802,20 @@ async def test_a_request_before_initialize_after_a_place_came_free_is_answered_a
     another client left is one like any other: told to call initialize first, and open
     to do so. It was answered "Connection limit reached (2): ..." with a place free,
     and closed with 1013."""
-    async with start_server(limits=Limits(grace_seconds=300, max_connections=2)) as running:
-        manager = running.manager
-        assert running.url is not None
-        async with acp_ws_client(running.url, acp_schema) as (live, _):
-            await live.request("initialize", initialize_request("", "ide", [])["params"])
-            leaving = await RawClient.connect(running.url)
-            await leaving.send_json(
-                {"jsonrpc": "2.0", "id": 1, "method": "initialize",
-                 "params": {"protocolVersion": 1}}
-            )  # fmt: skip
-            await settle_until(lambda: all(c.initialized for c in manager.connections))
-            async with acp_ws_client(running.url, acp_schema) as (late, _):
-                assert len(manager.on_probation) == 1
-                leaving.peek.close()
-                await leaving.stream.aclose()
-                await settle_until(lambda: len(manager.connections) == 2)
-                await late.send({"jsonrpc": "2.0", "id": "early", "method": "session/list"})
-                await settle_until(lambda: answer_to(late, "early") is not None)
-                answer = answer_to(late, "early")
-                assert answer is not None
-                assert answer["error"] == {
-                    "code": -32600,
-                    "message": "Invalid request: call initialize before session/list",
-                }
-                await settle()
-                assert not late.closed.is_set() and not manager.on_probation
-                await late.initialize()
-                session_id = await late.new_session(str(tmp_path))
-                assert await late.prompt(session_id, "in") == "end_turn"
+    async with _a_place_comes_free(start_server, acp_schema) as (manager, late):
+        await late.send({"jsonrpc": "2.0", "id": "early", "method": "session/list"})
+        await settle_until(lambda: answer_to(late, "early") is not None)
+        answer = answer_to(late, "early")
+        assert answer is not None
+        assert answer["error"] == {
+            "code": -32600,
+            "message": "Invalid request: call initialize before session/list",
+        }
+        await settle()
+        assert not late.closed.is_set() and not manager.on_probation
+        await late.initialize()
+        session_id = await late.new_session(str(tmp_path))
+        assert await late.prompt(session_id, "in") == "end_turn"
 
 
 async def test_on_probation_nothing_pipelined_behind_a_refusal_is_read(
@@ -884,28 +868,13 @@ async def test_a_silent_connection_on_probation_takes_a_place_that_came_free(
     a place has come free meanwhile, takes it: it is one like any other (the heartbeat's
     30 s to initialize). It was closed with 1013 "connection limit reached (2): initialize
     not received within 5 s", with a place free."""
-    async with start_server(limits=Limits(grace_seconds=300, max_connections=2)) as running:
-        manager = running.manager
-        assert running.url is not None
-        async with acp_ws_client(running.url, acp_schema) as (live, _):
-            await live.request("initialize", initialize_request("", "ide", [])["params"])
-            leaving = await RawClient.connect(running.url)
-            await leaving.send_json(
-                {"jsonrpc": "2.0", "id": 1, "method": "initialize",
-                 "params": {"protocolVersion": 1}}
-            )  # fmt: skip
-            await settle_until(lambda: all(c.initialized for c in manager.connections))
-            async with acp_ws_client(running.url, acp_schema) as (late, _):
-                assert len(manager.on_probation) == 1
-                leaving.peek.close()
-                await leaving.stream.aclose()
-                await settle_until(lambda: len(manager.connections) == 2)
-                mock_clock.jump(PROBATION_INITIALIZE_WITHIN)
-                await settle()
-                assert not late.closed.is_set() and not manager.on_probation
-                await late.initialize()
-                session_id = await late.new_session(str(tmp_path))
-                assert await late.prompt(session_id, "in") == "end_turn"
+    async with _a_place_comes_free(start_server, acp_schema) as (manager, late):
+        mock_clock.jump(PROBATION_INITIALIZE_WITHIN)
+        await settle()
+        assert not late.closed.is_set() and not manager.on_probation
+        await late.initialize()
+        session_id = await late.new_session(str(tmp_path))
+        assert await late.prompt(session_id, "in") == "end_turn"
 
 
 async def test_a_shutdown_during_a_probe_at_a_full_server_closes_as_a_shutdown(
