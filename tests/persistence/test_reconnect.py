@@ -1997,12 +1997,7 @@ async def test_initialize_is_answered_before_what_a_reattached_session_sends_mea
 
     model = ScriptModel([[{"text": "slow"}, {"sleep": 5}, {"text": "late"}]])
     async with open_hub(tmp_path, acp_schema, model, limits=Limits(grace_seconds=60)) as hub:
-        link = await hub.connect()
-        await initialize(link.client, client_id="ide")
-        session = await link.client.new_session(str(hub.root))
-        await send_prompt(link.client, "p", session, "go")
-        await link.client.wait_for(has_update(session, "agent_message_chunk", "slow"))
-        await link.drop()
+        _, session = await prompt_then_drop(hub, "ide", "p", "slow")
         await hub.settle()
         real = ClientConnection._initialized
 
@@ -2193,12 +2188,7 @@ async def test_initialize_is_answered_before_what_the_writer_took_while_held(
 
     model = ScriptModel([[{"text": "slow"}, {"sleep": 5}, {"text": "late"}]])
     async with open_hub(tmp_path, acp_schema, model, limits=Limits(grace_seconds=60)) as hub:
-        link = await hub.connect()
-        await initialize(link.client, client_id="ide")
-        session = await link.client.new_session(str(hub.root))
-        await send_prompt(link.client, "p", session, "go")
-        await link.client.wait_for(has_update(session, "agent_message_chunk", "slow"))
-        await link.drop()
+        _, session = await prompt_then_drop(hub, "ide", "p", "slow")
         await hub.settle()
         real = ClientConnection._initialized
 
