@@ -208,36 +208,30 @@ class _TalliesCollector:
             value=clients,
         )
         tallies = m.tallies
-        refused = CounterMetricFamily(
+        yield _labelled(
             "punie_upgrades_refused",
             "WebSocket upgrades refused before the ACP connection, by status and reason",
-            labels=["status", "reason"],
+            ["status", "reason"],
+            {(str(status), reason): n for (status, reason), n in tallies.upgrades_refused.items()},
         )
-        for (status, reason), count in tallies.upgrades_refused.items():
-            refused.add_metric([str(status), reason], count)
-        yield refused
-        refused = CounterMetricFamily(
+        yield _labelled(
             "punie_http_refused",
             "HTTP requests refused by the token or Host check, by status and reason",
-            labels=["status", "reason"],
+            ["status", "reason"],
+            {(str(status), reason): n for (status, reason), n in tallies.http_refused.items()},
         )
-        for (status, reason), count in tallies.http_refused.items():
-            refused.add_metric([str(status), reason], count)
-        yield refused
-        limits = CounterMetricFamily(
-            "punie_limits_hit", "Times a configured limit was hit, by limit", labels=["limit"]
+        yield _labelled(
+            "punie_limits_hit",
+            "Times a configured limit was hit, by limit",
+            ["limit"],
+            {(limit,): n for limit, n in tallies.limits.items()},
         )
-        for limit, count in tallies.limits.items():
-            limits.add_metric([limit], count)
-        yield limits
-        failures = CounterMetricFamily(
+        yield _labelled(
             "punie_store_failures",
             "Session store operations that failed (a turn not saved, ...), by operation",
-            labels=["operation"],
+            ["operation"],
+            {(operation,): n for operation, n in tallies.store_failures.items()},
         )
-        for operation, count in tallies.store_failures.items():
-            failures.add_metric([operation], count)
-        yield failures
         yield CounterMetricFamily(
             "punie_model_failures",
             "Turns whose model failed (answered with an error, counted in punie_prompts "
@@ -251,6 +245,16 @@ class _TalliesCollector:
                 "Size of the session store on disk (the database and its WAL)",
                 value=size,
             )
+
+
+def _labelled(
+    name: str, documentation: str, labels: list[str], counts: dict[tuple[str, ...], int]
+) -> CounterMetricFamily:
+    """A counter family of one series for each label values in ``counts``."""
+    family = CounterMetricFamily(name, documentation, labels=labels)
+    for values, count in counts.items():
+        family.add_metric(list(values), count)
+    return family
 
 
 @attrs.frozen
