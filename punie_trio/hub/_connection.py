@@ -221,7 +221,6 @@ class ClientConnection:
             request_id = current_request_id.get(None)
             if request_id in self.awaiting:
                 self.stop_awaiting(request_id)
-                self.manager.forget_left_answers(self.client_id, reused=request_id)
                 self.manager.forget_old_answers(self, request_id)
         if self.prompt_sessions:
             # (nor one whose old answer or refusal, if unwritten, is to be kept for it)
@@ -480,7 +479,6 @@ class ClientConnection:
         # own. (Reclaimed in the answer's task, such a prompt was refused at random.)
         sessions = self.manager.reclaim(self)
         expired = self.manager.expired_for(self.client_id, self.awaiting)
-        self.manager.forget_left_answers(self.client_id, self.awaiting)
         if not (sessions or expired or self.awaiting) or self.peer is None:
             return _ready(_initialize_result())
         # What the sessions send from now on (a turn's updates, an orphaned prompt's

@@ -350,8 +350,7 @@ def _keep_closed_answers(self: Manager, conn: ClientConnection) -> None:
     ahead: dict[RequestId, LeftAnswer] = {}
     for request_id, (session_id, item) in closed.items():
         if prompts.get(request_id) == session_id and request_id not in kept:
-            answer = ahead[request_id] = LeftAnswer(text=_as_sent(item)[1])
-            answer.settle(None, None)  # (its text is the answer)
+            ahead[request_id] = LeftAnswer.of_text(_as_sent(item)[1])
     ahead.update(kept)
     if ahead:
         _bound_left(self, client_id, ahead)
@@ -418,16 +417,21 @@ def reclaim(self: Manager, conn: ClientConnection) -> list[Session]:
             session.detached_client = None
             reclaimed.append(session)
     _answers_lost_in_flight(conn, reclaimed)
+    # What it does not await is not for it any more: kept in its sessions' backlogs, or
+    # kept apart for its return.
     _drop_old_answers(
         reclaimed, conn, lambda i: i not in conn.awaiting, "did not list it as awaited"
     )
+    forget_left_answers(self, client_id, conn.awaiting)
     return reclaimed
 
 
 def forget_old_answers(self: Manager, conn: ClientConnection, reused: RequestId) -> None:
-    """Drop the old answer under ``reused`` (kept in a backlog of ``conn``'s sessions, or
-    to come from an orphaned turn of theirs): ``conn``'s client, which awaited it, uses
-    the id again for a request of its own (see :func:`_drop_old_answers`)."""
+    """Drop the old answer under ``reused`` (kept in a backlog of ``conn``'s sessions, to
+    come from an orphaned turn of theirs, or kept apart for the client's return:
+    :func:`forget_left_answers`): ``conn``'s client, which awaited it, uses the id again
+    for a request of its own (see :func:`_drop_old_answers`)."""
+    forget_left_answers(self, conn.client_id, reused=reused)
     owned = [s for s in self.sessions.values() if s.owner is conn]
     _drop_old_answers(owned, conn, lambda i: i == reused, "uses its id again")
 
@@ -633,6 +637,13 @@ class LeftAnswer:
     #: kept as that text: sent as it is, and its memory is what the outbox held.
     text: str | None = None
 
+    @classmethod
+    def of_text(cls, text: str) -> LeftAnswer:
+        """One known already: an answer a dropped connection queued and never wrote."""
+        answer = cls(text=text)
+        answer.settle(None, None)  # (its text is the answer)
+        return answer
+
     def size(self) -> int:
         """The memory its text takes (``sys.getsizeof``, as the outbox counts)."""
         return sys.getsizeof(self.text) if self.text is not None else 0
@@ -669,9 +680,7 @@ def _keep_left(
     for old in [i for i, a in kept.items() if a.done_at + grace < now]:
         del kept[old]
     kept.pop(request_id, None)  # (an id used again: the newest answer)
-    answer = kept[request_id] = LeftAnswer(text=text)
-    if text is not None:
-        answer.settle(None, None)  # (its text is the answer)
+    answer = kept[request_id] = LeftAnswer() if text is None else LeftAnswer.of_text(text)
     _bound_left(self, client_id, kept)
     return answer
 

@@ -231,7 +231,6 @@ class Manager:
     deliver_missed = _grace.deliver_missed
     refuse_unanswerable = _grace.refuse_unanswerable
     keep_left_answer = _grace.keep_left_answer
-    forget_left_answers = _grace.forget_left_answers
     forget_old_answers = _grace.forget_old_answers
     remember_closed_answer = _grace.remember_closed_answer
     _send_left_answers = _grace._send_left_answers
