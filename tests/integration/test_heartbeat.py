@@ -748,6 +748,16 @@ async def _a_place_comes_free(
                 yield manager, late
 
 
+async def _served_as_any_other(manager: Manager, late: AcpTestClient, root: Path) -> None:
+    """``late``, let in on probation, is open and one like any other: it initializes,
+    opens a session and runs a turn."""
+    await settle()
+    assert not late.closed.is_set() and not manager.on_probation
+    await late.initialize()
+    session_id = await late.new_session(str(root))
+    assert await late.prompt(session_id, "in") == "end_turn"
+
+
 async def test_a_connection_on_probation_takes_a_place_that_comes_free(
     start_server: StartServer,
     tmp_path: Path,
@@ -785,11 +795,7 @@ async def test_an_initialize_with_bad_params_after_a_place_came_free_is_answered
         assert answer["error"]["message"].startswith("Invalid params: _meta.punie-trio/clientId"), (
             answer
         )
-        await settle()
-        assert not late.closed.is_set() and not manager.on_probation
-        await late.initialize()
-        session_id = await late.new_session(str(tmp_path))
-        assert await late.prompt(session_id, "in") == "end_turn"
+        await _served_as_any_other(manager, late, tmp_path)
 
 
 async def test_a_request_before_initialize_after_a_place_came_free_is_answered_as_anywhere(
@@ -811,11 +817,7 @@ async def test_a_request_before_initialize_after_a_place_came_free_is_answered_a
             "code": -32600,
             "message": "Invalid request: call initialize before session/list",
         }
-        await settle()
-        assert not late.closed.is_set() and not manager.on_probation
-        await late.initialize()
-        session_id = await late.new_session(str(tmp_path))
-        assert await late.prompt(session_id, "in") == "end_turn"
+        await _served_as_any_other(manager, late, tmp_path)
 
 
 async def test_on_probation_nothing_pipelined_behind_a_refusal_is_read(
@@ -870,11 +872,7 @@ async def test_a_silent_connection_on_probation_takes_a_place_that_came_free(
     not received within 5 s", with a place free."""
     async with _a_place_comes_free(start_server, acp_schema) as (manager, late):
         mock_clock.jump(PROBATION_INITIALIZE_WITHIN)
-        await settle()
-        assert not late.closed.is_set() and not manager.on_probation
-        await late.initialize()
-        session_id = await late.new_session(str(tmp_path))
-        assert await late.prompt(session_id, "in") == "end_turn"
+        await _served_as_any_other(manager, late, tmp_path)
 
 
 async def test_a_shutdown_during_a_probe_at_a_full_server_closes_as_a_shutdown(

@@ -130,6 +130,17 @@ async def test_connection_limit_is_http_503(
                 await again.initialize()
 
 
+async def _refused_as_full(url: str, limit: int) -> None:
+    """A WebSocket upgrade to ``url`` (with the token) is refused with the full server's
+    503, naming ``limit``."""
+    with pytest.raises(ConnectionRejected) as refused:
+        headers = [(b"authorization", f"Bearer {TOKEN}".encode())]
+        async with open_websocket_url(ws_url(url), extra_headers=headers):
+            pass
+    assert refused.value.status_code == 503
+    assert f"connection limit reached ({limit})".encode() in (refused.value.body or b"")
+
+
 async def test_the_stdio_connection_counts_toward_max_connections(
     tmp_path: Path, acp_schema: SchemaChecker
 ) -> None:
@@ -146,12 +157,7 @@ async def test_the_stdio_connection_counts_toward_max_connections(
             await stdio.initialize()
             async with acp_ws_client(server.url, acp_schema, token=TOKEN) as (ws, _):
                 await ws.initialize()
-                with pytest.raises(ConnectionRejected) as refused:
-                    headers = [(b"authorization", f"Bearer {TOKEN}".encode())]
-                    async with open_websocket_url(ws_url(server.url), extra_headers=headers):
-                        pass
-                assert refused.value.status_code == 503
-                assert b"connection limit reached (2)" in (refused.value.body or b"")
+                await _refused_as_full(server.url, 2)
                 session_id = await stdio.new_session(str(tmp_path))
                 assert await stdio.prompt(session_id, "stdio goes on") == "end_turn"
             server.process.send_signal(signal.SIGTERM)
@@ -174,12 +180,7 @@ async def test_a_full_server_held_by_the_stdio_client_refuses_upgrades_with_503(
             await nursery.start(stdio.run)
             meta = {"punie-trio/clientId": "ide"}
             await stdio.request("initialize", {"protocolVersion": 1, "_meta": meta})
-            with pytest.raises(ConnectionRejected) as refused:
-                headers = [(b"authorization", f"Bearer {TOKEN}".encode())]
-                async with open_websocket_url(ws_url(server.url), extra_headers=headers):
-                    pass
-            assert refused.value.status_code == 503
-            assert b"connection limit reached (1)" in (refused.value.body or b"")
+            await _refused_as_full(server.url, 1)
             session_id = await stdio.new_session(str(tmp_path))
             assert await stdio.prompt(session_id, "stdio goes on") == "end_turn"
             server.process.send_signal(signal.SIGTERM)
