@@ -118,29 +118,24 @@ class Outbox:
         self.wake()
         return index - start
 
-    def force(self, text: str, *, wake: bool = True) -> None:
+    def force(self, text: str, *, wake: bool = True, at: int | None = None) -> None:
         """Queue ``text`` even when full (answers to requests running here: their number
         is bounded by the peer's request limit, and a finished request must not wait).
 
         ``wake=False`` leaves a waiting taker waiting: the caller then either writes the
         queue itself (:meth:`taker_waiting`, :meth:`take_now`) or calls :meth:`wake`, in
-        the same scheduler step."""
+        the same scheduler step. ``at``: queued at that index, behind what was queued
+        before it and ahead of what came since (see ``Peer.answer_now``'s ``at``)."""
         if self._closed:
             raise trio.ClosedResourceError("outbox is closed")
-        self._items.append(text)
+        if at is None:
+            self._items.append(text)
+        else:
+            self._items.insert(at, text)
         self._bytes += _size(text)
         if wake and self._taker is not None:
             task, self._taker = self._taker, None
             trio.lowlevel.reschedule(task)
-
-    def force_at(self, index: int, text: str) -> None:
-        """:meth:`force`, but queued at ``index`` (behind what was queued before it, ahead
-        of what came since: see ``Peer.answer_now``'s ``at``)."""
-        if self._closed:
-            raise trio.ClosedResourceError("outbox is closed")
-        self._items.insert(index, text)
-        self._bytes += _size(text)
-        self.wake()
 
     @property
     def taker_waiting(self) -> bool:

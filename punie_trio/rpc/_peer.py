@@ -521,7 +521,7 @@ class Peer:
             if at is None:
                 self._outbox.send_nowait(serialize(msg))
             else:  # (queued even when full, as a Deferred's answer is)
-                self._outbox.force_at(min(at, len(self._outbox)), serialize(msg))
+                self._outbox.force(serialize(msg), at=min(at, len(self._outbox)))
         except (trio.WouldBlock, trio.ClosedResourceError):
             return False
         if error is not None:
