@@ -104,22 +104,18 @@ class App:
                 f"Forbidden: Host {name!r} is not allowed here (use an IP address or "
                 "localhost, or allow the name with --allow-host)"
             )
-            tallies = self.manager.metrics.tallies
             if kind == "websocket":
-                tallies.upgrades_refused[403, "host"] += 1
-                await _reject_websocket(scope, send, 403, reason)
+                await self._refuse_upgrade(scope, send, 403, reason, "host")
             elif kind == "http":
-                tallies.http_refused[403, "host"] += 1
+                self.manager.metrics.tallies.http_refused[403, "host"] += 1
                 await respond_text(send, 403, reason)
         elif kind == "websocket":
             if scope["path"] in ACP_PATHS:
                 await self._acp_websocket(scope, receive, send)
             else:
-                self.manager.metrics.tallies.upgrades_refused[404, "not_found"] += 1
                 path = printable(scope["path"])
-                await _reject_websocket(
-                    scope, send, 404, f"Not Found: {path} (ACP over WebSocket is at /acp)"
-                )
+                reason = f"Not Found: {path} (ACP over WebSocket is at /acp)"
+                await self._refuse_upgrade(scope, send, 404, reason, "not_found")
         elif kind == "http":
             await self._http(scope, receive, send)
 
@@ -218,19 +214,14 @@ class App:
             return
         refusal = self._refuse_websocket(scope)
         if refusal is not None:
-            status, reason, counted_as = refusal
-            self.manager.metrics.tallies.upgrades_refused[status, counted_as] += 1
-            await _reject_websocket(scope, send, status, reason)
+            await self._refuse_upgrade(scope, send, *refusal)
             return
         admitted = self.manager.admit_upgrade()
         if admitted is None:
-            tallies = self.manager.metrics.tallies
-            tallies.upgrades_refused[503, "full"] += 1
-            tallies.limits["max_connections"] += 1
+            self.manager.metrics.tallies.limits["max_connections"] += 1
             limit = self.manager.limits.max_connections
-            await _reject_websocket(
-                scope, send, 503, f"Service Unavailable: connection limit reached ({limit})"
-            )
+            reason = f"Service Unavailable: connection limit reached ({limit})"
+            await self._refuse_upgrade(scope, send, 503, reason, "full")
             return
         conn_id = str(uuid.uuid4())  # the RFD shows a UUID
         try:
@@ -262,6 +253,14 @@ class App:
             # frame must not make every shutdown take CLOSE_TIMEOUT (a review: 5 s, not
             # 0.02 s).
             await stream.wait_disconnected(0 if self.closing.is_set() else CLOSE_TIMEOUT)
+
+    async def _refuse_upgrade(
+        self, scope: dict[str, Any], send: ASGISend, status: int, reason: str, counted_as: str
+    ) -> None:
+        """Refuse a WebSocket upgrade (:func:`_reject_websocket`), counted in
+        ``punie_upgrades_refused_total`` under ``status`` and ``counted_as``."""
+        self.manager.metrics.tallies.upgrades_refused[status, counted_as] += 1
+        await _reject_websocket(scope, send, status, reason)
 
     async def _run_on_probation(self, conn: ClientConnection, stream: AsgiWebSocketStream) -> None:
         """Run a connection let in on probation past a full limit (``hub._probation``),
