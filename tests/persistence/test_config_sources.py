@@ -81,9 +81,12 @@ def _toml(value: Any) -> str:
 
 @pytest.fixture
 def busy_port() -> Iterator[int]:
-    """A port in use: the places that lose give it, so a wrong winner cannot start."""
+    """A port in use: the places that lose give it, so a wrong winner cannot start.
+    Taken on every address: the places give hosts other than 127.0.0.1, where a port
+    taken on 127.0.0.1 alone was free (to a wrong winner, and to the winner's port 0:
+    CI once saw the server on 127.0.0.3 get this very port number)."""
     with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
+        sock.bind(("0.0.0.0", 0))
         sock.listen()
         yield sock.getsockname()[1]
 
