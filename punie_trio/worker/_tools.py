@@ -600,7 +600,12 @@ def _write_into(
     Why: the name was opened with ``O_TRUNC`` and written whatever it named by then, so a
     file swapped meanwhile for a hard link to a file outside the project (by a local
     process that can write in it) had that file truncated and overwritten. The name is
-    opened without truncating now, and truncated only once it is known to be the file."""
+    opened without truncating now, and truncated only once it is known to be the file.
+
+    Synced before it returns: unsynced, the call reported "wrote N bytes" while a power
+    loss could still leave the user's file truncated to nothing (an editor's in-place save
+    syncs too). Written into, a write cut short part way is still torn: only a replace is
+    whole or not at all."""
     flags = os.O_WRONLY | os.O_NOFOLLOW | _CLOEXEC | _NO_WAIT
     fd = os.open(path.name, flags, dir_fd=directory)
     with os.fdopen(fd, "wb") as file:
@@ -613,6 +618,8 @@ def _write_into(
         commit()
         os.ftruncate(fd, 0)
         file.write(data)
+        file.flush()
+        os.fsync(fd)  # (before the call reports "wrote": see the docstring)
 
 
 class _Replaced(OSError):
