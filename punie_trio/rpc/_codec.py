@@ -215,7 +215,8 @@ def peek_envelope(head: bytes) -> tuple[str | None, RequestId | None]:
             i += 1
     except (ValueError, RecursionError):
         pass  # the member cut off by the end of the head (or not JSON): what came before
-    return kind, found if valid_id(found) else None
+    # (An id past a request id's bounds is none: the refusal would echo up to a head of it.)
+    return kind, found if valid_id(found) and bounded_id(found) else None
 
 
 def _dumps(obj: dict[str, Any]) -> str:
