@@ -9,6 +9,7 @@ integer``) and the CLI exits 2 with them.
 from __future__ import annotations
 
 import argparse
+import datetime
 import difflib
 import ipaddress
 import os
@@ -44,6 +45,34 @@ def as_flag(convert: Callable[[Any], T]) -> Callable[[str], T]:
     return parse
 
 
+def _given(value: Any) -> str:
+    """``value`` as an error quotes it: a string quoted (its control characters escaped), a
+    boolean and a number as TOML writes them, an array with its items, a table and a date
+    by their kind.
+
+    Why: a TOML float for an integer (``max-connections = 5.5``), a number for a string or
+    a bad boolean from ``$PUNIE_STDIO`` was told only what it must be ("must be an
+    integer"), and the user looked for what was wrong with a value the message did not
+    show."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return repr(value)
+    if isinstance(value, int):
+        return _shown_int(value)
+    if isinstance(value, float):
+        # 80.0 as written, not "80": "must be an integer, got 80" would make no sense.
+        return repr(value) if value.is_integer() and abs(value) < 1e16 else _shown(value)
+    if isinstance(value, list | tuple):
+        items = ", ".join(_given(v) for v in value)
+        return f"an array, [{items if len(items) <= 60 else items[:60] + '...'}]"
+    if isinstance(value, dict):
+        return "a table"
+    if isinstance(value, datetime.date | datetime.time):
+        return f"a date or time, {value.isoformat()}"
+    return f"a {type(value).__name__}"
+
+
 def _to_bool(value: Any) -> bool:
     if isinstance(value, bool):
         return value
@@ -51,7 +80,7 @@ def _to_bool(value: Any) -> bool:
         return True
     if isinstance(value, str) and value.strip().lower() in ("0", "false", "no", "off", ""):
         return False
-    raise ValueError("must be true or false")
+    raise ValueError(f"must be true or false, got {_given(value)}")
 
 
 #: An integer as ``int()`` reads it (sign, digits, underscores, spaces around).
@@ -63,7 +92,7 @@ def _to_int(value: Any, *, bounds: str = "") -> int:
     long for ``int()`` (over 4,300 digits) is told it must be: it is an integer, and was
     once refused as not one, quoted whole (5 KB on the terminal)."""
     if isinstance(value, bool) or not isinstance(value, int | str):
-        raise ValueError("must be an integer")
+        raise ValueError(f"must be an integer, got {_given(value)}")
     try:
         return int(value)
     except ValueError:  # int("abc") says "invalid literal for int() with base 10"
@@ -84,7 +113,7 @@ def _shown_int(number: int) -> str:
 
 def _to_float(value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float | str):
-        raise ValueError("must be a number")
+        raise ValueError(f"must be a number, got {_given(value)}")
     try:
         return float(value)
     except ValueError:
@@ -139,7 +168,7 @@ def _shown(number: float) -> str:
 
 def _to_str(value: Any) -> str:
     if not isinstance(value, str):
-        raise ValueError("must be a string")
+        raise ValueError(f"must be a string, got {_given(value)}")
     if "\0" in value:
         # Only a TOML file can hold one ("\u0000"; argv and the environment cannot): no
         # path, host or command can, and a data-dir, project, watch or host with one was a
@@ -260,7 +289,10 @@ def _to_token(value: Any) -> str:
     # message never shows the value: it is a secret (so not _to_nonempty, whose NUL check,
     # common to every string, quotes the value: a NUL is refused below as unprintable).
     if not isinstance(value, str):
-        raise ValueError("must be a string")
+        # (Its kind, not its value: a number may be the secret.)
+        kinds = {bool: "a boolean", int: "an integer", float: "a float"}
+        kind = kinds.get(type(value)) or _given(value).partition(",")[0]
+        raise ValueError(f"must be a string, got {kind}")
     token = value
     if not token.strip():
         raise ValueError("must not be empty")
@@ -273,6 +305,8 @@ def _to_token(value: Any) -> str:
 
 def _choice(*names: str, fold_case: bool = False) -> Callable[[Any], str]:
     def convert(value: Any) -> str:
+        if not isinstance(value, str):  # (named with the choices, as a bad string is)
+            raise ValueError(f"must be one of {', '.join(names)}, got {_given(value)}")
         text = _to_str(value)
         key = text.lower() if fold_case else text
         if key not in names:

@@ -226,18 +226,26 @@ def test_an_unknown_key_is_named_as_the_file_spells_it(tmp_path: Path) -> None:
     ("file_values", "environ", "expected"),
     [
         ({"port": "abc"}, {}, "config.toml: port must be an integer, got 'abc'"),
-        ({"port": 1.5}, {}, "config.toml: port must be an integer"),
-        ({"port": True}, {}, "config.toml: port must be an integer"),
-        ({"metrics_public": "maybe"}, {}, "config.toml: metrics-public must be true or false"),
-        ({"host": 7}, {}, "config.toml: host must be a string"),
-        ({"project": [1]}, {}, "config.toml: project must be a string"),
+        ({"port": 1.5}, {}, "config.toml: port must be an integer, got 1.5"),
+        ({"port": True}, {}, "config.toml: port must be an integer, got true"),
+        (
+            {"metrics_public": "maybe"},
+            {},
+            "config.toml: metrics-public must be true or false, got 'maybe'",
+        ),
+        ({"host": 7}, {}, "config.toml: host must be a string, got 7"),
+        ({"project": [1]}, {}, "config.toml: project must be a string, got 1"),
         (
             {"shutdown_timeout": "soon"},
             {},
             "config.toml: shutdown-timeout must be a number, got 'soon'",
         ),
         ({}, {"PUNIE_PORT": "abc"}, "$PUNIE_PORT: port must be an integer, got 'abc'"),
-        ({}, {"PUNIE_STDIO": "perhaps"}, "$PUNIE_STDIO: stdio must be true or false"),
+        (
+            {},
+            {"PUNIE_STDIO": "perhaps"},
+            "$PUNIE_STDIO: stdio must be true or false, got 'perhaps'",
+        ),
         (
             {},
             {"PUNIE_OUTBOX_LIMIT": "1e3"},
@@ -458,6 +466,56 @@ def test_bad_type_names_the_option_and_the_source(
     with pytest.raises(ConfigError) as info:
         resolve({}, file_values, environ, "config.toml")
     assert str(info.value) == expected
+
+
+@pytest.mark.parametrize(
+    ("file_values", "expected"),
+    [
+        # A TOML float for an integer limit was named without it ("must be an integer"),
+        # so the user looked for what was wrong with a value the message did not show.
+        ({"max_connections": 5.5}, "max-connections must be an integer, got 5.5"),
+        ({"port": 80.0}, "port must be an integer, got 80.0"),
+        ({"outbox_limit": float("inf")}, "outbox-limit must be an integer, got inf"),
+        ({"port": True}, "port must be an integer, got true"),
+        ({"port": [80]}, "port must be an integer, got an array, [80]"),
+        ({"max_prompt_bytes": {"a": 1}}, "max-prompt-bytes must be an integer, got a table"),
+        ({"shutdown_timeout": [1]}, "shutdown-timeout must be a number, got an array, [1]"),
+        ({"shutdown_timeout": False}, "shutdown-timeout must be a number, got false"),
+        ({"metrics_public": 1}, "metrics-public must be true or false, got 1"),
+        ({"host": 7}, "host must be a string, got 7"),
+        ({"model": 1.5}, "model must be a string, got 1.5"),
+        ({"project": [True]}, "project must be a string, got true"),
+        (
+            {"log_level": 5},
+            "log-level must be one of debug, info, warning, error, got 5",
+        ),
+        ({"store": False}, "store must be one of sqlite, memory, got false"),
+        # (The token is a secret: only what kind of value it is.)
+        ({"token": 12345}, "token must be a string, got an integer"),
+    ],
+)
+def test_a_config_value_of_the_wrong_type_is_named_with_its_type_and_value(
+    tmp_path: Path, file_values: dict[str, Any], expected: str
+) -> None:
+    """Every config file error names the file, the key, what the key takes and the value
+    given: a float for an integer (``max-connections = 5.5``) was "must be an integer",
+    a number for a string "must be a string", without the value. Bad values from the
+    environment are quoted too (``$PUNIE_STDIO`` was "must be true or false")."""
+    with pytest.raises(ConfigError) as info:
+        resolve({}, file_values, {}, "config.toml")
+    assert str(info.value) == f"config.toml: {expected}"
+    # Written in a real file, read as serve reads it.
+    name, value = next(iter(file_values.items()))
+    config = write(
+        tmp_path / "config.toml", f"[serve]\n{name.replace('_', '-')} = {_toml(value)}\n"
+    )
+    with pytest.raises(ConfigError) as info:
+        resolve({}, load_file(config, required=True), {}, str(config))
+    assert str(info.value) == f"{config}: {expected}"
+    # From the environment a bad value is quoted too.
+    with pytest.raises(ConfigError) as info:
+        resolve({}, {}, {"PUNIE_STDIO": "perhaps"}, "config.toml")
+    assert str(info.value) == "$PUNIE_STDIO: stdio must be true or false, got 'perhaps'"
 
 
 @pytest.mark.parametrize(
@@ -1254,6 +1312,8 @@ def _toml(value: Any) -> str:
         return "true" if value else "false"
     if isinstance(value, list):
         return "[" + ", ".join(_toml(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k} = {_toml(v)}" for k, v in value.items()) + "}"
     return repr(value) if isinstance(value, str) else str(value)
 
 
