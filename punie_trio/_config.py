@@ -453,7 +453,31 @@ def load_file(path: Path, *, required: bool) -> dict[str, Any]:
     return options
 
 
-def _convert(option: Option, value: Any, source: str) -> Any:
+#: What an option read by these takes in TOML, which types it (the environment's values and
+#: the flags are all strings, parsed by the same converters).
+_TYPED: dict[Callable[[Any], Any], tuple[str, str]] = {
+    _to_bool: ("true or false", "write true or false without quotes"),
+    _to_port: ("an integer", "write numbers without quotes"),
+    _to_positive_int: ("an integer", "write numbers without quotes"),
+    _to_seconds: ("a number", "write numbers without quotes"),
+}
+
+
+def _convert(option: Option, value: Any, source: str, *, typed: bool = False) -> Any:
+    """``value`` by ``option``'s rule, or a ConfigError naming ``source``. ``typed``: the
+    value is TOML's, where a number or a boolean is not a string.
+
+    Why: ``max-connections = "5"`` served 5 connections and ``metrics-public = "yes"``
+    made ``/metrics`` public, though docs/configuration.md writes them unquoted and any
+    other reader of the file (a TOML linter, a program that edits it) takes them for
+    strings."""
+    typed_as = _TYPED.get(option.convert) if typed else None
+    if typed_as is not None and isinstance(value, str):
+        what, how = typed_as
+        raise ConfigError(
+            f"{source}: {option.name.replace('_', '-')} must be {what}, got the string "
+            f"{value!r} (TOML is typed: {how})"
+        )
     try:
         if option.many:
             items = value if isinstance(value, list | tuple) else [value]
@@ -603,7 +627,9 @@ def _pick(
     # environment was ignored without a word while a flag overrode it (`port = "eighty"`
     # under --port 0), and broke the next start, the one without the flag.
     env = _from_env(option, environ)
-    in_file = _convert(option, file_values[name], file_name) if name in file_values else None
+    in_file = (
+        _convert(option, file_values[name], file_name, typed=True) if name in file_values else None
+    )
     if flag is not None and not (option.many and not flag):
         return (tuple(flag) if option.many else flag), option.flag
     if env is not None:

@@ -225,20 +225,28 @@ def test_an_unknown_key_is_named_as_the_file_spells_it(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("file_values", "environ", "expected"),
     [
-        ({"port": "abc"}, {}, "config.toml: port must be an integer, got 'abc'"),
+        # (A string is not a number in TOML, whatever it holds.)
+        (
+            {"port": "abc"},
+            {},
+            "config.toml: port must be an integer, got the string 'abc' (TOML is typed: "
+            "write numbers without quotes)",
+        ),
         ({"port": 1.5}, {}, "config.toml: port must be an integer, got 1.5"),
         ({"port": True}, {}, "config.toml: port must be an integer, got true"),
         (
             {"metrics_public": "maybe"},
             {},
-            "config.toml: metrics-public must be true or false, got 'maybe'",
+            "config.toml: metrics-public must be true or false, got the string 'maybe' "
+            "(TOML is typed: write true or false without quotes)",
         ),
         ({"host": 7}, {}, "config.toml: host must be a string, got 7"),
         ({"project": [1]}, {}, "config.toml: project must be a string, got 1"),
         (
             {"shutdown_timeout": "soon"},
             {},
-            "config.toml: shutdown-timeout must be a number, got 'soon'",
+            "config.toml: shutdown-timeout must be a number, got the string 'soon' (TOML is "
+            "typed: write numbers without quotes)",
         ),
         ({}, {"PUNIE_PORT": "abc"}, "$PUNIE_PORT: port must be an integer, got 'abc'"),
         (
@@ -269,9 +277,14 @@ def test_an_unknown_key_is_named_as_the_file_spells_it(tmp_path: Path) -> None:
             "config.toml: grace-seconds must be a number of seconds >= 0, got -1.0",
         ),
         (
-            {"shutdown_timeout": "nan"},
+            {"shutdown_timeout": float("nan")},
             {},
             "config.toml: shutdown-timeout must be a number of seconds >= 0, got nan",
+        ),
+        (
+            {},
+            {"PUNIE_SHUTDOWN_TIMEOUT": "nan"},
+            "$PUNIE_SHUTDOWN_TIMEOUT: shutdown-timeout must be a number of seconds >= 0, got nan",
         ),
         # inf once crashed the shutdown's force-exit timer as it started.
         (
@@ -305,9 +318,14 @@ def test_an_unknown_key_is_named_as_the_file_spells_it(tmp_path: Path) -> None:
             "got 31536000.5",
         ),
         (
-            {"debounce": "-inf"},
+            {"debounce": float("-inf")},
             {},
             "config.toml: debounce must be a number of seconds >= 0, got -inf",
+        ),
+        (
+            {},
+            {"PUNIE_DEBOUNCE": "-inf"},
+            "$PUNIE_DEBOUNCE: debounce must be a number of seconds >= 0, got -inf",
         ),
         # Empty is a mistake, not a value: a host of "" binds every interface, a path of
         # "" is the current directory, an empty list would hide the file's.
@@ -516,6 +534,65 @@ def test_a_config_value_of_the_wrong_type_is_named_with_its_type_and_value(
     with pytest.raises(ConfigError) as info:
         resolve({}, {}, {"PUNIE_STDIO": "perhaps"}, "config.toml")
     assert str(info.value) == "$PUNIE_STDIO: stdio must be true or false, got 'perhaps'"
+
+
+@pytest.mark.parametrize(
+    ("file_values", "expected"),
+    [
+        (
+            {"max_connections": "5"},
+            "max-connections must be an integer, got the string '5' (TOML is typed: "
+            "write numbers without quotes)",
+        ),
+        (
+            {"port": "eighty"},
+            "port must be an integer, got the string 'eighty' (TOML is typed: write "
+            "numbers without quotes)",
+        ),
+        (
+            {"grace_seconds": "10"},
+            "grace-seconds must be a number, got the string '10' (TOML is typed: write "
+            "numbers without quotes)",
+        ),
+        (
+            {"metrics_public": "yes"},
+            "metrics-public must be true or false, got the string 'yes' (TOML is typed: "
+            "write true or false without quotes)",
+        ),
+        (
+            {"stdio": "true"},
+            "stdio must be true or false, got the string 'true' (TOML is typed: write "
+            "true or false without quotes)",
+        ),
+    ],
+)
+def test_a_string_in_the_config_file_is_not_a_number_or_a_boolean(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    file_values: dict[str, Any],
+    expected: str,
+) -> None:
+    """TOML is typed, and docs/configuration.md writes numbers and booleans unquoted, but a
+    string was read as one: ``max-connections = "5"`` served 5 connections and
+    ``metrics-public = "yes"`` made ``/metrics`` public, so a file that a TOML linter or
+    another program reads as strings meant numbers here. It is exit 2 naming the file,
+    the key, the type and the value. The environment's values are all strings, and are
+    read from strings as before."""
+    with pytest.raises(ConfigError) as info:
+        resolve({}, file_values, {}, "config.toml")
+    assert str(info.value) == f"config.toml: {expected}"
+    argv = serve_argv_without_a_server(tmp_path, monkeypatch)
+    config = tmp_path / "config.toml"
+    name, value = next(iter(file_values.items()))
+    write(config, f"[serve]\n{name.replace('_', '-')} = {_toml(value)}\n")
+    assert cli.main(argv) == 2
+    assert capsys.readouterr().err == f"punie-trio: error: {config}: {expected}\n"
+    environ = {"PUNIE_MAX_CONNECTIONS": "5", "PUNIE_METRICS_PUBLIC": "yes"}
+    environ |= {"PUNIE_GRACE_SECONDS": "10", "PUNIE_STDIO": "true"}
+    merged = resolve({}, {}, environ, "config.toml")
+    assert (merged["max_connections"], merged["metrics_public"]) == (5, True)
+    assert (merged["grace_seconds"], merged["stdio"]) == (10.0, True)
 
 
 @pytest.mark.parametrize(
@@ -1099,7 +1176,7 @@ def serve_argv_without_a_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
         ("watch", "/w"),
         ("ignore", "*.tmp"),
         ("no_watch", True),
-        ("debounce", "1.5"),
+        ("debounce", 1.5),
         ("open", True),
     ],
 )
@@ -1119,14 +1196,14 @@ def test_a_dev_app_option_without_a_site_is_not_ignored_without_a_word(
     option = BY_NAME[name]
     key = name.replace("_", "-")
     if source == "flag":
-        argv += [option.flag] if value is True else [option.flag, value]
+        argv += [option.flag] if value is True else [option.flag, str(value)]
         assert cli.main(argv) == 2
         assert capsys.readouterr().err == (
             f"punie-trio: error: {option.flag} needs --site (it is the dev app's)\n"
         )
         return
     if source == "env":
-        monkeypatch.setenv(option.env, "1" if value is True else value)
+        monkeypatch.setenv(option.env, "1" if value is True else str(value))
         where = f"${option.env}"
     else:
         write(config, f"[serve]\n{key} = {_toml(value)}\n")
