@@ -615,6 +615,19 @@ def resolve_option(
     return _pick(name, flag, file_values, environ, file_name)[0]
 
 
+def resolve_option_and_source(
+    name: str,
+    flag: Any,
+    file_values: Mapping[str, Any],
+    environ: Mapping[str, str],
+    file_name: str,
+) -> tuple[Any, str | None]:
+    """:func:`resolve_option`, and where the value came from (as
+    :func:`resolve_with_sources` says it): ``token`` prints the token ``serve`` takes and
+    names its place."""
+    return _pick(name, flag, file_values, environ, file_name)
+
+
 def _pick(
     name: str,
     flag: Any,
