@@ -31,6 +31,7 @@ from ._config import (
     load_file,
     misspelt_env,
     named_config,
+    readable_token_warning,
     resolve_option,
     resolve_option_and_source,
 )
@@ -584,10 +585,14 @@ def _configured_token(args: argparse.Namespace) -> tuple[str, str] | None:
     Why: ``serve`` uses a configured token and writes no token file, but ``token`` printed
     the file, a token an earlier start generated that the server refuses (401), or said
     there was none. (A ``--token`` flag is on ``serve``'s command line alone: nothing here
-    can see it, and such a ``serve`` leaves no file, which :func:`_no_token_file` says.)"""
+    can see it, and such a ``serve`` leaves no file, which :func:`_no_token_file` says.)
+    A config file holding a token that others can read is warned about, as by ``serve``."""
     config = config_path(args.config)
     file_values = load_file(config, required=args.config is not None)
     token, source = resolve_option_and_source("token", None, file_values, os.environ, str(config))
+    warning = readable_token_warning(config, file_values, source)
+    if warning is not None:
+        print(f"{_PROG}: warning: {_printable(warning)}", file=sys.stderr)
     return None if token is None or source is None else (token, source)
 
 

@@ -463,6 +463,37 @@ _TYPED: dict[Callable[[Any], Any], tuple[str, str]] = {
 }
 
 
+def readable_token_warning(
+    path: Path, file_values: Mapping[str, Any], token_source: str | None
+) -> str | None:
+    """A warning when the config file at ``path`` (read into ``file_values``) holds a token
+    and other users can read it; ``token_source``: where the token in use comes from (the
+    file's name, ``--token``, ``$PUNIE_TOKEN``). None when there is nothing to say.
+
+    Why: editors create files 0644, so a ``token =`` there is every local user's to read.
+    A warning, not a refusal: the directories above may keep others out. Where a flag or
+    the variable overrides it, it was not said at all, though the file's token is a
+    secret all the same (often the one in use elsewhere, and the token of the next start
+    without the override). The token itself is never shown."""
+    if "token" not in file_values:
+        return None
+    try:
+        mode = path.stat().st_mode & 0o777
+    except OSError:
+        return None
+    if not mode & 0o044:
+        return None
+    if token_source is None or token_source == str(path):
+        return (
+            f"{path} holds the token and is readable by others (mode {mode:04o}); "
+            f"`chmod 600 {path}`, or give the token in $PUNIE_TOKEN"
+        )
+    return (
+        f"{path} holds a token and is readable by others (mode {mode:04o}), though "
+        f"{token_source} overrides it; `chmod 600 {path}`, or take the token out of it"
+    )
+
+
 def _convert(option: Option, value: Any, source: str, *, typed: bool = False) -> Any:
     """``value`` by ``option``'s rule, or a ConfigError naming ``source``. ``typed``: the
     value is TOML's, where a number or a boolean is not a string.

@@ -44,6 +44,7 @@ from ._config import (
     load_file,
     misspelt_env,
     named_config,
+    readable_token_warning,
     resolve_with_sources,
 )
 from ._json import is_name_text
@@ -508,31 +509,6 @@ def _setup_logging(level: str, data_dir: Path | None) -> None:
         root.addHandler(file_handler)
 
 
-def _warn_if_the_token_is_readable(
-    args: argparse.Namespace, sources: dict[str, str | None]
-) -> None:
-    """Warn when the token comes from a config file other users can read.
-
-    Why: editors create files 0644, so a ``token =`` in the config file was readable by
-    every local user, and ``serve`` said nothing (``punie-trio token`` warns so of the
-    token file it reads). A warning, not a refusal: the directories above may keep others
-    out. The token itself is never shown."""
-    path = config_path(args.config)
-    if sources["token"] != str(path):
-        # No token, or not the file's (a flag or the environment wins over it): where it
-        # came from as the merge saw it, not a second reading of the flag and $PUNIE_TOKEN.
-        return
-    try:
-        mode = path.stat().st_mode & 0o777
-    except OSError:
-        return
-    if mode & 0o044:
-        _warn(
-            f"{path} holds the token and is readable by others (mode {mode:04o}); "
-            f"`chmod 600 {path}`, or give the token in $PUNIE_TOKEN"
-        )
-
-
 def _warn(message: str) -> None:
     # Escaped (_printable), as _error: a warning quotes values (a config file's path).
     print(f"punie-trio: warning: {_printable(message)}", file=sys.stderr)
@@ -557,12 +533,16 @@ def _stderr_log_written() -> None:
             handler.flush()
 
 
-def _settings(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, str | None]]:
-    """The resolved options and where each came from (``resolve_with_sources``)."""
+def _settings(
+    args: argparse.Namespace,
+) -> tuple[dict[str, Any], dict[str, str | None], dict[str, Any]]:
+    """The resolved options, where each came from (``resolve_with_sources``), and the
+    config file's values."""
     config_file = config_path(args.config)
     file_values = load_file(config_file, required=args.config is not None)
     flags = {name: getattr(args, name, None) for name in BY_NAME}
-    return resolve_with_sources(flags, file_values, os.environ, str(config_file))
+    o, sources = resolve_with_sources(flags, file_values, os.environ, str(config_file))
+    return o, sources, file_values
 
 
 def _bad_value(sources: dict[str, str | None], name: str, problem: str) -> int:
@@ -638,10 +618,12 @@ def _project_root(given: Path) -> tuple[Path, str | None]:
 def _run_serve(args: argparse.Namespace) -> int:
     try:
         args.config = named_config(args.config, os.environ)  # (--config, else $PUNIE_CONFIG)
-        o, sources = _settings(args)
+        o, sources, file_values = _settings(args)
     except ConfigError as exc:
         return _error(str(exc), 2)
-    _warn_if_the_token_is_readable(args, sources)
+    warning = readable_token_warning(config_path(args.config), file_values, sources["token"])
+    if warning is not None:
+        _warn(warning)
     for warning in misspelt_env(os.environ):
         _warn(warning)
     if o["no_http"] and not o["stdio"]:
