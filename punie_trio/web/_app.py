@@ -54,6 +54,7 @@ from ._http import (
     respond,
     respond_json,
     respond_text,
+    shown_header,
 )
 
 log = logging.getLogger("punie_trio.web")
@@ -99,9 +100,10 @@ class App:
             await _lifespan(receive, send)
         elif not host_allowed(scope, self.allow_hosts):
             # Before anything else, for every path: a DNS-rebinding page (see _auth).
-            name = (request_host(scope) or "")[:200]
+            # (Escaped and cut, as a path is: repr left a bidi override raw.)
+            name = printable(request_host(scope) or "")
             reason = (
-                f"Forbidden: Host {name!r} is not allowed here (use an IP address or "
+                f"Forbidden: Host '{name}' is not allowed here (use an IP address or "
                 "localhost, or allow the name with --allow-host)"
             )
             if kind == "websocket":
@@ -300,7 +302,7 @@ class App:
         if not origin_allowed(scope, self.allow_origins):
             # Named (escaped and cut, as a path is), as the Host check names the host: "this
             # Origin" left one who set --allow-origin guessing what the browser sent.
-            seen = printable((header(scope, b"origin") or b"").decode("latin-1"))
+            seen = printable(shown_header(header(scope, b"origin") or b""))
             return (
                 403,
                 f"Forbidden: Origin '{seen}' may not use /acp (it is not this server's own, "
