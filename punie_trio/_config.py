@@ -153,7 +153,7 @@ MAX_SECONDS = 365 * 24 * 60 * 60
 def _to_seconds(value: Any) -> float:
     number = _to_float(value)
     if not number >= 0:
-        raise ValueError(f"must be a number of seconds >= 0, got {number}")
+        raise ValueError(f"must be a number of seconds >= 0, got {_shown(number)}")
     if number > MAX_SECONDS:
         raise ValueError(f"must be at most {MAX_SECONDS} seconds (a year), got {_shown(number)}")
     return number

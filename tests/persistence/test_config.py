@@ -274,7 +274,14 @@ def test_an_unknown_key_is_named_as_the_file_spells_it(tmp_path: Path) -> None:
         (
             {"grace_seconds": -1},
             {},
-            "config.toml: grace-seconds must be a number of seconds >= 0, got -1.0",
+            # (As given: it was "got -1.0", a value the file does not have.)
+            "config.toml: grace-seconds must be a number of seconds >= 0, got -1",
+        ),
+        (
+            {},
+            {"PUNIE_CLIENT_CALL_TIMEOUT": "-0.5"},
+            "$PUNIE_CLIENT_CALL_TIMEOUT: client-call-timeout must be a number of seconds >= 0, "
+            "got -0.5",
         ),
         (
             {"shutdown_timeout": float("nan")},
