@@ -383,7 +383,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("site", _to_path, None),
     Option("build", _to_nonempty, None),  # "" ran no build, without a word
     Option("watch", _to_path, (), many=True),
-    Option("ignore", _to_str, (), many=True),
+    # An empty (or blank) glob was skipped without a word, while PUNIE_IGNORE= was an error.
+    Option("ignore", _to_nonempty, (), many=True),
     Option("no_watch", _to_bool, False),
     Option("debounce", _to_seconds, 0.2),
     Option("open", _to_bool, False),

@@ -81,6 +81,7 @@ _origin = as_flag(_to_origin)  # scheme://host[:port], as an Origin header carri
 _host_name = as_flag(_to_host_name)  # a name, .domain or *, without scheme or port
 _path = as_flag(_to_path)  # not empty (Path("") is the current directory: nobody chose it)
 _command = as_flag(_to_nonempty)  # not empty (an empty --build ran nothing, without a word)
+_glob = as_flag(_to_nonempty)  # not empty (an empty --ignore ignored nothing, without a word)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -250,7 +251,9 @@ def build_parser() -> argparse.ArgumentParser:
     dev.add_argument(
         "--watch", action="append", type=_path, metavar="PATH", help="watch PATH (repeatable)"
     )
-    dev.add_argument("--ignore", action="append", metavar="GLOB", help="ignore GLOB (repeatable)")
+    dev.add_argument(
+        "--ignore", action="append", type=_glob, metavar="GLOB", help="ignore GLOB (repeatable)"
+    )
     dev.add_argument(
         "--no-watch", action="store_true", default=None, help="do not watch for changes"
     )

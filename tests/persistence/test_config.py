@@ -388,6 +388,9 @@ def test_an_unknown_key_is_named_as_the_file_spells_it(tmp_path: Path) -> None:
         # An empty build command ran no build; an empty list of paths meant a default
         # directory (project: the current one), as PUNIE_PROJECT= would.
         ({"build": ""}, {}, "config.toml: build must not be empty"),
+        # An empty glob was skipped without a word (PUNIE_IGNORE= was exit 2).
+        ({"ignore": ["*.log", ""]}, {}, "config.toml: ignore must not be empty"),
+        ({}, {"PUNIE_IGNORE": "*.log, "}, "$PUNIE_IGNORE: ignore must not be empty"),
         ({}, {"PUNIE_BUILD": ""}, "$PUNIE_BUILD: build must not be empty"),
         (
             {"project": []},
@@ -792,12 +795,15 @@ def test_a_flag_is_checked_by_its_options_rule(
     assert (args.allow_origin, args.allow_host) == (["http://a.test"], [".corp.test"])
 
 
-@pytest.mark.parametrize("flag", ["--data-dir", "--project", "--site", "--watch", "--build"])
+@pytest.mark.parametrize(
+    "flag", ["--data-dir", "--project", "--site", "--watch", "--build", "--ignore"]
+)
 def test_an_empty_path_or_command_flag_is_refused(
     capsys: pytest.CaptureFixture[str], flag: str
 ) -> None:
     """``--data-dir ""`` (and --project, --site, --watch) meant the current directory, and
-    ``--build ""`` no build, without a word."""
+    ``--build ""`` no build, without a word; ``--ignore ""`` ignored nothing, without a
+    word (``PUNIE_IGNORE=`` was exit 2)."""
     with pytest.raises(SystemExit) as info:
         cli.build_parser().parse_args(["serve", flag, ""])
     assert info.value.code == 2
