@@ -103,7 +103,7 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
     p.set_defaults(func=_in_data_dir(cmd_export))
 
     p = subparsers.add_parser("token", parents=[common], help="print the server's access token")
-    p.set_defaults(func=_in_data_dir(cmd_token))
+    p.set_defaults(func=_in_data_dir(cmd_token, reads=("token",)))
 
 
 def resolve_data_dir(args: argparse.Namespace) -> Path:
@@ -123,10 +123,11 @@ def resolve_data_dir(args: argparse.Namespace) -> Path:
 
 
 def _in_data_dir(
-    command: Callable[[argparse.Namespace, Path], int],
+    command: Callable[[argparse.Namespace, Path], int], *, reads: tuple[str, ...] = ()
 ) -> Callable[[argparse.Namespace], int]:
     """``command`` run with the resolved data directory; a configuration error is exit 2,
-    as for ``serve``."""
+    as for ``serve``. ``reads``: the options besides ``data_dir`` it reads (``token``
+    reads ``$PUNIE_TOKEN``), whose misspelt variables are warned about too."""
 
     def run(args: argparse.Namespace) -> int:
         try:
@@ -138,7 +139,7 @@ def _in_data_dir(
         # The variables these commands read, misspelt (PUNIE_DATADIR), sent them to
         # another data directory without a word; serve warns of it. (Other near misses,
         # PUNIE_PROT, are serve's to name: nothing here reads them.)
-        read = (BY_NAME["data_dir"].env, CONFIG_ENV)
+        read = (BY_NAME["data_dir"].env, CONFIG_ENV, *(BY_NAME[name].env for name in reads))
         for warning in misspelt_env(os.environ, meaning=read):
             print(f"{_PROG}: warning: {_printable(warning)}", file=sys.stderr)
         return command(args, data_dir)

@@ -939,6 +939,26 @@ def test_a_misspelt_data_dir_variable_is_named_by_the_read_only_commands(
     )
 
 
+def test_a_misspelt_token_variable_is_named_by_token(
+    data_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``token`` reads ``$PUNIE_TOKEN`` (the token ``serve`` takes): ``PUNIE_TOKN=mine
+    punie-trio token`` printed the token file's token without a word, where ``serve``
+    warns of the near miss. ``sessions`` reads no token, and says nothing of it."""
+    token_path(data_dir).write_text("s3cret\n")
+    token_path(data_dir).chmod(0o600)
+    monkeypatch.setenv("PUNIE_DATA_DIR", str(data_dir))
+    monkeypatch.setenv("PUNIE_TOKN", "mine")
+    assert main(["token"]) == 0
+    assert capsys.readouterr() == (
+        f"token file: {token_path(data_dir)}\ntoken: s3cret\n",
+        "punie-trio: warning: $PUNIE_TOKN is not a punie-trio variable and is ignored; "
+        "did you mean $PUNIE_TOKEN?\n",
+    )
+    assert main(["sessions", "list"]) == 0
+    assert capsys.readouterr().err == ""
+
+
 @pytest.mark.parametrize(
     ("argv", "environ", "expected"),
     [
