@@ -1435,3 +1435,180 @@ def test_every_option_from_a_file_the_environment_and_a_flag(
         assert from_file[name] == want_file, name
         assert from_env[name] == want_env, name
         assert from_flags[name] == want_flag, name
+
+
+def _serve_config_from(
+    root: Path, winner: str, monkeypatch: pytest.MonkeyPatch
+) -> tuple[Any, dict[str, Any]]:
+    """The ``ServeConfig`` ``cli.main(["serve", ...])`` hands the server, with every option
+    set by each place up to ``winner`` (``default``: none), and what it hands beside it
+    (the log level, ``--open``). No server starts, no logging is set up."""
+    places = ("file", "env", "flag")
+    given = places[: places.index(winner) + 1] if winner != "default" else ()
+    for variable in list(os.environ):
+        if variable.startswith("PUNIE_"):
+            monkeypatch.delenv(variable)
+    monkeypatch.setenv("XDG_DATA_HOME", str(root / "xdg-data"))
+    monkeypatch.chdir(root / "project-default")
+    ran: dict[str, Any] = {}
+    monkeypatch.setattr(cli, "_setup_logging", lambda level, data_dir: ran.update(level=level))
+
+    def run(main: Any, config: Any, open_browser: bool) -> None:
+        ran.update(config=config, open=open_browser)
+
+    monkeypatch.setattr(trio, "run", run)
+    lines = ["[serve]"]
+    argv = ["serve", "--config", str(root / "config.toml")]
+    for name, values in _every_place_values(root).items():
+        for place in given:
+            value = values[places.index(place)]
+            if place == "file":
+                lines.append(f"{name.replace('_', '-')} = {_toml(value)}")
+            elif place == "env":
+                monkeypatch.setenv(BY_NAME[name].env, value)
+            else:
+                argv += [BY_NAME[name].flag] if value is True else [BY_NAME[name].flag, value]
+    write(root / "config.toml", "\n".join(lines) + "\n").chmod(0o600)
+    assert cli.main(argv) == 0
+    return ran["config"], ran
+
+
+#: The options read as a count, and as seconds.
+_COUNTS = (
+    "max_prompt_bytes",
+    "max_sessions_per_connection",
+    "max_connections",
+    "prompts_per_minute",
+    "tool_calls_per_minute",
+    "outbox_limit",
+    "outbox_bytes",
+    "detached_buffer",
+    "detached_bytes",
+)
+_SECONDS = ("shutdown_timeout", "grace_seconds", "client_call_timeout", "debounce")
+
+
+def _every_place_values(root: Path) -> dict[str, tuple[Any, ...]]:
+    """Every option: (the file's TOML value, the variable's text, the flag's value or True
+    for an on/off flag), each apart from the others, from the default and from every other
+    option's (two options swapped on their way to the server are told apart)."""
+    paths = {
+        name: tuple(str(root / f"{name}-{place}") for place in ("file", "env", "flag"))
+        for name in ("project", "data_dir", "site", "watch")
+    }
+    return {
+        "host": ("10.0.0.1", "10.0.0.2", "10.0.0.3"),
+        "port": (1, "2", "3"),
+        "stdio": (True, "no", True),
+        "no_http": (True, "off", True),
+        "project": ([paths["project"][0]], paths["project"][1], paths["project"][2]),
+        "model": ("echo:5", "echo:6", "echo:7"),
+        "log_level": ("INFO", "Error", "debug"),
+        "data_dir": paths["data_dir"],
+        "store": ("memory", "sqlite", "memory"),
+        "token": ("file", "env", "flag"),
+        "allow_origin": (["http://f.test"], "http://e.test", "http://a.test"),
+        "allow_host": (["f.test"], "e.test", "a.test"),
+        "metrics_public": (True, "0", True),
+        "max_message_bytes": (1001, "1002", "1003"),
+        **{name: (11 + i, str(31 + i), str(51 + i)) for i, name in enumerate(_COUNTS)},
+        **{name: (1.5 + i, str(20.5 + i), str(40.5 + i)) for i, name in enumerate(_SECONDS)},
+        "site": paths["site"],
+        "build": ("make f", "make e", "make a"),
+        "watch": ([paths["watch"][0]], paths["watch"][1], paths["watch"][2]),
+        "ignore": (["*.f"], "*.e", "*.a"),
+        "no_watch": (True, "false", True),
+        "open": (True, "", True),
+    }
+
+
+@pytest.mark.parametrize("winner", ["default", "file", "env", "flag"])
+def test_every_option_reaches_the_serve_config_from_the_place_that_wins(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, winner: str
+) -> None:
+    """``test_every_observable_option_reaches_the_server_from_the_place_that_wins``
+    (``test_config_sources.py``) runs real servers for the options a client can see; the
+    others (stdio, the timeouts, the outbox and grace bounds, the dev app's) reach the
+    server through ``cli._serve_locked``'s hand-written mapping, which no test followed
+    for them. Here every option, set by the file, the environment over it and a flag over
+    both, is read back from the ``ServeConfig`` that ``serve`` runs."""
+    root = Path(os.path.realpath(tmp_path))
+    for name in ("project", "site", "watch"):
+        for place in ("file", "env", "flag"):
+            (root / f"{name}-{place}").mkdir()
+    (root / "project-default").mkdir()
+    config, ran = _serve_config_from(root, winner, monkeypatch)
+    dev = config.dev_options
+    read = {
+        "host": config.host,
+        "port": config.port,
+        "stdio": config.stdio,
+        "no_http": not config.http,
+        "project": config.projects,
+        "model": config.model.name,
+        "log_level": ran["level"],
+        "data_dir": config.data_dir,
+        "store": config.store,
+        "token": config.token,
+        "allow_origin": config.allow_origins,
+        "allow_host": config.allow_hosts,
+        "metrics_public": config.metrics_public,
+        "max_message_bytes": config.max_message_bytes,
+        "shutdown_timeout": config.shutdown_timeout,
+        **{
+            name: getattr(config.limits, name)
+            for name in (
+                "max_prompt_bytes",
+                "max_sessions_per_connection",
+                "max_connections",
+                "prompts_per_minute",
+                "tool_calls_per_minute",
+                "outbox_limit",
+                "outbox_bytes",
+                "grace_seconds",
+                "detached_buffer",
+                "detached_bytes",
+                "client_call_timeout",
+            )
+        },
+        "site": config.site,
+        "build": dev.get("build_cmd"),
+        "watch": dev.get("watch"),
+        "ignore": dev.get("ignore"),
+        "no_watch": dev["no_watch"],
+        "debounce": dev["debounce"],
+        "open": ran["open"],
+    }
+    assert set(read) == set(BY_NAME)
+    if winner == "default":
+        expected = {o.name: o.default for o in OPTIONS}
+        expected |= {"project": (root / "project-default",), "model": "echo", "site": None}
+        expected |= {"data_dir": root / "xdg-data" / "punie-trio", "watch": None, "ignore": None}
+        expected |= {"no_http": False, "token": (root / "xdg-data/punie-trio/token").read_text()}
+        expected["token"] = expected["token"].strip()
+        assert read == expected
+        return
+    for name, values in _every_place_values(root).items():
+        value = values[("file", "env", "flag").index(winner)]
+        assert read[name] == _read_as(name, value), (name, winner)
+
+
+def _read_as(name: str, value: Any) -> Any:
+    """What ``value`` (a TOML value, a variable's text or a flag's) of option ``name`` is
+    in the ``ServeConfig``."""
+    items = value if isinstance(value, list) else [value]
+    if value is True or value is False:
+        return value
+    if name in ("stdio", "no_http", "metrics_public", "no_watch", "open"):
+        return value not in ("no", "off", "0", "false", "")
+    if name in (*_COUNTS, "port", "max_message_bytes"):
+        return int(value)
+    if name in _SECONDS:
+        return float(value)
+    if name in ("project", "watch"):
+        return tuple(Path(item) for item in items)
+    if name in ("data_dir", "site"):
+        return Path(value)
+    if name in ("allow_origin", "allow_host", "ignore"):
+        return tuple(items)
+    return value.lower() if name == "log_level" else value
