@@ -435,7 +435,8 @@ def load_file(path: Path, *, required: bool) -> dict[str, Any]:
         raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
     table = data.get("serve", data)
     if not isinstance(table, dict):
-        raise ConfigError(f"{path}: [serve] must be a table")
+        shown = f"the string {table!r}" if isinstance(table, str) else _given(table)
+        raise ConfigError(f"{path}: [serve] must be a table, got {shown}")
     if table is not data and len(data) > 1:
         # With a [serve] table, anything beside it (a misspelt table, an option above it)
         # would be ignored without a word.

@@ -99,8 +99,10 @@ def test_load_file_reads_the_serve_table_and_dashed_keys(tmp_path: Path) -> None
         load_file(tmp_path / "missing.toml", required=True)
     with pytest.raises(ConfigError, match="not valid TOML"):
         load_file(write(tmp_path / "bad.toml", "port = = 1\n"), required=True)
-    with pytest.raises(ConfigError, match=r"\[serve\] must be a table"):
+    with pytest.raises(ConfigError, match=r"\[serve\] must be a table, got the string 'x'$"):
         load_file(write(tmp_path / "t.toml", 'serve = "x"\n'), required=True)
+    with pytest.raises(ConfigError, match=r"\[serve\] must be a table, got an array, \[1\]$"):
+        load_file(write(tmp_path / "t.toml", "serve = [1]\n"), required=True)
 
 
 def test_a_config_file_that_is_no_regular_file_or_too_large_is_refused_not_read(
