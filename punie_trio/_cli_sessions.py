@@ -599,8 +599,10 @@ def _configured_token(args: argparse.Namespace) -> tuple[str, str] | None:
 
 def _no_token_file(args: argparse.Namespace, path: Path) -> str:
     """Why there is no token file (no token is configured where this command can see:
-    :func:`_configured_token`)."""
+    :func:`_configured_token`). A running ``serve`` may still have one this command cannot
+    see: its ``--token``, or a ``$PUNIE_TOKEN`` of its own environment."""
     return (
         f"no token at {path} yet; `{_PROG} serve` writes one when it starts without a "
-        "configured token (with --token it uses that and writes no file)"
+        "configured token (one given --token, or $PUNIE_TOKEN or a config file's token "
+        "where it was started, uses that and writes no file)"
     )

@@ -652,6 +652,16 @@ def test_token_prints_the_configured_token_serve_uses_and_where_it_comes_from(
         "",
         "punie-trio: error: $PUNIE_TOKEN: token must not have spaces around it\n",
     )
+    # Configured nowhere this command can see: a serve given one where it was started
+    # (its own --token or $PUNIE_TOKEN) writes no file, and the message says so.
+    monkeypatch.delenv("PUNIE_TOKEN")
+    config.write_text("")
+    assert main(argv) == 1
+    assert capsys.readouterr().err == (
+        f"punie-trio: no token at {token_path(data_dir)} yet; `punie-trio serve` writes one "
+        "when it starts without a configured token (one given --token, or $PUNIE_TOKEN or a "
+        "config file's token where it was started, uses that and writes no file)\n"
+    )
 
 
 def test_a_token_file_gone_right_after_it_was_read_is_no_traceback(
