@@ -45,6 +45,10 @@ def as_flag(convert: Callable[[Any], T]) -> Callable[[str], T]:
     return parse
 
 
+#: The longest string an error quotes whole.
+QUOTED_CHARS = 100
+
+
 def _given(value: Any) -> str:
     """``value`` as an error quotes it: a string quoted (its control characters escaped), a
     boolean and a number as TOML writes them, an array with its items, a table and a date
@@ -57,7 +61,10 @@ def _given(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, str):
-        return repr(value)
+        if len(value) <= QUOTED_CHARS:
+            return repr(value)
+        # (Its start and its length: 5,000 characters once went to the terminal whole.)
+        return f"{value[:60]!r}... ({len(value):,} characters)"
     if isinstance(value, int):
         return _shown_int(value)
     if isinstance(value, float):
@@ -99,7 +106,7 @@ def _to_int(value: Any, *, bounds: str = "") -> int:
         if bounds and isinstance(value, str) and _INTEGER.fullmatch(value):
             digits = sum(c.isdigit() for c in value)
             raise ValueError(f"must be {bounds}, got a number of {digits} digits") from None
-        raise ValueError(f"must be an integer, got {value!r}") from None
+        raise ValueError(f"must be an integer, got {_given(value)}") from None
 
 
 def _shown_int(number: int) -> str:
@@ -117,7 +124,7 @@ def _to_float(value: Any) -> float:
     try:
         return float(value)
     except ValueError:
-        raise ValueError(f"must be a number, got {value!r}") from None
+        raise ValueError(f"must be a number, got {_given(value)}") from None
 
 
 #: The most any count or byte-size option (a limit) may be: 2**40 (1 TiB, a trillion),
@@ -173,7 +180,7 @@ def _to_str(value: Any) -> str:
         # Only a TOML file can hold one ("\u0000"; argv and the environment cannot): no
         # path, host or command can, and a data-dir, project, watch or host with one was a
         # ValueError traceback (exit 1) from the first system call that met it.
-        raise ValueError(f"must not contain a NUL character, got {value!r}")
+        raise ValueError(f"must not contain a NUL character, got {_given(value)}")
     return value
 
 
@@ -188,7 +195,7 @@ def _to_host(value: Any) -> str:
     # An empty host would bind every interface (0.0.0.0): never by accident.
     host = _to_nonempty(value)
     if host != host.strip():
-        raise ValueError(f"must not have spaces around it, got {host!r}")
+        raise ValueError(f"must not have spaces around it, got {_given(host)}")
     return host
 
 
@@ -228,7 +235,7 @@ def _to_origin(value: Any) -> str:
     text = _to_nonempty(value).strip()
     if text.lower() == "null":
         raise ValueError("cannot be null: sandboxed frames and file:// pages of any site send it")
-    bad = ValueError(f"must be an origin like http://localhost:3000, got {value!r}")
+    bad = ValueError(f"must be an origin like http://localhost:3000, got {_given(value)}")
     parts = urlsplit(text.removesuffix("/"))
     scheme = parts.scheme.lower()
     if (
@@ -275,7 +282,7 @@ def _to_host_name(value: Any) -> str:
     if name is None:
         raise ValueError(
             "must be a host name like myhost.lan or .example.com (no scheme or port; IP "
-            f"addresses are always allowed), got {value!r}"
+            f"addresses are always allowed), got {_given(value)}"
         )
     return dot + name
 
@@ -310,7 +317,7 @@ def _choice(*names: str, fold_case: bool = False) -> Callable[[Any], str]:
         text = _to_str(value)
         key = text.lower() if fold_case else text
         if key not in names:
-            raise ValueError(f"must be one of {', '.join(names)}, got {text!r}")
+            raise ValueError(f"must be one of {', '.join(names)}, got {_given(text)}")
         return key
 
     return convert
@@ -323,13 +330,13 @@ def _to_path(value: Any) -> Path:
     # and the read-only commands looked in.
     text = _to_nonempty(value)
     if text != text.strip():
-        raise ValueError(f"must not have spaces around it, got {text!r}")
+        raise ValueError(f"must not have spaces around it, got {_given(text)}")
     try:
         return Path(text).expanduser()
     except RuntimeError:
         # ~nosuchuser (or ~ where no home directory can be found) was a RuntimeError
         # traceback, in serve and in the read-only commands alike.
-        raise ValueError(f"has a ~ that names no home directory, got {text!r}") from None
+        raise ValueError(f"has a ~ that names no home directory, got {_given(text)}") from None
 
 
 #: The values of ``log-level`` and ``store`` (the flags offer the same choices).
@@ -435,7 +442,7 @@ def load_file(path: Path, *, required: bool) -> dict[str, Any]:
         raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
     table = data.get("serve", data)
     if not isinstance(table, dict):
-        shown = f"the string {table!r}" if isinstance(table, str) else _given(table)
+        shown = f"the string {_given(table)}" if isinstance(table, str) else _given(table)
         raise ConfigError(f"{path}: [serve] must be a table, got {shown}")
     if table is not data and len(data) > 1:
         # With a [serve] table, anything beside it (a misspelt table, an option above it)
@@ -509,7 +516,7 @@ def _convert(option: Option, value: Any, source: str, *, typed: bool = False) ->
         what, how = typed_as
         raise ConfigError(
             f"{source}: {option.name.replace('_', '-')} must be {what}, got the string "
-            f"{value!r} (TOML is typed: {how})"
+            f"{_given(value)} (TOML is typed: {how})"
         )
     try:
         if option.many:

@@ -901,6 +901,45 @@ def test_a_number_too_long_to_read_is_named_as_out_of_bounds(
     assert "must be an integer, got '12x" in capsys.readouterr().err
 
 
+_LONG = "x" * 5000
+
+
+@pytest.mark.parametrize(
+    ("file_values", "environ"),
+    [
+        ({}, {"PUNIE_PORT": _LONG}),
+        ({}, {"PUNIE_GRACE_SECONDS": _LONG}),
+        ({}, {"PUNIE_HOST": " " + _LONG}),
+        ({}, {"PUNIE_ALLOW_ORIGIN": _LONG}),
+        ({}, {"PUNIE_ALLOW_HOST": _LONG}),
+        ({}, {"PUNIE_LOG_LEVEL": _LONG}),
+        ({}, {"PUNIE_DATA_DIR": _LONG + " "}),
+        ({}, {"PUNIE_PROJECT": "~nosuchuser-punie" + _LONG}),
+        ({"port": _LONG}, {}),
+        ({"site": _LONG + "\0"}, {}),
+        ({"allow_origin": [_LONG]}, {}),
+    ],
+)
+def test_a_long_bad_value_is_named_by_its_start_and_its_length(
+    capsys: pytest.CaptureFixture[str], file_values: dict[str, Any], environ: dict[str, str]
+) -> None:
+    """A bad value was quoted whole: ``PUNIE_PORT`` or ``--allow-origin`` of 5,000
+    characters put 5 KB on the terminal (as a number too long to read once did, now named
+    by its length). It is quoted by its start, and its length said."""
+    with pytest.raises(ConfigError) as info:
+        resolve({}, file_values, environ, "config.toml")
+    message = str(info.value)
+    assert len(message) < 400, message
+    assert re.search(r"'[^']{60}'\.\.\. \(5,0\d\d characters\)", message), message
+    name = next(iter(environ or file_values)).removeprefix("PUNIE_").lower()
+    flag = "--" + name.replace("_", "-")
+    if not file_values and flag in ("--port", "--allow-origin", "--host"):
+        with pytest.raises(SystemExit):
+            cli.build_parser().parse_args(["serve", flag, environ[f"PUNIE_{name.upper()}"]])
+        err = capsys.readouterr().err
+        assert len(err) < 2000 and "characters)" in err, err
+
+
 def test_the_largest_message_bound_still_inflates() -> None:
     """The bounded inflate (``web/_deflate.py``) at the largest ``max-message-bytes`` hands
     zlib a bound it can take."""
