@@ -31,6 +31,7 @@ from ._config import (
     LOG_LEVELS,
     STORES,
     ConfigError,
+    _choice,
     _to_host,
     _to_host_name,
     _to_nonempty,
@@ -82,6 +83,10 @@ _host_name = as_flag(_to_host_name)  # a name, .domain or *, without scheme or p
 _path = as_flag(_to_path)  # not empty (Path("") is the current directory: nobody chose it)
 _command = as_flag(_to_nonempty)  # not empty (an empty --build ran nothing, without a word)
 _glob = as_flag(_to_nonempty)  # not empty (an empty --ignore ignored nothing, without a word)
+# Any case, like the file and $PUNIE_LOG_LEVEL; refused in their words, not argparse's
+# "invalid choice: 'loud' (choose from 'debug', ...)". (``choices`` stays, for the help.)
+_log_level = as_flag(_choice(*LOG_LEVELS, fold_case=True))
+_store = as_flag(_choice(*STORES))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -129,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model", help="model backend: echo (default), echo:N or script:PATH")
     s.add_argument(
         "--log-level",
-        type=str.lower,  # any case, like the file and $PUNIE_LOG_LEVEL
+        type=_log_level,
         choices=LOG_LEVELS,
         metavar="LEVEL",
         help=f"stderr log level: {', '.join(LOG_LEVELS)} (default warning)",
@@ -141,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="data directory (default: $PUNIE_DATA_DIR, else the config file's data-dir, else "
         "the platform's)",
     )
-    s.add_argument("--store", choices=STORES, help="session store (default sqlite)")
+    s.add_argument("--store", type=_store, choices=STORES, help="session store (default sqlite)")
     auth = s.add_argument_group("security")
     auth.add_argument(
         "--token",

@@ -782,6 +782,13 @@ def test_a_host_this_machine_cannot_bind_is_named_with_a_host_hint(
             ["--data-dir", "/srv/d "],
             "argument --data-dir: must not have spaces around it, got '/srv/d '",
         ),
+        # The choices too (argparse said "invalid choice: 'loud' (choose from 'debug',
+        # ...)", worded apart from $PUNIE_LOG_LEVEL's and the file's).
+        (
+            ["--log-level", "loud"],
+            "argument --log-level: must be one of debug, info, warning, error, got 'loud'\n",
+        ),
+        (["--store", "pg"], "argument --store: must be one of sqlite, memory, got 'pg'\n"),
     ],
 )
 def test_a_flag_is_checked_by_its_options_rule(
