@@ -462,16 +462,6 @@ def load_file(path: Path, *, required: bool) -> dict[str, Any]:
     return options
 
 
-#: What an option read by these takes in TOML, which types it (the environment's values and
-#: the flags are all strings, parsed by the same converters).
-_TYPED: dict[Callable[[Any], Any], tuple[str, str]] = {
-    _to_bool: ("true or false", "write true or false without quotes"),
-    _to_port: ("an integer", "write numbers without quotes"),
-    _to_positive_int: ("an integer", "write numbers without quotes"),
-    _to_seconds: ("a number", "write numbers without quotes"),
-}
-
-
 def readable_token_warning(
     path: Path, file_values: Mapping[str, Any], token_source: str | None
 ) -> str | None:
@@ -501,6 +491,17 @@ def readable_token_warning(
         f"{path} holds a token and is readable by others (mode {mode:04o}), though "
         f"{token_source} overrides it; `chmod 600 {path}`, or take the token out of it"
     )
+
+
+#: What the config file must give for an option read by each of these converters: TOML
+#: types its values (the environment's and the flags' are all strings, which the same
+#: converters parse).
+_TYPED: dict[Callable[[Any], Any], tuple[str, str]] = {
+    _to_bool: ("true or false", "write true or false without quotes"),
+    _to_port: ("an integer", "write numbers without quotes"),
+    _to_positive_int: ("an integer", "write numbers without quotes"),
+    _to_seconds: ("a number", "write numbers without quotes"),
+}
 
 
 def _convert(option: Option, value: Any, source: str, *, typed: bool = False) -> Any:
