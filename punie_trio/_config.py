@@ -2,8 +2,9 @@
 ``PUNIE_*`` environment variables, then the TOML config file, then the defaults.
 
 One table (:data:`OPTIONS`) drives all four, so an option cannot exist in one place and be
-forgotten in another. Errors name the source and the option (``config.toml: port must be an
-integer``) and the CLI exits 2 with them.
+forgotten in another. Errors name the source, the option, what it takes and the value
+given (``config.toml: port must be an integer, got 1.5``), and the CLI exits 2 with them.
+The file's values are typed as TOML types them: a string is no number or boolean there.
 """
 
 from __future__ import annotations
