@@ -1347,6 +1347,7 @@ async def test_serve_reads_the_toml_file_under_env_and_flags(
         )
         + "\n",
     )
+    config.chmod(0o644)  # (as editors make it, whatever the umask)
     env = {**server_env(), "PUNIE_TOKEN": "env-token", "PUNIE_MAX_PROMPT_BYTES": "20"}
     command = [sys.executable, "-m", "punie_trio", "serve", "--config", str(config)]
     with trio.fail_after(30):
@@ -1369,6 +1370,22 @@ async def test_serve_reads_the_toml_file_under_env_and_flags(
                     client, "session/prompt", prompt_params(session_id, "x" * 31)
                 )
                 assert error["code"] == -32602 and "30-byte limit" in error["message"]
+            # `punie-trio token`, in the server's environment, prints the token it took
+            # (it once printed the token file's, here none: exit 1), and warns of the
+            # file's, readable by others though the variable overrides it.
+            token = [sys.executable, "-m", "punie_trio", "token", "--config", str(config)]
+            done = await trio.run_process(
+                token, env=env, capture_stdout=True, capture_stderr=True, check=False
+            )
+            assert (done.returncode, done.stdout) == (
+                0,
+                b"token from: $PUNIE_TOKEN\ntoken: env-token\n",
+            )
+            assert done.stderr.decode() == (
+                f"punie-trio: warning: {config} holds a token and is readable by others "
+                f"(mode 0644), though $PUNIE_TOKEN overrides it; `chmod 600 {config}`, or "
+                "take the token out of it\n"
+            )
 
 
 def test_debounce_flag_env_and_default_reach_the_dev_app() -> None:
