@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import logging
+import math
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -221,7 +222,8 @@ class App:
             self.manager.metrics.tallies.limits["max_connections"] += 1
             limit = self.manager.limits.max_connections
             reason = f"Service Unavailable: connection limit reached ({limit})"
-            await self._refuse_upgrade(scope, send, 503, reason, "full")
+            retry = [(b"retry-after", str(self._retry_full_after()).encode())]
+            await self._refuse_upgrade(scope, send, 503, reason, "full", retry)
             return
         conn_id = str(uuid.uuid4())  # the RFD shows a UUID
         try:
@@ -255,12 +257,38 @@ class App:
             await stream.wait_disconnected(0 if self.closing.is_set() else CLOSE_TIMEOUT)
 
     async def _refuse_upgrade(
-        self, scope: dict[str, Any], send: ASGISend, status: int, reason: str, counted_as: str
+        self,
+        scope: dict[str, Any],
+        send: ASGISend,
+        status: int,
+        reason: str,
+        counted_as: str,
+        headers: list[tuple[bytes, bytes]] | None = None,
     ) -> None:
-        """Refuse a WebSocket upgrade (:func:`_reject_websocket`), counted in
-        ``punie_upgrades_refused_total`` under ``status`` and ``counted_as``."""
+        """Refuse a WebSocket upgrade (:func:`_reject_websocket`, with ``headers`` too),
+        counted in ``punie_upgrades_refused_total`` under ``status`` and ``counted_as``."""
         self.manager.metrics.tallies.upgrades_refused[status, counted_as] += 1
-        await _reject_websocket(scope, send, status, reason)
+        await _reject_websocket(scope, send, status, reason, headers)
+
+    def _retry_full_after(self) -> int:
+        """The ``Retry-After`` (whole seconds) of the 503 refusing an upgrade at a full
+        server: when trying again can succeed (RFC 9110 section 10.2.3), told rather than
+        guessed (a client without it could only hammer the server, or give up).
+
+        - While a full server lets upgrades in on probation (``hub._probation``), the 503
+          means every place on probation is taken; each is free again within a
+          probation's length: :attr:`probation_initialize_within` for its
+          ``initialize``, then the probe that starts (``Heartbeat.probe_within``), 10 s.
+        - Otherwise only a place coming free lets a client in. A client may leave at
+          any time, which no one can foretell; what the server frees itself, it frees by
+          the heartbeat's ``initialize_within`` (30 s): a connection that never
+          initialized is closed then, and a silent one has been pinged (and is dropped
+          if it stays silent). Sooner would have a client retry into the same 503."""
+        if self.manager.probation_could_admit():
+            wait = self.probation_initialize_within + self.heartbeat.probe_within
+        else:
+            wait = self.heartbeat.initialize_within
+        return math.ceil(wait)
 
     async def _run_on_probation(self, conn: ClientConnection, stream: AsgiWebSocketStream) -> None:
         """Run a connection let in on probation past a full limit (``hub._probation``),
@@ -392,16 +420,21 @@ def _bad_extension_offer(scope: dict[str, Any]) -> str | None:
 
 
 async def _reject_websocket(
-    scope: dict[str, Any], send: ASGISend, status: int, reason: str
+    scope: dict[str, Any],
+    send: ASGISend,
+    status: int,
+    reason: str,
+    extra_headers: list[tuple[bytes, bytes]] | None = None,
 ) -> None:
-    """Refuse an upgrade with a real HTTP status and reason where the server supports the
-    ASGI ``websocket.http.response`` extension (Hypercorn does); else close (403)."""
+    """Refuse an upgrade with a real HTTP status and reason (and ``extra_headers``) where
+    the server supports the ASGI ``websocket.http.response`` extension (Hypercorn does);
+    else close (403)."""
     if "websocket.http.response" not in scope.get("extensions", {}):
         await send({"type": "websocket.close", "code": 1008})
         return
     body = (reason + "\n").encode()
     # Over HTTP/1.1 Hypercorn closes the connection after a refused handshake.
-    headers = body_headers(body) + closing_headers(scope)
+    headers = body_headers(body) + closing_headers(scope) + (extra_headers or [])
     if status == 401:
         headers.append((b"www-authenticate", challenge(scope)))
     await send({"type": "websocket.http.response.start", "status": status, "headers": headers})
