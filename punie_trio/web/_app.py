@@ -32,6 +32,7 @@ from wsproto.utilities import split_comma_header
 from .. import _json
 from .._version import __version__
 from ..hub import PROBATION_INITIALIZE_WITHIN, ClientConnection, Manager
+from ..rpc import INVALID_REQUEST
 from ._asgi_ws import ASGIReceive, ASGISend, AsgiWebSocketStream
 from ._auth import (
     challenge,
@@ -56,6 +57,7 @@ from ._http import (
     respond_json,
     respond_text,
 )
+from ._ws_refusals import watch_oversized
 
 log = logging.getLogger("punie_trio.web")
 
@@ -234,6 +236,9 @@ class App:
             # Counted by the manager until here, and by the connection from its attach
             # (conn.run() attaches before its first checkpoint).
             self.manager.upgraded(admitted)
+        # A message over --max-message-bytes is answered -32600 and closed 1009 below the
+        # app (_ws_refusals); counted here, where the metrics are.
+        watch_oversized(send, self._oversized)
         stream = AsgiWebSocketStream(receive, send)
         probation = admitted == "probation"
         conn = ClientConnection(
@@ -255,6 +260,12 @@ class App:
             # frame must not make every shutdown take CLOSE_TIMEOUT (a review: 5 s, not
             # 0.02 s).
             await stream.wait_disconnected(0 if self.closing.is_set() else CLOSE_TIMEOUT)
+
+    def _oversized(self) -> None:
+        """A message over the bound was answered -32600 and its connection closed (1009)."""
+        metrics = self.manager.metrics
+        metrics.limit_hit("max_message_bytes")
+        metrics.error_sent(INVALID_REQUEST)
 
     async def _refuse_upgrade(
         self,

@@ -206,7 +206,7 @@ async def test_an_answer_sent_after_a_1009_close_is_kept_for_the_client(
         await raw.stream.send_all(raw.ws.send(Message(data="x" * 5000)))  # over the bound
         await settle()
         raw.read_ready()
-        assert raw.closed_with() == (1009, "message over the 4096-byte limit")
+        assert raw.closed_with() == (1009, "message over the 4096-byte limit (5000 bytes)")
         mock_clock.jump(2)  # the turn ends and answers while the connection is closing
         await settle_until(lambda: manager.sessions[session_id].turn is None)
         await settle()
