@@ -603,6 +603,44 @@ async def test_list_reports_the_cwd_as_the_client_sent_it(
                 await client.request("session/load", load_params(session_id, root / "site"))
 
 
+async def test_list_reports_additional_directories_as_the_client_sent_them(
+    tmp_path: Path, acp_schema: SchemaChecker
+) -> None:
+    """``additionalDirectories`` were listed resolved (symlinks followed) beside a cwd
+    listed as sent: one session, two spellings. They are listed as the client sent them
+    (the last ``session/new`` or ``session/load`` that set them), after a restart too, as
+    the cwd is."""
+    root = await resolved(tmp_path)
+    for name in ("site", "lib", "docs"):
+        (root / name).mkdir()
+    (root / "link").symlink_to(root / "site")
+    (root / "lib-link").symlink_to(root / "lib")
+    (root / "docs-link").symlink_to(root / "docs")
+    sent = str(root / "link")
+    with trio.fail_after(30):
+        session_id = ""
+        for server in range(2):  # the second server reads it back from the store
+            async with (
+                in_process_server(tmp_path, history_script(), store="sqlite") as running,
+                acp_ws_client(running.url, acp_schema) as (client, _),
+            ):
+                await client.initialize()
+                if server == 0:
+                    extra = [str(root / "lib-link"), f"{root}/docs/../docs"]
+                    session_id = await client.new_session(sent, additionalDirectories=extra)
+                    listed = await client.request("session/list", {})
+                    assert listed["sessions"][0]["cwd"] == sent
+                    assert listed["sessions"][0]["additionalDirectories"] == extra
+                    params = {**load_params(session_id, root / "site")}
+                    params["additionalDirectories"] = [str(root / "docs-link")]
+                    await client.request("session/load", params)
+                listed = await client.request("session/list", {})
+                assert [(s["sessionId"], s["cwd"]) for s in listed["sessions"]] == [
+                    (session_id, sent)
+                ]
+                assert listed["sessions"][0]["additionalDirectories"] == [str(root / "docs-link")]
+
+
 @asynccontextmanager
 async def serving_only(
     project: Path, data_dir: Path, acp_schema: SchemaChecker
