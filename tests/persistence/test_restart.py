@@ -641,6 +641,45 @@ async def test_list_reports_additional_directories_as_the_client_sent_them(
                 assert listed["sessions"][0]["additionalDirectories"] == [str(root / "docs-link")]
 
 
+@pytest.mark.parametrize("store", ["memory", "sqlite"])
+async def test_a_cursor_continues_only_the_listing_it_came_from(
+    tmp_path: Path, acp_schema: SchemaChecker, store: str
+) -> None:
+    """A ``session/list`` cursor pages the listing it came from, with its ``cwd`` filter:
+    sent with another filter (or none), it is -32602 saying so; it was taken as a place in
+    the other listing, which then started somewhere in the middle, with no word. Sent
+    with the same filter in another spelling, it pages on."""
+    root = await resolved(tmp_path)
+    for name in ("a", "b"):
+        (root / name).mkdir()
+    (root / "a-link").symlink_to(root / "a")
+    with trio.fail_after(60):
+        async with (
+            in_process_server(tmp_path, history_script(), store=store) as running,
+            acp_ws_client(running.url, acp_schema) as (client, _),
+        ):
+            await client.initialize()
+            for name in ["a"] * 51 + ["b"] * 2:
+                session_id = await client.new_session(str(root / name))
+                await client.request("session/close", {"sessionId": session_id})
+            first = await client.request("session/list", {"cwd": str(root / "a")})
+            cursor = first["nextCursor"]
+            for other in ({"cwd": str(root / "b")}, {}):
+                error = await expect_error(client, "session/list", {**other, "cursor": cursor})
+                assert error["code"] == -32602, error
+                assert "cursor" in error["message"] and "another" in error["message"], error
+            rest = await client.request(
+                "session/list", {"cwd": str(root / "a-link"), "cursor": cursor}
+            )
+            listed = first["sessions"] + rest["sessions"]
+            assert len({s["sessionId"] for s in listed}) == 51 and "nextCursor" not in rest
+            unfiltered = await client.request("session/list", {})
+            error = await expect_error(
+                client, "session/list", {"cwd": str(root / "a"), "cursor": unfiltered["nextCursor"]}
+            )
+            assert error["code"] == -32602 and "another" in error["message"], error
+
+
 @asynccontextmanager
 async def serving_only(
     project: Path, data_dir: Path, acp_schema: SchemaChecker
