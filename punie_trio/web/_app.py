@@ -153,7 +153,9 @@ class App:
             await respond(send, 200, body, b"text/plain; version=0.0.4; charset=utf-8")
         elif path in ACP_PATHS:
             if method != "GET":
-                await _not_allowed(send, "GET")
+                # (HEAD is served, as GET: above. Allow lists what the path serves, RFC
+                # 9110 15.5.6; it said GET alone.)
+                await _not_allowed(send, "GET, HEAD")
                 return
             # RFC 9110: a 426 names the protocol in Upgrade (section 15.5.22), and a sender
             # of Upgrade lists "upgrade" in Connection (section 7.8). Over HTTP/1.1 only:

@@ -292,11 +292,12 @@ async def test_unknown_path_and_plain_http_on_acp(server: Running) -> None:
             assert raw.eof  # closed at once, not kept alive
             await raw.aclose()
             # Other methods: 405 naming GET (they got the 426 too); HEAD is answered as
-            # GET is (RFC 9110 9.3.2), without the body.
-            for method in ("POST", "PUT", "DELETE"):
+            # GET is (RFC 9110 9.3.2), without the body, so Allow names it too (RFC 9110
+            # 15.5.6: the methods the resource supports; it said GET alone).
+            for method in ("POST", "PUT", "DELETE", "OPTIONS"):
                 response = await http.request(method, path)
                 assert response.status_code == 405, (path, method)
-                assert response.headers["allow"] == "GET"
+                assert response.headers["allow"] == "GET, HEAD"
             response = await http.head(path)
             assert (response.status_code, response.content) == (426, b"")
     # A WebSocket upgrade anywhere but /acp and /ws: 404 with the reason (it was a bare 403).
