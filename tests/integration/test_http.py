@@ -936,3 +936,87 @@ async def test_a_full_server_held_by_an_http2_websocket_client_refuses_upgrades_
                 assert refused.value.status_code == 503
                 assert b"connection limit reached (1)" in (refused.value.body or b"")
                 assert len(manager.connections) == 1
+
+
+async def test_a_message_over_the_bound_on_an_http2_websocket_is_answered_and_counted(
+    start_server: StartServer,
+) -> None:
+    """Over HTTP/2 (RFC 8441) Hypercorn's own bound refuses a message over
+    ``--max-message-bytes``: it gets the -32600 (id null, naming the limit) before the
+    1009, as over HTTP/1.1, and counts in ``punie_limits_hit_total``; the connection's
+    other streams go on."""
+    import h2.events
+
+    async with start_server(max_message_bytes=4096) as server:
+        registry = server.manager.metrics.registry
+        with trio.fail_after(10):
+            client = await _H2.open(server.url)
+            async with client.stream:
+                client.websocket(1, b"13")
+                await client.flush()
+                assert await _h2_response_status(client, 1) == b"200"
+                text = b'"' + b"a" * 5000 + b'"'
+                mask = os.urandom(4)
+                masked = bytes(b ^ mask[i % 4] for i, b in enumerate(text))
+                header = bytes([0x81, 0x80 | 126]) + len(text).to_bytes(2, "big")
+                client.conn.send_data(1, header + mask + masked)
+                await client.flush()
+                frames: list[tuple[int, bytes]] = []
+                while not any(opcode == 0x8 for opcode, _ in frames):
+                    data = await client.stream.receive_some(65536)
+                    assert data, "the server closed the connection"
+                    for event in client.conn.receive_data(data):
+                        if isinstance(event, h2.events.DataReceived):
+                            client.bodies[1] = client.bodies.get(1, b"") + event.data
+                            client.conn.acknowledge_received_data(
+                                event.flow_controlled_length, event.stream_id
+                            )
+                    await client.flush()
+                    frames = _server_frames(client.bodies.get(1, b""))
+                (kind, error), (close, payload) = frames
+                assert (kind, close) == (0x1, 0x8)
+                answer = json.loads(error)
+                assert answer["id"] is None and answer["error"]["code"] == -32600
+                assert "4096-byte limit" in answer["error"]["message"]
+                assert int.from_bytes(payload[:2], "big") == 1009
+                assert payload[2:].decode() == "message over the 4096-byte limit"
+                assert (
+                    registry.get_sample_value(
+                        "punie_limits_hit_total", {"limit": "max_message_bytes"}
+                    )
+                    == 1
+                )
+                client.get(3, b"/health")
+                await client.flush()
+                assert await client.status(3) == b"200"
+
+
+async def _h2_response_status(client: _H2, stream_id: int) -> bytes:
+    """Read until ``stream_id``'s response head has come; its ``:status``."""
+    import h2.events
+
+    while True:
+        data = await client.stream.receive_some(65536)
+        assert data, "the server closed the connection"
+        for event in client.conn.receive_data(data):
+            if isinstance(event, h2.events.ResponseReceived) and event.stream_id == stream_id:
+                await client.flush()
+                return bytes(dict(event.headers)[b":status"])
+        await client.flush()
+
+
+def _server_frames(data: bytes) -> list[tuple[int, bytes]]:
+    """The whole (unmasked, unfragmented) WebSocket frames at the start of ``data``, as
+    (opcode, payload)."""
+    frames: list[tuple[int, bytes]] = []
+    while len(data) >= 2:
+        length, start = data[1] & 0x7F, 2
+        if length == 126:
+            length, start = int.from_bytes(data[2:4], "big"), 4
+        elif length == 127:
+            length, start = int.from_bytes(data[2:10], "big"), 10
+        if len(data) < start + length:
+            break
+        frames.append((data[0] & 0x0F, data[start : start + length]))
+        data = data[start + length :]
+    return frames
