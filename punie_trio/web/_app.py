@@ -124,6 +124,16 @@ class App:
 
     async def _http(self, scope: dict[str, Any], receive: ASGIReceive, send: ASGISend) -> None:
         path, method = scope["path"], scope["method"]
+        if scope.get("raw_path") == b"*":
+            # The asterisk-form: the server in general, for OPTIONS alone (RFC 9112
+            # section 3.2.4), where it is a "ping" (RFC 9110 section 9.3.7). Both were a
+            # 404, "Not Found: *", as if a resource named * were missing.
+            if method == "OPTIONS":
+                await respond(send, 200, b"")
+            else:
+                why = "the request target * is for OPTIONS only (RFC 9112 section 3.2.4)"
+                await respond_text(send, 400, f"Bad Request: {why}")
+            return
         if method == "HEAD" and path in ACP_PATHS:
             method = "GET"  # (RFC 9110 9.3.2: HEAD is answered as GET, without the body)
         if path == "/health":

@@ -309,6 +309,29 @@ async def test_unknown_path_and_plain_http_on_acp(server: Running) -> None:
         assert b"/acp" in (info.value.body or b"")
 
 
+async def test_the_asterisk_form_is_a_ping_for_options_and_a_400_for_the_rest(
+    server: Running,
+) -> None:
+    """``OPTIONS *`` (RFC 9110 section 9.3.7: the server in general, a "ping") is answered
+    200, and ``*`` with any other method is 400 naming why (RFC 9112 section 3.2.4: the
+    asterisk-form is for a server-wide OPTIONS only): both were a 404 ``Not Found: *``,
+    as if a resource named ``*`` were missing. The connection serves on after each."""
+    assert server.url is not None
+    client = await RawHttp.connect(server.url)
+    with trio.fail_after(10):
+        for method, status, body in [
+            ("OPTIONS", 200, b""),
+            ("GET", 400, b"Bad Request: the request target * is for OPTIONS only"),
+            ("POST", 400, b"Bad Request: the request target * is for OPTIONS only"),
+        ]:
+            await client.send(f"{method} * HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
+            answer = await client.answer()
+            assert (answer.status, answer.body[: len(body)]) == (status, body), method
+        await client.send(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        assert (await client.answer()).status == 200
+    await client.aclose()
+
+
 async def test_a_request_in_absolute_form_is_served_by_its_path(
     start_server: StartServer,
 ) -> None:
