@@ -6,10 +6,10 @@ nothing a client sends can take the app down for the others. Some requests never
 app: Hypercorn refuses them itself, with an empty body and ``Connection: close``: 400 for
 what h11 cannot parse (two ``Host`` or ``Content-Length`` headers, a chunk size that is not
 a number), 431 for a request head over 16 KiB (even one that arrives whole: the socket
-reader, ``_fast_send``, hands Hypercorn 4 KiB at a time, so it is incomplete past 16 KiB),
-and a bare 400 for a malformed WebSocket
-handshake (a missing ``Sec-WebSocket-Key``; a wrong version gets its 426 with a reason,
-``_handshake``). Those are left as Hypercorn sends them.
+reader, ``_fast_send``, hands Hypercorn 4 KiB at a time, so it is incomplete past 16 KiB).
+Those are left as Hypercorn sends them. A WebSocket handshake Hypercorn refuses (no
+``Sec-WebSocket-Key``, HTTP/1.0, a frame before the 101: 400; a wrong version: 426) gets a
+reason too (``_handshake``).
 """
 
 from __future__ import annotations
@@ -399,7 +399,8 @@ def _bad_key(scope: dict[str, Any]) -> str | None:
     decoded, is 16 bytes in length"; a server that finds otherwise "MUST stop processing
     the client's handshake" and answer 400. Hypercorn checked only that there was one, and
     switched protocols for ``abc``, for an empty key, and for two keys (answering the
-    last). (A missing key never gets here: Hypercorn answers it with its bare 400. An
+    last). (A missing key never gets here: Hypercorn answers it with its 400, to which
+    ``_handshake`` adds the reason. An
     HTTP/2 handshake, RFC 8441, has no key.)
     """
     if not over_http1(scope):

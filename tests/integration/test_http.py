@@ -509,6 +509,42 @@ async def test_a_wrong_websocket_version_gets_426_naming_the_version(server: Run
         assert not server.manager.connections
 
 
+async def test_a_websocket_handshake_hypercorn_refuses_gets_its_400_with_a_reason(
+    server: Running,
+) -> None:
+    """The handshakes Hypercorn itself refuses with 400 (no ``Sec-WebSocket-Key``,
+    HTTP/1.0, a frame sent before the 101) get a reason in the body, as the app's own
+    refusals do: the 400 was bare, and a client could not tell what was wrong. The
+    connection is closed after each, and the server serves on."""
+    assert server.url is not None
+    upgrade = "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+    key = "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+    cases = [
+        (f"GET /acp HTTP/1.1\r\nHost: 127.0.0.1\r\n{upgrade}\r\n".encode(), b"Sec-WebSocket-Key"),
+        (f"GET /acp HTTP/1.0\r\nHost: 127.0.0.1\r\n{upgrade}{key}\r\n".encode(), b"HTTP/1.1"),
+        (
+            f"GET /acp HTTP/1.1\r\nHost: 127.0.0.1\r\n{upgrade}{key}\r\n".encode()
+            + b"\x81\x85abcd"
+            + b"hello",
+            b"before",
+        ),
+    ]
+    with trio.fail_after(10):
+        for request, named in cases:
+            client = await RawHttp.connect(server.url)
+            await client.send(request)
+            answer = await client.answer()
+            assert answer.status == 400, (request, answer)
+            assert answer.body.startswith(b"Bad Request: ") and named in answer.body, answer
+            assert answer.headers["content-type"].startswith("text/plain")
+            await client.wait_closed()
+            await client.aclose()
+        await trio.testing.wait_all_tasks_blocked()
+        assert not server.manager.connections
+        async with httpx.AsyncClient(base_url=server.url) as http:
+            assert (await http.get("/health")).status_code == 200
+
+
 class _H2:
     """A bare HTTP/2 client (prior knowledge, as ``curl --http2-prior-knowledge``) on a
     real connection: send frames, read until a stream has ended."""
