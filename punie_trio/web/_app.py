@@ -417,8 +417,9 @@ def _bad_key(scope: dict[str, Any]) -> str | None:
     except ValueError:
         decoded = b""
     if len(decoded) != 16:
-        shown = printable(bytes(keys[0]).decode("latin-1"), 40)
-        return f"Sec-WebSocket-Key {shown!r} is not 16 bytes in base64 (RFC 6455 section 4.1)"
+        # (Read as UTF-8, escaped once: Latin-1 and repr named "schlüssel" 'schlÃ¼ssel'.)
+        shown = printable(shown_header(bytes(keys[0])), 40)
+        return f"Sec-WebSocket-Key '{shown}' is not 16 bytes in base64 (RFC 6455 section 4.1)"
     return None
 
 
