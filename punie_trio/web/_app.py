@@ -56,6 +56,7 @@ from ._http import (
     respond,
     respond_json,
     respond_text,
+    shown_header,
 )
 from ._ws_refusals import watch_oversized
 
@@ -102,9 +103,10 @@ class App:
             await _lifespan(receive, send)
         elif not host_allowed(scope, self.allow_hosts):
             # Before anything else, for every path: a DNS-rebinding page (see _auth).
-            name = (request_host(scope) or "")[:200]
+            # (Escaped and cut, as a path is: repr left a bidi override raw.)
+            name = printable(request_host(scope) or "")
             reason = (
-                f"Forbidden: Host {name!r} is not allowed here (use an IP address or "
+                f"Forbidden: Host '{name}' is not allowed here (use an IP address or "
                 "localhost, or allow the name with --allow-host)"
             )
             if kind == "websocket":
@@ -351,7 +353,7 @@ class App:
         if not origin_allowed(scope, self.allow_origins):
             # Named (escaped and cut, as a path is), as the Host check names the host: "this
             # Origin" left one who set --allow-origin guessing what the browser sent.
-            seen = printable((header(scope, b"origin") or b"").decode("latin-1"))
+            seen = printable(shown_header(header(scope, b"origin") or b""))
             return (
                 403,
                 f"Forbidden: Origin '{seen}' may not use /acp (it is not this server's own, "
@@ -415,8 +417,9 @@ def _bad_key(scope: dict[str, Any]) -> str | None:
     except ValueError:
         decoded = b""
     if len(decoded) != 16:
-        shown = printable(bytes(keys[0]).decode("latin-1"), 40)
-        return f"Sec-WebSocket-Key {shown!r} is not 16 bytes in base64 (RFC 6455 section 4.1)"
+        # (Read as UTF-8, escaped once: Latin-1 and repr named "schlüssel" 'schlÃ¼ssel'.)
+        shown = printable(shown_header(bytes(keys[0])), 40)
+        return f"Sec-WebSocket-Key '{shown}' is not 16 bytes in base64 (RFC 6455 section 4.1)"
     return None
 
 

@@ -654,6 +654,43 @@ async def test_a_malformed_websocket_key_gets_400_naming_it(
 
 
 @pytest.mark.parametrize(
+    ("key", "named"),
+    [
+        ("schlüssel".encode(), "'schlüssel'"),
+        (b"\xfc\xe9", "'\\xfc\\xe9'"),
+        ("a\u009bb".encode(), "'a\\x9bb'"),
+    ],
+)
+async def test_a_bad_websocket_key_is_named_as_sent_not_as_mojibake(
+    server: Running, key: bytes, named: str
+) -> None:
+    """The 400 of a malformed ``Sec-WebSocket-Key`` named a non-ASCII key read as Latin-1
+    (``'schlÃ¼ssel'``), and a C1 control as mojibake with its escape doubled by ``repr``
+    (``'aÂ\\\\x9bb'``): it is read as UTF-8 now, a byte that is not UTF-8 and what is not
+    printable escaped once, as the Host and Origin checks' 403s name theirs."""
+    assert server.url is not None
+    host, port = server.url.removeprefix("http://").rsplit(":", 1)
+    lines = [
+        b"GET /acp HTTP/1.1",
+        f"Host: {host}:{port}".encode(),
+        b"Upgrade: websocket",
+        b"Connection: Upgrade",
+        b"Sec-WebSocket-Version: 13",
+        b"Sec-WebSocket-Key: " + key,
+    ]
+    client = await RawHttp.connect(server.url)
+    with trio.fail_after(10):
+        await client.send(b"\r\n".join(lines) + b"\r\n\r\n")
+        answer = await client.answer()
+    await client.aclose()
+    assert answer.status == 400, answer
+    assert answer.body.decode() == (
+        f"Bad Request: Sec-WebSocket-Key {named} is not 16 bytes in base64 (RFC 6455 section 4.1)\n"
+    )
+    assert not server.manager.connections
+
+
+@pytest.mark.parametrize(
     ("method", "path"),
     [(b"GET", b"/\xc3\xbcber.html"), (b"GET", b"/x\xff?q=1"), (b"G\xc3\x89T", b"/health")],
 )
