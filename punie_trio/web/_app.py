@@ -8,8 +8,9 @@ what h11 cannot parse (two ``Host`` or ``Content-Length`` headers, a chunk size 
 a number), 431 for a request head over 16 KiB (even one that arrives whole: the socket
 reader, ``_fast_send``, hands Hypercorn 4 KiB at a time, so it is incomplete past 16 KiB).
 Those are left as Hypercorn sends them. A WebSocket handshake Hypercorn refuses (no
-``Sec-WebSocket-Key``, HTTP/1.0, a frame before the 101: 400; a wrong version: 426) gets a
-reason too (``_handshake``).
+``Sec-WebSocket-Key``, HTTP/1.0, a frame before the 101, a ``Connection``,
+``Sec-WebSocket-Extensions`` or ``Sec-WebSocket-Protocol`` that is not ASCII: 400; a wrong
+version: 426) gets a reason too (``_handshake``).
 """
 
 from __future__ import annotations

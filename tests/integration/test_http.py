@@ -691,6 +691,93 @@ async def test_a_bad_websocket_key_is_named_as_sent_not_as_mojibake(
 
 
 @pytest.mark.parametrize(
+    ("name", "value", "named"),
+    [
+        (
+            b"Sec-WebSocket-Extensions",
+            "permessage-deflate; client_max_window_bits=ü".encode(),
+            "'permessage-deflate; client_max_window_bits=ü'",
+        ),
+        (b"Sec-WebSocket-Extensions", b"permessage-deflate\xff", "'permessage-deflate\\xff'"),
+        (b"Sec-WebSocket-Protocol", "acp, ü".encode(), "'acp, ü'"),
+        (b"Sec-WebSocket-Protocol", "a\u009bb".encode(), "'a\\x9bb'"),
+        (b"Connection", "Upgrade, ü".encode(), "'Upgrade, ü'"),
+    ],
+)
+async def test_a_non_ascii_handshake_header_gets_400_naming_it(
+    server: Running, caplog: pytest.LogCaptureFixture, name: bytes, value: bytes, named: str
+) -> None:
+    """Hypercorn reads ``Connection``, ``Sec-WebSocket-Extensions`` and
+    ``Sec-WebSocket-Protocol`` as comma lists of ASCII (wsproto's ``split_comma_header``),
+    and a non-ASCII byte in one raised ``UnicodeDecodeError`` before the app ran: no answer
+    at all, the connection just closed, and an ERROR with a traceback. It gets 400 naming
+    the header and its value (read as UTF-8, escaped once) now, before the version is
+    looked at (it comes after the bad header here, and was never read), and the server
+    serves on."""
+    assert server.url is not None
+    host, port = server.url.removeprefix("http://").rsplit(":", 1)
+    upgrade = [b"Upgrade: websocket", b"Connection: Upgrade"]
+    if name == b"Connection":
+        upgrade = [b"Upgrade: websocket"]
+    lines = [
+        b"GET /acp HTTP/1.1",
+        f"Host: {host}:{port}".encode(),
+        *upgrade,
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
+        name + b": " + value,
+        b"Sec-WebSocket-Version: 13",
+    ]
+    client = await RawHttp.connect(server.url)
+    with trio.fail_after(10):
+        await client.send(b"\r\n".join(lines) + b"\r\n\r\n")
+        answer = await client.answer()
+        await client.wait_closed()
+    await client.aclose()
+    assert answer.status == 400, answer
+    assert answer.headers["connection"] == "close"
+    assert answer.body.decode() == (
+        f"Bad Request: {name.decode()} {named} is not ASCII "
+        "(a handshake header lists tokens, RFC 9110 section 5.6.2)\n"
+    )
+    assert "Traceback" not in caplog.text and "UnicodeDecodeError" not in caplog.text
+    assert not server.manager.connections
+    async with open_websocket_url(ws_url(server.url)) as ws:
+        assert not ws.closed
+
+
+async def test_a_non_ascii_handshake_header_over_http2_gets_400_and_the_connection_goes_on(
+    server: Running, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The same header over HTTP/2 (RFC 8441, extended CONNECT) raised in the same place,
+    and took the whole connection down with "connection failed" and a traceback; its own
+    stream gets the 400 now, and the connection goes on serving the others."""
+    assert server.url is not None
+    with trio.fail_after(10):
+        client = await _H2.open(server.url)
+        stream = client.stream
+        async with stream:
+            client.conn.send_headers(
+                1,
+                [
+                    (b":method", b"CONNECT"), (b":protocol", b"websocket"),
+                    (b":scheme", b"http"), (b":path", b"/acp"),
+                    (b":authority", client.authority), (b"sec-websocket-version", b"13"),
+                    (b"sec-websocket-protocol", "ü".encode()),
+                ],
+            )  # fmt: skip
+            await client.flush()
+            assert await client.status(1) == b"400"
+            assert client.bodies[1].decode() == (
+                "Bad Request: Sec-WebSocket-Protocol 'ü' is not ASCII "
+                "(a handshake header lists tokens, RFC 9110 section 5.6.2)\n"
+            )
+            client.get(3, b"/health")
+            await client.flush()
+            assert await client.status(3) == b"200"
+    assert "connection failed" not in caplog.text and "Traceback" not in caplog.text
+
+
+@pytest.mark.parametrize(
     ("method", "path"),
     [(b"GET", b"/\xc3\xbcber.html"), (b"GET", b"/x\xff?q=1"), (b"G\xc3\x89T", b"/health")],
 )
