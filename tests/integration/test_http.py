@@ -917,6 +917,46 @@ async def test_a_connect_tunnel_over_http2_gets_400_and_the_connection_goes_on(
     assert "connection failed" not in caplog.text
 
 
+@pytest.mark.parametrize(
+    ("protocol", "named"),
+    [(b"h2c", "'h2c'"), (b"webtransport", "'webtransport'"), (b"\xff", "'\\xff'")],
+)
+async def test_an_extended_connect_for_another_protocol_than_websocket_gets_400(
+    server: Running, caplog: pytest.LogCaptureFixture, protocol: bytes, named: str
+) -> None:
+    """RFC 8441: an extended CONNECT names the protocol it wants in ``:protocol``, and
+    this server speaks only ``websocket``. Hypercorn opened a WebSocket for any extended
+    CONNECT, whatever it named, and answered 200: a client asking for another protocol
+    was told it had it. Its stream gets 400 naming what it asked for now, and the
+    connection goes on serving the others (a WebSocket among them)."""
+    assert server.url is not None
+    with trio.fail_after(10):
+        client = await _H2.open(server.url)
+        stream = client.stream
+        async with stream:
+            client.conn.send_headers(
+                1,
+                [
+                    (b":method", b"CONNECT"), (b":protocol", protocol), (b":scheme", b"http"),
+                    (b":path", b"/acp"), (b":authority", client.authority),
+                    (b"sec-websocket-version", b"13"),
+                ],
+            )  # fmt: skip
+            await client.flush()
+            assert await client.status(1) == b"400"
+            assert client.bodies[1].decode() == (
+                f"Bad Request: the extended CONNECT's :protocol {named} is not served here "
+                "(only websocket, RFC 8441)\n"
+            )
+            client.websocket(3, b"13")
+            await client.flush()
+            assert await _h2_response_status(client, 3) == b"200"
+            client.get(5, b"/health")
+            await client.flush()
+            assert await client.status(5) == b"200"
+    assert "connection failed" not in caplog.text
+
+
 async def test_a_non_ascii_request_over_http2_with_no_window_is_reset_alone(
     server: Running, caplog: pytest.LogCaptureFixture
 ) -> None:
