@@ -309,6 +309,55 @@ async def test_unknown_path_and_plain_http_on_acp(server: Running) -> None:
         assert b"/acp" in (info.value.body or b"")
 
 
+@pytest.mark.parametrize(
+    ("lines", "had"),
+    [
+        (
+            [b"Upgrade: websocket", b"Connection: Upgrade", b"Connection: keep-alive"],
+            "Upgrade 'websocket' and Connection 'Upgrade' 'keep-alive'",
+        ),
+        (
+            [b"Upgrade: websocket, foo/1", b"Connection: Upgrade"],
+            "Upgrade 'websocket, foo/1' and Connection 'Upgrade'",
+        ),
+        ([b"Upgrade: websocket"], "Upgrade 'websocket' and no Connection"),
+        ([b"Connection: keep-alive, Upgrade"], "no Upgrade and Connection 'keep-alive, Upgrade'"),
+        ("Upgrade: websocket\u00fc".encode(), "Upgrade 'websocket\u00fc' and no Connection"),
+    ],
+)
+async def test_an_upgrade_not_read_as_a_websocket_handshake_is_told_what_was_read(
+    server: Running, lines: list[bytes] | bytes, had: str
+) -> None:
+    """Hypercorn takes a request for a WebSocket handshake only when its last
+    ``Connection`` line lists ``upgrade`` and its last ``Upgrade`` line is ``websocket``
+    alone. A client that asked otherwise (``Connection`` over two lines, as RFC 9110
+    section 5.3 allows; another protocol listed in ``Upgrade``; no ``Connection``) got the
+    426 telling it to "send GET with Upgrade: websocket", which it had sent. The 426 says
+    what this request had now (escaped as other answers name what was sent)."""
+    assert server.url is not None
+    if isinstance(lines, bytes):
+        lines = [lines]
+    request = [
+        b"GET /acp HTTP/1.1",
+        b"Host: 127.0.0.1",
+        b"Sec-WebSocket-Version: 13",
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
+        *lines,
+    ]
+    client = await RawHttp.connect(server.url)
+    with trio.fail_after(10):
+        await client.send(b"\r\n".join(request) + b"\r\n\r\n")
+        answer = await client.answer()
+        await client.wait_closed()
+    await client.aclose()
+    assert answer.status == 426, answer
+    assert answer.headers["upgrade"] == "websocket"
+    assert answer.body.decode() == (
+        "Upgrade Required: /acp speaks ACP over WebSocket only (send GET with one "
+        f"Upgrade: websocket and one Connection: Upgrade; this request had {had})\n"
+    )
+
+
 async def test_the_asterisk_form_is_a_ping_for_options_and_a_400_for_the_rest(
     server: Running,
 ) -> None:
