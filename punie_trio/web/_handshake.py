@@ -1,10 +1,10 @@
 """The WebSocket handshakes Hypercorn refuses before the app sees them: an unsupported
-``Sec-WebSocket-Version`` gets 426 Upgrade Required naming the version the server speaks (RFC
-6455 section 4.4) and, over HTTP/1.1, the protocol (``Upgrade: websocket``, as RFC 9110
-section 15.5.22 asks of every 426); Hypercorn's other 400s (no ``Sec-WebSocket-Key``,
-HTTP/1.0, a frame sent before the 101) get their reason in the body (they were bare, and a
-client could not tell what was wrong); a handshake header Hypercorn cannot read (a
-non-ASCII byte in ``Connection``, ``Sec-WebSocket-Extensions`` or
+``Sec-WebSocket-Version`` gets 426 Upgrade Required naming the version the server speaks
+(RFC 6455 section 4.4) and, over HTTP/1.1, the protocol (``Upgrade: websocket``, as RFC
+9110 section 15.5.22 asks of every 426); Hypercorn's other 400s (no ``Sec-WebSocket-Key``,
+HTTP/1.0, a frame or a request body sent before the 101) get their reason in the body (they
+were bare, and a client could not tell what was wrong); a handshake header Hypercorn cannot
+read (a non-ASCII byte in ``Connection``, ``Sec-WebSocket-Extensions`` or
 ``Sec-WebSocket-Protocol``) gets 400 naming it; and every refused handshake ends its TCP
 connection.
 
@@ -50,6 +50,10 @@ _TOKEN_LISTS = {
     b"sec-websocket-extensions": "Sec-WebSocket-Extensions",
     b"sec-websocket-protocol": "Sec-WebSocket-Protocol",
 }
+
+
+#: The headers that give a request a body, as a 400 names them.
+_BODY_HEADERS = {b"content-length": "Content-Length", b"transfer-encoding": "Transfer-Encoding"}
 
 
 class _Handshake(Handshake):
@@ -181,10 +185,25 @@ def _why_refused(stream: Any) -> str:
     if version == "1.1" and getattr(handshake, "key", None) is None:
         return "the WebSocket handshake has no Sec-WebSocket-Key (RFC 6455 section 4.1)"
     if handshake is not None and handshake.is_valid():
+        framing = _body_framing(stream)
+        if framing is not None:
+            # (It said "a client sends no frames": this client had sent a request body.)
+            return f"a WebSocket handshake has no body (this one came with {framing})"
         return (
             "data came before the handshake was answered (a client sends no frames before the 101)"
         )
     return "invalid WebSocket handshake"
+
+
+def _body_framing(stream: Any) -> str | None:
+    """The header that gave the handshake request a body (``Content-Length: 5``,
+    ``Transfer-Encoding: chunked``), shown, or None."""
+    scope = getattr(stream, "scope", None) or {}
+    for name, value in scope.get("headers", ()):
+        shown = _BODY_HEADERS.get(name.lower())
+        if shown is not None and value.strip() != b"0":  # (0: the data was frames)
+            return f"{shown}: {printable(shown_header(value), 40)}"
+    return None
 
 
 async def _send_400(stream: WSStream, why: str) -> None:

@@ -562,8 +562,8 @@ async def test_a_websocket_handshake_hypercorn_refuses_gets_its_400_with_a_reaso
     server: Running,
 ) -> None:
     """The handshakes Hypercorn itself refuses with 400 (no ``Sec-WebSocket-Key``,
-    HTTP/1.0, a frame sent before the 101) get a reason in the body, as the app's own
-    refusals do: the 400 was bare, and a client could not tell what was wrong. The
+    HTTP/1.0, a frame sent before the 101, a request body) get a reason in the body, as
+    the app's own refusals do: the 400 was bare, and a client could not tell what was wrong. The
     connection is closed after each, and the server serves on."""
     assert server.url is not None
     upgrade = "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
@@ -576,6 +576,23 @@ async def test_a_websocket_handshake_hypercorn_refuses_gets_its_400_with_a_reaso
             + b"\x81\x85abcd"
             + b"hello",
             b"before",
+        ),
+        # Frames after an empty body are frames still.
+        (
+            f"GET /acp HTTP/1.1\r\nHost: 127.0.0.1\r\n{upgrade}{key}Content-Length: 0\r\n\r\n"
+            "\x81\x85abcdhello".encode("latin-1"),
+            b"before",
+        ),
+        # A request body: no frames, and the reason said "a client sends no frames".
+        (
+            f"GET /acp HTTP/1.1\r\nHost: 127.0.0.1\r\n{upgrade}{key}Content-Length: 5\r\n\r\n"
+            "hello".encode(),
+            b"has no body (this one came with Content-Length: 5)",
+        ),
+        (
+            f"GET /acp HTTP/1.1\r\nHost: 127.0.0.1\r\n{upgrade}{key}"
+            "Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n".encode(),
+            b"has no body (this one came with Transfer-Encoding: chunked)",
         ),
     ]
     with trio.fail_after(10):
