@@ -768,6 +768,8 @@ async def test_a_bad_websocket_key_is_named_as_sent_not_as_mojibake(
         (b"Sec-WebSocket-Protocol", "acp, ü".encode(), "'acp, ü'"),
         (b"Sec-WebSocket-Protocol", "a\u009bb".encode(), "'a\\x9bb'"),
         (b"Connection", "Upgrade, ü".encode(), "'Upgrade, ü'"),
+        # A long one is cut, as other answers cut what they echo.
+        (b"Sec-WebSocket-Protocol", "ü".encode() * 5000, "'" + "ü" * 80 + "\u2026'"),
     ],
 )
 async def test_a_non_ascii_handshake_header_gets_400_naming_it(
