@@ -50,8 +50,6 @@ _TOKEN_LISTS = {
     b"sec-websocket-extensions": "Sec-WebSocket-Extensions",
     b"sec-websocket-protocol": "Sec-WebSocket-Protocol",
 }
-
-
 #: The headers that give a request a body, as a 400 names them.
 _BODY_HEADERS = {b"content-length": "Content-Length", b"transfer-encoding": "Transfer-Encoding"}
 
@@ -121,13 +119,14 @@ def _over_http1(stream: Any) -> bool:
 def install() -> bool:
     """Answer a wrong ``Sec-WebSocket-Version`` with 426, a handshake header Hypercorn
     cannot read with 400, and close every connection whose handshake Hypercorn refused
-    (idempotent). Returns False, patching nothing, if
-    Hypercorn's internals no longer look as expected."""
+    (idempotent). Returns False, patching nothing, if Hypercorn's internals no longer look
+    as expected."""
     original = WSStream.__dict__.get("_send_error_response")
     if original is None or getattr(_ws_stream, "Handshake", None) not in (Handshake, _Handshake):
         log.warning(
-            "Hypercorn internals changed; a wrong WebSocket version gets its 400, and a "
-            "refused handshake's connection stays open until the client closes it"
+            "Hypercorn internals changed; a wrong WebSocket version gets its 400, a non-ASCII "
+            "handshake header no answer, and a refused handshake's connection stays open "
+            "until the client closes it"
         )
         return False
     if getattr(original, "punie_trio", False):
@@ -168,8 +167,9 @@ def install() -> bool:
 
 
 def _why_refused(stream: Any) -> str:
-    """Why Hypercorn refused this handshake with 400 (its ``Handshake.is_valid``, or a
-    frame that came before the app answered the handshake)."""
+    """Why Hypercorn refused this handshake with 400 (its ``Handshake.is_valid``, a header
+    it could not read, or a frame or request body that came before the app answered the
+    handshake)."""
     handshake = getattr(stream, "handshake", None)
     undecodable = getattr(handshake, "undecodable", None)
     if undecodable is not None:
