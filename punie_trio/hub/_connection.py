@@ -20,11 +20,13 @@ from .. import acp
 from .._version import __version__
 from ..rpc import (
     INVALID_REQUEST,
+    MAX_ID_CHARS,
     Deferred,
     Params,
     Peer,
     RequestId,
     RpcError,
+    bounded_id,
     current_request_id,
     method_not_found,
 )
@@ -42,10 +44,10 @@ AWAITING_META = "punie-trio/awaiting"
 #: Most ids a client may list there (it awaits at most one prompt per session), or
 #: ``--max-sessions-per-connection`` if that is more.
 MAX_AWAITING = 1000
-#: Longest string id it may list, in characters (integer ids: 64 bits). A UUID is 36, and
-#: the ids kept after a request ended (``small_id``) are at most 256: 1,024 leaves room
-#: for any real client's ids, and keeps the whole list near 1 MB at most.
-MAX_AWAITED_ID_CHARS = 1024
+#: Longest string id it may list, in characters (integer ids: 64 bits): the bound of every
+#: request id (``rpc.MAX_ID_CHARS``), so an id the server took can be listed. It keeps the
+#: whole list near 1 MB at most.
+MAX_AWAITED_ID_CHARS = MAX_ID_CHARS
 #: Most prompts (run or refused) remembered per connection: more than its outbox can hold
 #: unwritten.
 MAX_REFUSED = 1024
@@ -578,6 +580,6 @@ def _awaiting(value: object, most: int = MAX_AWAITING) -> frozenset[RequestId]:
 
 def _awaitable(value: object) -> bool:
     """Whether ``value`` may be listed as an awaited request id (see :func:`_awaiting`)."""
-    if isinstance(value, str):
-        return len(value) <= MAX_AWAITED_ID_CHARS
-    return isinstance(value, int) and not isinstance(value, bool) and -(2**63) <= value < 2**63
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        return False
+    return bounded_id(value)

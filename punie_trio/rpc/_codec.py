@@ -56,6 +56,27 @@ class ErrorResponse:
 
 Message = Request | Notification | Response | ErrorResponse
 
+#: Longest string id a request may carry, in characters; an integer id must fit in 64 bits
+#: (the schema's ``RequestId`` is ``int64`` or a string). A UUID is 36: 1,024 leaves room
+#: for any real client's ids.
+MAX_ID_CHARS = 1024
+#: What a request whose id is out of those bounds is told (-32600, with a null id).
+ID_BOUNDS = f"a string of at most {MAX_ID_CHARS} characters, or a 64-bit integer"
+
+
+def bounded_id(value: RequestId) -> bool:
+    """Whether the id ``value`` (a :func:`valid_id`) is within :data:`MAX_ID_CHARS` or 64
+    bits.
+
+    Why: an id had no bound but the message's. It is held while its request runs (a
+    prompt's for the whole turn, and through a reconnect's grace), and echoed in its answer
+    and in refusals: a 15 MB id, or an integer of 4,000 digits no other JSON-RPC peer can
+    even read, cost the server what the message size allows for as long as the request
+    lived. One length (or range) test per request."""
+    if isinstance(value, str):
+        return len(value) <= MAX_ID_CHARS
+    return -(2**63) <= value < 2**63
+
 
 class MalformedMessage(Exception):
     """The text is not a valid JSON-RPC 2.0 message.
@@ -118,6 +139,10 @@ def parse(text: str | bytes) -> Message:
             return Notification(method, params)
         if msg_id is None:
             raise invalid('"id" must be a string or an integer')
+        if not bounded_id(msg_id):
+            raise MalformedMessage(
+                RpcError(INVALID_REQUEST, f'Invalid request: "id" must be {ID_BOUNDS}')
+            )
         return Request(msg_id, method, params)
 
     if "result" in obj and "error" not in obj:
@@ -190,7 +215,8 @@ def peek_envelope(head: bytes) -> tuple[str | None, RequestId | None]:
             i += 1
     except (ValueError, RecursionError):
         pass  # the member cut off by the end of the head (or not JSON): what came before
-    return kind, found if valid_id(found) else None
+    # (An id past a request id's bounds is none: the refusal would echo up to a head of it.)
+    return kind, found if valid_id(found) and bounded_id(found) else None
 
 
 def _dumps(obj: dict[str, Any]) -> str:

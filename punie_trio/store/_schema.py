@@ -619,7 +619,7 @@ def connect(
         check_writable(conn, path)
     except sqlite3.Error as exc:
         left = _version_left(conn) if upgrading is not None else None
-        _close_as_found(conn, path)
+        _close_failed(conn, path, upgrading, left, exc)
         if _is_readonly(exc):  # (the directory will not take the -wal: the WAL switch)
             raise StoreError(f"{path}: the session store is read-only ({exc})") from exc
         if _is_damaged(exc):  # (a page the open itself reads: the schema, the end)
@@ -635,9 +635,38 @@ def connect(
             ) from exc
         raise StoreError(f"{path}: cannot open session store: {exc}") from exc
     except BaseException:
-        _close_as_found(conn, path)
+        left = _version_left(conn) if upgrading is not None else None
+        _close_failed(conn, path, upgrading, left, None)
         raise
     return conn
+
+
+def _close_failed(
+    conn: sqlite3.Connection,
+    path: Path,
+    upgrading: tuple[int, int] | None,
+    left: int | None,
+    exc: sqlite3.Error | None,
+) -> None:
+    """Close ``conn``, an open that failed (``exc``, if SQLite's): as any last connection
+    closes where an upgrade (``upgrading``: the version and size it had) failed and kept
+    nothing (the store ``left`` at the version it had), else as found
+    (:func:`_close_as_found`).
+
+    Why: every failed open closed as found, an upgrade's too, so the WAL it had written
+    stayed beside the store with its -shm, holding only the pages rolled back: 1 MiB for
+    a 1 MiB store refused at the file size limit (about 830 MB for a 365 MB one), taking
+    the very room the message asks the user to free. Closed as the last connection, SQLite
+    checkpoints (nothing of the upgrade's is committed: nothing is copied, the file stays
+    byte for byte as it was) and removes both. Where a migration before the one that
+    failed was kept, the WAL holds it, and where the store is damaged or read-only the
+    file must not take a checkpoint: those close as found."""
+    kept_nothing = upgrading is not None and left == upgrading[0]
+    if kept_nothing and not (exc is not None and (_is_damaged(exc) or _is_readonly(exc))):
+        with contextlib.suppress(sqlite3.Error):
+            conn.close()
+    else:
+        _close_as_found(conn, path)
 
 
 #: What an upgrade needs while it runs, measured from version 1 (10.9 and 365 MB stores)

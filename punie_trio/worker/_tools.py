@@ -14,6 +14,8 @@ import os
 import re
 import secrets
 import stat
+import sys
+import threading
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -27,6 +29,9 @@ from .._threads import RootNotAnswering, root_of, run_sync_under
 from ..acp import FS_READ_TEXT_FILE, FS_WRITE_TEXT_FILE
 from ._envelopes import TurnEnv
 from ._paths import _CLOEXEC, PathEscape, directory_ending, open_beneath, resolve_inside
+
+if sys.platform != "win32":  # (used where a write replaces a file: not on Windows)
+    import fcntl
 
 ClientCaller = Callable[[str, dict[str, Any]], Awaitable[Any]]
 
@@ -440,6 +445,7 @@ def _write_disk(
         raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
     directory = open_beneath(path.parent, roots, os.O_RDONLY | os.O_DIRECTORY)
     try:
+        _sweep_once(directory)
         existing = _existing_file(directory, path)
         try:
             _replace(directory, path.name, data, existing, commit)
@@ -491,13 +497,18 @@ def _replace(
 
     Durable (on the worker's thread): the data is synced before the rename and the
     directory after it. Unsynced, a power loss soon after a write could leave the user's
-    file empty (the rename reached the disk before the data), neither version. A
-    temporary file a ``kill -9`` leaves here is not swept: it could be in any directory
-    of the project."""
+    file empty (the rename reached the disk before the data), neither version.
+
+    The new file is locked (``flock``) from its creation until it is renamed or removed,
+    so that a sweep (:func:`_sweep_once`, of this server or another) knows it for a live
+    write's and leaves it: one a ``kill -9`` left is held by nobody (a lock ends with its
+    process). A sweep can still take it in the moment between its creation and its lock:
+    the writer then finds its name gone, or another file's, and starts again under a new
+    name."""
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | _CLOEXEC
     for _ in range(100):
         # (Not named after the target: that name could be too long where the target's is not.)
-        tmp = f".punie-trio-{secrets.token_hex(8)}.tmp"
+        tmp = f".punie-trio-{secrets.token_hex(TEMPORARY_HEX_BYTES)}.tmp"
         try:
             # (A new file: 0666 less the umask, as open would make it.)
             fd = os.open(tmp, flags, 0o600 if existing else 0o666, dir_fd=directory)
@@ -505,24 +516,127 @@ def _replace(
             continue
         except PermissionError:
             raise _CannotReplace from None  # (no file may be made here)
-        break
+        try:
+            held = _held(fd, directory, tmp)
+        except BaseException:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(tmp, dir_fd=directory)
+            raise
+        if held:
+            break
+        os.close(fd)  # (swept before it was held: the sweep removes it, if it has not)
     else:
         raise FileExistsError(f"could not create a temporary file beside {name}")
-    try:
-        with os.fdopen(fd, "wb") as file:
+    with os.fdopen(fd, "wb") as file:  # (open, and so held, until renamed or removed)
+        try:
             if existing is not None:
                 _take_owner_and_mode(file.fileno(), existing)
                 _take_xattrs(file.fileno(), directory, name, existing)
             file.write(data)
             file.flush()
             os.fsync(file.fileno())
-        commit()
-        os.replace(tmp, name, src_dir_fd=directory, dst_dir_fd=directory)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp, dir_fd=directory)
-        raise
+            commit()
+            os.replace(tmp, name, src_dir_fd=directory, dst_dir_fd=directory)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp, dir_fd=directory)
+            raise
     sync_directory(directory)
+
+
+#: :func:`_replace`'s temporary files are ``.punie-trio-`` + twice this many lowercase hex
+#: digits + ``.tmp``, and only names of exactly that form are swept (:data:`_LEFT_OVER`).
+TEMPORARY_HEX_BYTES = 8
+_LEFT_OVER = re.compile(rf"\.punie-trio-[0-9a-f]{{{2 * TEMPORARY_HEX_BYTES}}}\.tmp")
+
+#: What ``flock`` answers on a file system that keeps no such locks.
+_NO_LOCKS = frozenset(
+    {errno.ENOLCK, errno.EINVAL, errno.ENOTSUP, getattr(errno, "EOPNOTSUPP", errno.ENOTSUP)}
+)
+
+
+def _held(fd: int, directory: int, name: str) -> bool:
+    """Lock the new temporary file ``fd`` (``name`` in ``directory``) for its write, and
+    say whether it is still the file under that name (False: a sweep took it between its
+    creation and now). Where the file system keeps no locks, it is not locked, and no
+    sweep there takes anything either."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False  # (a sweep holds it, to remove it)
+    except OSError as exc:
+        if exc.errno not in _NO_LOCKS:
+            raise
+    try:
+        named = os.stat(name, dir_fd=directory, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    mine = os.fstat(fd)
+    return (named.st_dev, named.st_ino) == (mine.st_dev, mine.st_ino)
+
+
+#: The directories (device and inode) this process has swept (:func:`_sweep_once`); at
+#: most :data:`_MAX_SWEPT`, then forgotten all at once (a second sweep costs a listing).
+_swept: set[tuple[int, int]] = set()
+_swept_lock = threading.Lock()
+_MAX_SWEPT = 4096
+
+
+def _sweep_once(directory: int) -> None:
+    """(On a worker thread.) Remove from ``directory`` the temporary files that writes
+    killed part way left there (:func:`_remove_if_left_over`), the first time this
+    process writes a file in it.
+
+    Why: a server killed (``kill -9``, a crash) between creating ``.punie-trio-<16
+    hex>.tmp`` beside the user's file and renaming it over the file left it in the
+    project for good, holding content that never landed, in the user's ``git status``.
+    It is removed where it was left, when the next server writes there: in the
+    directories the agent writes in, and without walking the whole project (a tree of
+    any size, perhaps on a mount that does not answer) at serve start. Once per
+    directory a process: a listing a write would cost a directory of 50,000 entries tens
+    of milliseconds each time, and what a process of its own leaves it does not live to
+    sweep. Nothing here fails the write."""
+    try:
+        status = os.fstat(directory)
+        key = (status.st_dev, status.st_ino)
+        with _swept_lock:
+            if key in _swept:
+                return
+            if len(_swept) >= _MAX_SWEPT:
+                _swept.clear()
+            _swept.add(key)
+        names = [name for name in os.listdir(directory) if _LEFT_OVER.fullmatch(name)]
+    except OSError:
+        return
+    for name in names:
+        with contextlib.suppress(OSError):
+            _remove_if_left_over(directory, name)
+
+
+def _remove_if_left_over(directory: int, name: str) -> None:
+    """Remove ``name`` (a :data:`_LEFT_OVER` name) from ``directory`` if it is certainly a
+    temporary file a killed write left: a regular file (not a symlink, not followed), with
+    no other name (a hard link is the same file under a name of the user's), owned by this
+    process's user, and held by no live write (:func:`_replace` locks its own until it
+    renames it; a lock ends with its process). Anything else is left as it is. Checked
+    again by name, under the lock, just before the unlink: a file that took the name
+    meanwhile is not removed."""
+    fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | _CLOEXEC | _NO_WAIT, dir_fd=directory)
+    try:
+        status = os.fstat(fd)
+        if (
+            not stat.S_ISREG(status.st_mode)
+            or status.st_nlink != 1
+            or status.st_uid != os.geteuid()
+        ):
+            return
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # (held by a live write: OSError)
+        now = os.stat(name, dir_fd=directory, follow_symlinks=False)
+        if (now.st_dev, now.st_ino) == (status.st_dev, status.st_ino):
+            os.unlink(name, dir_fd=directory)
+    finally:
+        os.close(fd)
 
 
 def _take_owner_and_mode(fd: int, existing: os.stat_result) -> None:
@@ -600,7 +714,12 @@ def _write_into(
     Why: the name was opened with ``O_TRUNC`` and written whatever it named by then, so a
     file swapped meanwhile for a hard link to a file outside the project (by a local
     process that can write in it) had that file truncated and overwritten. The name is
-    opened without truncating now, and truncated only once it is known to be the file."""
+    opened without truncating now, and truncated only once it is known to be the file.
+
+    Synced before it returns: unsynced, the call reported "wrote N bytes" while a power
+    loss could still leave the user's file truncated to nothing (an editor's in-place save
+    syncs too). Written into, a write cut short part way is still torn: only a replace is
+    whole or not at all."""
     flags = os.O_WRONLY | os.O_NOFOLLOW | _CLOEXEC | _NO_WAIT
     fd = os.open(path.name, flags, dir_fd=directory)
     with os.fdopen(fd, "wb") as file:
@@ -613,6 +732,8 @@ def _write_into(
         commit()
         os.ftruncate(fd, 0)
         file.write(data)
+        file.flush()
+        os.fsync(fd)  # (before the call reports "wrote": see the docstring)
 
 
 class _Replaced(OSError):

@@ -568,3 +568,43 @@ async def test_an_error_that_echoes_a_huge_value_stays_concise(
                 assert len(message) <= MAX_ERROR_MESSAGE_CHARS, (method, len(message))
                 assert message.endswith(" characters)"), message[-80:]
             assert (await client.request("session/list", {}))["sessions"] == []
+
+
+async def test_a_request_id_past_its_bounds_is_refused_and_the_connection_goes_on(
+    server: Running, tmp_path: Path, acp_schema: SchemaChecker
+) -> None:
+    """A request id had no bound but the message's: a prompt under a 1 MB id ran, its id
+    held for the turn and echoed back whole. An id is a string of at most 1,024
+    characters or a 64-bit integer; past that the request is answered -32600 naming the
+    bound (id null: nothing to correlate it with), it does nothing, and the connection
+    and every other client go on."""
+    with trio.fail_after(10):
+        async with (
+            acp_ws_client(server.url, acp_schema) as (bystander, _),
+            acp_ws_client(server.url, acp_schema) as (client, ws),
+        ):
+            await bystander.initialize()
+            await client.initialize()
+            session = await client.new_session(str(tmp_path))
+            prompt = {"sessionId": session, "prompt": [{"type": "text", "text": "hi"}]}
+            for bad in ("x" * 1_000_000, "x" * 1025, 2**63, -(2**63) - 1):
+                text = json.dumps(
+                    {"jsonrpc": "2.0", "id": bad, "method": "session/prompt", "params": prompt}
+                )
+                answer = await exchange(client, text)
+                assert answer["id"] is None and answer["error"]["code"] == -32600
+                assert answer["error"]["message"] == (
+                    'Invalid request: "id" must be a string of at most 1024 characters, '
+                    "or a 64-bit integer"
+                )
+            assert client.agent_text(session) == ""  # (no turn ran)
+            # At the bounds, ids are taken and echoed (here in a -32601).
+            for good in ("y" * 1024, 2**63 - 1, -(2**63)):
+                text = json.dumps({"jsonrpc": "2.0", "id": good, "method": "no/such_method"})
+                answer = await exchange(client, text)
+                assert answer["id"] == good and answer["error"]["code"] == -32601
+            assert await client.prompt(session, "still here") == "end_turn"
+            assert ws.closed is None
+            assert not any("error" in m for m in bystander.received)
+            other = await bystander.new_session(str(tmp_path))
+            assert await bystander.prompt(other, "unaffected") == "end_turn"

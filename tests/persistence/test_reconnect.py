@@ -23,7 +23,7 @@ from trio_websocket import open_websocket_url
 from punie_trio.acp import parse_prompt, updates
 from punie_trio.hub import ClientConnection, Limits
 from punie_trio.hub._grace import RELOAD_REQUIRED
-from punie_trio.rpc import current_request_id
+from punie_trio.rpc import MAX_ID_CHARS, current_request_id
 from punie_trio.store import MemoryStore
 from punie_trio.transport import MemoryMessageStream, memory_message_stream_pair
 from punie_trio.worker import EchoModel, ScriptModel
@@ -975,10 +975,11 @@ async def test_a_huge_request_id_is_logged_cut_short(
     autojump_clock: trio.testing.MockClock,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """A request id may be any string up to the message's size: the log line about an
-    old answer not delivered once held all of it (16 MiB a line)."""
+    """A request id may be a string of 1,024 characters (once of any size up to the
+    message's): the log line about an old answer not delivered once held all of it (16
+    MiB a line)."""
     caplog.set_level(logging.INFO, logger="punie_trio.hub")
-    huge = "p" * 100_000
+    huge = "p" * MAX_ID_CHARS
     model = ScriptModel([[{"text": "a"}, {"sleep": 5}]])
     async with open_hub(tmp_path, acp_schema, model, limits=Limits(grace_seconds=60)) as hub:
         await prompt_then_drop(hub, "ide", huge, "a")
@@ -1738,12 +1739,16 @@ async def test_a_refused_prompts_id_used_again_is_forgotten_and_the_memory_is_bo
         )
         await link.client.wait_for(lambda m: m.get("id") == newest and "result" in m)
         assert newest not in refused and len(refused) == 2
-        # A long string id (any size up to the message's), or an integer past 64 bits, is
-        # not remembered: 1,024 of 16 MiB each would pin 16 GiB.
+        # A long string id (up to 1,024 characters; once any size up to the message's),
+        # or an integer past 64 bits, is not remembered: 1,024 of 16 MiB each would pin
+        # 16 GiB. (An integer past 64 bits is now refused as it is read: -32600, id null.)
         for long_id in ("x" * 257, 2**64):
             request = {"jsonrpc": "2.0", "id": long_id, "method": "session/prompt"}
             await link.client.send({**request, "params": prompt_params(sid, "x")})
-            await link.client.wait_for(lambda m, i=long_id: m.get("id") == i)
+            answered = long_id if isinstance(long_id, str) else None
+            await link.client.wait_for(
+                lambda m, i=answered: "error" in m and m.get("id", "absent") == i
+            )
         assert len(refused) == 2 and "x" * 257 not in refused and 2**64 not in refused
 
 

@@ -418,6 +418,27 @@ def test_a_tool_write_syncs_the_file_before_the_rename_and_the_directory_after(
     assert (tmp_path / "f.txt").read_text() == "new"
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc")
+def test_a_tool_write_into_a_file_syncs_it_before_the_call_reports(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where the file cannot be replaced (an owner or an attribute the server may not
+    give a new file) it is written into: truncated, then written, and not synced, so the
+    call reported "wrote N bytes" while a power loss could still leave the user's file
+    empty. It is synced before the call reports now, as an editor's in-place save is."""
+    from punie_trio.worker import _tools
+
+    def cannot_replace(*args: object, **kwargs: object) -> None:
+        raise _tools._CannotReplace  # (as for a file another user owns)
+
+    (tmp_path / "f.txt").write_text("old")
+    monkeypatch.setattr(_tools, "_replace", cannot_replace)
+    events = _record_syncs(monkeypatch, _tools)
+    _tools._write_disk(tmp_path / "f.txt", (str(tmp_path),), "new")
+    assert events == [("fsync", str(tmp_path / "f.txt"))]
+    assert (tmp_path / "f.txt").read_text() == "new"
+
+
 def test_leftover_temporaries_are_removed_by_exact_name_only(tmp_path: Path) -> None:
     """A ``serve`` killed between creating the token's temporary file and renaming it
     (SIGKILL, a power loss) left ``.token.<16 hex digits>.tmp`` behind for good, holding a

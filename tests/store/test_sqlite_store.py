@@ -1590,6 +1590,27 @@ async def test_migration_refuses_rows_it_cannot_convert(
         read_sessions(path)
 
 
+async def test_a_refused_migration_leaves_no_wal_beside_the_store(tmp_path: Path) -> None:
+    """The upgrade refused (rows it cannot convert) and rolled back left the WAL it wrote
+    and its -shm beside the store, though they held nothing kept: removed now."""
+    path = tmp_path / "s.db"
+    conn = _v1_file(path)
+    try:
+        _v1_session(conn, "s1", 1.0, turns=2)
+        conn.execute(
+            "INSERT INTO transcript (session_id, seq, turn, kind, payload)"
+            " VALUES ('s1', 0, 0, 'plan\tx', '{}')"
+        )
+    finally:
+        conn.close()
+    before = path.read_bytes()
+    with pytest.raises(StoreError, match="cannot upgrade"):
+        async with open_sqlite_store(path):
+            pass  # pragma: no cover
+    assert os.listdir(tmp_path) == ["s.db"]
+    assert path.read_bytes() == before
+
+
 # -- schema version 3: a turn writes only its row ---------------------------------------------
 
 

@@ -11,6 +11,7 @@ from punie_trio.rpc import (
     ANSWER_START,
     INVALID_REQUEST,
     MAX_ERROR_MESSAGE_CHARS,
+    MAX_ID_CHARS,
     PARSE_ERROR,
     ErrorResponse,
     MalformedMessage,
@@ -231,6 +232,27 @@ def test_bool_id_is_not_treated_as_int() -> None:
     # JSON true is a Python bool, an int subclass: it must not be read as id 1.
     exc = _malformed('{"jsonrpc":"2.0","id":true,"method":"m"}')
     assert exc.id is None
+
+
+@pytest.mark.parametrize(
+    "msg_id", ["x" * (MAX_ID_CHARS + 1), "\u00e9" * (MAX_ID_CHARS + 1), 2**63, -(2**63) - 1]
+)
+def test_a_request_id_past_its_bounds_is_invalid_with_a_null_id(msg_id: Any) -> None:
+    """A request's id is a string of at most 1,024 characters or a 64-bit integer (the
+    schema's ``int64``): it had no bound but the message's, so a 15 MB id was held for
+    as long as its request ran and echoed in every answer to it. Past the bound it is
+    -32600 naming the bound, answered with a null id (the id is not one to echo)."""
+    exc = _malformed(json.dumps({"jsonrpc": "2.0", "id": msg_id, "method": "m"}))
+    assert exc.error.code == INVALID_REQUEST and exc.id is None
+    assert exc.error.message == (
+        'Invalid request: "id" must be a string of at most 1024 characters, or a 64-bit integer'
+    )
+
+
+@pytest.mark.parametrize("msg_id", ["x" * MAX_ID_CHARS, 2**63 - 1, -(2**63)])
+def test_a_request_id_at_its_bounds_is_taken(msg_id: Any) -> None:
+    text = json.dumps({"jsonrpc": "2.0", "id": msg_id, "method": "m"})
+    assert parse(text) == Request(msg_id, "m")
 
 
 def test_valid_id_refuses_booleans_and_floats() -> None:

@@ -857,6 +857,11 @@ async def test_ndjson_an_oversized_answer_fails_its_request_at_once(
         (b"", (None, None)),
         (b'\xef\xbb\xbf{"id":7,"result":"', ("response", 7)),  # a byte-order mark
         (b"{" * 3000, (None, None)),
+        # An id past a request id's bounds (a string of 1,024 characters, 64 bits) is
+        # none: the refusal echoed up to 4 KB of it, the head's size.
+        (b'{"id":"' + b"x" * 1025 + b'","method":"m","params":"', ("request", None)),
+        (b'{"id":"' + b"x" * 1024 + b'","method":"m","params":"', ("request", "x" * 1024)),
+        (b'{"id":9223372036854775808,"method":"m","params":"', ("request", None)),
     ],
 )
 def test_peek_envelope_reads_what_the_head_holds(

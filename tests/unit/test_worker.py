@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import errno
 import io
 import itertools
@@ -12,7 +13,7 @@ import struct
 import subprocess
 import sys
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -731,6 +732,134 @@ def test_a_file_swapped_for_a_link_outside_during_a_write_is_not_written_through
         assert (root / "f.txt").read_text() == "outside"
     assert secret.read_text() == "outside"
     assert os.listdir(root) == ["f.txt"]
+
+
+@contextlib.contextmanager
+def _a_write_held_at_its_commit(target: Path) -> Iterator[subprocess.Popen[str]]:
+    """A real process writing ``target`` with ``_write_disk``, held just before its
+    rename (its temporary file written beside the target): a line to its stdin lets it
+    go on. Ends it with SIGKILL if it is still running at the end."""
+    child = f"""
+import sys
+from pathlib import Path
+from punie_trio.worker._tools import _write_disk
+
+def commit():
+    print("held", flush=True)
+    sys.stdin.readline()
+
+_write_disk(Path({str(target)!r}), ({str(target.parent)!r},), "theirs", commit)
+print("wrote", flush=True)
+"""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", child], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline() == "held\n"
+        yield proc
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def _temporaries(directory: Path) -> list[str]:
+    return sorted(name for name in os.listdir(directory) if name.startswith(".punie-trio-"))
+
+
+@pytest.fixture
+def fresh_sweeps(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No directory counts as swept by this process yet (see ``_tools._sweep_once``)."""
+    monkeypatch.setattr(tools_module, "_swept", set())
+
+
+def test_a_temporary_file_a_killed_write_left_is_swept_at_the_next_write_there(
+    tmp_path: Path, fresh_sweeps: None
+) -> None:
+    """A write killed (SIGKILL) between creating its temporary file and renaming it left
+    ``.punie-trio-<16 hex>.tmp`` in the user's project for good, holding the content that
+    never landed. The next write in that directory removes it; the user's files stay."""
+    (tmp_path / "f.txt").write_text("old")
+    with _a_write_held_at_its_commit(tmp_path / "f.txt") as proc:
+        [left] = _temporaries(tmp_path)
+        proc.kill()
+        proc.wait()
+    assert (tmp_path / left).read_text() == "theirs"
+    tools_module._write_disk(tmp_path / "g.txt", (str(tmp_path),), "mine")
+    assert sorted(os.listdir(tmp_path)) == ["f.txt", "g.txt"]
+    assert (tmp_path / "f.txt").read_text() == "old"
+
+
+def test_a_live_writes_temporary_file_is_not_swept(tmp_path: Path, fresh_sweeps: None) -> None:
+    """The sweep takes only a temporary file no running write holds (its writer locks it
+    from its creation to its rename, and a lock ends with its process): a write of
+    another server in the same directory lands as it would have."""
+    (tmp_path / "f.txt").write_text("old")
+    with _a_write_held_at_its_commit(tmp_path / "f.txt") as proc:
+        [theirs] = _temporaries(tmp_path)
+        tools_module._write_disk(tmp_path / "g.txt", (str(tmp_path),), "mine")
+        assert _temporaries(tmp_path) == [theirs]
+        assert proc.communicate("go\n", timeout=60)[0] == "wrote\n"
+    assert (tmp_path / "f.txt").read_text() == "theirs"
+    assert sorted(os.listdir(tmp_path)) == ["f.txt", "g.txt"]
+
+
+def test_the_sweep_removes_nothing_that_is_not_certainly_a_left_temporary_file(
+    tmp_path: Path, fresh_sweeps: None
+) -> None:
+    """Only a regular file named exactly ``.punie-trio-<16 lowercase hex>.tmp``, with no
+    other name (hard link), owned by the server's user and held by no write, is ours and
+    left over; anything else is the user's."""
+    hex16 = "0123456789abcdef"
+    outside = tmp_path / "outside.txt"
+    outside.write_text("outside")
+    project = tmp_path / "proj"
+    project.mkdir()
+    kept = {
+        f".punie-trio-{hex16.upper()}.tmp": "upper case",
+        f".punie-trio-{hex16[:-1]}.tmp": "15 digits",
+        f".punie-trio-{hex16}.tmp.bak": "a suffix",
+        f"punie-trio-{hex16}.tmp": "no dot",
+    }
+    for name, text in kept.items():
+        (project / name).write_text(text)
+    (project / f".punie-trio-{hex16[:-1]}1.tmp").symlink_to(outside)
+    (project / f".punie-trio-{hex16[:-1]}2.tmp").mkdir()
+    os.link(outside, project / f".punie-trio-{hex16[:-1]}3.tmp")
+    os.mkfifo(project / f".punie-trio-{hex16[:-1]}4.tmp")
+    (project / f".punie-trio-{hex16[:-1]}5.tmp").write_text("left over")
+    before = sorted(os.listdir(project))
+    tools_module._write_disk(project / "f.txt", (str(project),), "mine")
+    assert sorted(os.listdir(project)) == sorted(
+        [*(n for n in before if n != f".punie-trio-{hex16[:-1]}5.tmp"), "f.txt"]
+    )
+    for name, text in kept.items():
+        assert (project / name).read_text() == text
+    assert outside.read_text() == "outside"
+
+
+def test_a_write_whose_temporary_file_is_swept_before_it_is_held_takes_another(
+    tmp_path: Path, fresh_sweeps: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A sweep (another server's) can take a new temporary file in the moment between
+    its creation and its writer's lock. The writer sees its name gone and starts again
+    under another name: the write lands, and nothing is left."""
+    (tmp_path / "f.txt").write_text("old")
+    real_flock = tools_module.fcntl.flock
+    swept: list[str] = []
+
+    def swept_first(fd: int, operation: int) -> None:
+        if not swept:
+            [name] = _temporaries(tmp_path)
+            os.unlink(tmp_path / name)  # (as that sweep does)
+            swept.append(name)
+        real_flock(fd, operation)
+
+    monkeypatch.setattr(tools_module.fcntl, "flock", swept_first)
+    monkeypatch.setattr(tools_module, "_sweep_once", lambda directory: None)
+    tools_module._write_disk(tmp_path / "f.txt", (str(tmp_path),), "new")
+    assert swept and (tmp_path / "f.txt").read_text() == "new"
+    assert os.listdir(tmp_path) == ["f.txt"]
 
 
 def test_a_fifo_is_refused_without_being_opened(
