@@ -96,6 +96,8 @@ def _detach(self: Manager, conn: ClientConnection) -> None:
     told = bool(client_id) and self._nursery is not None and not self.closing.is_set()
     grace = told and self._grace_for(conn)
     unsent = conn.peer.unsent() if told and conn.peer is not None else []
+    if conn.answers:
+        _keep_written_answers(self, conn, unsent if told else None)
     if unsent:
         assert client_id is not None
         self._keep_reload_notices(client_id, owned, unsent)
@@ -278,6 +280,37 @@ def _keep_unsent(
         session.kept_updates = session.kept_bytes = 0
         for item in (*items, *rest):
             self._buffer(session, item)
+
+
+def _keep_written_answers(self: Manager, conn: ClientConnection, unsent: list[str] | None) -> None:
+    """Keep for the return of ``conn``'s client (as a cut close's answer is:
+    :func:`keep_left_answer`) the answers ``conn`` wrote to its requests but its prompts
+    (``ClientConnection.answers``); those it never wrote (``unsent``) are kept by
+    :func:`_keep_unsent`, in their places. Not under an id a request still running at
+    the drop uses (its answer is to come, or not: a close's is kept already). (None for
+    ``unsent``: a client that cannot be told, for which nothing is kept.)
+
+    Why: a ``session/close``, its answer written just before the drop, had taken effect,
+    and the client, back awaiting its id (the answer was lost in flight: a client back
+    awaiting an id says so), was told "no answer to this request will come", as if the
+    close had failed; so too the answer of any request but a prompt (a session/new's,
+    whose session was made). A close's id was not watched (only prompts' were), so
+    whether the client used it again since was not known: now every request's id is, on
+    a connection with a client id (``ClientConnection.answers``: None under an id whose
+    request runs, so that no older answer stands for it)."""
+    answers, conn.answers = conn.answers or {}, None
+    client_id = conn.client_id
+    if unsent is None or not client_id:
+        return
+    not_written = set(unsent)
+    kept = self._left_answers.get(client_id, {})
+    written = [
+        (request_id, text)
+        for request_id, text in answers.items()
+        if text is not None and text not in not_written and request_id not in kept
+    ]
+    for request_id, text in written:
+        _keep_left(self, client_id, request_id, text)
 
 
 def _keep_reload_notices(

@@ -2666,3 +2666,105 @@ async def test_a_probe_taken_as_its_holder_reattaches_holds_writing_until_it_end
         first, *rest = back.client.received
         assert first.get("id") == "init" and "protocolVersion" in first["result"], first
         assert has_update(session, "agent_message_chunk", "late")(rest[0]), rest
+
+
+def _answers_under(link: Link, *ids: str) -> dict[str, list[dict[str, Any]]]:
+    """The answers ``link``'s client got under each of ``ids``, in order."""
+    got = link.client.received
+    return {i: [m for m in got if m.get("id") == i and "method" not in m] for i in ids}
+
+
+async def answered_unread(hub: Hub, client_id: str, request_id: str) -> None:
+    """Wait until the connection of ``client_id`` has answered ``request_id`` and written
+    what it queued (a handler may wait for a thread: a path check), before its drop."""
+    (conn,) = [c for c in hub.manager.connections if c.client_id == client_id]
+    with trio.fail_after(10):
+        await settle_until(lambda: not conn.has_in_flight(request_id))
+    await trio.testing.wait_all_tasks_blocked()
+
+
+async def test_a_closes_own_answer_lost_in_flight_is_sent_to_its_client_back(
+    tmp_path: Path, acp_schema: SchemaChecker
+) -> None:
+    """A prompt's answer, then a ``session/close``'s, are written to the connection (the
+    stream holds them) and lost in flight: the client drops without reading them. Back
+    awaiting both ids, it got the prompt's answer (the closed session's last answer is
+    kept) and -32603 "no answer to this request will come" for the close, though the
+    close took effect and its answer ({}) was known: only prompt ids were watched, so
+    whether the client used the close's id again was not known. Both come now, once."""
+    async with open_hub(tmp_path, acp_schema, EchoModel(), limits=Limits(grace_seconds=60)) as hub:
+        raw, session = await open_raw_session(hub, "ide", buffer=64)
+        await send_unread(raw, "p", "session/prompt", prompt_params(session, "go"), acp_schema)
+        await send_unread(raw, "c", "session/close", {"sessionId": session}, acp_schema)
+        assert session not in hub.manager.sessions  # (closed; both answers written)
+        await raw.aclose()
+        await hub.settle()
+        back = await hub.connect()
+        await initialize(back.client, client_id="ide", awaiting=["p", "c"])
+        await hub.settle()
+        answers = _answers_under(back, "p", "c")
+        assert [a.get("result") for a in answers["p"]] == [{"stopReason": "end_turn"}], answers
+        assert [a.get("result") for a in answers["c"]] == [{}], answers
+        # Answered once: a later connection awaiting it again gets the usual refusal.
+        await back.drop()
+        await hub.settle()
+        third = await hub.connect()
+        await initialize(third.client, client_id="ide", awaiting=["c"])
+        await hub.settle()
+        (again,) = _answers_under(third, "c")["c"]
+        assert again["error"]["code"] == -32603, again
+
+
+@pytest.mark.parametrize(
+    "method",
+    [
+        "session/new",
+        "session/list",
+        "session/resume",
+        "session/load",
+        "session/delete",
+        "session/cancel",
+        "session/set_mode",
+    ],
+)
+async def test_every_answer_lost_in_flight_is_sent_once_to_its_client_back(
+    tmp_path: Path, acp_schema: SchemaChecker, method: str
+) -> None:
+    """A request's answer (and, for a load, its replay) is written to the connection and
+    lost in flight: the client drops without reading it. Back awaiting its id, it was
+    told -32603 "no answer to this request will come", though its answer was known and
+    the request had taken effect (a new session made, a stored one deleted). It gets
+    that answer now, once, and nothing of it on its next return."""
+    async with open_hub(tmp_path, acp_schema, EchoModel(), limits=Limits(grace_seconds=60)) as hub:
+        raw, session = await open_raw_session(hub, "ide", buffer=64)
+        other = (await raw_call(raw, 3, "session/new", {"cwd": str(hub.root), "mcpServers": []}))[
+            "sessionId"
+        ]
+        await raw_call(raw, 4, "session/close", {"sessionId": other})  # (stored, not live)
+        params: dict[str, Any] = {
+            "session/new": {"cwd": str(hub.root), "mcpServers": []},
+            "session/list": {},
+            "session/resume": load_params(session, hub.root),
+            "session/load": load_params(other, hub.root),
+            "session/delete": {"sessionId": other},
+            "session/cancel": {"sessionId": session},
+            "session/set_mode": {"sessionId": session, "modeId": "code"},
+        }[method]
+        await send_unread(raw, "x", method, params, acp_schema)
+        await answered_unread(hub, "ide", "x")
+        await raw.aclose()
+        await hub.settle()
+        back = await hub.connect()
+        await initialize(back.client, client_id="ide", awaiting=["x"])
+        await hub.settle()
+        (answer,) = _answers_under(back, "x")["x"]
+        if method == "session/set_mode":  # (not implemented: its answer is -32601)
+            assert answer["error"]["code"] == -32601, answer
+        else:
+            assert "result" in answer, answer
+        await back.drop()
+        await hub.settle()
+        third = await hub.connect()
+        await initialize(third.client, client_id="ide")  # (it got it: awaits nothing)
+        await hub.settle()
+        assert _answers_under(third, "x")["x"] == []
