@@ -132,8 +132,9 @@ class ClientConnection:
     #: first; only for a client that gave a client id). A request read under an id holds
     #: None there until its answer is queued (a prompt takes its id out): the id's older
     #: answer is not the client's any more. Should the connection drop, those written
-    #: are kept for the client's return (``Manager._keep_written_answers``): written, an
-    #: answer may have been lost in flight, and a client back awaiting its id says it was.
+    #: are kept for the client's return, and no session's last answer under an id here is
+    #: sent again (``Manager._keep_written_answers``): written, an answer may have been
+    #: lost in flight, and a client back awaiting its id says it was.
     answers: dict[RequestId, str | None] | None = attrs.field(default=None, init=False)
     # The memory the texts in ``answers`` take (``sys.getsizeof``, as the outbox counts).
     _answers_bytes: int = attrs.field(default=0, init=False)

@@ -97,7 +97,7 @@ def _detach(self: Manager, conn: ClientConnection) -> None:
     grace = told and self._grace_for(conn)
     unsent = conn.peer.unsent() if told and conn.peer is not None else []
     if conn.answers:
-        _keep_written_answers(self, conn, unsent if told else None)
+        _keep_written_answers(self, conn, owned, unsent if told else None)
     if unsent:
         assert client_id is not None
         self._keep_reload_notices(client_id, owned, unsent)
@@ -282,13 +282,17 @@ def _keep_unsent(
             self._buffer(session, item)
 
 
-def _keep_written_answers(self: Manager, conn: ClientConnection, unsent: list[str] | None) -> None:
+def _keep_written_answers(
+    self: Manager, conn: ClientConnection, owned: list[Session], unsent: list[str] | None
+) -> None:
     """Keep for the return of ``conn``'s client (as a cut close's answer is:
     :func:`keep_left_answer`) the answers ``conn`` wrote to its requests but its prompts
     (``ClientConnection.answers``); those it never wrote (``unsent``) are kept by
     :func:`_keep_unsent`, in their places. Not under an id a request still running at
-    the drop uses (its answer is to come, or not: a close's is kept already). (None for
-    ``unsent``: a client that cannot be told, for which nothing is kept.)
+    the drop uses (its answer is to come, or not: a close's is kept already). And no
+    session of ``conn``'s (``owned``) sends its last answer again under an id there:
+    the client used the id since. (None for ``unsent``: a client that cannot be told,
+    for which nothing is kept.)
 
     Why: a ``session/close``, its answer written just before the drop, had taken effect,
     and the client, back awaiting its id (the answer was lost in flight: a client back
@@ -297,8 +301,17 @@ def _keep_written_answers(self: Manager, conn: ClientConnection, unsent: list[st
     whose session was made). A close's id was not watched (only prompts' were), so
     whether the client used it again since was not known: now every request's id is, on
     a connection with a client id (``ClientConnection.answers``: None under an id whose
-    request runs, so that no older answer stands for it)."""
+    request runs, so that no older answer stands for it).
+
+    Why the sessions' last answers: a prompt's answer, written and lost in flight, is
+    sent again to a client back awaiting its id (:func:`_answers_lost_in_flight`); the
+    client that had used that id again (for a ``session/list``) and awaited that
+    request's answer got the prompt's (``{"stopReason": ...}`` for its list)."""
     answers, conn.answers = conn.answers or {}, None
+    for session in owned:
+        item = session.last_answer
+        if item is not None and _answer_id(item) in answers:
+            session.last_answer = None  # (its id used again since)
     client_id = conn.client_id
     if unsent is None or not client_id:
         return

@@ -2768,3 +2768,46 @@ async def test_every_answer_lost_in_flight_is_sent_once_to_its_client_back(
         await initialize(third.client, client_id="ide")  # (it got it: awaits nothing)
         await hub.settle()
         assert _answers_under(third, "x")["x"] == []
+
+
+@pytest.mark.parametrize("answered", [True, False])
+async def test_an_answer_lost_in_flight_never_answers_its_ids_next_request(
+    tmp_path: Path, acp_schema: SchemaChecker, answered: bool
+) -> None:
+    """A prompt's answer is written and lost in flight; the client then sends another
+    request under the same id ("x") on that connection: answered (and lost in flight
+    too), or still running when the connection drops (a load waiting for the store).
+    Back awaiting "x", the client means the later request; it was sent the prompt's
+    answer (the session's last, kept to be sent again), once the later one's as well.
+    It gets the later request's answer (or, cut, its -32800), never the prompt's."""
+    store = GatedStore()
+    limits = Limits(grace_seconds=60)
+    async with open_hub(tmp_path, acp_schema, EchoModel(), limits=limits, store=store) as hub:  # type: ignore[arg-type]
+        raw, session = await open_raw_session(hub, "ide", buffer=64)
+        other = (await raw_call(raw, 3, "session/new", {"cwd": str(hub.root), "mcpServers": []}))[
+            "sessionId"
+        ]
+        await raw_call(raw, 4, "session/close", {"sessionId": other})
+        await send_unread(raw, "x", "session/prompt", prompt_params(session, "go"), acp_schema)
+        assert hub.manager.sessions[session].last_answer is not None
+        if answered:
+            await send_unread(raw, "x", "session/list", {}, acp_schema)
+            await answered_unread(hub, "ide", "x")
+        else:
+            store.gets.armed = True
+            await send_unread(raw, "x", "session/load", load_params(other, hub.root), acp_schema)
+            with trio.fail_after(10):  # (behind the load's path check, in a thread)
+                await store.gets.entered.wait()
+        await raw.aclose()
+        await hub.settle()
+        store.gets.armed = False
+        store.gets.opened.set()
+        await hub.settle()
+        back = await hub.connect()
+        await initialize(back.client, client_id="ide", awaiting=["x"])
+        await hub.settle()
+        answers = _answers_under(back, "x")["x"]
+        assert len(answers) == 1, answers
+        assert answers[0].get("result") != {"stopReason": "end_turn"}, answers
+        if answered:
+            assert "sessions" in answers[0]["result"], answers
