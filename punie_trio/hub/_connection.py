@@ -136,6 +136,10 @@ class ClientConnection:
     #: sent again (``Manager._keep_written_answers``): written, an answer may have been
     #: lost in flight, and a client back awaiting its id says it was.
     answers: dict[RequestId, str | None] | None = attrs.field(default=None, init=False)
+    #: Of the ids in :attr:`answers`, those of ``session/load`` requests, to the session
+    #: each loads: its replay was written before its answer, and may have been lost in
+    #: flight with it (``Manager._keep_written_answers``). None until the first.
+    loads: dict[RequestId, str] | None = attrs.field(default=None, init=False)
     # The memory the texts in ``answers`` take (``sys.getsizeof``, as the outbox counts).
     _answers_bytes: int = attrs.field(default=0, init=False)
 
@@ -244,7 +248,7 @@ class ClientConnection:
             if request_id is not None:
                 self.prompt_sessions.pop(request_id, None)
         if self.answers is not None:
-            self._reused(method)
+            self._reused(method, params)
         if method == acp.INITIALIZE:
             if self.on_probation:
                 return self._initialize_on_probation(params)
@@ -304,9 +308,10 @@ class ClientConnection:
             )
         raise method_not_found(method)
 
-    def _reused(self, method: str) -> None:
+    def _reused(self, method: str, params: Params) -> None:
         """The request being read uses its id: an older answer under it (one this
-        connection queued) is not the client's any more (see :attr:`answers`)."""
+        connection queued) is not the client's any more (see :attr:`answers`); a load's
+        is remembered with the session it loads (:attr:`loads`)."""
         answers = self.answers
         assert answers is not None
         request_id = current_request_id.get(None)
@@ -315,6 +320,16 @@ class ClientConnection:
         if method == acp.SESSION_PROMPT or not small_id(request_id):
             return
         self.answered(request_id, None)
+        session_id = params.get("sessionId") if isinstance(params, dict) else None
+        if (
+            method == acp.SESSION_LOAD
+            and isinstance(session_id, str)
+            and len(session_id) <= MAX_REMEMBERED_ID_CHARS
+        ):
+            live = self.manager.sessions.get(session_id)
+            if self.loads is None:
+                self.loads = {}
+            self.loads[request_id] = session_id if live is None else live.id
 
     def answered(self, request_id: RequestId, text: str | None) -> None:
         """Remember ``text``, queued to answer ``request_id`` (None: a request under it is
@@ -342,6 +357,8 @@ class ClientConnection:
         text = self.answers.pop(request_id)
         if text is not None:
             self._answers_bytes -= sys.getsizeof(text)
+        if self.loads:
+            self.loads.pop(request_id, None)
 
     def _sent_prompt(self, params: Params) -> None:
         """Remember a prompt (run or refused), by the session it named (if it names one)."""

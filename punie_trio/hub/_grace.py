@@ -306,8 +306,13 @@ def _keep_written_answers(
     Why the sessions' last answers: a prompt's answer, written and lost in flight, is
     sent again to a client back awaiting its id (:func:`_answers_lost_in_flight`); the
     client that had used that id again (for a ``session/list``) and awaited that
-    request's answer got the prompt's (``{"stopReason": ...}`` for its list)."""
+    request's answer got the prompt's (``{"stopReason": ...}`` for its list).
+
+    Why a reload notice after a load's answer (:func:`_send_left_answers`): the load's
+    replay was written before it, and lost with it; the client, back and given the
+    answer alone, took its load for done and showed a session without its history."""
     answers, conn.answers = conn.answers or {}, None
+    loads, conn.loads = conn.loads or {}, None
     for session in owned:
         item = session.last_answer
         if item is not None and _answer_id(item) in answers:
@@ -323,7 +328,11 @@ def _keep_written_answers(
         if text is not None and text not in not_written and request_id not in kept
     ]
     for request_id, text in written:
-        _keep_left(self, client_id, request_id, text)
+        left = _keep_left(self, client_id, request_id, text)
+        if left is not None:
+            # A load's replay went out before its answer: lost with it, the client
+            # back awaiting the answer is told to reload the session after it.
+            left.reload = loads.get(request_id)
 
 
 def _keep_reload_notices(
@@ -682,6 +691,9 @@ class LeftAnswer:
     #: The answer as its connection queued it and never wrote it (``_keep_unsent``),
     #: kept as that text: sent as it is, and its memory is what the outbox held.
     text: str | None = None
+    #: The session a ``session/load`` answered here loaded (its answer written, and
+    #: lost in flight with the replay before it): told to reload once it is sent.
+    reload: str | None = None
 
     @classmethod
     def of_text(cls, text: str) -> LeftAnswer:
@@ -816,13 +828,20 @@ async def _send_left_answers(
     while waiting:
         request_id, answer = waiting[0]
         await answer.done.wait()
-        if request_id in conn.awaiting and not conn.has_in_flight(request_id):
+        sent = request_id in conn.awaiting and not conn.has_in_flight(request_id)
+        if sent:
             if answer.text is not None:
                 await conn.send_encoded(answer.text)
             else:
                 await conn.send_answer(request_id, answer.result, answer.error)
             conn.stop_awaiting(request_id)
         waiting.pop(0)
+        if sent and answer.reload is not None:
+            # (Not owed again if this send fails: the answer went, as for a flush's.)
+            await conn.notify(
+                RELOAD_REQUIRED,
+                {"sessionId": answer.reload, "reason": "updates were missed while disconnected"},
+            )
 
 
 def _keep_left_again(
