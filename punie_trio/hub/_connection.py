@@ -31,7 +31,7 @@ from ..rpc import (
 )
 from ..transport import MessageStream
 from ._manager import Manager
-from ._session import MAX_REMEMBERED_ID_CHARS, Pending, Session, small_id
+from ._session import MAX_REMEMBERED_ID_CHARS, Session, small_id
 
 log = logging.getLogger("punie_trio.hub")
 
@@ -117,17 +117,9 @@ class ClientConnection:
     #: awaits the id (Manager._keep_unsent). (Of the prompts that ran, only each session's
     #: last was known: an earlier one's answer, unwritten, was sent after the later turn.)
     prompt_sessions: dict[RequestId, str] | None = attrs.field(default=None, init=False)
-    #: The last answers (written) of the sessions this connection closed or deleted, by
-    #: request id: the session id and the answer, the newest ``LEFT_ANSWERS`` (None until
-    #: the first; only for a client that gave a client id). Should the connection drop,
-    #: those of its prompts whose ids it did not use again are kept for the client's
-    #: return (``Manager.remember_closed_answer``): written, they may have been lost in
-    #: flight, as a session's kept within grace may (which it sends again).
-    closed_answers: dict[RequestId, tuple[str, Pending]] | None = attrs.field(
-        default=None, init=False
-    )
     #: The newest answers queued to this client's requests but its prompts (which their
-    #: sessions keep: ``Session.last_answer``), as their text, by request id, in the order
+    #: sessions keep: ``Session.last_answer``; but for the last of a session it closed,
+    #: ``Manager.remember_closed_answer``), as their text, by request id, in the order
     #: queued: the newest :data:`MAX_ANSWERS`, within ``outbox_bytes`` (None until the
     #: first; only for a client that gave a client id). A request read under an id holds
     #: None there until its answer is queued (a prompt takes its id out): the id's older

@@ -102,8 +102,6 @@ def _detach(self: Manager, conn: ClientConnection) -> None:
         assert client_id is not None
         self._keep_reload_notices(client_id, owned, unsent)
         self._keep_unsent(owned, unsent, conn.prompt_sessions or {}, client_id)
-    if told and conn.closed_answers:
-        _keep_closed_answers(self, conn)
     if client_id and told and owned:
         for session in owned:
             session.owner = None
@@ -321,18 +319,18 @@ def _keep_written_answers(
     if unsent is None or not client_id:
         return
     not_written = set(unsent)
-    kept = self._left_answers.get(client_id, {})
-    written = [
-        (request_id, text)
-        for request_id, text in answers.items()
-        if text is not None and text not in not_written and request_id not in kept
-    ]
-    for request_id, text in written:
-        left = _keep_left(self, client_id, request_id, text)
-        if left is not None:
-            # A load's replay went out before its answer: lost with it, the client
-            # back awaiting the answer is told to reload the session after it.
-            left.reload = loads.get(request_id)
+    kept = self._left_answers.pop(client_id, {})  # (re-inserted: now the newest)
+    ahead: dict[RequestId, LeftAnswer] = {}  # (written before all that was kept)
+    for request_id, text in answers.items():
+        if text is None or text in not_written or request_id in kept:
+            continue
+        answer = ahead[request_id] = LeftAnswer.of_text(text)
+        # A load's replay went out before its answer: lost with it, the client back
+        # awaiting the answer is told to reload the session after it.
+        answer.reload = loads.get(request_id)
+    ahead.update(kept)
+    if ahead:
+        _bound_left(self, client_id, ahead)
 
 
 def _keep_reload_notices(
@@ -366,29 +364,9 @@ def _keep_reload_notices(
 
 def remember_closed_answer(self: Manager, conn: ClientConnection, session: Session) -> None:
     """Remember on ``conn`` the last answer of ``session``, which it closes (or deletes):
-    that of a prompt it sent (``prompt_sessions``), for :func:`_keep_closed_answers`."""
-    item = session.last_answer
-    prompts = conn.prompt_sessions
-    if item is None or not prompts:
-        return  # (prompts: only for a client that gave a client id)
-    request_id = _answer_id(item)
-    if request_id is None or prompts.get(request_id) != session.id:
-        return  # (not its prompt, or its id used again since)
-    closed = conn.closed_answers
-    if closed is None:
-        closed = conn.closed_answers = {}
-    closed.pop(request_id, None)  # (re-inserted: the newest)
-    closed[request_id] = (session.id, item)
-    if len(closed) > LEFT_ANSWERS:
-        del closed[next(iter(closed))]
-
-
-def _keep_closed_answers(self: Manager, conn: ClientConnection) -> None:
-    """Keep for the return of ``conn``'s client (as a cut close's answer is:
-    :func:`keep_left_answer`) the last answers of the sessions it closed
-    (:func:`remember_closed_answer`), unless the client used the id again since (for a
-    request of its own, or a prompt of another session) or an answer under it is kept
-    already (newer): ahead of the rest it kept, for they were written before all that.
+    that of a prompt it sent (``prompt_sessions``), among the answers it wrote
+    (``ClientConnection.answers``), kept at its drop for its client's return
+    (:func:`_keep_written_answers`) unless the client uses the id again meanwhile.
 
     Why: written to the connection before its drop was seen, such an answer may have
     been lost in flight, and a client back awaiting its id says it was. A session kept
@@ -396,19 +374,14 @@ def _keep_closed_answers(self: Manager, conn: ClientConnection) -> None:
     gone with it, and the client (which sent a prompt, closed its session, and dropped)
     was told -32603 "no answer to this request will come", though the answer was
     known."""
-    client_id = conn.client_id
-    closed, conn.closed_answers = conn.closed_answers or {}, None
-    if not client_id:
-        return
-    prompts = conn.prompt_sessions or {}
-    kept = self._left_answers.pop(client_id, {})  # (re-inserted: now the newest)
-    ahead: dict[RequestId, LeftAnswer] = {}
-    for request_id, (session_id, item) in closed.items():
-        if prompts.get(request_id) == session_id and request_id not in kept:
-            ahead[request_id] = LeftAnswer.of_text(_as_sent(item)[1])
-    ahead.update(kept)
-    if ahead:
-        _bound_left(self, client_id, ahead)
+    item = session.last_answer
+    prompts = conn.prompt_sessions
+    if item is None or not prompts:
+        return  # (prompts: only for a client that gave a client id)
+    request_id = _answer_id(item)
+    if request_id is None or prompts.get(request_id) != session.id:
+        return  # (not its prompt, or its id used again since)
+    conn.answered(request_id, _as_sent(item)[1])
 
 
 def _grace_for(self: Manager, conn: ClientConnection) -> bool:
