@@ -51,7 +51,7 @@ MAX_AWAITED_ID_CHARS = 1024
 #: unwritten.
 MAX_REFUSED = 1024
 #: Most answers to its other requests a connection remembers (``ClientConnection.answers``),
-#: as many as are kept for a client's return (``_grace.LEFT_ANSWERS``).
+#: as many as are kept for a client's return (``_left.LEFT_ANSWERS``).
 MAX_ANSWERS = 64
 
 #: Requests a ``$/cancel_request`` does not cancel (``Peer.uncancellable``).
