@@ -234,12 +234,7 @@ class ClientConnection:
             if request_id in self.awaiting:
                 self.stop_awaiting(request_id)
                 self.manager.forget_old_answers(self, request_id)
-        if self.prompt_sessions:
-            # (nor one whose old answer or refusal, if unwritten, is to be kept for it)
-            request_id = current_request_id.get(None)
-            if request_id is not None:
-                self.prompt_sessions.pop(request_id, None)
-        if self.answers is not None:
+        if self.answers is not None:  # (a client id: what is kept for its return)
             self._reused(method, params)
         if method == acp.INITIALIZE:
             if self.on_probation:
@@ -302,11 +297,16 @@ class ClientConnection:
 
     def _reused(self, method: str, params: Params) -> None:
         """The request being read uses its id: an older answer under it (one this
-        connection queued) is not the client's any more (see :attr:`answers`); a load's
-        is remembered with the session it loads (:attr:`loads`)."""
+        connection queued, or a prompt's: :attr:`prompt_sessions`) is not the client's
+        any more (see :attr:`answers`); a load's is remembered with the session it loads
+        (:attr:`loads`). Only for a client that gave a client id: a connection without
+        one pays one test per request for all of it."""
         answers = self.answers
         assert answers is not None
         request_id = current_request_id.get(None)
+        if self.prompt_sessions and request_id is not None:
+            # (nor one whose old answer or refusal, if unwritten, is to be kept for it)
+            self.prompt_sessions.pop(request_id, None)
         if request_id in answers:
             self._forget_answer(request_id)
         if method == acp.SESSION_PROMPT or not small_id(request_id):
