@@ -2715,6 +2715,48 @@ async def test_a_closes_own_answer_lost_in_flight_is_sent_to_its_client_back(
         assert again["error"]["code"] == -32603, again
 
 
+async def test_a_closes_own_answer_lost_in_flight_over_a_real_websocket_comes_once(
+    start_server: StartServer, tmp_path: Path, acp_schema: SchemaChecker
+) -> None:
+    """The same over a real server and WebSocket: the server writes the prompt's answer,
+    then the close's, to the socket, and the client closes without reading them. Back
+    awaiting both, it gets each once (the close's was -32603)."""
+    root = Path(await trio.Path(tmp_path).resolve())
+    meta = {CLIENT_ID_META: "ide"}
+    async with start_server(EchoModel(), limits=Limits(grace_seconds=60)) as running:
+        manager = running.manager
+        with trio.fail_after(10):
+            async with open_websocket_url(ws_url(running.url)) as ws:
+                for request_id, method, params in [
+                    (1, "initialize", {"protocolVersion": 1, "_meta": meta}),
+                    (2, "session/new", {"cwd": str(root), "mcpServers": []}),
+                ]:
+                    request = {"jsonrpc": "2.0", "id": request_id, "method": method}
+                    await ws.send_message(json.dumps({**request, "params": params}))
+                    answer = json.loads(await ws.get_message())
+                session = answer["result"]["sessionId"]
+                for request_id, method, params in [
+                    ("p", "session/prompt", prompt_params(session, "go")),
+                    ("c", "session/close", {"sessionId": session}),
+                ]:
+                    request = {"jsonrpc": "2.0", "id": request_id, "method": method}
+                    acp_schema.client_sent(request)
+                    await ws.send_message(json.dumps({**request, "params": params}))
+                # Answered, and written: every task waits, the outbox is empty.
+                await settle_until(lambda: session not in manager.sessions)
+                await trio.testing.wait_all_tasks_blocked()
+            await settle_until(lambda: not manager.connections)
+            async with acp_ws_client(running.url, acp_schema) as (client, ws):
+                await initialize(client, client_id="ide", awaiting=["p", "c"])
+                await client.wait_for(lambda m: m.get("id") == "c")
+                await trio.testing.wait_all_tasks_blocked()
+                answers = [m for m in client.received if m.get("id") in ("p", "c")]
+                assert [(m["id"], m.get("result")) for m in answers] == [
+                    ("p", {"stopReason": "end_turn"}),
+                    ("c", {}),
+                ], answers
+
+
 @pytest.mark.parametrize(
     "method",
     [
