@@ -722,6 +722,13 @@ def _answer_unwanted(
     """
     if request_id in conn.awaiting and not conn.has_in_flight(request_id):
         return False
+    if conn.peer is not None and conn.peer.lost:
+        # Gone, not yet detached: whatever it takes goes back at its detach (unwritten)
+        # or stays the session's last answer (written), for its client's return. It may
+        # be the very connection that sent the prompt, and a close of the session
+        # flushed its turn's answer to it: dropped here as "not awaited", the answer of
+        # a prompt it never said it did not await was lost.
+        return False
     _log_unwanted(
         session,
         request_id,

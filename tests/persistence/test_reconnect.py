@@ -2757,6 +2757,35 @@ async def test_a_closes_own_answer_lost_in_flight_over_a_real_websocket_comes_on
                 ], answers
 
 
+async def test_a_prompts_answer_ending_as_its_connection_drops_during_a_close_is_kept(
+    tmp_path: Path, acp_schema: SchemaChecker
+) -> None:
+    """A client sends a prompt, then a close of its session, and drops at once (on a real
+    server, a client resetting its TCP connection right after sending them: 2 of 2 runs).
+    The close goes on past the drop and cancels the turn, whose answer comes as the
+    connection ends, before its drop is handled: the connection still held the session,
+    and the close's flush handed it the answer, which it dropped as "not listed as
+    awaited" (it never awaited its own prompt). Back awaiting both ids, the client was
+    told -32603 for the prompt. It gets the prompt's answer now, and the close's."""
+    async with open_hub(tmp_path, acp_schema, EchoModel(), limits=Limits(grace_seconds=60)) as hub:
+        raw, session = await open_raw_session(hub, "ide", buffer=64)
+        for request_id, method, params in [
+            ("p", "session/prompt", prompt_params(session, "go")),
+            ("c", "session/close", {"sessionId": session}),
+        ]:
+            request = {"jsonrpc": "2.0", "id": request_id, "method": method}
+            acp_schema.client_sent(request)
+            await raw.send_message(json.dumps({**request, "params": params}))
+        await raw.aclose()  # (at once: nothing of the two has run yet)
+        await hub.settle()
+        back = await hub.connect()
+        await initialize(back.client, client_id="ide", awaiting=["p", "c"])
+        await hub.settle()
+        answers = _answers_under(back, "p", "c")
+        assert [a.get("result") for a in answers["p"]] == [{"stopReason": "end_turn"}], answers
+        assert [a.get("result") for a in answers["c"]] == [{}], answers
+
+
 @pytest.mark.parametrize(
     "method",
     [
