@@ -2,13 +2,15 @@
 ``PUNIE_*`` environment variables, then the TOML config file, then the defaults.
 
 One table (:data:`OPTIONS`) drives all four, so an option cannot exist in one place and be
-forgotten in another. Errors name the source and the option (``config.toml: port must be an
-integer``) and the CLI exits 2 with them.
+forgotten in another. Errors name the source, the option, what it takes and the value
+given (``config.toml: port must be an integer, got 1.5``), and the CLI exits 2 with them.
+The file's values are typed as TOML types them: a string is no number or boolean there.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import difflib
 import ipaddress
 import os
@@ -44,6 +46,41 @@ def as_flag(convert: Callable[[Any], T]) -> Callable[[str], T]:
     return parse
 
 
+#: The longest string an error quotes whole.
+QUOTED_CHARS = 100
+
+
+def _given(value: Any) -> str:
+    """``value`` as an error quotes it: a string quoted (its control characters escaped), a
+    boolean and a number as TOML writes them, an array with its items, a table and a date
+    by their kind.
+
+    Why: a TOML float for an integer (``max-connections = 5.5``), a number for a string or
+    a bad boolean from ``$PUNIE_STDIO`` was told only what it must be ("must be an
+    integer"), and the user looked for what was wrong with a value the message did not
+    show."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        if len(value) <= QUOTED_CHARS:
+            return repr(value)
+        # (Its start and its length: 5,000 characters once went to the terminal whole.)
+        return f"{value[:60]!r}... ({len(value):,} characters)"
+    if isinstance(value, int):
+        return _shown_int(value)
+    if isinstance(value, float):
+        # 80.0 as written, not "80": "must be an integer, got 80" would make no sense.
+        return repr(value) if value.is_integer() and abs(value) < 1e16 else _shown(value)
+    if isinstance(value, list | tuple):
+        items = ", ".join(_given(v) for v in value)
+        return f"an array, [{items if len(items) <= 60 else items[:60] + '...'}]"
+    if isinstance(value, dict):
+        return "a table"
+    if isinstance(value, datetime.date | datetime.time):
+        return f"a date or time, {value.isoformat()}"
+    return f"a {type(value).__name__}"
+
+
 def _to_bool(value: Any) -> bool:
     if isinstance(value, bool):
         return value
@@ -51,7 +88,7 @@ def _to_bool(value: Any) -> bool:
         return True
     if isinstance(value, str) and value.strip().lower() in ("0", "false", "no", "off", ""):
         return False
-    raise ValueError("must be true or false")
+    raise ValueError(f"must be true or false, got {_given(value)}")
 
 
 #: An integer as ``int()`` reads it (sign, digits, underscores, spaces around).
@@ -63,14 +100,14 @@ def _to_int(value: Any, *, bounds: str = "") -> int:
     long for ``int()`` (over 4,300 digits) is told it must be: it is an integer, and was
     once refused as not one, quoted whole (5 KB on the terminal)."""
     if isinstance(value, bool) or not isinstance(value, int | str):
-        raise ValueError("must be an integer")
+        raise ValueError(f"must be an integer, got {_given(value)}")
     try:
         return int(value)
     except ValueError:  # int("abc") says "invalid literal for int() with base 10"
         if bounds and isinstance(value, str) and _INTEGER.fullmatch(value):
             digits = sum(c.isdigit() for c in value)
             raise ValueError(f"must be {bounds}, got a number of {digits} digits") from None
-        raise ValueError(f"must be an integer, got {value!r}") from None
+        raise ValueError(f"must be an integer, got {_given(value)}") from None
 
 
 def _shown_int(number: int) -> str:
@@ -84,11 +121,11 @@ def _shown_int(number: int) -> str:
 
 def _to_float(value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float | str):
-        raise ValueError("must be a number")
+        raise ValueError(f"must be a number, got {_given(value)}")
     try:
         return float(value)
     except ValueError:
-        raise ValueError(f"must be a number, got {value!r}") from None
+        raise ValueError(f"must be a number, got {_given(value)}") from None
 
 
 #: The most any count or byte-size option (a limit) may be: 2**40 (1 TiB, a trillion),
@@ -124,7 +161,7 @@ MAX_SECONDS = 365 * 24 * 60 * 60
 def _to_seconds(value: Any) -> float:
     number = _to_float(value)
     if not number >= 0:
-        raise ValueError(f"must be a number of seconds >= 0, got {number}")
+        raise ValueError(f"must be a number of seconds >= 0, got {_shown(number)}")
     if number > MAX_SECONDS:
         raise ValueError(f"must be at most {MAX_SECONDS} seconds (a year), got {_shown(number)}")
     return number
@@ -139,12 +176,12 @@ def _shown(number: float) -> str:
 
 def _to_str(value: Any) -> str:
     if not isinstance(value, str):
-        raise ValueError("must be a string")
+        raise ValueError(f"must be a string, got {_given(value)}")
     if "\0" in value:
         # Only a TOML file can hold one ("\u0000"; argv and the environment cannot): no
         # path, host or command can, and a data-dir, project, watch or host with one was a
         # ValueError traceback (exit 1) from the first system call that met it.
-        raise ValueError(f"must not contain a NUL character, got {value!r}")
+        raise ValueError(f"must not contain a NUL character, got {_given(value)}")
     return value
 
 
@@ -159,7 +196,7 @@ def _to_host(value: Any) -> str:
     # An empty host would bind every interface (0.0.0.0): never by accident.
     host = _to_nonempty(value)
     if host != host.strip():
-        raise ValueError(f"must not have spaces around it, got {host!r}")
+        raise ValueError(f"must not have spaces around it, got {_given(host)}")
     return host
 
 
@@ -199,7 +236,7 @@ def _to_origin(value: Any) -> str:
     text = _to_nonempty(value).strip()
     if text.lower() == "null":
         raise ValueError("cannot be null: sandboxed frames and file:// pages of any site send it")
-    bad = ValueError(f"must be an origin like http://localhost:3000, got {value!r}")
+    bad = ValueError(f"must be an origin like http://localhost:3000, got {_given(value)}")
     parts = urlsplit(text.removesuffix("/"))
     scheme = parts.scheme.lower()
     if (
@@ -246,7 +283,7 @@ def _to_host_name(value: Any) -> str:
     if name is None:
         raise ValueError(
             "must be a host name like myhost.lan or .example.com (no scheme or port; IP "
-            f"addresses are always allowed), got {value!r}"
+            f"addresses are always allowed), got {_given(value)}"
         )
     return dot + name
 
@@ -260,7 +297,10 @@ def _to_token(value: Any) -> str:
     # message never shows the value: it is a secret (so not _to_nonempty, whose NUL check,
     # common to every string, quotes the value: a NUL is refused below as unprintable).
     if not isinstance(value, str):
-        raise ValueError("must be a string")
+        # (Its kind, not its value: a number may be the secret.)
+        kinds = {bool: "a boolean", int: "an integer", float: "a float"}
+        kind = kinds.get(type(value)) or _given(value).partition(",")[0]
+        raise ValueError(f"must be a string, got {kind}")
     token = value
     if not token.strip():
         raise ValueError("must not be empty")
@@ -273,10 +313,12 @@ def _to_token(value: Any) -> str:
 
 def _choice(*names: str, fold_case: bool = False) -> Callable[[Any], str]:
     def convert(value: Any) -> str:
+        if not isinstance(value, str):  # (named with the choices, as a bad string is)
+            raise ValueError(f"must be one of {', '.join(names)}, got {_given(value)}")
         text = _to_str(value)
         key = text.lower() if fold_case else text
         if key not in names:
-            raise ValueError(f"must be one of {', '.join(names)}, got {text!r}")
+            raise ValueError(f"must be one of {', '.join(names)}, got {_given(text)}")
         return key
 
     return convert
@@ -289,13 +331,13 @@ def _to_path(value: Any) -> Path:
     # and the read-only commands looked in.
     text = _to_nonempty(value)
     if text != text.strip():
-        raise ValueError(f"must not have spaces around it, got {text!r}")
+        raise ValueError(f"must not have spaces around it, got {_given(text)}")
     try:
         return Path(text).expanduser()
     except RuntimeError:
         # ~nosuchuser (or ~ where no home directory can be found) was a RuntimeError
         # traceback, in serve and in the read-only commands alike.
-        raise ValueError(f"has a ~ that names no home directory, got {text!r}") from None
+        raise ValueError(f"has a ~ that names no home directory, got {_given(text)}") from None
 
 
 #: The values of ``log-level`` and ``store`` (the flags offer the same choices).
@@ -349,7 +391,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("site", _to_path, None),
     Option("build", _to_nonempty, None),  # "" ran no build, without a word
     Option("watch", _to_path, (), many=True),
-    Option("ignore", _to_str, (), many=True),
+    # An empty (or blank) glob was skipped without a word, while PUNIE_IGNORE= was an error.
+    Option("ignore", _to_nonempty, (), many=True),
     Option("no_watch", _to_bool, False),
     Option("debounce", _to_seconds, 0.2),
     Option("open", _to_bool, False),
@@ -400,7 +443,8 @@ def load_file(path: Path, *, required: bool) -> dict[str, Any]:
         raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
     table = data.get("serve", data)
     if not isinstance(table, dict):
-        raise ConfigError(f"{path}: [serve] must be a table")
+        shown = f"the string {_given(table)}" if isinstance(table, str) else _given(table)
+        raise ConfigError(f"{path}: [serve] must be a table, got {shown}")
     if table is not data and len(data) > 1:
         # With a [serve] table, anything beside it (a misspelt table, an option above it)
         # would be ignored without a word.
@@ -419,7 +463,63 @@ def load_file(path: Path, *, required: bool) -> dict[str, Any]:
     return options
 
 
-def _convert(option: Option, value: Any, source: str) -> Any:
+def readable_token_warning(
+    path: Path, file_values: Mapping[str, Any], token_source: str | None
+) -> str | None:
+    """A warning when the config file at ``path`` (read into ``file_values``) holds a token
+    and other users can read it; ``token_source``: where the token in use comes from (the
+    file's name, ``--token``, ``$PUNIE_TOKEN``). None when there is nothing to say.
+
+    Why: editors create files 0644, so a ``token =`` there is every local user's to read.
+    A warning, not a refusal: the directories above may keep others out. Where a flag or
+    the variable overrides it, it was not said at all, though the file's token is a
+    secret all the same (often the one in use elsewhere, and the token of the next start
+    without the override). The token itself is never shown."""
+    if "token" not in file_values:
+        return None
+    try:
+        mode = path.stat().st_mode & 0o777
+    except OSError:
+        return None
+    if not mode & 0o044:
+        return None
+    if token_source is None or token_source == str(path):
+        return (
+            f"{path} holds the token and is readable by others (mode {mode:04o}); "
+            f"`chmod 600 {path}`, or give the token in $PUNIE_TOKEN"
+        )
+    return (
+        f"{path} holds a token and is readable by others (mode {mode:04o}), though "
+        f"{token_source} overrides it; `chmod 600 {path}`, or take the token out of it"
+    )
+
+
+#: What the config file must give for an option read by each of these converters: TOML
+#: types its values (the environment's and the flags' are all strings, which the same
+#: converters parse).
+_TYPED: dict[Callable[[Any], Any], tuple[str, str]] = {
+    _to_bool: ("true or false", "write true or false without quotes"),
+    _to_port: ("an integer", "write numbers without quotes"),
+    _to_positive_int: ("an integer", "write numbers without quotes"),
+    _to_seconds: ("a number", "write numbers without quotes"),
+}
+
+
+def _convert(option: Option, value: Any, source: str, *, typed: bool = False) -> Any:
+    """``value`` by ``option``'s rule, or a ConfigError naming ``source``. ``typed``: the
+    value is TOML's, where a number or a boolean is not a string.
+
+    Why: ``max-connections = "5"`` served 5 connections and ``metrics-public = "yes"``
+    made ``/metrics`` public, though docs/configuration.md writes them unquoted and any
+    other reader of the file (a TOML linter, a program that edits it) takes them for
+    strings."""
+    typed_as = _TYPED.get(option.convert) if typed else None
+    if typed_as is not None and isinstance(value, str):
+        what, how = typed_as
+        raise ConfigError(
+            f"{source}: {option.name.replace('_', '-')} must be {what}, got the string "
+            f"{_given(value)} (TOML is typed: {how})"
+        )
     try:
         if option.many:
             items = value if isinstance(value, list | tuple) else [value]
@@ -557,6 +657,19 @@ def resolve_option(
     return _pick(name, flag, file_values, environ, file_name)[0]
 
 
+def resolve_option_and_source(
+    name: str,
+    flag: Any,
+    file_values: Mapping[str, Any],
+    environ: Mapping[str, str],
+    file_name: str,
+) -> tuple[Any, str | None]:
+    """:func:`resolve_option`, and where the value came from (as
+    :func:`resolve_with_sources` says it): ``token`` prints the token ``serve`` takes and
+    names its place."""
+    return _pick(name, flag, file_values, environ, file_name)
+
+
 def _pick(
     name: str,
     flag: Any,
@@ -569,7 +682,9 @@ def _pick(
     # environment was ignored without a word while a flag overrode it (`port = "eighty"`
     # under --port 0), and broke the next start, the one without the flag.
     env = _from_env(option, environ)
-    in_file = _convert(option, file_values[name], file_name) if name in file_values else None
+    in_file = (
+        _convert(option, file_values[name], file_name, typed=True) if name in file_values else None
+    )
     if flag is not None and not (option.many and not flag):
         return (tuple(flag) if option.many else flag), option.flag
     if env is not None:

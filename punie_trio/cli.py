@@ -31,6 +31,7 @@ from ._config import (
     LOG_LEVELS,
     STORES,
     ConfigError,
+    _choice,
     _to_host,
     _to_host_name,
     _to_nonempty,
@@ -44,6 +45,7 @@ from ._config import (
     load_file,
     misspelt_env,
     named_config,
+    readable_token_warning,
     resolve_with_sources,
 )
 from ._json import is_name_text
@@ -80,6 +82,11 @@ _origin = as_flag(_to_origin)  # scheme://host[:port], as an Origin header carri
 _host_name = as_flag(_to_host_name)  # a name, .domain or *, without scheme or port
 _path = as_flag(_to_path)  # not empty (Path("") is the current directory: nobody chose it)
 _command = as_flag(_to_nonempty)  # not empty (an empty --build ran nothing, without a word)
+_glob = as_flag(_to_nonempty)  # not empty (an empty --ignore ignored nothing, without a word)
+# Any case, like the file and $PUNIE_LOG_LEVEL; refused in their words, not argparse's
+# "invalid choice: 'loud' (choose from 'debug', ...)". (``choices`` stays, for the help.)
+_log_level = as_flag(_choice(*LOG_LEVELS, fold_case=True))
+_store = as_flag(_choice(*STORES))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -127,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model", help="model backend: echo (default), echo:N or script:PATH")
     s.add_argument(
         "--log-level",
-        type=str.lower,  # any case, like the file and $PUNIE_LOG_LEVEL
+        type=_log_level,
         choices=LOG_LEVELS,
         metavar="LEVEL",
         help=f"stderr log level: {', '.join(LOG_LEVELS)} (default warning)",
@@ -139,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="data directory (default: $PUNIE_DATA_DIR, else the config file's data-dir, else "
         "the platform's)",
     )
-    s.add_argument("--store", choices=STORES, help="session store (default sqlite)")
+    s.add_argument("--store", type=_store, choices=STORES, help="session store (default sqlite)")
     auth = s.add_argument_group("security")
     auth.add_argument(
         "--token",
@@ -249,7 +256,9 @@ def build_parser() -> argparse.ArgumentParser:
     dev.add_argument(
         "--watch", action="append", type=_path, metavar="PATH", help="watch PATH (repeatable)"
     )
-    dev.add_argument("--ignore", action="append", metavar="GLOB", help="ignore GLOB (repeatable)")
+    dev.add_argument(
+        "--ignore", action="append", type=_glob, metavar="GLOB", help="ignore GLOB (repeatable)"
+    )
     dev.add_argument(
         "--no-watch", action="store_true", default=None, help="do not watch for changes"
     )
@@ -508,31 +517,6 @@ def _setup_logging(level: str, data_dir: Path | None) -> None:
         root.addHandler(file_handler)
 
 
-def _warn_if_the_token_is_readable(
-    args: argparse.Namespace, sources: dict[str, str | None]
-) -> None:
-    """Warn when the token comes from a config file other users can read.
-
-    Why: editors create files 0644, so a ``token =`` in the config file was readable by
-    every local user, and ``serve`` said nothing (``punie-trio token`` warns so of the
-    token file it reads). A warning, not a refusal: the directories above may keep others
-    out. The token itself is never shown."""
-    path = config_path(args.config)
-    if sources["token"] != str(path):
-        # No token, or not the file's (a flag or the environment wins over it): where it
-        # came from as the merge saw it, not a second reading of the flag and $PUNIE_TOKEN.
-        return
-    try:
-        mode = path.stat().st_mode & 0o777
-    except OSError:
-        return
-    if mode & 0o044:
-        _warn(
-            f"{path} holds the token and is readable by others (mode {mode:04o}); "
-            f"`chmod 600 {path}`, or give the token in $PUNIE_TOKEN"
-        )
-
-
 def _warn(message: str) -> None:
     # Escaped (_printable), as _error: a warning quotes values (a config file's path).
     print(f"punie-trio: warning: {_printable(message)}", file=sys.stderr)
@@ -557,12 +541,16 @@ def _stderr_log_written() -> None:
             handler.flush()
 
 
-def _settings(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, str | None]]:
-    """The resolved options and where each came from (``resolve_with_sources``)."""
+def _settings(
+    args: argparse.Namespace,
+) -> tuple[dict[str, Any], dict[str, str | None], dict[str, Any]]:
+    """The resolved options, where each came from (``resolve_with_sources``), and the
+    config file's values."""
     config_file = config_path(args.config)
     file_values = load_file(config_file, required=args.config is not None)
     flags = {name: getattr(args, name, None) for name in BY_NAME}
-    return resolve_with_sources(flags, file_values, os.environ, str(config_file))
+    o, sources = resolve_with_sources(flags, file_values, os.environ, str(config_file))
+    return o, sources, file_values
 
 
 def _bad_value(sources: dict[str, str | None], name: str, problem: str) -> int:
@@ -638,10 +626,12 @@ def _project_root(given: Path) -> tuple[Path, str | None]:
 def _run_serve(args: argparse.Namespace) -> int:
     try:
         args.config = named_config(args.config, os.environ)  # (--config, else $PUNIE_CONFIG)
-        o, sources = _settings(args)
+        o, sources, file_values = _settings(args)
     except ConfigError as exc:
         return _error(str(exc), 2)
-    _warn_if_the_token_is_readable(args, sources)
+    warning = readable_token_warning(config_path(args.config), file_values, sources["token"])
+    if warning is not None:
+        _warn(warning)
     for warning in misspelt_env(os.environ):
         _warn(warning)
     if o["no_http"] and not o["stdio"]:

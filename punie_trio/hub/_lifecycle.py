@@ -253,21 +253,29 @@ async def new_session(
     self._check_session_quota(conn)
     session_id = f"sess_{uuid.uuid4().hex}"
     session = self._open(conn, session_id, root, cwd, additional)
-    return await self.persist_new(session, params.cwd)
+    return await self.persist_new(session, params.cwd, params.additional_directories)
 
 
 async def persist_new(
-    self: Manager, session: Session, cwd_sent: str | None = None
+    self: Manager,
+    session: Session,
+    cwd_sent: str | None = None,
+    directories_sent: tuple[str, ...] | None = None,
 ) -> dict[str, Any]:
-    """Store a session :meth:`new_session` opened; ``cwd_sent``: its cwd as the client
-    sent it (what session/list reports)."""
+    """Store a session :meth:`new_session` opened; ``cwd_sent`` and ``directories_sent``:
+    its cwd and additional directories as the client sent them (what session/list
+    reports; the live session holds them resolved)."""
     now = time.time()
     record = SessionRecord(
         id=session.id,
         root=session.root,
         cwd=session.cwd,
         client_id=session.owner.client_id if session.owner else None,
-        additional_directories=session.additional_directories,
+        # As sent, as the cwd is: session/list reported them resolved beside a cwd as
+        # sent. (Nothing checks a path against them: a load sends its own again.)
+        additional_directories=(
+            session.additional_directories if directories_sent is None else directories_sent
+        ),
         created_at=now,
         updated_at=now,
         cwd_sent=cwd_sent,
@@ -402,12 +410,15 @@ async def _load_session(
             record = await self._stored(ref.session_id)
             live.turns, live.title = record.turns, record.title
         history = await self._replay(conn, live, replay)
-        if additional != record.additional_directories:
+        if ref.additional_directories != record.additional_directories:
             # The roots asked for are the session's now, in the store too (what
-            # session/list reports). Written once the replay is through: a load failed
-            # or cancelled before leaves the stored roots as they were, as the live ones.
+            # session/list reports, as sent, like the cwd). Written once the replay is
+            # through: a load failed or cancelled before leaves the stored roots as they
+            # were, as the live ones.
             operation = "update_session"
-            await self.store.update_session(record.id, additional_directories=additional)
+            await self.store.update_session(
+                record.id, additional_directories=ref.additional_directories
+            )
         self._command(live.worker, SeedHistory(live.id, tuple(history)))
     except BaseException as exc:
         # Failed or cancelled: a session this load opened is not left open half-loaded

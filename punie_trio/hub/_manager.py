@@ -216,6 +216,7 @@ class Manager:
     # The connection limit, and probation past it: _probation.py.
     has_room = _probation.has_room
     admit_upgrade = _probation.admit_upgrade
+    probation_could_admit = _probation.probation_could_admit
     upgraded = _probation.upgraded
     promote = _probation.promote
     limit_reached = _probation.limit_reached

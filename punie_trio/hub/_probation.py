@@ -87,6 +87,19 @@ def admit_upgrade(self: Manager) -> Literal["counted", "probation"] | None:
     return "probation"
 
 
+def probation_could_admit(self: Manager) -> bool:
+    """Whether a full server lets upgrades in on probation at all (some open connection
+    holds a client id a probe could free): if so, a 503 means that every place on
+    probation is taken, and one is free again within a probation's length (its
+    ``initialize``, then a probe); if not, only a place coming free lets a client in.
+    (What the 503's ``Retry-After`` tells: ``web._app``.)"""
+    return (
+        self.alive is not None
+        and not self.closing.is_set()
+        and any(_probeable_holder(c) for c in self.connections)
+    )
+
+
 def _probeable_holder(conn: ClientConnection) -> bool:
     """Whether ``conn`` holds a client id that a probe could find dead and free. Not the
     ``--stdio`` connection, nor a WebSocket over HTTP/2: nothing pings them

@@ -583,12 +583,14 @@ class Peer:
         request_id = next(self._ids)
         call = _PendingCall()
         self._pending[request_id] = call
+        queued = False
         try:
             await self._send(Request(request_id, method, params))
+            queued = True
             await call.done.wait()
         except trio.Cancelled:
-            if not call.done.is_set():
-                self._send_nowait(Notification(CANCEL_REQUEST, {"requestId": request_id}))
+            if queued and not call.done.is_set():
+                self._tell_cancelled(request_id)
             raise
         finally:
             del self._pending[request_id]
@@ -610,12 +612,19 @@ class Peer:
         else:
             await self._send(Response(request_id, result))
 
-    def _send_nowait(self, msg: Message) -> None:
-        """Best effort, for cleanup paths that cannot wait (cancelled or closing)."""
-        try:
-            self._outbox.send_nowait(serialize(msg))
-        except (trio.WouldBlock, trio.ClosedResourceError):
-            return
+    def _tell_cancelled(self, request_id: RequestId) -> None:
+        """Send ``$/cancel_request`` for our request ``request_id`` (queued, unanswered),
+        now, even past a full outbox.
+
+        Why past the bound: the caller is being cancelled and cannot wait, and dropped
+        (as it was when a client read slowly while a turn streamed) the client was never
+        told: it went on waiting to answer a request no one awaited any more (a permission
+        dialog left open for good, its answer then ignored). The overshoot is bounded: one
+        such message per request of ours that was queued (and so took a place in the
+        outbox), and those are bounded by the turns and tool calls running."""
+        if self._outbox.closed:
+            return  # (the connection is over: nothing can be sent)
+        self._outbox.force(serialize(Notification(CANCEL_REQUEST, {"requestId": request_id})))
 
     async def _writer(self, cancel_scope: trio.CancelScope) -> None:
         outbox = self._outbox

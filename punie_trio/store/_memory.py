@@ -122,7 +122,7 @@ class MemoryStore:
     ) -> tuple[list[SessionRecord], str | None]:
         await self._enter()
         check_limit(limit)
-        start = page_start(cursor)
+        start = page_start(cursor, cwd)
         last, last_id, as_of = start
         placed = sorted(
             (
@@ -144,7 +144,7 @@ class MemoryStore:
         page = placed[:limit]
         after = None
         if len(placed) > limit:
-            after = next_cursor(page[-1][0], page[-1][1], start, newest=placed[0][0])
+            after = next_cursor(page[-1][0], page[-1][1], start, newest=placed[0][0], cwd=cwd)
         return [_fresh(rec) for _, _, rec in page], after
 
     async def delete_session(self, session_id: str) -> bool:

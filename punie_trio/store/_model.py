@@ -298,9 +298,13 @@ def check_limit(limit: int) -> None:
 # -- cursors --------------------------------------------------------------------------------
 
 
-def encode_cursor(position: float, session_id: str, as_of: float | None) -> str:
+def encode_cursor(
+    position: float, session_id: str, as_of: float | None, cwd: str | Unset | None = UNSET
+) -> str:
     """An opaque cursor naming the last session of a page: base64url of
-    ``[position, id, as_of]``.
+    ``[position, id, as_of, {"cwd": cwd}]``, ``cwd`` the listing's filter (None: every
+    session), so that the cursor pages on only the listing it came from
+    (:func:`page_start`).
 
     Keyset (not offset) pagination, on each session's ``updated_at`` as of ``as_of``, the
     newest ``updated_at`` of the listing's first page (:func:`listed_position`): a session
@@ -308,15 +312,21 @@ def encode_cursor(position: float, session_id: str, as_of: float | None) -> str:
     once, neither skipped (it once moved ahead of the cursor) nor repeated, and cannot shift
     the others under the client. One created meanwhile waits for the next listing.
     """
-    # (``as_of`` None: the older form, for a listing begun with such a cursor.)
-    value = [position, session_id] if as_of is None else [position, session_id, as_of]
+    # (``as_of`` None: the older form, for a listing begun with such a cursor; ``cwd``
+    # unset: a cursor of the form before the filter was in it.)
+    value: list[Any] = [position, session_id]
+    if as_of is not None:
+        value.append(as_of)
+        if not isinstance(cwd, Unset):
+            value.append({"cwd": cwd})
     raw = json.dumps(value, separators=(",", ":")).encode()
     return base64.urlsafe_b64encode(raw).decode("ascii")
 
 
-def decode_cursor(cursor: str) -> tuple[float, str, float | None]:
-    """The position :func:`encode_cursor` wrote, or ``StoreError`` for anything else: a
-    client may send any string, and only a cursor of ours may reach the query (a stamp
+def decode_cursor(cursor: str) -> tuple[float, str, float | None, str | Unset | None]:
+    """The position :func:`encode_cursor` wrote, and the cwd filter of the listing it
+    pages (unset for a cursor of a form without it), or ``StoreError`` for anything else:
+    a client may send any string, and only a cursor of ours may reach the query (a stamp
     too large for a float, or an id that SQLite cannot store, included). A cursor of the
     older form ``[updated_at, id]`` reads with ``as_of`` None (positions as they are now)."""
     try:
@@ -324,6 +334,16 @@ def decode_cursor(cursor: str) -> tuple[float, str, float | None]:
         value = json.loads(raw)
     except (UnicodeError, binascii.Error, ValueError, AttributeError):
         raise BadCursor(f"invalid cursor {cursor!r}") from None
+    listing: str | Unset | None = UNSET
+    if isinstance(value, list) and len(value) == 4:
+        cwd = value.pop()
+        if not (
+            isinstance(cwd, dict)
+            and cwd.keys() == {"cwd"}
+            and (cwd["cwd"] is None or isinstance(cwd["cwd"], str))
+        ):
+            raise BadCursor(f"invalid cursor {cursor!r}")
+        listing = cwd["cwd"]
     if (
         isinstance(value, list)
         and len(value) in (2, 3)
@@ -336,26 +356,49 @@ def decode_cursor(cursor: str) -> tuple[float, str, float | None]:
         except OverflowError:  # (an integer of hundreds of digits)
             raise BadCursor(f"invalid cursor {cursor!r}") from None
         if all(math.isfinite(v) for v in stamps):
-            return stamps[0], value[1], stamps[1] if len(stamps) == 2 else None
+            return stamps[0], value[1], stamps[1] if len(stamps) == 2 else None, listing
     raise BadCursor(f"invalid cursor {cursor!r}")
 
 
-def page_start(cursor: str | None) -> tuple[float | None, str, float | None]:
-    """Where a page starts: after ``(position, id)``, in the listing begun at ``as_of``
-    (:func:`decode_cursor`); ``(None, "", None)`` for a first page."""
-    return (None, "", None) if cursor is None else decode_cursor(cursor)
+def page_start(
+    cursor: str | None, cwd: str | None = None
+) -> tuple[float | None, str, float | None]:
+    """Where a page of the listing of ``cwd`` (None: every session) starts: after
+    ``(position, id)``, in the listing begun at ``as_of`` (:func:`decode_cursor`);
+    ``(None, "", None)`` for a first page.
+
+    ``BadCursor`` for a cursor of another listing (another ``cwd`` filter, or none where
+    this one has one): taken as a place in this one, it started the page somewhere in
+    its middle, or past its end, and the client was not told. (A cursor of a form
+    without its filter is taken as it was.)"""
+    if cursor is None:
+        return None, "", None
+    last, last_id, as_of, listing = decode_cursor(cursor)
+    if not isinstance(listing, Unset) and listing != cwd:
+        raise BadCursor(
+            f"it continues another listing, of {_listing(listing)}, not of {_listing(cwd)}"
+        )
+    return last, last_id, as_of
+
+
+def _listing(cwd: str | None) -> str:
+    return "every session" if cwd is None else f"cwd {cwd!r}"
 
 
 def next_cursor(
-    position: float, session_id: str, start: tuple[float | None, str, float | None], newest: float
+    position: float,
+    session_id: str,
+    start: tuple[float | None, str, float | None],
+    newest: float,
+    cwd: str | None = None,
 ) -> str:
-    """The cursor after a page that ends at ``(position, session_id)`` and began at
-    ``start`` (:func:`page_start`). The listing's moment is its first page's ``newest``
-    position, kept by every later page; a listing paged on from a cursor of the older form
-    has none, and goes on in that form."""
+    """The cursor after a page of the listing of ``cwd`` that ends at ``(position,
+    session_id)`` and began at ``start`` (:func:`page_start`). The listing's moment is its
+    first page's ``newest`` position, kept by every later page; a listing paged on from a
+    cursor of the older form has none, and goes on in that form."""
     last, _, as_of = start
     return encode_cursor(
-        position, session_id, as_of if as_of is not None or last is not None else newest
+        position, session_id, as_of if as_of is not None or last is not None else newest, cwd
     )
 
 

@@ -292,7 +292,7 @@ def select_sessions(
     2 us a session (docs/sessions-store.md).
     """
     params: list[Any] = []
-    start = page_start(cursor)
+    start = page_start(cursor, cwd)
     last, last_id, as_of = start
     # Each session's place: its updated_at as of the listing's moment (``as_of``, the first
     # page's newest), so a session touched between pages keeps its place (listed_position).
@@ -353,7 +353,8 @@ def select_sessions(
     # After the page's last row, read or not (its place in the order is all a cursor needs).
     for row in reversed(rows[:limit]):
         if isinstance(row[0], str):
-            return page, next_cursor(float(row[-1]), row[0], start, newest=float(rows[0][-1]))
+            newest = float(rows[0][-1])
+            return page, next_cursor(float(row[-1]), row[0], start, newest=newest, cwd=cwd)
     return page, None
 
 

@@ -76,7 +76,7 @@ from ._model import (
     check_record,
     check_title,
     check_turn,
-    decode_cursor,
+    page_start,
     session_changes,
 )
 from ._schema import WRITER_BUSY_TIMEOUT_MS, CheckStop, connect, out_of_room
@@ -388,8 +388,7 @@ class SqliteStore:
     ) -> tuple[list[SessionRecord], str | None]:
         self._check_open()
         check_limit(limit)
-        if cursor is not None:
-            decode_cursor(cursor)  # fail fast on the Trio side
+        page_start(cursor, cwd)  # fail fast on the Trio side
         return await self._run(
             lambda conn: _sql.select_sessions(
                 conn, cwd=cwd, cursor=cursor, limit=limit, roots=roots

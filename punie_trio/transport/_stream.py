@@ -13,7 +13,8 @@ class MessageTooLarge(Exception):
 
     Transports that can skip the offending message (NDJSON: discard to the next newline)
     raise this and stay usable, so the peer can answer -32600 and carry on. Transports that
-    cannot (WebSocket: the frame is refused with close code 1009) end instead.
+    cannot (WebSocket: the frame is refused, answered -32600 with a null id and closed
+    with 1009, below the app: ``web._ws_refusals``) end instead.
 
     ``head`` holds the message's first bytes (at most :data:`HEAD_BYTES`) where the
     transport kept them, so the peer can tell whose answer or which request it was

@@ -6,16 +6,17 @@ nothing a client sends can take the app down for the others. Some requests never
 app: Hypercorn refuses them itself, with an empty body and ``Connection: close``: 400 for
 what h11 cannot parse (two ``Host`` or ``Content-Length`` headers, a chunk size that is not
 a number), 431 for a request head over 16 KiB (even one that arrives whole: the socket
-reader, ``_fast_send``, hands Hypercorn 4 KiB at a time, so it is incomplete past 16 KiB),
-and a bare 400 for a malformed WebSocket
-handshake (a missing ``Sec-WebSocket-Key``; a wrong version gets its 426 with a reason,
-``_handshake``). Those are left as Hypercorn sends them.
+reader, ``_fast_send``, hands Hypercorn 4 KiB at a time, so it is incomplete past 16 KiB).
+Those are left as Hypercorn sends them. A WebSocket handshake Hypercorn refuses (no
+``Sec-WebSocket-Key``, HTTP/1.0, a frame before the 101: 400; a wrong version: 426) gets a
+reason too (``_handshake``).
 """
 
 from __future__ import annotations
 
 import base64
 import logging
+import math
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -31,6 +32,7 @@ from wsproto.utilities import split_comma_header
 from .. import _json
 from .._version import __version__
 from ..hub import PROBATION_INITIALIZE_WITHIN, ClientConnection, Manager
+from ..rpc import INVALID_REQUEST
 from ._asgi_ws import ASGIReceive, ASGISend, AsgiWebSocketStream
 from ._auth import (
     challenge,
@@ -54,7 +56,9 @@ from ._http import (
     respond,
     respond_json,
     respond_text,
+    shown_header,
 )
+from ._ws_refusals import watch_oversized
 
 log = logging.getLogger("punie_trio.web")
 
@@ -99,9 +103,10 @@ class App:
             await _lifespan(receive, send)
         elif not host_allowed(scope, self.allow_hosts):
             # Before anything else, for every path: a DNS-rebinding page (see _auth).
-            name = (request_host(scope) or "")[:200]
+            # (Escaped and cut, as a path is: repr left a bidi override raw.)
+            name = printable(request_host(scope) or "")
             reason = (
-                f"Forbidden: Host {name!r} is not allowed here (use an IP address or "
+                f"Forbidden: Host '{name}' is not allowed here (use an IP address or "
                 "localhost, or allow the name with --allow-host)"
             )
             if kind == "websocket":
@@ -121,6 +126,16 @@ class App:
 
     async def _http(self, scope: dict[str, Any], receive: ASGIReceive, send: ASGISend) -> None:
         path, method = scope["path"], scope["method"]
+        if scope.get("raw_path") == b"*":
+            # The asterisk-form: the server in general, for OPTIONS alone (RFC 9112
+            # section 3.2.4), where it is a "ping" (RFC 9110 section 9.3.7). Both were a
+            # 404, "Not Found: *", as if a resource named * were missing.
+            if method == "OPTIONS":
+                await respond(send, 200, b"")
+            else:
+                why = "the request target * is for OPTIONS only (RFC 9112 section 3.2.4)"
+                await respond_text(send, 400, f"Bad Request: {why}")
+            return
         if method == "HEAD" and path in ACP_PATHS:
             method = "GET"  # (RFC 9110 9.3.2: HEAD is answered as GET, without the body)
         if path == "/health":
@@ -150,7 +165,9 @@ class App:
             await respond(send, 200, body, b"text/plain; version=0.0.4; charset=utf-8")
         elif path in ACP_PATHS:
             if method != "GET":
-                await _not_allowed(send, "GET")
+                # (HEAD is served, as GET: above. Allow lists what the path serves, RFC
+                # 9110 15.5.6; it said GET alone.)
+                await _not_allowed(send, "GET, HEAD")
                 return
             # RFC 9110: a 426 names the protocol in Upgrade (section 15.5.22), and a sender
             # of Upgrade lists "upgrade" in Connection (section 7.8). Over HTTP/1.1 only:
@@ -221,7 +238,8 @@ class App:
             self.manager.metrics.tallies.limits["max_connections"] += 1
             limit = self.manager.limits.max_connections
             reason = f"Service Unavailable: connection limit reached ({limit})"
-            await self._refuse_upgrade(scope, send, 503, reason, "full")
+            retry = [(b"retry-after", str(self._retry_full_after()).encode())]
+            await self._refuse_upgrade(scope, send, 503, reason, "full", retry)
             return
         conn_id = str(uuid.uuid4())  # the RFD shows a UUID
         try:
@@ -232,6 +250,9 @@ class App:
             # Counted by the manager until here, and by the connection from its attach
             # (conn.run() attaches before its first checkpoint).
             self.manager.upgraded(admitted)
+        # A message over --max-message-bytes is answered -32600 and closed 1009 below the
+        # app (_ws_refusals); counted here, where the metrics are.
+        watch_oversized(send, self._oversized)
         stream = AsgiWebSocketStream(receive, send)
         probation = admitted == "probation"
         conn = ClientConnection(
@@ -254,13 +275,45 @@ class App:
             # 0.02 s).
             await stream.wait_disconnected(0 if self.closing.is_set() else CLOSE_TIMEOUT)
 
+    def _oversized(self) -> None:
+        """A message over the bound was answered -32600 and its connection closed (1009)."""
+        metrics = self.manager.metrics
+        metrics.limit_hit("max_message_bytes")
+        metrics.error_sent(INVALID_REQUEST)
+
     async def _refuse_upgrade(
-        self, scope: dict[str, Any], send: ASGISend, status: int, reason: str, counted_as: str
+        self,
+        scope: dict[str, Any],
+        send: ASGISend,
+        status: int,
+        reason: str,
+        counted_as: str,
+        headers: list[tuple[bytes, bytes]] | None = None,
     ) -> None:
-        """Refuse a WebSocket upgrade (:func:`_reject_websocket`), counted in
-        ``punie_upgrades_refused_total`` under ``status`` and ``counted_as``."""
+        """Refuse a WebSocket upgrade (:func:`_reject_websocket`, with ``headers`` too),
+        counted in ``punie_upgrades_refused_total`` under ``status`` and ``counted_as``."""
         self.manager.metrics.tallies.upgrades_refused[status, counted_as] += 1
-        await _reject_websocket(scope, send, status, reason)
+        await _reject_websocket(scope, send, status, reason, headers)
+
+    def _retry_full_after(self) -> int:
+        """The ``Retry-After`` (whole seconds) of the 503 refusing an upgrade at a full
+        server: when trying again can succeed (RFC 9110 section 10.2.3), told rather than
+        guessed (a client without it could only hammer the server, or give up).
+
+        - While a full server lets upgrades in on probation (``hub._probation``), the 503
+          means every place on probation is taken; each is free again within a
+          probation's length: :attr:`probation_initialize_within` for its
+          ``initialize``, then the probe that starts (``Heartbeat.probe_within``), 10 s.
+        - Otherwise only a place coming free lets a client in. A client may leave at
+          any time, which no one can foretell; what the server frees itself, it frees by
+          the heartbeat's ``initialize_within`` (30 s): a connection that never
+          initialized is closed then, and a silent one has been pinged (and is dropped
+          if it stays silent). Sooner would have a client retry into the same 503."""
+        if self.manager.probation_could_admit():
+            wait = self.probation_initialize_within + self.heartbeat.probe_within
+        else:
+            wait = self.heartbeat.initialize_within
+        return math.ceil(wait)
 
     async def _run_on_probation(self, conn: ClientConnection, stream: AsgiWebSocketStream) -> None:
         """Run a connection let in on probation past a full limit (``hub._probation``),
@@ -300,7 +353,7 @@ class App:
         if not origin_allowed(scope, self.allow_origins):
             # Named (escaped and cut, as a path is), as the Host check names the host: "this
             # Origin" left one who set --allow-origin guessing what the browser sent.
-            seen = printable((header(scope, b"origin") or b"").decode("latin-1"))
+            seen = printable(shown_header(header(scope, b"origin") or b""))
             return (
                 403,
                 f"Forbidden: Origin '{seen}' may not use /acp (it is not this server's own, "
@@ -348,7 +401,8 @@ def _bad_key(scope: dict[str, Any]) -> str | None:
     decoded, is 16 bytes in length"; a server that finds otherwise "MUST stop processing
     the client's handshake" and answer 400. Hypercorn checked only that there was one, and
     switched protocols for ``abc``, for an empty key, and for two keys (answering the
-    last). (A missing key never gets here: Hypercorn answers it with its bare 400. An
+    last). (A missing key never gets here: Hypercorn answers it with its 400, to which
+    ``_handshake`` adds the reason. An
     HTTP/2 handshake, RFC 8441, has no key.)
     """
     if not over_http1(scope):
@@ -363,8 +417,9 @@ def _bad_key(scope: dict[str, Any]) -> str | None:
     except ValueError:
         decoded = b""
     if len(decoded) != 16:
-        shown = printable(bytes(keys[0]).decode("latin-1"), 40)
-        return f"Sec-WebSocket-Key {shown!r} is not 16 bytes in base64 (RFC 6455 section 4.1)"
+        # (Read as UTF-8, escaped once: Latin-1 and repr named "schlüssel" 'schlÃ¼ssel'.)
+        shown = printable(shown_header(bytes(keys[0])), 40)
+        return f"Sec-WebSocket-Key '{shown}' is not 16 bytes in base64 (RFC 6455 section 4.1)"
     return None
 
 
@@ -392,16 +447,21 @@ def _bad_extension_offer(scope: dict[str, Any]) -> str | None:
 
 
 async def _reject_websocket(
-    scope: dict[str, Any], send: ASGISend, status: int, reason: str
+    scope: dict[str, Any],
+    send: ASGISend,
+    status: int,
+    reason: str,
+    extra_headers: list[tuple[bytes, bytes]] | None = None,
 ) -> None:
-    """Refuse an upgrade with a real HTTP status and reason where the server supports the
-    ASGI ``websocket.http.response`` extension (Hypercorn does); else close (403)."""
+    """Refuse an upgrade with a real HTTP status and reason (and ``extra_headers``) where
+    the server supports the ASGI ``websocket.http.response`` extension (Hypercorn does);
+    else close (403)."""
     if "websocket.http.response" not in scope.get("extensions", {}):
         await send({"type": "websocket.close", "code": 1008})
         return
     body = (reason + "\n").encode()
     # Over HTTP/1.1 Hypercorn closes the connection after a refused handshake.
-    headers = body_headers(body) + closing_headers(scope)
+    headers = body_headers(body) + closing_headers(scope) + (extra_headers or [])
     if status == 401:
         headers.append((b"www-authenticate", challenge(scope)))
     await send({"type": "websocket.http.response.start", "status": status, "headers": headers})

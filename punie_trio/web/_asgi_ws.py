@@ -2,7 +2,8 @@
 
 The message size bound is applied in bytes by the direct reader (:mod:`._frames`: close
 1009), or by Hypercorn (``websocket_max_message_size``, in characters) where that reader is
-off. Binary frames are accepted and handed on as bytes, which the codec parses as UTF-8 JSON.
+off; either way the close is preceded by a -32600 with a null id (:mod:`._ws_refusals`).
+Binary frames are accepted and handed on as bytes, which the codec parses as UTF-8 JSON.
 Outgoing text frames skip Hypercorn's per-message path when that path would not change them,
 and incoming single-frame messages are decoded past wsproto (:mod:`._direct`).
 """

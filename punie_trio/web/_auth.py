@@ -23,7 +23,7 @@ from typing import Any
 from urllib.parse import parse_qs
 
 from .._paths import replace_file
-from ._http import header
+from ._http import header, shown_header
 
 
 def bearer_token(scope: dict[str, Any]) -> str | None:
@@ -111,13 +111,14 @@ def _host_name(text: str) -> str | None:
 
 
 def request_host(scope: dict[str, Any]) -> str | None:
-    """The ``Host`` header's host name, lowercase, without its port or a final dot (an IPv6
-    address without its brackets); None without the header. A malformed value comes back
-    whole (``::1``, ``[::1``), which only ``*`` accepts."""
+    """The ``Host`` header's host name as a refusal names it: lowercase, without its port or
+    a final dot (an IPv6 address without its brackets), read as UTF-8 (``shown_header``:
+    Latin-1 named ``bücher.example`` ``bã¼cher.example``); None without the header. A
+    malformed value comes back whole (``::1``, ``[::1``), which only ``*`` accepts."""
     value = header(scope, b"host")
     if value is None:
         return None
-    text = value.decode("latin-1").strip().lower()
+    text = shown_header(value).strip().lower()
     name = _host_name(text)
     return text if name is None else name
 

@@ -267,7 +267,11 @@ class ClientFrameReader:
             size = length + len(self._message)
             if size > self.max_size:
                 self._flush_pong(items)
-                self.failure = (1009, f"message over the {self.max_size}-byte limit")
+                # (Its size is known for a whole message in one frame; of a fragmented
+                # one, what has come and this fragment.)
+                whole = fin and opcode != _CONTINUATION
+                sized = f"{size} bytes" if whole else f"at least {size} bytes"
+                self.failure = (1009, f"message over the {self.max_size}-byte limit ({sized})")
                 items.append(Failure(*self.failure))
                 self._closing = True
                 self._opcode = 0

@@ -1,7 +1,9 @@
 """The WebSocket handshakes Hypercorn refuses before the app sees them: an unsupported
 ``Sec-WebSocket-Version`` gets 426 Upgrade Required naming the version the server speaks (RFC
 6455 section 4.4) and, over HTTP/1.1, the protocol (``Upgrade: websocket``, as RFC 9110
-section 15.5.22 asks of every 426), and every refused handshake ends its TCP connection.
+section 15.5.22 asks of every 426); Hypercorn's other 400s (no ``Sec-WebSocket-Key``,
+HTTP/1.0, a frame sent before the 101) get their reason in the body (they were bare, and a
+client could not tell what was wrong); and every refused handshake ends its TCP connection.
 
 Why: Hypercorn answers any invalid handshake with a bare 400. For a version it does not
 speak, the RFC says the server "MUST respond with a |Sec-WebSocket-Version| header field ...
@@ -87,6 +89,8 @@ def install() -> bool:
             pass  # the app answered first (a client sent frames without reading that)
         elif status_code == 400 and _wrong_version(self):
             await _send_426(self)
+        elif status_code == 400:
+            await _send_400(self, _why_refused(self))
         else:
             await original(self, status_code)
         if self.app_put is not None:
@@ -101,6 +105,39 @@ def install() -> bool:
     _send_error_response.punie_trio = True  # type: ignore[attr-defined]
     WSStream._send_error_response = _send_error_response  # type: ignore[method-assign]
     return True
+
+
+def _why_refused(stream: Any) -> str:
+    """Why Hypercorn refused this handshake with 400 (its ``Handshake.is_valid``, or a
+    frame that came before the app answered the handshake)."""
+    handshake = getattr(stream, "handshake", None)
+    version = getattr(handshake, "http_version", "1.1")
+    if isinstance(version, str) and version < "1.1":
+        return (
+            f"a WebSocket handshake needs HTTP/1.1 or later, not {version} (RFC 6455 section 4.1)"
+        )
+    if version == "1.1" and getattr(handshake, "key", None) is None:
+        return "the WebSocket handshake has no Sec-WebSocket-Key (RFC 6455 section 4.1)"
+    if handshake is not None and handshake.is_valid():
+        return (
+            "data came before the handshake was answered (a client sends no frames before the 101)"
+        )
+    return "invalid WebSocket handshake"
+
+
+async def _send_400(stream: WSStream, why: str) -> None:
+    """Hypercorn's 400, with ``why`` in the body (it sent none) and ``Connection: close``
+    over HTTP/1.x (the connection is closed after it)."""
+    body = f"Bad Request: {why}\n".encode()
+    headers = body_headers(body)
+    if _over_http1(stream):
+        headers.append((b"connection", b"close"))
+    await stream.send(Response(stream_id=stream.stream_id, status_code=400, headers=headers))
+    await stream.send(Body(stream_id=stream.stream_id, data=body))
+    await stream.send(EndBody(stream_id=stream.stream_id))
+    await stream.config.log.access(
+        stream.scope, {"status": 400, "headers": []}, time.time() - stream.start_time
+    )
 
 
 async def _send_426(stream: WSStream) -> None:

@@ -47,6 +47,18 @@ def printable(text: str, limit: int = ECHO_LIMIT) -> str:
     return "".join(pieces)
 
 
+def shown_header(value: bytes) -> str:
+    """A header's value as an answer names it (before :func:`printable`): read as UTF-8, a
+    byte that is not UTF-8 escaped (``\\xfc``).
+
+    Why: the checks read a header as Latin-1 (only its ASCII can match anything), and the
+    403s named it so: ``Host: bücher.example`` sent in UTF-8 came back as
+    ``'bã¼cher.example'``, a bidi override as ``'â\\x80®'``. A client that sends other
+    bytes than ASCII there sends UTF-8, and what is not is shown as bytes, not as
+    characters nobody sent."""
+    return value.decode("utf-8", "backslashreplace")
+
+
 #: A request target in absolute-form: an http(s) URI (RFC 9112 section 3.2.2).
 _ABSOLUTE_FORM = re.compile(rb"(?i)https?://([^/?#]*)(.*)", re.S)
 

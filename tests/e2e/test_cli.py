@@ -400,7 +400,8 @@ def test_the_config_file_may_be_named_by_punie_config(env: dict[str, str], tmp_p
     assert done.returncode == 0, done.stderr
     assert (data / "sessions.sqlite3").exists() and not (data / "token").exists()
     done = punie("token", env=env)
-    assert done.returncode == 1 and f"a token is configured in {config}" in done.stderr
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == f"token from: {config}\ntoken: s3cret\n"
     other = tmp_path / "other.toml"
     other.write_text(f'data-dir = "{tmp_path / "other"}"\n')
     done = punie("token", "--config", str(other), env=env)
@@ -473,7 +474,7 @@ def test_a_token_in_a_config_file_others_can_read_is_warned_about(
 ) -> None:
     """Editors create files 0644: a token in such a config file was readable by every
     local user, and ``serve`` said nothing (``punie-trio token`` warns so of its token
-    file). Only where the token comes from the file, and never showing it."""
+    file). Also where a flag or the environment overrides it, and never showing it."""
     config = tmp_path / "punie.toml"
     config.write_text('token = "s3cret-from-file"\n')
     config.chmod(0o644)
@@ -485,15 +486,33 @@ def test_a_token_in_a_config_file_others_can_read_is_warned_about(
         f"0644); `chmod 600 {config}`, or give the token in $PUNIE_TOKEN"
     ) in done.stderr
     assert "s3cret-from-file" not in done.stderr
-    # Private, or the token taken from elsewhere: no warning.
-    for mode, extra, environ in [
-        (0o600, [], {}),
-        (0o644, ["--token", "flag"], {}),
-        (0o644, [], {"PUNIE_TOKEN": "env"}),
+    # The token taken from elsewhere: the file's is readable all the same (a secret to
+    # others, and the token of the next start without the flag or the variable). It
+    # once got no warning.
+    for extra, environ, overrides in [
+        (["--token", "flag"], {}, "--token"),
+        ([], {"PUNIE_TOKEN": "env"}, "$PUNIE_TOKEN"),
     ]:
-        config.chmod(mode)
         done = punie(*args, *extra, env={**env, **environ})
-        assert done.returncode == 0 and "warning" not in done.stderr, (mode, extra, environ)
+        assert done.returncode == 0, done.stderr
+        assert done.stderr == (
+            f"punie-trio: warning: {config} holds a token and is readable by others (mode "
+            f"0644), though {overrides} overrides it; `chmod 600 {config}`, or take the "
+            "token out of it\n"
+        )
+    # Private: no warning, wherever the token is taken from.
+    config.chmod(0o600)
+    for extra, environ in [([], {}), (["--token", "flag"], {}), ([], {"PUNIE_TOKEN": "env"})]:
+        done = punie(*args, *extra, env={**env, **environ})
+        assert done.returncode == 0 and "warning" not in done.stderr, (extra, environ)
+    # `punie-trio token`, printing the file's token, warns as serve does.
+    config.chmod(0o644)
+    done = punie("token", "--config", str(config), env=env)
+    assert done.returncode == 0 and done.stdout.endswith("token: s3cret-from-file\n")
+    assert done.stderr == (
+        f"punie-trio: warning: {config} holds the token and is readable by others (mode "
+        f"0644); `chmod 600 {config}`, or give the token in $PUNIE_TOKEN\n"
+    )
 
 
 # -- serve --stdio --no-http ------------------------------------------------------------------

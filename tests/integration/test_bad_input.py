@@ -379,7 +379,8 @@ async def test_a_small_compressed_message_over_the_bound_gets_a_1009_close_frame
             async with websockets.connect(url, compression="deflate", max_size=None) as ws:
                 with contextlib.suppress(websockets.ConnectionClosed):
                     await ws.send(message)
-                    await ws.recv()
+                    while True:  # (the -32600 before the close)
+                        await ws.recv()
                 return ws.close_code, ws.close_reason
 
         return asyncio.run(run())
@@ -391,6 +392,71 @@ async def test_a_small_compressed_message_over_the_bound_gets_a_1009_close_frame
             # the inflater's is the largest, and Hypercorn's own bound on this server's
             # messages closes, with a reason of ours.)
             assert code == 1009 and (reason or "").startswith("message over the"), reason
+            async with acp_ws_client(server.url, acp_schema) as (bystander, _):
+                await bystander.initialize()
+                session = await bystander.new_session(str(tmp_path))
+                assert await bystander.prompt(session, "still here") == "end_turn"
+
+
+@pytest.mark.parametrize("compression", [None, "deflate"])
+async def test_a_message_over_the_bound_is_answered_minus_32600_counted_then_closed_1009(
+    start_server: StartServer, tmp_path: Path, acp_schema: SchemaChecker, compression: str | None
+) -> None:
+    """A message over ``--max-message-bytes`` gets, before its 1009 close, a -32600 with a
+    null id naming its size and the limit, as on stdio (the close alone told a JSON-RPC
+    client nothing it could match), and counts in ``punie_limits_hit_total{limit=
+    "max_message_bytes"}`` (it counted only on stdio): through the direct frame reader
+    and, with permessage-deflate negotiated, through wsproto and Hypercorn. A client that
+    closes with 1009 itself is neither answered nor counted. Others go on."""
+    import asyncio
+
+    import websockets
+
+    message = json.dumps({"jsonrpc": "2.0", "id": 7, "method": "x", "params": "a" * 5000})
+
+    def send(url: str, text: str | None, code: int = 1000) -> tuple[list[Any], int | None, str]:
+        async def run() -> tuple[list[Any], int | None, str]:
+            received: list[Any] = []
+            async with websockets.connect(url, compression=compression, max_size=None) as ws:
+                if text is None:
+                    await ws.close(code, "client")
+                with contextlib.suppress(websockets.ConnectionClosed):
+                    await ws.send(text or "")
+                    while True:
+                        received.append(json.loads(await ws.recv()))
+                return received, ws.close_code, ws.close_reason or ""
+
+        return asyncio.run(run())
+
+    async with start_server(max_message_bytes=4096) as server:
+        registry = server.manager.metrics.registry
+
+        def counted() -> tuple[float | None, float | None]:
+            return (
+                registry.get_sample_value("punie_limits_hit_total", {"limit": "max_message_bytes"}),
+                registry.get_sample_value(
+                    "punie_errors_total", {"code": "-32600", "name": "invalid_request"}
+                ),
+            )
+
+        with trio.fail_after(30):
+            url = ws_url(server.url)
+            assert counted() == (0, 0)
+            received, code, reason = await trio.to_thread.run_sync(send, url, message)
+            assert code == 1009 and reason.startswith("message over the"), reason
+            (error,) = received
+            assert error["id"] is None and error["error"]["code"] == -32600, error
+            assert "byte limit" in error["error"]["message"], error
+            if compression is None:  # (the direct reader knows the size: one frame)
+                assert reason == f"message over the 4096-byte limit ({len(message)} bytes)"
+                assert error["error"]["message"] == (
+                    f"Invalid request: message over the 4096-byte limit ({len(message)} "
+                    "bytes); the connection closes (1009)"
+                )
+            assert counted() == (1, 1)
+            received, code, _ = await trio.to_thread.run_sync(send, url, None, 1009)
+            assert (received, code) == ([], 1009)
+            assert counted() == (1, 1)
             async with acp_ws_client(server.url, acp_schema) as (bystander, _):
                 await bystander.initialize()
                 session = await bystander.new_session(str(tmp_path))
@@ -429,7 +495,8 @@ async def test_a_compression_bomb_is_closed_1009_before_it_inflates(
             async with websockets.connect(url, compression="deflate", max_size=None) as ws:
                 with contextlib.suppress(websockets.ConnectionClosed):
                     await ws.send(bomb)
-                    await ws.recv()
+                    while True:  # (the -32600 before the close)
+                        await ws.recv()
                 return ws.close_code
 
         return asyncio.run(run())

@@ -206,7 +206,7 @@ async def test_an_answer_sent_after_a_1009_close_is_kept_for_the_client(
         await raw.stream.send_all(raw.ws.send(Message(data="x" * 5000)))  # over the bound
         await settle()
         raw.read_ready()
-        assert raw.closed_with() == (1009, "message over the 4096-byte limit")
+        assert raw.closed_with() == (1009, "message over the 4096-byte limit (5000 bytes)")
         mock_clock.jump(2)  # the turn ends and answers while the connection is closing
         await settle_until(lambda: manager.sessions[session_id].turn is None)
         await settle()
@@ -668,6 +668,57 @@ async def test_probation_past_a_full_limit_is_bounded_and_brief(
                 running.url, acp_schema, initialize_request("x", "ide", [])
             )
             assert "in use by another open connection" in answer["error"]["message"]
+            session_id = await live.new_session(str(tmp_path))
+            assert await live.prompt(session_id, "unaffected") == "end_turn"
+
+
+async def test_the_503_of_a_full_server_says_when_to_try_again(
+    start_server: StartServer,
+    tmp_path: Path,
+    acp_schema: SchemaChecker,
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    """The 503 refusing an upgrade at a full server carries ``Retry-After`` (it had none,
+    so a client could only guess, or hammer). With every place on probation taken, a
+    place on probation is free again within PROBATION_INITIALIZE_WITHIN (its initialize)
+    and PROBE_WITHIN (the probe it starts): 10 s. With no connection that a probe could
+    free, only a place coming free helps, which the server brings about itself at the
+    heartbeat's INITIALIZE_WITHIN (a connection that never initialized is closed then):
+    30 s. Honoured, it gets the client in."""
+    async with start_server(limits=Limits(grace_seconds=300, max_connections=1)) as running:
+        manager = running.manager
+        assert running.url is not None
+        url = ws_url(running.url)
+
+        async def retry_after() -> str:
+            with pytest.raises(ConnectionRejected) as refused:
+                async with open_websocket_url(url):
+                    pass
+            assert refused.value.status_code == 503
+            headers = dict(refused.value.headers)
+            return headers.get(b"retry-after", b"(none)").decode()
+
+        # A place held by a connection that never initializes: free at 30 s.
+        silent = await RawClient.connect(running.url)
+        assert await retry_after() == str(int(INITIALIZE_WITHIN))
+        mock_clock.jump(INITIALIZE_WITHIN)
+        await settle_until(lambda: not manager.connections)
+        silent.peek.close()
+        await silent.stream.aclose()
+        async with acp_ws_client(running.url, acp_schema) as (live, _):
+            await live.request("initialize", initialize_request("", "ide", [])["params"])
+            on_probation = [await RawClient.connect(running.url) for _ in range(MAX_ON_PROBATION)]
+            await settle_until(lambda: len(manager.on_probation) == MAX_ON_PROBATION)
+            assert await retry_after() == str(int(PROBATION_INITIALIZE_WITHIN + PROBE_WITHIN))
+            mock_clock.jump(PROBATION_INITIALIZE_WITHIN + PROBE_WITHIN)
+            await settle_until(lambda: not manager.on_probation)
+            answer, _ = await refused_on_probation(
+                running.url, acp_schema, initialize_request("x", "ide", [])
+            )
+            assert "in use by another open connection" in answer["error"]["message"]
+            for raw in on_probation:
+                raw.peek.close()
+                await raw.stream.aclose()
             session_id = await live.new_session(str(tmp_path))
             assert await live.prompt(session_id, "unaffected") == "end_turn"
 

@@ -292,11 +292,12 @@ async def test_unknown_path_and_plain_http_on_acp(server: Running) -> None:
             assert raw.eof  # closed at once, not kept alive
             await raw.aclose()
             # Other methods: 405 naming GET (they got the 426 too); HEAD is answered as
-            # GET is (RFC 9110 9.3.2), without the body.
-            for method in ("POST", "PUT", "DELETE"):
+            # GET is (RFC 9110 9.3.2), without the body, so Allow names it too (RFC 9110
+            # 15.5.6: the methods the resource supports; it said GET alone).
+            for method in ("POST", "PUT", "DELETE", "OPTIONS"):
                 response = await http.request(method, path)
                 assert response.status_code == 405, (path, method)
-                assert response.headers["allow"] == "GET"
+                assert response.headers["allow"] == "GET, HEAD"
             response = await http.head(path)
             assert (response.status_code, response.content) == (426, b"")
     # A WebSocket upgrade anywhere but /acp and /ws: 404 with the reason (it was a bare 403).
@@ -306,6 +307,29 @@ async def test_unknown_path_and_plain_http_on_acp(server: Running) -> None:
                 pass  # pragma: no cover - the handshake fails
         assert info.value.status_code == 404
         assert b"/acp" in (info.value.body or b"")
+
+
+async def test_the_asterisk_form_is_a_ping_for_options_and_a_400_for_the_rest(
+    server: Running,
+) -> None:
+    """``OPTIONS *`` (RFC 9110 section 9.3.7: the server in general, a "ping") is answered
+    200, and ``*`` with any other method is 400 naming why (RFC 9112 section 3.2.4: the
+    asterisk-form is for a server-wide OPTIONS only): both were a 404 ``Not Found: *``,
+    as if a resource named ``*`` were missing. The connection serves on after each."""
+    assert server.url is not None
+    client = await RawHttp.connect(server.url)
+    with trio.fail_after(10):
+        for method, status, body in [
+            ("OPTIONS", 200, b""),
+            ("GET", 400, b"Bad Request: the request target * is for OPTIONS only"),
+            ("POST", 400, b"Bad Request: the request target * is for OPTIONS only"),
+        ]:
+            await client.send(f"{method} * HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
+            answer = await client.answer()
+            assert (answer.status, answer.body[: len(body)]) == (status, body), method
+        await client.send(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        assert (await client.answer()).status == 200
+    await client.aclose()
 
 
 async def test_a_request_in_absolute_form_is_served_by_its_path(
@@ -485,6 +509,42 @@ async def test_a_wrong_websocket_version_gets_426_naming_the_version(server: Run
         assert not server.manager.connections
 
 
+async def test_a_websocket_handshake_hypercorn_refuses_gets_its_400_with_a_reason(
+    server: Running,
+) -> None:
+    """The handshakes Hypercorn itself refuses with 400 (no ``Sec-WebSocket-Key``,
+    HTTP/1.0, a frame sent before the 101) get a reason in the body, as the app's own
+    refusals do: the 400 was bare, and a client could not tell what was wrong. The
+    connection is closed after each, and the server serves on."""
+    assert server.url is not None
+    upgrade = "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+    key = "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+    cases = [
+        (f"GET /acp HTTP/1.1\r\nHost: 127.0.0.1\r\n{upgrade}\r\n".encode(), b"Sec-WebSocket-Key"),
+        (f"GET /acp HTTP/1.0\r\nHost: 127.0.0.1\r\n{upgrade}{key}\r\n".encode(), b"HTTP/1.1"),
+        (
+            f"GET /acp HTTP/1.1\r\nHost: 127.0.0.1\r\n{upgrade}{key}\r\n".encode()
+            + b"\x81\x85abcd"
+            + b"hello",
+            b"before",
+        ),
+    ]
+    with trio.fail_after(10):
+        for request, named in cases:
+            client = await RawHttp.connect(server.url)
+            await client.send(request)
+            answer = await client.answer()
+            assert answer.status == 400, (request, answer)
+            assert answer.body.startswith(b"Bad Request: ") and named in answer.body, answer
+            assert answer.headers["content-type"].startswith("text/plain")
+            await client.wait_closed()
+            await client.aclose()
+        await trio.testing.wait_all_tasks_blocked()
+        assert not server.manager.connections
+        async with httpx.AsyncClient(base_url=server.url) as http:
+            assert (await http.get("/health")).status_code == 200
+
+
 class _H2:
     """A bare HTTP/2 client (prior knowledge, as ``curl --http2-prior-knowledge``) on a
     real connection: send frames, read until a stream has ended."""
@@ -590,6 +650,43 @@ async def test_a_malformed_websocket_key_gets_400_naming_it(
         assert answer.headers["connection"] == "close"
         await client.wait_closed()
     await client.aclose()
+    assert not server.manager.connections
+
+
+@pytest.mark.parametrize(
+    ("key", "named"),
+    [
+        ("schlüssel".encode(), "'schlüssel'"),
+        (b"\xfc\xe9", "'\\xfc\\xe9'"),
+        ("a\u009bb".encode(), "'a\\x9bb'"),
+    ],
+)
+async def test_a_bad_websocket_key_is_named_as_sent_not_as_mojibake(
+    server: Running, key: bytes, named: str
+) -> None:
+    """The 400 of a malformed ``Sec-WebSocket-Key`` named a non-ASCII key read as Latin-1
+    (``'schlÃ¼ssel'``), and a C1 control as mojibake with its escape doubled by ``repr``
+    (``'aÂ\\\\x9bb'``): it is read as UTF-8 now, a byte that is not UTF-8 and what is not
+    printable escaped once, as the Host and Origin checks' 403s name theirs."""
+    assert server.url is not None
+    host, port = server.url.removeprefix("http://").rsplit(":", 1)
+    lines = [
+        b"GET /acp HTTP/1.1",
+        f"Host: {host}:{port}".encode(),
+        b"Upgrade: websocket",
+        b"Connection: Upgrade",
+        b"Sec-WebSocket-Version: 13",
+        b"Sec-WebSocket-Key: " + key,
+    ]
+    client = await RawHttp.connect(server.url)
+    with trio.fail_after(10):
+        await client.send(b"\r\n".join(lines) + b"\r\n\r\n")
+        answer = await client.answer()
+    await client.aclose()
+    assert answer.status == 400, answer
+    assert answer.body.decode() == (
+        f"Bad Request: Sec-WebSocket-Key {named} is not 16 bytes in base64 (RFC 6455 section 4.1)\n"
+    )
     assert not server.manager.connections
 
 
@@ -935,3 +1032,87 @@ async def test_a_full_server_held_by_an_http2_websocket_client_refuses_upgrades_
                 assert refused.value.status_code == 503
                 assert b"connection limit reached (1)" in (refused.value.body or b"")
                 assert len(manager.connections) == 1
+
+
+async def test_a_message_over_the_bound_on_an_http2_websocket_is_answered_and_counted(
+    start_server: StartServer,
+) -> None:
+    """Over HTTP/2 (RFC 8441) Hypercorn's own bound refuses a message over
+    ``--max-message-bytes``: it gets the -32600 (id null, naming the limit) before the
+    1009, as over HTTP/1.1, and counts in ``punie_limits_hit_total``; the connection's
+    other streams go on."""
+    import h2.events
+
+    async with start_server(max_message_bytes=4096) as server:
+        registry = server.manager.metrics.registry
+        with trio.fail_after(10):
+            client = await _H2.open(server.url)
+            async with client.stream:
+                client.websocket(1, b"13")
+                await client.flush()
+                assert await _h2_response_status(client, 1) == b"200"
+                text = b'"' + b"a" * 5000 + b'"'
+                mask = os.urandom(4)
+                masked = bytes(b ^ mask[i % 4] for i, b in enumerate(text))
+                header = bytes([0x81, 0x80 | 126]) + len(text).to_bytes(2, "big")
+                client.conn.send_data(1, header + mask + masked)
+                await client.flush()
+                frames: list[tuple[int, bytes]] = []
+                while not any(opcode == 0x8 for opcode, _ in frames):
+                    data = await client.stream.receive_some(65536)
+                    assert data, "the server closed the connection"
+                    for event in client.conn.receive_data(data):
+                        if isinstance(event, h2.events.DataReceived):
+                            client.bodies[1] = client.bodies.get(1, b"") + event.data
+                            client.conn.acknowledge_received_data(
+                                event.flow_controlled_length, event.stream_id
+                            )
+                    await client.flush()
+                    frames = _server_frames(client.bodies.get(1, b""))
+                (kind, error), (close, payload) = frames
+                assert (kind, close) == (0x1, 0x8)
+                answer = json.loads(error)
+                assert answer["id"] is None and answer["error"]["code"] == -32600
+                assert "4096-byte limit" in answer["error"]["message"]
+                assert int.from_bytes(payload[:2], "big") == 1009
+                assert payload[2:].decode() == "message over the 4096-byte limit"
+                assert (
+                    registry.get_sample_value(
+                        "punie_limits_hit_total", {"limit": "max_message_bytes"}
+                    )
+                    == 1
+                )
+                client.get(3, b"/health")
+                await client.flush()
+                assert await client.status(3) == b"200"
+
+
+async def _h2_response_status(client: _H2, stream_id: int) -> bytes:
+    """Read until ``stream_id``'s response head has come; its ``:status``."""
+    import h2.events
+
+    while True:
+        data = await client.stream.receive_some(65536)
+        assert data, "the server closed the connection"
+        for event in client.conn.receive_data(data):
+            if isinstance(event, h2.events.ResponseReceived) and event.stream_id == stream_id:
+                await client.flush()
+                return bytes(dict(event.headers)[b":status"])
+        await client.flush()
+
+
+def _server_frames(data: bytes) -> list[tuple[int, bytes]]:
+    """The whole (unmasked, unfragmented) WebSocket frames at the start of ``data``, as
+    (opcode, payload)."""
+    frames: list[tuple[int, bytes]] = []
+    while len(data) >= 2:
+        length, start = data[1] & 0x7F, 2
+        if length == 126:
+            length, start = int.from_bytes(data[2:4], "big"), 4
+        elif length == 127:
+            length, start = int.from_bytes(data[2:10], "big"), 10
+        if len(data) < start + length:
+            break
+        frames.append((data[0] & 0x0F, data[start : start + length]))
+        data = data[start + length :]
+    return frames

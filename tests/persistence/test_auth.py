@@ -267,6 +267,51 @@ async def test_a_refused_upgrade_says_the_connection_closes(
 
 
 @pytest.mark.parametrize(
+    ("sent", "shown"),
+    [
+        ("Bücher.example".encode(), "Bücher.example"),
+        # Not UTF-8 (a Latin-1 byte): escaped, not read as another character.
+        (b"b\xfccher.example", "b\\xfccher.example"),
+        # A C1 control (CSI, which terminals obey) and a bidi override, sent as UTF-8
+        # (h11 takes bytes over 0x7f): escaped, never raw.
+        ("evil\u009b2J.example".encode(), "evil\\x9b2J.example"),
+        ("evil\u202e.example".encode(), "evil\\u202e.example"),
+    ],
+)
+async def test_a_refused_host_or_origin_is_named_as_sent_not_as_mojibake(
+    start_server: StartServer, sent: bytes, shown: str
+) -> None:
+    """The 403 of the Host check and of the Origin check named a non-ASCII value read as
+    Latin-1: ``Host: bücher.example`` in UTF-8 came back as ``'bã¼cher.example'``, and
+    an Origin so too (a C1 control became two characters, one of them raw). Both are
+    read as UTF-8 now, anything not printable (or not UTF-8) escaped."""
+    async with start_server(token=TOKEN) as running:
+        assert running.url is not None
+        port = running.url.rsplit(":", 1)[1].encode()
+        raw = await RawHttp.connect(running.url)
+        await raw.send(b"GET /health HTTP/1.1\r\nHost: " + sent + b":" + port + b"\r\n\r\n")
+        answer = await raw.answer()
+        await raw.aclose()
+        assert answer.status == 403
+        assert answer.body.decode() == (  # (a host name is named lowercase)
+            f"Forbidden: Host '{shown.lower()}' is not allowed here (use an IP address or "
+            "localhost, or allow the name with --allow-host)\n"
+        )
+        own = running.url.removeprefix("http://")
+        raw = await RawHttp.connect(running.url)
+        request = handshake_request(own, f"Authorization: Bearer {TOKEN}").removesuffix(b"\r\n")
+        await raw.send(request + b"Origin: http://" + sent + b"\r\n\r\n")
+        answer = await raw.answer()
+        await raw.aclose()
+        assert answer.status == 403
+        assert answer.body.decode() == (
+            f"Forbidden: Origin 'http://{shown}' may not use /acp (it is not this server's "
+            "own, nor one of --allow-origin)\n"
+        )
+        assert running.manager.connections == set()
+
+
+@pytest.mark.parametrize(
     ("value", "name"),
     [
         (None, None),

@@ -99,8 +99,10 @@ def test_load_file_reads_the_serve_table_and_dashed_keys(tmp_path: Path) -> None
         load_file(tmp_path / "missing.toml", required=True)
     with pytest.raises(ConfigError, match="not valid TOML"):
         load_file(write(tmp_path / "bad.toml", "port = = 1\n"), required=True)
-    with pytest.raises(ConfigError, match=r"\[serve\] must be a table"):
+    with pytest.raises(ConfigError, match=r"\[serve\] must be a table, got the string 'x'$"):
         load_file(write(tmp_path / "t.toml", 'serve = "x"\n'), required=True)
+    with pytest.raises(ConfigError, match=r"\[serve\] must be a table, got an array, \[1\]$"):
+        load_file(write(tmp_path / "t.toml", "serve = [1]\n"), required=True)
 
 
 def test_a_config_file_that_is_no_regular_file_or_too_large_is_refused_not_read(
@@ -225,19 +227,35 @@ def test_an_unknown_key_is_named_as_the_file_spells_it(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("file_values", "environ", "expected"),
     [
-        ({"port": "abc"}, {}, "config.toml: port must be an integer, got 'abc'"),
-        ({"port": 1.5}, {}, "config.toml: port must be an integer"),
-        ({"port": True}, {}, "config.toml: port must be an integer"),
-        ({"metrics_public": "maybe"}, {}, "config.toml: metrics-public must be true or false"),
-        ({"host": 7}, {}, "config.toml: host must be a string"),
-        ({"project": [1]}, {}, "config.toml: project must be a string"),
+        # (A string is not a number in TOML, whatever it holds.)
+        (
+            {"port": "abc"},
+            {},
+            "config.toml: port must be an integer, got the string 'abc' (TOML is typed: "
+            "write numbers without quotes)",
+        ),
+        ({"port": 1.5}, {}, "config.toml: port must be an integer, got 1.5"),
+        ({"port": True}, {}, "config.toml: port must be an integer, got true"),
+        (
+            {"metrics_public": "maybe"},
+            {},
+            "config.toml: metrics-public must be true or false, got the string 'maybe' "
+            "(TOML is typed: write true or false without quotes)",
+        ),
+        ({"host": 7}, {}, "config.toml: host must be a string, got 7"),
+        ({"project": [1]}, {}, "config.toml: project must be a string, got 1"),
         (
             {"shutdown_timeout": "soon"},
             {},
-            "config.toml: shutdown-timeout must be a number, got 'soon'",
+            "config.toml: shutdown-timeout must be a number, got the string 'soon' (TOML is "
+            "typed: write numbers without quotes)",
         ),
         ({}, {"PUNIE_PORT": "abc"}, "$PUNIE_PORT: port must be an integer, got 'abc'"),
-        ({}, {"PUNIE_STDIO": "perhaps"}, "$PUNIE_STDIO: stdio must be true or false"),
+        (
+            {},
+            {"PUNIE_STDIO": "perhaps"},
+            "$PUNIE_STDIO: stdio must be true or false, got 'perhaps'",
+        ),
         (
             {},
             {"PUNIE_OUTBOX_LIMIT": "1e3"},
@@ -258,12 +276,24 @@ def test_an_unknown_key_is_named_as_the_file_spells_it(tmp_path: Path) -> None:
         (
             {"grace_seconds": -1},
             {},
-            "config.toml: grace-seconds must be a number of seconds >= 0, got -1.0",
+            # (As given: it was "got -1.0", a value the file does not have.)
+            "config.toml: grace-seconds must be a number of seconds >= 0, got -1",
         ),
         (
-            {"shutdown_timeout": "nan"},
+            {},
+            {"PUNIE_CLIENT_CALL_TIMEOUT": "-0.5"},
+            "$PUNIE_CLIENT_CALL_TIMEOUT: client-call-timeout must be a number of seconds >= 0, "
+            "got -0.5",
+        ),
+        (
+            {"shutdown_timeout": float("nan")},
             {},
             "config.toml: shutdown-timeout must be a number of seconds >= 0, got nan",
+        ),
+        (
+            {},
+            {"PUNIE_SHUTDOWN_TIMEOUT": "nan"},
+            "$PUNIE_SHUTDOWN_TIMEOUT: shutdown-timeout must be a number of seconds >= 0, got nan",
         ),
         # inf once crashed the shutdown's force-exit timer as it started.
         (
@@ -297,9 +327,14 @@ def test_an_unknown_key_is_named_as_the_file_spells_it(tmp_path: Path) -> None:
             "got 31536000.5",
         ),
         (
-            {"debounce": "-inf"},
+            {"debounce": float("-inf")},
             {},
             "config.toml: debounce must be a number of seconds >= 0, got -inf",
+        ),
+        (
+            {},
+            {"PUNIE_DEBOUNCE": "-inf"},
+            "$PUNIE_DEBOUNCE: debounce must be a number of seconds >= 0, got -inf",
         ),
         # Empty is a mistake, not a value: a host of "" binds every interface, a path of
         # "" is the current directory, an empty list would hide the file's.
@@ -355,6 +390,9 @@ def test_an_unknown_key_is_named_as_the_file_spells_it(tmp_path: Path) -> None:
         # An empty build command ran no build; an empty list of paths meant a default
         # directory (project: the current one), as PUNIE_PROJECT= would.
         ({"build": ""}, {}, "config.toml: build must not be empty"),
+        # An empty glob was skipped without a word (PUNIE_IGNORE= was exit 2).
+        ({"ignore": ["*.log", ""]}, {}, "config.toml: ignore must not be empty"),
+        ({}, {"PUNIE_IGNORE": "*.log, "}, "$PUNIE_IGNORE: ignore must not be empty"),
         ({}, {"PUNIE_BUILD": ""}, "$PUNIE_BUILD: build must not be empty"),
         (
             {"project": []},
@@ -458,6 +496,115 @@ def test_bad_type_names_the_option_and_the_source(
     with pytest.raises(ConfigError) as info:
         resolve({}, file_values, environ, "config.toml")
     assert str(info.value) == expected
+
+
+@pytest.mark.parametrize(
+    ("file_values", "expected"),
+    [
+        # A TOML float for an integer limit was named without it ("must be an integer"),
+        # so the user looked for what was wrong with a value the message did not show.
+        ({"max_connections": 5.5}, "max-connections must be an integer, got 5.5"),
+        ({"port": 80.0}, "port must be an integer, got 80.0"),
+        ({"outbox_limit": float("inf")}, "outbox-limit must be an integer, got inf"),
+        ({"port": True}, "port must be an integer, got true"),
+        ({"port": [80]}, "port must be an integer, got an array, [80]"),
+        ({"max_prompt_bytes": {"a": 1}}, "max-prompt-bytes must be an integer, got a table"),
+        ({"shutdown_timeout": [1]}, "shutdown-timeout must be a number, got an array, [1]"),
+        ({"shutdown_timeout": False}, "shutdown-timeout must be a number, got false"),
+        ({"metrics_public": 1}, "metrics-public must be true or false, got 1"),
+        ({"host": 7}, "host must be a string, got 7"),
+        ({"model": 1.5}, "model must be a string, got 1.5"),
+        ({"project": [True]}, "project must be a string, got true"),
+        (
+            {"log_level": 5},
+            "log-level must be one of debug, info, warning, error, got 5",
+        ),
+        ({"store": False}, "store must be one of sqlite, memory, got false"),
+        # (The token is a secret: only what kind of value it is.)
+        ({"token": 12345}, "token must be a string, got an integer"),
+    ],
+)
+def test_a_config_value_of_the_wrong_type_is_named_with_its_type_and_value(
+    tmp_path: Path, file_values: dict[str, Any], expected: str
+) -> None:
+    """Every config file error names the file, the key, what the key takes and the value
+    given: a float for an integer (``max-connections = 5.5``) was "must be an integer",
+    a number for a string "must be a string", without the value. Bad values from the
+    environment are quoted too (``$PUNIE_STDIO`` was "must be true or false")."""
+    with pytest.raises(ConfigError) as info:
+        resolve({}, file_values, {}, "config.toml")
+    assert str(info.value) == f"config.toml: {expected}"
+    # Written in a real file, read as serve reads it.
+    name, value = next(iter(file_values.items()))
+    config = write(
+        tmp_path / "config.toml", f"[serve]\n{name.replace('_', '-')} = {_toml(value)}\n"
+    )
+    with pytest.raises(ConfigError) as info:
+        resolve({}, load_file(config, required=True), {}, str(config))
+    assert str(info.value) == f"{config}: {expected}"
+    # From the environment a bad value is quoted too.
+    with pytest.raises(ConfigError) as info:
+        resolve({}, {}, {"PUNIE_STDIO": "perhaps"}, "config.toml")
+    assert str(info.value) == "$PUNIE_STDIO: stdio must be true or false, got 'perhaps'"
+
+
+@pytest.mark.parametrize(
+    ("file_values", "expected"),
+    [
+        (
+            {"max_connections": "5"},
+            "max-connections must be an integer, got the string '5' (TOML is typed: "
+            "write numbers without quotes)",
+        ),
+        (
+            {"port": "eighty"},
+            "port must be an integer, got the string 'eighty' (TOML is typed: write "
+            "numbers without quotes)",
+        ),
+        (
+            {"grace_seconds": "10"},
+            "grace-seconds must be a number, got the string '10' (TOML is typed: write "
+            "numbers without quotes)",
+        ),
+        (
+            {"metrics_public": "yes"},
+            "metrics-public must be true or false, got the string 'yes' (TOML is typed: "
+            "write true or false without quotes)",
+        ),
+        (
+            {"stdio": "true"},
+            "stdio must be true or false, got the string 'true' (TOML is typed: write "
+            "true or false without quotes)",
+        ),
+    ],
+)
+def test_a_string_in_the_config_file_is_not_a_number_or_a_boolean(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    file_values: dict[str, Any],
+    expected: str,
+) -> None:
+    """TOML is typed, and docs/configuration.md writes numbers and booleans unquoted, but a
+    string was read as one: ``max-connections = "5"`` served 5 connections and
+    ``metrics-public = "yes"`` made ``/metrics`` public, so a file that a TOML linter or
+    another program reads as strings meant numbers here. It is exit 2 naming the file,
+    the key, the type and the value. The environment's values are all strings, and are
+    read from strings as before."""
+    with pytest.raises(ConfigError) as info:
+        resolve({}, file_values, {}, "config.toml")
+    assert str(info.value) == f"config.toml: {expected}"
+    argv = serve_argv_without_a_server(tmp_path, monkeypatch)
+    config = tmp_path / "config.toml"
+    name, value = next(iter(file_values.items()))
+    write(config, f"[serve]\n{name.replace('_', '-')} = {_toml(value)}\n")
+    assert cli.main(argv) == 2
+    assert capsys.readouterr().err == f"punie-trio: error: {config}: {expected}\n"
+    environ = {"PUNIE_MAX_CONNECTIONS": "5", "PUNIE_METRICS_PUBLIC": "yes"}
+    environ |= {"PUNIE_GRACE_SECONDS": "10", "PUNIE_STDIO": "true"}
+    merged = resolve({}, {}, environ, "config.toml")
+    assert (merged["max_connections"], merged["metrics_public"]) == (5, True)
+    assert (merged["grace_seconds"], merged["stdio"]) == (10.0, True)
 
 
 @pytest.mark.parametrize(
@@ -635,6 +782,13 @@ def test_a_host_this_machine_cannot_bind_is_named_with_a_host_hint(
             ["--data-dir", "/srv/d "],
             "argument --data-dir: must not have spaces around it, got '/srv/d '",
         ),
+        # The choices too (argparse said "invalid choice: 'loud' (choose from 'debug',
+        # ...)", worded apart from $PUNIE_LOG_LEVEL's and the file's).
+        (
+            ["--log-level", "loud"],
+            "argument --log-level: must be one of debug, info, warning, error, got 'loud'\n",
+        ),
+        (["--store", "pg"], "argument --store: must be one of sqlite, memory, got 'pg'\n"),
     ],
 )
 def test_a_flag_is_checked_by_its_options_rule(
@@ -650,12 +804,15 @@ def test_a_flag_is_checked_by_its_options_rule(
     assert (args.allow_origin, args.allow_host) == (["http://a.test"], [".corp.test"])
 
 
-@pytest.mark.parametrize("flag", ["--data-dir", "--project", "--site", "--watch", "--build"])
+@pytest.mark.parametrize(
+    "flag", ["--data-dir", "--project", "--site", "--watch", "--build", "--ignore"]
+)
 def test_an_empty_path_or_command_flag_is_refused(
     capsys: pytest.CaptureFixture[str], flag: str
 ) -> None:
     """``--data-dir ""`` (and --project, --site, --watch) meant the current directory, and
-    ``--build ""`` no build, without a word."""
+    ``--build ""`` no build, without a word; ``--ignore ""`` ignored nothing, without a
+    word (``PUNIE_IGNORE=`` was exit 2)."""
     with pytest.raises(SystemExit) as info:
         cli.build_parser().parse_args(["serve", flag, ""])
     assert info.value.code == 2
@@ -749,6 +906,45 @@ def test_a_number_too_long_to_read_is_named_as_out_of_bounds(
     with pytest.raises(SystemExit):
         cli.build_parser().parse_args(["serve", flag, "12x" + "9" * 5000])
     assert "must be an integer, got '12x" in capsys.readouterr().err
+
+
+_LONG = "x" * 5000
+
+
+@pytest.mark.parametrize(
+    ("file_values", "environ"),
+    [
+        ({}, {"PUNIE_PORT": _LONG}),
+        ({}, {"PUNIE_GRACE_SECONDS": _LONG}),
+        ({}, {"PUNIE_HOST": " " + _LONG}),
+        ({}, {"PUNIE_ALLOW_ORIGIN": _LONG}),
+        ({}, {"PUNIE_ALLOW_HOST": _LONG}),
+        ({}, {"PUNIE_LOG_LEVEL": _LONG}),
+        ({}, {"PUNIE_DATA_DIR": _LONG + " "}),
+        ({}, {"PUNIE_PROJECT": "~nosuchuser-punie" + _LONG}),
+        ({"port": _LONG}, {}),
+        ({"site": _LONG + "\0"}, {}),
+        ({"allow_origin": [_LONG]}, {}),
+    ],
+)
+def test_a_long_bad_value_is_named_by_its_start_and_its_length(
+    capsys: pytest.CaptureFixture[str], file_values: dict[str, Any], environ: dict[str, str]
+) -> None:
+    """A bad value was quoted whole: ``PUNIE_PORT`` or ``--allow-origin`` of 5,000
+    characters put 5 KB on the terminal (as a number too long to read once did, now named
+    by its length). It is quoted by its start, and its length said."""
+    with pytest.raises(ConfigError) as info:
+        resolve({}, file_values, environ, "config.toml")
+    message = str(info.value)
+    assert len(message) < 400, message
+    assert re.search(r"'[^']{60}'\.\.\. \(5,0\d\d characters\)", message), message
+    name = next(iter(environ or file_values)).removeprefix("PUNIE_").lower()
+    flag = "--" + name.replace("_", "-")
+    if not file_values and flag in ("--port", "--allow-origin", "--host"):
+        with pytest.raises(SystemExit):
+            cli.build_parser().parse_args(["serve", flag, environ[f"PUNIE_{name.upper()}"]])
+        err = capsys.readouterr().err
+        assert len(err) < 2000 and "characters)" in err, err
 
 
 def test_the_largest_message_bound_still_inflates() -> None:
@@ -1041,7 +1237,7 @@ def serve_argv_without_a_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
         ("watch", "/w"),
         ("ignore", "*.tmp"),
         ("no_watch", True),
-        ("debounce", "1.5"),
+        ("debounce", 1.5),
         ("open", True),
     ],
 )
@@ -1061,14 +1257,14 @@ def test_a_dev_app_option_without_a_site_is_not_ignored_without_a_word(
     option = BY_NAME[name]
     key = name.replace("_", "-")
     if source == "flag":
-        argv += [option.flag] if value is True else [option.flag, value]
+        argv += [option.flag] if value is True else [option.flag, str(value)]
         assert cli.main(argv) == 2
         assert capsys.readouterr().err == (
             f"punie-trio: error: {option.flag} needs --site (it is the dev app's)\n"
         )
         return
     if source == "env":
-        monkeypatch.setenv(option.env, "1" if value is True else value)
+        monkeypatch.setenv(option.env, "1" if value is True else str(value))
         where = f"${option.env}"
     else:
         write(config, f"[serve]\n{key} = {_toml(value)}\n")
@@ -1151,6 +1347,7 @@ async def test_serve_reads_the_toml_file_under_env_and_flags(
         )
         + "\n",
     )
+    config.chmod(0o644)  # (as editors make it, whatever the umask)
     env = {**server_env(), "PUNIE_TOKEN": "env-token", "PUNIE_MAX_PROMPT_BYTES": "20"}
     command = [sys.executable, "-m", "punie_trio", "serve", "--config", str(config)]
     with trio.fail_after(30):
@@ -1173,6 +1370,22 @@ async def test_serve_reads_the_toml_file_under_env_and_flags(
                     client, "session/prompt", prompt_params(session_id, "x" * 31)
                 )
                 assert error["code"] == -32602 and "30-byte limit" in error["message"]
+            # `punie-trio token`, in the server's environment, prints the token it took
+            # (it once printed the token file's, here none: exit 1), and warns of the
+            # file's, readable by others though the variable overrides it.
+            token = [sys.executable, "-m", "punie_trio", "token", "--config", str(config)]
+            done = await trio.run_process(
+                token, env=env, capture_stdout=True, capture_stderr=True, check=False
+            )
+            assert (done.returncode, done.stdout) == (
+                0,
+                b"token from: $PUNIE_TOKEN\ntoken: env-token\n",
+            )
+            assert done.stderr.decode() == (
+                f"punie-trio: warning: {config} holds a token and is readable by others "
+                f"(mode 0644), though $PUNIE_TOKEN overrides it; `chmod 600 {config}`, or "
+                "take the token out of it\n"
+            )
 
 
 def test_debounce_flag_env_and_default_reach_the_dev_app() -> None:
@@ -1254,6 +1467,8 @@ def _toml(value: Any) -> str:
         return "true" if value else "false"
     if isinstance(value, list):
         return "[" + ", ".join(_toml(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k} = {_toml(v)}" for k, v in value.items()) + "}"
     return repr(value) if isinstance(value, str) else str(value)
 
 
@@ -1285,3 +1500,180 @@ def test_every_option_from_a_file_the_environment_and_a_flag(
         assert from_file[name] == want_file, name
         assert from_env[name] == want_env, name
         assert from_flags[name] == want_flag, name
+
+
+def _serve_config_from(
+    root: Path, winner: str, monkeypatch: pytest.MonkeyPatch
+) -> tuple[Any, dict[str, Any]]:
+    """The ``ServeConfig`` ``cli.main(["serve", ...])`` hands the server, with every option
+    set by each place up to ``winner`` (``default``: none), and what it hands beside it
+    (the log level, ``--open``). No server starts, no logging is set up."""
+    places = ("file", "env", "flag")
+    given = places[: places.index(winner) + 1] if winner != "default" else ()
+    for variable in list(os.environ):
+        if variable.startswith("PUNIE_"):
+            monkeypatch.delenv(variable)
+    monkeypatch.setenv("XDG_DATA_HOME", str(root / "xdg-data"))
+    monkeypatch.chdir(root / "project-default")
+    ran: dict[str, Any] = {}
+    monkeypatch.setattr(cli, "_setup_logging", lambda level, data_dir: ran.update(level=level))
+
+    def run(main: Any, config: Any, open_browser: bool) -> None:
+        ran.update(config=config, open=open_browser)
+
+    monkeypatch.setattr(trio, "run", run)
+    lines = ["[serve]"]
+    argv = ["serve", "--config", str(root / "config.toml")]
+    for name, values in _every_place_values(root).items():
+        for place in given:
+            value = values[places.index(place)]
+            if place == "file":
+                lines.append(f"{name.replace('_', '-')} = {_toml(value)}")
+            elif place == "env":
+                monkeypatch.setenv(BY_NAME[name].env, value)
+            else:
+                argv += [BY_NAME[name].flag] if value is True else [BY_NAME[name].flag, value]
+    write(root / "config.toml", "\n".join(lines) + "\n").chmod(0o600)
+    assert cli.main(argv) == 0
+    return ran["config"], ran
+
+
+#: The options read as a count, and as seconds.
+_COUNTS = (
+    "max_prompt_bytes",
+    "max_sessions_per_connection",
+    "max_connections",
+    "prompts_per_minute",
+    "tool_calls_per_minute",
+    "outbox_limit",
+    "outbox_bytes",
+    "detached_buffer",
+    "detached_bytes",
+)
+_SECONDS = ("shutdown_timeout", "grace_seconds", "client_call_timeout", "debounce")
+
+
+def _every_place_values(root: Path) -> dict[str, tuple[Any, ...]]:
+    """Every option: (the file's TOML value, the variable's text, the flag's value or True
+    for an on/off flag), each apart from the others, from the default and from every other
+    option's (two options swapped on their way to the server are told apart)."""
+    paths = {
+        name: tuple(str(root / f"{name}-{place}") for place in ("file", "env", "flag"))
+        for name in ("project", "data_dir", "site", "watch")
+    }
+    return {
+        "host": ("10.0.0.1", "10.0.0.2", "10.0.0.3"),
+        "port": (1, "2", "3"),
+        "stdio": (True, "no", True),
+        "no_http": (True, "off", True),
+        "project": ([paths["project"][0]], paths["project"][1], paths["project"][2]),
+        "model": ("echo:5", "echo:6", "echo:7"),
+        "log_level": ("INFO", "Error", "debug"),
+        "data_dir": paths["data_dir"],
+        "store": ("memory", "sqlite", "memory"),
+        "token": ("file", "env", "flag"),
+        "allow_origin": (["http://f.test"], "http://e.test", "http://a.test"),
+        "allow_host": (["f.test"], "e.test", "a.test"),
+        "metrics_public": (True, "0", True),
+        "max_message_bytes": (1001, "1002", "1003"),
+        **{name: (11 + i, str(31 + i), str(51 + i)) for i, name in enumerate(_COUNTS)},
+        **{name: (1.5 + i, str(20.5 + i), str(40.5 + i)) for i, name in enumerate(_SECONDS)},
+        "site": paths["site"],
+        "build": ("make f", "make e", "make a"),
+        "watch": ([paths["watch"][0]], paths["watch"][1], paths["watch"][2]),
+        "ignore": (["*.f"], "*.e", "*.a"),
+        "no_watch": (True, "false", True),
+        "open": (True, "", True),
+    }
+
+
+@pytest.mark.parametrize("winner", ["default", "file", "env", "flag"])
+def test_every_option_reaches_the_serve_config_from_the_place_that_wins(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, winner: str
+) -> None:
+    """``test_every_observable_option_reaches_the_server_from_the_place_that_wins``
+    (``test_config_sources.py``) runs real servers for the options a client can see; the
+    others (stdio, the timeouts, the outbox and grace bounds, the dev app's) reach the
+    server through ``cli._serve_locked``'s hand-written mapping, which no test followed
+    for them. Here every option, set by the file, the environment over it and a flag over
+    both, is read back from the ``ServeConfig`` that ``serve`` runs."""
+    root = Path(os.path.realpath(tmp_path))
+    for name in ("project", "site", "watch"):
+        for place in ("file", "env", "flag"):
+            (root / f"{name}-{place}").mkdir()
+    (root / "project-default").mkdir()
+    config, ran = _serve_config_from(root, winner, monkeypatch)
+    dev = config.dev_options
+    read = {
+        "host": config.host,
+        "port": config.port,
+        "stdio": config.stdio,
+        "no_http": not config.http,
+        "project": config.projects,
+        "model": config.model.name,
+        "log_level": ran["level"],
+        "data_dir": config.data_dir,
+        "store": config.store,
+        "token": config.token,
+        "allow_origin": config.allow_origins,
+        "allow_host": config.allow_hosts,
+        "metrics_public": config.metrics_public,
+        "max_message_bytes": config.max_message_bytes,
+        "shutdown_timeout": config.shutdown_timeout,
+        **{
+            name: getattr(config.limits, name)
+            for name in (
+                "max_prompt_bytes",
+                "max_sessions_per_connection",
+                "max_connections",
+                "prompts_per_minute",
+                "tool_calls_per_minute",
+                "outbox_limit",
+                "outbox_bytes",
+                "grace_seconds",
+                "detached_buffer",
+                "detached_bytes",
+                "client_call_timeout",
+            )
+        },
+        "site": config.site,
+        "build": dev.get("build_cmd"),
+        "watch": dev.get("watch"),
+        "ignore": dev.get("ignore"),
+        "no_watch": dev["no_watch"],
+        "debounce": dev["debounce"],
+        "open": ran["open"],
+    }
+    assert set(read) == set(BY_NAME)
+    if winner == "default":
+        expected = {o.name: o.default for o in OPTIONS}
+        expected |= {"project": (root / "project-default",), "model": "echo", "site": None}
+        expected |= {"data_dir": root / "xdg-data" / "punie-trio", "watch": None, "ignore": None}
+        expected |= {"no_http": False, "token": (root / "xdg-data/punie-trio/token").read_text()}
+        expected["token"] = expected["token"].strip()
+        assert read == expected
+        return
+    for name, values in _every_place_values(root).items():
+        value = values[("file", "env", "flag").index(winner)]
+        assert read[name] == _read_as(name, value), (name, winner)
+
+
+def _read_as(name: str, value: Any) -> Any:
+    """What ``value`` (a TOML value, a variable's text or a flag's) of option ``name`` is
+    in the ``ServeConfig``."""
+    items = value if isinstance(value, list) else [value]
+    if value is True or value is False:
+        return value
+    if name in ("stdio", "no_http", "metrics_public", "no_watch", "open"):
+        return value not in ("no", "off", "0", "false", "")
+    if name in (*_COUNTS, "port", "max_message_bytes"):
+        return int(value)
+    if name in _SECONDS:
+        return float(value)
+    if name in ("project", "watch"):
+        return tuple(Path(item) for item in items)
+    if name in ("data_dir", "site"):
+        return Path(value)
+    if name in ("allow_origin", "allow_host", "ignore"):
+        return tuple(items)
+    return value.lower() if name == "log_level" else value

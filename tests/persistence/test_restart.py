@@ -603,6 +603,83 @@ async def test_list_reports_the_cwd_as_the_client_sent_it(
                 await client.request("session/load", load_params(session_id, root / "site"))
 
 
+async def test_list_reports_additional_directories_as_the_client_sent_them(
+    tmp_path: Path, acp_schema: SchemaChecker
+) -> None:
+    """``additionalDirectories`` were listed resolved (symlinks followed) beside a cwd
+    listed as sent: one session, two spellings. They are listed as the client sent them
+    (the last ``session/new`` or ``session/load`` that set them), after a restart too, as
+    the cwd is."""
+    root = await resolved(tmp_path)
+    for name in ("site", "lib", "docs"):
+        (root / name).mkdir()
+    (root / "link").symlink_to(root / "site")
+    (root / "lib-link").symlink_to(root / "lib")
+    (root / "docs-link").symlink_to(root / "docs")
+    sent = str(root / "link")
+    with trio.fail_after(30):
+        session_id = ""
+        for server in range(2):  # the second server reads it back from the store
+            async with (
+                in_process_server(tmp_path, history_script(), store="sqlite") as running,
+                acp_ws_client(running.url, acp_schema) as (client, _),
+            ):
+                await client.initialize()
+                if server == 0:
+                    extra = [str(root / "lib-link"), f"{root}/docs/../docs"]
+                    session_id = await client.new_session(sent, additionalDirectories=extra)
+                    listed = await client.request("session/list", {})
+                    assert listed["sessions"][0]["cwd"] == sent
+                    assert listed["sessions"][0]["additionalDirectories"] == extra
+                    params = {**load_params(session_id, root / "site")}
+                    params["additionalDirectories"] = [str(root / "docs-link")]
+                    await client.request("session/load", params)
+                listed = await client.request("session/list", {})
+                assert [(s["sessionId"], s["cwd"]) for s in listed["sessions"]] == [
+                    (session_id, sent)
+                ]
+                assert listed["sessions"][0]["additionalDirectories"] == [str(root / "docs-link")]
+
+
+@pytest.mark.parametrize("store", ["memory", "sqlite"])
+async def test_a_cursor_continues_only_the_listing_it_came_from(
+    tmp_path: Path, acp_schema: SchemaChecker, store: str
+) -> None:
+    """A ``session/list`` cursor pages the listing it came from, with its ``cwd`` filter:
+    sent with another filter (or none), it is -32602 saying so; it was taken as a place in
+    the other listing, which then started somewhere in the middle, with no word. Sent
+    with the same filter in another spelling, it pages on."""
+    root = await resolved(tmp_path)
+    for name in ("a", "b"):
+        (root / name).mkdir()
+    (root / "a-link").symlink_to(root / "a")
+    with trio.fail_after(60):
+        async with (
+            in_process_server(tmp_path, history_script(), store=store) as running,
+            acp_ws_client(running.url, acp_schema) as (client, _),
+        ):
+            await client.initialize()
+            for name in ["a"] * 51 + ["b"] * 2:
+                session_id = await client.new_session(str(root / name))
+                await client.request("session/close", {"sessionId": session_id})
+            first = await client.request("session/list", {"cwd": str(root / "a")})
+            cursor = first["nextCursor"]
+            for other in ({"cwd": str(root / "b")}, {}):
+                error = await expect_error(client, "session/list", {**other, "cursor": cursor})
+                assert error["code"] == -32602, error
+                assert "cursor" in error["message"] and "another" in error["message"], error
+            rest = await client.request(
+                "session/list", {"cwd": str(root / "a-link"), "cursor": cursor}
+            )
+            listed = first["sessions"] + rest["sessions"]
+            assert len({s["sessionId"] for s in listed}) == 51 and "nextCursor" not in rest
+            unfiltered = await client.request("session/list", {})
+            error = await expect_error(
+                client, "session/list", {"cwd": str(root / "a"), "cursor": unfiltered["nextCursor"]}
+            )
+            assert error["code"] == -32602 and "another" in error["message"], error
+
+
 @asynccontextmanager
 async def serving_only(
     project: Path, data_dir: Path, acp_schema: SchemaChecker

@@ -284,6 +284,44 @@ async def test_timeout_around_request_sends_cancel_request(
         nursery.cancel_scope.cancel()
 
 
+async def test_a_cancel_request_for_a_timed_out_request_is_sent_when_the_outbox_is_full(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The ``$/cancel_request`` for our request that timed out goes out even when the
+    outbox is full (a client that reads slowly while a turn streams): it was dropped, and
+    the client went on waiting to answer a request no one awaited any more (a permission
+    dialog left open for good). A request cancelled before it was queued is not
+    cancelled to the client, which never saw it."""
+    ours, theirs = memory_message_stream_pair(buffer=0)
+    peer = Peer(ours, Dispatcher(), outbox_size=1)
+    raw = Raw(theirs)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(peer.run)
+
+        async def ask(method: str) -> None:
+            with trio.move_on_after(3):
+                await peer.request(method)
+
+        nursery.start_soon(ask, "ask")
+        await trio.testing.wait_all_tasks_blocked()  # the writer holds it: no one reads
+        nursery.start_soon(peer.notify, "update", {"n": 1})  # fills the outbox
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(ask, "never-queued")  # waits for room
+        await trio.testing.wait_all_tasks_blocked()
+        await trio.sleep(5)  # both time out
+        received = [await raw.recv() for _ in range(3)]
+        asked = received[0]
+        assert asked["method"] == "ask"
+        assert received[1:] == [
+            {"jsonrpc": "2.0", "method": "update", "params": {"n": 1}},
+            {"jsonrpc": "2.0", "method": CANCEL_REQUEST, "params": {"requestId": asked["id"]}},
+        ]
+        with trio.move_on_after(1):
+            extra = await theirs.receive_message()
+            raise AssertionError(f"more was sent: {extra}")
+        nursery.cancel_scope.cancel()
+
+
 def slow_handler() -> tuple[Handler, trio.Event]:
     """A handler that waits for ever, and the event it sets once it is cancelled."""
     ended = trio.Event()
