@@ -161,6 +161,26 @@ class Outbox:
         if self._senders is not None:
             self._senders.unpark(count=count)
 
+    def withdraw(self, text: str) -> bool:
+        """Take ``text`` (that very object) out of the queue if the taker has not taken it
+        yet; False if it has (it is written, or being written), or it was never queued.
+        Senders waiting for room are woken.
+
+        Why: a request of the peer's abandoned while it still waits here (behind what a
+        slow client has not read) is one the client has never seen; sent all the same,
+        with a ``$/cancel_request`` after it, the client showed what no one awaited (a
+        permission dialog), and the cancel went past the bound. Only on such a
+        cancellation: a scan of at most the queue, which the common case never pays."""
+        items = self._items
+        for index in range(len(items) - 1, -1, -1):  # (it was queued lately: from the end)
+            if items[index] is text:
+                del items[index]
+                self._dropped(_size(text))
+                if self._senders is not None:
+                    self._senders.unpark(count=1)
+                return True
+        return False
+
     def put_front(self, data: str | bytes) -> None:
         """Queue ``data`` ahead of everything and wake the taker (the peer's marker: finish
         a write begun with :meth:`take_now`)."""

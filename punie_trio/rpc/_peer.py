@@ -583,14 +583,15 @@ class Peer:
         request_id = next(self._ids)
         call = _PendingCall()
         self._pending[request_id] = call
+        text = serialize(Request(request_id, method, params))
         queued = False
         try:
-            await self._send(Request(request_id, method, params))
+            await self.send_encoded(text)
             queued = True
             await call.done.wait()
         except trio.Cancelled:
             if queued and not call.done.is_set():
-                self._tell_cancelled(request_id)
+                self._tell_cancelled(request_id, text)
             raise
         finally:
             del self._pending[request_id]
@@ -612,18 +613,23 @@ class Peer:
         else:
             await self._send(Response(request_id, result))
 
-    def _tell_cancelled(self, request_id: RequestId) -> None:
-        """Send ``$/cancel_request`` for our request ``request_id`` (queued, unanswered),
-        now, even past a full outbox.
+    def _tell_cancelled(self, request_id: RequestId, text: str) -> None:
+        """Tell the client that our request ``request_id`` (queued as ``text``,
+        unanswered) is abandoned: taken out of the outbox if it is still there, unseen
+        (:meth:`Outbox.withdraw`: it and a cancel were both sent, and the client showed
+        what no one awaited); else ``$/cancel_request``, now, even past a full outbox.
 
         Why past the bound: the caller is being cancelled and cannot wait, and dropped
         (as it was when a client read slowly while a turn streamed) the client was never
         told: it went on waiting to answer a request no one awaited any more (a permission
         dialog left open for good, its answer then ignored). The overshoot is bounded: one
-        such message per request of ours that was queued (and so took a place in the
-        outbox), and those are bounded by the turns and tool calls running."""
+        such message per request of ours that the writer took (written, or being written)
+        and that is unanswered, and those are bounded by the turns and tool calls
+        running."""
         if self._outbox.closed:
             return  # (the connection is over: nothing can be sent)
+        if self._outbox.withdraw(text):
+            return
         self._outbox.force(serialize(Notification(CANCEL_REQUEST, {"requestId": request_id})))
 
     async def _writer(self, cancel_scope: trio.CancelScope) -> None:

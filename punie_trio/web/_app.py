@@ -8,8 +8,9 @@ what h11 cannot parse (two ``Host`` or ``Content-Length`` headers, a chunk size 
 a number), 431 for a request head over 16 KiB (even one that arrives whole: the socket
 reader, ``_fast_send``, hands Hypercorn 4 KiB at a time, so it is incomplete past 16 KiB).
 Those are left as Hypercorn sends them. A WebSocket handshake Hypercorn refuses (no
-``Sec-WebSocket-Key``, HTTP/1.0, a frame before the 101: 400; a wrong version: 426) gets a
-reason too (``_handshake``).
+``Sec-WebSocket-Key``, HTTP/1.0, a frame before the 101, a ``Connection``,
+``Sec-WebSocket-Extensions`` or ``Sec-WebSocket-Protocol`` that is not ASCII: 400; a wrong
+version: 426) gets a reason too (``_handshake``).
 """
 
 from __future__ import annotations
@@ -175,11 +176,17 @@ class App:
             headers: list[tuple[bytes, bytes]] = []
             if over_http1(scope):
                 headers = [(b"upgrade", b"websocket"), (b"connection", b"upgrade, close")]
+            unread = _unread_upgrade(scope)
+            how = (
+                "Upgrade: websocket"
+                if unread is None
+                else "one Upgrade: websocket and one Connection: Upgrade; this request "
+                f"had {unread}"
+            )
             await respond_text(
                 send,
                 426,
-                "Upgrade Required: /acp speaks ACP over WebSocket only "
-                "(send GET with Upgrade: websocket)",
+                f"Upgrade Required: /acp speaks ACP over WebSocket only (send GET with {how})",
                 headers=headers,
             )
         elif self.fallback is not None:
@@ -392,6 +399,39 @@ def _release_buffers(send: ASGISend) -> None:
         if isinstance(extension, PerMessageDeflate):
             extension._compressor = None
             extension._decompressor = None
+
+
+def _unread_upgrade(scope: dict[str, Any]) -> str | None:
+    """The ``Upgrade`` and ``Connection`` lines, shown, of an HTTP/1.1 request that asked
+    for an upgrade (it has an ``Upgrade`` line, or a ``Connection`` listing ``upgrade``)
+    but was not taken for a WebSocket handshake; None for one that did not ask.
+
+    Why: Hypercorn takes a request for a handshake only when its last ``Connection`` line
+    lists ``upgrade`` and its last ``Upgrade`` line is ``websocket`` alone. A client that
+    split ``Connection`` over two lines (RFC 9110 section 5.3 lets it), listed another
+    protocol in ``Upgrade`` too, or sent no ``Connection``, got the 426 telling it to send
+    the ``Upgrade: websocket`` it had sent. (Reached only by a refused request.)"""
+    if not over_http1(scope):
+        return None
+    lines: dict[bytes, list[bytes]] = {b"upgrade": [], b"connection": []}
+    for name, value in scope.get("headers", ()):
+        found = lines.get(name.lower())
+        if found is not None:
+            found.append(bytes(value))
+    asked = lines[b"upgrade"] or any(
+        token.strip().lower() == b"upgrade"
+        for value in lines[b"connection"]
+        for token in value.split(b",")
+    )
+    if not asked:
+        return None
+    shown = [
+        f"{name} " + " ".join(f"'{printable(shown_header(value), 60)}'" for value in values)
+        if values
+        else f"no {name}"
+        for name, values in (("Upgrade", lines[b"upgrade"]), ("Connection", lines[b"connection"]))
+    ]
+    return " and ".join(shown)
 
 
 def _bad_key(scope: dict[str, Any]) -> str | None:

@@ -114,11 +114,17 @@ def request_host(scope: dict[str, Any]) -> str | None:
     """The ``Host`` header's host name as a refusal names it: lowercase, without its port or
     a final dot (an IPv6 address without its brackets), read as UTF-8 (``shown_header``:
     Latin-1 named ``bücher.example`` ``bã¼cher.example``); None without the header. A
-    malformed value comes back whole (``::1``, ``[::1``), which only ``*`` accepts."""
+    malformed value comes back whole (``::1``, ``[::1``), which only ``*`` accepts.
+
+    Lowercased (and stripped) in ASCII alone, as the bytes: only ASCII can match a name
+    (:func:`host_allowed`), and lowercased as Unicode, a KELVIN SIGN came back as ``k``
+    (``Host: \u212aube.example`` refused as 'kube.example' under ``--allow-host
+    kube.example``, leaving nothing to allow) and an I with a dot as ``i`` and a
+    combining dot."""
     value = header(scope, b"host")
     if value is None:
         return None
-    text = shown_header(value).strip().lower()
+    text = shown_header(value.strip().lower())
     name = _host_name(text)
     return text if name is None else name
 

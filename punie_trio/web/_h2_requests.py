@@ -12,7 +12,9 @@ stream is answered 400 with the reason, and ended; the connection goes on. (Only
 before ``?`` counts: Hypercorn hands the query on as bytes.) A plain CONNECT (RFC 9113
 section 8.5: ``:method`` and ``:authority`` only, a tunnel through a proxy, which this
 server is not) made the same set-up read a ``raw_path`` it never set
-(``UnboundLocalError``), with the same end; it gets the same 400.
+(``UnboundLocalError``), with the same end; it gets the same 400. So does an extended
+CONNECT (RFC 8441) whose ``:protocol`` is not ``websocket``: Hypercorn opened a WebSocket
+for any such request, and answered 200 to a client that had asked for another protocol.
 
 Resource handling: nothing is owned; like ``_h2_late_data.install`` it patches Hypercorn
 for the whole process (idempotent), and patches nothing if Hypercorn's internals do not
@@ -38,7 +40,7 @@ from h2.errors import ErrorCodes
 from hypercorn.events import Updated
 from hypercorn.protocol.h2 import H2Protocol
 
-from ._http import body_headers
+from ._http import body_headers, printable, shown_header
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +52,15 @@ def _refusal(request: h2.events.RequestReceived) -> str | None:
         if name == b":path":
             has_path = True
             value = value.partition(b"?")[0]
+        elif name == b":protocol":
+            # (h2 lets it come with CONNECT only.) Hypercorn opened a WebSocket for any.
+            if value.lower() != b"websocket":
+                shown = printable(shown_header(value), 40)
+                return (
+                    f"the extended CONNECT's :protocol '{shown}' is not served here "
+                    "(only websocket, RFC 8441)"
+                )
+            continue
         elif name != b":method":
             continue
         if not value.isascii():

@@ -309,6 +309,55 @@ async def test_unknown_path_and_plain_http_on_acp(server: Running) -> None:
         assert b"/acp" in (info.value.body or b"")
 
 
+@pytest.mark.parametrize(
+    ("lines", "had"),
+    [
+        (
+            [b"Upgrade: websocket", b"Connection: Upgrade", b"Connection: keep-alive"],
+            "Upgrade 'websocket' and Connection 'Upgrade' 'keep-alive'",
+        ),
+        (
+            [b"Upgrade: websocket, foo/1", b"Connection: Upgrade"],
+            "Upgrade 'websocket, foo/1' and Connection 'Upgrade'",
+        ),
+        ([b"Upgrade: websocket"], "Upgrade 'websocket' and no Connection"),
+        ([b"Connection: keep-alive, Upgrade"], "no Upgrade and Connection 'keep-alive, Upgrade'"),
+        ("Upgrade: websocket\u00fc".encode(), "Upgrade 'websocket\u00fc' and no Connection"),
+    ],
+)
+async def test_an_upgrade_not_read_as_a_websocket_handshake_is_told_what_was_read(
+    server: Running, lines: list[bytes] | bytes, had: str
+) -> None:
+    """Hypercorn takes a request for a WebSocket handshake only when its last
+    ``Connection`` line lists ``upgrade`` and its last ``Upgrade`` line is ``websocket``
+    alone. A client that asked otherwise (``Connection`` over two lines, as RFC 9110
+    section 5.3 allows; another protocol listed in ``Upgrade``; no ``Connection``) got the
+    426 telling it to "send GET with Upgrade: websocket", which it had sent. The 426 says
+    what this request had now (escaped as other answers name what was sent)."""
+    assert server.url is not None
+    if isinstance(lines, bytes):
+        lines = [lines]
+    request = [
+        b"GET /acp HTTP/1.1",
+        b"Host: 127.0.0.1",
+        b"Sec-WebSocket-Version: 13",
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
+        *lines,
+    ]
+    client = await RawHttp.connect(server.url)
+    with trio.fail_after(10):
+        await client.send(b"\r\n".join(request) + b"\r\n\r\n")
+        answer = await client.answer()
+        await client.wait_closed()
+    await client.aclose()
+    assert answer.status == 426, answer
+    assert answer.headers["upgrade"] == "websocket"
+    assert answer.body.decode() == (
+        "Upgrade Required: /acp speaks ACP over WebSocket only (send GET with one "
+        f"Upgrade: websocket and one Connection: Upgrade; this request had {had})\n"
+    )
+
+
 async def test_the_asterisk_form_is_a_ping_for_options_and_a_400_for_the_rest(
     server: Running,
 ) -> None:
@@ -513,8 +562,8 @@ async def test_a_websocket_handshake_hypercorn_refuses_gets_its_400_with_a_reaso
     server: Running,
 ) -> None:
     """The handshakes Hypercorn itself refuses with 400 (no ``Sec-WebSocket-Key``,
-    HTTP/1.0, a frame sent before the 101) get a reason in the body, as the app's own
-    refusals do: the 400 was bare, and a client could not tell what was wrong. The
+    HTTP/1.0, a frame sent before the 101, a request body) get a reason in the body, as
+    the app's own refusals do: the 400 was bare, and a client could not tell what was wrong. The
     connection is closed after each, and the server serves on."""
     assert server.url is not None
     upgrade = "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
@@ -527,6 +576,23 @@ async def test_a_websocket_handshake_hypercorn_refuses_gets_its_400_with_a_reaso
             + b"\x81\x85abcd"
             + b"hello",
             b"before",
+        ),
+        # Frames after an empty body are frames still.
+        (
+            f"GET /acp HTTP/1.1\r\nHost: 127.0.0.1\r\n{upgrade}{key}Content-Length: 0\r\n\r\n"
+            "\x81\x85abcdhello".encode("latin-1"),
+            b"before",
+        ),
+        # A request body: no frames, and the reason said "a client sends no frames".
+        (
+            f"GET /acp HTTP/1.1\r\nHost: 127.0.0.1\r\n{upgrade}{key}Content-Length: 5\r\n\r\n"
+            "hello".encode(),
+            b"has no body (this one came with Content-Length: 5)",
+        ),
+        (
+            f"GET /acp HTTP/1.1\r\nHost: 127.0.0.1\r\n{upgrade}{key}"
+            "Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n".encode(),
+            b"has no body (this one came with Transfer-Encoding: chunked)",
         ),
     ]
     with trio.fail_after(10):
@@ -691,6 +757,95 @@ async def test_a_bad_websocket_key_is_named_as_sent_not_as_mojibake(
 
 
 @pytest.mark.parametrize(
+    ("name", "value", "named"),
+    [
+        (
+            b"Sec-WebSocket-Extensions",
+            "permessage-deflate; client_max_window_bits=ü".encode(),
+            "'permessage-deflate; client_max_window_bits=ü'",
+        ),
+        (b"Sec-WebSocket-Extensions", b"permessage-deflate\xff", "'permessage-deflate\\xff'"),
+        (b"Sec-WebSocket-Protocol", "acp, ü".encode(), "'acp, ü'"),
+        (b"Sec-WebSocket-Protocol", "a\u009bb".encode(), "'a\\x9bb'"),
+        (b"Connection", "Upgrade, ü".encode(), "'Upgrade, ü'"),
+        # A long one is cut, as other answers cut what they echo.
+        (b"Sec-WebSocket-Protocol", "ü".encode() * 5000, "'" + "ü" * 80 + "\u2026'"),
+    ],
+)
+async def test_a_non_ascii_handshake_header_gets_400_naming_it(
+    server: Running, caplog: pytest.LogCaptureFixture, name: bytes, value: bytes, named: str
+) -> None:
+    """Hypercorn reads ``Connection``, ``Sec-WebSocket-Extensions`` and
+    ``Sec-WebSocket-Protocol`` as comma lists of ASCII (wsproto's ``split_comma_header``),
+    and a non-ASCII byte in one raised ``UnicodeDecodeError`` before the app ran: no answer
+    at all, the connection just closed, and an ERROR with a traceback. It gets 400 naming
+    the header and its value (read as UTF-8, escaped once) now, before the version is
+    looked at (it comes after the bad header here, and was never read), and the server
+    serves on."""
+    assert server.url is not None
+    host, port = server.url.removeprefix("http://").rsplit(":", 1)
+    upgrade = [b"Upgrade: websocket", b"Connection: Upgrade"]
+    if name == b"Connection":
+        upgrade = [b"Upgrade: websocket"]
+    lines = [
+        b"GET /acp HTTP/1.1",
+        f"Host: {host}:{port}".encode(),
+        *upgrade,
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
+        name + b": " + value,
+        b"Sec-WebSocket-Version: 13",
+    ]
+    client = await RawHttp.connect(server.url)
+    with trio.fail_after(10):
+        await client.send(b"\r\n".join(lines) + b"\r\n\r\n")
+        answer = await client.answer()
+        await client.wait_closed()
+    await client.aclose()
+    assert answer.status == 400, answer
+    assert answer.headers["connection"] == "close"
+    assert answer.body.decode() == (
+        f"Bad Request: {name.decode()} {named} is not ASCII "
+        "(a handshake header lists tokens, RFC 9110 section 5.6.2)\n"
+    )
+    assert "Traceback" not in caplog.text and "UnicodeDecodeError" not in caplog.text
+    assert not server.manager.connections
+    async with open_websocket_url(ws_url(server.url)) as ws:
+        assert not ws.closed
+
+
+async def test_a_non_ascii_handshake_header_over_http2_gets_400_and_the_connection_goes_on(
+    server: Running, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The same header over HTTP/2 (RFC 8441, extended CONNECT) raised in the same place,
+    and took the whole connection down with "connection failed" and a traceback; its own
+    stream gets the 400 now, and the connection goes on serving the others."""
+    assert server.url is not None
+    with trio.fail_after(10):
+        client = await _H2.open(server.url)
+        stream = client.stream
+        async with stream:
+            client.conn.send_headers(
+                1,
+                [
+                    (b":method", b"CONNECT"), (b":protocol", b"websocket"),
+                    (b":scheme", b"http"), (b":path", b"/acp"),
+                    (b":authority", client.authority), (b"sec-websocket-version", b"13"),
+                    (b"sec-websocket-protocol", "ü".encode()),
+                ],
+            )  # fmt: skip
+            await client.flush()
+            assert await client.status(1) == b"400"
+            assert client.bodies[1].decode() == (
+                "Bad Request: Sec-WebSocket-Protocol 'ü' is not ASCII "
+                "(a handshake header lists tokens, RFC 9110 section 5.6.2)\n"
+            )
+            client.get(3, b"/health")
+            await client.flush()
+            assert await client.status(3) == b"200"
+    assert "connection failed" not in caplog.text and "Traceback" not in caplog.text
+
+
+@pytest.mark.parametrize(
     ("method", "path"),
     [(b"GET", b"/\xc3\xbcber.html"), (b"GET", b"/x\xff?q=1"), (b"G\xc3\x89T", b"/health")],
 )
@@ -827,6 +982,46 @@ async def test_a_connect_tunnel_over_http2_gets_400_and_the_connection_goes_on(
             client.get(3, b"/health")
             await client.flush()
             assert await client.status(3) == b"200"
+    assert "connection failed" not in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("protocol", "named"),
+    [(b"h2c", "'h2c'"), (b"webtransport", "'webtransport'"), (b"\xff", "'\\xff'")],
+)
+async def test_an_extended_connect_for_another_protocol_than_websocket_gets_400(
+    server: Running, caplog: pytest.LogCaptureFixture, protocol: bytes, named: str
+) -> None:
+    """RFC 8441: an extended CONNECT names the protocol it wants in ``:protocol``, and
+    this server speaks only ``websocket``. Hypercorn opened a WebSocket for any extended
+    CONNECT, whatever it named, and answered 200: a client asking for another protocol
+    was told it had it. Its stream gets 400 naming what it asked for now, and the
+    connection goes on serving the others (a WebSocket among them)."""
+    assert server.url is not None
+    with trio.fail_after(10):
+        client = await _H2.open(server.url)
+        stream = client.stream
+        async with stream:
+            client.conn.send_headers(
+                1,
+                [
+                    (b":method", b"CONNECT"), (b":protocol", protocol), (b":scheme", b"http"),
+                    (b":path", b"/acp"), (b":authority", client.authority),
+                    (b"sec-websocket-version", b"13"),
+                ],
+            )  # fmt: skip
+            await client.flush()
+            assert await client.status(1) == b"400"
+            assert client.bodies[1].decode() == (
+                f"Bad Request: the extended CONNECT's :protocol {named} is not served here "
+                "(only websocket, RFC 8441)\n"
+            )
+            client.websocket(3, b"13")
+            await client.flush()
+            assert await _h2_response_status(client, 3) == b"200"
+            client.get(5, b"/health")
+            await client.flush()
+            assert await client.status(5) == b"200"
     assert "connection failed" not in caplog.text
 
 

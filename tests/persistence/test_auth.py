@@ -311,6 +311,31 @@ async def test_a_refused_host_or_origin_is_named_as_sent_not_as_mojibake(
         assert running.manager.connections == set()
 
 
+async def test_a_refused_host_is_named_lowercased_in_ascii_only(
+    start_server: StartServer,
+) -> None:
+    """The 403 of the Host check lowercases the name it shows as the check does, in ASCII:
+    lowercased as Unicode, ``Host: \u212aube.example`` (a KELVIN SIGN, not a K) came back
+    as ``'kube.example'``, refused "not allowed here" under ``--allow-host kube.example``,
+    which left the user nothing to allow; and ``\u0130`` (I with a dot) as ``i`` and a
+    combining dot."""
+    async with start_server(allow_hosts=("kube.example",)) as running:
+        assert running.url is not None
+        for sent, shown in [
+            ("\u212aube.example", "\u212aube.example"),
+            ("\u0130NFO.Example", "\u0130nfo.example"),
+        ]:
+            raw = await RawHttp.connect(running.url)
+            await raw.send(b"GET /health HTTP/1.1\r\nHost: " + sent.encode() + b"\r\n\r\n")
+            answer = await raw.answer()
+            await raw.aclose()
+            assert answer.status == 403
+            assert answer.body.decode() == (
+                f"Forbidden: Host '{shown}' is not allowed here (use an IP address or "
+                "localhost, or allow the name with --allow-host)\n"
+            )
+
+
 @pytest.mark.parametrize(
     ("value", "name"),
     [

@@ -297,3 +297,31 @@ async def test_send_some_nowait_queues_what_send_nowait_would_and_says_how_many(
     box.close()
     with pytest.raises(trio.ClosedResourceError):
         box.send_some_nowait(["f"])
+
+
+async def test_withdraw_takes_out_only_that_very_text_not_yet_taken() -> None:
+    """``withdraw`` (a request of the peer's abandoned while still queued) takes out that
+    object, gives its bytes and its place back (a sender waiting for room goes on), and
+    is False once the taker has it or for an equal text that is another object."""
+    box = Outbox(2)
+    first, second = "first", "".join(["sec", "ond"])
+    box.send_nowait(first)
+    box.send_nowait(second)
+    assert not box.withdraw("".join(["sec", "ond"]))  # (equal, not the one queued)
+    sent = False
+
+    async def sender() -> None:
+        nonlocal sent
+        await box.send("third")
+        sent = True
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(sender)
+        await trio.testing.wait_all_tasks_blocked()
+        assert not sent  # full: it waits
+        assert box.withdraw(second)
+    assert sent
+    assert box.queued_bytes() == sys.getsizeof(first) + sys.getsizeof("third")
+    assert await box.take(10) == [first, "third"]
+    assert not box.withdraw(first)  # (taken: written, or being written)
+    assert box.queued_bytes() == 0

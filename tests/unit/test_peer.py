@@ -322,6 +322,33 @@ async def test_a_cancel_request_for_a_timed_out_request_is_sent_when_the_outbox_
         nursery.cancel_scope.cancel()
 
 
+async def test_a_request_abandoned_while_still_in_the_outbox_is_withdrawn_unsent(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Our request abandoned (timed out, its turn cancelled) while it still waits in the
+    outbox behind what a slow client has not read is taken out of the outbox: the client
+    never saw it, and neither it nor a ``$/cancel_request`` for it is sent. Both were
+    sent, so the client showed (a permission dialog) what no one awaited, to close it at
+    once, and the cancel went past the outbox's bound."""
+    ours, theirs = memory_message_stream_pair(buffer=0)
+    peer = Peer(ours, Dispatcher(), outbox_size=4)
+    raw = Raw(theirs)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(peer.run)
+        nursery.start_soon(peer.notify, "update", {"n": 1})
+        await trio.testing.wait_all_tasks_blocked()  # the writer holds it: no one reads
+        with trio.move_on_after(3):
+            await peer.request("ask")  # queued behind it, never taken
+        assert peer.queued() == 0
+        nursery.start_soon(peer.notify, "update", {"n": 2})
+        assert await raw.recv() == {"jsonrpc": "2.0", "method": "update", "params": {"n": 1}}
+        assert await raw.recv() == {"jsonrpc": "2.0", "method": "update", "params": {"n": 2}}
+        with trio.move_on_after(1):
+            extra = await theirs.receive_message()
+            raise AssertionError(f"more was sent: {extra}")
+        nursery.cancel_scope.cancel()
+
+
 def slow_handler() -> tuple[Handler, trio.Event]:
     """A handler that waits for ever, and the event it sets once it is cancelled."""
     ended = trio.Event()
