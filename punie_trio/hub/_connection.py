@@ -9,6 +9,7 @@ field), checks it is allowed (``initialize`` first, session ownership) and hands
 from __future__ import annotations
 
 import logging
+import sys
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
@@ -32,7 +33,7 @@ from ..rpc import (
 )
 from ..transport import MessageStream
 from ._manager import Manager
-from ._session import MAX_REMEMBERED_ID_CHARS, Pending, Session, small_id
+from ._session import MAX_REMEMBERED_ID_CHARS, Session, small_id
 
 log = logging.getLogger("punie_trio.hub")
 
@@ -51,6 +52,9 @@ MAX_AWAITED_ID_CHARS = MAX_ID_CHARS
 #: Most prompts (run or refused) remembered per connection: more than its outbox can hold
 #: unwritten.
 MAX_REFUSED = 1024
+#: Most answers to its other requests a connection remembers (``ClientConnection.answers``),
+#: as many as are kept for a client's return (``_left.LEFT_ANSWERS``).
+MAX_ANSWERS = 64
 
 #: Requests a ``$/cancel_request`` does not cancel (``Peer.uncancellable``).
 _UNCANCELLABLE = frozenset({acp.INITIALIZE})
@@ -115,15 +119,23 @@ class ClientConnection:
     #: awaits the id (Manager._keep_unsent). (Of the prompts that ran, only each session's
     #: last was known: an earlier one's answer, unwritten, was sent after the later turn.)
     prompt_sessions: dict[RequestId, str] | None = attrs.field(default=None, init=False)
-    #: The last answers (written) of the sessions this connection closed or deleted, by
-    #: request id: the session id and the answer, the newest ``LEFT_ANSWERS`` (None until
-    #: the first; only for a client that gave a client id). Should the connection drop,
-    #: those of its prompts whose ids it did not use again are kept for the client's
-    #: return (``Manager.remember_closed_answer``): written, they may have been lost in
-    #: flight, as a session's kept within grace may (which it sends again).
-    closed_answers: dict[RequestId, tuple[str, Pending]] | None = attrs.field(
-        default=None, init=False
-    )
+    #: The newest answers queued to this client's requests but its prompts (which their
+    #: sessions keep: ``Session.last_answer``; but for the last of a session it closed,
+    #: ``Manager.remember_closed_answer``), as their text, by request id, in the order
+    #: queued: the newest :data:`MAX_ANSWERS`, within ``outbox_bytes`` (None until the
+    #: first; only for a client that gave a client id). A request read under an id holds
+    #: None there until its answer is queued (a prompt takes its id out): the id's older
+    #: answer is not the client's any more. Should the connection drop, those written
+    #: are kept for the client's return, and no session's last answer under an id here is
+    #: sent again (``Manager._keep_written_answers``): written, an answer may have been
+    #: lost in flight, and a client back awaiting its id says it was.
+    answers: dict[RequestId, str | None] | None = attrs.field(default=None, init=False)
+    #: Of the ids in :attr:`answers`, those of ``session/load`` requests, to the session
+    #: each loads: its replay was written before its answer, and may have been lost in
+    #: flight with it (``Manager._keep_written_answers``). None until the first.
+    loads: dict[RequestId, str] | None = attrs.field(default=None, init=False)
+    # The memory the texts in ``answers`` take (``sys.getsizeof``, as the outbox counts).
+    _answers_bytes: int = attrs.field(default=0, init=False)
 
     async def run(
         self,
@@ -224,11 +236,8 @@ class ClientConnection:
             if request_id in self.awaiting:
                 self.stop_awaiting(request_id)
                 self.manager.forget_old_answers(self, request_id)
-        if self.prompt_sessions:
-            # (nor one whose old answer or refusal, if unwritten, is to be kept for it)
-            request_id = current_request_id.get(None)
-            if request_id is not None:
-                self.prompt_sessions.pop(request_id, None)
+        if self.answers is not None:  # (a client id: what is kept for its return)
+            self._reused(method, params)
         if method == acp.INITIALIZE:
             if self.on_probation:
                 return self._initialize_on_probation(params)
@@ -287,6 +296,63 @@ class ClientConnection:
                 "(authMethods is empty: this agent needs no authentication)"
             )
         raise method_not_found(method)
+
+    def _reused(self, method: str, params: Params) -> None:
+        """The request being read uses its id: an older answer under it (one this
+        connection queued, or a prompt's: :attr:`prompt_sessions`) is not the client's
+        any more (see :attr:`answers`); a load's is remembered with the session it loads
+        (:attr:`loads`). Only for a client that gave a client id: a connection without
+        one pays one test per request for all of it."""
+        answers = self.answers
+        assert answers is not None
+        request_id = current_request_id.get(None)
+        if self.prompt_sessions and request_id is not None:
+            # (nor one whose old answer or refusal, if unwritten, is to be kept for it)
+            self.prompt_sessions.pop(request_id, None)
+        if request_id in answers:
+            self._forget_answer(request_id)
+        if method == acp.SESSION_PROMPT or not small_id(request_id):
+            return
+        self.answered(request_id, None)
+        session_id = params.get("sessionId") if isinstance(params, dict) else None
+        if (
+            method == acp.SESSION_LOAD
+            and isinstance(session_id, str)
+            and len(session_id) <= MAX_REMEMBERED_ID_CHARS
+        ):
+            live = self.manager.sessions.get(session_id)
+            if self.loads is None:
+                self.loads = {}
+            self.loads[request_id] = session_id if live is None else live.id
+
+    def answered(self, request_id: RequestId, text: str | None) -> None:
+        """Remember ``text``, queued to answer ``request_id`` (None: a request under it is
+        read, not answered yet), as the newest answer under that id (see
+        :attr:`answers`). Called by the peer (``Peer.on_answer``) as each answer is
+        queued."""
+        answers = self.answers
+        if answers is None or not small_id(request_id):
+            return
+        old = answers.pop(request_id, None)  # (re-inserted: the newest)
+        if old is not None:
+            self._answers_bytes -= sys.getsizeof(old)
+        answers[request_id] = text
+        if text is not None:
+            self._answers_bytes += sys.getsizeof(text)
+        # Within a count and an outbox's bytes, but for the newest (as the outbox takes
+        # one message over its budget): what may be lost in flight is what was written
+        # last, and a session/list page is 10 KB and more.
+        budget = self.manager.limits.outbox_bytes
+        while len(answers) > MAX_ANSWERS or (self._answers_bytes > budget and len(answers) > 1):
+            self._forget_answer(next(iter(answers)))
+
+    def _forget_answer(self, request_id: RequestId) -> None:
+        assert self.answers is not None
+        text = self.answers.pop(request_id)
+        if text is not None:
+            self._answers_bytes -= sys.getsizeof(text)
+        if self.loads:
+            self.loads.pop(request_id, None)
 
     def _sent_prompt(self, params: Params) -> None:
         """Remember a prompt (run or refused), by the session it named (if it names one)."""
@@ -473,6 +539,9 @@ class ClientConnection:
         if client_id is not None:
             self.client_id = client_id
             self.prompt_times = self.manager.prompt_times_for(client_id)
+            if self.peer is not None:  # (kept should it drop: see answers)
+                self.answers = {}
+                self.peer.on_answer = self.answered
         self.awaiting = awaiting
         self.stop_awaiting(current_request_id.get(None))  # (initialize's own id)
         self.initialized = True

@@ -12,9 +12,9 @@ leaves.
 
 These are the :class:`~._manager.Manager`'s methods, defined here and bound in its class
 body (each takes the manager as ``self``): the state they change is the manager's
-(``sessions``, ``_reattached``, ``_expired``, ``_unconfirmed``, ``_left_prompt_times``,
-``_left_answers``),
-and the manager stays the one object a connection talks to.
+(``sessions``, ``_reattached``, ``_expired``, ``_unconfirmed``, ``_left_prompt_times``),
+and the manager stays the one object a connection talks to. The answers a client back is
+owed that no session keeps (``_left_answers``) are ``_left.py``'s.
 
 Resource handling: a connection's sessions are dropped when it leaves; its turns are
 cancelled (the peer tells the manager through the prompt's Deferred, and :func:`detach`
@@ -28,27 +28,30 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import sys
 from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-import attrs
 import trio
 
 from ..acp import updates
 from ..rpc import (
     ANSWER_START,
-    INTERNAL_ERROR,
     INVALID_REQUEST,
     PeerClosed,
     RequestId,
-    Response,
     RpcError,
-    error_response,
-    serialize,
 )
-from ._session import Pending, Session, json_string_at, small_id
+from ._left import _keep_left, _keep_written_answers, forget_left_answers
+from ._session import (
+    RELOAD_REQUIRED,
+    Pending,
+    Session,
+    answer_id,
+    as_sent,
+    json_string_at,
+    small_id,
+)
 
 if TYPE_CHECKING:
     from ._connection import ClientConnection
@@ -56,8 +59,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("punie_trio.hub")
 
-# Sent to a re-attached client whose missed updates overflowed the buffer.
-RELOAD_REQUIRED = "_punie-trio/reload_required"
 #: The longest an ``initialize`` waits to take a client id over from a silent connection
 #: (its probe, then its disconnect's clean-up: each bounded far below this).
 TAKE_OVER_WITHIN = 30.0
@@ -96,12 +97,12 @@ def _detach(self: Manager, conn: ClientConnection) -> None:
     told = bool(client_id) and self._nursery is not None and not self.closing.is_set()
     grace = told and self._grace_for(conn)
     unsent = conn.peer.unsent() if told and conn.peer is not None else []
+    if conn.answers:
+        _keep_written_answers(self, conn, owned, unsent if told else None)
     if unsent:
         assert client_id is not None
         self._keep_reload_notices(client_id, owned, unsent)
         self._keep_unsent(owned, unsent, conn.prompt_sessions or {}, client_id)
-    if told and conn.closed_answers:
-        _keep_closed_answers(self, conn)
     if client_id and told and owned:
         for session in owned:
             session.owner = None
@@ -211,7 +212,7 @@ def _keep_unsent(
     (``prompts``: the connection's prompts, request id to session id; each session's
     last answered prompt too). The other answers are kept for the return
     of ``client_id`` (None: a client that cannot come back), as a cut close's is
-    (:func:`keep_left_answer`): those of a session closed or deleted before the drop
+    (:func:`._left.keep_left_answer`): those of a session closed or deleted before the drop
     was seen (the close's own, and its cancelled prompt's), and of any other request.
     The rest (our own requests, a session/load's replay, spelled apart:
     ``updates.REPLAY_START``) belonged to that connection alone; so did the answer to
@@ -240,7 +241,7 @@ def _keep_unsent(
     # drop (its own answer is to come: the -32800 its cut handler queued is not it).
     skipped: set[RequestId | None] = set()
     if client_id:
-        skipped.update(_answer_id(p) for s in owned for p in s.pending if p[0] != "update")
+        skipped.update(answer_id(p) for s in owned for p in s.pending if p[0] != "update")
         skipped.update(self._left_answers.get(client_id, ()))
     kept: dict[str, list[Pending]] = {}
     others: list[tuple[RequestId, str]] = []  # (the other answers, for client_id)
@@ -307,53 +308,6 @@ def _keep_reload_notices(
             owed.append(session_id)
     if owed:
         self._owe(client_id, owed)
-
-
-def remember_closed_answer(self: Manager, conn: ClientConnection, session: Session) -> None:
-    """Remember on ``conn`` the last answer of ``session``, which it closes (or deletes):
-    that of a prompt it sent (``prompt_sessions``), for :func:`_keep_closed_answers`."""
-    item = session.last_answer
-    prompts = conn.prompt_sessions
-    if item is None or not prompts:
-        return  # (prompts: only for a client that gave a client id)
-    request_id = _answer_id(item)
-    if request_id is None or prompts.get(request_id) != session.id:
-        return  # (not its prompt, or its id used again since)
-    closed = conn.closed_answers
-    if closed is None:
-        closed = conn.closed_answers = {}
-    closed.pop(request_id, None)  # (re-inserted: the newest)
-    closed[request_id] = (session.id, item)
-    if len(closed) > LEFT_ANSWERS:
-        del closed[next(iter(closed))]
-
-
-def _keep_closed_answers(self: Manager, conn: ClientConnection) -> None:
-    """Keep for the return of ``conn``'s client (as a cut close's answer is:
-    :func:`keep_left_answer`) the last answers of the sessions it closed
-    (:func:`remember_closed_answer`), unless the client used the id again since (for a
-    request of its own, or a prompt of another session) or an answer under it is kept
-    already (newer): ahead of the rest it kept, for they were written before all that.
-
-    Why: written to the connection before its drop was seen, such an answer may have
-    been lost in flight, and a client back awaiting its id says it was. A session kept
-    within grace sends it again (:func:`_answers_lost_in_flight`); a closed one was
-    gone with it, and the client (which sent a prompt, closed its session, and dropped)
-    was told -32603 "no answer to this request will come", though the answer was
-    known."""
-    client_id = conn.client_id
-    closed, conn.closed_answers = conn.closed_answers or {}, None
-    if not client_id:
-        return
-    prompts = conn.prompt_sessions or {}
-    kept = self._left_answers.pop(client_id, {})  # (re-inserted: now the newest)
-    ahead: dict[RequestId, LeftAnswer] = {}
-    for request_id, (session_id, item) in closed.items():
-        if prompts.get(request_id) == session_id and request_id not in kept:
-            ahead[request_id] = LeftAnswer.of_text(_as_sent(item)[1])
-    ahead.update(kept)
-    if ahead:
-        _bound_left(self, client_id, ahead)
 
 
 def _grace_for(self: Manager, conn: ClientConnection) -> bool:
@@ -429,7 +383,7 @@ def reclaim(self: Manager, conn: ClientConnection) -> list[Session]:
 def forget_old_answers(self: Manager, conn: ClientConnection, reused: RequestId) -> None:
     """Drop the old answer under ``reused`` (kept in a backlog of ``conn``'s sessions, to
     come from an orphaned turn of theirs, or kept apart for the client's return:
-    :func:`forget_left_answers`): ``conn``'s client, which awaited it, uses the id again
+    :func:`._left.forget_left_answers`): ``conn``'s client, which awaited it, uses the id again
     for a request of its own (see :func:`_drop_old_answers`)."""
     forget_left_answers(self, conn.client_id, reused=reused)
     owned = [s for s in self.sessions.values() if s.owner is conn]
@@ -464,12 +418,12 @@ def _drop_old_answers(
         ):
             _log_unwanted(session, turn.request_id, why)
             turn.request_id = None  # (so nothing answers it: _relay_turn)
-        if not any(p[0] != "update" and unwanted(_answer_id(p)) for p in session.pending):
+        if not any(p[0] != "update" and unwanted(answer_id(p)) for p in session.pending):
             continue
         kept = []
         for item in session.pending:
-            if item[0] != "update" and unwanted(_answer_id(item)):
-                _log_unwanted(session, _answer_id(item), why)
+            if item[0] != "update" and unwanted(answer_id(item)):
+                _log_unwanted(session, answer_id(item), why)
             else:
                 kept.append(item)
         session.pending = kept
@@ -495,12 +449,12 @@ def _answers_lost_in_flight(conn: ClientConnection, reclaimed: list[Session]) ->
     for session in reclaimed:
         if session.turn is not None:
             live.add(session.turn.request_id)
-        live.update(_answer_id(p) for p in session.pending if p[0] != "update")
+        live.update(answer_id(p) for p in session.pending if p[0] != "update")
     for session in reclaimed:
         item, session.last_answer = session.last_answer, None
         if item is None:
             continue
-        request_id = _answer_id(item)
+        request_id = answer_id(item)
         if request_id in conn.awaiting and request_id not in live:
             log.info(
                 "session %s: sending the answer to request %.80r again: the client "
@@ -509,18 +463,8 @@ def _answers_lost_in_flight(conn: ClientConnection, reclaimed: list[Session]) ->
             )  # fmt: skip
             # As it was sent (encoded again): the same answer, not a new one, so an
             # error is not counted again in punie_errors_total.
-            session.pending.insert(0, _as_sent(item))
+            session.pending.insert(0, as_sent(item))
             session.overflowed = True
-
-
-def _as_sent(item: Pending) -> Pending:
-    """A kept answer as a ``"message"`` item: sent as it is, like one a dropped connection
-    never wrote, rather than answered anew (:meth:`Peer.send_answer` counts an error)."""
-    if item[0] != "answer":
-        return item
-    _, request_id, response, error = item
-    msg = Response(request_id, response) if error is None else error_response(request_id, error)
-    return ("message", serialize(msg), request_id)
 
 
 async def deliver_missed(
@@ -558,241 +502,6 @@ async def deliver_missed(
         raise
 
 
-async def refuse_unanswerable(self: Manager, conn: ClientConnection) -> None:
-    """Answer at once each id ``conn``'s client awaits that nothing here will answer
-    (-32603), once what its sessions kept has been sent: no turn of its sessions runs
-    for it and no answer is kept under it. Its prompt's turn was cut by a restart, or
-    as its session's grace period ended, or the id was never a prompt's.
-
-    Why: the client waits for each awaited id's answer, and none would ever come: it
-    waited for ever (a reload notice names a session, not the request; after a restart
-    there is none). An id the client has in flight again, or used again, is not awaited
-    any more and is left alone.
-
-    Decided once no backlog of the client's sessions is going out (an answer a flush
-    has taken is in neither place), with no wait until each refused id is no longer
-    awaited: nothing can answer it later, and a flush that does not find it awaited
-    does not send it."""
-    while conn.awaiting:
-        owned = [s for s in self.sessions.values() if s.owner is conn]
-        flushing = next((s.flush_done for s in owned if s.flush_done is not None), None)
-        if flushing is None:
-            break
-        await flushing.wait()
-    else:
-        return
-    answered: set[RequestId | None] = set()
-    for session in owned:
-        if session.turn is not None and session.turn.orphaned:
-            answered.add(session.turn.request_id)
-        answered.update(_answer_id(p) for p in session.pending if p[0] != "update")
-    left = self._left_answers.pop(conn.client_id, {}) if conn.client_id else {}
-    # The kept answers it awaits, taken out of ``_left_answers``: those past their grace
-    # period are not sent, so they are refused as any other. (Counted as to come, they
-    # once got neither, and the client waited for ever.) Until each is sent, they are
-    # put back should this end early (the connection dropping while a refusal waits for
-    # room); put back only by the sends after the refusals', they were once lost there,
-    # and the client back again was told -32603 for each.
-    waiting = _left_awaited(self, conn, left)
-    answered.update(request_id for request_id, _ in waiting)
-    refused = [
-        request_id
-        for request_id in conn.awaiting
-        if request_id not in answered and not conn.has_in_flight(request_id)
-    ]
-    for request_id in refused:
-        conn.stop_awaiting(request_id)
-    error = RpcError(
-        INTERNAL_ERROR,
-        "Internal error: no answer to this request will come: no prompt runs and no "
-        "answer is kept under its id here (the server restarted, or the session's grace "
-        "period ended); session/load the session to see what was recorded",
-    )
-    try:
-        for request_id in refused:
-            await conn.send_answer(request_id, None, error)
-        await self._send_left_answers(conn, waiting)
-    except BaseException:
-        _keep_left_again(self, conn, waiting)
-        raise
-
-
-#: The most answers kept for one client id's return: of its closes and deletes cut by a
-#: drop, and those its dropped connections never wrote that no session keeps.
-LEFT_ANSWERS = 64
-
-
-@attrs.define(eq=False)
-class LeftAnswer:
-    """An answer kept for a client's return: of a ``session/close`` or ``session/delete``
-    that went on after its connection dropped (``_lifecycle.despite_a_drop``), ``done``
-    once it is known; or one its dropped connection never wrote (``text``)."""
-
-    done: trio.Event = attrs.field(factory=trio.Event)
-    result: Any = None
-    error: RpcError | None = None
-    #: When it was done (``trio.current_time``): kept ``grace_seconds`` after that.
-    done_at: float = math.inf
-    #: The answer as its connection queued it and never wrote it (``_keep_unsent``),
-    #: kept as that text: sent as it is, and its memory is what the outbox held.
-    text: str | None = None
-
-    @classmethod
-    def of_text(cls, text: str) -> LeftAnswer:
-        """One known already: an answer a dropped connection queued and never wrote."""
-        answer = cls(text=text)
-        answer.settle(None, None)  # (its text is the answer)
-        return answer
-
-    def size(self) -> int:
-        """The memory its text takes (``sys.getsizeof``, as the outbox counts)."""
-        return sys.getsizeof(self.text) if self.text is not None else 0
-
-    def settle(self, result: Any, error: RpcError | None) -> None:
-        self.result, self.error = result, error
-        self.done_at = trio.current_time()
-        self.done.set()
-
-
-def keep_left_answer(
-    self: Manager, conn: ClientConnection, request_id: RequestId | None
-) -> LeftAnswer | None:
-    """Keep, for the return of ``conn``'s client, the answer of its close or delete
-    ``request_id`` that goes on after ``conn`` dropped; the :class:`LeftAnswer` to settle
-    once it is done (None: nothing kept, for a client that gave no id, or a huge id).
-
-    Why: the close took effect, but its answer was lost with the connection, and the
-    client, back awaiting it (``_meta["punie-trio/awaiting"]``), was told "no answer to
-    this request will come" (-32603), as if the close had failed."""
-    return _keep_left(self, conn.client_id, request_id)
-
-
-def _keep_left(
-    self: Manager, client_id: str | None, request_id: RequestId | None, text: str | None = None
-) -> LeftAnswer | None:
-    """:func:`keep_left_answer`, by client id; with ``text``, an answer known already
-    (one a dropped connection never wrote, as it was queued)."""
-    if not client_id or not small_id(request_id):
-        return None
-    now = trio.current_time()
-    grace = self.limits.grace_seconds
-    kept = self._left_answers.pop(client_id, {})  # (re-inserted: now the newest)
-    for old in [i for i, a in kept.items() if a.done_at + grace < now]:
-        del kept[old]
-    kept.pop(request_id, None)  # (an id used again: the newest answer)
-    answer = kept[request_id] = LeftAnswer() if text is None else LeftAnswer.of_text(text)
-    _bound_left(self, client_id, kept)
-    return answer
-
-
-def forget_left_answers(
-    self: Manager,
-    client_id: str | None,
-    awaited: Collection[RequestId] = (),
-    reused: RequestId | None = None,
-) -> None:
-    """Forget the answers kept for ``client_id``'s return (:func:`keep_left_answer`) that
-    its new connection does not await (``awaited``, as its ``initialize`` is read), or,
-    given ``reused``, the one under that id, which it uses again for a request of its own.
-
-    Why: such an answer is not for the client any more, and it stood for its id: the
-    answer of a new request under that id, left unwritten by a drop, was not kept (as
-    one kept already), and the client, back awaiting the id, got the old answer for its
-    new request. They were forgotten only by a return that awaited something."""
-    if not client_id:
-        return
-    kept = self._left_answers.get(client_id)
-    if not kept:
-        return
-    if reused is not None:
-        kept.pop(reused, None)
-    else:
-        for request_id in [i for i in kept if i not in awaited]:
-            del kept[request_id]
-    if not kept:
-        del self._left_answers[client_id]
-
-
-def _bound_left(self: Manager, client_id: str, kept: dict[RequestId, LeftAnswer]) -> None:
-    """Keep ``kept`` as ``client_id``'s left answers (now the newest client id), within
-    :data:`LEFT_ANSWERS` for it and ``max_connections`` client ids, the oldest of each
-    forgotten first; and forget the clients, from the one kept for longest, whose
-    answers are all past their grace period.
-
-    Why the sweep: a client's answers were forgotten only when it kept another, so
-    those of a client that never came back stayed, past their grace period, for as
-    long as the server ran (up to 64 answers for each of ``max_connections`` client
-    ids, any request's among them: ``_keep_unsent``). The dict is in the order clients
-    kept answers (re-inserted on each), so the sweep looks only at its front; one
-    expired behind a live one waits for it (still within the count)."""
-    left = self._left_answers
-    deadline = trio.current_time() - self.limits.grace_seconds
-    while left:
-        oldest = next(iter(left))
-        if any(a.done_at >= deadline for a in left[oldest].values()):
-            break
-        del left[oldest]
-    while len(kept) > LEFT_ANSWERS:
-        del kept[next(iter(kept))]
-    # And within an outbox's bytes (but for the newest, as the outbox takes one message
-    # over its budget): each drop kept what its outbox held, and they piled up over a
-    # client's drops, up to 64 of any size (a session/list page is 10 KB and more).
-    size = sum(a.size() for a in kept.values())
-    while size > self.limits.outbox_bytes and len(kept) > 1:
-        size -= kept.pop(next(iter(kept))).size()
-    self._left_answers[client_id] = kept
-    while len(self._left_answers) > self.limits.max_connections:
-        del self._left_answers[next(iter(self._left_answers))]
-
-
-def _left_awaited(
-    self: Manager, conn: ClientConnection, left: dict[RequestId, LeftAnswer]
-) -> list[tuple[RequestId, LeftAnswer]]:
-    """The answers in ``left`` (``conn``'s client's, taken: :func:`keep_left_answer`) to
-    send it, in the order they were kept: those it awaits, not past their grace period.
-    The rest are dropped (not awaited: the client does not want them)."""
-    now = trio.current_time()
-    return [
-        (request_id, answer)
-        for request_id, answer in left.items()
-        if request_id in conn.awaiting and answer.done_at + self.limits.grace_seconds >= now
-    ]
-
-
-async def _send_left_answers(
-    self: Manager, conn: ClientConnection, waiting: list[tuple[RequestId, LeftAnswer]]
-) -> None:
-    """Send ``conn`` the answers ``waiting`` (:func:`_left_awaited`: those kept for its
-    client's return, :func:`keep_left_answer`), each once it is done, taking
-    each out of ``waiting`` once it is queued (or no longer awaited): what is left
-    there if this ends early was not sent, for the caller to keep again
-    (:func:`_keep_left_again`)."""
-    while waiting:
-        request_id, answer = waiting[0]
-        await answer.done.wait()
-        if request_id in conn.awaiting and not conn.has_in_flight(request_id):
-            if answer.text is not None:
-                await conn.send_encoded(answer.text)
-            else:
-                await conn.send_answer(request_id, answer.result, answer.error)
-            conn.stop_awaiting(request_id)
-        waiting.pop(0)
-
-
-def _keep_left_again(
-    self: Manager, conn: ClientConnection, waiting: list[tuple[RequestId, LeftAnswer]]
-) -> None:
-    """Keep again, for the client's next return, the answers ``waiting`` that ``conn``
-    did not send (it ended first): ahead of any kept for the client since (they are
-    older), but not over an answer kept since under the same id (the newer)."""
-    waiting = [(i, a) for i, a in waiting if i in conn.awaiting]  # (not one used again)
-    if not waiting or not conn.client_id:
-        return
-    kept = dict(waiting)
-    kept.update(self._left_answers.pop(conn.client_id, {}))
-    _bound_left(self, conn.client_id, kept)
-
-
 def _held_by(self: Manager, conn: ClientConnection, session_id: str) -> bool:
     session = self.sessions.get(session_id)
     return session is not None and session.owner is conn
@@ -821,9 +530,9 @@ def _end_grace(self: Manager, client_id: str) -> None:
         elif session.turn is not None or session.pending or session.overflowed:
             missed.append(session.id)
         elif session.last_answer is not None:
-            answer_id = _answer_id(session.last_answer)
-            if small_id(answer_id):  # (a huge id is not kept past its session)
-                unconfirmed[answer_id] = session.id
+            request_id = answer_id(session.last_answer)
+            if small_id(request_id):  # (a huge id is not kept past its session)
+                unconfirmed[request_id] = session.id
         self._drop_session(session)
     if missed:
         self._owe(client_id, missed)
@@ -856,8 +565,8 @@ def expired_for(
     if not client_id:
         return []
     expired = self._expired.pop(client_id, [])
-    for answer_id, session_id in self._unconfirmed.pop(client_id, {}).items():
-        if answer_id in awaiting and session_id not in expired:
+    for request_id, session_id in self._unconfirmed.pop(client_id, {}).items():
+        if request_id in awaiting and session_id not in expired:
             expired.append(session_id)
     return expired
 
@@ -985,17 +694,11 @@ async def _deliver(self: Manager, session: Session, update: str) -> None:
     self._buffer(session, ("update", update))
 
 
-def _answer_id(item: Pending) -> RequestId | None:
-    """The request id a kept answer (an ``"answer"`` or ``"message"`` item) answers."""
-    request_id: RequestId | None = item[1] if item[0] == "answer" else item[2]
-    return request_id
-
-
 def _answered(session: Session, conn: ClientConnection, item: Pending) -> None:
     """An old answer (``item``) was handed to ``conn``: it awaits it no more, and it is the
     session's last answer (should ``conn`` drop before writing it, ``_keep_unsent`` keeps
     it; should it drop before its client read it, see :func:`_answers_lost_in_flight`)."""
-    request_id = _answer_id(item)
+    request_id = answer_id(item)
     conn.stop_awaiting(request_id)
     session.answered_id = request_id
     session.last_answer = item
@@ -1018,6 +721,13 @@ def _answer_unwanted(
     are sent, never one whose id it has in flight again.
     """
     if request_id in conn.awaiting and not conn.has_in_flight(request_id):
+        return False
+    if conn.peer is not None and conn.peer.lost:
+        # Gone, not yet detached: whatever it takes goes back at its detach (unwritten)
+        # or stays the session's last answer (written), for its client's return. It may
+        # be the very connection that sent the prompt, and a close of the session
+        # flushed its turn's answer to it: dropped here as "not awaited", the answer of
+        # a prompt it never said it did not await was lost.
         return False
     _log_unwanted(
         session,

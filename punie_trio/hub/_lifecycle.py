@@ -63,7 +63,7 @@ from ._session import Session, turn_history
 
 if TYPE_CHECKING:
     from ._connection import ClientConnection
-    from ._grace import LeftAnswer
+    from ._left import LeftAnswer
     from ._manager import Manager
 
 log = logging.getLogger("punie_trio.hub")

@@ -13,6 +13,9 @@ waits for a turn its session's drop cut, an expiring grace drops sessions).
 
 - ``_grace.py``, the reconnect grace: a client that said who it is keeps its sessions while
   away, and gets what they produced when it comes back;
+- ``_left.py``, the answers kept apart for such a client's return, those no session keeps
+  (a cut close's, and those its dropped connection wrote or never wrote), and the -32603
+  for each id it awaits that nothing will answer;
 - ``_probation.py``, the connection limit, and the way back in past it for a client whose
   old connection a probe finds dead;
 - ``_lifecycle.py``, the session lifecycle: path checks, ``session/new``, ``load``,
@@ -51,7 +54,7 @@ from ..worker import (
     StartTurn,
     ToolCallLimiter,
 )
-from . import _grace, _lifecycle, _probation, _turns
+from . import _grace, _left, _lifecycle, _probation, _turns
 from ._session import ActiveTurn, Limits, Session, WorkerHandle
 
 if TYPE_CHECKING:
@@ -66,7 +69,8 @@ class Manager:
     """Routes every session. Start :meth:`run` in the root nursery before serving clients.
 
     Its fields are all the manager's state; most of its methods are bound from
-    ``_grace.py``, ``_lifecycle.py`` and ``_turns.py`` (see the module docstring)."""
+    ``_grace.py``, ``_left.py``, ``_lifecycle.py`` and ``_turns.py`` (see the module
+    docstring)."""
 
     roots: tuple[str, ...]
     model: Model
@@ -122,8 +126,8 @@ class Manager:
     # connection never wrote that no session keeps (_keep_unsent), by request id, kept
     # for the client's return (refuse_unanswerable sends those it awaits). Bounded as
     # _expired, LEFT_ANSWERS a client; a client's, all grace_seconds past done, are
-    # forgotten as the next answer is kept (_grace._bound_left).
-    _left_answers: dict[str, dict[RequestId, _grace.LeftAnswer]] = attrs.field(
+    # forgotten as the next answer is kept (_left._bound_left).
+    _left_answers: dict[str, dict[RequestId, _left.LeftAnswer]] = attrs.field(
         factory=dict, init=False
     )
     # By client id: the connection whose initialize is probing the connection that holds
@@ -230,11 +234,7 @@ class Manager:
     prompt_times_for = _grace.prompt_times_for
     reclaim = _grace.reclaim
     deliver_missed = _grace.deliver_missed
-    refuse_unanswerable = _grace.refuse_unanswerable
-    keep_left_answer = _grace.keep_left_answer
     forget_old_answers = _grace.forget_old_answers
-    remember_closed_answer = _grace.remember_closed_answer
-    _send_left_answers = _grace._send_left_answers
     _held_by = _grace._held_by
     _expire_grace = _grace._expire_grace
     _end_grace = _grace._end_grace
@@ -244,6 +244,12 @@ class Manager:
     _buffer = _grace._buffer
     _flush = _grace._flush
     _deliver = _grace._deliver
+
+    # What a client back is owed that no session keeps: _left.py.
+    refuse_unanswerable = _left.refuse_unanswerable
+    keep_left_answer = _left.keep_left_answer
+    remember_closed_answer = _left.remember_closed_answer
+    _send_left_answers = _left._send_left_answers
 
     # -- sessions -----------------------------------------------------------------------------
 

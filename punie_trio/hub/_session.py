@@ -12,13 +12,16 @@ import attrs
 import trio
 
 from ..acp import prompt_text
-from ..rpc import RequestId, RpcError
+from ..rpc import RequestId, Response, RpcError, error_response, serialize
 from ..rpc._outbox import OUTBOX_BYTES
 from ..worker import Command, ProjectWorker
 
 if TYPE_CHECKING:
     from ._connection import ClientConnection
 
+#: Sent to a re-attached client whose missed updates overflowed the buffer (and for
+#: whatever else it may have missed: ``_grace.py``).
+RELOAD_REQUIRED = "_punie-trio/reload_required"
 #: The longest string request id remembered once its request has ended (a request id may
 #: be any string, up to the message's size: 1,024 of 16 MiB each would pin 16 GiB).
 MAX_REMEMBERED_ID_CHARS = 256
@@ -146,6 +149,22 @@ def small_id(request_id: object) -> TypeGuard[RequestId]:
     if isinstance(request_id, str):
         return len(request_id) <= MAX_REMEMBERED_ID_CHARS
     return isinstance(request_id, int) and -(2**63) <= request_id < 2**63
+
+
+def answer_id(item: Pending) -> RequestId | None:
+    """The request id a kept answer (an ``"answer"`` or ``"message"`` item) answers."""
+    request_id: RequestId | None = item[1] if item[0] == "answer" else item[2]
+    return request_id
+
+
+def as_sent(item: Pending) -> Pending:
+    """A kept answer as a ``"message"`` item: sent as it is, like one a dropped connection
+    never wrote, rather than answered anew (:meth:`Peer.send_answer` counts an error)."""
+    if item[0] != "answer":
+        return item
+    _, request_id, response, error = item
+    msg = Response(request_id, response) if error is None else error_response(request_id, error)
+    return ("message", serialize(msg), request_id)
 
 
 def json_string_at(text: str, start: int) -> str | None:

@@ -203,6 +203,12 @@ class Peer:
     #: Methods whose requests a ``$/cancel_request`` does not cancel (the cancellation
     #: page: the receiver MAY cancel). The connection's end still cancels them.
     uncancellable: frozenset[str] = frozenset()
+    #: Told each answer to a request of the other side once it is queued (its id and its
+    #: text), but a :class:`Deferred`'s (``answer_now``) and one spelled apart
+    #: (``serialize_aside``): a client's connection remembers them, for should it drop
+    #: they may be lost in flight (``ClientConnection.answered``). None: nothing is told,
+    #: at no cost per answer but that test.
+    on_answer: Callable[[RequestId, str], None] | None = attrs.field(default=None, init=False)
     _ids: itertools.count[int] = attrs.field(factory=lambda: itertools.count(1), init=False)
     _pending: dict[RequestId, _PendingCall] = attrs.field(factory=dict, init=False)
     # Running requests: a handler task's cancel scope, or a Deferred answered from elsewhere.
@@ -381,6 +387,7 @@ class Peer:
         # collector, which the server runs rarely. Only the reader calls them; it is done.
         self.dispatcher = _GONE
         self.on_eof = None
+        self.on_answer = None
         self._outbox.close()
         self._drop_deferred()
         for call in self._pending.values():
@@ -394,6 +401,16 @@ class Peer:
         await self.send_encoded(serialize(msg))
         if isinstance(msg, ErrorResponse):
             self.observer.error_sent(msg.code)
+
+    async def _queue_answer(self, msg: Response | ErrorResponse) -> None:
+        """:meth:`_send` for the answer to a request of the other side: ``on_answer`` is
+        told it once it is queued."""
+        text = serialize(msg)
+        await self.send_encoded(text)
+        if isinstance(msg, ErrorResponse):
+            self.observer.error_sent(msg.code)
+        if self.on_answer is not None and msg.id is not None:
+            self.on_answer(msg.id, text)
 
     async def _queue(self, text: str) -> None:
         # No trip through the scheduler while the outbox has room: the writer drains in
@@ -420,7 +437,7 @@ class Peer:
             if isinstance(msg, ErrorResponse):
                 self.observer.error_sent(msg.code)
         else:
-            await self._send(msg)
+            await self._queue_answer(msg)
 
     async def notify(self, method: str, params: Params = None) -> None:
         """Send a notification (waits while the outbox is full)."""
@@ -802,18 +819,20 @@ class Peer:
                 INTERNAL_ERROR,
                 f"Too many concurrent requests (limit {self.max_concurrent_requests})",
             )
-            await self._send(ErrorResponse(msg.id, error.code, error.message))
+            await self._queue_answer(ErrorResponse(msg.id, error.code, error.message))
             return
         # The handler's synchronous part may want the id (to answer a Deferred later).
         current_request_id.set(msg.id)
         try:
             awaitable = self.dispatcher.handle_request(msg.method, msg.params)
         except RpcError as exc:
-            await self._send(ErrorResponse(msg.id, exc.code, exc.message, exc.data))
+            await self._queue_answer(ErrorResponse(msg.id, exc.code, exc.message, exc.data))
             return
         except Exception as exc:
             log.exception("request handler for %s failed", msg.method)
-            await self._send(ErrorResponse(msg.id, INTERNAL_ERROR, f"Internal error: {exc}"))
+            await self._queue_answer(
+                ErrorResponse(msg.id, INTERNAL_ERROR, f"Internal error: {exc}")
+            )
             return
         if isinstance(awaitable, Deferred):
             self._running[msg.id] = awaitable
@@ -833,7 +852,7 @@ class Peer:
         try:
             answer = await self._answer(msg, awaitable, scope)
             if answer is not None and not (self._answered and msg.id in self._answered):
-                await self._send(answer)
+                await self._queue_answer(answer)
         except PeerClosed:
             pass
         finally:
@@ -848,7 +867,7 @@ class Peer:
 
     async def _answer(
         self, msg: Request, awaitable: Awaitable[Any], scope: trio.CancelScope
-    ) -> Message | None:
+    ) -> Response | ErrorResponse | None:
         current_request_id.set(msg.id)
         try:
             with scope:

@@ -2671,3 +2671,226 @@ async def test_a_probe_taken_as_its_holder_reattaches_holds_writing_until_it_end
         first, *rest = back.client.received
         assert first.get("id") == "init" and "protocolVersion" in first["result"], first
         assert has_update(session, "agent_message_chunk", "late")(rest[0]), rest
+
+
+def _answers_under(link: Link, *ids: str) -> dict[str, list[dict[str, Any]]]:
+    """The answers ``link``'s client got under each of ``ids``, in order."""
+    got = link.client.received
+    return {i: [m for m in got if m.get("id") == i and "method" not in m] for i in ids}
+
+
+async def answered_unread(hub: Hub, client_id: str, request_id: str) -> None:
+    """Wait until the connection of ``client_id`` has answered ``request_id`` and written
+    what it queued (a handler may wait for a thread: a path check), before its drop."""
+    (conn,) = [c for c in hub.manager.connections if c.client_id == client_id]
+    with trio.fail_after(10):
+        await settle_until(lambda: not conn.has_in_flight(request_id))
+    await trio.testing.wait_all_tasks_blocked()
+
+
+async def test_a_closes_own_answer_lost_in_flight_is_sent_to_its_client_back(
+    tmp_path: Path, acp_schema: SchemaChecker
+) -> None:
+    """A prompt's answer, then a ``session/close``'s, are written to the connection (the
+    stream holds them) and lost in flight: the client drops without reading them. Back
+    awaiting both ids, it got the prompt's answer (the closed session's last answer is
+    kept) and -32603 "no answer to this request will come" for the close, though the
+    close took effect and its answer ({}) was known: only prompt ids were watched, so
+    whether the client used the close's id again was not known. Both come now, once."""
+    async with open_hub(tmp_path, acp_schema, EchoModel(), limits=Limits(grace_seconds=60)) as hub:
+        raw, session = await open_raw_session(hub, "ide", buffer=64)
+        await send_unread(raw, "p", "session/prompt", prompt_params(session, "go"), acp_schema)
+        await send_unread(raw, "c", "session/close", {"sessionId": session}, acp_schema)
+        assert session not in hub.manager.sessions  # (closed; both answers written)
+        await raw.aclose()
+        await hub.settle()
+        back = await hub.connect()
+        await initialize(back.client, client_id="ide", awaiting=["p", "c"])
+        await hub.settle()
+        answers = _answers_under(back, "p", "c")
+        assert [a.get("result") for a in answers["p"]] == [{"stopReason": "end_turn"}], answers
+        assert [a.get("result") for a in answers["c"]] == [{}], answers
+        # Answered once: a later connection awaiting it again gets the usual refusal.
+        await back.drop()
+        await hub.settle()
+        third = await hub.connect()
+        await initialize(third.client, client_id="ide", awaiting=["c"])
+        await hub.settle()
+        (again,) = _answers_under(third, "c")["c"]
+        assert again["error"]["code"] == -32603, again
+
+
+async def test_a_closes_own_answer_lost_in_flight_over_a_real_websocket_comes_once(
+    start_server: StartServer, tmp_path: Path, acp_schema: SchemaChecker
+) -> None:
+    """The same over a real server and WebSocket: the server writes the prompt's answer,
+    then the close's, to the socket, and the client closes without reading them. Back
+    awaiting both, it gets each once (the close's was -32603)."""
+    root = Path(await trio.Path(tmp_path).resolve())
+    meta = {CLIENT_ID_META: "ide"}
+    async with start_server(EchoModel(), limits=Limits(grace_seconds=60)) as running:
+        manager = running.manager
+        with trio.fail_after(10):
+            async with open_websocket_url(ws_url(running.url)) as ws:
+                for request_id, method, params in [
+                    (1, "initialize", {"protocolVersion": 1, "_meta": meta}),
+                    (2, "session/new", {"cwd": str(root), "mcpServers": []}),
+                ]:
+                    request = {"jsonrpc": "2.0", "id": request_id, "method": method}
+                    await ws.send_message(json.dumps({**request, "params": params}))
+                    answer = json.loads(await ws.get_message())
+                session = answer["result"]["sessionId"]
+                for request_id, method, params in [
+                    ("p", "session/prompt", prompt_params(session, "go")),
+                    ("c", "session/close", {"sessionId": session}),
+                ]:
+                    request = {"jsonrpc": "2.0", "id": request_id, "method": method}
+                    acp_schema.client_sent(request)
+                    await ws.send_message(json.dumps({**request, "params": params}))
+                # Answered, and written: every task waits, the outbox is empty.
+                await settle_until(lambda: session not in manager.sessions)
+                await trio.testing.wait_all_tasks_blocked()
+            await settle_until(lambda: not manager.connections)
+            async with acp_ws_client(running.url, acp_schema) as (client, ws):
+                await initialize(client, client_id="ide", awaiting=["p", "c"])
+                await client.wait_for(lambda m: m.get("id") == "c")
+                await trio.testing.wait_all_tasks_blocked()
+                answers = [m for m in client.received if m.get("id") in ("p", "c")]
+                assert [(m["id"], m.get("result")) for m in answers] == [
+                    ("p", {"stopReason": "end_turn"}),
+                    ("c", {}),
+                ], answers
+
+
+async def test_a_prompts_answer_ending_as_its_connection_drops_during_a_close_is_kept(
+    tmp_path: Path, acp_schema: SchemaChecker
+) -> None:
+    """A client sends a prompt, then a close of its session, and drops at once (on a real
+    server, a client resetting its TCP connection right after sending them: 2 of 2 runs).
+    The close goes on past the drop and cancels the turn, whose answer comes as the
+    connection ends, before its drop is handled: the connection still held the session,
+    and the close's flush handed it the answer, which it dropped as "not listed as
+    awaited" (it never awaited its own prompt). Back awaiting both ids, the client was
+    told -32603 for the prompt. It gets the prompt's answer now, and the close's."""
+    async with open_hub(tmp_path, acp_schema, EchoModel(), limits=Limits(grace_seconds=60)) as hub:
+        raw, session = await open_raw_session(hub, "ide", buffer=64)
+        for request_id, method, params in [
+            ("p", "session/prompt", prompt_params(session, "go")),
+            ("c", "session/close", {"sessionId": session}),
+        ]:
+            request = {"jsonrpc": "2.0", "id": request_id, "method": method}
+            acp_schema.client_sent(request)
+            await raw.send_message(json.dumps({**request, "params": params}))
+        await raw.aclose()  # (at once: nothing of the two has run yet)
+        await hub.settle()
+        back = await hub.connect()
+        await initialize(back.client, client_id="ide", awaiting=["p", "c"])
+        await hub.settle()
+        answers = _answers_under(back, "p", "c")
+        assert [a.get("result") for a in answers["p"]] == [{"stopReason": "end_turn"}], answers
+        assert [a.get("result") for a in answers["c"]] == [{}], answers
+
+
+@pytest.mark.parametrize(
+    "method",
+    [
+        "session/new",
+        "session/list",
+        "session/resume",
+        "session/load",
+        "session/delete",
+        "session/cancel",
+        "session/set_mode",
+    ],
+)
+async def test_every_answer_lost_in_flight_is_sent_once_to_its_client_back(
+    tmp_path: Path, acp_schema: SchemaChecker, method: str
+) -> None:
+    """A request's answer (and, for a load, its replay) is written to the connection and
+    lost in flight: the client drops without reading it. Back awaiting its id, it was
+    told -32603 "no answer to this request will come", though its answer was known and
+    the request had taken effect (a new session made, a stored one deleted). It gets
+    that answer now, once, and nothing of it on its next return; after a load's, it is
+    told to reload the session (its replay, written first, may have been lost too)."""
+    async with open_hub(tmp_path, acp_schema, EchoModel(), limits=Limits(grace_seconds=60)) as hub:
+        raw, session = await open_raw_session(hub, "ide", buffer=64)
+        other = (await raw_call(raw, 3, "session/new", {"cwd": str(hub.root), "mcpServers": []}))[
+            "sessionId"
+        ]
+        await raw_call(raw, 4, "session/close", {"sessionId": other})  # (stored, not live)
+        params: dict[str, Any] = {
+            "session/new": {"cwd": str(hub.root), "mcpServers": []},
+            "session/list": {},
+            "session/resume": load_params(session, hub.root),
+            "session/load": load_params(other, hub.root),
+            "session/delete": {"sessionId": other},
+            "session/cancel": {"sessionId": session},
+            "session/set_mode": {"sessionId": session, "modeId": "code"},
+        }[method]
+        await send_unread(raw, "x", method, params, acp_schema)
+        await answered_unread(hub, "ide", "x")
+        await raw.aclose()
+        await hub.settle()
+        back = await hub.connect()
+        await initialize(back.client, client_id="ide", awaiting=["x"])
+        await hub.settle()
+        (answer,) = _answers_under(back, "x")["x"]
+        if method == "session/set_mode":  # (not implemented: its answer is -32601)
+            assert answer["error"]["code"] == -32601, answer
+        else:
+            assert "result" in answer, answer
+        told = [m["params"]["sessionId"] for m in back.client.received if "method" in m]
+        # A load's replay, written before its answer, may have been lost with it.
+        assert told == ([other] if method == "session/load" else []), told
+        if told:  # (after the answer)
+            assert back.client.received.index(answer) < len(back.client.received) - 1
+            assert back.client.received[-1]["method"] == RELOAD_REQUIRED
+        await back.drop()
+        await hub.settle()
+        third = await hub.connect()
+        await initialize(third.client, client_id="ide")  # (it got it: awaits nothing)
+        await hub.settle()
+        assert third.client.received[1:] == []
+
+
+@pytest.mark.parametrize("answered", [True, False])
+async def test_an_answer_lost_in_flight_never_answers_its_ids_next_request(
+    tmp_path: Path, acp_schema: SchemaChecker, answered: bool
+) -> None:
+    """A prompt's answer is written and lost in flight; the client then sends another
+    request under the same id ("x") on that connection: answered (and lost in flight
+    too), or still running when the connection drops (a load waiting for the store).
+    Back awaiting "x", the client means the later request; it was sent the prompt's
+    answer (the session's last, kept to be sent again), once the later one's as well.
+    It gets the later request's answer (or, cut, its -32800), never the prompt's."""
+    store = GatedStore()
+    limits = Limits(grace_seconds=60)
+    async with open_hub(tmp_path, acp_schema, EchoModel(), limits=limits, store=store) as hub:  # type: ignore[arg-type]
+        raw, session = await open_raw_session(hub, "ide", buffer=64)
+        other = (await raw_call(raw, 3, "session/new", {"cwd": str(hub.root), "mcpServers": []}))[
+            "sessionId"
+        ]
+        await raw_call(raw, 4, "session/close", {"sessionId": other})
+        await send_unread(raw, "x", "session/prompt", prompt_params(session, "go"), acp_schema)
+        assert hub.manager.sessions[session].last_answer is not None
+        if answered:
+            await send_unread(raw, "x", "session/list", {}, acp_schema)
+            await answered_unread(hub, "ide", "x")
+        else:
+            store.gets.armed = True
+            await send_unread(raw, "x", "session/load", load_params(other, hub.root), acp_schema)
+            with trio.fail_after(10):  # (behind the load's path check, in a thread)
+                await store.gets.entered.wait()
+        await raw.aclose()
+        await hub.settle()
+        store.gets.armed = False
+        store.gets.opened.set()
+        await hub.settle()
+        back = await hub.connect()
+        await initialize(back.client, client_id="ide", awaiting=["x"])
+        await hub.settle()
+        answers = _answers_under(back, "x")["x"]
+        assert len(answers) == 1, answers
+        assert answers[0].get("result") != {"stopReason": "end_turn"}, answers
+        if answered:
+            assert "sessions" in answers[0]["result"], answers
