@@ -657,10 +657,12 @@ def _close_failed(
     stayed beside the store with its -shm, holding only the pages rolled back: 1 MiB for
     a 1 MiB store refused at the file size limit (about 830 MB for a 365 MB one), taking
     the very room the message asks the user to free. Closed as the last connection, SQLite
-    checkpoints (nothing of the upgrade's is committed: nothing is copied, the file stays
-    byte for byte as it was) and removes both. Where a migration before the one that
-    failed was kept, the WAL holds it, and where the store is damaged or read-only the
-    file must not take a checkpoint: those close as found."""
+    checkpoints (nothing of the upgrade's is committed: none of it is copied, and the file
+    stays byte for byte as it was unless a run killed before a checkpoint left rows
+    committed in the WAL, which are copied in as any close copies them) and removes both.
+    Where a migration before the one that failed was kept, the WAL holds it, and where
+    the store is damaged or read-only the file must not take a checkpoint: those close as
+    found."""
     kept_nothing = upgrading is not None and left == upgrading[0]
     if kept_nothing and not (exc is not None and (_is_damaged(exc) or _is_readonly(exc))):
         with contextlib.suppress(sqlite3.Error):

@@ -621,7 +621,14 @@ def _remove_if_left_over(directory: int, name: str) -> None:
     process's user, and held by no live write (:func:`_replace` locks its own until it
     renames it; a lock ends with its process). Anything else is left as it is. Checked
     again by name, under the lock, just before the unlink: a file that took the name
-    meanwhile is not removed."""
+    meanwhile is not removed.
+
+    The lock taken here is shared: it conflicts with the writer's exclusive one both ways
+    (a writer that finds it cannot lock its new file starts again under a new name), and
+    a read-only descriptor may take it on every file system that keeps locks. An
+    exclusive one failed on NFS (``flock`` is a whole-file byte-range lock there, and an
+    exclusive one needs a descriptor opened for writing: ``EBADF``), so no leftover was
+    ever removed there. (Two sweeps may both hold it: the second unlink finds no name.)"""
     fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | _CLOEXEC | _NO_WAIT, dir_fd=directory)
     try:
         status = os.fstat(fd)
@@ -631,7 +638,9 @@ def _remove_if_left_over(directory: int, name: str) -> None:
             or status.st_uid != os.geteuid()
         ):
             return
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # (held by a live write: OSError)
+        # (Held by a live write: OSError. Shared, as a read-only descriptor may lock it
+        # everywhere: on NFS an exclusive lock needs one opened for writing, EBADF.)
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         now = os.stat(name, dir_fd=directory, follow_symlinks=False)
         if (now.st_dev, now.st_ino) == (status.st_dev, status.st_ino):
             os.unlink(name, dir_fd=directory)

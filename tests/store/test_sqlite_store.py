@@ -1611,6 +1611,43 @@ async def test_a_refused_migration_leaves_no_wal_beside_the_store(tmp_path: Path
     assert path.read_bytes() == before
 
 
+async def test_a_refused_migration_copies_in_what_a_killed_run_committed_to_the_wal(
+    tmp_path: Path,
+) -> None:
+    """The store is left "byte for byte as it was" only where its WAL held nothing
+    committed. A run killed before a checkpoint leaves committed rows in the WAL; a
+    refused upgrade closes as the last connection, so they are copied into the file (as
+    any close does) and the WAL goes: the file changed, and no row is lost."""
+    made = tmp_path / "made"
+    made.mkdir()
+    conn = _v1_file(made / "s.db")
+    try:
+        _v1_session(conn, "s1", 1.0, turns=2)
+        conn.execute(
+            "INSERT INTO transcript (session_id, seq, turn, kind, payload)"
+            " VALUES ('s1', 0, 0, 'plan\tx', '{}')"
+        )
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        _v1_session(conn, "s2", 2.0, turns=0)  # (committed to the WAL only)
+        killed = tmp_path / "killed"  # (the files as a kill -9 left them: the WAL hot)
+        shutil.copytree(made, killed)
+    finally:
+        conn.close()
+    path = killed / "s.db"
+    assert (killed / "s.db-wal").stat().st_size > 0
+    before = path.read_bytes()
+    with pytest.raises(StoreError, match="cannot upgrade"):
+        async with open_sqlite_store(path):
+            pass  # pragma: no cover
+    assert os.listdir(killed) == ["s.db"]
+    assert path.read_bytes() != before
+    check = sqlite3.connect(path)
+    try:
+        assert sorted(check.execute("SELECT id FROM sessions")) == [("s1",), ("s2",)]
+    finally:
+        check.close()
+
+
 # -- schema version 3: a turn writes only its row ---------------------------------------------
 
 

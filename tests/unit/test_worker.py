@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import errno
+import fcntl
 import io
 import itertools
 import os
@@ -836,6 +837,44 @@ def test_the_sweep_removes_nothing_that_is_not_certainly_a_left_temporary_file(
     for name, text in kept.items():
         assert (project / name).read_text() == text
     assert outside.read_text() == "outside"
+
+
+def _flock_as_over_nfs(real_flock: Any) -> Any:
+    """``fcntl.flock`` as Linux gives it on NFS (``flock(2)``: emulated as a byte-range
+    lock on the whole file, so "in order to place an exclusive lock, the file must be
+    opened for writing"; NFSv4 answers ``EBADF``). Local locks underneath: a lock another
+    process holds still conflicts."""
+
+    def flock(fd: int, operation: int) -> None:
+        read_only = fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDONLY
+        if operation & fcntl.LOCK_EX and read_only:
+            raise OSError(errno.EBADF, os.strerror(errno.EBADF))
+        real_flock(fd, operation)
+
+    return flock
+
+
+def test_a_killed_writes_temporary_file_is_swept_where_only_writers_may_lock_exclusively(
+    tmp_path: Path, fresh_sweeps: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The sweep locked a leftover exclusively through a read-only descriptor: on NFS
+    (where an exclusive ``flock`` needs a file opened for writing) that failed, and no
+    leftover was ever removed there. A shared lock tells a live write's file just as
+    well (its writer holds it exclusively): the leftover goes, a live write's stays."""
+    (tmp_path / "f.txt").write_text("old")
+    with _a_write_held_at_its_commit(tmp_path / "f.txt") as live:
+        [theirs] = _temporaries(tmp_path)
+        with _a_write_held_at_its_commit(tmp_path / "e.txt") as killed:
+            killed.kill()
+            killed.wait()
+        [left] = [name for name in _temporaries(tmp_path) if name != theirs]
+        assert (tmp_path / left).read_text() == "theirs"  # (what the killed write held)
+        monkeypatch.setattr(fcntl, "flock", _flock_as_over_nfs(fcntl.flock))
+        tools_module._write_disk(tmp_path / "g.txt", (str(tmp_path),), "mine")
+        assert _temporaries(tmp_path) == [theirs]
+        assert live.communicate("go\n", timeout=60)[0] == "wrote\n"
+    assert sorted(os.listdir(tmp_path)) == ["f.txt", "g.txt"]
+    assert (tmp_path / "f.txt").read_text() == "theirs"
 
 
 def test_a_write_whose_temporary_file_is_swept_before_it_is_held_takes_another(
