@@ -175,6 +175,19 @@ class RawHttp:
         host, port = url.removeprefix("http://").rsplit(":", 1)
         return cls(await trio.open_tcp_stream(host, int(port)))
 
+    @classmethod
+    async def exchange(cls, url: str, data: bytes) -> HttpAnswer:
+        """Send ``data`` on a connection of its own, and return the answer once the server
+        has closed the connection (a refusal that ends it, as every refused handshake)."""
+        client = await cls.connect(url)
+        try:
+            await client.send(data)
+            answer = await client.answer()
+            await client.wait_closed()
+        finally:
+            await client.aclose()
+        return answer
+
     async def send(self, data: bytes) -> None:
         await self.stream.send_all(data)
 

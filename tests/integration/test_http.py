@@ -344,12 +344,8 @@ async def test_an_upgrade_not_read_as_a_websocket_handshake_is_told_what_was_rea
         b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
         *lines,
     ]
-    client = await RawHttp.connect(server.url)
     with trio.fail_after(10):
-        await client.send(b"\r\n".join(request) + b"\r\n\r\n")
-        answer = await client.answer()
-        await client.wait_closed()
-    await client.aclose()
+        answer = await RawHttp.exchange(server.url, b"\r\n".join(request) + b"\r\n\r\n")
     assert answer.status == 426, answer
     assert answer.headers["upgrade"] == "websocket"
     assert answer.body.decode() == (
@@ -499,12 +495,8 @@ async def test_hypercorn_refuses_what_it_cannot_parse_with_an_empty_body(
     """What docs/security.md and the web/_app.py docstring say of the refusals that never
     reach the app: Hypercorn's own, with an empty body, and the connection closed."""
     assert server.url is not None
-    client = await RawHttp.connect(server.url)
-    await client.send(request_bytes)
-    answer = await client.answer()
+    answer = await RawHttp.exchange(server.url, request_bytes)
     assert (answer.status, answer.body, answer.headers["connection"]) == (status, b"", "close")
-    await client.wait_closed()
-    await client.aclose()
 
 
 async def test_a_wrong_websocket_version_gets_426_naming_the_version(server: Running) -> None:
@@ -597,14 +589,10 @@ async def test_a_websocket_handshake_hypercorn_refuses_gets_its_400_with_a_reaso
     ]
     with trio.fail_after(10):
         for request, named in cases:
-            client = await RawHttp.connect(server.url)
-            await client.send(request)
-            answer = await client.answer()
+            answer = await RawHttp.exchange(server.url, request)
             assert answer.status == 400, (request, answer)
             assert answer.body.startswith(b"Bad Request: ") and named in answer.body, answer
             assert answer.headers["content-type"].startswith("text/plain")
-            await client.wait_closed()
-            await client.aclose()
         await trio.testing.wait_all_tasks_blocked()
         assert not server.manager.connections
         async with httpx.AsyncClient(base_url=server.url) as http:
@@ -795,12 +783,8 @@ async def test_a_non_ascii_handshake_header_gets_400_naming_it(
         name + b": " + value,
         b"Sec-WebSocket-Version: 13",
     ]
-    client = await RawHttp.connect(server.url)
     with trio.fail_after(10):
-        await client.send(b"\r\n".join(lines) + b"\r\n\r\n")
-        answer = await client.answer()
-        await client.wait_closed()
-    await client.aclose()
+        answer = await RawHttp.exchange(server.url, b"\r\n".join(lines) + b"\r\n\r\n")
     assert answer.status == 400, answer
     assert answer.headers["connection"] == "close"
     assert answer.body.decode() == (

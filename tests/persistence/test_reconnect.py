@@ -830,6 +830,20 @@ async def test_an_answer_lost_in_flight_is_told_of_after_the_grace_period_too(
             await hub.settle()
 
 
+async def _initialized_with_a_session(ws: Any, meta: dict[str, Any], root: Path) -> str:
+    """On a real WebSocket: ``initialize`` with ``meta``, then ``session/new`` in ``root``;
+    the session's id."""
+    answer: dict[str, Any] = {}
+    for request_id, method, params in [
+        (1, "initialize", {"protocolVersion": 1, "_meta": meta}),
+        (2, "session/new", {"cwd": str(root), "mcpServers": []}),
+    ]:
+        request = {"jsonrpc": "2.0", "id": request_id, "method": method}
+        await ws.send_message(json.dumps({**request, "params": params}))
+        answer = json.loads(await ws.get_message())
+    return str(answer["result"]["sessionId"])
+
+
 async def test_an_answer_lost_in_flight_over_a_real_websocket_comes_once(
     start_server: StartServer, tmp_path: Path, acp_schema: SchemaChecker
 ) -> None:
@@ -845,14 +859,7 @@ async def test_an_answer_lost_in_flight_over_a_real_websocket_comes_once(
         manager = running.manager
         with trio.fail_after(10):
             async with open_websocket_url(ws_url(running.url)) as ws:
-                for request_id, method, params in [
-                    (1, "initialize", {"protocolVersion": 1, "_meta": meta}),
-                    (2, "session/new", {"cwd": str(root), "mcpServers": []}),
-                ]:
-                    request = {"jsonrpc": "2.0", "id": request_id, "method": method}
-                    await ws.send_message(json.dumps({**request, "params": params}))
-                    answer = json.loads(await ws.get_message())
-                session_id = answer["result"]["sessionId"]
+                session_id = await _initialized_with_a_session(ws, meta, root)
             await settle_until(lambda: not manager.connections)
             for round_ in range(3):
                 async with open_websocket_url(ws_url(running.url)) as ws:
@@ -2732,14 +2739,7 @@ async def test_a_closes_own_answer_lost_in_flight_over_a_real_websocket_comes_on
         manager = running.manager
         with trio.fail_after(10):
             async with open_websocket_url(ws_url(running.url)) as ws:
-                for request_id, method, params in [
-                    (1, "initialize", {"protocolVersion": 1, "_meta": meta}),
-                    (2, "session/new", {"cwd": str(root), "mcpServers": []}),
-                ]:
-                    request = {"jsonrpc": "2.0", "id": request_id, "method": method}
-                    await ws.send_message(json.dumps({**request, "params": params}))
-                    answer = json.loads(await ws.get_message())
-                session = answer["result"]["sessionId"]
+                session = await _initialized_with_a_session(ws, meta, root)
                 for request_id, method, params in [
                     ("p", "session/prompt", prompt_params(session, "go")),
                     ("c", "session/close", {"sessionId": session}),
