@@ -397,8 +397,9 @@ class Peer:
 
     # -- outgoing ---------------------------------------------------------------------------
 
-    async def _send(self, msg: Message) -> None:
-        await self.send_encoded(serialize(msg))
+    async def _send(self, msg: Message, text: str | None = None) -> None:
+        """Queue ``msg`` (spelled as ``text``, if given), an error counted as sent."""
+        await self.send_encoded(serialize(msg) if text is None else text)
         if isinstance(msg, ErrorResponse):
             self.observer.error_sent(msg.code)
 
@@ -406,9 +407,7 @@ class Peer:
         """:meth:`_send` for the answer to a request of the other side: ``on_answer`` is
         told it once it is queued."""
         text = serialize(msg)
-        await self.send_encoded(text)
-        if isinstance(msg, ErrorResponse):
-            self.observer.error_sent(msg.code)
+        await self._send(msg, text)
         if self.on_answer is not None and msg.id is not None:
             self.on_answer(msg.id, text)
 
@@ -433,9 +432,7 @@ class Peer:
         return as if it were, it was sent to the client back awaiting the prompt under
         that id, whose real answer was then dropped)."""
         if msg.id is not None and msg.id in self._running:
-            await self.send_encoded(serialize_aside(msg))
-            if isinstance(msg, ErrorResponse):
-                self.observer.error_sent(msg.code)
+            await self._send(msg, serialize_aside(msg))
         else:
             await self._queue_answer(msg)
 
