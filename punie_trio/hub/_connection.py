@@ -30,6 +30,7 @@ from ..rpc import (
     bounded_id,
     current_request_id,
     method_not_found,
+    valid_id,
 )
 from ..transport import MessageStream
 from ._manager import Manager
@@ -649,6 +650,4 @@ def _awaiting(value: object, most: int = MAX_AWAITING) -> frozenset[RequestId]:
 
 def _awaitable(value: object) -> bool:
     """Whether ``value`` may be listed as an awaited request id (see :func:`_awaiting`)."""
-    if isinstance(value, bool) or not isinstance(value, int | str):
-        return False
-    return bounded_id(value)
+    return valid_id(value) and bounded_id(value)

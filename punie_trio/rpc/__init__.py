@@ -18,6 +18,7 @@ from ._codec import (
     peek_envelope,
     serialize,
     serialize_aside,
+    valid_id,
 )
 from ._errors import (
     AUTH_REQUIRED,
@@ -80,4 +81,5 @@ __all__ = [
     "peek_envelope",
     "serialize",
     "serialize_aside",
+    "valid_id",
 ]
