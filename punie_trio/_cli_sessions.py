@@ -33,7 +33,6 @@ from ._config import (
     named_config,
     readable_token_warning,
     resolve_option,
-    resolve_option_and_source,
 )
 from ._json import escape_lone_surrogates
 from ._paths import (
@@ -118,7 +117,7 @@ def resolve_data_dir(args: argparse.Namespace) -> Path:
     ``serve``'s to report."""
     config = config_path(args.config)
     file_values = load_file(config, required=args.config is not None)
-    value = resolve_option("data_dir", args.data_dir, file_values, os.environ, str(config))
+    value, _ = resolve_option("data_dir", args.data_dir, file_values, os.environ, str(config))
     return Path(value or default_data_dir()).expanduser()
 
 
@@ -590,7 +589,7 @@ def _configured_token(args: argparse.Namespace) -> tuple[str, str] | None:
     A config file holding a token that others can read is warned about, as by ``serve``."""
     config = config_path(args.config)
     file_values = load_file(config, required=args.config is not None)
-    token, source = resolve_option_and_source("token", None, file_values, os.environ, str(config))
+    token, source = resolve_option("token", None, file_values, os.environ, str(config))
     warning = readable_token_warning(config, file_values, source)
     if warning is not None:
         print(f"{_PROG}: warning: {_printable(warning)}", file=sys.stderr)

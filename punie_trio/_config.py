@@ -650,23 +650,12 @@ def resolve_option(
     file_values: Mapping[str, Any],
     environ: Mapping[str, str],
     file_name: str,
-) -> Any:
-    """One option by the precedence of :func:`resolve`: the read-only commands need only
-    ``data_dir``, and find it where ``serve`` does (its flag, ``$PUNIE_DATA_DIR``, the
-    file), without failing on a bad value of an option they do not use."""
-    return _pick(name, flag, file_values, environ, file_name)[0]
-
-
-def resolve_option_and_source(
-    name: str,
-    flag: Any,
-    file_values: Mapping[str, Any],
-    environ: Mapping[str, str],
-    file_name: str,
 ) -> tuple[Any, str | None]:
-    """:func:`resolve_option`, and where the value came from (as
-    :func:`resolve_with_sources` says it): ``token`` prints the token ``serve`` takes and
-    names its place."""
+    """One option by the precedence of :func:`resolve`, and where it came from (as
+    :func:`resolve_with_sources` says it): the read-only commands need only ``data_dir``
+    (and ``token`` its token), and find it where ``serve`` does (its flag, the
+    environment, the file), without failing on a bad value of an option they do not
+    use."""
     return _pick(name, flag, file_values, environ, file_name)
 
 
