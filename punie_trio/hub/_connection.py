@@ -33,6 +33,7 @@ from ..rpc import (
     valid_id,
 )
 from ..transport import MessageStream
+from ._left import LEFT_ANSWERS
 from ._manager import Manager
 from ._session import MAX_REMEMBERED_ID_CHARS, Session, small_id
 
@@ -54,8 +55,8 @@ MAX_AWAITED_ID_CHARS = MAX_ID_CHARS
 #: unwritten.
 MAX_REFUSED = 1024
 #: Most answers to its other requests a connection remembers (``ClientConnection.answers``),
-#: as many as are kept for a client's return (``_left.LEFT_ANSWERS``).
-MAX_ANSWERS = 64
+#: as many as are kept for a client's return.
+MAX_ANSWERS = LEFT_ANSWERS
 
 #: Requests a ``$/cancel_request`` does not cancel (``Peer.uncancellable``).
 _UNCANCELLABLE = frozenset({acp.INITIALIZE})
