@@ -573,7 +573,7 @@ def _held(fd: int, directory: int, name: str) -> bool:
     except FileNotFoundError:
         return False
     mine = os.fstat(fd)
-    return (named.st_dev, named.st_ino) == (mine.st_dev, mine.st_ino)
+    return os.path.samestat(named, mine)
 
 
 #: The directories (device and inode) this process has swept (:func:`_sweep_once`); at
@@ -642,7 +642,7 @@ def _remove_if_left_over(directory: int, name: str) -> None:
         # everywhere: on NFS an exclusive lock needs one opened for writing, EBADF.)
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         now = os.stat(name, dir_fd=directory, follow_symlinks=False)
-        if (now.st_dev, now.st_ino) == (status.st_dev, status.st_ino):
+        if os.path.samestat(now, status):
             os.unlink(name, dir_fd=directory)
     finally:
         os.close(fd)
