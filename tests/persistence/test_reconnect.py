@@ -2070,13 +2070,22 @@ async def test_a_close_cut_by_a_drop_is_answered_to_its_client_back_awaiting_it(
         assert session not in hub.manager.sessions  # closed, as the client asked
         stored = await store.inner.get_session(session)
         assert (stored is None) == (method == "session/delete")
-        # Answered once: a later connection awaiting it again gets the usual refusal.
+        # A later connection awaiting it again says it never read it (the awaiting list
+        # is the client's only acknowledgement): it was told -32603 there, though the
+        # answer was known; it gets the answer again, once, and no more once not listed.
         await again.drop()
         await hub.settle()
+        acp_schema.client_sent({"jsonrpc": "2.0", "id": "c", "method": method})
         third = await hub.connect()
         await initialize(third.client, client_id="ide", awaiting=["c"])
         answer = await third.client.wait_for(lambda m: m.get("id") == "c")
-        assert answer["error"]["code"] == -32603, answer
+        assert answer == {"jsonrpc": "2.0", "id": "c", "result": {}}
+        await third.drop()
+        await hub.settle()
+        fourth = await hub.connect()
+        await initialize(fourth.client, client_id="ide")
+        await hub.settle()
+        assert fourth.client.received[1:] == []
 
 
 @attrs.define
@@ -2717,14 +2726,24 @@ async def test_a_closes_own_answer_lost_in_flight_is_sent_to_its_client_back(
         answers = _answers_under(back, "p", "c")
         assert [a.get("result") for a in answers["p"]] == [{"stopReason": "end_turn"}], answers
         assert [a.get("result") for a in answers["c"]] == [{}], answers
-        # Answered once: a later connection awaiting it again gets the usual refusal.
+        # A later connection awaiting it again says it never read it (the awaiting list
+        # is the client's only acknowledgement): it was told -32603 there, though the
+        # answer was known; it gets the answer again, once.
         await back.drop()
         await hub.settle()
+        acp_schema.client_sent({"jsonrpc": "2.0", "id": "c", "method": "session/close"})
         third = await hub.connect()
         await initialize(third.client, client_id="ide", awaiting=["c"])
         await hub.settle()
         (again,) = _answers_under(third, "c")["c"]
-        assert again["error"]["code"] == -32603, again
+        assert again.get("result") == {}, again
+        # Not listed, it was received: nothing of it comes any more.
+        await third.drop()
+        await hub.settle()
+        fourth = await hub.connect()
+        await initialize(fourth.client, client_id="ide")
+        await hub.settle()
+        assert fourth.client.received[1:] == []
 
 
 async def test_a_closes_own_answer_lost_in_flight_over_a_real_websocket_comes_once(
@@ -2894,3 +2913,90 @@ async def test_an_answer_lost_in_flight_never_answers_its_ids_next_request(
         assert answers[0].get("result") != {"stopReason": "end_turn"}, answers
         if answered:
             assert "sessions" in answers[0]["result"], answers
+
+
+async def back_unread(
+    hub: Hub,
+    client_id: str,
+    awaiting: list[Any],
+    buffer: int = 64,
+    then: tuple[str, str, dict[str, Any]] | None = None,
+) -> None:
+    """The client comes back awaiting ``awaiting`` on a connection it reads nothing from
+    (and sends the request ``then`` on it: id, method, params), and drops: what is sent
+    again there is written (the stream holds ``buffer`` messages) and lost in flight
+    again, or, past the buffer, never written."""
+    raw = await open_raw(hub, buffer)
+    meta = {CLIENT_ID_META: client_id, AWAITING_META: awaiting}
+    await send_unread(raw, 1, "initialize", {"protocolVersion": 1, "_meta": meta})
+    if then is not None:
+        request_id, method, params = then
+        await send_unread(raw, request_id, method, params, hub.checker)
+        await answered_unread(hub, client_id, request_id)
+    await raw.aclose()
+    await hub.settle()
+
+
+@pytest.mark.parametrize("buffer", [64, 1])
+@pytest.mark.parametrize("kind", ["close", "deleted", "live", "load", "list"])
+async def test_an_answer_sent_again_and_lost_again_comes_at_the_next_return(
+    tmp_path: Path, acp_schema: SchemaChecker, kind: str, buffer: int
+) -> None:
+    """An answer lost in flight is sent again to the client back awaiting its id, and
+    lost again: the client drops a second time before reading it (written: ``buffer``
+    64; or left unwritten behind the initialize's answer: 1). Back a third time, still
+    awaiting the id (its awaiting list is its only acknowledgement), it was told -32603
+    "no answer to this request will come" for a closed session's answers and any other
+    request's (kept apart: ``_left.py``), though the answer was known. It gets the real
+    answer, once, with the reload notice a load's answer or a session's own last answer
+    comes with. ``kind``: a close's answer and its session's prompt's ("close"); a
+    prompt's whose session a delete then removed ("deleted"); a prompt's whose session
+    is kept within grace ("live"); a load's; a list's."""
+    store = GatedStore()
+    limits = Limits(grace_seconds=60)
+    async with open_hub(tmp_path, acp_schema, EchoModel(), limits=limits, store=store) as hub:  # type: ignore[arg-type]
+        raw, session = await open_raw_session(hub, "ide", buffer=64)
+        other = (await raw_call(raw, 3, "session/new", {"cwd": str(hub.root), "mcpServers": []}))[
+            "sessionId"
+        ]
+        await raw_call(raw, 4, "session/close", {"sessionId": other})  # (stored, not live)
+        expected: dict[str, Any] = {}
+        told: list[str] = []
+        if kind in ("close", "deleted", "live"):
+            await send_unread(raw, "p", "session/prompt", prompt_params(session, "go"), acp_schema)
+            expected["p"] = {"stopReason": "end_turn"}
+            if kind == "live":
+                told.append(session)  # (the updates before it may have been lost with it)
+        if kind == "close":
+            await send_unread(raw, "c", "session/close", {"sessionId": session}, acp_schema)
+            expected["c"] = {}
+        elif kind == "deleted":
+            store.deletes.armed = True  # (the delete goes on past the drop)
+            await send_unread(raw, "d", "session/delete", {"sessionId": session}, acp_schema)
+            expected["d"] = {}
+        elif kind == "load":
+            await send_unread(raw, "x", "session/load", load_params(other, hub.root), acp_schema)
+            await answered_unread(hub, "ide", "x")
+            expected["x"] = {}
+            told.append(other)
+        elif kind == "list":
+            await send_unread(raw, "x", "session/list", {}, acp_schema)
+            await answered_unread(hub, "ide", "x")
+        await raw.aclose()
+        await hub.settle()
+        store.deletes.armed = False
+        store.deletes.opened.set()
+        await hub.settle()
+        awaited = [*expected, *(["x"] if kind in ("load", "list") else [])]
+        await back_unread(hub, "ide", awaited, buffer)
+        third = await hub.connect()
+        await initialize(third.client, client_id="ide", awaiting=awaited)
+        await hub.settle()
+        answers = _answers_under(third, *awaited)
+        assert all(len(a) == 1 for a in answers.values()), answers  # (each once)
+        for request_id, result in expected.items():
+            assert answers[request_id][0].get("result") == result, answers
+        if kind == "list":
+            assert "sessions" in answers["x"][0]["result"], answers
+        notices = [m["params"]["sessionId"] for m in third.client.received if "method" in m]
+        assert notices == told, third.client.received
