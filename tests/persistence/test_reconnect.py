@@ -3000,3 +3000,28 @@ async def test_an_answer_sent_again_and_lost_again_comes_at_the_next_return(
             assert "sessions" in answers["x"][0]["result"], answers
         notices = [m["params"]["sessionId"] for m in third.client.received if "method" in m]
         assert notices == told, third.client.received
+
+
+async def test_an_answer_sent_again_then_its_session_closed_comes_at_the_next_return(
+    tmp_path: Path, acp_schema: SchemaChecker
+) -> None:
+    """A prompt's answer is lost in flight; the client back awaiting it is sent it again
+    (its session's last answer) and closes the session on that connection, and drops
+    before reading either answer. Back a third time awaiting both ids, it got the
+    close's answer and -32603 for the prompt: a closed session's last answer was kept
+    only if the closing connection had sent the prompt, and this one had been handed
+    its answer. It gets both answers now, once each."""
+    async with open_hub(tmp_path, acp_schema, EchoModel(), limits=Limits(grace_seconds=60)) as hub:
+        raw, session = await open_raw_session(hub, "ide", buffer=64)
+        await send_unread(raw, "p", "session/prompt", prompt_params(session, "go"), acp_schema)
+        await raw.aclose()
+        await hub.settle()
+        close = ("c", "session/close", {"sessionId": session})
+        await back_unread(hub, "ide", ["p"], then=close)
+        assert session not in hub.manager.sessions
+        third = await hub.connect()
+        await initialize(third.client, client_id="ide", awaiting=["p", "c"])
+        await hub.settle()
+        answers = _answers_under(third, "p", "c")
+        assert [a.get("result") for a in answers["p"]] == [{"stopReason": "end_turn"}], answers
+        assert [a.get("result") for a in answers["c"]] == [{}], answers
