@@ -482,7 +482,12 @@ async def deliver_missed(
             await self._flush(session, conn)
             if session.closing and session.turn is None and self._held_by(conn, session.id):
                 # Closed as its previous connection dropped (_lifecycle.close_session),
-                # and kept for this: now sent, the close takes effect.
+                # and kept for this: now sent, the close takes effect. Its last answer
+                # (the cancelled turn's, just handed to conn) is kept for the client's
+                # return as any closed session's is: should conn drop before its client
+                # reads it, it went with the session, and the client, back awaiting
+                # it, was told -32603 though the answer was known.
+                self.remember_closed_answer(conn, session)
                 self._drop_session(session)
         for session_id in expired:
             if self._held_by(conn, session_id):

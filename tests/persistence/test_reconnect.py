@@ -3025,3 +3025,34 @@ async def test_an_answer_sent_again_then_its_session_closed_comes_at_the_next_re
         answers = _answers_under(third, "p", "c")
         assert [a.get("result") for a in answers["p"]] == [{"stopReason": "end_turn"}], answers
         assert [a.get("result") for a in answers["c"]] == [{}], answers
+
+
+@pytest.mark.parametrize("buffer", [64, 1])
+async def test_a_closed_sessions_kept_answer_sent_and_lost_again_comes_at_the_next_return(
+    tmp_path: Path, acp_schema: SchemaChecker, buffer: int
+) -> None:
+    """A close cut by a drop leaves its session kept, closing, with its cancelled turn's
+    answer for the client's return; back awaiting both ids, the client is sent that
+    answer (the session then goes, as the close asked) and the close's, and drops again
+    before reading them (``buffer`` 64: lost in flight; 1: left unwritten). Back a third
+    time awaiting both, it got the close's answer and -32603 for the prompt: the
+    session's last answer went with it (found by the random drops test, seed 352 of
+    400). It gets both now, once each."""
+    model = ScriptModel([[{"text": "slow"}, {"sleep": 5}]])
+    store = GatedStore()
+    async with open_hub(
+        tmp_path, acp_schema, model, limits=Limits(grace_seconds=60), store=store
+    ) as hub:  # type: ignore[arg-type]
+        session = await _close_cut_by_a_drop(hub, store, "session/close")
+        store.appends.armed = False
+        store.appends.opened.set()
+        await hub.settle()
+        assert hub.manager.sessions[session].closing  # (kept for what it has not sent)
+        await back_unread(hub, "ide", ["p", "c"], buffer)
+        assert session not in hub.manager.sessions
+        third = await hub.connect()
+        await initialize(third.client, client_id="ide", awaiting=["p", "c"])
+        await hub.settle()
+        answers = _answers_under(third, "p", "c")
+        assert [a.get("result") for a in answers["p"]] == [{"stopReason": "cancelled"}], answers
+        assert [a.get("result") for a in answers["c"]] == [{}], answers
