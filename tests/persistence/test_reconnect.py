@@ -2342,6 +2342,9 @@ async def test_two_unwritten_turns_of_a_session_are_answered_in_order(
         assert [s for s in seen if s is not None] == ["p1", "two", "p2"], seen
 
 
+NO_ANSWER_WILL_COME = "no answer to this request will come"
+
+
 @pytest.mark.parametrize("seed", range(8))
 async def test_every_awaited_request_is_answered_once_after_initialize_across_random_drops(
     tmp_path: Path,
@@ -2353,9 +2356,16 @@ async def test_every_awaited_request_is_answered_once_after_initialize_across_ra
     """Random prompts, closes, deletes, new sessions, lists and cancels, and drops (each
     back at once or later, within grace or not, awaiting every request of its own not
     yet answered: closes and deletes as well as prompts): every request is answered
-    exactly once over all the connections (its answer, or -32603 for one lost in
-    flight or kept past its grace period), each connection's first message is its
-    initialize's answer, and nothing is logged as an error."""
+    exactly once over all the connections, each connection's first message is its
+    initialize's answer, and nothing is logged as an error.
+
+    Each answer is the request's own. -32603 "no answer to this request will come" is
+    taken only where no server could answer: the client was away, after sending the
+    request, longer than its grace period (with a grace of 0, any time at all: its
+    sessions and what was kept for it were dropped), or the request was a session/new
+    or list cut by its connection's drop (not yet answered there: nothing was done or
+    nothing is known). It was once taken for any request (an answer kept for a client
+    away, sent again and lost in flight again, came -32603 at the next return)."""
     rng = random.Random(seed)
     limits = Limits(
         grace_seconds=rng.choice([0, 1, 5, 60]),
@@ -2363,6 +2373,11 @@ async def test_every_awaited_request_is_answered_once_after_initialize_across_ra
         outbox_limit=rng.choice([2, 8, 256]),
     )
     sent: list[str] = []
+    # What the model allows -32603 for: the requests sent before a return that came
+    # past the grace period (how many had been sent then), and those possibly cut.
+    expired_before: list[int] = []
+    cut: set[str] = set()
+    settled = 0  # (how many requests had been sent at the last quiet point)
 
     def answers(links: list[Link]) -> dict[str, int]:
         counts: dict[str, int] = {}
@@ -2378,6 +2393,16 @@ async def test_every_awaited_request_is_answered_once_after_initialize_across_ra
         got = answers(links)
         await initialize(link.client, client_id="ide", awaiting=[i for i in sent if i not in got])
         return link
+
+    async def drop(link: Link) -> None:
+        # A session/new or list still running (or not yet read: sent since every task
+        # last waited) is cut by the drop: nothing answers it.
+        got = answers([link])
+        for n, request_id in enumerate(sent):
+            running = n >= settled or link.connection.has_in_flight(request_id)
+            if request_id.startswith(("new-", "list-")) and request_id not in got and running:
+                cut.add(request_id)
+        await link.drop()
 
     async with open_hub(
         tmp_path, acp_schema, ScriptModel(_random_turns(rng)), limits=limits
@@ -2405,10 +2430,19 @@ async def test_every_awaited_request_is_answered_once_after_initialize_across_ra
             elif action == "sleep":
                 await trio.sleep(rng.choice([0.001, 0.3, 3]))
             else:
-                await link.drop()
+                await drop(link)
                 await hub.settle()
+                away = rng.choice([0.5, 2, 10]) if rng.random() < 0.3 else 0.0
+                if away:
+                    await trio.sleep(away)
+                if limits.grace_seconds == 0 or away > limits.grace_seconds:
+                    expired_before.append(len(sent))
                 if rng.random() < 0.3:
-                    await trio.sleep(rng.choice([0.5, 2, 10]))
+                    # Back, and dropped again unread: what comes after the initialize's
+                    # answer (what was kept, sent again) is lost in flight, or unwritten.
+                    got = answers(links)
+                    awaiting = [i for i in sent if i not in got]
+                    await back_unread(hub, "ide", awaiting, rng.choice([1, 64]))
                 link = await back(links)
             if action in ("prompt", "close", "delete", "new", "list"):
                 sent.append(request["id"])
@@ -2416,21 +2450,33 @@ async def test_every_awaited_request_is_answered_once_after_initialize_across_ra
                 await link.client.send({**request, "method": method, "params": params})
             if rng.random() < 0.6:  # (else a drop may come as the request runs)
                 await trio.testing.wait_all_tasks_blocked()
+                settled = len(sent)
             for m in link.client.received:
                 sid = m.get("result", {}).get("sessionId") if "result" in m else None
                 if sid is not None and sid not in sessions:
                     sessions.append(sid)
         await trio.sleep(100)  # (every turn ends)
         await hub.settle()
-        await link.drop()  # (and back once more, for what the last connection did not get)
+        settled = len(sent)
+        await drop(link)  # (and back once more, for what the last connection did not get)
         await hub.settle()
+        if limits.grace_seconds == 0:
+            expired_before.append(len(sent))
         await back(links)
         await trio.sleep(100)
         await hub.settle()
     assert answers(links) == dict.fromkeys(sent, 1)
+    expired = max(expired_before, default=0)
     for link in links[1:]:
         first = link.client.received[0]
         assert "protocolVersion" in first.get("result", {}), first
+        for m in link.client.received:
+            if NO_ANSWER_WILL_COME in m.get("error", {}).get("message", ""):
+                request_id = m["id"]
+                assert sent.index(request_id) < expired or request_id in cut, (
+                    request_id,
+                    limits,
+                )
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
 
 
