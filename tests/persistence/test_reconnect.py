@@ -3102,3 +3102,48 @@ async def test_a_closed_sessions_kept_answer_sent_and_lost_again_comes_at_the_ne
         answers = _answers_under(third, "p", "c")
         assert [a.get("result") for a in answers["p"]] == [{"stopReason": "cancelled"}], answers
         assert [a.get("result") for a in answers["c"]] == [{}], answers
+
+
+async def test_answers_sent_again_and_lost_again_over_a_real_websocket_come_once(
+    start_server: StartServer, tmp_path: Path, acp_schema: SchemaChecker
+) -> None:
+    """Over a real server and WebSocket: the server writes a prompt's answer, then its
+    session's close's, and the client closes without reading them; back awaiting both,
+    it is sent them again, and closes again without reading; back a third time awaiting
+    both, it was told -32603 "no answer to this request will come" for each. It gets
+    each answer once."""
+    root = Path(await trio.Path(tmp_path).resolve())
+    meta: dict[str, Any] = {CLIENT_ID_META: "ide"}
+    async with start_server(EchoModel(), limits=Limits(grace_seconds=60)) as running:
+        manager = running.manager
+        with trio.fail_after(10):
+            async with open_websocket_url(ws_url(running.url)) as ws:
+                session = await _initialized_with_a_session(ws, meta, root)
+                for request_id, method, params in [
+                    ("p", "session/prompt", prompt_params(session, "go")),
+                    ("c", "session/close", {"sessionId": session}),
+                ]:
+                    request = {"jsonrpc": "2.0", "id": request_id, "method": method}
+                    acp_schema.client_sent(request)
+                    await ws.send_message(json.dumps({**request, "params": params}))
+                await settle_until(lambda: session not in manager.sessions)
+                await trio.testing.wait_all_tasks_blocked()  # (written: the outbox is empty)
+            await settle_until(lambda: not manager.connections)
+            async with open_websocket_url(ws_url(running.url)) as ws:
+                init = {"protocolVersion": 1, "_meta": {**meta, AWAITING_META: ["p", "c"]}}
+                request = {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": init}
+                await ws.send_message(json.dumps(request))
+                await settle_until(lambda: bool(manager.connections))
+                (conn,) = manager.connections
+                await settle_until(lambda: not conn.awaiting)  # (both sent again)
+                await trio.testing.wait_all_tasks_blocked()  # (and written)
+            await settle_until(lambda: not manager.connections)
+            async with acp_ws_client(running.url, acp_schema) as (client, ws):
+                await initialize(client, client_id="ide", awaiting=["p", "c"])
+                await client.wait_for(lambda m: m.get("id") == "c")
+                await trio.testing.wait_all_tasks_blocked()
+                answers = [m for m in client.received if m.get("id") in ("p", "c")]
+                assert [(m["id"], m.get("result")) for m in answers] == [
+                    ("p", {"stopReason": "end_turn"}),
+                    ("c", {}),
+                ], answers
