@@ -182,15 +182,18 @@ def peek_envelope(head: bytes) -> tuple[str | None, RequestId | None]:
     requests would leave that request waiting for a timeout that says the client did not
     answer; a request's refusal could not carry its id. Serialisers write ``id`` before
     ``result`` or ``params`` (the members in the order the message was built), so the head
-    usually has it. Never raises: a head it cannot read gives ``(None, None)``.
+    usually has it. A message that is not JSON is read so too, up to where it breaks
+    (``Peer`` answers its -32700 under the id it names). Never raises: a head it cannot
+    read gives ``(None, None)``.
     """
     head = _json.without_bom(head)  # (as the parser takes it)
     try:
         text = head.decode("utf-8")
     except UnicodeDecodeError as exc:
-        if exc.start < len(head) - 3:
-            return None, None
-        text = head[: exc.start].decode("utf-8")  # (a character cut at the end)
+        # What comes before the first byte that is not UTF-8 (a character cut at the end
+        # of the head, or a message whose bad byte made it unreadable: bad UTF-8 in a
+        # file's text, after the id).
+        text = head[: exc.start].decode("utf-8")
     kind: str | None = None
     found: Any = None
     i = _skip_space(text, 0)

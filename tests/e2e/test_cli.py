@@ -693,6 +693,50 @@ def test_stdout_is_pure_acp_and_stderr_has_the_logs(stdio_agent: StdioAgent) -> 
     assert "WARNING" in stderr
 
 
+def test_a_request_or_answer_that_is_not_json_is_told_apart_by_its_id(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    """Over stdio, a client's line whose JSON breaks after its id (bad UTF-8 in a file's
+    text): a request gets its -32700 under its id, and the client's answer to the
+    server's ``fs/read_text_file`` fails that tool call at once, saying why. The request's
+    -32700 had a null id (the client waited for its answer for good), and the tool call
+    waited out --client-call-timeout, then said "client did not answer"."""
+    (tmp_path / "notes.txt").write_text("notes", encoding="utf-8")
+    script = tmp_path / "tool.json"
+    turn = [{"tool": "read_file", "input": {"path": "notes.txt"}}, {"text": "done"}]
+    script.write_text(json.dumps({"turns": [turn]}), encoding="utf-8")
+    args = ["--project", str(tmp_path), "--model", f"script:{script}"]
+    agent = StdioAgent([*args, "--client-call-timeout", "3600"], env)
+    try:
+        caps = {"fs": {"readTextFile": True}}
+        agent.request("initialize", {"protocolVersion": 1, "clientCapabilities": caps})
+        agent.send_raw(
+            b'{"jsonrpc":"2.0","id":"bad","method":"session/list","params":{"cwd":"\xff"}}\n'
+        )
+        refused = agent.receive()
+        assert refused["id"] == "bad" and refused["error"]["code"] == -32700, refused
+        session = agent.request("session/new", {"cwd": str(tmp_path), "mcpServers": []})
+        session_id = session["result"]["sessionId"]
+        prompt = {"sessionId": session_id, "prompt": [{"type": "text", "text": "go"}]}
+        agent.send({"id": "p", "method": "session/prompt", "params": prompt})
+        while (read := agent.receive()).get("method") != "fs/read_text_file":
+            pass
+        answer = f'{{"jsonrpc":"2.0","id":{json.dumps(read["id"])},"result":{{"content":"'
+        agent.send_raw(answer.encode() + b'caf\xe9"}}\n')
+        told = agent.receive()
+        assert told["id"] is None and told["error"]["code"] == -32700, told
+        updates = []
+        while "method" in (msg := agent.receive()):
+            updates.append(msg["params"]["update"])
+        assert msg == {"jsonrpc": "2.0", "id": "p", "result": {"stopReason": "end_turn"}}
+        failed = [u for u in updates if u.get("status") == "failed"]
+        text = failed[0]["content"][0]["content"]["text"]
+        assert text.startswith("the answer is not JSON: 'utf-8' codec can't decode byte 0xe9"), text
+        assert agent.close_stdin_and_wait() == 0
+    finally:
+        agent.kill()
+
+
 def test_stdin_eof_ends_the_server_with_status_0(stdio_agent: StdioAgent) -> None:
     assert stdio_agent.request("initialize", {"protocolVersion": 1})["result"]
     assert stdio_agent.close_stdin_and_wait() == 0

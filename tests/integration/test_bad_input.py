@@ -46,8 +46,14 @@ async def test_every_bad_input_gets_its_error(
             bystander_session = await bystander.new_session(str(tmp_path))
 
             # Not JSON: -32700 with id null, and the socket stays open.
-            answer = await exchange(client, '{"jsonrpc": "2.0", "id": 1, "method": ')
+            answer = await exchange(client, '{"jsonrpc": "2.0", "method": "initialize", ')
             assert answer["id"] is None
+            assert answer["error"]["code"] == -32700
+            assert answer["error"]["message"]
+            # A request whose JSON breaks after its id: the -32700 carries that id (with a
+            # null one the client could not tell which of its requests it was).
+            answer = await exchange(client, '{"jsonrpc": "2.0", "id": 1, "method": ')
+            assert answer["id"] == 1
             assert answer["error"]["code"] == -32700
             assert answer["error"]["message"]
             init = await client.initialize()
@@ -117,7 +123,7 @@ async def test_every_bad_input_gets_its_error(
     registry = server.manager.metrics.registry
     assert (
         registry.get_sample_value("punie_errors_total", {"code": "-32700", "name": "parse_error"})
-        == 2
+        == 3
     )
 
 

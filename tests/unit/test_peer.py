@@ -841,6 +841,69 @@ async def test_ndjson_an_oversized_answer_fails_its_request_at_once(
         nursery.cancel_scope.cancel()
 
 
+async def test_ndjson_a_request_not_json_after_its_id_gets_the_parse_error_under_its_id() -> None:
+    """A request whose JSON breaks after its id (bad UTF-8 in a file's text, a bad escape):
+    the -32700 carries the id its head names, as an oversized line's -32600 does, and the
+    client's request ends there. With a null id the client could not tell which request it
+    was, and waited for its answer for good."""
+    ours, theirs = trio.testing.memory_stream_pair()
+    dispatcher = Dispatcher({"echo": echo})
+    peer = Peer(NdjsonStream(ours, ours), dispatcher)
+    reader = LineReader(theirs)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(peer.run)
+        await theirs.send_all(b'{"jsonrpc":"2.0","id":7,"method":"echo","params":["\xff"]}\n')
+        answer = await reader.next()
+        assert answer["id"] == 7 and answer["error"]["code"] == PARSE_ERROR
+        assert "can't decode byte 0xff" in answer["error"]["message"]
+        assert dispatcher.refused == [7]  # (told: the client used the id)
+        await theirs.send_all(b'{"method":"echo","id":"s","params":{"a": nope}}\n')
+        answer = await reader.next()
+        assert answer["id"] == "s" and answer["error"]["code"] == PARSE_ERROR
+        # No id before the break, or no sign of a request: null, as before.
+        for line in (b'{"id":8,"nope"', b'{"id":9 junk', b'{"id":"\\x","method":"echo"}'):
+            await theirs.send_all(line + b"\n")
+            answer = await reader.next()
+            assert answer["id"] is None and answer["error"]["code"] == PARSE_ERROR, line
+        assert dispatcher.refused == [7, "s"]
+        await theirs.send_all(_line({"id": 5, "method": "echo", "params": [5]}))
+        assert await reader.next() == {"jsonrpc": "2.0", "id": 5, "result": [5]}
+        nursery.cancel_scope.cancel()
+
+
+async def test_ndjson_an_answer_that_is_not_json_fails_its_request_at_once(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The client's answer to our request, unreadable (bad UTF-8 in a file's content): the
+    request fails now, saying why. It waited out its timeout (the client-call timeout, 300
+    s by default), which then said that the client had not answered."""
+    ours, theirs = trio.testing.memory_stream_pair()
+    peer = Peer(NdjsonStream(ours, ours), Dispatcher())
+    reader = LineReader(theirs)
+    failure: list[RpcError] = []
+
+    async def ask() -> None:
+        with pytest.raises(RpcError) as caught:
+            await peer.request("fs/read_text_file", {"path": "/latin1"})
+        failure.append(caught.value)
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(peer.run)
+        nursery.start_soon(ask)
+        request = await reader.next()
+        before = trio.current_time()
+        head = f'{{"jsonrpc":"2.0","id":{request["id"]},"result":{{"content":"'.encode()
+        await theirs.send_all(head + b'caf\xe9"}}\n')
+        answer = await reader.next()  # the client hears why its answer was dropped
+        assert answer["id"] is None and answer["error"]["code"] == PARSE_ERROR
+        await trio.testing.wait_all_tasks_blocked()
+        assert trio.current_time() == before  # no timeout was waited for
+        assert failure[0].code == PARSE_ERROR
+        assert failure[0].message.startswith("the answer is not JSON: ")
+        assert "can't decode byte 0xe9" in failure[0].message
+        nursery.cancel_scope.cancel()
+
+
 @pytest.mark.parametrize(
     ("head", "expected"),
     [
