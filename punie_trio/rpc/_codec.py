@@ -113,7 +113,7 @@ def parse(text: str | bytes) -> Message:
     if isinstance(obj, list):
         raise MalformedMessage(RpcError(INVALID_REQUEST, "Batch requests are not supported"))
     if not isinstance(obj, dict):
-        kind = type(obj).__name__
+        kind = _json.kind(obj)
         raise MalformedMessage(
             RpcError(INVALID_REQUEST, f"Invalid request: expected a JSON object, got {kind}")
         )

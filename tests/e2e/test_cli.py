@@ -693,6 +693,58 @@ def test_stdout_is_pure_acp_and_stderr_has_the_logs(stdio_agent: StdioAgent) -> 
     assert "WARNING" in stderr
 
 
+def test_every_bad_line_on_stdin_gets_its_error_and_the_agent_reads_on(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    """What a client may write on stdin, line by line, as ``serve --stdio`` reads it: a
+    byte-order mark, CRLF, blank lines, a batch, JSON that is no object, bad UTF-8, a line
+    over --max-message-bytes, a last line without its newline. Each bad one gets its
+    error naming the problem (a JSON type as JSON names it: it said "got NoneType"), and
+    the request after it is answered."""
+    limits = ["--max-message-bytes", "300", "--max-prompt-bytes", "200"]
+    agent = StdioAgent(["--project", str(tmp_path), *limits], env)
+    try:
+        init = b'{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":1}}'
+        agent.send_raw(b"\xef\xbb\xbf" + init + b"\r\n\r\n  \t \n\n")
+        assert agent.receive()["result"]["protocolVersion"] == 1
+        listed = {"jsonrpc": "2.0", "method": "session/list", "params": {}}
+
+        def refused(line: bytes) -> dict[str, Any]:
+            agent.send_raw(line + b"\n")
+            error = agent.receive()
+            agent.send({**listed, "id": "next"})  # and the agent reads on
+            assert agent.receive() == {"jsonrpc": "2.0", "id": "next", "result": {"sessions": []}}
+            return error
+
+        batch = refused(json.dumps([{**listed, "id": 2}]).encode())
+        assert batch["error"] == {"code": -32600, "message": "Batch requests are not supported"}
+        for text, kind in [
+            (b"42", "a number"), (b'"text"', "a string"), (b"null", "null"),
+            (b"true", "a boolean"), (b"[]", None),
+        ]:  # fmt: skip
+            answer = refused(text)
+            assert answer["id"] is None and answer["error"]["code"] == -32600, text
+            if kind is not None:
+                expected = f"Invalid request: expected a JSON object, got {kind}"
+                assert answer["error"]["message"] == expected
+        bad = refused(b'{"jsonrpc":"2.0","method":"session/list","params":{"cwd":"\xff"}}')
+        assert bad["id"] is None and bad["error"]["code"] == -32700
+        assert "can't decode byte 0xff" in bad["error"]["message"]
+        big = refused(json.dumps({**listed, "id": 3, "params": {"cwd": "/" * 400}}).encode())
+        assert big["id"] == 3 and big["error"] == {
+            "code": -32600,
+            "message": "Invalid request: message exceeds the 300-byte limit",
+        }
+        agent.send_raw(json.dumps({**listed, "id": 4}).encode())  # no newline, then EOF
+        assert agent.close_stdin_and_wait() == 0
+        assert json.loads(agent.stdout_all[-1]) == {
+            "jsonrpc": "2.0", "id": 4, "result": {"sessions": []}
+        }  # fmt: skip
+        assert all(line.endswith(b"\n") for line in agent.stdout_all)
+    finally:
+        agent.kill()
+
+
 def test_a_request_or_answer_that_is_not_json_is_told_apart_by_its_id(
     env: dict[str, str], tmp_path: Path
 ) -> None:

@@ -168,11 +168,18 @@ def test_invalid_utf8_is_parse_error(raw: bytes) -> None:
     assert exc.id is None
 
 
-@pytest.mark.parametrize("text", ["42", '"a string"', "null", "true", "1.5"])
-def test_non_object_is_invalid_request(text: str) -> None:
+@pytest.mark.parametrize(
+    ("text", "kind"),
+    [("42", "a number"), ('"a string"', "a string"), ("null", "null"), ("true", "a boolean"),
+     ("1.5", "a number")],
+)  # fmt: skip
+def test_non_object_is_invalid_request(text: str, kind: str) -> None:
+    """Named as JSON names it: the message said "got NoneType", "got bool", "got float",
+    Python's names, which a client (TypeScript, Rust) has never heard of."""
     exc = _malformed(text)
     assert exc.error.code == INVALID_REQUEST
     assert exc.id is None
+    assert exc.error.message == f"Invalid request: expected a JSON object, got {kind}"
 
 
 def test_batch_is_refused() -> None:
