@@ -981,6 +981,35 @@ async def test_ndjson_oversized_final_line_at_eof() -> None:
         await stream.receive_message()
 
 
+@pytest.mark.parametrize(
+    ("last", "taken"),
+    [
+        (b'{"a":"123"}', False),  # 11 bytes: one over the limit
+        (b'{"a":"12"}', True),  # 10 bytes: at it
+        (b'{"a":"12"}\r', True),  # and a CR, which is not part of the message
+    ],
+)
+async def test_ndjson_a_last_line_without_its_newline_is_held_to_the_limit(
+    last: bytes, taken: bool
+) -> None:
+    """A last line that ends at EOF is bound as a line ending in a newline is: one byte
+    over the limit was taken there (the reader cuts a line only once it holds more than
+    the limit and a CR)."""
+    from punie_trio.transport import MessageTooLarge
+
+    ours, theirs = trio.testing.memory_stream_pair()
+    stream = NdjsonStream(ours, ours, max_message_bytes=10)
+    await theirs.send_all(last)
+    await theirs.send_eof()
+    if taken:
+        assert await stream.receive_message() == last.rstrip(b"\r")
+    else:
+        with pytest.raises(MessageTooLarge):
+            await stream.receive_message()
+    with pytest.raises(trio.EndOfChannel):
+        await stream.receive_message()
+
+
 async def test_ndjson_the_tail_of_an_oversized_last_line_is_dropped_with_it() -> None:
     """An unterminated line over the limit that ends at EOF: one MessageTooLarge, then the
     end. The tail past the first cut was once returned as a message of its own, so a
