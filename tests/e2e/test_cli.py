@@ -990,6 +990,36 @@ def test_stderr_closed_at_start_takes_nothing(env: dict[str, str], tmp_path: Pat
     assert "without an id" in (data / "punie-trio.log").read_text(encoding="utf-8")
 
 
+@pytest.mark.parametrize(
+    ("args", "environ", "status"),
+    [
+        (["serve", "--stdio", "--no-http"], {"PUNIE_PORTT": "1"}, 0),  # a warning
+        (["serve", "--stdio", "--no-http", "--max-prompt-bytes", "99999999"], {}, 2),  # an error
+        (["sessions", "show", "nosuch"], {}, 1),
+    ],
+)
+def test_without_a_stderr_no_warning_or_error_goes_to_stdout(
+    env: dict[str, str], tmp_path: Path, args: list[str], environ: dict[str, str], status: int
+) -> None:
+    """Started with stderr closed (``2>&-``), Python's ``sys.stderr`` is None, and a
+    ``print(..., file=sys.stderr)`` prints to stdout: under --stdio a config warning or an
+    error went into the ACP stream (``punie-trio: warning: $PUNIE_PORTT is not ...``, a
+    line no client can parse), and a read-only command's error into its output."""
+    init = {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {"protocolVersion": 1}}
+    done = subprocess.run(
+        ["sh", "-c", 'exec "$@" 2>&-', "sh", *PUNIE, *args, "--project", str(tmp_path)]
+        if args[0] == "serve"
+        else ["sh", "-c", 'exec "$@" 2>&-', "sh", *PUNIE, *args],
+        input=json.dumps(init).encode() + b"\n",
+        capture_output=True,
+        env={**env, **environ},
+        timeout=TIMEOUT,
+    )
+    assert done.returncode == status, done.stdout
+    expected = [1] if status == 0 else []
+    assert [json.loads(line)["id"] for line in done.stdout.splitlines()] == expected
+
+
 @contextlib.contextmanager
 def full_pipe() -> Iterator[int]:
     """The write end of a pipe already full: every write to it waits (for a reader that
