@@ -1337,6 +1337,85 @@ def test_a_prompt_running_at_stdin_eof_answers_cancelled(
         agent.wait()
 
 
+def _stdio_turn_running(
+    env: dict[str, str], tmp_path: Path, steps: list[dict[str, Any]]
+) -> tuple[subprocess.Popen[bytes], str]:
+    """``serve --stdio --no-http`` with a scripted turn of ``steps`` running (its first
+    update read): the process and the session's id."""
+    script = tmp_path / "turn.json"
+    script.write_text(json.dumps({"turns": [steps]}), encoding="utf-8")
+    agent = subprocess.Popen(
+        [*PUNIE, "serve", "--stdio", "--no-http", "--project", str(tmp_path),
+         "--model", f"script:{script}"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+    )  # fmt: skip
+    assert agent.stdin is not None and agent.stdout is not None
+
+    def call(msg: dict[str, Any]) -> dict[str, Any]:
+        assert agent.stdin is not None and agent.stdout is not None
+        agent.stdin.write(json.dumps({"jsonrpc": "2.0", **msg}).encode() + b"\n")
+        agent.stdin.flush()
+        answer: dict[str, Any] = json.loads(agent.stdout.readline())
+        return answer
+
+    call({"id": 1, "method": "initialize", "params": {"protocolVersion": 1}})
+    params = {"cwd": str(tmp_path), "mcpServers": []}
+    session: str = call({"id": 2, "method": "session/new", "params": params})["result"]["sessionId"]
+    prompt = {"sessionId": session, "prompt": [{"type": "text", "text": "go"}]}
+    assert call({"id": 3, "method": "session/prompt", "params": prompt})["method"]
+    return agent, session
+
+
+def test_a_client_closing_stdout_mid_turn_ends_the_agent_cleanly(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    """An IDE that closes its end of the agent's stdout while a turn streams (a broken
+    pipe): the agent ends as at EOF, status 0, no traceback, the turn recorded as
+    cancelled and the store left whole for the next start."""
+    agent, session = _stdio_turn_running(env, tmp_path, [{"text": "y" * 65536}] * 200)
+    try:
+        assert agent.stdout is not None
+        agent.stdout.close()
+        assert agent.wait(TIMEOUT) == 0
+        assert agent.stderr is not None
+        assert b"Traceback" not in agent.stderr.read()
+    finally:
+        _ended(agent)
+    shown = punie("sessions", "show", session, env=env)
+    assert shown.returncode == 0, shown.stderr
+    assert "stop: cancelled" in shown.stdout
+
+
+def _ended(agent: subprocess.Popen[bytes]) -> None:
+    agent.kill()
+    agent.wait()
+    for pipe in (agent.stdin, agent.stdout, agent.stderr):
+        if pipe is not None:
+            pipe.close()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=lambda s: s.name)
+def test_a_signal_mid_turn_over_stdio_answers_cancelled_and_exits_0(
+    env: dict[str, str], tmp_path: Path, signum: signal.Signals
+) -> None:
+    agent, session = _stdio_turn_running(env, tmp_path, [{"text": "working"}, {"sleep": 600}])
+    try:
+        agent.send_signal(signum)
+        assert agent.stdout is not None
+        rest = [json.loads(line) for line in agent.stdout.read().splitlines()]
+        assert rest[-1] == {"jsonrpc": "2.0", "id": 3, "result": {"stopReason": "cancelled"}}
+        assert agent.wait(TIMEOUT) == 0
+        assert agent.stderr is not None
+        assert f"received {signum.name}, shutting down" in agent.stderr.read().decode()
+    finally:
+        _ended(agent)
+    shown = punie("sessions", "show", session, env=env)
+    assert "stop: cancelled" in shown.stdout, shown.stdout
+
+
 def test_a_store_whose_directory_takes_no_wal_is_a_message(env: dict[str, str]) -> None:
     """A store closed cleanly (no ``-wal`` or ``-shm`` left) in a directory the user may
     not write: SQLite cannot make the WAL, and the open said only "cannot open session
