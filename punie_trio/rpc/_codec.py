@@ -7,7 +7,9 @@ should answer with. :func:`serialize` produces compact JSON with no embedded new
 same text is a valid NDJSON line.
 
 Error handling: batches are refused (-32600): ACP never sends them, and answering a batch
-piecewise would break the one-message-per-frame rule of the WebSocket transport.
+as one (an array) would break the one-message-per-frame rule of the WebSocket transport.
+The refusal names what the batch held (:attr:`MalformedMessage.batch`), so that each of its
+requests is refused under its id, as a message of its own.
 """
 
 from __future__ import annotations
@@ -82,16 +84,48 @@ class MalformedMessage(Exception):
     """The text is not a valid JSON-RPC 2.0 message.
 
     ``error`` is what to answer with; ``id`` is the request id when one could be read (so
-    the answer can be correlated), else None.
+    the answer can be correlated), else None. ``batch``: for a batch, what its elements
+    were, in order, as ``("request", id)`` and ``("response", id)`` for each with a valid
+    id (the peer refuses each request under its id, and fails each request of its own
+    answered there).
     """
 
-    def __init__(self, error: RpcError, id: RequestId | None = None) -> None:
+    def __init__(
+        self,
+        error: RpcError,
+        id: RequestId | None = None,
+        batch: tuple[tuple[str, RequestId], ...] = (),
+    ) -> None:
         super().__init__(error.message)
         self.error = error
         self.id = id
+        self.batch = batch
 
     def response(self) -> ErrorResponse:
         return ErrorResponse(self.id, self.error.code, self.error.message, self.error.data)
+
+
+#: What a batch is told (each of its requests, under its id).
+BATCH_REFUSED = (
+    "Batch requests are not supported: send each message on its own (a line, or a frame)"
+)
+
+
+def _in_batch(batch: list[Any]) -> tuple[tuple[str, RequestId], ...]:
+    """The requests and answers in ``batch`` that carry a valid id (see
+    :attr:`MalformedMessage.batch`)."""
+    found = []
+    for element in batch:
+        if not isinstance(element, dict):
+            continue
+        element_id = element.get("id")
+        if not (valid_id(element_id) and bounded_id(element_id)):
+            continue
+        if "method" in element:
+            found.append(("request", element_id))
+        elif "result" in element or "error" in element:
+            found.append(("response", element_id))
+    return tuple(found)
 
 
 def valid_id(value: Any) -> TypeGuard[RequestId]:
@@ -111,7 +145,7 @@ def parse(text: str | bytes) -> Message:
     except ValueError as exc:
         raise MalformedMessage(RpcError(PARSE_ERROR, f"Parse error: {exc}")) from None
     if isinstance(obj, list):
-        raise MalformedMessage(RpcError(INVALID_REQUEST, "Batch requests are not supported"))
+        raise MalformedMessage(RpcError(INVALID_REQUEST, BATCH_REFUSED), batch=_in_batch(obj))
     if not isinstance(obj, dict):
         kind = _json.kind(obj)
         raise MalformedMessage(

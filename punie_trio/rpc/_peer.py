@@ -726,6 +726,8 @@ class Peer:
                     why = exc.error.message.removeprefix("Parse error: ")
                     failure = f"the answer is not JSON: {why}"
                     await self._refuse_unread(_head(text), exc.error, failure)
+                elif exc.batch:
+                    await self._refuse_batch(exc)
                 else:
                     await self._refuse(exc.response())
                 continue
@@ -760,6 +762,29 @@ class Peer:
         elif request_id is not None:
             self.dispatcher.request_refused(request_id)
         await self._refuse(ErrorResponse(request_id, error.code, error.message, error.data))
+
+    async def _refuse_batch(self, exc: MalformedMessage) -> None:
+        """Refuse a batch: each request in it under its id (as a message of its own, the
+        -32600 of ``exc``), and each answer in it to a request of ours fails that request
+        now; a batch with no request gets the one refusal, with a null id.
+
+        Why: refused as one, with a null id, the client could not tell which requests
+        were refused and waited for their answers for good; our request answered there
+        waited out its timeout (300 s for a client call), which then said the client had
+        not answered."""
+        refused = False
+        for kind, request_id in exc.batch:
+            if kind == "response":
+                failure = RpcError(
+                    exc.error.code, "the answer came in a batch, which is not supported"
+                )
+                self._resolve(request_id, error=failure)
+                continue
+            self.dispatcher.request_refused(request_id)
+            await self._refuse(ErrorResponse(request_id, exc.error.code, exc.error.message))
+            refused = True
+        if not refused:
+            await self._refuse(exc.response())
 
     async def _dispatch(self, msg: Message) -> None:
         if isinstance(msg, Request):

@@ -717,7 +717,11 @@ def test_every_bad_line_on_stdin_gets_its_error_and_the_agent_reads_on(
             return error
 
         batch = refused(json.dumps([{**listed, "id": 2}]).encode())
-        assert batch["error"] == {"code": -32600, "message": "Batch requests are not supported"}
+        assert batch["id"] == 2 and batch["error"] == {
+            "code": -32600,
+            "message": "Batch requests are not supported: send each message on its own (a "
+            "line, or a frame)",
+        }
         for text, kind in [
             (b"42", "a number"), (b'"text"', "a string"), (b"null", "null"),
             (b"true", "a boolean"), (b"[]", None),

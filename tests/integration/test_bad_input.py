@@ -67,9 +67,15 @@ async def test_every_bad_input_gets_its_error(
             for text in ("42", '"hello"', "null"):
                 answer = await exchange(client, text)
                 assert answer["id"] is None and answer["error"]["code"] == -32600, text
-            batch = json.dumps([{"jsonrpc": "2.0", "id": 5, "method": "session/new"}])
+            batch = json.dumps([{"jsonrpc": "2.0", "method": "session/cancel"}])
             answer = await exchange(client, batch)
             assert answer["id"] is None and answer["error"]["code"] == -32600
+            assert "batch" in answer["error"]["message"].lower()
+            # A request in a batch is refused under its own id (with a null one, the
+            # client could not tell which, and waited for its answer for good).
+            batch = json.dumps([{"jsonrpc": "2.0", "id": 5, "method": "session/new"}])
+            answer = await exchange(client, batch)
+            assert answer["id"] == 5 and answer["error"]["code"] == -32600
             assert "batch" in answer["error"]["message"].lower()
             # An object that is not JSON-RPC 2.0: -32600 correlated by its id.
             answer = await exchange(client, json.dumps({"id": 6, "method": "initialize"}))

@@ -189,6 +189,27 @@ def test_batch_is_refused() -> None:
     assert _malformed("[]").error.code == INVALID_REQUEST
 
 
+def test_a_refused_batch_names_the_requests_and_answers_it_held() -> None:
+    """So that each request can be refused under its id, and each answer fail the request
+    of ours it answers (see the peer's test): refused as one, with a null id, they were
+    waited for for good."""
+    batch = [
+        {"jsonrpc": "2.0", "id": 1, "method": "m"},
+        {"jsonrpc": "2.0", "method": "note"},
+        {"jsonrpc": "2.0", "id": "r", "result": {}},
+        {"jsonrpc": "2.0", "id": 2, "error": {"code": 1, "message": "no"}},
+        {"jsonrpc": "2.0", "id": True, "method": "m"},
+        {"jsonrpc": "2.0", "id": "x" * (MAX_ID_CHARS + 1), "method": "m"},
+        42,
+        {"jsonrpc": "2.0", "id": "s", "method": "m"},
+    ]
+    exc = _malformed(json.dumps(batch))
+    assert exc.id is None
+    assert exc.batch == (("request", 1), ("response", "r"), ("response", 2), ("request", "s"))
+    assert _malformed("[]").batch == ()
+    assert _malformed("{}").batch == ()
+
+
 @pytest.mark.parametrize(
     ("obj", "expected_id", "fragment"),
     [

@@ -582,6 +582,53 @@ async def test_malformed_input_is_answered_and_reading_goes_on() -> None:
         nursery.cancel_scope.cancel()
 
 
+async def test_a_batch_is_refused_request_by_request_and_fails_the_answers_in_it(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A batch (ACP has none): each request in it is refused under its own id, and an
+    answer in it fails the request of ours it answers, at once. Refused as one, with a
+    null id, no request in it was ever answered (the client waited for good), and our
+    request waited out its timeout."""
+    async with trio.open_nursery() as nursery:
+        dispatcher = Dispatcher({"echo": echo})
+        peer, raw = await start_peer(nursery, dispatcher)
+        failure: list[RpcError] = []
+
+        async def ask() -> None:
+            with pytest.raises(RpcError) as caught:
+                await peer.request("fs/read_text_file", {"path": "/p"})
+            failure.append(caught.value)
+
+        nursery.start_soon(ask)
+        ours = await raw.recv()
+        before = trio.current_time()
+        batch = [
+            {"jsonrpc": "2.0", "id": 1, "method": "echo"},
+            {"jsonrpc": "2.0", "method": "note"},
+            {"jsonrpc": "2.0", "id": ours["id"], "result": {"content": "x"}},
+            {"jsonrpc": "2.0", "id": "two", "method": "echo"},
+        ]
+        await raw.send_text(json.dumps(batch))
+        answers = [await raw.recv(), await raw.recv()]
+        assert [a["id"] for a in answers] == [1, "two"]
+        for answer in answers:
+            assert answer["error"]["code"] == INVALID_REQUEST
+            assert answer["error"]["message"].startswith("Batch requests are not supported")
+        assert dispatcher.refused == [1, "two"]
+        assert dispatcher.notifications == []  # (nothing in it is run)
+        await trio.testing.wait_all_tasks_blocked()
+        assert trio.current_time() == before  # no timeout was waited for
+        assert failure[0].code == INVALID_REQUEST
+        assert failure[0].message == "the answer came in a batch, which is not supported"
+        # A batch without a request: one answer, with a null id, as before.
+        await raw.send_text(json.dumps([{"jsonrpc": "2.0", "method": "note"}]))
+        answer = await raw.recv()
+        assert answer["id"] is None and answer["error"]["code"] == INVALID_REQUEST
+        await raw.send({"id": 5, "method": "echo", "params": [5]})
+        assert (await raw.recv())["result"] == [5]
+        nursery.cancel_scope.cancel()
+
+
 async def test_duplicate_in_flight_id_is_refused(autojump_clock: trio.testing.MockClock) -> None:
     release = trio.Event()
 
