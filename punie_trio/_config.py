@@ -99,7 +99,7 @@ def _to_int(value: Any, *, bounds: str = "") -> int:
     """``value`` as an integer; ``bounds`` (``"from 0 to 65535"``) is what a number too
     long for ``int()`` (over 4,300 digits) is told it must be: it is an integer, and was
     once refused as not one, quoted whole (5 KB on the terminal)."""
-    if isinstance(value, bool) or not isinstance(value, int | str):
+    if isinstance(value, bool) or not isinstance(value, int | str) or not _ascii(value):
         raise ValueError(f"must be an integer, got {_given(value)}")
     try:
         return int(value)
@@ -108,6 +108,13 @@ def _to_int(value: Any, *, bounds: str = "") -> int:
             digits = sum(c.isdigit() for c in value)
             raise ValueError(f"must be {bounds}, got a number of {digits} digits") from None
         raise ValueError(f"must be an integer, got {_given(value)}") from None
+
+
+def _ascii(value: object) -> bool:
+    """False for a string with anything but ASCII: ``int()`` and ``float()`` read every
+    Unicode decimal digit, so ``PUNIE_PORT=٨٠`` bound port 80 and a fullwidth 8765 (U+FF18...)
+    was 8765, without a word."""
+    return not isinstance(value, str) or value.isascii()
 
 
 def _shown_int(number: int) -> str:
@@ -120,7 +127,7 @@ def _shown_int(number: int) -> str:
 
 
 def _to_float(value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float | str):
+    if isinstance(value, bool) or not isinstance(value, int | float | str) or not _ascii(value):
         raise ValueError(f"must be a number, got {_given(value)}")
     try:
         return float(value)

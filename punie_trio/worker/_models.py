@@ -184,7 +184,8 @@ def model_from_spec(spec: str) -> Model:
         return EchoModel()
     if spec.startswith("echo:"):
         count = spec.removeprefix("echo:")
-        if not count.isdigit() or not 1 <= int(count) <= 10_000:
+        # isascii too: isdigit() takes "²", which int() refuses, and int() reads "٣" as 3.
+        if not (count.isascii() and count.isdigit()) or not 1 <= int(count) <= 10_000:
             raise ValueError(f"model {spec!r}: N in echo:N must be a whole number from 1 to 10000")
         return EchoModel(int(count))
     if spec.startswith("script:"):

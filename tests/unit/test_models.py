@@ -91,7 +91,8 @@ def test_echo_model_specs() -> None:
     one, many = model_from_spec("echo"), model_from_spec("echo:16")
     assert isinstance(one, EchoModel) and (one.chunks, one.name) == (1, "echo")
     assert isinstance(many, EchoModel) and (many.chunks, many.name) == (16, "echo:16")
-    for bad in ("echo:", "echo:0", "echo:x", "echo:-1", "echo:10001"):
+    # "echo:²" passed isdigit() and int() raised its own message; "echo:٣" ran 3 chunks.
+    for bad in ("echo:", "echo:0", "echo:x", "echo:-1", "echo:10001", "echo:\u00b2", "echo:\u0663"):
         with pytest.raises(ValueError, match="echo:N"):
             model_from_spec(bad)
 
