@@ -50,6 +50,15 @@ def as_flag(convert: Callable[[Any], T]) -> Callable[[str], T]:
 QUOTED_CHARS = 100
 
 
+def quoted(text: str) -> str:
+    """``text`` as a message quotes it: whole (``repr``, control characters escaped) up to
+    :data:`QUOTED_CHARS`, else its start and its length: 5,000 characters once went to
+    the terminal whole."""
+    if len(text) <= QUOTED_CHARS:
+        return repr(text)
+    return f"{text[:60]!r}... ({len(text):,} characters)"
+
+
 def _given(value: Any) -> str:
     """``value`` as an error quotes it: a string quoted (its control characters escaped), a
     boolean and a number as TOML writes them, an array with its items, a table and a date
@@ -62,10 +71,7 @@ def _given(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, str):
-        if len(value) <= QUOTED_CHARS:
-            return repr(value)
-        # (Its start and its length: 5,000 characters once went to the terminal whole.)
-        return f"{value[:60]!r}... ({len(value):,} characters)"
+        return quoted(value)
     if isinstance(value, int):
         return _shown_int(value)
     if isinstance(value, float):
