@@ -134,6 +134,75 @@ async def test_a_signal_during_the_first_build_stops_it_and_exits_0(tmp_path: Pa
         os.kill(build_pid, 0)
 
 
+async def test_the_stdio_client_is_served_during_the_first_build(
+    tmp_path: Path, acp_schema: SchemaChecker
+) -> None:
+    """The dev app's first build (minutes, for a real site) runs before the HTTP server
+    listens; the stdio client, which needs neither, was not read until it ended: an IDE's
+    ``initialize`` waited for the whole build."""
+    site = tmp_path / "site"
+    site.mkdir()
+    gate = tmp_path / "gate"
+    os.mkfifo(gate)  # the build waits for the test to open it for writing
+    with trio.fail_after(30):
+        async with (
+            server_process(
+                tmp_path, "--stdio", "--site", str(site), "--build", f"cat {gate}", "--no-watch",
+                wait_listening=False,
+            ) as server,
+            trio.open_nursery() as nursery,
+        ):  # fmt: skip
+            stdio = AcpTestClient(server.stdio(), acp_schema, ids=fresh_ids())
+            await nursery.start(stdio.run)
+            assert (await stdio.initialize())["protocolVersion"] == 1
+            session = await stdio.new_session(str(tmp_path))
+            assert await stdio.prompt(session, "during the build") == "end_turn"
+            assert "listening" not in "".join(server.stderr_lines)  # (still building)
+            await trio.to_thread.run_sync(gate.write_text, "")  # the build ends
+            await server.wait_stderr("punie-trio listening on")
+            server.process.send_signal(signal.SIGTERM)
+            assert await server.process.wait() == 0
+            nursery.cancel_scope.cancel()
+
+
+async def test_a_signal_during_the_first_build_ends_a_stdio_turn_as_any_shutdown(
+    tmp_path: Path, acp_schema: SchemaChecker
+) -> None:
+    """Served during the first build, the stdio client's turn is wound down as in any
+    shutdown when a signal abandons the start-up: answered "cancelled" and recorded."""
+    site = tmp_path / "site"
+    site.mkdir()
+    gate = tmp_path / "gate"
+    os.mkfifo(gate)  # never opened for writing: the build runs until it is stopped
+    script = write_script(tmp_path / "slow.json", [[{"text": "started"}, {"sleep": 600}]])
+    args = ["--stdio", "--site", str(site), "--build", f"cat {gate}", "--no-watch"]
+    with trio.fail_after(30):
+        async with (
+            server_process(
+                tmp_path, *args, "--model", f"script:{script}", wait_listening=False
+            ) as server,
+            trio.open_nursery() as nursery,
+        ):
+            stdio = AcpTestClient(server.stdio(), acp_schema, ids=fresh_ids())
+            await nursery.start(stdio.run)
+            await stdio.initialize()
+            session = await stdio.new_session(str(tmp_path))
+            stops: list[str] = []
+
+            async def prompt() -> None:
+                stops.append(await stdio.prompt(session, "go"))
+
+            nursery.start_soon(prompt)
+            await stdio.wait_for(lambda m: m.get("method") == "session/update")
+            server.process.send_signal(signal.SIGTERM)
+            assert await server.process.wait() == 0
+            await stdio.closed.wait()
+            assert stops == ["cancelled"]
+            assert "listening" not in "".join(server.stderr_lines)
+        shown = await run_punie("sessions", "show", session, "--data-dir", str(tmp_path / "data"))
+        assert "stop: cancelled" in shown.stdout.decode()
+
+
 async def test_a_browser_that_stays_open_does_not_hold_the_exit(tmp_path: Path) -> None:
     """``serve --open`` opens the site with ``webbrowser.open`` in a thread. With
     ``$BROWSER`` set (or a console browser) that call waits for the browser process to
