@@ -67,6 +67,46 @@ async def test_stdio_and_websocket_share_one_manager(
             nursery.cancel_scope.cancel()
 
 
+async def test_a_session_moves_between_stdio_and_websocket_through_the_store(
+    tmp_path: Path, acp_schema: SchemaChecker
+) -> None:
+    """A session made over WebSocket is loaded over stdio once its client has left (open
+    there, it is refused as another connection's), and one made over stdio is loaded over
+    WebSocket once stdin has ended: each replays its transcript and takes new prompts."""
+    load = {"cwd": str(tmp_path), "mcpServers": []}
+    with trio.fail_after(30):
+        async with server_process(tmp_path, "--stdio") as server, trio.open_nursery() as nursery:
+            stdio = AcpTestClient(server.stdio(), acp_schema, ids=fresh_ids())
+            await nursery.start(stdio.run)
+            await stdio.initialize()
+            mine = await stdio.new_session(str(tmp_path))
+            assert await stdio.prompt(mine, "over stdio") == "end_turn"
+            async with acp_ws_client(server.url, acp_schema, token=TOKEN) as (ws, _):
+                await ws.initialize()
+                theirs = await ws.new_session(str(tmp_path))
+                assert await ws.prompt(theirs, "over websocket") == "end_turn"
+                held = await stdio.request_raw("session/load", {"sessionId": theirs, **load})
+                assert held["error"]["code"] == -32600, held
+                assert "open on another connection" in held["error"]["message"]
+            while "result" not in (
+                answer := await stdio.request_raw("session/load", {"sessionId": theirs, **load})
+            ):  # (the WebSocket's end is seen a moment after its close)
+                assert "open on another connection" in answer["error"]["message"], answer
+            assert stdio.agent_text(theirs) == "over websocket"  # replayed
+            assert await stdio.prompt(theirs, "and on") == "end_turn"
+            assert server.process.stdin is not None
+            await server.process.stdin.aclose()  # stdin EOF: the stdio connection ends
+            await stdio.closed.wait()
+            async with acp_ws_client(server.url, acp_schema, token=TOKEN) as (ws, _):
+                await ws.initialize()
+                await ws.request("session/load", {"sessionId": mine, **load})
+                assert ws.agent_text(mine) == "over stdio"  # replayed
+                assert await ws.prompt(mine, "over websocket now") == "end_turn"
+            server.process.send_signal(signal.SIGTERM)
+            assert await server.process.wait() == 0
+            nursery.cancel_scope.cancel()
+
+
 @pytest.mark.parametrize(
     "signum", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP], ids=lambda s: s.name
 )
