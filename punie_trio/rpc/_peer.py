@@ -43,6 +43,7 @@ from ..transport import (
     NowSender,
 )
 from ._codec import (
+    BATCH_REFUSED,
     ErrorResponse,
     MalformedMessage,
     Message,
@@ -784,7 +785,8 @@ class Peer:
     async def _refuse_batch(self, exc: MalformedMessage) -> None:
         """Refuse a batch: each request in it under its id (as a message of its own, the
         -32600 of ``exc``), and each answer in it to a request of ours fails that request
-        now; a batch with no request gets the one refusal, with a null id.
+        now; a batch with no request, or with requests past those named
+        (:data:`BATCH_IDS`), gets one refusal with a null id (which counts those).
 
         Why: refused as one, with a null id, the client could not tell which requests
         were refused and waited for their answers for good; our request answered there
@@ -799,9 +801,10 @@ class Peer:
                 self._resolve(request_id, error=failure)
                 continue
             self.dispatcher.request_refused(request_id)
-            await self._refuse(ErrorResponse(request_id, exc.error.code, exc.error.message))
+            error = ErrorResponse(request_id, exc.error.code, BATCH_REFUSED)
+            await self._refuse(error)
             refused = True
-        if not refused:
+        if exc.unnamed or not refused:
             await self._refuse(exc.response())
 
     async def _dispatch(self, msg: Message) -> None:
