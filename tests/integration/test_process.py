@@ -243,6 +243,51 @@ async def test_a_signal_during_the_first_build_ends_a_stdio_turn_as_any_shutdown
         assert "stop: cancelled" in shown.stdout.decode()
 
 
+@pytest.mark.parametrize("http", [True, False], ids=["http", "no-http"])
+async def test_stdin_eof_during_the_first_build(
+    tmp_path: Path, acp_schema: SchemaChecker, http: bool
+) -> None:
+    """stdin ends while the dev app's first build runs (the stdio client is served from
+    the start): its answers drain; under ``--no-http`` that ends the server, status 0, the
+    build stopped with it (at once, not after --shutdown-timeout); with the HTTP server,
+    the build goes on and the server listens once it ends."""
+    site = tmp_path / "site"
+    site.mkdir()
+    fifo = tmp_path / "build.pid"
+    os.mkfifo(fifo)  # the build writes its pid into it once it runs; reading waits for that
+    gate = tmp_path / "gate"
+    os.mkfifo(gate)
+    build = f"echo $$ > {fifo}; exec cat {gate}"
+    args = ["--stdio", "--site", str(site), "--build", build, "--no-watch"]
+    args += ["--shutdown-timeout", "60"] + ([] if http else ["--no-http"])
+    with trio.fail_after(30):
+        async with (
+            server_process(tmp_path, *args, wait_listening=False) as server,
+            trio.open_nursery() as nursery,
+        ):
+            build_pid = int(await trio.to_thread.run_sync(fifo.read_text))
+            stdio = AcpTestClient(server.stdio(), acp_schema, ids=fresh_ids())
+            await nursery.start(stdio.run)
+            await stdio.initialize()
+            session = await stdio.new_session(str(tmp_path))
+            assert server.process.stdin is not None
+            await server.process.stdin.aclose()
+            await stdio.closed.wait()
+            if http:
+                os.kill(build_pid, 0)  # (still building)
+                await trio.to_thread.run_sync(gate.write_text, "")  # the build ends
+                await server.wait_stderr("punie-trio listening on")
+                server.process.send_signal(signal.SIGTERM)
+            assert await server.process.wait() == 0
+            assert "Traceback" not in "".join(server.stderr_lines)
+            nursery.cancel_scope.cancel()
+        shown = await run_punie("sessions", "show", session, "--data-dir", str(tmp_path / "data"))
+        assert shown.returncode == 0
+    if not http:
+        with pytest.raises(ProcessLookupError):  # the build went with it
+            os.kill(build_pid, 0)
+
+
 async def test_a_browser_that_stays_open_does_not_hold_the_exit(tmp_path: Path) -> None:
     """``serve --open`` opens the site with ``webbrowser.open`` in a thread. With
     ``$BROWSER`` set (or a console browser) that call waits for the browser process to
