@@ -628,14 +628,23 @@ class Peer:
         return request_id in self._running
 
     async def send_answer(
-        self, request_id: RequestId, result: Any = None, error: RpcError | None = None
+        self,
+        request_id: RequestId,
+        result: Any = None,
+        error: RpcError | None = None,
+        *,
+        aside: bool = False,
     ) -> None:
         """Answer a request this peer did not dispatch here: a prompt that ran on while its
-        client was away and reconnected (the shim keeps the IDE's request id)."""
+        client was away and reconnected (the shim keeps the IDE's request id). ``aside``:
+        spelled apart (:func:`serialize_aside`), for an answer not to be kept for the
+        client's return should it be left unwritten (``hub._grace._keep_unsent``)."""
+        msg: Response | ErrorResponse
         if error is not None:
-            await self._send(ErrorResponse(request_id, error.code, error.message, error.data))
+            msg = ErrorResponse(request_id, error.code, error.message, error.data)
         else:
-            await self._send(Response(request_id, result))
+            msg = Response(request_id, result)
+        await self._send(msg, serialize_aside(msg) if aside else None)
 
     def _tell_cancelled(self, request_id: RequestId, text: str) -> None:
         """Tell the client that our request ``request_id`` (queued as ``text``,
