@@ -48,7 +48,7 @@ import logging
 import os
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, TypeVar
@@ -619,7 +619,7 @@ class SqliteStore:
 
     async def transcript_rows(
         self, session_id: str, page_size: int = 1000
-    ) -> AsyncIterator[list[tuple[int, str, str]]]:
+    ) -> AsyncGenerator[list[tuple[int, str, str]], None]:
         check_limit(page_size)
         self._check_open()
 
