@@ -288,6 +288,15 @@ async def persist_new(
         if self.sessions.get(session.id) is session:
             self._drop_session(session)
         raise RpcError(INTERNAL_ERROR, f"Internal error: cannot store the session: {exc}") from None
+    except BaseException:
+        # Cancelled before its write (a $/cancel_request, a drop, the shutdown, while the
+        # write waited for the store's thread: a delete, a settling checkpoint). Left
+        # open, the session stayed live and never stored, its id known to nobody: it
+        # held a place of the connection's session limit (within grace, of the client
+        # id's, every turn of it failing to save) until the connection ended.
+        if self.sessions.get(session.id) is session:
+            self._drop_session(session)
+        raise
     return {"sessionId": session.id}
 
 
