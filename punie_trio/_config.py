@@ -50,6 +50,15 @@ def as_flag(convert: Callable[[Any], T]) -> Callable[[str], T]:
 QUOTED_CHARS = 100
 
 
+def quoted(text: str) -> str:
+    """``text`` as a message quotes it: whole (``repr``, control characters escaped) up to
+    :data:`QUOTED_CHARS`, else its start and its length: 5,000 characters once went to
+    the terminal whole."""
+    if len(text) <= QUOTED_CHARS:
+        return repr(text)
+    return f"{text[:60]!r}... ({len(text):,} characters)"
+
+
 def _given(value: Any) -> str:
     """``value`` as an error quotes it: a string quoted (its control characters escaped), a
     boolean and a number as TOML writes them, an array with its items, a table and a date
@@ -62,10 +71,7 @@ def _given(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, str):
-        if len(value) <= QUOTED_CHARS:
-            return repr(value)
-        # (Its start and its length: 5,000 characters once went to the terminal whole.)
-        return f"{value[:60]!r}... ({len(value):,} characters)"
+        return quoted(value)
     if isinstance(value, int):
         return _shown_int(value)
     if isinstance(value, float):
@@ -99,7 +105,7 @@ def _to_int(value: Any, *, bounds: str = "") -> int:
     """``value`` as an integer; ``bounds`` (``"from 0 to 65535"``) is what a number too
     long for ``int()`` (over 4,300 digits) is told it must be: it is an integer, and was
     once refused as not one, quoted whole (5 KB on the terminal)."""
-    if isinstance(value, bool) or not isinstance(value, int | str):
+    if isinstance(value, bool) or not isinstance(value, int | str) or not _ascii(value):
         raise ValueError(f"must be an integer, got {_given(value)}")
     try:
         return int(value)
@@ -108,6 +114,13 @@ def _to_int(value: Any, *, bounds: str = "") -> int:
             digits = sum(c.isdigit() for c in value)
             raise ValueError(f"must be {bounds}, got a number of {digits} digits") from None
         raise ValueError(f"must be an integer, got {_given(value)}") from None
+
+
+def _ascii(value: object) -> bool:
+    """False for a string with anything but ASCII: ``int()`` and ``float()`` read every
+    Unicode decimal digit, so ``PUNIE_PORT=٨٠`` bound port 80 and a fullwidth 8765 (U+FF18...)
+    was 8765, without a word."""
+    return not isinstance(value, str) or value.isascii()
 
 
 def _shown_int(number: int) -> str:
@@ -120,7 +133,7 @@ def _shown_int(number: int) -> str:
 
 
 def _to_float(value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float | str):
+    if isinstance(value, bool) or not isinstance(value, int | float | str) or not _ascii(value):
         raise ValueError(f"must be a number, got {_given(value)}")
     try:
         return float(value)

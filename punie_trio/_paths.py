@@ -1,8 +1,9 @@
 """Where punie-trio keeps its files.
 
-One module owns every on-disk location so the server, the ``punie-trio acp`` shim and the
-read-only CLI commands agree on them without passing paths around: the shim finds the token
-the server wrote, and ``punie-trio sessions list`` opens the same database ``serve`` writes.
+One module owns every on-disk location so the server, the read-only CLI commands and the
+``punie-trio acp`` shim (a later issue) agree on them without passing paths around: the
+shim is to find the token the server wrote, and ``punie-trio sessions list`` opens the same
+database ``serve`` writes.
 """
 
 from __future__ import annotations

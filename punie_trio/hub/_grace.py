@@ -713,12 +713,12 @@ def _answer_unwanted(
     awaits it once it is sent: :func:`_answered`).
 
     Why: the answer keeps the prompt's id, which only a client that carries its ids over
-    to the new connection (as ``punie-trio acp`` carries the IDE's) can match. A client
-    that starts its ids afresh may have reused that id for a new request, in flight,
-    answered already, or sent and not yet read: it would take the old turn's answer for
-    its new request's. The server cannot tell the two apart, so the client says which
-    answers it awaits (``_meta["punie-trio/awaiting"]`` in ``initialize``), and only those
-    are sent, never one whose id it has in flight again.
+    to the new connection (as the ``punie-trio acp`` shim, a later issue, is to carry the
+    IDE's) can match. A client that starts its ids afresh may have reused that id for a
+    new request, in flight, answered already, or sent and not yet read: it would take the
+    old turn's answer for its new request's. The server cannot tell the two apart, so the
+    client says which answers it awaits (``_meta["punie-trio/awaiting"]`` in
+    ``initialize``), and only those are sent, never one whose id it has in flight again.
     """
     if request_id in conn.awaiting and not conn.has_in_flight(request_id):
         return False

@@ -16,6 +16,7 @@ import attrs
 import trio
 
 from .. import _json
+from .._config import QUOTED_CHARS, quoted
 
 
 class TurnContext(Protocol):
@@ -131,7 +132,9 @@ def load_script(path: Path) -> list[list[dict[str, Any]]]:
         # Strict: NaN and Infinity are not JSON (a step's input is sent to the client).
         data = _json.loads(Path(path).read_text(encoding="utf-8"))
     except OSError as exc:
-        raise ScriptError(f"cannot read script {path}: {exc.strerror or exc}") from None
+        # (A name no file can have, too long, is cut: 5,000 characters once went out whole.)
+        name = str(path) if len(str(path)) <= QUOTED_CHARS else quoted(str(path))
+        raise ScriptError(f"cannot read script {name}: {exc.strerror or exc}") from None
     except ValueError as exc:
         raise ScriptError(f"script {path} is not valid JSON: {exc}") from None
     turns = data.get("turns") if isinstance(data, dict) else data
@@ -184,8 +187,13 @@ def model_from_spec(spec: str) -> Model:
         return EchoModel()
     if spec.startswith("echo:"):
         count = spec.removeprefix("echo:")
-        if not count.isdigit() or not 1 <= int(count) <= 10_000:
-            raise ValueError(f"model {spec!r}: N in echo:N must be a whole number from 1 to 10000")
+        # isascii too: isdigit() takes "²", which int() refuses, and int() reads "٣" as 3;
+        # and at most 5 digits: int() refuses 5,000 with its own message.
+        digits = count.isascii() and count.isdigit() and len(count) <= 5
+        if not digits or not 1 <= int(count) <= 10_000:
+            raise ValueError(
+                f"model {quoted(spec)}: N in echo:N must be a whole number from 1 to 10000"
+            )
         return EchoModel(int(count))
     if spec.startswith("script:"):
         path = spec.removeprefix("script:")
@@ -198,4 +206,4 @@ def model_from_spec(spec: str) -> Model:
         except RuntimeError:  # (~nosuchuser: a traceback, not the exit 2 naming the script)
             raise ScriptError(f"cannot read script {path}: its ~ names no home directory") from None
         return ScriptModel.from_path(expanded)
-    raise ValueError(f"unknown model {spec!r}: use echo, echo:N or script:PATH")
+    raise ValueError(f"unknown model {quoted(spec)}: use echo, echo:N or script:PATH")

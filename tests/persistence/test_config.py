@@ -1677,3 +1677,30 @@ def _read_as(name: str, value: Any) -> Any:
     if name in ("allow_origin", "allow_host", "ignore"):
         return tuple(items)
     return value.lower() if name == "log_level" else value
+
+
+@pytest.mark.parametrize(
+    ("flag", "value"),
+    [
+        ("--port", "\u0668\u0660"),  # ARABIC-INDIC 8 0: int() reads 80
+        ("--port", "\uff18\uff17\uff16\uff15"),  # FULLWIDTH 8765
+        ("--max-connections", "\u0969"),  # DEVANAGARI 3
+        ("--grace-seconds", "\uff11\uff10"),  # FULLWIDTH 10: float() reads 10.0
+        ("--grace-seconds", "\u0661.\u0665"),  # ARABIC-INDIC 1.5
+    ],
+)
+def test_numbers_are_ascii_digits(
+    capsys: pytest.CaptureFixture[str], flag: str, value: str
+) -> None:
+    """``int()`` and ``float()`` read any Unicode decimal digit: ``PUNIE_PORT=٨٠`` bound
+    port 80, and a fullwidth 8765 (U+FF18...) (an input method's) was taken as 8765, without a
+    word. A number is ASCII digits, as every other tool reading these options takes it."""
+    with pytest.raises(SystemExit) as info:
+        cli.build_parser().parse_args(["serve", flag, value])
+    assert info.value.code == 2
+    kind = "a number" if flag == "--grace-seconds" else "an integer"
+    assert f"argument {flag}: must be {kind}, got " in capsys.readouterr().err
+    name = flag.removeprefix("--")
+    with pytest.raises(ConfigError) as env_info:
+        resolve({}, {}, {f"PUNIE_{name.upper().replace('-', '_')}": value}, "config.toml")
+    assert f"{name} must be {kind}, got " in str(env_info.value)

@@ -91,7 +91,8 @@ def test_echo_model_specs() -> None:
     one, many = model_from_spec("echo"), model_from_spec("echo:16")
     assert isinstance(one, EchoModel) and (one.chunks, one.name) == (1, "echo")
     assert isinstance(many, EchoModel) and (many.chunks, many.name) == (16, "echo:16")
-    for bad in ("echo:", "echo:0", "echo:x", "echo:-1", "echo:10001"):
+    # "echo:²" passed isdigit() and int() raised its own message; "echo:٣" ran 3 chunks.
+    for bad in ("echo:", "echo:0", "echo:x", "echo:-1", "echo:10001", "echo:\u00b2", "echo:\u0663"):
         with pytest.raises(ValueError, match="echo:N"):
             model_from_spec(bad)
 
@@ -265,3 +266,18 @@ async def test_script_model_tool_input_is_a_copy() -> None:
 
     await model.run_turn(Mutating())
     assert step["input"] == {"path": "a"}
+
+
+@pytest.mark.parametrize(
+    "spec", ["x" * 5000, "echo:" + "9" * 5000, "echo:1\n" + "y" * 5000, "script:" + "z" * 5000]
+)
+def test_a_long_model_spec_is_quoted_by_its_start_and_length(spec: str) -> None:
+    """A bad model spec was quoted whole: ``--model`` with 5,000 characters (a file pasted
+    where its path should be) put all of them on the terminal, as config values once did."""
+    with pytest.raises(ValueError) as info:
+        model_from_spec(spec)
+    message = str(info.value)
+    assert len(message) < 200, message
+    shown = spec.removeprefix("script:")  # (a script is named by its path)
+    assert f"... ({len(shown):,} characters)" in message
+    assert repr(shown[:60]) in message
