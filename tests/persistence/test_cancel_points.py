@@ -42,6 +42,7 @@ from punie_trio.worker import ScriptModel
 from ..acp_schema import SchemaChecker
 from ..client import AcpTestClient
 from ..integration._support import fresh_ids
+from ..store.test_cancel_points import open_files
 from ._hub import prompt_params
 
 
@@ -134,7 +135,7 @@ async def _shutdown_at(root: Path, data: Path, checker: SchemaChecker, seed: int
             kept = await client.new_session(str(root))
             await client.prompt(kept, "first")
             nursery.cancel_scope.cancel()
-    threads, fds = _store_threads(), len(os.listdir("/proc/self/fd"))
+    threads = _store_threads()
     sent: list[tuple[str, str, str, AcpTestClient]] = []  # (request id, method, session, client)
     closing = trio.Event()
     root_scope = trio.CancelScope()
@@ -198,7 +199,7 @@ async def _shutdown_at(root: Path, data: Path, checker: SchemaChecker, seed: int
     assert root_scope.cancelled_caught or closing.is_set()
     gc.collect()
     assert _store_threads() == threads
-    assert len(os.listdir("/proc/self/fd")) == fds
+    assert open_files(path) == []
     stored = _stored(path)
     for request_id, method, sid, client in sent:
         answer = next((m for m in client.received if m.get("id") == request_id), None)
