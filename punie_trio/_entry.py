@@ -15,6 +15,7 @@ take for an empty export); each with one line on stderr.
 from __future__ import annotations
 
 import importlib
+import io
 import signal
 import sys
 from collections.abc import Sequence
@@ -47,9 +48,33 @@ def _restore(caught: list[int]) -> None:
             mask(signal.SIG_SETMASK, held)
 
 
+class _Nowhere(io.TextIOBase):
+    """Where what is said on stderr goes when there is no stderr: nowhere."""
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        return len(text)
+
+
+def keep_stderr_off_stdout() -> None:
+    """Give ``sys.stderr`` a stand-in that drops what is written to it, if the process
+    was started without a stderr (``2>&-``: Python makes ``sys.stderr`` None).
+
+    Why: ``print(..., file=None)`` prints to stdout. Every line for the user printed to
+    ``sys.stderr`` (a config warning, an error, "interrupted") then went to stdout: under
+    ``serve --stdio`` into the ACP stream, a line no client can parse, and for
+    ``sessions export`` into the export. (``sys.__stderr__`` stays None: the log setup and
+    ``stdio_stream`` read it to know descriptor 2 is not stderr.)"""
+    if sys.stderr is None:
+        sys.stderr = _Nowhere()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Import the CLI with the early signals caught, then run it (``argv``: the command
     line after the program's name, default ``sys.argv[1:]``)."""
+    keep_stderr_off_stdout()
     # Only where the default would kill: an ignored SIGHUP (``nohup``) stays ignored.
     caught = [s for s in EARLY_SIGNALS if signal.getsignal(s) is signal.SIG_DFL]
     try:

@@ -153,6 +153,28 @@ def dumps_finite(value: Any) -> str:
         return dumps_strict(_finite_copy(value))
 
 
+def kind(value: Any) -> str:
+    """What JSON calls ``value``'s type, with its article: "null", "a boolean", "a number",
+    "a string", "an array", "an object" (a value :func:`loads` gave).
+
+    Why: a refusal naming the type a client sent said Python's name for it ("got
+    NoneType", "got bool", "got dict"), which a client written in TypeScript or Rust
+    has never heard of."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list | tuple):
+        return "an array"
+    if isinstance(value, dict):
+        return "an object"
+    return type(value).__name__  # (not from JSON)
+
+
 def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 

@@ -379,10 +379,16 @@ async def _serve(
     async with trio.open_nursery() as root:
         url = None
         hypercorn_done = trio.Event()
+        stdio_done = trio.Event()
         # Start-up (the dev app's first build may take minutes) gives way to a shutdown.
         with trio.CancelScope() as startup:
             root.start_soon(_cancel_on, closing, startup)
             await root.start(manager.run)
+            if stdio is not None:
+                # Served from here: the stdio client needs neither the dev app's first
+                # build nor the HTTP server, and its initialize once waited for the whole
+                # build (minutes, for a real site).
+                root.start_soon(_serve_stdio, manager, config, stdio, closing, stdio_done)
             if dev_app is not None:
                 await root.start(dev_app.run)
             if config.http:
@@ -392,13 +398,14 @@ async def _serve(
             else:
                 hypercorn_done.set()
         if startup.cancelled_caught:
-            # Interrupted before serving: nothing to wind down but what started.
+            # Interrupted before serving: nothing to wind down but what started (the
+            # stdio client, whose answers drain as in any shutdown).
             task_status.started(Running(None, manager, closing))
+            if stdio is not None:
+                with trio.move_on_after(config.shutdown_timeout):
+                    await stdio_done.wait()
             root.cancel_scope.cancel()
             return
-        stdio_done = trio.Event()
-        if stdio is not None:
-            root.start_soon(_serve_stdio, manager, config, stdio, closing, stdio_done)
         if config.handle_signals:
             # The whole process is ours (the CLI): what is alive once serving starts
             # (modules, the app, the store) lives as long as the process. Frozen, the

@@ -42,7 +42,7 @@ def _str(obj: Mapping[str, Any], key: str, *, path: str = "", required: bool = T
         return None
     value = obj[key]
     if not isinstance(value, str):
-        raise _bad(where, f"must be a string, got {type(value).__name__}")
+        raise _bad(where, f"must be a string, got {_json.kind(value)}")
     return value
 
 

@@ -7,7 +7,9 @@ should answer with. :func:`serialize` produces compact JSON with no embedded new
 same text is a valid NDJSON line.
 
 Error handling: batches are refused (-32600): ACP never sends them, and answering a batch
-piecewise would break the one-message-per-frame rule of the WebSocket transport.
+as one (an array) would break the one-message-per-frame rule of the WebSocket transport.
+The refusal names what the batch held (:attr:`MalformedMessage.batch`), so that each of its
+requests is refused under its id, as a message of its own.
 """
 
 from __future__ import annotations
@@ -82,16 +84,48 @@ class MalformedMessage(Exception):
     """The text is not a valid JSON-RPC 2.0 message.
 
     ``error`` is what to answer with; ``id`` is the request id when one could be read (so
-    the answer can be correlated), else None.
+    the answer can be correlated), else None. ``batch``: for a batch, what its elements
+    were, in order, as ``("request", id)`` and ``("response", id)`` for each with a valid
+    id (the peer refuses each request under its id, and fails each request of its own
+    answered there).
     """
 
-    def __init__(self, error: RpcError, id: RequestId | None = None) -> None:
+    def __init__(
+        self,
+        error: RpcError,
+        id: RequestId | None = None,
+        batch: tuple[tuple[str, RequestId], ...] = (),
+    ) -> None:
         super().__init__(error.message)
         self.error = error
         self.id = id
+        self.batch = batch
 
     def response(self) -> ErrorResponse:
         return ErrorResponse(self.id, self.error.code, self.error.message, self.error.data)
+
+
+#: What a batch is told (each of its requests, under its id).
+BATCH_REFUSED = (
+    "Batch requests are not supported: send each message on its own (a line, or a frame)"
+)
+
+
+def _in_batch(batch: list[Any]) -> tuple[tuple[str, RequestId], ...]:
+    """The requests and answers in ``batch`` that carry a valid id (see
+    :attr:`MalformedMessage.batch`)."""
+    found = []
+    for element in batch:
+        if not isinstance(element, dict):
+            continue
+        element_id = element.get("id")
+        if not (valid_id(element_id) and bounded_id(element_id)):
+            continue
+        if "method" in element:
+            found.append(("request", element_id))
+        elif "result" in element or "error" in element:
+            found.append(("response", element_id))
+    return tuple(found)
 
 
 def valid_id(value: Any) -> TypeGuard[RequestId]:
@@ -111,9 +145,9 @@ def parse(text: str | bytes) -> Message:
     except ValueError as exc:
         raise MalformedMessage(RpcError(PARSE_ERROR, f"Parse error: {exc}")) from None
     if isinstance(obj, list):
-        raise MalformedMessage(RpcError(INVALID_REQUEST, "Batch requests are not supported"))
+        raise MalformedMessage(RpcError(INVALID_REQUEST, BATCH_REFUSED), batch=_in_batch(obj))
     if not isinstance(obj, dict):
-        kind = type(obj).__name__
+        kind = _json.kind(obj)
         raise MalformedMessage(
             RpcError(INVALID_REQUEST, f"Invalid request: expected a JSON object, got {kind}")
         )
@@ -182,15 +216,18 @@ def peek_envelope(head: bytes) -> tuple[str | None, RequestId | None]:
     requests would leave that request waiting for a timeout that says the client did not
     answer; a request's refusal could not carry its id. Serialisers write ``id`` before
     ``result`` or ``params`` (the members in the order the message was built), so the head
-    usually has it. Never raises: a head it cannot read gives ``(None, None)``.
+    usually has it. A message that is not JSON is read so too, up to where it breaks
+    (``Peer`` answers its -32700 under the id it names). Never raises: a head it cannot
+    read gives ``(None, None)``.
     """
     head = _json.without_bom(head)  # (as the parser takes it)
     try:
         text = head.decode("utf-8")
     except UnicodeDecodeError as exc:
-        if exc.start < len(head) - 3:
-            return None, None
-        text = head[: exc.start].decode("utf-8")  # (a character cut at the end)
+        # What comes before the first byte that is not UTF-8 (a character cut at the end
+        # of the head, or a message whose bad byte made it unreadable: bad UTF-8 in a
+        # file's text, after the id).
+        text = head[: exc.start].decode("utf-8")
     kind: str | None = None
     found: Any = None
     i = _skip_space(text, 0)

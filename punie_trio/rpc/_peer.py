@@ -34,7 +34,14 @@ from typing import Any, Protocol, cast
 import attrs
 import trio
 
-from ..transport import BatchSender, MessageStream, MessageTooLarge, NotSent, NowSender
+from ..transport import (
+    HEAD_BYTES,
+    BatchSender,
+    MessageStream,
+    MessageTooLarge,
+    NotSent,
+    NowSender,
+)
 from ._codec import (
     ErrorResponse,
     MalformedMessage,
@@ -55,6 +62,7 @@ from ._errors import (
     INVALID_PARAMS,
     INVALID_REQUEST,
     METHOD_NOT_FOUND,
+    PARSE_ERROR,
     REQUEST_CANCELLED,
     PeerClosed,
     RpcError,
@@ -714,7 +722,14 @@ class Peer:
             try:
                 msg = parse(text)
             except MalformedMessage as exc:
-                await self._refuse(exc.response())
+                if exc.error.code == PARSE_ERROR:
+                    why = exc.error.message.removeprefix("Parse error: ")
+                    failure = f"the answer is not JSON: {why}"
+                    await self._refuse_unread(_head(text), exc.error, failure)
+                elif exc.batch:
+                    await self._refuse_batch(exc)
+                else:
+                    await self._refuse(exc.response())
                 continue
             await self._dispatch(msg)
             held = self._reading_held
@@ -723,20 +738,53 @@ class Peer:
                 await held.wait()
 
     async def _refuse_oversized(self, exc: MessageTooLarge) -> None:
-        """Answer a message dropped for its size (-32600), with its id if it was a request
-        whose head names one. If it was the answer to one of our requests, that request
-        fails now, saying why: it would otherwise wait out its timeout, which then says the
-        peer did not answer. (The -32600 goes out then too, with a null id: the only way
-        to tell the peer.)"""
+        """Answer a message dropped for its size (-32600): see :meth:`_refuse_unread`."""
         self.observer.limit_hit("max_message_bytes")
-        kind, request_id = peek_envelope(exc.head)
+        error = RpcError(INVALID_REQUEST, f"Invalid request: {exc}")
+        await self._refuse_unread(exc.head, error, f"the answer's {exc}")
+
+    async def _refuse_unread(self, head: bytes, error: RpcError, failure: str) -> None:
+        """Answer a message that could not be read (too large, not JSON) with ``error``,
+        under its id if it was a request whose ``head`` (its first bytes) names one. If it
+        was the answer to one of our requests, that request fails now, with the error's
+        code and ``failure`` (why): it would otherwise wait out its timeout (the
+        client-call timeout, 300 s), which then says the peer did not answer. (``error``
+        goes out then too, with a null id: the only way to tell the peer.)
+
+        Why the id: answered with a null one, a request whose JSON broke after its id
+        (bad UTF-8 in a file's text) could not be told from any other by the client, which
+        waited for its answer for good."""
+        kind, request_id = peek_envelope(head)
         if kind == "response" and request_id is not None:
-            self._resolve(request_id, error=RpcError(INVALID_REQUEST, f"the answer's {exc}"))
+            self._resolve(request_id, error=RpcError(error.code, failure))
         if kind != "request":
             request_id = None
         elif request_id is not None:
             self.dispatcher.request_refused(request_id)
-        await self._refuse(ErrorResponse(request_id, INVALID_REQUEST, f"Invalid request: {exc}"))
+        await self._refuse(ErrorResponse(request_id, error.code, error.message, error.data))
+
+    async def _refuse_batch(self, exc: MalformedMessage) -> None:
+        """Refuse a batch: each request in it under its id (as a message of its own, the
+        -32600 of ``exc``), and each answer in it to a request of ours fails that request
+        now; a batch with no request gets the one refusal, with a null id.
+
+        Why: refused as one, with a null id, the client could not tell which requests
+        were refused and waited for their answers for good; our request answered there
+        waited out its timeout (300 s for a client call), which then said the client had
+        not answered."""
+        refused = False
+        for kind, request_id in exc.batch:
+            if kind == "response":
+                failure = RpcError(
+                    exc.error.code, "the answer came in a batch, which is not supported"
+                )
+                self._resolve(request_id, error=failure)
+                continue
+            self.dispatcher.request_refused(request_id)
+            await self._refuse(ErrorResponse(request_id, exc.error.code, exc.error.message))
+            refused = True
+        if not refused:
+            await self._refuse(exc.response())
 
     async def _dispatch(self, msg: Message) -> None:
         if isinstance(msg, Request):
@@ -879,6 +927,13 @@ class Peer:
         if scope.cancelled_caught:
             return ErrorResponse(msg.id, REQUEST_CANCELLED, "Request cancelled")
         return Response(msg.id, result)
+
+
+def _head(text: str | bytes) -> bytes:
+    """The first bytes of a message (at most :data:`HEAD_BYTES`), for :func:`peek_envelope`."""
+    if isinstance(text, str):
+        text = text[:HEAD_BYTES].encode("utf-8", "surrogatepass")
+    return bytes(text[:HEAD_BYTES])
 
 
 def method_not_found(method: str) -> RpcError:

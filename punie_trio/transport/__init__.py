@@ -2,9 +2,17 @@
 
 from ._memory import MemoryMessageStream, memory_message_stream_pair
 from ._ndjson import NdjsonStream, stdio_stream
-from ._stream import BatchSender, MessageStream, MessageTooLarge, NotSent, NowSender
+from ._stream import (
+    HEAD_BYTES,
+    BatchSender,
+    MessageStream,
+    MessageTooLarge,
+    NotSent,
+    NowSender,
+)
 
 __all__ = [
+    "HEAD_BYTES",
     "BatchSender",
     "MemoryMessageStream",
     "MessageStream",

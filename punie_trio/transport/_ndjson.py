@@ -2,7 +2,8 @@
 
 Error handling: a line longer than ``max_message_bytes`` is discarded up to its newline and
 reported as :class:`MessageTooLarge`; the stream stays usable, so one bad line costs one error
-answer, never the connection. A final line without a newline at EOF is still delivered.
+answer, never the connection. A final line without a newline at EOF is still delivered
+(held to the same limit).
 """
 
 from __future__ import annotations
@@ -64,12 +65,8 @@ class NdjsonStream:
                 if self._discarding:
                     self._discarding = False
                     raise MessageTooLarge(self.max_message_bytes, self._head)
-                if line.endswith(b"\r"):  # CRLF: the CR is not part of the message
-                    line = line[:-1]
-                if len(line) > self.max_message_bytes:
-                    raise MessageTooLarge(self.max_message_bytes, line[:HEAD_BYTES])
-                if line.strip():
-                    return line
+                if (message := self._message(line)) is not None:
+                    return message
                 continue
             self._scanned = len(self._buffer)
             if self._scanned > self.max_message_bytes + 1:  # (+1: a CRLF line's CR)
@@ -88,17 +85,27 @@ class NdjsonStream:
                     self._buffer.clear()
                     self._scanned = 0
                     raise MessageTooLarge(self.max_message_bytes, self._head)
-                rest = bytes(self._buffer).strip()
+                # The last line, without its newline: bound as any line is (it was taken
+                # one byte over the limit, which the cut above lets a line reach).
+                rest = bytes(self._buffer)
                 self._buffer.clear()
                 self._scanned = 0
-                if rest:
-                    return rest
+                if (message := self._message(rest)) is not None:
+                    return message
                 raise trio.EndOfChannel
             data = await self.receive_stream.receive_some(_CHUNK)
             if not data:
                 self._eof = True
             else:
                 self._buffer += data
+
+    def _message(self, line: bytes) -> bytes | None:
+        """The message a line (its newline taken off) holds; None for a blank line."""
+        if line.endswith(b"\r"):  # CRLF: the CR is not part of the message
+            line = line[:-1]
+        if len(line) > self.max_message_bytes:
+            raise MessageTooLarge(self.max_message_bytes, line[:HEAD_BYTES])
+        return line if line and not line.isspace() else None
 
     async def aclose(self) -> None:
         if self._closed:

@@ -693,6 +693,106 @@ def test_stdout_is_pure_acp_and_stderr_has_the_logs(stdio_agent: StdioAgent) -> 
     assert "WARNING" in stderr
 
 
+def test_every_bad_line_on_stdin_gets_its_error_and_the_agent_reads_on(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    """What a client may write on stdin, line by line, as ``serve --stdio`` reads it: a
+    byte-order mark, CRLF, blank lines, a batch, JSON that is no object, bad UTF-8, a line
+    over --max-message-bytes, a last line without its newline. Each bad one gets its
+    error naming the problem (a JSON type as JSON names it: it said "got NoneType"), and
+    the request after it is answered."""
+    limits = ["--max-message-bytes", "300", "--max-prompt-bytes", "200"]
+    agent = StdioAgent(["--project", str(tmp_path), *limits], env)
+    try:
+        init = b'{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":1}}'
+        agent.send_raw(b"\xef\xbb\xbf" + init + b"\r\n\r\n  \t \n\n")
+        assert agent.receive()["result"]["protocolVersion"] == 1
+        listed = {"jsonrpc": "2.0", "method": "session/list", "params": {}}
+
+        def refused(line: bytes) -> dict[str, Any]:
+            agent.send_raw(line + b"\n")
+            error = agent.receive()
+            agent.send({**listed, "id": "next"})  # and the agent reads on
+            assert agent.receive() == {"jsonrpc": "2.0", "id": "next", "result": {"sessions": []}}
+            return error
+
+        batch = refused(json.dumps([{**listed, "id": 2}]).encode())
+        assert batch["id"] == 2 and batch["error"] == {
+            "code": -32600,
+            "message": "Batch requests are not supported: send each message on its own (a "
+            "line, or a frame)",
+        }
+        for text, kind in [
+            (b"42", "a number"), (b'"text"', "a string"), (b"null", "null"),
+            (b"true", "a boolean"), (b"[]", None),
+        ]:  # fmt: skip
+            answer = refused(text)
+            assert answer["id"] is None and answer["error"]["code"] == -32600, text
+            if kind is not None:
+                expected = f"Invalid request: expected a JSON object, got {kind}"
+                assert answer["error"]["message"] == expected
+        bad = refused(b'{"jsonrpc":"2.0","method":"session/list","params":{"cwd":"\xff"}}')
+        assert bad["id"] is None and bad["error"]["code"] == -32700
+        assert "can't decode byte 0xff" in bad["error"]["message"]
+        big = refused(json.dumps({**listed, "id": 3, "params": {"cwd": "/" * 400}}).encode())
+        assert big["id"] == 3 and big["error"] == {
+            "code": -32600,
+            "message": "Invalid request: message exceeds the 300-byte limit",
+        }
+        agent.send_raw(json.dumps({**listed, "id": 4}).encode())  # no newline, then EOF
+        assert agent.close_stdin_and_wait() == 0
+        assert json.loads(agent.stdout_all[-1]) == {
+            "jsonrpc": "2.0", "id": 4, "result": {"sessions": []}
+        }  # fmt: skip
+        assert all(line.endswith(b"\n") for line in agent.stdout_all)
+    finally:
+        agent.kill()
+
+
+def test_a_request_or_answer_that_is_not_json_is_told_apart_by_its_id(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    """Over stdio, a client's line whose JSON breaks after its id (bad UTF-8 in a file's
+    text): a request gets its -32700 under its id, and the client's answer to the
+    server's ``fs/read_text_file`` fails that tool call at once, saying why. The request's
+    -32700 had a null id (the client waited for its answer for good), and the tool call
+    waited out --client-call-timeout, then said "client did not answer"."""
+    (tmp_path / "notes.txt").write_text("notes", encoding="utf-8")
+    script = tmp_path / "tool.json"
+    turn = [{"tool": "read_file", "input": {"path": "notes.txt"}}, {"text": "done"}]
+    script.write_text(json.dumps({"turns": [turn]}), encoding="utf-8")
+    args = ["--project", str(tmp_path), "--model", f"script:{script}"]
+    agent = StdioAgent([*args, "--client-call-timeout", "3600"], env)
+    try:
+        caps = {"fs": {"readTextFile": True}}
+        agent.request("initialize", {"protocolVersion": 1, "clientCapabilities": caps})
+        agent.send_raw(
+            b'{"jsonrpc":"2.0","id":"bad","method":"session/list","params":{"cwd":"\xff"}}\n'
+        )
+        refused = agent.receive()
+        assert refused["id"] == "bad" and refused["error"]["code"] == -32700, refused
+        session = agent.request("session/new", {"cwd": str(tmp_path), "mcpServers": []})
+        session_id = session["result"]["sessionId"]
+        prompt = {"sessionId": session_id, "prompt": [{"type": "text", "text": "go"}]}
+        agent.send({"id": "p", "method": "session/prompt", "params": prompt})
+        while (read := agent.receive()).get("method") != "fs/read_text_file":
+            pass
+        answer = f'{{"jsonrpc":"2.0","id":{json.dumps(read["id"])},"result":{{"content":"'
+        agent.send_raw(answer.encode() + b'caf\xe9"}}\n')
+        told = agent.receive()
+        assert told["id"] is None and told["error"]["code"] == -32700, told
+        updates = []
+        while "method" in (msg := agent.receive()):
+            updates.append(msg["params"]["update"])
+        assert msg == {"jsonrpc": "2.0", "id": "p", "result": {"stopReason": "end_turn"}}
+        failed = [u for u in updates if u.get("status") == "failed"]
+        text = failed[0]["content"][0]["content"]["text"]
+        assert text.startswith("the answer is not JSON: 'utf-8' codec can't decode byte 0xe9"), text
+        assert agent.close_stdin_and_wait() == 0
+    finally:
+        agent.kill()
+
+
 def test_stdin_eof_ends_the_server_with_status_0(stdio_agent: StdioAgent) -> None:
     assert stdio_agent.request("initialize", {"protocolVersion": 1})["result"]
     assert stdio_agent.close_stdin_and_wait() == 0
@@ -892,6 +992,36 @@ def test_stderr_closed_at_start_takes_nothing(env: dict[str, str], tmp_path: Pat
     assert [json.loads(line)["id"] for line in done.stdout.splitlines()] == [1]
     assert (data / "serve.lock").read_text().strip().isdigit()
     assert "without an id" in (data / "punie-trio.log").read_text(encoding="utf-8")
+
+
+@pytest.mark.parametrize(
+    ("args", "environ", "status"),
+    [
+        (["serve", "--stdio", "--no-http"], {"PUNIE_PORTT": "1"}, 0),  # a warning
+        (["serve", "--stdio", "--no-http", "--max-prompt-bytes", "99999999"], {}, 2),  # an error
+        (["sessions", "show", "nosuch"], {}, 1),
+    ],
+)
+def test_without_a_stderr_no_warning_or_error_goes_to_stdout(
+    env: dict[str, str], tmp_path: Path, args: list[str], environ: dict[str, str], status: int
+) -> None:
+    """Started with stderr closed (``2>&-``), Python's ``sys.stderr`` is None, and a
+    ``print(..., file=sys.stderr)`` prints to stdout: under --stdio a config warning or an
+    error went into the ACP stream (``punie-trio: warning: $PUNIE_PORTT is not ...``, a
+    line no client can parse), and a read-only command's error into its output."""
+    init = {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {"protocolVersion": 1}}
+    done = subprocess.run(
+        ["sh", "-c", 'exec "$@" 2>&-', "sh", *PUNIE, *args, "--project", str(tmp_path)]
+        if args[0] == "serve"
+        else ["sh", "-c", 'exec "$@" 2>&-', "sh", *PUNIE, *args],
+        input=json.dumps(init).encode() + b"\n",
+        capture_output=True,
+        env={**env, **environ},
+        timeout=TIMEOUT,
+    )
+    assert done.returncode == status, done.stdout
+    expected = [1] if status == 0 else []
+    assert [json.loads(line)["id"] for line in done.stdout.splitlines()] == expected
 
 
 @contextlib.contextmanager
@@ -1209,6 +1339,85 @@ def test_a_prompt_running_at_stdin_eof_answers_cancelled(
     finally:
         agent.kill()
         agent.wait()
+
+
+def _stdio_turn_running(
+    env: dict[str, str], tmp_path: Path, steps: list[dict[str, Any]]
+) -> tuple[subprocess.Popen[bytes], str]:
+    """``serve --stdio --no-http`` with a scripted turn of ``steps`` running (its first
+    update read): the process and the session's id."""
+    script = tmp_path / "turn.json"
+    script.write_text(json.dumps({"turns": [steps]}), encoding="utf-8")
+    agent = subprocess.Popen(
+        [*PUNIE, "serve", "--stdio", "--no-http", "--project", str(tmp_path),
+         "--model", f"script:{script}"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+    )  # fmt: skip
+    assert agent.stdin is not None and agent.stdout is not None
+
+    def call(msg: dict[str, Any]) -> dict[str, Any]:
+        assert agent.stdin is not None and agent.stdout is not None
+        agent.stdin.write(json.dumps({"jsonrpc": "2.0", **msg}).encode() + b"\n")
+        agent.stdin.flush()
+        answer: dict[str, Any] = json.loads(agent.stdout.readline())
+        return answer
+
+    call({"id": 1, "method": "initialize", "params": {"protocolVersion": 1}})
+    params = {"cwd": str(tmp_path), "mcpServers": []}
+    session: str = call({"id": 2, "method": "session/new", "params": params})["result"]["sessionId"]
+    prompt = {"sessionId": session, "prompt": [{"type": "text", "text": "go"}]}
+    assert call({"id": 3, "method": "session/prompt", "params": prompt})["method"]
+    return agent, session
+
+
+def test_a_client_closing_stdout_mid_turn_ends_the_agent_cleanly(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    """An IDE that closes its end of the agent's stdout while a turn streams (a broken
+    pipe): the agent ends as at EOF, status 0, no traceback, the turn recorded as
+    cancelled and the store left whole for the next start."""
+    agent, session = _stdio_turn_running(env, tmp_path, [{"text": "y" * 65536}] * 200)
+    try:
+        assert agent.stdout is not None
+        agent.stdout.close()
+        assert agent.wait(TIMEOUT) == 0
+        assert agent.stderr is not None
+        assert b"Traceback" not in agent.stderr.read()
+    finally:
+        _ended(agent)
+    shown = punie("sessions", "show", session, env=env)
+    assert shown.returncode == 0, shown.stderr
+    assert "stop: cancelled" in shown.stdout
+
+
+def _ended(agent: subprocess.Popen[bytes]) -> None:
+    agent.kill()
+    agent.wait()
+    for pipe in (agent.stdin, agent.stdout, agent.stderr):
+        if pipe is not None:
+            pipe.close()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=lambda s: s.name)
+def test_a_signal_mid_turn_over_stdio_answers_cancelled_and_exits_0(
+    env: dict[str, str], tmp_path: Path, signum: signal.Signals
+) -> None:
+    agent, session = _stdio_turn_running(env, tmp_path, [{"text": "working"}, {"sleep": 600}])
+    try:
+        agent.send_signal(signum)
+        assert agent.stdout is not None
+        rest = [json.loads(line) for line in agent.stdout.read().splitlines()]
+        assert rest[-1] == {"jsonrpc": "2.0", "id": 3, "result": {"stopReason": "cancelled"}}
+        assert agent.wait(TIMEOUT) == 0
+        assert agent.stderr is not None
+        assert f"received {signum.name}, shutting down" in agent.stderr.read().decode()
+    finally:
+        _ended(agent)
+    shown = punie("sessions", "show", session, env=env)
+    assert "stop: cancelled" in shown.stdout, shown.stdout
 
 
 def test_a_store_whose_directory_takes_no_wal_is_a_message(env: dict[str, str]) -> None:

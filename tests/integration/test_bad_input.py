@@ -46,8 +46,14 @@ async def test_every_bad_input_gets_its_error(
             bystander_session = await bystander.new_session(str(tmp_path))
 
             # Not JSON: -32700 with id null, and the socket stays open.
-            answer = await exchange(client, '{"jsonrpc": "2.0", "id": 1, "method": ')
+            answer = await exchange(client, '{"jsonrpc": "2.0", "method": "initialize", ')
             assert answer["id"] is None
+            assert answer["error"]["code"] == -32700
+            assert answer["error"]["message"]
+            # A request whose JSON breaks after its id: the -32700 carries that id (with a
+            # null one the client could not tell which of its requests it was).
+            answer = await exchange(client, '{"jsonrpc": "2.0", "id": 1, "method": ')
+            assert answer["id"] == 1
             assert answer["error"]["code"] == -32700
             assert answer["error"]["message"]
             init = await client.initialize()
@@ -61,9 +67,15 @@ async def test_every_bad_input_gets_its_error(
             for text in ("42", '"hello"', "null"):
                 answer = await exchange(client, text)
                 assert answer["id"] is None and answer["error"]["code"] == -32600, text
-            batch = json.dumps([{"jsonrpc": "2.0", "id": 5, "method": "session/new"}])
+            batch = json.dumps([{"jsonrpc": "2.0", "method": "session/cancel"}])
             answer = await exchange(client, batch)
             assert answer["id"] is None and answer["error"]["code"] == -32600
+            assert "batch" in answer["error"]["message"].lower()
+            # A request in a batch is refused under its own id (with a null one, the
+            # client could not tell which, and waited for its answer for good).
+            batch = json.dumps([{"jsonrpc": "2.0", "id": 5, "method": "session/new"}])
+            answer = await exchange(client, batch)
+            assert answer["id"] == 5 and answer["error"]["code"] == -32600
             assert "batch" in answer["error"]["message"].lower()
             # An object that is not JSON-RPC 2.0: -32600 correlated by its id.
             answer = await exchange(client, json.dumps({"id": 6, "method": "initialize"}))
@@ -117,7 +129,7 @@ async def test_every_bad_input_gets_its_error(
     registry = server.manager.metrics.registry
     assert (
         registry.get_sample_value("punie_errors_total", {"code": "-32700", "name": "parse_error"})
-        == 2
+        == 3
     )
 
 

@@ -67,6 +67,46 @@ async def test_stdio_and_websocket_share_one_manager(
             nursery.cancel_scope.cancel()
 
 
+async def test_a_session_moves_between_stdio_and_websocket_through_the_store(
+    tmp_path: Path, acp_schema: SchemaChecker
+) -> None:
+    """A session made over WebSocket is loaded over stdio once its client has left (open
+    there, it is refused as another connection's), and one made over stdio is loaded over
+    WebSocket once stdin has ended: each replays its transcript and takes new prompts."""
+    load = {"cwd": str(tmp_path), "mcpServers": []}
+    with trio.fail_after(30):
+        async with server_process(tmp_path, "--stdio") as server, trio.open_nursery() as nursery:
+            stdio = AcpTestClient(server.stdio(), acp_schema, ids=fresh_ids())
+            await nursery.start(stdio.run)
+            await stdio.initialize()
+            mine = await stdio.new_session(str(tmp_path))
+            assert await stdio.prompt(mine, "over stdio") == "end_turn"
+            async with acp_ws_client(server.url, acp_schema, token=TOKEN) as (ws, _):
+                await ws.initialize()
+                theirs = await ws.new_session(str(tmp_path))
+                assert await ws.prompt(theirs, "over websocket") == "end_turn"
+                held = await stdio.request_raw("session/load", {"sessionId": theirs, **load})
+                assert held["error"]["code"] == -32600, held
+                assert "open on another connection" in held["error"]["message"]
+            while "result" not in (
+                answer := await stdio.request_raw("session/load", {"sessionId": theirs, **load})
+            ):  # (the WebSocket's end is seen a moment after its close)
+                assert "open on another connection" in answer["error"]["message"], answer
+            assert stdio.agent_text(theirs) == "over websocket"  # replayed
+            assert await stdio.prompt(theirs, "and on") == "end_turn"
+            assert server.process.stdin is not None
+            await server.process.stdin.aclose()  # stdin EOF: the stdio connection ends
+            await stdio.closed.wait()
+            async with acp_ws_client(server.url, acp_schema, token=TOKEN) as (ws, _):
+                await ws.initialize()
+                await ws.request("session/load", {"sessionId": mine, **load})
+                assert ws.agent_text(mine) == "over stdio"  # replayed
+                assert await ws.prompt(mine, "over websocket now") == "end_turn"
+            server.process.send_signal(signal.SIGTERM)
+            assert await server.process.wait() == 0
+            nursery.cancel_scope.cancel()
+
+
 @pytest.mark.parametrize(
     "signum", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP], ids=lambda s: s.name
 )
@@ -132,6 +172,75 @@ async def test_a_signal_during_the_first_build_stops_it_and_exits_0(tmp_path: Pa
             assert "listening" not in "".join(server.stderr_lines)
     with pytest.raises(ProcessLookupError):  # the build went with it
         os.kill(build_pid, 0)
+
+
+async def test_the_stdio_client_is_served_during_the_first_build(
+    tmp_path: Path, acp_schema: SchemaChecker
+) -> None:
+    """The dev app's first build (minutes, for a real site) runs before the HTTP server
+    listens; the stdio client, which needs neither, was not read until it ended: an IDE's
+    ``initialize`` waited for the whole build."""
+    site = tmp_path / "site"
+    site.mkdir()
+    gate = tmp_path / "gate"
+    os.mkfifo(gate)  # the build waits for the test to open it for writing
+    with trio.fail_after(30):
+        async with (
+            server_process(
+                tmp_path, "--stdio", "--site", str(site), "--build", f"cat {gate}", "--no-watch",
+                wait_listening=False,
+            ) as server,
+            trio.open_nursery() as nursery,
+        ):  # fmt: skip
+            stdio = AcpTestClient(server.stdio(), acp_schema, ids=fresh_ids())
+            await nursery.start(stdio.run)
+            assert (await stdio.initialize())["protocolVersion"] == 1
+            session = await stdio.new_session(str(tmp_path))
+            assert await stdio.prompt(session, "during the build") == "end_turn"
+            assert "listening" not in "".join(server.stderr_lines)  # (still building)
+            await trio.to_thread.run_sync(gate.write_text, "")  # the build ends
+            await server.wait_stderr("punie-trio listening on")
+            server.process.send_signal(signal.SIGTERM)
+            assert await server.process.wait() == 0
+            nursery.cancel_scope.cancel()
+
+
+async def test_a_signal_during_the_first_build_ends_a_stdio_turn_as_any_shutdown(
+    tmp_path: Path, acp_schema: SchemaChecker
+) -> None:
+    """Served during the first build, the stdio client's turn is wound down as in any
+    shutdown when a signal abandons the start-up: answered "cancelled" and recorded."""
+    site = tmp_path / "site"
+    site.mkdir()
+    gate = tmp_path / "gate"
+    os.mkfifo(gate)  # never opened for writing: the build runs until it is stopped
+    script = write_script(tmp_path / "slow.json", [[{"text": "started"}, {"sleep": 600}]])
+    args = ["--stdio", "--site", str(site), "--build", f"cat {gate}", "--no-watch"]
+    with trio.fail_after(30):
+        async with (
+            server_process(
+                tmp_path, *args, "--model", f"script:{script}", wait_listening=False
+            ) as server,
+            trio.open_nursery() as nursery,
+        ):
+            stdio = AcpTestClient(server.stdio(), acp_schema, ids=fresh_ids())
+            await nursery.start(stdio.run)
+            await stdio.initialize()
+            session = await stdio.new_session(str(tmp_path))
+            stops: list[str] = []
+
+            async def prompt() -> None:
+                stops.append(await stdio.prompt(session, "go"))
+
+            nursery.start_soon(prompt)
+            await stdio.wait_for(lambda m: m.get("method") == "session/update")
+            server.process.send_signal(signal.SIGTERM)
+            assert await server.process.wait() == 0
+            await stdio.closed.wait()
+            assert stops == ["cancelled"]
+            assert "listening" not in "".join(server.stderr_lines)
+        shown = await run_punie("sessions", "show", session, "--data-dir", str(tmp_path / "data"))
+        assert "stop: cancelled" in shown.stdout.decode()
 
 
 async def test_a_browser_that_stays_open_does_not_hold_the_exit(tmp_path: Path) -> None:

@@ -120,7 +120,10 @@ def test_new_session_cwd_relative() -> None:
     [
         ({"mcpServers": []}, "cwd is required"),
         ({"cwd": None, "mcpServers": []}, "cwd is required"),
-        ({"cwd": 5, "mcpServers": []}, "cwd must be a string, got int"),
+        ({"cwd": 5, "mcpServers": []}, "cwd must be a string, got a number"),
+        ({"cwd": ["/p"], "mcpServers": []}, "cwd must be a string, got an array"),
+        ({"cwd": {}, "mcpServers": []}, "cwd must be a string, got an object"),
+        ({"cwd": False, "mcpServers": []}, "cwd must be a string, got a boolean"),
         ({"cwd": "/p"}, "mcpServers is required"),
         (
             {"cwd": "/p", "mcpServers": [], "additionalDirectories": ["/a", 3, "b"]},

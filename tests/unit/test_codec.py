@@ -168,11 +168,18 @@ def test_invalid_utf8_is_parse_error(raw: bytes) -> None:
     assert exc.id is None
 
 
-@pytest.mark.parametrize("text", ["42", '"a string"', "null", "true", "1.5"])
-def test_non_object_is_invalid_request(text: str) -> None:
+@pytest.mark.parametrize(
+    ("text", "kind"),
+    [("42", "a number"), ('"a string"', "a string"), ("null", "null"), ("true", "a boolean"),
+     ("1.5", "a number")],
+)  # fmt: skip
+def test_non_object_is_invalid_request(text: str, kind: str) -> None:
+    """Named as JSON names it: the message said "got NoneType", "got bool", "got float",
+    Python's names, which a client (TypeScript, Rust) has never heard of."""
     exc = _malformed(text)
     assert exc.error.code == INVALID_REQUEST
     assert exc.id is None
+    assert exc.error.message == f"Invalid request: expected a JSON object, got {kind}"
 
 
 def test_batch_is_refused() -> None:
@@ -180,6 +187,27 @@ def test_batch_is_refused() -> None:
     assert exc.error.code == INVALID_REQUEST
     assert "Batch" in exc.error.message
     assert _malformed("[]").error.code == INVALID_REQUEST
+
+
+def test_a_refused_batch_names_the_requests_and_answers_it_held() -> None:
+    """So that each request can be refused under its id, and each answer fail the request
+    of ours it answers (see the peer's test): refused as one, with a null id, they were
+    waited for for good."""
+    batch = [
+        {"jsonrpc": "2.0", "id": 1, "method": "m"},
+        {"jsonrpc": "2.0", "method": "note"},
+        {"jsonrpc": "2.0", "id": "r", "result": {}},
+        {"jsonrpc": "2.0", "id": 2, "error": {"code": 1, "message": "no"}},
+        {"jsonrpc": "2.0", "id": True, "method": "m"},
+        {"jsonrpc": "2.0", "id": "x" * (MAX_ID_CHARS + 1), "method": "m"},
+        42,
+        {"jsonrpc": "2.0", "id": "s", "method": "m"},
+    ]
+    exc = _malformed(json.dumps(batch))
+    assert exc.id is None
+    assert exc.batch == (("request", 1), ("response", "r"), ("response", 2), ("request", "s"))
+    assert _malformed("[]").batch == ()
+    assert _malformed("{}").batch == ()
 
 
 @pytest.mark.parametrize(

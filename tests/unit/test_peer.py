@@ -582,6 +582,53 @@ async def test_malformed_input_is_answered_and_reading_goes_on() -> None:
         nursery.cancel_scope.cancel()
 
 
+async def test_a_batch_is_refused_request_by_request_and_fails_the_answers_in_it(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A batch (ACP has none): each request in it is refused under its own id, and an
+    answer in it fails the request of ours it answers, at once. Refused as one, with a
+    null id, no request in it was ever answered (the client waited for good), and our
+    request waited out its timeout."""
+    async with trio.open_nursery() as nursery:
+        dispatcher = Dispatcher({"echo": echo})
+        peer, raw = await start_peer(nursery, dispatcher)
+        failure: list[RpcError] = []
+
+        async def ask() -> None:
+            with pytest.raises(RpcError) as caught:
+                await peer.request("fs/read_text_file", {"path": "/p"})
+            failure.append(caught.value)
+
+        nursery.start_soon(ask)
+        ours = await raw.recv()
+        before = trio.current_time()
+        batch = [
+            {"jsonrpc": "2.0", "id": 1, "method": "echo"},
+            {"jsonrpc": "2.0", "method": "note"},
+            {"jsonrpc": "2.0", "id": ours["id"], "result": {"content": "x"}},
+            {"jsonrpc": "2.0", "id": "two", "method": "echo"},
+        ]
+        await raw.send_text(json.dumps(batch))
+        answers = [await raw.recv(), await raw.recv()]
+        assert [a["id"] for a in answers] == [1, "two"]
+        for answer in answers:
+            assert answer["error"]["code"] == INVALID_REQUEST
+            assert answer["error"]["message"].startswith("Batch requests are not supported")
+        assert dispatcher.refused == [1, "two"]
+        assert dispatcher.notifications == []  # (nothing in it is run)
+        await trio.testing.wait_all_tasks_blocked()
+        assert trio.current_time() == before  # no timeout was waited for
+        assert failure[0].code == INVALID_REQUEST
+        assert failure[0].message == "the answer came in a batch, which is not supported"
+        # A batch without a request: one answer, with a null id, as before.
+        await raw.send_text(json.dumps([{"jsonrpc": "2.0", "method": "note"}]))
+        answer = await raw.recv()
+        assert answer["id"] is None and answer["error"]["code"] == INVALID_REQUEST
+        await raw.send({"id": 5, "method": "echo", "params": [5]})
+        assert (await raw.recv())["result"] == [5]
+        nursery.cancel_scope.cancel()
+
+
 async def test_duplicate_in_flight_id_is_refused(autojump_clock: trio.testing.MockClock) -> None:
     release = trio.Event()
 
@@ -841,6 +888,69 @@ async def test_ndjson_an_oversized_answer_fails_its_request_at_once(
         nursery.cancel_scope.cancel()
 
 
+async def test_ndjson_a_request_not_json_after_its_id_gets_the_parse_error_under_its_id() -> None:
+    """A request whose JSON breaks after its id (bad UTF-8 in a file's text, a bad escape):
+    the -32700 carries the id its head names, as an oversized line's -32600 does, and the
+    client's request ends there. With a null id the client could not tell which request it
+    was, and waited for its answer for good."""
+    ours, theirs = trio.testing.memory_stream_pair()
+    dispatcher = Dispatcher({"echo": echo})
+    peer = Peer(NdjsonStream(ours, ours), dispatcher)
+    reader = LineReader(theirs)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(peer.run)
+        await theirs.send_all(b'{"jsonrpc":"2.0","id":7,"method":"echo","params":["\xff"]}\n')
+        answer = await reader.next()
+        assert answer["id"] == 7 and answer["error"]["code"] == PARSE_ERROR
+        assert "can't decode byte 0xff" in answer["error"]["message"]
+        assert dispatcher.refused == [7]  # (told: the client used the id)
+        await theirs.send_all(b'{"method":"echo","id":"s","params":{"a": nope}}\n')
+        answer = await reader.next()
+        assert answer["id"] == "s" and answer["error"]["code"] == PARSE_ERROR
+        # No id before the break, or no sign of a request: null, as before.
+        for line in (b'{"id":8,"nope"', b'{"id":9 junk', b'{"id":"\\x","method":"echo"}'):
+            await theirs.send_all(line + b"\n")
+            answer = await reader.next()
+            assert answer["id"] is None and answer["error"]["code"] == PARSE_ERROR, line
+        assert dispatcher.refused == [7, "s"]
+        await theirs.send_all(_line({"id": 5, "method": "echo", "params": [5]}))
+        assert await reader.next() == {"jsonrpc": "2.0", "id": 5, "result": [5]}
+        nursery.cancel_scope.cancel()
+
+
+async def test_ndjson_an_answer_that_is_not_json_fails_its_request_at_once(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The client's answer to our request, unreadable (bad UTF-8 in a file's content): the
+    request fails now, saying why. It waited out its timeout (the client-call timeout, 300
+    s by default), which then said that the client had not answered."""
+    ours, theirs = trio.testing.memory_stream_pair()
+    peer = Peer(NdjsonStream(ours, ours), Dispatcher())
+    reader = LineReader(theirs)
+    failure: list[RpcError] = []
+
+    async def ask() -> None:
+        with pytest.raises(RpcError) as caught:
+            await peer.request("fs/read_text_file", {"path": "/latin1"})
+        failure.append(caught.value)
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(peer.run)
+        nursery.start_soon(ask)
+        request = await reader.next()
+        before = trio.current_time()
+        head = f'{{"jsonrpc":"2.0","id":{request["id"]},"result":{{"content":"'.encode()
+        await theirs.send_all(head + b'caf\xe9"}}\n')
+        answer = await reader.next()  # the client hears why its answer was dropped
+        assert answer["id"] is None and answer["error"]["code"] == PARSE_ERROR
+        await trio.testing.wait_all_tasks_blocked()
+        assert trio.current_time() == before  # no timeout was waited for
+        assert failure[0].code == PARSE_ERROR
+        assert failure[0].message.startswith("the answer is not JSON: ")
+        assert "can't decode byte 0xe9" in failure[0].message
+        nursery.cancel_scope.cancel()
+
+
 @pytest.mark.parametrize(
     ("head", "expected"),
     [
@@ -914,6 +1024,35 @@ async def test_ndjson_oversized_final_line_at_eof() -> None:
 
     with pytest.raises(MessageTooLarge):
         await stream.receive_message()
+    with pytest.raises(trio.EndOfChannel):
+        await stream.receive_message()
+
+
+@pytest.mark.parametrize(
+    ("last", "taken"),
+    [
+        (b'{"a":"123"}', False),  # 11 bytes: one over the limit
+        (b'{"a":"12"}', True),  # 10 bytes: at it
+        (b'{"a":"12"}\r', True),  # and a CR, which is not part of the message
+    ],
+)
+async def test_ndjson_a_last_line_without_its_newline_is_held_to_the_limit(
+    last: bytes, taken: bool
+) -> None:
+    """A last line that ends at EOF is bound as a line ending in a newline is: one byte
+    over the limit was taken there (the reader cuts a line only once it holds more than
+    the limit and a CR)."""
+    from punie_trio.transport import MessageTooLarge
+
+    ours, theirs = trio.testing.memory_stream_pair()
+    stream = NdjsonStream(ours, ours, max_message_bytes=10)
+    await theirs.send_all(last)
+    await theirs.send_eof()
+    if taken:
+        assert await stream.receive_message() == last.rstrip(b"\r")
+    else:
+        with pytest.raises(MessageTooLarge):
+            await stream.receive_message()
     with pytest.raises(trio.EndOfChannel):
         await stream.receive_message()
 
