@@ -222,6 +222,7 @@ async def test_the_shutdown_at_every_checkpoint_keeps_every_answer_true(
     root.mkdir()
     data = tmp_path / "data"
     data.mkdir()
+    gc.collect()  # (what earlier tests left, an unclosed socket, warns before, not here)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         at = 1

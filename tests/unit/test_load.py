@@ -857,6 +857,7 @@ async def test_a_load_cancelled_in_its_replay_closes_the_transcript_read(
         await real_send(self, texts)
 
     monkeypatch.setattr(ClientConnection, "send_encoded_many", send_encoded_many)
+    gc.collect()  # (what earlier tests left, an unclosed socket, warns before, not here)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         await _load_cut_in_its_replay(tmp_path, acp_schema, model, Watched(), held)
