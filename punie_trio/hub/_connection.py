@@ -369,6 +369,14 @@ class ClientConnection:
         live = self.manager.sessions.get(session_id)
         if live is not None:
             session_id = live.id  # (its string, not one more copy per prompt)
+        self.remember_prompt(request_id, session_id)
+
+    def remember_prompt(self, request_id: RequestId, session_id: str) -> None:
+        """Remember ``request_id`` as a prompt of ``session_id`` (:attr:`prompt_sessions`):
+        one sent here, or one of an earlier connection whose answer a flush handed this
+        one (``Manager._flush``): as its own, that answer is kept for its client's return
+        should this connection close the session and drop before it is read
+        (``Manager.remember_closed_answer``)."""
         prompts = self.prompt_sessions
         if prompts is None:
             prompts = self.prompt_sessions = {}

@@ -482,7 +482,12 @@ async def deliver_missed(
             await self._flush(session, conn)
             if session.closing and session.turn is None and self._held_by(conn, session.id):
                 # Closed as its previous connection dropped (_lifecycle.close_session),
-                # and kept for this: now sent, the close takes effect.
+                # and kept for this: now sent, the close takes effect. Its last answer
+                # (the cancelled turn's, just handed to conn) is kept for the client's
+                # return as any closed session's is: should conn drop before its client
+                # reads it, it went with the session, and the client, back awaiting
+                # it, was told -32603 though the answer was known.
+                self.remember_closed_answer(conn, session)
                 self._drop_session(session)
         for session_id in expired:
             if self._held_by(conn, session_id):
@@ -697,11 +702,17 @@ async def _deliver(self: Manager, session: Session, update: str) -> None:
 def _answered(session: Session, conn: ClientConnection, item: Pending) -> None:
     """An old answer (``item``) was handed to ``conn``: it awaits it no more, and it is the
     session's last answer (should ``conn`` drop before writing it, ``_keep_unsent`` keeps
-    it; should it drop before its client read it, see :func:`_answers_lost_in_flight`)."""
+    it; should it drop before its client read it, see :func:`_answers_lost_in_flight`),
+    and a prompt of ``conn``'s (should ``conn`` close the session, then drop before its
+    client read it: ``_left.remember_closed_answer``; a closed session's last answer
+    was kept only for the connection that sent the prompt, and the client back awaiting
+    it was told -32603)."""
     request_id = answer_id(item)
     conn.stop_awaiting(request_id)
     session.answered_id = request_id
     session.last_answer = item
+    if conn.client_id and small_id(request_id):
+        conn.remember_prompt(request_id, session.id)
 
 
 def _answer_unwanted(

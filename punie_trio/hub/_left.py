@@ -330,7 +330,9 @@ async def _send_left_answers(
                 await conn.send_encoded(answer.text)
             else:
                 await conn.send_answer(request_id, answer.result, answer.error)
+                answer.text = as_sent(("answer", request_id, answer.result, answer.error))[1]
             conn.stop_awaiting(request_id)
+            _written_again(conn, request_id, answer)
         waiting.pop(0)
         if sent and answer.reload is not None:
             # (Not owed again if this send fails: the answer went, as for a flush's.)
@@ -338,6 +340,25 @@ async def _send_left_answers(
                 RELOAD_REQUIRED,
                 {"sessionId": answer.reload, "reason": "updates were missed while disconnected"},
             )
+
+
+def _written_again(conn: ClientConnection, request_id: RequestId, answer: LeftAnswer) -> None:
+    """Remember on ``conn`` the kept answer it was handed (queued: written, or kept as
+    unwritten should it drop first), as one it answered itself
+    (``ClientConnection.answered``; a load's with the session to reload after it): kept
+    again at its drop (:func:`_keep_written_answers`) for a client back still awaiting
+    it, unless the client uses its id again meanwhile.
+
+    Why: the client's awaiting list at each return is its only acknowledgement. An
+    answer sent again and lost in flight again (the client dropped a second time before
+    reading it) was gone: back a third time, still awaiting its id, the client was told
+    -32603 "no answer to this request will come", though the answer was known."""
+    assert answer.text is not None
+    conn.answered(request_id, answer.text)
+    if answer.reload is not None and conn.answers is not None and request_id in conn.answers:
+        if conn.loads is None:
+            conn.loads = {}
+        conn.loads[request_id] = answer.reload
 
 
 def _keep_left_again(

@@ -242,6 +242,9 @@ class Peer:
     _outbox: Outbox = attrs.field(init=False)
     # What the writer had taken but not sent when the stream broke (see unsent()).
     _unwritten: list[str] | None = attrs.field(default=None, init=False)
+    # Answers whose handler ended once the stream had broken, too late to be queued (see
+    # _queue_answer and unsent()).
+    _unqueued: list[str] | None = attrs.field(default=None, init=False)
     _now_sender: NowSender | None = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
@@ -298,7 +301,9 @@ class Peer:
 
     def unsent(self) -> list[str]:
         """Once :meth:`run` has returned: the messages queued that the writer never wrote
-        (the stream broke first), in order, taken out of the peer. Empty before that.
+        (the stream broke first), in order, then the answers whose handlers ended too
+        late to queue them (the stream had broken: see :meth:`_queue_answer`), taken out
+        of the peer. Empty before that.
 
         With a :class:`BatchSender`, a batch whose write failed is not among them: part of
         it may have gone out, and a message must not be sent twice. (Unless the stream
@@ -306,7 +311,8 @@ class Peer:
         if not self._closed:
             return []
         unwritten, self._unwritten = self._unwritten or [], None
-        return unwritten + self._outbox.unsent()
+        unqueued, self._unqueued = self._unqueued or [], None
+        return unwritten + self._outbox.unsent() + unqueued
 
     def hold_reading(self) -> trio.Event:
         """Read no further message until the returned event is set. Called by a
@@ -415,7 +421,23 @@ class Peer:
         """:meth:`_send` for the answer to a request of the other side: ``on_answer`` is
         told it once it is queued."""
         text = serialize(msg)
-        await self._send(msg, text)
+        try:
+            await self._send(msg, text)
+        except BaseException:
+            if self._lost:
+                # The stream broke first (the writer closed the outbox and cancelled
+                # our tasks), as the handler got its result: never written, the answer
+                # is among unsent(), after what was queued before it. Dropped here, a
+                # session/close's answer was lost without a word though the close took
+                # effect, and the client back awaiting it was told -32603.
+                if self._unqueued is None:
+                    self._unqueued = []
+                self._unqueued.append(text)
+                if isinstance(msg, ErrorResponse):
+                    # (Counted as a queued one is: sent again from what a client away
+                    # is kept, an answer is not counted again. It was counted nowhere.)
+                    self.observer.error_sent(msg.code)
+            raise
         if self.on_answer is not None and msg.id is not None:
             self.on_answer(msg.id, text)
 

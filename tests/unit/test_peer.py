@@ -1577,3 +1577,98 @@ async def test_a_held_reader_reads_nothing_more_until_released() -> None:
         assert answers == {1, 2}
         assert order == ["first decided", "second handled"]
         nursery.cancel_scope.cancel()
+
+
+class BreakingStream(MemoryMessageStream):
+    """A memory stream whose writes fail once ``broken`` (a socket reset: the write
+    fails before the reader has seen the end of the stream)."""
+
+    def __init__(self, inner: MemoryMessageStream) -> None:
+        super().__init__(inner._send, inner._receive)
+        self.broken = False
+
+    async def send_message(self, text: str) -> None:
+        if self.broken:
+            raise trio.BrokenResourceError("connection reset")
+        await super().send_message(text)
+
+
+async def test_an_answer_ready_as_the_stream_breaks_is_unsent_not_lost() -> None:
+    """A handler's result comes in the scheduler step the writer finds the stream broken
+    (a ``session/close`` whose work ended just then: it does not see the cut). Its
+    answer could not be queued (the outbox closed, the peer's tasks cancelled), and was
+    dropped without a word: not written, and not among ``unsent()`` either, so nothing
+    was kept for the client's return, which was told "no answer to this request will
+    come" of a close that had taken effect (found by a seeded reconnect test, 1 run in
+    about 15). It is among ``unsent()`` now, after what was queued before it."""
+    release = trio.Event()
+
+    async def work(params: Params) -> Any:
+        with trio.CancelScope(shield=True):  # (its end does not hang on the cut)
+            await release.wait()
+        return {"done": True}
+
+    ours, theirs = memory_message_stream_pair()
+    stream = BreakingStream(ours)
+    peer = Peer(stream, Dispatcher({"work": work}))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(peer.run)
+        await Raw(theirs).send({"id": "w", "method": "work"})
+        await trio.testing.wait_all_tasks_blocked()
+        stream.broken = True
+        await peer.notify("n")  # (the writer meets the break, and the peer ends)
+        await trio.testing.wait_all_tasks_blocked()
+        assert peer.lost and not peer.closed  # (run waits for the handler)
+        release.set()
+    assert peer.closed
+    unsent = [json.loads(text) for text in peer.unsent()]
+    assert unsent == [
+        {"jsonrpc": "2.0", "method": "n"},
+        {"jsonrpc": "2.0", "id": "w", "result": {"done": True}},
+    ], unsent
+
+
+class _CountingObserver:
+    def __init__(self) -> None:
+        self.errors: list[int] = []
+
+    def message_in(self) -> None:
+        pass
+
+    def message_out(self, count: int = 1) -> None:
+        pass
+
+    def error_sent(self, code: int) -> None:
+        self.errors.append(code)
+
+    def limit_hit(self, limit: str) -> None:
+        pass
+
+
+async def test_an_error_answer_ready_as_the_stream_breaks_is_counted_once() -> None:
+    """An error answer too late to be queued (the stream broke as its handler ended) is
+    among ``unsent()``, kept for the client's return and sent from there uncounted, as
+    a kept answer is (it was counted when it was queued). It was counted nowhere:
+    ``punie_errors_total`` missed it."""
+    release = trio.Event()
+
+    async def work(params: Params) -> Any:
+        with trio.CancelScope(shield=True):
+            await release.wait()
+        raise RpcError(INVALID_REQUEST, "no")
+
+    ours, theirs = memory_message_stream_pair()
+    stream = BreakingStream(ours)
+    observer = _CountingObserver()
+    peer = Peer(stream, Dispatcher({"work": work}), observer=observer)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(peer.run)
+        await Raw(theirs).send({"id": "w", "method": "work"})
+        await trio.testing.wait_all_tasks_blocked()
+        stream.broken = True
+        await peer.notify("n")
+        await trio.testing.wait_all_tasks_blocked()
+        release.set()
+    unsent = [json.loads(text) for text in peer.unsent()]
+    assert unsent[-1]["error"]["code"] == INVALID_REQUEST, unsent
+    assert observer.errors == [INVALID_REQUEST]
