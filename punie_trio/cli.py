@@ -795,6 +795,14 @@ def _serve_locked(
     except (ServeError, BaseExceptionGroup) as exc:
         failure = find_exception(exc, lambda e: isinstance(e, ServeError))
         if failure is None:
+            if isinstance(exc, BaseExceptionGroup):
+                interrupted, rest = exc.split(KeyboardInterrupt)
+                if interrupted is not None and rest is None:
+                    # A Ctrl-C before serve watches its signals (as it starts) or after
+                    # (as it ends) is Python's KeyboardInterrupt, raised in whatever task
+                    # runs, so it comes out of serve's nurseries in a group: taken for a
+                    # failure, it was a traceback and status 1. It is an interrupt (130).
+                    raise KeyboardInterrupt from None
             raise
         return _error(str(failure), 1)
     return 0

@@ -25,6 +25,7 @@ opened: none is left open half-loaded.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import time
@@ -287,6 +288,15 @@ async def persist_new(
         if self.sessions.get(session.id) is session:
             self._drop_session(session)
         raise RpcError(INTERNAL_ERROR, f"Internal error: cannot store the session: {exc}") from None
+    except BaseException:
+        # Cancelled before its write (a $/cancel_request, a drop, the shutdown, while the
+        # write waited for the store's thread: a delete, a settling checkpoint). Left
+        # open, the session stayed live and never stored, its id known to nobody: it
+        # held a place of the connection's session limit (within grace, of the client
+        # id's, every turn of it failing to save) until the connection ended.
+        if self.sessions.get(session.id) is session:
+            self._drop_session(session)
+        raise
     return {"sessionId": session.id}
 
 
@@ -471,18 +481,24 @@ async def _replay(
     # (Spelled as a replay: what a dropped connection never wrote of it is not kept
     # for its client as live output, see _keep_unsent.)
     prefix = updates.replay_prefix(session.id)
+    # Closed here however the load ends (aclosing): cancelled between two pages (a
+    # $/cancel_request, a drop, the shutdown), the generator was left suspended for the
+    # garbage collector, which Trio finalizes in a task of its own, with a
+    # ResourceWarning ("was garbage collected before it had been exhausted").
+    pages = self.store.transcript_rows(session.id, REPLAY_PAGE)
     try:
-        async for rows in self.store.transcript_rows(session.id, REPLAY_PAGE):
-            for _, kind, payload_json in rows:
-                if kind == STOP:
-                    history += turn_history(payload_json, chunks)
-                    chunks.clear()
-                elif kind == "user_message_chunk" or kind == "agent_message_chunk":
-                    chunks.append((kind, payload_json))
-            if replay:
-                await conn.send_encoded_many(
-                    [prefix + payload + "}}" for _, kind, payload in rows if kind != STOP]
-                )
+        async with contextlib.aclosing(pages):
+            async for rows in pages:
+                for _, kind, payload_json in rows:
+                    if kind == STOP:
+                        history += turn_history(payload_json, chunks)
+                        chunks.clear()
+                    elif kind == "user_message_chunk" or kind == "agent_message_chunk":
+                        chunks.append((kind, payload_json))
+                if replay:
+                    await conn.send_encoded_many(
+                        [prefix + payload + "}}" for _, kind, payload in rows if kind != STOP]
+                    )
     except UnknownSessionError:  # deleted meanwhile
         raise RpcError.not_found(f"Session not found: {session.id}") from None
     return history

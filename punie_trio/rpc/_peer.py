@@ -434,6 +434,10 @@ class Peer:
                 if self._unqueued is None:
                     self._unqueued = []
                 self._unqueued.append(text)
+                if isinstance(msg, ErrorResponse):
+                    # (Counted as a queued one is: sent again from what a client away
+                    # is kept, an answer is not counted again. It was counted nowhere.)
+                    self.observer.error_sent(msg.code)
             raise
         if self.on_answer is not None and msg.id is not None:
             self.on_answer(msg.id, text)

@@ -11,7 +11,7 @@ send its last updates ahead of its answer).
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from typing import Any
 
 import attrs
@@ -187,7 +187,7 @@ class MemoryStore:
 
     async def transcript_rows(
         self, session_id: str, page_size: int = 1000
-    ) -> AsyncIterator[list[tuple[int, str, str]]]:
+    ) -> AsyncGenerator[list[tuple[int, str, str]], None]:
         check_limit(page_size)
         rows = [(e.seq, e.kind, e.payload_json) for e in await self.transcript(session_id)]
         for start in range(0, len(rows), page_size):

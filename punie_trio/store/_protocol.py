@@ -6,7 +6,7 @@ code path worth inheriting, and a test double needs no import from here to quali
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from typing import Any, Protocol
 
 from ._model import UNSET, Payload, SessionRecord, TranscriptEntry, Unset
@@ -102,13 +102,15 @@ class Store(Protocol):
 
     def transcript_rows(
         self, session_id: str, page_size: int = 1000
-    ) -> AsyncIterator[list[tuple[int, str, str]]]:
+    ) -> AsyncGenerator[list[tuple[int, str, str]], None]:
         """The entries of :meth:`transcript` as ``(seq, kind, payload_json)`` rows, in pages
         of at most ``page_size`` read one at a time (the SQLite store reads the next page
         while the caller uses this one). The pages are the transcript as of the first page:
         turns committed meanwhile are not included. An unknown session raises
         ``UnknownSessionError`` from the first iteration. For ``session/load``, which
-        splices each payload into its replay without decoding it."""
+        splices each payload into its replay without decoding it. A caller that may stop
+        before the end (cancelled) closes it (``contextlib.aclosing``), rather than leave
+        it to the garbage collector."""
         ...
 
     def forget(self, session_id: str) -> None:

@@ -531,6 +531,17 @@ def append_turns(
     return done, version
 
 
+def turn_recorded(conn: sqlite3.Connection, session_id: str, turn: int) -> bool:
+    """Whether the session's ``turn`` is in the file: asked only after a commit was
+    interrupted (``SqliteStore._interrupted``), when nothing else can tell."""
+    row = conn.execute(
+        "SELECT 1 FROM turns AS t JOIN sessions AS s ON t.session = s.key"
+        " WHERE s.id = ? AND t.turn = ?",
+        (session_id, turn),
+    ).fetchone()
+    return row is not None
+
+
 def _known_tails(turns: Sequence[TurnWrite]) -> list[tuple[int, Tail]] | None:
     """Each turn's session key and tail, if every turn comes with them, is not below its
     tail (a turn recorded already is refused by :func:`write_turn`, after a fresh read) and

@@ -48,7 +48,7 @@ import logging
 import os
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, TypeVar
@@ -241,7 +241,12 @@ class SqliteStore:
         """
         await self._ready_to_write()
         assert self._writer is not None
-        result = _translated(job, self.path)(self._writer)
+        try:
+            result = _translated(job, self.path)(self._writer)
+        except BaseException as exc:
+            if not isinstance(exc, Exception):  # (KeyboardInterrupt: see _interrupted)
+                self._interrupted((), exc)
+            raise
         self._count_rows(rows)
         return result
 
@@ -481,6 +486,12 @@ class SqliteStore:
             if self._writes_wait_for is not None:
                 with trio.CancelScope(shield=True):
                     await self._wait_for_thread_job()  # (more turns may join meanwhile)
+        except BaseException as exc:
+            # (KeyboardInterrupt, in the leader's own code: nothing is written yet. The
+            # turns that joined are told so, or they waited for ever: see _commit_group.)
+            self._gathering = None
+            self._wake(group, exc)
+            raise
         finally:
             self._gathering = None
         self._commit_group(group)
@@ -489,22 +500,87 @@ class SqliteStore:
 
     def _commit_group(self, group: list[_GroupedTurn]) -> None:
         """Commit ``group`` in one transaction (or, if that fails and it holds more than
-        one turn, each turn in its own) and hand every waiting turn its outcome."""
+        one turn, each turn in its own) and hand every waiting turn its outcome.
+
+        Every waiting turn gets one, whatever happens here: they are parked beyond the
+        reach of cancellation. A ``KeyboardInterrupt`` (a program that runs the store
+        without watching SIGINT: Python raises it in whatever code runs) went up through
+        the leader alone, and the turns that had joined its group waited for ever, so
+        the nursery never exited and ``trio.run`` hung on the Ctrl-C. Such turns now
+        hear what the file says of them (:meth:`_interrupted`)."""
         try:
-            self._commit_turns(group)
-        except Exception as exc:
-            if len(group) == 1:
-                group[0].error = exc
-            else:
-                for item in group:
-                    try:
-                        self._commit_turns([item])
-                    except Exception as one:
-                        item.error = one
+            try:
+                self._commit_turns(group)
+            except Exception as exc:
+                if len(group) == 1:
+                    group[0].error = exc
+                else:
+                    for item in group:
+                        try:
+                            self._commit_turns([item])
+                        except Exception as one:
+                            item.error = one
+        except BaseException as exc:
+            self._interrupted(group, exc)
+            raise
+        finally:
+            for item in group:
+                if item.task is not None:
+                    result = (
+                        outcome.Value(None) if item.error is None else outcome.Error(item.error)
+                    )
+                    trio.lowlevel.reschedule(item.task, result)
+
+    @staticmethod
+    def _wake(group: Sequence[_GroupedTurn], exc: BaseException) -> None:
+        """Tell the turns waiting in ``group``, whose leader was interrupted by ``exc``
+        before it wrote anything, that they were not recorded."""
         for item in group:
             if item.task is not None:
-                result = outcome.Value(None) if item.error is None else outcome.Error(item.error)
-                trio.lowlevel.reschedule(item.task, result)
+                error = StoreError(
+                    f"session store: turn {item.turn} of session {item.session_id!r} was not"
+                    f" recorded: its commit was interrupted ({type(exc).__name__})"
+                )
+                trio.lowlevel.reschedule(item.task, outcome.Error(error))
+
+    def _interrupted(self, group: Sequence[_GroupedTurn], exc: BaseException) -> None:
+        """After a write cut short by a ``BaseException`` (``KeyboardInterrupt``):
+        nothing tells how far it got. So a transaction it left open is rolled back (left
+        open, every later write failed to ``BEGIN``), what is remembered of the sessions
+        is dropped (a commit that landed before the interruption left it stale: the next
+        turn would have reused ``seq``s), and each waiting turn of ``group`` is told
+        what the file holds: recorded (done), or not (failed), never the other way."""
+        self._keys.clear()
+        self._tails.clear()
+        self._data_version = None  # (the next turn transaction reads what it needs)
+        writer = self._writer
+        rolled_back: Exception | None = None
+        try:
+            if writer is not None and writer.in_transaction:
+                writer.execute("ROLLBACK")
+        except Exception as error:  # (then the reads below cannot tell either)
+            rolled_back = error
+        for item in group:
+            if item.task is None or item.error is not None:
+                continue
+            try:
+                if rolled_back is not None:
+                    raise rolled_back
+                recorded = writer is not None and _sql.turn_recorded(
+                    writer, item.session_id, item.turn
+                )
+            except Exception as error:  # (the file cannot say: the write is not known done)
+                item.error = StoreError(
+                    f"session store: turn {item.turn} of session {item.session_id!r} was"
+                    f" interrupted ({type(exc).__name__}) and whether it was recorded"
+                    f" cannot be told ({error})"
+                )
+                continue
+            if not recorded:
+                item.error = StoreError(
+                    f"session store: turn {item.turn} of session {item.session_id!r} was not"
+                    f" recorded: its commit was interrupted ({type(exc).__name__})"
+                )
 
     def _commit_turns(self, group: list[_GroupedTurn]) -> None:
         """One transaction for ``group``; on success remember keys and tails and mark each
@@ -543,7 +619,7 @@ class SqliteStore:
 
     async def transcript_rows(
         self, session_id: str, page_size: int = 1000
-    ) -> AsyncIterator[list[tuple[int, str, str]]]:
+    ) -> AsyncGenerator[list[tuple[int, str, str]], None]:
         check_limit(page_size)
         self._check_open()
 

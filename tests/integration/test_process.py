@@ -393,7 +393,7 @@ async def test_second_signal_exits_at_once(tmp_path: Path, acp_schema: SchemaChe
             await server.wait_stderr("received SIGINT, shutting down")
             assert server.process.returncode is None  # still draining, not exited
             server.process.send_signal(signal.SIGINT)
-            assert await server.process.wait() != 0
+            assert await server.process.wait() == 1  # (docs/cli.md: a second signal is 1)
             await server.wait_stderr("second signal, exiting now")
 
 
@@ -639,3 +639,78 @@ async def test_a_download_over_http2_that_stops_reading_does_not_hold_the_shutdo
                 assert await server.process.wait() == 0  # (the watchdog's exit is 1)
             await server.stderr_done.wait()
             assert "shutdown did not finish within" not in server.stderr
+
+
+#: Runs ``punie-trio serve`` (its entry point, as ``python -m punie_trio`` does) with a
+#: SIGINT raised at one point of serve: "start", as the signal watcher starts (before its
+#: receiver is in place: Python's handler, Trio's KeyboardInterrupt); "end", once the
+#: watcher has ended (a SIGTERM's shutdown done, the store closed, serve returning);
+#: "serving", while it serves (the watcher's: a graceful shutdown).
+_SIGINT_AT = """
+import signal, sys
+
+# As in a terminal (a shell's background job, such as a test run, inherits it ignored).
+signal.signal(signal.SIGINT, signal.default_int_handler)
+from punie_trio import _entry, server
+
+where = sys.argv[1]
+real_watch = server._watch_signals
+
+async def watch(*args, **kwargs):
+    if where == "start":
+        signal.raise_signal(signal.SIGINT)
+    try:
+        await real_watch(*args, **kwargs)
+    finally:
+        if where == "end":
+            signal.raise_signal(signal.SIGINT)
+
+real_serve = server._serve
+
+async def serve(config, store, stdio, closing, task_status):
+    if where == "serving":
+        signal.raise_signal(signal.SIGINT)
+    elif where == "end":
+        signal.raise_signal(signal.SIGTERM)  # (the shutdown that ends the watcher)
+    await real_serve(config, store, stdio, closing, task_status)
+
+server._watch_signals = watch
+server._serve = serve
+sys.exit(_entry.main(sys.argv[2:]))
+"""
+
+
+@pytest.mark.parametrize(
+    ("where", "status", "said"),
+    [
+        ("start", 130, "punie-trio: interrupted"),
+        ("serving", 0, "received SIGINT, shutting down"),
+        ("end", 130, "punie-trio: interrupted"),
+    ],
+)
+async def test_a_ctrl_c_at_any_point_of_serve_ends_it_with_its_status_and_no_traceback(
+    tmp_path: Path, where: str, status: int, said: str
+) -> None:
+    """A Ctrl-C that lands before serve watches its signals, or after it stopped watching
+    them, is Python's ``KeyboardInterrupt``, raised in whatever task runs: inside serve's
+    nurseries it came out wrapped in an exception group, which the CLI did not take for
+    an interrupt: a traceback and status 1, not ``punie-trio: interrupted`` and 130. The
+    store, opened or not, is left closed cleanly either way."""
+    command = serve_command(tmp_path)
+    data = tmp_path / "data"
+    with trio.fail_after(30):
+        done = await trio.run_process(
+            [command[0], "-c", _SIGINT_AT, where, *command[3:]],
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+            env=server_env(),
+        )
+    stderr = done.stderr.decode()
+    assert done.returncode == status, stderr
+    assert said in stderr
+    assert "Traceback" not in stderr
+    if (data / "sessions.sqlite3").exists():
+        assert not (data / "sessions.sqlite3-wal").exists()  # (closed: its WAL copied in)
+        shown = await run_punie("sessions", "list", "--data-dir", str(data))
+        assert shown.returncode == 0, shown.stderr

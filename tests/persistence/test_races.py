@@ -30,7 +30,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from punie_trio._paths import store_path
 from punie_trio.hub import Limits, Manager
-from punie_trio.store import STOP, MemoryStore, UnknownSessionError, open_sqlite_store
+from punie_trio.store import STOP, MemoryStore, UnknownSessionError, _sql, open_sqlite_store
 from punie_trio.worker import EchoModel, ScriptModel
 
 from ..acp_schema import SchemaChecker
@@ -808,3 +808,52 @@ async def test_a_delete_cancelled_once_its_store_delete_began_says_it_was_done(
         answer = await link.client.wait_for(lambda m: m.get("id") == "del")
         assert await store.inner.get_session(sid) is None
         assert answer.get("result") == {}, answer
+
+
+async def test_a_new_session_cancelled_while_its_store_write_waits_leaves_nothing_open(
+    tmp_path: Path, acp_schema: SchemaChecker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A ``session/new`` opens its session live, then stores it; the store's write waits
+    while the owner thread deletes another session (or while a checkpoint settles the
+    WAL), and a ``$/cancel_request`` then cancels it before anything is written. The
+    client is answered -32800, so it never learns the id, but the session stayed open,
+    live and never stored: it held a place of the connection's session limit (and of a
+    client id's within grace, where every turn of it would fail to save) until the
+    connection ended. Now it is dropped, as a store's failure drops it."""
+    release = threading.Event()
+    real_delete = _sql.delete_session
+
+    def held_delete(conn: sqlite3.Connection, session_id: str) -> bool:
+        release.wait(10)
+        return real_delete(conn, session_id)
+
+    monkeypatch.setattr(_sql, "delete_session", held_delete)
+    limits = Limits(max_sessions_per_connection=1)
+    async with (
+        open_sqlite_store(store_path(tmp_path)) as store,
+        open_hub(tmp_path, acp_schema, EchoModel(), store=store, limits=limits) as hub,
+    ):
+        link = await hub.connect()
+        await initialize(link.client)
+        old = await link.client.new_session(str(hub.root))
+        await link.client.request("session/close", {"sessionId": old})
+        await link.client.send(
+            {"jsonrpc": "2.0", "id": "del", "method": "session/delete",
+             "params": {"sessionId": old}}
+        )  # fmt: skip
+        await settle_until(lambda: store._writes_wait_for is not None)  # (held)
+        await link.client.send(
+            {"jsonrpc": "2.0", "id": "new", "method": "session/new",
+             "params": {"cwd": str(hub.root), "mcpServers": []}}
+        )  # fmt: skip
+        await settle_until(lambda: len(hub.manager.sessions) == 1)  # (opened live)
+        await hub.settle()  # (its write waits for the delete)
+        await link.client.notify("$/cancel_request", {"requestId": "new"})
+        answer = await link.client.wait_for(lambda m: m.get("id") == "new")
+        assert answer["error"]["code"] == -32800, answer
+        release.set()
+        assert (await link.client.wait_for(lambda m: m.get("id") == "del")).get("result") == {}
+        await hub.settle()
+        assert [s.id for s in hub.manager.sessions.values()] == []
+        assert (await store.list_sessions())[0] == []
+        await link.client.new_session(str(hub.root))  # (the limit's one place is free)

@@ -6,8 +6,11 @@ what it had."""
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import json
 import threading
+import warnings
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -18,6 +21,7 @@ import pytest
 import trio
 import trio.testing
 
+from punie_trio.hub import ClientConnection
 from punie_trio.store import MemoryStore, StoreError, UnknownSessionError
 from punie_trio.worker import EchoModel, ScriptModel
 
@@ -811,3 +815,79 @@ async def test_a_load_whose_store_read_a_cut_turns_commit_lands_in_waits_for_it_
             answer = await b.request_raw("session/prompt", prompt_params(session, "next"))
             assert answer.get("result") == {"stopReason": "end_turn"}, answer
             assert b.agent_text(session) == "slowsecond"
+
+
+async def test_a_load_cancelled_in_its_replay_closes_the_transcript_read(
+    tmp_path: Path, acp_schema: SchemaChecker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The replay reads the transcript through the store's async generator, a page at a
+    time. Cancelled between two pages (a ``$/cancel_request``, a drop, the shutdown), it
+    left the generator suspended, to be finalized whenever the garbage collector got to
+    it: Trio warned ("Async generator 'SqliteStore.transcript_rows' was garbage collected
+    before it had been exhausted"), and the store's read-ahead of the next page ran on
+    unowned. It is closed as the load ends, however it ends."""
+    from punie_trio.hub import _lifecycle
+
+    monkeypatch.setattr(_lifecycle, "REPLAY_PAGE", 1)
+    model = ScriptModel([[{"text": f"chunk {i} "} for i in range(40)]])
+    closed: list[str] = []
+
+    class Watched(MemoryStore):
+        async def transcript_rows(
+            self, session_id: str, page_size: int = 1000
+        ) -> AsyncIterator[list[tuple[int, str, str]]]:
+            try:
+                inner = super().transcript_rows(session_id, page_size)
+                async with contextlib.aclosing(inner):
+                    async for rows in inner:
+                        yield rows
+            finally:
+                closed.append(trio.lowlevel.current_task().name)
+
+    held = Gate()
+    real_send = ClientConnection.send_encoded_many
+    pages = 0
+
+    async def send_encoded_many(self: ClientConnection, texts: list[str]) -> None:
+        nonlocal pages
+        if held.armed:
+            pages += 1
+            if pages == 2:
+                await held.pass_through()  # (a client slow to read: the send waits)
+        await real_send(self, texts)
+
+    monkeypatch.setattr(ClientConnection, "send_encoded_many", send_encoded_many)
+    gc.collect()  # (what earlier tests left, an unclosed socket, warns before, not here)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        await _load_cut_in_its_replay(tmp_path, acp_schema, model, Watched(), held)
+        gc.collect()
+    assert [str(w.message) for w in caught] == []
+    # Closed by the load itself (its handler's task), not left for the garbage collector.
+    assert len(closed) == 1 and "asyncgen" not in closed[0], closed
+
+
+async def _load_cut_in_its_replay(
+    tmp_path: Path, acp_schema: SchemaChecker, model: ScriptModel, store: MemoryStore, held: Gate
+) -> None:
+    async with open_hub(tmp_path, acp_schema, model, store=store) as hub:
+        (a,) = await clients(hub, 1)
+        session = await a.new_session(str(hub.root))
+        await a.prompt(session, "go")
+        await a.request("session/close", {"sessionId": session})
+        seen = len(a.received)
+        held.armed = True
+        await a.send(
+            {
+                "jsonrpc": "2.0",
+                "id": "L",
+                "method": "session/load",
+                "params": load_params(session, hub.root),
+            }
+        )
+        await held.entered.wait()  # the replay's second page waits to be sent
+        await a.notify("$/cancel_request", {"requestId": "L"})
+        answer = await a.wait_for(lambda m: m.get("id") == "L")
+        assert answer["error"]["code"] == -32800
+        replayed = [m for m in a.received[seen:] if m.get("method") == "session/update"]
+        assert len(replayed) == 1  # cut half-way

@@ -1654,3 +1654,49 @@ async def test_an_answer_ready_as_the_stream_breaks_is_unsent_not_lost() -> None
         {"jsonrpc": "2.0", "method": "n"},
         {"jsonrpc": "2.0", "id": "w", "result": {"done": True}},
     ], unsent
+
+
+class _CountingObserver:
+    def __init__(self) -> None:
+        self.errors: list[int] = []
+
+    def message_in(self) -> None:
+        pass
+
+    def message_out(self, count: int = 1) -> None:
+        pass
+
+    def error_sent(self, code: int) -> None:
+        self.errors.append(code)
+
+    def limit_hit(self, limit: str) -> None:
+        pass
+
+
+async def test_an_error_answer_ready_as_the_stream_breaks_is_counted_once() -> None:
+    """An error answer too late to be queued (the stream broke as its handler ended) is
+    among ``unsent()``, kept for the client's return and sent from there uncounted, as
+    a kept answer is (it was counted when it was queued). It was counted nowhere:
+    ``punie_errors_total`` missed it."""
+    release = trio.Event()
+
+    async def work(params: Params) -> Any:
+        with trio.CancelScope(shield=True):
+            await release.wait()
+        raise RpcError(INVALID_REQUEST, "no")
+
+    ours, theirs = memory_message_stream_pair()
+    stream = BreakingStream(ours)
+    observer = _CountingObserver()
+    peer = Peer(stream, Dispatcher({"work": work}), observer=observer)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(peer.run)
+        await Raw(theirs).send({"id": "w", "method": "work"})
+        await trio.testing.wait_all_tasks_blocked()
+        stream.broken = True
+        await peer.notify("n")
+        await trio.testing.wait_all_tasks_blocked()
+        release.set()
+    unsent = [json.loads(text) for text in peer.unsent()]
+    assert unsent[-1]["error"]["code"] == INVALID_REQUEST, unsent
+    assert observer.errors == [INVALID_REQUEST]
