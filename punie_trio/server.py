@@ -380,6 +380,7 @@ async def _serve(
         url = None
         hypercorn_done = trio.Event()
         stdio_done = trio.Event()
+        failed: Exception | None = None
         # Start-up (the dev app's first build may take minutes) gives way to a shutdown.
         with trio.CancelScope() as startup:
             root.start_soon(_cancel_on, closing, startup)
@@ -389,22 +390,36 @@ async def _serve(
                 # build nor the HTTP server, and its initialize once waited for the whole
                 # build (minutes, for a real site).
                 root.start_soon(_serve_stdio, manager, config, stdio, closing, stdio_done)
-            if dev_app is not None:
-                await root.start(dev_app.run)
-            if config.http:
-                await root.start(app.heartbeat.run)
-                url = await _start_http(root, app, config, closing, hypercorn_done)
-                _tell(f"punie-trio listening on {url} (ACP: ws{url[4:]}/acp)")
-            else:
-                hypercorn_done.set()
-        if startup.cancelled_caught:
+            try:
+                if dev_app is not None:
+                    await root.start(dev_app.run)
+                if config.http:
+                    await root.start(app.heartbeat.run)
+                    url = await _start_http(root, app, config, closing, hypercorn_done)
+                    _tell(f"punie-trio listening on {url} (ACP: ws{url[4:]}/acp)")
+                else:
+                    hypercorn_done.set()
+            except Exception as exc:
+                if stdio is None:
+                    raise
+                # The start-up failed (the HTTP port taken, the dev app not started)
+                # while the stdio client was served: it is wound down below, as in any
+                # shutdown, before the failure ends the server. Raised at once, the
+                # failure cut its connection: a turn running was recorded cancelled,
+                # but its answer never went out, and the client was left awaiting it.
+                failed = exc
+                closing.set()
+        if startup.cancelled_caught or failed is not None:
             # Interrupted before serving: nothing to wind down but what started (the
             # stdio client, whose answers drain as in any shutdown).
-            task_status.started(Running(None, manager, closing))
+            if failed is None:
+                task_status.started(Running(None, manager, closing))
             if stdio is not None:
                 with trio.move_on_after(config.shutdown_timeout):
                     await stdio_done.wait()
             root.cancel_scope.cancel()
+            if failed is not None:
+                raise failed
             return
         if config.handle_signals:
             # The whole process is ours (the CLI): what is alive once serving starts

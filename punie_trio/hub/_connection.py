@@ -225,9 +225,11 @@ class ClientConnection:
         """Whether this connection's client has a request with ``request_id`` unanswered."""
         return self.peer is not None and self.peer.in_flight(request_id)
 
-    async def send_answer(self, request_id: Any, result: Any, error: RpcError | None) -> None:
+    async def send_answer(
+        self, request_id: Any, result: Any, error: RpcError | None, *, aside: bool = False
+    ) -> None:
         assert self.peer is not None
-        await self.peer.send_answer(request_id, result, error)
+        await self.peer.send_answer(request_id, result, error, aside=aside)
 
     # -- Dispatcher ---------------------------------------------------------------------------
 

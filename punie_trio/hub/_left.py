@@ -161,7 +161,12 @@ async def refuse_unanswerable(self: Manager, conn: ClientConnection) -> None:
     )
     try:
         for request_id in refused:
-            await conn.send_answer(request_id, None, error)
+            # Spelled apart: left unwritten by a drop, it is not kept as the id's answer.
+            # Refused anew at the next return (nothing can answer it meanwhile), it lost
+            # nothing; kept, it was newer than the real answers sent after it, which
+            # its bytes then pushed out of what is kept (_bound_left): a client dropping
+            # in a loop was told -32603 for every id, though their answers were known.
+            await conn.send_answer(request_id, None, error, aside=True)
         await self._send_left_answers(conn, waiting)
     except BaseException:
         _keep_left_again(self, conn, waiting)

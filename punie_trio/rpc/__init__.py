@@ -2,6 +2,7 @@
 
 from ._codec import (
     ANSWER_START,
+    BATCH_IDS,
     ID_BOUNDS,
     MAX_ID_CHARS,
     ErrorResponse,
@@ -47,6 +48,7 @@ from ._peer import (
 __all__ = [
     "ANSWER_START",
     "AUTH_REQUIRED",
+    "BATCH_IDS",
     "CANCEL_REQUEST",
     "ERROR_NAMES",
     "ID_BOUNDS",

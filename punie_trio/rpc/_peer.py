@@ -43,6 +43,7 @@ from ..transport import (
     NowSender,
 )
 from ._codec import (
+    BATCH_REFUSED,
     ErrorResponse,
     MalformedMessage,
     Message,
@@ -631,14 +632,23 @@ class Peer:
         return request_id in self._running
 
     async def send_answer(
-        self, request_id: RequestId, result: Any = None, error: RpcError | None = None
+        self,
+        request_id: RequestId,
+        result: Any = None,
+        error: RpcError | None = None,
+        *,
+        aside: bool = False,
     ) -> None:
         """Answer a request this peer did not dispatch here: a prompt that ran on while its
-        client was away and reconnected (the shim keeps the IDE's request id)."""
+        client was away and reconnected (the shim keeps the IDE's request id). ``aside``:
+        spelled apart (:func:`serialize_aside`), for an answer not to be kept for the
+        client's return should it be left unwritten (``hub._grace._keep_unsent``)."""
+        msg: Response | ErrorResponse
         if error is not None:
-            await self._send(ErrorResponse(request_id, error.code, error.message, error.data))
+            msg = ErrorResponse(request_id, error.code, error.message, error.data)
         else:
-            await self._send(Response(request_id, result))
+            msg = Response(request_id, result)
+        await self._send(msg, serialize_aside(msg) if aside else None)
 
     def _tell_cancelled(self, request_id: RequestId, text: str) -> None:
         """Tell the client that our request ``request_id`` (queued as ``text``,
@@ -788,7 +798,8 @@ class Peer:
     async def _refuse_batch(self, exc: MalformedMessage) -> None:
         """Refuse a batch: each request in it under its id (as a message of its own, the
         -32600 of ``exc``), and each answer in it to a request of ours fails that request
-        now; a batch with no request gets the one refusal, with a null id.
+        now; a batch with no request, or with requests past those named
+        (:data:`BATCH_IDS`), gets one refusal with a null id (which counts those).
 
         Why: refused as one, with a null id, the client could not tell which requests
         were refused and waited for their answers for good; our request answered there
@@ -803,9 +814,10 @@ class Peer:
                 self._resolve(request_id, error=failure)
                 continue
             self.dispatcher.request_refused(request_id)
-            await self._refuse(ErrorResponse(request_id, exc.error.code, exc.error.message))
+            error = ErrorResponse(request_id, exc.error.code, BATCH_REFUSED)
+            await self._refuse(error)
             refused = True
-        if not refused:
+        if exc.unnamed or not refused:
             await self._refuse(exc.response())
 
     async def _dispatch(self, msg: Message) -> None:

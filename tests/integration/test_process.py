@@ -243,6 +243,96 @@ async def test_a_signal_during_the_first_build_ends_a_stdio_turn_as_any_shutdown
         assert "stop: cancelled" in shown.stdout.decode()
 
 
+@pytest.mark.parametrize("http", [True, False], ids=["http", "no-http"])
+async def test_stdin_eof_during_the_first_build(
+    tmp_path: Path, acp_schema: SchemaChecker, http: bool
+) -> None:
+    """stdin ends while the dev app's first build runs (the stdio client is served from
+    the start): its answers drain; under ``--no-http`` that ends the server, status 0, the
+    build stopped with it (at once, not after --shutdown-timeout); with the HTTP server,
+    the build goes on and the server listens once it ends."""
+    site = tmp_path / "site"
+    site.mkdir()
+    fifo = tmp_path / "build.pid"
+    os.mkfifo(fifo)  # the build writes its pid into it once it runs; reading waits for that
+    gate = tmp_path / "gate"
+    os.mkfifo(gate)
+    build = f"echo $$ > {fifo}; exec cat {gate}"
+    args = ["--stdio", "--site", str(site), "--build", build, "--no-watch"]
+    args += ["--shutdown-timeout", "60"] + ([] if http else ["--no-http"])
+    with trio.fail_after(30):
+        async with (
+            server_process(tmp_path, *args, wait_listening=False) as server,
+            trio.open_nursery() as nursery,
+        ):
+            build_pid = int(await trio.to_thread.run_sync(fifo.read_text))
+            stdio = AcpTestClient(server.stdio(), acp_schema, ids=fresh_ids())
+            await nursery.start(stdio.run)
+            await stdio.initialize()
+            session = await stdio.new_session(str(tmp_path))
+            assert server.process.stdin is not None
+            await server.process.stdin.aclose()
+            await stdio.closed.wait()
+            if http:
+                os.kill(build_pid, 0)  # (still building)
+                await trio.to_thread.run_sync(gate.write_text, "")  # the build ends
+                await server.wait_stderr("punie-trio listening on")
+                server.process.send_signal(signal.SIGTERM)
+            assert await server.process.wait() == 0
+            assert "Traceback" not in "".join(server.stderr_lines)
+            nursery.cancel_scope.cancel()
+        shown = await run_punie("sessions", "show", session, "--data-dir", str(tmp_path / "data"))
+        assert shown.returncode == 0
+    if not http:
+        with pytest.raises(ProcessLookupError):  # the build went with it
+            os.kill(build_pid, 0)
+
+
+async def test_the_http_server_failing_to_start_after_the_first_build_ends_a_stdio_turn(
+    tmp_path: Path, acp_schema: SchemaChecker
+) -> None:
+    """The stdio client is served during the dev app's first build, and the HTTP server
+    then cannot listen (its port taken): the server ends, status 1, saying why, and the
+    stdio client's turn is wound down as in any shutdown (answered "cancelled", recorded).
+    It ended with no answer: the client's prompt was left unanswered on a closed stdout."""
+    site = tmp_path / "site"
+    site.mkdir()
+    gate = tmp_path / "gate"
+    os.mkfifo(gate)  # the build waits for the test to open it for writing
+    script = write_script(tmp_path / "slow.json", [[{"text": "started"}, {"sleep": 600}]])
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))  # (port 0: the server is then told to use this one)
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        args = ["--stdio", "--site", str(site), "--build", f"cat {gate}", "--no-watch"]
+        args += ["--model", f"script:{script}", "--port", port]
+        with trio.fail_after(30):
+            async with (
+                server_process(tmp_path, *args, wait_listening=False) as server,
+                trio.open_nursery() as nursery,
+            ):
+                stdio = AcpTestClient(server.stdio(), acp_schema, ids=fresh_ids())
+                await nursery.start(stdio.run)
+                await stdio.initialize()
+                session = await stdio.new_session(str(tmp_path))
+                stops: list[str] = []
+
+                async def prompt() -> None:
+                    stops.append(await stdio.prompt(session, "go"))
+
+                nursery.start_soon(prompt)
+                await stdio.wait_for(lambda m: m.get("method") == "session/update")
+                await trio.to_thread.run_sync(gate.write_text, "")  # the build ends
+                assert await server.process.wait() == 1
+                await stdio.closed.wait()
+                await server.wait_stderr(f"cannot listen on 127.0.0.1:{port}")
+                assert "Traceback" not in "".join(server.stderr_lines)
+                assert stops == ["cancelled"]
+                nursery.cancel_scope.cancel()
+    shown = await run_punie("sessions", "show", session, "--data-dir", str(tmp_path / "data"))
+    assert "stop: cancelled" in shown.stdout.decode()
+
+
 async def test_a_browser_that_stays_open_does_not_hold_the_exit(tmp_path: Path) -> None:
     """``serve --open`` opens the site with ``webbrowser.open`` in a thread. With
     ``$BROWSER`` set (or a console browser) that call waits for the browser process to

@@ -23,6 +23,7 @@ from trio_websocket import open_websocket_url
 from punie_trio.acp import parse_prompt, updates
 from punie_trio.hub import ClientConnection, Limits
 from punie_trio.hub._grace import RELOAD_REQUIRED
+from punie_trio.hub._left import LEFT_ANSWERS
 from punie_trio.rpc import MAX_ID_CHARS, current_request_id
 from punie_trio.server import Running
 from punie_trio.store import MemoryStore
@@ -3143,3 +3144,44 @@ async def test_answers_sent_again_and_lost_again_over_a_real_websocket_come_once
                 await trio.testing.wait_all_tasks_blocked()  # (and written)
             await settle_until(lambda: not manager.connections)
             await _back_awaiting_the_prompt_and_close(running, acp_schema)
+
+
+@pytest.mark.parametrize("outbox_bytes", [1024 * 1024, 4096])
+@pytest.mark.parametrize("buffer", [256, 1])
+async def test_answers_sent_again_to_a_client_dropping_in_a_loop_stay_kept_and_bounded(
+    tmp_path: Path, acp_schema: SchemaChecker, buffer: int, outbox_bytes: int
+) -> None:
+    """A client that drops and comes back in a loop, each time awaiting the same ids and
+    reading nothing (what is sent again is written and lost, ``buffer`` 256, or left
+    unwritten behind the initialize's answer, 1): what is kept for it stays within 64
+    answers (``LEFT_ANSWERS``) and an outbox's bytes (``outbox_bytes``: 64 lists'
+    answers fit in 1 MiB, 14 in 4 KiB), the same answers however many returns; and back
+    at last, reading, it gets each of those once, and -32603 for the others.
+
+    The -32603 "no answer to this request will come" of the ids nothing answered, left
+    unwritten by a drop, was kept as their answer, newer than the real answers sent
+    after it (which its bytes then pushed out): from the second return on, the client
+    was told -32603 for every id, though 14 answers had been known and kept."""
+    limits = Limits(grace_seconds=60, outbox_bytes=outbox_bytes)
+    async with open_hub(tmp_path, acp_schema, EchoModel(), limits=limits) as hub:
+        raw, _ = await open_raw_session(hub, "ide", buffer=256)
+        ids = [f"l{i}" for i in range(LEFT_ANSWERS + 6)]
+        for request_id in ids:
+            await send_unread(raw, request_id, "session/list", {}, acp_schema)
+            await answered_unread(hub, "ide", request_id)
+        await raw.aclose()
+        await hub.settle()
+        first = set(hub.manager._left_answers["ide"])
+        assert len(first) == (LEFT_ANSWERS if outbox_bytes > 4096 else 14)
+        for _ in range(12):
+            await back_unread(hub, "ide", ids, buffer)
+            kept = hub.manager._left_answers["ide"]
+            assert set(kept) == first
+            assert sum(a.size() for a in kept.values()) <= limits.outbox_bytes
+        last = await hub.connect()
+        await initialize(last.client, client_id="ide", awaiting=ids)
+        await hub.settle()
+        answers = _answers_under(last, *ids)
+        assert all(len(a) == 1 for a in answers.values()), answers  # (each once)
+        assert {i for i, a in answers.items() if "result" in a[0]} == first
+        assert all(a[0]["error"]["code"] == -32603 for i, a in answers.items() if i not in first)

@@ -9,6 +9,7 @@ import pytest
 
 from punie_trio.rpc import (
     ANSWER_START,
+    BATCH_IDS,
     INVALID_REQUEST,
     MAX_ERROR_MESSAGE_CHARS,
     MAX_ID_CHARS,
@@ -208,6 +209,27 @@ def test_a_refused_batch_names_the_requests_and_answers_it_held() -> None:
     assert exc.batch == (("request", 1), ("response", "r"), ("response", 2), ("request", "s"))
     assert _malformed("[]").batch == ()
     assert _malformed("{}").batch == ()
+
+
+def test_a_refused_batch_names_at_most_batch_ids_requests_and_answers_and_counts_the_rest() -> None:
+    """A batch of 16 MiB holds some 625,000 tiny requests: each named (and the parsed
+    batch held by the exception's traceback while they were refused) took 178 MB for as
+    long as the client took to read 93 MB of refusals (for good if it did not read)."""
+    batch: list[Any] = [{"jsonrpc": "2.0", "id": "r", "result": {}}]
+    batch += [{"jsonrpc": "2.0", "id": i, "method": "m"} for i in range(BATCH_IDS + 5)]
+    batch += [{"jsonrpc": "2.0", "id": f"a{i}", "result": {}} for i in range(BATCH_IDS)]
+    exc = _malformed(json.dumps(batch))
+    requests = [i for kind, i in exc.batch if kind == "request"]
+    answers = [i for kind, i in exc.batch if kind == "response"]
+    assert requests == list(range(BATCH_IDS))
+    assert answers == ["r", *(f"a{i}" for i in range(BATCH_IDS - 1))]
+    assert exc.unnamed == 5  # (requests past the bound: refused as one, with a null id)
+    assert _malformed(json.dumps(batch[:3])).unnamed == 0
+    # The parsed batch is not held by the exception (its traceback, through parse's frame).
+    tb = exc.__traceback__
+    while tb is not None:
+        assert not any(v is not exc and isinstance(v, list) for v in tb.tb_frame.f_locals.values())
+        tb = tb.tb_next
 
 
 @pytest.mark.parametrize(

@@ -45,7 +45,9 @@ class GatedConnection:
             raise PeerClosed("the client is gone")
         self.sent.append(text)
 
-    async def send_answer(self, request_id: Any, result: Any, error: Any) -> None:
+    async def send_answer(
+        self, request_id: Any, result: Any, error: Any, *, aside: bool = False
+    ) -> None:
         await self.send_encoded(f"answer {request_id}")
 
     async def notify(self, method: str, params: dict[str, Any]) -> None:

@@ -16,6 +16,7 @@ import trio
 import trio.testing
 
 from punie_trio.rpc import (
+    BATCH_IDS,
     CANCEL_REQUEST,
     INTERNAL_ERROR,
     INVALID_REQUEST,
@@ -626,6 +627,33 @@ async def test_a_batch_is_refused_request_by_request_and_fails_the_answers_in_it
         assert answer["id"] is None and answer["error"]["code"] == INVALID_REQUEST
         await raw.send({"id": 5, "method": "echo", "params": [5]})
         assert (await raw.recv())["result"] == [5]
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_batch_past_batch_ids_requests_gets_one_refusal_for_the_rest(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Each request of a batch is refused under its id up to :data:`BATCH_IDS`, the rest
+    by one refusal with a null id that counts them: the answers to a batch are bounded.
+    Refused each under its own id, a 16 MiB batch of tiny requests (625,000) got 93 MB
+    of refusals, 9.8 s of the reader's time, and held 178 MB while they drained."""
+    async with trio.open_nursery() as nursery:
+        dispatcher = Dispatcher({"echo": echo})
+        _, raw = await start_peer(nursery, dispatcher)
+        extra = 1000
+        batch = [{"jsonrpc": "2.0", "id": i, "method": "echo"} for i in range(BATCH_IDS + extra)]
+        await raw.send_text(json.dumps(batch))
+        await raw.send({"id": "after", "method": "echo", "params": [5]})
+        answers = []
+        while not answers or answers[-1].get("id") != "after":
+            answers.append(await raw.recv())
+        assert [a["id"] for a in answers[:BATCH_IDS]] == list(range(BATCH_IDS))
+        rest = answers[BATCH_IDS]
+        assert rest["id"] is None and rest["error"]["code"] == INVALID_REQUEST
+        assert rest["error"]["message"].startswith("Batch requests are not supported")
+        assert f"{extra} more requests" in rest["error"]["message"]
+        assert answers[BATCH_IDS + 1 :] == [{"jsonrpc": "2.0", "id": "after", "result": [5]}]
+        assert dispatcher.refused == list(range(BATCH_IDS))
         nursery.cancel_scope.cancel()
 
 
