@@ -567,7 +567,7 @@ class SqliteStore:
                 if rolled_back is not None:
                     raise rolled_back
                 recorded = writer is not None and _sql.turn_recorded(
-                    writer, item.session_id, item.turn
+                    writer, item.session_id, item.turn, item.rows
                 )
             except Exception as error:  # (the file cannot say: the write is not known done)
                 item.error = StoreError(
