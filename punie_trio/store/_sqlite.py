@@ -549,7 +549,19 @@ class SqliteStore:
         open, every later write failed to ``BEGIN``), what is remembered of the sessions
         is dropped (a commit that landed before the interruption left it stale: the next
         turn would have reused ``seq``s), and each waiting turn of ``group`` is told
-        what the file holds: recorded (done), or not (failed), never the other way."""
+        what the file holds: recorded (done), or not (failed), never the other way.
+
+        Every such turn is marked unknown (failed, "cannot be told") before the file is
+        asked, and cleared only once the file says it holds it: a second interruption
+        here (Ctrl-C pressed twice) once left the turns not yet asked about with no
+        error, and :meth:`_commit_group` woke them as recorded."""
+        asked = [item for item in group if item.task is not None and item.error is None]
+        for item in asked:
+            item.error = StoreError(
+                f"session store: turn {item.turn} of session {item.session_id!r} was"
+                f" interrupted ({type(exc).__name__}) and whether it was recorded"
+                " cannot be told"
+            )
         self._keys.clear()
         self._tails.clear()
         self._data_version = None  # (the next turn transaction reads what it needs)
@@ -560,9 +572,7 @@ class SqliteStore:
                 writer.execute("ROLLBACK")
         except Exception as error:  # (then the reads below cannot tell either)
             rolled_back = error
-        for item in group:
-            if item.task is None or item.error is not None:
-                continue
+        for item in asked:
             try:
                 if rolled_back is not None:
                     raise rolled_back
@@ -570,13 +580,11 @@ class SqliteStore:
                     writer, item.session_id, item.turn, item.rows
                 )
             except Exception as error:  # (the file cannot say: the write is not known done)
-                item.error = StoreError(
-                    f"session store: turn {item.turn} of session {item.session_id!r} was"
-                    f" interrupted ({type(exc).__name__}) and whether it was recorded"
-                    f" cannot be told ({error})"
-                )
+                item.error = StoreError(f"{item.error} ({error})")
                 continue
-            if not recorded:
+            if recorded:
+                item.error = None
+            else:
                 item.error = StoreError(
                     f"session store: turn {item.turn} of session {item.session_id!r} was not"
                     f" recorded: its commit was interrupted ({type(exc).__name__})"

@@ -372,3 +372,43 @@ async def test_a_keyboard_interrupt_does_not_report_a_refused_turn_as_recorded(
         assert "question 0" in entries
     finally:
         conn.close()
+
+
+async def test_a_second_keyboard_interrupt_reports_no_unwritten_turn_as_recorded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A second ``KeyboardInterrupt`` (Ctrl-C pressed twice) that lands while the store
+    asks the file about the turns the first one cut short leaves their outcomes unknown:
+    each is told so (failed, "cannot be told"), never recorded. A turn not yet asked
+    about was reported done, though its commit never landed."""
+    path = tmp_path / "s.db"
+    async with open_sqlite_store(path) as store:
+        for sid in ("a", "b"):
+            await store.create_session(make_record(sid))
+        ended: dict[str, str] = {}
+
+        async def join() -> None:
+            assert store._gathering is not None  # it joins the group led below
+            try:
+                await store.append_turn("b", 0, sample_turn(0))
+            except StoreError as exc:
+                ended["b"] = f"failed: {exc}"
+            else:
+                ended["b"] = "done"
+
+        def interrupt(*_: object) -> bool:
+            raise KeyboardInterrupt
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(join)  # (it runs in the pass the leader yields)
+            store._before_commit = interrupt
+            monkeypatch.setattr(_sql, "turn_recorded", interrupt)  # the second one
+            with pytest.raises(KeyboardInterrupt):
+                await store.append_turn("a", 0, sample_turn(0))  # this task leads
+            store._before_commit = None
+            monkeypatch.undo()
+        assert ended["b"].startswith("failed: "), ended
+        assert "cannot be told" in ended["b"], ended
+        assert store._writer is not None
+        assert not store._writer.in_transaction
+    assert _recorded(path) == {"a": [], "b": []}
