@@ -421,7 +421,11 @@ class SqliteStore:
             with trio.CancelScope(shield=True):  # once started, the delete is reported
                 found = await started.result()
         finally:
-            if self._writes_wait_for is started:
+            # Not while it still runs: a KeyboardInterrupt reaches this wait through the
+            # shield (Trio delivers it at any checkpoint), and the writes after it stopped
+            # waiting, so the next one met the delete's lock in SQLite's busy handler,
+            # blocking the event loop. Left set, they wait (_wait_for_thread_job).
+            if self._writes_wait_for is started and started.ended:
                 self._writes_wait_for = None
             self._tails.pop(session_id, None)
             self._keys.pop(session_id, None)
