@@ -24,6 +24,7 @@ from punie_trio.acp import parse_prompt, updates
 from punie_trio.hub import ClientConnection, Limits
 from punie_trio.hub._grace import RELOAD_REQUIRED
 from punie_trio.rpc import MAX_ID_CHARS, current_request_id
+from punie_trio.server import Running
 from punie_trio.store import MemoryStore
 from punie_trio.transport import MemoryMessageStream, memory_message_stream_pair
 from punie_trio.worker import EchoModel, ScriptModel
@@ -2801,30 +2802,44 @@ async def test_a_closes_own_answer_lost_in_flight_over_a_real_websocket_comes_on
     root = Path(await trio.Path(tmp_path).resolve())
     meta = {CLIENT_ID_META: "ide"}
     async with start_server(EchoModel(), limits=Limits(grace_seconds=60)) as running:
-        manager = running.manager
         with trio.fail_after(10):
-            async with open_websocket_url(ws_url(running.url)) as ws:
-                session = await _initialized_with_a_session(ws, meta, root)
-                for request_id, method, params in [
-                    ("p", "session/prompt", prompt_params(session, "go")),
-                    ("c", "session/close", {"sessionId": session}),
-                ]:
-                    request = {"jsonrpc": "2.0", "id": request_id, "method": method}
-                    acp_schema.client_sent(request)
-                    await ws.send_message(json.dumps({**request, "params": params}))
-                # Answered, and written: every task waits, the outbox is empty.
-                await settle_until(lambda: session not in manager.sessions)
-                await trio.testing.wait_all_tasks_blocked()
-            await settle_until(lambda: not manager.connections)
-            async with acp_ws_client(running.url, acp_schema) as (client, ws):
-                await initialize(client, client_id="ide", awaiting=["p", "c"])
-                await client.wait_for(lambda m: m.get("id") == "c")
-                await trio.testing.wait_all_tasks_blocked()
-                answers = [m for m in client.received if m.get("id") in ("p", "c")]
-                assert [(m["id"], m.get("result")) for m in answers] == [
-                    ("p", {"stopReason": "end_turn"}),
-                    ("c", {}),
-                ], answers
+            await _prompt_and_close_unread(running, meta, root, acp_schema)
+            await _back_awaiting_the_prompt_and_close(running, acp_schema)
+
+
+async def _prompt_and_close_unread(
+    running: Running, meta: dict[str, Any], root: Path, acp_schema: SchemaChecker
+) -> None:
+    """On a real WebSocket: a session, a prompt ``p`` and a close ``c`` of it, both
+    answered and written, and the client gone without reading them."""
+    manager = running.manager
+    async with open_websocket_url(ws_url(running.url)) as ws:
+        session = await _initialized_with_a_session(ws, meta, root)
+        for request_id, method, params in [
+            ("p", "session/prompt", prompt_params(session, "go")),
+            ("c", "session/close", {"sessionId": session}),
+        ]:
+            request = {"jsonrpc": "2.0", "id": request_id, "method": method}
+            acp_schema.client_sent(request)
+            await ws.send_message(json.dumps({**request, "params": params}))
+        # Answered, and written: every task waits, the outbox is empty.
+        await settle_until(lambda: session not in manager.sessions)
+        await trio.testing.wait_all_tasks_blocked()
+    await settle_until(lambda: not manager.connections)
+
+
+async def _back_awaiting_the_prompt_and_close(running: Running, acp_schema: SchemaChecker) -> None:
+    """The client of :func:`_prompt_and_close_unread` back awaiting both: each answer
+    comes once, the prompt's first."""
+    async with acp_ws_client(running.url, acp_schema) as (client, _):
+        await initialize(client, client_id="ide", awaiting=["p", "c"])
+        await client.wait_for(lambda m: m.get("id") == "c")
+        await trio.testing.wait_all_tasks_blocked()
+        answers = [m for m in client.received if m.get("id") in ("p", "c")]
+        assert [(m["id"], m.get("result")) for m in answers] == [
+            ("p", {"stopReason": "end_turn"}),
+            ("c", {}),
+        ], answers
 
 
 async def test_a_prompts_answer_ending_as_its_connection_drops_during_a_close_is_kept(
@@ -3117,18 +3132,7 @@ async def test_answers_sent_again_and_lost_again_over_a_real_websocket_come_once
     async with start_server(EchoModel(), limits=Limits(grace_seconds=60)) as running:
         manager = running.manager
         with trio.fail_after(10):
-            async with open_websocket_url(ws_url(running.url)) as ws:
-                session = await _initialized_with_a_session(ws, meta, root)
-                for request_id, method, params in [
-                    ("p", "session/prompt", prompt_params(session, "go")),
-                    ("c", "session/close", {"sessionId": session}),
-                ]:
-                    request = {"jsonrpc": "2.0", "id": request_id, "method": method}
-                    acp_schema.client_sent(request)
-                    await ws.send_message(json.dumps({**request, "params": params}))
-                await settle_until(lambda: session not in manager.sessions)
-                await trio.testing.wait_all_tasks_blocked()  # (written: the outbox is empty)
-            await settle_until(lambda: not manager.connections)
+            await _prompt_and_close_unread(running, meta, root, acp_schema)
             async with open_websocket_url(ws_url(running.url)) as ws:
                 init = {"protocolVersion": 1, "_meta": {**meta, AWAITING_META: ["p", "c"]}}
                 request = {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": init}
@@ -3138,12 +3142,4 @@ async def test_answers_sent_again_and_lost_again_over_a_real_websocket_come_once
                 await settle_until(lambda: not conn.awaiting)  # (both sent again)
                 await trio.testing.wait_all_tasks_blocked()  # (and written)
             await settle_until(lambda: not manager.connections)
-            async with acp_ws_client(running.url, acp_schema) as (client, ws):
-                await initialize(client, client_id="ide", awaiting=["p", "c"])
-                await client.wait_for(lambda m: m.get("id") == "c")
-                await trio.testing.wait_all_tasks_blocked()
-                answers = [m for m in client.received if m.get("id") in ("p", "c")]
-                assert [(m["id"], m.get("result")) for m in answers] == [
-                    ("p", {"stopReason": "end_turn"}),
-                    ("c", {}),
-                ], answers
+            await _back_awaiting_the_prompt_and_close(running, acp_schema)
