@@ -531,13 +531,20 @@ def append_turns(
     return done, version
 
 
-def turn_recorded(conn: sqlite3.Connection, session_id: str, turn: int) -> bool:
-    """Whether the session's ``turn`` is in the file: asked only after a commit was
-    interrupted (``SqliteStore._interrupted``), when nothing else can tell."""
+def turn_recorded(
+    conn: sqlite3.Connection, session_id: str, turn: int, rows: Sequence[tuple[str, str]]
+) -> bool:
+    """Whether the session's ``turn`` is in the file with these ``rows``: asked only after
+    a commit was interrupted (``SqliteStore._interrupted``), when nothing else can tell.
+
+    Why the rows too: a turn of that number may be in the file from another write (a
+    turn recorded twice, whose second write is refused as "already recorded"); asked by
+    number alone, an interruption before that refusal reported the refused turn recorded.
+    """
     row = conn.execute(
         "SELECT 1 FROM turns AS t JOIN sessions AS s ON t.session = s.key"
-        " WHERE s.id = ? AND t.turn = ?",
-        (session_id, turn),
+        " WHERE s.id = ? AND t.turn = ? AND t.count = ? AND t.entries = ?",
+        (session_id, turn, len(rows), encode_entries(rows)),
     ).fetchone()
     return row is not None
 

@@ -421,7 +421,11 @@ class SqliteStore:
             with trio.CancelScope(shield=True):  # once started, the delete is reported
                 found = await started.result()
         finally:
-            if self._writes_wait_for is started:
+            # Not while it still runs: a KeyboardInterrupt reaches this wait through the
+            # shield (Trio delivers it at any checkpoint), and the writes after it stopped
+            # waiting, so the next one met the delete's lock in SQLite's busy handler,
+            # blocking the event loop. Left set, they wait (_wait_for_thread_job).
+            if self._writes_wait_for is started and started.ended:
                 self._writes_wait_for = None
             self._tails.pop(session_id, None)
             self._keys.pop(session_id, None)
@@ -549,7 +553,19 @@ class SqliteStore:
         open, every later write failed to ``BEGIN``), what is remembered of the sessions
         is dropped (a commit that landed before the interruption left it stale: the next
         turn would have reused ``seq``s), and each waiting turn of ``group`` is told
-        what the file holds: recorded (done), or not (failed), never the other way."""
+        what the file holds: recorded (done), or not (failed), never the other way.
+
+        Every such turn is marked unknown (failed, "cannot be told") before the file is
+        asked, and cleared only once the file says it holds it: a second interruption
+        here (Ctrl-C pressed twice) once left the turns not yet asked about with no
+        error, and :meth:`_commit_group` woke them as recorded."""
+        asked = [item for item in group if item.task is not None and item.error is None]
+        for item in asked:
+            item.error = StoreError(
+                f"session store: turn {item.turn} of session {item.session_id!r} was"
+                f" interrupted ({type(exc).__name__}) and whether it was recorded"
+                " cannot be told"
+            )
         self._keys.clear()
         self._tails.clear()
         self._data_version = None  # (the next turn transaction reads what it needs)
@@ -560,23 +576,19 @@ class SqliteStore:
                 writer.execute("ROLLBACK")
         except Exception as error:  # (then the reads below cannot tell either)
             rolled_back = error
-        for item in group:
-            if item.task is None or item.error is not None:
-                continue
+        for item in asked:
             try:
                 if rolled_back is not None:
                     raise rolled_back
                 recorded = writer is not None and _sql.turn_recorded(
-                    writer, item.session_id, item.turn
+                    writer, item.session_id, item.turn, item.rows
                 )
             except Exception as error:  # (the file cannot say: the write is not known done)
-                item.error = StoreError(
-                    f"session store: turn {item.turn} of session {item.session_id!r} was"
-                    f" interrupted ({type(exc).__name__}) and whether it was recorded"
-                    f" cannot be told ({error})"
-                )
+                item.error = StoreError(f"{item.error} ({error})")
                 continue
-            if not recorded:
+            if recorded:
+                item.error = None
+            else:
                 item.error = StoreError(
                     f"session store: turn {item.turn} of session {item.session_id!r} was not"
                     f" recorded: its commit was interrupted ({type(exc).__name__})"

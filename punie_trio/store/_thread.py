@@ -57,6 +57,11 @@ class Started(Generic[T]):
         self._outcome = result
         self._done.set()
 
+    @property
+    def ended(self) -> bool:
+        """Whether the job has ended (its outcome delivered to the Trio thread)."""
+        return self._done.is_set()
+
     async def wait(self) -> None:
         """Wait for the job to end, leaving its outcome alone (any number of tasks may
         wait; only one may take :meth:`result`)."""

@@ -327,3 +327,88 @@ async def test_a_keyboard_interrupt_in_a_group_commit_leaves_no_turn_waiting(
             assert [first for first, _ in seqs] == [5 * i for i in range(len(seqs))]
     finally:
         conn.close()
+
+
+async def test_a_keyboard_interrupt_does_not_report_a_refused_turn_as_recorded(
+    tmp_path: Path,
+) -> None:
+    """A joined turn whose number is already recorded (its own write refused: "already
+    recorded") is not reported done because the file holds a turn of that number: the
+    group's transaction failed on it, the leader's turn, retried alone, was interrupted
+    (``KeyboardInterrupt``) before the refused turn's own retry, and the file's turn is
+    another write's, not this one's. It was reported recorded."""
+    path = tmp_path / "s.db"
+    async with open_sqlite_store(path) as store:
+        for sid in ("a", "b"):
+            await store.create_session(make_record(sid))
+        await store.append_turn("b", 0, sample_turn(0), alone=True)
+        ended: dict[str, str] = {}
+
+        async def join() -> None:
+            assert store._gathering is not None  # it joins the group led below
+            try:  # turn 0 of b again, with other entries: refused
+                await store.append_turn("b", 0, sample_turn(7))
+            except StoreError as exc:
+                ended["b"] = f"failed: {exc}"
+            else:
+                ended["b"] = "done"
+
+        def interrupt() -> None:
+            raise KeyboardInterrupt
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(join)  # (it runs in the pass the leader yields)
+            # The group's transaction fails on b's turn before its commit hook; a's,
+            # retried alone, reaches it and is interrupted.
+            store._before_commit = interrupt
+            with pytest.raises(KeyboardInterrupt):
+                await store.append_turn("a", 0, sample_turn(0))  # this task leads
+            store._before_commit = None
+        assert ended["b"].startswith("failed: "), ended
+    assert _recorded(path) == {"a": [], "b": [0]}
+    conn = sqlite3.connect(path)
+    try:  # the turn 0 of b in the file is the first write's
+        (entries,) = conn.execute("SELECT entries FROM turns").fetchone()
+        assert "question 0" in entries
+    finally:
+        conn.close()
+
+
+async def test_a_second_keyboard_interrupt_reports_no_unwritten_turn_as_recorded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A second ``KeyboardInterrupt`` (Ctrl-C pressed twice) that lands while the store
+    asks the file about the turns the first one cut short leaves their outcomes unknown:
+    each is told so (failed, "cannot be told"), never recorded. A turn not yet asked
+    about was reported done, though its commit never landed."""
+    path = tmp_path / "s.db"
+    async with open_sqlite_store(path) as store:
+        for sid in ("a", "b"):
+            await store.create_session(make_record(sid))
+        ended: dict[str, str] = {}
+
+        async def join() -> None:
+            assert store._gathering is not None  # it joins the group led below
+            try:
+                await store.append_turn("b", 0, sample_turn(0))
+            except StoreError as exc:
+                ended["b"] = f"failed: {exc}"
+            else:
+                ended["b"] = "done"
+
+        def interrupt(*_: object) -> bool:
+            raise KeyboardInterrupt
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(join)  # (it runs in the pass the leader yields)
+            store._before_commit = interrupt
+            monkeypatch.setattr(_sql, "turn_recorded", interrupt)  # the second one
+            with pytest.raises(KeyboardInterrupt):
+                await store.append_turn("a", 0, sample_turn(0))  # this task leads
+            store._before_commit = None
+            monkeypatch.undo()
+        assert ended["b"].startswith("failed: "), ended
+        assert "cannot be told" in ended["b"], ended
+        assert store._writer is not None
+        assert not store._writer.in_transaction
+    assert _recorded(path) == {"a": [], "b": []}

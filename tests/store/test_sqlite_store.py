@@ -2198,6 +2198,52 @@ async def test_a_delete_cancelled_once_started_is_done_and_reported(
         assert store._writes_wait_for is None
 
 
+async def test_a_keyboard_interrupt_in_a_running_delete_leaves_writes_waiting_for_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A ``KeyboardInterrupt`` (Ctrl-C in a program that runs the store without watching
+    its signals) reaches the task waiting for its delete even through the shield: Trio
+    delivers it at a checkpoint, shielded or not. The delete goes on on the owner thread,
+    holding SQLite's write lock. The writes after it still wait for it: they stopped
+    waiting, and the next one met its lock in SQLite's busy handler, blocking the whole
+    event loop, then failed ("database is locked")."""
+    from punie_trio.store._thread import Started
+
+    release, _ = _hold_deletes(monkeypatch)
+    real_result = Started.result
+    interrupt = [True]
+
+    async def result(self: Started[Any]) -> Any:
+        if interrupt and interrupt.pop():  # (as Trio delivers it: at the checkpoint)
+            await trio.lowlevel.checkpoint()
+            raise KeyboardInterrupt
+        return await real_result(self)
+
+    async with open_sqlite_store(tmp_path / "s.db") as store:
+        for session_id in ("a", "b"):
+            await store.create_session(make_record(session_id))
+            await store.append_turn(session_id, 0, sample_turn(0), alone=True)
+        done: list[str] = []
+
+        async def record() -> None:
+            await store.append_turn("b", 1, sample_turn(1), alone=True)
+            done.append("b turn 1")
+
+        monkeypatch.setattr(Started, "result", result)
+        with pytest.raises(KeyboardInterrupt):
+            await store.delete_session("a")  # still running on the owner thread
+        monkeypatch.setattr(Started, "result", real_result)
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(record)
+                await trio.testing.wait_all_tasks_blocked()
+                assert done == []  # the loop runs; the turn waits for the delete
+                release.set()
+        assert done == ["b turn 1"]
+        assert await store.get_session("a") is None
+        assert [e.turn for e in await store.transcript("b")] == [0] * 5 + [1] * 5
+
+
 async def test_a_deleted_transcript_is_not_left_in_the_file(tmp_path: Path) -> None:
     """``secure_delete`` is set, not left to the SQLite build (Debian's has it on, others
     off): once the store is closed (its last connection checkpoints and removes the WAL),
