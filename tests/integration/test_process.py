@@ -21,6 +21,7 @@ from ..client import AcpTestClient
 from ..unit._hypercorn import h2_get, read_initial_window
 from ._support import (
     TOKEN,
+    ServerProcess,
     acp_ws_client,
     command_process,
     fresh_ids,
@@ -205,6 +206,26 @@ async def test_the_stdio_client_is_served_during_the_first_build(
             nursery.cancel_scope.cancel()
 
 
+async def _a_stdio_turn_streaming(
+    server: ServerProcess, nursery: trio.Nursery, acp_schema: SchemaChecker, tmp_path: Path
+) -> tuple[AcpTestClient, str, list[str]]:
+    """Over ``server``'s stdio (its client run in ``nursery``): a session, and a prompt
+    whose first update has come. Returns the client, the session's id and the list the
+    prompt's stop reason is appended to."""
+    stdio = AcpTestClient(server.stdio(), acp_schema, ids=fresh_ids())
+    await nursery.start(stdio.run)
+    await stdio.initialize()
+    session = await stdio.new_session(str(tmp_path))
+    stops: list[str] = []
+
+    async def prompt() -> None:
+        stops.append(await stdio.prompt(session, "go"))
+
+    nursery.start_soon(prompt)
+    await stdio.wait_for(lambda m: m.get("method") == "session/update")
+    return stdio, session, stops
+
+
 async def test_a_signal_during_the_first_build_ends_a_stdio_turn_as_any_shutdown(
     tmp_path: Path, acp_schema: SchemaChecker
 ) -> None:
@@ -223,17 +244,9 @@ async def test_a_signal_during_the_first_build_ends_a_stdio_turn_as_any_shutdown
             ) as server,
             trio.open_nursery() as nursery,
         ):
-            stdio = AcpTestClient(server.stdio(), acp_schema, ids=fresh_ids())
-            await nursery.start(stdio.run)
-            await stdio.initialize()
-            session = await stdio.new_session(str(tmp_path))
-            stops: list[str] = []
-
-            async def prompt() -> None:
-                stops.append(await stdio.prompt(session, "go"))
-
-            nursery.start_soon(prompt)
-            await stdio.wait_for(lambda m: m.get("method") == "session/update")
+            stdio, session, stops = await _a_stdio_turn_streaming(
+                server, nursery, acp_schema, tmp_path
+            )
             server.process.send_signal(signal.SIGTERM)
             assert await server.process.wait() == 0
             await stdio.closed.wait()
@@ -311,17 +324,9 @@ async def test_the_http_server_failing_to_start_after_the_first_build_ends_a_std
                 server_process(tmp_path, *args, wait_listening=False) as server,
                 trio.open_nursery() as nursery,
             ):
-                stdio = AcpTestClient(server.stdio(), acp_schema, ids=fresh_ids())
-                await nursery.start(stdio.run)
-                await stdio.initialize()
-                session = await stdio.new_session(str(tmp_path))
-                stops: list[str] = []
-
-                async def prompt() -> None:
-                    stops.append(await stdio.prompt(session, "go"))
-
-                nursery.start_soon(prompt)
-                await stdio.wait_for(lambda m: m.get("method") == "session/update")
+                stdio, session, stops = await _a_stdio_turn_streaming(
+                    server, nursery, acp_schema, tmp_path
+                )
                 await trio.to_thread.run_sync(gate.write_text, "")  # the build ends
                 assert await server.process.wait() == 1
                 await stdio.closed.wait()

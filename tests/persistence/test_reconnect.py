@@ -2808,6 +2808,18 @@ async def test_a_closes_own_answer_lost_in_flight_over_a_real_websocket_comes_on
             await _back_awaiting_the_prompt_and_close(running, acp_schema)
 
 
+async def _send_prompt_and_close(sender: Any, session: str, acp_schema: SchemaChecker) -> None:
+    """Send a prompt ``p`` of ``session`` and a close ``c`` of it, back to back, on
+    ``sender`` (anything with ``send_message``: a WebSocket, a raw hub connection)."""
+    for request_id, method, params in [
+        ("p", "session/prompt", prompt_params(session, "go")),
+        ("c", "session/close", {"sessionId": session}),
+    ]:
+        request = {"jsonrpc": "2.0", "id": request_id, "method": method}
+        acp_schema.client_sent(request)
+        await sender.send_message(json.dumps({**request, "params": params}))
+
+
 async def _prompt_and_close_unread(
     running: Running, meta: dict[str, Any], root: Path, acp_schema: SchemaChecker
 ) -> None:
@@ -2816,13 +2828,7 @@ async def _prompt_and_close_unread(
     manager = running.manager
     async with open_websocket_url(ws_url(running.url)) as ws:
         session = await _initialized_with_a_session(ws, meta, root)
-        for request_id, method, params in [
-            ("p", "session/prompt", prompt_params(session, "go")),
-            ("c", "session/close", {"sessionId": session}),
-        ]:
-            request = {"jsonrpc": "2.0", "id": request_id, "method": method}
-            acp_schema.client_sent(request)
-            await ws.send_message(json.dumps({**request, "params": params}))
+        await _send_prompt_and_close(ws, session, acp_schema)
         # Answered, and written: every task waits, the outbox is empty.
         await settle_until(lambda: session not in manager.sessions)
         await trio.testing.wait_all_tasks_blocked()
@@ -2855,13 +2861,7 @@ async def test_a_prompts_answer_ending_as_its_connection_drops_during_a_close_is
     told -32603 for the prompt. It gets the prompt's answer now, and the close's."""
     async with open_hub(tmp_path, acp_schema, EchoModel(), limits=Limits(grace_seconds=60)) as hub:
         raw, session = await open_raw_session(hub, "ide", buffer=64)
-        for request_id, method, params in [
-            ("p", "session/prompt", prompt_params(session, "go")),
-            ("c", "session/close", {"sessionId": session}),
-        ]:
-            request = {"jsonrpc": "2.0", "id": request_id, "method": method}
-            acp_schema.client_sent(request)
-            await raw.send_message(json.dumps({**request, "params": params}))
+        await _send_prompt_and_close(raw, session, acp_schema)
         await raw.aclose()  # (at once: nothing of the two has run yet)
         await hub.settle()
         back = await hub.connect()
