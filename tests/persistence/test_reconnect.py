@@ -2743,6 +2743,18 @@ def _answers_under(link: Link, *ids: str) -> dict[str, list[dict[str, Any]]]:
     return {i: [m for m in got if m.get("id") == i and "method" not in m] for i in ids}
 
 
+async def _back_awaiting_p_and_c(hub: Hub, stop_reason: str) -> Link:
+    """The client ``ide`` back awaiting a prompt ``p`` and a close ``c``: it gets the
+    prompt's answer (``stop_reason``) and the close's, once each. Returns its link."""
+    back = await hub.connect()
+    await initialize(back.client, client_id="ide", awaiting=["p", "c"])
+    await hub.settle()
+    answers = _answers_under(back, "p", "c")
+    assert [a.get("result") for a in answers["p"]] == [{"stopReason": stop_reason}], answers
+    assert [a.get("result") for a in answers["c"]] == [{}], answers
+    return back
+
+
 async def answered_unread(hub: Hub, client_id: str, request_id: str) -> None:
     """Wait until the connection of ``client_id`` has answered ``request_id`` and written
     what it queued (a handler may wait for a thread: a path check), before its drop."""
@@ -2768,12 +2780,7 @@ async def test_a_closes_own_answer_lost_in_flight_is_sent_to_its_client_back(
         assert session not in hub.manager.sessions  # (closed; both answers written)
         await raw.aclose()
         await hub.settle()
-        back = await hub.connect()
-        await initialize(back.client, client_id="ide", awaiting=["p", "c"])
-        await hub.settle()
-        answers = _answers_under(back, "p", "c")
-        assert [a.get("result") for a in answers["p"]] == [{"stopReason": "end_turn"}], answers
-        assert [a.get("result") for a in answers["c"]] == [{}], answers
+        back = await _back_awaiting_p_and_c(hub, "end_turn")
         # A later connection awaiting it again says it never read it (the awaiting list
         # is the client's only acknowledgement): it was told -32603 there, though the
         # answer was known; it gets the answer again, once.
@@ -2864,12 +2871,7 @@ async def test_a_prompts_answer_ending_as_its_connection_drops_during_a_close_is
         await _send_prompt_and_close(raw, session, acp_schema)
         await raw.aclose()  # (at once: nothing of the two has run yet)
         await hub.settle()
-        back = await hub.connect()
-        await initialize(back.client, client_id="ide", awaiting=["p", "c"])
-        await hub.settle()
-        answers = _answers_under(back, "p", "c")
-        assert [a.get("result") for a in answers["p"]] == [{"stopReason": "end_turn"}], answers
-        assert [a.get("result") for a in answers["c"]] == [{}], answers
+        await _back_awaiting_p_and_c(hub, "end_turn")
 
 
 @pytest.mark.parametrize(
@@ -3081,12 +3083,7 @@ async def test_an_answer_sent_again_then_its_session_closed_comes_at_the_next_re
         close = ("c", "session/close", {"sessionId": session})
         await back_unread(hub, "ide", ["p"], then=close)
         assert session not in hub.manager.sessions
-        third = await hub.connect()
-        await initialize(third.client, client_id="ide", awaiting=["p", "c"])
-        await hub.settle()
-        answers = _answers_under(third, "p", "c")
-        assert [a.get("result") for a in answers["p"]] == [{"stopReason": "end_turn"}], answers
-        assert [a.get("result") for a in answers["c"]] == [{}], answers
+        await _back_awaiting_p_and_c(hub, "end_turn")
 
 
 @pytest.mark.parametrize("buffer", [64, 1])
@@ -3112,12 +3109,7 @@ async def test_a_closed_sessions_kept_answer_sent_and_lost_again_comes_at_the_ne
         assert hub.manager.sessions[session].closing  # (kept for what it has not sent)
         await back_unread(hub, "ide", ["p", "c"], buffer)
         assert session not in hub.manager.sessions
-        third = await hub.connect()
-        await initialize(third.client, client_id="ide", awaiting=["p", "c"])
-        await hub.settle()
-        answers = _answers_under(third, "p", "c")
-        assert [a.get("result") for a in answers["p"]] == [{"stopReason": "cancelled"}], answers
-        assert [a.get("result") for a in answers["c"]] == [{}], answers
+        await _back_awaiting_p_and_c(hub, "cancelled")
 
 
 async def test_answers_sent_again_and_lost_again_over_a_real_websocket_come_once(
