@@ -317,7 +317,7 @@ class ClientConnection:
             self._forget_answer(request_id)
         if method == acp.SESSION_PROMPT or not small_id(request_id):
             return
-        self.answered(request_id, None)
+        load = None
         session_id = params.get("sessionId") if isinstance(params, dict) else None
         if (
             method == acp.SESSION_LOAD
@@ -325,15 +325,15 @@ class ClientConnection:
             and len(session_id) <= MAX_REMEMBERED_ID_CHARS
         ):
             live = self.manager.sessions.get(session_id)
-            if self.loads is None:
-                self.loads = {}
-            self.loads[request_id] = session_id if live is None else live.id
+            load = session_id if live is None else live.id
+        self.answered(request_id, None, load=load)
 
-    def answered(self, request_id: RequestId, text: str | None) -> None:
+    def answered(self, request_id: RequestId, text: str | None, load: str | None = None) -> None:
         """Remember ``text``, queued to answer ``request_id`` (None: a request under it is
         read, not answered yet), as the newest answer under that id (see
-        :attr:`answers`). Called by the peer (``Peer.on_answer``) as each answer is
-        queued."""
+        :attr:`answers`); ``load``: the session a ``session/load`` under that id loads
+        (see :attr:`loads`). Called by the peer (``Peer.on_answer``) as each answer is
+        queued, and for a kept answer sent again (``_left._written_again``)."""
         answers = self.answers
         if answers is None or not small_id(request_id):
             return
@@ -343,6 +343,10 @@ class ClientConnection:
         answers[request_id] = text
         if text is not None:
             self._answers_bytes += sys.getsizeof(text)
+        if load is not None:
+            if self.loads is None:
+                self.loads = {}
+            self.loads[request_id] = load
         # Within a count and an outbox's bytes, but for the newest (as the outbox takes
         # one message over its budget): what may be lost in flight is what was written
         # last, and a session/list page is 10 KB and more.

@@ -359,11 +359,7 @@ def _written_again(conn: ClientConnection, request_id: RequestId, answer: LeftAn
     reading it) was gone: back a third time, still awaiting its id, the client was told
     -32603 "no answer to this request will come", though the answer was known."""
     assert answer.text is not None
-    conn.answered(request_id, answer.text)
-    if answer.reload is not None and conn.answers is not None and request_id in conn.answers:
-        if conn.loads is None:
-            conn.loads = {}
-        conn.loads[request_id] = answer.reload
+    conn.answered(request_id, answer.text, load=answer.reload)
 
 
 def _keep_left_again(
