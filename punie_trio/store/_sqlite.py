@@ -142,6 +142,22 @@ class _GroupedTurn:
     error: Exception | None = None
 
 
+def _hand_outcomes(group: Sequence[_GroupedTurn]) -> None:
+    """Wake each turn waiting in ``group`` with its outcome: done, or its error."""
+    for item in group:
+        if item.task is not None:
+            result = outcome.Value(None) if item.error is None else outcome.Error(item.error)
+            trio.lowlevel.reschedule(item.task, result)
+
+
+def _not_recorded(item: _GroupedTurn, exc: BaseException) -> StoreError:
+    """What a turn is told whose commit ``exc`` interrupted before it reached the file."""
+    return StoreError(
+        f"session store: turn {item.turn} of session {item.session_id!r} was not"
+        f" recorded: its commit was interrupted ({type(exc).__name__})"
+    )
+
+
 @attrs.define(eq=False)
 class SqliteStore:
     """A :class:`~punie_trio.store.Store` on a SQLite file; make one with
@@ -528,12 +544,7 @@ class SqliteStore:
             self._interrupted(group, exc)
             raise
         finally:
-            for item in group:
-                if item.task is not None:
-                    result = (
-                        outcome.Value(None) if item.error is None else outcome.Error(item.error)
-                    )
-                    trio.lowlevel.reschedule(item.task, result)
+            _hand_outcomes(group)
 
     @staticmethod
     def _wake(group: Sequence[_GroupedTurn], exc: BaseException) -> None:
@@ -541,11 +552,8 @@ class SqliteStore:
         before it wrote anything, that they were not recorded."""
         for item in group:
             if item.task is not None:
-                error = StoreError(
-                    f"session store: turn {item.turn} of session {item.session_id!r} was not"
-                    f" recorded: its commit was interrupted ({type(exc).__name__})"
-                )
-                trio.lowlevel.reschedule(item.task, outcome.Error(error))
+                item.error = _not_recorded(item, exc)
+        _hand_outcomes(group)
 
     def _interrupted(self, group: Sequence[_GroupedTurn], exc: BaseException) -> None:
         """After a write cut short by a ``BaseException`` (``KeyboardInterrupt``):
@@ -586,13 +594,7 @@ class SqliteStore:
             except Exception as error:  # (the file cannot say: the write is not known done)
                 item.error = StoreError(f"{item.error} ({error})")
                 continue
-            if recorded:
-                item.error = None
-            else:
-                item.error = StoreError(
-                    f"session store: turn {item.turn} of session {item.session_id!r} was not"
-                    f" recorded: its commit was interrupted ({type(exc).__name__})"
-                )
+            item.error = None if recorded else _not_recorded(item, exc)
 
     def _commit_turns(self, group: list[_GroupedTurn]) -> None:
         """One transaction for ``group``; on success remember keys and tails and mark each
