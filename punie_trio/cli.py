@@ -48,7 +48,6 @@ from ._config import (
     readable_token_warning,
     resolve_with_sources,
 )
-from ._entry import keep_stderr_off_stdout
 from ._json import is_name_text
 from ._paths import (
     DataDirInUse,
@@ -842,7 +841,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     half-way. A reader that closes the pipe early (``| head -1``) ends the command quietly
     with status 1, as Python's documentation recommends, not with a traceback.
     """
-    keep_stderr_off_stdout()  # (started without a stderr: see there)
     for stream in (sys.stdout, sys.stderr):
         if isinstance(stream, io.TextIOWrapper):
             stream.reconfigure(errors="backslashreplace")
