@@ -125,6 +125,14 @@ def _check_step(step: Any, where: str) -> dict[str, Any]:
     return step
 
 
+def _named(path: str | Path) -> str:
+    """A script's path as an error names it: as it is, or past :data:`QUOTED_CHARS` (a
+    name no file can have) quoted by its start and its length: 5,000 characters once
+    went out whole."""
+    name = str(path)
+    return name if len(name) <= QUOTED_CHARS else quoted(name)
+
+
 def load_script(path: Path) -> list[list[dict[str, Any]]]:
     """Read and validate a script file: a list of turns, each a list of steps (or an object
     ``{"turns": [...]}``). Raises :class:`ScriptError` naming the bad place."""
@@ -132,9 +140,7 @@ def load_script(path: Path) -> list[list[dict[str, Any]]]:
         # Strict: NaN and Infinity are not JSON (a step's input is sent to the client).
         data = _json.loads(Path(path).read_text(encoding="utf-8"))
     except OSError as exc:
-        # (A name no file can have, too long, is cut: 5,000 characters once went out whole.)
-        name = str(path) if len(str(path)) <= QUOTED_CHARS else quoted(str(path))
-        raise ScriptError(f"cannot read script {name}: {exc.strerror or exc}") from None
+        raise ScriptError(f"cannot read script {_named(path)}: {exc.strerror or exc}") from None
     except ValueError as exc:
         raise ScriptError(f"script {path} is not valid JSON: {exc}") from None
     turns = data.get("turns") if isinstance(data, dict) else data
@@ -204,6 +210,8 @@ def model_from_spec(spec: str) -> Model:
         try:
             expanded = Path(path).expanduser()
         except RuntimeError:  # (~nosuchuser: a traceback, not the exit 2 naming the script)
-            raise ScriptError(f"cannot read script {path}: its ~ names no home directory") from None
+            raise ScriptError(
+                f"cannot read script {_named(path)}: its ~ names no home directory"
+            ) from None
         return ScriptModel.from_path(expanded)
     raise ValueError(f"unknown model {quoted(spec)}: use echo, echo:N or script:PATH")

@@ -269,7 +269,14 @@ async def test_script_model_tool_input_is_a_copy() -> None:
 
 
 @pytest.mark.parametrize(
-    "spec", ["x" * 5000, "echo:" + "9" * 5000, "echo:1\n" + "y" * 5000, "script:" + "z" * 5000]
+    "spec",
+    [
+        "x" * 5000,
+        "echo:" + "9" * 5000,
+        "echo:1\n" + "y" * 5000,
+        "script:" + "z" * 5000,
+        "script:~" + "z" * 5000,  # (~ naming no user: its own message)
+    ],
 )
 def test_a_long_model_spec_is_quoted_by_its_start_and_length(spec: str) -> None:
     """A bad model spec was quoted whole: ``--model`` with 5,000 characters (a file pasted
