@@ -24,7 +24,7 @@ import attrs
 import trio
 
 from .._json import has_lone_surrogate, is_name_text
-from .._paths import file_kind, sync_directory
+from .._paths import TEMPORARY_HEX_BYTES, file_kind, sync_directory
 from .._threads import RootNotAnswering, root_of, run_sync_under
 from ..acp import FS_READ_TEXT_FILE, FS_WRITE_TEXT_FILE
 from ._envelopes import TurnEnv
@@ -545,9 +545,9 @@ def _replace(
     sync_directory(directory)
 
 
-#: :func:`_replace`'s temporary files are ``.punie-trio-`` + twice this many lowercase hex
-#: digits + ``.tmp``, and only names of exactly that form are swept (:data:`_LEFT_OVER`).
-TEMPORARY_HEX_BYTES = 8
+#: :func:`_replace`'s temporary files are ``.punie-trio-`` + lowercase hex digits (as many
+#: as :func:`punie_trio._paths.replace_file`'s) + ``.tmp``, and only names of exactly that
+#: form are swept.
 _LEFT_OVER = re.compile(rf"\.punie-trio-[0-9a-f]{{{2 * TEMPORARY_HEX_BYTES}}}\.tmp")
 
 #: What ``flock`` answers on a file system that keeps no such locks.
